@@ -1,0 +1,42 @@
+"""Crash-safe file updates.
+
+A reader after a crash must see either the old or the new content of a metadata file, never a
+mix or an empty file: write a temporary file, fsync it, rename it over the old one, then fsync
+the directory so that the rename itself is durable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the creations, renames and deletions inside directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """``atomic_write`` of a JSON document (sorted keys, so that equal states give equal files)."""
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")

@@ -1,0 +1,79 @@
+"""The one error hierarchy of lhfs.
+
+Every failure a user can cause or meet is an ``LhfsError``: it carries a one-line message meant
+for a person and the exit status the command line returns. The command line prints the message
+and exits; it never shows a traceback for these. The replica protocol carries the class name over
+the wire so that a client re-raises the same kind of error the server met.
+"""
+
+from __future__ import annotations
+
+
+class LhfsError(Exception):
+    """Base of every expected failure; ``str(err)`` is the message shown to the user."""
+
+    exit_code = 1
+
+
+class UsageError(LhfsError):
+    """The command line was given something it cannot accept (exit status 2)."""
+
+    exit_code = 2
+
+
+class NotFound(LhfsError):
+    """A named thing (volume, snapshot, layer, replica) does not exist."""
+
+
+class AlreadyExists(LhfsError):
+    """A thing that must be new already exists."""
+
+
+class InvalidArgument(LhfsError):
+    """A value is out of range or malformed (offset past the end, bad size, bad name)."""
+
+
+class CorruptState(LhfsError):
+    """On-disk state is damaged or does not match what was recorded."""
+
+
+class BackingImageMismatch(CorruptState):
+    """The backing image's content differs from the content id the metadata records."""
+
+
+class Busy(LhfsError):
+    """Something else holds the resource (a replica directory opened by another process)."""
+
+
+class NotInitialised(LhfsError):
+    """A replica process serves a directory that holds no volume yet."""
+
+
+class ProtocolError(LhfsError):
+    """The peer broke the wire protocol (bad handshake, malformed frame)."""
+
+
+class ConnectionLost(LhfsError):
+    """The connection to a replica broke before the answer arrived."""
+
+
+class RemoteError(LhfsError):
+    """A replica reported an error of a kind this side does not know."""
+
+
+_BY_NAME: dict[str, type[LhfsError]] = {}
+
+
+def _register() -> None:
+    pending: list[type[LhfsError]] = [LhfsError]
+    while pending:
+        cls = pending.pop()
+        _BY_NAME[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+
+
+def from_wire(kind: str, message: str) -> LhfsError:
+    """Rebuild an error sent by a peer; unknown kinds become ``RemoteError``."""
+    if not _BY_NAME:
+        _register()
+    return _BY_NAME.get(kind, RemoteError)(message)
