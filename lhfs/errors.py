@@ -41,6 +41,10 @@ class BackingImageMismatch(CorruptState):
     """The backing image's content differs from the content id the metadata records."""
 
 
+class StorageError(LhfsError):
+    """A disk refused an operation (full, read-only, I/O error)."""
+
+
 class Busy(LhfsError):
     """Something else holds the resource (a replica directory opened by another process)."""
 

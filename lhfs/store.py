@@ -409,7 +409,7 @@ class ChunkStore:
         for _ in self.remove_snapshot_steps(name):
             pass
 
-    def remove_snapshot_steps(self, name: str, batch: int = 1024) -> Iterator[tuple[int, int]]:
+    def remove_snapshot_steps(self, name: str, batch: int = 64) -> Iterator[tuple[int, int]]:
         """``remove_snapshot`` as a generator yielding (chunks done, chunks total) between steps.
 
         Between two steps the caller may run writes and trims: each step decides per chunk, at

@@ -1,0 +1,113 @@
+"""The replica wire protocol: a version handshake, then framed requests and responses.
+
+After connecting, the client sends ``MAGIC`` and its version (u16); the server answers with
+``MAGIC``, its version and a status byte (0: accepted) and closes the connection if it cannot
+speak that version.
+
+Every frame is ``<u32 length><u32 request id><u16 op or status><payload>``, little-endian, where
+length counts the bytes after itself. Requests carry ids so that many can be in flight on one
+connection and answers may come back in any order. Bulk data (reads, writes, layer chunks) is
+raw bytes after a fixed header; control calls carry a small JSON object. An error answer has
+status ``ERROR`` and a JSON payload ``{"kind", "message"}`` naming a class of ``lhfs.errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from .errors import LhfsError, ProtocolError, from_wire
+
+MAGIC = b"LHFS"
+VERSION = 1
+HELLO = struct.Struct("<4sH")
+HELLO_REPLY = struct.Struct("<4sHB")
+
+HEADER = struct.Struct("<IIH")  # length of what follows the length field, request id, op/status
+LENGTH = struct.Struct("<I")
+MAX_IO = 16 << 20
+MAX_FRAME = MAX_IO + 4096
+
+# Ops. Data ops have fixed binary arguments; CALL carries {"method": str, "args": {...}}.
+READ = 1  # <Q offset><I length>                -> data
+WRITE = 2  # <Q offset> data                    -> <Q revision>
+TRIM = 3  # <Q offset><Q length>                -> <Q revision>
+FLUSH = 4  #                                    -> <Q revision>
+CALL = 5  # JSON                                -> JSON
+LAYER_SUMS = 6  # <Q first chunk><I max entries> layer id  -> SUM_ENTRY*
+READ_LAYER_CHUNK = 7  # <Q chunk> layer id      -> <B state> data
+OPS = {READ, WRITE, TRIM, FLUSH, CALL, LAYER_SUMS, READ_LAYER_CHUNK}
+
+OK = 0
+ERROR = 1
+
+RANGE = struct.Struct("<QI")
+TRIM_RANGE = struct.Struct("<QQ")
+U64 = struct.Struct("<Q")
+SUMS_REQ = struct.Struct("<QI")
+SUM_ENTRY = struct.Struct("<QB16s")
+STATE = struct.Struct("<B")
+
+
+def frame(request_id: int, code: int, *parts: bytes | bytearray | memoryview) -> bytes:
+    """One frame: header then payload parts, as a single buffer ready to send."""
+    length = HEADER.size - LENGTH.size + sum(len(p) for p in parts)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+    return b"".join((HEADER.pack(length, request_id, code), *parts))
+
+
+def error_payload(exc: LhfsError) -> bytes:
+    return json.dumps({"kind": type(exc).__name__, "message": str(exc)}).encode()
+
+
+def decode_error(payload: bytes | memoryview) -> LhfsError:
+    try:
+        obj = json.loads(bytes(payload))
+        return from_wire(str(obj["kind"]), str(obj["message"]))
+    except (ValueError, KeyError, TypeError):
+        return ProtocolError("malformed error answer from replica")
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(payload: bytes | memoryview) -> Any:
+    try:
+        return json.loads(bytes(payload))
+    except ValueError as exc:
+        raise ProtocolError(f"malformed JSON payload: {exc}") from None
+
+
+class FrameBuffer:
+    """Accumulates received bytes and cuts them into complete frames.
+
+    ``frames()`` yields (request id, code, payload view); the views point into the buffer and
+    must not outlive the iteration, after which the consumed bytes are dropped in one move.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def frames(self):  # type: ignore[no-untyped-def]
+        buf = self.buf
+        pos = 0
+        with memoryview(buf) as view:
+            while len(buf) - pos >= LENGTH.size:
+                (length,) = LENGTH.unpack_from(buf, pos)
+                if length < HEADER.size - LENGTH.size or length > MAX_FRAME:
+                    raise ProtocolError(f"bad frame length {length}")
+                end = pos + LENGTH.size + length
+                if end > len(buf):
+                    break
+                _, request_id, code = HEADER.unpack_from(buf, pos)
+                payload = view[pos + HEADER.size : end]
+                pos = end
+                yield request_id, code, payload
+                payload.release()
+        del buf[:pos]

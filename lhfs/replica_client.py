@@ -1,0 +1,207 @@
+"""The client side of the replica protocol, for the engine, rebuild, tools and tests.
+
+Many tasks may call one client at once: each call queues its frame and waits for the answer
+with its id. A writer task sends everything queued in one system call and a reader task routes
+answers, so concurrent callers are pipelined on one connection. When the connection breaks,
+every waiting call and every later one fails with ``ConnectionLost``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import protocol as p
+from .errors import ConnectionLost, InvalidArgument, LhfsError, ProtocolError
+
+CONNECT_TIMEOUT = 10.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); a clear error for anything else."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidArgument(f"not a HOST:PORT address: {address!r}")
+    return host, int(port)
+
+
+class _Waiter:
+    __slots__ = ("answer", "done", "failed")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answer: bytes = b""
+        self.failed: LhfsError | None = None
+
+
+class ReplicaClient:
+    """A connection to one replica process; create with ``connect`` inside a nursery."""
+
+    def __init__(self, stream: trio.SocketStream, address: str) -> None:
+        self.address = address
+        self._stream = stream
+        self._next_id = 0
+        self._waiting: dict[int, _Waiter] = {}
+        self._queue: list[bytes] = []
+        self._wake = trio.Event()
+        self._broken: LhfsError | None = None
+        self._cancel = trio.CancelScope()
+
+    @classmethod
+    async def connect(
+        cls, address: str, nursery: trio.Nursery, timeout: float = CONNECT_TIMEOUT
+    ) -> ReplicaClient:
+        """Connect, handshake and start the connection's tasks in ``nursery``."""
+        host, port = parse_address(address)
+        try:
+            with trio.fail_after(timeout):
+                stream = await trio.open_tcp_stream(host, port)
+                await stream.send_all(p.HELLO.pack(p.MAGIC, p.VERSION))
+                reply = b""
+                while len(reply) < p.HELLO_REPLY.size:
+                    data = await stream.receive_some(p.HELLO_REPLY.size - len(reply))
+                    if not data:
+                        raise ConnectionLost(f"replica {address} closed the connection")
+                    reply += data
+        except OSError as exc:
+            raise ConnectionLost(f"cannot reach replica {address}: {exc.strerror or exc}") from None
+        except trio.TooSlowError:
+            raise ConnectionLost(f"replica {address} did not answer within {timeout}s") from None
+        magic, _version, status = p.HELLO_REPLY.unpack(reply)
+        if magic != p.MAGIC or status != 0:
+            await stream.aclose()
+            raise ProtocolError(f"{address} is not an lhfs replica speaking version {p.VERSION}")
+        client = cls(stream, address)
+        nursery.start_soon(client._run)
+        return client
+
+    async def aclose(self) -> None:
+        self._fail(ConnectionLost(f"connection to replica {self.address} closed"))
+        self._cancel.cancel()
+        await trio.aclose_forcefully(self._stream)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        with self._cancel:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guard, self._writer, nursery.cancel_scope)
+                await self._guard(self._reader, nursery.cancel_scope)
+                nursery.cancel_scope.cancel()
+        self._fail(ConnectionLost(f"connection to replica {self.address} lost"))
+        await trio.aclose_forcefully(self._stream)
+
+    async def _guard(self, loop: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """Run the reader or writer; when either ends, fail waiting calls and stop the other."""
+        try:
+            await loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(ConnectionLost(f"connection to replica {self.address} broke: {exc}"))
+        except ProtocolError as exc:
+            self._fail(exc)
+        scope.cancel()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            data = b"".join(self._queue)
+            self._queue.clear()
+            await self._stream.send_all(data)
+
+    async def _reader(self) -> None:
+        frames = p.FrameBuffer()
+        while True:
+            data = await self._stream.receive_some(1 << 20)
+            if not data:
+                return
+            frames.feed(data)
+            for request_id, status, payload in frames.frames():
+                waiter = self._waiting.pop(request_id, None)
+                if waiter is None:
+                    continue
+                if status == p.OK:
+                    waiter.answer = bytes(payload)
+                else:
+                    waiter.failed = p.decode_error(payload)
+                waiter.done.set()
+
+    def _fail(self, exc: LhfsError) -> None:
+        if self._broken is None:
+            self._broken = exc
+        for waiter in self._waiting.values():
+            waiter.failed = exc
+            waiter.done.set()
+        self._waiting.clear()
+
+    async def request(self, op: int, *parts: bytes | bytearray | memoryview) -> bytes:
+        """Send one request and wait for its answer; errors come back as ``LhfsError``."""
+        if self._broken is not None:
+            raise ConnectionLost(str(self._broken))
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        request_id = self._next_id
+        waiter = _Waiter()
+        self._waiting[request_id] = waiter
+        self._queue.append(p.frame(request_id, op, *parts))
+        self._wake.set()
+        try:
+            await waiter.done.wait()
+        finally:
+            self._waiting.pop(request_id, None)
+        if waiter.failed is not None:
+            raise waiter.failed
+        return waiter.answer
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.request(p.READ, p.RANGE.pack(offset, length))
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write and return the replica's revision counter after it."""
+        return p.U64.unpack(await self.request(p.WRITE, p.U64.pack(offset), data))[0]
+
+    async def trim(self, offset: int, length: int) -> int:
+        return p.U64.unpack(await self.request(p.TRIM, p.TRIM_RANGE.pack(offset, length)))[0]
+
+    async def flush(self) -> int:
+        """Make every earlier write durable; returns the durable revision counter."""
+        return p.U64.unpack(await self.request(p.FLUSH))[0]
+
+    async def call(self, method: str, **args: Any) -> Any:
+        answer = await self.request(p.CALL, p.encode_json({"method": method, "args": args}))
+        return p.decode_json(answer)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.call("info")
+
+    async def layer_sums(
+        self, layer_id: str, first: int = 0, limit: int = 1 << 20
+    ) -> list[tuple[int, int, bytes]]:
+        answer = await self.request(p.LAYER_SUMS, p.SUMS_REQ.pack(first, limit), layer_id.encode())
+        return list(p.SUM_ENTRY.iter_unpack(answer))
+
+    async def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
+        answer = await self.request(p.READ_LAYER_CHUNK, p.U64.pack(chunk), layer_id.encode())
+        return answer[0], answer[1:]
+
+
+@asynccontextmanager
+async def open_replica(
+    address: str, timeout: float = CONNECT_TIMEOUT
+) -> AsyncIterator[ReplicaClient]:
+    """A client for the duration of a ``async with`` block (tools and tests)."""
+    async with trio.open_nursery() as nursery:
+        client = await ReplicaClient.connect(address, nursery, timeout)
+        try:
+            yield client
+        finally:
+            await client.aclose()

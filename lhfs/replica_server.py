@@ -1,0 +1,281 @@
+"""The replica process: one chunk store served over TCP with trio.
+
+Per connection, everything that arrived is parsed at once and the quick operations (read, write,
+trim, flush, small calls) run inline, in arrival order, with their answers sent back in one
+buffer: with many requests in flight this batches system calls in both directions, which is what
+makes a Python replica fast. Operations that take long (removing a snapshot) run as tasks that
+yield between steps, so I/O keeps flowing; structural operations are serialised by one lock.
+
+A peer that breaks the protocol (bad handshake, oversized or malformed frame) loses its
+connection; a request that fails gets an error answer. Neither touches other connections or the
+data on disk. SIGTERM and SIGINT stop the server cleanly: connections close, the store flushes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import struct
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import protocol as p
+from .errors import (
+    Busy,
+    InvalidArgument,
+    LhfsError,
+    NotInitialised,
+    ProtocolError,
+    StorageError,
+)
+from .layer import ABSENT
+from .store import ChunkStore
+
+log = logging.getLogger("lhfs.replica")
+
+_RECV = 1 << 20
+_HANDSHAKE_TIMEOUT = 10
+
+
+class ReplicaServer:
+    """Serves one replica directory; the directory may be empty until a client calls ``init``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self.store: ChunkStore | None = None
+        if (self.dir / "volume.json").exists():
+            self.store = ChunkStore.open(self.dir)
+        self._structural = trio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def serve(
+        self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until SIGTERM/SIGINT or cancellation, then flush and close the store."""
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        bound = listeners[0].socket.getsockname()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+                await nursery.start(trio.serve_listeners, self._connection, listeners)
+                task_status.started((bound[0], bound[1]))
+        finally:
+            self.close()
+
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: shutting down", signum)
+                scope.cancel()
+                return
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    # -- connections --------------------------------------------------------------------------
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(_HANDSHAKE_TIMEOUT):
+                await self._handshake(stream)
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._requests(stream, nursery)
+                except _PEER_GONE:
+                    pass
+                except ProtocolError as exc:
+                    log.warning("closing connection: %s", exc)
+                nursery.cancel_scope.cancel()
+        except _PEER_GONE:
+            pass
+        except (ProtocolError, trio.TooSlowError) as exc:
+            log.warning("closing connection during handshake: %s", exc or "timeout")
+        except Exception:  # a bug in one connection must not stop the replica
+            log.exception("connection handler failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handshake(self, stream: trio.SocketStream) -> None:
+        hello = b""
+        while len(hello) < p.HELLO.size:
+            data = await stream.receive_some(p.HELLO.size - len(hello))
+            if not data:
+                raise ProtocolError("connection closed during handshake")
+            hello += data
+        magic, version = p.HELLO.unpack(hello)
+        if magic != p.MAGIC:
+            raise ProtocolError("not an lhfs client")
+        ok = version == p.VERSION
+        await stream.send_all(p.HELLO_REPLY.pack(p.MAGIC, p.VERSION, 0 if ok else 1))
+        if not ok:
+            raise ProtocolError(f"client speaks protocol version {version}, not {p.VERSION}")
+
+    async def _requests(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        frames = p.FrameBuffer()
+        send_lock = trio.Lock()
+        while True:
+            data = await stream.receive_some(_RECV)
+            if not data:
+                return
+            frames.feed(data)
+            out: list[bytes] = []
+            for request_id, op, payload in frames.frames():
+                if op == p.CALL and _method_of(payload) in _LONG:
+                    nursery.start_soon(
+                        self._long_call, stream, send_lock, request_id, bytes(payload)
+                    )
+                else:
+                    out.append(self._answer(request_id, op, payload))
+            if out:
+                async with send_lock:
+                    await stream.send_all(b"".join(out))
+
+    def _answer(self, request_id: int, op: int, payload: memoryview) -> bytes:
+        try:
+            return p.frame(request_id, p.OK, *self._dispatch(op, payload))
+        except Exception as exc:  # every failure becomes an error answer
+            return p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def _require_store(self) -> ChunkStore:
+        if self.store is None:
+            raise NotInitialised(f"replica {self.dir} holds no volume yet (call init)")
+        return self.store
+
+    def _dispatch(self, op: int, payload: memoryview) -> tuple[bytes | bytearray, ...]:
+        if op == p.CALL:
+            call = p.decode_json(payload)
+            return (p.encode_json(self._call(call)),)
+        store = self._require_store()
+        if op == p.READ:
+            offset, length = _unpack(p.RANGE, payload)
+            if length > p.MAX_IO:
+                raise InvalidArgument(f"read of {length} bytes exceeds the limit of {p.MAX_IO}")
+            return (store.read(offset, length),)
+        if op == p.WRITE:
+            (offset,) = p.U64.unpack_from(_at_least(payload, p.U64.size))
+            store.write(offset, payload[p.U64.size :])
+            return (p.U64.pack(store.revision),)
+        if op == p.TRIM:
+            offset, length = _unpack(p.TRIM_RANGE, payload)
+            store.trim(offset, length)
+            return (p.U64.pack(store.revision),)
+        if op == p.FLUSH:
+            store.flush()
+            return (p.U64.pack(store.revision),)
+        if op == p.LAYER_SUMS:
+            first, limit = p.SUMS_REQ.unpack_from(_at_least(payload, p.SUMS_REQ.size))
+            layer_id = bytes(payload[p.SUMS_REQ.size :]).decode(errors="replace")
+            sums = [e for e in store.layer_sums(layer_id) if e[0] >= first][: max(limit, 0)]
+            return (b"".join(p.SUM_ENTRY.pack(*e) for e in sums),)
+        if op == p.READ_LAYER_CHUNK:
+            (chunk,) = p.U64.unpack_from(_at_least(payload, p.U64.size))
+            layer_id = bytes(payload[p.U64.size :]).decode(errors="replace")
+            state, data = store.read_layer_chunk(layer_id, chunk)
+            return (p.STATE.pack(state), data) if state != ABSENT else (p.STATE.pack(state),)
+        raise InvalidArgument(f"unknown operation {op}")
+
+    def _call(self, call: Any) -> Any:
+        if not isinstance(call, dict) or not isinstance(call.get("args", {}), dict):
+            raise InvalidArgument("a call is a JSON object {method, args}")
+        method, args = call.get("method"), call.get("args", {})
+        if method == "hello":
+            return {"initialised": self.store is not None, "dir": str(self.dir)}
+        if method == "init":
+            if self.store is not None:
+                raise Busy(f"replica {self.dir} already holds a volume")
+            self.store = ChunkStore.create(self.dir, int(args["size"]), int(args["chunk_size"]))
+            return self.store.info()
+        if self._structural.locked() and method in _STRUCTURAL:
+            raise Busy(f"replica is busy with {self._require_store().operation or 'an operation'}")
+        store = self._require_store()
+        handlers = {
+            "info": store.info,
+            "list_layers": store.list_layers,
+            "snapshot": lambda: store.snapshot(str(args["name"])),
+            "revert": lambda: store.revert(str(args["name"])),
+            "expand": lambda: store.expand(int(args["size"])),
+            "checksum": store.checksum,
+        }
+        if method not in handlers:
+            raise InvalidArgument(f"unknown method {method!r}")
+        try:
+            return handlers[method]()
+        except KeyError as exc:
+            raise InvalidArgument(f"method {method!r} needs argument {exc}") from None
+
+    async def _long_call(
+        self, stream: trio.SocketStream, send_lock: trio.Lock, request_id: int, payload: bytes
+    ) -> None:
+        try:
+            call = p.decode_json(payload)
+            store = self._require_store()
+            name = str(call.get("args", {}).get("name"))
+            if self._structural.locked():
+                raise Busy(f"replica is busy with {store.operation or 'an operation'}")
+            async with self._structural:
+                for _ in store.remove_snapshot_steps(name):
+                    await trio.sleep(0)
+            answer = p.frame(request_id, p.OK, p.encode_json(None))
+        except Exception as exc:  # every failure becomes an error answer
+            answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
+        try:
+            async with send_lock:
+                await stream.send_all(answer)
+        except _PEER_GONE:
+            pass
+
+
+_PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+_STRUCTURAL = {"snapshot", "revert", "expand"}
+_LONG = {"remove_snapshot"}
+
+
+def _method_of(payload: memoryview) -> str | None:
+    try:
+        call = p.decode_json(payload)
+    except ProtocolError:
+        return None
+    return call.get("method") if isinstance(call, dict) else None
+
+
+def _at_least(payload: memoryview, size: int) -> memoryview:
+    if len(payload) < size:
+        raise InvalidArgument(f"request payload of {len(payload)} bytes is too short")
+    return payload
+
+
+def _unpack(fmt: struct.Struct, payload: memoryview) -> tuple[int, ...]:
+    if len(payload) != fmt.size:
+        raise InvalidArgument(f"request payload is {len(payload)} bytes, expected {fmt.size}")
+    return fmt.unpack(payload)
+
+
+def _as_lhfs_error(exc: Exception) -> LhfsError:
+    """The one place where a failure inside the replica becomes a typed answer."""
+    if isinstance(exc, LhfsError):
+        return exc
+    if isinstance(exc, OSError):
+        return StorageError(f"replica disk error: {exc.strerror or exc}")
+    if isinstance(exc, (ValueError, TypeError, KeyError, struct.error, UnicodeError)):
+        return InvalidArgument(f"bad request: {exc}")
+    log.exception("unexpected error")
+    return LhfsError(f"internal replica error: {type(exc).__name__}: {exc}")
+
+
+async def run(directory: Path, host: str, port: int, ready: Any = None) -> None:
+    """Entry point of ``lhfs replica serve``: announces the bound address, then serves."""
+    server = ReplicaServer(directory)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(server.serve, host, port)
+        if ready is not None:
+            ready(bound)

@@ -1,0 +1,231 @@
+"""The replica process over a real TCP connection: operations, pipelining, errors, shutdown."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+import xxhash
+
+from lhfs import protocol as p
+from lhfs.errors import Busy, InvalidArgument, NotFound, NotInitialised, ProtocolError
+from lhfs.layer import ABSENT, DATA
+from lhfs.replica_client import ReplicaClient, open_replica
+from lhfs.store import ChunkStore
+
+CHUNK = 4096
+SIZE = 4 << 20
+
+
+def _init(directory: Path, size: int = SIZE, chunk: int = CHUNK) -> None:
+    ChunkStore.create(directory, size, chunk).close()
+
+
+def test_pipelined_io_snapshots_and_layer_access(tmp_path: Path, replica_factory) -> None:
+    _init(tmp_path / "r")
+    replica = replica_factory(tmp_path / "r")
+    rng = random.Random(1)
+    model = bytearray(SIZE)
+
+    async def main() -> None:
+        async with open_replica(replica.address) as client:
+            # 64 unaligned writes in flight at once on one connection
+            writes = []
+            for _ in range(64):
+                offset = rng.randrange(SIZE - 10000)
+                data = rng.randbytes(rng.randrange(1, 10000))
+                writes.append((offset, data))
+            async with trio.open_nursery() as nursery:
+                for offset, data in writes:
+                    nursery.start_soon(client.write, offset, data)
+            # concurrent writes may land in any order: apply them in order, then rewrite all
+            for offset, data in writes:
+                await client.write(offset, data)
+                model[offset : offset + len(data)] = data
+            assert await client.read(0, SIZE) == model
+            revision = await client.flush()
+            assert revision >= 128
+
+            await client.trim(CHUNK, 3 * CHUNK + 5)
+            model[CHUNK : 4 * CHUNK + 5] = bytes(3 * CHUNK + 5)
+            snap = await client.call("snapshot", name="first")
+            assert snap["name"] == "first"
+            await client.write(0, b"x" * CHUNK)
+            layers = await client.call("list_layers")
+            assert [layer["name"] for layer in layers] == ["first", None]
+            head_id = layers[1]["id"]
+            state, data = await client.read_layer_chunk(head_id, 0)
+            assert (state, data) == (DATA, b"x" * CHUNK)
+            state, data = await client.read_layer_chunk(head_id, 5)
+            assert (state, data) == (ABSENT, b"")
+            # trimmed whole chunks with nothing below them leave the layer entirely
+            state, _ = await client.read_layer_chunk(layers[0]["id"], 1)
+            assert state == ABSENT
+            sums = await client.layer_sums(layers[0]["id"])
+            assert [s[0] for s in sums] == sorted(s[0] for s in sums)
+            assert 1 not in {s[0] for s in sums}
+            for chunk, state, digest in sums[:20]:
+                assert state == DATA
+                _, data = await client.read_layer_chunk(layers[0]["id"], chunk)
+                assert digest == xxhash.xxh3_128_digest(data)
+            assert len(await client.layer_sums(layers[0]["id"], first=sums[3][0], limit=2)) == 2
+            await client.call("remove_snapshot", name="first")
+            model[0:CHUNK] = b"x" * CHUNK
+            assert await client.read(0, SIZE) == model
+            assert [layer["name"] for layer in await client.call("list_layers")] == [None]
+
+    trio.run(main)
+
+
+def test_errors_are_answers_and_the_connection_survives(tmp_path: Path, replica_factory) -> None:
+    _init(tmp_path / "r")
+    replica = replica_factory(tmp_path / "r")
+
+    async def main() -> None:
+        async with open_replica(replica.address) as client:
+            with pytest.raises(InvalidArgument, match="outside the volume"):
+                await client.read(SIZE - 10, 20)
+            with pytest.raises(InvalidArgument, match="outside the volume"):
+                await client.write(SIZE, b"x")
+            with pytest.raises(InvalidArgument, match="unknown operation"):
+                await client.request(99)
+            with pytest.raises(InvalidArgument, match="unknown method"):
+                await client.call("format_everything")
+            with pytest.raises(NotFound):
+                await client.call("remove_snapshot", name="nope")
+            with pytest.raises(InvalidArgument, match="snapshot name"):
+                await client.call("snapshot", name="../etc")
+            with pytest.raises(InvalidArgument, match="too short"):
+                await client.request(p.WRITE, b"abc")
+            with pytest.raises(Busy):
+                await client.call("init", size=4096, chunk_size=4096)
+            await client.write(0, b"still works")
+            assert await client.read(0, 11) == b"still works"
+
+    trio.run(main)
+
+
+def test_protocol_violations_close_only_that_connection(tmp_path: Path, replica_factory) -> None:
+    _init(tmp_path / "r")
+    replica = replica_factory(tmp_path / "r")
+    host, port = replica.address.split(":")
+
+    async def main() -> None:
+        async with open_replica(replica.address) as good:
+            await good.write(0, b"before")
+            # wrong version: refused at the handshake
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(p.HELLO.pack(p.MAGIC, 999))
+                reply = s.recv(64)
+                assert p.HELLO_REPLY.unpack(reply)[2] == 1
+                assert s.recv(64) == b""
+            # oversized frame after a good handshake: the connection is closed
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
+                assert p.HELLO_REPLY.unpack(s.recv(64))[2] == 0
+                s.sendall(struct.pack("<IIH", p.MAX_FRAME + 1, 1, p.WRITE))
+                assert s.recv(64) == b""
+            assert await good.read(0, 6) == b"before"
+
+    trio.run(main)
+
+
+def test_random_bytes_never_hurt_the_replica(tmp_path: Path, replica_factory) -> None:
+    _init(tmp_path / "r")
+    replica = replica_factory(tmp_path / "r")
+    host, port = replica.address.split(":")
+    rng = random.Random(7)
+
+    async def main() -> None:
+        async with open_replica(replica.address) as client:
+            await client.write(1000, b"precious data")
+            await client.flush()
+            before = await client.call("checksum")
+            for i in range(200):
+                with socket.create_connection((host, int(port)), timeout=10) as s:
+                    if i % 2:
+                        s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
+                        s.recv(64)
+                    if i % 3 == 0:
+                        # well-formed frames with garbage inside (ops not changing data)
+                        op = rng.choice([p.READ, p.CALL, p.LAYER_SUMS, p.READ_LAYER_CHUNK, 77])
+                        body = rng.randbytes(rng.randrange(0, 64))
+                        s.sendall(struct.pack("<IIH", 6 + len(body), i, op) + body)
+                    else:
+                        s.sendall(rng.randbytes(rng.randrange(1, 4096)))
+                    try:  # the replica answers with errors or closes (a reset, if unread)
+                        s.shutdown(socket.SHUT_WR)
+                        while s.recv(65536):
+                            pass
+                    except ConnectionResetError:
+                        pass
+            assert await client.call("checksum") == before
+            assert await client.read(1000, 13) == b"precious data"
+        # and a brand-new connection is still served
+        async with open_replica(replica.address) as fresh:
+            assert await fresh.read(1000, 13) == b"precious data"
+
+    trio.run(main)
+    assert replica.proc.poll() is None
+
+
+def test_uninitialised_replica_is_initialised_remotely(tmp_path: Path, replica_factory) -> None:
+    replica = replica_factory(tmp_path / "empty")
+
+    async def main() -> None:
+        async with open_replica(replica.address) as client:
+            assert (await client.call("hello"))["initialised"] is False
+            with pytest.raises(NotInitialised):
+                await client.read(0, 1)
+            info = await client.call("init", size=1 << 20, chunk_size=CHUNK)
+            assert info["size"] == 1 << 20
+            await client.write(0, b"hello")
+            assert await client.read(0, 5) == b"hello"
+
+    trio.run(main)
+
+
+def test_sigterm_flushes_and_exits_cleanly(tmp_path: Path, replica_factory) -> None:
+    _init(tmp_path / "r")
+    replica = replica_factory(tmp_path / "r")
+
+    async def main() -> None:
+        async with open_replica(replica.address) as client:
+            await client.write(123, b"written, never flushed by the client")
+
+    trio.run(main)
+    assert replica.stop() == 0
+    with ChunkStore.open(tmp_path / "r") as store:
+        assert store.read(123, 36) == b"written, never flushed by the client"
+
+
+def test_client_reports_unreachable_and_non_lhfs_peers(tmp_path: Path) -> None:
+    from lhfs.errors import ConnectionLost
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free_port = s.getsockname()[1]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ConnectionLost, match="cannot reach"):
+                await ReplicaClient.connect(f"127.0.0.1:{free_port}", nursery)
+            with pytest.raises(InvalidArgument):
+                await ReplicaClient.connect("no-port-here", nursery)
+            listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+
+            async def not_lhfs(stream: trio.SocketStream) -> None:
+                await stream.send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+                await stream.aclose()
+
+            nursery.start_soon(trio.serve_listeners, not_lhfs, [listener])
+            port = listener.socket.getsockname()[1]
+            with pytest.raises(ProtocolError):
+                await ReplicaClient.connect(f"127.0.0.1:{port}", nursery)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -1,0 +1,1 @@
+"""Helpers for operators and tests: starting lhfs processes, waiting on conditions."""

@@ -1,0 +1,97 @@
+"""Start lhfs processes and wait for them without sleeping blindly.
+
+Used by the tests and the benchmarks: every wait has a condition and a deadline, and every
+process started here is stopped by the caller's finaliser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+LHFS = str(Path(sys.executable).with_name("lhfs"))
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 30.0, what: str = "condition"
+) -> object:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def read_line_matching(proc: subprocess.Popen, pattern: str, timeout: float = 30.0) -> re.Match:
+    """Read ``proc``'s stdout until a line matches ``pattern``; fail if it exits or times out."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no line matching {pattern!r} within {timeout}s")
+            if sel.select(left):
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(
+                        f"process exited ({proc.wait()}) before printing {pattern!r}"
+                    )
+                match = regex.search(line)
+                if match:
+                    return match
+    finally:
+        sel.unregister(proc.stdout)
+
+
+class ReplicaProcess:
+    """A ``lhfs replica serve`` child process on a free loopback port."""
+
+    def __init__(self, directory: Path, port: int = 0, log: Path | None = None) -> None:
+        self.dir = Path(directory)
+        self.log = log or self.dir.with_name(self.dir.name + ".log")
+        self._log_file = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [LHFS, "replica", "serve", "--dir", str(self.dir), "--listen", f"127.0.0.1:{port}"],
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        match = read_line_matching(self.proc, r"serving .* on (\S+):(\d+)")
+        self.address = f"{match.group(1)}:{match.group(2)}"
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to flush or clean up."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; SIGKILL if it does not stop in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
