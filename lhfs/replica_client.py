@@ -120,10 +120,8 @@ class ReplicaClient:
     async def _reader(self) -> None:
         frames = p.FrameBuffer()
         while True:
-            data = await self._stream.receive_some(1 << 20)
-            if not data:
+            if not await frames.receive(self._stream.socket):
                 return
-            frames.feed(data)
             for request_id, status, payload in frames.frames():
                 waiter = self._waiting.pop(request_id, None)
                 if waiter is None:

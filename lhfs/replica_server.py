@@ -35,7 +35,6 @@ from .store import ChunkStore
 
 log = logging.getLogger("lhfs.replica")
 
-_RECV = 1 << 20
 _HANDSHAKE_TIMEOUT = 10
 
 
@@ -122,10 +121,8 @@ class ReplicaServer:
         frames = p.FrameBuffer()
         send_lock = trio.Lock()
         while True:
-            data = await stream.receive_some(_RECV)
-            if not data:
+            if not await frames.receive(stream.socket):
                 return
-            frames.feed(data)
             out: list[bytes] = []
             for request_id, op, payload in frames.frames():
                 if op == p.CALL and _method_of(payload) in _LONG:

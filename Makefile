@@ -1,0 +1,36 @@
+# `make test` and `make demo` work on a fresh Debian machine: they install what is missing
+# (system packages, the virtualenv with lhfs in editable mode) and are quick when it is there.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_STAMP := .stamp-system
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(SYSTEM_STAMP) $(VENV)/.installed
+
+$(SYSTEM_STAMP): tools/setup-system.sh
+	tools/setup-system.sh
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(SYSTEM_STAMP)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(BIN)/pytest
+
+demo: setup
+	$(BIN)/python -m tools.demo
+
+bench: setup
+	$(BIN)/python bench/replica_bench.py
+
+clean:
+	rm -rf $(VENV) $(SYSTEM_STAMP) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""One replica process over loopback TCP next to plain os.pwrite/os.pread on the same disk.
+
+Runs, in one go: 1 MiB sequential write and read, 4 KiB random write and read; the replica with
+a queue depth (16 by default) of requests in flight on one connection, the plain file with
+synchronous calls. Prints one table with IOPS, MB/s and the replica/plain ratio.
+
+    python bench/replica_bench.py [--dir DIR] [--size 1G] [--seconds 5] [--depth 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lhfs.replica_client import open_replica
+from lhfs.store import ChunkStore
+from lhfs.units import parse_size
+from tools.procs import ReplicaProcess
+
+MIB = 1 << 20
+
+
+def plain(path: Path, size: int, pattern: str, bs: int, seconds: float) -> tuple[int, float]:
+    """(operations, elapsed) of synchronous I/O on a plain file."""
+    flags = os.O_RDWR | os.O_CREAT
+    fd = os.open(path, flags, 0o644)
+    buf = os.urandom(bs)
+    rng = random.Random(1)
+    ops = 0
+    offset = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    try:
+        while time.perf_counter() < deadline:
+            for _ in range(64):
+                if pattern.startswith("rand"):
+                    offset = rng.randrange(size // bs) * bs
+                else:
+                    offset = (offset + bs) % size
+                if pattern.endswith("write"):
+                    os.pwrite(fd, buf, offset)
+                else:
+                    os.pread(fd, bs, offset)
+                ops += 1
+        if pattern.endswith("write"):
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return ops, time.perf_counter() - start
+
+
+async def replica(
+    address: str, size: int, pattern: str, bs: int, seconds: float, depth: int
+) -> tuple[int, float]:
+    """(operations, elapsed) with ``depth`` requests in flight on one connection."""
+    buf = os.urandom(bs)
+    ops = 0
+    next_offset = 0
+    async with open_replica(address) as client:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker(seed: int) -> None:
+            nonlocal ops, next_offset
+            rng = random.Random(seed)
+            while time.perf_counter() < deadline:
+                if pattern.startswith("rand"):
+                    offset = rng.randrange(size // bs) * bs
+                else:
+                    offset = next_offset
+                    next_offset = (next_offset + bs) % size
+                if pattern.endswith("write"):
+                    await client.write(offset, buf)
+                else:
+                    await client.read(offset, bs)
+                ops += 1
+
+        async with trio.open_nursery() as nursery:
+            for i in range(depth):
+                nursery.start_soon(worker, i)
+        if pattern.endswith("write"):
+            await client.flush()
+        return ops, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default=None, help="scratch directory (default: under bench/)")
+    parser.add_argument("--size", default="1G")
+    parser.add_argument("--chunk-size", default="64K")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--depth", type=int, default=16)
+    args = parser.parse_args()
+    size = parse_size(args.size)
+    base = Path(args.dir or Path(__file__).parent)
+    work = Path(tempfile.mkdtemp(prefix="replica-bench-", dir=base))
+    tests = [
+        ("seq write", 1 * MIB),
+        ("seq read", 1 * MIB),
+        ("rand write", 4096),
+        ("rand read", 4096),
+    ]
+    rows = []
+    try:
+        ChunkStore.create(work / "replica", size, parse_size(args.chunk_size)).close()
+        proc = ReplicaProcess(work / "replica")
+        try:
+            for name, bs in tests:
+                pattern = name.replace(" ", "")
+                p_ops, p_secs = plain(work / "plain.img", size, pattern, bs, args.seconds)
+                r_ops, r_secs = trio.run(
+                    replica, proc.address, size, pattern, bs, args.seconds, args.depth
+                )
+                rows.append((name, bs, p_ops / p_secs, r_ops / r_secs))
+        finally:
+            proc.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nreplica over loopback TCP (depth {args.depth}) vs plain file, {args.size} volume,")
+    print(f"chunk size {args.chunk_size}, {args.seconds:.0f} s per test, {os.cpu_count()} cores\n")
+    print("| test | bs | plain IOPS | plain MB/s | replica IOPS | replica MB/s | ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, bs, p_iops, r_iops in rows:
+        print(
+            f"| {name} | {bs // 1024}K | {p_iops:,.0f} | {p_iops * bs / 1e6:,.0f} | "
+            f"{r_iops:,.0f} | {r_iops * bs / 1e6:,.0f} | {r_iops / p_iops:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Chunk store properties the model test does not reach: identity by content, limits, damage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lhfs.errors import AlreadyExists, BackingImageMismatch, Busy, InvalidArgument, NotFound
+from lhfs.store import ChunkStore
+from tools.procs import LHFS
+
+
+def test_backing_image_is_identified_by_content_not_name(tmp_path: Path) -> None:
+    image = tmp_path / "image.raw"
+    image.write_bytes(os.urandom(300_000))
+    a = ChunkStore.create(tmp_path / "a", 1 << 20, 4096, image, "ubuntu.img")
+    b = ChunkStore.create(tmp_path / "b", 1 << 20, 4096, image, "some-other-name.qcow")
+    with a, b:
+        assert a.info()["backing_image"]["id"] == b.info()["backing_image"]["id"]
+        assert a.info()["backing_image"]["file"] != b.info()["backing_image"]["file"]
+        assert a.read(0, 300_000) == image.read_bytes()
+        assert a.read(300_000, 10_000) == bytes(10_000)
+        assert a.layer_sums("backing") == b.layer_sums("backing")
+
+
+def test_replica_refuses_a_backing_image_with_other_content(tmp_path: Path) -> None:
+    image = tmp_path / "image.raw"
+    image.write_bytes(os.urandom(100_000))
+    ChunkStore.create(tmp_path / "r", 1 << 20, 4096, image, "base.img").close()
+    local = tmp_path / "r" / "base.img"
+    data = bytearray(local.read_bytes())
+    data[5000] ^= 0xFF  # same size, one byte flipped
+    local.write_bytes(data)
+    with pytest.raises(BackingImageMismatch, match=r"base\.img"):
+        ChunkStore.open(tmp_path / "r")
+    local.unlink()
+    with pytest.raises(NotFound, match="missing"):
+        ChunkStore.open(tmp_path / "r")
+
+
+def test_huge_sparse_volume_costs_memory_only_for_written_chunks(tmp_path: Path) -> None:
+    tib = 1 << 40
+    with ChunkStore.create(tmp_path / "r", tib, 64 << 10) as store:
+        store.write(tib - 5, b"end!!")
+        store.write(0, b"start")
+        store.snapshot("s")
+        store.write(tib // 2, b"middle")
+    with ChunkStore.open(tmp_path / "r") as store:
+        assert len(store._top) == 3
+        assert store.read(tib - 5, 5) == b"end!!"
+        assert store.read(tib // 2, 6) == b"middle"
+        assert sum(len(layer.index) for layer in store.layers.values()) == 3
+    used = sum(p.stat().st_blocks * 512 for p in (tmp_path / "r").iterdir())
+    assert used < 4 << 20
+
+
+def test_long_chains_have_no_layer_limit(tmp_path: Path) -> None:
+    layers = 1200
+    with ChunkStore.create(tmp_path / "r", 4096 * 16, 4096) as store:
+        for i in range(layers):
+            store.write((i % 16) * 4096 + i % 7, i.to_bytes(4, "little"))
+            store.snapshot(f"s{i}")
+    with ChunkStore.open(tmp_path / "r") as store:
+        assert len(store.chain) == layers + 1
+        for i in range(layers - 16, layers):
+            assert store.read((i % 16) * 4096 + i % 7, 4) == i.to_bytes(4, "little")
+        store.remove_snapshot("s600")
+        assert store.read(((layers - 1) % 16) * 4096 + (layers - 1) % 7, 4) == (
+            layers - 1
+        ).to_bytes(4, "little")
+
+
+def test_torn_index_tail_is_ignored_and_cut(tmp_path: Path) -> None:
+    with ChunkStore.create(tmp_path / "r", 1 << 20, 4096) as store:
+        store.write(0, b"durable")
+        store.flush()
+        head = store.head.index_path
+    size = head.stat().st_size
+    with open(head, "ab") as f:
+        f.write(b"LHI1\x05\x00\x00\x00garbage-from-a-crash")
+    with ChunkStore.open(tmp_path / "r") as store:
+        assert store.read(0, 7) == b"durable"
+    assert head.stat().st_size == size
+
+
+def test_bad_arguments_change_nothing(tmp_path: Path) -> None:
+    with ChunkStore.create(tmp_path / "r", 1 << 20, 4096) as store:
+        store.write(0, b"keep")
+        before = store.checksum()
+        for call in (
+            lambda: store.write((1 << 20) - 1, b"xx"),
+            lambda: store.read(-1, 4),
+            lambda: store.trim(0, (1 << 20) + 1),
+            lambda: store.expand(1000),
+            lambda: store.expand(4096),
+            lambda: store.snapshot("a/b"),
+            lambda: store.snapshot(".."),
+        ):
+            with pytest.raises(InvalidArgument):
+                call()
+        store.snapshot("one")
+        with pytest.raises(AlreadyExists):
+            store.snapshot("one")
+        with pytest.raises(NotFound):
+            store.revert("two")
+        with pytest.raises(Busy):
+            ChunkStore.open(tmp_path / "r")
+        assert store.checksum() == before
+    with pytest.raises(AlreadyExists):
+        ChunkStore.create(tmp_path / "r", 1 << 20, 4096)
+    with pytest.raises(InvalidArgument):
+        ChunkStore.create(tmp_path / "x", 1 << 20, 3000)
+
+
+def test_cli_errors_are_one_line_with_exit_status(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([LHFS, *args], capture_output=True, text=True, timeout=60)
+
+    bad_size = run("replica", "init", "--dir", str(tmp_path / "r"), "--size", "10Q")
+    assert bad_size.returncode == 2
+    assert len(bad_size.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+    unaligned = run("replica", "init", "--dir", str(tmp_path / "r"), "--size", "100000")
+    assert unaligned.returncode == 1
+    assert unaligned.stderr.strip().splitlines() == [
+        "lhfs: error: size 100000 is not a positive multiple of the chunk size 65536"
+    ]
+    assert run("replica", "init", "--dir", str(tmp_path / "r"), "--size", "1M").returncode == 0
+    again = run("replica", "init", "--dir", str(tmp_path / "r"), "--size", "1M")
+    assert again.returncode == 1 and "already holds a volume" in again.stderr
+    assert "Traceback" not in again.stderr
+    listen = run("replica", "serve", "--dir", str(tmp_path / "r"), "--listen", "nonsense")
+    assert listen.returncode == 1 and "HOST:PORT" in listen.stderr
+    assert run("nosuchgroup").returncode == 2
+    shown = run("replica", "inspect", "--dir", str(tmp_path / "r"), "--json")
+    assert shown.returncode == 0 and '"chunk_size": 65536' in shown.stdout
