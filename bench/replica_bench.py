@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lhfs.replica_client import open_replica
 from lhfs.store import ChunkStore
 from lhfs.units import parse_size
-from tools.procs import ReplicaProcess
+from lhfs.procs import ReplicaProcess
 
 MIB = 1 << 20
 

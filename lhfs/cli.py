@@ -92,6 +92,163 @@ def cmd_replica_inspect(args: argparse.Namespace) -> None:
         print(f"  {name:24} {layer['created']}  {format_size(layer['size']):>8}{mark}")
 
 
+# -- volumes ----------------------------------------------------------------------------------
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return Path(args.root)
+
+
+def cmd_volume_create(args: argparse.Namespace) -> None:
+    from . import manage
+
+    vol = manage.create(
+        _root(args), args.name, args.size, args.chunk_size, args.replicas, args.backing_image
+    )
+    print(f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas")
+
+
+def cmd_volume_attach(args: argparse.Namespace) -> None:
+    from . import manage
+
+    result = manage.attach(_root(args), args.name, Path(args.device))
+    print(f"attached {result['name']} at {result['device']}")
+
+
+def cmd_volume_detach(args: argparse.Namespace) -> None:
+    from . import manage
+
+    manage.detach(_root(args), args.name)
+    print(f"detached {args.name}")
+
+
+def _replica_line(r: dict[str, Any]) -> str:
+    progress = "" if r.get("rebuild_progress") is None else f" rebuild {r['rebuild_progress']}%"
+    error = f"  ({r['error']})" if r.get("error") else ""
+    return f"  {r['id']:6} {r['mode']:4} {r.get('address') or 'local':22}{progress}{error}"
+
+
+def _print_volume(info: dict[str, Any]) -> None:
+    print(
+        f"{info['name']}: {info['state']}, {format_size(info['size'])}"
+        + (f", device {info['device']}" if info.get("device") else "")
+    )
+    for replica in info["replicas"]:
+        print(_replica_line(replica))
+    if info.get("snapshots"):
+        print("  snapshots: " + ", ".join(s["name"] for s in info["snapshots"]))
+
+
+def cmd_volume_ls(args: argparse.Namespace) -> None:
+    from . import manage
+
+    volumes = manage.list_volumes(_root(args))
+    if args.json:
+        _print_json(volumes)
+        return
+    if not volumes:
+        print("no volumes")
+    for info in volumes:
+        _print_volume(info)
+
+
+def cmd_volume_info(args: argparse.Namespace) -> None:
+    from . import manage
+
+    info = manage.info(_root(args), args.name)
+    _print_json(info) if args.json else _print_volume(info)
+
+
+def cmd_volume_expand(args: argparse.Namespace) -> None:
+    from . import manage
+
+    manage.expand(_root(args), args.name, args.size)
+    print(f"expanded {args.name} to {format_size(args.size)}")
+
+
+def cmd_volume_checksum(args: argparse.Namespace) -> None:
+    from . import manage
+
+    print(f"{args.name} {manage.checksum(_root(args), args.name)}")
+
+
+def cmd_volume_rm(args: argparse.Namespace) -> None:
+    from . import manage
+
+    manage.remove(_root(args), args.name)
+    print(f"removed volume {args.name}")
+
+
+def cmd_engine_run(args: argparse.Namespace) -> None:
+    from .daemon import run
+
+    code = run(_root(args), args.name, Path(args.device))
+    if code:
+        raise SystemExit(code)
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    from .mount import mount
+
+    result = mount(_root(args), args.name, Path(args.mountpoint), args.fs)
+    how = "formatted and mounted" if result["formatted"] else "mounted"
+    print(f"{how} {result['name']} at {result['mountpoint']} ({result['loop']})")
+
+
+def cmd_umount(args: argparse.Namespace) -> None:
+    from .mount import umount
+
+    result = umount(_root(args), Path(args.mountpoint))
+    print(f"unmounted {result['mountpoint']} and detached {result['name']}")
+
+
+# -- snapshots --------------------------------------------------------------------------------
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> None:
+    from . import manage
+
+    snap = manage.snapshot_create(_root(args), args.volume, args.name)
+    _print_json(snap) if args.json else print(f"created snapshot {snap['name']}")
+
+
+def cmd_snapshot_ls(args: argparse.Namespace) -> None:
+    from . import manage
+
+    snaps = manage.snapshot_list(_root(args), args.volume)
+    if args.json:
+        _print_json(snaps)
+        return
+    for snap in snaps:
+        mark = "" if snap.get("active", True) else "  (not in the volume's chain)"
+        print(f"{snap['name']:32} {snap['created']}  {format_size(snap['size']):>8}{mark}")
+
+
+def cmd_snapshot_rm(args: argparse.Namespace) -> None:
+    from . import manage
+
+    manage.snapshot_remove(_root(args), args.volume, args.name)
+    print(f"removed snapshot {args.name}")
+
+
+def cmd_snapshot_revert(args: argparse.Namespace) -> None:
+    from . import manage
+
+    manage.snapshot_revert(_root(args), args.volume, args.name)
+    print(f"reverted {args.volume} to {args.name}")
+
+
+def cmd_replica_ls(args: argparse.Namespace) -> None:
+    from . import manage
+
+    replicas = manage.info(_root(args), args.volume)["replicas"]
+    if args.json:
+        _print_json(replicas)
+        return
+    for replica in replicas:
+        print(_replica_line(replica))
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -149,7 +306,115 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help="replica directory")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_replica_inspect)
+
+    p = verbs.add_parser("ls", help="a volume's replicas, their mode and rebuild progress")
+    p.add_argument("volume")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_replica_ls)
+
+    _volume_parsers(groups)
+    _snapshot_parsers(groups)
+
+    p = groups.add_parser(
+        "mount",
+        help="attach, format if never formatted, and mount a volume",
+        description="Attach the volume if needed, put a loop device on it, create a "
+        "filesystem only if the volume was never formatted (a durable record decides, "
+        "checked against the device's real content), and mount it.",
+    )
+    p.add_argument("name")
+    p.add_argument("mountpoint")
+    p.add_argument("--fs", default="ext4", help="filesystem for a new volume (default ext4)")
+    p.set_defaults(func=cmd_mount)
+    p = groups.add_parser("umount", help="unmount, free the loop device, detach")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+    p = groups.add_parser("engine-run", help=argparse.SUPPRESS)
+    p.add_argument("name")
+    p.add_argument("device")
+    p.set_defaults(func=cmd_engine_run)
     return parser
+
+
+def _volume_parsers(groups: Any) -> None:
+    group = groups.add_parser("volume", help="create, attach and inspect volumes")
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+
+    p = verbs.add_parser("create", help="create a volume and its local replicas")
+    p.add_argument("name")
+    p.add_argument("--size", required=True, type=_size, help="volume size, e.g. 10G")
+    p.add_argument("--replicas", type=int, default=3, help="number of replicas (default 3)")
+    p.add_argument("--backing-image", type=Path, help="raw image file at the bottom of the chain")
+    p.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=parse_size(DEFAULT_CHUNK),
+        help=f"copy-on-write and rebuild unit, a power of two 4K-4M (default {DEFAULT_CHUNK})",
+    )
+    p.set_defaults(func=cmd_volume_create)
+
+    p = verbs.add_parser(
+        "attach",
+        help="start the replicas and engine, expose the volume as a file",
+        description="Start the volume's replica processes and its engine in the background "
+        "and expose the volume as the regular file DEVICE (created if missing). Returns once "
+        "DEVICE serves I/O.",
+    )
+    p.add_argument("name")
+    p.add_argument("--device", required=True, help="path of the file that becomes the volume")
+    p.set_defaults(func=cmd_volume_attach)
+
+    p = verbs.add_parser("detach", help="flush, unmount the device, stop engine and replicas")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_volume_detach)
+
+    for verb, func, text in (
+        ("ls", cmd_volume_ls, "all volumes and their state"),
+        ("info", cmd_volume_info, "one volume: state, replicas, snapshots"),
+    ):
+        p = verbs.add_parser(verb, help=text)
+        if verb == "info":
+            p.add_argument("name")
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+        p.set_defaults(func=func)
+
+    p = verbs.add_parser("expand", help="grow a volume (attached or not)")
+    p.add_argument("name")
+    p.add_argument("--size", required=True, type=_size, help="the new size")
+    p.set_defaults(func=cmd_volume_expand)
+
+    p = verbs.add_parser("checksum", help="xxh3-128 of the whole volume content")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_volume_checksum)
+
+    p = verbs.add_parser("rm", help="delete a detached volume and its replicas")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_volume_rm)
+
+
+def _snapshot_parsers(groups: Any) -> None:
+    group = groups.add_parser("snapshot", help="create, list, remove and revert snapshots")
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+    p = verbs.add_parser("create", help="crash-consistent snapshot on every replica")
+    p.add_argument("volume")
+    p.add_argument("name", nargs="?", help="snapshot name (default: snap-DATE-TIME)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_snapshot_create)
+    p = verbs.add_parser("ls", help="the chain, oldest first")
+    p.add_argument("volume")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_snapshot_ls)
+    p = verbs.add_parser("rm", help="remove a snapshot; its data merges into its child")
+    p.add_argument("volume")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_snapshot_rm)
+    p = verbs.add_parser("revert", help="(detached) make the head a fresh layer on a snapshot")
+    p.add_argument("volume")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_snapshot_revert)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,10 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class _Waiter:
-    __slots__ = ("answer", "done", "failed")
+    __slots__ = ("answer", "done", "failed", "request_id")
 
     def __init__(self) -> None:
+        self.request_id = 0
         self.done = trio.Event()
         self.answer: bytes = b""
         self.failed: LhfsError | None = None
@@ -140,23 +141,33 @@ class ReplicaClient:
             waiter.done.set()
         self._waiting.clear()
 
-    async def request(self, op: int, *parts: bytes | bytearray | memoryview) -> bytes:
-        """Send one request and wait for its answer; errors come back as ``LhfsError``."""
+    def submit(self, op: int, *parts: bytes | bytearray | memoryview) -> _Waiter:
+        """Queue one request without waiting: an engine submits a write to every replica first,
+        then waits for all, so the replicas work in parallel and see requests in one order."""
         if self._broken is not None:
             raise ConnectionLost(str(self._broken))
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         request_id = self._next_id
         waiter = _Waiter()
+        waiter.request_id = request_id
         self._waiting[request_id] = waiter
         self._queue.append(p.frame(request_id, op, *parts))
         self._wake.set()
+        return waiter
+
+    async def wait(self, waiter: _Waiter) -> bytes:
+        """The answer to a submitted request; errors come back as ``LhfsError``."""
         try:
             await waiter.done.wait()
         finally:
-            self._waiting.pop(request_id, None)
+            self._waiting.pop(waiter.request_id, None)
         if waiter.failed is not None:
             raise waiter.failed
         return waiter.answer
+
+    async def request(self, op: int, *parts: bytes | bytearray | memoryview) -> bytes:
+        """Send one request and wait for its answer."""
+        return await self.wait(self.submit(op, *parts))
 
     # -- operations ---------------------------------------------------------------------------
 

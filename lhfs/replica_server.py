@@ -202,6 +202,7 @@ class ReplicaServer:
             "revert": lambda: store.revert(str(args["name"])),
             "expand": lambda: store.expand(int(args["size"])),
             "checksum": store.checksum,
+            "is_blank": store.is_blank,
         }
         if method not in handlers:
             raise InvalidArgument(f"unknown method {method!r}")

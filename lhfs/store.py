@@ -537,6 +537,13 @@ class ChunkStore:
             "operation": self.operation,
         }
 
+    def is_blank(self) -> bool:
+        """Whether the volume reads as zeros everywhere (nothing written, no backing image):
+        the only state in which ``lhfs mount`` may create a filesystem without a record."""
+        if self.backing is not None:
+            return False
+        return not any(layer.index[c] == DATA for c, layer in self._top.items())
+
     def layer(self, layer_id: str) -> Layer:
         try:
             return self.layers[layer_id]

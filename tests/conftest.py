@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.procs import ReplicaProcess
+from lhfs.procs import ReplicaProcess
 
 
 @pytest.fixture

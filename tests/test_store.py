@@ -10,7 +10,7 @@ import pytest
 
 from lhfs.errors import AlreadyExists, BackingImageMismatch, Busy, InvalidArgument, NotFound
 from lhfs.store import ChunkStore
-from tools.procs import LHFS
+from lhfs.procs import LHFS
 
 
 def test_backing_image_is_identified_by_content_not_name(tmp_path: Path) -> None:

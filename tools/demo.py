@@ -18,7 +18,7 @@ import trio
 
 from lhfs.replica_client import open_replica
 from lhfs.store import ChunkStore
-from tools.procs import ReplicaProcess
+from lhfs.procs import ReplicaProcess
 
 MIB = 1 << 20
 

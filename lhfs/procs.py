@@ -1,11 +1,14 @@
 """Start lhfs processes and wait for them without sleeping blindly.
 
-Used by the tests and the benchmarks: every wait has a condition and a deadline, and every
+Used by the engine (its local replicas), the tests and the benchmarks: every wait has a
+condition and a deadline, and every
 process started here is stopped by the caller's finaliser.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import selectors
@@ -17,6 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 LHFS = str(Path(sys.executable).with_name("lhfs"))
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies, so a killed engine leaves no
+    replica holding its directory. Must be used from the parent's main thread."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def wait_for(
@@ -62,16 +73,24 @@ def read_line_matching(proc: subprocess.Popen, pattern: str, timeout: float = 30
 class ReplicaProcess:
     """A ``lhfs replica serve`` child process on a free loopback port."""
 
-    def __init__(self, directory: Path, port: int = 0, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int = 0,
+        log: Path | None = None,
+        tied_to_parent: bool = False,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.dir = Path(directory)
         self.log = log or self.dir.with_name(self.dir.name + ".log")
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [LHFS, "replica", "serve", "--dir", str(self.dir), "--listen", f"127.0.0.1:{port}"],
+            [LHFS, "replica", "serve", "--dir", str(self.dir), "--listen", f"{host}:{port}"],
             stdout=subprocess.PIPE,
             stderr=self._log_file,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent if tied_to_parent else None,
         )
         match = read_line_matching(self.proc, r"serving .* on (\S+):(\d+)")
         self.address = f"{match.group(1)}:{match.group(2)}"

@@ -1,0 +1,201 @@
+"""The background process of an attached volume: replicas, engine, FUSE device, control socket.
+
+``lhfs volume attach`` starts it (``lhfs engine-run``, not for direct use) in a session of its
+own and waits for its first line on stdout: ``ready`` once the device serves I/O, or
+``error: <message>``. Local replicas are child processes that get SIGTERM if this process dies,
+so a killed engine never leaves a replica directory locked. One ``trio.run`` owns the engine, the
+control socket and ``pyfuse3.main``; SIGTERM or a ``detach`` request ends the FUSE loop, then
+the engine flushes, the device is unmounted and the replicas stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import control
+from . import volume as volumes
+from .durable import atomic_write_json
+from .engine import Engine, ReplicaLink
+from .errors import InvalidArgument, LhfsError, NotFound
+from .fuse_frontend import VolumeFile, mount_options
+from .procs import ReplicaProcess
+
+log = logging.getLogger("lhfs.daemon")
+
+
+class Daemon:
+    def __init__(self, vol: volumes.Volume, device: Path) -> None:
+        self.vol = vol
+        self.device = device
+        self.processes: dict[str, ReplicaProcess] = {}
+        self.engine: Engine | None = None
+        self._stopping = False
+
+    # -- replicas -----------------------------------------------------------------------------
+
+    def start_local_replicas(self) -> None:
+        """Start one ``replica serve`` per local replica (from the main thread: see procs)."""
+        for replica in self.vol.replicas:
+            directory = self.vol.replica_dir(replica)
+            if directory is None:
+                continue
+            replica["address"] = None
+            try:
+                proc = ReplicaProcess(
+                    directory, log=self.vol.dir / f"{replica['id']}.log", tied_to_parent=True
+                )
+            except (RuntimeError, TimeoutError) as exc:
+                log.error("replica %s did not start: %s", replica["id"], exc)
+                continue
+            self.processes[replica["id"]] = proc
+            replica["address"] = proc.address
+
+    def stop_local_replicas(self) -> None:
+        for proc in self.processes.values():
+            proc.stop()
+
+    def _record_mode(self, link: ReplicaLink) -> None:
+        replica = self.vol.replica(link.id)
+        if (replica.get("mode"), replica.get("error")) == (link.mode, link.error):
+            return
+
+        def change(config: dict[str, Any]) -> None:
+            for entry in config["replicas"]:
+                if entry["id"] == link.id:
+                    entry["mode"], entry["error"] = link.mode, link.error
+
+        self.vol.update(change)
+
+    # -- control requests ---------------------------------------------------------------------
+
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        engine = self.engine
+        assert engine is not None
+        if op == "info":
+            info = engine.info()
+            info["device"] = str(self.device)
+            info["pid"] = os.getpid()
+            for replica in info["replicas"]:
+                proc = self.processes.get(replica["id"])
+                replica["pid"] = proc.proc.pid if proc else None
+            try:
+                info["snapshots"] = await engine.call_one("list_layers")
+            except LhfsError:
+                info["snapshots"] = []
+            return info
+        if op == "flush":
+            await engine.flush()
+            return None
+        if op == "snapshot":
+            return await engine.snapshot(str(args["name"]))
+        if op == "snapshot_rm":
+            await engine.remove_snapshot(str(args["name"]))
+            return None
+        if op == "expand":
+            await engine.expand(int(args["size"]))
+            self.vol.update(lambda config: config.update(size=engine.size))
+            pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
+            return None
+        if op in ("checksum", "list_layers", "info_one"):
+            return await engine.call_one("info" if op == "info_one" else op)
+        if op == "blank":
+            return await engine.call_one("is_blank")
+        if op == "detach":
+            await engine.flush()
+            self.stop()
+            return None
+        raise InvalidArgument(f"unknown control operation {op!r}")
+
+    def stop(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            pyfuse3.terminate()
+
+    # -- main ---------------------------------------------------------------------------------
+
+    async def serve(self, announce: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            self.engine = Engine(self.vol.size, nursery, on_mode_change=self._record_mode)
+            addresses = {r["id"]: r["address"] for r in self.vol.replicas if r.get("local")}
+
+            def publish(config: dict[str, Any]) -> None:  # this run's replica ports
+                for entry in config["replicas"]:
+                    entry["address"] = addresses.get(entry["id"], entry["address"])
+
+            self.vol.update(publish)
+            await self.engine.attach(
+                [
+                    (r["id"], r["address"] or "", r.get("mode") == "ERR")
+                    for r in self.vol.replicas
+                ]
+            )
+            await nursery.start(control.serve, self.vol.control_socket, self.handle)
+            nursery.start_soon(self._watch_signals)
+            pyfuse3.init(VolumeFile(self.engine), str(self.device), mount_options())
+            try:
+                atomic_write_json(
+                    self.vol.runtime_path,
+                    {"pid": os.getpid(), "device": str(self.device), "started": time.time()},
+                )
+                announce("ready")
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+            finally:
+                pyfuse3.close(unmount=True)
+            await self.engine.close()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                self.stop()
+                return
+
+
+def run(root: Path, name: str, device: Path) -> int:
+    """Entry point of ``lhfs engine-run``: stdout carries exactly one status line."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
+    )
+    out = sys.stdout
+
+    def announce(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+    daemon = None
+    try:
+        vol = volumes.load(root, name)
+        daemon = Daemon(vol, device)
+        daemon.start_local_replicas()
+        if not daemon.processes and not any(
+            not r.get("local") and r.get("address") for r in vol.replicas
+        ):
+            raise NotFound("no replica of the volume could be started (see the replica logs)")
+        trio.run(daemon.serve, announce)
+        return 0
+    except LhfsError as exc:
+        log.error("%s", exc)
+        if not out.closed:
+            announce(f"error: {exc}")
+        return 1
+    except Exception as exc:
+        log.exception("engine failed")
+        announce(f"error: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        if daemon is not None:
+            daemon.stop_local_replicas()
+            daemon.vol.runtime_path.unlink(missing_ok=True)
+            daemon.vol.control_socket.unlink(missing_ok=True)

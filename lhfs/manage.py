@@ -1,0 +1,320 @@
+"""Volume management as the command line sees it: create, attach, detach, inspect, snapshot.
+
+An attached volume is handled through its engine's control socket; a detached one directly on
+its local replica directories (only the replicas not recorded as failed, which all hold the same
+data). Every check that can refuse a request runs before anything changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import control
+from . import volume as volumes
+from .errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound
+from .procs import read_line_matching, wait_for
+from .store import ChunkStore, check_name
+
+ATTACH_TIMEOUT = 120.0
+
+
+# -- create and remove -----------------------------------------------------------------------
+
+
+def create(
+    root: Path, name: str, size: int, chunk_size: int, replicas: int, backing: Path | None
+) -> volumes.Volume:
+    if backing is not None and not backing.is_file():
+        raise NotFound(f"backing image file {backing} does not exist")
+    vol, tmp = volumes.create(root, name, size, chunk_size, replicas)
+    try:
+        for replica in vol.replicas:
+            store = ChunkStore.create(
+                tmp / "replicas" / replica["id"],
+                size,
+                chunk_size,
+                backing,
+                f"{replica['id']}-{backing.name}" if backing else "backing.img",
+            )
+            info = store.info()
+            store.close()
+        vol.config["backing_image"] = info["backing_image"] and info["backing_image"]["id"]
+        vol.save_to(tmp)
+        volumes.finish_create(vol, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return vol
+
+
+def remove(root: Path, name: str) -> None:
+    vol = volumes.load(root, name)
+    if vol.runtime() is not None:
+        raise Busy(f"volume {name} is attached: detach it first")
+    trash = vol.dir.with_name(f".{name}.removing")
+    os.rename(vol.dir, trash)
+    shutil.rmtree(trash)
+
+
+# -- attach and detach -----------------------------------------------------------------------
+
+
+def _check_device(device: Path) -> None:
+    """The device must be a regular file (created if missing) that nothing is mounted on."""
+    try:
+        st = device.stat()
+    except FileNotFoundError:
+        if not device.parent.is_dir():
+            raise NotFound(f"directory {device.parent} does not exist") from None
+        device.touch()
+        return
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose engine died
+            cleanup_stale_device(device)
+            return
+        raise
+    if device.is_dir():
+        raise InvalidArgument(f"device path {device} is a directory; give a file path")
+    if _is_mountpoint(device):
+        raise Busy(f"{device} is already mounted")
+    if not device.is_file():
+        raise InvalidArgument(f"device path {device} is not a regular file")
+    del st
+
+
+def _is_mountpoint(path: Path) -> bool:
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def loops_backed_by(device: Path) -> list[str]:
+    """Loop devices whose backing file is ``device``."""
+    out = []
+    target = str(device.resolve() if device.exists() else device)
+    for entry in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (entry / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing in (target, str(device)):
+            out.append(f"/dev/{entry.name}")
+    return out
+
+
+def cleanup_stale_device(device: Path) -> None:
+    """Undo what a killed engine left: mounts of loops on the dead FUSE file, the loops, the
+    FUSE mount itself. Only ever unmounts; never touches data."""
+    for loop in loops_backed_by(device):
+        with open("/proc/self/mounts") as f:
+            mounted = [line.split()[1] for line in f if line.split()[0] == loop]
+        for mountpoint in mounted:
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    subprocess.run(["fusermount3", "-u", "-z", str(device)], capture_output=True)
+
+
+def attach(root: Path, name: str, device: Path) -> dict[str, Any]:
+    vol = volumes.load(root, name)
+    runtime = vol.runtime()
+    if runtime is not None:
+        raise AlreadyExists(f"volume {name} is already attached at {runtime['device']}")
+    if vol.config.get("dr"):
+        raise Busy(f"volume {name} is a DR standby: activate it first")
+    device = device.absolute()
+    for other in volumes.list_names(root):
+        info = volumes.load(root, other).runtime()
+        if info and Path(info["device"]) == device:
+            raise Busy(f"{device} is the device of volume {other}")
+    _check_device(device)
+    log_path = vol.dir / "engine.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lhfs", "--root", str(root), "engine-run", name, str(device)],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        line = read_line_matching(proc, r"^(ready|error: .*)$", ATTACH_TIMEOUT).group(1)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        raise LhfsError(f"the engine did not start ({exc}); see {log_path}") from None
+    finally:
+        if proc.stdout:
+            proc.stdout.close()
+    if line != "ready":
+        proc.wait(30)
+        raise LhfsError(line.removeprefix("error: "))
+    return {"name": name, "device": str(device), "pid": proc.pid}
+
+
+def detach(root: Path, name: str, timeout: float = ATTACH_TIMEOUT) -> None:
+    vol = volumes.load(root, name)
+    runtime = vol.runtime()
+    if runtime is None:
+        raise InvalidArgument(f"volume {name} is not attached")
+    device = Path(runtime["device"])
+    loops = loops_backed_by(device)
+    if loops:
+        raise Busy(f"{device} is in use by {', '.join(loops)}: unmount it first (lhfs umount)")
+    control.call(vol.control_socket, "detach")
+    wait_for(lambda: vol.runtime() is None, timeout, f"the engine of {name} to stop")
+
+
+# -- inspection ------------------------------------------------------------------------------
+
+
+def _healthy_local_dirs(vol: volumes.Volume) -> list[Path]:
+    dirs = [vol.replica_dir(r) for r in vol.replicas if r.get("mode") != "ERR" and r.get("local")]
+    if not dirs:
+        raise NotFound(f"volume {vol.name} has no healthy local replica")
+    return [d for d in dirs if d is not None]
+
+
+def _freshest_local(vol: volumes.Volume) -> Path:
+    best, best_rev = None, -1
+    for directory in _healthy_local_dirs(vol):
+        with ChunkStore.open(directory) as store:
+            if store.revision > best_rev:
+                best, best_rev = directory, store.revision
+    assert best is not None
+    return best
+
+
+def info(root: Path, name: str) -> dict[str, Any]:
+    vol = volumes.load(root, name)
+    base = {
+        "name": name,
+        "size": vol.size,
+        "chunk_size": vol.chunk_size,
+        "backing_image": vol.config.get("backing_image"),
+        "filesystem": vol.filesystem,
+    }
+    if vol.runtime() is not None:
+        try:
+            live = control.call(vol.control_socket, "info", timeout=30)
+        except control.NotAttached:
+            live = None
+        if live is not None:
+            snapshots = [_snapshot_entry(s) for s in live.pop("snapshots") if s["name"]]
+            return {**base, **live, "attached": True, "snapshots": snapshots}
+    replicas = [
+        {
+            "id": r["id"],
+            "address": r.get("address") if not r.get("local") else None,
+            "mode": r.get("mode", "RW"),
+            "error": r.get("error"),
+            "rebuild_progress": None,
+        }
+        for r in vol.replicas
+    ]
+    try:
+        with ChunkStore.open(_freshest_local(vol)) as store:
+            snapshots = [_snapshot_entry(s) for s in store.list_layers() if s["name"]]
+    except LhfsError:
+        snapshots = []
+    return {
+        **base,
+        "state": "detached",
+        "attached": False,
+        "replicas": replicas,
+        "snapshots": snapshots,
+    }
+
+
+def _snapshot_entry(layer: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": layer["name"],
+        "created": layer["created"],
+        "size": layer["size"],
+        "active": layer["active"],
+    }
+
+
+def list_volumes(root: Path) -> list[dict[str, Any]]:
+    return [info(root, name) for name in volumes.list_names(root)]
+
+
+def checksum(root: Path, name: str) -> str:
+    vol = volumes.load(root, name)
+    if vol.runtime() is not None:
+        control.call(vol.control_socket, "flush")
+        return control.call(vol.control_socket, "checksum")
+    with ChunkStore.open(_freshest_local(vol)) as store:
+        return store.checksum()
+
+
+# -- changes -----------------------------------------------------------------------------------
+
+
+def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
+    """Apply a store method to every healthy local replica of a detached volume."""
+    result = None
+    for directory in _healthy_local_dirs(vol):
+        with ChunkStore.open(directory) as store:
+            result = getattr(store, action)(*args)
+    return result
+
+
+def expand(root: Path, name: str, size: int) -> None:
+    vol = volumes.load(root, name)
+    if size < vol.size:
+        raise InvalidArgument(f"cannot shrink volume {name} ({vol.size} bytes) to {size}")
+    if size % vol.chunk_size:
+        raise InvalidArgument(f"size {size} is not a multiple of the chunk size {vol.chunk_size}")
+    if vol.runtime() is not None:
+        control.call(vol.control_socket, "expand", size=size)
+        return
+    _on_every_replica(vol, "expand", size)
+    vol.update(lambda config: config.update(size=size))
+
+
+def snapshot_create(root: Path, name: str, snapshot: str | None) -> dict[str, Any]:
+    vol = volumes.load(root, name)
+    snapshot = check_name(snapshot or time.strftime("snap-%Y%m%d-%H%M%S"), "snapshot name")
+    if vol.runtime() is not None:
+        return _snapshot_entry(control.call(vol.control_socket, "snapshot", name=snapshot))
+    dirs = _healthy_local_dirs(vol)
+    for directory in dirs:  # refuse before changing anything
+        with ChunkStore.open(directory) as store:
+            if any(s["name"] == snapshot for s in store.list_layers()):
+                raise AlreadyExists(f"snapshot {snapshot!r} already exists")
+    return _snapshot_entry(_on_every_replica(vol, "snapshot", snapshot))
+
+
+def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:
+    return info(root, name)["snapshots"]
+
+
+def snapshot_remove(root: Path, name: str, snapshot: str) -> None:
+    vol = volumes.load(root, name)
+    if vol.runtime() is not None:
+        control.call(vol.control_socket, "snapshot_rm", name=snapshot, timeout=None)
+        return
+    _require_snapshot(vol, snapshot)
+    _on_every_replica(vol, "remove_snapshot", snapshot)
+
+
+def snapshot_revert(root: Path, name: str, snapshot: str) -> None:
+    vol = volumes.load(root, name)
+    if vol.runtime() is not None:
+        raise Busy(f"volume {name} is attached: detach it before reverting")
+    _require_snapshot(vol, snapshot)
+    _on_every_replica(vol, "revert", snapshot)
+
+
+def _require_snapshot(vol: volumes.Volume, snapshot: str) -> None:
+    for directory in _healthy_local_dirs(vol):
+        with ChunkStore.open(directory) as store:
+            if not any(s["name"] == snapshot for s in store.list_layers()):
+                raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")
