@@ -429,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     except LhfsError as exc:
         print(f"lhfs: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the system refused something: say what, without a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"lhfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lhfs: interrupted", file=sys.stderr)
         return 130

@@ -133,10 +133,7 @@ class Daemon:
 
             self.vol.update(publish)
             await self.engine.attach(
-                [
-                    (r["id"], r["address"] or "", r.get("mode") == "ERR")
-                    for r in self.vol.replicas
-                ]
+                [(r["id"], r["address"] or "", r.get("mode") == "ERR") for r in self.vol.replicas]
             )
             await nursery.start(control.serve, self.vol.control_socket, self.handle)
             nursery.start_soon(self._watch_signals)

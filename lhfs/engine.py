@@ -84,6 +84,7 @@ class Engine:
         self._resumed = trio.Event()
         self._resumed.set()
         self._structural = trio.Lock()
+        self.writes = 0  # acknowledged writes and trims since attach, for status and tests
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -141,6 +142,7 @@ class Engine:
         return {
             "size": self.size,
             "state": self.state,
+            "writes": self.writes,
             "replicas": [r.public() for r in self.replicas],
         }
 
@@ -209,6 +211,7 @@ class Engine:
             for start in range(0, len(data), p.MAX_IO):
                 piece = memoryview(data)[start : start + p.MAX_IO]
                 await self._fanout(p.WRITE, p.U64.pack(offset + start), piece)
+            self.writes += 1
         finally:
             self._leave()
 

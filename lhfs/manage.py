@@ -98,13 +98,13 @@ def _is_mountpoint(path: Path) -> bool:
 def loops_backed_by(device: Path) -> list[str]:
     """Loop devices whose backing file is ``device``."""
     out = []
-    target = str(device.resolve() if device.exists() else device)
+    target = os.path.abspath(device)
     for entry in Path("/sys/block").glob("loop*"):
         try:
             backing = (entry / "loop" / "backing_file").read_text().strip()
         except OSError:
             continue
-        if backing in (target, str(device)):
+        if backing == target:
             out.append(f"/dev/{entry.name}")
     return out
 

@@ -114,10 +114,7 @@ def mount(root: Path, name: str, mountpoint: Path, fs: str = "ext4") -> dict[str
     attached_here = False
     runtime = vol.runtime()
     if runtime is None:
-        device = vol.dir / "device"
-        if device.exists() and not device.is_file():
-            manage.cleanup_stale_device(device)
-        manage.attach(root, name, device)
+        manage.attach(root, name, vol.dir / "device")
         attached_here = True
         runtime = vol.runtime()
         if runtime is None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lhfs.errors import AlreadyExists, BackingImageMismatch, Busy, InvalidArgument, NotFound
-from lhfs.store import ChunkStore
 from lhfs.procs import LHFS
+from lhfs.store import ChunkStore
 
 
 def test_backing_image_is_identified_by_content_not_name(tmp_path: Path) -> None:

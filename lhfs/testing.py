@@ -1,0 +1,98 @@
+"""Helpers for driving lhfs as a user would, shared by the tests, the demo and the benchmarks.
+
+``Cli`` runs the real ``lhfs`` command against one root; ``teardown`` undoes everything a run
+may leave behind (mounts, loop devices, FUSE mounts, engine processes), whatever state a failed
+test left it in, so that every test can end with it in a finaliser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from . import volume as volumes
+from .manage import cleanup_stale_device, loops_backed_by
+from .procs import LHFS, wait_for
+
+
+class CliError(AssertionError):
+    pass
+
+
+class Cli:
+    """``lhfs --root ROOT ...`` as a subprocess."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [LHFS, "--root", str(self.root), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise CliError(f"lhfs {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def info(self, name: str) -> dict[str, Any]:
+        return self.json("volume", "info", name)
+
+    def checksum(self, name: str) -> str:
+        return self.run("volume", "checksum", name).stdout.split()[-1]
+
+    def engine_pid(self, name: str) -> int | None:
+        runtime = volumes.load(self.root, name).runtime()
+        return runtime["pid"] if runtime else None
+
+
+def kill_engine(cli: Cli, name: str) -> None:
+    """SIGKILL the engine of a volume and wait until it is gone (its replicas follow it)."""
+    pid = cli.engine_pid(name)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: cli.engine_pid(name) is None, 30, "the engine to die")
+
+
+def teardown(root: Path) -> None:
+    """Unmount, free loops, stop engines of every volume under ``root``; never raises."""
+    mountpoints = []
+    for name in volumes.list_names(root):
+        vol = volumes.load(root, name)
+        devices = {vol.dir / "device"}
+        runtime = vol.runtime()
+        if runtime:
+            devices.add(Path(runtime["device"]))
+        for device in devices:
+            for loop in loops_backed_by(device):
+                with open("/proc/self/mounts") as f:
+                    mountpoints += [line.split()[1] for line in f if line.split()[0] == loop]
+        for mountpoint in mountpoints:
+            subprocess.run(["umount", mountpoint], capture_output=True)
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+        for device in devices:
+            for loop in loops_backed_by(device):
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+        if runtime:
+            try:
+                os.kill(runtime["pid"], signal.SIGTERM)
+                wait_for(lambda vol=vol: vol.runtime() is None, 30, "the engine to stop")
+            except (ProcessLookupError, TimeoutError):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(runtime["pid"], signal.SIGKILL)
+        for device in devices:
+            if os.path.lexists(device):
+                cleanup_stale_device(device)
