@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lhfs.procs import ReplicaProcess
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Sweep FUSE mounts an interrupted earlier run left under pytest's temporary base."""
+    with open("/proc/self/mounts") as f:
+        stale = [line.split()[1] for line in f if line.split()[2] == "fuse.lhfs"]
+    for mountpoint in stale:
+        if mountpoint.startswith("/tmp/pytest-of-"):
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
 
 
 @pytest.fixture
