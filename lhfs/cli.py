@@ -249,6 +249,56 @@ def cmd_replica_ls(args: argparse.Namespace) -> None:
         print(_replica_line(replica))
 
 
+def cmd_replica_add(args: argparse.Namespace) -> None:
+    import time
+
+    from . import manage
+    from .progress import Progress
+
+    added = manage.replica_add(_root(args), args.volume, args.address)
+    print(f"added replica {added['id']} at {added['address']}; rebuilding")
+    if args.no_wait:
+        return
+    with Progress(f"rebuild {added['id']}", quiet=args.quiet) as bar:
+        while True:
+            state = manage.replica_state(_root(args), args.volume, added["id"])
+            if state["mode"] == "RW":
+                bar.update(100)
+                break
+            if state["mode"] == "ERR" and state.get("rebuild_progress") is None:
+                raise LhfsError(f"replica {added['id']}: {state.get('error') or 'rebuild failed'}")
+            bar.update(state.get("rebuild_progress") or 0)
+            time.sleep(0.2)
+    stats = state.get("rebuild_stats") or {}
+    print(
+        f"replica {added['id']} is RW: copied {stats.get('chunks_copied', 0)} of "
+        f"{stats.get('chunks_compared', 0)} chunks ({format_size(stats.get('bytes_copied', 0))})"
+    )
+
+
+def cmd_replica_rm(args: argparse.Namespace) -> None:
+    from . import manage
+
+    manage.replica_remove(_root(args), args.volume, args.id)
+    print(f"removed replica {args.id} from {args.volume}")
+
+
+def cmd_volume_scrub(args: argparse.Namespace) -> None:
+    from . import manage
+
+    report = manage.scrub(_root(args), args.name)
+    if args.json:
+        _print_json(report)
+        return
+    if not report["damaged"]:
+        print(
+            f"{args.name}: {len(report['layers'])} snapshot(s) on "
+            f"{len(report['replicas'])} replicas verified, no corruption"
+        )
+    for replica, problems in report["damaged"].items():
+        print(f"{replica}: corrupt ({'; '.join(problems[:3])}); marked ERR, rebuilding")
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -306,6 +356,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help="replica directory")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_replica_inspect)
+
+    p = verbs.add_parser(
+        "add",
+        help="add a replica and rebuild it online",
+        description="Add a new local replica, or the 'lhfs replica serve' at --address, to an "
+        "attached volume. It receives new writes at once and is filled by copying only the "
+        "chunks whose checksums differ; returns when it is RW.",
+    )
+    p.add_argument("volume")
+    p.add_argument("--address", help="HOST:PORT of a replica served elsewhere")
+    p.add_argument("--no-wait", action="store_true", help="return once the rebuild started")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_replica_add)
+
+    p = verbs.add_parser("rm", help="remove a replica from a volume")
+    p.add_argument("volume")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_replica_rm)
 
     p = verbs.add_parser("ls", help="a volume's replicas, their mode and rebuild progress")
     p.add_argument("volume")
@@ -384,6 +452,17 @@ def _volume_parsers(groups: Any) -> None:
     p.add_argument("name")
     p.add_argument("--size", required=True, type=_size, help="the new size")
     p.set_defaults(func=cmd_volume_expand)
+
+    p = verbs.add_parser(
+        "scrub",
+        help="verify the replicas' snapshots and repair corrupt replicas",
+        description="Check every snapshot of every healthy replica against its recorded "
+        "checksums and against the other replicas; a corrupt replica is taken out of I/O and "
+        "rebuilt.",
+    )
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_volume_scrub)
 
     p = verbs.add_parser("checksum", help="xxh3-128 of the whole volume content")
     p.add_argument("name")

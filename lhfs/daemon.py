@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -24,10 +25,13 @@ import trio
 from . import control
 from . import volume as volumes
 from .durable import atomic_write_json
-from .engine import Engine, ReplicaLink
-from .errors import InvalidArgument, LhfsError, NotFound
+from .engine import ERR, RW, Engine, ReplicaLink
+from .errors import AlreadyExists, InvalidArgument, LhfsError, NotFound
 from .fuse_frontend import VolumeFile, mount_options
 from .procs import ReplicaProcess
+from .rebuild import rebuild
+from .replica_client import ReplicaClient, parse_address
+from .scrub import scrub
 
 log = logging.getLogger("lhfs.daemon")
 
@@ -38,6 +42,8 @@ class Daemon:
         self.device = device
         self.processes: dict[str, ReplicaProcess] = {}
         self.engine: Engine | None = None
+        self.nursery: trio.Nursery | None = None
+        self._rebuilds: dict[str, trio.CancelScope] = {}
         self._stopping = False
 
     # -- replicas -----------------------------------------------------------------------------
@@ -109,11 +115,125 @@ class Daemon:
             return await engine.call_one("info" if op == "info_one" else op)
         if op == "blank":
             return await engine.call_one("is_blank")
+        if op == "replica_add":
+            return await self.add_replica(args.get("address"))
+        if op == "replica_rm":
+            await self.remove_replica(str(args["id"]))
+            return None
+        if op == "scrub":
+            return await scrub(engine, self.start_rebuild)
+        if op == "replica_checksums":
+            out = {}
+            for link in engine.replicas:
+                if link.mode == RW:
+                    out[link.id] = await link.client.call("checksum")
+            return out
         if op == "detach":
             await engine.flush()
             self.stop()
             return None
         raise InvalidArgument(f"unknown control operation {op!r}")
+
+    # -- replica set changes ------------------------------------------------------------------
+
+    def start_rebuild(self, link: ReplicaLink) -> None:
+        """Rebuild ``link`` in the background; whatever happens, the engine keeps running."""
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                self._rebuilds[link.id] = scope
+                try:
+                    await rebuild(self.engine, link)
+                except LhfsError as exc:
+                    log.warning("rebuild of %s failed: %s", link.id, exc)
+                except Exception:
+                    log.exception("rebuild of %s failed", link.id)
+                    if link.mode != ERR:
+                        self.engine.fail(link, "rebuild failed (internal error, see engine.log)")
+                finally:
+                    self._rebuilds.pop(link.id, None)
+                    if link.mode != RW:
+                        link.rebuild_progress = None
+
+        self.nursery.start_soon(run)
+
+    async def add_replica(self, address: str | None) -> dict[str, Any]:
+        """A new local replica, or the ``replica serve`` at ``address``; rebuilt online."""
+        engine = self.engine
+        if address is not None:
+            parse_address(address)
+            if any(r.address == address for r in engine.replicas):
+                raise AlreadyExists(f"{address} already serves a replica of this volume")
+        holder: dict[str, str] = {}
+
+        def allocate(config: dict[str, Any]) -> None:
+            replica_id = f"r{config['next_replica']}"
+            config["next_replica"] += 1
+            config["replicas"].append(
+                {
+                    "id": replica_id,
+                    "local": address is None,
+                    "address": address,
+                    "mode": ERR,
+                    "error": "being added",
+                }
+            )
+            holder["id"] = replica_id
+
+        self.vol.update(allocate)
+        replica_id = holder["id"]
+        try:
+            if address is None:
+                directory = self.vol.dir / "replicas" / replica_id
+                directory.mkdir(parents=True)
+                proc = ReplicaProcess(
+                    directory,
+                    log=self.vol.dir / f"{replica_id}.log",
+                    tied_to_parent=True,
+                    wait=False,
+                )
+                self.processes[replica_id] = proc
+                try:
+                    address = await trio.to_thread.run_sync(proc.wait_ready)
+                except (RuntimeError, TimeoutError) as exc:
+                    raise LhfsError(f"the new replica process did not start: {exc}") from None
+            link = ReplicaLink(replica_id, address, mode=ERR, error="rebuild: preparing")
+            link.client = await ReplicaClient.connect(address, self.nursery)
+        except BaseException as exc:
+            await self._forget(replica_id)
+            if isinstance(exc, LhfsError):
+                raise LhfsError(f"cannot add replica: {exc}") from None
+            raise
+        self.vol.update(lambda c: _set_replica(c, replica_id, address=address))
+        engine.replicas.append(link)
+        link.rebuild_progress = 0.0
+        self.start_rebuild(link)
+        return {"id": replica_id, "address": address}
+
+    async def remove_replica(self, replica_id: str) -> None:
+        engine = self.engine
+        link = next((r for r in engine.replicas if r.id == replica_id), None)
+        self.vol.replica(replica_id)  # NotFound for an unknown id
+        if link is not None and link.mode == RW and sum(r.mode == RW for r in engine.replicas) == 1:
+            raise InvalidArgument(f"{replica_id} is the last healthy replica: it cannot be removed")
+        if replica_id in self._rebuilds:
+            self._rebuilds[replica_id].cancel()
+        if link is not None:
+            engine.replicas.remove(link)
+            if link.client is not None:
+                await link.client.aclose()
+        await self._forget(replica_id)
+
+    async def _forget(self, replica_id: str) -> None:
+        proc = self.processes.pop(replica_id, None)
+        if proc is not None:
+            await trio.to_thread.run_sync(proc.stop)
+        entry = self.vol.replica(replica_id)
+        self.vol.update(
+            lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id])
+        )
+        if entry.get("local"):
+            shutil.rmtree(self.vol.dir / "replicas" / replica_id, ignore_errors=True)
 
     def stop(self) -> None:
         if not self._stopping:
@@ -124,7 +244,9 @@ class Daemon:
 
     async def serve(self, announce: Any) -> None:
         async with trio.open_nursery() as nursery:
-            self.engine = Engine(self.vol.size, nursery, on_mode_change=self._record_mode)
+            self.engine = Engine(
+                self.vol.size, self.vol.chunk_size, nursery, on_mode_change=self._record_mode
+            )
             addresses = {r["id"]: r["address"] for r in self.vol.replicas if r.get("local")}
 
             def publish(config: dict[str, Any]) -> None:  # this run's replica ports
@@ -132,9 +254,13 @@ class Daemon:
                     entry["address"] = addresses.get(entry["id"], entry["address"])
 
             self.vol.update(publish)
+            self.nursery = nursery
             await self.engine.attach(
                 [(r["id"], r["address"] or "", r.get("mode") == "ERR") for r in self.vol.replicas]
             )
+            for link in self.engine.replicas:  # stale but reachable: bring it back
+                if link.mode == ERR and link.client is not None and not link.client.broken:
+                    self.start_rebuild(link)
             await nursery.start(control.serve, self.vol.control_socket, self.handle)
             nursery.start_soon(self._watch_signals)
             pyfuse3.init(VolumeFile(self.engine), str(self.device), mount_options())
@@ -196,3 +322,9 @@ def run(root: Path, name: str, device: Path) -> int:
             daemon.stop_local_replicas()
             daemon.vol.runtime_path.unlink(missing_ok=True)
             daemon.vol.control_socket.unlink(missing_ok=True)
+
+
+def _set_replica(config: dict[str, Any], replica_id: str, **values: Any) -> None:
+    for entry in config["replicas"]:
+        if entry["id"] == replica_id:
+            entry.update(values)

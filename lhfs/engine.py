@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from . import protocol as p
-from .errors import ConnectionLost, InvalidArgument, LhfsError
+from .errors import Busy, ConnectionLost, InvalidArgument, LhfsError
 from .replica_client import ReplicaClient
 
 log = logging.getLogger("lhfs.engine")
@@ -49,6 +49,7 @@ class ReplicaLink:
     error: str | None = None
     since: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     rebuild_progress: float | None = None
+    rebuild_stats: Any = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class ReplicaLink:
             "error": self.error,
             "since": self.since,
             "rebuild_progress": self.rebuild_progress,
+            "rebuild_stats": self.rebuild_stats.public() if self.rebuild_stats else None,
         }
 
 
@@ -68,13 +70,15 @@ class Engine:
     def __init__(
         self,
         size: int,
+        chunk_size: int,
         nursery: trio.Nursery,
         on_mode_change: Callable[[ReplicaLink], None] | None = None,
         io_timeout: float = IO_TIMEOUT,
     ) -> None:
         self.size = size
+        self.chunk_size = chunk_size
         self.replicas: list[ReplicaLink] = []
-        self._nursery = nursery
+        self.nursery = nursery
         self._on_mode_change = on_mode_change or (lambda link: None)
         self._timeout = io_timeout
         self._next_reader = 0
@@ -83,7 +87,8 @@ class Engine:
         self._drained.set()
         self._resumed = trio.Event()
         self._resumed.set()
-        self._structural = trio.Lock()
+        self.structural = trio.Lock()  # snapshot, expand, rebuild barrier: one at a time
+        self.rebuild_lock = trio.Lock()
         self.writes = 0  # acknowledged writes and trims since attach, for status and tests
 
     # -- replicas -----------------------------------------------------------------------------
@@ -94,7 +99,7 @@ class Engine:
             link = ReplicaLink(replica_id, address)
             self.replicas.append(link)
             try:
-                link.client = await ReplicaClient.connect(address, self._nursery, CONNECT_TIMEOUT)
+                link.client = await ReplicaClient.connect(address, self.nursery, CONNECT_TIMEOUT)
                 info = await link.client.info()
                 if info["size"] != self.size:
                     # a replica expanded while others were not: the others are behind
@@ -117,10 +122,10 @@ class Engine:
                 link.mode, link.error = RW, None
             elif link.client is not None and link.error is None:
                 link.error = f"stale: revision {link.revision} < {best}"
-            self._on_mode_change(link)
+            self.mode_changed(link)
         log.info("attached: %s", ", ".join(f"{r.id}={r.mode}" for r in self.replicas))
 
-    def _fail(self, link: ReplicaLink, reason: str) -> None:
+    def fail(self, link: ReplicaLink, reason: str) -> None:
         if link.mode == ERR:
             return
         log.warning("replica %s (%s) failed: %s", link.id, link.address, reason)
@@ -128,7 +133,11 @@ class Engine:
         link.error = reason
         link.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if link.client is not None:
-            self._nursery.start_soon(link.client.aclose)
+            self.nursery.start_soon(link.client.aclose)
+        self.mode_changed(link)
+
+    def mode_changed(self, link: ReplicaLink) -> None:
+        """Tell the owner (who records modes durably) that a replica's mode changed."""
         self._on_mode_change(link)
 
     @property
@@ -160,11 +169,11 @@ class Engine:
         if self._inflight == 0:
             self._drained.set()
 
-    async def _quiesce(self) -> None:
+    async def quiesce(self) -> None:
         self._resumed = trio.Event()
         await self._drained.wait()
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
         self._resumed.set()
 
     # -- I/O ----------------------------------------------------------------------------------
@@ -186,7 +195,7 @@ class Engine:
             try:
                 submitted.append((link, link.client.submit(op, *parts)))
             except LhfsError as exc:
-                self._fail(link, str(exc))
+                self.fail(link, str(exc))
         answers = []
         waiting = list(submitted)
         timeout = self._timeout if timeout is None else timeout
@@ -196,10 +205,10 @@ class Engine:
                 try:
                     answers.append(await link.client.wait(waiter))
                 except LhfsError as exc:
-                    self._fail(link, str(exc))
+                    self.fail(link, str(exc))
                 waiting.pop(0)
         for link, _ in waiting:
-            self._fail(link, f"no answer within {timeout:.0f}s")
+            self.fail(link, f"no answer within {timeout:.0f}s")
         if not any(r.mode == RW for r in self.replicas):
             raise Faulted("volume is faulted: no healthy replica")
         return answers
@@ -245,26 +254,45 @@ class Engine:
                     with trio.fail_after(self._timeout):
                         return await link.client.read(offset, length)
                 except trio.TooSlowError:
-                    self._fail(link, f"no answer within {self._timeout:.0f}s")
+                    self.fail(link, f"no answer within {self._timeout:.0f}s")
                 except LhfsError as exc:
-                    self._fail(link, str(exc))
+                    self.fail(link, str(exc))
         finally:
             self._leave()
 
     # -- whole-volume operations --------------------------------------------------------------
 
+    async def fanout_call(self, method: str, **args: Any) -> list[Any]:
+        """A control call on the RW replicas only (the caller holds ``structural`` and has
+        drained I/O); a replica that fails it is marked ERR."""
+        call = p.encode_json({"method": method, "args": args})
+        rw = [r for r in self.replicas if r.mode == RW]
+        answers = []
+        for link in rw:
+            try:
+                answers.append(p.decode_json(await link.client.request(p.CALL, call)))
+            except LhfsError as exc:
+                self.fail(link, str(exc))
+        if not any(r.mode == RW for r in self.replicas):
+            raise Faulted("volume is faulted: no healthy replica")
+        return answers
+
+    def _refuse_during_rebuild(self) -> None:
+        if self.rebuild_lock.locked():
+            raise Busy("a replica is being rebuilt: try again when it is RW (lhfs replica ls)")
+
     async def call_all(self, method: str, **args: Any) -> list[Any]:
         """A control call on every replica taking writes, with I/O drained around it, so that
         the replicas are at the same point of the write stream (crash-consistent snapshots)."""
-        async with self._structural:
-            await self._quiesce()
+        async with self.structural:
+            await self.quiesce()
             try:
                 answers = await self._fanout(
                     p.CALL, p.encode_json({"method": method, "args": args})
                 )
                 return [p.decode_json(a) for a in answers]
             finally:
-                self._resume()
+                self.resume()
 
     async def call_one(self, method: str, **args: Any) -> Any:
         """A read-only control call answered by one healthy replica."""
@@ -272,7 +300,7 @@ class Engine:
             try:
                 return await link.client.call(method, **args)
             except ConnectionLost as exc:
-                self._fail(link, str(exc))
+                self.fail(link, str(exc))
         raise Faulted("volume is faulted: no healthy replica")
 
     async def snapshot(self, name: str) -> dict[str, Any]:
@@ -282,7 +310,8 @@ class Engine:
     async def remove_snapshot(self, name: str) -> None:
         """Coalesce a snapshot away on every replica; I/O goes on meanwhile (no deadline: the
         replicas report progress and a dead replica still fails the call at once)."""
-        async with self._structural:
+        self._refuse_during_rebuild()
+        async with self.structural:
             call = p.encode_json({"method": "remove_snapshot", "args": {"name": name}})
             await self._fanout(p.CALL, call, timeout=float("inf"))
 

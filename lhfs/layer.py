@@ -213,6 +213,11 @@ class Layer:
                 out.append((chunk, state, ZERO_DIGEST))
         return out
 
+    def fresh_sums(self) -> list[tuple[int, int, bytes]]:
+        """Recompute from disk and replace the cache (the rebuild target's view of itself)."""
+        self.drop_sums()
+        return self.cached_sums()
+
     def cached_sums(self) -> list[tuple[int, int, bytes]]:
         """``compute_sums`` kept in a file: valid as long as this immutable layer is unchanged."""
         try:

@@ -318,3 +318,44 @@ def _require_snapshot(vol: volumes.Volume, snapshot: str) -> None:
         with ChunkStore.open(directory) as store:
             if not any(s["name"] == snapshot for s in store.list_layers()):
                 raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")
+
+
+# -- replicas --------------------------------------------------------------------------------
+
+
+def _attached(vol: volumes.Volume, what: str) -> None:
+    if vol.runtime() is None:
+        raise InvalidArgument(f"volume {vol.name} is not attached: {what} runs online")
+
+
+def replica_add(root: Path, name: str, address: str | None) -> dict[str, Any]:
+    vol = volumes.load(root, name)
+    _attached(vol, "a rebuild")
+    return control.call(vol.control_socket, "replica_add", address=address)
+
+
+def replica_remove(root: Path, name: str, replica_id: str) -> None:
+    vol = volumes.load(root, name)
+    if vol.runtime() is not None:
+        control.call(vol.control_socket, "replica_rm", id=replica_id)
+        return
+    entry = vol.replica(replica_id)
+    others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode") != "ERR"]
+    if entry.get("mode") != "ERR" and not others:
+        raise InvalidArgument(f"{replica_id} is the last healthy replica: it cannot be removed")
+    vol.update(lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id]))
+    if entry.get("local"):
+        shutil.rmtree(vol.dir / "replicas" / replica_id, ignore_errors=True)
+
+
+def scrub(root: Path, name: str) -> dict[str, Any]:
+    vol = volumes.load(root, name)
+    _attached(vol, "a scrub")
+    return control.call(vol.control_socket, "scrub", timeout=None)
+
+
+def replica_state(root: Path, name: str, replica_id: str) -> dict[str, Any]:
+    for replica in info(root, name)["replicas"]:
+        if replica["id"] == replica_id:
+            return replica
+    raise NotFound(f"replica {replica_id} is gone from volume {name}")

@@ -80,6 +80,7 @@ class ReplicaProcess:
         log: Path | None = None,
         tied_to_parent: bool = False,
         host: str = "127.0.0.1",
+        wait: bool = True,
     ) -> None:
         self.dir = Path(directory)
         self.log = log or self.dir.with_name(self.dir.name + ".log")
@@ -92,8 +93,15 @@ class ReplicaProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             preexec_fn=die_with_parent if tied_to_parent else None,
         )
+        self.address = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> str:
+        """Block until the replica listens; its address. (Blocking: from a thread in trio.)"""
         match = read_line_matching(self.proc, r"serving .* on (\S+):(\d+)")
         self.address = f"{match.group(1)}:{match.group(2)}"
+        return self.address
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to flush or clean up."""

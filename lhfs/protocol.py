@@ -35,9 +35,10 @@ WRITE = 2  # <Q offset> data                    -> <Q revision>
 TRIM = 3  # <Q offset><Q length>                -> <Q revision>
 FLUSH = 4  #                                    -> <Q revision>
 CALL = 5  # JSON                                -> JSON
-LAYER_SUMS = 6  # <Q first chunk><I max entries> layer id  -> SUM_ENTRY*
-READ_LAYER_CHUNK = 7  # <Q chunk> layer id      -> <B state> data
-OPS = {READ, WRITE, TRIM, FLUSH, CALL, LAYER_SUMS, READ_LAYER_CHUNK}
+LAYER_SUMS = 6  # <Q first chunk><I max entries><B fresh> layer  -> SUM_ENTRY*
+READ_LAYER_CHUNK = 7  # <Q chunk> layer                     -> <B state> data
+WRITE_LAYER_CHUNK = 8  # <Q chunk><B state><H len> layer data  (rebuild target only)
+BACKING_UPLOAD = 9  # <Q chunk><H len> image id, data            (rebuild target only)
 
 OK = 0
 ERROR = 1
@@ -45,7 +46,9 @@ ERROR = 1
 RANGE = struct.Struct("<QI")
 TRIM_RANGE = struct.Struct("<QQ")
 U64 = struct.Struct("<Q")
-SUMS_REQ = struct.Struct("<QI")
+SUMS_REQ = struct.Struct("<QIB")
+LAYER_CHUNK = struct.Struct("<QBH")
+UPLOAD = struct.Struct("<QH")
 SUM_ENTRY = struct.Struct("<QB16s")
 STATE = struct.Struct("<B")
 

@@ -193,10 +193,34 @@ class ReplicaClient:
         return await self.call("info")
 
     async def layer_sums(
-        self, layer_id: str, first: int = 0, limit: int = 1 << 20
+        self, layer_id: str, first: int = 0, limit: int = 1 << 19, fresh: bool = False
     ) -> list[tuple[int, int, bytes]]:
-        answer = await self.request(p.LAYER_SUMS, p.SUMS_REQ.pack(first, limit), layer_id.encode())
+        """One page of a layer's per-chunk checksums, from chunk ``first`` on."""
+        answer = await self.request(
+            p.LAYER_SUMS, p.SUMS_REQ.pack(first, limit, fresh), layer_id.encode()
+        )
         return list(p.SUM_ENTRY.iter_unpack(answer))
+
+    async def all_layer_sums(self, layer_id: str, fresh: bool = False) -> dict[int, tuple]:
+        """Every checksum of a layer as {chunk: (state, digest)}, fetched page by page."""
+        out: dict[int, tuple] = {}
+        first = 0
+        while True:
+            page = await self.layer_sums(layer_id, first, fresh=fresh and first == 0)
+            out.update((c, (s, d)) for c, s, d in page)
+            if len(page) < 1 << 19:
+                return out
+            first = page[-1][0] + 1
+
+    async def write_layer_chunk(self, layer_id: str, chunk: int, state: int, data: bytes) -> None:
+        name = layer_id.encode()
+        await self.request(
+            p.WRITE_LAYER_CHUNK, p.LAYER_CHUNK.pack(chunk, state, len(name)), name, data
+        )
+
+    async def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
+        name = image_id.encode()
+        await self.request(p.BACKING_UPLOAD, p.UPLOAD.pack(chunk, len(name)), name, data)
 
     async def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
         answer = await self.request(p.READ_LAYER_CHUNK, p.U64.pack(chunk), layer_id.encode())

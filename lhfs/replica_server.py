@@ -137,7 +137,8 @@ class ReplicaServer:
 
     def _answer(self, request_id: int, op: int, payload: memoryview) -> bytes:
         try:
-            return p.frame(request_id, p.OK, *self._dispatch(op, payload))
+            parts = self._dispatch(op, payload)
+            return p.frame(request_id, p.OK, *parts) if parts else p.frame(request_id, p.OK)
         except Exception as exc:  # every failure becomes an error answer
             return p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
 
@@ -170,10 +171,22 @@ class ReplicaServer:
             store.flush()
             return (p.U64.pack(store.revision),)
         if op == p.LAYER_SUMS:
-            first, limit = p.SUMS_REQ.unpack_from(_at_least(payload, p.SUMS_REQ.size))
+            first, limit, fresh = p.SUMS_REQ.unpack_from(_at_least(payload, p.SUMS_REQ.size))
             layer_id = bytes(payload[p.SUMS_REQ.size :]).decode(errors="replace")
-            sums = [e for e in store.layer_sums(layer_id) if e[0] >= first][: max(limit, 0)]
+            sums = store.layer_sums(layer_id, fresh=bool(fresh) and first == 0)
+            sums = [e for e in sums if e[0] >= first][: max(limit, 0)]
             return (b"".join(p.SUM_ENTRY.pack(*e) for e in sums),)
+        if op == p.WRITE_LAYER_CHUNK:
+            chunk, state, n = p.LAYER_CHUNK.unpack_from(_at_least(payload, p.LAYER_CHUNK.size))
+            start = p.LAYER_CHUNK.size
+            layer_id = bytes(payload[start : start + n]).decode(errors="replace")
+            store.write_layer_chunk(layer_id, chunk, state, bytes(payload[start + n :]))
+            return ()
+        if op == p.BACKING_UPLOAD:
+            chunk, n = p.UPLOAD.unpack_from(_at_least(payload, p.UPLOAD.size))
+            image_id = bytes(payload[p.UPLOAD.size : p.UPLOAD.size + n]).decode(errors="replace")
+            store.backing_upload(image_id, chunk, bytes(payload[p.UPLOAD.size + n :]))
+            return ()
         if op == p.READ_LAYER_CHUNK:
             (chunk,) = p.U64.unpack_from(_at_least(payload, p.U64.size))
             layer_id = bytes(payload[p.U64.size :]).decode(errors="replace")
@@ -203,6 +216,12 @@ class ReplicaServer:
             "expand": lambda: store.expand(int(args["size"])),
             "checksum": store.checksum,
             "is_blank": store.is_blank,
+            "verify_layer": lambda: store.verify_layer(str(args["layer"])),
+            "rebuild_begin": lambda: store.rebuild_begin(
+                [str(n) for n in args["names"]], int(args["revision"])
+            ),
+            "rebuild_finish": store.rebuild_finish,
+            "backing_commit": lambda: store.backing_commit(str(args["id"])),
         }
         if method not in handlers:
             raise InvalidArgument(f"unknown method {method!r}")

@@ -39,7 +39,14 @@ import xxhash
 
 from .backing import BackingImage, content_id, file_stamp, id_size
 from .durable import atomic_write_json, fsync_dir
-from .errors import AlreadyExists, Busy, CorruptState, InvalidArgument, NotFound
+from .errors import (
+    AlreadyExists,
+    BackingImageMismatch,
+    Busy,
+    CorruptState,
+    InvalidArgument,
+    NotFound,
+)
 from .layer import ABSENT, DATA, ZERO, Layer, pread_into, punch_hole, pwrite_all
 
 META = "volume.json"
@@ -95,6 +102,11 @@ class ChunkStore:
         self.chain: list[Layer] = []  # head first
         self._top: dict[int, Layer] = {}
         self.operation: dict[str, Any] | None = None  # a long operation under way, for status
+        # While a rebuild fills the layers below the head, a partial write to a chunk the head
+        # lacks cannot copy the chunk up (what is below is not there yet): it lands as is and
+        # its byte ranges are kept here until ``rebuild_finish`` merges them over the synced
+        # content. None when no rebuild is under way.
+        self.partial: dict[int, list[tuple[int, int]]] | None = None
 
     # -- opening and closing ------------------------------------------------------------------
 
@@ -194,7 +206,7 @@ class ChunkStore:
         known = set(self.meta["layers"])
         removed = False
         for entry in os.listdir(self.dir):
-            stale_tmp = entry.startswith(".") and entry.endswith(".tmp")
+            stale_tmp = entry.startswith(".") and entry.endswith((".tmp", ".upload"))
             if stale_tmp or (_LAYER_FILE_RE.match(entry) and entry.split(".")[0] not in known):
                 os.unlink(self.dir / entry)
                 removed = True
@@ -265,6 +277,8 @@ class ChunkStore:
         """The volume's bytes at ``offset``; neighbouring chunks from one layer are one pread."""
         self._check_range(offset, length)
         cs = self.chunk_size
+        if self.partial:
+            return self._read_rebuilding(offset, length)
         out = bytearray(length)
         if offset // cs == (offset + length - 1) // cs:  # the common small read: one chunk
             fd = self._source(offset // cs)
@@ -306,6 +320,11 @@ class ChunkStore:
             if head.index.get(chunk) == DATA or n == cs:
                 if head.index.get(chunk) != DATA:
                     run_new.append(chunk)
+                if self.partial is not None and chunk in self.partial:
+                    _add_range(self.partial[chunk], within, within + n)
+            elif self.partial is not None and chunk not in head.index:
+                self.partial[chunk] = [(within, within + n)]
+                run_new.append(chunk)
             else:
                 self._write_run(view, offset, run_start, pos, run_new)
                 merged = self.read(chunk * cs, cs)
@@ -340,9 +359,11 @@ class ChunkStore:
             chunk, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
             if n < cs:
-                if self._source(chunk) >= 0:
+                if self._source(chunk) >= 0 or self.partial is not None:
                     self.write(pos, bytes(n))
-            elif self._visible_below(chunk):
+            elif self.partial is not None or self._visible_below(chunk):
+                if self.partial is not None:
+                    self.partial.pop(chunk, None)
                 head.set(chunk, ZERO)
                 self._top[chunk] = head
                 punch_hole(head.fd, chunk * cs, cs)
@@ -373,6 +394,41 @@ class ChunkStore:
                 self._top[chunk] = layer
                 return
         self._top.pop(chunk, None)
+
+    def _below_head(self, chunk: int) -> bytes:
+        for layer in self.chain[1:]:
+            state = layer.index.get(chunk)
+            if state is not None:
+                return layer.read_chunk(chunk) if state == DATA else bytes(self.chunk_size)
+        if self.backing is not None:
+            return self.backing.read_chunk(chunk)
+        return bytes(self.chunk_size)
+
+    def _merged_partial(self, chunk: int) -> bytearray:
+        """A partially written head chunk over what is below it now."""
+        merged = bytearray(self._below_head(chunk))
+        own = self.head.read_chunk(chunk)
+        for start, end in self.partial[chunk]:
+            merged[start:end] = own[start:end]
+        return merged
+
+    def _read_rebuilding(self, offset: int, length: int) -> bytearray:
+        out = bytearray()
+        cs = self.chunk_size
+        pos = offset
+        while pos < offset + length:
+            chunk, within = divmod(pos, cs)
+            n = min(cs - within, offset + length - pos)
+            if chunk in self.partial:
+                out += self._merged_partial(chunk)[within : within + n]
+            else:
+                partial, self.partial = self.partial, None
+                try:
+                    out += self.read(pos, n)
+                finally:
+                    self.partial = partial
+            pos += n
+        return out
 
     def flush(self) -> None:
         """Make every write so far durable: data first, then the index batches naming it."""
@@ -545,22 +601,154 @@ class ChunkStore:
         return not any(layer.index[c] == DATA for c, layer in self._top.items())
 
     def layer(self, layer_id: str) -> Layer:
-        try:
+        """A layer by id, or a snapshot by name (replicas share names, not ids)."""
+        if layer_id in self.layers:
             return self.layers[layer_id]
-        except KeyError:
-            raise NotFound(f"no layer {layer_id!r}") from None
+        for lid, info in self.meta["layers"].items():
+            if info["name"] == layer_id:
+                return self.layers[lid]
+        raise NotFound(f"no layer {layer_id!r}")
 
-    def layer_sums(self, layer_id: str) -> list[tuple[int, int, bytes]]:
+    def layer_sums(self, layer_id: str, fresh: bool = False) -> list[tuple[int, int, bytes]]:
         """Per-chunk checksums of a layer (``"backing"`` for the backing image).
 
-        Immutable layers keep theirs in a file, so a rebuild or scrub asking again is cheap.
+        Immutable layers keep theirs in a file, so a rebuild asking again is cheap; ``fresh``
+        recomputes them from the bytes on disk (what a scrub and a rebuild target need: the
+        recorded sums say what the data was, the fresh ones what it is now).
         """
         if layer_id == "backing":
             if self.backing is None:
                 raise NotFound("this volume has no backing image")
             return self.backing.compute_sums()
         layer = self.layer(layer_id)
-        return layer.compute_sums() if layer is self.head else layer.cached_sums()
+        if layer is self.head:
+            return layer.compute_sums()
+        if fresh:
+            return layer.fresh_sums()
+        return layer.cached_sums()
+
+    def verify_layer(self, layer_id: str) -> list[int]:
+        """Chunks of an immutable layer whose bytes no longer match their recorded checksum."""
+        layer = self.layer(layer_id)
+        recorded = {c: (s, d) for c, s, d in layer.cached_sums()}
+        return [c for c, s, d in layer.compute_sums() if recorded.get(c) != (s, d)]
+
+    # -- rebuild target -----------------------------------------------------------------------
+
+    def rebuild_begin(self, names: list[str], revision: int) -> dict[str, Any]:
+        """Reshape this replica's chain to the source's snapshot names (bottom-up, the last one
+        the rebuild's barrier) and start an empty head in partial mode.
+
+        Layers already here under those names are kept: their chunks are compared, not sent
+        again. The old head becomes the first missing layer (for a replica that comes back, it
+        holds most of what that layer should hold). Everything else here is dropped.
+        """
+        for name in names:
+            check_name(name, "snapshot name")
+        self.flush()
+        by_name = {info["name"]: lid for lid, info in self.meta["layers"].items() if info["name"]}
+        old_head = self.head.id
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            by_name[missing[0]] = old_head
+            self.meta["layers"][old_head]["name"] = missing[0]
+        keep = {by_name[n] for n in names if n in by_name}
+        for name in names:
+            if name not in by_name:
+                lid = secrets.token_hex(8)
+                self.layers[lid] = Layer.create(self.dir, lid, self.chunk_size)
+                self.meta["layers"][lid] = {"name": name, "created": _now(), "size": self.size}
+                by_name[name] = lid
+                keep.add(lid)
+        head = secrets.token_hex(8)
+        self.layers[head] = Layer.create(self.dir, head, self.chunk_size)
+        fsync_dir(self.dir)
+        parent = None
+        for name in names:
+            self.meta["layers"][by_name[name]]["parent"] = parent
+            parent = by_name[name]
+        self.meta["layers"][head] = {
+            "name": None,
+            "parent": parent,
+            "created": _now(),
+            "size": self.size,
+        }
+        dropped = [lid for lid in self.meta["layers"] if lid not in keep and lid != head]
+        for lid in dropped:
+            del self.meta["layers"][lid]
+        self.meta["head"] = head
+        self.revision = revision
+        self.layers[head].revision = revision
+        self._save_meta()
+        for lid in dropped:
+            self.layers.pop(lid).remove_files()
+        self._build_chain()
+        self.partial = {}
+        return {"layers": len(names)}
+
+    def write_layer_chunk(self, layer_id: str, chunk: int, state: int, data: bytes) -> None:
+        """Set one chunk of an immutable layer as the rebuild source has it."""
+        if self.partial is None:
+            raise InvalidArgument("layer chunks can only be written during a rebuild")
+        layer = self.layer(layer_id)
+        if layer is self.head:
+            raise InvalidArgument("the head is not rebuilt chunk by chunk")
+        if not 0 <= chunk < self.size // self.chunk_size:
+            raise InvalidArgument(f"chunk {chunk} is outside the volume")
+        layer.drop_sums()
+        offset = chunk * self.chunk_size
+        if state == DATA:
+            if len(data) != self.chunk_size:
+                raise InvalidArgument(f"a chunk is {self.chunk_size} bytes, not {len(data)}")
+            pwrite_all(layer.fd, data, offset)
+        else:
+            punch_hole(layer.fd, offset, self.chunk_size)
+        layer.set(chunk, state)
+        self._resolve(chunk)
+
+    def rebuild_finish(self) -> None:
+        """The layers below are complete: merge partially written head chunks over them."""
+        if self.partial is None:
+            raise InvalidArgument("no rebuild is under way")
+        for chunk in sorted(self.partial):
+            pwrite_all(self.head.fd, self._merged_partial(chunk), chunk * self.chunk_size)
+        self.partial = None
+        self.flush()
+
+    def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
+        """Receive one chunk of a backing image this replica lacks (rebuild onto a new disk)."""
+        path = self.dir / ".backing.upload"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            pwrite_all(
+                fd,
+                data[: max(0, id_size(image_id) - chunk * self.chunk_size)],
+                chunk * self.chunk_size,
+            )
+        finally:
+            os.close(fd)
+
+    def backing_commit(self, image_id: str, file_name: str = "backing.img") -> None:
+        """Adopt the uploaded image if its content is ``image_id``; refuse it otherwise."""
+        upload = self.dir / ".backing.upload"
+        if not upload.exists():
+            upload.touch()
+        os.truncate(upload, id_size(image_id))
+        fd = os.open(upload, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        found = content_id(upload)
+        if found != image_id:
+            upload.unlink()
+            raise BackingImageMismatch(f"uploaded backing image is {found}, expected {image_id}")
+        local = self.dir / check_name(file_name, "backing image file name")
+        os.rename(upload, local)
+        fsync_dir(self.dir)
+        if self.backing is not None:
+            self.backing.close()
+        self.backing = BackingImage(local, image_id, self.chunk_size)
+        self.meta["backing"] = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
+        self._save_meta()
 
     def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
         """One chunk as a given layer stores it: (state, bytes); state ``ABSENT`` if not held."""
@@ -579,6 +767,18 @@ class ChunkStore:
         for offset in range(0, self.size, step):
             digest.update(self.read(offset, min(step, self.size - offset)))
         return digest.hexdigest()
+
+
+def _add_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
+    """Insert [start, end) into a list of disjoint ranges, merging what touches."""
+    keep = []
+    for a, b in ranges:
+        if b < start or a > end:
+            keep.append((a, b))
+        else:
+            start, end = min(a, start), max(b, end)
+    keep.append((start, end))
+    ranges[:] = sorted(keep)
 
 
 def _lock(directory: Path) -> int:

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""fio on the lhfs device (1 and 3 replicas) next to a plain file and qemu-storage-daemon.
+
+All in one run, one table, ratios to the plain file on the same disk. Each target is driven
+through a loop device with direct I/O (what a user formats and mounts), except the plain file,
+which fio opens itself. Jobs: 1 MiB sequential write and read, 4 KiB random write and read, 16
+in flight, libaio, direct=1, time based.
+
+    python bench/fio_bench.py [--size 1G] [--runtime 10] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lhfs.procs import wait_for
+from lhfs.testing import Cli, teardown
+
+JOBS = [
+    ("seq write 1M", "write", "1M"),
+    ("seq read 1M", "read", "1M"),
+    ("rand write 4K", "randwrite", "4k"),
+    ("rand read 4K", "randread", "4k"),
+]
+
+
+def fio(target: str, rw: str, bs: str, size: str, runtime: int) -> tuple[float, float]:
+    """(IOPS, MB/s) of one fio job."""
+    result = subprocess.run(
+        [
+            "fio",
+            "--name=bench",
+            f"--filename={target}",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            f"--size={size}",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--iodepth=16",
+            "--time_based",
+            f"--runtime={runtime}",
+            "--ramp_time=1",
+            "--output-format=json",
+            "--randrepeat=0",
+            "--norandommap",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = json.loads(result.stdout)["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    return side["iops"], side["bw_bytes"] / 1e6
+
+
+def loop_of(path: Path) -> str:
+    return subprocess.run(
+        ["losetup", "--direct-io=on", "--find", "--show", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+@contextmanager
+def lhfs_device(work: Path, replicas: int, size: str) -> Iterator[str]:
+    cli = Cli(work / f"root{replicas}")
+    try:
+        cli.run("volume", "create", "bench", "--size", size, "--replicas", str(replicas))
+        cli.run("volume", "attach", "bench", "--device", str(work / f"lhfs{replicas}.dev"))
+        loop = loop_of(work / f"lhfs{replicas}.dev")
+        try:
+            yield loop
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    finally:
+        teardown(cli.root)
+
+
+@contextmanager
+def qemu_device(work: Path, size: str) -> Iterator[str]:
+    image, export = work / "qemu.qcow2", work / "qemu.export"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), size], check=True)
+    export.touch()
+    proc = subprocess.Popen(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,filename={image},node-name=file,cache.direct=off",
+            "--blockdev",
+            "driver=qcow2,file=file,node-name=qcow",
+            "--export",
+            f"type=fuse,id=exp,node-name=qcow,mountpoint={export},writable=on",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or export.stat().st_size > 0, 30, "the export")
+        if proc.poll() is not None:
+            raise RuntimeError(f"qemu-storage-daemon exited with {proc.returncode}")
+        loop = loop_of(export)
+        try:
+            yield loop
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1G")
+    parser.add_argument("--runtime", type=int, default=10)
+    parser.add_argument("--dir", default=None, help="scratch directory (default: under bench/)")
+    parser.add_argument("--skip-qemu", action="store_true")
+    args = parser.parse_args()
+    base = Path(args.dir or Path(__file__).parent)
+    work = Path(tempfile.mkdtemp(prefix="fio-bench-", dir=base))
+    results: dict[str, list[tuple[float, float]]] = {}
+    try:
+        plain = work / "plain.img"
+        subprocess.run(["fallocate", "-l", args.size, str(plain)], check=True)
+        targets = [("plain file", None), ("lhfs 1 replica", 1), ("lhfs 3 replicas", 3)]
+        if not args.skip_qemu and shutil.which("qemu-storage-daemon"):
+            targets.append(("qemu-storage-daemon qcow2", "qemu"))
+        for label, kind in targets:
+            print(f"running {label} ...", file=sys.stderr, flush=True)
+            if kind is None:
+                results[label] = [
+                    fio(str(plain), rw, bs, args.size, args.runtime) for _, rw, bs in JOBS
+                ]
+                continue
+            context = (
+                qemu_device(work, args.size)
+                if kind == "qemu"
+                else lhfs_device(work, kind, args.size)
+            )
+            with context as device:
+                fio(device, "write", "1M", args.size, max(3, args.runtime // 2))  # allocate
+                results[label] = [
+                    fio(device, rw, bs, args.size, args.runtime) for _, rw, bs in JOBS
+                ]
+            print(f"  {label}: {results[label]}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    reference = results["plain file"]
+    print(f"\nfio, libaio, direct=1, iodepth 16, {args.size}, {args.runtime}s per job\n")
+    print("| target | " + " | ".join(name for name, _, _ in JOBS) + " |")
+    print("|---|" + "---:|" * len(JOBS))
+    for label, rows in results.items():
+        cells = []
+        for (name, _, _), (iops, mbs), (ref_iops, _) in zip(JOBS, rows, reference, strict=True):
+            figure = f"{mbs:,.0f} MB/s" if "1M" in name else f"{iops:,.0f} IOPS"
+            cells.append(f"{figure} ({iops / ref_iops:.2f})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
