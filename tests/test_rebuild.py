@@ -1,0 +1,249 @@
+"""Rebuild, backing images by content and scrub, with real processes and a real FUSE device."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lhfs import control
+from lhfs import volume as volumes
+from lhfs.procs import wait_for
+from lhfs.store import ChunkStore
+from lhfs.testing import Cli, teardown
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="needs root and /dev/fuse for FUSE mounts and loop devices",
+)
+MIB = 1 << 20
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    root = tmp_path / "root"
+    yield Cli(root)
+    teardown(root)
+
+
+def live(cli: Cli, name: str) -> dict:
+    return control.call(volumes.load(cli.root, name).control_socket, "info", timeout=30)
+
+
+def replica(cli: Cli, name: str, replica_id: str) -> dict:
+    return next(r for r in live(cli, name)["replicas"] if r["id"] == replica_id)
+
+
+def write_random(device: Path, size: int, seed: int, chunks: list[int] | None = None) -> None:
+    rng = random.Random(seed)
+    fd = os.open(device, os.O_RDWR)
+    try:
+        if chunks is None:
+            for offset in range(0, size, MIB):
+                os.pwrite(fd, rng.randbytes(MIB), offset)
+        else:
+            for chunk in chunks:
+                os.pwrite(fd, rng.randbytes(CHUNK), chunk * CHUNK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def offline_checksums(cli: Cli, name: str) -> dict[str, str]:
+    vol = volumes.load(cli.root, name)
+    out = {}
+    for entry in vol.replicas:
+        if entry["mode"] == "RW":
+            with ChunkStore.open(vol.replica_dir(entry)) as store:
+                out[entry["id"]] = store.checksum()
+    return out
+
+
+def test_rebuild_under_fio_verify(cli: Cli, tmp_path: Path) -> None:
+    cli.run("volume", "create", "v", "--size", "128M")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    os.kill(replica(cli, "v", "r2")["pid"], signal.SIGKILL)
+    loop = subprocess.run(
+        ["losetup", "--direct-io=on", "--find", "--show", str(device)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    fio = subprocess.Popen(
+        [
+            "fio",
+            "--name=rb",
+            f"--filename={loop}",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64M",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: live(cli, "v")["writes"] > 500, 120, "fio writing")
+        added = cli.run("replica", "add", "v")
+        assert "is RW" in added.stdout, added.stdout + added.stderr
+        out, err = fio.communicate(timeout=600)
+        assert fio.returncode == 0 and "verify" not in err.lower(), out + err
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+        subprocess.run(["losetup", "-d", loop])
+    cli.run("replica", "rm", "v", "r2")
+    assert live(cli, "v")["state"] == "healthy"
+    cli.run("volume", "detach", "v")
+    sums = offline_checksums(cli, "v")
+    assert set(sums) == {"r1", "r3", "r4"} and len(set(sums.values())) == 1
+
+
+def test_rebuild_on_a_backing_image_keeps_content(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "base-image.raw"
+    image.write_bytes(random.Random(1).randbytes(8 * MIB + 1234))
+    cli.run("volume", "create", "bi", "--size", "64M", "--backing-image", str(image))
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "bi", "--device", str(device))
+    write_random(device, 0, 2, chunks=[5, 200, 201, 700])
+    cli.run("snapshot", "create", "bi", "s1")
+    write_random(device, 0, 3, chunks=[6, 300])
+    before = cli.checksum("bi")
+    cli.run("replica", "rm", "bi", "r1")
+    cli.run("replica", "add", "bi")
+    cli.run("replica", "rm", "bi", "r2")
+    assert {r["id"]: r["mode"] for r in live(cli, "bi")["replicas"]} == {"r3": "RW", "r4": "RW"}
+    assert [cli.checksum("bi") for _ in range(3)] == [before] * 3
+    cli.run("volume", "detach", "bi")
+    vol = volumes.load(cli.root, "bi")
+    metas = {}
+    for entry in vol.replicas:
+        with ChunkStore.open(vol.replica_dir(entry)) as store:
+            metas[entry["id"]] = store.info()["backing_image"]
+            assert store.checksum() == before
+            assert store.read(0, 4096) == image.read_bytes()[:4096]  # chunk 0: the image's
+    assert metas["r3"]["id"] == metas["r4"]["id"]
+    assert metas["r3"]["file"] != metas["r4"]["file"]  # the same image under other names
+
+
+def test_stale_replica_gets_only_what_changed(cli: Cli, tmp_path: Path) -> None:
+    size = 64 * MIB
+    cli.run("volume", "create", "st", "--size", "64M")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "st", "--device", str(device))
+    write_random(device, size, 4)
+    os.kill(replica(cli, "st", "r3")["pid"], signal.SIGKILL)
+    changed = random.Random(5).sample(range(size // CHUNK), size // CHUNK // 100)
+    write_random(device, size, 6, chunks=changed)
+    cli.run("volume", "detach", "st")
+    expected = offline_checksums(cli, "st")["r1"]
+    cli.run("volume", "attach", "st", "--device", str(device))  # r3 is stale: rebuilt
+    wait_for(lambda: replica(cli, "st", "r3")["mode"] == "RW", 120, "r3 rebuilt")
+    stats = replica(cli, "st", "r3")["rebuild_stats"]
+    assert len(changed) <= stats["chunks_copied"] <= 2 * len(changed), stats
+    assert stats["bytes_copied"] <= 0.02 * size, stats
+    assert cli.checksum("st") == expected
+    cli.run("volume", "detach", "st")
+    assert set(offline_checksums(cli, "st").values()) == {expected}
+
+
+def test_kill_target_then_source_mid_rebuild(cli: Cli, tmp_path: Path) -> None:
+    cli.run("volume", "create", "k", "--size", "256M", "--replicas", "3")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "k", "--device", str(device))
+    write_random(device, 256 * MIB, 7)
+    expected = cli.checksum("k")
+
+    added = cli.run("replica", "add", "k", "--no-wait").stdout.split()[2]
+    wait_for(lambda: (replica(cli, "k", added)["rebuild_progress"] or 0) > 5, 60, "progress")
+    os.kill(replica(cli, "k", added)["pid"], signal.SIGKILL)
+    wait_for(
+        lambda: (
+            replica(cli, "k", added)["mode"] == "ERR"
+            and replica(cli, "k", added)["rebuild_progress"] is None
+        ),
+        60,
+        "target failed",
+    )
+    assert "rebuild failed" in replica(cli, "k", added)["error"]
+    assert live(cli, "k")["state"] == "degraded"
+    assert cli.checksum("k") == expected
+    cli.run("replica", "rm", "k", added)
+    assert live(cli, "k")["state"] == "healthy"
+
+    second = cli.run("replica", "add", "k", "--no-wait").stdout.split()[2]
+    wait_for(lambda: (replica(cli, "k", second)["rebuild_progress"] or 0) > 5, 60, "progress")
+    os.kill(replica(cli, "k", "r1")["pid"], signal.SIGKILL)  # r1 is the rebuild's source
+    wait_for(lambda: replica(cli, "k", second)["mode"] == "RW", 120, "rebuilt from another")
+    assert replica(cli, "k", "r1")["mode"] == "ERR"
+    assert cli.checksum("k") == expected
+    cli.run("volume", "detach", "k")
+    sums = offline_checksums(cli, "k")
+    assert set(sums) == {"r2", "r3", second} and set(sums.values()) == {expected}
+
+
+def test_scrub_finds_and_repairs_bit_rot(cli: Cli, tmp_path: Path) -> None:
+    size = 64 * MIB
+    cli.run("volume", "create", "rot", "--size", "64M")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "rot", "--device", str(device))
+    write_random(device, size, 8)
+    cli.run("snapshot", "create", "rot", "s1")
+    write_random(device, size, 9, chunks=[1, 2, 3])
+    with open(device, "rb") as f:
+        content = f.read()
+    cli.run("volume", "detach", "rot")
+    vol = volumes.load(cli.root, "rot")
+    with ChunkStore.open(vol.replica_dir(vol.replica("r2"))) as store:
+        data_path = store.layer("s1").data_path
+    with open(data_path, "r+b") as f:  # rot inside chunk 500 of r2's snapshot
+        f.seek(500 * CHUNK + 77)
+        f.write(b"\x00rotten\xff")
+    cli.run("volume", "attach", "rot", "--device", str(device))
+    report = cli.json("volume", "scrub", "rot")
+    assert list(report["damaged"]) == ["r2"]
+    wait_for(lambda: replica(cli, "rot", "r2")["mode"] == "RW", 120, "r2 repaired")
+    assert replica(cli, "rot", "r2")["rebuild_stats"]["chunks_copied"] <= 2
+    for _ in range(3):  # reads go round robin: every replica serves some of them
+        with open(device, "rb") as f:
+            assert f.read() == content
+    assert cli.json("volume", "scrub", "rot")["damaged"] == {}
+    cli.run("volume", "detach", "rot")
+
+
+def test_failed_adds_leave_the_engine_and_replicas_alone(cli: Cli, tmp_path: Path) -> None:
+    cli.run("volume", "create", "f", "--size", "64M", "--replicas", "2")
+    cli.run("volume", "attach", "f", "--device", str(tmp_path / "dev"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{s.getsockname()[1]}"
+    for address, message in ((refused, "cannot reach"), ("nonsense", "HOST:PORT")):
+        result = cli.run("replica", "add", "f", "--address", address, check=False)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    info = live(cli, "f")
+    assert info["state"] == "healthy" and [r["id"] for r in info["replicas"]] == ["r1", "r2"]
+    assert [r["id"] for r in volumes.load(cli.root, "f").replicas] == ["r1", "r2"]
+    os.kill(replica(cli, "f", "r2")["pid"], signal.SIGKILL)
+    with open(tmp_path / "dev", "r+b") as f:  # a write notices that r2 is gone
+        f.write(b"x")
+        f.flush()
+        os.fsync(f.fileno())
+    result = cli.run("replica", "rm", "f", "r1", check=False)
+    assert result.returncode == 1 and "last healthy replica" in result.stderr
+    assert live(cli, "f")["state"] == "degraded"
+    cli.run("volume", "detach", "f")
