@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from .engine import ERR, RW, WO, Engine, ReplicaLink
+from .engine import RW, WO, Engine, ReplicaLink
 from .errors import ConnectionLost, CorruptState, LhfsError
 from .layer import ABSENT
 
@@ -41,6 +41,7 @@ class RebuildStats:
     chunks_copied: int = 0
     bytes_copied: int = 0
     backing_bytes: int = 0
+    seconds: float = 0.0
     layers: list[str] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
@@ -68,6 +69,7 @@ async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
 
 
 async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> RebuildStats:
+    started = trio.current_time()
     await _prepare(engine, target, stats)
     names = await _barrier(engine, target)
     stats.layers = names
@@ -78,12 +80,16 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
             await _verify(source, target, names)
             break
         except _SourceFailed as exc:
+            if source.client is not None and not source.client.broken and source.mode == RW:
+                # the source answered with an error rather than vanishing: not a lost source
+                raise LhfsError(f"rebuild source {source.id}: {exc.__cause__}") from None
             engine.fail(source, str(exc.__cause__ or exc))
     async with engine.structural:
         await target.client.call("rebuild_finish")
         target.mode, target.error = RW, None
     target.rebuild_progress = None
     engine.mode_changed(target)
+    stats.seconds = round(trio.current_time() - started, 3)
     log.info("replica %s rebuilt: %s", target.id, stats.public())
     return stats
 
@@ -135,26 +141,40 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
     return names
 
 
-async def _sums(link: ReplicaLink, layer: str, fresh: bool) -> dict[int, tuple]:
-    return await link.client.all_layer_sums(layer, fresh=fresh)
+async def _both_sums(
+    source: ReplicaLink, target: ReplicaLink, layer: str
+) -> tuple[dict[int, tuple], dict[int, tuple]]:
+    """The source's recorded checksums and the target's recomputed from its disk, fetched at
+    the same time (each side hashes its own data: two processes, two cores)."""
+    out: dict[str, dict[int, tuple]] = {}
+    errors: dict[str, LhfsError] = {}
+
+    async def fetch(key: str, link: ReplicaLink, fresh: bool) -> None:
+        try:
+            out[key] = await link.client.all_layer_sums(layer, fresh=fresh)
+        except LhfsError as exc:  # raised below, outside the nursery, as itself
+            errors[key] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetch, "want", source, False)
+        nursery.start_soon(fetch, "have", target, True)
+    if "want" in errors:
+        raise _SourceFailed("source lost while comparing checksums") from errors["want"]
+    if "have" in errors:
+        raise errors["have"]
+    return out["want"], out["have"]
 
 
 async def _sync(
     engine: Engine, source: ReplicaLink, target: ReplicaLink, names: list[str], stats: RebuildStats
 ) -> None:
-    try:
-        plan = []
-        for name in names:
-            want = await _sums(source, name, fresh=False)
-            have = await target.client.all_layer_sums(name, fresh=True)
-            stats.chunks_compared += len(want.keys() | have.keys())
-            differ = [c for c in want if have.get(c) != want[c]]
-            gone = [c for c in have if c not in want]
-            plan.append((name, differ, gone))
-    except ConnectionLost as exc:
-        if source.mode == ERR or source.client.broken:
-            raise _SourceFailed("source lost") from exc
-        raise
+    plan = []
+    for name in names:
+        want, have = await _both_sums(source, target, name)
+        stats.chunks_compared += len(want.keys() | have.keys())
+        differ = [c for c in want if have.get(c) != want[c]]
+        gone = [c for c in have if c not in want]
+        plan.append((name, differ, gone))
     total = sum(len(d) + len(g) for _, d, g in plan) or 1
     done = 0
     failure: list[BaseException] = []
@@ -198,8 +218,7 @@ async def _sync(
 
 async def _verify(source: ReplicaLink, target: ReplicaLink, names: list[str]) -> None:
     for name in names:
-        want = await _sums(source, name, fresh=False)
-        have = await target.client.all_layer_sums(name, fresh=True)
+        want, have = await _both_sums(source, target, name)
         if want != have:
             bad = sorted(c for c in want.keys() | have.keys() if want.get(c) != have.get(c))
             raise CorruptState(f"layer {name} differs after the sync at chunks {bad[:5]}...")
