@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lhfs.procs import wait_for
-from lhfs.testing import Cli, teardown
+from lhfs.testing import Cli, loop_attach, teardown
 
 JOBS = [
     ("seq write 1M", "write", "1M"),
@@ -63,22 +63,13 @@ def fio(target: str, rw: str, bs: str, size: str, runtime: int) -> tuple[float, 
     return side["iops"], side["bw_bytes"] / 1e6
 
 
-def loop_of(path: Path) -> str:
-    return subprocess.run(
-        ["losetup", "--direct-io=on", "--find", "--show", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-
-
 @contextmanager
 def lhfs_device(work: Path, replicas: int, size: str) -> Iterator[str]:
     cli = Cli(work / f"root{replicas}")
     try:
         cli.run("volume", "create", "bench", "--size", size, "--replicas", str(replicas))
         cli.run("volume", "attach", "bench", "--device", str(work / f"lhfs{replicas}.dev"))
-        loop = loop_of(work / f"lhfs{replicas}.dev")
+        loop = loop_attach(work / f"lhfs{replicas}.dev")
         try:
             yield loop
         finally:
@@ -110,7 +101,7 @@ def qemu_device(work: Path, size: str) -> Iterator[str]:
         wait_for(lambda: proc.poll() is not None or export.stat().st_size > 0, 30, "the export")
         if proc.poll() is not None:
             raise RuntimeError(f"qemu-storage-daemon exited with {proc.returncode}")
-        loop = loop_of(export)
+        loop = loop_attach(export)
         try:
             yield loop
         finally:

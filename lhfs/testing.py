@@ -58,6 +58,40 @@ class Cli:
         return runtime["pid"] if runtime else None
 
 
+def loop_attach(path: Path) -> str:
+    """A direct-I/O loop device on ``path`` (what a user formats and mounts)."""
+    return subprocess.run(
+        ["losetup", "--direct-io=on", "--find", "--show", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def fio_verify(target: str, size: str) -> subprocess.Popen:
+    """fio writing 4 KiB blocks at random with crc32c verification, 16 in flight."""
+    return subprocess.Popen(
+        [
+            "fio",
+            "--name=verify",
+            f"--filename={target}",
+            "--rw=randwrite",
+            "--bs=4k",
+            f"--size={size}",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--output-format=terse",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def kill_engine(cli: Cli, name: str) -> None:
     """SIGKILL the engine of a volume and wait until it is gone (its replicas follow it)."""
     pid = cli.engine_pid(name)

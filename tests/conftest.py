@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,20 @@ from pathlib import Path
 import pytest
 
 from lhfs.procs import ReplicaProcess
+from lhfs.testing import Cli, teardown
+
+needs_fuse = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="needs root and /dev/fuse for FUSE mounts and loop devices",
+)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    """The lhfs command on a fresh root; whatever a test leaves attached is torn down."""
+    root = tmp_path / "root"
+    yield Cli(root)
+    teardown(root)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -7,30 +7,19 @@ import random
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from conftest import needs_fuse
 
 from lhfs import control
 from lhfs import volume as volumes
 from lhfs.procs import wait_for
 from lhfs.store import ChunkStore
-from lhfs.testing import Cli, teardown
+from lhfs.testing import Cli, fio_verify, loop_attach
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-    reason="needs root and /dev/fuse for FUSE mounts and loop devices",
-)
+pytestmark = needs_fuse
 MIB = 1 << 20
 CHUNK = 64 << 10
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    root = tmp_path / "root"
-    yield Cli(root)
-    teardown(root)
 
 
 def live(cli: Cli, name: str) -> dict:
@@ -71,31 +60,8 @@ def test_rebuild_under_fio_verify(cli: Cli, tmp_path: Path) -> None:
     device = tmp_path / "dev"
     cli.run("volume", "attach", "v", "--device", str(device))
     os.kill(replica(cli, "v", "r2")["pid"], signal.SIGKILL)
-    loop = subprocess.run(
-        ["losetup", "--direct-io=on", "--find", "--show", str(device)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    fio = subprocess.Popen(
-        [
-            "fio",
-            "--name=rb",
-            f"--filename={loop}",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=64M",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    loop = loop_attach(device)
+    fio = fio_verify(loop, "64M")
     try:
         wait_for(lambda: live(cli, "v")["writes"] > 500, 120, "fio writing")
         added = cli.run("replica", "add", "v")

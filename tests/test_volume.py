@@ -6,35 +6,14 @@ import os
 import random
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from conftest import needs_fuse
 
 from lhfs.procs import wait_for
-from lhfs.testing import Cli, kill_engine, teardown
+from lhfs.testing import Cli, fio_verify, kill_engine, loop_attach, teardown
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-    reason="needs root and /dev/fuse for FUSE mounts and loop devices",
-)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    root = tmp_path / "root"
-    yield Cli(root)
-    teardown(root)
-
-
-def _loop(device: str) -> str:
-    out = subprocess.run(
-        ["losetup", "--direct-io=on", "--find", "--show", device],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
+pytestmark = needs_fuse
 
 
 def _write_tree(base: Path, seed: int) -> dict[str, bytes]:
@@ -61,7 +40,7 @@ def test_ext4_on_a_three_replica_volume(cli: Cli, tmp_path: Path) -> None:
     assert cli.info("data")["state"] == "detached"
 
     cli.run("volume", "attach", "data", "--device", str(tmp_path / "dev"))
-    loop = _loop(str(tmp_path / "dev"))
+    loop = loop_attach(tmp_path / "dev")
     try:
         fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
@@ -80,28 +59,9 @@ def test_ext4_on_a_three_replica_volume(cli: Cli, tmp_path: Path) -> None:
 def test_fio_verify_survives_a_replica_killed_mid_write(cli: Cli, tmp_path: Path) -> None:
     cli.run("volume", "create", "fio", "--size", "256M")
     cli.run("volume", "attach", "fio", "--device", str(tmp_path / "dev"))
-    loop = _loop(str(tmp_path / "dev"))
+    loop = loop_attach(tmp_path / "dev")
     victim = cli.info("fio")["replicas"][1]
-    fio = subprocess.Popen(
-        [
-            "fio",
-            "--name=verify",
-            f"--filename={loop}",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=96M",
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--output-format=terse",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    fio = fio_verify(loop, "96M")
     try:
         wait_for(lambda: cli.info("fio")["writes"] > 2000, 120, "fio to be writing")
         os.kill(victim["pid"], signal.SIGKILL)
