@@ -80,8 +80,23 @@ class BackingImage:
             pread_into(self.fd, memoryview(buf), chunk * self.chunk_size)
         return bytes(buf)
 
+    def read_run(self, first: int, count: int) -> bytearray:
+        buf = bytearray(count * self.chunk_size)
+        pread_into(self.fd, memoryview(buf), first * self.chunk_size)
+        return buf
+
     def compute_sums(self) -> list[tuple[int, int, bytes]]:
-        return [(c, DATA, xxhash.xxh3_128_digest(self.read_chunk(c))) for c in range(self.nchunks)]
+        out = []
+        cs = self.chunk_size
+        per_read = max(1, (4 << 20) // cs)
+        for first in range(0, self.nchunks, per_read):
+            count = min(per_read, self.nchunks - first)
+            view = memoryview(self.read_run(first, count))
+            out += [
+                (first + k, DATA, xxhash.xxh3_128_digest(view[k * cs : (k + 1) * cs]))
+                for k in range(count)
+            ]
+        return out
 
     def close(self) -> None:
         if self.fd >= 0:

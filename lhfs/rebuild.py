@@ -94,6 +94,22 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
     return stats
 
 
+def _run_length(chunk_size: int) -> int:
+    """Chunks per copy request: about 1 MiB, so that per-request costs stay small."""
+    return max(1, (1 << 20) // chunk_size)
+
+
+def _runs(chunks: list[int], limit: int) -> list[tuple[int, int]]:
+    """Sorted chunk numbers as (first, count) runs of neighbours, at most ``limit`` long."""
+    runs: list[tuple[int, int]] = []
+    for chunk in sorted(chunks):
+        if runs and runs[-1][0] + runs[-1][1] == chunk and runs[-1][1] < limit:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((chunk, 1))
+    return runs
+
+
 def _pick_source(engine: Engine, target: ReplicaLink) -> ReplicaLink:
     for link in engine.replicas:
         if link.mode == RW and link is not target:
@@ -113,9 +129,11 @@ async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
         image_id = want["id"]
         size = int(image_id.rsplit("-", 1)[1])
         chunks = -(-size // engine.chunk_size)
-        for chunk in range(chunks):
-            _state, data = await source.client.read_layer_chunk("backing", chunk)
-            await client.backing_upload(image_id, chunk, data)
+        per_run = _run_length(engine.chunk_size)
+        for first in range(0, chunks, per_run):
+            count = min(per_run, chunks - first)
+            _states, data = await source.client.read_layer_run("backing", first, count)
+            await client.backing_upload(image_id, first, data)
             stats.backing_bytes += len(data)
         await client.call("backing_commit", id=image_id)
 
@@ -178,37 +196,38 @@ async def _sync(
     total = sum(len(d) + len(g) for _, d, g in plan) or 1
     done = 0
     failure: list[BaseException] = []
-    send, receive = trio.open_memory_channel[tuple[str, int]](IN_FLIGHT)
+    send, receive = trio.open_memory_channel[tuple[str, int, int]](IN_FLIGHT)
 
     async def worker(nursery: trio.Nursery, items: trio.MemoryReceiveChannel) -> None:
         nonlocal done
-        async for name, chunk in items:
+        async for name, first, count in items:
             try:
                 try:
-                    state, data = await source.client.read_layer_chunk(name, chunk)
+                    states, data = await source.client.read_layer_run(name, first, count)
                 except ConnectionLost as exc:
                     raise _SourceFailed("source lost during the copy") from exc
-                await target.client.write_layer_chunk(name, chunk, state, data)
+                await target.client.write_layer_run(name, first, states, data)
             except (LhfsError, _SourceFailed) as exc:
                 failure.append(exc)
                 nursery.cancel_scope.cancel()
                 return
-            stats.chunks_copied += 1
+            stats.chunks_copied += count
             stats.bytes_copied += len(data)
-            done += 1
+            done += count
             target.rebuild_progress = round(100 * done / total, 1)
 
+    per_run = _run_length(engine.chunk_size)
     for name, _differ, gone in plan:
-        for chunk in gone:
-            await target.client.write_layer_chunk(name, chunk, ABSENT, b"")
-            done += 1
+        for first, count in _runs(gone, per_run):
+            await target.client.write_layer_run(name, first, bytes([ABSENT]) * count, b"")
+            done += count
     async with trio.open_nursery() as nursery:
         for _ in range(IN_FLIGHT):
             nursery.start_soon(worker, nursery, receive.clone())
         async with send:
             for name, differ, _gone in plan:
-                for chunk in differ:
-                    await send.send((name, chunk))
+                for first, count in _runs(differ, per_run):
+                    await send.send((name, first, count))
         await receive.aclose()
     if failure:
         raise failure[0]

@@ -212,19 +212,23 @@ class ReplicaClient:
                 return out
             first = page[-1][0] + 1
 
-    async def write_layer_chunk(self, layer_id: str, chunk: int, state: int, data: bytes) -> None:
+    async def write_layer_run(self, layer_id: str, first: int, states: bytes, data: bytes) -> None:
         name = layer_id.encode()
-        await self.request(
-            p.WRITE_LAYER_CHUNK, p.LAYER_CHUNK.pack(chunk, state, len(name)), name, data
-        )
+        header = p.WRITE_RUN.pack(first, len(states), len(name))
+        await self.request(p.WRITE_LAYER_RUN, header, name, states, data)
+
+    async def read_layer_run(self, layer_id: str, first: int, count: int) -> tuple[bytes, bytes]:
+        """(one state byte per chunk, the DATA chunks' bytes) of neighbouring chunks."""
+        answer = await self.request(p.READ_LAYER_RUN, p.RUN.pack(first, count), layer_id.encode())
+        return answer[:count], answer[count:]
 
     async def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
         name = image_id.encode()
         await self.request(p.BACKING_UPLOAD, p.UPLOAD.pack(chunk, len(name)), name, data)
 
     async def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
-        answer = await self.request(p.READ_LAYER_CHUNK, p.U64.pack(chunk), layer_id.encode())
-        return answer[0], answer[1:]
+        states, data = await self.read_layer_run(layer_id, chunk, 1)
+        return states[0], data
 
 
 @asynccontextmanager

@@ -30,7 +30,6 @@ from .errors import (
     ProtocolError,
     StorageError,
 )
-from .layer import ABSENT
 from .store import ChunkStore
 
 log = logging.getLogger("lhfs.replica")
@@ -176,22 +175,22 @@ class ReplicaServer:
             sums = store.layer_sums(layer_id, fresh=bool(fresh) and first == 0)
             sums = [e for e in sums if e[0] >= first][: max(limit, 0)]
             return (b"".join(p.SUM_ENTRY.pack(*e) for e in sums),)
-        if op == p.WRITE_LAYER_CHUNK:
-            chunk, state, n = p.LAYER_CHUNK.unpack_from(_at_least(payload, p.LAYER_CHUNK.size))
-            start = p.LAYER_CHUNK.size
+        if op == p.WRITE_LAYER_RUN:
+            first, count, n = p.WRITE_RUN.unpack_from(_at_least(payload, p.WRITE_RUN.size))
+            start = p.WRITE_RUN.size
             layer_id = bytes(payload[start : start + n]).decode(errors="replace")
-            store.write_layer_chunk(layer_id, chunk, state, bytes(payload[start + n :]))
+            states = bytes(payload[start + n : start + n + count])
+            store.write_layer_run(layer_id, first, states, payload[start + n + count :])
             return ()
         if op == p.BACKING_UPLOAD:
             chunk, n = p.UPLOAD.unpack_from(_at_least(payload, p.UPLOAD.size))
             image_id = bytes(payload[p.UPLOAD.size : p.UPLOAD.size + n]).decode(errors="replace")
             store.backing_upload(image_id, chunk, bytes(payload[p.UPLOAD.size + n :]))
             return ()
-        if op == p.READ_LAYER_CHUNK:
-            (chunk,) = p.U64.unpack_from(_at_least(payload, p.U64.size))
-            layer_id = bytes(payload[p.U64.size :]).decode(errors="replace")
-            state, data = store.read_layer_chunk(layer_id, chunk)
-            return (p.STATE.pack(state), data) if state != ABSENT else (p.STATE.pack(state),)
+        if op == p.READ_LAYER_RUN:
+            first, count = p.RUN.unpack_from(_at_least(payload, p.RUN.size))
+            layer_id = bytes(payload[p.RUN.size :]).decode(errors="replace")
+            return store.read_layer_run(layer_id, first, count)
         raise InvalidArgument(f"unknown operation {op}")
 
     def _call(self, call: Any) -> Any:

@@ -686,25 +686,35 @@ class ChunkStore:
         self.partial = {}
         return {"layers": len(names)}
 
-    def write_layer_chunk(self, layer_id: str, chunk: int, state: int, data: bytes) -> None:
-        """Set one chunk of an immutable layer as the rebuild source has it."""
+    def write_layer_run(self, layer_id: str, first: int, states: bytes, data: bytes) -> None:
+        """Set neighbouring chunks of an immutable layer as the rebuild source has them:
+        ``states`` has one byte per chunk, ``data`` the bytes of the DATA ones, in order."""
         if self.partial is None:
             raise InvalidArgument("layer chunks can only be written during a rebuild")
         layer = self.layer(layer_id)
         if layer is self.head:
             raise InvalidArgument("the head is not rebuilt chunk by chunk")
-        if not 0 <= chunk < self.size // self.chunk_size:
-            raise InvalidArgument(f"chunk {chunk} is outside the volume")
+        cs = self.chunk_size
+        if first < 0 or first + len(states) > self.size // cs:
+            raise InvalidArgument(f"chunks {first}+{len(states)} are outside the volume")
+        if len(data) != cs * sum(1 for s in states if s == DATA):
+            raise InvalidArgument("layer run data does not match its states")
         layer.drop_sums()
-        offset = chunk * self.chunk_size
-        if state == DATA:
-            if len(data) != self.chunk_size:
-                raise InvalidArgument(f"a chunk is {self.chunk_size} bytes, not {len(data)}")
-            pwrite_all(layer.fd, data, offset)
+        if all(s == DATA for s in states):
+            pwrite_all(layer.fd, data, first * cs)
         else:
-            punch_hole(layer.fd, offset, self.chunk_size)
-        layer.set(chunk, state)
-        self._resolve(chunk)
+            pos = 0
+            for k, state in enumerate(states):
+                if state == DATA:
+                    pwrite_all(layer.fd, data[pos : pos + cs], (first + k) * cs)
+                    pos += cs
+                else:
+                    punch_hole(layer.fd, (first + k) * cs, cs)
+        for k, state in enumerate(states):
+            if state not in (ABSENT, DATA, ZERO):
+                raise InvalidArgument(f"unknown chunk state {state}")
+            layer.set(first + k, state)
+            self._resolve(first + k)
 
     def rebuild_finish(self) -> None:
         """The layers below are complete: merge partially written head chunks over them."""
@@ -750,15 +760,28 @@ class ChunkStore:
         self.meta["backing"] = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
         self._save_meta()
 
-    def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
-        """One chunk as a given layer stores it: (state, bytes); state ``ABSENT`` if not held."""
+    def read_layer_run(self, layer_id: str, first: int, count: int) -> tuple[bytes, bytes]:
+        """Neighbouring chunks as a layer (or ``"backing"``) stores them: one state byte per
+        chunk (``ABSENT`` if not held) and the bytes of the DATA ones, in order."""
+        if count < 1 or first < 0:
+            raise InvalidArgument("a layer run is at least one chunk")
+        cs = self.chunk_size
         if layer_id == "backing":
-            if self.backing is None or not self.backing.covers(chunk):
-                return ABSENT, b""
-            return DATA, self.backing.read_chunk(chunk)
+            if self.backing is None:
+                raise NotFound("this volume has no backing image")
+            states = bytes(DATA if self.backing.covers(first + k) else ABSENT for k in range(count))
+            held = sum(1 for s in states if s == DATA)
+            return states, bytes(self.backing.read_run(first, held)) if held else b""
         layer = self.layer(layer_id)
-        state = layer.index.get(chunk, ABSENT)
-        return state, layer.read_chunk(chunk) if state == DATA else b""
+        states = bytes(layer.index.get(first + k, ABSENT) for k in range(count))
+        if DATA not in states:
+            return states, b""
+        run = layer.read_run(first, count)
+        if all(s == DATA for s in states):
+            return states, bytes(run)
+        return states, b"".join(
+            run[k * cs : (k + 1) * cs] for k, s in enumerate(states) if s == DATA
+        )
 
     def checksum(self) -> str:
         """xxh3-128 of the whole logical content of the volume, hex."""

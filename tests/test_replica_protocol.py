@@ -152,7 +152,7 @@ def test_random_bytes_never_hurt_the_replica(tmp_path: Path, replica_factory) ->
                         s.recv(64)
                     if i % 3 == 0:
                         # well-formed frames with garbage inside (ops not changing data)
-                        op = rng.choice([p.READ, p.CALL, p.LAYER_SUMS, p.READ_LAYER_CHUNK, 77])
+                        op = rng.choice([p.READ, p.CALL, p.LAYER_SUMS, p.READ_LAYER_RUN, 77])
                         body = rng.randbytes(rng.randrange(0, 64))
                         s.sendall(struct.pack("<IIH", 6 + len(body), i, op) + body)
                     else:
