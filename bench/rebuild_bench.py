@@ -80,6 +80,7 @@ def main() -> None:
         cli.run("replica", "add", "bench", "--quiet")
         stats = replica(cli, "r3")["rebuild_stats"]
         rows.append(("full rebuild (new replica)", stats["seconds"], stats["bytes_copied"]))
+        print(f"full rebuild phases: {stats['phases']}", file=sys.stderr)
         copy = work / "rsync-copy"
         seconds, sent = rsync(r1_dir, copy)
         rows.append(("rsync, full copy of a replica", seconds, sent))
@@ -98,6 +99,7 @@ def main() -> None:
         wait_for(lambda: replica(cli, "r3")["mode"] == "RW", 600, "the stale replica")
         stats = replica(cli, "r3")["rebuild_stats"]
         rows.insert(3, ("stale rebuild, 1% changed", stats["seconds"], stats["bytes_copied"]))
+        print(f"stale rebuild phases: {stats['phases']}", file=sys.stderr)
         cli.run("volume", "detach", "bench")
     finally:
         teardown(cli.root)

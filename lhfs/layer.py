@@ -82,6 +82,8 @@ class Layer:
         self.revision = 0
         self._fd = -1
         self._log_entries = 0
+        self._sums: dict[int, tuple[int, bytes]] | None = None
+        self._sums_dirty = False
 
     # -- files --------------------------------------------------------------------------------
 
@@ -242,21 +244,47 @@ class Layer:
         return self.cached_sums()
 
     def cached_sums(self) -> list[tuple[int, int, bytes]]:
-        """``compute_sums`` kept in a file: valid as long as this immutable layer is unchanged."""
-        try:
-            raw = self.sums_path.read_bytes()
-        except FileNotFoundError:
-            raw = b""
-        if raw[:4] == _SUMS_MAGIC and (len(raw) - 4) % _SUM_ENTRY.size == 0:
-            sums = list(_SUM_ENTRY.iter_unpack(raw[4:]))
-            if len(sums) == len(self.index):
-                return sums
-        sums = self.compute_sums()
-        atomic_write(self.sums_path, _SUMS_MAGIC + b"".join(_SUM_ENTRY.pack(*e) for e in sums))
-        return sums
+        """``compute_sums`` kept in memory and in a file: valid as long as this immutable layer
+        is unchanged, or changed only through ``record_sum``."""
+        if self._sums is None:
+            try:
+                raw = self.sums_path.read_bytes()
+            except FileNotFoundError:
+                raw = b""
+            entries: list[tuple[int, int, bytes]] = []
+            if raw[:4] == _SUMS_MAGIC and (len(raw) - 4) % _SUM_ENTRY.size == 0:
+                entries = list(_SUM_ENTRY.iter_unpack(raw[4:]))
+            if len(entries) != len(self.index):
+                entries = self.compute_sums()
+                self._sums_dirty = True
+            self._sums = {c: (st, d) for c, st, d in entries}
+        if self._sums_dirty:
+            entries = [(c, *self._sums[c]) for c in sorted(self._sums)]
+            atomic_write(
+                self.sums_path, _SUMS_MAGIC + b"".join(_SUM_ENTRY.pack(*e) for e in entries)
+            )
+            self._sums_dirty = False
+        return [(c, *self._sums[c]) for c in sorted(self._sums)]
+
+    def record_sum(self, chunk: int, state: int, data: bytes | memoryview = b"") -> None:
+        """Keep the cached checksums true while a rebuild writes a chunk: the checksum of the
+        bytes written, computed as they arrive, instead of re-reading the whole layer later."""
+        if self._sums is None:
+            self.drop_sums()
+            return
+        if not self._sums_dirty:
+            self.sums_path.unlink(missing_ok=True)  # never a stale file after a crash
+            self._sums_dirty = True
+        if state == ABSENT:
+            self._sums.pop(chunk, None)
+        else:
+            digest = xxhash.xxh3_128_digest(data) if state == DATA else ZERO_DIGEST
+            self._sums[chunk] = (state, digest)
 
     def drop_sums(self) -> None:
         """Forget the cached checksums before the layer's content changes (coalesce into it)."""
+        self._sums = None
+        self._sums_dirty = False
         if self.sums_path.exists():
             self.sums_path.unlink()
             fsync_dir(self.sums_path.parent)

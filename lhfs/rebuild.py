@@ -42,6 +42,7 @@ class RebuildStats:
     bytes_copied: int = 0
     backing_bytes: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
@@ -71,13 +72,16 @@ async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
 async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> RebuildStats:
     started = trio.current_time()
     await _prepare(engine, target, stats)
+    stats.phases["prepare"] = round(trio.current_time() - started, 3)
     names = await _barrier(engine, target)
     stats.layers = names
     while True:
         source = _pick_source(engine, target)
         try:
             await _sync(engine, source, target, names, stats)
+            mark = trio.current_time()
             await _verify(source, target, names)
+            stats.phases["verify"] = round(trio.current_time() - mark, 3)
             break
         except _SourceFailed as exc:
             if source.client is not None and not source.client.broken and source.mode == RW:
@@ -160,7 +164,7 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
 
 
 async def _both_sums(
-    source: ReplicaLink, target: ReplicaLink, layer: str
+    source: ReplicaLink, target: ReplicaLink, layer: str, fresh: bool = True
 ) -> tuple[dict[int, tuple], dict[int, tuple]]:
     """The source's recorded checksums and the target's recomputed from its disk, fetched at
     the same time (each side hashes its own data: two processes, two cores)."""
@@ -175,7 +179,7 @@ async def _both_sums(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fetch, "want", source, False)
-        nursery.start_soon(fetch, "have", target, True)
+        nursery.start_soon(fetch, "have", target, fresh)
     if "want" in errors:
         raise _SourceFailed("source lost while comparing checksums") from errors["want"]
     if "have" in errors:
@@ -187,12 +191,15 @@ async def _sync(
     engine: Engine, source: ReplicaLink, target: ReplicaLink, names: list[str], stats: RebuildStats
 ) -> None:
     plan = []
+    mark = trio.current_time()
     for name in names:
         want, have = await _both_sums(source, target, name)
         stats.chunks_compared += len(want.keys() | have.keys())
         differ = [c for c in want if have.get(c) != want[c]]
         gone = [c for c in have if c not in want]
         plan.append((name, differ, gone))
+    stats.phases["compare"] = round(trio.current_time() - mark, 3)
+    mark = trio.current_time()
     total = sum(len(d) + len(g) for _, d, g in plan) or 1
     done = 0
     failure: list[BaseException] = []
@@ -232,12 +239,15 @@ async def _sync(
     if failure:
         raise failure[0]
     await target.client.flush()
+    stats.phases["copy"] = round(trio.current_time() - mark, 3)
     target.rebuild_progress = 100.0
 
 
 async def _verify(source: ReplicaLink, target: ReplicaLink, names: list[str]) -> None:
     for name in names:
-        want, have = await _both_sums(source, target, name)
+        # the target's checksums: recomputed from its disk in the compare step, then updated
+        # from the bytes of every chunk it received
+        want, have = await _both_sums(source, target, name, fresh=False)
         if want != have:
             bad = sorted(c for c in want.keys() | have.keys() if want.get(c) != have.get(c))
             raise CorruptState(f"layer {name} differs after the sync at chunks {bad[:5]}...")

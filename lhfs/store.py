@@ -699,22 +699,26 @@ class ChunkStore:
             raise InvalidArgument(f"chunks {first}+{len(states)} are outside the volume")
         if len(data) != cs * sum(1 for s in states if s == DATA):
             raise InvalidArgument("layer run data does not match its states")
-        layer.drop_sums()
-        if all(s == DATA for s in states):
-            pwrite_all(layer.fd, data, first * cs)
-        else:
-            pos = 0
-            for k, state in enumerate(states):
-                if state == DATA:
-                    pwrite_all(layer.fd, data[pos : pos + cs], (first + k) * cs)
-                    pos += cs
-                else:
-                    punch_hole(layer.fd, (first + k) * cs, cs)
+        if any(state not in (ABSENT, DATA, ZERO) for state in states):
+            raise InvalidArgument("unknown chunk state in a layer run")
+        view = memoryview(data)
+        all_data = all(state == DATA for state in states)
+        if all_data:  # the common case: one write for the whole run
+            pwrite_all(layer.fd, view, first * cs)
+        pos = 0
         for k, state in enumerate(states):
-            if state not in (ABSENT, DATA, ZERO):
-                raise InvalidArgument(f"unknown chunk state {state}")
-            layer.set(first + k, state)
-            self._resolve(first + k)
+            chunk = first + k
+            if state == DATA:
+                piece = view[pos : pos + cs]
+                if not all_data:
+                    pwrite_all(layer.fd, piece, chunk * cs)
+                layer.record_sum(chunk, DATA, piece)
+                pos += cs
+            else:
+                punch_hole(layer.fd, chunk * cs, cs)
+                layer.record_sum(chunk, state)
+            layer.set(chunk, state)
+            self._resolve(chunk)
 
     def rebuild_finish(self) -> None:
         """The layers below are complete: merge partially written head chunks over them."""
