@@ -782,7 +782,7 @@ class ChunkStore:
             return states, b""
         run = layer.read_run(first, count)
         if all(s == DATA for s in states):
-            return states, bytes(run)
+            return states, run
         return states, b"".join(
             run[k * cs : (k + 1) * cs] for k, s in enumerate(states) if s == DATA
         )
