@@ -85,6 +85,7 @@ def fio_verify(target: str, size: str) -> subprocess.Popen:
             "--verify_fatal=1",
             "--do_verify=1",
             "--output-format=terse",
+            "--verify_state_save=0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
