@@ -256,7 +256,8 @@ class Daemon:
             self.vol.update(publish)
             self.nursery = nursery
             await self.engine.attach(
-                [(r["id"], r["address"] or "", r.get("mode") == "ERR") for r in self.vol.replicas]
+                # only a replica recorded RW is trusted: a WO one was cut off mid-rebuild
+                [(r["id"], r["address"] or "", r.get("mode") != "RW") for r in self.vol.replicas]
             )
             for link in self.engine.replicas:  # stale but reachable: bring it back
                 if link.mode == ERR and link.client is not None and not link.client.broken:

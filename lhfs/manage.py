@@ -175,7 +175,9 @@ def detach(root: Path, name: str, timeout: float = ATTACH_TIMEOUT) -> None:
 
 
 def _healthy_local_dirs(vol: volumes.Volume) -> list[Path]:
-    dirs = [vol.replica_dir(r) for r in vol.replicas if r.get("mode") != "ERR" and r.get("local")]
+    dirs = [
+        vol.replica_dir(r) for r in vol.replicas if r.get("mode", "RW") == "RW" and r.get("local")
+    ]
     if not dirs:
         raise NotFound(f"volume {vol.name} has no healthy local replica")
     return [d for d in dirs if d is not None]
@@ -340,8 +342,8 @@ def replica_remove(root: Path, name: str, replica_id: str) -> None:
         control.call(vol.control_socket, "replica_rm", id=replica_id)
         return
     entry = vol.replica(replica_id)
-    others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode") != "ERR"]
-    if entry.get("mode") != "ERR" and not others:
+    others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
+    if entry.get("mode", "RW") == "RW" and not others:
         raise InvalidArgument(f"{replica_id} is the last healthy replica: it cannot be removed")
     vol.update(lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id]))
     if entry.get("local"):

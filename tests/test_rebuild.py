@@ -213,3 +213,57 @@ def test_failed_adds_leave_the_engine_and_replicas_alone(cli: Cli, tmp_path: Pat
     assert result.returncode == 1 and "last healthy replica" in result.stderr
     assert live(cli, "f")["state"] == "degraded"
     cli.run("volume", "detach", "f")
+
+
+def test_two_adds_at_once_a_cancelled_add_and_an_engine_killed_mid_rebuild(
+    cli: Cli, tmp_path: Path
+) -> None:
+    from lhfs.testing import kill_engine, teardown
+
+    cli.run("volume", "create", "t", "--size", "128M", "--replicas", "2")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "t", "--device", str(device))
+    write_random(device, 128 * MIB, 10)
+    expected = cli.checksum("t")
+
+    first = subprocess.Popen(
+        [*cli_args(cli), "replica", "add", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = subprocess.Popen(
+        [*cli_args(cli), "replica", "add", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "is RW" in out, out + err
+    assert {r["mode"] for r in live(cli, "t")["replicas"]} == {"RW"}
+    assert len(live(cli, "t")["replicas"]) == 4
+
+    cancelled = cli.run("replica", "add", "t", "--no-wait").stdout.split()[2]
+    cli.run("replica", "rm", "t", cancelled)  # cancels its rebuild
+    assert cancelled not in [r["id"] for r in live(cli, "t")["replicas"]]
+    assert not (cli.root / "volumes" / "t" / "replicas" / cancelled).exists()
+    assert live(cli, "t")["state"] == "healthy"
+
+    interrupted = cli.run("replica", "add", "t", "--no-wait").stdout.split()[2]
+    wait_for(lambda: (replica(cli, "t", interrupted)["rebuild_progress"] or 0) > 1, 60, "copy")
+    kill_engine(cli, "t")
+    teardown(cli.root)
+    cli.run("volume", "attach", "t", "--device", str(device))  # the rebuild starts over
+    wait_for(lambda: replica(cli, "t", interrupted)["mode"] == "RW", 120, "rebuilt after crash")
+    assert live(cli, "t")["state"] == "healthy"
+    assert cli.checksum("t") == expected
+    cli.run("volume", "detach", "t")
+    sums = offline_checksums(cli, "t")
+    assert set(sums.values()) == {expected}, (sums, expected)
+
+
+def cli_args(cli: Cli) -> list[str]:
+    from lhfs.procs import LHFS
+
+    return [LHFS, "--root", str(cli.root)]
