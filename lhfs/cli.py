@@ -302,6 +302,25 @@ def cmd_volume_scrub(args: argparse.Namespace) -> None:
 # -- parser -----------------------------------------------------------------------------------
 
 
+def _verb(
+    verbs: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], None],
+    text: str,
+    *positionals: str,
+    json: bool = False,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """One subcommand: positional arguments, an optional --json, the function it runs."""
+    p = verbs.add_parser(name, help=text, description=description or text[:1].upper() + text[1:])
+    for positional in positionals:
+        p.add_argument(positional)
+    if json:
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lhfs",
@@ -370,15 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_replica_add)
 
-    p = verbs.add_parser("rm", help="remove a replica from a volume")
-    p.add_argument("volume")
-    p.add_argument("id")
-    p.set_defaults(func=cmd_replica_rm)
-
-    p = verbs.add_parser("ls", help="a volume's replicas, their mode and rebuild progress")
-    p.add_argument("volume")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_replica_ls)
+    _verb(verbs, "rm", cmd_replica_rm, "remove a replica from a volume", "volume", "id")
+    _verb(
+        verbs,
+        "ls",
+        cmd_replica_ls,
+        "a volume's replicas, their mode and rebuild progress",
+        "volume",
+        json=True,
+    )
 
     _volume_parsers(groups)
     _snapshot_parsers(groups)
@@ -394,10 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--fs", default="ext4", help="filesystem for a new volume (default ext4)")
     p.set_defaults(func=cmd_mount)
-    p = groups.add_parser("umount", help="unmount, free the loop device, detach")
-    p.add_argument("mountpoint")
-    p.set_defaults(func=cmd_umount)
-
+    _verb(groups, "umount", cmd_umount, "unmount, free the loop device, detach", "mountpoint")
     p = groups.add_parser("engine-run", help=argparse.SUPPRESS)
     p.add_argument("name")
     p.add_argument("device")
@@ -434,66 +450,65 @@ def _volume_parsers(groups: Any) -> None:
     p.add_argument("--device", required=True, help="path of the file that becomes the volume")
     p.set_defaults(func=cmd_volume_attach)
 
-    p = verbs.add_parser("detach", help="flush, unmount the device, stop engine and replicas")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_volume_detach)
-
-    for verb, func, text in (
-        ("ls", cmd_volume_ls, "all volumes and their state"),
-        ("info", cmd_volume_info, "one volume: state, replicas, snapshots"),
-    ):
-        p = verbs.add_parser(verb, help=text)
-        if verb == "info":
-            p.add_argument("name")
-        p.add_argument("--json", action="store_true", help="print one JSON document")
-        p.set_defaults(func=func)
-
-    p = verbs.add_parser("expand", help="grow a volume (attached or not)")
-    p.add_argument("name")
-    p.add_argument("--size", required=True, type=_size, help="the new size")
-    p.set_defaults(func=cmd_volume_expand)
-
-    p = verbs.add_parser(
-        "scrub",
-        help="verify the replicas' snapshots and repair corrupt replicas",
-        description="Check every snapshot of every healthy replica against its recorded "
-        "checksums and against the other replicas; a corrupt replica is taken out of I/O and "
-        "rebuilt.",
+    _verb(
+        verbs,
+        "detach",
+        cmd_volume_detach,
+        "flush, unmount the device, stop engine and replicas",
+        "name",
     )
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_volume_scrub)
+    _verb(verbs, "ls", cmd_volume_ls, "all volumes and their state", json=True)
+    _verb(
+        verbs, "info", cmd_volume_info, "one volume: state, replicas, snapshots", "name", json=True
+    )
+    p = _verb(verbs, "expand", cmd_volume_expand, "grow a volume (attached or not)", "name")
+    p.add_argument("--size", required=True, type=_size, help="the new size")
 
-    p = verbs.add_parser("checksum", help="xxh3-128 of the whole volume content")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_volume_checksum)
-
-    p = verbs.add_parser("rm", help="delete a detached volume and its replicas")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_volume_rm)
+    _verb(
+        verbs,
+        "scrub",
+        cmd_volume_scrub,
+        "verify the replicas' snapshots and repair corrupt replicas",
+        "name",
+        json=True,
+        description="Check every snapshot of every healthy replica against its recorded "
+        "checksums and against the other replicas; a corrupt replica is taken out of I/O "
+        "and rebuilt.",
+    )
+    _verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
+    _verb(verbs, "rm", cmd_volume_rm, "delete a detached volume and its replicas", "name")
 
 
 def _snapshot_parsers(groups: Any) -> None:
     group = groups.add_parser("snapshot", help="create, list, remove and revert snapshots")
     verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
-    p = verbs.add_parser("create", help="crash-consistent snapshot on every replica")
-    p.add_argument("volume")
+    p = _verb(
+        verbs,
+        "create",
+        cmd_snapshot_create,
+        "crash-consistent snapshot on every replica",
+        "volume",
+        json=True,
+    )
     p.add_argument("name", nargs="?", help="snapshot name (default: snap-DATE-TIME)")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_snapshot_create)
-    p = verbs.add_parser("ls", help="the chain, oldest first")
-    p.add_argument("volume")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_snapshot_ls)
-    p = verbs.add_parser("rm", help="remove a snapshot; its data merges into its child")
-    p.add_argument("volume")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_snapshot_rm)
-    p = verbs.add_parser("revert", help="(detached) make the head a fresh layer on a snapshot")
-    p.add_argument("volume")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_snapshot_revert)
+    _verb(verbs, "ls", cmd_snapshot_ls, "the chain, oldest first", "volume", json=True)
+    _verb(
+        verbs,
+        "rm",
+        cmd_snapshot_rm,
+        "remove a snapshot; its data merges into its child",
+        "volume",
+        "name",
+    )
+    _verb(
+        verbs,
+        "revert",
+        cmd_snapshot_revert,
+        "(detached) make the head a fresh layer on a snapshot",
+        "volume",
+        "name",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,9 +137,9 @@ def create(
     """Record a new volume in a temporary directory; the caller initialises the replicas there
     and publishes it with ``finish_create``."""
     check_name(name, "volume name")
-    check_geometry(size, chunk_size)
-    if chunk_size < 4096 or chunk_size > 4 << 20:
+    if chunk_size < 4096 or chunk_size > 4 << 20 or chunk_size & (chunk_size - 1):
         raise InvalidArgument("the chunk size must be a power of two from 4K to 4M")
+    check_geometry(size, chunk_size)
     if not 1 <= replicas <= 16:
         raise InvalidArgument("a volume has 1 to 16 replicas")
     base = volumes_dir(root)
