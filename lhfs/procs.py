@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import os
 import re
-import selectors
+import select
 import signal
 import subprocess
 import sys
@@ -47,27 +47,30 @@ def wait_for(
 
 
 def read_line_matching(proc: subprocess.Popen, pattern: str, timeout: float = 30.0) -> re.Match:
-    """Read ``proc``'s stdout until a line matches ``pattern``; fail if it exits or times out."""
+    """Read ``proc``'s stdout until a line matches ``pattern``; fail if it exits or times out.
+
+    Reads the pipe's descriptor directly: a buffered reader could hold the awaited line while
+    the descriptor shows nothing more to read."""
     regex = re.compile(pattern)
     deadline = time.monotonic() + timeout
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no line matching {pattern!r} within {timeout}s")
-            if sel.select(left):
-                line = proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(
-                        f"process exited ({proc.wait()}) before printing {pattern!r}"
-                    )
-                match = regex.search(line)
-                if match:
-                    return match
-    finally:
-        sel.unregister(proc.stdout)
+    fd = proc.stdout.fileno()
+    pending = b""
+    while True:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            match = regex.search(line.decode(errors="replace"))
+            if match:
+                return match
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no line matching {pattern!r} within {timeout}s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                status = proc.wait()
+                raise RuntimeError(f"process exited ({status}) before printing {pattern!r}")
+            pending += data
 
 
 class ReplicaProcess:

@@ -1,0 +1,262 @@
+"""Backups as objects: content-addressed blocks, one manifest per backup, written last.
+
+Layout under ``s3://BUCKET/PREFIX``:
+
+    blocks/<2 hex>/<xxh3-128 hex>       a block, zstd-compressed or raw (metadata says which)
+    volumes/<volume>/<backup>.json      the manifest: size, block size, one digest per block
+    volumes/<volume>/<backup>.running   a backup in progress (started, refreshed while it runs)
+
+A backup writes its ``.running`` marker first, its blocks next (skipping those the store already
+has), its manifest last, then drops the marker: a manifest exists only for a complete backup.
+Deleting a backup removes its manifest and then collects the blocks no manifest references, but
+only while no backup is running: a running backup may reuse any block it found in the store, so
+collecting nothing then is the only safe choice (a marker not refreshed for an hour is a backup
+that died, and no longer holds collection back).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+import zstandard
+
+from lhfs.errors import CorruptState, NotFound
+
+from .s3 import Bucket
+
+BLOCK_SIZE = 2 << 20
+STALE_RUNNING = 3600.0
+_META = "x-amz-meta-lhfs-compression"
+
+
+def digest_of(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+@dataclass
+class BackupStats:
+    blocks: int = 0
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    reused: int = 0
+
+
+class BackupStore:
+    """The backups of one target."""
+
+    def __init__(self, bucket: Bucket, workers: int = 8) -> None:
+        self.bucket = bucket
+        self.target = bucket.target
+        self.workers = workers
+
+    # -- blocks -------------------------------------------------------------------------------
+
+    def _block_key(self, digest: str) -> str:
+        return self.target.key("blocks", digest[:2], digest)
+
+    def put_block(self, data: bytes, digest: str) -> int:
+        """Store a block unless the store has it; the bytes sent (0 when it was there)."""
+        key = self._block_key(digest)
+        if self.bucket.exists(key):
+            return 0
+        packed = zstandard.ZstdCompressor(level=3).compress(data)
+        method = "zstd"
+        if len(packed) >= len(data):
+            packed, method = data, "none"
+        self.bucket.put(key, packed, {"lhfs-compression": method})
+        return len(packed)
+
+    def get_block(self, digest: str) -> bytes:
+        """A block's bytes, checked against its name: a mismatch is corruption, never data."""
+        found = self.bucket.get(self._block_key(digest))
+        if found is None:
+            raise CorruptState(f"block {digest} is missing from {self.target}")
+        body, meta = found
+        data = zstandard.ZstdDecompressor().decompress(body) if meta.get(_META) == "zstd" else body
+        if digest_of(data) != digest:
+            raise CorruptState(f"block {digest} in {self.target} does not match its checksum")
+        return data
+
+    # -- backups ------------------------------------------------------------------------------
+
+    def _key(self, volume: str, name: str, suffix: str) -> str:
+        return self.target.key("volumes", volume, f"{name}.{suffix}")
+
+    def create(
+        self,
+        volume: str,
+        name: str,
+        size: int,
+        read_block: Callable[[int], bytes],
+        snapshot: str | None = None,
+        block_size: int = BLOCK_SIZE,
+        progress: Callable[[float], None] = lambda pct: None,
+    ) -> tuple[dict[str, Any], BackupStats]:
+        """Back a volume's content up block by block; returns the manifest and what moved."""
+        self.bucket.ensure()
+        running = self._key(volume, name, "running")
+        started = time.time()
+        self.bucket.put(running, json.dumps({"started": started}).encode())
+        count = -(-size // block_size)
+        known = self._latest_digests(volume)
+        stats = BackupStats(blocks=count)
+        digests: list[str | None] = [None] * count
+        last_mark = time.monotonic()
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending = []
+            for index in range(count):
+                data = read_block(index)
+                if not any(data):
+                    digests[index] = None
+                else:
+                    digest = digest_of(data)
+                    digests[index] = digest
+                    if digest in known:
+                        stats.reused += 1
+                    else:
+                        known.add(digest)
+                        pending.append(pool.submit(self.put_block, data, digest))
+                if len(pending) >= 2 * self.workers:
+                    self._settle(pending, stats)
+                if time.monotonic() - last_mark > 60:  # the marker says "still running"
+                    self.bucket.put(running, json.dumps({"started": started}).encode())
+                    last_mark = time.monotonic()
+                progress(100 * (index + 1) / count)
+            self._settle(pending, stats)
+        manifest = {
+            "format": 1,
+            "volume": volume,
+            "name": name,
+            "snapshot": snapshot,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "size": size,
+            "block_size": block_size,
+            "blocks": digests,
+        }
+        self.bucket.put(self._key(volume, name, "json"), json.dumps(manifest).encode())
+        self.bucket.delete(running)
+        progress(100.0)
+        return manifest, stats
+
+    @staticmethod
+    def _settle(pending: list, stats: BackupStats) -> None:
+        for future in pending:
+            sent = future.result()
+            if sent:
+                stats.uploaded += 1
+                stats.uploaded_bytes += sent
+            else:
+                stats.reused += 1
+        pending.clear()
+
+    def _latest_digests(self, volume: str) -> set[str]:
+        """The blocks of the volume's newest complete backup: known present, no HEAD needed."""
+        backups = [b for b in self.list(volume) if b["state"] == "complete"]
+        if not backups:
+            return set()
+        manifest = self.manifest(volume, max(backups, key=lambda b: b["created"])["name"])
+        return {d for d in manifest["blocks"] if d}
+
+    def manifest(self, volume: str, name: str) -> dict[str, Any]:
+        found = self.bucket.get(self._key(volume, name, "json"))
+        if found is None:
+            raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
+        try:
+            return json.loads(found[0])
+        except ValueError:
+            raise CorruptState(f"the manifest of backup {name} cannot be parsed") from None
+
+    def list(self, volume: str | None = None) -> list[dict[str, Any]]:
+        """Backups, complete and in progress, oldest first."""
+        out = []
+        for obj in self.bucket.list(self.target.key("volumes", volume or "") + "/"):
+            parts = obj.object_name.split("/")
+            vol, leaf = parts[-2], parts[-1]
+            name, _, kind = leaf.rpartition(".")
+            if kind == "json":
+                manifest = self.manifest(vol, name)
+                blocks = [d for d in manifest["blocks"] if d]
+                out.append(
+                    {
+                        "volume": vol,
+                        "name": name,
+                        "state": "complete",
+                        "snapshot": manifest.get("snapshot"),
+                        "created": manifest["created"],
+                        "size": manifest["size"],
+                        "blocks": len(blocks),
+                    }
+                )
+            elif kind == "running":
+                out.append(
+                    {
+                        "volume": vol,
+                        "name": name,
+                        "state": "in_progress",
+                        "snapshot": None,
+                        "created": obj.last_modified.isoformat(),
+                        "size": None,
+                        "blocks": None,
+                    }
+                )
+        return sorted(out, key=lambda b: b["created"])
+
+    def restore(
+        self,
+        volume: str,
+        name: str,
+        write_block: Callable[[int, bytes], None],
+        progress: Callable[[float], None] = lambda pct: None,
+    ) -> dict[str, Any]:
+        """Fetch every block in parallel, check it, hand it to ``write_block`` (in any order;
+        empty blocks are not fetched: the new volume reads as zeros there)."""
+        manifest = self.manifest(volume, name)
+        todo = [(i, d) for i, d in enumerate(manifest["blocks"]) if d]
+        with ThreadPoolExecutor(self.workers) as pool:
+            for done, (index, data) in enumerate(
+                pool.map(lambda item: (item[0], self.get_block(item[1])), todo), 1
+            ):
+                write_block(index, data)
+                progress(100 * done / max(1, len(todo)))
+        return manifest
+
+    def delete(self, volume: str, name: str) -> int:
+        """Delete one backup, then collect unreferenced blocks; the number of blocks deleted."""
+        self.manifest(volume, name)
+        self.bucket.delete(self._key(volume, name, "json"))
+        return self.collect()
+
+    def collect(self) -> int:
+        if self._running():
+            return 0
+        referenced: set[str] = set()
+        for backup in self.list():
+            if backup["state"] == "complete":
+                manifest = self.manifest(backup["volume"], backup["name"])
+                referenced.update(d for d in manifest["blocks"] if d)
+        removed = 0
+        for obj in self._blocks():
+            if obj.object_name.rsplit("/", 1)[1] not in referenced:
+                self.bucket.delete(obj.object_name)
+                removed += 1
+        return removed
+
+    def _running(self) -> bool:
+        now = time.time()
+        return any(
+            now - obj.last_modified.timestamp() < STALE_RUNNING
+            for obj in self.bucket.list(self.target.key("volumes") + "/")
+            if obj.object_name.endswith(".running")
+        )
+
+    def _blocks(self) -> Iterator[Any]:
+        return self.bucket.list(self.target.key("blocks") + "/")
+
+    def block_count(self) -> int:
+        return sum(1 for _ in self._blocks())

@@ -1,0 +1,142 @@
+"""The backup store against a real S3 server over HTTP (moto here, MinIO when configured)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import socket
+import threading
+
+import pytest
+
+from backupstore.s3 import Bucket, StoreUnavailable, Target
+from backupstore.store import BackupStore
+from lhfs.errors import CorruptState, NotFound
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def store(s3_endpoint: str) -> BackupStore:
+    bucket = Bucket(Target.parse(f"s3://lhfs-test-{next(_names)}/some/prefix"), deadline=10)
+    return BackupStore(bucket)
+
+
+def volume_of(blocks: list[bytes]):
+    return len(blocks) * len(blocks[0]), lambda i: blocks[i]
+
+
+def test_backup_restore_and_incremental_uploads(store: BackupStore) -> None:
+    rng = random.Random(1)
+    bs = 64 << 10
+    blocks = [rng.randbytes(bs // 2) + bytes(bs // 2) for _ in range(6)] + [bytes(bs)]
+    size, read = volume_of(blocks)
+    manifest, stats = store.create("vol", "b1", size, read, block_size=bs)
+    assert (stats.uploaded, manifest["blocks"][-1]) == (6, None)
+    assert stats.uploaded_bytes < 6 * bs  # half-zero blocks compress
+    restored = bytearray(size)
+
+    def write(index: int, data: bytes) -> None:
+        restored[index * bs : (index + 1) * bs] = data
+
+    store.restore("vol", "b1", write)
+    assert bytes(restored) == b"".join(blocks)
+
+    _, again = store.create("vol", "b2", size, read, block_size=bs)
+    assert again.uploaded == 0 and again.reused == 6
+    blocks[3] = rng.randbytes(bs)
+    _, third = store.create("vol", "b3", size, read, block_size=bs)
+    assert third.uploaded == 1
+    assert [b["name"] for b in store.list("vol")] == ["b1", "b2", "b3"]
+    assert {b["state"] for b in store.list()} == {"complete"}
+
+
+def test_block_count_arithmetic_and_collection(store: BackupStore) -> None:
+    a, b, c, d = (bytes([n]) * 4096 for n in (1, 2, 3, 4))
+    for name, first in (("b0", a), ("b1", c), ("b2", d)):
+        store.create("v", name, 8192, [first, b].__getitem__, block_size=4096)
+    assert store.block_count() == 4
+    assert store.delete("v", "b0") == 1 and store.block_count() == 3
+    assert store.delete("v", "b1") == 1 and store.block_count() == 2
+    assert store.delete("v", "b2") == 2 and store.block_count() == 0
+    with pytest.raises(NotFound):
+        store.delete("v", "b2")
+
+
+def test_nothing_is_collected_while_a_backup_runs(store: BackupStore) -> None:
+    store.create("v", "old", 8192, [b"\1" * 4096, b"\2" * 4096].__getitem__, block_size=4096)
+    store.create("v", "other", 4096, [b"\3" * 4096].__getitem__, block_size=4096)
+    release, reading = threading.Event(), threading.Event()
+
+    def slow_read(index: int) -> bytes:
+        reading.set()
+        assert release.wait(60)
+        return b"\1" * 4096  # reuses a block that only "old" references
+
+    running = threading.Thread(
+        target=store.create, args=("v", "running", 4096, slow_read), kwargs={"block_size": 4096}
+    )
+    running.start()
+    try:
+        assert reading.wait(60)
+        assert {b["name"]: b["state"] for b in store.list("v")}["running"] == "in_progress"
+        assert store.delete("v", "old") == 0  # a backup runs: no block is collected
+        assert store.block_count() == 3
+    finally:
+        release.set()
+        running.join(60)
+    restored = {}
+    store.restore("v", "running", restored.__setitem__)
+    assert restored == {0: b"\1" * 4096}
+    assert store.collect() == 1  # now the orphan of "old" ("\2") goes
+    assert store.block_count() == 2
+
+
+def test_same_content_twice_at_once_completes_both(store: BackupStore) -> None:
+    rng = random.Random(2)
+    blocks = [rng.randbytes(8192) for _ in range(16)]
+    results = {}
+
+    def backup(name: str) -> None:
+        results[name] = store.create("img", name, 16 * 8192, blocks.__getitem__, block_size=8192)
+
+    threads = [threading.Thread(target=backup, args=(n,)) for n in ("x", "y")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert set(results) == {"x", "y"}
+    for name in ("x", "y"):
+        restored = {}
+        store.restore("img", name, restored.__setitem__)
+        assert [restored[i] for i in range(16)] == blocks
+    assert {b["state"] for b in store.list("img")} == {"complete"}
+    _, stats = store.create("img", "z", 16 * 8192, blocks.__getitem__, block_size=8192)
+    assert stats.uploaded == 0
+
+
+def test_a_corrupt_block_fails_the_restore(store: BackupStore) -> None:
+    manifest, _ = store.create("v", "b", 4096, [b"\7" * 4096].__getitem__, block_size=4096)
+    digest = manifest["blocks"][0]
+    store.bucket.put(store._block_key(digest), b"\0" * 4096, {"lhfs-compression": "none"})
+    with pytest.raises(CorruptState, match="does not match"):
+        store.restore("v", "b", lambda i, d: None)
+
+
+def test_unreachable_store_is_not_an_empty_store(s3_endpoint: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import os
+
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    try:
+        bucket = Bucket(Target.parse("s3://nowhere/x"), deadline=1.0, first_delay=0.05)
+        store = BackupStore(bucket)
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            store.list("v")
+        with pytest.raises(StoreUnavailable):
+            store.manifest("v", "b")
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
