@@ -47,6 +47,10 @@ class StoreUnavailable(LhfsError):
     """The store could not be asked (after retrying until the deadline)."""
 
 
+class StoreRefused(LhfsError):
+    """The store answered with a final error (access denied, no such bucket, ...)."""
+
+
 @dataclass(frozen=True)
 class Target:
     """``s3://BUCKET/PREFIX``."""
@@ -113,6 +117,8 @@ class Bucket:
             try:
                 return fn()
             except Exception as exc:
+                if isinstance(exc, S3Error) and not is_transient(exc):
+                    raise StoreRefused(f"{what}: {self.endpoint} answered {exc.code}") from None
                 if not is_transient(exc):
                     raise
                 attempt += 1

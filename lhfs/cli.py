@@ -299,6 +299,46 @@ def cmd_volume_scrub(args: argparse.Namespace) -> None:
         print(f"{replica}: corrupt ({'; '.join(problems[:3])}); marked ERR, rebuilding")
 
 
+# -- backups ----------------------------------------------------------------------------------
+
+
+def cmd_backup_create(args: argparse.Namespace) -> None:
+    from . import backup
+    from .progress import Progress
+
+    with Progress(f"backup {args.volume}", quiet=args.quiet) as bar:
+        url = backup.create(_root(args), args.volume, args.target, args.snapshot, bar.update)
+    print(url)
+
+
+def cmd_backup_ls(args: argparse.Namespace) -> None:
+    from . import backup
+
+    backups = backup.list_backups(args.target, args.volume)
+    if args.json:
+        _print_json(backups)
+        return
+    for b in backups:
+        size = format_size(b["size"]) if b["size"] else "-"
+        print(f"{b['volume']:16} {b['name']:36} {b['state']:11} {size:>8} {b['url']}")
+
+
+def cmd_backup_rm(args: argparse.Namespace) -> None:
+    from . import backup
+
+    removed = backup.remove(args.url)
+    print(f"deleted {args.url}; {removed} unreferenced block(s) collected")
+
+
+def cmd_backup_restore(args: argparse.Namespace) -> None:
+    from . import backup
+    from .progress import Progress
+
+    with Progress(f"restore {args.name}", quiet=args.quiet) as bar:
+        vol = backup.restore(_root(args), args.url, args.name, args.replicas, bar.update)
+    print(f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})")
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -400,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _volume_parsers(groups)
+    _backup_parsers(groups)
     _snapshot_parsers(groups)
 
     p = groups.add_parser(
@@ -477,6 +518,32 @@ def _volume_parsers(groups: Any) -> None:
     )
     _verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
     _verb(verbs, "rm", cmd_volume_rm, "delete a detached volume and its replicas", "name")
+
+
+def _backup_parsers(groups: Any) -> None:
+    group = groups.add_parser("backup", help="incremental backups to S3, and restores")
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+    p = _verb(
+        verbs,
+        "create",
+        cmd_backup_create,
+        "back a snapshot of a volume up (blocks the store has are not sent again)",
+        "volume",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--snapshot", help="an existing snapshot (default: take a new one)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p = _verb(verbs, "ls", cmd_backup_ls, "backups in a target, complete or in progress", json=True)
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--volume", help="only this volume's backups")
+    p = _verb(verbs, "rm", cmd_backup_rm, "delete a backup and collect unreferenced blocks")
+    p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
+    p = _verb(verbs, "restore", cmd_backup_restore, "restore a backup into a new volume")
+    p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
+    p.add_argument("name", help="the new volume")
+    p.add_argument("--replicas", type=int, default=3, help="replicas of the new volume")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _snapshot_parsers(groups: Any) -> None:

@@ -183,7 +183,7 @@ def _healthy_local_dirs(vol: volumes.Volume) -> list[Path]:
     return [d for d in dirs if d is not None]
 
 
-def _freshest_local(vol: volumes.Volume) -> Path:
+def freshest_local(vol: volumes.Volume) -> Path:
     best, best_rev = None, -1
     for directory in _healthy_local_dirs(vol):
         with ChunkStore.open(directory) as store:
@@ -221,7 +221,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
         for r in vol.replicas
     ]
     try:
-        with ChunkStore.open(_freshest_local(vol)) as store:
+        with ChunkStore.open(freshest_local(vol)) as store:
             snapshots = [_snapshot_entry(s) for s in store.list_layers() if s["name"]]
     except LhfsError:
         snapshots = []
@@ -252,7 +252,7 @@ def checksum(root: Path, name: str) -> str:
     if vol.runtime() is not None:
         control.call(vol.control_socket, "flush")
         return control.call(vol.control_socket, "checksum")
-    with ChunkStore.open(_freshest_local(vol)) as store:
+    with ChunkStore.open(freshest_local(vol)) as store:
         return store.checksum()
 
 

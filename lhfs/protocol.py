@@ -38,6 +38,7 @@ CALL = 5  # JSON                                -> JSON
 LAYER_SUMS = 6  # <Q first chunk><I max entries><B fresh> layer  -> SUM_ENTRY*
 READ_LAYER_RUN = 7  # <Q first><H count> layer          -> count state bytes, DATA chunks' bytes
 WRITE_LAYER_RUN = 8  # <Q first><H count><H len> layer, states, data   (rebuild target only)
+READ_SNAPSHOT = 10  # <Q offset><I length> layer                 -> data
 BACKING_UPLOAD = 9  # <Q chunk><H len> image id, data            (rebuild target only)
 
 OK = 0

@@ -8,6 +8,7 @@ every waiting call and every later one fails with ``ConnectionLost``.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +28,51 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise InvalidArgument(f"not a HOST:PORT address: {address!r}")
     return host, int(port)
+
+
+class SyncReplica:
+    """A blocking, one-request-at-a-time connection, for threads outside trio (a backup reading
+    a snapshot from a running replica)."""
+
+    def __init__(self, address: str, timeout: float = 60.0) -> None:
+        self.address = address
+        host, port = parse_address(address)
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout)
+            self._sock.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
+            magic, _version, status = p.HELLO_REPLY.unpack(self._recv(p.HELLO_REPLY.size))
+        except OSError as exc:
+            raise ConnectionLost(f"cannot reach replica {address}: {exc}") from None
+        if magic != p.MAGIC or status != 0:
+            raise ProtocolError(f"{address} is not an lhfs replica speaking version {p.VERSION}")
+        self._next = 0
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            data = self._sock.recv(n - len(buf))
+            if not data:
+                raise ConnectionLost(f"replica {self.address} closed the connection")
+            buf += data
+        return bytes(buf)
+
+    def request(self, op: int, *parts: bytes) -> bytes:
+        self._next += 1
+        try:
+            self._sock.sendall(p.frame(self._next, op, *parts))
+            length, _request_id, status = p.HEADER.unpack(self._recv(p.HEADER.size))
+            payload = self._recv(length - (p.HEADER.size - p.LENGTH.size))
+        except OSError as exc:
+            raise ConnectionLost(f"connection to replica {self.address} broke: {exc}") from None
+        if status != p.OK:
+            raise p.decode_error(payload)
+        return payload
+
+    def read_snapshot(self, layer: str, offset: int, length: int) -> bytes:
+        return self.request(p.READ_SNAPSHOT, p.RANGE.pack(offset, length), layer.encode())
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 class _Waiter:

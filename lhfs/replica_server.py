@@ -187,6 +187,12 @@ class ReplicaServer:
             image_id = bytes(payload[p.UPLOAD.size : p.UPLOAD.size + n]).decode(errors="replace")
             store.backing_upload(image_id, chunk, bytes(payload[p.UPLOAD.size + n :]))
             return ()
+        if op == p.READ_SNAPSHOT:
+            offset, length = p.RANGE.unpack_from(_at_least(payload, p.RANGE.size))
+            if length > p.MAX_IO:
+                raise InvalidArgument(f"read of {length} bytes exceeds the limit of {p.MAX_IO}")
+            layer_id = bytes(payload[p.RANGE.size :]).decode(errors="replace")
+            return (store.read_snapshot(layer_id, offset, length),)
         if op == p.READ_LAYER_RUN:
             first, count = p.RUN.unpack_from(_at_least(payload, p.RUN.size))
             layer_id = bytes(payload[p.RUN.size :]).decode(errors="replace")

@@ -764,6 +764,32 @@ class ChunkStore:
         self.meta["backing"] = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
         self._save_meta()
 
+    def read_snapshot(self, layer_id: str, offset: int, length: int) -> bytearray:
+        """The content a snapshot (or any layer) shows, through its own chain: what a backup
+        of that snapshot reads while the volume goes on changing above it."""
+        self._check_range(offset, length)
+        chain = [self.layers[lid] for lid in self._ancestry(self.layer(layer_id).id)]
+        cs = self.chunk_size
+        out = bytearray(length)
+        pos = offset
+        while pos < offset + length:
+            chunk, within = divmod(pos, cs)
+            n = min(cs - within, offset + length - pos)
+            for layer in chain:
+                state = layer.index.get(chunk)
+                if state is not None:
+                    if state == DATA:
+                        out[pos - offset : pos - offset + n] = layer.read_chunk(chunk)[
+                            within : within + n
+                        ]
+                    break
+            else:
+                if self.backing is not None and self.backing.covers(chunk):
+                    data = self.backing.read_chunk(chunk)
+                    out[pos - offset : pos - offset + n] = data[within : within + n]
+            pos += n
+        return out
+
     def read_layer_run(self, layer_id: str, first: int, count: int) -> tuple[bytes, bytes]:
         """Neighbouring chunks as a layer (or ``"backing"``) stores them: one state byte per
         chunk (``ABSENT`` if not held) and the bytes of the DATA ones, in order."""

@@ -1,0 +1,77 @@
+"""Backups of real volumes through the command line, to a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from conftest import needs_fuse
+
+from backupstore.s3 import Bucket, Target
+from backupstore.store import BackupStore
+from lhfs.testing import Cli
+
+pytestmark = needs_fuse
+MIB = 1 << 20
+
+
+def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endpoint: str) -> None:
+    target = "s3://cli-backups/site-a"
+    cli.run("volume", "create", "src", "--size", "64M")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    rng = random.Random(3)
+    with open(device, "r+b") as f:
+        for offset in range(0, 24 * MIB, MIB):
+            f.seek(offset)
+            f.write(rng.randbytes(MIB // 2) + bytes(MIB // 2))
+        f.flush()
+        os.fsync(f.fileno())
+    first_sum = cli.checksum("src")
+    first = cli.run("backup", "create", "src", "--target", target).stdout.split()[-1]
+    assert first.startswith(target + "?volume=src&backup=")
+    store = BackupStore(Bucket(Target.parse(target)))
+    blocks_after_first = store.block_count()
+    assert blocks_after_first == 12  # 24 MiB of data in 2 MiB blocks
+
+    with open(device, "r+b") as f:  # change one block
+        f.seek(5 * MIB)
+        f.write(rng.randbytes(4096))
+        f.flush()
+        os.fsync(f.fileno())
+    second_sum = cli.checksum("src")
+    second = cli.run("backup", "create", "src", "--target", target).stdout.split()[-1]
+    assert store.block_count() == blocks_after_first + 1
+    cli.run("volume", "detach", "src")
+
+    listed = cli.json("backup", "ls", "--target", target, "--volume", "src")
+    assert [b["url"] for b in listed] == [first, second]
+    assert {b["state"] for b in listed} == {"complete"}
+
+    cli.run("backup", "restore", first, "copy1", "--replicas", "2")
+    assert cli.checksum("copy1") == first_sum
+    cli.run("backup", "restore", second, "copy2", "--replicas", "1")
+    assert cli.checksum("copy2") == second_sum
+
+    detached = cli.run("backup", "create", "src", "--target", target).stdout.split()[-1]
+    assert store.block_count() == blocks_after_first + 1  # nothing new to send
+    cli.run("backup", "rm", first)
+    assert store.block_count() == blocks_after_first  # the block only `first` had is gone
+    cli.run("backup", "restore", detached, "copy3", "--replicas", "1")
+    assert cli.checksum("copy3") == second_sum
+
+
+def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
+    cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1")
+    for args, message in (
+        (("backup", "create", "v", "--target", "http://x"), "not a backup target"),
+        (("backup", "create", "v", "--target", "s3://b/p", "--snapshot", "nope"), "nope"),
+        (("backup", "rm", "s3://b/p"), "not a backup URL"),
+        (("backup", "restore", "s3://cli-none/p?volume=v&backup=x", "new"), "NoSuchBucket"),
+    ):
+        result = cli.run(*args, check=False)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+    assert cli.json("volume", "ls")[0]["name"] == "v" and len(cli.json("volume", "ls")) == 1
