@@ -27,8 +27,9 @@ class CliError(AssertionError):
 class Cli:
     """``lhfs --root ROOT ...`` as a subprocess."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.root = Path(root)
+        self.env = env or {}
 
     def run(
         self, *args: str, check: bool = True, timeout: float = 300
@@ -39,6 +40,7 @@ class Cli:
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
         )
         if check and result.returncode != 0:
             raise CliError(f"lhfs {' '.join(args)} failed ({result.returncode}): {result.stderr}")
@@ -131,3 +133,40 @@ def teardown(root: Path) -> None:
         for device in devices:
             if os.path.lexists(device):
                 cleanup_stale_device(device)
+
+
+class S3Server:
+    """An embedded S3 endpoint for the demo and the tests: the moto server on a free loopback
+    port, its log in a file (a pipe nobody reads would fill up and stall it)."""
+
+    def __init__(self, log: Path) -> None:
+        import re
+        import sys
+
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", "0"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        pattern = re.compile(r"Running on http://127\.0\.0\.1:(\d+)")
+        found = wait_for(
+            lambda: self.proc.poll() is not None or pattern.search(log.read_text()),
+            60,
+            "the S3 server",
+        )
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the S3 server exited: {log.read_text()[-500:]}")
+        self.endpoint = f"http://127.0.0.1:{found.group(1)}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "lhfs-local",
+            "AWS_SECRET_ACCESS_KEY": "lhfs-local-secret",
+            "AWS_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lhfs.procs import ReplicaProcess, wait_for
-from lhfs.testing import Cli, teardown
+from lhfs.procs import ReplicaProcess
+from lhfs.testing import Cli, S3Server, teardown
 
 needs_fuse = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -45,43 +43,18 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("AWS_ENDPOINT_URL"):
         yield os.environ["AWS_ENDPOINT_URL"]
         return
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", "0"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
     try:
-        found = wait_for(
-            lambda: (
-                proc.poll() is not None
-                or re.search(r"Running on http://127\.0\.0\.1:(\d+)", log.read_text())
-            ),
-            60,
-            "the S3 server",
-        )
-        assert proc.poll() is None, log.read_text()
-        saved = {k: os.environ.get(k) for k in _S3_ENV}
-        os.environ.update(
-            AWS_ENDPOINT_URL=f"http://127.0.0.1:{found.group(1)}",
-            AWS_ACCESS_KEY_ID="lhfs-test",
-            AWS_SECRET_ACCESS_KEY="lhfs-test-secret",
-            AWS_REGION="us-east-1",
-        )
-        yield os.environ["AWS_ENDPOINT_URL"]
+        yield server.endpoint
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+        server.stop()
 
 
 @pytest.fixture
