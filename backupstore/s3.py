@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
 
 from lhfs.errors import InvalidArgument, LhfsError
 
@@ -76,6 +76,11 @@ def is_transient(exc: BaseException) -> bool:
     """The one classification of failures: worth retrying, or final."""
     if isinstance(exc, S3Error):
         return exc.code in _TRANSIENT_CODES
+    if isinstance(exc, ServerError):  # an HTTP error without an S3 error body
+        return exc.status_code >= 500 or exc.status_code == 429
+    if isinstance(exc, InvalidResponseError):  # a non-XML answer (a proxy's 502/503 page)
+        status = getattr(exc, "_code", 0)  # the client keeps the status only here
+        return isinstance(status, int) and (status >= 500 or status == 429)
     if isinstance(
         exc, urllib3.exceptions.HTTPError | socket.gaierror | ConnectionError | TimeoutError
     ):

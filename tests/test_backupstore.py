@@ -140,3 +140,39 @@ def test_unreachable_store_is_not_an_empty_store(s3_endpoint: str) -> None:
             store.manifest("v", "b")
     finally:
         os.environ["AWS_ENDPOINT_URL"] = saved
+
+
+def test_backup_and_restore_survive_the_proxys_faults(s3_endpoint: str) -> None:
+    import os
+    from urllib.parse import urlparse
+
+    from tools.faultproxy import FaultProxy
+
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port), reset_after=3000)
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+    try:
+        bucket = Bucket(
+            Target.parse(f"s3://lhfs-faults-{next(_names)}/p"), deadline=60, first_delay=0.01
+        )
+        store = BackupStore(bucket, workers=4)
+        proxy.schedule(["refuse", "503", "refuse"])  # the very first requests fail
+        proxy.fail_every(3, ["reset", "503", "refuse", "delay"])
+        proxy.delay = 0.2
+        rng = random.Random(9)
+        blocks = [rng.randbytes(8192) for _ in range(40)]
+        store.create("v", "b", 40 * 8192, blocks.__getitem__, block_size=8192)
+        restored: dict[int, bytes] = {}
+        store.restore("v", "b", restored.__setitem__)
+        assert [restored[i] for i in range(40)] == blocks
+        assert proxy.faults >= 6
+        proxy.stop()  # the endpoint goes away: a bounded wait, then a clear error
+        quick = BackupStore(Bucket(bucket.target, deadline=0.5, first_delay=0.05))
+        with pytest.raises(StoreUnavailable):
+            quick.list("v")
+        proxy.resume()
+        assert [b["state"] for b in store.list("v")] == ["complete"]
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
+        proxy.close()

@@ -1,0 +1,147 @@
+"""A fault-injecting TCP proxy to put between lhfs and an S3 server in tests.
+
+Each new connection is relayed to the upstream unless a fault is scheduled for it:
+
+- ``refuse``: closed at once with a reset (what a client sees as refused/reset);
+- ``reset``: relayed until the client has sent ``reset_after`` bytes, then reset mid-body;
+- ``503``: answered ``503 Service Unavailable`` without reaching the upstream;
+- ``delay``: relayed after ``delay`` seconds.
+
+``schedule(modes)`` queues faults for the next connections; ``fail_every(n, modes)`` puts a
+fault on every n-th connection, cycling through ``modes``; ``stop()``/``resume()`` refuse all
+connections for a while (an endpoint that went away).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST rather than FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()
+
+
+class FaultProxy:
+    def __init__(self, upstream: tuple[str, int], reset_after: int = 2000, delay: float = 2.0):
+        self.upstream = upstream
+        self.reset_after = reset_after
+        self.delay = delay
+        self._queue: deque[str] = deque()
+        self._every: tuple[int, itertools.cycle] | None = None
+        self._stopped = False
+        self._count = 0
+        self.faults = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def schedule(self, modes: Iterable[str]) -> None:
+        with self._lock:
+            self._queue.extend(modes)
+
+    def fail_every(self, n: int, modes: Iterable[str]) -> None:
+        with self._lock:
+            self._every = (n, itertools.cycle(list(modes)))
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def resume(self) -> None:
+        self._stopped = False
+
+    def close(self) -> None:
+        self._closing = True
+        self._listener.close()
+
+    def _next_mode(self) -> str:
+        with self._lock:
+            self._count += 1
+            if self._stopped:
+                return "refuse"
+            if self._queue:
+                return self._queue.popleft()
+            if self._every and self._count % self._every[0] == 0:
+                return next(self._every[1])
+            return "pass"
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            mode = self._next_mode()
+            if mode != "pass":
+                self.faults += 1
+            threading.Thread(target=self._serve, args=(client, mode), daemon=True).start()
+
+    def _serve(self, client: socket.socket, mode: str) -> None:
+        if mode == "refuse":
+            _reset(client)
+            return
+        if mode == "503":
+            try:
+                client.settimeout(10)
+                client.recv(65536)
+                client.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+            except OSError:
+                pass
+            client.close()
+            return
+        if mode == "delay":
+            time.sleep(self.delay)
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            _reset(client)
+            return
+        limit = self.reset_after if mode == "reset" else None
+        done = threading.Event()
+        threading.Thread(
+            target=self._pump, args=(upstream, client, None, done), daemon=True
+        ).start()
+        self._pump(client, upstream, limit, done)
+        done.set()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, limit: int | None, done: threading.Event):
+        sent = 0
+        try:
+            while not done.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if limit is not None and sent + len(data) > limit:
+                    dst.sendall(data[: max(0, limit - sent)])
+                    _reset(src)
+                    _reset(dst)
+                    return
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            done.set()
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.close()
