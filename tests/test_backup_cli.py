@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import needs_fuse
 
-from backupstore.s3 import Bucket, Target
+from backupstore.s3 import Bucket, StoreRefused, Target
 from backupstore.store import BackupStore
 from lhfs.testing import Cli
 
@@ -75,3 +75,47 @@ def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
     assert cli.json("volume", "ls")[0]["name"] == "v" and len(cli.json("volume", "ls")) == 1
+
+
+def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoint: str) -> None:
+    import signal
+    import subprocess
+
+    from lhfs import volume as volumes
+    from lhfs.procs import LHFS, wait_for
+    from lhfs.store import ChunkStore
+
+    cli.run("volume", "create", "big", "--size", "256M", "--replicas", "1")
+    vol = volumes.load(cli.root, "big")
+    rng = random.Random(4)
+    with ChunkStore.open(vol.replica_dir(vol.replicas[0])) as store:
+        for offset in range(0, 256 * MIB, MIB):
+            store.write(offset, rng.randbytes(MIB))
+    target = "s3://killed-backups/p"
+    store = BackupStore(Bucket(Target.parse(target)))
+    proc = subprocess.Popen(
+        [LHFS, "--root", str(cli.root), "backup", "create", "big", "--target", target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+    def uploaded() -> int:
+        try:
+            return store.block_count()
+        except StoreRefused:  # no bucket yet
+            return 0
+
+    try:
+        wait_for(lambda: uploaded() >= 3 or proc.poll() is not None, 120, "uploads")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the backup finished before the kill"
+    assert [b["state"] for b in store.list("big")] == ["in_progress"]
+    url = cli.run("backup", "create", "big", "--target", target).stdout.split()[-1]
+    states = sorted(b["state"] for b in store.list("big"))
+    assert states == ["complete", "in_progress"]
+    cli.run("backup", "restore", url, "back", "--replicas", "1")
+    assert cli.checksum("back") == cli.checksum("big")
