@@ -100,11 +100,10 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def cmd_volume_create(args: argparse.Namespace) -> None:
-    from . import manage
+    from . import images, manage
 
-    vol = manage.create(
-        _root(args), args.name, args.size, args.chunk_size, args.replicas, args.backing_image
-    )
+    image = images.resolve(_root(args), args.backing_image) if args.backing_image else None
+    vol = manage.create(_root(args), args.name, args.size, args.chunk_size, args.replicas, image)
     print(f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas")
 
 
@@ -299,6 +298,36 @@ def cmd_volume_scrub(args: argparse.Namespace) -> None:
         print(f"{replica}: corrupt ({'; '.join(problems[:3])}); marked ERR, rebuilding")
 
 
+# -- backing images ---------------------------------------------------------------------------
+
+
+def cmd_image_create(args: argparse.Namespace) -> None:
+    from . import images
+
+    info = images.create(_root(args), args.name, Path(args.source))
+    print(f"created backing image {info['name']}: {format_size(info['size'])}, id {info['id']}")
+
+
+def cmd_image_ls(args: argparse.Namespace) -> None:
+    from . import images
+
+    found = images.list_images(_root(args))
+    if args.json:
+        _print_json(found)
+        return
+    for info in found:
+        print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}")
+
+
+def cmd_image_backup(args: argparse.Namespace) -> None:
+    from . import backup
+    from .progress import Progress
+
+    with Progress(f"backup {args.name}", quiet=args.quiet) as bar:
+        url = backup.backup_image(_root(args), args.name, args.target, bar.update)
+    print(url)
+
+
 # -- backups ----------------------------------------------------------------------------------
 
 
@@ -441,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     _volume_parsers(groups)
     _backup_parsers(groups)
+    group = groups.add_parser("backing-image", help="shared read-only images under volumes")
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+    p = _verb(
+        verbs, "create", cmd_image_create, "import a raw image (known by its content)", "name"
+    )
+    p.add_argument("--from", dest="source", required=True, help="the raw image file")
+    _verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids", json=True)
+    p = _verb(verbs, "backup", cmd_image_backup, "store a backing image in a backup target", "name")
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     _snapshot_parsers(groups)
 
     p = groups.add_parser(
@@ -471,7 +511,9 @@ def _volume_parsers(groups: Any) -> None:
     p.add_argument("name")
     p.add_argument("--size", required=True, type=_size, help="volume size, e.g. 10G")
     p.add_argument("--replicas", type=int, default=3, help="number of replicas (default 3)")
-    p.add_argument("--backing-image", type=Path, help="raw image file at the bottom of the chain")
+    p.add_argument(
+        "--backing-image", help="a backing image (name from 'backing-image ls', or a raw file)"
+    )
     p.add_argument(
         "--chunk-size",
         type=_size,

@@ -119,3 +119,42 @@ def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoin
     assert states == ["complete", "in_progress"]
     cli.run("backup", "restore", url, "back", "--replicas", "1")
     assert cli.checksum("back") == cli.checksum("big")
+
+
+def test_backing_image_backed_up_again_and_twice_at_once(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    import subprocess
+
+    from lhfs.procs import LHFS
+
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(5).randbytes(5 * MIB + 77))
+    created = cli.run("backing-image", "create", "base", "--from", str(raw)).stdout
+    assert "id " in created
+    (image,) = cli.json("backing-image", "ls")
+    assert image["name"] == "base" and image["size"] == 5 * MIB + 77
+    target = "s3://image-backups/p"
+    cli.run("backing-image", "backup", "base", "--target", target)
+    runs = [
+        subprocess.Popen(
+            [LHFS, "--root", str(cli.root), "backing-image", "backup", "base", "--target", target],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        assert out.strip().splitlines()[-1].startswith(target + "?volume=image-base&backup=")
+        assert "100%" in err
+    backups = cli.json("backup", "ls", "--target", target)
+    assert len(backups) == 3 and {b["state"] for b in backups} == {"complete"}
+    store = BackupStore(Bucket(Target.parse(target)))
+    assert store.block_count() == 3  # 5 MiB in 2 MiB blocks, stored once
+    cli.run(
+        "volume", "create", "onimage", "--size", "64M", "--backing-image", "base", "--replicas", "1"
+    )
+    assert cli.info("onimage")["backing_image"] == image["id"]
