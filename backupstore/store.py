@@ -16,6 +16,7 @@ that died, and no longer holds collection back).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from .s3 import Bucket
 
 BLOCK_SIZE = 2 << 20
 STALE_RUNNING = 3600.0
+_RECHECK_EVERY = 32
 _META = "x-amz-meta-lhfs-compression"
 
 
@@ -103,46 +105,65 @@ class BackupStore:
         running = self._key(volume, name, "running")
         started = time.time()
         self.bucket.put(running, json.dumps({"started": started}).encode())
-        count = -(-size // block_size)
-        known = self._latest_digests(volume)
-        stats = BackupStats(blocks=count)
-        digests: list[str | None] = [None] * count
-        last_mark = time.monotonic()
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending = []
-            for index in range(count):
-                data = read_block(index)
-                if not any(data):
-                    digests[index] = None
-                else:
-                    digest = digest_of(data)
-                    digests[index] = digest
-                    if digest in known:
-                        stats.reused += 1
+        try:
+            count = -(-size // block_size)
+            known = self._latest_digests(volume)
+            stats = BackupStats(blocks=count)
+            digests: list[str | None] = [None] * count
+            last_mark = time.monotonic()
+            zero = bytes(block_size)
+            with ThreadPoolExecutor(self.workers) as pool:
+                pending = []
+                for index in range(count):
+                    data = read_block(index)
+                    if data == zero or data.count(0) == len(data):  # nothing to store
+                        digests[index] = None
                     else:
-                        known.add(digest)
-                        pending.append(pool.submit(self.put_block, data, digest))
-                if len(pending) >= 2 * self.workers:
-                    self._settle(pending, stats)
-                if time.monotonic() - last_mark > 60:  # the marker says "still running"
-                    self.bucket.put(running, json.dumps({"started": started}).encode())
-                    last_mark = time.monotonic()
-                progress(100 * (index + 1) / count)
-            self._settle(pending, stats)
-        manifest = {
-            "format": 1,
-            "volume": volume,
-            "name": name,
-            "snapshot": snapshot,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "size": size,
-            "block_size": block_size,
-            "blocks": digests,
-        }
+                        digest = digest_of(data)
+                        digests[index] = digest
+                        if digest in known:
+                            stats.reused += 1
+                        else:
+                            known.add(digest)
+                            pending.append(pool.submit(self.put_block, data, digest))
+                    if len(pending) >= 2 * self.workers:
+                        self._settle(pending, stats)
+                    if time.monotonic() - last_mark > 60:  # the marker says "still running"
+                        self.bucket.put(running, json.dumps({"started": started}).encode())
+                        last_mark = time.monotonic()
+                    progress(100 * (index + 1) / count)
+                self._settle(pending, stats)
+            self._recheck_reused(digests, stats)
+            manifest = {
+                "format": 1,
+                "volume": volume,
+                "name": name,
+                "snapshot": snapshot,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "size": size,
+                "block_size": block_size,
+                "blocks": digests,
+            }
+        except BaseException:
+            with contextlib.suppress(Exception):  # a failed backup is not "in progress"
+                self.bucket.delete(running)
+            raise
         self.bucket.put(self._key(volume, name, "json"), json.dumps(manifest).encode())
         self.bucket.delete(running)
         progress(100.0)
         return manifest, stats
+
+    def _recheck_reused(self, digests: list[str | None], stats: BackupStats) -> None:
+        """A collection that started before this backup's marker existed may have deleted a
+        block this backup reused: make sure every block is there before the manifest says so.
+        (Collections also re-check for running backups between deletions.)"""
+        missing = [d for d in set(digests) if d and not self.bucket.exists(self._block_key(d))]
+        if not missing:
+            return
+        raise CorruptState(
+            f"{len(missing)} block(s) vanished during the backup (a concurrent deletion); "
+            "run the backup again"
+        )
 
     @staticmethod
     def _settle(pending: list, stats: BackupStats) -> None:
@@ -243,6 +264,8 @@ class BackupStore:
         removed = 0
         for obj in self._blocks():
             if obj.object_name.rsplit("/", 1)[1] not in referenced:
+                if removed % _RECHECK_EVERY == 0 and self._running():
+                    break  # a backup started meanwhile: it may reuse any block
                 self.bucket.delete(obj.object_name)
                 removed += 1
         return removed
