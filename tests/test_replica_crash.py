@@ -48,7 +48,7 @@ def test_kill_during_writes_loses_nothing_flushed(tmp_path: Path, replica_factor
                 async with trio.open_nursery() as nursery:
                     for offset, data in in_flight:
                         nursery.start_soon(client.write, offset, data)
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()  # let the queued writes go out
                     replica.kill()
                     nursery.cancel_scope.cancel()
 
