@@ -111,8 +111,8 @@ class Daemon:
             self.vol.update(lambda config: config.update(size=engine.size))
             pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
             return None
-        if op in ("checksum", "list_layers", "info_one"):
-            return await engine.call_one("info" if op == "info_one" else op)
+        if op in ("checksum", "list_layers"):
+            return await engine.call_one(op)
         if op == "blank":
             return await engine.call_one("is_blank")
         if op == "replica_add":

@@ -69,7 +69,7 @@ def remove(root: Path, name: str) -> None:
 def _check_device(device: Path) -> None:
     """The device must be a regular file (created if missing) that nothing is mounted on."""
     try:
-        st = device.stat()
+        device.stat()
     except FileNotFoundError:
         if not device.parent.is_dir():
             raise NotFound(f"directory {device.parent} does not exist") from None
@@ -82,14 +82,13 @@ def _check_device(device: Path) -> None:
         raise
     if device.is_dir():
         raise InvalidArgument(f"device path {device} is a directory; give a file path")
-    if _is_mountpoint(device):
+    if is_mountpoint(device):
         raise Busy(f"{device} is already mounted")
     if not device.is_file():
         raise InvalidArgument(f"device path {device} is not a regular file")
-    del st
 
 
-def _is_mountpoint(path: Path) -> bool:
+def is_mountpoint(path: Path) -> bool:
     target = str(path.resolve())
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)

@@ -143,7 +143,7 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
         if Path(already[0]) == mountpoint:
             return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": False}
         raise Busy(f"volume {name} is already mounted at {already[0]}")
-    if _is_mountpoint(mountpoint):
+    if manage.is_mountpoint(mountpoint):
         raise Busy(f"{mountpoint} is already a mount point")
     blank = control.call(vol.control_socket, "blank")
     action = decide(record, probe(loop), blank)
@@ -170,12 +170,6 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
         vol.record_filesystem(record)
     _run(["mount", "-t", record["type"], loop, str(mountpoint)], "mount")
     return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": formatted}
-
-
-def _is_mountpoint(path: Path) -> bool:
-    target = str(path.resolve())
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 def umount(root: Path, mountpoint: Path) -> dict[str, Any]:

@@ -137,7 +137,7 @@ class ReplicaServer:
     def _answer(self, request_id: int, op: int, payload: memoryview) -> bytes:
         try:
             parts = self._dispatch(op, payload)
-            return p.frame(request_id, p.OK, *parts) if parts else p.frame(request_id, p.OK)
+            return p.frame(request_id, p.OK, *parts)
         except Exception as exc:  # every failure becomes an error answer
             return p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
 
