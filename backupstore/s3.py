@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import check_bucket_name
 
 from lhfs.errors import InvalidArgument, LhfsError
 
@@ -63,6 +64,10 @@ class Target:
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise InvalidArgument(f"not a backup target: {url!r} (use s3://BUCKET/PREFIX)")
+        try:
+            check_bucket_name(parsed.netloc, strict=True)
+        except ValueError as exc:
+            raise InvalidArgument(f"{url!r}: {exc} (3-63 of a-z 0-9 . -)") from None
         return cls(parsed.netloc, parsed.path.strip("/"))
 
     def key(self, *parts: str) -> str:
@@ -92,7 +97,13 @@ def is_transient(exc: BaseException) -> bool:
 class Bucket:
     """One bucket of one endpoint, with retries; keys are full object names."""
 
-    def __init__(self, target: Target, deadline: float = 300.0, first_delay: float = 0.2) -> None:
+    def __init__(
+        self,
+        target: Target,
+        deadline: float = 300.0,
+        first_delay: float = 0.2,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
         parsed = urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -100,6 +111,7 @@ class Bucket:
         self.target = target
         self.deadline = deadline
         self.first_delay = first_delay
+        self.on_retry = on_retry  # told of every transient failure (a DR status shows it)
         self.endpoint = f"{parsed.scheme}://{parsed.netloc}"
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=10, read=60), retries=False, maxsize=16
@@ -135,6 +147,8 @@ class Bucket:
                     ) from None
                 level = logging.WARNING if attempt >= 3 else logging.INFO
                 log.log(level, "%s failed (%s), retrying in %.1fs", what, _describe(exc), delay)
+                if self.on_retry:
+                    self.on_retry(f"{what}: {_describe(exc)}")
                 time.sleep(min(left, delay * random.uniform(0.5, 1.5)))
                 delay = min(delay * 2, 30.0)
 

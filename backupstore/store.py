@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,13 @@ BLOCK_SIZE = 2 << 20
 STALE_RUNNING = 3600.0
 _RECHECK_EVERY = 32
 _META = "x-amz-meta-lhfs-compression"
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{32}$")
+
+
+class BlockMissing(CorruptState):
+    """A block a manifest names is not in the store."""
 
 
 def digest_of(data: bytes) -> str:
@@ -78,7 +87,7 @@ class BackupStore:
         """A block's bytes, checked against its name: a mismatch is corruption, never data."""
         found = self.bucket.get(self._block_key(digest))
         if found is None:
-            raise CorruptState(f"block {digest} is missing from {self.target}")
+            raise BlockMissing(f"block {digest} is missing from {self.target}")
         body, meta = found
         data = zstandard.ZstdDecompressor().decompress(body) if meta.get(_META) == "zstd" else body
         if digest_of(data) != digest:
@@ -140,6 +149,7 @@ class BackupStore:
                 "name": name,
                 "snapshot": snapshot,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "started": started,  # orders backups made within the same second
                 "size": size,
                 "block_size": block_size,
                 "blocks": digests,
@@ -181,7 +191,7 @@ class BackupStore:
         backups = [b for b in self.list(volume) if b["state"] == "complete"]
         if not backups:
             return set()
-        manifest = self.manifest(volume, max(backups, key=lambda b: b["created"])["name"])
+        manifest = self.manifest(volume, max(backups, key=order)["name"])
         return {d for d in manifest["blocks"] if d}
 
     def manifest(self, volume: str, name: str) -> dict[str, Any]:
@@ -189,9 +199,27 @@ class BackupStore:
         if found is None:
             raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
         try:
-            return json.loads(found[0])
-        except ValueError:
-            raise CorruptState(f"the manifest of backup {name} cannot be parsed") from None
+            manifest = json.loads(found[0])
+            blocks = manifest["blocks"]
+            valid = (
+                manifest["block_size"] > 0
+                and len(blocks) == -(-manifest["size"] // manifest["block_size"])
+                and all(d is None or _DIGEST.match(d) for d in blocks)
+            )
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise CorruptState(f"the manifest of backup {name} of {volume} cannot be parsed")
+        return manifest
+
+    def complete_names(self, volume: str) -> list[str]:
+        """Names of the volume's complete backups, from one listing (no manifest is read)."""
+        prefix = self.target.key("volumes", volume) + "/"
+        return [
+            obj.object_name[len(prefix) : -len(".json")]
+            for obj in self.bucket.list(prefix)
+            if obj.object_name.endswith(".json")
+        ]
 
     def list(self, volume: str | None = None) -> list[dict[str, Any]]:
         """Backups, complete and in progress, oldest first."""
@@ -210,6 +238,7 @@ class BackupStore:
                         "state": "complete",
                         "snapshot": manifest.get("snapshot"),
                         "created": manifest["created"],
+                        "started": manifest.get("started", 0.0),
                         "size": manifest["size"],
                         "blocks": len(blocks),
                     }
@@ -221,12 +250,13 @@ class BackupStore:
                         "name": name,
                         "state": "in_progress",
                         "snapshot": None,
-                        "created": obj.last_modified.isoformat(),
+                        "created": obj.last_modified.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        "started": obj.last_modified.timestamp(),
                         "size": None,
                         "blocks": None,
                     }
                 )
-        return sorted(out, key=lambda b: b["created"])
+        return sorted(out, key=order)
 
     def restore(
         self,
@@ -235,17 +265,32 @@ class BackupStore:
         write_block: Callable[[int, bytes], None],
         progress: Callable[[float], None] = lambda pct: None,
     ) -> dict[str, Any]:
-        """Fetch every block in parallel, check it, hand it to ``write_block`` (in any order;
-        empty blocks are not fetched: the new volume reads as zeros there)."""
+        """Fetch every block, check it, hand it to ``write_block`` (empty blocks are not
+        fetched: the new volume reads as zeros there)."""
         manifest = self.manifest(volume, name)
         todo = [(i, d) for i, d in enumerate(manifest["blocks"]) if d]
-        with ThreadPoolExecutor(self.workers) as pool:
-            for done, (index, data) in enumerate(
-                pool.map(lambda item: (item[0], self.get_block(item[1])), todo), 1
-            ):
-                write_block(index, data)
-                progress(100 * done / max(1, len(todo)))
+        for done, (index, data) in enumerate(self.fetch(todo), 1):
+            write_block(index, data)
+            progress(100 * done / max(1, len(todo)))
         return manifest
+
+    def fetch(self, items: Iterable[tuple[int, str]]) -> Iterator[tuple[int, bytes]]:
+        """``(index, data)`` for each ``(index, digest)``, in order, each checked; fetched in
+        parallel with at most twice as many blocks in memory as there are workers."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            window: deque = deque()
+            try:
+                for index, digest in items:
+                    window.append((index, pool.submit(self.get_block, digest)))
+                    if len(window) >= 2 * self.workers:
+                        first, future = window.popleft()
+                        yield first, future.result()
+                while window:
+                    first, future = window.popleft()
+                    yield first, future.result()
+            finally:
+                for _, future in window:
+                    future.cancel()
 
     def delete(self, volume: str, name: str) -> int:
         """Delete one backup, then collect unreferenced blocks; the number of blocks deleted."""
@@ -283,3 +328,8 @@ class BackupStore:
 
     def block_count(self) -> int:
         return sum(1 for _ in self._blocks())
+
+
+def order(backup: dict[str, Any]) -> tuple:
+    """Oldest first: by creation time, then by the sub-second start within that second."""
+    return (backup["created"], backup.get("started") or 0.0, backup["name"])

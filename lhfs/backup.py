@@ -36,6 +36,15 @@ def parse_backup_url(url: str) -> tuple[Target, str, str]:
     return target, query["volume"][0], query["backup"][0]
 
 
+def fitting_chunk(size: int) -> int:
+    """The default 64 KiB chunk, or the largest smaller power of two that divides ``size``
+    (a restored volume must take the size of its source, whatever chunks that one used)."""
+    chunk = 64 << 10
+    while size % chunk:
+        chunk //= 2
+    return chunk
+
+
 def open_store(target: Target) -> BackupStore:
     return BackupStore(Bucket(target))
 
@@ -43,6 +52,7 @@ def open_store(target: Target) -> BackupStore:
 def create(root: Path, name: str, url: str, snapshot: str | None, progress: Any) -> str:
     target = Target.parse(url)
     vol = volumes.load(root, name)
+    vol.require_not_standby("a backup")
     if snapshot is None:
         snapshot = manage.snapshot_create(root, name, f"backup-{time.strftime('%Y%m%d-%H%M%S')}")[
             "name"
@@ -122,7 +132,9 @@ def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -
     manifest = store.manifest(volume, name)
     if new_name in volumes.list_names(root):
         raise InvalidArgument(f"volume {new_name} already exists")
-    vol = manage.create(root, new_name, manifest["size"], 64 << 10, replicas, None)
+    vol = manage.create(
+        root, new_name, manifest["size"], fitting_chunk(manifest["size"]), replicas, None
+    )
     stores = [ChunkStore.open(vol.replica_dir(r)) for r in vol.replicas]
     block = manifest["block_size"]
     try:

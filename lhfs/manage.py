@@ -29,11 +29,19 @@ ATTACH_TIMEOUT = 120.0
 
 
 def create(
-    root: Path, name: str, size: int, chunk_size: int, replicas: int, backing: Path | None
+    root: Path,
+    name: str,
+    size: int,
+    chunk_size: int,
+    replicas: int,
+    backing: Path | None,
+    extra: dict[str, Any] | None = None,
 ) -> volumes.Volume:
+    """Create a volume with local replicas; ``extra`` goes into its configuration from the
+    start (a DR standby is never visible without its ``dr`` section)."""
     if backing is not None and not backing.is_file():
         raise NotFound(f"backing image file {backing} does not exist")
-    vol, tmp = volumes.create(root, name, size, chunk_size, replicas)
+    vol, tmp = volumes.create(root, name, size, chunk_size, replicas, extra=extra)
     try:
         for replica in vol.replicas:
             store = ChunkStore.create(
@@ -58,6 +66,9 @@ def remove(root: Path, name: str) -> None:
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
         raise Busy(f"volume {name} is attached: detach it first")
+    from . import dr
+
+    dr.remove(vol)  # a standby's follower stops first
     trash = vol.dir.with_name(f".{name}.removing")
     os.rename(vol.dir, trash)
     shutil.rmtree(trash)
@@ -125,8 +136,7 @@ def attach(root: Path, name: str, device: Path) -> dict[str, Any]:
     runtime = vol.runtime()
     if runtime is not None:
         raise AlreadyExists(f"volume {name} is already attached at {runtime['device']}")
-    if vol.config.get("dr"):
-        raise Busy(f"volume {name} is a DR standby: activate it first")
+    vol.require_not_standby("attaching it")
     device = device.absolute()
     for other in volumes.list_names(root):
         info = volumes.load(root, other).runtime()
@@ -224,9 +234,15 @@ def info(root: Path, name: str) -> dict[str, Any]:
             snapshots = [_snapshot_entry(s) for s in store.list_layers() if s["name"]]
     except LhfsError:
         snapshots = []
+    state = "detached"
+    if vol.config.get("dr"):
+        from .dr import load_state
+
+        state = "restoring" if load_state(vol)["backup"] is None else "standby"
+        base["dr"] = vol.config["dr"]
     return {
         **base,
-        "state": "detached",
+        "state": state,
         "attached": False,
         "replicas": replicas,
         "snapshots": snapshots,
@@ -273,6 +289,7 @@ def expand(root: Path, name: str, size: int) -> None:
         raise InvalidArgument(f"cannot shrink volume {name} ({vol.size} bytes) to {size}")
     if size % vol.chunk_size:
         raise InvalidArgument(f"size {size} is not a multiple of the chunk size {vol.chunk_size}")
+    vol.require_not_standby("expanding it")
     if vol.runtime() is not None:
         control.call(vol.control_socket, "expand", size=size)
         return
@@ -283,6 +300,7 @@ def expand(root: Path, name: str, size: int) -> None:
 def snapshot_create(root: Path, name: str, snapshot: str | None) -> dict[str, Any]:
     vol = volumes.load(root, name)
     snapshot = check_name(snapshot or time.strftime("snap-%Y%m%d-%H%M%S"), "snapshot name")
+    vol.require_not_standby("a snapshot")
     if vol.runtime() is not None:
         return _snapshot_entry(control.call(vol.control_socket, "snapshot", name=snapshot))
     dirs = _healthy_local_dirs(vol)
@@ -299,6 +317,7 @@ def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:
 
 def snapshot_remove(root: Path, name: str, snapshot: str) -> None:
     vol = volumes.load(root, name)
+    vol.require_not_standby("removing a snapshot")
     if vol.runtime() is not None:
         control.call(vol.control_socket, "snapshot_rm", name=snapshot, timeout=None)
         return
@@ -310,6 +329,7 @@ def snapshot_revert(root: Path, name: str, snapshot: str) -> None:
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
         raise Busy(f"volume {name} is attached: detach it before reverting")
+    vol.require_not_standby("a revert")
     _require_snapshot(vol, snapshot)
     _on_every_replica(vol, "revert", snapshot)
 
@@ -341,6 +361,7 @@ def replica_remove(root: Path, name: str, replica_id: str) -> None:
         control.call(vol.control_socket, "replica_rm", id=replica_id)
         return
     entry = vol.replica(replica_id)
+    vol.require_not_standby("removing a replica")
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
     if entry.get("mode", "RW") == "RW" and not others:
         raise InvalidArgument(f"{replica_id} is the last healthy replica: it cannot be removed")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .durable import atomic_write_json
-from .errors import AlreadyExists, CorruptState, InvalidArgument, NotFound
+from .errors import AlreadyExists, Busy, CorruptState, InvalidArgument, NotFound
 from .store import check_geometry, check_name
 
 FORMAT = 1
@@ -99,18 +99,26 @@ class Volume:
     def save_to(self, directory: Path) -> None:
         atomic_write_json(directory / "config.json", self.config)
 
+    def require_not_standby(self, action: str) -> None:
+        """A DR standby is written only by its follower until it is activated."""
+        if self.config.get("dr"):
+            raise Busy(
+                f"volume {self.name} is a DR standby: {action} is refused until "
+                f"'lhfs dr activate {self.name}'"
+            )
+
     def runtime(self) -> dict[str, Any] | None:
         """What the running engine published (pid, device), or None when none runs."""
         try:
             info = json.loads(self.runtime_path.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        if not _alive(info.get("pid", -1)):
+        if not alive(info.get("pid", -1)):
             return None
         return info
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
@@ -133,6 +141,7 @@ def create(
     chunk_size: int,
     replicas: int,
     backing_image: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Volume, Path]:
     """Record a new volume in a temporary directory; the caller initialises the replicas there
     and publishes it with ``finish_create``."""
@@ -162,6 +171,7 @@ def create(
             for i in range(replicas)
         ],
         "next_replica": replicas + 1,
+        **(extra or {}),
     }
     atomic_write_json(tmp / "config.json", config)
     return Volume(Path(root), name, config), tmp

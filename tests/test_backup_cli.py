@@ -66,7 +66,8 @@ def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
     cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1")
     for args, message in (
         (("backup", "create", "v", "--target", "http://x"), "not a backup target"),
-        (("backup", "create", "v", "--target", "s3://b/p", "--snapshot", "nope"), "nope"),
+        (("backup", "create", "v", "--target", "s3://cli-b/p", "--snapshot", "nope"), "nope"),
+        (("backup", "create", "v", "--target", "s3://B_/p"), "invalid bucket name B_"),
         (("backup", "rm", "s3://b/p"), "not a backup URL"),
         (("backup", "restore", "s3://cli-none/p?volume=v&backup=x", "new"), "NoSuchBucket"),
     ):

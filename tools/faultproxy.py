@@ -3,13 +3,15 @@
 Each new connection is relayed to the upstream unless a fault is scheduled for it:
 
 - ``refuse``: closed at once with a reset (what a client sees as refused/reset);
-- ``reset``: relayed until the client has sent ``reset_after`` bytes, then reset mid-body;
+- ``reset``: relayed until either side has sent ``reset_after`` bytes, then reset mid-body;
 - ``503``: answered ``503 Service Unavailable`` without reaching the upstream;
 - ``delay``: relayed after ``delay`` seconds.
 
 ``schedule(modes)`` queues faults for the next connections; ``fail_every(n, modes)`` puts a
 fault on every n-th connection, cycling through ``modes``; ``stop()``/``resume()`` refuse all
-connections for a while (an endpoint that went away).
+connections for a while (an endpoint that went away); ``clear()`` drops every scheduled fault.
+Setting ``rate`` (bytes per second) throttles every relayed connection's answers, open ones
+included, which stretches long transfers for tests that must act in the middle of one.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from collections.abc import Iterable
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST rather than FIN."""
+    """Close with RST rather than FIN. Another thread may be blocked reading this socket, which
+    keeps it alive past ``close``: shutting the read side down first wakes that thread, and the
+    last close then sends the reset."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
     finally:
         sock.close()
 
@@ -46,6 +52,7 @@ class FaultProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._closing = False
+        self.rate: float | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -59,6 +66,11 @@ class FaultProxy:
     def fail_every(self, n: int, modes: Iterable[str]) -> None:
         with self._lock:
             self._every = (n, itertools.cycle(list(modes)))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._queue.clear()
+            self._every = None
 
     def stop(self) -> None:
         self._stopped = True
@@ -118,13 +130,19 @@ class FaultProxy:
         limit = self.reset_after if mode == "reset" else None
         done = threading.Event()
         threading.Thread(
-            target=self._pump, args=(upstream, client, None, done), daemon=True
+            target=self._pump, args=(upstream, client, limit, done, True), daemon=True
         ).start()
         self._pump(client, upstream, limit, done)
         done.set()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, limit: int | None, done: threading.Event):
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        limit: int | None,
+        done: threading.Event,
+        answers: bool = False,
+    ) -> None:
         sent = 0
         try:
             while not done.is_set():
@@ -136,6 +154,8 @@ class FaultProxy:
                     _reset(src)
                     _reset(dst)
                     return
+                if answers and self.rate:
+                    time.sleep(len(data) / self.rate)
                 dst.sendall(data)
                 sent += len(data)
         except OSError:

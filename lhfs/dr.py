@@ -1,0 +1,550 @@
+"""DR (standby) volumes: a local volume that follows another volume's backups.
+
+A standby is an ordinary volume whose ``config.json`` carries a ``dr`` section (target, source
+volume, polling interval). A follower process (``lhfs dr run``, started in the background by
+``dr create`` and ``dr start``) polls the target and brings the volume to the newest complete
+backup by writing only the blocks that differ from what the volume holds.
+
+What the volume holds is recorded durably in ``dr-state.json``, one entry per backup block: the
+digest of the block it holds, None for zeros, or ``"?"`` for a block being rewritten. Before an
+increment writes anything, the blocks it will touch are marked ``"?"``; once every replica is
+flushed, the file is replaced by the new backup's block list. A follower killed half-way thus
+finds its half-written blocks marked unknown and rewrites them with whatever backup it moves to
+next, so a half-applied increment is always redone, even if the backup it came from has been
+deleted since. Comparing against this local record rather than a manifest in the store also
+keeps every increment incremental after the last restored backup is deleted.
+
+Only corruption stops a follower (a block whose content does not match its digest, a manifest
+that cannot be parsed). Everything else (refused or reset connections, 5xx, a host name that no
+longer resolves, a full disk) is retried with capped, jittered backoff for as long as it takes;
+``dr status`` shows the last error and the lag meanwhile.
+
+The standby cannot be attached, snapshotted or backed up. ``dr activate`` stops the follower,
+applies the newest complete backup and removes the ``dr`` section: a normal volume remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backupstore.s3 import Bucket, Target
+from backupstore.store import BackupStore, BlockMissing, order
+
+from . import manage
+from . import volume as volumes
+from .backup import fitting_chunk
+from .durable import atomic_write, atomic_write_json
+from .errors import AlreadyExists, Busy, CorruptState, InvalidArgument, LhfsError, NotFound
+from .procs import wait_for
+from .store import ChunkStore, check_name
+
+log = logging.getLogger("lhfs.dr")
+
+STATE = "dr-state.json"
+STATUS = "dr-status.json"
+LOCK = "dr.lock"
+LOG = "dr.log"
+UNKNOWN = "?"
+STOP_TIMEOUT = 60.0
+
+
+# -- the durable record of what the standby holds --------------------------------------------
+
+
+def load_state(vol: volumes.Volume) -> dict[str, Any]:
+    """What the volume's replicas hold. Missing means "unknown everywhere": everything is
+    rewritten, which is never wrong."""
+    try:
+        return json.loads((vol.dir / STATE).read_text())
+    except FileNotFoundError:
+        return {"backup": None, "created": None, "size": vol.size, "block_size": None, "blocks": []}
+    except ValueError as exc:
+        raise CorruptState(f"{vol.dir / STATE} is damaged: {exc}") from None
+
+
+def _save_state(vol: volumes.Volume, state: dict[str, Any]) -> None:
+    atomic_write_json(vol.dir / STATE, state)
+
+
+def dr_config(vol: volumes.Volume) -> dict[str, Any]:
+    config = vol.config.get("dr")
+    if not config:
+        raise InvalidArgument(f"volume {vol.name} is not a DR standby volume")
+    return config
+
+
+def newest_backup(
+    store: BackupStore, volume: str, cache: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The manifest of the volume's newest complete backup. Manifests never change once
+    written, so each is read once and kept in ``cache`` until its backup disappears."""
+    names = set(store.complete_names(volume))
+    for name in list(cache):
+        if name not in names:
+            del cache[name]
+    for name in names - cache.keys():
+        try:
+            cache[name] = store.manifest(volume, name)
+        except NotFound:  # deleted since the listing
+            continue
+    if not cache:
+        return None
+    return max(cache.values(), key=order)
+
+
+def apply(
+    vol: volumes.Volume,
+    store: BackupStore,
+    manifest: dict[str, Any],
+    progress: Callable[[float], None] = lambda pct: None,
+    roll_back: bool = True,
+) -> dict[str, int]:
+    """Bring the standby's replicas to ``manifest``, touching only blocks that differ from
+    what ``dr-state.json`` says they hold; returns what moved.
+
+    An increment that meets a corrupt block puts the blocks it touched back to the last
+    restored backup (their blocks are still in the store, unless it was deleted), so that a
+    standby stopped by corruption still holds one whole backup and can be activated offline."""
+    state = load_state(vol)
+    size, block = manifest["size"], manifest["block_size"]
+    target = manifest["blocks"]
+    if size < vol.size:
+        raise CorruptState(
+            f"backup {manifest['name']} ({size} bytes) is smaller than the standby "
+            f"({vol.size} bytes): a volume never shrinks"
+        )
+    if state["block_size"] == block:
+        held = list(state["blocks"]) + [None] * (len(target) - len(state["blocks"]))
+    else:  # other geometry (or no record): nothing is known
+        held = [UNKNOWN] * len(target)
+    todo = [i for i, digest in enumerate(target) if held[i] != digest]
+    stats = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
+    dirs = _replica_dirs(vol)
+    if size > vol.size:
+        _grow(vol, dirs, size)
+    if todo:
+        previous = list(held)
+        for index in todo:
+            held[index] = UNKNOWN
+        marked = {**state, "blocks": held, "block_size": block, "applying": manifest["name"]}
+        _save_state(vol, marked)
+        try:
+            _write_blocks(dirs, store, [(i, target[i]) for i in todo], size, block, stats, progress)
+        except CorruptState as exc:
+            if roll_back and not isinstance(exc, BlockMissing) and state["backup"]:
+                back = {**state, "name": state["backup"], "size": size, "blocks": previous}
+                with contextlib.suppress(LhfsError, OSError):
+                    apply(vol, store, back, roll_back=False)
+            raise
+    _save_state(
+        vol,
+        {
+            "backup": manifest["name"],
+            "created": manifest["created"],
+            "size": size,
+            "block_size": block,
+            "blocks": target,
+            "applying": None,
+        },
+    )
+    progress(100.0)
+    return stats
+
+
+def _write_blocks(
+    dirs: list[Path],
+    store: BackupStore,
+    todo: list[tuple[int, str | None]],
+    size: int,
+    block: int,
+    stats: dict[str, int],
+    progress: Callable[[float], None],
+) -> None:
+    """Trim the blocks that became empty, fetch and write the others, on every replica; the
+    replicas are flushed (closed) before this returns or raises."""
+    stores = [ChunkStore.open(d) for d in dirs]
+    try:
+        for index, digest in todo:
+            if digest is None:
+                for local in stores:
+                    local.trim(index * block, min(block, size - index * block))
+                stats["trimmed"] += 1
+        fetch = [(i, d) for i, d in todo if d is not None]
+        for done, (index, data) in enumerate(store.fetch(fetch), 1):
+            data = data[: size - index * block]
+            for local in stores:
+                local.write(index * block, data)
+            stats["fetched"] += 1
+            stats["bytes"] += len(data)
+            progress(100 * done / len(fetch))
+    finally:
+        for local in stores:
+            local.close()
+
+
+def _replica_dirs(vol: volumes.Volume) -> list[Path]:
+    dirs = [vol.replica_dir(r) for r in vol.replicas]
+    return [d for d in dirs if d is not None]
+
+
+def _grow(vol: volumes.Volume, dirs: list[Path], size: int) -> None:
+    """The source volume was expanded: expand the standby first (idempotent on a redo)."""
+    if size % vol.chunk_size:
+        raise CorruptState(f"the source grew to {size} bytes, not a multiple of {vol.chunk_size}")
+    for directory in dirs:
+        with ChunkStore.open(directory) as local:
+            if local.size < size:
+                local.expand(size)
+    vol.update(lambda config: config.update(size=size))
+
+
+# -- the follower's status --------------------------------------------------------------------
+
+
+class Status:
+    """``dr-status.json``: what the follower is doing, for ``dr status``. Not durable (it only
+    describes a running process); written whole each time, from any thread."""
+
+    def __init__(self, vol: volumes.Volume) -> None:
+        self.path = vol.dir / STATUS
+        self._lock = threading.Lock()
+        previous = read_status(vol)
+        self.data: dict[str, Any] = {
+            "pid": os.getpid(),
+            "state": "standby",
+            "progress": None,
+            "applying": None,
+            "newest_backup": None,
+            "last_error": previous.get("last_error"),
+            "last_error_at": previous.get("last_error_at"),
+            "last_checked": None,
+            "current_at": previous.get("current_at"),
+            "last_increment": previous.get("last_increment"),
+        }
+        self._progress_written = 0.0
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            self.data.update(fields)
+            atomic_write(self.path, json.dumps(self.data, indent=1).encode())
+
+    def error(self, message: str) -> None:
+        self.update(state="retrying", last_error=message, last_error_at=_now())
+
+    def progress(self, percent: float) -> None:
+        if percent >= 100 or time.monotonic() - self._progress_written > 0.3:
+            self._progress_written = time.monotonic()
+            self.update(state="applying", progress=round(percent, 1))
+
+
+def read_status(vol: volumes.Volume) -> dict[str, Any]:
+    try:
+        return json.loads((vol.dir / STATUS).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# -- the follower -----------------------------------------------------------------------------
+
+
+def _lock(vol: volumes.Volume, wait: float = 0.0) -> int:
+    """Hold the standby's follower lock: one process at a time brings it forward."""
+    fd = os.open(vol.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise Busy(f"volume {vol.name} is being updated by another process") from None
+            time.sleep(0.05)
+
+
+def _stop_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(0)  # unwinds through the stores' close(): they flush
+
+
+def run(root: Path, name: str) -> int:
+    """The follower: poll, apply, repeat, until activation, a signal or corruption."""
+    vol = volumes.load(root, name)
+    config = dr_config(vol)
+    lock = _lock(vol)
+    signal.signal(signal.SIGTERM, _stop_signal)
+    status = Status(vol)
+    interval, retry_max = config["interval"], config["retry_max"]
+    store = BackupStore(
+        Bucket(Target.parse(config["target"]), deadline=30.0, on_retry=status.error)
+    )
+    cache: dict[str, dict[str, Any]] = {}
+    failures = 0
+    status.update()
+    log.info("following %s of %s every %ss", config["volume"], config["target"], interval)
+    try:
+        while True:
+            vol = volumes.load(root, name)
+            if not vol.config.get("dr"):
+                return 0  # activated
+            wait = interval
+            try:
+                _step(vol, store, config["volume"], cache, status)
+                failures = 0
+            except BlockMissing as exc:
+                if _backup_gone(store, config["volume"], cache):
+                    wait = 0  # the backup was deleted under us: move on to the newest
+                else:
+                    status.update(state="failed", last_error=str(exc), last_error_at=_now())
+                    log.error("stopped: %s", exc)
+                    return 1
+            except CorruptState as exc:
+                status.update(state="failed", last_error=str(exc), last_error_at=_now())
+                log.error("stopped: %s", exc)
+                return 1
+            except NotFound:
+                wait = 0  # a backup vanished between listing and reading: look again
+            except Exception as exc:  # everything else may pass: retry with capped backoff
+                failures += 1
+                message = str(exc) if isinstance(exc, LhfsError) else f"{type(exc).__name__}: {exc}"
+                status.error(message)
+                log.warning("attempt %d failed: %s", failures, message)
+                wait = min(retry_max, interval * 2**failures) * random.uniform(0.5, 1.0)
+            time.sleep(wait)
+    finally:
+        with contextlib.suppress(Exception):
+            if status.data["state"] != "failed":
+                status.update(state="stopped", progress=None)
+        os.close(lock)
+
+
+def _backup_gone(store: BackupStore, volume: str, cache: dict[str, dict[str, Any]]) -> bool:
+    """After a missing block: was the backup being applied deleted (move on) or is a complete
+    backup missing a block (corruption)?"""
+    before = set(cache)
+    newest_backup(store, volume, cache)
+    return set(cache) != before
+
+
+def _step(
+    vol: volumes.Volume,
+    store: BackupStore,
+    source: str,
+    cache: dict[str, dict[str, Any]],
+    status: Status,
+) -> None:
+    newest = newest_backup(store, source, cache)
+    status.update(last_checked=_now(), newest_backup=newest and newest["name"])
+    if newest is None:
+        status.update(state="standby")
+        return
+    state = load_state(vol)
+    if newest["name"] != state["backup"] or UNKNOWN in state["blocks"]:
+        status.update(state="applying", applying=newest["name"], progress=0.0)
+        stats = apply(vol, store, newest, status.progress)
+        log.info("applied %s: %s", newest["name"], stats)
+        status.update(last_increment={"backup": newest["name"], **stats}, applying=None)
+    status.update(state="standby", progress=None, current_at=time.time())
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def create(
+    root: Path,
+    name: str,
+    url: str,
+    source: str,
+    replicas: int,
+    interval: float,
+    retry_max: float,
+) -> volumes.Volume:
+    """Create the standby (empty, sized like the newest backup) and start its follower."""
+    target = Target.parse(url)
+    check_name(name, "volume name")
+    check_name(source, "source volume name")
+    if not 0 < interval <= 86400 or not interval <= retry_max <= 86400:
+        raise InvalidArgument("need 0 < --interval <= --retry-max <= 86400 seconds")
+    if name in volumes.list_names(root):
+        raise AlreadyExists(f"volume {name} already exists")
+    newest = newest_backup(BackupStore(Bucket(target, deadline=60.0)), source, {})
+    if newest is None:
+        raise NotFound(f"{target} holds no complete backup of volume {source}")
+    size = newest["size"]
+    config = {
+        "target": str(target),
+        "volume": source,
+        "interval": interval,
+        "retry_max": retry_max,
+        "created": time.time(),
+    }
+    vol = manage.create(root, name, size, fitting_chunk(size), replicas, None, {"dr": config})
+    count = len(newest["blocks"])
+    _save_state(  # a new volume reads as zeros everywhere
+        vol,
+        {
+            "backup": None,
+            "created": None,
+            "size": size,
+            "block_size": newest["block_size"],
+            "blocks": [None] * count,
+            "applying": None,
+        },
+    )
+    start(root, name)
+    return vol
+
+
+def follower_pid(vol: volumes.Volume) -> int | None:
+    pid = read_status(vol).get("pid")
+    return pid if pid and volumes.alive(pid) and _holds_lock(vol) else None
+
+
+def _holds_lock(vol: volumes.Volume) -> bool:
+    try:
+        fd = _lock(vol)
+    except Busy:
+        return True
+    os.close(fd)
+    return False
+
+
+def start(root: Path, name: str) -> int:
+    """Start the follower in the background (no-op when one runs); returns its pid."""
+    vol = volumes.load(root, name)
+    dr_config(vol)
+    running = follower_pid(vol)
+    if running:
+        return running
+    with open(vol.dir / LOG, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lhfs", "--root", str(root), "dr", "run", name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    wait_for(
+        lambda: proc.poll() is not None or read_status(vol).get("pid") == proc.pid,
+        30,
+        "the DR follower to start",
+    )
+    if proc.poll() is not None:
+        tail = (vol.dir / LOG).read_text(errors="replace").strip().splitlines()[-1:]
+        raise LhfsError(f"the DR follower exited at once: {' '.join(tail)} (see {vol.dir / LOG})")
+    return proc.pid
+
+
+def stop(vol: volumes.Volume) -> int:
+    """Stop the follower and return its lock, held: nothing updates the standby until the
+    caller closes it. SIGTERM first; SIGKILL if it does not stop (safe: see the module doc)."""
+    pid = follower_pid(vol)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            return _lock(vol, wait=STOP_TIMEOUT)
+        except Busy:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return _lock(vol, wait=STOP_TIMEOUT)
+
+
+def stop_following(root: Path, name: str) -> None:
+    vol = volumes.load(root, name)
+    dr_config(vol)
+    os.close(stop(vol))
+
+
+def status(root: Path, name: str) -> dict[str, Any]:
+    vol = volumes.load(root, name)
+    config = dr_config(vol)
+    state = load_state(vol)
+    current = read_status(vol)
+    running = follower_pid(vol) is not None
+    if not running:
+        shown = "failed" if current.get("state") == "failed" else "stopped"
+    elif current.get("state") in ("retrying", "failed"):
+        shown = current["state"]
+    elif state["backup"] is None:
+        shown = "restoring"
+    else:
+        shown = current.get("state", "standby")
+    since = current.get("current_at") or config["created"]
+    return {
+        "name": name,
+        "state": shown,
+        "source_volume": config["volume"],
+        "target": config["target"],
+        "last_restored_backup": state["backup"],
+        "last_restored_created": state.get("created"),
+        "newest_backup": current.get("newest_backup"),
+        "applying": current.get("applying") if running else None,
+        "progress": current.get("progress") if running else None,
+        "lag_seconds": round(max(0.0, time.time() - since), 1),
+        "last_error": current.get("last_error"),
+        "last_error_at": current.get("last_error_at"),
+        "last_checked": current.get("last_checked"),
+        "last_increment": current.get("last_increment"),
+        "follower_pid": current.get("pid") if running else None,
+    }
+
+
+def activate(
+    root: Path, name: str, offline: bool, progress: Callable[[float], None]
+) -> dict[str, Any]:
+    """Stop following, bring the volume to the newest complete backup (or, ``offline``, keep
+    the last one fully restored) and make it a normal volume."""
+    vol = volumes.load(root, name)
+    config = dr_config(vol)
+    lock = stop(vol)
+    try:
+        state = load_state(vol)
+        if offline:
+            if state["backup"] is None or UNKNOWN in state["blocks"]:
+                raise InvalidArgument(
+                    f"volume {name} holds no fully restored backup: it cannot be activated offline"
+                )
+            backup = state["backup"]
+        else:
+            store = BackupStore(Bucket(Target.parse(config["target"]), deadline=120.0))
+            newest = newest_backup(store, config["volume"], {})
+            if newest is None:
+                raise NotFound(f"{config['target']} holds no backup of {config['volume']}")
+            apply(volumes.load(root, name), store, newest, progress)
+            backup = newest["name"]
+        activated = {**config, "backup": backup, "activated": _now()}
+
+        def change(c: dict[str, Any]) -> None:
+            c.pop("dr", None)
+            c["activated_from"] = activated
+
+        vol.update(change)
+        for leftover in (STATUS, STATE):
+            with contextlib.suppress(FileNotFoundError):
+                (vol.dir / leftover).unlink()
+    finally:
+        os.close(lock)
+    return {"name": name, "backup": backup}
+
+
+def remove(vol: volumes.Volume) -> None:
+    """Stop the follower of a standby that is being deleted (its lock is dropped with it)."""
+    if vol.config.get("dr"):
+        os.close(stop(vol))

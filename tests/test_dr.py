@@ -1,0 +1,303 @@
+"""DR volumes: a standby follows a source's backups through a real S3 server behind the fault
+proxy, through outages, a host name that stops resolving and a SIGKILL, then is activated."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from conftest import needs_fuse
+
+from backupstore.s3 import Bucket, Target
+from backupstore.store import BackupStore
+from lhfs.procs import wait_for
+from lhfs.testing import Cli
+from tools.faultproxy import FaultProxy
+
+pytestmark = needs_fuse
+MIB = 1 << 20
+
+
+class HostName:
+    """A name for the S3 endpoint that resolves through an ``/etc/hosts`` line the test can
+    take away (a DNS failure as the resolver sees it). Edited in place: the file may be a bind
+    mount that a rename would not replace."""
+
+    def __init__(self) -> None:
+        self.name = f"lhfs-s3-{uuid.uuid4().hex[:12]}"  # dotless: S3 servers see path-style
+        self.line = f"127.0.0.1 {self.name}\n"
+
+    def _rewrite(self, keep: bool) -> None:
+        with open("/etc/hosts", "r+") as f:
+            lines = [line for line in f.readlines() if self.name not in line]
+            if keep:
+                lines.append(self.line)
+            f.seek(0)
+            f.write("".join(lines))
+            f.truncate()
+
+    def resolve(self) -> None:
+        self._rewrite(True)
+
+    def drop(self) -> None:
+        self._rewrite(False)
+
+
+@pytest.fixture
+def host_name() -> Iterator[HostName]:
+    name = HostName()
+    name.resolve()
+    try:
+        yield name
+    finally:
+        name.drop()
+
+
+def _backup(cli: Cli, target: str, volume: str) -> tuple[str, str]:
+    """Back ``volume`` up; its URL and the checksum of what it holds (detached: no writes)."""
+    url = cli.run("backup", "create", volume, "--target", target, "--quiet").stdout.split()[-1]
+    return url, cli.checksum(volume)
+
+
+def _name(url: str) -> str:
+    return url.split("backup=")[1]
+
+
+def _restored(cli: Cli, name: str, backup_url: str, timeout: float = 60) -> dict:
+    return wait_for(
+        lambda: (
+            (s := cli.json("dr", "status", name))["last_restored_backup"] == _name(backup_url)
+            and s["state"] == "standby"
+            and s
+        ),
+        timeout,
+        f"{name} to restore {_name(backup_url)}",
+    )
+
+
+def test_standby_follows_through_outages_and_a_kill_then_activates(
+    cli: Cli, tmp_path: Path, s3_endpoint: str, host_name: HostName
+) -> None:
+    """SCENARIOS.md story 5. The source backs up straight to the store; the standby reaches it
+    through the fault proxy, by a host name that can stop resolving."""
+    target = "s3://dr-story/site"
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port), reset_after=4096)
+    standby = Cli(cli.root, env={"AWS_ENDPOINT_URL": f"http://{host_name.name}:{proxy.port}"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    rng = random.Random(5)
+    files: dict[str, bytes] = {}
+    cli.run("volume", "create", "src", "--size", "160M", "--replicas", "1")
+
+    def generation(n: int, mib: int) -> tuple[str, str]:
+        cli.run("mount", "src", str(mnt))
+        for i in range(mib):
+            files[f"g{n}-{i}.bin"] = rng.randbytes(MIB)
+            (mnt / f"g{n}-{i}.bin").write_bytes(files[f"g{n}-{i}.bin"])
+        cli.run("umount", str(mnt))
+        return _backup(cli, target, "src")
+
+    try:
+        first, first_sum = generation(1, 8)
+        standby.run(
+            "dr", "create", "dr1", "--target", target, "--volume", "src", "--replicas", "2",
+            "--interval", "0.3", "--retry-max", "1.5", "--quiet",
+        )  # fmt: skip
+        status = standby.json("dr", "status", "dr1")
+        assert status["last_restored_backup"] == _name(first)
+        assert standby.checksum("dr1") == first_sum
+        assert cli.info("dr1")["state"] == "standby"
+
+        second, second_sum = generation(2, 4)
+        _restored(standby, "dr1", second)
+        assert standby.checksum("dr1") == second_sum
+
+        # The endpoint refuses everything, then resets and answers 503 half the time.
+        proxy.stop()
+        third, third_sum = generation(3, 4)
+        status = wait_for(
+            lambda: (s := standby.json("dr", "status", "dr1"))["state"] == "retrying" and s,
+            60,
+            "the standby to report the outage",
+        )
+        assert status["last_restored_backup"] == _name(second) and status["last_error"]
+        wait_for(lambda: standby.json("dr", "status", "dr1")["lag_seconds"] > 2, 30, "lag")
+        proxy.fail_every(2, ["reset", "503"])
+        proxy.resume()
+        _restored(standby, "dr1", third, timeout=120)
+        assert standby.checksum("dr1") == third_sum
+        proxy.clear()
+
+        # The endpoint's host name stops resolving.
+        host_name.drop()
+        fourth, fourth_sum = generation(4, 4)
+        status = wait_for(
+            lambda: (
+                (s := standby.json("dr", "status", "dr1"))["state"] == "retrying"
+                and host_name.name in (s["last_error"] or "")
+                and s
+            ),
+            60,
+            "the standby to report the name resolution failure",
+        )
+        assert status["last_restored_backup"] == _name(third)
+        host_name.resolve()
+        _restored(standby, "dr1", fourth, timeout=120)
+        assert standby.checksum("dr1") == fourth_sum
+
+        # SIGKILL in the middle of an increment, then a restart.
+        proxy.rate = 1 * MIB  # stretches the increment (40 blocks) over many seconds
+        fifth, fifth_sum = generation(5, 40)
+        status = wait_for(
+            lambda: (
+                (s := standby.json("dr", "status", "dr1"))["applying"] == _name(fifth)
+                and 10 <= (s["progress"] or 0) <= 80
+                and s
+            ),
+            120,
+            "the standby to be half-way through an increment",
+        )
+        os.kill(status["follower_pid"], signal.SIGKILL)
+        wait_for(lambda: standby.json("dr", "status", "dr1")["state"] == "stopped", 30, "the kill")
+        state = json.loads((cli.root / "volumes" / "dr1" / "dr-state.json").read_text())
+        assert state["applying"] == _name(fifth) and "?" in state["blocks"]
+        assert standby.json("dr", "status", "dr1")["last_restored_backup"] == _name(fourth)
+        proxy.rate = None
+        standby.run("dr", "start", "dr1")
+        _restored(standby, "dr1", fifth)
+        assert standby.checksum("dr1") == fifth_sum
+        refused = standby.run(
+            "volume", "attach", "dr1", "--device", str(tmp_path / "d"), check=False
+        )
+        assert refused.returncode == 1 and "DR standby" in refused.stderr
+
+        # Activation: the newest backup, a normal volume that mounts with the source's files.
+        sixth, sixth_sum = generation(6, 2)
+        activated = standby.run("dr", "activate", "dr1", "--quiet").stdout
+        assert _name(sixth) in activated
+        assert standby.checksum("dr1") == sixth_sum
+        assert cli.info("dr1")["state"] == "detached"
+        mounted = cli.run("mount", "dr1", str(mnt)).stdout
+        assert "formatted" not in mounted
+        assert {p.name for p in mnt.iterdir() if p.suffix == ".bin"} == set(files)
+        assert all((mnt / name).read_bytes() == data for name, data in files.items())
+        cli.run("umount", str(mnt))
+    finally:
+        proxy.close()
+
+
+def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://dr-incr/site"
+    cli.run("volume", "create", "src", "--size", "64M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    rng = random.Random(9)
+
+    def write(offset: int, data: bytes) -> None:
+        with open(device, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+            os.fsync(f.fileno())
+
+    write(0, rng.randbytes(20 * MIB))  # blocks 0-9
+    first, first_sum = _backup_attached(cli, target)
+    cli.run(
+        "dr", "create", "dr2", "--target", target, "--volume", "src", "--replicas", "1",
+        "--interval", "0.2", "--retry-max", "1", "--quiet",
+    )  # fmt: skip
+    increment = cli.json("dr", "status", "dr2")["last_increment"]
+    assert (increment["fetched"], increment["trimmed"]) == (10, 0)
+
+    write(4 * MIB, bytes(2 * MIB))  # block 2 becomes empty
+    write(8 * MIB + 4096, rng.randbytes(4096))  # block 4 changes
+    write(30 * MIB, rng.randbytes(4096))  # block 15 gets data
+    second, second_sum = _backup_attached(cli, target)
+    increment = _restored(cli, "dr2", second)["last_increment"]
+    assert (increment["fetched"], increment["trimmed"]) == (2, 1)
+    assert cli.checksum("dr2") == second_sum
+
+    # The restored backup is deleted: the standby moves to the newest remaining one, still
+    # moving only the blocks that differ (2 and 4 come back, 15 is emptied).
+    cli.run("backup", "rm", second)
+    increment = _restored(cli, "dr2", first)["last_increment"]
+    assert (increment["fetched"], increment["trimmed"]) == (2, 1)
+    assert cli.checksum("dr2") == first_sum
+
+    before = cli.json("volume", "ls")
+    for args, message in (
+        (("snapshot", "create", "dr2"), "DR standby"),
+        (("backup", "create", "dr2", "--target", target), "DR standby"),
+        (("volume", "expand", "dr2", "--size", "128M"), "DR standby"),
+        (("dr", "status", "src"), "not a DR standby"),
+        (("dr", "create", "dr2", "--target", target, "--volume", "src"), "already exists"),
+        (("dr", "create", "dr3", "--target", target, "--volume", "nope"), "no complete backup"),
+        (("dr", "create", "dr3", "--target", "s3://X/y", "--volume", "src"), "bucket name"),
+        (("dr", "create", "dr3", "--target", target, "--volume", "src", "--interval", "0"), "0 <"),
+    ):
+        result = cli.run(*args, check=False)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+    assert cli.json("volume", "ls") == before
+
+
+def _backup_attached(cli: Cli, target: str) -> tuple[str, str]:
+    checksum = cli.checksum("src")  # nothing writes between this and the backup's snapshot
+    url = cli.run("backup", "create", "src", "--target", target, "--quiet").stdout.split()[-1]
+    return url, checksum
+
+
+def test_a_corrupt_block_stops_the_standby_which_activates_offline(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://dr-corrupt/site"
+    cli.run("volume", "create", "src", "--size", "64M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    with open(device, "r+b") as f:
+        f.write(random.randbytes(6 * MIB))
+        os.fsync(f.fileno())
+    first, first_sum = _backup_attached(cli, target)
+    cli.run(
+        "dr", "create", "dr4", "--target", target, "--volume", "src", "--replicas", "2",
+        "--interval", "0.2", "--quiet",
+    )  # fmt: skip
+    cli.run("dr", "stop", "dr4")
+    assert cli.json("dr", "status", "dr4")["state"] == "stopped"
+
+    with open(device, "r+b") as f:
+        f.seek(40 * MIB)
+        f.write(random.randbytes(MIB))
+        os.fsync(f.fileno())
+    second, _ = _backup_attached(cli, target)
+    store = BackupStore(Bucket(Target.parse(target)))
+    new = set(store.manifest("src", _name(second))["blocks"]) - set(
+        store.manifest("src", _name(first))["blocks"]
+    )
+    (digest,) = new
+    store.bucket.put(store._block_key(digest), b"rotten" * 1000, {"lhfs-compression": "none"})
+
+    cli.run("dr", "start", "dr4")
+    status = wait_for(
+        lambda: (s := cli.json("dr", "status", "dr4"))["state"] == "failed" and s,
+        60,
+        "the standby to stop on the corrupt block",
+    )
+    assert "does not match its checksum" in status["last_error"]
+    assert status["last_restored_backup"] == _name(first)
+    result = cli.run("dr", "activate", "dr4", "--quiet", check=False)
+    assert result.returncode == 1 and "does not match its checksum" in result.stderr
+    assert cli.info("dr4")["state"] == "standby"
+    cli.run("dr", "activate", "dr4", "--offline", "--quiet")
+    assert cli.info("dr4")["state"] == "detached"
+    assert cli.checksum("dr4") == first_sum
