@@ -111,13 +111,14 @@ def apply(
     manifest: dict[str, Any],
     progress: Callable[[float], None] = lambda pct: None,
     roll_back: bool = True,
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Bring the standby's replicas to ``manifest``, touching only blocks that differ from
     what ``dr-state.json`` says they hold; returns what moved.
 
     An increment that meets a corrupt block puts the blocks it touched back to the last
     restored backup (their blocks are still in the store, unless it was deleted), so that a
     standby stopped by corruption still holds one whole backup and can be activated offline."""
+    started = time.monotonic()
     state = load_state(vol)
     size, block = manifest["size"], manifest["block_size"]
     target = manifest["blocks"]
@@ -131,7 +132,7 @@ def apply(
     else:  # other geometry (or no record): nothing is known
         held = [UNKNOWN] * len(target)
     todo = [i for i, digest in enumerate(target) if held[i] != digest]
-    stats = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
+    stats: dict[str, Any] = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
     dirs = _replica_dirs(vol)
     if size > vol.size:
         _grow(vol, dirs, size)
@@ -161,6 +162,7 @@ def apply(
         },
     )
     progress(100.0)
+    stats["seconds"] = round(time.monotonic() - started, 3)
     return stats
 
 
@@ -170,7 +172,7 @@ def _write_blocks(
     todo: list[tuple[int, str | None]],
     size: int,
     block: int,
-    stats: dict[str, int],
+    stats: dict[str, Any],
     progress: Callable[[float], None],
 ) -> None:
     """Trim the blocks that became empty, fetch and write the others, on every replica; the
