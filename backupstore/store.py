@@ -3,22 +3,30 @@
 Layout under ``s3://BUCKET/PREFIX``:
 
     blocks/<2 hex>/<xxh3-128 hex>       a block, zstd-compressed or raw (metadata says which)
+    volumes/<volume>/volume.meta        the volume's backup settings: its block size
     volumes/<volume>/<backup>.json      the manifest: size, block size, one digest per block
-    volumes/<volume>/<backup>.running   a backup in progress (started, refreshed while it runs)
+    volumes/<volume>/<backup>.running   a backup in progress (refreshed while it runs)
+    locks/collect-<token>               a collection in progress (refreshed while it runs)
 
 A backup writes its ``.running`` marker first, its blocks next (skipping those the store already
 has), its manifest last, then drops the marker: a manifest exists only for a complete backup.
-Deleting a backup removes its manifest and then collects the blocks no manifest references, but
-only while no backup is running: a running backup may reuse any block it found in the store, so
-collecting nothing then is the only safe choice (a marker not refreshed for an hour is a backup
-that died, and no longer holds collection back).
+
+Deleting a backup removes its manifest and then collects the blocks no manifest references.
+Backups reuse blocks they find in the store, so a collection and a backup must never overlap.
+The two markers are the lock: a collection writes its marker *then* looks for running backups
+(and deletes nothing if there is one); a backup writes its marker *then* waits until no
+collection marker is left. Whichever comes second sees the other (S3 lists are consistent
+after a write), so a block is never deleted under a backup that reuses it. A marker not
+refreshed for a while belongs to a process that died and no longer holds the other side back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -29,16 +37,18 @@ from typing import Any
 import xxhash
 import zstandard
 
-from lhfs.errors import CorruptState, NotFound
+from lhfs.errors import CorruptState, InvalidArgument, NotFound
 
 from .s3 import Bucket
 
 BLOCK_SIZE = 2 << 20
-STALE_RUNNING = 3600.0
-_RECHECK_EVERY = 32
+STALE_BACKUP = 600.0  # a backup refreshes its marker every minute
+STALE_COLLECTION = 120.0  # a collection refreshes its marker every 30 s
+_REFRESH = 60.0
 _META = "x-amz-meta-lhfs-compression"
 
 
+log = logging.getLogger("lhfs.backupstore")
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -53,6 +63,7 @@ def digest_of(data: bytes) -> str:
 @dataclass
 class BackupStats:
     blocks: int = 0
+    read: int = 0  # blocks read from the volume (the others were unchanged since the base)
     uploaded: int = 0
     uploaded_bytes: int = 0
     reused: int = 0
@@ -99,50 +110,82 @@ class BackupStore:
     def _key(self, volume: str, name: str, suffix: str) -> str:
         return self.target.key("volumes", volume, f"{name}.{suffix}")
 
+    def block_size(self, volume: str, wanted: int | None) -> int:
+        """The block size of the volume's backups, fixed by its first backup: ``wanted`` (or
+        the default) for a new volume; an error if it asks for another one later."""
+        key = self.target.key("volumes", volume, "volume.meta")
+        found = self.bucket.get(key)
+        if found is not None:
+            try:
+                size = int(json.loads(found[0])["block_size"])
+            except (ValueError, KeyError, TypeError):
+                raise CorruptState(f"{key} in {self.target} cannot be parsed") from None
+            if wanted is not None and wanted != size:
+                raise InvalidArgument(
+                    f"the backups of {volume} in {self.target} use {size >> 10}K blocks; "
+                    "the block size cannot change"
+                )
+            return size
+        size = wanted or BLOCK_SIZE
+        if size < 4 << 10 or size > 64 << 20 or size & (size - 1):
+            raise InvalidArgument("the backup block size must be a power of two from 4K to 64M")
+        self.bucket.put(key, json.dumps({"format": 1, "block_size": size}).encode())
+        return size
+
     def create(
         self,
         volume: str,
         name: str,
         size: int,
-        read_block: Callable[[int], bytes],
+        read_block: Callable[[int, int], bytes],
         snapshot: str | None = None,
-        block_size: int = BLOCK_SIZE,
+        block_size: int | None = None,
         progress: Callable[[float], None] = lambda pct: None,
+        base: tuple[str, list[int]] | None = None,
     ) -> tuple[dict[str, Any], BackupStats]:
-        """Back a volume's content up block by block; returns the manifest and what moved."""
+        """Back a volume's content up block by block; returns the manifest and what moved.
+
+        ``read_block(index, block_size)`` reads a block of the snapshot. With ``base`` (an
+        earlier backup of the same volume and the blocks changed since its snapshot, taken from
+        the snapshot chain), only the changed blocks are read; the others keep the base's
+        digests. Without it, or when the base is gone, every block is read (and only those the
+        store lacks are sent)."""
         self.bucket.ensure()
+        block_size = self.block_size(volume, block_size)
         running = self._key(volume, name, "running")
         started = time.time()
         self.bucket.put(running, json.dumps({"started": started}).encode())
         try:
+            self._await_collections()
             count = -(-size // block_size)
-            known = self._latest_digests(volume)
+            previous, changed = self._base(volume, base, size, block_size)
+            known = self._latest_digests(volume) | {d for d in previous if d}
             stats = BackupStats(blocks=count)
             digests: list[str | None] = [None] * count
             last_mark = time.monotonic()
-            zero = bytes(block_size)
             with ThreadPoolExecutor(self.workers) as pool:
-                pending = []
+                pending: list = []
                 for index in range(count):
-                    data = read_block(index)
-                    if data == zero or data.count(0) == len(data):  # nothing to store
-                        digests[index] = None
+                    if index < len(previous) and index not in changed:
+                        digests[index] = previous[index]
                     else:
-                        digest = digest_of(data)
-                        digests[index] = digest
-                        if digest in known:
-                            stats.reused += 1
-                        else:
-                            known.add(digest)
-                            pending.append(pool.submit(self.put_block, data, digest))
-                    if len(pending) >= 2 * self.workers:
-                        self._settle(pending, stats)
-                    if time.monotonic() - last_mark > 60:  # the marker says "still running"
+                        data = read_block(index, block_size)
+                        stats.read += 1
+                        if data.count(0) != len(data):  # an empty block is stored as null
+                            digest = digest_of(data)
+                            digests[index] = digest
+                            if digest in known:
+                                stats.reused += 1
+                            else:
+                                known.add(digest)
+                                pending.append(pool.submit(self.put_block, data, digest))
+                        if len(pending) >= 2 * self.workers:
+                            self._settle(pending, stats)
+                    if time.monotonic() - last_mark > _REFRESH:  # "still running"
                         self.bucket.put(running, json.dumps({"started": started}).encode())
                         last_mark = time.monotonic()
                     progress(100 * (index + 1) / count)
                 self._settle(pending, stats)
-            self._recheck_reused(digests, stats)
             manifest = {
                 "format": 1,
                 "volume": volume,
@@ -163,17 +206,41 @@ class BackupStore:
         progress(100.0)
         return manifest, stats
 
-    def _recheck_reused(self, digests: list[str | None], stats: BackupStats) -> None:
-        """A collection that started before this backup's marker existed may have deleted a
-        block this backup reused: make sure every block is there before the manifest says so.
-        (Collections also re-check for running backups between deletions.)"""
-        missing = [d for d in set(digests) if d and not self.bucket.exists(self._block_key(d))]
-        if not missing:
-            return
-        raise CorruptState(
-            f"{len(missing)} block(s) vanished during the backup (a concurrent deletion); "
-            "run the backup again"
-        )
+    def _base(
+        self, volume: str, base: tuple[str, list[int]] | None, size: int, block_size: int
+    ) -> tuple[list[str | None], set[int]]:
+        """The base backup's digests and the blocks to read anyway; ([], {}) for a full read.
+        Called once the collection lock is held: the base's blocks cannot vanish now."""
+        if base is None:
+            return [], set()
+        try:
+            manifest = self.manifest(volume, base[0])
+        except NotFound:  # the previous backup is gone: read everything
+            return [], set()
+        if manifest["block_size"] != block_size:
+            return [], set()
+        previous = manifest["blocks"]
+        changed = set(base[1])
+        if manifest["size"] != size:  # a grown volume: its old last block and all after it
+            changed.update(range(max(0, len(previous) - 1), -(-size // block_size)))
+        return previous, changed
+
+    def _await_collections(self) -> None:
+        """Wait until no collection runs (this backup's marker keeps new ones from deleting)."""
+        waited = False
+        while True:
+            now = time.time()
+            active = [
+                obj
+                for obj in self.bucket.list(self.target.key("locks") + "/")
+                if now - obj.last_modified.timestamp() < STALE_COLLECTION
+            ]
+            if not active:
+                return
+            if not waited:
+                log.info("waiting for a collection of unreferenced blocks to finish")
+                waited = True
+            time.sleep(0.5)
 
     @staticmethod
     def _settle(pending: list, stats: BackupStats) -> None:
@@ -299,26 +366,35 @@ class BackupStore:
         return self.collect()
 
     def collect(self) -> int:
-        if self._running():
-            return 0
-        referenced: set[str] = set()
-        for backup in self.list():
-            if backup["state"] == "complete":
-                manifest = self.manifest(backup["volume"], backup["name"])
-                referenced.update(d for d in manifest["blocks"] if d)
-        removed = 0
-        for obj in self._blocks():
-            if obj.object_name.rsplit("/", 1)[1] not in referenced:
-                if removed % _RECHECK_EVERY == 0 and self._running():
-                    break  # a backup started meanwhile: it may reuse any block
-                self.bucket.delete(obj.object_name)
-                removed += 1
-        return removed
+        """Delete the blocks no complete backup references; nothing while a backup runs."""
+        marker = self.target.key("locks", f"collect-{secrets.token_hex(8)}")
+        self.bucket.put(marker, b"")
+        try:
+            if self._running():
+                return 0
+            referenced: set[str] = set()
+            for backup in self.list():
+                if backup["state"] == "complete":
+                    manifest = self.manifest(backup["volume"], backup["name"])
+                    referenced.update(d for d in manifest["blocks"] if d)
+            removed = 0
+            last_mark = time.monotonic()
+            for obj in self._blocks():
+                if obj.object_name.rsplit("/", 1)[1] not in referenced:
+                    self.bucket.delete(obj.object_name)
+                    removed += 1
+                if time.monotonic() - last_mark > STALE_COLLECTION / 4:
+                    self.bucket.put(marker, b"")
+                    last_mark = time.monotonic()
+            return removed
+        finally:
+            with contextlib.suppress(Exception):
+                self.bucket.delete(marker)
 
     def _running(self) -> bool:
         now = time.time()
         return any(
-            now - obj.last_modified.timestamp() < STALE_RUNNING
+            now - obj.last_modified.timestamp() < STALE_BACKUP
             for obj in self.bucket.list(self.target.key("volumes") + "/")
             if obj.object_name.endswith(".running")
         )

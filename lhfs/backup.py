@@ -8,13 +8,14 @@ a detached one is snapshotted and read on its local replica directories.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 from backupstore.s3 import Bucket, Target
-from backupstore.store import BLOCK_SIZE, BackupStore
+from backupstore.store import BackupStats, BackupStore
 
 from . import control, manage
 from . import volume as volumes
@@ -49,46 +50,123 @@ def open_store(target: Target) -> BackupStore:
     return BackupStore(Bucket(target))
 
 
-def create(root: Path, name: str, url: str, snapshot: str | None, progress: Any) -> str:
+class _Source:
+    """Where a backup reads its snapshot: a healthy replica process of an attached volume, or
+    the freshest local directory of a detached one."""
+
+    def __init__(self, vol: volumes.Volume) -> None:
+        self.vol = vol
+        self.remote: SyncReplica | None = None
+        self.local: ChunkStore | None = None
+        if vol.runtime() is not None:
+            info = control.call(vol.control_socket, "info")
+            replica = next(r for r in info["replicas"] if r["mode"] == "RW")
+            self.replica_id = replica["id"]
+            self.remote = SyncReplica(replica["address"])
+        else:
+            directory = manage.freshest_local(vol)
+            self.replica_id = directory.name
+            self.local = ChunkStore.open(directory)
+
+    def call(self, method: str, *args: Any) -> Any:
+        if self.remote is not None:
+            names = {"changed_blocks": ("base", "top", "block_size")}.get(method, ())
+            return self.remote.call(method, **dict(zip(names, args, strict=True)))
+        assert self.local is not None
+        return getattr(self.local, method)(*args)
+
+    def read(self, snapshot: str, index: int, block: int) -> bytes:
+        if self.remote is not None:
+            return self.remote.read_snapshot(snapshot, index * block, block)
+        assert self.local is not None
+        return bytes(self.local.read_snapshot(snapshot, index * block, block))
+
+    def layer_ids(self, snapshot: str) -> dict[str, str]:
+        """The snapshot's layer id on every healthy replica (ids differ between replicas)."""
+        out = {}
+        if self.remote is not None:
+            info = control.call(self.vol.control_socket, "info")
+            for replica in info["replicas"]:
+                if replica["mode"] == "RW":
+                    other = SyncReplica(replica["address"])
+                    try:
+                        out[replica["id"]] = _layer_id(other.call("list_layers"), snapshot)
+                    finally:
+                        other.close()
+            return out
+        assert self.local is not None
+        out[self.replica_id] = _layer_id(self.local.list_layers(), snapshot)
+        self.local.close()
+        for directory in manage.healthy_local_dirs(self.vol):
+            if directory.name != self.replica_id:
+                with ChunkStore.open(directory) as store:
+                    out[directory.name] = _layer_id(store.list_layers(), snapshot)
+        return out
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+        if self.local is not None:
+            self.local.close()
+
+
+def _layer_id(layers: list[dict[str, Any]], snapshot: str) -> str:
+    for layer in layers:
+        if snapshot in (layer["name"], layer["id"]):
+            return layer["id"]
+    raise NotFound(f"no snapshot {snapshot!r}")
+
+
+def create(
+    root: Path,
+    name: str,
+    url: str,
+    snapshot: str | None,
+    progress: Any,
+    block_size: int | None = None,
+) -> tuple[str, BackupStats]:
+    """Back a snapshot up (a new one unless named). Incremental from the snapshot chain when
+    this volume's last backup to the same target is still there and its snapshot still lies
+    below: only blocks touching chunks written since are read. The volume's configuration
+    keeps, per target, that backup and its snapshot's layer id on each replica."""
     target = Target.parse(url)
     vol = volumes.load(root, name)
     vol.require_not_standby("a backup")
     if snapshot is None:
-        snapshot = manage.snapshot_create(root, name, f"backup-{time.strftime('%Y%m%d-%H%M%S')}")[
-            "name"
-        ]
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        snapshot = manage.snapshot_create(root, name, f"backup-{stamp}")["name"]
     check_name(snapshot, "snapshot name")
     store = open_store(target)
     backup_name = f"{snapshot}-{int(time.time() * 1000) % 10**9}"
-    block = BLOCK_SIZE
-    if vol.runtime() is not None:
-        info = control.call(vol.control_socket, "info")
-        address = next(r["address"] for r in info["replicas"] if r["mode"] == "RW")
-        replica = SyncReplica(address)
-        try:
-            store.create(
-                name,
-                backup_name,
-                vol.size,
-                lambda i: replica.read_snapshot(snapshot, i * block, block),
-                snapshot=snapshot,
-                progress=progress,
+    source = _Source(vol)
+    try:
+        _layer_id(source.call("list_layers"), snapshot)  # NotFound before anything is sent
+        size = store.block_size(name, block_size) if block_size else None
+        record = vol.config.get("backups", {}).get(str(target))
+        base = None
+        if record and source.replica_id in record["layers"]:
+            blocks = size or store.block_size(name, None)
+            changed = source.call(
+                "changed_blocks", record["layers"][source.replica_id], snapshot, blocks
             )
-        finally:
-            replica.close()
-    else:
-        directory = manage.freshest_local(vol)
-        with ChunkStore.open(directory) as local:
-            local.layer(snapshot)  # NotFound before anything is uploaded
-            store.create(
-                name,
-                backup_name,
-                vol.size,
-                lambda i: bytes(local.read_snapshot(snapshot, i * block, block)),
-                snapshot=snapshot,
-                progress=progress,
-            )
-    return backup_url(target, name, backup_name)
+            if changed is not None:
+                base = (record["backup"], changed)
+        _manifest, stats = store.create(
+            name,
+            backup_name,
+            vol.size,
+            lambda index, block: source.read(snapshot, index, block),
+            snapshot=snapshot,
+            block_size=block_size,
+            progress=progress,
+            base=base,
+        )
+        layers = source.layer_ids(snapshot)
+    finally:
+        source.close()
+    done = {"backup": backup_name, "snapshot": snapshot, "layers": layers}
+    vol.update(lambda config: config.setdefault("backups", {}).update({str(target): done}))
+    return backup_url(target, name, backup_name), stats
 
 
 def backup_image(root: Path, name: str, url: str, progress: Any) -> str:
@@ -98,11 +176,10 @@ def backup_image(root: Path, name: str, url: str, progress: Any) -> str:
 
     target = Target.parse(url)
     info = get(root, name)
-    block = BLOCK_SIZE
     backup_name = f"{info['id'].split('-')[0][:16]}-{int(time.time() * 1000) % 10**9}"
     with open(info["path"], "rb") as image:
 
-        def read(index: int) -> bytes:
+        def read(index: int, block: int) -> bytes:
             data = os.pread(image.fileno(), block, index * block)
             return data + bytes(block - len(data))
 

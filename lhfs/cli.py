@@ -336,7 +336,14 @@ def cmd_backup_create(args: argparse.Namespace) -> None:
     from .progress import Progress
 
     with Progress(f"backup {args.volume}", quiet=args.quiet) as bar:
-        url = backup.create(_root(args), args.volume, args.target, args.snapshot, bar.update)
+        url, stats = backup.create(
+            _root(args), args.volume, args.target, args.snapshot, bar.update, args.block_size
+        )
+    if not args.quiet:
+        print(
+            f"read {stats.read} of {stats.blocks} blocks, uploaded {stats.uploaded} "
+            f"({format_size(stats.uploaded_bytes)}), {stats.reused} already stored"
+        )
     print(url)
 
 
@@ -675,6 +682,12 @@ def _backup_parsers(groups: Any) -> None:
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--snapshot", help="an existing snapshot (default: take a new one)")
+    p.add_argument(
+        "--block-size",
+        type=_size,
+        help="backup block size of a volume's first backup to this target, a power of two "
+        "4K-64M (default 2M); later backups keep it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p = _verb(verbs, "ls", cmd_backup_ls, "backups in a target, complete or in progress", json=True)
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")

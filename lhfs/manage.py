@@ -183,7 +183,7 @@ def detach(root: Path, name: str, timeout: float = ATTACH_TIMEOUT) -> None:
 # -- inspection ------------------------------------------------------------------------------
 
 
-def _healthy_local_dirs(vol: volumes.Volume) -> list[Path]:
+def healthy_local_dirs(vol: volumes.Volume) -> list[Path]:
     dirs = [
         vol.replica_dir(r) for r in vol.replicas if r.get("mode", "RW") == "RW" and r.get("local")
     ]
@@ -194,7 +194,7 @@ def _healthy_local_dirs(vol: volumes.Volume) -> list[Path]:
 
 def freshest_local(vol: volumes.Volume) -> Path:
     best, best_rev = None, -1
-    for directory in _healthy_local_dirs(vol):
+    for directory in healthy_local_dirs(vol):
         with ChunkStore.open(directory) as store:
             if store.revision > best_rev:
                 best, best_rev = directory, store.revision
@@ -277,7 +277,7 @@ def checksum(root: Path, name: str) -> str:
 def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
     """Apply a store method to every healthy local replica of a detached volume."""
     result = None
-    for directory in _healthy_local_dirs(vol):
+    for directory in healthy_local_dirs(vol):
         with ChunkStore.open(directory) as store:
             result = getattr(store, action)(*args)
     return result
@@ -303,7 +303,7 @@ def snapshot_create(root: Path, name: str, snapshot: str | None) -> dict[str, An
     vol.require_not_standby("a snapshot")
     if vol.runtime() is not None:
         return _snapshot_entry(control.call(vol.control_socket, "snapshot", name=snapshot))
-    dirs = _healthy_local_dirs(vol)
+    dirs = healthy_local_dirs(vol)
     for directory in dirs:  # refuse before changing anything
         with ChunkStore.open(directory) as store:
             if any(s["name"] == snapshot for s in store.list_layers()):
@@ -335,7 +335,7 @@ def snapshot_revert(root: Path, name: str, snapshot: str) -> None:
 
 
 def _require_snapshot(vol: volumes.Volume, snapshot: str) -> None:
-    for directory in _healthy_local_dirs(vol):
+    for directory in healthy_local_dirs(vol):
         with ChunkStore.open(directory) as store:
             if not any(s["name"] == snapshot for s in store.list_layers()):
                 raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")

@@ -71,6 +71,9 @@ class SyncReplica:
     def read_snapshot(self, layer: str, offset: int, length: int) -> bytes:
         return self.request(p.READ_SNAPSHOT, p.RANGE.pack(offset, length), layer.encode())
 
+    def call(self, method: str, **args: Any) -> Any:
+        return p.decode_json(self.request(p.CALL, p.encode_json({"method": method, "args": args})))
+
     def close(self) -> None:
         self._sock.close()
 

@@ -216,6 +216,9 @@ class ReplicaServer:
         handlers = {
             "info": store.info,
             "list_layers": store.list_layers,
+            "changed_blocks": lambda: store.changed_blocks(
+                str(args["base"]), str(args["top"]), int(args["block_size"])
+            ),
             "snapshot": lambda: store.snapshot(str(args["name"])),
             "revert": lambda: store.revert(str(args["name"])),
             "expand": lambda: store.expand(int(args["size"])),

@@ -600,6 +600,30 @@ class ChunkStore:
             return False
         return not any(layer.index[c] == DATA for c, layer in self._top.items())
 
+    def changed_blocks(self, base_id: str, top: str, block_size: int) -> list[int] | None:
+        """Blocks of ``block_size`` bytes that may differ between layer ``base_id`` and the
+        later snapshot ``top``: those touching a chunk held by any layer above the base, up to
+        ``top``, and those past the base's size. None when the base is not below ``top`` (it
+        was removed, or the volume reverted past it): then everything must be read.
+
+        Layer ids are this replica's own: a caller keeps one per replica."""
+        ancestry = self._ancestry(self.layer(top).id)
+        if base_id not in ancestry:
+            return None
+        chunks: set[int] = set()
+        for layer_id in ancestry[: ancestry.index(base_id)]:
+            chunks.update(self.layers[layer_id].index)
+        blocks = set()
+        for chunk in chunks:
+            first = chunk * self.chunk_size // block_size
+            last = ((chunk + 1) * self.chunk_size - 1) // block_size
+            blocks.update(range(first, last + 1))
+        base_size = self.meta["layers"][base_id]["size"]
+        top_size = self.meta["layers"][ancestry[0]]["size"]
+        if top_size != base_size:
+            blocks.update(range(min(base_size, top_size) // block_size, -(-top_size // block_size)))
+        return sorted(blocks)
+
     def layer(self, layer_id: str) -> Layer:
         """A layer by id, or a snapshot by name (replicas share names, not ids)."""
         if layer_id in self.layers:

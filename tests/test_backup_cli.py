@@ -29,7 +29,9 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
         f.flush()
         os.fsync(f.fileno())
     first_sum = cli.checksum("src")
-    first = cli.run("backup", "create", "src", "--target", target).stdout.split()[-1]
+    out = cli.run("backup", "create", "src", "--target", target).stdout
+    assert "read 32 of 32 blocks" in out
+    first = out.split()[-1]
     assert first.startswith(target + "?volume=src&backup=")
     store = BackupStore(Bucket(Target.parse(target)))
     blocks_after_first = store.block_count()
@@ -41,7 +43,9 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
         f.flush()
         os.fsync(f.fileno())
     second_sum = cli.checksum("src")
-    second = cli.run("backup", "create", "src", "--target", target).stdout.split()[-1]
+    out = cli.run("backup", "create", "src", "--target", target).stdout
+    assert "read 1 of 32 blocks, uploaded 1" in out  # changed blocks come from the chain
+    second = out.split()[-1]
     assert store.block_count() == blocks_after_first + 1
     cli.run("volume", "detach", "src")
 
@@ -54,8 +58,14 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
     cli.run("backup", "restore", second, "copy2", "--replicas", "1")
     assert cli.checksum("copy2") == second_sum
 
-    detached = cli.run("backup", "create", "src", "--target", target).stdout.split()[-1]
+    out = cli.run("backup", "create", "src", "--target", target).stdout
+    assert "read 0 of 32 blocks" in out  # detached, from a local replica: nothing changed
+    detached = out.split()[-1]
     assert store.block_count() == blocks_after_first + 1  # nothing new to send
+    base = cli.json("snapshot", "ls", "src")[-1]["name"]
+    cli.run("snapshot", "rm", "src", base)  # the base is gone: a full read, nothing sent
+    out = cli.run("backup", "create", "src", "--target", target).stdout
+    assert "read 32 of 32 blocks, uploaded 0" in out
     cli.run("backup", "rm", first)
     assert store.block_count() == blocks_after_first  # the block only `first` had is gone
     cli.run("backup", "restore", detached, "copy3", "--replicas", "1")

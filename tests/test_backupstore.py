@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import socket
 import threading
@@ -11,7 +12,8 @@ import pytest
 
 from backupstore.s3 import Bucket, StoreUnavailable, Target
 from backupstore.store import BackupStore
-from lhfs.errors import CorruptState, NotFound
+from lhfs.errors import CorruptState, InvalidArgument, NotFound
+from lhfs.procs import wait_for
 
 _names = itertools.count()
 
@@ -22,8 +24,13 @@ def store(s3_endpoint: str) -> BackupStore:
     return BackupStore(bucket)
 
 
+def reader(blocks: list[bytes]):
+    """``read_block`` over a list of blocks."""
+    return lambda index, block_size: blocks[index]
+
+
 def volume_of(blocks: list[bytes]):
-    return len(blocks) * len(blocks[0]), lambda i: blocks[i]
+    return len(blocks) * len(blocks[0]), reader(blocks)
 
 
 def test_backup_restore_and_incremental_uploads(store: BackupStore) -> None:
@@ -54,7 +61,7 @@ def test_backup_restore_and_incremental_uploads(store: BackupStore) -> None:
 def test_block_count_arithmetic_and_collection(store: BackupStore) -> None:
     a, b, c, d = (bytes([n]) * 4096 for n in (1, 2, 3, 4))
     for name, first in (("b0", a), ("b1", c), ("b2", d)):
-        store.create("v", name, 8192, [first, b].__getitem__, block_size=4096)
+        store.create("v", name, 8192, reader([first, b]), block_size=4096)
     assert store.block_count() == 4
     assert store.delete("v", "b0") == 1 and store.block_count() == 3
     assert store.delete("v", "b1") == 1 and store.block_count() == 2
@@ -64,11 +71,11 @@ def test_block_count_arithmetic_and_collection(store: BackupStore) -> None:
 
 
 def test_nothing_is_collected_while_a_backup_runs(store: BackupStore) -> None:
-    store.create("v", "old", 8192, [b"\1" * 4096, b"\2" * 4096].__getitem__, block_size=4096)
-    store.create("v", "other", 4096, [b"\3" * 4096].__getitem__, block_size=4096)
+    store.create("v", "old", 8192, reader([b"\1" * 4096, b"\2" * 4096]), block_size=4096)
+    store.create("v", "other", 4096, reader([b"\3" * 4096]), block_size=4096)
     release, reading = threading.Event(), threading.Event()
 
-    def slow_read(index: int) -> bytes:
+    def slow_read(index: int, block_size: int) -> bytes:
         reading.set()
         assert release.wait(60)
         return b"\1" * 4096  # reuses a block that only "old" references
@@ -98,7 +105,7 @@ def test_same_content_twice_at_once_completes_both(store: BackupStore) -> None:
     results = {}
 
     def backup(name: str) -> None:
-        results[name] = store.create("img", name, 16 * 8192, blocks.__getitem__, block_size=8192)
+        results[name] = store.create("img", name, 16 * 8192, reader(blocks), block_size=8192)
 
     threads = [threading.Thread(target=backup, args=(n,)) for n in ("x", "y")]
     for t in threads:
@@ -111,12 +118,12 @@ def test_same_content_twice_at_once_completes_both(store: BackupStore) -> None:
         store.restore("img", name, restored.__setitem__)
         assert [restored[i] for i in range(16)] == blocks
     assert {b["state"] for b in store.list("img")} == {"complete"}
-    _, stats = store.create("img", "z", 16 * 8192, blocks.__getitem__, block_size=8192)
+    _, stats = store.create("img", "z", 16 * 8192, reader(blocks), block_size=8192)
     assert stats.uploaded == 0
 
 
 def test_a_corrupt_block_fails_the_restore(store: BackupStore) -> None:
-    manifest, _ = store.create("v", "b", 4096, [b"\7" * 4096].__getitem__, block_size=4096)
+    manifest, _ = store.create("v", "b", 4096, reader([b"\7" * 4096]), block_size=4096)
     digest = manifest["blocks"][0]
     store.bucket.put(store._block_key(digest), b"\0" * 4096, {"lhfs-compression": "none"})
     with pytest.raises(CorruptState, match="does not match"):
@@ -162,7 +169,7 @@ def test_backup_and_restore_survive_the_proxys_faults(s3_endpoint: str) -> None:
         proxy.delay = 0.2
         rng = random.Random(9)
         blocks = [rng.randbytes(8192) for _ in range(40)]
-        store.create("v", "b", 40 * 8192, blocks.__getitem__, block_size=8192)
+        store.create("v", "b", 40 * 8192, reader(blocks), block_size=8192)
         restored: dict[int, bytes] = {}
         store.restore("v", "b", restored.__setitem__)
         assert [restored[i] for i in range(40)] == blocks
@@ -176,3 +183,62 @@ def test_backup_and_restore_survive_the_proxys_faults(s3_endpoint: str) -> None:
     finally:
         os.environ["AWS_ENDPOINT_URL"] = saved
         proxy.close()
+
+
+def test_a_backup_waits_for_a_running_collection(
+    store: BackupStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other half of the lock: a backup that starts while a collection runs reuses
+    nothing until the collection's marker is gone."""
+    store.create("v", "b0", 4096, reader([b"\1" * 4096]), block_size=4096)
+    marker = store.target.key("locks", "collect-test")
+    store.bucket.put(marker, b"")
+    caplog.set_level(logging.INFO, logger="lhfs.backupstore")
+    done = threading.Event()
+    thread = threading.Thread(
+        target=lambda: (
+            store.create("v", "b1", 8192, reader([b"\1" * 4096, b"\2" * 4096])),
+            done.set(),
+        )
+    )
+    thread.start()
+    try:
+        wait_for(lambda: "waiting for a collection" in caplog.text, 30, "the backup to wait")
+        assert store.block_count() == 1 and not done.is_set()
+        assert {b["name"]: b["state"] for b in store.list("v")}["b1"] == "in_progress"
+    finally:
+        store.bucket.delete(marker)
+        thread.join(60)
+    assert done.is_set() and store.block_count() == 2
+    assert store.collect() == 0  # both blocks referenced; the collection's own marker is gone
+    assert list(store.bucket.list(store.target.key("locks") + "/")) == []
+
+
+def test_block_size_is_fixed_per_volume_and_a_base_limits_reads(store: BackupStore) -> None:
+    rng = random.Random(4)
+    blocks = [rng.randbytes(4096) for _ in range(8)]
+    full, _ = store.create("v", "b0", 8 * 4096, reader(blocks), block_size=4096)
+    with pytest.raises(InvalidArgument, match="use 4K blocks"):
+        store.create("v", "b1", 8 * 4096, reader(blocks), block_size=8192)
+    reads = []
+
+    def counting(index: int, block_size: int) -> bytes:
+        reads.append(index)
+        return blocks[index]
+
+    blocks[5] = rng.randbytes(4096)
+    manifest, stats = store.create("v", "b1", 8 * 4096, counting, base=("b0", [5]))
+    assert reads == [5] and stats.read == 1 and stats.uploaded == 1
+    assert manifest["block_size"] == 4096
+    assert (
+        manifest["blocks"][:5] == full["blocks"][:5]
+        and manifest["blocks"][6:] == full["blocks"][6:]
+    )
+    restored = {}
+    store.restore("v", "b1", restored.__setitem__)
+    assert [restored[i] for i in range(8)] == blocks
+
+    reads.clear()  # a base that is gone means a full read (nothing new to send)
+    store.delete("v", "b0")
+    _, stats = store.create("v", "b2", 8 * 4096, counting, base=("b0", []))
+    assert reads == list(range(8)) and stats.uploaded == 0
