@@ -2,10 +2,12 @@
 """lhfs backups next to restic, to the same S3 server, in one run.
 
 A volume of half-compressible data (and the same bytes as a plain file for restic): initial
-backup, a backup after 1% of the 64 KiB chunks changed, and a full restore. Prints seconds and
-bytes uploaded (measured as the growth of the bucket) for each.
+backup; a backup after 1% of the volume was rewritten in 1 MiB extents at random (files
+rewritten); a backup after 1% of the 64 KiB chunks changed at random (scattered small writes,
+the worst case for 2 MiB blocks); a full restore. Prints seconds and bytes uploaded (measured
+as the growth of the bucket) for each.
 
-    python bench/backup_bench.py [--size 1G] [--dir DIR]
+    python bench/backup_bench.py [--size 2G] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="1G")
+    parser.add_argument("--size", default="2G")
     parser.add_argument("--dir", default=None, help="scratch directory (default: under bench/)")
     args = parser.parse_args()
     size = parse_size(args.size)
@@ -85,15 +87,20 @@ def main() -> None:
 
         if restic:
             subprocess.run([restic, "-r", repo, "init"], env=env, check=True, capture_output=True)
-        for label, change in (("initial backup", False), ("1% changed", True)):
-            if change:
-                chunks = rng.sample(range(size // CHUNK), size // CHUNK // 100)
+        patterns = (
+            ("initial backup", 0),
+            ("1% rewritten in 1 MiB extents", MIB),
+            ("1% of 64 KiB chunks changed", CHUNK),
+        )
+        for label, unit in patterns:
+            if unit:
+                places = rng.sample(range(size // unit), size // unit // 100)
                 replica_dir = vol.replica_dir(vol.replicas[0])
                 with ChunkStore.open(replica_dir) as store, open(plain, "r+b") as f:
-                    for chunk in chunks:
-                        data = rng.randbytes(CHUNK)
-                        store.write(chunk * CHUNK, data)
-                        f.seek(chunk * CHUNK)
+                    for place in places:
+                        data = rng.randbytes(unit // 2) + bytes(unit // 2)
+                        store.write(place * unit, data)
+                        f.seek(place * unit)
                         f.write(data)
             before = bucket_bytes("lhfs-bench")
             seconds = timed(lhfs_backup)

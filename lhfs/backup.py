@@ -7,6 +7,7 @@ a detached one is snapshotted and read on its local replica directories.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -20,6 +21,7 @@ from backupstore.store import BackupStats, BackupStore
 from . import control, manage
 from . import volume as volumes
 from .errors import InvalidArgument, NotFound
+from .procs import wait_for
 from .replica_client import SyncReplica
 from .store import ChunkStore, check_name
 
@@ -204,30 +206,56 @@ def remove(url: str) -> int:
 
 
 def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -> volumes.Volume:
+    """Restore into a new volume, written through its engine: the volume is attached (on a
+    device file in its directory) for the whole restore, so replicas can be added while it
+    runs and are rebuilt online like on any volume. It is marked ``restoring`` until every
+    block is written and flushed and the rebuilds started meanwhile are done; a failed restore
+    removes the volume (nothing half-restored stays behind)."""
     target, volume, name = parse_backup_url(url)
+    if replicas < 1:
+        raise InvalidArgument("a volume has 1 to 16 replicas")
     store = open_store(target)
     manifest = store.manifest(volume, name)
     if new_name in volumes.list_names(root):
         raise InvalidArgument(f"volume {new_name} already exists")
-    vol = manage.create(
-        root, new_name, manifest["size"], fitting_chunk(manifest["size"]), replicas, None
-    )
-    stores = [ChunkStore.open(vol.replica_dir(r)) for r in vol.replicas]
-    block = manifest["block_size"]
+    size, block = manifest["size"], manifest["block_size"]
+    mark = {"restoring": {"backup": url, "pid": os.getpid()}}
+    vol = manage.create(root, new_name, size, fitting_chunk(size), replicas, None, mark)
     try:
+        manage.attach(root, new_name, vol.dir / "restore.dev", restoring=True)
+        fd = os.open(vol.dir / "restore.dev", os.O_RDWR)
+        try:
 
-        def write(index: int, data: bytes) -> None:
-            for local in stores:
-                local.write(index * block, data)
+            def write(index: int, data: bytes) -> None:
+                view = memoryview(data)[: size - index * block]
+                offset = index * block
+                while view:
+                    done = os.pwrite(fd, view, offset)
+                    view, offset = view[done:], offset + done
 
-        store.restore(volume, name, write, progress)
+            store.restore(volume, name, write, progress)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _await_rebuilds(vol)
+        manage.detach(root, new_name)
+        (vol.dir / "restore.dev").unlink(missing_ok=True)
     except BaseException:
-        for local in stores:
-            local.close()
-        manage.remove(root, new_name)  # nothing half-restored stays behind
+        with contextlib.suppress(Exception):
+            if vol.runtime() is not None:
+                manage.detach(root, new_name)
+        with contextlib.suppress(Exception):
+            manage.remove(root, new_name)
         raise
-    for local in stores:
-        local.close()
-    if not vol.dir.exists():
-        raise NotFound(f"volume {new_name} vanished during the restore")
+    vol.update(lambda config: config.pop("restoring", None))
     return vol
+
+
+def _await_rebuilds(vol: volumes.Volume) -> None:
+    """Replicas added during the restore finish their rebuild before the volume detaches."""
+
+    def settled() -> bool:
+        info = control.call(vol.control_socket, "info")
+        return all(r["mode"] != "WO" for r in info["replicas"])
+
+    wait_for(settled, 24 * 3600, "the rebuilds started during the restore")

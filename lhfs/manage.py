@@ -131,12 +131,19 @@ def cleanup_stale_device(device: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(device)], capture_output=True)
 
 
-def attach(root: Path, name: str, device: Path) -> dict[str, Any]:
+def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict[str, Any]:
+    """Start the engine on ``device``. Only the restore itself attaches a volume that is being
+    restored (``restoring``); anyone else would see a partial volume."""
     vol = volumes.load(root, name)
     runtime = vol.runtime()
     if runtime is not None:
         raise AlreadyExists(f"volume {name} is already attached at {runtime['device']}")
     vol.require_not_standby("attaching it")
+    if vol.config.get("restoring") and not restoring:
+        raise Busy(
+            f"volume {name} holds an unfinished restore of {vol.config['restoring']['backup']}; "
+            f"'lhfs volume rm {name}' and restore again"
+        )
     device = device.absolute()
     for other in volumes.list_names(root):
         info = volumes.load(root, other).runtime()
@@ -218,6 +225,8 @@ def info(root: Path, name: str) -> dict[str, Any]:
             live = None
         if live is not None:
             snapshots = [_snapshot_entry(s) for s in live.pop("snapshots") if s["name"]]
+            if vol.config.get("restoring"):
+                live["state"] = "restoring"
             return {**base, **live, "attached": True, "snapshots": snapshots}
     replicas = [
         {
@@ -234,7 +243,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
             snapshots = [_snapshot_entry(s) for s in store.list_layers() if s["name"]]
     except LhfsError:
         snapshots = []
-    state = "detached"
+    state = "restoring" if vol.config.get("restoring") else "detached"
     if vol.config.get("dr"):
         from .dr import load_state
 

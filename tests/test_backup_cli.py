@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
+from urllib.parse import urlparse
 
 from conftest import needs_fuse
 
 from backupstore.s3 import Bucket, StoreRefused, Target
 from backupstore.store import BackupStore
+from lhfs import volume as volumes
+from lhfs.procs import LHFS, wait_for
 from lhfs.testing import Cli
+from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
 MIB = 1 << 20
@@ -169,3 +174,56 @@ def test_backing_image_backed_up_again_and_twice_at_once(
         "volume", "create", "onimage", "--size", "64M", "--backing-image", "base", "--replicas", "1"
     )
     assert cli.info("onimage")["backing_image"] == image["id"]
+
+
+def test_a_replica_added_during_a_restore(cli: Cli, tmp_path: Path, s3_endpoint: str) -> None:
+    """SCENARIOS.md story 1, restore part: the restore starts with one replica, a second one is
+    added half-way (the store is throttled so that the restore is still running); the restore
+    ends, the volume is healthy with both replicas and equals the backup."""
+    target = "s3://cli-story1/p"
+    cli.run("volume", "create", "src", "--size", "64M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    with open(device, "r+b") as f:
+        f.write(random.Random(7).randbytes(40 * MIB))
+        os.fsync(f.fileno())
+    expected = cli.checksum("src")
+    url = cli.run("backup", "create", "src", "--target", target, "--quiet").stdout.split()[-1]
+    cli.run("volume", "detach", "src")
+
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 256 << 10  # per connection: the 40 MiB take many seconds
+    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
+    restore = subprocess.Popen(
+        [LHFS, "--root", str(cli.root), "backup", "restore", url, "copy", "--replicas", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: (
+                "copy" in volumes.list_names(cli.root) and cli.info("copy")["state"] == "restoring"
+            ),
+            60,
+            "the restore to attach its volume",
+        )
+        assert len(cli.info("copy")["replicas"]) == 1
+        added = cli.run("replica", "add", "copy", "--quiet").stdout
+        assert "is RW" in added
+        assert restore.poll() is None, "the restore ended before the replica was added"
+        out, err = restore.communicate(timeout=300)
+        assert "restored" in out
+        assert restore.returncode == 0, err
+    finally:
+        if restore.poll() is None:
+            restore.kill()
+        proxy.close()
+    info = cli.info("copy")
+    assert info["state"] == "detached" and [r["mode"] for r in info["replicas"]] == ["RW", "RW"]
+    assert cli.checksum("copy") == expected
+    cli.run("volume", "attach", "copy", "--device", str(tmp_path / "copy"))
+    assert cli.info("copy")["state"] == "healthy"
+    assert cli.checksum("copy") == expected
