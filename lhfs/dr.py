@@ -310,7 +310,12 @@ def run(root: Path, name: str) -> int:
                 _step(vol, store, config["volume"], cache, status)
                 failures = 0
             except BlockMissing as exc:
-                if _backup_gone(store, config["volume"], cache):
+                try:
+                    gone = _backup_gone(store, config["volume"], cache)
+                except Exception as again:  # could not ask: not known to be corruption
+                    status.error(str(again))
+                    gone = True
+                if gone:
                     wait = 0  # the backup was deleted under us: move on to the newest
                 else:
                     status.update(state="failed", last_error=str(exc), last_error_at=_now())
@@ -320,8 +325,6 @@ def run(root: Path, name: str) -> int:
                 status.update(state="failed", last_error=str(exc), last_error_at=_now())
                 log.error("stopped: %s", exc)
                 return 1
-            except NotFound:
-                wait = 0  # a backup vanished between listing and reading: look again
             except Exception as exc:  # everything else may pass: retry with capped backoff
                 failures += 1
                 message = str(exc) if isinstance(exc, LhfsError) else f"{type(exc).__name__}: {exc}"

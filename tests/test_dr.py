@@ -179,8 +179,19 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         )
         assert refused.returncode == 1 and "DR standby" in refused.stderr
 
-        # Activation: the newest backup, a normal volume that mounts with the source's files.
-        sixth, sixth_sum = generation(6, 2)
+        # Activation while the follower is half-way through the next increment: the newest
+        # backup, whole, in a normal volume that mounts with the source's files.
+        proxy.rate = 1 * MIB
+        sixth, sixth_sum = generation(6, 24)
+        wait_for(
+            lambda: (
+                (s := standby.json("dr", "status", "dr1"))["applying"] == _name(sixth)
+                and (s["progress"] or 0) >= 10
+            ),
+            120,
+            "the standby to be applying the sixth backup",
+        )
+        proxy.rate = None
         activated = standby.run("dr", "activate", "dr1", "--quiet").stdout
         assert _name(sixth) in activated
         assert standby.checksum("dr1") == sixth_sum
