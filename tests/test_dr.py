@@ -191,9 +191,11 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
             120,
             "the standby to be applying the sixth backup",
         )
-        proxy.rate = None
         activated = standby.run("dr", "activate", "dr1", "--quiet").stdout
+        proxy.rate = None
         assert _name(sixth) in activated
+        log = (cli.root / "volumes" / "dr1" / "dr.log").read_text()
+        assert f"applied {_name(sixth)}" not in log  # the activation finished it, not the follower
         assert standby.checksum("dr1") == sixth_sum
         assert cli.info("dr1")["state"] == "detached"
         mounted = cli.run("mount", "dr1", str(mnt)).stdout
