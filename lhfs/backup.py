@@ -11,6 +11,8 @@ import contextlib
 import os
 import secrets
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
@@ -24,6 +26,8 @@ from .errors import InvalidArgument, NotFound
 from .procs import wait_for
 from .replica_client import SyncReplica
 from .store import ChunkStore, check_name
+
+_WRITERS = 4  # restore writes in flight through the engine
 
 
 def backup_url(target: Target, volume: str, name: str) -> str:
@@ -225,15 +229,18 @@ def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -
         manage.attach(root, new_name, vol.dir / "restore.dev", restoring=True)
         fd = os.open(vol.dir / "restore.dev", os.O_RDWR)
         try:
+            with ThreadPoolExecutor(_WRITERS) as writers:  # the engine serves them at once
+                pending: deque = deque()
 
-            def write(index: int, data: bytes) -> None:
-                view = memoryview(data)[: size - index * block]
-                offset = index * block
-                while view:
-                    done = os.pwrite(fd, view, offset)
-                    view, offset = view[done:], offset + done
+                def write(index: int, data: bytes) -> None:
+                    view = memoryview(data)[: size - index * block]
+                    pending.append(writers.submit(_pwrite_all, fd, view, index * block))
+                    while len(pending) > 2 * _WRITERS:
+                        pending.popleft().result()
 
-            store.restore(volume, name, write, progress)
+                store.restore(volume, name, write, progress)
+                for future in pending:
+                    future.result()
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -249,6 +256,12 @@ def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -
         raise
     vol.update(lambda config: config.pop("restoring", None))
     return vol
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def _await_rebuilds(vol: volumes.Volume) -> None:
