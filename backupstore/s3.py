@@ -195,6 +195,12 @@ class Bucket:
 
         return self._call(f"HEAD {key}", stat)
 
+    def modified(self, key: str) -> float:
+        """When the server last wrote ``key``, by the server's clock (a reference "now" for
+        the age of other objects, whatever the local clock says)."""
+        stat = self._call(f"HEAD {key}", lambda: self.client.stat_object(self.target.bucket, key))
+        return stat.last_modified.timestamp()
+
     def list(self, prefix: str) -> Iterator[Any]:
         """Objects under ``prefix`` (a listing error is raised, never read as "empty")."""
         return iter(

@@ -16,8 +16,11 @@ Backups reuse blocks they find in the store, so a collection and a backup must n
 The two markers are the lock: a collection writes its marker *then* looks for running backups
 (and deletes nothing if there is one); a backup writes its marker *then* waits until no
 collection marker is left. Whichever comes second sees the other (S3 lists are consistent
-after a write), so a block is never deleted under a backup that reuses it. A marker not
-refreshed for a while belongs to a process that died and no longer holds the other side back.
+after a write), so a block is never deleted under a backup that reuses it. Markers are
+refreshed by a heartbeat thread whatever their owner is busy with; one not refreshed for ten
+minutes (twice the longest a single call retries) belongs to a process that died and no longer
+holds the other side back. Ages are measured against the server's clock (the time of the
+asker's own marker), so a skewed local clock cannot make a live marker look dead.
 """
 
 from __future__ import annotations
@@ -27,24 +30,26 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 import zstandard
 
 from lhfs.errors import CorruptState, InvalidArgument, NotFound
+from lhfs.units import format_size
 
 from .s3 import Bucket
 
 BLOCK_SIZE = 2 << 20
-STALE_BACKUP = 600.0  # a backup refreshes its marker every minute
-STALE_COLLECTION = 120.0  # a collection refreshes its marker every 30 s
-_REFRESH = 60.0
+MAX_BLOCK = 16 << 20  # what one replica read may return
+STALE = 600.0  # a marker not refreshed for this long belongs to a dead process
+HEARTBEAT = 30.0
 _META = "x-amz-meta-lhfs-compression"
 
 
@@ -67,6 +72,7 @@ class BackupStats:
     uploaded: int = 0
     uploaded_bytes: int = 0
     reused: int = 0
+    found: set[str] = field(default_factory=set)  # reused because a HEAD found them
 
 
 class BackupStore:
@@ -100,7 +106,12 @@ class BackupStore:
         if found is None:
             raise BlockMissing(f"block {digest} is missing from {self.target}")
         body, meta = found
-        data = zstandard.ZstdDecompressor().decompress(body) if meta.get(_META) == "zstd" else body
+        try:
+            data = (
+                zstandard.ZstdDecompressor().decompress(body) if meta.get(_META) == "zstd" else body
+            )
+        except zstandard.ZstdError:
+            raise CorruptState(f"block {digest} in {self.target} cannot be decompressed") from None
         if digest_of(data) != digest:
             raise CorruptState(f"block {digest} in {self.target} does not match its checksum")
         return data
@@ -110,10 +121,13 @@ class BackupStore:
     def _key(self, volume: str, name: str, suffix: str) -> str:
         return self.target.key("volumes", volume, f"{name}.{suffix}")
 
+    def _meta_key(self, volume: str) -> str:
+        return self.target.key("volumes", volume, "volume.meta")
+
     def block_size(self, volume: str, wanted: int | None) -> int:
-        """The block size of the volume's backups, fixed by its first backup: ``wanted`` (or
-        the default) for a new volume; an error if it asks for another one later."""
-        key = self.target.key("volumes", volume, "volume.meta")
+        """The block size of the volume's backups, fixed by its first complete backup:
+        ``wanted`` (or the default) for a new volume; an error if it asks for another later."""
+        key = self._meta_key(volume)
         found = self.bucket.get(key)
         if found is not None:
             try:
@@ -122,14 +136,13 @@ class BackupStore:
                 raise CorruptState(f"{key} in {self.target} cannot be parsed") from None
             if wanted is not None and wanted != size:
                 raise InvalidArgument(
-                    f"the backups of {volume} in {self.target} use {size >> 10}K blocks; "
+                    f"the backups of {volume} in {self.target} use {format_size(size)} blocks; "
                     "the block size cannot change"
                 )
             return size
         size = wanted or BLOCK_SIZE
-        if size < 4 << 10 or size > 64 << 20 or size & (size - 1):
-            raise InvalidArgument("the backup block size must be a power of two from 4K to 64M")
-        self.bucket.put(key, json.dumps({"format": 1, "block_size": size}).encode())
+        if size < 4 << 10 or size > MAX_BLOCK or size & (size - 1):
+            raise InvalidArgument("the backup block size must be a power of two from 4K to 16M")
         return size
 
     def create(
@@ -142,6 +155,7 @@ class BackupStore:
         block_size: int | None = None,
         progress: Callable[[float], None] = lambda pct: None,
         base: tuple[str, list[int]] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], BackupStats]:
         """Back a volume's content up block by block; returns the manifest and what moved.
 
@@ -152,17 +166,15 @@ class BackupStore:
         store lacks are sent)."""
         self.bucket.ensure()
         block_size = self.block_size(volume, block_size)
-        running = self._key(volume, name, "running")
         started = time.time()
-        self.bucket.put(running, json.dumps({"started": started}).encode())
-        try:
-            self._await_collections()
+        running = _Marker(self.bucket, self._key(volume, name, "running"))
+        with running:
+            self._await_collections(running.key)
             count = -(-size // block_size)
             previous, changed = self._base(volume, base, size, block_size)
             known = self._latest_digests(volume) | {d for d in previous if d}
             stats = BackupStats(blocks=count)
             digests: list[str | None] = [None] * count
-            last_mark = time.monotonic()
             with ThreadPoolExecutor(self.workers) as pool:
                 pending: list = []
                 for index in range(count):
@@ -178,14 +190,12 @@ class BackupStore:
                                 stats.reused += 1
                             else:
                                 known.add(digest)
-                                pending.append(pool.submit(self.put_block, data, digest))
+                                pending.append((digest, pool.submit(self.put_block, data, digest)))
                         if len(pending) >= 2 * self.workers:
                             self._settle(pending, stats)
-                    if time.monotonic() - last_mark > _REFRESH:  # "still running"
-                        self.bucket.put(running, json.dumps({"started": started}).encode())
-                        last_mark = time.monotonic()
                     progress(100 * (index + 1) / count)
                 self._settle(pending, stats)
+            self._recheck(stats.found)
             manifest = {
                 "format": 1,
                 "volume": volume,
@@ -196,15 +206,24 @@ class BackupStore:
                 "size": size,
                 "block_size": block_size,
                 "blocks": digests,
+                **(extra or {}),
             }
-        except BaseException:
-            with contextlib.suppress(Exception):  # a failed backup is not "in progress"
-                self.bucket.delete(running)
-            raise
-        self.bucket.put(self._key(volume, name, "json"), json.dumps(manifest).encode())
-        self.bucket.delete(running)
+            self.bucket.put(self._key(volume, name, "json"), json.dumps(manifest).encode())
+            if self.bucket.get(self._meta_key(volume)) is None:  # the first complete backup
+                meta = {"format": 1, "block_size": block_size}
+                self.bucket.put(self._meta_key(volume), json.dumps(meta).encode())
         progress(100.0)
         return manifest, stats
+
+    def _recheck(self, found: set[str]) -> None:
+        """Blocks reused only because a HEAD found them (not named by a manifest this backup
+        read) are checked once more before the manifest names them: a cheap second guard
+        besides the collection lock."""
+        missing = [d for d in found if not self.bucket.exists(self._block_key(d))]
+        if missing:
+            raise CorruptState(
+                f"{len(missing)} block(s) vanished during the backup; run the backup again"
+            )
 
     def _base(
         self, volume: str, base: tuple[str, list[int]] | None, size: int, block_size: int
@@ -225,17 +244,12 @@ class BackupStore:
             changed.update(range(max(0, len(previous) - 1), -(-size // block_size)))
         return previous, changed
 
-    def _await_collections(self) -> None:
-        """Wait until no collection runs (this backup's marker keeps new ones from deleting)."""
+    def _await_collections(self, own: str) -> None:
+        """Wait until no collection runs (this backup's marker, ``own``, keeps new ones from
+        deleting)."""
         waited = False
         while True:
-            now = time.time()
-            active = [
-                obj
-                for obj in self.bucket.list(self.target.key("locks") + "/")
-                if now - obj.last_modified.timestamp() < STALE_COLLECTION
-            ]
-            if not active:
+            if not self._live(self.target.key("locks") + "/", own, lambda name: True):
                 return
             if not waited:
                 log.info("waiting for a collection of unreferenced blocks to finish")
@@ -244,13 +258,14 @@ class BackupStore:
 
     @staticmethod
     def _settle(pending: list, stats: BackupStats) -> None:
-        for future in pending:
+        for digest, future in pending:
             sent = future.result()
             if sent:
                 stats.uploaded += 1
                 stats.uploaded_bytes += sent
             else:
                 stats.reused += 1
+                stats.found.add(digest)
         pending.clear()
 
     def _latest_digests(self, volume: str) -> set[str]:
@@ -367,36 +382,36 @@ class BackupStore:
 
     def collect(self) -> int:
         """Delete the blocks no complete backup references; nothing while a backup runs."""
-        marker = self.target.key("locks", f"collect-{secrets.token_hex(8)}")
-        self.bucket.put(marker, b"")
-        try:
-            if self._running():
+        marker = _Marker(self.bucket, self.target.key("locks", f"collect-{secrets.token_hex(8)}"))
+        with marker:
+            if self._running(marker.key):
                 return 0
             referenced: set[str] = set()
             for backup in self.list():
                 if backup["state"] == "complete":
                     manifest = self.manifest(backup["volume"], backup["name"])
                     referenced.update(d for d in manifest["blocks"] if d)
+            if self._running(marker.key):  # a second look, now that the work is known
+                return 0
             removed = 0
-            last_mark = time.monotonic()
             for obj in self._blocks():
                 if obj.object_name.rsplit("/", 1)[1] not in referenced:
                     self.bucket.delete(obj.object_name)
                     removed += 1
-                if time.monotonic() - last_mark > STALE_COLLECTION / 4:
-                    self.bucket.put(marker, b"")
-                    last_mark = time.monotonic()
             return removed
-        finally:
-            with contextlib.suppress(Exception):
-                self.bucket.delete(marker)
 
-    def _running(self) -> bool:
-        now = time.time()
+    def _running(self, own: str) -> bool:
+        prefix = self.target.key("volumes") + "/"
+        return self._live(prefix, own, lambda name: name.endswith(".running"))
+
+    def _live(self, prefix: str, own: str, match: Callable[[str], bool]) -> bool:
+        """Whether a fresh marker (other than ``own``) matching ``match`` is under ``prefix``;
+        "fresh" by the server's clock, read from the time of ``own``."""
+        now = self.bucket.modified(own)
         return any(
-            now - obj.last_modified.timestamp() < STALE_BACKUP
-            for obj in self.bucket.list(self.target.key("volumes") + "/")
-            if obj.object_name.endswith(".running")
+            now - obj.last_modified.timestamp() < STALE
+            for obj in self.bucket.list(prefix)
+            if obj.object_name != own and match(obj.object_name)
         )
 
     def _blocks(self) -> Iterator[Any]:
@@ -409,3 +424,36 @@ class BackupStore:
 def order(backup: dict[str, Any]) -> tuple:
     """Oldest first: by creation time, then by the sub-second start within that second."""
     return (backup["created"], backup.get("started") or 0.0, backup["name"])
+
+
+class _Marker:
+    """An object saying "running" for as long as a ``with`` block lasts: written on entry,
+    rewritten every ``HEARTBEAT`` seconds by a thread (whatever the block is waiting on),
+    deleted on exit, also when the block fails."""
+
+    def __init__(self, bucket: Bucket, key: str) -> None:
+        self.bucket = bucket
+        self.key = key
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _write(self) -> None:
+        self.bucket.put(self.key, json.dumps({"refreshed": time.time()}).encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                self._write()
+            except Exception as exc:  # the next beat tries again; the owner goes on
+                log.warning("could not refresh %s: %s", self.key, exc)
+
+    def __enter__(self) -> _Marker:
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()  # a beat in flight must not write the marker back after this
+        with contextlib.suppress(Exception):
+            self.bucket.delete(self.key)

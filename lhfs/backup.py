@@ -22,7 +22,7 @@ from backupstore.store import BackupStats, BackupStore
 
 from . import control, manage
 from . import volume as volumes
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, LhfsError, NotFound
 from .procs import wait_for
 from .replica_client import SyncReplica
 from .store import ChunkStore, check_name
@@ -43,10 +43,12 @@ def parse_backup_url(url: str) -> tuple[Target, str, str]:
     return target, query["volume"][0], query["backup"][0]
 
 
-def fitting_chunk(size: int) -> int:
-    """The default 64 KiB chunk, or the largest smaller power of two that divides ``size``
-    (a restored volume must take the size of its source, whatever chunks that one used)."""
-    chunk = 64 << 10
+def chunk_for(manifest: dict[str, Any]) -> int:
+    """The chunk size of a volume made from a backup: the default 64 KiB, or smaller when the
+    size needs it or the source used smaller chunks (the source may grow by one of its own
+    chunks, which must stay a whole number of ours)."""
+    size = manifest["size"]
+    chunk = min(64 << 10, manifest.get("chunk_size") or 64 << 10)
     while size % chunk:
         chunk //= 2
     return chunk
@@ -58,56 +60,65 @@ def open_store(target: Target) -> BackupStore:
 
 class _Source:
     """Where a backup reads its snapshot: a healthy replica process of an attached volume, or
-    the freshest local directory of a detached one."""
+    the freshest local directory of a detached one. Before anything is read it learns, from
+    every healthy replica that answers, the snapshot's layer id there and the replica's
+    rebuild count: what the next backup needs to take its changed blocks from the chain."""
 
-    def __init__(self, vol: volumes.Volume) -> None:
-        self.vol = vol
+    def __init__(self, vol: volumes.Volume, snapshot: str) -> None:
+        self.snapshot = snapshot
         self.remote: SyncReplica | None = None
         self.local: ChunkStore | None = None
+        self.bases: dict[str, dict[str, Any]] = {}
         if vol.runtime() is not None:
             info = control.call(vol.control_socket, "info")
-            replica = next(r for r in info["replicas"] if r["mode"] == "RW")
-            self.replica_id = replica["id"]
-            self.remote = SyncReplica(replica["address"])
-        else:
-            directory = manage.freshest_local(vol)
-            self.replica_id = directory.name
-            self.local = ChunkStore.open(directory)
-
-    def call(self, method: str, *args: Any) -> Any:
-        if self.remote is not None:
-            names = {"changed_blocks": ("base", "top", "block_size")}.get(method, ())
-            return self.remote.call(method, **dict(zip(names, args, strict=True)))
-        assert self.local is not None
-        return getattr(self.local, method)(*args)
-
-    def read(self, snapshot: str, index: int, block: int) -> bytes:
-        if self.remote is not None:
-            return self.remote.read_snapshot(snapshot, index * block, block)
-        assert self.local is not None
-        return bytes(self.local.read_snapshot(snapshot, index * block, block))
-
-    def layer_ids(self, snapshot: str) -> dict[str, str]:
-        """The snapshot's layer id on every healthy replica (ids differ between replicas)."""
-        out = {}
-        if self.remote is not None:
-            info = control.call(self.vol.control_socket, "info")
-            for replica in info["replicas"]:
-                if replica["mode"] == "RW":
+            healthy = [r for r in info["replicas"] if r["mode"] == "RW"]
+            if not healthy:
+                raise NotFound(f"volume {vol.name} has no healthy replica to read from")
+            for replica in healthy:
+                with contextlib.suppress(LhfsError):
                     other = SyncReplica(replica["address"])
                     try:
-                        out[replica["id"]] = _layer_id(other.call("list_layers"), snapshot)
+                        self.bases[replica["id"]] = _base_of(
+                            other.call("list_layers"), other.call("info"), snapshot
+                        )
                     finally:
                         other.close()
-            return out
+            self.replica_id = healthy[0]["id"]
+            self.remote = SyncReplica(healthy[0]["address"])
+        else:
+            directory = manage.freshest_local(vol)
+            for other in manage.healthy_local_dirs(vol):
+                with contextlib.suppress(LhfsError), ChunkStore.open(other) as store:
+                    self.bases[other.name] = _base_of(store.list_layers(), store.info(), snapshot)
+            self.replica_id = directory.name
+            self.local = ChunkStore.open(directory)
+        if self.replica_id not in self.bases:
+            self.close()
+            raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")
+        self.size = self.bases[self.replica_id]["size"]
+
+    def changed_blocks(self, record: dict[str, Any] | None, block: int) -> list[int] | None:
+        """Blocks changed since the recorded base, or None when the chain cannot tell."""
+        base = (record or {}).get("layers", {}).get(self.replica_id)
+        here = self.bases[self.replica_id]
+        if not isinstance(base, dict) or base.get("rebuilds") != here["rebuilds"]:
+            return None  # unknown, or this replica was rebuilt since: its layers were rewritten
+        if self.remote is not None:
+            return self.remote.call(
+                "changed_blocks", base=base["layer"], top=self.snapshot, block_size=block
+            )
         assert self.local is not None
-        out[self.replica_id] = _layer_id(self.local.list_layers(), snapshot)
-        self.local.close()
-        for directory in manage.healthy_local_dirs(self.vol):
-            if directory.name != self.replica_id:
-                with ChunkStore.open(directory) as store:
-                    out[directory.name] = _layer_id(store.list_layers(), snapshot)
-        return out
+        return self.local.changed_blocks(base["layer"], self.snapshot, block)
+
+    def read(self, index: int, block: int) -> bytes:
+        """One backup block of the snapshot, zero-padded past its end."""
+        length = min(block, self.size - index * block)
+        if self.remote is not None:
+            data = self.remote.read_snapshot(self.snapshot, index * block, length)
+        else:
+            assert self.local is not None
+            data = bytes(self.local.read_snapshot(self.snapshot, index * block, length))
+        return data + bytes(block - len(data))
 
     def close(self) -> None:
         if self.remote is not None:
@@ -116,10 +127,11 @@ class _Source:
             self.local.close()
 
 
-def _layer_id(layers: list[dict[str, Any]], snapshot: str) -> str:
+def _base_of(layers: list[dict[str, Any]], info: dict[str, Any], snapshot: str) -> dict[str, Any]:
     for layer in layers:
         if snapshot in (layer["name"], layer["id"]):
-            return layer["id"]
+            size = layer["volume_size"]
+            return {"layer": layer["id"], "size": size, "rebuilds": info["rebuilds"]}
     raise NotFound(f"no snapshot {snapshot!r}")
 
 
@@ -132,45 +144,40 @@ def create(
     block_size: int | None = None,
 ) -> tuple[str, BackupStats]:
     """Back a snapshot up (a new one unless named). Incremental from the snapshot chain when
-    this volume's last backup to the same target is still there and its snapshot still lies
-    below: only blocks touching chunks written since are read. The volume's configuration
-    keeps, per target, that backup and its snapshot's layer id on each replica."""
+    this volume's last backup to the same target is still there, its snapshot still lies below
+    and the replica read from was not rebuilt since: only blocks touching chunks written since
+    are read. The volume's configuration keeps, per target, that backup and its snapshot's
+    layer id and rebuild count on each replica."""
     target = Target.parse(url)
     vol = volumes.load(root, name)
     vol.require_not_standby("a backup")
+    vol.require_complete("a backup")
     if snapshot is None:
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         snapshot = manage.snapshot_create(root, name, f"backup-{stamp}")["name"]
     check_name(snapshot, "snapshot name")
     store = open_store(target)
     backup_name = f"{snapshot}-{int(time.time() * 1000) % 10**9}"
-    source = _Source(vol)
+    source = _Source(vol, snapshot)
     try:
-        _layer_id(source.call("list_layers"), snapshot)  # NotFound before anything is sent
-        size = store.block_size(name, block_size) if block_size else None
+        store.bucket.ensure()
+        block = store.block_size(name, block_size)
         record = vol.config.get("backups", {}).get(str(target))
-        base = None
-        if record and source.replica_id in record["layers"]:
-            blocks = size or store.block_size(name, None)
-            changed = source.call(
-                "changed_blocks", record["layers"][source.replica_id], snapshot, blocks
-            )
-            if changed is not None:
-                base = (record["backup"], changed)
+        changed = source.changed_blocks(record, block)
         _manifest, stats = store.create(
             name,
             backup_name,
-            vol.size,
-            lambda index, block: source.read(snapshot, index, block),
+            source.size,
+            source.read,
             snapshot=snapshot,
-            block_size=block_size,
+            block_size=block,
             progress=progress,
-            base=base,
+            base=None if changed is None or record is None else (record["backup"], changed),
+            extra={"chunk_size": vol.chunk_size},
         )
-        layers = source.layer_ids(snapshot)
     finally:
         source.close()
-    done = {"backup": backup_name, "snapshot": snapshot, "layers": layers}
+    done = {"backup": backup_name, "snapshot": snapshot, "layers": source.bases}
     vol.update(lambda config: config.setdefault("backups", {}).update({str(target): done}))
     return backup_url(target, name, backup_name), stats
 
@@ -224,7 +231,7 @@ def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -
         raise InvalidArgument(f"volume {new_name} already exists")
     size, block = manifest["size"], manifest["block_size"]
     mark = {"restoring": {"backup": url, "pid": os.getpid()}}
-    vol = manage.create(root, new_name, size, fitting_chunk(size), replicas, None, mark)
+    vol = manage.create(root, new_name, size, chunk_for(manifest), replicas, None, mark)
     try:
         manage.attach(root, new_name, vol.dir / "restore.dev", restoring=True)
         fd = os.open(vol.dir / "restore.dev", os.O_RDWR)

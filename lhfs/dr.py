@@ -45,7 +45,7 @@ from backupstore.store import BackupStore, BlockMissing, order
 
 from . import manage
 from . import volume as volumes
-from .backup import fitting_chunk
+from .backup import chunk_for
 from .durable import atomic_write, atomic_write_json
 from .errors import AlreadyExists, Busy, CorruptState, InvalidArgument, LhfsError, NotFound
 from .procs import wait_for
@@ -59,6 +59,10 @@ LOCK = "dr.lock"
 LOG = "dr.log"
 UNKNOWN = "?"
 STOP_TIMEOUT = 60.0
+
+
+class BackupDeleted(LhfsError):
+    """The backup being applied was deleted from the store half-way: not corruption."""
 
 
 # -- the durable record of what the standby holds --------------------------------------------
@@ -122,10 +126,10 @@ def apply(
     state = load_state(vol)
     size, block = manifest["size"], manifest["block_size"]
     target = manifest["blocks"]
-    if size < vol.size:
-        raise CorruptState(
-            f"backup {manifest['name']} ({size} bytes) is smaller than the standby "
-            f"({vol.size} bytes): a volume never shrinks"
+    if size < vol.size:  # the backups it grew in were deleted: wait for a newer one
+        raise InvalidArgument(
+            f"the newest backup, {manifest['name']} ({size} bytes), is smaller than the "
+            f"standby ({vol.size} bytes); a volume never shrinks: waiting for a newer backup"
         )
     if state["block_size"] == block:
         held = list(state["blocks"]) + [None] * (len(target) - len(state["blocks"]))
@@ -145,9 +149,19 @@ def apply(
         try:
             _write_blocks(dirs, store, [(i, target[i]) for i in todo], size, block, stats, progress)
         except CorruptState as exc:
-            if roll_back and not isinstance(exc, BlockMissing) and state["backup"]:
-                back = {**state, "name": state["backup"], "size": size, "blocks": previous}
-                with contextlib.suppress(LhfsError, OSError):
+            if isinstance(exc, BlockMissing) and _deleted(store, manifest):
+                raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
+            if roll_back and state["backup"]:
+                back = {
+                    **state,
+                    "volume": manifest["volume"],
+                    "name": state["backup"],
+                    "size": size,
+                    "blocks": previous,
+                }
+                # If the old blocks are damaged or gone too, the marks stay; anything else
+                # (the store went away) propagates, and the caller tries again later.
+                with contextlib.suppress(CorruptState, BackupDeleted):
                     apply(vol, store, back, roll_back=False)
             raise
     _save_state(
@@ -164,6 +178,14 @@ def apply(
     progress(100.0)
     stats["seconds"] = round(time.monotonic() - started, 3)
     return stats
+
+
+def _deleted(store: BackupStore, manifest: dict[str, Any]) -> bool:
+    try:
+        store.manifest(manifest["volume"], manifest["name"])
+    except NotFound:
+        return True
+    return False
 
 
 def _write_blocks(
@@ -239,9 +261,14 @@ class Status:
         self._progress_written = 0.0
 
     def update(self, **fields: Any) -> None:
+        """Best effort: a status that cannot be written (a full disk) must not stop the
+        follower; the log still says what happens."""
         with self._lock:
             self.data.update(fields)
-            atomic_write(self.path, json.dumps(self.data, indent=1).encode())
+            try:
+                atomic_write(self.path, json.dumps(self.data, indent=1).encode())
+            except OSError as exc:
+                log.warning("could not write %s: %s", self.path, exc)
 
     def error(self, message: str) -> None:
         self.update(state="retrying", last_error=message, last_error_at=_now())
@@ -289,7 +316,7 @@ def run(root: Path, name: str) -> int:
     """The follower: poll, apply, repeat, until activation, a signal or corruption."""
     vol = volumes.load(root, name)
     config = dr_config(vol)
-    lock = _lock(vol)
+    lock = _lock(vol, wait=5.0)  # a `dr status` may hold it for a moment
     signal.signal(signal.SIGTERM, _stop_signal)
     status = Status(vol)
     interval, retry_max = config["interval"], config["retry_max"]
@@ -309,18 +336,8 @@ def run(root: Path, name: str) -> int:
             try:
                 _step(vol, store, config["volume"], cache, status)
                 failures = 0
-            except BlockMissing as exc:
-                try:
-                    gone = _backup_gone(store, config["volume"], cache)
-                except Exception as again:  # could not ask: not known to be corruption
-                    status.error(str(again))
-                    gone = True
-                if gone:
-                    wait = 0  # the backup was deleted under us: move on to the newest
-                else:
-                    status.update(state="failed", last_error=str(exc), last_error_at=_now())
-                    log.error("stopped: %s", exc)
-                    return 1
+            except BackupDeleted:
+                wait = 0  # deleted under us (its marked blocks get redone): on to the newest
             except CorruptState as exc:
                 status.update(state="failed", last_error=str(exc), last_error_at=_now())
                 log.error("stopped: %s", exc)
@@ -328,8 +345,9 @@ def run(root: Path, name: str) -> int:
             except Exception as exc:  # everything else may pass: retry with capped backoff
                 failures += 1
                 message = str(exc) if isinstance(exc, LhfsError) else f"{type(exc).__name__}: {exc}"
-                status.error(message)
-                log.warning("attempt %d failed: %s", failures, message)
+                with contextlib.suppress(Exception):
+                    status.error(message)
+                    log.warning("attempt %d failed: %s", failures, message)
                 wait = min(retry_max, interval * 2**failures) * random.uniform(0.5, 1.0)
             time.sleep(wait)
     finally:
@@ -337,14 +355,6 @@ def run(root: Path, name: str) -> int:
             if status.data["state"] != "failed":
                 status.update(state="stopped", progress=None)
         os.close(lock)
-
-
-def _backup_gone(store: BackupStore, volume: str, cache: dict[str, dict[str, Any]]) -> bool:
-    """After a missing block: was the backup being applied deleted (move on) or is a complete
-    backup missing a block (corruption)?"""
-    before = set(cache)
-    newest_backup(store, volume, cache)
-    return set(cache) != before
 
 
 def _step(
@@ -399,7 +409,7 @@ def create(
         "retry_max": retry_max,
         "created": time.time(),
     }
-    vol = manage.create(root, name, size, fitting_chunk(size), replicas, None, {"dr": config})
+    vol = manage.create(root, name, size, chunk_for(newest), replicas, None, {"dr": config})
     count = len(newest["blocks"])
     _save_state(  # a new volume reads as zeros everywhere
         vol,
@@ -520,33 +530,50 @@ def activate(
     config = dr_config(vol)
     lock = stop(vol)
     try:
-        state = load_state(vol)
-        if offline:
-            if state["backup"] is None or UNKNOWN in state["blocks"]:
-                raise InvalidArgument(
-                    f"volume {name} holds no fully restored backup: it cannot be activated offline"
-                )
-            backup = state["backup"]
-        else:
-            store = BackupStore(Bucket(Target.parse(config["target"]), deadline=120.0))
-            newest = newest_backup(store, config["volume"], {})
-            if newest is None:
-                raise NotFound(f"{config['target']} holds no backup of {config['volume']}")
-            apply(volumes.load(root, name), store, newest, progress)
-            backup = newest["name"]
-        activated = {**config, "backup": backup, "activated": _now()}
-
-        def change(c: dict[str, Any]) -> None:
-            c.pop("dr", None)
-            c["activated_from"] = activated
-
-        vol.update(change)
-        for leftover in (STATUS, STATE):
-            with contextlib.suppress(FileNotFoundError):
-                (vol.dir / leftover).unlink()
-    finally:
+        backup = _activate(root, vol, config, offline, progress)
+    except BaseException as exc:
         os.close(lock)
+        if isinstance(exc, LhfsError):  # still a standby: it goes on following
+            with contextlib.suppress(LhfsError):
+                start(root, name)
+            raise type(exc)(f"{exc} (still a standby, following again)") from None
+        raise
+    os.close(lock)
     return {"name": name, "backup": backup}
+
+
+def _activate(
+    root: Path,
+    vol: volumes.Volume,
+    config: dict[str, Any],
+    offline: bool,
+    progress: Callable[[float], None],
+) -> str:
+    state = load_state(vol)
+    if offline:
+        if state["backup"] is None or UNKNOWN in state["blocks"]:
+            raise InvalidArgument(
+                f"volume {vol.name} holds no fully restored backup: it cannot be activated offline"
+            )
+        backup = state["backup"]
+    else:
+        store = BackupStore(Bucket(Target.parse(config["target"]), deadline=120.0))
+        newest = newest_backup(store, config["volume"], {})
+        if newest is None:
+            raise NotFound(f"{config['target']} holds no backup of {config['volume']}")
+        apply(volumes.load(root, vol.name), store, newest, progress)
+        backup = newest["name"]
+    activated = {**config, "backup": backup, "activated": _now()}
+
+    def change(c: dict[str, Any]) -> None:
+        c.pop("dr", None)
+        c["activated_from"] = activated
+
+    vol.update(change)
+    for leftover in (STATUS, STATE):
+        with contextlib.suppress(FileNotFoundError):
+            (vol.dir / leftover).unlink()
+    return backup
 
 
 def remove(vol: volumes.Volume) -> None:

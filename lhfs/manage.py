@@ -139,11 +139,8 @@ def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict
     if runtime is not None:
         raise AlreadyExists(f"volume {name} is already attached at {runtime['device']}")
     vol.require_not_standby("attaching it")
-    if vol.config.get("restoring") and not restoring:
-        raise Busy(
-            f"volume {name} holds an unfinished restore of {vol.config['restoring']['backup']}; "
-            f"'lhfs volume rm {name}' and restore again"
-        )
+    if not restoring:
+        vol.require_complete(f"attaching it ('lhfs volume rm {name}' and restore again)")
     device = device.absolute()
     for other in volumes.list_names(root):
         info = volumes.load(root, other).runtime()
@@ -299,6 +296,7 @@ def expand(root: Path, name: str, size: int) -> None:
     if size % vol.chunk_size:
         raise InvalidArgument(f"size {size} is not a multiple of the chunk size {vol.chunk_size}")
     vol.require_not_standby("expanding it")
+    vol.require_complete("expanding it")
     if vol.runtime() is not None:
         control.call(vol.control_socket, "expand", size=size)
         return
@@ -310,6 +308,7 @@ def snapshot_create(root: Path, name: str, snapshot: str | None) -> dict[str, An
     vol = volumes.load(root, name)
     snapshot = check_name(snapshot or time.strftime("snap-%Y%m%d-%H%M%S"), "snapshot name")
     vol.require_not_standby("a snapshot")
+    vol.require_complete("a snapshot")
     if vol.runtime() is not None:
         return _snapshot_entry(control.call(vol.control_socket, "snapshot", name=snapshot))
     dirs = healthy_local_dirs(vol)

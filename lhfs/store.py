@@ -591,6 +591,7 @@ class ChunkStore:
             "backing_image": backing and {"id": backing["id"], "file": backing["file"]},
             "layers": len(self.layers),
             "operation": self.operation,
+            "rebuilds": self.meta.get("rebuilds", 0),
         }
 
     def is_blank(self) -> bool:
@@ -701,6 +702,7 @@ class ChunkStore:
         for lid in dropped:
             del self.meta["layers"][lid]
         self.meta["head"] = head
+        self.meta["rebuilds"] = self.meta.get("rebuilds", 0) + 1  # kept layers may be rewritten
         self.revision = revision
         self.layers[head].revision = revision
         self._save_meta()

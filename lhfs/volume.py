@@ -107,6 +107,14 @@ class Volume:
                 f"'lhfs dr activate {self.name}'"
             )
 
+    def require_complete(self, action: str) -> None:
+        """A volume being restored holds part of a backup: nothing may take it for data."""
+        if self.config.get("restoring"):
+            raise Busy(
+                f"volume {self.name} holds an unfinished restore of "
+                f"{self.config['restoring']['backup']}: {action} is refused"
+            )
+
     def runtime(self) -> dict[str, Any] | None:
         """What the running engine published (pid, device), or None when none runs."""
         try:

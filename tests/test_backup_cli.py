@@ -211,6 +211,8 @@ def test_a_replica_added_during_a_restore(cli: Cli, tmp_path: Path, s3_endpoint:
             "the restore to attach its volume",
         )
         assert len(cli.info("copy")["replicas"]) == 1
+        refused = cli.run("backup", "create", "copy", "--target", target, check=False)
+        assert refused.returncode == 1 and "unfinished restore" in refused.stderr
         added = cli.run("replica", "add", "copy", "--quiet").stdout
         assert "is RW" in added
         assert restore.poll() is None, "the restore ended before the replica was added"
@@ -226,4 +228,23 @@ def test_a_replica_added_during_a_restore(cli: Cli, tmp_path: Path, s3_endpoint:
     assert cli.checksum("copy") == expected
     cli.run("volume", "attach", "copy", "--device", str(tmp_path / "copy"))
     assert cli.info("copy")["state"] == "healthy"
+    assert cli.checksum("copy") == expected
+
+
+def test_a_block_size_that_does_not_divide_the_volume(cli: Cli, s3_endpoint: str) -> None:
+    """The last block is short: it is read short and padded, and restores exactly; the
+    volume's block size is then fixed in the target."""
+    target = "s3://cli-odd/p"
+    cli.run("volume", "create", "odd", "--size", "100M", "--replicas", "1")
+    cli.run("snapshot", "create", "odd", "empty")
+    expected = cli.checksum("odd")
+    url = cli.run(
+        "backup", "create", "odd", "--target", target, "--block-size", "8M", "--quiet"
+    ).stdout.split()[-1]
+    changed = cli.run(
+        "backup", "create", "odd", "--target", target, "--block-size", "4M", check=False
+    )
+    assert changed.returncode == 1 and "use 8M blocks" in changed.stderr
+    cli.run("backup", "restore", url, "copy", "--replicas", "1", "--quiet")
+    assert cli.json("volume", "info", "copy")["size"] == 100 * MIB
     assert cli.checksum("copy") == expected

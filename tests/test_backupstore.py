@@ -128,6 +128,9 @@ def test_a_corrupt_block_fails_the_restore(store: BackupStore) -> None:
     store.bucket.put(store._block_key(digest), b"\0" * 4096, {"lhfs-compression": "none"})
     with pytest.raises(CorruptState, match="does not match"):
         store.restore("v", "b", lambda i, d: None)
+    store.bucket.put(store._block_key(digest), b"\1" * 64, {"lhfs-compression": "zstd"})
+    with pytest.raises(CorruptState, match="cannot be decompressed"):
+        store.restore("v", "b", lambda i, d: None)
 
 
 def test_unreachable_store_is_not_an_empty_store(s3_endpoint: str) -> None:
