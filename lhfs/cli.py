@@ -694,7 +694,16 @@ def _backup_parsers(groups: Any) -> None:
     p.add_argument("--volume", help="only this volume's backups")
     p = _verb(verbs, "rm", cmd_backup_rm, "delete a backup and collect unreferenced blocks")
     p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
-    p = _verb(verbs, "restore", cmd_backup_restore, "restore a backup into a new volume")
+    p = _verb(
+        verbs,
+        "restore",
+        cmd_backup_restore,
+        "restore a backup into a new volume",
+        description="Create NAME and write the backup into it through its engine (the volume "
+        "is attached on a file in its directory while the restore runs and shows as "
+        "'restoring'; 'lhfs replica add NAME' works meanwhile). Every block is checked "
+        "against its checksum; a failed restore leaves no volume behind.",
+    )
     p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
     p.add_argument("name", help="the new volume")
     p.add_argument("--replicas", type=int, default=3, help="replicas of the new volume")
