@@ -132,6 +132,9 @@ def _print_volume(info: dict[str, Any]) -> None:
         f"{info['name']}: {info['state']}, {format_size(info['size'])}"
         + (f", device {info['device']}" if info.get("device") else "")
     )
+    restoring = info.get("restoring")
+    if restoring and restoring["interrupted"]:
+        print(f"  restore of {restoring['backup']} interrupted: 'lhfs volume rm {info['name']}'")
     for replica in info["replicas"]:
         print(_replica_line(replica))
     if info.get("snapshots"):

@@ -215,6 +215,9 @@ def info(root: Path, name: str) -> dict[str, Any]:
         "backing_image": vol.config.get("backing_image"),
         "filesystem": vol.filesystem,
     }
+    if vol.config.get("restoring"):  # a restore whose process died leaves it incomplete
+        mark = vol.config["restoring"]
+        base["restoring"] = {**mark, "interrupted": not volumes.alive(mark["pid"])}
     if vol.runtime() is not None:
         try:
             live = control.call(vol.control_socket, "info", timeout=30)

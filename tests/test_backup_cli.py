@@ -276,3 +276,47 @@ def test_a_replica_rebuilt_in_place_is_read_in_full_once(
     assert "read 32 of 32 blocks, uploaded 0" in out
     out = cli.run("backup", "create", "rb", "--target", target).stdout
     assert "read 0 of 32 blocks" in out
+
+
+def test_a_restore_killed_half_way(cli: Cli, tmp_path: Path, s3_endpoint: str) -> None:
+    """SIGKILL of the restore: its engine goes with it, and the half-written volume says so,
+    cannot be attached or backed up as if it were whole, and goes away with rm."""
+    target = "s3://cli-killed-restore/p"
+    cli.run("volume", "create", "src", "--size", "64M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    with open(device, "r+b") as f:
+        f.write(random.Random(8).randbytes(32 * MIB))
+        os.fsync(f.fileno())
+    url = cli.run("backup", "create", "src", "--target", target, "--quiet").stdout.split()[-1]
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 256 << 10
+    restore = subprocess.Popen(
+        [LHFS, "--root", str(cli.root), "backup", "restore", url, "half", "--quiet"],
+        env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: (
+                "half" in volumes.list_names(cli.root) and cli.info("half")["state"] == "restoring"
+            ),
+            60,
+            "the restore to start writing",
+        )
+        restore.kill()
+        restore.wait(30)
+    finally:
+        proxy.close()
+    wait_for(lambda: not cli.info("half")["attached"], 30, "the restore's engine to follow it")
+    info = cli.info("half")
+    assert info["restoring"]["interrupted"] and info["restoring"]["backup"] == url
+    for args in (("backup", "create", "half", "--target", target), ("snapshot", "create", "half")):
+        refused = cli.run(*args, check=False)
+        assert refused.returncode == 1 and "unfinished restore" in refused.stderr
+    refused = cli.run("volume", "attach", "half", "--device", str(tmp_path / "h"), check=False)
+    assert refused.returncode == 1 and "unfinished restore" in refused.stderr
+    cli.run("volume", "rm", "half")
+    assert "half" not in volumes.list_names(cli.root)
