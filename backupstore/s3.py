@@ -14,6 +14,7 @@ appear in messages.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import random
@@ -209,6 +210,17 @@ class Bucket:
                 lambda: list(self.client.list_objects(self.target.bucket, prefix, recursive=True)),
             )
         )
+
+    def list_upto(self, prefix: str, limit: int) -> list[Any] | None:
+        """The objects under ``prefix`` if there are at most ``limit``, else None (without
+        listing further)."""
+
+        def fetch() -> list[Any]:
+            objects = self.client.list_objects(self.target.bucket, prefix, recursive=True)
+            return list(itertools.islice(objects, limit + 1))
+
+        found = self._call(f"LIST {prefix}", fetch)
+        return found if len(found) <= limit else None
 
     def delete(self, key: str) -> None:
         self._call(f"DELETE {key}", lambda: self.client.remove_object(self.target.bucket, key))

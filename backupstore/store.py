@@ -50,6 +50,8 @@ BLOCK_SIZE = 2 << 20
 MAX_BLOCK = 16 << 20  # what one replica read may return
 STALE = 600.0  # a marker not refreshed for this long belongs to a dead process
 HEARTBEAT = 30.0
+_LIST_OVER = 64  # a backup reading more blocks than this lists the store's blocks once...
+_LIST_UPTO = 20_000  # ...if it holds at most this many (20 listing requests)
 _META = "x-amz-meta-lhfs-compression"
 
 
@@ -88,10 +90,12 @@ class BackupStore:
     def _block_key(self, digest: str) -> str:
         return self.target.key("blocks", digest[:2], digest)
 
-    def put_block(self, data: bytes, digest: str) -> int:
-        """Store a block unless the store has it; the bytes sent (0 when it was there)."""
+    def put_block(self, data: bytes, digest: str, present: set[str] | None = None) -> int:
+        """Store a block unless the store has it; the bytes sent (0 when it was there).
+        ``present``, the store's blocks from one listing, saves asking for each: a block added
+        since by another backup is merely sent again (same name, same bytes)."""
         key = self._block_key(digest)
-        if self.bucket.exists(key):
+        if digest in present if present is not None else self.bucket.exists(key):
             return 0
         packed = zstandard.ZstdCompressor(level=3).compress(data)
         method = "zstd"
@@ -173,6 +177,8 @@ class BackupStore:
             count = -(-size // block_size)
             previous, changed = self._base(volume, base, size, block_size)
             known = self._latest_digests(volume) | {d for d in previous if d}
+            to_read = count - len(previous) + len(changed) if previous else count
+            present = self._present() if to_read > _LIST_OVER else None
             stats = BackupStats(blocks=count)
             digests: list[str | None] = [None] * count
             with ThreadPoolExecutor(self.workers) as pool:
@@ -190,7 +196,9 @@ class BackupStore:
                                 stats.reused += 1
                             else:
                                 known.add(digest)
-                                pending.append((digest, pool.submit(self.put_block, data, digest)))
+                                pending.append(
+                                    (digest, pool.submit(self.put_block, data, digest, present))
+                                )
                         if len(pending) >= 2 * self.workers:
                             self._settle(pending, stats)
                     progress(100 * (index + 1) / count)
@@ -243,6 +251,12 @@ class BackupStore:
         if manifest["size"] != size:  # a grown volume: its old last block and all after it
             changed.update(range(max(0, len(previous) - 1), -(-size // block_size)))
         return previous, changed
+
+    def _present(self) -> set[str] | None:
+        """The digests of every block in the store when there are few enough to list in a
+        handful of requests (cheaper than one HEAD per block of a large backup), else None."""
+        found = self.bucket.list_upto(self.target.key("blocks") + "/", _LIST_UPTO)
+        return None if found is None else {obj.object_name.rsplit("/", 1)[1] for obj in found}
 
     def _await_collections(self, own: str) -> None:
         """Wait until no collection runs (this backup's marker, ``own``, keeps new ones from

@@ -245,3 +245,18 @@ def test_block_size_is_fixed_per_volume_and_a_base_limits_reads(store: BackupSto
     store.delete("v", "b0")
     _, stats = store.create("v", "b2", 8 * 4096, counting, base=("b0", []))
     assert reads == list(range(8)) and stats.uploaded == 0
+
+
+def test_a_large_backup_learns_the_stored_blocks_from_one_listing(store: BackupStore) -> None:
+    """Over 64 blocks to read, the store's blocks are listed once instead of asked for one by
+    one: another volume's identical blocks are still not sent again."""
+    rng = random.Random(6)
+    blocks = [rng.randbytes(4096) for _ in range(100)]
+    _, first = store.create("a", "b0", 100 * 4096, reader(blocks), block_size=4096)
+    assert first.uploaded == 100
+    blocks[7] = rng.randbytes(4096)
+    _, other = store.create("b", "b0", 100 * 4096, reader(blocks), block_size=4096)
+    assert (other.uploaded, other.reused) == (1, 99)
+    restored = {}
+    store.restore("b", "b0", restored.__setitem__)
+    assert [restored[i] for i in range(100)] == blocks
