@@ -217,11 +217,9 @@ def remove(url: str) -> int:
 
 
 def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -> volumes.Volume:
-    """Restore into a new volume, written through its engine: the volume is attached (on a
-    device file in its directory) for the whole restore, so replicas can be added while it
-    runs and are rebuilt online like on any volume. It is marked ``restoring`` until every
-    block is written and flushed and the rebuilds started meanwhile are done; a failed restore
-    removes the volume (nothing half-restored stays behind)."""
+    """Restore into a new volume, marked ``restoring`` until every block is written and
+    flushed (and the rebuilds started meanwhile are done); a failed restore removes the
+    volume (nothing half-restored stays behind)."""
     target, volume, name = parse_backup_url(url)
     if replicas < 1:
         raise InvalidArgument("a volume has 1 to 16 replicas")
@@ -229,32 +227,15 @@ def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -
     manifest = store.manifest(volume, name)
     if new_name in volumes.list_names(root):
         raise InvalidArgument(f"volume {new_name} already exists")
-    size, block = manifest["size"], manifest["block_size"]
     mark = {"restoring": {"backup": url, "pid": os.getpid()}}
-    vol = manage.create(root, new_name, size, chunk_for(manifest), replicas, None, mark)
+    vol = manage.create(root, new_name, manifest["size"], chunk_for(manifest), replicas, None, mark)
+    writer = _RestoreWriter(root, vol, manifest["size"], manifest["block_size"])
     try:
-        manage.attach(root, new_name, vol.dir / "restore.dev", restoring=True)
-        fd = os.open(vol.dir / "restore.dev", os.O_RDWR)
-        try:
-            with ThreadPoolExecutor(_WRITERS) as writers:  # the engine serves them at once
-                pending: deque = deque()
-
-                def write(index: int, data: bytes) -> None:
-                    view = memoryview(data)[: size - index * block]
-                    pending.append(writers.submit(_pwrite_all, fd, view, index * block))
-                    while len(pending) > 2 * _WRITERS:
-                        pending.popleft().result()
-
-                store.restore(volume, name, write, progress)
-                for future in pending:
-                    future.result()
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _await_rebuilds(vol)
-        manage.detach(root, new_name)
-        (vol.dir / "restore.dev").unlink(missing_ok=True)
+        store.restore(volume, name, writer.write, progress)
+        writer.finish()
     except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
         with contextlib.suppress(Exception):
             if vol.runtime() is not None:
                 manage.detach(root, new_name)
@@ -263,6 +244,68 @@ def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -
         raise
     vol.update(lambda config: config.pop("restoring", None))
     return vol
+
+
+class _RestoreWriter:
+    """Where a restore's blocks go: straight into the new volume's replica directories (the
+    fast way) until ``lhfs replica add`` asks for the volume (it sets ``attach`` in the
+    ``restoring`` mark). Then the replicas are flushed, the volume is attached on a file in
+    its directory, and the rest goes through its engine, which rebuilds the added replica
+    online while the restore goes on (SCENARIOS.md story 1)."""
+
+    def __init__(self, root: Path, vol: volumes.Volume, size: int, block: int) -> None:
+        self.root, self.vol, self.size, self.block = root, vol, size, block
+        self.device = vol.dir / "restore.dev"
+        dirs = [vol.replica_dir(r) for r in vol.replicas]
+        self.stores = [ChunkStore.open(d) for d in dirs if d is not None]
+        self.fd = -1
+        self.writers: ThreadPoolExecutor | None = None
+        self.pending: deque = deque()
+        self.checked = time.monotonic()
+
+    def write(self, index: int, data: bytes) -> None:
+        if self.fd < 0 and time.monotonic() - self.checked > 0.2:
+            self.checked = time.monotonic()
+            if volumes.load(self.root, self.vol.name).config["restoring"].get("attach"):
+                self._attach()
+        view = memoryview(data)[: self.size - index * self.block]
+        if self.writers is None:
+            for local in self.stores:
+                local.write(index * self.block, view)
+            return
+        self.pending.append(self.writers.submit(_pwrite_all, self.fd, view, index * self.block))
+        while len(self.pending) > 2 * _WRITERS:
+            self.pending.popleft().result()
+
+    def _attach(self) -> None:
+        self._close_stores()  # flushed: the engine finds every replica at the same revision
+        manage.attach(self.root, self.vol.name, self.device, restoring=True)
+        self.fd = os.open(self.device, os.O_RDWR)
+        self.writers = ThreadPoolExecutor(_WRITERS)  # the engine serves them at once
+
+    def finish(self) -> None:
+        if self.writers is None:
+            self._close_stores()
+            return
+        for future in self.pending:
+            future.result()
+        os.fsync(self.fd)
+        self.close()
+        _await_rebuilds(self.vol)
+        manage.detach(self.root, self.vol.name)
+        self.device.unlink(missing_ok=True)
+
+    def _close_stores(self) -> None:
+        while self.stores:
+            self.stores.pop().close()
+
+    def close(self) -> None:
+        self._close_stores()
+        if self.writers is not None:
+            self.writers.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

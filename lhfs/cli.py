@@ -702,10 +702,10 @@ def _backup_parsers(groups: Any) -> None:
         "restore",
         cmd_backup_restore,
         "restore a backup into a new volume",
-        description="Create NAME and write the backup into it through its engine (the volume "
-        "is attached on a file in its directory while the restore runs and shows as "
-        "'restoring'; 'lhfs replica add NAME' works meanwhile). Every block is checked "
-        "against its checksum; a failed restore leaves no volume behind.",
+        description="Create NAME (shown as 'restoring' until done) and write the backup "
+        "straight into its replicas. 'lhfs replica add NAME' during the restore makes it go "
+        "on through the volume's engine, which rebuilds the new replica online. Every block "
+        "is checked against its checksum; a failed restore leaves no volume behind.",
     )
     p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
     p.add_argument("name", help="the new volume")

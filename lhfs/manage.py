@@ -361,7 +361,19 @@ def _attached(vol: volumes.Volume, what: str) -> None:
 
 
 def replica_add(root: Path, name: str, address: str | None) -> dict[str, Any]:
+    """Add a replica to an attached volume, or to one being restored: the restore is asked
+    to attach it and goes on through its engine, which rebuilds the new replica online."""
     vol = volumes.load(root, name)
+    restoring = vol.config.get("restoring")
+    if vol.runtime() is None and restoring and volumes.alive(restoring["pid"]):
+        vol.update(lambda config: config["restoring"].update(attach=True))
+
+        def answered() -> bool:
+            now = volumes.load(root, name)
+            done = not now.config.get("restoring") or not volumes.alive(restoring["pid"])
+            return done or now.runtime() is not None
+
+        wait_for(answered, ATTACH_TIMEOUT, f"the restore of {name} to attach it")
     _attached(vol, "a rebuild")
     return control.call(vol.control_socket, "replica_add", address=address)
 
