@@ -105,10 +105,16 @@ def kill_engine(cli: Cli, name: str) -> None:
 
 
 def teardown(root: Path) -> None:
-    """Unmount, free loops, stop engines of every volume under ``root``; never raises."""
+    """Unmount, free loops, stop engines and DR followers of every volume under ``root``;
+    never raises."""
+    from . import dr
+
     mountpoints = []
     for name in volumes.list_names(root):
         vol = volumes.load(root, name)
+        if vol.config.get("dr"):
+            with contextlib.suppress(Exception):
+                dr.stop_following(root, name)
         devices = {vol.dir / "device"}
         runtime = vol.runtime()
         if runtime:
