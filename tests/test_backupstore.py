@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+import backupstore.store
 from backupstore.s3 import Bucket, StoreUnavailable, Target
 from backupstore.store import BackupStore
 from lhfs.errors import CorruptState, InvalidArgument, NotFound
@@ -260,3 +261,30 @@ def test_a_large_backup_learns_the_stored_blocks_from_one_listing(store: BackupS
     restored = {}
     store.restore("b", "b0", restored.__setitem__)
     assert [restored[i] for i in range(100)] == blocks
+
+
+def test_a_running_backup_keeps_its_marker_fresh_while_blocked(
+    store: BackupStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marker that holds collections back is refreshed by a heartbeat, also while the
+    backup itself is stuck (here: on a read that does not return)."""
+    monkeypatch.setattr(backupstore.store, "HEARTBEAT", 0.3)
+    release, reading = threading.Event(), threading.Event()
+
+    def stuck_read(index: int, block_size: int) -> bytes:
+        reading.set()
+        assert release.wait(60)
+        return b"\1" * 4096
+
+    thread = threading.Thread(target=store.create, args=("v", "slow", 4096, stuck_read))
+    thread.start()
+    try:
+        assert reading.wait(60)
+        marker = store._key("v", "slow", "running")
+        first = store.bucket.modified(marker)
+        wait_for(lambda: store.bucket.modified(marker) > first, 30, "the marker to be refreshed")
+    finally:
+        release.set()
+        thread.join(60)
+    assert not store.bucket.exists(marker)  # gone with the backup
+    assert [b["state"] for b in store.list("v")] == ["complete"]

@@ -270,10 +270,13 @@ def _backup_attached(cli: Cli, target: str) -> tuple[str, str]:
     return url, checksum
 
 
+@pytest.mark.parametrize("damage", ["rotten", "missing"])
 def test_a_corrupt_block_stops_the_standby_which_activates_offline(
-    cli: Cli, tmp_path: Path, s3_endpoint: str
+    cli: Cli, tmp_path: Path, s3_endpoint: str, damage: str
 ) -> None:
-    target = "s3://dr-corrupt/site"
+    """A block whose bytes are wrong, or that is missing from a backup that still exists,
+    stops the follower; the increment is rolled back, so the standby activates offline."""
+    target = f"s3://dr-corrupt-{damage}/site"
     cli.run("volume", "create", "src", "--size", "64M", "--replicas", "1")
     device = tmp_path / "dev"
     cli.run("volume", "attach", "src", "--device", str(device))
@@ -298,7 +301,11 @@ def test_a_corrupt_block_stops_the_standby_which_activates_offline(
         store.manifest("src", _name(first))["blocks"]
     )
     (digest,) = new
-    store.bucket.put(store._block_key(digest), b"rotten" * 1000, {"lhfs-compression": "none"})
+    if damage == "rotten":
+        store.bucket.put(store._block_key(digest), b"rotten" * 1000, {"lhfs-compression": "none"})
+    else:
+        store.bucket.delete(store._block_key(digest))
+    problem = "does not match its checksum" if damage == "rotten" else "is missing"
 
     cli.run("dr", "start", "dr4")
     status = wait_for(
@@ -306,10 +313,10 @@ def test_a_corrupt_block_stops_the_standby_which_activates_offline(
         60,
         "the standby to stop on the corrupt block",
     )
-    assert "does not match its checksum" in status["last_error"]
+    assert problem in status["last_error"]
     assert status["last_restored_backup"] == _name(first)
     result = cli.run("dr", "activate", "dr4", "--quiet", check=False)
-    assert result.returncode == 1 and "does not match its checksum" in result.stderr
+    assert result.returncode == 1 and problem in result.stderr
     assert cli.info("dr4")["state"] == "standby"
     cli.run("dr", "activate", "dr4", "--offline", "--quiet")
     assert cli.info("dr4")["state"] == "detached"
