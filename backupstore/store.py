@@ -131,6 +131,10 @@ class BackupStore:
     def block_size(self, volume: str, wanted: int | None) -> int:
         """The block size of the volume's backups, fixed by its first complete backup:
         ``wanted`` (or the default) for a new volume; an error if it asks for another later."""
+        return self._settings(volume, wanted)[0]
+
+    def _settings(self, volume: str, wanted: int | None) -> tuple[int, bool]:
+        """``block_size`` and whether ``volume.meta`` already records it."""
         key = self._meta_key(volume)
         found = self.bucket.get(key)
         if found is not None:
@@ -143,11 +147,11 @@ class BackupStore:
                     f"the backups of {volume} in {self.target} use {format_size(size)} blocks; "
                     "the block size cannot change"
                 )
-            return size
+            return size, True
         size = wanted or BLOCK_SIZE
         if size < 4 << 10 or size > MAX_BLOCK or size & (size - 1):
             raise InvalidArgument("the backup block size must be a power of two from 4K to 16M")
-        return size
+        return size, False
 
     def create(
         self,
@@ -169,7 +173,7 @@ class BackupStore:
         digests. Without it, or when the base is gone, every block is read (and only those the
         store lacks are sent)."""
         self.bucket.ensure()
-        block_size = self.block_size(volume, block_size)
+        block_size, recorded = self._settings(volume, block_size)
         started = time.time()
         running = _Marker(self.bucket, self._key(volume, name, "running"))
         with running:
@@ -217,7 +221,7 @@ class BackupStore:
                 **(extra or {}),
             }
             self.bucket.put(self._key(volume, name, "json"), json.dumps(manifest).encode())
-            if self.bucket.get(self._meta_key(volume)) is None:  # the first complete backup
+            if not recorded:  # the first complete backup fixes the block size
                 meta = {"format": 1, "block_size": block_size}
                 self.bucket.put(self._meta_key(volume), json.dumps(meta).encode())
         progress(100.0)

@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lhfs import volume as volumes
-from lhfs.procs import wait_for
 from lhfs.store import ChunkStore
 from lhfs.testing import Cli, S3Server, teardown
 from lhfs.units import parse_size
@@ -51,7 +50,7 @@ def main() -> None:
         with ChunkStore.open(vol.replica_dir(vol.replicas[0])) as store:
             for offset in range(0, size, MIB):
                 store.write(offset, rng.randbytes(MIB // 2) + bytes(MIB // 2))
-        cli.run("backup", "create", "src", "--target", target, "--quiet")
+        cli.backup("src", target)
         cli.run("dr", "create", "standby", "--target", target, "--volume", "src",
                 "--replicas", "1", "--interval", "0.5", "--quiet")  # fmt: skip
         first = cli.json("dr", "status", "standby")["last_increment"]
@@ -60,16 +59,8 @@ def main() -> None:
         with ChunkStore.open(vol.replica_dir(vol.replicas[0])) as store:
             for block in changed:
                 store.write(block * BLOCK, rng.randbytes(BLOCK // 2) + bytes(BLOCK // 2))
-        url = cli.run("backup", "create", "src", "--target", target, "--quiet").stdout.split()[-1]
-        name = url.split("backup=")[1]
-        status = wait_for(
-            lambda: (
-                (s := cli.json("dr", "status", "standby"))["last_restored_backup"] == name and s
-            ),
-            600,
-            "the standby to apply the increment",
-        )
-        increment = status["last_increment"]
+        url = cli.backup("src", target)
+        increment = cli.dr_restored("standby", url, 600)["last_increment"]
         started = time.perf_counter()
         cli.run("backup", "restore", url, "full", "--replicas", "1", "--quiet")
         full = time.perf_counter() - started

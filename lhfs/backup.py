@@ -23,6 +23,7 @@ from backupstore.store import BackupStats, BackupStore
 from . import control, manage
 from . import volume as volumes
 from .errors import InvalidArgument, LhfsError, NotFound
+from .layer import pwrite_all
 from .procs import wait_for
 from .replica_client import SyncReplica
 from .store import ChunkStore, check_name
@@ -273,7 +274,7 @@ class _RestoreWriter:
             for local in self.stores:
                 local.write(index * self.block, view)
             return
-        self.pending.append(self.writers.submit(_pwrite_all, self.fd, view, index * self.block))
+        self.pending.append(self.writers.submit(pwrite_all, self.fd, view, index * self.block))
         while len(self.pending) > 2 * _WRITERS:
             self.pending.popleft().result()
 
@@ -306,12 +307,6 @@ class _RestoreWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
 
 
 def _await_rebuilds(vol: volumes.Volume) -> None:

@@ -55,6 +55,26 @@ class Cli:
     def checksum(self, name: str) -> str:
         return self.run("volume", "checksum", name).stdout.split()[-1]
 
+    def backup(self, volume: str, target: str) -> str:
+        """``backup create`` of a volume; its backup URL."""
+        return self.run("backup", "create", volume, "--target", target, "--quiet").stdout.split()[
+            -1
+        ]
+
+    def dr_restored(self, name: str, backup_url: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait until the standby ``name`` holds the backup of ``backup_url`` and is idle;
+        its ``dr status``."""
+        backup = backup_url.split("backup=")[1]
+        return wait_for(
+            lambda: (
+                (s := self.json("dr", "status", name))["last_restored_backup"] == backup
+                and s["state"] == "standby"
+                and s
+            ),
+            timeout,
+            f"{name} to restore {backup}",
+        )
+
     def engine_pid(self, name: str) -> int | None:
         runtime = volumes.load(self.root, name).runtime()
         return runtime["pid"] if runtime else None

@@ -78,6 +78,17 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
     assert cli.checksum("copy3") == second_sum
 
 
+def _filled(cli: Cli, tmp_path: Path, name: str, mib: int, seed: int, replicas: int) -> Path:
+    """A new 64 MiB volume, attached, its first ``mib`` MiB random and flushed; its device."""
+    cli.run("volume", "create", name, "--size", "64M", "--replicas", str(replicas))
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", name, "--device", str(device))
+    with open(device, "r+b") as f:
+        f.write(random.Random(seed).randbytes(mib * MIB))
+        os.fsync(f.fileno())
+    return device
+
+
 def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
     cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1")
     for args, message in (
@@ -182,14 +193,9 @@ def test_a_replica_added_during_a_restore(cli: Cli, tmp_path: Path, s3_endpoint:
     added half-way (the store is throttled so that the restore is still running); the restore
     ends, the volume is healthy with both replicas and equals the backup."""
     target = "s3://cli-story1/p"
-    cli.run("volume", "create", "src", "--size", "64M", "--replicas", "1")
-    device = tmp_path / "dev"
-    cli.run("volume", "attach", "src", "--device", str(device))
-    with open(device, "r+b") as f:
-        f.write(random.Random(7).randbytes(40 * MIB))
-        os.fsync(f.fileno())
+    _filled(cli, tmp_path, "src", 40, seed=7, replicas=1)
     expected = cli.checksum("src")
-    url = cli.run("backup", "create", "src", "--target", target, "--quiet").stdout.split()[-1]
+    url = cli.backup("src", target)
     cli.run("volume", "detach", "src")
 
     upstream = urlparse(s3_endpoint)
@@ -258,12 +264,7 @@ def test_a_replica_rebuilt_in_place_is_read_in_full_once(
     cannot trust the chain and reads everything (sending nothing new), then is incremental
     again."""
     target = "s3://cli-rebuilt/p"
-    cli.run("volume", "create", "rb", "--size", "64M", "--replicas", "2")
-    device = tmp_path / "dev"
-    cli.run("volume", "attach", "rb", "--device", str(device))
-    with open(device, "r+b") as f:
-        f.write(random.Random(11).randbytes(16 * MIB))
-        os.fsync(f.fileno())
+    device = _filled(cli, tmp_path, "rb", 16, seed=11, replicas=2)
     out = cli.run("backup", "create", "rb", "--target", target).stdout
     assert "read 32 of 32 blocks" in out
     r1 = next(r for r in cli.info("rb")["replicas"] if r["id"] == "r1")
@@ -282,13 +283,8 @@ def test_a_restore_killed_half_way(cli: Cli, tmp_path: Path, s3_endpoint: str) -
     """SIGKILL of the restore: its engine goes with it, and the half-written volume says so,
     cannot be attached or backed up as if it were whole, and goes away with rm."""
     target = "s3://cli-killed-restore/p"
-    cli.run("volume", "create", "src", "--size", "64M", "--replicas", "1")
-    device = tmp_path / "dev"
-    cli.run("volume", "attach", "src", "--device", str(device))
-    with open(device, "r+b") as f:
-        f.write(random.Random(8).randbytes(32 * MIB))
-        os.fsync(f.fileno())
-    url = cli.run("backup", "create", "src", "--target", target, "--quiet").stdout.split()[-1]
+    _filled(cli, tmp_path, "src", 32, seed=8, replicas=1)
+    url = cli.backup("src", target)
     upstream = urlparse(s3_endpoint)
     proxy = FaultProxy((upstream.hostname, upstream.port))
     proxy.rate = 256 << 10

@@ -62,24 +62,11 @@ def host_name() -> Iterator[HostName]:
 
 def _backup(cli: Cli, target: str, volume: str) -> tuple[str, str]:
     """Back ``volume`` up; its URL and the checksum of what it holds (detached: no writes)."""
-    url = cli.run("backup", "create", volume, "--target", target, "--quiet").stdout.split()[-1]
-    return url, cli.checksum(volume)
+    return cli.backup(volume, target), cli.checksum(volume)
 
 
 def _name(url: str) -> str:
     return url.split("backup=")[1]
-
-
-def _restored(cli: Cli, name: str, backup_url: str, timeout: float = 60) -> dict:
-    return wait_for(
-        lambda: (
-            (s := cli.json("dr", "status", name))["last_restored_backup"] == _name(backup_url)
-            and s["state"] == "standby"
-            and s
-        ),
-        timeout,
-        f"{name} to restore {_name(backup_url)}",
-    )
 
 
 def test_standby_follows_through_outages_and_a_kill_then_activates(
@@ -117,7 +104,7 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         assert cli.info("dr1")["state"] == "standby"
 
         second, second_sum = generation(2, 4)
-        _restored(standby, "dr1", second)
+        standby.dr_restored("dr1", second)
         assert standby.checksum("dr1") == second_sum
 
         # The endpoint refuses everything, then resets and answers 503 half the time.
@@ -132,7 +119,7 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         wait_for(lambda: standby.json("dr", "status", "dr1")["lag_seconds"] > 2, 30, "lag")
         proxy.fail_every(2, ["reset", "503"])
         proxy.resume()
-        _restored(standby, "dr1", third, timeout=120)
+        standby.dr_restored("dr1", third, timeout=120)
         assert standby.checksum("dr1") == third_sum
         proxy.clear()
 
@@ -150,7 +137,7 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         )
         assert status["last_restored_backup"] == _name(third)
         host_name.resolve()
-        _restored(standby, "dr1", fourth, timeout=120)
+        standby.dr_restored("dr1", fourth, timeout=120)
         assert standby.checksum("dr1") == fourth_sum
 
         # SIGKILL in the middle of an increment, then a restart.
@@ -172,7 +159,7 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         assert standby.json("dr", "status", "dr1")["last_restored_backup"] == _name(fourth)
         proxy.rate = None
         standby.run("dr", "start", "dr1")
-        _restored(standby, "dr1", fifth)
+        standby.dr_restored("dr1", fifth)
         assert standby.checksum("dr1") == fifth_sum
         refused = standby.run(
             "volume", "attach", "dr1", "--device", str(tmp_path / "d"), check=False
@@ -235,14 +222,14 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
     write(8 * MIB + 4096, rng.randbytes(4096))  # block 4 changes
     write(30 * MIB, rng.randbytes(4096))  # block 15 gets data
     second, second_sum = _backup_attached(cli, target)
-    increment = _restored(cli, "dr2", second)["last_increment"]
+    increment = cli.dr_restored("dr2", second)["last_increment"]
     assert (increment["fetched"], increment["trimmed"]) == (2, 1)
     assert cli.checksum("dr2") == second_sum
 
     # The restored backup is deleted: the standby moves to the newest remaining one, still
     # moving only the blocks that differ (2 and 4 come back, 15 is emptied).
     cli.run("backup", "rm", second)
-    increment = _restored(cli, "dr2", first)["last_increment"]
+    increment = cli.dr_restored("dr2", first)["last_increment"]
     assert (increment["fetched"], increment["trimmed"]) == (2, 1)
     assert cli.checksum("dr2") == first_sum
 
@@ -266,8 +253,7 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
 
 def _backup_attached(cli: Cli, target: str) -> tuple[str, str]:
     checksum = cli.checksum("src")  # nothing writes between this and the backup's snapshot
-    url = cli.run("backup", "create", "src", "--target", target, "--quiet").stdout.split()[-1]
-    return url, checksum
+    return cli.backup("src", target), checksum
 
 
 @pytest.mark.parametrize("damage", ["rotten", "missing"])

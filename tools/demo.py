@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-from lhfs.procs import wait_for
 from lhfs.testing import Cli, S3Server, teardown
 
 MIB = 1 << 20
@@ -99,15 +98,7 @@ def main() -> None:
         files["later.bin"] = os.urandom(8 * MIB)
         (mnt / "later.bin").write_bytes(files["later.bin"])
         cli.run("umount", str(mnt))
-        newer = cli.run("backup", "create", "demo", "--target", target, "--quiet").stdout.split()
-        name = newer[-1].split("backup=")[1]
-        status = wait_for(
-            lambda: (
-                (s := cli.json("dr", "status", "standby"))["last_restored_backup"] == name and s
-            ),
-            60,
-            "the standby to follow",
-        )
+        status = cli.dr_restored("standby", cli.backup("demo", target))
         moved = status["last_increment"]
         step(
             f"a newer backup was applied to the standby incrementally: {moved['fetched']} of "
