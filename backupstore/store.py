@@ -376,21 +376,23 @@ class BackupStore:
 
     def fetch(self, items: Iterable[tuple[int, str]]) -> Iterator[tuple[int, bytes]]:
         """``(index, data)`` for each ``(index, digest)``, in order, each checked; fetched in
-        parallel with at most twice as many blocks in memory as there are workers."""
-        with ThreadPoolExecutor(self.workers) as pool:
-            window: deque = deque()
-            try:
-                for index, digest in items:
-                    window.append((index, pool.submit(self.get_block, digest)))
-                    if len(window) >= 2 * self.workers:
-                        first, future = window.popleft()
-                        yield first, future.result()
-                while window:
+        parallel with at most twice as many blocks in memory as there are workers.
+
+        Left early (an error, a stop signal), it drops the queued fetches and does not wait
+        for those under way: a slow or hanging store must not hold up a caller that stops."""
+        pool = ThreadPoolExecutor(self.workers)
+        window: deque = deque()
+        try:
+            for index, digest in items:
+                window.append((index, pool.submit(self.get_block, digest)))
+                if len(window) >= 2 * self.workers:
                     first, future = window.popleft()
                     yield first, future.result()
-            finally:
-                for _, future in window:
-                    future.cancel()
+            while window:
+                first, future = window.popleft()
+                yield first, future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def delete(self, volume: str, name: str) -> int:
         """Delete one backup, then collect unreferenced blocks; the number of blocks deleted."""

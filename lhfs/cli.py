@@ -472,9 +472,14 @@ def cmd_dr_run(args: argparse.Namespace) -> None:
     from . import dr
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    code = dr.run(_root(args), args.name)
-    if code:
-        raise SystemExit(code)
+    try:
+        code = dr.run(_root(args), args.name)
+    except SystemExit as stop:  # SIGTERM: the follower has flushed and let go of its lock
+        code = int(stop.code or 0)
+    # Downloads still under way belong to an abandoned increment (its blocks stay marked
+    # unknown): exit at once instead of waiting for a slow store to answer them.
+    logging.shutdown()
+    os._exit(code)
 
 
 # -- parser -----------------------------------------------------------------------------------

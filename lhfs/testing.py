@@ -46,6 +46,17 @@ class Cli:
             raise CliError(f"lhfs {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
 
+    def start(self, *args: str) -> subprocess.Popen:
+        """The same command in the background; text pipes for its output."""
+        return subprocess.Popen(
+            [LHFS, "--root", str(self.root), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **self.env},
+        )
+
     def json(self, *args: str) -> Any:
         return json.loads(self.run(*args, "--json").stdout)
 

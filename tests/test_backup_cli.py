@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,7 +13,7 @@ from conftest import needs_fuse
 from backupstore.s3 import Bucket, StoreRefused, Target
 from backupstore.store import BackupStore
 from lhfs import volume as volumes
-from lhfs.procs import LHFS, wait_for
+from lhfs.procs import wait_for
 from lhfs.testing import Cli
 from tools.faultproxy import FaultProxy
 
@@ -107,10 +106,9 @@ def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
 
 def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoint: str) -> None:
     import signal
-    import subprocess
 
     from lhfs import volume as volumes
-    from lhfs.procs import LHFS, wait_for
+    from lhfs.procs import wait_for
     from lhfs.store import ChunkStore
 
     cli.run("volume", "create", "big", "--size", "256M", "--replicas", "1")
@@ -121,11 +119,7 @@ def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoin
             store.write(offset, rng.randbytes(MIB))
     target = "s3://killed-backups/p"
     store = BackupStore(Bucket(Target.parse(target)))
-    proc = subprocess.Popen(
-        [LHFS, "--root", str(cli.root), "backup", "create", "big", "--target", target],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = cli.start("backup", "create", "big", "--target", target)
 
     def uploaded() -> int:
         try:
@@ -152,9 +146,6 @@ def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoin
 def test_backing_image_backed_up_again_and_twice_at_once(
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
-    import subprocess
-
-    from lhfs.procs import LHFS
 
     raw = tmp_path / "base.raw"
     raw.write_bytes(random.Random(5).randbytes(5 * MIB + 77))
@@ -164,15 +155,7 @@ def test_backing_image_backed_up_again_and_twice_at_once(
     assert image["name"] == "base" and image["size"] == 5 * MIB + 77
     target = "s3://image-backups/p"
     cli.run("backing-image", "backup", "base", "--target", target)
-    runs = [
-        subprocess.Popen(
-            [LHFS, "--root", str(cli.root), "backing-image", "backup", "base", "--target", target],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    runs = [cli.start("backing-image", "backup", "base", "--target", target) for _ in range(2)]
     for run in runs:
         out, err = run.communicate(timeout=120)
         assert run.returncode == 0, err
@@ -201,14 +184,8 @@ def test_a_replica_added_during_a_restore(cli: Cli, tmp_path: Path, s3_endpoint:
     upstream = urlparse(s3_endpoint)
     proxy = FaultProxy((upstream.hostname, upstream.port))
     proxy.rate = 256 << 10  # per connection: the 40 MiB take many seconds
-    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
-    restore = subprocess.Popen(
-        [LHFS, "--root", str(cli.root), "backup", "restore", url, "copy", "--replicas", "1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proxied = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    restore = proxied.start("backup", "restore", url, "copy", "--replicas", "1")
     try:
         wait_for(
             lambda: (
@@ -288,12 +265,8 @@ def test_a_restore_killed_half_way(cli: Cli, tmp_path: Path, s3_endpoint: str) -
     upstream = urlparse(s3_endpoint)
     proxy = FaultProxy((upstream.hostname, upstream.port))
     proxy.rate = 256 << 10
-    restore = subprocess.Popen(
-        [LHFS, "--root", str(cli.root), "backup", "restore", url, "half", "--quiet"],
-        env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proxied = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    restore = proxied.start("backup", "restore", url, "half", "--quiet")
     try:
         wait_for(
             lambda: (

@@ -19,6 +19,7 @@ from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
 from lhfs.procs import wait_for
 from lhfs.testing import Cli
+from lhfs.volume import alive
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
@@ -167,19 +168,27 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         assert refused.returncode == 1 and "DR standby" in refused.stderr
 
         # Activation while the follower is half-way through the next increment: the newest
-        # backup, whole, in a normal volume that mounts with the source's files.
+        # backup, whole, in a normal volume that mounts with the source's files. Once it is
+        # under way the store slows to a crawl, so that the follower cannot finish before the
+        # activation stops it (blocks it has not begun take a minute each); the store speeds
+        # up again when the follower is gone.
         proxy.rate = 1 * MIB
-        sixth, sixth_sum = generation(6, 24)
-        wait_for(
+        sixth, sixth_sum = generation(6, 40)
+        follower = wait_for(
             lambda: (
                 (s := standby.json("dr", "status", "dr1"))["applying"] == _name(sixth)
-                and (s["progress"] or 0) >= 10
+                and 10 <= (s["progress"] or 0) <= 40
+                and s["follower_pid"]
             ),
             120,
             "the standby to be applying the sixth backup",
         )
-        activated = standby.run("dr", "activate", "dr1", "--quiet").stdout
+        proxy.rate = 32 * 1024
+        activation = standby.start("dr", "activate", "dr1", "--quiet")
+        wait_for(lambda: not alive(follower), 60, "the activation to stop the follower")
         proxy.rate = None
+        activated, errors = activation.communicate(timeout=300)
+        assert activation.returncode == 0, errors
         assert _name(sixth) in activated
         log = (cli.root / "volumes" / "dr1" / "dr.log").read_text()
         assert f"applied {_name(sixth)}" not in log  # the activation finished it, not the follower

@@ -226,18 +226,8 @@ def test_two_adds_at_once_a_cancelled_add_and_an_engine_killed_mid_rebuild(
     write_random(device, 128 * MIB, 10)
     expected = cli.checksum("t")
 
-    first = subprocess.Popen(
-        [*cli_args(cli), "replica", "add", "t"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    second = subprocess.Popen(
-        [*cli_args(cli), "replica", "add", "t"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = cli.start("replica", "add", "t")
+    second = cli.start("replica", "add", "t")
     for proc in (first, second):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "is RW" in out, out + err
@@ -261,9 +251,3 @@ def test_two_adds_at_once_a_cancelled_add_and_an_engine_killed_mid_rebuild(
     cli.run("volume", "detach", "t")
     sums = offline_checksums(cli, "t")
     assert set(sums.values()) == {expected}, (sums, expected)
-
-
-def cli_args(cli: Cli) -> list[str]:
-    from lhfs.procs import LHFS
-
-    return [LHFS, "--root", str(cli.root)]

@@ -124,12 +124,7 @@ def test_mount_never_reformats_after_kills_at_random_points(cli: Cli, tmp_path: 
         "attaching",
     ]
     for round_, point in enumerate(points):
-        mount = subprocess.Popen(
-            [*cli_command(cli), "mount", "precious", str(mnt)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        mount = cli.start("mount", "precious", str(mnt))
         conditions = {
             "attaching": lambda: cli.engine_pid("precious"),
             "formatting": lambda mount=mount: (
@@ -157,12 +152,6 @@ def test_mount_never_reformats_after_kills_at_random_points(cli: Cli, tmp_path: 
         assert (mnt / name).read_bytes() == data
     assert kept, "no round got as far as writing files"
     cli.run("umount", str(mnt))
-
-
-def cli_command(cli: Cli) -> list[str]:
-    from lhfs.procs import LHFS
-
-    return [LHFS, "--root", str(cli.root)]
 
 
 def test_bad_input_is_one_line_and_changes_nothing(cli: Cli, tmp_path: Path) -> None:
