@@ -272,9 +272,17 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
             bar.update(state.get("rebuild_progress") or 0)
             time.sleep(0.2)
     stats = state.get("rebuild_stats") or {}
+    relayed = stats.get("bytes_relayed", 0)
     print(
         f"replica {added['id']} is RW: copied {stats.get('chunks_copied', 0)} of "
-        f"{stats.get('chunks_compared', 0)} chunks ({format_size(stats.get('bytes_copied', 0))})"
+        f"{stats.get('chunks_compared', 0)} chunks ({format_size(stats.get('bytes_copied', 0))}) "
+        f"in {stats.get('seconds', 0):.1f}s"
+        + (
+            f"; {format_size(relayed)} passed through the engine, the new replica could not "
+            "reach its source directly"
+            if relayed
+            else ""
+        )
     )
 
 

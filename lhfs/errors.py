@@ -61,6 +61,11 @@ class ConnectionLost(LhfsError):
     """The connection to a replica broke before the answer arrived."""
 
 
+class PullFailed(LhfsError):
+    """A replica could not fetch chunks straight from a peer replica (unreachable from where it
+    runs, or not the peer expected): whoever asked must move the data itself."""
+
+
 class RemoteError(LhfsError):
     """A replica reported an error of a kind this side does not know."""
 

@@ -20,6 +20,7 @@ import ctypes.util
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
@@ -153,6 +154,22 @@ class Layer:
     def sync_data(self) -> None:
         if self._fd >= 0:
             os.fdatasync(self._fd)
+
+    def writeback_job(self) -> Callable[[], None] | None:
+        """A job for another thread that pushes the data written so far towards the disk, on a
+        duplicate descriptor (the layer may be closed meanwhile): during a long copy into the
+        layer, the disk then works alongside the copy and the final flush finds little to do."""
+        if self._fd < 0:
+            return None
+        fd = os.dup(self._fd)
+
+        def job() -> None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+        return job
 
     def needs_compaction(self) -> bool:
         return self._log_entries > 4096 and self._log_entries > 2 * len(self.index)

@@ -107,6 +107,7 @@ class ReplicaClient:
     ) -> ReplicaClient:
         """Connect, handshake and start the connection's tasks in ``nursery``."""
         host, port = parse_address(address)
+        stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(timeout):
                 stream = await trio.open_tcp_stream(host, port)
@@ -117,10 +118,18 @@ class ReplicaClient:
                     if not data:
                         raise ConnectionLost(f"replica {address} closed the connection")
                     reply += data
-        except OSError as exc:
-            raise ConnectionLost(f"cannot reach replica {address}: {exc.strerror or exc}") from None
-        except trio.TooSlowError:
-            raise ConnectionLost(f"replica {address} did not answer within {timeout}s") from None
+        except BaseException as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                why = f"no answer within {timeout}s"
+            elif isinstance(exc, OSError):
+                why = exc.strerror or str(exc)
+            elif isinstance(exc, trio.BrokenResourceError):  # reset during the handshake
+                why = str(exc)
+            else:
+                raise
+            raise ConnectionLost(f"cannot reach replica {address}: {why}") from None
         magic, _version, status = p.HELLO_REPLY.unpack(reply)
         if magic != p.MAGIC or status != 0:
             await stream.aclose()
@@ -214,8 +223,9 @@ class ReplicaClient:
             raise waiter.failed
         return waiter.answer
 
-    async def request(self, op: int, *parts: bytes | bytearray | memoryview) -> bytes:
-        """Send one request and wait for its answer."""
+    async def request(self, op: int, *parts: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """Send one request and wait for its answer (a large one as a view of its own buffer,
+        not copied again)."""
         return await self.wait(self.submit(op, *parts))
 
     # -- operations ---------------------------------------------------------------------------
@@ -261,23 +271,29 @@ class ReplicaClient:
                 return out
             first = page[-1][0] + 1
 
-    async def write_layer_run(self, layer_id: str, first: int, states: bytes, data: bytes) -> None:
+    async def write_layer_run(
+        self, layer_id: str, first: int, states: bytes, data: bytes | memoryview
+    ) -> None:
         name = layer_id.encode()
         header = p.WRITE_RUN.pack(first, len(states), len(name))
         await self.request(p.WRITE_LAYER_RUN, header, name, states, data)
 
-    async def read_layer_run(self, layer_id: str, first: int, count: int) -> tuple[bytes, bytes]:
-        """(one state byte per chunk, the DATA chunks' bytes) of neighbouring chunks."""
+    async def read_layer_run(
+        self, layer_id: str, first: int, count: int
+    ) -> tuple[bytes, memoryview]:
+        """(one state byte per chunk, the DATA chunks' bytes) of neighbouring chunks; the data
+        is a view of the answer, not copied again."""
         answer = await self.request(p.READ_LAYER_RUN, p.RUN.pack(first, count), layer_id.encode())
-        return answer[:count], answer[count:]
+        view = memoryview(answer)
+        return bytes(view[:count]), view[count:]
 
-    async def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
+    async def backing_upload(self, image_id: str, chunk: int, data: bytes | memoryview) -> None:
         name = image_id.encode()
         await self.request(p.BACKING_UPLOAD, p.UPLOAD.pack(chunk, len(name)), name, data)
 
     async def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
         states, data = await self.read_layer_run(layer_id, chunk, 1)
-        return states[0], data
+        return states[0], bytes(data)
 
 
 @asynccontextmanager

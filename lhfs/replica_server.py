@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,17 @@ from .errors import (
     LhfsError,
     NotInitialised,
     ProtocolError,
+    PullFailed,
     StorageError,
 )
+from .replica_client import ReplicaClient
 from .store import ChunkStore
 
 log = logging.getLogger("lhfs.replica")
 
 _HANDSHAKE_TIMEOUT = 10
+_PULL_TIMEOUT = 60
+_WRITEBACK_EVERY = 64 << 20  # bytes pulled into the replica between background data syncs
 
 
 class ReplicaServer:
@@ -46,6 +51,8 @@ class ReplicaServer:
         if (self.dir / "volume.json").exists():
             self.store = ChunkStore.open(self.dir)
         self._structural = trio.Lock()
+        self._unsynced = 0
+        self._writing_back = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -119,6 +126,7 @@ class ReplicaServer:
     async def _requests(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         frames = p.FrameBuffer()
         send_lock = trio.Lock()
+        peers = _Peers(nursery)  # live as long as this connection
         while True:
             if not await frames.receive(stream.socket):
                 return
@@ -126,7 +134,7 @@ class ReplicaServer:
             for request_id, op, payload in frames.frames():
                 if op == p.CALL and _method_of(payload) in _LONG:
                     nursery.start_soon(
-                        self._long_call, stream, send_lock, request_id, bytes(payload)
+                        self._long_call, stream, send_lock, request_id, bytes(payload), peers
                     )
                 else:
                     out.append(self._answer(request_id, op, payload))
@@ -239,18 +247,26 @@ class ReplicaServer:
             raise InvalidArgument(f"method {method!r} needs argument {exc}") from None
 
     async def _long_call(
-        self, stream: trio.SocketStream, send_lock: trio.Lock, request_id: int, payload: bytes
+        self,
+        stream: trio.SocketStream,
+        send_lock: trio.Lock,
+        request_id: int,
+        payload: bytes,
+        peers: _Peers,
     ) -> None:
         try:
             call = p.decode_json(payload)
-            store = self._require_store()
-            name = str(call.get("args", {}).get("name"))
-            if self._structural.locked():
-                raise Busy(f"replica is busy with {store.operation or 'an operation'}")
-            async with self._structural:
-                for _ in store.remove_snapshot_steps(name):
-                    await trio.sleep(0)
-            answer = p.frame(request_id, p.OK, p.encode_json(None))
+            args = call.get("args", {})
+            if not isinstance(args, dict):
+                raise InvalidArgument("a call is a JSON object {method, args}")
+            try:
+                if call["method"] == "pull_run":
+                    result = await self._pull_run(args, peers)
+                else:
+                    result = await self._remove_snapshot(str(args["name"]))
+            except KeyError as exc:
+                raise InvalidArgument(f"method {call['method']!r} needs argument {exc}") from None
+            answer = p.frame(request_id, p.OK, p.encode_json(result))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
         try:
@@ -259,10 +275,69 @@ class ReplicaServer:
         except _PEER_GONE:
             pass
 
+    async def _remove_snapshot(self, name: str) -> None:
+        store = self._require_store()
+        if self._structural.locked():
+            raise Busy(f"replica is busy with {store.operation or 'an operation'}")
+        async with self._structural:
+            for _ in store.remove_snapshot_steps(name):
+                await trio.sleep(0)
+
+    async def _pull_run(self, args: dict[str, Any], peers: _Peers) -> dict[str, int]:
+        """Copy a run of an immutable layer's chunks straight from the rebuild source into this
+        replica, so that the data of a rebuild does not pass through the engine. The source is
+        named by the address the engine knows it by and its layer by the id it has there: if
+        that address leads elsewhere from here, no such layer answers and the pull fails
+        (``PullFailed``), it never copies other data."""
+        store = self._require_store()
+        address, source_layer = str(args["source"]), str(args["source_layer"])
+        first, count = int(args["first"]), int(args["count"])
+        try:
+            with trio.fail_after(_PULL_TIMEOUT):
+                client = await peers.get(address)
+                states, data = await client.read_layer_run(source_layer, first, count)
+        except (LhfsError, trio.TooSlowError) as exc:
+            raise PullFailed(f"cannot copy from {address}: {exc or 'no answer'}") from None
+        layer = str(args["layer"])
+        store.write_layer_run(layer, first, states, data)
+        self._unsynced += len(data)
+        if self._unsynced >= _WRITEBACK_EVERY and not self._writing_back:
+            job = store.writeback_job(layer)
+            if job is not None:
+                self._unsynced, self._writing_back = 0, True
+                peers.nursery.start_soon(self._writeback, job)
+        return {"bytes": len(data)}
+
+    async def _writeback(self, job: Callable[[], None]) -> None:
+        try:
+            await trio.to_thread.run_sync(job)
+        except OSError as exc:  # the flush that follows the copy reports it, if it persists
+            log.warning("background data sync failed: %s", exc)
+        finally:
+            self._writing_back = False
+
+
+class _Peers:
+    """Connections from this replica to others (rebuild sources), one per address, opened on
+    first use and closed with the connection that asked for them."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self._clients: dict[str, ReplicaClient] = {}
+        self._lock = trio.Lock()
+
+    async def get(self, address: str) -> ReplicaClient:
+        async with self._lock:  # many pulls arrive at once: one connection for them all
+            client = self._clients.get(address)
+            if client is None or client.broken:
+                client = await ReplicaClient.connect(address, self.nursery)
+                self._clients[address] = client
+            return client
+
 
 _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 _STRUCTURAL = {"snapshot", "revert", "expand"}
-_LONG = {"remove_snapshot"}
+_LONG = {"remove_snapshot", "pull_run"}
 
 
 def _method_of(payload: memoryview) -> str | None:

@@ -31,7 +31,7 @@ import resource
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -712,7 +712,9 @@ class ChunkStore:
         self.partial = {}
         return {"layers": len(names)}
 
-    def write_layer_run(self, layer_id: str, first: int, states: bytes, data: bytes) -> None:
+    def write_layer_run(
+        self, layer_id: str, first: int, states: bytes, data: bytes | memoryview
+    ) -> None:
         """Set neighbouring chunks of an immutable layer as the rebuild source has them:
         ``states`` has one byte per chunk, ``data`` the bytes of the DATA ones, in order."""
         if self.partial is None:
@@ -815,6 +817,9 @@ class ChunkStore:
                     out[pos - offset : pos - offset + n] = data[within : within + n]
             pos += n
         return out
+
+    def writeback_job(self, layer_id: str) -> Callable[[], None] | None:
+        return self.layer(layer_id).writeback_job()
 
     def read_layer_run(self, layer_id: str, first: int, count: int) -> tuple[bytes, bytes]:
         """Neighbouring chunks as a layer (or ``"backing"``) stores them: one state byte per

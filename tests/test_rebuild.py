@@ -14,8 +14,10 @@ from conftest import needs_fuse
 from lhfs import control
 from lhfs import volume as volumes
 from lhfs.procs import wait_for
+from lhfs.replica_client import parse_address
 from lhfs.store import ChunkStore
 from lhfs.testing import Cli, fio_verify, loop_attach
+from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
 MIB = 1 << 20
@@ -122,6 +124,7 @@ def test_stale_replica_gets_only_what_changed(cli: Cli, tmp_path: Path) -> None:
     stats = replica(cli, "st", "r3")["rebuild_stats"]
     assert len(changed) <= stats["chunks_copied"] <= 2 * len(changed), stats
     assert stats["bytes_copied"] <= 0.02 * size, stats
+    assert stats["bytes_relayed"] == 0, stats  # r3 pulled straight from its source
     assert cli.checksum("st") == expected
     cli.run("volume", "detach", "st")
     assert set(offline_checksums(cli, "st").values()) == {expected}
@@ -160,6 +163,42 @@ def test_kill_target_then_source_mid_rebuild(cli: Cli, tmp_path: Path) -> None:
     cli.run("volume", "detach", "k")
     sums = offline_checksums(cli, "k")
     assert set(sums) == {"r2", "r3", second} and set(sums.values()) == {expected}
+
+
+def test_a_target_that_cannot_reach_the_source_is_fed_through_the_engine(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A new replica pulls its data straight from the source, by the address the engine knows
+    it by. When that address does not work from where the new replica runs (another network;
+    here a proxy that stops taking new connections while the engine keeps its own), the engine
+    relays the data itself and the rebuild still ends equal."""
+    size = 64 * MIB
+    remote = replica_factory(tmp_path / "remote")
+    proxy = FaultProxy(parse_address(remote.address))
+    try:
+        cli.run("volume", "create", "n", "--size", "64M", "--replicas", "1")
+        device = tmp_path / "dev"
+        cli.run("volume", "attach", "n", "--device", str(device))
+        write_random(device, size, 11)
+        expected = cli.checksum("n")
+        far = cli.run("replica", "add", "n", "--address", f"127.0.0.1:{proxy.port}").stdout
+        far_id = far.split()[2]
+        stats = replica(cli, "n", far_id)["rebuild_stats"]
+        assert stats["bytes_copied"] == size and stats["bytes_relayed"] == 0, stats
+
+        cli.run("replica", "rm", "n", "r1")  # the remote replica is now the only source
+        proxy.stop()
+        near_id = cli.run("replica", "add", "n").stdout.split()[2]
+        stats = replica(cli, "n", near_id)["rebuild_stats"]
+        assert stats["bytes_copied"] == stats["bytes_relayed"] == size, stats
+        assert live(cli, "n")["state"] == "healthy"
+        assert cli.checksum("n") == expected
+        cli.run("volume", "detach", "n")
+        vol = volumes.load(cli.root, "n")
+        with ChunkStore.open(vol.replica_dir(vol.replica(near_id))) as store:
+            assert store.checksum() == expected
+    finally:
+        proxy.close()
 
 
 def test_scrub_finds_and_repairs_bit_rot(cli: Cli, tmp_path: Path) -> None:

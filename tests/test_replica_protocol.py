@@ -12,7 +12,14 @@ import trio
 import xxhash
 
 from lhfs import protocol as p
-from lhfs.errors import Busy, InvalidArgument, NotFound, NotInitialised, ProtocolError
+from lhfs.errors import (
+    Busy,
+    InvalidArgument,
+    NotFound,
+    NotInitialised,
+    ProtocolError,
+    PullFailed,
+)
 from lhfs.layer import ABSENT, DATA
 from lhfs.replica_client import ReplicaClient, open_replica
 from lhfs.store import ChunkStore
@@ -185,6 +192,41 @@ def test_uninitialised_replica_is_initialised_remotely(tmp_path: Path, replica_f
             assert info["size"] == 1 << 20
             await client.write(0, b"hello")
             assert await client.read(0, 5) == b"hello"
+
+    trio.run(main)
+
+
+def test_a_replica_pulls_layer_chunks_only_from_the_peer_named(
+    tmp_path: Path, replica_factory
+) -> None:
+    """``pull_run`` copies chunks straight from a peer replica, which is named by address and by
+    the id its layer has there: a peer that does not hold that layer (the address led somewhere
+    else) or cannot be reached makes the pull fail with ``PullFailed`` and writes nothing."""
+    _init(tmp_path / "source")
+    source = replica_factory(tmp_path / "source")
+    target = replica_factory(tmp_path / "target")
+    data = random.Random(3).randbytes(8 * CHUNK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+
+    async def main() -> None:
+        async with open_replica(source.address) as src, open_replica(target.address) as dst:
+            await src.write(CHUNK, data)
+            await src.call("snapshot", name="s")
+            layer_id = (await src.call("list_layers"))[0]["id"]
+            await dst.call("init", size=SIZE, chunk_size=CHUNK)
+            await dst.call("rebuild_begin", names=["s"], revision=1)
+            pull = {"layer": "s", "first": 0, "count": 12}
+            for address, source_layer in ((source.address, "0" * 16), (nobody, layer_id)):
+                with pytest.raises(PullFailed, match="cannot copy from"):
+                    await dst.call("pull_run", source=address, source_layer=source_layer, **pull)
+            assert (await dst.read_layer_chunk("s", 1))[0] == ABSENT
+            moved = await dst.call("pull_run", source=source.address, source_layer=layer_id, **pull)
+            assert moved == {"bytes": len(data)}
+            for k in range(12):
+                assert await dst.read_layer_chunk("s", k) == await src.read_layer_chunk("s", k)
+            assert await dst.layer_sums("s") == await src.layer_sums("s")
 
     trio.run(main)
 
