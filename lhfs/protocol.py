@@ -55,16 +55,54 @@ SUM_ENTRY = struct.Struct("<QB16s")
 STATE = struct.Struct("<B")
 
 
-def frame(request_id: int, code: int, *parts: bytes | bytearray | memoryview) -> bytes:
-    """One frame: header then payload parts, as a single buffer ready to send."""
-    length = HEADER.size - LENGTH.size
-    for part in parts:
-        length += len(part)
+Part = bytes | bytearray | memoryview
+LARGE = 256 << 10  # a part this long is sent as it is rather than copied into a buffer
+
+
+def _header(request_id: int, code: int, parts: tuple[Part, ...]) -> bytes:
+    length = HEADER.size - LENGTH.size + sum(len(part) for part in parts)
     if length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
-    if len(parts) == 1:
-        return HEADER.pack(length, request_id, code) + parts[0]
-    return b"".join((HEADER.pack(length, request_id, code), *parts))
+    return HEADER.pack(length, request_id, code)
+
+
+def frame(request_id: int, code: int, *parts: Part) -> bytes:
+    """One frame: header then payload parts, as a single buffer ready to send."""
+    return b"".join((_header(request_id, code, parts), *parts))
+
+
+def frame_pieces(request_id: int, code: int, *parts: Part, owned: bool = False) -> list[Part]:
+    """One frame as pieces to send in order: the small parts joined, and each large part (the
+    data of a 1 MiB write or read) left as it is, so that it is never copied before the kernel
+    takes it. A caller's buffer is left as it is only if it is immutable, unless ``owned`` says
+    that nobody will change it."""
+    pieces: list[Part] = []
+    run: list[Part] = [_header(request_id, code, parts)]
+    for part in parts:
+        if len(part) >= LARGE and (owned or memoryview(part).readonly):
+            pieces += [b"".join(run), part]
+            run = []
+        else:
+            run.append(part)
+    if run:
+        pieces.append(b"".join(run))
+    return pieces
+
+
+async def send_pieces(stream: Any, pieces: list[Part]) -> None:
+    """Send pieces in order on a trio stream: neighbouring small ones in one buffer, large ones
+    on their own (one more system call rather than a copy)."""
+    small: list[Part] = []
+    for piece in pieces:
+        if len(piece) < LARGE:
+            small.append(piece)
+            continue
+        if small:
+            await stream.send_all(b"".join(small))
+            small = []
+        await stream.send_all(piece)
+    if small:
+        await stream.send_all(b"".join(small))
 
 
 def error_payload(exc: LhfsError) -> bytes:

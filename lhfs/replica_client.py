@@ -96,7 +96,7 @@ class ReplicaClient:
         self._stream = stream
         self._next_id = 0
         self._waiting: dict[int, _Waiter] = {}
-        self._queue: list[bytes] = []
+        self._queue: list[p.Part] = []
         self._wake = trio.Event()
         self._broken: LhfsError | None = None
         self._cancel = trio.CancelScope()
@@ -172,9 +172,8 @@ class ReplicaClient:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            data = b"".join(self._queue)
-            self._queue.clear()
-            await self._stream.send_all(data)
+            queue, self._queue = self._queue, []
+            await p.send_pieces(self._stream, queue)
 
     async def _reader(self) -> None:
         frames = p.FrameBuffer()
@@ -209,7 +208,7 @@ class ReplicaClient:
         waiter = _Waiter()
         waiter.request_id = request_id
         self._waiting[request_id] = waiter
-        self._queue.append(p.frame(request_id, op, *parts))
+        self._queue += p.frame_pieces(request_id, op, *parts)
         self._wake.set()
         return waiter
 
