@@ -14,7 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 from backupstore.s3 import Bucket, Target
@@ -25,8 +25,10 @@ from . import volume as volumes
 from .errors import InvalidArgument, LhfsError, NotFound
 from .layer import pwrite_all
 from .procs import wait_for
-from .replica_client import SyncReplica
 from .store import ChunkStore, check_name
+
+if TYPE_CHECKING:
+    from .replica_client import SyncReplica
 
 _WRITERS = 4  # restore writes in flight through the engine
 
@@ -71,6 +73,8 @@ class _Source:
         self.local: ChunkStore | None = None
         self.bases: dict[str, dict[str, Any]] = {}
         if vol.runtime() is not None:
+            from .replica_client import SyncReplica  # (it brings trio: only when attached)
+
             info = control.call(vol.control_socket, "info")
             healthy = [r for r in info["replicas"] if r["mode"] == "RW"]
             if not healthy:
@@ -86,13 +90,22 @@ class _Source:
                         other.close()
             self.replica_id = healthy[0]["id"]
             self.remote = SyncReplica(healthy[0]["address"])
-        else:
-            directory = manage.freshest_local(vol)
-            for other in manage.healthy_local_dirs(vol):
-                with contextlib.suppress(LhfsError), ChunkStore.open(other) as store:
-                    self.bases[other.name] = _base_of(store.list_layers(), store.info(), snapshot)
-            self.replica_id = directory.name
-            self.local = ChunkStore.open(directory)
+        else:  # each healthy replica opened once; the freshest is read
+            opened: list[tuple[Path, ChunkStore]] = []
+            try:
+                for directory in manage.healthy_local_dirs(vol):
+                    opened.append((directory, ChunkStore.open(directory)))
+                for directory, store in opened:
+                    with contextlib.suppress(LhfsError):
+                        self.bases[directory.name] = _base_of(
+                            store.list_layers(), store.info(), snapshot
+                        )
+                freshest, self.local = max(opened, key=lambda entry: entry[1].revision)
+                self.replica_id = freshest.name
+            finally:
+                for _, store in opened:
+                    if store is not self.local:
+                        store.close()
         if self.replica_id not in self.bases:
             self.close()
             raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")

@@ -14,11 +14,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from .errors import LhfsError, NotFound, from_wire
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("lhfs.control")
 
@@ -30,17 +31,18 @@ class NotAttached(NotFound):
     """No engine runs for the volume."""
 
 
-async def serve(
-    path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Accept control requests on ``path`` until cancelled."""
+async def serve(path: Path, handler: Handler, *, task_status: Any = None) -> None:
+    """Accept control requests on ``path`` until cancelled (start it with ``nursery.start``)."""
+    import trio  # here, not at the top: commands that only call an engine start faster
+
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(str(path))
     os.chmod(path, 0o600)
     sock.listen(64)
     listener = trio.SocketListener(sock)
-    task_status.started()
+    if task_status is not None:
+        task_status.started()
     try:
         await trio.serve_listeners(lambda stream: _one(stream, handler), [listener])
     finally:
@@ -48,6 +50,8 @@ async def serve(
 
 
 async def _one(stream: trio.SocketStream, handler: Handler) -> None:
+    import trio
+
     try:
         data = b""
         while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
