@@ -456,11 +456,13 @@ def start(root: Path, name: str) -> int:
             start_new_session=True,
         )
     wait_for(
-        lambda: proc.poll() is not None or read_status(vol).get("pid") == proc.pid,
+        lambda: read_status(vol).get("pid") == proc.pid or proc.poll() is not None,
         30,
         "the DR follower to start",
     )
-    if proc.poll() is not None:
+    # Started means it took the lock and said so; one that then stops at once (it met a corrupt
+    # block) has started, and `dr status` tells why it stopped.
+    if read_status(vol).get("pid") != proc.pid:
         tail = (vol.dir / LOG).read_text(errors="replace").strip().splitlines()[-1:]
         raise LhfsError(f"the DR follower exited at once: {' '.join(tail)} (see {vol.dir / LOG})")
     return proc.pid
