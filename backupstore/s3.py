@@ -114,6 +114,7 @@ class Bucket:
         self.first_delay = first_delay
         self.on_retry = on_retry  # told of every transient failure (a DR status shows it)
         self.endpoint = f"{parsed.scheme}://{parsed.netloc}"
+        self._ensured = False
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=10, read=60), retries=False, maxsize=16
         )
@@ -154,9 +155,12 @@ class Bucket:
                 delay = min(delay * 2, 30.0)
 
     def ensure(self) -> None:
-        """Create the bucket if it does not exist."""
+        """Create the bucket if it does not exist (asked once per ``Bucket``)."""
+        if self._ensured:
+            return
         if not self._call("bucket check", lambda: self.client.bucket_exists(self.target.bucket)):
             self._call("bucket create", lambda: self.client.make_bucket(self.target.bucket))
+        self._ensured = True
 
     def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
         self._call(

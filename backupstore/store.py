@@ -84,6 +84,7 @@ class BackupStore:
         self.bucket = bucket
         self.target = bucket.target
         self.workers = workers
+        self._block_sizes: dict[str, int] = {}  # recorded ones: they never change
 
     # -- blocks -------------------------------------------------------------------------------
 
@@ -135,13 +136,8 @@ class BackupStore:
 
     def _settings(self, volume: str, wanted: int | None) -> tuple[int, bool]:
         """``block_size`` and whether ``volume.meta`` already records it."""
-        key = self._meta_key(volume)
-        found = self.bucket.get(key)
-        if found is not None:
-            try:
-                size = int(json.loads(found[0])["block_size"])
-            except (ValueError, KeyError, TypeError):
-                raise CorruptState(f"{key} in {self.target} cannot be parsed") from None
+        size = self._block_sizes.get(volume) or self._recorded_block_size(volume)
+        if size is not None:
             if wanted is not None and wanted != size:
                 raise InvalidArgument(
                     f"the backups of {volume} in {self.target} use {format_size(size)} blocks; "
@@ -152,6 +148,18 @@ class BackupStore:
         if size < 4 << 10 or size > MAX_BLOCK or size & (size - 1):
             raise InvalidArgument("the backup block size must be a power of two from 4K to 16M")
         return size, False
+
+    def _recorded_block_size(self, volume: str) -> int | None:
+        key = self._meta_key(volume)
+        found = self.bucket.get(key)
+        if found is None:
+            return None
+        try:
+            size = int(json.loads(found[0])["block_size"])
+        except (ValueError, KeyError, TypeError):
+            raise CorruptState(f"{key} in {self.target} cannot be parsed") from None
+        self._block_sizes[volume] = size
+        return size
 
     def create(
         self,
@@ -180,7 +188,7 @@ class BackupStore:
             self._await_collections(running.key)
             count = -(-size // block_size)
             previous, changed = self._base(volume, base, size, block_size)
-            known = self._latest_digests(volume) | {d for d in previous if d}
+            known = {d for d in previous if d} if previous else self._latest_digests(volume)
             to_read = count - len(previous) + len(changed) if previous else count
             present = self._present() if to_read > _LIST_OVER else None
             stats = BackupStats(blocks=count)
@@ -287,11 +295,16 @@ class BackupStore:
         pending.clear()
 
     def _latest_digests(self, volume: str) -> set[str]:
-        """The blocks of the volume's newest complete backup: known present, no HEAD needed."""
-        backups = [b for b in self.list(volume) if b["state"] == "complete"]
-        if not backups:
+        """The blocks of the volume's most recently written manifest: known present, no HEAD
+        needed (any complete backup's blocks would do; the newest shares the most)."""
+        listed = self._manifest_objects(volume)
+        if not listed:
             return set()
-        manifest = self.manifest(volume, max(backups, key=order)["name"])
+        name = max(listed, key=lambda item: item[1].last_modified)[0]
+        try:
+            manifest = self.manifest(volume, name)
+        except NotFound:  # deleted since the listing
+            return set()
         return {d for d in manifest["blocks"] if d}
 
     def manifest(self, volume: str, name: str) -> dict[str, Any]:
@@ -312,37 +325,41 @@ class BackupStore:
             raise CorruptState(f"the manifest of backup {name} of {volume} cannot be parsed")
         return manifest
 
-    def complete_names(self, volume: str) -> list[str]:
-        """Names of the volume's complete backups, from one listing (no manifest is read)."""
+    def _manifest_objects(self, volume: str) -> list[tuple[str, Any]]:
+        """(name, listed object) of the volume's complete backups, from one listing."""
         prefix = self.target.key("volumes", volume) + "/"
         return [
-            obj.object_name[len(prefix) : -len(".json")]
+            (obj.object_name[len(prefix) : -len(".json")], obj)
             for obj in self.bucket.list(prefix)
             if obj.object_name.endswith(".json")
         ]
 
+    def complete_names(self, volume: str) -> list[str]:
+        """Names of the volume's complete backups, from one listing (no manifest is read)."""
+        return [name for name, _ in self._manifest_objects(volume)]
+
+    def _manifests(self, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The manifests of ``(volume, backup)`` pairs, read in parallel; those deleted since
+        they were listed are left out."""
+
+        def read(pair: tuple[str, str]) -> dict[str, Any] | None:
+            try:
+                return self.manifest(*pair)
+            except NotFound:
+                return None
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            found = zip(wanted, pool.map(read, wanted), strict=True)
+            return {pair: manifest for pair, manifest in found if manifest is not None}
+
     def list(self, volume: str | None = None) -> list[dict[str, Any]]:
         """Backups, complete and in progress, oldest first."""
         out = []
+        complete = []
         for obj in self.bucket.list(self.target.key("volumes", volume or "") + "/"):
-            parts = obj.object_name.split("/")
-            vol, leaf = parts[-2], parts[-1]
-            name, _, kind = leaf.rpartition(".")
+            vol, name, kind = _parts(obj.object_name)
             if kind == "json":
-                manifest = self.manifest(vol, name)
-                blocks = [d for d in manifest["blocks"] if d]
-                out.append(
-                    {
-                        "volume": vol,
-                        "name": name,
-                        "state": "complete",
-                        "snapshot": manifest.get("snapshot"),
-                        "created": manifest["created"],
-                        "started": manifest.get("started", 0.0),
-                        "size": manifest["size"],
-                        "blocks": len(blocks),
-                    }
-                )
+                complete.append((vol, name))
             elif kind == "running":
                 out.append(
                     {
@@ -356,6 +373,19 @@ class BackupStore:
                         "blocks": None,
                     }
                 )
+        for (vol, name), manifest in self._manifests(complete).items():
+            out.append(
+                {
+                    "volume": vol,
+                    "name": name,
+                    "state": "complete",
+                    "snapshot": manifest.get("snapshot"),
+                    "created": manifest["created"],
+                    "started": manifest.get("started", 0.0),
+                    "size": manifest["size"],
+                    "blocks": sum(1 for d in manifest["blocks"] if d),
+                }
+            )
         return sorted(out, key=order)
 
     def restore(
@@ -406,11 +436,14 @@ class BackupStore:
         with marker:
             if self._running(marker.key):
                 return 0
+            listed = (
+                _parts(obj.object_name)
+                for obj in self.bucket.list(self.target.key("volumes") + "/")
+            )
+            complete = [(vol, name) for vol, name, kind in listed if kind == "json"]
             referenced: set[str] = set()
-            for backup in self.list():
-                if backup["state"] == "complete":
-                    manifest = self.manifest(backup["volume"], backup["name"])
-                    referenced.update(d for d in manifest["blocks"] if d)
+            for manifest in self._manifests(complete).values():
+                referenced.update(d for d in manifest["blocks"] if d)
             if self._running(marker.key):  # a second look, now that the work is known
                 return 0
             removed = 0
@@ -439,6 +472,13 @@ class BackupStore:
 
     def block_count(self) -> int:
         return sum(1 for _ in self._blocks())
+
+
+def _parts(key: str) -> tuple[str, str, str]:
+    """(volume, backup, kind) of an object under ``volumes/``."""
+    vol, leaf = key.split("/")[-2:]
+    name, _, kind = leaf.rpartition(".")
+    return vol, name, kind
 
 
 def order(backup: dict[str, Any]) -> tuple:
