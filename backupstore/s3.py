@@ -181,10 +181,13 @@ class Bucket:
                     return None
                 raise
             try:
-                return response.read(), {k.lower(): v for k, v in response.headers.items()}
+                body = response.read()
+            except BaseException:
+                response.close()  # a body read half-way: its connection cannot be reused
+                raise
             finally:
-                response.close()
-                response.release_conn()
+                response.release_conn()  # (closing a fully read one would waste the connection)
+            return body, {k.lower(): v for k, v in response.headers.items()}
 
         return self._call(f"GET {key}", fetch)
 

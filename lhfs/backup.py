@@ -12,7 +12,7 @@ import os
 import secrets
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlparse
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .replica_client import SyncReplica
 
 _WRITERS = 4  # restore writes in flight through the engine
+_WRITEBACK_EVERY = 64 << 20  # a restore pushes its data to disk in the background this often
 
 
 def backup_url(target: Target, volume: str, name: str) -> str:
@@ -276,6 +277,9 @@ class _RestoreWriter:
         self.writers: ThreadPoolExecutor | None = None
         self.pending: deque = deque()
         self.checked = time.monotonic()
+        self.syncer = ThreadPoolExecutor(1)
+        self.syncing: Future | None = None
+        self.unsynced = 0
 
     def write(self, index: int, data: bytes) -> None:
         if self.fd < 0 and time.monotonic() - self.checked > 0.2:
@@ -286,10 +290,24 @@ class _RestoreWriter:
         if self.writers is None:
             for local in self.stores:
                 local.write(index * self.block, view)
+            self._write_back(len(view))
             return
         self.pending.append(self.writers.submit(pwrite_all, self.fd, view, index * self.block))
         while len(self.pending) > 2 * _WRITERS:
             self.pending.popleft().result()
+
+    def _write_back(self, written: int) -> None:
+        """Every 64 MiB, have the disk start on what was written while the restore goes on, so
+        that the final flush finds little left (it was a sixth of a restore's time). A failed
+        background sync fails the restore."""
+        self.unsynced += written
+        if self.unsynced < _WRITEBACK_EVERY or (self.syncing and not self.syncing.done()):
+            return
+        if self.syncing:
+            self.syncing.result()
+        jobs = [job for job in (local.head.writeback_job() for local in self.stores) if job]
+        self.syncing = self.syncer.submit(lambda: [job() for job in jobs])
+        self.unsynced = 0
 
     def _attach(self) -> None:
         self._close_stores()  # flushed: the engine finds every replica at the same revision
@@ -310,8 +328,12 @@ class _RestoreWriter:
         self.device.unlink(missing_ok=True)
 
     def _close_stores(self) -> None:
+        self.syncer.shutdown(wait=True)
+        syncing, self.syncing = self.syncing, None
         while self.stores:
             self.stores.pop().close()
+        if syncing:
+            syncing.result()  # its error, if any (the flush in close reported it too)
 
     def close(self) -> None:
         self._close_stores()

@@ -156,12 +156,14 @@ class Layer:
             os.fdatasync(self._fd)
 
     def writeback_job(self) -> Callable[[], None] | None:
-        """A job for another thread that pushes the data written so far towards the disk, on a
-        duplicate descriptor (the layer may be closed meanwhile): during a long copy into the
-        layer, the disk then works alongside the copy and the final flush finds little to do."""
+        """A job for another thread that pushes the data written so far towards the disk:
+        during a long copy into the layer, the disk then works alongside the copy and the final
+        flush finds little to do. It syncs through a file description of its own, opened now
+        (the layer may be closed meanwhile), never a duplicate of the layer's: a write error it
+        meets is then still reported to the layer's own flush, not consumed by the job."""
         if self._fd < 0:
             return None
-        fd = os.dup(self._fd)
+        fd = os.open(self.data_path, os.O_RDONLY)
 
         def job() -> None:
             try:
