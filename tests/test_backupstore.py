@@ -288,3 +288,41 @@ def test_a_running_backup_keeps_its_marker_fresh_while_blocked(
         thread.join(60)
     assert not store.bucket.exists(marker)  # gone with the backup
     assert [b["state"] for b in store.list("v")] == ["complete"]
+
+
+def test_an_incremental_backup_reads_only_its_base_manifest(
+    store: BackupStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many backups a volume has, an incremental one reads one manifest, its base's:
+    the blocks it names are the ones known present (no HEAD needed, none sent again)."""
+    rng = random.Random(7)
+    blocks = [rng.randbytes(4096) for _ in range(8)]
+    for n in range(5):
+        blocks[n] = rng.randbytes(4096)
+        store.create("v", f"b{n}", 8 * 4096, reader(blocks), block_size=4096)
+    read: list[str] = []
+    real = BackupStore.manifest
+    monkeypatch.setattr(
+        BackupStore, "manifest", lambda self, vol, name: read.append(name) or real(self, vol, name)
+    )
+    blocks[6] = rng.randbytes(4096)
+    _, stats = store.create("v", "b5", 8 * 4096, reader(blocks), base=("b4", [6]))
+    assert read == ["b4"]
+    assert (stats.read, stats.uploaded, stats.reused) == (1, 1, 0)
+
+
+def test_a_listing_leaves_out_a_backup_deleted_while_it_reads(
+    store: BackupStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks = [random.Random(8).randbytes(4096) for _ in range(2)]
+    for name in ("b0", "b1"):
+        store.create("v", name, 2 * 4096, reader(blocks), block_size=4096)
+    real = BackupStore.manifest
+
+    def deleted_meanwhile(self: BackupStore, vol: str, name: str) -> dict:
+        if name == "b0":
+            self.bucket.delete(self._key(vol, name, "json"))
+        return real(self, vol, name)
+
+    monkeypatch.setattr(BackupStore, "manifest", deleted_meanwhile)
+    assert [b["name"] for b in store.list("v")] == ["b1"]
