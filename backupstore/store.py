@@ -396,12 +396,21 @@ class BackupStore:
         progress: Callable[[float], None] = lambda pct: None,
     ) -> dict[str, Any]:
         """Fetch every block, check it, hand it to ``write_block`` (empty blocks are not
-        fetched: the new volume reads as zeros there)."""
+        fetched: the new volume reads as zeros there). A block the volume holds in several
+        places is fetched once and written to each of them."""
         manifest = self.manifest(volume, name)
-        todo = [(i, d) for i, d in enumerate(manifest["blocks"]) if d]
-        for done, (index, data) in enumerate(self.fetch(todo), 1):
-            write_block(index, data)
-            progress(100 * done / max(1, len(todo)))
+        places: dict[str, list[int]] = {}
+        for index, digest in enumerate(manifest["blocks"]):
+            if digest:
+                places.setdefault(digest, []).append(index)
+        total = sum(len(indexes) for indexes in places.values())
+        done = 0
+        by_first = {indexes[0]: indexes for indexes in places.values()}
+        for first, data in self.fetch((indexes[0], d) for d, indexes in places.items()):
+            for index in by_first[first]:
+                write_block(index, data)
+                done += 1
+            progress(100 * done / max(1, total))
         return manifest
 
     def fetch(self, items: Iterable[tuple[int, str]]) -> Iterator[tuple[int, bytes]]:

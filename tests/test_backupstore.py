@@ -326,3 +326,23 @@ def test_a_listing_leaves_out_a_backup_deleted_while_it_reads(
 
     monkeypatch.setattr(BackupStore, "manifest", deleted_meanwhile)
     assert [b["name"] for b in store.list("v")] == ["b1"]
+
+
+def test_a_block_held_in_several_places_is_fetched_once(
+    store: BackupStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(9)
+    a, b = rng.randbytes(4096), rng.randbytes(4096)
+    blocks = [a, b, a, bytes(4096), a]
+    store.create("v", "b0", 5 * 4096, reader(blocks), block_size=4096)
+    fetched: list[str] = []
+    real = BackupStore.get_block
+    monkeypatch.setattr(
+        BackupStore, "get_block", lambda self, digest: fetched.append(digest) or real(self, digest)
+    )
+    restored: dict[int, bytes] = {}
+    progress: list[float] = []
+    store.restore("v", "b0", restored.__setitem__, progress.append)
+    assert len(fetched) == 2
+    assert restored == {0: a, 1: b, 2: a, 4: a}
+    assert progress[-1] == 100.0
