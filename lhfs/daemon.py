@@ -30,7 +30,7 @@ from .errors import AlreadyExists, InvalidArgument, LhfsError, NotFound
 from .fuse_frontend import VolumeFile, mount_options
 from .procs import ReplicaProcess
 from .rebuild import rebuild
-from .replica_client import ReplicaClient, parse_address
+from .replica_client import parse_address
 from .scrub import scrub
 
 log = logging.getLogger("lhfs.daemon")
@@ -198,7 +198,7 @@ class Daemon:
                 except (RuntimeError, TimeoutError) as exc:
                     raise LhfsError(f"the new replica process did not start: {exc}") from None
             link = ReplicaLink(replica_id, address, mode=ERR, error="rebuild: preparing")
-            link.client = await ReplicaClient.connect(address, self.nursery)
+            link.client = await self.engine.connect(address)
         except BaseException as exc:
             await self._forget(replica_id)
             if isinstance(exc, LhfsError):

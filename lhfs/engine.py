@@ -93,13 +93,17 @@ class Engine:
 
     # -- replicas -----------------------------------------------------------------------------
 
+    async def connect(self, address: str) -> ReplicaClient:
+        """A connection to a replica for this engine's I/O (requests gathered per send)."""
+        return await ReplicaClient.connect(address, self.nursery, CONNECT_TIMEOUT, gather=True)
+
     async def attach(self, replicas: list[tuple[str, str, bool]]) -> None:
         """Connect to (id, address, recorded_failed) replicas and pick the freshest to serve."""
         for replica_id, address, failed in replicas:
             link = ReplicaLink(replica_id, address)
             self.replicas.append(link)
             try:
-                link.client = await ReplicaClient.connect(address, self.nursery, CONNECT_TIMEOUT)
+                link.client = await self.connect(address)
                 info = await link.client.info()
                 if info["size"] != self.size:
                     # a replica expanded while others were not: the others are behind

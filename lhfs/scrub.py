@@ -16,7 +16,6 @@ from typing import Any
 
 from .engine import RW, Engine, ReplicaLink
 from .errors import LhfsError
-from .replica_client import ReplicaClient
 
 log = logging.getLogger("lhfs.scrub")
 
@@ -49,7 +48,7 @@ async def scrub(engine: Engine, start_rebuild: Callable[[ReplicaLink], None]) ->
     for link in healthy:
         if link.id in damaged and sum(r.mode == RW for r in engine.replicas) > 1:
             engine.fail(link, "scrub found corrupt data: " + "; ".join(damaged[link.id][:3]))
-            link.client = await ReplicaClient.connect(link.address, engine.nursery)
+            link.client = await engine.connect(link.address)
             start_rebuild(link)
     log.info("scrub: %s", report)
     return report
