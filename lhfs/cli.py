@@ -487,6 +487,8 @@ def cmd_dr_run(args: argparse.Namespace) -> None:
     # Downloads still under way belong to an abandoned increment (its blocks stay marked
     # unknown): exit at once instead of waiting for a slow store to answer them.
     logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)
 
 
