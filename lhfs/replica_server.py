@@ -19,7 +19,7 @@ import signal
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -36,6 +36,7 @@ from .errors import (
 from .replica_client import ReplicaClient
 from .store import ChunkStore
 
+T = TypeVar("T")
 log = logging.getLogger("lhfs.replica")
 
 _HANDSHAKE_TIMEOUT = 10
@@ -59,6 +60,7 @@ class ReplicaServer:
         if (self.dir / "volume.json").exists():
             self.store = ChunkStore.open(self.dir)
         self._structural = trio.Lock()
+        self._hashing = trio.Lock()  # one checksum computation at a time, off the event loop
         self._unsynced = 0
         self._writing_back = False
 
@@ -146,6 +148,11 @@ class ReplicaServer:
                         self._long_call, stream, send_lock, request_id, bytes(payload), peers
                     )
                     continue
+                if op == p.LAYER_SUMS:
+                    nursery.start_soon(
+                        self._layer_sums, stream, send_lock, request_id, bytes(payload)
+                    )
+                    continue
                 pieces = self._answer(request_id, op, payload)
                 out += pieces
                 answers += 1
@@ -193,12 +200,6 @@ class ReplicaServer:
         if op == p.FLUSH:
             store.flush()
             return (p.U64.pack(store.revision),)
-        if op == p.LAYER_SUMS:
-            first, limit, fresh = p.SUMS_REQ.unpack_from(_at_least(payload, p.SUMS_REQ.size))
-            layer_id = bytes(payload[p.SUMS_REQ.size :]).decode(errors="replace")
-            sums = store.layer_sums(layer_id, fresh=bool(fresh) and first == 0)
-            sums = [e for e in sums if e[0] >= first][: max(limit, 0)]
-            return (b"".join(p.SUM_ENTRY.pack(*e) for e in sums),)
         if op == p.WRITE_LAYER_RUN:
             first, count, n = p.WRITE_RUN.unpack_from(_at_least(payload, p.WRITE_RUN.size))
             start = p.WRITE_RUN.size
@@ -248,7 +249,6 @@ class ReplicaServer:
             "expand": lambda: store.expand(int(args["size"])),
             "checksum": store.checksum,
             "is_blank": store.is_blank,
-            "verify_layer": lambda: store.verify_layer(str(args["layer"])),
             "rebuild_begin": lambda: store.rebuild_begin(
                 [str(n) for n in args["names"]], int(args["revision"])
             ),
@@ -278,6 +278,9 @@ class ReplicaServer:
             try:
                 if call["method"] == "pull_run":
                     result = await self._pull_run(args, peers)
+                elif call["method"] == "verify_layer":
+                    store = self._require_store()
+                    result = await self._hash(store.verify_layer, str(args["layer"]))
                 else:
                     result = await self._remove_snapshot(str(args["name"]))
             except KeyError as exc:
@@ -285,6 +288,42 @@ class ReplicaServer:
             answer = p.frame(request_id, p.OK, p.encode_json(result))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
+        await self._send(stream, send_lock, answer)
+
+    async def _layer_sums(
+        self, stream: trio.SocketStream, send_lock: trio.Lock, request_id: int, payload: bytes
+    ) -> None:
+        """Per-chunk checksums of a layer, answered out of order. Hashing an immutable layer
+        that has none recorded reads all of it (a minute or more for a large volume): it runs in
+        a thread (``_hash``), so that the replica keeps serving I/O meanwhile (an engine would
+        otherwise time out on it and mark it failed). The head is hashed at once."""
+        try:
+            view = memoryview(payload)
+            first, limit, fresh = p.SUMS_REQ.unpack_from(_at_least(view, p.SUMS_REQ.size))
+            layer_id = bytes(view[p.SUMS_REQ.size :]).decode(errors="replace")
+            store = self._require_store()
+            fresh = bool(fresh) and first == 0
+            if layer_id != "backing" and store.layer(layer_id) is store.head:
+                sums = store.layer_sums(layer_id, fresh)
+            else:
+                sums = await self._hash(store.layer_sums, layer_id, fresh)
+            sums = [e for e in sums if e[0] >= first][: max(limit, 0)]
+            answer = p.frame(request_id, p.OK, b"".join(p.SUM_ENTRY.pack(*e) for e in sums))
+        except Exception as exc:  # every failure becomes an error answer
+            answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
+        await self._send(stream, send_lock, answer)
+
+    async def _hash(self, job: Callable[..., T], *args: Any) -> T:
+        """Run a job that hashes immutable layers in a thread, one at a time, never alongside
+        a snapshot removal (which rewrites them)."""
+        async with self._hashing:
+            while self._structural.locked():
+                async with self._structural:
+                    pass
+            return await trio.to_thread.run_sync(job, *args)
+
+    @staticmethod
+    async def _send(stream: trio.SocketStream, send_lock: trio.Lock, answer: bytes) -> None:
         try:
             async with send_lock:
                 await stream.send_all(answer)
@@ -293,6 +332,8 @@ class ReplicaServer:
 
     async def _remove_snapshot(self, name: str) -> None:
         store = self._require_store()
+        if self._hashing.locked():
+            raise Busy("replica is busy computing checksums")
         if self._structural.locked():
             raise Busy(f"replica is busy with {store.operation or 'an operation'}")
         async with self._structural:
@@ -353,7 +394,7 @@ class _Peers:
 
 _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 _STRUCTURAL = {"snapshot", "revert", "expand"}
-_LONG = {"remove_snapshot", "pull_run"}
+_LONG = {"remove_snapshot", "pull_run", "verify_layer"}
 
 
 def _method_of(payload: memoryview) -> str | None:
