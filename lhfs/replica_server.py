@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+import xxhash
 
 from . import protocol as p
 from .errors import (
@@ -247,7 +248,6 @@ class ReplicaServer:
             "snapshot": lambda: store.snapshot(str(args["name"])),
             "revert": lambda: store.revert(str(args["name"])),
             "expand": lambda: store.expand(int(args["size"])),
-            "checksum": store.checksum,
             "is_blank": store.is_blank,
             "rebuild_begin": lambda: store.rebuild_begin(
                 [str(n) for n in args["names"]], int(args["revision"])
@@ -278,6 +278,8 @@ class ReplicaServer:
             try:
                 if call["method"] == "pull_run":
                     result = await self._pull_run(args, peers)
+                elif call["method"] == "checksum":
+                    result = await self._checksum()
                 elif call["method"] == "verify_layer":
                     store = self._require_store()
                     result = await self._hash(store.verify_layer, str(args["layer"]))
@@ -312,6 +314,16 @@ class ReplicaServer:
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
         await self._send(stream, send_lock, answer)
+
+    async def _checksum(self) -> str:
+        """The whole volume's checksum, read a few MiB at a time with other requests served in
+        between (reading a large volume takes minutes). A volume written to meanwhile gives a
+        checksum of no single moment, as any read of a volume in use would."""
+        digest = xxhash.xxh3_128()
+        for piece in self._require_store().content():
+            digest.update(piece)
+            await trio.sleep(0)
+        return digest.hexdigest()
 
     async def _hash(self, job: Callable[..., T], *args: Any) -> T:
         """Run a job that hashes immutable layers in a thread, one at a time, never alongside
@@ -394,7 +406,7 @@ class _Peers:
 
 _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 _STRUCTURAL = {"snapshot", "revert", "expand"}
-_LONG = {"remove_snapshot", "pull_run", "verify_layer"}
+_LONG = {"remove_snapshot", "pull_run", "verify_layer", "checksum"}
 
 
 def _method_of(payload: memoryview) -> str | None:

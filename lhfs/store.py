@@ -847,10 +847,17 @@ class ChunkStore:
     def checksum(self) -> str:
         """xxh3-128 of the whole logical content of the volume, hex."""
         digest = xxhash.xxh3_128()
-        step = max(self.chunk_size, 4 << 20)
-        for offset in range(0, self.size, step):
-            digest.update(self.read(offset, min(step, self.size - offset)))
+        for piece in self.content():
+            digest.update(piece)
         return digest.hexdigest()
+
+    def content(self) -> Iterator[bytes | bytearray]:
+        """The volume's logical content in pieces of a few MiB, read as the iteration reaches
+        them (a caller may serve other requests between pieces)."""
+        step = max(self.chunk_size, 4 << 20)
+        size = self.size
+        for offset in range(0, size, step):
+            yield self.read(offset, min(step, size - offset))
 
 
 def _add_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:

@@ -289,10 +289,13 @@ def _read_frame(sock: socket.socket) -> tuple[int, int, bytes]:
     return request_id, code, exactly(length - (p.HEADER.size - p.LENGTH.size))
 
 
-def test_io_is_answered_while_a_layer_is_hashed(tmp_path: Path, replica_factory) -> None:
-    """Checksums of a snapshot that has none recorded are computed off the event loop: a read
-    sent right after asking for them is answered first (hashing a large volume's layer takes
-    minutes; an engine would time the replica out if it waited)."""
+def test_io_is_answered_while_a_layer_is_hashed_or_the_volume_summed(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Checksums of a snapshot that has none recorded are computed off the event loop, and a
+    whole-volume checksum a few MiB at a time: a read sent right after asking for either is
+    answered first (on a large volume they take minutes; an engine would time the replica out
+    if it waited)."""
     _init(tmp_path / "r", size=64 << 20)
     replica = replica_factory(tmp_path / "r")
     host, port = replica.address.split(":")
@@ -306,15 +309,18 @@ def test_io_is_answered_while_a_layer_is_hashed(tmp_path: Path, replica_factory)
             return (await client.call("list_layers"))[0]["id"]
 
     layer = trio.run(setup)
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
-        assert p.HELLO_REPLY.unpack(s.recv(64))[2] == 0
-        sums = p.SUMS_REQ.pack(0, 1 << 19, 1) + layer.encode()
-        read = p.RANGE.pack(5, 100)
-        s.sendall(
-            p.frame(1, p.LAYER_SUMS, sums) + p.frame(2, p.READ, read)  # one send, in this order
-        )
-        first, second = _read_frame(s), _read_frame(s)
-    assert (first[0], first[1]) == (2, p.OK) and len(first[2]) == 100
-    assert (second[0], second[1]) == (1, p.OK)
-    assert len(second[2]) == (64 << 20) // CHUNK * p.SUM_ENTRY.size
+    sums = p.SUMS_REQ.pack(0, 1 << 19, 1) + layer.encode()
+    checksum = p.encode_json({"method": "checksum", "args": {}})
+    for op, payload in ((p.LAYER_SUMS, sums), (p.CALL, checksum)):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
+            assert p.HELLO_REPLY.unpack(s.recv(64))[2] == 0
+            read = p.frame(2, p.READ, p.RANGE.pack(5, 100))
+            s.sendall(p.frame(1, op, payload) + read)  # one send, in this order
+            first, second = _read_frame(s), _read_frame(s)
+        assert (first[0], first[1]) == (2, p.OK) and len(first[2]) == 100
+        assert (second[0], second[1]) == (1, p.OK)
+        if op == p.LAYER_SUMS:
+            assert len(second[2]) == (64 << 20) // CHUNK * p.SUM_ENTRY.size
+        else:
+            assert len(p.decode_json(second[2])) == 32
