@@ -256,14 +256,14 @@ class Layer:
                 mapped.close()
         return out
 
-    def fresh_sums(self) -> list[tuple[int, int, bytes]]:
-        """Recompute from disk and replace the cache (the rebuild target's view of itself)."""
-        self.drop_sums()
-        return self.cached_sums()
-
-    def cached_sums(self) -> list[tuple[int, int, bytes]]:
-        """``compute_sums`` kept in memory and in a file: valid as long as this immutable layer
-        is unchanged, or changed only through ``record_sum``."""
+    def sums(self, fresh: bool = False) -> dict[int, tuple[int, bytes]]:
+        """The layer's checksums, ``{chunk: (state, digest)}``: those recorded (kept in memory
+        and in a file, valid as long as this immutable layer is unchanged or changed only
+        through ``record_sum``), or with ``fresh`` recomputed from disk (a rebuild target's
+        view of itself). Checksums just computed are saved; those a rebuild keeps up to date
+        are saved by ``save_sums`` when it ends, not on every request."""
+        if fresh:
+            self.drop_sums()
         if self._sums is None:
             try:
                 raw = self.sums_path.read_bytes()
@@ -272,17 +272,28 @@ class Layer:
             entries: list[tuple[int, int, bytes]] = []
             if raw[:4] == _SUMS_MAGIC and (len(raw) - 4) % _SUM_ENTRY.size == 0:
                 entries = list(_SUM_ENTRY.iter_unpack(raw[4:]))
-            if len(entries) != len(self.index):
+            computed = len(entries) != len(self.index)
+            if computed:
                 entries = self.compute_sums()
-                self._sums_dirty = True
             self._sums = {c: (st, d) for c, st, d in entries}
-        if self._sums_dirty:
+            if computed:
+                self._sums_dirty = True
+                self.save_sums()
+        return self._sums
+
+    def save_sums(self) -> None:
+        if self._sums is not None and self._sums_dirty:
             entries = [(c, *self._sums[c]) for c in sorted(self._sums)]
             atomic_write(
                 self.sums_path, _SUMS_MAGIC + b"".join(_SUM_ENTRY.pack(*e) for e in entries)
             )
             self._sums_dirty = False
-        return [(c, *self._sums[c]) for c in sorted(self._sums)]
+
+    def cached_sums(self) -> list[tuple[int, int, bytes]]:
+        """``sums`` as a list in chunk order, saved first if a rebuild changed them."""
+        sums = self.sums()
+        self.save_sums()
+        return [(c, *sums[c]) for c in sorted(sums)]
 
     def record_sum(self, chunk: int, state: int, data: bytes | memoryview = b"") -> None:
         """Keep the cached checksums true while a rebuild writes a chunk: the checksum of the

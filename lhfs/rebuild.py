@@ -22,6 +22,7 @@ copied stays copied); a target that fails is marked ERR. Nothing here raises int
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ import trio
 from .engine import RW, WO, Engine, ReplicaLink
 from .errors import ConnectionLost, CorruptState, LhfsError, PullFailed
 from .layer import ABSENT
+from .replica_client import SumsUnavailable, merged_layer_sums
 
 log = logging.getLogger("lhfs.rebuild")
 
@@ -84,7 +86,7 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
         try:
             await _sync(engine, source, target, names, stats)
             mark = trio.current_time()
-            await _verify(source, target, names)
+            await _verify(source, target, names, -(-engine.size // engine.chunk_size))
             stats.phases["verify"] = round(trio.current_time() - mark, 3)
             break
         except _SourceFailed as exc:
@@ -167,53 +169,21 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
     return names
 
 
-async def _both_sums(
-    source: ReplicaLink, target: ReplicaLink, layer: str, fresh: bool = True
-) -> tuple[dict[int, tuple], dict[int, tuple]]:
-    """The source's recorded checksums and the target's recomputed from its disk, fetched at
-    the same time (each side hashes its own data: two processes, two cores)."""
-    out: dict[str, dict[int, tuple]] = {}
-    errors: dict[str, LhfsError] = {}
-
-    async def fetch(key: str, link: ReplicaLink, fresh: bool) -> None:
-        try:
-            out[key] = await link.client.all_layer_sums(layer, fresh=fresh)
-        except LhfsError as exc:  # raised below, outside the nursery, as itself
-            errors[key] = exc
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fetch, "want", source, False)
-        nursery.start_soon(fetch, "have", target, fresh)
-    if "want" in errors:
-        raise _SourceFailed("source lost while comparing checksums") from errors["want"]
-    if "have" in errors:
-        raise errors["have"]
-    return out["want"], out["have"]
-
-
 async def _sync(
     engine: Engine, source: ReplicaLink, target: ReplicaLink, names: list[str], stats: RebuildStats
 ) -> None:
-    plan = []
+    """Walk each layer's checksums on both sides (``_compare``) and copy the chunks that differ
+    while the walk goes on: a large volume's comparison never sits whole in memory, and the
+    copy starts with the first differing run."""
     mark = trio.current_time()
-    for name in names:
-        want, have = await _both_sums(source, target, name)
-        stats.chunks_compared += len(want.keys() | have.keys())
-        differ = [c for c in want if have.get(c) != want[c]]
-        gone = [c for c in have if c not in want]
-        plan.append((name, differ, gone))
-    stats.phases["compare"] = round(trio.current_time() - mark, 3)
-    mark = trio.current_time()
-    total = sum(len(d) + len(g) for _, d, g in plan) or 1
-    done = 0
-    failure: list[BaseException] = []
-    send, receive = trio.open_memory_channel[tuple[str, int, int]](IN_FLIGHT)
     try:
         layers = await source.client.call("list_layers")
     except ConnectionLost as exc:
         raise _SourceFailed("source lost before the copy") from exc
     ids = {layer["name"]: layer["id"] for layer in layers}
     direct = True
+    failure: list[BaseException] = []
+    send, receive = trio.open_memory_channel[tuple[str, int, int]](IN_FLIGHT)
 
     async def copy(name: str, first: int, count: int) -> int:
         nonlocal direct
@@ -241,7 +211,6 @@ async def _sync(
         return len(data)
 
     async def worker(nursery: trio.Nursery, items: trio.MemoryReceiveChannel) -> None:
-        nonlocal done
         async for name, first, count in items:
             try:
                 moved = await copy(name, first, count)
@@ -251,39 +220,92 @@ async def _sync(
                 return
             stats.chunks_copied += count
             stats.bytes_copied += moved
-            done += count
-            target.rebuild_progress = round(100 * done / total, 1)
 
     per_run = _run_length(engine.chunk_size)
-    for name, _differ, gone in plan:
-        for first, count in _runs(gone, per_run):
-            await target.client.write_layer_run(name, first, bytes([ABSENT]) * count, b"")
-            done += count
+    chunks = -(-engine.size // engine.chunk_size)
     async with trio.open_nursery() as nursery:
         for _ in range(IN_FLIGHT):
             nursery.start_soon(worker, nursery, receive.clone())
         async with send:
-            for name, differ, _gone in plan:
-                for first, count in _runs(differ, per_run):
-                    await send.send((name, first, count))
+            for k, name in enumerate(names):
+                runs = _compare(source, target, name, chunks, per_run, stats)
+                async for kind, first, count in runs:
+                    if "compare" not in stats.phases:  # the first answer: both sides hashed
+                        stats.phases["compare"] = round(trio.current_time() - mark, 3)
+                    if kind == "gone":
+                        await target.client.write_layer_run(
+                            name, first, bytes([ABSENT]) * count, b""
+                        )
+                    else:
+                        await send.send((name, first, count))
+                    progress = (k + (first + count) / max(1, chunks)) / len(names)
+                    target.rebuild_progress = round(min(99.0, 100 * progress), 1)
         await receive.aclose()
     if failure:
         raise failure[0]
-    stats.phases["copy"] = round(trio.current_time() - mark, 3)
+    stats.phases.setdefault("compare", round(trio.current_time() - mark, 3))
+    stats.phases["copy"] = round(trio.current_time() - mark - stats.phases["compare"], 3)
     mark = trio.current_time()
     await target.client.flush()  # the copied chunks reach the target's disk
     stats.phases["flush"] = round(trio.current_time() - mark, 3)
     target.rebuild_progress = 100.0
 
 
-async def _verify(source: ReplicaLink, target: ReplicaLink, names: list[str]) -> None:
+async def _compare(
+    source: ReplicaLink,
+    target: ReplicaLink,
+    name: str,
+    chunks: int,
+    per_run: int,
+    stats: RebuildStats,
+) -> AsyncIterator[tuple[str, int, int]]:
+    """Runs of neighbouring chunks to copy (``"copy"``: the source's checksum differs) or to
+    drop (``"gone"``: the source does not hold them), at most ``per_run`` long. The target's
+    checksums are recomputed from its disk (what it holds now), the source's are recorded."""
+    run: list = []  # [kind, first, count] of the run being built
+    async for chunk, (want, have) in _sums(source, target, name, True, chunks):
+        stats.chunks_compared += 1
+        kind = "gone" if want is None else "copy" if want != have else None
+        if run and (run[0] != kind or run[1] + run[2] != chunk or run[2] == per_run):
+            yield run[0], run[1], run[2]
+            run = []
+        if kind is None:
+            continue
+        if run:  # same kind, next chunk, room left
+            run[2] += 1
+        else:
+            run = [kind, chunk, 1]
+    if run:
+        yield run[0], run[1], run[2]
+
+
+async def _sums(
+    source: ReplicaLink, target: ReplicaLink, name: str, fresh: bool, chunks: int
+) -> AsyncIterator[tuple[int, list]]:
+    """Both sides' checksums of a layer in chunk order; a source that cannot give them is a
+    lost source (``_SourceFailed``), a target that cannot, an error of the rebuild."""
+    try:
+        clients = [source.client, target.client]
+        async for row in merged_layer_sums(clients, name, [False, fresh], chunks):
+            yield row
+    except SumsUnavailable as exc:
+        if exc.which == 0:
+            raise _SourceFailed("source lost while comparing checksums") from exc.error
+        raise exc.error from None
+
+
+async def _verify(source: ReplicaLink, target: ReplicaLink, names: list[str], chunks: int) -> None:
     for name in names:
         # the target's checksums: recomputed from its disk in the compare step, then updated
         # from the bytes of every chunk it received
-        want, have = await _both_sums(source, target, name, fresh=False)
-        if want != have:
-            bad = sorted(c for c in want.keys() | have.keys() if want.get(c) != have.get(c))
-            raise CorruptState(f"layer {name} differs after the sync at chunks {bad[:5]}...")
+        bad = []
+        async for chunk, (want, have) in _sums(source, target, name, False, chunks):
+            if want != have:
+                bad.append(chunk)
+                if len(bad) == 5:
+                    break
+        if bad:
+            raise CorruptState(f"layer {name} differs after the sync at chunks {bad}...")
     want = (await source.client.info())["backing_image"]
     have = (await target.client.info())["backing_image"]
     if (want and want["id"]) != (have and have["id"]):

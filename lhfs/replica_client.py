@@ -263,24 +263,14 @@ class ReplicaClient:
         return await self.call("info")
 
     async def layer_sums(
-        self, layer_id: str, first: int = 0, limit: int = 1 << 19, fresh: bool = False
+        self, layer_id: str, first: int = 0, span: int = 1 << 24, fresh: bool = False
     ) -> list[tuple[int, int, bytes]]:
-        """One page of a layer's per-chunk checksums, from chunk ``first`` on."""
+        """One page of a layer's per-chunk checksums: those of chunks ``first`` to
+        ``first + span - 1`` that the layer holds, in chunk order."""
         answer = await self.request(
-            p.LAYER_SUMS, p.SUMS_REQ.pack(first, limit, fresh), layer_id.encode()
+            p.LAYER_SUMS, p.SUMS_REQ.pack(first, span, fresh), layer_id.encode()
         )
         return list(p.SUM_ENTRY.iter_unpack(answer))
-
-    async def all_layer_sums(self, layer_id: str, fresh: bool = False) -> dict[int, tuple]:
-        """Every checksum of a layer as {chunk: (state, digest)}, fetched page by page."""
-        out: dict[int, tuple] = {}
-        first = 0
-        while True:
-            page = await self.layer_sums(layer_id, first, fresh=fresh and first == 0)
-            out.update((c, (s, d)) for c, s, d in page)
-            if len(page) < 1 << 19:
-                return out
-            first = page[-1][0] + 1
 
     async def write_layer_run(
         self, layer_id: str, first: int, states: bytes, data: bytes | memoryview
@@ -305,6 +295,52 @@ class ReplicaClient:
     async def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
         states, data = await self.read_layer_run(layer_id, chunk, 1)
         return states[0], bytes(data)
+
+
+SUMS_PAGE = 1 << 16  # chunks per request when walking a layer's checksums (at most 1.6 MB)
+
+
+class SumsUnavailable(LhfsError):
+    """One replica could not give a layer's checksums; ``which`` says which one."""
+
+    def __init__(self, which: int, error: LhfsError) -> None:
+        super().__init__(str(error))
+        self.which = which
+        self.error = error
+
+
+async def merged_layer_sums(
+    clients: list[ReplicaClient], layer_id: str, fresh: list[bool], chunks: int
+) -> AsyncIterator[tuple[int, list[tuple[int, bytes] | None]]]:
+    """A layer's per-chunk checksums on several replicas side by side, for the chunks of a
+    volume of ``chunks`` chunks that any of them holds, in chunk order: ``(chunk, [(state,
+    digest) or None per replica])``. Read a range of chunks at a time, so that comparing a
+    large layer never holds all of it in memory. The first range is asked of all at once (a
+    replica that hashes its data for it does so alongside the others). ``fresh[i]`` has
+    replica ``i`` hash its data again rather than give its recorded checksums."""
+    failed: list[SumsUnavailable] = []
+    pages: list[list[tuple[int, int, bytes]]] = [[] for _ in clients]
+
+    async def fill(i: int, first: int) -> None:
+        try:
+            pages[i] = await clients[i].layer_sums(
+                layer_id, first, SUMS_PAGE, fresh=fresh[i] and first == 0
+            )
+        except LhfsError as exc:  # raised outside the nursery, as itself
+            failed.append(SumsUnavailable(i, exc))
+
+    for first in range(0, chunks, SUMS_PAGE):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(clients)):
+                nursery.start_soon(fill, i, first)
+        if failed:
+            raise failed[0]
+        rows: dict[int, list[tuple[int, bytes] | None]] = {}
+        for i, page in enumerate(pages):
+            for chunk, state, digest in page:
+                rows.setdefault(chunk, [None] * len(clients))[i] = (state, digest)
+        for chunk in sorted(rows):
+            yield chunk, rows[chunk]
 
 
 @asynccontextmanager

@@ -301,15 +301,14 @@ class ReplicaServer:
         otherwise time out on it and mark it failed). The head is hashed at once."""
         try:
             view = memoryview(payload)
-            first, limit, fresh = p.SUMS_REQ.unpack_from(_at_least(view, p.SUMS_REQ.size))
+            first, span, fresh = p.SUMS_REQ.unpack_from(_at_least(view, p.SUMS_REQ.size))
             layer_id = bytes(view[p.SUMS_REQ.size :]).decode(errors="replace")
             store = self._require_store()
             fresh = bool(fresh) and first == 0
             if layer_id != "backing" and store.layer(layer_id) is store.head:
-                sums = store.layer_sums(layer_id, fresh)
+                sums = store.layer_sums(layer_id, fresh, first, span)
             else:
-                sums = await self._hash(store.layer_sums, layer_id, fresh)
-            sums = [e for e in sums if e[0] >= first][: max(limit, 0)]
+                sums = await self._hash(store.layer_sums, layer_id, fresh, first, span)
             answer = p.frame(request_id, p.OK, b"".join(p.SUM_ENTRY.pack(*e) for e in sums))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))

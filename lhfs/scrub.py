@@ -16,6 +16,7 @@ from typing import Any
 
 from .engine import RW, Engine, ReplicaLink
 from .errors import LhfsError
+from .replica_client import SumsUnavailable, merged_layer_sums
 
 log = logging.getLogger("lhfs.scrub")
 
@@ -27,23 +28,26 @@ async def scrub(engine: Engine, start_rebuild: Callable[[ReplicaLink], None]) ->
     layers = await healthy[0].client.call("list_layers")
     names = [layer["name"] for layer in layers if layer["active"] and layer["name"]]
     damaged: dict[str, list[str]] = {}
+    chunks = -(-engine.size // engine.chunk_size)
+    clients = [link.client for link in healthy]
     for name in names:
-        sums = {}
         for link in healthy:
             rotten = await link.client.call("verify_layer", layer=name)
             if rotten:
                 damaged.setdefault(link.id, []).append(f"{name}: {len(rotten)} chunk(s) changed")
-            sums[link.id] = await link.client.all_layer_sums(name)
-        if len(healthy) > 2:
-            chunks = set().union(*(s.keys() for s in sums.values()))
-            for chunk in chunks:
-                votes = Counter(sums[r.id].get(chunk) for r in healthy)
-                majority, count = votes.most_common(1)[0]
-                if count == len(healthy):
+        if len(healthy) <= 2:  # two that disagree: no majority to say which one is wrong
+            continue
+        walk = merged_layer_sums(clients, name, [False] * len(healthy), chunks)
+        try:
+            async for chunk, row in walk:
+                majority, count = Counter(row).most_common(1)[0]
+                if count == len(healthy) or count <= len(healthy) // 2:
                     continue
-                for link in healthy:
-                    if sums[link.id].get(chunk) != majority and count > len(healthy) // 2:
+                for link, entry in zip(healthy, row, strict=True):
+                    if entry != majority:
                         damaged.setdefault(link.id, []).append(f"{name}: chunk {chunk} differs")
+        except SumsUnavailable as exc:
+            raise exc.error from None
     report = {"layers": names, "replicas": [r.id for r in healthy], "damaged": damaged}
     for link in healthy:
         if link.id in damaged and sum(r.mode == RW for r in engine.replicas) > 1:

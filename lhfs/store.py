@@ -102,6 +102,9 @@ class ChunkStore:
         self.chain: list[Layer] = []  # head first
         self._top: dict[int, Layer] = {}
         self.operation: dict[str, Any] | None = None  # a long operation under way, for status
+        self._backing_sums: dict[int, tuple[int, bytes]] | None = (
+            None  # (its content never changes)
+        )
         # While a rebuild fills the layers below the head, a partial write to a chunk the head
         # lacks cannot copy the chunk up (what is below is not there yet): it lands as is and
         # its byte ranges are kept here until ``rebuild_finish`` merges them over the synced
@@ -634,8 +637,12 @@ class ChunkStore:
                 return self.layers[lid]
         raise NotFound(f"no layer {layer_id!r}")
 
-    def layer_sums(self, layer_id: str, fresh: bool = False) -> list[tuple[int, int, bytes]]:
-        """Per-chunk checksums of a layer (``"backing"`` for the backing image).
+    def layer_sums(
+        self, layer_id: str, fresh: bool = False, first: int = 0, span: int | None = None
+    ) -> list[tuple[int, int, bytes]]:
+        """Per-chunk checksums of a layer (``"backing"`` for the backing image), in chunk
+        order; with ``span``, only those of chunks ``first`` to ``first + span - 1`` (a page of
+        a walk over a large layer, served without sorting all the others).
 
         Immutable layers keep theirs in a file, so a rebuild asking again is cheap; ``fresh``
         recomputes them from the bytes on disk (what a scrub and a rebuild target need: the
@@ -644,13 +651,17 @@ class ChunkStore:
         if layer_id == "backing":
             if self.backing is None:
                 raise NotFound("this volume has no backing image")
-            return self.backing.compute_sums()
-        layer = self.layer(layer_id)
-        if layer is self.head:
-            return layer.compute_sums()
-        if fresh:
-            return layer.fresh_sums()
-        return layer.cached_sums()
+            if self._backing_sums is None:
+                self._backing_sums = {c: (st, d) for c, st, d in self.backing.compute_sums()}
+            sums = self._backing_sums
+        else:
+            layer = self.layer(layer_id)
+            if layer is self.head:
+                sums = {c: (st, d) for c, st, d in layer.compute_sums()}
+            else:
+                sums = layer.sums(fresh)
+        chunks = sorted(sums) if span is None else range(first, first + span)
+        return [(c, *sums[c]) for c in chunks if c in sums]
 
     def verify_layer(self, layer_id: str) -> list[int]:
         """Chunks of an immutable layer whose bytes no longer match their recorded checksum."""
@@ -755,6 +766,8 @@ class ChunkStore:
         for chunk in sorted(self.partial):
             pwrite_all(self.head.fd, self._merged_partial(chunk), chunk * self.chunk_size)
         self.partial = None
+        for layer in self.chain[1:]:  # the checksums kept up to date during the copy
+            layer.save_sums()
         self.flush()
 
     def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
@@ -789,6 +802,7 @@ class ChunkStore:
         if self.backing is not None:
             self.backing.close()
         self.backing = BackingImage(local, image_id, self.chunk_size)
+        self._backing_sums = None
         self.meta["backing"] = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
         self._save_meta()
 
