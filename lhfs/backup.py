@@ -58,6 +58,13 @@ def chunk_for(manifest: dict[str, Any]) -> int:
     return chunk
 
 
+def _backup_name(prefix: str) -> str:
+    """A new backup's name: its snapshot (or image), the time, and a random part, so that two
+    backups of the same thing started in the same millisecond never share a name (one would
+    overwrite the other's manifest)."""
+    return f"{prefix}-{int(time.time() * 1000) % 10**9}-{secrets.token_hex(2)}"
+
+
 def open_store(target: Target) -> BackupStore:
     return BackupStore(Bucket(target))
 
@@ -172,7 +179,7 @@ def create(
         snapshot = manage.snapshot_create(root, name, f"backup-{stamp}")["name"]
     check_name(snapshot, "snapshot name")
     store = open_store(target)
-    backup_name = f"{snapshot}-{int(time.time() * 1000) % 10**9}"
+    backup_name = _backup_name(snapshot)
     source = _Source(vol, snapshot)
     try:
         store.bucket.ensure()
@@ -204,7 +211,7 @@ def backup_image(root: Path, name: str, url: str, progress: Any) -> str:
 
     target = Target.parse(url)
     info = get(root, name)
-    backup_name = f"{info['id'].split('-')[0][:16]}-{int(time.time() * 1000) % 10**9}"
+    backup_name = _backup_name(info["id"].split("-")[0][:16])
     with open(info["path"], "rb") as image:
 
         def read(index: int, block: int) -> bytes:
