@@ -223,28 +223,34 @@ async def _sync(
 
     per_run = _run_length(engine.chunk_size)
     chunks = -(-engine.size // engine.chunk_size)
+    compared: float | None = None
     async with trio.open_nursery() as nursery:
         for _ in range(IN_FLIGHT):
             nursery.start_soon(worker, nursery, receive.clone())
         async with send:
-            for k, name in enumerate(names):
-                runs = _compare(source, target, name, chunks, per_run, stats)
-                async for kind, first, count in runs:
-                    if "compare" not in stats.phases:  # the first answer: both sides hashed
-                        stats.phases["compare"] = round(trio.current_time() - mark, 3)
-                    if kind == "gone":
-                        await target.client.write_layer_run(
-                            name, first, bytes([ABSENT]) * count, b""
-                        )
-                    else:
-                        await send.send((name, first, count))
-                    progress = (k + (first + count) / max(1, chunks)) / len(names)
-                    target.rebuild_progress = round(min(99.0, 100 * progress), 1)
+            try:
+                for k, name in enumerate(names):
+                    runs = _compare(source, target, name, chunks, per_run, stats)
+                    async for kind, first, count in runs:
+                        if compared is None:  # the first run found: both sides have hashed
+                            compared = trio.current_time()
+                        if kind == "gone":
+                            absent = bytes([ABSENT]) * count
+                            await target.client.write_layer_run(name, first, absent, b"")
+                        else:
+                            await send.send((name, first, count))
+                        progress = (k + (first + count) / max(1, chunks)) / len(names)
+                        target.rebuild_progress = round(min(99.0, 100 * progress), 1)
+            except (LhfsError, _SourceFailed) as exc:  # raised below as itself, not in a group
+                failure.append(exc)
+                nursery.cancel_scope.cancel()
         await receive.aclose()
     if failure:
         raise failure[0]
-    stats.phases.setdefault("compare", round(trio.current_time() - mark, 3))
-    stats.phases["copy"] = round(trio.current_time() - mark - stats.phases["compare"], 3)
+    if compared is None:  # nothing differed
+        compared = trio.current_time()
+    stats.phases["compare"] = round(compared - mark, 3)
+    stats.phases["copy"] = round(trio.current_time() - compared, 3)
     mark = trio.current_time()
     await target.client.flush()  # the copied chunks reach the target's disk
     stats.phases["flush"] = round(trio.current_time() - mark, 3)
