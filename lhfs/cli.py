@@ -483,7 +483,9 @@ def cmd_dr_run(args: argparse.Namespace) -> None:
     try:
         code = dr.run(_root(args), args.name)
     except SystemExit as stop:  # SIGTERM: the follower has flushed and let go of its lock
-        code = int(stop.code or 0)
+        code = stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:
+        code = 130
     # Downloads still under way belong to an abandoned increment (its blocks stay marked
     # unknown): exit at once instead of waiting for a slow store to answer them.
     logging.shutdown()

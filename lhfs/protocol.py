@@ -20,7 +20,7 @@ from typing import Any
 from .errors import LhfsError, ProtocolError, from_wire
 
 MAGIC = b"LHFS"
-VERSION = 1
+VERSION = 2
 HELLO = struct.Struct("<4sH")
 HELLO_REPLY = struct.Struct("<4sHB")
 
@@ -71,15 +71,21 @@ def frame(request_id: int, code: int, *parts: Part) -> bytes:
     return b"".join((_header(request_id, code, parts), *parts))
 
 
+def _immutable(part: Part) -> bool:
+    """Bytes, or a view of bytes: nobody can change them while they wait to be sent (a
+    read-only view of a bytearray or of a mapped file could still change underneath)."""
+    return isinstance(part, bytes) or (isinstance(part, memoryview) and isinstance(part.obj, bytes))
+
+
 def frame_pieces(request_id: int, code: int, *parts: Part, owned: bool = False) -> list[Part]:
     """One frame as pieces to send in order: the small parts joined, and each large part (the
     data of a 1 MiB write or read) left as it is, so that it is never copied before the kernel
-    takes it. A caller's buffer is left as it is only if it is immutable, unless ``owned`` says
-    that nobody will change it."""
+    takes it. A caller's buffer is left as it is only if it is bytes (or a view of bytes),
+    unless ``owned`` says that nobody will change it."""
     pieces: list[Part] = []
     run: list[Part] = [_header(request_id, code, parts)]
     for part in parts:
-        if len(part) >= LARGE and (owned or memoryview(part).readonly):
+        if len(part) >= LARGE and (owned or _immutable(part)):
             pieces += [b"".join(run), part]
             run = []
         else:

@@ -160,13 +160,16 @@ class ReplicaClient:
     # -- plumbing -----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        with self._cancel:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._guard, self._writer, nursery.cancel_scope)
-                await self._guard(self._reader, nursery.cancel_scope)
-                nursery.cancel_scope.cancel()
-        self._fail(ConnectionLost(f"connection to replica {self.address} lost"))
-        await trio.aclose_forcefully(self._stream)
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guard, self._writer, nursery.cancel_scope)
+                    await self._guard(self._reader, nursery.cancel_scope)
+                    nursery.cancel_scope.cancel()
+        finally:  # also when the nursery it runs in is cancelled: never a socket left open
+            self._fail(ConnectionLost(f"connection to replica {self.address} lost"))
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
         """Run the reader or writer; when either ends, fail waiting calls and stop the other."""

@@ -378,7 +378,8 @@ class ReplicaServer:
 
     async def _writeback(self, job: Callable[[], None]) -> None:
         try:
-            await trio.to_thread.run_sync(job)
+            with trio.CancelScope(shield=True):  # once asked for, it runs (and closes its file)
+                await trio.to_thread.run_sync(job)
         except OSError as exc:  # the flush that follows the copy reports it, if it persists
             log.warning("background data sync failed: %s", exc)
         finally:
