@@ -50,6 +50,7 @@ class BackingImage:
         self.chunk_size = chunk_size
         self.nchunks = -(-self.size // chunk_size)
         self.fd = os.open(path, os.O_RDONLY)
+        self._sums: dict[int, tuple[int, bytes]] | None = None
 
     @classmethod
     def verify_and_open(
@@ -84,6 +85,13 @@ class BackingImage:
         buf = bytearray(count * self.chunk_size)
         pread_into(self.fd, memoryview(buf), first * self.chunk_size)
         return buf
+
+    def sums(self) -> dict[int, tuple[int, bytes]]:
+        """``{chunk: (state, digest)}``, computed once per open image: its content never
+        changes, and an image replaced by another is another object."""
+        if self._sums is None:
+            self._sums = {c: (st, d) for c, st, d in self.compute_sums()}
+        return self._sums
 
     def compute_sums(self) -> list[tuple[int, int, bytes]]:
         out = []

@@ -259,11 +259,23 @@ class Status:
             "last_increment": previous.get("last_increment"),
         }
         self._progress_written = 0.0
+        self._final = False
 
     def update(self, **fields: Any) -> None:
         """Best effort: a status that cannot be written (a full disk) must not stop the
         follower; the log still says what happens."""
+        self._write(fields, final=False)
+
+    def finish(self, **fields: Any) -> None:
+        """The last word of a follower: a download thread still retrying after it stopped
+        writes nothing over it."""
+        self._write(fields, final=True)
+
+    def _write(self, fields: dict[str, Any], final: bool) -> None:
         with self._lock:
+            if self._final:
+                return
+            self._final = final
             self.data.update(fields)
             try:
                 atomic_write(self.path, json.dumps(self.data, indent=1).encode())
@@ -352,8 +364,8 @@ def run(root: Path, name: str) -> int:
             time.sleep(wait)
     finally:
         with contextlib.suppress(Exception):
-            if status.data["state"] != "failed":
-                status.update(state="stopped", progress=None)
+            failed = status.data["state"] == "failed"
+            status.finish(**({} if failed else {"state": "stopped", "progress": None}))
         os.close(lock)
 
 

@@ -111,6 +111,12 @@ class Layer:
             self._fd = os.open(self.data_path, os.O_RDWR)
         return self._fd
 
+    def open(self) -> int:
+        """Open the data file now rather than on first use: done on the event loop before work
+        on the layer goes to a thread, so that two threads never both open it (one descriptor
+        would leak)."""
+        return self.fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -260,8 +266,10 @@ class Layer:
         """The layer's checksums, ``{chunk: (state, digest)}``: those recorded (kept in memory
         and in a file, valid as long as this immutable layer is unchanged or changed only
         through ``record_sum``), or with ``fresh`` recomputed from disk (a rebuild target's
-        view of itself). Checksums just computed are saved; those a rebuild keeps up to date
-        are saved by ``save_sums`` when it ends, not on every request."""
+        view of itself). Checksums computed from committed data are saved. Fresh ones are not:
+        they may describe data not yet flushed, so they are saved, like those a rebuild keeps
+        up to date, by ``save_sums`` when the rebuild has flushed (a file that outlived its
+        data after a crash would make a rebuild skip chunks the layer lacks)."""
         if fresh:
             self.drop_sums()
         if self._sums is None:
@@ -278,7 +286,8 @@ class Layer:
             self._sums = {c: (st, d) for c, st, d in entries}
             if computed:
                 self._sums_dirty = True
-                self.save_sums()
+                if not fresh:
+                    self.save_sums()
         return self._sums
 
     def save_sums(self) -> None:
@@ -302,7 +311,9 @@ class Layer:
             self.drop_sums()
             return
         if not self._sums_dirty:
-            self.sums_path.unlink(missing_ok=True)  # never a stale file after a crash
+            if self.sums_path.exists():  # never a stale file after a crash
+                self.sums_path.unlink()
+                fsync_dir(self.sums_path.parent)
             self._sums_dirty = True
         if state == ABSENT:
             self._sums.pop(chunk, None)

@@ -36,6 +36,10 @@ from .replica_client import SumsUnavailable, merged_layer_sums
 log = logging.getLogger("lhfs.rebuild")
 
 IN_FLIGHT = 8
+# Once the target could not pull from the source, the engine relays the data; a pull is tried
+# again after this many seconds, so that a passing failure does not slow the rest of a long
+# rebuild (and a lasting one costs one worker a connect timeout now and then).
+RETRY_PULL_AFTER = 30.0
 
 
 @dataclass
@@ -182,12 +186,15 @@ async def _sync(
         raise _SourceFailed("source lost before the copy") from exc
     ids = {layer["name"]: layer["id"] for layer in layers}
     direct = True
+    retry_pull_at = 0.0
     failure: list[BaseException] = []
     send, receive = trio.open_memory_channel[tuple[str, int, int]](IN_FLIGHT)
 
     async def copy(name: str, first: int, count: int) -> int:
-        nonlocal direct
-        if direct:
+        nonlocal direct, retry_pull_at
+        if direct or trio.current_time() >= retry_pull_at:
+            if not direct:  # one worker tries; the others go on relaying
+                retry_pull_at = trio.current_time() + RETRY_PULL_AFTER
             try:
                 answer = await target.client.call(
                     "pull_run",
@@ -197,11 +204,14 @@ async def _sync(
                     first=first,
                     count=count,
                 )
+                if not direct:
+                    log.info("replica %s pulls from its source again", target.id)
+                    direct = True
                 return int(answer["bytes"])
             except PullFailed as exc:
                 if direct:
                     log.warning("replica %s relays through the engine: %s", target.id, exc)
-                direct = False
+                direct, retry_pull_at = False, trio.current_time() + RETRY_PULL_AFTER
         try:
             states, data = await source.client.read_layer_run(name, first, count)
         except ConnectionLost as exc:

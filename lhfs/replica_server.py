@@ -18,6 +18,7 @@ import logging
 import signal
 import struct
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +50,7 @@ _HANDSHAKE_TIMEOUT = 10
 _GROUP = 8
 _GROUP_BYTES = 256 << 10  # a large answer (a 1 MiB read) goes alone, not copied into a group
 _PULL_TIMEOUT = 60
+_PEER_RETRY_AFTER = 5.0  # a peer that could not be reached is not asked again before this
 _WRITEBACK_EVERY = 64 << 20  # bytes pulled into the replica between background data syncs
 
 
@@ -282,7 +284,7 @@ class ReplicaServer:
                     result = await self._checksum()
                 elif call["method"] == "verify_layer":
                     store = self._require_store()
-                    result = await self._hash(store.verify_layer, str(args["layer"]))
+                    result = await self._hash(partial(store.verify_job, str(args["layer"])))
                 else:
                     result = await self._remove_snapshot(str(args["name"]))
             except KeyError as exc:
@@ -305,10 +307,7 @@ class ReplicaServer:
             layer_id = bytes(view[p.SUMS_REQ.size :]).decode(errors="replace")
             store = self._require_store()
             fresh = bool(fresh) and first == 0
-            if layer_id != "backing" and store.layer(layer_id) is store.head:
-                sums = store.layer_sums(layer_id, fresh, first, span)
-            else:
-                sums = await self._hash(store.layer_sums, layer_id, fresh, first, span)
+            sums = await self._hash(partial(store.sums_job, layer_id, fresh, first, span))
             answer = p.frame(request_id, p.OK, b"".join(p.SUM_ENTRY.pack(*e) for e in sums))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
@@ -324,14 +323,14 @@ class ReplicaServer:
             await trio.sleep(0)
         return digest.hexdigest()
 
-    async def _hash(self, job: Callable[..., T], *args: Any) -> T:
+    async def _hash(self, resolve: Callable[[], Callable[[], T]]) -> T:
         """Run a job that hashes immutable layers in a thread, one at a time, never alongside
-        a snapshot removal (which rewrites them)."""
+        a snapshot removal (which rewrites them): a removal under way holds ``_hashing``. The
+        job is resolved once the lock is held, on the event loop: a removal that ran while it
+        waited may have removed the layer it names (it is then not found)."""
         async with self._hashing:
-            while self._structural.locked():
-                async with self._structural:
-                    pass
-            return await trio.to_thread.run_sync(job, *args)
+            job = resolve()
+            return await trio.to_thread.run_sync(job)
 
     @staticmethod
     async def _send(stream: trio.SocketStream, send_lock: trio.Lock, answer: bytes) -> None:
@@ -342,14 +341,16 @@ class ReplicaServer:
             pass
 
     async def _remove_snapshot(self, name: str) -> None:
+        """Coalesce a snapshot away, in steps with I/O served in between. A checksum job under
+        way (a scrub, a rebuild's comparison) is waited for, not refused: the engine takes a
+        refusal from one replica for a failure of that replica."""
         store = self._require_store()
-        if self._hashing.locked():
-            raise Busy("replica is busy computing checksums")
-        if self._structural.locked():
-            raise Busy(f"replica is busy with {store.operation or 'an operation'}")
-        async with self._structural:
-            for _ in store.remove_snapshot_steps(name):
-                await trio.sleep(0)
+        async with self._hashing:
+            if self._structural.locked():
+                raise Busy(f"replica is busy with {store.operation or 'an operation'}")
+            async with self._structural:
+                for _ in store.remove_snapshot_steps(name):
+                    await trio.sleep(0)
 
     async def _pull_run(self, args: dict[str, Any], peers: _Peers) -> dict[str, int]:
         """Copy a run of an immutable layer's chunks straight from the rebuild source into this
@@ -393,13 +394,25 @@ class _Peers:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self._clients: dict[str, ReplicaClient] = {}
+        self._failed: dict[str, tuple[float, LhfsError]] = {}
         self._lock = trio.Lock()
 
     async def get(self, address: str) -> ReplicaClient:
-        async with self._lock:  # many pulls arrive at once: one connection for them all
+        """The connection to ``address``. Many pulls arrive at once and wait here for one
+        connection; when it cannot be made, those waiting get the same failure at once instead
+        of each trying in turn (with an unreachable source, one connect timeout per pull)."""
+        async with self._lock:
+            failed = self._failed.get(address)
+            if failed is not None and trio.current_time() < failed[0]:
+                raise failed[1]
             client = self._clients.get(address)
             if client is None or client.broken:
-                client = await ReplicaClient.connect(address, self.nursery)
+                try:
+                    client = await ReplicaClient.connect(address, self.nursery)
+                except LhfsError as exc:
+                    self._failed[address] = (trio.current_time() + _PEER_RETRY_AFTER, exc)
+                    raise
+                self._failed.pop(address, None)
                 self._clients[address] = client
             return client
 

@@ -102,9 +102,6 @@ class ChunkStore:
         self.chain: list[Layer] = []  # head first
         self._top: dict[int, Layer] = {}
         self.operation: dict[str, Any] | None = None  # a long operation under way, for status
-        self._backing_sums: dict[int, tuple[int, bytes]] | None = (
-            None  # (its content never changes)
-        )
         # While a rebuild fills the layers below the head, a partial write to a chunk the head
         # lacks cannot copy the chunk up (what is below is not there yet): it lands as is and
         # its byte ranges are kept here until ``rebuild_finish`` merges them over the synced
@@ -640,34 +637,59 @@ class ChunkStore:
     def layer_sums(
         self, layer_id: str, fresh: bool = False, first: int = 0, span: int | None = None
     ) -> list[tuple[int, int, bytes]]:
-        """Per-chunk checksums of a layer (``"backing"`` for the backing image), in chunk
-        order; with ``span``, only those of chunks ``first`` to ``first + span - 1`` (a page of
-        a walk over a large layer, served without sorting all the others).
+        """Per-chunk checksums of a layer, computed here and now (see ``sums_job``)."""
+        return self.sums_job(layer_id, fresh, first, span)()
+
+    def sums_job(
+        self, layer_id: str, fresh: bool = False, first: int = 0, span: int | None = None
+    ) -> Callable[[], list[tuple[int, int, bytes]]]:
+        """A job giving per-chunk checksums of a layer (``"backing"`` for the backing image),
+        in chunk order; with ``span``, only those of chunks ``first`` to ``first + span - 1``
+        (a page of a walk over a large layer, served without sorting all the others).
 
         Immutable layers keep theirs in a file, so a rebuild asking again is cheap; ``fresh``
         recomputes them from the bytes on disk (what a scrub and a rebuild target need: the
         recorded sums say what the data was, the fresh ones what it is now).
-        """
-        if layer_id == "backing":
-            if self.backing is None:
-                raise NotFound("this volume has no backing image")
-            if self._backing_sums is None:
-                self._backing_sums = {c: (st, d) for c, st, d in self.backing.compute_sums()}
-            sums = self._backing_sums
-        else:
-            layer = self.layer(layer_id)
-            if layer is self.head:
-                sums = {c: (st, d) for c, st, d in layer.compute_sums()}
-            else:
-                sums = layer.sums(fresh)
-        chunks = sorted(sums) if span is None else range(first, first + span)
-        return [(c, *sums[c]) for c in chunks if c in sums]
 
-    def verify_layer(self, layer_id: str) -> list[int]:
-        """Chunks of an immutable layer whose bytes no longer match their recorded checksum."""
+        The job may run in another thread (hashing a large layer takes minutes), so the layer
+        is resolved and its file opened here, on the caller's thread, where the chain changes;
+        the head, which writes change under a thread's feet, is hashed here at once.
+        """
+        backing, layer, current = self.backing, None, None
+        if layer_id != "backing":
+            layer = self.layer(layer_id)
+            layer.open()
+            if layer is self.head:
+                current = {c: (st, d) for c, st, d in layer.compute_sums()}
+        elif backing is None:
+            raise NotFound("this volume has no backing image")
+
+        def job() -> list[tuple[int, int, bytes]]:
+            if current is not None:
+                sums = current
+            elif layer is not None:
+                sums = layer.sums(fresh)
+            else:
+                assert backing is not None
+                sums = backing.sums()
+            chunks = sorted(sums) if span is None else range(first, first + span)
+            return [(c, *sums[c]) for c in chunks if c in sums]
+
+        return job
+
+    def verify_job(self, layer_id: str) -> Callable[[], list[int]]:
+        """A job, safe to run in another thread, that lists the chunks of a snapshot whose
+        bytes no longer match their recorded checksum (resolved here, as in ``sums_job``)."""
         layer = self.layer(layer_id)
-        recorded = {c: (s, d) for c, s, d in layer.cached_sums()}
-        return [c for c, s, d in layer.compute_sums() if recorded.get(c) != (s, d)]
+        if layer is self.head:
+            raise InvalidArgument("the head changes with every write: only snapshots are verified")
+        layer.open()
+
+        def job() -> list[int]:
+            recorded = {c: (s, d) for c, s, d in layer.cached_sums()}
+            return [c for c, s, d in layer.compute_sums() if recorded.get(c) != (s, d)]
+
+        return job
 
     # -- rebuild target -----------------------------------------------------------------------
 
@@ -766,9 +788,9 @@ class ChunkStore:
         for chunk in sorted(self.partial):
             pwrite_all(self.head.fd, self._merged_partial(chunk), chunk * self.chunk_size)
         self.partial = None
-        for layer in self.chain[1:]:  # the checksums kept up to date during the copy
-            layer.save_sums()
         self.flush()
+        for layer in self.chain[1:]:  # the checksums kept up to date during the copy, once
+            layer.save_sums()  # the data they describe is durable
 
     def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
         """Receive one chunk of a backing image this replica lacks (rebuild onto a new disk)."""
@@ -802,7 +824,6 @@ class ChunkStore:
         if self.backing is not None:
             self.backing.close()
         self.backing = BackingImage(local, image_id, self.chunk_size)
-        self._backing_sums = None
         self.meta["backing"] = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
         self._save_meta()
 

@@ -329,3 +329,39 @@ def test_io_is_answered_while_a_layer_is_hashed_or_the_volume_summed(
             assert len(second[2]) == (64 << 20) // CHUNK * p.SUM_ENTRY.size
         else:
             assert len(p.decode_json(second[2])) == 32
+
+
+def test_snapshot_removal_waits_for_a_checksum_job_instead_of_refusing(
+    tmp_path: Path, replica_factory
+) -> None:
+    """A removal that arrives while a snapshot is being hashed (a scrub or a rebuild asking)
+    waits for the hash and then runs: a refusal would make the engine mark this healthy
+    replica failed. Whichever of the two runs first, neither is refused as busy."""
+    _init(tmp_path / "r", size=32 << 20)
+    replica = replica_factory(tmp_path / "r")
+    host, port = replica.address.split(":")
+
+    async def write() -> None:
+        async with open_replica(replica.address) as client:
+            rng = random.Random(5)
+            for offset in range(0, 32 << 20, 8 << 20):
+                await client.write(offset, rng.randbytes(8 << 20))
+
+    trio.run(write)
+    for round_ in range(4):
+        name = f"s{round_}"
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
+            assert p.HELLO_REPLY.unpack(s.recv(64))[2] == 0
+            snap = p.encode_json({"method": "snapshot", "args": {"name": name}})
+            s.sendall(p.frame(1, p.CALL, snap))
+            assert _read_frame(s)[:2] == (1, p.OK)
+            sums = p.frame(2, p.LAYER_SUMS, p.SUMS_REQ.pack(0, 1 << 19, 1) + name.encode())
+            remove = p.encode_json({"method": "remove_snapshot", "args": {"name": name}})
+            s.sendall(sums + p.frame(3, p.CALL, remove))  # one send: both are under way at once
+            answers = {frame[0]: frame for frame in (_read_frame(s), _read_frame(s))}
+        assert answers[3][1] == p.OK, p.decode_error(answers[3][2])
+        if answers[2][1] == p.OK:  # hashed before the removal
+            assert len(answers[2][2]) == (32 << 20) // CHUNK * p.SUM_ENTRY.size
+        else:  # removed first: the snapshot is gone
+            assert isinstance(p.decode_error(answers[2][2]), NotFound)
