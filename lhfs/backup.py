@@ -12,6 +12,7 @@ import os
 import secrets
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -268,6 +269,23 @@ def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -
     return vol
 
 
+def _nonzero_runs(data: bytes, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of the runs of whole chunks of ``data`` that are not all zeros. A
+    restore skips the others: the new volume reads as zeros where nothing was written, and a
+    volume's data is often half empty (a tenth of a restore's time was writing zeros)."""
+    zero = bytes(chunk)
+    start = None
+    for at in range(0, len(data), chunk):
+        empty = data[at] == 0 and data[at : at + chunk] == zero[: len(data) - at]
+        if empty and start is not None:
+            yield start, at
+            start = None
+        elif not empty and start is None:
+            start = at
+    if start is not None:
+        yield start, len(data)
+
+
 class _RestoreWriter:
     """Where a restore's blocks go: straight into the new volume's replica directories (the
     fast way) until ``lhfs replica add`` asks for the volume (it sets ``attach`` in the
@@ -293,15 +311,17 @@ class _RestoreWriter:
             self.checked = time.monotonic()
             if volumes.load(self.root, self.vol.name).config["restoring"].get("attach"):
                 self._attach()
-        view = memoryview(data)[: self.size - index * self.block]
-        if self.writers is None:
-            for local in self.stores:
-                local.write(index * self.block, view)
-            self._write_back(len(view))
-            return
-        self.pending.append(self.writers.submit(pwrite_all, self.fd, view, index * self.block))
-        while len(self.pending) > 2 * _WRITERS:
-            self.pending.popleft().result()
+        data = data[: self.size - index * self.block]
+        for start, end in _nonzero_runs(data, self.vol.chunk_size):
+            offset, view = index * self.block + start, memoryview(data)[start:end]
+            if self.writers is None:
+                for local in self.stores:
+                    local.write(offset, view)
+                self._write_back(len(view))
+                continue
+            self.pending.append(self.writers.submit(pwrite_all, self.fd, view, offset))
+            while len(self.pending) > 2 * _WRITERS:
+                self.pending.popleft().result()
 
     def _write_back(self, written: int) -> None:
         """Every 64 MiB, have the disk start on what was written while the restore goes on, so

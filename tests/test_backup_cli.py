@@ -14,6 +14,7 @@ from backupstore.s3 import Bucket, StoreRefused, Target
 from backupstore.store import BackupStore
 from lhfs import volume as volumes
 from lhfs.procs import wait_for
+from lhfs.store import ChunkStore
 from lhfs.testing import Cli
 from tools.faultproxy import FaultProxy
 
@@ -60,6 +61,11 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
 
     cli.run("backup", "restore", first, "copy1", "--replicas", "2")
     assert cli.checksum("copy1") == first_sum
+    copy = volumes.load(cli.root, "copy1")
+    for replica in copy.replicas:  # the zero halves were not written: the copy is as sparse
+        with ChunkStore.open(copy.replica_dir(replica)) as restored:
+            held = {chunk for layer in restored.chain for chunk in layer.index}
+            assert len(held) == 24 * (MIB // 2) // restored.chunk_size
     cli.run("backup", "restore", second, "copy2", "--replicas", "1")
     assert cli.checksum("copy2") == second_sum
 
