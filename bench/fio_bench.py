@@ -4,7 +4,8 @@
 All in one run, one table, ratios to the plain file on the same disk. Each target is driven
 through a loop device with direct I/O (what a user formats and mounts), except the plain file,
 which fio opens itself. Jobs: 1 MiB sequential write and read, 4 KiB random write and read, 16
-in flight, libaio, direct=1, time based.
+in flight, libaio, direct=1, time based. A null device (lhfs's FUSE channel storing nothing)
+shows what the FUSE path itself costs.
 
     python bench/fio_bench.py [--size 1G] [--runtime 10] [--dir DIR]
 """
@@ -79,6 +80,35 @@ def lhfs_device(work: Path, replicas: int, size: str) -> Iterator[str]:
 
 
 @contextmanager
+def loop_on_server(proc: subprocess.Popen, path: Path) -> Iterator[str]:
+    """A loop device on the file that ``proc`` (started, serving) exports; both go at the end."""
+    try:
+        loop = loop_attach(path)
+        try:
+            yield loop
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
+def null_device(work: Path, size: str) -> Iterator[str]:
+    """lhfs's FUSE channel with nothing behind it (bench/null_device.py)."""
+    path = work / "null.dev"
+    server = str(Path(__file__).with_name("null_device.py"))
+    proc = subprocess.Popen(
+        [sys.executable, server, str(path), "--size", size], stdout=subprocess.PIPE, text=True
+    )
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the null device did not start")
+    with loop_on_server(proc, path) as loop:
+        yield loop
+
+
+@contextmanager
 def qemu_device(work: Path, size: str) -> Iterator[str]:
     image, export = work / "qemu.qcow2", work / "qemu.export"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), size], check=True)
@@ -97,18 +127,11 @@ def qemu_device(work: Path, size: str) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_for(lambda: proc.poll() is not None or export.stat().st_size > 0, 30, "the export")
-        if proc.poll() is not None:
-            raise RuntimeError(f"qemu-storage-daemon exited with {proc.returncode}")
-        loop = loop_attach(export)
-        try:
-            yield loop
-        finally:
-            subprocess.run(["losetup", "-d", loop], check=False)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    wait_for(lambda: proc.poll() is not None or export.stat().st_size > 0, 30, "the export")
+    if proc.poll() is not None:
+        raise RuntimeError(f"qemu-storage-daemon exited with {proc.returncode}")
+    with loop_on_server(proc, export) as loop:
+        yield loop
 
 
 def main() -> None:
@@ -124,7 +147,12 @@ def main() -> None:
     try:
         plain = work / "plain.img"
         subprocess.run(["fallocate", "-l", args.size, str(plain)], check=True)
-        targets = [("plain file", None), ("lhfs 1 replica", 1), ("lhfs 3 replicas", 3)]
+        targets = [
+            ("plain file", None),
+            ("lhfs FUSE channel alone (null file)", "null"),
+            ("lhfs 1 replica", 1),
+            ("lhfs 3 replicas", 3),
+        ]
         if not args.skip_qemu and shutil.which("qemu-storage-daemon"):
             targets.append(("qemu-storage-daemon qcow2", "qemu"))
         for label, kind in targets:
@@ -134,11 +162,12 @@ def main() -> None:
                     fio(str(plain), rw, bs, args.size, args.runtime) for _, rw, bs in JOBS
                 ]
                 continue
-            context = (
-                qemu_device(work, args.size)
-                if kind == "qemu"
-                else lhfs_device(work, kind, args.size)
-            )
+            if kind == "qemu":
+                context = qemu_device(work, args.size)
+            elif kind == "null":
+                context = null_device(work, args.size)
+            else:
+                context = lhfs_device(work, kind, args.size)
             with context as device:
                 fio(device, "write", "1M", args.size, max(3, args.runtime // 2))  # allocate
                 results[label] = [

@@ -68,7 +68,7 @@ def cmd_replica_serve(args: argparse.Namespace) -> None:
     def ready(bound: tuple[str, int]) -> None:
         print(f"serving {args.dir} on {bound[0]}:{bound[1]}", flush=True)
 
-    trio.run(run, Path(args.dir), host, port, ready)
+    trio.run(run, Path(args.dir), host, port, ready, args.local)
 
 
 def cmd_replica_inspect(args: argparse.Namespace) -> None:
@@ -560,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", required=True, help="replica directory")
     p.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    p.add_argument(
+        "--local",
+        metavar="NAME",
+        help="also listen on the abstract Unix socket NAME (what an engine on this host uses "
+        "for the replicas it starts: cheaper than TCP)",
+    )
     p.set_defaults(func=cmd_replica_serve)
 
     p = verbs.add_parser(

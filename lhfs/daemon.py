@@ -4,7 +4,7 @@
 own and waits for its first line on stdout: ``ready`` once the device serves I/O, or
 ``error: <message>``. Local replicas are child processes that get SIGTERM if this process dies,
 so a killed engine never leaves a replica directory locked. One ``trio.run`` owns the engine, the
-control socket and ``pyfuse3.main``; SIGTERM or a ``detach`` request ends the FUSE loop, then
+control socket and the FUSE loop; SIGTERM or a ``detach`` request ends the FUSE loop, then
 the engine flushes, the device is unmounted and the replicas stop.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio
 
 from . import control
@@ -27,7 +27,8 @@ from . import volume as volumes
 from .durable import atomic_write_json
 from .engine import ERR, RW, Engine, ReplicaLink
 from .errors import AlreadyExists, InvalidArgument, LhfsError, NotFound
-from .fuse_frontend import VolumeFile, mount_options
+from .fuse_frontend import VolumeFile
+from .fusedev import FuseChannel
 from .procs import ReplicaProcess
 from .rebuild import rebuild
 from .replica_client import parse_address
@@ -45,6 +46,7 @@ class Daemon:
         self.nursery: trio.Nursery | None = None
         self._rebuilds: dict[str, trio.CancelScope] = {}
         self._stopping = False
+        self.channel = FuseChannel(device)
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -57,7 +59,10 @@ class Daemon:
             replica["address"] = None
             try:
                 proc = ReplicaProcess(
-                    directory, log=self.vol.dir / f"{replica['id']}.log", tied_to_parent=True
+                    directory,
+                    log=self.vol.dir / f"{replica['id']}.log",
+                    tied_to_parent=True,
+                    local=_local_name(replica["id"]),
                 )
             except (RuntimeError, TimeoutError) as exc:
                 log.error("replica %s did not start: %s", replica["id"], exc)
@@ -109,7 +114,7 @@ class Daemon:
         if op == "expand":
             await engine.expand(int(args["size"]))
             self.vol.update(lambda config: config.update(size=engine.size))
-            pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
+            self.channel.invalidate_attributes()
             return None
         if op in ("checksum", "list_layers"):
             return await engine.call_one(op)
@@ -191,12 +196,14 @@ class Daemon:
                     log=self.vol.dir / f"{replica_id}.log",
                     tied_to_parent=True,
                     wait=False,
+                    local=_local_name(replica_id),
                 )
                 self.processes[replica_id] = proc
                 try:
                     address = await trio.to_thread.run_sync(proc.wait_ready)
                 except (RuntimeError, TimeoutError) as exc:
                     raise LhfsError(f"the new replica process did not start: {exc}") from None
+                engine.local_names[address] = proc.local
             link = ReplicaLink(replica_id, address, mode=ERR, error="rebuild: preparing")
             link.client = await self.engine.connect(address)
         except BaseException as exc:
@@ -238,7 +245,7 @@ class Daemon:
     def stop(self) -> None:
         if not self._stopping:
             self._stopping = True
-            pyfuse3.terminate()
+            self.channel.stop()
 
     # -- main ---------------------------------------------------------------------------------
 
@@ -247,6 +254,7 @@ class Daemon:
             self.engine = Engine(
                 self.vol.size, self.vol.chunk_size, nursery, on_mode_change=self._record_mode
             )
+            self.engine.local_names = {p.address: p.local for p in self.processes.values()}
             addresses = {r["id"]: r["address"] for r in self.vol.replicas if r.get("local")}
 
             def publish(config: dict[str, Any]) -> None:  # this run's replica ports
@@ -264,16 +272,17 @@ class Daemon:
                     self.start_rebuild(link)
             await nursery.start(control.serve, self.vol.control_socket, self.handle)
             nursery.start_soon(self._watch_signals)
-            pyfuse3.init(VolumeFile(self.engine), str(self.device), mount_options())
+            nursery.start_soon(self.engine.run)
+            self.channel.mount()
             try:
                 atomic_write_json(
                     self.vol.runtime_path,
                     {"pid": os.getpid(), "device": str(self.device), "started": time.time()},
                 )
                 announce("ready")
-                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                await VolumeFile(self.engine, self.channel).serve()
             finally:
-                pyfuse3.close(unmount=True)
+                self.channel.close()
             await self.engine.close()
             nursery.cancel_scope.cancel()
 
@@ -323,6 +332,11 @@ def run(root: Path, name: str, device: Path) -> int:
             daemon.stop_local_replicas()
             daemon.vol.runtime_path.unlink(missing_ok=True)
             daemon.vol.control_socket.unlink(missing_ok=True)
+
+
+def _local_name(replica_id: str) -> str:
+    """The local socket of a replica this engine starts (unique on the host)."""
+    return f"lhfs-{os.getpid()}-{replica_id}-{secrets.token_hex(4)}"
 
 
 def _set_replica(config: dict[str, Any], replica_id: str, **values: Any) -> None:

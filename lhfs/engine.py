@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -35,6 +36,10 @@ CONNECT_TIMEOUT = 10.0
 
 class Faulted(LhfsError):
     """No replica can serve the volume any more."""
+
+
+Done = Callable[[Exception | None], None]
+ReadDone = Callable[[Exception | None, memoryview | bytes], None]
 
 
 @dataclass
@@ -87,15 +92,23 @@ class Engine:
         self._drained.set()
         self._resumed = trio.Event()
         self._resumed.set()
+        self._parked: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self.structural = trio.Lock()  # snapshot, expand, rebuild barrier: one at a time
         self.rebuild_lock = trio.Lock()
-        self.writes = 0  # acknowledged writes and trims since attach, for status and tests
+        self.writes = 0  # requests the replicas acknowledged since attach (status and tests)
+        self.local_names: dict[str, str] = {}  # address -> local socket of a local replica
+
+    async def run(self) -> None:
+        """The engine's own background work (the I/O deadline), until cancelled."""
+        await self._watchdog()
 
     # -- replicas -----------------------------------------------------------------------------
 
     async def connect(self, address: str) -> ReplicaClient:
-        """A connection to a replica for this engine's I/O (requests gathered per send)."""
-        return await ReplicaClient.connect(address, self.nursery, CONNECT_TIMEOUT, gather=True)
+        """A connection to a replica for this engine's I/O: by its local socket if it is one
+        this host started (``local_names``), else by TCP."""
+        local = self.local_names.get(address)
+        return await ReplicaClient.connect(address, self.nursery, CONNECT_TIMEOUT, local)
 
     async def attach(self, replicas: list[tuple[str, str, bool]]) -> None:
         """Connect to (id, address, recorded_failed) replicas and pick the freshest to serve."""
@@ -161,9 +174,7 @@ class Engine:
 
     # -- I/O gate: snapshots drain in-flight I/O ----------------------------------------------
 
-    async def _enter(self) -> None:
-        while not self._resumed.is_set():
-            await self._resumed.wait()
+    def _enter(self) -> None:
         self._inflight += 1
         if self._inflight == 1:
             self._drained = trio.Event()
@@ -174,95 +185,200 @@ class Engine:
             self._drained.set()
 
     async def quiesce(self) -> None:
+        """Hold new I/O back (it is parked, in order) and wait for what is in flight."""
         self._resumed = trio.Event()
         await self._drained.wait()
 
     def resume(self) -> None:
+        """Let I/O flow again: the parked requests leave first, in the order they came."""
         self._resumed.set()
+        parked, self._parked = self._parked, []
+        for submit, args in parked:
+            submit(*args)
+        self.push()
+
+    def _park(self, submit: Callable[..., None], *args: Any) -> bool:
+        if self._resumed.is_set():
+            return False
+        self._parked.append((submit, args))
+        return True
 
     # -- I/O ----------------------------------------------------------------------------------
+    #
+    # The submit_* methods queue a request and call ``done`` with its outcome later, from the
+    # task that receives the replicas' answers: the FUSE frontend submits a whole burst of
+    # requests, then calls ``push`` once. ``done(error)`` (reads: ``done(error, data)``, where
+    # data is valid only during the call) gets None or the exception to report.
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidArgument(f"range {offset}+{length} is outside the volume ({self.size})")
 
-    async def _fanout(
-        self, op: int, *parts: bytes | bytearray | memoryview, timeout: float | None = None
-    ) -> list[bytes]:
-        """Send one request to every replica taking writes; return the answers of those that
-        succeeded. Replicas that fail are marked ERR; no RW replica left is ``Faulted``."""
+    def push(self) -> None:
+        """Send every queued request to its replica (one system call per replica)."""
+        for link in self.replicas:
+            if link.client is not None:
+                link.client.push()
+
+    def _healthy(self) -> bool:
+        return any(r.mode == RW for r in self.replicas)
+
+    def _submit_all(self, op: int, parts: tuple[p.Part, ...], done: Done) -> None:
+        """One request to every replica taking writes; ``done`` once each answered or failed.
+        Replicas that fail are marked ERR; none left RW is ``Faulted``."""
         targets = [r for r in self.replicas if r.mode in (RW, WO)]
         if not any(r.mode == RW for r in targets):
-            raise Faulted("volume is faulted: no healthy replica")
-        submitted = []
+            done(Faulted("volume is faulted: no healthy replica"))
+            return
+        self._enter()
+        fan = _Fanout(self, len(targets), done)
         for link in targets:
             try:
-                submitted.append((link, link.client.submit(op, *parts)))
+                link.client.submit(op, parts, partial(fan.answered, link), quick=True, owned=True)
+            except LhfsError as exc:
+                fan.answered(link, exc, b"")
+
+    def submit_write(self, offset: int, data: bytes | memoryview, done: Done) -> None:
+        """Write ``data`` (at most ``protocol.MAX_IO`` bytes), which the caller leaves
+        unchanged until ``done``: it is sent from where it lies, not copied."""
+        if not self._park(self.submit_write, offset, data, done):
+            self._submit_all(p.WRITE, (p.U64.pack(offset), data), done)
+
+    def submit_trim(self, offset: int, length: int, done: Done) -> None:
+        if not self._park(self.submit_trim, offset, length, done):
+            self._submit_all(p.TRIM, (p.TRIM_RANGE.pack(offset, length),), done)
+
+    def submit_flush(self, done: Done) -> None:
+        """Durable on every RW replica when ``done`` is called without an error."""
+        if not self._park(self.submit_flush, done):
+            self._submit_all(p.FLUSH, (), done)
+
+    def submit_read(self, offset: int, length: int, done: ReadDone) -> None:
+        """Read from one RW replica (round robin); a replica that fails it is marked ERR and
+        the next one is asked."""
+        if self._park(self.submit_read, offset, length, done):
+            return
+        self._enter()
+        self._read_from_next(p.RANGE.pack(offset, length), done)
+
+    def _read_from_next(self, request: bytes, done: ReadDone) -> None:
+        while True:
+            healthy = [r for r in self.replicas if r.mode == RW]
+            if not healthy:
+                self._leave()
+                done(Faulted("volume is faulted: no healthy replica"), b"")
+                return
+            self._next_reader = (self._next_reader + 1) % len(healthy)
+            link = healthy[self._next_reader]
+            try:
+                link.client.submit(
+                    p.READ, (request,), partial(self._read_answer, link, request, done), True
+                )
+                return
             except LhfsError as exc:
                 self.fail(link, str(exc))
-        answers = []
-        waiting = list(submitted)
-        timeout = self._timeout if timeout is None else timeout
-        with trio.move_on_after(timeout):
-            while waiting:
-                link, waiter = waiting[0]
-                try:
-                    answers.append(await link.client.wait(waiter))
-                except LhfsError as exc:
-                    self.fail(link, str(exc))
-                waiting.pop(0)
-        for link, _ in waiting:
-            self.fail(link, f"no answer within {timeout:.0f}s")
-        if not any(r.mode == RW for r in self.replicas):
-            raise Faulted("volume is faulted: no healthy replica")
-        return answers
+
+    def _read_answer(
+        self,
+        link: ReplicaLink,
+        request: bytes,
+        done: ReadDone,
+        error: LhfsError | None,
+        data: memoryview | bytes,
+    ) -> None:
+        if error is None:
+            self._leave()
+            done(None, data)
+            return
+        self.fail(link, str(error))
+        self._read_from_next(request, done)
+        self.push()
+
+    async def _watchdog(self) -> None:
+        """Mark ERR a replica that has left I/O unanswered for longer than the deadline."""
+        while True:
+            await trio.sleep(min(1.0, self._timeout / 4))
+            now = trio.current_time()
+            for link in self.replicas:
+                client = link.client
+                if link.mode != ERR and client is not None and client.stalled(now, self._timeout):
+                    self.fail(link, f"no answer within {self._timeout:.0f}s")
+
+    # The same operations, awaited (control requests, tools and tests).
+
+    async def _wait(self, submit: Callable[..., None], *args: Any) -> bytes:
+        done = trio.Event()
+        outcome: list[Any] = []
+
+        def finished(error: Exception | None, data: memoryview | bytes = b"") -> None:
+            outcome[:] = [error, bytes(data)]
+            done.set()
+
+        submit(*args, finished)
+        self.push()
+        await done.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+        return outcome[1]
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))
-        await self._enter()
-        try:
-            for start in range(0, len(data), p.MAX_IO):
-                piece = memoryview(data)[start : start + p.MAX_IO]
-                await self._fanout(p.WRITE, p.U64.pack(offset + start), piece)
-            self.writes += 1
-        finally:
-            self._leave()
+        data = bytes(data)
+        for start in range(0, len(data), p.MAX_IO):
+            await self._wait(self.submit_write, offset + start, data[start : start + p.MAX_IO])
 
     async def trim(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
-        await self._enter()
-        try:
-            await self._fanout(p.TRIM, p.TRIM_RANGE.pack(offset, length))
-        finally:
-            self._leave()
+        await self._wait(self.submit_trim, offset, length)
 
     async def flush(self) -> None:
         """Durable on every RW replica before it returns."""
-        await self._enter()
-        try:
-            await self._fanout(p.FLUSH)
-        finally:
-            self._leave()
+        await self._wait(self.submit_flush)
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
-        await self._enter()
-        try:
-            while True:
-                healthy = [r for r in self.replicas if r.mode == RW]
-                if not healthy:
-                    raise Faulted("volume is faulted: no healthy replica")
-                self._next_reader = (self._next_reader + 1) % len(healthy)
-                link = healthy[self._next_reader]
-                try:
-                    with trio.fail_after(self._timeout):
-                        return await link.client.read(offset, length)
-                except trio.TooSlowError:
-                    self.fail(link, f"no answer within {self._timeout:.0f}s")
-                except LhfsError as exc:
-                    self.fail(link, str(exc))
-        finally:
-            self._leave()
+        return await self._wait(self.submit_read, offset, length)
+
+    async def _fanout(
+        self, op: int, *parts: bytes | bytearray | memoryview, timeout: float | None = None
+    ) -> list[bytes]:
+        """A control request to every replica taking writes, awaited: the answers of those
+        that succeeded. A replica that fails it, or has not answered within ``timeout``, is
+        marked ERR; none left RW is ``Faulted``."""
+        targets = [r for r in self.replicas if r.mode in (RW, WO)]
+        if not any(r.mode == RW for r in targets):
+            raise Faulted("volume is faulted: no healthy replica")
+        answers: list[bytes] = []
+        pending = {link.id for link in targets}
+        done = trio.Event()
+
+        def answered(link: ReplicaLink, error: LhfsError | None, payload: memoryview | bytes):
+            if link.id not in pending:
+                return
+            pending.discard(link.id)
+            if error is None:
+                answers.append(bytes(payload))
+            else:
+                self.fail(link, str(error))
+            if not pending:
+                done.set()
+
+        for link in targets:
+            try:
+                link.client.submit(op, parts, partial(answered, link))
+            except LhfsError as exc:
+                answered(link, exc, b"")
+        self.push()
+        timeout = self._timeout if timeout is None else timeout
+        with trio.move_on_after(timeout):
+            await done.wait()
+        for link in targets:
+            if link.id in pending:
+                pending.discard(link.id)
+                self.fail(link, f"no answer within {timeout:.0f}s")
+        if not self._healthy():
+            raise Faulted("volume is faulted: no healthy replica")
+        return answers
 
     # -- whole-volume operations --------------------------------------------------------------
 
@@ -333,3 +449,28 @@ class Engine:
         for link in self.replicas:
             if link.client is not None:
                 await link.client.aclose()
+
+
+class _Fanout:
+    """One write, trim or flush on its way to several replicas: ``done`` runs once every one
+    of them answered or failed (a replica that failed it is marked ERR first)."""
+
+    __slots__ = ("done", "engine", "remaining")
+
+    def __init__(self, engine: Engine, count: int, done: Done) -> None:
+        self.engine = engine
+        self.remaining = count
+        self.done = done
+
+    def answered(self, link: ReplicaLink, error: LhfsError | None, payload: Any) -> None:
+        engine = self.engine
+        if error is not None:
+            engine.fail(link, str(error))
+        self.remaining -= 1
+        if self.remaining == 0:
+            engine._leave()
+            if engine._healthy():
+                engine.writes += 1
+                self.done(None)
+            else:
+                self.done(Faulted("volume is faulted: no healthy replica"))

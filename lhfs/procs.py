@@ -74,7 +74,8 @@ def read_line_matching(proc: subprocess.Popen, pattern: str, timeout: float = 30
 
 
 class ReplicaProcess:
-    """A ``lhfs replica serve`` child process on a free loopback port."""
+    """A ``lhfs replica serve`` child process on a free loopback port; with ``local``, also on
+    a Unix socket of that name for its engine (see ``replica_server.local_listener``)."""
 
     def __init__(
         self,
@@ -84,12 +85,15 @@ class ReplicaProcess:
         tied_to_parent: bool = False,
         host: str = "127.0.0.1",
         wait: bool = True,
+        local: str | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.log = log or self.dir.with_name(self.dir.name + ".log")
+        self.local = local
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
+        command = [LHFS, "replica", "serve", "--dir", str(self.dir), "--listen", f"{host}:{port}"]
         self.proc = subprocess.Popen(
-            [LHFS, "replica", "serve", "--dir", str(self.dir), "--listen", f"{host}:{port}"],
+            command + (["--local", local] if local else []),
             stdout=subprocess.PIPE,
             stderr=self._log_file,
             text=True,

@@ -14,8 +14,12 @@ status ``ERROR`` and a JSON payload ``{"kind", "message"}`` naming a class of ``
 from __future__ import annotations
 
 import json
+import os
 import struct
+from collections.abc import Callable
 from typing import Any
+
+import trio
 
 from .errors import LhfsError, ProtocolError, from_wire
 
@@ -57,6 +61,7 @@ STATE = struct.Struct("<B")
 
 Part = bytes | bytearray | memoryview
 LARGE = 256 << 10  # a part this long is sent as it is rather than copied into a buffer
+_IOV_MAX = 1024  # pieces per writev
 
 
 def _header(request_id: int, code: int, parts: tuple[Part, ...]) -> bytes:
@@ -71,7 +76,7 @@ def frame(request_id: int, code: int, *parts: Part) -> bytes:
     return b"".join((_header(request_id, code, parts), *parts))
 
 
-def _immutable(part: Part) -> bool:
+def immutable(part: Part) -> bool:
     """Bytes, or a view of bytes: nobody can change them while they wait to be sent (a
     read-only view of a bytearray or of a mapped file could still change underneath)."""
     return isinstance(part, bytes) or (isinstance(part, memoryview) and isinstance(part.obj, bytes))
@@ -85,7 +90,7 @@ def frame_pieces(request_id: int, code: int, *parts: Part, owned: bool = False) 
     pieces: list[Part] = []
     run: list[Part] = [_header(request_id, code, parts)]
     for part in parts:
-        if len(part) >= LARGE and (owned or _immutable(part)):
+        if len(part) >= LARGE and (owned or immutable(part)):
             pieces += [b"".join(run), part]
             run = []
         else:
@@ -95,20 +100,62 @@ def frame_pieces(request_id: int, code: int, *parts: Part, owned: bool = False) 
     return pieces
 
 
-async def send_pieces(stream: Any, pieces: list[Part]) -> None:
-    """Send pieces in order on a trio stream: neighbouring small ones in one buffer, large ones
-    on their own (one more system call rather than a copy)."""
-    small: list[Part] = []
-    for piece in pieces:
-        if len(piece) < LARGE:
-            small.append(piece)
-            continue
-        if small:
-            await stream.send_all(b"".join(small))
-            small = []
-        await stream.send_all(piece)
-    if small:
-        await stream.send_all(b"".join(small))
+class Outbox:
+    """Frames waiting to leave on one socket.
+
+    ``push`` hands everything queued to the kernel in one ``writev`` without waiting; what the
+    socket cannot take yet is sent by ``drain`` (one task per connection) as the socket
+    empties. Sending without a round of the event loop per send matters: a replica answering
+    a burst of sixteen writes, or an engine sending one, does so in one or two system calls.
+    Everything runs on one event loop and pieces are queued whole frames at a time between
+    awaits, so frames never interleave. A send that fails empties the queue and calls
+    ``on_error`` once (later pushes do nothing).
+    """
+
+    def __init__(self, sock: Any, on_error: Callable[[OSError], None]) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._on_error = on_error
+        self.queue: list[Part] = []
+        self._blocked = False
+        self._wake = trio.Event()
+        self.failed: OSError | None = None
+
+    def push(self) -> None:
+        """Send what is queued, as far as the socket takes it now."""
+        queue = self.queue
+        if self._blocked or not queue or self.failed is not None:
+            return
+        try:
+            while queue:
+                batch = queue[:_IOV_MAX]
+                sent = os.writev(self._fd, batch)
+                done = 0
+                for piece in batch:
+                    if sent < len(piece):
+                        break
+                    sent -= len(piece)
+                    done += 1
+                del queue[:done]
+                if sent:
+                    queue[0] = memoryview(queue[0])[sent:]
+        except BlockingIOError:
+            self._blocked = True
+            self._wake.set()
+        except OSError as exc:
+            self.failed = exc
+            queue.clear()
+            self._on_error(exc)
+
+    async def drain(self) -> None:
+        """Send what the socket could not take at once, as it empties (runs until cancelled)."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._blocked and self.failed is None:
+                await trio.lowlevel.wait_writable(self._sock)
+                self._blocked = False
+                self.push()
 
 
 def error_payload(exc: LhfsError) -> bytes:

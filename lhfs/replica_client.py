@@ -1,9 +1,8 @@
 """The client side of the replica protocol, for the engine, rebuild, tools and tests.
 
-Many tasks may call one client at once: each call queues its frame and waits for the answer
-with its id. A writer task sends everything queued in one system call and a reader task routes
-answers, so concurrent callers are pipelined on one connection. When the connection breaks,
-every waiting call and every later one fails with ``ConnectionLost``.
+Many tasks may call one client at once, and the engine submits requests without waiting: each
+request gets an id and a callback, and answers may come back in any order. When the connection
+breaks, every waiting request and every later one fails with ``ConnectionLost``.
 """
 
 from __future__ import annotations
@@ -78,29 +77,49 @@ class SyncReplica:
         self._sock.close()
 
 
+Callback = Callable[[LhfsError | None, memoryview | bytes], None]
+"""Called once with the answer to a request: ``(None, payload)`` or ``(error, b"")``. The
+payload is a view into the connection's receive buffer, valid only during the call."""
+
+
 class _Waiter:
-    __slots__ = ("answer", "done", "failed", "request_id")
+    """The callback of an awaited request: keeps a copy of the answer and wakes the caller."""
+
+    __slots__ = ("answer", "done", "failed")
 
     def __init__(self) -> None:
-        self.request_id = 0
         self.done = trio.Event()
         self.answer: bytes = b""
         self.failed: LhfsError | None = None
 
+    def __call__(self, error: LhfsError | None, payload: memoryview | bytes) -> None:
+        if error is None:
+            self.answer = bytes(payload)
+        else:
+            self.failed = error
+        self.done.set()
+
 
 class ReplicaClient:
-    """A connection to one replica process; create with ``connect`` inside a nursery."""
+    """A connection to one replica process; create with ``connect`` inside a nursery.
 
-    def __init__(self, stream: trio.SocketStream, address: str, gather: bool = False) -> None:
+    Requests are queued by ``submit`` and leave with ``push``, which hands everything queued
+    to the socket in one ``writev`` without waiting (``protocol.Outbox``). Answers are routed
+    by a reader task to each request's callback. The awaitable calls (``request`` and the
+    operations below) push at once; the engine submits a whole burst of requests first and
+    pushes once, so that a burst costs one system call per replica.
+    """
+
+    def __init__(self, stream: trio.SocketStream, address: str) -> None:
         self.address = address
         self._stream = stream
-        self._gather = gather
         self._next_id = 0
-        self._waiting: dict[int, _Waiter] = {}
-        self._queue: list[p.Part] = []
-        self._wake = trio.Event()
+        self._waiting: dict[int, Callback] = {}
+        self._quick: set[int] = set()
+        self._outbox = p.Outbox(stream.socket, self._send_failed)
         self._broken: LhfsError | None = None
         self._cancel = trio.CancelScope()
+        self.progress = trio.current_time()  # when the replica last showed life
 
     @classmethod
     async def connect(
@@ -108,19 +127,16 @@ class ReplicaClient:
         address: str,
         nursery: trio.Nursery,
         timeout: float = CONNECT_TIMEOUT,
-        gather: bool = False,
+        local: str | None = None,
     ) -> ReplicaClient:
-        """Connect, handshake and start the connection's tasks in ``nursery``.
-
-        With ``gather``, the sender waits one scheduling round before it sends what is queued:
-        an engine's requests come from many FUSE handlers that run one after the other, and
-        that round lets several of them leave in one send (3-replica 4 KiB writes: +20-35%). A
-        lone caller that waits for each answer would only lose the round, so it is opt-in."""
+        """Connect, handshake and start the connection's tasks in ``nursery``. With ``local``,
+        the replica at ``address`` is reached by its local socket of that name instead (a
+        replica this host started with ``--local``)."""
         host, port = parse_address(address)
         stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(timeout):
-                stream = await trio.open_tcp_stream(host, port)
+                stream = await (_open_local(local) if local else trio.open_tcp_stream(host, port))
                 await stream.send_all(p.HELLO.pack(p.MAGIC, p.VERSION))
                 reply = b""
                 while len(reply) < p.HELLO_REPLY.size:
@@ -144,7 +160,7 @@ class ReplicaClient:
         if magic != p.MAGIC or status != 0:
             await stream.aclose()
             raise ProtocolError(f"{address} is not an lhfs replica speaking version {p.VERSION}")
-        client = cls(stream, address, gather)
+        client = cls(stream, address)
         nursery.start_soon(client._run)
         return client
 
@@ -157,13 +173,18 @@ class ReplicaClient:
     def broken(self) -> bool:
         return self._broken is not None
 
+    def stalled(self, now: float, timeout: float) -> bool:
+        """Whether requests that must be answered promptly (I/O) have waited for more than
+        ``timeout`` seconds without the replica sending anything."""
+        return bool(self._quick) and now - self.progress > timeout
+
     # -- plumbing -----------------------------------------------------------------------------
 
     async def _run(self) -> None:
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guard, self._writer, nursery.cancel_scope)
+                    nursery.start_soon(self._guard, self._outbox.drain, nursery.cancel_scope)
                     await self._guard(self._reader, nursery.cancel_scope)
                     nursery.cancel_scope.cancel()
         finally:  # also when the nursery it runs in is cancelled: never a socket left open
@@ -181,66 +202,81 @@ class ReplicaClient:
             self._fail(exc)
         scope.cancel()
 
-    async def _writer(self) -> None:
-        while True:
-            await self._wake.wait()
-            if self._gather:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            self._wake = trio.Event()
-            queue, self._queue = self._queue, []
-            await p.send_pieces(self._stream, queue)
-
     async def _reader(self) -> None:
         frames = p.FrameBuffer()
+        waiting, quick = self._waiting, self._quick
         while True:
             if not await frames.receive(self._stream.socket):
                 return
+            self.progress = trio.current_time()
             for request_id, status, payload in frames.frames():
-                waiter = self._waiting.pop(request_id, None)
-                if waiter is None:
+                callback = waiting.pop(request_id, None)
+                if callback is None:
                     continue
+                quick.discard(request_id)
                 if status == p.OK:
-                    waiter.answer = bytes(payload)
+                    callback(None, payload)
                 else:
-                    waiter.failed = p.decode_error(payload)
-                waiter.done.set()
+                    callback(p.decode_error(payload), b"")
 
     def _fail(self, exc: LhfsError) -> None:
         if self._broken is None:
             self._broken = exc
-        for waiter in self._waiting.values():
-            waiter.failed = exc
-            waiter.done.set()
-        self._waiting.clear()
+        waiting, self._waiting = self._waiting, {}
+        self._quick.clear()
+        self._outbox.queue.clear()
+        for callback in waiting.values():
+            callback(exc, b"")
 
-    def submit(self, op: int, *parts: bytes | bytearray | memoryview) -> _Waiter:
-        """Queue one request without waiting: an engine submits a write to every replica first,
-        then waits for all, so the replicas work in parallel and see requests in one order."""
+    def submit(
+        self,
+        op: int,
+        parts: tuple[p.Part, ...],
+        callback: Callback,
+        quick: bool = False,
+        owned: bool = False,
+    ) -> None:
+        """Queue one request (it leaves with the next ``push``); ``callback`` gets its answer.
+        ``quick`` puts it under the deadline that ``stalled`` checks (I/O, not long calls).
+        Parts are sent later: one that could still change is copied, unless ``owned`` says
+        that the caller leaves them alone until the callback ran.
+        The engine submits a write to every replica before it pushes, so the replicas work in
+        parallel and see requests in one order."""
         if self._broken is not None:
             raise ConnectionLost(str(self._broken))
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
-        request_id = self._next_id
-        waiter = _Waiter()
-        waiter.request_id = request_id
-        self._waiting[request_id] = waiter
-        self._queue += p.frame_pieces(request_id, op, *parts)
-        self._wake.set()
-        return waiter
+        length = p.HEADER.size - p.LENGTH.size + sum(len(part) for part in parts)
+        if length > p.MAX_FRAME:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {p.MAX_FRAME}")
+        self._next_id = request_id = (self._next_id + 1) & 0xFFFFFFFF
+        self._waiting[request_id] = callback
+        if quick:
+            if not self._quick:
+                self.progress = trio.current_time()
+            self._quick.add(request_id)
+        queue = self._outbox.queue
+        queue.append(p.HEADER.pack(length, request_id, op))
+        if owned:
+            queue += parts
+        else:
+            queue += [part if p.immutable(part) else bytes(part) for part in parts]
 
-    async def wait(self, waiter: _Waiter) -> bytes:
-        """The answer to a submitted request; errors come back as ``LhfsError``."""
-        try:
-            await waiter.done.wait()
-        finally:
-            self._waiting.pop(waiter.request_id, None)
+    def push(self) -> None:
+        """Send what is queued, as far as the socket takes it without waiting."""
+        if self._broken is None:
+            self._outbox.push()
+
+    def _send_failed(self, exc: OSError) -> None:
+        self._fail(ConnectionLost(f"connection to replica {self.address} broke: {exc}"))
+
+    async def request(self, op: int, *parts: p.Part) -> bytes:
+        """Send one request and wait for its answer; errors come back as ``LhfsError``."""
+        waiter = _Waiter()
+        self.submit(op, parts, waiter)
+        self.push()
+        await waiter.done.wait()
         if waiter.failed is not None:
             raise waiter.failed
         return waiter.answer
-
-    async def request(self, op: int, *parts: bytes | bytearray | memoryview) -> bytes | memoryview:
-        """Send one request and wait for its answer (a large one as a view of its own buffer,
-        not copied again)."""
-        return await self.wait(self.submit(op, *parts))
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -298,6 +334,20 @@ class ReplicaClient:
     async def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
         states, data = await self.read_layer_run(layer_id, chunk, 1)
         return states[0], bytes(data)
+
+
+LOCAL_BUFFER = 4 << 20  # a Unix socket's send buffer (its whole in-flight data): room for bursts
+
+
+async def _open_local(name: str) -> trio.SocketStream:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)  # capped by wmem_max
+    try:
+        await sock.connect("\0" + name)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 SUMS_PAGE = 1 << 16  # chunks per request when walking a layer's checksums (at most 1.6 MB)

@@ -2,7 +2,8 @@
 
 Per connection, everything that arrived is parsed at once and the quick operations (read, write,
 trim, flush, small calls) run inline, in arrival order, with their answers sent back in groups of
-up to eight per buffer: with many requests in flight this batches system calls in both
+up to eight per system call (``protocol.Outbox``, which does not wait for a round of the event
+loop): with many requests in flight this batches system calls in both
 directions, and the client works on one group while the next is prepared, which is what makes a
 Python replica fast. Operations that take long (removing a snapshot) run as tasks that
 yield between steps, so I/O keeps flowing; structural operations are serialised by one lock.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import struct
 from collections.abc import Callable
 from functools import partial
@@ -70,13 +72,20 @@ class ReplicaServer:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def serve(
-        self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        local: str | None = None,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until SIGTERM/SIGINT or cancellation, then flush and close the store."""
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
             raise InvalidArgument(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        if local:
+            listeners.append(await local_listener(local))
         bound = listeners[0].socket.getsockname()
         try:
             async with trio.open_nursery() as nursery:
@@ -138,35 +147,29 @@ class ReplicaServer:
 
     async def _requests(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         frames = p.FrameBuffer()
-        send_lock = trio.Lock()
+        gone: list[OSError] = []
+        out = p.Outbox(stream.socket, gone.append)
+        nursery.start_soon(out.drain)
         peers = _Peers(nursery)  # live as long as this connection
-        while True:
+        while not gone:
             if not await frames.receive(stream.socket):
                 return
-            out: list[p.Part] = []
             answers = size = 0
             for request_id, op, payload in frames.frames():
                 if op == p.CALL and _method_of(payload) in _LONG:
-                    nursery.start_soon(
-                        self._long_call, stream, send_lock, request_id, bytes(payload), peers
-                    )
+                    nursery.start_soon(self._long_call, out, request_id, bytes(payload), peers)
                     continue
                 if op == p.LAYER_SUMS:
-                    nursery.start_soon(
-                        self._layer_sums, stream, send_lock, request_id, bytes(payload)
-                    )
+                    nursery.start_soon(self._layer_sums, out, request_id, bytes(payload))
                     continue
                 pieces = self._answer(request_id, op, payload)
-                out += pieces
+                out.queue += pieces
                 answers += 1
                 size += sum(len(piece) for piece in pieces)
                 if answers == _GROUP or size >= _GROUP_BYTES:
-                    async with send_lock:
-                        await p.send_pieces(stream, out)
-                    out, answers, size = [], 0, 0
-            if out:
-                async with send_lock:
-                    await p.send_pieces(stream, out)
+                    out.push()
+                    answers = size = 0
+            out.push()
 
     def _answer(self, request_id: int, op: int, payload: memoryview) -> list[p.Part]:
         try:
@@ -265,12 +268,7 @@ class ReplicaServer:
             raise InvalidArgument(f"method {method!r} needs argument {exc}") from None
 
     async def _long_call(
-        self,
-        stream: trio.SocketStream,
-        send_lock: trio.Lock,
-        request_id: int,
-        payload: bytes,
-        peers: _Peers,
+        self, out: p.Outbox, request_id: int, payload: bytes, peers: _Peers
     ) -> None:
         try:
             call = p.decode_json(payload)
@@ -292,11 +290,10 @@ class ReplicaServer:
             answer = p.frame(request_id, p.OK, p.encode_json(result))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
-        await self._send(stream, send_lock, answer)
+        out.queue.append(answer)
+        out.push()
 
-    async def _layer_sums(
-        self, stream: trio.SocketStream, send_lock: trio.Lock, request_id: int, payload: bytes
-    ) -> None:
+    async def _layer_sums(self, out: p.Outbox, request_id: int, payload: bytes) -> None:
         """Per-chunk checksums of a layer, answered out of order. Hashing an immutable layer
         that has none recorded reads all of it (a minute or more for a large volume): it runs in
         a thread (``_hash``), so that the replica keeps serving I/O meanwhile (an engine would
@@ -311,7 +308,8 @@ class ReplicaServer:
             answer = p.frame(request_id, p.OK, b"".join(p.SUM_ENTRY.pack(*e) for e in sums))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
-        await self._send(stream, send_lock, answer)
+        out.queue.append(answer)
+        out.push()
 
     async def _checksum(self) -> str:
         """The whole volume's checksum, read a few MiB at a time with other requests served in
@@ -331,14 +329,6 @@ class ReplicaServer:
         async with self._hashing:
             job = resolve()
             return await trio.to_thread.run_sync(job)
-
-    @staticmethod
-    async def _send(stream: trio.SocketStream, send_lock: trio.Lock, answer: bytes) -> None:
-        try:
-            async with send_lock:
-                await stream.send_all(answer)
-        except _PEER_GONE:
-            pass
 
     async def _remove_snapshot(self, name: str) -> None:
         """Coalesce a snapshot away, in steps with I/O served in between. A checksum job under
@@ -454,10 +444,28 @@ def _as_lhfs_error(exc: Exception) -> LhfsError:
     return LhfsError(f"internal replica error: {type(exc).__name__}: {exc}")
 
 
-async def run(directory: Path, host: str, port: int, ready: Any = None) -> None:
+async def local_listener(name: str) -> trio.SocketListener:
+    """A listener on the abstract Unix socket ``name``: the engine's way to its own local
+    replicas. Sending to a Unix socket costs the sender about a third less than TCP over
+    loopback (measured: 1 MiB to three receivers, 500 against 750 us), and an engine spends
+    most of its time sending. An abstract name leaves no file behind and has no path length
+    limit; like the loopback port, it is reachable by any process on the host."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind("\0" + name)
+    except OSError as exc:
+        sock.close()
+        raise InvalidArgument(f"cannot listen on local socket {name!r}: {exc.strerror}") from None
+    sock.listen(64)
+    return trio.SocketListener(sock)
+
+
+async def run(
+    directory: Path, host: str, port: int, ready: Any = None, local: str | None = None
+) -> None:
     """Entry point of ``lhfs replica serve``: announces the bound address, then serves."""
     server = ReplicaServer(directory)
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(server.serve, host, port)
+        bound = await nursery.start(server.serve, host, port, local)
         if ready is not None:
             ready(bound)

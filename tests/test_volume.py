@@ -184,3 +184,45 @@ def test_bad_input_is_one_line_and_changes_nothing(cli: Cli, tmp_path: Path) -> 
     fails("volume", "expand", "v", "--size", "32M", match="cannot shrink")
     cli.run("volume", "detach", "v")
     assert {v["state"] for v in cli.json("volume", "ls")} == {"detached"}
+
+
+def test_discard_through_the_device_trims_every_replica(cli: Cli, tmp_path: Path) -> None:
+    """Punching a hole in the device file, zeroing a range of it, and a discard on the loop
+    device all reach the replicas as trim: the ranges read as zeros and every replica frees
+    those chunks. Reserving space (plain fallocate) is refused and changes nothing."""
+    mib = 1 << 20
+    cli.run("volume", "create", "thin", "--size", "64M")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "thin", "--device", str(device))
+    data = bytearray(random.Random(7).randbytes(8 * mib))
+    fd = os.open(device, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    def fallocate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["fallocate", *args, str(device)], capture_output=True, text=True)
+
+    assert fallocate("--punch-hole", "--offset", "1MiB", "--length", "2MiB").returncode == 0
+    assert fallocate("--zero-range", "--offset", "3MiB", "--length", "1MiB").returncode == 0
+    refused = fallocate("--offset", "16MiB", "--length", "1MiB")
+    assert refused.returncode != 0 and "not supported" in refused.stderr
+    loop = loop_attach(device)
+    try:
+        subprocess.run(
+            ["blkdiscard", "--offset", str(6 * mib), "--length", str(mib), loop], check=True
+        )
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    data[1 * mib : 4 * mib] = bytes(3 * mib)
+    data[6 * mib : 7 * mib] = bytes(mib)
+    wait_for(lambda: not Path(f"/sys/block/{Path(loop).name}/loop").exists(), 30, "loop freed")
+    with open(device, "rb") as f:
+        assert f.read(8 * mib) == data
+    cli.run("volume", "detach", "thin")
+    for replica in (cli.root / "volumes" / "thin" / "replicas").iterdir():
+        layers = cli.json("replica", "inspect", "--dir", str(replica))["layers"]
+        head = next(layer for layer in layers if layer["kind"] == "head")
+        assert head["size"] == 4 * mib, (replica.name, head)  # 8 written, 4 trimmed
