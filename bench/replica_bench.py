@@ -3,7 +3,9 @@
 
 Runs, in one go: 1 MiB sequential write and read, 4 KiB random write and read; the replica with
 a queue depth (16 by default) of requests in flight on one connection, the plain file with
-synchronous calls. Prints one table with IOPS, MB/s and the replica/plain ratio.
+synchronous calls. Also measures "TCP alone": the same blocks moved over loopback TCP between
+two processes with no protocol (one at a time, blocking calls), the transport's own ceiling.
+Prints one table with IOPS, MB/s and the ratios to the plain file.
 
     python bench/replica_bench.py [--dir DIR] [--size 1G] [--seconds 5] [--depth 16]
 """
@@ -14,6 +16,8 @@ import argparse
 import os
 import random
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -57,6 +61,61 @@ def plain(path: Path, size: int, pattern: str, bs: int, seconds: float) -> tuple
             os.fdatasync(fd)
     finally:
         os.close(fd)
+    return ops, time.perf_counter() - start
+
+
+def transport(path: Path, size: int, pattern: str, bs: int, seconds: float) -> tuple[int, float]:
+    """(operations, elapsed) of the same data movement over loopback TCP with no protocol and
+    no store: a child process receives each block and writes it to a file (or reads it from
+    the file and sends it), the parent sends (or receives) with blocking calls. What loopback
+    TCP itself carries on this machine: the ceiling of any replica reached over it."""
+    write = pattern.endswith("write")
+    listener = socket.create_server(("127.0.0.1", 0))
+    pid = os.fork()
+    if pid == 0:  # the "replica"
+        code = 0
+        try:
+            conn, _ = listener.accept()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            buf = bytearray(bs)
+            rng = random.Random(2)
+            while True:
+                offset = rng.randrange(size // bs) * bs
+                if write:
+                    view, got = memoryview(buf), 0
+                    while got < bs:
+                        n = conn.recv_into(view[got:])
+                        if not n:
+                            raise EOFError
+                        got += n
+                    os.pwrite(fd, buf, offset)
+                else:
+                    conn.sendall(os.pread(fd, bs, offset))
+        except (EOFError, OSError):
+            pass
+        except BaseException:
+            code = 1
+        os._exit(code)
+    port = listener.getsockname()[1]
+    listener.close()
+    ops = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    try:
+        conn = socket.create_connection(("127.0.0.1", port))
+        buf = os.urandom(bs) if write else bytearray(bs)
+        while time.perf_counter() < deadline:
+            if write:
+                conn.sendall(buf)
+            else:
+                view, got = memoryview(buf), 0
+                while got < bs:
+                    got += conn.recv_into(view[got:])
+            ops += 1
+        conn.close()
+    finally:
+        os.kill(pid, signal.SIGKILL)  # it leaves by itself once the connection closes, too
+        os.waitpid(pid, 0)
     return ops, time.perf_counter() - start
 
 
@@ -119,10 +178,11 @@ def main() -> None:
             for name, bs in tests:
                 pattern = name.replace(" ", "")
                 p_ops, p_secs = plain(work / "plain.img", size, pattern, bs, args.seconds)
+                t_ops, t_secs = transport(work / "plain.img", size, pattern, bs, args.seconds)
                 r_ops, r_secs = trio.run(
                     replica, proc.address, size, pattern, bs, args.seconds, args.depth
                 )
-                rows.append((name, bs, p_ops / p_secs, r_ops / r_secs))
+                rows.append((name, bs, p_ops / p_secs, t_ops / t_secs, r_ops / r_secs))
         finally:
             proc.stop()
     finally:
@@ -130,11 +190,15 @@ def main() -> None:
 
     print(f"\nreplica over loopback TCP (depth {args.depth}) vs plain file, {args.size} volume,")
     print(f"chunk size {args.chunk_size}, {args.seconds:.0f} s per test, {os.cpu_count()} cores\n")
-    print("| test | bs | plain IOPS | plain MB/s | replica IOPS | replica MB/s | ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for name, bs, p_iops, r_iops in rows:
+    print(
+        "| test | bs | plain IOPS | plain MB/s | TCP alone MB/s (ratio) | replica IOPS "
+        "| replica MB/s | ratio |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, bs, p_iops, t_iops, r_iops in rows:
         print(
             f"| {name} | {bs // 1024}K | {p_iops:,.0f} | {p_iops * bs / 1e6:,.0f} | "
+            f"{t_iops * bs / 1e6:,.0f} ({t_iops / p_iops:.2f}) | "
             f"{r_iops:,.0f} | {r_iops * bs / 1e6:,.0f} | {r_iops / p_iops:.2f} |"
         )
 

@@ -154,8 +154,13 @@ class Engine:
         self.mode_changed(link)
 
     def mode_changed(self, link: ReplicaLink) -> None:
-        """Tell the owner (who records modes durably) that a replica's mode changed."""
-        self._on_mode_change(link)
+        """Tell the owner (who records modes durably) that a replica's mode changed. A record
+        that cannot be written (a full or read-only disk) is logged: the engine's own view is
+        what decides I/O, and failing here would leave the request being answered unanswered."""
+        try:
+            self._on_mode_change(link)
+        except Exception:
+            log.exception("could not record that replica %s is %s", link.id, link.mode)
 
     @property
     def state(self) -> str:
@@ -185,9 +190,14 @@ class Engine:
             self._drained.set()
 
     async def quiesce(self) -> None:
-        """Hold new I/O back (it is parked, in order) and wait for what is in flight."""
+        """Hold new I/O back (it is parked, in order) and wait for what is in flight. If the
+        wait is cancelled, I/O resumes: nothing may stay parked behind a caller that left."""
         self._resumed = trio.Event()
-        await self._drained.wait()
+        try:
+            await self._drained.wait()
+        except BaseException:
+            self.resume()
+            raise
 
     def resume(self) -> None:
         """Let I/O flow again: the parked requests leave first, in the order they came."""
@@ -384,13 +394,17 @@ class Engine:
 
     async def fanout_call(self, method: str, **args: Any) -> list[Any]:
         """A control call on the RW replicas only (the caller holds ``structural`` and has
-        drained I/O); a replica that fails it is marked ERR."""
+        drained I/O, which waits meanwhile: hence the deadline); a replica that fails it, or
+        does not answer in time, is marked ERR."""
         call = p.encode_json({"method": method, "args": args})
         rw = [r for r in self.replicas if r.mode == RW]
         answers = []
         for link in rw:
             try:
-                answers.append(p.decode_json(await link.client.request(p.CALL, call)))
+                with trio.fail_after(self._timeout):
+                    answers.append(p.decode_json(await link.client.request(p.CALL, call)))
+            except trio.TooSlowError:
+                self.fail(link, f"no answer within {self._timeout:.0f}s")
             except LhfsError as exc:
                 self.fail(link, str(exc))
         if not any(r.mode == RW for r in self.replicas):
@@ -453,20 +467,25 @@ class Engine:
 
 class _Fanout:
     """One write, trim or flush on its way to several replicas: ``done`` runs once every one
-    of them answered or failed (a replica that failed it is marked ERR first)."""
+    of them answered or failed (a replica that failed it is marked ERR first). An answer is
+    counted once per replica, whatever a connection delivers."""
 
-    __slots__ = ("done", "engine", "remaining")
+    __slots__ = ("answered_by", "done", "engine", "remaining")
 
     def __init__(self, engine: Engine, count: int, done: Done) -> None:
         self.engine = engine
         self.remaining = count
         self.done = done
+        self.answered_by: set[str] = set()
 
     def answered(self, link: ReplicaLink, error: LhfsError | None, payload: Any) -> None:
+        if link.id in self.answered_by:
+            return
+        self.answered_by.add(link.id)
         engine = self.engine
+        self.remaining -= 1
         if error is not None:
             engine.fail(link, str(error))
-        self.remaining -= 1
         if self.remaining == 0:
             engine._leave()
             if engine._healthy():

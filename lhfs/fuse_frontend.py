@@ -115,6 +115,9 @@ class VolumeFile:
         ):
             self.channel.reply_error(unique, errno.EOPNOTSUPP)  # not ENOSYS: that sticks
             return
+        if not mode & _KEEP_SIZE and offset + length > self.engine.size:
+            self.channel.reply_error(unique, errno.EOPNOTSUPP)  # the file cannot grow
+            return
         length = min(length, max(0, self.engine.size - offset))
         if length == 0:
             self.channel.reply(unique)

@@ -111,26 +111,25 @@ class FuseChannel:
         """Mount the device on ``path`` (which must be a regular file)."""
         if not self.path.is_file():
             raise MountError(f"{self.path} is not a regular file")
-        if os.geteuid() == 0:
+        if os.geteuid() != 0:
+            raise MountError("attaching a volume needs root (it mounts a FUSE device)")
+        try:
             self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-            options = (
-                f"fd={self.fd},rootmode={stat.S_IFREG:o},user_id=0,group_id=0,default_permissions"
-            )
-            result = _libc.mount(
-                self.fsname.encode(),
-                str(self.path).encode(),
-                f"fuse.{self.fsname}".encode(),
-                _MS_NOSUID | _MS_NODEV,
-                options.encode(),
-            )
-            if result != 0:
-                code = ctypes.get_errno()
-                os.close(self.fd)
-                self.fd = -1
-                raise MountError(f"cannot mount {self.path}: {os.strerror(code)}")
-        else:
-            self.fd = self._mount_with_fusermount()
-            self._fusermount = True
+        except OSError as exc:
+            raise MountError(f"cannot open /dev/fuse: {exc.strerror}") from None
+        options = f"fd={self.fd},rootmode={stat.S_IFREG:o},user_id=0,group_id=0,default_permissions"
+        result = _libc.mount(
+            self.fsname.encode(),
+            str(self.path).encode(),
+            f"fuse.{self.fsname}".encode(),
+            _MS_NOSUID | _MS_NODEV,
+            options.encode(),
+        )
+        if result != 0:
+            code = ctypes.get_errno()
+            os.close(self.fd)
+            self.fd = -1
+            raise MountError(f"cannot mount {self.path}: {os.strerror(code)}")
         self._mounted = True
         os.set_blocking(self.fd, False)
 

@@ -119,6 +119,7 @@ class Outbox:
         self.queue: list[Part] = []
         self._blocked = False
         self._wake = trio.Event()
+        self._sent = trio.Event()
         self.failed: OSError | None = None
 
     def push(self) -> None:
@@ -146,6 +147,7 @@ class Outbox:
             self.failed = exc
             queue.clear()
             self._on_error(exc)
+            self._sent.set()
 
     async def drain(self) -> None:
         """Send what the socket could not take at once, as it empties (runs until cancelled)."""
@@ -156,6 +158,14 @@ class Outbox:
                 await trio.lowlevel.wait_writable(self._sock)
                 self._blocked = False
                 self.push()
+            self._sent.set()
+
+    async def sent(self) -> None:
+        """Wait until the socket took everything queued (or failed): a peer that stops reading
+        its answers stops the sender from taking on more work."""
+        while self._blocked and self.failed is None:
+            self._sent = trio.Event()
+            await self._sent.wait()
 
 
 def error_payload(exc: LhfsError) -> bytes:

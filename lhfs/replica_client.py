@@ -7,6 +7,7 @@ breaks, every waiting request and every later one fails with ``ConnectionLost``.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ import trio
 from . import protocol as p
 from .errors import ConnectionLost, InvalidArgument, LhfsError, ProtocolError
 
+log = logging.getLogger("lhfs.client")
 CONNECT_TIMEOUT = 10.0
 
 
@@ -210,23 +212,29 @@ class ReplicaClient:
                 return
             self.progress = trio.current_time()
             for request_id, status, payload in frames.frames():
+                if self._broken is not None:  # failed meanwhile: its requests were answered
+                    return
                 callback = waiting.pop(request_id, None)
                 if callback is None:
                     continue
                 quick.discard(request_id)
                 if status == p.OK:
-                    callback(None, payload)
+                    _call(callback, None, payload)
                 else:
-                    callback(p.decode_error(payload), b"")
+                    _call(callback, p.decode_error(payload), b"")
 
     def _fail(self, exc: LhfsError) -> None:
+        """Every waiting request gets ``exc``, once: the reader, which may still hold answers
+        received before the failure, delivers nothing more (``_broken``)."""
         if self._broken is None:
             self._broken = exc
-        waiting, self._waiting = self._waiting, {}
+            self._cancel.cancel()
+        waiting = list(self._waiting.values())
+        self._waiting.clear()
         self._quick.clear()
         self._outbox.queue.clear()
-        for callback in waiting.values():
-            callback(exc, b"")
+        for callback in waiting:
+            _call(callback, exc, b"")
 
     def submit(
         self,
@@ -247,7 +255,12 @@ class ReplicaClient:
         length = p.HEADER.size - p.LENGTH.size + sum(len(part) for part in parts)
         if length > p.MAX_FRAME:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {p.MAX_FRAME}")
-        self._next_id = request_id = (self._next_id + 1) & 0xFFFFFFFF
+        request_id = self._next_id
+        while True:  # after 2**32 requests, ids wrap: never reuse one still waiting
+            request_id = (request_id + 1) & 0xFFFFFFFF
+            if request_id not in self._waiting:
+                break
+        self._next_id = request_id
         self._waiting[request_id] = callback
         if quick:
             if not self._quick:
@@ -337,6 +350,15 @@ class ReplicaClient:
 
 
 LOCAL_BUFFER = 4 << 20  # a Unix socket's send buffer (its whole in-flight data): room for bursts
+
+
+def _call(callback: Callback, error: LhfsError | None, payload: memoryview | bytes) -> None:
+    """Run a completion callback; one that fails is a bug of its owner, logged, and must not
+    break the connection that delivered the answer (nor the other requests on it)."""
+    try:
+        callback(error, payload)
+    except Exception:
+        log.exception("a replica request's completion callback failed")
 
 
 async def _open_local(name: str) -> trio.SocketStream:

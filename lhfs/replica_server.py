@@ -162,6 +162,8 @@ class ReplicaServer:
                 if op == p.LAYER_SUMS:
                     nursery.start_soon(self._layer_sums, out, request_id, bytes(payload))
                     continue
+                if gone:  # the peer is gone: what is left of the batch has nobody to go to
+                    return
                 pieces = self._answer(request_id, op, payload)
                 out.queue += pieces
                 answers += 1
@@ -170,6 +172,7 @@ class ReplicaServer:
                     out.push()
                     answers = size = 0
             out.push()
+            await out.sent()  # a client that reads no answers gets no more work done
 
     def _answer(self, request_id: int, op: int, payload: memoryview) -> list[p.Part]:
         try:

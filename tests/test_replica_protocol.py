@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import xxhash
 
 from lhfs import protocol as p
@@ -365,3 +366,36 @@ def test_snapshot_removal_waits_for_a_checksum_job_instead_of_refusing(
             assert len(answers[2][2]) == (32 << 20) // CHUNK * p.SUM_ENTRY.size
         else:  # removed first: the snapshot is gone
             assert isinstance(p.decode_error(answers[2][2]), NotFound)
+
+
+def test_each_request_is_answered_once_when_the_peer_dies_mid_burst() -> None:
+    """A replica answers one write and dies; the next burst's send fails at once (EPIPE, before
+    the reader has looked at the answer already received). Every request's callback runs
+    exactly once: an answer counted twice would let the engine acknowledge a write that a
+    replica never got, or reuse a buffer still being sent."""
+
+    async def main() -> list[tuple[str, str]]:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        calls: list[tuple[str, str]] = []
+
+        def callback(name: str):  # type: ignore[no-untyped-def]
+            return lambda error, _payload: calls.append((name, type(error).__name__))
+
+        async with trio.open_nursery() as nursery:
+            client = ReplicaClient(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), "x")
+            nursery.start_soon(client._run)
+            await trio.testing.wait_all_tasks_blocked()
+            client.submit(p.WRITE, (p.U64.pack(0), b"one"), callback("w1"), quick=True)
+            client.push()
+            peer.recv(1000)
+            peer.send(p.frame(1, p.OK, p.U64.pack(1)))
+            peer.close()
+            client.submit(p.WRITE, (p.U64.pack(0), b"two"), callback("w2"), quick=True)
+            client.push()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        return calls
+
+    calls = trio.run(main)
+    assert sorted(name for name, _ in calls) == ["w1", "w2"], calls
+    assert all(kind == "ConnectionLost" for _, kind in calls), calls
