@@ -177,8 +177,12 @@ def main() -> None:
         try:
             for name, bs in tests:
                 pattern = name.replace(" ", "")
+                # each run starts with nothing left to write back from the one before it
+                os.sync()
                 p_ops, p_secs = plain(work / "plain.img", size, pattern, bs, args.seconds)
+                os.sync()
                 t_ops, t_secs = transport(work / "plain.img", size, pattern, bs, args.seconds)
+                os.sync()
                 r_ops, r_secs = trio.run(
                     replica, proc.address, size, pattern, bs, args.seconds, args.depth
                 )

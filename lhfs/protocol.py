@@ -13,8 +13,10 @@ status ``ERROR`` and a JSON payload ``{"kind", "message"}`` naming a class of ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +64,7 @@ STATE = struct.Struct("<B")
 Part = bytes | bytearray | memoryview
 LARGE = 256 << 10  # a part this long is sent as it is rather than copied into a buffer
 _IOV_MAX = 1024  # pieces per writev
+_NOTSENT_LOWAT = 1 << 30  # in effect no limit but the send buffer (the kernel default)
 
 
 def _header(request_id: int, code: int, parts: tuple[Part, ...]) -> bytes:
@@ -98,6 +101,17 @@ def frame_pieces(request_id: int, code: int, *parts: Part, owned: bool = False) 
     if run:
         pieces.append(b"".join(run))
     return pieces
+
+
+def tune_stream(stream: Any) -> None:
+    """Undo trio's low TCP_NOTSENT_LOWAT (16 KiB) on a replica connection: it makes every send
+    stop once 16 KiB wait unsent, so a 1 MiB write left in slices of about 192 KiB, each a
+    system call and a wake-up of its own (loopback, 1 MiB writes: 1.4 against 2.x GB/s).
+    This protocol sends bulk data and batches requests itself."""
+    sock = stream.socket
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
 
 
 class Outbox:

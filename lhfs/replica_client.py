@@ -162,6 +162,7 @@ class ReplicaClient:
         if magic != p.MAGIC or status != 0:
             await stream.aclose()
             raise ProtocolError(f"{address} is not an lhfs replica speaking version {p.VERSION}")
+        p.tune_stream(stream)
         client = cls(stream, address)
         nursery.start_soon(client._run)
         return client

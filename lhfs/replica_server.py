@@ -146,6 +146,7 @@ class ReplicaServer:
             raise ProtocolError(f"client speaks protocol version {version}, not {p.VERSION}")
 
     async def _requests(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        p.tune_stream(stream)
         frames = p.FrameBuffer()
         gone: list[OSError] = []
         out = p.Outbox(stream.socket, gone.append)
