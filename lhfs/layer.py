@@ -70,6 +70,22 @@ def pwrite_all(fd: int, view: memoryview | bytes | bytearray, offset: int) -> No
         offset += n
 
 
+# Layer data reaches the page cache at most this much per write. The kernel gives a buffered
+# write a folio as large as the write itself, and ext4 (Linux 6.x) then makes every later
+# write into that folio pay in proportion to its size: a 4 KiB write into data written 1 MiB
+# at a time took 14 us here, against 3.5 us into data written 64 KiB at a time (1.5 us at
+# 4 KiB). Random 4 KiB writes through a 3-replica device after a sequential fill: 7.5k ->
+# 14-16k IOPS, for about 9% of the 1 MiB sequential write rate (16 pieces where 1 did).
+DATA_PIECE = 64 << 10
+
+
+def write_data(fd: int, view: memoryview | bytes | bytearray, offset: int) -> None:
+    """Write layer data, a page-cache-friendly piece at a time (see ``DATA_PIECE``)."""
+    view = memoryview(view)
+    for start in range(0, len(view), DATA_PIECE):
+        pwrite_all(fd, view[start : start + DATA_PIECE], offset + start)
+
+
 class Layer:
     """A layer's files and index; the chain structure (parents, names) lives in the store."""
 

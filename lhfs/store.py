@@ -47,7 +47,7 @@ from .errors import (
     InvalidArgument,
     NotFound,
 )
-from .layer import ABSENT, DATA, ZERO, Layer, pread_into, punch_hole, pwrite_all
+from .layer import ABSENT, DATA, ZERO, Layer, pread_into, punch_hole, write_data
 
 META = "volume.json"
 FORMAT = 1
@@ -329,7 +329,7 @@ class ChunkStore:
                 self._write_run(view, offset, run_start, pos, run_new)
                 merged = self.read(chunk * cs, cs)
                 merged[within : within + n] = view[pos : pos + n]
-                pwrite_all(head.fd, merged, chunk * cs)
+                write_data(head.fd, merged, chunk * cs)
                 head.set(chunk, DATA)
                 self._top[chunk] = head
                 run_start = pos + n
@@ -343,7 +343,7 @@ class ChunkStore:
     ) -> None:
         if end > start:
             head = self.head
-            pwrite_all(head.fd, view[start:end], offset + start)
+            write_data(head.fd, view[start:end], offset + start)
             for chunk in new_chunks:
                 head.set(chunk, DATA)
                 self._top[chunk] = head
@@ -496,7 +496,7 @@ class ChunkStore:
                 for i, (chunk, state) in enumerate(items):
                     if chunk not in child.index:
                         if state == DATA:
-                            pwrite_all(child.fd, snap.read_chunk(chunk), chunk * self.chunk_size)
+                            write_data(child.fd, snap.read_chunk(chunk), chunk * self.chunk_size)
                         child.set(chunk, state)
                         if child in self.chain and self._top.get(chunk) is snap:
                             self._top[chunk] = child
@@ -765,14 +765,14 @@ class ChunkStore:
         view = memoryview(data)
         all_data = all(state == DATA for state in states)
         if all_data:  # the common case: one write for the whole run
-            pwrite_all(layer.fd, view, first * cs)
+            write_data(layer.fd, view, first * cs)
         pos = 0
         for k, state in enumerate(states):
             chunk = first + k
             if state == DATA:
                 piece = view[pos : pos + cs]
                 if not all_data:
-                    pwrite_all(layer.fd, piece, chunk * cs)
+                    write_data(layer.fd, piece, chunk * cs)
                 layer.record_sum(chunk, DATA, piece)
                 pos += cs
             else:
@@ -786,7 +786,7 @@ class ChunkStore:
         if self.partial is None:
             raise InvalidArgument("no rebuild is under way")
         for chunk in sorted(self.partial):
-            pwrite_all(self.head.fd, self._merged_partial(chunk), chunk * self.chunk_size)
+            write_data(self.head.fd, self._merged_partial(chunk), chunk * self.chunk_size)
         self.partial = None
         self.flush()
         for layer in self.chain[1:]:  # the checksums kept up to date during the copy, once
@@ -797,7 +797,7 @@ class ChunkStore:
         path = self.dir / ".backing.upload"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            pwrite_all(
+            write_data(
                 fd,
                 data[: max(0, id_size(image_id) - chunk * self.chunk_size)],
                 chunk * self.chunk_size,
