@@ -172,9 +172,13 @@ def teardown(root: Path) -> None:
                 cleanup_stale_device(device)
 
 
+_MOTO_SERVER = Path(__file__).resolve().parents[1] / "tools" / "moto_server.py"
+
+
 class S3Server:
-    """An embedded S3 endpoint for the demo and the tests: the moto server on a free loopback
-    port, its log in a file (a pipe nobody reads would fill up and stall it)."""
+    """An embedded S3 endpoint for the demo and the tests: moto's S3 (``tools/moto_server.py``)
+    on a free loopback port, its log in a file (a pipe nobody reads would fill up and stall
+    it)."""
 
     def __init__(self, log: Path) -> None:
         import re
@@ -183,7 +187,7 @@ class S3Server:
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", "0"],
+                [sys.executable, str(_MOTO_SERVER), "--host", "127.0.0.1", "--port", "0"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
