@@ -346,3 +346,26 @@ def test_a_block_held_in_several_places_is_fetched_once(
     assert len(fetched) == 2
     assert restored == {0: a, 1: b, 2: a, 4: a}
     assert progress[-1] == 100.0
+
+
+def test_an_increment_sends_changed_blocks_without_asking_a_full_read_asks(
+    store: BackupStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks an increment reads are new content: they go without a HEAD each, except those
+    whose content the base already names (reused, not sent). A full read asks, and reuses what
+    another volume stored."""
+    rng = random.Random(9)
+    blocks = [rng.randbytes(4096) for _ in range(6)]
+    store.create("v", "b0", 6 * 4096, reader(blocks), block_size=4096)
+    asked: list[str] = []
+    real = Bucket.exists
+    monkeypatch.setattr(Bucket, "exists", lambda self, key: asked.append(key) or real(self, key))
+    blocks[1], blocks[4] = rng.randbytes(4096), blocks[0]  # one new, one the base holds
+    _, stats = store.create("v", "b1", 6 * 4096, reader(blocks), base=("b0", [1, 4]))
+    assert asked == []
+    assert (stats.read, stats.uploaded, stats.reused) == (2, 1, 1)
+    _, stats = store.create("w", "c0", 6 * 4096, reader(blocks), block_size=4096)
+    # six blocks, five contents: each asked for, and again before the manifest names it
+    assert len(asked) == 10 and len(set(asked)) == 5
+    assert (stats.uploaded, stats.reused) == (0, 6)
+    assert store.get_block(store.manifest("v", "b1")["blocks"][1]) == blocks[1]
