@@ -47,7 +47,16 @@ from .errors import (
     InvalidArgument,
     NotFound,
 )
-from .layer import ABSENT, DATA, ZERO, Layer, pread_into, punch_hole, write_data
+from .layer import (
+    ABSENT,
+    DATA,
+    ZERO,
+    Layer,
+    pread_into,
+    punch_hole,
+    pwrite_all,
+    write_data,
+)
 
 META = "volume.json"
 FORMAT = 1
@@ -764,8 +773,9 @@ class ChunkStore:
             raise InvalidArgument("unknown chunk state in a layer run")
         view = memoryview(data)
         all_data = all(state == DATA for state in states)
-        if all_data:  # the common case: one write for the whole run
-            write_data(layer.fd, view, first * cs)
+        if all_data:  # the common case: one write for the whole run, not cut in pieces
+            # (an immutable layer takes no small writes later: see layer.DATA_PIECE)
+            pwrite_all(layer.fd, view, first * cs)
         pos = 0
         for k, state in enumerate(states):
             chunk = first + k
