@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,57 @@ def _read_frame(sock: socket.socket) -> tuple[int, int, bytes]:
 
     length, request_id, code = p.HEADER.unpack(exactly(p.HEADER.size))
     return request_id, code, exactly(length - (p.HEADER.size - p.LENGTH.size))
+
+
+def test_a_connection_that_never_runs_dry_does_not_starve_another(
+    tmp_path: Path, replica_factory
+) -> None:
+    """A peer that keeps the replica's socket full of pipelined writes is served, and another
+    connection's reads are answered all the while: a receiver that keeps finding data yields
+    now and then (it does not hand control over after every read any more)."""
+    _init(tmp_path / "r")
+    replica = replica_factory(tmp_path / "r")
+    host, port = replica.address.split(":")
+    block = bytes(range(256)) * (CHUNK // 256)
+    burst = b"".join(p.frame(i, p.WRITE, p.U64.pack((i % 512) * CHUNK), block) for i in range(256))
+    done = threading.Event()
+    answered = [0]
+    flood = socket.create_connection((host, int(port)), timeout=30)
+    flood.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
+    assert p.HELLO_REPLY.unpack(flood.recv(64))[2] == 0
+
+    def send() -> None:
+        try:
+            while not done.is_set():
+                flood.sendall(burst)
+        except OSError:
+            pass
+
+    def count_answers() -> None:
+        try:
+            while data := flood.recv(1 << 16):
+                answered[0] += len(data)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=send), threading.Thread(target=count_answers)]
+    for thread in threads:
+        thread.start()
+
+    async def main() -> None:
+        async with open_replica(replica.address) as client:
+            while answered[0] < 20_000 * (p.HEADER.size + p.U64.size):  # 20k writes served
+                with trio.fail_after(10):
+                    assert await client.read(2 << 20, 5) == bytes(5)
+
+    try:
+        trio.run(main)
+    finally:
+        done.set()
+        flood.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(30)
+        flood.close()
 
 
 def test_io_is_answered_while_a_layer_is_hashed_or_the_volume_summed(
