@@ -80,10 +80,14 @@ DATA_PIECE = 64 << 10
 
 
 def write_data(fd: int, view: memoryview | bytes | bytearray, offset: int) -> None:
-    """Write layer data, a page-cache-friendly piece at a time (see ``DATA_PIECE``)."""
+    """Write layer data a page-cache-friendly piece at a time (see ``DATA_PIECE``), the pieces
+    aligned to ``DATA_PIECE`` in the file as the folios they become are."""
     view = memoryview(view)
-    for start in range(0, len(view), DATA_PIECE):
-        pwrite_all(fd, view[start : start + DATA_PIECE], offset + start)
+    pos = 0
+    while pos < len(view):
+        n = DATA_PIECE - (offset + pos) % DATA_PIECE
+        pwrite_all(fd, view[pos : pos + n], offset + pos)
+        pos += n
 
 
 class Layer:

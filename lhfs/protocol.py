@@ -248,11 +248,13 @@ class FrameBuffer:
         ``_YIELD_AFTER`` bytes were read without waiting, this yields, so that a connection
         that never runs dry cannot keep the others waiting long."""
         self._make_room()
-        fd = sock.fileno()
         with memoryview(self.buf) as view:
             target = view[self.end :]
             try:
                 while True:
+                    fd = sock.fileno()  # again after each wait: closed meanwhile is -1
+                    if fd < 0:
+                        raise trio.ClosedResourceError("the socket was closed")
                     try:
                         n = os.readv(fd, [target])
                         break
@@ -261,11 +263,11 @@ class FrameBuffer:
                         await trio.lowlevel.wait_readable(sock)
             finally:
                 target.release()
+        self.end += n  # kept before yielding: a cancellation there loses no bytes
         self._unyielded += n
         if self._unyielded >= _YIELD_AFTER:
             self._unyielded = 0
             await trio.lowlevel.checkpoint()
-        self.end += n
         return n
 
     def frames(self):  # type: ignore[no-untyped-def]

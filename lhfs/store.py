@@ -782,7 +782,7 @@ class ChunkStore:
             if state == DATA:
                 piece = view[pos : pos + cs]
                 if not all_data:
-                    write_data(layer.fd, piece, chunk * cs)
+                    pwrite_all(layer.fd, piece, chunk * cs)
                 layer.record_sum(chunk, DATA, piece)
                 pos += cs
             else:
@@ -807,7 +807,7 @@ class ChunkStore:
         path = self.dir / ".backing.upload"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            write_data(
+            pwrite_all(
                 fd,
                 data[: max(0, id_size(image_id) - chunk * self.chunk_size)],
                 chunk * self.chunk_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import struct
@@ -311,7 +312,7 @@ def test_a_connection_that_never_runs_dry_does_not_starve_another(
     answered = [0]
     flood = socket.create_connection((host, int(port)), timeout=30)
     flood.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
-    assert p.HELLO_REPLY.unpack(flood.recv(64))[2] == 0
+    assert p.HELLO_REPLY.unpack(flood.recv(p.HELLO_REPLY.size, socket.MSG_WAITALL))[2] == 0
 
     def send() -> None:
         try:
@@ -327,21 +328,24 @@ def test_a_connection_that_never_runs_dry_does_not_starve_another(
         except OSError:
             pass
 
-    threads = [threading.Thread(target=send), threading.Thread(target=count_answers)]
+    threads = [threading.Thread(target=f, daemon=True) for f in (send, count_answers)]
     for thread in threads:
         thread.start()
 
     async def main() -> None:
         async with open_replica(replica.address) as client:
-            while answered[0] < 20_000 * (p.HEADER.size + p.U64.size):  # 20k writes served
-                with trio.fail_after(10):
-                    assert await client.read(2 << 20, 5) == bytes(5)
+            with trio.fail_after(60):
+                while answered[0] < 20_000 * (p.HEADER.size + p.U64.size):  # 20k writes served
+                    assert all(thread.is_alive() for thread in threads), "the flood stopped"
+                    with trio.fail_after(10):
+                        assert await client.read(2 << 20, 5) == bytes(5)
 
     try:
         trio.run(main)
     finally:
         done.set()
-        flood.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            flood.shutdown(socket.SHUT_RDWR)
         for thread in threads:
             thread.join(30)
         flood.close()
