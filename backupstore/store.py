@@ -198,8 +198,8 @@ class BackupStore:
             known = {d for d in previous if d} if previous else self._latest_digests(volume)
             # An increment reads only blocks the chain says were written since its base: new
             # content, nearly always missing from the store. It sends them without asking
-            # (a round trip per block: a tenth of a small increment's time, or a listing of
-            # the store), and still reuses any whose content its base already names.
+            # (a round trip per block, about a seventh of a small increment's time, or a
+            # listing of the store), and still reuses any whose content its base names.
             ask = not previous
             present = self._present() if ask and count > _LIST_OVER else None
             stats = BackupStats(blocks=count)
