@@ -7,7 +7,11 @@ SYSTEM_STAMP := .stamp-system
 
 .PHONY: setup test demo lint bench clean
 
+# The virtualenv holds lhfs in editable mode, so nothing compiles its modules ahead, and an
+# interpreter told not to write bytecode (PYTHONDONTWRITEBYTECODE) compiles them again at every
+# command: a sixth of a small backup's time. They are compiled here (only what changed).
 setup: $(SYSTEM_STAMP) $(VENV)/.installed
+	$(BIN)/python -m compileall -q lhfs backupstore tools
 
 $(SYSTEM_STAMP): tools/setup-system.sh
 	tools/setup-system.sh

@@ -5,9 +5,11 @@ A volume of half-compressible data (and the same bytes as a plain file for resti
 backup; a backup after 1% of the volume was rewritten in 1 MiB extents at random (files
 rewritten); a backup after 1% of the 64 KiB chunks changed at random (scattered small writes,
 the worst case for 2 MiB blocks); a full restore. Prints seconds and bytes uploaded (measured
-as the growth of the bucket) for each.
+as the growth of the bucket) for each. Each kind of change is made ``--rounds`` times, lhfs and
+restic backing up after each: the median is shown with the fastest and slowest (a backup of
+under a second moves by a third with this machine's pace).
 
-    python bench/backup_bench.py [--size 2G] [--dir DIR]
+    python bench/backup_bench.py [--size 2G] [--rounds 3] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,8 +54,11 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="2G")
+    parser.add_argument("--rounds", type=int, default=3, help="changes of each kind (default 3)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: under bench/)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="backup-bench-", dir=args.dir or Path(__file__).parent))
     s3 = S3Server(work / "s3.log")
@@ -93,27 +99,28 @@ def main() -> None:
             ("1% of 64 KiB chunks changed", CHUNK),
         )
         for label, unit in patterns:
-            if unit:
-                places = rng.sample(range(size // unit), size // unit // 100)
-                replica_dir = vol.replica_dir(vol.replicas[0])
-                with ChunkStore.open(replica_dir) as store, open(plain, "r+b") as f:
-                    for place in places:
-                        data = rng.randbytes(unit // 2) + bytes(unit // 2)
-                        store.write(place * unit, data)
-                        f.seek(place * unit)
-                        f.write(data)
-            before = bucket_bytes("lhfs-bench")
-            seconds = timed(lhfs_backup)
-            rows.append((f"lhfs {label}", seconds, bucket_bytes("lhfs-bench") - before))
-            if restic:
-                before = bucket_bytes("restic-bench")
-                seconds = timed(restic_backup)
-                rows.append((f"restic {label}", seconds, bucket_bytes("restic-bench") - before))
+            times: dict[str, list[float]] = {"lhfs": [], "restic": []}
+            sent: dict[str, list[int]] = {"lhfs": [], "restic": []}
+            for _ in range(args.rounds if unit else 1):
+                if unit:
+                    change(vol, plain, unit, size, rng)
+                for tool, backup, bucket in (
+                    ("lhfs", lhfs_backup, "lhfs-bench"),
+                    ("restic", restic_backup, "restic-bench"),
+                ):
+                    if tool == "restic" and not restic:
+                        continue
+                    before = bucket_bytes(bucket)
+                    times[tool].append(timed(backup))
+                    sent[tool].append(bucket_bytes(bucket) - before)
+            for tool in ("lhfs", "restic"):
+                if times[tool]:
+                    rows.append((f"{tool} {label}", times[tool], statistics.median(sent[tool])))
         url = cli.json("backup", "ls", "--target", target)[-1]["url"]
         seconds = timed(
             lambda: cli.run("backup", "restore", url, "back", "--replicas", "1", "--quiet")
         )
-        rows.append(("lhfs full restore", seconds, 0))
+        rows.append(("lhfs full restore", [seconds], 0))
         if restic:
             out = work / "restored"
             seconds = timed(
@@ -124,17 +131,31 @@ def main() -> None:
                     capture_output=True,
                 )
             )
-            rows.append(("restic full restore", seconds, 0))
+            rows.append(("restic full restore", [seconds], 0))
     finally:
         s3.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nbackups of a {args.size} volume (half-compressible), S3 = moto server on loopback\n")
-    print("| what | seconds | uploaded bytes | % of volume |")
-    print("|---|---:|---:|---:|")
+    print("| what | seconds (median) | fastest-slowest | uploaded bytes | % of volume |")
+    print("|---|---:|---:|---:|---:|")
     for label, seconds, sent in rows:
         share = f"{100 * sent / size:.2f}%" if sent else "-"
-        print(f"| {label} | {seconds:.2f} | {sent:,} | {share} |")
+        spread = f"{min(seconds):.2f}-{max(seconds):.2f}" if len(seconds) > 1 else "-"
+        print(
+            f"| {label} | {statistics.median(seconds):.2f} | {spread} | {int(sent):,} | {share} |"
+        )
+
+
+def change(vol: volumes.Volume, plain: Path, unit: int, size: int, rng: random.Random) -> None:
+    """Rewrite 1% of the volume in ``unit`` pieces at random, the same in the plain file."""
+    places = rng.sample(range(size // unit), size // unit // 100)
+    with ChunkStore.open(vol.replica_dir(vol.replicas[0])) as store, open(plain, "r+b") as f:
+        for place in places:
+            data = rng.randbytes(unit // 2) + bytes(unit // 2)
+            store.write(place * unit, data)
+            f.seek(place * unit)
+            f.write(data)
 
 
 if __name__ == "__main__":

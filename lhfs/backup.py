@@ -133,15 +133,16 @@ class _Source:
         assert self.local is not None
         return self.local.changed_blocks(base["layer"], self.snapshot, block)
 
-    def read(self, index: int, block: int) -> bytes:
+    def read(self, index: int, block: int) -> bytes | bytearray:
         """One backup block of the snapshot, zero-padded past its end."""
         length = min(block, self.size - index * block)
+        data: bytes | bytearray
         if self.remote is not None:
             data = self.remote.read_snapshot(self.snapshot, index * block, length)
         else:
             assert self.local is not None
-            data = bytes(self.local.read_snapshot(self.snapshot, index * block, length))
-        return data + bytes(block - len(data))
+            data = self.local.read_snapshot(self.snapshot, index * block, length)
+        return data if length == block else bytes(data) + bytes(block - length)
 
     def close(self) -> None:
         if self.remote is not None:
@@ -175,16 +176,19 @@ def create(
     vol = volumes.load(root, name)
     vol.require_not_standby("a backup")
     vol.require_complete("a backup")
+    if snapshot is not None:
+        check_name(snapshot, "snapshot name")
+    # What the store refuses (a bad endpoint, access, another block size) is said before the
+    # snapshot is taken: a refused backup leaves nothing behind.
+    store = open_store(target)
+    store.bucket.ensure()
+    block = store.block_size(name, block_size)
     if snapshot is None:
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         snapshot = manage.snapshot_create(root, name, f"backup-{stamp}")["name"]
-    check_name(snapshot, "snapshot name")
-    store = open_store(target)
     backup_name = _backup_name(snapshot)
     source = _Source(vol, snapshot)
     try:
-        store.bucket.ensure()
-        block = store.block_size(name, block_size)
         record = vol.config.get("backups", {}).get(str(target))
         changed = source.changed_blocks(record, block)
         _manifest, stats = store.create(

@@ -223,11 +223,16 @@ class Layer:
             entries = raw[pos + _BATCH.size : end]
             if xxhash.xxh64_intdigest(struct.pack("<IQ", count, revision) + entries) != digest:
                 break
-            for chunk, state in _ENTRY.iter_unpack(entries):
-                if state == ABSENT:
-                    self.index.pop(chunk, None)
-                else:
-                    self.index[chunk] = state
+            # The usual batch has no chunk leaving the layer: it is replayed at C speed (every
+            # command that opens a store replays every layer). A state byte ends each entry.
+            if ABSENT not in entries[_ENTRY.size - 1 :: _ENTRY.size]:
+                self.index.update(_ENTRY.iter_unpack(entries))
+            else:
+                for chunk, state in _ENTRY.iter_unpack(entries):
+                    if state == ABSENT:
+                        self.index.pop(chunk, None)
+                    else:
+                        self.index[chunk] = state
             self.revision = revision
             self._log_entries += count
             pos = end
@@ -246,7 +251,7 @@ class Layer:
         return bytes(buf)
 
     def data_bytes(self) -> int:
-        return sum(self.chunk_size for s in self.index.values() if s == DATA)
+        return self.chunk_size * list(self.index.values()).count(DATA)
 
     # -- checksums ----------------------------------------------------------------------------
 

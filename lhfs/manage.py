@@ -7,6 +7,7 @@ data). Every check that can refuse a request runs before anything changes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -314,12 +315,12 @@ def snapshot_create(root: Path, name: str, snapshot: str | None) -> dict[str, An
     vol.require_complete("a snapshot")
     if vol.runtime() is not None:
         return _snapshot_entry(control.call(vol.control_socket, "snapshot", name=snapshot))
-    dirs = healthy_local_dirs(vol)
-    for directory in dirs:  # refuse before changing anything
-        with ChunkStore.open(directory) as store:
+    with contextlib.ExitStack() as opened:
+        stores = [opened.enter_context(ChunkStore.open(d)) for d in healthy_local_dirs(vol)]
+        for store in stores:  # refuse before changing anything
             if any(s["name"] == snapshot for s in store.list_layers()):
                 raise AlreadyExists(f"snapshot {snapshot!r} already exists")
-    return _snapshot_entry(_on_every_replica(vol, "snapshot", snapshot))
+        return _snapshot_entry([store.snapshot(snapshot) for store in stores][-1])
 
 
 def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:

@@ -96,18 +96,24 @@ def _filled(cli: Cli, tmp_path: Path, name: str, mib: int, seed: int, replicas: 
 
 def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
     cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1")
+    snapshots = cli.json("snapshot", "ls", "v")
     for args, message in (
         (("backup", "create", "v", "--target", "http://x"), "not a backup target"),
         (("backup", "create", "v", "--target", "s3://cli-b/p", "--snapshot", "nope"), "nope"),
         (("backup", "create", "v", "--target", "s3://B_/p"), "invalid bucket name B_"),
         (("backup", "rm", "s3://b/p"), "not a backup URL"),
         (("backup", "restore", "s3://cli-none/p?volume=v&backup=x", "new"), "NoSuchBucket"),
+        (("backup", "create", "v", "--target", "s3://cli-b/p", "--block-size", "3M"), "power"),
     ):
         result = cli.run(*args, check=False)
         assert result.returncode == 1, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+    elsewhere = Cli(cli.root, env={**cli.env, "AWS_ENDPOINT_URL": "ftp://127.0.0.1"})
+    result = elsewhere.run("backup", "create", "v", "--target", "s3://cli-b/p", check=False)
+    assert result.returncode == 1 and "not an http(s) URL" in result.stderr
     assert cli.json("volume", "ls")[0]["name"] == "v" and len(cli.json("volume", "ls")) == 1
+    assert cli.json("snapshot", "ls", "v") == snapshots  # a refused backup takes no snapshot
 
 
 def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoint: str) -> None:
@@ -231,10 +237,12 @@ def test_a_block_size_that_does_not_divide_the_volume(cli: Cli, s3_endpoint: str
     url = cli.run(
         "backup", "create", "odd", "--target", target, "--block-size", "8M", "--quiet"
     ).stdout.split()[-1]
+    snapshots = cli.json("snapshot", "ls", "odd")
     changed = cli.run(
         "backup", "create", "odd", "--target", target, "--block-size", "4M", check=False
     )
     assert changed.returncode == 1 and "use 8M blocks" in changed.stderr
+    assert len(cli.json("snapshot", "ls", "odd")) == len(snapshots)  # none taken for it
     cli.run("backup", "restore", url, "copy", "--replicas", "1", "--quiet")
     assert cli.json("volume", "info", "copy")["size"] == 100 * MIB
     assert cli.checksum("copy") == expected

@@ -100,6 +100,17 @@ class StoreModel(RuleBasedStateMachine):
         content = self.snaps[name]
         self.model = bytearray(content) + bytes(len(self.model) - len(content))
 
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def read_snapshot(self, data: st.DataObject) -> None:
+        """A snapshot reads as it was taken, through its own chain, whatever came since."""
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        content = self.snaps[name]
+        offset = data.draw(st.integers(0, len(content) - 1), label="offset")
+        length = data.draw(st.integers(1, len(content) - offset), label="length")
+        got = self.store.read_snapshot(name, offset, length)
+        assert bytes(got) == content[offset : offset + length]
+
     @rule(extra=st.integers(1, 4))
     def expand(self, extra: int) -> None:
         size = len(self.model) + extra * self.store.chunk_size
