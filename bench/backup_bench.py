@@ -23,7 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +37,7 @@ from lhfs.testing import Cli, S3Server
 from lhfs.units import parse_size
 
 MIB = 1 << 20
+ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 64 << 10
 
 
@@ -101,6 +105,7 @@ def main() -> None:
         for label, unit in patterns:
             times: dict[str, list[float]] = {"lhfs": [], "restic": []}
             sent: dict[str, list[int]] = {"lhfs": [], "restic": []}
+            floor: dict[str, list[float]] = {"start": [], "send": []}
             for _ in range(args.rounds if unit else 1):
                 if unit:
                     change(vol, plain, unit, size, rng)
@@ -113,9 +118,15 @@ def main() -> None:
                     before = bucket_bytes(bucket)
                     times[tool].append(timed(backup))
                     sent[tool].append(bucket_bytes(bucket) - before)
+                if unit == MIB:  # what any increment of this size costs here, at the least
+                    floor["start"].append(client_start())
+                    floor["send"].append(send_alone(sent["lhfs"][-1], rng))
             for tool in ("lhfs", "restic"):
                 if times[tool]:
                     rows.append((f"{tool} {label}", times[tool], statistics.median(sent[tool])))
+                if tool == "lhfs" and floor["start"]:
+                    rows.append(("- of which: interpreter + S3 client alone", floor["start"], 0))
+                    rows.append(("- of which: the same bytes sent alone", floor["send"], 0))
         url = cli.json("backup", "ls", "--target", target)[-1]["url"]
         seconds = timed(
             lambda: cli.run("backup", "restore", url, "back", "--replicas", "1", "--quiet")
@@ -145,6 +156,32 @@ def main() -> None:
         print(
             f"| {label} | {statistics.median(seconds):.2f} | {spread} | {int(sent):,} | {share} |"
         )
+
+
+def client_start() -> float:
+    """An interpreter that loads the backup store and its S3 client as ``lhfs`` does, then
+    exits."""
+    code = "from lhfs.cli import _load_store; _load_store()"
+    return timed(lambda: subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT))
+
+
+def send_alone(sent: int, rng: random.Random) -> float:
+    """PUT new 2 MiB blocks of the volume's kind, compressed as a backup does, 8 at a time as
+    a backup does, until about ``sent`` bytes went: the S3 part of an increment, alone."""
+    packer = zstandard.ZstdCompressor(level=3)
+    blocks = []
+    while sum(map(len, blocks)) < sent * 0.95:
+        half = rng.randbytes(MIB // 2) + bytes(MIB // 2)
+        blocks.append(packer.compress(half + rng.randbytes(MIB // 2) + bytes(MIB // 2)))
+    bucket = Bucket(Target("lhfs-floor", ""))
+    bucket.ensure()
+    tag = rng.randrange(1 << 30)
+
+    def send() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: bucket.put(f"{tag}-{i}", blocks[i]), range(len(blocks))))
+
+    return timed(send)
 
 
 def change(vol: volumes.Volume, plain: Path, unit: int, size: int, rng: random.Random) -> None:

@@ -225,9 +225,8 @@ class ChunkStore:
     def _build_chain(self) -> None:
         self.chain = [self.layers[lid] for lid in self._ancestry(self.meta["head"])]
         self._top = {}
-        for layer in reversed(self.chain):
-            for chunk in layer.index:
-                self._top[chunk] = layer
+        for layer in reversed(self.chain):  # the nearest layer last: it wins
+            self._top.update(dict.fromkeys(layer.index, layer))
 
     def _ancestry(self, layer_id: str | None) -> list[str]:
         out = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -169,6 +170,11 @@ def test_bad_input_is_one_line_and_changes_nothing(cli: Cli, tmp_path: Path) -> 
     fails("volume", "create", "a/b", "--size", "64M", match="invalid volume name")
     fails("volume", "create", "..", "--size", "64M", match="invalid volume name")
     fails("volume", "create", "v", "--size", "lots", status=2, match="not a size")
+    fails("nonsense", status=2, match="invalid choice: 'nonsense' (choose from 'replica'")
+    groups = ("replica", "volume", "backup", "dr", "backing-image", "snapshot", "mount", "umount")
+    usage = cli.run("--help").stdout
+    assert all(re.search(rf"^ +{group}\s", usage, re.M) for group in groups), usage
+    assert "SUPPRESS" not in usage
     assert cli.json("volume", "ls") == []
     cli.run("volume", "create", "v", "--size", "64M")
     fails("volume", "create", "v", "--size", "64M", match="already exists")
