@@ -63,6 +63,11 @@ class BlockMissing(CorruptState):
     """A block a manifest names is not in the store."""
 
 
+def check_block_size(size: int) -> None:
+    if size < 4 << 10 or size > MAX_BLOCK or size & (size - 1):
+        raise InvalidArgument("the backup block size must be a power of two from 4K to 16M")
+
+
 def digest_of(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
@@ -152,8 +157,7 @@ class BackupStore:
                 )
             return size, True
         size = wanted or BLOCK_SIZE
-        if size < 4 << 10 or size > MAX_BLOCK or size & (size - 1):
-            raise InvalidArgument("the backup block size must be a power of two from 4K to 16M")
+        check_block_size(size)
         return size, False
 
     def _recorded_block_size(self, volume: str) -> int | None:
@@ -488,7 +492,9 @@ class BackupStore:
     def _live(self, prefix: str, own: str, match: Callable[[str], bool]) -> bool:
         """Whether a fresh marker (other than ``own``) matching ``match`` is under ``prefix``;
         "fresh" by the server's clock, read from the time of ``own`` (only when there are
-        others: usually there are none, and a round trip is saved)."""
+        others: usually there are none, and a round trip is saved). That time is taken back
+        by however long its asking took after the listing (retries, or a heartbeat rewriting
+        ``own`` meanwhile): an age may come out too young, never too old."""
         others = [
             obj
             for obj in self.bucket.list(prefix)
@@ -496,7 +502,8 @@ class BackupStore:
         ]
         if not others:
             return False
-        now = self.bucket.modified(own)
+        listed = time.monotonic()
+        now = self.bucket.modified(own) - (time.monotonic() - listed)
         return any(now - obj.last_modified.timestamp() < STALE for obj in others)
 
     def _blocks(self) -> Iterator[Any]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 from backupstore.s3 import Bucket, Target
-from backupstore.store import BackupStats, BackupStore
+from backupstore.store import BackupStats, BackupStore, check_block_size
 
 from . import control, manage
 from . import volume as volumes
@@ -176,19 +176,22 @@ def create(
     vol = volumes.load(root, name)
     vol.require_not_standby("a backup")
     vol.require_complete("a backup")
-    if snapshot is not None:
-        check_name(snapshot, "snapshot name")
-    # What the store refuses (a bad endpoint, access, another block size) is said before the
-    # snapshot is taken: a refused backup leaves nothing behind.
-    store = open_store(target)
-    store.bucket.ensure()
-    block = store.block_size(name, block_size)
-    if snapshot is None:
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        snapshot = manage.snapshot_create(root, name, f"backup-{stamp}")["name"]
-    backup_name = _backup_name(snapshot)
-    source = _Source(vol, snapshot)
+    if block_size is not None:
+        check_block_size(block_size)
+    # Nothing is changed before the input is found good: a named snapshot must exist, and what
+    # the store refuses (a bad endpoint, no access, another block size than it records) is
+    # said before a snapshot is taken for the backup.
+    source = None if snapshot is None else _Source(vol, check_name(snapshot, "snapshot name"))
     try:
+        store = open_store(target)
+        store.bucket.ensure()
+        block = store.block_size(name, block_size)
+        if source is None:
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            snapshot = manage.snapshot_create(root, name, f"backup-{stamp}")["name"]
+            source = _Source(vol, snapshot)
+        assert snapshot is not None
+        backup_name = _backup_name(snapshot)
         record = vol.config.get("backups", {}).get(str(target))
         changed = source.changed_blocks(record, block)
         _manifest, stats = store.create(
@@ -203,7 +206,8 @@ def create(
             extra={"chunk_size": vol.chunk_size},
         )
     finally:
-        source.close()
+        if source is not None:
+            source.close()
     done = {"backup": backup_name, "snapshot": snapshot, "layers": source.bases}
     vol.update(lambda config: config.setdefault("backups", {}).update({str(target): done}))
     return backup_url(target, name, backup_name), stats

@@ -263,6 +263,27 @@ def test_a_large_backup_learns_the_stored_blocks_from_one_listing(store: BackupS
     assert [restored[i] for i in range(100)] == blocks
 
 
+def test_a_dead_collections_marker_does_not_hold_a_backup_back(
+    store: BackupStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A marker older than ``STALE`` by the server's clock belongs to a process that died: a
+    backup goes on past it (here every marker is made to look that old)."""
+    store.bucket.ensure()
+    store.bucket.put(store.target.key("locks", "collect-dead"), b"")
+    monkeypatch.setattr(backupstore.store, "STALE", -1.0)
+    done = threading.Event()
+    thread = threading.Thread(
+        target=lambda: (
+            store.create("v", "b0", 4096, reader([b"\1" * 4096]), block_size=4096),
+            done.set(),
+        ),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(60)
+    assert done.is_set() and store.block_count() == 1
+
+
 def test_a_running_backup_keeps_its_marker_fresh_while_blocked(
     store: BackupStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
