@@ -303,17 +303,16 @@ class ChunkStore:
         per chunk: a backup reads 2 MiB blocks, and each read returned to the interpreter costs
         a hand-over of its lock when another thread is busy."""
         cs = self.chunk_size
-        length = len(out)
         view = memoryview(out)
-        pos = 0
-        while pos < length:
-            fd = source((offset + pos) // cs)
-            end = min(length, ((offset + pos) // cs + 1) * cs - offset)
-            while end < length and source((offset + end) // cs) == fd:
-                end = min(length, end + cs)
-            if fd >= 0:
-                pread_into(fd, view[pos:end], offset + pos)
-            pos = end
+        run_fd, run_at = source(offset // cs), offset  # each chunk's source is asked once
+        for chunk in range(offset // cs + 1, -(-(offset + len(out)) // cs)):
+            fd = source(chunk)
+            if fd != run_fd:
+                if run_fd >= 0:
+                    pread_into(run_fd, view[run_at - offset : chunk * cs - offset], run_at)
+                run_fd, run_at = fd, chunk * cs
+        if run_fd >= 0:
+            pread_into(run_fd, view[run_at - offset :], run_at)
         return out
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
