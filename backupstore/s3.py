@@ -30,7 +30,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
-from lhfs.errors import InvalidArgument, LhfsError
+from lhfs.core.errors import InvalidArgument, LhfsError
 
 log = logging.getLogger("lhfs.s3")
 T = TypeVar("T")

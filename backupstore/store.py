@@ -41,8 +41,8 @@ from typing import Any
 import xxhash
 import zstandard
 
-from lhfs.errors import CorruptState, InvalidArgument, NotFound
-from lhfs.units import format_size
+from lhfs.core.errors import CorruptState, InvalidArgument, NotFound
+from lhfs.core.units import format_size
 
 from .s3 import Bucket
 

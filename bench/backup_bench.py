@@ -31,10 +31,10 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backupstore.s3 import Bucket, Target
-from lhfs import volume as volumes
-from lhfs.store import ChunkStore
+from lhfs.config import volume as volumes
+from lhfs.core.units import parse_size
+from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, S3Server
-from lhfs.units import parse_size
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]

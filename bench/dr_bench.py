@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lhfs import volume as volumes
-from lhfs.store import ChunkStore
+from lhfs.config import volume as volumes
+from lhfs.core.units import parse_size
+from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, S3Server, teardown
-from lhfs.units import parse_size
 
 MIB = 1 << 20
 BLOCK = 2 * MIB

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lhfs.procs import wait_for
+from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, loop_attach, teardown
 
 JOBS = [

@@ -20,8 +20,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lhfs import fusedev as f
-from lhfs.units import parse_size
+from lhfs.core.units import parse_size
+from lhfs.engine import fusedev as f
 
 ZEROS = bytes(f.MAX_WRITE)
 

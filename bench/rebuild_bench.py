@@ -26,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lhfs import control
-from lhfs import volume as volumes
-from lhfs.procs import wait_for
+from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
+from lhfs.core.units import parse_size
+from lhfs.engine import control
 from lhfs.testing import Cli, teardown
-from lhfs.units import parse_size
 
 CHUNK = 64 << 10
 MIB = 1 << 20

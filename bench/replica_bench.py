@@ -27,10 +27,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lhfs.procs import ReplicaProcess
-from lhfs.replica_client import open_replica
-from lhfs.store import ChunkStore
-from lhfs.units import parse_size
+from lhfs.core.units import parse_size
+from lhfs.replica.process import ReplicaProcess
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.wire.client import open_replica
 
 MIB = 1 << 20
 

@@ -1,8 +1,12 @@
 """lhfs: a replicated block volume in userspace.
 
-Layers, bottom to top: the chunk store (one replica's copy of a volume, ``store``), the replica
-process that serves it over TCP (``replica_server``, ``protocol``, ``replica_client``), and the
-command line (``cli``).
+The packages are the layers, in the order a write travels through them: ``cli`` (the command
+line) over ``backups`` (backups and DR) and ``volumes`` (volume management, mount) over
+``backupstore`` (S3, a package of its own), ``engine`` (FUSE channel, frontend, engine,
+rebuild, scrub), ``config`` (a volume's record under a root), ``replica`` (the replica
+process), ``wire`` (its protocol and client), ``store`` (the chunk store on disk) and ``core``
+(what all of them share). A module imports only from its own layer or those below it
+(``tests/test_layers.py`` checks it).
 """
 
 __version__ = "0.1.0"

@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import volume as volumes
-from .manage import cleanup_stale_device, loops_backed_by
-from .procs import LHFS, wait_for
+from lhfs.config import volume as volumes
+from lhfs.core.procs import LHFS, wait_for
+from lhfs.volumes.manage import cleanup_stale_device, loops_backed_by
 
 
 class CliError(AssertionError):
@@ -138,7 +138,7 @@ def kill_engine(cli: Cli, name: str) -> None:
 def teardown(root: Path) -> None:
     """Unmount, free loops, stop engines and DR followers of every volume under ``root``;
     never raises."""
-    from . import dr
+    from lhfs.backups import dr
 
     mountpoints = []
     for name in volumes.list_names(root):

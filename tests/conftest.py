@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lhfs.procs import ReplicaProcess
+from lhfs.replica.process import ReplicaProcess
 from lhfs.testing import Cli, S3Server, teardown
 
 # Outside CI, a machine without root or /dev/fuse skips the device tests (pytest -ra lists

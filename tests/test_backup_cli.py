@@ -12,9 +12,9 @@ from conftest import needs_fuse
 
 from backupstore.s3 import Bucket, StoreRefused, Target
 from backupstore.store import BackupStore
-from lhfs import volume as volumes
-from lhfs.procs import wait_for
-from lhfs.store import ChunkStore
+from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
+from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli
 from tools.faultproxy import FaultProxy
 
@@ -120,9 +120,9 @@ def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
 def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoint: str) -> None:
     import signal
 
-    from lhfs import volume as volumes
-    from lhfs.procs import wait_for
-    from lhfs.store import ChunkStore
+    from lhfs.config import volume as volumes
+    from lhfs.core.procs import wait_for
+    from lhfs.store.chunkstore import ChunkStore
 
     cli.run("volume", "create", "big", "--size", "256M", "--replicas", "1")
     vol = volumes.load(cli.root, "big")

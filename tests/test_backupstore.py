@@ -13,8 +13,8 @@ import pytest
 import backupstore.store
 from backupstore.s3 import Bucket, StoreUnavailable, Target
 from backupstore.store import BackupStore
-from lhfs.errors import CorruptState, InvalidArgument, NotFound
-from lhfs.procs import wait_for
+from lhfs.core.errors import CorruptState, InvalidArgument, NotFound
+from lhfs.core.procs import wait_for
 
 _names = itertools.count()
 

@@ -17,9 +17,9 @@ from conftest import needs_fuse
 
 from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
-from lhfs.procs import wait_for
+from lhfs.config.volume import alive
+from lhfs.core.procs import wait_for
 from lhfs.testing import Cli
-from lhfs.volume import alive
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse

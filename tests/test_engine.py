@@ -6,8 +6,8 @@ from pathlib import Path
 
 import trio
 
-from lhfs.engine import RW, Engine
-from lhfs.store import ChunkStore
+from lhfs.engine.engine import RW, Engine
+from lhfs.store.chunkstore import ChunkStore
 
 SIZE = 4 << 20
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from conftest import needs_fuse
 
-from lhfs import control
-from lhfs import volume as volumes
-from lhfs.procs import wait_for
-from lhfs.replica_client import parse_address
-from lhfs.store import ChunkStore
+from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
+from lhfs.engine import control
+from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, fio_verify, loop_attach
+from lhfs.wire.client import parse_address
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import trio
 
-from lhfs.errors import ConnectionLost
-from lhfs.replica_client import open_replica
-from lhfs.store import ChunkStore
+from lhfs.core.errors import ConnectionLost
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.wire.client import open_replica
 
 CHUNK = 4096
 SIZE = 8 << 20

@@ -14,8 +14,7 @@ import trio
 import trio.testing
 import xxhash
 
-from lhfs import protocol as p
-from lhfs.errors import (
+from lhfs.core.errors import (
     Busy,
     InvalidArgument,
     NotFound,
@@ -23,9 +22,10 @@ from lhfs.errors import (
     ProtocolError,
     PullFailed,
 )
-from lhfs.layer import ABSENT, DATA
-from lhfs.replica_client import ReplicaClient, open_replica
-from lhfs.store import ChunkStore
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.store.layer import ABSENT, DATA
+from lhfs.wire import protocol as p
+from lhfs.wire.client import ReplicaClient, open_replica
 
 CHUNK = 4096
 SIZE = 4 << 20
@@ -255,7 +255,7 @@ def test_sigterm_flushes_and_exits_cleanly(tmp_path: Path, replica_factory) -> N
 
 
 def test_client_reports_unreachable_and_non_lhfs_peers(tmp_path: Path) -> None:
-    from lhfs.errors import ConnectionLost
+    from lhfs.core.errors import ConnectionLost
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lhfs.errors import AlreadyExists, BackingImageMismatch, Busy, InvalidArgument, NotFound
-from lhfs.procs import LHFS
-from lhfs.store import ChunkStore
+from lhfs.core.errors import AlreadyExists, BackingImageMismatch, Busy, InvalidArgument, NotFound
+from lhfs.core.procs import LHFS
+from lhfs.store.chunkstore import ChunkStore
 
 
 def test_backing_image_is_identified_by_content_not_name(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_rebuild_target_merges_writes_received_during_the_sync(tmp_path: Path, s
     copied and the partial writes merged, it must equal the source, byte for byte."""
     import random
 
-    from lhfs.layer import ABSENT
+    from lhfs.store.layer import ABSENT
 
     rng = random.Random(seed)
     cs, chunks = 8, 32

@@ -21,7 +21,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from lhfs.store import ChunkStore
+from lhfs.store.chunkstore import ChunkStore
 
 
 class StoreModel(RuleBasedStateMachine):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import needs_fuse
 
-from lhfs.procs import wait_for
+from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, fio_verify, kill_engine, loop_attach, teardown
 
 pytestmark = needs_fuse

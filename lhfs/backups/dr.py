@@ -1,0 +1,528 @@
+"""DR (standby) volumes: a local volume that follows another volume's backups.
+
+A standby is an ordinary volume whose ``config.json`` carries a ``dr`` section (target, source
+volume, polling interval). A follower process (``lhfs dr run``, started in the background by
+``dr create`` and ``dr start``) polls the target and brings the volume to the newest complete
+backup by writing only the blocks that differ from what the volume holds.
+
+What the volume holds is recorded durably in ``dr-state.json``, one entry per backup block: the
+digest of the block it holds, None for zeros, or ``"?"`` for a block being rewritten. Before an
+increment writes anything, the blocks it will touch are marked ``"?"``; once every replica is
+flushed, the file is replaced by the new backup's block list. A follower killed half-way thus
+finds its half-written blocks marked unknown and rewrites them with whatever backup it moves to
+next, so a half-applied increment is always redone, even if the backup it came from has been
+deleted since. Comparing against this local record rather than a manifest in the store also
+keeps every increment incremental after the last restored backup is deleted.
+
+Only corruption stops a follower (a block whose content does not match its digest, a manifest
+that cannot be parsed). Everything else (refused or reset connections, 5xx, a host name that no
+longer resolves, a full disk) is retried with capped, jittered backoff for as long as it takes;
+``dr status`` shows the last error and the lag meanwhile.
+
+The standby cannot be attached, snapshotted or backed up. ``dr activate`` stops the follower,
+applies the newest complete backup and removes the ``dr`` section: a normal volume remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backupstore.s3 import Bucket, Target
+from backupstore.store import BackupStore, BlockMissing, order
+from lhfs.backups.backup import chunk_for
+from lhfs.config import volume as volumes
+from lhfs.core.durable import atomic_write
+from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
+from lhfs.core.names import check_name
+from lhfs.core.procs import wait_for
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.volumes import manage
+from lhfs.volumes.standby import (
+    LOG,
+    STATE,
+    STATUS,
+    UNKNOWN,
+    follower_pid,
+    load_state,
+    lock,
+    read_status,
+    save_state,
+    stop,
+)
+
+log = logging.getLogger("lhfs.dr")
+
+
+class BackupDeleted(LhfsError):
+    """The backup being applied was deleted from the store half-way: not corruption."""
+
+
+# -- the durable record of what the standby holds --------------------------------------------
+
+
+def dr_config(vol: volumes.Volume) -> dict[str, Any]:
+    config = vol.config.get("dr")
+    if not config:
+        raise InvalidArgument(f"volume {vol.name} is not a DR standby volume")
+    return config
+
+
+def newest_backup(
+    store: BackupStore, volume: str, cache: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The manifest of the volume's newest complete backup. Manifests never change once
+    written, so each is read once and kept in ``cache`` until its backup disappears."""
+    names = set(store.complete_names(volume))
+    for name in list(cache):
+        if name not in names:
+            del cache[name]
+    for name in names - cache.keys():
+        try:
+            cache[name] = store.manifest(volume, name)
+        except NotFound:  # deleted since the listing
+            continue
+    if not cache:
+        return None
+    return max(cache.values(), key=order)
+
+
+def apply(
+    vol: volumes.Volume,
+    store: BackupStore,
+    manifest: dict[str, Any],
+    progress: Callable[[float], None] = lambda pct: None,
+    roll_back: bool = True,
+) -> dict[str, Any]:
+    """Bring the standby's replicas to ``manifest``, touching only blocks that differ from
+    what ``dr-state.json`` says they hold; returns what moved.
+
+    An increment that meets a corrupt block puts the blocks it touched back to the last
+    restored backup (their blocks are still in the store, unless it was deleted), so that a
+    standby stopped by corruption still holds one whole backup and can be activated offline."""
+    started = time.monotonic()
+    state = load_state(vol)
+    size, block = manifest["size"], manifest["block_size"]
+    target = manifest["blocks"]
+    if size < vol.size:  # the backups it grew in were deleted: wait for a newer one
+        raise InvalidArgument(
+            f"the newest backup, {manifest['name']} ({size} bytes), is smaller than the "
+            f"standby ({vol.size} bytes); a volume never shrinks: waiting for a newer backup"
+        )
+    if state["block_size"] == block:
+        held = list(state["blocks"]) + [None] * (len(target) - len(state["blocks"]))
+    else:  # other geometry (or no record): nothing is known
+        held = [UNKNOWN] * len(target)
+    todo = [i for i, digest in enumerate(target) if held[i] != digest]
+    stats: dict[str, Any] = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
+    dirs = _replica_dirs(vol)
+    if size > vol.size:
+        _grow(vol, dirs, size)
+    if todo:
+        previous = list(held)
+        for index in todo:
+            held[index] = UNKNOWN
+        marked = {**state, "blocks": held, "block_size": block, "applying": manifest["name"]}
+        save_state(vol, marked)
+        try:
+            _write_blocks(dirs, store, [(i, target[i]) for i in todo], size, block, stats, progress)
+        except CorruptState as exc:
+            if isinstance(exc, BlockMissing) and _deleted(store, manifest):
+                raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
+            if roll_back and state["backup"]:
+                back = {
+                    **state,
+                    "volume": manifest["volume"],
+                    "name": state["backup"],
+                    "size": size,
+                    "blocks": previous,
+                }
+                # If the old blocks are damaged or gone too, the marks stay; anything else
+                # (the store went away) propagates, and the caller tries again later.
+                with contextlib.suppress(CorruptState, BackupDeleted):
+                    apply(vol, store, back, roll_back=False)
+            raise
+    save_state(
+        vol,
+        {
+            "backup": manifest["name"],
+            "created": manifest["created"],
+            "size": size,
+            "block_size": block,
+            "blocks": target,
+            "applying": None,
+        },
+    )
+    progress(100.0)
+    stats["seconds"] = round(time.monotonic() - started, 3)
+    return stats
+
+
+def _deleted(store: BackupStore, manifest: dict[str, Any]) -> bool:
+    try:
+        store.manifest(manifest["volume"], manifest["name"])
+    except NotFound:
+        return True
+    return False
+
+
+def _write_blocks(
+    dirs: list[Path],
+    store: BackupStore,
+    todo: list[tuple[int, str | None]],
+    size: int,
+    block: int,
+    stats: dict[str, Any],
+    progress: Callable[[float], None],
+) -> None:
+    """Trim the blocks that became empty, fetch and write the others, on every replica; the
+    replicas are flushed (closed) before this returns or raises."""
+    stores = [ChunkStore.open(d) for d in dirs]
+    try:
+        for index, digest in todo:
+            if digest is None:
+                for local in stores:
+                    local.trim(index * block, min(block, size - index * block))
+                stats["trimmed"] += 1
+        fetch = [(i, d) for i, d in todo if d is not None]
+        for done, (index, data) in enumerate(store.fetch(fetch), 1):
+            data = data[: size - index * block]
+            for local in stores:
+                local.write(index * block, data)
+            stats["fetched"] += 1
+            stats["bytes"] += len(data)
+            progress(100 * done / len(fetch))
+    finally:
+        for local in stores:
+            local.close()
+
+
+def _replica_dirs(vol: volumes.Volume) -> list[Path]:
+    dirs = [vol.replica_dir(r) for r in vol.replicas]
+    return [d for d in dirs if d is not None]
+
+
+def _grow(vol: volumes.Volume, dirs: list[Path], size: int) -> None:
+    """The source volume was expanded: expand the standby first (idempotent on a redo)."""
+    if size % vol.chunk_size:
+        raise CorruptState(f"the source grew to {size} bytes, not a multiple of {vol.chunk_size}")
+    for directory in dirs:
+        with ChunkStore.open(directory) as local:
+            if local.size < size:
+                local.expand(size)
+    vol.update(lambda config: config.update(size=size))
+
+
+# -- the follower's status --------------------------------------------------------------------
+
+
+class Status:
+    """``dr-status.json``: what the follower is doing, for ``dr status``. Not durable (it only
+    describes a running process); written whole each time, from any thread."""
+
+    def __init__(self, vol: volumes.Volume) -> None:
+        self.path = vol.dir / STATUS
+        self._lock = threading.Lock()
+        previous = read_status(vol)
+        self.data: dict[str, Any] = {
+            "pid": os.getpid(),
+            "state": "standby",
+            "progress": None,
+            "applying": None,
+            "newest_backup": None,
+            "last_error": previous.get("last_error"),
+            "last_error_at": previous.get("last_error_at"),
+            "last_checked": None,
+            "current_at": previous.get("current_at"),
+            "last_increment": previous.get("last_increment"),
+        }
+        self._progress_written = 0.0
+        self._final = False
+
+    def update(self, **fields: Any) -> None:
+        """Best effort: a status that cannot be written (a full disk) must not stop the
+        follower; the log still says what happens."""
+        self._write(fields, final=False)
+
+    def finish(self, **fields: Any) -> None:
+        """The last word of a follower: a download thread still retrying after it stopped
+        writes nothing over it."""
+        self._write(fields, final=True)
+
+    def _write(self, fields: dict[str, Any], final: bool) -> None:
+        with self._lock:
+            if self._final:
+                return
+            self._final = final
+            self.data.update(fields)
+            try:
+                atomic_write(self.path, json.dumps(self.data, indent=1).encode())
+            except OSError as exc:
+                log.warning("could not write %s: %s", self.path, exc)
+
+    def error(self, message: str) -> None:
+        self.update(state="retrying", last_error=message, last_error_at=_now())
+
+    def progress(self, percent: float) -> None:
+        if percent >= 100 or time.monotonic() - self._progress_written > 0.3:
+            self._progress_written = time.monotonic()
+            self.update(state="applying", progress=round(percent, 1))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# -- the follower -----------------------------------------------------------------------------
+
+
+def _stop_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(0)  # unwinds through the stores' close(): they flush
+
+
+def run(root: Path, name: str) -> int:
+    """The follower: poll, apply, repeat, until activation, a signal or corruption."""
+    vol = volumes.load(root, name)
+    config = dr_config(vol)
+    held = lock(vol, wait=5.0)  # a `dr status` may hold it for a moment
+    signal.signal(signal.SIGTERM, _stop_signal)
+    status = Status(vol)
+    interval, retry_max = config["interval"], config["retry_max"]
+    store = BackupStore(
+        Bucket(Target.parse(config["target"]), deadline=30.0, on_retry=status.error)
+    )
+    cache: dict[str, dict[str, Any]] = {}
+    failures = 0
+    status.update()
+    log.info("following %s of %s every %ss", config["volume"], config["target"], interval)
+    try:
+        while True:
+            vol = volumes.load(root, name)
+            if not vol.config.get("dr"):
+                return 0  # activated
+            wait = interval
+            try:
+                _step(vol, store, config["volume"], cache, status)
+                failures = 0
+            except BackupDeleted:
+                wait = 0  # deleted under us (its marked blocks get redone): on to the newest
+            except CorruptState as exc:
+                status.update(state="failed", last_error=str(exc), last_error_at=_now())
+                log.error("stopped: %s", exc)
+                return 1
+            except Exception as exc:  # everything else may pass: retry with capped backoff
+                failures += 1
+                message = str(exc) if isinstance(exc, LhfsError) else f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(Exception):
+                    status.error(message)
+                    log.warning("attempt %d failed: %s", failures, message)
+                wait = min(retry_max, interval * 2**failures) * random.uniform(0.5, 1.0)
+            time.sleep(wait)
+    finally:
+        with contextlib.suppress(Exception):
+            failed = status.data["state"] == "failed"
+            status.finish(**({} if failed else {"state": "stopped", "progress": None}))
+        os.close(held)
+
+
+def _step(
+    vol: volumes.Volume,
+    store: BackupStore,
+    source: str,
+    cache: dict[str, dict[str, Any]],
+    status: Status,
+) -> None:
+    newest = newest_backup(store, source, cache)
+    status.update(last_checked=_now(), newest_backup=newest and newest["name"])
+    if newest is None:
+        status.update(state="standby")
+        return
+    state = load_state(vol)
+    if newest["name"] != state["backup"] or UNKNOWN in state["blocks"]:
+        status.update(state="applying", applying=newest["name"], progress=0.0)
+        stats = apply(vol, store, newest, status.progress)
+        log.info("applied %s: %s", newest["name"], stats)
+        status.update(last_increment={"backup": newest["name"], **stats}, applying=None)
+    status.update(state="standby", progress=None, current_at=time.time())
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def create(
+    root: Path,
+    name: str,
+    url: str,
+    source: str,
+    replicas: int,
+    interval: float,
+    retry_max: float,
+) -> volumes.Volume:
+    """Create the standby (empty, sized like the newest backup) and start its follower."""
+    target = Target.parse(url)
+    check_name(name, "volume name")
+    check_name(source, "source volume name")
+    if not 0 < interval <= 86400 or not interval <= retry_max <= 86400:
+        raise InvalidArgument("need 0 < --interval <= --retry-max <= 86400 seconds")
+    if name in volumes.list_names(root):
+        raise AlreadyExists(f"volume {name} already exists")
+    newest = newest_backup(BackupStore(Bucket(target, deadline=60.0)), source, {})
+    if newest is None:
+        raise NotFound(f"{target} holds no complete backup of volume {source}")
+    size = newest["size"]
+    config = {
+        "target": str(target),
+        "volume": source,
+        "interval": interval,
+        "retry_max": retry_max,
+        "created": time.time(),
+    }
+    vol = manage.create(root, name, size, chunk_for(newest), replicas, None, {"dr": config})
+    count = len(newest["blocks"])
+    save_state(  # a new volume reads as zeros everywhere
+        vol,
+        {
+            "backup": None,
+            "created": None,
+            "size": size,
+            "block_size": newest["block_size"],
+            "blocks": [None] * count,
+            "applying": None,
+        },
+    )
+    start(root, name)
+    return vol
+
+
+def start(root: Path, name: str) -> int:
+    """Start the follower in the background (no-op when one runs); returns its pid."""
+    vol = volumes.load(root, name)
+    dr_config(vol)
+    running = follower_pid(vol)
+    if running:
+        return running
+    with open(vol.dir / LOG, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lhfs", "--root", str(root), "dr", "run", name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    wait_for(
+        lambda: read_status(vol).get("pid") == proc.pid or proc.poll() is not None,
+        30,
+        "the DR follower to start",
+    )
+    # Started means it took the lock and said so; one that then stops at once (it met a corrupt
+    # block) has started, and `dr status` tells why it stopped.
+    if read_status(vol).get("pid") != proc.pid:
+        tail = (vol.dir / LOG).read_text(errors="replace").strip().splitlines()[-1:]
+        raise LhfsError(f"the DR follower exited at once: {' '.join(tail)} (see {vol.dir / LOG})")
+    return proc.pid
+
+
+def stop_following(root: Path, name: str) -> None:
+    vol = volumes.load(root, name)
+    dr_config(vol)
+    os.close(stop(vol))
+
+
+def status(root: Path, name: str) -> dict[str, Any]:
+    vol = volumes.load(root, name)
+    config = dr_config(vol)
+    state = load_state(vol)
+    current = read_status(vol)
+    running = follower_pid(vol) is not None
+    if not running:
+        shown = "failed" if current.get("state") == "failed" else "stopped"
+    elif current.get("state") in ("retrying", "failed"):
+        shown = current["state"]
+    elif state["backup"] is None:
+        shown = "restoring"
+    else:
+        shown = current.get("state", "standby")
+    since = current.get("current_at") or config["created"]
+    return {
+        "name": name,
+        "state": shown,
+        "source_volume": config["volume"],
+        "target": config["target"],
+        "last_restored_backup": state["backup"],
+        "last_restored_created": state.get("created"),
+        "newest_backup": current.get("newest_backup"),
+        "applying": current.get("applying") if running else None,
+        "progress": current.get("progress") if running else None,
+        "lag_seconds": round(max(0.0, time.time() - since), 1),
+        "last_error": current.get("last_error"),
+        "last_error_at": current.get("last_error_at"),
+        "last_checked": current.get("last_checked"),
+        "last_increment": current.get("last_increment"),
+        "follower_pid": current.get("pid") if running else None,
+    }
+
+
+def activate(
+    root: Path, name: str, offline: bool, progress: Callable[[float], None]
+) -> dict[str, Any]:
+    """Stop following, bring the volume to the newest complete backup (or, ``offline``, keep
+    the last one fully restored) and make it a normal volume."""
+    vol = volumes.load(root, name)
+    config = dr_config(vol)
+    held = stop(vol)
+    try:
+        backup = _activate(root, vol, config, offline, progress)
+    except BaseException as exc:
+        os.close(held)
+        if isinstance(exc, LhfsError):  # still a standby: it goes on following
+            with contextlib.suppress(LhfsError):
+                start(root, name)
+            raise type(exc)(f"{exc} (still a standby, following again)") from None
+        raise
+    os.close(held)
+    return {"name": name, "backup": backup}
+
+
+def _activate(
+    root: Path,
+    vol: volumes.Volume,
+    config: dict[str, Any],
+    offline: bool,
+    progress: Callable[[float], None],
+) -> str:
+    state = load_state(vol)
+    if offline:
+        if state["backup"] is None or UNKNOWN in state["blocks"]:
+            raise InvalidArgument(
+                f"volume {vol.name} holds no fully restored backup: it cannot be activated offline"
+            )
+        backup = state["backup"]
+    else:
+        store = BackupStore(Bucket(Target.parse(config["target"]), deadline=120.0))
+        newest = newest_backup(store, config["volume"], {})
+        if newest is None:
+            raise NotFound(f"{config['target']} holds no backup of {config['volume']}")
+        apply(volumes.load(root, vol.name), store, newest, progress)
+        backup = newest["name"]
+    activated = {**config, "backup": backup, "activated": _now()}
+
+    def change(c: dict[str, Any]) -> None:
+        c.pop("dr", None)
+        c["activated_from"] = activated
+
+    vol.update(change)
+    for leftover in (STATUS, STATE):
+        with contextlib.suppress(FileNotFoundError):
+            (vol.dir / leftover).unlink()
+    return backup

@@ -1,0 +1,101 @@
+"""Backups: ``lhfs backup create/ls/rm/restore``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lhfs.cli.common import (
+    Parser,
+    print_json,
+    root_of,
+    size_arg,
+    verb,
+)
+from lhfs.core.units import format_size
+
+
+def cmd_backup_create(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+    from lhfs.cli.progress import Progress
+
+    with Progress(f"backup {args.volume}", quiet=args.quiet) as bar:
+        url, stats = backup.create(
+            root_of(args), args.volume, args.target, args.snapshot, bar.update, args.block_size
+        )
+    if not args.quiet:
+        print(
+            f"read {stats.read} of {stats.blocks} blocks, uploaded {stats.uploaded} "
+            f"({format_size(stats.uploaded_bytes)}), {stats.reused} already stored"
+        )
+    print(url)
+
+
+def cmd_backup_ls(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+
+    backups = backup.list_backups(args.target, args.volume)
+    if args.json:
+        print_json(backups)
+        return
+    for b in backups:
+        size = format_size(b["size"]) if b["size"] else "-"
+        print(f"{b['volume']:16} {b['name']:36} {b['state']:11} {size:>8} {b['url']}")
+
+
+def cmd_backup_rm(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+
+    removed = backup.remove(args.url)
+    print(f"deleted {args.url}; {removed} unreferenced block(s) collected")
+
+
+def cmd_backup_restore(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+    from lhfs.cli.progress import Progress
+
+    with Progress(f"restore {args.name}", quiet=args.quiet) as bar:
+        vol = backup.restore(root_of(args), args.url, args.name, args.replicas, bar.update)
+    print(f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})")
+
+
+def parsers(groups: Any) -> None:
+    group = groups.add_parser("backup", help="incremental backups to S3, and restores")
+    group.set_defaults(store=True)
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    verbs.required = True
+    p = verb(
+        verbs,
+        "create",
+        cmd_backup_create,
+        "back a snapshot of a volume up (blocks the store has are not sent again)",
+        "volume",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--snapshot", help="an existing snapshot (default: take a new one)")
+    p.add_argument(
+        "--block-size",
+        type=size_arg,
+        help="backup block size of a volume's first backup to this target, a power of two "
+        "4K-64M (default 2M); later backups keep it",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p = verb(verbs, "ls", cmd_backup_ls, "backups in a target, complete or in progress", json=True)
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--volume", help="only this volume's backups")
+    p = verb(verbs, "rm", cmd_backup_rm, "delete a backup and collect unreferenced blocks")
+    p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
+    p = verb(
+        verbs,
+        "restore",
+        cmd_backup_restore,
+        "restore a backup into a new volume",
+        description="Create NAME (shown as 'restoring' until done) and write the backup "
+        "straight into its replicas. 'lhfs replica add NAME' during the restore makes it go "
+        "on through the volume's engine, which rebuilds the new replica online. Every block "
+        "is checked against its checksum; a failed restore leaves no volume behind.",
+    )
+    p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
+    p.add_argument("name", help="the new volume")
+    p.add_argument("--replicas", type=int, default=3, help="replicas of the new volume")
+    p.add_argument("--quiet", action="store_true", help="no progress output")

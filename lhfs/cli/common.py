@@ -1,0 +1,61 @@
+"""What every command group shares: the parser class that turns argparse's complaints into
+a usage error, size arguments, JSON output, the state root, and how a verb is declared."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lhfs.core.errors import LhfsError, UsageError
+from lhfs.core.units import parse_size
+
+DEFAULT_ROOT = "/var/lib/lhfs"
+DEFAULT_CHUNK = "64K"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except LhfsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def root_of(args: argparse.Namespace) -> Path:
+    return Path(args.root)
+
+
+def replica_line(r: dict[str, Any]) -> str:
+    progress = "" if r.get("rebuild_progress") is None else f" rebuild {r['rebuild_progress']}%"
+    error = f"  ({r['error']})" if r.get("error") else ""
+    return f"  {r['id']:6} {r['mode']:4} {r.get('address') or 'local':22}{progress}{error}"
+
+
+def verb(
+    verbs: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], None],
+    text: str,
+    *positionals: str,
+    json: bool = False,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """One subcommand: positional arguments, an optional --json, the function it runs."""
+    p = verbs.add_parser(name, help=text, description=description or text[:1].upper() + text[1:])
+    for positional in positionals:
+        p.add_argument(positional)
+    if json:
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=func)
+    return p

@@ -1,0 +1,201 @@
+"""DR standby volumes: ``lhfs dr create/status/activate/start/stop/run``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from lhfs.cli.common import (
+    Parser,
+    print_json,
+    root_of,
+    verb,
+)
+from lhfs.core.errors import LhfsError
+from lhfs.core.units import format_size
+
+
+def cmd_dr_create(args: argparse.Namespace) -> None:
+    from lhfs.backups import dr
+
+    vol = dr.create(
+        root_of(args),
+        args.name,
+        args.target,
+        args.volume,
+        args.replicas,
+        args.interval,
+        args.retry_max,
+    )
+    print(f"created standby volume {vol.name} ({format_size(vol.size)}) following {args.volume}")
+    if args.no_wait:
+        return
+    _wait_restored(args)
+
+
+def _wait_restored(args: argparse.Namespace) -> None:
+    """Follow the first restore with a progress bar; store errors are shown, not fatal (the
+    follower keeps retrying, and keeps running in the background after Ctrl-C)."""
+
+    from lhfs.backups import dr
+    from lhfs.cli.progress import Progress
+
+    shown_error = None
+    with Progress(f"restore {args.name}", quiet=args.quiet) as bar:
+        while True:
+            status = dr.status(root_of(args), args.name)
+            if status["last_restored_backup"]:
+                bar.update(100)
+                break
+            if status["state"] in ("failed", "stopped"):
+                raise LhfsError(f"the DR follower stopped: {status['last_error'] or 'see dr.log'}")
+            if status["last_error"] and status["last_error"] != shown_error:
+                shown_error = status["last_error"]
+                print(f"store error, retrying: {shown_error}", file=sys.stderr, flush=True)
+            bar.update(status["progress"] or 0)
+            time.sleep(0.2)
+    print(f"{args.name} holds backup {status['last_restored_backup']}; following in the background")
+
+
+def cmd_dr_status(args: argparse.Namespace) -> None:
+    from lhfs.backups import dr
+
+    status = dr.status(root_of(args), args.name)
+    if args.json:
+        print_json(status)
+        return
+    print(
+        f"{status['name']}: {status['state']}, following {status['source_volume']} in "
+        f"{status['target']}"
+    )
+    print(f"  last restored backup: {status['last_restored_backup'] or '(none yet)'}")
+    if status["applying"]:
+        print(f"  applying {status['applying']}: {status['progress'] or 0:.0f}%")
+    print(f"  lag: {status['lag_seconds']:.0f}s")
+    if status["last_error"]:
+        print(f"  last error ({status['last_error_at']}): {status['last_error']}")
+    if status["state"] == "stopped":
+        print(f"  no follower runs: 'lhfs dr start {status['name']}' resumes")
+
+
+def cmd_dr_activate(args: argparse.Namespace) -> None:
+    from lhfs.backups import dr
+    from lhfs.cli.progress import Progress
+
+    with Progress(f"activate {args.name}", quiet=args.quiet) as bar:
+        result = dr.activate(root_of(args), args.name, args.offline, bar.update)
+    print(f"activated {args.name} at backup {result['backup']}: it is a normal volume now")
+
+
+def cmd_dr_start(args: argparse.Namespace) -> None:
+    from lhfs.backups import dr
+
+    pid = dr.start(root_of(args), args.name)
+    print(f"{args.name} is following its source (follower pid {pid})")
+
+
+def cmd_dr_stop(args: argparse.Namespace) -> None:
+    from lhfs.backups import dr
+
+    dr.stop_following(root_of(args), args.name)
+    print(f"{args.name} stopped following (still a standby; 'lhfs dr start' resumes)")
+
+
+def cmd_dr_run(args: argparse.Namespace) -> None:
+    from lhfs.backups import dr
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        code = dr.run(root_of(args), args.name)
+    except SystemExit as stop:  # SIGTERM: the follower has flushed and let go of its lock
+        code = stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:
+        code = 130
+    # Downloads still under way belong to an abandoned increment (its blocks stay marked
+    # unknown): exit at once instead of waiting for a slow store to answer them.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def parsers(groups: Any) -> None:
+    group = groups.add_parser(
+        "dr",
+        help="standby volumes that follow another volume's backups",
+        description="A DR (standby) volume follows a source volume's backups in a target by "
+        "incremental restore, in a background follower that survives store outages (it retries "
+        "for as long as it takes) and restarts (it resumes from the last backup it fully "
+        "restored). It cannot be attached until it is activated. The follower uses the "
+        "AWS_* variables of the command that started it.",
+    )
+    group.set_defaults(store=True)
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    verbs.required = True
+    p = verb(
+        verbs,
+        "create",
+        cmd_dr_create,
+        "create a standby volume following a source volume's backups",
+        "name",
+        description="Create the standby volume NAME, restore the newest complete backup of "
+        "--volume from --target into it and keep applying newer ones in the background. "
+        "Returns once the first backup is restored (--no-wait: at once).",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX of the backups")
+    p.add_argument("--volume", required=True, help="the source volume's name in the target")
+    p.add_argument("--replicas", type=int, default=3, help="replicas of the standby (default 3)")
+    p.add_argument(
+        "--interval", type=float, default=30.0, help="seconds between polls (default 30)"
+    )
+    p.add_argument(
+        "--retry-max",
+        type=float,
+        default=300.0,
+        help="longest wait between retries while the store fails (default 300 s)",
+    )
+    p.add_argument("--no-wait", action="store_true", help="return before the first restore")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    verb(
+        verbs,
+        "status",
+        cmd_dr_status,
+        "last restored backup, lag, last error",
+        "name",
+        json=True,
+        description="The standby's state (restoring, standby, applying, retrying, failed, "
+        "stopped), the last fully restored backup, the lag (seconds since it was last known "
+        "to hold the newest backup) and the last store error.",
+    )
+    p = verb(
+        verbs,
+        "activate",
+        cmd_dr_activate,
+        "apply the newest backup and make the standby a normal volume",
+        "name",
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="the store is gone: keep the last fully restored backup instead",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    verb(
+        verbs,
+        "start",
+        cmd_dr_start,
+        "start the background follower again (after a reboot or a stop)",
+        "name",
+    )
+    verb(verbs, "stop", cmd_dr_stop, "stop the follower; the volume stays a standby", "name")
+    verb(
+        verbs,
+        "run",
+        cmd_dr_run,
+        "run the follower in the foreground (for a service manager)",
+        "name",
+    )

@@ -1,0 +1,28 @@
+"""``lhfs engine-run``: the background process of an attached volume (internal)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lhfs.cli.common import (
+    root_of,
+)
+
+
+def cmd_engine_run(args: argparse.Namespace) -> None:
+    from lhfs.engine.daemon import run
+
+    code = run(root_of(args), args.name, Path(args.device))
+    if code:
+        raise SystemExit(code)
+
+
+def parsers(groups: Any) -> None:
+    p = groups.add_parser(
+        "engine-run", help="(internal) an attached volume's engine: 'volume attach' starts it"
+    )
+    p.add_argument("name")
+    p.add_argument("device")
+    p.set_defaults(func=cmd_engine_run)

@@ -1,0 +1,55 @@
+"""Backing images: ``lhfs backing-image create/ls/backup``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lhfs.cli.common import (
+    Parser,
+    print_json,
+    root_of,
+    verb,
+)
+from lhfs.core.units import format_size
+
+
+def cmd_image_create(args: argparse.Namespace) -> None:
+    from lhfs.volumes import images
+
+    info = images.create(root_of(args), args.name, Path(args.source))
+    print(f"created backing image {info['name']}: {format_size(info['size'])}, id {info['id']}")
+
+
+def cmd_image_ls(args: argparse.Namespace) -> None:
+    from lhfs.volumes import images
+
+    found = images.list_images(root_of(args))
+    if args.json:
+        print_json(found)
+        return
+    for info in found:
+        print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}")
+
+
+def cmd_image_backup(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+    from lhfs.cli.progress import Progress
+
+    with Progress(f"backup {args.name}", quiet=args.quiet) as bar:
+        url = backup.backup_image(root_of(args), args.name, args.target, bar.update)
+    print(url)
+
+
+def parsers(groups: Any) -> None:
+    group = groups.add_parser("backing-image", help="shared read-only images under volumes")
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    verbs.required = True
+    p = verb(verbs, "create", cmd_image_create, "import a raw image (known by its content)", "name")
+    p.add_argument("--from", dest="source", required=True, help="the raw image file")
+    verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids", json=True)
+    p = verb(verbs, "backup", cmd_image_backup, "store a backing image in a backup target", "name")
+    p.set_defaults(store=True)
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--quiet", action="store_true", help="no progress output")

@@ -1,0 +1,45 @@
+"""``lhfs mount`` and ``lhfs umount``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lhfs.cli.common import (
+    root_of,
+    verb,
+)
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    from lhfs.volumes.mount import mount
+
+    result = mount(root_of(args), args.name, Path(args.mountpoint), args.fs)
+    how = "formatted and mounted" if result["formatted"] else "mounted"
+    print(f"{how} {result['name']} at {result['mountpoint']} ({result['loop']})")
+
+
+def cmd_umount(args: argparse.Namespace) -> None:
+    from lhfs.volumes.mount import umount
+
+    result = umount(root_of(args), Path(args.mountpoint))
+    print(f"unmounted {result['mountpoint']} and detached {result['name']}")
+
+
+def mount_parsers(groups: Any) -> None:
+    p = groups.add_parser(
+        "mount",
+        help="attach, format if never formatted, and mount a volume",
+        description="Attach the volume if needed, put a loop device on it, create a "
+        "filesystem only if the volume was never formatted (a durable record decides, "
+        "checked against the device's real content), and mount it.",
+    )
+    p.add_argument("name")
+    p.add_argument("mountpoint")
+    p.add_argument("--fs", default="ext4", help="filesystem for a new volume (default ext4)")
+    p.set_defaults(func=cmd_mount)
+
+
+def umount_parsers(groups: Any) -> None:
+    verb(groups, "umount", cmd_umount, "unmount, free the loop device, detach", "mountpoint")

@@ -1,0 +1,196 @@
+"""Replica processes and directories: ``lhfs replica init/serve/inspect/add/rm/ls``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from lhfs.cli.common import (
+    DEFAULT_CHUNK,
+    Parser,
+    print_json,
+    replica_line,
+    root_of,
+    size_arg,
+    verb,
+)
+from lhfs.core.errors import LhfsError
+from lhfs.core.units import format_size, parse_size
+
+
+def cmd_replica_init(args: argparse.Namespace) -> None:
+    from lhfs.store.chunkstore import ChunkStore
+
+    store = ChunkStore.create(Path(args.dir), args.size, args.chunk_size, args.backing_image)
+    with store:
+        info = store.info()
+    if args.json:
+        print_json(info)
+    else:
+        print(
+            f"initialised {args.dir}: {format_size(info['size'])}, "
+            f"chunks of {format_size(info['chunk_size'])}"
+        )
+
+
+def cmd_replica_serve(args: argparse.Namespace) -> None:
+    import trio
+
+    from lhfs.replica.server import run
+    from lhfs.wire.client import parse_address
+
+    host, port = parse_address(args.listen)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    def ready(bound: tuple[str, int]) -> None:
+        print(f"serving {args.dir} on {bound[0]}:{bound[1]}", flush=True)
+
+    trio.run(run, Path(args.dir), host, port, ready, args.local)
+
+
+def cmd_replica_inspect(args: argparse.Namespace) -> None:
+    from lhfs.store.chunkstore import ChunkStore
+
+    with ChunkStore.open(Path(args.dir)) as store:
+        info = store.info()
+        info["layers"] = store.list_layers()
+    if args.json:
+        print_json(info)
+        return
+    print(
+        f"size {format_size(info['size'])}, chunks of {format_size(info['chunk_size'])}, "
+        f"revision {info['revision']}"
+    )
+    if info["backing_image"]:
+        print(f"backing image {info['backing_image']['id']} ({info['backing_image']['file']})")
+    for layer in info["layers"]:
+        name = layer["name"] or "(head)"
+        mark = "" if layer["active"] else "  [off chain]"
+        print(f"  {name:24} {layer['created']}  {format_size(layer['size']):>8}{mark}")
+
+
+def cmd_replica_ls(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    replicas = manage.info(root_of(args), args.volume)["replicas"]
+    if args.json:
+        print_json(replicas)
+        return
+    for replica in replicas:
+        print(replica_line(replica))
+
+
+def cmd_replica_add(args: argparse.Namespace) -> None:
+
+    from lhfs.cli.progress import Progress
+    from lhfs.volumes import manage
+
+    added = manage.replica_add(root_of(args), args.volume, args.address)
+    print(f"added replica {added['id']} at {added['address']}; rebuilding")
+    if args.no_wait:
+        return
+    with Progress(f"rebuild {added['id']}", quiet=args.quiet) as bar:
+        while True:
+            state = manage.replica_state(root_of(args), args.volume, added["id"])
+            if state["mode"] == "RW":
+                bar.update(100)
+                break
+            if state["mode"] == "ERR" and state.get("rebuild_progress") is None:
+                raise LhfsError(f"replica {added['id']}: {state.get('error') or 'rebuild failed'}")
+            bar.update(state.get("rebuild_progress") or 0)
+            time.sleep(0.2)
+    stats = state.get("rebuild_stats") or {}
+    relayed = stats.get("bytes_relayed", 0)
+    print(
+        f"replica {added['id']} is RW: copied {stats.get('chunks_copied', 0)} of "
+        f"{stats.get('chunks_compared', 0)} chunks ({format_size(stats.get('bytes_copied', 0))}) "
+        f"in {stats.get('seconds', 0):.1f}s"
+        + (
+            f"; {format_size(relayed)} passed through the engine, the new replica could not "
+            "reach its source directly"
+            if relayed
+            else ""
+        )
+    )
+
+
+def cmd_replica_rm(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    manage.replica_remove(root_of(args), args.volume, args.id)
+    print(f"removed replica {args.id} from {args.volume}")
+
+
+def parsers(groups: Any) -> None:
+    replica = groups.add_parser("replica", help="replica processes and directories")
+    verbs = replica.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    verbs.required = True
+
+    p = verbs.add_parser(
+        "init",
+        help="initialise an empty replica directory",
+        description="Create the files of a new, empty volume copy in DIR.",
+    )
+    p.add_argument("--dir", required=True, help="replica directory (created if missing)")
+    p.add_argument("--size", required=True, type=size_arg, help="volume size, e.g. 10G")
+    p.add_argument(
+        "--chunk-size",
+        type=size_arg,
+        default=parse_size(DEFAULT_CHUNK),
+        help=f"copy-on-write and rebuild unit, a power of two (default {DEFAULT_CHUNK})",
+    )
+    p.add_argument("--backing-image", type=Path, help="raw image copied in as the chain's bottom")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_replica_init)
+
+    p = verbs.add_parser(
+        "serve",
+        help="run one replica process in the foreground",
+        description="Serve the replica in DIR over TCP until SIGTERM. An empty DIR is served "
+        "uninitialised, for an engine to initialise and rebuild. Prints 'serving DIR on "
+        "HOST:PORT' once it accepts connections (port 0 picks a free port).",
+    )
+    p.add_argument("--dir", required=True, help="replica directory")
+    p.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    p.add_argument(
+        "--local",
+        metavar="NAME",
+        help="also listen on the abstract Unix socket NAME (what an engine on this host uses "
+        "for the replicas it starts: cheaper than TCP)",
+    )
+    p.set_defaults(func=cmd_replica_serve)
+
+    p = verbs.add_parser(
+        "inspect",
+        help="show a stopped replica directory's chain",
+        description="Open a replica directory that no process serves and list its layers.",
+    )
+    p.add_argument("--dir", required=True, help="replica directory")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_replica_inspect)
+
+    p = verbs.add_parser(
+        "add",
+        help="add a replica and rebuild it online",
+        description="Add a new local replica, or the 'lhfs replica serve' at --address, to an "
+        "attached volume. It receives new writes at once and is filled by copying only the "
+        "chunks whose checksums differ; returns when it is RW.",
+    )
+    p.add_argument("volume")
+    p.add_argument("--address", help="HOST:PORT of a replica served elsewhere")
+    p.add_argument("--no-wait", action="store_true", help="return once the rebuild started")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_replica_add)
+
+    verb(verbs, "rm", cmd_replica_rm, "remove a replica from a volume", "volume", "id")
+    verb(
+        verbs,
+        "ls",
+        cmd_replica_ls,
+        "a volume's replicas, their mode and rebuild progress",
+        "volume",
+        json=True,
+    )

@@ -1,0 +1,79 @@
+"""Snapshots: ``lhfs snapshot create/ls/rm/revert``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lhfs.cli.common import (
+    Parser,
+    print_json,
+    root_of,
+    verb,
+)
+from lhfs.core.units import format_size
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    snap = manage.snapshot_create(root_of(args), args.volume, args.name)
+    print_json(snap) if args.json else print(f"created snapshot {snap['name']}")
+
+
+def cmd_snapshot_ls(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    snaps = manage.snapshot_list(root_of(args), args.volume)
+    if args.json:
+        print_json(snaps)
+        return
+    for snap in snaps:
+        mark = "" if snap.get("active", True) else "  (not in the volume's chain)"
+        print(f"{snap['name']:32} {snap['created']}  {format_size(snap['size']):>8}{mark}")
+
+
+def cmd_snapshot_rm(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    manage.snapshot_remove(root_of(args), args.volume, args.name)
+    print(f"removed snapshot {args.name}")
+
+
+def cmd_snapshot_revert(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    manage.snapshot_revert(root_of(args), args.volume, args.name)
+    print(f"reverted {args.volume} to {args.name}")
+
+
+def parsers(groups: Any) -> None:
+    group = groups.add_parser("snapshot", help="create, list, remove and revert snapshots")
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    verbs.required = True
+    p = verb(
+        verbs,
+        "create",
+        cmd_snapshot_create,
+        "crash-consistent snapshot on every replica",
+        "volume",
+        json=True,
+    )
+    p.add_argument("name", nargs="?", help="snapshot name (default: snap-DATE-TIME)")
+    verb(verbs, "ls", cmd_snapshot_ls, "the chain, oldest first", "volume", json=True)
+    verb(
+        verbs,
+        "rm",
+        cmd_snapshot_rm,
+        "remove a snapshot; its data merges into its child",
+        "volume",
+        "name",
+    )
+    verb(
+        verbs,
+        "revert",
+        cmd_snapshot_revert,
+        "(detached) make the head a fresh layer on a snapshot",
+        "volume",
+        "name",
+    )

@@ -1,0 +1,170 @@
+"""Volumes: ``lhfs volume create/attach/detach/ls/info/expand/scrub/checksum/rm``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lhfs.cli.common import (
+    DEFAULT_CHUNK,
+    Parser,
+    print_json,
+    replica_line,
+    root_of,
+    size_arg,
+    verb,
+)
+from lhfs.core.units import format_size, parse_size
+
+
+def cmd_volume_create(args: argparse.Namespace) -> None:
+    from lhfs.volumes import images, manage
+
+    image = images.resolve(root_of(args), args.backing_image) if args.backing_image else None
+    vol = manage.create(root_of(args), args.name, args.size, args.chunk_size, args.replicas, image)
+    print(f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas")
+
+
+def cmd_volume_attach(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    result = manage.attach(root_of(args), args.name, Path(args.device))
+    print(f"attached {result['name']} at {result['device']}")
+
+
+def cmd_volume_detach(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    manage.detach(root_of(args), args.name)
+    print(f"detached {args.name}")
+
+
+def _print_volume(info: dict[str, Any]) -> None:
+    print(
+        f"{info['name']}: {info['state']}, {format_size(info['size'])}"
+        + (f", device {info['device']}" if info.get("device") else "")
+    )
+    restoring = info.get("restoring")
+    if restoring and restoring["interrupted"]:
+        print(f"  restore of {restoring['backup']} interrupted: 'lhfs volume rm {info['name']}'")
+    for replica in info["replicas"]:
+        print(replica_line(replica))
+    if info.get("snapshots"):
+        print("  snapshots: " + ", ".join(s["name"] for s in info["snapshots"]))
+
+
+def cmd_volume_ls(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    volumes = manage.list_volumes(root_of(args))
+    if args.json:
+        print_json(volumes)
+        return
+    if not volumes:
+        print("no volumes")
+    for info in volumes:
+        _print_volume(info)
+
+
+def cmd_volume_info(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    info = manage.info(root_of(args), args.name)
+    print_json(info) if args.json else _print_volume(info)
+
+
+def cmd_volume_expand(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    manage.expand(root_of(args), args.name, args.size)
+    print(f"expanded {args.name} to {format_size(args.size)}")
+
+
+def cmd_volume_checksum(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    print(f"{args.name} {manage.checksum(root_of(args), args.name)}")
+
+
+def cmd_volume_rm(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    manage.remove(root_of(args), args.name)
+    print(f"removed volume {args.name}")
+
+
+def cmd_volume_scrub(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    report = manage.scrub(root_of(args), args.name)
+    if args.json:
+        print_json(report)
+        return
+    if not report["damaged"]:
+        print(
+            f"{args.name}: {len(report['layers'])} snapshot(s) on "
+            f"{len(report['replicas'])} replicas verified, no corruption"
+        )
+    for replica, problems in report["damaged"].items():
+        print(f"{replica}: corrupt ({'; '.join(problems[:3])}); marked ERR, rebuilding")
+
+
+def parsers(groups: Any) -> None:
+    group = groups.add_parser("volume", help="create, attach and inspect volumes")
+    verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    verbs.required = True
+
+    p = verbs.add_parser("create", help="create a volume and its local replicas")
+    p.add_argument("name")
+    p.add_argument("--size", required=True, type=size_arg, help="volume size, e.g. 10G")
+    p.add_argument("--replicas", type=int, default=3, help="number of replicas (default 3)")
+    p.add_argument(
+        "--backing-image", help="a backing image (name from 'backing-image ls', or a raw file)"
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=size_arg,
+        default=parse_size(DEFAULT_CHUNK),
+        help=f"copy-on-write and rebuild unit, a power of two 4K-4M (default {DEFAULT_CHUNK})",
+    )
+    p.set_defaults(func=cmd_volume_create)
+
+    p = verbs.add_parser(
+        "attach",
+        help="start the replicas and engine, expose the volume as a file",
+        description="Start the volume's replica processes and its engine in the background "
+        "and expose the volume as the regular file DEVICE (created if missing). Returns once "
+        "DEVICE serves I/O.",
+    )
+    p.add_argument("name")
+    p.add_argument("--device", required=True, help="path of the file that becomes the volume")
+    p.set_defaults(func=cmd_volume_attach)
+
+    verb(
+        verbs,
+        "detach",
+        cmd_volume_detach,
+        "flush, unmount the device, stop engine and replicas",
+        "name",
+    )
+    verb(verbs, "ls", cmd_volume_ls, "all volumes and their state", json=True)
+    verb(
+        verbs, "info", cmd_volume_info, "one volume: state, replicas, snapshots", "name", json=True
+    )
+    p = verb(verbs, "expand", cmd_volume_expand, "grow a volume (attached or not)", "name")
+    p.add_argument("--size", required=True, type=size_arg, help="the new size")
+
+    verb(
+        verbs,
+        "scrub",
+        cmd_volume_scrub,
+        "verify the replicas' snapshots and repair corrupt replicas",
+        "name",
+        json=True,
+        description="Check every snapshot of every healthy replica against its recorded "
+        "checksums and against the other replicas; a corrupt replica is taken out of I/O "
+        "and rebuilt.",
+    )
+    verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
+    verb(verbs, "rm", cmd_volume_rm, "delete a detached volume and its replicas", "name")

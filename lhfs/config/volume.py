@@ -1,0 +1,210 @@
+"""Volumes under a root directory: their durable configuration and where their files live.
+
+``<root>/volumes/<name>/config.json`` holds what must survive everything: size, chunk size,
+the replicas (local directories or remote addresses) with the mode the engine last recorded for
+each, and the filesystem record that decides whether ``lhfs mount`` may ever format. It is only
+ever replaced atomically. Runtime files (the engine's control socket, its pid, logs) sit next to
+it and mean nothing after a reboot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lhfs.core.durable import atomic_write_json
+from lhfs.core.errors import AlreadyExists, Busy, CorruptState, InvalidArgument, NotFound
+from lhfs.core.names import check_name
+from lhfs.store.chunkstore import check_geometry
+
+FORMAT = 1
+
+
+def volumes_dir(root: Path) -> Path:
+    return Path(root) / "volumes"
+
+
+@dataclass
+class Volume:
+    """A volume's directory and configuration; ``save`` makes changes durable."""
+
+    root: Path
+    name: str
+    config: dict[str, Any]
+
+    @property
+    def dir(self) -> Path:
+        return volumes_dir(self.root) / self.name
+
+    @property
+    def control_socket(self) -> Path:
+        return self.dir / "engine.sock"
+
+    @property
+    def runtime_path(self) -> Path:
+        return self.dir / "engine.json"
+
+    @property
+    def size(self) -> int:
+        return self.config["size"]
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config["chunk_size"]
+
+    @property
+    def replicas(self) -> list[dict[str, Any]]:
+        return self.config["replicas"]
+
+    def replica(self, replica_id: str) -> dict[str, Any]:
+        for replica in self.replicas:
+            if replica["id"] == replica_id:
+                return replica
+        raise NotFound(f"volume {self.name} has no replica {replica_id!r}")
+
+    def replica_dir(self, replica: dict[str, Any]) -> Path | None:
+        """The directory of a local replica (None for a remote one)."""
+        return self.dir / "replicas" / replica["id"] if replica.get("local") else None
+
+    def save(self) -> None:
+        self.save_to(self.dir)
+
+    def update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Reload, change and save the configuration under a lock: the engine and the command
+        line both change it, and neither may write back a stale copy over the other's change."""
+        with open(self.dir / "config.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.config = json.loads((self.dir / "config.json").read_text())
+            change(self.config)
+            self.save()
+
+    @property
+    def filesystem(self) -> dict[str, Any] | None:
+        """The durable record of the filesystem ``lhfs mount`` created (or adopted), if any.
+        A file of its own, written only by ``lhfs mount``."""
+        try:
+            return json.loads((self.dir / "filesystem.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def record_filesystem(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.dir / "filesystem.json", record)
+
+    def save_to(self, directory: Path) -> None:
+        atomic_write_json(directory / "config.json", self.config)
+
+    def require_not_standby(self, action: str) -> None:
+        """A DR standby is written only by its follower until it is activated."""
+        if self.config.get("dr"):
+            raise Busy(
+                f"volume {self.name} is a DR standby: {action} is refused until "
+                f"'lhfs dr activate {self.name}'"
+            )
+
+    def require_complete(self, action: str) -> None:
+        """A volume being restored holds part of a backup: nothing may take it for data."""
+        if self.config.get("restoring"):
+            raise Busy(
+                f"volume {self.name} holds an unfinished restore of "
+                f"{self.config['restoring']['backup']}: {action} is refused"
+            )
+
+    def runtime(self) -> dict[str, Any] | None:
+        """What the running engine published (pid, device), or None when none runs."""
+        try:
+            info = json.loads(self.runtime_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if not alive(info.get("pid", -1)):
+            return None
+        return info
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def create(
+    root: Path,
+    name: str,
+    size: int,
+    chunk_size: int,
+    replicas: int,
+    backing_image: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[Volume, Path]:
+    """Record a new volume in a temporary directory; the caller initialises the replicas there
+    and publishes it with ``finish_create``."""
+    check_name(name, "volume name")
+    if chunk_size < 4096 or chunk_size > 4 << 20 or chunk_size & (chunk_size - 1):
+        raise InvalidArgument("the chunk size must be a power of two from 4K to 4M")
+    check_geometry(size, chunk_size)
+    if not 1 <= replicas <= 16:
+        raise InvalidArgument("a volume has 1 to 16 replicas")
+    base = volumes_dir(root)
+    base.mkdir(parents=True, exist_ok=True)
+    directory = base / name
+    if directory.exists():
+        raise AlreadyExists(f"volume {name} already exists")
+    tmp = base / f".{name}.creating"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "replicas").mkdir(parents=True)
+    config = {
+        "format": FORMAT,
+        "name": name,
+        "size": size,
+        "chunk_size": chunk_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backing_image": backing_image,
+        "replicas": [
+            {"id": f"r{i + 1}", "local": True, "address": None, "mode": "RW", "error": None}
+            for i in range(replicas)
+        ],
+        "next_replica": replicas + 1,
+        **(extra or {}),
+    }
+    atomic_write_json(tmp / "config.json", config)
+    return Volume(Path(root), name, config), tmp
+
+
+def finish_create(volume: Volume, tmp: Path) -> None:
+    """Publish a volume whose replicas were initialised in ``tmp`` (a rename: all or nothing)."""
+    os.rename(tmp, volume.dir)
+
+
+def load(root: Path, name: str) -> Volume:
+    check_name(name, "volume name")
+    path = volumes_dir(root) / name / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"no volume named {name!r} (under {root})") from None
+    except ValueError as exc:
+        raise CorruptState(f"{path} is damaged: {exc}") from None
+    return Volume(Path(root), name, config)
+
+
+def list_names(root: Path) -> list[str]:
+    base = volumes_dir(root)
+    if not base.exists():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / "config.json").exists())

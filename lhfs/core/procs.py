@@ -1,0 +1,72 @@
+"""Start lhfs processes and wait for them without sleeping blindly.
+
+Used by the engine (its local replicas), volume management, the tests and the benchmarks:
+every wait has a condition and a deadline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+LHFS = str(Path(sys.executable).with_name("lhfs"))
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies, so a killed engine leaves no
+    replica holding its directory. Must be used from the parent's main thread."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 30.0, what: str = "condition"
+) -> object:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def read_line_matching(proc: subprocess.Popen, pattern: str, timeout: float = 30.0) -> re.Match:
+    """Read ``proc``'s stdout until a line matches ``pattern``; fail if it exits or times out.
+
+    Reads the pipe's descriptor directly: a buffered reader could hold the awaited line while
+    the descriptor shows nothing more to read."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    pending = b""
+    while True:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            match = regex.search(line.decode(errors="replace"))
+            if match:
+                return match
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no line matching {pattern!r} within {timeout}s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                status = proc.wait()
+                raise RuntimeError(f"process exited ({status}) before printing {pattern!r}")
+            pending += data

@@ -1,0 +1,29 @@
+"""Parsing and printing sizes with binary suffixes (``512K``, ``64M``, ``10G``, ``1T``)."""
+
+from __future__ import annotations
+
+import re
+
+from lhfs.core.errors import InvalidArgument
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Return the byte count of ``text``; suffixes are powers of 1024, a bare number is bytes."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise InvalidArgument(f"not a size: {text!r} (use a number with K, M, G or T, e.g. 64M)")
+    return int(match.group(1)) * _SUFFIX[match.group(2).upper()]
+
+
+def format_size(n: int) -> str:
+    """Print ``n`` bytes with the largest suffix that keeps it exact, else one decimal."""
+    for suffix in ("P", "T", "G", "M", "K"):
+        unit = _SUFFIX[suffix]
+        if n >= unit:
+            if n % unit == 0:
+                return f"{n // unit}{suffix}"
+            return f"{n / unit:.1f}{suffix}"
+    return f"{n}B"

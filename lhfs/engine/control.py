@@ -1,0 +1,110 @@
+"""The local control endpoint of a running engine: a Unix socket under the volume's directory.
+
+One request per connection: a JSON line ``{"op": ..., "args": {...}}`` answered by a JSON line
+``{"ok": true, "result": ...}`` or ``{"ok": false, "kind": ..., "message": ...}``. Each request
+runs as its own task in the engine, so several CLI commands at once are safe; the engine itself
+serialises what must not overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lhfs.core.errors import LhfsError, NotFound, from_wire
+
+if TYPE_CHECKING:
+    import trio
+
+log = logging.getLogger("lhfs.control")
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+_MAX_REQUEST = 1 << 20
+
+
+class NotAttached(NotFound):
+    """No engine runs for the volume."""
+
+
+async def serve(path: Path, handler: Handler, *, task_status: Any = None) -> None:
+    """Accept control requests on ``path`` until cancelled (start it with ``nursery.start``)."""
+    import trio  # here, not at the top: commands that only call an engine start faster
+
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+    if task_status is not None:
+        task_status.started()
+    try:
+        await trio.serve_listeners(lambda stream: _one(stream, handler), [listener])
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _one(stream: trio.SocketStream, handler: Handler) -> None:
+    import trio
+
+    try:
+        data = b""
+        while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            request = json.loads(data)
+            op, args = str(request["op"]), dict(request.get("args") or {})
+        except (ValueError, KeyError, TypeError):
+            answer: dict[str, Any] = {
+                "ok": False,
+                "kind": "ProtocolError",
+                "message": "bad request",
+            }
+        else:
+            try:
+                answer = {"ok": True, "result": await handler(op, args)}
+            except LhfsError as exc:
+                answer = {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
+            except Exception as exc:  # report, never let one request stop the engine
+                log.exception("control request %s failed", op)
+                answer = {"ok": False, "kind": "LhfsError", "message": f"internal error: {exc}"}
+        await stream.send_all(json.dumps(answer).encode() + b"\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def call(path: Path, op: str, timeout: float | None = 600.0, **args: Any) -> Any:
+    """Ask the engine listening on ``path``; ``NotAttached`` when none listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotAttached("the volume is not attached") from None
+        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        data = b""
+        try:
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise LhfsError(f"the engine did not answer {op!r} within {timeout}s") from None
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise LhfsError(f"the engine closed the connection during {op!r}") from None
+    if not answer.get("ok"):
+        raise from_wire(answer.get("kind", "LhfsError"), answer.get("message", "failed"))
+    return answer.get("result")

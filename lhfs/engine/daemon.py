@@ -1,0 +1,345 @@
+"""The background process of an attached volume: replicas, engine, FUSE device, control socket.
+
+``lhfs volume attach`` starts it (``lhfs engine-run``, not for direct use) in a session of its
+own and waits for its first line on stdout: ``ready`` once the device serves I/O, or
+``error: <message>``. Local replicas are child processes that get SIGTERM if this process dies,
+so a killed engine never leaves a replica directory locked. One ``trio.run`` owns the engine, the
+control socket and the FUSE loop; SIGTERM or a ``detach`` request ends the FUSE loop, then
+the engine flushes, the device is unmounted and the replicas stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lhfs.config import volume as volumes
+from lhfs.core.durable import atomic_write_json
+from lhfs.core.errors import AlreadyExists, InvalidArgument, LhfsError, NotFound
+from lhfs.engine import control
+from lhfs.engine.engine import ERR, RW, Engine, ReplicaLink
+from lhfs.engine.frontend import VolumeFile
+from lhfs.engine.fusedev import FuseChannel
+from lhfs.engine.rebuild import rebuild
+from lhfs.engine.scrub import scrub
+from lhfs.replica.process import ReplicaProcess
+from lhfs.wire.client import parse_address
+
+log = logging.getLogger("lhfs.daemon")
+
+
+class Daemon:
+    def __init__(self, vol: volumes.Volume, device: Path) -> None:
+        self.vol = vol
+        self.device = device
+        self.processes: dict[str, ReplicaProcess] = {}
+        self.engine: Engine | None = None
+        self.nursery: trio.Nursery | None = None
+        self._rebuilds: dict[str, trio.CancelScope] = {}
+        self._stopping = False
+        self.channel = FuseChannel(device)
+
+    # -- replicas -----------------------------------------------------------------------------
+
+    def start_local_replicas(self) -> None:
+        """Start one ``replica serve`` per local replica (from the main thread: see procs)."""
+        for replica in self.vol.replicas:
+            directory = self.vol.replica_dir(replica)
+            if directory is None:
+                continue
+            replica["address"] = None
+            try:
+                proc = ReplicaProcess(
+                    directory,
+                    log=self.vol.dir / f"{replica['id']}.log",
+                    tied_to_parent=True,
+                    local=_local_name(replica["id"]),
+                )
+            except (RuntimeError, TimeoutError) as exc:
+                log.error("replica %s did not start: %s", replica["id"], exc)
+                continue
+            self.processes[replica["id"]] = proc
+            replica["address"] = proc.address
+
+    def stop_local_replicas(self) -> None:
+        for proc in self.processes.values():
+            proc.stop()
+
+    def _record_mode(self, link: ReplicaLink) -> None:
+        replica = self.vol.replica(link.id)
+        if (replica.get("mode"), replica.get("error")) == (link.mode, link.error):
+            return
+
+        def change(config: dict[str, Any]) -> None:
+            for entry in config["replicas"]:
+                if entry["id"] == link.id:
+                    entry["mode"], entry["error"] = link.mode, link.error
+
+        self.vol.update(change)
+
+    # -- control requests ---------------------------------------------------------------------
+
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        engine = self.engine
+        assert engine is not None
+        if op == "info":
+            info = engine.info()
+            info["device"] = str(self.device)
+            info["pid"] = os.getpid()
+            for replica in info["replicas"]:
+                proc = self.processes.get(replica["id"])
+                replica["pid"] = proc.proc.pid if proc else None
+            try:
+                info["snapshots"] = await engine.call_one("list_layers")
+            except LhfsError:
+                info["snapshots"] = []
+            return info
+        if op == "flush":
+            await engine.flush()
+            return None
+        if op == "snapshot":
+            return await engine.snapshot(str(args["name"]))
+        if op == "snapshot_rm":
+            await engine.remove_snapshot(str(args["name"]))
+            return None
+        if op == "expand":
+            await engine.expand(int(args["size"]))
+            self.vol.update(lambda config: config.update(size=engine.size))
+            self.channel.invalidate_attributes()
+            return None
+        if op in ("checksum", "list_layers"):
+            return await engine.call_one(op)
+        if op == "blank":
+            return await engine.call_one("is_blank")
+        if op == "replica_add":
+            return await self.add_replica(args.get("address"))
+        if op == "replica_rm":
+            await self.remove_replica(str(args["id"]))
+            return None
+        if op == "scrub":
+            return await scrub(engine, self.start_rebuild)
+        if op == "replica_checksums":
+            out = {}
+            for link in engine.replicas:
+                if link.mode == RW:
+                    out[link.id] = await link.client.call("checksum")
+            return out
+        if op == "detach":
+            await engine.flush()
+            self.stop()
+            return None
+        raise InvalidArgument(f"unknown control operation {op!r}")
+
+    # -- replica set changes ------------------------------------------------------------------
+
+    def start_rebuild(self, link: ReplicaLink) -> None:
+        """Rebuild ``link`` in the background; whatever happens, the engine keeps running."""
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                self._rebuilds[link.id] = scope
+                try:
+                    await rebuild(self.engine, link)
+                except LhfsError as exc:
+                    log.warning("rebuild of %s failed: %s", link.id, exc)
+                except Exception:
+                    log.exception("rebuild of %s failed", link.id)
+                    if link.mode != ERR:
+                        self.engine.fail(link, "rebuild failed (internal error, see engine.log)")
+                finally:
+                    self._rebuilds.pop(link.id, None)
+                    if link.mode != RW:
+                        link.rebuild_progress = None
+
+        self.nursery.start_soon(run)
+
+    async def add_replica(self, address: str | None) -> dict[str, Any]:
+        """A new local replica, or the ``replica serve`` at ``address``; rebuilt online."""
+        engine = self.engine
+        if address is not None:
+            parse_address(address)
+            if any(r.address == address for r in engine.replicas):
+                raise AlreadyExists(f"{address} already serves a replica of this volume")
+        holder: dict[str, str] = {}
+
+        def allocate(config: dict[str, Any]) -> None:
+            replica_id = f"r{config['next_replica']}"
+            config["next_replica"] += 1
+            config["replicas"].append(
+                {
+                    "id": replica_id,
+                    "local": address is None,
+                    "address": address,
+                    "mode": ERR,
+                    "error": "being added",
+                }
+            )
+            holder["id"] = replica_id
+
+        self.vol.update(allocate)
+        replica_id = holder["id"]
+        try:
+            if address is None:
+                directory = self.vol.dir / "replicas" / replica_id
+                directory.mkdir(parents=True)
+                proc = ReplicaProcess(
+                    directory,
+                    log=self.vol.dir / f"{replica_id}.log",
+                    tied_to_parent=True,
+                    wait=False,
+                    local=_local_name(replica_id),
+                )
+                self.processes[replica_id] = proc
+                try:
+                    address = await trio.to_thread.run_sync(proc.wait_ready)
+                except (RuntimeError, TimeoutError) as exc:
+                    raise LhfsError(f"the new replica process did not start: {exc}") from None
+                engine.local_names[address] = proc.local
+            link = ReplicaLink(replica_id, address, mode=ERR, error="rebuild: preparing")
+            link.client = await self.engine.connect(address)
+        except BaseException as exc:
+            await self._forget(replica_id)
+            if isinstance(exc, LhfsError):
+                raise LhfsError(f"cannot add replica: {exc}") from None
+            raise
+        self.vol.update(lambda c: _set_replica(c, replica_id, address=address))
+        engine.replicas.append(link)
+        link.rebuild_progress = 0.0
+        self.start_rebuild(link)
+        return {"id": replica_id, "address": address}
+
+    async def remove_replica(self, replica_id: str) -> None:
+        engine = self.engine
+        link = next((r for r in engine.replicas if r.id == replica_id), None)
+        self.vol.replica(replica_id)  # NotFound for an unknown id
+        if link is not None and link.mode == RW and sum(r.mode == RW for r in engine.replicas) == 1:
+            raise InvalidArgument(f"{replica_id} is the last healthy replica: it cannot be removed")
+        if replica_id in self._rebuilds:
+            self._rebuilds[replica_id].cancel()
+        if link is not None:
+            engine.replicas.remove(link)
+            if link.client is not None:
+                await link.client.aclose()
+        await self._forget(replica_id)
+
+    async def _forget(self, replica_id: str) -> None:
+        proc = self.processes.pop(replica_id, None)
+        if proc is not None:
+            await trio.to_thread.run_sync(proc.stop)
+        entry = self.vol.replica(replica_id)
+        self.vol.update(
+            lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id])
+        )
+        if entry.get("local"):
+            shutil.rmtree(self.vol.dir / "replicas" / replica_id, ignore_errors=True)
+
+    def stop(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.channel.stop()
+
+    # -- main ---------------------------------------------------------------------------------
+
+    async def serve(self, announce: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            self.engine = Engine(
+                self.vol.size, self.vol.chunk_size, nursery, on_mode_change=self._record_mode
+            )
+            self.engine.local_names = {p.address: p.local for p in self.processes.values()}
+            addresses = {r["id"]: r["address"] for r in self.vol.replicas if r.get("local")}
+
+            def publish(config: dict[str, Any]) -> None:  # this run's replica ports
+                for entry in config["replicas"]:
+                    entry["address"] = addresses.get(entry["id"], entry["address"])
+
+            self.vol.update(publish)
+            self.nursery = nursery
+            await self.engine.attach(
+                # only a replica recorded RW is trusted: a WO one was cut off mid-rebuild
+                [(r["id"], r["address"] or "", r.get("mode") != "RW") for r in self.vol.replicas]
+            )
+            for link in self.engine.replicas:  # stale but reachable: bring it back
+                if link.mode == ERR and link.client is not None and not link.client.broken:
+                    self.start_rebuild(link)
+            await nursery.start(control.serve, self.vol.control_socket, self.handle)
+            nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self.engine.run)
+            self.channel.mount()
+            try:
+                atomic_write_json(
+                    self.vol.runtime_path,
+                    {"pid": os.getpid(), "device": str(self.device), "started": time.time()},
+                )
+                announce("ready")
+                await VolumeFile(self.engine, self.channel).serve()
+            finally:
+                self.channel.close()
+            await self.engine.close()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                self.stop()
+                return
+
+
+def run(root: Path, name: str, device: Path) -> int:
+    """Entry point of ``lhfs engine-run``: stdout carries exactly one status line."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
+    )
+    out = sys.stdout
+
+    def announce(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+    daemon = None
+    try:
+        vol = volumes.load(root, name)
+        daemon = Daemon(vol, device)
+        daemon.start_local_replicas()
+        if not daemon.processes and not any(
+            not r.get("local") and r.get("address") for r in vol.replicas
+        ):
+            raise NotFound("no replica of the volume could be started (see the replica logs)")
+        trio.run(daemon.serve, announce)
+        return 0
+    except LhfsError as exc:
+        log.error("%s", exc)
+        if not out.closed:
+            announce(f"error: {exc}")
+        return 1
+    except Exception as exc:
+        log.exception("engine failed")
+        announce(f"error: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        if daemon is not None:
+            daemon.stop_local_replicas()
+            daemon.vol.runtime_path.unlink(missing_ok=True)
+            daemon.vol.control_socket.unlink(missing_ok=True)
+
+
+def _local_name(replica_id: str) -> str:
+    """The local socket of a replica this engine starts (unique on the host)."""
+    return f"lhfs-{os.getpid()}-{replica_id}-{secrets.token_hex(4)}"
+
+
+def _set_replica(config: dict[str, Any], replica_id: str, **values: Any) -> None:
+    for entry in config["replicas"]:
+        if entry["id"] == replica_id:
+            entry.update(values)

@@ -1,0 +1,495 @@
+"""The engine: one attached volume served by several replicas.
+
+Every write and trim is submitted to all replicas that take writes (RW, and WO while being
+rebuilt) before the engine waits for any of them: the replicas work in parallel, and because a
+connection delivers requests in order and a replica applies them in order, all replicas apply
+concurrent writes in the same order. A write completes when every such replica answered. Reads
+go to one RW replica, round robin. A replica that errors, disconnects or misses the deadline is
+marked ERR, dropped from I/O and recorded in the volume's configuration; the volume is
+``degraded`` while one RW replica remains and ``faulted`` (I/O errors, never wrong data) after.
+
+On attach, replica revision counters decide: the highest revision among the replicas not
+recorded as failed serves, the others are stale and marked ERR.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+
+from lhfs.core.errors import Busy, ConnectionLost, InvalidArgument, LhfsError
+from lhfs.wire import protocol as p
+from lhfs.wire.client import ReplicaClient
+
+log = logging.getLogger("lhfs.engine")
+
+RW, WO, ERR = "RW", "WO", "ERR"
+IO_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
+
+
+class Faulted(LhfsError):
+    """No replica can serve the volume any more."""
+
+
+Done = Callable[[Exception | None], None]
+ReadDone = Callable[[Exception | None, memoryview | bytes], None]
+
+
+@dataclass
+class ReplicaLink:
+    """The engine's view of one replica."""
+
+    id: str
+    address: str
+    mode: str = ERR
+    client: ReplicaClient | None = None
+    revision: int = -1
+    error: str | None = None
+    since: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    rebuild_progress: float | None = None
+    rebuild_stats: Any = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "address": self.address,
+            "mode": self.mode,
+            "revision": self.revision,
+            "error": self.error,
+            "since": self.since,
+            "rebuild_progress": self.rebuild_progress,
+            "rebuild_stats": self.rebuild_stats.public() if self.rebuild_stats else None,
+        }
+
+
+class Engine:
+    """Fans I/O out to replicas; see the module docstring."""
+
+    def __init__(
+        self,
+        size: int,
+        chunk_size: int,
+        nursery: trio.Nursery,
+        on_mode_change: Callable[[ReplicaLink], None] | None = None,
+        io_timeout: float = IO_TIMEOUT,
+    ) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.replicas: list[ReplicaLink] = []
+        self.nursery = nursery
+        self._on_mode_change = on_mode_change or (lambda link: None)
+        self._timeout = io_timeout
+        self._next_reader = 0
+        self._inflight = 0
+        self._drained = trio.Event()
+        self._drained.set()
+        self._resumed = trio.Event()
+        self._resumed.set()
+        self._parked: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self.structural = trio.Lock()  # snapshot, expand, rebuild barrier: one at a time
+        self.rebuild_lock = trio.Lock()
+        self.writes = 0  # requests the replicas acknowledged since attach (status and tests)
+        self.local_names: dict[str, str] = {}  # address -> local socket of a local replica
+
+    async def run(self) -> None:
+        """The engine's own background work (the I/O deadline), until cancelled."""
+        await self._watchdog()
+
+    # -- replicas -----------------------------------------------------------------------------
+
+    async def connect(self, address: str) -> ReplicaClient:
+        """A connection to a replica for this engine's I/O: by its local socket if it is one
+        this host started (``local_names``), else by TCP."""
+        local = self.local_names.get(address)
+        return await ReplicaClient.connect(address, self.nursery, CONNECT_TIMEOUT, local)
+
+    async def attach(self, replicas: list[tuple[str, str, bool]]) -> None:
+        """Connect to (id, address, recorded_failed) replicas and pick the freshest to serve."""
+        for replica_id, address, failed in replicas:
+            link = ReplicaLink(replica_id, address)
+            self.replicas.append(link)
+            try:
+                link.client = await self.connect(address)
+                info = await link.client.info()
+                if info["size"] != self.size:
+                    # a replica expanded while others were not: the others are behind
+                    self.size = max(self.size, info["size"])
+                link.revision = info["revision"]
+                link.error = "recorded as failed" if failed else None
+            except LhfsError as exc:
+                link.error = str(exc) if address else "replica process did not start"
+        candidates = [r for r in self.replicas if r.client and r.error is None]
+        if not candidates:
+            # Every replica was recorded as failed: salvage the freshest one that answers.
+            candidates = [r for r in self.replicas if r.client]
+            if candidates:
+                log.warning("no replica recorded healthy; salvaging the freshest one")
+        if not candidates:
+            raise Faulted("no replica of the volume can be reached")
+        best = max(r.revision for r in candidates)
+        for link in self.replicas:
+            if link in candidates and link.revision == best:
+                link.mode, link.error = RW, None
+            elif link.client is not None and link.error is None:
+                link.error = f"stale: revision {link.revision} < {best}"
+            self.mode_changed(link)
+        log.info("attached: %s", ", ".join(f"{r.id}={r.mode}" for r in self.replicas))
+
+    def fail(self, link: ReplicaLink, reason: str) -> None:
+        if link.mode == ERR:
+            return
+        log.warning("replica %s (%s) failed: %s", link.id, link.address, reason)
+        link.mode = ERR
+        link.error = reason
+        link.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if link.client is not None:
+            self.nursery.start_soon(link.client.aclose)
+        self.mode_changed(link)
+
+    def mode_changed(self, link: ReplicaLink) -> None:
+        """Tell the owner (who records modes durably) that a replica's mode changed. A record
+        that cannot be written (a full or read-only disk) is logged: the engine's own view is
+        what decides I/O, and failing here would leave the request being answered unanswered."""
+        try:
+            self._on_mode_change(link)
+        except Exception:
+            log.exception("could not record that replica %s is %s", link.id, link.mode)
+
+    @property
+    def state(self) -> str:
+        modes = [r.mode for r in self.replicas]
+        if RW not in modes:
+            return "faulted"
+        return "healthy" if all(m == RW for m in modes) else "degraded"
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "state": self.state,
+            "writes": self.writes,
+            "replicas": [r.public() for r in self.replicas],
+        }
+
+    # -- I/O gate: snapshots drain in-flight I/O ----------------------------------------------
+
+    def _enter(self) -> None:
+        self._inflight += 1
+        if self._inflight == 1:
+            self._drained = trio.Event()
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._drained.set()
+
+    async def quiesce(self) -> None:
+        """Hold new I/O back (it is parked, in order) and wait for what is in flight. If the
+        wait is cancelled, I/O resumes: nothing may stay parked behind a caller that left."""
+        self._resumed = trio.Event()
+        try:
+            await self._drained.wait()
+        except BaseException:
+            self.resume()
+            raise
+
+    def resume(self) -> None:
+        """Let I/O flow again: the parked requests leave first, in the order they came."""
+        self._resumed.set()
+        parked, self._parked = self._parked, []
+        for submit, args in parked:
+            submit(*args)
+        self.push()
+
+    def _park(self, submit: Callable[..., None], *args: Any) -> bool:
+        if self._resumed.is_set():
+            return False
+        self._parked.append((submit, args))
+        return True
+
+    # -- I/O ----------------------------------------------------------------------------------
+    #
+    # The submit_* methods queue a request and call ``done`` with its outcome later, from the
+    # task that receives the replicas' answers: the FUSE frontend submits a whole burst of
+    # requests, then calls ``push`` once. ``done(error)`` (reads: ``done(error, data)``, where
+    # data is valid only during the call) gets None or the exception to report.
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgument(f"range {offset}+{length} is outside the volume ({self.size})")
+
+    def push(self) -> None:
+        """Send every queued request to its replica (one system call per replica)."""
+        for link in self.replicas:
+            if link.client is not None:
+                link.client.push()
+
+    def _healthy(self) -> bool:
+        return any(r.mode == RW for r in self.replicas)
+
+    def _submit_all(self, op: int, parts: tuple[p.Part, ...], done: Done) -> None:
+        """One request to every replica taking writes; ``done`` once each answered or failed.
+        Replicas that fail are marked ERR; none left RW is ``Faulted``."""
+        targets = [r for r in self.replicas if r.mode in (RW, WO)]
+        if not any(r.mode == RW for r in targets):
+            done(Faulted("volume is faulted: no healthy replica"))
+            return
+        self._enter()
+        fan = _Fanout(self, len(targets), done)
+        for link in targets:
+            try:
+                link.client.submit(op, parts, partial(fan.answered, link), quick=True, owned=True)
+            except LhfsError as exc:
+                fan.answered(link, exc, b"")
+
+    def submit_write(self, offset: int, data: bytes | memoryview, done: Done) -> None:
+        """Write ``data`` (at most ``protocol.MAX_IO`` bytes), which the caller leaves
+        unchanged until ``done``: it is sent from where it lies, not copied."""
+        if not self._park(self.submit_write, offset, data, done):
+            self._submit_all(p.WRITE, (p.U64.pack(offset), data), done)
+
+    def submit_trim(self, offset: int, length: int, done: Done) -> None:
+        if not self._park(self.submit_trim, offset, length, done):
+            self._submit_all(p.TRIM, (p.TRIM_RANGE.pack(offset, length),), done)
+
+    def submit_flush(self, done: Done) -> None:
+        """Durable on every RW replica when ``done`` is called without an error."""
+        if not self._park(self.submit_flush, done):
+            self._submit_all(p.FLUSH, (), done)
+
+    def submit_read(self, offset: int, length: int, done: ReadDone) -> None:
+        """Read from one RW replica (round robin); a replica that fails it is marked ERR and
+        the next one is asked."""
+        if self._park(self.submit_read, offset, length, done):
+            return
+        self._enter()
+        self._read_from_next(p.RANGE.pack(offset, length), done)
+
+    def _read_from_next(self, request: bytes, done: ReadDone) -> None:
+        while True:
+            healthy = [r for r in self.replicas if r.mode == RW]
+            if not healthy:
+                self._leave()
+                done(Faulted("volume is faulted: no healthy replica"), b"")
+                return
+            self._next_reader = (self._next_reader + 1) % len(healthy)
+            link = healthy[self._next_reader]
+            try:
+                link.client.submit(
+                    p.READ, (request,), partial(self._read_answer, link, request, done), True
+                )
+                return
+            except LhfsError as exc:
+                self.fail(link, str(exc))
+
+    def _read_answer(
+        self,
+        link: ReplicaLink,
+        request: bytes,
+        done: ReadDone,
+        error: LhfsError | None,
+        data: memoryview | bytes,
+    ) -> None:
+        if error is None:
+            self._leave()
+            done(None, data)
+            return
+        self.fail(link, str(error))
+        self._read_from_next(request, done)
+        self.push()
+
+    async def _watchdog(self) -> None:
+        """Mark ERR a replica that has left I/O unanswered for longer than the deadline."""
+        while True:
+            await trio.sleep(min(1.0, self._timeout / 4))
+            now = trio.current_time()
+            for link in self.replicas:
+                client = link.client
+                if link.mode != ERR and client is not None and client.stalled(now, self._timeout):
+                    self.fail(link, f"no answer within {self._timeout:.0f}s")
+
+    # The same operations, awaited (control requests, tools and tests).
+
+    async def _wait(self, submit: Callable[..., None], *args: Any) -> bytes:
+        done = trio.Event()
+        outcome: list[Any] = []
+
+        def finished(error: Exception | None, data: memoryview | bytes = b"") -> None:
+            outcome[:] = [error, bytes(data)]
+            done.set()
+
+        submit(*args, finished)
+        self.push()
+        await done.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+        return outcome[1]
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_range(offset, len(data))
+        data = bytes(data)
+        for start in range(0, len(data), p.MAX_IO):
+            await self._wait(self.submit_write, offset + start, data[start : start + p.MAX_IO])
+
+    async def trim(self, offset: int, length: int) -> None:
+        self._check_range(offset, length)
+        await self._wait(self.submit_trim, offset, length)
+
+    async def flush(self) -> None:
+        """Durable on every RW replica before it returns."""
+        await self._wait(self.submit_flush)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        return await self._wait(self.submit_read, offset, length)
+
+    async def _fanout(
+        self, op: int, *parts: bytes | bytearray | memoryview, timeout: float | None = None
+    ) -> list[bytes]:
+        """A control request to every replica taking writes, awaited: the answers of those
+        that succeeded. A replica that fails it, or has not answered within ``timeout``, is
+        marked ERR; none left RW is ``Faulted``."""
+        targets = [r for r in self.replicas if r.mode in (RW, WO)]
+        if not any(r.mode == RW for r in targets):
+            raise Faulted("volume is faulted: no healthy replica")
+        answers: list[bytes] = []
+        pending = {link.id for link in targets}
+        done = trio.Event()
+
+        def answered(link: ReplicaLink, error: LhfsError | None, payload: memoryview | bytes):
+            if link.id not in pending:
+                return
+            pending.discard(link.id)
+            if error is None:
+                answers.append(bytes(payload))
+            else:
+                self.fail(link, str(error))
+            if not pending:
+                done.set()
+
+        for link in targets:
+            try:
+                link.client.submit(op, parts, partial(answered, link))
+            except LhfsError as exc:
+                answered(link, exc, b"")
+        self.push()
+        timeout = self._timeout if timeout is None else timeout
+        with trio.move_on_after(timeout):
+            await done.wait()
+        for link in targets:
+            if link.id in pending:
+                pending.discard(link.id)
+                self.fail(link, f"no answer within {timeout:.0f}s")
+        if not self._healthy():
+            raise Faulted("volume is faulted: no healthy replica")
+        return answers
+
+    # -- whole-volume operations --------------------------------------------------------------
+
+    async def fanout_call(self, method: str, **args: Any) -> list[Any]:
+        """A control call on the RW replicas only (the caller holds ``structural`` and has
+        drained I/O, which waits meanwhile: hence the deadline); a replica that fails it, or
+        does not answer in time, is marked ERR."""
+        call = p.encode_json({"method": method, "args": args})
+        rw = [r for r in self.replicas if r.mode == RW]
+        answers = []
+        for link in rw:
+            try:
+                with trio.fail_after(self._timeout):
+                    answers.append(p.decode_json(await link.client.request(p.CALL, call)))
+            except trio.TooSlowError:
+                self.fail(link, f"no answer within {self._timeout:.0f}s")
+            except LhfsError as exc:
+                self.fail(link, str(exc))
+        if not any(r.mode == RW for r in self.replicas):
+            raise Faulted("volume is faulted: no healthy replica")
+        return answers
+
+    def _refuse_during_rebuild(self) -> None:
+        if self.rebuild_lock.locked():
+            raise Busy("a replica is being rebuilt: try again when it is RW (lhfs replica ls)")
+
+    async def call_all(self, method: str, **args: Any) -> list[Any]:
+        """A control call on every replica taking writes, with I/O drained around it, so that
+        the replicas are at the same point of the write stream (crash-consistent snapshots)."""
+        async with self.structural:
+            await self.quiesce()
+            try:
+                answers = await self._fanout(
+                    p.CALL, p.encode_json({"method": method, "args": args})
+                )
+                return [p.decode_json(a) for a in answers]
+            finally:
+                self.resume()
+
+    async def call_one(self, method: str, **args: Any) -> Any:
+        """A read-only control call answered by one healthy replica."""
+        for link in [r for r in self.replicas if r.mode == RW]:
+            try:
+                return await link.client.call(method, **args)
+            except ConnectionLost as exc:
+                self.fail(link, str(exc))
+        raise Faulted("volume is faulted: no healthy replica")
+
+    async def snapshot(self, name: str) -> dict[str, Any]:
+        await self.flush()
+        return (await self.call_all("snapshot", name=name))[0]
+
+    async def remove_snapshot(self, name: str) -> None:
+        """Coalesce a snapshot away on every replica; I/O goes on meanwhile (no deadline: the
+        replicas report progress and a dead replica still fails the call at once)."""
+        self._refuse_during_rebuild()
+        async with self.structural:
+            call = p.encode_json({"method": "remove_snapshot", "args": {"name": name}})
+            await self._fanout(p.CALL, call, timeout=float("inf"))
+
+    async def expand(self, size: int) -> None:
+        await self.call_all("expand", size=size)
+        self.size = size
+
+    async def close(self) -> None:
+        """Flush what can be flushed and close the connections."""
+        if any(r.mode == RW for r in self.replicas):
+            try:
+                await self.flush()
+            except LhfsError as exc:
+                log.warning("final flush failed: %s", exc)
+        for link in self.replicas:
+            if link.client is not None:
+                await link.client.aclose()
+
+
+class _Fanout:
+    """One write, trim or flush on its way to several replicas: ``done`` runs once every one
+    of them answered or failed (a replica that failed it is marked ERR first). An answer is
+    counted once per replica, whatever a connection delivers."""
+
+    __slots__ = ("answered_by", "done", "engine", "remaining")
+
+    def __init__(self, engine: Engine, count: int, done: Done) -> None:
+        self.engine = engine
+        self.remaining = count
+        self.done = done
+        self.answered_by: set[str] = set()
+
+    def answered(self, link: ReplicaLink, error: LhfsError | None, payload: Any) -> None:
+        if link.id in self.answered_by:
+            return
+        self.answered_by.add(link.id)
+        engine = self.engine
+        self.remaining -= 1
+        if error is not None:
+            engine.fail(link, str(error))
+        if self.remaining == 0:
+            engine._leave()
+            if engine._healthy():
+                engine.writes += 1
+                self.done(None)
+            else:
+                self.done(Faulted("volume is faulted: no healthy replica"))

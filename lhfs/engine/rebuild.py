@@ -1,0 +1,328 @@
+"""Online rebuild of one replica from a healthy one, by per-chunk checksum comparison.
+
+The steps, each visible in the replica's ``rebuild_progress`` and the engine's log:
+
+1. *prepare*: initialise an empty target, give it the backing image if it lacks one with the
+   same content id (sent chunk by chunk, adopted only if its content hashes to that id);
+2. *barrier*: with I/O drained, a snapshot is taken on every healthy replica, the target reshapes
+   its chain to the same snapshot names and starts a fresh head, and joins as WO: from this
+   instant it receives every write;
+3. *sync*: layer by layer, bottom up, the target's chunk checksums (recomputed from its disk) are
+   compared with the source's and only differing chunks are copied. The target pulls them
+   straight from the source, so the data crosses the network once and the engine only directs;
+   if the target cannot reach the source by the address the engine knows (another network),
+   the engine relays the rest itself;
+4. *verify*: every layer's checksums and the backing image id must now be equal;
+5. *finish*: the target merges the writes it received during the sync, and becomes RW.
+
+A source that fails is replaced by another healthy replica and the sync goes on (what was
+copied stays copied); a target that fails is marked ERR. Nothing here raises into the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from lhfs.core.errors import ConnectionLost, CorruptState, LhfsError, PullFailed
+from lhfs.engine.engine import RW, WO, Engine, ReplicaLink
+from lhfs.store.layer import ABSENT
+from lhfs.wire.client import SumsUnavailable, merged_layer_sums
+
+log = logging.getLogger("lhfs.rebuild")
+
+IN_FLIGHT = 8
+# Once the target could not pull from the source, the engine relays the data; a pull is tried
+# again after this many seconds, so that a passing failure does not slow the rest of a long
+# rebuild (and a lasting one costs one worker a connect timeout now and then).
+RETRY_PULL_AFTER = 30.0
+
+
+@dataclass
+class RebuildStats:
+    """What a rebuild moved, for ``replica ls`` and for tests that check it moved little."""
+
+    chunks_compared: int = 0
+    chunks_copied: int = 0
+    bytes_copied: int = 0
+    bytes_relayed: int = 0  # of those, the bytes that had to pass through the engine
+    backing_bytes: int = 0
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _SourceFailed(Exception):
+    pass
+
+
+async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
+    """Bring ``target`` (connected, not yet serving) up to date and make it RW."""
+    stats = RebuildStats()
+    target.rebuild_progress = 0.0
+    target.rebuild_stats = stats
+    try:
+        async with engine.rebuild_lock:  # one at a time: each joins the others' chain as it is
+            return await _rebuild(engine, target, stats)
+    except LhfsError as exc:
+        engine.fail(target, f"rebuild failed: {exc}")
+        target.error = f"rebuild failed: {exc}"  # also when it was not serving yet
+        target.rebuild_progress = None
+        engine.mode_changed(target)
+        raise
+
+
+async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> RebuildStats:
+    started = trio.current_time()
+    await _prepare(engine, target, stats)
+    stats.phases["prepare"] = round(trio.current_time() - started, 3)
+    names = await _barrier(engine, target)
+    stats.layers = names
+    while True:
+        source = _pick_source(engine, target)
+        try:
+            await _sync(engine, source, target, names, stats)
+            mark = trio.current_time()
+            await _verify(source, target, names, -(-engine.size // engine.chunk_size))
+            stats.phases["verify"] = round(trio.current_time() - mark, 3)
+            break
+        except _SourceFailed as exc:
+            if source.client is not None and not source.client.broken and source.mode == RW:
+                # the source answered with an error rather than vanishing: not a lost source
+                raise LhfsError(f"rebuild source {source.id}: {exc.__cause__}") from None
+            engine.fail(source, str(exc.__cause__ or exc))
+    async with engine.structural:
+        await target.client.call("rebuild_finish")
+        target.mode, target.error = RW, None
+    target.rebuild_progress = None
+    engine.mode_changed(target)
+    stats.seconds = round(trio.current_time() - started, 3)
+    log.info("replica %s rebuilt: %s", target.id, stats.public())
+    return stats
+
+
+def _run_length(chunk_size: int) -> int:
+    """Chunks per copy request: about 2 MiB, so that per-request costs stay small."""
+    return max(1, (2 << 20) // chunk_size)
+
+
+def _runs(chunks: list[int], limit: int) -> list[tuple[int, int]]:
+    """Sorted chunk numbers as (first, count) runs of neighbours, at most ``limit`` long."""
+    runs: list[tuple[int, int]] = []
+    for chunk in sorted(chunks):
+        if runs and runs[-1][0] + runs[-1][1] == chunk and runs[-1][1] < limit:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((chunk, 1))
+    return runs
+
+
+def _pick_source(engine: Engine, target: ReplicaLink) -> ReplicaLink:
+    for link in engine.replicas:
+        if link.mode == RW and link is not target:
+            return link
+    raise LhfsError("no healthy replica to rebuild from")
+
+
+async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> None:
+    client = target.client
+    hello = await client.call("hello")
+    if not hello["initialised"]:
+        await client.call("init", size=engine.size, chunk_size=engine.chunk_size)
+    source = _pick_source(engine, target)
+    want = (await source.client.info())["backing_image"]
+    have = (await client.info())["backing_image"]
+    if want and (not have or have["id"] != want["id"]):
+        image_id = want["id"]
+        size = int(image_id.rsplit("-", 1)[1])
+        chunks = -(-size // engine.chunk_size)
+        per_run = _run_length(engine.chunk_size)
+        for first in range(0, chunks, per_run):
+            count = min(per_run, chunks - first)
+            _states, data = await source.client.read_layer_run("backing", first, count)
+            await client.backing_upload(image_id, first, data)
+            stats.backing_bytes += len(data)
+        await client.call("backing_commit", id=image_id)
+
+
+async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
+    """Snapshot everywhere with I/O drained and let the target join the write stream."""
+    name = f"rebuild-{target.id}-{trio.current_time():.0f}".replace(".", "-")
+    async with engine.structural:
+        await engine.quiesce()
+        try:
+            await engine.fanout_call("snapshot", name=name)
+            source = _pick_source(engine, target)
+            layers = await source.client.call("list_layers")
+            names = [layer["name"] for layer in layers if layer["active"] and layer["name"]]
+            revision = (await source.client.info())["revision"]
+            await target.client.call("rebuild_begin", names=names, revision=revision)
+            target.mode, target.error = WO, None
+            if target not in engine.replicas:
+                engine.replicas.append(target)
+            engine.mode_changed(target)
+        finally:
+            engine.resume()
+    return names
+
+
+async def _sync(
+    engine: Engine, source: ReplicaLink, target: ReplicaLink, names: list[str], stats: RebuildStats
+) -> None:
+    """Walk each layer's checksums on both sides (``_compare``) and copy the chunks that differ
+    while the walk goes on: a large volume's comparison never sits whole in memory, and the
+    copy starts with the first differing run."""
+    mark = trio.current_time()
+    try:
+        layers = await source.client.call("list_layers")
+    except ConnectionLost as exc:
+        raise _SourceFailed("source lost before the copy") from exc
+    ids = {layer["name"]: layer["id"] for layer in layers}
+    direct = True
+    retry_pull_at = 0.0
+    failure: list[BaseException] = []
+    send, receive = trio.open_memory_channel[tuple[str, int, int]](IN_FLIGHT)
+
+    async def copy(name: str, first: int, count: int) -> int:
+        nonlocal direct, retry_pull_at
+        if direct or trio.current_time() >= retry_pull_at:
+            if not direct:  # one worker tries; the others go on relaying
+                retry_pull_at = trio.current_time() + RETRY_PULL_AFTER
+            try:
+                answer = await target.client.call(
+                    "pull_run",
+                    source=source.address,
+                    source_layer=ids[name],
+                    layer=name,
+                    first=first,
+                    count=count,
+                )
+                if not direct:
+                    log.info("replica %s pulls from its source again", target.id)
+                    direct = True
+                return int(answer["bytes"])
+            except PullFailed as exc:
+                if direct:
+                    log.warning("replica %s relays through the engine: %s", target.id, exc)
+                direct, retry_pull_at = False, trio.current_time() + RETRY_PULL_AFTER
+        try:
+            states, data = await source.client.read_layer_run(name, first, count)
+        except ConnectionLost as exc:
+            raise _SourceFailed("source lost during the copy") from exc
+        await target.client.write_layer_run(name, first, states, data)
+        stats.bytes_relayed += len(data)
+        return len(data)
+
+    async def worker(nursery: trio.Nursery, items: trio.MemoryReceiveChannel) -> None:
+        async for name, first, count in items:
+            try:
+                moved = await copy(name, first, count)
+            except (LhfsError, _SourceFailed) as exc:
+                failure.append(exc)
+                nursery.cancel_scope.cancel()
+                return
+            stats.chunks_copied += count
+            stats.bytes_copied += moved
+
+    per_run = _run_length(engine.chunk_size)
+    chunks = -(-engine.size // engine.chunk_size)
+    compared: float | None = None
+    async with trio.open_nursery() as nursery:
+        for _ in range(IN_FLIGHT):
+            nursery.start_soon(worker, nursery, receive.clone())
+        async with send:
+            try:
+                for k, name in enumerate(names):
+                    runs = _compare(source, target, name, chunks, per_run, stats)
+                    async for kind, first, count in runs:
+                        if compared is None:  # the first run found: both sides have hashed
+                            compared = trio.current_time()
+                        if kind == "gone":
+                            absent = bytes([ABSENT]) * count
+                            await target.client.write_layer_run(name, first, absent, b"")
+                        else:
+                            await send.send((name, first, count))
+                        progress = (k + (first + count) / max(1, chunks)) / len(names)
+                        target.rebuild_progress = round(min(99.0, 100 * progress), 1)
+            except (LhfsError, _SourceFailed) as exc:  # raised below as itself, not in a group
+                failure.append(exc)
+                nursery.cancel_scope.cancel()
+        await receive.aclose()
+    if failure:
+        raise failure[0]
+    if compared is None:  # nothing differed
+        compared = trio.current_time()
+    stats.phases["compare"] = round(compared - mark, 3)
+    stats.phases["copy"] = round(trio.current_time() - compared, 3)
+    mark = trio.current_time()
+    await target.client.flush()  # the copied chunks reach the target's disk
+    stats.phases["flush"] = round(trio.current_time() - mark, 3)
+    target.rebuild_progress = 100.0
+
+
+async def _compare(
+    source: ReplicaLink,
+    target: ReplicaLink,
+    name: str,
+    chunks: int,
+    per_run: int,
+    stats: RebuildStats,
+) -> AsyncIterator[tuple[str, int, int]]:
+    """Runs of neighbouring chunks to copy (``"copy"``: the source's checksum differs) or to
+    drop (``"gone"``: the source does not hold them), at most ``per_run`` long. The target's
+    checksums are recomputed from its disk (what it holds now), the source's are recorded."""
+    run: list = []  # [kind, first, count] of the run being built
+    async for chunk, (want, have) in _sums(source, target, name, True, chunks):
+        stats.chunks_compared += 1
+        kind = "gone" if want is None else "copy" if want != have else None
+        if run and (run[0] != kind or run[1] + run[2] != chunk or run[2] == per_run):
+            yield run[0], run[1], run[2]
+            run = []
+        if kind is None:
+            continue
+        if run:  # same kind, next chunk, room left
+            run[2] += 1
+        else:
+            run = [kind, chunk, 1]
+    if run:
+        yield run[0], run[1], run[2]
+
+
+async def _sums(
+    source: ReplicaLink, target: ReplicaLink, name: str, fresh: bool, chunks: int
+) -> AsyncIterator[tuple[int, list]]:
+    """Both sides' checksums of a layer in chunk order; a source that cannot give them is a
+    lost source (``_SourceFailed``), a target that cannot, an error of the rebuild."""
+    try:
+        clients = [source.client, target.client]
+        async for row in merged_layer_sums(clients, name, [False, fresh], chunks):
+            yield row
+    except SumsUnavailable as exc:
+        if exc.which == 0:
+            raise _SourceFailed("source lost while comparing checksums") from exc.error
+        raise exc.error from None
+
+
+async def _verify(source: ReplicaLink, target: ReplicaLink, names: list[str], chunks: int) -> None:
+    for name in names:
+        # the target's checksums: recomputed from its disk in the compare step, then updated
+        # from the bytes of every chunk it received
+        bad = []
+        async for chunk, (want, have) in _sums(source, target, name, False, chunks):
+            if want != have:
+                bad.append(chunk)
+                if len(bad) == 5:
+                    break
+        if bad:
+            raise CorruptState(f"layer {name} differs after the sync at chunks {bad}...")
+    want = (await source.client.info())["backing_image"]
+    have = (await target.client.info())["backing_image"]
+    if (want and want["id"]) != (have and have["id"]):
+        raise CorruptState("the backing image differs after the sync")

@@ -1,0 +1,58 @@
+"""Scrub: find silent corruption in the replicas' immutable layers and repair it.
+
+Each healthy replica checks every snapshot of the chain against the checksums it recorded
+(bytes that rotted after the recording), and the recorded checksums are compared across
+replicas (bytes that were already wrong when recorded): a replica that disagrees with the
+others, or with its own record, is named, taken out of I/O at once (reads never return bytes
+known to be corrupt) and rebuilt from a healthy one, which copies exactly the damaged chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from lhfs.core.errors import LhfsError
+from lhfs.engine.engine import RW, Engine, ReplicaLink
+from lhfs.wire.client import SumsUnavailable, merged_layer_sums
+
+log = logging.getLogger("lhfs.scrub")
+
+
+async def scrub(engine: Engine, start_rebuild: Callable[[ReplicaLink], None]) -> dict[str, Any]:
+    healthy = [r for r in engine.replicas if r.mode == RW]
+    if not healthy:
+        raise LhfsError("no healthy replica to scrub")
+    layers = await healthy[0].client.call("list_layers")
+    names = [layer["name"] for layer in layers if layer["active"] and layer["name"]]
+    damaged: dict[str, list[str]] = {}
+    chunks = -(-engine.size // engine.chunk_size)
+    clients = [link.client for link in healthy]
+    for name in names:
+        for link in healthy:
+            rotten = await link.client.call("verify_layer", layer=name)
+            if rotten:
+                damaged.setdefault(link.id, []).append(f"{name}: {len(rotten)} chunk(s) changed")
+        if len(healthy) <= 2:  # two that disagree: no majority to say which one is wrong
+            continue
+        walk = merged_layer_sums(clients, name, [False] * len(healthy), chunks)
+        try:
+            async for chunk, row in walk:
+                majority, count = Counter(row).most_common(1)[0]
+                if count == len(healthy) or count <= len(healthy) // 2:
+                    continue
+                for link, entry in zip(healthy, row, strict=True):
+                    if entry != majority:
+                        damaged.setdefault(link.id, []).append(f"{name}: chunk {chunk} differs")
+        except SumsUnavailable as exc:
+            raise exc.error from None
+    report = {"layers": names, "replicas": [r.id for r in healthy], "damaged": damaged}
+    for link in healthy:
+        if link.id in damaged and sum(r.mode == RW for r in engine.replicas) > 1:
+            engine.fail(link, "scrub found corrupt data: " + "; ".join(damaged[link.id][:3]))
+            link.client = await engine.connect(link.address)
+            start_rebuild(link)
+    log.info("scrub: %s", report)
+    return report

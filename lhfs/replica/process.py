@@ -1,0 +1,70 @@
+"""A ``lhfs replica serve`` child process: what an engine starts for each local replica, and
+what the tests and benchmarks start on loopback. Every process started here is stopped by its
+owner (the engine's shutdown, a test's finaliser)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from lhfs.core.procs import LHFS, die_with_parent, read_line_matching
+
+
+class ReplicaProcess:
+    """A ``lhfs replica serve`` child process on a free loopback port; with ``local``, also on
+    a Unix socket of that name for its engine (see ``lhfs.replica.server.local_listener``)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int = 0,
+        log: Path | None = None,
+        tied_to_parent: bool = False,
+        host: str = "127.0.0.1",
+        wait: bool = True,
+        local: str | None = None,
+    ) -> None:
+        self.dir = Path(directory)
+        self.log = log or self.dir.with_name(self.dir.name + ".log")
+        self.local = local
+        self._log_file = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
+        command = [LHFS, "replica", "serve", "--dir", str(self.dir), "--listen", f"{host}:{port}"]
+        self.proc = subprocess.Popen(
+            command + (["--local", local] if local else []),
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent if tied_to_parent else None,
+        )
+        self.address = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> str:
+        """Block until the replica listens; its address. (Blocking: from a thread in trio.)"""
+        match = read_line_matching(self.proc, r"serving .* on (\S+):(\d+)")
+        self.address = f"{match.group(1)}:{match.group(2)}"
+        return self.address
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to flush or clean up."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; SIGKILL if it does not stop in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode

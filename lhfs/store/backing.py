@@ -1,0 +1,112 @@
+"""Backing images: the shared, read-only bottom of a snapshot chain, identified by content.
+
+Two replica directories may keep the same image under different file names, so an image is
+never known by its name: its identity is ``"<xxh3-128 hex>-<size>"`` of its bytes. Hashing a big
+image on every open would be slow, so the store remembers the file's (size, mtime, inode) next
+to the id and hashes again only when that stamp changed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import xxhash
+
+from lhfs.core.errors import BackingImageMismatch, NotFound
+from lhfs.store.layer import DATA, pread_into
+
+_READ_SIZE = 4 << 20
+
+
+def content_id(path: Path) -> str:
+    """The content identity of an image file."""
+    digest = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(_READ_SIZE):
+            digest.update(block)
+            size += len(block)
+    return f"{digest.hexdigest()}-{size}"
+
+
+def id_size(image_id: str) -> int:
+    """The size in bytes recorded in an image id."""
+    return int(image_id.rsplit("-", 1)[1])
+
+
+def file_stamp(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class BackingImage:
+    """An open backing image: reads chunks of it, at the same offsets as the volume."""
+
+    def __init__(self, path: Path, image_id: str, chunk_size: int) -> None:
+        self.path = path
+        self.id = image_id
+        self.size = id_size(image_id)
+        self.chunk_size = chunk_size
+        self.nchunks = -(-self.size // chunk_size)
+        self.fd = os.open(path, os.O_RDONLY)
+        self._sums: dict[int, tuple[int, bytes]] | None = None
+
+    @classmethod
+    def verify_and_open(
+        cls, path: Path, image_id: str, stamp: list[int] | None, chunk_size: int
+    ) -> tuple[BackingImage, list[int]]:
+        """Open ``path`` only if its content is ``image_id``; returns the image and a fresh stamp.
+
+        Refusing a mismatch matters: a chain whose bottom silently changed would serve data that
+        was never written.
+        """
+        if not path.exists():
+            raise NotFound(f"backing image file {path} is missing (expected image {image_id})")
+        now = file_stamp(path)
+        if now != stamp:
+            found = content_id(path)
+            if found != image_id:
+                raise BackingImageMismatch(
+                    f"backing image {path.name} has content {found}, the volume expects {image_id}"
+                )
+        return cls(path, image_id, chunk_size), now
+
+    def covers(self, chunk: int) -> bool:
+        return chunk < self.nchunks
+
+    def read_chunk(self, chunk: int) -> bytes:
+        buf = bytearray(self.chunk_size)
+        if chunk < self.nchunks:
+            pread_into(self.fd, memoryview(buf), chunk * self.chunk_size)
+        return bytes(buf)
+
+    def read_run(self, first: int, count: int) -> bytearray:
+        buf = bytearray(count * self.chunk_size)
+        pread_into(self.fd, memoryview(buf), first * self.chunk_size)
+        return buf
+
+    def sums(self) -> dict[int, tuple[int, bytes]]:
+        """``{chunk: (state, digest)}``, computed once per open image: its content never
+        changes, and an image replaced by another is another object."""
+        if self._sums is None:
+            self._sums = {c: (st, d) for c, st, d in self.compute_sums()}
+        return self._sums
+
+    def compute_sums(self) -> list[tuple[int, int, bytes]]:
+        out = []
+        cs = self.chunk_size
+        per_read = max(1, (4 << 20) // cs)
+        for first in range(0, self.nchunks, per_read):
+            count = min(per_read, self.nchunks - first)
+            view = memoryview(self.read_run(first, count))
+            out += [
+                (first + k, DATA, xxhash.xxh3_128_digest(view[k * cs : (k + 1) * cs]))
+                for k in range(count)
+            ]
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,915 @@
+"""The chunk store: one replica's copy of a volume as a copy-on-write chain of layers.
+
+Vocabulary:
+- *chunk*: the unit of copy-on-write, checksums and rebuild; a power of two per volume.
+- *layer*: a set of chunks (``layer.Layer``). The *head* is the one writable layer; *snapshots*
+  are immutable layers; the optional *backing image* sits under the bottom snapshot.
+- *chain*: the head and its ancestors. Layers form a tree (a revert starts a new head on an old
+  snapshot and the newer snapshots stay), but only the head's chain is the volume's content.
+- *revision*: a counter bumped by every write and trim and made durable by ``flush``; after a
+  crash the replica with the highest revision holds the freshest data.
+
+Reads resolve each chunk through ``_top``, a map chunk -> topmost layer of the chain holding it,
+so a read costs the same with three layers or three thousand, and memory follows the chunks
+written, never the volume size. The store is synchronous and single-threaded: its caller (the
+replica server's event loop) never runs two of its methods at once, which is why no per-chunk
+locks are needed. Long operations (``remove_snapshot_steps``) are generators that the caller runs
+step by step, interleaved with I/O.
+
+Durability: data is fdatasync'ed before the index batch that points at it; metadata
+(``volume.json``: size, layers, names, backing image) is replaced atomically. Files of layers the
+metadata does not name are left-overs of an interrupted operation and are removed on open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from lhfs.core.durable import atomic_write_json, fsync_dir
+from lhfs.core.errors import (
+    AlreadyExists,
+    BackingImageMismatch,
+    Busy,
+    CorruptState,
+    InvalidArgument,
+    NotFound,
+)
+from lhfs.core.names import check_name
+from lhfs.store.backing import BackingImage, content_id, file_stamp, id_size
+from lhfs.store.layer import (
+    ABSENT,
+    DATA,
+    ZERO,
+    Layer,
+    pread_into,
+    punch_hole,
+    pwrite_all,
+    write_data,
+)
+
+META = "volume.json"
+FORMAT = 1
+MIN_CHUNK = 1
+MAX_CHUNK = 64 << 20
+_LAYER_FILE_RE = re.compile(r"^[0-9a-f]{16}\.(data|idx|sums)$")
+
+
+def check_geometry(size: int, chunk_size: int) -> None:
+    if chunk_size < MIN_CHUNK or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
+        raise InvalidArgument(f"chunk size {chunk_size} is not a power of two up to 64M")
+    if size <= 0 or size % chunk_size:
+        raise InvalidArgument(
+            f"size {size} is not a positive multiple of the chunk size {chunk_size}"
+        )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _raise_fd_limit() -> None:
+    """Long chains open one descriptor per layer touched; allow as many as the system lets us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class ChunkStore:
+    """A replica directory opened for I/O; see the module docstring."""
+
+    def __init__(self, directory: Path, meta: dict[str, Any], lock_fd: int) -> None:
+        self.dir = directory
+        self.meta = meta
+        self._lock_fd = lock_fd
+        self.size: int = meta["size"]
+        self.chunk_size: int = meta["chunk_size"]
+        self.revision: int = meta.get("revision", 0)
+        self.layers: dict[str, Layer] = {}
+        self.backing: BackingImage | None = None
+        self.chain: list[Layer] = []  # head first
+        self._top: dict[int, Layer] = {}
+        self.operation: dict[str, Any] | None = None  # a long operation under way, for status
+        # While a rebuild fills the layers below the head, a partial write to a chunk the head
+        # lacks cannot copy the chunk up (what is below is not there yet): it lands as is and
+        # its byte ranges are kept here until ``rebuild_finish`` merges them over the synced
+        # content. None when no rebuild is under way.
+        self.partial: dict[int, list[tuple[int, int]]] | None = None
+
+    # -- opening and closing ------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        size: int,
+        chunk_size: int,
+        backing_image: Path | None = None,
+        backing_name: str = "backing.img",
+    ) -> ChunkStore:
+        """Initialise an empty replica directory; ``backing_image`` is copied in, then verified."""
+        check_geometry(size, chunk_size)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / META).exists():
+            raise AlreadyExists(f"{directory} already holds a volume")
+        lock_fd = _lock(directory)
+        try:
+            backing = None
+            if backing_image is not None:
+                local = directory / check_name(backing_name, "backing image file name")
+                if Path(backing_image).resolve() != local.resolve():
+                    shutil.copyfile(backing_image, local)
+                fd = os.open(local, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+                image_id = content_id(local)
+                if id_size(image_id) > size:
+                    local.unlink()
+                    raise InvalidArgument(
+                        f"the backing image ({id_size(image_id)} bytes) is larger than the volume"
+                    )
+                backing = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
+            head = secrets.token_hex(8)
+            Layer.create(directory, head, chunk_size)
+            meta = {
+                "format": FORMAT,
+                "size": size,
+                "chunk_size": chunk_size,
+                "backing": backing,
+                "layers": {head: {"name": None, "parent": None, "created": _now(), "size": size}},
+                "head": head,
+                "revision": 0,
+            }
+            atomic_write_json(directory / META, meta)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        os.close(lock_fd)
+        return cls.open(directory)
+
+    @classmethod
+    def open(cls, directory: Path) -> ChunkStore:
+        """Open a replica directory exclusively, check it, and build the chunk map."""
+        directory = Path(directory)
+        meta_path = directory / META
+        if not meta_path.exists():
+            raise NotFound(f"{directory} holds no volume")
+        lock_fd = _lock(directory)
+        try:
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError as exc:
+                raise CorruptState(f"{meta_path} is damaged: {exc}") from None
+            if meta.get("format") != FORMAT:
+                raise CorruptState(f"{meta_path} has unknown format {meta.get('format')!r}")
+            store = cls(directory, meta, lock_fd)
+            store._load()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return store
+
+    def _load(self) -> None:
+        _raise_fd_limit()
+        self._sweep()
+        backing = self.meta.get("backing")
+        if backing:
+            self.backing, stamp = BackingImage.verify_and_open(
+                self.dir / backing["file"], backing["id"], backing.get("stamp"), self.chunk_size
+            )
+            if stamp != backing.get("stamp"):
+                backing["stamp"] = stamp
+                self._save_meta()
+        for layer_id in self.meta["layers"]:
+            layer = Layer.load(self.dir, layer_id, self.chunk_size)
+            self.layers[layer_id] = layer
+            self.revision = max(self.revision, layer.revision)
+            if layer.needs_compaction():
+                layer.compact()
+        self._build_chain()
+
+    def _sweep(self) -> None:
+        """Delete files of layers that an interrupted operation created or was deleting."""
+        known = set(self.meta["layers"])
+        removed = False
+        for entry in os.listdir(self.dir):
+            stale_tmp = entry.startswith(".") and entry.endswith((".tmp", ".upload"))
+            if stale_tmp or (_LAYER_FILE_RE.match(entry) and entry.split(".")[0] not in known):
+                os.unlink(self.dir / entry)
+                removed = True
+        if removed:
+            fsync_dir(self.dir)
+
+    def _build_chain(self) -> None:
+        self.chain = [self.layers[lid] for lid in self._ancestry(self.meta["head"])]
+        self._top = {}
+        for layer in reversed(self.chain):  # the nearest layer last: it wins
+            self._top.update(dict.fromkeys(layer.index, layer))
+
+    def _ancestry(self, layer_id: str | None) -> list[str]:
+        out = []
+        while layer_id is not None:
+            if layer_id in out or layer_id not in self.meta["layers"]:
+                raise CorruptState(f"{self.dir / META}: broken layer chain at {layer_id}")
+            out.append(layer_id)
+            layer_id = self.meta["layers"][layer_id]["parent"]
+        return out
+
+    def close(self) -> None:
+        """Flush and release everything; the store object is unusable afterwards."""
+        if self._lock_fd < 0:
+            return
+        self.flush()
+        for layer in self.layers.values():
+            layer.close()
+        if self.backing:
+            self.backing.close()
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def head(self) -> Layer:
+        return self.chain[0]
+
+    def _save_meta(self) -> None:
+        self.meta["revision"] = self.revision
+        self.meta["size"] = self.size
+        atomic_write_json(self.dir / META, self.meta)
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgument(
+                f"range {offset}+{length} is outside the volume (size {self.size})"
+            )
+
+    def _source(self, chunk: int) -> int:
+        """The descriptor holding the chunk's current bytes, or -1 when it reads as zeros."""
+        layer = self._top.get(chunk)
+        if layer is not None:
+            return layer.fd if layer.index[chunk] == DATA else -1
+        if self.backing is not None and chunk < self.backing.nchunks:
+            return self.backing.fd
+        return -1
+
+    def read(self, offset: int, length: int) -> bytearray:
+        """The volume's bytes at ``offset``; neighbouring chunks from one layer are one pread."""
+        self._check_range(offset, length)
+        cs = self.chunk_size
+        if self.partial:
+            return self._read_rebuilding(offset, length)
+        out = bytearray(length)
+        if offset // cs == (offset + length - 1) // cs:  # the common small read: one chunk
+            fd = self._source(offset // cs)
+            if fd >= 0:
+                n = os.preadv(fd, [out], offset)
+                if n < length:
+                    pread_into(fd, memoryview(out)[n:], offset + n)
+            return out
+        return self._read_runs(offset, out, self._source)
+
+    def _read_runs(self, offset: int, out: bytearray, source: Callable[[int], int]) -> bytearray:
+        """Fill ``out`` with the bytes at ``offset``, one pread per run of neighbouring chunks
+        that ``source`` finds in the same descriptor (-1: zeros). Few large reads instead of one
+        per chunk: a backup reads 2 MiB blocks, and each read returned to the interpreter costs
+        a hand-over of its lock when another thread is busy."""
+        cs = self.chunk_size
+        view = memoryview(out)
+        run_fd, run_at = source(offset // cs), offset  # each chunk's source is asked once
+        for chunk in range(offset // cs + 1, -(-(offset + len(out)) // cs)):
+            fd = source(chunk)
+            if fd != run_fd:
+                if run_fd >= 0:
+                    pread_into(run_fd, view[run_at - offset : chunk * cs - offset], run_at)
+                run_fd, run_at = fd, chunk * cs
+        if run_fd >= 0:
+            pread_into(run_fd, view[run_at - offset :], run_at)
+        return out
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write into the head; a partial write to a chunk the head lacks copies it up first.
+
+        A chunk enters the head whole: its first write in this layer is always a full chunk, so
+        bytes a crash left in the data file outside the index are never exposed.
+        """
+        view = memoryview(data)
+        length = len(view)
+        self._check_range(offset, length)
+        head = self.head
+        cs = self.chunk_size
+        run_start = 0
+        run_new: list[int] = []
+        pos = 0
+        while pos < length:
+            chunk, within = divmod(offset + pos, cs)
+            n = min(cs - within, length - pos)
+            if head.index.get(chunk) == DATA or n == cs:
+                if head.index.get(chunk) != DATA:
+                    run_new.append(chunk)
+                if self.partial is not None and chunk in self.partial:
+                    _add_range(self.partial[chunk], within, within + n)
+            elif self.partial is not None and chunk not in head.index:
+                self.partial[chunk] = [(within, within + n)]
+                run_new.append(chunk)
+            else:
+                self._write_run(view, offset, run_start, pos, run_new)
+                merged = self.read(chunk * cs, cs)
+                merged[within : within + n] = view[pos : pos + n]
+                write_data(head.fd, merged, chunk * cs)
+                head.set(chunk, DATA)
+                self._top[chunk] = head
+                run_start = pos + n
+                run_new = []
+            pos += n
+        self._write_run(view, offset, run_start, length, run_new)
+        self.revision += 1
+
+    def _write_run(
+        self, view: memoryview, offset: int, start: int, end: int, new_chunks: list[int]
+    ) -> None:
+        if end > start:
+            head = self.head
+            write_data(head.fd, view[start:end], offset + start)
+            for chunk in new_chunks:
+                head.set(chunk, DATA)
+                self._top[chunk] = head
+
+    def trim(self, offset: int, length: int) -> None:
+        """Make a range read as zeros and free the head's space for whole chunks in it."""
+        self._check_range(offset, length)
+        cs = self.chunk_size
+        head = self.head
+        pos = offset
+        end = offset + length
+        while pos < end:
+            chunk, within = divmod(pos, cs)
+            n = min(cs - within, end - pos)
+            if n < cs:
+                if self._source(chunk) >= 0 or self.partial is not None:
+                    self.write(pos, bytes(n))
+            elif self.partial is not None or self._visible_below(chunk):
+                if self.partial is not None:
+                    self.partial.pop(chunk, None)
+                head.set(chunk, ZERO)
+                self._top[chunk] = head
+                punch_hole(head.fd, chunk * cs, cs)
+            elif chunk in head.index:
+                head.set(chunk, ABSENT)
+                self._resolve(chunk)
+                punch_hole(head.fd, chunk * cs, cs)
+            pos += n
+        self.revision += 1
+
+    def _visible_below(self, chunk: int) -> bool:
+        """Whether a layer under the head (or the backing image) shows data for ``chunk``."""
+        top = self._top.get(chunk)
+        if top is None:
+            return self.backing is not None and self.backing.covers(chunk)
+        if top is not self.head:
+            return top.index[chunk] == DATA
+        for layer in self.chain[1:]:
+            state = layer.index.get(chunk)
+            if state is not None:
+                return state == DATA
+        return self.backing is not None and self.backing.covers(chunk)
+
+    def _resolve(self, chunk: int) -> None:
+        """Recompute the topmost layer of the chain holding ``chunk``."""
+        for layer in self.chain:
+            if chunk in layer.index:
+                self._top[chunk] = layer
+                return
+        self._top.pop(chunk, None)
+
+    def _below_head(self, chunk: int) -> bytes:
+        for layer in self.chain[1:]:
+            state = layer.index.get(chunk)
+            if state is not None:
+                return layer.read_chunk(chunk) if state == DATA else bytes(self.chunk_size)
+        if self.backing is not None:
+            return self.backing.read_chunk(chunk)
+        return bytes(self.chunk_size)
+
+    def _merged_partial(self, chunk: int) -> bytearray:
+        """A partially written head chunk over what is below it now."""
+        merged = bytearray(self._below_head(chunk))
+        own = self.head.read_chunk(chunk)
+        for start, end in self.partial[chunk]:
+            merged[start:end] = own[start:end]
+        return merged
+
+    def _read_rebuilding(self, offset: int, length: int) -> bytearray:
+        out = bytearray()
+        cs = self.chunk_size
+        pos = offset
+        while pos < offset + length:
+            chunk, within = divmod(pos, cs)
+            n = min(cs - within, offset + length - pos)
+            if chunk in self.partial:
+                out += self._merged_partial(chunk)[within : within + n]
+            else:
+                partial, self.partial = self.partial, None
+                try:
+                    out += self.read(pos, n)
+                finally:
+                    self.partial = partial
+            pos += n
+        return out
+
+    def flush(self) -> None:
+        """Make every write so far durable: data first, then the index batches naming it."""
+        for layer in self.layers.values():
+            if layer.pending or layer is self.head:
+                layer.sync_data()
+                layer.commit(self.revision if layer is self.head else layer.revision)
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def _snapshot_id(self, name: str) -> str:
+        for layer_id, info in self.meta["layers"].items():
+            if info["name"] == name:
+                return layer_id
+        raise NotFound(f"no snapshot named {name!r}")
+
+    def snapshot(self, name: str) -> dict[str, Any]:
+        """Freeze the head as snapshot ``name`` and start a new empty head on it (no data copy)."""
+        check_name(name, "snapshot name")
+        if any(info["name"] == name for info in self.meta["layers"].values()):
+            raise AlreadyExists(f"snapshot {name!r} already exists")
+        self.flush()
+        old = self.head
+        new_id = secrets.token_hex(8)
+        new = Layer.create(self.dir, new_id, self.chunk_size)
+        new.revision = self.revision
+        fsync_dir(self.dir)
+        layers = self.meta["layers"]
+        layers[old.id].update(name=name, created=_now(), size=self.size)
+        layers[new_id] = {"name": None, "parent": old.id, "created": _now(), "size": self.size}
+        self.meta["head"] = new_id
+        self._save_meta()
+        self.layers[new_id] = new
+        self.chain.insert(0, new)
+        if old.needs_compaction():
+            old.compact()
+        return self._layer_info(old.id)
+
+    def remove_snapshot(self, name: str) -> None:
+        """Remove a snapshot, coalescing its chunks into its children (content unchanged)."""
+        for _ in self.remove_snapshot_steps(name):
+            pass
+
+    def remove_snapshot_steps(self, name: str, batch: int = 64) -> Iterator[tuple[int, int]]:
+        """``remove_snapshot`` as a generator yielding (chunks done, chunks total) between steps.
+
+        Between two steps the caller may run writes and trims: each step decides per chunk, at
+        that moment, whether the child already holds it. Every copy preserves the child's content
+        (the child read that chunk through to this snapshot anyway), so a crash at any point
+        leaves a valid chain and running the removal again finishes it.
+        """
+        sid = self._snapshot_id(name)
+        snap = self.layers[sid]
+        children = [
+            self.layers[lid] for lid, i in self.meta["layers"].items() if i["parent"] == sid
+        ]
+        items = sorted(snap.index.items())
+        total = len(items) * len(children)
+        done = 0
+        self.operation = {"op": "remove_snapshot", "snapshot": name, "done": 0, "total": total}
+        try:
+            yield done, total
+            for child in children:
+                child.drop_sums()
+                for i, (chunk, state) in enumerate(items):
+                    if chunk not in child.index:
+                        if state == DATA:
+                            write_data(child.fd, snap.read_chunk(chunk), chunk * self.chunk_size)
+                        child.set(chunk, state)
+                        if child in self.chain and self._top.get(chunk) is snap:
+                            self._top[chunk] = child
+                    done += 1
+                    if (i + 1) % batch == 0:
+                        self.operation["done"] = done
+                        yield done, total
+                child.sync_data()
+                child.commit(self.revision if child is self.head else child.revision)
+            self.flush()
+            parent = self.meta["layers"][sid]["parent"]
+            for child in children:
+                self.meta["layers"][child.id]["parent"] = parent
+            del self.meta["layers"][sid]
+            self._save_meta()
+            del self.layers[sid]
+            if snap in self.chain:
+                self.chain.remove(snap)
+                for chunk in snap.index:
+                    if self._top.get(chunk) is snap:
+                        self._resolve(chunk)
+            snap.remove_files()
+            self.operation["done"] = total
+            yield total, total
+        finally:
+            self.operation = None
+
+    def revert(self, name: str) -> None:
+        """Discard the head and start a fresh empty head on snapshot ``name``."""
+        sid = self._snapshot_id(name)
+        self.flush()
+        old = self.head
+        new_id = secrets.token_hex(8)
+        new = Layer.create(self.dir, new_id, self.chunk_size)
+        fsync_dir(self.dir)
+        layers = self.meta["layers"]
+        layers[new_id] = {"name": None, "parent": sid, "created": _now(), "size": self.size}
+        del layers[old.id]
+        self.meta["head"] = new_id
+        self.revision += 1
+        new.revision = self.revision
+        self._save_meta()
+        del self.layers[old.id]
+        old.remove_files()
+        self.layers[new_id] = new
+        self._build_chain()
+
+    def expand(self, size: int) -> None:
+        """Grow the volume; the new range reads as zeros."""
+        check_geometry(size, self.chunk_size)
+        if size < self.size:
+            raise InvalidArgument(f"cannot shrink the volume from {self.size} to {size} bytes")
+        self.flush()
+        self.size = size
+        self.meta["layers"][self.head.id]["size"] = size
+        self._save_meta()
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    def _layer_info(self, layer_id: str) -> dict[str, Any]:
+        info = self.meta["layers"][layer_id]
+        layer = self.layers[layer_id]
+        return {
+            "id": layer_id,
+            "name": info["name"],
+            "parent": info["parent"],
+            "created": info["created"],
+            "volume_size": info.get("size", self.size),
+            "kind": "head" if layer_id == self.meta["head"] else "snapshot",
+            "active": layer in self.chain,
+            "chunks": len(layer.index),
+            "size": layer.data_bytes(),
+        }
+
+    def list_layers(self) -> list[dict[str, Any]]:
+        """Every layer: the chain oldest first (head last), then snapshots off the chain."""
+        on_chain = [self._layer_info(layer.id) for layer in reversed(self.chain)]
+        off_chain = [
+            self._layer_info(lid)
+            for lid in self.meta["layers"]
+            if self.layers[lid] not in self.chain
+        ]
+        return on_chain + sorted(off_chain, key=lambda i: i["created"])
+
+    def info(self) -> dict[str, Any]:
+        backing = self.meta.get("backing")
+        return {
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "revision": self.revision,
+            "head": self.head.id,
+            "backing_image": backing and {"id": backing["id"], "file": backing["file"]},
+            "layers": len(self.layers),
+            "operation": self.operation,
+            "rebuilds": self.meta.get("rebuilds", 0),
+        }
+
+    def is_blank(self) -> bool:
+        """Whether the volume reads as zeros everywhere (nothing written, no backing image):
+        the only state in which ``lhfs mount`` may create a filesystem without a record."""
+        if self.backing is not None:
+            return False
+        return not any(layer.index[c] == DATA for c, layer in self._top.items())
+
+    def changed_blocks(self, base_id: str, top: str, block_size: int) -> list[int] | None:
+        """Blocks of ``block_size`` bytes that may differ between layer ``base_id`` and the
+        later snapshot ``top``: those touching a chunk held by any layer above the base, up to
+        ``top``, and those past the base's size. None when the base is not below ``top`` (it
+        was removed, or the volume reverted past it): then everything must be read.
+
+        Layer ids are this replica's own: a caller keeps one per replica."""
+        ancestry = self._ancestry(self.layer(top).id)
+        if base_id not in ancestry:
+            return None
+        chunks: set[int] = set()
+        for layer_id in ancestry[: ancestry.index(base_id)]:
+            chunks.update(self.layers[layer_id].index)
+        blocks = set()
+        for chunk in chunks:
+            first = chunk * self.chunk_size // block_size
+            last = ((chunk + 1) * self.chunk_size - 1) // block_size
+            blocks.update(range(first, last + 1))
+        base_size = self.meta["layers"][base_id]["size"]
+        top_size = self.meta["layers"][ancestry[0]]["size"]
+        if top_size != base_size:
+            blocks.update(range(min(base_size, top_size) // block_size, -(-top_size // block_size)))
+        return sorted(blocks)
+
+    def layer(self, layer_id: str) -> Layer:
+        """A layer by id, or a snapshot by name (replicas share names, not ids)."""
+        if layer_id in self.layers:
+            return self.layers[layer_id]
+        for lid, info in self.meta["layers"].items():
+            if info["name"] == layer_id:
+                return self.layers[lid]
+        raise NotFound(f"no layer {layer_id!r}")
+
+    def layer_sums(
+        self, layer_id: str, fresh: bool = False, first: int = 0, span: int | None = None
+    ) -> list[tuple[int, int, bytes]]:
+        """Per-chunk checksums of a layer, computed here and now (see ``sums_job``)."""
+        return self.sums_job(layer_id, fresh, first, span)()
+
+    def sums_job(
+        self, layer_id: str, fresh: bool = False, first: int = 0, span: int | None = None
+    ) -> Callable[[], list[tuple[int, int, bytes]]]:
+        """A job giving per-chunk checksums of a layer (``"backing"`` for the backing image),
+        in chunk order; with ``span``, only those of chunks ``first`` to ``first + span - 1``
+        (a page of a walk over a large layer, served without sorting all the others).
+
+        Immutable layers keep theirs in a file, so a rebuild asking again is cheap; ``fresh``
+        recomputes them from the bytes on disk (what a scrub and a rebuild target need: the
+        recorded sums say what the data was, the fresh ones what it is now).
+
+        The job may run in another thread (hashing a large layer takes minutes), so the layer
+        is resolved and its file opened here, on the caller's thread, where the chain changes;
+        the head, which writes change under a thread's feet, is hashed here at once.
+        """
+        backing, layer, current = self.backing, None, None
+        if layer_id != "backing":
+            layer = self.layer(layer_id)
+            layer.open()
+            if layer is self.head:
+                current = {c: (st, d) for c, st, d in layer.compute_sums()}
+        elif backing is None:
+            raise NotFound("this volume has no backing image")
+
+        def job() -> list[tuple[int, int, bytes]]:
+            if current is not None:
+                sums = current
+            elif layer is not None:
+                sums = layer.sums(fresh)
+            else:
+                assert backing is not None
+                sums = backing.sums()
+            chunks = sorted(sums) if span is None else range(first, first + span)
+            return [(c, *sums[c]) for c in chunks if c in sums]
+
+        return job
+
+    def verify_job(self, layer_id: str) -> Callable[[], list[int]]:
+        """A job, safe to run in another thread, that lists the chunks of a snapshot whose
+        bytes no longer match their recorded checksum (resolved here, as in ``sums_job``)."""
+        layer = self.layer(layer_id)
+        if layer is self.head:
+            raise InvalidArgument("the head changes with every write: only snapshots are verified")
+        layer.open()
+
+        def job() -> list[int]:
+            recorded = {c: (s, d) for c, s, d in layer.cached_sums()}
+            return [c for c, s, d in layer.compute_sums() if recorded.get(c) != (s, d)]
+
+        return job
+
+    # -- rebuild target -----------------------------------------------------------------------
+
+    def rebuild_begin(self, names: list[str], revision: int) -> dict[str, Any]:
+        """Reshape this replica's chain to the source's snapshot names (bottom-up, the last one
+        the rebuild's barrier) and start an empty head in partial mode.
+
+        Layers already here under those names are kept: their chunks are compared, not sent
+        again. The old head becomes the first missing layer (for a replica that comes back, it
+        holds most of what that layer should hold). Everything else here is dropped.
+        """
+        for name in names:
+            check_name(name, "snapshot name")
+        self.flush()
+        by_name = {info["name"]: lid for lid, info in self.meta["layers"].items() if info["name"]}
+        old_head = self.head.id
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            by_name[missing[0]] = old_head
+            self.meta["layers"][old_head]["name"] = missing[0]
+        keep = {by_name[n] for n in names if n in by_name}
+        for name in names:
+            if name not in by_name:
+                lid = secrets.token_hex(8)
+                self.layers[lid] = Layer.create(self.dir, lid, self.chunk_size)
+                self.meta["layers"][lid] = {"name": name, "created": _now(), "size": self.size}
+                by_name[name] = lid
+                keep.add(lid)
+        head = secrets.token_hex(8)
+        self.layers[head] = Layer.create(self.dir, head, self.chunk_size)
+        fsync_dir(self.dir)
+        parent = None
+        for name in names:
+            self.meta["layers"][by_name[name]]["parent"] = parent
+            parent = by_name[name]
+        self.meta["layers"][head] = {
+            "name": None,
+            "parent": parent,
+            "created": _now(),
+            "size": self.size,
+        }
+        dropped = [lid for lid in self.meta["layers"] if lid not in keep and lid != head]
+        for lid in dropped:
+            del self.meta["layers"][lid]
+        self.meta["head"] = head
+        self.meta["rebuilds"] = self.meta.get("rebuilds", 0) + 1  # kept layers may be rewritten
+        self.revision = revision
+        self.layers[head].revision = revision
+        self._save_meta()
+        for lid in dropped:
+            self.layers.pop(lid).remove_files()
+        self._build_chain()
+        self.partial = {}
+        return {"layers": len(names)}
+
+    def write_layer_run(
+        self, layer_id: str, first: int, states: bytes, data: bytes | memoryview
+    ) -> None:
+        """Set neighbouring chunks of an immutable layer as the rebuild source has them:
+        ``states`` has one byte per chunk, ``data`` the bytes of the DATA ones, in order."""
+        if self.partial is None:
+            raise InvalidArgument("layer chunks can only be written during a rebuild")
+        layer = self.layer(layer_id)
+        if layer is self.head:
+            raise InvalidArgument("the head is not rebuilt chunk by chunk")
+        cs = self.chunk_size
+        if first < 0 or first + len(states) > self.size // cs:
+            raise InvalidArgument(f"chunks {first}+{len(states)} are outside the volume")
+        if len(data) != cs * sum(1 for s in states if s == DATA):
+            raise InvalidArgument("layer run data does not match its states")
+        if any(state not in (ABSENT, DATA, ZERO) for state in states):
+            raise InvalidArgument("unknown chunk state in a layer run")
+        view = memoryview(data)
+        all_data = all(state == DATA for state in states)
+        if all_data:  # the common case: one write for the whole run, not cut in pieces
+            # (an immutable layer takes no small writes later: see layer.DATA_PIECE)
+            pwrite_all(layer.fd, view, first * cs)
+        pos = 0
+        for k, state in enumerate(states):
+            chunk = first + k
+            if state == DATA:
+                piece = view[pos : pos + cs]
+                if not all_data:
+                    pwrite_all(layer.fd, piece, chunk * cs)
+                layer.record_sum(chunk, DATA, piece)
+                pos += cs
+            else:
+                punch_hole(layer.fd, chunk * cs, cs)
+                layer.record_sum(chunk, state)
+            layer.set(chunk, state)
+            self._resolve(chunk)
+
+    def rebuild_finish(self) -> None:
+        """The layers below are complete: merge partially written head chunks over them."""
+        if self.partial is None:
+            raise InvalidArgument("no rebuild is under way")
+        for chunk in sorted(self.partial):
+            write_data(self.head.fd, self._merged_partial(chunk), chunk * self.chunk_size)
+        self.partial = None
+        self.flush()
+        for layer in self.chain[1:]:  # the checksums kept up to date during the copy, once
+            layer.save_sums()  # the data they describe is durable
+
+    def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
+        """Receive one chunk of a backing image this replica lacks (rebuild onto a new disk)."""
+        path = self.dir / ".backing.upload"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            pwrite_all(
+                fd,
+                data[: max(0, id_size(image_id) - chunk * self.chunk_size)],
+                chunk * self.chunk_size,
+            )
+        finally:
+            os.close(fd)
+
+    def backing_commit(self, image_id: str, file_name: str = "backing.img") -> None:
+        """Adopt the uploaded image if its content is ``image_id``; refuse it otherwise."""
+        upload = self.dir / ".backing.upload"
+        if not upload.exists():
+            upload.touch()
+        os.truncate(upload, id_size(image_id))
+        fd = os.open(upload, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        found = content_id(upload)
+        if found != image_id:
+            upload.unlink()
+            raise BackingImageMismatch(f"uploaded backing image is {found}, expected {image_id}")
+        local = self.dir / check_name(file_name, "backing image file name")
+        os.rename(upload, local)
+        fsync_dir(self.dir)
+        if self.backing is not None:
+            self.backing.close()
+        self.backing = BackingImage(local, image_id, self.chunk_size)
+        self.meta["backing"] = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
+        self._save_meta()
+
+    def read_snapshot(self, layer_id: str, offset: int, length: int) -> bytearray:
+        """The content a snapshot (or any layer) shows, through its own chain: what a backup
+        of that snapshot reads while the volume goes on changing above it."""
+        self._check_range(offset, length)
+        chain = [self.layers[lid] for lid in self._ancestry(self.layer(layer_id).id)]
+
+        def source(chunk: int) -> int:
+            for layer in chain:
+                state = layer.index.get(chunk)
+                if state is not None:
+                    return layer.fd if state == DATA else -1
+            if self.backing is not None and self.backing.covers(chunk):
+                return self.backing.fd
+            return -1
+
+        return self._read_runs(offset, bytearray(length), source)
+
+    def writeback_job(self, layer_id: str) -> Callable[[], None] | None:
+        return self.layer(layer_id).writeback_job()
+
+    def read_layer_run(self, layer_id: str, first: int, count: int) -> tuple[bytes, bytes]:
+        """Neighbouring chunks as a layer (or ``"backing"``) stores them: one state byte per
+        chunk (``ABSENT`` if not held) and the bytes of the DATA ones, in order."""
+        if count < 1 or first < 0:
+            raise InvalidArgument("a layer run is at least one chunk")
+        cs = self.chunk_size
+        if layer_id == "backing":
+            if self.backing is None:
+                raise NotFound("this volume has no backing image")
+            states = bytes(DATA if self.backing.covers(first + k) else ABSENT for k in range(count))
+            held = sum(1 for s in states if s == DATA)
+            return states, bytes(self.backing.read_run(first, held)) if held else b""
+        layer = self.layer(layer_id)
+        states = bytes(layer.index.get(first + k, ABSENT) for k in range(count))
+        if DATA not in states:
+            return states, b""
+        run = layer.read_run(first, count)
+        if all(s == DATA for s in states):
+            return states, run
+        return states, b"".join(
+            run[k * cs : (k + 1) * cs] for k, s in enumerate(states) if s == DATA
+        )
+
+    def checksum(self) -> str:
+        """xxh3-128 of the whole logical content of the volume, hex."""
+        digest = xxhash.xxh3_128()
+        for piece in self.content():
+            digest.update(piece)
+        return digest.hexdigest()
+
+    def content(self) -> Iterator[bytes | bytearray]:
+        """The volume's logical content in pieces of a few MiB, read as the iteration reaches
+        them (a caller may serve other requests between pieces)."""
+        step = max(self.chunk_size, 4 << 20)
+        size = self.size
+        for offset in range(0, size, step):
+            yield self.read(offset, min(step, size - offset))
+
+
+def _add_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
+    """Insert [start, end) into a list of disjoint ranges, merging what touches."""
+    keep = []
+    for a, b in ranges:
+        if b < start or a > end:
+            keep.append((a, b))
+        else:
+            start, end = min(a, start), max(b, end)
+    keep.append((start, end))
+    ranges[:] = sorted(keep)
+
+
+def _lock(directory: Path) -> int:
+    """Hold the directory exclusively: two processes writing one replica would corrupt it."""
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy(f"{directory} is in use by another lhfs process") from None
+    return fd

@@ -1,0 +1,193 @@
+"""``lhfs mount`` / ``lhfs umount``: attach, loop device, format at most once, mount.
+
+Whether a volume may be formatted is decided from two facts, never from memory or a guess:
+
+1. the volume's durable filesystem record (``config.json``), written *before* mkfs runs
+   (``formatting``) and updated after mkfs has completed and was flushed (``formatted``);
+2. what the device really holds, read through the engine: a filesystem signature (``blkid``),
+   and whether the volume was ever written at all (the replicas know: ``is_blank``).
+
+mkfs runs only if there is no record and the volume was never written, or the record says
+``formatting`` (mkfs never completed, so nothing was ever mounted or stored). A record of
+``formatted`` with a device that shows no such filesystem, or a device that cannot be read, is
+an error: formatting then would destroy data that the replicas may still hold.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lhfs.config import volume as volumes
+from lhfs.core.errors import Busy, CorruptState, InvalidArgument, LhfsError, NotFound, StorageError
+from lhfs.core.procs import wait_for
+from lhfs.engine import control
+from lhfs.volumes import manage
+
+SUPPORTED = ("ext4", "xfs")
+
+
+def _run(args: list[str], what: str) -> str:
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise LhfsError(f"{what} failed: {detail[-1] if detail else result.returncode}")
+    return result.stdout
+
+
+def probe(device: str) -> dict[str, str] | None:
+    """The filesystem signature on ``device`` (``{"TYPE", "UUID"}``), None if there is none;
+    an unreadable device is an error, not "empty"."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        raise StorageError(f"cannot open {device}: {exc.strerror}") from None
+    aligned = mmap.mmap(-1, 1 << 20)  # O_DIRECT wants an aligned buffer: reads reach the engine
+    try:
+        os.preadv(fd, [aligned], 0)
+    except OSError as exc:
+        raise StorageError(f"cannot read {device}: {exc.strerror}") from None
+    finally:
+        aligned.close()
+        os.close(fd)
+    result = subprocess.run(["blkid", "-p", "-o", "export", device], capture_output=True, text=True)
+    if result.returncode == 2:
+        return None
+    if result.returncode != 0:
+        raise StorageError(f"cannot probe {device}: {result.stderr.strip() or result.returncode}")
+    fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    return fields if "TYPE" in fields else None
+
+
+def decide(record: dict[str, Any] | None, found: dict[str, str] | None, blank: bool) -> str:
+    """``format``, ``mount`` or ``adopt`` (mount a filesystem lhfs did not make); raises when
+    neither is safe. Pure: the crash tests and the unit tests exercise every branch."""
+    if record is None:
+        if found is not None:
+            return "adopt"
+        if blank:
+            return "format"
+        raise CorruptState(
+            "the volume holds data but no filesystem signature, and lhfs never formatted it: "
+            "refusing to format"
+        )
+    if record["state"] == "formatting":
+        return "format"
+    if found is None:
+        raise CorruptState(
+            f"the volume was formatted as {record['type']} (UUID {record['uuid']}) but the device "
+            "shows no filesystem: refusing to format over it; check the replicas"
+        )
+    if found.get("TYPE") != record["type"] or found.get("UUID") != record["uuid"]:
+        raise CorruptState(
+            f"the volume was formatted as {record['type']} {record['uuid']} but the device holds "
+            f"{found.get('TYPE')} {found.get('UUID')}: refusing to mount or format"
+        )
+    return "mount"
+
+
+def _loop_for(device: Path) -> str:
+    loops = manage.loops_backed_by(device)
+    if loops:
+        return loops[0]
+    return _run(["losetup", "--direct-io=on", "--find", "--show", str(device)], "losetup").strip()
+
+
+def _mounted_at(loop: str) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[0] == loop]
+
+
+def mount(root: Path, name: str, mountpoint: Path, fs: str = "ext4") -> dict[str, Any]:
+    if fs not in SUPPORTED:
+        raise InvalidArgument(f"unsupported filesystem {fs!r} (choose from {', '.join(SUPPORTED)})")
+    mountpoint = mountpoint.absolute()
+    if not mountpoint.is_dir():
+        raise NotFound(f"mount point {mountpoint} is not a directory")
+    vol = volumes.load(root, name)
+    record = vol.filesystem
+    if record and record["type"] != fs:
+        raise InvalidArgument(f"volume {name} holds {record['type']}, not {fs}")
+    attached_here = False
+    runtime = vol.runtime()
+    if runtime is None:
+        manage.attach(root, name, vol.dir / "device")
+        attached_here = True
+        runtime = vol.runtime()
+        if runtime is None:
+            raise LhfsError(f"volume {name} did not stay attached; see {vol.dir / 'engine.log'}")
+    try:
+        return _mount_attached(vol, Path(runtime["device"]), mountpoint, fs)
+    except BaseException:
+        if attached_here:  # leave things as they were
+            _release(Path(runtime["device"]))
+            manage.detach(root, name)
+        raise
+
+
+def _release(device: Path) -> None:
+    for loop in manage.loops_backed_by(device):
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    wait_for(lambda: not manage.loops_backed_by(device), 30, "the loop device to go")
+
+
+def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str) -> dict[str, Any]:
+    name = vol.name
+    record = vol.filesystem
+    loop = _loop_for(device)
+    already = _mounted_at(loop)
+    if already:
+        if Path(already[0]) == mountpoint:
+            return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": False}
+        raise Busy(f"volume {name} is already mounted at {already[0]}")
+    if manage.is_mountpoint(mountpoint):
+        raise Busy(f"{mountpoint} is already a mount point")
+    blank = control.call(vol.control_socket, "blank")
+    action = decide(record, probe(loop), blank)
+    formatted = False
+    if action == "format":
+        record = {"type": fs, "uuid": str(uuid.uuid4()), "state": "formatting"}
+        vol.record_filesystem(record)
+        mkfs = ["mkfs.ext4", "-q", "-F", "-U", record["uuid"], "-E", "nodiscard", loop]
+        if fs == "xfs":
+            mkfs = ["mkfs.xfs", "-q", "-f", "-K", "-m", f"uuid={record['uuid']}", loop]
+        _run(mkfs, "mkfs")
+        _run(["blockdev", "--flushbufs", loop], "flush")
+        control.call(vol.control_socket, "flush")
+        record["state"] = "formatted"
+        vol.record_filesystem(record)
+        formatted = True
+    elif action == "adopt":
+        found = probe(loop) or {}
+        record = {
+            "type": found.get("TYPE", fs),
+            "uuid": found.get("UUID", ""),
+            "state": "formatted",
+        }
+        vol.record_filesystem(record)
+    _run(["mount", "-t", record["type"], loop, str(mountpoint)], "mount")
+    return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": formatted}
+
+
+def umount(root: Path, mountpoint: Path) -> dict[str, Any]:
+    mountpoint = mountpoint.absolute()
+    with open("/proc/self/mounts") as f:
+        sources = [line.split()[0] for line in f if line.split()[1] == str(mountpoint)]
+    if not sources:
+        raise NotFound(f"nothing is mounted at {mountpoint}")
+    loop = sources[-1]
+    owner = None
+    for name in volumes.list_names(root):
+        runtime = volumes.load(root, name).runtime()
+        if runtime and loop in manage.loops_backed_by(Path(runtime["device"])):
+            owner = name
+    if owner is None:
+        raise NotFound(f"{mountpoint} is not an lhfs volume of {root}")
+    _run(["umount", str(mountpoint)], "umount")
+    _release(Path(volumes.load(root, owner).runtime()["device"]))
+    manage.detach(root, owner)
+    return {"name": owner, "mountpoint": str(mountpoint)}

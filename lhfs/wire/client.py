@@ -1,0 +1,432 @@
+"""The client side of the replica protocol, for the engine, rebuild, tools and tests.
+
+Many tasks may call one client at once, and the engine submits requests without waiting: each
+request gets an id and a callback, and answers may come back in any order. When the connection
+breaks, every waiting request and every later one fails with ``ConnectionLost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from lhfs.core.errors import ConnectionLost, InvalidArgument, LhfsError, ProtocolError
+from lhfs.wire import protocol as p
+
+log = logging.getLogger("lhfs.client")
+CONNECT_TIMEOUT = 10.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); a clear error for anything else."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidArgument(f"not a HOST:PORT address: {address!r}")
+    return host, int(port)
+
+
+class SyncReplica:
+    """A blocking, one-request-at-a-time connection, for threads outside trio (a backup reading
+    a snapshot from a running replica)."""
+
+    def __init__(self, address: str, timeout: float = 60.0) -> None:
+        self.address = address
+        host, port = parse_address(address)
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout)
+            self._sock.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
+            magic, _version, status = p.HELLO_REPLY.unpack(self._recv(p.HELLO_REPLY.size))
+        except OSError as exc:
+            raise ConnectionLost(f"cannot reach replica {address}: {exc}") from None
+        if magic != p.MAGIC or status != 0:
+            raise ProtocolError(f"{address} is not an lhfs replica speaking version {p.VERSION}")
+        self._next = 0
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            data = self._sock.recv(n - len(buf))
+            if not data:
+                raise ConnectionLost(f"replica {self.address} closed the connection")
+            buf += data
+        return bytes(buf)
+
+    def request(self, op: int, *parts: bytes) -> bytes:
+        self._next += 1
+        try:
+            self._sock.sendall(p.frame(self._next, op, *parts))
+            length, _request_id, status = p.HEADER.unpack(self._recv(p.HEADER.size))
+            payload = self._recv(length - (p.HEADER.size - p.LENGTH.size))
+        except OSError as exc:
+            raise ConnectionLost(f"connection to replica {self.address} broke: {exc}") from None
+        if status != p.OK:
+            raise p.decode_error(payload)
+        return payload
+
+    def read_snapshot(self, layer: str, offset: int, length: int) -> bytes:
+        return self.request(p.READ_SNAPSHOT, p.RANGE.pack(offset, length), layer.encode())
+
+    def call(self, method: str, **args: Any) -> Any:
+        return p.decode_json(self.request(p.CALL, p.encode_json({"method": method, "args": args})))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+Callback = Callable[[LhfsError | None, memoryview | bytes], None]
+"""Called once with the answer to a request: ``(None, payload)`` or ``(error, b"")``. The
+payload is a view into the connection's receive buffer, valid only during the call."""
+
+
+class _Waiter:
+    """The callback of an awaited request: keeps a copy of the answer and wakes the caller."""
+
+    __slots__ = ("answer", "done", "failed")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answer: bytes = b""
+        self.failed: LhfsError | None = None
+
+    def __call__(self, error: LhfsError | None, payload: memoryview | bytes) -> None:
+        if error is None:
+            self.answer = bytes(payload)
+        else:
+            self.failed = error
+        self.done.set()
+
+
+class ReplicaClient:
+    """A connection to one replica process; create with ``connect`` inside a nursery.
+
+    Requests are queued by ``submit`` and leave with ``push``, which hands everything queued
+    to the socket in one ``writev`` without waiting (``protocol.Outbox``). Answers are routed
+    by a reader task to each request's callback. The awaitable calls (``request`` and the
+    operations below) push at once; the engine submits a whole burst of requests first and
+    pushes once, so that a burst costs one system call per replica.
+    """
+
+    def __init__(self, stream: trio.SocketStream, address: str) -> None:
+        self.address = address
+        self._stream = stream
+        self._next_id = 0
+        self._waiting: dict[int, Callback] = {}
+        self._quick: set[int] = set()
+        self._outbox = p.Outbox(stream.socket, self._send_failed)
+        self._broken: LhfsError | None = None
+        self._cancel = trio.CancelScope()
+        self.progress = trio.current_time()  # when the replica last showed life
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str,
+        nursery: trio.Nursery,
+        timeout: float = CONNECT_TIMEOUT,
+        local: str | None = None,
+    ) -> ReplicaClient:
+        """Connect, handshake and start the connection's tasks in ``nursery``. With ``local``,
+        the replica at ``address`` is reached by its local socket of that name instead (a
+        replica this host started with ``--local``)."""
+        host, port = parse_address(address)
+        stream: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(timeout):
+                stream = await (_open_local(local) if local else trio.open_tcp_stream(host, port))
+                await stream.send_all(p.HELLO.pack(p.MAGIC, p.VERSION))
+                reply = b""
+                while len(reply) < p.HELLO_REPLY.size:
+                    data = await stream.receive_some(p.HELLO_REPLY.size - len(reply))
+                    if not data:
+                        raise ConnectionLost(f"replica {address} closed the connection")
+                    reply += data
+        except BaseException as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                why = f"no answer within {timeout}s"
+            elif isinstance(exc, OSError):
+                why = exc.strerror or str(exc)
+            elif isinstance(exc, trio.BrokenResourceError):  # reset during the handshake
+                why = str(exc)
+            else:
+                raise
+            raise ConnectionLost(f"cannot reach replica {address}: {why}") from None
+        magic, _version, status = p.HELLO_REPLY.unpack(reply)
+        if magic != p.MAGIC or status != 0:
+            await stream.aclose()
+            raise ProtocolError(f"{address} is not an lhfs replica speaking version {p.VERSION}")
+        p.tune_stream(stream)
+        client = cls(stream, address)
+        nursery.start_soon(client._run)
+        return client
+
+    async def aclose(self) -> None:
+        self._fail(ConnectionLost(f"connection to replica {self.address} closed"))
+        self._cancel.cancel()
+        await trio.aclose_forcefully(self._stream)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """Whether requests that must be answered promptly (I/O) have waited for more than
+        ``timeout`` seconds without the replica sending anything."""
+        return bool(self._quick) and now - self.progress > timeout
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guard, self._outbox.drain, nursery.cancel_scope)
+                    await self._guard(self._reader, nursery.cancel_scope)
+                    nursery.cancel_scope.cancel()
+        finally:  # also when the nursery it runs in is cancelled: never a socket left open
+            self._fail(ConnectionLost(f"connection to replica {self.address} lost"))
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
+
+    async def _guard(self, loop: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """Run the reader or writer; when either ends, fail waiting calls and stop the other."""
+        try:
+            await loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(ConnectionLost(f"connection to replica {self.address} broke: {exc}"))
+        except ProtocolError as exc:
+            self._fail(exc)
+        scope.cancel()
+
+    async def _reader(self) -> None:
+        frames = p.FrameBuffer()
+        waiting, quick = self._waiting, self._quick
+        while True:
+            if not await frames.receive(self._stream.socket):
+                return
+            self.progress = trio.current_time()
+            for request_id, status, payload in frames.frames():
+                if self._broken is not None:  # failed meanwhile: its requests were answered
+                    return
+                callback = waiting.pop(request_id, None)
+                if callback is None:
+                    continue
+                quick.discard(request_id)
+                if status == p.OK:
+                    _call(callback, None, payload)
+                else:
+                    _call(callback, p.decode_error(payload), b"")
+
+    def _fail(self, exc: LhfsError) -> None:
+        """Every waiting request gets ``exc``, once: the reader, which may still hold answers
+        received before the failure, delivers nothing more (``_broken``)."""
+        if self._broken is None:
+            self._broken = exc
+            self._cancel.cancel()
+        waiting = list(self._waiting.values())
+        self._waiting.clear()
+        self._quick.clear()
+        self._outbox.queue.clear()
+        for callback in waiting:
+            _call(callback, exc, b"")
+
+    def submit(
+        self,
+        op: int,
+        parts: tuple[p.Part, ...],
+        callback: Callback,
+        quick: bool = False,
+        owned: bool = False,
+    ) -> None:
+        """Queue one request (it leaves with the next ``push``); ``callback`` gets its answer.
+        ``quick`` puts it under the deadline that ``stalled`` checks (I/O, not long calls).
+        Parts are sent later: one that could still change is copied, unless ``owned`` says
+        that the caller leaves them alone until the callback ran.
+        The engine submits a write to every replica before it pushes, so the replicas work in
+        parallel and see requests in one order."""
+        if self._broken is not None:
+            raise ConnectionLost(str(self._broken))
+        length = p.HEADER.size - p.LENGTH.size + sum(len(part) for part in parts)
+        if length > p.MAX_FRAME:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {p.MAX_FRAME}")
+        request_id = self._next_id
+        while True:  # after 2**32 requests, ids wrap: never reuse one still waiting
+            request_id = (request_id + 1) & 0xFFFFFFFF
+            if request_id not in self._waiting:
+                break
+        self._next_id = request_id
+        self._waiting[request_id] = callback
+        if quick:
+            if not self._quick:
+                self.progress = trio.current_time()
+            self._quick.add(request_id)
+        queue = self._outbox.queue
+        queue.append(p.HEADER.pack(length, request_id, op))
+        if owned:
+            queue += parts
+        else:
+            queue += [part if p.immutable(part) else bytes(part) for part in parts]
+
+    def push(self) -> None:
+        """Send what is queued, as far as the socket takes it without waiting."""
+        if self._broken is None:
+            self._outbox.push()
+
+    def _send_failed(self, exc: OSError) -> None:
+        self._fail(ConnectionLost(f"connection to replica {self.address} broke: {exc}"))
+
+    async def request(self, op: int, *parts: p.Part) -> bytes:
+        """Send one request and wait for its answer; errors come back as ``LhfsError``."""
+        waiter = _Waiter()
+        self.submit(op, parts, waiter)
+        self.push()
+        await waiter.done.wait()
+        if waiter.failed is not None:
+            raise waiter.failed
+        return waiter.answer
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.request(p.READ, p.RANGE.pack(offset, length))
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write and return the replica's revision counter after it."""
+        return p.U64.unpack(await self.request(p.WRITE, p.U64.pack(offset), data))[0]
+
+    async def trim(self, offset: int, length: int) -> int:
+        return p.U64.unpack(await self.request(p.TRIM, p.TRIM_RANGE.pack(offset, length)))[0]
+
+    async def flush(self) -> int:
+        """Make every earlier write durable; returns the durable revision counter."""
+        return p.U64.unpack(await self.request(p.FLUSH))[0]
+
+    async def call(self, method: str, **args: Any) -> Any:
+        answer = await self.request(p.CALL, p.encode_json({"method": method, "args": args}))
+        return p.decode_json(answer)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.call("info")
+
+    async def layer_sums(
+        self, layer_id: str, first: int = 0, span: int = 1 << 24, fresh: bool = False
+    ) -> list[tuple[int, int, bytes]]:
+        """One page of a layer's per-chunk checksums: those of chunks ``first`` to
+        ``first + span - 1`` that the layer holds, in chunk order."""
+        answer = await self.request(
+            p.LAYER_SUMS, p.SUMS_REQ.pack(first, span, fresh), layer_id.encode()
+        )
+        return list(p.SUM_ENTRY.iter_unpack(answer))
+
+    async def write_layer_run(
+        self, layer_id: str, first: int, states: bytes, data: bytes | memoryview
+    ) -> None:
+        name = layer_id.encode()
+        header = p.WRITE_RUN.pack(first, len(states), len(name))
+        await self.request(p.WRITE_LAYER_RUN, header, name, states, data)
+
+    async def read_layer_run(
+        self, layer_id: str, first: int, count: int
+    ) -> tuple[bytes, memoryview]:
+        """(one state byte per chunk, the DATA chunks' bytes) of neighbouring chunks; the data
+        is a view of the answer, not copied again."""
+        answer = await self.request(p.READ_LAYER_RUN, p.RUN.pack(first, count), layer_id.encode())
+        view = memoryview(answer)
+        return bytes(view[:count]), view[count:]
+
+    async def backing_upload(self, image_id: str, chunk: int, data: bytes | memoryview) -> None:
+        name = image_id.encode()
+        await self.request(p.BACKING_UPLOAD, p.UPLOAD.pack(chunk, len(name)), name, data)
+
+    async def read_layer_chunk(self, layer_id: str, chunk: int) -> tuple[int, bytes]:
+        states, data = await self.read_layer_run(layer_id, chunk, 1)
+        return states[0], bytes(data)
+
+
+LOCAL_BUFFER = 4 << 20  # a Unix socket's send buffer (its whole in-flight data): room for bursts
+
+
+def _call(callback: Callback, error: LhfsError | None, payload: memoryview | bytes) -> None:
+    """Run a completion callback; one that fails is a bug of its owner, logged, and must not
+    break the connection that delivered the answer (nor the other requests on it)."""
+    try:
+        callback(error, payload)
+    except Exception:
+        log.exception("a replica request's completion callback failed")
+
+
+async def _open_local(name: str) -> trio.SocketStream:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)  # capped by wmem_max
+    try:
+        await sock.connect("\0" + name)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+SUMS_PAGE = 1 << 16  # chunks per request when walking a layer's checksums (at most 1.6 MB)
+
+
+class SumsUnavailable(LhfsError):
+    """One replica could not give a layer's checksums; ``which`` says which one."""
+
+    def __init__(self, which: int, error: LhfsError) -> None:
+        super().__init__(str(error))
+        self.which = which
+        self.error = error
+
+
+async def merged_layer_sums(
+    clients: list[ReplicaClient], layer_id: str, fresh: list[bool], chunks: int
+) -> AsyncIterator[tuple[int, list[tuple[int, bytes] | None]]]:
+    """A layer's per-chunk checksums on several replicas side by side, for the chunks of a
+    volume of ``chunks`` chunks that any of them holds, in chunk order: ``(chunk, [(state,
+    digest) or None per replica])``. Read a range of chunks at a time, so that comparing a
+    large layer never holds all of it in memory. The first range is asked of all at once (a
+    replica that hashes its data for it does so alongside the others). ``fresh[i]`` has
+    replica ``i`` hash its data again rather than give its recorded checksums."""
+    failed: list[SumsUnavailable] = []
+    pages: list[list[tuple[int, int, bytes]]] = [[] for _ in clients]
+
+    async def fill(i: int, first: int) -> None:
+        try:
+            pages[i] = await clients[i].layer_sums(
+                layer_id, first, SUMS_PAGE, fresh=fresh[i] and first == 0
+            )
+        except LhfsError as exc:  # raised outside the nursery, as itself
+            failed.append(SumsUnavailable(i, exc))
+
+    for first in range(0, chunks, SUMS_PAGE):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(clients)):
+                nursery.start_soon(fill, i, first)
+        if failed:
+            raise failed[0]
+        rows: dict[int, list[tuple[int, bytes] | None]] = {}
+        for i, page in enumerate(pages):
+            for chunk, state, digest in page:
+                rows.setdefault(chunk, [None] * len(clients))[i] = (state, digest)
+        for chunk in sorted(rows):
+            yield chunk, rows[chunk]
+
+
+@asynccontextmanager
+async def open_replica(
+    address: str, timeout: float = CONNECT_TIMEOUT
+) -> AsyncIterator[ReplicaClient]:
+    """A client for the duration of a ``async with`` block (tools and tests)."""
+    async with trio.open_nursery() as nursery:
+        client = await ReplicaClient.connect(address, nursery, timeout)
+        try:
+            yield client
+        finally:
+            await client.aclose()

@@ -1,0 +1,289 @@
+"""The replica wire protocol: a version handshake, then framed requests and responses.
+
+After connecting, the client sends ``MAGIC`` and its version (u16); the server answers with
+``MAGIC``, its version and a status byte (0: accepted) and closes the connection if it cannot
+speak that version.
+
+Every frame is ``<u32 length><u32 request id><u16 op or status><payload>``, little-endian, where
+length counts the bytes after itself. Requests carry ids so that many can be in flight on one
+connection and answers may come back in any order. Bulk data (reads, writes, layer chunks) is
+raw bytes after a fixed header; control calls carry a small JSON object. An error answer has
+status ``ERROR`` and a JSON payload ``{"kind", "message"}`` naming a class of ``lhfs.errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from lhfs.core.errors import LhfsError, ProtocolError, from_wire
+
+MAGIC = b"LHFS"
+VERSION = 2
+HELLO = struct.Struct("<4sH")
+HELLO_REPLY = struct.Struct("<4sHB")
+
+HEADER = struct.Struct("<IIH")  # length of what follows the length field, request id, op/status
+LENGTH = struct.Struct("<I")
+MAX_IO = 16 << 20
+MAX_FRAME = MAX_IO + 4096
+
+# Ops. Data ops have fixed binary arguments; CALL carries {"method": str, "args": {...}}.
+READ = 1  # <Q offset><I length>                -> data
+WRITE = 2  # <Q offset> data                    -> <Q revision>
+TRIM = 3  # <Q offset><Q length>                -> <Q revision>
+FLUSH = 4  #                                    -> <Q revision>
+CALL = 5  # JSON                                -> JSON
+LAYER_SUMS = 6  # <Q first chunk><I max entries><B fresh> layer  -> SUM_ENTRY*
+READ_LAYER_RUN = 7  # <Q first><H count> layer          -> count state bytes, DATA chunks' bytes
+WRITE_LAYER_RUN = 8  # <Q first><H count><H len> layer, states, data   (rebuild target only)
+READ_SNAPSHOT = 10  # <Q offset><I length> layer                 -> data
+BACKING_UPLOAD = 9  # <Q chunk><H len> image id, data            (rebuild target only)
+
+OK = 0
+ERROR = 1
+
+RANGE = struct.Struct("<QI")
+TRIM_RANGE = struct.Struct("<QQ")
+U64 = struct.Struct("<Q")
+SUMS_REQ = struct.Struct("<QIB")
+RUN = struct.Struct("<QH")
+WRITE_RUN = struct.Struct("<QHH")
+UPLOAD = struct.Struct("<QH")
+SUM_ENTRY = struct.Struct("<QB16s")
+STATE = struct.Struct("<B")
+
+
+Part = bytes | bytearray | memoryview
+LARGE = 256 << 10  # a part this long is sent as it is rather than copied into a buffer
+_IOV_MAX = 1024  # pieces per writev
+_NOTSENT_LOWAT = 1 << 30  # in effect no limit but the send buffer (the kernel default)
+
+
+def _header(request_id: int, code: int, parts: tuple[Part, ...]) -> bytes:
+    length = HEADER.size - LENGTH.size + sum(len(part) for part in parts)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+    return HEADER.pack(length, request_id, code)
+
+
+def frame(request_id: int, code: int, *parts: Part) -> bytes:
+    """One frame: header then payload parts, as a single buffer ready to send."""
+    return b"".join((_header(request_id, code, parts), *parts))
+
+
+def immutable(part: Part) -> bool:
+    """Bytes, or a view of bytes: nobody can change them while they wait to be sent (a
+    read-only view of a bytearray or of a mapped file could still change underneath)."""
+    return isinstance(part, bytes) or (isinstance(part, memoryview) and isinstance(part.obj, bytes))
+
+
+def frame_pieces(request_id: int, code: int, *parts: Part, owned: bool = False) -> list[Part]:
+    """One frame as pieces to send in order: the small parts joined, and each large part (the
+    data of a 1 MiB write or read) left as it is, so that it is never copied before the kernel
+    takes it. A caller's buffer is left as it is only if it is bytes (or a view of bytes),
+    unless ``owned`` says that nobody will change it."""
+    pieces: list[Part] = []
+    run: list[Part] = [_header(request_id, code, parts)]
+    for part in parts:
+        if len(part) >= LARGE and (owned or immutable(part)):
+            pieces += [b"".join(run), part]
+            run = []
+        else:
+            run.append(part)
+    if run:
+        pieces.append(b"".join(run))
+    return pieces
+
+
+def tune_stream(stream: Any) -> None:
+    """Undo trio's low TCP_NOTSENT_LOWAT (16 KiB) on a replica connection: it makes every send
+    stop once 16 KiB wait unsent, so a 1 MiB write left in slices of about 192 KiB, each a
+    system call and a wake-up of its own (loopback, 1 MiB writes: 1.4 against 2.x GB/s).
+    This protocol sends bulk data and batches requests itself."""
+    sock = stream.socket
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
+
+
+class Outbox:
+    """Frames waiting to leave on one socket.
+
+    ``push`` hands everything queued to the kernel in one ``writev`` without waiting; what the
+    socket cannot take yet is sent by ``drain`` (one task per connection) as the socket
+    empties. Sending without a round of the event loop per send matters: a replica answering
+    a burst of sixteen writes, or an engine sending one, does so in one or two system calls.
+    Everything runs on one event loop and pieces are queued whole frames at a time between
+    awaits, so frames never interleave. A send that fails empties the queue and calls
+    ``on_error`` once (later pushes do nothing).
+    """
+
+    def __init__(self, sock: Any, on_error: Callable[[OSError], None]) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._on_error = on_error
+        self.queue: list[Part] = []
+        self._blocked = False
+        self._wake = trio.Event()
+        self._sent = trio.Event()
+        self.failed: OSError | None = None
+
+    def push(self) -> None:
+        """Send what is queued, as far as the socket takes it now."""
+        queue = self.queue
+        if self._blocked or not queue or self.failed is not None:
+            return
+        try:
+            while queue:
+                batch = queue[:_IOV_MAX]
+                sent = os.writev(self._fd, batch)
+                done = 0
+                for piece in batch:
+                    if sent < len(piece):
+                        break
+                    sent -= len(piece)
+                    done += 1
+                del queue[:done]
+                if sent:
+                    queue[0] = memoryview(queue[0])[sent:]
+        except BlockingIOError:
+            self._blocked = True
+            self._wake.set()
+        except OSError as exc:
+            self.failed = exc
+            queue.clear()
+            self._on_error(exc)
+            self._sent.set()
+
+    async def drain(self) -> None:
+        """Send what the socket could not take at once, as it empties (runs until cancelled)."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._blocked and self.failed is None:
+                await trio.lowlevel.wait_writable(self._sock)
+                self._blocked = False
+                self.push()
+            self._sent.set()
+
+    async def sent(self) -> None:
+        """Wait until the socket took everything queued (or failed): a peer that stops reading
+        its answers stops the sender from taking on more work."""
+        while self._blocked and self.failed is None:
+            self._sent = trio.Event()
+            await self._sent.wait()
+
+
+def error_payload(exc: LhfsError) -> bytes:
+    return json.dumps({"kind": type(exc).__name__, "message": str(exc)}).encode()
+
+
+def decode_error(payload: bytes | memoryview) -> LhfsError:
+    try:
+        obj = json.loads(bytes(payload))
+        return from_wire(str(obj["kind"]), str(obj["message"]))
+    except (ValueError, KeyError, TypeError):
+        return ProtocolError("malformed error answer from replica")
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(payload: bytes | memoryview) -> Any:
+    try:
+        return json.loads(bytes(payload))
+    except ValueError as exc:
+        raise ProtocolError(f"malformed JSON payload: {exc}") from None
+
+
+_YIELD_AFTER = 64 << 10  # bytes a receiver reads without waiting before it yields
+
+
+class FrameBuffer:
+    """Receives bytes straight into one reusable buffer and cuts them into complete frames.
+
+    ``receive`` reads from a trio socket into the free end of the buffer (no per-receive
+    allocation, and room is made for a whole large frame at once, so a 1 MiB write is copied
+    once by the kernel and not again here). ``frames()`` yields (request id, code, payload
+    view); the views point into the buffer and must not outlive the iteration.
+    """
+
+    _MIN_ROOM = 256 << 10
+
+    def __init__(self, size: int = 4 << 20) -> None:
+        self.buf = bytearray(size)
+        self.start = 0
+        self.end = 0
+        self._unyielded = 0  # bytes read since this receiver last waited or yielded
+
+    def _make_room(self) -> None:
+        pending = self.end - self.start
+        need = self._MIN_ROOM
+        if pending >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(self.buf, self.start)
+            need = max(need, LENGTH.size + min(length, MAX_FRAME) - pending)
+        if len(self.buf) - self.end >= need:
+            return
+        size = max(len(self.buf), pending + need)
+        new = bytearray(size) if size > len(self.buf) else self.buf
+        new[:pending] = self.buf[self.start : self.end]
+        self.buf, self.start, self.end = new, 0, pending
+
+    async def receive(self, sock: Any) -> int:
+        """One read from a trio socket into the buffer; returns the byte count (0 at end of
+        stream). The socket is read directly and waited for only when it has nothing: trio's
+        own ``recv_into`` also hands control to the scheduler after every read that found
+        data, a round of the event loop per burst of requests (4 KiB random reads through the
+        device, 3 replicas: 32.8k against 30.5k IOPS on average over 5 alternating rounds,
+        1 MiB writes unchanged). Once ``_YIELD_AFTER`` bytes were read without waiting, this
+        yields, so that a connection that never runs dry cannot keep the others waiting."""
+        self._make_room()
+        with memoryview(self.buf) as view:
+            target = view[self.end :]
+            try:
+                while True:
+                    fd = sock.fileno()  # again after each wait: closed meanwhile is -1
+                    if fd < 0:
+                        raise trio.ClosedResourceError("the socket was closed")
+                    try:
+                        n = os.readv(fd, [target])
+                        break
+                    except BlockingIOError:
+                        self._unyielded = 0
+                        await trio.lowlevel.wait_readable(sock)
+            finally:
+                target.release()
+        self.end += n  # kept before yielding: a cancellation there loses no bytes
+        self._unyielded += n
+        if self._unyielded >= _YIELD_AFTER:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+        return n
+
+    def frames(self):  # type: ignore[no-untyped-def]
+        buf = self.buf
+        with memoryview(buf) as view:
+            while self.end - self.start >= LENGTH.size:
+                pos = self.start
+                (length,) = LENGTH.unpack_from(buf, pos)
+                if length < HEADER.size - LENGTH.size or length > MAX_FRAME:
+                    raise ProtocolError(f"bad frame length {length}")
+                end = pos + LENGTH.size + length
+                if end > self.end:
+                    break
+                _, request_id, code = HEADER.unpack_from(buf, pos)
+                payload = view[pos + HEADER.size : end]
+                self.start = end
+                yield request_id, code, payload
+                payload.release()
+        if self.start == self.end:
+            self.start = self.end = 0
