@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,22 @@ from typing import Any
 from lhfs.config import volume as volumes
 from lhfs.core.procs import LHFS, wait_for
 from lhfs.volumes.manage import cleanup_stale_device, loops_backed_by
+from lhfs.wire import protocol as p
+from lhfs.wire.auth import VolumeKey
+
+
+def raw_session(
+    address: str, key: VolumeKey, role: int = p.ENGINE, epoch: int = 0, timeout: float = 30
+) -> socket.socket:
+    """A blocking socket to a replica, past the handshake: for tests that send frames by hand
+    (malformed ones, or many at once)."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    handshake = p.ClientHandshake(key, address, role, epoch, takeover=False)
+    sock.sendall(handshake.hello())
+    sock.sendall(handshake.answer(sock.recv(p.CHALLENGE.size, socket.MSG_WAITALL)))
+    handshake.welcome(sock.recv(p.WELCOME.size, socket.MSG_WAITALL))
+    return sock
 
 
 class CliError(AssertionError):

@@ -11,6 +11,7 @@ import pytest
 
 from lhfs.replica.process import ReplicaProcess
 from lhfs.testing import Cli, S3Server, teardown
+from lhfs.wire.auth import VolumeKey
 
 # Outside CI, a machine without root or /dev/fuse skips the device tests (pytest -ra lists
 # them); in CI they always run, so a missing FUSE fails loudly instead of hiding.
@@ -60,13 +61,22 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def replica_factory(tmp_path: Path) -> Iterator:
-    """``start(dir)`` runs ``lhfs replica serve`` on DIR; every process is stopped at the end."""
+def key_file(tmp_path: Path) -> Path:
+    """A volume key for replicas a test starts by hand (``replica.key`` holds it loaded)."""
+    path = tmp_path / "volume.key"
+    VolumeKey.new("test").save(path)
+    return path
+
+
+@pytest.fixture
+def replica_factory(tmp_path: Path, key_file: Path) -> Iterator:
+    """``start(dir)`` runs ``lhfs replica serve`` on DIR with the test's key (or ``key``, a
+    key file); every process is stopped at the end."""
     started: list[ReplicaProcess] = []
 
-    def start(directory: Path | None = None) -> ReplicaProcess:
+    def start(directory: Path | None = None, key: Path | None = None) -> ReplicaProcess:
         directory = directory or tmp_path / f"replica{len(started)}"
-        proc = ReplicaProcess(directory)
+        proc = ReplicaProcess(directory, key or key_file)
         started.append(proc)
         return proc
 

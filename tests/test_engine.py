@@ -27,7 +27,7 @@ def test_a_cancelled_quiesce_lets_parked_io_go(tmp_path: Path, replica_factory) 
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            engine = Engine(SIZE, 4096, nursery)
+            engine = Engine(SIZE, 4096, nursery, procs[0].key)
             await engine.attach([(f"r{i}", proc.address, False) for i, proc in enumerate(procs)])
             assert [r.mode for r in engine.replicas] == [RW, RW]
             slow = trio.Event()
@@ -56,7 +56,7 @@ def test_a_replica_dying_under_a_burst_never_acknowledges_a_lost_write(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            engine = Engine(SIZE, 4096, nursery)
+            engine = Engine(SIZE, 4096, nursery, procs[0].key)
             await engine.attach([(f"r{i}", proc.address, False) for i, proc in enumerate(procs)])
             acknowledged: dict[int, bytes] = {}
             pending = 0

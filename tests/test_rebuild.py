@@ -173,10 +173,11 @@ def test_a_target_that_cannot_reach_the_source_is_fed_through_the_engine(
     here a proxy that stops taking new connections while the engine keeps its own), the engine
     relays the data itself and the rebuild still ends equal."""
     size = 64 * MIB
-    remote = replica_factory(tmp_path / "remote")
+    cli.run("volume", "create", "n", "--size", "64M", "--replicas", "1")
+    cli.run("volume", "key", "n", "--out", str(tmp_path / "n.key"))
+    remote = replica_factory(tmp_path / "remote", tmp_path / "n.key")
     proxy = FaultProxy(parse_address(remote.address))
     try:
-        cli.run("volume", "create", "n", "--size", "64M", "--replicas", "1")
         device = tmp_path / "dev"
         cli.run("volume", "attach", "n", "--device", str(device))
         write_random(device, size, 11)

@@ -32,7 +32,7 @@ def test_kill_during_writes_loses_nothing_flushed(tmp_path: Path, replica_factor
         in_flight: list[tuple[int, bytes]] = []
 
         async def main(replica=replica, in_flight=in_flight) -> None:
-            async with open_replica(replica.address) as client:
+            async with open_replica(replica.address, replica.key) as client:
                 model = bytearray(durable)
                 for _epoch in range(rng.randrange(1, 4)):
                     for _ in range(40):
@@ -99,7 +99,10 @@ def test_kill_during_snapshot_removal_keeps_content(tmp_path: Path, replica_fact
                 await client.call("remove_snapshot", name="middle")
                 finished.set()
 
-            async with trio.open_nursery() as nursery, open_replica(replica.address) as client:
+            async with (
+                trio.open_nursery() as nursery,
+                open_replica(replica.address, replica.key) as client,
+            ):
                 nursery.start_soon(remove, client)
                 while not finished.is_set():  # kill once past a random point of the coalesce
                     operation = (await client.info())["operation"]

@@ -24,11 +24,14 @@ from lhfs.core.errors import (
 )
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.store.layer import ABSENT, DATA
+from lhfs.testing import raw_session
 from lhfs.wire import protocol as p
+from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient, open_replica
 
 CHUNK = 4096
 SIZE = 4 << 20
+KEY = VolumeKey.new("nobody")  # a key no replica holds
 
 
 def _init(directory: Path, size: int = SIZE, chunk: int = CHUNK) -> None:
@@ -42,7 +45,7 @@ def test_pipelined_io_snapshots_and_layer_access(tmp_path: Path, replica_factory
     model = bytearray(SIZE)
 
     async def main() -> None:
-        async with open_replica(replica.address) as client:
+        async with open_replica(replica.address, replica.key) as client:
             # 64 unaligned writes in flight at once on one connection
             writes = []
             for _ in range(64):
@@ -101,7 +104,7 @@ def test_errors_are_answers_and_the_connection_survives(tmp_path: Path, replica_
     replica = replica_factory(tmp_path / "r")
 
     async def main() -> None:
-        async with open_replica(replica.address) as client:
+        async with open_replica(replica.address, replica.key) as client:
             with pytest.raises(InvalidArgument, match="outside the volume"):
                 await client.read(SIZE - 10, 20)
             with pytest.raises(InvalidArgument, match="outside the volume"):
@@ -130,18 +133,16 @@ def test_protocol_violations_close_only_that_connection(tmp_path: Path, replica_
     host, port = replica.address.split(":")
 
     async def main() -> None:
-        async with open_replica(replica.address) as good:
+        async with open_replica(replica.address, replica.key) as good:
             await good.write(0, b"before")
             # wrong version: refused at the handshake
             with socket.create_connection((host, int(port)), timeout=10) as s:
-                s.sendall(p.HELLO.pack(p.MAGIC, 999))
-                reply = s.recv(64)
-                assert p.HELLO_REPLY.unpack(reply)[2] == 1
+                s.sendall(p.PREAMBLE.pack(p.MAGIC, 999))
+                reply = s.recv(p.CHALLENGE.size, socket.MSG_WAITALL)
+                assert p.CHALLENGE.unpack(reply)[2] == p.HS_VERSION
                 assert s.recv(64) == b""
             # oversized frame after a good handshake: the connection is closed
-            with socket.create_connection((host, int(port)), timeout=10) as s:
-                s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
-                assert p.HELLO_REPLY.unpack(s.recv(64))[2] == 0
+            with raw_session(replica.address, replica.key) as s:
                 s.sendall(struct.pack("<IIH", p.MAX_FRAME + 1, 1, p.WRITE))
                 assert s.recv(64) == b""
             assert await good.read(0, 6) == b"before"
@@ -156,15 +157,17 @@ def test_random_bytes_never_hurt_the_replica(tmp_path: Path, replica_factory) ->
     rng = random.Random(7)
 
     async def main() -> None:
-        async with open_replica(replica.address) as client:
+        async with open_replica(replica.address, replica.key) as client:
             await client.write(1000, b"precious data")
             await client.flush()
             before = await client.call("checksum")
             for i in range(200):
-                with socket.create_connection((host, int(port)), timeout=10) as s:
-                    if i % 2:
-                        s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
-                        s.recv(64)
+                opened = (
+                    raw_session(replica.address, replica.key)
+                    if i % 2
+                    else socket.create_connection((host, int(port)), timeout=10)
+                )
+                with opened as s:
                     if i % 3 == 0:
                         # well-formed frames with garbage inside (ops not changing data)
                         op = rng.choice([p.READ, p.CALL, p.LAYER_SUMS, p.READ_LAYER_RUN, 77])
@@ -182,7 +185,7 @@ def test_random_bytes_never_hurt_the_replica(tmp_path: Path, replica_factory) ->
             assert await client.call("checksum") == before
             assert await client.read(1000, 13) == b"precious data"
         # and a brand-new connection is still served
-        async with open_replica(replica.address) as fresh:
+        async with open_replica(replica.address, replica.key) as fresh:
             assert await fresh.read(1000, 13) == b"precious data"
 
     trio.run(main)
@@ -193,7 +196,7 @@ def test_uninitialised_replica_is_initialised_remotely(tmp_path: Path, replica_f
     replica = replica_factory(tmp_path / "empty")
 
     async def main() -> None:
-        async with open_replica(replica.address) as client:
+        async with open_replica(replica.address, replica.key) as client:
             assert (await client.call("hello"))["initialised"] is False
             with pytest.raises(NotInitialised):
                 await client.read(0, 1)
@@ -220,7 +223,10 @@ def test_a_replica_pulls_layer_chunks_only_from_the_peer_named(
         nobody = f"127.0.0.1:{s.getsockname()[1]}"
 
     async def main() -> None:
-        async with open_replica(source.address) as src, open_replica(target.address) as dst:
+        async with (
+            open_replica(source.address, source.key) as src,
+            open_replica(target.address, target.key) as dst,
+        ):
             await src.write(CHUNK, data)
             await src.call("snapshot", name="s")
             layer_id = (await src.call("list_layers"))[0]["id"]
@@ -245,7 +251,7 @@ def test_sigterm_flushes_and_exits_cleanly(tmp_path: Path, replica_factory) -> N
     replica = replica_factory(tmp_path / "r")
 
     async def main() -> None:
-        async with open_replica(replica.address) as client:
+        async with open_replica(replica.address, replica.key) as client:
             await client.write(123, b"written, never flushed by the client")
 
     trio.run(main)
@@ -264,9 +270,9 @@ def test_client_reports_unreachable_and_non_lhfs_peers(tmp_path: Path) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             with pytest.raises(ConnectionLost, match="cannot reach"):
-                await ReplicaClient.connect(f"127.0.0.1:{free_port}", nursery)
+                await ReplicaClient.connect(f"127.0.0.1:{free_port}", nursery, KEY)
             with pytest.raises(InvalidArgument):
-                await ReplicaClient.connect("no-port-here", nursery)
+                await ReplicaClient.connect("no-port-here", nursery, KEY)
             listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
 
             async def not_lhfs(stream: trio.SocketStream) -> None:
@@ -276,7 +282,7 @@ def test_client_reports_unreachable_and_non_lhfs_peers(tmp_path: Path) -> None:
             nursery.start_soon(trio.serve_listeners, not_lhfs, [listener])
             port = listener.socket.getsockname()[1]
             with pytest.raises(ProtocolError):
-                await ReplicaClient.connect(f"127.0.0.1:{port}", nursery)
+                await ReplicaClient.connect(f"127.0.0.1:{port}", nursery, KEY)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -305,14 +311,11 @@ def test_a_connection_that_never_runs_dry_does_not_starve_another(
     now and then (it does not hand control over after every read any more)."""
     _init(tmp_path / "r")
     replica = replica_factory(tmp_path / "r")
-    host, port = replica.address.split(":")
     block = bytes(range(256)) * (CHUNK // 256)
     burst = b"".join(p.frame(i, p.WRITE, p.U64.pack((i % 512) * CHUNK), block) for i in range(256))
     done = threading.Event()
     answered = [0]
-    flood = socket.create_connection((host, int(port)), timeout=30)
-    flood.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
-    assert p.HELLO_REPLY.unpack(flood.recv(p.HELLO_REPLY.size, socket.MSG_WAITALL))[2] == 0
+    flood = raw_session(replica.address, replica.key)
 
     def send() -> None:
         try:
@@ -333,7 +336,7 @@ def test_a_connection_that_never_runs_dry_does_not_starve_another(
         thread.start()
 
     async def main() -> None:
-        async with open_replica(replica.address) as client:
+        async with open_replica(replica.address, replica.key) as client:
             with trio.fail_after(60):
                 while answered[0] < 20_000 * (p.HEADER.size + p.U64.size):  # 20k writes served
                     assert all(thread.is_alive() for thread in threads), "the flood stopped"
@@ -360,10 +363,9 @@ def test_io_is_answered_while_a_layer_is_hashed_or_the_volume_summed(
     if it waited)."""
     _init(tmp_path / "r", size=64 << 20)
     replica = replica_factory(tmp_path / "r")
-    host, port = replica.address.split(":")
 
     async def setup() -> str:
-        async with open_replica(replica.address) as client:
+        async with open_replica(replica.address, replica.key) as client:
             rng = random.Random(3)
             for offset in range(0, 64 << 20, 8 << 20):
                 await client.write(offset, rng.randbytes(8 << 20))
@@ -374,9 +376,7 @@ def test_io_is_answered_while_a_layer_is_hashed_or_the_volume_summed(
     sums = p.SUMS_REQ.pack(0, 1 << 19, 1) + layer.encode()
     checksum = p.encode_json({"method": "checksum", "args": {}})
     for op, payload in ((p.LAYER_SUMS, sums), (p.CALL, checksum)):
-        with socket.create_connection((host, int(port)), timeout=30) as s:
-            s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
-            assert p.HELLO_REPLY.unpack(s.recv(64))[2] == 0
+        with raw_session(replica.address, replica.key) as s:
             read = p.frame(2, p.READ, p.RANGE.pack(5, 100))
             s.sendall(p.frame(1, op, payload) + read)  # one send, in this order
             first, second = _read_frame(s), _read_frame(s)
@@ -396,10 +396,9 @@ def test_snapshot_removal_waits_for_a_checksum_job_instead_of_refusing(
     replica failed. Whichever of the two runs first, neither is refused as busy."""
     _init(tmp_path / "r", size=32 << 20)
     replica = replica_factory(tmp_path / "r")
-    host, port = replica.address.split(":")
 
     async def write() -> None:
-        async with open_replica(replica.address) as client:
+        async with open_replica(replica.address, replica.key) as client:
             rng = random.Random(5)
             for offset in range(0, 32 << 20, 8 << 20):
                 await client.write(offset, rng.randbytes(8 << 20))
@@ -407,9 +406,7 @@ def test_snapshot_removal_waits_for_a_checksum_job_instead_of_refusing(
     trio.run(write)
     for round_ in range(4):
         name = f"s{round_}"
-        with socket.create_connection((host, int(port)), timeout=30) as s:
-            s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
-            assert p.HELLO_REPLY.unpack(s.recv(64))[2] == 0
+        with raw_session(replica.address, replica.key) as s:
             snap = p.encode_json({"method": "snapshot", "args": {"name": name}})
             s.sendall(p.frame(1, p.CALL, snap))
             assert _read_frame(s)[:2] == (1, p.OK)

@@ -11,6 +11,7 @@ import pytest
 from lhfs.core.errors import AlreadyExists, BackingImageMismatch, Busy, InvalidArgument, NotFound
 from lhfs.core.procs import LHFS
 from lhfs.store.chunkstore import ChunkStore
+from lhfs.wire.auth import VolumeKey
 
 
 def test_backing_image_is_identified_by_content_not_name(tmp_path: Path) -> None:
@@ -147,8 +148,12 @@ def test_cli_errors_are_one_line_with_exit_status(tmp_path: Path) -> None:
     again = run("replica", "init", "--dir", str(tmp_path / "r"), "--size", "1M")
     assert again.returncode == 1 and "already holds a volume" in again.stderr
     assert "Traceback" not in again.stderr
-    listen = run("replica", "serve", "--dir", str(tmp_path / "r"), "--listen", "nonsense")
+    VolumeKey.new("v").save(tmp_path / "v.key")
+    key = ("--key-file", str(tmp_path / "v.key"))
+    listen = run("replica", "serve", "--dir", str(tmp_path / "r"), "--listen", "nonsense", *key)
     assert listen.returncode == 1 and "HOST:PORT" in listen.stderr
+    no_key = run("replica", "serve", "--dir", str(tmp_path / "r"), "--listen", "127.0.0.1:0")
+    assert no_key.returncode == 2 and "--key-file" in no_key.stderr
     assert run("nosuchgroup").returncode == 2
     shown = run("replica", "inspect", "--dir", str(tmp_path / "r"), "--json")
     assert shown.returncode == 0 and '"chunk_size": 65536' in shown.stdout

@@ -89,9 +89,10 @@ class _Source:
             healthy = [r for r in info["replicas"] if r["mode"] == "RW"]
             if not healthy:
                 raise NotFound(f"volume {vol.name} has no healthy replica to read from")
+            key = vol.key()
             for replica in healthy:
                 with contextlib.suppress(LhfsError):
-                    other = SyncReplica(replica["address"])
+                    other = SyncReplica(replica["address"], key)
                     try:
                         self.bases[replica["id"]] = _base_of(
                             other.call("list_layers"), other.call("info"), snapshot
@@ -99,7 +100,7 @@ class _Source:
                     finally:
                         other.close()
             self.replica_id = healthy[0]["id"]
-            self.remote = SyncReplica(healthy[0]["address"])
+            self.remote = SyncReplica(healthy[0]["address"], key)
         else:  # each healthy replica opened once; the freshest is read
             opened: list[tuple[Path, ChunkStore]] = []
             try:

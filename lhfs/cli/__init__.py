@@ -77,6 +77,16 @@ def _group_named(argv: list[str] | None) -> str | None:
     return None
 
 
+def _private(root: str) -> None:
+    """A root made before (or by hand) readable by others becomes its owner's only."""
+    try:
+        info = os.stat(root)
+    except OSError:
+        return
+    if info.st_mode & 0o077 and info.st_uid == os.getuid():
+        os.chmod(root, info.st_mode & 0o700)
+
+
 def _load_store() -> None:
     """Import the backup store and its S3 client with the cyclic garbage collector paused,
     then move what the import made out of the collector's sight. An import makes objects that
@@ -92,8 +102,10 @@ def _load_store() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status."""
+    os.umask(0o077)  # whatever the caller's umask: state, logs and keys are the owner's only
     try:
         args = build_parser(argv).parse_args(argv)
+        _private(args.root)
         if getattr(args, "store", False):
             _load_store()
         func: Callable[[argparse.Namespace], None] = args.func

@@ -23,8 +23,12 @@ from lhfs.core.units import format_size, parse_size
 
 def cmd_replica_init(args: argparse.Namespace) -> None:
     from lhfs.store.chunkstore import ChunkStore
+    from lhfs.wire.auth import VolumeKey
 
-    store = ChunkStore.create(Path(args.dir), args.size, args.chunk_size, args.backing_image)
+    owner = VolumeKey.load(Path(args.key_file)).id_hex if args.key_file else None
+    store = ChunkStore.create(
+        Path(args.dir), args.size, args.chunk_size, args.backing_image, volume_id=owner
+    )
     with store:
         info = store.info()
     if args.json:
@@ -40,15 +44,17 @@ def cmd_replica_serve(args: argparse.Namespace) -> None:
     import trio
 
     from lhfs.replica.server import run
+    from lhfs.wire.auth import VolumeKey
     from lhfs.wire.client import parse_address
 
     host, port = parse_address(args.listen)
+    key = VolumeKey.load(Path(args.key_file))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     def ready(bound: tuple[str, int]) -> None:
         print(f"serving {args.dir} on {bound[0]}:{bound[1]}", flush=True)
 
-    trio.run(run, Path(args.dir), host, port, ready, args.local)
+    trio.run(run, Path(args.dir), key, host, port, ready, args.local)
 
 
 def cmd_replica_inspect(args: argparse.Namespace) -> None:
@@ -143,18 +149,30 @@ def parsers(groups: Any) -> None:
         help=f"copy-on-write and rebuild unit, a power of two (default {DEFAULT_CHUNK})",
     )
     p.add_argument("--backing-image", type=Path, help="raw image copied in as the chain's bottom")
+    p.add_argument(
+        "--key-file",
+        help="the volume's key ('lhfs volume key'): the directory then belongs to that volume",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_replica_init)
 
     p = verbs.add_parser(
         "serve",
         help="run one replica process in the foreground",
-        description="Serve the replica in DIR over TCP until SIGTERM. An empty DIR is served "
-        "uninitialised, for an engine to initialise and rebuild. Prints 'serving DIR on "
+        description="Serve the replica in DIR over TCP until SIGTERM, to the holders of one "
+        "volume's key only (every connection proves it holds the key before anything else is "
+        "accepted). An empty DIR is served uninitialised, for an engine to initialise and "
+        "rebuild; a DIR that belongs to another volume is refused. Prints 'serving DIR on "
         "HOST:PORT' once it accepts connections (port 0 picks a free port).",
     )
     p.add_argument("--dir", required=True, help="replica directory")
     p.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    p.add_argument(
+        "--key-file",
+        required=True,
+        help="the volume's key file, readable by its owner only (on the engine's host: "
+        "'lhfs volume key VOLUME --out FILE', then copy it here)",
+    )
     p.add_argument(
         "--local",
         metavar="NAME",

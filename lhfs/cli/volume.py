@@ -87,6 +87,16 @@ def cmd_volume_checksum(args: argparse.Namespace) -> None:
     print(f"{args.name} {manage.checksum(root_of(args), args.name)}")
 
 
+def cmd_volume_key(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    manage.export_key(root_of(args), args.name, Path(args.out))
+    print(
+        f"wrote the key of {args.name} to {args.out} (mode 600): copy it to the replica's host "
+        "and start 'lhfs replica serve --key-file' with it"
+    )
+
+
 def cmd_volume_rm(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
@@ -168,3 +178,15 @@ def parsers(groups: Any) -> None:
     )
     verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
     verb(verbs, "rm", cmd_volume_rm, "delete a detached volume and its replicas", "name")
+    p = verb(
+        verbs,
+        "key",
+        cmd_volume_key,
+        "write the volume's key to a file, for a replica on another host",
+        "name",
+        description="Write a copy of the volume's key (its identity and secret) to --out, "
+        "readable by its owner only. A replica served on another host needs it: 'lhfs "
+        "replica serve --key-file FILE'. The secret never appears on a command line or in "
+        "a log; treat the file like a private ssh key.",
+    )
+    p.add_argument("--out", required=True, help="the file to write (must not exist)")

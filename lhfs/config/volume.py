@@ -23,8 +23,10 @@ from lhfs.core.durable import atomic_write_json
 from lhfs.core.errors import AlreadyExists, Busy, CorruptState, InvalidArgument, NotFound
 from lhfs.core.names import check_name
 from lhfs.store.chunkstore import check_geometry
+from lhfs.wire.auth import VolumeKey
 
 FORMAT = 1
+KEY_FILE = "key.json"
 
 
 def volumes_dir(root: Path) -> Path:
@@ -46,6 +48,28 @@ class Volume:
     @property
     def control_socket(self) -> Path:
         return self.dir / "engine.sock"
+
+    @property
+    def key_path(self) -> Path:
+        """The volume's key file (identity and secret, see ``lhfs.wire.auth``): what every
+        replica of the volume and every peer talking to one must hold."""
+        return self.dir / KEY_FILE
+
+    def key(self) -> VolumeKey:
+        """The volume's key; a volume made before volumes had keys gets one now."""
+        try:
+            return VolumeKey.load(self.key_path)
+        except NotFound:
+            pass
+        with open(self.dir / "config.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self.key_path.exists():
+                key = VolumeKey.new(self.name)
+                key.save(self.key_path)
+                self.config = json.loads((self.dir / "config.json").read_text())
+                self.config["volume_id"] = key.id_hex
+                self.save()
+        return VolumeKey.load(self.key_path)
 
     @property
     def runtime_path(self) -> Path:
@@ -161,13 +185,13 @@ def create(
     if not 1 <= replicas <= 16:
         raise InvalidArgument("a volume has 1 to 16 replicas")
     base = volumes_dir(root)
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory = base / name
     if directory.exists():
         raise AlreadyExists(f"volume {name} already exists")
     tmp = base / f".{name}.creating"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "replicas").mkdir(parents=True)
+    (tmp / "replicas").mkdir(mode=0o700, parents=True)
     config = {
         "format": FORMAT,
         "name": name,
@@ -182,6 +206,9 @@ def create(
         "next_replica": replicas + 1,
         **(extra or {}),
     }
+    key = VolumeKey.new(name)
+    key.save(tmp / KEY_FILE)
+    config["volume_id"] = key.id_hex
     atomic_write_json(tmp / "config.json", config)
     return Volume(Path(root), name, config), tmp
 

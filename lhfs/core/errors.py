@@ -57,6 +57,26 @@ class ProtocolError(LhfsError):
     """The peer broke the wire protocol (bad handshake, malformed frame)."""
 
 
+class AuthenticationFailed(LhfsError):
+    """A peer could not prove it holds the volume's key (or refused ours)."""
+
+
+class WrongVolume(LhfsError):
+    """A replica belongs to another volume than the one asked for; ``volume_id`` is its."""
+
+    def __init__(self, message: str, volume_id: str = "") -> None:
+        super().__init__(message)
+        self.volume_id = volume_id
+
+
+class NotPermitted(LhfsError):
+    """The session may not ask for this (a read-only session asking to change something)."""
+
+
+class Fenced(LhfsError):
+    """A newer session of the volume took the replica over: this one may not change it."""
+
+
 class ConnectionLost(LhfsError):
     """The connection to a replica broke before the answer arrived."""
 

@@ -29,6 +29,21 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "LHFS_BACKUP_PASSWORD")
+
+
+def child_env(store: bool = False) -> dict[str, str]:
+    """The environment for a child process: without the S3 credentials and backup secrets
+    unless it talks to the store (``store``). An engine and its replicas never do, so a dump of
+    their environment (``/proc/PID/environ``, a core file) holds none."""
+    env = dict(os.environ)
+    if not store:
+        for name in list(env):
+            if name.startswith("AWS_") or name in SECRET_VARIABLES:
+                del env[name]
+    return env
+
+
 def wait_for(
     condition: Callable[[], object], timeout: float = 30.0, what: str = "condition"
 ) -> object:

@@ -10,6 +10,7 @@ the engine flushes, the device is unmounted and the replicas stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -24,7 +25,7 @@ import trio
 
 from lhfs.config import volume as volumes
 from lhfs.core.durable import atomic_write_json
-from lhfs.core.errors import AlreadyExists, InvalidArgument, LhfsError, NotFound
+from lhfs.core.errors import AlreadyExists, InvalidArgument, LhfsError, NotFound, WrongVolume
 from lhfs.engine import control
 from lhfs.engine.engine import ERR, RW, Engine, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
@@ -47,6 +48,7 @@ class Daemon:
         self._rebuilds: dict[str, trio.CancelScope] = {}
         self._stopping = False
         self.channel = FuseChannel(device)
+        self.key = vol.key()
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -60,6 +62,7 @@ class Daemon:
             try:
                 proc = ReplicaProcess(
                     directory,
+                    self.vol.key_path,
                     log=self.vol.dir / f"{replica['id']}.log",
                     tied_to_parent=True,
                     local=_local_name(replica["id"]),
@@ -190,9 +193,10 @@ class Daemon:
         try:
             if address is None:
                 directory = self.vol.dir / "replicas" / replica_id
-                directory.mkdir(parents=True)
+                directory.mkdir(mode=0o700, parents=True)
                 proc = ReplicaProcess(
                     directory,
+                    self.vol.key_path,
                     log=self.vol.dir / f"{replica_id}.log",
                     tied_to_parent=True,
                     wait=False,
@@ -208,6 +212,13 @@ class Daemon:
             link.client = await self.engine.connect(address)
         except BaseException as exc:
             await self._forget(replica_id)
+            if isinstance(exc, WrongVolume):
+                owner = self._volume_with_id(exc.volume_id)
+                raise WrongVolume(
+                    f"cannot add replica: {address} serves a replica of "
+                    + (f"volume {owner}" if owner else f"another volume (id {exc.volume_id})")
+                    + f", not of {self.vol.name}; it was left untouched"
+                ) from None
             if isinstance(exc, LhfsError):
                 raise LhfsError(f"cannot add replica: {exc}") from None
             raise
@@ -216,6 +227,14 @@ class Daemon:
         link.rebuild_progress = 0.0
         self.start_rebuild(link)
         return {"id": replica_id, "address": address}
+
+    def _volume_with_id(self, volume_id: str) -> str | None:
+        """The name of the volume of this root whose identity is ``volume_id``, if any."""
+        for name in volumes.list_names(self.vol.root):
+            with contextlib.suppress(LhfsError, OSError, ValueError):
+                if volumes.load(self.vol.root, name).config.get("volume_id") == volume_id:
+                    return name
+        return None
 
     async def remove_replica(self, replica_id: str) -> None:
         engine = self.engine
@@ -252,7 +271,12 @@ class Daemon:
     async def serve(self, announce: Any) -> None:
         async with trio.open_nursery() as nursery:
             self.engine = Engine(
-                self.vol.size, self.vol.chunk_size, nursery, on_mode_change=self._record_mode
+                self.vol.size,
+                self.vol.chunk_size,
+                nursery,
+                self.key,
+                on_mode_change=self._record_mode,
+                epoch=self.vol.config.get("epoch", 0),
             )
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
             addresses = {r["id"]: r["address"] for r in self.vol.replicas if r.get("local")}
@@ -267,6 +291,8 @@ class Daemon:
                 # only a replica recorded RW is trusted: a WO one was cut off mid-rebuild
                 [(r["id"], r["address"] or "", r.get("mode") != "RW") for r in self.vol.replicas]
             )
+            epoch = self.engine.epoch
+            self.vol.update(lambda config: config.update(epoch=epoch))
             for link in self.engine.replicas:  # stale but reachable: bring it back
                 if link.mode == ERR and link.client is not None and not link.client.broken:
                     self.start_rebuild(link)

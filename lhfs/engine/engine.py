@@ -25,12 +25,14 @@ import trio
 
 from lhfs.core.errors import Busy, ConnectionLost, InvalidArgument, LhfsError
 from lhfs.wire import protocol as p
+from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient
 
 log = logging.getLogger("lhfs.engine")
 
 RW, WO, ERR = "RW", "WO", "ERR"
 IO_TIMEOUT = 30.0
+TRIM_SPAN = 1024  # chunks per TRIM request (what a replica takes at once: MAX_TRIM_CHUNKS)
 CONNECT_TIMEOUT = 10.0
 
 
@@ -77,10 +79,16 @@ class Engine:
         size: int,
         chunk_size: int,
         nursery: trio.Nursery,
+        key: VolumeKey,
         on_mode_change: Callable[[ReplicaLink], None] | None = None,
         io_timeout: float = IO_TIMEOUT,
+        epoch: int = 0,
     ) -> None:
         self.size = size
+        self.key = key
+        # The session epoch: above every earlier session of this volume at its replicas, and
+        # raised for each new one (see ``lhfs.replica.session``).
+        self.epoch = epoch
         self.chunk_size = chunk_size
         self.replicas: list[ReplicaLink] = []
         self.nursery = nursery
@@ -104,11 +112,25 @@ class Engine:
 
     # -- replicas -----------------------------------------------------------------------------
 
-    async def connect(self, address: str) -> ReplicaClient:
-        """A connection to a replica for this engine's I/O: by its local socket if it is one
-        this host started (``local_names``), else by TCP."""
+    async def connect(self, address: str, takeover: bool = False) -> ReplicaClient:
+        """A new session with a replica for this engine's I/O: by its local socket if it is one
+        this host started (``local_names``), else by TCP. Each session gets a new epoch, so it
+        fences any older session of this volume at that replica (a connection marked failed,
+        with writes still on their way). ``takeover`` (attach) also fences another engine's
+        newer session; otherwise a replica taken over by another engine is refused."""
         local = self.local_names.get(address)
-        return await ReplicaClient.connect(address, self.nursery, CONNECT_TIMEOUT, local)
+        self.epoch += 1
+        client = await ReplicaClient.connect(
+            address,
+            self.nursery,
+            self.key,
+            CONNECT_TIMEOUT,
+            local,
+            epoch=self.epoch,
+            takeover=takeover,
+        )
+        self.epoch = max(self.epoch, client.epoch)
+        return client
 
     async def attach(self, replicas: list[tuple[str, str, bool]]) -> None:
         """Connect to (id, address, recorded_failed) replicas and pick the freshest to serve."""
@@ -116,7 +138,7 @@ class Engine:
             link = ReplicaLink(replica_id, address)
             self.replicas.append(link)
             try:
-                link.client = await self.connect(address)
+                link.client = await self.connect(address, takeover=True)
                 info = await link.client.info()
                 if info["size"] != self.size:
                     # a replica expanded while others were not: the others are behind
@@ -149,8 +171,8 @@ class Engine:
         link.mode = ERR
         link.error = reason
         link.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        if link.client is not None:
-            self.nursery.start_soon(link.client.aclose)
+        if link.client is not None:  # reset: what is still queued on it is never delivered
+            self.nursery.start_soon(link.client.aclose, True)
         self.mode_changed(link)
 
     def mode_changed(self, link: ReplicaLink) -> None:
@@ -255,8 +277,18 @@ class Engine:
             self._submit_all(p.WRITE, (p.U64.pack(offset), data), done)
 
     def submit_trim(self, offset: int, length: int, done: Done) -> None:
-        if not self._park(self.submit_trim, offset, length, done):
-            self._submit_all(p.TRIM, (p.TRIM_RANGE.pack(offset, length),), done)
+        """Trim a range; one larger than a replica takes in one request (``TRIM_SPAN`` chunks)
+        goes as several, ``done`` once all of them were answered."""
+        if self._park(self.submit_trim, offset, length, done):
+            return
+        span = TRIM_SPAN * self.chunk_size
+        pieces = [
+            (at, min(span, offset + length - at)) for at in range(offset, offset + length, span)
+        ]
+        if len(pieces) > 1:
+            done = _Joined(len(pieces), done).one
+        for at, size in pieces:
+            self._submit_all(p.TRIM, (p.TRIM_RANGE.pack(at, size),), done)
 
     def submit_flush(self, done: Done) -> None:
         """Durable on every RW replica when ``done`` is called without an error."""
@@ -463,6 +495,22 @@ class Engine:
         for link in self.replicas:
             if link.client is not None:
                 await link.client.aclose()
+
+
+class _Joined:
+    """One ``done`` for several requests: called once all of them finished, with the first
+    error any of them met."""
+
+    __slots__ = ("done", "error", "remaining")
+
+    def __init__(self, count: int, done: Done) -> None:
+        self.remaining, self.done, self.error = count, done, None
+
+    def one(self, error: Exception | None) -> None:
+        self.error = self.error or error
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done(self.error)
 
 
 class _Fanout:

@@ -4,12 +4,12 @@ owner (the engine's shutdown, a test's finaliser)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from pathlib import Path
 
-from lhfs.core.procs import LHFS, die_with_parent, read_line_matching
+from lhfs.core.procs import LHFS, child_env, die_with_parent, read_line_matching
+from lhfs.wire.auth import VolumeKey
 
 
 class ReplicaProcess:
@@ -19,6 +19,7 @@ class ReplicaProcess:
     def __init__(
         self,
         directory: Path,
+        key_file: Path,
         port: int = 0,
         log: Path | None = None,
         tied_to_parent: bool = False,
@@ -27,16 +28,27 @@ class ReplicaProcess:
         local: str | None = None,
     ) -> None:
         self.dir = Path(directory)
+        self.key = VolumeKey.load(key_file)  # what a client of this replica must hold
         self.log = log or self.dir.with_name(self.dir.name + ".log")
         self.local = local
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
-        command = [LHFS, "replica", "serve", "--dir", str(self.dir), "--listen", f"{host}:{port}"]
+        command = [
+            LHFS,
+            "replica",
+            "serve",
+            "--dir",
+            str(self.dir),
+            "--listen",
+            f"{host}:{port}",
+            "--key-file",
+            str(key_file),
+        ]
         self.proc = subprocess.Popen(
             command + (["--local", local] if local else []),
             stdout=subprocess.PIPE,
             stderr=self._log_file,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**child_env(), "PYTHONUNBUFFERED": "1"},
             preexec_fn=die_with_parent if tied_to_parent else None,
         )
         self.address = ""

@@ -1,16 +1,22 @@
-"""The replica process: one chunk store served over TCP with trio.
+"""The replica process: one chunk store served over TCP (and a local socket) with trio.
 
-Per connection, everything that arrived is parsed at once and the quick operations (read, write,
-trim, flush, small calls) run inline, in arrival order, with their answers sent back in groups of
-up to eight per system call (``protocol.Outbox``, which does not wait for a round of the event
-loop): with many requests in flight this batches system calls in both
-directions, and the client works on one group while the next is prepared, which is what makes a
-Python replica fast. Operations that take long (removing a snapshot) run as tasks that
-yield between steps, so I/O keeps flowing; structural operations are serialised by one lock.
+Nothing is read as a request before the peer authenticated (``session``): a connection that
+cannot prove it holds the volume's key gets one answer and is closed. Per session, everything
+that arrived is parsed at once and the quick operations (read, write, trim, flush, small calls)
+run inline, in arrival order, with their answers sent back in groups of up to eight per system
+call (``protocol.Outbox``, which does not wait for a round of the event loop): with many
+requests in flight this batches system calls in both directions, and the client works on one
+group while the next is prepared, which is what makes a Python replica fast. Operations that
+take long (removing a snapshot, hashing, finding a backup's changed blocks, adopting a backing
+image) run as tasks, their hashing in a thread, so I/O keeps flowing; structural operations are
+serialised by one lock.
 
-A peer that breaks the protocol (bad handshake, oversized or malformed frame) loses its
-connection; a request that fails gets an error answer. Neither touches other connections or the
-data on disk. SIGTERM and SIGINT stop the server cleanly: connections close, the store flushes.
+Every field of every request is checked before use (``checks``) and what one request may cost
+is bounded (the bytes it reads or writes, the chunks it trims, the entries it answers); a
+request that breaks a rule gets an error answer. A peer that breaks the framing (an oversized
+frame, a frame left half-sent) loses its own connection; neither touches other connections or
+the data on disk. SIGTERM and SIGINT stop the server cleanly: connections close, the store
+flushes.
 """
 
 from __future__ import annotations
@@ -32,18 +38,22 @@ from lhfs.core.errors import (
     InvalidArgument,
     LhfsError,
     NotInitialised,
+    NotPermitted,
     ProtocolError,
     PullFailed,
     StorageError,
+    WrongVolume,
 )
-from lhfs.store.chunkstore import ChunkStore
+from lhfs.replica import checks
+from lhfs.replica.session import Session, Sessions, abort
+from lhfs.store.chunkstore import ChunkStore, check_geometry
 from lhfs.wire import protocol as p
-from lhfs.wire.client import ReplicaClient
+from lhfs.wire.auth import VolumeKey
+from lhfs.wire.client import ReplicaClient, parse_address
 
 T = TypeVar("T")
 log = logging.getLogger("lhfs.replica")
 
-_HANDSHAKE_TIMEOUT = 10
 # Answers to a burst of requests go back in groups of at most this many (or this many bytes),
 # each sent as soon as it is ready: the client works on one group while this side works on the
 # next, instead of each side waiting for the other's whole burst (measured with 16 requests in
@@ -54,16 +64,45 @@ _GROUP_BYTES = 256 << 10  # a large answer (a 1 MiB read) goes alone, not copied
 _PULL_TIMEOUT = 60
 _PEER_RETRY_AFTER = 5.0  # a peer that could not be reached is not asked again before this
 _WRITEBACK_EVERY = 64 << 20  # bytes pulled into the replica between background data syncs
+FRAME_TIMEOUT = 15.0  # a frame left half-sent this long closes its connection
+MAX_TRIM_CHUNKS = 1024  # chunks one TRIM may span (a few milliseconds of work at most)
+MAX_CHANGED_BLOCKS = 1 << 20  # a backup's changed blocks answered as a list, up to this many
+
+# What a reader session (a backup, a rebuild target pulling from its source) may ask.
+_READER_OPS = {p.READ_SNAPSHOT, p.READ_LAYER_RUN, p.LAYER_SUMS, p.CALL}
+_READER_CALLS = {"hello", "info", "list_layers", "changed_blocks", "is_blank", "checksum"}
+_STRUCTURAL = {"snapshot", "revert", "expand"}
+_LONG = {
+    "remove_snapshot",
+    "pull_run",
+    "verify_layer",
+    "checksum",
+    "changed_blocks",
+    "backing_commit",
+}
 
 
 class ReplicaServer:
-    """Serves one replica directory; the directory may be empty until a client calls ``init``."""
+    """Serves one replica directory for the volume whose key it holds; the directory may be
+    empty until an engine calls ``init``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, key: VolumeKey) -> None:
         self.dir = Path(directory)
+        self.key = key
         self.store: ChunkStore | None = None
         if (self.dir / "volume.json").exists():
             self.store = ChunkStore.open(self.dir)
+            owner = self.store.volume_id
+            if owner is None:  # made before volumes had keys: it is this volume's from now
+                self.store.set_volume_id(key.id_hex)
+            elif owner != key.id_hex:
+                self.store.close()
+                raise WrongVolume(
+                    f"{self.dir} holds a replica of another volume (id {owner}); the key file "
+                    f"is for volume {key.volume} (id {key.id_hex})",
+                    owner,
+                )
+        self.sessions = Sessions(self.dir, key)
         self._structural = trio.Lock()
         self._hashing = trio.Lock()  # one checksum computation at a time, off the event loop
         self._unsynced = 0
@@ -110,62 +149,72 @@ class ReplicaServer:
     # -- connections --------------------------------------------------------------------------
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        sessions = self.sessions
+        session = None
         try:
-            with trio.fail_after(_HANDSHAKE_TIMEOUT):
-                await self._handshake(stream)
-            async with trio.open_nursery() as nursery:
-                try:
-                    await self._requests(stream, nursery)
-                except _PEER_GONE:
-                    pass
-                except ProtocolError as exc:
-                    log.warning("closing connection: %s", exc)
-                nursery.cancel_scope.cancel()
+            if not sessions.admit(stream):
+                abort(stream)
+                return
+            session = await sessions.handshake(stream)
+            sessions.live.add(session)
+            with session.scope:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        await self._requests(session, nursery)
+                    except _PEER_GONE:
+                        pass
+                    except ProtocolError as exc:
+                        log.warning("closing connection: %s", exc)
+                    nursery.cancel_scope.cancel()
         except _PEER_GONE:
             pass
-        except (ProtocolError, trio.TooSlowError) as exc:
-            log.warning("closing connection during handshake: %s", exc or "timeout")
+        except (ProtocolError, OSError) as exc:
+            log.warning("closing connection during the handshake: %s", exc)
         except Exception:  # a bug in one connection must not stop the replica
             log.exception("connection handler failed")
         finally:
+            if session is not None:
+                sessions.live.discard(session)
             await trio.aclose_forcefully(stream)
 
-    async def _handshake(self, stream: trio.SocketStream) -> None:
-        hello = b""
-        while len(hello) < p.HELLO.size:
-            data = await stream.receive_some(p.HELLO.size - len(hello))
-            if not data:
-                raise ProtocolError("connection closed during handshake")
-            hello += data
-        magic, version = p.HELLO.unpack(hello)
-        if magic != p.MAGIC:
-            raise ProtocolError("not an lhfs client")
-        ok = version == p.VERSION
-        await stream.send_all(p.HELLO_REPLY.pack(p.MAGIC, p.VERSION, 0 if ok else 1))
-        if not ok:
-            raise ProtocolError(f"client speaks protocol version {version}, not {p.VERSION}")
-
-    async def _requests(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
-        p.tune_stream(stream)
+    async def _requests(self, session: Session, nursery: trio.Nursery) -> None:
         frames = p.FrameBuffer()
+        try:
+            await self._serve_frames(session, nursery, frames)
+        finally:
+            frames.release()
+
+    async def _serve_frames(
+        self, session: Session, nursery: trio.Nursery, frames: p.FrameBuffer
+    ) -> None:
+        stream = session.stream
+        p.tune_stream(stream)
         gone: list[OSError] = []
         out = p.Outbox(stream.socket, gone.append)
         nursery.start_soon(out.drain)
-        peers = _Peers(nursery)  # live as long as this connection
+        peers = _Peers(nursery, self.key)  # live as long as this connection
         while not gone:
-            if not await frames.receive(stream.socket):
+            if frames.pending:  # a frame half received: it must not stall for long
+                with trio.move_on_after(FRAME_TIMEOUT) as waited:
+                    received = await frames.receive(stream.socket)
+                if waited.cancelled_caught:
+                    raise ProtocolError(f"a frame stayed incomplete for {FRAME_TIMEOUT:.0f}s")
+            else:
+                received = await frames.receive(stream.socket)
+            if not received:
                 return
             answers = size = 0
             for request_id, op, payload in frames.frames():
-                if op == p.CALL and _method_of(payload) in _LONG:
-                    nursery.start_soon(self._long_call, out, request_id, bytes(payload), peers)
+                if op == p.CALL and checks.method_of(payload) in _LONG:
+                    long_call = self._long_call
+                    nursery.start_soon(long_call, session, out, request_id, bytes(payload), peers)
                     continue
                 if op == p.LAYER_SUMS:
-                    nursery.start_soon(self._layer_sums, out, request_id, bytes(payload))
+                    nursery.start_soon(self._layer_sums, session, out, request_id, bytes(payload))
                     continue
                 if gone:  # the peer is gone: what is left of the batch has nobody to go to
                     return
-                pieces = self._answer(request_id, op, payload)
+                pieces = self._answer(session, request_id, op, payload)
                 out.queue += pieces
                 answers += 1
                 size += sum(len(piece) for piece in pieces)
@@ -175,12 +224,25 @@ class ReplicaServer:
             out.push()
             await out.sent()  # a client that reads no answers gets no more work done
 
-    def _answer(self, request_id: int, op: int, payload: memoryview) -> list[p.Part]:
+    def _answer(
+        self, session: Session, request_id: int, op: int, payload: memoryview
+    ) -> list[p.Part]:
         try:
+            self._permit(session, op, payload)
             parts = self._dispatch(op, payload)
             return p.frame_pieces(request_id, p.OK, *parts, owned=True)
         except Exception as exc:  # every failure becomes an error answer
             return [p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))]
+
+    def _permit(self, session: Session, op: int, payload: bytes | memoryview) -> None:
+        """Refuse what this session may not ask: anything from an engine session a newer one
+        fenced, and anything but reading from a reader session."""
+        self.sessions.check(session)
+        if session.role == p.READER:
+            if op not in _READER_OPS:
+                raise NotPermitted(f"a read-only session may not send operation {op}")
+            if op == p.CALL and checks.method_of(payload) not in _READER_CALLS:
+                raise NotPermitted("a read-only session may only call what reads")
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -191,121 +253,130 @@ class ReplicaServer:
 
     def _dispatch(self, op: int, payload: memoryview) -> tuple[bytes | bytearray, ...]:
         if op == p.CALL:
-            call = p.decode_json(payload)
-            return (p.encode_json(self._call(call)),)
+            return (p.encode_json(self._call(*checks.call_of(payload))),)
         store = self._require_store()
         if op == p.READ:
-            offset, length = _unpack(p.RANGE, payload)
+            offset, length = checks.exact(p.RANGE, payload)
             if length > p.MAX_IO:
                 raise InvalidArgument(f"read of {length} bytes exceeds the limit of {p.MAX_IO}")
             return (store.read(offset, length),)
         if op == p.WRITE:
-            (offset,) = p.U64.unpack_from(_at_least(payload, p.U64.size))
+            (offset,) = checks.header(p.U64, payload)
             store.write(offset, payload[p.U64.size :])
             return (p.U64.pack(store.revision),)
         if op == p.TRIM:
-            offset, length = _unpack(p.TRIM_RANGE, payload)
+            offset, length = checks.exact(p.TRIM_RANGE, payload)
+            if length > MAX_TRIM_CHUNKS * store.chunk_size:
+                raise InvalidArgument(
+                    f"a trim spans at most {MAX_TRIM_CHUNKS} chunks: split the range"
+                )
             store.trim(offset, length)
             return (p.U64.pack(store.revision),)
         if op == p.FLUSH:
             store.flush()
             return (p.U64.pack(store.revision),)
         if op == p.WRITE_LAYER_RUN:
-            first, count, n = p.WRITE_RUN.unpack_from(_at_least(payload, p.WRITE_RUN.size))
+            first, count, n = checks.header(p.WRITE_RUN, payload)
             start = p.WRITE_RUN.size
-            layer_id = bytes(payload[start : start + n]).decode(errors="replace")
+            layer_id = checks.layer_name(payload, start, start + n)
             states = bytes(payload[start + n : start + n + count])
+            if len(states) != count:
+                raise InvalidArgument("layer run states are cut short")
             store.write_layer_run(layer_id, first, states, payload[start + n + count :])
             return ()
         if op == p.BACKING_UPLOAD:
-            chunk, n = p.UPLOAD.unpack_from(_at_least(payload, p.UPLOAD.size))
-            image_id = bytes(payload[p.UPLOAD.size : p.UPLOAD.size + n]).decode(errors="replace")
+            chunk, n = checks.header(p.UPLOAD, payload)
+            image_id = checks.image_id(
+                bytes(payload[p.UPLOAD.size : p.UPLOAD.size + n]).decode(errors="replace")
+            )
             store.backing_upload(image_id, chunk, bytes(payload[p.UPLOAD.size + n :]))
             return ()
         if op == p.READ_SNAPSHOT:
-            offset, length = p.RANGE.unpack_from(_at_least(payload, p.RANGE.size))
+            offset, length = checks.header(p.RANGE, payload)
             if length > p.MAX_IO:
                 raise InvalidArgument(f"read of {length} bytes exceeds the limit of {p.MAX_IO}")
-            layer_id = bytes(payload[p.RANGE.size :]).decode(errors="replace")
+            layer_id = checks.layer_name(payload, p.RANGE.size)
             return (store.read_snapshot(layer_id, offset, length),)
         if op == p.READ_LAYER_RUN:
-            first, count = p.RUN.unpack_from(_at_least(payload, p.RUN.size))
-            layer_id = bytes(payload[p.RUN.size :]).decode(errors="replace")
+            first, count = checks.header(p.RUN, payload)
+            _check_run(store, count)
+            layer_id = checks.layer_name(payload, p.RUN.size)
             return store.read_layer_run(layer_id, first, count)
         raise InvalidArgument(f"unknown operation {op}")
 
-    def _call(self, call: Any) -> Any:
-        if not isinstance(call, dict) or not isinstance(call.get("args", {}), dict):
-            raise InvalidArgument("a call is a JSON object {method, args}")
-        method, args = call.get("method"), call.get("args", {})
+    def _call(self, method: str, args: dict[str, Any]) -> Any:
         if method == "hello":
             return {"initialised": self.store is not None, "dir": str(self.dir)}
         if method == "init":
             if self.store is not None:
                 raise Busy(f"replica {self.dir} already holds a volume")
-            self.store = ChunkStore.create(self.dir, int(args["size"]), int(args["chunk_size"]))
+            size = checks.integer(args, "size", 1, checks.MAX_VOLUME)
+            chunk_size = checks.integer(args, "chunk_size", 1, 64 << 20)
+            check_geometry(size, chunk_size)
+            self.store = ChunkStore.create(self.dir, size, chunk_size, volume_id=self.key.id_hex)
             return self.store.info()
         if self._structural.locked() and method in _STRUCTURAL:
             raise Busy(f"replica is busy with {self._require_store().operation or 'an operation'}")
         store = self._require_store()
-        handlers = {
-            "info": store.info,
-            "list_layers": store.list_layers,
-            "changed_blocks": lambda: store.changed_blocks(
-                str(args["base"]), str(args["top"]), int(args["block_size"])
-            ),
-            "snapshot": lambda: store.snapshot(str(args["name"])),
-            "revert": lambda: store.revert(str(args["name"])),
-            "expand": lambda: store.expand(int(args["size"])),
-            "is_blank": store.is_blank,
-            "rebuild_begin": lambda: store.rebuild_begin(
-                [str(n) for n in args["names"]], int(args["revision"])
-            ),
-            "rebuild_finish": store.rebuild_finish,
-            "backing_commit": lambda: store.backing_commit(str(args["id"])),
-        }
-        if method not in handlers:
-            raise InvalidArgument(f"unknown method {method!r}")
-        try:
-            return handlers[method]()
-        except KeyError as exc:
-            raise InvalidArgument(f"method {method!r} needs argument {exc}") from None
+        if method == "info":
+            return store.info()
+        if method == "list_layers":
+            return store.list_layers()
+        if method == "is_blank":
+            return store.is_blank()
+        if method == "snapshot":
+            return store.snapshot(checks.text(args, "name"))
+        if method == "revert":
+            return store.revert(checks.text(args, "name"))
+        if method == "expand":
+            return store.expand(checks.integer(args, "size", 1, checks.MAX_VOLUME))
+        if method == "rebuild_begin":
+            names = checks.texts(args, "names")
+            return store.rebuild_begin(names, checks.integer(args, "revision", 0, 1 << 63))
+        if method == "rebuild_finish":
+            return store.rebuild_finish()
+        raise InvalidArgument(f"unknown method {method!r}")
 
     async def _long_call(
-        self, out: p.Outbox, request_id: int, payload: bytes, peers: _Peers
+        self, session: Session, out: p.Outbox, request_id: int, payload: bytes, peers: _Peers
     ) -> None:
         try:
-            call = p.decode_json(payload)
-            args = call.get("args", {})
-            if not isinstance(args, dict):
-                raise InvalidArgument("a call is a JSON object {method, args}")
-            try:
-                if call["method"] == "pull_run":
-                    result = await self._pull_run(args, peers)
-                elif call["method"] == "checksum":
-                    result = await self._checksum()
-                elif call["method"] == "verify_layer":
-                    store = self._require_store()
-                    result = await self._hash(partial(store.verify_job, str(args["layer"])))
-                else:
-                    result = await self._remove_snapshot(str(args["name"]))
-            except KeyError as exc:
-                raise InvalidArgument(f"method {call['method']!r} needs argument {exc}") from None
+            self._permit(session, p.CALL, payload)
+            method, args = checks.call_of(payload)
+            if method == "pull_run":
+                result = await self._pull_run(args, peers)
+            elif method == "checksum":
+                result = await self._checksum()
+            elif method == "verify_layer":
+                store = self._require_store()
+                layer = checks.text(args, "layer")
+                result = await self._hash(partial(store.verify_job, layer))
+            elif method == "changed_blocks":
+                result = await self._changed_blocks(args)
+            elif method == "backing_commit":
+                result = await self._backing_commit(checks.image_id(checks.text(args, "id")))
+            else:
+                result = await self._remove_snapshot(checks.text(args, "name"))
             answer = p.frame(request_id, p.OK, p.encode_json(result))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
         out.queue.append(answer)
         out.push()
 
-    async def _layer_sums(self, out: p.Outbox, request_id: int, payload: bytes) -> None:
+    async def _layer_sums(
+        self, session: Session, out: p.Outbox, request_id: int, payload: bytes
+    ) -> None:
         """Per-chunk checksums of a layer, answered out of order. Hashing an immutable layer
         that has none recorded reads all of it (a minute or more for a large volume): it runs in
         a thread (``_hash``), so that the replica keeps serving I/O meanwhile (an engine would
         otherwise time out on it and mark it failed). The head is hashed at once."""
         try:
+            self._permit(session, p.LAYER_SUMS, payload)
             view = memoryview(payload)
-            first, span, fresh = p.SUMS_REQ.unpack_from(_at_least(view, p.SUMS_REQ.size))
-            layer_id = bytes(view[p.SUMS_REQ.size :]).decode(errors="replace")
+            first, span, fresh = checks.header(p.SUMS_REQ, view)
+            if span > SUMS_PAGE_MAX:
+                raise InvalidArgument(f"at most {SUMS_PAGE_MAX} checksums per request")
+            layer_id = checks.layer_name(view, p.SUMS_REQ.size)
             store = self._require_store()
             fresh = bool(fresh) and first == 0
             sums = await self._hash(partial(store.sums_job, layer_id, fresh, first, span))
@@ -314,6 +385,25 @@ class ReplicaServer:
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
         out.queue.append(answer)
         out.push()
+
+    async def _changed_blocks(self, args: dict[str, Any]) -> list[int] | None:
+        """The blocks a backup must read since its base (see ``ChunkStore.changed_blocks``),
+        found in a thread: a large layer's index takes seconds to walk."""
+        store = self._require_store()
+        base, top = checks.text(args, "base"), checks.text(args, "top")
+        block_size = checks.integer(args, "block_size", 4096, 64 << 20)
+        if block_size & (block_size - 1):
+            raise InvalidArgument("the block size must be a power of two")
+        return await self._hash(
+            partial(store.changed_blocks_job, base, top, block_size, MAX_CHANGED_BLOCKS)
+        )
+
+    async def _backing_commit(self, image_id: str) -> None:
+        """Adopt an uploaded backing image once its content hashes to ``image_id``; the hashing
+        (of up to the whole volume's size) runs in a thread."""
+        store = self._require_store()
+        await self._hash(partial(store.backing_verify_job, image_id))
+        store.backing_adopt(image_id)
 
     async def _checksum(self) -> str:
         """The whole volume's checksum, read a few MiB at a time with other requests served in
@@ -353,15 +443,18 @@ class ReplicaServer:
         that address leads elsewhere from here, no such layer answers and the pull fails
         (``PullFailed``), it never copies other data."""
         store = self._require_store()
-        address, source_layer = str(args["source"]), str(args["source_layer"])
-        first, count = int(args["first"]), int(args["count"])
+        address, source_layer = checks.text(args, "source"), checks.text(args, "source_layer")
+        layer = checks.text(args, "layer")
+        parse_address(address)
+        first = checks.integer(args, "first", 0, checks.MAX_VOLUME)
+        count = checks.integer(args, "count", 1, 1 << 16)
+        _check_run(store, count)
         try:
             with trio.fail_after(_PULL_TIMEOUT):
                 client = await peers.get(address)
                 states, data = await client.read_layer_run(source_layer, first, count)
         except (LhfsError, trio.TooSlowError) as exc:
             raise PullFailed(f"cannot copy from {address}: {exc or 'no answer'}") from None
-        layer = str(args["layer"])
         store.write_layer_run(layer, first, states, data)
         self._unsynced += len(data)
         if self._unsynced >= _WRITEBACK_EVERY and not self._writing_back:
@@ -385,8 +478,9 @@ class _Peers:
     """Connections from this replica to others (rebuild sources), one per address, opened on
     first use and closed with the connection that asked for them."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, key: VolumeKey) -> None:
         self.nursery = nursery
+        self.key = key
         self._clients: dict[str, ReplicaClient] = {}
         self._failed: dict[str, tuple[float, LhfsError]] = {}
         self._lock = trio.Lock()
@@ -402,7 +496,9 @@ class _Peers:
             client = self._clients.get(address)
             if client is None or client.broken:
                 try:
-                    client = await ReplicaClient.connect(address, self.nursery)
+                    client = await ReplicaClient.connect(
+                        address, self.nursery, self.key, role=p.READER
+                    )
                 except LhfsError as exc:
                     self._failed[address] = (trio.current_time() + _PEER_RETRY_AFTER, exc)
                     raise
@@ -412,28 +508,15 @@ class _Peers:
 
 
 _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
-_STRUCTURAL = {"snapshot", "revert", "expand"}
-_LONG = {"remove_snapshot", "pull_run", "verify_layer", "checksum"}
+SUMS_PAGE_MAX = 1 << 19  # chunks one LAYER_SUMS request may span (its answer: 13 MB at most)
 
 
-def _method_of(payload: memoryview) -> str | None:
-    try:
-        call = p.decode_json(payload)
-    except ProtocolError:
-        return None
-    return call.get("method") if isinstance(call, dict) else None
-
-
-def _at_least(payload: memoryview, size: int) -> memoryview:
-    if len(payload) < size:
-        raise InvalidArgument(f"request payload of {len(payload)} bytes is too short")
-    return payload
-
-
-def _unpack(fmt: struct.Struct, payload: memoryview) -> tuple[int, ...]:
-    if len(payload) != fmt.size:
-        raise InvalidArgument(f"request payload is {len(payload)} bytes, expected {fmt.size}")
-    return fmt.unpack(payload)
+def _check_run(store: ChunkStore, count: int) -> None:
+    """A run of chunks moves at most ``MAX_IO`` bytes (one request, one bounded answer)."""
+    if not 0 < count * store.chunk_size <= p.MAX_IO:
+        raise InvalidArgument(
+            f"a layer run is 1 to {p.MAX_IO // store.chunk_size} chunks, not {count}"
+        )
 
 
 def _as_lhfs_error(exc: Exception) -> LhfsError:
@@ -465,10 +548,15 @@ async def local_listener(name: str) -> trio.SocketListener:
 
 
 async def run(
-    directory: Path, host: str, port: int, ready: Any = None, local: str | None = None
+    directory: Path,
+    key: VolumeKey,
+    host: str,
+    port: int,
+    ready: Any = None,
+    local: str | None = None,
 ) -> None:
     """Entry point of ``lhfs replica serve``: announces the bound address, then serves."""
-    server = ReplicaServer(directory)
+    server = ReplicaServer(directory, key)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve, host, port, local)
         if ready is not None:

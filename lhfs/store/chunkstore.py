@@ -117,11 +117,14 @@ class ChunkStore:
         chunk_size: int,
         backing_image: Path | None = None,
         backing_name: str = "backing.img",
+        volume_id: str | None = None,
     ) -> ChunkStore:
-        """Initialise an empty replica directory; ``backing_image`` is copied in, then verified."""
+        """Initialise an empty replica directory; ``backing_image`` is copied in, then verified.
+        ``volume_id`` records which volume the replica belongs to (its key's identity): a
+        replica process refuses the key of any other."""
         check_geometry(size, chunk_size)
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if (directory / META).exists():
             raise AlreadyExists(f"{directory} already holds a volume")
         lock_fd = _lock(directory)
@@ -151,6 +154,7 @@ class ChunkStore:
                 "layers": {head: {"name": None, "parent": None, "created": _now(), "size": size}},
                 "head": head,
                 "revision": 0,
+                "volume_id": volume_id,
             }
             atomic_write_json(directory / META, meta)
         except BaseException:
@@ -248,6 +252,15 @@ class ChunkStore:
     @property
     def head(self) -> Layer:
         return self.chain[0]
+
+    @property
+    def volume_id(self) -> str | None:
+        """The identity of the volume this replica belongs to (None: made before keys)."""
+        return self.meta.get("volume_id")
+
+    def set_volume_id(self, volume_id: str) -> None:
+        self.meta["volume_id"] = volume_id
+        self._save_meta()
 
     def _save_meta(self) -> None:
         self.meta["revision"] = self.revision
@@ -608,27 +621,48 @@ class ChunkStore:
 
     def changed_blocks(self, base_id: str, top: str, block_size: int) -> list[int] | None:
         """Blocks of ``block_size`` bytes that may differ between layer ``base_id`` and the
-        later snapshot ``top``: those touching a chunk held by any layer above the base, up to
-        ``top``, and those past the base's size. None when the base is not below ``top`` (it
-        was removed, or the volume reverted past it): then everything must be read.
+        later snapshot ``top`` (see ``changed_blocks_job``), found here and now."""
+        return self.changed_blocks_job(base_id, top, block_size)()
 
+    def changed_blocks_job(
+        self, base_id: str, top: str, block_size: int, limit: int | None = None
+    ) -> Callable[[], list[int] | None]:
+        """A job, safe to run in another thread, giving the blocks of ``block_size`` bytes that
+        may differ between layer ``base_id`` and the later snapshot ``top``: those touching a
+        chunk held by any layer above the base, up to ``top``, and those past the base's size.
+        None when the base is not below ``top`` (it was removed, or the volume reverted past
+        it), or when more than ``limit`` blocks changed: then everything must be read.
+
+        The layers are resolved here, on the caller's thread; they are snapshots, whose
+        indexes only a snapshot removal changes (the caller keeps one from running meanwhile).
         Layer ids are this replica's own: a caller keeps one per replica."""
-        ancestry = self._ancestry(self.layer(top).id)
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise InvalidArgument(f"block size {block_size} is not a power of two")
+        top_layer = self.layer(top)
+        if top_layer is self.head:
+            raise InvalidArgument("changed blocks are counted up to a snapshot, not the head")
+        ancestry = self._ancestry(top_layer.id)
         if base_id not in ancestry:
-            return None
-        chunks: set[int] = set()
-        for layer_id in ancestry[: ancestry.index(base_id)]:
-            chunks.update(self.layers[layer_id].index)
-        blocks = set()
-        for chunk in chunks:
-            first = chunk * self.chunk_size // block_size
-            last = ((chunk + 1) * self.chunk_size - 1) // block_size
-            blocks.update(range(first, last + 1))
+            return lambda: None
+        indexes = [self.layers[lid].index for lid in ancestry[: ancestry.index(base_id)]]
         base_size = self.meta["layers"][base_id]["size"]
         top_size = self.meta["layers"][ancestry[0]]["size"]
-        if top_size != base_size:
-            blocks.update(range(min(base_size, top_size) // block_size, -(-top_size // block_size)))
-        return sorted(blocks)
+        cs = self.chunk_size
+
+        def job() -> list[int] | None:
+            blocks: set[int] = set()
+            if top_size != base_size:
+                first = min(base_size, top_size) // block_size
+                blocks.update(range(first, -(-top_size // block_size)))
+            for index in indexes:
+                for chunk in index:
+                    first = chunk * cs // block_size
+                    blocks.update(range(first, ((chunk + 1) * cs - 1) // block_size + 1))
+                if limit is not None and len(blocks) > limit:
+                    return None
+            return sorted(blocks)
+
+        return job
 
     def layer(self, layer_id: str) -> Layer:
         """A layer by id, or a snapshot by name (replicas share names, not ids)."""
@@ -798,32 +832,60 @@ class ChunkStore:
         for layer in self.chain[1:]:  # the checksums kept up to date during the copy, once
             layer.save_sums()  # the data they describe is durable
 
-    def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
-        """Receive one chunk of a backing image this replica lacks (rebuild onto a new disk)."""
-        path = self.dir / ".backing.upload"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            pwrite_all(
-                fd,
-                data[: max(0, id_size(image_id) - chunk * self.chunk_size)],
-                chunk * self.chunk_size,
+    def _check_image(self, image_id: str) -> int:
+        size = id_size(image_id)
+        if not 0 < size <= self.size:
+            raise InvalidArgument(
+                f"a backing image of {size} bytes does not fit a volume of {self.size} bytes"
             )
+        return size
+
+    def backing_upload(self, image_id: str, chunk: int, data: bytes) -> None:
+        """Receive a run of chunks of a backing image this replica lacks, from chunk ``chunk``
+        on (rebuild onto a new disk)."""
+        size = self._check_image(image_id)
+        cs = self.chunk_size
+        if chunk < 0 or chunk * cs + len(data) > -(-size // cs) * cs:
+            raise InvalidArgument(f"chunks {chunk}+ ({len(data)} bytes) are not in the image")
+        path = self.dir / ".backing.upload"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            pwrite_all(fd, data[: max(0, size - chunk * cs)], chunk * cs)
         finally:
             os.close(fd)
 
-    def backing_commit(self, image_id: str, file_name: str = "backing.img") -> None:
+    def backing_commit(self, image_id: str) -> None:
         """Adopt the uploaded image if its content is ``image_id``; refuse it otherwise."""
+        self.backing_verify_job(image_id)()
+        self.backing_adopt(image_id)
+
+    def backing_verify_job(self, image_id: str) -> Callable[[], None]:
+        """A job, safe to run in another thread (it reads the whole image), that makes the
+        upload durable and checks it hashes to ``image_id``; a mismatch removes the upload."""
+        size = self._check_image(image_id)
         upload = self.dir / ".backing.upload"
-        if not upload.exists():
-            upload.touch()
-        os.truncate(upload, id_size(image_id))
-        fd = os.open(upload, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        found = content_id(upload)
-        if found != image_id:
-            upload.unlink()
-            raise BackingImageMismatch(f"uploaded backing image is {found}, expected {image_id}")
+
+        def job() -> None:
+            fd = os.open(upload, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            found = content_id(upload)
+            if found != image_id:
+                upload.unlink()
+                raise BackingImageMismatch(
+                    f"uploaded backing image is {found}, expected {image_id}"
+                )
+
+        return job
+
+    def backing_adopt(self, image_id: str, file_name: str = "backing.img") -> None:
+        """Make the verified upload this replica's backing image (see ``backing_verify_job``)."""
+        upload = self.dir / ".backing.upload"
+        if not upload.exists() or upload.stat().st_size != id_size(image_id):
+            raise InvalidArgument("no verified backing image upload to adopt")
         local = self.dir / check_name(file_name, "backing image file name")
         os.rename(upload, local)
         fsync_dir(self.dir)
@@ -856,9 +918,9 @@ class ChunkStore:
     def read_layer_run(self, layer_id: str, first: int, count: int) -> tuple[bytes, bytes]:
         """Neighbouring chunks as a layer (or ``"backing"``) stores them: one state byte per
         chunk (``ABSENT`` if not held) and the bytes of the DATA ones, in order."""
-        if count < 1 or first < 0:
-            raise InvalidArgument("a layer run is at least one chunk")
         cs = self.chunk_size
+        if count < 1 or first < 0 or first + count > -(-self.size // cs):
+            raise InvalidArgument(f"chunks {first}+{count} are not a run inside the volume")
         if layer_id == "backing":
             if self.backing is None:
                 raise NotFound("this volume has no backing image")
@@ -906,7 +968,7 @@ def _add_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
 
 def _lock(directory: Path) -> int:
     """Hold the directory exclusively: two processes writing one replica would corrupt it."""
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -114,7 +114,7 @@ class Layer:
         """Create the empty files of a new layer (the caller makes the directory entry durable)."""
         layer = cls(directory, layer_id, chunk_size)
         for path in (layer.data_path, layer.index_path):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         return layer
 
     @classmethod

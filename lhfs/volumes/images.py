@@ -27,7 +27,7 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
     if not source.is_file():
         raise NotFound(f"image file {source} does not exist")
     base = images_dir(root)
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (base / f"{name}.json").exists():
         raise AlreadyExists(f"backing image {name} already exists")
     tmp = base / f".{name}.img.tmp"

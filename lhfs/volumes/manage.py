@@ -20,7 +20,7 @@ from typing import Any
 from lhfs.config import volume as volumes
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound
 from lhfs.core.names import check_name
-from lhfs.core.procs import read_line_matching, wait_for
+from lhfs.core.procs import child_env, read_line_matching, wait_for
 from lhfs.engine import control
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import standby
@@ -53,6 +53,7 @@ def create(
                 chunk_size,
                 backing,
                 f"{replica['id']}-{backing.name}" if backing else "backing.img",
+                volume_id=vol.config["volume_id"],
             )
             info = store.info()
             store.close()
@@ -73,6 +74,16 @@ def remove(root: Path, name: str) -> None:
     trash = vol.dir.with_name(f".{name}.removing")
     os.rename(vol.dir, trash)
     shutil.rmtree(trash)
+
+
+def export_key(root: Path, name: str, out: Path) -> None:
+    """Write a copy of the volume's key to ``out`` (owner-only), never over an existing file."""
+    key = volumes.load(root, name).key()
+    if out.exists() or out.is_symlink():
+        raise AlreadyExists(f"{out} already exists: choose another file")
+    if not out.parent.is_dir():
+        raise NotFound(f"directory {out.parent} does not exist")
+    key.save(out)
 
 
 # -- attach and detach -----------------------------------------------------------------------
@@ -157,6 +168,7 @@ def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict
             stdin=subprocess.DEVNULL,
             text=True,
             start_new_session=True,
+            env=child_env(),  # the engine and its replicas never talk to the store
         )
     try:
         line = read_line_matching(proc, r"^(ready|error: .*)$", ATTACH_TIMEOUT).group(1)

@@ -52,7 +52,7 @@ def read_status(vol: volumes.Volume) -> dict[str, Any]:
 
 def lock(vol: volumes.Volume, wait: float = 0.0) -> int:
     """Hold the standby's follower lock: one process at a time brings it forward."""
-    fd = os.open(vol.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(vol.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     deadline = time.monotonic() + wait
     while True:
         try:

@@ -7,8 +7,10 @@ breaks, every waiting request and every later one fails with ``ConnectionLost``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +19,7 @@ import trio
 
 from lhfs.core.errors import ConnectionLost, InvalidArgument, LhfsError, ProtocolError
 from lhfs.wire import protocol as p
+from lhfs.wire.auth import VolumeKey
 
 log = logging.getLogger("lhfs.client")
 CONNECT_TIMEOUT = 10.0
@@ -33,19 +36,28 @@ def parse_address(address: str) -> tuple[str, int]:
 
 class SyncReplica:
     """A blocking, one-request-at-a-time connection, for threads outside trio (a backup reading
-    a snapshot from a running replica)."""
+    a snapshot from a running replica). A reader by default: it can change nothing."""
 
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self, address: str, key: VolumeKey, timeout: float = 60.0, role: int = p.READER
+    ) -> None:
         self.address = address
         host, port = parse_address(address)
+        handshake = p.ClientHandshake(key, address, role, 0, takeover=False)
         try:
             self._sock = socket.create_connection((host, port), timeout=timeout)
-            self._sock.sendall(p.HELLO.pack(p.MAGIC, p.VERSION))
-            magic, _version, status = p.HELLO_REPLY.unpack(self._recv(p.HELLO_REPLY.size))
         except OSError as exc:
             raise ConnectionLost(f"cannot reach replica {address}: {exc}") from None
-        if magic != p.MAGIC or status != 0:
-            raise ProtocolError(f"{address} is not an lhfs replica speaking version {p.VERSION}")
+        try:
+            self._sock.sendall(handshake.hello())
+            self._sock.sendall(handshake.answer(self._recv(p.CHALLENGE.size)))
+            handshake.welcome(self._recv(p.WELCOME.size))
+        except OSError as exc:
+            self._sock.close()
+            raise ConnectionLost(f"cannot reach replica {address}: {exc}") from None
+        except LhfsError:
+            self._sock.close()
+            raise
         self._next = 0
 
     def _recv(self, n: int) -> bytes:
@@ -122,30 +134,35 @@ class ReplicaClient:
         self._broken: LhfsError | None = None
         self._cancel = trio.CancelScope()
         self.progress = trio.current_time()  # when the replica last showed life
+        self.epoch = 0  # the session epoch the replica granted
 
     @classmethod
     async def connect(
         cls,
         address: str,
         nursery: trio.Nursery,
+        key: VolumeKey,
         timeout: float = CONNECT_TIMEOUT,
         local: str | None = None,
+        role: int = p.ENGINE,
+        epoch: int = 0,
+        takeover: bool = False,
     ) -> ReplicaClient:
-        """Connect, handshake and start the connection's tasks in ``nursery``. With ``local``,
-        the replica at ``address`` is reached by its local socket of that name instead (a
-        replica this host started with ``--local``)."""
+        """Connect, authenticate and start the connection's tasks in ``nursery``. With
+        ``local``, the replica at ``address`` is reached by its local socket of that name
+        instead (a replica this host started with ``--local``). An engine session asks for
+        session ``epoch`` (above the replica's own with ``takeover``: see
+        ``protocol.ClientHandshake``); the one granted is the client's ``epoch``."""
         host, port = parse_address(address)
+        handshake = p.ClientHandshake(key, address, role, epoch, takeover)
         stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(timeout):
                 stream = await (_open_local(local) if local else trio.open_tcp_stream(host, port))
-                await stream.send_all(p.HELLO.pack(p.MAGIC, p.VERSION))
-                reply = b""
-                while len(reply) < p.HELLO_REPLY.size:
-                    data = await stream.receive_some(p.HELLO_REPLY.size - len(reply))
-                    if not data:
-                        raise ConnectionLost(f"replica {address} closed the connection")
-                    reply += data
+                await stream.send_all(handshake.hello())
+                challenge = await _receive_exactly(stream, p.CHALLENGE.size, address, True)
+                await stream.send_all(handshake.answer(challenge))
+                handshake.welcome(await _receive_exactly(stream, p.WELCOME.size, address))
         except BaseException as exc:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
@@ -158,17 +175,20 @@ class ReplicaClient:
             else:
                 raise
             raise ConnectionLost(f"cannot reach replica {address}: {why}") from None
-        magic, _version, status = p.HELLO_REPLY.unpack(reply)
-        if magic != p.MAGIC or status != 0:
-            await stream.aclose()
-            raise ProtocolError(f"{address} is not an lhfs replica speaking version {p.VERSION}")
         p.tune_stream(stream)
         client = cls(stream, address)
+        client.epoch = handshake.epoch
         nursery.start_soon(client._run)
         return client
 
-    async def aclose(self) -> None:
+    async def aclose(self, reset: bool = False) -> None:
+        """Close the connection; with ``reset``, abort it (RST), dropping whatever the kernel
+        still holds unsent: a replica marked failed must never receive it later."""
         self._fail(ConnectionLost(f"connection to replica {self.address} closed"))
+        if reset:
+            with contextlib.suppress(OSError):
+                linger = struct.pack("ii", 1, 0)
+                self._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         self._cancel.cancel()
         await trio.aclose_forcefully(self._stream)
 
@@ -207,6 +227,12 @@ class ReplicaClient:
 
     async def _reader(self) -> None:
         frames = p.FrameBuffer()
+        try:
+            await self._read_answers(frames)
+        finally:
+            frames.release()
+
+    async def _read_answers(self, frames: p.FrameBuffer) -> None:
         waiting, quick = self._waiting, self._quick
         while True:
             if not await frames.receive(self._stream.socket):
@@ -316,7 +342,7 @@ class ReplicaClient:
         return await self.call("info")
 
     async def layer_sums(
-        self, layer_id: str, first: int = 0, span: int = 1 << 24, fresh: bool = False
+        self, layer_id: str, first: int = 0, span: int = 1 << 19, fresh: bool = False
     ) -> list[tuple[int, int, bytes]]:
         """One page of a layer's per-chunk checksums: those of chunks ``first`` to
         ``first + span - 1`` that the layer holds, in chunk order."""
@@ -360,6 +386,22 @@ def _call(callback: Callback, error: LhfsError | None, payload: memoryview | byt
         callback(error, payload)
     except Exception:
         log.exception("a replica request's completion callback failed")
+
+
+async def _receive_exactly(
+    stream: trio.SocketStream, size: int, address: str, magic: bool = False
+) -> bytes:
+    """``size`` bytes of a handshake; with ``magic``, bytes that cannot start a replica's
+    answer are reported as such at once (a web server answering, say), not as a reset."""
+    data = b""
+    while len(data) < size:
+        more = await stream.receive_some(size - len(data))
+        if not more:
+            raise ProtocolError(f"{address} closed the connection during the handshake")
+        data += more
+        if magic and data[: len(p.MAGIC)] != p.MAGIC[: len(data)]:
+            raise ProtocolError(f"{address} is not an lhfs replica")
+    return data
 
 
 async def _open_local(name: str) -> trio.SocketStream:
@@ -421,11 +463,15 @@ async def merged_layer_sums(
 
 @asynccontextmanager
 async def open_replica(
-    address: str, timeout: float = CONNECT_TIMEOUT
+    address: str,
+    key: VolumeKey,
+    timeout: float = CONNECT_TIMEOUT,
+    role: int = p.ENGINE,
+    epoch: int = 0,
 ) -> AsyncIterator[ReplicaClient]:
     """A client for the duration of a ``async with`` block (tools and tests)."""
     async with trio.open_nursery() as nursery:
-        client = await ReplicaClient.connect(address, nursery, timeout)
+        client = await ReplicaClient.connect(address, nursery, key, timeout, role=role, epoch=epoch)
         try:
             yield client
         finally:

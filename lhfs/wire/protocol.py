@@ -1,20 +1,31 @@
-"""The replica wire protocol: a version handshake, then framed requests and responses.
+"""The replica wire protocol: an authenticated handshake, then framed requests and responses.
 
-After connecting, the client sends ``MAGIC`` and its version (u16); the server answers with
-``MAGIC``, its version and a status byte (0: accepted) and closes the connection if it cannot
-speak that version.
+Handshake (see ``auth`` for the proofs), every field fixed-size:
+
+1. client: ``HELLO`` = magic, version, the volume's identity, a fresh client nonce;
+2. replica: ``CHALLENGE`` = magic, version, a status, the identity of the volume it serves, a
+   fresh replica nonce, the replica's proof, and its current session epoch. A status other
+   than ``HS_OK`` (another version, another volume) ends the connection;
+3. client: ``AUTH`` = its proof, its role, the session epoch it asks for;
+4. replica: ``WELCOME`` = a status: accepted, or denied (a bad proof), or stale (an engine
+   session older than the replica's epoch: see ``replica.server`` on fencing).
+
+Roles: an ``ENGINE`` session may do everything and is fenced by epochs; a ``READER`` session (a
+backup reading a snapshot, a replica pulling from its rebuild source) may only read, and has
+no epoch. Nothing is accepted before step 4.
 
 Every frame is ``<u32 length><u32 request id><u16 op or status><payload>``, little-endian, where
 length counts the bytes after itself. Requests carry ids so that many can be in flight on one
 connection and answers may come back in any order. Bulk data (reads, writes, layer chunks) is
 raw bytes after a fixed header; control calls carry a small JSON object. An error answer has
-status ``ERROR`` and a JSON payload ``{"kind", "message"}`` naming a class of ``lhfs.errors``.
+status ``ERROR`` and a JSON payload ``{"kind", "message"}`` naming a class of ``lhfs.core.errors``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import socket
 import struct
@@ -23,12 +34,29 @@ from typing import Any
 
 import trio
 
-from lhfs.core.errors import LhfsError, ProtocolError, from_wire
+from lhfs.core.errors import (
+    AuthenticationFailed,
+    Busy,
+    Fenced,
+    LhfsError,
+    ProtocolError,
+    WrongVolume,
+    from_wire,
+)
+from lhfs.wire import auth
 
 MAGIC = b"LHFS"
-VERSION = 2
-HELLO = struct.Struct("<4sH")
-HELLO_REPLY = struct.Struct("<4sHB")
+VERSION = 3
+PREAMBLE = struct.Struct("<4sH")  # magic, version: the start of HELLO, checked first
+HELLO = struct.Struct("<4sH16s32s")  # magic, version, volume id, client nonce
+CHALLENGE = struct.Struct("<4sHB16s32s32sQ")  # magic, version, status, volume id, nonce, proof,
+#                                              the replica's session epoch
+AUTH = struct.Struct("<32sBQ")  # client proof, role, epoch
+WELCOME = struct.Struct("<B")  # status
+
+HS_OK, HS_VERSION, HS_WRONG_VOLUME, HS_DENIED, HS_STALE, HS_BUSY = range(6)
+ENGINE, READER = 1, 2
+ROLES = (ENGINE, READER)
 
 HEADER = struct.Struct("<IIH")  # length of what follows the length field, request id, op/status
 LENGTH = struct.Struct("<I")
@@ -182,6 +210,61 @@ class Outbox:
             await self._sent.wait()
 
 
+class ClientHandshake:
+    """The client's side of the handshake, without I/O: the engine (trio) and the blocking
+    client (threads) send and receive the same messages."""
+
+    def __init__(self, key: auth.VolumeKey, address: str, role: int, epoch: int, takeover: bool):
+        self.key, self.address, self.role = key, address, role
+        self.epoch, self.takeover = epoch, takeover
+        self._nonce = auth.nonce()
+
+    def hello(self) -> bytes:
+        return HELLO.pack(MAGIC, VERSION, self.key.id, self._nonce)
+
+    def answer(self, challenge: bytes) -> bytes:
+        """Check the replica's challenge and return the AUTH message. With ``takeover``, an
+        engine asks for an epoch above the replica's (a new attach fences whatever engine
+        held the replica before); otherwise a replica already in a newer session refuses."""
+        magic, version, status, volume_id, nonce, proof, epoch = CHALLENGE.unpack(challenge)
+        if magic != MAGIC:
+            raise ProtocolError(f"{self.address} is not an lhfs replica")
+        if status == HS_VERSION or version != VERSION:
+            raise ProtocolError(
+                f"{self.address} speaks replica protocol version {version}, not {VERSION}"
+            )
+        if status == HS_BUSY:
+            raise Busy(f"replica {self.address} has too many connections")
+        if status == HS_WRONG_VOLUME:
+            raise WrongVolume(
+                f"{self.address} serves a replica of another volume (id {volume_id.hex()}), "
+                f"not of {self.key.volume}",
+                volume_id.hex(),
+            )
+        if status != HS_OK or not auth.same(proof, self.key.server_proof(self._nonce, nonce)):
+            raise AuthenticationFailed(
+                f"{self.address} could not prove it holds the key of volume {self.key.volume}"
+            )
+        if self.role == ENGINE and self.takeover:
+            self.epoch = max(self.epoch, epoch + 1)
+        self.replica_epoch = epoch
+        return AUTH.pack(
+            self.key.client_proof(nonce, self._nonce, self.role, self.epoch), self.role, self.epoch
+        )
+
+    def welcome(self, reply: bytes) -> None:
+        (status,) = WELCOME.unpack(reply)
+        if status == HS_STALE:
+            raise Fenced(
+                f"replica {self.address} is in a newer session (epoch {self.replica_epoch}) "
+                f"than this one ({self.epoch}): another engine took it over"
+            )
+        if status != HS_OK:
+            raise AuthenticationFailed(
+                f"replica {self.address} refused the key of volume {self.key.volume}"
+            )
+
+
 def error_payload(exc: LhfsError) -> bytes:
     return json.dumps({"kind": type(exc).__name__, "message": str(exc)}).encode()
 
@@ -208,6 +291,13 @@ def decode_json(payload: bytes | memoryview) -> Any:
 _YIELD_AFTER = 64 << 10  # bytes a receiver reads without waiting before it yields
 
 
+def _memory(size: int) -> mmap.mmap:
+    """Anonymous memory for a receive buffer: it costs resident memory only as bytes arrive
+    (a zero-filled bytearray is written whole at once), so room reserved for a frame that a
+    peer announced but never sends costs nothing but address space."""
+    return mmap.mmap(-1, size)
+
+
 class FrameBuffer:
     """Receives bytes straight into one reusable buffer and cuts them into complete frames.
 
@@ -218,12 +308,26 @@ class FrameBuffer:
     """
 
     _MIN_ROOM = 256 << 10
+    _FIRST = 4 << 20
+    BUDGET = 1 << 30  # what all of a process's buffers may reserve beyond their first size
+    _held = 0  # (process-wide) bytes above ``_FIRST`` reserved by every buffer now
 
-    def __init__(self, size: int = 4 << 20) -> None:
-        self.buf = bytearray(size)
+    def __init__(self) -> None:
+        self.buf = _memory(self._FIRST)
         self.start = 0
         self.end = 0
         self._unyielded = 0  # bytes read since this receiver last waited or yielded
+        self._extra = 0  # this buffer's share of ``_held``
+
+    @property
+    def pending(self) -> bool:
+        """Whether part of a frame was received and waits for the rest."""
+        return self.end > self.start
+
+    def release(self) -> None:
+        """Give the buffer's reservation back to the budget (the connection is over)."""
+        FrameBuffer._held -= self._extra
+        self._extra = 0
 
     def _make_room(self) -> None:
         pending = self.end - self.start
@@ -234,7 +338,20 @@ class FrameBuffer:
         if len(self.buf) - self.end >= need:
             return
         size = max(len(self.buf), pending + need)
-        new = bytearray(size) if size > len(self.buf) else self.buf
+        if size > len(self.buf):
+            extra = size - self._FIRST
+            if FrameBuffer._held - self._extra + extra > self.BUDGET:
+                # The room reserved for large frames, all connections together: peers that
+                # announce large frames and send nothing more must not exhaust memory.
+                raise ProtocolError(
+                    f"receive buffers reserve {FrameBuffer._held >> 20} MiB already: "
+                    "no room for another large frame"
+                )
+            FrameBuffer._held += extra - self._extra
+            self._extra = extra
+            new = _memory(size)
+        else:
+            new = self.buf
         new[:pending] = self.buf[self.start : self.end]
         self.buf, self.start, self.end = new, 0, pending
 

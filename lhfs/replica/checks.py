@@ -1,0 +1,93 @@
+"""Checking what a request carries before anything uses it.
+
+A replica answers an authenticated peer, but a peer may still be buggy, old or compromised:
+every field is checked for its type and range here, so that a bad request becomes one error
+answer (``InvalidArgument``) and never an exception deep in the store, a traceback in the log or
+work without bound.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any
+
+from lhfs.core.errors import InvalidArgument
+from lhfs.wire import protocol as p
+
+MAX_NAMES = 65_536  # snapshot names one rebuild may list
+MAX_VOLUME = 1 << 50  # 1 PiB: beyond any file a replica's disk can hold
+_IMAGE_ID = re.compile(r"^[0-9a-f]{32}-[0-9]{1,16}$")
+
+
+def call_of(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
+    """``(method, args)`` of a CALL frame's JSON ``{"method": str, "args": {...}}``."""
+    call = p.decode_json(payload)
+    if not isinstance(call, dict):
+        raise InvalidArgument("a call is a JSON object {method, args}")
+    method, args = call.get("method"), call.get("args", {})
+    if not isinstance(method, str) or len(method) > 64 or not isinstance(args, dict):
+        raise InvalidArgument("a call is a JSON object {method: string, args: object}")
+    return method, args
+
+
+def method_of(payload: bytes | memoryview) -> str | None:
+    """The method a CALL frame names, or None when it is malformed (it is then answered with
+    the error in order, like any quick request)."""
+    try:
+        return call_of(payload)[0]
+    except InvalidArgument:
+        return None
+
+
+def text(args: dict[str, Any], name: str, limit: int = 256) -> str:
+    value = args.get(name)
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise InvalidArgument(f"argument {name!r} must be a non-empty string of at most {limit}")
+    return value
+
+
+def integer(args: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = args.get(name)
+    if type(value) is not int or not low <= value <= high:  # (bool is not a number here)
+        raise InvalidArgument(f"argument {name!r} must be an integer from {low} to {high}")
+    return value
+
+
+def texts(args: dict[str, Any], name: str, limit: int = MAX_NAMES) -> list[str]:
+    value = args.get(name)
+    if not isinstance(value, list) or len(value) > limit:
+        raise InvalidArgument(f"argument {name!r} must be a list of at most {limit} strings")
+    if not all(isinstance(item, str) and 0 < len(item) <= 256 for item in value):
+        raise InvalidArgument(f"argument {name!r} must be a list of non-empty strings")
+    return value
+
+
+def image_id(value: str) -> str:
+    """A backing image's content id (``<xxh3-128 hex>-<size>``)."""
+    if not _IMAGE_ID.match(value):
+        raise InvalidArgument(f"not a backing image id: {value[:80]!r}")
+    return value
+
+
+def layer_name(payload: memoryview, start: int, end: int | None = None) -> str:
+    """A layer id or snapshot name carried in a binary request."""
+    raw = bytes(payload[start:end])
+    if not 0 < len(raw) <= 256:
+        raise InvalidArgument("a layer name of 1 to 256 bytes is expected")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument("a layer name must be UTF-8") from None
+
+
+def exact(fmt: struct.Struct, payload: memoryview) -> tuple[Any, ...]:
+    if len(payload) != fmt.size:
+        raise InvalidArgument(f"request payload is {len(payload)} bytes, expected {fmt.size}")
+    return fmt.unpack(payload)
+
+
+def header(fmt: struct.Struct, payload: memoryview) -> tuple[Any, ...]:
+    if len(payload) < fmt.size:
+        raise InvalidArgument(f"request payload of {len(payload)} bytes is too short")
+    return fmt.unpack_from(payload)

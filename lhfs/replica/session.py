@@ -1,0 +1,188 @@
+"""Who a replica talks to: the handshake's replica side, session epochs and fencing.
+
+A connection becomes a *session* only once the peer proved it holds the volume's key (see
+``lhfs.wire.auth``); until then nothing it sends is read as a request. Handshakes are bounded:
+a few at a time, each within a deadline, so that strangers cannot hold the replica's memory or
+its connection slots.
+
+**Epochs.** An engine session asks for an epoch, a number the replica keeps durably in the
+file ``epoch`` of its directory and which only grows. A session whose epoch is older than the
+replica's is refused at the handshake, and one that becomes older (a newer engine session came
+in: a re-attach, an engine elsewhere, the replica re-added after a partition) is *fenced*: its
+connection is reset at once and every request still arriving on it is refused. So a write that
+sat in a socket buffer during a partition can never land after the replica rejoined, and of two
+engines that reach one replica only the newer writes. Reader sessions (backups, rebuild peers)
+change nothing and carry no epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from lhfs.core.durable import atomic_write
+from lhfs.core.errors import CorruptState, Fenced, ProtocolError
+from lhfs.wire import auth
+from lhfs.wire import protocol as p
+
+log = logging.getLogger("lhfs.replica")
+
+EPOCH_FILE = "epoch"
+HANDSHAKE_TIMEOUT = 5.0
+MAX_HANDSHAKES = 16  # connections proving themselves at once
+MAX_SESSIONS = 64  # authenticated connections at once
+
+
+@dataclass(eq=False)
+class Session:
+    """One authenticated connection."""
+
+    role: int
+    epoch: int
+    stream: trio.SocketStream
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    fenced: bool = False
+
+
+class Sessions:
+    """The replica's key, its durable epoch, and the sessions it serves."""
+
+    def __init__(self, directory: Path, key: auth.VolumeKey) -> None:
+        self.dir = Path(directory)
+        self.key = key
+        self.epoch = self._load_epoch()
+        self.live: set[Session] = set()
+        self.handshaking = 0
+
+    def _load_epoch(self) -> int:
+        try:
+            text = (self.dir / EPOCH_FILE).read_text()
+        except FileNotFoundError:
+            return 0
+        try:
+            return int(text)
+        except ValueError:
+            raise CorruptState(f"{self.dir / EPOCH_FILE} is damaged: {text[:40]!r}") from None
+
+    def _record_epoch(self, epoch: int) -> None:
+        """Durable before the session that asked for it is accepted: after a crash the
+        replica still refuses every older session."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(self.dir / EPOCH_FILE, b"%d\n" % epoch)
+        self.epoch = epoch
+
+    def admit(self, stream: trio.SocketStream) -> bool:
+        """Whether a new connection may start a handshake (bounded, so a crowd of strangers
+        cannot crowd the engine out); local connections must come from this user."""
+        if self.handshaking >= MAX_HANDSHAKES or len(self.live) >= MAX_SESSIONS:
+            log.warning(
+                "refused a connection: %d sessions and %d handshakes under way",
+                len(self.live),
+                self.handshaking,
+            )
+            return False
+        sock = stream.socket
+        if sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                log.warning("refused a local connection from uid %d", uid)
+                return False
+        return True
+
+    async def handshake(self, stream: trio.SocketStream) -> Session:
+        """Run the replica's side of the handshake (see ``protocol``); the session, or an
+        error once the peer was told why (the caller closes the connection)."""
+        self.handshaking += 1
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                return await self._handshake(stream)
+        except trio.TooSlowError:
+            raise ProtocolError("no complete handshake within the deadline") from None
+        finally:
+            self.handshaking -= 1
+
+    async def _handshake(self, stream: trio.SocketStream) -> Session:
+        magic, version = p.PREAMBLE.unpack(await _exactly(stream, p.PREAMBLE.size))
+        if magic != p.MAGIC:
+            raise ProtocolError("not an lhfs client")
+        if version != p.VERSION:
+            await _challenge(stream, p.HS_VERSION, b"", b"", b"", 0)
+            raise ProtocolError(f"client speaks protocol version {version}, not {p.VERSION}")
+        rest = await _exactly(stream, p.HELLO.size - p.PREAMBLE.size)
+        volume_id, client_nonce = rest[: auth.ID_BYTES], rest[auth.ID_BYTES :]
+        key = self.key
+        if volume_id != key.id:
+            await _challenge(stream, p.HS_WRONG_VOLUME, key.id, b"", b"", 0)
+            raise ProtocolError(f"client asked for another volume ({volume_id.hex()})")
+        server_nonce = auth.nonce()
+        proof = key.server_proof(client_nonce, server_nonce)
+        await _challenge(stream, p.HS_OK, key.id, server_nonce, proof, self.epoch)
+        client_proof, role, epoch = p.AUTH.unpack(await _exactly(stream, p.AUTH.size))
+        expected = key.client_proof(server_nonce, client_nonce, role, epoch)
+        if role not in p.ROLES or not auth.same(client_proof, expected):
+            await stream.send_all(p.WELCOME.pack(p.HS_DENIED))
+            raise ProtocolError("the client could not prove it holds the volume's key")
+        if role == p.ENGINE:
+            if epoch < self.epoch:
+                await stream.send_all(p.WELCOME.pack(p.HS_STALE))
+                raise ProtocolError(f"refused an engine of epoch {epoch} < {self.epoch}")
+            if epoch > self.epoch:
+                self._record_epoch(epoch)
+                self._fence_older(epoch)
+        await stream.send_all(p.WELCOME.pack(p.HS_OK))
+        return Session(role, epoch if role == p.ENGINE else 0, stream)
+
+    def _fence_older(self, epoch: int) -> None:
+        """Reset every engine session older than ``epoch``: nothing still queued on its
+        connection may be delivered (a reset, not a close that lets buffered data through)."""
+        for session in list(self.live):
+            if session.role == p.ENGINE and session.epoch < epoch:
+                log.warning(
+                    "engine session of epoch %d fenced: a session of epoch %d took over",
+                    session.epoch,
+                    epoch,
+                )
+                session.fenced = True
+                abort(session.stream)
+                session.scope.cancel()
+
+    def check(self, session: Session) -> None:
+        """Refuse a request of an engine session that a newer one fenced."""
+        if session.role == p.ENGINE and session.epoch < self.epoch:
+            session.fenced = True
+            raise Fenced(
+                f"this session (epoch {session.epoch}) was replaced by a newer one "
+                f"(epoch {self.epoch}); nothing it sends is applied"
+            )
+
+
+def abort(stream: trio.SocketStream) -> None:
+    """Make the next close of ``stream`` a reset: data still unsent is dropped, not delivered."""
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def _challenge(
+    stream: trio.SocketStream, status: int, volume_id: bytes, nonce: bytes, proof: bytes, epoch: int
+) -> None:
+    await stream.send_all(
+        p.CHALLENGE.pack(p.MAGIC, p.VERSION, status, volume_id, nonce, proof, epoch)
+    )
+
+
+async def _exactly(stream: trio.SocketStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = await stream.receive_some(size - len(data))
+        if not more:
+            raise ProtocolError("connection closed during the handshake")
+        data += more
+    return data

@@ -1,0 +1,120 @@
+"""Who may talk to a replica: the volume's key, and the proofs of the handshake.
+
+Every volume has a key, made at ``volume create``: an identity (16 random bytes, public: a
+replica directory records it, a replica announces it) and a secret (32 random bytes, never on
+the wire, never on a command line). A key file holds both, as JSON, readable by its owner only;
+a key file that others may read is refused, as ssh refuses such a private key.
+
+The handshake (see ``protocol``) is a mutual challenge-response: each side sends a fresh random
+nonce, and each proves it knows the secret with an HMAC-SHA256 over both nonces, the volume's
+identity and a label saying which side it is (a proof made for one side is worth nothing for
+the other). The client's proof also covers the role and the session epoch it asks for, so they
+cannot be changed on the way. A recorded handshake is worthless: the other side's nonce is new
+each time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+from lhfs.core.durable import atomic_write
+from lhfs.core.errors import InvalidArgument, NotFound
+
+ID_BYTES = 16
+SECRET_BYTES = 32
+NONCE_BYTES = 32
+PROOF_BYTES = 32
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class VolumeKey:
+    """A volume's identity and secret; ``volume`` is its name, for messages only."""
+
+    volume: str
+    id: bytes
+    secret: bytes
+
+    def __repr__(self) -> str:  # never print the secret, whatever logs the object
+        return f"VolumeKey(volume={self.volume!r}, id={self.id.hex()})"
+
+    @classmethod
+    def new(cls, volume: str) -> VolumeKey:
+        return cls(volume, secrets.token_bytes(ID_BYTES), secrets.token_bytes(SECRET_BYTES))
+
+    @property
+    def id_hex(self) -> str:
+        return self.id.hex()
+
+    @classmethod
+    def load(cls, path: Path) -> VolumeKey:
+        """Read a key file; one clear error for a missing, unsafe or malformed one."""
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise NotFound(f"key file {path} does not exist") from None
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read key file {path}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidArgument(f"key file {path} is not a regular file")
+            if info.st_mode & 0o077:
+                raise InvalidArgument(
+                    f"key file {path} may be read by others (mode {info.st_mode & 0o777:o}): "
+                    f"'chmod 600 {path}'"
+                )
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        try:
+            doc = json.loads(raw)
+            key = cls(str(doc["volume"]), bytes.fromhex(doc["id"]), bytes.fromhex(doc["secret"]))
+            valid = doc.get("format") == _FORMAT
+        except (ValueError, KeyError, TypeError, AttributeError):
+            valid = False
+        if not valid or len(key.id) != ID_BYTES or len(key.secret) != SECRET_BYTES:
+            raise InvalidArgument(f"{path} is not an lhfs volume key file")
+        return key
+
+    def save(self, path: Path) -> None:
+        """Write the key file crash-safely, readable by its owner only."""
+        doc = {
+            "format": _FORMAT,
+            "volume": self.volume,
+            "id": self.id.hex(),
+            "secret": self.secret.hex(),
+        }
+        atomic_write(Path(path), json.dumps(doc, indent=1).encode() + b"\n")
+
+    # -- proofs -------------------------------------------------------------------------------
+
+    def server_proof(self, client_nonce: bytes, server_nonce: bytes) -> bytes:
+        return self._mac(b"lhfs-replica", client_nonce, server_nonce)
+
+    def client_proof(
+        self, server_nonce: bytes, client_nonce: bytes, role: int, epoch: int
+    ) -> bytes:
+        return self._mac(
+            b"lhfs-client", server_nonce, client_nonce, bytes([role]), epoch.to_bytes(8, "little")
+        )
+
+    def _mac(self, label: bytes, *parts: bytes) -> bytes:
+        return hmac.new(self.secret, b"\0".join((label, self.id, *parts)), sha256).digest()
+
+
+def same(a: bytes, b: bytes) -> bool:
+    """Compare proofs in constant time."""
+    return hmac.compare_digest(a, b)
+
+
+def nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)

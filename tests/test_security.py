@@ -1,0 +1,454 @@
+"""The trust boundary: strangers read and write nothing, a replica belongs to one volume, hostile
+frames cost the replica nothing lasting, state is private and secrets stay where needed."""
+
+from __future__ import annotations
+
+import contextlib
+import encodings.idna  # noqa: F401  (a child dropped to uid 65534 cannot import it later)
+import json
+import os
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from conftest import needs_fuse
+
+from lhfs.config import volume as volumes
+from lhfs.core.errors import LhfsError
+from lhfs.core.procs import wait_for
+from lhfs.replica.server import FRAME_TIMEOUT
+from lhfs.testing import Cli, raw_session
+from lhfs.wire import protocol as p
+from lhfs.wire.auth import VolumeKey
+from lhfs.wire.client import ReplicaClient, open_replica
+
+NOBODY = 65534
+MIB = 1 << 20
+
+
+def as_nobody(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a forked child that dropped to uid and gid 65534; its JSON result."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            result = {"result": fn()}
+        except BaseException as exc:
+            result = {"error": repr(exc)}
+        os.write(write_end, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_end)
+    chunks = []
+    while data := os.read(read_end, 65536):
+        chunks.append(data)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    outcome = json.loads(b"".join(chunks))
+    assert "error" not in outcome, outcome
+    return outcome["result"]
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def stranger(connect: Callable[[], socket.socket], volume_id: bytes | None) -> dict[str, Any]:
+    """What someone without the key gets from a replica: the volume id it announces, how it
+    answers a made-up proof, and whether a frame sent anyway is answered (it must not be)."""
+    out: dict[str, Any] = {}
+    with connect() as s:
+        s.settimeout(10)
+        try:
+            hello = p.HELLO.pack(p.MAGIC, p.VERSION, volume_id or os.urandom(16), os.urandom(32))
+            s.sendall(hello)
+            challenge = _exactly(s, p.CHALLENGE.size)
+        except OSError:  # reset: turned away before a word
+            challenge = b""
+        if len(challenge) < p.CHALLENGE.size:
+            return {"challenge": None}
+        status, announced = p.CHALLENGE.unpack(challenge)[2:4]
+        out.update(challenge=status, announced=announced.hex())
+        if status != p.HS_OK:
+            return out
+        s.sendall(p.AUTH.pack(os.urandom(32), p.ENGINE, 1 << 40))
+        welcome = _exactly(s, 1)
+        out["welcome"] = welcome[0] if welcome else None
+        frames = [
+            p.frame(1, p.READ, p.RANGE.pack(0, 4096)),
+            p.frame(2, p.WRITE, p.U64.pack(0), b"\xee" * 4096),
+            p.frame(3, p.CALL, p.encode_json({"method": "rebuild_begin", "args": {"names": []}})),
+            p.frame(4, p.CALL, p.encode_json({"method": "expand", "args": {"size": 1 << 40}})),
+            p.frame(5, p.CALL, p.encode_json({"method": "init", "args": {"size": 1 << 20}})),
+        ]
+        try:
+            s.sendall(b"".join(frames))
+            out["answered"] = s.recv(65536)  # b"" (closed) or nothing at all
+        except OSError as exc:  # reset: nothing was answered
+            out["answered"] = type(exc).__name__
+        out["answered"] = (
+            out["answered"] if isinstance(out["answered"], str) else len(out["answered"])
+        )
+    return out
+
+
+def tcp(address: str) -> Callable[[], socket.socket]:
+    host, port = address.rsplit(":", 1)
+    return lambda: socket.create_connection((host, int(port)), timeout=10)
+
+
+def local(name: str) -> Callable[[], socket.socket]:
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect("\0" + name)
+        return sock
+
+    return connect
+
+
+def local_names(engine_pid: int) -> list[str]:
+    """The abstract Unix sockets the replicas of an engine listen on."""
+    with open("/proc/net/unix") as f:
+        names = {line.split()[-1][1:] for line in f if f"@lhfs-{engine_pid}-" in line}
+    return sorted(names)
+
+
+def replica_addresses(cli: Cli, name: str) -> list[str]:
+    return [r["address"] for r in cli.info(name)["replicas"]]
+
+
+@needs_fuse
+def test_strangers_read_nothing_and_a_replica_serves_one_volume(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    cli.run("volume", "create", "a1", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "attach", "a1", "--device", str(tmp_path / "a1.dev"))
+    with open(tmp_path / "a1.dev", "r+b") as dev:
+        dev.write(random.Random(1).randbytes(4 * MIB))
+        os.fsync(dev.fileno())
+    key_file = tmp_path / "a1.key"
+    cli.run("volume", "key", "a1", "--out", str(key_file))
+    assert os.stat(key_file).st_mode & 0o777 == 0o600
+    remote = replica_factory(tmp_path / "remote", key_file)
+    cli.run("replica", "add", "a1", "--address", remote.address)
+    before = cli.checksum("a1")
+    vol = volumes.load(cli.root, "a1")
+    volume_id = bytes.fromhex(vol.config["volume_id"])
+    epoch_file = tmp_path / "remote" / "epoch"
+    epoch_before = epoch_file.read_text()
+    engine_pid = cli.engine_pid("a1")
+    assert engine_pid is not None
+    sockets = local_names(engine_pid)
+    assert len(sockets) == 1, sockets
+    data_file = next((vol.dir / "replicas" / "r1").glob("*.data"))
+
+    def attempts() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for what, path in (("key", vol.key_path), ("data", data_file), ("config", vol.dir)):
+            try:
+                (open(path, "rb").read(16) if path.is_file() else os.listdir(path))  # noqa: SIM115
+                out[what] = "read"
+            except PermissionError:
+                out[what] = "denied"
+        out["tcp_unknown_id"] = stranger(tcp(remote.address), None)
+        out["tcp"] = stranger(tcp(remote.address), volume_id)
+        out["local"] = stranger(local(sockets[0]), volume_id)
+        return out
+
+    seen = as_nobody(attempts)
+    assert (seen["key"], seen["data"], seen["config"]) == ("denied", "denied", "denied"), seen
+    # the id is public (it names the volume, as a replica directory does); the secret is not
+    assert seen["tcp_unknown_id"] == {
+        "challenge": p.HS_WRONG_VOLUME,
+        "announced": volume_id.hex(),
+    }
+    assert seen["tcp"]["challenge"] == p.HS_OK and seen["tcp"]["welcome"] == p.HS_DENIED, seen
+    assert seen["tcp"]["answered"] in (0, "ConnectionResetError", "BrokenPipeError"), seen
+    assert seen["local"] == {"challenge": None}, seen  # another user: closed before any word
+
+    # root without the secret fares no better: a made-up key, the right volume id
+    forged = VolumeKey("a1", volume_id, os.urandom(32))
+    for address in [remote.address, *replica_addresses(cli, "a1")]:
+        if address:
+            outcome = stranger(tcp(address), volume_id)
+            assert outcome["welcome"] == p.HS_DENIED and outcome["answered"] in (
+                0,
+                "ConnectionResetError",
+                "BrokenPipeError",
+            ), outcome
+
+    async def forged_client() -> str:
+        async with trio.open_nursery() as nursery:
+            try:
+                client = await ReplicaClient.connect(remote.address, nursery, forged)
+            except LhfsError as exc:
+                return type(exc).__name__
+            await client.aclose()
+            return "connected"
+
+    assert trio.run(forged_client) == "AuthenticationFailed"
+    assert epoch_file.read_text() == epoch_before  # the made-up epoch 2**40 was not recorded
+
+    # a mistyped address: another volume's replica is refused and left alone
+    cli.run("volume", "create", "a2", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "attach", "a2", "--device", str(tmp_path / "a2.dev"))
+    taken = cli.run("replica", "add", "a2", "--address", remote.address, check=False)
+    assert taken.returncode == 1, taken.stderr
+    assert len(taken.stderr.strip().splitlines()) == 1, taken.stderr
+    assert "serves a replica of volume a1, not of a2" in taken.stderr
+    assert [r["id"] for r in cli.info("a2")["replicas"]] == ["r1"]
+    info = cli.info("a1")
+    assert info["state"] == "healthy", info
+    assert cli.checksum("a1") == before
+    sums = cli.json("volume", "scrub", "a1")
+    assert sums["damaged"] == {}, sums
+    cli.run("volume", "detach", "a1")
+    cli.run("volume", "detach", "a2")
+
+
+@needs_fuse
+def test_state_is_private_and_secrets_stay_with_the_store_clients(tmp_path: Path) -> None:
+    """Under umask 022 every file and directory under a root is its owner's only; an engine and
+    its replicas are started without the S3 secret the attaching shell holds."""
+    root = tmp_path / "root"
+    cli = Cli(root, env={"AWS_SECRET_ACCESS_KEY": "s3cr3t-for-the-store-only"})
+    old = os.umask(0o022)
+    try:
+        cli.run("volume", "create", "v", "--size", "16M", "--replicas", "2")
+        image = tmp_path / "image.raw"
+        image.write_bytes(random.Random(2).randbytes(MIB))
+        cli.run("backing-image", "create", "img", "--from", str(image))
+        cli.run("volume", "attach", "v", "--device", str(root / "v.dev"))
+        with open(root / "v.dev", "r+b") as dev:
+            dev.write(b"private" * 1000)
+            os.fsync(dev.fileno())
+        cli.run("snapshot", "create", "v", "s1")
+        engine = cli.engine_pid("v")
+        assert engine is not None
+        children = [
+            int(entry)
+            for entry in os.listdir("/proc")
+            if entry.isdigit() and _parent(int(entry)) == engine
+        ]
+        assert len(children) == 2, children
+        for pid in [engine, *children]:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert b"AWS_SECRET_ACCESS_KEY" not in environ, pid
+            assert b"s3cr3t" not in environ, pid
+        exposed = [
+            (str(path), oct(path.lstat().st_mode & 0o777))
+            for path in [root, *root.rglob("*")]
+            if path.lstat().st_mode & 0o077 and path != root / "v.dev"
+        ]
+        assert exposed == []
+        assert os.stat(root / "v.dev").st_mode & 0o077 == 0  # the FUSE file, as it was
+        cli.run("volume", "detach", "v")
+        exposed = [str(path) for path in [root, *root.rglob("*")] if path.lstat().st_mode & 0o077]
+        assert exposed == []
+    finally:
+        os.umask(old)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+# -- hostile frames --------------------------------------------------------------------------
+
+
+def _bad_calls(rng: random.Random) -> bytes:
+    calls: list[Any] = [
+        [],
+        {"method": [1, 2]},
+        {"method": {"a": 1}},
+        {"method": "expand", "args": {"size": "x"}},
+        {"method": "expand", "args": {"size": 1 << 70}},
+        {"method": "changed_blocks", "args": {"base": "x", "top": "y", "block_size": 1}},
+        {"method": "changed_blocks", "args": {"base": "x", "top": "y", "block_size": 0}},
+        {"method": "init", "args": {"size": -1, "chunk_size": 0}},
+        {"method": "rebuild_begin", "args": {"names": "x", "revision": -1}},
+        {"method": "rebuild_begin", "args": {"names": [1, 2], "revision": 0}},
+        {"method": "snapshot", "args": {"name": "../x"}},
+        {"method": "remove_snapshot", "args": {"name": 7}},
+        {"method": "pull_run", "args": {"source": "nowhere", "first": -1}},
+        {"method": "backing_commit", "args": {"id": "zz"}},
+        {"method": "backing_commit", "args": {"id": "0" * 32 + "-99999999999999"}},
+        {"method": "revert", "args": {}},
+        {"method": "verify_layer", "args": {"layer": None}},
+        {"method": "nothing"},
+        {"method": "info", "args": [1]},
+    ]
+    choice = rng.choice(calls)
+    body = json.dumps(choice).encode() if rng.random() < 0.9 else rng.randbytes(40)
+    return body
+
+
+def bad_frame(rng: random.Random, request_id: int) -> bytes:
+    """One frame that is well framed but wrong inside: no such op, short or oversized
+    arguments, out-of-range values, bad names, JSON of every wrong shape."""
+    kind = rng.randrange(12)
+    huge = rng.choice([p.MAX_IO + 1, 1 << 31, (1 << 32) - 1])
+    if kind == 0:
+        return p.frame(request_id, rng.choice([0, 11, 12, 99, 65535]), rng.randbytes(20))
+    if kind == 1:
+        return p.frame(request_id, p.READ, p.RANGE.pack(rng.randrange(1 << 40), huge))
+    if kind == 2:
+        return p.frame(request_id, p.WRITE, rng.randbytes(rng.randrange(8)))
+    if kind == 3:
+        return p.frame(request_id, p.WRITE, p.U64.pack((1 << 40) + rng.randrange(99)), b"x" * 64)
+    if kind == 4:
+        return p.frame(request_id, p.TRIM, p.TRIM_RANGE.pack(0, 1 << 40))
+    if kind == 5:
+        return p.frame(request_id, p.CALL, _bad_calls(rng))
+    if kind == 6:
+        return p.frame(request_id, p.LAYER_SUMS, p.SUMS_REQ.pack(0, 1 << 30, 1) + b"nope")
+    if kind == 7:
+        return p.frame(request_id, p.READ_LAYER_RUN, p.RUN.pack(0, 65535) + b"\xff\xfe")
+    if kind == 8:
+        return p.frame(request_id, p.WRITE_LAYER_RUN, p.WRITE_RUN.pack(0, 9, 300) + b"z" * 20)
+    if kind == 9:
+        return p.frame(request_id, p.BACKING_UPLOAD, p.UPLOAD.pack(1 << 50, 4) + b"abcd" * 3)
+    if kind == 10:
+        return p.frame(request_id, p.READ_SNAPSHOT, p.RANGE.pack(0, huge) + b"nosuch")
+    return p.frame(request_id, p.CALL, p.encode_json({"method": "snapshot", "args": {"name": ""}}))
+
+
+def fuzz(address: str, key: VolumeKey, frames: int, seed: int) -> dict[str, int]:
+    """Send ``frames`` malformed frames: most over authenticated sessions (engine and reader),
+    the rest as strangers (garbage, forged handshakes); returns what was sent."""
+    rng = random.Random(seed)
+    host, port = address.rsplit(":", 1)
+    sent = {"authenticated": 0, "stranger": 0, "connections": 0}
+    while sent["authenticated"] + sent["stranger"] < frames:
+        sent["connections"] += 1
+        if rng.random() < 0.1:  # a stranger: garbage, or a hello with a made-up proof
+            try:
+                with socket.create_connection((host, int(port)), timeout=10) as s:
+                    if rng.random() < 0.5:
+                        s.sendall(rng.randbytes(rng.randrange(1, 300)))
+                    else:
+                        s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION, key.id, rng.randbytes(32)))
+                        _exactly(s, p.CHALLENGE.size)
+                        s.sendall(p.AUTH.pack(rng.randbytes(32), p.ENGINE, 0))
+                        s.sendall(bad_frame(rng, 1) * 20)
+                    s.shutdown(socket.SHUT_WR)
+                    while s.recv(65536):
+                        pass
+            except OSError:
+                pass
+            sent["stranger"] += 20
+            continue
+        role = rng.choice([p.ENGINE, p.READER])
+        with raw_session(address, key, role=role) as s:
+            batch = [bad_frame(rng, i) for i in range(rng.randrange(200, 2000))]
+            if rng.random() < 0.2:  # and a broken frame length at the end: the peer is cut off
+                batch.append(struct.pack("<IIH", rng.choice([0, 3, p.MAX_FRAME + 1]), 0, 1))
+            drained = threading.Thread(target=_drain, args=(s,), daemon=True)
+            drained.start()
+            try:
+                s.sendall(b"".join(batch))
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            drained.join(60)
+            sent["authenticated"] += len(batch)
+    return sent
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except OSError:
+        pass
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_hostile_frames_cost_the_replica_nothing_lasting(tmp_path: Path, replica_factory) -> None:
+    """100,000 malformed frames, from authenticated sessions and from strangers, and fifty
+    connections that announce a maximal frame and then say nothing, while an engine session does
+    4 KiB I/O: the replica stays up, answers the engine within a second every time, stays under
+    300 MB, logs no traceback, and closes the stalled connections after its frame timeout."""
+    from lhfs.store.chunkstore import ChunkStore
+
+    size = 64 * MIB
+    ChunkStore.create(tmp_path / "r", size, 65536).close()
+    replica = replica_factory(tmp_path / "r")
+    stalled: list[socket.socket] = []
+    for _ in range(50):
+        s = raw_session(replica.address, replica.key)
+        s.sendall(struct.pack("<IIH", p.MAX_FRAME, 1, p.WRITE) + b"\0" * 4096)
+        stalled.append(s)
+    opened_at = time.monotonic()
+    sent: dict[str, int] = {}
+    fuzzer = threading.Thread(
+        target=lambda: sent.update(fuzz(replica.address, replica.key, 100_000, 5))
+    )
+    stats = {"longest": 0.0, "ios": 0, "rss": 0}
+    model = bytearray(size)
+    rng = random.Random(9)
+
+    async def main() -> None:
+        async with open_replica(replica.address, replica.key) as client:
+            fuzzer.start()
+            while fuzzer.is_alive() or stats["ios"] < 200:
+                offset = rng.randrange(size // 4096) * 4096
+                data = rng.randbytes(4096)
+                started = trio.current_time()
+                await client.write(offset, data)
+                assert await client.read(offset, 4096) == data
+                stats["longest"] = max(stats["longest"], trio.current_time() - started)
+                model[offset : offset + 4096] = data
+                stats["ios"] += 1
+                stats["rss"] = max(stats["rss"], _rss(replica.proc.pid))
+                await trio.sleep(0.001)
+            assert xxhash_of(await client.read(0, 16 * MIB)) == xxhash_of(model[: 16 * MIB])
+            assert await client.call("checksum") == xxhash_of(model)
+
+    trio.run(main)
+    fuzzer.join()
+    assert sent["authenticated"] + sent["stranger"] >= 100_000, sent
+    assert replica.proc.poll() is None
+    assert stats["longest"] < 1.0, stats
+    assert stats["rss"] < 300 * MIB, stats
+    # the stalled connections are closed once their frame timeout passed
+    for s in stalled:
+        s.settimeout(max(1.0, FRAME_TIMEOUT + 10 - (time.monotonic() - opened_at)))
+        with contextlib.suppress(ConnectionResetError):  # (a reset says the same)
+            assert s.recv(65536) == b""
+        s.close()
+    assert time.monotonic() - opened_at < FRAME_TIMEOUT + 10
+    wait_for(lambda: _rss(replica.proc.pid) < 300 * MIB, 10, "the replica's memory")
+    log = replica.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert log.count("stayed incomplete") == len(stalled), log[-3000:]
+
+
+def xxhash_of(data: bytes | bytearray) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(bytes(data))
