@@ -1,14 +1,17 @@
 """An S3 bucket (MinIO first, any S3) as the backup store's object layer.
 
-Two rules shape this module. Every call goes through ``_call``, the one retry wrapper: a
-transient failure (connection refused or reset, timeout, a host name that does not resolve, 5xx,
-429/SlowDown) is retried with exponential backoff and jitter until a deadline; anything else is
-final at once. And "not found" is an answer, "could not ask" is not: ``stat``/``get`` return
-None only for NoSuchKey, never because the store could not be reached.
+Three rules shape this module. Every call goes through ``_call``, the one retry wrapper: a
+transient failure (connection refused or reset, timeout, a host name that does not resolve,
+5xx, 429/SlowDown) is retried with exponential backoff and jitter until a deadline; anything
+else is final at once and becomes one line saying what the endpoint answered (``refusal``).
+"Not found" is an answer, "could not ask" is not: ``stat``/``get`` return None only for
+NoSuchKey, never because the store could not be reached. And nothing reaches the client that
+it would refuse itself: a target is checked when it is parsed.
 
-Endpoint and credentials come from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION``; an ``http://`` endpoint means no TLS. Secrets never
-appear in messages.
+The endpoint and credentials (``Endpoint``) come from ``AWS_ENDPOINT_URL`` (or Amazon S3 of
+``AWS_REGION``), ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``, or from a credentials file
+(``KEY=value`` lines, readable by its owner only; a DR standby names one); an ``http://``
+endpoint means no TLS. There is no default endpoint. Secrets never appear in messages.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import itertools
 import logging
 import os
 import random
+import re
 import socket
+import ssl
+import stat
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -30,11 +37,12 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
-from lhfs.core.errors import InvalidArgument, LhfsError
+from lhfs.core.errors import InvalidArgument, LhfsError, UsageError
 
 log = logging.getLogger("lhfs.s3")
 T = TypeVar("T")
 
+RETRY_TIMEOUT = 60.0  # how long an interactive command retries a store that does not answer
 _TRANSIENT_CODES = {
     "SlowDown",
     "InternalError",
@@ -43,6 +51,15 @@ _TRANSIENT_CODES = {
     "RequestTimeTooSkewed",
     "OperationAborted",
 }
+_ACCESS_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AuthorizationHeaderMalformed",
+    "InvalidToken",
+    "ExpiredToken",
+}
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class StoreUnavailable(LhfsError):
@@ -50,7 +67,60 @@ class StoreUnavailable(LhfsError):
 
 
 class StoreRefused(LhfsError):
-    """The store answered with a final error (access denied, no such bucket, ...)."""
+    """The store answered with a final error (access denied, no such bucket, not S3...)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the store is and how to sign requests to it."""
+
+    url: str  # scheme://host[:port]
+    region: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, credentials_file: Path | None = None
+    ) -> Endpoint:
+        """The endpoint of the environment (or of ``AWS_ENDPOINT_URL`` in ``env``), with the
+        credentials of ``credentials_file`` when one is named, else of the environment."""
+        env = os.environ if env is None else env
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""
+        url = env.get("AWS_ENDPOINT_URL") or (region and f"https://s3.{region}.amazonaws.com")
+        if not url:
+            raise UsageError(
+                "no S3 endpoint: set AWS_ENDPOINT_URL (for example http://127.0.0.1:9000 for a "
+                "local MinIO), or AWS_REGION for Amazon S3"
+            )
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path.strip("/"):
+            raise UsageError(f"AWS_ENDPOINT_URL is not an http(s)://HOST[:PORT] URL: {url!r}")
+        source = load_credentials(credentials_file) if credentials_file else env
+        access, secret = source.get("AWS_ACCESS_KEY_ID"), source.get("AWS_SECRET_ACCESS_KEY")
+        if not access or not secret:
+            where = credentials_file or "the environment"
+            raise UsageError(
+                f"no S3 credentials in {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+        return cls(f"{parsed.scheme}://{parsed.netloc}", region or "us-east-1", access, secret)
+
+
+def load_credentials(path: Path) -> dict[str, str]:
+    """``KEY=value`` lines of a credentials file that only its owner may read."""
+    try:
+        info = os.stat(path)
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read credentials file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077:
+        raise InvalidArgument(f"credentials file {path} may be read by others: 'chmod 600 {path}'")
+    found = {}
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and not name.startswith("#"):
+            found[name.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    return found
 
 
 @dataclass(frozen=True)
@@ -62,14 +132,29 @@ class Target:
 
     @classmethod
     def parse(cls, url: str) -> Target:
+        """A target URL, refused with one line (exit 2) unless every part is a name lhfs would
+        make itself: a bucket name by S3's rules, prefix segments of letters, digits, ``.``,
+        ``_`` and ``-`` starting with a letter or digit (so never ``.`` or ``..``)."""
         parsed = urlparse(url)
-        if parsed.scheme != "s3" or not parsed.netloc:
-            raise InvalidArgument(f"not a backup target: {url!r} (use s3://BUCKET/PREFIX)")
+        if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
+            raise UsageError(f"not a backup target: {url!r} (use s3://BUCKET/PREFIX)")
         try:
             check_bucket_name(parsed.netloc, strict=True)
-        except ValueError as exc:
-            raise InvalidArgument(f"{url!r}: {exc} (3-63 of a-z 0-9 . -)") from None
-        return cls(parsed.netloc, parsed.path.strip("/"))
+        except ValueError:
+            raise UsageError(
+                f"{url!r}: invalid bucket name {parsed.netloc!r} (3-63 of a-z, 0-9, '.' and "
+                "'-', starting and ending with a letter or digit)"
+            ) from None
+        prefix = parsed.path.strip("/")
+        for segment in prefix.split("/") if prefix else []:
+            if not _SEGMENT.match(segment):
+                raise UsageError(
+                    f"{url!r}: invalid prefix segment {segment!r}: use letters, digits, '.', '_' "
+                    "or '-', starting with a letter or digit"
+                )
+        if len(prefix) > 512:
+            raise UsageError(f"{url!r}: the prefix is longer than 512 characters")
+        return cls(parsed.netloc, prefix)
 
     def key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -78,21 +163,74 @@ class Target:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
 
+def _status(exc: BaseException) -> int | None:
+    if isinstance(exc, ServerError):
+        return exc.status_code
+    if isinstance(exc, InvalidResponseError):
+        code = getattr(exc, "_code", None)  # the client keeps the status only here
+        return code if isinstance(code, int) else None
+    status = getattr(getattr(exc, "response", None), "status", None)
+    return status if isinstance(status, int) else None
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The innermost reason urllib3 wraps (a refused connection, a TLS failure)."""
+    seen = exc
+    while True:
+        inner = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
+        if inner is None or inner is seen or not isinstance(inner, BaseException):
+            return seen
+        seen = inner
+
+
 def is_transient(exc: BaseException) -> bool:
     """The one classification of failures: worth retrying, or final."""
     if isinstance(exc, S3Error):
         return exc.code in _TRANSIENT_CODES
-    if isinstance(exc, ServerError):  # an HTTP error without an S3 error body
-        return exc.status_code >= 500 or exc.status_code == 429
-    if isinstance(exc, InvalidResponseError):  # a non-XML answer (a proxy's 502/503 page)
-        status = getattr(exc, "_code", 0)  # the client keeps the status only here
-        return isinstance(status, int) and (status >= 500 or status == 429)
-    if isinstance(
+    status = _status(exc)
+    if status is not None:
+        return status >= 500 or status == 429
+    cause = _cause(exc)
+    if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+        return False  # TLS to a plain-HTTP server, or a certificate not trusted: never passes
+    if isinstance(exc, urllib3.exceptions.ProtocolError) and "BadStatusLine" in repr(exc):
+        return False  # plain HTTP to a TLS port, or a server that does not speak HTTP
+    return isinstance(
         exc, urllib3.exceptions.HTTPError | socket.gaierror | ConnectionError | TimeoutError
-    ):
-        return True
-    status = getattr(getattr(exc, "response", None), "status", None)
-    return isinstance(status, int) and (status >= 500 or status == 429)
+    )
+
+
+def refusal(what: str, endpoint: str, exc: BaseException) -> StoreRefused:
+    """One line saying what the endpoint answered instead of doing ``what``."""
+    if isinstance(exc, S3Error):
+        if exc.code == "NoSuchBucket":
+            return StoreRefused(f"{what}: bucket {exc.bucket_name!r} does not exist at {endpoint}")
+        if exc.code in _ACCESS_CODES:
+            return StoreRefused(
+                f"{what}: {endpoint} refused access ({exc.code}): check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY"
+            )
+        return StoreRefused(f"{what}: {endpoint} answered {exc.code}")
+    status = _status(exc)
+    if status in (401, 403):
+        return StoreRefused(
+            f"{what}: {endpoint} refused access (HTTP {status}, no S3 error): check the "
+            "credentials, and that AWS_ENDPOINT_URL is an S3 server"
+        )
+    if status is not None:
+        kind = getattr(exc, "_content_type", None) or getattr(exc, "content_type", None)
+        return StoreRefused(
+            f"{what}: {endpoint} answered HTTP {status}"
+            + (f" ({kind.split(';')[0]})" if kind else "")
+            + ", not as S3 does: is AWS_ENDPOINT_URL an S3 server?"
+        )
+    cause = _cause(exc)
+    if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+        return StoreRefused(
+            f"{what}: TLS with {endpoint} failed ({_describe(cause)}): check http:// or "
+            "https:// in AWS_ENDPOINT_URL, and the server's certificate"
+        )
+    return StoreRefused(f"{what}: {endpoint} did not answer as S3 does ({_describe(exc)})")
 
 
 class Bucket:
@@ -101,29 +239,28 @@ class Bucket:
     def __init__(
         self,
         target: Target,
-        deadline: float = 300.0,
+        deadline: float = RETRY_TIMEOUT,
         first_delay: float = 0.2,
         on_retry: Callable[[str], None] | None = None,
+        endpoint: Endpoint | None = None,
     ) -> None:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
-        parsed = urlparse(endpoint)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise InvalidArgument(f"AWS_ENDPOINT_URL is not an http(s) URL: {endpoint!r}")
+        endpoint = endpoint or Endpoint.from_env()
+        parsed = urlparse(endpoint.url)
         self.target = target
         self.deadline = deadline
         self.first_delay = first_delay
         self.on_retry = on_retry  # told of every transient failure (a DR status shows it)
-        self.endpoint = f"{parsed.scheme}://{parsed.netloc}"
+        self.endpoint = endpoint.url
         self._ensured = False
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=10, read=60), retries=False, maxsize=16
         )
         self.client = Minio(
             parsed.netloc,
-            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            access_key=endpoint.access_key,
+            secret_key=endpoint.secret_key,
             secure=parsed.scheme == "https",
-            region=os.environ.get("AWS_REGION") or "us-east-1",
+            region=endpoint.region,
             http_client=http,
         )
 
@@ -135,17 +272,19 @@ class Bucket:
         while True:
             try:
                 return fn()
+            except LhfsError:
+                raise
+            except ValueError as exc:  # the client refused a name: never sent
+                raise InvalidArgument(f"{what}: {exc}") from None
             except Exception as exc:
-                if isinstance(exc, S3Error) and not is_transient(exc):
-                    raise StoreRefused(f"{what}: {self.endpoint} answered {exc.code}") from None
                 if not is_transient(exc):
-                    raise
+                    raise refusal(what, self.endpoint, exc) from None
                 attempt += 1
                 left = self.deadline - (time.monotonic() - started)
                 if left <= 0:
                     raise StoreUnavailable(
-                        f"{self.endpoint} did not answer {what} for {self.deadline:.0f}s: "
-                        f"{_describe(exc)}"
+                        f"{self.endpoint} did not answer {what} for {self.deadline:.0f}s "
+                        f"({_describe(exc)}); --retry-timeout waits longer"
                     ) from None
                 level = logging.WARNING if attempt >= 3 else logging.INFO
                 log.log(level, "%s failed (%s), retrying in %.1fs", what, _describe(exc), delay)
@@ -154,12 +293,31 @@ class Bucket:
                 time.sleep(min(left, delay * random.uniform(0.5, 1.5)))
                 delay = min(delay * 2, 30.0)
 
-    def ensure(self) -> None:
-        """Create the bucket if it does not exist (asked once per ``Bucket``)."""
+    def ensure(self, create: bool = False) -> None:
+        """Check that the bucket exists (asked once per ``Bucket``); with ``create``, make it
+        when it does not. A typo in a bucket name must not become a new bucket silently.
+        Asked with a listing rather than a HEAD: an S3 server answers it in XML, so a server
+        that is not S3 (a web server's HTML page) is told apart from a missing bucket."""
         if self._ensured:
             return
-        if not self._call("bucket check", lambda: self.client.bucket_exists(self.target.bucket)):
-            self._call("bucket create", lambda: self.client.make_bucket(self.target.bucket))
+        bucket = self.target.bucket
+
+        def exists() -> bool:
+            try:
+                next(iter(self.client.list_objects(bucket, self.target.prefix or None)), None)
+            except S3Error as exc:
+                if exc.code == "NoSuchBucket":
+                    return False
+                raise
+            return True
+
+        if not self._call("bucket check", exists):
+            if not create:
+                raise StoreRefused(
+                    f"bucket {bucket!r} does not exist at {self.endpoint} (check the name; "
+                    "'--create-bucket' makes it)"
+                )
+            self._call("bucket create", lambda: self.client.make_bucket(bucket))
         self._ensured = True
 
     def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
@@ -234,7 +392,19 @@ class Bucket:
 
 
 def _describe(exc: BaseException) -> str:
+    """A failure in a few words: what the network said, not the layers it went through."""
     if isinstance(exc, S3Error):
         return f"{exc.code}"
-    text = str(exc).split("\n")[0]
-    return f"{type(exc).__name__}: {text[:160]}"
+    cause = _cause(exc)
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, ConnectionResetError):
+        return "connection reset"
+    if isinstance(cause, socket.gaierror):
+        return f"the host name does not resolve ({cause.strerror})"
+    if isinstance(cause, TimeoutError | socket.timeout) or "timed out" in str(cause):
+        return "timed out"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS: {cause.reason or cause}"
+    text = str(cause).split("\n")[0]
+    return f"{type(cause).__name__}: {text[:160]}"

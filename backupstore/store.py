@@ -25,7 +25,6 @@ asker's own marker), so a skewed local clock cannot make a live marker look dead
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -41,7 +40,7 @@ from typing import Any
 import xxhash
 import zstandard
 
-from lhfs.core.errors import CorruptState, InvalidArgument, NotFound
+from lhfs.core.errors import CorruptState, InvalidArgument, LhfsError, NotFound
 from lhfs.core.units import format_size
 
 from .s3 import Bucket
@@ -191,7 +190,7 @@ class BackupStore:
         the snapshot chain), only the changed blocks are read; the others keep the base's
         digests. Without it, or when the base is gone, every block is read (and only those the
         store lacks are sent)."""
-        self.bucket.ensure()
+        self.bucket.ensure()  # (the caller may have made it, with --create-bucket)
         block_size, recorded = self._settings(volume, block_size)
         started = time.time()
         running = _Marker(self.bucket, self._key(volume, name, "running"))
@@ -297,7 +296,7 @@ class BackupStore:
         deleting)."""
         waited = False
         while True:
-            if not self._live(self.target.key("locks") + "/", own, lambda name: True):
+            if not self._live(self.target.key("locks") + "/", own, _collecting):
                 return
             if not waited:
                 log.info("waiting for a collection of unreferenced blocks to finish")
@@ -376,26 +375,35 @@ class BackupStore:
             return {pair: manifest for pair, manifest in found if manifest is not None}
 
     def list(self, volume: str | None = None) -> list[dict[str, Any]]:
-        """Backups, complete and in progress, oldest first."""
-        out = []
+        """Backups, oldest first, each once: ``complete`` (its manifest exists), ``in_progress``
+        (its marker is fresh) or ``interrupted`` (a marker that its process stopped
+        refreshing, and no manifest: ``lhfs backup gc`` removes it)."""
         complete = []
+        markers = {}
         for obj in self.bucket.list(self.target.key("volumes", volume or "") + "/"):
             vol, name, kind = _parts(obj.object_name)
             if kind == "json":
                 complete.append((vol, name))
             elif kind == "running":
-                out.append(
-                    {
-                        "volume": vol,
-                        "name": name,
-                        "state": "in_progress",
-                        "snapshot": None,
-                        "created": obj.last_modified.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        "started": obj.last_modified.timestamp(),
-                        "size": None,
-                        "blocks": None,
-                    }
-                )
+                markers[(vol, name)] = obj
+        # (by this host's clock: what it shows is advice; collection asks the server's clock)
+        now = time.time()
+        out = []
+        for (vol, name), obj in markers.items():
+            if (vol, name) in complete:
+                continue  # finished, its marker not removed yet (or never: gc removes it)
+            out.append(
+                {
+                    "volume": vol,
+                    "name": name,
+                    "state": "in_progress" if self._fresh(obj, now) else "interrupted",
+                    "snapshot": None,
+                    "created": obj.last_modified.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "started": obj.last_modified.timestamp(),
+                    "size": None,
+                    "blocks": None,
+                }
+            )
         for (vol, name), manifest in self._manifests(complete).items():
             out.append(
                 {
@@ -410,6 +418,10 @@ class BackupStore:
                 }
             )
         return sorted(out, key=order)
+
+    @staticmethod
+    def _fresh(obj: Any, now: float) -> bool:
+        return now - obj.last_modified.timestamp() < STALE
 
     def restore(
         self,
@@ -456,41 +468,57 @@ class BackupStore:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def delete(self, volume: str, name: str) -> int:
-        """Delete one backup, then collect unreferenced blocks; the number of blocks deleted."""
+    def delete(self, volume: str, name: str) -> Collection:
+        """Delete one backup, then collect unreferenced blocks (see ``collect``)."""
         self.manifest(volume, name)
         self.bucket.delete(self._key(volume, name, "json"))
         return self.collect()
 
-    def collect(self) -> int:
-        """Delete the blocks no complete backup references; nothing while a backup runs."""
+    def collect(self, sweep: bool = False) -> Collection:
+        """Delete the blocks no complete backup references; nothing while a backup runs (the
+        result says which, and the blocks wait for the next collection). With ``sweep``, also
+        remove the markers of backups whose process died (``interrupted`` in ``list``)."""
         marker = _Marker(self.bucket, self.target.key("locks", f"collect-{secrets.token_hex(8)}"))
         with marker:
-            if self._running(marker.key):
-                return 0
-            listed = (
-                _parts(obj.object_name)
+            running = self._running(marker.key)
+            if running:
+                return Collection(0, running)
+            listed = [
+                (obj, *_parts(obj.object_name))
                 for obj in self.bucket.list(self.target.key("volumes") + "/")
-            )
-            complete = [(vol, name) for vol, name, kind in listed if kind == "json"]
+            ]
+            complete = [(vol, name) for _, vol, name, kind in listed if kind == "json"]
             referenced: set[str] = set()
             for manifest in self._manifests(complete).values():
                 referenced.update(d for d in manifest["blocks"] if d)
-            if self._running(marker.key):  # a second look, now that the work is known
-                return 0
+            running = self._running(marker.key)  # a second look, now that the work is known
+            if running:
+                return Collection(0, running)
             removed = 0
             for obj in self._blocks():
                 if obj.object_name.rsplit("/", 1)[1] not in referenced:
                     self.bucket.delete(obj.object_name)
                     removed += 1
-            return removed
+            swept = 0
+            if sweep:  # no live marker is left (just checked): every one found is dead
+                for obj, _vol, _name, kind in listed:
+                    if kind == "running":
+                        self.bucket.delete(obj.object_name)
+                        swept += 1
+            return Collection(removed, None, swept)
 
-    def _running(self, own: str) -> bool:
+    def _running(self, own: str) -> str | None:
+        """What running backup holds collection back, if any (None: none)."""
         prefix = self.target.key("volumes") + "/"
-        return self._live(prefix, own, lambda name: name.endswith(".running"))
+        live = self._live(prefix, own, lambda name: name.endswith(".running"))
+        if not live:
+            return None
+        vol, name, _ = _parts(live[0].object_name)
+        more = f" (and {len(live) - 1} more)" if len(live) > 1 else ""
+        return f"backup {name} of volume {vol} is running{more}"
 
-    def _live(self, prefix: str, own: str, match: Callable[[str], bool]) -> bool:
-        """Whether a fresh marker (other than ``own``) matching ``match`` is under ``prefix``;
+    def _live(self, prefix: str, own: str, match: Callable[[str], bool]) -> list[Any]:
+        """The fresh markers (other than ``own``) matching ``match`` under ``prefix``;
         "fresh" by the server's clock, read from the time of ``own`` (only when there are
         others: usually there are none, and a round trip is saved). That time is taken back
         by however long its asking took after the listing (retries, or a heartbeat rewriting
@@ -501,16 +529,30 @@ class BackupStore:
             if obj.object_name != own and match(obj.object_name)
         ]
         if not others:
-            return False
+            return []
         listed = time.monotonic()
         now = self.bucket.modified(own) - (time.monotonic() - listed)
-        return any(now - obj.last_modified.timestamp() < STALE for obj in others)
+        return [obj for obj in others if now - obj.last_modified.timestamp() < STALE]
 
     def _blocks(self) -> Iterator[Any]:
         return self.bucket.list(self.target.key("blocks") + "/")
 
     def block_count(self) -> int:
         return sum(1 for _ in self._blocks())
+
+
+def _collecting(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith("collect-")
+
+
+@dataclass
+class Collection:
+    """What a collection did: blocks removed, or why it deferred (a backup runs), and the
+    markers of dead backups it swept."""
+
+    removed: int
+    deferred: str | None = None
+    swept: int = 0
 
 
 def _parts(key: str) -> tuple[str, str, str]:
@@ -551,8 +593,16 @@ class _Marker:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self._stop.set()
         self._thread.join()  # a beat in flight must not write the marker back after this
-        with contextlib.suppress(Exception):
+        try:
             self.bucket.delete(self.key)
+        except Exception as error:
+            if kind is not None:  # the block's own failure is the one to report
+                log.warning("could not remove %s: %s", self.key, error)
+                return
+            raise LhfsError(
+                f"{self.key} could not be removed ({error}); it expires after "
+                f"{STALE / 60:.0f} minutes and 'lhfs backup gc' removes it then"
+            ) from None

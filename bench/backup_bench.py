@@ -86,7 +86,7 @@ def main() -> None:
         restic = shutil.which("restic")
 
         def lhfs_backup() -> None:
-            cli.run("backup", "create", "bench", "--target", target, "--quiet")
+            cli.run("backup", "create", "bench", "--target", target, "--create-bucket", "--quiet")
 
         def restic_backup() -> None:
             subprocess.run(

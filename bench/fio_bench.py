@@ -140,7 +140,13 @@ def main() -> None:
     parser.add_argument("--runtime", type=int, default=10)
     parser.add_argument("--dir", default=None, help="scratch directory (default: under bench/)")
     parser.add_argument("--skip-qemu", action="store_true")
+    parser.add_argument(
+        "--targets",
+        default="null,1,3,qemu",
+        help="which to measure besides the plain file: null, 1, 3, qemu (default: all)",
+    )
     args = parser.parse_args()
+    wanted = set(args.targets.split(","))
     base = Path(args.dir or Path(__file__).parent)
     work = Path(tempfile.mkdtemp(prefix="fio-bench-", dir=base))
     results: dict[str, list[tuple[float, float]]] = {}
@@ -155,6 +161,7 @@ def main() -> None:
         ]
         if not args.skip_qemu and shutil.which("qemu-storage-daemon"):
             targets.append(("qemu-storage-daemon qcow2", "qemu"))
+        targets = [(label, kind) for label, kind in targets if kind is None or str(kind) in wanted]
         for label, kind in targets:
             print(f"running {label} ...", file=sys.stderr, flush=True)
             if kind is None:

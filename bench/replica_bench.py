@@ -4,10 +4,12 @@
 Runs, in one go: 1 MiB sequential write and read, 4 KiB random write and read; the replica with
 a queue depth (16 by default) of requests in flight on one connection, the plain file with
 synchronous calls. Also measures "TCP alone": the same blocks moved over loopback TCP between
-two processes with no protocol (one at a time, blocking calls), the transport's own ceiling.
-Prints one table with IOPS, MB/s and the ratios to the plain file.
+two processes with no protocol (one at a time, blocking calls), the transport's own ceiling,
+and the same replica served over TLS (``--tls``). Connections are authenticated with the
+volume's key, once each. Prints one table with IOPS, MB/s and the ratios to the plain file
+(and TLS to plain TCP).
 
-    python bench/replica_bench.py [--dir DIR] [--size 1G] [--seconds 5] [--depth 16]
+    python bench/replica_bench.py [--dir DIR] [--size 1G] [--seconds 5] [--depth 16] [--tls]
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lhfs.core.units import parse_size
 from lhfs.replica.process import ReplicaProcess
 from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import make_tls
+from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import open_replica
 
 MIB = 1 << 20
@@ -120,13 +124,19 @@ def transport(path: Path, size: int, pattern: str, bs: int, seconds: float) -> t
 
 
 async def replica(
-    address: str, size: int, pattern: str, bs: int, seconds: float, depth: int
+    proc: ReplicaProcess,
+    size: int,
+    pattern: str,
+    bs: int,
+    seconds: float,
+    depth: int,
+    ca: str | None = None,
 ) -> tuple[int, float]:
     """(operations, elapsed) with ``depth`` requests in flight on one connection."""
     buf = os.urandom(bs)
     ops = 0
     next_offset = 0
-    async with open_replica(address) as client:
+    async with open_replica(proc.address, proc.key, tls_ca=ca) as client:
         start = time.perf_counter()
         deadline = start + seconds
 
@@ -160,6 +170,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", default="64K")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--tls", action="store_true", help="also measure the replica over TLS")
     args = parser.parse_args()
     size = parse_size(args.size)
     base = Path(args.dir or Path(__file__).parent)
@@ -173,37 +184,45 @@ def main() -> None:
     rows = []
     try:
         ChunkStore.create(work / "replica", size, parse_size(args.chunk_size)).close()
-        proc = ReplicaProcess(work / "replica")
-        try:
-            for name, bs in tests:
-                pattern = name.replace(" ", "")
-                # each run starts with nothing left to write back from the one before it
+        VolumeKey.new("bench").save(work / "volume.key")
+        secure = make_tls(work / "tls") if args.tls else None
+        for name, bs in tests:
+            pattern = name.replace(" ", "")
+            # each run starts with nothing left to write back from the one before it
+            os.sync()
+            p_ops, p_secs = plain(work / "plain.img", size, pattern, bs, args.seconds)
+            os.sync()
+            t_ops, t_secs = transport(work / "plain.img", size, pattern, bs, args.seconds)
+            row = [name, bs, p_ops / p_secs, t_ops / t_secs]
+            for tls in (None, secure) if secure else (None,):
                 os.sync()
-                p_ops, p_secs = plain(work / "plain.img", size, pattern, bs, args.seconds)
-                os.sync()
-                t_ops, t_secs = transport(work / "plain.img", size, pattern, bs, args.seconds)
-                os.sync()
-                r_ops, r_secs = trio.run(
-                    replica, proc.address, size, pattern, bs, args.seconds, args.depth
-                )
-                rows.append((name, bs, p_ops / p_secs, t_ops / t_secs, r_ops / r_secs))
-        finally:
-            proc.stop()
+                proc = ReplicaProcess(work / "replica", work / "volume.key", tls=tls and tls[1:])
+                try:
+                    ca = tls[0].read_text() if tls else None
+                    r_ops, r_secs = trio.run(
+                        replica, proc, size, pattern, bs, args.seconds, args.depth, ca
+                    )
+                finally:
+                    proc.stop()
+                row.append(r_ops / r_secs)
+            rows.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nreplica over loopback TCP (depth {args.depth}) vs plain file, {args.size} volume,")
     print(f"chunk size {args.chunk_size}, {args.seconds:.0f} s per test, {os.cpu_count()} cores\n")
+    tls_head = " TLS IOPS | TLS / TCP |" if args.tls else ""
     print(
         "| test | bs | plain IOPS | plain MB/s | TCP alone MB/s (ratio) | replica IOPS "
-        "| replica MB/s | ratio |"
+        f"| replica MB/s | ratio |{tls_head}"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for name, bs, p_iops, t_iops, r_iops in rows:
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.tls else ""))
+    for name, bs, p_iops, t_iops, r_iops, *tls_iops in rows:
+        tls_cells = "".join(f" {x:,.0f} | {x / r_iops:.2f} |" for x in tls_iops)
         print(
             f"| {name} | {bs // 1024}K | {p_iops:,.0f} | {p_iops * bs / 1e6:,.0f} | "
             f"{t_iops * bs / 1e6:,.0f} ({t_iops / p_iops:.2f}) | "
-            f"{r_iops:,.0f} | {r_iops * bs / 1e6:,.0f} | {r_iops / p_iops:.2f} |"
+            f"{r_iops:,.0f} | {r_iops * bs / 1e6:,.0f} | {r_iops / p_iops:.2f} |{tls_cells}"
         )
 
 

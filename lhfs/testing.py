@@ -13,12 +13,13 @@ import os
 import signal
 import socket
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lhfs.config import volume as volumes
 from lhfs.core.procs import LHFS, wait_for
-from lhfs.volumes.manage import cleanup_stale_device, loops_backed_by
+from lhfs.volumes.attachment import loops_backed_by, release
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
 
@@ -35,6 +36,25 @@ def raw_session(
     sock.sendall(handshake.answer(sock.recv(p.CHALLENGE.size, socket.MSG_WAITALL)))
     handshake.welcome(sock.recv(p.WELCOME.size, socket.MSG_WAITALL))
     return sock
+
+
+def make_tls(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for ``host`` signed by it, made with openssl:
+    ``(ca.pem, server.pem, server.key)``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = partial(subprocess.run, check=True, capture_output=True)
+    run(["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=lhfs test CA"])  # fmt: skip
+    run(["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=lhfs replica"])
+    extension = directory / "san.ext"
+    kind = "IP" if host.replace(".", "").isdigit() else "DNS"
+    extension.write_text(f"subjectAltName={kind}:{host}\n")
+    run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", extension])  # fmt: skip
+    return ca, cert, key
 
 
 class CliError(AssertionError):
@@ -85,9 +105,8 @@ class Cli:
 
     def backup(self, volume: str, target: str) -> str:
         """``backup create`` of a volume; its backup URL."""
-        return self.run("backup", "create", volume, "--target", target, "--quiet").stdout.split()[
-            -1
-        ]
+        args = ("backup", "create", volume, "--target", target, "--create-bucket", "--quiet")
+        return self.run(*args).stdout.split()[-1]
 
     def dr_restored(self, name: str, backup_url: str, timeout: float = 60) -> dict[str, Any]:
         """Wait until the standby ``name`` holds the backup of ``backup_url`` and is idle;
@@ -186,7 +205,7 @@ def teardown(root: Path) -> None:
                     os.kill(runtime["pid"], signal.SIGKILL)
         for device in devices:
             if os.path.lexists(device):
-                cleanup_stale_device(device)
+                release(device)
 
 
 _MOTO_SERVER = Path(__file__).resolve().parents[1] / "tools" / "moto_server.py"

@@ -74,9 +74,13 @@ def replica_factory(tmp_path: Path, key_file: Path) -> Iterator:
     key file); every process is stopped at the end."""
     started: list[ReplicaProcess] = []
 
-    def start(directory: Path | None = None, key: Path | None = None) -> ReplicaProcess:
+    def start(
+        directory: Path | None = None,
+        key: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> ReplicaProcess:
         directory = directory or tmp_path / f"replica{len(started)}"
-        proc = ReplicaProcess(directory, key or key_file)
+        proc = ReplicaProcess(directory, key or key_file, tls=tls)
         started.append(proc)
         return proc
 

@@ -35,7 +35,7 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
         f.flush()
         os.fsync(f.fileno())
     first_sum = cli.checksum("src")
-    out = cli.run("backup", "create", "src", "--target", target).stdout
+    out = cli.run("backup", "create", "src", "--target", target, "--create-bucket").stdout
     assert "read 32 of 32 blocks" in out
     first = out.split()[-1]
     assert first.startswith(target + "?volume=src&backup=")
@@ -49,7 +49,7 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
         f.flush()
         os.fsync(f.fileno())
     second_sum = cli.checksum("src")
-    out = cli.run("backup", "create", "src", "--target", target).stdout
+    out = cli.run("backup", "create", "src", "--target", target, "--create-bucket").stdout
     assert "read 1 of 32 blocks, uploaded 1" in out  # changed blocks come from the chain
     second = out.split()[-1]
     assert store.block_count() == blocks_after_first + 1
@@ -69,13 +69,13 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
     cli.run("backup", "restore", second, "copy2", "--replicas", "1")
     assert cli.checksum("copy2") == second_sum
 
-    out = cli.run("backup", "create", "src", "--target", target).stdout
+    out = cli.run("backup", "create", "src", "--target", target, "--create-bucket").stdout
     assert "read 0 of 32 blocks" in out  # detached, from a local replica: nothing changed
     detached = out.split()[-1]
     assert store.block_count() == blocks_after_first + 1  # nothing new to send
     base = cli.json("snapshot", "ls", "src")[-1]["name"]
     cli.run("snapshot", "rm", "src", base)  # the base is gone: a full read, nothing sent
-    out = cli.run("backup", "create", "src", "--target", target).stdout
+    out = cli.run("backup", "create", "src", "--target", target, "--create-bucket").stdout
     assert "read 32 of 32 blocks, uploaded 0" in out
     cli.run("backup", "rm", first)
     assert store.block_count() == blocks_after_first  # the block only `first` had is gone
@@ -97,22 +97,26 @@ def _filled(cli: Cli, tmp_path: Path, name: str, mib: int, seed: int, replicas: 
 def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
     cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1")
     snapshots = cli.json("snapshot", "ls", "v")
-    for args, message in (
-        (("backup", "create", "v", "--target", "http://x"), "not a backup target"),
-        (("backup", "create", "v", "--target", "s3://cli-none/p", "--snapshot", "nope"), "nope"),
-        (("backup", "create", "v", "--target", "s3://B_/p"), "invalid bucket name B_"),
-        (("backup", "rm", "s3://b/p"), "not a backup URL"),
-        (("backup", "create", "v", "--target", "s3://cli-none/p", "--block-size", "3M"), "power"),
+    for args, status, message in (
+        (("backup", "create", "v", "--target", "http://x"), 2, "not a backup target"),
+        (("backup", "create", "v", "--target", "s3://cli-none/p", "--snapshot", "nope"), 1, "nope"),
+        (("backup", "create", "v", "--target", "s3://B_/p"), 2, "invalid bucket name 'B_'"),
+        (("backup", "rm", "s3://b/p"), 2, "not a backup URL"),
+        (
+            ("backup", "create", "v", "--target", "s3://cli-none/p", "--block-size", "3M"),
+            2,
+            "power",
+        ),
         # the refused backups above did not even create their bucket
-        (("backup", "restore", "s3://cli-none/p?volume=v&backup=x", "new"), "NoSuchBucket"),
+        (("backup", "restore", "s3://cli-none/p?volume=v&backup=x", "new"), 1, "does not exist"),
     ):
         result = cli.run(*args, check=False)
-        assert result.returncode == 1, (args, result.stderr)
+        assert result.returncode == status, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
     elsewhere = Cli(cli.root, env={**cli.env, "AWS_ENDPOINT_URL": "ftp://127.0.0.1"})
     result = elsewhere.run("backup", "create", "v", "--target", "s3://cli-b/p", check=False)
-    assert result.returncode == 1 and "not an http(s) URL" in result.stderr
+    assert result.returncode == 2 and "not an http(s)://HOST[:PORT] URL" in result.stderr
     assert cli.json("volume", "ls")[0]["name"] == "v" and len(cli.json("volume", "ls")) == 1
     assert cli.json("snapshot", "ls", "v") == snapshots  # a refused backup takes no snapshot
 
@@ -132,7 +136,7 @@ def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoin
             store.write(offset, rng.randbytes(MIB))
     target = "s3://killed-backups/p"
     store = BackupStore(Bucket(Target.parse(target)))
-    proc = cli.start("backup", "create", "big", "--target", target)
+    proc = cli.start("backup", "create", "big", "--target", target, "--create-bucket")
 
     def uploaded() -> int:
         try:
@@ -149,7 +153,9 @@ def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoin
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the backup finished before the kill"
     assert [b["state"] for b in store.list("big")] == ["in_progress"]
-    url = cli.run("backup", "create", "big", "--target", target).stdout.split()[-1]
+    url = cli.run("backup", "create", "big", "--target", target, "--create-bucket").stdout.split()[
+        -1
+    ]
     states = sorted(b["state"] for b in store.list("big"))
     assert states == ["complete", "in_progress"]
     cli.run("backup", "restore", url, "back", "--replicas", "1")
@@ -167,7 +173,7 @@ def test_backing_image_backed_up_again_and_twice_at_once(
     (image,) = cli.json("backing-image", "ls")
     assert image["name"] == "base" and image["size"] == 5 * MIB + 77
     target = "s3://image-backups/p"
-    cli.run("backing-image", "backup", "base", "--target", target)
+    cli.run("backing-image", "backup", "base", "--target", target, "--create-bucket")
     runs = [cli.start("backing-image", "backup", "base", "--target", target) for _ in range(2)]
     for run in runs:
         out, err = run.communicate(timeout=120)
@@ -208,7 +214,9 @@ def test_a_replica_added_during_a_restore(cli: Cli, tmp_path: Path, s3_endpoint:
             "the restore to attach its volume",
         )
         assert len(cli.info("copy")["replicas"]) == 1
-        refused = cli.run("backup", "create", "copy", "--target", target, check=False)
+        refused = cli.run(
+            "backup", "create", "copy", "--target", target, "--create-bucket", check=False
+        )
         assert refused.returncode == 1 and "unfinished restore" in refused.stderr
         added = cli.run("replica", "add", "copy", "--quiet").stdout
         assert "is RW" in added
@@ -236,13 +244,29 @@ def test_a_block_size_that_does_not_divide_the_volume(cli: Cli, s3_endpoint: str
     cli.run("snapshot", "create", "odd", "empty")
     expected = cli.checksum("odd")
     url = cli.run(
-        "backup", "create", "odd", "--target", target, "--block-size", "8M", "--quiet"
+        "backup",
+        "create",
+        "odd",
+        "--target",
+        target,
+        "--create-bucket",
+        "--block-size",
+        "8M",
+        "--quiet",
     ).stdout.split()[-1]
     snapshots = cli.json("snapshot", "ls", "odd")
     changed = cli.run(
-        "backup", "create", "odd", "--target", target, "--block-size", "4M", check=False
+        "backup",
+        "create",
+        "odd",
+        "--target",
+        target,
+        "--create-bucket",
+        "--block-size",
+        "4M",
+        check=False,
     )
-    assert changed.returncode == 1 and "use 8M blocks" in changed.stderr
+    assert changed.returncode == 2 and "use 8M blocks" in changed.stderr
     assert len(cli.json("snapshot", "ls", "odd")) == len(snapshots)  # none taken for it
     cli.run("backup", "restore", url, "copy", "--replicas", "1", "--quiet")
     assert cli.json("volume", "info", "copy")["size"] == 100 * MIB
@@ -257,7 +281,7 @@ def test_a_replica_rebuilt_in_place_is_read_in_full_once(
     again."""
     target = "s3://cli-rebuilt/p"
     device = _filled(cli, tmp_path, "rb", 16, seed=11, replicas=2)
-    out = cli.run("backup", "create", "rb", "--target", target).stdout
+    out = cli.run("backup", "create", "rb", "--target", target, "--create-bucket").stdout
     assert "read 32 of 32 blocks" in out
     r1 = next(r for r in cli.info("rb")["replicas"] if r["id"] == "r1")
     os.kill(r1["pid"], signal.SIGKILL)
@@ -265,9 +289,9 @@ def test_a_replica_rebuilt_in_place_is_read_in_full_once(
     cli.run("volume", "detach", "rb")
     cli.run("volume", "attach", "rb", "--device", str(device))  # r1 is rebuilt in place
     wait_for(lambda: cli.info("rb")["state"] == "healthy", 120, "r1 rebuilt")
-    out = cli.run("backup", "create", "rb", "--target", target).stdout
+    out = cli.run("backup", "create", "rb", "--target", target, "--create-bucket").stdout
     assert "read 32 of 32 blocks, uploaded 0" in out
-    out = cli.run("backup", "create", "rb", "--target", target).stdout
+    out = cli.run("backup", "create", "rb", "--target", target, "--create-bucket").stdout
     assert "read 0 of 32 blocks" in out
 
 
@@ -297,7 +321,10 @@ def test_a_restore_killed_half_way(cli: Cli, tmp_path: Path, s3_endpoint: str) -
     wait_for(lambda: not cli.info("half")["attached"], 30, "the restore's engine to follow it")
     info = cli.info("half")
     assert info["restoring"]["interrupted"] and info["restoring"]["backup"] == url
-    for args in (("backup", "create", "half", "--target", target), ("snapshot", "create", "half")):
+    for args in (
+        ("backup", "create", "half", "--target", target, "--create-bucket"),
+        ("snapshot", "create", "half"),
+    ):
         refused = cli.run(*args, check=False)
         assert refused.returncode == 1 and "unfinished restore" in refused.stderr
     refused = cli.run("volume", "attach", "half", "--device", str(tmp_path / "h"), check=False)

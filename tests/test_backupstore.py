@@ -22,6 +22,7 @@ _names = itertools.count()
 @pytest.fixture
 def store(s3_endpoint: str) -> BackupStore:
     bucket = Bucket(Target.parse(f"s3://lhfs-test-{next(_names)}/some/prefix"), deadline=10)
+    bucket.ensure(create=True)
     return BackupStore(bucket)
 
 
@@ -64,9 +65,9 @@ def test_block_count_arithmetic_and_collection(store: BackupStore) -> None:
     for name, first in (("b0", a), ("b1", c), ("b2", d)):
         store.create("v", name, 8192, reader([first, b]), block_size=4096)
     assert store.block_count() == 4
-    assert store.delete("v", "b0") == 1 and store.block_count() == 3
-    assert store.delete("v", "b1") == 1 and store.block_count() == 2
-    assert store.delete("v", "b2") == 2 and store.block_count() == 0
+    assert store.delete("v", "b0").removed == 1 and store.block_count() == 3
+    assert store.delete("v", "b1").removed == 1 and store.block_count() == 2
+    assert store.delete("v", "b2").removed == 2 and store.block_count() == 0
     with pytest.raises(NotFound):
         store.delete("v", "b2")
 
@@ -88,7 +89,10 @@ def test_nothing_is_collected_while_a_backup_runs(store: BackupStore) -> None:
     try:
         assert reading.wait(60)
         assert {b["name"]: b["state"] for b in store.list("v")}["running"] == "in_progress"
-        assert store.delete("v", "old") == 0  # a backup runs: no block is collected
+        deferred = store.delete("v", "old")  # a backup runs: no block is collected
+        assert deferred.removed == 0 and "backup running of volume v is running" in (
+            deferred.deferred or ""
+        ), deferred
         assert store.block_count() == 3
     finally:
         release.set()
@@ -96,7 +100,7 @@ def test_nothing_is_collected_while_a_backup_runs(store: BackupStore) -> None:
     restored = {}
     store.restore("v", "running", restored.__setitem__)
     assert restored == {0: b"\1" * 4096}
-    assert store.collect() == 1  # now the orphan of "old" ("\2") goes
+    assert store.collect().removed == 1  # now the orphan of "old" ("\2") goes
     assert store.block_count() == 2
 
 
@@ -169,6 +173,7 @@ def test_backup_and_restore_survive_the_proxys_faults(s3_endpoint: str) -> None:
         )
         store = BackupStore(bucket, workers=4)
         proxy.schedule(["refuse", "503", "refuse"])  # the very first requests fail
+        bucket.ensure(create=True)
         proxy.fail_every(3, ["reset", "503", "refuse", "delay"])
         proxy.delay = 0.2
         rng = random.Random(9)
@@ -214,7 +219,7 @@ def test_a_backup_waits_for_a_running_collection(
         store.bucket.delete(marker)
         thread.join(60)
     assert done.is_set() and store.block_count() == 2
-    assert store.collect() == 0  # both blocks referenced; the collection's own marker is gone
+    assert store.collect().removed == 0  # both referenced; the collection's own marker is gone
     assert list(store.bucket.list(store.target.key("locks") + "/")) == []
 
 

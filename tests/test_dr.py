@@ -243,18 +243,22 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
     assert cli.checksum("dr2") == first_sum
 
     before = cli.json("volume", "ls")
-    for args, message in (
-        (("snapshot", "create", "dr2"), "DR standby"),
-        (("backup", "create", "dr2", "--target", target), "DR standby"),
-        (("volume", "expand", "dr2", "--size", "128M"), "DR standby"),
-        (("dr", "status", "src"), "not a DR standby"),
-        (("dr", "create", "dr2", "--target", target, "--volume", "src"), "already exists"),
-        (("dr", "create", "dr3", "--target", target, "--volume", "nope"), "no complete backup"),
-        (("dr", "create", "dr3", "--target", "s3://X/y", "--volume", "src"), "bucket name"),
-        (("dr", "create", "dr3", "--target", target, "--volume", "src", "--interval", "0"), "0 <"),
+    for args, status, message in (
+        (("snapshot", "create", "dr2"), 1, "DR standby"),
+        (("backup", "create", "dr2", "--target", target), 1, "DR standby"),
+        (("volume", "expand", "dr2", "--size", "128M"), 1, "DR standby"),
+        (("dr", "status", "src"), 1, "not a DR standby"),
+        (("dr", "create", "dr2", "--target", target, "--volume", "src"), 1, "already exists"),
+        (("dr", "create", "dr3", "--target", target, "--volume", "nope"), 1, "no complete backup"),
+        (("dr", "create", "dr3", "--target", "s3://X/y", "--volume", "src"), 2, "bucket name"),
+        (
+            ("dr", "create", "dr3", "--target", target, "--volume", "src", "--interval", "0"),
+            2,
+            "0 <",
+        ),
     ):
         result = cli.run(*args, check=False)
-        assert result.returncode == 1, (args, result.stderr)
+        assert result.returncode == status, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
     assert cli.json("volume", "ls") == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -220,8 +221,10 @@ def test_scrub_finds_and_repairs_bit_rot(cli: Cli, tmp_path: Path) -> None:
         f.seek(500 * CHUNK + 77)
         f.write(b"\x00rotten\xff")
     cli.run("volume", "attach", "rot", "--device", str(device))
-    report = cli.json("volume", "scrub", "rot")
-    assert list(report["damaged"]) == ["r2"]
+    found = cli.run("volume", "scrub", "rot", "--json", check=False)
+    assert found.returncode == 1  # corruption was found (and is being repaired)
+    report = json.loads(found.stdout)
+    assert list(report["damaged"]) == ["r2"] and report["repaired"] == ["r2"]
     wait_for(lambda: replica(cli, "rot", "r2")["mode"] == "RW", 120, "r2 repaired")
     assert replica(cli, "rot", "r2")["rebuild_stats"]["chunks_copied"] <= 2
     for _ in range(3):  # reads go round robin: every replica serves some of them
@@ -237,9 +240,9 @@ def test_failed_adds_leave_the_engine_and_replicas_alone(cli: Cli, tmp_path: Pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         refused = f"127.0.0.1:{s.getsockname()[1]}"
-    for address, message in ((refused, "cannot reach"), ("nonsense", "HOST:PORT")):
+    for address, status, message in ((refused, 1, "cannot reach"), ("nonsense", 2, "HOST:PORT")):
         result = cli.run("replica", "add", "f", "--address", address, check=False)
-        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert result.returncode == status and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     info = live(cli, "f")
     assert info["state"] == "healthy" and [r["id"] for r in info["replicas"]] == ["r1", "r2"]

@@ -23,7 +23,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import LhfsError
 from lhfs.core.procs import wait_for
 from lhfs.replica.server import FRAME_TIMEOUT
-from lhfs.testing import Cli, raw_session
+from lhfs.testing import Cli, make_tls, raw_session
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient, open_replica
@@ -452,3 +452,38 @@ def xxhash_of(data: bytes | bytearray) -> str:
     import xxhash
 
     return xxhash.xxh3_128_hexdigest(bytes(data))
+
+
+@needs_fuse
+def test_a_replica_on_another_host_over_tls(cli: Cli, tmp_path: Path, replica_factory) -> None:
+    """A replica served with a certificate is added with the operator's CA, rebuilt over TLS
+    and then serves as the rebuild source of another one (which is handed the CA to pull);
+    a client without TLS, or trusting another CA, is refused."""
+    ca, cert, key = make_tls(tmp_path / "tls")
+    other_ca = make_tls(tmp_path / "other")[0]
+    cli.run("volume", "create", "t", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "attach", "t", "--device", str(tmp_path / "t.dev"))
+    with open(tmp_path / "t.dev", "r+b") as dev:
+        dev.write(random.Random(4).randbytes(8 * MIB))
+        os.fsync(dev.fileno())
+    expected = cli.checksum("t")
+    cli.run("volume", "key", "t", "--out", str(tmp_path / "t.key"))
+    remote = replica_factory(tmp_path / "remote", tmp_path / "t.key", tls=(cert, key))
+    wrong = cli.run("replica", "add", "t", "--address", remote.address, "--tls-ca", str(other_ca),
+                    check=False)  # fmt: skip
+    assert wrong.returncode == 1 and "certificate verify failed" in wrong.stderr, wrong.stderr
+    plain = cli.run("replica", "add", "t", "--address", remote.address, check=False)
+    assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    added = cli.run("replica", "add", "t", "--address", remote.address, "--tls-ca", str(ca))
+    far = added.stdout.split()[2]
+    cli.run("replica", "rm", "t", "r1")  # the TLS replica is now the only source
+    near = cli.run("replica", "add", "t").stdout.split()[2]
+    stats = next(r for r in cli.info("t")["replicas"] if r["id"] == near)["rebuild_stats"]
+    assert stats["bytes_copied"] > 0 and stats["bytes_relayed"] == 0, stats  # pulled over TLS
+    assert {r["id"]: r["mode"] for r in cli.info("t")["replicas"]} == {far: "RW", near: "RW"}
+    assert cli.checksum("t") == expected
+    cli.run("volume", "detach", "t")
+    cli.run("volume", "attach", "t", "--device", str(tmp_path / "t.dev"))  # reconnects by TLS
+    assert cli.info("t")["state"] == "healthy"
+    assert cli.checksum("t") == expected
+    cli.run("volume", "detach", "t")

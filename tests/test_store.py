@@ -140,7 +140,7 @@ def test_cli_errors_are_one_line_with_exit_status(tmp_path: Path) -> None:
     assert len(bad_size.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
     unaligned = run("replica", "init", "--dir", str(tmp_path / "r"), "--size", "100000")
-    assert unaligned.returncode == 1
+    assert unaligned.returncode == 2  # a bad value is bad usage
     assert unaligned.stderr.strip().splitlines() == [
         "lhfs: error: size 100000 is not a positive multiple of the chunk size 65536"
     ]
@@ -151,7 +151,7 @@ def test_cli_errors_are_one_line_with_exit_status(tmp_path: Path) -> None:
     VolumeKey.new("v").save(tmp_path / "v.key")
     key = ("--key-file", str(tmp_path / "v.key"))
     listen = run("replica", "serve", "--dir", str(tmp_path / "r"), "--listen", "nonsense", *key)
-    assert listen.returncode == 1 and "HOST:PORT" in listen.stderr
+    assert listen.returncode == 2 and "HOST:PORT" in listen.stderr
     no_key = run("replica", "serve", "--dir", str(tmp_path / "r"), "--listen", "127.0.0.1:0")
     assert no_key.returncode == 2 and "--key-file" in no_key.stderr
     assert run("nosuchgroup").returncode == 2

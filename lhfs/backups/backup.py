@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
-from backupstore.s3 import Bucket, Target
-from backupstore.store import BackupStats, BackupStore, check_block_size
+from backupstore.s3 import RETRY_TIMEOUT, Bucket, Target
+from backupstore.store import BackupStats, BackupStore, Collection, check_block_size
 from lhfs.config import volume as volumes
-from lhfs.core.errors import InvalidArgument, LhfsError, NotFound
+from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, UsageError
 from lhfs.core.names import check_name
 from lhfs.core.procs import wait_for
 from lhfs.engine import control
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.store.layer import pwrite_all
-from lhfs.volumes import manage
+from lhfs.volumes import attachment, manage
 
 if TYPE_CHECKING:
     from lhfs.wire.client import SyncReplica
@@ -41,12 +41,17 @@ def backup_url(target: Target, volume: str, name: str) -> str:
 
 
 def parse_backup_url(url: str) -> tuple[Target, str, str]:
+    """``s3://BUCKET/PREFIX?volume=V&backup=B``, every part checked (one line, exit 2)."""
     parsed = urlparse(url)
-    query = parse_qs(parsed.query)
-    if "volume" not in query or "backup" not in query:
-        raise InvalidArgument(f"not a backup URL: {url!r} (s3://BUCKET/PREFIX?volume=V&backup=B)")
+    try:
+        query = parse_qs(parsed.query, strict_parsing=True)
+    except ValueError:
+        query = {}
+    if set(query) != {"volume", "backup"} or any(len(v) != 1 for v in query.values()):
+        raise UsageError(f"not a backup URL: {url!r} (s3://BUCKET/PREFIX?volume=V&backup=B)")
     target = Target.parse(url.split("?", 1)[0])
-    return target, query["volume"][0], query["backup"][0]
+    volume = check_name(query["volume"][0], "volume name in the backup URL")
+    return target, volume, check_name(query["backup"][0], "backup name in the backup URL")
 
 
 def chunk_for(manifest: dict[str, Any]) -> int:
@@ -67,8 +72,9 @@ def _backup_name(prefix: str) -> str:
     return f"{prefix}-{int(time.time() * 1000) % 10**9}-{secrets.token_hex(2)}"
 
 
-def open_store(target: Target) -> BackupStore:
-    return BackupStore(Bucket(target))
+def open_store(target: Target, retry_timeout: float = RETRY_TIMEOUT) -> BackupStore:
+    """The store of ``target``, its calls retried for at most ``retry_timeout`` seconds."""
+    return BackupStore(Bucket(target, deadline=retry_timeout))
 
 
 class _Source:
@@ -90,9 +96,13 @@ class _Source:
             if not healthy:
                 raise NotFound(f"volume {vol.name} has no healthy replica to read from")
             key = vol.key()
+            cas = {r["id"]: r.get("tls_ca") for r in vol.replicas}
+            remote = {r["id"] for r in vol.replicas if not r.get("local")}
+            # local replicas first: a snapshot is read without crossing a network if it can be
+            healthy.sort(key=lambda replica: replica["id"] in remote)
             for replica in healthy:
                 with contextlib.suppress(LhfsError):
-                    other = SyncReplica(replica["address"], key)
+                    other = SyncReplica(replica["address"], key, tls_ca=cas.get(replica["id"]))
                     try:
                         self.bases[replica["id"]] = _base_of(
                             other.call("list_layers"), other.call("info"), snapshot
@@ -100,7 +110,8 @@ class _Source:
                     finally:
                         other.close()
             self.replica_id = healthy[0]["id"]
-            self.remote = SyncReplica(healthy[0]["address"], key)
+            first = healthy[0]
+            self.remote = SyncReplica(first["address"], key, tls_ca=cas.get(first["id"]))
         else:  # each healthy replica opened once; the freshest is read
             opened: list[tuple[Path, ChunkStore]] = []
             try:
@@ -168,6 +179,8 @@ def create(
     snapshot: str | None,
     progress: Any,
     block_size: int | None = None,
+    create_bucket: bool = False,
+    retry_timeout: float = RETRY_TIMEOUT,
 ) -> tuple[str, BackupStats]:
     """Back a snapshot up (a new one unless named). Incremental from the snapshot chain when
     this volume's last backup to the same target is still there, its snapshot still lies below
@@ -185,8 +198,8 @@ def create(
     # said before a snapshot is taken for the backup.
     source = None if snapshot is None else _Source(vol, check_name(snapshot, "snapshot name"))
     try:
-        store = open_store(target)
-        store.bucket.ensure()
+        store = open_store(target, retry_timeout)
+        store.bucket.ensure(create=create_bucket)
         block = store.block_size(name, block_size)
         if source is None:
             stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -215,13 +228,22 @@ def create(
     return backup_url(target, name, backup_name), stats
 
 
-def backup_image(root: Path, name: str, url: str, progress: Any) -> str:
+def backup_image(
+    root: Path,
+    name: str,
+    url: str,
+    progress: Any,
+    create_bucket: bool = False,
+    retry_timeout: float = RETRY_TIMEOUT,
+) -> str:
     """Back a backing image up like a volume named ``image-<name>``; when the store already
     holds its blocks, nothing is sent and the backup completes all the same."""
     from lhfs.volumes.images import get
 
     target = Target.parse(url)
     info = get(root, name)
+    store = open_store(target, retry_timeout)
+    store.bucket.ensure(create=create_bucket)
     backup_name = _backup_name(info["id"].split("-")[0][:16])
     with open(info["path"], "rb") as image:
 
@@ -229,37 +251,67 @@ def backup_image(root: Path, name: str, url: str, progress: Any) -> str:
             data = os.pread(image.fileno(), block, index * block)
             return data + bytes(block - len(data))
 
-        open_store(target).create(
+        store.create(
             f"image-{name}", backup_name, info["size"], read, snapshot=info["id"], progress=progress
         )
     return backup_url(target, f"image-{name}", backup_name)
 
 
-def list_backups(url: str, volume: str | None) -> list[dict[str, Any]]:
+def list_backups(
+    url: str, volume: str | None, retry_timeout: float = RETRY_TIMEOUT
+) -> list[dict[str, Any]]:
     target = Target.parse(url)
+    if volume is not None:
+        check_name(volume, "volume name")
+    store = open_store(target, retry_timeout)
+    store.bucket.ensure()
     out = []
-    for backup in open_store(target).list(volume):
+    for backup in store.list(volume):
         backup["url"] = backup_url(target, backup["volume"], backup["name"])
         out.append(backup)
     return out
 
 
-def remove(url: str) -> int:
+def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
+    """Delete a backup, then collect the blocks no other backup uses (deferred while a backup
+    runs: the result says so)."""
     target, volume, name = parse_backup_url(url)
-    return open_store(target).delete(volume, name)
+    store = open_store(target, retry_timeout)
+    store.bucket.ensure()
+    return store.delete(volume, name)
 
 
-def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -> volumes.Volume:
+def collect(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
+    """``lhfs backup gc``: collect unreferenced blocks and sweep the markers of dead backups;
+    refused, with the reason, while a backup runs."""
+    store = open_store(Target.parse(url), retry_timeout)
+    store.bucket.ensure()
+    done = store.collect(sweep=True)
+    if done.deferred:
+        raise Busy(f"not collecting now: {done.deferred}; try again once it is done")
+    return done
+
+
+def restore(
+    root: Path,
+    url: str,
+    new_name: str,
+    replicas: int,
+    progress: Any,
+    retry_timeout: float = RETRY_TIMEOUT,
+) -> volumes.Volume:
     """Restore into a new volume, marked ``restoring`` until every block is written and
     flushed (and the rebuilds started meanwhile are done); a failed restore removes the
     volume (nothing half-restored stays behind)."""
     target, volume, name = parse_backup_url(url)
-    if replicas < 1:
+    check_name(new_name, "volume name")
+    if not 1 <= replicas <= 16:
         raise InvalidArgument("a volume has 1 to 16 replicas")
-    store = open_store(target)
+    store = open_store(target, retry_timeout)
+    store.bucket.ensure()
     manifest = store.manifest(volume, name)
     if new_name in volumes.list_names(root):
-        raise InvalidArgument(f"volume {new_name} already exists")
+        raise AlreadyExists(f"volume {new_name} already exists")
     mark = {"restoring": {"backup": url, "pid": os.getpid()}}
     vol = manage.create(root, new_name, manifest["size"], chunk_for(manifest), replicas, None, mark)
     writer = _RestoreWriter(root, vol, manifest["size"], manifest["block_size"])
@@ -271,7 +323,7 @@ def restore(root: Path, url: str, new_name: str, replicas: int, progress: Any) -
             writer.close()
         with contextlib.suppress(Exception):
             if vol.runtime() is not None:
-                manage.detach(root, new_name)
+                attachment.detach(root, new_name)
         with contextlib.suppress(Exception):
             manage.remove(root, new_name)
         raise
@@ -348,7 +400,7 @@ class _RestoreWriter:
 
     def _attach(self) -> None:
         self._close_stores()  # flushed: the engine finds every replica at the same revision
-        manage.attach(self.root, self.vol.name, self.device, restoring=True)
+        attachment.attach(self.root, self.vol.name, self.device, restoring=True)
         self.fd = os.open(self.device, os.O_RDWR)
         self.writers = ThreadPoolExecutor(_WRITERS)  # the engine serves them at once
 
@@ -361,7 +413,7 @@ class _RestoreWriter:
         os.fsync(self.fd)
         self.close()
         _await_rebuilds(self.vol)
-        manage.detach(self.root, self.vol.name)
+        attachment.detach(self.root, self.vol.name)
         self.device.unlink(missing_ok=True)
 
     def _close_stores(self) -> None:

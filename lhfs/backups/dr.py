@@ -39,12 +39,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backupstore.s3 import Bucket, Target
+from backupstore.s3 import RETRY_TIMEOUT, Bucket, Endpoint, Target
 from backupstore.store import BackupStore, BlockMissing, order
 from lhfs.backups.backup import chunk_for
 from lhfs.config import volume as volumes
 from lhfs.core.durable import atomic_write
-from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
+from lhfs.core.errors import (
+    AlreadyExists,
+    CorruptState,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+    WrongState,
+)
 from lhfs.core.names import check_name
 from lhfs.core.procs import wait_for
 from lhfs.store.chunkstore import ChunkStore
@@ -75,7 +82,7 @@ class BackupDeleted(LhfsError):
 def dr_config(vol: volumes.Volume) -> dict[str, Any]:
     config = vol.config.get("dr")
     if not config:
-        raise InvalidArgument(f"volume {vol.name} is not a DR standby volume")
+        raise WrongState(f"volume {vol.name} is not a DR standby volume")
     return config
 
 
@@ -300,7 +307,12 @@ def run(root: Path, name: str) -> int:
     status = Status(vol)
     interval, retry_max = config["interval"], config["retry_max"]
     store = BackupStore(
-        Bucket(Target.parse(config["target"]), deadline=30.0, on_retry=status.error)
+        Bucket(
+            Target.parse(config["target"]),
+            deadline=30.0,
+            on_retry=status.error,
+            endpoint=standby_endpoint(config),
+        )
     )
     cache: dict[str, dict[str, Any]] = {}
     failures = 0
@@ -360,6 +372,18 @@ def _step(
 # -- commands ---------------------------------------------------------------------------------
 
 
+def standby_endpoint(config: dict[str, Any]) -> Endpoint:
+    """The store a standby follows: the endpoint recorded when it was created (whatever the
+    environment of the command at hand says), with the credentials of the credentials file
+    it names, which win, else of the environment of the process that runs the follower."""
+    env = dict(os.environ)
+    if config.get("endpoint"):  # (a standby made before endpoints were recorded: the env's)
+        env["AWS_ENDPOINT_URL"] = config["endpoint"]
+        env["AWS_REGION"] = config.get("region") or ""
+    credentials = config.get("credentials_file")
+    return Endpoint.from_env(env, Path(credentials) if credentials else None)
+
+
 def create(
     root: Path,
     name: str,
@@ -368,8 +392,11 @@ def create(
     replicas: int,
     interval: float,
     retry_max: float,
+    credentials_file: Path | None = None,
+    retry_timeout: float = RETRY_TIMEOUT,
 ) -> volumes.Volume:
-    """Create the standby (empty, sized like the newest backup) and start its follower."""
+    """Create the standby (empty, sized like the newest backup) and start its follower. The
+    endpoint is recorded with it (never a secret); so is the credentials file, if named."""
     target = Target.parse(url)
     check_name(name, "volume name")
     check_name(source, "source volume name")
@@ -377,12 +404,20 @@ def create(
         raise InvalidArgument("need 0 < --interval <= --retry-max <= 86400 seconds")
     if name in volumes.list_names(root):
         raise AlreadyExists(f"volume {name} already exists")
-    newest = newest_backup(BackupStore(Bucket(target, deadline=60.0)), source, {})
+    if credentials_file is not None:
+        credentials_file = credentials_file.absolute()
+    endpoint = Endpoint.from_env(credentials_file=credentials_file)
+    bucket = Bucket(target, deadline=retry_timeout, endpoint=endpoint)
+    bucket.ensure()
+    newest = newest_backup(BackupStore(bucket), source, {})
     if newest is None:
         raise NotFound(f"{target} holds no complete backup of volume {source}")
     size = newest["size"]
     config = {
         "target": str(target),
+        "endpoint": endpoint.url,
+        "region": endpoint.region,
+        "credentials_file": credentials_file and str(credentials_file),
         "volume": source,
         "interval": interval,
         "retry_max": retry_max,
@@ -459,6 +494,7 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "state": shown,
         "source_volume": config["volume"],
         "target": config["target"],
+        "endpoint": config.get("endpoint"),
         "last_restored_backup": state["backup"],
         "last_restored_created": state.get("created"),
         "newest_backup": current.get("newest_backup"),
@@ -474,21 +510,32 @@ def status(root: Path, name: str) -> dict[str, Any]:
 
 
 def activate(
-    root: Path, name: str, offline: bool, progress: Callable[[float], None]
+    root: Path,
+    name: str,
+    offline: bool,
+    progress: Callable[[float], None],
+    retry_timeout: float = RETRY_TIMEOUT,
 ) -> dict[str, Any]:
     """Stop following, bring the volume to the newest complete backup (or, ``offline``, keep
-    the last one fully restored) and make it a normal volume."""
+    the last one fully restored) and make it a normal volume. It reaches the store the standby
+    records, whatever this command's environment says; an activation that fails leaves the
+    standby as it was: following again if a follower ran, stopped if none did."""
     vol = volumes.load(root, name)
     config = dr_config(vol)
+    was_following = follower_pid(vol) is not None
     held = stop(vol)
     try:
-        backup = _activate(root, vol, config, offline, progress)
+        backup = _activate(root, vol, config, offline, progress, retry_timeout)
     except BaseException as exc:
         os.close(held)
-        if isinstance(exc, LhfsError):  # still a standby: it goes on following
-            with contextlib.suppress(LhfsError):
-                start(root, name)
-            raise type(exc)(f"{exc} (still a standby, following again)") from None
+        if isinstance(exc, LhfsError):  # still a standby, as it was
+            again = ""
+            if was_following:
+                with contextlib.suppress(LhfsError):
+                    start(root, name)
+                again = ", following again"
+            exc.args = (f"{exc} (still a standby{again})",)
+            raise exc from None
         raise
     os.close(held)
     return {"name": name, "backup": backup}
@@ -500,16 +547,22 @@ def _activate(
     config: dict[str, Any],
     offline: bool,
     progress: Callable[[float], None],
+    retry_timeout: float,
 ) -> str:
     state = load_state(vol)
     if offline:
         if state["backup"] is None or UNKNOWN in state["blocks"]:
-            raise InvalidArgument(
+            raise WrongState(
                 f"volume {vol.name} holds no fully restored backup: it cannot be activated offline"
             )
         backup = state["backup"]
     else:
-        store = BackupStore(Bucket(Target.parse(config["target"]), deadline=120.0))
+        bucket = Bucket(
+            Target.parse(config["target"]),
+            deadline=retry_timeout,
+            endpoint=standby_endpoint(config),
+        )
+        store = BackupStore(bucket)
         newest = newest_backup(store, config["volume"], {})
         if newest is None:
             raise NotFound(f"{config['target']} holds no backup of {config['volume']}")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from lhfs.cli.common import DEFAULT_ROOT, Parser
-from lhfs.core.errors import LhfsError, UsageError
+from lhfs.core.errors import ArgumentError, LhfsError
 
 # group name -> (module under lhfs.cli, the function adding its parsers), in --help's order
 _GROUPS: dict[str, tuple[str, str]] = {
@@ -103,14 +104,23 @@ def _load_store() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     os.umask(0o077)  # whatever the caller's umask: state, logs and keys are the owner's only
+    # A command says what went wrong in one line; what its library logs on the way (retries)
+    # goes to the log of a service (``replica serve``, ``dr run``, the engine), which sets one
+    # up, and nowhere else.
+    logging.getLogger("lhfs").addHandler(logging.NullHandler())
     try:
         args = build_parser(argv).parse_args(argv)
         _private(args.root)
         if getattr(args, "store", False):
             _load_store()
-        func: Callable[[argparse.Namespace], None] = args.func
-        func(args)
-    except UsageError as exc:
+        func: Callable[[argparse.Namespace], int | None] = args.func
+        status = func(args) or 0
+    except BrokenPipeError:  # the reader of our output left (| head): end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    except ArgumentError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
     except LhfsError as exc:
@@ -123,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lhfs: interrupted", file=sys.stderr)
         return 130
-    return 0
+    try:
+        sys.stdout.flush()  # (a closed pipe is found here when the output was short)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Backups: ``lhfs backup create/ls/rm/restore``."""
+"""Backups: ``lhfs backup create/ls/rm/restore/gc``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from lhfs.cli.common import (
 )
 from lhfs.core.units import format_size
 
+RETRY_TIMEOUT = 60.0  # (backupstore.s3's; not imported from there: it loads the S3 client)
+
 
 def cmd_backup_create(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
@@ -21,7 +23,14 @@ def cmd_backup_create(args: argparse.Namespace) -> None:
 
     with Progress(f"backup {args.volume}", quiet=args.quiet) as bar:
         url, stats = backup.create(
-            root_of(args), args.volume, args.target, args.snapshot, bar.update, args.block_size
+            root_of(args),
+            args.volume,
+            args.target,
+            args.snapshot,
+            bar.update,
+            args.block_size,
+            create_bucket=args.create_bucket,
+            retry_timeout=args.retry_timeout,
         )
     if not args.quiet:
         print(
@@ -34,7 +43,7 @@ def cmd_backup_create(args: argparse.Namespace) -> None:
 def cmd_backup_ls(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
-    backups = backup.list_backups(args.target, args.volume)
+    backups = backup.list_backups(args.target, args.volume, args.retry_timeout)
     if args.json:
         print_json(backups)
         return
@@ -46,8 +55,24 @@ def cmd_backup_ls(args: argparse.Namespace) -> None:
 def cmd_backup_rm(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
-    removed = backup.remove(args.url)
-    print(f"deleted {args.url}; {removed} unreferenced block(s) collected")
+    done = backup.remove(args.url, args.retry_timeout)
+    if done.deferred:
+        print(
+            f"deleted {args.url}; collection of its blocks deferred: {done.deferred} "
+            "('lhfs backup gc' collects them later)"
+        )
+    else:
+        print(f"deleted {args.url}; {done.removed} unreferenced block(s) collected")
+
+
+def cmd_backup_gc(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+
+    done = backup.collect(args.target, args.retry_timeout)
+    print(
+        f"{done.removed} unreferenced block(s) collected, "
+        f"{done.swept} marker(s) of interrupted backups removed"
+    )
 
 
 def cmd_backup_restore(args: argparse.Namespace) -> None:
@@ -55,7 +80,9 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
     from lhfs.cli.progress import Progress
 
     with Progress(f"restore {args.name}", quiet=args.quiet) as bar:
-        vol = backup.restore(root_of(args), args.url, args.name, args.replicas, bar.update)
+        vol = backup.restore(
+            root_of(args), args.url, args.name, args.replicas, bar.update, args.retry_timeout
+        )
     print(f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})")
 
 
@@ -79,12 +106,33 @@ def parsers(groups: Any) -> None:
         help="backup block size of a volume's first backup to this target, a power of two "
         "4K-64M (default 2M); later backups keep it",
     )
+    p.add_argument(
+        "--create-bucket",
+        action="store_true",
+        help="make the bucket if it does not exist (otherwise a missing bucket is an error: "
+        "a typo must not start a new store)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p = verb(verbs, "ls", cmd_backup_ls, "backups in a target, complete or in progress", json=True)
+    store_options(p)
+    p = verb(
+        verbs, "ls", cmd_backup_ls, "backups in a target: complete, running, interrupted", json=True
+    )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--volume", help="only this volume's backups")
+    store_options(p)
     p = verb(verbs, "rm", cmd_backup_rm, "delete a backup and collect unreferenced blocks")
     p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
+    store_options(p)
+    p = verb(
+        verbs,
+        "gc",
+        cmd_backup_gc,
+        "collect unreferenced blocks and the markers of interrupted backups",
+        description="Delete the blocks no complete backup references, and the markers that "
+        "interrupted backups left. Refused, with the reason, while a backup runs.",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    store_options(p)
     p = verb(
         verbs,
         "restore",
@@ -99,3 +147,18 @@ def parsers(groups: Any) -> None:
     p.add_argument("name", help="the new volume")
     p.add_argument("--replicas", type=int, default=3, help="replicas of the new volume")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    store_options(p)
+
+
+def store_options(p: argparse.ArgumentParser) -> None:
+    """What every command that talks to S3 takes."""
+    p.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=RETRY_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on a store that does not answer after this long (default "
+        f"{RETRY_TIMEOUT:.0f} s; refusals are final at once). The endpoint and credentials "
+        "come from AWS_ENDPOINT_URL (or AWS_REGION for Amazon S3), AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY",
+    )

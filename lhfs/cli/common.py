@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lhfs.core.errors import LhfsError, UsageError
+from lhfs.core.errors import ArgumentError, LhfsError
 from lhfs.core.units import parse_size
 
 DEFAULT_ROOT = "/var/lib/lhfs"
@@ -18,7 +18,7 @@ DEFAULT_CHUNK = "64K"
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        raise ArgumentError(f"{self.prog}: {message} (see --help)")
 
 
 def size_arg(text: str) -> int:
@@ -26,6 +26,13 @@ def size_arg(text: str) -> int:
         return parse_size(text)
     except LhfsError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def dir_arg(text: str) -> str:
+    """A directory argument: never empty (that would name the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path is not a directory")
+    return text
 
 
 def print_json(obj: Any) -> None:
@@ -59,3 +66,19 @@ def verb(
         p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=func)
     return p
+
+
+def describe_detach(report: dict[str, Any]) -> str:
+    """One line on how a volume was let go (see ``attachment.detach``)."""
+    notes = []
+    if report["state"] == "faulted":
+        notes.append("it was faulted: writes not flushed before the fault are lost")
+    elif report["state"] == "crashed":
+        notes.append("its engine had died")
+    elif report["state"] == "not answering":
+        notes.append("its engine did not answer")
+    elif report["flushed"] is False:
+        notes.append("the last flush failed")
+    if report["cleaned"]:
+        notes.append("; ".join(report["cleaned"]))
+    return f"detached {report['name']}" + (f" ({'; '.join(notes)})" if notes else "")

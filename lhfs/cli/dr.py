@@ -7,8 +7,10 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from lhfs.cli.backup import store_options
 from lhfs.cli.common import (
     Parser,
     print_json,
@@ -30,6 +32,8 @@ def cmd_dr_create(args: argparse.Namespace) -> None:
         args.replicas,
         args.interval,
         args.retry_max,
+        Path(args.credentials_file) if args.credentials_file else None,
+        args.retry_timeout,
     )
     print(f"created standby volume {vol.name} ({format_size(vol.size)}) following {args.volume}")
     if args.no_wait:
@@ -87,7 +91,7 @@ def cmd_dr_activate(args: argparse.Namespace) -> None:
     from lhfs.cli.progress import Progress
 
     with Progress(f"activate {args.name}", quiet=args.quiet) as bar:
-        result = dr.activate(root_of(args), args.name, args.offline, bar.update)
+        result = dr.activate(root_of(args), args.name, args.offline, bar.update, args.retry_timeout)
     print(f"activated {args.name} at backup {result['backup']}: it is a normal volume now")
 
 
@@ -130,8 +134,10 @@ def parsers(groups: Any) -> None:
         description="A DR (standby) volume follows a source volume's backups in a target by "
         "incremental restore, in a background follower that survives store outages (it retries "
         "for as long as it takes) and restarts (it resumes from the last backup it fully "
-        "restored). It cannot be attached until it is activated. The follower uses the "
-        "AWS_* variables of the command that started it.",
+        "restored). It cannot be attached until it is activated. The standby keeps the S3 "
+        "endpoint it was created with (activate and start use it, whatever the environment "
+        "says); credentials come from the file given with --credentials-file, else from the "
+        "environment of the command that starts the follower.",
     )
     group.set_defaults(store=True)
     verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
@@ -158,8 +164,16 @@ def parsers(groups: Any) -> None:
         default=300.0,
         help="longest wait between retries while the store fails (default 300 s)",
     )
+    p.add_argument(
+        "--credentials-file",
+        metavar="FILE",
+        help="S3 credentials for the follower (AWS_ACCESS_KEY_ID=... and "
+        "AWS_SECRET_ACCESS_KEY=... lines, mode 600): recorded by name and read by the "
+        "follower, they win over its environment",
+    )
     p.add_argument("--no-wait", action="store_true", help="return before the first restore")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    store_options(p)
     verb(
         verbs,
         "status",
@@ -184,6 +198,7 @@ def parsers(groups: Any) -> None:
         help="the store is gone: keep the last fully restored backup instead",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    store_options(p)
     verb(
         verbs,
         "start",

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from lhfs.cli.backup import store_options
 from lhfs.cli.common import (
     Parser,
     print_json,
@@ -38,7 +39,14 @@ def cmd_image_backup(args: argparse.Namespace) -> None:
     from lhfs.cli.progress import Progress
 
     with Progress(f"backup {args.name}", quiet=args.quiet) as bar:
-        url = backup.backup_image(root_of(args), args.name, args.target, bar.update)
+        url = backup.backup_image(
+            root_of(args),
+            args.name,
+            args.target,
+            bar.update,
+            create_bucket=args.create_bucket,
+            retry_timeout=args.retry_timeout,
+        )
     print(url)
 
 
@@ -52,4 +60,6 @@ def parsers(groups: Any) -> None:
     p = verb(verbs, "backup", cmd_image_backup, "store a backing image in a backup target", "name")
     p.set_defaults(store=True)
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--create-bucket", action="store_true", help="make the bucket if missing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    store_options(p)

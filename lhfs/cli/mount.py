@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.cli.common import (
+    describe_detach,
     root_of,
     verb,
 )
@@ -24,7 +25,7 @@ def cmd_umount(args: argparse.Namespace) -> None:
     from lhfs.volumes.mount import umount
 
     result = umount(root_of(args), Path(args.mountpoint))
-    print(f"unmounted {result['mountpoint']} and detached {result['name']}")
+    print(f"unmounted {result['mountpoint']} and {describe_detach(result)}")
 
 
 def mount_parsers(groups: Any) -> None:

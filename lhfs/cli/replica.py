@@ -11,13 +11,14 @@ from typing import Any
 from lhfs.cli.common import (
     DEFAULT_CHUNK,
     Parser,
+    dir_arg,
     print_json,
     replica_line,
     root_of,
     size_arg,
     verb,
 )
-from lhfs.core.errors import LhfsError
+from lhfs.core.errors import LhfsError, UsageError
 from lhfs.core.units import format_size, parse_size
 
 
@@ -49,12 +50,19 @@ def cmd_replica_serve(args: argparse.Namespace) -> None:
 
     host, port = parse_address(args.listen)
     key = VolumeKey.load(Path(args.key_file))
+    context = None
+    if args.tls_cert or args.tls_key:
+        from lhfs.wire.tls import server_context
+
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        context = server_context(Path(args.tls_cert), Path(args.tls_key))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     def ready(bound: tuple[str, int]) -> None:
         print(f"serving {args.dir} on {bound[0]}:{bound[1]}", flush=True)
 
-    trio.run(run, Path(args.dir), key, host, port, ready, args.local)
+    trio.run(run, Path(args.dir), key, host, port, ready, args.local, context)
 
 
 def cmd_replica_inspect(args: argparse.Namespace) -> None:
@@ -94,7 +102,12 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
     from lhfs.cli.progress import Progress
     from lhfs.volumes import manage
 
-    added = manage.replica_add(root_of(args), args.volume, args.address)
+    ca = None
+    if args.tls_ca:
+        from lhfs.wire.tls import read_ca
+
+        ca = read_ca(Path(args.tls_ca))
+    added = manage.replica_add(root_of(args), args.volume, args.address, ca)
     print(f"added replica {added['id']} at {added['address']}; rebuilding")
     if args.no_wait:
         return
@@ -140,7 +153,9 @@ def parsers(groups: Any) -> None:
         help="initialise an empty replica directory",
         description="Create the files of a new, empty volume copy in DIR.",
     )
-    p.add_argument("--dir", required=True, help="replica directory (created if missing)")
+    p.add_argument(
+        "--dir", required=True, type=dir_arg, help="replica directory (created if missing)"
+    )
     p.add_argument("--size", required=True, type=size_arg, help="volume size, e.g. 10G")
     p.add_argument(
         "--chunk-size",
@@ -165,7 +180,7 @@ def parsers(groups: Any) -> None:
         "rebuild; a DIR that belongs to another volume is refused. Prints 'serving DIR on "
         "HOST:PORT' once it accepts connections (port 0 picks a free port).",
     )
-    p.add_argument("--dir", required=True, help="replica directory")
+    p.add_argument("--dir", required=True, type=dir_arg, help="replica directory")
     p.add_argument("--listen", required=True, help="HOST:PORT to listen on")
     p.add_argument(
         "--key-file",
@@ -173,6 +188,8 @@ def parsers(groups: Any) -> None:
         help="the volume's key file, readable by its owner only (on the engine's host: "
         "'lhfs volume key VOLUME --out FILE', then copy it here)",
     )
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS on TCP with this certificate")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
     p.add_argument(
         "--local",
         metavar="NAME",
@@ -186,7 +203,7 @@ def parsers(groups: Any) -> None:
         help="show a stopped replica directory's chain",
         description="Open a replica directory that no process serves and list its layers.",
     )
-    p.add_argument("--dir", required=True, help="replica directory")
+    p.add_argument("--dir", required=True, type=dir_arg, help="replica directory")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_replica_inspect)
 
@@ -199,6 +216,12 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("volume")
     p.add_argument("--address", help="HOST:PORT of a replica served elsewhere")
+    p.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="the replica at --address serves TLS: trust certificates signed by this CA "
+        "(PEM), checked against HOST",
+    )
     p.add_argument("--no-wait", action="store_true", help="return once the rebuild started")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_replica_add)

@@ -9,6 +9,7 @@ from typing import Any
 from lhfs.cli.common import (
     DEFAULT_CHUNK,
     Parser,
+    describe_detach,
     print_json,
     replica_line,
     root_of,
@@ -27,17 +28,17 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
 
 
 def cmd_volume_attach(args: argparse.Namespace) -> None:
-    from lhfs.volumes import manage
+    from lhfs.volumes import attachment
 
-    result = manage.attach(root_of(args), args.name, Path(args.device))
+    result = attachment.attach(root_of(args), args.name, Path(args.device))
     print(f"attached {result['name']} at {result['device']}")
 
 
 def cmd_volume_detach(args: argparse.Namespace) -> None:
-    from lhfs.volumes import manage
+    from lhfs.volumes import attachment
 
-    manage.detach(root_of(args), args.name)
-    print(f"detached {args.name}")
+    report = attachment.detach(root_of(args), args.name, force=args.force)
+    print(describe_detach(report))
 
 
 def _print_volume(info: dict[str, Any]) -> None:
@@ -77,8 +78,10 @@ def cmd_volume_info(args: argparse.Namespace) -> None:
 def cmd_volume_expand(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
-    manage.expand(root_of(args), args.name, args.size)
-    print(f"expanded {args.name} to {format_size(args.size)}")
+    if manage.expand(root_of(args), args.name, args.size):
+        print(f"expanded {args.name} to {format_size(args.size)}")
+    else:
+        print(f"{args.name} is already {format_size(args.size)}: nothing to do")
 
 
 def cmd_volume_checksum(args: argparse.Namespace) -> None:
@@ -104,20 +107,22 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
     print(f"removed volume {args.name}")
 
 
-def cmd_volume_scrub(args: argparse.Namespace) -> None:
+def cmd_volume_scrub(args: argparse.Namespace) -> int:
     from lhfs.volumes import manage
 
     report = manage.scrub(root_of(args), args.name)
     if args.json:
         print_json(report)
-        return
-    if not report["damaged"]:
+    elif not report["damaged"]:
         print(
             f"{args.name}: {len(report['layers'])} snapshot(s) on "
             f"{len(report['replicas'])} replicas verified, no corruption"
         )
-    for replica, problems in report["damaged"].items():
-        print(f"{replica}: corrupt ({'; '.join(problems[:3])}); marked ERR, rebuilding")
+    else:
+        for replica, problems in report["damaged"].items():
+            action = "marked ERR, rebuilding" if replica in report["repaired"] else "not repaired"
+            print(f"{replica}: corrupt ({'; '.join(problems[:3])}); {action}")
+    return 1 if report["damaged"] else 0
 
 
 def parsers(groups: Any) -> None:
@@ -151,13 +156,18 @@ def parsers(groups: Any) -> None:
     p.add_argument("--device", required=True, help="path of the file that becomes the volume")
     p.set_defaults(func=cmd_volume_attach)
 
-    verb(
+    p = verb(
         verbs,
         "detach",
         cmd_volume_detach,
         "flush, unmount the device, stop engine and replicas",
         "name",
+        description="Flush, stop the engine and its replicas, unmount the device file. A "
+        "device a loop device uses is refused (lhfs umount first), unless the volume is "
+        "faulted or its engine does not answer or died: then everything mounted on it is "
+        "let go too, and what was cleaned up is said.",
     )
+    p.add_argument("--force", action="store_true", help="let go even of a healthy volume in use")
     verb(verbs, "ls", cmd_volume_ls, "all volumes and their state", json=True)
     verb(
         verbs, "info", cmd_volume_info, "one volume: state, replicas, snapshots", "name", json=True
@@ -174,7 +184,8 @@ def parsers(groups: Any) -> None:
         json=True,
         description="Check every snapshot of every healthy replica against its recorded "
         "checksums and against the other replicas; a corrupt replica is taken out of I/O "
-        "and rebuilt.",
+        "and rebuilt. Exit status: 0 nothing found, 1 corruption found (and repaired when "
+        "another healthy replica was there to copy from: --json lists it under 'repaired').",
     )
     verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
     verb(verbs, "rm", cmd_volume_rm, "delete a detached volume and its replicas", "name")

@@ -142,13 +142,19 @@ class Volume:
 
     def runtime(self) -> dict[str, Any] | None:
         """What the running engine published (pid, device), or None when none runs."""
+        info = self.runtime_record()
+        if info is None or not alive(info.get("pid", -1)):
+            return None
+        return info
+
+    def runtime_record(self) -> dict[str, Any] | None:
+        """What the engine published, running or not: an engine that was killed leaves it
+        (and what it left mounted is found from its device)."""
         try:
             info = json.loads(self.runtime_path.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        if not alive(info.get("pid", -1)):
-            return None
-        return info
+        return info if isinstance(info, dict) and "device" in info else None
 
 
 def alive(pid: int) -> bool:

@@ -21,6 +21,10 @@ class UsageError(LhfsError):
     exit_code = 2
 
 
+class ArgumentError(UsageError):
+    """The command line's parser refused the arguments (its message names the command)."""
+
+
 class NotFound(LhfsError):
     """A named thing (volume, snapshot, layer, replica) does not exist."""
 
@@ -30,7 +34,15 @@ class AlreadyExists(LhfsError):
 
 
 class InvalidArgument(LhfsError):
-    """A value is out of range or malformed (offset past the end, bad size, bad name)."""
+    """A value is out of range or malformed (offset past the end, bad size, bad name): bad
+    usage, whoever gave it (exit status 2)."""
+
+    exit_code = 2
+
+
+class WrongState(LhfsError):
+    """The request is fine but the thing is not in a state that allows it (a volume that is
+    not attached, a DR standby, the last healthy replica)."""
 
 
 class CorruptState(LhfsError):
@@ -90,6 +102,31 @@ class RemoteError(LhfsError):
     """A replica reported an error of a kind this side does not know."""
 
 
+def is_refusal(exc: BaseException) -> bool:
+    """Whether a replica's error *answer* means it refused the request and changed nothing
+    (a missing or existing name, a bad value, busy), as opposed to a *failure* (its disk, its
+    connection, its session): only a failure says something is wrong with the replica."""
+    return isinstance(
+        exc,
+        NotFound
+        | AlreadyExists
+        | InvalidArgument
+        | Busy
+        | NotPermitted
+        | NotInitialised
+        | WrongState,
+    )
+
+
+_REFUSALS = (
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    Busy,
+    NotPermitted,
+    NotInitialised,
+    WrongState,
+)
 _BY_NAME: dict[str, type[LhfsError]] = {}
 
 

@@ -6,6 +6,7 @@ import re
 
 from lhfs.core.errors import InvalidArgument
 
+MAX_SIZE = 1 << 50  # 1 PiB: beyond what any replica's file system holds as one file
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -13,9 +14,12 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 def parse_size(text: str) -> int:
     """Return the byte count of ``text``; suffixes are powers of 1024, a bare number is bytes."""
     match = _SIZE_RE.match(text)
-    if not match:
+    if not match or len(match.group(1)) > 30:
         raise InvalidArgument(f"not a size: {text!r} (use a number with K, M, G or T, e.g. 64M)")
-    return int(match.group(1)) * _SUFFIX[match.group(2).upper()]
+    size = int(match.group(1)) * _SUFFIX[match.group(2).upper()]
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"{text!r} is more than the largest size lhfs handles (1P)")
+    return size
 
 
 def format_size(n: int) -> str:

@@ -25,7 +25,15 @@ import trio
 
 from lhfs.config import volume as volumes
 from lhfs.core.durable import atomic_write_json
-from lhfs.core.errors import AlreadyExists, InvalidArgument, LhfsError, NotFound, WrongVolume
+from lhfs.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+    WrongState,
+    WrongVolume,
+)
+from lhfs.core.names import check_name
 from lhfs.engine import control
 from lhfs.engine.engine import ERR, RW, Engine, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
@@ -33,6 +41,7 @@ from lhfs.engine.fusedev import FuseChannel
 from lhfs.engine.rebuild import rebuild
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
+from lhfs.wire import tls
 from lhfs.wire.client import parse_address
 
 log = logging.getLogger("lhfs.daemon")
@@ -110,12 +119,25 @@ class Daemon:
             await engine.flush()
             return None
         if op == "snapshot":
-            return await engine.snapshot(str(args["name"]))
+            name = check_name(str(args.get("name")), "snapshot name")
+            if name in await self._snapshot_names():  # refused here: nothing is sent
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            return await engine.snapshot(name)
         if op == "snapshot_rm":
-            await engine.remove_snapshot(str(args["name"]))
+            name = check_name(str(args.get("name")), "snapshot name")
+            if name not in await self._snapshot_names():
+                raise NotFound(f"volume {self.vol.name} has no snapshot named {name!r}")
+            await engine.remove_snapshot(name)
             return None
         if op == "expand":
-            await engine.expand(int(args["size"]))
+            size = args.get("size")
+            if type(size) is not int or size < engine.size:
+                raise InvalidArgument(f"cannot shrink volume {self.vol.name} to {size} bytes")
+            if size % engine.chunk_size:
+                raise InvalidArgument(
+                    f"size {size} is not a multiple of the chunk size {engine.chunk_size}"
+                )
+            await engine.expand(size)
             self.vol.update(lambda config: config.update(size=engine.size))
             self.channel.invalidate_attributes()
             return None
@@ -124,7 +146,7 @@ class Daemon:
         if op == "blank":
             return await engine.call_one("is_blank")
         if op == "replica_add":
-            return await self.add_replica(args.get("address"))
+            return await self.add_replica(args.get("address"), args.get("tls_ca"))
         if op == "replica_rm":
             await self.remove_replica(str(args["id"]))
             return None
@@ -136,13 +158,36 @@ class Daemon:
                 if link.mode == RW:
                     out[link.id] = await link.client.call("checksum")
             return out
-        if op == "detach":
-            await engine.flush()
+        if op == "detach":  # letting go always works: a faulted volume is let go all the same
+            flushed, error = True, None
+            try:
+                await engine.flush()
+            except LhfsError as exc:
+                flushed, error = False, str(exc)
+                log.warning("detaching without a final flush: %s", exc)
             self.stop()
-            return None
+            return {"state": engine.state, "flushed": flushed, "error": error}
         raise InvalidArgument(f"unknown control operation {op!r}")
 
+    async def _snapshot_names(self) -> set[str]:
+        layers = await self.engine.call_one("list_layers")
+        return {layer["name"] for layer in layers if layer["name"]}
+
     # -- replica set changes ------------------------------------------------------------------
+
+    def repair(self, link: ReplicaLink) -> None:
+        """Reconnect a replica marked ERR (a fresh session: the old one was reset) and rebuild
+        it, in the background."""
+
+        async def reconnect() -> None:
+            try:
+                link.client = await self.engine.connect(link.address)
+            except LhfsError as exc:
+                log.warning("replica %s could not be reconnected for a rebuild: %s", link.id, exc)
+                return
+            self.start_rebuild(link)
+
+        self.nursery.start_soon(reconnect)
 
     def start_rebuild(self, link: ReplicaLink) -> None:
         """Rebuild ``link`` in the background; whatever happens, the engine keeps running."""
@@ -165,9 +210,14 @@ class Daemon:
 
         self.nursery.start_soon(run)
 
-    async def add_replica(self, address: str | None) -> dict[str, Any]:
-        """A new local replica, or the ``replica serve`` at ``address``; rebuilt online."""
+    async def add_replica(self, address: str | None, tls_ca: str | None = None) -> dict[str, Any]:
+        """A new local replica, or the ``replica serve`` at ``address`` (over TLS with the CA
+        ``tls_ca``); rebuilt online."""
         engine = self.engine
+        if tls_ca is not None:
+            if address is None:
+                raise InvalidArgument("TLS is for replicas on other hosts: give --address too")
+            tls.client_context(tls_ca)
         if address is not None:
             parse_address(address)
             if any(r.address == address for r in engine.replicas):
@@ -184,6 +234,7 @@ class Daemon:
                     "address": address,
                     "mode": ERR,
                     "error": "being added",
+                    "tls_ca": tls_ca,
                 }
             )
             holder["id"] = replica_id
@@ -209,6 +260,8 @@ class Daemon:
                     raise LhfsError(f"the new replica process did not start: {exc}") from None
                 engine.local_names[address] = proc.local
             link = ReplicaLink(replica_id, address, mode=ERR, error="rebuild: preparing")
+            if tls_ca:
+                engine.tls_cas[address] = tls_ca
             link.client = await self.engine.connect(address)
         except BaseException as exc:
             await self._forget(replica_id)
@@ -241,7 +294,7 @@ class Daemon:
         link = next((r for r in engine.replicas if r.id == replica_id), None)
         self.vol.replica(replica_id)  # NotFound for an unknown id
         if link is not None and link.mode == RW and sum(r.mode == RW for r in engine.replicas) == 1:
-            raise InvalidArgument(f"{replica_id} is the last healthy replica: it cannot be removed")
+            raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
         if replica_id in self._rebuilds:
             self._rebuilds[replica_id].cancel()
         if link is not None:
@@ -278,7 +331,11 @@ class Daemon:
                 on_mode_change=self._record_mode,
                 epoch=self.vol.config.get("epoch", 0),
             )
+            self.engine.on_diverged = self.repair
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
+            self.engine.tls_cas = {
+                r["address"]: r["tls_ca"] for r in self.vol.replicas if r.get("tls_ca")
+            }
             addresses = {r["id"]: r["address"] for r in self.vol.replicas if r.get("local")}
 
             def publish(config: dict[str, Any]) -> None:  # this run's replica ports

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from lhfs.core.errors import Busy, ConnectionLost, InvalidArgument, LhfsError
+from lhfs.core.errors import Busy, ConnectionLost, InvalidArgument, LhfsError, is_refusal
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient
@@ -105,6 +105,10 @@ class Engine:
         self.rebuild_lock = trio.Lock()
         self.writes = 0  # requests the replicas acknowledged since attach (status and tests)
         self.local_names: dict[str, str] = {}  # address -> local socket of a local replica
+        self.tls_cas: dict[str, str] = {}  # address -> CA (PEM) of a replica served over TLS
+        # told of a replica marked ERR because it refused what the others did (its owner
+        # reconnects and rebuilds it)
+        self.on_diverged: Callable[[ReplicaLink], None] = lambda link: None
 
     async def run(self) -> None:
         """The engine's own background work (the I/O deadline), until cancelled."""
@@ -128,6 +132,7 @@ class Engine:
             local,
             epoch=self.epoch,
             takeover=takeover,
+            tls_ca=self.tls_cas.get(address),
         )
         self.epoch = max(self.epoch, client.epoch)
         return client
@@ -385,12 +390,16 @@ class Engine:
         self, op: int, *parts: bytes | bytearray | memoryview, timeout: float | None = None
     ) -> list[bytes]:
         """A control request to every replica taking writes, awaited: the answers of those
-        that succeeded. A replica that fails it, or has not answered within ``timeout``, is
-        marked ERR; none left RW is ``Faulted``."""
+        that did it. A replica that fails it (its connection, its disk), or has not answered
+        within ``timeout``, is marked ERR; none left RW is ``Faulted``. A refusal (see
+        ``errors.is_refusal``) is an answer: refused by all, it is raised and nothing changed;
+        refused by some while the others did it, those differ now and are marked ERR for a
+        rebuild (``on_diverged``)."""
         targets = [r for r in self.replicas if r.mode in (RW, WO)]
         if not any(r.mode == RW for r in targets):
             raise Faulted("volume is faulted: no healthy replica")
         answers: list[bytes] = []
+        refused: list[tuple[ReplicaLink, LhfsError]] = []
         pending = {link.id for link in targets}
         done = trio.Event()
 
@@ -400,6 +409,8 @@ class Engine:
             pending.discard(link.id)
             if error is None:
                 answers.append(bytes(payload))
+            elif is_refusal(error):
+                refused.append((link, error))
             else:
                 self.fail(link, str(error))
             if not pending:
@@ -418,19 +429,33 @@ class Engine:
             if link.id in pending:
                 pending.discard(link.id)
                 self.fail(link, f"no answer within {timeout:.0f}s")
+        self._settle_refusals(refused, bool(answers))
         if not self._healthy():
             raise Faulted("volume is faulted: no healthy replica")
         return answers
+
+    def _settle_refusals(self, refused: list[tuple[ReplicaLink, LhfsError]], done: bool) -> None:
+        """Refused everywhere: raise the refusal (nothing changed). Done elsewhere: the
+        replicas that refused no longer match the others; they are rebuilt."""
+        if not refused:
+            return
+        if not done:
+            raise refused[0][1]
+        for link, error in refused:
+            log.warning("replica %s refused what the others did: %s", link.id, error)
+            self.fail(link, f"refused what the other replicas did ({error}): rebuilding")
+            self.on_diverged(link)
 
     # -- whole-volume operations --------------------------------------------------------------
 
     async def fanout_call(self, method: str, **args: Any) -> list[Any]:
         """A control call on the RW replicas only (the caller holds ``structural`` and has
         drained I/O, which waits meanwhile: hence the deadline); a replica that fails it, or
-        does not answer in time, is marked ERR."""
+        does not answer in time, is marked ERR; refusals as in ``_fanout``."""
         call = p.encode_json({"method": method, "args": args})
         rw = [r for r in self.replicas if r.mode == RW]
         answers = []
+        refused: list[tuple[ReplicaLink, LhfsError]] = []
         for link in rw:
             try:
                 with trio.fail_after(self._timeout):
@@ -438,14 +463,21 @@ class Engine:
             except trio.TooSlowError:
                 self.fail(link, f"no answer within {self._timeout:.0f}s")
             except LhfsError as exc:
-                self.fail(link, str(exc))
+                if is_refusal(exc):
+                    refused.append((link, exc))
+                else:
+                    self.fail(link, str(exc))
+        self._settle_refusals(refused, bool(answers))
         if not any(r.mode == RW for r in self.replicas):
             raise Faulted("volume is faulted: no healthy replica")
         return answers
 
-    def _refuse_during_rebuild(self) -> None:
+    def refuse_during_rebuild(self, what: str) -> None:
+        """Structural changes wait for a rebuild: it joins the chain as the barrier left it."""
         if self.rebuild_lock.locked():
-            raise Busy("a replica is being rebuilt: try again when it is RW (lhfs replica ls)")
+            raise Busy(
+                f"a replica is being rebuilt: {what} is refused until it is RW (lhfs replica ls)"
+            )
 
     async def call_all(self, method: str, **args: Any) -> list[Any]:
         """A control call on every replica taking writes, with I/O drained around it, so that
@@ -470,18 +502,20 @@ class Engine:
         raise Faulted("volume is faulted: no healthy replica")
 
     async def snapshot(self, name: str) -> dict[str, Any]:
+        self.refuse_during_rebuild("a snapshot")
         await self.flush()
         return (await self.call_all("snapshot", name=name))[0]
 
     async def remove_snapshot(self, name: str) -> None:
         """Coalesce a snapshot away on every replica; I/O goes on meanwhile (no deadline: the
         replicas report progress and a dead replica still fails the call at once)."""
-        self._refuse_during_rebuild()
+        self.refuse_during_rebuild("removing a snapshot")
         async with self.structural:
             call = p.encode_json({"method": "remove_snapshot", "args": {"name": name}})
             await self._fanout(p.CALL, call, timeout=float("inf"))
 
     async def expand(self, size: int) -> None:
+        self.refuse_during_rebuild("expanding")
         await self.call_all("expand", size=size)
         self.size = size
 

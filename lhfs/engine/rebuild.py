@@ -203,6 +203,7 @@ async def _sync(
                     layer=name,
                     first=first,
                     count=count,
+                    ca=engine.tls_cas.get(source.address),
                 )
                 if not direct:
                     log.info("replica %s pulls from its source again", target.id)

@@ -48,11 +48,17 @@ async def scrub(engine: Engine, start_rebuild: Callable[[ReplicaLink], None]) ->
                         damaged.setdefault(link.id, []).append(f"{name}: chunk {chunk} differs")
         except SumsUnavailable as exc:
             raise exc.error from None
-    report = {"layers": names, "replicas": [r.id for r in healthy], "damaged": damaged}
+    report: dict[str, Any] = {
+        "layers": names,
+        "replicas": [r.id for r in healthy],
+        "damaged": damaged,
+        "repaired": [],  # the damaged replicas being rebuilt (copying the damaged chunks)
+    }
     for link in healthy:
         if link.id in damaged and sum(r.mode == RW for r in engine.replicas) > 1:
             engine.fail(link, "scrub found corrupt data: " + "; ".join(damaged[link.id][:3]))
             link.client = await engine.connect(link.address)
             start_rebuild(link)
+            report["repaired"].append(link.id)
     log.info("scrub: %s", report)
     return report

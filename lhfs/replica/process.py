@@ -26,6 +26,7 @@ class ReplicaProcess:
         host: str = "127.0.0.1",
         wait: bool = True,
         local: str | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.key = VolumeKey.load(key_file)  # what a client of this replica must hold
@@ -43,6 +44,8 @@ class ReplicaProcess:
             "--key-file",
             str(key_file),
         ]
+        if tls:
+            command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         self.proc = subprocess.Popen(
             command + (["--local", local] if local else []),
             stdout=subprocess.PIPE,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from functools import partial
@@ -48,6 +49,7 @@ from lhfs.replica import checks
 from lhfs.replica.session import Session, Sessions, abort
 from lhfs.store.chunkstore import ChunkStore, check_geometry
 from lhfs.wire import protocol as p
+from lhfs.wire import tls
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient, parse_address
 
@@ -86,9 +88,12 @@ class ReplicaServer:
     """Serves one replica directory for the volume whose key it holds; the directory may be
     empty until an engine calls ``init``."""
 
-    def __init__(self, directory: Path, key: VolumeKey) -> None:
+    def __init__(
+        self, directory: Path, key: VolumeKey, tls_context: ssl.SSLContext | None = None
+    ) -> None:
         self.dir = Path(directory)
         self.key = key
+        self.tls = tls_context  # TLS on TCP connections (the local socket stays plain)
         self.store: ChunkStore | None = None
         if (self.dir / "volume.json").exists():
             self.store = ChunkStore.open(self.dir)
@@ -155,7 +160,7 @@ class ReplicaServer:
             if not sessions.admit(stream):
                 abort(stream)
                 return
-            session = await sessions.handshake(stream)
+            session = await sessions.handshake(stream, self.tls)
             sessions.live.add(session)
             with session.scope:
                 async with trio.open_nursery() as nursery:
@@ -190,17 +195,18 @@ class ReplicaServer:
         stream = session.stream
         p.tune_stream(stream)
         gone: list[OSError] = []
-        out = p.Outbox(stream.socket, gone.append)
+        out = p.outbox_for(stream, gone.append)
         nursery.start_soon(out.drain)
         peers = _Peers(nursery, self.key)  # live as long as this connection
+        receive = frames.receiver(stream)
         while not gone:
-            if frames.pending:  # a frame half received: it must not stall for long
+            if frames.end > frames.start:  # a frame half received: it must not stall for long
                 with trio.move_on_after(FRAME_TIMEOUT) as waited:
-                    received = await frames.receive(stream.socket)
+                    received = await receive()
                 if waited.cancelled_caught:
                     raise ProtocolError(f"a frame stayed incomplete for {FRAME_TIMEOUT:.0f}s")
             else:
-                received = await frames.receive(stream.socket)
+                received = await receive()
             if not received:
                 return
             answers = size = 0
@@ -228,7 +234,8 @@ class ReplicaServer:
         self, session: Session, request_id: int, op: int, payload: memoryview
     ) -> list[p.Part]:
         try:
-            self._permit(session, op, payload)
+            if session.role != p.ENGINE or session.epoch < self.sessions.epoch:
+                self._permit(session, op, payload)  # (the current engine may ask anything)
             parts = self._dispatch(op, payload)
             return p.frame_pieces(request_id, p.OK, *parts, owned=True)
         except Exception as exc:  # every failure becomes an error answer
@@ -445,13 +452,14 @@ class ReplicaServer:
         store = self._require_store()
         address, source_layer = checks.text(args, "source"), checks.text(args, "source_layer")
         layer = checks.text(args, "layer")
+        ca = checks.text(args, "ca", tls.MAX_CA_PEM) if args.get("ca") is not None else None
         parse_address(address)
         first = checks.integer(args, "first", 0, checks.MAX_VOLUME)
         count = checks.integer(args, "count", 1, 1 << 16)
         _check_run(store, count)
         try:
             with trio.fail_after(_PULL_TIMEOUT):
-                client = await peers.get(address)
+                client = await peers.get(address, ca)
                 states, data = await client.read_layer_run(source_layer, first, count)
         except (LhfsError, trio.TooSlowError) as exc:
             raise PullFailed(f"cannot copy from {address}: {exc or 'no answer'}") from None
@@ -485,7 +493,7 @@ class _Peers:
         self._failed: dict[str, tuple[float, LhfsError]] = {}
         self._lock = trio.Lock()
 
-    async def get(self, address: str) -> ReplicaClient:
+    async def get(self, address: str, ca: str | None = None) -> ReplicaClient:
         """The connection to ``address``. Many pulls arrive at once and wait here for one
         connection; when it cannot be made, those waiting get the same failure at once instead
         of each trying in turn (with an unreachable source, one connect timeout per pull)."""
@@ -497,7 +505,7 @@ class _Peers:
             if client is None or client.broken:
                 try:
                     client = await ReplicaClient.connect(
-                        address, self.nursery, self.key, role=p.READER
+                        address, self.nursery, self.key, role=p.READER, tls_ca=ca
                     )
                 except LhfsError as exc:
                     self._failed[address] = (trio.current_time() + _PEER_RETRY_AFTER, exc)
@@ -554,9 +562,10 @@ async def run(
     port: int,
     ready: Any = None,
     local: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> None:
     """Entry point of ``lhfs replica serve``: announces the bound address, then serves."""
-    server = ReplicaServer(directory, key)
+    server = ReplicaServer(directory, key, tls_context)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve, host, port, local)
         if ready is not None:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import trio
 
 from lhfs.core.durable import atomic_write
 from lhfs.core.errors import CorruptState, Fenced, ProtocolError
-from lhfs.wire import auth
+from lhfs.wire import auth, tls
 from lhfs.wire import protocol as p
 
 log = logging.getLogger("lhfs.replica")
@@ -46,7 +47,7 @@ class Session:
 
     role: int
     epoch: int
-    stream: trio.SocketStream
+    stream: trio.SocketStream | trio.SSLStream
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     fenced: bool = False
 
@@ -97,19 +98,27 @@ class Sessions:
                 return False
         return True
 
-    async def handshake(self, stream: trio.SocketStream) -> Session:
-        """Run the replica's side of the handshake (see ``protocol``); the session, or an
-        error once the peer was told why (the caller closes the connection)."""
+    async def handshake(
+        self, stream: trio.SocketStream, context: ssl.SSLContext | None = None
+    ) -> Session:
+        """Run the replica's side of the handshake (see ``protocol``), over TLS first when a
+        ``context`` is given and the peer came by TCP; the session, or an error once the peer
+        was told why (the caller closes the connection)."""
         self.handshaking += 1
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if context is not None and stream.socket.family != socket.AF_UNIX:
+                    try:
+                        stream = await tls.wrap_server(stream, context)
+                    except trio.BrokenResourceError as exc:
+                        raise ProtocolError(f"TLS handshake failed: {exc.__cause__}") from None
                 return await self._handshake(stream)
         except trio.TooSlowError:
             raise ProtocolError("no complete handshake within the deadline") from None
         finally:
             self.handshaking -= 1
 
-    async def _handshake(self, stream: trio.SocketStream) -> Session:
+    async def _handshake(self, stream: trio.SocketStream | trio.SSLStream) -> Session:
         magic, version = p.PREAMBLE.unpack(await _exactly(stream, p.PREAMBLE.size))
         if magic != p.MAGIC:
             raise ProtocolError("not an lhfs client")
@@ -164,21 +173,27 @@ class Sessions:
             )
 
 
-def abort(stream: trio.SocketStream) -> None:
+def abort(stream: trio.SocketStream | trio.SSLStream) -> None:
     """Make the next close of ``stream`` a reset: data still unsent is dropped, not delivered."""
     with contextlib.suppress(OSError):
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock = p.socket_of(stream)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def _challenge(
-    stream: trio.SocketStream, status: int, volume_id: bytes, nonce: bytes, proof: bytes, epoch: int
+    stream: trio.SocketStream | trio.SSLStream,
+    status: int,
+    volume_id: bytes,
+    nonce: bytes,
+    proof: bytes,
+    epoch: int,
 ) -> None:
     await stream.send_all(
         p.CHALLENGE.pack(p.MAGIC, p.VERSION, status, volume_id, nonce, proof, epoch)
     )
 
 
-async def _exactly(stream: trio.SocketStream, size: int) -> bytes:
+async def _exactly(stream: trio.SocketStream | trio.SSLStream, size: int) -> bytes:
     data = b""
     while len(data) < size:
         more = await stream.receive_some(size - len(data))

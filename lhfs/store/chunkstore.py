@@ -23,6 +23,7 @@ metadata does not name are left-overs of an interrupted operation and are remove
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -30,6 +31,7 @@ import re
 import resource
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,6 +49,7 @@ from lhfs.core.errors import (
     NotFound,
 )
 from lhfs.core.names import check_name
+from lhfs.core.units import format_size
 from lhfs.store.backing import BackingImage, content_id, file_stamp, id_size
 from lhfs.store.layer import (
     ABSENT,
@@ -63,6 +66,8 @@ META = "volume.json"
 FORMAT = 1
 MIN_CHUNK = 1
 MAX_CHUNK = 64 << 20
+# what may be in a replica directory before its volume is made (an engine's session epoch)
+_MAY_PRECEDE = {"epoch", "lock", ".epoch.tmp"}
 _LAYER_FILE_RE = re.compile(r"^[0-9a-f]{16}\.(data|idx|sums)$")
 
 
@@ -73,6 +78,35 @@ def check_geometry(size: int, chunk_size: int) -> None:
         raise InvalidArgument(
             f"size {size} is not a positive multiple of the chunk size {chunk_size}"
         )
+
+
+def check_fits(directory: Path, size: int) -> None:
+    """Refuse a volume size that the file system under ``directory`` cannot hold as one file
+    (ext4: 16 TiB with 4 KiB blocks): a layer's data file is as large as the volume, and the
+    first write past the limit would fail it. Probed with a sparse file, said with the limit."""
+    fd, probe = tempfile.mkstemp(prefix=".size-probe-", suffix=".tmp", dir=directory)
+    try:
+        try:
+            os.ftruncate(fd, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EFBIG, errno.EINVAL):
+                raise
+        low, high = 0, size  # the largest size that fits, to the 4 KiB
+        while high - low > 4096:
+            middle = (low + high) // 2 // 4096 * 4096
+            try:
+                os.ftruncate(fd, middle)
+                low = middle
+            except OSError:
+                high = middle
+        raise InvalidArgument(
+            f"a volume of {format_size(size)} does not fit: the file system under {directory} "
+            f"holds files of at most {format_size(low)}"
+        )
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def _now() -> str:
@@ -124,9 +158,19 @@ class ChunkStore:
         replica process refuses the key of any other."""
         check_geometry(size, chunk_size)
         directory = Path(directory)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if (directory / META).exists():
             raise AlreadyExists(f"{directory} already holds a volume")
+        if not str(directory) or str(directory) == ".":
+            raise InvalidArgument("a replica directory must be named")
+        if directory.is_dir() and set(os.listdir(directory)) - _MAY_PRECEDE:
+            raise InvalidArgument(
+                f"{directory} is not empty: a replica is made in a new or empty directory"
+            )
+        existing = directory
+        while not existing.is_dir():  # (probed before anything is made)
+            existing = existing.parent
+        check_fits(existing, size)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_fd = _lock(directory)
         try:
             backing = None
@@ -567,6 +611,7 @@ class ChunkStore:
         check_geometry(size, self.chunk_size)
         if size < self.size:
             raise InvalidArgument(f"cannot shrink the volume from {self.size} to {size} bytes")
+        check_fits(self.dir, size)
         self.flush()
         self.size = size
         self.meta["layers"][self.head.id]["size"] = size

@@ -8,25 +8,19 @@ data). Every check that can refuse a request runs before anything changes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from lhfs.config import volume as volumes
-from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound
+from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
 from lhfs.core.names import check_name
-from lhfs.core.procs import child_env, read_line_matching, wait_for
+from lhfs.core.procs import wait_for
 from lhfs.engine import control
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.volumes import standby
-
-ATTACH_TIMEOUT = 120.0
-
+from lhfs.volumes import attachment, standby
 
 # -- create and remove -----------------------------------------------------------------------
 
@@ -84,117 +78,6 @@ def export_key(root: Path, name: str, out: Path) -> None:
     if not out.parent.is_dir():
         raise NotFound(f"directory {out.parent} does not exist")
     key.save(out)
-
-
-# -- attach and detach -----------------------------------------------------------------------
-
-
-def _check_device(device: Path) -> None:
-    """The device must be a regular file (created if missing) that nothing is mounted on."""
-    try:
-        device.stat()
-    except FileNotFoundError:
-        if not device.parent.is_dir():
-            raise NotFound(f"directory {device.parent} does not exist") from None
-        device.touch()
-        return
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose engine died
-            cleanup_stale_device(device)
-            return
-        raise
-    if device.is_dir():
-        raise InvalidArgument(f"device path {device} is a directory; give a file path")
-    if is_mountpoint(device):
-        raise Busy(f"{device} is already mounted")
-    if not device.is_file():
-        raise InvalidArgument(f"device path {device} is not a regular file")
-
-
-def is_mountpoint(path: Path) -> bool:
-    target = str(path.resolve())
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-def loops_backed_by(device: Path) -> list[str]:
-    """Loop devices whose backing file is ``device``."""
-    out = []
-    target = os.path.abspath(device)
-    for entry in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (entry / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing == target:
-            out.append(f"/dev/{entry.name}")
-    return out
-
-
-def cleanup_stale_device(device: Path) -> None:
-    """Undo what a killed engine left: mounts of loops on the dead FUSE file, the loops, the
-    FUSE mount itself. Only ever unmounts; never touches data."""
-    for loop in loops_backed_by(device):
-        with open("/proc/self/mounts") as f:
-            mounted = [line.split()[1] for line in f if line.split()[0] == loop]
-        for mountpoint in mounted:
-            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
-        subprocess.run(["losetup", "-d", loop], capture_output=True)
-    subprocess.run(["fusermount3", "-u", "-z", str(device)], capture_output=True)
-
-
-def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict[str, Any]:
-    """Start the engine on ``device``. Only the restore itself attaches a volume that is being
-    restored (``restoring``); anyone else would see a partial volume."""
-    vol = volumes.load(root, name)
-    runtime = vol.runtime()
-    if runtime is not None:
-        raise AlreadyExists(f"volume {name} is already attached at {runtime['device']}")
-    vol.require_not_standby("attaching it")
-    if not restoring:
-        vol.require_complete(f"attaching it ('lhfs volume rm {name}' and restore again)")
-    device = device.absolute()
-    for other in volumes.list_names(root):
-        info = volumes.load(root, other).runtime()
-        if info and Path(info["device"]) == device:
-            raise Busy(f"{device} is the device of volume {other}")
-    _check_device(device)
-    log_path = vol.dir / "engine.log"
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lhfs", "--root", str(root), "engine-run", name, str(device)],
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-            env=child_env(),  # the engine and its replicas never talk to the store
-        )
-    try:
-        line = read_line_matching(proc, r"^(ready|error: .*)$", ATTACH_TIMEOUT).group(1)
-    except (RuntimeError, TimeoutError) as exc:
-        proc.kill()
-        raise LhfsError(f"the engine did not start ({exc}); see {log_path}") from None
-    finally:
-        if proc.stdout:
-            proc.stdout.close()
-    if line != "ready":
-        proc.wait(30)
-        raise LhfsError(line.removeprefix("error: "))
-    return {"name": name, "device": str(device), "pid": proc.pid}
-
-
-def detach(root: Path, name: str, timeout: float = ATTACH_TIMEOUT) -> None:
-    vol = volumes.load(root, name)
-    runtime = vol.runtime()
-    if runtime is None:
-        raise InvalidArgument(f"volume {name} is not attached")
-    device = Path(runtime["device"])
-    loops = loops_backed_by(device)
-    if loops:
-        raise Busy(f"{device} is in use by {', '.join(loops)}: unmount it first (lhfs umount)")
-    control.call(vol.control_socket, "detach")
-    wait_for(lambda: vol.runtime() is None, timeout, f"the engine of {name} to stop")
 
 
 # -- inspection ------------------------------------------------------------------------------
@@ -260,6 +143,11 @@ def info(root: Path, name: str) -> dict[str, Any]:
     if vol.config.get("dr"):
         state = "restoring" if standby.load_state(vol)["backup"] is None else "standby"
         base["dr"] = vol.config["dr"]
+    record = vol.runtime_record()
+    if record is not None:  # its engine died: say so, and what it left mounted
+        state = "crashed"
+        base["leftovers"] = attachment.leftovers(Path(record["device"]))
+        base["device"] = record["device"]
     return {
         **base,
         "state": state,
@@ -303,8 +191,11 @@ def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
     return result
 
 
-def expand(root: Path, name: str, size: int) -> None:
+def expand(root: Path, name: str, size: int) -> bool:
+    """Grow a volume; False when it already has that size (nothing to do)."""
     vol = volumes.load(root, name)
+    if size == vol.size:
+        return False
     if size < vol.size:
         raise InvalidArgument(f"cannot shrink volume {name} ({vol.size} bytes) to {size}")
     if size % vol.chunk_size:
@@ -313,14 +204,16 @@ def expand(root: Path, name: str, size: int) -> None:
     vol.require_complete("expanding it")
     if vol.runtime() is not None:
         control.call(vol.control_socket, "expand", size=size)
-        return
+        return True
     _on_every_replica(vol, "expand", size)
     vol.update(lambda config: config.update(size=size))
+    return True
 
 
 def snapshot_create(root: Path, name: str, snapshot: str | None) -> dict[str, Any]:
     vol = volumes.load(root, name)
-    snapshot = check_name(snapshot or time.strftime("snap-%Y%m%d-%H%M%S"), "snapshot name")
+    default = time.strftime("snap-%Y%m%d-%H%M%S")
+    snapshot = check_name(default if snapshot is None else snapshot, "snapshot name")
     vol.require_not_standby("a snapshot")
     vol.require_complete("a snapshot")
     if vol.runtime() is not None:
@@ -338,6 +231,7 @@ def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:
 
 
 def snapshot_remove(root: Path, name: str, snapshot: str) -> None:
+    check_name(snapshot, "snapshot name")
     vol = volumes.load(root, name)
     vol.require_not_standby("removing a snapshot")
     if vol.runtime() is not None:
@@ -348,6 +242,7 @@ def snapshot_remove(root: Path, name: str, snapshot: str) -> None:
 
 
 def snapshot_revert(root: Path, name: str, snapshot: str) -> None:
+    check_name(snapshot, "snapshot name")
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
         raise Busy(f"volume {name} is attached: detach it before reverting")
@@ -360,7 +255,7 @@ def _require_snapshot(vol: volumes.Volume, snapshot: str) -> None:
     for directory in healthy_local_dirs(vol):
         with ChunkStore.open(directory) as store:
             if not any(s["name"] == snapshot for s in store.list_layers()):
-                raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")
+                raise NotFound(f"volume {vol.name} has no snapshot named {snapshot!r}")
 
 
 # -- replicas --------------------------------------------------------------------------------
@@ -368,10 +263,12 @@ def _require_snapshot(vol: volumes.Volume, snapshot: str) -> None:
 
 def _attached(vol: volumes.Volume, what: str) -> None:
     if vol.runtime() is None:
-        raise InvalidArgument(f"volume {vol.name} is not attached: {what} runs online")
+        raise WrongState(f"volume {vol.name} is not attached: {what} runs online")
 
 
-def replica_add(root: Path, name: str, address: str | None) -> dict[str, Any]:
+def replica_add(
+    root: Path, name: str, address: str | None, tls_ca: str | None = None
+) -> dict[str, Any]:
     """Add a replica to an attached volume, or to one being restored: the restore is asked
     to attach it and goes on through its engine, which rebuilds the new replica online."""
     vol = volumes.load(root, name)
@@ -384,9 +281,9 @@ def replica_add(root: Path, name: str, address: str | None) -> dict[str, Any]:
             done = not now.config.get("restoring") or not volumes.alive(restoring["pid"])
             return done or now.runtime() is not None
 
-        wait_for(answered, ATTACH_TIMEOUT, f"the restore of {name} to attach it")
+        wait_for(answered, attachment.ATTACH_TIMEOUT, f"the restore of {name} to attach it")
     _attached(vol, "a rebuild")
-    return control.call(vol.control_socket, "replica_add", address=address)
+    return control.call(vol.control_socket, "replica_add", address=address, tls_ca=tls_ca)
 
 
 def replica_remove(root: Path, name: str, replica_id: str) -> None:
@@ -398,7 +295,7 @@ def replica_remove(root: Path, name: str, replica_id: str) -> None:
     vol.require_not_standby("removing a replica")
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
     if entry.get("mode", "RW") == "RW" and not others:
-        raise InvalidArgument(f"{replica_id} is the last healthy replica: it cannot be removed")
+        raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
     vol.update(lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id]))
     if entry.get("local"):
         shutil.rmtree(vol.dir / "replicas" / replica_id, ignore_errors=True)

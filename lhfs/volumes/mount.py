@@ -15,8 +15,10 @@ an error: formatting then would destroy data that the replicas may still hold.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -26,9 +28,13 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import Busy, CorruptState, InvalidArgument, LhfsError, NotFound, StorageError
 from lhfs.core.procs import wait_for
 from lhfs.engine import control
-from lhfs.volumes import manage
+from lhfs.volumes import attachment
 
 SUPPORTED = ("ext4", "xfs")
+MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-U", "{uuid}", "-E", "nodiscard", "{device}"],
+    "xfs": ["mkfs.xfs", "-q", "-f", "-K", "-m", "uuid={uuid}", "{device}"],
+}
 
 
 def _run(args: list[str], what: str) -> str:
@@ -91,7 +97,7 @@ def decide(record: dict[str, Any] | None, found: dict[str, str] | None, blank: b
 
 
 def _loop_for(device: Path) -> str:
-    loops = manage.loops_backed_by(device)
+    loops = attachment.loops_backed_by(device)
     if loops:
         return loops[0]
     return _run(["losetup", "--direct-io=on", "--find", "--show", str(device)], "losetup").strip()
@@ -110,12 +116,15 @@ def mount(root: Path, name: str, mountpoint: Path, fs: str = "ext4") -> dict[str
         raise NotFound(f"mount point {mountpoint} is not a directory")
     vol = volumes.load(root, name)
     record = vol.filesystem
-    if record and record["type"] != fs:
+    if record and record["state"] == "formatted" and record["type"] != fs:
         raise InvalidArgument(f"volume {name} holds {record['type']}, not {fs}")
+    tool = MKFS[fs][0]
+    if not shutil.which(tool) and (record is None or record["state"] == "formatting"):
+        raise NotFound(f"{tool} is not installed: it is needed to format a new volume as {fs}")
     attached_here = False
     runtime = vol.runtime()
     if runtime is None:
-        manage.attach(root, name, vol.dir / "device")
+        attachment.attach(root, name, vol.dir / "device")
         attached_here = True
         runtime = vol.runtime()
         if runtime is None:
@@ -125,14 +134,14 @@ def mount(root: Path, name: str, mountpoint: Path, fs: str = "ext4") -> dict[str
     except BaseException:
         if attached_here:  # leave things as they were
             _release(Path(runtime["device"]))
-            manage.detach(root, name)
+            attachment.detach(root, name)
         raise
 
 
 def _release(device: Path) -> None:
-    for loop in manage.loops_backed_by(device):
+    for loop in attachment.loops_backed_by(device):
         subprocess.run(["losetup", "-d", loop], capture_output=True)
-    wait_for(lambda: not manage.loops_backed_by(device), 30, "the loop device to go")
+    wait_for(lambda: not attachment.loops_backed_by(device), 30, "the loop device to go")
 
 
 def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str) -> dict[str, Any]:
@@ -144,7 +153,7 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
         if Path(already[0]) == mountpoint:
             return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": False}
         raise Busy(f"volume {name} is already mounted at {already[0]}")
-    if manage.is_mountpoint(mountpoint):
+    if attachment.is_mountpoint(mountpoint):
         raise Busy(f"{mountpoint} is already a mount point")
     blank = control.call(vol.control_socket, "blank")
     action = decide(record, probe(loop), blank)
@@ -152,10 +161,7 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
     if action == "format":
         record = {"type": fs, "uuid": str(uuid.uuid4()), "state": "formatting"}
         vol.record_filesystem(record)
-        mkfs = ["mkfs.ext4", "-q", "-F", "-U", record["uuid"], "-E", "nodiscard", loop]
-        if fs == "xfs":
-            mkfs = ["mkfs.xfs", "-q", "-f", "-K", "-m", f"uuid={record['uuid']}", loop]
-        _run(mkfs, "mkfs")
+        _run([arg.format(uuid=record["uuid"], device=loop) for arg in MKFS[fs]], "mkfs")
         _run(["blockdev", "--flushbufs", loop], "flush")
         control.call(vol.control_socket, "flush")
         record["state"] = "formatted"
@@ -174,20 +180,40 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
 
 
 def umount(root: Path, mountpoint: Path) -> dict[str, Any]:
+    """Unmount the file system, free the loop device, detach the volume: also when the volume
+    is faulted or its engine died (the file system is then unmounted lazily: its device no
+    longer answers). A busy file system of a working volume is refused, with the reason."""
     mountpoint = mountpoint.absolute()
     with open("/proc/self/mounts") as f:
         sources = [line.split()[0] for line in f if line.split()[1] == str(mountpoint)]
     if not sources:
         raise NotFound(f"nothing is mounted at {mountpoint}")
-    loop = sources[-1]
-    owner = None
-    for name in volumes.list_names(root):
-        runtime = volumes.load(root, name).runtime()
-        if runtime and loop in manage.loops_backed_by(Path(runtime["device"])):
-            owner = name
+    owner = _owner_of(root, sources[-1])
     if owner is None:
         raise NotFound(f"{mountpoint} is not an lhfs volume of {root}")
-    _run(["umount", str(mountpoint)], "umount")
-    _release(Path(volumes.load(root, owner).runtime()["device"]))
-    manage.detach(root, owner)
-    return {"name": owner, "mountpoint": str(mountpoint)}
+    vol, device = owner
+    working = False
+    if vol.runtime() is not None:
+        with contextlib.suppress(LhfsError):
+            state = control.call(vol.control_socket, "info", timeout=10)["state"]
+            working = state in ("healthy", "degraded")
+    result = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode:
+        if working:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise LhfsError(f"umount failed: {detail[-1] if detail else result.returncode}")
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    attachment.release(device, fuse=False)
+    report = attachment.detach(root, vol.name)
+    return {**report, "mountpoint": str(mountpoint)}
+
+
+def _owner_of(root: Path, loop: str) -> tuple[volumes.Volume, Path] | None:
+    """The volume whose device (running engine or one that died) ``loop`` sits on."""
+    for name in volumes.list_names(root):
+        vol = volumes.load(root, name)
+        record = vol.runtime_record()
+        for device in {Path(record["device"]) if record else None, vol.dir / "device"}:
+            if device is not None and loop in attachment.loops_backed_by(device):
+                return vol, device
+    return None

@@ -19,6 +19,7 @@ import trio
 
 from lhfs.core.errors import ConnectionLost, InvalidArgument, LhfsError, ProtocolError
 from lhfs.wire import protocol as p
+from lhfs.wire import tls
 from lhfs.wire.auth import VolumeKey
 
 log = logging.getLogger("lhfs.client")
@@ -39,14 +40,22 @@ class SyncReplica:
     a snapshot from a running replica). A reader by default: it can change nothing."""
 
     def __init__(
-        self, address: str, key: VolumeKey, timeout: float = 60.0, role: int = p.READER
+        self,
+        address: str,
+        key: VolumeKey,
+        timeout: float = 60.0,
+        role: int = p.READER,
+        tls_ca: str | None = None,
     ) -> None:
         self.address = address
         host, port = parse_address(address)
         handshake = p.ClientHandshake(key, address, role, 0, takeover=False)
         try:
             self._sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
+            if tls_ca:
+                context = tls.client_context(tls_ca)
+                self._sock = context.wrap_socket(self._sock, server_hostname=host)
+        except OSError as exc:  # (ssl.SSLError included)
             raise ConnectionLost(f"cannot reach replica {address}: {exc}") from None
         try:
             self._sock.sendall(handshake.hello())
@@ -124,13 +133,13 @@ class ReplicaClient:
     pushes once, so that a burst costs one system call per replica.
     """
 
-    def __init__(self, stream: trio.SocketStream, address: str) -> None:
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream, address: str) -> None:
         self.address = address
         self._stream = stream
         self._next_id = 0
         self._waiting: dict[int, Callback] = {}
         self._quick: set[int] = set()
-        self._outbox = p.Outbox(stream.socket, self._send_failed)
+        self._outbox = p.outbox_for(stream, self._send_failed)
         self._broken: LhfsError | None = None
         self._cancel = trio.CancelScope()
         self.progress = trio.current_time()  # when the replica last showed life
@@ -147,18 +156,23 @@ class ReplicaClient:
         role: int = p.ENGINE,
         epoch: int = 0,
         takeover: bool = False,
+        tls_ca: str | None = None,
     ) -> ReplicaClient:
         """Connect, authenticate and start the connection's tasks in ``nursery``. With
         ``local``, the replica at ``address`` is reached by its local socket of that name
         instead (a replica this host started with ``--local``). An engine session asks for
         session ``epoch`` (above the replica's own with ``takeover``: see
-        ``protocol.ClientHandshake``); the one granted is the client's ``epoch``."""
+        ``protocol.ClientHandshake``); the one granted is the client's ``epoch``. With
+        ``tls_ca`` (PEM), the connection is TLS and the replica's certificate must be signed
+        by that CA for the host of ``address``."""
         host, port = parse_address(address)
         handshake = p.ClientHandshake(key, address, role, epoch, takeover)
         stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(timeout):
                 stream = await (_open_local(local) if local else trio.open_tcp_stream(host, port))
+                if tls_ca and not local:
+                    stream = await tls.wrap_client(stream, tls_ca, host)
                 await stream.send_all(handshake.hello())
                 challenge = await _receive_exactly(stream, p.CHALLENGE.size, address, True)
                 await stream.send_all(handshake.answer(challenge))
@@ -170,8 +184,8 @@ class ReplicaClient:
                 why = f"no answer within {timeout}s"
             elif isinstance(exc, OSError):
                 why = exc.strerror or str(exc)
-            elif isinstance(exc, trio.BrokenResourceError):  # reset during the handshake
-                why = str(exc)
+            elif isinstance(exc, trio.BrokenResourceError):  # reset, or TLS refused
+                why = str(exc.__cause__ or exc)
             else:
                 raise
             raise ConnectionLost(f"cannot reach replica {address}: {why}") from None
@@ -188,7 +202,7 @@ class ReplicaClient:
         if reset:
             with contextlib.suppress(OSError):
                 linger = struct.pack("ii", 1, 0)
-                self._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                p.socket_of(self._stream).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         self._cancel.cancel()
         await trio.aclose_forcefully(self._stream)
 
@@ -234,8 +248,9 @@ class ReplicaClient:
 
     async def _read_answers(self, frames: p.FrameBuffer) -> None:
         waiting, quick = self._waiting, self._quick
+        receive = frames.receiver(self._stream)
         while True:
-            if not await frames.receive(self._stream.socket):
+            if not await receive():
                 return
             self.progress = trio.current_time()
             for request_id, status, payload in frames.frames():
@@ -468,10 +483,13 @@ async def open_replica(
     timeout: float = CONNECT_TIMEOUT,
     role: int = p.ENGINE,
     epoch: int = 0,
+    tls_ca: str | None = None,
 ) -> AsyncIterator[ReplicaClient]:
     """A client for the duration of a ``async with`` block (tools and tests)."""
     async with trio.open_nursery() as nursery:
-        client = await ReplicaClient.connect(address, nursery, key, timeout, role=role, epoch=epoch)
+        client = await ReplicaClient.connect(
+            address, nursery, key, timeout, role=role, epoch=epoch, tls_ca=tls_ca
+        )
         try:
             yield client
         finally:

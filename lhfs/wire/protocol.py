@@ -29,7 +29,7 @@ import mmap
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -136,7 +136,7 @@ def tune_stream(stream: Any) -> None:
     stop once 16 KiB wait unsent, so a 1 MiB write left in slices of about 192 KiB, each a
     system call and a wake-up of its own (loopback, 1 MiB writes: 1.4 against 2.x GB/s).
     This protocol sends bulk data and batches requests itself."""
-    sock = stream.socket
+    sock = socket_of(stream)
     if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
@@ -208,6 +208,58 @@ class Outbox:
         while self._blocked and self.failed is None:
             self._sent = trio.Event()
             await self._sent.wait()
+
+
+class StreamOutbox:
+    """``Outbox`` for a connection that is not a plain socket (TLS): frames queued between
+    awaits leave joined, in one ``send_all`` of the drain task each time it wakes."""
+
+    def __init__(self, stream: Any, on_error: Callable[[OSError], None]) -> None:
+        self._stream = stream
+        self._on_error = on_error
+        self.queue: list[Part] = []
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.failed: OSError | None = None
+
+    def push(self) -> None:
+        if self.queue and self.failed is None:
+            self._idle = trio.Event()
+            self._wake.set()
+
+    async def drain(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self.queue and self.failed is None:
+                batch = b"".join(self.queue)
+                self.queue.clear()
+                try:
+                    await self._stream.send_all(batch)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.failed = OSError(str(exc) or "connection closed")
+                    self.queue.clear()
+                    self._on_error(self.failed)
+            self._idle.set()
+
+    async def sent(self) -> None:
+        while not self._idle.is_set() and self.failed is None:
+            await self._idle.wait()
+
+
+def socket_of(stream: Any) -> Any:
+    """The trio socket under a stream (under its TLS layer, if any)."""
+    return (
+        stream.socket if isinstance(stream, trio.SocketStream) else stream.transport_stream.socket
+    )
+
+
+def outbox_for(stream: Any, on_error: Callable[[OSError], None]) -> Outbox | StreamOutbox:
+    """How frames leave on ``stream``: straight to its socket, or through its TLS layer."""
+    if isinstance(stream, trio.SocketStream):
+        return Outbox(stream.socket, on_error)
+    return StreamOutbox(stream, on_error)
 
 
 class ClientHandshake:
@@ -384,6 +436,22 @@ class FrameBuffer:
         if self._unyielded >= _YIELD_AFTER:
             self._unyielded = 0
             await trio.lowlevel.checkpoint()
+        return n
+
+    def receiver(self, stream: Any) -> Callable[[], Awaitable[int]]:
+        """The receive call for ``stream``: straight from its socket, or through TLS."""
+        if isinstance(stream, trio.SocketStream):
+            sock = stream.socket
+            return lambda: self.receive(sock)
+        return lambda: self._receive_stream(stream)
+
+    async def _receive_stream(self, stream: Any) -> int:
+        """One read from a stream that is not a plain socket (TLS), copied into the buffer."""
+        self._make_room()
+        data = await stream.receive_some(len(self.buf) - self.end)
+        n = len(data)
+        self.buf[self.end : self.end + n] = data
+        self.end += n
         return n
 
     def frames(self):  # type: ignore[no-untyped-def]

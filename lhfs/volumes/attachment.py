@@ -1,0 +1,213 @@
+"""Attaching a volume, and letting it go whatever state it is in.
+
+``attach`` starts the engine (``lhfs engine-run``) on a device file. ``detach`` stops it, and
+``release`` undoes whatever an attachment left behind: a file system mounted on a loop device on
+the FUSE file, the loop device, the FUSE mount, the engine, its runtime files. Letting go must
+always work: a faulted volume (no replica answers), an engine that was killed, a loop device or
+a mount that is already gone are all let go, and what was cleaned up is said. Only ever
+unmounts and stops processes; never touches data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lhfs.config import volume as volumes
+from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
+from lhfs.core.procs import child_env, read_line_matching, wait_for
+from lhfs.engine import control
+
+ATTACH_TIMEOUT = 120.0
+STOP_TIMEOUT = 30.0
+
+
+def is_mountpoint(path: Path) -> bool:
+    target = str(Path(path).absolute())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def loops_backed_by(device: Path) -> list[str]:
+    """Loop devices whose backing file is ``device``."""
+    out = []
+    target = os.path.abspath(device)
+    for entry in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (entry / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing in (target, target + " (deleted)"):
+            out.append(f"/dev/{entry.name}")
+    return out
+
+
+def mounted_at(source: str) -> list[str]:
+    """Where ``source`` (a loop device) is mounted."""
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[0] == source]
+
+
+def leftovers(device: Path) -> dict[str, Any]:
+    """What an attachment on ``device`` left: file systems mounted on its loop devices, the
+    loop devices, whether the FUSE file is still mounted."""
+    loops = loops_backed_by(device)
+    return {
+        "mounts": [m for loop in loops for m in mounted_at(loop)],
+        "loops": loops,
+        "fuse_mount": is_mountpoint(device) or _disconnected(device),
+    }
+
+
+def _disconnected(device: Path) -> bool:
+    try:
+        device.stat()
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN  # a FUSE mount whose engine died
+    return False
+
+
+def release(device: Path, fuse: bool = True) -> list[str]:
+    """Unmount the file systems on ``device``'s loop devices (lazily if they are busy or
+    their device no longer answers), free the loops and, with ``fuse`` (its engine is gone),
+    unmount the FUSE file itself; what was done."""
+    done = []
+    for loop in loops_backed_by(device):
+        for mountpoint in mounted_at(loop):
+            if subprocess.run(["umount", mountpoint], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+            done.append(f"unmounted {mountpoint}")
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        done.append(f"freed {loop}")
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not loops_backed_by(device), 30, "the loop devices to go")
+    if fuse and (is_mountpoint(device) or _disconnected(device)):
+        subprocess.run(["fusermount3", "-u", "-z", str(device)], capture_output=True)
+        done.append(f"unmounted the device {device}")
+    return done
+
+
+def _clear_dead_engine(vol: volumes.Volume) -> list[str]:
+    """Clean up after an engine that died (its runtime record names a dead process)."""
+    record = vol.runtime_record()
+    if record is None or volumes.alive(record.get("pid", -1)):
+        return []
+    done = release(Path(record["device"]))
+    vol.runtime_path.unlink(missing_ok=True)
+    vol.control_socket.unlink(missing_ok=True)
+    return done
+
+
+def _check_device(device: Path) -> None:
+    """The device must be a regular file (created if missing) that nothing is mounted on."""
+    try:
+        device.stat()
+    except FileNotFoundError:
+        if not device.parent.is_dir():
+            raise NotFound(f"directory {device.parent} does not exist") from None
+        device.touch()
+        return
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose engine died
+            release(device)
+            return
+        raise
+    if device.is_dir():
+        raise InvalidArgument(f"device path {device} is a directory; give a file path")
+    if is_mountpoint(device):
+        raise Busy(f"{device} is already mounted")
+    if not device.is_file():
+        raise InvalidArgument(f"device path {device} is not a regular file")
+
+
+def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict[str, Any]:
+    """Start the engine on ``device``. Only the restore itself attaches a volume that is being
+    restored (``restoring``); anyone else would see a partial volume. What an engine that died
+    left behind is cleaned up first."""
+    vol = volumes.load(root, name)
+    runtime = vol.runtime()
+    if runtime is not None:
+        raise AlreadyExists(f"volume {name} is already attached at {runtime['device']}")
+    vol.require_not_standby("attaching it")
+    if not restoring:
+        vol.require_complete(f"attaching it ('lhfs volume rm {name}' and restore again)")
+    device = device.absolute()
+    for other in volumes.list_names(root):
+        info = volumes.load(root, other).runtime()
+        if info and Path(info["device"]) == device:
+            raise Busy(f"{device} is the device of volume {other}")
+    _clear_dead_engine(vol)
+    _check_device(device)
+    log_path = vol.dir / "engine.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lhfs", "--root", str(root), "engine-run", name, str(device)],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+            env=child_env(),  # the engine and its replicas never talk to the store
+        )
+    try:
+        line = read_line_matching(proc, r"^(ready|error: .*)$", ATTACH_TIMEOUT).group(1)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        raise LhfsError(f"the engine did not start ({exc}); see {log_path}") from None
+    finally:
+        if proc.stdout:
+            proc.stdout.close()
+    if line != "ready":
+        proc.wait(30)
+        raise LhfsError(line.removeprefix("error: "))
+    return {"name": name, "device": str(device), "pid": proc.pid}
+
+
+def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
+    """Stop the engine of ``name`` and clean up; returns what happened (``state`` the
+    volume was in, whether the last flush reached the replicas, what was cleaned up).
+
+    A healthy engine whose device a loop device uses is refused (``lhfs umount`` first);
+    a faulted one, one that does not answer, or (``force``) any, is let go with what is
+    mounted on it: nothing more can reach its replicas anyway."""
+    vol = volumes.load(root, name)
+    record = vol.runtime_record()
+    report: dict[str, Any] = {"name": name, "state": None, "flushed": None, "cleaned": []}
+    if record is None:
+        raise WrongState(f"volume {name} is not attached")
+    device = Path(record["device"])
+    pid = record.get("pid", -1)
+    if volumes.alive(pid):
+        try:
+            state = control.call(vol.control_socket, "info", timeout=10)["state"]
+        except LhfsError:
+            state = "not answering"
+        report["state"] = state
+        if loops_backed_by(device) and state not in ("faulted", "not answering") and not force:
+            loops = ", ".join(loops_backed_by(device))
+            raise Busy(f"{device} is in use by {loops}: unmount it first (lhfs umount)")
+        if loops_backed_by(device):
+            report["cleaned"] += release(device, fuse=False)  # (the FUSE file: the engine's)
+        try:
+            answer = control.call(vol.control_socket, "detach", timeout=STOP_TIMEOUT)
+            report["flushed"] = answer["flushed"] if isinstance(answer, dict) else True
+        except LhfsError:
+            report["flushed"] = False
+        try:
+            wait_for(lambda: not volumes.alive(pid), STOP_TIMEOUT, f"the engine of {name}")
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not volumes.alive(pid), STOP_TIMEOUT, f"the engine of {name}")
+            report["cleaned"].append(f"killed its engine (pid {pid})")
+    else:
+        report["state"] = "crashed"
+        report["flushed"] = False
+    report["cleaned"] += _clear_dead_engine(vol)
+    return report

@@ -1,0 +1,66 @@
+"""TLS for replicas on other hosts (optional): the operator's certificate and CA.
+
+The key handshake (``auth``) already proves both sides hold the volume's secret, and nothing
+secret crosses the wire; TLS adds confidentiality and integrity of the data itself on networks
+the operator does not trust. A replica serves TLS with ``replica serve --tls-cert/--tls-key``
+(on TCP; its local socket stays plain); an engine reaches it with the CA given at ``replica add
+--tls-ca``, kept (it is public) in the volume's configuration, and checks the certificate
+against the host name or address it connects to. A rebuild target that pulls from a TLS source
+is handed the same CA.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import trio
+
+from lhfs.core.errors import InvalidArgument
+
+MAX_CA_PEM = 64 << 10
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(f"cannot use certificate {cert} with key {key}: {exc}") from None
+    return context
+
+
+def client_context(ca_pem: str) -> ssl.SSLContext:
+    """A context that trusts only the operator's CA (given as PEM text)."""
+    if not ca_pem or len(ca_pem) > MAX_CA_PEM:
+        raise InvalidArgument("a TLS CA certificate (PEM) of at most 64 KiB is expected")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cadata=ca_pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise InvalidArgument(f"not a CA certificate in PEM form: {exc}") from None
+    return context
+
+
+def read_ca(path: Path) -> str:
+    """The CA file an operator names, checked to be usable."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"cannot read CA certificate {path}: {exc}") from None
+    client_context(text)
+    return text
+
+
+async def wrap_client(stream: trio.SocketStream, ca_pem: str, host: str) -> trio.SSLStream:
+    ssl_stream = trio.SSLStream(stream, client_context(ca_pem), server_hostname=host)
+    await ssl_stream.do_handshake()
+    return ssl_stream
+
+
+async def wrap_server(stream: trio.SocketStream, context: ssl.SSLContext) -> trio.SSLStream:
+    ssl_stream = trio.SSLStream(stream, context, server_side=True)
+    await ssl_stream.do_handshake()
+    return ssl_stream

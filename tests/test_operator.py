@@ -1,0 +1,419 @@
+"""An operator's mistake never faults a volume, letting go always works, and every error is an
+answer: one line, an exit status, nothing changed."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_fuse
+
+from backupstore.s3 import Bucket, Target
+from lhfs.core.procs import wait_for
+from lhfs.testing import Cli, kill_engine
+
+pytestmark = needs_fuse
+MIB = 1 << 20
+
+
+def one_line(result: subprocess.CompletedProcess, *statuses: int) -> str:
+    """The single stderr line of a command that failed with one of ``statuses``."""
+    assert result.returncode in statuses, (result.args, result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def mounts_of(text: str) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line for line in f if text in line]
+
+
+def loops_of(path: Path) -> list[str]:
+    out = subprocess.run(["losetup", "-j", str(path)], capture_output=True, text=True).stdout
+    return [line.split(":")[0] for line in out.splitlines()]
+
+
+@pytest.fixture
+def mounted(cli: Cli, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    cli.run("volume", "create", "m", "--size", "128M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "m", str(mnt))
+    yield "m", mnt
+
+
+def test_snapshot_typos_on_a_mounted_volume_fault_nothing(
+    cli: Cli, tmp_path: Path, mounted: tuple[str, Path]
+) -> None:
+    name, mnt = mounted
+    (mnt / "a").write_bytes(os.urandom(MIB))
+    cli.run("snapshot", "create", name, "s1")
+    (mnt / "b").write_bytes(os.urandom(MIB))  # unsynced writes, in the page cache
+    for args, status, message in (
+        (("snapshot", "rm", name, "nope"), 1, "no snapshot named 'nope'"),
+        (("snapshot", "rm", name, "../x"), 2, "invalid snapshot name"),
+        (("snapshot", "create", name, "s1"), 1, "already exists"),
+        (("snapshot", "create", name, "../x"), 2, "invalid snapshot name"),
+        (("volume", "expand", name, "--size", "64M"), 2, "cannot shrink"),
+    ):
+        line = one_line(cli.run(*args, check=False), status)
+        assert message in line, line
+    info = cli.info(name)
+    assert info["state"] == "healthy" and {r["mode"] for r in info["replicas"]} == {"RW"}, info
+    data = (mnt / "b").read_bytes()
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    cli.run("umount", str(mnt))
+    cli.run("volume", "attach", name, "--device", str(tmp_path / "dev"))
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(tmp_path / "dev")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    wait_for(lambda: not loops_of(tmp_path / "dev"), 30, "the loop device to go")
+    cli.run("volume", "detach", name)
+    cli.run("mount", name, str(mnt))
+    assert (mnt / "b").read_bytes() == data
+    cli.run("umount", str(mnt))
+
+
+def test_a_faulted_volume_is_let_go(cli: Cli, mounted: tuple[str, Path]) -> None:
+    name, mnt = mounted
+    (mnt / "f").write_bytes(b"x" * MIB)
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    for replica in cli.info(name)["replicas"]:
+        os.kill(replica["pid"], signal.SIGKILL)
+    wait_for(lambda: cli.info(name)["state"] == "faulted", 60, "the volume to fault")
+    device = Path(cli.info(name)["device"])
+    result = cli.run("umount", str(mnt), check=False)
+    assert result.returncode == 0, result.stderr
+    assert "faulted" in result.stdout and "unmounted" in result.stdout, result.stdout
+    assert mounts_of(str(mnt)) == [] and mounts_of(str(device)) == []
+    assert loops_of(device) == []
+    assert cli.engine_pid(name) is None
+    assert cli.info(name)["state"] == "detached"
+    # the replicas held every flushed write: the volume attaches again, whole
+    cli.run("mount", name, str(mnt))
+    assert (mnt / "f").read_bytes() == b"x" * MIB
+    cli.run("umount", str(mnt))
+
+
+def test_a_faulted_attached_volume_detaches(cli: Cli, tmp_path: Path) -> None:
+    cli.run("volume", "create", "f", "--size", "64M", "--replicas", "2")
+    cli.run("volume", "attach", "f", "--device", str(tmp_path / "dev"))
+    for replica in cli.info("f")["replicas"]:
+        os.kill(replica["pid"], signal.SIGKILL)
+    wait_for(lambda: cli.info("f")["state"] == "faulted", 60, "the volume to fault")
+    result = cli.run("volume", "detach", "f", check=False)
+    assert result.returncode == 0 and "faulted" in result.stdout, result.stdout + result.stderr
+    assert cli.engine_pid("f") is None and mounts_of(str(tmp_path / "dev")) == []
+
+
+def test_mount_right_after_an_engine_kill(cli: Cli, mounted: tuple[str, Path]) -> None:
+    name, mnt = mounted
+    files = {f"f{i}": os.urandom(100_000) for i in range(5)}
+    for file, data in files.items():
+        (mnt / file).write_bytes(data)
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    device = Path(cli.info(name)["device"])
+    kill_engine(cli, name)
+    crashed = cli.info(name)
+    assert crashed["state"] == "crashed", crashed
+    assert crashed["leftovers"]["mounts"] == [str(mnt)], crashed
+    time.sleep(0.1)  # the point of the test: 0.1 s after the kill, not later
+    result = cli.run("mount", name, str(mnt), check=False)
+    assert result.returncode == 0, result.stderr
+    for file, data in files.items():
+        assert (mnt / file).read_bytes() == data
+    assert len(mounts_of(str(mnt))) == 1 and len(loops_of(device)) == 1
+    kill_engine(cli, name)
+    result = cli.run("umount", str(mnt), check=False)  # a dead engine's mount is let go too
+    assert result.returncode == 0, result.stderr
+    assert mounts_of(str(mnt)) == [] and loops_of(device) == [] and mounts_of(str(device)) == []
+
+
+class _NotS3(http.server.BaseHTTPRequestHandler):
+    """A plain web server: its home page at /, an HTML 404 page for everything else."""
+
+    def _answer(self) -> None:
+        home = self.path == "/" and self.command == "GET"
+        body = b"<html><body><h1>" + (b"Welcome" if home else b"Not Found") + b"</h1></body></html>"
+        self.send_response(200 if home else 404)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_s3_errors_are_answers(cli: Cli, s3_endpoint: str) -> None:
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    snapshots = cli.json("snapshot", "ls", "v")
+    buckets_before = sorted(
+        b.name for b in Bucket(Target("any", ""), deadline=5).client.list_buckets()
+    )
+    for args in (
+        ("backup", "create", "v", "--target", "s3://lhfs-ok/a/../x"),
+        ("backup", "create", "v", "--target", "s3://lhfs-ok/./x"),
+        ("backup", "ls", "--target", "s3://lhfs-ok/a/../x"),
+        ("backup", "restore", "s3://lhfs-ok/p?volume=../x&backup=b", "new"),
+        ("backup", "restore", "s3://lhfs-ok/p?volume=v&backup=../../x", "new"),
+        ("backup", "rm", "s3://lhfs-ok/p?volume=v&backup=b&x=1"),
+        ("backup", "create", "v", "--target", "s3://Bad_Bucket/p"),
+    ):
+        line = one_line(cli.run(*args, check=False), 2)
+        assert "invalid" in line or "not a backup" in line, line
+    missing = one_line(
+        cli.run("backup", "create", "v", "--target", "s3://lhfs-typo/p", check=False), 1
+    )
+    assert "bucket 'lhfs-typo' does not exist" in missing and "--create-bucket" in missing, missing
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        web = Cli(cli.root, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}"})
+        for args in (
+            ("backup", "ls", "--target", "s3://lhfs-ok/p"),
+            ("backup", "create", "v", "--target", "s3://lhfs-ok/p", "--create-bucket"),
+        ):
+            line = one_line(web.run(*args, check=False, timeout=60), 1)
+            assert f"127.0.0.1:{server.server_port}" in line and "S3" in line, line
+            assert "<html>" not in line
+    finally:
+        server.shutdown()
+
+    anonymous = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    for args in (
+        ("backup", "ls", "--target", "s3://lhfs-ok/p"),
+        ("backup", "create", "v", "--target", "s3://lhfs-ok/p", "--create-bucket"),
+        ("backup", "restore", "s3://lhfs-ok/p?volume=v&backup=b", "new"),
+    ):
+        line = one_line(Cli(cli.root, env=anonymous).run(*args, check=False), 2)
+        assert "AWS_ACCESS_KEY_ID" in line, line
+    no_endpoint = Cli(
+        cli.root, env={"AWS_ENDPOINT_URL": "", "AWS_REGION": "", "AWS_DEFAULT_REGION": ""}
+    )
+    line = one_line(no_endpoint.run("backup", "ls", "--target", "s3://lhfs-ok/p", check=False), 2)
+    assert "AWS_ENDPOINT_URL" in line, line
+
+    buckets_after = sorted(
+        b.name for b in Bucket(Target("any", ""), deadline=5).client.list_buckets()
+    )
+    assert buckets_after == buckets_before  # nothing above created a bucket
+    assert cli.json("snapshot", "ls", "v") == snapshots  # nor took a snapshot
+    assert cli.json("volume", "ls")[0]["name"] == "v" and len(cli.json("volume", "ls")) == 1
+
+
+def test_a_refused_endpoint_fails_within_the_retry_timeout(cli: Cli) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    nobody = Cli(cli.root, env={**env, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    started = time.monotonic()
+    line = one_line(
+        nobody.run("backup", "ls", "--target", "s3://lhfs-ok/p", check=False, timeout=120), 1
+    )
+    assert time.monotonic() - started < 90
+    assert "did not answer" in line and "for 60s" in line, line
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and mode (what 'nothing changed' compares)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.name.endswith(".log") or path.name in ("config.lock", "dr.lock"):
+            continue  # (logs grow, and taking a lock creates its file)
+        info = path.lstat()
+        out[str(path.relative_to(root))] = (info.st_size if path.is_file() else 0, info.st_mode)
+    return out
+
+
+def test_every_verb_answers_bad_input_with_one_line(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """Every verb of the command line, given wrong types, missing objects, '..', empty strings
+    and huge numbers: exit 1 or 2, one line on stderr, no traceback, nothing changed."""
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    cli.run("snapshot", "create", "v", "s1")
+    image = tmp_path / "img.raw"
+    image.write_bytes(b"i" * 65536)
+    cli.run("backing-image", "create", "img", "--from", str(image))
+    key = tmp_path / "v.key"
+    cli.run("volume", "key", "v", "--out", str(key))
+    target = "s3://lhfs-table/p"
+    url = cli.backup("v", target)
+    before = _listing(cli.root)
+    huge = "99999999999999T"
+    cases = [
+        ("replica", "init", "--dir", str(tmp_path / "r"), "--size", "abc"),
+        ("replica", "init", "--dir", str(tmp_path / "r"), "--size", huge),
+        ("replica", "init", "--dir", "", "--size", "1M"),
+        ("replica", "serve", "--dir", str(tmp_path / "r"), "--listen", "x", "--key-file", str(key)),
+        (
+            "replica",
+            "serve",
+            "--dir",
+            str(tmp_path / "r"),
+            "--listen",
+            "127.0.0.1:99999",
+            "--key-file",
+            str(key),
+        ),
+        (
+            "replica",
+            "serve",
+            "--dir",
+            str(tmp_path / "r"),
+            "--listen",
+            "127.0.0.1:0",
+            "--key-file",
+            str(tmp_path / "nokey"),
+        ),
+        ("replica", "inspect", "--dir", str(tmp_path / "nowhere")),
+        ("replica", "add", "ghost"),
+        ("replica", "add", "v", "--address", "no-port"),
+        ("replica", "rm", "v", "r9"),
+        ("replica", "rm", "..", "r1"),
+        ("replica", "ls", ""),
+        ("volume", "create", "..", "--size", "16M"),
+        ("volume", "create", "x", "--size", "0"),
+        ("volume", "create", "x", "--size", huge),
+        ("volume", "create", "x", "--size", "16M", "--replicas", "99999"),
+        ("volume", "create", "x", "--size", "16M", "--replicas", "two"),
+        ("volume", "create", "x", "--size", "16M", "--chunk-size", "3K"),
+        ("volume", "create", "x", "--size", "16M", "--backing-image", "nope"),
+        ("volume", "attach", "ghost", "--device", str(tmp_path / "d")),
+        ("volume", "attach", "v", "--device", "/proc/nope/d"),
+        ("volume", "detach", "v"),
+        ("volume", "detach", "../v"),
+        ("volume", "info", ""),
+        ("volume", "expand", "v", "--size", "1M"),
+        ("volume", "expand", "v", "--size", huge),
+        ("volume", "expand", "ghost", "--size", "32M"),
+        ("volume", "scrub", "v"),
+        ("volume", "checksum", "ghost"),
+        ("volume", "rm", "ghost"),
+        ("volume", "key", "v", "--out", str(key)),
+        ("volume", "key", "ghost", "--out", str(tmp_path / "k2")),
+        ("mount", "ghost", str(tmp_path)),
+        ("mount", "v", str(tmp_path / "nodir")),
+        ("mount", "v", str(tmp_path), "--fs", "ntfs"),
+        ("umount", str(tmp_path)),
+        ("snapshot", "create", "v", "s1"),
+        ("snapshot", "create", "v", ".."),
+        ("snapshot", "create", "v", ""),
+        ("snapshot", "ls", "ghost"),
+        ("snapshot", "rm", "v", "nope"),
+        ("snapshot", "rm", "v", "../s1"),
+        ("snapshot", "revert", "v", "nope"),
+        ("backing-image", "create", "img", "--from", str(image)),
+        ("backing-image", "create", "x", "--from", str(tmp_path / "none")),
+        ("backing-image", "create", "..", "--from", str(image)),
+        ("backing-image", "backup", "ghost", "--target", target),
+        ("backing-image", "backup", "img", "--target", "s3://lhfs-table/../p"),
+        ("backup", "create", "ghost", "--target", target),
+        ("backup", "create", "v", "--target", target, "--block-size", "3M"),
+        ("backup", "create", "v", "--target", target, "--block-size", huge),
+        ("backup", "create", "v", "--target", target, "--snapshot", "nope"),
+        ("backup", "create", "v", "--target", target, "--retry-timeout", "soon"),
+        ("backup", "create", "v", "--target", ""),
+        ("backup", "ls", "--target", target, "--volume", ".."),
+        ("backup", "rm", url.replace("backup=", "backup=x")),
+        ("backup", "rm", ""),
+        ("backup", "restore", url, "v"),
+        ("backup", "restore", url, "new", "--replicas", "0"),
+        ("backup", "restore", url, ".."),
+        ("backup", "restore", url.replace("volume=v", "volume=w"), "new"),
+        ("backup", "gc", "--target", "s3://lhfs-table-none/p"),
+        ("dr", "create", "v", "--target", target, "--volume", "v"),
+        ("dr", "create", "d", "--target", target, "--volume", "ghost"),
+        ("dr", "create", "d", "--target", target, "--volume", "v", "--interval", "-1"),
+        ("dr", "create", "d", "--target", target, "--volume", "v", "--interval", "1e308"),
+        (
+            "dr",
+            "create",
+            "d",
+            "--target",
+            target,
+            "--volume",
+            "v",
+            "--credentials-file",
+            str(tmp_path / "none"),
+        ),
+        ("dr", "status", "v"),
+        ("dr", "activate", "v"),
+        ("dr", "start", "ghost"),
+        ("dr", "stop", "v"),
+        ("dr", "run", "v"),
+        ("engine-run", "ghost", str(tmp_path / "d")),
+    ]
+    for args in cases:
+        result = cli.run(*args, check=False, timeout=120)
+        try:
+            one_line(result, 1, 2)
+        except AssertionError as exc:
+            raise AssertionError(f"lhfs {' '.join(args)}: {exc}") from None
+        assert _listing(cli.root) == before, args
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_activation_leaves_the_standby_on_its_recorded_endpoint(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """A standby records its endpoint at creation. An activation from a shell whose
+    AWS_ENDPOINT_URL points elsewhere still uses the recorded one; when the store does not
+    answer, the activation fails and the follower goes on, as it was, on its endpoint."""
+    from urllib.parse import urlparse
+
+    from tools.faultproxy import FaultProxy
+
+    target = "s3://lhfs-standby/p"
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    via_proxy = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    try:
+        cli.run("volume", "create", "src", "--size", "16M", "--replicas", "1")
+        first = cli.backup("src", target)
+        via_proxy.run(
+            *("dr", "create", "sb", "--target", target, "--volume", "src", "--replicas", "1"),
+            *("--interval", "0.3", "--retry-max", "1", "--quiet"),
+        )
+        status = cli.json("dr", "status", "sb")
+        assert status["endpoint"] == proxy.endpoint and status["last_restored_backup"] in first
+        proxy.stop()  # the store goes away; an operator activates from another shell
+        elsewhere = Cli(cli.root, env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+        failed = elsewhere.run("dr", "activate", "sb", "--retry-timeout", "2", check=False)
+        line = one_line(failed, 1)
+        assert proxy.endpoint in line and "still a standby, following again" in line, line
+        status = cli.json("dr", "status", "sb")
+        assert status["endpoint"] == proxy.endpoint and status["follower_pid"], status
+        assert cli.info("sb")["state"] == "standby"
+        proxy.resume()  # the follower, on its recorded endpoint, takes the next backup
+        second = cli.backup("src", target)
+        cli.dr_restored("sb", second)
+        done = elsewhere.run("dr", "activate", "sb").stdout
+        assert "is a normal volume now" in done
+    finally:
+        proxy.close()
