@@ -25,13 +25,18 @@ from lhfs.wire.auth import VolumeKey
 
 
 def raw_session(
-    address: str, key: VolumeKey, role: int = p.ENGINE, epoch: int = 0, timeout: float = 30
+    address: str,
+    key: VolumeKey,
+    role: int = p.ENGINE,
+    epoch: int = 0,
+    timeout: float = 30,
+    owner: bytes = p.NO_OWNER,
 ) -> socket.socket:
     """A blocking socket to a replica, past the handshake: for tests that send frames by hand
     (malformed ones, or many at once)."""
     host, port = address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=timeout)
-    handshake = p.ClientHandshake(key, address, role, epoch, takeover=False)
+    handshake = p.ClientHandshake(key, address, role, epoch, False, owner)
     sock.sendall(handshake.hello())
     sock.sendall(handshake.answer(sock.recv(p.CHALLENGE.size, socket.MSG_WAITALL)))
     handshake.welcome(sock.recv(p.WELCOME.size, socket.MSG_WAITALL))

@@ -417,3 +417,39 @@ def test_a_failed_activation_leaves_the_standby_on_its_recorded_endpoint(
         assert "is a normal volume now" in done
     finally:
         proxy.close()
+
+
+def test_smaller_mistakes_leave_no_trace(cli: Cli, tmp_path: Path) -> None:
+    """A size past what the root's file system holds as one file is refused at create and at
+    expand with the limit in the message; a mkfs that is not installed leaves no record that
+    would later refuse another file system; expanding to the current size says so."""
+    import shutil
+
+    limit = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                           text=True).stdout.strip()  # fmt: skip
+    assert limit == "ext2/ext3", "the root must be on ext4 here (16 TiB files at most)"
+    line = one_line(cli.run("volume", "create", "big", "--size", "32T", check=False), 2)
+    assert "holds files of at most 16" in line, line
+    assert cli.json("volume", "ls") == []
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    line = one_line(cli.run("volume", "expand", "v", "--size", "20T", check=False), 2)
+    assert "holds files of at most 16" in line, line
+    assert "already 16M" in cli.run("volume", "expand", "v", "--size", "16M").stdout
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if shutil.which("mkfs.xfs") is None:  # (xfsprogs is not installed on these machines)
+        line = one_line(cli.run("mount", "v", str(mnt), "--fs", "xfs", check=False), 1)
+        assert "mkfs.xfs is not installed" in line, line
+        assert cli.info("v")["filesystem"] is None and cli.info("v")["state"] == "detached"
+    cli.run("mount", "v", str(mnt), "--fs", "ext4")
+    cli.run("umount", str(mnt))
+    assert cli.info("v")["filesystem"]["type"] == "ext4"
+    # a reader that left (| head): the command ends quietly
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    from lhfs.core.procs import LHFS
+
+    closed = subprocess.run([LHFS, "--root", str(cli.root), "volume", "ls", "--json"],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    os.close(write_end)
+    assert closed.returncode == 0 and closed.stderr == "", closed.stderr

@@ -86,7 +86,7 @@ def stranger(connect: Callable[[], socket.socket], volume_id: bytes | None) -> d
         out.update(challenge=status, announced=announced.hex())
         if status != p.HS_OK:
             return out
-        s.sendall(p.AUTH.pack(os.urandom(32), p.ENGINE, 1 << 40))
+        s.sendall(p.AUTH.pack(os.urandom(32), p.ENGINE, 1 << 40, p.NO_OWNER))
         welcome = _exactly(s, 1)
         out["welcome"] = welcome[0] if welcome else None
         frames = [
@@ -347,7 +347,7 @@ def fuzz(address: str, key: VolumeKey, frames: int, seed: int) -> dict[str, int]
                     else:
                         s.sendall(p.HELLO.pack(p.MAGIC, p.VERSION, key.id, rng.randbytes(32)))
                         _exactly(s, p.CHALLENGE.size)
-                        s.sendall(p.AUTH.pack(rng.randbytes(32), p.ENGINE, 0))
+                        s.sendall(p.AUTH.pack(rng.randbytes(32), p.ENGINE, 0, p.NO_OWNER))
                         s.sendall(bad_frame(rng, 1) * 20)
                     s.shutdown(socket.SHUT_WR)
                     while s.recv(65536):

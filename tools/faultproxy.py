@@ -12,6 +12,12 @@ fault on every n-th connection, cycling through ``modes``; ``stop()``/``resume()
 connections for a while (an endpoint that went away); ``clear()`` drops every scheduled fault.
 Setting ``rate`` (bytes per second) throttles every relayed connection's answers, open ones
 included, which stretches long transfers for tests that must act in the middle of one.
+
+``hold()`` makes the connections open at that moment keep what their client sends instead of
+relaying it (a link that stopped delivering, the bytes waiting in a send queue); ``release()``
+delivers it all to the upstream, also for connections whose client has gone meanwhile: what TCP
+does when a partitioned link comes back. ``delivered``/``undelivered`` count the held bytes that
+reached the upstream or found its connection closed. Later connections are relayed as usual.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ class FaultProxy:
         self.port = self._listener.getsockname()[1]
         self._closing = False
         self.rate: float | None = None
+        self._held = threading.Event()  # set: hold what the clients of old connections send
+        self._held_upto = 0  # connections up to this number are held
+        self._released = threading.Event()
+        self.delivered = self.undelivered = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -71,6 +81,16 @@ class FaultProxy:
         with self._lock:
             self._queue.clear()
             self._every = None
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held_upto = self._count
+        self._released.clear()
+        self._held.set()
+
+    def release(self) -> None:
+        self._held.clear()
+        self._released.set()
 
     def stop(self) -> None:
         self._stopped = True
@@ -102,9 +122,10 @@ class FaultProxy:
             mode = self._next_mode()
             if mode != "pass":
                 self.faults += 1
-            threading.Thread(target=self._serve, args=(client, mode), daemon=True).start()
+            number = self._count
+            threading.Thread(target=self._serve, args=(client, mode, number), daemon=True).start()
 
-    def _serve(self, client: socket.socket, mode: str) -> None:
+    def _serve(self, client: socket.socket, mode: str, number: int = 0) -> None:
         if mode == "refuse":
             _reset(client)
             return
@@ -132,8 +153,17 @@ class FaultProxy:
         threading.Thread(
             target=self._pump, args=(upstream, client, limit, done, True), daemon=True
         ).start()
-        self._pump(client, upstream, limit, done)
+        self._pump(client, upstream, limit, done, number=number)
         done.set()
+
+    def _deliver(self, dst: socket.socket, kept: list[bytes]) -> None:
+        data = b"".join(kept)
+        kept.clear()
+        try:
+            dst.sendall(data)
+            self.delivered += len(data)
+        except OSError:
+            self.undelivered += len(data)
 
     def _pump(
         self,
@@ -142,13 +172,31 @@ class FaultProxy:
         limit: int | None,
         done: threading.Event,
         answers: bool = False,
+        number: int = 0,
     ) -> None:
         sent = 0
+
+        def held() -> bool:
+            return not answers and self._held.is_set() and number <= self._held_upto
+
+        kept: list[bytes] = []  # what the client sent while held
         try:
-            while not done.is_set():
-                data = src.recv(65536)
+            while not done.is_set() or kept:
+                if kept and not held():
+                    self._deliver(dst, kept)
+                    continue
+                try:
+                    data = src.recv(65536)
+                except OSError:
+                    data = b""
                 if not data:
+                    if kept:  # the client is gone: what it sent still arrives, on release
+                        self._released.wait()
+                        self._deliver(dst, kept)
                     break
+                if held():
+                    kept.append(data)
+                    continue
                 if limit is not None and sent + len(data) > limit:
                     dst.sendall(data[: max(0, limit - sent)])
                     _reset(src)

@@ -23,8 +23,45 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
     from lhfs.volumes import images, manage
 
     image = images.resolve(root_of(args), args.backing_image) if args.backing_image else None
-    vol = manage.create(root_of(args), args.name, args.size, args.chunk_size, args.replicas, image)
+    settings = _settings_given(args)
+    vol = manage.create(
+        root_of(args),
+        args.name,
+        args.size,
+        args.chunk_size,
+        args.replicas,
+        image,
+        {"settings": settings} if settings else None,
+    )
     print(f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas")
+
+
+def _settings_given(args: argparse.Namespace) -> dict[str, float]:
+    from lhfs.config.volume import SETTINGS, check_setting
+
+    return {
+        name: check_setting(name, getattr(args, name))
+        for name in SETTINGS
+        if getattr(args, name, None) is not None
+    }
+
+
+def _setting_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--io-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a replica may leave I/O unanswered before it is marked ERR and the "
+        "volume goes on without it (default 8; 1-600)",
+    )
+
+
+def cmd_volume_set(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    settings = manage.set_settings(root_of(args), args.name, _settings_given(args))
+    shown = ", ".join(f"{name.replace('_', '-')} {value:g}" for name, value in settings.items())
+    print(f"{args.name}: {shown}")
 
 
 def cmd_volume_attach(args: argparse.Namespace) -> None:
@@ -143,7 +180,16 @@ def parsers(groups: Any) -> None:
         default=parse_size(DEFAULT_CHUNK),
         help=f"copy-on-write and rebuild unit, a power of two 4K-4M (default {DEFAULT_CHUNK})",
     )
+    _setting_options(p)
     p.set_defaults(func=cmd_volume_create)
+    p = verb(
+        verbs,
+        "set",
+        cmd_volume_set,
+        "change a volume's settings (an attached volume takes them at once)",
+        "name",
+    )
+    _setting_options(p)
 
     p = verbs.add_parser(
         "attach",

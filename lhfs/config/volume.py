@@ -28,6 +28,25 @@ from lhfs.wire.auth import VolumeKey
 FORMAT = 1
 KEY_FILE = "key.json"
 
+# A volume's settings: name -> (default, lowest, highest, what it means). Kept in its
+# configuration under "settings"; ``lhfs volume set`` changes them, also while attached.
+SETTINGS: dict[str, tuple[float, float, float, str]] = {
+    "io_timeout": (
+        8.0,
+        1.0,
+        600.0,
+        "seconds a replica may leave I/O unanswered before it is marked ERR (a host whose link "
+        "dropped stalls the volume this long at most)",
+    ),
+}
+
+
+def check_setting(name: str, value: float) -> float:
+    _default, low, high, _ = SETTINGS[name]
+    if not low <= value <= high:
+        raise InvalidArgument(f"{name.replace('_', '-')} must be from {low:g} to {high:g}")
+    return float(value)
+
 
 def volumes_dir(root: Path) -> Path:
     return Path(root) / "volumes"
@@ -86,6 +105,9 @@ class Volume:
     @property
     def replicas(self) -> list[dict[str, Any]]:
         return self.config["replicas"]
+
+    def setting(self, name: str) -> float:
+        return float(self.config.get("settings", {}).get(name, SETTINGS[name][0]))
 
     def replica(self, replica_id: str) -> dict[str, Any]:
         for replica in self.replicas:

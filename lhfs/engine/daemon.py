@@ -141,6 +141,9 @@ class Daemon:
             self.vol.update(lambda config: config.update(size=engine.size))
             self.channel.invalidate_attributes()
             return None
+        if op == "settings":  # (recorded by the caller; applied here at once)
+            engine.io_timeout = float(args.get("io_timeout", engine.io_timeout))
+            return {"io_timeout": engine.io_timeout}
         if op in ("checksum", "list_layers"):
             return await engine.call_one(op)
         if op == "blank":
@@ -329,6 +332,7 @@ class Daemon:
                 nursery,
                 self.key,
                 on_mode_change=self._record_mode,
+                io_timeout=self.vol.setting("io_timeout"),
                 epoch=self.vol.config.get("epoch", 0),
             )
             self.engine.on_diverged = self.repair

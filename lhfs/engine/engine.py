@@ -15,6 +15,7 @@ recorded as failed serves, the others are stale and marked ERR.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from lhfs.wire.client import ReplicaClient
 log = logging.getLogger("lhfs.engine")
 
 RW, WO, ERR = "RW", "WO", "ERR"
-IO_TIMEOUT = 30.0
+IO_TIMEOUT = 8.0  # (Longhorn's engine-replica timeout; a volume setting)
+CONTROL_TIMEOUT = 60.0
 TRIM_SPAN = 1024  # chunks per TRIM request (what a replica takes at once: MAX_TRIM_CHUNKS)
 CONNECT_TIMEOUT = 10.0
 
@@ -89,11 +91,12 @@ class Engine:
         # The session epoch: above every earlier session of this volume at its replicas, and
         # raised for each new one (see ``lhfs.replica.session``).
         self.epoch = epoch
+        self.owner = secrets.token_bytes(8)  # this engine's identity in its sessions' epochs
         self.chunk_size = chunk_size
         self.replicas: list[ReplicaLink] = []
         self.nursery = nursery
         self._on_mode_change = on_mode_change or (lambda link: None)
-        self._timeout = io_timeout
+        self.io_timeout = io_timeout
         self._next_reader = 0
         self._inflight = 0
         self._drained = trio.Event()
@@ -109,6 +112,11 @@ class Engine:
         # told of a replica marked ERR because it refused what the others did (its owner
         # reconnects and rebuilds it)
         self.on_diverged: Callable[[ReplicaLink], None] = lambda link: None
+
+    @property
+    def control_timeout(self) -> float:
+        """How long a control call (a snapshot: it flushes first) may take: longer than I/O."""
+        return max(self.io_timeout, CONTROL_TIMEOUT)
 
     async def run(self) -> None:
         """The engine's own background work (the I/O deadline), until cancelled."""
@@ -133,6 +141,8 @@ class Engine:
             epoch=self.epoch,
             takeover=takeover,
             tls_ca=self.tls_cas.get(address),
+            owner=self.owner,
+            dead_after=self.io_timeout,
         )
         self.epoch = max(self.epoch, client.epoch)
         return client
@@ -344,12 +354,12 @@ class Engine:
     async def _watchdog(self) -> None:
         """Mark ERR a replica that has left I/O unanswered for longer than the deadline."""
         while True:
-            await trio.sleep(min(1.0, self._timeout / 4))
+            await trio.sleep(min(1.0, self.io_timeout / 4))
             now = trio.current_time()
             for link in self.replicas:
                 client = link.client
-                if link.mode != ERR and client is not None and client.stalled(now, self._timeout):
-                    self.fail(link, f"no answer within {self._timeout:.0f}s")
+                if link.mode != ERR and client is not None and client.stalled(now, self.io_timeout):
+                    self.fail(link, f"no answer within {self.io_timeout:.0f}s")
 
     # The same operations, awaited (control requests, tools and tests).
 
@@ -422,7 +432,7 @@ class Engine:
             except LhfsError as exc:
                 answered(link, exc, b"")
         self.push()
-        timeout = self._timeout if timeout is None else timeout
+        timeout = self.control_timeout if timeout is None else timeout
         with trio.move_on_after(timeout):
             await done.wait()
         for link in targets:
@@ -458,10 +468,10 @@ class Engine:
         refused: list[tuple[ReplicaLink, LhfsError]] = []
         for link in rw:
             try:
-                with trio.fail_after(self._timeout):
+                with trio.fail_after(self.control_timeout):
                     answers.append(p.decode_json(await link.client.request(p.CALL, call)))
             except trio.TooSlowError:
-                self.fail(link, f"no answer within {self._timeout:.0f}s")
+                self.fail(link, f"no answer within {self.control_timeout:.0f}s")
             except LhfsError as exc:
                 if is_refusal(exc):
                     refused.append((link, exc))

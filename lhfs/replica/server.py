@@ -234,7 +234,7 @@ class ReplicaServer:
         self, session: Session, request_id: int, op: int, payload: memoryview
     ) -> list[p.Part]:
         try:
-            if session.role != p.ENGINE or session.epoch < self.sessions.epoch:
+            if session.role != p.ENGINE or session.epoch != self.sessions.epoch:
                 self._permit(session, op, payload)  # (the current engine may ask anything)
             parts = self._dispatch(op, payload)
             return p.frame_pieces(request_id, p.OK, *parts, owned=True)

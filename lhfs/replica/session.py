@@ -6,9 +6,10 @@ a few at a time, each within a deadline, so that strangers cannot hold the repli
 its connection slots.
 
 **Epochs.** An engine session asks for an epoch, a number the replica keeps durably in the
-file ``epoch`` of its directory and which only grows. A session whose epoch is older than the
-replica's is refused at the handshake, and one that becomes older (a newer engine session came
-in: a re-attach, an engine elsewhere, the replica re-added after a partition) is *fenced*: its
+file ``epoch`` of its directory (with the identity of the engine that holds it) and which only
+grows. A session older than the replica's (a lower epoch, or the same one from another engine)
+is refused at the handshake, and one that becomes older (a newer engine session came in: a
+re-attach, an engine elsewhere, the replica re-added after a partition) is *fenced*: its
 connection is reset at once and every request still arriving on it is refused. So a write that
 sat in a socket buffer during a partition can never land after the replica rejoined, and of two
 engines that reach one replica only the newer writes. Reader sessions (backups, rebuild peers)
@@ -47,6 +48,7 @@ class Session:
 
     role: int
     epoch: int
+    owner: bytes
     stream: trio.SocketStream | trio.SSLStream
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     fenced: bool = False
@@ -58,26 +60,30 @@ class Sessions:
     def __init__(self, directory: Path, key: auth.VolumeKey) -> None:
         self.dir = Path(directory)
         self.key = key
-        self.epoch = self._load_epoch()
+        self.epoch, self.owner = self._load_epoch()
         self.live: set[Session] = set()
         self.handshaking = 0
 
-    def _load_epoch(self) -> int:
+    def _load_epoch(self) -> tuple[int, bytes]:
         try:
             text = (self.dir / EPOCH_FILE).read_text()
         except FileNotFoundError:
-            return 0
+            return 0, p.NO_OWNER
         try:
-            return int(text)
+            epoch, owner = text.split()
+            return int(epoch), bytes.fromhex(owner)
         except ValueError:
             raise CorruptState(f"{self.dir / EPOCH_FILE} is damaged: {text[:40]!r}") from None
 
-    def _record_epoch(self, epoch: int) -> None:
+    def _record_epoch(self, epoch: int, owner: bytes) -> None:
         """Durable before the session that asked for it is accepted: after a crash the
         replica still refuses every older session."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(self.dir / EPOCH_FILE, b"%d\n" % epoch)
-        self.epoch = epoch
+        atomic_write(self.dir / EPOCH_FILE, f"{epoch} {owner.hex()}\n".encode())
+        self.epoch, self.owner = epoch, owner
+
+    def current(self, epoch: int, owner: bytes) -> bool:
+        return (epoch, owner) == (self.epoch, self.owner)
 
     def admit(self, stream: trio.SocketStream) -> bool:
         """Whether a new connection may start a handshake (bounded, so a crowd of strangers
@@ -134,30 +140,40 @@ class Sessions:
         server_nonce = auth.nonce()
         proof = key.server_proof(client_nonce, server_nonce)
         await _challenge(stream, p.HS_OK, key.id, server_nonce, proof, self.epoch)
-        client_proof, role, epoch = p.AUTH.unpack(await _exactly(stream, p.AUTH.size))
-        expected = key.client_proof(server_nonce, client_nonce, role, epoch)
+        client_proof, role, epoch, owner = p.AUTH.unpack(await _exactly(stream, p.AUTH.size))
+        expected = key.client_proof(server_nonce, client_nonce, role, epoch, owner)
         if role not in p.ROLES or not auth.same(client_proof, expected):
             await stream.send_all(p.WELCOME.pack(p.HS_DENIED))
             raise ProtocolError("the client could not prove it holds the volume's key")
         if role == p.ENGINE:
-            if epoch < self.epoch:
+            if epoch < self.epoch or (epoch == self.epoch and owner != self.owner):
                 await stream.send_all(p.WELCOME.pack(p.HS_STALE))
-                raise ProtocolError(f"refused an engine of epoch {epoch} < {self.epoch}")
-            if epoch > self.epoch:
-                self._record_epoch(epoch)
-                self._fence_older(epoch)
-        await stream.send_all(p.WELCOME.pack(p.HS_OK))
-        return Session(role, epoch if role == p.ENGINE else 0, stream)
-
-    def _fence_older(self, epoch: int) -> None:
-        """Reset every engine session older than ``epoch``: nothing still queued on its
-        connection may be delivered (a reset, not a close that lets buffered data through)."""
-        for session in list(self.live):
-            if session.role == p.ENGINE and session.epoch < epoch:
                 log.warning(
-                    "engine session of epoch %d fenced: a session of epoch %d took over",
-                    session.epoch,
+                    "refused an engine session of epoch %d (%s): the replica is in epoch %d (%s)",
                     epoch,
+                    owner.hex(),
+                    self.epoch,
+                    self.owner.hex(),
+                )
+                raise ProtocolError(f"refused an engine of epoch {epoch} <= {self.epoch}")
+            if epoch > self.epoch:
+                self._record_epoch(epoch, owner)
+                self._fence_older()
+        await stream.send_all(p.WELCOME.pack(p.HS_OK))
+        if role == p.ENGINE:
+            return Session(role, epoch, owner, stream)
+        return Session(role, 0, p.NO_OWNER, stream)
+
+    def _fence_older(self) -> None:
+        """Reset every engine session older than the replica's epoch now: nothing still
+        queued on its connection is read (a reset, not a close that lets buffered data in)."""
+        for session in list(self.live):
+            if session.role == p.ENGINE and not self.current(session.epoch, session.owner):
+                log.warning(
+                    "engine session of epoch %d fenced: a session of epoch %d took over; "
+                    "whatever it still sends is refused",
+                    session.epoch,
+                    self.epoch,
                 )
                 session.fenced = True
                 abort(session.stream)
@@ -165,7 +181,7 @@ class Sessions:
 
     def check(self, session: Session) -> None:
         """Refuse a request of an engine session that a newer one fenced."""
-        if session.role == p.ENGINE and session.epoch < self.epoch:
+        if session.role == p.ENGINE and not self.current(session.epoch, session.owner):
             session.fenced = True
             raise Fenced(
                 f"this session (epoch {session.epoch}) was replaced by a newer one "

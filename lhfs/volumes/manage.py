@@ -110,6 +110,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
         "chunk_size": vol.chunk_size,
         "backing_image": vol.config.get("backing_image"),
         "filesystem": vol.filesystem,
+        "settings": {key: vol.setting(key) for key in volumes.SETTINGS},
     }
     if vol.config.get("restoring"):  # a restore whose process died leaves it incomplete
         mark = vol.config["restoring"]
@@ -189,6 +190,17 @@ def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
         with ChunkStore.open(directory) as store:
             result = getattr(store, action)(*args)
     return result
+
+
+def set_settings(root: Path, name: str, values: dict[str, float]) -> dict[str, float]:
+    """Change a volume's settings (``config.volume.SETTINGS``); an attached volume's engine
+    takes them at once. Returns every setting, as it is now."""
+    vol = volumes.load(root, name)
+    values = {key: volumes.check_setting(key, value) for key, value in values.items()}
+    vol.update(lambda config: config.setdefault("settings", {}).update(values))
+    if values and vol.runtime() is not None:
+        control.call(vol.control_socket, "settings", **values)
+    return {key: vol.setting(key) for key in volumes.SETTINGS}
 
 
 def expand(root: Path, name: str, size: int) -> bool:

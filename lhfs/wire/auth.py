@@ -101,11 +101,10 @@ class VolumeKey:
         return self._mac(b"lhfs-replica", client_nonce, server_nonce)
 
     def client_proof(
-        self, server_nonce: bytes, client_nonce: bytes, role: int, epoch: int
+        self, server_nonce: bytes, client_nonce: bytes, role: int, epoch: int, owner: bytes
     ) -> bytes:
-        return self._mac(
-            b"lhfs-client", server_nonce, client_nonce, bytes([role]), epoch.to_bytes(8, "little")
-        )
+        fields = (bytes([role]), epoch.to_bytes(8, "little"), owner)
+        return self._mac(b"lhfs-client", server_nonce, client_nonce, *fields)
 
     def _mac(self, label: bytes, *parts: bytes) -> bytes:
         return hmac.new(self.secret, b"\0".join((label, self.id, *parts)), sha256).digest()

@@ -157,6 +157,8 @@ class ReplicaClient:
         epoch: int = 0,
         takeover: bool = False,
         tls_ca: str | None = None,
+        owner: bytes = p.NO_OWNER,
+        dead_after: float = p.DEAD_AFTER,
     ) -> ReplicaClient:
         """Connect, authenticate and start the connection's tasks in ``nursery``. With
         ``local``, the replica at ``address`` is reached by its local socket of that name
@@ -166,7 +168,7 @@ class ReplicaClient:
         ``tls_ca`` (PEM), the connection is TLS and the replica's certificate must be signed
         by that CA for the host of ``address``."""
         host, port = parse_address(address)
-        handshake = p.ClientHandshake(key, address, role, epoch, takeover)
+        handshake = p.ClientHandshake(key, address, role, epoch, takeover, owner)
         stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(timeout):
@@ -189,7 +191,7 @@ class ReplicaClient:
             else:
                 raise
             raise ConnectionLost(f"cannot reach replica {address}: {why}") from None
-        p.tune_stream(stream)
+        p.tune_stream(stream, dead_after)
         client = cls(stream, address)
         client.epoch = handshake.epoch
         nursery.start_soon(client._run)

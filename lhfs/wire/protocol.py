@@ -6,7 +6,8 @@ Handshake (see ``auth`` for the proofs), every field fixed-size:
 2. replica: ``CHALLENGE`` = magic, version, a status, the identity of the volume it serves, a
    fresh replica nonce, the replica's proof, and its current session epoch. A status other
    than ``HS_OK`` (another version, another volume) ends the connection;
-3. client: ``AUTH`` = its proof, its role, the session epoch it asks for;
+3. client: ``AUTH`` = its proof, its role, the session epoch it asks for and the identity of
+   the engine asking (random, one per engine: two engines never share an epoch);
 4. replica: ``WELCOME`` = a status: accepted, or denied (a bad proof), or stale (an engine
    session older than the replica's epoch: see ``replica.server`` on fencing).
 
@@ -51,11 +52,12 @@ PREAMBLE = struct.Struct("<4sH")  # magic, version: the start of HELLO, checked 
 HELLO = struct.Struct("<4sH16s32s")  # magic, version, volume id, client nonce
 CHALLENGE = struct.Struct("<4sHB16s32s32sQ")  # magic, version, status, volume id, nonce, proof,
 #                                              the replica's session epoch
-AUTH = struct.Struct("<32sBQ")  # client proof, role, epoch
+AUTH = struct.Struct("<32sBQ8s")  # client proof, role, epoch, the engine's identity
 WELCOME = struct.Struct("<B")  # status
 
 HS_OK, HS_VERSION, HS_WRONG_VOLUME, HS_DENIED, HS_STALE, HS_BUSY = range(6)
 ENGINE, READER = 1, 2
+NO_OWNER = bytes(8)  # the identity of a session that is not an engine's (tools, tests)
 ROLES = (ENGINE, READER)
 
 HEADER = struct.Struct("<IIH")  # length of what follows the length field, request id, op/status
@@ -93,6 +95,7 @@ Part = bytes | bytearray | memoryview
 LARGE = 256 << 10  # a part this long is sent as it is rather than copied into a buffer
 _IOV_MAX = 1024  # pieces per writev
 _NOTSENT_LOWAT = 1 << 30  # in effect no limit but the send buffer (the kernel default)
+DEAD_AFTER = 8.0  # seconds after which a silent TCP peer counts as gone (the I/O timeout's)
 
 
 def _header(request_id: int, code: int, parts: tuple[Part, ...]) -> bytes:
@@ -131,15 +134,34 @@ def frame_pieces(request_id: int, code: int, *parts: Part, owned: bool = False) 
     return pieces
 
 
-def tune_stream(stream: Any) -> None:
-    """Undo trio's low TCP_NOTSENT_LOWAT (16 KiB) on a replica connection: it makes every send
-    stop once 16 KiB wait unsent, so a 1 MiB write left in slices of about 192 KiB, each a
-    system call and a wake-up of its own (loopback, 1 MiB writes: 1.4 against 2.x GB/s).
-    This protocol sends bulk data and batches requests itself."""
+def tune_stream(stream: Any, dead_after: float = DEAD_AFTER) -> None:
+    """Set up a replica connection over TCP.
+
+    Undo trio's low TCP_NOTSENT_LOWAT (16 KiB): it makes every send stop once 16 KiB wait
+    unsent, so a 1 MiB write left in slices of about 192 KiB, each a system call and a wake-up
+    of its own (loopback, 1 MiB writes: 1.4 against 2.x GB/s). This protocol sends bulk data
+    and batches requests itself.
+
+    And notice a peer that vanished (its host lost its link, or rebooted) within about
+    ``dead_after`` seconds, without waiting for data in flight: keepalive probes when idle,
+    and TCP_USER_TIMEOUT, which also bounds how long unacknowledged data may wait in the
+    send queue before the connection is dropped (so nothing sent before a partition can be
+    delivered much later)."""
     sock = socket_of(stream)
-    if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    options = [
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", None), _NOTSENT_LOWAT),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), max(1, int(dead_after / 2))),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), max(1, int(dead_after / 2))),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(dead_after * 1000)),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 class Outbox:
@@ -266,9 +288,17 @@ class ClientHandshake:
     """The client's side of the handshake, without I/O: the engine (trio) and the blocking
     client (threads) send and receive the same messages."""
 
-    def __init__(self, key: auth.VolumeKey, address: str, role: int, epoch: int, takeover: bool):
+    def __init__(
+        self,
+        key: auth.VolumeKey,
+        address: str,
+        role: int,
+        epoch: int,
+        takeover: bool,
+        owner: bytes = NO_OWNER,
+    ):
         self.key, self.address, self.role = key, address, role
-        self.epoch, self.takeover = epoch, takeover
+        self.epoch, self.takeover, self.owner = epoch, takeover, owner
         self._nonce = auth.nonce()
 
     def hello(self) -> bytes:
@@ -300,16 +330,15 @@ class ClientHandshake:
         if self.role == ENGINE and self.takeover:
             self.epoch = max(self.epoch, epoch + 1)
         self.replica_epoch = epoch
-        return AUTH.pack(
-            self.key.client_proof(nonce, self._nonce, self.role, self.epoch), self.role, self.epoch
-        )
+        proof = self.key.client_proof(nonce, self._nonce, self.role, self.epoch, self.owner)
+        return AUTH.pack(proof, self.role, self.epoch, self.owner)
 
     def welcome(self, reply: bytes) -> None:
         (status,) = WELCOME.unpack(reply)
         if status == HS_STALE:
             raise Fenced(
-                f"replica {self.address} is in a newer session (epoch {self.replica_epoch}) "
-                f"than this one ({self.epoch}): another engine took it over"
+                f"replica {self.address} was taken over by another engine (session epoch "
+                f"{self.replica_epoch}); this one (epoch {self.epoch}) may not change it"
             )
         if status != HS_OK:
             raise AuthenticationFailed(

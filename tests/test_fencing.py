@@ -1,0 +1,138 @@
+"""Fencing: a write sent to a replica before it was cut off never lands after it rejoined, an
+engine whose session was superseded changes nothing, and a replica's epoch survives a kill."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import needs_fuse
+
+from lhfs.core.errors import Fenced, LhfsError
+from lhfs.core.procs import wait_for
+from lhfs.engine import control
+from lhfs.engine.engine import Engine
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli, raw_session
+from lhfs.wire import protocol as p
+from lhfs.wire.client import parse_address
+from tools.faultproxy import FaultProxy
+
+MIB = 1 << 20
+BLOCK = 4096
+
+
+def write_direct(device: Path, offset: int, data: bytes) -> None:
+    """One O_DIRECT write and an fsync: it reaches the engine, now."""
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [buf], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def replica_of(cli: Cli, name: str, replica_id: str) -> dict:
+    return next(r for r in cli.info(name)["replicas"] if r["id"] == replica_id)
+
+
+@needs_fuse
+def test_writes_held_on_the_way_never_land_after_the_replica_rejoined(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    cli.run("volume", "create", "f", "--size", "16M", "--replicas", "2", "--io-timeout", "2")
+    device = tmp_path / "f.dev"
+    cli.run("volume", "attach", "f", "--device", str(device))
+    write_direct(device, 0, os.urandom(4 * MIB))
+    cli.run("volume", "key", "f", "--out", str(tmp_path / "f.key"))
+    remote = replica_factory(tmp_path / "remote", tmp_path / "f.key")
+    proxy = FaultProxy(parse_address(remote.address))
+    try:
+        address = f"127.0.0.1:{proxy.port}"
+        far = cli.run("replica", "add", "f", "--address", address).stdout.split()[2]
+        # the link to the remote replica stops delivering: a write sits in its send queue,
+        # the replica leaves it unanswered and is marked ERR after the I/O timeout
+        proxy.hold()
+        offset = 3 * MIB
+        write_direct(device, offset, b"A" * BLOCK)  # (completes on the other two)
+        assert replica_of(cli, "f", far)["mode"] == "ERR"
+        write_direct(device, offset, b"B" * BLOCK)  # newer data, while the replica is away
+        cli.run("replica", "rm", "f", far)
+        again = cli.run("replica", "add", "f", "--address", address).stdout.split()[2]
+        assert replica_of(cli, "f", again)["mode"] == "RW"
+        proxy.release()  # the link comes back: what was queued is delivered, late
+        wait_for(lambda: proxy.delivered + proxy.undelivered > 0, 30, "the held bytes")
+        wait_for(lambda: "fenced" in remote.log.read_text(), 30, "the replica to say so")
+        sums = control.call(volumes_socket(cli, "f"), "replica_checksums")
+        assert len(sums) == 3 and len(set(sums.values())) == 1, sums
+        with open(device, "rb") as f:
+            f.seek(offset)
+            assert f.read(BLOCK) == b"B" * BLOCK
+        info = cli.info("f")
+        assert info["state"] == "healthy", info
+    finally:
+        proxy.close()
+    cli.run("volume", "detach", "f")
+
+
+def volumes_socket(cli: Cli, name: str) -> Path:
+    from lhfs.config import volume as volumes
+
+    return volumes.load(cli.root, name).control_socket
+
+
+def test_an_engine_whose_session_was_superseded_cannot_change_a_replica(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Two engines reach one replica: the one attached last wins it; the other's connection
+    is reset, its volume faults rather than writing, and it cannot come back on its own."""
+    size = 4 * MIB
+    ChunkStore.create(tmp_path / "r", size, BLOCK).close()
+    replica = replica_factory(tmp_path / "r")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            old = Engine(size, BLOCK, nursery, replica.key, io_timeout=5)
+            await old.attach([("r0", replica.address, False)])
+            await old.write(0, b"o" * BLOCK)
+            new = Engine(size, BLOCK, nursery, replica.key, io_timeout=5)
+            await new.attach([("r0", replica.address, False)])
+            assert new.epoch > old.epoch
+            await new.write(0, b"n" * BLOCK)
+            with pytest.raises(LhfsError):
+                await old.write(0, b"X" * BLOCK)  # its session was reset: it faults
+            assert old.state == "faulted"
+            with pytest.raises(Fenced, match="taken over by another engine"):
+                await old.connect(replica.address)  # and is refused when it tries again
+            assert await new.read(0, BLOCK) == b"n" * BLOCK
+            await new.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert replica.stop() == 0
+    with ChunkStore.open(tmp_path / "r") as store:
+        assert store.read(0, BLOCK) == b"n" * BLOCK
+
+
+def test_a_replicas_epoch_survives_a_kill(tmp_path: Path, replica_factory) -> None:
+    ChunkStore.create(tmp_path / "r", MIB, BLOCK).close()
+    replica = replica_factory(tmp_path / "r")
+    owner = b"engine-1"
+    raw_session(replica.address, replica.key, epoch=7, owner=owner).close()
+    replica.kill()
+    again = replica_factory(tmp_path / "r")
+    for epoch, who in ((6, owner), (7, b"engine-2"), (0, p.NO_OWNER)):
+        with pytest.raises(Fenced):
+            raw_session(again.address, again.key, epoch=epoch, owner=who).close()
+    with raw_session(again.address, again.key, epoch=7, owner=owner) as s:  # the same session
+        s.sendall(p.frame(1, p.WRITE, p.U64.pack(0), b"z" * BLOCK))
+        _, request_id, status = p.HEADER.unpack(s.recv(p.HEADER.size, socket.MSG_WAITALL))
+        assert (request_id, status) == (1, p.OK)
+    assert "refused an engine session of epoch 6" in again.log.read_text()
