@@ -175,7 +175,7 @@ def send_alone(sent: int, rng: random.Random) -> float:
         half = rng.randbytes(MIB // 2) + bytes(MIB // 2)
         blocks.append(packer.compress(half + rng.randbytes(MIB // 2) + bytes(MIB // 2)))
     bucket = Bucket(Target("lhfs-floor", ""))
-    bucket.ensure()
+    bucket.ensure(create=True)
     tag = rng.randrange(1 << 30)
 
     def send() -> None:

@@ -74,6 +74,7 @@ def main() -> None:
             "s3://demo-backups/site",
             "--snapshot",
             "after-kill",
+            "--create-bucket",
             "--quiet",
         ).stdout.split()[-1]
         step(f"backed up to an embedded S3 server ({s3.endpoint}): {url}")
