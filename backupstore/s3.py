@@ -191,6 +191,8 @@ def is_transient(exc: BaseException) -> bool:
     if status is not None:
         return status >= 500 or status == 429
     cause = _cause(exc)
+    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return True  # a pooled connection the server closed: the next one does
     if isinstance(cause, ssl.SSLError | ssl.CertificateError):
         return False  # TLS to a plain-HTTP server, or a certificate not trusted: never passes
     if isinstance(exc, urllib3.exceptions.ProtocolError) and "BadStatusLine" in repr(exc):
@@ -274,8 +276,10 @@ class Bucket:
                 return fn()
             except LhfsError:
                 raise
-            except ValueError as exc:  # the client refused a name: never sent
-                raise InvalidArgument(f"{what}: {exc}") from None
+            except ValueError as exc:
+                if "name" in str(exc):  # the client refused an object name: never sent
+                    raise InvalidArgument(f"{what}: {exc}") from None
+                raise refusal(what, self.endpoint, exc) from None  # an answer it cannot read
             except Exception as exc:
                 if not is_transient(exc):
                     raise refusal(what, self.endpoint, exc) from None

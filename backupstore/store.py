@@ -500,9 +500,12 @@ class BackupStore:
                     self.bucket.delete(obj.object_name)
                     removed += 1
             swept = 0
-            if sweep:  # no live marker is left (just checked): every one found is dead
-                for obj, _vol, _name, kind in listed:
-                    if kind == "running":
+            if sweep:  # markers of dead backups: listed again, the fresh ones kept (a backup
+                # whose heartbeat came back since the first look is alive after all)
+                now = self.bucket.modified(marker.key)
+                for obj in self.bucket.list(self.target.key("volumes") + "/"):
+                    dead = now - obj.last_modified.timestamp() >= STALE
+                    if obj.object_name.endswith(".running") and dead:
                         self.bucket.delete(obj.object_name)
                         swept += 1
             return Collection(removed, None, swept)

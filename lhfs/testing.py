@@ -142,8 +142,9 @@ def loop_attach(path: Path) -> str:
     ).stdout.strip()
 
 
-def fio_verify(target: str, size: str) -> subprocess.Popen:
-    """fio writing 4 KiB blocks at random with crc32c verification, 16 in flight."""
+def fio_verify(target: str, size: str, *extra: str) -> subprocess.Popen:
+    """fio writing 4 KiB blocks at random with crc32c verification, 16 in flight; ``extra``
+    options after the others (they win)."""
     return subprocess.Popen(
         [
             "fio",
@@ -160,6 +161,7 @@ def fio_verify(target: str, size: str) -> subprocess.Popen:
             "--do_verify=1",
             "--output-format=terse",
             "--verify_state_save=0",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -452,3 +452,39 @@ def test_each_request_is_answered_once_when_the_peer_dies_mid_burst() -> None:
     calls = trio.run(main)
     assert sorted(name for name, _ in calls) == ["w1", "w2"], calls
     assert all(kind == "ConnectionLost" for _, kind in calls), calls
+
+
+def test_every_task_waiting_for_the_outbox_to_drain_wakes() -> None:
+    """A connection's loop and its long requests may all wait for the socket to take what is
+    queued: when it does, each of them goes on (one left waiting stops the connection)."""
+
+    async def main() -> list[str]:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        woken: list[str] = []
+        out = p.Outbox(trio.socket.from_stdlib_socket(ours), lambda exc: None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.drain)
+            while not out._blocked:  # fill the socket until it takes no more
+                out.queue.append(b"x" * 65536)
+                out.push()
+
+            async def wait(name: str) -> None:
+                await out.sent()
+                woken.append(name)
+
+            for name in ("loop", "long request", "another"):
+                nursery.start_soon(wait, name)
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == []
+            peer.setblocking(False)
+            with trio.fail_after(10):
+                while len(woken) < 3:
+                    with contextlib.suppress(BlockingIOError):
+                        while peer.recv(1 << 20):
+                            pass
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        return woken
+
+    assert sorted(trio.run(main)) == ["another", "long request", "loop"]

@@ -45,7 +45,13 @@ def _reset(sock: socket.socket) -> None:
 
 
 class FaultProxy:
-    def __init__(self, upstream: tuple[str, int], reset_after: int = 2000, delay: float = 2.0):
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        reset_after: int = 2000,
+        delay: float = 2.0,
+        listen: str = "127.0.0.1",
+    ):
         self.upstream = upstream
         self.reset_after = reset_after
         self.delay = delay
@@ -55,7 +61,8 @@ class FaultProxy:
         self._count = 0
         self.faults = 0
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((listen, 0))
+        self.host = listen
         self.port = self._listener.getsockname()[1]
         self._closing = False
         self.rate: float | None = None
@@ -67,7 +74,7 @@ class FaultProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def schedule(self, modes: Iterable[str]) -> None:
         with self._lock:

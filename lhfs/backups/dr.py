@@ -526,14 +526,14 @@ def activate(
     held = stop(vol)
     try:
         backup = _activate(root, vol, config, offline, progress, retry_timeout)
-    except BaseException as exc:
+    except BaseException as exc:  # (any failure, a full disk or Ctrl-C too)
         os.close(held)
-        if isinstance(exc, LhfsError):  # still a standby, as it was
-            again = ""
-            if was_following:
-                with contextlib.suppress(LhfsError):
-                    start(root, name)
+        again = ""
+        if was_following:
+            with contextlib.suppress(Exception):
+                start(root, name)
                 again = ", following again"
+        if isinstance(exc, LhfsError):  # still a standby, as it was
             exc.args = (f"{exc} (still a standby{again})",)
             raise exc from None
         raise

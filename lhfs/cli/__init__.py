@@ -1,7 +1,8 @@
 """The ``lhfs`` command line: parses arguments, calls the library, maps errors to exit codes.
 
 Each command group lives in a module of its own here, its parsers beside its handlers
-(``replica``, ``volume``, ``snapshot``, ``image``, ``backup``, ``dr``, ``mount``, ``engine``);
+(``replica``, ``volume``, ``snapshot``, ``image``, ``backup``, ``dr``, ``mount``, ``doctor``,
+``engine``);
 this entry point imports and builds only the group a command names. ``main`` is the one place
 where an ``LhfsError`` becomes a single line on stderr and an exit status (1: the operation
 failed, 2: bad usage); no user mistake ends in a traceback.
@@ -31,6 +32,7 @@ _GROUPS: dict[str, tuple[str, str]] = {
     "snapshot": ("snapshot", "parsers"),
     "mount": ("mount", "mount_parsers"),
     "umount": ("mount", "umount_parsers"),
+    "doctor": ("doctor", "parsers"),
     "engine-run": ("engine", "parsers"),
 }
 

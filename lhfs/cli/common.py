@@ -46,7 +46,9 @@ def root_of(args: argparse.Namespace) -> Path:
 def replica_line(r: dict[str, Any]) -> str:
     progress = "" if r.get("rebuild_progress") is None else f" rebuild {r['rebuild_progress']}%"
     error = f"  ({r['error']})" if r.get("error") else ""
-    return f"  {r['id']:6} {r['mode']:4} {r.get('address') or 'local':22}{progress}{error}"
+    rejoin = f"  [{r['rejoin']}]" if r.get("rejoin") else ""
+    address = r.get("address") or "local"
+    return f"  {r['id']:6} {r['mode']:4} {address:22}{progress}{error}{rejoin}"
 
 
 def verb(

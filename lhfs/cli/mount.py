@@ -24,7 +24,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
 def cmd_umount(args: argparse.Namespace) -> None:
     from lhfs.volumes.mount import umount
 
-    result = umount(root_of(args), Path(args.mountpoint))
+    result = umount(root_of(args), Path(args.mountpoint), force=args.force)
     print(f"unmounted {result['mountpoint']} and {describe_detach(result)}")
 
 
@@ -43,4 +43,19 @@ def mount_parsers(groups: Any) -> None:
 
 
 def umount_parsers(groups: Any) -> None:
-    verb(groups, "umount", cmd_umount, "unmount, free the loop device, detach", "mountpoint")
+    p = verb(
+        groups,
+        "umount",
+        cmd_umount,
+        "unmount, free the loop device, detach",
+        "mountpoint",
+        description="Unmount the file system, free the loop device and detach the volume: "
+        "also when the volume is faulted or its engine died (the file system is then "
+        "unmounted lazily) — it says what it cleaned up. A busy file system of a working "
+        "volume is refused.",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also let go when the engine does not answer (writes not yet flushed are lost)",
+    )

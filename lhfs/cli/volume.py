@@ -47,13 +47,16 @@ def _settings_given(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _setting_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--io-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="how long a replica may leave I/O unanswered before it is marked ERR and the "
-        "volume goes on without it (default 8; 1-600)",
-    )
+    from lhfs.config.volume import SETTINGS
+
+    for name, (default, low, high, meaning) in SETTINGS.items():
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=float,
+            metavar="SECONDS",
+            help=f"{meaning} (default {default:g}; {low:g}-{high:g})",
+        )
 
 
 def cmd_volume_set(args: argparse.Namespace) -> None:

@@ -38,6 +38,20 @@ SETTINGS: dict[str, tuple[float, float, float, str]] = {
         "seconds a replica may leave I/O unanswered before it is marked ERR (a host whose link "
         "dropped stalls the volume this long at most)",
     ),
+    "rejoin_wait": (
+        5.0,
+        0.0,
+        3600.0,
+        "seconds a failed remote replica must answer again before it is rebuilt (a link that "
+        "flaps is not rebuilt at every blink)",
+    ),
+    "rejoin_limit": (
+        3600.0,
+        10.0,
+        30 * 86400.0,
+        "seconds after which a failed remote replica is no longer brought back by itself "
+        "(replace it: replica add, replica rm)",
+    ),
 }
 
 

@@ -39,6 +39,7 @@ from lhfs.engine.engine import ERR, RW, Engine, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
 from lhfs.engine.fusedev import FuseChannel
 from lhfs.engine.rebuild import rebuild
+from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
 from lhfs.wire import tls
@@ -58,6 +59,7 @@ class Daemon:
         self._stopping = False
         self.channel = FuseChannel(device)
         self.key = vol.key()
+        self.rejoiner: Rejoiner | None = None
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -110,10 +112,10 @@ class Daemon:
             for replica in info["replicas"]:
                 proc = self.processes.get(replica["id"])
                 replica["pid"] = proc.proc.pid if proc else None
-            try:
-                info["snapshots"] = await engine.call_one("list_layers")
-            except LhfsError:
-                info["snapshots"] = []
+            info["snapshots"] = []
+            with trio.move_on_after(5):  # (a busy replica must not make the engine look dead)
+                with contextlib.suppress(LhfsError):
+                    info["snapshots"] = await engine.call_one("list_layers")
             return info
         if op == "flush":
             await engine.flush()
@@ -142,8 +144,11 @@ class Daemon:
             self.channel.invalidate_attributes()
             return None
         if op == "settings":  # (recorded by the caller; applied here at once)
-            engine.io_timeout = float(args.get("io_timeout", engine.io_timeout))
-            return {"io_timeout": engine.io_timeout}
+            self.vol.config.setdefault("settings", {}).update(
+                {key: float(value) for key, value in args.items() if key in volumes.SETTINGS}
+            )
+            engine.io_timeout = self.vol.setting("io_timeout")
+            return {key: self.vol.setting(key) for key in volumes.SETTINGS}
         if op in ("checksum", "list_layers"):
             return await engine.call_one(op)
         if op == "blank":
@@ -210,6 +215,8 @@ class Daemon:
                     self._rebuilds.pop(link.id, None)
                     if link.mode != RW:
                         link.rebuild_progress = None
+                        if link in self.engine.replicas:  # a remote one may come back again
+                            self.rejoiner.watch(link)
 
         self.nursery.start_soon(run)
 
@@ -284,6 +291,13 @@ class Daemon:
         self.start_rebuild(link)
         return {"id": replica_id, "address": address}
 
+    def _remote(self, link: ReplicaLink) -> bool:
+        """A replica on another host (the engine does not run its process)."""
+        try:
+            return not self.vol.replica(link.id).get("local")
+        except LhfsError:
+            return False
+
     def _volume_with_id(self, volume_id: str) -> str | None:
         """The name of the volume of this root whose identity is ``volume_id``, if any."""
         for name in volumes.list_names(self.vol.root):
@@ -336,6 +350,14 @@ class Daemon:
                 epoch=self.vol.config.get("epoch", 0),
             )
             self.engine.on_diverged = self.repair
+            self.rejoiner = Rejoiner(
+                self.engine,
+                nursery,
+                self.start_rebuild,
+                lambda: (self.vol.setting("rejoin_wait"), self.vol.setting("rejoin_limit")),
+                self._remote,
+            )
+            self.engine.on_failed = self.rejoiner.watch
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
             self.engine.tls_cas = {
                 r["address"]: r["tls_ca"] for r in self.vol.replicas if r.get("tls_ca")
@@ -357,6 +379,9 @@ class Daemon:
             for link in self.engine.replicas:  # stale but reachable: bring it back
                 if link.mode == ERR and link.client is not None and not link.client.broken:
                     self.start_rebuild(link)
+                elif link.mode == ERR:  # unreachable: a remote one may come back
+                    link.failed_at = trio.current_time()
+                    self.rejoiner.watch(link)
             await nursery.start(control.serve, self.vol.control_socket, self.handle)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self.engine.run)

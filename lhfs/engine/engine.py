@@ -59,6 +59,8 @@ class ReplicaLink:
     since: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     rebuild_progress: float | None = None
     rebuild_stats: Any = None
+    failed_at: float | None = None  # (trio clock) when it was last marked ERR
+    rejoin: str | None = None  # what the engine does to bring it back, if anything
 
     def public(self) -> dict[str, Any]:
         return {
@@ -70,6 +72,7 @@ class ReplicaLink:
             "since": self.since,
             "rebuild_progress": self.rebuild_progress,
             "rebuild_stats": self.rebuild_stats.public() if self.rebuild_stats else None,
+            "rejoin": self.rejoin,
         }
 
 
@@ -110,8 +113,11 @@ class Engine:
         self.local_names: dict[str, str] = {}  # address -> local socket of a local replica
         self.tls_cas: dict[str, str] = {}  # address -> CA (PEM) of a replica served over TLS
         # told of a replica marked ERR because it refused what the others did (its owner
-        # reconnects and rebuilds it)
+        # reconnects and rebuilds it), and of every replica marked ERR
         self.on_diverged: Callable[[ReplicaLink], None] = lambda link: None
+        self.on_failed: Callable[[ReplicaLink], None] = lambda link: None
+        self.last_rw: str | None = None  # the replica whose failure faulted the volume
+        self.superseded: str | None = None  # why another engine holds the replicas now
 
     @property
     def control_timeout(self) -> float:
@@ -183,11 +189,39 @@ class Engine:
         if link.mode == ERR:
             return
         log.warning("replica %s (%s) failed: %s", link.id, link.address, reason)
+        if link.mode == RW and not any(r.mode == RW for r in self.replicas if r is not link):
+            # the volume faults with it: it holds every write ever acknowledged, and is the one
+            # replica that may serve again by itself if it comes back (see ``revive``)
+            self.last_rw = link.id
         link.mode = ERR
         link.error = reason
         link.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        link.failed_at = trio.current_time()
         if link.client is not None:  # reset: what is still queued on it is never delivered
             self.nursery.start_soon(link.client.aclose, True)
+        self.mode_changed(link)
+        self.on_failed(link)
+
+    def taken_over(self, reason: str) -> None:
+        """Another engine holds this volume's replicas now (a replica refused a new session
+        of this one): stop serving it altogether rather than go on with the replicas it still
+        reaches, which would make two volumes of one."""
+        if self.superseded is None:
+            log.error("this engine was superseded: %s", reason)
+            self.superseded = reason
+        for link in self.replicas:
+            self.fail(link, f"another engine took the volume over: {reason}")
+
+    def revive(self, link: ReplicaLink) -> None:
+        """A faulted volume's last RW replica is back (reconnected): it serves again, and the
+        others are rebuilt from it. Only that one: any other may lack acknowledged writes."""
+        if self.superseded is not None:
+            raise InvalidArgument(f"this engine was superseded: {self.superseded}")
+        if self.state != "faulted" or link.id != self.last_rw or link.client is None:
+            raise InvalidArgument(f"replica {link.id} cannot serve the volume by itself")
+        log.warning("replica %s, the last to serve, is back: the volume serves again", link.id)
+        link.mode, link.error, link.rejoin = RW, None, None
+        self.last_rw = None
         self.mode_changed(link)
 
     def mode_changed(self, link: ReplicaLink) -> None:
@@ -412,6 +446,7 @@ class Engine:
         refused: list[tuple[ReplicaLink, LhfsError]] = []
         pending = {link.id for link in targets}
         done = trio.Event()
+        did = []  # RW replicas that did it (a WO one doing it decides nothing)
 
         def answered(link: ReplicaLink, error: LhfsError | None, payload: memoryview | bytes):
             if link.id not in pending:
@@ -419,6 +454,8 @@ class Engine:
             pending.discard(link.id)
             if error is None:
                 answers.append(bytes(payload))
+                if link.mode == RW:
+                    did.append(link)
             elif is_refusal(error):
                 refused.append((link, error))
             else:
@@ -439,7 +476,7 @@ class Engine:
             if link.id in pending:
                 pending.discard(link.id)
                 self.fail(link, f"no answer within {timeout:.0f}s")
-        self._settle_refusals(refused, bool(answers))
+        self._settle_refusals(refused, bool(did))
         if not self._healthy():
             raise Faulted("volume is faulted: no healthy replica")
         return answers

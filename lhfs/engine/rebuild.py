@@ -125,10 +125,20 @@ def _runs(chunks: list[int], limit: int) -> list[tuple[int, int]]:
 
 
 def _pick_source(engine: Engine, target: ReplicaLink) -> ReplicaLink:
-    for link in engine.replicas:
-        if link.mode == RW and link is not target:
-            return link
-    raise LhfsError("no healthy replica to rebuild from")
+    """A healthy replica to copy from; for a target on another host, one it can reach itself
+    if there is one (a replica this host serves on loopback is not), so that it pulls the
+    data rather than have the engine relay it."""
+    healthy = [link for link in engine.replicas if link.mode == RW and link is not target]
+    if not healthy:
+        raise LhfsError("no healthy replica to rebuild from")
+    if not _loopback(target.address):
+        return next((link for link in healthy if not _loopback(link.address)), healthy[0])
+    return healthy[0]
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> None:

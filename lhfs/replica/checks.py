@@ -12,7 +12,7 @@ import re
 import struct
 from typing import Any
 
-from lhfs.core.errors import InvalidArgument
+from lhfs.core.errors import InvalidArgument, LhfsError
 from lhfs.wire import protocol as p
 
 MAX_NAMES = 65_536  # snapshot names one rebuild may list
@@ -36,7 +36,7 @@ def method_of(payload: bytes | memoryview) -> str | None:
     the error in order, like any quick request)."""
     try:
         return call_of(payload)[0]
-    except InvalidArgument:
+    except LhfsError:
         return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from lhfs.core.procs import LHFS, child_env, die_with_parent, read_line_matching
@@ -27,6 +28,7 @@ class ReplicaProcess:
         wait: bool = True,
         local: str | None = None,
         tls: tuple[Path, Path] | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.dir = Path(directory)
         self.key = VolumeKey.load(key_file)  # what a client of this replica must hold
@@ -34,6 +36,7 @@ class ReplicaProcess:
         self.local = local
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
         command = [
+            *wrap,  # (another host: ``ip netns exec HOST``)
             LHFS,
             "replica",
             "serve",

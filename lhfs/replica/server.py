@@ -26,7 +26,7 @@ import signal
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +67,7 @@ _PULL_TIMEOUT = 60
 _PEER_RETRY_AFTER = 5.0  # a peer that could not be reached is not asked again before this
 _WRITEBACK_EVERY = 64 << 20  # bytes pulled into the replica between background data syncs
 FRAME_TIMEOUT = 15.0  # a frame left half-sent this long closes its connection
+MAX_TASKS = 16  # long requests (checksums, pulls, removals) under way at once per connection
 MAX_TRIM_CHUNKS = 1024  # chunks one TRIM may span (a few milliseconds of work at most)
 MAX_CHANGED_BLOCKS = 1 << 20  # a backup's changed blocks answered as a list, up to this many
 
@@ -211,12 +212,18 @@ class ReplicaServer:
                 return
             answers = size = 0
             for request_id, op, payload in frames.frames():
+                task = None
                 if op == p.CALL and checks.method_of(payload) in _LONG:
-                    long_call = self._long_call
-                    nursery.start_soon(long_call, session, out, request_id, bytes(payload), peers)
-                    continue
-                if op == p.LAYER_SUMS:
-                    nursery.start_soon(self._layer_sums, session, out, request_id, bytes(payload))
+                    task = partial(self._long_call, session, out, request_id, bytes(payload), peers)
+                elif op == p.LAYER_SUMS:
+                    task = partial(self._layer_sums, session, out, request_id, bytes(payload))
+                if task is not None:  # answered later, out of order; a few at a time
+                    if session.tasks >= MAX_TASKS:
+                        busy = Busy(f"at most {MAX_TASKS} long requests at once per connection")
+                        out.queue.append(p.frame(request_id, p.ERROR, p.error_payload(busy)))
+                    else:
+                        session.tasks += 1
+                        nursery.start_soon(self._task, session, task)
                     continue
                 if gone:  # the peer is gone: what is left of the batch has nobody to go to
                     return
@@ -344,6 +351,12 @@ class ReplicaServer:
             return store.rebuild_finish()
         raise InvalidArgument(f"unknown method {method!r}")
 
+    async def _task(self, session: Session, task: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await task()
+        finally:
+            session.tasks -= 1
+
     async def _long_call(
         self, session: Session, out: p.Outbox, request_id: int, payload: bytes, peers: _Peers
     ) -> None:
@@ -351,7 +364,7 @@ class ReplicaServer:
             self._permit(session, p.CALL, payload)
             method, args = checks.call_of(payload)
             if method == "pull_run":
-                result = await self._pull_run(args, peers)
+                result = await self._pull_run(args, peers, session)
             elif method == "checksum":
                 result = await self._checksum()
             elif method == "verify_layer":
@@ -361,12 +374,14 @@ class ReplicaServer:
             elif method == "changed_blocks":
                 result = await self._changed_blocks(args)
             elif method == "backing_commit":
-                result = await self._backing_commit(checks.image_id(checks.text(args, "id")))
+                image_id = checks.image_id(checks.text(args, "id"))
+                result = await self._backing_commit(image_id, session)
             else:
-                result = await self._remove_snapshot(checks.text(args, "name"))
+                result = await self._remove_snapshot(checks.text(args, "name"), session)
             answer = p.frame(request_id, p.OK, p.encode_json(result))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
+        await out.sent()  # (a peer that reads no answers gets no more of them queued)
         out.queue.append(answer)
         out.push()
 
@@ -385,11 +400,16 @@ class ReplicaServer:
                 raise InvalidArgument(f"at most {SUMS_PAGE_MAX} checksums per request")
             layer_id = checks.layer_name(view, p.SUMS_REQ.size)
             store = self._require_store()
+            if session.role != p.ENGINE:  # a reader neither recomputes (and so replaces) the
+                fresh = False  # recorded sums scrub relies on, nor has the head hashed
+                if store.layer(layer_id) is store.head:
+                    raise NotPermitted("a read-only session gets the checksums of snapshots")
             fresh = bool(fresh) and first == 0
             sums = await self._hash(partial(store.sums_job, layer_id, fresh, first, span))
             answer = p.frame(request_id, p.OK, b"".join(p.SUM_ENTRY.pack(*e) for e in sums))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
+        await out.sent()
         out.queue.append(answer)
         out.push()
 
@@ -405,11 +425,13 @@ class ReplicaServer:
             partial(store.changed_blocks_job, base, top, block_size, MAX_CHANGED_BLOCKS)
         )
 
-    async def _backing_commit(self, image_id: str) -> None:
+    async def _backing_commit(self, image_id: str, session: Session) -> None:
         """Adopt an uploaded backing image once its content hashes to ``image_id``; the hashing
-        (of up to the whole volume's size) runs in a thread."""
+        (of up to the whole volume's size) runs in a thread. A session fenced meanwhile
+        changes nothing (as after every wait of a long request)."""
         store = self._require_store()
         await self._hash(partial(store.backing_verify_job, image_id))
+        self.sessions.check(session)
         store.backing_adopt(image_id)
 
     async def _checksum(self) -> str:
@@ -431,7 +453,7 @@ class ReplicaServer:
             job = resolve()
             return await trio.to_thread.run_sync(job)
 
-    async def _remove_snapshot(self, name: str) -> None:
+    async def _remove_snapshot(self, name: str, session: Session) -> None:
         """Coalesce a snapshot away, in steps with I/O served in between. A checksum job under
         way (a scrub, a rebuild's comparison) is waited for, not refused: the engine takes a
         refusal from one replica for a failure of that replica."""
@@ -440,10 +462,14 @@ class ReplicaServer:
             if self._structural.locked():
                 raise Busy(f"replica is busy with {store.operation or 'an operation'}")
             async with self._structural:
+                self.sessions.check(session)
                 for _ in store.remove_snapshot_steps(name):
-                    await trio.sleep(0)
+                    await trio.sleep(0)  # (a step leaves a valid chain: stopping is safe)
+                    self.sessions.check(session)
 
-    async def _pull_run(self, args: dict[str, Any], peers: _Peers) -> dict[str, int]:
+    async def _pull_run(
+        self, args: dict[str, Any], peers: _Peers, session: Session
+    ) -> dict[str, int]:
         """Copy a run of an immutable layer's chunks straight from the rebuild source into this
         replica, so that the data of a rebuild does not pass through the engine. The source is
         named by the address the engine knows it by and its layer by the id it has there: if
@@ -463,6 +489,7 @@ class ReplicaServer:
                 states, data = await client.read_layer_run(source_layer, first, count)
         except (LhfsError, trio.TooSlowError) as exc:
             raise PullFailed(f"cannot copy from {address}: {exc or 'no answer'}") from None
+        self.sessions.check(session)  # fenced while it waited: it writes nothing
         store.write_layer_run(layer, first, states, data)
         self._unsynced += len(data)
         if self._unsynced >= _WRITEBACK_EVERY and not self._writing_back:

@@ -26,6 +26,7 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -38,7 +39,8 @@ log = logging.getLogger("lhfs.replica")
 
 EPOCH_FILE = "epoch"
 HANDSHAKE_TIMEOUT = 5.0
-MAX_HANDSHAKES = 16  # connections proving themselves at once
+MAX_HANDSHAKES = 64  # connections proving themselves at once...
+PER_SOURCE = 8  # ...of them from one address (one stranger cannot take every slot)
 MAX_SESSIONS = 64  # authenticated connections at once
 
 
@@ -52,6 +54,7 @@ class Session:
     stream: trio.SocketStream | trio.SSLStream
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     fenced: bool = False
+    tasks: int = 0  # long requests under way
 
 
 class Sessions:
@@ -63,6 +66,7 @@ class Sessions:
         self.epoch, self.owner = self._load_epoch()
         self.live: set[Session] = set()
         self.handshaking = 0
+        self._sources: dict[str, int] = {}  # handshakes under way per peer address
 
     def _load_epoch(self) -> tuple[int, bytes]:
         try:
@@ -88,14 +92,17 @@ class Sessions:
     def admit(self, stream: trio.SocketStream) -> bool:
         """Whether a new connection may start a handshake (bounded, so a crowd of strangers
         cannot crowd the engine out); local connections must come from this user."""
-        if self.handshaking >= MAX_HANDSHAKES or len(self.live) >= MAX_SESSIONS:
+        sock = stream.socket
+        source = _source(sock)
+        crowded = self._sources.get(source, 0) >= PER_SOURCE
+        if crowded or self.handshaking >= MAX_HANDSHAKES or len(self.live) >= MAX_SESSIONS:
             log.warning(
-                "refused a connection: %d sessions and %d handshakes under way",
+                "refused a connection from %s: %d sessions and %d handshakes under way",
+                source or "a local peer",
                 len(self.live),
                 self.handshaking,
             )
             return False
-        sock = stream.socket
         if sock.family == socket.AF_UNIX:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _pid, uid, _gid = struct.unpack("3i", creds)
@@ -111,6 +118,8 @@ class Sessions:
         ``context`` is given and the peer came by TCP; the session, or an error once the peer
         was told why (the caller closes the connection)."""
         self.handshaking += 1
+        source = _source(stream.socket)
+        self._sources[source] = self._sources.get(source, 0) + 1
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 if context is not None and stream.socket.family != socket.AF_UNIX:
@@ -123,6 +132,9 @@ class Sessions:
             raise ProtocolError("no complete handshake within the deadline") from None
         finally:
             self.handshaking -= 1
+            self._sources[source] -= 1
+            if not self._sources[source]:
+                del self._sources[source]
 
     async def _handshake(self, stream: trio.SocketStream | trio.SSLStream) -> Session:
         magic, version = p.PREAMBLE.unpack(await _exactly(stream, p.PREAMBLE.size))
@@ -138,11 +150,11 @@ class Sessions:
             await _challenge(stream, p.HS_WRONG_VOLUME, key.id, b"", b"", 0)
             raise ProtocolError(f"client asked for another volume ({volume_id.hex()})")
         server_nonce = auth.nonce()
-        proof = key.server_proof(client_nonce, server_nonce)
+        proof = key.server_proof(client_nonce, server_nonce, self.epoch)
         await _challenge(stream, p.HS_OK, key.id, server_nonce, proof, self.epoch)
         client_proof, role, epoch, owner = p.AUTH.unpack(await _exactly(stream, p.AUTH.size))
         expected = key.client_proof(server_nonce, client_nonce, role, epoch, owner)
-        if role not in p.ROLES or not auth.same(client_proof, expected):
+        if role not in p.ROLES or not auth.same(client_proof, expected) or epoch > p.MAX_EPOCH:
             await stream.send_all(p.WELCOME.pack(p.HS_DENIED))
             raise ProtocolError("the client could not prove it holds the volume's key")
         if role == p.ENGINE:
@@ -187,6 +199,16 @@ class Sessions:
                 f"this session (epoch {session.epoch}) was replaced by a newer one "
                 f"(epoch {self.epoch}); nothing it sends is applied"
             )
+
+
+def _source(sock: Any) -> str:
+    """The address a TCP peer comes from ("" for the local socket)."""
+    if sock.family == socket.AF_UNIX:
+        return ""
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def abort(stream: trio.SocketStream | trio.SSLStream) -> None:

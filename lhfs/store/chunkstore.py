@@ -84,15 +84,26 @@ def check_fits(directory: Path, size: int) -> None:
     """Refuse a volume size that the file system under ``directory`` cannot hold as one file
     (ext4: 16 TiB with 4 KiB blocks): a layer's data file is as large as the volume, and the
     first write past the limit would fail it. Probed with a sparse file, said with the limit."""
+    largest = largest_file(directory, size)
+    if largest < size:
+        raise InvalidArgument(
+            f"a volume of {format_size(size)} does not fit: the file system under {directory} "
+            f"holds files of at most {format_size(largest)}"
+        )
+
+
+def largest_file(directory: Path, up_to: int = 1 << 50) -> int:
+    """The size of the largest file the file system under ``directory`` holds, to the 4 KiB,
+    at most ``up_to`` (a sparse probe file: nothing is written)."""
     fd, probe = tempfile.mkstemp(prefix=".size-probe-", suffix=".tmp", dir=directory)
     try:
         try:
-            os.ftruncate(fd, size)
-            return
+            os.ftruncate(fd, up_to)
+            return up_to
         except OSError as exc:
             if exc.errno not in (errno.EFBIG, errno.EINVAL):
                 raise
-        low, high = 0, size  # the largest size that fits, to the 4 KiB
+        low, high = 0, up_to
         while high - low > 4096:
             middle = (low + high) // 2 // 4096 * 4096
             try:
@@ -100,10 +111,7 @@ def check_fits(directory: Path, size: int) -> None:
                 low = middle
             except OSError:
                 high = middle
-        raise InvalidArgument(
-            f"a volume of {format_size(size)} does not fit: the file system under {directory} "
-            f"holds files of at most {format_size(low)}"
-        )
+        return low
     finally:
         os.close(fd)
         os.unlink(probe)

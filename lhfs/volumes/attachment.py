@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from lhfs.engine import control
 
 ATTACH_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
+STATE_TIMEOUT = 20.0
 
 
 def is_mountpoint(path: Path) -> bool:
@@ -93,15 +95,45 @@ def release(device: Path, fuse: bool = True) -> list[str]:
     return done
 
 
+def engine_alive(vol: volumes.Volume, record: dict[str, Any]) -> bool:
+    """Whether the process of a runtime record is this volume's engine still (a pid may have
+    been reused by anything since the engine died: it must never be signalled)."""
+    pid = record.get("pid", -1)
+    if not volumes.alive(pid):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"engine-run" in command and vol.name.encode() in command
+
+
 def _clear_dead_engine(vol: volumes.Volume) -> list[str]:
-    """Clean up after an engine that died (its runtime record names a dead process)."""
+    """Clean up after an engine that died (its runtime record names a dead process), and
+    wait until its replica processes, which die with it, have let go of their directories."""
     record = vol.runtime_record()
-    if record is None or volumes.alive(record.get("pid", -1)):
+    if record is None or engine_alive(vol, record):
         return []
     done = release(Path(record["device"]))
     vol.runtime_path.unlink(missing_ok=True)
     vol.control_socket.unlink(missing_ok=True)
+    for replica in vol.replicas:
+        directory = vol.replica_dir(replica)
+        if directory is not None and (directory / "lock").exists():
+            with contextlib.suppress(TimeoutError):
+                wait_for(lambda d=directory: _unlocked(d), STOP_TIMEOUT, f"{directory} free")
     return done
+
+
+def _unlocked(directory: Path) -> bool:
+    fd = os.open(directory / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _check_device(device: Path) -> None:
@@ -169,6 +201,14 @@ def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict
     return {"name": name, "device": str(device), "pid": proc.pid}
 
 
+def engine_state(vol: volumes.Volume) -> str:
+    """The attached volume's state as its engine says it, or ``not answering``."""
+    try:
+        return str(control.call(vol.control_socket, "info", timeout=STATE_TIMEOUT)["state"])
+    except LhfsError:
+        return "not answering"
+
+
 def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
     """Stop the engine of ``name`` and clean up; returns what happened (``state`` the
     volume was in, whether the last flush reached the replicas, what was cleaned up).
@@ -183,14 +223,16 @@ def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
         raise WrongState(f"volume {name} is not attached")
     device = Path(record["device"])
     pid = record.get("pid", -1)
-    if volumes.alive(pid):
-        try:
-            state = control.call(vol.control_socket, "info", timeout=10)["state"]
-        except LhfsError:
-            state = "not answering"
+    if engine_alive(vol, record):
+        state = engine_state(vol)
         report["state"] = state
-        if loops_backed_by(device) and state not in ("faulted", "not answering") and not force:
+        if loops_backed_by(device) and state != "faulted" and not force:
             loops = ", ".join(loops_backed_by(device))
+            if state == "not answering":
+                raise Busy(
+                    f"the engine of {name} does not answer and {device} is in use by {loops}: "
+                    "try again, or --force lets go of it (writes not yet flushed are lost)"
+                )
             raise Busy(f"{device} is in use by {loops}: unmount it first (lhfs umount)")
         if loops_backed_by(device):
             report["cleaned"] += release(device, fuse=False)  # (the FUSE file: the engine's)

@@ -15,7 +15,6 @@ an error: formatting then would destroy data that the replicas may still hold.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import shutil
@@ -179,10 +178,11 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
     return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": formatted}
 
 
-def umount(root: Path, mountpoint: Path) -> dict[str, Any]:
+def umount(root: Path, mountpoint: Path, force: bool = False) -> dict[str, Any]:
     """Unmount the file system, free the loop device, detach the volume: also when the volume
     is faulted or its engine died (the file system is then unmounted lazily: its device no
-    longer answers). A busy file system of a working volume is refused, with the reason."""
+    longer answers). A busy file system of a working volume is refused, with the reason, and
+    so is one whose engine does not answer, unless ``force``."""
     mountpoint = mountpoint.absolute()
     with open("/proc/self/mounts") as f:
         sources = [line.split()[0] for line in f if line.split()[1] == str(mountpoint)]
@@ -192,19 +192,24 @@ def umount(root: Path, mountpoint: Path) -> dict[str, Any]:
     if owner is None:
         raise NotFound(f"{mountpoint} is not an lhfs volume of {root}")
     vol, device = owner
-    working = False
-    if vol.runtime() is not None:
-        with contextlib.suppress(LhfsError):
-            state = control.call(vol.control_socket, "info", timeout=10)["state"]
-            working = state in ("healthy", "degraded")
+    record = vol.runtime_record()
+    state = "crashed"
+    if record is not None and attachment.engine_alive(vol, record):
+        state = attachment.engine_state(vol)
     result = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
     if result.returncode:
-        if working:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            raise LhfsError(f"umount failed: {detail[-1] if detail else result.returncode}")
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        why = detail[-1] if detail else str(result.returncode)
+        if state == "not answering" and not force:
+            raise Busy(
+                f"umount failed ({why}) and the engine of {vol.name} does not answer: try "
+                "again, or --force lets go of it (writes not yet flushed are lost)"
+            )
+        if state in ("healthy", "degraded"):
+            raise LhfsError(f"umount failed: {why}")
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
     attachment.release(device, fuse=False)
-    report = attachment.detach(root, vol.name)
+    report = attachment.detach(root, vol.name, force=force)
     return {**report, "mountpoint": str(mountpoint)}
 
 

@@ -97,8 +97,9 @@ class VolumeKey:
 
     # -- proofs -------------------------------------------------------------------------------
 
-    def server_proof(self, client_nonce: bytes, server_nonce: bytes) -> bytes:
-        return self._mac(b"lhfs-replica", client_nonce, server_nonce)
+    def server_proof(self, client_nonce: bytes, server_nonce: bytes, epoch: int) -> bytes:
+        """The replica's proof; it covers the epoch it announces, which the engine builds on."""
+        return self._mac(b"lhfs-replica", client_nonce, server_nonce, epoch.to_bytes(8, "little"))
 
     def client_proof(
         self, server_nonce: bytes, client_nonce: bytes, role: int, epoch: int, owner: bytes

@@ -58,6 +58,7 @@ WELCOME = struct.Struct("<B")  # status
 HS_OK, HS_VERSION, HS_WRONG_VOLUME, HS_DENIED, HS_STALE, HS_BUSY = range(6)
 ENGINE, READER = 1, 2
 NO_OWNER = bytes(8)  # the identity of a session that is not an engine's (tools, tests)
+MAX_EPOCH = 1 << 62  # epochs grow by one per session: never near the field's limit
 ROLES = (ENGINE, READER)
 
 HEADER = struct.Struct("<IIH")  # length of what follows the length field, request id, op/status
@@ -211,7 +212,12 @@ class Outbox:
             self.failed = exc
             queue.clear()
             self._on_error(exc)
-            self._sent.set()
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake every task waiting in ``sent`` (each looks again whether it may go on)."""
+        self._sent.set()
+        self._sent = trio.Event()
 
     async def drain(self) -> None:
         """Send what the socket could not take at once, as it empties (runs until cancelled)."""
@@ -222,13 +228,13 @@ class Outbox:
                 await trio.lowlevel.wait_writable(self._sock)
                 self._blocked = False
                 self.push()
-            self._sent.set()
+            self._notify()
 
     async def sent(self) -> None:
         """Wait until the socket took everything queued (or failed): a peer that stops reading
-        its answers stops the sender from taking on more work."""
+        its answers stops the sender from taking on more work. Several tasks may wait at
+        once (a connection's loop and its long requests): every one is woken."""
         while self._blocked and self.failed is None:
-            self._sent = trio.Event()
             await self._sent.wait()
 
 
@@ -323,7 +329,8 @@ class ClientHandshake:
                 f"not of {self.key.volume}",
                 volume_id.hex(),
             )
-        if status != HS_OK or not auth.same(proof, self.key.server_proof(self._nonce, nonce)):
+        expected = self.key.server_proof(self._nonce, nonce, epoch)
+        if status != HS_OK or not auth.same(proof, expected) or epoch > MAX_EPOCH:
             raise AuthenticationFailed(
                 f"{self.address} could not prove it holds the key of volume {self.key.volume}"
             )
@@ -354,7 +361,7 @@ def decode_error(payload: bytes | memoryview) -> LhfsError:
     try:
         obj = json.loads(bytes(payload))
         return from_wire(str(obj["kind"]), str(obj["message"]))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # (deeply nested: hostile)
         return ProtocolError("malformed error answer from replica")
 
 
@@ -367,6 +374,8 @@ def decode_json(payload: bytes | memoryview) -> Any:
         return json.loads(bytes(payload))
     except ValueError as exc:
         raise ProtocolError(f"malformed JSON payload: {exc}") from None
+    except RecursionError:  # nested thousands deep: no request or answer of ours is
+        raise ProtocolError("malformed JSON payload: nested too deeply") from None
 
 
 _YIELD_AFTER = 64 << 10  # bytes a receiver reads without waiting before it yields

@@ -1,0 +1,40 @@
+"""``lhfs doctor``: a preflight check, one line per check."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lhfs.cli.common import print_json, root_of
+
+_MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from lhfs.volumes import doctor
+
+    checks = doctor.run(root_of(args), args.volume, args.target)
+    if args.json:
+        print_json(doctor.report(checks))
+    else:
+        for check in checks:
+            hint = f" -- {check.hint}" if check.hint else ""
+            print(f"{_MARK[check.status]}  {check.check:18} {check.detail}{hint}")
+    return 1 if any(check.status == "fail" for check in checks) else 0
+
+
+def parsers(groups: Any) -> None:
+    p = groups.add_parser(
+        "doctor",
+        help="check what lhfs needs here (and a volume's replicas, a backup target)",
+        description="A preflight check: root, /dev/fuse, loop devices, the tools mount and "
+        "mkfs need, free space and the largest file under the root; with VOLUME, each of its "
+        "replicas reachable and holding its key; with --target, the S3 endpoint's name, the "
+        "endpoint answering as S3, the credentials, the bucket writable (a probe object written "
+        "and removed) and the clock against the server's. One line per check: ok, WARN or "
+        "FAIL with what to do. Exit status 0 when nothing fails, 1 otherwise.",
+    )
+    p.add_argument("volume", nargs="?", help="a volume whose replicas to check")
+    p.add_argument("--target", help="s3://BUCKET/PREFIX to check")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_doctor, store=True)

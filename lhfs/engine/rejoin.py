@@ -1,0 +1,110 @@
+"""Replicas on other hosts that come back rejoin by themselves.
+
+A remote replica marked ERR is most often on a host that lost its link or rebooted; when its
+``replica serve`` answers again, it holds everything it had, and a rebuild copies only what
+changed while it was away. So for each failed remote replica the engine keeps trying to reach
+it, backing off from 1 s to 30 s, and once it answers (a new session: see fencing in
+``lhfs.replica.session``) waits the volume's ``rejoin_wait`` (a link that flaps is not rebuilt
+at every blink) and rebuilds it. One that has been away longer than ``rejoin_limit`` is left
+for an operator (``replica add`` / ``replica rm``): after so long a full copy on a new replica
+is as good and it may be gone for good. A directory that was wiped comes back uninitialised
+and the rebuild copies everything. What is under way shows in ``replica ls`` (``rejoin``).
+
+When every replica failed (the engine's own host lost its link), the volume is faulted and
+nothing can be rebuilt: the replica whose failure faulted it, which holds every acknowledged
+write, serves again as soon as it answers (``Engine.revive``), and the others are then rebuilt
+from it. Any other replica may lack acknowledged writes and never serves alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from lhfs.core.errors import Fenced, LhfsError
+from lhfs.engine.engine import ERR, Engine, ReplicaLink
+
+log = logging.getLogger("lhfs.rejoin")
+
+FIRST_DELAY = 1.0
+MAX_DELAY = 30.0
+
+
+class Rejoiner:
+    """Watches failed remote replicas and brings back those that answer again."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        nursery: trio.Nursery,
+        start_rebuild: Callable[[ReplicaLink], None],
+        settings: Callable[[], tuple[float, float]],
+        remote: Callable[[ReplicaLink], bool],
+    ) -> None:
+        self.engine = engine
+        self.nursery = nursery
+        self.start_rebuild = start_rebuild
+        self.settings = settings  # () -> (rejoin_wait, rejoin_limit), read when used
+        self.remote = remote
+        self._watched: set[str] = set()
+
+    def watch(self, link: ReplicaLink) -> None:
+        """Start bringing ``link`` back, unless it is local or already watched."""
+        if link.id in self._watched or not self.remote(link) or not link.address:
+            return
+        self._watched.add(link.id)
+        self.nursery.start_soon(self._bring_back, link)
+
+    async def _bring_back(self, link: ReplicaLink) -> None:
+        try:
+            await self._attempts(link)
+        finally:
+            self._watched.discard(link.id)
+
+    def _gone(self, link: ReplicaLink) -> bool:
+        return link not in self.engine.replicas or link.mode != ERR
+
+    async def _attempts(self, link: ReplicaLink) -> None:
+        engine = self.engine
+        delay = FIRST_DELAY
+        while not self._gone(link):
+            wait, limit = self.settings()
+            away = trio.current_time() - (link.failed_at or trio.current_time())
+            if away > limit:
+                link.rejoin = f"away for {away:.0f}s, longer than {limit:.0f}s: replace it"
+                return
+            if engine.superseded is not None:
+                link.rejoin = None
+                return
+            try:
+                client = await engine.connect(link.address)
+            except Fenced as exc:  # another engine has it: this one must stop serving at all
+                link.rejoin = f"not rejoining: {exc}"
+                engine.taken_over(str(exc))
+                return
+            except LhfsError as exc:
+                link.rejoin = f"unreachable ({exc}); trying again in {delay:.0f}s"
+                await trio.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+                continue
+            link.rejoin = f"answers again; rebuilding in {wait:.0f}s"
+            log.info("replica %s (%s) answers again", link.id, link.address)
+            await trio.sleep(wait)
+            while engine.state == "faulted" and link.id != engine.last_rw and not self._gone(link):
+                link.rejoin = f"answers again; waiting for {engine.last_rw} to serve first"
+                await trio.sleep(1.0)  # (the last replica to serve must be back first)
+            if self._gone(link) or client.broken:
+                await client.aclose()
+                delay = FIRST_DELAY
+                continue
+            old, link.client = link.client, client
+            if old is not None and old is not client:
+                await old.aclose(True)
+            if engine.state == "faulted":
+                engine.revive(link)
+                return
+            link.rejoin = None
+            self.start_rebuild(link)
+            return

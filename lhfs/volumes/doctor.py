@@ -1,0 +1,277 @@
+"""``lhfs doctor``: a preflight check of what lhfs needs, each thing said with what to do.
+
+Every check gives ``ok``, ``warn`` (works, but something is off) or ``fail`` (the operation that
+needs it will not work), a detail, and for a warning or a failure what to do. The checks are
+independent: a failing one does not hide the others. Nothing is changed, but for a probe object
+written to the bucket and removed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lhfs.config import volume as volumes
+from lhfs.core.errors import LhfsError
+from lhfs.core.units import format_size
+from lhfs.store.chunkstore import largest_file
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+REACH_TIMEOUT = 5.0
+SKEW_WARN, SKEW_FAIL = 60.0, 600.0  # S3 refuses signatures more than 15 minutes off
+
+
+@dataclass
+class Check:
+    check: str
+    status: str
+    detail: str
+    hint: str | None = None
+
+
+def run(root: Path, volume: str | None, target: str | None) -> list[Check]:
+    checks = [*_host(root)]
+    if volume is not None:
+        checks += _volume(root, volume)
+    if target is not None:
+        checks += _store(target)
+    return checks
+
+
+def report(checks: list[Check]) -> list[dict[str, Any]]:
+    return [asdict(check) for check in checks]
+
+
+# -- this host -----------------------------------------------------------------------------
+
+
+def _host(root: Path) -> list[Check]:
+    out = []
+    if os.geteuid() == 0:
+        out.append(Check("root", OK, "running as root"))
+    else:
+        out.append(Check("root", FAIL, "not root", "attaching, loop devices and mounts need root"))
+    out.append(_device("fuse", Path("/dev/fuse"), "install fuse3 and load the fuse module"))
+    out.append(_device("loop", Path("/dev/loop-control"), "load the loop module (modprobe loop)"))
+    for tool, status, hint in (
+        ("fusermount3", FAIL, "install fuse3"),
+        ("losetup", FAIL, "install util-linux"),
+        ("blkid", FAIL, "install util-linux"),
+        ("mkfs.ext4", FAIL, "install e2fsprogs (ext4 is the default file system)"),
+        ("mkfs.xfs", WARN, "install xfsprogs to format volumes as xfs"),
+    ):
+        found = shutil.which(tool)
+        out.append(
+            Check(f"tool {tool}", OK, found)
+            if found
+            else Check(f"tool {tool}", status, f"{tool} is not installed", hint)
+        )
+    out += _root(root)
+    return out
+
+
+def _device(name: str, path: Path, hint: str) -> Check:
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except OSError as exc:
+        return Check(name, FAIL, f"cannot open {path}: {exc.strerror}", hint)
+    return Check(name, OK, f"{path} can be opened")
+
+
+def _root(root: Path) -> list[Check]:
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    out = []
+    if root.exists():
+        mode = root.stat().st_mode & 0o777
+        if mode & 0o077:
+            out.append(
+                Check(
+                    "root dir",
+                    WARN,
+                    f"{root} is readable by others ({mode:o})",
+                    f"chmod 700 {root} (any lhfs command does it)",
+                )
+            )
+        else:
+            out.append(Check("root dir", OK, f"{root} ({mode:o})"))
+    else:
+        out.append(Check("root dir", OK, f"{root} does not exist yet: made at the first volume"))
+    free = shutil.disk_usage(existing).free
+    out.append(
+        Check("free space", OK, f"{format_size(free)} free under {existing}")
+        if free >= 1 << 30
+        else Check(
+            "free space",
+            WARN,
+            f"only {format_size(free)} free under {existing}",
+            "volumes are thin: writes fail when the disk is full",
+        )
+    )
+    try:
+        largest = largest_file(existing)
+        out.append(Check("file size", OK, f"files up to {format_size(largest)} under {existing}"))
+    except OSError as exc:
+        out.append(Check("file size", FAIL, f"cannot probe {existing}: {exc.strerror}"))
+    return out
+
+
+# -- a volume ------------------------------------------------------------------------------
+
+
+def _volume(root: Path, name: str) -> list[Check]:
+    try:
+        vol = volumes.load(root, name)
+    except LhfsError as exc:
+        return [Check("volume", FAIL, str(exc), "lhfs volume ls")]
+    out = []
+    try:
+        largest = largest_file(vol.dir)
+        if vol.size > largest:
+            out.append(
+                Check(
+                    "volume size",
+                    FAIL,
+                    f"{format_size(vol.size)} > files up to {format_size(largest)} here",
+                    "move the root",
+                )
+            )
+    except OSError:
+        pass
+    runtime = vol.runtime()
+    if runtime is not None:
+        from lhfs.engine import control
+
+        try:
+            state = control.call(vol.control_socket, "info", timeout=REACH_TIMEOUT)["state"]
+        except LhfsError as exc:
+            state = f"not answering ({exc})"
+        status = OK if state == "healthy" else WARN if state == "degraded" else FAIL
+        out.append(
+            Check(
+                "engine",
+                status,
+                f"attached, {state}",
+                None if status == OK else "lhfs replica ls " + name,
+            )
+        )
+    key = vol.key()
+    for replica in vol.replicas:
+        label = f"replica {replica['id']}"
+        if replica.get("local"):
+            directory = vol.replica_dir(replica)
+            if directory is not None and (directory / "volume.json").exists():
+                out.append(Check(label, OK, f"local, {directory}"))
+            else:
+                out.append(
+                    Check(
+                        label,
+                        FAIL,
+                        f"local directory {directory} holds no replica",
+                        f"lhfs replica rm {name} {replica['id']}",
+                    )
+                )
+            continue
+        out.append(_reach(label, replica["address"], key, replica.get("tls_ca")))
+    return out
+
+
+def _reach(label: str, address: str, key: Any, tls_ca: str | None) -> Check:
+    """Connect to a remote replica and prove the key both ways (a reader session)."""
+    from lhfs.wire.client import SyncReplica
+
+    try:
+        replica = SyncReplica(address, key, timeout=REACH_TIMEOUT, tls_ca=tls_ca)
+    except LhfsError as exc:
+        return Check(label, FAIL, str(exc), "is its host up, its link, its 'replica serve'?")
+    try:
+        hello = replica.call("hello")
+    except LhfsError as exc:
+        return Check(label, FAIL, f"{address}: {exc}")
+    finally:
+        replica.close()
+    state = "initialised" if hello.get("initialised") else "empty (to be rebuilt)"
+    return Check(label, OK, f"{address} answers and holds the volume's key; {state}")
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+def _store(url: str) -> list[Check]:
+    from backupstore.s3 import Bucket, Endpoint, StoreRefused, StoreUnavailable, Target
+
+    out = []
+    try:
+        target = Target.parse(url)
+        endpoint = Endpoint.from_env()
+    except LhfsError as exc:
+        return [Check("s3 settings", FAIL, str(exc))]
+    out.append(Check("s3 settings", OK, f"endpoint {endpoint.url}, target {target}"))
+    host = urlparse(endpoint.url).hostname or ""
+    try:
+        socket.getaddrinfo(host, None)
+        out.append(Check("s3 name", OK, f"{host} resolves"))
+    except OSError as exc:
+        out.append(
+            Check(
+                "s3 name",
+                FAIL,
+                f"{host} does not resolve ({exc})",
+                "check DNS or /etc/hosts, and AWS_ENDPOINT_URL",
+            )
+        )
+        return out
+    out.append(_clock(endpoint.url))
+    bucket = Bucket(target, deadline=REACH_TIMEOUT, first_delay=0.5, endpoint=endpoint)
+    try:
+        bucket.ensure()
+        out.append(
+            Check(
+                "s3 bucket",
+                OK,
+                f"{endpoint.url} answers as S3; bucket "
+                f"{target.bucket!r} exists and the credentials are accepted",
+            )
+        )
+    except StoreUnavailable as exc:
+        out.append(Check("s3 bucket", FAIL, str(exc), "is the endpoint up and reachable?"))
+        return out
+    except StoreRefused as exc:
+        out.append(Check("s3 bucket", FAIL, str(exc)))
+        return out
+    probe = target.key(f".lhfs-doctor-{secrets.token_hex(6)}")
+    try:
+        bucket.put(probe, b"lhfs doctor probe")
+        bucket.delete(probe)
+        out.append(Check("s3 write", OK, f"wrote and removed {probe}"))
+    except LhfsError as exc:
+        out.append(Check("s3 write", FAIL, str(exc), "backups need write and delete access"))
+    return out
+
+
+def _clock(endpoint: str) -> Check:
+    """The skew between this host's clock and the server's ``Date`` (S3 signatures expire)."""
+    import urllib3
+
+    try:
+        answer = urllib3.PoolManager(timeout=REACH_TIMEOUT, retries=False).request(
+            "HEAD", endpoint + "/"
+        )
+        server = parsedate_to_datetime(answer.headers["Date"]).timestamp()
+    except Exception as exc:  # no Date, no answer: the bucket check says more
+        return Check("clock", WARN, f"could not read the server's time ({type(exc).__name__})")
+    skew = time.time() - server
+    if abs(skew) > SKEW_FAIL:
+        return Check("clock", FAIL, f"{skew:+.0f}s off the server's", "synchronise the clock")
+    if abs(skew) > SKEW_WARN:
+        return Check("clock", WARN, f"{skew:+.0f}s off the server's", "synchronise the clock")
+    return Check("clock", OK, f"{skew:+.1f}s off the server's")

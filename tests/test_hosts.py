@@ -1,0 +1,184 @@
+"""Replicas on other hosts: network namespaces on a bridge (``tools.hosts``), links cut and
+restored, hosts rebooted, the engine's own link cut; every test removes its hosts."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_fuse
+
+from lhfs.core.procs import wait_for
+from lhfs.replica.process import ReplicaProcess
+from lhfs.testing import Cli, fio_verify, loop_attach
+from tools.hosts import Cluster, Host
+
+pytestmark = needs_fuse
+MIB = 1 << 20
+CHUNK = 64 << 10
+IO_TIMEOUT = 3
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """Three hosts on a bridge, named after this process (a crashed run's are swept first)."""
+    hosts = Cluster(prefix=f"lt{os.getpid() % 100000}")
+    hosts.up(3)
+    try:
+        yield hosts
+    finally:
+        hosts.down()
+
+
+def serve(
+    host: Host, directory: Path, key: Path, started: list[ReplicaProcess], port: int = 0
+) -> str:
+    """``replica serve`` of ``directory`` on ``host`` (on ``port``, as a service restarted after
+    a reboot would be); its address."""
+    proc = ReplicaProcess(directory, key, port=port, host=host.address, wrap=host.command([]))
+    started.append(proc)
+    return proc.address
+
+
+def replica(cli: Cli, name: str, replica_id: str) -> dict:
+    return next(r for r in cli.info(name)["replicas"] if r["id"] == replica_id)
+
+
+def write_direct(device: Path, offset: int, data: bytes) -> None:
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [buf], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def read_direct(device: Path, offset: int, length: int) -> bytes:
+    buf = mmap.mmap(-1, length)
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.preadv(fd, [buf], offset)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def remote_volume(cli: Cli, tmp_path: Path, hosts: list[Host], started: list) -> dict[str, str]:
+    """Volume ``v`` (256 MiB) with a replica on each of ``hosts`` and one local replica:
+    replica id -> address."""
+    cli.run(
+        *("volume", "create", "v", "--size", "256M", "--replicas", "1"),
+        *("--io-timeout", str(IO_TIMEOUT), "--rejoin-wait", "1"),
+    )
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    cli.run("volume", "key", "v", "--out", str(tmp_path / "v.key"))
+    placed = {}
+    for host in hosts:
+        address = serve(host, tmp_path / host.name, tmp_path / "v.key", started)
+        added = cli.run("replica", "add", "v", "--address", address).stdout.split()[2]
+        placed[added] = address
+    return placed
+
+
+def fio_json(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "verify" not in err.lower(), err
+    return json.loads(out[out.index("{") :])
+
+
+def test_a_replica_host_cut_off_or_rebooted_comes_back_by_itself(
+    cli: Cli, tmp_path: Path, cluster: Cluster
+) -> None:
+    """fio --verify through the device while one replica host's link is cut, then restored;
+    then while another host reboots. No verify error, I/O stalls no longer than the I/O timeout
+    (plus margin), and each replica is RW again without a command, having copied only chunks
+    written while it was away."""
+    h1, h2, _ = cluster.hosts
+    started: list[ReplicaProcess] = []
+    try:
+        placed = remote_volume(cli, tmp_path, [h1, h2], started)
+        on = {address.split(":")[0]: rid for rid, address in placed.items()}
+        loop = loop_attach(tmp_path / "v.dev")
+
+        def away(event: str, victim: Host) -> None:
+            rid = on[victim.address]
+            before = replica(cli, "v", rid)["rebuild_stats"]
+            writes = cli.info("v")["writes"]
+            fio = fio_verify(
+                loop, "32M", "--io_size=24M", "--rate_iops=1500", "--output-format=json"
+            )
+            wait_for(lambda: cli.info("v")["writes"] > writes + 500, 60, "fio to be writing")
+            if event == "cut":
+                victim.cut()
+                wait_for(lambda: replica(cli, "v", rid)["mode"] == "ERR", 30, "the ERR mark")
+                time.sleep(2)  # the writes go on, degraded, while the host is away
+                victim.restore()
+            else:
+                cluster.reboot(victim)  # a power cut: the replica process dies with it
+                wait_for(lambda: replica(cli, "v", rid)["mode"] == "ERR", 30, "the ERR mark")
+                port = int(placed[rid].rsplit(":", 1)[1])
+                serve(victim, tmp_path / victim.name, tmp_path / "v.key", started, port)
+            result = fio_json(fio)
+            stall = max(job["write"]["clat_ns"]["max"] for job in result["jobs"]) / 1e9
+            assert stall < IO_TIMEOUT + 3, f"{event}: a write waited {stall:.1f}s"
+            wait_for(lambda: replica(cli, "v", rid)["mode"] == "RW", 120, f"{rid} back")
+            stats = replica(cli, "v", rid)["rebuild_stats"]
+            assert stats != before and stats["bytes_relayed"] == 0, stats
+            written = 32 * MIB // CHUNK  # the region fio writes, in chunks
+            assert 0 < stats["chunks_copied"] <= written + 16, (event, stats)
+            assert cli.info("v")["state"] == "healthy"
+
+        try:
+            away("cut", h1)
+            away("reboot", h2)
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        sums = cli.json("volume", "scrub", "v")
+        assert sums["damaged"] == {}, sums
+        cli.run("volume", "detach", "v")
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+def test_the_engines_own_link_cut_faults_and_recovers(
+    cli: Cli, tmp_path: Path, cluster: Cluster
+) -> None:
+    """Every replica on another host, and the engine's host loses its link: I/O errors (never
+    wrong data); once the link is back, the replica that served last serves again by itself
+    and the others are rebuilt from it."""
+    started: list[ReplicaProcess] = []
+    try:
+        remote_volume(cli, tmp_path, cluster.hosts, started)
+        cli.run("replica", "rm", "v", "r1")  # no replica left on the engine's host
+        device = tmp_path / "v.dev"
+        pattern = os.urandom(MIB)
+        write_direct(device, 8 * MIB, pattern)
+        subprocess.run(["ip", "link", "set", cluster.bridge, "down"], check=True)
+        try:
+            with pytest.raises(OSError):  # the write fails: every replica is out of reach
+                write_direct(device, 8 * MIB, os.urandom(MIB))
+            wait_for(lambda: cli.info("v")["state"] == "faulted", 30, "the volume to fault")
+            with pytest.raises(OSError):
+                read_direct(device, 8 * MIB, MIB)
+        finally:
+            subprocess.run(["ip", "link", "set", cluster.bridge, "up"], check=True)
+        wait_for(lambda: cli.info("v")["state"] == "healthy", 120, "the volume to recover")
+        assert read_direct(device, 8 * MIB, MIB) == pattern
+        sums = cli.json("volume", "scrub", "v")
+        assert sums["damaged"] == {} and len(sums["replicas"]) == 3, sums
+        cli.run("volume", "detach", "v")
+    finally:
+        for proc in started:
+            proc.stop()
