@@ -293,7 +293,7 @@ class Bucket:
                 level = logging.WARNING if attempt >= 3 else logging.INFO
                 log.log(level, "%s failed (%s), retrying in %.1fs", what, _describe(exc), delay)
                 if self.on_retry:
-                    self.on_retry(f"{what}: {_describe(exc)}")
+                    self.on_retry(f"{what} at {self.endpoint}: {_describe(exc)}")
                 time.sleep(min(left, delay * random.uniform(0.5, 1.5)))
                 delay = min(delay * 2, 30.0)
 

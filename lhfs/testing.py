@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,32 @@ def make_tls(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path
     run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
          "-out", cert, "-days", "2", "-extfile", extension])  # fmt: skip
     return ca, cert, key
+
+
+class HostName:
+    """A name for the S3 endpoint that resolves through an ``/etc/hosts`` line the test can
+    take away (a DNS failure as the resolver sees it). Edited in place: the file may be a bind
+    mount that a rename would not replace."""
+
+    def __init__(self, address: str = "127.0.0.1", hosts: Path = Path("/etc/hosts")) -> None:
+        self.name = f"lhfs-s3-{uuid.uuid4().hex[:12]}"  # dotless: S3 servers see path-style
+        self.line = f"{address} {self.name}\n"
+        self.hosts = hosts
+
+    def _rewrite(self, keep: bool) -> None:
+        with open(self.hosts, "r+") as f:
+            lines = [line for line in f.readlines() if self.name not in line]
+            if keep:
+                lines.append(self.line)
+            f.seek(0)
+            f.write("".join(lines))
+            f.truncate()
+
+    def resolve(self) -> None:
+        self._rewrite(True)
+
+    def drop(self) -> None:
+        self._rewrite(False)
 
 
 class CliError(AssertionError):

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,36 +18,11 @@ from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
 from lhfs.config.volume import alive
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli
+from lhfs.testing import Cli, HostName
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
 MIB = 1 << 20
-
-
-class HostName:
-    """A name for the S3 endpoint that resolves through an ``/etc/hosts`` line the test can
-    take away (a DNS failure as the resolver sees it). Edited in place: the file may be a bind
-    mount that a rename would not replace."""
-
-    def __init__(self) -> None:
-        self.name = f"lhfs-s3-{uuid.uuid4().hex[:12]}"  # dotless: S3 servers see path-style
-        self.line = f"127.0.0.1 {self.name}\n"
-
-    def _rewrite(self, keep: bool) -> None:
-        with open("/etc/hosts", "r+") as f:
-            lines = [line for line in f.readlines() if self.name not in line]
-            if keep:
-                lines.append(self.line)
-            f.seek(0)
-            f.write("".join(lines))
-            f.truncate()
-
-    def resolve(self) -> None:
-        self._rewrite(True)
-
-    def drop(self) -> None:
-        self._rewrite(False)
 
 
 @pytest.fixture

@@ -3,9 +3,11 @@ restored, hosts rebooted, the engine's own link cut; every test removes its host
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
+import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import needs_fuse
 
-from lhfs.core.procs import wait_for
+from lhfs.core.procs import LHFS, wait_for
 from lhfs.replica.process import ReplicaProcess
-from lhfs.testing import Cli, fio_verify, loop_attach
+from lhfs.testing import Cli, HostName, fio_verify, loop_attach
 from tools.hosts import Cluster, Host
 
 pytestmark = needs_fuse
@@ -182,3 +184,170 @@ def test_the_engines_own_link_cut_faults_and_recovers(
     finally:
         for proc in started:
             proc.stop()
+
+
+def write_generation(cli: Cli, tmp_path: Path, seed: int) -> str:
+    """Attach ``src``, write 4 MiB of new data at a place of its own, detach, back it up."""
+    device = tmp_path / "src.dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    write_direct(device, seed * 4 * MIB, random.Random(seed).randbytes(4 * MIB))
+    cli.run("volume", "detach", "src")
+    return cli.backup("src", "s3://lhfs-dr-hosts/p")
+
+
+def test_a_standby_on_its_own_host_rides_out_its_links_and_a_reboot(
+    cli: Cli, tmp_path: Path, cluster: Cluster, s3_endpoint: str
+) -> None:
+    """A DR standby on another host follows a volume's backups while its route to S3 is cut,
+    while the store's name no longer resolves there, and across a reboot of its host (every
+    process killed, 'dr start' again); then it catches up and activates equal to the source."""
+    from urllib.parse import urlparse
+
+    from tools.faultproxy import FaultProxy
+
+    host = cluster.hosts[2]
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port), listen=cluster.gateway)
+    name = HostName(cluster.gateway, host.hosts_file())
+    name.resolve()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{name.name}:{proxy.port}"}
+    standby = Cli(tmp_path / "dr-root")
+
+    def on_host(*args: str) -> subprocess.CompletedProcess:
+        command = [LHFS, "--root", str(standby.root), *args]
+        return host.run(command, env=env, capture_output=True, text=True, timeout=300, check=True)
+
+    def retrying(what: str) -> dict:
+        return wait_for(
+            lambda: (s := standby.json("dr", "status", "sb"))["state"] == "retrying" and s,
+            60,
+            f"the standby to retry ({what})",
+        )
+
+    try:
+        cli.run("volume", "create", "src", "--size", "64M", "--replicas", "1")
+        first = write_generation(cli, tmp_path, 1)
+        on_host(
+            *("dr", "create", "sb", "--target", "s3://lhfs-dr-hosts/p", "--volume", "src"),
+            *("--replicas", "1", "--interval", "0.3", "--retry-max", "1.5", "--quiet"),
+        )
+        standby.dr_restored("sb", first)
+
+        host.cut()  # its route to the store is gone
+        second = write_generation(cli, tmp_path, 2)
+        assert retrying("link cut")["last_restored_backup"] in first
+        host.restore()
+        standby.dr_restored("sb", second, timeout=120)
+
+        name.drop()  # the store's name no longer resolves on that host
+        third = write_generation(cli, tmp_path, 3)
+        status = retrying("name gone")
+        assert name.name in (status["last_error"] or ""), status
+        name.resolve()
+        standby.dr_restored("sb", third, timeout=120)
+
+        cluster.reboot(host)  # every process of the host killed; the follower with them
+        fourth = write_generation(cli, tmp_path, 4)
+        wait_for(lambda: standby.json("dr", "status", "sb")["state"] == "stopped", 30, "stop")
+        on_host("dr", "start", "sb")
+        standby.dr_restored("sb", fourth, timeout=120)
+        on_host("dr", "activate", "sb", "--quiet")
+        assert standby.checksum("sb") == cli.checksum("src")
+    finally:
+        with contextlib.suppress(Exception):
+            host.run([LHFS, "--root", str(standby.root), "dr", "stop", "sb"], capture_output=True)
+        name.drop()
+        proxy.close()
+
+
+def test_doctor_names_what_is_broken(
+    cli: Cli, tmp_path: Path, cluster: Cluster, s3_endpoint: str
+) -> None:
+    """``lhfs doctor`` passes on a working setup and fails, with the check and what to do,
+    when a replica's host is down, the store's name does not resolve, the store refuses the
+    credentials or has no such bucket."""
+    started: list[ReplicaProcess] = []
+    target = "s3://lhfs-doctor/p"
+    name = HostName()
+    name.resolve()
+    port = urlparse_port(s3_endpoint)
+    by_name = Cli(cli.root, env={"AWS_ENDPOINT_URL": f"http://{name.name}:{port}"})
+
+    def doctor(runner: Cli, *args: str) -> tuple[int, dict[str, str]]:
+        result = runner.run("doctor", *args, "--json", check=False)
+        assert result.returncode in (0, 1), result.stderr
+        return result.returncode, {c["check"]: c["status"] for c in json.loads(result.stdout)}
+
+    try:
+        cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+        cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+        cli.run("volume", "key", "v", "--out", str(tmp_path / "v.key"))
+        address = serve(cluster.hosts[0], tmp_path / "h1", tmp_path / "v.key", started)
+        remote = cli.run("replica", "add", "v", "--address", address).stdout.split()[2]
+        cli.backup("v", target)
+        status, checks = doctor(by_name, "v", "--target", target)
+        assert status == 0 and checks[f"replica {remote}"] == "ok", checks
+        assert checks["s3 bucket"] == checks["s3 write"] == checks["s3 name"] == "ok", checks
+
+        cluster.hosts[0].cut()
+        status, checks = doctor(cli, "v")
+        assert status == 1 and checks[f"replica {remote}"] == "fail", checks
+        cluster.hosts[0].restore()
+
+        name.drop()
+        status, checks = doctor(by_name, "--target", target)
+        assert status == 1 and checks["s3 name"] == "fail", checks
+        name.resolve()
+
+        status, checks = doctor(cli, "--target", "s3://lhfs-doctor-none/p")
+        assert status == 1 and checks["s3 bucket"] == "fail", checks
+        anonymous = Cli(cli.root, env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
+        status, checks = doctor(anonymous, "--target", target)
+        assert status == 1 and checks["s3 settings"] == "fail", checks
+        with refusing_s3() as endpoint:
+            refused = Cli(cli.root, env={"AWS_ENDPOINT_URL": endpoint})
+            status, checks = doctor(refused, "--target", target)
+            assert status == 1 and checks["s3 bucket"] == "fail", checks
+        cli.run("volume", "detach", "v")
+    finally:
+        name.drop()
+        for proc in started:
+            proc.stop()
+
+
+def urlparse_port(url: str) -> int:
+    from urllib.parse import urlparse
+
+    return urlparse(url).port or 80
+
+
+@contextlib.contextmanager
+def refusing_s3() -> Iterator[str]:
+    """An S3-speaking server that refuses every request's credentials."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code>'
+                b"<Message>The access key does not exist.</Message></Error>"
+            )
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
