@@ -41,7 +41,7 @@ import xxhash
 import zstandard
 
 from lhfs.core.errors import CorruptState, InvalidArgument, LhfsError, NotFound
-from lhfs.core.units import format_size
+from lhfs.core.units import format_size, rfc3339
 
 from .s3 import Bucket
 
@@ -179,7 +179,7 @@ class BackupStore:
         read_block: Callable[[int, int], bytes | bytearray],
         snapshot: str | None = None,
         block_size: int | None = None,
-        progress: Callable[[float], None] = lambda pct: None,
+        progress: Callable[..., None] = lambda *pct: None,
         base: tuple[str, list[int]] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], BackupStats]:
@@ -234,7 +234,8 @@ class BackupStore:
                         # rest go on (waiting for a whole batch left the workers idle).
                         while len(pending) > 2 * self.workers:
                             self._settle(pending, stats, 1)
-                    progress(100 * (index + 1) / count)
+                    done = min(size, (index + 1) * block_size)
+                    progress(100 * (index + 1) / count, done, size)
                 self._settle(pending, stats, len(pending))
             self._recheck(stats.found)
             manifest = {
@@ -242,7 +243,7 @@ class BackupStore:
                 "volume": volume,
                 "name": name,
                 "snapshot": snapshot,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "created": rfc3339(started),
                 "started": started,  # orders backups made within the same second
                 "size": size,
                 "block_size": block_size,
@@ -253,7 +254,7 @@ class BackupStore:
             if not recorded:  # the first complete backup fixes the block size
                 meta = {"format": 1, "block_size": block_size}
                 self.bucket.put(self._meta_key(volume), json.dumps(meta).encode())
-        progress(100.0)
+        progress(100.0, size, size)
         return manifest, stats
 
     def _recheck(self, found: set[str]) -> None:
@@ -428,7 +429,7 @@ class BackupStore:
         volume: str,
         name: str,
         write_block: Callable[[int, bytes], None],
-        progress: Callable[[float], None] = lambda pct: None,
+        progress: Callable[..., None] = lambda *pct: None,
     ) -> dict[str, Any]:
         """Fetch every block, check it, hand it to ``write_block`` (empty blocks are not
         fetched: the new volume reads as zeros there). A block the volume holds in several
@@ -445,7 +446,8 @@ class BackupStore:
             for index in by_first[first]:
                 write_block(index, data)
                 done += 1
-            progress(100 * done / max(1, total))
+            block = manifest["block_size"]
+            progress(100 * done / max(1, total), done * block, total * block)
         return manifest
 
     def fetch(self, items: Iterable[tuple[int, str]]) -> Iterator[tuple[int, bytes]]:

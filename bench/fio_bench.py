@@ -5,9 +5,12 @@ All in one run, one table, ratios to the plain file on the same disk. Each targe
 through a loop device with direct I/O (what a user formats and mounts), except the plain file,
 which fio opens itself. Jobs: 1 MiB sequential write and read, 4 KiB random write and read, 16
 in flight, libaio, direct=1, time based. A null device (lhfs's FUSE channel storing nothing)
-shows what the FUSE path itself costs.
+shows what the FUSE path itself costs. The "metrics on" targets serve Prometheus metrics and
+are scraped every second while fio runs (a scraper ten times more eager than usual): next to
+the same target without, they show what the metrics cost.
 
-    python bench/fio_bench.py [--size 1G] [--runtime 10] [--dir DIR]
+    python bench/fio_bench.py [--size 1G] [--runtime 10] [--repeat 1] [--dir DIR]
+        [--targets null,1,3,1m,3m,qemu]
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,18 +71,31 @@ def fio(target: str, rw: str, bs: str, size: str, runtime: int) -> tuple[float, 
 
 
 @contextmanager
-def lhfs_device(work: Path, replicas: int, size: str) -> Iterator[str]:
-    cli = Cli(work / f"root{replicas}")
+def lhfs_device(work: Path, replicas: int, size: str, metrics: bool = False) -> Iterator[str]:
+    cli = Cli(work / f"root{replicas}{'m' if metrics else ''}")
+    device = work / f"lhfs{replicas}{'m' if metrics else ''}.dev"
+    stop = threading.Event()
     try:
         cli.run("volume", "create", "bench", "--size", size, "--replicas", str(replicas))
-        cli.run("volume", "attach", "bench", "--device", str(work / f"lhfs{replicas}.dev"))
-        loop = loop_attach(work / f"lhfs{replicas}.dev")
+        extra = ("--metrics", "127.0.0.1:0") if metrics else ()
+        cli.run("volume", "attach", "bench", "--device", str(device), *extra)
+        if metrics:
+            address = cli.info("bench")["metrics"]
+            threading.Thread(target=scrape_every_second, args=(address, stop), daemon=True).start()
+        loop = loop_attach(device)
         try:
             yield loop
         finally:
             subprocess.run(["losetup", "-d", loop], check=False)
     finally:
+        stop.set()
         teardown(cli.root)
+
+
+def scrape_every_second(address: str, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as answer:
+            answer.read()
 
 
 @contextmanager
@@ -143,7 +162,15 @@ def main() -> None:
     parser.add_argument(
         "--targets",
         default="null,1,3,qemu",
-        help="which to measure besides the plain file: null, 1, 3, qemu (default: all)",
+        help="which to measure besides the plain file: null, 1, 3, 1m and 3m (1 and 3 "
+        "replicas with metrics served and scraped), qemu (default: null,1,3,qemu)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each job this many times, the median counts (the order of the targets "
+        "changes at each round, so that a slow moment of the disk hits each in turn)",
     )
     args = parser.parse_args()
     wanted = set(args.targets.split(","))
@@ -158,34 +185,30 @@ def main() -> None:
             ("lhfs FUSE channel alone (null file)", "null"),
             ("lhfs 1 replica", 1),
             ("lhfs 3 replicas", 3),
+            ("lhfs 1 replica, metrics on", "1m"),
+            ("lhfs 3 replicas, metrics on", "3m"),
         ]
         if not args.skip_qemu and shutil.which("qemu-storage-daemon"):
             targets.append(("qemu-storage-daemon qcow2", "qemu"))
         targets = [(label, kind) for label, kind in targets if kind is None or str(kind) in wanted]
-        for label, kind in targets:
-            print(f"running {label} ...", file=sys.stderr, flush=True)
-            if kind is None:
-                results[label] = [
-                    fio(str(plain), rw, bs, args.size, args.runtime) for _, rw, bs in JOBS
-                ]
-                continue
-            if kind == "qemu":
-                context = qemu_device(work, args.size)
-            elif kind == "null":
-                context = null_device(work, args.size)
-            else:
-                context = lhfs_device(work, kind, args.size)
-            with context as device:
-                fio(device, "write", "1M", args.size, max(3, args.runtime // 2))  # allocate
-                results[label] = [
-                    fio(device, rw, bs, args.size, args.runtime) for _, rw, bs in JOBS
-                ]
-            print(f"  {label}: {results[label]}", file=sys.stderr, flush=True)
+        rounds: dict[str, list[list[tuple[float, float]]]] = {label: [] for label, _ in targets}
+        for round_ in range(args.repeat):
+            order = targets if round_ % 2 == 0 else targets[::-1]
+            for label, kind in order:
+                print(f"running {label} ...", file=sys.stderr, flush=True)
+                rounds[label].append(measure(work, kind, args.size, args.runtime, plain))
+                print(f"  {label}: {rounds[label][-1]}", file=sys.stderr, flush=True)
+        for label, runs in rounds.items():
+            results[label] = [
+                (statistics.median(r[j][0] for r in runs), statistics.median(r[j][1] for r in runs))
+                for j in range(len(JOBS))
+            ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     reference = results["plain file"]
-    print(f"\nfio, libaio, direct=1, iodepth 16, {args.size}, {args.runtime}s per job\n")
+    times = f", median of {args.repeat}" if args.repeat > 1 else ""
+    print(f"\nfio, libaio, direct=1, iodepth 16, {args.size}, {args.runtime}s per job{times}\n")
     print("| target | " + " | ".join(name for name, _, _ in JOBS) + " |")
     print("|---|" + "---:|" * len(JOBS))
     for label, rows in results.items():
@@ -194,6 +217,29 @@ def main() -> None:
             figure = f"{mbs:,.0f} MB/s" if "1M" in name else f"{iops:,.0f} IOPS"
             cells.append(f"{figure} ({iops / ref_iops:.2f})")
         print(f"| {label} | " + " | ".join(cells) + " |")
+    for replicas in ("1 replica", "3 replicas"):
+        off, on = results.get(f"lhfs {replicas}"), results.get(f"lhfs {replicas}, metrics on")
+        if off and on:
+            ratios = " ".join(f"{b[0] / a[0]:.3f}" for a, b in zip(off, on, strict=True))
+            print(f"\nmetrics on / off, {replicas} ({', '.join(n for n, _, _ in JOBS)}): {ratios}")
+
+
+def measure(
+    work: Path, kind: str | int | None, size: str, runtime: int, plain: Path
+) -> list[tuple[float, float]]:
+    """Every job once on one target (a fresh volume for the lhfs ones)."""
+    if kind is None:
+        return [fio(str(plain), rw, bs, size, runtime) for _, rw, bs in JOBS]
+    if kind == "qemu":
+        context = qemu_device(work, size)
+    elif kind == "null":
+        context = null_device(work, size)
+    else:
+        text = str(kind)
+        context = lhfs_device(work, int(text.rstrip("m")), size, metrics=text.endswith("m"))
+    with context as device:
+        fio(device, "write", "1M", size, max(3, runtime // 2))  # allocate
+        return [fio(device, rw, bs, size, runtime) for _, rw, bs in JOBS]
 
 
 if __name__ == "__main__":

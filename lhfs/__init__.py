@@ -9,4 +9,6 @@ process), ``wire`` (its protocol and client), ``store`` (the chunk store on disk
 (``tests/test_layers.py`` checks it).
 """
 
-__version__ = "0.1.0"
+from lhfs.core import __version__
+
+__all__ = ["__version__"]

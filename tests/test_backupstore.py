@@ -368,7 +368,7 @@ def test_a_block_held_in_several_places_is_fetched_once(
     )
     restored: dict[int, bytes] = {}
     progress: list[float] = []
-    store.restore("v", "b0", restored.__setitem__, progress.append)
+    store.restore("v", "b0", restored.__setitem__, lambda percent, *_: progress.append(percent))
     assert len(fetched) == 2
     assert restored == {0: a, 1: b, 2: a, 4: a}
     assert progress[-1] == 100.0

@@ -2,7 +2,7 @@
 # Installs the Debian packages lhfs and its tests need, only those missing (quick when all are
 # there). Needs root, as the tests themselves do (FUSE mounts, loop devices).
 set -euo pipefail
-packages=(fuse3 e2fsprogs fio util-linux mount openssl)
+packages=(fuse3 e2fsprogs xfsprogs fio util-linux mount openssl)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -24,7 +24,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, UsageError
 from lhfs.core.names import check_name
 from lhfs.core.procs import wait_for
-from lhfs.engine import control
+from lhfs.engine import control, housekeeping
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.store.layer import pwrite_all
 from lhfs.volumes import attachment, manage
@@ -187,6 +187,7 @@ def create(
     and the replica read from was not rebuilt since: only blocks touching chunks written since
     are read. The volume's configuration keeps, per target, that backup and its snapshot's
     layer id and rebuild count on each replica."""
+    started = time.time()
     target = Target.parse(url)
     vol = volumes.load(root, name)
     vol.require_not_standby("a backup")
@@ -197,34 +198,48 @@ def create(
     # the store refuses (a bad endpoint, no access, another block size than it records) is
     # said before a snapshot is taken for the backup.
     source = None if snapshot is None else _Source(vol, check_name(snapshot, "snapshot name"))
-    try:
-        store = open_store(target, retry_timeout)
-        store.bucket.ensure(create=create_bucket)
-        block = store.block_size(name, block_size)
-        if source is None:
-            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-            snapshot = manage.snapshot_create(root, name, f"backup-{stamp}")["name"]
-            source = _Source(vol, snapshot)
-        assert snapshot is not None
-        backup_name = _backup_name(snapshot)
-        record = vol.config.get("backups", {}).get(str(target))
-        changed = source.changed_blocks(record, block)
-        _manifest, stats = store.create(
-            name,
-            backup_name,
-            source.size,
-            source.read,
-            snapshot=snapshot,
-            block_size=block,
-            progress=progress,
-            base=None if changed is None or record is None else (record["backup"], changed),
-            extra={"chunk_size": vol.chunk_size},
-        )
-    finally:
-        if source is not None:
-            source.close()
-    done = {"backup": backup_name, "snapshot": snapshot, "layers": source.bases}
-    vol.update(lambda config: config.setdefault("backups", {}).update({str(target): done}))
+    held = contextlib.ExitStack()  # (the hold on the snapshot: until its record is saved)
+    with held:
+        try:
+            store = open_store(target, retry_timeout)
+            store.bucket.ensure(create=create_bucket)
+            block = store.block_size(name, block_size)
+            if source is None:
+                stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+                snapshot = f"backup-{stamp}"
+                held.enter_context(housekeeping.hold(vol, snapshot))  # before it exists
+                manage.snapshot_create(root, name, snapshot, system=True)
+                source = _Source(vol, snapshot)
+            else:
+                held.enter_context(housekeeping.hold(vol, snapshot))
+            assert snapshot is not None
+            backup_name = _backup_name(snapshot)
+            record = vol.config.get("backups", {}).get(str(target))
+            changed = source.changed_blocks(record, block)
+            _manifest, stats = store.create(
+                name,
+                backup_name,
+                source.size,
+                source.read,
+                snapshot=snapshot,
+                block_size=block,
+                progress=progress,
+                base=None if changed is None or record is None else (record["backup"], changed),
+                extra={"chunk_size": vol.chunk_size},
+            )
+        finally:
+            if source is not None:
+                source.close()
+        done = {
+            "backup": backup_name,
+            "snapshot": snapshot,
+            "layers": source.bases,
+            # (what the metrics of an attached volume report of its last backup to the target)
+            "timestamp": time.time(),
+            "duration": round(time.time() - started, 3),
+            "uploaded": stats.uploaded_bytes,
+        }
+        vol.update(lambda config: config.setdefault("backups", {}).update({str(target): done}))
     return backup_url(target, name, backup_name), stats
 
 
@@ -303,6 +318,7 @@ def restore(
     """Restore into a new volume, marked ``restoring`` until every block is written and
     flushed (and the rebuilds started meanwhile are done); a failed restore removes the
     volume (nothing half-restored stays behind)."""
+    started = time.time()
     target, volume, name = parse_backup_url(url)
     check_name(new_name, "volume name")
     if not 1 <= replicas <= 16:
@@ -327,7 +343,18 @@ def restore(
         with contextlib.suppress(Exception):
             manage.remove(root, new_name)
         raise
-    vol.update(lambda config: config.pop("restoring", None))
+    restored = {
+        "from": url,
+        "timestamp": time.time(),
+        "duration": round(time.time() - started, 3),
+        "bytes": writer.written,
+    }
+
+    def done(config: dict[str, Any]) -> None:
+        config.pop("restoring", None)
+        config["restored"] = restored  # (what its metrics report)
+
+    vol.update(done)
     return vol
 
 
@@ -367,6 +394,7 @@ class _RestoreWriter:
         self.syncer = ThreadPoolExecutor(1)
         self.syncing: Future | None = None
         self.unsynced = 0
+        self.written = 0  # bytes of the backup received
 
     def write(self, index: int, data: bytes) -> None:
         if self.fd < 0 and time.monotonic() - self.checked > 0.2:
@@ -374,6 +402,7 @@ class _RestoreWriter:
             if volumes.load(self.root, self.vol.name).config["restoring"].get("attach"):
                 self._attach()
         data = data[: self.size - index * self.block]
+        self.written += len(data)
         for start, end in _nonzero_runs(data, self.vol.chunk_size):
             offset, view = index * self.block + start, memoryview(data)[start:end]
             if self.writers is None:

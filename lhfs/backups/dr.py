@@ -54,6 +54,7 @@ from lhfs.core.errors import (
 )
 from lhfs.core.names import check_name
 from lhfs.core.procs import wait_for
+from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import manage
 from lhfs.volumes.standby import (
@@ -68,6 +69,7 @@ from lhfs.volumes.standby import (
     save_state,
     stop,
 )
+from lhfs.wire.client import parse_address
 
 log = logging.getLogger("lhfs.dr")
 
@@ -109,7 +111,7 @@ def apply(
     vol: volumes.Volume,
     store: BackupStore,
     manifest: dict[str, Any],
-    progress: Callable[[float], None] = lambda pct: None,
+    progress: Callable[..., None] = lambda *pct: None,
     roll_back: bool = True,
 ) -> dict[str, Any]:
     """Bring the standby's replicas to ``manifest``, touching only blocks that differ from
@@ -191,7 +193,7 @@ def _write_blocks(
     size: int,
     block: int,
     stats: dict[str, Any],
-    progress: Callable[[float], None],
+    progress: Callable[..., None],
 ) -> None:
     """Trim the blocks that became empty, fetch and write the others, on every replica; the
     replicas are flushed (closed) before this returns or raises."""
@@ -209,7 +211,7 @@ def _write_blocks(
                 local.write(index * block, data)
             stats["fetched"] += 1
             stats["bytes"] += len(data)
-            progress(100 * done / len(fetch))
+            progress(100 * done / len(fetch), stats["bytes"], len(fetch) * block)
     finally:
         for local in stores:
             local.close()
@@ -279,16 +281,24 @@ class Status:
                 log.warning("could not write %s: %s", self.path, exc)
 
     def error(self, message: str) -> None:
+        self.count(errors=1)
         self.update(state="retrying", last_error=message, last_error_at=_now())
 
-    def progress(self, percent: float) -> None:
+    def count(self, **amounts: int) -> None:
+        """Add to the follower's running totals (what its metrics count)."""
+        with self._lock:
+            totals = self.data.setdefault("totals", {})
+            for key, amount in amounts.items():
+                totals[key] = totals.get(key, 0) + amount
+
+    def progress(self, percent: float, done: int | None = None, total: int | None = None) -> None:
         if percent >= 100 or time.monotonic() - self._progress_written > 0.3:
             self._progress_written = time.monotonic()
-            self.update(state="applying", progress=round(percent, 1))
+            self.update(state="applying", progress=round(percent, 1), progress_bytes=[done, total])
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return rfc3339()
 
 
 # -- the follower -----------------------------------------------------------------------------
@@ -298,13 +308,25 @@ def _stop_signal(signum: int, frame: Any) -> None:
     raise SystemExit(0)  # unwinds through the stores' close(): they flush
 
 
-def run(root: Path, name: str) -> int:
-    """The follower: poll, apply, repeat, until activation, a signal or corruption."""
+def run(root: Path, name: str, metrics: str | None = None) -> int:
+    """The follower: poll, apply, repeat, until activation, a signal or corruption. With
+    ``metrics`` (or the address recorded at ``dr create``), it serves Prometheus metrics."""
     vol = volumes.load(root, name)
     config = dr_config(vol)
     held = lock(vol, wait=5.0)  # a `dr status` may hold it for a moment
     signal.signal(signal.SIGTERM, _stop_signal)
     status = Status(vol)
+    address = metrics or config.get("metrics")
+    if address:
+        from lhfs.backups.follower_metrics import FollowerCollector
+        from lhfs.engine.metrics import serve as serve_metrics
+
+        def view() -> dict[str, Any]:
+            return {**status.data, "last_restored_created": load_state(vol).get("created")}
+
+        host, port = serve_metrics(address, FollowerCollector(name, view))
+        status.update(metrics=f"{host}:{port}")
+        log.info("metrics on http://%s:%d/metrics", host, port)
     interval, retry_max = config["interval"], config["retry_max"]
     store = BackupStore(
         Bucket(
@@ -365,6 +387,7 @@ def _step(
         status.update(state="applying", applying=newest["name"], progress=0.0)
         stats = apply(vol, store, newest, status.progress)
         log.info("applied %s: %s", newest["name"], stats)
+        status.count(bytes=stats["bytes"], increments=1)
         status.update(last_increment={"backup": newest["name"], **stats}, applying=None)
     status.update(state="standby", progress=None, current_at=time.time())
 
@@ -394,6 +417,7 @@ def create(
     retry_max: float,
     credentials_file: Path | None = None,
     retry_timeout: float = RETRY_TIMEOUT,
+    metrics: str | None = None,
 ) -> volumes.Volume:
     """Create the standby (empty, sized like the newest backup) and start its follower. The
     endpoint is recorded with it (never a secret); so is the credentials file, if named."""
@@ -404,6 +428,8 @@ def create(
         raise InvalidArgument("need 0 < --interval <= --retry-max <= 86400 seconds")
     if name in volumes.list_names(root):
         raise AlreadyExists(f"volume {name} already exists")
+    if metrics is not None:
+        parse_address(metrics)
     if credentials_file is not None:
         credentials_file = credentials_file.absolute()
     endpoint = Endpoint.from_env(credentials_file=credentials_file)
@@ -422,6 +448,7 @@ def create(
         "interval": interval,
         "retry_max": retry_max,
         "created": time.time(),
+        "metrics": metrics,
     }
     vol = manage.create(root, name, size, chunk_for(newest), replicas, None, {"dr": config})
     count = len(newest["blocks"])
@@ -440,6 +467,9 @@ def create(
     return vol
 
 
+_LHFS = (sys.executable, "-m", "lhfs")
+
+
 def start(root: Path, name: str) -> int:
     """Start the follower in the background (no-op when one runs); returns its pid."""
     vol = volumes.load(root, name)
@@ -449,7 +479,7 @@ def start(root: Path, name: str) -> int:
         return running
     with open(vol.dir / LOG, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lhfs", "--root", str(root), "dr", "run", name],
+            [*_LHFS, "--root", str(root), "dr", "run", name, "--log", str(vol.dir / LOG)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
@@ -506,6 +536,7 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "last_checked": current.get("last_checked"),
         "last_increment": current.get("last_increment"),
         "follower_pid": current.get("pid") if running else None,
+        "metrics": current.get("metrics") if running else None,
     }
 
 
@@ -513,7 +544,7 @@ def activate(
     root: Path,
     name: str,
     offline: bool,
-    progress: Callable[[float], None],
+    progress: Callable[..., None],
     retry_timeout: float = RETRY_TIMEOUT,
 ) -> dict[str, Any]:
     """Stop following, bring the volume to the newest complete backup (or, ``offline``, keep
@@ -546,7 +577,7 @@ def _activate(
     vol: volumes.Volume,
     config: dict[str, Any],
     offline: bool,
-    progress: Callable[[float], None],
+    progress: Callable[..., None],
     retry_timeout: float,
 ) -> str:
     state = load_state(vol)

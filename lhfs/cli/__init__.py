@@ -1,11 +1,10 @@
 """The ``lhfs`` command line: parses arguments, calls the library, maps errors to exit codes.
 
 Each command group lives in a module of its own here, its parsers beside its handlers
-(``replica``, ``volume``, ``snapshot``, ``image``, ``backup``, ``dr``, ``mount``, ``doctor``,
-``engine``);
-this entry point imports and builds only the group a command names. ``main`` is the one place
-where an ``LhfsError`` becomes a single line on stderr and an exit status (1: the operation
-failed, 2: bad usage); no user mistake ends in a traceback.
+(``replica``, ``volume``, ``snapshot``, ``image``, ``backup``, ``dr``, ``mount``, ``logs``,
+``doctor``, ``engine``); this entry point imports and builds only the group a command names.
+``main`` is the one place where an ``LhfsError`` becomes a single line on stderr and an exit
+status (1: the operation failed, 2: bad usage); no user mistake ends in a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lhfs.cli.common import DEFAULT_ROOT, Parser
+from lhfs.core import __version__
 from lhfs.core.errors import ArgumentError, LhfsError
 
 # group name -> (module under lhfs.cli, the function adding its parsers), in --help's order
@@ -32,6 +32,7 @@ _GROUPS: dict[str, tuple[str, str]] = {
     "snapshot": ("snapshot", "parsers"),
     "mount": ("mount", "mount_parsers"),
     "umount": ("mount", "umount_parsers"),
+    "logs": ("logs", "parsers"),
     "doctor": ("doctor", "parsers"),
     "engine-run": ("engine", "parsers"),
 }
@@ -47,6 +48,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="A replicated block volume in userspace: copy-on-write replicas, "
         "an engine, a FUSE device and S3 backups.",
     )
+    parser.add_argument("--version", action="version", version=f"lhfs {__version__}")
     parser.add_argument(
         "--root",
         default=os.environ.get("LHFS_ROOT", DEFAULT_ROOT),

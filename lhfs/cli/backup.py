@@ -8,11 +8,13 @@ from typing import Any
 from lhfs.cli.common import (
     Parser,
     print_json,
+    quiet_option,
     root_of,
+    say,
     size_arg,
     verb,
 )
-from lhfs.core.units import format_size
+from lhfs.core.units import format_size, rfc3339
 
 RETRY_TIMEOUT = 60.0  # (backupstore.s3's; not imported from there: it loads the S3 client)
 
@@ -32,21 +34,35 @@ def cmd_backup_create(args: argparse.Namespace) -> None:
             create_bucket=args.create_bucket,
             retry_timeout=args.retry_timeout,
         )
-    if not args.quiet:
+    data = {
+        "url": url,
+        "blocks": stats.blocks,
+        "read": stats.read,
+        "uploaded": stats.uploaded,
+        "uploaded_bytes": stats.uploaded_bytes,
+        "reused": stats.reused,
+    }
+    if not args.quiet and not args.json:
         print(
             f"read {stats.read} of {stats.blocks} blocks, uploaded {stats.uploaded} "
             f"({format_size(stats.uploaded_bytes)}), {stats.reused} already stored"
         )
-    print(url)
+    say(args, data, url)
 
 
 def cmd_backup_ls(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
     backups = backup.list_backups(args.target, args.volume, args.retry_timeout)
+    for b in backups:
+        b["started"] = None if b["started"] is None else rfc3339(b["started"])
     if args.json:
         print_json(backups)
         return
+    if not backups:
+        print(f"no backups in {args.target}")
+        return
+    print(f"{'VOLUME':16} {'BACKUP':36} {'STATE':11} {'SIZE':>8} URL")
     for b in backups:
         size = format_size(b["size"]) if b["size"] else "-"
         print(f"{b['volume']:16} {b['name']:36} {b['state']:11} {size:>8} {b['url']}")
@@ -56,22 +72,26 @@ def cmd_backup_rm(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
     done = backup.remove(args.url, args.retry_timeout)
+    data = {"url": args.url, "collected": done.removed, "deferred": done.deferred}
     if done.deferred:
-        print(
+        text = (
             f"deleted {args.url}; collection of its blocks deferred: {done.deferred} "
             "('lhfs backup gc' collects them later)"
         )
     else:
-        print(f"deleted {args.url}; {done.removed} unreferenced block(s) collected")
+        text = f"deleted {args.url}; {done.removed} unreferenced block(s) collected"
+    say(args, data, text)
 
 
 def cmd_backup_gc(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
     done = backup.collect(args.target, args.retry_timeout)
-    print(
+    say(
+        args,
+        {"target": args.target, "collected": done.removed, "swept": done.swept},
         f"{done.removed} unreferenced block(s) collected, "
-        f"{done.swept} marker(s) of interrupted backups removed"
+        f"{done.swept} marker(s) of interrupted backups removed",
     )
 
 
@@ -83,7 +103,8 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
         vol = backup.restore(
             root_of(args), args.url, args.name, args.replicas, bar.update, args.retry_timeout
         )
-    print(f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})")
+    data = {"url": args.url, "volume": vol.name, "size": vol.size}
+    say(args, data, f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})")
 
 
 def parsers(groups: Any) -> None:
@@ -112,11 +133,9 @@ def parsers(groups: Any) -> None:
         help="make the bucket if it does not exist (otherwise a missing bucket is an error: "
         "a typo must not start a new store)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    quiet_option(p)
     store_options(p)
-    p = verb(
-        verbs, "ls", cmd_backup_ls, "backups in a target: complete, running, interrupted", json=True
-    )
+    p = verb(verbs, "ls", cmd_backup_ls, "backups in a target: complete, running, interrupted")
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--volume", help="only this volume's backups")
     store_options(p)
@@ -146,7 +165,7 @@ def parsers(groups: Any) -> None:
     p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
     p.add_argument("name", help="the new volume")
     p.add_argument("--replicas", type=int, default=3, help="replicas of the new volume")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    quiet_option(p)
     store_options(p)
 
 

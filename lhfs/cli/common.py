@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.core.errors import ArgumentError, LhfsError
-from lhfs.core.units import parse_size
+from lhfs.core.units import format_size, parse_size
 
 DEFAULT_ROOT = "/var/lib/lhfs"
 DEFAULT_CHUNK = "64K"
@@ -35,12 +35,50 @@ def dir_arg(text: str) -> str:
     return text
 
 
+def metrics_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks one; "
+        "'volume info' shows it)",
+    )
+
+
+def log_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log",
+        metavar="FILE",
+        help="log to FILE, rotated by size (default: standard error, for a service manager)",
+    )
+
+
+def quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, sort_keys=True))
 
 
+def say(args: argparse.Namespace, data: Any, text: str) -> None:
+    """What a command reports: ``data`` as JSON with ``--json``, else the line ``text``."""
+    if getattr(args, "json", False):
+        print_json(data)
+    else:
+        print(text)
+
+
+def json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
 def root_of(args: argparse.Namespace) -> Path:
     return Path(args.root)
+
+
+def replica_header() -> str:
+    """The header over ``replica_line`` rows."""
+    return f"  {'REPLICA':6} {'MODE':4} {'ADDRESS':22} {'ON DISK':>8}"
 
 
 def replica_line(r: dict[str, Any]) -> str:
@@ -48,7 +86,8 @@ def replica_line(r: dict[str, Any]) -> str:
     error = f"  ({r['error']})" if r.get("error") else ""
     rejoin = f"  [{r['rejoin']}]" if r.get("rejoin") else ""
     address = r.get("address") or "local"
-    return f"  {r['id']:6} {r['mode']:4} {address:22}{progress}{error}{rejoin}"
+    held = "-" if r.get("disk_bytes") is None else format_size(r["disk_bytes"])
+    return f"  {r['id']:6} {r['mode']:4} {address:22} {held:>8}{progress}{error}{rejoin}"
 
 
 def verb(
@@ -57,15 +96,16 @@ def verb(
     func: Callable[[argparse.Namespace], None],
     text: str,
     *positionals: str,
-    json: bool = False,
     description: str | None = None,
+    json: bool = True,
 ) -> argparse.ArgumentParser:
-    """One subcommand: positional arguments, an optional --json, the function it runs."""
+    """One subcommand: positional arguments, --json (every command that reports something
+    reports it as one JSON document too), the function it runs."""
     p = verbs.add_parser(name, help=text, description=description or text[:1].upper() + text[1:])
     for positional in positionals:
         p.add_argument(positional)
     if json:
-        p.add_argument("--json", action="store_true", help="print one JSON document")
+        json_option(p)
     p.set_defaults(func=func)
     return p
 

@@ -13,8 +13,12 @@ from typing import Any
 from lhfs.cli.backup import store_options
 from lhfs.cli.common import (
     Parser,
+    log_option,
+    metrics_option,
     print_json,
+    quiet_option,
     root_of,
+    say,
     verb,
 )
 from lhfs.core.errors import LhfsError
@@ -34,10 +38,14 @@ def cmd_dr_create(args: argparse.Namespace) -> None:
         args.retry_max,
         Path(args.credentials_file) if args.credentials_file else None,
         args.retry_timeout,
+        args.metrics,
     )
-    print(f"created standby volume {vol.name} ({format_size(vol.size)}) following {args.volume}")
+    text = f"created standby volume {vol.name} ({format_size(vol.size)}) following {args.volume}"
     if args.no_wait:
+        say(args, dr.status(root_of(args), args.name), text)
         return
+    if not args.json:
+        print(text)
     _wait_restored(args)
 
 
@@ -62,7 +70,11 @@ def _wait_restored(args: argparse.Namespace) -> None:
                 print(f"store error, retrying: {shown_error}", file=sys.stderr, flush=True)
             bar.update(status["progress"] or 0)
             time.sleep(0.2)
-    print(f"{args.name} holds backup {status['last_restored_backup']}; following in the background")
+    say(
+        args,
+        status,
+        f"{args.name} holds backup {status['last_restored_backup']}; following in the background",
+    )
 
 
 def cmd_dr_status(args: argparse.Namespace) -> None:
@@ -92,29 +104,36 @@ def cmd_dr_activate(args: argparse.Namespace) -> None:
 
     with Progress(f"activate {args.name}", quiet=args.quiet) as bar:
         result = dr.activate(root_of(args), args.name, args.offline, bar.update, args.retry_timeout)
-    print(f"activated {args.name} at backup {result['backup']}: it is a normal volume now")
+    say(
+        args,
+        {"name": args.name, **result},
+        f"activated {args.name} at backup {result['backup']}: it is a normal volume now",
+    )
 
 
 def cmd_dr_start(args: argparse.Namespace) -> None:
     from lhfs.backups import dr
 
     pid = dr.start(root_of(args), args.name)
-    print(f"{args.name} is following its source (follower pid {pid})")
+    text = f"{args.name} is following its source (follower pid {pid})"
+    say(args, {"name": args.name, "pid": pid}, text)
 
 
 def cmd_dr_stop(args: argparse.Namespace) -> None:
     from lhfs.backups import dr
 
     dr.stop_following(root_of(args), args.name)
-    print(f"{args.name} stopped following (still a standby; 'lhfs dr start' resumes)")
+    text = f"{args.name} stopped following (still a standby; 'lhfs dr start' resumes)"
+    say(args, {"name": args.name, "stopped": True}, text)
 
 
 def cmd_dr_run(args: argparse.Namespace) -> None:
     from lhfs.backups import dr
+    from lhfs.core import logs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.setup(Path(args.log) if args.log else None)
     try:
-        code = dr.run(root_of(args), args.name)
+        code = dr.run(root_of(args), args.name, args.metrics)
     except SystemExit as stop:  # SIGTERM: the follower has flushed and let go of its lock
         code = stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:
@@ -172,7 +191,8 @@ def parsers(groups: Any) -> None:
         "follower, they win over its environment",
     )
     p.add_argument("--no-wait", action="store_true", help="return before the first restore")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    quiet_option(p)
+    metrics_option(p)
     store_options(p)
     verb(
         verbs,
@@ -180,7 +200,6 @@ def parsers(groups: Any) -> None:
         cmd_dr_status,
         "last restored backup, lag, last error",
         "name",
-        json=True,
         description="The standby's state (restoring, standby, applying, retrying, failed, "
         "stopped), the last fully restored backup, the lag (seconds since it was last known "
         "to hold the newest backup) and the last store error.",
@@ -197,7 +216,7 @@ def parsers(groups: Any) -> None:
         action="store_true",
         help="the store is gone: keep the last fully restored backup instead",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    quiet_option(p)
     store_options(p)
     verb(
         verbs,
@@ -207,10 +226,13 @@ def parsers(groups: Any) -> None:
         "name",
     )
     verb(verbs, "stop", cmd_dr_stop, "stop the follower; the volume stays a standby", "name")
-    verb(
+    p = verb(
         verbs,
         "run",
         cmd_dr_run,
         "run the follower in the foreground (for a service manager)",
         "name",
+        json=False,
     )
+    metrics_option(p)
+    log_option(p)

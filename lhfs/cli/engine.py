@@ -6,15 +6,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lhfs.cli.common import (
-    root_of,
-)
+from lhfs.cli.common import log_option, root_of
 
 
 def cmd_engine_run(args: argparse.Namespace) -> None:
     from lhfs.engine.daemon import run
 
-    code = run(root_of(args), args.name, Path(args.device))
+    code = run(
+        root_of(args),
+        args.name,
+        Path(args.device),
+        args.metrics,
+        Path(args.log) if args.log else None,
+    )
     if code:
         raise SystemExit(code)
 
@@ -25,4 +29,6 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("name")
     p.add_argument("device")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there")
+    log_option(p)
     p.set_defaults(func=cmd_engine_run)

@@ -10,7 +10,9 @@ from lhfs.cli.backup import store_options
 from lhfs.cli.common import (
     Parser,
     print_json,
+    quiet_option,
     root_of,
+    say,
     verb,
 )
 from lhfs.core.units import format_size
@@ -20,7 +22,8 @@ def cmd_image_create(args: argparse.Namespace) -> None:
     from lhfs.volumes import images
 
     info = images.create(root_of(args), args.name, Path(args.source))
-    print(f"created backing image {info['name']}: {format_size(info['size'])}, id {info['id']}")
+    text = f"created backing image {info['name']}: {format_size(info['size'])}, id {info['id']}"
+    say(args, info, text)
 
 
 def cmd_image_ls(args: argparse.Namespace) -> None:
@@ -30,6 +33,10 @@ def cmd_image_ls(args: argparse.Namespace) -> None:
     if args.json:
         print_json(found)
         return
+    if not found:
+        print("no backing images")
+    else:
+        print(f"{'IMAGE':24} {'SIZE':>8}  ID")
     for info in found:
         print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}")
 
@@ -47,7 +54,7 @@ def cmd_image_backup(args: argparse.Namespace) -> None:
             create_bucket=args.create_bucket,
             retry_timeout=args.retry_timeout,
         )
-    print(url)
+    say(args, {"name": args.name, "url": url}, url)
 
 
 def parsers(groups: Any) -> None:
@@ -56,10 +63,10 @@ def parsers(groups: Any) -> None:
     verbs.required = True
     p = verb(verbs, "create", cmd_image_create, "import a raw image (known by its content)", "name")
     p.add_argument("--from", dest="source", required=True, help="the raw image file")
-    verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids", json=True)
+    verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids")
     p = verb(verbs, "backup", cmd_image_backup, "store a backing image in a backup target", "name")
     p.set_defaults(store=True)
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--create-bucket", action="store_true", help="make the bucket if missing")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    quiet_option(p)
     store_options(p)

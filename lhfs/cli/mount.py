@@ -8,7 +8,10 @@ from typing import Any
 
 from lhfs.cli.common import (
     describe_detach,
+    json_option,
+    metrics_option,
     root_of,
+    say,
     verb,
 )
 
@@ -16,16 +19,16 @@ from lhfs.cli.common import (
 def cmd_mount(args: argparse.Namespace) -> None:
     from lhfs.volumes.mount import mount
 
-    result = mount(root_of(args), args.name, Path(args.mountpoint), args.fs)
+    result = mount(root_of(args), args.name, Path(args.mountpoint), args.fs, args.metrics)
     how = "formatted and mounted" if result["formatted"] else "mounted"
-    print(f"{how} {result['name']} at {result['mountpoint']} ({result['loop']})")
+    say(args, result, f"{how} {result['name']} at {result['mountpoint']} ({result['loop']})")
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
     from lhfs.volumes.mount import umount
 
     result = umount(root_of(args), Path(args.mountpoint), force=args.force)
-    print(f"unmounted {result['mountpoint']} and {describe_detach(result)}")
+    say(args, result, f"unmounted {result['mountpoint']} and {describe_detach(result)}")
 
 
 def mount_parsers(groups: Any) -> None:
@@ -39,6 +42,8 @@ def mount_parsers(groups: Any) -> None:
     p.add_argument("name")
     p.add_argument("mountpoint")
     p.add_argument("--fs", default="ext4", help="filesystem for a new volume (default ext4)")
+    metrics_option(p)
+    json_option(p)
     p.set_defaults(func=cmd_mount)
 
 

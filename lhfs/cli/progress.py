@@ -1,35 +1,66 @@
-"""Progress of long work: a bar on a terminal, a plain line per step elsewhere, or nothing."""
+"""Progress of long work: how much, how fast, how long yet.
+
+On a terminal, one line redrawn in place: a bar, the percentage, bytes done of the total, the
+rate and the time left. Elsewhere (a log, a pipe), a plain line at every tenth of the way and
+exactly one at 100%, so that a log shows the progress without flooding. ``quiet``: nothing.
+Written by hand: a progress library would cost every small command its import.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from types import TracebackType
+
+from lhfs.core.units import format_size
+
+_REDRAW = 0.1  # seconds between redraws on a terminal
 
 
 class Progress:
-    """``update(percent)``; prints only when the figure changed (by a step, off a terminal)."""
+    """``update(percent, done=None, total=None)``: ``done`` and ``total`` in bytes when known
+    (the rate is then in bytes per second, else in percent)."""
 
     def __init__(self, label: str, quiet: bool = False, step: float = 10.0) -> None:
         self.label = label
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.step = step
-        self._last = -1.0
+        self._started = time.monotonic()
+        self._printed = -step  # the last tenth printed off a terminal
+        self._drawn = 0.0
+        self._finished = False
 
-    def update(self, percent: float) -> None:
-        if self.quiet:
+    def update(self, percent: float, done: int | None = None, total: int | None = None) -> None:
+        if self.quiet or self._finished:
             return
+        percent = max(0.0, min(100.0, percent))
+        now = time.monotonic()
         if self.tty:
-            filled = int(percent / 100 * 30)
-            sys.stderr.write(
-                f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {percent:5.1f}%"
-            )
+            if percent < 100 and now - self._drawn < _REDRAW:
+                return
+            self._drawn = now
+            filled = int(percent / 100 * 24)
+            bar = "#" * filled + "." * (24 - filled)
+            sys.stderr.write(f"\r{self.label} [{bar}] {self._figures(percent, done, total)}\x1b[K")
             sys.stderr.flush()
-        elif percent >= 100 or percent - self._last >= self.step:
-            print(f"{self.label}: {percent:.0f}%", file=sys.stderr, flush=True)
-        else:
-            return
-        self._last = percent
+        elif percent >= 100 or percent - self._printed >= self.step:
+            self._printed = percent // self.step * self.step
+            line = f"{self.label}: {self._figures(percent, done, total)}"
+            print(line, file=sys.stderr, flush=True)
+        self._finished = percent >= 100
+
+    def _figures(self, percent: float, done: int | None, total: int | None) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        out = "100%" if percent >= 100 else f"{percent:4.1f}%"
+        if done is not None and total:
+            out += f" {format_size(done)}/{format_size(total)} {format_size(int(done / elapsed))}/s"
+        if 0 < percent < 100 and elapsed > 1:
+            left = elapsed * (100 - percent) / percent
+            out += f" ETA {int(left // 60)}:{int(left % 60):02d}"
+        elif percent >= 100:
+            out += f" in {elapsed:.1f}s"
+        return out
 
     def __enter__(self) -> Progress:
         return self
@@ -37,5 +68,5 @@ class Progress:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.tty and not self.quiet and self._last >= 0:
+        if self.tty and not self.quiet and self._drawn:
             sys.stderr.write("\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,14 @@ from lhfs.cli.common import (
     DEFAULT_CHUNK,
     Parser,
     dir_arg,
+    json_option,
+    log_option,
     print_json,
+    quiet_option,
+    replica_header,
     replica_line,
     root_of,
+    say,
     size_arg,
     verb,
 )
@@ -44,6 +48,7 @@ def cmd_replica_init(args: argparse.Namespace) -> None:
 def cmd_replica_serve(args: argparse.Namespace) -> None:
     import trio
 
+    from lhfs.core import logs
     from lhfs.replica.server import run
     from lhfs.wire.auth import VolumeKey
     from lhfs.wire.client import parse_address
@@ -57,7 +62,7 @@ def cmd_replica_serve(args: argparse.Namespace) -> None:
         if not (args.tls_cert and args.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
         context = server_context(Path(args.tls_cert), Path(args.tls_key))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.setup(Path(args.log) if args.log else None)
 
     def ready(bound: tuple[str, int]) -> None:
         print(f"serving {args.dir} on {bound[0]}:{bound[1]}", flush=True)
@@ -93,6 +98,7 @@ def cmd_replica_ls(args: argparse.Namespace) -> None:
     if args.json:
         print_json(replicas)
         return
+    print(replica_header())
     for replica in replicas:
         print(replica_line(replica))
 
@@ -100,6 +106,7 @@ def cmd_replica_ls(args: argparse.Namespace) -> None:
 def cmd_replica_add(args: argparse.Namespace) -> None:
 
     from lhfs.cli.progress import Progress
+    from lhfs.config import volume as volumes
     from lhfs.volumes import manage
 
     ca = None
@@ -108,9 +115,13 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
 
         ca = read_ca(Path(args.tls_ca))
     added = manage.replica_add(root_of(args), args.volume, args.address, ca)
-    print(f"added replica {added['id']} at {added['address']}; rebuilding")
     if args.no_wait:
+        data = {**added, "mode": "WO", "rebuild_stats": None}
+        say(args, data, f"added replica {added['id']} at {added['address']}; rebuilding")
         return
+    if not args.json:
+        print(f"added replica {added['id']} at {added['address']}; rebuilding")
+    size = volumes.load(root_of(args), args.volume).size
     with Progress(f"rebuild {added['id']}", quiet=args.quiet) as bar:
         while True:
             state = manage.replica_state(root_of(args), args.volume, added["id"])
@@ -119,11 +130,14 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
                 break
             if state["mode"] == "ERR" and state.get("rebuild_progress") is None:
                 raise LhfsError(f"replica {added['id']}: {state.get('error') or 'rebuild failed'}")
-            bar.update(state.get("rebuild_progress") or 0)
+            percent = state.get("rebuild_progress") or 0
+            bar.update(percent, int(size * percent / 100), size)  # of the volume compared
             time.sleep(0.2)
     stats = state.get("rebuild_stats") or {}
     relayed = stats.get("bytes_relayed", 0)
-    print(
+    say(
+        args,
+        {**added, "mode": "RW", "rebuild_stats": stats},
         f"replica {added['id']} is RW: copied {stats.get('chunks_copied', 0)} of "
         f"{stats.get('chunks_compared', 0)} chunks ({format_size(stats.get('bytes_copied', 0))}) "
         f"in {stats.get('seconds', 0):.1f}s"
@@ -132,7 +146,7 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
             "reach its source directly"
             if relayed
             else ""
-        )
+        ),
     )
 
 
@@ -140,7 +154,11 @@ def cmd_replica_rm(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     manage.replica_remove(root_of(args), args.volume, args.id)
-    print(f"removed replica {args.id} from {args.volume}")
+    say(
+        args,
+        {"volume": args.volume, "id": args.id, "removed": True},
+        f"removed replica {args.id} from {args.volume}",
+    )
 
 
 def parsers(groups: Any) -> None:
@@ -196,6 +214,7 @@ def parsers(groups: Any) -> None:
         help="also listen on the abstract Unix socket NAME (what an engine on this host uses "
         "for the replicas it starts: cheaper than TCP)",
     )
+    log_option(p)
     p.set_defaults(func=cmd_replica_serve)
 
     p = verbs.add_parser(
@@ -223,7 +242,8 @@ def parsers(groups: Any) -> None:
         "(PEM), checked against HOST",
     )
     p.add_argument("--no-wait", action="store_true", help="return once the rebuild started")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    quiet_option(p)
+    json_option(p)
     p.set_defaults(func=cmd_replica_add)
 
     verb(verbs, "rm", cmd_replica_rm, "remove a replica from a volume", "volume", "id")
@@ -233,5 +253,4 @@ def parsers(groups: Any) -> None:
         cmd_replica_ls,
         "a volume's replicas, their mode and rebuild progress",
         "volume",
-        json=True,
     )

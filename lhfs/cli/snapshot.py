@@ -8,7 +8,9 @@ from typing import Any
 from lhfs.cli.common import (
     Parser,
     print_json,
+    quiet_option,
     root_of,
+    say,
     verb,
 )
 from lhfs.core.units import format_size
@@ -28,23 +30,31 @@ def cmd_snapshot_ls(args: argparse.Namespace) -> None:
     if args.json:
         print_json(snaps)
         return
+    if not snaps:
+        print(f"{args.volume} has no snapshots")
+        return
+    print(f"{'SNAPSHOT':32} {'CREATED':25} {'SIZE':>8}")
     for snap in snaps:
         mark = "" if snap.get("active", True) else "  (not in the volume's chain)"
         print(f"{snap['name']:32} {snap['created']}  {format_size(snap['size']):>8}{mark}")
 
 
 def cmd_snapshot_rm(args: argparse.Namespace) -> None:
+    from lhfs.cli.progress import Progress
     from lhfs.volumes import manage
 
-    manage.snapshot_remove(root_of(args), args.volume, args.name)
-    print(f"removed snapshot {args.name}")
+    with Progress(f"remove {args.name}", quiet=args.quiet) as bar:
+        manage.snapshot_remove(root_of(args), args.volume, args.name, bar.update)
+    data = {"volume": args.volume, "name": args.name, "removed": True}
+    say(args, data, f"removed snapshot {args.name}")
 
 
 def cmd_snapshot_revert(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     manage.snapshot_revert(root_of(args), args.volume, args.name)
-    print(f"reverted {args.volume} to {args.name}")
+    data = {"volume": args.volume, "name": args.name, "reverted": True}
+    say(args, data, f"reverted {args.volume} to {args.name}")
 
 
 def parsers(groups: Any) -> None:
@@ -57,11 +67,10 @@ def parsers(groups: Any) -> None:
         cmd_snapshot_create,
         "crash-consistent snapshot on every replica",
         "volume",
-        json=True,
     )
     p.add_argument("name", nargs="?", help="snapshot name (default: snap-DATE-TIME)")
-    verb(verbs, "ls", cmd_snapshot_ls, "the chain, oldest first", "volume", json=True)
-    verb(
+    verb(verbs, "ls", cmd_snapshot_ls, "the chain, oldest first", "volume")
+    p = verb(
         verbs,
         "rm",
         cmd_snapshot_rm,
@@ -69,6 +78,7 @@ def parsers(groups: Any) -> None:
         "volume",
         "name",
     )
+    quiet_option(p)
     verb(
         verbs,
         "revert",

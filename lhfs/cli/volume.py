@@ -10,9 +10,14 @@ from lhfs.cli.common import (
     DEFAULT_CHUNK,
     Parser,
     describe_detach,
+    json_option,
+    metrics_option,
     print_json,
+    quiet_option,
+    replica_header,
     replica_line,
     root_of,
+    say,
     size_arg,
     verb,
 )
@@ -33,7 +38,8 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         image,
         {"settings": settings} if settings else None,
     )
-    print(f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas")
+    text = f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas"
+    say(args, manage.info(root_of(args), vol.name) if args.json else None, text)
 
 
 def _settings_given(args: argparse.Namespace) -> dict[str, float]:
@@ -54,7 +60,7 @@ def _setting_options(p: argparse.ArgumentParser) -> None:
             f"--{name.replace('_', '-')}",
             dest=name,
             type=float,
-            metavar="SECONDS",
+            metavar="SECONDS" if meaning.startswith("seconds") else "N",
             help=f"{meaning} (default {default:g}; {low:g}-{high:g})",
         )
 
@@ -64,31 +70,45 @@ def cmd_volume_set(args: argparse.Namespace) -> None:
 
     settings = manage.set_settings(root_of(args), args.name, _settings_given(args))
     shown = ", ".join(f"{name.replace('_', '-')} {value:g}" for name, value in settings.items())
-    print(f"{args.name}: {shown}")
+    say(args, {"name": args.name, "settings": settings}, f"{args.name}: {shown}")
 
 
 def cmd_volume_attach(args: argparse.Namespace) -> None:
     from lhfs.volumes import attachment
 
-    result = attachment.attach(root_of(args), args.name, Path(args.device))
-    print(f"attached {result['name']} at {result['device']}")
+    result = attachment.attach(root_of(args), args.name, Path(args.device), metrics=args.metrics)
+    shown = f"; metrics on http://{result['metrics']}/metrics" if result["metrics"] else ""
+    say(args, result, f"attached {result['name']} at {result['device']}{shown}")
 
 
 def cmd_volume_detach(args: argparse.Namespace) -> None:
     from lhfs.volumes import attachment
 
     report = attachment.detach(root_of(args), args.name, force=args.force)
-    print(describe_detach(report))
+    say(args, report, describe_detach(report))
 
 
 def _print_volume(info: dict[str, Any]) -> None:
     print(
         f"{info['name']}: {info['state']}, {format_size(info['size'])}"
         + (f", device {info['device']}" if info.get("device") else "")
+        + (f", loop {info['loop']}" if info.get("loop") else "")
+        + (f", mounted at {info['mountpoint']}" if info.get("mountpoint") else "")
     )
+    filesystem = info.get("filesystem")
+    if filesystem:
+        print(f"  file system {filesystem['type']} {filesystem['uuid']} ({filesystem['state']})")
+    if info.get("backing_image"):
+        print(f"  backing image {info['backing_image']}")
+    if info.get("metrics"):
+        print(f"  metrics on http://{info['metrics']}/metrics")
     restoring = info.get("restoring")
     if restoring and restoring["interrupted"]:
         print(f"  restore of {restoring['backup']} interrupted: 'lhfs volume rm {info['name']}'")
+    leftovers = info.get("leftovers")
+    if leftovers and any(leftovers.values()):
+        print(f"  its engine died and left: {leftovers} ('lhfs volume detach' cleans up)")
+    print(replica_header())
     for replica in info["replicas"]:
         print(replica_line(replica))
     if info.get("snapshots"):
@@ -118,25 +138,38 @@ def cmd_volume_info(args: argparse.Namespace) -> None:
 def cmd_volume_expand(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
-    if manage.expand(root_of(args), args.name, args.size):
-        print(f"expanded {args.name} to {format_size(args.size)}")
+    done = manage.expand(root_of(args), args.name, args.size)
+    if not done["changed"]:
+        text = f"{args.name} is already {format_size(args.size)}: nothing to do"
     else:
-        print(f"{args.name} is already {format_size(args.size)}: nothing to do")
+        text = f"expanded {args.name} to {format_size(args.size)}"
+        if done["loop"]:
+            text += f"; {done['loop']} grown"
+        if done["filesystem"]:
+            text += f", and its {done['filesystem']} file system at {done['mountpoint']}"
+        if done["todo"]:
+            text += f"; still to do: {done['todo']}"
+    say(args, done, text)
 
 
 def cmd_volume_checksum(args: argparse.Namespace) -> None:
+    from lhfs.cli.progress import Progress
     from lhfs.volumes import manage
 
-    print(f"{args.name} {manage.checksum(root_of(args), args.name)}")
+    with Progress(f"checksum {args.name}", quiet=args.quiet) as bar:
+        checksum = manage.checksum(root_of(args), args.name, bar.update)
+    say(args, {"name": args.name, "checksum": checksum}, f"{args.name} {checksum}")
 
 
 def cmd_volume_key(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     manage.export_key(root_of(args), args.name, Path(args.out))
-    print(
+    say(
+        args,
+        {"name": args.name, "file": str(Path(args.out).absolute())},
         f"wrote the key of {args.name} to {args.out} (mode 600): copy it to the replica's host "
-        "and start 'lhfs replica serve --key-file' with it"
+        "and start 'lhfs replica serve --key-file' with it",
     )
 
 
@@ -144,13 +177,15 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     manage.remove(root_of(args), args.name)
-    print(f"removed volume {args.name}")
+    say(args, {"name": args.name, "removed": True}, f"removed volume {args.name}")
 
 
 def cmd_volume_scrub(args: argparse.Namespace) -> int:
+    from lhfs.cli.progress import Progress
     from lhfs.volumes import manage
 
-    report = manage.scrub(root_of(args), args.name)
+    with Progress(f"scrub {args.name}", quiet=args.quiet) as bar:
+        report = manage.scrub(root_of(args), args.name, bar.update)
     if args.json:
         print_json(report)
     elif not report["damaged"]:
@@ -184,6 +219,7 @@ def parsers(groups: Any) -> None:
         help=f"copy-on-write and rebuild unit, a power of two 4K-4M (default {DEFAULT_CHUNK})",
     )
     _setting_options(p)
+    json_option(p)
     p.set_defaults(func=cmd_volume_create)
     p = verb(
         verbs,
@@ -203,6 +239,8 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("name")
     p.add_argument("--device", required=True, help="path of the file that becomes the volume")
+    metrics_option(p)
+    json_option(p)
     p.set_defaults(func=cmd_volume_attach)
 
     p = verb(
@@ -217,26 +255,25 @@ def parsers(groups: Any) -> None:
         "let go too, and what was cleaned up is said.",
     )
     p.add_argument("--force", action="store_true", help="let go even of a healthy volume in use")
-    verb(verbs, "ls", cmd_volume_ls, "all volumes and their state", json=True)
-    verb(
-        verbs, "info", cmd_volume_info, "one volume: state, replicas, snapshots", "name", json=True
-    )
+    verb(verbs, "ls", cmd_volume_ls, "all volumes and their state")
+    verb(verbs, "info", cmd_volume_info, "one volume: state, replicas, snapshots", "name")
     p = verb(verbs, "expand", cmd_volume_expand, "grow a volume (attached or not)", "name")
     p.add_argument("--size", required=True, type=size_arg, help="the new size")
 
-    verb(
+    p = verb(
         verbs,
         "scrub",
         cmd_volume_scrub,
         "verify the replicas' snapshots and repair corrupt replicas",
         "name",
-        json=True,
         description="Check every snapshot of every healthy replica against its recorded "
         "checksums and against the other replicas; a corrupt replica is taken out of I/O "
         "and rebuilt. Exit status: 0 nothing found, 1 corruption found (and repaired when "
         "another healthy replica was there to copy from: --json lists it under 'repaired').",
     )
-    verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
+    quiet_option(p)
+    p = verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
+    quiet_option(p)
     verb(verbs, "rm", cmd_volume_rm, "delete a detached volume and its replicas", "name")
     p = verb(
         verbs,

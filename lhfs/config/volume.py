@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 from lhfs.core.durable import atomic_write_json
 from lhfs.core.errors import AlreadyExists, Busy, CorruptState, InvalidArgument, NotFound
 from lhfs.core.names import check_name
+from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
 
@@ -52,13 +52,22 @@ SETTINGS: dict[str, tuple[float, float, float, str]] = {
         "seconds after which a failed remote replica is no longer brought back by itself "
         "(replace it: replica add, replica rm)",
     ),
+    "system_snapshots": (
+        3.0,
+        1.0,
+        250.0,
+        "how many system snapshots (taken by backups and rebuilds) are kept; older ones are "
+        "coalesced away in the background, never the last one of a backup target",
+    ),
 }
 
 
 def check_setting(name: str, value: float) -> float:
-    _default, low, high, _ = SETTINGS[name]
+    _default, low, high, meaning = SETTINGS[name]
     if not low <= value <= high:
         raise InvalidArgument(f"{name.replace('_', '-')} must be from {low:g} to {high:g}")
+    if not meaning.startswith("seconds") and value != int(value):
+        raise InvalidArgument(f"{name.replace('_', '-')} is a count: a whole number")
     return float(value)
 
 
@@ -239,7 +248,7 @@ def create(
         "name": name,
         "size": size,
         "chunk_size": chunk_size,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": rfc3339(),
         "backing_image": backing_image,
         "replicas": [
             {"id": f"r{i + 1}", "local": True, "address": None, "mode": "RW", "error": None}

@@ -1,8 +1,10 @@
-"""Parsing and printing sizes with binary suffixes (``512K``, ``64M``, ``10G``, ``1T``)."""
+"""Parsing and printing sizes with binary suffixes (``512K``, ``64M``, ``10G``, ``1T``), and
+the one time format of everything lhfs records or prints (RFC 3339, UTC, to the second)."""
 
 from __future__ import annotations
 
 import re
+import time
 
 from lhfs.core.errors import InvalidArgument
 
@@ -31,3 +33,8 @@ def format_size(n: int) -> str:
                 return f"{n // unit}{suffix}"
             return f"{n / unit:.1f}{suffix}"
     return f"{n}B"
+
+
+def rfc3339(stamp: float | None = None) -> str:
+    """``stamp`` (seconds since the epoch; now when None) as ``2026-12-04T22:18:00Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))

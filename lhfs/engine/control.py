@@ -108,3 +108,33 @@ def call(path: Path, op: str, timeout: float | None = 600.0, **args: Any) -> Any
     if not answer.get("ok"):
         raise from_wire(answer.get("kind", "LhfsError"), answer.get("message", "failed"))
     return answer.get("result")
+
+
+Progress = Callable[[float, int | None, int | None], None]
+
+
+def call_watched(path: Path, op: str, progress: Progress | None, task: str, **args: Any) -> Any:
+    """A long request (no time limit) whose progress the engine keeps under ``task``: it is
+    asked for every 0.2 s while the request runs, and given to ``progress(percent, done,
+    total)``."""
+    if progress is None:
+        return call(path, op, timeout=None, **args)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(call, path, op, None, **args)
+        while True:
+            try:
+                result = running.result(timeout=0.2)
+                break
+            except concurrent.futures.TimeoutError:
+                pass
+            try:
+                state = call(path, "progress", timeout=5, task=task)
+            except LhfsError:
+                continue
+            if state and state.get("total"):
+                done, total = int(state["done"]), int(state["total"])
+                progress(min(99.9, 100 * done / total), done, total)
+    progress(100, None, None)
+    return result

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import xxhash
 
 from lhfs.config import volume as volumes
+from lhfs.core import logs
 from lhfs.core.durable import atomic_write_json
 from lhfs.core.errors import (
     AlreadyExists,
@@ -34,10 +36,12 @@ from lhfs.core.errors import (
     WrongVolume,
 )
 from lhfs.core.names import check_name
-from lhfs.engine import control
+from lhfs.engine import control, housekeeping
 from lhfs.engine.engine import ERR, RW, Engine, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
 from lhfs.engine.fusedev import FuseChannel
+from lhfs.engine.metrics import IoStats, VolumeCollector
+from lhfs.engine.metrics import serve as serve_metrics
 from lhfs.engine.rebuild import rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
@@ -49,7 +53,7 @@ log = logging.getLogger("lhfs.daemon")
 
 
 class Daemon:
-    def __init__(self, vol: volumes.Volume, device: Path) -> None:
+    def __init__(self, vol: volumes.Volume, device: Path, metrics: str | None = None) -> None:
         self.vol = vol
         self.device = device
         self.processes: dict[str, ReplicaProcess] = {}
@@ -60,6 +64,14 @@ class Daemon:
         self.channel = FuseChannel(device)
         self.key = vol.key()
         self.rejoiner: Rejoiner | None = None
+        self.stats = IoStats()
+        self.metrics_address = metrics
+        self.last_scrub: dict[str, Any] | None = None
+        # long operations under way ("checksum", "scrub", "snapshot_rm") -> bytes done and
+        # total, for the progress of the command that asked (control op "progress")
+        self.tasks: dict[str, dict[str, int]] = {}
+        self._housekeeping = False
+        self._housekeep_again = False
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -116,6 +128,7 @@ class Daemon:
             with trio.move_on_after(5):  # (a busy replica must not make the engine look dead)
                 with contextlib.suppress(LhfsError):
                     info["snapshots"] = await engine.call_one("list_layers")
+            await self._disk_usage(info["replicas"])
             return info
         if op == "flush":
             await engine.flush()
@@ -124,12 +137,21 @@ class Daemon:
             name = check_name(str(args.get("name")), "snapshot name")
             if name in await self._snapshot_names():  # refused here: nothing is sent
                 raise AlreadyExists(f"snapshot {name!r} already exists")
-            return await engine.snapshot(name)
+            taken = await engine.snapshot(name)
+            if housekeeping.is_system(name):
+                self.housekeep()
+            return taken
         if op == "snapshot_rm":
             name = check_name(str(args.get("name")), "snapshot name")
             if name not in await self._snapshot_names():
                 raise NotFound(f"volume {self.vol.name} has no snapshot named {name!r}")
-            await engine.remove_snapshot(name)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_removal, nursery.cancel_scope)
+                try:
+                    await engine.remove_snapshot(name)
+                finally:
+                    nursery.cancel_scope.cancel()
+                    self.tasks.pop("snapshot_rm", None)
             return None
         if op == "expand":
             size = args.get("size")
@@ -148,8 +170,13 @@ class Daemon:
                 {key: float(value) for key, value in args.items() if key in volumes.SETTINGS}
             )
             engine.io_timeout = self.vol.setting("io_timeout")
+            self.housekeep()
             return {key: self.vol.setting(key) for key in volumes.SETTINGS}
-        if op in ("checksum", "list_layers"):
+        if op == "checksum":
+            return await self._checksum()
+        if op == "progress":
+            return self.tasks.get(str(args.get("task")))
+        if op == "list_layers":
             return await engine.call_one(op)
         if op == "blank":
             return await engine.call_one("is_blank")
@@ -159,7 +186,13 @@ class Daemon:
             await self.remove_replica(str(args["id"]))
             return None
         if op == "scrub":
-            return await scrub(engine, self.start_rebuild)
+            task = self.tasks["scrub"] = {"done": 0, "total": 0}
+            try:
+                report = await scrub(engine, self.start_rebuild, task)
+            finally:
+                self.tasks.pop("scrub", None)
+            self.last_scrub = {"finished": time.time(), "damaged": report["damaged"]}
+            return report
         if op == "replica_checksums":
             out = {}
             for link in engine.replicas:
@@ -176,6 +209,99 @@ class Daemon:
             self.stop()
             return {"state": engine.state, "flushed": flushed, "error": error}
         raise InvalidArgument(f"unknown control operation {op!r}")
+
+    def housekeep(self) -> None:
+        """Coalesce surplus system snapshots away in the background (see ``housekeeping``);
+        asked while it runs, it runs once more after."""
+        if self._housekeeping:
+            self._housekeep_again = True
+            return
+        assert self.nursery is not None
+        self._housekeeping = True
+        self.nursery.start_soon(self._housekeep)
+
+    async def _housekeep(self) -> None:
+        try:
+            while True:
+                self._housekeep_again = False
+                await self._housekeep_once()
+                if not self._housekeep_again:
+                    return
+        finally:
+            self._housekeeping = False
+
+    async def _housekeep_once(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        keep = int(self.vol.setting("system_snapshots"))
+        try:
+            layers = await engine.call_one("list_layers")
+        except LhfsError:
+            return
+        names = [layer["name"] for layer in layers if layer["active"] and layer["name"]]
+        while not self._stopping and not self._rebuilds:  # (a rebuild's end asks again)
+            # the configuration is read after the chain: a backup records its hold before it
+            # takes its snapshot, so a snapshot listed above that a backup holds shows here
+            config = volumes.load(self.vol.root, self.vol.name).config
+            doomed = housekeeping.surplus(names, keep, housekeeping.needed(config))
+            if not doomed:
+                return
+            try:
+                await engine.remove_snapshot(doomed[0])
+            except LhfsError as exc:
+                log.warning("housekeeping: system snapshot %s not removed: %s", doomed[0], exc)
+                return
+            log.info("housekeeping: removed system snapshot %s (%d kept)", doomed[0], keep)
+            names.remove(doomed[0])
+
+    async def _checksum(self) -> str:
+        """xxh3-128 of the volume as the engine reads it, a few MiB at a time (with the
+        volume's other I/O served in between), the bytes done kept for 'progress'."""
+        engine = self.engine
+        digest = xxhash.xxh3_128()
+        step = 4 << 20
+        task = self.tasks["checksum"] = {"done": 0, "total": engine.size}
+        try:
+            for offset in range(0, engine.size, step):
+                digest.update(await engine.read(offset, min(step, engine.size - offset)))
+                task["done"] = min(offset + step, engine.size)
+        finally:
+            self.tasks.pop("checksum", None)
+        return digest.hexdigest()
+
+    async def _watch_removal(self, scope: trio.CancelScope) -> None:
+        """The progress of a snapshot removal, as the replicas doing it report it."""
+        chunk = self.engine.chunk_size
+        while not scope.cancel_called:
+            done = total = 0
+            for link in list(self.engine.replicas):
+                if link.mode != RW or link.client is None or link.client.broken:
+                    continue
+                with trio.move_on_after(2), contextlib.suppress(LhfsError):
+                    operation = (await link.client.info()).get("operation") or {}
+                    if operation.get("op") == "remove_snapshot":
+                        done += int(operation["done"])
+                        total += int(operation["total"])
+            if total:
+                self.tasks["snapshot_rm"] = {"done": done * chunk, "total": total * chunk}
+            await trio.sleep(0.3)
+
+    async def _disk_usage(self, replicas: list[dict[str, Any]]) -> None:
+        """What each replica's directory takes on its disk, asked of all at once (a replica
+        that does not answer within 2 s is left unknown)."""
+        links = {link.id: link for link in self.engine.replicas}
+
+        async def ask(replica: dict[str, Any]) -> None:
+            replica["disk_bytes"] = None
+            link = links.get(replica["id"])
+            if link is None or link.client is None or link.client.broken or link.mode == ERR:
+                return
+            with trio.move_on_after(2), contextlib.suppress(LhfsError):
+                replica["disk_bytes"] = (await link.client.info()).get("disk_bytes")
+
+        async with trio.open_nursery() as nursery:
+            for replica in replicas:
+                nursery.start_soon(ask, replica)
 
     async def _snapshot_names(self) -> set[str]:
         layers = await self.engine.call_one("list_layers")
@@ -205,6 +331,7 @@ class Daemon:
                 self._rebuilds[link.id] = scope
                 try:
                     await rebuild(self.engine, link)
+                    self.housekeep()  # (its barrier is a system snapshot)
                 except LhfsError as exc:
                     log.warning("rebuild of %s failed: %s", link.id, exc)
                 except Exception:
@@ -386,17 +513,47 @@ class Daemon:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self.engine.run)
             self.channel.mount()
+            metrics = self._serve_metrics()
             try:
                 atomic_write_json(
                     self.vol.runtime_path,
-                    {"pid": os.getpid(), "device": str(self.device), "started": time.time()},
+                    {
+                        "pid": os.getpid(),
+                        "device": str(self.device),
+                        "started": time.time(),
+                        "metrics": metrics,
+                    },
                 )
                 announce("ready")
-                await VolumeFile(self.engine, self.channel).serve()
+                self.housekeep()
+                await VolumeFile(self.engine, self.channel, self.stats).serve()
             finally:
                 self.channel.close()
             await self.engine.close()
             nursery.cancel_scope.cancel()
+
+    def _serve_metrics(self) -> str | None:
+        """Serve Prometheus metrics on the address given at attach; the address bound."""
+        if not self.metrics_address:
+            return None
+        collector = VolumeCollector(self.vol.name, self.stats, self.metrics_view)
+        host, port = serve_metrics(self.metrics_address, collector)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+        return f"{host}:{port}"
+
+    def metrics_view(self) -> dict[str, Any]:
+        """What the metrics say beyond I/O counters (read from the scraping thread: the
+        engine's state, its replicas, the last scrub, the last backups and the restore)."""
+        assert self.engine is not None
+        view = self.engine.info()
+        view["scrub"] = self.last_scrub
+        with contextlib.suppress(LhfsError, OSError, ValueError):
+            config = volumes.load(self.vol.root, self.vol.name).config
+            view["backups"] = [
+                {"target": target, **record} for target, record in config.get("backups", {}).items()
+            ]
+            view["restored"] = config.get("restored")
+        return view
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -405,11 +562,11 @@ class Daemon:
                 return
 
 
-def run(root: Path, name: str, device: Path) -> int:
+def run(
+    root: Path, name: str, device: Path, metrics: str | None = None, log_file: Path | None = None
+) -> int:
     """Entry point of ``lhfs engine-run``: stdout carries exactly one status line."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
-    )
+    logs.setup(log_file)
     out = sys.stdout
 
     def announce(line: str) -> None:
@@ -422,7 +579,7 @@ def run(root: Path, name: str, device: Path) -> int:
     daemon = None
     try:
         vol = volumes.load(root, name)
-        daemon = Daemon(vol, device)
+        daemon = Daemon(vol, device, metrics)
         daemon.start_local_replicas()
         if not daemon.processes and not any(
             not r.get("local") and r.get("address") for r in vol.replicas

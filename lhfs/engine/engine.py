@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +24,7 @@ from typing import Any
 import trio
 
 from lhfs.core.errors import Busy, ConnectionLost, InvalidArgument, LhfsError, is_refusal
+from lhfs.core.units import rfc3339
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient
@@ -56,7 +56,7 @@ class ReplicaLink:
     client: ReplicaClient | None = None
     revision: int = -1
     error: str | None = None
-    since: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    since: str = field(default_factory=lambda: rfc3339())
     rebuild_progress: float | None = None
     rebuild_stats: Any = None
     failed_at: float | None = None  # (trio clock) when it was last marked ERR
@@ -195,7 +195,7 @@ class Engine:
             self.last_rw = link.id
         link.mode = ERR
         link.error = reason
-        link.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        link.since = rfc3339()
         link.failed_at = trio.current_time()
         if link.client is not None:  # reset: what is still queued on it is never delivered
             self.nursery.start_soon(link.client.aclose, True)

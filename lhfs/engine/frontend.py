@@ -22,6 +22,7 @@ from functools import partial
 from lhfs.core.errors import InvalidArgument, LhfsError
 from lhfs.engine import fusedev as f
 from lhfs.engine.engine import Engine, Faulted
+from lhfs.engine.metrics import IoStats
 
 log = logging.getLogger("lhfs.fuse")
 
@@ -44,9 +45,12 @@ def _errno(exc: Exception) -> int:
 class VolumeFile:
     """A single-file file system over an engine."""
 
-    def __init__(self, engine: Engine, channel: f.FuseChannel) -> None:
+    def __init__(
+        self, engine: Engine, channel: f.FuseChannel, stats: IoStats | None = None
+    ) -> None:
         self.engine = engine
         self.channel = channel
+        self.stats = stats or IoStats()  # what the metrics report (cheap: plain counters)
         self._mtime = int(time.time())
 
     async def serve(self) -> None:
@@ -63,10 +67,11 @@ class VolumeFile:
                     channel.reply_error(unique, errno.ENOSPC)
                     return
                 data = args[f.IO_IN_SIZE : f.IO_IN_SIZE + size]
+                since = self.stats.started()
                 if size >= _KEEP:  # sent from the read buffer: one copy of 1 MiB less
-                    done = partial(self._written, unique, size, channel.keep())
+                    done = partial(self._written, unique, size, channel.keep(), since)
                 else:
-                    data, done = bytes(data), partial(self._written, unique, size, None)
+                    data, done = bytes(data), partial(self._written, unique, size, None, since)
                 self.engine.submit_write(offset, data, done)
             elif opcode == f.READ:
                 _, offset, size = f.IO_IN.unpack_from(args)
@@ -74,9 +79,11 @@ class VolumeFile:
                 if size == 0:
                     channel.reply(unique)
                 else:
-                    self.engine.submit_read(offset, size, partial(self._read, unique))
+                    since = self.stats.started()
+                    self.engine.submit_read(offset, size, partial(self._read, unique, size, since))
             elif opcode == f.FSYNC:
-                self.engine.submit_flush(partial(self._done, unique))
+                since = self.stats.started()
+                self.engine.submit_flush(partial(self._done, unique, "flush", 0, since))
             elif opcode == f.FALLOCATE:
                 self._fallocate(unique, args)
             elif opcode in (f.GETATTR, f.SETATTR):
@@ -122,25 +129,41 @@ class VolumeFile:
         if length == 0:
             self.channel.reply(unique)
             return
-        self.engine.submit_trim(offset, length, partial(self._done, unique))
+        since = self.stats.started()
+        self.engine.submit_trim(offset, length, partial(self._done, unique, "trim", length, since))
 
     def _written(
-        self, unique: int, size: int, release: Callable[[], None] | None, error: Exception | None
+        self,
+        unique: int,
+        size: int,
+        release: Callable[[], None] | None,
+        since: float,
+        error: Exception | None,
     ) -> None:
         if release is not None:
             release()
+        self.stats.done("write", size, since, error is not None)
         if error is None:
             self.channel.reply(unique, f.WRITE_OUT.pack(size, 0))
         else:
             self.channel.reply_error(unique, _errno(error))
 
-    def _read(self, unique: int, error: Exception | None, data: memoryview | bytes) -> None:
+    def _read(
+        self,
+        unique: int,
+        size: int,
+        since: float,
+        error: Exception | None,
+        data: memoryview | bytes,
+    ) -> None:
+        self.stats.done("read", size, since, error is not None)
         if error is None:
             self.channel.reply(unique, data)
         else:
             self.channel.reply_error(unique, _errno(error))
 
-    def _done(self, unique: int, error: Exception | None) -> None:
+    def _done(self, unique: int, op: str, size: int, since: float, error: Exception | None) -> None:
+        self.stats.done(op, size, since, error is not None)
         if error is None:
             self.channel.reply(unique)
         else:

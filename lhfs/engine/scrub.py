@@ -21,7 +21,14 @@ from lhfs.wire.client import SumsUnavailable, merged_layer_sums
 log = logging.getLogger("lhfs.scrub")
 
 
-async def scrub(engine: Engine, start_rebuild: Callable[[ReplicaLink], None]) -> dict[str, Any]:
+async def scrub(
+    engine: Engine,
+    start_rebuild: Callable[[ReplicaLink], None],
+    task: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Verify every snapshot of every healthy replica; ``task`` follows the progress, in
+    bytes of layers checked (a layer counts the volume's size, on each replica and once more
+    for the comparison of three or more)."""
     healthy = [r for r in engine.replicas if r.mode == RW]
     if not healthy:
         raise LhfsError("no healthy replica to scrub")
@@ -30,9 +37,13 @@ async def scrub(engine: Engine, start_rebuild: Callable[[ReplicaLink], None]) ->
     damaged: dict[str, list[str]] = {}
     chunks = -(-engine.size // engine.chunk_size)
     clients = [link.client for link in healthy]
+    task = {} if task is None else task
+    steps = len(healthy) + (1 if len(healthy) > 2 else 0)
+    task.update(done=0, total=len(names) * steps * engine.size)
     for name in names:
         for link in healthy:
             rotten = await link.client.call("verify_layer", layer=name)
+            task["done"] += engine.size
             if rotten:
                 damaged.setdefault(link.id, []).append(f"{name}: {len(rotten)} chunk(s) changed")
         if len(healthy) <= 2:  # two that disagree: no majority to say which one is wrong
@@ -48,6 +59,7 @@ async def scrub(engine: Engine, start_rebuild: Callable[[ReplicaLink], None]) ->
                         damaged.setdefault(link.id, []).append(f"{name}: chunk {chunk} differs")
         except SumsUnavailable as exc:
             raise exc.error from None
+        task["done"] += engine.size
     report: dict[str, Any] = {
         "layers": names,
         "replicas": [r.id for r in healthy],

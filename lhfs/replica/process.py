@@ -46,6 +46,8 @@ class ReplicaProcess:
             f"{host}:{port}",
             "--key-file",
             str(key_file),
+            "--log",
+            str(self.log),
         ]
         if tls:
             command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]

@@ -595,5 +595,6 @@ async def run(
     server = ReplicaServer(directory, key, tls_context)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve, host, port, local)
+        log.info("serving %s on %s:%d%s", directory, *bound[:2], " (TLS)" if tls_context else "")
         if ready is not None:
             ready(bound)

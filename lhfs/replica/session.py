@@ -171,6 +171,7 @@ class Sessions:
             if epoch > self.epoch:
                 self._record_epoch(epoch, owner)
                 self._fence_older()
+                log.info("engine session of epoch %d (%s) accepted", epoch, owner.hex()[:12])
         await stream.send_all(p.WELCOME.pack(p.HS_OK))
         if role == p.ENGINE:
             return Session(role, epoch, owner, stream)

@@ -32,7 +32,6 @@ import resource
 import secrets
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from lhfs.core.errors import (
     NotFound,
 )
 from lhfs.core.names import check_name
-from lhfs.core.units import format_size
+from lhfs.core.units import format_size, rfc3339
 from lhfs.store.backing import BackingImage, content_id, file_stamp, id_size
 from lhfs.store.layer import (
     ABSENT,
@@ -117,8 +116,18 @@ def largest_file(directory: Path, up_to: int = 1 << 50) -> int:
         os.unlink(probe)
 
 
+def disk_bytes(directory: Path) -> int:
+    """The space a replica directory really takes on its disk (its files are sparse)."""
+    total = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return rfc3339()
 
 
 def _raise_fd_limit() -> None:
@@ -663,6 +672,7 @@ class ChunkStore:
             "layers": len(self.layers),
             "operation": self.operation,
             "rebuilds": self.meta.get("rebuilds", 0),
+            "disk_bytes": disk_bytes(self.dir),
         }
 
     def is_blank(self) -> bool:

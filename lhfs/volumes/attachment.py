@@ -24,6 +24,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
 from lhfs.core.procs import child_env, read_line_matching, wait_for
 from lhfs.engine import control
+from lhfs.wire.client import parse_address
 
 ATTACH_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
@@ -158,7 +159,13 @@ def _check_device(device: Path) -> None:
         raise InvalidArgument(f"device path {device} is not a regular file")
 
 
-def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict[str, Any]:
+def attach(
+    root: Path,
+    name: str,
+    device: Path,
+    restoring: bool = False,
+    metrics: str | None = None,
+) -> dict[str, Any]:
     """Start the engine on ``device``. Only the restore itself attaches a volume that is being
     restored (``restoring``); anyone else would see a partial volume. What an engine that died
     left behind is cleaned up first."""
@@ -178,8 +185,13 @@ def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict
     _check_device(device)
     log_path = vol.dir / "engine.log"
     with open(log_path, "ab") as log_file:
+        command = [sys.executable, "-m", "lhfs", "--root", str(root), "engine-run", name]
+        command += ["--log", str(log_path)]
+        if metrics:
+            parse_address(metrics)  # (a typo is said here, not in the engine's log)
+            command += ["--metrics", metrics]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lhfs", "--root", str(root), "engine-run", name, str(device)],
+            [*command, str(device)],
             stdout=subprocess.PIPE,
             stderr=log_file,
             stdin=subprocess.DEVNULL,
@@ -198,7 +210,8 @@ def attach(root: Path, name: str, device: Path, restoring: bool = False) -> dict
     if line != "ready":
         proc.wait(30)
         raise LhfsError(line.removeprefix("error: "))
-    return {"name": name, "device": str(device), "pid": proc.pid}
+    record = vol.runtime_record() or {}
+    return {"name": name, "device": str(device), "pid": proc.pid, "metrics": record.get("metrics")}
 
 
 def engine_state(vol: volumes.Volume) -> str:

@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from lhfs.config import volume as volumes
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
 from lhfs.core.names import check_name
 from lhfs.core.procs import wait_for
-from lhfs.engine import control
-from lhfs.store.chunkstore import ChunkStore
+from lhfs.engine import control, housekeeping
+from lhfs.store.chunkstore import ChunkStore, disk_bytes
 from lhfs.volumes import attachment, standby
 
 # -- create and remove -----------------------------------------------------------------------
@@ -102,19 +104,37 @@ def freshest_local(vol: volumes.Volume) -> Path:
     return best
 
 
+# The keys of ``volume info --json`` and of each of its replicas: present in every state
+# (``None`` when unknown or not applicable), so that a script reads them without guessing.
+VOLUME_KEYS = (
+    "name", "state", "size", "chunk_size", "backing_image", "filesystem", "settings",
+    "attached", "device", "pid", "metrics", "loop", "mountpoint", "writes", "replicas",
+    "snapshots", "restoring", "dr", "leftovers",
+)  # fmt: skip
+REPLICA_KEYS = (
+    "id", "address", "mode", "error", "since", "revision", "rebuild_progress",
+    "rebuild_stats", "rejoin", "pid", "disk_bytes",
+)  # fmt: skip
+
+
 def info(root: Path, name: str) -> dict[str, Any]:
+    """A volume's state, its replicas and snapshots, where it is attached and mounted."""
     vol = volumes.load(root, name)
-    base = {
+    base: dict[str, Any] = {
         "name": name,
         "size": vol.size,
         "chunk_size": vol.chunk_size,
         "backing_image": vol.config.get("backing_image"),
         "filesystem": vol.filesystem,
         "settings": {key: vol.setting(key) for key in volumes.SETTINGS},
+        "dr": vol.config.get("dr"),
     }
     if vol.config.get("restoring"):  # a restore whose process died leaves it incomplete
         mark = vol.config["restoring"]
         base["restoring"] = {**mark, "interrupted": not volumes.alive(mark["pid"])}
+    record = vol.runtime_record()
+    if record is not None:
+        base.update(_where(Path(record["device"])), metrics=record.get("metrics"))
     if vol.runtime() is not None:
         try:
             live = control.call(vol.control_socket, "info", timeout=30)
@@ -124,14 +144,14 @@ def info(root: Path, name: str) -> dict[str, Any]:
             snapshots = [_snapshot_entry(s) for s in live.pop("snapshots") if s["name"]]
             if vol.config.get("restoring"):
                 live["state"] = "restoring"
-            return {**base, **live, "attached": True, "snapshots": snapshots}
+            return _stable({**base, **live, "attached": True, "snapshots": snapshots})
     replicas = [
         {
             "id": r["id"],
             "address": r.get("address") if not r.get("local") else None,
             "mode": r.get("mode", "RW"),
             "error": r.get("error"),
-            "rebuild_progress": None,
+            "disk_bytes": _disk_bytes(vol, r),
         }
         for r in vol.replicas
     ]
@@ -143,19 +163,34 @@ def info(root: Path, name: str) -> dict[str, Any]:
     state = "restoring" if vol.config.get("restoring") else "detached"
     if vol.config.get("dr"):
         state = "restoring" if standby.load_state(vol)["backup"] is None else "standby"
-        base["dr"] = vol.config["dr"]
-    record = vol.runtime_record()
     if record is not None:  # its engine died: say so, and what it left mounted
         state = "crashed"
         base["leftovers"] = attachment.leftovers(Path(record["device"]))
         base["device"] = record["device"]
-    return {
-        **base,
-        "state": state,
-        "attached": False,
-        "replicas": replicas,
-        "snapshots": snapshots,
-    }
+    return _stable(
+        {**base, "state": state, "attached": False, "replicas": replicas, "snapshots": snapshots}
+    )
+
+
+def _where(device: Path) -> dict[str, Any]:
+    """The loop device on an attached volume's device file, and where it is mounted."""
+    loops = attachment.loops_backed_by(device)
+    mounts = [m for loop in loops for m in attachment.mounted_at(loop)]
+    return {"loop": loops[0] if loops else None, "mountpoint": mounts[0] if mounts else None}
+
+
+def _disk_bytes(vol: volumes.Volume, replica: dict[str, Any]) -> int | None:
+    directory = vol.replica_dir(replica)
+    if directory is None or not directory.is_dir():
+        return None
+    return disk_bytes(directory)
+
+
+def _stable(info: dict[str, Any]) -> dict[str, Any]:
+    """Every key in every state (None when unknown), in one order."""
+    info["replicas"] = [{key: r.get(key) for key in REPLICA_KEYS} for r in info["replicas"]]
+    extra = {key: value for key, value in info.items() if key not in VOLUME_KEYS}
+    return {**{key: info.get(key) for key in VOLUME_KEYS}, **extra}
 
 
 def _snapshot_entry(layer: dict[str, Any]) -> dict[str, Any]:
@@ -171,13 +206,21 @@ def list_volumes(root: Path) -> list[dict[str, Any]]:
     return [info(root, name) for name in volumes.list_names(root)]
 
 
-def checksum(root: Path, name: str) -> str:
+def checksum(root: Path, name: str, progress: control.Progress | None = None) -> str:
+    """xxh3-128 of the volume's whole content (what its engine reads, when attached)."""
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
         control.call(vol.control_socket, "flush")
-        return control.call(vol.control_socket, "checksum")
+        return control.call_watched(vol.control_socket, "checksum", progress, "checksum")
+    digest = xxhash.xxh3_128()
     with ChunkStore.open(freshest_local(vol)) as store:
-        return store.checksum()
+        done = 0
+        for piece in store.content():
+            digest.update(piece)
+            done += len(piece)
+            if progress:
+                progress(100 * done / max(1, store.size), done, store.size)
+    return digest.hexdigest()
 
 
 # -- changes -----------------------------------------------------------------------------------
@@ -203,29 +246,51 @@ def set_settings(root: Path, name: str, values: dict[str, float]) -> dict[str, f
     return {key: vol.setting(key) for key in volumes.SETTINGS}
 
 
-def expand(root: Path, name: str, size: int) -> bool:
-    """Grow a volume; False when it already has that size (nothing to do)."""
+def expand(root: Path, name: str, size: int) -> dict[str, Any]:
+    """Grow a volume and, when it is mounted with ``lhfs mount``, its loop device and file
+    system too (ext4 online, xfs with xfs_growfs). Says what it did, and what remains to be
+    done when it could not: ``changed`` (False: it already had that size), ``size``, ``loop``
+    (the loop device grown), ``filesystem`` and ``mountpoint`` (the file system grown),
+    ``todo`` (None, or the command an operator still has to run)."""
+    from lhfs.volumes import mount
+
     vol = volumes.load(root, name)
+    done: dict[str, Any] = {
+        "name": name, "changed": False, "size": size, "loop": None, "filesystem": None,
+        "mountpoint": None, "todo": None,
+    }  # fmt: skip
     if size == vol.size:
-        return False
+        return done
     if size < vol.size:
         raise InvalidArgument(f"cannot shrink volume {name} ({vol.size} bytes) to {size}")
     if size % vol.chunk_size:
         raise InvalidArgument(f"size {size} is not a multiple of the chunk size {vol.chunk_size}")
     vol.require_not_standby("expanding it")
     vol.require_complete("expanding it")
-    if vol.runtime() is not None:
+    done["changed"] = True
+    runtime = vol.runtime()
+    if runtime is not None:
         control.call(vol.control_socket, "expand", size=size)
-        return True
+        return {**done, **mount.grow(Path(runtime["device"]), size)}
     _on_every_replica(vol, "expand", size)
     vol.update(lambda config: config.update(size=size))
-    return True
+    return done
 
 
-def snapshot_create(root: Path, name: str, snapshot: str | None) -> dict[str, Any]:
+def snapshot_create(
+    root: Path, name: str, snapshot: str | None, system: bool = False
+) -> dict[str, Any]:
+    """A snapshot on every replica. ``system``: one of lhfs's own (a backup's), which
+    housekeeping may coalesce away later; an operator's name may not look like one."""
     vol = volumes.load(root, name)
     default = time.strftime("snap-%Y%m%d-%H%M%S")
     snapshot = check_name(default if snapshot is None else snapshot, "snapshot name")
+    if housekeeping.is_system(snapshot) != system:
+        prefixes = " and ".join(f"'{prefix}'" for prefix in housekeeping.SYSTEM_PREFIXES)
+        raise InvalidArgument(
+            f"snapshot names starting with {prefixes} are lhfs's own (housekeeping removes "
+            "them): choose another name"
+        )
     vol.require_not_standby("a snapshot")
     vol.require_complete("a snapshot")
     if vol.runtime() is not None:
@@ -242,15 +307,28 @@ def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:
     return info(root, name)["snapshots"]
 
 
-def snapshot_remove(root: Path, name: str, snapshot: str) -> None:
+def snapshot_remove(
+    root: Path, name: str, snapshot: str, progress: control.Progress | None = None
+) -> None:
+    """Remove a snapshot, its chunks coalesced into its child (the longest part: progress
+    counts the chunks it copied, on all replicas)."""
     check_name(snapshot, "snapshot name")
     vol = volumes.load(root, name)
     vol.require_not_standby("removing a snapshot")
     if vol.runtime() is not None:
-        control.call(vol.control_socket, "snapshot_rm", name=snapshot, timeout=None)
+        control.call_watched(
+            vol.control_socket, "snapshot_rm", progress, "snapshot_rm", name=snapshot
+        )
         return
     _require_snapshot(vol, snapshot)
-    _on_every_replica(vol, "remove_snapshot", snapshot)
+    directories = healthy_local_dirs(vol)
+    for n, directory in enumerate(directories):
+        with ChunkStore.open(directory) as store:
+            for done, total in store.remove_snapshot_steps(snapshot):
+                if progress and total:  # (in percent: each replica holds its own count)
+                    progress(100 * (n + done / total) / len(directories), None, None)
+    if progress:
+        progress(100, None, None)
 
 
 def snapshot_revert(root: Path, name: str, snapshot: str) -> None:
@@ -313,10 +391,10 @@ def replica_remove(root: Path, name: str, replica_id: str) -> None:
         shutil.rmtree(vol.dir / "replicas" / replica_id, ignore_errors=True)
 
 
-def scrub(root: Path, name: str) -> dict[str, Any]:
+def scrub(root: Path, name: str, progress: control.Progress | None = None) -> dict[str, Any]:
     vol = volumes.load(root, name)
     _attached(vol, "a scrub")
-    return control.call(vol.control_socket, "scrub", timeout=None)
+    return control.call_watched(vol.control_socket, "scrub", progress, "scrub")
 
 
 def replica_state(root: Path, name: str, replica_id: str) -> dict[str, Any]:

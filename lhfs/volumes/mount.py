@@ -40,6 +40,8 @@ def _run(args: list[str], what: str) -> str:
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
+        usage = [n for n, line in enumerate(detail) if line.lower().startswith("usage")]
+        detail = detail[: usage[0]] if usage and usage[0] else detail  # the reason, not usage
         raise LhfsError(f"{what} failed: {detail[-1] if detail else result.returncode}")
     return result.stdout
 
@@ -102,12 +104,9 @@ def _loop_for(device: Path) -> str:
     return _run(["losetup", "--direct-io=on", "--find", "--show", str(device)], "losetup").strip()
 
 
-def _mounted_at(loop: str) -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[0] == loop]
-
-
-def mount(root: Path, name: str, mountpoint: Path, fs: str = "ext4") -> dict[str, Any]:
+def mount(
+    root: Path, name: str, mountpoint: Path, fs: str = "ext4", metrics: str | None = None
+) -> dict[str, Any]:
     if fs not in SUPPORTED:
         raise InvalidArgument(f"unsupported filesystem {fs!r} (choose from {', '.join(SUPPORTED)})")
     mountpoint = mountpoint.absolute()
@@ -123,7 +122,7 @@ def mount(root: Path, name: str, mountpoint: Path, fs: str = "ext4") -> dict[str
     attached_here = False
     runtime = vol.runtime()
     if runtime is None:
-        attachment.attach(root, name, vol.dir / "device")
+        attachment.attach(root, name, vol.dir / "device", metrics=metrics)
         attached_here = True
         runtime = vol.runtime()
         if runtime is None:
@@ -147,7 +146,7 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
     name = vol.name
     record = vol.filesystem
     loop = _loop_for(device)
-    already = _mounted_at(loop)
+    already = attachment.mounted_at(loop)
     if already:
         if Path(already[0]) == mountpoint:
             return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": False}
@@ -176,6 +175,79 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
         vol.record_filesystem(record)
     _run(["mount", "-t", record["type"], loop, str(mountpoint)], "mount")
     return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": formatted}
+
+
+GROW = {"ext4": ["resize2fs", "{loop}"], "xfs": ["xfs_growfs", "{mountpoint}"]}
+
+
+def grow(device: Path, size: int) -> dict[str, Any]:
+    """After the volume behind ``device`` grew to ``size``: grow the loop device on it and the
+    file system mounted there, online. Returns ``loop``, ``filesystem``, ``mountpoint`` (what
+    was grown) and ``todo``: None, or what an operator still has to run (and why)."""
+    out: dict[str, Any] = {"loop": None, "filesystem": None, "mountpoint": None, "todo": None}
+    loops = attachment.loops_backed_by(device)
+    if not loops:
+        return out  # nothing on top of the device: it already has the new size
+    loop = loops[0]
+    try:
+        wait_for(lambda: os.stat(device).st_size == size, 10, "the device file to grow")
+        _run(["losetup", "--set-capacity", loop], "losetup --set-capacity")
+        wait_for(lambda: _capacity(loop) == size, 10, f"{loop} to grow")
+    except (LhfsError, TimeoutError) as exc:
+        out["todo"] = f"losetup --set-capacity {loop}, then grow the file system ({exc})"
+        return out
+    out["loop"] = loop
+    mounts = attachment.mounted_at(loop)
+    if not mounts:
+        return out
+    mountpoint = mounts[0]
+    fstype = _fstype_at(mountpoint)
+    command = GROW.get(fstype or "")
+    if command is None:
+        out["todo"] = f"grow the {fstype or 'unknown'} file system at {mountpoint} by hand"
+        return out
+    args = [arg.format(loop=loop, mountpoint=mountpoint) for arg in command]
+    if shutil.which(args[0]) is None:
+        out["todo"] = f"{' '.join(args)} ({args[0]} is not installed)"
+        return out
+    if fstype == "ext4" and not _capable(_CAP_SYS_RESOURCE):
+        out["todo"] = (
+            f"{' '.join(args)}: growing a mounted ext4 needs the CAP_SYS_RESOURCE capability, "
+            "which this process lacks (run it where it has it, or umount, resize2fs, mount)"
+        )
+        return out
+    try:
+        _run(args, args[0])
+    except LhfsError as exc:
+        out["todo"] = f"{' '.join(args)} ({exc})"
+        return out
+    return {**out, "filesystem": fstype, "mountpoint": mountpoint}
+
+
+_CAP_SYS_RESOURCE = 24
+
+
+def _capable(capability: int) -> bool:
+    """Whether this process holds ``capability`` (in its effective set)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> capability & 1)
+    return False
+
+
+def _capacity(loop: str) -> int:
+    name = Path(loop).name
+    return int(Path(f"/sys/block/{name}/size").read_text()) * 512
+
+
+def _fstype_at(mountpoint: str) -> str | None:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == mountpoint:
+                return fields[2]
+    return None
 
 
 def umount(root: Path, mountpoint: Path, force: bool = False) -> dict[str, Any]:

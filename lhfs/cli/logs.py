@@ -1,0 +1,86 @@
+"""``lhfs logs VOLUME``: the logs of a volume's engine, replicas and DR follower, merged."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lhfs.cli.common import root_of
+
+COMPONENTS = ("engine", "replica", "dr")
+_POLL = 0.2
+
+
+def _logs(args: argparse.Namespace) -> dict[str, Path]:
+    """label -> log file of the components asked for; says where remote replicas log."""
+    from lhfs.config import volume as volumes
+    from lhfs.volumes.standby import LOG as DR_LOG
+
+    vol = volumes.load(root_of(args), args.name)
+    wanted = args.component or COMPONENTS
+    found: dict[str, Path] = {}
+    if "engine" in wanted:
+        found["engine"] = vol.dir / "engine.log"
+    if "replica" in wanted:
+        for replica in vol.replicas:
+            if vol.replica_dir(replica) is not None:
+                found[replica["id"]] = vol.dir / f"{replica['id']}.log"
+            else:
+                print(
+                    f"(replica {replica['id']} runs at {replica.get('address')}: its log is on "
+                    "that host)",
+                    file=sys.stderr,
+                )
+    if "dr" in wanted and vol.config.get("dr"):
+        found["dr"] = vol.dir / DR_LOG
+    return found
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    from lhfs.core import logs
+
+    found = _logs(args)
+    out = sys.stdout.buffer
+    for text in logs.merged(found, 0 if args.all else args.lines, args.all):
+        out.write(text)
+    out.flush()
+    if not args.follow:
+        return
+    followers = [logs.Follower(label, path) for label, path in found.items()]
+    try:
+        while True:
+            for follower in followers:
+                new = follower.poll()
+                if new:
+                    out.write(new)
+                    out.flush()
+            time.sleep(_POLL)  # (a file gives no event to wait on here: polled)
+    except KeyboardInterrupt:
+        return
+
+
+def parsers(groups: Any) -> None:
+    p = groups.add_parser(
+        "logs",
+        help="a volume's logs: engine, replicas, DR follower",
+        description="Print the last lines of the logs of a volume's processes, merged in time "
+        "order, each line prefixed by the process it comes from ([engine], [r1], [dr]). Logs "
+        "rotate at $LHFS_LOG_MAX_BYTES (10 MiB); three older files are kept (--all shows "
+        "them). Replicas served on other hosts log there.",
+    )
+    p.add_argument("name", help="the volume")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument(
+        "--component",
+        action="append",
+        choices=COMPONENTS,
+        help="only this process's log (repeatable; default all)",
+    )
+    p.add_argument(
+        "-n", "--lines", type=int, default=100, help="how many of the last lines (default 100)"
+    )
+    p.add_argument("--all", action="store_true", help="everything, rotated files included")
+    p.set_defaults(func=cmd_logs)

@@ -1,0 +1,155 @@
+"""The logs of lhfs's background processes: one format, files rotated by size, read back.
+
+Every service (an engine, a replica, a DR follower) logs lines that start with an RFC 3339 UTC
+time, so that ``lhfs logs`` can merge the logs of a volume's processes in time order. Started
+with ``--log FILE``, a service writes FILE itself and rotates it when it passes
+``LHFS_LOG_MAX_BYTES`` (10 MiB), keeping ``LOG_KEEP`` older files (FILE.1 the newest of them);
+its standard error follows the current file, so that what Python prints on a crash lands there
+too. Without ``--log`` (under a service manager) it logs to standard error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+
+LOG_MAX_BYTES = 10 << 20
+LOG_KEEP = 3
+_STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+
+
+class _Formatter(logging.Formatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        return f"{whole}.{int(record.msecs):03d}Z"
+
+
+class _Rotating(RotatingFileHandler):
+    """Rotates, then points standard error at the new file."""
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        if self.stream is not None:
+            os.dup2(self.stream.fileno(), 2)
+
+
+def max_bytes() -> int:
+    """The size at which a log rotates: ``$LHFS_LOG_MAX_BYTES`` or 10 MiB."""
+    try:
+        return max(4096, int(os.environ.get("LHFS_LOG_MAX_BYTES", LOG_MAX_BYTES)))
+    except ValueError:
+        return LOG_MAX_BYTES
+
+
+def setup(path: Path | None) -> None:
+    """Log INFO and above to ``path`` (rotated by size), or to standard error."""
+    handler: logging.Handler
+    if path is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = _Rotating(path, maxBytes=max_bytes(), backupCount=LOG_KEEP)
+        if handler.stream is not None:
+            os.dup2(handler.stream.fileno(), 2)
+    handler.setFormatter(_Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def files(path: Path) -> list[Path]:
+    """A log's files, oldest first: the rotated ones, then the current one."""
+    older = [path.with_name(f"{path.name}.{n}") for n in range(LOG_KEEP, 0, -1)]
+    return [p for p in [*older, path] if p.exists()]
+
+
+def entries(path: Path, everything: bool) -> Iterator[tuple[bytes, bytes]]:
+    """``(stamp, text)`` for each entry of a log (a line with its continuation lines, such as
+    a traceback's); ``everything``: the rotated files too."""
+    stamp = b""
+    entry = b""
+    for name in files(path) if everything else [path] if path.exists() else []:
+        with open(name, "rb") as f:
+            for line in f:
+                if _STAMP.match(line) and entry:
+                    yield stamp, entry
+                    entry = b""
+                if not entry:
+                    found = _STAMP.match(line)
+                    stamp = found.group(0) if found else stamp
+                entry += line if line.endswith(b"\n") else line + b"\n"
+    if entry:
+        yield stamp, entry
+
+
+def merged(logs: dict[str, Path], lines: int, everything: bool) -> list[bytes]:
+    """The entries of several logs in time order, each line prefixed by its log's label; the
+    last ``lines`` entries (all with ``lines`` 0)."""
+    tagged = []
+    for label, path in logs.items():
+        for n, (stamp, text) in enumerate(entries(path, everything)):
+            tagged.append((stamp, label, n, _label(label, text)))
+    tagged.sort(key=lambda item: (item[0], item[1], item[2]))
+    chosen = tagged[-lines:] if lines else tagged
+    return [text for *_, text in chosen]
+
+
+def _label(label: str, text: bytes) -> bytes:
+    prefix = f"[{label}] ".encode()
+    return b"".join(prefix + line for line in text.splitlines(keepends=True))
+
+
+class Follower:
+    """New lines of a log as they come, across rotation (the file is reopened when its name
+    names another file, or when it shrank)."""
+
+    def __init__(self, label: str, path: Path) -> None:
+        self.label = label
+        self.path = path
+        self._file = None
+        self._inode = None
+        self._open(at_end=True)
+
+    def _open(self, at_end: bool) -> None:
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - kept open between polls
+        except FileNotFoundError:
+            return
+        if self._file is not None:
+            self._file.close()
+        self._file = f
+        self._inode = os.fstat(f.fileno()).st_ino
+        if at_end:
+            f.seek(0, os.SEEK_END)
+
+    def poll(self) -> bytes:
+        """What was appended since the last poll (whole lines only)."""
+        out = b""
+        if self._file is not None:
+            out = self._read()
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return out
+        if self._file is None or info.st_ino != self._inode:
+            self._open(at_end=False)  # rotated: the rest of the old file was read above
+            out += self._read()
+        elif info.st_size < self._file.tell():  # truncated
+            self._file.seek(0)
+            out += self._read()
+        return out
+
+    def _read(self) -> bytes:
+        assert self._file is not None
+        data = b""
+        while True:
+            line = self._file.readline()
+            if not line.endswith(b"\n"):  # (an incomplete line: read it next time)
+                self._file.seek(-len(line), os.SEEK_CUR)
+                return _label(self.label, data) if data else b""
+            data += line

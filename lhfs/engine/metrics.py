@@ -1,0 +1,191 @@
+"""What an attached volume exposes to Prometheus, and how it counts without slowing I/O.
+
+The I/O path only adds to plain integers (``IoStats``: a few additions and one bisect per
+request; a Prometheus client metric takes a lock and costs ten times as much). The numbers
+become metrics only when they are scraped: ``VolumeCollector`` reads them, with the engine's
+state, its replicas' modes and rebuild progress, and the last scrub and backup, each time
+Prometheus asks. Names follow Prometheus' conventions: the ``lhfs_`` prefix, ``_total`` for
+counters, ``_bytes`` and ``_seconds`` for units; every series has the ``volume`` label.
+
+The HTTP server (``prometheus_client``'s, in a thread) is started only when an address is
+given (``volume attach --metrics HOST:PORT``); its import costs nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import Any
+
+OPS = ("read", "write", "trim", "flush")
+# latency bucket bounds (seconds): from a page-cache hit to a replica timing out
+BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+STATES = ("healthy", "degraded", "faulted")
+MODES = ("RW", "WO", "ERR")
+
+
+class IoStats:
+    """Counters of the requests a volume served, updated from the I/O path."""
+
+    __slots__ = ("buckets", "bytes", "errors", "inflight", "ops", "seconds")
+
+    def __init__(self) -> None:
+        self.ops = dict.fromkeys(OPS, 0)
+        self.bytes = dict.fromkeys(OPS, 0)
+        self.errors = dict.fromkeys(OPS, 0)
+        self.seconds = dict.fromkeys(OPS, 0.0)
+        self.buckets = {op: [0] * (len(BUCKETS) + 1) for op in OPS}
+        self.inflight = 0
+
+    def started(self) -> float:
+        self.inflight += 1
+        return time.monotonic()
+
+    def done(self, op: str, nbytes: int, since: float, failed: bool) -> None:
+        elapsed = time.monotonic() - since
+        self.inflight -= 1
+        self.ops[op] += 1
+        self.bytes[op] += nbytes
+        self.seconds[op] += elapsed
+        self.buckets[op][bisect_left(BUCKETS, elapsed)] += 1
+        if failed:
+            self.errors[op] += 1
+
+
+class VolumeCollector:
+    """Metrics of one attached volume, made when scraped; ``snapshot()`` says what the
+    engine knows now (see ``daemon.Daemon.metrics_view``)."""
+
+    def __init__(self, volume: str, stats: IoStats, snapshot: Callable[[], dict[str, Any]]):
+        self.volume = volume
+        self.stats = stats
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        vol, stats = self.volume, self.stats
+        ops = CounterMetricFamily("lhfs_io_operations", "Requests served", labels=["volume", "op"])
+        moved = CounterMetricFamily(
+            "lhfs_io_bytes", "Bytes read, written or trimmed", labels=["volume", "op"]
+        )
+        errors = CounterMetricFamily(
+            "lhfs_io_errors", "Requests that failed", labels=["volume", "op"]
+        )
+        latency = HistogramMetricFamily(
+            "lhfs_io_latency_seconds", "Time to answer a request", labels=["volume", "op"]
+        )
+        for op in OPS:
+            ops.add_metric([vol, op], stats.ops[op])
+            moved.add_metric([vol, op], stats.bytes[op])
+            errors.add_metric([vol, op], stats.errors[op])
+            cumulative, total = [], 0
+            for bound, count in zip((*BUCKETS, float("inf")), stats.buckets[op], strict=True):
+                total += count
+                cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
+            latency.add_metric([vol, op], cumulative, stats.seconds[op])
+        yield from (ops, moved, errors, latency)
+        yield gauge("lhfs_io_inflight", "Requests being served", [([vol], stats.inflight)])
+        view = self.snapshot()
+        yield gauge(
+            "lhfs_volume_state",
+            "1 for the volume's state",
+            [([vol, s], int(view["state"] == s)) for s in STATES],
+            ["state"],
+        )
+        yield gauge("lhfs_volume_size_bytes", "The volume's size", [([vol], view["size"])])
+        modes, progress, copied = [], [], []
+        for replica in view["replicas"]:
+            rid = replica["id"]
+            modes += [([vol, rid, m], int(replica["mode"] == m)) for m in MODES]
+            progress.append(([vol, rid], replica["rebuild_progress"] or 0.0))
+            copied.append(([vol, rid], (replica["rebuild_stats"] or {}).get("bytes_copied", 0)))
+        yield gauge("lhfs_replica_mode", "1 for each replica's mode", modes, ["replica", "mode"])
+        yield gauge(
+            "lhfs_rebuild_progress_percent",
+            "Progress of a replica's rebuild",
+            progress,
+            ["replica"],
+        )
+        yield gauge(
+            "lhfs_rebuild_copied_bytes",
+            "Bytes the last rebuild of a replica copied",
+            copied,
+            ["replica"],
+        )
+        scrub = view.get("scrub") or {}
+        yield gauge(
+            "lhfs_scrub_last_timestamp_seconds",
+            "When the last scrub ended",
+            [([vol], scrub.get("finished", 0.0))],
+        )
+        yield gauge(
+            "lhfs_scrub_damaged_replicas",
+            "Replicas the last scrub found corrupt",
+            [([vol], len(scrub.get("damaged", {})))],
+        )
+        backups = view.get("backups") or []
+        for name, help_text in (
+            ("lhfs_backup_last_timestamp_seconds", "When the last backup to a target ended"),
+            ("lhfs_backup_last_duration_seconds", "How long the last backup to a target took"),
+            ("lhfs_backup_last_uploaded_bytes", "What the last backup to a target sent"),
+        ):
+            key = name.split("_last_")[1].removesuffix("_seconds").removesuffix("_bytes")
+            rows = [([vol, b["target"]], b.get(key) or 0) for b in backups]
+            yield gauge(name, help_text, rows, ["target"])
+        restore = view.get("restored") or {}
+        yield gauge(
+            "lhfs_restore_duration_seconds",
+            "How long the restore that made the volume took",
+            [([vol], restore.get("duration", 0.0))],
+        )
+        yield gauge(
+            "lhfs_restore_bytes",
+            "What the restore that made the volume fetched",
+            [([vol], restore.get("bytes", 0))],
+        )
+
+
+def gauge(
+    name: str, help_text: str, rows: list[tuple[list[str], float]], labels: list[str] = ()
+) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
+    family = GaugeMetricFamily(name, help_text, labels=["volume", *labels])
+    for values, value in rows:
+        family.add_metric(values, value)
+    return family
+
+
+def serve(address: str, collector: Any) -> tuple[str, int]:
+    """Serve ``collector`` on ``address`` (``HOST:PORT``; port 0 picks one) from a thread;
+    the address bound."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from lhfs.wire.client import parse_address
+
+    host, port = parse_address(address)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound = server.server_address
+    return str(bound[0]), int(bound[1])

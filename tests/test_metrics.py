@@ -1,0 +1,138 @@
+"""Prometheus metrics of an attached volume and of a DR follower, scraped for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from conftest import needs_fuse
+
+from lhfs.core.procs import wait_for
+from lhfs.testing import Cli, fio_verify, loop_attach
+
+pytestmark = needs_fuse
+
+
+def scrape(address: str) -> dict[str, float]:
+    """``{series: value}`` of a metrics endpoint (``name{labels}`` as Prometheus writes it)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
+def value(series: dict[str, float], name: str, **labels: str) -> float:
+    wanted = [f'{key}="{val}"' for key, val in labels.items()]
+    found = [
+        v for k, v in series.items() if k.split("{")[0] == name and all(w in k for w in wanted)
+    ]
+    assert len(found) == 1, (name, labels, [k for k in series if k.startswith(name)])
+    return found[0]
+
+
+def test_engine_metrics_follow_io_a_replica_kill_and_its_rebuild(cli: Cli, tmp_path: Path) -> None:
+    cli.run("volume", "create", "m", "--size", "128M", "--replicas", "2")
+    device = ("--device", str(tmp_path / "dev"))
+    out = cli.run("volume", "attach", "m", *device, "--metrics", "127.0.0.1:0").stdout
+    address = cli.info("m")["metrics"]
+    assert address and f"http://{address}/metrics" in out
+    first = scrape(address)
+    assert value(first, "lhfs_volume_state", volume="m", state="healthy") == 1
+    assert value(first, "lhfs_io_operations_total", volume="m", op="write") == 0
+    loop = loop_attach(tmp_path / "dev")
+    try:
+        fio = fio_verify(loop, "16M")
+        out, err = fio.communicate(timeout=300)
+        assert fio.returncode == 0, out + err
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    after = scrape(address)
+    writes = value(after, "lhfs_io_operations_total", volume="m", op="write")
+    assert writes >= 4096  # 16 MiB in 4 KiB writes
+    assert value(after, "lhfs_io_bytes_total", volume="m", op="write") >= 16 << 20
+    assert value(after, "lhfs_io_operations_total", volume="m", op="read") >= 4096  # verify
+    assert value(after, "lhfs_io_latency_seconds_count", volume="m", op="write") == writes
+    assert (
+        value(after, "lhfs_io_latency_seconds_bucket", volume="m", op="write", le="+Inf") == writes
+    )
+    assert value(after, "lhfs_io_inflight", volume="m") == 0
+    victim = cli.info("m")["replicas"][1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    with open(tmp_path / "dev", "r+b") as f:  # a write notices
+        f.write(b"x")
+        f.flush()
+        os.fsync(f.fileno())
+    degraded = scrape(address)
+    assert value(degraded, "lhfs_volume_state", volume="m", state="degraded") == 1
+    assert value(degraded, "lhfs_replica_mode", volume="m", replica=victim["id"], mode="ERR") == 1
+    added = cli.run("replica", "add", "m").stdout.split()[2]
+    healthy = wait_for(
+        lambda: (
+            (s := scrape(address))
+            and value(s, "lhfs_replica_mode", volume="m", replica=added, mode="RW") == 1
+            and s
+        ),
+        60,
+        "the new replica to be RW in the metrics",
+    )
+    assert value(healthy, "lhfs_rebuild_copied_bytes", volume="m", replica=added) > 0
+    cli.run("volume", "detach", "m")
+
+
+def test_backup_scrub_restore_and_dr_follower_metrics(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://metrics-backups/p"
+    cli.run("volume", "create", "b", "--size", "64M", "--replicas", "3")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "b", "--device", str(device), "--metrics", "127.0.0.1:0")
+    address = cli.info("b")["metrics"]
+    with open(device, "r+b") as f:
+        f.write(os.urandom(4 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    assert value(scrape(address), "lhfs_scrub_last_timestamp_seconds", volume="b") == 0
+    cli.run("volume", "scrub", "b")
+    scrubbed = scrape(address)
+    assert value(scrubbed, "lhfs_scrub_last_timestamp_seconds", volume="b") > 0
+    assert value(scrubbed, "lhfs_scrub_damaged_replicas", volume="b") == 0
+    url = cli.backup("b", target)
+    backed = scrape(address)
+    assert value(backed, "lhfs_backup_last_uploaded_bytes", volume="b", target=target) > 0
+    assert value(backed, "lhfs_backup_last_duration_seconds", volume="b", target=target) > 0
+    cli.run("backup", "restore", url, "copy", "--replicas", "1", "--quiet")
+    cli.run(
+        "volume", "attach", "copy", "--device", str(tmp_path / "copy"), "--metrics", "127.0.0.1:0"
+    )
+    restored = scrape(cli.info("copy")["metrics"])
+    assert value(restored, "lhfs_restore_bytes", volume="copy") >= 4 << 20
+    cli.run("volume", "detach", "copy")
+
+    cli.run(
+        "dr", "create", "standby", "--target", target, "--volume", "b", "--replicas", "1",
+        "--interval", "0.3", "--quiet", "--metrics", "127.0.0.1:0",
+    )  # fmt: skip
+    follower = cli.json("dr", "status", "standby")["metrics"]
+    assert follower
+    first = scrape(follower)
+    assert value(first, "lhfs_dr_follower_state", volume="standby", state="standby") == 1
+    assert value(first, "lhfs_dr_increments_total", volume="standby") == 1
+    assert value(first, "lhfs_dr_fetched_bytes_total", volume="standby") > 0
+    assert value(first, "lhfs_dr_last_applied_backup_timestamp_seconds", volume="standby") > 0
+    with open(device, "r+b") as f:
+        f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    cli.dr_restored("standby", cli.backup("b", target))
+    later = scrape(follower)
+    assert value(later, "lhfs_dr_increments_total", volume="standby") == 2
+    assert value(later, "lhfs_dr_lag_seconds", volume="standby") < 30
+    cli.run("dr", "stop", "standby")
+    cli.run("volume", "detach", "b")
