@@ -72,8 +72,9 @@ def fio(target: str, rw: str, bs: str, size: str, runtime: int) -> tuple[float, 
 
 @contextmanager
 def lhfs_device(work: Path, replicas: int, size: str, metrics: bool = False) -> Iterator[str]:
-    cli = Cli(work / f"root{replicas}{'m' if metrics else ''}")
-    device = work / f"lhfs{replicas}{'m' if metrics else ''}.dev"
+    scratch = Path(tempfile.mkdtemp(prefix=f"lhfs{replicas}{'m' if metrics else ''}-", dir=work))
+    cli = Cli(scratch / "root")
+    device = scratch / "device"
     stop = threading.Event()
     try:
         cli.run("volume", "create", "bench", "--size", size, "--replicas", str(replicas))
@@ -90,6 +91,7 @@ def lhfs_device(work: Path, replicas: int, size: str, metrics: bool = False) -> 
     finally:
         stop.set()
         teardown(cli.root)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def scrape_every_second(address: str, stop: threading.Event) -> None:
@@ -172,7 +174,14 @@ def main() -> None:
         help="run each job this many times, the median counts (the order of the targets "
         "changes at each round, so that a slow moment of the disk hits each in turn)",
     )
+    parser.add_argument(
+        "--jobs",
+        default=None,
+        help="only these jobs, by fio mode: write,read,randwrite,randread (default: all)",
+    )
     args = parser.parse_args()
+    if args.jobs:
+        JOBS[:] = [job for job in JOBS if job[1] in args.jobs.split(",")]
     wanted = set(args.targets.split(","))
     base = Path(args.dir or Path(__file__).parent)
     work = Path(tempfile.mkdtemp(prefix="fio-bench-", dir=base))

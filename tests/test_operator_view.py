@@ -163,6 +163,9 @@ def test_logs_merge_follow_and_rotate(cli: Cli, tmp_path: Path) -> None:
     assert any(line.startswith("[engine] ") and "attached" in line for line in out), out
     stamps = [line.split()[1] for line in out if re.match(r"^\[\w+\] \d{4}-", line)]
     assert stamps == sorted(stamps) and all(s.endswith("Z") for s in stamps)
+    entries = cli.json("logs", "l")
+    assert entries and {tuple(e) for e in entries} == {("component", "text", "time")}
+    assert all(STAMP.match(e["time"][:19] + "Z") for e in entries if e["time"])
     only = cli.run("logs", "l", "--component", "replica").stdout.splitlines()
     assert only and all(line.startswith(("[r1] ", "[r2] ")) for line in only), only
     follow = cli.start("logs", "l", "--follow", "--component", "engine")
@@ -204,7 +207,7 @@ def test_logs_merge_follow_and_rotate(cli: Cli, tmp_path: Path) -> None:
     assert [p.name for p in files] == ["svc.log.3", "svc.log.2", "svc.log.1", "svc.log"]
     assert all(p.stat().st_size <= 20000 + 200 for p in files)
     assert "on stderr" in log.read_text()
-    lines = [text for text in logs.merged({"t": log}, 0, True) if b"line " in text]
+    lines = [text for _, _, text in logs.merged({"t": log}, 0, True) if b"line " in text]
     numbers = [int(t.split(b"line ")[1][:5]) for t in lines]
     assert numbers == sorted(numbers) and numbers[-1] == 1999
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lhfs.cli.common import root_of
+from lhfs.cli.common import print_json, root_of
 
 COMPONENTS = ("engine", "replica", "dr")
 _POLL = 0.2
@@ -43,9 +43,22 @@ def cmd_logs(args: argparse.Namespace) -> None:
     from lhfs.core import logs
 
     found = _logs(args)
+    chosen = logs.merged(found, 0 if args.all else args.lines, args.all)
+    if args.json:
+        print_json(
+            [
+                {
+                    "component": label,
+                    "time": stamp.decode().strip() or None,
+                    "text": text.decode(errors="replace").removeprefix(stamp.decode()).rstrip("\n"),
+                }
+                for label, stamp, text in chosen
+            ]
+        )
+        return
     out = sys.stdout.buffer
-    for text in logs.merged(found, 0 if args.all else args.lines, args.all):
-        out.write(text)
+    for label, _, text in chosen:
+        out.write(logs.labelled(label, text))
     out.flush()
     if not args.follow:
         return
@@ -83,4 +96,9 @@ def parsers(groups: Any) -> None:
         "-n", "--lines", type=int, default=100, help="how many of the last lines (default 100)"
     )
     p.add_argument("--all", action="store_true", help="everything, rotated files included")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the entries as one JSON list of {component, time, text} (not with -f)",
+    )
     p.set_defaults(func=cmd_logs)

@@ -87,19 +87,20 @@ def entries(path: Path, everything: bool) -> Iterator[tuple[bytes, bytes]]:
         yield stamp, entry
 
 
-def merged(logs: dict[str, Path], lines: int, everything: bool) -> list[bytes]:
-    """The entries of several logs in time order, each line prefixed by its log's label; the
-    last ``lines`` entries (all with ``lines`` 0)."""
+def merged(logs: dict[str, Path], lines: int, everything: bool) -> list[tuple[str, bytes, bytes]]:
+    """``(label, stamp, text)`` of the entries of several logs, in time order; the last
+    ``lines`` of them (all with ``lines`` 0)."""
     tagged = []
     for label, path in logs.items():
         for n, (stamp, text) in enumerate(entries(path, everything)):
-            tagged.append((stamp, label, n, _label(label, text)))
+            tagged.append((stamp, label, n, text))
     tagged.sort(key=lambda item: (item[0], item[1], item[2]))
     chosen = tagged[-lines:] if lines else tagged
-    return [text for *_, text in chosen]
+    return [(label, stamp, text) for stamp, label, _, text in chosen]
 
 
-def _label(label: str, text: bytes) -> bytes:
+def labelled(label: str, text: bytes) -> bytes:
+    """``text`` with each line prefixed by ``[label]``."""
     prefix = f"[{label}] ".encode()
     return b"".join(prefix + line for line in text.splitlines(keepends=True))
 
@@ -151,5 +152,5 @@ class Follower:
             line = self._file.readline()
             if not line.endswith(b"\n"):  # (an incomplete line: read it next time)
                 self._file.seek(-len(line), os.SEEK_CUR)
-                return _label(self.label, data) if data else b""
+                return labelled(self.label, data) if data else b""
             data += line
