@@ -332,6 +332,29 @@ class Bucket:
             ),
         )
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if no object has that name (a conditional PUT, ``If-None-Match:
+        *``): False when one has. A store that ignores the condition overwrites; the caller
+        reads the object back to find out who won."""
+
+        def put() -> bool:
+            try:
+                # (the S3 client has no argument for the header: its request method is used)
+                self.client._execute(
+                    "PUT",
+                    self.target.bucket,
+                    key,
+                    body=data,
+                    headers={"If-None-Match": "*", "Content-Length": str(len(data))},
+                )
+            except S3Error as exc:
+                if exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+
+        return self._call(f"PUT {key}", put)
+
     def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
         """The object and its metadata, or None if there is no such object."""
 

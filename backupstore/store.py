@@ -2,10 +2,14 @@
 
 Layout under ``s3://BUCKET/PREFIX``:
 
-    blocks/<2 hex>/<xxh3-128 hex>       a block, zstd-compressed or raw (metadata says which)
+    lhfs-store.json                     the store's record: its keys (see ``keys``)
+    blocks/<2 hex>/<name>               a block, zstd-compressed or raw; its name is the
+                                        xxh3-128 of its content (a keyed hash of it, encrypted)
     volumes/<volume>/volume.meta        the volume's backup settings: its block size
     volumes/<volume>/<backup>.json      the manifest: size, block size, one digest per block
     volumes/<volume>/<backup>.running   a backup in progress (refreshed while it runs)
+    standbys/<volume>/<id>.json         the backup a DR standby of the volume last restored
+                                        (``prune`` keeps it)
     locks/collect-<token>               a collection in progress (refreshed while it runs)
 
 A backup writes its ``.running`` marker first, its blocks next (skipping those the store already
@@ -43,6 +47,7 @@ import zstandard
 from lhfs.core.errors import CorruptState, InvalidArgument, LhfsError, NotFound
 from lhfs.core.units import format_size, rfc3339
 
+from .keys import RECORD, StoreKeys
 from .s3 import Bucket
 
 BLOCK_SIZE = 2 << 20
@@ -84,16 +89,60 @@ class BackupStats:
 class BackupStore:
     """The backups of one target."""
 
-    def __init__(self, bucket: Bucket, workers: int = 8) -> None:
+    def __init__(self, bucket: Bucket, workers: int = 8, password: bytes | None = None) -> None:
         self.bucket = bucket
         self.target = bucket.target
         self.workers = workers
+        self.password = password
+        self._keys: StoreKeys | None = None
         self._block_sizes: dict[str, int] = {}  # recorded ones: they never change
+
+    # -- the store's keys -----------------------------------------------------------------------
+
+    @property
+    def keys(self) -> StoreKeys:
+        """The store's keys, from its record (read once)."""
+        if self._keys is None:
+            found = self.bucket.get(self.target.key(RECORD))
+            if found is None:
+                raise NotFound(
+                    f"{self.target} has no store record ({RECORD}): it holds no lhfs backups, "
+                    "or the record was deleted"
+                )
+            self._keys = StoreKeys.open(found[0], self.password, str(self.target))
+        return self._keys
+
+    def init(self) -> bool:
+        """Make the store's record if it has none: encrypted when a password was given. True
+        when this call made it. Two at once agree on one (a conditional write; the loser
+        reads the winner's)."""
+        key = self.target.key(RECORD)
+        found = self.bucket.get(key)
+        if found is None:
+            keys, record = StoreKeys.new(self.password)
+            if self.bucket.put_new(key, record):
+                found = self.bucket.get(key)  # (a store that ignored the condition: who won)
+                if found is not None and found[0] == record:
+                    self._keys = keys
+                    return True
+            found = self.bucket.get(key)
+            if found is None:
+                raise CorruptState(f"{key} in {self.target} vanished as it was written")
+        self._keys = StoreKeys.open(found[0], self.password, str(self.target))
+        return False
+
+    def _seal(self, relative: str, payload: bytes) -> None:
+        self.bucket.put(self.target.key(relative), self.keys.seal(relative, payload))
+
+    def _unsealed(self, relative: str) -> bytes | None:
+        found = self.bucket.get(self.target.key(relative))
+        return None if found is None else self.keys.unseal(relative, found[0])
 
     # -- blocks -------------------------------------------------------------------------------
 
     def _block_key(self, digest: str) -> str:
-        return self.target.key("blocks", digest[:2], digest)
+        name = self.keys.block_name(digest)
+        return self.target.key("blocks", name[:2], name)
 
     def put_block(
         self, data: bytes, digest: str, present: set[str] | None = None, ask: bool = True
@@ -105,7 +154,7 @@ class BackupStore:
         is (new content, which asking would nearly always find missing)."""
         key = self._block_key(digest)
         if present is not None:
-            if digest in present:
+            if key.rsplit("/", 1)[1] in present:
                 return 0
         elif ask and self.bucket.exists(key):
             return 0
@@ -113,19 +162,26 @@ class BackupStore:
         method = "zstd"
         if len(packed) >= len(data):
             packed, method = data, "none"
+        if self.keys.encrypted:
+            sealed = self.keys.seal_block(key.rsplit("/", 1)[1], method, packed)
+            self.bucket.put(key, sealed)
+            return len(sealed)
         self.bucket.put(key, packed, {"lhfs-compression": method})
         return len(packed)
 
     def get_block(self, digest: str) -> bytes:
         """A block's bytes, checked against its name: a mismatch is corruption, never data."""
-        found = self.bucket.get(self._block_key(digest))
+        key = self._block_key(digest)
+        found = self.bucket.get(key)
         if found is None:
             raise BlockMissing(f"block {digest} is missing from {self.target}")
         body, meta = found
+        if self.keys.encrypted:
+            method, body = self.keys.unseal_block(key.rsplit("/", 1)[1], body)
+        else:
+            method = meta.get(_META, "none")
         try:
-            data = (
-                zstandard.ZstdDecompressor().decompress(body) if meta.get(_META) == "zstd" else body
-            )
+            data = zstandard.ZstdDecompressor().decompress(body) if method == "zstd" else body
         except zstandard.ZstdError:
             raise CorruptState(f"block {digest} in {self.target} cannot be decompressed") from None
         if digest_of(data) != digest:
@@ -135,10 +191,11 @@ class BackupStore:
     # -- backups ------------------------------------------------------------------------------
 
     def _key(self, volume: str, name: str, suffix: str) -> str:
-        return self.target.key("volumes", volume, f"{name}.{suffix}")
+        return self.target.key(_relative(volume, name, suffix))
 
-    def _meta_key(self, volume: str) -> str:
-        return self.target.key("volumes", volume, "volume.meta")
+    @staticmethod
+    def _meta_relative(volume: str) -> str:
+        return f"volumes/{volume}/volume.meta"
 
     def block_size(self, volume: str, wanted: int | None) -> int:
         """The block size of the volume's backups, fixed by its first complete backup:
@@ -160,14 +217,15 @@ class BackupStore:
         return size, False
 
     def _recorded_block_size(self, volume: str) -> int | None:
-        key = self._meta_key(volume)
-        found = self.bucket.get(key)
+        relative = self._meta_relative(volume)
+        found = self._unsealed(relative)
         if found is None:
             return None
         try:
-            size = int(json.loads(found[0])["block_size"])
-        except (ValueError, KeyError, TypeError):
-            raise CorruptState(f"{key} in {self.target} cannot be parsed") from None
+            size = int(json.loads(found)["block_size"])
+            check_block_size(size)
+        except (ValueError, KeyError, TypeError, InvalidArgument):
+            raise CorruptState(f"{relative} in {self.target} cannot be parsed") from None
         self._block_sizes[volume] = size
         return size
 
@@ -191,6 +249,7 @@ class BackupStore:
         digests. Without it, or when the base is gone, every block is read (and only those the
         store lacks are sent)."""
         self.bucket.ensure()  # (the caller may have made it, with --create-bucket)
+        self.init()
         block_size, recorded = self._settings(volume, block_size)
         started = time.time()
         running = _Marker(self.bucket, self._key(volume, name, "running"))
@@ -250,10 +309,10 @@ class BackupStore:
                 "blocks": digests,
                 **(extra or {}),
             }
-            self.bucket.put(self._key(volume, name, "json"), json.dumps(manifest).encode())
+            self._seal(_relative(volume, name, "json"), json.dumps(manifest).encode())
             if not recorded:  # the first complete backup fixes the block size
                 meta = {"format": 1, "block_size": block_size}
-                self.bucket.put(self._meta_key(volume), json.dumps(meta).encode())
+                self._seal(self._meta_relative(volume), json.dumps(meta).encode())
         progress(100.0, size, size)
         return manifest, stats
 
@@ -331,14 +390,16 @@ class BackupStore:
         return {d for d in manifest["blocks"] if d}
 
     def manifest(self, volume: str, name: str) -> dict[str, Any]:
-        found = self.bucket.get(self._key(volume, name, "json"))
+        """A backup's manifest, authenticated (see ``keys``) and checked."""
+        found = self._unsealed(_relative(volume, name, "json"))
         if found is None:
             raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
         try:
-            manifest = json.loads(found[0])
+            manifest = json.loads(found)
             blocks = manifest["blocks"]
             valid = (
-                manifest["block_size"] > 0
+                (manifest["volume"], manifest["name"]) == (volume, name)
+                and manifest["block_size"] > 0
                 and len(blocks) == -(-manifest["size"] // manifest["block_size"])
                 and all(d is None or _DIGEST.match(d) for d in blocks)
             )
@@ -346,6 +407,14 @@ class BackupStore:
             valid = False
         if not valid:
             raise CorruptState(f"the manifest of backup {name} of {volume} cannot be parsed")
+        # (checked against the volume's record, itself authenticated; none yet: the first
+        # backup's process died between writing its manifest and the record)
+        recorded = self._block_sizes.get(volume) or self._recorded_block_size(volume)
+        if recorded not in (None, manifest["block_size"]):
+            raise CorruptState(
+                f"backup {name} of {volume} has {manifest['block_size']}-byte blocks but the "
+                f"volume's record says {recorded}: one of them was changed"
+            )
         return manifest
 
     def _manifest_objects(self, volume: str) -> list[tuple[str, Any]]:
@@ -450,17 +519,30 @@ class BackupStore:
             progress(100 * done / max(1, total), done * block, total * block)
         return manifest
 
-    def fetch(self, items: Iterable[tuple[int, str]]) -> Iterator[tuple[int, bytes]]:
+    def fetch(
+        self, items: Iterable[tuple[int, str]], keep_going: bool = False
+    ) -> Iterator[tuple[int, Any]]:
         """``(index, data)`` for each ``(index, digest)``, in order, each checked; fetched in
-        parallel with at most twice as many blocks in memory as there are workers.
+        parallel with at most twice as many blocks in memory as there are workers. With
+        ``keep_going``, a block that is corrupt or missing is given as its error instead of
+        raising it (a check lists them all).
 
         Left early (an error, a stop signal), it drops the queued fetches and does not wait
         for those under way: a slow or hanging store must not hold up a caller that stops."""
         pool = ThreadPoolExecutor(self.workers)
         window: deque = deque()
+
+        def get(digest: str) -> Any:
+            try:
+                return self.get_block(digest)
+            except CorruptState as exc:
+                if keep_going:
+                    return exc
+                raise
+
         try:
             for index, digest in items:
-                window.append((index, pool.submit(self.get_block, digest)))
+                window.append((index, pool.submit(get, digest)))
                 if len(window) >= 2 * self.workers:
                     first, future = window.popleft()
                     yield first, future.result()
@@ -469,6 +551,75 @@ class BackupStore:
                 yield first, future.result()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- DR standbys and retention --------------------------------------------------------------
+
+    def mark_standby(self, volume: str, standby: str, label: str, backup: str) -> None:
+        """Record that the DR standby ``standby`` (an id; ``label`` its name, for people) holds
+        ``backup`` of ``volume``: prune keeps that backup, which its next increment reads."""
+        record = {"standby": label, "backup": backup, "at": rfc3339()}
+        self._seal(f"standbys/{volume}/{standby}.json", json.dumps(record).encode())
+
+    def unmark_standby(self, volume: str, standby: str) -> None:
+        self.bucket.delete(self.target.key(f"standbys/{volume}/{standby}.json"))
+
+    def standby_marks(self, volume: str) -> list[dict[str, Any]]:
+        """What the DR standbys of ``volume`` recorded (each authenticated)."""
+        prefix = self.target.key("standbys", volume) + "/"
+        out = []
+        for obj in self.bucket.list(prefix):
+            relative = f"standbys/{volume}/{obj.object_name[len(prefix) :]}"
+            found = self._unsealed(relative)
+            if found is None:  # (removed since the listing)
+                continue
+            try:
+                record = json.loads(found)
+                out.append({"standby": str(record["standby"]), "backup": str(record["backup"])})
+            except (ValueError, KeyError, TypeError):
+                raise CorruptState(f"{relative} in {self.target} cannot be parsed") from None
+        return out
+
+    def prune(self, volume: str, policy: dict[str, int], dry_run: bool = False) -> dict[str, Any]:
+        """Delete the backups of ``volume`` that ``policy`` does not keep (see ``retention``),
+        never the newest nor one a DR standby recorded, then collect unreferenced blocks.
+        ``dry_run``: only say what would go."""
+        from .retention import keep
+
+        if not any(policy.values()):
+            raise InvalidArgument("no --keep-* rule given: prune refuses to delete every backup")
+        names = self.complete_names(volume)
+        manifests = self._manifests([(volume, name) for name in names])
+        backups = [
+            {"name": name, "started": float(m.get("started") or 0.0), "created": m["created"]}
+            for (_, name), m in manifests.items()
+        ]
+        kept = keep(backups, policy)
+        for mark in self.standby_marks(volume):
+            if mark["backup"] in {b["name"] for b in backups}:
+                kept.setdefault(mark["backup"], []).append(f"DR standby {mark['standby']}")
+        doomed = sorted(
+            (b for b in backups if b["name"] not in kept), key=lambda b: (b["started"], b["name"])
+        )
+        report: dict[str, Any] = {
+            "volume": volume,
+            "kept": [
+                {"name": b["name"], "created": b["created"], "reasons": kept[b["name"]]}
+                for b in sorted(backups, key=lambda b: (b["started"], b["name"]))
+                if b["name"] in kept
+            ],
+            "removed": [{"name": b["name"], "created": b["created"]} for b in doomed],
+            "dry_run": dry_run,
+            "collected": 0,
+            "deferred": None,
+        }
+        if dry_run:
+            return report
+        for backup in doomed:
+            self.bucket.delete(self._key(volume, backup["name"], "json"))
+        if doomed:
+            done = self.collect()
+            report.update(collected=done.removed, deferred=done.deferred)
+        return report
 
     def delete(self, volume: str, name: str) -> Collection:
         """Delete one backup, then collect unreferenced blocks (see ``collect``)."""
@@ -492,7 +643,7 @@ class BackupStore:
             complete = [(vol, name) for _, vol, name, kind in listed if kind == "json"]
             referenced: set[str] = set()
             for manifest in self._manifests(complete).values():
-                referenced.update(d for d in manifest["blocks"] if d)
+                referenced.update(self.keys.block_name(d) for d in manifest["blocks"] if d)
             running = self._running(marker.key)  # a second look, now that the work is known
             if running:
                 return Collection(0, running)
@@ -539,11 +690,75 @@ class BackupStore:
         now = self.bucket.modified(own) - (time.monotonic() - listed)
         return [obj for obj in others if now - obj.last_modified.timestamp() < STALE]
 
+    def check(
+        self, read_data: bool = False, progress: Callable[..., None] = lambda *pct: None
+    ) -> dict[str, Any]:
+        """Prove the store sound: its record opens, every manifest and ``volume.meta``
+        authenticates and parses, every block a manifest names exists; with ``read_data``,
+        every such block is fetched and checked against its digest. Changes nothing. The
+        report lists each problem in a line (``problems``), empty when sound."""
+        problems: list[str] = []
+        self.keys  # noqa: B018 - a record that does not open is the first thing to say
+        listed = [
+            (obj, *_parts(obj.object_name))
+            for obj in self.bucket.list(self.target.key("volumes") + "/")
+        ]
+        manifests: dict[tuple[str, str], dict[str, Any]] = {}
+        for _, vol, name, kind in listed:
+            try:
+                if kind == "json":
+                    manifests[(vol, name)] = self.manifest(vol, name)
+                elif kind == "meta":
+                    self._recorded_block_size(vol)
+            except (CorruptState, NotFound) as exc:
+                problems.append(str(exc))
+        wanted: dict[str, tuple[str, int]] = {}  # block name -> (digest, its size at most)
+        users: dict[str, str] = {}  # block name -> a backup naming it (for the report)
+        for (vol, name), manifest in manifests.items():
+            for digest in manifest["blocks"]:
+                if digest:
+                    block = self.keys.block_name(digest)
+                    wanted[block] = (digest, manifest["block_size"])
+                    users.setdefault(block, f"backup {name} of {vol}")
+        stored = {obj.object_name.rsplit("/", 1)[1] for obj in self._blocks()}
+        missing = sorted(set(wanted) - stored)
+        problems += [f"block {wanted[b][0]} of {users[b]} is missing" for b in missing]
+        read = 0
+        if read_data:
+            present = [(block, *wanted[block]) for block in sorted(set(wanted) & stored)]
+            total = sum(size for *_, size in present)
+            done = 0
+            items = ((n, digest) for n, (_, digest, _) in enumerate(present))
+            fetched = self.fetch(items, keep_going=True)
+            for n, result in fetched:
+                block, digest, size = present[n]
+                done += size
+                if isinstance(result, CorruptState):
+                    problems.append(f"{result} (named by {users[block]})")
+                else:
+                    read += 1
+                progress(100 * done / max(1, total), done, total)
+        progress(100.0, None, None)
+        return {
+            "target": str(self.target),
+            "encrypted": self.keys.encrypted,
+            "backups": len(manifests),
+            "blocks": len(wanted),
+            "blocks_read": read,
+            "unreferenced_blocks": len(stored - set(wanted)),
+            "problems": problems,
+        }
+
     def _blocks(self) -> Iterator[Any]:
         return self.bucket.list(self.target.key("blocks") + "/")
 
     def block_count(self) -> int:
         return sum(1 for _ in self._blocks())
+
+
+def _relative(volume: str, name: str, suffix: str) -> str:
+    """A backup's object under the store's prefix (what its seal is bound to)."""
+    return f"volumes/{volume}/{name}.{suffix}"
 
 
 def _collecting(key: str) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
+from backupstore.keys import read_password
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Target
 from backupstore.store import BackupStats, BackupStore, Collection, check_block_size
 from lhfs.config import volume as volumes
@@ -72,9 +73,31 @@ def _backup_name(prefix: str) -> str:
     return f"{prefix}-{int(time.time() * 1000) % 10**9}-{secrets.token_hex(2)}"
 
 
+_password_file: Path | None = None  # what --password-file named for this process
+
+
+def use_password_file(path: Path | None) -> None:
+    """The password of the stores this process opens comes from ``path`` (``--password-file``)
+    rather than from ``$LHFS_BACKUP_PASSWORD``."""
+    global _password_file
+    _password_file = None if path is None else path.absolute()
+
+
+def store_password(recorded: str | None = None) -> bytes | None:
+    """The password to open a store with: ``--password-file``, else a password file recorded
+    for the store (``recorded``: a DR standby's), else ``$LHFS_BACKUP_PASSWORD``, else none."""
+    if _password_file is None and recorded:
+        return read_password(Path(recorded))
+    return read_password(_password_file)
+
+
+def password_file() -> Path | None:
+    return _password_file
+
+
 def open_store(target: Target, retry_timeout: float = RETRY_TIMEOUT) -> BackupStore:
     """The store of ``target``, its calls retried for at most ``retry_timeout`` seconds."""
-    return BackupStore(Bucket(target, deadline=retry_timeout))
+    return BackupStore(Bucket(target, deadline=retry_timeout), password=store_password())
 
 
 class _Source:
@@ -270,6 +293,58 @@ def backup_image(
             f"image-{name}", backup_name, info["size"], read, snapshot=info["id"], progress=progress
         )
     return backup_url(target, f"image-{name}", backup_name)
+
+
+def init_store(
+    url: str, encrypt: bool, create_bucket: bool = False, retry_timeout: float = RETRY_TIMEOUT
+) -> dict[str, Any]:
+    """``lhfs backup init``: make a store's record, encrypted with the password given (the
+    first backup makes one too, encrypted when a password is given). A store that has one
+    keeps it: asking for the other kind is refused."""
+    target = Target.parse(url)
+    store = open_store(target, retry_timeout)
+    if encrypt and store.password is None:
+        raise UsageError(
+            "--encrypt needs a password: LHFS_BACKUP_PASSWORD or --password-file (keep it: "
+            "without it the backups cannot be read)"
+        )
+    if not encrypt and store.password is not None:
+        raise UsageError(
+            "a password is given (LHFS_BACKUP_PASSWORD or --password-file): --encrypt makes an "
+            "encrypted store; give none for a plain one"
+        )
+    store.bucket.ensure(create=create_bucket)
+    made = store.init()
+    return {"target": str(target), "created": made, "encrypted": store.keys.encrypted}
+
+
+def check_store(
+    url: str, read_data: bool, progress: Any, retry_timeout: float = RETRY_TIMEOUT
+) -> dict[str, Any]:
+    """``lhfs backup check``: see ``BackupStore.check``."""
+    store = open_store(Target.parse(url), retry_timeout)
+    store.bucket.ensure()
+    return store.check(read_data, progress)
+
+
+def prune(
+    url: str,
+    volume: str,
+    policy: dict[str, int],
+    dry_run: bool,
+    retry_timeout: float = RETRY_TIMEOUT,
+) -> dict[str, Any]:
+    """``lhfs backup prune``: see ``BackupStore.prune``."""
+    check_name(volume, "volume name")
+    for rule, count in policy.items():
+        if not 0 <= count <= 100_000:
+            raise InvalidArgument(f"--keep-{rule} must be from 0 to 100000")
+    store = open_store(Target.parse(url), retry_timeout)
+    store.bucket.ensure()
+    report = store.prune(volume, policy, dry_run)
+    if not report["kept"] and not report["removed"]:
+        raise NotFound(f"{url} holds no complete backup of volume {volume}")
+    return report
 
 
 def list_backups(

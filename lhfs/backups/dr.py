@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from typing import Any
 
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Endpoint, Target
 from backupstore.store import BackupStore, BlockMissing, order
-from lhfs.backups.backup import chunk_for
+from lhfs.backups.backup import chunk_for, password_file, store_password
 from lhfs.config import volume as volumes
 from lhfs.core.durable import atomic_write
 from lhfs.core.errors import (
@@ -334,7 +335,8 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
             deadline=30.0,
             on_retry=status.error,
             endpoint=standby_endpoint(config),
-        )
+        ),
+        password=store_password(config.get("password_file")),
     )
     cache: dict[str, dict[str, Any]] = {}
     failures = 0
@@ -390,6 +392,23 @@ def _step(
         status.count(bytes=stats["bytes"], increments=1)
         status.update(last_increment={"backup": newest["name"], **stats}, applying=None)
     status.update(state="standby", progress=None, current_at=time.time())
+    if status.data.get("marked") != newest["name"]:
+        _mark(store, vol, source, newest["name"])
+        status.update(marked=newest["name"])
+
+
+def _mark(store: BackupStore, vol: volumes.Volume, source: str, backup: str) -> None:
+    """Tell the store which backup this standby holds (``backup prune`` keeps it: the next
+    increment compares with it). Read-only credentials cannot: said in the log, not fatal
+    (prune may then delete it, and the next increment reads what it needs in full)."""
+    try:
+        store.mark_standby(source, _standby_id(vol.config["dr"], vol), vol.name, backup)
+    except LhfsError as exc:
+        log.warning("could not record in the store that this standby holds %s: %s", backup, exc)
+
+
+def _standby_id(config: dict[str, Any], vol: volumes.Volume) -> str:
+    return str(config.get("standby_id") or vol.name)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -435,7 +454,7 @@ def create(
     endpoint = Endpoint.from_env(credentials_file=credentials_file)
     bucket = Bucket(target, deadline=retry_timeout, endpoint=endpoint)
     bucket.ensure()
-    newest = newest_backup(BackupStore(bucket), source, {})
+    newest = newest_backup(BackupStore(bucket, password=store_password()), source, {})
     if newest is None:
         raise NotFound(f"{target} holds no complete backup of volume {source}")
     size = newest["size"]
@@ -444,7 +463,11 @@ def create(
         "endpoint": endpoint.url,
         "region": endpoint.region,
         "credentials_file": credentials_file and str(credentials_file),
+        # (read by the follower, as its credentials are: a password never lands in a file
+        # of lhfs's own)
+        "password_file": str(password_file()) if password_file() else None,
         "volume": source,
+        "standby_id": secrets.token_hex(8),  # (its marker in the store: see _mark)
         "interval": interval,
         "retry_max": retry_max,
         "created": time.time(),
@@ -593,12 +616,14 @@ def _activate(
             deadline=retry_timeout,
             endpoint=standby_endpoint(config),
         )
-        store = BackupStore(bucket)
+        store = BackupStore(bucket, password=store_password(config.get("password_file")))
         newest = newest_backup(store, config["volume"], {})
         if newest is None:
             raise NotFound(f"{config['target']} holds no backup of {config['volume']}")
         apply(volumes.load(root, vol.name), store, newest, progress)
         backup = newest["name"]
+        with contextlib.suppress(LhfsError):  # (no longer a standby: prune need not keep it)
+            store.unmark_standby(config["volume"], _standby_id(config, vol))
     activated = {**config, "backup": backup, "activated": _now()}
 
     def change(c: dict[str, Any]) -> None:

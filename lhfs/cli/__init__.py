@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lhfs.cli.common import DEFAULT_ROOT, Parser
@@ -117,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         _private(args.root)
         if getattr(args, "store", False):
             _load_store()
+            from lhfs.backups import backup
+
+            given = getattr(args, "password_file", None)
+            backup.use_password_file(Path(given) if given else None)
         func: Callable[[argparse.Namespace], int | None] = args.func
         status = func(args) or 0
     except BrokenPipeError:  # the reader of our output left (| head): end quietly

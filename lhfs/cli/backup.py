@@ -107,6 +107,63 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
     say(args, data, f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})")
 
 
+def cmd_backup_init(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+
+    done = backup.init_store(args.target, args.encrypt, args.create_bucket, args.retry_timeout)
+    kind = "an encrypted" if done["encrypted"] else "a plain"
+    if done["created"]:
+        text = f"{args.target} is {kind} store now"
+    else:
+        text = f"{args.target} already is {kind} store: nothing changed"
+    say(args, done, text)
+
+
+def cmd_backup_check(args: argparse.Namespace) -> int:
+    from lhfs.backups import backup
+    from lhfs.cli.progress import Progress
+
+    with Progress(f"check {args.target}", quiet=args.quiet or not args.read_data) as bar:
+        report = backup.check_store(args.target, args.read_data, bar.update, args.retry_timeout)
+    if args.json:
+        print_json(report)
+    elif report["problems"]:
+        for problem in report["problems"]:
+            print(problem)
+        print(f"{len(report['problems'])} problem(s) in {args.target}")
+    else:
+        read = f", {report['blocks_read']} read and verified" if args.read_data else ""
+        print(
+            f"{args.target}: {report['backups']} backup(s) authenticated, {report['blocks']} "
+            f"block(s) present{read}; no problem"
+        )
+    return 1 if report["problems"] else 0
+
+
+def cmd_backup_prune(args: argparse.Namespace) -> None:
+    from backupstore.retention import RULES
+    from lhfs.backups import backup
+
+    policy = {rule: getattr(args, f"keep_{rule}") or 0 for rule in RULES}
+    report = backup.prune(args.target, args.volume, policy, args.dry_run, args.retry_timeout)
+    if args.json:
+        print_json(report)
+        return
+    for kept in report["kept"]:
+        print(f"keep   {kept['name']:40} {kept['created']}  ({', '.join(kept['reasons'])})")
+    verb_ = "would remove" if args.dry_run else "remove"
+    for removed in report["removed"]:
+        print(f"{verb_:6} {removed['name']:40} {removed['created']}")
+    summary = f"{len(report['kept'])} kept, {len(report['removed'])} removed"
+    if args.dry_run:
+        summary = f"{len(report['kept'])} would be kept, {len(report['removed'])} removed"
+    elif report["deferred"]:
+        summary += f"; collection of their blocks deferred: {report['deferred']}"
+    elif report["removed"]:
+        summary += f"; {report['collected']} unreferenced block(s) collected"
+    print(summary)
+
+
 def parsers(groups: Any) -> None:
     group = groups.add_parser("backup", help="incremental backups to S3, and restores")
     group.set_defaults(store=True)
@@ -134,6 +191,56 @@ def parsers(groups: Any) -> None:
         "a typo must not start a new store)",
     )
     quiet_option(p)
+    store_options(p)
+    p = verb(
+        verbs,
+        "init",
+        cmd_backup_init,
+        "make a store (encrypted with --encrypt) before its first backup",
+        description="Make the store's record in --target: with --encrypt, the store's keys, "
+        "wrapped by the password (LHFS_BACKUP_PASSWORD or --password-file); blocks and "
+        "manifests are then encrypted and authenticated, and block names reveal nothing of "
+        "their content. Without --encrypt, a plain store whose manifests are authenticated. "
+        "The first backup to a target without a record makes one the same way (encrypted "
+        "when a password is given). A store is either encrypted or not: that never changes. "
+        "Keep the password: the backups cannot be read without it.",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--encrypt", action="store_true", help="an encrypted store")
+    p.add_argument("--create-bucket", action="store_true", help="make the bucket if missing")
+    store_options(p)
+    p = verb(
+        verbs,
+        "check",
+        cmd_backup_check,
+        "prove a store sound: manifests authentic, blocks present (and intact)",
+        description="Check that every manifest and volume record in --target authenticates "
+        "and parses and that every block a backup names exists; with --read-data, fetch "
+        "every block and verify it against its checksum. Changes nothing. Exit status: 0 "
+        "sound, 1 problems found (each listed on a line).",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--read-data", action="store_true", help="also fetch and verify every block")
+    quiet_option(p)
+    store_options(p)
+    p = verb(
+        verbs,
+        "prune",
+        cmd_backup_prune,
+        "delete the backups of a volume a retention policy does not keep",
+        description="Keep the backups of --volume that the --keep-* rules name (restic's "
+        "'forget' policy: the N newest; the newest of each of the N most recent hours, days, "
+        "ISO weeks, months, years that have one; periods in UTC), the newest always, and the "
+        "one each DR standby of the volume last restored; delete the others and collect "
+        "the blocks no backup uses any more. --dry-run shows what would go.",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument("--volume", required=True, help="the volume whose backups are pruned")
+    from backupstore.retention import RULES
+
+    for rule in RULES:
+        p.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"the keep-{rule} rule")
+    p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
     store_options(p)
     p = verb(verbs, "ls", cmd_backup_ls, "backups in a target: complete, running, interrupted")
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
@@ -180,4 +287,10 @@ def store_options(p: argparse.ArgumentParser) -> None:
         f"{RETRY_TIMEOUT:.0f} s; refusals are final at once). The endpoint and credentials "
         "come from AWS_ENDPOINT_URL (or AWS_REGION for Amazon S3), AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY",
+    )
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="the password of an encrypted store: the first line of FILE, readable by its "
+        "owner only (default: $LHFS_BACKUP_PASSWORD; neither: a store that is not encrypted)",
     )

@@ -1,0 +1,288 @@
+"""Backups people can keep: authenticated manifests, encrypted stores, check and prune, all
+against a real S3 server."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import xxhash
+from conftest import needs_fuse
+
+from backupstore.retention import keep
+from backupstore.s3 import Bucket, Target
+from backupstore.store import BackupStore
+from lhfs.core.procs import wait_for
+from lhfs.testing import Cli
+
+pytestmark = needs_fuse
+MIB = 1 << 20
+PATTERN = b"lhfs-recognisable-PATTERN-0123456789-"
+
+
+def fill(device: Path, offset: int, data: bytes) -> None:
+    with open(device, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def objects(target: str) -> dict[str, bytes]:
+    """Every object under a target, by key."""
+    bucket = Bucket(Target.parse(target))
+    prefix = Target.parse(target).key("")
+    return {obj.object_name: bucket.get(obj.object_name)[0] for obj in bucket.list(prefix)}
+
+
+def backed_up_volume(cli: Cli, tmp_path: Path, target: str, name: str = "src") -> list[str]:
+    """A volume with data and two backups of it in ``target``; their URLs."""
+    cli.run("volume", "create", name, "--size", "16M", "--replicas", "1")
+    device = tmp_path / f"{name}.dev"
+    cli.run("volume", "attach", name, "--device", str(device))
+    rng = random.Random(7)
+    fill(device, 0, rng.randbytes(6 * MIB))
+    first = cli.backup(name, target)
+    fill(device, 8 * MIB, rng.randbytes(2 * MIB))
+    second = cli.backup(name, target)
+    cli.run("volume", "detach", name)
+    return [first, second]
+
+
+def test_tampered_manifests_records_and_blocks_are_refused_by_restore_dr_and_check(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://trust-plain/p"
+    urls = backed_up_volume(cli, tmp_path, target)
+    other = "s3://trust-other/p"
+    backed_up_volume(cli, tmp_path, other, "elsewhere")
+    bucket = Bucket(Target.parse(target))
+    stored = objects(target)
+    newest = urls[1].split("backup=")[1]
+    manifest_key = f"p/volumes/src/{newest}.json"
+    sealed = stored[manifest_key]
+    body = json.loads(sealed[36:])
+    blocks = [i for i, d in enumerate(body["blocks"]) if d]
+    assert len(blocks) >= 2
+
+    def swapped() -> bytes:
+        changed = dict(body, blocks=list(body["blocks"]))
+        i, j = blocks[0], blocks[1]
+        changed["blocks"][i], changed["blocks"][j] = changed["blocks"][j], changed["blocks"][i]
+        return sealed[:36] + json.dumps(changed).encode()  # valid JSON, the old MAC
+
+    meta_key = "p/volumes/src/volume.meta"
+    meta = stored[meta_key]
+    edited_meta = meta[:36] + meta[36:].replace(b'"block_size": 2097152', b'"block_size": 1048576')
+    assert edited_meta != meta
+    a_block = f"{body['blocks'][blocks[0]][:2]}/{body['blocks'][blocks[0]]}"
+    foreign = next(v for k, v in objects(other).items() if "/blocks/" in k)
+    cases = [
+        ("swapped digests", manifest_key, swapped(), "fails authentication"),
+        ("truncated manifest", manifest_key, sealed[: len(sealed) // 2], "fails authentication"),
+        ("edited volume.meta", meta_key, edited_meta, "fails authentication"),
+        ("a block of another store", f"p/blocks/{a_block}", foreign, "does not match"),
+    ]
+    for what, key, bad, message in cases:
+        original = bucket.get(key)
+        assert original is not None, key
+        bucket.put(
+            key, bad, {"lhfs-compression": original[1].get("x-amz-meta-lhfs-compression", "none")}
+        )
+        try:
+            restore = cli.run("backup", "restore", urls[1], "copy", "--quiet", check=False)
+            assert restore.returncode == 1, (what, restore.stderr)
+            assert restore.stderr.count("\n") == 1 and message in restore.stderr, (what, restore)
+            assert "copy" not in cli.run("volume", "ls").stdout  # nothing left half-restored
+            check = cli.run("backup", "check", "--target", target, "--read-data", check=False)
+            assert check.returncode == 1 and message in check.stdout, (what, check.stdout)
+            dr = cli.run(
+                "dr", "create", "standby", "--target", target, "--volume", "src",
+                "--replicas", "1", "--interval", "0.3", "--quiet", check=False,
+            )  # fmt: skip
+            assert dr.returncode == 1 and message in dr.stderr, (what, dr.stderr)
+            cli.run("volume", "rm", "standby", check=False)
+        finally:
+            bucket.put(
+                key,
+                original[0],
+                {"lhfs-compression": original[1].get("x-amz-meta-lhfs-compression", "none")},
+            )
+    sound = cli.json("backup", "check", "--target", target, "--read-data")
+    assert sound["problems"] == [] and sound["backups"] == 2 and sound["blocks_read"] > 0
+    cli.run("backup", "restore", urls[1], "copy", "--quiet")
+
+
+def test_an_encrypted_store_holds_no_plaintext_nor_digest_and_needs_its_password(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://trust-sealed/p"
+    password = tmp_path / "password"
+    password.write_text("correct horse battery staple\n")
+    password.chmod(0o600)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("incorrect horse\n")
+    wrong.chmod(0o600)
+    pw = ("--password-file", str(password))
+    refused = cli.run(
+        "backup", "init", "--target", target, "--encrypt", "--create-bucket", check=False
+    )
+    assert refused.returncode == 2 and "--encrypt needs a password" in refused.stderr
+    made = cli.json("backup", "init", "--target", target, "--encrypt", "--create-bucket", *pw)
+    assert made == {"target": target, "created": True, "encrypted": True}
+
+    cli.run("volume", "create", "secret", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "secret", "--device", str(device))
+    pattern = PATTERN * (MIB // len(PATTERN))
+    fill(device, 0, pattern + os.urandom(MIB) + pattern)  # compressible and not
+    content = device.read_bytes()
+    cli.run("volume", "detach", "secret")
+    plain = cli.run("backup", "create", "secret", "--target", target, check=False)
+    assert plain.returncode == 1 and "is encrypted: give its password" in plain.stderr
+    url = cli.run("backup", "create", "secret", "--target", target, "--quiet", *pw).stdout.split()[
+        -1
+    ]
+
+    digests = set()
+    for block in (2 * MIB, 64 << 10):
+        for at in range(0, len(content), block):
+            digests.add(xxhash.xxh3_128_hexdigest(content[at : at + block]))
+    stored = objects(target)
+    assert len(stored) >= 4
+    for key, data in stored.items():
+        assert b"PATTERN" not in data and b"recognisable" not in data, key
+        for digest in digests:
+            assert digest not in key and digest.encode() not in data, key
+            assert bytes.fromhex(digest) not in data, key
+
+    for args, message in [
+        ((), "is encrypted: give its password"),
+        (("--password-file", str(wrong)), "the password does not open"),
+    ]:
+        failed = cli.run("backup", "restore", url, "copy", "--quiet", *args, check=False)
+        assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr
+        assert message in failed.stderr
+        assert "copy" not in cli.run("volume", "ls").stdout
+    env_password = Cli(cli.root, {"LHFS_BACKUP_PASSWORD": "correct horse battery staple"})
+    env_password.run("backup", "restore", url, "copy", "--quiet")
+    assert cli.checksum("copy") == cli.checksum("secret")
+    report = env_password.json("backup", "check", "--target", target, "--read-data")
+    assert report["encrypted"] and report["problems"] == [] and report["blocks_read"] >= 2
+
+    # a block moved under another block's name does not open (bound to its name)
+    bucket = Bucket(Target.parse(target))
+    first, second = sorted(k for k in stored if "/blocks/" in k)[:2]
+    bucket.put(first, stored[second])
+    moved = env_password.run("backup", "restore", url, "copy2", "--quiet", check=False)
+    assert moved.returncode == 1 and "does not open with this store's key" in moved.stderr
+    bucket.put(first, stored[first])
+
+    again = cli.json("backup", "init", "--target", target, "--encrypt", *pw)
+    assert again["created"] is False
+    mixed = cli.run("backup", "init", "--target", target, check=False)
+    assert mixed.returncode == 1 and "is encrypted" in mixed.stderr
+    cli.run("backup", "init", "--target", "s3://trust-plain2/p", "--create-bucket")
+    mixed = cli.run("backup", "ls", "--target", "s3://trust-plain2/p", *pw, check=False)
+    assert mixed.returncode == 0  # (nothing to open yet)
+    cli.backup("copy", "s3://trust-plain2/p")
+    mixed = cli.run("backup", "ls", "--target", "s3://trust-plain2/p", *pw, check=False)
+    assert mixed.returncode == 2 and "is not encrypted" in mixed.stderr
+
+    # a DR standby follows an encrypted store with its recorded password file
+    cli.run(
+        "dr", "create", "standby", "--target", target, "--volume", "secret", "--replicas", "1",
+        "--interval", "0.3", "--quiet", *pw,
+    )  # fmt: skip
+    status = cli.json("dr", "status", "standby")
+    assert status["last_restored_backup"] == url.split("backup=")[1]
+    cli.run("dr", "activate", "standby", "--quiet")
+    assert cli.checksum("standby") == cli.checksum("secret")
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ({"last": 2}, {"h23", "h22"}),
+        ({"hourly": 3}, {"h23", "h22", "h21"}),
+        ({"daily": 2}, {"h23", "d1"}),
+        ({"daily": 10}, {"h23", "d1", "d2", "w2", "m2"}),
+        ({"weekly": 2}, {"h23", "w2"}),
+        ({"monthly": 2}, {"h23", "w2"}),
+        ({"monthly": 3}, {"h23", "w2", "m2"}),
+        ({"yearly": 5}, {"h23"}),
+        ({"last": 1, "monthly": 2}, {"h23", "w2"}),
+        ({"hourly": 1, "daily": 1}, {"h23"}),
+        ({"last": 100}, {"h23", "h22", "h21", "h21b", "d1", "d2", "w2", "m2"}),
+    ],
+)
+def test_prune_policy_keeps_exactly_what_it_names(policy: dict[str, int], expected: set) -> None:
+    """Fixed times (UTC): 2026-12-04 23:10 is the newest; one backup an hour before it, two in
+    the hour before that, one each of the two previous days, one two weeks back, one two
+    months back."""
+    newest = calendar.timegm((2026, 12, 4, 23, 10, 0, 0, 0, 0))
+    hour, day = 3600, 86400
+    times = {
+        "h23": newest,
+        "h22": newest - hour,
+        "h21": newest - 2 * hour,
+        "h21b": newest - 2 * hour - 600,
+        "d1": newest - day,
+        "d2": newest - 2 * day,
+        "w2": newest - 14 * day,
+        "m2": newest - 62 * day,
+    }
+    backups = [{"name": n, "started": t} for n, t in times.items()]
+    random.Random(len(policy)).shuffle(backups)
+    assert set(keep(backups, policy)) == expected
+
+
+def test_prune_keeps_its_policy_and_what_a_standby_holds(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://trust-prune/p"
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    urls = []
+    for n in range(5):
+        fill(device, n * 2 * MIB, os.urandom(MIB))
+        urls.append(cli.backup("v", target))
+        if n == 1:  # a standby that holds the second backup, then stops following
+            cli.run(
+                "dr", "create", "standby", "--target", target, "--volume", "v",
+                "--replicas", "1", "--interval", "0.3", "--quiet",
+            )  # fmt: skip
+            wait_for(
+                lambda: Bucket(Target.parse(target)).list_upto("p/standbys/", 10), 30, "marker"
+            )
+            cli.run("dr", "stop", "standby")
+    names = [u.split("backup=")[1] for u in urls]
+    store = BackupStore(Bucket(Target.parse(target)))
+    blocks_before = store.block_count()
+    dry = cli.json(
+        "backup", "prune", "--target", target, "--volume", "v", "--keep-last", "2", "--dry-run"
+    )
+    assert [k["name"] for k in dry["kept"]] == [names[1], names[3], names[4]]
+    assert [r["name"] for r in dry["removed"]] == [names[0], names[2]]
+    assert store.block_count() == blocks_before and len(store.complete_names("v")) == 5
+    refused = cli.run("backup", "prune", "--target", target, "--volume", "v", check=False)
+    assert refused.returncode == 2 and "no --keep-* rule" in refused.stderr
+    done = cli.json("backup", "prune", "--target", target, "--volume", "v", "--keep-last", "2")
+    kept = {k["name"]: k["reasons"] for k in done["kept"]}
+    assert set(kept) == {names[1], names[3], names[4]}
+    assert any("DR standby standby" in r for r in kept[names[1]])
+    assert sorted(store.complete_names("v")) == sorted(kept)
+    # collection arithmetic: what is left is exactly what the kept backups name
+    report = cli.json("backup", "check", "--target", target)
+    assert report["unreferenced_blocks"] == 0 and report["problems"] == []
+    assert store.block_count() == report["blocks"] == blocks_before - done["collected"]
+    cli.run("dr", "start", "standby")
+    cli.dr_restored("standby", urls[4])
+    cli.run("volume", "detach", "v")
+    cli.run("dr", "activate", "standby", "--quiet")
+    assert cli.checksum("standby") == cli.checksum("v")
