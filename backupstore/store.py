@@ -131,10 +131,10 @@ class BackupStore:
         self._keys = StoreKeys.open(found[0], self.password, str(self.target))
         return False
 
-    def _seal(self, relative: str, payload: bytes) -> None:
+    def put_sealed(self, relative: str, payload: bytes) -> None:
         self.bucket.put(self.target.key(relative), self.keys.seal(relative, payload))
 
-    def _unsealed(self, relative: str) -> bytes | None:
+    def get_sealed(self, relative: str) -> bytes | None:
         found = self.bucket.get(self.target.key(relative))
         return None if found is None else self.keys.unseal(relative, found[0])
 
@@ -218,7 +218,7 @@ class BackupStore:
 
     def _recorded_block_size(self, volume: str) -> int | None:
         relative = self._meta_relative(volume)
-        found = self._unsealed(relative)
+        found = self.get_sealed(relative)
         if found is None:
             return None
         try:
@@ -252,7 +252,7 @@ class BackupStore:
         self.init()
         block_size, recorded = self._settings(volume, block_size)
         started = time.time()
-        running = _Marker(self.bucket, self._key(volume, name, "running"))
+        running = Marker(self.bucket, self._key(volume, name, "running"))
         with running:
             self._await_collections(running.key)
             count = -(-size // block_size)
@@ -309,10 +309,10 @@ class BackupStore:
                 "blocks": digests,
                 **(extra or {}),
             }
-            self._seal(_relative(volume, name, "json"), json.dumps(manifest).encode())
+            self.put_sealed(_relative(volume, name, "json"), json.dumps(manifest).encode())
             if not recorded:  # the first complete backup fixes the block size
                 meta = {"format": 1, "block_size": block_size}
-                self._seal(self._meta_relative(volume), json.dumps(meta).encode())
+                self.put_sealed(self._meta_relative(volume), json.dumps(meta).encode())
         progress(100.0, size, size)
         return manifest, stats
 
@@ -391,7 +391,7 @@ class BackupStore:
 
     def manifest(self, volume: str, name: str) -> dict[str, Any]:
         """A backup's manifest, authenticated (see ``keys``) and checked."""
-        found = self._unsealed(_relative(volume, name, "json"))
+        found = self.get_sealed(_relative(volume, name, "json"))
         if found is None:
             raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
         try:
@@ -558,7 +558,7 @@ class BackupStore:
         """Record that the DR standby ``standby`` (an id; ``label`` its name, for people) holds
         ``backup`` of ``volume``: prune keeps that backup, which its next increment reads."""
         record = {"standby": label, "backup": backup, "at": rfc3339()}
-        self._seal(f"standbys/{volume}/{standby}.json", json.dumps(record).encode())
+        self.put_sealed(f"standbys/{volume}/{standby}.json", json.dumps(record).encode())
 
     def unmark_standby(self, volume: str, standby: str) -> None:
         self.bucket.delete(self.target.key(f"standbys/{volume}/{standby}.json"))
@@ -569,7 +569,7 @@ class BackupStore:
         out = []
         for obj in self.bucket.list(prefix):
             relative = f"standbys/{volume}/{obj.object_name[len(prefix) :]}"
-            found = self._unsealed(relative)
+            found = self.get_sealed(relative)
             if found is None:  # (removed since the listing)
                 continue
             try:
@@ -594,9 +594,15 @@ class BackupStore:
             for (_, name), m in manifests.items()
         ]
         kept = keep(backups, policy)
+        from .systems import listing
+
         for mark in self.standby_marks(volume):
             if mark["backup"] in {b["name"] for b in backups}:
                 kept.setdefault(mark["backup"], []).append(f"DR standby {mark['standby']}")
+        for system in listing(self):  # (a system backup's parts go with it: 'system rm')
+            for part in system.get("parts") or ():
+                if part[0] == volume and part[1] in {b["name"] for b in backups}:
+                    kept.setdefault(part[1], []).append(f"system backup {system['name']}")
         doomed = sorted(
             (b for b in backups if b["name"] not in kept), key=lambda b: (b["started"], b["name"])
         )
@@ -615,7 +621,7 @@ class BackupStore:
         if dry_run:
             return report
         for backup in doomed:
-            self.bucket.delete(self._key(volume, backup["name"], "json"))
+            self.forget(volume, backup["name"])
         if doomed:
             done = self.collect()
             report.update(collected=done.removed, deferred=done.deferred)
@@ -623,15 +629,20 @@ class BackupStore:
 
     def delete(self, volume: str, name: str) -> Collection:
         """Delete one backup, then collect unreferenced blocks (see ``collect``)."""
+        self.forget(volume, name)
+        return self.collect()
+
+    def forget(self, volume: str, name: str) -> None:
+        """Delete one backup's manifest (its blocks wait for a collection); NotFound if the
+        store has no such backup."""
         self.manifest(volume, name)
         self.bucket.delete(self._key(volume, name, "json"))
-        return self.collect()
 
     def collect(self, sweep: bool = False) -> Collection:
         """Delete the blocks no complete backup references; nothing while a backup runs (the
         result says which, and the blocks wait for the next collection). With ``sweep``, also
         remove the markers of backups whose process died (``interrupted`` in ``list``)."""
-        marker = _Marker(self.bucket, self.target.key("locks", f"collect-{secrets.token_hex(8)}"))
+        marker = Marker(self.bucket, self.target.key("locks", f"collect-{secrets.token_hex(8)}"))
         with marker:
             running = self._running(marker.key)
             if running:
@@ -787,7 +798,7 @@ def order(backup: dict[str, Any]) -> tuple:
     return (backup["created"], backup.get("started") or 0.0, backup["name"])
 
 
-class _Marker:
+class Marker:
     """An object saying "running" for as long as a ``with`` block lasts: written on entry,
     rewritten every ``HEARTBEAT`` seconds by a thread (whatever the block is waiting on),
     deleted on exit, also when the block fails."""
@@ -808,7 +819,7 @@ class _Marker:
             except Exception as exc:  # the next beat tries again; the owner goes on
                 log.warning("could not refresh %s: %s", self.key, exc)
 
-    def __enter__(self) -> _Marker:
+    def __enter__(self) -> Marker:
         self._write()
         self._thread.start()
         return self

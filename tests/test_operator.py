@@ -368,6 +368,27 @@ def test_every_verb_answers_bad_input_with_one_line(
         ("dr", "stop", "v"),
         ("dr", "run", "v"),
         ("engine-run", "ghost", str(tmp_path / "d")),
+        ("backup", "init", "--target", target, "--encrypt"),
+        ("backup", "init", "--target", "s3://lhfs-table-none/p"),
+        ("backup", "check", "--target", "s3://lhfs-table-none/p"),
+        ("backup", "check", "--target", target, "--password-file", str(tmp_path / "none")),
+        ("backup", "prune", "--target", target, "--volume", "v"),
+        ("backup", "prune", "--target", target, "--volume", "v", "--keep-last", "-1"),
+        ("backup", "prune", "--target", target, "--volume", "ghost", "--keep-last", "1"),
+        ("backup", "prune", "--target", target, "--volume", "..", "--keep-daily", "x"),
+        ("system", "backup", "--target", target, "--name", ".."),
+        ("system", "backup", "--target", "s3://lhfs-table-none/p"),
+        ("system", "ls", "--target", "s3://UPPER/p"),
+        ("system", "restore", url),
+        ("system", "restore", f"{target}?system=ghost"),
+        ("system", "restore", f"{target}?system=a&system=b"),
+        ("system", "rm", f"{target}?system=.."),
+        ("logs", "ghost"),
+        ("logs", "v", "--lines", "many"),
+        ("logs", "v", "--component", "kernel"),
+        ("volume", "set", "v", "--system-snapshots", "0"),
+        ("volume", "set", "v", "--system-snapshots", "2.5"),
+        ("snapshot", "create", "v", "rebuild-1"),
     ]
     for args in cases:
         result = cli.run(*args, check=False, timeout=120)
@@ -437,7 +458,7 @@ def test_smaller_mistakes_leave_no_trace(cli: Cli, tmp_path: Path) -> None:
     assert "already 16M" in cli.run("volume", "expand", "v", "--size", "16M").stdout
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if shutil.which("mkfs.xfs") is None:  # (xfsprogs is not installed on these machines)
+    if shutil.which("mkfs.xfs") is None:  # (where xfsprogs is missing)
         line = one_line(cli.run("mount", "v", str(mnt), "--fs", "xfs", check=False), 1)
         assert "mkfs.xfs is not installed" in line, line
         assert cli.info("v")["filesystem"] is None and cli.info("v")["state"] == "detached"

@@ -1,8 +1,9 @@
 """The ``lhfs`` command line: parses arguments, calls the library, maps errors to exit codes.
 
 Each command group lives in a module of its own here, its parsers beside its handlers
-(``replica``, ``volume``, ``snapshot``, ``image``, ``backup``, ``dr``, ``mount``, ``logs``,
-``doctor``, ``engine``); this entry point imports and builds only the group a command names.
+(``replica``, ``volume``, ``snapshot``, ``image``, ``backup``, ``dr``, ``system``, ``mount``,
+``logs``, ``doctor``, ``engine``); this entry point imports and builds only the group a command
+names.
 ``main`` is the one place where an ``LhfsError`` becomes a single line on stderr and an exit
 status (1: the operation failed, 2: bad usage); no user mistake ends in a traceback.
 """
@@ -29,6 +30,7 @@ _GROUPS: dict[str, tuple[str, str]] = {
     "volume": ("volume", "parsers"),
     "backup": ("backup", "parsers"),
     "dr": ("dr", "parsers"),
+    "system": ("system", "parsers"),
     "backing-image": ("image", "parsers"),
     "snapshot": ("snapshot", "parsers"),
     "mount": ("mount", "mount_parsers"),

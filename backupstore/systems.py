@@ -1,0 +1,113 @@
+"""System backups in a store: one record naming a backup of each volume and backing image.
+
+    systems/<name>.json       the record, sealed like a manifest (see ``keys``), written last
+    systems/<name>.running    a system backup in progress (refreshed while it runs)
+
+The parts are ordinary backups (``volumes/<volume>/<backup>.json``); the record only names
+them, with the volumes' settings. It is written once every part is complete, so a system
+backup that was interrupted has no record and never looks complete: ``list`` shows it as
+``interrupted`` once its marker is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import AbstractContextManager
+from typing import Any
+
+from lhfs.core.errors import CorruptState, NotFound
+
+from .store import STALE, BackupStore, Marker
+
+
+def _relative(name: str, suffix: str) -> str:
+    return f"systems/{name}.{suffix}"
+
+
+def running(store: BackupStore, name: str) -> AbstractContextManager[Any]:
+    """The marker of a system backup under way (a ``with`` block)."""
+    return Marker(store.bucket, store.target.key(_relative(name, "running")))
+
+
+def put(store: BackupStore, record: dict[str, Any]) -> None:
+    store.put_sealed(_relative(record["name"], "json"), json.dumps(record).encode())
+
+
+def get(store: BackupStore, name: str) -> dict[str, Any]:
+    """A system backup's record, authenticated and checked."""
+    found = store.get_sealed(_relative(name, "json"))
+    if found is None:
+        raise NotFound(f"no system backup {name!r} in {store.target}")
+    try:
+        record = json.loads(found)
+        valid = (
+            record["name"] == name
+            and isinstance(record["volumes"], dict)
+            and isinstance(record["images"], dict)
+            and all(isinstance(p["backup"], str) for p in record["volumes"].values())
+            and all(isinstance(p["backup"], str) for p in record["images"].values())
+        )
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise CorruptState(f"the record of system backup {name} cannot be parsed")
+    return record
+
+
+def exists(store: BackupStore, name: str) -> bool:
+    return store.bucket.exists(store.target.key(_relative(name, "json")))
+
+
+def delete(store: BackupStore, name: str) -> None:
+    store.bucket.delete(store.target.key(_relative(name, "json")))
+
+
+def listing(store: BackupStore) -> list[dict[str, Any]]:
+    """System backups, oldest first: ``complete`` (with their parts), ``in_progress`` or
+    ``interrupted`` (a marker its process stopped refreshing, and no record)."""
+    prefix = store.target.key("systems") + "/"
+    complete, markers = [], {}
+    for obj in store.bucket.list(prefix):
+        name, _, kind = obj.object_name[len(prefix) :].rpartition(".")
+        if kind == "json":
+            complete.append(name)
+        elif kind == "running":
+            markers[name] = obj
+    now = time.time()
+    out = []
+    for name, obj in markers.items():
+        if name not in complete:
+            fresh = now - obj.last_modified.timestamp() < STALE
+            out.append(
+                {
+                    "name": name,
+                    "state": "in_progress" if fresh else "interrupted",
+                    "created": obj.last_modified.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "started": obj.last_modified.timestamp(),
+                    "volumes": None,
+                    "images": None,
+                    "parts": None,
+                }
+            )
+    for name in complete:
+        record = get(store, name)
+        out.append(
+            {
+                "name": name,
+                "state": "complete",
+                "created": record["created"],
+                "started": record["started"],
+                "volumes": sorted(record["volumes"]),
+                "images": sorted(record["images"]),
+                "parts": sorted(parts_of(record)),
+            }
+        )
+    return sorted(out, key=lambda s: (s["started"], s["name"]))
+
+
+def parts_of(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(volume, backup)`` of each part of a system backup (a backing image's backups are
+    those of the volume ``image-<name>``). Prune keeps them; ``system rm`` lets them go."""
+    parts = [(volume, p["backup"]) for volume, p in record["volumes"].items()]
+    return parts + [(f"image-{image}", p["backup"]) for image, p in record["images"].items()]

@@ -1,0 +1,306 @@
+"""System backups: every volume and backing image of a root, in one named backup.
+
+``lhfs system backup`` takes a snapshot of every volume first, one after the other with
+nothing in between (each crash-consistent; together within a moment, not one instant), then
+backs each up as an ordinary backup, then every backing image, then writes the system
+record naming them all with the volumes' settings (never a key or a credential). Each part
+reports its progress to 100%, also a part whose content the store already holds (it sends
+nothing and is complete at once), or the whole fails naming the part and why. Interrupted, it
+leaves no record: nothing that looks complete (see ``backupstore.systems``).
+
+``lhfs system restore`` recreates the backing images and the volumes under a root where none
+of those names exist, each volume with its recorded settings, replica count and file system
+record (so that ``lhfs mount`` mounts it and never formats it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlparse
+
+from backupstore import systems
+from backupstore.s3 import RETRY_TIMEOUT, Target
+from lhfs.backups import backup
+from lhfs.config import volume as volumes
+from lhfs.core.errors import (
+    AlreadyExists,
+    CorruptState,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+    UsageError,
+)
+from lhfs.core.names import check_name
+from lhfs.core.units import rfc3339
+from lhfs.engine import housekeeping
+from lhfs.store.backing import content_id
+from lhfs.volumes import images, manage
+
+# part ("volume NAME", "image NAME"), percent, bytes done, bytes in all
+PartProgress = Callable[[str, float, int | None, int | None], None]
+
+# what a volume's record keeps of its configuration (nothing secret, nothing of a host)
+_KEPT = ("size", "chunk_size", "settings", "backing_image")
+
+
+def system_url(target: Target, name: str) -> str:
+    return f"{target}?{urlencode({'system': name})}"
+
+
+def parse_system_url(url: str) -> tuple[Target, str]:
+    """``s3://BUCKET/PREFIX?system=NAME``, checked (one line, exit 2)."""
+    parsed = urlparse(url)
+    try:
+        query = parse_qs(parsed.query, strict_parsing=True)
+    except ValueError:
+        query = {}
+    if set(query) != {"system"} or len(query["system"]) != 1:
+        raise UsageError(f"not a system backup URL: {url!r} (s3://BUCKET/PREFIX?system=NAME)")
+    target = Target.parse(url.split("?", 1)[0])
+    return target, check_name(query["system"][0], "system backup name in the URL")
+
+
+def create(
+    root: Path,
+    url: str,
+    name: str | None,
+    progress: PartProgress,
+    create_bucket: bool = False,
+    retry_timeout: float = RETRY_TIMEOUT,
+) -> dict[str, Any]:
+    target = Target.parse(url)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = check_name(name or f"system-{stamp}-{secrets.token_hex(2)}", "system backup name")
+    store = backup.open_store(target, retry_timeout)
+    store.bucket.ensure(create=create_bucket)
+    store.init()
+    if systems.exists(store, name):
+        raise AlreadyExists(f"{target} already holds a system backup named {name}")
+    chosen, skipped = [], {}
+    for volume in volumes.list_names(root):
+        vol = volumes.load(root, volume)
+        if vol.config.get("dr"):
+            skipped[volume] = "a DR standby: its source's backups are what it holds"
+        elif vol.config.get("restoring"):
+            skipped[volume] = "an unfinished restore"
+        else:
+            chosen.append(vol)
+    started = time.time()
+    record: dict[str, Any] = {
+        "format": 1,
+        "name": name,
+        "created": rfc3339(started),
+        "started": started,
+        "volumes": {},
+        "images": {},
+        "skipped": skipped,
+    }
+    with systems.running(store, name), contextlib.ExitStack() as held:
+        snapshots = {}
+        for vol in chosen:  # every snapshot first: taken together, before any upload
+            snapshot = f"backup-{stamp}-{secrets.token_hex(2)}"
+            held.enter_context(housekeeping.hold(vol, snapshot))
+            _part(f"volume {vol.name}", manage.snapshot_create, root, vol.name, snapshot, True)
+            snapshots[vol.name] = snapshot
+        for vol in chosen:
+            part = f"volume {vol.name}"
+            part_url, stats = _part(
+                part,
+                backup.create,
+                root,
+                vol.name,
+                url,
+                snapshots[vol.name],
+                _of(part, progress),
+                retry_timeout=retry_timeout,
+            )
+            now = volumes.load(root, vol.name)
+            record["volumes"][vol.name] = {
+                "backup": backup.parse_backup_url(part_url)[2],
+                "snapshot": snapshots[vol.name],
+                "replicas": len(now.config["replicas"]),
+                "uploaded_bytes": stats.uploaded_bytes,
+                "config": {key: now.config.get(key) for key in _KEPT},
+                "filesystem": now.filesystem,
+            }
+        for image in images.list_images(root):
+            part = f"image {image['name']}"
+            part_url = _part(
+                part,
+                backup.backup_image,
+                root,
+                image["name"],
+                url,
+                _of(part, progress),
+                retry_timeout=retry_timeout,
+            )
+            record["images"][image["name"]] = {
+                "backup": backup.parse_backup_url(part_url)[2],
+                "id": image["id"],
+                "size": image["size"],
+            }
+        systems.put(store, record)
+    return {**record, "url": system_url(target, name)}
+
+
+def _of(part: str, progress: PartProgress) -> Callable[..., None]:
+    def update(percent: float, done: int | None = None, total: int | None = None) -> None:
+        progress(part, percent, done, total)
+
+    return update
+
+
+def _part(part: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run one part; a failure names it."""
+    try:
+        return call(*args, **kwargs)
+    except LhfsError as exc:
+        exc.args = (f"{part}: {exc}",)
+        raise
+
+
+def listing(url: str, retry_timeout: float = RETRY_TIMEOUT) -> list[dict[str, Any]]:
+    target = Target.parse(url)
+    store = backup.open_store(target, retry_timeout)
+    store.bucket.ensure()
+    return [{**s, "url": system_url(target, s["name"])} for s in systems.listing(store)]
+
+
+def restore(
+    root: Path,
+    url: str,
+    only: list[str] | None,
+    progress: PartProgress,
+    retry_timeout: float = RETRY_TIMEOUT,
+) -> dict[str, Any]:
+    target, name = parse_system_url(url)
+    store = backup.open_store(target, retry_timeout)
+    store.bucket.ensure()
+    record = systems.get(store, name)
+    wanted = list(record["volumes"]) if only is None else only
+    unknown = [v for v in wanted if v not in record["volumes"]]
+    if unknown:
+        raise InvalidArgument(
+            f"system backup {name} holds no volume {', '.join(unknown)} (it holds "
+            f"{', '.join(sorted(record['volumes'])) or 'none'})"
+        )
+    existing = set(volumes.list_names(root))
+    clash = sorted(set(wanted) & existing)
+    if clash:
+        raise AlreadyExists(f"volume(s) {', '.join(clash)} already exist under {root}")
+    present = {i["name"]: i["id"] for i in images.list_images(root)}
+    image_names = list(record["images"]) if only is None else []
+    for image in image_names:
+        if image in present and present[image] != record["images"][image]["id"]:
+            raise AlreadyExists(f"backing image {image} exists under {root} with other content")
+    done: dict[str, Any] = {"name": name, "volumes": [], "images": [], "skipped_images": []}
+    for image in image_names:
+        if image in present:  # the same content is there already
+            done["skipped_images"].append(image)
+            continue
+        part = f"image {image}"
+        part_url = backup.backup_url(target, f"image-{image}", record["images"][image]["backup"])
+        _part(part, restore_image, root, store, part_url, image, _of(part, progress))
+        done["images"].append(image)
+    for volume in wanted:
+        entry = record["volumes"][volume]
+        part = f"volume {volume}"
+        part_url = backup.backup_url(target, volume, entry["backup"])
+        replicas = max(1, min(16, int(entry.get("replicas") or 3)))
+        _part(
+            part,
+            backup.restore,
+            root,
+            part_url,
+            volume,
+            replicas,
+            _of(part, progress),
+            retry_timeout,
+        )
+        saved = entry.get("config") or {}
+
+        def settle(config: dict[str, Any], saved: dict[str, Any] = saved) -> None:
+            if isinstance(saved.get("settings"), dict):
+                config["settings"] = {
+                    key: volumes.check_setting(key, float(value))
+                    for key, value in saved["settings"].items()
+                    if key in volumes.SETTINGS
+                }
+
+        restored = volumes.load(root, volume)
+        restored.update(settle)
+        filesystem = entry.get("filesystem")
+        if isinstance(filesystem, dict) and filesystem.get("state") == "formatted":
+            # (what lhfs mount made: mounted again, never formatted again; a record of a
+            # mkfs that never completed is not carried over)
+            restored.record_filesystem(
+                {key: str(filesystem.get(key)) for key in ("type", "uuid", "state")}
+            )
+        done["volumes"].append(volume)
+    return done
+
+
+def restore_image(
+    root: Path, store: Any, url: str, name: str, progress: Callable[..., None]
+) -> dict[str, Any]:
+    """A backing image's backup into the root's images, as ``name``; its content id checked
+    against the one it was backed up with."""
+    _, volume, backup_name = backup.parse_backup_url(url)
+    manifest = store.manifest(volume, backup_name)
+    Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
+    scratch = Path(root) / f".restore-image-{name}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, manifest["size"])
+
+            def write(index: int, data: bytes) -> None:
+                at = index * manifest["block_size"]
+                os.pwrite(fd, data[: manifest["size"] - at], at)
+
+            store.restore(volume, backup_name, write, progress)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if manifest.get("snapshot") and content_id(scratch) != manifest["snapshot"]:
+            raise CorruptState(
+                f"backing image {name}: the restored content is not the backed up one"
+            )
+        return images.create(root, name, scratch)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> dict[str, Any]:
+    """Delete a system backup: its record, then each of its parts no other system backup
+    names, then unreferenced blocks."""
+    target, name = parse_system_url(url)
+    store = backup.open_store(target, retry_timeout)
+    store.bucket.ensure()
+    record = systems.get(store, name)
+    systems.delete(store, name)
+    still = {
+        tuple(part)
+        for other in systems.listing(store)
+        if other["state"] == "complete"
+        for part in other["parts"]
+    }
+    removed = []
+    for volume, part in systems.parts_of(record):
+        if (volume, part) not in still:
+            with contextlib.suppress(NotFound):  # (deleted by hand before)
+                store.forget(volume, part)
+                removed.append(f"{volume}/{part}")
+    collected = store.collect()
+    return {
+        "name": name,
+        "removed_backups": removed,
+        "collected": collected.removed,
+        "deferred": collected.deferred,
+    }

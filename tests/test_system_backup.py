@@ -1,0 +1,146 @@
+"""System backups: every volume and backing image of a root as one whole, against a real S3
+server; restored under other roots; interrupted by SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+from urllib.parse import urlparse
+
+from conftest import needs_fuse
+
+from lhfs.core.procs import wait_for
+from lhfs.testing import Cli, teardown
+from tools.faultproxy import FaultProxy
+
+pytestmark = needs_fuse
+MIB = 1 << 20
+
+
+def fill(device: Path, offset: int, data: bytes) -> None:
+    with open(device, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_a_system_backup_completes_and_restores_equal(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://system-backups/p"
+    rng = random.Random(11)
+    for n, name in enumerate(("base1", "base2")):
+        raw = tmp_path / f"{name}.raw"
+        raw.write_bytes(rng.randbytes(3 * MIB + n * 4096))
+        cli.run("backing-image", "create", name, "--from", str(raw))
+    # one image is in the store already: its part must complete at once all the same
+    cli.run("backing-image", "backup", "base1", "--target", target, "--create-bucket", "--quiet")
+    cli.run("volume", "create", "a", "--size", "16M", "--replicas", "2", "--backing-image", "base1")
+    cli.run("volume", "create", "b", "--size", "16M", "--replicas", "1", "--io-timeout", "12")
+    cli.run("volume", "create", "c", "--size", "64M", "--replicas", "1")
+    device = tmp_path / "a.dev"
+    cli.run("volume", "attach", "a", "--device", str(device))  # backed up while attached
+    fill(device, 5 * MIB, rng.randbytes(2 * MIB))
+    cli.run("volume", "attach", "b", "--device", str(tmp_path / "b.dev"))
+    fill(tmp_path / "b.dev", 0, rng.randbytes(MIB))
+    cli.run("volume", "detach", "b")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "c", str(mnt))
+    (mnt / "file").write_bytes(b"kept" * 1000)
+    cli.run("umount", str(mnt))
+    cli.backup("b", target)
+    cli.run(
+        "dr", "create", "standby", "--target", target, "--volume", "b", "--replicas", "1",
+        "--interval", "0.3", "--quiet",
+    )  # fmt: skip
+    sums = {v: cli.checksum(v) for v in ("a", "b", "c")}
+
+    result = cli.run("system", "backup", "--target", target, "--name", "sys1")
+    url = result.stdout.strip().splitlines()[-1]
+    assert url == f"{target}?system=sys1"
+    assert "skipped standby (a DR standby" in result.stdout
+    lines = result.stderr.splitlines()
+    for part in ("volume a", "volume b", "volume c", "image base1", "image base2"):
+        mine = [line for line in lines if line.startswith(f"{part}: ")]
+        assert sum(" 100% " in line for line in mine) == 1, (part, lines)
+    listed = cli.json("system", "ls", "--target", target)
+    assert [(s["name"], s["state"]) for s in listed] == [("sys1", "complete")]
+    assert listed[0]["volumes"] == ["a", "b", "c"] and listed[0]["images"] == ["base1", "base2"]
+    cli.run("volume", "detach", "a")
+
+    other = Cli(tmp_path / "root2")
+    try:
+        done = other.json("system", "restore", url, "--quiet")
+        assert done["volumes"] == ["a", "b", "c"] and done["images"] == ["base1", "base2"]
+        assert {v: other.checksum(v) for v in ("a", "b", "c")} == sums
+        assert other.info("b")["settings"]["io_timeout"] == 12
+        assert other.info("c")["filesystem"] == cli.info("c")["filesystem"]
+        images = {i["name"]: i["id"] for i in other.json("backing-image", "ls")}
+        assert images == {i["name"]: i["id"] for i in cli.json("backing-image", "ls")}
+        other.run("mount", "c", str(mnt))
+        try:
+            assert (mnt / "file").read_bytes() == b"kept" * 1000  # mounted, not formatted
+        finally:
+            other.run("umount", str(mnt))
+        before = other.json("volume", "ls")
+        again = other.run("system", "restore", url, "--quiet", check=False)
+        assert again.returncode == 1 and "already exist" in again.stderr
+        assert again.stderr.count("\n") == 1 and other.json("volume", "ls") == before
+    finally:
+        teardown(other.root)
+    third = Cli(tmp_path / "root3")
+    try:
+        done = third.json("system", "restore", url, "--volumes", "b", "--quiet")
+        assert done["volumes"] == ["b"] and done["images"] == []
+        assert [v["name"] for v in third.json("volume", "ls")] == ["b"]
+        assert third.checksum("b") == sums["b"]
+    finally:
+        teardown(third.root)
+    removed = cli.json("system", "rm", url)
+    assert len(removed["removed_backups"]) == 5
+    assert cli.json("system", "ls", "--target", target) == []
+    assert cli.json("backup", "check", "--target", target)["problems"] == []
+
+
+def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://system-killed/p"
+    for name in ("x", "y"):
+        cli.run("volume", "create", name, "--size", "32M", "--replicas", "1")
+        cli.run("volume", "attach", name, "--device", str(tmp_path / f"{name}.dev"))
+        fill(tmp_path / f"{name}.dev", 0, os.urandom(24 * MIB))
+        cli.run("volume", "detach", name)
+    cli.run("backup", "init", "--target", target, "--create-bucket")
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 512 << 10  # per connection: the uploads take many seconds
+    try:
+        slow = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+        run = slow.start("system", "backup", "--target", target, "--name", "sys2")
+        seen = []
+
+        def uploading() -> bool:
+            assert run.stderr is not None
+            line = run.stderr.readline()
+            seen.append(line)
+            return line.startswith("volume x: ") and "100%" not in line
+
+        wait_for(uploading, 60, "the first part to be under way")
+        run.send_signal(signal.SIGKILL)
+        run.wait(10)
+    finally:
+        proxy.close()
+    listed = cli.json("system", "ls", "--target", target)
+    assert [(s["name"], s["state"]) for s in listed] == [("sys2", "in_progress")], listed
+    failed = cli.run("system", "restore", f"{target}?system=sys2", check=False)
+    assert failed.returncode == 1 and "no system backup 'sys2'" in failed.stderr
+    assert cli.json("backup", "ls", "--target", target, "--volume", "y") == []
+    # and a new system backup completes after it
+    url = cli.run("system", "backup", "--target", target, "--quiet").stdout.splitlines()[-1]
+    states = {s["name"]: s["state"] for s in cli.json("system", "ls", "--target", target)}
+    assert states[url.split("system=")[1]] == "complete" and states["sys2"] == "in_progress"
