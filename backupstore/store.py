@@ -579,10 +579,17 @@ class BackupStore:
                 raise CorruptState(f"{relative} in {self.target} cannot be parsed") from None
         return out
 
-    def prune(self, volume: str, policy: dict[str, int], dry_run: bool = False) -> dict[str, Any]:
+    def prune(
+        self,
+        volume: str,
+        policy: dict[str, int],
+        dry_run: bool = False,
+        also: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Delete the backups of ``volume`` that ``policy`` does not keep (see ``retention``),
-        never the newest nor one a DR standby recorded, then collect unreferenced blocks.
-        ``dry_run``: only say what would go."""
+        never the newest, one a DR standby recorded or one of ``also`` (name: why, e.g. the
+        parts of system backups), then collect unreferenced blocks. ``dry_run``: only say
+        what would go."""
         from .retention import keep
 
         if not any(policy.values()):
@@ -594,15 +601,13 @@ class BackupStore:
             for (_, name), m in manifests.items()
         ]
         kept = keep(backups, policy)
-        from .systems import listing
-
+        present = {b["name"] for b in backups}
         for mark in self.standby_marks(volume):
-            if mark["backup"] in {b["name"] for b in backups}:
+            if mark["backup"] in present:
                 kept.setdefault(mark["backup"], []).append(f"DR standby {mark['standby']}")
-        for system in listing(self):  # (a system backup's parts go with it: 'system rm')
-            for part in system.get("parts") or ():
-                if part[0] == volume and part[1] in {b["name"] for b in backups}:
-                    kept.setdefault(part[1], []).append(f"system backup {system['name']}")
+        for name, why in (also or {}).items():
+            if name in present:
+                kept.setdefault(name, []).append(why)
         doomed = sorted(
             (b for b in backups if b["name"] not in kept), key=lambda b: (b["started"], b["name"])
         )

@@ -100,6 +100,12 @@ def test_a_system_backup_completes_and_restores_equal(
         assert third.checksum("b") == sums["b"]
     finally:
         teardown(third.root)
+    # prune keeps a system backup's parts: b's backup before it goes, its part stays
+    cli.run("dr", "stop", "standby")
+    cli.backup("b", target)
+    pruned = cli.json("backup", "prune", "--target", target, "--volume", "b", "--keep-last", "1")
+    assert len(pruned["removed"]) == 1 and len(pruned["kept"]) == 2
+    assert any("system backup sys1" in k["reasons"] for k in pruned["kept"])
     removed = cli.json("system", "rm", url)
     assert len(removed["removed_backups"]) == 5
     assert cli.json("system", "ls", "--target", target) == []

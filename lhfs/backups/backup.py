@@ -339,9 +339,17 @@ def prune(
     for rule, count in policy.items():
         if not 0 <= count <= 100_000:
             raise InvalidArgument(f"--keep-{rule} must be from 0 to 100000")
+    from backupstore.systems import listing
+
     store = open_store(Target.parse(url), retry_timeout)
     store.bucket.ensure()
-    report = store.prune(volume, policy, dry_run)
+    also = {  # (a system backup's parts go with it: 'lhfs system rm')
+        part[1]: f"system backup {system['name']}"
+        for system in listing(store)
+        for part in system["parts"] or ()
+        if part[0] == volume
+    }
+    report = store.prune(volume, policy, dry_run, also)
     if not report["kept"] and not report["removed"]:
         raise NotFound(f"{url} holds no complete backup of volume {volume}")
     return report
