@@ -10,7 +10,8 @@ two first backups at once agree on one record) and never changed:
   the key: this guards against mistakes and damage, not against an attacker (encrypt for that).
   Blocks are named by the xxh3-128 of their content, which every read checks.
 - an encrypted store records three random keys wrapped (AES-256-GCM) by a key derived from a
-  password with scrypt (parameters in the record). Blocks and manifests are sealed with
+  password with scrypt (parameters in the record; the derived key is cached a few minutes in
+  the kernel's keyring, see ``keycache``). Blocks and manifests are sealed with
   AES-256-GCM under a data key, each bound to its name in the store (the associated data): a
   block copied from another store or to another name does not open. A block's name is an
   HMAC-SHA256 of its content digest under a naming key: the store learns neither content nor
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.core.errors import CorruptState, InvalidArgument, NotPermitted
+
+from . import keycache
 
 RECORD = "lhfs-store.json"
 _PLAIN = b"LHS1"  # a sealed object of a plain store: magic, 32-byte MAC, payload
@@ -86,6 +89,15 @@ def _aead(key: bytes) -> Any:
     return AESGCM(key)
 
 
+def _unwrap(wrapping: bytes, wrapped: bytes, store_id: str) -> bytes | None:
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        return _aead(wrapping).decrypt(wrapped[:12], wrapped[12:], store_id.encode())
+    except (InvalidTag, ValueError):
+        return None
+
+
 def _derive(password: bytes, kdf: dict[str, Any], salt: bytes) -> bytes:
     n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
     if kdf.get("name") != "scrypt" or not (1 << 10 <= n <= 1 << 22 and 1 <= r <= 32 and p == 1):
@@ -129,6 +141,7 @@ class StoreKeys:
         salt = secrets.token_bytes(16)
         nonce = secrets.token_bytes(12)
         wrapping = _derive(password, _KDF, salt)
+        keycache.remember(store_id, salt, password, wrapping)
         plain = keys.mac_key + keys.data_key + keys.name_key
         wrapped = _aead(wrapping).encrypt(nonce, plain, store_id.encode())
         record = {
@@ -169,13 +182,17 @@ class StoreKeys:
         if not isinstance(kdf, dict):
             raise CorruptState(f"the store record {where} cannot be read")
         wrapped = _unb64(data.get("wrapped"), "wrapped keys")
-        wrapping = _derive(password, kdf, _unb64(kdf.get("salt"), "salt"))
-        from cryptography.exceptions import InvalidTag
-
-        try:
-            plain = _aead(wrapping).decrypt(wrapped[:12], wrapped[12:], store_id.encode())
-        except (InvalidTag, ValueError):
-            raise WrongPassword(f"the password does not open the store {where}") from None
+        salt = _unb64(kdf.get("salt"), "salt")
+        plain = None
+        cached = keycache.lookup(store_id, salt, password)
+        if cached is not None:
+            plain = _unwrap(cached, wrapped, store_id)
+        if plain is None:
+            wrapping = _derive(password, kdf, salt)
+            plain = _unwrap(wrapping, wrapped, store_id)
+            if plain is None:
+                raise WrongPassword(f"the password does not open the store {where}")
+            keycache.remember(store_id, salt, password, wrapping)
         if len(plain) != 3 * _KEY_BYTES:
             raise CorruptState(f"the store record {where} holds keys of the wrong size")
         mac_key, data_key, name_key = (plain[i : i + _KEY_BYTES] for i in range(0, 96, 32))

@@ -47,6 +47,7 @@ import zstandard
 from lhfs.core.errors import CorruptState, InvalidArgument, LhfsError, NotFound
 from lhfs.core.units import format_size, rfc3339
 
+from . import deltas
 from .keys import RECORD, StoreKeys
 from .s3 import Bucket
 
@@ -83,6 +84,7 @@ class BackupStats:
     uploaded: int = 0
     uploaded_bytes: int = 0
     reused: int = 0
+    deltas: int = 0  # blocks stored as a delta on their base block (see ``deltas``)
     found: set[str] = field(default_factory=set)  # reused because a HEAD found them
 
 
@@ -95,6 +97,8 @@ class BackupStore:
         self.workers = workers
         self.password = password
         self._keys: StoreKeys | None = None
+        # digest -> recipe, of the blocks stored as deltas, from every manifest read
+        self._recipes: dict[str, dict[str, Any]] = {}
         self._block_sizes: dict[str, int] = {}  # recorded ones: they never change
 
     # -- the store's keys -----------------------------------------------------------------------
@@ -116,6 +120,8 @@ class BackupStore:
         """Make the store's record if it has none: encrypted when a password was given. True
         when this call made it. Two at once agree on one (a conditional write; the loser
         reads the winner's)."""
+        if self._keys is not None:  # (its record was read already: it has one)
+            return False
         key = self.target.key(RECORD)
         found = self.bucket.get(key)
         if found is None:
@@ -170,7 +176,22 @@ class BackupStore:
         return len(packed)
 
     def get_block(self, digest: str) -> bytes:
-        """A block's bytes, checked against its name: a mismatch is corruption, never data."""
+        """A block's bytes, checked against its digest: a mismatch is corruption, never data.
+        A block a manifest read before names by a recipe is rebuilt from its base and its
+        delta (see ``deltas``)."""
+        recipe = self._recipes.get(digest)
+        if recipe is None:
+            return self._get_object(digest)
+        what = f"block {digest} in {self.target}"
+        data = deltas.apply(
+            self._get_object(recipe["base"]), self._get_object(recipe["delta"]), what
+        )
+        if digest_of(data) != digest:
+            raise CorruptState(f"{what}, rebuilt from its delta, does not match its checksum")
+        return data
+
+    def _get_object(self, digest: str) -> bytes:
+        """A stored object (a block, a delta), checked against its digest."""
         key = self._block_key(digest)
         found = self.bucket.get(key)
         if found is None:
@@ -240,6 +261,7 @@ class BackupStore:
         progress: Callable[..., None] = lambda *pct: None,
         base: tuple[str, list[int]] | None = None,
         extra: dict[str, Any] | None = None,
+        units: tuple[int, dict[int, set[int]]] | None = None,
     ) -> tuple[dict[str, Any], BackupStats]:
         """Back a volume's content up block by block; returns the manifest and what moved.
 
@@ -247,7 +269,9 @@ class BackupStore:
         earlier backup of the same volume and the blocks changed since its snapshot, taken from
         the snapshot chain), only the changed blocks are read; the others keep the base's
         digests. Without it, or when the base is gone, every block is read (and only those the
-        store lacks are sent)."""
+        store lacks are sent). With ``units`` too (a unit size and, per changed block, the
+        indexes of its units that changed), a block changed in few units is stored as a delta
+        on its base block (see ``deltas``)."""
         self.bucket.ensure()  # (the caller may have made it, with --create-bucket)
         self.init()
         block_size, recorded = self._settings(volume, block_size)
@@ -256,8 +280,18 @@ class BackupStore:
         with running:
             self._await_collections(running.key)
             count = -(-size // block_size)
-            previous, changed = self._base(volume, base, size, block_size)
+            previous, changed, recipes, base_unit = self._base(
+                volume, base, size, block_size, units
+            )
             known = {d for d in previous if d} if previous else self._latest_digests(volume)
+            # digests that the store holds only as a recipe (a delta on a base): reused by
+            # naming the recipe again, never as whole objects
+            carried = {previous[i]: r for i, r in recipes.items()}
+            known -= carried.keys()
+            # new deltas only in the unit of the base's (a recipe adds to its units)
+            usable = units is not None and base_unit in (None, units[0])
+            unit, fine = units if usable and units is not None else (0, None)
+            out_recipes: dict[int, dict[str, Any]] = {}
             # An increment reads only blocks the chain says were written since its base: new
             # content, nearly always missing from the store. It sends them without asking
             # (a round trip per block, about a seventh of a small increment's time, or a
@@ -273,14 +307,37 @@ class BackupStore:
                 for index in range(count):
                     if index < len(previous) and index not in changed:
                         digests[index] = previous[index]
+                        if index in recipes:
+                            out_recipes[index] = recipes[index]
                     else:
                         data = read_block(index, block_size)
                         stats.read += 1
                         digest = digest_of(data)
                         if digest != empty:  # an empty block is stored as null
                             digests[index] = digest
+                            recipe = None
+                            if digest not in known and digest not in carried and fine:
+                                recipe = deltas.plan(
+                                    index, previous, recipes, fine.get(index), unit, block_size
+                                )
                             if digest in known:
                                 stats.reused += 1
+                            elif digest in carried:
+                                out_recipes[index] = carried[digest]
+                                stats.reused += 1
+                            elif recipe is not None:
+                                payload = deltas.pack(data, unit, recipe["units"])
+                                recipe["delta"] = digest_of(payload)
+                                out_recipes[index] = carried[digest] = recipe
+                                stats.deltas += 1
+                                pending.append(
+                                    (
+                                        recipe["delta"],
+                                        pool.submit(
+                                            self.put_block, payload, recipe["delta"], None, False
+                                        ),
+                                    )
+                                )
                             else:
                                 known.add(digest)
                                 pending.append(
@@ -309,6 +366,9 @@ class BackupStore:
                 "blocks": digests,
                 **(extra or {}),
             }
+            if out_recipes:
+                manifest["delta_unit"] = unit
+                manifest["deltas"] = {str(i): r for i, r in sorted(out_recipes.items())}
             self.put_sealed(_relative(volume, name, "json"), json.dumps(manifest).encode())
             if not recorded:  # the first complete backup fixes the block size
                 meta = {"format": 1, "block_size": block_size}
@@ -327,23 +387,34 @@ class BackupStore:
             )
 
     def _base(
-        self, volume: str, base: tuple[str, list[int]] | None, size: int, block_size: int
-    ) -> tuple[list[str | None], set[int]]:
-        """The base backup's digests and the blocks to read anyway; ([], {}) for a full read.
+        self,
+        volume: str,
+        base: tuple[str, list[int]] | None,
+        size: int,
+        block_size: int,
+        units: tuple[int, dict[int, set[int]]] | None = None,
+    ) -> tuple[list[str | None], set[int], dict[int, dict[str, Any]], int | None]:
+        """The base backup's digests, the blocks to read anyway, the base's recipes (of its
+        blocks stored as deltas) and their unit; ``([], set(), {}, None)`` for a full read.
         Called once the collection lock is held: the base's blocks cannot vanish now."""
         if base is None:
-            return [], set()
+            return [], set(), {}, None
         try:
             manifest = self.manifest(volume, base[0])
         except NotFound:  # the previous backup is gone: read everything
-            return [], set()
+            return [], set(), {}, None
         if manifest["block_size"] != block_size:
-            return [], set()
+            return [], set(), {}, None
         previous = manifest["blocks"]
         changed = set(base[1])
+        recipes = {int(i): r for i, r in manifest.get("deltas", {}).items()}
         if manifest["size"] != size:  # a grown volume: its old last block and all after it
-            changed.update(range(max(0, len(previous) - 1), -(-size // block_size)))
-        return previous, changed
+            grown = range(max(0, len(previous) - 1), -(-size // block_size))
+            changed.update(grown)
+            if units:  # (no delta for those: their units are not all known)
+                for index in grown:
+                    units[1].pop(index, None)
+        return previous, changed, recipes, manifest.get("delta_unit")
 
     def _present(self) -> set[str] | None:
         """The digests of every block in the store when there are few enough to list in a
@@ -377,8 +448,9 @@ class BackupStore:
                 stats.found.add(digest)
 
     def _latest_digests(self, volume: str) -> set[str]:
-        """The blocks of the volume's most recently written manifest: known present, no HEAD
-        needed (any complete backup's blocks would do; the newest shares the most)."""
+        """The objects of the volume's most recently written manifest: known present, no HEAD
+        needed (any complete backup's would do; the newest shares the most). A block it holds
+        as a delta is not among them: a full backup stores it whole again."""
         listed = self._manifest_objects(volume)
         if not listed:
             return set()
@@ -387,7 +459,7 @@ class BackupStore:
             manifest = self.manifest(volume, name)
         except NotFound:  # deleted since the listing
             return set()
-        return {d for d in manifest["blocks"] if d}
+        return stored_objects(manifest)
 
     def manifest(self, volume: str, name: str) -> dict[str, Any]:
         """A backup's manifest, authenticated (see ``keys``) and checked."""
@@ -403,10 +475,22 @@ class BackupStore:
                 and len(blocks) == -(-manifest["size"] // manifest["block_size"])
                 and all(d is None or _DIGEST.match(d) for d in blocks)
             )
+            recipes = manifest.get("deltas", {})
+            valid = valid and isinstance(recipes, dict)
+            for index, recipe in recipes.items() if valid else ():
+                valid = valid and (
+                    0 <= int(index) < len(blocks)
+                    and blocks[int(index)] is not None
+                    and deltas.valid(
+                        recipe, manifest["block_size"], manifest.get("delta_unit"), _DIGEST
+                    )
+                )
         except (ValueError, KeyError, TypeError):
             valid = False
         if not valid:
             raise CorruptState(f"the manifest of backup {name} of {volume} cannot be parsed")
+        for index, recipe in manifest.get("deltas", {}).items():
+            self._recipes[blocks[int(index)]] = recipe
         # (checked against the volume's record, itself authenticated; none yet: the first
         # backup's process died between writing its manifest and the record)
         recorded = self._block_sizes.get(volume) or self._recorded_block_size(volume)
@@ -659,7 +743,7 @@ class BackupStore:
             complete = [(vol, name) for _, vol, name, kind in listed if kind == "json"]
             referenced: set[str] = set()
             for manifest in self._manifests(complete).values():
-                referenced.update(self.keys.block_name(d) for d in manifest["blocks"] if d)
+                referenced.update(self.keys.block_name(d) for d in stored_objects(manifest))
             running = self._running(marker.key)  # a second look, now that the work is known
             if running:
                 return Collection(0, running)
@@ -728,29 +812,36 @@ class BackupStore:
                     self._recorded_block_size(vol)
             except (CorruptState, NotFound) as exc:
                 problems.append(str(exc))
-        wanted: dict[str, tuple[str, int]] = {}  # block name -> (digest, its size at most)
-        users: dict[str, str] = {}  # block name -> a backup naming it (for the report)
+        wanted: dict[str, str] = {}  # object name -> digest, of every object a backup needs
+        users: dict[str, str] = {}  # digest -> a backup naming it (for the report)
+        blocks: dict[str, tuple[int, set[str]]] = {}  # block digest -> size, objects it needs
         for (vol, name), manifest in manifests.items():
-            for digest in manifest["blocks"]:
+            recipes = manifest.get("deltas", {})
+            for index, digest in enumerate(manifest["blocks"]):
                 if digest:
-                    block = self.keys.block_name(digest)
-                    wanted[block] = (digest, manifest["block_size"])
-                    users.setdefault(block, f"backup {name} of {vol}")
+                    recipe = recipes.get(str(index))
+                    parts = {recipe["base"], recipe["delta"]} if recipe else {digest}
+                    blocks[digest] = (manifest["block_size"], parts)
+                    users.setdefault(digest, f"backup {name} of {vol}")
+                    for part in parts:
+                        wanted[self.keys.block_name(part)] = part
+                        users.setdefault(part, f"backup {name} of {vol}")
         stored = {obj.object_name.rsplit("/", 1)[1] for obj in self._blocks()}
-        missing = sorted(set(wanted) - stored)
-        problems += [f"block {wanted[b][0]} of {users[b]} is missing" for b in missing]
+        missing = {wanted[name] for name in set(wanted) - stored}
+        problems += [f"block {d} of {users[d]} is missing" for d in sorted(missing)]
         read = 0
-        if read_data:
-            present = [(block, *wanted[block]) for block in sorted(set(wanted) & stored)]
-            total = sum(size for *_, size in present)
+        if read_data:  # every block whose objects are there, rebuilt and verified
+            present = [
+                (d, size) for d, (size, parts) in sorted(blocks.items()) if not parts & missing
+            ]
+            total = sum(size for _, size in present)
             done = 0
-            items = ((n, digest) for n, (_, digest, _) in enumerate(present))
-            fetched = self.fetch(items, keep_going=True)
-            for n, result in fetched:
-                block, digest, size = present[n]
+            items = ((n, digest) for n, (digest, _) in enumerate(present))
+            for n, result in self.fetch(items, keep_going=True):
+                digest, size = present[n]
                 done += size
                 if isinstance(result, CorruptState):
-                    problems.append(f"{result} (named by {users[block]})")
+                    problems.append(f"{result} (named by {users.get(digest, 'a backup')})")
                 else:
                     read += 1
                 progress(100 * done / max(1, total), done, total)
@@ -770,6 +861,14 @@ class BackupStore:
 
     def block_count(self) -> int:
         return sum(1 for _ in self._blocks())
+
+
+def stored_objects(manifest: dict[str, Any]) -> set[str]:
+    """The digests of the objects a backup needs: its whole blocks, and the base and delta of
+    each block it stores as a delta."""
+    recipes = manifest.get("deltas", {})
+    whole = {d for i, d in enumerate(manifest["blocks"]) if d and str(i) not in recipes}
+    return whole | {r[key] for r in recipes.values() for key in ("base", "delta")}
 
 
 def _relative(volume: str, name: str, suffix: str) -> str:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""lhfs backups next to restic, to the same S3 server, in one run.
+"""lhfs backups (to a plain and to an encrypted store) next to restic, to the same S3 server,
+in one run.
 
 A volume of half-compressible data (and the same bytes as a plain file for restic): initial
 backup; a backup after 1% of the volume was rewritten in 1 MiB extents at random (files
@@ -88,6 +89,15 @@ def main() -> None:
         def lhfs_backup() -> None:
             cli.run("backup", "create", "bench", "--target", target, "--create-bucket", "--quiet")
 
+        sealed_target = "s3://lhfs-bench-enc/p"
+        sealed = Cli(cli.root, env={**s3.env, "LHFS_BACKUP_PASSWORD": "bench"})
+
+        def lhfs_encrypted_backup() -> None:
+            sealed.run(
+                "backup", "create", "bench", "--target", sealed_target, "--create-bucket",
+                "--quiet",
+            )  # fmt: skip
+
         def restic_backup() -> None:
             subprocess.run(
                 [restic, "-r", repo, "backup", "-q", str(plain)],
@@ -104,14 +114,15 @@ def main() -> None:
             ("1% of 64 KiB chunks changed", CHUNK),
         )
         for label, unit in patterns:
-            times: dict[str, list[float]] = {"lhfs": [], "restic": []}
-            sent: dict[str, list[int]] = {"lhfs": [], "restic": []}
+            times: dict[str, list[float]] = {"lhfs": [], "lhfs encrypted": [], "restic": []}
+            sent: dict[str, list[int]] = {"lhfs": [], "lhfs encrypted": [], "restic": []}
             floor: dict[str, list[float]] = {"start": [], "send": []}
             for _ in range(args.rounds if unit else 1):
                 if unit:
                     change(vol, plain, unit, size, rng)
                 for tool, backup, bucket in (
                     ("lhfs", lhfs_backup, "lhfs-bench"),
+                    ("lhfs encrypted", lhfs_encrypted_backup, "lhfs-bench-enc"),
                     ("restic", restic_backup, "restic-bench"),
                 ):
                     if tool == "restic" and not restic:
@@ -122,7 +133,7 @@ def main() -> None:
                 if unit == MIB:  # what any increment of this size costs here, at the least
                     floor["start"].append(client_start())
                     floor["send"].append(send_alone(sent["lhfs"][-1], floor_rng))
-            for tool in ("lhfs", "restic"):
+            for tool in ("lhfs", "lhfs encrypted", "restic"):
                 if times[tool]:
                     rows.append((f"{tool} {label}", times[tool], statistics.median(sent[tool])))
                 if tool == "lhfs" and floor["start"]:
@@ -133,6 +144,11 @@ def main() -> None:
             lambda: cli.run("backup", "restore", url, "back", "--replicas", "1", "--quiet")
         )
         rows.append(("lhfs full restore", [seconds], 0))
+        url = sealed.json("backup", "ls", "--target", sealed_target)[-1]["url"]
+        seconds = timed(
+            lambda: sealed.run("backup", "restore", url, "back2", "--replicas", "1", "--quiet")
+        )
+        rows.append(("lhfs encrypted full restore", [seconds], 0))
         if restic:
             out = work / "restored"
             seconds = timed(

@@ -52,7 +52,9 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
     out = cli.run("backup", "create", "src", "--target", target, "--create-bucket").stdout
     assert "read 1 of 32 blocks, uploaded 1" in out  # changed blocks come from the chain
     second = out.split()[-1]
-    assert store.block_count() == blocks_after_first + 1
+    assert store.block_count() == blocks_after_first + 1  # a delta: the changed 64 KiB chunk
+    recipes = store.manifest("src", second.split("backup=")[1])["deltas"]
+    assert list(recipes) == ["2"] and recipes["2"]["units"] == [16]
     cli.run("volume", "detach", "src")
 
     listed = cli.json("backup", "ls", "--target", target, "--volume", "src")
@@ -76,9 +78,11 @@ def test_backup_restore_incremental_and_delete(cli: Cli, tmp_path: Path, s3_endp
     base = cli.json("snapshot", "ls", "src")[-1]["name"]
     cli.run("snapshot", "rm", "src", base)  # the base is gone: a full read, nothing sent
     out = cli.run("backup", "create", "src", "--target", target, "--create-bucket").stdout
-    assert "read 32 of 32 blocks, uploaded 0" in out
+    assert "read 32 of 32 blocks, uploaded 1" in out  # the delta's block, whole again
     cli.run("backup", "rm", first)
-    assert store.block_count() == blocks_after_first  # the block only `first` had is gone
+    assert store.block_count() == blocks_after_first + 2  # its block 2: the delta's base
+    cli.run("backup", "rm", second)  # the unchanged backup after it names the same recipe
+    assert store.block_count() == blocks_after_first + 2
     cli.run("backup", "restore", detached, "copy3", "--replicas", "1")
     assert cli.checksum("copy3") == second_sum
 

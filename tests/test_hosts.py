@@ -19,7 +19,7 @@ from conftest import needs_fuse
 from lhfs.core.procs import LHFS, wait_for
 from lhfs.replica.process import ReplicaProcess
 from lhfs.testing import Cli, HostName, fio_verify, loop_attach
-from tools.hosts import Cluster, Host
+from tools.hosts import Cluster, Host, sweep_orphans
 
 pytestmark = needs_fuse
 MIB = 1 << 20
@@ -30,6 +30,7 @@ IO_TIMEOUT = 3
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     """Three hosts on a bridge, named after this process (a crashed run's are swept first)."""
+    sweep_orphans("lt")
     hosts = Cluster(prefix=f"lt{os.getpid() % 100000}")
     hosts.up(3)
     try:

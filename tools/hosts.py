@@ -7,7 +7,7 @@ restored (its veth is set down and up: packets are dropped both ways, nothing is
 host can "reboot": every process in it is killed, its namespace deleted and made again with the
 same address. Its processes run through ``ip netns exec``; files are shared (one file system).
 
-    python -m tools.hosts up 3      # hosts lhfs-h1..h3 at 10.217.77.11-13
+    python -m tools.hosts up 3      # hosts lhfs-h1..h3 at 10.217.77.11-13 (or the next free /24)
     python -m tools.hosts down      # remove them and the bridge, killing what runs in them
 
 ``Cluster`` is the same from Python (the tests' fixture); ``down`` always removes everything it
@@ -79,15 +79,23 @@ class Host:
 class Cluster:
     """Hosts ``<prefix>-h1``.. on bridge ``<prefix>-br``; the root namespace is ``gateway``."""
 
-    def __init__(self, prefix: str = "lhfs", subnet: str = SUBNET) -> None:
+    def __init__(self, prefix: str = "lhfs", subnet: str | None = None) -> None:
         self.prefix = prefix
-        self.subnet = subnet
+        self.wanted = subnet
+        self.subnet = subnet or SUBNET
         self.bridge = f"{prefix}-br"
-        self.gateway = f"{subnet}.1"
         self.hosts: list[Host] = []
 
+    @property
+    def gateway(self) -> str:
+        return f"{self.subnet}.1"
+
     def up(self, count: int) -> list[Host]:
+        """Make ``count`` hosts. Without a subnet named, the first /24 from ``SUBNET`` up that no
+        link of this namespace holds: two clusters on one subnet would split its routes, and
+        neither would reach its hosts."""
         self.down()  # whatever an interrupted run left
+        self.subnet = self.wanted or free_subnet()
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -139,6 +147,30 @@ class Cluster:
             if link.startswith(f"{self.prefix}-v") or link == self.bridge:
                 _ip("link", "del", link, check=False)
         self.hosts = []
+
+
+def free_subnet() -> str:
+    """The first ``10.217.N`` (N from ``SUBNET``'s) no address of this namespace is in."""
+    held = _ip("-o", "-4", "addr", "show", check=False).stdout
+    first = int(SUBNET.rsplit(".", 1)[1])
+    for third in range(first, 255):
+        subnet = f"{SUBNET.rsplit('.', 1)[0]}.{third}"
+        if f" {subnet}." not in held:
+            return subnet
+    raise RuntimeError(f"no free subnet from {SUBNET}.0/24 up")
+
+
+def sweep_orphans(stem: str) -> None:
+    """Remove the clusters named ``<stem><pid>`` whose process is gone (a run killed before it
+    could clean up), so their bridges and namespaces do not pile up."""
+    names = _ip("netns", "list", check=False).stdout.split()
+    names += [
+        line.split(":")[1].strip() for line in _ip("-o", "link", check=False).stdout.splitlines()
+    ]
+    owners = {name.removeprefix(stem).split("-", 1)[0] for name in names if name.startswith(stem)}
+    for owner in owners:
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            Cluster(f"{stem}{owner}").down()
 
 
 def main(argv: list[str] | None = None) -> int:

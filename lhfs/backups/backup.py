@@ -187,6 +187,23 @@ class _Source:
             self.local.close()
 
 
+def _changes(
+    source: _Source, record: dict[str, Any] | None, block: int, chunk: int
+) -> tuple[list[int] | None, tuple[int, dict[int, set[int]]] | None]:
+    """The backup blocks changed since the recorded base, and which of their chunks did (for
+    deltas: see ``backupstore.deltas``); asked of the chain at the chunk's granularity when a
+    chunk is a small part of a block, else (or when too many changed to list) per block."""
+    if chunk * 4 <= block:
+        fine = source.changed_blocks(record, chunk)
+        if fine is not None:
+            ratio = block // chunk
+            per_block: dict[int, set[int]] = {}
+            for unit in fine:
+                per_block.setdefault(unit // ratio, set()).add(unit % ratio)
+            return sorted(per_block), (chunk, per_block)
+    return source.changed_blocks(record, block), None
+
+
 def _base_of(layers: list[dict[str, Any]], info: dict[str, Any], snapshot: str) -> dict[str, Any]:
     for layer in layers:
         if snapshot in (layer["name"], layer["id"]):
@@ -238,7 +255,7 @@ def create(
             assert snapshot is not None
             backup_name = _backup_name(snapshot)
             record = vol.config.get("backups", {}).get(str(target))
-            changed = source.changed_blocks(record, block)
+            changed, units = _changes(source, record, block, vol.chunk_size)
             _manifest, stats = store.create(
                 name,
                 backup_name,
@@ -249,6 +266,7 @@ def create(
                 progress=progress,
                 base=None if changed is None or record is None else (record["backup"], changed),
                 extra={"chunk_size": vol.chunk_size},
+                units=units,
             )
         finally:
             if source is not None:

@@ -160,7 +160,9 @@ def apply(
                 }
                 # If the old blocks are damaged or gone too, the marks stay; anything else
                 # (the store went away) propagates, and the caller tries again later.
-                with contextlib.suppress(CorruptState, BackupDeleted):
+                with contextlib.suppress(CorruptState, BackupDeleted, NotFound):
+                    # (its manifest read again: blocks it stores as deltas are rebuilt)
+                    store.manifest(manifest["volume"], state["backup"])
                     apply(vol, store, back, roll_back=False)
             raise
     save_state(
