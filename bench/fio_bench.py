@@ -10,7 +10,11 @@ are scraped every second while fio runs (a scraper ten times more eager than usu
 the same target without, they show what the metrics cost.
 
     python bench/fio_bench.py [--size 1G] [--runtime 10] [--repeat 1] [--dir DIR]
-        [--targets null,1,3,1m,3m,qemu]
+        [--targets null,1,3,1s,3s,1m,3m,qemu]
+
+"1s" and "3s" are 1 and 3 replicas with shared memory off (``LHFS_SHARED_MEMORY=off``): every
+replica on its socket, as remote ones are. Next to qemu-storage-daemon, each lhfs row also
+gets its ratio to it.
 """
 
 from __future__ import annotations
@@ -71,9 +75,11 @@ def fio(target: str, rw: str, bs: str, size: str, runtime: int) -> tuple[float, 
 
 
 @contextmanager
-def lhfs_device(work: Path, replicas: int, size: str, metrics: bool = False) -> Iterator[str]:
+def lhfs_device(
+    work: Path, replicas: int, size: str, metrics: bool = False, sockets: bool = False
+) -> Iterator[str]:
     scratch = Path(tempfile.mkdtemp(prefix=f"lhfs{replicas}{'m' if metrics else ''}-", dir=work))
-    cli = Cli(scratch / "root")
+    cli = Cli(scratch / "root", env={"LHFS_SHARED_MEMORY": "off"} if sockets else None)
     device = scratch / "device"
     stop = threading.Event()
     try:
@@ -164,8 +170,9 @@ def main() -> None:
     parser.add_argument(
         "--targets",
         default="null,1,3,qemu",
-        help="which to measure besides the plain file: null, 1, 3, 1m and 3m (1 and 3 "
-        "replicas with metrics served and scraped), qemu (default: null,1,3,qemu)",
+        help="which to measure besides the plain file: null, 1, 3, 1s and 3s (shared memory "
+        "off), 1m and 3m (1 and 3 replicas with metrics served and scraped), qemu (default: "
+        "null,1,3,qemu)",
     )
     parser.add_argument(
         "--repeat",
@@ -194,6 +201,8 @@ def main() -> None:
             ("lhfs FUSE channel alone (null file)", "null"),
             ("lhfs 1 replica", 1),
             ("lhfs 3 replicas", 3),
+            ("lhfs 1 replica, sockets only", "1s"),
+            ("lhfs 3 replicas, sockets only", "3s"),
             ("lhfs 1 replica, metrics on", "1m"),
             ("lhfs 3 replicas, metrics on", "3m"),
         ]
@@ -226,6 +235,13 @@ def main() -> None:
             figure = f"{mbs:,.0f} MB/s" if "1M" in name else f"{iops:,.0f} IOPS"
             cells.append(f"{figure} ({iops / ref_iops:.2f})")
         print(f"| {label} | " + " | ".join(cells) + " |")
+    qemu = results.get("qemu-storage-daemon qcow2")
+    if qemu:
+        print("\nagainst qemu-storage-daemon (" + ", ".join(n for n, _, _ in JOBS) + "):")
+        for label, rows in results.items():
+            if label.startswith("lhfs") and "null" not in label:
+                ratios = " ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(rows, qemu, strict=True))
+                print(f"- {label}: {ratios}")
     for replicas in ("1 replica", "3 replicas"):
         off, on = results.get(f"lhfs {replicas}"), results.get(f"lhfs {replicas}, metrics on")
         if off and on:
@@ -245,7 +261,10 @@ def measure(
         context = null_device(work, size)
     else:
         text = str(kind)
-        context = lhfs_device(work, int(text.rstrip("m")), size, metrics=text.endswith("m"))
+        replicas = int(text.rstrip("ms"))
+        context = lhfs_device(
+            work, replicas, size, metrics=text.endswith("m"), sockets=text.endswith("s")
+        )
     with context as device:
         fio(device, "write", "1M", size, max(3, runtime // 2))  # allocate
         return [fio(device, rw, bs, size, runtime) for _, rw, bs in JOBS]

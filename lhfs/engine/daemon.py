@@ -39,14 +39,14 @@ from lhfs.core.names import check_name
 from lhfs.engine import control, housekeeping
 from lhfs.engine.engine import ERR, RW, Engine, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
-from lhfs.engine.fusedev import FuseChannel
+from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
 from lhfs.engine.rebuild import rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
-from lhfs.wire import tls
+from lhfs.wire import shm, tls
 from lhfs.wire.client import parse_address
 
 log = logging.getLogger("lhfs.daemon")
@@ -466,6 +466,19 @@ class Daemon:
     # -- main ---------------------------------------------------------------------------------
 
     async def serve(self, announce: Any) -> None:
+        # Memory shared with the local replicas (``lhfs.wire.shm``); LHFS_SHARED_MEMORY=off
+        # keeps every replica on its socket (to compare, or to rule the path out).
+        pool = None
+        if os.environ.get("LHFS_SHARED_MEMORY", "on") != "off":
+            pool = shm.Region(f"lhfs-{self.vol.name}", POOL_SLOTS, BUFFER)
+            self.channel.share(pool)
+        try:
+            await self._serve(announce, pool)
+        finally:
+            if pool is not None:
+                pool.close()
+
+    async def _serve(self, announce: Any, pool: shm.Region | None) -> None:
         async with trio.open_nursery() as nursery:
             self.engine = Engine(
                 self.vol.size,
@@ -475,6 +488,7 @@ class Daemon:
                 on_mode_change=self._record_mode,
                 io_timeout=self.vol.setting("io_timeout"),
                 epoch=self.vol.config.get("epoch", 0),
+                pool=pool,
             )
             self.engine.on_diverged = self.repair
             self.rejoiner = Rejoiner(

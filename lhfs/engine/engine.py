@@ -1,5 +1,10 @@
 """The engine: one attached volume served by several replicas.
 
+Replicas this host started are reached by their local socket and share memory with the engine
+(``lhfs.wire.shm``): a write whose data the FUSE channel read into the engine's pool reaches
+each of them as a descriptor of where it lies, and a read is read by the replica into memory
+the engine maps; replicas elsewhere get the bytes over their connection.
+
 Every write and trim is submitted to all replicas that take writes (RW, and WO while being
 rebuilt) before the engine waits for any of them: the replicas work in parallel, and because a
 connection delivers requests in order and a replica applies them in order, all replicas apply
@@ -26,6 +31,7 @@ import trio
 from lhfs.core.errors import Busy, ConnectionLost, InvalidArgument, LhfsError, is_refusal
 from lhfs.core.units import rfc3339
 from lhfs.wire import protocol as p
+from lhfs.wire import shm
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient
 
@@ -73,6 +79,7 @@ class ReplicaLink:
             "rebuild_progress": self.rebuild_progress,
             "rebuild_stats": self.rebuild_stats.public() if self.rebuild_stats else None,
             "rejoin": self.rejoin,
+            "shared_memory": bool(self.client and self.client.shared and not self.client.broken),
         }
 
 
@@ -88,8 +95,10 @@ class Engine:
         on_mode_change: Callable[[ReplicaLink], None] | None = None,
         io_timeout: float = IO_TIMEOUT,
         epoch: int = 0,
+        pool: shm.Region | None = None,
     ) -> None:
         self.size = size
+        self.pool = pool  # the memory local replicas share with the FUSE channel and this
         self.key = key
         # The session epoch: above every earlier session of this volume at its replicas, and
         # raised for each new one (see ``lhfs.replica.session``).
@@ -110,6 +119,8 @@ class Engine:
         self.structural = trio.Lock()  # snapshot, expand, rebuild barrier: one at a time
         self.rebuild_lock = trio.Lock()
         self.writes = 0  # requests the replicas acknowledged since attach (status and tests)
+        self.shared_writes = 0  # writes sent to a replica as a descriptor into the pool
+        self.shared_reads = 0  # reads a replica answered into shared memory
         self.local_names: dict[str, str] = {}  # address -> local socket of a local replica
         self.tls_cas: dict[str, str] = {}  # address -> CA (PEM) of a replica served over TLS
         # told of a replica marked ERR because it refused what the others did (its owner
@@ -137,6 +148,7 @@ class Engine:
         with writes still on their way). ``takeover`` (attach) also fences another engine's
         newer session; otherwise a replica taken over by another engine is refused."""
         local = self.local_names.get(address)
+        earlier = [r.client for r in self.replicas if r.address == address and r.client]
         self.epoch += 1
         client = await ReplicaClient.connect(
             address,
@@ -149,8 +161,12 @@ class Engine:
             tls_ca=self.tls_cas.get(address),
             owner=self.owner,
             dead_after=self.io_timeout,
+            pool=self.pool,
         )
         self.epoch = max(self.epoch, client.epoch)
+        if self.pool is not None:  # the new session fenced the old ones: nothing they were
+            for old in earlier:  # sent is carried out any more, so their slots are free
+                self.pool.forget(old)
         return client
 
     async def attach(self, replicas: list[tuple[str, str, bool]]) -> None:
@@ -245,6 +261,8 @@ class Engine:
             "size": self.size,
             "state": self.state,
             "writes": self.writes,
+            "shared_writes": self.shared_writes,
+            "shared_reads": self.shared_reads,
             "replicas": [r.public() for r in self.replicas],
         }
 
@@ -304,26 +322,56 @@ class Engine:
     def _healthy(self) -> bool:
         return any(r.mode == RW for r in self.replicas)
 
-    def _submit_all(self, op: int, parts: tuple[p.Part, ...], done: Done) -> None:
+    def _submit_all(
+        self, op: int, parts: tuple[p.Part, ...], done: Done, at: int | None = None
+    ) -> None:
         """One request to every replica taking writes; ``done`` once each answered or failed.
-        Replicas that fail are marked ERR; none left RW is ``Faulted``."""
+        Replicas that fail are marked ERR; none left RW is ``Faulted``. A write whose data lies
+        at ``at`` in the pool goes to replicas that share it as a descriptor."""
         targets = [r for r in self.replicas if r.mode in (RW, WO)]
         if not any(r.mode == RW for r in targets):
             done(Faulted("volume is faulted: no healthy replica"))
             return
         self._enter()
         fan = _Fanout(self, len(targets), done)
+        shared = None
+        if at is not None:
+            offset = p.U64.unpack(parts[0])[0]
+            shared = (p.SHM_WRITE.pack(offset, at, len(parts[1])),)
         for link in targets:
+            client = link.client
             try:
-                link.client.submit(op, parts, partial(fan.answered, link), quick=True, owned=True)
+                if shared is not None and client.shared:
+                    answered = partial(self._shared_answered, fan, link, client, at)
+                    client.submit(p.WRITE_SHM, shared, answered, quick=True, owned=True)
+                    self.shared_writes += 1
+                else:
+                    client.submit(op, parts, partial(fan.answered, link), quick=True, owned=True)
             except LhfsError as exc:
                 fan.answered(link, exc, b"")
 
+    def _shared_answered(
+        self,
+        fan: _Fanout,
+        link: ReplicaLink,
+        client: ReplicaClient,
+        at: int,
+        error: LhfsError | None,
+        payload: memoryview | bytes,
+    ) -> None:
+        """A write sent as a descriptor was answered; if the connection was lost instead, the
+        replica may still read the slot (slow, not dead): it is held for that connection."""
+        if isinstance(error, ConnectionLost):
+            self.pool.taint(at // self.pool.slot_size, client)
+        fan.answered(link, error, payload)
+
     def submit_write(self, offset: int, data: bytes | memoryview, done: Done) -> None:
         """Write ``data`` (at most ``protocol.MAX_IO`` bytes), which the caller leaves
-        unchanged until ``done``: it is sent from where it lies, not copied."""
+        unchanged until ``done``: it is sent from where it lies, not copied. Data in the
+        pool (a FUSE request read there) reaches replicas sharing it as a descriptor."""
         if not self._park(self.submit_write, offset, data, done):
-            self._submit_all(p.WRITE, (p.U64.pack(offset), data), done)
+            at = self.pool.locate(data) if self.pool is not None else None
+            self._submit_all(p.WRITE, (p.U64.pack(offset), data), done, at)
 
     def submit_trim(self, offset: int, length: int, done: Done) -> None:
         """Trim a range; one larger than a replica takes in one request (``TRIM_SPAN`` chunks)
@@ -361,12 +409,21 @@ class Engine:
                 return
             self._next_reader = (self._next_reader + 1) % len(healthy)
             link = healthy[self._next_reader]
+            region = link.client.region
+            slot = region.take() if region is not None else None
             try:
-                link.client.submit(
-                    p.READ, (request,), partial(self._read_answer, link, request, done), True
-                )
+                if slot is not None:
+                    offset, length = p.RANGE.unpack(request)
+                    described = p.SHM_READ.pack(offset, length, slot * region.slot_size)
+                    answered = partial(self._shared_read, link, region, slot, request, done)
+                    link.client.submit(p.READ_SHM, (described,), answered, True)
+                else:
+                    answered = partial(self._read_answer, link, request, done)
+                    link.client.submit(p.READ, (request,), answered, True)
                 return
             except LhfsError as exc:
+                if slot is not None:
+                    region.give(slot)
                 self.fail(link, str(exc))
 
     def _read_answer(
@@ -384,6 +441,31 @@ class Engine:
         self.fail(link, str(error))
         self._read_from_next(request, done)
         self.push()
+
+    def _shared_read(
+        self,
+        link: ReplicaLink,
+        region: shm.Region,
+        slot: int,
+        request: bytes,
+        done: ReadDone,
+        error: LhfsError | None,
+        payload: memoryview | bytes,
+    ) -> None:
+        """A read the replica answered into its read region: handed on from there. The slot is
+        free again once answered; after a lost connection it is not (the replica may still
+        fill it), and the region goes with the connection."""
+        if error is None:
+            self.shared_reads += 1
+            self._leave()
+            try:
+                done(None, region.view(slot, p.RANGE.unpack(request)[1]))
+            finally:
+                region.give(slot)
+            return
+        if not isinstance(error, ConnectionLost):
+            region.give(slot)
+        self._read_answer(link, request, done, error, b"")
 
     async def _watchdog(self) -> None:
         """Mark ERR a replica that has left I/O unanswered for longer than the deadline."""

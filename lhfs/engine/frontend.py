@@ -68,7 +68,7 @@ class VolumeFile:
                     return
                 data = args[f.IO_IN_SIZE : f.IO_IN_SIZE + size]
                 since = self.stats.started()
-                if size >= _KEEP:  # sent from the read buffer: one copy of 1 MiB less
+                if size >= _KEEP or channel.pool is not None:  # sent from where it was read
                     done = partial(self._written, unique, size, channel.keep(), since)
                 else:
                     data, done = bytes(data), partial(self._written, unique, size, None, since)

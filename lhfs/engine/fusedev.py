@@ -32,6 +32,7 @@ from pathlib import Path
 import trio
 
 from lhfs.core.errors import LhfsError
+from lhfs.wire import shm
 
 # Opcodes (linux/fuse.h, enum fuse_opcode) that a single-file file system meets.
 GETATTR, SETATTR, OPEN, READ, WRITE, STATFS, RELEASE = 3, 4, 14, 15, 16, 17, 18
@@ -68,7 +69,8 @@ ROOT_INODE = 1
 MAX_WRITE = 1 << 20  # the largest write the kernel sends in one request (max_pages 256)
 MAX_BACKGROUND = 64  # requests of asynchronous direct I/O the kernel keeps in flight
 BURST = 64  # requests read before the frontend's end-of-burst hook runs (bounds latency)
-_BUFFER = MAX_WRITE + (64 << 10)
+BUFFER = MAX_WRITE + (64 << 10)  # room for the largest request
+POOL_SLOTS = 96  # request buffers in the engine's shared pool (in flight, held, the next)
 _SPARES = 16  # read buffers kept for reuse (each as large as the largest request)
 
 _MS_NOSUID, _MS_NODEV = 2, 4
@@ -101,9 +103,25 @@ class FuseChannel:
         self.fd = -1
         self._stopped = False
         self._mounted = False
-        self._buffer = bytearray(_BUFFER)
+        self._buffer: bytearray | memoryview = bytearray(BUFFER)
+        self._slot: int | None = None  # the pool slot ``_buffer`` is, if it is one
         self._kept = False
         self._spares: list[bytearray] = []
+        self.pool: shm.Region | None = None
+
+    def share(self, pool: shm.Region) -> None:
+        """Read requests into slots of ``pool``, memory the engine shares with its local
+        replicas: a write's data is then where they read it from. When every slot is taken
+        (held by requests in flight), requests are read into private buffers meanwhile."""
+        self.pool = pool
+        self._buffer, self._slot = self._fresh()
+
+    def _fresh(self) -> tuple[bytearray | memoryview, int | None]:
+        """A buffer to read the next request into: a free pool slot, else a private one."""
+        slot = self.pool.take() if self.pool is not None else None
+        if slot is not None:
+            return self.pool.view(slot), slot
+        return (self._spares.pop() if self._spares else bytearray(BUFFER)), None
 
     # -- mount --------------------------------------------------------------------------------
 
@@ -188,7 +206,7 @@ class FuseChannel:
                 handle(opcode, unique, memoryview(buf)[IN_HEADER.size : min(n, length)])
                 if self._kept:  # the handler keeps this buffer: read the next into another
                     self._kept = False
-                    self._buffer = self._spares.pop() if self._spares else bytearray(_BUFFER)
+                    self._buffer, self._slot = self._fresh()
             after_burst()
 
     def keep(self) -> Callable[[], None]:
@@ -196,10 +214,12 @@ class FuseChannel:
         replicas from where the kernel put it rather than copied): the next request is read
         into another buffer. Call the returned function once the data is no longer used."""
         self._kept = True
-        kept = self._buffer
+        kept, slot, pool = self._buffer, self._slot, self.pool
 
         def release() -> None:
-            if len(self._spares) < _SPARES:
+            if slot is not None and pool is not None:
+                pool.give(slot)
+            elif len(self._spares) < _SPARES and isinstance(kept, bytearray):
                 self._spares.append(kept)
 
         return release

@@ -21,7 +21,9 @@ flushes.
 
 from __future__ import annotations
 
+import array
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -49,7 +51,7 @@ from lhfs.replica import checks
 from lhfs.replica.session import Session, Sessions, abort
 from lhfs.store.chunkstore import ChunkStore, check_geometry
 from lhfs.wire import protocol as p
-from lhfs.wire import tls
+from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient, parse_address
 
@@ -181,6 +183,7 @@ class ReplicaServer:
         finally:
             if session is not None:
                 sessions.live.discard(session)
+                session.unshare()
             await trio.aclose_forcefully(stream)
 
     async def _requests(self, session: Session, nursery: trio.Nursery) -> None:
@@ -227,6 +230,10 @@ class ReplicaServer:
                     continue
                 if gone:  # the peer is gone: what is left of the batch has nobody to go to
                     return
+                if op == p.SHM_ATTACH:  # (the engine sends nothing else until it is done)
+                    out.push()
+                    await self._share_memory(session, out, request_id, bytes(payload))
+                    continue
                 pieces = self._answer(session, request_id, op, payload)
                 out.queue += pieces
                 answers += 1
@@ -243,7 +250,10 @@ class ReplicaServer:
         try:
             if session.role != p.ENGINE or session.epoch != self.sessions.epoch:
                 self._permit(session, op, payload)  # (the current engine may ask anything)
-            parts = self._dispatch(op, payload)
+            if op in (p.WRITE_SHM, p.READ_SHM):
+                parts = self._shared_io(session, op, payload)
+            else:
+                parts = self._dispatch(op, payload)
             return p.frame_pieces(request_id, p.OK, *parts, owned=True)
         except Exception as exc:  # every failure becomes an error answer
             return [p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))]
@@ -257,6 +267,84 @@ class ReplicaServer:
                 raise NotPermitted(f"a read-only session may not send operation {op}")
             if op == p.CALL and checks.method_of(payload) not in _READER_CALLS:
                 raise NotPermitted("a read-only session may only call what reads")
+
+    async def _share_memory(
+        self, session: Session, out: Any, request_id: int, payload: bytes
+    ) -> None:
+        """Map the engine's pool (read-only) and this connection's read region (``shm``):
+        agree, receive one byte carrying both descriptors, check and map them, answer again.
+        Only the current engine's session on the local socket may ask; a refusal is an error
+        answer and the connection goes on over the socket alone."""
+
+        def answer(error: Exception | None) -> None:
+            if error is None:
+                out.queue.append(p.frame(request_id, p.OK))
+            else:
+                refusal = p.error_payload(_as_lhfs_error(error))
+                out.queue.append(p.frame(request_id, p.ERROR, refusal))
+            out.push()
+
+        sock = p.socket_of(session.stream)
+        try:
+            if session.role != p.ENGINE or sock.family != socket.AF_UNIX:
+                raise NotPermitted("memory is shared only with an engine on the local socket")
+            if session.shared is not None:
+                raise InvalidArgument("this connection shares memory already")
+            self.sessions.check(session)
+            pool_size, region_size = checks.exact(p.SHM_SIZES, memoryview(payload))
+            for size in (pool_size, region_size):
+                if not 0 < size <= shm.MAX_REGION:
+                    raise InvalidArgument(f"a shared region of {size} bytes is too large")
+        except Exception as exc:
+            answer(exc)
+            return
+        answer(None)
+        await out.sent()
+        space = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+        with trio.move_on_after(FRAME_TIMEOUT):
+            data, ancillary, flags, _ = await sock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
+            fds = array.array("i")
+            for level, kind, item in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(item[: len(item) - len(item) % fds.itemsize])
+            if len(fds) != 2 or not data or flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError("the shared memory's two descriptors did not come")
+            try:
+                pool = shm.map_received(fds[0], pool_size, writable=False)
+            except ValueError as exc:
+                os.close(fds[1])
+                answer(InvalidArgument(str(exc)))
+                return
+            try:
+                region = shm.map_received(fds[1], region_size, writable=True)
+            except ValueError as exc:
+                pool.close()
+                answer(InvalidArgument(str(exc)))
+                return
+            session.shared = (pool, region)
+            answer(None)
+            return
+        raise ProtocolError(f"the shared memory's descriptors did not come in {FRAME_TIMEOUT}s")
+
+    def _shared_io(
+        self, session: Session, op: int, payload: memoryview
+    ) -> tuple[bytes | bytearray, ...]:
+        """A write from the engine's pool, or a read into this connection's read region."""
+        if session.shared is None:
+            raise InvalidArgument("this connection shares no memory")
+        pool, region = session.shared
+        store = self._require_store()
+        if op == p.WRITE_SHM:
+            offset, at, length = checks.exact(p.SHM_WRITE, payload)
+            with _window(pool, at, length) as data:
+                store.write(offset, data)
+            return (p.U64.pack(store.revision),)
+        offset, length, at = checks.exact(p.SHM_READ, payload)
+        with _window(region, at, length) as target:
+            store.read_into(offset, target)
+        return ()
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -552,6 +640,15 @@ def _check_run(store: ChunkStore, count: int) -> None:
         raise InvalidArgument(
             f"a layer run is 1 to {p.MAX_IO // store.chunk_size} chunks, not {count}"
         )
+
+
+def _window(region: Any, at: int, length: int) -> memoryview:
+    """The bytes a descriptor names in a shared region, if they lie inside it."""
+    if length > p.MAX_IO or at + length > len(region):
+        raise InvalidArgument(
+            f"a shared buffer {at}+{length} lies outside the region of {len(region)} bytes"
+        )
+    return memoryview(region)[at : at + length]
 
 
 def _as_lhfs_error(exc: Exception) -> LhfsError:

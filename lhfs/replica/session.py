@@ -55,6 +55,14 @@ class Session:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     fenced: bool = False
     tasks: int = 0  # long requests under way
+    shared: tuple[Any, Any] | None = None  # (pool, read region) mapped from the engine (shm)
+
+    def unshare(self) -> None:
+        """Unmap what the engine shared (the connection is over)."""
+        for region in self.shared or ():
+            with contextlib.suppress(BufferError):
+                region.close()
+        self.shared = None
 
 
 class Sessions:

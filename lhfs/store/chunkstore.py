@@ -347,37 +347,53 @@ class ChunkStore:
 
     def read(self, offset: int, length: int) -> bytearray:
         """The volume's bytes at ``offset``; neighbouring chunks from one layer are one pread."""
+        out = bytearray(length)
+        self.read_into(offset, memoryview(out), zeroed=True)
+        return out
+
+    def read_into(self, offset: int, out: memoryview, zeroed: bool = False) -> None:
+        """Fill ``out`` with the volume's bytes at ``offset`` (an engine's shared buffer, say);
+        ``zeroed`` says that ``out`` holds zeros already, so unwritten ranges are left as
+        they are."""
+        length = len(out)
         self._check_range(offset, length)
         cs = self.chunk_size
         if self.partial:
-            return self._read_rebuilding(offset, length)
-        out = bytearray(length)
-        if offset // cs == (offset + length - 1) // cs:  # the common small read: one chunk
+            out[:] = self._read_rebuilding(offset, length)
+            return
+        if length and offset // cs == (offset + length - 1) // cs:  # the common case
             fd = self._source(offset // cs)
             if fd >= 0:
                 n = os.preadv(fd, [out], offset)
                 if n < length:
-                    pread_into(fd, memoryview(out)[n:], offset + n)
-            return out
-        return self._read_runs(offset, out, self._source)
+                    pread_into(fd, out[n:], offset + n)
+            elif not zeroed:
+                out[:] = bytes(length)
+            return
+        self._read_runs(offset, out, self._source, zeroed)
 
-    def _read_runs(self, offset: int, out: bytearray, source: Callable[[int], int]) -> bytearray:
-        """Fill ``out`` with the bytes at ``offset``, one pread per run of neighbouring chunks
+    def _read_runs(
+        self, offset: int, view: memoryview, source: Callable[[int], int], zeroed: bool = True
+    ) -> None:
+        """Fill ``view`` with the bytes at ``offset``, one pread per run of neighbouring chunks
         that ``source`` finds in the same descriptor (-1: zeros). Few large reads instead of one
         per chunk: a backup reads 2 MiB blocks, and each read returned to the interpreter costs
         a hand-over of its lock when another thread is busy."""
         cs = self.chunk_size
-        view = memoryview(out)
+
+        def fill(fd: int, start: int, end: int) -> None:
+            if fd >= 0:
+                pread_into(fd, view[start - offset : end - offset], start)
+            elif not zeroed:
+                view[start - offset : end - offset] = bytes(end - start)
+
         run_fd, run_at = source(offset // cs), offset  # each chunk's source is asked once
-        for chunk in range(offset // cs + 1, -(-(offset + len(out)) // cs)):
+        for chunk in range(offset // cs + 1, -(-(offset + len(view)) // cs)):
             fd = source(chunk)
             if fd != run_fd:
-                if run_fd >= 0:
-                    pread_into(run_fd, view[run_at - offset : chunk * cs - offset], run_at)
+                fill(run_fd, run_at, chunk * cs)
                 run_fd, run_at = fd, chunk * cs
-        if run_fd >= 0:
-            pread_into(run_fd, view[run_at - offset :], run_at)
-        return out
+        fill(run_fd, run_at, offset + len(view))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write into the head; a partial write to a chunk the head lacks copies it up first.
@@ -973,7 +989,9 @@ class ChunkStore:
                 return self.backing.fd
             return -1
 
-        return self._read_runs(offset, bytearray(length), source)
+        out = bytearray(length)
+        self._read_runs(offset, memoryview(out), source)
+        return out
 
     def writeback_job(self, layer_id: str) -> Callable[[], None] | None:
         return self.layer(layer_id).writeback_job()

@@ -52,10 +52,11 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``offset``; what lies past the end of the file stays as it was (zeros)."""
+    """Fill ``view`` from ``offset``; what lies past the end of the file reads as zeros."""
     while view:
         n = os.preadv(fd, [view], offset)
         if n <= 0:
+            view[:] = bytes(len(view))
             return
         view = view[n:]
         offset += n

@@ -109,11 +109,11 @@ def freshest_local(vol: volumes.Volume) -> Path:
 VOLUME_KEYS = (
     "name", "state", "size", "chunk_size", "backing_image", "filesystem", "settings",
     "attached", "device", "pid", "metrics", "loop", "mountpoint", "writes", "replicas",
-    "snapshots", "restoring", "dr", "leftovers",
+    "snapshots", "restoring", "dr", "leftovers", "shared_writes", "shared_reads",
 )  # fmt: skip
 REPLICA_KEYS = (
     "id", "address", "mode", "error", "since", "revision", "rebuild_progress",
-    "rebuild_stats", "rejoin", "pid", "disk_bytes",
+    "rebuild_stats", "rejoin", "pid", "disk_bytes", "shared_memory",
 )  # fmt: skip
 
 

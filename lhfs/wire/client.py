@@ -7,8 +7,10 @@ breaks, every waiting request and every later one fails with ``ConnectionLost``.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +21,7 @@ import trio
 
 from lhfs.core.errors import ConnectionLost, InvalidArgument, LhfsError, ProtocolError
 from lhfs.wire import protocol as p
-from lhfs.wire import tls
+from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey
 
 log = logging.getLogger("lhfs.client")
@@ -144,6 +146,8 @@ class ReplicaClient:
         self._cancel = trio.CancelScope()
         self.progress = trio.current_time()  # when the replica last showed life
         self.epoch = 0  # the session epoch the replica granted
+        self.shared = False  # the replica maps the engine's pool (``shm``): WRITE_SHM
+        self.region: shm.Region | None = None  # this connection's read region: READ_SHM
 
     @classmethod
     async def connect(
@@ -159,6 +163,7 @@ class ReplicaClient:
         tls_ca: str | None = None,
         owner: bytes = p.NO_OWNER,
         dead_after: float = p.DEAD_AFTER,
+        pool: shm.Region | None = None,
     ) -> ReplicaClient:
         """Connect, authenticate and start the connection's tasks in ``nursery``. With
         ``local``, the replica at ``address`` is reached by its local socket of that name
@@ -166,10 +171,13 @@ class ReplicaClient:
         session ``epoch`` (above the replica's own with ``takeover``: see
         ``protocol.ClientHandshake``); the one granted is the client's ``epoch``. With
         ``tls_ca`` (PEM), the connection is TLS and the replica's certificate must be signed
-        by that CA for the host of ``address``."""
+        by that CA for the host of ``address``. With ``pool`` too, an engine session on the
+        local socket shares memory with the replica (``shm``): the pool, and a read region
+        of its own; a replica that cannot is used over the socket alone."""
         host, port = parse_address(address)
         handshake = p.ClientHandshake(key, address, role, epoch, takeover, owner)
         stream: trio.SocketStream | None = None
+        region: shm.Region | None = None
         try:
             with trio.fail_after(timeout):
                 stream = await (_open_local(local) if local else trio.open_tcp_stream(host, port))
@@ -179,6 +187,8 @@ class ReplicaClient:
                 challenge = await _receive_exactly(stream, p.CHALLENGE.size, address, True)
                 await stream.send_all(handshake.answer(challenge))
                 handshake.welcome(await _receive_exactly(stream, p.WELCOME.size, address))
+                if local and pool is not None and role == p.ENGINE:
+                    region = await _share_memory(stream, pool, address)
         except BaseException as exc:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
@@ -194,6 +204,8 @@ class ReplicaClient:
         p.tune_stream(stream, dead_after)
         client = cls(stream, address)
         client.epoch = handshake.epoch
+        if region is not None:
+            client.shared, client.region = True, region
         nursery.start_soon(client._run)
         return client
 
@@ -228,6 +240,8 @@ class ReplicaClient:
                     nursery.cancel_scope.cancel()
         finally:  # also when the nursery it runs in is cancelled: never a socket left open
             self._fail(ConnectionLost(f"connection to replica {self.address} lost"))
+            if self.region is not None:  # (the replica may still fill it: nobody reads it now)
+                self.region.close()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
 
@@ -419,6 +433,47 @@ async def _receive_exactly(
         if magic and data[: len(p.MAGIC)] != p.MAGIC[: len(data)]:
             raise ProtocolError(f"{address} is not an lhfs replica")
     return data
+
+
+async def _share_memory(
+    stream: trio.SocketStream, pool: shm.Region, address: str
+) -> shm.Region | None:
+    """Offer the replica the engine's pool (read-only) and a read region of this connection:
+    ``SHM_ATTACH``, then, once it agreed, one byte carrying both descriptors. The region, or
+    None if the replica declined (it is served over the socket alone)."""
+    region = shm.Region("lhfs-read", shm.READ_SLOTS, shm.READ_SLOT)
+    try:
+        sizes = p.SHM_SIZES.pack(pool.size, region.size)
+        await stream.send_all(p.frame(1, p.SHM_ATTACH, sizes))
+        if await _answer_ok(stream, address):
+            read_only = pool.read_only_fd()
+            try:
+                fds = array.array("i", [read_only, region.fd])
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                await stream.socket.sendmsg([b"F"], ancillary)
+            finally:
+                os.close(read_only)
+            if await _answer_ok(stream, address):
+                return region
+    except BaseException:
+        region.close()
+        raise
+    region.close()
+    return None
+
+
+async def _answer_ok(stream: trio.SocketStream, address: str) -> bool:
+    """One answer frame during the set-up: OK, or an error (logged: the caller goes on
+    without what it asked)."""
+    header = await _receive_exactly(stream, p.HEADER.size, address)
+    length, _request_id, status = p.HEADER.unpack(header)
+    if not p.HEADER.size - p.LENGTH.size <= length <= 1 << 16:
+        raise ProtocolError(f"{address} sent a malformed answer")
+    payload = await _receive_exactly(stream, length - (p.HEADER.size - p.LENGTH.size), address)
+    if status == p.OK:
+        return True
+    log.warning("replica %s shares no memory: %s", address, p.decode_error(payload))
+    return False
 
 
 async def _open_local(name: str) -> trio.SocketStream:

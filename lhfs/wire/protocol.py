@@ -77,6 +77,11 @@ READ_LAYER_RUN = 7  # <Q first><H count> layer          -> count state bytes, DA
 WRITE_LAYER_RUN = 8  # <Q first><H count><H len> layer, states, data   (rebuild target only)
 READ_SNAPSHOT = 10  # <Q offset><I length> layer                 -> data
 BACKING_UPLOAD = 9  # <Q chunk><H len> image id, data            (rebuild target only)
+# Shared memory (``shm``), an engine session on the local socket only:
+SHM_ATTACH = 11  # <Q pool size><Q read region size> -> OK; then one byte carrying the two
+#                  descriptors (SCM_RIGHTS); then a second answer: OK once both are mapped
+WRITE_SHM = 12  # <Q offset><Q at><I length>  (the data at ``at`` in the pool) -> <Q revision>
+READ_SHM = 13  # <Q offset><I length><Q at>   (into ``at`` in the read region)  -> nothing
 
 OK = 0
 ERROR = 1
@@ -90,6 +95,9 @@ WRITE_RUN = struct.Struct("<QHH")
 UPLOAD = struct.Struct("<QH")
 SUM_ENTRY = struct.Struct("<QB16s")
 STATE = struct.Struct("<B")
+SHM_SIZES = struct.Struct("<QQ")
+SHM_WRITE = struct.Struct("<QQI")
+SHM_READ = struct.Struct("<QIQ")
 
 
 Part = bytes | bytearray | memoryview

@@ -1,0 +1,256 @@
+"""Local replicas through shared memory: the data path, its failures and its buffers' ownership.
+
+The engine's pool and each connection's read region are real memfds shared with real replica
+processes; the volume tests go through the FUSE device, where writes land in the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from lhfs.config import volume as volumes
+from lhfs.core.errors import InvalidArgument, LhfsError
+from lhfs.core.procs import wait_for
+from lhfs.engine import control
+from lhfs.engine.engine import ERR, RW, Engine
+from lhfs.engine.fusedev import BUFFER
+from lhfs.replica.process import ReplicaProcess
+from lhfs.testing import Cli, fio_verify, loop_attach
+from lhfs.wire import protocol as p
+from lhfs.wire import shm
+from lhfs.wire.auth import VolumeKey
+from lhfs.wire.client import open_replica
+
+MIB = 1 << 20
+CHUNK = 64 << 10
+
+
+def live(cli: Cli, name: str) -> dict:
+    return control.call(volumes.load(cli.root, name).control_socket, "info", timeout=30)
+
+
+def test_random_io_over_shared_memory_matches_the_model(cli: Cli, tmp_path: Path) -> None:
+    """Random writes, reads and hole punches of every size up to 1 MiB, from four threads at
+    once, through the device of a volume with three local replicas: every read equals a
+    bytearray model, and the writes and reads did go through shared memory."""
+    size = 32 * MIB
+    cli.run("volume", "create", "m", "--size", "32M", "--replicas", "3")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "m", "--device", str(device))
+    info = live(cli, "m")
+    assert [r["shared_memory"] for r in info["replicas"]] == [True] * 3
+    model = bytearray(size)
+    mismatches: list[str] = []
+    quarter = size // 4
+
+    def worker(number: int) -> None:
+        rng = random.Random(number)
+        base = number * quarter
+        fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+        try:
+            for step in range(150):
+                length = rng.choice([4096, 8192, CHUNK, 3 * CHUNK + 4096, MIB])
+                at = base + rng.randrange(0, (quarter - length) // 4096) * 4096
+                action = rng.random()
+                if action < 0.5:
+                    data = rng.randbytes(length)
+                    buf = _aligned(length)
+                    buf[:] = data
+                    assert os.pwritev(fd, [buf], at) == length
+                    model[at : at + length] = data
+                elif action < 0.6:
+                    _punch(fd, at, length)
+                    model[at : at + length] = bytes(length)
+                else:
+                    buf = _aligned(length)
+                    assert os.preadv(fd, [buf], at) == length
+                    if bytes(buf) != model[at : at + length]:
+                        mismatches.append(f"thread {number} step {step}: {length} at {at}")
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches, mismatches[:5]
+    with open(device, "rb") as whole:
+        assert whole.read() == model
+    info = live(cli, "m")
+    assert info["shared_writes"] > 0 and info["shared_reads"] > 0, info
+    assert info["state"] == "healthy"
+    cli.run("volume", "detach", "m")
+
+
+def _aligned(length: int) -> memoryview:
+    """A page-aligned buffer (direct I/O needs one)."""
+    import mmap
+
+    return memoryview(mmap.mmap(-1, length))
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, 0x02 | 0x01, offset, length) != 0:  # PUNCH_HOLE | KEEP_SIZE
+        raise OSError(ctypes.get_errno(), "fallocate")
+
+
+def test_a_replica_killed_mid_burst_leaves_every_request_correct(cli: Cli, tmp_path: Path) -> None:
+    """fio --verify through the device while one of three local replicas is SIGKILLed in the
+    middle of its bursts: no verify error; the others go on over shared memory."""
+    cli.run("volume", "create", "k", "--size", "128M", "--replicas", "3")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "k", "--device", str(device))
+    loop = loop_attach(device)
+    fio = fio_verify(loop, "96M", "--iodepth=32")
+    try:
+        wait_for(lambda: live(cli, "k")["shared_writes"] > 3000, 120, "fio writing")
+        victim = next(r for r in live(cli, "k")["replicas"] if r["id"] == "r2")
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert fio.poll() is None, "fio ended before the replica was killed"
+        out, err = fio.communicate(timeout=600)
+        assert fio.returncode == 0 and "verify" not in err.lower(), out + err
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+        subprocess.run(["losetup", "-d", loop], check=False)
+    info = live(cli, "k")
+    modes = {r["id"]: r["mode"] for r in info["replicas"]}
+    assert modes["r1"] == modes["r3"] == RW and info["state"] != "faulted", info
+    cli.run("volume", "detach", "k")
+
+
+@pytest.fixture
+def local_replicas(tmp_path: Path, key_file: Path):  # type: ignore[no-untyped-def]
+    started: list[ReplicaProcess] = []
+    for number in range(2):
+        started.append(
+            ReplicaProcess(
+                tmp_path / f"r{number}", key_file, local=f"lhfs-test-{os.getpid()}-{number}"
+            )
+        )
+    yield started
+    for proc in started:
+        if proc.proc.poll() is None:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        proc.stop()
+
+
+def test_a_buffer_is_never_reused_while_a_replica_may_still_read_it(
+    local_replicas: list[ReplicaProcess], key_file: Path
+) -> None:
+    """A write from a pool slot to two local replicas, one of them stopped (slow, not dead):
+    the slot stays the request's until the stopped one is marked failed, then is held for its
+    connection, not reused, while every other slot is filled with other data. When the replica
+    resumes, it writes what the request held; the slot is free again only once a newer session
+    fenced the old connection. Malformed descriptors are refused."""
+    key = VolumeKey.load(key_file)
+    fast, slow = local_replicas
+    volume_size = 4 * MIB
+
+    async def main() -> None:
+        pool = shm.Region("lhfs-test", 4, BUFFER)
+        for proc in local_replicas:
+            async with open_replica(proc.address, key) as client:
+                await client.call("init", size=volume_size, chunk_size=CHUNK)
+        async with trio.open_nursery() as nursery:
+            engine = Engine(volume_size, CHUNK, nursery, key, io_timeout=2.0, pool=pool)
+            engine.local_names = {proc.address: proc.local for proc in local_replicas}
+            await engine.attach([("a", fast.address, False), ("b", slow.address, False)])
+            nursery.start_soon(engine.run)
+            assert all(link.client.shared for link in engine.replicas)
+
+            # a malformed descriptor is refused like any malformed request
+            client = engine.replicas[0].client
+            outside = p.SHM_WRITE.pack(0, pool.size - 4096, 8192)
+            with pytest.raises(InvalidArgument, match="outside the region"):
+                await client.request(p.WRITE_SHM, outside)
+            with pytest.raises(InvalidArgument):
+                await client.request(p.READ_SHM, p.SHM_READ.pack(0, 4096, 1 << 40))
+            async with open_replica(fast.address, key, role=p.READER) as tcp:
+                with pytest.raises(LhfsError):
+                    await tcp.request(p.WRITE_SHM, p.SHM_WRITE.pack(0, 0, 4096))
+
+            before = (await _info(slow, key))["revision"]
+            os.kill(slow.proc.pid, signal.SIGSTOP)
+            slot = pool.take()
+            assert slot is not None
+            held = random.Random(7).randbytes(CHUNK)
+            pool.view(slot, CHUNK)[:] = held
+            outcome: list[Exception | None] = []
+            finished = trio.Event()
+
+            def done(error: Exception | None) -> None:
+                outcome.append(error)
+                finished.set()
+
+            engine.submit_write(CHUNK, pool.view(slot, CHUNK), done)
+            engine.push()
+            with trio.move_on_after(1.0):  # the stopped replica has not answered: not done
+                await finished.wait()
+            assert not finished.is_set() and pool.free == 3
+            with trio.fail_after(15):  # the I/O deadline marks it failed; the write completes
+                await finished.wait()
+            assert outcome == [None] and engine.replicas[1].mode == ERR
+            pool.give(slot)  # (what the FUSE frontend does once the write is answered)
+            assert pool.free == 3, "a slot the stopped replica may still read was freed"
+            others = [pool.take() for _ in range(3)]
+            assert None not in others and pool.take() is None
+            for other in others:
+                pool.view(other)[:] = b"\xee" * BUFFER
+
+            os.kill(slow.proc.pid, signal.SIGCONT)
+            with trio.fail_after(30):  # it carries out what it had received before the cut
+                while (await _info(slow, key))["revision"] == before:
+                    await trio.sleep(0.05)
+            async with open_replica(slow.address, key, role=p.READER) as reader:
+                head = (await reader.call("info"))["head"]
+                content = await reader.request(
+                    p.READ_SNAPSHOT, p.RANGE.pack(CHUNK, CHUNK), head.encode()
+                )
+            assert content == held, "the stopped replica wrote data of a reused buffer"
+
+            assert pool.free == 0
+            fresh = await engine.connect(slow.address)  # a newer session fences the old one
+            assert pool.free == 1
+            await fresh.aclose()
+            await engine.close()
+            nursery.cancel_scope.cancel()
+        pool.close()
+
+    trio.run(main)
+
+
+async def _info(proc: ReplicaProcess, key: VolumeKey) -> dict:
+    async with open_replica(proc.address, key, role=p.READER) as reader:
+        return await reader.call("info")
+
+
+def test_shared_memory_is_refused_off_the_local_socket(
+    local_replicas: list[ReplicaProcess], key_file: Path
+) -> None:
+    """Only an engine session on the local socket may map memory: over TCP the replica
+    refuses, and the connection goes on serving over the socket."""
+    key = VolumeKey.load(key_file)
+
+    async def main() -> None:
+        async with open_replica(local_replicas[0].address, key) as client:
+            await client.call("init", size=MIB, chunk_size=CHUNK)
+            with pytest.raises(LhfsError, match="local socket"):
+                await client.request(p.SHM_ATTACH, p.SHM_SIZES.pack(BUFFER, BUFFER))
+            await client.write(0, b"x" * 4096)
+            assert await client.read(0, 4096) == b"x" * 4096
+
+    trio.run(main)
