@@ -42,6 +42,7 @@ IO_TIMEOUT = 8.0  # (Longhorn's engine-replica timeout; a volume setting)
 CONTROL_TIMEOUT = 60.0
 TRIM_SPAN = 1024  # chunks per TRIM request (what a replica takes at once: MAX_TRIM_CHUNKS)
 CONNECT_TIMEOUT = 10.0
+READ_SPREAD = 256 << 10  # bytes of a burst's reads asked of one replica before the next
 
 
 class Faulted(LhfsError):
@@ -109,7 +110,8 @@ class Engine:
         self.nursery = nursery
         self._on_mode_change = on_mode_change or (lambda link: None)
         self.io_timeout = io_timeout
-        self._next_reader = 0
+        self._next_reader = 0  # which RW replica reads (modulo their number)
+        self._read_bytes = 0  # bytes of this burst's reads asked of it so far
         self._inflight = 0
         self._drained = trio.Event()
         self._drained.set()
@@ -314,7 +316,11 @@ class Engine:
             raise InvalidArgument(f"range {offset}+{length} is outside the volume ({self.size})")
 
     def push(self) -> None:
-        """Send every queued request to its replica (one system call per replica)."""
+        """Send every queued request to its replica (one system call per replica). The next
+        burst's reads go to the next replica."""
+        if self._read_bytes:
+            self._next_reader += 1
+            self._read_bytes = 0
         for link in self.replicas:
             if link.client is not None:
                 link.client.push()
@@ -393,11 +399,20 @@ class Engine:
             self._submit_all(p.FLUSH, (), done)
 
     def submit_read(self, offset: int, length: int, done: ReadDone) -> None:
-        """Read from one RW replica (round robin); a replica that fails it is marked ERR and
-        the next one is asked."""
+        """Read from one RW replica; a replica that fails it is marked ERR and the next one is
+        asked. Which replica: the same one for the small reads of a burst, the next one for
+        the next burst or once ``READ_SPREAD`` bytes were asked of it. A burst of small reads
+        kept together costs one receive and a few sends in one replica process, where spread
+        over three it woke all three for a few reads each (on two cores: 4 KiB random reads
+        with 3 replicas, 27k against 33k IOPS with 1); large reads are spread, so that
+        replicas read them in parallel."""
         if self._park(self.submit_read, offset, length, done):
             return
         self._enter()
+        self._read_bytes += length
+        if self._read_bytes > READ_SPREAD:
+            self._next_reader += 1
+            self._read_bytes = length
         self._read_from_next(p.RANGE.pack(offset, length), done)
 
     def _read_from_next(self, request: bytes, done: ReadDone) -> None:
@@ -407,8 +422,7 @@ class Engine:
                 self._leave()
                 done(Faulted("volume is faulted: no healthy replica"), b"")
                 return
-            self._next_reader = (self._next_reader + 1) % len(healthy)
-            link = healthy[self._next_reader]
+            link = healthy[self._next_reader % len(healthy)]
             region = link.client.region
             slot = region.take() if region is not None else None
             try:
@@ -425,6 +439,7 @@ class Engine:
                 if slot is not None:
                     region.give(slot)
                 self.fail(link, str(exc))
+                self._next_reader += 1
 
     def _read_answer(
         self,
