@@ -441,23 +441,31 @@ async def _share_memory(
     """Offer the replica the engine's pool (read-only) and a read region of this connection:
     ``SHM_ATTACH``, then, once it agreed, one byte carrying both descriptors. The region, or
     None if the replica declined (it is served over the socket alone)."""
-    region = shm.Region("lhfs-read", shm.READ_SLOTS, shm.READ_SLOT)
+    try:  # (no /proc, no memory for a region: the socket will do)
+        read_only = pool.read_only_fd()
+    except OSError as exc:
+        log.warning("no memory shared with replica %s: %s", address, exc)
+        return None
+    try:
+        region = shm.Region("lhfs-read", shm.READ_SLOTS, shm.READ_SLOT)
+    except OSError as exc:
+        os.close(read_only)
+        log.warning("no memory shared with replica %s: %s", address, exc)
+        return None
     try:
         sizes = p.SHM_SIZES.pack(pool.size, region.size)
         await stream.send_all(p.frame(1, p.SHM_ATTACH, sizes))
         if await _answer_ok(stream, address):
-            read_only = pool.read_only_fd()
-            try:
-                fds = array.array("i", [read_only, region.fd])
-                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
-                await stream.socket.sendmsg([b"F"], ancillary)
-            finally:
-                os.close(read_only)
+            fds = array.array("i", [read_only, region.fd])
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+            await stream.socket.sendmsg([b"F"], ancillary)
             if await _answer_ok(stream, address):
                 return region
     except BaseException:
         region.close()
         raise
+    finally:
+        os.close(read_only)
     region.close()
     return None
 
