@@ -9,7 +9,8 @@ Every write and trim is submitted to all replicas that take writes (RW, and WO w
 rebuilt) before the engine waits for any of them: the replicas work in parallel, and because a
 connection delivers requests in order and a replica applies them in order, all replicas apply
 concurrent writes in the same order. A write completes when every such replica answered. Reads
-go to one RW replica, round robin. A replica that errors, disconnects or misses the deadline is
+go to one RW replica (large ones round robin, small ones to one replica for a stretch: see
+``submit_read``). A replica that errors, disconnects or misses the deadline is
 marked ERR, dropped from I/O and recorded in the volume's configuration; the volume is
 ``degraded`` while one RW replica remains and ``faulted`` (I/O errors, never wrong data) after.
 
