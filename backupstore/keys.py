@@ -29,12 +29,12 @@ import hmac
 import json
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lhfs.core.errors import CorruptState, InvalidArgument, NotPermitted
+from lhfs.core.private import read_private
 
 from . import keycache
 
@@ -56,13 +56,7 @@ def read_password(path: Path | None) -> bytes | None:
     if path is None:
         text = os.environ.get("LHFS_BACKUP_PASSWORD")
         return None if text is None else _password(text, "LHFS_BACKUP_PASSWORD")
-    try:
-        info = os.stat(path)
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read password file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077:
-        raise InvalidArgument(f"password file {path} may be read by others: 'chmod 600 {path}'")
+    text = read_private(path, "password file").decode(errors="replace")
     return _password(text.split("\n", 1)[0], f"password file {path}")
 
 

@@ -24,7 +24,6 @@ import random
 import re
 import socket
 import ssl
-import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
 from lhfs.core.errors import InvalidArgument, LhfsError, UsageError
+from lhfs.core.private import read_private
 
 log = logging.getLogger("lhfs.s3")
 T = TypeVar("T")
@@ -108,13 +108,7 @@ class Endpoint:
 
 def load_credentials(path: Path) -> dict[str, str]:
     """``KEY=value`` lines of a credentials file that only its owner may read."""
-    try:
-        info = os.stat(path)
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read credentials file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077:
-        raise InvalidArgument(f"credentials file {path} may be read by others: 'chmod 600 {path}'")
+    text = read_private(path, "credentials file").decode(errors="replace")
     found = {}
     for line in text.splitlines():
         name, sep, value = line.strip().partition("=")

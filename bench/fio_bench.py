@@ -224,17 +224,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    reference = results["plain file"]
     times = f", median of {args.repeat}" if args.repeat > 1 else ""
     print(f"\nfio, libaio, direct=1, iodepth 16, {args.size}, {args.runtime}s per job{times}\n")
-    print("| target | " + " | ".join(name for name, _, _ in JOBS) + " |")
-    print("|---|" + "---:|" * len(JOBS))
-    for label, rows in results.items():
-        cells = []
-        for (name, _, _), (iops, mbs), (ref_iops, _) in zip(JOBS, rows, reference, strict=True):
-            figure = f"{mbs:,.0f} MB/s" if "1M" in name else f"{iops:,.0f} IOPS"
-            cells.append(f"{figure} ({iops / ref_iops:.2f})")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print_table(results, "plain file")
     qemu = results.get("qemu-storage-daemon qcow2")
     if qemu:
         print("\nagainst qemu-storage-daemon (" + ", ".join(n for n, _, _ in JOBS) + "):")
@@ -247,6 +239,20 @@ def main() -> None:
         if off and on:
             ratios = " ".join(f"{b[0] / a[0]:.3f}" for a, b in zip(off, on, strict=True))
             print(f"\nmetrics on / off, {replicas} ({', '.join(n for n, _, _ in JOBS)}): {ratios}")
+
+
+def print_table(results: dict[str, list[tuple[float, float]]], reference: str) -> None:
+    """One Markdown row per target: each job's figure and its ratio to ``reference``'s."""
+    print("| target | " + " | ".join(name for name, _, _ in JOBS) + " |")
+    print("|---|" + "---:|" * len(JOBS))
+    for label, rows in results.items():
+        cells = []
+        for (name, _, _), (iops, mbs), (ref_iops, _) in zip(
+            JOBS, rows, results[reference], strict=True
+        ):
+            figure = f"{mbs:,.0f} MB/s" if "1M" in name else f"{iops:,.0f} IOPS"
+            cells.append(f"{figure} ({iops / ref_iops:.2f})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def measure(

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fio_bench import JOBS, fio
+from fio_bench import JOBS, fio, print_table
 
 from lhfs.core.procs import wait_for
 from lhfs.core.units import parse_size
@@ -154,16 +154,8 @@ def main() -> None:
             proc.stop()
         cluster.down()
         shutil.rmtree(work, ignore_errors=True)
-    reference = results["3 replicas on this host"]
     print(f"\nfio, libaio, direct=1, iodepth 16, {args.size}, {args.runtime}s per job\n")
-    print("| target | " + " | ".join(name for name, _, _ in JOBS) + " |")
-    print("|---|" + "---:|" * len(JOBS))
-    for label, rows in results.items():
-        cells = []
-        for (name, _, _), (iops, mbs), (ref_iops, _) in zip(JOBS, rows, reference, strict=True):
-            figure = f"{mbs:,.0f} MB/s" if "1M" in name else f"{iops:,.0f} IOPS"
-            cells.append(f"{figure} ({iops / ref_iops:.2f})")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print_table(results, "3 replicas on this host")
     print(
         f"\nlink of a replica host cut under a steady 4 KiB writer: the longest wait for a "
         f"write {away['stall']:.2f} s (I/O timeout {away['timeout']:.0f} s)\n"

@@ -8,12 +8,16 @@ test left it in, so that every test can end with it in a finaliser.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
+import mmap
 import os
 import signal
 import socket
 import subprocess
+import threading
 import uuid
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -132,6 +136,10 @@ class Cli:
     def info(self, name: str) -> dict[str, Any]:
         return self.json("volume", "info", name)
 
+    def replica(self, name: str, replica_id: str) -> dict[str, Any]:
+        """One replica's entry in ``volume info``."""
+        return next(r for r in self.info(name)["replicas"] if r["id"] == replica_id)
+
     def checksum(self, name: str) -> str:
         return self.run("volume", "checksum", name).stdout.split()[-1]
 
@@ -157,6 +165,72 @@ class Cli:
     def engine_pid(self, name: str) -> int | None:
         runtime = volumes.load(self.root, name).runtime()
         return runtime["pid"] if runtime else None
+
+
+@contextlib.contextmanager
+def web_server(answer: Callable[[str, str], tuple[int, str, bytes]]) -> Iterator[str]:
+    """A web server on loopback for the duration of the block, its URL: every request gets
+    ``answer(method, path)``, a (status, content type, body). What an S3 client meets when
+    its endpoint is some other server, or one that refuses it."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            status, kind, body = answer(self.command, self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_at(device: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of a volume's device and fsync: on every replica after."""
+    with open(device, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_direct(device: Path, offset: int, data: bytes, sync: bool = True) -> None:
+    """One O_DIRECT write (from an aligned buffer, as direct I/O wants), then an fsync unless
+    ``sync`` is false: it reaches the engine as one request, now."""
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def read_direct(device: Path, offset: int, length: int) -> bytes:
+    """One O_DIRECT read: what the engine answers, no page cache in between."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], offset) == length
+        return bytes(buf)
+    finally:
+        os.close(fd)
+        buf.close()
 
 
 def loop_attach(path: Path) -> str:

@@ -19,19 +19,11 @@ from backupstore.retention import keep
 from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli
+from lhfs.testing import Cli, write_at
 
 pytestmark = needs_fuse
 MIB = 1 << 20
 PATTERN = b"lhfs-recognisable-PATTERN-0123456789-"
-
-
-def fill(device: Path, offset: int, data: bytes) -> None:
-    with open(device, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def objects(target: str) -> dict[str, bytes]:
@@ -47,9 +39,9 @@ def backed_up_volume(cli: Cli, tmp_path: Path, target: str, name: str = "src") -
     device = tmp_path / f"{name}.dev"
     cli.run("volume", "attach", name, "--device", str(device))
     rng = random.Random(7)
-    fill(device, 0, rng.randbytes(6 * MIB))
+    write_at(device, 0, rng.randbytes(6 * MIB))
     first = cli.backup(name, target)
-    fill(device, 8 * MIB, rng.randbytes(2 * MIB))
+    write_at(device, 8 * MIB, rng.randbytes(2 * MIB))
     second = cli.backup(name, target)
     cli.run("volume", "detach", name)
     return [first, second]
@@ -141,7 +133,7 @@ def test_an_encrypted_store_holds_no_plaintext_nor_digest_and_needs_its_password
     device = tmp_path / "dev"
     cli.run("volume", "attach", "secret", "--device", str(device))
     pattern = PATTERN * (MIB // len(PATTERN))
-    fill(device, 0, pattern + os.urandom(MIB) + pattern)  # compressible and not
+    write_at(device, 0, pattern + os.urandom(MIB) + pattern)  # compressible and not
     content = device.read_bytes()
     cli.run("volume", "detach", "secret")
     plain = cli.run("backup", "create", "secret", "--target", target, check=False)
@@ -258,7 +250,7 @@ def test_prune_keeps_its_policy_and_what_a_standby_holds(
     cli.run("volume", "attach", "v", "--device", str(device))
     urls = []
     for n in range(5):
-        fill(device, n * 2 * MIB, os.urandom(MIB))
+        write_at(device, n * 2 * MIB, os.urandom(MIB))
         urls.append(cli.backup("v", target))
         if n == 1:  # a standby that holds the second backup, then stops following
             cli.run(
@@ -326,13 +318,13 @@ def test_scattered_small_writes_upload_deltas_and_restore_equal(
     urls = []
     for _ in range(5):
         for place in rng.sample(range(size // chunk), size // chunk // 100):
-            fill(device, place * chunk, rng.randbytes(chunk // 2) + bytes(chunk // 2))
+            write_at(device, place * chunk, rng.randbytes(chunk // 2) + bytes(chunk // 2))
         before = stored_bytes()
         urls.append(cli.backup("d", target))
         assert stored_bytes() - before <= 0.05 * size, (stored_bytes() - before) / size
     manifest = store.manifest("d", urls[-1].split("backup=")[1])
     assert len(manifest["deltas"]) >= 10 and manifest["delta_unit"] == chunk
-    fill(device, 0, rng.randbytes(12 * chunk))  # 12 of block 0's 32 chunks: whole again
+    write_at(device, 0, rng.randbytes(12 * chunk))  # 12 of block 0's 32 chunks: whole again
     urls.append(cli.backup("d", target))
     assert "0" not in store.manifest("d", urls[-1].split("backup=")[1]).get("deltas", {})
     total = cli.checksum("d")

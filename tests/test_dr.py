@@ -18,7 +18,7 @@ from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
 from lhfs.config.volume import alive
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli, HostName
+from lhfs.testing import Cli, HostName, write_at
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
@@ -186,13 +186,7 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
     cli.run("volume", "attach", "src", "--device", str(device))
     rng = random.Random(9)
 
-    def write(offset: int, data: bytes) -> None:
-        with open(device, "r+b") as f:
-            f.seek(offset)
-            f.write(data)
-            os.fsync(f.fileno())
-
-    write(0, rng.randbytes(20 * MIB))  # blocks 0-9
+    write_at(device, 0, rng.randbytes(20 * MIB))  # blocks 0-9
     first, first_sum = _backup_attached(cli, target)
     cli.run(
         "dr", "create", "dr2", "--target", target, "--volume", "src", "--replicas", "1",
@@ -201,9 +195,9 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
     increment = cli.json("dr", "status", "dr2")["last_increment"]
     assert (increment["fetched"], increment["trimmed"]) == (10, 0)
 
-    write(4 * MIB, bytes(2 * MIB))  # block 2 becomes empty
-    write(8 * MIB + 4096, rng.randbytes(4096))  # block 4 changes
-    write(30 * MIB, rng.randbytes(4096))  # block 15 gets data
+    write_at(device, 4 * MIB, bytes(2 * MIB))  # block 2 becomes empty
+    write_at(device, 8 * MIB + 4096, rng.randbytes(4096))  # block 4 changes
+    write_at(device, 30 * MIB, rng.randbytes(4096))  # block 15 gets data
     second, second_sum = _backup_attached(cli, target)
     increment = cli.dr_restored("dr2", second)["last_increment"]
     assert (increment["fetched"], increment["trimmed"]) == (2, 1)

@@ -3,7 +3,6 @@ engine whose session was superseded changes nothing, and a replica's epoch survi
 
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 from pathlib import Path
@@ -17,30 +16,13 @@ from lhfs.core.procs import wait_for
 from lhfs.engine import control
 from lhfs.engine.engine import Engine
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, raw_session
+from lhfs.testing import Cli, raw_session, write_direct
 from lhfs.wire import protocol as p
 from lhfs.wire.client import parse_address
 from tools.faultproxy import FaultProxy
 
 MIB = 1 << 20
 BLOCK = 4096
-
-
-def write_direct(device: Path, offset: int, data: bytes) -> None:
-    """One O_DIRECT write and an fsync: it reaches the engine, now."""
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
-    try:
-        os.pwritev(fd, [buf], offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        buf.close()
-
-
-def replica_of(cli: Cli, name: str, replica_id: str) -> dict:
-    return next(r for r in cli.info(name)["replicas"] if r["id"] == replica_id)
 
 
 @needs_fuse
@@ -62,11 +44,11 @@ def test_writes_held_on_the_way_never_land_after_the_replica_rejoined(
         proxy.hold()
         offset = 3 * MIB
         write_direct(device, offset, b"A" * BLOCK)  # (completes on the other two)
-        assert replica_of(cli, "f", far)["mode"] == "ERR"
+        assert cli.replica("f", far)["mode"] == "ERR"
         write_direct(device, offset, b"B" * BLOCK)  # newer data, while the replica is away
         cli.run("replica", "rm", "f", far)
         again = cli.run("replica", "add", "f", "--address", address).stdout.split()[2]
-        assert replica_of(cli, "f", again)["mode"] == "RW"
+        assert cli.replica("f", again)["mode"] == "RW"
         proxy.release()  # the link comes back: what was queued is delivered, late
         wait_for(lambda: proxy.delivered + proxy.undelivered > 0, 30, "the held bytes")
         wait_for(lambda: "fenced" in remote.log.read_text(), 30, "the replica to say so")

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
 import random
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,15 @@ from conftest import needs_fuse
 
 from lhfs.core.procs import LHFS, wait_for
 from lhfs.replica.process import ReplicaProcess
-from lhfs.testing import Cli, HostName, fio_verify, loop_attach
+from lhfs.testing import (
+    Cli,
+    HostName,
+    fio_verify,
+    loop_attach,
+    read_direct,
+    web_server,
+    write_direct,
+)
 from tools.hosts import Cluster, Host, sweep_orphans
 
 pytestmark = needs_fuse
@@ -47,33 +53,6 @@ def serve(
     proc = ReplicaProcess(directory, key, port=port, host=host.address, wrap=host.command([]))
     started.append(proc)
     return proc.address
-
-
-def replica(cli: Cli, name: str, replica_id: str) -> dict:
-    return next(r for r in cli.info(name)["replicas"] if r["id"] == replica_id)
-
-
-def write_direct(device: Path, offset: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
-    try:
-        os.pwritev(fd, [buf], offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        buf.close()
-
-
-def read_direct(device: Path, offset: int, length: int) -> bytes:
-    buf = mmap.mmap(-1, length)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        os.preadv(fd, [buf], offset)
-        return bytes(buf)
-    finally:
-        os.close(fd)
-        buf.close()
 
 
 def remote_volume(cli: Cli, tmp_path: Path, hosts: list[Host], started: list) -> dict[str, str]:
@@ -116,7 +95,7 @@ def test_a_replica_host_cut_off_or_rebooted_comes_back_by_itself(
 
         def away(event: str, victim: Host) -> None:
             rid = on[victim.address]
-            before = replica(cli, "v", rid)["rebuild_stats"]
+            before = cli.replica("v", rid)["rebuild_stats"]
             writes = cli.info("v")["writes"]
             fio = fio_verify(
                 loop, "32M", "--io_size=24M", "--rate_iops=1500", "--output-format=json"
@@ -124,19 +103,20 @@ def test_a_replica_host_cut_off_or_rebooted_comes_back_by_itself(
             wait_for(lambda: cli.info("v")["writes"] > writes + 500, 60, "fio to be writing")
             if event == "cut":
                 victim.cut()
-                wait_for(lambda: replica(cli, "v", rid)["mode"] == "ERR", 30, "the ERR mark")
-                time.sleep(2)  # the writes go on, degraded, while the host is away
+                wait_for(lambda: cli.replica("v", rid)["mode"] == "ERR", 30, "the ERR mark")
+                degraded = cli.info("v")["writes"]  # the writes go on while the host is away
+                wait_for(lambda: cli.info("v")["writes"] > degraded + 1500, 60, "writes meanwhile")
                 victim.restore()
             else:
                 cluster.reboot(victim)  # a power cut: the replica process dies with it
-                wait_for(lambda: replica(cli, "v", rid)["mode"] == "ERR", 30, "the ERR mark")
+                wait_for(lambda: cli.replica("v", rid)["mode"] == "ERR", 30, "the ERR mark")
                 port = int(placed[rid].rsplit(":", 1)[1])
                 serve(victim, tmp_path / victim.name, tmp_path / "v.key", started, port)
             result = fio_json(fio)
             stall = max(job["write"]["clat_ns"]["max"] for job in result["jobs"]) / 1e9
             assert stall < IO_TIMEOUT + 3, f"{event}: a write waited {stall:.1f}s"
-            wait_for(lambda: replica(cli, "v", rid)["mode"] == "RW", 120, f"{rid} back")
-            stats = replica(cli, "v", rid)["rebuild_stats"]
+            wait_for(lambda: cli.replica("v", rid)["mode"] == "RW", 120, f"{rid} back")
+            stats = cli.replica("v", rid)["rebuild_stats"]
             assert stats != before and stats["bytes_relayed"] == 0, stats
             written = 32 * MIB // CHUNK  # the region fio writes, in chunks
             assert 0 < stats["chunks_copied"] <= written + 16, (event, stats)
@@ -325,30 +305,9 @@ def urlparse_port(url: str) -> int:
 @contextlib.contextmanager
 def refusing_s3() -> Iterator[str]:
     """An S3-speaking server that refuses every request's credentials."""
-    import http.server
-    import threading
-
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            body = (
-                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code>'
-                b"<Message>The access key does not exist.</Message></Error>"
-            )
-            self.send_response(403)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code>'
+        b"<Message>The access key does not exist.</Message></Error>"
+    )
+    with web_server(lambda method, path: (403, "application/xml", body)) as url:
+        yield url

@@ -3,11 +3,9 @@ answer: one line, an exit status, nothing changed."""
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from conftest import needs_fuse
 
 from backupstore.s3 import Bucket, Target
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli, kill_engine
+from lhfs.testing import Cli, kill_engine, web_server
 
 pytestmark = needs_fuse
 MIB = 1 << 20
@@ -145,23 +143,11 @@ def test_mount_right_after_an_engine_kill(cli: Cli, mounted: tuple[str, Path]) -
     assert mounts_of(str(mnt)) == [] and loops_of(device) == [] and mounts_of(str(device)) == []
 
 
-class _NotS3(http.server.BaseHTTPRequestHandler):
+def _not_s3(method: str, path: str) -> tuple[int, str, bytes]:
     """A plain web server: its home page at /, an HTML 404 page for everything else."""
-
-    def _answer(self) -> None:
-        home = self.path == "/" and self.command == "GET"
-        body = b"<html><body><h1>" + (b"Welcome" if home else b"Not Found") + b"</h1></body></html>"
-        self.send_response(200 if home else 404)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
-
-    def log_message(self, *args: object) -> None:
-        pass
+    home = path == "/" and method == "GET"
+    body = b"<html><body><h1>" + (b"Welcome" if home else b"Not Found") + b"</h1></body></html>"
+    return (200 if home else 404), "text/html", body
 
 
 def test_s3_errors_are_answers(cli: Cli, s3_endpoint: str) -> None:
@@ -186,20 +172,15 @@ def test_s3_errors_are_answers(cli: Cli, s3_endpoint: str) -> None:
     )
     assert "bucket 'lhfs-typo' does not exist" in missing and "--create-bucket" in missing, missing
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotS3)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        web = Cli(cli.root, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}"})
+    with web_server(_not_s3) as url:
+        web = Cli(cli.root, env={"AWS_ENDPOINT_URL": url})
         for args in (
             ("backup", "ls", "--target", "s3://lhfs-ok/p"),
             ("backup", "create", "v", "--target", "s3://lhfs-ok/p", "--create-bucket"),
         ):
             line = one_line(web.run(*args, check=False, timeout=60), 1)
-            assert f"127.0.0.1:{server.server_port}" in line and "S3" in line, line
+            assert url.removeprefix("http://") in line and "S3" in line, line
             assert "<html>" not in line
-    finally:
-        server.shutdown()
 
     anonymous = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
     for args in (

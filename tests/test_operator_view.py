@@ -19,20 +19,12 @@ from conftest import needs_fuse
 
 from lhfs.core import logs
 from lhfs.core.procs import wait_for
-from lhfs.testing import LHFS, Cli
+from lhfs.testing import LHFS, Cli, write_at
 from lhfs.volumes.manage import REPLICA_KEYS, VOLUME_KEYS
 
 pytestmark = needs_fuse
 MIB = 1 << 20
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-
-def write(device: Path, offset: int, data: bytes) -> None:
-    with open(device, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def check_volume_keys(info: dict[str, Any]) -> None:
@@ -67,7 +59,7 @@ def test_json_of_every_verb_parses_and_keeps_its_keys_in_every_state(
     run("volume", "set", "v", "--io-timeout", "9", keys={"name", "settings"})
     attached = run("volume", "attach", "v", "--device", str(device), keys={"device", "metrics"})
     assert attached["metrics"] is None
-    write(device, 0, os.urandom(MIB))
+    write_at(device, 0, os.urandom(MIB))
     check_volume_keys(run("volume", "info", "v"))
     run("volume", "checksum", "v", keys={"name", "checksum"})
     run("snapshot", "create", "v", "s1", keys={"name", "created"})
@@ -87,7 +79,7 @@ def test_json_of_every_verb_parses_and_keeps_its_keys_in_every_state(
     run("replica", "rm", "v", added["id"], keys={"volume", "id", "removed"})
     victim = run("volume", "info", "v")["replicas"][1]
     os.kill(victim["pid"], signal.SIGKILL)
-    write(device, 0, b"x" * 4096)  # a write notices
+    write_at(device, 0, b"x" * 4096)  # a write notices
     degraded = run("volume", "info", "v")
     assert degraded["state"] == "degraded"
     check_volume_keys(degraded)
@@ -131,7 +123,7 @@ def test_progress_off_a_terminal_prints_tenths_and_one_100(cli: Cli, tmp_path: P
     cli.run("volume", "create", "p", "--size", "512M", "--replicas", "1")
     device = tmp_path / "dev"
     cli.run("volume", "attach", "p", "--device", str(device))
-    write(device, 0, os.urandom(64 * MIB))
+    write_at(device, 0, os.urandom(64 * MIB))
     result = cli.run("volume", "checksum", "p")
     lines = result.stderr.splitlines()
     assert all(line.startswith("checksum p: ") for line in lines), lines
@@ -175,7 +167,7 @@ def test_logs_merge_follow_and_rotate(cli: Cli, tmp_path: Path) -> None:
     try:
         victim = cli.info("l")["replicas"][1]
         os.kill(victim["pid"], signal.SIGKILL)
-        write(device, 0, b"y" * 4096)
+        write_at(device, 0, b"y" * 4096)
         wait_for(
             lambda: any(f"replica {victim['id']} (" in line for line in list(lines)),
             30,
@@ -281,7 +273,7 @@ def test_system_snapshots_are_kept_to_their_number(
         return [n for n in names if n.startswith(("backup-", "rebuild-"))]
 
     for n in range(5):
-        write(device, n * MIB, os.urandom(MIB))
+        write_at(device, n * MIB, os.urandom(MIB))
         cli.backup("h", target)
         wait_for(lambda: len(system()) <= 2, 60, "housekeeping")
     added = cli.json("replica", "add", "h")  # a rebuild takes a barrier snapshot
@@ -289,7 +281,7 @@ def test_system_snapshots_are_kept_to_their_number(
     kept = wait_for(lambda: (s := system()) and len(s) <= 2 and s, 60, "housekeeping")
     last = json.loads((cli.root / "volumes" / "h" / "config.json").read_text())["backups"]
     assert last[target]["snapshot"] in kept  # the next backup's base survives
-    write(device, 9 * MIB, os.urandom(4096))
+    write_at(device, 9 * MIB, os.urandom(4096))
     out = cli.run("backup", "create", "h", "--target", target).stdout
     assert "read 1 of 32 blocks" in out  # still incremental
     assert "housekeeping: removed system snapshot" in cli.run("logs", "h", "-n", "0").stdout

@@ -483,7 +483,7 @@ def test_every_task_waiting_for_the_outbox_to_drain_wakes() -> None:
                     with contextlib.suppress(BlockingIOError):
                         while peer.recv(1 << 20):
                             pass
-                    await trio.sleep(0.01)
+                    await trio.testing.wait_all_tasks_blocked()  # (the sender refilled it)
             nursery.cancel_scope.cancel()
         return woken
 

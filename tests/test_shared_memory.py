@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from lhfs.config import volume as volumes
 from lhfs.core.errors import InvalidArgument, LhfsError
@@ -23,11 +24,11 @@ from lhfs.engine import control
 from lhfs.engine.engine import ERR, RW, Engine
 from lhfs.engine.fusedev import BUFFER
 from lhfs.replica.process import ReplicaProcess
-from lhfs.testing import Cli, fio_verify, loop_attach
+from lhfs.testing import Cli, fio_verify, loop_attach, read_direct, write_direct
 from lhfs.wire import protocol as p
 from lhfs.wire import shm
 from lhfs.wire.auth import VolumeKey
-from lhfs.wire.client import open_replica
+from lhfs.wire.client import SyncReplica, open_replica
 
 MIB = 1 << 20
 CHUNK = 64 << 10
@@ -54,28 +55,19 @@ def test_random_io_over_shared_memory_matches_the_model(cli: Cli, tmp_path: Path
     def worker(number: int) -> None:
         rng = random.Random(number)
         base = number * quarter
-        fd = os.open(device, os.O_RDWR | os.O_DIRECT)
-        try:
-            for step in range(150):
-                length = rng.choice([4096, 8192, CHUNK, 3 * CHUNK + 4096, MIB])
-                at = base + rng.randrange(0, (quarter - length) // 4096) * 4096
-                action = rng.random()
-                if action < 0.5:
-                    data = rng.randbytes(length)
-                    buf = _aligned(length)
-                    buf[:] = data
-                    assert os.pwritev(fd, [buf], at) == length
-                    model[at : at + length] = data
-                elif action < 0.6:
-                    _punch(fd, at, length)
-                    model[at : at + length] = bytes(length)
-                else:
-                    buf = _aligned(length)
-                    assert os.preadv(fd, [buf], at) == length
-                    if bytes(buf) != model[at : at + length]:
-                        mismatches.append(f"thread {number} step {step}: {length} at {at}")
-        finally:
-            os.close(fd)
+        for step in range(150):
+            length = rng.choice([4096, 8192, CHUNK, 3 * CHUNK + 4096, MIB])
+            at = base + rng.randrange(0, (quarter - length) // 4096) * 4096
+            action = rng.random()
+            if action < 0.5:
+                data = rng.randbytes(length)
+                write_direct(device, at, data, sync=False)
+                model[at : at + length] = data
+            elif action < 0.6:
+                _punch(device, at, length)
+                model[at : at + length] = bytes(length)
+            elif read_direct(device, at, length) != model[at : at + length]:
+                mismatches.append(f"thread {number} step {step}: {length} at {at}")
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for thread in threads:
@@ -91,20 +83,12 @@ def test_random_io_over_shared_memory_matches_the_model(cli: Cli, tmp_path: Path
     cli.run("volume", "detach", "m")
 
 
-def _aligned(length: int) -> memoryview:
-    """A page-aligned buffer (direct I/O needs one)."""
-    import mmap
-
-    return memoryview(mmap.mmap(-1, length))
-
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, 0x02 | 0x01, offset, length) != 0:  # PUNCH_HOLE | KEEP_SIZE
-        raise OSError(ctypes.get_errno(), "fallocate")
+def _punch(device: Path, offset: int, length: int) -> None:
+    """A hole punched in the device (what discard becomes): a trim."""
+    subprocess.run(
+        ["fallocate", "--punch-hole", "--offset", str(offset), "--length", str(length), device],
+        check=True,
+    )
 
 
 def test_a_replica_killed_mid_burst_leaves_every_request_correct(cli: Cli, tmp_path: Path) -> None:
@@ -196,11 +180,14 @@ def test_a_buffer_is_never_reused_while_a_replica_may_still_read_it(
                 outcome.append(error)
                 finished.set()
 
+            fast_before = (await _info(fast, key))["revision"]
             engine.submit_write(CHUNK, pool.view(slot, CHUNK), done)
             engine.push()
-            with trio.move_on_after(1.0):  # the stopped replica has not answered: not done
-                await finished.wait()
-            assert not finished.is_set() and pool.free == 3
+            await trio.to_thread.run_sync(
+                wait_for, lambda: _revision(fast, key) > fast_before, 30, "the running write"
+            )
+            await trio.testing.wait_all_tasks_blocked()  # (its answer is in)
+            assert not finished.is_set() and pool.free == 3  # the stopped one has not answered
             with trio.fail_after(15):  # the I/O deadline marks it failed; the write completes
                 await finished.wait()
             assert outcome == [None] and engine.replicas[1].mode == ERR
@@ -212,9 +199,9 @@ def test_a_buffer_is_never_reused_while_a_replica_may_still_read_it(
                 pool.view(other)[:] = b"\xee" * BUFFER
 
             os.kill(slow.proc.pid, signal.SIGCONT)
-            with trio.fail_after(30):  # it carries out what it had received before the cut
-                while (await _info(slow, key))["revision"] == before:
-                    await trio.sleep(0.05)
+            await trio.to_thread.run_sync(  # it carries out what it received before the cut
+                wait_for, lambda: _revision(slow, key) > before, 30, "the late write"
+            )
             async with open_replica(slow.address, key, role=p.READER) as reader:
                 head = (await reader.call("info"))["head"]
                 content = await reader.request(
@@ -231,6 +218,15 @@ def test_a_buffer_is_never_reused_while_a_replica_may_still_read_it(
         pool.close()
 
     trio.run(main)
+
+
+def _revision(proc: ReplicaProcess, key: VolumeKey) -> int:
+    """A replica's revision, asked by a reader session (blocking: for ``wait_for``)."""
+    reader = SyncReplica(proc.address, key)
+    try:
+        return reader.call("info")["revision"]
+    finally:
+        reader.close()
 
 
 async def _info(proc: ReplicaProcess, key: VolumeKey) -> dict:

@@ -12,19 +12,11 @@ from urllib.parse import urlparse
 from conftest import needs_fuse
 
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli, teardown
+from lhfs.testing import Cli, teardown, write_at
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
 MIB = 1 << 20
-
-
-def fill(device: Path, offset: int, data: bytes) -> None:
-    with open(device, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def test_a_system_backup_completes_and_restores_equal(
@@ -43,9 +35,9 @@ def test_a_system_backup_completes_and_restores_equal(
     cli.run("volume", "create", "c", "--size", "64M", "--replicas", "1")
     device = tmp_path / "a.dev"
     cli.run("volume", "attach", "a", "--device", str(device))  # backed up while attached
-    fill(device, 5 * MIB, rng.randbytes(2 * MIB))
+    write_at(device, 5 * MIB, rng.randbytes(2 * MIB))
     cli.run("volume", "attach", "b", "--device", str(tmp_path / "b.dev"))
-    fill(tmp_path / "b.dev", 0, rng.randbytes(MIB))
+    write_at(tmp_path / "b.dev", 0, rng.randbytes(MIB))
     cli.run("volume", "detach", "b")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -119,7 +111,7 @@ def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
     for name in ("x", "y"):
         cli.run("volume", "create", name, "--size", "32M", "--replicas", "1")
         cli.run("volume", "attach", name, "--device", str(tmp_path / f"{name}.dev"))
-        fill(tmp_path / f"{name}.dev", 0, os.urandom(24 * MIB))
+        write_at(tmp_path / f"{name}.dev", 0, os.urandom(24 * MIB))
         cli.run("volume", "detach", name)
     cli.run("backup", "init", "--target", target, "--create-bucket")
     upstream = urlparse(s3_endpoint)

@@ -330,8 +330,9 @@ class Engine:
         self, op: int, parts: tuple[p.Part, ...], done: Done, at: int | None = None
     ) -> None:
         """One request to every replica taking writes; ``done`` once each answered or failed.
-        Replicas that fail are marked ERR; none left RW is ``Faulted``. A write whose data lies
-        at ``at`` in the pool goes to replicas that share it as a descriptor."""
+        Replicas that fail are marked ERR; none left RW is ``Faulted``. A write (``parts``:
+        offset, data) whose data lies at ``at`` in the pool goes to replicas that share it as
+        a descriptor."""
         targets = [r for r in self.replicas if r.mode in (RW, WO)]
         if not any(r.mode == RW for r in targets):
             done(Faulted("volume is faulted: no healthy replica"))
@@ -340,7 +341,7 @@ class Engine:
         fan = _Fanout(self, len(targets), done)
         shared = None
         if at is not None:
-            offset = p.U64.unpack(parts[0])[0]
+            (offset,) = p.U64.unpack(parts[0])
             shared = (p.SHM_WRITE.pack(offset, at, len(parts[1])),)
         for link in targets:
             client = link.client

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import secrets
-import stat
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
 from lhfs.core.durable import atomic_write
-from lhfs.core.errors import InvalidArgument, NotFound
+from lhfs.core.errors import InvalidArgument
+from lhfs.core.private import read_private
 
 ID_BYTES = 16
 SECRET_BYTES = 32
@@ -56,25 +55,7 @@ class VolumeKey:
     @classmethod
     def load(cls, path: Path) -> VolumeKey:
         """Read a key file; one clear error for a missing, unsafe or malformed one."""
-        path = Path(path)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise NotFound(f"key file {path} does not exist") from None
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read key file {path}: {exc.strerror}") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise InvalidArgument(f"key file {path} is not a regular file")
-            if info.st_mode & 0o077:
-                raise InvalidArgument(
-                    f"key file {path} may be read by others (mode {info.st_mode & 0o777:o}): "
-                    f"'chmod 600 {path}'"
-                )
-            raw = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+        raw = read_private(Path(path), "key file")
         try:
             doc = json.loads(raw)
             key = cls(str(doc["volume"]), bytes.fromhex(doc["id"]), bytes.fromhex(doc["secret"]))

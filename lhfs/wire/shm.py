@@ -86,8 +86,8 @@ class Region:
 
     def locate(self, data: object) -> int | None:
         """The offset in this region of ``data`` if it is a view into it, else None."""
-        if not isinstance(data, memoryview) or data.readonly or not data.nbytes:
-            return None
+        if not isinstance(data, memoryview) or data.obj is not self.map or not data.nbytes:
+            return None  # (the common answer, without asking ctypes)
         at = _address(data) - self._base
         return at if at >= 0 and at + data.nbytes <= self.size else None
 

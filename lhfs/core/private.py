@@ -1,0 +1,40 @@
+"""Files only their owner may read (volume keys, backup passwords, S3 credentials).
+
+One place, because a secret in a file that others can read has leaked already, and every
+kind of secret file lhfs takes must refuse such a file the same way, with the fix in the
+message. The file is opened without following a symbolic link and checked on the descriptor
+it is read from, so it cannot be swapped between the check and the read.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from lhfs.core.errors import InvalidArgument, NotFound
+
+LIMIT = 1 << 16  # no secret file of lhfs is larger
+
+
+def read_private(path: Path, what: str) -> bytes:
+    """The content of ``path`` (at most ``LIMIT`` bytes), a regular file only its owner may
+    read; ``what`` names it in errors ("key file", "password file")."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise NotFound(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidArgument(f"{what} {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise InvalidArgument(
+                f"{what} {path} may be read by others (mode {info.st_mode & 0o777:o}): "
+                f"'chmod 600 {path}'"
+            )
+        return os.read(fd, LIMIT)
+    finally:
+        os.close(fd)
