@@ -24,7 +24,14 @@ from lhfs.engine import control
 from lhfs.engine.engine import ERR, RW, Engine
 from lhfs.engine.fusedev import BUFFER
 from lhfs.replica.process import ReplicaProcess
-from lhfs.testing import Cli, fio_verify, loop_attach, read_direct, write_direct
+from lhfs.testing import (
+    Cli,
+    fio_verify,
+    kill_engine,
+    loop_attach,
+    read_direct,
+    write_direct,
+)
 from lhfs.wire import protocol as p
 from lhfs.wire import shm
 from lhfs.wire.auth import VolumeKey
@@ -79,6 +86,7 @@ def test_random_io_over_shared_memory_matches_the_model(cli: Cli, tmp_path: Path
         assert whole.read() == model
     info = live(cli, "m")
     assert info["shared_writes"] > 0 and info["shared_reads"] > 0, info
+    assert info["replica_answered_reads"] > 0, info  # the replicas answered the kernel
     assert info["state"] == "healthy"
     cli.run("volume", "detach", "m")
 
@@ -114,6 +122,61 @@ def test_a_replica_killed_mid_burst_leaves_every_request_correct(cli: Cli, tmp_p
     modes = {r["id"]: r["mode"] for r in info["replicas"]}
     assert modes["r1"] == modes["r3"] == RW and info["state"] != "faulted", info
     cli.run("volume", "detach", "k")
+
+
+def test_reads_answered_by_replicas_end_with_their_engine(cli: Cli, tmp_path: Path) -> None:
+    """Replicas answer reads on the engine's FUSE device: when the engine is SIGKILLed in the
+    middle of a stream of reads, no process keeps that FUSE connection alive. The reader gets
+    an error (not a hang), no replica holds a FUSE descriptor, and the volume attaches again
+    with its data."""
+    cli.run("volume", "create", "d", "--size", "32M", "--replicas", "2")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "d", "--device", str(device))
+    data = random.Random(5).randbytes(4 * MIB)
+    write_direct(device, 0, data)
+    replica_pids = [r["pid"] for r in live(cli, "d")["replicas"]]
+    outcome: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        rng = random.Random(6)
+        try:
+            while not stop.is_set():
+                at = rng.randrange(0, 1024) * 4096
+                if read_direct(device, at, 4096) != data[at : at + 4096]:
+                    raise AssertionError(f"wrong data at {at}")
+        except BaseException as exc:  # the error the engine's death causes, expected
+            outcome.append(exc)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: live(cli, "d")["replica_answered_reads"] > 2000, 60, "reads answered")
+        kill_engine(cli, "d")
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "reads hang after the engine died"
+        assert outcome and isinstance(outcome[0], OSError), outcome
+        wait_for(lambda: not any(_holds_fuse(pid) for pid in replica_pids), 30, "FUSE let go")
+    finally:
+        stop.set()
+    cli.run("volume", "attach", "d", "--device", str(device))
+    assert read_direct(device, 0, len(data)) == data
+    cli.run("volume", "detach", "d")
+
+
+def _holds_fuse(pid: int) -> bool:
+    """Whether process ``pid`` (if alive) has /dev/fuse open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @pytest.fixture
@@ -158,6 +221,9 @@ def test_a_buffer_is_never_reused_while_a_replica_may_still_read_it(
 
             # a malformed descriptor is refused like any malformed request
             client = engine.replicas[0].client
+            reply = p.SHM_READ_REPLY.pack(0, 4096, 0, 1)
+            with pytest.raises(InvalidArgument, match="no FUSE device"):
+                await client.request(p.READ_REPLY, reply)  # (this engine shared none)
             outside = p.SHM_WRITE.pack(0, pool.size - 4096, 8192)
             with pytest.raises(InvalidArgument, match="outside the region"):
                 await client.request(p.WRITE_SHM, outside)
@@ -250,3 +316,39 @@ def test_shared_memory_is_refused_off_the_local_socket(
             assert await client.read(0, 4096) == b"x" * 4096
 
     trio.run(main)
+
+
+def test_only_the_fuse_device_is_taken_as_one(
+    local_replicas: list[ReplicaProcess], key_file: Path
+) -> None:
+    """A third descriptor at the set-up must be the FUSE device: anything else is refused, and
+    the replica is served over its socket alone; the device itself is taken."""
+    key = VolumeKey.load(key_file)
+    not_fuse = os.open("/dev/null", os.O_RDWR)
+    fuse = os.open("/dev/fuse", os.O_RDWR)
+
+    async def main() -> None:
+        for proc in local_replicas:
+            async with open_replica(proc.address, key) as client:
+                await client.call("init", size=MIB, chunk_size=CHUNK)
+        pool = shm.Region("lhfs-test", 4, BUFFER)
+        for device, taken in ((not_fuse, False), (fuse, True)):
+            async with trio.open_nursery() as nursery:
+                engine = Engine(MIB, CHUNK, nursery, key, pool=pool, device=device)
+                engine.local_names = {proc.address: proc.local for proc in local_replicas}
+                await engine.attach([("a", local_replicas[0].address, False)])
+                nursery.start_soon(engine.run)
+                client = engine.replicas[0].client
+                assert (client.shared, client.answers_reads) == (taken, taken)
+                assert engine.replicas[0].mode == RW
+                await engine.write(0, b"y" * 4096)
+                assert await engine.read(0, 4096) == b"y" * 4096
+                await engine.close()
+                nursery.cancel_scope.cancel()
+        pool.close()
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(not_fuse)
+        os.close(fuse)

@@ -468,17 +468,18 @@ class Daemon:
     async def serve(self, announce: Any) -> None:
         # Memory shared with the local replicas (``lhfs.wire.shm``); LHFS_SHARED_MEMORY=off
         # keeps every replica on its socket (to compare, or to rule the path out).
-        pool = None
+        pool = device = None
         if os.environ.get("LHFS_SHARED_MEMORY", "on") != "off":
             pool = shm.Region(f"lhfs-{self.vol.name}", POOL_SLOTS, BUFFER)
             self.channel.share(pool)
+            device = self.channel.open()  # local replicas answer reads on it
         try:
-            await self._serve(announce, pool)
+            await self._serve(announce, pool, device)
         finally:
             if pool is not None:
                 pool.close()
 
-    async def _serve(self, announce: Any, pool: shm.Region | None) -> None:
+    async def _serve(self, announce: Any, pool: shm.Region | None, device: int | None) -> None:
         async with trio.open_nursery() as nursery:
             self.engine = Engine(
                 self.vol.size,
@@ -489,6 +490,7 @@ class Daemon:
                 io_timeout=self.vol.setting("io_timeout"),
                 epoch=self.vol.config.get("epoch", 0),
                 pool=pool,
+                device=device,
             )
             self.engine.on_diverged = self.repair
             self.rejoiner = Rejoiner(

@@ -52,7 +52,7 @@ class Faulted(LhfsError):
 
 
 Done = Callable[[Exception | None], None]
-ReadDone = Callable[[Exception | None, memoryview | bytes], None]
+ReadDone = Callable[[Exception | None, memoryview | bytes | None], None]
 
 
 @dataclass
@@ -99,9 +99,11 @@ class Engine:
         io_timeout: float = IO_TIMEOUT,
         epoch: int = 0,
         pool: shm.Region | None = None,
+        device: int | None = None,
     ) -> None:
         self.size = size
         self.pool = pool  # the memory local replicas share with the FUSE channel and this
+        self.device = device  # the FUSE device, on which local replicas answer reads (shm)
         self.key = key
         # The session epoch: above every earlier session of this volume at its replicas, and
         # raised for each new one (see ``lhfs.replica.session``).
@@ -125,6 +127,7 @@ class Engine:
         self.writes = 0  # requests the replicas acknowledged since attach (status and tests)
         self.shared_writes = 0  # writes sent to a replica as a descriptor into the pool
         self.shared_reads = 0  # reads a replica answered into shared memory
+        self.replica_answered_reads = 0  # ... of which it answered the kernel itself
         self.local_names: dict[str, str] = {}  # address -> local socket of a local replica
         self.tls_cas: dict[str, str] = {}  # address -> CA (PEM) of a replica served over TLS
         # told of a replica marked ERR because it refused what the others did (its owner
@@ -166,6 +169,7 @@ class Engine:
             owner=self.owner,
             dead_after=self.io_timeout,
             pool=self.pool,
+            device=self.device,
         )
         self.epoch = max(self.epoch, client.epoch)
         if self.pool is not None:  # the new session fenced the old ones: nothing they were
@@ -267,6 +271,7 @@ class Engine:
             "writes": self.writes,
             "shared_writes": self.shared_writes,
             "shared_reads": self.shared_reads,
+            "replica_answered_reads": self.replica_answered_reads,
             "replicas": [r.public() for r in self.replicas],
         }
 
@@ -397,15 +402,19 @@ class Engine:
         if not self._park(self.submit_flush, done):
             self._submit_all(p.FLUSH, (), done)
 
-    def submit_read(self, offset: int, length: int, done: ReadDone) -> None:
+    def submit_read(
+        self, offset: int, length: int, done: ReadDone, unique: int | None = None
+    ) -> None:
         """Read from one RW replica; a replica that fails it is marked ERR and the next one is
-        asked. Which replica: large reads go round the replicas, so that they read them in
+        asked. With ``unique`` (the kernel's FUSE request), a local replica holding the FUSE
+        device answers the kernel itself and ``done`` gets None for data (``shm``).
+        Which replica: large reads go round the replicas, so that they read them in
         parallel; small ones stay with one replica until ``READ_SPREAD`` bytes were asked of
         it, then the next takes over. Small reads kept on one replica cost its process one
         receive and a few sends per burst, where spread they woke every replica for a few
         reads each: on two cores, 4 KiB random reads with 3 replicas gave 27-29k IOPS spread
         per request or per burst, and 31.5-32k on one replica, as with 1 replica (31k)."""
-        if self._park(self.submit_read, offset, length, done):
+        if self._park(self.submit_read, offset, length, done, unique):
             return
         self._enter()
         if length >= LARGE_READ:
@@ -415,9 +424,9 @@ class Engine:
             if self._read_bytes > READ_SPREAD:
                 self._next_reader += 1
                 self._read_bytes = 0
-        self._read_from_next(p.RANGE.pack(offset, length), done)
+        self._read_from_next((offset, length, unique), done)
 
-    def _read_from_next(self, request: bytes, done: ReadDone) -> None:
+    def _read_from_next(self, request: tuple[int, int, int | None], done: ReadDone) -> None:
         while True:
             healthy = [r for r in self.replicas if r.mode == RW]
             if not healthy:
@@ -425,17 +434,22 @@ class Engine:
                 done(Faulted("volume is faulted: no healthy replica"), b"")
                 return
             link = healthy[self._next_reader % len(healthy)]
-            region = link.client.region
+            client = link.client
+            region = client.region
             slot = region.take() if region is not None else None
+            offset, length, unique = request
             try:
-                if slot is not None:
-                    offset, length = p.RANGE.unpack(request)
-                    described = p.SHM_READ.pack(offset, length, slot * region.slot_size)
-                    answered = partial(self._shared_read, link, region, slot, request, done)
-                    link.client.submit(p.READ_SHM, (described,), answered, True)
-                else:
+                if slot is None:
                     answered = partial(self._read_answer, link, request, done)
-                    link.client.submit(p.READ, (request,), answered, True)
+                    client.submit(p.READ, (p.RANGE.pack(offset, length),), answered, True)
+                    return
+                at = slot * region.slot_size
+                if unique is not None and client.answers_reads:
+                    op, described = p.READ_REPLY, p.SHM_READ_REPLY.pack(offset, length, at, unique)
+                else:
+                    op, described, unique = p.READ_SHM, p.SHM_READ.pack(offset, length, at), None
+                answered = partial(self._shared_read, link, region, slot, request, unique, done)
+                client.submit(op, (described,), answered, True)
                 return
             except LhfsError as exc:
                 if slot is not None:
@@ -446,7 +460,7 @@ class Engine:
     def _read_answer(
         self,
         link: ReplicaLink,
-        request: bytes,
+        request: tuple[int, int, int | None],
         done: ReadDone,
         error: LhfsError | None,
         data: memoryview | bytes,
@@ -464,19 +478,26 @@ class Engine:
         link: ReplicaLink,
         region: shm.Region,
         slot: int,
-        request: bytes,
+        request: tuple[int, int, int | None],
+        unique: int | None,
         done: ReadDone,
         error: LhfsError | None,
         payload: memoryview | bytes,
     ) -> None:
-        """A read the replica answered into its read region: handed on from there. The slot is
-        free again once answered; after a lost connection it is not (the replica may still
-        fill it), and the region goes with the connection."""
+        """A read the replica answered into its read region: handed on from there, or, with
+        ``unique``, already answered to the kernel by the replica. The slot is free again once
+        answered; after a lost connection it is not (the replica may still fill it), and the
+        region goes with the connection. Asked again of another replica, a read the first
+        one answered meanwhile is answered twice: the kernel refuses the second."""
         if error is None:
             self.shared_reads += 1
             self._leave()
             try:
-                done(None, region.view(slot, p.RANGE.unpack(request)[1]))
+                if unique is None:
+                    done(None, region.view(slot, request[1]))
+                else:
+                    self.replica_answered_reads += 1
+                    done(None, None)
             finally:
                 region.give(slot)
             return

@@ -80,7 +80,8 @@ class VolumeFile:
                     channel.reply(unique)
                 else:
                     since = self.stats.started()
-                    self.engine.submit_read(offset, size, partial(self._read, unique, size, since))
+                    done = partial(self._read, unique, size, since)
+                    self.engine.submit_read(offset, size, done, unique)
             elif opcode == f.FSYNC:
                 since = self.stats.started()
                 self.engine.submit_flush(partial(self._done, unique, "flush", 0, since))
@@ -154,11 +155,12 @@ class VolumeFile:
         size: int,
         since: float,
         error: Exception | None,
-        data: memoryview | bytes,
+        data: memoryview | bytes | None,
     ) -> None:
         self.stats.done("read", size, since, error is not None)
         if error is None:
-            self.channel.reply(unique, data)
+            if data is not None:  # (None: a local replica answered the kernel itself)
+                self.channel.reply(unique, data)
         else:
             self.channel.reply_error(unique, _errno(error))
 

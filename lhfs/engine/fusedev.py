@@ -41,7 +41,7 @@ FORGET, BATCH_FORGET = 2, 42
 NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, extlen, pad
-OUT_HEADER = struct.Struct("<IiQ")  # len, error (-errno), unique
+OUT_HEADER = shm.FUSE_OUT  # len, error (-errno), unique
 INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags
 INIT_OUT = struct.Struct("<IIIIHHIIHHI7I")
 ATTR_OUT = struct.Struct("<QII" + "QQQQQQ" + "IIIIIIIIII")  # valid, nsec, pad, fuse_attr
@@ -69,6 +69,7 @@ ROOT_INODE = 1
 MAX_WRITE = 1 << 20  # the largest write the kernel sends in one request (max_pages 256)
 MAX_BACKGROUND = 64  # requests of asynchronous direct I/O the kernel keeps in flight
 BURST = 64  # requests read before the frontend's end-of-burst hook runs (bounds latency)
+BURST_BYTES = 1 << 20  # ... or once this much was read (large writes go on while more are read)
 BUFFER = MAX_WRITE + (64 << 10)  # room for the largest request
 POOL_SLOTS = 96  # request buffers in the engine's shared pool (in flight, held, the next)
 _SPARES = 16  # read buffers kept for reuse (each as large as the largest request)
@@ -125,16 +126,23 @@ class FuseChannel:
 
     # -- mount --------------------------------------------------------------------------------
 
+    def open(self) -> int:
+        """Open the FUSE device before mounting it: local replicas get it at their connection
+        (they answer reads on it, ``shm``), which may come before the mount."""
+        if os.geteuid() != 0:
+            raise MountError("attaching a volume needs root (it mounts a FUSE device)")
+        if self.fd < 0:
+            try:
+                self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise MountError(f"cannot open /dev/fuse: {exc.strerror}") from None
+        return self.fd
+
     def mount(self) -> None:
         """Mount the device on ``path`` (which must be a regular file)."""
         if not self.path.is_file():
             raise MountError(f"{self.path} is not a regular file")
-        if os.geteuid() != 0:
-            raise MountError("attaching a volume needs root (it mounts a FUSE device)")
-        try:
-            self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise MountError(f"cannot open /dev/fuse: {exc.strerror}") from None
+        self.open()
         options = f"fd={self.fd},rootmode={stat.S_IFREG:o},user_id=0,group_id=0,default_permissions"
         result = _libc.mount(
             self.fsname.encode(),
@@ -188,6 +196,7 @@ class FuseChannel:
                 await trio.lowlevel.wait_readable(self.fd)
             except trio.ClosedResourceError:  # stop()
                 return
+            unpushed = 0
             for _ in range(BURST):
                 buf = self._buffer
                 try:
@@ -207,7 +216,12 @@ class FuseChannel:
                 if self._kept:  # the handler keeps this buffer: read the next into another
                     self._kept = False
                     self._buffer, self._slot = self._fresh()
-            after_burst()
+                unpushed += n
+                if unpushed >= BURST_BYTES:
+                    after_burst()
+                    unpushed = 0
+            if unpushed:
+                after_burst()
 
     def keep(self) -> Callable[[], None]:
         """Called by a handler that keeps the request's data (a large write, sent to the
@@ -226,7 +240,7 @@ class FuseChannel:
 
     def reply(self, unique: int, *parts: bytes | bytearray | memoryview) -> None:
         """Answer a request with data (never blocks: the kernel takes a reply whole)."""
-        length = OUT_HEADER.size + sum(len(part) for part in parts)
+        length = OUT_HEADER.size + sum(map(len, parts))
         self._write([OUT_HEADER.pack(length, 0, unique), *parts])
 
     def reply_error(self, unique: int, code: int) -> None:

@@ -237,7 +237,7 @@ class ReplicaServer:
                 pieces = self._answer(session, request_id, op, payload)
                 out.queue += pieces
                 answers += 1
-                size += sum(len(piece) for piece in pieces)
+                size += sum(map(len, pieces))
                 if answers == _GROUP or size >= _GROUP_BYTES:
                     out.push()
                     answers = size = 0
@@ -250,7 +250,7 @@ class ReplicaServer:
         try:
             if session.role != p.ENGINE or session.epoch != self.sessions.epoch:
                 self._permit(session, op, payload)  # (the current engine may ask anything)
-            if op in (p.WRITE_SHM, p.READ_SHM):
+            if op in (p.WRITE_SHM, p.READ_SHM, p.READ_REPLY):
                 parts = self._shared_io(session, op, payload)
             else:
                 parts = self._dispatch(op, payload)
@@ -271,8 +271,9 @@ class ReplicaServer:
     async def _share_memory(
         self, session: Session, out: Any, request_id: int, payload: bytes
     ) -> None:
-        """Map the engine's pool (read-only) and this connection's read region (``shm``):
-        agree, receive one byte carrying both descriptors, check and map them, answer again.
+        """Map the engine's pool (read-only) and this connection's read region (``shm``), and
+        keep its FUSE device if it sends it (``READ_REPLY``): agree, receive one byte carrying
+        the descriptors, check and map them, answer again.
         Only the current engine's session on the local socket may ask; a refusal is an error
         answer and the connection goes on over the socket alone."""
 
@@ -300,27 +301,20 @@ class ReplicaServer:
             return
         answer(None)
         await out.sent()
-        space = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+        space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
         with trio.move_on_after(FRAME_TIMEOUT):
             data, ancillary, flags, _ = await sock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
             fds = array.array("i")
             for level, kind, item in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(item[: len(item) - len(item) % fds.itemsize])
-            if len(fds) != 2 or not data or flags & socket.MSG_CTRUNC:
+            if len(fds) not in (2, 3) or not data or flags & socket.MSG_CTRUNC:
                 for fd in fds:
                     os.close(fd)
-                raise ProtocolError("the shared memory's two descriptors did not come")
+                raise ProtocolError("the shared memory's descriptors did not come")
             try:
-                pool = shm.map_received(fds[0], pool_size, writable=False)
+                pool, region, session.device = _map_shared(fds, pool_size, region_size)
             except ValueError as exc:
-                os.close(fds[1])
-                answer(InvalidArgument(str(exc)))
-                return
-            try:
-                region = shm.map_received(fds[1], region_size, writable=True)
-            except ValueError as exc:
-                pool.close()
                 answer(InvalidArgument(str(exc)))
                 return
             session.shared = (pool, region)
@@ -341,9 +335,17 @@ class ReplicaServer:
             with _window(pool, at, length) as data:
                 store.write(offset, data)
             return (p.U64.pack(store.revision),)
-        offset, length, at = checks.exact(p.SHM_READ, payload)
+        if op == p.READ_SHM:
+            offset, length, at = checks.exact(p.SHM_READ, payload)
+            unique = None
+        else:
+            offset, length, at, unique = checks.exact(p.SHM_READ_REPLY, payload)
+            if session.device < 0:
+                raise InvalidArgument("this connection shares no FUSE device")
         with _window(region, at, length) as target:
             store.read_into(offset, target)
+            if unique is not None:
+                shm.answer_fuse(session.device, unique, target)
         return ()
 
     # -- operations ---------------------------------------------------------------------------
@@ -640,6 +642,29 @@ def _check_run(store: ChunkStore, count: int) -> None:
         raise InvalidArgument(
             f"a layer run is 1 to {p.MAX_IO // store.chunk_size} chunks, not {count}"
         )
+
+
+def _map_shared(fds: Any, pool_size: int, region_size: int) -> tuple[Any, Any, int]:
+    """Map what an engine shared (its pool read-only, a read region) and check its FUSE
+    device if it sent one; every descriptor is closed or kept, also on a refusal
+    (``ValueError``)."""
+    device = fds[2] if len(fds) == 3 else -1
+    pool = region = None
+    try:
+        pool = shm.map_received(fds[0], pool_size, writable=False)
+        region = shm.map_received(fds[1], region_size, writable=True)
+        if device >= 0:
+            shm.check_fuse_device(device)
+        return pool, region, device
+    except BaseException:
+        for mapped in (pool, region):
+            if mapped is not None:
+                mapped.close()
+        if pool is None:
+            os.close(fds[1])
+        if device >= 0:
+            os.close(device)
+        raise
 
 
 def _window(region: Any, at: int, length: int) -> memoryview:

@@ -56,13 +56,19 @@ class Session:
     fenced: bool = False
     tasks: int = 0  # long requests under way
     shared: tuple[Any, Any] | None = None  # (pool, read region) mapped from the engine (shm)
+    device: int = -1  # the engine's FUSE device, on which reads are answered (READ_REPLY)
 
     def unshare(self) -> None:
-        """Unmap what the engine shared (the connection is over)."""
+        """Unmap what the engine shared and close its FUSE device (the connection is over:
+        an engine that died must leave no process holding its FUSE connection open)."""
         for region in self.shared or ():
             with contextlib.suppress(BufferError):
                 region.close()
         self.shared = None
+        if self.device >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.device)
+            self.device = -1
 
 
 class Sessions:

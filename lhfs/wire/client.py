@@ -148,6 +148,7 @@ class ReplicaClient:
         self.epoch = 0  # the session epoch the replica granted
         self.shared = False  # the replica maps the engine's pool (``shm``): WRITE_SHM
         self.region: shm.Region | None = None  # this connection's read region: READ_SHM
+        self.answers_reads = False  # the replica holds the FUSE device: READ_REPLY
 
     @classmethod
     async def connect(
@@ -164,6 +165,7 @@ class ReplicaClient:
         owner: bytes = p.NO_OWNER,
         dead_after: float = p.DEAD_AFTER,
         pool: shm.Region | None = None,
+        device: int | None = None,
     ) -> ReplicaClient:
         """Connect, authenticate and start the connection's tasks in ``nursery``. With
         ``local``, the replica at ``address`` is reached by its local socket of that name
@@ -173,7 +175,8 @@ class ReplicaClient:
         ``tls_ca`` (PEM), the connection is TLS and the replica's certificate must be signed
         by that CA for the host of ``address``. With ``pool`` too, an engine session on the
         local socket shares memory with the replica (``shm``): the pool, and a read region
-        of its own; a replica that cannot is used over the socket alone."""
+        of its own, and with ``device`` (the engine's FUSE device) the replica answers reads
+        to the kernel itself; a replica that cannot is used over the socket alone."""
         host, port = parse_address(address)
         handshake = p.ClientHandshake(key, address, role, epoch, takeover, owner)
         stream: trio.SocketStream | None = None
@@ -188,7 +191,7 @@ class ReplicaClient:
                 await stream.send_all(handshake.answer(challenge))
                 handshake.welcome(await _receive_exactly(stream, p.WELCOME.size, address))
                 if local and pool is not None and role == p.ENGINE:
-                    region = await _share_memory(stream, pool, address)
+                    region = await _share_memory(stream, pool, address, device)
         except BaseException as exc:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
@@ -206,6 +209,7 @@ class ReplicaClient:
         client.epoch = handshake.epoch
         if region is not None:
             client.shared, client.region = True, region
+            client.answers_reads = device is not None
         nursery.start_soon(client._run)
         return client
 
@@ -310,7 +314,7 @@ class ReplicaClient:
         parallel and see requests in one order."""
         if self._broken is not None:
             raise ConnectionLost(str(self._broken))
-        length = p.HEADER.size - p.LENGTH.size + sum(len(part) for part in parts)
+        length = p.HEADER.size - p.LENGTH.size + sum(map(len, parts))
         if length > p.MAX_FRAME:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {p.MAX_FRAME}")
         request_id = self._next_id
@@ -436,11 +440,12 @@ async def _receive_exactly(
 
 
 async def _share_memory(
-    stream: trio.SocketStream, pool: shm.Region, address: str
+    stream: trio.SocketStream, pool: shm.Region, address: str, device: int | None
 ) -> shm.Region | None:
     """Offer the replica the engine's pool (read-only) and a read region of this connection:
-    ``SHM_ATTACH``, then, once it agreed, one byte carrying both descriptors. The region, or
-    None if the replica declined (it is served over the socket alone)."""
+    ``SHM_ATTACH``, then, once it agreed, one byte carrying both descriptors (and the FUSE
+    ``device``, if given). The region, or None if the replica declined (it is served over the
+    socket alone)."""
     try:  # (no /proc, no memory for a region: the socket will do)
         read_only = pool.read_only_fd()
     except OSError as exc:
@@ -457,6 +462,8 @@ async def _share_memory(
         await stream.send_all(p.frame(1, p.SHM_ATTACH, sizes))
         if await _answer_ok(stream, address):
             fds = array.array("i", [read_only, region.fd])
+            if device is not None:
+                fds.append(device)
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
             await stream.socket.sendmsg([b"F"], ancillary)
             if await _answer_ok(stream, address):

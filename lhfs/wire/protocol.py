@@ -79,9 +79,12 @@ READ_SNAPSHOT = 10  # <Q offset><I length> layer                 -> data
 BACKING_UPLOAD = 9  # <Q chunk><H len> image id, data            (rebuild target only)
 # Shared memory (``shm``), an engine session on the local socket only:
 SHM_ATTACH = 11  # <Q pool size><Q read region size> -> OK; then one byte carrying the two
-#                  descriptors (SCM_RIGHTS); then a second answer: OK once both are mapped
+#                  descriptors (SCM_RIGHTS), or three: the third the engine's FUSE device;
+#                  then a second answer: OK once they are mapped and checked
 WRITE_SHM = 12  # <Q offset><Q at><I length>  (the data at ``at`` in the pool) -> <Q revision>
 READ_SHM = 13  # <Q offset><I length><Q at>   (into ``at`` in the read region)  -> nothing
+READ_REPLY = 14  # <Q offset><I length><Q at><Q unique>  (as READ_SHM, then the data answers
+#                  the kernel's FUSE request ``unique`` on the shared device) -> nothing
 
 OK = 0
 ERROR = 1
@@ -98,6 +101,7 @@ STATE = struct.Struct("<B")
 SHM_SIZES = struct.Struct("<QQ")
 SHM_WRITE = struct.Struct("<QQI")
 SHM_READ = struct.Struct("<QIQ")
+SHM_READ_REPLY = struct.Struct("<QIQQ")
 
 
 Part = bytes | bytearray | memoryview
@@ -108,7 +112,7 @@ DEAD_AFTER = 8.0  # seconds after which a silent TCP peer counts as gone (the I/
 
 
 def _header(request_id: int, code: int, parts: tuple[Part, ...]) -> bytes:
-    length = HEADER.size - LENGTH.size + sum(len(part) for part in parts)
+    length = HEADER.size - LENGTH.size + sum(map(len, parts))
     if length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
     return HEADER.pack(length, request_id, code)

@@ -22,20 +22,36 @@ read the slot later, if it was slow rather than dead) is *held* for that connect
 reused until the engine has a newer session with that replica (which fences the old one: the
 replica refuses whatever the old connection still delivers) or the engine ends. Regions are
 sealed against shrinking, so a mapping can never lose its pages under a reader (SIGBUS).
+
+Reads go one step further: the engine also gives each local replica its FUSE device, and a
+read the kernel asked for is answered to the kernel by the replica itself (``READ_REPLY``),
+from its read region, the engine only told when it is done. Why: the engine is one thread
+serving every request, and with small reads it was the bottleneck (answering the kernel,
+which also completes the caller's I/O, was the largest part of its work per read); the
+replica that read the data is otherwise idle. A replica can answer only what the engine
+asked of it, and the kernel accepts one answer per request: if the engine asks another
+replica again (the first one's connection failed), the later answer is refused as unknown.
+A replica closes the device with its engine connection, so an engine that dies leaves the
+FUSE connection to end as it did before, once its replicas noticed (they read end-of-file).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
+import stat
+import struct
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 MAX_REGION = 1 << 30  # what a replica agrees to map per region
 READ_SLOT = 1 << 20  # a read region's slot: the largest read the kernel sends
 READ_SLOTS = 64  # reads in flight to one replica through shared memory (more go by socket)
+FUSE_OUT = struct.Struct("<IiQ")  # a FUSE answer's header: length, error (-errno), unique
+FUSE_DEVICE = (10, 229)  # /dev/fuse: major, minor
 
 
 def _address(buffer: mmap.mmap | memoryview) -> int:
@@ -149,3 +165,23 @@ def map_received(fd: int, size: int, writable: bool) -> mmap.mmap:
         return mmap.mmap(fd, size, prot=prot)
     finally:
         os.close(fd)
+
+
+def check_fuse_device(fd: int) -> None:
+    """Refuse (``ValueError``) a descriptor that is not the FUSE device."""
+    info = os.fstat(fd)
+    if not stat.S_ISCHR(info.st_mode) or (os.major(info.st_rdev), os.minor(info.st_rdev)) != (
+        FUSE_DEVICE
+    ):
+        raise ValueError("the third shared descriptor is not the FUSE device")
+
+
+def answer_fuse(fd: int, unique: int, data: memoryview) -> None:
+    """Answer the kernel's FUSE request ``unique`` with ``data``. A request the kernel no
+    longer waits for (interrupted, or answered already by another replica) or a device gone
+    (unmounted) is not this process's failure."""
+    try:
+        os.writev(fd, [FUSE_OUT.pack(FUSE_OUT.size + len(data), 0, unique), data])
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+            raise
