@@ -44,7 +44,6 @@ CONTROL_TIMEOUT = 60.0
 TRIM_SPAN = 1024  # chunks per TRIM request (what a replica takes at once: MAX_TRIM_CHUNKS)
 CONNECT_TIMEOUT = 10.0
 LARGE_READ = 256 << 10  # a read this large goes to the next replica (spread)
-READ_SPREAD = 32 << 20  # bytes of small reads asked of one replica before the next takes over
 
 
 class Faulted(LhfsError):
@@ -115,7 +114,6 @@ class Engine:
         self._on_mode_change = on_mode_change or (lambda link: None)
         self.io_timeout = io_timeout
         self._next_reader = 0  # which RW replica reads (modulo their number)
-        self._read_bytes = 0  # bytes of small reads asked of that replica so far
         self._inflight = 0
         self._drained = trio.Event()
         self._drained.set()
@@ -409,21 +407,19 @@ class Engine:
         asked. With ``unique`` (the kernel's FUSE request), a local replica holding the FUSE
         device answers the kernel itself and ``done`` gets None for data (``shm``).
         Which replica: large reads go round the replicas, so that they read them in
-        parallel; small ones stay with one replica until ``READ_SPREAD`` bytes were asked of
-        it, then the next takes over. Small reads kept on one replica cost its process one
-        receive and a few sends per burst, where spread they woke every replica for a few
-        reads each: on two cores, 4 KiB random reads with 3 replicas gave 27-29k IOPS spread
-        per request or per burst, and 31.5-32k on one replica, as with 1 replica (31k)."""
+        parallel; small ones stay with the replica the last large read went to (or the next
+        RW one, if it failed). Small reads kept on one replica cost its process one receive
+        and a few sends per burst, where spread they woke every replica for a few reads each:
+        on two cores, 4 KiB random reads with 3 replicas gave 27-29k IOPS spread per request
+        or per burst, 31.5-32k on one replica. Handing them on to the next replica every
+        32 MiB (a few times a second) still cost about a tenth (31.2-31.7k against 33.4-35.3k
+        staying, alternating runs; the page cache refaulted nothing: the likely cost is the
+        scheduler placing a newly busy process again)."""
         if self._park(self.submit_read, offset, length, done, unique):
             return
         self._enter()
         if length >= LARGE_READ:
             self._next_reader += 1
-        else:
-            self._read_bytes += length
-            if self._read_bytes > READ_SPREAD:
-                self._next_reader += 1
-                self._read_bytes = 0
         self._read_from_next((offset, length, unique), done)
 
     def _read_from_next(self, request: tuple[int, int, int | None], done: ReadDone) -> None:
