@@ -9,7 +9,7 @@ Every write and trim is submitted to all replicas that take writes (RW, and WO w
 rebuilt) before the engine waits for any of them: the replicas work in parallel, and because a
 connection delivers requests in order and a replica applies them in order, all replicas apply
 concurrent writes in the same order. A write completes when every such replica answered. Reads
-go to one RW replica (large ones round robin, small ones to one replica for a stretch: see
+go to one RW replica (large ones round robin, small ones to one replica: see
 ``submit_read``). A replica that errors, disconnects or misses the deadline is
 marked ERR, dropped from I/O and recorded in the volume's configuration; the volume is
 ``degraded`` while one RW replica remains and ``faulted`` (I/O errors, never wrong data) after.
@@ -330,28 +330,29 @@ class Engine:
         return any(r.mode == RW for r in self.replicas)
 
     def _submit_all(
-        self, op: int, parts: tuple[p.Part, ...], done: Done, at: int | None = None
+        self,
+        op: int,
+        parts: tuple[p.Part, ...],
+        done: Done,
+        shared: tuple[bytes, int] | None = None,
     ) -> None:
         """One request to every replica taking writes; ``done`` once each answered or failed.
-        Replicas that fail are marked ERR; none left RW is ``Faulted``. A write (``parts``:
-        offset, data) whose data lies at ``at`` in the pool goes to replicas that share it as
-        a descriptor."""
+        Replicas that fail are marked ERR; none left RW is ``Faulted``. A write whose data
+        lies in the pool has ``shared``: its descriptor (``WRITE_SHM``) and where it lies,
+        sent instead to the replicas that share the pool."""
         targets = [r for r in self.replicas if r.mode in (RW, WO)]
         if not any(r.mode == RW for r in targets):
             done(Faulted("volume is faulted: no healthy replica"))
             return
         self._enter()
         fan = _Fanout(self, len(targets), done)
-        shared = None
-        if at is not None:
-            (offset,) = p.U64.unpack(parts[0])
-            shared = (p.SHM_WRITE.pack(offset, at, len(parts[1])),)
         for link in targets:
             client = link.client
             try:
                 if shared is not None and client.shared:
+                    descriptor, at = shared
                     answered = partial(self._shared_answered, fan, link, client, at)
-                    client.submit(p.WRITE_SHM, shared, answered, quick=True, owned=True)
+                    client.submit(p.WRITE_SHM, (descriptor,), answered, quick=True, owned=True)
                     self.shared_writes += 1
                 else:
                     client.submit(op, parts, partial(fan.answered, link), quick=True, owned=True)
@@ -379,7 +380,8 @@ class Engine:
         pool (a FUSE request read there) reaches replicas sharing it as a descriptor."""
         if not self._park(self.submit_write, offset, data, done):
             at = self.pool.locate(data) if self.pool is not None else None
-            self._submit_all(p.WRITE, (p.U64.pack(offset), data), done, at)
+            shared = None if at is None else (p.SHM_WRITE.pack(offset, at, len(data)), at)
+            self._submit_all(p.WRITE, (p.U64.pack(offset), data), done, shared)
 
     def submit_trim(self, offset: int, length: int, done: Done) -> None:
         """Trim a range; one larger than a replica takes in one request (``TRIM_SPAN`` chunks)

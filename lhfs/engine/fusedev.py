@@ -254,15 +254,8 @@ class FuseChannel:
         self._write([OUT_HEADER.pack(OUT_HEADER.size, -code, unique)])
 
     def _write(self, pieces: list[bytes | bytearray | memoryview]) -> None:
-        if self.fd < 0:  # closed: an answer that came too late has nobody to go to
-            return
-        try:
-            os.writev(self.fd, pieces)
-        except OSError as exc:
-            # ENOENT: the request was interrupted and the kernel no longer waits for it;
-            # ENODEV/EBADF: unmounted meanwhile. Neither is this process's failure.
-            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
-                raise
+        if self.fd >= 0:  # (closed: an answer that came too late has nobody to go to)
+            shm.fuse_write(self.fd, pieces)
 
     def invalidate_attributes(self) -> None:
         """Tell the kernel to forget the file's cached attributes (its size changed)."""

@@ -293,9 +293,8 @@ class ReplicaServer:
                 raise InvalidArgument("this connection shares memory already")
             self.sessions.check(session)
             pool_size, region_size = checks.exact(p.SHM_SIZES, memoryview(payload))
-            for size in (pool_size, region_size):
-                if not 0 < size <= shm.MAX_REGION:
-                    raise InvalidArgument(f"a shared region of {size} bytes is too large")
+            shm.check_size(pool_size)  # (before the descriptors come)
+            shm.check_size(region_size)
         except Exception as exc:
             answer(exc)
             return

@@ -146,13 +146,18 @@ class Region:
         self.fd = -1
 
 
+def check_size(size: int) -> None:
+    """Refuse (``ValueError``) to map a region of ``size`` bytes: none, or more than agreed."""
+    if not 0 < size <= MAX_REGION:
+        raise ValueError(f"a shared region of {size} bytes is outside 1..{MAX_REGION}")
+
+
 def map_received(fd: int, size: int, writable: bool) -> mmap.mmap:
     """Map a region another process sent, after checking that it is one: sealed against
     shrinking (else the sender could cut pages from under this process's reads, a SIGBUS) and
     as large as announced. Closes ``fd``; raises ``ValueError`` with the reason."""
     try:
-        if not 0 < size <= MAX_REGION:
-            raise ValueError(f"a shared region of {size} bytes is outside 1..{MAX_REGION}")
+        check_size(size)
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         except OSError:
@@ -170,18 +175,23 @@ def map_received(fd: int, size: int, writable: bool) -> mmap.mmap:
 def check_fuse_device(fd: int) -> None:
     """Refuse (``ValueError``) a descriptor that is not the FUSE device."""
     info = os.fstat(fd)
-    if not stat.S_ISCHR(info.st_mode) or (os.major(info.st_rdev), os.minor(info.st_rdev)) != (
-        FUSE_DEVICE
-    ):
+    device = (os.major(info.st_rdev), os.minor(info.st_rdev))
+    if not stat.S_ISCHR(info.st_mode) or device != FUSE_DEVICE:
         raise ValueError("the third shared descriptor is not the FUSE device")
 
 
-def answer_fuse(fd: int, unique: int, data: memoryview) -> None:
-    """Answer the kernel's FUSE request ``unique`` with ``data``. A request the kernel no
-    longer waits for (interrupted, or answered already by another replica) or a device gone
-    (unmounted) is not this process's failure."""
+def fuse_write(fd: int, pieces: list[bytes | bytearray | memoryview]) -> None:
+    """Write one message (an answer, a notification) to the FUSE device, from the engine or a
+    replica. ENOENT: the request was interrupted, or answered already (by another replica),
+    and the kernel no longer waits for it; ENODEV/EBADF: unmounted meanwhile. Neither is the
+    writer's failure."""
     try:
-        os.writev(fd, [FUSE_OUT.pack(FUSE_OUT.size + len(data), 0, unique), data])
+        os.writev(fd, pieces)
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
             raise
+
+
+def answer_fuse(fd: int, unique: int, data: memoryview) -> None:
+    """Answer the kernel's FUSE request ``unique`` with ``data``."""
+    fuse_write(fd, [FUSE_OUT.pack(FUSE_OUT.size + len(data), 0, unique), data])
