@@ -24,6 +24,7 @@ import select
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import trio
 
@@ -53,6 +54,14 @@ class StoreLock(trio.abc.Instrument):
         self._lock = threading.Lock()
         self.waiting = False
 
+    def hold(self) -> None:
+        """Taken by the event loop when it starts serving."""
+        self._lock.acquire()
+
+    def let_go(self) -> None:
+        """Given back by the event loop when it stops serving."""
+        self._lock.release()
+
     def before_io_wait(self, timeout: float) -> None:
         self._lock.release()
 
@@ -62,7 +71,7 @@ class StoreLock(trio.abc.Instrument):
         self.waiting = False
 
     def take(self) -> None:
-        """Taken by a thread for a batch of requests, or by the event loop when it starts."""
+        """Taken by the thread for a batch of requests."""
         while self.waiting:  # (the loop is being woken: a few microseconds)
             time.sleep(0)
         self._lock.acquire()
@@ -144,7 +153,7 @@ class Connection:
             timeout = self.frame_timeout if frames.pending else None
             if not self._wait(select.POLLIN, timeout):
                 return
-            with self.lock:  # (the receive buffers' shared budget is the event loop's too)
+            with self.lock:
                 try:
                     n = frames.read(self.fd)
                 except BlockingIOError:
@@ -207,3 +216,8 @@ def _batch() -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             os.sched_setscheduler(0, *before)
+
+
+def fd_of(stream: Any) -> int:
+    """The descriptor under a plain socket stream."""
+    return p.socket_of(stream).fileno()
