@@ -250,7 +250,7 @@ def test_a_buffer_is_never_reused_while_a_replica_may_still_read_it(
             engine.submit_write(CHUNK, pool.view(slot, CHUNK), done)
             engine.push()
             await trio.to_thread.run_sync(
-                wait_for, lambda: _revision(fast, key) > fast_before, 30, "the running write"
+                wait_for, lambda: _revision(fast.address, key) > fast_before, 30, "the write"
             )
             await trio.testing.wait_all_tasks_blocked()  # (its answer is in)
             assert not finished.is_set() and pool.free == 3  # the stopped one has not answered
@@ -266,7 +266,7 @@ def test_a_buffer_is_never_reused_while_a_replica_may_still_read_it(
 
             os.kill(slow.proc.pid, signal.SIGCONT)
             await trio.to_thread.run_sync(  # it carries out what it received before the cut
-                wait_for, lambda: _revision(slow, key) > before, 30, "the late write"
+                wait_for, lambda: _revision(slow.address, key) > before, 30, "the late write"
             )
             async with open_replica(slow.address, key, role=p.READER) as reader:
                 head = (await reader.call("info"))["head"]
@@ -286,9 +286,9 @@ def test_a_buffer_is_never_reused_while_a_replica_may_still_read_it(
     trio.run(main)
 
 
-def _revision(proc: ReplicaProcess, key: VolumeKey) -> int:
+def _revision(address: str, key: VolumeKey) -> int:
     """A replica's revision, asked by a reader session (blocking: for ``wait_for``)."""
-    reader = SyncReplica(proc.address, key)
+    reader = SyncReplica(address, key)
     try:
         return reader.call("info")["revision"]
     finally:
@@ -352,3 +352,40 @@ def test_only_the_fuse_device_is_taken_as_one(
     finally:
         os.close(not_fuse)
         os.close(fuse)
+
+
+def test_a_fenced_session_served_by_its_thread_stops_at_once(
+    local_replicas: list[ReplicaProcess], key_file: Path
+) -> None:
+    """A connection with shared memory is served by a thread of the replica; when a newer
+    engine session fences it, the thread stops and the connection is reset: the old engine
+    faults on its next write rather than writing, the new one reads what it wrote."""
+    key = VolumeKey.load(key_file)
+    proc = local_replicas[0]
+
+    async def main() -> None:
+        async with open_replica(proc.address, key) as client:
+            await client.call("init", size=MIB, chunk_size=CHUNK)
+        pools = [shm.Region("lhfs-test", 4, BUFFER) for _ in range(2)]
+        async with trio.open_nursery() as nursery:
+            engines = []
+            for pool in pools:
+                engine = Engine(MIB, CHUNK, nursery, key, io_timeout=5, pool=pool)
+                engine.local_names = {proc.address: proc.local}
+                await engine.attach([("a", proc.address, False)])
+                nursery.start_soon(engine.run)
+                assert engine.replicas[0].client.shared
+                await engine.write(0, bytes([len(engines) + 1]) * 4096)
+                engines.append(engine)
+            old, new = engines
+            with pytest.raises(LhfsError), trio.fail_after(10):
+                await old.write(0, b"X" * 4096)
+            assert old.state == "faulted"
+            assert await new.read(0, 4096) == b"\x02" * 4096
+            await new.close()
+            nursery.cancel_scope.cancel()
+        for pool in pools:
+            pool.close()
+
+    trio.run(main)
+    assert "fenced" in proc.log.read_text()

@@ -406,6 +406,11 @@ class ChunkStore:
         self._check_range(offset, length)
         head = self.head
         cs = self.chunk_size
+        chunk, within = divmod(offset, cs)
+        if within + length <= cs and self.partial is None and head.index.get(chunk) == DATA:
+            write_data(head.fd, view, offset)  # (most writes: inside a chunk the head holds)
+            self.revision += 1
+            return
         run_start = 0
         run_new: list[int] = []
         pos = 0

@@ -64,11 +64,13 @@ def pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 def pwrite_all(fd: int, view: memoryview | bytes | bytearray, offset: int) -> None:
     """Write all of ``view`` at ``offset`` (``os.pwrite`` may write less than asked)."""
-    view = memoryview(view)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+    n = os.pwrite(fd, view, offset)
+    if n < len(view):
+        view = memoryview(view)[n:]
+        while view:
+            offset += n
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
 
 
 # Layer data reaches the page cache at most this much per write. The kernel gives a buffered
@@ -83,6 +85,9 @@ DATA_PIECE = 64 << 10
 def write_data(fd: int, view: memoryview | bytes | bytearray, offset: int) -> None:
     """Write layer data a page-cache-friendly piece at a time (see ``DATA_PIECE``), the pieces
     aligned to ``DATA_PIECE`` in the file as the folios they become are."""
+    if offset % DATA_PIECE + len(view) <= DATA_PIECE:  # (one piece: most writes)
+        pwrite_all(fd, view, offset)
+        return
     view = memoryview(view)
     pos = 0
     while pos < len(view):
