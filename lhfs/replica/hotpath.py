@@ -24,7 +24,6 @@ import select
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 
 import trio
 
@@ -54,14 +53,6 @@ class StoreLock(trio.abc.Instrument):
         self._lock = threading.Lock()
         self.waiting = False
 
-    def hold(self) -> None:
-        """Taken by the event loop when it starts serving."""
-        self._lock.acquire()
-
-    def let_go(self) -> None:
-        """Given back by the event loop when it stops serving."""
-        self._lock.release()
-
     def before_io_wait(self, timeout: float) -> None:
         self._lock.release()
 
@@ -71,7 +62,7 @@ class StoreLock(trio.abc.Instrument):
         self.waiting = False
 
     def take(self) -> None:
-        """Taken by the thread for a batch of requests."""
+        """Taken by a thread for a batch of requests, or by the event loop when it starts."""
         while self.waiting:  # (the loop is being woken: a few microseconds)
             time.sleep(0)
         self._lock.acquire()
@@ -153,7 +144,7 @@ class Connection:
             timeout = self.frame_timeout if frames.pending else None
             if not self._wait(select.POLLIN, timeout):
                 return
-            with self.lock:
+            with self.lock:  # (the receive buffers' shared budget is the event loop's too)
                 try:
                     n = frames.read(self.fd)
                 except BlockingIOError:
@@ -216,8 +207,3 @@ def _batch() -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             os.sched_setscheduler(0, *before)
-
-
-def fd_of(stream: Any) -> int:
-    """The descriptor under a plain socket stream."""
-    return p.socket_of(stream).fileno()

@@ -133,7 +133,7 @@ class ReplicaServer:
         if local:
             listeners.append(await local_listener(local))
         bound = listeners[0].socket.getsockname()
-        self.store_lock.hold()
+        self.store_lock.take()
         trio.lowlevel.add_instrument(self.store_lock)
         try:
             async with trio.open_nursery() as nursery:
@@ -143,7 +143,7 @@ class ReplicaServer:
         finally:
             self.close()
             trio.lowlevel.remove_instrument(self.store_lock)
-            self.store_lock.let_go()
+            self.store_lock.give()
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -291,7 +291,7 @@ class ReplicaServer:
             await out.sent()
 
         connection = hotpath.Connection(
-            hotpath.fd_of(session.stream),
+            p.socket_of(session.stream).fileno(),
             frames,
             out,
             self.store_lock,
