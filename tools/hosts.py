@@ -5,7 +5,9 @@ has the first address of the subnet, so the processes of the root namespace — 
 test itself — reach every host, and every host reaches them). A host's link can be cut and
 restored (its veth is set down and up: packets are dropped both ways, nothing is reset), and a
 host can "reboot": every process in it is killed, its namespace deleted and made again with the
-same address. Its processes run through ``ip netns exec``; files are shared (one file system).
+same address and hardware address (as a machine's network card keeps its own: a new one would
+leave the other hosts sending to the old one until their neighbour entries expire, up to a
+minute). Its processes run through ``ip netns exec``; files are shared (one file system).
 
     python -m tools.hosts up 3      # hosts lhfs-h1..h3 at 10.217.77.11-13 (or the next free /24)
     python -m tools.hosts down      # remove them and the bridge, killing what runs in them
@@ -53,6 +55,12 @@ class Host:
 
     def run(self, args: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(args), **kwargs)  # type: ignore[call-overload]
+
+    @property
+    def mac(self) -> str:
+        """A locally administered hardware address made of the IPv4 address: the same after
+        every reboot."""
+        return "02:00:" + ":".join(f"{int(octet):02x}" for octet in self.address.split("."))
 
     def cut(self) -> None:
         """The link goes down: nothing passes either way, no connection is told."""
@@ -116,6 +124,7 @@ class Cluster:
         inner = ["netns", "exec", host.name, "ip"]
         _ip(*inner, "link", "set", "lo", "up")
         _ip(*inner, "link", "set", inside, "name", "eth0")
+        _ip(*inner, "link", "set", "eth0", "address", host.mac)
         _ip(*inner, "addr", "add", f"{host.address}/24", "dev", "eth0")
         _ip(*inner, "link", "set", "eth0", "up")
         hosts_file = host.hosts_file()
