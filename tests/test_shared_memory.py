@@ -389,3 +389,40 @@ def test_a_fenced_session_served_by_its_thread_stops_at_once(
 
     trio.run(main)
     assert "fenced" in proc.log.read_text()
+
+
+def test_a_bad_frame_on_a_thread_served_connection_closes_it_with_one_line(
+    local_replicas: list[ReplicaProcess], key_file: Path
+) -> None:
+    """The frame rules hold on the thread as on the event loop: a frame of a bad length from
+    an engine session with shared memory closes that connection, logged in one line (not a
+    traceback), and the replica serves the next engine."""
+    key = VolumeKey.load(key_file)
+    proc = local_replicas[0]
+
+    async def main() -> None:
+        async with open_replica(proc.address, key) as client:
+            await client.call("init", size=MIB, chunk_size=CHUNK)
+        pool = shm.Region("lhfs-test", 4, BUFFER)
+        async with trio.open_nursery() as nursery:
+            engine = Engine(MIB, CHUNK, nursery, key, io_timeout=5, pool=pool)
+            engine.local_names = {proc.address: proc.local}
+            await engine.attach([("a", proc.address, False)])
+            nursery.start_soon(engine.run)
+            client = engine.replicas[0].client
+            assert client.shared
+            await engine.write(0, b"z" * 4096)
+            bad = p.LENGTH.pack(p.MAX_FRAME + 1) + bytes(p.HEADER.size - p.LENGTH.size)
+            await p.socket_of(client._stream).send(bad)
+            with pytest.raises(LhfsError), trio.fail_after(10):
+                await engine.write(0, b"Z" * 4096)
+            await engine.close()
+            nursery.cancel_scope.cancel()
+        pool.close()
+        async with open_replica(proc.address, key, epoch=engine.epoch + 1) as client:
+            assert await client.read(0, 4096) == b"z" * 4096
+
+    trio.run(main)
+    log = proc.log.read_text()
+    assert f"closing connection: bad frame length {p.MAX_FRAME + 1}" in log
+    assert "Traceback" not in log and "handler failed" not in log

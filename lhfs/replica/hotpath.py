@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
+import outcome
 import trio
 
 from lhfs.core.errors import ProtocolError
@@ -109,11 +110,14 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_when_cancelled)
                 try:
-                    await trio.to_thread.run_sync(self._run, abandon_on_cancel=False)
+                    ended = await trio.to_thread.run_sync(
+                        outcome.capture, self._run, abandon_on_cancel=False
+                    )
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             os.close(self.stop)
+        ended.unwrap()  # (what ended the thread, raised here as itself, not in a group)
 
     async def _stop_when_cancelled(self) -> None:
         try:

@@ -176,6 +176,8 @@ class ReplicaServer:
                         pass
                     except ProtocolError as exc:
                         log.warning("closing connection: %s", exc)
+                    except OSError as exc:  # (no route to the peer, its host timed out...)
+                        log.info("connection lost: %s", exc)
                     nursery.cancel_scope.cancel()
         except _PEER_GONE:
             pass
