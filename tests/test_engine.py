@@ -6,7 +6,7 @@ from pathlib import Path
 
 import trio
 
-from lhfs.engine.engine import RW, Engine
+from lhfs.engine.engine import ERR, RW, Engine
 from lhfs.store.chunkstore import ChunkStore
 
 SIZE = 4 << 20
@@ -92,6 +92,32 @@ def test_a_replica_dying_under_a_burst_never_acknowledges_a_lost_write(
             assert engine.replicas[1].mode != RW and engine.state == "degraded"
             for offset, data in acknowledged.items():
                 assert await engine.read(offset, 4096) == data
+            await engine.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_replica_that_dies_while_the_volume_is_idle_is_marked_err(
+    tmp_path: Path, replica_factory
+) -> None:
+    """No I/O at all after a replica is killed: the engine still marks it ERR within a few
+    seconds, with why, instead of showing it RW until the next write."""
+    procs = _replicas(tmp_path, replica_factory, 2)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(SIZE, 4096, nursery, procs[0].key, io_timeout=8)
+            await engine.attach([(f"r{i}", proc.address, False) for i, proc in enumerate(procs)])
+            nursery.start_soon(engine.run)
+            await engine.write(0, b"c" * 4096)
+            procs[1].kill()  # (SIGKILL, waited for)
+            with trio.fail_after(5):  # (within the watchdog's second, well before io_timeout)
+                while engine.replicas[1].mode != ERR:
+                    await trio.sleep(0.05)
+            assert "connection to replica" in (engine.replicas[1].error or "")
+            assert engine.replicas[0].mode == RW
+            assert await engine.read(0, 4096) == b"c" * 4096
             await engine.close()
             nursery.cancel_scope.cancel()
 

@@ -134,6 +134,7 @@ class Engine:
         self.on_failed: Callable[[ReplicaLink], None] = lambda link: None
         self.last_rw: str | None = None  # the replica whose failure faulted the volume
         self.superseded: str | None = None  # why another engine holds the replicas now
+        self.closing = False  # (connections closed on purpose: not failures)
 
     @property
     def control_timeout(self) -> float:
@@ -504,13 +505,19 @@ class Engine:
         self._read_answer(link, request, done, error, b"")
 
     async def _watchdog(self) -> None:
-        """Mark ERR a replica that has left I/O unanswered for longer than the deadline."""
+        """Mark ERR a replica that has left I/O unanswered for longer than the deadline, or
+        whose connection ended while nothing was asked of it (a replica killed while the
+        volume is idle shows as failed within a second, not at the next write)."""
         while True:
             await trio.sleep(min(1.0, self.io_timeout / 4))
             now = trio.current_time()
             for link in self.replicas:
                 client = link.client
-                if link.mode != ERR and client is not None and client.stalled(now, self.io_timeout):
+                if self.closing or link.mode == ERR or client is None:
+                    continue
+                if client.failure is not None:
+                    self.fail(link, client.failure)
+                elif client.stalled(now, self.io_timeout):
                     self.fail(link, f"no answer within {self.io_timeout:.0f}s")
 
     # The same operations, awaited (control requests, tools and tests).
@@ -686,6 +693,7 @@ class Engine:
 
     async def close(self) -> None:
         """Flush what can be flushed and close the connections."""
+        self.closing = True
         if any(r.mode == RW for r in self.replicas):
             try:
                 await self.flush()

@@ -228,6 +228,11 @@ class ReplicaClient:
     def broken(self) -> bool:
         return self._broken is not None
 
+    @property
+    def failure(self) -> str | None:
+        """Why the connection ended (None while it serves)."""
+        return None if self._broken is None else str(self._broken)
+
     def stalled(self, now: float, timeout: float) -> bool:
         """Whether requests that must be answered promptly (I/O) have waited for more than
         ``timeout`` seconds without the replica sending anything."""
