@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SYSTEM_STAMP := .stamp-system
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test soak demo lint bench clean
 
 # The virtualenv holds lhfs in editable mode, so nothing compiles its modules ahead, and an
 # interpreter told not to write bytecode (PYTHONDONTWRITEBYTECODE) compiles them again at every
@@ -29,6 +29,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/pytest
+
+# Hundreds of kills through the data path (LHFS_SOAK_ROUNDS, default 200; about 10 minutes).
+soak: setup
+	$(BIN)/pytest -m soak -s
 
 demo: setup
 	$(BIN)/python -m tools.demo
