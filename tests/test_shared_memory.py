@@ -426,3 +426,46 @@ def test_a_bad_frame_on_a_thread_served_connection_closes_it_with_one_line(
     log = proc.log.read_text()
     assert f"closing connection: bad frame length {p.MAX_FRAME + 1}" in log
     assert "Traceback" not in log and "handler failed" not in log
+
+
+def test_the_thread_is_served_while_the_event_loop_is_busy(
+    local_replicas: list[ReplicaProcess], key_file: Path
+) -> None:
+    """A long request runs on the replica's event loop in steps (a whole-volume checksum, the
+    loop never idle until it ends): the engine's writes, served by the connection's thread,
+    go on between those steps instead of waiting for the end (the store lock is handed to a
+    waiting thread at every round of the loop, not kept by the loop)."""
+    key = VolumeKey.load(key_file)
+    proc = local_replicas[0]
+    size = 4 << 30
+
+    async def main() -> None:
+        async with open_replica(proc.address, key) as client:
+            await client.call("init", size=size, chunk_size=CHUNK)
+        pool = shm.Region("lhfs-test", 4, BUFFER)
+        async with trio.open_nursery() as nursery:
+            engine = Engine(size, CHUNK, nursery, key, pool=pool)
+            engine.local_names = {proc.address: proc.local}
+            await engine.attach([("a", proc.address, False)])
+            nursery.start_soon(engine.run)
+            assert engine.replicas[0].client.shared
+            asked, done = trio.Event(), trio.Event()
+
+            async def checksum() -> None:
+                async with open_replica(proc.address, key, role=p.READER) as reader:
+                    asked.set()
+                    await reader.call("checksum")
+                done.set()
+
+            nursery.start_soon(checksum)
+            await asked.wait()
+            during = 0
+            while not done.is_set():
+                await engine.write(during % 1024 * 4096, b"w" * 4096)
+                during += 1
+            assert during >= 50, f"{during} writes while the checksum ran"
+            await engine.close()
+            nursery.cancel_scope.cancel()
+        pool.close()
+
+    trio.run(main)

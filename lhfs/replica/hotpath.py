@@ -44,20 +44,38 @@ QUICK = frozenset({p.WRITE_SHM, p.READ_SHM, p.READ_REPLY, p.WRITE, p.READ, p.TRI
 
 
 class StoreLock(trio.abc.Instrument):
-    """One lock for the store, held by the event loop except while it waits for I/O.
+    """One lock for the store, held by the event loop except while it waits for I/O, handed
+    over in turns.
 
-    ``waiting`` is set while the event loop wants the lock back: the thread then lets it go
-    first rather than taking the lock again at once (a plain lock is not fair, and a thread
-    with a steady stream of requests could otherwise keep the loop out for long)."""
+    A plain lock is not fair: whoever releases it and asks again at once usually gets it
+    back before a woken waiter runs. So each side yields to the other: ``waiting`` is set
+    while the event loop wants the lock back, and a thread lets it in before taking the lock
+    again; ``wanted`` counts threads waiting for it, and the event loop, between two of its
+    rounds, lets one that has waited longer than ``PATIENCE`` have its turn first. Without the
+    second, a loop kept busy by a long request done in steps (a checksum of the volume, a
+    snapshot removal) would take the lock back at every round and leave the engine's I/O
+    waiting for the whole request. (Only after ``PATIENCE``: a loop yielding at once, at every
+    round, spins on two cores that the engine and the other replicas need: 4 KiB writes to
+    three local replicas, 16.2k IOPS against 17.1k with the wait.)"""
+
+    PATIENCE = 0.001
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._count = threading.Lock()  # (guards ``wanted``: several threads may change it)
         self.waiting = False
+        self.wanted = 0
+        self.turns = 0  # how often a thread took the lock (changed only by its holder)
+        self.since = 0.0  # when the first of the threads now waiting began to wait
 
     def before_io_wait(self, timeout: float) -> None:
         self._lock.release()
 
     def after_io_wait(self, timeout: float) -> None:
+        if self.wanted and time.monotonic() - self.since > self.PATIENCE:  # its turn first
+            turn = self.turns
+            while self.wanted and self.turns == turn:
+                time.sleep(0)
         self.waiting = True
         self._lock.acquire()
         self.waiting = False
@@ -66,7 +84,14 @@ class StoreLock(trio.abc.Instrument):
         """Taken by a thread for a batch of requests, or by the event loop when it starts."""
         while self.waiting:  # (the loop is being woken: a few microseconds)
             time.sleep(0)
+        with self._count:
+            if not self.wanted:
+                self.since = time.monotonic()
+            self.wanted += 1
         self._lock.acquire()
+        with self._count:
+            self.wanted -= 1
+        self.turns += 1
 
     def give(self) -> None:
         self._lock.release()
