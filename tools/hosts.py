@@ -38,6 +38,13 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def _mac(address: str) -> str:
+    """A locally administered hardware address made of an IPv4 address: the same after every
+    reboot of a host, and for the bridge (which would otherwise take the lowest of its ports',
+    changing when a rebooted host's new port has a lower one)."""
+    return "02:00:" + ":".join(f"{int(octet):02x}" for octet in address.split("."))
+
+
 @dataclass
 class Host:
     """One namespace host: ``name`` (the namespace), ``address`` on the bridge."""
@@ -58,9 +65,7 @@ class Host:
 
     @property
     def mac(self) -> str:
-        """A locally administered hardware address made of the IPv4 address: the same after
-        every reboot."""
-        return "02:00:" + ":".join(f"{int(octet):02x}" for octet in self.address.split("."))
+        return _mac(self.address)
 
     def cut(self) -> None:
         """The link goes down: nothing passes either way, no connection is told."""
@@ -104,7 +109,7 @@ class Cluster:
         neither would reach its hosts."""
         self.down()  # whatever an interrupted run left
         self.subnet = self.wanted or free_subnet()
-        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("link", "add", self.bridge, "address", _mac(self.gateway), "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for number in range(1, count + 1):

@@ -134,7 +134,7 @@ class Engine:
         self.on_failed: Callable[[ReplicaLink], None] = lambda link: None
         self.last_rw: str | None = None  # the replica whose failure faulted the volume
         self.superseded: str | None = None  # why another engine holds the replicas now
-        self.closing = False  # (connections closed on purpose: not failures)
+        self.closing = False  # (connections closed on purpose are not failures; stalls are)
 
     @property
     def control_timeout(self) -> float:
@@ -513,9 +513,9 @@ class Engine:
             now = trio.current_time()
             for link in self.replicas:
                 client = link.client
-                if self.closing or link.mode == ERR or client is None:
+                if link.mode == ERR or client is None:
                     continue
-                if client.failure is not None:
+                if client.failure is not None and not self.closing:
                     self.fail(link, client.failure)
                 elif client.stalled(now, self.io_timeout):
                     self.fail(link, f"no answer within {self.io_timeout:.0f}s")

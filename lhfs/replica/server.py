@@ -24,6 +24,7 @@ flushes.
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import os
 import signal
@@ -176,7 +177,9 @@ class ReplicaServer:
                         pass
                     except ProtocolError as exc:
                         log.warning("closing connection: %s", exc)
-                    except OSError as exc:  # (no route to the peer, its host timed out...)
+                    except OSError as exc:
+                        if exc.errno not in _UNREACHABLE:
+                            raise
                         log.info("connection lost: %s", exc)
                     nursery.cancel_scope.cancel()
         except _PEER_GONE:
@@ -698,6 +701,8 @@ class _Peers:
 
 
 _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+# How a peer on another host goes away without a reset (not errors of this process):
+_UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
 SUMS_PAGE_MAX = 1 << 19  # chunks one LAYER_SUMS request may span (its answer: 13 MB at most)
 
 
