@@ -109,12 +109,14 @@ def test_a_replica_that_dies_while_the_volume_is_idle_is_marked_err(
         async with trio.open_nursery() as nursery:
             engine = Engine(SIZE, 4096, nursery, procs[0].key, io_timeout=8)
             await engine.attach([(f"r{i}", proc.address, False) for i, proc in enumerate(procs)])
+            failed = trio.Event()
+            engine.on_failed = lambda link: failed.set()
             nursery.start_soon(engine.run)
             await engine.write(0, b"c" * 4096)
             procs[1].kill()  # (SIGKILL, waited for)
             with trio.fail_after(5):  # (within the watchdog's second, well before io_timeout)
-                while engine.replicas[1].mode != ERR:
-                    await trio.sleep(0.05)
+                await failed.wait()
+            assert engine.replicas[1].mode == ERR
             assert "connection to replica" in (engine.replicas[1].error or "")
             assert engine.replicas[0].mode == RW
             assert await engine.read(0, 4096) == b"c" * 4096
