@@ -24,6 +24,7 @@ from typing import Any
 
 from lhfs.config import volume as volumes
 from lhfs.core.procs import LHFS, wait_for
+from lhfs.engine import control
 from lhfs.volumes.attachment import loops_backed_by, release
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
@@ -135,6 +136,11 @@ class Cli:
 
     def info(self, name: str) -> dict[str, Any]:
         return self.json("volume", "info", name)
+
+    def live(self, name: str) -> dict[str, Any]:
+        """The attached engine's own ``info``, asked on its control socket: no command line
+        started, so it can be polled fast (counters, replica modes and pids)."""
+        return control.call(volumes.load(self.root, name).control_socket, "info", timeout=30)
 
     def replica(self, name: str, replica_id: str) -> dict[str, Any]:
         """One replica's entry in ``volume info``."""

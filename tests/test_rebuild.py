@@ -14,7 +14,6 @@ from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
-from lhfs.engine import control
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, fio_verify, loop_attach
 from lhfs.wire.client import parse_address
@@ -25,12 +24,8 @@ MIB = 1 << 20
 CHUNK = 64 << 10
 
 
-def live(cli: Cli, name: str) -> dict:
-    return control.call(volumes.load(cli.root, name).control_socket, "info", timeout=30)
-
-
 def replica(cli: Cli, name: str, replica_id: str) -> dict:
-    return next(r for r in live(cli, name)["replicas"] if r["id"] == replica_id)
+    return next(r for r in cli.live(name)["replicas"] if r["id"] == replica_id)
 
 
 def write_random(device: Path, size: int, seed: int, chunks: list[int] | None = None) -> None:
@@ -66,7 +61,7 @@ def test_rebuild_under_fio_verify(cli: Cli, tmp_path: Path) -> None:
     loop = loop_attach(device)
     fio = fio_verify(loop, "64M")
     try:
-        wait_for(lambda: live(cli, "v")["writes"] > 500, 120, "fio writing")
+        wait_for(lambda: cli.live("v")["writes"] > 500, 120, "fio writing")
         added = cli.run("replica", "add", "v")
         assert "is RW" in added.stdout, added.stdout + added.stderr
         out, err = fio.communicate(timeout=600)
@@ -76,7 +71,7 @@ def test_rebuild_under_fio_verify(cli: Cli, tmp_path: Path) -> None:
             fio.kill()
         subprocess.run(["losetup", "-d", loop])
     cli.run("replica", "rm", "v", "r2")
-    assert live(cli, "v")["state"] == "healthy"
+    assert cli.live("v")["state"] == "healthy"
     cli.run("volume", "detach", "v")
     sums = offline_checksums(cli, "v")
     assert set(sums) == {"r1", "r3", "r4"} and len(set(sums.values())) == 1
@@ -95,7 +90,7 @@ def test_rebuild_on_a_backing_image_keeps_content(cli: Cli, tmp_path: Path) -> N
     cli.run("replica", "rm", "bi", "r1")
     cli.run("replica", "add", "bi")
     cli.run("replica", "rm", "bi", "r2")
-    assert {r["id"]: r["mode"] for r in live(cli, "bi")["replicas"]} == {"r3": "RW", "r4": "RW"}
+    assert {r["id"]: r["mode"] for r in cli.live("bi")["replicas"]} == {"r3": "RW", "r4": "RW"}
     assert [cli.checksum("bi") for _ in range(3)] == [before] * 3
     cli.run("volume", "detach", "bi")
     vol = volumes.load(cli.root, "bi")
@@ -150,10 +145,10 @@ def test_kill_target_then_source_mid_rebuild(cli: Cli, tmp_path: Path) -> None:
         "target failed",
     )
     assert "rebuild failed" in replica(cli, "k", added)["error"]
-    assert live(cli, "k")["state"] == "degraded"
+    assert cli.live("k")["state"] == "degraded"
     assert cli.checksum("k") == expected
     cli.run("replica", "rm", "k", added)
-    assert live(cli, "k")["state"] == "healthy"
+    assert cli.live("k")["state"] == "healthy"
 
     second = cli.run("replica", "add", "k", "--no-wait").stdout.split()[2]
     wait_for(lambda: (replica(cli, "k", second)["rebuild_progress"] or 0) > 5, 60, "progress")
@@ -193,7 +188,7 @@ def test_a_target_that_cannot_reach_the_source_is_fed_through_the_engine(
         near_id = cli.run("replica", "add", "n").stdout.split()[2]
         stats = replica(cli, "n", near_id)["rebuild_stats"]
         assert stats["bytes_copied"] == stats["bytes_relayed"] == size, stats
-        assert live(cli, "n")["state"] == "healthy"
+        assert cli.live("n")["state"] == "healthy"
         assert cli.checksum("n") == expected
         cli.run("volume", "detach", "n")
         vol = volumes.load(cli.root, "n")
@@ -244,7 +239,7 @@ def test_failed_adds_leave_the_engine_and_replicas_alone(cli: Cli, tmp_path: Pat
         result = cli.run("replica", "add", "f", "--address", address, check=False)
         assert result.returncode == status and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
-    info = live(cli, "f")
+    info = cli.live("f")
     assert info["state"] == "healthy" and [r["id"] for r in info["replicas"]] == ["r1", "r2"]
     assert [r["id"] for r in volumes.load(cli.root, "f").replicas] == ["r1", "r2"]
     os.kill(replica(cli, "f", "r2")["pid"], signal.SIGKILL)
@@ -254,7 +249,7 @@ def test_failed_adds_leave_the_engine_and_replicas_alone(cli: Cli, tmp_path: Pat
         os.fsync(f.fileno())
     result = cli.run("replica", "rm", "f", "r1", check=False)
     assert result.returncode == 1 and "last healthy replica" in result.stderr
-    assert live(cli, "f")["state"] == "degraded"
+    assert cli.live("f")["state"] == "degraded"
     cli.run("volume", "detach", "f")
 
 
@@ -274,14 +269,14 @@ def test_two_adds_at_once_a_cancelled_add_and_an_engine_killed_mid_rebuild(
     for proc in (first, second):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "is RW" in out, out + err
-    assert {r["mode"] for r in live(cli, "t")["replicas"]} == {"RW"}
-    assert len(live(cli, "t")["replicas"]) == 4
+    assert {r["mode"] for r in cli.live("t")["replicas"]} == {"RW"}
+    assert len(cli.live("t")["replicas"]) == 4
 
     cancelled = cli.run("replica", "add", "t", "--no-wait").stdout.split()[2]
     cli.run("replica", "rm", "t", cancelled)  # cancels its rebuild
-    assert cancelled not in [r["id"] for r in live(cli, "t")["replicas"]]
+    assert cancelled not in [r["id"] for r in cli.live("t")["replicas"]]
     assert not (cli.root / "volumes" / "t" / "replicas" / cancelled).exists()
-    assert live(cli, "t")["state"] == "healthy"
+    assert cli.live("t")["state"] == "healthy"
 
     interrupted = cli.run("replica", "add", "t", "--no-wait").stdout.split()[2]
     wait_for(lambda: (replica(cli, "t", interrupted)["rebuild_progress"] or 0) > 1, 60, "copy")
@@ -289,7 +284,7 @@ def test_two_adds_at_once_a_cancelled_add_and_an_engine_killed_mid_rebuild(
     teardown(cli.root)
     cli.run("volume", "attach", "t", "--device", str(device))  # the rebuild starts over
     wait_for(lambda: replica(cli, "t", interrupted)["mode"] == "RW", 120, "rebuilt after crash")
-    assert live(cli, "t")["state"] == "healthy"
+    assert cli.live("t")["state"] == "healthy"
     assert cli.checksum("t") == expected
     cli.run("volume", "detach", "t")
     sums = offline_checksums(cli, "t")

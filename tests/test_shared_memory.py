@@ -17,10 +17,8 @@ import pytest
 import trio
 import trio.testing
 
-from lhfs.config import volume as volumes
 from lhfs.core.errors import InvalidArgument, LhfsError
 from lhfs.core.procs import wait_for
-from lhfs.engine import control
 from lhfs.engine.engine import ERR, RW, Engine
 from lhfs.engine.fusedev import BUFFER
 from lhfs.replica.process import ReplicaProcess
@@ -41,10 +39,6 @@ MIB = 1 << 20
 CHUNK = 64 << 10
 
 
-def live(cli: Cli, name: str) -> dict:
-    return control.call(volumes.load(cli.root, name).control_socket, "info", timeout=30)
-
-
 def test_random_io_over_shared_memory_matches_the_model(cli: Cli, tmp_path: Path) -> None:
     """Random writes, reads and hole punches of every size up to 1 MiB, from four threads at
     once, through the device of a volume with three local replicas: every read equals a
@@ -53,7 +47,7 @@ def test_random_io_over_shared_memory_matches_the_model(cli: Cli, tmp_path: Path
     cli.run("volume", "create", "m", "--size", "32M", "--replicas", "3")
     device = tmp_path / "dev"
     cli.run("volume", "attach", "m", "--device", str(device))
-    info = live(cli, "m")
+    info = cli.live("m")
     assert [r["shared_memory"] for r in info["replicas"]] == [True] * 3
     model = bytearray(size)
     mismatches: list[str] = []
@@ -84,7 +78,7 @@ def test_random_io_over_shared_memory_matches_the_model(cli: Cli, tmp_path: Path
     assert not mismatches, mismatches[:5]
     with open(device, "rb") as whole:
         assert whole.read() == model
-    info = live(cli, "m")
+    info = cli.live("m")
     assert info["shared_writes"] > 0 and info["shared_reads"] > 0, info
     assert info["replica_answered_reads"] > 0, info  # the replicas answered the kernel
     assert info["state"] == "healthy"
@@ -108,8 +102,8 @@ def test_a_replica_killed_mid_burst_leaves_every_request_correct(cli: Cli, tmp_p
     loop = loop_attach(device)
     fio = fio_verify(loop, "96M", "--iodepth=32")
     try:
-        wait_for(lambda: live(cli, "k")["shared_writes"] > 3000, 120, "fio writing")
-        victim = next(r for r in live(cli, "k")["replicas"] if r["id"] == "r2")
+        wait_for(lambda: cli.live("k")["shared_writes"] > 3000, 120, "fio writing")
+        victim = next(r for r in cli.live("k")["replicas"] if r["id"] == "r2")
         os.kill(victim["pid"], signal.SIGKILL)
         assert fio.poll() is None, "fio ended before the replica was killed"
         out, err = fio.communicate(timeout=600)
@@ -118,7 +112,7 @@ def test_a_replica_killed_mid_burst_leaves_every_request_correct(cli: Cli, tmp_p
         if fio.poll() is None:
             fio.kill()
         subprocess.run(["losetup", "-d", loop], check=False)
-    info = live(cli, "k")
+    info = cli.live("k")
     modes = {r["id"]: r["mode"] for r in info["replicas"]}
     assert modes["r1"] == modes["r3"] == RW and info["state"] != "faulted", info
     cli.run("volume", "detach", "k")
@@ -134,7 +128,7 @@ def test_reads_answered_by_replicas_end_with_their_engine(cli: Cli, tmp_path: Pa
     cli.run("volume", "attach", "d", "--device", str(device))
     data = random.Random(5).randbytes(4 * MIB)
     write_direct(device, 0, data)
-    replica_pids = [r["pid"] for r in live(cli, "d")["replicas"]]
+    replica_pids = [r["pid"] for r in cli.live("d")["replicas"]]
     outcome: list[BaseException] = []
     stop = threading.Event()
 
@@ -151,7 +145,7 @@ def test_reads_answered_by_replicas_end_with_their_engine(cli: Cli, tmp_path: Pa
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: live(cli, "d")["replica_answered_reads"] > 2000, 60, "reads answered")
+        wait_for(lambda: cli.live("d")["replica_answered_reads"] > 2000, 60, "reads answered")
         kill_engine(cli, "d")
         thread.join(timeout=30)
         assert not thread.is_alive(), "reads hang after the engine died"

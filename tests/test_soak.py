@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
-from lhfs.engine import control
 from lhfs.testing import Cli, fio_verify, kill_engine, loop_attach, read_direct, write_direct
 
 pytestmark = pytest.mark.soak
@@ -29,10 +27,6 @@ pytestmark = pytest.mark.soak
 MIB = 1 << 20
 FIO_REGION = 64 * MIB  # fio's writes; the flushed pattern goes after it
 WRITES = FIO_REGION // 4096  # fio writes each block once, then reads each back
-
-
-def live(cli: Cli, name: str) -> dict:
-    return control.call(volumes.load(cli.root, name).control_socket, "info", timeout=30)
 
 
 def test_kills_at_random_moments_lose_nothing(cli: Cli, tmp_path: Path) -> None:
@@ -85,16 +79,16 @@ def _round(
             cli.run("volume", "attach", "s", "--device", str(device))
             assert read_direct(device, offset, MIB) == pattern, "a flushed write was lost"
             # (replicas that missed writes in flight at the kill are rebuilt from the others)
-            wait_for(lambda: live(cli, "s")["state"] == "healthy", 120, "the volume healthy")
+            wait_for(lambda: cli.live("s")["state"] == "healthy", 120, "the volume healthy")
             return
-        victim = rng.choice([r for r in live(cli, "s")["replicas"] if r["mode"] == "RW"])
+        victim = rng.choice([r for r in cli.live("s")["replicas"] if r["mode"] == "RW"])
         os.kill(victim["pid"], signal.SIGKILL)
         out, err = fio.communicate(timeout=600)
         assert fio.returncode == 0 and "verify" not in err.lower(), (kind, out + err)
         wait_for(lambda: _mode(cli, victim["id"]) == "ERR", 60, "the ERR mark")
         cli.run("replica", "rm", "s", victim["id"])
         cli.run("replica", "add", "s", "--quiet")
-        info = live(cli, "s")
+        info = cli.live("s")
         assert [r["mode"] for r in info["replicas"]] == ["RW"] * 3, info
         assert info["state"] == "healthy", info
     finally:
@@ -107,9 +101,9 @@ def _round(
 def _counts(cli: Cli) -> tuple[int, int]:
     """Writes and reads the engine served (a read through shared memory is one or the other
     of the two read counters)."""
-    info = live(cli, "s")
+    info = cli.live("s")
     return info["writes"], info["shared_reads"] + info["replica_answered_reads"]
 
 
 def _mode(cli: Cli, replica_id: str) -> str | None:
-    return next((r["mode"] for r in live(cli, "s")["replicas"] if r["id"] == replica_id), None)
+    return next((r["mode"] for r in cli.live("s")["replicas"] if r["id"] == replica_id), None)

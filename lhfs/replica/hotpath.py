@@ -39,6 +39,26 @@ from lhfs.wire import protocol as p
 GROUP = 8
 GROUP_BYTES = 256 << 10  # a large answer (a 1 MiB read) goes alone, not copied into a group
 
+
+class Group:
+    """The answers queued since the last send, counted against ``GROUP``/``GROUP_BYTES`` (the
+    event loop's connection loop and the thread send by the same rule)."""
+
+    __slots__ = ("answers", "size")
+
+    def __init__(self) -> None:
+        self.answers = self.size = 0
+
+    def full(self, pieces: list[p.Part]) -> bool:
+        """Count one answer of ``pieces``; True when they are to be sent (counting anew)."""
+        self.answers += 1
+        self.size += sum(map(len, pieces))
+        if self.answers < GROUP and self.size < GROUP_BYTES:
+            return False
+        self.answers = self.size = 0
+        return True
+
+
 # What the thread answers itself; everything else goes to the event loop.
 QUICK = frozenset({p.WRITE_SHM, p.READ_SHM, p.READ_REPLY, p.WRITE, p.READ, p.TRIM, p.FLUSH})
 
@@ -185,7 +205,7 @@ class Connection:
         """Answer the complete frames received so far, up to the first that is not quick,
         which is returned (copied) for the event loop."""
         out = self.out
-        answers = size = 0
+        group = Group()
         with self.lock:
             try:
                 for request_id, op, payload in self.frames.frames():
@@ -193,11 +213,8 @@ class Connection:
                         return request_id, op, bytes(payload)
                     pieces = self.quick(request_id, op, payload)
                     out.queue += pieces
-                    answers += 1
-                    size += sum(map(len, pieces))
-                    if answers == GROUP or size >= GROUP_BYTES:
+                    if group.full(pieces):
                         self._send()
-                        answers = size = 0
             finally:
                 self._send()
         return None

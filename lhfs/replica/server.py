@@ -221,7 +221,7 @@ class ReplicaServer:
                 received = await receive()
             if not received:
                 return
-            answers = size = 0
+            group = hotpath.Group()
             threaded = False
             for request_id, op, payload in frames.frames():
                 if self._started(session, nursery, out, peers, request_id, op, payload):
@@ -237,11 +237,8 @@ class ReplicaServer:
                     continue
                 pieces = self._answer(session, request_id, op, payload)
                 out.queue += pieces
-                answers += 1
-                size += sum(map(len, pieces))
-                if answers == hotpath.GROUP or size >= hotpath.GROUP_BYTES:
+                if group.full(pieces):
                     out.push()
-                    answers = size = 0
             out.push()
             await out.sent()  # a client that reads no answers gets no more work done
             if threaded:  # the engine's shared-memory connection: from here on, a thread's
