@@ -33,7 +33,6 @@ import random
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +53,7 @@ from lhfs.core.errors import (
     WrongState,
 )
 from lhfs.core.names import check_name
-from lhfs.core.procs import wait_for
+from lhfs.core.procs import LHFS, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import manage
@@ -492,9 +491,6 @@ def create(
     return vol
 
 
-_LHFS = (sys.executable, "-m", "lhfs")
-
-
 def start(root: Path, name: str) -> int:
     """Start the follower in the background (no-op when one runs); returns its pid."""
     vol = volumes.load(root, name)
@@ -504,7 +500,7 @@ def start(root: Path, name: str) -> int:
         return running
     with open(vol.dir / LOG, "ab") as log_file:
         proc = subprocess.Popen(
-            [*_LHFS, "--root", str(root), "dr", "run", name, "--log", str(vol.dir / LOG)],
+            [LHFS, "--root", str(root), "dr", "run", name, "--log", str(vol.dir / LOG)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_file,

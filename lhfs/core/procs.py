@@ -19,6 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 LHFS = str(Path(sys.executable).with_name("lhfs"))
+# How lhfs starts its own services (engine, DR follower): the installed command, never
+# ``python -m lhfs``, which would first look for a package named ``lhfs`` in the directory the
+# operator ran the command from (a root service importing whatever lies in /tmp/lhfs).
 _PR_SET_PDEATHSIG = 1
 
 

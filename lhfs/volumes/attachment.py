@@ -16,13 +16,12 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from lhfs.config import volume as volumes
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
-from lhfs.core.procs import child_env, read_line_matching, wait_for
+from lhfs.core.procs import LHFS, child_env, read_line_matching, wait_for
 from lhfs.engine import control
 from lhfs.wire.client import parse_address
 
@@ -185,7 +184,7 @@ def attach(
     _check_device(device)
     log_path = vol.dir / "engine.log"
     with open(log_path, "ab") as log_file:
-        command = [sys.executable, "-m", "lhfs", "--root", str(root), "engine-run", name]
+        command = [LHFS, "--root", str(root), "engine-run", name]
         command += ["--log", str(log_path)]
         if metrics:
             parse_address(metrics)  # (a typo is said here, not in the engine's log)
