@@ -14,7 +14,8 @@ import pytest
 from conftest import needs_fuse
 
 from backupstore.s3 import Bucket, Target
-from lhfs.core.procs import wait_for
+from lhfs.core.procs import LHFS, wait_for
+from lhfs.replica.process import ReplicaProcess
 from lhfs.testing import Cli, kill_engine, web_server
 
 pytestmark = needs_fuse
@@ -118,6 +119,54 @@ def test_a_faulted_attached_volume_detaches(cli: Cli, tmp_path: Path) -> None:
     result = cli.run("volume", "detach", "f", check=False)
     assert result.returncode == 0 and "faulted" in result.stdout, result.stdout + result.stderr
     assert cli.engine_pid("f") is None and mounts_of(str(tmp_path / "dev")) == []
+
+
+def test_attaching_with_no_replica_reachable_is_one_line(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A volume whose only replica is on a host that is down: attach fails with the reason in
+    one line (it failed in a task of the engine's and came out as an exception group before),
+    and the volume stays detached, ready to attach once the host is back."""
+    cli.run("volume", "create", "u", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "attach", "u", "--device", str(tmp_path / "u.dev"))
+    cli.run("volume", "key", "u", "--out", str(tmp_path / "u.key"))
+    remote = replica_factory(tmp_path / "remote", tmp_path / "u.key")
+    cli.run("replica", "add", "u", "--address", remote.address)
+    cli.run("replica", "rm", "u", "r1")
+    cli.run("volume", "detach", "u")
+    assert remote.stop() == 0
+    result = cli.run("volume", "attach", "u", "--device", str(tmp_path / "u.dev"), check=False)
+    assert one_line(result, 1) == "lhfs: error: no replica of the volume can be reached"
+    assert cli.info("u")["state"] == "detached"
+    port = int(remote.address.rsplit(":", 1)[1])
+    again = ReplicaProcess(tmp_path / "remote", tmp_path / "u.key", port=port)  # the host is back
+    try:
+        cli.run("volume", "attach", "u", "--device", str(tmp_path / "u.dev"))
+        assert [r["mode"] for r in cli.info("u")["replicas"]] == ["RW"]
+        cli.run("volume", "detach", "u")
+    finally:
+        again.stop()
+
+
+def test_a_service_never_imports_code_from_the_operators_directory(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``volume attach`` starts the engine, as root; run from a directory that holds a package
+    named ``lhfs`` (another user's ``/tmp/lhfs``), the engine must not import it."""
+    planted = tmp_path / "cwd" / "lhfs"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "imported"
+    for name in ("__init__.py", "__main__.py"):
+        (planted / name).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cli.run("volume", "create", "w", "--size", "16M", "--replicas", "1")
+    attach = [LHFS, "--root", str(cli.root), "volume", "attach", "w", "--device"]
+    result = subprocess.run(
+        [*attach, str(tmp_path / "w.dev")], cwd=planted.parent, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    assert cli.info("w")["state"] == "healthy"
+    cli.run("volume", "detach", "w")
 
 
 def test_mount_right_after_an_engine_kill(cli: Cli, mounted: tuple[str, Path]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from lhfs.cli.common import DEFAULT_ROOT, Parser
 from lhfs.core import __version__
-from lhfs.core.errors import ArgumentError, LhfsError
+from lhfs.core.errors import ArgumentError, LhfsError, sole
 
 # group name -> (module under lhfs.cli, the function adding its parsers), in --help's order
 _GROUPS: dict[str, tuple[str, str]] = {
@@ -116,16 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     # up, and nowhere else.
     logging.getLogger("lhfs").addHandler(logging.NullHandler())
     try:
-        args = build_parser(argv).parse_args(argv)
-        _private(args.root)
-        if getattr(args, "store", False):
-            _load_store()
-            from lhfs.backups import backup
+        try:
+            args = build_parser(argv).parse_args(argv)
+            _private(args.root)
+            if getattr(args, "store", False):
+                _load_store()
+                from lhfs.backups import backup
 
-            given = getattr(args, "password_file", None)
-            backup.use_password_file(Path(given) if given else None)
-        func: Callable[[argparse.Namespace], int | None] = args.func
-        status = func(args) or 0
+                given = getattr(args, "password_file", None)
+                backup.use_password_file(Path(given) if given else None)
+            func: Callable[[argparse.Namespace], int | None] = args.func
+            status = func(args) or 0
+        except BaseExceptionGroup as group:  # (a service's start-up failed in a nursery)
+            raise sole(group) from None
     except BrokenPipeError:  # the reader of our output left (| head): end quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

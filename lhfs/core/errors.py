@@ -143,3 +143,13 @@ def from_wire(kind: str, message: str) -> LhfsError:
     if not _BY_NAME:
         _register()
     return _BY_NAME.get(kind, RemoteError)(message)
+
+
+def sole(exc: BaseException) -> BaseException:
+    """The one error inside ``exc``, if it is a group of one (nested groups too), else ``exc``.
+    Why: an error raised in a task of a trio nursery reaches the caller wrapped in an exception
+    group; a command must still report it as itself, in one line, not as "Exceptions from Trio
+    nursery (1 sub-exception)"."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

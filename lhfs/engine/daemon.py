@@ -34,6 +34,7 @@ from lhfs.core.errors import (
     NotFound,
     WrongState,
     WrongVolume,
+    sole,
 )
 from lhfs.core.names import check_name
 from lhfs.engine import control, housekeeping
@@ -601,7 +602,10 @@ def run(
             not r.get("local") and r.get("address") for r in vol.replicas
         ):
             raise NotFound("no replica of the volume could be started (see the replica logs)")
-        trio.run(daemon.serve, announce)
+        try:
+            trio.run(daemon.serve, announce)
+        except BaseExceptionGroup as group:  # (what failed in a task: reported as itself)
+            raise sole(group) from None
         return 0
     except LhfsError as exc:
         log.error("%s", exc)
