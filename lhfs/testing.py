@@ -28,6 +28,71 @@ from lhfs.engine import control
 from lhfs.volumes.attachment import loops_backed_by, release
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
+from lhfs.wire.seal import Seal
+
+
+class RawSession:
+    """A blocking TCP connection to a replica past the handshake, for tests that send frames
+    by hand (malformed ones, or many at once), as the authenticated peer: every whole frame
+    given to ``sendall`` leaves sealed (``lhfs.wire.seal``), and what follows the first one that
+    is not whole (a bad length, half a frame) leaves as it is. ``recv`` returns the replica's
+    frames once their seals were checked, without the seals."""
+
+    def __init__(self, sock: socket.socket, seals: tuple[Seal, Seal]) -> None:
+        self.sock = sock
+        self._seal, opener = seals
+        self._frames = p.FrameBuffer()
+        self._frames.opener = opener
+        self._received = bytearray()
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(self.sealed(data))
+
+    def sealed(self, data: bytes) -> bytes:
+        """``data`` as ``sendall`` sends it: each whole frame followed by its seal."""
+        out: list[bytes] = []
+        pos = 0
+        while len(data) - pos >= p.HEADER.size:
+            (length,) = p.LENGTH.unpack_from(data, pos)
+            end = pos + p.LENGTH.size + length
+            if not p.HEADER.size - p.LENGTH.size <= length <= p.MAX_FRAME or end > len(data):
+                break
+            frame = data[pos:end]
+            out += [frame, p.seal_frame(self._seal.tag([frame]))]
+            pos = end
+        out.append(data[pos:])
+        return b"".join(out)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        """Up to ``size`` bytes of the frames received (all ``size`` with ``MSG_WAITALL``,
+        unless the connection ends); b"" once it ended."""
+        wanted = size if flags & socket.MSG_WAITALL else 1
+        frames = self._frames
+        while True:
+            for request_id, code, payload in frames.frames():
+                length = p.HEADER.size - p.LENGTH.size + len(payload)
+                self._received += p.HEADER.pack(length, request_id, code) + payload
+            if len(self._received) >= wanted or not frames.recv_from(self.sock):
+                break
+        data = bytes(self._received[:size])
+        del self._received[:size]
+        return data
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+        self._frames.release()
+
+    def __enter__(self) -> RawSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def raw_session(
@@ -37,16 +102,19 @@ def raw_session(
     epoch: int = 0,
     timeout: float = 30,
     owner: bytes = p.NO_OWNER,
-) -> socket.socket:
-    """A blocking socket to a replica, past the handshake: for tests that send frames by hand
-    (malformed ones, or many at once)."""
+) -> RawSession:
+    """A connection to a replica, past the handshake, for frames sent by hand (``RawSession``)."""
     host, port = address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=timeout)
-    handshake = p.ClientHandshake(key, address, role, epoch, False, owner)
-    sock.sendall(handshake.hello())
-    sock.sendall(handshake.answer(sock.recv(p.CHALLENGE.size, socket.MSG_WAITALL)))
-    handshake.welcome(sock.recv(p.WELCOME.size, socket.MSG_WAITALL))
-    return sock
+    try:
+        handshake = p.ClientHandshake(key, address, role, epoch, False, owner)
+        sock.sendall(handshake.hello())
+        sock.sendall(handshake.answer(sock.recv(p.CHALLENGE.size, socket.MSG_WAITALL)))
+        handshake.welcome(sock.recv(p.WELCOME.size, socket.MSG_WAITALL))
+    except BaseException:
+        sock.close()
+        raise
+    return RawSession(sock, handshake.seals())
 
 
 def make_tls(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:

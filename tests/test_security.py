@@ -16,17 +16,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
 from lhfs.core.errors import LhfsError
 from lhfs.core.procs import wait_for
+from lhfs.engine import control
 from lhfs.replica.server import FRAME_TIMEOUT
-from lhfs.testing import Cli, make_tls, raw_session
+from lhfs.testing import Cli, RawSession, make_tls, raw_session, write_direct
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
-from lhfs.wire.client import ReplicaClient, open_replica
+from lhfs.wire.client import ReplicaClient, open_replica, parse_address
+from tools.faultproxy import FaultProxy
 
 NOBODY = 65534
 MIB = 1 << 20
@@ -398,7 +401,7 @@ def test_hostile_frames_cost_the_replica_nothing_lasting(tmp_path: Path, replica
     size = 64 * MIB
     ChunkStore.create(tmp_path / "r", size, 65536).close()
     replica = replica_factory(tmp_path / "r")
-    stalled: list[socket.socket] = []
+    stalled: list[RawSession] = []
     for _ in range(50):
         s = raw_session(replica.address, replica.key)
         s.sendall(struct.pack("<IIH", p.MAX_FRAME, 1, p.WRITE) + b"\0" * 4096)
@@ -446,6 +449,106 @@ def test_hostile_frames_cost_the_replica_nothing_lasting(tmp_path: Path, replica
     log = replica.log.read_text()
     assert "Traceback" not in log, log[-3000:]
     assert log.count("stayed incomplete") == len(stalled), log[-3000:]
+    # the fuzz's frames reached the replica's checks as its peer's: none failed its tag
+    assert "authentication check" not in log, log[-3000:]
+
+
+def test_a_frame_replayed_forged_or_changed_on_the_way_is_refused(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Over TCP without TLS frames are sealed (``lhfs.wire.seal``). Someone who sees the
+    connection and sends into it (a replayed frame, a frame of their own, a frame they changed)
+    has the connection closed with one line, and none of it is applied."""
+    from lhfs.store.chunkstore import ChunkStore
+
+    block = 4096
+    ChunkStore.create(tmp_path / "r", MIB, block).close()
+    replica = replica_factory(tmp_path / "r")
+
+    def answer(s: RawSession) -> tuple[int, int]:
+        return p.HEADER.unpack(s.recv(p.HEADER.size, socket.MSG_WAITALL))[1:]
+
+    with raw_session(replica.address, replica.key) as s:
+        wire = s.sealed(p.frame(1, p.WRITE, p.U64.pack(0), b"a" * block))
+        s.sock.sendall(wire)
+        assert answer(s) == (1, p.OK)
+        s.sock.sendall(wire)  # the same frame again, tag and all
+        assert s.sock.recv(64) == b""
+    with raw_session(replica.address, replica.key) as s:  # a frame with a made-up tag
+        forged = p.frame(1, p.WRITE, p.U64.pack(block), b"f" * block)
+        s.sock.sendall(forged + p.seal_frame(os.urandom(16)))
+        assert s.sock.recv(64) == b""
+    with raw_session(replica.address, replica.key) as s:  # a frame changed after it was sealed
+        wire = bytearray(s.sealed(p.frame(1, p.WRITE, p.U64.pack(2 * block), b"c" * block)))
+        wire[100] ^= 1
+        s.sock.sendall(wire)
+        assert s.sock.recv(64) == b""
+    with raw_session(replica.address, replica.key) as s:
+        s.sendall(p.frame(1, p.READ, p.RANGE.pack(0, 3 * block)))
+        assert answer(s) == (1, p.OK)
+        assert s.recv(3 * block, socket.MSG_WAITALL) == b"a" * block + bytes(2 * block)
+    log = replica.log.read_text()
+    assert log.count("closing connection: a frame failed its authentication check") == 3, log
+    assert "Traceback" not in log, log
+
+
+def test_an_answer_changed_on_its_way_back_is_never_handed_over(
+    tmp_path: Path, replica_factory
+) -> None:
+    """The same on the way back: a read's answer rewritten between a replica and its client
+    fails its check there; the read fails with the connection, and the rewritten bytes are
+    never returned."""
+    from lhfs.store.chunkstore import ChunkStore
+
+    ChunkStore.create(tmp_path / "r", MIB, 4096).close()
+    replica = replica_factory(tmp_path / "r")
+    proxy = FaultProxy(parse_address(replica.address))
+
+    async def main() -> None:
+        async with open_replica(f"127.0.0.1:{proxy.port}", replica.key) as client:
+            await client.write(0, b"precious" * 512)
+            assert await client.read(0, 4096) == b"precious" * 512
+            proxy.tamper(b"precious" * 2, b"tampered" * 2, answers=True)
+            with pytest.raises(LhfsError, match="failed its authentication check"):
+                await client.read(0, 4096)
+
+    try:
+        trio.run(main)
+    finally:
+        proxy.close()
+    assert proxy.tampered > 0
+
+
+@needs_fuse
+def test_a_write_changed_on_its_way_to_a_remote_replica_never_lands(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A host on the path to a remote replica (no TLS) rewrites a write in flight: the replica
+    refuses the frame and drops the connection, the engine goes on with its other replica and
+    the remote one comes back by itself, rebuilt: every replica holds what was written."""
+    cli.run("volume", "create", "t", "--size", "16M", "--replicas", "1", "--rejoin-wait", "1")
+    device = tmp_path / "t.dev"
+    cli.run("volume", "attach", "t", "--device", str(device))
+    cli.run("volume", "key", "t", "--out", str(tmp_path / "t.key"))
+    remote = replica_factory(tmp_path / "remote", tmp_path / "t.key")
+    proxy = FaultProxy(parse_address(remote.address))
+    try:
+        address = f"127.0.0.1:{proxy.port}"
+        far = cli.run("replica", "add", "t", "--address", address).stdout.split()[2]
+        proxy.tamper(b"precious" * 2, b"tampered" * 2)  # the connections open now
+        write_direct(device, MIB, b"precious" * 512)
+        wait_for(lambda: proxy.tampered > 0, 30, "the write rewritten on its way")
+        wait_for(lambda: "authentication check" in remote.log.read_text(), 30, "the refusal")
+        wait_for(lambda: cli.replica("t", far)["mode"] == "RW", 60, "the replica back")
+        sums = control.call(volumes.load(cli.root, "t").control_socket, "replica_checksums")
+        assert len(sums) == 2 and len(set(sums.values())) == 1, sums
+        with open(device, "rb") as f:
+            f.seek(MIB)
+            assert f.read(4096) == b"precious" * 512
+    finally:
+        proxy.close()
+    cli.run("volume", "detach", "t")
+    assert "Traceback" not in remote.log.read_text()
 
 
 def xxhash_of(data: bytes | bytearray) -> str:

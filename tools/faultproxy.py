@@ -18,6 +18,10 @@ relaying it (a link that stopped delivering, the bytes waiting in a send queue);
 delivers it all to the upstream, also for connections whose client has gone meanwhile: what TCP
 does when a partitioned link comes back. ``delivered``/``undelivered`` count the held bytes that
 reached the upstream or found its connection closed. Later connections are relayed as usual.
+
+``tamper(old, new)`` rewrites ``old`` as ``new`` in what the clients of the connections open at
+that moment send (a host on the path changing data in flight), or with ``answers`` in what the
+upstream sends them; ``tampered`` counts the rewrites.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ class FaultProxy:
         self._held_upto = 0  # connections up to this number are held
         self._released = threading.Event()
         self.delivered = self.undelivered = 0
+        self._tamper: tuple[int, bytes, bytes, bool] | None = None  # (up to, old, new, answers)
+        self.tampered = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -94,6 +100,19 @@ class FaultProxy:
             self._held_upto = self._count
         self._released.clear()
         self._held.set()
+
+    def tamper(self, old: bytes, new: bytes, answers: bool = False) -> None:
+        if len(old) != len(new):
+            raise ValueError("a rewrite keeps the length (the stream's framing stays whole)")
+        with self._lock:
+            self._tamper = (self._count, old, new, answers)
+
+    def _rewrite(self, data: bytes, number: int, answers: bool) -> bytes:
+        tamper = self._tamper
+        if tamper is None or number > tamper[0] or answers != tamper[3] or tamper[1] not in data:
+            return data
+        self.tampered += data.count(tamper[1])
+        return data.replace(tamper[1], tamper[2])
 
     def release(self) -> None:
         self._held.clear()
@@ -158,7 +177,7 @@ class FaultProxy:
         limit = self.reset_after if mode == "reset" else None
         done = threading.Event()
         threading.Thread(
-            target=self._pump, args=(upstream, client, limit, done, True), daemon=True
+            target=self._pump, args=(upstream, client, limit, done, True, number), daemon=True
         ).start()
         self._pump(client, upstream, limit, done, number=number)
         done.set()
@@ -201,6 +220,7 @@ class FaultProxy:
                         self._released.wait()
                         self._deliver(dst, kept)
                     break
+                data = self._rewrite(data, number, answers)
                 if held():
                     kept.append(data)
                     continue

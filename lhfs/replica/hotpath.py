@@ -212,7 +212,7 @@ class Connection:
                     if op not in QUICK:
                         return request_id, op, bytes(payload)
                     pieces = self.quick(request_id, op, payload)
-                    out.queue += pieces
+                    out.add(pieces)
                     if group.full(pieces):
                         self._send()
             finally:

@@ -208,6 +208,8 @@ class ReplicaServer:
         p.tune_stream(stream)
         gone: list[OSError] = []
         out = p.outbox_for(stream, gone.append)
+        if session.seals is not None:
+            out.seal, frames.opener = session.seals
         nursery.start_soon(out.drain)
         peers = _Peers(nursery, self.key)  # live as long as this connection
         receive = frames.receiver(stream)
@@ -236,7 +238,7 @@ class ReplicaServer:
                         break
                     continue
                 pieces = self._answer(session, request_id, op, payload)
-                out.queue += pieces
+                out.add(pieces)
                 if group.full(pieces):
                     out.push()
             out.push()
@@ -266,7 +268,7 @@ class ReplicaServer:
             return False
         if session.tasks >= MAX_TASKS:
             busy = Busy(f"at most {MAX_TASKS} long requests at once per connection")
-            out.queue.append(p.frame(request_id, p.ERROR, p.error_payload(busy)))
+            out.add([p.frame(request_id, p.ERROR, p.error_payload(busy))])
         else:
             session.tasks += 1
             nursery.start_soon(self._task, session, task)
@@ -288,7 +290,7 @@ class ReplicaServer:
                 if op == p.SHM_ATTACH:
                     await self._share_memory(session, out, request_id, payload)
                     return
-                out.queue += self._answer(session, request_id, op, memoryview(payload))
+                out.add(self._answer(session, request_id, op, memoryview(payload)))
             out.push()
             await out.sent()
 
@@ -340,10 +342,10 @@ class ReplicaServer:
 
         def answer(error: Exception | None) -> None:
             if error is None:
-                out.queue.append(p.frame(request_id, p.OK))
+                out.add([p.frame(request_id, p.OK)])
             else:
                 refusal = p.error_payload(_as_lhfs_error(error))
-                out.queue.append(p.frame(request_id, p.ERROR, refusal))
+                out.add([p.frame(request_id, p.ERROR, refusal)])
             out.push()
 
         sock = p.socket_of(session.stream)
@@ -537,7 +539,7 @@ class ReplicaServer:
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
         await out.sent()  # (a peer that reads no answers gets no more of them queued)
-        out.queue.append(answer)
+        out.add([answer])
         out.push()
 
     async def _layer_sums(
@@ -565,7 +567,7 @@ class ReplicaServer:
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
         await out.sent()
-        out.queue.append(answer)
+        out.add([answer])
         out.push()
 
     async def _changed_blocks(self, args: dict[str, Any]) -> list[int] | None:

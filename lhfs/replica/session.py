@@ -34,6 +34,7 @@ from lhfs.core.durable import atomic_write
 from lhfs.core.errors import CorruptState, Fenced, ProtocolError
 from lhfs.wire import auth, tls
 from lhfs.wire import protocol as p
+from lhfs.wire.seal import Seal, pair
 
 log = logging.getLogger("lhfs.replica")
 
@@ -57,6 +58,7 @@ class Session:
     tasks: int = 0  # long requests under way
     shared: tuple[Any, Any] | None = None  # (pool, read region) mapped from the engine (shm)
     device: int = -1  # the engine's FUSE device, on which reads are answered (READ_REPLY)
+    seals: tuple[Seal, Seal] | None = None  # (sending, receiving) on TCP without TLS: ``seal``
 
     def unshare(self) -> None:
         """Unmap what the engine shared and close its FUSE device (the connection is over:
@@ -188,8 +190,13 @@ class Sessions:
                 log.info("engine session of epoch %d (%s) accepted", epoch, owner.hex()[:12])
         await stream.send_all(p.WELCOME.pack(p.HS_OK))
         if role == p.ENGINE:
-            return Session(role, epoch, owner, stream)
-        return Session(role, 0, p.NO_OWNER, stream)
+            session = Session(role, epoch, owner, stream)
+        else:
+            session = Session(role, 0, p.NO_OWNER, stream)
+        if p.sealed(stream):
+            up, down = key.frame_keys(client_nonce, server_nonce)
+            session.seals = pair(down, up)
+        return session
 
     def _fence_older(self) -> None:
         """Reset every engine session older than the replica's epoch now: nothing still

@@ -10,7 +10,8 @@ nonce, and each proves it knows the secret with an HMAC-SHA256 over both nonces,
 identity and a label saying which side it is (a proof made for one side is worth nothing for
 the other). The client's proof also covers the role and the session epoch it asks for, so they
 cannot be changed on the way. A recorded handshake is worthless: the other side's nonce is new
-each time.
+each time. On TCP without TLS the frames that follow carry tags under keys derived here from
+the same secret and both nonces (see ``seal``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ class VolumeKey:
     ) -> bytes:
         fields = (bytes([role]), epoch.to_bytes(8, "little"), owner)
         return self._mac(b"lhfs-client", server_nonce, client_nonce, *fields)
+
+    def frame_keys(self, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
+        """The keys of a connection's frame tags (``seal``): (client to replica, replica to
+        client). Both nonces are fresh, so every connection has keys of its own."""
+        up = self._mac(b"lhfs-frames-up", client_nonce, server_nonce)
+        down = self._mac(b"lhfs-frames-down", client_nonce, server_nonce)
+        return up, down
 
     def _mac(self, label: bytes, *parts: bytes) -> bytes:
         return hmac.new(self.secret, b"\0".join((label, self.id, *parts)), sha256).digest()

@@ -23,6 +23,7 @@ from lhfs.core.errors import ConnectionLost, InvalidArgument, LhfsError, Protoco
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey
+from lhfs.wire.seal import Seal
 
 log = logging.getLogger("lhfs.client")
 CONNECT_TIMEOUT = 10.0
@@ -70,6 +71,10 @@ class SyncReplica:
             self._sock.close()
             raise
         self._next = 0
+        self._frames = p.FrameBuffer()
+        self._seal: Seal | None = None
+        if not tls_ca:
+            self._seal, self._frames.opener = handshake.seals()
 
     def _recv(self, n: int) -> bytes:
         buf = bytearray()
@@ -82,15 +87,28 @@ class SyncReplica:
 
     def request(self, op: int, *parts: bytes) -> bytes:
         self._next += 1
+        frame = p.frame(self._next, op, *parts)
+        if self._seal is not None:
+            frame += p.seal_frame(self._seal.tag([frame]))
         try:
-            self._sock.sendall(p.frame(self._next, op, *parts))
-            length, _request_id, status = p.HEADER.unpack(self._recv(p.HEADER.size))
-            payload = self._recv(length - (p.HEADER.size - p.LENGTH.size))
+            self._sock.sendall(frame)
+            status, payload = self._answer(self._next)
         except OSError as exc:
             raise ConnectionLost(f"connection to replica {self.address} broke: {exc}") from None
         if status != p.OK:
             raise p.decode_error(payload)
         return payload
+
+    def _answer(self, request_id: int) -> tuple[int, bytes]:
+        """(status, payload) of the answer to ``request_id`` (the replica's frames are cut and
+        their seals checked by a ``FrameBuffer``, as the engine's client does)."""
+        frames = self._frames
+        while True:
+            for answered, status, payload in frames.frames():
+                if answered == request_id:
+                    return status, bytes(payload)
+            if not frames.recv_from(self._sock):
+                raise ConnectionLost(f"replica {self.address} closed the connection")
 
     def read_snapshot(self, layer: str, offset: int, length: int) -> bytes:
         return self.request(p.READ_SNAPSHOT, p.RANGE.pack(offset, length), layer.encode())
@@ -100,6 +118,7 @@ class SyncReplica:
 
     def close(self) -> None:
         self._sock.close()
+        self._frames.release()
 
 
 Callback = Callable[[LhfsError | None, memoryview | bytes], None]
@@ -149,6 +168,7 @@ class ReplicaClient:
         self.shared = False  # the replica maps the engine's pool (``shm``): WRITE_SHM
         self.region: shm.Region | None = None  # this connection's read region: READ_SHM
         self.answers_reads = False  # the replica holds the FUSE device: READ_REPLY
+        self._opener: Seal | None = None  # checks answers on a sealed connection (``seal``)
 
     @classmethod
     async def connect(
@@ -207,6 +227,8 @@ class ReplicaClient:
         p.tune_stream(stream, dead_after)
         client = cls(stream, address)
         client.epoch = handshake.epoch
+        if p.sealed(stream):
+            client._outbox.seal, client._opener = handshake.seals()
         if region is not None:
             client.shared, client.region = True, region
             client.answers_reads = device is not None
@@ -266,6 +288,7 @@ class ReplicaClient:
 
     async def _reader(self) -> None:
         frames = p.FrameBuffer()
+        frames.opener = self._opener
         try:
             await self._read_answers(frames)
         finally:
@@ -333,12 +356,10 @@ class ReplicaClient:
             if not self._quick:
                 self.progress = trio.current_time()
             self._quick.add(request_id)
-        queue = self._outbox.queue
-        queue.append(p.HEADER.pack(length, request_id, op))
-        if owned:
-            queue += parts
-        else:
-            queue += [part if p.immutable(part) else bytes(part) for part in parts]
+        header = p.HEADER.pack(length, request_id, op)
+        if not owned:
+            parts = tuple(part if p.immutable(part) else bytes(part) for part in parts)
+        self._outbox.add([header, *parts])
 
     def push(self) -> None:
         """Send what is queued, as far as the socket takes it without waiting."""

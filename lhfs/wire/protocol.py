@@ -20,6 +20,9 @@ length counts the bytes after itself. Requests carry ids so that many can be in 
 connection and answers may come back in any order. Bulk data (reads, writes, layer chunks) is
 raw bytes after a fixed header; control calls carry a small JSON object. An error answer has
 status ``ERROR`` and a JSON payload ``{"kind", "message"}`` naming a class of ``lhfs.core.errors``.
+On TCP without TLS the frames each side sends at once are followed by a seal frame (status
+``SEALED``, request id 0) whose tag proves they come, unchanged and in order, from the peer that
+made the handshake (``seal``).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from lhfs.core.errors import (
     from_wire,
 )
 from lhfs.wire import auth
+from lhfs.wire.seal import GROUP, TAG, Seal, pair
 
 MAGIC = b"LHFS"
-VERSION = 3
+VERSION = 4  # 4: frames on TCP without TLS are sealed
 PREAMBLE = struct.Struct("<4sH")  # magic, version: the start of HELLO, checked first
 HELLO = struct.Struct("<4sH16s32s")  # magic, version, volume id, client nonce
 CHALLENGE = struct.Struct("<4sHB16s32s32sQ")  # magic, version, status, volume id, nonce, proof,
@@ -65,6 +69,9 @@ HEADER = struct.Struct("<IIH")  # length of what follows the length field, reque
 LENGTH = struct.Struct("<I")
 MAX_IO = 16 << 20
 MAX_FRAME = MAX_IO + 4096
+SEALED = 0xFFFF  # the status of a seal frame: id 0, the tag of the frames before it (``seal``)
+SEAL_FRAME = HEADER.size + TAG
+MAX_GROUP = GROUP + MAX_FRAME  # bytes of frames a sealed connection may send before a seal
 
 # Ops. Data ops have fixed binary arguments; CALL carries {"method": str, "args": {...}}.
 READ = 1  # <Q offset><I length>                -> data
@@ -177,7 +184,42 @@ def tune_stream(stream: Any, dead_after: float = DEAD_AFTER) -> None:
                 sock.setsockopt(level, option, value)
 
 
-class Outbox:
+def seal_frame(tag: bytes) -> bytes:
+    """The seal frame that carries ``tag`` (``seal``)."""
+    return HEADER.pack(SEAL_FRAME - LENGTH.size, 0, SEALED) + tag
+
+
+class _Queue:
+    """What both kinds of outbox share: whole frames are queued with ``add``; on a sealed
+    connection (``seal``) what was queued is sealed before it is sent, or once it holds
+    ``seal.GROUP`` bytes. Nothing else may add to ``queue``: a frame queued around ``add``
+    would leave unsealed, and the peer would close the connection."""
+
+    def __init__(self) -> None:
+        self.queue: list[Part] = []
+        self.seal: Seal | None = None
+        self._group: list[Part] = []  # the pieces queued since the last seal
+        self._group_bytes = 0
+
+    def add(self, pieces: list[Part]) -> None:
+        """Queue one whole frame, its pieces in order (they leave with the next push)."""
+        self.queue += pieces
+        if self.seal is not None:
+            self._group += pieces
+            self._group_bytes += sum(map(len, pieces))
+            if self._group_bytes >= GROUP:
+                self.close_group()
+
+    def close_group(self) -> None:
+        """Seal the frames queued since the last seal (before anything of them is sent)."""
+        if self._group and self.seal is not None:
+            tag = self.seal.tag(self._group, self._group_bytes)
+            self.queue.append(HEADER.pack(SEAL_FRAME - LENGTH.size, 0, SEALED) + tag)
+            self._group = []
+            self._group_bytes = 0
+
+
+class Outbox(_Queue):
     """Frames waiting to leave on one socket.
 
     ``push`` hands everything queued to the kernel in one ``writev`` without waiting; what the
@@ -190,10 +232,10 @@ class Outbox:
     """
 
     def __init__(self, sock: Any, on_error: Callable[[OSError], None]) -> None:
+        super().__init__()
         self._sock = sock
         self._fd = sock.fileno()
         self._on_error = on_error
-        self.queue: list[Part] = []
         self._blocked = False
         self._wake = trio.Event()
         self._sent = trio.Event()
@@ -227,6 +269,8 @@ class Outbox:
 
     def _write(self) -> bool:
         """Hand the kernel what it takes of the queue; False if it would block."""
+        if self._group:
+            self.close_group()
         queue = self.queue
         try:
             while queue:
@@ -269,14 +313,14 @@ class Outbox:
             await self._sent.wait()
 
 
-class StreamOutbox:
+class StreamOutbox(_Queue):
     """``Outbox`` for a connection that is not a plain socket (TLS): frames queued between
     awaits leave joined, in one ``send_all`` of the drain task each time it wakes."""
 
     def __init__(self, stream: Any, on_error: Callable[[OSError], None]) -> None:
+        super().__init__()
         self._stream = stream
         self._on_error = on_error
-        self.queue: list[Part] = []
         self._wake = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -305,6 +349,15 @@ class StreamOutbox:
     async def sent(self) -> None:
         while not self._idle.is_set() and self.failed is None:
             await self._idle.wait()
+
+
+def sealed(stream: Any) -> bool:
+    """Whether frames on ``stream`` must carry tags (``seal``): TCP without TLS. Both sides
+    decide alike: the local socket and TLS are the same kind of stream at either end."""
+    return isinstance(stream, trio.SocketStream) and stream.socket.family in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    )
 
 
 def socket_of(stream: Any) -> Any:
@@ -368,8 +421,14 @@ class ClientHandshake:
         if self.role == ENGINE and self.takeover:
             self.epoch = max(self.epoch, epoch + 1)
         self.replica_epoch = epoch
+        self._replica_nonce = nonce
         proof = self.key.client_proof(nonce, self._nonce, self.role, self.epoch, self.owner)
         return AUTH.pack(proof, self.role, self.epoch, self.owner)
+
+    def seals(self) -> tuple[Seal, Seal]:
+        """(sending, receiving) for a connection that seals its frames, once welcomed."""
+        up, down = self.key.frame_keys(self._nonce, self._replica_nonce)
+        return pair(up, down)
 
     def welcome(self, reply: bytes) -> None:
         (status,) = WELCOME.unpack(reply)
@@ -439,6 +498,9 @@ class FrameBuffer:
         self.end = 0
         self._unyielded = 0  # bytes read since this receiver last waited or yielded
         self._extra = 0  # this buffer's share of ``_held``
+        self.opener: Seal | None = None  # checks the seals of a sealed connection
+        self._scan = 0  # how far the search for the next seal got
+        self._seal_at = -1  # the seal of the group proved and being yielded, if any
 
     @property
     def pending(self) -> bool:
@@ -455,7 +517,7 @@ class FrameBuffer:
         need = self._MIN_ROOM
         if pending >= LENGTH.size:
             (length,) = LENGTH.unpack_from(self.buf, self.start)
-            need = max(need, LENGTH.size + min(length, MAX_FRAME) - pending)
+            need = max(need, LENGTH.size + min(length, MAX_FRAME) + SEAL_FRAME - pending)
         if len(self.buf) - self.end >= need:
             return
         size = max(len(self.buf), pending + need)
@@ -474,7 +536,11 @@ class FrameBuffer:
         else:
             new = self.buf
         new[:pending] = self.buf[self.start : self.end]
+        moved = self.start
         self.buf, self.start, self.end = new, 0, pending
+        self._scan = max(0, self._scan - moved)
+        if self._seal_at >= 0:
+            self._seal_at -= moved
 
     async def receive(self, sock: Any) -> int:
         """One read from a trio socket into the buffer; returns the byte count (0 at end of
@@ -529,7 +595,23 @@ class FrameBuffer:
         self.end += n
         return n
 
+    def recv_from(self, sock: socket.socket) -> int:
+        """One read from a blocking socket (a thread's client, TLS or not) into the buffer;
+        the byte count, 0 at end of stream."""
+        self._make_room()
+        with memoryview(self.buf) as view, view[self.end :] as target:
+            n = sock.recv_into(target)
+        self.end += n
+        return n
+
     def frames(self):  # type: ignore[no-untyped-def]
+        """The complete frames received, in order; on a sealed connection only those of a
+        group whose seal proved it (a seal that fails ends the connection: ``ProtocolError``)."""
+        if self.opener is not None:
+            return self._sealed_frames(self.opener)
+        return self._frames()
+
+    def _frames(self):  # type: ignore[no-untyped-def]
         buf = self.buf
         with memoryview(buf) as view:
             while self.end - self.start >= LENGTH.size:
@@ -547,3 +629,56 @@ class FrameBuffer:
                 payload.release()
         if self.start == self.end:
             self.start = self.end = 0
+
+    def _sealed_frames(self, opener: Seal):  # type: ignore[no-untyped-def]
+        """``frames`` on a sealed connection: a group at a time, once its seal was checked.
+        The caller may stop between two frames and come back: the rest of a group proved
+        already is not checked again."""
+        buf = self.buf
+        with memoryview(buf) as view:
+            while True:
+                seal_at = self._seal_at
+                if seal_at < 0:
+                    seal_at = self._find_seal()
+                    if seal_at < 0:
+                        break
+                    with view[self.start : seal_at] as group:
+                        opener.check(group, buf[seal_at + HEADER.size : seal_at + SEAL_FRAME])
+                    self._seal_at = seal_at
+                pos = self.start
+                while pos < seal_at:  # (lengths checked by ``_find_seal``)
+                    length, request_id, code = HEADER.unpack_from(buf, pos)
+                    end = pos + LENGTH.size + length
+                    payload = view[pos + HEADER.size : end]
+                    self.start = end
+                    yield request_id, code, payload
+                    payload.release()
+                    pos = end
+                self.start = self._scan = seal_at + SEAL_FRAME  # past the seal
+                self._seal_at = -1
+        if self.start == self.end:
+            self.start = self.end = self._scan = 0
+
+    def _find_seal(self) -> int:
+        """Where the seal of the group that starts at ``start`` is, once it was received
+        whole (-1 until then). Frames are cut by their lengths, unchecked until the seal,
+        and only so far: no more than ``MAX_GROUP`` bytes of them are kept unsealed."""
+        buf = self.buf
+        pos = max(self._scan, self.start)
+        while self.end - pos >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(buf, pos)
+            if length < HEADER.size - LENGTH.size or length > MAX_FRAME:
+                raise ProtocolError(f"bad frame length {length}")
+            end = pos + LENGTH.size + length
+            if end > self.end:
+                break
+            if HEADER.unpack_from(buf, pos)[2] == SEALED:
+                if length != SEAL_FRAME - LENGTH.size:
+                    raise ProtocolError(f"a seal frame of length {length}")
+                self._scan = pos
+                return pos
+            pos = end
+            if pos - self.start > MAX_GROUP:
+                raise ProtocolError(f"more than {MAX_GROUP} bytes of frames without a seal")
+        self._scan = pos
+        return -1
