@@ -488,3 +488,36 @@ def test_every_task_waiting_for_the_outbox_to_drain_wakes() -> None:
         return woken
 
     assert sorted(trio.run(main)) == ["another", "long request", "loop"]
+
+
+def test_a_sealed_receiver_makes_room_for_a_large_frame_behind_a_small_one() -> None:
+    """On a sealed connection the frames of a group wait for its seal, so the room to make is
+    that of the frame under way, not of the group's first: a small request and then an 8 MiB
+    one were received 256 KiB at a time, the pending bytes copied into a new buffer each time
+    (about twenty buffers for one group, quadratic copying); now it grows to the group's size
+    at once, and at most once more for the usual minimum of room at its end."""
+    from lhfs.wire.seal import Seal
+
+    key = bytes(range(32))
+    small = p.frame(1, p.CALL, b"{}")
+    large = p.frame(2, p.WRITE, p.U64.pack(0), bytes(8 << 20))
+    wire = small + large + p.seal_frame(Seal(key).tag([small + large]))
+    ours, peer = socket.socketpair()
+    sender = threading.Thread(target=peer.sendall, args=(wire,))
+    sender.start()
+    frames = p.FrameBuffer()
+    frames.opener = Seal(key)
+    buffers, got = [frames.buf], []  # (held: a freed buffer's id could come back)
+    try:
+        while not got:
+            assert frames.recv_from(ours)
+            if frames.buf is not buffers[-1]:
+                buffers.append(frames.buf)
+            got = [(request_id, len(payload)) for request_id, _, payload in frames.frames()]
+    finally:
+        sender.join()
+        ours.close()
+        peer.close()
+        frames.release()
+    assert got == [(1, 2), (2, 8 + (8 << 20))]
+    assert len(buffers) <= 3, len(buffers)

@@ -297,11 +297,15 @@ class ReplicaClient:
     async def _read_answers(self, frames: p.FrameBuffer) -> None:
         waiting, quick = self._waiting, self._quick
         receive = frames.receiver(self._stream)
+        sealed = frames.opener is not None
         while True:
             if not await receive():
                 return
-            self.progress = trio.current_time()
+            if not sealed:
+                self.progress = trio.current_time()
             for request_id, status, payload in frames.frames():
+                if sealed:  # (only what a seal proved shows the replica alive)
+                    self.progress = trio.current_time()
                 if self._broken is not None:  # failed meanwhile: its requests were answered
                     return
                 callback = waiting.pop(request_id, None)
@@ -322,7 +326,7 @@ class ReplicaClient:
         waiting = list(self._waiting.values())
         self._waiting.clear()
         self._quick.clear()
-        self._outbox.queue.clear()
+        self._outbox.clear()
         for callback in waiting:
             _call(callback, exc, b"")
 

@@ -71,7 +71,7 @@ MAX_IO = 16 << 20
 MAX_FRAME = MAX_IO + 4096
 SEALED = 0xFFFF  # the status of a seal frame: id 0, the tag of the frames before it (``seal``)
 SEAL_FRAME = HEADER.size + TAG
-MAX_GROUP = GROUP + MAX_FRAME  # bytes of frames a sealed connection may send before a seal
+MAX_GROUP = GROUP + LENGTH.size + MAX_FRAME  # bytes of frames a sealed side sends unsealed
 
 # Ops. Data ops have fixed binary arguments; CALL carries {"method": str, "args": {...}}.
 READ = 1  # <Q offset><I length>                -> data
@@ -201,6 +201,12 @@ class _Queue:
         self._group: list[Part] = []  # the pieces queued since the last seal
         self._group_bytes = 0
 
+    def clear(self) -> None:
+        """Drop everything queued (the connection failed: nothing more is sent)."""
+        self.queue.clear()
+        self._group = []
+        self._group_bytes = 0
+
     def add(self, pieces: list[Part]) -> None:
         """Queue one whole frame, its pieces in order (they leave with the next push)."""
         self.queue += pieces
@@ -251,7 +257,7 @@ class Outbox(_Queue):
                 self._wake.set()
         except OSError as exc:
             self.failed = exc
-            self.queue.clear()
+            self.clear()
             self._on_error(exc)
             self._notify()
 
@@ -264,7 +270,7 @@ class Outbox(_Queue):
             return self._write()
         except OSError as exc:
             self.failed = exc
-            self.queue.clear()
+            self.clear()
             raise
 
     def _write(self) -> bool:
@@ -342,7 +348,7 @@ class StreamOutbox(_Queue):
                     await self._stream.send_all(batch)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self.failed = OSError(str(exc) or "connection closed")
-                    self.queue.clear()
+                    self.clear()
                     self._on_error(self.failed)
             self._idle.set()
 
@@ -515,9 +521,13 @@ class FrameBuffer:
     def _make_room(self) -> None:
         pending = self.end - self.start
         need = self._MIN_ROOM
-        if pending >= LENGTH.size:
-            (length,) = LENGTH.unpack_from(self.buf, self.start)
-            need = max(need, LENGTH.size + min(length, MAX_FRAME) + SEAL_FRAME - pending)
+        # Room for the frame under way: on a sealed connection the first one not yet whole
+        # (``start`` stays at the head of its group until the seal came), else the first.
+        at = max(self._scan, self.start) if self.opener is not None else self.start
+        if self.end - at >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(self.buf, at)
+            whole = at - self.start + LENGTH.size + min(length, MAX_FRAME) + SEAL_FRAME
+            need = max(need, whole - pending)
         if len(self.buf) - self.end >= need:
             return
         size = max(len(self.buf), pending + need)
@@ -672,9 +682,10 @@ class FrameBuffer:
             end = pos + LENGTH.size + length
             if end > self.end:
                 break
-            if HEADER.unpack_from(buf, pos)[2] == SEALED:
-                if length != SEAL_FRAME - LENGTH.size:
-                    raise ProtocolError(f"a seal frame of length {length}")
+            _, request_id, code = HEADER.unpack_from(buf, pos)
+            if code == SEALED:
+                if length != SEAL_FRAME - LENGTH.size or request_id:
+                    raise ProtocolError("a malformed seal frame")
                 self._scan = pos
                 return pos
             pos = end
