@@ -10,7 +10,7 @@ nonce, and each proves it knows the secret with an HMAC-SHA256 over both nonces,
 identity and a label saying which side it is (a proof made for one side is worth nothing for
 the other). The client's proof also covers the role and the session epoch it asks for, so they
 cannot be changed on the way. A recorded handshake is worthless: the other side's nonce is new
-each time. On TCP without TLS the frames that follow carry tags under keys derived here from
+each time. On TCP without TLS the frames that follow are sealed under keys derived here from
 the same secret and both nonces (see ``seal``).
 """
 
@@ -90,7 +90,7 @@ class VolumeKey:
         return self._mac(b"lhfs-client", server_nonce, client_nonce, *fields)
 
     def frame_keys(self, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
-        """The keys of a connection's frame tags (``seal``): (client to replica, replica to
+        """The keys of a connection's seals (``seal``): (client to replica, replica to
         client). Both nonces are fresh, so every connection has keys of its own."""
         up = self._mac(b"lhfs-frames-up", client_nonce, server_nonce)
         down = self._mac(b"lhfs-frames-down", client_nonce, server_nonce)

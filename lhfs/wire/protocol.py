@@ -219,8 +219,7 @@ class _Queue:
     def close_group(self) -> None:
         """Seal the frames queued since the last seal (before anything of them is sent)."""
         if self._group and self.seal is not None:
-            tag = self.seal.tag(self._group, self._group_bytes)
-            self.queue.append(HEADER.pack(SEAL_FRAME - LENGTH.size, 0, SEALED) + tag)
+            self.queue.append(seal_frame(self.seal.tag(self._group, self._group_bytes)))
             self._group = []
             self._group_bytes = 0
 
@@ -358,8 +357,8 @@ class StreamOutbox(_Queue):
 
 
 def sealed(stream: Any) -> bool:
-    """Whether frames on ``stream`` must carry tags (``seal``): TCP without TLS. Both sides
-    decide alike: the local socket and TLS are the same kind of stream at either end."""
+    """Whether frames on ``stream`` are sealed (``seal``): TCP without TLS. Both sides decide
+    alike: the local socket and TLS are the same kind of stream at either end."""
     return isinstance(stream, trio.SocketStream) and stream.socket.family in (
         socket.AF_INET,
         socket.AF_INET6,

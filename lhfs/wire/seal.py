@@ -16,8 +16,8 @@ The local socket (only its owner may connect: see ``replica.session``) and TLS (
 authenticates every record itself) carry no seals. Frames are built the same way either way.
 
 Why a tag per group rather than per frame: a tag costs about 1 us whatever it covers (the
-call), then about 45 us per MiB with AES in hardware; per frame, that was a fifth of the 4 KiB
-requests a replica on another host serves (``bench/RESULTS.md``).
+call), then about 45 us per MiB with AES in hardware. Per frame, replicas on other hosts lost a
+quarter to a third of their 4 KiB writes; per group, about 15% (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
