@@ -535,6 +535,7 @@ def test_a_write_changed_on_its_way_to_a_remote_replica_never_lands(
     try:
         address = f"127.0.0.1:{proxy.port}"
         far = cli.run("replica", "add", "t", "--address", address).stdout.split()[2]
+        assert cli.replica("t", far)["link"] == "sealed"
         proxy.tamper(b"precious" * 2, b"tampered" * 2)  # the connections open now
         write_direct(device, MIB, b"precious" * 512)
         wait_for(lambda: proxy.tampered > 0, 30, "the write rewritten on its way")
@@ -583,7 +584,11 @@ def test_a_replica_on_another_host_over_tls(cli: Cli, tmp_path: Path, replica_fa
     near = cli.run("replica", "add", "t").stdout.split()[2]
     stats = next(r for r in cli.info("t")["replicas"] if r["id"] == near)["rebuild_stats"]
     assert stats["bytes_copied"] > 0 and stats["bytes_relayed"] == 0, stats  # pulled over TLS
-    assert {r["id"]: r["mode"] for r in cli.info("t")["replicas"]} == {far: "RW", near: "RW"}
+    replicas = cli.info("t")["replicas"]
+    assert {r["id"]: (r["mode"], r["link"]) for r in replicas} == {
+        far: ("RW", "tls"),
+        near: ("RW", "local"),
+    }
     assert cli.checksum("t") == expected
     cli.run("volume", "detach", "t")
     cli.run("volume", "attach", "t", "--device", str(tmp_path / "t.dev"))  # reconnects by TLS

@@ -82,6 +82,7 @@ class ReplicaLink:
             "rebuild_stats": self.rebuild_stats.public() if self.rebuild_stats else None,
             "rejoin": self.rejoin,
             "shared_memory": bool(self.client and self.client.shared and not self.client.broken),
+            "link": self.client.link if self.client and not self.client.broken else None,
         }
 
 

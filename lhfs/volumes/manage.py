@@ -114,7 +114,7 @@ VOLUME_KEYS = (
 )  # fmt: skip
 REPLICA_KEYS = (
     "id", "address", "mode", "error", "since", "revision", "rebuild_progress",
-    "rebuild_stats", "rejoin", "pid", "disk_bytes", "shared_memory",
+    "rebuild_stats", "rejoin", "pid", "disk_bytes", "shared_memory", "link",
 )  # fmt: skip
 
 

@@ -169,6 +169,7 @@ class ReplicaClient:
         self.region: shm.Region | None = None  # this connection's read region: READ_SHM
         self.answers_reads = False  # the replica holds the FUSE device: READ_REPLY
         self._opener: Seal | None = None  # checks answers on a sealed connection (``seal``)
+        self.link = "local"  # how the replica is reached: "local" socket, "tls", "sealed" TCP
 
     @classmethod
     async def connect(
@@ -229,6 +230,9 @@ class ReplicaClient:
         client.epoch = handshake.epoch
         if p.sealed(stream):
             client._outbox.seal, client._opener = handshake.seals()
+            client.link = "sealed"
+        elif not local:
+            client.link = "tls"
         if region is not None:
             client.shared, client.region = True, region
             client.answers_reads = device is not None
