@@ -22,7 +22,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,7 +34,7 @@ from backupstore.s3 import Bucket, Target
 from lhfs.config import volume as volumes
 from lhfs.core.units import parse_size
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, S3Server
+from lhfs.testing import Cli, S3Server, scratch
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +64,7 @@ def main() -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     size = parse_size(args.size)
-    work = Path(tempfile.mkdtemp(prefix="backup-bench-", dir=args.dir or Path(__file__).parent))
+    work = scratch("backup-bench-", args.dir, Path(__file__).parent)
     s3 = S3Server(work / "s3.log")
     os.environ.update(s3.env)
     cli = Cli(work / "root", env=s3.env)

@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lhfs.config import volume as volumes
 from lhfs.core.units import parse_size
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, S3Server, teardown
+from lhfs.testing import Cli, S3Server, scratch, teardown
 
 MIB = 1 << 20
 BLOCK = 2 * MIB
@@ -38,7 +37,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch directory (default: under bench/)")
     args = parser.parse_args()
     size = parse_size(args.size)
-    work = Path(tempfile.mkdtemp(prefix="dr-bench-", dir=args.dir or Path(__file__).parent))
+    work = scratch("dr-bench-", args.dir, Path(__file__).parent)
     s3 = S3Server(work / "s3.log")
     os.environ.update(s3.env)
     cli = Cli(work / "root", env=s3.env)

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli, loop_attach, teardown
+from lhfs.testing import Cli, loop_attach, scratch, teardown
 
 JOBS = [
     ("seq write 1M", "write", "1M"),
@@ -190,8 +190,7 @@ def main() -> None:
     if args.jobs:
         JOBS[:] = [job for job in JOBS if job[1] in args.jobs.split(",")]
     wanted = set(args.targets.split(","))
-    base = Path(args.dir or Path(__file__).parent)
-    work = Path(tempfile.mkdtemp(prefix="fio-bench-", dir=base))
+    work = scratch("fio-bench-", args.dir, Path(__file__).parent)
     results: dict[str, list[tuple[float, float]]] = {}
     try:
         plain = work / "plain.img"

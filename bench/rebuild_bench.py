@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
 from lhfs.core.units import parse_size
 from lhfs.engine import control
-from lhfs.testing import Cli, teardown
+from lhfs.testing import Cli, scratch, teardown
 
 CHUNK = 64 << 10
 MIB = 1 << 20
@@ -60,8 +59,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch directory (default: under bench/)")
     args = parser.parse_args()
     size = parse_size(args.size)
-    base = Path(args.dir or Path(__file__).parent)
-    work = Path(tempfile.mkdtemp(prefix="rebuild-bench-", dir=base))
+    work = scratch("rebuild-bench-", args.dir, Path(__file__).parent)
     cli = Cli(work / "root")
     rows = []
     try:

@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lhfs.core.units import parse_size
 from lhfs.replica.process import ReplicaProcess
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import make_tls
+from lhfs.testing import make_tls, scratch
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import open_replica
 
@@ -173,8 +172,7 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true", help="also measure the replica over TLS")
     args = parser.parse_args()
     size = parse_size(args.size)
-    base = Path(args.dir or Path(__file__).parent)
-    work = Path(tempfile.mkdtemp(prefix="replica-bench-", dir=base))
+    work = scratch("replica-bench-", args.dir, Path(__file__).parent)
     tests = [
         ("seq write", 1 * MIB),
         ("seq read", 1 * MIB),

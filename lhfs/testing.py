@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -93,6 +94,14 @@ class RawSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def scratch(prefix: str, under: str | Path | None, default: Path) -> Path:
+    """A fresh directory for a bench's files, under ``under`` (made if it is missing: a bench
+    given a directory that does not exist yet should not stop on it) or else ``default``."""
+    base = Path(under) if under else default
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
 def raw_session(
