@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# How lhfs starts its own processes (engine, replicas, DR follower): the installed command,
+# never ``python -m lhfs``, which would first look for a package named ``lhfs`` in the
+# directory the operator ran the command from (a root service importing whatever lies in
+# /tmp/lhfs).
 LHFS = str(Path(sys.executable).with_name("lhfs"))
-# How lhfs starts its own services (engine, DR follower): the installed command, never
-# ``python -m lhfs``, which would first look for a package named ``lhfs`` in the directory the
-# operator ran the command from (a root service importing whatever lies in /tmp/lhfs).
 _PR_SET_PDEATHSIG = 1
 
 
