@@ -274,6 +274,9 @@ def test_doctor_names_what_is_broken(
         cli.backup("v", target)
         status, checks = doctor(by_name, "v", "--target", target)
         assert status == 0 and checks[f"replica {remote}"] == "ok", checks
+        report = json.loads(cli.run("doctor", "v", "--json").stdout)
+        said = {c["check"]: c["detail"] for c in report}
+        assert "frames sealed but not encrypted" in said[f"replica {remote}"], said
         assert checks["s3 bucket"] == checks["s3 write"] == checks["s3 name"] == "ok", checks
 
         cluster.hosts[0].cut()

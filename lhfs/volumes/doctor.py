@@ -200,7 +200,8 @@ def _reach(label: str, address: str, key: Any, tls_ca: str | None) -> Check:
     finally:
         replica.close()
     state = "initialised" if hello.get("initialised") else "empty (to be rebuilt)"
-    return Check(label, OK, f"{address} answers and holds the volume's key; {state}")
+    link = "over TLS" if tls_ca else "over TCP, frames sealed but not encrypted (TLS: --tls-ca)"
+    return Check(label, OK, f"{address} answers and holds the volume's key, {link}; {state}")
 
 
 # -- the store -----------------------------------------------------------------------------
