@@ -620,16 +620,24 @@ class FrameBuffer:
             return self._sealed_frames(self.opener)
         return self._frames()
 
+    def _end_of(self, pos: int) -> int:
+        """Where the frame at ``pos`` ends, if it was received whole (-1 if not yet); a length
+        out of bounds ends the connection."""
+        if self.end - pos < LENGTH.size:
+            return -1
+        (length,) = LENGTH.unpack_from(self.buf, pos)
+        if length < HEADER.size - LENGTH.size or length > MAX_FRAME:
+            raise ProtocolError(f"bad frame length {length}")
+        end = pos + LENGTH.size + length
+        return end if end <= self.end else -1
+
     def _frames(self):  # type: ignore[no-untyped-def]
         buf = self.buf
         with memoryview(buf) as view:
-            while self.end - self.start >= LENGTH.size:
+            while True:
                 pos = self.start
-                (length,) = LENGTH.unpack_from(buf, pos)
-                if length < HEADER.size - LENGTH.size or length > MAX_FRAME:
-                    raise ProtocolError(f"bad frame length {length}")
-                end = pos + LENGTH.size + length
-                if end > self.end:
+                end = self._end_of(pos)
+                if end < 0:
                     break
                 _, request_id, code = HEADER.unpack_from(buf, pos)
                 payload = view[pos + HEADER.size : end]
@@ -672,18 +680,11 @@ class FrameBuffer:
         """Where the seal of the group that starts at ``start`` is, once it was received
         whole (-1 until then). Frames are cut by their lengths, unchecked until the seal,
         and only so far: no more than ``MAX_GROUP`` bytes of them are kept unsealed."""
-        buf = self.buf
         pos = max(self._scan, self.start)
-        while self.end - pos >= LENGTH.size:
-            (length,) = LENGTH.unpack_from(buf, pos)
-            if length < HEADER.size - LENGTH.size or length > MAX_FRAME:
-                raise ProtocolError(f"bad frame length {length}")
-            end = pos + LENGTH.size + length
-            if end > self.end:
-                break
-            _, request_id, code = HEADER.unpack_from(buf, pos)
+        while (end := self._end_of(pos)) >= 0:
+            _, request_id, code = HEADER.unpack_from(self.buf, pos)
             if code == SEALED:
-                if length != SEAL_FRAME - LENGTH.size or request_id:
+                if end - pos != SEAL_FRAME or request_id:
                     raise ProtocolError("a malformed seal frame")
                 self._scan = pos
                 return pos
