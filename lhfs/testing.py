@@ -59,7 +59,7 @@ class RawSession:
             if not p.HEADER.size - p.LENGTH.size <= length <= p.MAX_FRAME or end > len(data):
                 break
             frame = data[pos:end]
-            out += [frame, p.seal_frame(self._seal.tag([frame]))]
+            out += [frame, p.seal_frame(self._seal.tag([frame], len(frame)))]
             pos = end
         out.append(data[pos:])
         return b"".join(out)

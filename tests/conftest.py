@@ -12,6 +12,8 @@ import pytest
 from lhfs.replica.process import ReplicaProcess
 from lhfs.testing import Cli, S3Server, teardown
 from lhfs.wire.auth import VolumeKey
+from lhfs.wire.client import parse_address
+from tools.faultproxy import FaultProxy
 
 # Outside CI, a machine without root or /dev/fuse skips the device tests (pytest -ra lists
 # them); in CI they always run, so a missing FUSE fails loudly instead of hiding.
@@ -87,3 +89,23 @@ def replica_factory(tmp_path: Path, key_file: Path) -> Iterator:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def proxied_replica(cli: Cli, tmp_path: Path, replica_factory) -> Iterator:
+    """``start(volume)``: a replica of an attached VOLUME served by a process of its own, with
+    a fault proxy in front of it: (the replica, the proxy, the address to add it by). The
+    proxies are closed at the end."""
+    proxies: list[FaultProxy] = []
+
+    def start(volume: str) -> tuple[ReplicaProcess, FaultProxy, str]:
+        key = tmp_path / f"{volume}.key"
+        cli.run("volume", "key", volume, "--out", str(key))
+        remote = replica_factory(tmp_path / "remote", key)
+        proxy = FaultProxy(parse_address(remote.address))
+        proxies.append(proxy)
+        return remote, proxy, f"127.0.0.1:{proxy.port}"
+
+    yield start
+    for proxy in proxies:
+        proxy.close()

@@ -18,8 +18,6 @@ from lhfs.engine.engine import Engine
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, raw_session, write_direct
 from lhfs.wire import protocol as p
-from lhfs.wire.client import parse_address
-from tools.faultproxy import FaultProxy
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -27,40 +25,34 @@ BLOCK = 4096
 
 @needs_fuse
 def test_writes_held_on_the_way_never_land_after_the_replica_rejoined(
-    cli: Cli, tmp_path: Path, replica_factory
+    cli: Cli, tmp_path: Path, proxied_replica
 ) -> None:
     cli.run("volume", "create", "f", "--size", "16M", "--replicas", "2", "--io-timeout", "2")
     device = tmp_path / "f.dev"
     cli.run("volume", "attach", "f", "--device", str(device))
     write_direct(device, 0, os.urandom(4 * MIB))
-    cli.run("volume", "key", "f", "--out", str(tmp_path / "f.key"))
-    remote = replica_factory(tmp_path / "remote", tmp_path / "f.key")
-    proxy = FaultProxy(parse_address(remote.address))
-    try:
-        address = f"127.0.0.1:{proxy.port}"
-        far = cli.run("replica", "add", "f", "--address", address).stdout.split()[2]
-        # the link to the remote replica stops delivering: a write sits in its send queue,
-        # the replica leaves it unanswered and is marked ERR after the I/O timeout
-        proxy.hold()
-        offset = 3 * MIB
-        write_direct(device, offset, b"A" * BLOCK)  # (completes on the other two)
-        assert cli.replica("f", far)["mode"] == "ERR"
-        write_direct(device, offset, b"B" * BLOCK)  # newer data, while the replica is away
-        cli.run("replica", "rm", "f", far)
-        again = cli.run("replica", "add", "f", "--address", address).stdout.split()[2]
-        assert cli.replica("f", again)["mode"] == "RW"
-        proxy.release()  # the link comes back: what was queued is delivered, late
-        wait_for(lambda: proxy.delivered + proxy.undelivered > 0, 30, "the held bytes")
-        wait_for(lambda: "fenced" in remote.log.read_text(), 30, "the replica to say so")
-        sums = control.call(volumes_socket(cli, "f"), "replica_checksums")
-        assert len(sums) == 3 and len(set(sums.values())) == 1, sums
-        with open(device, "rb") as f:
-            f.seek(offset)
-            assert f.read(BLOCK) == b"B" * BLOCK
-        info = cli.info("f")
-        assert info["state"] == "healthy", info
-    finally:
-        proxy.close()
+    remote, proxy, address = proxied_replica("f")
+    far = cli.run("replica", "add", "f", "--address", address).stdout.split()[2]
+    # the link to the remote replica stops delivering: a write sits in its send queue,
+    # the replica leaves it unanswered and is marked ERR after the I/O timeout
+    proxy.hold()
+    offset = 3 * MIB
+    write_direct(device, offset, b"A" * BLOCK)  # (completes on the other two)
+    assert cli.replica("f", far)["mode"] == "ERR"
+    write_direct(device, offset, b"B" * BLOCK)  # newer data, while the replica is away
+    cli.run("replica", "rm", "f", far)
+    again = cli.run("replica", "add", "f", "--address", address).stdout.split()[2]
+    assert cli.replica("f", again)["mode"] == "RW"
+    proxy.release()  # the link comes back: what was queued is delivered, late
+    wait_for(lambda: proxy.delivered + proxy.undelivered > 0, 30, "the held bytes")
+    wait_for(lambda: "fenced" in remote.log.read_text(), 30, "the replica to say so")
+    sums = control.call(volumes_socket(cli, "f"), "replica_checksums")
+    assert len(sums) == 3 and len(set(sums.values())) == 1, sums
+    with open(device, "rb") as f:
+        f.seek(offset)
+        assert f.read(BLOCK) == b"B" * BLOCK
+    info = cli.info("f")
+    assert info["state"] == "healthy", info
     cli.run("volume", "detach", "f")
 
 

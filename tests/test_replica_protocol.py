@@ -501,7 +501,7 @@ def test_a_sealed_receiver_makes_room_for_a_large_frame_behind_a_small_one() -> 
     key = bytes(range(32))
     small = p.frame(1, p.CALL, b"{}")
     large = p.frame(2, p.WRITE, p.U64.pack(0), bytes(8 << 20))
-    wire = small + large + p.seal_frame(Seal(key).tag([small + large]))
+    wire = small + large + p.seal_frame(Seal(key).tag([small + large], len(small + large)))
     ours, peer = socket.socketpair()
     sender = threading.Thread(target=peer.sendall, args=(wire,))
     sender.start()

@@ -521,7 +521,7 @@ def test_an_answer_changed_on_its_way_back_is_never_handed_over(
 
 @needs_fuse
 def test_a_write_changed_on_its_way_to_a_remote_replica_never_lands(
-    cli: Cli, tmp_path: Path, replica_factory
+    cli: Cli, tmp_path: Path, proxied_replica
 ) -> None:
     """A host on the path to a remote replica (no TLS) rewrites a write in flight: the replica
     refuses the frame and drops the connection, the engine goes on with its other replica and
@@ -529,25 +529,19 @@ def test_a_write_changed_on_its_way_to_a_remote_replica_never_lands(
     cli.run("volume", "create", "t", "--size", "16M", "--replicas", "1", "--rejoin-wait", "1")
     device = tmp_path / "t.dev"
     cli.run("volume", "attach", "t", "--device", str(device))
-    cli.run("volume", "key", "t", "--out", str(tmp_path / "t.key"))
-    remote = replica_factory(tmp_path / "remote", tmp_path / "t.key")
-    proxy = FaultProxy(parse_address(remote.address))
-    try:
-        address = f"127.0.0.1:{proxy.port}"
-        far = cli.run("replica", "add", "t", "--address", address).stdout.split()[2]
-        assert cli.replica("t", far)["link"] == "sealed"
-        proxy.tamper(b"precious" * 2, b"tampered" * 2)  # the connections open now
-        write_direct(device, MIB, b"precious" * 512)
-        wait_for(lambda: proxy.tampered > 0, 30, "the write rewritten on its way")
-        wait_for(lambda: "authentication check" in remote.log.read_text(), 30, "the refusal")
-        wait_for(lambda: cli.replica("t", far)["mode"] == "RW", 60, "the replica back")
-        sums = control.call(volumes.load(cli.root, "t").control_socket, "replica_checksums")
-        assert len(sums) == 2 and len(set(sums.values())) == 1, sums
-        with open(device, "rb") as f:
-            f.seek(MIB)
-            assert f.read(4096) == b"precious" * 512
-    finally:
-        proxy.close()
+    remote, proxy, address = proxied_replica("t")
+    far = cli.run("replica", "add", "t", "--address", address).stdout.split()[2]
+    assert cli.replica("t", far)["link"] == "sealed"
+    proxy.tamper(b"precious" * 2, b"tampered" * 2)  # the connections open now
+    write_direct(device, MIB, b"precious" * 512)
+    wait_for(lambda: proxy.tampered > 0, 30, "the write rewritten on its way")
+    wait_for(lambda: "authentication check" in remote.log.read_text(), 30, "the refusal")
+    wait_for(lambda: cli.replica("t", far)["mode"] == "RW", 60, "the replica back")
+    sums = control.call(volumes.load(cli.root, "t").control_socket, "replica_checksums")
+    assert len(sums) == 2 and len(set(sums.values())) == 1, sums
+    with open(device, "rb") as f:
+        f.seek(MIB)
+        assert f.read(4096) == b"precious" * 512
     cli.run("volume", "detach", "t")
     assert "Traceback" not in remote.log.read_text()
 

@@ -89,7 +89,7 @@ class SyncReplica:
         self._next += 1
         frame = p.frame(self._next, op, *parts)
         if self._seal is not None:
-            frame += p.seal_frame(self._seal.tag([frame]))
+            frame += p.seal_frame(self._seal.tag([frame], len(frame)))
         try:
             self._sock.sendall(frame)
             status, payload = self._answer(self._next)

@@ -53,13 +53,12 @@ class Seal:
         self._count += 1  # (2**96 groups: never repeats)
         return self._count.to_bytes(12, "little")
 
-    def tag(self, pieces: Sequence[Part], size: int = -1) -> bytes:
-        """The tag of the next group, whose bytes are ``pieces`` in order (``size`` of them
-        in all, if the caller counted them)."""
+    def tag(self, pieces: Sequence[Part], size: int) -> bytes:
+        """The tag of the next group, whose bytes are ``pieces`` in order, ``size`` in all."""
         nonce = self._nonce()
         if len(pieces) == 1:
             return self._aead.encrypt(nonce, b"", pieces[0])
-        if (size if size >= 0 else sum(map(len, pieces))) < _JOINED:
+        if size < _JOINED:
             return self._aead.encrypt(nonce, b"", b"".join(pieces))
         mac = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
         for piece in pieces:  # (a large write's data is not copied to be tagged)
