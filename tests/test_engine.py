@@ -110,7 +110,7 @@ def test_a_replica_that_dies_while_the_volume_is_idle_is_marked_err(
             engine = Engine(SIZE, 4096, nursery, procs[0].key, io_timeout=8)
             await engine.attach([(f"r{i}", proc.address, False) for i, proc in enumerate(procs)])
             failed = trio.Event()
-            engine.on_failed = lambda link: failed.set()
+            engine.on_failed = lambda link, at_once: failed.set()
             nursery.start_soon(engine.run)
             await engine.write(0, b"c" * 4096)
             procs[1].kill()  # (SIGKILL, waited for)

@@ -91,6 +91,7 @@ def test_snapshot_typos_on_a_mounted_volume_fault_nothing(
 
 def test_a_faulted_volume_is_let_go(cli: Cli, mounted: tuple[str, Path]) -> None:
     name, mnt = mounted
+    cli.run("volume", "set", name, "--rejoin-wait", "3600")  # (no replica comes back by itself)
     (mnt / "f").write_bytes(b"x" * MIB)
     subprocess.run(["sync", "-f", str(mnt)], check=True)
     for replica in cli.info(name)["replicas"]:
@@ -111,7 +112,7 @@ def test_a_faulted_volume_is_let_go(cli: Cli, mounted: tuple[str, Path]) -> None
 
 
 def test_a_faulted_attached_volume_detaches(cli: Cli, tmp_path: Path) -> None:
-    cli.run("volume", "create", "f", "--size", "64M", "--replicas", "2")
+    cli.run("volume", "create", "f", "--size", "64M", "--replicas", "2", "--rejoin-wait", "3600")
     cli.run("volume", "attach", "f", "--device", str(tmp_path / "dev"))
     for replica in cli.info("f")["replicas"]:
         os.kill(replica["pid"], signal.SIGKILL)

@@ -42,15 +42,15 @@ SETTINGS: dict[str, tuple[float, float, float, str]] = {
         5.0,
         0.0,
         3600.0,
-        "seconds a failed remote replica must answer again before it is rebuilt (a link that "
-        "flaps is not rebuilt at every blink)",
+        "seconds a failed replica must answer again before it is rebuilt (a link that flaps is "
+        "not rebuilt at every blink; a local replica's process is started again first)",
     ),
     "rejoin_limit": (
         3600.0,
         10.0,
         30 * 86400.0,
-        "seconds after which a failed remote replica is no longer brought back by itself "
-        "(replace it: replica add, replica rm)",
+        "seconds after which a replica that has not served since it failed is no longer "
+        "brought back by itself (replace it: replica add, replica rm)",
     ),
     "system_snapshots": (
         3.0,

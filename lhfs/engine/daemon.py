@@ -77,25 +77,67 @@ class Daemon:
     # -- replicas -----------------------------------------------------------------------------
 
     def start_local_replicas(self) -> None:
-        """Start one ``replica serve`` per local replica (from the main thread: see procs)."""
+        """Start one ``replica serve`` per local replica. One that does not start is left ERR,
+        for the rejoiner to start again (``restart``)."""
         for replica in self.vol.replicas:
             directory = self.vol.replica_dir(replica)
             if directory is None:
                 continue
             replica["address"] = None
+            proc = self._spawn(replica["id"], directory)
             try:
-                proc = ReplicaProcess(
-                    directory,
-                    self.vol.key_path,
-                    log=self.vol.dir / f"{replica['id']}.log",
-                    tied_to_parent=True,
-                    local=_local_name(replica["id"]),
-                )
+                replica["address"] = proc.wait_ready()
             except (RuntimeError, TimeoutError) as exc:
                 log.error("replica %s did not start: %s", replica["id"], exc)
+                proc.stop()
                 continue
             self.processes[replica["id"]] = proc
-            replica["address"] = proc.address
+
+    def _spawn(self, replica_id: str, directory: Path) -> ReplicaProcess:
+        """The ``replica serve`` of a local replica, starting (``wait_ready`` says when it
+        serves). Started from the main thread: see ``procs.die_with_parent``."""
+        return ReplicaProcess(
+            directory,
+            self.vol.key_path,
+            log=self.vol.dir / f"{replica_id}.log",
+            tied_to_parent=True,
+            wait=False,
+            local=_local_name(replica_id),
+        )
+
+    async def restart(self, link: ReplicaLink) -> None:
+        """Start the process of local replica ``link`` again if it has exited, on the same
+        directory (which holds everything it acknowledged): the rejoiner then reconnects and
+        rebuilds it. One still running is left to answer (a stalled one may yet)."""
+        old = self.processes.get(link.id)
+        if old is not None and old.proc.poll() is None:
+            return
+        if self._stopping:
+            raise WrongState("the volume is detaching")
+        directory = self.vol.replica_dir(self.vol.replica(link.id))
+        if old is not None:
+            del self.processes[link.id]
+            log.warning(
+                "replica %s: its process ended (%s); starting it again", link.id, _ended(old.stop())
+            )
+        proc = self._spawn(link.id, directory)
+        ready = False
+        try:
+            try:
+                address = await trio.to_thread.run_sync(proc.wait_ready)
+            except (RuntimeError, TimeoutError) as exc:
+                raise LhfsError(f"its process did not start again: {exc}") from None
+            if link not in self.engine.replicas or self._stopping:
+                raise WrongState("the replica was removed or the volume is detaching")
+            self.processes[link.id] = proc
+            ready = True
+        finally:
+            if not ready:
+                proc.stop()
+        self.engine.local_names.pop(link.address, None)
+        self.engine.local_names[address] = proc.local
+        link.address = address
+        self.vol.update(lambda c: _set_replica(c, link.id, address=address))
 
     def stop_local_replicas(self) -> None:
         for proc in self.processes.values():
@@ -189,7 +231,7 @@ class Daemon:
         if op == "scrub":
             task = self.tasks["scrub"] = {"done": 0, "total": 0}
             try:
-                report = await scrub(engine, self.start_rebuild, task)
+                report = await scrub(engine, task)
             finally:
                 self.tasks.pop("scrub", None)
             self.last_scrub = {"finished": time.time(), "damaged": report["damaged"]}
@@ -310,20 +352,6 @@ class Daemon:
 
     # -- replica set changes ------------------------------------------------------------------
 
-    def repair(self, link: ReplicaLink) -> None:
-        """Reconnect a replica marked ERR (a fresh session: the old one was reset) and rebuild
-        it, in the background."""
-
-        async def reconnect() -> None:
-            try:
-                link.client = await self.engine.connect(link.address)
-            except LhfsError as exc:
-                log.warning("replica %s could not be reconnected for a rebuild: %s", link.id, exc)
-                return
-            self.start_rebuild(link)
-
-        self.nursery.start_soon(reconnect)
-
     def start_rebuild(self, link: ReplicaLink) -> None:
         """Rebuild ``link`` in the background; whatever happens, the engine keeps running."""
 
@@ -343,7 +371,7 @@ class Daemon:
                     self._rebuilds.pop(link.id, None)
                     if link.mode != RW:
                         link.rebuild_progress = None
-                        if link in self.engine.replicas:  # a remote one may come back again
+                        if link in self.engine.replicas:  # (failed while ERR: not told)
                             self.rejoiner.watch(link)
 
         self.nursery.start_soon(run)
@@ -383,14 +411,7 @@ class Daemon:
             if address is None:
                 directory = self.vol.dir / "replicas" / replica_id
                 directory.mkdir(mode=0o700, parents=True)
-                proc = ReplicaProcess(
-                    directory,
-                    self.vol.key_path,
-                    log=self.vol.dir / f"{replica_id}.log",
-                    tied_to_parent=True,
-                    wait=False,
-                    local=_local_name(replica_id),
-                )
+                proc = self._spawn(replica_id, directory)
                 self.processes[replica_id] = proc
                 try:
                     address = await trio.to_thread.run_sync(proc.wait_ready)
@@ -493,13 +514,13 @@ class Daemon:
                 pool=pool,
                 device=device,
             )
-            self.engine.on_diverged = self.repair
             self.rejoiner = Rejoiner(
                 self.engine,
                 nursery,
                 self.start_rebuild,
                 lambda: (self.vol.setting("rejoin_wait"), self.vol.setting("rejoin_limit")),
                 self._remote,
+                self.restart,
             )
             self.engine.on_failed = self.rejoiner.watch
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
@@ -520,11 +541,13 @@ class Daemon:
             )
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))
-            for link in self.engine.replicas:  # stale but reachable: bring it back
-                if link.mode == ERR and link.client is not None and not link.client.broken:
-                    self.start_rebuild(link)
-                elif link.mode == ERR:  # unreachable: a remote one may come back
-                    link.failed_at = trio.current_time()
+            for link in self.engine.replicas:
+                if link.mode != ERR:
+                    continue
+                link.failed_at = trio.current_time()  # (not serving: ``rejoin_limit`` counts)
+                if link.client is not None and not link.client.broken:
+                    self.start_rebuild(link)  # stale but reachable
+                else:  # unreachable, or its process did not start: brought back
                     self.rejoiner.watch(link)
             await nursery.start(control.serve, self.vol.control_socket, self.handle)
             nursery.start_soon(self._watch_signals)
@@ -626,6 +649,14 @@ def run(
 def _local_name(replica_id: str) -> str:
     """The local socket of a replica this engine starts (unique on the host)."""
     return f"lhfs-{os.getpid()}-{replica_id}-{secrets.token_hex(4)}"
+
+
+def _ended(status: int) -> str:
+    """How a process ended, from its return code, in words."""
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
 
 
 def _set_replica(config: dict[str, Any], replica_id: str, **values: Any) -> None:

@@ -67,7 +67,10 @@ class ReplicaLink:
     since: str = field(default_factory=lambda: rfc3339())
     rebuild_progress: float | None = None
     rebuild_stats: Any = None
-    failed_at: float | None = None  # (trio clock) when it was last marked ERR
+    # (trio clock) when it last stopped serving: a failure while it was being brought back
+    # keeps the time it was lost, so that ``rejoin_limit`` ends a replica that never serves again
+    failed_at: float | None = None
+    comebacks: int = 0  # times brought back since it last served (each fails: longer waits)
     rejoin: str | None = None  # what the engine does to bring it back, if anything
 
     def public(self) -> dict[str, Any]:
@@ -129,10 +132,9 @@ class Engine:
         self.replica_answered_reads = 0  # ... of which it answered the kernel itself
         self.local_names: dict[str, str] = {}  # address -> local socket of a local replica
         self.tls_cas: dict[str, str] = {}  # address -> CA (PEM) of a replica served over TLS
-        # told of a replica marked ERR because it refused what the others did (its owner
-        # reconnects and rebuilds it), and of every replica marked ERR
-        self.on_diverged: Callable[[ReplicaLink], None] = lambda link: None
-        self.on_failed: Callable[[ReplicaLink], None] = lambda link: None
+        # told of every replica marked ERR, and whether to rebuild it at once (its owner brings
+        # it back: ``lhfs.engine.rejoin``)
+        self.on_failed: Callable[[ReplicaLink, bool], None] = lambda link, at_once: None
         self.last_rw: str | None = None  # the replica whose failure faulted the volume
         self.superseded: str | None = None  # why another engine holds the replicas now
         self.closing = False  # (connections closed on purpose are not failures; stalls are)
@@ -209,7 +211,10 @@ class Engine:
             self.mode_changed(link)
         log.info("attached: %s", ", ".join(f"{r.id}={r.mode}" for r in self.replicas))
 
-    def fail(self, link: ReplicaLink, reason: str) -> None:
+    def fail(self, link: ReplicaLink, reason: str, at_once: bool = False) -> None:
+        """Take ``link`` out of I/O, for its owner to bring back. ``at_once``: the replica
+        answers well (it refused what the others did, a scrub found it corrupt), so it is
+        rebuilt without waiting for it to prove it stays reachable."""
         if link.mode == ERR:
             return
         log.warning("replica %s (%s) failed: %s", link.id, link.address, reason)
@@ -217,14 +222,15 @@ class Engine:
             # the volume faults with it: it holds every write ever acknowledged, and is the one
             # replica that may serve again by itself if it comes back (see ``revive``)
             self.last_rw = link.id
+        if link.mode == RW or link.failed_at is None:
+            link.failed_at, link.comebacks = trio.current_time(), 0
         link.mode = ERR
         link.error = reason
         link.since = rfc3339()
-        link.failed_at = trio.current_time()
         if link.client is not None:  # reset: what is still queued on it is never delivered
             self.nursery.start_soon(link.client.aclose, True)
         self.mode_changed(link)
-        self.on_failed(link)
+        self.on_failed(link, at_once)
 
     def taken_over(self, reason: str) -> None:
         """Another engine holds this volume's replicas now (a replica refused a new session
@@ -564,7 +570,7 @@ class Engine:
         within ``timeout``, is marked ERR; none left RW is ``Faulted``. A refusal (see
         ``errors.is_refusal``) is an answer: refused by all, it is raised and nothing changed;
         refused by some while the others did it, those differ now and are marked ERR for a
-        rebuild (``on_diverged``)."""
+        rebuild (``on_failed``)."""
         targets = [r for r in self.replicas if r.mode in (RW, WO)]
         if not any(r.mode == RW for r in targets):
             raise Faulted("volume is faulted: no healthy replica")
@@ -616,8 +622,9 @@ class Engine:
             raise refused[0][1]
         for link, error in refused:
             log.warning("replica %s refused what the others did: %s", link.id, error)
-            self.fail(link, f"refused what the other replicas did ({error}): rebuilding")
-            self.on_diverged(link)
+            self.fail(
+                link, f"refused what the other replicas did ({error}): rebuilding", at_once=True
+            )
 
     # -- whole-volume operations --------------------------------------------------------------
 

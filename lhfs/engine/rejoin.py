@@ -1,25 +1,30 @@
-"""Replicas on other hosts that come back rejoin by themselves.
+"""Failed replicas come back by themselves.
 
 A remote replica marked ERR is most often on a host that lost its link or rebooted; when its
 ``replica serve`` answers again, it holds everything it had, and a rebuild copies only what
-changed while it was away. So for each failed remote replica the engine keeps trying to reach
-it, backing off from 1 s to 30 s, and once it answers (a new session: see fencing in
-``lhfs.replica.session``) waits the volume's ``rejoin_wait`` (a link that flaps is not rebuilt
-at every blink) and rebuilds it. One that has been away longer than ``rejoin_limit`` is left
-for an operator (``replica add`` / ``replica rm``): after so long a full copy on a new replica
-is as good and it may be gone for good. A directory that was wiped comes back uninitialised
-and the rebuild copies everything. What is under way shows in ``replica ls`` (``rejoin``).
+changed while it was away. A local replica marked ERR most often lost its process (killed, out
+of memory): its directory holds everything it had acknowledged, so the engine starts its
+process again on it (``restart``) and it comes back the same way. So for each failed replica
+the engine keeps trying to reach it (a local one: to start it), backing off from 1 s to 30 s,
+and once it answers (a new session: see fencing in ``lhfs.replica.session``) waits the
+volume's ``rejoin_wait`` (a link that flaps is not rebuilt at every blink) and rebuilds it. A
+replica that fails again before it serves waits longer each time (2, 4 ... 30 s more), and one
+that has not served for longer than ``rejoin_limit`` is left for an operator (``replica add`` /
+``replica rm``): after so long a full copy on a new replica is as good and it may be gone for
+good. A directory that was wiped comes back uninitialised and the rebuild copies everything.
+What is under way shows in ``replica ls`` (``rejoin``).
 
-When every replica failed (the engine's own host lost its link), the volume is faulted and
-nothing can be rebuilt: the replica whose failure faulted it, which holds every acknowledged
-write, serves again as soon as it answers (``Engine.revive``), and the others are then rebuilt
-from it. Any other replica may lack acknowledged writes and never serves alone.
+When every replica failed (the engine's own host lost its link, or every local process was
+killed), the volume is faulted and nothing can be rebuilt: the replica whose failure faulted
+it, which holds every acknowledged write, serves again as soon as it answers
+(``Engine.revive``), and the others are then rebuilt from it. Any other replica may lack
+acknowledged writes and never serves alone.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -33,7 +38,7 @@ MAX_DELAY = 30.0
 
 
 class Rejoiner:
-    """Watches failed remote replicas and brings back those that answer again."""
+    """Watches failed replicas and brings back those that answer again."""
 
     def __init__(
         self,
@@ -42,35 +47,43 @@ class Rejoiner:
         start_rebuild: Callable[[ReplicaLink], None],
         settings: Callable[[], tuple[float, float]],
         remote: Callable[[ReplicaLink], bool],
+        restart: Callable[[ReplicaLink], Awaitable[None]],
     ) -> None:
         self.engine = engine
         self.nursery = nursery
         self.start_rebuild = start_rebuild
         self.settings = settings  # () -> (rejoin_wait, rejoin_limit), read when used
         self.remote = remote
+        self.restart = restart  # starts a local replica's process again if it has exited
         self._watched: set[str] = set()
 
-    def watch(self, link: ReplicaLink) -> None:
-        """Start bringing ``link`` back, unless it is local or already watched."""
-        if link.id in self._watched or not self.remote(link) or not link.address:
+    def watch(self, link: ReplicaLink, at_once: bool = False) -> None:
+        """Start bringing ``link`` back, unless that is under way already; ``at_once``: one
+        known to answer well is rebuilt without the volume's ``rejoin_wait``."""
+        if link.id in self._watched or (self.remote(link) and not link.address):
             return
         self._watched.add(link.id)
-        self.nursery.start_soon(self._bring_back, link)
+        self.nursery.start_soon(self._bring_back, link, at_once)
 
-    async def _bring_back(self, link: ReplicaLink) -> None:
+    async def _bring_back(self, link: ReplicaLink, at_once: bool) -> None:
         try:
-            await self._attempts(link)
+            await self._attempts(link, at_once)
         finally:
             self._watched.discard(link.id)
 
     def _gone(self, link: ReplicaLink) -> bool:
         return link not in self.engine.replicas or link.mode != ERR
 
-    async def _attempts(self, link: ReplicaLink) -> None:
+    async def _attempts(self, link: ReplicaLink, at_once: bool) -> None:
         engine = self.engine
         delay = FIRST_DELAY
+        if link.comebacks:  # it failed again since it was last brought back
+            pause = min(2.0**link.comebacks, MAX_DELAY)
+            link.rejoin = f"failed again after coming back; trying again in {pause:.0f}s"
+            await trio.sleep(pause)
         while not self._gone(link):
             wait, limit = self.settings()
+            wait = 0.0 if at_once else wait
             away = trio.current_time() - (link.failed_at or trio.current_time())
             if away > limit:
                 link.rejoin = f"away for {away:.0f}s, longer than {limit:.0f}s: replace it"
@@ -79,6 +92,8 @@ class Rejoiner:
                 link.rejoin = None
                 return
             try:
+                if not self.remote(link):
+                    await self.restart(link)
                 client = await engine.connect(link.address)
             except Fenced as exc:  # another engine has it: this one must stop serving at all
                 link.rejoin = f"not rejoining: {exc}"
@@ -102,6 +117,7 @@ class Rejoiner:
             old, link.client = link.client, client
             if old is not None and old is not client:
                 await old.aclose(True)
+            link.comebacks += 1
             if engine.state == "faulted":
                 engine.revive(link)
                 return

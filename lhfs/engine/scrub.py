@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 from lhfs.core.errors import LhfsError
-from lhfs.engine.engine import RW, Engine, ReplicaLink
+from lhfs.engine.engine import RW, Engine
 from lhfs.wire.client import SumsUnavailable, merged_layer_sums
 
 log = logging.getLogger("lhfs.scrub")
@@ -23,7 +22,6 @@ log = logging.getLogger("lhfs.scrub")
 
 async def scrub(
     engine: Engine,
-    start_rebuild: Callable[[ReplicaLink], None],
     task: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Verify every snapshot of every healthy replica; ``task`` follows the progress, in
@@ -64,13 +62,12 @@ async def scrub(
         "layers": names,
         "replicas": [r.id for r in healthy],
         "damaged": damaged,
-        "repaired": [],  # the damaged replicas being rebuilt (copying the damaged chunks)
+        "repaired": [],  # the damaged replicas, rebuilt at once (copying the damaged chunks)
     }
     for link in healthy:
         if link.id in damaged and sum(r.mode == RW for r in engine.replicas) > 1:
-            engine.fail(link, "scrub found corrupt data: " + "; ".join(damaged[link.id][:3]))
-            link.client = await engine.connect(link.address)
-            start_rebuild(link)
+            reason = "scrub found corrupt data: " + "; ".join(damaged[link.id][:3])
+            engine.fail(link, reason, at_once=True)  # (its owner reconnects and rebuilds it)
             report["repaired"].append(link.id)
     log.info("scrub: %s", report)
     return report

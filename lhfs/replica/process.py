@@ -64,10 +64,20 @@ class ReplicaProcess:
             self.wait_ready()
 
     def wait_ready(self) -> str:
-        """Block until the replica listens; its address. (Blocking: from a thread in trio.)"""
-        match = read_line_matching(self.proc, r"serving .* on (\S+):(\d+)")
+        """Block until the replica listens; its address. (Blocking: from a thread in trio.)
+        One that exits first raises ``RuntimeError`` with the last line it logged (its error)."""
+        try:
+            match = read_line_matching(self.proc, r"serving .* on (\S+):(\d+)")
+        except RuntimeError:
+            raise RuntimeError(f"it exited ({self.proc.returncode}): {self._last_line()}") from None
         self.address = f"{match.group(1)}:{match.group(2)}"
         return self.address
+
+    def _last_line(self) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "nothing logged"
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to flush or clean up."""
