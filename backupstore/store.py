@@ -658,7 +658,13 @@ class BackupStore:
                 continue
             try:
                 record = json.loads(found)
-                out.append({"standby": str(record["standby"]), "backup": str(record["backup"])})
+                out.append(
+                    {
+                        "id": relative.rsplit("/", 1)[1].removesuffix(".json"),
+                        "standby": str(record["standby"]),
+                        "backup": str(record["backup"]),
+                    }
+                )
             except (ValueError, KeyError, TypeError):
                 raise CorruptState(f"{relative} in {self.target} cannot be parsed") from None
         return out

@@ -288,3 +288,59 @@ def test_a_corrupt_block_stops_the_standby_which_activates_offline(
     cli.run("dr", "activate", "dr4", "--offline", "--quiet")
     assert cli.info("dr4")["state"] == "detached"
     assert cli.checksum("dr4") == first_sum
+
+
+def test_a_removed_standby_takes_its_marker_with_it(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A standby's marker makes prune keep the backup it holds. ``volume rm`` of a standby
+    removes the marker too; with the store out of reach it keeps the volume (one line, nothing
+    changed) unless --keep-marker, and ``dr forget`` removes a marker left behind."""
+    target = "s3://dr-forget/p"
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    standby = Cli(cli.root, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+    store = BackupStore(Bucket(Target.parse(target)))
+
+    def markers() -> list[str]:
+        return sorted(m["standby"] for m in store.standby_marks("v"))
+
+    def prune(*extra: str) -> dict:
+        args = ("--target", target, "--volume", "v", "--keep-last", "1", *extra)
+        return cli.json("backup", "prune", *args)
+
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    first = _name(cli.backup("v", target))
+    try:
+        for name in ("s1", "s2"):
+            standby.run(
+                "dr", "create", name, "--target", target, "--volume", "v", "--replicas", "1",
+                "--interval", "0.3", "--quiet",
+            )  # fmt: skip
+            standby.run("dr", "stop", name)  # (it keeps holding the first backup)
+        wait_for(lambda: markers() == ["s1", "s2"], 30, "both markers")
+        cli.backup("v", target)
+        held = {k["name"]: k["reasons"] for k in prune("--dry-run")["kept"]}
+        assert any("DR standby s1" in r for r in held[first]), held
+
+        proxy.stop()  # the store refuses connections
+        kept = standby.run("volume", "rm", "s1", "--retry-timeout", "2", check=False)
+        assert kept.returncode == 1 and len(kept.stderr.strip().splitlines()) == 1, kept.stderr
+        assert "volume s1 was kept" in kept.stderr and "--keep-marker" in kept.stderr
+        assert cli.info("s1")["state"] == "standby" and markers() == ["s1", "s2"]
+        gone = standby.json("volume", "rm", "s1", "--keep-marker", "--retry-timeout", "2")
+        assert gone == {"name": "s1", "removed": True, "marker_removed_from": None}
+        assert "s1" not in [v["name"] for v in cli.json("volume", "ls")]
+        proxy.resume()
+        refused = cli.run("dr", "forget", "s2", "--target", target, "--volume", "v", check=False)
+        assert refused.returncode == 1 and "still follows v here" in refused.stderr
+        assert standby.json("volume", "rm", "s2")["marker_removed_from"] == target
+        assert markers() == ["s1"]
+
+        forgot = cli.json("dr", "forget", "s1", "--target", target, "--volume", "v")
+        assert forgot["released"] == [first] and markers() == []
+        assert first in [r["name"] for r in prune()["removed"]]
+        again = cli.run("dr", "forget", "s1", "--target", target, "--volume", "v", check=False)
+        assert again.returncode == 1 and "holds no marker of a DR standby s1" in again.stderr
+    finally:
+        proxy.close()

@@ -41,7 +41,7 @@ from typing import Any
 
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Endpoint, Target
 from backupstore.store import BackupStore, BlockMissing, order
-from lhfs.backups.backup import chunk_for, password_file, store_password
+from lhfs.backups.backup import chunk_for, open_store, password_file, store_password
 from lhfs.config import volume as volumes
 from lhfs.core.durable import atomic_write
 from lhfs.core.errors import (
@@ -523,6 +523,60 @@ def stop_following(root: Path, name: str) -> None:
     vol = volumes.load(root, name)
     dr_config(vol)
     os.close(stop(vol))
+
+
+def remove(root: Path, name: str, keep_marker: bool, retry_timeout: float) -> str | None:
+    """Delete the standby volume ``name`` and its marker in the store: ``backup prune`` keeps
+    the backup a marker names (the standby's next increment reads it), so a standby that is
+    gone must not hold that backup for ever. The follower stops first and cannot mark again
+    while the marker goes. A marker that cannot be removed (a store that does not answer,
+    credentials that may not delete) keeps the volume, unless ``keep_marker`` (``dr forget``
+    removes it later). Returns the target the marker was removed from (None: kept)."""
+    vol = volumes.load(root, name)
+    config = dr_config(vol)
+    held = stop(vol)
+    try:
+        if not keep_marker:
+            bucket = Bucket(
+                Target.parse(config["target"]),
+                deadline=retry_timeout,
+                endpoint=standby_endpoint(config),
+            )
+            try:
+                BackupStore(bucket).unmark_standby(config["volume"], _standby_id(config, vol))
+            except LhfsError as exc:
+                raise LhfsError(
+                    f"volume {name} was kept: its marker as a DR standby in {config['target']} "
+                    f"could not be removed ({exc}); try again once the store answers, or add "
+                    "--keep-marker and remove the marker later with 'lhfs dr forget'"
+                ) from None
+    finally:
+        os.close(held)
+    manage.remove(root, name)
+    return None if keep_marker else config["target"]
+
+
+def forget(root: Path, target: str, volume: str, label: str, retry_timeout: float) -> list[str]:
+    """Remove from ``target`` the markers of the DR standby ``label`` of ``volume`` (one
+    removed with ``volume rm --keep-marker``, or lost with its host): prune stops keeping the
+    backups they name, which are returned. A standby of this root by that name still
+    following that volume there is refused: ``volume rm`` it instead."""
+    where = Target.parse(target)
+    following: dict[str, Any] = {}
+    with contextlib.suppress(LhfsError, OSError, ValueError):  # (no such volume here)
+        following = volumes.load(root, label).config.get("dr") or {}
+    if following.get("volume") == volume and str(Target.parse(following["target"])) == str(where):
+        raise WrongState(
+            f"standby {label} still follows {volume} here: remove it with "
+            f"'lhfs volume rm {label}', which removes its marker too"
+        )
+    store = open_store(where, retry_timeout)
+    marks = [m for m in store.standby_marks(volume) if m["standby"] == label]
+    if not marks:
+        raise NotFound(f"{target} holds no marker of a DR standby {label} of {volume}")
+    for mark in marks:
+        store.unmark_standby(volume, mark["id"])
+    return [m["backup"] for m in marks]
 
 
 def status(root: Path, name: str) -> dict[str, Any]:

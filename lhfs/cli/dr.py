@@ -127,6 +127,17 @@ def cmd_dr_stop(args: argparse.Namespace) -> None:
     say(args, {"name": args.name, "stopped": True}, text)
 
 
+def cmd_dr_forget(args: argparse.Namespace) -> None:
+    from lhfs.backups import dr
+
+    freed = dr.forget(root_of(args), args.target, args.volume, args.name, args.retry_timeout)
+    text = (
+        f"removed the marker of DR standby {args.name} of {args.volume} from {args.target}; "
+        f"prune no longer keeps {', '.join(freed)} for it"
+    )
+    say(args, {"name": args.name, "volume": args.volume, "released": freed}, text)
+
+
 def cmd_dr_run(args: argparse.Namespace) -> None:
     from lhfs.backups import dr
     from lhfs.core import logs
@@ -226,6 +237,20 @@ def parsers(groups: Any) -> None:
         "name",
     )
     verb(verbs, "stop", cmd_dr_stop, "stop the follower; the volume stays a standby", "name")
+    p = verb(
+        verbs,
+        "forget",
+        cmd_dr_forget,
+        "remove the marker of a standby that is gone, so that prune stops keeping its backup",
+        "name",
+        description="A DR standby records in the store which backup it holds, and 'backup "
+        "prune' keeps that backup for its next increment. 'volume rm' of a standby removes "
+        "its marker; this removes the marker of a standby NAME (as prune names it) removed "
+        "with --keep-marker, or lost with its host.",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX of the backups")
+    p.add_argument("--volume", required=True, help="the source volume's name in the target")
+    store_options(p)
     p = verb(
         verbs,
         "run",

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from lhfs.cli.backup import RETRY_TIMEOUT
 from lhfs.cli.common import (
     DEFAULT_CHUNK,
     Parser,
@@ -174,10 +175,23 @@ def cmd_volume_key(args: argparse.Namespace) -> None:
 
 
 def cmd_volume_rm(args: argparse.Namespace) -> None:
+    from lhfs.config import volume as volumes
     from lhfs.volumes import manage
 
-    manage.remove(root_of(args), args.name)
-    say(args, {"name": args.name, "removed": True}, f"removed volume {args.name}")
+    text = f"removed volume {args.name}"
+    marker = None
+    if volumes.load(root_of(args), args.name).config.get("dr"):
+        from lhfs.backups import dr  # (a standby: its marker in the store goes too)
+
+        marker = dr.remove(root_of(args), args.name, args.keep_marker, args.retry_timeout)
+        text += (
+            f" and its marker as a DR standby in {marker}"
+            if marker
+            else "; its marker as a DR standby was left in the store ('lhfs dr forget')"
+        )
+    else:
+        manage.remove(root_of(args), args.name)
+    say(args, {"name": args.name, "removed": True, "marker_removed_from": marker}, text)
 
 
 def cmd_volume_scrub(args: argparse.Namespace) -> int:
@@ -274,7 +288,31 @@ def parsers(groups: Any) -> None:
     quiet_option(p)
     p = verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
     quiet_option(p)
-    verb(verbs, "rm", cmd_volume_rm, "delete a detached volume and its replicas", "name")
+    p = verb(
+        verbs,
+        "rm",
+        cmd_volume_rm,
+        "delete a detached volume and its replicas",
+        "name",
+        description="Delete a detached volume and its replicas. A DR standby's follower stops "
+        "first, and its marker in the store (which makes 'backup prune' keep the backup it "
+        "holds) is removed too: with a store that cannot be reached the volume is kept, "
+        "unless --keep-marker.",
+    )
+    p.add_argument(
+        "--keep-marker",
+        action="store_true",
+        help="a DR standby: remove the volume even if its marker cannot be removed from the "
+        "store (remove it later: 'lhfs dr forget')",
+    )
+    p.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=RETRY_TIMEOUT,
+        metavar="SECONDS",
+        help="a DR standby: give up on a store that does not answer after this long (default "
+        f"{RETRY_TIMEOUT:.0f} s)",
+    )
     p = verb(
         verbs,
         "key",
