@@ -106,7 +106,7 @@ def test_rebuild_on_a_backing_image_keeps_content(cli: Cli, tmp_path: Path) -> N
 
 def test_stale_replica_gets_only_what_changed(cli: Cli, tmp_path: Path) -> None:
     size = 64 * MIB
-    # (r3 is left down while attached: it comes back at the next attach, as after a reboot)
+    # (r3 is not rebuilt while attached: it is at the next attach, as after a reboot)
     cli.run("volume", "create", "st", "--size", "64M", "--rejoin-wait", "3600")
     device = tmp_path / "dev"
     cli.run("volume", "attach", "st", "--device", str(device))
@@ -149,6 +149,7 @@ def test_a_killed_local_replica_comes_back_by_itself(cli: Cli, tmp_path: Path) -
     )
     assert waiting["mode"] == "ERR" and waiting["pid"] not in (None, victim["pid"]), waiting
     back = wait_for(lambda: (r := replica(cli, "lr", "r3"))["mode"] == "RW" and r, 60, "r3 back")
+    assert back["shared_memory"], back  # (its new local socket, not only its TCP port)
     stats = back["rebuild_stats"]
     assert len(changed) <= stats["chunks_copied"] <= 2 * len(changed), stats
     assert stats["bytes_relayed"] == 0, stats
@@ -208,7 +209,7 @@ def test_a_volume_whose_local_replicas_all_died_serves_again_by_itself(
 
 
 def test_kill_target_then_source_mid_rebuild(cli: Cli, tmp_path: Path) -> None:
-    # (killed replicas stay down here: the engine does not start them again within the test)
+    # (killed replicas are not rebuilt by themselves within the test: each stays ERR)
     cli.run("volume", "create", "k", "--size", "256M", "--replicas", "3", "--rejoin-wait", "3600")
     device = tmp_path / "dev"
     cli.run("volume", "attach", "k", "--device", str(device))

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class Daemon:
         self.processes: dict[str, ReplicaProcess] = {}
         self.engine: Engine | None = None
         self.nursery: trio.Nursery | None = None
-        self._rebuilds: dict[str, trio.CancelScope] = {}
+        self._rebuilds: dict[str, _Rebuild] = {}  # replica id -> its rebuild under way
         self._stopping = False
         self.channel = FuseChannel(device)
         self.key = vol.key()
@@ -108,7 +109,8 @@ class Daemon:
     async def restart(self, link: ReplicaLink) -> None:
         """Start the process of local replica ``link`` again if it has exited, on the same
         directory (which holds everything it acknowledged): the rejoiner then reconnects and
-        rebuilds it. One still running is left to answer (a stalled one may yet)."""
+        rebuilds it. One still running is left to answer (a stalled one may yet). Whatever
+        fails is an ``LhfsError``, for the rejoiner to try again later."""
         old = self.processes.get(link.id)
         if old is not None and old.proc.poll() is None:
             return
@@ -116,28 +118,32 @@ class Daemon:
             raise WrongState("the volume is detaching")
         directory = self.vol.replica_dir(self.vol.replica(link.id))
         if old is not None:
-            del self.processes[link.id]
-            log.warning(
-                "replica %s: its process ended (%s); starting it again", link.id, _ended(old.stop())
-            )
-        proc = self._spawn(link.id, directory)
-        ready = False
+            ended = _ended(old.stop())
+            log.warning("replica %s: its process ended (%s); starting it again", link.id, ended)
         try:
-            try:
-                address = await trio.to_thread.run_sync(proc.wait_ready)
-            except (RuntimeError, TimeoutError) as exc:
+            proc = self._spawn(link.id, directory)
+        except OSError as exc:  # (no memory to fork, no descriptors left)
+            raise LhfsError(f"its process could not be started again: {exc}") from None
+        self.processes[link.id] = proc  # (removing the replica meanwhile stops it: ``_forget``)
+        try:
+            address = await trio.to_thread.run_sync(proc.wait_ready)
+            if self.processes.get(link.id) is not proc or self._stopping:
+                raise WrongState("the replica was removed, or the volume is detaching")
+            self.engine.local_names.pop(link.address, None)
+            self.engine.local_names[address] = proc.local
+            link.address = address
+            self.vol.update(lambda c: _set_replica(c, link.id, address=address))
+        except BaseException as exc:
+            if self.processes.get(link.id) is proc:
+                del self.processes[link.id]
+            with trio.CancelScope(shield=True):  # (not on the event loop: it may take 30 s)
+                await trio.to_thread.run_sync(proc.stop)
+            if isinstance(exc, (RuntimeError, TimeoutError, OSError)):
                 raise LhfsError(f"its process did not start again: {exc}") from None
-            if link not in self.engine.replicas or self._stopping:
-                raise WrongState("the replica was removed or the volume is detaching")
-            self.processes[link.id] = proc
-            ready = True
-        finally:
-            if not ready:
-                proc.stop()
-        self.engine.local_names.pop(link.address, None)
-        self.engine.local_names[address] = proc.local
-        link.address = address
-        self.vol.update(lambda c: _set_replica(c, link.id, address=address))
+            raise
+
+    def rejoin_settings(self) -> tuple[float, float]:
+        return self.vol.setting("rejoin_wait"), self.vol.setting("rejoin_limit")
 
     def stop_local_replicas(self) -> None:
         for proc in self.processes.values():
@@ -356,8 +362,11 @@ class Daemon:
         """Rebuild ``link`` in the background; whatever happens, the engine keeps running."""
 
         async def run() -> None:
+            await self.rebuild_over(link)  # (one still unwinding must not end this one's)
+            if link not in self.engine.replicas:  # (removed meanwhile)
+                return
             with trio.CancelScope() as scope:
-                self._rebuilds[link.id] = scope
+                entry = self._rebuilds[link.id] = _Rebuild(scope)
                 try:
                     await rebuild(self.engine, link)
                     self.housekeep()  # (its barrier is a system snapshot)
@@ -368,7 +377,9 @@ class Daemon:
                     if link.mode != ERR:
                         self.engine.fail(link, "rebuild failed (internal error, see engine.log)")
                 finally:
-                    self._rebuilds.pop(link.id, None)
+                    if self._rebuilds.get(link.id) is entry:
+                        del self._rebuilds[link.id]
+                    entry.over.set()
                     if link.mode != RW:
                         link.rebuild_progress = None
                         if link in self.engine.replicas:  # (failed while ERR: not told)
@@ -419,6 +430,7 @@ class Daemon:
                     raise LhfsError(f"the new replica process did not start: {exc}") from None
                 engine.local_names[address] = proc.local
             link = ReplicaLink(replica_id, address, mode=ERR, error="rebuild: preparing")
+            link.failed_at = trio.current_time()  # (not serving yet: ``rejoin_limit`` counts)
             if tls_ca:
                 engine.tls_cas[address] = tls_ca
             link.client = await self.engine.connect(address)
@@ -440,7 +452,14 @@ class Daemon:
         self.start_rebuild(link)
         return {"id": replica_id, "address": address}
 
-    def _remote(self, link: ReplicaLink) -> bool:
+    async def rebuild_over(self, link: ReplicaLink) -> None:
+        """Return once no rebuild of ``link`` is under way (one that failed may still be
+        unwinding: the rejoiner must not bring it back, nor a rebuild start, before)."""
+        entry = self._rebuilds.get(link.id)
+        if entry is not None:
+            await entry.over.wait()
+
+    def remote(self, link: ReplicaLink) -> bool:
         """A replica on another host (the engine does not run its process)."""
         try:
             return not self.vol.replica(link.id).get("local")
@@ -462,7 +481,7 @@ class Daemon:
         if link is not None and link.mode == RW and sum(r.mode == RW for r in engine.replicas) == 1:
             raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
         if replica_id in self._rebuilds:
-            self._rebuilds[replica_id].cancel()
+            self._rebuilds[replica_id].scope.cancel()
         if link is not None:
             engine.replicas.remove(link)
             if link.client is not None:
@@ -514,14 +533,7 @@ class Daemon:
                 pool=pool,
                 device=device,
             )
-            self.rejoiner = Rejoiner(
-                self.engine,
-                nursery,
-                self.start_rebuild,
-                lambda: (self.vol.setting("rejoin_wait"), self.vol.setting("rejoin_limit")),
-                self._remote,
-                self.restart,
-            )
+            self.rejoiner = Rejoiner(self.engine, nursery, self)
             self.engine.on_failed = self.rejoiner.watch
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
             self.engine.tls_cas = {
@@ -649,6 +661,12 @@ def run(
 def _local_name(replica_id: str) -> str:
     """The local socket of a replica this engine starts (unique on the host)."""
     return f"lhfs-{os.getpid()}-{replica_id}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class _Rebuild:
+    scope: trio.CancelScope  # (``replica rm`` cancels it)
+    over: trio.Event = field(default_factory=trio.Event)
 
 
 def _ended(status: int) -> str:

@@ -24,7 +24,7 @@ acknowledged writes and never serves alone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -37,30 +37,38 @@ FIRST_DELAY = 1.0
 MAX_DELAY = 30.0
 
 
+class Owner(Protocol):
+    """What the rejoiner asks of the engine's owner (``lhfs.engine.daemon.Daemon``)."""
+
+    def remote(self, link: ReplicaLink) -> bool:
+        """On another host (else the owner runs its process)."""
+
+    async def restart(self, link: ReplicaLink) -> None:
+        """Start a local replica's process again if it has exited."""
+
+    async def rebuild_over(self, link: ReplicaLink) -> None:
+        """Return once no rebuild of ``link`` is under way."""
+
+    def start_rebuild(self, link: ReplicaLink) -> None:
+        """Rebuild ``link`` (connected) in the background."""
+
+    def rejoin_settings(self) -> tuple[float, float]:
+        """The volume's ``rejoin_wait`` and ``rejoin_limit``, as they are now."""
+
+
 class Rejoiner:
     """Watches failed replicas and brings back those that answer again."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        nursery: trio.Nursery,
-        start_rebuild: Callable[[ReplicaLink], None],
-        settings: Callable[[], tuple[float, float]],
-        remote: Callable[[ReplicaLink], bool],
-        restart: Callable[[ReplicaLink], Awaitable[None]],
-    ) -> None:
+    def __init__(self, engine: Engine, nursery: trio.Nursery, owner: Owner) -> None:
         self.engine = engine
         self.nursery = nursery
-        self.start_rebuild = start_rebuild
-        self.settings = settings  # () -> (rejoin_wait, rejoin_limit), read when used
-        self.remote = remote
-        self.restart = restart  # starts a local replica's process again if it has exited
+        self.owner = owner
         self._watched: set[str] = set()
 
     def watch(self, link: ReplicaLink, at_once: bool = False) -> None:
         """Start bringing ``link`` back, unless that is under way already; ``at_once``: one
         known to answer well is rebuilt without the volume's ``rejoin_wait``."""
-        if link.id in self._watched or (self.remote(link) and not link.address):
+        if link.id in self._watched or (self.owner.remote(link) and not link.address):
             return
         self._watched.add(link.id)
         self.nursery.start_soon(self._bring_back, link, at_once)
@@ -82,7 +90,7 @@ class Rejoiner:
             link.rejoin = f"failed again after coming back; trying again in {pause:.0f}s"
             await trio.sleep(pause)
         while not self._gone(link):
-            wait, limit = self.settings()
+            wait, limit = self.owner.rejoin_settings()
             wait = 0.0 if at_once else wait
             away = trio.current_time() - (link.failed_at or trio.current_time())
             if away > limit:
@@ -91,9 +99,10 @@ class Rejoiner:
             if engine.superseded is not None:
                 link.rejoin = None
                 return
+            await self.owner.rebuild_over(link)  # (a failed one may still be unwinding)
             try:
-                if not self.remote(link):
-                    await self.restart(link)
+                if not self.owner.remote(link):
+                    await self.owner.restart(link)
                 client = await engine.connect(link.address)
             except Fenced as exc:  # another engine has it: this one must stop serving at all
                 link.rejoin = f"not rejoining: {exc}"
@@ -122,5 +131,5 @@ class Rejoiner:
                 engine.revive(link)
                 return
             link.rejoin = None
-            self.start_rebuild(link)
+            self.owner.start_rebuild(link)
             return
