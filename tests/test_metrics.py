@@ -83,6 +83,18 @@ def test_engine_metrics_follow_io_a_replica_kill_and_its_rebuild(cli: Cli, tmp_p
         "the new replica to be RW in the metrics",
     )
     assert value(healthy, "lhfs_rebuild_copied_bytes", volume="m", replica=added) > 0
+    back = wait_for(
+        lambda: (
+            (s := scrape(address))
+            and value(s, "lhfs_replica_mode", volume="m", replica=victim["id"], mode="RW") == 1
+            and s
+        ),
+        60,
+        "the killed replica back by itself",
+    )
+    assert value(back, "lhfs_replica_restarts_total", volume="m", replica=victim["id"]) == 1
+    assert value(back, "lhfs_replica_failures_total", volume="m", replica=victim["id"]) == 1
+    assert value(back, "lhfs_replica_failures_total", volume="m", replica=added) == 0
     cli.run("volume", "detach", "m")
 
 

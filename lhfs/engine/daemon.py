@@ -132,6 +132,7 @@ class Daemon:
             self.engine.local_names.pop(link.address, None)
             self.engine.local_names[address] = proc.local
             link.address = address
+            link.restarts += 1
             self.vol.update(lambda c: _set_replica(c, link.id, address=address))
         except BaseException as exc:
             if self.processes.get(link.id) is proc:

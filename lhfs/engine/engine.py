@@ -71,6 +71,8 @@ class ReplicaLink:
     # keeps the time it was lost, so that ``rejoin_limit`` ends a replica that never serves again
     failed_at: float | None = None
     comebacks: int = 0  # times brought back since it last served (each fails: longer waits)
+    failures: int = 0  # times marked ERR since attach (a replica that flaps shows here)
+    restarts: int = 0  # times its process was started again (a local replica) since attach
     rejoin: str | None = None  # what the engine does to bring it back, if anything
 
     def public(self) -> dict[str, Any]:
@@ -84,6 +86,8 @@ class ReplicaLink:
             "rebuild_progress": self.rebuild_progress,
             "rebuild_stats": self.rebuild_stats.public() if self.rebuild_stats else None,
             "rejoin": self.rejoin,
+            "failures": self.failures,
+            "restarts": self.restarts,
             "shared_memory": bool(self.client and self.client.shared and not self.client.broken),
             "link": self.client.link if self.client and not self.client.broken else None,
         }
@@ -227,6 +231,7 @@ class Engine:
         link.mode = ERR
         link.error = reason
         link.since = rfc3339()
+        link.failures += 1
         if link.client is not None:  # reset: what is still queued on it is never delivered
             self.nursery.start_soon(link.client.aclose, True)
         self.mode_changed(link)

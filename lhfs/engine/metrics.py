@@ -114,12 +114,23 @@ class VolumeCollector:
         )
         yield gauge("lhfs_volume_size_bytes", "The volume's size", [([vol], view["size"])])
         modes, progress, copied = [], [], []
+        failures = CounterMetricFamily(
+            "lhfs_replica_failures", "Times a replica was marked ERR", labels=["volume", "replica"]
+        )
+        restarts = CounterMetricFamily(
+            "lhfs_replica_restarts",
+            "Times the engine started a local replica's process again",
+            labels=["volume", "replica"],
+        )
         for replica in view["replicas"]:
             rid = replica["id"]
             modes += [([vol, rid, m], int(replica["mode"] == m)) for m in MODES]
             progress.append(([vol, rid], replica["rebuild_progress"] or 0.0))
             copied.append(([vol, rid], (replica["rebuild_stats"] or {}).get("bytes_copied", 0)))
+            failures.add_metric([vol, rid], replica["failures"])
+            restarts.add_metric([vol, rid], replica["restarts"])
         yield gauge("lhfs_replica_mode", "1 for each replica's mode", modes, ["replica", "mode"])
+        yield from (failures, restarts)
         yield gauge(
             "lhfs_rebuild_progress_percent",
             "Progress of a replica's rebuild",

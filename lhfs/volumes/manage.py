@@ -114,7 +114,8 @@ VOLUME_KEYS = (
 )  # fmt: skip
 REPLICA_KEYS = (
     "id", "address", "mode", "error", "since", "revision", "rebuild_progress",
-    "rebuild_stats", "rejoin", "pid", "disk_bytes", "shared_memory", "link",
+    "rebuild_stats", "rejoin", "pid", "disk_bytes", "shared_memory", "link", "failures",
+    "restarts",
 )  # fmt: skip
 
 
