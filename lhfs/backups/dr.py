@@ -43,6 +43,7 @@ from backupstore.s3 import RETRY_TIMEOUT, Bucket, Endpoint, Target
 from backupstore.store import BackupStore, BlockMissing, order
 from lhfs.backups.backup import chunk_for, open_store, password_file, store_password
 from lhfs.config import volume as volumes
+from lhfs.core import logs
 from lhfs.core.durable import atomic_write
 from lhfs.core.errors import (
     AlreadyExists,
@@ -514,8 +515,8 @@ def start(root: Path, name: str) -> int:
     # Started means it took the lock and said so; one that then stops at once (it met a corrupt
     # block) has started, and `dr status` tells why it stopped.
     if read_status(vol).get("pid") != proc.pid:
-        tail = (vol.dir / LOG).read_text(errors="replace").strip().splitlines()[-1:]
-        raise LhfsError(f"the DR follower exited at once: {' '.join(tail)} (see {vol.dir / LOG})")
+        said = logs.last_line(vol.dir / LOG)
+        raise LhfsError(f"the DR follower exited at once: {said} (see {vol.dir / LOG})")
     return proc.pid
 
 

@@ -62,6 +62,18 @@ def setup(path: Path | None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
+def last_line(path: Path) -> str:
+    """The last line a service logged: what a process that exited at start said (its error).
+    Reads the end of the file only: a log may be 10 MiB."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError as exc:
+        return f"its log cannot be read ({exc})"
+    return lines[-1] if lines else "nothing logged"
+
+
 def files(path: Path) -> list[Path]:
     """A log's files, oldest first: the rotated ones, then the current one."""
     older = [path.with_name(f"{path.name}.{n}") for n in range(LOG_KEEP, 0, -1)]

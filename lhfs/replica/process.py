@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from lhfs.core import logs
 from lhfs.core.procs import LHFS, child_env, die_with_parent, read_line_matching
 from lhfs.wire.auth import VolumeKey
 
@@ -69,15 +70,10 @@ class ReplicaProcess:
         try:
             match = read_line_matching(self.proc, r"serving .* on (\S+):(\d+)")
         except RuntimeError:
-            raise RuntimeError(f"it exited ({self.proc.returncode}): {self._last_line()}") from None
+            said = logs.last_line(self.log)
+            raise RuntimeError(f"it exited ({self.proc.returncode}): {said}") from None
         self.address = f"{match.group(1)}:{match.group(2)}"
         return self.address
-
-    def _last_line(self) -> str:
-        with open(self.log, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 4096))
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "nothing logged"
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to flush or clean up."""
