@@ -184,6 +184,34 @@ def test_a_killed_local_replica_comes_back_by_itself(cli: Cli, tmp_path: Path) -
     assert set(offline_checksums(cli, "lr").values()) == {expected}
 
 
+def test_a_stalled_local_replica_is_let_go_and_comes_back(cli: Cli, tmp_path: Path) -> None:
+    """A local replica that stops answering without dying (SIGSTOP: a process stuck on a dead
+    disk) is marked ERR within the I/O timeout while writes go on; once it answers again it is
+    reconnected (its process is not started again) and rebuilt with what it missed."""
+    cli.run(
+        "volume", "create", "sl", "--size", "32M", "--replicas", "2",
+        "--io-timeout", "2", "--rejoin-wait", "1",
+    )  # fmt: skip
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "sl", "--device", str(device))
+    before, during = os.urandom(MIB), os.urandom(MIB)
+    write_direct(device, 0, before)
+    victim = replica(cli, "sl", "r2")
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        write_direct(device, MIB, during)  # (waits for r2 up to the I/O timeout, then goes on)
+        stalled = replica(cli, "sl", "r2")
+        assert stalled["mode"] == "ERR" and "no answer within 2s" in stalled["error"], stalled
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)
+    back = wait_for(lambda: (r := replica(cli, "sl", "r2"))["mode"] == "RW" and r, 60, "r2 back")
+    assert back["pid"] == victim["pid"] and back["restarts"] == 0 and back["failures"] == 1, back
+    assert back["rebuild_stats"]["bytes_copied"] <= 2 * MIB, back["rebuild_stats"]
+    assert read_direct(device, 0, MIB) == before and read_direct(device, MIB, MIB) == during
+    cli.run("volume", "detach", "sl")
+    assert len(set(offline_checksums(cli, "sl").values())) == 1
+
+
 def test_a_volume_whose_local_replicas_all_died_serves_again_by_itself(
     cli: Cli, tmp_path: Path
 ) -> None:
