@@ -184,6 +184,37 @@ def test_a_killed_local_replica_comes_back_by_itself(cli: Cli, tmp_path: Path) -
     assert set(offline_checksums(cli, "lr").values()) == {expected}
 
 
+def test_a_replica_that_cannot_come_back_is_given_up_after_the_rejoin_limit(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A local replica whose process cannot start again is tried, backing off, for the volume's
+    rejoin limit, then left for the operator with that said in ``replica ls`` and the engine
+    log (why it failed logged once, not at every attempt); replacing it makes the volume
+    healthy."""
+    cli.run("volume", "create", "gl", "--size", "16M", "--replicas", "2", "--rejoin-limit", "10")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "gl", "--device", str(device))
+    vol = volumes.load(cli.root, "gl")
+    directory = vol.replica_dir(vol.replica("r2"))
+    directory.rename(directory.with_name("r2.away"))
+    directory.write_bytes(b"")  # (not a directory: its process exits at start)
+    os.kill(replica(cli, "gl", "r2")["pid"], signal.SIGKILL)
+    write_direct(device, 0, os.urandom(MIB))  # a write notices
+    given_up = wait_for(
+        lambda: "replace it" in ((r := replica(cli, "gl", "r2"))["rejoin"] or "") and r,
+        60,
+        "the rejoin limit to pass",
+    )
+    assert given_up["mode"] == "ERR" and given_up["restarts"] == 0, given_up
+    log = (cli.root / "volumes" / "gl" / "engine.log").read_text()
+    assert "replica r2 is not brought back: away for" in log, log
+    assert log.count("replica r2 cannot be brought back yet: its process did not start") == 1
+    cli.run("replica", "rm", "gl", "r2")
+    cli.run("replica", "add", "gl")
+    assert cli.live("gl")["state"] == "healthy"
+    cli.run("volume", "detach", "gl")
+
+
 def test_a_stalled_local_replica_is_let_go_and_comes_back(cli: Cli, tmp_path: Path) -> None:
     """A local replica that stops answering without dying (SIGSTOP: a process stuck on a dead
     disk) is marked ERR within the I/O timeout while writes go on; once it answers again it is

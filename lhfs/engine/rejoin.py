@@ -85,6 +85,7 @@ class Rejoiner:
     async def _attempts(self, link: ReplicaLink, at_once: bool) -> None:
         engine = self.engine
         delay = FIRST_DELAY
+        told = None  # the last reason logged (each attempt's is not: one line per change)
         if link.comebacks:  # it failed again since it was last brought back
             pause = min(2.0**link.comebacks, MAX_DELAY)
             link.rejoin = f"failed again after coming back; trying again in {pause:.0f}s"
@@ -95,6 +96,7 @@ class Rejoiner:
             away = trio.current_time() - (link.failed_at or trio.current_time())
             if away > limit:
                 link.rejoin = f"away for {away:.0f}s, longer than {limit:.0f}s: replace it"
+                log.warning("replica %s is not brought back: %s", link.id, link.rejoin)
                 return
             if engine.superseded is not None:
                 link.rejoin = None
@@ -110,6 +112,9 @@ class Rejoiner:
                 return
             except LhfsError as exc:
                 link.rejoin = f"unreachable ({exc}); trying again in {delay:.0f}s"
+                if str(exc) != told:
+                    told = str(exc)
+                    log.warning("replica %s cannot be brought back yet: %s", link.id, told)
                 await trio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
                 continue
