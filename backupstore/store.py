@@ -694,7 +694,9 @@ class BackupStore:
         present = {b["name"] for b in backups}
         for mark in self.standby_marks(volume):
             if mark["backup"] in present:
-                kept.setdefault(mark["backup"], []).append(f"DR standby {mark['standby']}")
+                kept.setdefault(mark["backup"], []).append(
+                    f"DR standby {mark['standby']} (marker {mark['id']})"
+                )
         for name, why in (also or {}).items():
             if name in present:
                 kept.setdefault(name, []).append(why)

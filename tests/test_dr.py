@@ -18,7 +18,7 @@ from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
 from lhfs.config.volume import alive
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli, HostName, write_at
+from lhfs.testing import Cli, HostName, teardown, write_at
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
@@ -294,53 +294,71 @@ def test_a_removed_standby_takes_its_marker_with_it(
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
     """A standby's marker makes prune keep the backup it holds. ``volume rm`` of a standby
-    removes the marker too; with the store out of reach it keeps the volume (one line, nothing
-    changed) unless --keep-marker, and ``dr forget`` removes a marker left behind."""
+    removes the marker too; with the store out of reach it keeps the volume as it was (one
+    line; following again if it did) unless --keep-marker, and ``dr forget`` removes a marker
+    left behind, never one of a standby still following, asking which when standbys of that
+    name on two hosts hold markers."""
     target = "s3://dr-forget/p"
     upstream = urlparse(s3_endpoint)
     proxy = FaultProxy((upstream.hostname, upstream.port))
     standby = Cli(cli.root, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+    elsewhere = Cli(tmp_path / "other-host")  # (another host's root: a standby named s1 too)
     store = BackupStore(Bucket(Target.parse(target)))
 
-    def markers() -> list[str]:
-        return sorted(m["standby"] for m in store.standby_marks("v"))
+    def markers() -> list[tuple[str, str]]:
+        return sorted((m["standby"], m["id"]) for m in store.standby_marks("v"))
 
     def prune(*extra: str) -> dict:
         args = ("--target", target, "--volume", "v", "--keep-last", "1", *extra)
         return cli.json("backup", "prune", *args)
 
+    def create(where: Cli, name: str) -> None:
+        where.run(
+            "dr", "create", name, "--target", target, "--volume", "v", "--replicas", "1",
+            "--interval", "0.3", "--quiet",
+        )  # fmt: skip
+        wait_for(lambda: name in [m[0] for m in markers()], 30, f"the marker of {name}")
+
     cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
     first = _name(cli.backup("v", target))
     try:
-        for name in ("s1", "s2"):
-            standby.run(
-                "dr", "create", name, "--target", target, "--volume", "v", "--replicas", "1",
-                "--interval", "0.3", "--quiet",
-            )  # fmt: skip
-            standby.run("dr", "stop", name)  # (it keeps holding the first backup)
-        wait_for(lambda: markers() == ["s1", "s2"], 30, "both markers")
+        create(standby, "s1")
+        standby.run("dr", "stop", "s1")  # (it keeps holding the first backup)
+        (s1,) = markers()
+        create(standby, "s2")  # (it follows)
         cli.backup("v", target)
         held = {k["name"]: k["reasons"] for k in prune("--dry-run")["kept"]}
-        assert any("DR standby s1" in r for r in held[first]), held
+        assert f"DR standby s1 (marker {s1[1]})" in held[first], held
 
         proxy.stop()  # the store refuses connections
-        kept = standby.run("volume", "rm", "s1", "--retry-timeout", "2", check=False)
-        assert kept.returncode == 1 and len(kept.stderr.strip().splitlines()) == 1, kept.stderr
-        assert "volume s1 was kept" in kept.stderr and "--keep-marker" in kept.stderr
-        assert cli.info("s1")["state"] == "standby" and markers() == ["s1", "s2"]
+        for name, following in (("s1", ""), ("s2", ", following again")):
+            kept = standby.run("volume", "rm", name, "--retry-timeout", "2", check=False)
+            assert kept.returncode == 1, kept.stderr
+            assert len(kept.stderr.strip().splitlines()) == 1, kept.stderr
+            assert f"volume {name} was kept{following}: its marker" in kept.stderr, kept.stderr
+            assert "--keep-marker" in kept.stderr
+        assert cli.info("s1")["state"] == "standby" and len(markers()) == 2
+        assert standby.json("dr", "status", "s2")["state"] not in ("stopped", "failed")
         gone = standby.json("volume", "rm", "s1", "--keep-marker", "--retry-timeout", "2")
         assert gone == {"name": "s1", "removed": True, "marker_removed_from": None}
         assert "s1" not in [v["name"] for v in cli.json("volume", "ls")]
         proxy.resume()
+
         refused = cli.run("dr", "forget", "s2", "--target", target, "--volume", "v", check=False)
         assert refused.returncode == 1 and "still follows v here" in refused.stderr
         assert standby.json("volume", "rm", "s2")["marker_removed_from"] == target
-        assert markers() == ["s1"]
+        assert markers() == [s1]
 
-        forgot = cli.json("dr", "forget", "s1", "--target", target, "--volume", "v")
-        assert forgot["released"] == [first] and markers() == []
+        create(elsewhere, "s1")  # a live standby of the same name on another host
+        args = ("dr", "forget", "s1", "--target", target, "--volume", "v")
+        ambiguous = cli.run(*args, check=False)
+        assert ambiguous.returncode == 2 and "--id" in ambiguous.stderr, ambiguous.stderr
+        assert len(markers()) == 2
+        forgot = cli.json(*args, "--id", s1[1])
+        assert forgot["released"] == [first] and s1 not in markers() and len(markers()) == 1
         assert first in [r["name"] for r in prune()["removed"]]
-        again = cli.run("dr", "forget", "s1", "--target", target, "--volume", "v", check=False)
+        again = cli.run(*args, "--id", s1[1], check=False)
         assert again.returncode == 1 and "holds no marker of a DR standby s1" in again.stderr
     finally:
         proxy.close()
+        teardown(elsewhere.root)

@@ -529,55 +529,81 @@ def stop_following(root: Path, name: str) -> None:
 def remove(root: Path, name: str, keep_marker: bool, retry_timeout: float) -> str | None:
     """Delete the standby volume ``name`` and its marker in the store: ``backup prune`` keeps
     the backup a marker names (the standby's next increment reads it), so a standby that is
-    gone must not hold that backup for ever. The follower stops first and cannot mark again
-    while the marker goes. A marker that cannot be removed (a store that does not answer,
-    credentials that may not delete) keeps the volume, unless ``keep_marker`` (``dr forget``
-    removes it later). Returns the target the marker was removed from (None: kept)."""
+    gone must not hold that backup for ever. The follower stops first and its lock is held
+    until the volume is gone, so that no follower marks again meanwhile. A marker that cannot
+    be removed (a store that does not answer, no credentials here, credentials that may not
+    delete) keeps the volume as it was, following again if it did, unless ``keep_marker``
+    (which leaves the marker: ``dr forget`` removes it later). Returns the target the marker
+    was removed from (None: left)."""
     vol = volumes.load(root, name)
     config = dr_config(vol)
+    was_following = follower_pid(vol) is not None
     held = stop(vol)
     try:
         if not keep_marker:
-            bucket = Bucket(
-                Target.parse(config["target"]),
-                deadline=retry_timeout,
-                endpoint=standby_endpoint(config),
-            )
             try:
+                bucket = Bucket(
+                    Target.parse(config["target"]),
+                    deadline=retry_timeout,
+                    endpoint=standby_endpoint(config),
+                )
                 BackupStore(bucket).unmark_standby(config["volume"], _standby_id(config, vol))
             except LhfsError as exc:
                 raise LhfsError(
-                    f"volume {name} was kept: its marker as a DR standby in {config['target']} "
-                    f"could not be removed ({exc}); try again once the store answers, or add "
-                    "--keep-marker and remove the marker later with 'lhfs dr forget'"
+                    f"its marker as a DR standby in {config['target']} could not be removed "
+                    f"({exc}); try again once the store answers, or add --keep-marker and "
+                    "remove the marker later with 'lhfs dr forget'"
                 ) from None
-    finally:
+        manage.remove(root, name, follower_stopped=True)
+    except BaseException as exc:  # (as activate: left as it was, following again if it did)
         os.close(held)
-    manage.remove(root, name)
+        again = ""
+        if was_following and vol.dir.exists():
+            with contextlib.suppress(Exception):
+                start(root, name)
+                again = ", following again"
+        if isinstance(exc, LhfsError):
+            raise LhfsError(f"volume {name} was kept{again}: {exc}") from None
+        raise
+    os.close(held)
     return None if keep_marker else config["target"]
 
 
-def forget(root: Path, target: str, volume: str, label: str, retry_timeout: float) -> list[str]:
-    """Remove from ``target`` the markers of the DR standby ``label`` of ``volume`` (one
-    removed with ``volume rm --keep-marker``, or lost with its host): prune stops keeping the
-    backups they name, which are returned. A standby of this root by that name still
-    following that volume there is refused: ``volume rm`` it instead."""
+def forget(
+    root: Path, target: str, volume: str, label: str, marker: str | None, retry_timeout: float
+) -> list[str]:
+    """Remove from ``target`` the marker of the DR standby ``label`` of ``volume`` (one removed
+    with ``volume rm --keep-marker``, or lost with its host): prune stops keeping the backup
+    it names, which is returned. Never the marker of a standby of this root that still follows
+    there; of several standbys by that name (on other hosts), the one ``marker`` names (the id
+    prune shows)."""
     where = Target.parse(target)
     following: dict[str, Any] = {}
     with contextlib.suppress(LhfsError, OSError, ValueError):  # (no such volume here)
         following = volumes.load(root, label).config.get("dr") or {}
+    here = None  # the marker of the standby by that name that follows here, if any
     if following.get("volume") == volume and str(Target.parse(following["target"])) == str(where):
-        raise WrongState(
-            f"standby {label} still follows {volume} here: remove it with "
-            f"'lhfs volume rm {label}', which removes its marker too"
-        )
+        here = str(following.get("standby_id") or label)
     store = open_store(where, retry_timeout)
-    marks = [m for m in store.standby_marks(volume) if m["standby"] == label]
+    marks = [
+        m
+        for m in store.standby_marks(volume)
+        if m["standby"] == label and m["id"] != here and marker in (None, m["id"])
+    ]
     if not marks:
-        raise NotFound(f"{target} holds no marker of a DR standby {label} of {volume}")
-    for mark in marks:
-        store.unmark_standby(volume, mark["id"])
-    return [m["backup"] for m in marks]
+        refused = f" (standby {label} still follows {volume} here: 'lhfs volume rm {label}')"
+        raise NotFound(
+            f"{target} holds no marker of a DR standby {label} of {volume}"
+            + (f" with id {marker}" if marker else "")
+            + (refused if here else "")
+        )
+    if len(marks) > 1:
+        ids = ", ".join(m["id"] for m in marks)
+        raise InvalidArgument(
+            f"{len(marks)} standbys named {label} hold markers (ids {ids}): say which with --id"
+        )
+    store.unmark_standby(volume, marks[0]["id"])
+    return [marks[0]["backup"]]
 
 
 def status(root: Path, name: str) -> dict[str, Any]:

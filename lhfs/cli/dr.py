@@ -1,4 +1,4 @@
-"""DR standby volumes: ``lhfs dr create/status/activate/start/stop/run``."""
+"""DR standby volumes: ``lhfs dr create/status/activate/start/stop/forget/run``."""
 
 from __future__ import annotations
 
@@ -130,7 +130,9 @@ def cmd_dr_stop(args: argparse.Namespace) -> None:
 def cmd_dr_forget(args: argparse.Namespace) -> None:
     from lhfs.backups import dr
 
-    freed = dr.forget(root_of(args), args.target, args.volume, args.name, args.retry_timeout)
+    freed = dr.forget(
+        root_of(args), args.target, args.volume, args.name, args.id, args.retry_timeout
+    )
     text = (
         f"removed the marker of DR standby {args.name} of {args.volume} from {args.target}; "
         f"prune no longer keeps {', '.join(freed)} for it"
@@ -246,10 +248,17 @@ def parsers(groups: Any) -> None:
         description="A DR standby records in the store which backup it holds, and 'backup "
         "prune' keeps that backup for its next increment. 'volume rm' of a standby removes "
         "its marker; this removes the marker of a standby NAME (as prune names it) removed "
-        "with --keep-marker, or lost with its host.",
+        "with --keep-marker, or lost with its host. Never the marker of a standby that follows "
+        "on this host.",
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX of the backups")
     p.add_argument("--volume", required=True, help="the source volume's name in the target")
+    p.add_argument(
+        "--id",
+        metavar="MARKER",
+        help="the marker's id, as prune shows it: needed when standbys of that name on "
+        "several hosts hold markers",
+    )
     store_options(p)
     p = verb(
         verbs,

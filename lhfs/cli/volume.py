@@ -302,8 +302,8 @@ def parsers(groups: Any) -> None:
     p.add_argument(
         "--keep-marker",
         action="store_true",
-        help="a DR standby: remove the volume even if its marker cannot be removed from the "
-        "store (remove it later: 'lhfs dr forget')",
+        help="a DR standby: remove the volume and leave its marker in the store, for a store "
+        "that cannot be reached now (remove it later: 'lhfs dr forget')",
     )
     p.add_argument(
         "--retry-timeout",

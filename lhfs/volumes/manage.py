@@ -62,11 +62,14 @@ def create(
     return vol
 
 
-def remove(root: Path, name: str) -> None:
+def remove(root: Path, name: str, follower_stopped: bool = False) -> None:
+    """Delete a detached volume; a standby's follower stops first (unless the caller stopped
+    it and holds its lock: ``follower_stopped``)."""
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
         raise Busy(f"volume {name} is attached: detach it first")
-    standby.remove(vol)  # a standby's follower stops first
+    if not follower_stopped:
+        standby.remove(vol)
     trash = vol.dir.with_name(f".{name}.removing")
     os.rename(vol.dir, trash)
     shutil.rmtree(trash)
