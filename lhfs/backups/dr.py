@@ -526,6 +526,16 @@ def stop_following(root: Path, name: str) -> None:
     os.close(stop(vol))
 
 
+def _follow_again(root: Path, name: str, was_following: bool) -> str:
+    """After a command that stopped the follower failed: start it again if it ran; what to
+    add to the error (nothing if it did not run, or does not start)."""
+    if was_following:
+        with contextlib.suppress(Exception):
+            start(root, name)
+            return ", following again"
+    return ""
+
+
 def remove(root: Path, name: str, keep_marker: bool, retry_timeout: float) -> str | None:
     """Delete the standby volume ``name`` and its marker in the store: ``backup prune`` keeps
     the backup a marker names (the standby's next increment reads it), so a standby that is
@@ -557,11 +567,7 @@ def remove(root: Path, name: str, keep_marker: bool, retry_timeout: float) -> st
         manage.remove(root, name, follower_stopped=True)
     except BaseException as exc:  # (as activate: left as it was, following again if it did)
         os.close(held)
-        again = ""
-        if was_following and vol.dir.exists():
-            with contextlib.suppress(Exception):
-                start(root, name)
-                again = ", following again"
+        again = _follow_again(root, name, was_following and vol.dir.exists())
         if isinstance(exc, LhfsError):
             raise LhfsError(f"volume {name} was kept{again}: {exc}") from None
         raise
@@ -661,11 +667,7 @@ def activate(
         backup = _activate(root, vol, config, offline, progress, retry_timeout)
     except BaseException as exc:  # (any failure, a full disk or Ctrl-C too)
         os.close(held)
-        again = ""
-        if was_following:
-            with contextlib.suppress(Exception):
-                start(root, name)
-                again = ", following again"
+        again = _follow_again(root, name, was_following)
         if isinstance(exc, LhfsError):  # still a standby, as it was
             exc.args = (f"{exc} (still a standby{again})",)
             raise exc from None
