@@ -245,6 +245,10 @@ class Cli:
             f"{name} to restore {backup}",
         )
 
+    def engine_log(self, name: str) -> str:
+        """What the engine of volume ``name`` logged so far."""
+        return volumes.load(self.root, name).engine_log.read_text()
+
     def engine_pid(self, name: str) -> int | None:
         runtime = volumes.load(self.root, name).runtime()
         return runtime["pid"] if runtime else None

@@ -154,7 +154,7 @@ def test_a_killed_local_replica_comes_back_by_itself(cli: Cli, tmp_path: Path) -
     assert len(changed) <= stats["chunks_copied"] <= 2 * len(changed), stats
     assert stats["bytes_relayed"] == 0, stats
     assert cli.live("lr")["state"] == "healthy"
-    log = (cli.root / "volumes" / "lr" / "engine.log").read_text()
+    log = cli.engine_log("lr")
     assert "replica r3: its process ended (killed by SIGKILL); starting it again" in log
 
     directory = volumes.load(cli.root, "lr").replica_dir(volumes.load(cli.root, "lr").replica("r3"))
@@ -206,7 +206,7 @@ def test_a_replica_that_cannot_come_back_is_given_up_after_the_rejoin_limit(
         "the rejoin limit to pass",
     )
     assert given_up["mode"] == "ERR" and given_up["restarts"] == 0, given_up
-    log = (cli.root / "volumes" / "gl" / "engine.log").read_text()
+    log = cli.engine_log("gl")
     assert "replica r2 is not brought back: away for" in log, log
     assert log.count("replica r2 cannot be brought back yet: its process did not start") == 1
     cli.run("replica", "rm", "gl", "r2")
@@ -258,8 +258,7 @@ def test_a_volume_whose_local_replicas_all_died_serves_again_by_itself(
     os.kill(first["pid"], signal.SIGKILL)
     write_direct(device, MIB, during)  # acknowledged by the second alone
     os.kill(second["pid"], signal.SIGKILL)
-    log = cli.root / "volumes" / "all" / "engine.log"
-    wait_for(lambda: "the last to serve, is back" in log.read_text(), 60, "the volume revived")
+    wait_for(lambda: "the last to serve, is back" in cli.engine_log("all"), 60, "revived")
     info = wait_for(lambda: (i := cli.live("all"))["state"] == "healthy" and i, 60, "healthy")
     assert all(r["pid"] not in (first["pid"], second["pid"]) for r in info["replicas"]), info
     assert read_direct(device, 0, MIB) == before and read_direct(device, MIB, MIB) == during

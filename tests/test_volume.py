@@ -74,7 +74,7 @@ def test_fio_verify_survives_a_replica_killed_mid_write(cli: Cli, tmp_path: Path
     assert fio.returncode == 0, out + err
     assert "verify" not in err.lower(), err
     # marked ERR, with why; then started again by the engine and rebuilt, by itself
-    log = (cli.root / "volumes" / "fio" / "engine.log").read_text()
+    log = cli.engine_log("fio")
     assert re.search(rf"replica {victim['id']} \(\S+\) failed: \S", log), log
     info = wait_for(lambda: (i := cli.info("fio"))["state"] == "healthy" and i, 120, "it back")
     back = next(r for r in info["replicas"] if r["id"] == victim["id"])

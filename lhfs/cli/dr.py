@@ -159,6 +159,12 @@ def cmd_dr_run(args: argparse.Namespace) -> None:
     os._exit(code)
 
 
+def _followed(p: argparse.ArgumentParser) -> None:
+    """Where the backups a standby follows are: the store and the source volume's name."""
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX of the backups")
+    p.add_argument("--volume", required=True, help="the source volume's name in the target")
+
+
 def parsers(groups: Any) -> None:
     group = groups.add_parser(
         "dr",
@@ -184,8 +190,7 @@ def parsers(groups: Any) -> None:
         "--volume from --target into it and keep applying newer ones in the background. "
         "Returns once the first backup is restored (--no-wait: at once).",
     )
-    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX of the backups")
-    p.add_argument("--volume", required=True, help="the source volume's name in the target")
+    _followed(p)
     p.add_argument("--replicas", type=int, default=3, help="replicas of the standby (default 3)")
     p.add_argument(
         "--interval", type=float, default=30.0, help="seconds between polls (default 30)"
@@ -251,8 +256,7 @@ def parsers(groups: Any) -> None:
         "with --keep-marker, or lost with its host. Never the marker of a standby that follows "
         "on this host.",
     )
-    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX of the backups")
-    p.add_argument("--volume", required=True, help="the source volume's name in the target")
+    _followed(p)
     p.add_argument(
         "--id",
         metavar="MARKER",

@@ -23,7 +23,7 @@ def _logs(args: argparse.Namespace) -> dict[str, Path]:
     wanted = args.component or COMPONENTS
     found: dict[str, Path] = {}
     if "engine" in wanted:
-        found["engine"] = vol.dir / "engine.log"
+        found["engine"] = vol.engine_log
     if "replica" in wanted:
         for replica in vol.replicas:
             if vol.replica_dir(replica) is not None:

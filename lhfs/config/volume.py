@@ -92,6 +92,10 @@ class Volume:
         return self.dir / "engine.sock"
 
     @property
+    def engine_log(self) -> Path:
+        return self.dir / "engine.log"
+
+    @property
     def key_path(self) -> Path:
         """The volume's key file (identity and secret, see ``lhfs.wire.auth``): what every
         replica of the volume and every peer talking to one must hold."""

@@ -182,7 +182,7 @@ def attach(
             raise Busy(f"{device} is the device of volume {other}")
     _clear_dead_engine(vol)
     _check_device(device)
-    log_path = vol.dir / "engine.log"
+    log_path = vol.engine_log
     with open(log_path, "ab") as log_file:
         command = [LHFS, "--root", str(root), "engine-run", name]
         command += ["--log", str(log_path)]

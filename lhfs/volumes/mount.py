@@ -126,7 +126,7 @@ def mount(
         attached_here = True
         runtime = vol.runtime()
         if runtime is None:
-            raise LhfsError(f"volume {name} did not stay attached; see {vol.dir / 'engine.log'}")
+            raise LhfsError(f"volume {name} did not stay attached; see {vol.engine_log}")
     try:
         return _mount_attached(vol, Path(runtime["device"]), mountpoint, fs)
     except BaseException:
