@@ -320,6 +320,37 @@ def read_direct(device: Path, offset: int, length: int) -> bytes:
         buf.close()
 
 
+@contextlib.contextmanager
+def small_disk(mountpoint: Path, size: int) -> Iterator[Path]:
+    """A file system of ``size`` bytes (ext4 in an image file on a loop device) mounted at
+    ``mountpoint``: a disk a test can fill. Unmounted at the end (lazily if still in use:
+    the caller stops what used it first)."""
+    image = mountpoint.with_name(mountpoint.name + ".img")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+        image.unlink(missing_ok=True)
+
+
+def fill(path: Path) -> int:
+    """Write a new file at ``path`` until its disk is full, to the last block; its size."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        for size in (1 << 20, 64 << 10, 4096):
+            block = bytes(size)
+            with contextlib.suppress(OSError):
+                while True:
+                    written += f.write(block)
+    return written
+
+
 def loop_attach(path: Path) -> str:
     """A direct-I/O loop device on ``path`` (what a user formats and mounts)."""
     return subprocess.run(

@@ -95,6 +95,7 @@ def test_engine_metrics_follow_io_a_replica_kill_and_its_rebuild(cli: Cli, tmp_p
     assert value(back, "lhfs_replica_restarts_total", volume="m", replica=victim["id"]) == 1
     assert value(back, "lhfs_replica_failures_total", volume="m", replica=victim["id"]) == 1
     assert value(back, "lhfs_replica_failures_total", volume="m", replica=added) == 0
+    assert value(back, "lhfs_volume_refused_writes_total", volume="m") == 0
     cli.run("volume", "detach", "m")
 
 

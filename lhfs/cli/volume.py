@@ -106,6 +106,12 @@ def _print_volume(info: dict[str, Any]) -> None:
     restoring = info.get("restoring")
     if restoring and restoring["interrupted"]:
         print(f"  restore of {restoring['backup']} interrupted: 'lhfs volume rm {info['name']}'")
+    refusal = info.get("last_refusal")
+    if refusal:
+        print(
+            f"  {info['refused_writes']} write(s) refused since attach, the last at "
+            f"{refusal['at']}: {refusal['reason']}"
+        )
     leftovers = info.get("leftovers")
     if leftovers and any(leftovers.values()):
         print(f"  its engine died and left: {leftovers} ('lhfs volume detach' cleans up)")

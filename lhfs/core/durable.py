@@ -30,13 +30,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.unlink(tmp)  # it is never followed)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # (a full disk: the space it took goes back)
+            os.unlink(tmp)
+        raise
     fsync_dir(path.parent)
 
 

@@ -57,6 +57,13 @@ class StorageError(LhfsError):
     """A disk refused an operation (full, read-only, I/O error)."""
 
 
+class NoSpace(StorageError):
+    """A replica's disk has no room for a write, and nothing of it was written (the space is
+    claimed before any byte lands). A refusal, not a failure: every replica refusing a write
+    leaves them equal, so the volume answers "no space" and serves on, where marking full
+    replicas ERR would fault a volume whose replicas share one disk, reads included."""
+
+
 class Busy(LhfsError):
     """Something else holds the resource (a replica directory opened by another process)."""
 
@@ -104,18 +111,10 @@ class RemoteError(LhfsError):
 
 def is_refusal(exc: BaseException) -> bool:
     """Whether a replica's error *answer* means it refused the request and changed nothing
-    (a missing or existing name, a bad value, busy), as opposed to a *failure* (its disk, its
-    connection, its session): only a failure says something is wrong with the replica."""
-    return isinstance(
-        exc,
-        NotFound
-        | AlreadyExists
-        | InvalidArgument
-        | Busy
-        | NotPermitted
-        | NotInitialised
-        | WrongState,
-    )
+    (a missing or existing name, a bad value, busy, no room on its disk), as opposed to a
+    *failure* (its disk, its connection, its session): only a failure says something is wrong
+    with the replica."""
+    return isinstance(exc, _REFUSALS)
 
 
 _REFUSALS = (
@@ -126,6 +125,7 @@ _REFUSALS = (
     NotPermitted,
     NotInitialised,
     WrongState,
+    NoSpace,
 )
 _BY_NAME: dict[str, type[LhfsError]] = {}
 

@@ -21,6 +21,7 @@ recorded as failed serves, the others are stale and marked ERR.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ IO_TIMEOUT = 8.0  # (Longhorn's engine-replica timeout; a volume setting)
 CONTROL_TIMEOUT = 60.0
 TRIM_SPAN = 1024  # chunks per TRIM request (what a replica takes at once: MAX_TRIM_CHUNKS)
 CONNECT_TIMEOUT = 10.0
+REFUSALS_TOLD_EVERY = 60.0  # seconds between log lines about refused writes
 LARGE_READ = 256 << 10  # a read this large goes to the next replica (spread)
 
 
@@ -131,6 +133,9 @@ class Engine:
         self.structural = trio.Lock()  # snapshot, expand, rebuild barrier: one at a time
         self.rebuild_lock = trio.Lock()
         self.writes = 0  # requests the replicas acknowledged since attach (status and tests)
+        self.refused_writes = 0  # writes, trims, flushes every RW replica refused (full disks)
+        self.last_refusal: tuple[str, str] | None = None  # when, why
+        self._refusals_told = (-math.inf, 0)  # when the log last said so, and the count then
         self.shared_writes = 0  # writes sent to a replica as a descriptor into the pool
         self.shared_reads = 0  # reads a replica answered into shared memory
         self.replica_answered_reads = 0  # ... of which it answered the kernel itself
@@ -280,6 +285,10 @@ class Engine:
             "size": self.size,
             "state": self.state,
             "writes": self.writes,
+            "refused_writes": self.refused_writes,
+            "last_refusal": None
+            if self.last_refusal is None
+            else {"at": self.last_refusal[0], "reason": self.last_refusal[1]},
             "shared_writes": self.shared_writes,
             "shared_reads": self.shared_reads,
             "replica_answered_reads": self.replica_answered_reads,
@@ -631,6 +640,35 @@ class Engine:
                 link, f"refused what the other replicas did ({error}): rebuilding", at_once=True
             )
 
+    def _settle_io(
+        self, took: list[ReplicaLink], refused: list[tuple[ReplicaLink, LhfsError]]
+    ) -> LhfsError | None:
+        """Settle the refusals of a write, trim or flush (``NoSpace``: a replica's disk is
+        full; it wrote nothing). Taken by an RW replica: the request is done, and the
+        replicas that refused it lack it now, so they are rebuilt. Refused by every RW replica:
+        they are all as they were, the request fails with the refusal and the volume serves
+        on (reads, writes into space it holds); a replica being rebuilt that took it is
+        unlike them now and is rebuilt again. Returns the refusal to answer, if any."""
+        if any(link.mode == RW for link in took):
+            self._settle_refusals(refused, True)
+            return None
+        for link in took:
+            self.fail(link, "took a write the healthy replicas refused: rebuilding", at_once=True)
+        error = refused[0][1]
+        self.refused_writes += 1
+        self.last_refusal = (rfc3339(), str(error))
+        now = trio.current_time()
+        if now >= self._refusals_told[0] + REFUSALS_TOLD_EVERY:  # (a full disk: not every one)
+            log.warning(
+                "%d write(s) refused by %s: %s (the volume serves reads, and writes into "
+                "space its replicas hold)",
+                self.refused_writes - self._refusals_told[1],
+                ", ".join(sorted(link.id for link, _ in refused)),
+                error,
+            )
+            self._refusals_told = (now, self.refused_writes)
+        return error
+
     # -- whole-volume operations --------------------------------------------------------------
 
     async def fanout_call(self, method: str, **args: Any) -> list[Any]:
@@ -735,16 +773,19 @@ class _Joined:
 
 class _Fanout:
     """One write, trim or flush on its way to several replicas: ``done`` runs once every one
-    of them answered or failed (a replica that failed it is marked ERR first). An answer is
-    counted once per replica, whatever a connection delivers."""
+    of them answered or failed (a replica that failed it is marked ERR first; refusals are
+    settled at the end, see ``Engine._settle_io``). An answer is counted once per replica,
+    whatever a connection delivers."""
 
-    __slots__ = ("answered_by", "done", "engine", "remaining")
+    __slots__ = ("answered_by", "done", "engine", "refused", "remaining", "took")
 
     def __init__(self, engine: Engine, count: int, done: Done) -> None:
         self.engine = engine
         self.remaining = count
         self.done = done
         self.answered_by: set[str] = set()
+        self.took: list[ReplicaLink] = []
+        self.refused: list[tuple[ReplicaLink, LhfsError]] = []
 
     def answered(self, link: ReplicaLink, error: LhfsError | None, payload: Any) -> None:
         if link.id in self.answered_by:
@@ -752,11 +793,18 @@ class _Fanout:
         self.answered_by.add(link.id)
         engine = self.engine
         self.remaining -= 1
-        if error is not None:
+        if error is None:
+            self.took.append(link)
+        elif is_refusal(error):
+            self.refused.append((link, error))
+        else:
             engine.fail(link, str(error))
         if self.remaining == 0:
             engine._leave()
-            if engine._healthy():
+            refusal = engine._settle_io(self.took, self.refused) if self.refused else None
+            if refusal is not None:
+                self.done(refusal)
+            elif engine._healthy():
                 engine.writes += 1
                 self.done(None)
             else:

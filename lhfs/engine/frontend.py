@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from lhfs.core.errors import InvalidArgument, LhfsError
+from lhfs.core.errors import InvalidArgument, LhfsError, NoSpace
 from lhfs.engine import fusedev as f
 from lhfs.engine.engine import Engine, Faulted
 from lhfs.engine.metrics import IoStats
@@ -36,6 +36,8 @@ def _errno(exc: Exception) -> int:
         return errno.EIO
     if isinstance(exc, InvalidArgument):
         return errno.EINVAL
+    if isinstance(exc, NoSpace):
+        return errno.ENOSPC
     if isinstance(exc, LhfsError):
         return errno.EIO
     log.error("unexpected error in the FUSE frontend", exc_info=exc)

@@ -113,6 +113,13 @@ class VolumeCollector:
             ["state"],
         )
         yield gauge("lhfs_volume_size_bytes", "The volume's size", [([vol], view["size"])])
+        refused = CounterMetricFamily(
+            "lhfs_volume_refused_writes",
+            "Writes, trims and flushes every healthy replica refused (their disks were full)",
+            labels=["volume"],
+        )
+        refused.add_metric([vol], view["refused_writes"])
+        yield refused
         modes, progress, copied = [], [], []
         failures = CounterMetricFamily(
             "lhfs_replica_failures", "Times a replica was marked ERR", labels=["volume", "replica"]

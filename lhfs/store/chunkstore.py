@@ -19,10 +19,15 @@ step by step, interleaved with I/O.
 Durability: data is fdatasync'ed before the index batch that points at it; metadata
 (``volume.json``: size, layers, names, backing image) is replaced atomically. Files of layers the
 metadata does not name are left-overs of an interrupted operation and are removed on open.
+A change of the metadata is saved before the store's memory takes it (``_commit_meta``): one
+that could not be saved (a full disk) leaves the store as it was, in memory as on disk.
+A full disk refuses a write or a flush whole (``NoSpace``): the space is claimed first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
 import fcntl
 import json
@@ -55,9 +60,11 @@ from lhfs.store.layer import (
     DATA,
     ZERO,
     Layer,
+    no_room,
     pread_into,
     punch_hole,
     pwrite_all,
+    reserve,
     write_data,
 )
 
@@ -255,14 +262,16 @@ class ChunkStore:
                 self.dir / backing["file"], backing["id"], backing.get("stamp"), self.chunk_size
             )
             if stamp != backing.get("stamp"):
-                backing["stamp"] = stamp
-                self._save_meta()
+                meta = self._meta_copy()
+                meta["backing"]["stamp"] = stamp
+                self._commit_meta(meta)
         for layer_id in self.meta["layers"]:
             layer = Layer.load(self.dir, layer_id, self.chunk_size)
             self.layers[layer_id] = layer
             self.revision = max(self.revision, layer.revision)
             if layer.needs_compaction():
-                layer.compact()
+                with contextlib.suppress(OSError):  # (a full disk: the log is replayed as is)
+                    layer.compact()
         self._build_chain()
 
     def _sweep(self) -> None:
@@ -320,13 +329,41 @@ class ChunkStore:
         return self.meta.get("volume_id")
 
     def set_volume_id(self, volume_id: str) -> None:
-        self.meta["volume_id"] = volume_id
-        self._save_meta()
+        meta = self._meta_copy()
+        meta["volume_id"] = volume_id
+        self._commit_meta(meta)
 
-    def _save_meta(self) -> None:
-        self.meta["revision"] = self.revision
-        self.meta["size"] = self.size
-        atomic_write_json(self.dir / META, self.meta)
+    def _meta_copy(self) -> dict[str, Any]:
+        """A copy of the metadata to change and pass to ``_commit_meta``."""
+        meta = copy.deepcopy(self.meta)
+        meta["revision"] = self.revision
+        meta["size"] = self.size
+        return meta
+
+    def _commit_meta(self, meta: dict[str, Any]) -> None:
+        """Save ``meta`` durably, then make it the store's. Callers change the rest of their
+        state only after this returned: a save that fails (a full disk, where a snapshot or a
+        backup's system snapshot still needs a block for the new file) then leaves the store
+        as it was, where changing memory first would leave it unlike its own disk."""
+        with no_room("its metadata"):
+            atomic_write_json(self.dir / META, meta)
+        self.meta = meta
+
+    def _new_layers(self, meta: dict[str, Any], layer_ids: list[str]) -> list[Layer]:
+        """Create the files of new layers, then commit ``meta`` naming them; if either fails,
+        the files go again and nothing changed."""
+        made: list[Layer] = []
+        try:
+            with no_room("a new layer"):
+                for layer_id in layer_ids:
+                    made.append(Layer.create(self.dir, layer_id, self.chunk_size))
+                fsync_dir(self.dir)
+            self._commit_meta(meta)
+        except BaseException:
+            for layer in made:
+                layer.remove_files()
+            raise
+        return made
 
     # -- I/O ----------------------------------------------------------------------------------
 
@@ -411,6 +448,8 @@ class ChunkStore:
             write_data(head.fd, view, offset)  # (most writes: inside a chunk the head holds)
             self.revision += 1
             return
+        if length:
+            self._claim(offset, length, "a write")
         run_start = 0
         run_new: list[int] = []
         pos = 0
@@ -438,6 +477,27 @@ class ChunkStore:
         self._write_run(view, offset, run_start, length, run_new)
         self.revision += 1
 
+    def _claim(self, offset: int, length: int, what: str) -> None:
+        """Claim the head's disk space for each chunk of a range it does not hold yet (a chunk
+        enters the head whole), before a byte is written: a full disk then refuses the request
+        whole (``NoSpace``), where failing half-way would leave this replica unlike the others.
+        The index entries the chunks will need are claimed too (``Layer.claim_index``)."""
+        cs = self.chunk_size
+        head = self.head
+        last = (offset + length - 1) // cs
+        runs = []
+        run = -1
+        for chunk in range(offset // cs, last + 2):
+            if chunk <= last and head.index.get(chunk) != DATA:
+                run = chunk if run < 0 else run
+            elif run >= 0:
+                runs.append((run, chunk - run))
+                run = -1
+        if runs:
+            head.claim_index(sum(n for _, n in runs))
+        for first, n in runs:
+            reserve(head.fd, first * cs, n * cs, what)
+
     def _write_run(
         self, view: memoryview, offset: int, start: int, end: int, new_chunks: list[int]
     ) -> None:
@@ -455,11 +515,17 @@ class ChunkStore:
         head = self.head
         pos = offset
         end = offset + length
+        if length:
+            head.claim_index((end - 1) // cs - offset // cs + 1)
+        for chunk in {offset // cs, (end - 1) // cs} if length else ():
+            start, stop = max(offset, chunk * cs), min(end, (chunk + 1) * cs)
+            if stop - start < cs and self._trim_writes(chunk):  # (zeros are written there)
+                self._claim(start, stop - start, "a trim")
         while pos < end:
             chunk, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
             if n < cs:
-                if self._source(chunk) >= 0 or self.partial is not None:
+                if self._trim_writes(chunk):
                     self.write(pos, bytes(n))
             elif self.partial is not None or self._visible_below(chunk):
                 if self.partial is not None:
@@ -473,6 +539,10 @@ class ChunkStore:
                 punch_hole(head.fd, chunk * cs, cs)
             pos += n
         self.revision += 1
+
+    def _trim_writes(self, chunk: int) -> bool:
+        """Whether trimming part of ``chunk`` writes zeros into it (there is data to hide)."""
+        return self._source(chunk) >= 0 or self.partial is not None
 
     def _visible_below(self, chunk: int) -> bool:
         """Whether a layer under the head (or the backing image) shows data for ``chunk``."""
@@ -553,18 +623,18 @@ class ChunkStore:
         self.flush()
         old = self.head
         new_id = secrets.token_hex(8)
-        new = Layer.create(self.dir, new_id, self.chunk_size)
-        new.revision = self.revision
-        fsync_dir(self.dir)
-        layers = self.meta["layers"]
+        meta = self._meta_copy()
+        layers = meta["layers"]
         layers[old.id].update(name=name, created=_now(), size=self.size)
         layers[new_id] = {"name": None, "parent": old.id, "created": _now(), "size": self.size}
-        self.meta["head"] = new_id
-        self._save_meta()
+        meta["head"] = new_id
+        new = self._new_layers(meta, [new_id])[0]
+        new.revision = self.revision
         self.layers[new_id] = new
         self.chain.insert(0, new)
         if old.needs_compaction():
-            old.compact()
+            with contextlib.suppress(OSError):  # (the snapshot is made; a full disk: later)
+                old.compact()
         return self._layer_info(old.id)
 
     def remove_snapshot(self, name: str) -> None:
@@ -596,7 +666,9 @@ class ChunkStore:
                 for i, (chunk, state) in enumerate(items):
                     if chunk not in child.index:
                         if state == DATA:
-                            write_data(child.fd, snap.read_chunk(chunk), chunk * self.chunk_size)
+                            at = chunk * self.chunk_size
+                            reserve(child.fd, at, self.chunk_size, "removing a snapshot")
+                            write_data(child.fd, snap.read_chunk(chunk), at)
                         child.set(chunk, state)
                         if child in self.chain and self._top.get(chunk) is snap:
                             self._top[chunk] = child
@@ -607,11 +679,12 @@ class ChunkStore:
                 child.sync_data()
                 child.commit(self.revision if child is self.head else child.revision)
             self.flush()
-            parent = self.meta["layers"][sid]["parent"]
+            meta = self._meta_copy()
+            parent = meta["layers"][sid]["parent"]
             for child in children:
-                self.meta["layers"][child.id]["parent"] = parent
-            del self.meta["layers"][sid]
-            self._save_meta()
+                meta["layers"][child.id]["parent"] = parent
+            del meta["layers"][sid]
+            self._commit_meta(meta)
             del self.layers[sid]
             if snap in self.chain:
                 self.chain.remove(snap)
@@ -630,15 +703,15 @@ class ChunkStore:
         self.flush()
         old = self.head
         new_id = secrets.token_hex(8)
-        new = Layer.create(self.dir, new_id, self.chunk_size)
-        fsync_dir(self.dir)
-        layers = self.meta["layers"]
+        meta = self._meta_copy()
+        layers = meta["layers"]
         layers[new_id] = {"name": None, "parent": sid, "created": _now(), "size": self.size}
         del layers[old.id]
-        self.meta["head"] = new_id
+        meta["head"] = new_id
+        meta["revision"] = self.revision + 1
+        new = self._new_layers(meta, [new_id])[0]
         self.revision += 1
         new.revision = self.revision
-        self._save_meta()
         del self.layers[old.id]
         old.remove_files()
         self.layers[new_id] = new
@@ -651,9 +724,11 @@ class ChunkStore:
             raise InvalidArgument(f"cannot shrink the volume from {self.size} to {size} bytes")
         check_fits(self.dir, size)
         self.flush()
+        meta = self._meta_copy()
+        meta["size"] = size
+        meta["layers"][self.head.id]["size"] = size
+        self._commit_meta(meta)
         self.size = size
-        self.meta["layers"][self.head.id]["size"] = size
-        self._save_meta()
 
     # -- inspection ---------------------------------------------------------------------------
 
@@ -827,41 +902,38 @@ class ChunkStore:
         for name in names:
             check_name(name, "snapshot name")
         self.flush()
-        by_name = {info["name"]: lid for lid, info in self.meta["layers"].items() if info["name"]}
+        meta = self._meta_copy()
+        layers = meta["layers"]
+        by_name = {info["name"]: lid for lid, info in layers.items() if info["name"]}
         old_head = self.head.id
         missing = [n for n in names if n not in by_name]
         if missing:
             by_name[missing[0]] = old_head
-            self.meta["layers"][old_head]["name"] = missing[0]
+            layers[old_head]["name"] = missing[0]
         keep = {by_name[n] for n in names if n in by_name}
         for name in names:
             if name not in by_name:
                 lid = secrets.token_hex(8)
-                self.layers[lid] = Layer.create(self.dir, lid, self.chunk_size)
-                self.meta["layers"][lid] = {"name": name, "created": _now(), "size": self.size}
+                layers[lid] = {"name": name, "created": _now(), "size": self.size}
                 by_name[name] = lid
-                keep.add(lid)
+        created = [by_name[n] for n in names if by_name[n] not in keep]
+        keep.update(created)
         head = secrets.token_hex(8)
-        self.layers[head] = Layer.create(self.dir, head, self.chunk_size)
-        fsync_dir(self.dir)
         parent = None
         for name in names:
-            self.meta["layers"][by_name[name]]["parent"] = parent
+            layers[by_name[name]]["parent"] = parent
             parent = by_name[name]
-        self.meta["layers"][head] = {
-            "name": None,
-            "parent": parent,
-            "created": _now(),
-            "size": self.size,
-        }
-        dropped = [lid for lid in self.meta["layers"] if lid not in keep and lid != head]
+        layers[head] = {"name": None, "parent": parent, "created": _now(), "size": self.size}
+        dropped = [lid for lid in layers if lid not in keep and lid != head]
         for lid in dropped:
-            del self.meta["layers"][lid]
-        self.meta["head"] = head
-        self.meta["rebuilds"] = self.meta.get("rebuilds", 0) + 1  # kept layers may be rewritten
+            del layers[lid]
+        meta["head"] = head
+        meta["rebuilds"] = meta.get("rebuilds", 0) + 1  # kept layers may be rewritten
+        meta["revision"] = revision
+        for layer in self._new_layers(meta, [*created, head]):
+            self.layers[layer.id] = layer
         self.revision = revision
         self.layers[head].revision = revision
-        self._save_meta()
         for lid in dropped:
             self.layers.pop(lid).remove_files()
         self._build_chain()
@@ -973,11 +1045,16 @@ class ChunkStore:
         local = self.dir / check_name(file_name, "backing image file name")
         os.rename(upload, local)
         fsync_dir(self.dir)
+        meta = self._meta_copy()
+        meta["backing"] = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
+        try:
+            self._commit_meta(meta)
+        except BaseException:
+            os.rename(local, upload)  # (so that adopting it can be asked again)
+            raise
         if self.backing is not None:
             self.backing.close()
         self.backing = BackingImage(local, image_id, self.chunk_size)
-        self.meta["backing"] = {"id": image_id, "file": local.name, "stamp": file_stamp(local)}
-        self._save_meta()
 
     def read_snapshot(self, layer_id: str, offset: int, length: int) -> bytearray:
         """The content a snapshot (or any layer) shows, through its own chain: what a backup

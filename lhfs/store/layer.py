@@ -15,17 +15,20 @@ at data that was not durable. Memory is one dict entry per chunk the layer holds
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import xxhash
 
 from lhfs.core.durable import atomic_write, fsync_dir
+from lhfs.core.errors import NoSpace
 
 ABSENT = 0  # only in the log: the chunk left the layer (trimmed away, nothing below to hide)
 DATA = 1
@@ -49,6 +52,35 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctype
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Free the disk space of a byte range; best effort, as the index decides what it reads as."""
     _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def no_room(what: str) -> Iterator[None]:
+    """Report a full disk met inside the block as ``NoSpace``, for steps that change nothing
+    when they fail (creating a file, replacing one atomically)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise NoSpace(f"no space left on the replica's disk for {what}") from None
+        raise
+
+
+def reserve(fd: int, offset: int, length: int, what: str) -> None:
+    """Claim the disk space of a byte range before anything is written into it, so that a
+    full disk refuses a write whole (``NoSpace``) instead of failing it half-way, which would
+    leave the replica unlike the others. Allocated ranges cost nothing; a file system that
+    cannot preallocate is written without the claim (a full disk then fails the write)."""
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in _FULL:
+        raise NoSpace(f"no space left on the replica's disk for {what}")
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
 
 
 def pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -80,6 +112,7 @@ def pwrite_all(fd: int, view: memoryview | bytes | bytearray, offset: int) -> No
 # 4 KiB). Random 4 KiB writes through a 3-replica device after a sequential fill: 7.5k ->
 # 14-16k IOPS; 1 MiB sequential writes (16 pieces where 1 did) lost 0-9% in alternating runs.
 DATA_PIECE = 64 << 10
+INDEX_ROOM = 64 << 10  # index log claimed ahead of need (a header-only flush adds 24 bytes)
 
 
 def write_data(fd: int, view: memoryview | bytes | bytearray, offset: int) -> None:
@@ -110,8 +143,11 @@ class Layer:
         self.revision = 0
         self._fd = -1
         self._log_entries = 0
+        self._log_size = 0  # bytes of the index log
+        self._log_room = 0  # bytes of it known claimed on disk (see ``claim_index``)
         self._sums: dict[int, tuple[int, bytes]] | None = None
         self._sums_dirty = False
+        self._torn_at: int | None = None
 
     # -- files --------------------------------------------------------------------------------
 
@@ -173,15 +209,52 @@ class Layer:
         entries = b"".join(_ENTRY.pack(c, s) for c, s in self.pending)
         body = struct.pack("<IQ", len(self.pending), revision) + entries
         header = _BATCH.pack(_MAGIC, len(self.pending), revision, xxhash.xxh64_intdigest(body))
-        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND)
+        batch = header + entries
+        fd = os.open(self.index_path, os.O_WRONLY)
         try:
-            pwrite_all(fd, header + entries, os.fstat(fd).st_size)
-            os.fsync(fd)
+            if self._torn_at is not None:
+                os.ftruncate(fd, self._torn_at)
+                self._torn_at = None
+            end = os.fstat(fd).st_size
+            if end + len(batch) > self._log_room:
+                reserve(fd, end, len(batch), "a flush")
+            try:
+                pwrite_all(fd, batch, end)
+                os.fsync(fd)
+            except BaseException:
+                # Never leave a torn batch behind: replay stops at the first one, so every
+                # batch a later commit appended after it would be lost at the next open.
+                try:
+                    os.ftruncate(fd, end)
+                except OSError:
+                    self._torn_at = end  # (cut before the next batch, then)
+                raise
         finally:
             os.close(fd)
         self._log_entries += len(self.pending)
+        self._log_size = end + len(batch)
         self.pending.clear()
         self.revision = revision
+        if self._log_room and self._log_room - self._log_size < INDEX_ROOM // 4:
+            with contextlib.suppress(OSError):  # (claimed ahead while there is room)
+                self._claim_log(self._log_size + INDEX_ROOM)
+
+    def claim_index(self, entries: int) -> None:
+        """Claim the index log's room for ``entries`` more entries before the writes they
+        describe are taken: a full disk then refuses the write (``NoSpace``), never the flush
+        of a write it took. Claimed ahead, ``INDEX_ROOM`` at a time: a flush that adds no
+        entry still adds a batch header."""
+        need = self._log_size + (len(self.pending) + entries) * _ENTRY.size + 4 * _BATCH.size
+        if need > self._log_room:
+            self._claim_log(need + INDEX_ROOM)
+
+    def _claim_log(self, size: int) -> None:
+        fd = os.open(self.index_path, os.O_WRONLY)
+        try:
+            reserve(fd, 0, size, "a write's index")
+        finally:
+            os.close(fd)
+        self._log_room = size
 
     def sync_data(self) -> None:
         if self._fd >= 0:
@@ -209,13 +282,15 @@ class Layer:
         return self._log_entries > 4096 and self._log_entries > 2 * len(self.index)
 
     def compact(self) -> None:
-        """Rewrite the log as one batch of the live entries (crash-safe replace)."""
-        self.pending = sorted(self.index.items())
-        entries = b"".join(_ENTRY.pack(c, s) for c, s in self.pending)
-        body = struct.pack("<IQ", len(self.pending), self.revision) + entries
-        header = _BATCH.pack(_MAGIC, len(self.pending), self.revision, xxhash.xxh64_intdigest(body))
+        """Rewrite the log as one batch of the live entries (crash-safe replace). Only an
+        economy: the caller goes on if it fails (a full disk), and it is tried again later."""
+        live = sorted(self.index.items())
+        entries = b"".join(_ENTRY.pack(c, s) for c, s in live)
+        body = struct.pack("<IQ", len(live), self.revision) + entries
+        header = _BATCH.pack(_MAGIC, len(live), self.revision, xxhash.xxh64_intdigest(body))
         atomic_write(self.index_path, header + entries)
-        self._log_entries = len(self.pending)
+        self._log_entries = len(live)
+        self._log_size = self._log_room = len(header) + len(entries)
         self.pending = []
 
     def _replay(self) -> None:
@@ -245,6 +320,7 @@ class Layer:
         if pos != len(raw):
             # A torn tail from a crash mid-commit: cut it so that later batches append cleanly.
             os.truncate(self.index_path, pos)
+        self._log_size = pos
 
     # -- data ---------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from lhfs.config import volume as volumes
 from lhfs.core.errors import LhfsError
 from lhfs.core.units import format_size
-from lhfs.store.chunkstore import largest_file
+from lhfs.store.chunkstore import disk_bytes, largest_file
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 REACH_TIMEOUT = 5.0
@@ -107,14 +107,19 @@ def _root(root: Path) -> list[Check]:
     else:
         out.append(Check("root dir", OK, f"{root} does not exist yet: made at the first volume"))
     free = shutil.disk_usage(existing).free
+    growth = _may_grow(root)
+    detail = f"{format_size(free)} free under {existing}"
+    if growth:
+        detail += f"; the local replicas here may still grow by {format_size(growth)}"
     out.append(
-        Check("free space", OK, f"{format_size(free)} free under {existing}")
-        if free >= 1 << 30
+        Check("free space", OK, detail)
+        if free >= max(growth, 1 << 30)
         else Check(
             "free space",
             WARN,
-            f"only {format_size(free)} free under {existing}",
-            "volumes are thin: writes fail when the disk is full",
+            detail,
+            "volumes are thin: once the disk is full their writes are refused (no space), "
+            "until room is made",
         )
     )
     try:
@@ -123,6 +128,22 @@ def _root(root: Path) -> list[Check]:
     except OSError as exc:
         out.append(Check("file size", FAIL, f"cannot probe {existing}: {exc.strerror}"))
     return out
+
+
+def _may_grow(root: Path) -> int:
+    """How much more the local replicas under ``root`` may take if every volume were written
+    whole (their files are sparse): what thin volumes promise beyond the disk's free space."""
+    total = 0
+    for name in volumes.list_names(root) if root.exists() else []:
+        try:
+            vol = volumes.load(root, name)
+            for replica in vol.replicas:
+                directory = vol.replica_dir(replica) if replica.get("local") else None
+                if directory is not None and directory.is_dir():
+                    total += max(0, vol.size - disk_bytes(directory))
+        except (LhfsError, OSError):
+            continue  # (the volume check says what is wrong with it)
+    return total
 
 
 # -- a volume ------------------------------------------------------------------------------
@@ -151,8 +172,10 @@ def _volume(root: Path, name: str) -> list[Check]:
     if runtime is not None:
         from lhfs.engine import control
 
+        live: dict[str, Any] = {}
         try:
-            state = control.call(vol.control_socket, "info", timeout=REACH_TIMEOUT)["state"]
+            live = control.call(vol.control_socket, "info", timeout=REACH_TIMEOUT)
+            state = live["state"]
         except LhfsError as exc:
             state = f"not answering ({exc})"
         status = OK if state == "healthy" else WARN if state == "degraded" else FAIL
@@ -164,6 +187,17 @@ def _volume(root: Path, name: str) -> list[Check]:
                 None if status == OK else "lhfs replica ls " + name,
             )
         )
+        refusal = live.get("last_refusal")
+        if refusal:
+            out.append(
+                Check(
+                    "refused writes",
+                    WARN,
+                    f"{live['refused_writes']} since attach, the last at {refusal['at']}: "
+                    f"{refusal['reason']}",
+                    "make room on its replicas' disks: it takes writes again by itself",
+                )
+            )
     key = vol.key()
     for replica in vol.replicas:
         label = f"replica {replica['id']}"

@@ -113,7 +113,7 @@ VOLUME_KEYS = (
     "name", "state", "size", "chunk_size", "backing_image", "filesystem", "settings",
     "attached", "device", "pid", "metrics", "loop", "mountpoint", "writes", "replicas",
     "snapshots", "restoring", "dr", "leftovers", "shared_writes", "shared_reads",
-    "replica_answered_reads",
+    "replica_answered_reads", "refused_writes", "last_refusal",
 )  # fmt: skip
 REPLICA_KEYS = (
     "id", "address", "mode", "error", "since", "revision", "rebuild_progress",
