@@ -23,8 +23,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a crash leaves the old or the new file, whole."""
+def atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves the old or the new file, whole.
+    Raises before the replace, leaving the old file, or (``sync_dir``) after it, when the
+    directory could not be synced: the new file is in place then; without ``sync_dir`` the
+    caller syncs the directory and tells the two apart."""
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):  # a left-over of a crash (or a planted link:
         os.unlink(tmp)  # it is never followed)
@@ -42,9 +45,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):  # (a full disk: the space it took goes back)
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: Path, obj: Any, sync_dir: bool = True) -> None:
     """``atomic_write`` of a JSON document (sorted keys, so that equal states give equal files)."""
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n", sync_dir)

@@ -30,7 +30,14 @@ from typing import Any
 
 import trio
 
-from lhfs.core.errors import Busy, ConnectionLost, InvalidArgument, LhfsError, is_refusal
+from lhfs.core.errors import (
+    Busy,
+    ConnectionLost,
+    InvalidArgument,
+    LhfsError,
+    NoSpace,
+    is_refusal,
+)
 from lhfs.core.units import rfc3339
 from lhfs.wire import protocol as p
 from lhfs.wire import shm
@@ -643,9 +650,11 @@ class Engine:
     def _settle_io(
         self, took: list[ReplicaLink], refused: list[tuple[ReplicaLink, LhfsError]]
     ) -> LhfsError | None:
-        """Settle the refusals of a write, trim or flush (``NoSpace``: a replica's disk is
-        full; it wrote nothing). Taken by an RW replica: the request is done, and the
-        replicas that refused it lack it now, so they are rebuilt. Refused by every RW replica:
+        """Settle the refusals of a write, trim or flush: ``NoSpace``, a replica's disk is
+        full and it wrote nothing (the only error answer on this path that is not a failure).
+        Taken by an RW replica: the request is done, and the replicas that refused it lack it
+        now, so they are rebuilt (replicas sharing a disk mostly refuse the same request, but
+        the last free blocks may go to the first that asks). Refused by every RW replica:
         they are all as they were, the request fails with the refusal and the volume serves
         on (reads, writes into space it holds); a replica being rebuilt that took it is
         unlike them now and is rebuilt again. Returns the refusal to answer, if any."""
@@ -654,6 +663,8 @@ class Engine:
             return None
         for link in took:
             self.fail(link, "took a write the healthy replicas refused: rebuilding", at_once=True)
+        if not self._healthy():
+            return None
         error = refused[0][1]
         self.refused_writes += 1
         self.last_refusal = (rfc3339(), str(error))
@@ -795,17 +806,17 @@ class _Fanout:
         self.remaining -= 1
         if error is None:
             self.took.append(link)
-        elif is_refusal(error):
+        elif isinstance(error, NoSpace):  # (any other error answer here is a failure)
             self.refused.append((link, error))
         else:
             engine.fail(link, str(error))
         if self.remaining == 0:
             engine._leave()
             refusal = engine._settle_io(self.took, self.refused) if self.refused else None
-            if refusal is not None:
+            if not engine._healthy():
+                self.done(Faulted("volume is faulted: no healthy replica"))
+            elif refusal is not None:
                 self.done(refusal)
-            elif engine._healthy():
+            else:
                 engine.writes += 1
                 self.done(None)
-            else:
-                self.done(Faulted("volume is faulted: no healthy replica"))

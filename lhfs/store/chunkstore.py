@@ -31,6 +31,7 @@ import copy
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import resource
@@ -50,6 +51,7 @@ from lhfs.core.errors import (
     Busy,
     CorruptState,
     InvalidArgument,
+    NoSpace,
     NotFound,
 )
 from lhfs.core.names import check_name
@@ -67,6 +69,8 @@ from lhfs.store.layer import (
     reserve,
     write_data,
 )
+
+log = logging.getLogger("lhfs.store")
 
 META = "volume.json"
 FORMAT = 1
@@ -264,7 +268,8 @@ class ChunkStore:
             if stamp != backing.get("stamp"):
                 meta = self._meta_copy()
                 meta["backing"]["stamp"] = stamp
-                self._commit_meta(meta)
+                with contextlib.suppress(NoSpace):  # (only spares the next open a hashing)
+                    self._commit_meta(meta)
         for layer_id in self.meta["layers"]:
             layer = Layer.load(self.dir, layer_id, self.chunk_size)
             self.layers[layer_id] = layer
@@ -346,8 +351,14 @@ class ChunkStore:
         backup's system snapshot still needs a block for the new file) then leaves the store
         as it was, where changing memory first would leave it unlike its own disk."""
         with no_room("its metadata"):
-            atomic_write_json(self.dir / META, meta)
+            atomic_write_json(self.dir / META, meta, sync_dir=False)
         self.meta = meta
+        try:
+            fsync_dir(self.dir)
+        except OSError as exc:
+            # The new file is in place (every open reads it): failing now would leave memory
+            # unlike it. Only its durability across a power cut waits for the next sync.
+            log.warning("metadata of %s saved but its directory not synced: %s", self.dir, exc)
 
     def _new_layers(self, meta: dict[str, Any], layer_ids: list[str]) -> list[Layer]:
         """Create the files of new layers, then commit ``meta`` naming them; if either fails,
@@ -445,6 +456,7 @@ class ChunkStore:
         cs = self.chunk_size
         chunk, within = divmod(offset, cs)
         if within + length <= cs and self.partial is None and head.index.get(chunk) == DATA:
+            head.claim_index(0)  # (the next flush's batch header)
             write_data(head.fd, view, offset)  # (most writes: inside a chunk the head holds)
             self.revision += 1
             return
@@ -493,10 +505,18 @@ class ChunkStore:
             elif run >= 0:
                 runs.append((run, chunk - run))
                 run = -1
-        if runs:
-            head.claim_index(sum(n for _, n in runs))
-        for first, n in runs:
-            reserve(head.fd, first * cs, n * cs, what)
+        head.claim_index(sum(n for _, n in runs))
+        try:
+            for first, n in runs:
+                reserve(head.fd, first * cs, n * cs, what)
+        except NoSpace:
+            # Give back what this request claimed, but for chunks a rebuild wrote in part
+            # (``partial``): their bytes are in the file, not yet in the index.
+            for first, n in runs:
+                for chunk in range(first, first + n):
+                    if self.partial is None or chunk not in self.partial:
+                        punch_hole(head.fd, chunk * cs, cs)
+            raise
 
     def _write_run(
         self, view: memoryview, offset: int, start: int, end: int, new_chunks: list[int]
@@ -648,7 +668,9 @@ class ChunkStore:
         Between two steps the caller may run writes and trims: each step decides per chunk, at
         that moment, whether the child already holds it. Every copy preserves the child's content
         (the child read that chunk through to this snapshot anyway), so a crash at any point
-        leaves a valid chain and running the removal again finishes it.
+        leaves a valid chain and running the removal again finishes it. So does a full disk
+        (``NoSpace``, raised before a chunk is copied): the content is as it was, the chain
+        not shorter yet.
         """
         sid = self._snapshot_id(name)
         snap = self.layers[sid]
@@ -662,6 +684,7 @@ class ChunkStore:
         try:
             yield done, total
             for child in children:
+                child.claim_index(len(items))  # (a flush after it never lacks room)
                 child.drop_sums()
                 for i, (chunk, state) in enumerate(items):
                     if chunk not in child.index:
@@ -1043,6 +1066,7 @@ class ChunkStore:
         if not upload.exists() or upload.stat().st_size != id_size(image_id):
             raise InvalidArgument("no verified backing image upload to adopt")
         local = self.dir / check_name(file_name, "backing image file name")
+        new = not local.exists()
         os.rename(upload, local)
         fsync_dir(self.dir)
         meta = self._meta_copy()
@@ -1050,7 +1074,8 @@ class ChunkStore:
         try:
             self._commit_meta(meta)
         except BaseException:
-            os.rename(local, upload)  # (so that adopting it can be asked again)
+            if new:
+                os.rename(local, upload)  # (so that adopting it can be asked again)
             raise
         if self.backing is not None:
             self.backing.close()

@@ -215,6 +215,7 @@ class Layer:
             if self._torn_at is not None:
                 os.ftruncate(fd, self._torn_at)
                 self._torn_at = None
+                self._log_room = 0  # (a cut frees what was claimed past the end)
             end = os.fstat(fd).st_size
             if end + len(batch) > self._log_room:
                 reserve(fd, end, len(batch), "a flush")
@@ -228,6 +229,7 @@ class Layer:
                     os.ftruncate(fd, end)
                 except OSError:
                     self._torn_at = end  # (cut before the next batch, then)
+                self._log_room = 0  # (a cut frees what was claimed past the end)
                 raise
         finally:
             os.close(fd)
@@ -236,17 +238,22 @@ class Layer:
         self.pending.clear()
         self.revision = revision
         if self._log_room and self._log_room - self._log_size < INDEX_ROOM // 4:
-            with contextlib.suppress(OSError):  # (claimed ahead while there is room)
+            with contextlib.suppress(OSError, NoSpace):  # (claimed ahead while there is room)
                 self._claim_log(self._log_size + INDEX_ROOM)
 
     def claim_index(self, entries: int) -> None:
-        """Claim the index log's room for ``entries`` more entries before the writes they
-        describe are taken: a full disk then refuses the write (``NoSpace``), never the flush
-        of a write it took. Claimed ahead, ``INDEX_ROOM`` at a time: a flush that adds no
-        entry still adds a batch header."""
-        need = self._log_size + (len(self.pending) + entries) * _ENTRY.size + 4 * _BATCH.size
+        """Claim the index log's room for ``entries`` more entries, and the header of the batch
+        that will hold them, before the writes they describe are taken: a full disk then
+        refuses the write (``NoSpace``), never the flush of a write it took. Every write
+        claims (most with ``entries`` 0: a write into a chunk the head holds still makes the
+        next flush add a header). Claimed ahead, ``INDEX_ROOM`` at a time, or just what is
+        needed when the disk has less."""
+        need = self._log_size + (len(self.pending) + entries) * _ENTRY.size + 2 * _BATCH.size
         if need > self._log_room:
-            self._claim_log(need + INDEX_ROOM)
+            try:
+                self._claim_log(need + INDEX_ROOM)
+            except NoSpace:
+                self._claim_log(need)
 
     def _claim_log(self, size: int) -> None:
         fd = os.open(self.index_path, os.O_WRONLY)
