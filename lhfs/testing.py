@@ -343,7 +343,7 @@ def fill(path: Path) -> int:
     """Write a new file at ``path`` until its disk is full, to the last block; its size."""
     written = 0
     with open(path, "wb", buffering=0) as f:
-        for size in (1 << 20, 64 << 10, 4096):
+        for size in (1 << 20, 64 << 10, 4096, 1024):  # (down to the smallest block)
             block = bytes(size)
             with contextlib.suppress(OSError):
                 while True:
