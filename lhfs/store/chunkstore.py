@@ -456,7 +456,8 @@ class ChunkStore:
         cs = self.chunk_size
         chunk, within = divmod(offset, cs)
         if within + length <= cs and self.partial is None and head.index.get(chunk) == DATA:
-            head.claim_index(0)  # (the next flush's batch header)
+            if not head.flush_room:
+                head.claim_index(0)  # (the next flush's batch header)
             write_data(head.fd, view, offset)  # (most writes: inside a chunk the head holds)
             self.revision += 1
             return

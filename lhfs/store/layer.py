@@ -145,6 +145,9 @@ class Layer:
         self._log_entries = 0
         self._log_size = 0  # bytes of the index log
         self._log_room = 0  # bytes of it known claimed on disk (see ``claim_index``)
+        # whether the next flush's batch has its room, as far as writes into chunks the layer
+        # holds go (they add no entry): such a write then claims nothing (a check per write)
+        self.flush_room = False
         self._sums: dict[int, tuple[int, bytes]] | None = None
         self._sums_dirty = False
         self._torn_at: int | None = None
@@ -198,6 +201,7 @@ class Layer:
         else:
             self.index[chunk] = state
         self.pending.append((chunk, state))
+        self.flush_room = False
 
     def commit(self, revision: int) -> None:
         """Append the pending index changes as one checksummed batch and fsync the log.
@@ -216,6 +220,7 @@ class Layer:
                 os.ftruncate(fd, self._torn_at)
                 self._torn_at = None
                 self._log_room = 0  # (a cut frees what was claimed past the end)
+                self.flush_room = False
             end = os.fstat(fd).st_size
             if end + len(batch) > self._log_room:
                 reserve(fd, end, len(batch), "a flush")
@@ -230,6 +235,7 @@ class Layer:
                 except OSError:
                     self._torn_at = end  # (cut before the next batch, then)
                 self._log_room = 0  # (a cut frees what was claimed past the end)
+                self.flush_room = False
                 raise
         finally:
             os.close(fd)
@@ -240,6 +246,7 @@ class Layer:
         if self._log_room and self._log_room - self._log_size < INDEX_ROOM // 4:
             with contextlib.suppress(OSError, NoSpace):  # (claimed ahead while there is room)
                 self._claim_log(self._log_size + INDEX_ROOM)
+        self.flush_room = self._log_size + 2 * _BATCH.size <= self._log_room
 
     def claim_index(self, entries: int) -> None:
         """Claim the index log's room for ``entries`` more entries, and the header of the batch
@@ -254,6 +261,7 @@ class Layer:
                 self._claim_log(need + INDEX_ROOM)
             except NoSpace:
                 self._claim_log(need)
+        self.flush_room = True
 
     def _claim_log(self, size: int) -> None:
         fd = os.open(self.index_path, os.O_WRONLY)
@@ -298,6 +306,7 @@ class Layer:
         atomic_write(self.index_path, header + entries)
         self._log_entries = len(live)
         self._log_size = self._log_room = len(header) + len(entries)
+        self.flush_room = False
         self.pending = []
 
     def _replay(self) -> None:
