@@ -3,15 +3,18 @@ server; restored under other roots; interrupted by SIGKILL."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import signal
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
 from conftest import needs_fuse
 
 from lhfs.core.procs import wait_for
+from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, teardown, write_at
 from tools.faultproxy import FaultProxy
 
@@ -102,6 +105,67 @@ def test_a_system_backup_completes_and_restores_equal(
     assert len(removed["removed_backups"]) == 5
     assert cli.json("system", "ls", "--target", target) == []
     assert cli.json("backup", "check", "--target", target)["problems"] == []
+
+
+def test_a_system_backup_takes_every_volume_at_one_instant(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A writer puts a counter into volume a, then the same into volume b, each write answered
+    before the next (an application keeping its log on one volume and its data on another):
+    in each of three system backups taken while it writes, b holds a's counter or the one
+    before, never a later one (snapshotted one after the other, b would run ahead)."""
+    target = "s3://system-instant/p"
+    devices = {name: tmp_path / f"{name}.dev" for name in ("a", "b")}
+    for name, device in devices.items():
+        cli.run("volume", "create", name, "--size", "16M", "--replicas", "1")
+        cli.run("volume", "attach", name, "--device", str(device))
+    stop = threading.Event()
+    written = [0]
+    failed: list[OSError] = []
+
+    def writer() -> None:
+        fds = [os.open(devices[name], os.O_RDWR | os.O_DIRECT) for name in ("a", "b")]
+        buf = mmap.mmap(-1, 4096)
+        try:
+            while not stop.is_set():
+                buf[:8] = (written[0] + 1).to_bytes(8, "little")
+                for fd in fds:
+                    os.pwritev(fd, [buf], 0)
+                written[0] += 1
+        except OSError as exc:
+            failed.append(exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        wait_for(lambda: written[0] > 100 or failed, 30, "the writer under way")
+        urls = []
+        for n in range(3):
+            bucket = ("--create-bucket",) if n == 0 else ()
+            result = cli.run("system", "backup", "--target", target, "--name", f"s{n}", *bucket)
+            urls.append(result.stdout.strip().splitlines()[-1])
+            seen = written[0]
+            wait_for(lambda seen=seen: written[0] > seen + 100 or failed, 30, "more writes")
+    finally:
+        stop.set()
+        thread.join()
+    assert not failed, failed
+    for n, url in enumerate(urls):
+        other = Cli(tmp_path / f"root{n}")
+        try:
+            other.run("system", "restore", url, "--quiet")
+            counters = {}
+            for name in ("a", "b"):
+                replica = other.root / "volumes" / name / "replicas" / "r1"
+                with ChunkStore.open(replica) as store:
+                    counters[name] = int.from_bytes(store.read(0, 8), "little")
+            assert counters["a"] > 0, counters
+            assert counters["a"] - 1 <= counters["b"] <= counters["a"], counters
+        finally:
+            teardown(other.root)
 
 
 def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(

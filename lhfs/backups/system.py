@@ -1,12 +1,13 @@
 """System backups: every volume and backing image of a root, in one named backup.
 
-``lhfs system backup`` takes a snapshot of every volume first, one after the other with
-nothing in between (each crash-consistent; together within a moment, not one instant), then
-backs each up as an ordinary backup, then every backing image, then writes the system
-record naming them all with the volumes' settings (never a key or a credential). Each part
-reports its progress to 100%, also a part whose content the store already holds (it sends
-nothing and is complete at once), or the whole fails naming the part and why. Interrupted, it
-leaves no record: nothing that looks complete (see ``backupstore.systems``).
+``lhfs system backup`` takes a snapshot of every volume first, at one instant: the I/O of
+every attached volume is held while they are taken (``lhfs.engine.hold``), so that together
+they are crash-consistent, as one disk would be. Then it backs each up as an ordinary backup,
+then every backing image, then writes the system record naming them all with the volumes'
+settings (never a key or a credential). Each part reports its progress to 100%, also a part
+whose content the store already holds (it sends nothing and is complete at once), or the
+whole fails naming the part and why. Interrupted, it leaves no record: nothing that looks
+complete (see ``backupstore.systems``).
 
 ``lhfs system restore`` recreates the backing images and the volumes under a root where none
 of those names exist, each volume with its recorded settings, replica count and file system
@@ -20,6 +21,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
@@ -102,12 +104,14 @@ def create(
         "skipped": skipped,
     }
     with systems.running(store, name), contextlib.ExitStack() as held:
-        snapshots = {}
-        for vol in chosen:  # every snapshot first: taken together, before any upload
-            snapshot = f"backup-{stamp}-{secrets.token_hex(2)}"
-            held.enter_context(housekeeping.hold(vol, snapshot))
-            _part(f"volume {vol.name}", manage.snapshot_create, root, vol.name, snapshot, True)
-            snapshots[vol.name] = snapshot
+        snapshots = {vol.name: f"backup-{stamp}-{secrets.token_hex(2)}" for vol in chosen}
+        for vol in chosen:
+            held.enter_context(housekeeping.hold(vol, snapshots[vol.name]))
+        with manage.io_held(chosen), ThreadPoolExecutor(8) as pool:
+            # every snapshot first, at one instant, before any upload
+            taken = [pool.submit(_snapshot, root, vol, snapshots[vol.name]) for vol in chosen]
+            for future in taken:
+                future.result()
         for vol in chosen:
             part = f"volume {vol.name}"
             part_url, stats = _part(
@@ -147,6 +151,10 @@ def create(
             }
         systems.put(store, record)
     return {**record, "url": system_url(target, name)}
+
+
+def _snapshot(root: Path, vol: volumes.Volume, snapshot: str) -> None:
+    _part(f"volume {vol.name}", manage.snapshot_create, root, vol.name, snapshot, True)
 
 
 def _of(part: str, progress: PartProgress) -> Callable[..., None]:

@@ -42,6 +42,7 @@ from lhfs.engine import control, housekeeping
 from lhfs.engine.engine import ERR, RW, Engine, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
 from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
+from lhfs.engine.hold import IoHold
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
 from lhfs.engine.rebuild import rebuild
@@ -66,6 +67,7 @@ class Daemon:
         self.channel = FuseChannel(device)
         self.key = vol.key()
         self.rejoiner: Rejoiner | None = None
+        self.io_hold: IoHold | None = None
         self.stats = IoStats()
         self.metrics_address = metrics
         self.last_scrub: dict[str, Any] | None = None
@@ -183,6 +185,14 @@ class Daemon:
         if op == "flush":
             await engine.flush()
             return None
+        if op in ("hold", "release"):  # (a snapshot across volumes: ``lhfs.engine.hold``)
+            assert self.io_hold is not None
+            if op == "release":
+                return {"released": self.io_hold.release(str(args.get("hold")))}
+            lease, drain = args.get("lease"), args.get("drain")
+            if not all(type(v) in (int, float) for v in (lease, drain)):
+                raise InvalidArgument("hold: lease and drain are numbers of seconds")
+            return {"hold": await self.io_hold.hold(float(lease), float(drain))}
         if op == "snapshot":
             name = check_name(str(args.get("name")), "snapshot name")
             if name in await self._snapshot_names():  # refused here: nothing is sent
@@ -535,6 +545,7 @@ class Daemon:
                 device=device,
             )
             self.rejoiner = Rejoiner(self.engine, nursery, self)
+            self.io_hold = IoHold(self.engine, nursery)
             self.engine.on_failed = self.rejoiner.watch
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
             self.engine.tls_cas = {

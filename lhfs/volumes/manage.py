@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,47 @@ def snapshot_create(
             if any(s["name"] == snapshot for s in store.list_layers()):
                 raise AlreadyExists(f"snapshot {snapshot!r} already exists")
         return _snapshot_entry([store.snapshot(snapshot) for store in stores][-1])
+
+
+HOLD_LEASE = 60.0  # seconds a group hold lasts at most (``lhfs.engine.hold``)
+
+
+@contextlib.contextmanager
+def io_held(vols: list[volumes.Volume]) -> Iterator[None]:
+    """Hold the I/O of every attached volume of ``vols`` at once for the block, so that
+    snapshots taken inside it are from one instant across them (``lhfs.engine.hold``); a
+    detached volume has no I/O to hold. Raises ``WrongState`` after the block if a hold ended
+    by itself before it did (its lease ran out): the snapshots are then not from one instant."""
+    held: list[tuple[volumes.Volume, str]] = []
+    finished = False
+    try:
+        for vol in vols:
+            if vol.runtime() is None:
+                continue
+            drain = vol.setting("io_timeout") + 5  # (a replica silent longer is failed)
+            try:
+                answer = control.call(
+                    vol.control_socket, "hold", timeout=drain + 30, lease=HOLD_LEASE, drain=drain
+                )
+            except control.NotAttached:
+                continue
+            held.append((vol, answer["hold"]))
+        yield
+        finished = True
+    finally:
+        lost = []
+        for vol, hold_id in held:
+            try:
+                released = control.call(vol.control_socket, "release", timeout=30, hold=hold_id)
+            except LhfsError:
+                released = {"released": False}
+            if not released["released"]:
+                lost.append(vol.name)
+    if finished and lost:
+        raise WrongState(
+            f"the I/O of {', '.join(lost)} was held for {HOLD_LEASE:g}s at most and was let go "
+            "before every snapshot was taken: they are not from one instant; try again"
+        )
 
 
 def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:
