@@ -746,7 +746,8 @@ class Engine:
 
     async def snapshot(self, name: str) -> dict[str, Any]:
         self.refuse_during_rebuild("a snapshot")
-        await self.flush()
+        if not self._holds:  # (flushed first so that I/O waits less; held, it would wait)
+            await self.flush()
         return (await self.call_all("snapshot", name=name))[0]
 
     async def remove_snapshot(self, name: str) -> None:
