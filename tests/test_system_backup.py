@@ -8,14 +8,19 @@ import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 from conftest import needs_fuse
 
+from lhfs.config import volume as volumes
+from lhfs.core.errors import Busy
 from lhfs.core.procs import wait_for
+from lhfs.engine import control
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, teardown, write_at
+from lhfs.testing import Cli, read_direct, teardown, write_at, write_direct
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
@@ -166,6 +171,33 @@ def test_a_system_backup_takes_every_volume_at_one_instant(
             assert counters["a"] - 1 <= counters["b"] <= counters["a"], counters
         finally:
             teardown(other.root)
+
+
+def test_a_hold_nobody_lets_go_ends_by_itself(cli: Cli, tmp_path: Path) -> None:
+    """The hold a system backup puts on a volume's I/O is a lease: one whose command died
+    (never released) ends by itself, and the write that waited behind it goes through."""
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    sock = volumes.load(cli.root, "v").control_socket
+    hold = control.call(sock, "hold", wait=10)["hold"]
+    with pytest.raises(Busy, match="held already"):
+        control.call(sock, "hold", wait=10)
+    control.call(sock, "freeze", hold=hold, drain=10, lease=2)
+    frozen = time.monotonic()
+    done: list[float] = []
+
+    def write() -> None:
+        write_direct(device, 0, b"w" * 4096)
+        done.append(time.monotonic())
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join(30)
+    assert done and done[0] - frozen >= 1.5, (done, frozen)  # (held until the lease ran out)
+    assert control.call(sock, "release", hold=hold) == {"released": False}
+    assert "ended: nobody let it go within 2s" in cli.engine_log("v")
+    assert read_direct(device, 0, 4096) == b"w" * 4096
 
 
 def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(

@@ -37,6 +37,7 @@ from lhfs.core.errors import (
     LhfsError,
     NotFound,
     UsageError,
+    WrongState,
 )
 from lhfs.core.names import check_name
 from lhfs.core.units import rfc3339
@@ -107,9 +108,12 @@ def create(
         snapshots = {vol.name: f"backup-{stamp}-{secrets.token_hex(2)}" for vol in chosen}
         for vol in chosen:
             held.enter_context(housekeeping.hold(vol, snapshots[vol.name]))
-        with manage.io_held(chosen), ThreadPoolExecutor(8) as pool:
+        with manage.io_held(chosen) as holds, ThreadPoolExecutor(8) as pool:
             # every snapshot first, at one instant, before any upload
-            taken = [pool.submit(_snapshot, root, vol, snapshots[vol.name]) for vol in chosen]
+            taken = [
+                pool.submit(_snapshot, root, vol, snapshots[vol.name], holds.get(vol.name))
+                for vol in chosen
+            ]
             for future in taken:
                 future.result()
         for vol in chosen:
@@ -153,8 +157,11 @@ def create(
     return {**record, "url": system_url(target, name)}
 
 
-def _snapshot(root: Path, vol: volumes.Volume, snapshot: str) -> None:
-    _part(f"volume {vol.name}", manage.snapshot_create, root, vol.name, snapshot, True)
+def _snapshot(root: Path, vol: volumes.Volume, snapshot: str, hold: str | None) -> None:
+    """One volume's snapshot of a system backup: inside its hold, or detached (no I/O)."""
+    if hold is None and vol.runtime() is not None:
+        raise WrongState(f"volume {vol.name} was attached during the system backup: try again")
+    _part(f"volume {vol.name}", manage.snapshot_create, root, vol.name, snapshot, True, hold)
 
 
 def _of(part: str, progress: PartProgress) -> Callable[..., None]:

@@ -55,6 +55,13 @@ from lhfs.wire.client import parse_address
 log = logging.getLogger("lhfs.daemon")
 
 
+def _seconds(args: dict[str, Any], key: str) -> float:
+    value = args.get(key)
+    if type(value) not in (int, float):
+        raise InvalidArgument(f"{key} is a number of seconds")
+    return float(value)
+
+
 class Daemon:
     def __init__(self, vol: volumes.Volume, device: Path, metrics: str | None = None) -> None:
         self.vol = vol
@@ -185,19 +192,26 @@ class Daemon:
         if op == "flush":
             await engine.flush()
             return None
-        if op in ("hold", "release"):  # (a snapshot across volumes: ``lhfs.engine.hold``)
+        if op in ("hold", "freeze", "release"):  # (snapshots at one instant: engine.hold)
             assert self.io_hold is not None
+            if op == "hold":
+                return {"hold": await self.io_hold.prepare(_seconds(args, "wait"))}
+            hold = str(args.get("hold"))
             if op == "release":
-                return {"released": self.io_hold.release(str(args.get("hold")))}
-            lease, drain = args.get("lease"), args.get("drain")
-            if not all(type(v) in (int, float) for v in (lease, drain)):
-                raise InvalidArgument("hold: lease and drain are numbers of seconds")
-            return {"hold": await self.io_hold.hold(float(lease), float(drain))}
+                return {"released": self.io_hold.release(hold)}
+            await self.io_hold.freeze(hold, _seconds(args, "drain"), _seconds(args, "lease"))
+            return None
         if op == "snapshot":
             name = check_name(str(args.get("name")), "snapshot name")
+            hold = args.get("hold")
+            if hold is not None:  # inside a hold: I/O is held and the hold owns ``structural``
+                assert self.io_hold is not None
+                self.io_hold.check(str(hold))
             if name in await self._snapshot_names():  # refused here: nothing is sent
                 raise AlreadyExists(f"snapshot {name!r} already exists")
-            taken = await engine.snapshot(name)
+            taken = await engine.snapshot(name, held=hold is not None)
+            if hold is not None:
+                self.io_hold.check(str(hold))  # (a hold that ran out meanwhile: not one instant)
             if housekeeping.is_system(name):
                 self.housekeep()
             return taken

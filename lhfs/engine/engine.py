@@ -722,16 +722,18 @@ class Engine:
                 f"a replica is being rebuilt: {what} is refused until it is RW (lhfs replica ls)"
             )
 
-    async def call_all(self, method: str, **args: Any) -> list[Any]:
+    async def call_all(self, method: str, held: bool = False, **args: Any) -> list[Any]:
         """A control call on every replica taking writes, with I/O drained around it, so that
-        the replicas are at the same point of the write stream (crash-consistent snapshots)."""
+        the replicas are at the same point of the write stream (crash-consistent snapshots).
+        ``held``: the caller's hold owns ``structural`` and holds I/O already
+        (``lhfs.engine.hold``)."""
+        call = p.encode_json({"method": method, "args": args})
+        if held:
+            return [p.decode_json(a) for a in await self._fanout(p.CALL, call)]
         async with self.structural:
             await self.quiesce()
             try:
-                answers = await self._fanout(
-                    p.CALL, p.encode_json({"method": method, "args": args})
-                )
-                return [p.decode_json(a) for a in answers]
+                return [p.decode_json(a) for a in await self._fanout(p.CALL, call)]
             finally:
                 self.resume()
 
@@ -744,11 +746,13 @@ class Engine:
                 self.fail(link, str(exc))
         raise Faulted("volume is faulted: no healthy replica")
 
-    async def snapshot(self, name: str) -> dict[str, Any]:
+    async def snapshot(self, name: str, held: bool = False) -> dict[str, Any]:
+        """``held``: inside a hold of the volume's I/O (``lhfs.engine.hold``), which flushed
+        before it held; flushed here first otherwise, so that I/O waits less."""
         self.refuse_during_rebuild("a snapshot")
-        if not self._holds:  # (flushed first so that I/O waits less; held, it would wait)
+        if not held:
             await self.flush()
-        return (await self.call_all("snapshot", name=name))[0]
+        return (await self.call_all("snapshot", held=held, name=name))[0]
 
     async def remove_snapshot(self, name: str) -> None:
         """Coalesce a snapshot away on every replica; I/O goes on meanwhile (no deadline: the

@@ -1,31 +1,36 @@
-"""A hold on a volume's I/O for a snapshot at one instant across several volumes.
+"""A hold on a volume's I/O for snapshots at one instant across several volumes.
 
 ``lhfs system backup`` holds every attached volume's I/O (new requests wait, in order; those
-in flight are answered), then snapshots each volume, then releases them all: a write that an
-application made after seeing another one acknowledged, on another volume, is in a snapshot
-only if that other one is too (a database's log on one volume and its data on another stay
-in step). Each volume held alone, one after the other, gives no such promise: between two
+in flight are answered), snapshots each volume, then lets them all go: a write that an
+application made after seeing another one answered, on another volume, is in a snapshot only
+if that other one is too (a database's log on one volume and its data on another stay in
+step). Each volume snapshotted alone, one after the other, gives no such promise: between two
 snapshots an application goes on writing.
 
-A hold is a lease: it ends by itself after ``lease`` seconds if nobody releases it (the
-command that held it died), and its owner learns at release whether it lasted: if it did not,
-the snapshots were not all taken inside it.
+A hold has two steps, so that the volumes' I/O waits only for the snapshots: ``prepare`` (I/O
+still flows) takes the engine's ``structural`` lock, which a snapshot removal or a rebuild step
+may hold for long, and flushes; once every volume is prepared, ``freeze`` holds the I/O of all
+of them at once. One task owns the hold from the lock to the end (a trio lock is released by
+the task that took it). Each step is a lease: a hold that nobody freezes or releases in time
+(the command that asked died) ends by itself, and its owner learns at release whether it was
+still frozen.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
+from typing import Any
 
 import trio
 
-from lhfs.core.errors import Busy, InvalidArgument, LhfsError
+from lhfs.core.errors import Busy, InvalidArgument, LhfsError, WrongState
 from lhfs.engine.engine import Engine
 
 log = logging.getLogger("lhfs.hold")
 
-MAX_LEASE = 300.0
+MAX_SECONDS = 600.0
+PREPARED_LEASE = 600.0  # a prepared hold nobody freezes (or releases) ends by itself
 
 
 class IoHold:
@@ -35,50 +40,115 @@ class IoHold:
         self.engine = engine
         self.nursery = nursery
         self.id: str | None = None
-        self._lease: trio.CancelScope | None = None
+        self.frozen = False  # I/O is held (between ``freeze`` and the end)
+        self._freeze = trio.Event()
+        self._frozen = trio.Event()  # the freeze was answered (``_error`` if it failed)
+        self._end = trio.Event()
+        self._error: LhfsError | None = None
+        self._timing = (0.0, 0.0)  # drain, lease of the freeze
 
-    async def hold(self, lease: float, drain: float) -> str:
-        """Hold I/O: once what is in flight is answered (within ``drain`` seconds, else
-        nothing stays held), return the hold's id. It ends at ``release`` or after ``lease``
-        seconds, whichever comes first."""
-        if not (0 < lease <= MAX_LEASE and 0 < drain <= MAX_LEASE) or math.isnan(lease + drain):
-            raise InvalidArgument(f"a hold lasts from 0 to {MAX_LEASE:g} seconds")
+    async def prepare(self, wait: float) -> str:
+        """Take the engine's structural lock (within ``wait`` seconds) and flush, I/O still
+        flowing; the hold's id."""
+        _check_seconds(wait)
         if self.id is not None:
             raise Busy("this volume's I/O is held already (another system backup?)")
         hold_id = self.id = secrets.token_hex(6)
+        self.frozen, self._error = False, None
+        self._freeze, self._frozen, self._end = trio.Event(), trio.Event(), trio.Event()
         try:
-            with trio.fail_after(drain):
-                await self.engine.flush()  # (what the snapshots flush while I/O waits: less)
-                await self.engine.quiesce()
-        except trio.TooSlowError:
-            self.id = None
-            raise LhfsError(
-                f"the volume's I/O in flight was not answered within {drain:g}s"
-            ) from None
+            await self.nursery.start(self._run, hold_id, wait)
         except BaseException:
-            self.id = None
+            if self.id == hold_id:
+                self.id = None
             raise
-        self._lease = trio.CancelScope(deadline=trio.current_time() + lease)
-        self.nursery.start_soon(self._expire, hold_id, self._lease)
         return hold_id
 
-    async def _expire(self, hold_id: str, scope: trio.CancelScope) -> None:
-        with scope:
-            await trio.sleep_forever()
-        if self.id == hold_id:  # (the lease ran out: not released)
-            log.warning("I/O hold %s ended by itself: nobody released it in time", hold_id)
-            self._end()
+    async def freeze(self, hold_id: str, drain: float, lease: float) -> None:
+        """Hold I/O once what is in flight is answered (within ``drain`` seconds, else
+        nothing stays held), until ``release`` or ``lease`` seconds from now."""
+        _check_seconds(drain, lease)
+        self._require(hold_id)
+        if self._end.is_set() or self._freeze.is_set():
+            raise WrongState("this hold was frozen or released already")
+        self._timing = (drain, lease)
+        self._freeze.set()
+        await self._frozen.wait()
+        if self._error is not None:
+            raise self._error
 
     def release(self, hold_id: str) -> bool:
-        """End the hold ``hold_id``; whether it was still in place (its lease not run out)."""
+        """End the hold ``hold_id``; whether its I/O was still held (its lease not run out)."""
         if hold_id != self.id:
             return False
-        self._end()
-        return True
+        frozen = self.frozen
+        self._end.set()
+        self._freeze.set()  # (a hold released before its freeze wakes up to end)
+        return frozen
 
-    def _end(self) -> None:
-        self.id = None
-        if self._lease is not None:
-            self._lease.cancel()
-            self._lease = None
-        self.engine.resume()
+    def check(self, hold_id: str) -> None:
+        """Raise unless I/O is held by ``hold_id`` (what a snapshot inside the hold needs)."""
+        self._require(hold_id)
+        if not self.frozen:
+            raise WrongState("this volume's I/O is not held (its hold ran out?): try again")
+
+    def _require(self, hold_id: str) -> None:
+        if hold_id != self.id:
+            raise WrongState("no such hold on this volume: it ran out or was released")
+
+    async def _run(self, hold_id: str, wait: float, task_status: Any) -> None:
+        engine = self.engine
+        try:
+            locked = False
+            with trio.move_on_after(wait):
+                await engine.structural.acquire()
+                locked = True
+            if not locked:
+                raise Busy(
+                    f"another operation on the volume (a snapshot removal?) went on for more "
+                    f"than {wait:g}s"
+                )
+            try:
+                await engine.flush()  # (what the snapshots flush while I/O waits: less)
+                task_status.started()
+                await self._frozen_until_end(hold_id)
+            finally:
+                engine.structural.release()
+        finally:
+            if self.id == hold_id:
+                self.id = None
+            self.frozen = False
+            self._frozen.set()
+
+    async def _frozen_until_end(self, hold_id: str) -> None:
+        """After ``prepare``: never raises (it runs in the engine's nursery)."""
+        with trio.move_on_after(PREPARED_LEASE):
+            await self._freeze.wait()
+        if self._end.is_set() or not self._freeze.is_set():
+            if not self._end.is_set():
+                log.warning("I/O hold %s ended: it was never frozen nor released", hold_id)
+            return
+        drain, lease = self._timing
+        try:
+            with trio.fail_after(drain):
+                await self.engine.quiesce()
+        except trio.TooSlowError:
+            self._error = LhfsError(f"the I/O in flight was not answered within {drain:g}s")
+            return
+        self.frozen = True
+        self._frozen.set()
+        try:
+            with trio.move_on_after(lease):
+                await self._end.wait()
+            if not self._end.is_set():
+                log.warning(
+                    "I/O hold %s ended by itself: nobody let it go within %gs", hold_id, lease
+                )
+        finally:
+            self.frozen = False
+            self.engine.resume()
+
+
+def _check_seconds(*values: float) -> None:
+    if not all(0 < v <= MAX_SECONDS for v in values):  # (NaN fails too)
+        raise InvalidArgument(f"a hold's times are from 0 to {MAX_SECONDS:g} seconds")

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -284,10 +285,11 @@ def expand(root: Path, name: str, size: int) -> dict[str, Any]:
 
 
 def snapshot_create(
-    root: Path, name: str, snapshot: str | None, system: bool = False
+    root: Path, name: str, snapshot: str | None, system: bool = False, hold: str | None = None
 ) -> dict[str, Any]:
     """A snapshot on every replica. ``system``: one of lhfs's own (a backup's), which
-    housekeeping may coalesce away later; an operator's name may not look like one."""
+    housekeeping may coalesce away later; an operator's name may not look like one. ``hold``:
+    taken inside that hold of the volume's I/O (``io_held``)."""
     vol = volumes.load(root, name)
     default = time.strftime("snap-%Y%m%d-%H%M%S")
     snapshot = check_name(default if snapshot is None else snapshot, "snapshot name")
@@ -300,7 +302,8 @@ def snapshot_create(
     vol.require_not_standby("a snapshot")
     vol.require_complete("a snapshot")
     if vol.runtime() is not None:
-        return _snapshot_entry(control.call(vol.control_socket, "snapshot", name=snapshot))
+        args = {"name": snapshot} if hold is None else {"name": snapshot, "hold": hold}
+        return _snapshot_entry(control.call(vol.control_socket, "snapshot", **args))
     with contextlib.ExitStack() as opened:
         stores = [opened.enter_context(ChunkStore.open(d)) for d in healthy_local_dirs(vol)]
         for store in stores:  # refuse before changing anything
@@ -309,45 +312,64 @@ def snapshot_create(
         return _snapshot_entry([store.snapshot(snapshot) for store in stores][-1])
 
 
-HOLD_LEASE = 60.0  # seconds a group hold lasts at most (``lhfs.engine.hold``)
+HOLD_WAIT = 300.0  # seconds a volume's hold may wait for a snapshot removal under way
+HOLD_LEASE = 60.0  # seconds a volume's I/O stays held at most (``lhfs.engine.hold``)
 
 
 @contextlib.contextmanager
-def io_held(vols: list[volumes.Volume]) -> Iterator[None]:
-    """Hold the I/O of every attached volume of ``vols`` at once for the block, so that
-    snapshots taken inside it are from one instant across them (``lhfs.engine.hold``); a
-    detached volume has no I/O to hold. Raises ``WrongState`` after the block if a hold ended
-    by itself before it did (its lease ran out): the snapshots are then not from one instant."""
-    held: list[tuple[volumes.Volume, str]] = []
+def io_held(vols: list[volumes.Volume]) -> Iterator[dict[str, str]]:
+    """Hold the I/O of every attached volume of ``vols`` at once for the block, so that the
+    snapshots taken inside it (``snapshot_create`` with each volume's hold, yielded by name)
+    are from one instant across them (``lhfs.engine.hold``). Each is prepared first (I/O
+    flowing), then all are frozen together. Raises ``WrongState`` after the block if a hold
+    ran out before it was let go: the snapshots may then not be from one instant."""
+    holds: dict[str, tuple[volumes.Volume, str]] = {}
     finished = False
     try:
         for vol in vols:
             if vol.runtime() is None:
                 continue
-            drain = vol.setting("io_timeout") + 5  # (a replica silent longer is failed)
             try:
-                answer = control.call(
-                    vol.control_socket, "hold", timeout=drain + 30, lease=HOLD_LEASE, drain=drain
-                )
+                answer = _held_call(vol, "hold", HOLD_WAIT + 30, wait=HOLD_WAIT)
             except control.NotAttached:
                 continue
-            held.append((vol, answer["hold"]))
-        yield
+            holds[vol.name] = (vol, answer["hold"])
+        with ThreadPoolExecutor(8) as pool:
+            frozen = [pool.submit(_freeze, vol, hold_id) for vol, hold_id in holds.values()]
+            for future in frozen:
+                future.result()
+        yield {name: hold_id for name, (_, hold_id) in holds.items()}
         finished = True
     finally:
-        lost = []
-        for vol, hold_id in held:
+        ran_out = []
+        for name, (vol, hold_id) in holds.items():
             try:
                 released = control.call(vol.control_socket, "release", timeout=30, hold=hold_id)
-            except LhfsError:
+            except Exception:  # (every other volume is let go all the same)
                 released = {"released": False}
             if not released["released"]:
-                lost.append(vol.name)
-    if finished and lost:
+                ran_out.append(name)
+    if finished and ran_out:
         raise WrongState(
-            f"the I/O of {', '.join(lost)} was held for {HOLD_LEASE:g}s at most and was let go "
-            "before every snapshot was taken: they are not from one instant; try again"
+            f"the I/O of {', '.join(ran_out)} was let go by itself after {HOLD_LEASE:g}s, maybe "
+            "before every snapshot was taken: they may not be from one instant; try again"
         )
+
+
+def _freeze(vol: volumes.Volume, hold_id: str) -> None:
+    drain = min(vol.setting("io_timeout") + 5, HOLD_WAIT)  # (a replica silent longer is failed)
+    _held_call(vol, "freeze", drain + 30, hold=hold_id, drain=drain, lease=HOLD_LEASE)
+
+
+def _held_call(vol: volumes.Volume, op: str, timeout: float, **args: Any) -> Any:
+    """A hold's control call; an error names the volume."""
+    try:
+        return control.call(vol.control_socket, op, timeout=timeout, **args)
+    except control.NotAttached:
+        raise
+    except LhfsError as exc:
+        exc.args = (f"volume {vol.name}: {exc}",)
+        raise
 
 
 def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:
