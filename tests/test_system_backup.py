@@ -196,7 +196,7 @@ def test_a_hold_nobody_lets_go_ends_by_itself(cli: Cli, tmp_path: Path) -> None:
     thread.join(30)
     assert done and done[0] - frozen >= 1.5, (done, frozen)  # (held until the lease ran out)
     assert control.call(sock, "release", hold=hold) == {"released": False}
-    assert "ended: nobody let it go within 2s" in cli.engine_log("v")
+    assert "ended by itself: nobody let it go within 2s" in cli.engine_log("v")
     assert read_direct(device, 0, 4096) == b"w" * 4096
 
 
