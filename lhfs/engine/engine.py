@@ -136,7 +136,6 @@ class Engine:
         self._drained.set()
         self._resumed = trio.Event()
         self._resumed.set()
-        self._holds = 0  # quiesce calls not yet resumed
         self._parked: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self.structural = trio.Lock()  # snapshot, expand, rebuild barrier: one at a time
         self.rebuild_lock = trio.Lock()
@@ -318,11 +317,8 @@ class Engine:
     async def quiesce(self) -> None:
         """Hold new I/O back (it is parked, in order) and wait for what is in flight. If the
         wait is cancelled, I/O resumes: nothing may stay parked behind a caller that left.
-        Holds nest (a snapshot inside a group hold, see ``lhfs.engine.hold``): I/O flows again
-        at the last ``resume``."""
-        self._holds += 1
-        if self._resumed.is_set():
-            self._resumed = trio.Event()
+        Callers hold ``structural``: one hold at a time (``lhfs.engine.hold`` too)."""
+        self._resumed = trio.Event()
         try:
             await self._drained.wait()
         except BaseException:
@@ -330,11 +326,7 @@ class Engine:
             raise
 
     def resume(self) -> None:
-        """Let I/O flow again (at the last of nested holds): the parked requests leave first,
-        in the order they came."""
-        self._holds -= 1
-        if self._holds:
-            return
+        """Let I/O flow again: the parked requests leave first, in the order they came."""
         self._resumed.set()
         parked, self._parked = self._parked, []
         for submit, args in parked:

@@ -33,70 +33,76 @@ MAX_SECONDS = 600.0
 PREPARED_LEASE = 600.0  # a prepared hold nobody freezes (or releases) ends by itself
 
 
+class _Hold:
+    """One hold's state, owned by its task (``IoHold._run``)."""
+
+    def __init__(self, hold_id: str) -> None:
+        self.id = hold_id
+        self.frozen = False  # I/O is held (between the freeze and the end)
+        self.freeze = trio.Event()
+        self.answered = trio.Event()  # the freeze was answered (``error`` if it failed)
+        self.end = trio.Event()
+        self.error: LhfsError | None = None
+        self.timing = (0.0, 0.0)  # drain, lease of the freeze
+
+
 class IoHold:
     """At most one hold at a time on one engine."""
 
     def __init__(self, engine: Engine, nursery: trio.Nursery) -> None:
         self.engine = engine
         self.nursery = nursery
-        self.id: str | None = None
-        self.frozen = False  # I/O is held (between ``freeze`` and the end)
-        self._freeze = trio.Event()
-        self._frozen = trio.Event()  # the freeze was answered (``_error`` if it failed)
-        self._end = trio.Event()
-        self._error: LhfsError | None = None
-        self._timing = (0.0, 0.0)  # drain, lease of the freeze
+        self._hold: _Hold | None = None
 
     async def prepare(self, wait: float) -> str:
         """Take the engine's structural lock (within ``wait`` seconds) and flush, I/O still
         flowing; the hold's id."""
         _check_seconds(wait)
-        if self.id is not None:
+        if self._hold is not None:
             raise Busy("this volume's I/O is held already (another system backup?)")
-        hold_id = self.id = secrets.token_hex(6)
-        self.frozen, self._error = False, None
-        self._freeze, self._frozen, self._end = trio.Event(), trio.Event(), trio.Event()
+        hold = self._hold = _Hold(secrets.token_hex(6))
         try:
-            await self.nursery.start(self._run, hold_id, wait)
+            await self.nursery.start(self._run, hold, wait)
         except BaseException:
-            if self.id == hold_id:
-                self.id = None
+            if self._hold is hold:
+                self._hold = None
             raise
-        return hold_id
+        return hold.id
 
     async def freeze(self, hold_id: str, drain: float, lease: float) -> None:
         """Hold I/O once what is in flight is answered (within ``drain`` seconds, else
         nothing stays held), until ``release`` or ``lease`` seconds from now."""
         _check_seconds(drain, lease)
-        self._require(hold_id)
-        if self._end.is_set() or self._freeze.is_set():
-            raise WrongState("this hold was frozen or released already")
-        self._timing = (drain, lease)
-        self._freeze.set()
-        await self._frozen.wait()
-        if self._error is not None:
-            raise self._error
+        hold = self._find(hold_id)
+        if hold.freeze.is_set():
+            raise WrongState("this hold was frozen already")
+        hold.timing = (drain, lease)
+        hold.freeze.set()
+        await hold.answered.wait()
+        if hold.error is not None:
+            raise hold.error
 
     def release(self, hold_id: str) -> bool:
         """End the hold ``hold_id``; whether its I/O was still held (its lease not run out)."""
-        if hold_id != self.id:
+        hold = self._hold
+        if hold is None or hold.id != hold_id:
             return False
-        frozen = self.frozen
-        self._end.set()
-        self._freeze.set()  # (a hold released before its freeze wakes up to end)
-        return frozen
+        self._hold = None  # (a snapshot naming it is refused from now on)
+        hold.end.set()
+        hold.freeze.set()  # (one released before its freeze wakes up to end)
+        return hold.frozen
 
     def check(self, hold_id: str) -> None:
         """Raise unless I/O is held by ``hold_id`` (what a snapshot inside the hold needs)."""
-        self._require(hold_id)
-        if not self.frozen:
+        if not self._find(hold_id).frozen:
             raise WrongState("this volume's I/O is not held (its hold ran out?): try again")
 
-    def _require(self, hold_id: str) -> None:
-        if hold_id != self.id:
+    def _find(self, hold_id: str) -> _Hold:
+        if self._hold is None or self._hold.id != hold_id:
             raise WrongState("no such hold on this volume: it ran out or was released")
+        return self._hold
 
-    async def _run(self, hold_id: str, wait: float, task_status: Any) -> None:
+    async def _run(self, hold: _Hold, wait: float, task_status: Any) -> None:
         engine = self.engine
         try:
             locked = False
@@ -111,41 +117,41 @@ class IoHold:
             try:
                 await engine.flush()  # (what the snapshots flush while I/O waits: less)
                 task_status.started()
-                await self._frozen_until_end(hold_id)
+                await self._frozen_until_end(hold)
             finally:
                 engine.structural.release()
         finally:
-            if self.id == hold_id:
-                self.id = None
-            self.frozen = False
-            self._frozen.set()
+            if self._hold is hold:
+                self._hold = None
+            hold.frozen = False
+            hold.answered.set()
 
-    async def _frozen_until_end(self, hold_id: str) -> None:
+    async def _frozen_until_end(self, hold: _Hold) -> None:
         """After ``prepare``: never raises (it runs in the engine's nursery)."""
         with trio.move_on_after(PREPARED_LEASE):
-            await self._freeze.wait()
-        if self._end.is_set() or not self._freeze.is_set():
-            if not self._end.is_set():
-                log.warning("I/O hold %s ended: it was never frozen nor released", hold_id)
+            await hold.freeze.wait()
+        if hold.end.is_set() or not hold.freeze.is_set():
+            if not hold.end.is_set():
+                log.warning("I/O hold %s ended: it was never frozen nor released", hold.id)
             return
-        drain, lease = self._timing
+        drain, lease = hold.timing
         try:
             with trio.fail_after(drain):
                 await self.engine.quiesce()
         except trio.TooSlowError:
-            self._error = LhfsError(f"the I/O in flight was not answered within {drain:g}s")
+            hold.error = LhfsError(f"the I/O in flight was not answered within {drain:g}s")
             return
-        self.frozen = True
-        self._frozen.set()
+        hold.frozen = True
+        hold.answered.set()
         try:
             with trio.move_on_after(lease):
-                await self._end.wait()
-            if not self._end.is_set():
+                await hold.end.wait()
+            if not hold.end.is_set():
                 log.warning(
-                    "I/O hold %s ended by itself: nobody let it go within %gs", hold_id, lease
+                    "I/O hold %s ended by itself: nobody let it go within %gs", hold.id, lease
                 )
         finally:
-            self.frozen = False
+            hold.frozen = False
             self.engine.resume()
 
 
