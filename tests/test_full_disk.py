@@ -183,7 +183,9 @@ def test_a_volume_on_a_full_disk_serves_on_and_takes_writes_again(
     warned = {c["check"]: c["detail"] for c in doctor if c["status"] == "warn"}
     assert "no space left" in warned["refused writes"], warned
     assert "the local replicas here may still grow by" in warned["free space"], warned
-    assert "write(s) refused since attach" in cli.run("volume", "info", "v").stdout
+    shown = cli.run("volume", "info", "v").stdout
+    assert "write(s) refused since attach" in shown and " FREE" in shown
+    assert all(r["disk_free"] < 2 * MiB for r in cli.live("v")["replicas"])
     assert "write(s) refused by r1, r2: no space left" in cli.engine_log("v")
     assert read_direct(device, 0, stopped) == model[:stopped]
     write_direct(device, 0, b"o" * MiB)  # over what it holds: taken

@@ -96,6 +96,17 @@ def test_engine_metrics_follow_io_a_replica_kill_and_its_rebuild(cli: Cli, tmp_p
     assert value(back, "lhfs_replica_failures_total", volume="m", replica=victim["id"]) == 1
     assert value(back, "lhfs_replica_failures_total", volume="m", replica=added) == 0
     assert value(back, "lhfs_volume_refused_writes_total", volume="m") == 0
+    disks = wait_for(  # (the engine asks the replicas about their disks every 15 s)
+        lambda: (
+            (s := scrape(address))
+            and any(f'replica="{added}"' in k for k in s if "lhfs_replica_disk_free" in k)
+            and s
+        ),
+        60,
+        "the added replica's disk in the metrics",
+    )
+    assert value(disks, "lhfs_replica_disk_free_bytes", volume="m", replica=added) > 1 << 20
+    assert value(disks, "lhfs_replica_disk_bytes", volume="m", replica=added) > 0
     cli.run("volume", "detach", "m")
 
 

@@ -78,7 +78,7 @@ def root_of(args: argparse.Namespace) -> Path:
 
 def replica_header() -> str:
     """The header over ``replica_line`` rows."""
-    return f"  {'REPLICA':6} {'MODE':4} {'ADDRESS':22} {'ON DISK':>8}"
+    return f"  {'REPLICA':6} {'MODE':4} {'ADDRESS':22} {'ON DISK':>8} {'FREE':>8}"
 
 
 def replica_line(r: dict[str, Any]) -> str:
@@ -87,7 +87,8 @@ def replica_line(r: dict[str, Any]) -> str:
     rejoin = f"  [{r['rejoin']}]" if r.get("rejoin") else ""
     address = r.get("address") or "local"
     held = "-" if r.get("disk_bytes") is None else format_size(r["disk_bytes"])
-    return f"  {r['id']:6} {r['mode']:4} {address:22} {held:>8}{progress}{error}{rejoin}"
+    free = "-" if r.get("disk_free") is None else format_size(r["disk_free"])
+    return f"  {r['id']:6} {r['mode']:4} {address:22} {held:>8} {free:>8}{progress}{error}{rejoin}"
 
 
 def verb(

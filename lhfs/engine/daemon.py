@@ -53,6 +53,7 @@ from lhfs.wire import shm, tls
 from lhfs.wire.client import parse_address
 
 log = logging.getLogger("lhfs.daemon")
+DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 
 
 def _seconds(args: dict[str, Any], key: str) -> float:
@@ -83,6 +84,8 @@ class Daemon:
         self.tasks: dict[str, dict[str, int]] = {}
         self._housekeeping = False
         self._housekeep_again = False
+        # replica -> (what its directory takes, what its disk has free), as last asked
+        self.disks: dict[str, tuple[int | None, int | None]] = {}
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -361,17 +364,21 @@ class Daemon:
             await trio.sleep(0.3)
 
     async def _disk_usage(self, replicas: list[dict[str, Any]]) -> None:
-        """What each replica's directory takes on its disk, asked of all at once (a replica
-        that does not answer within 2 s is left unknown)."""
+        """What each replica's directory takes on its disk and what that disk has free,
+        asked of all at once (a replica that does not answer within 2 s is left unknown);
+        kept in ``disks`` for the metrics."""
         links = {link.id: link for link in self.engine.replicas}
 
         async def ask(replica: dict[str, Any]) -> None:
-            replica["disk_bytes"] = None
+            replica["disk_bytes"] = replica["disk_free"] = None
             link = links.get(replica["id"])
-            if link is None or link.client is None or link.client.broken or link.mode == ERR:
-                return
-            with trio.move_on_after(2), contextlib.suppress(LhfsError):
-                replica["disk_bytes"] = (await link.client.info()).get("disk_bytes")
+            client = None if link is None or link.mode == ERR else link.client
+            if client is not None and not client.broken:
+                with trio.move_on_after(2), contextlib.suppress(LhfsError):
+                    answer = await client.info()
+                    replica["disk_bytes"] = answer.get("disk_bytes")
+                    replica["disk_free"] = answer.get("disk_free")
+            self.disks[replica["id"]] = (replica["disk_bytes"], replica["disk_free"])
 
         async with trio.open_nursery() as nursery:
             for replica in replicas:
@@ -589,6 +596,7 @@ class Daemon:
                     self.rejoiner.watch(link)
             await nursery.start(control.serve, self.vol.control_socket, self.handle)
             nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self._watch_disks)
             nursery.start_soon(self.engine.run)
             self.channel.mount()
             metrics = self._serve_metrics()
@@ -624,6 +632,8 @@ class Daemon:
         engine's state, its replicas, the last scrub, the last backups and the restore)."""
         assert self.engine is not None
         view = self.engine.info()
+        for replica in view["replicas"]:
+            replica["disk_bytes"], replica["disk_free"] = self.disks.get(replica["id"], (None,) * 2)
         view["scrub"] = self.last_scrub
         with contextlib.suppress(LhfsError, OSError, ValueError):
             config = volumes.load(self.vol.root, self.vol.name).config
@@ -632,6 +642,15 @@ class Daemon:
             ]
             view["restored"] = config.get("restored")
         return view
+
+    async def _watch_disks(self) -> None:
+        """Ask the replicas about their disks every ``DISKS_EVERY`` seconds, so that the
+        metrics show a disk filling up before writes are refused (a scrape never waits for a
+        replica: it reads the last answers)."""
+        assert self.engine is not None
+        while True:
+            await self._disk_usage([{"id": link.id} for link in self.engine.replicas])
+            await trio.sleep(DISKS_EVERY)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -120,7 +120,7 @@ class VolumeCollector:
         )
         refused.add_metric([vol], view["refused_writes"])
         yield refused
-        modes, progress, copied = [], [], []
+        modes, progress, copied, held, free = [], [], [], [], []
         failures = CounterMetricFamily(
             "lhfs_replica_failures", "Times a replica was marked ERR", labels=["volume", "replica"]
         )
@@ -136,8 +136,22 @@ class VolumeCollector:
             copied.append(([vol, rid], (replica["rebuild_stats"] or {}).get("bytes_copied", 0)))
             failures.add_metric([vol, rid], replica["failures"])
             restarts.add_metric([vol, rid], replica["restarts"])
+            if replica.get("disk_bytes") is not None:
+                held.append(([vol, rid], replica["disk_bytes"]))
+            if replica.get("disk_free") is not None:
+                free.append(([vol, rid], replica["disk_free"]))
         yield gauge("lhfs_replica_mode", "1 for each replica's mode", modes, ["replica", "mode"])
         yield from (failures, restarts)
+        yield gauge(
+            "lhfs_replica_disk_bytes", "What a replica's directory takes on its disk", held,
+            ["replica"],
+        )  # fmt: skip
+        yield gauge(
+            "lhfs_replica_disk_free_bytes",
+            "What a replica's disk has free (writes are refused once it is full)",
+            free,
+            ["replica"],
+        )
         yield gauge(
             "lhfs_rebuild_progress_percent",
             "Progress of a replica's rebuild",

@@ -497,26 +497,28 @@ class ChunkStore:
         The index entries the chunks will need are claimed too (``Layer.claim_index``)."""
         cs = self.chunk_size
         head = self.head
-        last = (offset + length - 1) // cs
-        runs = []
-        run = -1
-        for chunk in range(offset // cs, last + 2):
-            if chunk <= last and head.index.get(chunk) != DATA:
-                run = chunk if run < 0 else run
-            elif run >= 0:
-                runs.append((run, chunk - run))
-                run = -1
-        head.claim_index(sum(n for _, n in runs))
+        get = head.index.get
+        fresh = [c for c in range(offset // cs, (offset + length - 1) // cs + 1) if get(c) != DATA]
+        if not fresh:  # (a write over chunks the head holds: most of them)
+            if not head.flush_room:
+                head.claim_index(0)
+            return
+        head.claim_index(len(fresh))
+        runs: list[list[int]] = []  # [first chunk, count]
+        for chunk in fresh:
+            if runs and sum(runs[-1]) == chunk:
+                runs[-1][1] += 1
+            else:
+                runs.append([chunk, 1])
         try:
             for first, n in runs:
                 reserve(head.fd, first * cs, n * cs, what)
         except NoSpace:
             # Give back what this request claimed, but for chunks a rebuild wrote in part
             # (``partial``): their bytes are in the file, not yet in the index.
-            for first, n in runs:
-                for chunk in range(first, first + n):
-                    if self.partial is None or chunk not in self.partial:
-                        punch_hole(head.fd, chunk * cs, cs)
+            for chunk in fresh:
+                if self.partial is None or chunk not in self.partial:
+                    punch_hole(head.fd, chunk * cs, cs)
             raise
 
     def _write_run(
@@ -793,6 +795,7 @@ class ChunkStore:
             "operation": self.operation,
             "rebuilds": self.meta.get("rebuilds", 0),
             "disk_bytes": disk_bytes(self.dir),
+            "disk_free": shutil.disk_usage(self.dir).free,  # (what its disk has left)
         }
 
     def is_blank(self) -> bool:

@@ -119,8 +119,8 @@ VOLUME_KEYS = (
 )  # fmt: skip
 REPLICA_KEYS = (
     "id", "address", "mode", "error", "since", "revision", "rebuild_progress",
-    "rebuild_stats", "rejoin", "pid", "disk_bytes", "shared_memory", "link", "failures",
-    "restarts",
+    "rebuild_stats", "rejoin", "pid", "disk_bytes", "disk_free", "shared_memory", "link",
+    "failures", "restarts",
 )  # fmt: skip
 
 
@@ -159,6 +159,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
             "mode": r.get("mode", "RW"),
             "error": r.get("error"),
             "disk_bytes": _disk_bytes(vol, r),
+            "disk_free": _disk_free(vol, r),
         }
         for r in vol.replicas
     ]
@@ -191,6 +192,13 @@ def _disk_bytes(vol: volumes.Volume, replica: dict[str, Any]) -> int | None:
     if directory is None or not directory.is_dir():
         return None
     return disk_bytes(directory)
+
+
+def _disk_free(vol: volumes.Volume, replica: dict[str, Any]) -> int | None:
+    directory = vol.replica_dir(replica)
+    if directory is None or not directory.is_dir():
+        return None
+    return shutil.disk_usage(directory).free
 
 
 def _stable(info: dict[str, Any]) -> dict[str, Any]:
