@@ -33,7 +33,8 @@ def test_a_cancelled_quiesce_lets_parked_io_go(tmp_path: Path, replica_factory) 
             slow = trio.Event()
             engine.submit_write(0, b"a" * 4096, lambda error: slow.set())  # in flight, unpushed
             with trio.move_on_after(0.05):
-                await engine.quiesce()  # cannot drain: the write above has not left yet
+                async with engine.structural:  # (as every caller of quiesce)
+                    await engine.quiesce()  # cannot drain: the write above has not left yet
             done = trio.Event()
             engine.submit_write(4096, b"b" * 4096, lambda error: done.set())
             engine.push()

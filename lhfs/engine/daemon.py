@@ -206,15 +206,14 @@ class Daemon:
             return None
         if op == "snapshot":
             name = check_name(str(args.get("name")), "snapshot name")
-            hold = args.get("hold")
-            if hold is not None:  # inside a hold: I/O is held and the hold owns ``structural``
-                assert self.io_hold is not None
-                self.io_hold.check(str(hold))
             if name in await self._snapshot_names():  # refused here: nothing is sent
                 raise AlreadyExists(f"snapshot {name!r} already exists")
-            taken = await engine.snapshot(name, held=hold is not None)
-            if hold is not None:
-                self.io_hold.check(str(hold))  # (a hold that ran out meanwhile: not one instant)
+            if args.get("hold") is None:
+                taken = await engine.snapshot(name)
+            else:  # inside a hold: I/O is held and the hold owns ``structural``
+                assert self.io_hold is not None
+                async with self.io_hold.inside(str(args["hold"])):
+                    taken = await engine.snapshot(name, held=True)
             if housekeeping.is_system(name):
                 self.housekeep()
             return taken
@@ -649,7 +648,10 @@ class Daemon:
         replica: it reads the last answers)."""
         assert self.engine is not None
         while True:
-            await self._disk_usage([{"id": link.id} for link in self.engine.replicas])
+            try:
+                await self._disk_usage([{"id": link.id} for link in self.engine.replicas])
+            except Exception as exc:  # (a replica's odd answer must not end the engine)
+                log.warning("could not ask the replicas about their disks: %s", exc)
             await trio.sleep(DISKS_EVERY)
 
     async def _watch_signals(self) -> None:

@@ -318,6 +318,7 @@ class Engine:
         """Hold new I/O back (it is parked, in order) and wait for what is in flight. If the
         wait is cancelled, I/O resumes: nothing may stay parked behind a caller that left.
         Callers hold ``structural``: one hold at a time (``lhfs.engine.hold`` too)."""
+        assert self.structural.locked()
         self._resumed = trio.Event()
         try:
             await self._drained.wait()

@@ -18,8 +18,10 @@ still frozen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -44,6 +46,7 @@ class _Hold:
         self.end = trio.Event()
         self.error: LhfsError | None = None
         self.timing = (0.0, 0.0)  # drain, lease of the freeze
+        self.inside = trio.Lock()  # held by a snapshot taken inside: the hold ends after it
 
 
 class IoHold:
@@ -92,10 +95,15 @@ class IoHold:
         hold.freeze.set()  # (one released before its freeze wakes up to end)
         return hold.frozen
 
-    def check(self, hold_id: str) -> None:
-        """Raise unless I/O is held by ``hold_id`` (what a snapshot inside the hold needs)."""
-        if not self._find(hold_id).frozen:
-            raise WrongState("this volume's I/O is not held (its hold ran out?): try again")
+    @contextlib.asynccontextmanager
+    async def inside(self, hold_id: str) -> AsyncIterator[None]:
+        """For a snapshot taken inside the hold ``hold_id``: raises unless I/O is held, and
+        the hold does not end (even when its lease runs out) until the block is over."""
+        hold = self._find(hold_id)
+        async with hold.inside:
+            if not hold.frozen:
+                raise WrongState("this volume's I/O is not held (its hold ran out?): try again")
+            yield
 
     def _find(self, hold_id: str) -> _Hold:
         if self._hold is None or self._hold.id != hold_id:
@@ -133,6 +141,7 @@ class IoHold:
         if hold.end.is_set() or not hold.freeze.is_set():
             if not hold.end.is_set():
                 log.warning("I/O hold %s ended: it was never frozen nor released", hold.id)
+            hold.error = WrongState("the hold ended before it was frozen")
             return
         drain, lease = hold.timing
         try:
@@ -150,6 +159,8 @@ class IoHold:
                 log.warning(
                     "I/O hold %s ended by itself: nobody let it go within %gs", hold.id, lease
                 )
+            async with hold.inside:  # (a snapshot under way ends first)
+                hold.frozen = False
         finally:
             hold.frozen = False
             self.engine.resume()

@@ -148,7 +148,7 @@ class VolumeCollector:
         )  # fmt: skip
         yield gauge(
             "lhfs_replica_disk_free_bytes",
-            "What a replica's disk has free (writes are refused once it is full)",
+            "What a replica's disk has free to others than root (statvfs f_bavail)",
             free,
             ["replica"],
         )
