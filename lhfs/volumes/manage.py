@@ -158,8 +158,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
             "address": r.get("address") if not r.get("local") else None,
             "mode": r.get("mode", "RW"),
             "error": r.get("error"),
-            "disk_bytes": _disk_bytes(vol, r),
-            "disk_free": _disk_free(vol, r),
+            **_disk(vol, r),
         }
         for r in vol.replicas
     ]
@@ -187,18 +186,12 @@ def _where(device: Path) -> dict[str, Any]:
     return {"loop": loops[0] if loops else None, "mountpoint": mounts[0] if mounts else None}
 
 
-def _disk_bytes(vol: volumes.Volume, replica: dict[str, Any]) -> int | None:
+def _disk(vol: volumes.Volume, replica: dict[str, Any]) -> dict[str, int | None]:
+    """What a local replica's directory takes on its disk and what that disk has free."""
     directory = vol.replica_dir(replica)
     if directory is None or not directory.is_dir():
-        return None
-    return disk_bytes(directory)
-
-
-def _disk_free(vol: volumes.Volume, replica: dict[str, Any]) -> int | None:
-    directory = vol.replica_dir(replica)
-    if directory is None or not directory.is_dir():
-        return None
-    return shutil.disk_usage(directory).free
+        return {"disk_bytes": None, "disk_free": None}
+    return {"disk_bytes": disk_bytes(directory), "disk_free": shutil.disk_usage(directory).free}
 
 
 def _stable(info: dict[str, Any]) -> dict[str, Any]:
