@@ -56,13 +56,6 @@ log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 
 
-def _seconds(args: dict[str, Any], key: str) -> float:
-    value = args.get(key)
-    if type(value) not in (int, float):
-        raise InvalidArgument(f"{key} is a number of seconds")
-    return float(value)
-
-
 class Daemon:
     def __init__(self, vol: volumes.Volume, device: Path, metrics: str | None = None) -> None:
         self.vol = vol
@@ -198,11 +191,11 @@ class Daemon:
         if op in ("hold", "freeze", "release"):  # (snapshots at one instant: engine.hold)
             assert self.io_hold is not None
             if op == "hold":
-                return {"hold": await self.io_hold.prepare(_seconds(args, "wait"))}
+                return {"hold": await self.io_hold.prepare(args.get("wait"))}
             hold = str(args.get("hold"))
             if op == "release":
                 return {"released": self.io_hold.release(hold)}
-            await self.io_hold.freeze(hold, _seconds(args, "drain"), _seconds(args, "lease"))
+            await self.io_hold.freeze(hold, args.get("drain"), args.get("lease"))
             return None
         if op == "snapshot":
             name = check_name(str(args.get("name")), "snapshot name")

@@ -57,10 +57,10 @@ class IoHold:
         self.nursery = nursery
         self._hold: _Hold | None = None
 
-    async def prepare(self, wait: float) -> str:
+    async def prepare(self, wait: Any) -> str:
         """Take the engine's structural lock (within ``wait`` seconds) and flush, I/O still
-        flowing; the hold's id."""
-        _check_seconds(wait)
+        flowing; the hold's id. (Times come from a control request: checked here.)"""
+        wait = _seconds(wait)
         if self._hold is not None:
             raise Busy("this volume's I/O is held already (another system backup?)")
         hold = self._hold = _Hold(secrets.token_hex(6))
@@ -72,10 +72,10 @@ class IoHold:
             raise
         return hold.id
 
-    async def freeze(self, hold_id: str, drain: float, lease: float) -> None:
+    async def freeze(self, hold_id: str, drain: Any, lease: Any) -> None:
         """Hold I/O once what is in flight is answered (within ``drain`` seconds, else
         nothing stays held), until ``release`` or ``lease`` seconds from now."""
-        _check_seconds(drain, lease)
+        drain, lease = _seconds(drain), _seconds(lease)
         hold = self._find(hold_id)
         if hold.freeze.is_set():
             raise WrongState("this hold was frozen already")
@@ -166,6 +166,8 @@ class IoHold:
             self.engine.resume()
 
 
-def _check_seconds(*values: float) -> None:
-    if not all(0 < v <= MAX_SECONDS for v in values):  # (NaN fails too)
+def _seconds(value: Any) -> float:
+    """A hold's time as asked: a number of seconds from 0 to ``MAX_SECONDS`` (NaN fails)."""
+    if type(value) not in (int, float) or not 0 < value <= MAX_SECONDS:
         raise InvalidArgument(f"a hold's times are from 0 to {MAX_SECONDS:g} seconds")
+    return float(value)
