@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -241,6 +242,77 @@ def test_a_stalled_local_replica_is_let_go_and_comes_back(cli: Cli, tmp_path: Pa
     assert read_direct(device, 0, MIB) == before and read_direct(device, MIB, MIB) == during
     cli.run("volume", "detach", "sl")
     assert len(set(offline_checksums(cli, "sl").values())) == 1
+
+
+def gone(pid: int) -> bool:
+    """The process ``pid`` has ended and was reaped by its parent."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_a_hung_local_replica_is_killed_and_started_again(cli: Cli, tmp_path: Path) -> None:
+    """A local replica whose process lives but answers nothing (SIGSTOP: stuck on a disk
+    that stalled) is not waited on for ever: once it has left the rejoiner's connections
+    unanswered twice, its engine kills it, starts it again on its directory and rebuilds it
+    with what it missed; the volume is healthy again with nobody typing a command."""
+    cli.run(
+        "volume", "create", "hg", "--size", "32M", "--replicas", "2",
+        "--io-timeout", "2", "--rejoin-wait", "1",
+    )  # fmt: skip
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "hg", "--device", str(device))
+    before, during = os.urandom(MIB), os.urandom(MIB)
+    write_direct(device, 0, before)
+    victim = replica(cli, "hg", "r2")
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        write_direct(device, MIB, during)  # (waits for r2 up to the I/O timeout, then goes on)
+        assert replica(cli, "hg", "r2")["mode"] == "ERR"
+        back = wait_for(
+            lambda: (r := replica(cli, "hg", "r2"))["mode"] == "RW" and r, 90, "r2 back"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim["pid"], signal.SIGCONT)
+    assert back["pid"] != victim["pid"] and back["restarts"] == 1, back
+    assert gone(victim["pid"])
+    assert back["rebuild_stats"]["bytes_copied"] <= 2 * MIB, back["rebuild_stats"]
+    log = cli.engine_log("hg")
+    assert f"replica r2: its process (pid {victim['pid']}) is alive but answers nothing" in log
+    assert "replica r2: its process ended (killed by SIGKILL); starting it again" in log
+    assert read_direct(device, 0, MIB) == before and read_direct(device, MIB, MIB) == during
+    cli.run("volume", "detach", "hg")
+    assert len(set(offline_checksums(cli, "hg").values())) == 1
+
+
+def test_a_given_up_local_replica_holds_no_process(cli: Cli, tmp_path: Path) -> None:
+    """A local replica left for the operator after the rejoin limit has no process left
+    holding its directory (a stuck one is killed): ``replica inspect`` reads it at once."""
+    cli.run(
+        "volume", "create", "gu", "--size", "16M", "--replicas", "2",
+        "--io-timeout", "2", "--rejoin-limit", "3",
+    )  # fmt: skip
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "gu", "--device", str(device))
+    victim = replica(cli, "gu", "r2")
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        write_direct(device, 0, os.urandom(MIB))  # a write notices
+        given_up = wait_for(
+            lambda: "replace it" in ((r := replica(cli, "gu", "r2"))["rejoin"] or "") and r,
+            60,
+            "the rejoin limit to pass",
+        )
+        wait_for(lambda: gone(victim["pid"]), 30, "the stuck process to be killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim["pid"], signal.SIGCONT)
+    assert given_up["mode"] == "ERR", given_up
+    assert replica(cli, "gu", "r2")["pid"] is None
+    assert "replica r2: its process is stopped until it is replaced" in cli.engine_log("gu")
+    vol = volumes.load(cli.root, "gu")
+    inspected = cli.json("replica", "inspect", "--dir", str(vol.replica_dir(vol.replica("r2"))))
+    assert inspected["size"] == 16 * MIB, inspected
+    cli.run("volume", "detach", "gu")
 
 
 def test_a_volume_whose_local_replicas_all_died_serves_again_by_itself(

@@ -54,6 +54,7 @@ from lhfs.wire.client import parse_address
 
 log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
+KILL_WAIT = 30.0  # seconds a killed replica process may take to go
 
 
 class Daemon:
@@ -111,14 +112,22 @@ class Daemon:
             local=_local_name(replica_id),
         )
 
-    async def restart(self, link: ReplicaLink) -> None:
+    async def restart(self, link: ReplicaLink, kill: bool = False) -> bool:
         """Start the process of local replica ``link`` again if it has exited, on the same
         directory (which holds everything it acknowledged): the rejoiner then reconnects and
-        rebuilds it. One still running is left to answer (a stalled one may yet). Whatever
-        fails is an ``LhfsError``, for the rejoiner to try again later."""
+        rebuilds it; whether it was started. One still running is left to answer (a stalled one
+        may yet) unless ``kill``: it left the rejoiner's last attempts unanswered, so it is
+        killed first. Whatever fails is an ``LhfsError``, for the rejoiner to try again later."""
         old = self.processes.get(link.id)
         if old is not None and old.proc.poll() is None:
-            return
+            if not kill:
+                return False
+            log.warning(
+                "replica %s: its process (pid %d) is alive but answers nothing; killing it",
+                link.id,
+                old.proc.pid,
+            )
+            await _kill(old)
         if self._stopping:
             raise WrongState("the volume is detaching")
         directory = self.vol.replica_dir(self.vol.replica(link.id))
@@ -139,6 +148,7 @@ class Daemon:
             link.address = address
             link.restarts += 1
             self.vol.update(lambda c: _set_replica(c, link.id, address=address))
+            return True
         except BaseException as exc:
             if self.processes.get(link.id) is proc:
                 del self.processes[link.id]
@@ -147,6 +157,21 @@ class Daemon:
             if isinstance(exc, (RuntimeError, TimeoutError, OSError)):
                 raise LhfsError(f"its process did not start again: {exc}") from None
             raise
+
+    async def give_up(self, link: ReplicaLink) -> None:
+        """The rejoiner gave ``link`` up: a local one's process that still runs (stuck, or
+        failing its rebuilds) is stopped, so that it holds neither its directory (``replica
+        inspect``) nor memory while it waits for the operator."""
+        proc = self.processes.get(link.id)
+        if proc is None:
+            return
+        with contextlib.suppress(LhfsError):
+            if proc.proc.poll() is None:
+                await _kill(proc)
+            if self.processes.get(link.id) is proc:
+                del self.processes[link.id]
+                proc.stop()  # (it has exited: this only closes its files)
+                log.warning("replica %s: its process is stopped until it is replaced", link.id)
 
     def rejoin_settings(self) -> tuple[float, float]:
         return self.vol.setting("rejoin_wait"), self.vol.setting("rejoin_limit")
@@ -696,6 +721,18 @@ def run(
             daemon.stop_local_replicas()
             daemon.vol.runtime_path.unlink(missing_ok=True)
             daemon.vol.control_socket.unlink(missing_ok=True)
+
+
+async def _kill(proc: ReplicaProcess) -> None:
+    """SIGKILL (a stuck process may never heed SIGTERM) and wait, on the event loop, until it
+    is gone; ``LhfsError`` if it is not within ``KILL_WAIT`` (stuck in the kernel)."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.proc.kill()
+    with trio.move_on_after(KILL_WAIT):
+        while proc.proc.poll() is None:
+            await trio.sleep(0.05)
+    if proc.proc.returncode is None:
+        raise LhfsError(f"its process (pid {proc.proc.pid}) does not die when killed")
 
 
 def _local_name(replica_id: str) -> str:

@@ -4,14 +4,18 @@ A remote replica marked ERR is most often on a host that lost its link or reboot
 ``replica serve`` answers again, it holds everything it had, and a rebuild copies only what
 changed while it was away. A local replica marked ERR most often lost its process (killed, out
 of memory): its directory holds everything it had acknowledged, so the engine starts its
-process again on it (``restart``) and it comes back the same way. So for each failed replica
-the engine keeps trying to reach it (a local one: to start it), backing off from 1 s to 30 s,
-and once it answers (a new session: see fencing in ``lhfs.replica.session``) waits the
-volume's ``rejoin_wait`` (a link that flaps is not rebuilt at every blink) and rebuilds it. A
-replica that fails again before it serves waits longer each time (2, 4 ... 30 s more), and one
-that has not served for longer than ``rejoin_limit`` is left for an operator (``replica add`` /
-``replica rm``): after so long a full copy on a new replica is as good and it may be gone for
-good. A directory that was wiped comes back uninitialised and the rebuild copies everything.
+process again on it (``restart``) and it comes back the same way. A local process that lives
+but leaves ``HUNG_ATTEMPTS`` connections in a row unanswered (stopped, or stuck on a disk that
+stalled) would never come back by itself: it is killed and started again the same way. So for
+each failed replica the engine keeps trying to reach it (a local one: to start it), backing
+off from 1 s to 30 s, and once it answers (a new session: see fencing in
+``lhfs.replica.session``) waits the volume's ``rejoin_wait`` (a link that flaps is not
+rebuilt at every blink) and rebuilds it. A replica that fails again before it serves waits
+longer each time (2, 4 ... 30 s more), and one that has not served for longer than
+``rejoin_limit`` is left for an operator (``replica add`` / ``replica rm``): after so long a
+full copy on a new replica is as good and it may be gone for good; a local one's process, if
+it still runs, is stopped then (it holds its directory). A directory that was wiped comes back
+uninitialised and the rebuild copies everything.
 What is under way shows in ``replica ls`` (``rejoin``).
 
 When every replica failed (the engine's own host lost its link, or every local process was
@@ -35,6 +39,7 @@ log = logging.getLogger("lhfs.rejoin")
 
 FIRST_DELAY = 1.0
 MAX_DELAY = 30.0
+HUNG_ATTEMPTS = 2  # connections a live local process leaves unanswered before it is killed
 
 
 class Owner(Protocol):
@@ -43,8 +48,12 @@ class Owner(Protocol):
     def remote(self, link: ReplicaLink) -> bool:
         """On another host (else the owner runs its process)."""
 
-    async def restart(self, link: ReplicaLink) -> None:
-        """Start a local replica's process again if it has exited."""
+    async def restart(self, link: ReplicaLink, kill: bool) -> bool:
+        """Start a local replica's process again if it has exited (``kill``: kill it first if
+        it has not); whether it was started."""
+
+    async def give_up(self, link: ReplicaLink) -> None:
+        """``link`` is left for the operator: stop a local one's process if it still runs."""
 
     async def rebuild_over(self, link: ReplicaLink) -> None:
         """Return once no rebuild of ``link`` is under way."""
@@ -86,6 +95,7 @@ class Rejoiner:
         engine = self.engine
         delay = FIRST_DELAY
         told = None  # the last reason logged (each attempt's is not: one line per change)
+        unanswered = 0  # attempts in a row that failed (a local process alive through them hung)
         if link.comebacks:  # it failed again since it was last brought back
             pause = min(2.0**link.comebacks, MAX_DELAY)
             link.rejoin = f"failed again after coming back; trying again in {pause:.0f}s"
@@ -97,20 +107,24 @@ class Rejoiner:
             if away > limit:
                 link.rejoin = f"away for {away:.0f}s, longer than {limit:.0f}s: replace it"
                 log.warning("replica %s is not brought back: %s", link.id, link.rejoin)
+                await self.owner.give_up(link)
                 return
             if engine.superseded is not None:
                 link.rejoin = None
                 return
             await self.owner.rebuild_over(link)  # (a failed one may still be unwinding)
             try:
-                if not self.owner.remote(link):
-                    await self.owner.restart(link)
+                if not self.owner.remote(link) and await self.owner.restart(
+                    link, kill=unanswered >= HUNG_ATTEMPTS
+                ):
+                    unanswered = 0
                 client = await engine.connect(link.address)
             except Fenced as exc:  # another engine has it: this one must stop serving at all
                 link.rejoin = f"not rejoining: {exc}"
                 engine.taken_over(str(exc))
                 return
             except LhfsError as exc:
+                unanswered += 1
                 link.rejoin = f"unreachable ({exc}); trying again in {delay:.0f}s"
                 if str(exc) != told:
                     told = str(exc)
