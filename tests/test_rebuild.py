@@ -289,7 +289,7 @@ def test_a_given_up_local_replica_holds_no_process(cli: Cli, tmp_path: Path) -> 
     holding its directory (a stuck one is killed): ``replica inspect`` reads it at once."""
     cli.run(
         "volume", "create", "gu", "--size", "16M", "--replicas", "2",
-        "--io-timeout", "2", "--rejoin-limit", "3",
+        "--io-timeout", "2", "--rejoin-limit", "10",
     )  # fmt: skip
     device = tmp_path / "dev"
     cli.run("volume", "attach", "gu", "--device", str(device))

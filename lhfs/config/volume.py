@@ -65,7 +65,7 @@ SETTINGS: dict[str, tuple[float, float, float, str]] = {
 def check_setting(name: str, value: float) -> float:
     _default, low, high, meaning = SETTINGS[name]
     if not low <= value <= high:
-        raise InvalidArgument(f"{name.replace('_', '-')} must be from {low:g} to {high:g}")
+        raise InvalidArgument(f"{name.replace('_', '-')} must be from {low:.12g} to {high:.12g}")
     if not meaning.startswith("seconds") and value != int(value):
         raise InvalidArgument(f"{name.replace('_', '-')} is a count: a whole number")
     return float(value)
