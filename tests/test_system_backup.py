@@ -7,6 +7,8 @@ import mmap
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -174,30 +176,94 @@ def test_a_system_backup_takes_every_volume_at_one_instant(
 
 
 def test_a_hold_nobody_lets_go_ends_by_itself(cli: Cli, tmp_path: Path) -> None:
-    """The hold a system backup puts on a volume's I/O is a lease: one whose command died
-    (never released) ends by itself, and the write that waited behind it goes through."""
+    """The hold a system backup puts on a volume's I/O is a lease: one whose command is stuck
+    (it keeps its connection, and never releases) ends by itself, and the write that waited
+    behind it goes through."""
     cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
     device = tmp_path / "dev"
     cli.run("volume", "attach", "v", "--device", str(device))
     sock = volumes.load(cli.root, "v").control_socket
-    hold = control.call(sock, "hold", wait=10)["hold"]
-    with pytest.raises(Busy, match="held already"):
-        control.call(sock, "hold", wait=10)
-    control.call(sock, "freeze", hold=hold, drain=10, lease=2)
-    frozen = time.monotonic()
-    done: list[float] = []
+    with control.kept(sock, "hold", wait=10) as answer:
+        hold = answer["hold"]
+        with pytest.raises(Busy, match="held already"):
+            control.call(sock, "hold", wait=10)
+        control.call(sock, "freeze", hold=hold, drain=10, lease=2)
+        frozen = time.monotonic()
+        done: list[float] = []
 
-    def write() -> None:
-        write_direct(device, 0, b"w" * 4096)
-        done.append(time.monotonic())
+        def write() -> None:
+            write_direct(device, 0, b"w" * 4096)
+            done.append(time.monotonic())
 
-    thread = threading.Thread(target=write)
-    thread.start()
-    thread.join(30)
-    assert done and done[0] - frozen >= 1.5, (done, frozen)  # (held until the lease ran out)
-    assert control.call(sock, "release", hold=hold) == {"released": False}
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(30)
+        assert done and done[0] - frozen >= 1.5, (done, frozen)  # (held until the lease ran out)
+        assert control.call(sock, "release", hold=hold) == {"released": False}
     assert "ended by itself: nobody let it go within 2s" in cli.engine_log("v")
     assert read_direct(device, 0, 4096) == b"w" * 4096
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from lhfs.config import volume as volumes
+from lhfs.engine import control
+from lhfs.volumes import manage
+root, stage = Path(sys.argv[1]), sys.argv[2]
+vol = volumes.load(root, "v")
+if stage == "frozen":
+    held = manage.io_held([vol])
+else:
+    held = control.kept(vol.control_socket, "hold", wait=10)
+with held as answer:
+    print(answer, flush=True)
+    sys.stdin.read()  # (until it is killed)
+"""
+
+
+def write_and_tell(device: Path, data: bytes, done: list[float]) -> None:
+    write_direct(device, 0, data)
+    done.append(time.monotonic())
+
+
+def test_a_hold_whose_command_was_killed_ends_at_once(cli: Cli, tmp_path: Path) -> None:
+    """A system backup killed while it holds a volume lets it go at once, not at the end of
+    the hold's lease (10 minutes for a prepared one): killed after preparing (the volume's
+    structural lock taken), a snapshot is taken right after; killed while the volume's I/O is
+    frozen, the write that waited goes through. Its connection closing ends the hold."""
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    gone = "ended: the command that took it has gone"
+    for n, stage in enumerate(("prepared", "frozen"), 1):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(cli.root), stage],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        data = (stage.encode() * 4096)[:4096]
+        done: list[float] = []
+        thread = threading.Thread(target=write_and_tell, args=(device, data, done))
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip()  # (held)
+            thread.start()
+            if stage == "frozen":
+                thread.join(1)
+                assert not done, "a write went through a frozen volume"
+            killed = time.monotonic()
+            holder.kill()
+            wait_for(lambda n=n: cli.engine_log("v").count(gone) == n, 10, "the hold to end")
+            thread.join(10)
+            assert done and done[0] - killed < 10, (done, killed)
+        finally:
+            holder.kill()
+            holder.wait()
+            if thread.ident:  # (started)
+                thread.join(60)
+        assert read_direct(device, 0, 4096) == data
+        cli.run("snapshot", "create", "v", f"after-{stage}", timeout=20)
 
 
 def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(

@@ -3,16 +3,19 @@
 One request per connection: a JSON line ``{"op": ..., "args": {...}}`` answered by a JSON line
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "kind": ..., "message": ...}``. Each request
 runs as its own task in the engine, so several CLI commands at once are safe; the engine itself
-serialises what must not overlap.
+serialises what must not overlap. A request that takes something for its asker (a hold on the
+volume's I/O) keeps its connection after the answer (``Kept``, ``kept``): the engine lets what
+it took go as soon as the connection closes, which the kernel does for an asker that is killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,16 @@ _MAX_REQUEST = 1 << 20
 
 class NotAttached(NotFound):
     """No engine runs for the volume."""
+
+
+class Kept:
+    """A handler's answer whose request lives on: ``result`` is answered, the connection is
+    kept, and ``on_close`` is called once the asker closes it (or dies) or the engine stops,
+    so that what the request took never waits on a lease alone."""
+
+    def __init__(self, result: Any, on_close: Callable[[], None]) -> None:
+        self.result = result
+        self.on_close = on_close
 
 
 async def serve(path: Path, handler: Handler, *, task_status: Any = None) -> None:
@@ -52,6 +65,7 @@ async def serve(path: Path, handler: Handler, *, task_status: Any = None) -> Non
 async def _one(stream: trio.SocketStream, handler: Handler) -> None:
     import trio
 
+    kept: Kept | None = None
     try:
         data = b""
         while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
@@ -70,37 +84,63 @@ async def _one(stream: trio.SocketStream, handler: Handler) -> None:
             }
         else:
             try:
-                answer = {"ok": True, "result": await handler(op, args)}
+                result = await handler(op, args)
+                if isinstance(result, Kept):
+                    kept, result = result, result.result
+                answer = {"ok": True, "result": result}
             except LhfsError as exc:
                 answer = {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
             except Exception as exc:  # report, never let one request stop the engine
                 log.exception("control request %s failed", op)
                 answer = {"ok": False, "kind": "LhfsError", "message": f"internal error: {exc}"}
         await stream.send_all(json.dumps(answer).encode() + b"\n")
+        if kept is not None:  # (the asker sends nothing more: its closing is what counts)
+            while await stream.receive_some(4096):
+                pass
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
+        if kept is not None:
+            kept.on_close()
         await trio.aclose_forcefully(stream)
 
 
 def call(path: Path, op: str, timeout: float | None = 600.0, **args: Any) -> Any:
     """Ask the engine listening on ``path``; ``NotAttached`` when none listens."""
+    with _connected(path, timeout) as sock:
+        return _ask(sock, op, timeout, args)
+
+
+@contextlib.contextmanager
+def kept(path: Path, op: str, timeout: float | None = 600.0, **args: Any) -> Iterator[Any]:
+    """``call`` for a request whose answer the engine keeps (``Kept``): its result, for the
+    block; what it took is let go when the block ends, or when this process dies."""
+    with _connected(path, timeout) as sock:
+        yield _ask(sock, op, timeout, args)
+
+
+@contextlib.contextmanager
+def _connected(path: Path, timeout: float | None) -> Iterator[socket.socket]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotAttached("the volume is not attached") from None
-        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-        data = b""
-        try:
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except TimeoutError:
-            raise LhfsError(f"the engine did not answer {op!r} within {timeout}s") from None
+        yield sock
+
+
+def _ask(sock: socket.socket, op: str, timeout: float | None, args: dict[str, Any]) -> Any:
+    sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        raise LhfsError(f"the engine did not answer {op!r} within {timeout}s") from None
     try:
         answer = json.loads(data)
     except ValueError:

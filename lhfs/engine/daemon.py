@@ -214,13 +214,15 @@ class Daemon:
             await engine.flush()
             return None
         if op in ("hold", "freeze", "release"):  # (snapshots at one instant: engine.hold)
-            assert self.io_hold is not None
-            if op == "hold":
-                return {"hold": await self.io_hold.prepare(args.get("wait"))}
+            holds = self.io_hold
+            assert holds is not None
+            if op == "hold":  # (held while its asker keeps the connection: control.Kept)
+                hold_id = await holds.prepare(args.get("wait"))
+                return control.Kept({"hold": hold_id}, lambda: holds.abandon(hold_id))
             hold = str(args.get("hold"))
             if op == "release":
-                return {"released": self.io_hold.release(hold)}
-            await self.io_hold.freeze(hold, args.get("drain"), args.get("lease"))
+                return {"released": holds.release(hold)}
+            await holds.freeze(hold, args.get("drain"), args.get("lease"))
             return None
         if op == "snapshot":
             name = check_name(str(args.get("name")), "snapshot name")

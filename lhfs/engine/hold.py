@@ -11,8 +11,9 @@ A hold has two steps, so that the volumes' I/O waits only for the snapshots: ``p
 still flows) takes the engine's ``structural`` lock, which a snapshot removal or a rebuild step
 may hold for long, and flushes; once every volume is prepared, ``freeze`` holds the I/O of all
 of them at once. One task owns the hold from the lock to the end (a trio lock is released by
-the task that took it). Each step is a lease: a hold that nobody freezes or releases in time
-(the command that asked died) ends by itself, and its owner learns at release whether it was
+the task that took it). A hold ends when the connection that asked for it closes (the command
+died: ``abandon``), and each step is also a lease: a hold that nobody freezes or releases in
+time (the command is stuck) ends by itself, and its owner learns at release whether it was
 still frozen.
 """
 
@@ -94,6 +95,13 @@ class IoHold:
         hold.end.set()
         hold.freeze.set()  # (one released before its freeze wakes up to end)
         return hold.frozen
+
+    def abandon(self, hold_id: str) -> None:
+        """The asker of hold ``hold_id`` has gone (its connection closed) without releasing
+        it: end it now rather than at the end of its lease."""
+        if self._hold is not None and self._hold.id == hold_id:
+            log.warning("I/O hold %s ended: the command that took it has gone", hold_id)
+            self.release(hold_id)
 
     @contextlib.asynccontextmanager
     async def inside(self, hold_id: str) -> AsyncIterator[None]:

@@ -323,33 +323,37 @@ def io_held(vols: list[volumes.Volume]) -> Iterator[dict[str, str]]:
     snapshots taken inside it (``snapshot_create`` with each volume's hold, yielded by name)
     are from one instant across them (``lhfs.engine.hold``). Each is prepared first (I/O
     flowing), then all are frozen together. Raises ``WrongState`` after the block if a hold
-    ran out before it was let go: the snapshots may then not be from one instant."""
+    ran out before it was let go: the snapshots may then not be from one instant. Each hold
+    lives on its own connection to its engine, which ends it if this process dies."""
     holds: dict[str, tuple[volumes.Volume, str]] = {}
     finished = False
-    try:
-        for vol in vols:
-            if vol.runtime() is None:
-                continue
-            try:
-                answer = _held_call(vol, "hold", HOLD_WAIT + 30, wait=HOLD_WAIT)
-            except control.NotAttached:
-                continue
-            holds[vol.name] = (vol, answer["hold"])
-        with ThreadPoolExecutor(8) as pool:
-            frozen = [pool.submit(_freeze, vol, hold_id) for vol, hold_id in holds.values()]
-            for future in frozen:
-                future.result()
-        yield {name: hold_id for name, (_, hold_id) in holds.items()}
-        finished = True
-    finally:
-        ran_out = []
-        for name, (vol, hold_id) in holds.items():
-            try:
-                released = control.call(vol.control_socket, "release", timeout=30, hold=hold_id)
-            except Exception:  # (every other volume is let go all the same)
-                released = {"released": False}
-            if not released["released"]:
-                ran_out.append(name)
+    with contextlib.ExitStack() as connections:
+        try:
+            for vol in vols:
+                if vol.runtime() is None:
+                    continue
+                try:
+                    answer = _held_call(
+                        vol, "hold", HOLD_WAIT + 30, kept=connections, wait=HOLD_WAIT
+                    )
+                except control.NotAttached:
+                    continue
+                holds[vol.name] = (vol, answer["hold"])
+            with ThreadPoolExecutor(8) as pool:
+                frozen = [pool.submit(_freeze, vol, hold_id) for vol, hold_id in holds.values()]
+                for future in frozen:
+                    future.result()
+            yield {name: hold_id for name, (_, hold_id) in holds.items()}
+            finished = True
+        finally:
+            ran_out = []
+            for name, (vol, hold_id) in holds.items():
+                try:
+                    released = control.call(vol.control_socket, "release", timeout=30, hold=hold_id)
+                except Exception:  # (every other volume is let go all the same)
+                    released = {"released": False}
+                if not released["released"]:
+                    ran_out.append(name)
     if finished and ran_out:
         raise WrongState(
             f"the I/O of {', '.join(ran_out)} was let go by itself after {HOLD_LEASE:g}s, maybe "
@@ -362,9 +366,18 @@ def _freeze(vol: volumes.Volume, hold_id: str) -> None:
     _held_call(vol, "freeze", drain + 30, hold=hold_id, drain=drain, lease=HOLD_LEASE)
 
 
-def _held_call(vol: volumes.Volume, op: str, timeout: float, **args: Any) -> Any:
-    """A hold's control call; an error names the volume."""
+def _held_call(
+    vol: volumes.Volume,
+    op: str,
+    timeout: float,
+    kept: contextlib.ExitStack | None = None,
+    **args: Any,
+) -> Any:
+    """A hold's control call (``kept``: its connection kept open until that stack closes);
+    an error names the volume."""
     try:
+        if kept is not None:
+            return kept.enter_context(control.kept(vol.control_socket, op, timeout, **args))
         return control.call(vol.control_socket, op, timeout=timeout, **args)
     except control.NotAttached:
         raise
