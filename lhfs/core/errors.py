@@ -100,6 +100,11 @@ class ConnectionLost(LhfsError):
     """The connection to a replica broke before the answer arrived."""
 
 
+class NoAnswer(ConnectionLost):
+    """A replica took the connection (or left it pending) but answered nothing in time: it
+    lives but is stuck, or its host is cut off; unlike a refusal or a reset."""
+
+
 class PullFailed(LhfsError):
     """A replica could not fetch chunks straight from a peer replica (unreachable from where it
     runs, or not the peer expected): whoever asked must move the data itself."""

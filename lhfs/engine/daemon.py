@@ -54,6 +54,7 @@ from lhfs.wire.client import parse_address
 
 log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
+TERM_WAIT = 10.0  # seconds a replica process told to stop may take before it is killed
 KILL_WAIT = 30.0  # seconds a killed replica process may take to go
 
 
@@ -127,7 +128,9 @@ class Daemon:
                 link.id,
                 old.proc.pid,
             )
-            await _kill(old)
+            await _end(old, signal.SIGKILL)
+            if self.processes.get(link.id) is not old or link not in self.engine.replicas:
+                raise WrongState("the replica was removed")
         if self._stopping:
             raise WrongState("the volume is detaching")
         directory = self.vol.replica_dir(self.vol.replica(link.id))
@@ -161,13 +164,14 @@ class Daemon:
     async def give_up(self, link: ReplicaLink) -> None:
         """The rejoiner gave ``link`` up: a local one's process that still runs (stuck, or
         failing its rebuilds) is stopped, so that it holds neither its directory (``replica
-        inspect``) nor memory while it waits for the operator."""
+        inspect``) nor memory while it waits for the operator. One stuck in the kernel that
+        does not die stays listed, and is reaped when it ends or at detach."""
         proc = self.processes.get(link.id)
         if proc is None:
             return
         with contextlib.suppress(LhfsError):
             if proc.proc.poll() is None:
-                await _kill(proc)
+                await _end(proc, signal.SIGTERM)
             if self.processes.get(link.id) is proc:
                 del self.processes[link.id]
                 proc.stop()  # (it has exited: this only closes its files)
@@ -725,16 +729,25 @@ def run(
             daemon.vol.control_socket.unlink(missing_ok=True)
 
 
-async def _kill(proc: ReplicaProcess) -> None:
-    """SIGKILL (a stuck process may never heed SIGTERM) and wait, on the event loop, until it
-    is gone; ``LhfsError`` if it is not within ``KILL_WAIT`` (stuck in the kernel)."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.proc.kill()
-    with trio.move_on_after(KILL_WAIT):
-        while proc.proc.poll() is None:
-            await trio.sleep(0.05)
-    if proc.proc.returncode is None:
-        raise LhfsError(f"its process (pid {proc.proc.pid}) does not die when killed")
+async def _end(proc: ReplicaProcess, how: signal.Signals) -> None:
+    """End ``proc`` and wait, on the event loop, until it is gone: SIGTERM (with SIGCONT, as a
+    stopped process heeds nothing else), then SIGKILL after ``TERM_WAIT``; or SIGKILL at once
+    (a stuck process may never heed SIGTERM). ``LhfsError`` if it does not die (stuck in the
+    kernel)."""
+    steps = [(signal.SIGKILL, KILL_WAIT)]
+    if how == signal.SIGTERM:
+        steps.insert(0, (signal.SIGTERM, TERM_WAIT))
+    for sig, patience in steps:
+        with contextlib.suppress(ProcessLookupError):
+            proc.proc.send_signal(sig)
+            if sig == signal.SIGTERM:
+                proc.proc.send_signal(signal.SIGCONT)
+        with trio.move_on_after(patience):
+            while proc.proc.poll() is None:
+                await trio.sleep(0.05)
+        if proc.proc.returncode is not None:
+            return
+    raise LhfsError(f"its process (pid {proc.proc.pid}) does not die when killed")
 
 
 def _local_name(replica_id: str) -> str:

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import trio
 
-from lhfs.core.errors import Fenced, LhfsError
+from lhfs.core.errors import Fenced, LhfsError, NoAnswer
 from lhfs.engine.engine import ERR, Engine, ReplicaLink
 
 log = logging.getLogger("lhfs.rejoin")
@@ -95,7 +95,7 @@ class Rejoiner:
         engine = self.engine
         delay = FIRST_DELAY
         told = None  # the last reason logged (each attempt's is not: one line per change)
-        unanswered = 0  # attempts in a row that failed (a local process alive through them hung)
+        unanswered = 0  # attempts in a row left without an answer (a live local process: hung)
         if link.comebacks:  # it failed again since it was last brought back
             pause = min(2.0**link.comebacks, MAX_DELAY)
             link.rejoin = f"failed again after coming back; trying again in {pause:.0f}s"
@@ -124,7 +124,7 @@ class Rejoiner:
                 engine.taken_over(str(exc))
                 return
             except LhfsError as exc:
-                unanswered += 1
+                unanswered = unanswered + 1 if isinstance(exc, NoAnswer) else 0
                 link.rejoin = f"unreachable ({exc}); trying again in {delay:.0f}s"
                 if str(exc) != told:
                     told = str(exc)
@@ -132,6 +132,7 @@ class Rejoiner:
                 await trio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
                 continue
+            unanswered = 0
             link.rejoin = f"answers again; rebuilding in {wait:.0f}s"
             log.info("replica %s (%s) answers again", link.id, link.address)
             await trio.sleep(wait)

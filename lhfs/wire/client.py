@@ -19,7 +19,13 @@ from typing import Any
 
 import trio
 
-from lhfs.core.errors import ConnectionLost, InvalidArgument, LhfsError, ProtocolError
+from lhfs.core.errors import (
+    ConnectionLost,
+    InvalidArgument,
+    LhfsError,
+    NoAnswer,
+    ProtocolError,
+)
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey
@@ -218,7 +224,8 @@ class ReplicaClient:
                 await trio.aclose_forcefully(stream)
             if isinstance(exc, trio.TooSlowError):
                 why = f"no answer within {timeout}s"
-            elif isinstance(exc, OSError):
+                raise NoAnswer(f"cannot reach replica {address}: {why}") from None
+            if isinstance(exc, OSError):
                 why = exc.strerror or str(exc)
             elif isinstance(exc, trio.BrokenResourceError):  # reset, or TLS refused
                 why = str(exc.__cause__ or exc)
