@@ -160,6 +160,8 @@ def test_a_system_backup_takes_every_volume_at_one_instant(
         stop.set()
         thread.join()
     assert not failed, failed
+    for name in ("a", "b"):  # each hold released, then its connection closed: no warning
+        assert "the command that took it has gone" not in cli.engine_log(name)
     for n, url in enumerate(urls):
         other = Cli(tmp_path / f"root{n}")
         try:
@@ -200,7 +202,9 @@ def test_a_hold_nobody_lets_go_ends_by_itself(cli: Cli, tmp_path: Path) -> None:
         thread.join(30)
         assert done and done[0] - frozen >= 1.5, (done, frozen)  # (held until the lease ran out)
         assert control.call(sock, "release", hold=hold) == {"released": False}
-    assert "ended by itself: nobody let it go within 2s" in cli.engine_log("v")
+    log = cli.engine_log("v")
+    assert "ended by itself: nobody let it go within 2s" in log
+    assert "the command that took it has gone" not in log  # (released first, then closed)
     assert read_direct(device, 0, 4096) == b"w" * 4096
 
 
@@ -259,7 +263,7 @@ def test_a_hold_whose_command_was_killed_ends_at_once(cli: Cli, tmp_path: Path) 
             assert done and done[0] - killed < 10, (done, killed)
         finally:
             holder.kill()
-            holder.wait()
+            holder.communicate()  # (reaped, its pipes closed)
             if thread.ident:  # (started)
                 thread.join(60)
         assert read_direct(device, 0, 4096) == data

@@ -100,9 +100,13 @@ async def _one(stream: trio.SocketStream, handler: Handler) -> None:
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
-        if kept is not None:
-            kept.on_close()
-        await trio.aclose_forcefully(stream)
+        try:
+            if kept is not None:
+                kept.on_close()
+        except Exception:  # (never let it stop the control socket, nor leave the stream)
+            log.exception("control request %s: letting go of what it held failed", op)
+        finally:
+            await trio.aclose_forcefully(stream)
 
 
 def call(path: Path, op: str, timeout: float | None = 600.0, **args: Any) -> Any:
