@@ -423,6 +423,12 @@ def test_every_verb_answers_bad_input_with_one_line(
         ("volume", "set", "v", "--system-snapshots", "0"),
         ("volume", "set", "v", "--system-snapshots", "2.5"),
         ("snapshot", "create", "v", "rebuild-1"),
+        ("logs", "v", "-n", "-5"),
+        ("volume", "attach", "v", "--device", ""),
+        ("volume", "attach", "v", "--device", str(image)),  # (a file with data: a typo)
+        ("volume", "attach", "v", "--device", str(cli.root / "volumes" / "v" / "d")),
+        ("backing-image", "create", "x", "--from", str(tmp_path)),
+        ("doctor", "--target", "s3://"),
     ]
     for args in cases:
         result = cli.run(*args, check=False, timeout=120)
@@ -508,3 +514,59 @@ def test_smaller_mistakes_leave_no_trace(cli: Cli, tmp_path: Path) -> None:
                             stdout=write_end, stderr=subprocess.PIPE, text=True)  # fmt: skip
     os.close(write_end)
     assert closed.returncode == 0 and closed.stderr == "", closed.stderr
+
+
+def test_a_crashed_volume_is_not_removed_from_under_its_mounts(
+    cli: Cli, tmp_path: Path, mounted: tuple[str, Path]
+) -> None:
+    """``volume rm`` of a volume whose engine died with its file system mounted is refused
+    whole (before, it deleted the replicas, then failed on the mounted device, and left a
+    mount no command could let go); ``detach`` cleans up, then ``rm`` works. A half-removed
+    volume's directory never breaks ``volume ls``."""
+    name, mnt = mounted
+    (mnt / "f").write_bytes(b"kept")
+    kill_engine(cli, name)
+    line = one_line(cli.run("volume", "rm", name, check=False), 1)
+    assert "crashed" in line and f"{mnt} mounted" in line and "volume detach" in line, line
+    assert cli.info(name)["state"] == "crashed" and len(cli.info(name)["replicas"]) == 3
+    assert "its engine died and left " + str(mnt) in cli.run("volume", "info", name).stdout
+    cli.run("volume", "detach", name)
+    assert mounts_of(str(mnt)) == []
+    cli.run("volume", "rm", name)
+    (cli.root / "volumes" / ".gone.removing").mkdir()  # (an rm cut short by a crash)
+    (cli.root / "volumes" / ".gone.removing" / "config.json").write_text("{}")
+    assert cli.json("volume", "ls") == []
+
+
+def test_refused_commands_take_back_what_they_began(cli: Cli, tmp_path: Path) -> None:
+    """A ``mount`` refused on an attached volume frees the loop device it made (before, it
+    was left, and ``detach`` then asked to unmount what was not mounted); a ``replica add``
+    that fails gives its replica id back; snapshots keep the time they were taken through a
+    rebuild that replaces every replica they were on; unnamed snapshots taken within one
+    second get names of their own."""
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    taken = cli.json("snapshot", "create", "v", "s1")["created"]
+    names = [cli.json("snapshot", "create", "v")["name"] for _ in range(3)]
+    assert len(set(names)) == 3, names
+    device = tmp_path / "v.dev"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(busy)], check=True)
+    try:
+        line = one_line(cli.run("mount", "v", str(busy), check=False), 1)
+        assert "already a mount point" in line, line
+    finally:
+        subprocess.run(["umount", str(busy)], check=True)
+    assert loops_of(device) == []
+    line = one_line(cli.run("replica", "add", "v", "--address", "127.0.0.1:0", check=False), 2)
+    assert "port 0" in line, line
+    one_line(cli.run("replica", "add", "v", "--address", "127.0.0.1:1", check=False), 1)
+    wait_for(  # (the snapshot's second has passed: a copy made now would show another time)
+        lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) != taken, 5, "a new second"
+    )
+    assert cli.json("replica", "add", "v")["id"] == "r2"
+    cli.run("replica", "rm", "v", "r1")
+    after = {s["name"]: s["created"] for s in cli.json("snapshot", "ls", "v")}
+    assert after["s1"] == taken, (after, taken)
+    cli.run("volume", "detach", "v")

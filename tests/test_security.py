@@ -289,6 +289,8 @@ def _bad_calls(rng: random.Random) -> bytes:
         {"method": "init", "args": {"size": -1, "chunk_size": 0}},
         {"method": "rebuild_begin", "args": {"names": "x", "revision": -1}},
         {"method": "rebuild_begin", "args": {"names": [1, 2], "revision": 0}},
+        {"method": "rebuild_begin", "args": {"names": ["a"], "revision": 0, "created": ["x"]}},
+        {"method": "rebuild_begin", "args": {"names": ["a"], "revision": 0, "created": [1, 2]}},
         {"method": "snapshot", "args": {"name": "../x"}},
         {"method": "remove_snapshot", "args": {"name": 7}},
         {"method": "pull_run", "args": {"source": "nowhere", "first": -1}},

@@ -184,7 +184,10 @@ def test_rebuild_target_merges_writes_received_during_the_sync(tmp_path: Path, s
         if seed % 2:  # a target that comes back with an old, partly different chain
             target.write(0, rng.randbytes(size))
             target.snapshot("a")
-        target.rebuild_begin(["a", "b"], source.revision)
+        when = {i["name"]: i["created"] for i in source.list_layers() if i["name"]}
+        when["a"] = "2026-01-02T03:04:05Z"  # (taken long before the rebuild)
+        source.meta["layers"][source.layer("a").id]["created"] = when["a"]
+        target.rebuild_begin(["a", "b"], source.revision, [when["a"], when["b"]])
         pending = [(n, c) for n in ("a", "b") for c in range(chunks)]
         rng.shuffle(pending)
         for i, (name, chunk) in enumerate(pending):
@@ -202,6 +205,7 @@ def test_rebuild_target_merges_writes_received_during_the_sync(tmp_path: Path, s
         assert target.read_layer_run("a", 0, chunks)[0] == source.read_layer_run("a", 0, chunks)[0]
         target.rebuild_finish()
         assert target.read(0, size) == source.read(0, size)
+        assert {i["name"]: i["created"] for i in target.list_layers() if i["name"]} == when
         assert ABSENT not in source.read_layer_run("backing", 0, 1)[0]
     with ChunkStore.open(tmp_path / "dst") as again, ChunkStore.open(tmp_path / "src") as src:
         assert again.checksum() == src.checksum()

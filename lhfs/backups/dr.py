@@ -547,6 +547,7 @@ def remove(root: Path, name: str, keep_marker: bool, retry_timeout: float) -> st
     was removed from (None: left)."""
     vol = volumes.load(root, name)
     config = dr_config(vol)
+    manage.check_removable(vol)
     was_following = follower_pid(vol) is not None
     held = stop(vol)
     try:
@@ -661,6 +662,7 @@ def activate(
     standby as it was: following again if a follower ran, stopped if none did."""
     vol = volumes.load(root, name)
     config = dr_config(vol)
+    manage.check_removable(vol)
     was_following = follower_pid(vol) is not None
     held = stop(vol)
     try:

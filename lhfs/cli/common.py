@@ -35,6 +35,24 @@ def dir_arg(text: str) -> str:
     return text
 
 
+def path_arg(text: str) -> str:
+    """A file path argument: never empty (that would name the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no file")
+    return text
+
+
+def count_arg(text: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (a whole number, 0 or more)")
+    return value
+
+
 def metrics_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics",

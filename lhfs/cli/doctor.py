@@ -13,6 +13,10 @@ _MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 def cmd_doctor(args: argparse.Namespace) -> int:
     from lhfs.volumes import doctor
 
+    if args.target:  # (a malformed URL is bad usage, said before any check runs)
+        from backupstore.s3 import Target
+
+        Target.parse(args.target)
     checks = doctor.run(root_of(args), args.volume, args.target)
     if args.json:
         print_json(doctor.report(checks))

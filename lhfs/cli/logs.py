@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lhfs.cli.common import print_json, root_of
+from lhfs.cli.common import count_arg, print_json, root_of
 
 COMPONENTS = ("engine", "replica", "dr")
 _POLL = 0.2
@@ -44,6 +44,8 @@ def cmd_logs(args: argparse.Namespace) -> None:
 
     found = _logs(args)
     chosen = logs.merged(found, 0 if args.all else args.lines, args.all)
+    if args.lines == 0 and not args.all:  # (-n 0: only what comes next, with -f)
+        chosen = []
     if args.json:
         print_json(
             [
@@ -93,7 +95,11 @@ def parsers(groups: Any) -> None:
         help="only this process's log (repeatable; default all)",
     )
     p.add_argument(
-        "-n", "--lines", type=int, default=100, help="how many of the last lines (default 100)"
+        "-n",
+        "--lines",
+        type=count_arg,
+        default=100,
+        help="how many of the last lines (default 100)",
     )
     p.add_argument("--all", action="store_true", help="everything, rotated files included")
     p.add_argument(

@@ -13,6 +13,7 @@ from lhfs.cli.common import (
     describe_detach,
     json_option,
     metrics_option,
+    path_arg,
     print_json,
     quiet_option,
     replica_header,
@@ -62,7 +63,7 @@ def _setting_options(p: argparse.ArgumentParser) -> None:
             dest=name,
             type=float,
             metavar="SECONDS" if meaning.startswith("seconds") else "N",
-            help=f"{meaning} (default {default:g}; {low:g}-{high:g})",
+            help=f"{meaning} (default {default:g}; {low:.12g}-{high:.12g})",
         )
 
 
@@ -114,7 +115,10 @@ def _print_volume(info: dict[str, Any]) -> None:
         )
     leftovers = info.get("leftovers")
     if leftovers and any(leftovers.values()):
-        print(f"  its engine died and left: {leftovers} ('lhfs volume detach' cleans up)")
+        from lhfs.volumes import attachment
+
+        left = attachment.describe(leftovers, info["device"])
+        print(f"  its engine died and left {left} ('lhfs volume detach' cleans up)")
     print(replica_header())
     for replica in info["replicas"]:
         print(replica_line(replica))
@@ -258,7 +262,12 @@ def parsers(groups: Any) -> None:
         "DEVICE serves I/O.",
     )
     p.add_argument("name")
-    p.add_argument("--device", required=True, help="path of the file that becomes the volume")
+    p.add_argument(
+        "--device",
+        required=True,
+        type=path_arg,
+        help="path of the file that becomes the volume (a new or empty file)",
+    )
     metrics_option(p)
     json_option(p)
     p.set_defaults(func=cmd_volume_attach)

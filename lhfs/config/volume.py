@@ -62,6 +62,11 @@ SETTINGS: dict[str, tuple[float, float, float, str]] = {
 }
 
 
+def shown(name: str, value: float) -> float | int:
+    """A setting's value as said to people and scripts: a count as a whole number."""
+    return value if SETTINGS[name][3].startswith("seconds") else int(value)
+
+
 def check_setting(name: str, value: float) -> float:
     _default, low, high, meaning = SETTINGS[name]
     if not low <= value <= high:
@@ -135,6 +140,10 @@ class Volume:
 
     def setting(self, name: str) -> float:
         return float(self.config.get("settings", {}).get(name, SETTINGS[name][0]))
+
+    def settings(self) -> dict[str, float | int]:
+        """Every setting as it is now, counts as whole numbers (seconds may have fractions)."""
+        return {key: shown(key, self.setting(key)) for key in SETTINGS}
 
     def replica(self, replica_id: str) -> dict[str, Any]:
         for replica in self.replicas:
@@ -289,4 +298,8 @@ def list_names(root: Path) -> list[str]:
     base = volumes_dir(root)
     if not base.exists():
         return []
-    return sorted(p.name for p in base.iterdir() if (p / "config.json").exists())
+    return sorted(  # (not ``.NAME.creating`` or ``.NAME.removing``: work under way or cut)
+        p.name
+        for p in base.iterdir()
+        if not p.name.startswith(".") and (p / "config.json").exists()
+    )

@@ -17,7 +17,7 @@ def parse_size(text: str) -> int:
     """Return the byte count of ``text``; suffixes are powers of 1024, a bare number is bytes."""
     match = _SIZE_RE.match(text)
     if not match or len(match.group(1)) > 30:
-        raise InvalidArgument(f"not a size: {text!r} (use a number with K, M, G or T, e.g. 64M)")
+        raise InvalidArgument(f"not a size: {text!r} (use a number with K, M, G, T or P, e.g. 64M)")
     size = int(match.group(1)) * _SUFFIX[match.group(2).upper()]
     if size > MAX_SIZE:
         raise InvalidArgument(f"{text!r} is more than the largest size lhfs handles (1P)")

@@ -451,7 +451,8 @@ class Daemon:
                 raise InvalidArgument("TLS is for replicas on other hosts: give --address too")
             tls.client_context(tls_ca)
         if address is not None:
-            parse_address(address)
+            if parse_address(address)[1] == 0:
+                raise InvalidArgument(f"{address}: port 0 names no replica; give its port")
             if any(r.address == address for r in engine.replicas):
                 raise AlreadyExists(f"{address} already serves a replica of this volume")
         holder: dict[str, str] = {}
@@ -491,6 +492,7 @@ class Daemon:
             link.client = await self.engine.connect(address)
         except BaseException as exc:
             await self._forget(replica_id)
+            self.vol.update(lambda c: _give_back_id(c, replica_id))
             if isinstance(exc, WrongVolume):
                 owner = self._volume_with_id(exc.volume_id)
                 raise WrongVolume(
@@ -767,6 +769,13 @@ def _ended(status: int) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-status).name}"
     return f"exit status {status}"
+
+
+def _give_back_id(config: dict[str, Any], replica_id: str) -> None:
+    """A refused ``replica add`` changes nothing: its id is given back unless another add has
+    taken the next one since."""
+    if f"r{config['next_replica'] - 1}" == replica_id:
+        config["next_replica"] -= 1
 
 
 def _set_replica(config: dict[str, Any], replica_id: str, **values: Any) -> None:

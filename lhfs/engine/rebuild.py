@@ -171,9 +171,13 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
             await engine.fanout_call("snapshot", name=name)
             source = _pick_source(engine, target)
             layers = await source.client.call("list_layers")
-            names = [layer["name"] for layer in layers if layer["active"] and layer["name"]]
+            snapshots = [layer for layer in layers if layer["active"] and layer["name"]]
+            names = [layer["name"] for layer in snapshots]
+            created = [layer["created"] for layer in snapshots]
             revision = (await source.client.info())["revision"]
-            await target.client.call("rebuild_begin", names=names, revision=revision)
+            await target.client.call(
+                "rebuild_begin", names=names, revision=revision, created=created
+            )
             target.mode, target.error = WO, None
             if target not in engine.replicas:
                 engine.replicas.append(target)

@@ -18,6 +18,7 @@ from lhfs.wire import protocol as p
 MAX_NAMES = 65_536  # snapshot names one rebuild may list
 MAX_VOLUME = 1 << 50  # 1 PiB: beyond any file a replica's disk can hold
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}-[0-9]{1,16}$")
+_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
 
 
 def call_of(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
@@ -60,6 +61,16 @@ def texts(args: dict[str, Any], name: str, limit: int = MAX_NAMES) -> list[str]:
         raise InvalidArgument(f"argument {name!r} must be a list of at most {limit} strings")
     if not all(isinstance(item, str) and 0 < len(item) <= 256 for item in value):
         raise InvalidArgument(f"argument {name!r} must be a list of non-empty strings")
+    return value
+
+
+def times(args: dict[str, Any], name: str, count: int) -> list[str] | None:
+    """An optional list of ``count`` RFC 3339 UTC times (``2026-12-05T19:53:44Z``)."""
+    if args.get(name) is None:
+        return None
+    value = texts(args, name, count)
+    if len(value) != count or not all(_TIME.match(item) for item in value):
+        raise InvalidArgument(f"argument {name!r} must be a list of {count} RFC 3339 UTC times")
     return value
 
 

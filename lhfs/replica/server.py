@@ -503,7 +503,8 @@ class ReplicaServer:
             return store.expand(checks.integer(args, "size", 1, checks.MAX_VOLUME))
         if method == "rebuild_begin":
             names = checks.texts(args, "names")
-            return store.rebuild_begin(names, checks.integer(args, "revision", 0, 1 << 63))
+            revision = checks.integer(args, "revision", 0, 1 << 63)
+            return store.rebuild_begin(names, revision, checks.times(args, "created", len(names)))
         if method == "rebuild_finish":
             return store.rebuild_finish()
         raise InvalidArgument(f"unknown method {method!r}")

@@ -918,9 +918,13 @@ class ChunkStore:
 
     # -- rebuild target -----------------------------------------------------------------------
 
-    def rebuild_begin(self, names: list[str], revision: int) -> dict[str, Any]:
+    def rebuild_begin(
+        self, names: list[str], revision: int, times: list[str] | None = None
+    ) -> dict[str, Any]:
         """Reshape this replica's chain to the source's snapshot names (bottom-up, the last one
-        the rebuild's barrier) and start an empty head in partial mode.
+        the rebuild's barrier) and start an empty head in partial mode. ``times``: when the
+        source's snapshots were taken, kept here too (a snapshot's time is the operator's to
+        read, and once the source is gone this replica is the only one to tell it).
 
         Layers already here under those names are kept: their chunks are compared, not sent
         again. The old head becomes the first missing layer (for a replica that comes back, it
@@ -951,6 +955,8 @@ class ChunkStore:
             layers[by_name[name]]["parent"] = parent
             parent = by_name[name]
         layers[head] = {"name": None, "parent": parent, "created": _now(), "size": self.size}
+        for name, when in zip(names, times or (), strict=False):
+            layers[by_name[name]]["created"] = when
         dropped = [lid for lid in layers if lid not in keep and lid != head]
         for lid in dropped:
             del layers[lid]

@@ -67,6 +67,22 @@ def leftovers(device: Path) -> dict[str, Any]:
     }
 
 
+def describe(left: dict[str, Any], device: Path | str) -> str:
+    """``leftovers`` in words ("" when nothing was left)."""
+    words = [f"{m} mounted" for m in left["mounts"]] + [f"loop device {x}" for x in left["loops"]]
+    if left["fuse_mount"]:
+        words.append(f"the dead FUSE mount {device}")
+    return ", ".join(words)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below ``directory``."""
+    top = str(Path(directory).absolute())
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [m for m in points if m == top or m.startswith(top + "/")]
+
+
 def _disconnected(device: Path) -> bool:
     try:
         device.stat()
@@ -137,7 +153,8 @@ def _unlocked(directory: Path) -> bool:
 
 
 def _check_device(device: Path) -> None:
-    """The device must be a regular file (created if missing) that nothing is mounted on."""
+    """The device must be an empty regular file (created if missing) that nothing is mounted
+    on."""
     try:
         device.stat()
     except FileNotFoundError:
@@ -156,6 +173,10 @@ def _check_device(device: Path) -> None:
         raise Busy(f"{device} is already mounted")
     if not device.is_file():
         raise InvalidArgument(f"device path {device} is not a regular file")
+    if device.stat().st_size:  # (the volume would hide it while attached: a typo, surely)
+        raise InvalidArgument(
+            f"device path {device} is a file that holds data: give a new path or an empty file"
+        )
 
 
 def attach(
@@ -176,6 +197,12 @@ def attach(
     if not restoring:
         vol.require_complete(f"attaching it ('lhfs volume rm {name}' and restore again)")
     device = device.absolute()
+    own = vol.dir.absolute() / "device"  # (``lhfs mount``'s)
+    if device.is_relative_to(volumes.volumes_dir(root).absolute()) and device != own:
+        raise InvalidArgument(
+            f"device path {device} is inside lhfs's own directories: choose a path outside "
+            f"{volumes.volumes_dir(root)}"
+        )
     for other in volumes.list_names(root):
         info = volumes.load(root, other).runtime()
         if info and Path(info["device"]) == device:

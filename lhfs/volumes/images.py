@@ -25,7 +25,8 @@ def images_dir(root: Path) -> Path:
 def create(root: Path, name: str, source: Path) -> dict[str, Any]:
     check_name(name, "backing image name")
     if not source.is_file():
-        raise NotFound(f"image file {source} does not exist")
+        what = "is not a regular file" if source.exists() else "does not exist"
+        raise NotFound(f"image file {source} {what}")
     base = images_dir(root)
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (base / f"{name}.json").exists():

@@ -68,13 +68,31 @@ def remove(root: Path, name: str, follower_stopped: bool = False) -> None:
     """Delete a detached volume; a standby's follower stops first (unless the caller stopped
     it and holds its lock: ``follower_stopped``)."""
     vol = volumes.load(root, name)
-    if vol.runtime() is not None:
-        raise Busy(f"volume {name} is attached: detach it first")
+    check_removable(vol)
     if not follower_stopped:
         standby.remove(vol)
     trash = vol.dir.with_name(f".{name}.removing")
     os.rename(vol.dir, trash)
     shutil.rmtree(trash)
+
+
+def check_removable(vol: volumes.Volume) -> None:
+    """Refuse to remove a volume that something still stands on: its engine (attached), what
+    an engine that died left mounted, or anything mounted inside its directory (removing the
+    directory would fail half-way, with the volume's configuration already gone)."""
+    if vol.runtime() is not None:
+        raise Busy(f"volume {vol.name} is attached: detach it first")
+    record = vol.runtime_record()
+    if record is not None:
+        device = Path(record["device"])
+        left = attachment.describe(attachment.leftovers(device), device)
+        raise WrongState(
+            f"volume {vol.name} crashed (its engine died{' and left ' + left if left else ''}): "
+            f"'lhfs volume detach {vol.name}' cleans up after it first"
+        )
+    inside = attachment.mounts_under(vol.dir)
+    if inside:
+        raise Busy(f"{inside[0]} is mounted inside volume {vol.name}'s directory: unmount it")
 
 
 def export_key(root: Path, name: str, out: Path) -> None:
@@ -133,7 +151,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
         "chunk_size": vol.chunk_size,
         "backing_image": vol.config.get("backing_image"),
         "filesystem": vol.filesystem,
-        "settings": {key: vol.setting(key) for key in volumes.SETTINGS},
+        "settings": vol.settings(),
         "dr": vol.config.get("dr"),
     }
     if vol.config.get("restoring"):  # a restore whose process died leaves it incomplete
@@ -243,7 +261,7 @@ def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
     return result
 
 
-def set_settings(root: Path, name: str, values: dict[str, float]) -> dict[str, float]:
+def set_settings(root: Path, name: str, values: dict[str, float]) -> dict[str, float | int]:
     """Change a volume's settings (``config.volume.SETTINGS``); an attached volume's engine
     takes them at once. Returns every setting, as it is now."""
     vol = volumes.load(root, name)
@@ -251,7 +269,7 @@ def set_settings(root: Path, name: str, values: dict[str, float]) -> dict[str, f
     vol.update(lambda config: config.setdefault("settings", {}).update(values))
     if values and vol.runtime() is not None:
         control.call(vol.control_socket, "settings", **values)
-    return {key: vol.setting(key) for key in volumes.SETTINGS}
+    return vol.settings()
 
 
 def expand(root: Path, name: str, size: int) -> dict[str, Any]:
@@ -291,9 +309,14 @@ def snapshot_create(
     """A snapshot on every replica. ``system``: one of lhfs's own (a backup's), which
     housekeeping may coalesce away later; an operator's name may not look like one. ``hold``:
     taken inside that hold of the volume's I/O (``io_held``)."""
+    if snapshot is None:  # (two in one second: the second gets -2, and so on)
+        stamp = time.strftime("snap-%Y%m%d-%H%M%S")
+        for n in range(1, 100):
+            with contextlib.suppress(AlreadyExists):
+                return snapshot_create(root, name, f"{stamp}-{n}" if n > 1 else stamp, system, hold)
+        raise AlreadyExists(f"snapshots {stamp} to {stamp}-99 exist already: name this one")
     vol = volumes.load(root, name)
-    default = time.strftime("snap-%Y%m%d-%H%M%S")
-    snapshot = check_name(default if snapshot is None else snapshot, "snapshot name")
+    snapshot = check_name(snapshot, "snapshot name")
     if housekeeping.is_system(snapshot) != system:
         prefixes = " and ".join(f"'{prefix}'" for prefix in housekeeping.SYSTEM_PREFIXES)
         raise InvalidArgument(

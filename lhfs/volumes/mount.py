@@ -80,7 +80,8 @@ def decide(record: dict[str, Any] | None, found: dict[str, str] | None, blank: b
             return "format"
         raise CorruptState(
             "the volume holds data but no filesystem signature, and lhfs never formatted it: "
-            "refusing to format"
+            "refusing to format (look at it with 'lhfs volume attach'; to format it anyway, run "
+            "mkfs on the attached device yourself)"
         )
     if record["state"] == "formatting":
         return "format"
@@ -95,13 +96,6 @@ def decide(record: dict[str, Any] | None, found: dict[str, str] | None, blank: b
             f"{found.get('TYPE')} {found.get('UUID')}: refusing to mount or format"
         )
     return "mount"
-
-
-def _loop_for(device: Path) -> str:
-    loops = attachment.loops_backed_by(device)
-    if loops:
-        return loops[0]
-    return _run(["losetup", "--direct-io=on", "--find", "--show", str(device)], "losetup").strip()
 
 
 def mount(
@@ -143,16 +137,30 @@ def _release(device: Path) -> None:
 
 
 def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str) -> dict[str, Any]:
-    name = vol.name
-    record = vol.filesystem
-    loop = _loop_for(device)
-    already = attachment.mounted_at(loop)
+    """Mount the attached volume's ``device`` at ``mountpoint`` through a loop device (its own
+    if it has one); a loop device made here is freed again if the mount fails or is refused."""
+    loops = attachment.loops_backed_by(device)
+    already = attachment.mounted_at(loops[0]) if loops else []
     if already:
-        if Path(already[0]) == mountpoint:
-            return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": False}
-        raise Busy(f"volume {name} is already mounted at {already[0]}")
+        if Path(already[0]) != mountpoint:
+            raise Busy(f"volume {vol.name} is already mounted at {already[0]}")
+        mounted = {"name": vol.name, "mountpoint": str(mountpoint), "loop": loops[0]}
+        return {**mounted, "formatted": False}
     if attachment.is_mountpoint(mountpoint):
         raise Busy(f"{mountpoint} is already a mount point")
+    if loops:
+        return _format_and_mount(vol, loops[0], mountpoint, fs)
+    loop = _run(["losetup", "--direct-io=on", "--find", "--show", str(device)], "losetup").strip()
+    try:
+        return _format_and_mount(vol, loop, mountpoint, fs)
+    except BaseException:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        raise
+
+
+def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str) -> dict[str, Any]:
+    """Format ``loop`` if the volume never was (see ``decide``), then mount it."""
+    record = vol.filesystem
     blank = control.call(vol.control_socket, "blank")
     action = decide(record, probe(loop), blank)
     formatted = False
@@ -173,8 +181,9 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
             "state": "formatted",
         }
         vol.record_filesystem(record)
+    assert record is not None
     _run(["mount", "-t", record["type"], loop, str(mountpoint)], "mount")
-    return {"name": name, "mountpoint": str(mountpoint), "loop": loop, "formatted": formatted}
+    return {"name": vol.name, "mountpoint": str(mountpoint), "loop": loop, "formatted": formatted}
 
 
 GROW = {"ext4": ["resize2fs", "{loop}"], "xfs": ["xfs_growfs", "{mountpoint}"]}
