@@ -426,7 +426,7 @@ def test_every_verb_answers_bad_input_with_one_line(
         ("logs", "v", "-n", "-5"),
         ("volume", "attach", "v", "--device", ""),
         ("volume", "attach", "v", "--device", str(image)),  # (a file with data: a typo)
-        ("volume", "attach", "v", "--device", str(cli.root / "volumes" / "v" / "d")),
+        ("volume", "attach", "v", "--device", str(cli.root / "volumes" / "d")),
         ("backing-image", "create", "x", "--from", str(tmp_path)),
         ("doctor", "--target", "s3://"),
     ]

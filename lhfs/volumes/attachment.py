@@ -197,8 +197,8 @@ def attach(
     if not restoring:
         vol.require_complete(f"attaching it ('lhfs volume rm {name}' and restore again)")
     device = device.absolute()
-    own = vol.dir.absolute() / "device"  # (``lhfs mount``'s)
-    if device.is_relative_to(volumes.volumes_dir(root).absolute()) and device != own:
+    inside = device.is_relative_to(volumes.volumes_dir(root).absolute())
+    if inside and not device.is_relative_to(vol.dir.absolute()):  # (its own: mount, restore)
         raise InvalidArgument(
             f"device path {device} is inside lhfs's own directories: choose a path outside "
             f"{volumes.volumes_dir(root)}"
