@@ -662,7 +662,6 @@ def activate(
     standby as it was: following again if a follower ran, stopped if none did."""
     vol = volumes.load(root, name)
     config = dr_config(vol)
-    manage.check_removable(vol)
     was_following = follower_pid(vol) is not None
     held = stop(vol)
     try:

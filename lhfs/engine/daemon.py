@@ -491,8 +491,10 @@ class Daemon:
                 engine.tls_cas[address] = tls_ca
             link.client = await self.engine.connect(address)
         except BaseException as exc:
+            home = self.vol.replica_dir(self.vol.replica(replica_id))
             await self._forget(replica_id)
-            self.vol.update(lambda c: _give_back_id(c, replica_id))
+            if home is None or not home.exists():  # (a directory left would take the id again)
+                self.vol.update(lambda c: _give_back_id(c, replica_id))
             if isinstance(exc, WrongVolume):
                 owner = self._volume_with_id(exc.volume_id)
                 raise WrongVolume(

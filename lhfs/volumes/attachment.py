@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -30,10 +31,21 @@ STOP_TIMEOUT = 30.0
 STATE_TIMEOUT = 20.0
 
 
+def mount_table() -> list[tuple[str, str]]:
+    """(source, mount point) of every mount, as the kernel lists them (spaces and the like
+    written as octal escapes there, decoded here)."""
+    with open("/proc/self/mounts") as f:
+        rows = [line.split()[:2] for line in f]
+    return [(_unescape(source), _unescape(point)) for source, point in rows]
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def is_mountpoint(path: Path) -> bool:
-    target = str(Path(path).absolute())
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    target = os.path.realpath(path)  # (the kernel lists real paths)
+    return any(point == target for _, point in mount_table())
 
 
 def loops_backed_by(device: Path) -> list[str]:
@@ -52,8 +64,7 @@ def loops_backed_by(device: Path) -> list[str]:
 
 def mounted_at(source: str) -> list[str]:
     """Where ``source`` (a loop device) is mounted."""
-    with open("/proc/self/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[0] == source]
+    return [point for where, point in mount_table() if where == source]
 
 
 def leftovers(device: Path) -> dict[str, Any]:
@@ -77,10 +88,8 @@ def describe(left: dict[str, Any], device: Path | str) -> str:
 
 def mounts_under(directory: Path) -> list[str]:
     """Mount points at or below ``directory``."""
-    top = str(Path(directory).absolute())
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [m for m in points if m == top or m.startswith(top + "/")]
+    top = os.path.realpath(directory)
+    return [p for _, p in mount_table() if p == top or p.startswith(top.rstrip("/") + "/")]
 
 
 def _disconnected(device: Path) -> bool:
@@ -175,7 +184,7 @@ def _check_device(device: Path) -> None:
         raise InvalidArgument(f"device path {device} is not a regular file")
     if device.stat().st_size:  # (the volume would hide it while attached: a typo, surely)
         raise InvalidArgument(
-            f"device path {device} is a file that holds data: give a new path or an empty file"
+            f"device path {device} is a file that is not empty: give a new path or an empty file"
         )
 
 
@@ -197,8 +206,10 @@ def attach(
     if not restoring:
         vol.require_complete(f"attaching it ('lhfs volume rm {name}' and restore again)")
     device = device.absolute()
-    inside = device.is_relative_to(volumes.volumes_dir(root).absolute())
-    if inside and not device.is_relative_to(vol.dir.absolute()):  # (its own: mount, restore)
+    real = Path(os.path.realpath(device))
+    # the device files lhfs itself puts there (``lhfs mount``'s, a restore's) and no other
+    own = {Path(os.path.realpath(vol.dir / f)) for f in ("device", "restore.dev")}
+    if real.is_relative_to(os.path.realpath(volumes.volumes_dir(root))) and real not in own:
         raise InvalidArgument(
             f"device path {device} is inside lhfs's own directories: choose a path outside "
             f"{volumes.volumes_dir(root)}"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.core.durable import atomic_write_json, fsync_dir
-from lhfs.core.errors import AlreadyExists, NotFound
+from lhfs.core.errors import AlreadyExists, InvalidArgument, NotFound
 from lhfs.core.names import check_name
 from lhfs.store.backing import content_id, id_size
 
@@ -24,9 +24,10 @@ def images_dir(root: Path) -> Path:
 
 def create(root: Path, name: str, source: Path) -> dict[str, Any]:
     check_name(name, "backing image name")
+    if source.exists() and not source.is_file():
+        raise InvalidArgument(f"image file {source} is not a regular file")
     if not source.is_file():
-        what = "is not a regular file" if source.exists() else "does not exist"
-        raise NotFound(f"image file {source} {what}")
+        raise NotFound(f"image file {source} does not exist")
     base = images_dir(root)
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (base / f"{name}.json").exists():

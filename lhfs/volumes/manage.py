@@ -72,6 +72,10 @@ def remove(root: Path, name: str, follower_stopped: bool = False) -> None:
     if not follower_stopped:
         standby.remove(vol)
     trash = vol.dir.with_name(f".{name}.removing")
+    if trash.exists():  # (an earlier rm of a volume of that name was cut short)
+        if attachment.mounts_under(trash):
+            raise Busy(f"{attachment.mounts_under(trash)[0]} is mounted: unmount it")
+        shutil.rmtree(trash)
     os.rename(vol.dir, trash)
     shutil.rmtree(trash)
 
@@ -311,10 +315,11 @@ def snapshot_create(
     taken inside that hold of the volume's I/O (``io_held``)."""
     if snapshot is None:  # (two in one second: the second gets -2, and so on)
         stamp = time.strftime("snap-%Y%m%d-%H%M%S")
-        for n in range(1, 100):
-            with contextlib.suppress(AlreadyExists):
-                return snapshot_create(root, name, f"{stamp}-{n}" if n > 1 else stamp, system, hold)
-        raise AlreadyExists(f"snapshots {stamp} to {stamp}-99 exist already: name this one")
+        taken = {s["name"] for s in snapshot_list(root, name)}
+        snapshot, n = stamp, 1
+        while snapshot in taken:
+            n += 1
+            snapshot = f"{stamp}-{n}"
     vol = volumes.load(root, name)
     snapshot = check_name(snapshot, "snapshot name")
     if housekeeping.is_system(snapshot) != system:
