@@ -211,6 +211,15 @@ class Cli:
     def json(self, *args: str) -> Any:
         return json.loads(self.run(*args, "--json").stdout)
 
+    def volumes(self) -> list[dict[str, Any]]:
+        """``volume ls --json`` without what changes with anything else on the disk (each
+        replica's disk's free space): what "nothing changed" compares."""
+        listing = self.json("volume", "ls")
+        for vol in listing:
+            for replica in vol["replicas"]:
+                replica.pop("disk_free", None)
+        return listing
+
     def info(self, name: str) -> dict[str, Any]:
         return self.json("volume", "info", name)
 

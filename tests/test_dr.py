@@ -210,7 +210,7 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
     assert (increment["fetched"], increment["trimmed"]) == (2, 1)
     assert cli.checksum("dr2") == first_sum
 
-    before = cli.json("volume", "ls")
+    before = cli.volumes()
     for args, status, message in (
         (("snapshot", "create", "dr2"), 1, "DR standby"),
         (("backup", "create", "dr2", "--target", target), 1, "DR standby"),
@@ -229,7 +229,7 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
         assert result.returncode == status, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
-    assert cli.json("volume", "ls") == before
+    assert cli.volumes() == before
 
 
 def _backup_attached(cli: Cli, target: str) -> tuple[str, str]:

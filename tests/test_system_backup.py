@@ -88,10 +88,10 @@ def test_a_system_backup_completes_and_restores_equal(
             assert (mnt / "file").read_bytes() == b"kept" * 1000  # mounted, not formatted
         finally:
             other.run("umount", str(mnt))
-        before = other.json("volume", "ls")
+        before = other.volumes()
         again = other.run("system", "restore", url, "--quiet", check=False)
         assert again.returncode == 1 and "already exist" in again.stderr
-        assert again.stderr.count("\n") == 1 and other.json("volume", "ls") == before
+        assert again.stderr.count("\n") == 1 and other.volumes() == before
     finally:
         teardown(other.root)
     third = Cli(tmp_path / "root3")

@@ -44,8 +44,6 @@ def cmd_logs(args: argparse.Namespace) -> None:
 
     found = _logs(args)
     chosen = logs.merged(found, 0 if args.all else args.lines, args.all)
-    if args.lines == 0 and not args.all:  # (-n 0: only what comes next, with -f)
-        chosen = []
     if args.json:
         print_json(
             [
@@ -99,7 +97,7 @@ def parsers(groups: Any) -> None:
         "--lines",
         type=count_arg,
         default=100,
-        help="how many of the last lines (default 100)",
+        help="how many of the last lines (default 100; 0: all of the current files)",
     )
     p.add_argument("--all", action="store_true", help="everything, rotated files included")
     p.add_argument(
