@@ -42,6 +42,14 @@ def path_arg(text: str) -> str:
     return text
 
 
+def disks_arg(text: str) -> list[str]:
+    """A comma-separated list of disk mount points, none empty."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"not a list of disks: {text!r} (D1,D2,...)")
+    return items
+
+
 def count_arg(text: str) -> int:
     """A whole number, 0 or more."""
     try:
@@ -103,6 +111,8 @@ def replica_line(r: dict[str, Any]) -> str:
     progress = "" if r.get("rebuild_progress") is None else f" rebuild {r['rebuild_progress']}%"
     error = f"  ({r['error']})" if r.get("error") else ""
     rejoin = f"  [{r['rejoin']}]" if r.get("rejoin") else ""
+    if r.get("disk"):
+        rejoin += f"  on disk {r['disk']}"
     address = r.get("address") or "local"
     held = "-" if r.get("disk_bytes") is None else format_size(r["disk_bytes"])
     free = "-" if r.get("disk_free") is None else format_size(r["disk_free"])

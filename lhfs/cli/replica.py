@@ -114,7 +114,7 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
         from lhfs.wire.tls import read_ca
 
         ca = read_ca(Path(args.tls_ca))
-    added = manage.replica_add(root_of(args), args.volume, args.address, ca)
+    added = manage.replica_add(root_of(args), args.volume, args.address, ca, args.disk)
     if args.no_wait:
         data = {**added, "mode": "WO", "rebuild_stats": None}
         say(args, data, f"added replica {added['id']} at {added['address']}; rebuilding")
@@ -235,6 +235,12 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("volume")
     p.add_argument("--address", help="HOST:PORT of a replica served elsewhere")
+    p.add_argument(
+        "--disk",
+        type=dir_arg,
+        help="a local replica on this disk (the mount point of a file system no other replica "
+        "of the volume is on) instead of under the root",
+    )
     p.add_argument(
         "--tls-ca",
         metavar="FILE",

@@ -11,6 +11,7 @@ from lhfs.cli.common import (
     DEFAULT_CHUNK,
     Parser,
     describe_detach,
+    disks_arg,
     json_option,
     metrics_option,
     path_arg,
@@ -36,9 +37,10 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         args.name,
         args.size,
         args.chunk_size,
-        args.replicas,
+        args.replicas or len(args.disks or ()) or 3,
         image,
         {"settings": settings} if settings else None,
+        args.disks,
     )
     text = f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas"
     say(args, manage.info(root_of(args), vol.name) if args.json else None, text)
@@ -232,7 +234,16 @@ def parsers(groups: Any) -> None:
     p = verbs.add_parser("create", help="create a volume and its local replicas")
     p.add_argument("name")
     p.add_argument("--size", required=True, type=size_arg, help="volume size, e.g. 10G")
-    p.add_argument("--replicas", type=int, default=3, help="number of replicas (default 3)")
+    p.add_argument(
+        "--replicas", type=int, help="number of replicas (default 3, or one per --disks)"
+    )
+    p.add_argument(
+        "--disks",
+        type=disks_arg,
+        metavar="D1,D2,...",
+        help="place one replica on each of these disks (mount points of file systems, one "
+        "replica each) instead of under the root, so that a lost disk loses one replica",
+    )
     p.add_argument(
         "--backing-image", help="a backing image (name from 'backing-image ls', or a raw file)"
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lhfs.config import disks
 from lhfs.core.durable import atomic_write_json
 from lhfs.core.errors import AlreadyExists, Busy, CorruptState, InvalidArgument, NotFound
 from lhfs.core.names import check_name
@@ -152,8 +153,11 @@ class Volume:
         raise NotFound(f"volume {self.name} has no replica {replica_id!r}")
 
     def replica_dir(self, replica: dict[str, Any]) -> Path | None:
-        """The directory of a local replica (None for a remote one)."""
-        return self.dir / "replicas" / replica["id"] if replica.get("local") else None
+        """The directory of a local replica (None for a remote one): under the volume's
+        directory, or on a disk of its own (``lhfs.config.disks``)."""
+        if not replica.get("local"):
+            return None
+        return disks.directory(self.dir, self.config["volume_id"], replica)
 
     def save(self) -> None:
         self.save_to(self.dir)
@@ -239,9 +243,11 @@ def create(
     replicas: int,
     backing_image: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    on_disks: list[Path] | None = None,
 ) -> tuple[Volume, Path]:
     """Record a new volume in a temporary directory; the caller initialises the replicas there
-    and publishes it with ``finish_create``."""
+    (those ``on_disks``, one per disk in order, on their disks) and publishes it with
+    ``finish_create``."""
     check_name(name, "volume name")
     if chunk_size < 4096 or chunk_size > 4 << 20 or chunk_size & (chunk_size - 1):
         raise InvalidArgument("the chunk size must be a power of two from 4K to 4M")
@@ -265,6 +271,7 @@ def create(
         "backing_image": backing_image,
         "replicas": [
             {"id": f"r{i + 1}", "local": True, "address": None, "mode": "RW", "error": None}
+            | ({"disk": str(on_disks[i])} if on_disks else {})
             for i in range(replicas)
         ],
         "next_replica": replicas + 1,

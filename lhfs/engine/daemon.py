@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import trio
 import xxhash
 
+from lhfs.config import disks
 from lhfs.config import volume as volumes
 from lhfs.core import logs
 from lhfs.core.durable import atomic_write_json
@@ -92,6 +92,11 @@ class Daemon:
             if directory is None:
                 continue
             replica["address"] = None
+            try:
+                disks.ready(self.vol, replica)
+            except LhfsError as exc:
+                log.error("replica %s did not start: %s", replica["id"], exc)
+                continue
             proc = self._spawn(replica["id"], directory)
             try:
                 replica["address"] = proc.wait_ready()
@@ -133,10 +138,13 @@ class Daemon:
                 raise WrongState("the replica was removed")
         if self._stopping:
             raise WrongState("the volume is detaching")
-        directory = self.vol.replica_dir(self.vol.replica(link.id))
+        replica = self.vol.replica(link.id)
+        directory = self.vol.replica_dir(replica)
         if old is not None:
-            ended = _ended(old.stop())
-            log.warning("replica %s: its process ended (%s); starting it again", link.id, ended)
+            if self.processes.get(link.id) is old:
+                del self.processes[link.id]
+            log.warning("replica %s: its process ended (%s)", link.id, _ended(old.stop()))
+        disks.ready(self.vol, replica)  # (a disk that is not mounted: not there, not rebuilt)
         try:
             proc = self._spawn(link.id, directory)
         except OSError as exc:  # (no memory to fork, no descriptors left)
@@ -281,7 +289,10 @@ class Daemon:
         if op == "blank":
             return await engine.call_one("is_blank")
         if op == "replica_add":
-            return await self.add_replica(args.get("address"), args.get("tls_ca"))
+            disk = args.get("disk")
+            if disk is not None and not isinstance(disk, str):
+                raise InvalidArgument("a disk is the path of a mount point")
+            return await self.add_replica(args.get("address"), args.get("tls_ca"), disk)
         if op == "replica_rm":
             await self.remove_replica(str(args["id"]))
             return None
@@ -442,10 +453,16 @@ class Daemon:
 
         self.nursery.start_soon(run)
 
-    async def add_replica(self, address: str | None, tls_ca: str | None = None) -> dict[str, Any]:
-        """A new local replica, or the ``replica serve`` at ``address`` (over TLS with the CA
-        ``tls_ca``); rebuilt online."""
+    async def add_replica(
+        self, address: str | None, tls_ca: str | None = None, disk: str | None = None
+    ) -> dict[str, Any]:
+        """A new local replica (under the volume's directory, or on ``disk``), or the ``replica
+        serve`` at ``address`` (over TLS with the CA ``tls_ca``); rebuilt online."""
         engine = self.engine
+        if disk is not None:
+            if address is not None:
+                raise InvalidArgument("a replica is local on --disk or elsewhere at --address")
+            disk = str(disks.check(disk, disks.placed(self.vol)))
         if tls_ca is not None:
             if address is None:
                 raise InvalidArgument("TLS is for replicas on other hosts: give --address too")
@@ -469,6 +486,7 @@ class Daemon:
                     "error": "being added",
                     "tls_ca": tls_ca,
                 }
+                | ({"disk": disk} if disk else {})
             )
             holder["id"] = replica_id
 
@@ -476,8 +494,7 @@ class Daemon:
         replica_id = holder["id"]
         try:
             if address is None:
-                directory = self.vol.dir / "replicas" / replica_id
-                directory.mkdir(mode=0o700, parents=True)
+                directory = disks.make(self.vol, self.vol.replica(replica_id))
                 proc = self._spawn(replica_id, directory)
                 self.processes[replica_id] = proc
                 try:
@@ -555,8 +572,7 @@ class Daemon:
         self.vol.update(
             lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id])
         )
-        if entry.get("local"):
-            shutil.rmtree(self.vol.dir / "replicas" / replica_id, ignore_errors=True)
+        disks.remove(self.vol, entry)
 
     def stop(self) -> None:
         if not self._stopping:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lhfs.config import disks
 from lhfs.config import volume as volumes
 from lhfs.core.errors import LhfsError
 from lhfs.core.units import format_size
@@ -130,6 +131,10 @@ def _root(root: Path) -> list[Check]:
     return out
 
 
+def _free(path: Path) -> str:
+    return format_size(shutil.disk_usage(path).free)
+
+
 def _may_grow(root: Path) -> int:
     """How much more the local replicas under ``root`` may take if every volume were written
     whole (their files are sparse): what thin volumes promise beyond the disk's free space."""
@@ -139,6 +144,8 @@ def _may_grow(root: Path) -> int:
             vol = volumes.load(root, name)
             for replica in vol.replicas:
                 directory = vol.replica_dir(replica) if replica.get("local") else None
+                if replica.get("disk"):
+                    continue  # (not on the root's disk)
                 if directory is not None and directory.is_dir():
                     total += max(0, vol.size - disk_bytes(directory))
         except (LhfsError, OSError):
@@ -203,8 +210,16 @@ def _volume(root: Path, name: str) -> list[Check]:
         label = f"replica {replica['id']}"
         if replica.get("local"):
             directory = vol.replica_dir(replica)
+            disk = replica.get("disk")
+            try:
+                disks.ready(vol, replica)
+            except LhfsError as exc:
+                hint = f"mount it (the replica comes back by itself), or lhfs replica rm {name}"
+                out.append(Check(label, FAIL, str(exc).removeprefix("its "), hint))
+                continue
             if directory is not None and (directory / "volume.json").exists():
-                out.append(Check(label, OK, f"local, {directory}"))
+                where = f", on disk {disk} ({_free(directory)} free)" if disk else ""
+                out.append(Check(label, OK, f"local, {directory}{where}"))
             else:
                 out.append(
                     Check(

@@ -18,6 +18,7 @@ from typing import Any
 
 import xxhash
 
+from lhfs.config import disks
 from lhfs.config import volume as volumes
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
 from lhfs.core.names import check_name
@@ -37,16 +38,29 @@ def create(
     replicas: int,
     backing: Path | None,
     extra: dict[str, Any] | None = None,
+    on_disks: list[str] | None = None,
 ) -> volumes.Volume:
-    """Create a volume with local replicas; ``extra`` goes into its configuration from the
-    start (a DR standby is never visible without its ``dr`` section)."""
+    """Create a volume with local replicas, under the root or one on each of ``on_disks``
+    (``lhfs.config.disks``); ``extra`` goes into its configuration from the start (a DR
+    standby is never visible without its ``dr`` section)."""
     if backing is not None and not backing.is_file():
         raise NotFound(f"backing image file {backing} does not exist")
-    vol, tmp = volumes.create(root, name, size, chunk_size, replicas, extra=extra)
+    chosen: dict[str, Path] = {}
+    for n, disk in enumerate(on_disks or (), 1):
+        chosen[f"r{n}"] = disks.check(disk, chosen)
+    if on_disks and len(on_disks) != replicas:
+        raise InvalidArgument(f"{len(on_disks)} disks for {replicas} replicas: give one each")
+    vol, tmp = volumes.create(
+        root, name, size, chunk_size, replicas, extra=extra, on_disks=list(chosen.values())
+    )
+    made: list[dict[str, Any]] = []
     try:
         for replica in vol.replicas:
+            on_disk = replica.get("disk")
+            if on_disk:
+                made.append(replica)
             store = ChunkStore.create(
-                tmp / "replicas" / replica["id"],
+                disks.make(vol, replica) if on_disk else tmp / "replicas" / replica["id"],
                 size,
                 chunk_size,
                 backing,
@@ -60,6 +74,8 @@ def create(
         volumes.finish_create(vol, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for replica in made:
+            disks.remove(vol, replica)
         raise
     return vol
 
@@ -71,6 +87,9 @@ def remove(root: Path, name: str, follower_stopped: bool = False) -> None:
     check_removable(vol)
     if not follower_stopped:
         standby.remove(vol)
+    for replica in vol.replicas:  # (first: the configuration says where they are)
+        if replica.get("disk"):
+            disks.remove(vol, replica)
     trash = vol.dir.with_name(f".{name}.removing")
     if trash.exists():  # (an earlier rm of a volume of that name was cut short)
         if attachment.mounts_under(trash):
@@ -142,7 +161,7 @@ VOLUME_KEYS = (
 REPLICA_KEYS = (
     "id", "address", "mode", "error", "since", "revision", "rebuild_progress",
     "rebuild_stats", "rejoin", "pid", "disk_bytes", "disk_free", "shared_memory", "link",
-    "failures", "restarts",
+    "failures", "restarts", "dir", "disk",
 )  # fmt: skip
 
 
@@ -173,7 +192,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
             snapshots = [_snapshot_entry(s) for s in live.pop("snapshots") if s["name"]]
             if vol.config.get("restoring"):
                 live["state"] = "restoring"
-            return _stable({**base, **live, "attached": True, "snapshots": snapshots})
+            return _stable({**base, **live, "attached": True, "snapshots": snapshots}, vol)
     replicas = [
         {
             "id": r["id"],
@@ -197,7 +216,8 @@ def info(root: Path, name: str) -> dict[str, Any]:
         base["leftovers"] = attachment.leftovers(Path(record["device"]))
         base["device"] = record["device"]
     return _stable(
-        {**base, "state": state, "attached": False, "replicas": replicas, "snapshots": snapshots}
+        {**base, "state": state, "attached": False, "replicas": replicas, "snapshots": snapshots},
+        vol,
     )
 
 
@@ -216,8 +236,14 @@ def _disk(vol: volumes.Volume, replica: dict[str, Any]) -> dict[str, int | None]
     return {"disk_bytes": disk_bytes(directory), "disk_free": shutil.disk_usage(directory).free}
 
 
-def _stable(info: dict[str, Any]) -> dict[str, Any]:
-    """Every key in every state (None when unknown), in one order."""
+def _stable(info: dict[str, Any], vol: volumes.Volume) -> dict[str, Any]:
+    """Every key in every state (None when unknown), in one order; with where each local
+    replica lives (``dir``) and the disk it was placed on (``disk``: None under the root)."""
+    for replica in info["replicas"]:
+        with contextlib.suppress(LhfsError):
+            entry = vol.replica(replica["id"])
+            home = vol.replica_dir(entry)
+            replica.update(dir=home and str(home), disk=entry.get("disk"))
     info["replicas"] = [{key: r.get(key) for key in REPLICA_KEYS} for r in info["replicas"]]
     extra = {key: value for key, value in info.items() if key not in VOLUME_KEYS}
     return {**{key: info.get(key) for key in VOLUME_KEYS}, **extra}
@@ -468,7 +494,11 @@ def _attached(vol: volumes.Volume, what: str) -> None:
 
 
 def replica_add(
-    root: Path, name: str, address: str | None, tls_ca: str | None = None
+    root: Path,
+    name: str,
+    address: str | None,
+    tls_ca: str | None = None,
+    disk: str | None = None,
 ) -> dict[str, Any]:
     """Add a replica to an attached volume, or to one being restored: the restore is asked
     to attach it and goes on through its engine, which rebuilds the new replica online."""
@@ -484,7 +514,13 @@ def replica_add(
 
         wait_for(answered, attachment.ATTACH_TIMEOUT, f"the restore of {name} to attach it")
     _attached(vol, "a rebuild")
-    return control.call(vol.control_socket, "replica_add", address=address, tls_ca=tls_ca)
+    if disk is not None:
+        if address is not None:
+            raise InvalidArgument("a replica is local on --disk or elsewhere at --address")
+        disk = str(disks.check(disk, disks.placed(vol)))  # (said here; checked again there)
+    return control.call(
+        vol.control_socket, "replica_add", address=address, tls_ca=tls_ca, disk=disk
+    )
 
 
 def replica_remove(root: Path, name: str, replica_id: str) -> None:
@@ -498,8 +534,7 @@ def replica_remove(root: Path, name: str, replica_id: str) -> None:
     if entry.get("mode", "RW") == "RW" and not others:
         raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
     vol.update(lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id]))
-    if entry.get("local"):
-        shutil.rmtree(vol.dir / "replicas" / replica_id, ignore_errors=True)
+    disks.remove(vol, entry)
 
 
 def scrub(root: Path, name: str, progress: control.Progress | None = None) -> dict[str, Any]:

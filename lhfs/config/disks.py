@@ -1,0 +1,125 @@
+"""Local replicas on disks of their own.
+
+By default a volume's local replicas live under the root, on the root's file system: they
+survive a killed process, not a lost disk. A replica can instead be placed on another disk,
+named by the mount point of its file system (``volume create --disks``, ``replica add --disk``);
+its directory is then ``<disk>/lhfs/<volume>.<volume id>/<replica>``.
+
+The mistakes this guards against are the ones that lose a replica silently:
+
+- **Two replicas on one disk**, so that losing it loses both: a disk must not be the file system
+  another replica of the volume is on (the root's, for a replica under the root).
+- **A disk that is not mounted.** Its mount point is then an empty directory on the root's file
+  system; a replica started there would be rebuilt from scratch onto the wrong disk. A disk
+  must be a mount point when a replica is placed on it, and a replica's process is started only
+  if its disk is mounted and holds its directory; otherwise it stays failed with that reason,
+  and comes back by itself once the disk is mounted again. A different disk mounted in its
+  place (device names reorder at boot) holds no such directory and is refused the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+from lhfs.core.errors import InvalidArgument, NotFound
+
+HOME = "lhfs"  # what lhfs keeps on a disk, beside anything else there
+
+
+class Volume(Protocol):
+    """What is asked of a volume here (``lhfs.config.volume.Volume``, which uses this module)."""
+
+    @property
+    def replicas(self) -> list[dict[str, Any]]: ...
+
+    def replica_dir(self, replica: dict[str, Any]) -> Path | None: ...
+
+
+def check(disk: str | Path, taken: dict[str, Path]) -> Path:
+    """``disk`` (absolute) as the place of a new replica of a volume whose other local
+    replicas live in ``taken`` (replica id -> directory); refused if it is not a mounted file
+    system or is one those replicas are on."""
+    path = Path(disk).absolute()
+    if not path.is_dir():
+        raise NotFound(f"disk {path} is not a directory")
+    if not os.path.ismount(path):
+        raise InvalidArgument(
+            f"disk {path} is not a mount point: is its disk mounted? (name a disk by the mount "
+            "point of its file system)"
+        )
+    device = path.stat().st_dev
+    for replica_id, directory in taken.items():
+        if _device(directory) == device:
+            raise InvalidArgument(
+                f"disk {path} is the file system replica {replica_id} is on ({directory}): one "
+                "lost disk would take both; give each replica a disk of its own"
+            )
+    return path
+
+
+def placed(vol: Volume) -> dict[str, Path]:
+    """Where the volume's local replicas live (replica id -> directory)."""
+    out = {}
+    for replica in vol.replicas:
+        directory = vol.replica_dir(replica)
+        if directory is not None:
+            out[replica["id"]] = directory
+    return out
+
+
+def directory(vol_dir: Path, volume_id: str, replica: dict[str, Any]) -> Path:
+    """A local replica's directory: on its disk, or under the volume's directory."""
+    disk = replica.get("disk")
+    if disk:
+        return Path(disk) / HOME / f"{vol_dir.name}.{volume_id}" / replica["id"]
+    return vol_dir / "replicas" / replica["id"]
+
+
+def ready(vol: Volume, replica: dict[str, Any]) -> None:
+    """Before a local replica's process starts: a replica on a disk needs that disk mounted,
+    holding its directory (``NotFound`` says which is missing)."""
+    disk = replica.get("disk")
+    if not disk:
+        return
+    if not os.path.ismount(disk):
+        raise NotFound(f"its disk {disk} is not mounted")
+    home = vol.replica_dir(replica)
+    if home is None or not home.is_dir():
+        raise NotFound(
+            f"its directory {home} is not on the disk mounted at {disk} (another disk mounted "
+            f"there?): mount its own, or replace the replica (replica rm, replica add --disk)"
+        )
+
+
+def make(vol: Volume, replica: dict[str, Any]) -> Path:
+    """Create a new local replica's (empty) directory, owner-only, and return it."""
+    home = vol.replica_dir(replica)
+    assert home is not None
+    for level in reversed([home, *home.parents]):
+        if not level.exists():
+            level.mkdir(mode=0o700)
+    return home
+
+
+def remove(vol: Volume, replica: dict[str, Any]) -> None:
+    """Delete a local replica's directory (and, on a disk, the volume's directory there once it
+    is empty)."""
+    home = vol.replica_dir(replica)
+    if home is None:
+        return
+    shutil.rmtree(home, ignore_errors=True)
+    if replica.get("disk"):
+        with contextlib.suppress(OSError):
+            home.parent.rmdir()
+
+
+def _device(path: Path) -> int:
+    """The device of the file system ``path`` is on (of its nearest existing parent)."""
+    for level in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return level.stat().st_dev
+    return -1

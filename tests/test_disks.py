@@ -1,0 +1,150 @@
+"""Local replicas on disks of their own: real ext4 file systems on loop devices, one per
+replica, lost and mounted again for real."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_fuse
+
+from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli, read_direct, small_disk, write_direct
+
+pytestmark = needs_fuse
+MIB = 1 << 20
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> Iterator[list[Path]]:
+    """Four mounted file systems of 64 MiB (unmounted at the end, whatever the test did)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(small_disk(tmp_path / f"d{n}", 64 * MIB)) for n in range(4)]
+
+
+def replica(cli: Cli, name: str, replica_id: str) -> dict:
+    return next(r for r in cli.live(name)["replicas"] if r["id"] == replica_id)
+
+
+def lose(cli: Cli, replica_id: str, disk: Path) -> None:
+    """The disk under a replica goes: its process (held meanwhile, so that it is not started
+    again on the disk before it is gone) and the disk's file system both."""
+    pid = replica(cli, "v", replica_id)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+    os.kill(pid, signal.SIGKILL)
+    image = disk.with_name(disk.name + ".img")
+    wait_for(  # (the file system is let go once its last user is gone: its loop device too)
+        lambda: (
+            not subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout
+        ),
+        30,
+        f"{disk} to be let go",
+    )
+
+
+def one_line(result: subprocess.CompletedProcess, status: int) -> str:
+    assert result.returncode == status, (result.args, result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_replicas_on_their_own_disks_outlive_a_lost_disk(
+    cli: Cli, tmp_path: Path, disks: list[Path]
+) -> None:
+    """Three replicas on three disks. One disk is lost (its replica's process gone, the disk
+    unmounted): the volume serves on, and the replica is not started again on the empty
+    mount point (which would rebuild it onto the root's disk) but waits, saying why; mounted
+    again, it comes back by itself with what it missed. A disk lost for good is replaced with
+    ``replica rm`` and ``replica add --disk``; ``volume rm`` removes what lhfs put on them."""
+    d1, d2, d3, d4 = disks
+    cli.run("volume", "create", "v", "--size", "32M", "--disks", f"{d1},{d2},{d3}")
+    vol = volumes.load(cli.root, "v")
+    placed = {r["id"]: vol.replica_dir(r) for r in vol.replicas}
+    for (replica_id, directory), disk in zip(sorted(placed.items()), (d1, d2, d3), strict=True):
+        assert directory is not None and directory.is_relative_to(disk), (replica_id, directory)
+        assert (directory / "volume.json").exists()
+    listed = cli.json("replica", "ls", "v")
+    assert [r["disk"] for r in listed] == [str(d1), str(d2), str(d3)], listed
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    before = os.urandom(8 * MIB)
+    write_direct(device, 0, before)
+
+    lose(cli, "r2", d2)
+    during = os.urandom(MIB)
+    write_direct(device, 8 * MIB, during)  # (the volume serves on, degraded)
+    waiting = wait_for(
+        lambda: "is not mounted" in ((r := replica(cli, "v", "r2"))["rejoin"] or "") and r,
+        30,
+        "r2 to wait for its disk",
+    )
+    assert waiting["mode"] == "ERR" and waiting["pid"] is None, waiting
+    assert list(d2.iterdir()) == []  # nothing made on the root's disk in its place
+    assert cli.live("v")["state"] == "degraded"
+    assert "its disk " + str(d2) + " is not mounted" in cli.engine_log("v")
+    doctor = cli.run("doctor", "v", check=False)
+    assert doctor.returncode == 1 and f"disk {d2} is not mounted" in doctor.stdout, doctor.stdout
+
+    image = d2.with_name(d2.name + ".img")
+    subprocess.run(["mount", "-o", "loop", str(image), str(d2)], check=True)
+    back = wait_for(lambda: (r := replica(cli, "v", "r2"))["mode"] == "RW" and r, 60, "r2 back")
+    assert back["rebuild_stats"]["bytes_copied"] <= 4 * MIB, back["rebuild_stats"]
+    assert back["restarts"] == 1 and back["dir"] == str(placed["r2"]), back
+
+    lose(cli, "r3", d3)  # for good: its replica is replaced by one on d4
+    line = one_line(cli.run("replica", "add", "v", "--disk", str(d1), check=False), 2)
+    assert "the file system replica r1 is on" in line, line
+    line = one_line(cli.run("replica", "add", "v", "--disk", str(d3), check=False), 2)
+    assert "is not a mount point" in line, line
+    cli.run("replica", "rm", "v", "r3")
+    added = cli.json("replica", "add", "v", "--disk", str(d4))
+    assert cli.live("v")["state"] == "healthy"
+    assert read_direct(device, 0, 8 * MIB) == before
+    assert read_direct(device, 8 * MIB, MIB) == during
+    cli.run("volume", "detach", "v")
+    vol = volumes.load(cli.root, "v")
+    sums = set()
+    for entry in vol.replicas:
+        directory = vol.replica_dir(entry)
+        assert directory is not None
+        with ChunkStore.open(directory) as store:
+            sums.add(store.checksum())
+    assert len(sums) == 1 and added["id"] == "r4"
+    assert vol.replica_dir(vol.replica("r4")).is_relative_to(d4)  # type: ignore[union-attr]
+    cli.run("volume", "rm", "v")
+    for disk in (d1, d2, d4):
+        assert list((disk / "lhfs").iterdir()) == [], disk
+
+
+def test_disks_are_checked_before_anything_is_made(
+    cli: Cli, tmp_path: Path, disks: list[Path]
+) -> None:
+    """A disk that is not mounted (its mount point is a plain directory), one named twice,
+    fewer disks than replicas: each refused in one line, nothing made on any disk or under the
+    root."""
+    d1, d2, _, _ = disks
+    plain = tmp_path / "not-mounted"
+    plain.mkdir()
+    cases = [
+        ((f"{d1},{plain}",), 2, "is not a mount point: is its disk mounted?"),
+        ((f"{d1},{d1}",), 2, "the file system replica r1 is on"),
+        ((f"{d1},{d2}", "--replicas", "3"), 2, "2 disks for 3 replicas"),
+        ((f"{d1},{tmp_path / 'nowhere'}",), 1, "is not a directory"),
+        ((f"{d1},",), 2, "not a list of disks"),
+    ]
+    for args, status, message in cases:
+        result = cli.run("volume", "create", "v", "--size", "16M", "--disks", *args, check=False)
+        line = one_line(result, status)
+        assert message in line, (args, line)
+        assert cli.json("volume", "ls") == []
+        assert not (d1 / "lhfs").exists() or list((d1 / "lhfs").iterdir()) == []
+        assert list(plain.iterdir()) == []
