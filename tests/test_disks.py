@@ -106,7 +106,10 @@ def test_replicas_on_their_own_disks_outlive_a_lost_disk(
     assert "the file system replica r1 is on" in line, line
     line = one_line(cli.run("replica", "add", "v", "--disk", str(d3), check=False), 2)
     assert "is not a mount point" in line, line
-    cli.run("replica", "rm", "v", "r3")
+    line = one_line(cli.run("replica", "add", "v", "--disk", str(d4), check=False), 1)
+    assert "the disk of replica r3" in line and "is not mounted" in line, line  # (d4 may be it)
+    removed = cli.run("replica", "rm", "v", "r3").stdout
+    assert "left, to remove by hand once its disk is back" in removed, removed
     added = cli.json("replica", "add", "v", "--disk", str(d4))
     assert cli.live("v")["state"] == "healthy"
     assert read_direct(device, 0, 8 * MIB) == before

@@ -153,11 +153,12 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
 def cmd_replica_rm(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
-    manage.replica_remove(root_of(args), args.volume, args.id)
+    left = manage.replica_remove(root_of(args), args.volume, args.id)
     say(
         args,
-        {"volume": args.volume, "id": args.id, "removed": True},
-        f"removed replica {args.id} from {args.volume}",
+        {"volume": args.volume, "id": args.id, "removed": True, "left": left},
+        f"removed replica {args.id} from {args.volume}"
+        + (f"; left, to remove by hand once its disk is back: {left}" if left else ""),
     )
 
 

@@ -37,7 +37,7 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         args.name,
         args.size,
         args.chunk_size,
-        args.replicas or len(args.disks or ()) or 3,
+        args.replicas if args.replicas is not None else len(args.disks or ()) or 3,
         image,
         {"settings": settings} if settings else None,
         args.disks,
@@ -191,7 +191,7 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     text = f"removed volume {args.name}"
-    marker = None
+    marker, left = None, []
     if volumes.load(root_of(args), args.name).config.get("dr"):
         from lhfs.backups import dr  # (a standby: its marker in the store goes too)
 
@@ -202,8 +202,14 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
             else "; its marker as a DR standby was left in the store ('lhfs dr forget')"
         )
     else:
-        manage.remove(root_of(args), args.name)
-    say(args, {"name": args.name, "removed": True, "marker_removed_from": marker}, text)
+        left = manage.remove(root_of(args), args.name)
+        if left:
+            text += f"; left, to remove by hand once their disks are back: {', '.join(left)}"
+    say(
+        args,
+        {"name": args.name, "removed": True, "marker_removed_from": marker, "left": left},
+        text,
+    )
 
 
 def cmd_volume_scrub(args: argparse.Namespace) -> int:

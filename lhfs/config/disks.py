@@ -39,11 +39,13 @@ class Volume(Protocol):
     def replica_dir(self, replica: dict[str, Any]) -> Path | None: ...
 
 
-def check(disk: str | Path, taken: dict[str, Path]) -> Path:
-    """``disk`` (absolute) as the place of a new replica of a volume whose other local
-    replicas live in ``taken`` (replica id -> directory); refused if it is not a mounted file
-    system or is one those replicas are on."""
-    path = Path(disk).absolute()
+def check(disk: str | Path, taken: dict[str, tuple[Path, str | None]]) -> Path:
+    """``disk`` (its real path) as the place of a new replica of a volume whose other local
+    replicas live in ``taken`` (``placed``); refused if it is not a mounted file system, or is
+    one those replicas are on, or if one of their disks is not mounted (it could be this one,
+    mounted elsewhere). File systems are told apart, not drives: two partitions or subvolumes
+    of one drive pass as two disks."""
+    path = Path(os.path.realpath(disk))
     if not path.is_dir():
         raise NotFound(f"disk {path} is not a directory")
     if not os.path.ismount(path):
@@ -52,8 +54,13 @@ def check(disk: str | Path, taken: dict[str, Path]) -> Path:
             "point of its file system)"
         )
     device = path.stat().st_dev
-    for replica_id, directory in taken.items():
-        if _device(directory) == device:
+    for replica_id, (directory, its_disk) in taken.items():
+        if its_disk is not None and not os.path.ismount(its_disk):
+            raise NotFound(
+                f"the disk of replica {replica_id} ({its_disk}) is not mounted, so {path} may be "
+                f"that disk mounted elsewhere: mount it, or remove {replica_id} first"
+            )
+        if _device(directory) == device or directory.is_relative_to(path):
             raise InvalidArgument(
                 f"disk {path} is the file system replica {replica_id} is on ({directory}): one "
                 "lost disk would take both; give each replica a disk of its own"
@@ -61,18 +68,19 @@ def check(disk: str | Path, taken: dict[str, Path]) -> Path:
     return path
 
 
-def placed(vol: Volume) -> dict[str, Path]:
-    """Where the volume's local replicas live (replica id -> directory)."""
+def placed(vol: Volume) -> dict[str, tuple[Path, str | None]]:
+    """Where the volume's local replicas live: replica id -> (directory, disk or None)."""
     out = {}
     for replica in vol.replicas:
         directory = vol.replica_dir(replica)
         if directory is not None:
-            out[replica["id"]] = directory
+            out[replica["id"]] = (directory, replica.get("disk"))
     return out
 
 
-def directory(vol_dir: Path, volume_id: str, replica: dict[str, Any]) -> Path:
-    """A local replica's directory: on its disk, or under the volume's directory."""
+def directory(vol_dir: Path, volume_id: str | None, replica: dict[str, Any]) -> Path:
+    """A local replica's directory: on its disk, or under the volume's directory. (Only
+    replicas on disks need the volume's id: volumes older than their keys have none.)"""
     disk = replica.get("disk")
     if disk:
         return Path(disk) / HOME / f"{vol_dir.name}.{volume_id}" / replica["id"]
@@ -96,25 +104,33 @@ def ready(vol: Volume, replica: dict[str, Any]) -> None:
 
 
 def make(vol: Volume, replica: dict[str, Any]) -> Path:
-    """Create a new local replica's (empty) directory, owner-only, and return it."""
+    """Create a new local replica's (empty) directory, owner-only, and return it; on a disk,
+    only while that disk is mounted (never on the root's disk under its mount point)."""
     home = vol.replica_dir(replica)
     assert home is not None
+    disk = replica.get("disk")
+    if disk and not os.path.ismount(disk):
+        raise NotFound(f"disk {disk} is not mounted any more")
     for level in reversed([home, *home.parents]):
         if not level.exists():
-            level.mkdir(mode=0o700)
+            level.mkdir(mode=0o700, exist_ok=True)
     return home
 
 
-def remove(vol: Volume, replica: dict[str, Any]) -> None:
+def remove(vol: Volume, replica: dict[str, Any]) -> str | None:
     """Delete a local replica's directory (and, on a disk, the volume's directory there once it
-    is empty)."""
+    is empty); what was left (a disk that is not mounted: its directory there, if any)."""
     home = vol.replica_dir(replica)
     if home is None:
-        return
+        return None
+    disk = replica.get("disk")
+    if disk and not os.path.ismount(disk):
+        return f"{home} (disk {disk} is not mounted)"
     shutil.rmtree(home, ignore_errors=True)
-    if replica.get("disk"):
+    if disk:
         with contextlib.suppress(OSError):
             home.parent.rmdir()
+    return None
 
 
 def _device(path: Path) -> int:

@@ -157,7 +157,7 @@ class Volume:
         directory, or on a disk of its own (``lhfs.config.disks``)."""
         if not replica.get("local"):
             return None
-        return disks.directory(self.dir, self.config["volume_id"], replica)
+        return disks.directory(self.dir, self.config.get("volume_id"), replica)
 
     def save(self) -> None:
         self.save_to(self.dir)
@@ -260,7 +260,7 @@ def create(
     if directory.exists():
         raise AlreadyExists(f"volume {name} already exists")
     tmp = base / f".{name}.creating"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _forget_creating(root, name, tmp)
     (tmp / "replicas").mkdir(mode=0o700, parents=True)
     config = {
         "format": FORMAT,
@@ -282,6 +282,18 @@ def create(
     config["volume_id"] = key.id_hex
     atomic_write_json(tmp / "config.json", config)
     return Volume(Path(root), name, config), tmp
+
+
+def _forget_creating(root: Path, name: str, tmp: Path) -> None:
+    """Remove what a create cut short left: its directory, and its replicas on disks."""
+    try:
+        config = json.loads((tmp / "config.json").read_text())
+        for replica in config["replicas"]:
+            if replica.get("disk"):
+                disks.remove(Volume(Path(root), name, config), replica)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finish_create(volume: Volume, tmp: Path) -> None:

@@ -294,8 +294,7 @@ class Daemon:
                 raise InvalidArgument("a disk is the path of a mount point")
             return await self.add_replica(args.get("address"), args.get("tls_ca"), disk)
         if op == "replica_rm":
-            await self.remove_replica(str(args["id"]))
-            return None
+            return {"left": await self.remove_replica(str(args["id"]))}
         if op == "scrub":
             task = self.tasks["scrub"] = {"done": 0, "total": 0}
             try:
@@ -550,7 +549,9 @@ class Daemon:
                     return name
         return None
 
-    async def remove_replica(self, replica_id: str) -> None:
+    async def remove_replica(self, replica_id: str) -> str | None:
+        """Remove a replica (refused for the last healthy one); what was left of it (its
+        directory on a disk that is not mounted)."""
         engine = self.engine
         link = next((r for r in engine.replicas if r.id == replica_id), None)
         self.vol.replica(replica_id)  # NotFound for an unknown id
@@ -562,9 +563,9 @@ class Daemon:
             engine.replicas.remove(link)
             if link.client is not None:
                 await link.client.aclose()
-        await self._forget(replica_id)
+        return await self._forget(replica_id)
 
-    async def _forget(self, replica_id: str) -> None:
+    async def _forget(self, replica_id: str) -> str | None:
         proc = self.processes.pop(replica_id, None)
         if proc is not None:
             await trio.to_thread.run_sync(proc.stop)
@@ -572,7 +573,7 @@ class Daemon:
         self.vol.update(
             lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id])
         )
-        disks.remove(self.vol, entry)
+        return disks.remove(self.vol, entry)
 
     def stop(self) -> None:
         if not self._stopping:

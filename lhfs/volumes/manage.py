@@ -8,6 +8,7 @@ data). Every check that can refuse a request runs before anything changes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -45,22 +46,27 @@ def create(
     standby is never visible without its ``dr`` section)."""
     if backing is not None and not backing.is_file():
         raise NotFound(f"backing image file {backing} does not exist")
-    chosen: dict[str, Path] = {}
+    chosen: dict[str, tuple[Path, str | None]] = {}
     for n, disk in enumerate(on_disks or (), 1):
-        chosen[f"r{n}"] = disks.check(disk, chosen)
+        path = disks.check(disk, chosen)
+        chosen[f"r{n}"] = (path, str(path))
     if on_disks and len(on_disks) != replicas:
         raise InvalidArgument(f"{len(on_disks)} disks for {replicas} replicas: give one each")
     vol, tmp = volumes.create(
-        root, name, size, chunk_size, replicas, extra=extra, on_disks=list(chosen.values())
+        root,
+        name,
+        size,
+        chunk_size,
+        replicas,
+        extra=extra,
+        on_disks=[p for p, _ in chosen.values()],
     )
-    made: list[dict[str, Any]] = []
     try:
         for replica in vol.replicas:
-            on_disk = replica.get("disk")
-            if on_disk:
-                made.append(replica)
             store = ChunkStore.create(
-                disks.make(vol, replica) if on_disk else tmp / "replicas" / replica["id"],
+                disks.make(vol, replica)
+                if replica.get("disk")
+                else tmp / "replicas" / replica["id"],
                 size,
                 chunk_size,
                 backing,
@@ -73,30 +79,45 @@ def create(
         vol.save_to(tmp)
         volumes.finish_create(vol, tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for replica in made:
-            disks.remove(vol, replica)
+        _clear(root, name, tmp, vol.config)
         raise
     return vol
 
 
-def remove(root: Path, name: str, follower_stopped: bool = False) -> None:
+def remove(root: Path, name: str, follower_stopped: bool = False) -> list[str]:
     """Delete a detached volume; a standby's follower stops first (unless the caller stopped
-    it and holds its lock: ``follower_stopped``)."""
+    it and holds its lock: ``follower_stopped``). The rename to a trash directory is the
+    point of no return: then the replicas on disks go (the configuration read before says
+    where), then the rest. Returns what was left: directories on disks that are not mounted."""
     vol = volumes.load(root, name)
     check_removable(vol)
     if not follower_stopped:
         standby.remove(vol)
-    for replica in vol.replicas:  # (first: the configuration says where they are)
-        if replica.get("disk"):
-            disks.remove(vol, replica)
     trash = vol.dir.with_name(f".{name}.removing")
     if trash.exists():  # (an earlier rm of a volume of that name was cut short)
         if attachment.mounts_under(trash):
             raise Busy(f"{attachment.mounts_under(trash)[0]} is mounted: unmount it")
-        shutil.rmtree(trash)
+        _clear(root, name, trash)
     os.rename(vol.dir, trash)
-    shutil.rmtree(trash)
+    return _clear(root, name, trash, vol.config)
+
+
+def _clear(
+    root: Path, name: str, directory: Path, config: dict[str, Any] | None = None
+) -> list[str]:
+    """Delete a volume's directory that is no longer listed (a trash, or a create cut short)
+    and its replicas on disks, as ``config`` (else the one in it) names them; what was left."""
+    if config is None:
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads((directory / "config.json").read_text())
+    left = []
+    if isinstance(config, dict):
+        gone = volumes.Volume(root, name, config)
+        for replica in config.get("replicas", ()):
+            if replica.get("disk"):
+                left += [x for x in [disks.remove(gone, replica)] if x]
+    shutil.rmtree(directory, ignore_errors=True)
+    return left
 
 
 def check_removable(vol: volumes.Volume) -> None:
@@ -132,9 +153,15 @@ def export_key(root: Path, name: str, out: Path) -> None:
 
 
 def healthy_local_dirs(vol: volumes.Volume) -> list[Path]:
-    dirs = [
-        vol.replica_dir(r) for r in vol.replicas if r.get("mode", "RW") == "RW" and r.get("local")
-    ]
+    """The directories of the RW local replicas of a detached volume: every one must be
+    there (one skipped would drift from the others while recorded RW)."""
+    healthy = [r for r in vol.replicas if r.get("mode", "RW") == "RW" and r.get("local")]
+    for replica in healthy:
+        try:
+            disks.ready(vol, replica)
+        except NotFound as exc:
+            raise NotFound(f"replica {replica['id']} of {vol.name}: {exc}") from None
+    dirs = [vol.replica_dir(r) for r in healthy]
     if not dirs:
         raise NotFound(f"volume {vol.name} has no healthy local replica")
     return [d for d in dirs if d is not None]
@@ -523,18 +550,24 @@ def replica_add(
     )
 
 
-def replica_remove(root: Path, name: str, replica_id: str) -> None:
+def replica_remove(root: Path, name: str, replica_id: str) -> str | None:
+    """Remove a replica from a volume, and its directory if it is local; what was left (its
+    directory on a disk that is not mounted)."""
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
-        control.call(vol.control_socket, "replica_rm", id=replica_id)
-        return
+        answer = control.call(vol.control_socket, "replica_rm", id=replica_id)
+        return answer.get("left") if isinstance(answer, dict) else None
     entry = vol.replica(replica_id)
     vol.require_not_standby("removing a replica")
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
     if entry.get("mode", "RW") == "RW" and not others:
         raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
     vol.update(lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id]))
-    disks.remove(vol, entry)
+    left = disks.remove(vol, entry)
+    if left:
+        raise WrongState(
+            f"replica {replica_id} was removed from the volume; left on its disk: {left}"
+        )
 
 
 def scrub(root: Path, name: str, progress: control.Progress | None = None) -> dict[str, Any]:
