@@ -114,8 +114,9 @@ def _clear(
     if isinstance(config, dict):
         gone = volumes.Volume(root, name, config)
         for replica in config.get("replicas", ()):
-            if replica.get("disk"):
-                left += [x for x in [disks.remove(gone, replica)] if x]
+            kept = disks.remove(gone, replica) if replica.get("disk") else None
+            if kept:
+                left.append(kept)
     shutil.rmtree(directory, ignore_errors=True)
     return left
 
