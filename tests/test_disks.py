@@ -152,3 +152,25 @@ def test_disks_are_checked_before_anything_is_made(
         assert cli.json("volume", "ls") == []
         assert not (d1 / "lhfs").exists() or list((d1 / "lhfs").iterdir()) == []
         assert list(plain.iterdir()) == []
+
+
+def test_a_restore_puts_its_replicas_on_disks(
+    cli: Cli, tmp_path: Path, disks: list[Path], s3_endpoint: str
+) -> None:
+    """``backup restore --disks`` restores straight onto a replica per disk; a restore whose
+    disks are refused makes nothing."""
+    d1, d2, _, _ = disks
+    cli.run("volume", "create", "src", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "src.dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    write_direct(device, 0, os.urandom(4 * MIB))
+    cli.run("volume", "detach", "src")
+    url = cli.backup("src", "s3://disks/p")
+    result = cli.run("backup", "restore", url, "bad", "--disks", f"{d1},{d1}", check=False)
+    assert "the file system replica r1 is on" in one_line(result, 2)
+    assert [v["name"] for v in cli.json("volume", "ls")] == ["src"]
+    cli.run("backup", "restore", url, "copy", "--disks", f"{d1},{d2}", "--quiet")
+    restored = cli.json("replica", "ls", "copy")
+    assert [r["disk"] for r in restored] == [str(d1), str(d2)], restored
+    assert all(Path(r["dir"]).is_relative_to(d) for r, d in zip(restored, (d1, d2), strict=True))
+    assert cli.checksum("copy") == cli.checksum("src")

@@ -415,10 +415,12 @@ def restore(
     replicas: int,
     progress: Any,
     retry_timeout: float = RETRY_TIMEOUT,
+    on_disks: list[str] | None = None,
 ) -> volumes.Volume:
-    """Restore into a new volume, marked ``restoring`` until every block is written and
-    flushed (and the rebuilds started meanwhile are done); a failed restore removes the
-    volume (nothing half-restored stays behind)."""
+    """Restore into a new volume (its replicas under the root, or one on each of
+    ``on_disks``), marked ``restoring`` until every block is written and flushed (and the
+    rebuilds started meanwhile are done); a failed restore removes the volume (nothing
+    half-restored stays behind)."""
     started = time.time()
     target, volume, name = parse_backup_url(url)
     check_name(new_name, "volume name")
@@ -430,7 +432,8 @@ def restore(
     if new_name in volumes.list_names(root):
         raise AlreadyExists(f"volume {new_name} already exists")
     mark = {"restoring": {"backup": url, "pid": os.getpid()}}
-    vol = manage.create(root, new_name, manifest["size"], chunk_for(manifest), replicas, None, mark)
+    size, chunk = manifest["size"], chunk_for(manifest)
+    vol = manage.create(root, new_name, size, chunk, replicas, None, mark, on_disks)
     writer = _RestoreWriter(root, vol, manifest["size"], manifest["block_size"])
     try:
         store.restore(volume, name, writer.write, progress)

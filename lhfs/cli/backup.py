@@ -7,6 +7,7 @@ from typing import Any
 
 from lhfs.cli.common import (
     Parser,
+    disks_arg,
     print_json,
     quiet_option,
     root_of,
@@ -100,8 +101,15 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
     from lhfs.cli.progress import Progress
 
     with Progress(f"restore {args.name}", quiet=args.quiet) as bar:
+        replicas = args.replicas if args.replicas is not None else len(args.disks or ()) or 3
         vol = backup.restore(
-            root_of(args), args.url, args.name, args.replicas, bar.update, args.retry_timeout
+            root_of(args),
+            args.url,
+            args.name,
+            replicas,
+            bar.update,
+            args.retry_timeout,
+            args.disks,
         )
     data = {"url": args.url, "volume": vol.name, "size": vol.size}
     say(args, data, f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})")
@@ -271,7 +279,15 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
     p.add_argument("name", help="the new volume")
-    p.add_argument("--replicas", type=int, default=3, help="replicas of the new volume")
+    p.add_argument(
+        "--replicas", type=int, help="replicas of the new volume (default 3, or one per --disks)"
+    )
+    p.add_argument(
+        "--disks",
+        type=disks_arg,
+        metavar="D1,D2,...",
+        help="place one replica on each of these disks (mount points), as 'volume create' does",
+    )
     quiet_option(p)
     store_options(p)
 
