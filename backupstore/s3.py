@@ -248,8 +248,11 @@ class Bucket:
         self.on_retry = on_retry  # told of every transient failure (a DR status shows it)
         self.endpoint = endpoint.url
         self._ensured = False
+        # a request that hangs waits no longer than the deadline (10 s at least: a large
+        # block on a slow link is not a hung store), never the deadline several times over
+        wait = min(60.0, max(10.0, deadline))
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=10, read=60), retries=False, maxsize=16
+            timeout=urllib3.Timeout(connect=min(10.0, wait), read=wait), retries=False, maxsize=16
         )
         self.client = Minio(
             parsed.netloc,
@@ -278,10 +281,11 @@ class Bucket:
                 if not is_transient(exc):
                     raise refusal(what, self.endpoint, exc) from None
                 attempt += 1
-                left = self.deadline - (time.monotonic() - started)
+                waited = time.monotonic() - started
+                left = self.deadline - waited
                 if left <= 0:
                     raise StoreUnavailable(
-                        f"{self.endpoint} did not answer {what} for {self.deadline:.0f}s "
+                        f"{self.endpoint} did not answer {what} for {int(waited)}s "
                         f"({_describe(exc)}); --retry-timeout waits longer"
                     ) from None
                 level = logging.WARNING if attempt >= 3 else logging.INFO

@@ -268,6 +268,16 @@ def test_a_refused_endpoint_fails_within_the_retry_timeout(cli: Cli) -> None:
     )
     assert time.monotonic() - started < 90
     assert "did not answer" in line and "for 60s" in line, line
+    with socket.socket() as silent:  # a store that takes connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+        hung = Cli(cli.root, env={**env, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+        started = time.monotonic()
+        args = ("backup", "ls", "--target", "s3://lhfs-ok/p", "--retry-timeout", "5")
+        line = one_line(hung.run(*args, check=False, timeout=120), 1)
+        took = time.monotonic() - started
+    assert took < 30 and "did not answer" in line, (took, line)  # (each request waited 60 s)
 
 
 def _listing(root: Path) -> dict[str, tuple[int, int]]:
@@ -401,6 +411,8 @@ def test_every_verb_answers_bad_input_with_one_line(
         ("dr", "forget", "ghost", "--target", target, "--volume", "v"),
         ("dr", "forget", "ghost", "--target", "s3://lhfs-table/../x", "--volume", "v"),
         ("volume", "rm", "v", "--retry-timeout", "soon"),
+        ("backup", "ls", "--target", target, "--retry-timeout", "nan"),
+        ("backup", "ls", "--target", target, "--retry-timeout", "-1"),
         ("engine-run", "ghost", str(tmp_path / "d")),
         ("backup", "init", "--target", target, "--encrypt"),
         ("backup", "init", "--target", "s3://lhfs-table-none/p"),

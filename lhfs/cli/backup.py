@@ -12,6 +12,7 @@ from lhfs.cli.common import (
     quiet_option,
     root_of,
     say,
+    seconds_arg,
     size_arg,
     verb,
 )
@@ -296,7 +297,7 @@ def store_options(p: argparse.ArgumentParser) -> None:
     """What every command that talks to S3 takes."""
     p.add_argument(
         "--retry-timeout",
-        type=float,
+        type=seconds_arg,
         default=RETRY_TIMEOUT,
         metavar="SECONDS",
         help="give up on a store that does not answer after this long (default "

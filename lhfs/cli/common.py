@@ -50,6 +50,17 @@ def disks_arg(text: str) -> list[str]:
     return items
 
 
+def seconds_arg(text: str) -> float:
+    """A time in seconds: a finite number above 0 (``nan``, ``inf`` and ``-1`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e9:  # (NaN fails every comparison)
+        raise argparse.ArgumentTypeError(f"not a time in seconds: {text!r} (a number above 0)")
+    return value
+
+
 def count_arg(text: str) -> int:
     """A whole number, 0 or more."""
     try:

@@ -21,6 +21,7 @@ from lhfs.cli.common import (
     replica_line,
     root_of,
     say,
+    seconds_arg,
     size_arg,
     verb,
 )
@@ -339,7 +340,7 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument(
         "--retry-timeout",
-        type=float,
+        type=seconds_arg,
         default=RETRY_TIMEOUT,
         metavar="SECONDS",
         help="a DR standby: give up on a store that does not answer after this long (default "
