@@ -136,8 +136,13 @@ def test_an_encrypted_store_holds_no_plaintext_nor_digest_and_needs_its_password
     write_at(device, 0, pattern + os.urandom(MIB) + pattern)  # compressible and not
     content = device.read_bytes()
     cli.run("volume", "detach", "secret")
-    plain = cli.run("backup", "create", "secret", "--target", target, check=False)
-    assert plain.returncode == 1 and "is encrypted: give its password" in plain.stderr
+    for args, message in [
+        ((), "is encrypted: give its password"),
+        (("--password-file", str(wrong)), "the password does not open"),
+    ]:  # refused before a snapshot is taken for it
+        refused = cli.run("backup", "create", "secret", "--target", target, *args, check=False)
+        assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+        assert cli.json("snapshot", "ls", "secret") == []
     url = cli.run("backup", "create", "secret", "--target", target, "--quiet", *pw).stdout.split()[
         -1
     ]
