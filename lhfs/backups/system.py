@@ -195,6 +195,8 @@ def restore(
     retry_timeout: float = RETRY_TIMEOUT,
 ) -> dict[str, Any]:
     target, name = parse_system_url(url)
+    if only is not None and (not all(only) or len(set(only)) != len(only)):
+        raise InvalidArgument(f"--volumes names each volume once: {','.join(only)!r}")
     store = backup.open_store(target, retry_timeout)
     store.bucket.ensure()
     record = systems.get(store, name)
