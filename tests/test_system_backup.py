@@ -108,6 +108,10 @@ def test_a_system_backup_completes_and_restores_equal(
     pruned = cli.json("backup", "prune", "--target", target, "--volume", "b", "--keep-last", "1")
     assert len(pruned["removed"]) == 1 and len(pruned["kept"]) == 2
     assert any("system backup sys1" in k["reasons"] for k in pruned["kept"])
+    part = next(k for k in pruned["kept"] if "system backup sys1" in k["reasons"])
+    part_url = f"{target}?volume=b&backup={part['name']}"
+    refused = cli.run("backup", "rm", part_url, check=False)  # (the system backup needs it)
+    assert refused.returncode == 1 and "part of system backup sys1" in refused.stderr
     removed = cli.json("system", "rm", url)
     assert len(removed["removed_backups"]) == 5
     assert cli.json("system", "ls", "--target", target) == []

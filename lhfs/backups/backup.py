@@ -22,7 +22,15 @@ from backupstore.keys import read_password
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Target
 from backupstore.store import BackupStats, BackupStore, Collection, check_block_size
 from lhfs.config import volume as volumes
-from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, UsageError
+from lhfs.core.errors import (
+    AlreadyExists,
+    Busy,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+    UsageError,
+    WrongState,
+)
 from lhfs.core.names import check_name
 from lhfs.core.procs import wait_for
 from lhfs.engine import control, housekeeping
@@ -358,17 +366,9 @@ def prune(
     for rule, count in policy.items():
         if not 0 <= count <= 100_000:
             raise InvalidArgument(f"--keep-{rule} must be from 0 to 100000")
-    from backupstore.systems import listing
-
     store = open_store(Target.parse(url), retry_timeout)
     store.bucket.ensure()
-    also = {  # (a system backup's parts go with it: 'lhfs system rm')
-        part[1]: f"system backup {system['name']}"
-        for system in listing(store)
-        for part in system["parts"] or ()
-        if part[0] == volume
-    }
-    report = store.prune(volume, policy, dry_run, also)
+    report = store.prune(volume, policy, dry_run, _system_parts(store, volume))
     if not report["kept"] and not report["removed"]:
         raise NotFound(f"{url} holds no complete backup of volume {volume}")
     return report
@@ -395,7 +395,26 @@ def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
     target, volume, name = parse_backup_url(url)
     store = open_store(target, retry_timeout)
     store.bucket.ensure()
+    owner = _system_parts(store, volume).get(name)
+    if owner is not None:
+        raise WrongState(
+            f"{url} is part of {owner}, which could not be restored without it: "
+            f"'lhfs system rm' removes it with its system backup"
+        )
     return store.delete(volume, name)
+
+
+def _system_parts(store: BackupStore, volume: str) -> dict[str, str]:
+    """The backups of ``volume`` that system backups name: backup name -> which one. (They
+    go with their system backup: 'lhfs system rm'.)"""
+    from backupstore.systems import listing
+
+    return {
+        part[1]: f"system backup {system['name']}"
+        for system in listing(store)
+        for part in system["parts"] or ()
+        if part[0] == volume
+    }
 
 
 def collect(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
