@@ -285,7 +285,8 @@ def test_a_corrupt_block_stops_the_standby_which_activates_offline(
     result = cli.run("dr", "activate", "dr4", "--quiet", check=False)
     assert result.returncode == 1 and problem in result.stderr
     assert cli.info("dr4")["state"] == "standby"
-    cli.run("dr", "activate", "dr4", "--offline", "--quiet")
+    done = cli.json("dr", "activate", "dr4", "--offline", "--quiet")
+    assert done["marker_removed"] is True  # (offline, the store still answered: asked anyway)
     assert cli.info("dr4")["state"] == "detached"
     assert cli.checksum("dr4") == first_sum
 

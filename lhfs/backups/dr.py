@@ -73,6 +73,7 @@ from lhfs.volumes.standby import (
 from lhfs.wire.client import parse_address
 
 log = logging.getLogger("lhfs.dr")
+OFFLINE_ASK = 10.0  # seconds an offline activation waits for the store to take its marker out
 
 
 class BackupDeleted(LhfsError):
@@ -665,7 +666,7 @@ def activate(
     was_following = follower_pid(vol) is not None
     held = stop(vol)
     try:
-        backup = _activate(root, vol, config, offline, progress, retry_timeout)
+        backup, unmarked = _activate(root, vol, config, offline, progress, retry_timeout)
     except BaseException as exc:  # (any failure, a full disk or Ctrl-C too)
         os.close(held)
         again = _follow_again(root, name, was_following)
@@ -674,7 +675,15 @@ def activate(
             raise exc from None
         raise
     os.close(held)
-    return {"name": name, "backup": backup}
+    return {"name": name, "backup": backup, "marker_removed": unmarked}
+
+
+def _standby_store(config: dict[str, Any], retry_timeout: float) -> BackupStore:
+    """The store a standby follows, as it recorded it (endpoint, password file)."""
+    bucket = Bucket(
+        Target.parse(config["target"]), deadline=retry_timeout, endpoint=standby_endpoint(config)
+    )
+    return BackupStore(bucket, password=store_password(config.get("password_file")))
 
 
 def _activate(
@@ -684,8 +693,12 @@ def _activate(
     offline: bool,
     progress: Callable[..., None],
     retry_timeout: float,
-) -> str:
+) -> tuple[str, bool]:
+    """The backup the volume holds once activated, and whether its standby marker was taken
+    out of the store (no longer a standby: prune need not keep what it names). Offline, the
+    store is asked briefly, and may not answer: the caller says so."""
     state = load_state(vol)
+    store = None
     if offline:
         if state["backup"] is None or UNKNOWN in state["blocks"]:
             raise WrongState(
@@ -693,19 +706,20 @@ def _activate(
             )
         backup = state["backup"]
     else:
-        bucket = Bucket(
-            Target.parse(config["target"]),
-            deadline=retry_timeout,
-            endpoint=standby_endpoint(config),
-        )
-        store = BackupStore(bucket, password=store_password(config.get("password_file")))
+        store = _standby_store(config, retry_timeout)
         newest = newest_backup(store, config["volume"], {})
         if newest is None:
-            raise NotFound(f"{config['target']} holds no backup of {config['volume']}")
+            raise NotFound(
+                f"{config['target']} holds no backup of {config['volume']}: --offline activates "
+                "the last one this standby restored"
+            )
         apply(volumes.load(root, vol.name), store, newest, progress)
         backup = newest["name"]
-        with contextlib.suppress(LhfsError):  # (no longer a standby: prune need not keep it)
-            store.unmark_standby(config["volume"], _standby_id(config, vol))
+    unmarked = False
+    with contextlib.suppress(LhfsError):
+        store = store or _standby_store(config, min(retry_timeout, OFFLINE_ASK))
+        store.unmark_standby(config["volume"], _standby_id(config, vol))
+        unmarked = True
     activated = {**config, "backup": backup, "activated": _now()}
 
     def change(c: dict[str, Any]) -> None:
@@ -716,4 +730,4 @@ def _activate(
     for leftover in (STATUS, STATE):
         with contextlib.suppress(FileNotFoundError):
             (vol.dir / leftover).unlink()
-    return backup
+    return backup, unmarked

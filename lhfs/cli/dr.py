@@ -107,7 +107,13 @@ def cmd_dr_activate(args: argparse.Namespace) -> None:
     say(
         args,
         {"name": args.name, **result},
-        f"activated {args.name} at backup {result['backup']}: it is a normal volume now",
+        f"activated {args.name} at backup {result['backup']}: it is a normal volume now"
+        + (
+            ""
+            if result["marker_removed"]
+            else f"; its marker as a standby stays in the store (the store did not answer): "
+            f"'lhfs dr forget {args.name} --target ... --volume ...' removes it"
+        ),
     )
 
 
