@@ -779,7 +779,10 @@ class BackupStore:
             return None
         vol, name, _ = _parts(live[0].object_name)
         more = f" (and {len(live) - 1} more)" if len(live) > 1 else ""
-        return f"backup {name} of volume {vol} is running{more}"
+        return (
+            f"backup {name} of volume {vol} is running{more} (or its process died: its marker "
+            f"counts for {STALE / 60:.0f} minutes after its last sign of life)"
+        )
 
     def _live(self, prefix: str, own: str, match: Callable[[str], bool]) -> list[Any]:
         """The fresh markers (other than ``own``) matching ``match`` under ``prefix``;
