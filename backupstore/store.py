@@ -29,6 +29,7 @@ asker's own marker), so a skewed local clock cannot make a live marker look dead
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -115,6 +116,12 @@ class BackupStore:
                 )
             self._keys = StoreKeys.open(found[0], self.password, str(self.target))
         return self._keys
+
+    def check_password(self) -> None:
+        """Open the store's record if it has one: an encrypted store refuses a missing or
+        wrong password here. None yet is fine (the first backup makes it)."""
+        with contextlib.suppress(NotFound):
+            _ = self.keys
 
     def init(self) -> bool:
         """Make the store's record if it has none: encrypted when a password was given. True

@@ -286,7 +286,7 @@ def test_a_corrupt_block_stops_the_standby_which_activates_offline(
     assert result.returncode == 1 and problem in result.stderr
     assert cli.info("dr4")["state"] == "standby"
     done = cli.json("dr", "activate", "dr4", "--offline", "--quiet")
-    assert done["marker_removed"] is True  # (offline, the store still answered: asked anyway)
+    assert done["marker_removed_from"] == target and done["marker_kept"] is None  # (asked)
     assert cli.info("dr4")["state"] == "detached"
     assert cli.checksum("dr4") == first_sum
 

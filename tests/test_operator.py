@@ -428,8 +428,6 @@ def test_every_verb_answers_bad_input_with_one_line(
         ("system", "restore", url),
         ("system", "restore", f"{target}?system=ghost"),
         ("system", "restore", f"{target}?system=a&system=b"),
-        ("system", "restore", f"{target}?system=s", "--volumes", "v,v"),
-        ("system", "restore", f"{target}?system=s", "--volumes", "v,"),
         ("system", "rm", f"{target}?system=.."),
         ("logs", "ghost"),
         ("logs", "v", "--lines", "many"),

@@ -88,7 +88,7 @@ def test_json_of_every_verb_parses_and_keeps_its_keys_in_every_state(
     run("backup", "restore", backup["url"], "copy", "--replicas", "1", keys={"volume", "size"})
     check_volume_keys(run("volume", "info", "copy"))
     run("volume", "key", "copy", "--out", str(tmp_path / "key"), keys={"name", "file"})
-    run("volume", "rm", "copy", keys={"name", "removed", "marker_removed_from"})
+    run("volume", "rm", "copy", keys={"name", "removed", "marker_removed_from", "left"})
     standby = run(
         "dr", "create", "dr", "--target", target, "--volume", "v", "--replicas", "1",
         "--interval", "0.3", "--quiet", keys={"name", "state", "last_restored_backup"},
@@ -99,7 +99,13 @@ def test_json_of_every_verb_parses_and_keeps_its_keys_in_every_state(
     check_volume_keys(info)
     run("dr", "stop", "dr", keys={"name", "stopped"})
     run("dr", "start", "dr", keys={"name", "pid"})
-    run("dr", "activate", "dr", "--quiet", keys={"name", "backup"})
+    run(
+        "dr",
+        "activate",
+        "dr",
+        "--quiet",
+        keys={"name", "backup", "marker_removed_from", "marker_kept"},
+    )
     run("backup", "rm", backup["url"], keys={"url", "collected"})
     run("backup", "gc", "--target", target, keys={"collected"})
     # a volume whose engine was killed: crashed, the same keys

@@ -96,6 +96,10 @@ def test_a_system_backup_completes_and_restores_equal(
         teardown(other.root)
     third = Cli(tmp_path / "root3")
     try:
+        for names in ("b,b", "b,", ""):  # (refused before anything is made)
+            refused = third.run("system", "restore", url, "--volumes", names, check=False)
+            assert refused.returncode == 2 and "names each volume once" in refused.stderr
+            assert third.json("volume", "ls") == []
         done = third.json("system", "restore", url, "--volumes", "b", "--quiet")
         assert done["volumes"] == ["b"] and done["images"] == []
         assert [v["name"] for v in third.json("volume", "ls")] == ["b"]

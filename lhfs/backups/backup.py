@@ -251,7 +251,7 @@ def create(
         try:
             store = open_store(target, retry_timeout)
             store.bucket.ensure(create=create_bucket)
-            store.init()  # (an encrypted store's password is checked here, before a snapshot)
+            store.check_password()  # (before a snapshot is taken for the backup)
             block = store.block_size(name, block_size)
             if source is None:
                 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"

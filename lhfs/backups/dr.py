@@ -666,7 +666,7 @@ def activate(
     was_following = follower_pid(vol) is not None
     held = stop(vol)
     try:
-        backup, unmarked = _activate(root, vol, config, offline, progress, retry_timeout)
+        backup, kept = _activate(root, vol, config, offline, progress, retry_timeout)
     except BaseException as exc:  # (any failure, a full disk or Ctrl-C too)
         os.close(held)
         again = _follow_again(root, name, was_following)
@@ -675,7 +675,16 @@ def activate(
             raise exc from None
         raise
     os.close(held)
-    return {"name": name, "backup": backup, "marker_removed": unmarked}
+    return {
+        "name": name,
+        "backup": backup,
+        "marker_removed_from": None if kept else config["target"],
+        "marker_kept": kept
+        and (
+            f"its marker as a standby stays in {config['target']} ({kept}): 'lhfs dr forget "
+            f"{name} --target {config['target']} --volume {config['volume']}' removes it"
+        ),
+    }
 
 
 def _standby_store(config: dict[str, Any], retry_timeout: float) -> BackupStore:
@@ -693,12 +702,11 @@ def _activate(
     offline: bool,
     progress: Callable[..., None],
     retry_timeout: float,
-) -> tuple[str, bool]:
-    """The backup the volume holds once activated, and whether its standby marker was taken
-    out of the store (no longer a standby: prune need not keep what it names). Offline, the
-    store is asked briefly, and may not answer: the caller says so."""
+) -> tuple[str, str | None]:
+    """The backup the volume holds once activated, and why its standby marker could not be
+    taken out of the store (None: it was). Offline, the store is asked briefly: it may be
+    gone."""
     state = load_state(vol)
-    store = None
     if offline:
         if state["backup"] is None or UNKNOWN in state["blocks"]:
             raise WrongState(
@@ -715,11 +723,6 @@ def _activate(
             )
         apply(volumes.load(root, vol.name), store, newest, progress)
         backup = newest["name"]
-    unmarked = False
-    with contextlib.suppress(LhfsError):
-        store = store or _standby_store(config, min(retry_timeout, OFFLINE_ASK))
-        store.unmark_standby(config["volume"], _standby_id(config, vol))
-        unmarked = True
     activated = {**config, "backup": backup, "activated": _now()}
 
     def change(c: dict[str, Any]) -> None:
@@ -730,4 +733,13 @@ def _activate(
     for leftover in (STATUS, STATE):
         with contextlib.suppress(FileNotFoundError):
             (vol.dir / leftover).unlink()
-    return backup, unmarked
+    try:  # (a normal volume now: prune need not keep what its marker names)
+        bucket = Bucket(
+            Target.parse(config["target"]),
+            deadline=min(retry_timeout, OFFLINE_ASK) if offline else retry_timeout,
+            endpoint=standby_endpoint(config),
+        )
+        BackupStore(bucket).unmark_standby(config["volume"], _standby_id(config, vol))
+    except LhfsError as exc:
+        return backup, str(exc)
+    return backup, None

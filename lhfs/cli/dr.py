@@ -108,12 +108,7 @@ def cmd_dr_activate(args: argparse.Namespace) -> None:
         args,
         {"name": args.name, **result},
         f"activated {args.name} at backup {result['backup']}: it is a normal volume now"
-        + (
-            ""
-            if result["marker_removed"]
-            else f"; its marker as a standby stays in the store (the store did not answer): "
-            f"'lhfs dr forget {args.name} --target ... --volume ...' removes it"
-        ),
+        + (f"; {result['marker_kept']}" if result["marker_kept"] else ""),
     )
 
 

@@ -74,7 +74,7 @@ def cmd_system_ls(args: argparse.Namespace) -> None:
 def cmd_system_restore(args: argparse.Namespace) -> None:
     from lhfs.backups import system
 
-    only = [v.strip() for v in args.volumes.split(",")] if args.volumes else None
+    only = None if args.volumes is None else [v.strip() for v in args.volumes.split(",")]
     parts = _Parts(args.quiet)
     try:
         done = system.restore(root_of(args), args.url, only, parts.update, args.retry_timeout)
