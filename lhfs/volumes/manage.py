@@ -291,8 +291,10 @@ def list_volumes(root: Path) -> list[dict[str, Any]]:
 
 
 def checksum(root: Path, name: str, progress: control.Progress | None = None) -> str:
-    """xxh3-128 of the volume's whole content (what its engine reads, when attached)."""
+    """xxh3-128 of the volume's whole content (what its engine reads, when attached); not of
+    an unfinished restore's (it would look like a volume's)."""
     vol = volumes.load(root, name)
+    vol.require_complete("a checksum")
     if vol.runtime() is not None:
         control.call(vol.control_socket, "flush")
         return control.call_watched(vol.control_socket, "checksum", progress, "checksum")
