@@ -252,7 +252,7 @@ class Bucket:
         # block on a slow link is not a hung store), never the deadline several times over
         wait = min(60.0, max(10.0, deadline))
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=min(10.0, wait), read=wait), retries=False, maxsize=16
+            timeout=urllib3.Timeout(connect=10.0, read=wait), retries=False, maxsize=16
         )
         self.client = Minio(
             parsed.netloc,

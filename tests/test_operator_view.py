@@ -76,7 +76,7 @@ def test_json_of_every_verb_parses_and_keeps_its_keys_in_every_state(
     assert [set(r) for r in replicas] == [set(REPLICA_KEYS)] * 2
     added = run("replica", "add", "v", keys={"id", "mode", "rebuild_stats"})
     assert added["mode"] == "RW"
-    run("replica", "rm", "v", added["id"], keys={"volume", "id", "removed"})
+    run("replica", "rm", "v", added["id"], keys={"volume", "id", "removed", "left"})
     victim = run("volume", "info", "v")["replicas"][1]
     os.kill(victim["pid"], signal.SIGKILL)
     write_at(device, 0, b"x" * 4096)  # a write notices

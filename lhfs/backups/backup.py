@@ -454,7 +454,7 @@ def restore(
     mark = {"restoring": {"backup": url, "pid": os.getpid()}}
     size, chunk = manifest["size"], chunk_for(manifest)
     vol = manage.create(root, new_name, size, chunk, replicas, None, mark, on_disks)
-    writer = _RestoreWriter(root, vol, manifest["size"], manifest["block_size"])
+    writer = _RestoreWriter(root, vol, size, manifest["block_size"])
     try:
         store.restore(volume, name, writer.write, progress)
         writer.finish()

@@ -332,15 +332,7 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
         status.update(metrics=f"{host}:{port}")
         log.info("metrics on http://%s:%d/metrics", host, port)
     interval, retry_max = config["interval"], config["retry_max"]
-    store = BackupStore(
-        Bucket(
-            Target.parse(config["target"]),
-            deadline=30.0,
-            on_retry=status.error,
-            endpoint=standby_endpoint(config),
-        ),
-        password=store_password(config.get("password_file")),
-    )
+    store = _standby_store(config, 30.0, on_retry=status.error)
     cache: dict[str, dict[str, Any]] = {}
     failures = 0
     status.update()
@@ -554,17 +546,12 @@ def remove(root: Path, name: str, keep_marker: bool, retry_timeout: float) -> st
     try:
         if not keep_marker:
             try:
-                bucket = Bucket(
-                    Target.parse(config["target"]),
-                    deadline=retry_timeout,
-                    endpoint=standby_endpoint(config),
-                )
-                BackupStore(bucket).unmark_standby(config["volume"], _standby_id(config, vol))
+                _unmark(config, vol, retry_timeout)
             except LhfsError as exc:
                 raise LhfsError(
                     f"its marker as a DR standby in {config['target']} could not be removed "
                     f"({exc}); try again once the store answers, or add --keep-marker and "
-                    "remove the marker later with 'lhfs dr forget'"
+                    f"remove the marker later with {forget_hint(name, config)}"
                 ) from None
         manage.remove(root, name, follower_stopped=True)
     except BaseException as exc:  # (as activate: left as it was, following again if it did)
@@ -681,18 +668,33 @@ def activate(
         "marker_removed_from": None if kept else config["target"],
         "marker_kept": kept
         and (
-            f"its marker as a standby stays in {config['target']} ({kept}): 'lhfs dr forget "
-            f"{name} --target {config['target']} --volume {config['volume']}' removes it"
+            f"its marker as a DR standby stays in {config['target']} ({kept}): "
+            f"{forget_hint(name, config)} removes it"
         ),
     }
 
 
-def _standby_store(config: dict[str, Any], retry_timeout: float) -> BackupStore:
+def forget_hint(name: str, config: dict[str, Any]) -> str:
+    """The command that removes the marker a standby left in its store."""
+    return f"'lhfs dr forget {name} --target {config['target']} --volume {config['volume']}'"
+
+
+def _standby_bucket(config: dict[str, Any], deadline: float, **kw: Any) -> Bucket:
+    """The bucket a standby follows, at the endpoint it recorded."""
+    target = Target.parse(config["target"])
+    return Bucket(target, deadline=deadline, endpoint=standby_endpoint(config), **kw)
+
+
+def _standby_store(config: dict[str, Any], deadline: float, **kw: Any) -> BackupStore:
     """The store a standby follows, as it recorded it (endpoint, password file)."""
-    bucket = Bucket(
-        Target.parse(config["target"]), deadline=retry_timeout, endpoint=standby_endpoint(config)
-    )
+    bucket = _standby_bucket(config, deadline, **kw)
     return BackupStore(bucket, password=store_password(config.get("password_file")))
+
+
+def _unmark(config: dict[str, Any], vol: volumes.Volume, deadline: float) -> None:
+    """Take the standby's marker out of its store (deleting it needs no password)."""
+    store = BackupStore(_standby_bucket(config, deadline))
+    store.unmark_standby(config["volume"], _standby_id(config, vol))
 
 
 def _activate(
@@ -734,12 +736,7 @@ def _activate(
         with contextlib.suppress(FileNotFoundError):
             (vol.dir / leftover).unlink()
     try:  # (a normal volume now: prune need not keep what its marker names)
-        bucket = Bucket(
-            Target.parse(config["target"]),
-            deadline=min(retry_timeout, OFFLINE_ASK) if offline else retry_timeout,
-            endpoint=standby_endpoint(config),
-        )
-        BackupStore(bucket).unmark_standby(config["volume"], _standby_id(config, vol))
+        _unmark(config, vol, min(retry_timeout, OFFLINE_ASK) if offline else retry_timeout)
     except LhfsError as exc:
         return backup, str(exc)
     return backup, None

@@ -10,6 +10,7 @@ from lhfs.cli.common import (
     disks_arg,
     print_json,
     quiet_option,
+    replica_count,
     root_of,
     say,
     seconds_arg,
@@ -102,12 +103,11 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
     from lhfs.cli.progress import Progress
 
     with Progress(f"restore {args.name}", quiet=args.quiet) as bar:
-        replicas = args.replicas if args.replicas is not None else len(args.disks or ()) or 3
         vol = backup.restore(
             root_of(args),
             args.url,
             args.name,
-            replicas,
+            replica_count(args),
             bar.update,
             args.retry_timeout,
             args.disks,

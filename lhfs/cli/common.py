@@ -42,6 +42,13 @@ def path_arg(text: str) -> str:
     return text
 
 
+def replica_count(args: argparse.Namespace) -> int:
+    """``--replicas`` as given, else one per ``--disks``, else 3."""
+    if args.replicas is not None:
+        return int(args.replicas)
+    return len(args.disks or ()) or 3
+
+
 def disks_arg(text: str) -> list[str]:
     """A comma-separated list of disk mount points, none empty."""
     items = [item.strip() for item in text.split(",")]

@@ -158,7 +158,7 @@ def cmd_replica_rm(args: argparse.Namespace) -> None:
         args,
         {"volume": args.volume, "id": args.id, "removed": True, "left": left},
         f"removed replica {args.id} from {args.volume}"
-        + (f"; left, to remove by hand once its disk is back: {left}" if left else ""),
+        + (f"; left, to remove by hand once its disk is back: {', '.join(left)}" if left else ""),
     )
 
 

@@ -17,6 +17,7 @@ from lhfs.cli.common import (
     path_arg,
     print_json,
     quiet_option,
+    replica_count,
     replica_header,
     replica_line,
     root_of,
@@ -38,7 +39,7 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         args.name,
         args.size,
         args.chunk_size,
-        args.replicas if args.replicas is not None else len(args.disks or ()) or 3,
+        replica_count(args),
         image,
         {"settings": settings} if settings else None,
         args.disks,
@@ -193,14 +194,16 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
 
     text = f"removed volume {args.name}"
     marker, left = None, []
-    if volumes.load(root_of(args), args.name).config.get("dr"):
+    standby = volumes.load(root_of(args), args.name).config.get("dr")
+    if standby:
         from lhfs.backups import dr  # (a standby: its marker in the store goes too)
 
         marker = dr.remove(root_of(args), args.name, args.keep_marker, args.retry_timeout)
         text += (
             f" and its marker as a DR standby in {marker}"
             if marker
-            else "; its marker as a DR standby was left in the store ('lhfs dr forget')"
+            else f"; its marker as a DR standby was left in {standby['target']}: "
+            f"{dr.forget_hint(args.name, standby)} removes it"
         )
     else:
         left = manage.remove(root_of(args), args.name)

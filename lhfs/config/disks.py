@@ -13,8 +13,9 @@ The mistakes this guards against are the ones that lose a replica silently:
   system; a replica started there would be rebuilt from scratch onto the wrong disk. A disk
   must be a mount point when a replica is placed on it, and a replica's process is started only
   if its disk is mounted and holds its directory; otherwise it stays failed with that reason,
-  and comes back by itself once the disk is mounted again. A different disk mounted in its
-  place (device names reorder at boot) holds no such directory and is refused the same way.
+  and comes back by itself once the disk is mounted again (within the volume's rejoin limit).
+  A different disk mounted in its place (device names reorder at boot) holds no such
+  directory and is refused the same way.
 """
 
 from __future__ import annotations

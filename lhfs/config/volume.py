@@ -260,7 +260,7 @@ def create(
     if directory.exists():
         raise AlreadyExists(f"volume {name} already exists")
     tmp = base / f".{name}.creating"
-    _forget_creating(root, name, tmp)
+    clear(root, name, tmp)  # (what a create cut short left)
     (tmp / "replicas").mkdir(mode=0o700, parents=True)
     config = {
         "format": FORMAT,
@@ -284,16 +284,26 @@ def create(
     return Volume(Path(root), name, config), tmp
 
 
-def _forget_creating(root: Path, name: str, tmp: Path) -> None:
-    """Remove what a create cut short left: its directory, and its replicas on disks."""
-    try:
-        config = json.loads((tmp / "config.json").read_text())
+def clear(
+    root: Path, name: str, directory: Path, config: dict[str, Any] | None = None
+) -> list[str]:
+    """Delete a volume's directory that is no longer listed (a create cut short, an rm's
+    trash) and its replicas on disks, as ``config`` (else the one in it) names them; what was
+    left (directories on disks that are not mounted)."""
+    if config is None:
+        try:
+            config = json.loads((directory / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+    left = []
+    if isinstance(config, dict) and isinstance(config.get("replicas"), list):
+        gone = Volume(Path(root), name, config)
         for replica in config["replicas"]:
-            if replica.get("disk"):
-                disks.remove(Volume(Path(root), name, config), replica)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
+            kept = disks.remove(gone, replica) if replica.get("disk") else None
+            if kept:
+                left.append(kept)
+    shutil.rmtree(directory, ignore_errors=True)
+    return left
 
 
 def finish_create(volume: Volume, tmp: Path) -> None:

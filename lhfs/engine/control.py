@@ -65,7 +65,7 @@ async def serve(path: Path, handler: Handler, *, task_status: Any = None) -> Non
 async def _one(stream: trio.SocketStream, handler: Handler) -> None:
     import trio
 
-    kept: Kept | None = None
+    holding: Kept | None = None
     try:
         data = b""
         while not data.endswith(b"\n") and len(data) < _MAX_REQUEST:
@@ -86,7 +86,7 @@ async def _one(stream: trio.SocketStream, handler: Handler) -> None:
             try:
                 result = await handler(op, args)
                 if isinstance(result, Kept):
-                    kept, result = result, result.result
+                    holding, result = result, result.result
                 answer = {"ok": True, "result": result}
             except LhfsError as exc:
                 answer = {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
@@ -94,15 +94,15 @@ async def _one(stream: trio.SocketStream, handler: Handler) -> None:
                 log.exception("control request %s failed", op)
                 answer = {"ok": False, "kind": "LhfsError", "message": f"internal error: {exc}"}
         await stream.send_all(json.dumps(answer).encode() + b"\n")
-        if kept is not None:  # (the asker sends nothing more: its closing is what counts)
+        if holding is not None:  # (the asker sends nothing more: its closing is what counts)
             while await stream.receive_some(4096):
                 pass
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
         try:
-            if kept is not None:
-                kept.on_close()
+            if holding is not None:
+                holding.on_close()
         except Exception:  # (never let it stop the control socket, nor leave the stream)
             log.exception("control request %s: letting go of what it held failed", op)
         finally:

@@ -118,7 +118,7 @@ class Daemon:
             local=_local_name(replica_id),
         )
 
-    async def restart(self, link: ReplicaLink, kill: bool = False) -> bool:
+    async def restart(self, link: ReplicaLink, kill: bool) -> bool:
         """Start the process of local replica ``link`` again if it has exited, on the same
         directory (which holds everything it acknowledged): the rejoiner then reconnects and
         rebuilds it; whether it was started. One still running is left to answer (a stalled one
@@ -133,7 +133,7 @@ class Daemon:
                 link.id,
                 old.proc.pid,
             )
-            await _end(old, signal.SIGKILL)
+            await _end(old, term_first=False)
             if self.processes.get(link.id) is not old or link not in self.engine.replicas:
                 raise WrongState("the replica was removed")
         if self._stopping:
@@ -179,7 +179,7 @@ class Daemon:
             return
         with contextlib.suppress(LhfsError):
             if proc.proc.poll() is None:
-                await _end(proc, signal.SIGTERM)
+                await _end(proc, term_first=True)
             if self.processes.get(link.id) is proc:
                 del self.processes[link.id]
                 proc.stop()  # (it has exited: this only closes its files)
@@ -750,15 +750,13 @@ def run(
             daemon.vol.control_socket.unlink(missing_ok=True)
 
 
-async def _end(proc: ReplicaProcess, how: signal.Signals) -> None:
-    """End ``proc`` and wait, on the event loop, until it is gone: SIGTERM (with SIGCONT, as a
-    stopped process heeds nothing else), then SIGKILL after ``TERM_WAIT``; or SIGKILL at once
-    (a stuck process may never heed SIGTERM). ``LhfsError`` if it does not die (stuck in the
-    kernel)."""
-    steps = [(signal.SIGKILL, KILL_WAIT)]
-    if how == signal.SIGTERM:
-        steps.insert(0, (signal.SIGTERM, TERM_WAIT))
-    for sig, patience in steps:
+async def _end(proc: ReplicaProcess, term_first: bool) -> None:
+    """End ``proc`` and wait, on the event loop, until it is gone: with ``term_first``,
+    SIGTERM (and SIGCONT: a stopped process heeds nothing else), then SIGKILL after
+    ``TERM_WAIT``; else SIGKILL at once (a stuck process may never heed SIGTERM).
+    ``LhfsError`` if it does not die (stuck in the kernel)."""
+    steps = [(signal.SIGTERM, TERM_WAIT)] if term_first else []
+    for sig, patience in [*steps, (signal.SIGKILL, KILL_WAIT)]:
         with contextlib.suppress(ProcessLookupError):
             proc.proc.send_signal(sig)
             if sig == signal.SIGTERM:

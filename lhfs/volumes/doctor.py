@@ -131,10 +131,6 @@ def _root(root: Path) -> list[Check]:
     return out
 
 
-def _free(path: Path) -> str:
-    return format_size(shutil.disk_usage(path).free)
-
-
 def _may_grow(root: Path) -> int:
     """How much more the local replicas under ``root`` may take if every volume were written
     whole (their files are sparse): what thin volumes promise beyond the disk's free space."""
@@ -214,11 +210,15 @@ def _volume(root: Path, name: str) -> list[Check]:
             try:
                 disks.ready(vol, replica)
             except LhfsError as exc:
-                hint = f"mount it (the replica comes back by itself), or lhfs replica rm {name}"
-                out.append(Check(label, FAIL, str(exc).removeprefix("its "), hint))
+                hint = (
+                    "mount it (the replica comes back by itself), or "
+                    f"lhfs replica rm {name} {replica['id']}"
+                )
+                out.append(Check(label, FAIL, f"local: {exc}", hint))
                 continue
             if directory is not None and (directory / "volume.json").exists():
-                where = f", on disk {disk} ({_free(directory)} free)" if disk else ""
+                free = format_size(shutil.disk_usage(directory).free)
+                where = f", on disk {disk} ({free} free)" if disk else ""
                 out.append(Check(label, OK, f"local, {directory}{where}"))
             else:
                 out.append(

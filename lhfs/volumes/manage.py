@@ -8,7 +8,6 @@ data). Every check that can refuse a request runs before anything changes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -46,12 +45,12 @@ def create(
     standby is never visible without its ``dr`` section)."""
     if backing is not None and not backing.is_file():
         raise NotFound(f"backing image file {backing} does not exist")
+    if on_disks and len(on_disks) != replicas:
+        raise InvalidArgument(f"{len(on_disks)} disks for {replicas} replicas: give one each")
     chosen: dict[str, tuple[Path, str | None]] = {}
     for n, disk in enumerate(on_disks or (), 1):
         path = disks.check(disk, chosen)
         chosen[f"r{n}"] = (path, str(path))
-    if on_disks and len(on_disks) != replicas:
-        raise InvalidArgument(f"{len(on_disks)} disks for {replicas} replicas: give one each")
     vol, tmp = volumes.create(
         root,
         name,
@@ -79,7 +78,7 @@ def create(
         vol.save_to(tmp)
         volumes.finish_create(vol, tmp)
     except BaseException:
-        _clear(root, name, tmp, vol.config)
+        volumes.clear(root, name, tmp, vol.config)
         raise
     return vol
 
@@ -94,31 +93,12 @@ def remove(root: Path, name: str, follower_stopped: bool = False) -> list[str]:
     if not follower_stopped:
         standby.remove(vol)
     trash = vol.dir.with_name(f".{name}.removing")
-    if trash.exists():  # (an earlier rm of a volume of that name was cut short)
-        if attachment.mounts_under(trash):
-            raise Busy(f"{attachment.mounts_under(trash)[0]} is mounted: unmount it")
-        _clear(root, name, trash)
+    inside = attachment.mounts_under(trash) if trash.exists() else []
+    if inside:  # (an earlier rm of a volume of that name was cut short, under a mount)
+        raise Busy(f"{inside[0]} is mounted: unmount it")
+    volumes.clear(root, name, trash)  # (what such an rm left)
     os.rename(vol.dir, trash)
-    return _clear(root, name, trash, vol.config)
-
-
-def _clear(
-    root: Path, name: str, directory: Path, config: dict[str, Any] | None = None
-) -> list[str]:
-    """Delete a volume's directory that is no longer listed (a trash, or a create cut short)
-    and its replicas on disks, as ``config`` (else the one in it) names them; what was left."""
-    if config is None:
-        with contextlib.suppress(OSError, ValueError):
-            config = json.loads((directory / "config.json").read_text())
-    left = []
-    if isinstance(config, dict):
-        gone = volumes.Volume(root, name, config)
-        for replica in config.get("replicas", ()):
-            kept = disks.remove(gone, replica) if replica.get("disk") else None
-            if kept:
-                left.append(kept)
-    shutil.rmtree(directory, ignore_errors=True)
-    return left
+    return volumes.clear(root, name, trash, vol.config)
 
 
 def check_removable(vol: volumes.Volume) -> None:
@@ -530,8 +510,9 @@ def replica_add(
     tls_ca: str | None = None,
     disk: str | None = None,
 ) -> dict[str, Any]:
-    """Add a replica to an attached volume, or to one being restored: the restore is asked
-    to attach it and goes on through its engine, which rebuilds the new replica online."""
+    """Add a replica (local, under the root or on ``disk``; or the one at ``address``) to an
+    attached volume, or to one being restored: the restore is asked to attach it and goes on
+    through its engine, which rebuilds the new replica online."""
     vol = volumes.load(root, name)
     restoring = vol.config.get("restoring")
     if vol.runtime() is None and restoring and volumes.alive(restoring["pid"]):
@@ -553,13 +534,14 @@ def replica_add(
     )
 
 
-def replica_remove(root: Path, name: str, replica_id: str) -> str | None:
+def replica_remove(root: Path, name: str, replica_id: str) -> list[str]:
     """Remove a replica from a volume, and its directory if it is local; what was left (its
     directory on a disk that is not mounted)."""
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
         answer = control.call(vol.control_socket, "replica_rm", id=replica_id)
-        return answer.get("left") if isinstance(answer, dict) else None
+        left = answer.get("left") if isinstance(answer, dict) else None
+        return [left] if left else []
     entry = vol.replica(replica_id)
     vol.require_not_standby("removing a replica")
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
@@ -567,10 +549,7 @@ def replica_remove(root: Path, name: str, replica_id: str) -> str | None:
         raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
     vol.update(lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id]))
     left = disks.remove(vol, entry)
-    if left:
-        raise WrongState(
-            f"replica {replica_id} was removed from the volume; left on its disk: {left}"
-        )
+    return [left] if left else []
 
 
 def scrub(root: Path, name: str, progress: control.Progress | None = None) -> dict[str, Any]:
