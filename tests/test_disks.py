@@ -154,12 +154,13 @@ def test_disks_are_checked_before_anything_is_made(
         assert list(plain.iterdir()) == []
 
 
-def test_a_restore_puts_its_replicas_on_disks(
+def test_restores_and_standbys_put_their_replicas_on_disks(
     cli: Cli, tmp_path: Path, disks: list[Path], s3_endpoint: str
 ) -> None:
-    """``backup restore --disks`` restores straight onto a replica per disk; a restore whose
-    disks are refused makes nothing."""
-    d1, d2, _, _ = disks
+    """``backup restore --disks`` restores straight onto a replica per disk, and a DR standby
+    made with ``--disks`` follows onto its disk; a restore whose disks are refused makes
+    nothing."""
+    d1, d2, d3, _ = disks
     cli.run("volume", "create", "src", "--size", "16M", "--replicas", "1")
     device = tmp_path / "src.dev"
     cli.run("volume", "attach", "src", "--device", str(device))
@@ -174,3 +175,12 @@ def test_a_restore_puts_its_replicas_on_disks(
     assert [r["disk"] for r in restored] == [str(d1), str(d2)], restored
     assert all(Path(r["dir"]).is_relative_to(d) for r, d in zip(restored, (d1, d2), strict=True))
     assert cli.checksum("copy") == cli.checksum("src")
+    cli.run(
+        "dr", "create", "standby", "--target", "s3://disks/p", "--volume", "src",
+        "--disks", str(d3), "--interval", "0.3", "--quiet",
+    )  # fmt: skip
+    cli.dr_restored("standby", url)
+    assert [r["disk"] for r in cli.json("replica", "ls", "standby")] == [str(d3)]
+    assert cli.checksum("standby") == cli.checksum("src")
+    cli.run("volume", "rm", "standby")
+    assert list((d3 / "lhfs").iterdir()) == []

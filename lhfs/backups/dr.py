@@ -432,9 +432,11 @@ def create(
     credentials_file: Path | None = None,
     retry_timeout: float = RETRY_TIMEOUT,
     metrics: str | None = None,
+    on_disks: list[str] | None = None,
 ) -> volumes.Volume:
-    """Create the standby (empty, sized like the newest backup) and start its follower. The
-    endpoint is recorded with it (never a secret); so is the credentials file, if named."""
+    """Create the standby (empty, sized like the newest backup; its replicas under the root,
+    or one on each of ``on_disks``) and start its follower. The endpoint is recorded with it
+    (never a secret); so is the credentials file, if named."""
     target = Target.parse(url)
     check_name(name, "volume name")
     check_name(source, "source volume name")
@@ -468,7 +470,8 @@ def create(
         "created": time.time(),
         "metrics": metrics,
     }
-    vol = manage.create(root, name, size, chunk_for(newest), replicas, None, {"dr": config})
+    extra = {"dr": config}
+    vol = manage.create(root, name, size, chunk_for(newest), replicas, None, extra, on_disks)
     count = len(newest["blocks"])
     save_state(  # a new volume reads as zeros everywhere
         vol,

@@ -13,10 +13,12 @@ from typing import Any
 from lhfs.cli.backup import store_options
 from lhfs.cli.common import (
     Parser,
+    disks_arg,
     log_option,
     metrics_option,
     print_json,
     quiet_option,
+    replica_count,
     root_of,
     say,
     verb,
@@ -33,12 +35,13 @@ def cmd_dr_create(args: argparse.Namespace) -> None:
         args.name,
         args.target,
         args.volume,
-        args.replicas,
+        replica_count(args),
         args.interval,
         args.retry_max,
         Path(args.credentials_file) if args.credentials_file else None,
         args.retry_timeout,
         args.metrics,
+        args.disks,
     )
     text = f"created standby volume {vol.name} ({format_size(vol.size)}) following {args.volume}"
     if args.no_wait:
@@ -192,7 +195,15 @@ def parsers(groups: Any) -> None:
         "Returns once the first backup is restored (--no-wait: at once).",
     )
     _followed(p)
-    p.add_argument("--replicas", type=int, default=3, help="replicas of the standby (default 3)")
+    p.add_argument(
+        "--replicas", type=int, help="replicas of the standby (default 3, or one per --disks)"
+    )
+    p.add_argument(
+        "--disks",
+        type=disks_arg,
+        metavar="D1,D2,...",
+        help="place one replica on each of these disks (mount points), as 'volume create' does",
+    )
     p.add_argument(
         "--interval", type=float, default=30.0, help="seconds between polls (default 30)"
     )
