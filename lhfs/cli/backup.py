@@ -7,7 +7,7 @@ from typing import Any
 
 from lhfs.cli.common import (
     Parser,
-    disks_arg,
+    placement_options,
     print_json,
     quiet_option,
     replica_count,
@@ -280,15 +280,7 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("url", help="s3://BUCKET/PREFIX?volume=V&backup=B")
     p.add_argument("name", help="the new volume")
-    p.add_argument(
-        "--replicas", type=int, help="replicas of the new volume (default 3, or one per --disks)"
-    )
-    p.add_argument(
-        "--disks",
-        type=disks_arg,
-        metavar="D1,D2,...",
-        help="place one replica on each of these disks (mount points), as 'volume create' does",
-    )
+    placement_options(p, "the new volume")
     quiet_option(p)
     store_options(p)
 

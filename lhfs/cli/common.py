@@ -42,6 +42,21 @@ def path_arg(text: str) -> str:
     return text
 
 
+def placement_options(p: argparse.ArgumentParser, whose: str) -> None:
+    """``--replicas`` and ``--disks`` of a command that makes a volume (read back with
+    ``replica_count`` and ``args.disks``)."""
+    p.add_argument(
+        "--replicas", type=int, help=f"replicas of {whose} (default 3, or one per --disks)"
+    )
+    p.add_argument(
+        "--disks",
+        type=disks_arg,
+        metavar="D1,D2,...",
+        help="place one replica on each of these disks (mount points of file systems, one "
+        "replica each) instead of under the root, so that a lost disk loses one replica",
+    )
+
+
 def replica_count(args: argparse.Namespace) -> int:
     """``--replicas`` as given, else one per ``--disks``, else 3."""
     if args.replicas is not None:

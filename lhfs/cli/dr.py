@@ -13,9 +13,9 @@ from typing import Any
 from lhfs.cli.backup import store_options
 from lhfs.cli.common import (
     Parser,
-    disks_arg,
     log_option,
     metrics_option,
+    placement_options,
     print_json,
     quiet_option,
     replica_count,
@@ -195,15 +195,7 @@ def parsers(groups: Any) -> None:
         "Returns once the first backup is restored (--no-wait: at once).",
     )
     _followed(p)
-    p.add_argument(
-        "--replicas", type=int, help="replicas of the standby (default 3, or one per --disks)"
-    )
-    p.add_argument(
-        "--disks",
-        type=disks_arg,
-        metavar="D1,D2,...",
-        help="place one replica on each of these disks (mount points), as 'volume create' does",
-    )
+    placement_options(p, "the standby")
     p.add_argument(
         "--interval", type=float, default=30.0, help="seconds between polls (default 30)"
     )

@@ -11,10 +11,10 @@ from lhfs.cli.common import (
     DEFAULT_CHUNK,
     Parser,
     describe_detach,
-    disks_arg,
     json_option,
     metrics_option,
     path_arg,
+    placement_options,
     print_json,
     quiet_option,
     replica_count,
@@ -244,16 +244,7 @@ def parsers(groups: Any) -> None:
     p = verbs.add_parser("create", help="create a volume and its local replicas")
     p.add_argument("name")
     p.add_argument("--size", required=True, type=size_arg, help="volume size, e.g. 10G")
-    p.add_argument(
-        "--replicas", type=int, help="number of replicas (default 3, or one per --disks)"
-    )
-    p.add_argument(
-        "--disks",
-        type=disks_arg,
-        metavar="D1,D2,...",
-        help="place one replica on each of these disks (mount points of file systems, one "
-        "replica each) instead of under the root, so that a lost disk loses one replica",
-    )
+    placement_options(p, "the volume")
     p.add_argument(
         "--backing-image", help="a backing image (name from 'backing-image ls', or a raw file)"
     )
