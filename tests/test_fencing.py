@@ -110,3 +110,37 @@ def test_a_replicas_epoch_survives_a_kill(tmp_path: Path, replica_factory) -> No
         _, request_id, status = p.HEADER.unpack(s.recv(p.HEADER.size, socket.MSG_WAITALL))
         assert (request_id, status) == (1, p.OK)
     assert "refused an engine session of epoch 6" in again.log.read_text()
+
+
+@needs_fuse
+def test_a_replica_away_across_attaches_finds_the_engine_newer(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """Every session's epoch is kept before it is asked for, failed ones too: a remote replica
+    that recorded the epoch of a ``replica add`` (after failed adds had raised it) and is away
+    at the next attach rejoins that attach's engine when it is back, instead of refusing it
+    as another engine's and faulting a healthy volume (before: the epoch was kept at attach
+    only)."""
+    from lhfs.replica.process import ReplicaProcess
+
+    cli.run("volume", "create", "e", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "e.dev"
+    cli.run("volume", "attach", "e", "--device", str(device))
+    key = tmp_path / "e.key"
+    cli.run("volume", "key", "e", "--out", str(key))
+    for _ in range(8):  # (nothing listens there: each attempt took an epoch)
+        cli.run("replica", "add", "e", "--address", "127.0.0.1:1", check=False)
+    remote = replica_factory(tmp_path / "remote", key)
+    cli.run("replica", "add", "e", "--address", remote.address)
+    cli.run("volume", "detach", "e")
+    port = int(remote.address.rsplit(":", 1)[1])
+    assert remote.stop() == 0
+    cli.run("volume", "attach", "e", "--device", str(device))
+    again = ReplicaProcess(tmp_path / "remote", key, port=port)  # its host is back
+    try:
+        wait_for(lambda: cli.live("e")["state"] == "healthy", 60, "the remote replica back")
+        assert "took the volume over" not in cli.engine_log("e")
+        write_direct(device, 0, b"x" * BLOCK)
+        cli.run("volume", "detach", "e")
+    finally:
+        again.stop()

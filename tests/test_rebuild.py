@@ -480,3 +480,49 @@ def test_two_adds_at_once_a_cancelled_add_and_an_engine_killed_mid_rebuild(
     cli.run("volume", "detach", "t")
     sums = offline_checksums(cli, "t")
     assert set(sums.values()) == {expected}, (sums, expected)
+
+
+def test_a_remote_replica_that_missed_a_detached_change_is_rebuilt_to_the_volume(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A volume expanded while detached grows its local replicas only: its remote one is
+    recorded as having missed it, and the next attach grows it and rebuilds it (before: it
+    was trusted at its old size, then failed every write past it for ever). A replica of
+    another volume's shape (another chunk size) is refused whole by ``replica add``."""
+    cli.run("volume", "create", "x", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "x.dev"
+    cli.run("volume", "attach", "x", "--device", str(device))
+    key = tmp_path / "x.key"
+    cli.run("volume", "key", "x", "--out", str(key))
+    odd = tmp_path / "odd"
+    cli.run("replica", "init", "--dir", str(odd), "--size", "16M", "--chunk-size", "128K",
+            "--key-file", str(key))  # fmt: skip
+    served = replica_factory(odd, key)
+    result = cli.run("replica", "add", "x", "--address", served.address, check=False)
+    assert result.returncode == 1 and "its chunk size is 131072" in result.stderr, result.stderr
+    assert [r["id"] for r in cli.json("replica", "ls", "x")] == ["r1"]
+    remote = replica_factory(tmp_path / "remote", key)
+    assert cli.json("replica", "add", "x", "--address", remote.address)["id"] == "r2"
+    before = os.urandom(MIB)
+    write_direct(device, 0, before)
+    cli.run("volume", "detach", "x")
+    expanded = cli.run("volume", "expand", "x", "--size", "32M").stdout
+    assert "expanded" in expanded, expanded
+    missed = cli.replica("x", "r2")
+    assert missed["mode"] == "ERR" and "missed an expand" in missed["error"], missed
+    cli.run("volume", "attach", "x", "--device", str(device))
+    wait_for(lambda: cli.live("x")["state"] == "healthy", 60, "r2 rebuilt at the new size")
+    after = os.urandom(MIB)
+    write_direct(device, 24 * MIB, after)  # (past the old size: every replica takes it)
+    assert cli.live("x")["state"] == "healthy"
+    assert read_direct(device, 0, MIB) == before and read_direct(device, 24 * MIB, MIB) == after
+    cli.run("volume", "detach", "x")
+    assert remote.stop() == 0
+    vol = volumes.load(cli.root, "x")
+    with (
+        ChunkStore.open(tmp_path / "remote") as far,
+        ChunkStore.open(
+            vol.replica_dir(vol.replica("r1"))  # type: ignore[arg-type]
+        ) as near,
+    ):
+        assert far.size == 32 * MIB and far.checksum() == near.checksum()

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from lhfs.core.errors import InvalidArgument, NotFound
+from lhfs.core.errors import InvalidArgument, NotFound, StorageError
 
 HOME = "lhfs"  # what lhfs keeps on a disk, beside anything else there
 
@@ -112,9 +112,12 @@ def make(vol: Volume, replica: dict[str, Any]) -> Path:
     disk = replica.get("disk")
     if disk and not os.path.ismount(disk):
         raise NotFound(f"disk {disk} is not mounted any more")
-    for level in reversed([home, *home.parents]):
-        if not level.exists():
-            level.mkdir(mode=0o700, exist_ok=True)
+    try:
+        for level in reversed([home, *home.parents]):
+            if not level.exists():
+                level.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:  # (a disk mounted read-only, full, or not ours to write)
+        raise StorageError(f"cannot make {home}: {exc.strerror}") from None
     return home
 
 

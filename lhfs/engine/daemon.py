@@ -45,7 +45,7 @@ from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
 from lhfs.engine.hold import IoHold
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
-from lhfs.engine.rebuild import rebuild
+from lhfs.engine.rebuild import fit, rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
@@ -191,6 +191,12 @@ class Daemon:
     def stop_local_replicas(self) -> None:
         for proc in self.processes.values():
             proc.stop()
+
+    def _record_epoch(self, epoch: int) -> None:
+        """Keep the engine's newest epoch (a replica that records it and is away at the next
+        attach must not find that attach's engine older than itself: it would refuse it as
+        another engine's, and fault a healthy volume)."""
+        self.vol.update(lambda c: c.update(epoch=max(int(c.get("epoch", 0)), epoch)))
 
     def _record_mode(self, link: ReplicaLink) -> None:
         replica = self.vol.replica(link.id)
@@ -506,6 +512,8 @@ class Daemon:
             if tls_ca:
                 engine.tls_cas[address] = tls_ca
             link.client = await self.engine.connect(address)
+            if (await link.client.call("hello"))["initialised"]:
+                await fit(engine, link.client)  # (another volume's shape: refused here, whole)
         except BaseException as exc:
             home = self.vol.replica_dir(self.vol.replica(replica_id))
             await self._forget(replica_id)
@@ -612,6 +620,7 @@ class Daemon:
             self.rejoiner = Rejoiner(self.engine, nursery, self)
             self.io_hold = IoHold(self.engine, nursery)
             self.engine.on_failed = self.rejoiner.watch
+            self.engine.on_epoch = self._record_epoch
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
             self.engine.tls_cas = {
                 r["address"]: r["tls_ca"] for r in self.vol.replicas if r.get("tls_ca")

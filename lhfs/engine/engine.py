@@ -124,6 +124,9 @@ class Engine:
         # The session epoch: above every earlier session of this volume at its replicas, and
         # raised for each new one (see ``lhfs.replica.session``).
         self.epoch = epoch
+        # told of each epoch before a session asks a replica for it: the owner keeps it, so
+        # that the next attach starts above every epoch a replica may have recorded
+        self.on_epoch: Callable[[int], None] = lambda epoch: None
         self.owner = secrets.token_bytes(8)  # this engine's identity in its sessions' epochs
         self.chunk_size = chunk_size
         self.replicas: list[ReplicaLink] = []
@@ -175,6 +178,7 @@ class Engine:
         local = self.local_names.get(address)
         earlier = [r.client for r in self.replicas if r.address == address and r.client]
         self.epoch += 1
+        self.on_epoch(self.epoch)
         client = await ReplicaClient.connect(
             address,
             self.nursery,
@@ -189,7 +193,9 @@ class Engine:
             pool=self.pool,
             device=self.device,
         )
-        self.epoch = max(self.epoch, client.epoch)
+        if client.epoch > self.epoch:
+            self.epoch = client.epoch
+            self.on_epoch(self.epoch)
         if self.pool is not None:  # the new session fenced the old ones: nothing they were
             for old in earlier:  # sent is carried out any more, so their slots are free
                 self.pool.forget(old)

@@ -31,7 +31,7 @@ import trio
 from lhfs.core.errors import ConnectionLost, CorruptState, LhfsError, PullFailed
 from lhfs.engine.engine import RW, WO, Engine, ReplicaLink
 from lhfs.store.layer import ABSENT
-from lhfs.wire.client import SumsUnavailable, merged_layer_sums
+from lhfs.wire.client import ReplicaClient, SumsUnavailable, merged_layer_sums
 
 log = logging.getLogger("lhfs.rebuild")
 
@@ -136,6 +136,26 @@ def _pick_source(engine: Engine, target: ReplicaLink) -> ReplicaLink:
     return healthy[0]
 
 
+async def fit(engine: Engine, client: ReplicaClient) -> None:
+    """Make an initialised target the volume's size: one that missed an expansion (it was
+    away, or the volume grew while detached) grows first, as the volume did; one of another
+    chunk size, or larger than the volume, is another volume's shape and is refused."""
+    info = await client.info()
+    if info["chunk_size"] != engine.chunk_size:
+        raise WrongShape(
+            f"its chunk size is {info['chunk_size']}, the volume's {engine.chunk_size}: give "
+            "it an empty directory"
+        )
+    if info["size"] > engine.size:
+        raise WrongShape(f"it holds {info['size']} bytes, more than the volume's {engine.size}")
+    if info["size"] < engine.size:
+        await client.call("expand", size=engine.size)
+
+
+class WrongShape(LhfsError):
+    """A replica whose geometry is not the volume's: rebuilding it cannot succeed."""
+
+
 def _loopback(address: str) -> bool:
     host = address.rpartition(":")[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
@@ -146,6 +166,8 @@ async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
     hello = await client.call("hello")
     if not hello["initialised"]:
         await client.call("init", size=engine.size, chunk_size=engine.chunk_size)
+    else:
+        await fit(engine, client)
     source = _pick_source(engine, target)
     want = (await source.client.info())["backing_image"]
     have = (await client.info())["backing_image"]

@@ -23,6 +23,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
 from lhfs.core.names import check_name
 from lhfs.core.procs import wait_for
+from lhfs.core.units import rfc3339
 from lhfs.engine import control, housekeeping
 from lhfs.store.chunkstore import ChunkStore, disk_bytes
 from lhfs.volumes import attachment, standby
@@ -293,12 +294,32 @@ def checksum(root: Path, name: str, progress: control.Progress | None = None) ->
 
 
 def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
-    """Apply a store method to every healthy local replica of a detached volume."""
+    """Apply a store method to every healthy local replica of a detached volume (its remote
+    ones are recorded as having missed it: ``_remote_missed``)."""
     result = None
-    for directory in healthy_local_dirs(vol):
+    directories = healthy_local_dirs(vol)
+    _remote_missed(vol, action)
+    for directory in directories:
         with ChunkStore.open(directory) as store:
             result = getattr(store, action)(*args)
     return result
+
+
+def _remote_missed(vol: volumes.Volume, what: str) -> None:
+    """Before a change to a detached volume, which reaches its local replicas only: record
+    its remote ones failed, so that the next attach rebuilds them from a local one instead of
+    trusting what is no longer the volume (a replica that missed an expansion is smaller)."""
+    remote = {r["id"] for r in vol.replicas if not r.get("local") and r.get("mode", "RW") == "RW"}
+    if not remote:
+        return
+    why = f"missed a{'n' if what[0] in 'aeiou' else ''} {what} while detached: rebuilt at attach"
+
+    def change(config: dict[str, Any]) -> None:
+        for replica in config["replicas"]:
+            if replica["id"] in remote:
+                replica.update(mode="ERR", error=why, since=rfc3339())
+
+    vol.update(change)
 
 
 def set_settings(root: Path, name: str, values: dict[str, float]) -> dict[str, float | int]:
@@ -340,6 +361,11 @@ def expand(root: Path, name: str, size: int) -> dict[str, Any]:
         return {**done, **mount.grow(Path(runtime["device"]), size)}
     _on_every_replica(vol, "expand", size)
     vol.update(lambda config: config.update(size=size))
+    if vol.filesystem is not None:  # (no loop device to grow now: its file system waits)
+        done["todo"] = (
+            f"grow its {vol.filesystem['type']} file system once mounted ('lhfs mount', then "
+            f"{'resize2fs LOOP' if vol.filesystem['type'] == 'ext4' else 'xfs_growfs MOUNTPOINT'})"
+        )
     return done
 
 
@@ -374,6 +400,7 @@ def snapshot_create(
         for store in stores:  # refuse before changing anything
             if any(s["name"] == snapshot for s in store.list_layers()):
                 raise AlreadyExists(f"snapshot {snapshot!r} already exists")
+        _remote_missed(vol, "snapshot")
         return _snapshot_entry([store.snapshot(snapshot) for store in stores][-1])
 
 
@@ -469,6 +496,7 @@ def snapshot_remove(
         return
     _require_snapshot(vol, snapshot)
     directories = healthy_local_dirs(vol)
+    _remote_missed(vol, "snapshot removal")
     for n, directory in enumerate(directories):
         with ChunkStore.open(directory) as store:
             for done, total in store.remove_snapshot_steps(snapshot):
