@@ -526,3 +526,40 @@ def test_a_remote_replica_that_missed_a_detached_change_is_rebuilt_to_the_volume
         ) as near,
     ):
         assert far.size == 32 * MIB and far.checksum() == near.checksum()
+
+
+def test_a_wiped_last_replica_never_serves_as_the_volume(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A volume whose only replica is remote faults when that replica dies; if it comes back
+    with its directory wiped it answers, but holds no volume: the volume stays faulted and
+    says why, instead of showing healthy between I/O errors (there is no copy left)."""
+    import shutil
+
+    from lhfs.replica.process import ReplicaProcess
+
+    cli.run("volume", "create", "g", "--size", "16M", "--replicas", "1", "--rejoin-wait", "1")
+    device = tmp_path / "g.dev"
+    cli.run("volume", "attach", "g", "--device", str(device))
+    key = tmp_path / "g.key"
+    cli.run("volume", "key", "g", "--out", str(key))
+    remote = replica_factory(tmp_path / "remote", key)
+    cli.run("replica", "add", "g", "--address", remote.address)
+    cli.run("replica", "rm", "g", "r1")
+    port = int(remote.address.rsplit(":", 1)[1])
+    remote.kill()
+    wait_for(lambda: cli.live("g")["state"] == "faulted", 30, "the volume to fault")
+    shutil.rmtree(tmp_path / "remote")
+    (tmp_path / "remote").mkdir()
+    wiped = ReplicaProcess(tmp_path / "remote", key, port=port)
+    try:
+        held = wait_for(
+            lambda: "holds no volume" in ((r := replica(cli, "g", "r2"))["rejoin"] or "") and r,
+            60,
+            "the wiped replica to be seen for what it is",
+        )
+        assert held["mode"] == "ERR" and cli.live("g")["state"] == "faulted", held
+        assert "no copy of the volume is left" in cli.engine_log("g")
+    finally:
+        cli.run("volume", "detach", "g", "--force")
+        wiped.stop()

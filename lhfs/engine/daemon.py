@@ -33,6 +33,7 @@ from lhfs.core.errors import (
     InvalidArgument,
     LhfsError,
     NotFound,
+    StorageError,
     WrongState,
     WrongVolume,
     sole,
@@ -196,7 +197,10 @@ class Daemon:
         """Keep the engine's newest epoch (a replica that records it and is away at the next
         attach must not find that attach's engine older than itself: it would refuse it as
         another engine's, and fault a healthy volume)."""
-        self.vol.update(lambda c: c.update(epoch=max(int(c.get("epoch", 0)), epoch)))
+        try:
+            self.vol.update(lambda c: c.update(epoch=max(int(c.get("epoch", 0)), epoch)))
+        except OSError as exc:  # (no session without it: the attempt fails, and is retried)
+            raise StorageError(f"cannot keep the session epoch: {exc.strerror}") from None
 
     def _record_mode(self, link: ReplicaLink) -> None:
         replica = self.vol.replica(link.id)

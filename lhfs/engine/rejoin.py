@@ -34,6 +34,7 @@ import trio
 
 from lhfs.core.errors import Fenced, LhfsError, NoAnswer
 from lhfs.engine.engine import ERR, Engine, ReplicaLink
+from lhfs.wire.client import ReplicaClient
 
 log = logging.getLogger("lhfs.rejoin")
 
@@ -143,6 +144,18 @@ class Rejoiner:
                 await client.aclose()
                 delay = FIRST_DELAY
                 continue
+            if engine.state == "faulted" and not await _holds_volume(client):
+                link.rejoin = (  # (wiped: no copy of the volume is left to serve from)
+                    "answers, but holds no volume (its directory was wiped?): no copy of the "
+                    "volume is left; restore it from a backup"
+                )
+                if told != link.rejoin:
+                    told = link.rejoin
+                    log.error("replica %s, the last to serve, %s", link.id, link.rejoin)
+                await client.aclose()
+                await trio.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+                continue
             old, link.client = link.client, client
             if old is not None and old is not client:
                 await old.aclose(True)
@@ -153,3 +166,12 @@ class Rejoiner:
             link.rejoin = None
             self.owner.start_rebuild(link)
             return
+
+
+async def _holds_volume(client: ReplicaClient) -> bool:
+    """Whether a replica that answers holds a volume (one whose directory was wiped answers
+    uninitialised); a connection that broke meanwhile counts as not: it is tried again."""
+    try:
+        return bool((await client.call("hello"))["initialised"])
+    except LhfsError:
+        return False
