@@ -117,7 +117,7 @@ def make(vol: Volume, replica: dict[str, Any]) -> Path:
             if not level.exists():
                 level.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:  # (a disk mounted read-only, full, or not ours to write)
-        raise StorageError(f"cannot make {home}: {exc.strerror}") from None
+        raise StorageError(f"cannot make {exc.filename or home}: {exc.strerror or exc}") from None
     return home
 
 

@@ -501,6 +501,7 @@ class Daemon:
 
         self.vol.update(allocate)
         replica_id = holder["id"]
+        link: ReplicaLink | None = None
         try:
             if address is None:
                 directory = disks.make(self.vol, self.vol.replica(replica_id))
@@ -519,6 +520,9 @@ class Daemon:
             if (await link.client.call("hello"))["initialised"]:
                 await fit(engine, link.client)  # (another volume's shape: refused here, whole)
         except BaseException as exc:
+            if link is not None and link.client is not None:  # (a session held: let it go)
+                with trio.CancelScope(shield=True):
+                    await link.client.aclose()
             home = self.vol.replica_dir(self.vol.replica(replica_id))
             await self._forget(replica_id)
             if home is None or not home.exists():  # (a directory left would take the id again)
@@ -533,6 +537,7 @@ class Daemon:
             if isinstance(exc, LhfsError):
                 raise LhfsError(f"cannot add replica: {exc}") from None
             raise
+        assert link is not None
         self.vol.update(lambda c: _set_replica(c, replica_id, address=address))
         engine.replicas.append(link)
         link.rebuild_progress = 0.0

@@ -193,9 +193,12 @@ class Engine:
             pool=self.pool,
             device=self.device,
         )
-        if client.epoch > self.epoch:
+        if client.epoch > self.epoch:  # (a takeover: granted above the replica's)
             self.epoch = client.epoch
-            self.on_epoch(self.epoch)
+            try:
+                self.on_epoch(self.epoch)
+            except LhfsError as exc:  # (the session is held already: kept at attach's end)
+                log.warning("session epoch %d not kept yet: %s", self.epoch, exc)
         if self.pool is not None:  # the new session fenced the old ones: nothing they were
             for old in earlier:  # sent is carried out any more, so their slots are free
                 self.pool.forget(old)

@@ -361,10 +361,12 @@ def expand(root: Path, name: str, size: int) -> dict[str, Any]:
         return {**done, **mount.grow(Path(runtime["device"]), size)}
     _on_every_replica(vol, "expand", size)
     vol.update(lambda config: config.update(size=size))
-    if vol.filesystem is not None:  # (no loop device to grow now: its file system waits)
+    record = vol.filesystem
+    if record is not None and record["state"] == "formatted":  # (no loop device to grow now)
+        grow = " ".join(mount.GROW.get(record["type"], ["its file system's own tool"]))
         done["todo"] = (
-            f"grow its {vol.filesystem['type']} file system once mounted ('lhfs mount', then "
-            f"{'resize2fs LOOP' if vol.filesystem['type'] == 'ext4' else 'xfs_growfs MOUNTPOINT'})"
+            f"grow its {record['type']} file system once mounted ('lhfs mount', then "
+            f"{grow.format(loop='LOOP', mountpoint='MOUNTPOINT')})"
         )
     return done
 
