@@ -124,6 +124,12 @@ def test_replicas_on_their_own_disks_outlive_a_lost_disk(
             sums.add(store.checksum())
     assert len(sums) == 1 and added["id"] == "r4"
     assert vol.replica_dir(vol.replica("r4")).is_relative_to(d4)  # type: ignore[union-attr]
+    subprocess.run(["umount", str(d4)], check=True)  # (detached: shown as the attach finds it)
+    r4 = next(r for r in cli.json("replica", "ls", "v") if r["id"] == "r4")
+    assert r4["mode"] == "ERR" and f"its disk {d4} is not mounted" in r4["error"], r4
+    subprocess.run(
+        ["mount", "-o", "loop", str(d4.with_name(d4.name + ".img")), str(d4)], check=True
+    )
     cli.run("volume", "rm", "v")
     for disk in (d1, d2, d4):
         assert list((disk / "lhfs").iterdir()) == [], disk

@@ -563,3 +563,32 @@ def test_a_wiped_last_replica_never_serves_as_the_volume(
     finally:
         cli.run("volume", "detach", "g", "--force")
         wiped.stop()
+
+
+def test_a_replica_found_of_another_shape_when_it_comes_back_is_given_up_at_once(
+    cli: Cli, tmp_path: Path, proxied_replica, replica_factory
+) -> None:
+    """A remote replica that answers again holding another volume's shape (another chunk
+    size: its directory was made again) cannot be rebuilt: it is given up at once with the
+    reason, not retried with a rebuild snapshot each time until the rejoin limit."""
+    cli.run("volume", "create", "s", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "set", "s", "--rejoin-wait", "0")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "s", "--device", str(device))
+    remote, proxy, address = proxied_replica("s")
+    cli.run("replica", "add", "s", "--address", address)
+    remote.stop()
+    write_direct(device, 0, os.urandom(MIB))  # (r2 fails on it)
+    wait_for(lambda: replica(cli, "s", "r2")["mode"] == "ERR", 30, "r2 marked ERR")
+    odd = tmp_path / "odd"
+    cli.run("replica", "init", "--dir", str(odd), "--size", "16M", "--chunk-size", "128K",
+            "--key-file", str(tmp_path / "s.key"))  # fmt: skip
+    proxy.upstream = parse_address(replica_factory(odd, tmp_path / "s.key").address)
+    wait_for(lambda: "replace it" in (replica(cli, "s", "r2")["rejoin"] or ""), 60, "given up")
+    assert "its chunk size is 131072" in replica(cli, "s", "r2")["rejoin"]
+    layers = cli.json("snapshot", "ls", "s")
+    assert len([layer for layer in layers if "rebuild" in str(layer)]) <= 1, layers
+    assert cli.live("s")["state"] == "degraded"
+    cli.run("replica", "rm", "s", "r2")
+    assert cli.live("s")["state"] == "healthy"
+    cli.run("volume", "detach", "s")

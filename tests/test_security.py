@@ -574,6 +574,8 @@ def test_a_replica_on_another_host_over_tls(cli: Cli, tmp_path: Path, replica_fa
     assert wrong.returncode == 1 and "certificate verify failed" in wrong.stderr, wrong.stderr
     plain = cli.run("replica", "add", "t", "--address", remote.address, check=False)
     assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    assert "closed the connection before answering" in plain.stderr, plain.stderr
+    assert "--tls-ca" in plain.stderr, plain.stderr
     added = cli.run("replica", "add", "t", "--address", remote.address, "--tls-ca", str(ca))
     far = added.stdout.split()[2]
     cli.run("replica", "rm", "t", "r1")  # the TLS replica is now the only source

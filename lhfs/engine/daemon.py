@@ -46,7 +46,7 @@ from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
 from lhfs.engine.hold import IoHold
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
-from lhfs.engine.rebuild import fit, rebuild
+from lhfs.engine.rebuild import WrongShape, fit, rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
@@ -440,11 +440,15 @@ class Daemon:
             await self.rebuild_over(link)  # (one still unwinding must not end this one's)
             if link not in self.engine.replicas:  # (removed meanwhile)
                 return
+            shape = None  # another volume's shape: retrying cannot help
             with trio.CancelScope() as scope:
                 entry = self._rebuilds[link.id] = _Rebuild(scope)
                 try:
                     await rebuild(self.engine, link)
                     self.housekeep()  # (its barrier is a system snapshot)
+                except WrongShape as exc:
+                    shape = f"not brought back: {exc}; replace it"
+                    log.error("replica %s is %s", link.id, shape)
                 except LhfsError as exc:
                     log.warning("rebuild of %s failed: %s", link.id, exc)
                 except Exception:
@@ -457,7 +461,12 @@ class Daemon:
                     entry.over.set()
                     if link.mode != RW:
                         link.rebuild_progress = None
-                        if link in self.engine.replicas:  # (failed while ERR: not told)
+                        if link not in self.engine.replicas:
+                            pass
+                        elif shape is not None:
+                            link.rejoin = shape
+                            self.nursery.start_soon(self.give_up, link)
+                        else:  # (failed while ERR: not told)
                             self.rejoiner.watch(link)
 
         self.nursery.start_soon(run)

@@ -129,8 +129,9 @@ class ReplicaServer:
         """Serve until SIGTERM/SIGINT or cancellation, then flush and close the store."""
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise InvalidArgument(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        except OSError as exc:  # (taken: a conflict, exit 1; an address not here: usage, 2)
+            kind = Busy if exc.errno == errno.EADDRINUSE else InvalidArgument
+            raise kind(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         if local:
             listeners.append(await local_listener(local))
         bound = listeners[0].socket.getsockname()
@@ -769,7 +770,8 @@ async def local_listener(name: str) -> trio.SocketListener:
         await sock.bind("\0" + name)
     except OSError as exc:
         sock.close()
-        raise InvalidArgument(f"cannot listen on local socket {name!r}: {exc.strerror}") from None
+        kind = Busy if exc.errno == errno.EADDRINUSE else InvalidArgument
+        raise kind(f"cannot listen on local socket {name!r}: {exc.strerror}") from None
     sock.listen(64)
     return trio.SocketListener(sock)
 

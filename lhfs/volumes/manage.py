@@ -206,8 +206,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
         {
             "id": r["id"],
             "address": r.get("address") if not r.get("local") else None,
-            "mode": r.get("mode", "RW"),
-            "error": r.get("error"),
+            **_unplaced(vol, r),
             **_disk(vol, r),
         }
         for r in vol.replicas
@@ -235,6 +234,16 @@ def _where(device: Path) -> dict[str, Any]:
     loops = attachment.loops_backed_by(device)
     mounts = [m for loop in loops for m in attachment.mounted_at(loop)]
     return {"loop": loops[0] if loops else None, "mountpoint": mounts[0] if mounts else None}
+
+
+def _unplaced(vol: volumes.Volume, replica: dict[str, Any]) -> dict[str, str | None]:
+    """A detached replica's mode and error as recorded, unless its disk is not there: then it
+    is ERR with the reason (the next attach finds the same), not RW with nothing to show."""
+    try:
+        disks.ready(vol, replica)
+    except NotFound as exc:
+        return {"mode": "ERR", "error": str(exc)}
+    return {"mode": replica.get("mode", "RW"), "error": replica.get("error")}
 
 
 def _disk(vol: volumes.Volume, replica: dict[str, Any]) -> dict[str, int | None]:

@@ -68,7 +68,8 @@ class SyncReplica:
             raise ConnectionLost(f"cannot reach replica {address}: {exc}") from None
         try:
             self._sock.sendall(handshake.hello())
-            self._sock.sendall(handshake.answer(self._recv(p.CHALLENGE.size)))
+            challenge = self._recv(p.CHALLENGE.size, first=not tls_ca)
+            self._sock.sendall(handshake.answer(challenge))
             handshake.welcome(self._recv(p.WELCOME.size))
         except OSError as exc:
             self._sock.close()
@@ -82,12 +83,13 @@ class SyncReplica:
         if not tls_ca:
             self._seal, self._frames.opener = handshake.seals()
 
-    def _recv(self, n: int) -> bytes:
+    def _recv(self, n: int, first: bool = False) -> bytes:
         buf = bytearray()
         while len(buf) < n:
             data = self._sock.recv(n - len(buf))
             if not data:
-                raise ConnectionLost(f"replica {self.address} closed the connection")
+                hint = UNANSWERED if first and not buf else ""
+                raise ConnectionLost(f"replica {self.address} closed the connection{hint}")
             buf += data
         return bytes(buf)
 
@@ -452,6 +454,8 @@ class ReplicaClient:
         return states[0], bytes(data)
 
 
+# What a replica that closes a plain connection before its first byte most likely is.
+UNANSWERED = " (one served with TLS is reached with its CA: --tls-ca)"
 LOCAL_BUFFER = 4 << 20  # a Unix socket's send buffer (its whole in-flight data): room for bursts
 
 
@@ -473,6 +477,8 @@ async def _receive_exactly(
     while len(data) < size:
         more = await stream.receive_some(size - len(data))
         if not more:
+            if magic and not data and not isinstance(stream, trio.SSLStream):
+                raise ProtocolError(f"{address} closed the connection before answering{UNANSWERED}")
             raise ProtocolError(f"{address} closed the connection during the handshake")
         data += more
         if magic and data[: len(p.MAGIC)] != p.MAGIC[: len(data)]:
