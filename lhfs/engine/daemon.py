@@ -490,6 +490,7 @@ class Daemon:
                 raise InvalidArgument(f"{address}: port 0 names no replica; give its port")
             if any(r.address == address for r in engine.replicas):
                 raise AlreadyExists(f"{address} already serves a replica of this volume")
+            engine.tls_cas.pop(address, None)  # (a removed replica's: this add says its own)
         holder: dict[str, str] = {}
 
         def allocate(config: dict[str, Any]) -> None:
@@ -529,6 +530,8 @@ class Daemon:
             if (await link.client.call("hello"))["initialised"]:
                 await fit(engine, link.client)  # (another volume's shape: refused here, whole)
         except BaseException as exc:
+            if tls_ca and address:  # (a CA that failed is not the address's for the next add)
+                engine.tls_cas.pop(address, None)
             if link is not None and link.client is not None:  # (a session held: let it go)
                 with trio.CancelScope(shield=True):
                     await link.client.aclose()
