@@ -923,16 +923,26 @@ def order(backup: dict[str, Any]) -> tuple:
 class Marker:
     """An object saying "running" for as long as a ``with`` block lasts: written on entry,
     rewritten every ``HEARTBEAT`` seconds by a thread (whatever the block is waiting on),
-    deleted on exit, also when the block fails."""
+    deleted on exit, also when the block fails. It may say what the work has made so far
+    (``note``), for others to leave alone while it runs."""
 
     def __init__(self, bucket: Bucket, key: str) -> None:
         self.bucket = bucket
         self.key = key
+        self._body: dict[str, Any] = {}
+        self._lock = threading.Lock()  # (a beat never writes back an older body than a note)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _write(self) -> None:
-        self.bucket.put(self.key, json.dumps({"refreshed": time.time()}).encode())
+        with self._lock:
+            body = json.dumps({**self._body, "refreshed": time.time()}).encode()
+            self.bucket.put(self.key, body)
+
+    def note(self, **fields: Any) -> None:
+        """Say ``fields`` in the marker from now on (written at once)."""
+        self._body.update(fields)
+        self._write()
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):

@@ -1,12 +1,15 @@
 """System backups in a store: one record naming a backup of each volume and backing image.
 
     systems/<name>.json       the record, sealed like a manifest (see ``keys``), written last
-    systems/<name>.running    a system backup in progress (refreshed while it runs)
+    systems/<name>.running    a system backup in progress (refreshed while it runs), with
+                              the parts it has completed so far
 
 The parts are ordinary backups (``volumes/<volume>/<backup>.json``); the record only names
 them, with the volumes' settings. It is written once every part is complete, so a system
 backup that was interrupted has no record and never looks complete: ``list`` shows it as
-``interrupted`` once its marker is stale.
+``interrupted`` once its marker is stale. The parts of one in progress are kept like those of
+a complete one (a prune must not take the first part of a system backup still uploading the
+last), as long as its marker is fresh.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def listing(store: BackupStore) -> list[dict[str, Any]]:
                     "started": obj.last_modified.timestamp(),
                     "volumes": None,
                     "images": None,
-                    "parts": None,
+                    "parts": _parts_so_far(store, obj) if fresh else None,
                 }
             )
     for name in complete:
@@ -104,6 +107,22 @@ def listing(store: BackupStore) -> list[dict[str, Any]]:
             }
         )
     return sorted(out, key=lambda s: (s["started"], s["name"]))
+
+
+MARKER_LIMIT = 1 << 20  # a marker's body (one line per part); a larger one is no marker of ours
+
+
+def _parts_so_far(store: BackupStore, obj: Any) -> list[tuple[str, str]]:
+    """The parts a system backup in progress says it has completed (``note(parts=...)``);
+    none from a marker that is not what lhfs writes (it is only ever a reason to keep)."""
+    found = store.bucket.get(obj.object_name) if obj.size <= MARKER_LIMIT else None
+    try:
+        parts = json.loads(found[0])["parts"] if found else []
+        if all(isinstance(v, str) and isinstance(b, str) for v, b in parts):
+            return sorted((v, b) for v, b in parts)
+    except (ValueError, KeyError, TypeError):
+        pass
+    return []
 
 
 def parts_of(record: dict[str, Any]) -> list[tuple[str, str]]:

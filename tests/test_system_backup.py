@@ -3,6 +3,7 @@ server; restored under other roots; interrupted by SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import random
@@ -281,11 +282,14 @@ def test_a_hold_whose_command_was_killed_ends_at_once(cli: Cli, tmp_path: Path) 
 def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
+    """A system backup killed half-way never looks complete; while it runs, the parts it has
+    finished are kept like those of a complete one (a prune of their volume, or a ``backup
+    rm``, would leave it unrestorable)."""
     target = "s3://system-killed/p"
-    for name in ("x", "y"):
+    for name, size in (("x", 2), ("y", 24)):
         cli.run("volume", "create", name, "--size", "32M", "--replicas", "1")
         cli.run("volume", "attach", name, "--device", str(tmp_path / f"{name}.dev"))
-        write_at(tmp_path / f"{name}.dev", 0, os.urandom(24 * MIB))
+        write_at(tmp_path / f"{name}.dev", 0, os.urandom(size * MIB))
         cli.run("volume", "detach", name)
     cli.run("backup", "init", "--target", target, "--create-bucket")
     upstream = urlparse(s3_endpoint)
@@ -300,15 +304,24 @@ def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
             assert run.stderr is not None
             line = run.stderr.readline()
             seen.append(line)
-            return line.startswith("volume x: ") and "100%" not in line
+            return line.startswith("volume y: ") and "100%" not in line
 
-        wait_for(uploading, 60, "the first part to be under way")
+        wait_for(uploading, 60, "the second part to be under way")
+        (part,) = cli.json("backup", "ls", "--target", target, "--volume", "x")
+        newer = cli.backup("x", target)  # (a backup of x made meanwhile: the part is older)
+        pruned = cli.json("backup", "prune", "--target", target, "--volume", "x",
+                          "--keep-last", "1")  # fmt: skip
+        assert "sys2 (under way)" in json.dumps(pruned["kept"]), pruned
+        refused = cli.run("backup", "rm", part["url"], check=False)
+        assert refused.returncode == 1 and "system backup sys2 (under way)" in refused.stderr
+        cli.run("backup", "rm", newer)
         run.send_signal(signal.SIGKILL)
         run.wait(10)
     finally:
         proxy.close()
     listed = cli.json("system", "ls", "--target", target)
     assert [(s["name"], s["state"]) for s in listed] == [("sys2", "in_progress")], listed
+    assert listed[0]["parts"] == [["x", part["name"]]], listed
     failed = cli.run("system", "restore", f"{target}?system=sys2", check=False)
     assert failed.returncode == 1 and "no system backup 'sys2'" in failed.stderr
     assert cli.json("backup", "ls", "--target", target, "--volume", "y") == []

@@ -104,7 +104,7 @@ def create(
         "images": {},
         "skipped": skipped,
     }
-    with systems.running(store, name), contextlib.ExitStack() as held:
+    with systems.running(store, name) as marker, contextlib.ExitStack() as held:
         snapshots = {vol.name: f"backup-{stamp}-{secrets.token_hex(2)}" for vol in chosen}
         for vol in chosen:
             held.enter_context(housekeeping.hold(vol, snapshots[vol.name]))
@@ -137,6 +137,7 @@ def create(
                 "config": {key: now.config.get(key) for key in _KEPT},
                 "filesystem": now.filesystem,
             }
+            marker.note(parts=systems.parts_of(record))  # (kept from now on: see systems)
         for image in images.list_images(root):
             part = f"image {image['name']}"
             part_url = _part(
@@ -153,6 +154,7 @@ def create(
                 "id": image["id"],
                 "size": image["size"],
             }
+            marker.note(parts=systems.parts_of(record))
         systems.put(store, record)
     return {**record, "url": system_url(target, name)}
 
@@ -304,9 +306,8 @@ def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> dict[str, Any]:
     systems.delete(store, name)
     still = {
         tuple(part)
-        for other in systems.listing(store)
-        if other["state"] == "complete"
-        for part in other["parts"]
+        for other in systems.listing(store)  # (complete, or in progress: parts so far)
+        for part in other["parts"] or ()
     }
     removed = []
     for volume, part in systems.parts_of(record):
