@@ -307,6 +307,7 @@ def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
             return line.startswith("volume y: ") and "100%" not in line
 
         wait_for(uploading, 60, "the second part to be under way")
+        run.send_signal(signal.SIGSTOP)  # (held there: its marker stays fresh for minutes)
         (part,) = cli.json("backup", "ls", "--target", target, "--volume", "x")
         newer = cli.backup("x", target)  # (a backup of x made meanwhile: the part is older)
         pruned = cli.json("backup", "prune", "--target", target, "--volume", "x",
