@@ -45,7 +45,7 @@ from typing import Any
 import xxhash
 import zstandard
 
-from lhfs.core.errors import CorruptState, InvalidArgument, LhfsError, NotFound
+from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
 from lhfs.core.units import format_size, rfc3339
 
 from . import deltas
@@ -926,9 +926,10 @@ class Marker:
     deleted on exit, also when the block fails. It may say what the work has made so far
     (``note``), for others to leave alone while it runs."""
 
-    def __init__(self, bucket: Bucket, key: str) -> None:
+    def __init__(self, bucket: Bucket, key: str, claim: str | None = None) -> None:
         self.bucket = bucket
         self.key = key
+        self.claim = claim  # (what it marks, when only one may run: see ``_claim``)
         self._body: dict[str, Any] = {}
         self._lock = threading.Lock()  # (a beat never writes back an older body than a note)
         self._stop = threading.Event()
@@ -952,9 +953,33 @@ class Marker:
                 log.warning("could not refresh %s: %s", self.key, exc)
 
     def __enter__(self) -> Marker:
-        self._write()
+        if self.claim is None:
+            self._write()
+        else:
+            self._claim()
         self._thread.start()
         return self
+
+    def _claim(self) -> None:
+        """Write the marker only if no live one is there (``AlreadyExists`` otherwise): by a
+        conditional write, read back with a token of its own (a store that ignores the
+        condition overwrites: the token says who won). A stale one (its process died) is
+        taken over."""
+        token = secrets.token_hex(8)
+        self._body["owner"] = token
+        body = json.dumps({**self._body, "refreshed": time.time()}).encode()
+        if not self.bucket.put_new(self.key, body):
+            age = time.time() - self.bucket.modified(self.key)
+            if age < STALE:
+                raise AlreadyExists(f"{self.claim} is under way (its marker {self.key})")
+            self._write()
+        found = self.bucket.get(self.key)
+        try:
+            ours = found is not None and json.loads(found[0]).get("owner") == token
+        except (ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise AlreadyExists(f"{self.claim} is under way (its marker {self.key})")
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self._stop.set()

@@ -29,8 +29,10 @@ def _relative(name: str, suffix: str) -> str:
 
 
 def running(store: BackupStore, name: str) -> AbstractContextManager[Any]:
-    """The marker of a system backup under way (a ``with`` block)."""
-    return Marker(store.bucket, store.target.key(_relative(name, "running")))
+    """The marker of a system backup under way (a ``with`` block); one of the same name under
+    way already is refused (``AlreadyExists``), before anything is made."""
+    key = store.target.key(_relative(name, "running"))
+    return Marker(store.bucket, key, claim=f"a system backup named {name}")
 
 
 def put(store: BackupStore, record: dict[str, Any]) -> None:

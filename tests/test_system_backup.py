@@ -308,6 +308,8 @@ def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
 
         wait_for(uploading, 60, "the second part to be under way")
         run.send_signal(signal.SIGSTOP)  # (held there: its marker stays fresh for minutes)
+        again = cli.run("system", "backup", "--target", target, "--name", "sys2", check=False)
+        assert again.returncode == 1 and "named sys2 is under way" in again.stderr, again.stderr
         (part,) = cli.json("backup", "ls", "--target", target, "--volume", "x")
         newer = cli.backup("x", target)  # (a backup of x made meanwhile: the part is older)
         pruned = cli.json("backup", "prune", "--target", target, "--volume", "x",
