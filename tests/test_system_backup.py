@@ -302,7 +302,7 @@ def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
         for line in run.stderr:  # (read as it comes: a line read late would be stale)
             if line.startswith("volume x: ") and "100%" in line:
                 break
-        proxy.rate = 50  # (the second part's requests now take seconds each)
+        proxy.rate = 200  # (each answer now takes a second or two)
         assert run.poll() is None, "the system backup ended before its second part"
 
         def listed_so_far() -> list:
