@@ -9,12 +9,14 @@ import json
 import os
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import trio
@@ -27,6 +29,7 @@ from lhfs.engine import control
 from lhfs.replica.server import FRAME_TIMEOUT
 from lhfs.testing import Cli, RawSession, make_tls, raw_session, write_direct
 from lhfs.wire import protocol as p
+from lhfs.wire import tls
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.client import ReplicaClient, open_replica, parse_address
 from tools.faultproxy import FaultProxy
@@ -572,6 +575,11 @@ def test_a_replica_on_another_host_over_tls(cli: Cli, tmp_path: Path, replica_fa
     wrong = cli.run("replica", "add", "t", "--address", remote.address, "--tls-ca", str(other_ca),
                     check=False)  # fmt: skip
     assert wrong.returncode == 1 and "certificate verify failed" in wrong.stderr, wrong.stderr
+    with mock.patch.dict(os.environ, {"SSL_CERT_FILE": str(ca)}):  # (ca as a system CA)
+        context = tls.client_context(other_ca.read_text())
+    raw = socket.create_connection(parse_address(remote.address))
+    with raw, pytest.raises(ssl.SSLCertVerificationError):  # (only the CA given is trusted)
+        context.wrap_socket(raw, server_hostname="127.0.0.1")
     plain = cli.run("replica", "add", "t", "--address", remote.address, check=False)
     assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
     assert "closed the connection before answering" in plain.stderr, plain.stderr

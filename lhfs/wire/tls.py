@@ -32,10 +32,11 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def client_context(ca_pem: str) -> ssl.SSLContext:
-    """A context that trusts only the operator's CA (given as PEM text)."""
+    """A context that trusts only the operator's CA (given as PEM text): not the system's
+    store too, where any public CA's certificate for the replica's name would pass."""
     if not ca_pem or len(ca_pem) > MAX_CA_PEM:
         raise InvalidArgument("a TLS CA certificate (PEM) of at most 64 KiB is expected")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=None)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # (host names checked, certificate needed)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_verify_locations(cadata=ca_pem)
