@@ -420,6 +420,54 @@ def test_scrub_finds_and_repairs_bit_rot(cli: Cli, tmp_path: Path) -> None:
     cli.run("volume", "detach", "rot")
 
 
+def rot(cli: Cli, volume: str, replica_id: str, layer: str, chunk: int) -> Path:
+    """Change bytes inside ``chunk`` of a detached volume's replica's snapshot ``layer``; the
+    layer's checksum record."""
+    vol = volumes.load(cli.root, volume)
+    with ChunkStore.open(vol.replica_dir(vol.replica(replica_id))) as store:
+        data_path, sums_path = store.layer(layer).data_path, store.layer(layer).sums_path
+    with open(data_path, "r+b") as f:
+        f.seek(chunk * CHUNK + 77)
+        f.write(os.urandom(9))
+    return sums_path
+
+
+def test_two_replicas_that_disagree_are_not_repaired_in_a_guessed_direction(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """With two replicas, rot recorded as truth (before any checksum of its snapshot was
+    recorded) makes them disagree: the scrub says so, repairs nothing and marks nothing (it
+    once said "no corruption"). When the other one then rots after its record, it is taken
+    out of I/O and held, not rebuilt from the copy no record vouches for (it once was, and
+    both then held the rotten bytes)."""
+    cli.run("volume", "create", "two", "--size", "32M", "--replicas", "2")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "two", "--device", str(device))
+    write_random(device, 32 * MIB, 5)
+    cli.run("snapshot", "create", "two", "s1")
+    cli.run("volume", "detach", "two")
+    assert not rot(cli, "two", "r2", "s1", 300).exists()  # (rotten before any record)
+    cli.run("volume", "attach", "two", "--device", str(device))
+    found = cli.run("volume", "scrub", "two", "--json", check=False)
+    assert found.returncode == 1, found.stdout + found.stderr
+    report = json.loads(found.stdout)
+    assert report["disputed"] == {"s1": [300]} and report["damaged"] == {}, report
+    assert [r["mode"] for r in cli.live("two")["replicas"]] == ["RW", "RW"]
+    said = cli.run("volume", "scrub", "two", check=False).stdout
+    assert "snapshot s1: the replicas hold different data at chunk(s) 300" in said, said
+    cli.run("volume", "detach", "two")
+    assert rot(cli, "two", "r1", "s1", 300).exists()  # (rotten after its record)
+    cli.run("volume", "attach", "two", "--device", str(device))
+    report = json.loads(cli.run("volume", "scrub", "two", "--json", check=False).stdout)
+    assert report["held"] == ["r1"] and report["repaired"] == [], report
+    r1 = replica(cli, "two", "r1")
+    assert r1["mode"] == "ERR" and "'replica rm' it" in r1["rejoin"], r1
+    assert r1["rebuild_stats"] is None and cli.live("two")["state"] == "degraded"
+    cli.run("replica", "rm", "two", "r1")
+    assert cli.live("two")["state"] == "healthy"
+    cli.run("volume", "detach", "two")
+
+
 def test_failed_adds_leave_the_engine_and_replicas_alone(cli: Cli, tmp_path: Path) -> None:
     cli.run("volume", "create", "f", "--size", "64M", "--replicas", "2")
     cli.run("volume", "attach", "f", "--device", str(tmp_path / "dev"))

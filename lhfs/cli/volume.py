@@ -224,16 +224,30 @@ def cmd_volume_scrub(args: argparse.Namespace) -> int:
         report = manage.scrub(root_of(args), args.name, bar.update)
     if args.json:
         print_json(report)
-    elif not report["damaged"]:
+    elif not report["damaged"] and not report["disputed"]:
         print(
             f"{args.name}: {len(report['layers'])} snapshot(s) on "
             f"{len(report['replicas'])} replicas verified, no corruption"
         )
     else:
         for replica, problems in report["damaged"].items():
-            action = "marked ERR, rebuilding" if replica in report["repaired"] else "not repaired"
+            action = (
+                "marked ERR, rebuilding"
+                if replica in report["repaired"]
+                else "marked ERR and held, not rebuilt: no other replica's record agrees with "
+                "its own ('replica rm' it to keep the others' data)"
+                if replica in report["held"]
+                else "not repaired"
+            )
             print(f"{replica}: corrupt ({'; '.join(problems[:3])}); {action}")
-    return 1 if report["damaged"] else 0
+        for layer, chunks in report["disputed"].items():
+            shown = ", ".join(map(str, chunks[:5])) + (" ..." if len(chunks) > 5 else "")
+            print(
+                f"snapshot {layer}: the replicas hold different data at chunk(s) {shown} and "
+                "no majority says which is right: not repaired (a backup of it may hold the "
+                "right data)"
+            )
+    return 1 if report["damaged"] or report["disputed"] else 0
 
 
 def parsers(groups: Any) -> None:
@@ -309,8 +323,10 @@ def parsers(groups: Any) -> None:
         "name",
         description="Check every snapshot of every healthy replica against its recorded "
         "checksums and against the other replicas; a corrupt replica is taken out of I/O "
-        "and rebuilt. Exit status: 0 nothing found, 1 corruption found (and repaired when "
-        "another healthy replica was there to copy from: --json lists it under 'repaired').",
+        "and rebuilt. Where no majority of replicas agrees on a chunk (two that disagree), "
+        "nothing is repaired in a guessed direction: the chunks are listed as disputed. "
+        "Exit status: 0 nothing found, 1 corruption found (and repaired when another "
+        "healthy replica was there to copy from: --json lists it under 'repaired').",
     )
     quiet_option(p)
     p = verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")

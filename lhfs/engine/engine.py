@@ -83,6 +83,7 @@ class ReplicaLink:
     failures: int = 0  # times marked ERR since attach (a replica that flaps shows here)
     restarts: int = 0  # times its process was started again (a local replica) since attach
     rejoin: str | None = None  # what the engine does to bring it back, if anything
+    held: str | None = None  # why it is not brought back at all (the operator decides)
 
     def public(self) -> dict[str, Any]:
         return {

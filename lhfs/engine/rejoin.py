@@ -78,6 +78,9 @@ class Rejoiner:
     def watch(self, link: ReplicaLink, at_once: bool = False) -> None:
         """Start bringing ``link`` back, unless that is under way already; ``at_once``: one
         known to answer well is rebuilt without the volume's ``rejoin_wait``."""
+        if link.held is not None:
+            link.rejoin = link.held
+            return
         if link.id in self._watched or (self.owner.remote(link) and not link.address):
             return
         self._watched.add(link.id)

@@ -2,9 +2,16 @@
 
 Each healthy replica checks every snapshot of the chain against the checksums it recorded
 (bytes that rotted after the recording), and the recorded checksums are compared across
-replicas (bytes that were already wrong when recorded): a replica that disagrees with the
+replicas (bytes that were already wrong when recorded: a record is made when a snapshot's
+checksums are first needed, from what its disk holds then): a replica that disagrees with the
 others, or with its own record, is named, taken out of I/O at once (reads never return bytes
 known to be corrupt) and rebuilt from a healthy one, which copies exactly the damaged chunks.
+
+Where no majority says which data is right (two replicas that disagree, or three that all
+differ), nothing is repaired in an arbitrary direction: the chunks are reported as
+``disputed``. A replica whose own record shows it rotted in a disputed chunk is taken out of
+I/O and held (not rebuilt: its source would be a replica no record vouches for); the operator
+decides (``replica rm`` keeps the other's data; a backup may hold the right one).
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ async def scrub(
     layers = await healthy[0].client.call("list_layers")
     names = [layer["name"] for layer in layers if layer["active"] and layer["name"]]
     damaged: dict[str, list[str]] = {}
+    rotten_in: dict[str, set[tuple[str, int]]] = {}  # replica -> (layer, chunk) it rotted in
+    disputed: dict[str, list[int]] = {}  # layer -> chunks on which no majority agrees
     chunks = -(-engine.size // engine.chunk_size)
     clients = [link.client for link in healthy]
     task = {} if task is None else task
-    steps = len(healthy) + (1 if len(healthy) > 2 else 0)
+    steps = len(healthy) + (1 if len(healthy) > 1 else 0)
     task.update(done=0, total=len(names) * steps * engine.size)
     for name in names:
         for link in healthy:
@@ -44,13 +53,17 @@ async def scrub(
             task["done"] += engine.size
             if rotten:
                 damaged.setdefault(link.id, []).append(f"{name}: {len(rotten)} chunk(s) changed")
-        if len(healthy) <= 2:  # two that disagree: no majority to say which one is wrong
+                rotten_in.setdefault(link.id, set()).update((name, c) for c in rotten)
+        if len(healthy) < 2:
             continue
         walk = merged_layer_sums(clients, name, [False] * len(healthy), chunks)
         try:
             async for chunk, row in walk:
                 majority, count = Counter(row).most_common(1)[0]
-                if count == len(healthy) or count <= len(healthy) // 2:
+                if count == len(healthy):
+                    continue
+                if count <= len(healthy) // 2:  # no majority: which data is right is unknown
+                    disputed.setdefault(name, []).append(chunk)
                     continue
                 for link, entry in zip(healthy, row, strict=True):
                     if entry != majority:
@@ -63,10 +76,21 @@ async def scrub(
         "replicas": [r.id for r in healthy],
         "damaged": damaged,
         "repaired": [],  # the damaged replicas, rebuilt at once (copying the damaged chunks)
+        "disputed": disputed,
+        "held": [],  # damaged where disputed: out of I/O, not rebuilt (see above)
     }
+    contested = {(name, c) for name, found in disputed.items() for c in found}
     for link in healthy:
         if link.id in damaged and sum(r.mode == RW for r in engine.replicas) > 1:
             reason = "scrub found corrupt data: " + "; ".join(damaged[link.id][:3])
+            if rotten_in.get(link.id, set()) & contested:
+                link.held = (
+                    f"{reason}, where no other replica's record agrees with its own: not "
+                    "rebuilt from one; 'replica rm' it to keep the others' data"
+                )
+                engine.fail(link, reason)
+                report["held"].append(link.id)
+                continue
             engine.fail(link, reason, at_once=True)  # (its owner reconnects and rebuilds it)
             report["repaired"].append(link.id)
     log.info("scrub: %s", report)
