@@ -582,3 +582,29 @@ def test_refused_commands_take_back_what_they_began(cli: Cli, tmp_path: Path) ->
     after = {s["name"]: s["created"] for s in cli.json("snapshot", "ls", "v")}
     assert after["s1"] == taken, (after, taken)
     cli.run("volume", "detach", "v")
+
+
+def test_a_revert_to_before_the_format_and_a_mount_without_its_type(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A volume formatted as xfs is mounted again without ``--fs`` (it was refused: "holds
+    xfs, not ext4"). Reverted to a snapshot taken before ``lhfs mount`` formatted it, it is
+    formatted again by the next mount (it was refused for ever: the record said formatted,
+    the device held nothing, and no command could let the record go)."""
+    cli.run("volume", "create", "r", "--size", "320M", "--replicas", "1")  # (xfs: 300M at least)
+    cli.run("snapshot", "create", "r", "blank")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "r", str(mnt), "--fs", "xfs")
+    (mnt / "file").write_text("kept")
+    cli.run("umount", str(mnt))
+    cli.run("mount", "r", str(mnt))
+    fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", str(mnt)], capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    assert fstype == "xfs" and (mnt / "file").read_text() == "kept"
+    cli.run("umount", str(mnt))
+    said = cli.run("snapshot", "revert", "r", "blank").stdout
+    assert "file system record is set aside" in said, said
+    mounted = cli.json("mount", "r", str(mnt))
+    assert mounted["formatted"] is True and not (mnt / "file").exists(), mounted
+    cli.run("umount", str(mnt))

@@ -41,7 +41,11 @@ def mount_parsers(groups: Any) -> None:
     )
     p.add_argument("name")
     p.add_argument("mountpoint")
-    p.add_argument("--fs", default="ext4", help="filesystem for a new volume (default ext4)")
+    p.add_argument(
+        "--fs",
+        help="file system to format a new volume with (default ext4); one formatted already "
+        "is mounted as what it holds",
+    )
     metrics_option(p)
     json_option(p)
     p.set_defaults(func=cmd_mount)

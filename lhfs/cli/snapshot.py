@@ -52,9 +52,16 @@ def cmd_snapshot_rm(args: argparse.Namespace) -> None:
 def cmd_snapshot_revert(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
-    manage.snapshot_revert(root_of(args), args.volume, args.name)
+    unformatted = manage.snapshot_revert(root_of(args), args.volume, args.name)
     data = {"volume": args.volume, "name": args.name, "reverted": True}
-    say(args, data, f"reverted {args.volume} to {args.name}")
+    data["filesystem_record_cleared"] = unformatted
+    text = f"reverted {args.volume} to {args.name}"
+    if unformatted:
+        text += (
+            ", taken before 'lhfs mount' formatted it: its file system record is set aside, "
+            "and the next 'lhfs mount' formats it if it is blank"
+        )
+    say(args, data, text)
 
 
 def parsers(groups: Any) -> None:

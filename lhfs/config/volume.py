@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.config import disks
-from lhfs.core.durable import atomic_write_json
+from lhfs.core.durable import atomic_write_json, fsync_dir
 from lhfs.core.errors import AlreadyExists, Busy, CorruptState, InvalidArgument, NotFound
 from lhfs.core.names import check_name
 from lhfs.core.units import rfc3339
@@ -182,6 +182,22 @@ class Volume:
 
     def record_filesystem(self, record: dict[str, Any]) -> None:
         atomic_write_json(self.dir / "filesystem.json", record)
+
+    def filesystem_after(self, stamp: float) -> bool:
+        """Whether lhfs recorded the volume's file system (formatted or adopted it) only after
+        ``stamp``: the time of its record's file, written once per format or adoption."""
+        try:
+            return stamp < (self.dir / "filesystem.json").stat().st_mtime
+        except FileNotFoundError:
+            return False
+
+    def forget_filesystem(self) -> None:
+        """The content went back to before ``lhfs mount`` formatted (or adopted) it: its record
+        is kept aside (``filesystem.before-revert.json``), and the next mount decides from
+        the content, as for a volume never mounted."""
+        path = self.dir / "filesystem.json"
+        path.replace(self.dir / "filesystem.before-revert.json")
+        fsync_dir(self.dir)
 
     def save_to(self, directory: Path) -> None:
         atomic_write_json(directory / "config.json", self.config)

@@ -7,6 +7,7 @@ data). Every check that can refuse a request runs before anything changes.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import os
 import shutil
@@ -517,21 +518,34 @@ def snapshot_remove(
         progress(100, None, None)
 
 
-def snapshot_revert(root: Path, name: str, snapshot: str) -> None:
+def snapshot_revert(root: Path, name: str, snapshot: str) -> bool:
+    """Revert a detached volume to ``snapshot``; whether its file system record was let go (the
+    snapshot is older than the format: ``lhfs mount`` decides from the content again, which
+    once refused for ever a volume reverted to before its format)."""
     check_name(snapshot, "snapshot name")
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
         raise Busy(f"volume {name} is attached: detach it before reverting")
     vol.require_not_standby("a revert")
-    _require_snapshot(vol, snapshot)
+    taken = _require_snapshot(vol, snapshot)
     _on_every_replica(vol, "revert", snapshot)
+    if taken is not None and vol.filesystem_after(taken):
+        vol.forget_filesystem()
+        return True
+    return False
 
 
-def _require_snapshot(vol: volumes.Volume, snapshot: str) -> None:
+def _require_snapshot(vol: volumes.Volume, snapshot: str) -> float | None:
+    """When ``snapshot`` was taken (seconds since the epoch; None if no local replica says);
+    ``NotFound`` if it is not there."""
+    taken = None
     for directory in healthy_local_dirs(vol):
         with ChunkStore.open(directory) as store:
-            if not any(s["name"] == snapshot for s in store.list_layers()):
+            found = [s["created"] for s in store.list_layers() if s["name"] == snapshot]
+            if not found:
                 raise NotFound(f"volume {vol.name} has no snapshot named {snapshot!r}")
+            taken = found[0]
+    return calendar.timegm(time.strptime(taken, "%Y-%m-%dT%H:%M:%SZ")) if taken else None
 
 
 # -- replicas --------------------------------------------------------------------------------

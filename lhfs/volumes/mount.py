@@ -99,20 +99,26 @@ def decide(record: dict[str, Any] | None, found: dict[str, str] | None, blank: b
 
 
 def mount(
-    root: Path, name: str, mountpoint: Path, fs: str = "ext4", metrics: str | None = None
+    root: Path, name: str, mountpoint: Path, fs: str | None = None, metrics: str | None = None
 ) -> dict[str, Any]:
-    if fs not in SUPPORTED:
+    """Attach if needed, format if never formatted (as ``fs``: ext4 unless said), mount. A
+    volume lhfs formatted is mounted as what its record says; ``fs`` given must agree."""
+    if fs is not None and fs not in SUPPORTED:
         raise InvalidArgument(f"unsupported filesystem {fs!r} (choose from {', '.join(SUPPORTED)})")
     mountpoint = mountpoint.absolute()
     if not mountpoint.is_dir():
         raise NotFound(f"mount point {mountpoint} is not a directory")
     vol = volumes.load(root, name)
     record = vol.filesystem
-    if record and record["state"] == "formatted" and record["type"] != fs:
-        raise InvalidArgument(f"volume {name} holds {record['type']}, not {fs}")
-    tool = MKFS[fs][0]
-    if not shutil.which(tool) and (record is None or record["state"] == "formatting"):
-        raise NotFound(f"{tool} is not installed: it is needed to format a new volume as {fs}")
+    if record is not None:  # (formatted, or a format cut short: done again as it began)
+        if fs is not None and record["state"] == "formatted" and record["type"] != fs:
+            raise InvalidArgument(f"volume {name} holds {record['type']}, not {fs}")
+        fs = fs or record["type"]
+    fs = fs or "ext4"
+    if record is None or record["state"] == "formatting":
+        tool = MKFS[fs][0]
+        if not shutil.which(tool):
+            raise NotFound(f"{tool} is not installed: it is needed to format a new volume as {fs}")
     attached_here = False
     runtime = vol.runtime()
     if runtime is None:
