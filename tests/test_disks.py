@@ -158,6 +158,19 @@ def test_disks_are_checked_before_anything_is_made(
         assert cli.json("volume", "ls") == []
         assert not (d1 / "lhfs").exists() or list((d1 / "lhfs").iterdir()) == []
         assert list(plain.iterdir()) == []
+    # a disk others can write to: what they put there as <disk>/lhfs is not used
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (d2 / "lhfs").symlink_to(elsewhere)
+    for message in ("is not a directory but a link", "another user's"):
+        result = cli.run("volume", "create", "v", "--size", "16M", "--disks", f"{d1},{d2}",
+                         check=False)  # fmt: skip
+        assert message in one_line(result, 1), result.stderr
+        assert list(elsewhere.iterdir()) == [] and cli.json("volume", "ls") == []
+        assert list((d1 / "lhfs").iterdir()) == []
+        (d2 / "lhfs").unlink()
+        (d2 / "lhfs").mkdir()
+        os.chown(d2 / "lhfs", 65534, 65534)
 
 
 def test_restores_and_standbys_put_their_replicas_on_disks(

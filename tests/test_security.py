@@ -601,3 +601,35 @@ def test_a_replica_on_another_host_over_tls(cli: Cli, tmp_path: Path, replica_fa
     assert cli.info("t")["state"] == "healthy"
     assert cli.checksum("t") == expected
     cli.run("volume", "detach", "t")
+
+
+def test_a_root_others_own_and_a_configuration_naming_paths_are_refused(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A state root another user owns is refused (they could rewrite what lhfs deletes and
+    runs as root); a volume whose configuration names a path as a replica (its id, its disk)
+    is not acted on: ``volume rm`` refuses it and deletes nothing (it deleted that path)."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    result = Cli(theirs).run("volume", "ls", check=False)
+    assert result.returncode == 1 and f"belongs to user {NOBODY}" in result.stderr, result.stderr
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("kept")
+    for change in ({"id": str(victim)}, {"id": "r1", "disk": "/", "local": True},
+                   {"id": "../../../victim"}):  # fmt: skip
+        cli.run("volume", "create", "c", "--size", "16M", "--replicas", "1")
+        path = cli.root / "volumes" / "c" / "config.json"
+        config = json.loads(path.read_text())
+        config["replicas"][0].update(change)
+        if "disk" in change:
+            config["volume_id"] = "/../../" + str(victim)
+        path.write_text(json.dumps(config))
+        result = cli.run("volume", "rm", "c", check=False)
+        assert result.returncode == 1 and "config.json" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert (victim / "precious").read_text() == "kept"
+        config["replicas"][0].update(id="r1", disk=None)
+        path.write_text(json.dumps(config))
+        cli.run("volume", "rm", "c")

@@ -22,7 +22,7 @@ from typing import Any
 
 from lhfs.cli.common import DEFAULT_ROOT, Parser
 from lhfs.core import __version__
-from lhfs.core.errors import ArgumentError, LhfsError, sole
+from lhfs.core.errors import ArgumentError, LhfsError, NotPermitted, sole
 
 # group name -> (module under lhfs.cli, the function adding its parsers), in --help's order
 _GROUPS: dict[str, tuple[str, str]] = {
@@ -86,12 +86,19 @@ def _group_named(argv: list[str] | None) -> str | None:
 
 
 def _private(root: str) -> None:
-    """A root made before (or by hand) readable by others becomes its owner's only."""
+    """A root made before (or by hand) readable by others becomes its owner's only. One that
+    another user owns is refused: whoever owns it can replace what lhfs reads there (a volume's
+    configuration names the directories lhfs writes and deletes) and run it as this user."""
     try:
         info = os.stat(root)
     except OSError:
         return
-    if info.st_mode & 0o077 and info.st_uid == os.getuid():
+    if info.st_uid != os.getuid():
+        raise NotPermitted(
+            f"the state root {root} belongs to user {info.st_uid}, not to this one (uid "
+            f"{os.getuid()}): lhfs keeps its state only in a directory of its own user"
+        )
+    if info.st_mode & 0o077:
         os.chmod(root, info.st_mode & 0o700)
 
 

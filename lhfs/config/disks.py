@@ -16,17 +16,23 @@ The mistakes this guards against are the ones that lose a replica silently:
   and comes back by itself once the disk is mounted again (within the volume's rejoin limit).
   A different disk mounted in its place (device names reorder at boot) holds no such
   directory and is refused the same way.
+- **A disk others can write to.** lhfs runs as root there; a symbolic link planted as
+  ``<disk>/lhfs`` would send a replica (and later ``volume rm``) somewhere else. Every level
+  under the disk is opened without following links and must be a directory of lhfs's user,
+  on the disk's file system, that no one else can write; anything else is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from lhfs.core.errors import InvalidArgument, NotFound, StorageError
+from lhfs.core.errors import CorruptState, InvalidArgument, NotFound, NotPermitted, StorageError
 
 HOME = "lhfs"  # what lhfs keeps on a disk, beside anything else there
 
@@ -81,11 +87,68 @@ def placed(vol: Volume) -> dict[str, tuple[Path, str | None]]:
 
 def directory(vol_dir: Path, volume_id: str | None, replica: dict[str, Any]) -> Path:
     """A local replica's directory: on its disk, or under the volume's directory. (Only
-    replicas on disks need the volume's id: volumes older than their keys have none.)"""
+    replicas on disks need the volume's id: volumes older than their keys have none.) The
+    configuration's fields are checked first: a path is never made of what they hold."""
+    return _levels(vol_dir, volume_id, replica)[0]
+
+
+def _levels(vol_dir: Path, volume_id: str | None, replica: dict[str, Any]) -> tuple[Path, list]:
+    """``directory``, and its levels under the disk (none for a replica under the root)."""
+    rid = replica.get("id")
+    if not isinstance(rid, str) or not _REPLICA_ID.fullmatch(rid):
+        raise CorruptState(f"{vol_dir}/config.json names a replica {rid!r}: not an lhfs id")
     disk = replica.get("disk")
-    if disk:
-        return Path(disk) / HOME / f"{vol_dir.name}.{volume_id}" / replica["id"]
-    return vol_dir / "replicas" / replica["id"]
+    if not disk:
+        return vol_dir / "replicas" / rid, []
+    if not isinstance(volume_id, str) or not _VOLUME_ID.fullmatch(volume_id):
+        raise CorruptState(f"{vol_dir}/config.json holds no valid volume id for replica {rid}")
+    if not isinstance(disk, str) or not os.path.isabs(disk) or ".." in Path(disk).parts:
+        raise CorruptState(f"{vol_dir}/config.json names replica {rid}'s disk {disk!r}")
+    parts = [HOME, f"{vol_dir.name}.{volume_id}", rid]
+    return Path(disk).joinpath(*parts), parts
+
+
+_REPLICA_ID = re.compile(r"r[0-9]{1,9}")
+_VOLUME_ID = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _open(disk: str, home: Path, depth: int, create: bool = False) -> int:
+    """A descriptor of the first ``depth`` levels of a replica's directory ``home`` under
+    ``disk``, each opened without following links and checked (see above); made, owner-only,
+    where missing with ``create`` (else ``FileNotFoundError``)."""
+    parts = home.relative_to(disk).parts[:depth]
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECTORY)
+    device = os.fstat(fd).st_dev
+    path = Path(disk)
+    try:
+        for part in parts:
+            path = path / part
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+            try:
+                level = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                why = f"{path} is not a directory but a link or a file: {_UNSAFE}"
+                raise NotPermitted(why) from None
+            os.close(fd)
+            fd = level
+            info = os.fstat(fd)
+            if info.st_dev != device or info.st_uid != os.getuid() or info.st_mode & 0o022:
+                raise NotPermitted(
+                    f"{path} is another file system's, another user's or writable by others: "
+                    + _UNSAFE
+                )
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_UNSAFE = "lhfs does not use it (move it away, or use another disk)"
 
 
 def ready(vol: Volume, replica: dict[str, Any]) -> None:
@@ -97,11 +160,14 @@ def ready(vol: Volume, replica: dict[str, Any]) -> None:
     if not os.path.ismount(disk):
         raise NotFound(f"its disk {disk} is not mounted")
     home = vol.replica_dir(replica)
-    if home is None or not home.is_dir():
+    assert home is not None
+    try:
+        os.close(_open(disk, home, 3))
+    except FileNotFoundError:
         raise NotFound(
             f"its directory {home} is not on the disk mounted at {disk} (another disk mounted "
             f"there?): mount its own, or replace the replica (replica rm, replica add --disk)"
-        )
+        ) from None
 
 
 def make(vol: Volume, replica: dict[str, Any]) -> Path:
@@ -113,9 +179,12 @@ def make(vol: Volume, replica: dict[str, Any]) -> Path:
     if disk and not os.path.ismount(disk):
         raise NotFound(f"disk {disk} is not mounted any more")
     try:
-        for level in reversed([home, *home.parents]):
-            if not level.exists():
-                level.mkdir(mode=0o700, exist_ok=True)
+        if disk:
+            os.close(_open(disk, home, 3, create=True))
+        else:
+            for level in reversed([home, *home.parents]):
+                if not level.exists():
+                    level.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:  # (a disk mounted read-only, full, or not ours to write)
         raise StorageError(f"cannot make {exc.filename or home}: {exc.strerror or exc}") from None
     return home
@@ -128,12 +197,23 @@ def remove(vol: Volume, replica: dict[str, Any]) -> str | None:
     if home is None:
         return None
     disk = replica.get("disk")
-    if disk and not os.path.ismount(disk):
+    if not disk:
+        shutil.rmtree(home, ignore_errors=True)
+        return None
+    if not os.path.ismount(disk):
         return f"{home} (disk {disk} is not mounted)"
-    shutil.rmtree(home, ignore_errors=True)
-    if disk:
-        with contextlib.suppress(OSError):
-            home.parent.rmdir()
+    try:  # (through descriptors: a level swapped for a link meanwhile is not followed)
+        fd = _open(disk, home, 2)
+    except FileNotFoundError:
+        return None
+    except NotPermitted as exc:
+        return f"{home} ({exc})"
+    try:
+        shutil.rmtree(home.name, dir_fd=fd, ignore_errors=True)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        home.parent.rmdir()
     return None
 
 

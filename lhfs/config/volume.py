@@ -20,7 +20,14 @@ from typing import Any
 
 from lhfs.config import disks
 from lhfs.core.durable import atomic_write_json, fsync_dir
-from lhfs.core.errors import AlreadyExists, Busy, CorruptState, InvalidArgument, NotFound
+from lhfs.core.errors import (
+    AlreadyExists,
+    Busy,
+    CorruptState,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+)
 from lhfs.core.names import check_name
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import check_geometry
@@ -315,7 +322,10 @@ def clear(
     if isinstance(config, dict) and isinstance(config.get("replicas"), list):
         gone = Volume(Path(root), name, config)
         for replica in config["replicas"]:
-            kept = disks.remove(gone, replica) if replica.get("disk") else None
+            try:
+                kept = disks.remove(gone, replica) if replica.get("disk") else None
+            except (LhfsError, AttributeError) as exc:  # (not what lhfs wrote: not acted on)
+                kept = f"replica {replica!r}: {exc}"
             if kept:
                 left.append(kept)
     shutil.rmtree(directory, ignore_errors=True)

@@ -120,6 +120,8 @@ def check_removable(vol: volumes.Volume) -> None:
     inside = attachment.mounts_under(vol.dir)
     if inside:
         raise Busy(f"{inside[0]} is mounted inside volume {vol.name}'s directory: unmount it")
+    for replica in vol.replicas:  # (a configuration naming what lhfs never made: refused here)
+        vol.replica_dir(replica)
 
 
 def export_key(root: Path, name: str, out: Path) -> None:
@@ -242,7 +244,7 @@ def _unplaced(vol: volumes.Volume, replica: dict[str, Any]) -> dict[str, str | N
     is ERR with the reason (the next attach finds the same), not RW with nothing to show."""
     try:
         disks.ready(vol, replica)
-    except NotFound as exc:
+    except LhfsError as exc:  # (not there, or not safe to use)
         return {"mode": "ERR", "error": str(exc)}
     return {"mode": replica.get("mode", "RW"), "error": replica.get("error")}
 
