@@ -363,3 +363,34 @@ def test_a_removed_standby_takes_its_marker_with_it(
     finally:
         proxy.close()
         teardown(elsewhere.root)
+
+
+def test_a_follower_reading_its_secrets_from_files_holds_none_in_its_environment(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A standby created with a credentials file (and a password file) runs its follower
+    without the S3 secret or the password of the shell that created it: the follower reads
+    them from the files (it inherited the shell's, where a dump of its environment held them)."""
+    target = "s3://dr-secrets/p"
+    cli.run("volume", "create", "src", "--size", "16M", "--replicas", "1")
+    cli.backup("src", target)
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"AWS_ACCESS_KEY_ID={os.environ['AWS_ACCESS_KEY_ID']}\n"
+        f"AWS_SECRET_ACCESS_KEY={os.environ['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+    credentials.chmod(0o600)
+    password = tmp_path / "password"
+    password.write_text("not-used-by-this-plain-store")
+    password.chmod(0o600)
+    shell = Cli(cli.root, env={"LHFS_BACKUP_PASSWORD": "a-password-from-the-shell"})
+    shell.run(
+        "dr", "create", "sb", "--target", target, "--volume", "src", "--replicas", "1",
+        "--credentials-file", str(credentials), "--password-file", str(password), "--quiet",
+    )  # fmt: skip
+    follower = cli.json("dr", "status", "sb")["follower_pid"]
+    environ = Path(f"/proc/{follower}/environ").read_bytes()
+    assert b"AWS_SECRET_ACCESS_KEY" not in environ and b"AWS_ACCESS_KEY_ID" not in environ
+    assert b"LHFS_BACKUP_PASSWORD" not in environ
+    assert b"AWS_ENDPOINT_URL" in environ  # (not a secret: where the store is)
+    cli.run("volume", "rm", "sb")

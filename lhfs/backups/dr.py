@@ -54,7 +54,7 @@ from lhfs.core.errors import (
     WrongState,
 )
 from lhfs.core.names import check_name
-from lhfs.core.procs import LHFS, wait_for
+from lhfs.core.procs import LHFS, child_env, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import manage
@@ -491,10 +491,16 @@ def create(
 def start(root: Path, name: str) -> int:
     """Start the follower in the background (no-op when one runs); returns its pid."""
     vol = volumes.load(root, name)
-    dr_config(vol)
+    config = dr_config(vol)
     running = follower_pid(vol)
     if running:
         return running
+    env = child_env(store=True)  # (the secrets it reads from files: not in its environment)
+    if config.get("credentials_file"):
+        for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            env.pop(secret, None)
+    if config.get("password_file"):
+        env.pop("LHFS_BACKUP_PASSWORD", None)
     with open(vol.dir / LOG, "ab") as log_file:
         proc = subprocess.Popen(
             [LHFS, "--root", str(root), "dr", "run", name, "--log", str(vol.dir / LOG)],
@@ -502,6 +508,7 @@ def start(root: Path, name: str) -> int:
             stdout=subprocess.DEVNULL,
             stderr=log_file,
             start_new_session=True,
+            env=env,
         )
     wait_for(
         lambda: read_status(vol).get("pid") == proc.pid or proc.poll() is not None,

@@ -30,6 +30,11 @@ def read_private(path: Path, what: str) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidArgument(f"{what} {path} is not a regular file")
+        if info.st_uid not in (os.getuid(), 0):  # (its owner could change it at any time)
+            raise InvalidArgument(
+                f"{what} {path} belongs to user {info.st_uid}: use a file of your own "
+                f"('chown {os.getuid()} {path}')"
+            )
         if info.st_mode & 0o077:
             raise InvalidArgument(
                 f"{what} {path} may be read by others (mode {info.st_mode & 0o777:o}): "

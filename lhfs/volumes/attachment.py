@@ -283,7 +283,13 @@ def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
                     f"the engine of {name} does not answer and {device} is in use by {loops}: "
                     "try again, or --force lets go of it (writes not yet flushed are lost)"
                 )
-            raise Busy(f"{device} is in use by {loops}: unmount it first (lhfs umount)")
+            mounted = [m for loop in loops_backed_by(device) for m in mounted_at(loop)]
+            fix = (
+                f"unmount it first (lhfs umount {mounted[0]})"
+                if mounted
+                else f"let go of it first (losetup -d {loops})"
+            )
+            raise Busy(f"{device} is in use by {loops}: {fix}")
         if loops_backed_by(device):
             report["cleaned"] += release(device, fuse=False)  # (the FUSE file: the engine's)
         try:

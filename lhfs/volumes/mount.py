@@ -25,7 +25,7 @@ from typing import Any
 
 from lhfs.config import volume as volumes
 from lhfs.core.errors import Busy, CorruptState, InvalidArgument, LhfsError, NotFound, StorageError
-from lhfs.core.procs import wait_for
+from lhfs.core.procs import child_env, wait_for
 from lhfs.engine import control
 from lhfs.volumes import attachment
 
@@ -36,12 +36,20 @@ MKFS = {
 }
 
 
+# xfs refuses a second file system of the same UUID: volumes made from one backing image
+# (or restored from one backup) share it, and each is a file system of its own.
+MOUNT_OPTIONS = {"xfs": ["-o", "nouuid"]}
+
+
 def _run(args: list[str], what: str) -> str:
-    result = subprocess.run(args, capture_output=True, text=True)
+    """Run a system tool (without the store's secrets in its environment); its output, or
+    ``LhfsError`` with the line of its error output that says why."""
+    result = subprocess.run(args, capture_output=True, text=True, env=child_env())
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         usage = [n for n, line in enumerate(detail) if line.lower().startswith("usage")]
         detail = detail[: usage[0]] if usage and usage[0] else detail  # the reason, not usage
+        detail = [line for line in detail if "dmesg(1) may have more" not in line] or detail
         raise LhfsError(f"{what} failed: {detail[-1] if detail else result.returncode}")
     return result.stdout
 
@@ -188,7 +196,8 @@ def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str)
         }
         vol.record_filesystem(record)
     assert record is not None
-    _run(["mount", "-t", record["type"], loop, str(mountpoint)], "mount")
+    options = MOUNT_OPTIONS.get(record["type"], [])
+    _run(["mount", "-t", record["type"], *options, loop, str(mountpoint)], "mount")
     return {"name": vol.name, "mountpoint": str(mountpoint), "loop": loop, "formatted": formatted}
 
 
