@@ -372,17 +372,19 @@ def test_a_follower_reading_its_secrets_from_files_holds_none_in_its_environment
     without the S3 secret or the password of the shell that created it: the follower reads
     them from the files (it inherited the shell's, where a dump of its environment held them)."""
     target = "s3://dr-secrets/p"
+    password = tmp_path / "password"
+    password.write_text("the store's password")
+    password.chmod(0o600)
+    cli.run("backup", "init", "--target", target, "--create-bucket", "--encrypt",
+            "--password-file", str(password))  # fmt: skip
     cli.run("volume", "create", "src", "--size", "16M", "--replicas", "1")
-    cli.backup("src", target)
+    cli.run("backup", "create", "src", "--target", target, "--password-file", str(password))
     credentials = tmp_path / "credentials"
     credentials.write_text(
         f"AWS_ACCESS_KEY_ID={os.environ['AWS_ACCESS_KEY_ID']}\n"
         f"AWS_SECRET_ACCESS_KEY={os.environ['AWS_SECRET_ACCESS_KEY']}\n"
     )
     credentials.chmod(0o600)
-    password = tmp_path / "password"
-    password.write_text("not-used-by-this-plain-store")
-    password.chmod(0o600)
     shell = Cli(cli.root, env={"LHFS_BACKUP_PASSWORD": "a-password-from-the-shell"})
     shell.run(
         "dr", "create", "sb", "--target", target, "--volume", "src", "--replicas", "1",
