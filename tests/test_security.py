@@ -633,3 +633,62 @@ def test_a_root_others_own_and_a_configuration_naming_paths_are_refused(
         config["replicas"][0].update(id="r1", disk=None)
         path.write_text(json.dumps(config))
         cli.run("volume", "rm", "c")
+
+
+@needs_fuse
+def test_a_crowd_of_silent_strangers_keeps_no_one_out(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """Strangers on eight loopback addresses hold every TCP handshake slot of a replica (and
+    take each one again as soon as it is dropped): a backup of the attached volume still reads
+    it (by the replica's local socket, where only this user is let in; it failed with a reset),
+    writes go on, and the replica's log holds a line a minute per source, not one per
+    refusal (tens of thousands, rotating away what the log held)."""
+    cli.run("volume", "create", "f", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "f.dev"
+    cli.run("volume", "attach", "f", "--device", str(device))
+    write_direct(device, 0, os.urandom(MIB))
+    host, port = replica_addresses(cli, "f")[0].rsplit(":", 1)
+    stop = threading.Event()
+    held: set[socket.socket] = set()
+    made: list[int] = []
+
+    def crowd(source: str) -> None:
+        while not stop.is_set():
+            try:
+                sock = socket.create_connection(
+                    (host, int(port)), timeout=5, source_address=(source, 0)
+                )
+            except OSError:
+                continue
+            with sock:
+                held.add(sock)
+                made.append(1)
+                with contextlib.suppress(OSError):
+                    sock.recv(1)  # (until the replica drops it: then again at once)
+                held.discard(sock)
+
+    threads = [  # eight connections from each of eight addresses
+        threading.Thread(target=crowd, args=(f"127.0.0.{n}",), daemon=True)
+        for n in range(2, 10)
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(made) >= 64, 30, "the strangers to hold every slot")
+        url = cli.backup("f", "s3://crowded/p")
+        write_direct(device, MIB, os.urandom(MIB))
+        assert cli.info("f")["state"] == "healthy"
+    finally:
+        stop.set()
+        for sock in list(held):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # (wakes its thread's recv)
+        for thread in threads:
+            thread.join(10)
+    assert "backup=" in url
+    log = (cli.root / "volumes" / "f" / "r1.log").read_text()
+    refused = log.count("refused a connection") + log.count("during the handshake")
+    assert refused <= 40, refused  # (a line per source and kind, and the engine's own)
+    cli.run("volume", "detach", "f")

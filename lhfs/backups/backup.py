@@ -108,6 +108,15 @@ def open_store(target: Target, retry_timeout: float = RETRY_TIMEOUT) -> BackupSt
     return BackupStore(Bucket(target, deadline=retry_timeout), password=store_password())
 
 
+def _reader(replica: dict[str, Any], key: Any, cas: dict[str, str | None]) -> SyncReplica:
+    """A reading connection to an attached volume's replica: by its local socket when this
+    host runs it, else by its address (over TLS with its CA, if it has one)."""
+    from lhfs.wire.client import SyncReplica
+
+    local = replica.get("local_socket")
+    return SyncReplica(replica["address"], key, tls_ca=cas.get(replica["id"]), local=local)
+
+
 class _Source:
     """Where a backup reads its snapshot: a healthy replica process of an attached volume, or
     the freshest local directory of a detached one. Before anything is read it learns, from
@@ -120,8 +129,6 @@ class _Source:
         self.local: ChunkStore | None = None
         self.bases: dict[str, dict[str, Any]] = {}
         if vol.runtime() is not None:
-            from lhfs.wire.client import SyncReplica  # (it brings trio: only when attached)
-
             info = control.call(vol.control_socket, "info")
             healthy = [r for r in info["replicas"] if r["mode"] == "RW"]
             if not healthy:
@@ -133,7 +140,7 @@ class _Source:
             healthy.sort(key=lambda replica: replica["id"] in remote)
             for replica in healthy:
                 with contextlib.suppress(LhfsError):
-                    other = SyncReplica(replica["address"], key, tls_ca=cas.get(replica["id"]))
+                    other = _reader(replica, key, cas)
                     try:
                         self.bases[replica["id"]] = _base_of(
                             other.call("list_layers"), other.call("info"), snapshot
@@ -142,7 +149,7 @@ class _Source:
                         other.close()
             self.replica_id = healthy[0]["id"]
             first = healthy[0]
-            self.remote = SyncReplica(first["address"], key, tls_ca=cas.get(first["id"]))
+            self.remote = _reader(first, key, cas)
         else:  # each healthy replica opened once; the freshest is read
             opened: list[tuple[Path, ChunkStore]] = []
             try:

@@ -309,7 +309,12 @@ class Engine:
             "shared_writes": self.shared_writes,
             "shared_reads": self.shared_reads,
             "replica_answered_reads": self.replica_answered_reads,
-            "replicas": [r.public() for r in self.replicas],
+            # (the local socket of a replica this host runs: lhfs's own readers on this host
+            # use it, where only this user is let in, rather than TCP, where strangers are)
+            "replicas": [
+                {**r.public(), "local_socket": self.local_names.get(r.address)}
+                for r in self.replicas
+            ],
         }
 
     # -- I/O gate: snapshots drain in-flight I/O ----------------------------------------------

@@ -51,7 +51,7 @@ from lhfs.core.errors import (
     WrongVolume,
 )
 from lhfs.replica import checks, hotpath
-from lhfs.replica.session import Session, Sessions, abort
+from lhfs.replica.session import Session, Sessions, abort, source_of
 from lhfs.store.chunkstore import ChunkStore, check_geometry
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
@@ -186,7 +186,11 @@ class ReplicaServer:
         except _PEER_GONE:
             pass
         except (ProtocolError, OSError) as exc:
-            log.warning("closing connection during the handshake: %s", exc)
+            if session is None:  # (a stranger's, most often: one line a minute per source)
+                key = f"handshake {source_of(stream.socket)}"
+                sessions.said.warning(key, "closing connection during the handshake: %s", exc)
+            else:
+                log.warning("closing connection: %s", exc)
         except Exception:  # a bug in one connection must not stop the replica
             log.exception("connection handler failed")
         finally:

@@ -19,11 +19,13 @@ change nothing and carry no epoch.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
 import ssl
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +42,11 @@ log = logging.getLogger("lhfs.replica")
 
 EPOCH_FILE = "epoch"
 HANDSHAKE_TIMEOUT = 5.0
-MAX_HANDSHAKES = 64  # connections proving themselves at once...
-PER_SOURCE = 8  # ...of them from one address (one stranger cannot take every slot)
+MAX_HANDSHAKES = 64  # TCP connections proving themselves at once...
+PER_SOURCE = 8  # ...of them from one source (an address; loopback, an IPv6 /64: one each)
+LOCAL_HANDSHAKES = 16  # on the local socket, apart (strangers on TCP cannot crowd the engine)
 MAX_SESSIONS = 64  # authenticated connections at once
+LOG_EVERY = 60.0  # seconds between two lines about refused or failed strangers of one source
 
 
 @dataclass(eq=False)
@@ -82,7 +86,8 @@ class Sessions:
         self.epoch, self.owner = self._load_epoch()
         self.live: set[Session] = set()
         self.handshaking = 0
-        self._sources: dict[str, int] = {}  # handshakes under way per peer address
+        self._sources: dict[str, int] = {}  # handshakes under way per source ("": local)
+        self.said = Quiet()
 
     def _load_epoch(self) -> tuple[int, bytes]:
         try:
@@ -109,22 +114,26 @@ class Sessions:
         """Whether a new connection may start a handshake (bounded, so a crowd of strangers
         cannot crowd the engine out); local connections must come from this user."""
         sock = stream.socket
-        source = _source(sock)
-        crowded = self._sources.get(source, 0) >= PER_SOURCE
-        if crowded or self.handshaking >= MAX_HANDSHAKES or len(self.live) >= MAX_SESSIONS:
-            log.warning(
+        source = source_of(sock)
+        if sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                self.said.warning(f"uid {uid}", "refused a local connection from uid %d", uid)
+                return False
+            bound, under_way = LOCAL_HANDSHAKES, self._sources.get("", 0)
+        else:
+            bound, under_way = MAX_HANDSHAKES, self.handshaking - self._sources.get("", 0)
+        crowded = source and self._sources.get(source, 0) >= PER_SOURCE
+        if crowded or under_way >= bound or len(self.live) >= MAX_SESSIONS:
+            self.said.warning(
+                f"refused {source}",
                 "refused a connection from %s: %d sessions and %d handshakes under way",
                 source or "a local peer",
                 len(self.live),
                 self.handshaking,
             )
             return False
-        if sock.family == socket.AF_UNIX:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
-            if uid != os.getuid():
-                log.warning("refused a local connection from uid %d", uid)
-                return False
         return True
 
     async def handshake(
@@ -134,7 +143,7 @@ class Sessions:
         ``context`` is given and the peer came by TCP; the session, or an error once the peer
         was told why (the caller closes the connection)."""
         self.handshaking += 1
-        source = _source(stream.socket)
+        source = source_of(stream.socket)
         self._sources[source] = self._sources.get(source, 0) + 1
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -223,14 +232,44 @@ class Sessions:
             )
 
 
-def _source(sock: Any) -> str:
-    """The address a TCP peer comes from ("" for the local socket)."""
+def source_of(sock: Any) -> str:
+    """Where a TCP peer comes from, as far as bounds go ("" for the local socket): its address,
+    but loopback as one (a local stranger has all of 127/8) and IPv6 by /64 (one host has as
+    many addresses in it as it likes)."""
     if sock.family == socket.AF_UNIX:
         return ""
     try:
-        return str(sock.getpeername()[0])
-    except OSError:
+        address = ipaddress.ip_address(str(sock.getpeername()[0]).split("%")[0])
+    except (OSError, ValueError):
         return "?"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return "loopback"
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class Quiet:
+    """Warnings about strangers, at most one line per kind and source every ``LOG_EVERY``
+    seconds, saying how many were not logged: a flood of connections must not flood the log
+    (and rotate away what it held)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (when last said, held back)
+
+    def warning(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        said, held = self._last.get(key, (-LOG_EVERY, 0))
+        if now - said < LOG_EVERY:
+            self._last[key] = (said, held + 1)
+            return
+        if len(self._last) > 4096:  # (bounded: a stranger with many sources)
+            self._last.clear()
+        self._last[key] = (now, 0)
+        more = f" (and {held} more like it since the last line)" if held else ""
+        log.warning(message + more, *args)
 
 
 def abort(stream: trio.SocketStream | trio.SSLStream) -> None:

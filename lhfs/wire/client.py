@@ -55,12 +55,21 @@ class SyncReplica:
         timeout: float = 60.0,
         role: int = p.READER,
         tls_ca: str | None = None,
+        local: str | None = None,
     ) -> None:
+        """With ``local``, the replica at ``address`` is reached by its local socket of that
+        name (one this host's engine started): neither TLS nor seals, as for the engine."""
         self.address = address
         host, port = parse_address(address)
         handshake = p.ClientHandshake(key, address, role, 0, takeover=False)
+        tls_ca = None if local else tls_ca
         try:
-            self._sock = socket.create_connection((host, port), timeout=timeout)
+            if local:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.settimeout(timeout)
+                self._sock.connect("\0" + local)
+            else:
+                self._sock = socket.create_connection((host, port), timeout=timeout)
             if tls_ca:
                 context = tls.client_context(tls_ca)
                 self._sock = context.wrap_socket(self._sock, server_hostname=host)
@@ -80,7 +89,7 @@ class SyncReplica:
         self._next = 0
         self._frames = p.FrameBuffer()
         self._seal: Seal | None = None
-        if not tls_ca:
+        if not tls_ca and not local:
             self._seal, self._frames.opener = handshake.seals()
 
     def _recv(self, n: int, first: bool = False) -> bytes:
