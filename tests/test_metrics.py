@@ -160,3 +160,36 @@ def test_backup_scrub_restore_and_dr_follower_metrics(
     assert value(later, "lhfs_dr_lag_seconds", volume="standby") < 30
     cli.run("dr", "stop", "standby")
     cli.run("volume", "detach", "b")
+
+
+def test_connections_that_never_finish_a_request_hold_no_thread_for_long(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Sixty connections to the metrics endpoint that send half a request: the engine serves
+    at most 32 at once (the others are closed at once) and lets each go after 5 s (each held a
+    thread until its client left, without bound); then it answers scrapes as before."""
+    import socket
+
+    cli.run("volume", "create", "h", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "attach", "h", "--device", str(tmp_path / "dev"), "--metrics", "127.0.0.1:0")
+    address = cli.info("h")["metrics"]
+    host, port = address.rsplit(":", 1)
+    engine = cli.engine_pid("h")
+
+    def threads() -> int:
+        status = Path(f"/proc/{engine}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Threads:"))[8:])
+
+    before = threads()
+    halves = [socket.create_connection((host, int(port)), timeout=10) for _ in range(60)]
+    try:
+        for sock in halves:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # (and never the end)
+        wait_for(lambda: threads() >= before + 16, 10, "the engine to take the connections")
+        assert threads() <= before + 32 + 2, (before, threads())
+        wait_for(lambda: threads() <= before + 2, 20, "the half requests to be let go")
+    finally:
+        for sock in halves:
+            sock.close()
+    assert value(scrape(address), "lhfs_volume_state", volume="h", state="healthy") == 1
+    cli.run("volume", "detach", "h")

@@ -208,16 +208,50 @@ def gauge(
     return family
 
 
+MAX_SCRAPES = 32  # connections served at once; more are closed at once
+SCRAPE_TIMEOUT = 5.0  # seconds a connection may take to send its request
+
+
 def serve(address: str, collector: Any) -> tuple[str, int]:
     """Serve ``collector`` on ``address`` (``HOST:PORT``; port 0 picks one) from a thread;
-    the address bound."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    the address bound. Bounded: a client that opens connections and sends half a request
+    holds a thread each (the library's own server has neither a limit nor a timeout)."""
+    import socket
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import MetricsHandler
 
     from lhfs.wire.client import parse_address
 
     host, port = parse_address(address)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    handler = type("Handler", (MetricsHandler.factory(registry),), {"timeout": SCRAPE_TIMEOUT})
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        slots = threading.BoundedSemaphore(MAX_SCRAPES)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    server = Server((host, port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     bound = server.server_address
     return str(bound[0]), int(bound[1])
