@@ -608,3 +608,54 @@ def test_a_revert_to_before_the_format_and_a_mount_without_its_type(
     mounted = cli.json("mount", "r", str(mnt))
     assert mounted["formatted"] is True and not (mnt / "file").exists(), mounted
     cli.run("umount", str(mnt))
+
+
+def test_backing_images_as_an_operator_meets_them(cli: Cli, tmp_path: Path) -> None:
+    """A sparse image stays sparse under the root and in each replica (it was copied whole);
+    an image of a long name, or a raw file with a space in its name, makes a volume (the
+    replica's copy took the name whole and was refused); an empty file is refused; a
+    registered image whose file changed is refused by volume create and by its backup (it was
+    used under its old id); ``backing-image rm`` removes one, its volumes unharmed."""
+    sparse = tmp_path / "my disk.img"
+    with open(sparse, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+        f.seek(5 * 1024 * 1024)
+        f.write(os.urandom(1024 * 1024))
+    long_name = "img-" + "a" * 60
+    cli.run("backing-image", "create", long_name, "--from", str(sparse))
+    cli.run("volume", "create", "by-name", "--size", "64M", "--replicas", "2",
+            "--backing-image", long_name)  # fmt: skip
+    cli.run("volume", "create", "by-file", "--size", "64M", "--replicas", "1",
+            "--backing-image", str(sparse))  # fmt: skip
+    copies = [
+        *(cli.root / "backing-images").glob("*.img"),
+        *cli.root.glob("volumes/*/replicas/*/*.img"),
+    ]
+    assert len(copies) == 4, copies
+    for copy in copies:
+        assert copy.stat().st_blocks * 512 <= 2 * 1024 * 1024, (copy, copy.stat().st_blocks)
+    assert cli.checksum("by-name") == cli.checksum("by-file")
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    line = one_line(cli.run("backing-image", "create", "e", "--from", str(empty), check=False), 2)
+    assert "is empty" in line, line
+    line = one_line(cli.run("volume", "create", "e", "--size", "16M", "--backing-image",
+                            str(empty), check=False), 2)  # fmt: skip
+    assert "is empty" in line, line
+    registered = cli.root / "backing-images" / f"{long_name}.img"
+    with open(registered, "r+b") as f:  # (its time kept: a change no stamp shows)
+        stamp = os.stat(registered)
+        f.seek(5 * 1024 * 1024 + 10)
+        f.write(b"changed!")
+    os.utime(registered, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    line = one_line(cli.run("volume", "create", "late", "--size", "64M", "--backing-image",
+                            long_name, check=False), 1)  # fmt: skip
+    assert "changed since it was registered" in line, line
+    assert [v["name"] for v in cli.volumes()] == ["by-file", "by-name"]
+    line = one_line(cli.run("backing-image", "backup", long_name, "--target", "s3://x/y",
+                            check=False), 1)  # fmt: skip
+    assert "changed since it was registered" in line, line
+    removed = cli.run("backing-image", "rm", long_name).stdout
+    assert "by-name" in removed and not registered.exists(), removed
+    assert cli.json("backing-image", "ls") == []
+    assert cli.checksum("by-name") == cli.checksum("by-file")

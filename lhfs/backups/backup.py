@@ -310,10 +310,10 @@ def backup_image(
 ) -> str:
     """Back a backing image up like a volume named ``image-<name>``; when the store already
     holds its blocks, nothing is sent and the backup completes all the same."""
-    from lhfs.volumes.images import get
+    from lhfs.volumes.images import verified
 
+    info = verified(root, name)  # (never a changed file under the old id)
     target = Target.parse(url)
-    info = get(root, name)
     store = open_store(target, retry_timeout)
     store.bucket.ensure(create=create_bucket)
     backup_name = _backup_name(info["id"].split("-")[0][:16])

@@ -1,4 +1,4 @@
-"""Backing images: ``lhfs backing-image create/ls/backup``."""
+"""Backing images: ``lhfs backing-image create/ls/rm/backup``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ def cmd_image_ls(args: argparse.Namespace) -> None:
         print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}")
 
 
+def cmd_image_rm(args: argparse.Namespace) -> None:
+    from lhfs.volumes import images
+
+    users = images.remove(root_of(args), args.name)
+    text = f"removed backing image {args.name}"
+    if users:
+        text += f" (volumes {', '.join(users)} keep the copies their replicas hold)"
+    say(args, {"name": args.name, "removed": True, "volumes": users}, text)
+
+
 def cmd_image_backup(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
     from lhfs.cli.progress import Progress
@@ -64,6 +74,16 @@ def parsers(groups: Any) -> None:
     p = verb(verbs, "create", cmd_image_create, "import a raw image (known by its content)", "name")
     p.add_argument("--from", dest="source", required=True, help="the raw image file")
     verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids")
+    verb(
+        verbs,
+        "rm",
+        cmd_image_rm,
+        "delete a backing image (volumes made from it keep their own copies)",
+        "name",
+        description="Delete a registered backing image from the root. A volume made from it "
+        "keeps a copy in each of its replicas (a rebuild copies it from a healthy replica), "
+        "so it goes on as before; new volumes can no longer be made from it by name.",
+    )
     p = verb(verbs, "backup", cmd_image_backup, "store a backing image in a backup target", "name")
     p.set_defaults(store=True)
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")

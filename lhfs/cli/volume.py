@@ -32,7 +32,9 @@ from lhfs.core.units import format_size, parse_size
 def cmd_volume_create(args: argparse.Namespace) -> None:
     from lhfs.volumes import images, manage
 
-    image = images.resolve(root_of(args), args.backing_image) if args.backing_image else None
+    image, image_id = (
+        images.resolve(root_of(args), args.backing_image) if args.backing_image else (None, None)
+    )
     settings = _settings_given(args)
     vol = manage.create(
         root_of(args),
@@ -43,6 +45,7 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         image,
         {"settings": settings} if settings else None,
         args.disks,
+        image_id,
     )
     text = f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas"
     say(args, manage.info(root_of(args), vol.name) if args.json else None, text)

@@ -44,7 +44,7 @@ from typing import Any
 
 import xxhash
 
-from lhfs.core.durable import atomic_write_json, fsync_dir
+from lhfs.core.durable import atomic_write_json, copy_sparse, fsync_dir
 from lhfs.core.errors import (
     AlreadyExists,
     BackingImageMismatch,
@@ -205,7 +205,7 @@ class ChunkStore:
             if backing_image is not None:
                 local = directory / check_name(backing_name, "backing image file name")
                 if Path(backing_image).resolve() != local.resolve():
-                    shutil.copyfile(backing_image, local)
+                    copy_sparse(Path(backing_image), local)
                 fd = os.open(local, os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)

@@ -6,14 +6,15 @@ content id (``xxh3-128-size``): the id, not the name, is what volumes and replic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from lhfs.core.durable import atomic_write_json, fsync_dir
-from lhfs.core.errors import AlreadyExists, InvalidArgument, NotFound
+from lhfs.config import volume as volumes
+from lhfs.core.durable import atomic_write_json, copy_sparse, fsync_dir
+from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
 from lhfs.core.names import check_name
 from lhfs.store.backing import content_id, id_size
 
@@ -32,8 +33,11 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (base / f"{name}.json").exists():
         raise AlreadyExists(f"backing image {name} already exists")
+    if source.stat().st_size == 0:
+        raise InvalidArgument(f"image file {source} is empty: a volume without one reads as zeros")
     tmp = base / f".{name}.img.tmp"
-    shutil.copyfile(source, tmp)
+    tmp.unlink(missing_ok=True)  # (a create cut short)
+    copy_sparse(source, tmp)
     fd = os.open(tmp, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
@@ -62,12 +66,45 @@ def list_images(root: Path) -> list[dict[str, Any]]:
     return [get(root, p.stem) for p in sorted(base.glob("*.json"))]
 
 
-def resolve(root: Path, name_or_file: str) -> Path:
-    """A registered image's file, else the path given (an image file imported on the fly)."""
+def resolve(root: Path, name_or_file: str) -> tuple[Path, str | None]:
+    """A registered image's file and its recorded id, else the path given (an image file
+    imported on the fly) and None."""
     try:
-        return Path(get(root, name_or_file)["path"])
+        info = get(root, name_or_file)
+        return Path(info["path"]), info["id"]
     except NotFound:
         path = Path(name_or_file)
         if path.is_file():
-            return path
+            if path.stat().st_size == 0:
+                raise InvalidArgument(f"image file {path} is empty") from None
+            return path, None
         raise NotFound(f"no backing image named {name_or_file!r} and no such file") from None
+
+
+def verified(root: Path, name: str) -> dict[str, Any]:
+    """``get``, once the file is found to hold the content its id says (read whole): a file
+    changed since it was registered is refused, not used under the old id."""
+    info = get(root, name)
+    found = content_id(Path(info["path"]))
+    if found != info["id"]:
+        raise CorruptState(
+            f"backing image {name}'s file {info['path']} changed since it was registered "
+            f"(it was {info['id']}, it is {found}): register it again under another name"
+        )
+    return info
+
+
+def remove(root: Path, name: str) -> list[str]:
+    """Delete a registered image (its record first: then it is gone, whatever is left); the
+    volumes made from it, which keep their own copies in their replicas (they need it not)."""
+    info = get(root, name)
+    base = images_dir(root)
+    (base / f"{name}.json").unlink()
+    fsync_dir(base)
+    (base / info["file"]).unlink(missing_ok=True)
+    users = []
+    for volume in volumes.list_names(root):
+        with contextlib.suppress(LhfsError, OSError, ValueError):
+            if volumes.load(root, volume).config.get("backing_image") == info["id"]:
+                users.append(volume)
+    return users

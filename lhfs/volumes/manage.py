@@ -10,6 +10,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,7 +22,15 @@ import xxhash
 
 from lhfs.config import disks
 from lhfs.config import volume as volumes
-from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
+from lhfs.core.errors import (
+    AlreadyExists,
+    Busy,
+    CorruptState,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+    WrongState,
+)
 from lhfs.core.names import check_name
 from lhfs.core.procs import wait_for
 from lhfs.core.units import rfc3339
@@ -41,10 +50,12 @@ def create(
     backing: Path | None,
     extra: dict[str, Any] | None = None,
     on_disks: list[str] | None = None,
+    backing_id: str | None = None,
 ) -> volumes.Volume:
     """Create a volume with local replicas, under the root or one on each of ``on_disks``
     (``lhfs.config.disks``); ``extra`` goes into its configuration from the start (a DR
-    standby is never visible without its ``dr`` section)."""
+    standby is never visible without its ``dr`` section). ``backing_id``: the content id a
+    registered backing image was recorded with (its file changed since: refused)."""
     if backing is not None and not backing.is_file():
         raise NotFound(f"backing image file {backing} does not exist")
     if on_disks and len(on_disks) != replicas:
@@ -71,11 +82,17 @@ def create(
                 size,
                 chunk_size,
                 backing,
-                f"{replica['id']}-{backing.name}" if backing else "backing.img",
+                _image_file(replica["id"], backing),
                 volume_id=vol.config["volume_id"],
             )
             info = store.info()
             store.close()
+            found = info["backing_image"] and info["backing_image"]["id"]
+            if backing_id is not None and found != backing_id:
+                raise CorruptState(
+                    f"the backing image file {backing} changed since it was registered (it "
+                    f"was {backing_id}, it is {found}): register it again under another name"
+                )
         vol.config["backing_image"] = info["backing_image"] and info["backing_image"]["id"]
         vol.save_to(tmp)
         volumes.finish_create(vol, tmp)
@@ -83,6 +100,16 @@ def create(
         volumes.clear(root, name, tmp, vol.config)
         raise
     return vol
+
+
+def _image_file(replica_id: str, backing: Path | None) -> str:
+    """The name of a replica's copy of its backing image: its own, from the image's file name
+    cut to what a file name of lhfs may hold (a replica knows its image by content, never by
+    this name; one taken whole was refused past 61 characters or with a space)."""
+    if backing is None:
+        return "backing.img"
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", backing.stem).strip("._-")[:40] or "image"
+    return f"{replica_id}-{stem}.img"
 
 
 def remove(root: Path, name: str, follower_stopped: bool = False) -> list[str]:
