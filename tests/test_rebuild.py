@@ -468,6 +468,37 @@ def test_two_replicas_that_disagree_are_not_repaired_in_a_guessed_direction(
     cli.run("volume", "detach", "two")
 
 
+def test_a_rotten_backing_image_is_found_by_scrub_and_replaced(cli: Cli, tmp_path: Path) -> None:
+    """Bit rot in one replica's copy of the backing image (its size and time unchanged, so
+    opening it never rehashes it): the scrub finds it (it said "no corruption" and reads
+    served the rotten bytes), and the rebuild that repairs it sends a good copy."""
+    image = tmp_path / "base.img"
+    image.write_bytes(random.Random(3).randbytes(4 * MIB))
+    cli.run("volume", "create", "bi", "--size", "16M", "--replicas", "2",
+            "--backing-image", str(image))  # fmt: skip
+    expected = cli.checksum("bi")
+    vol = volumes.load(cli.root, "bi")
+    (copy,) = vol.replica_dir(vol.replica("r2")).glob("*.img")  # type: ignore[union-attr]
+    stamp = copy.stat()
+    with open(copy, "r+b") as f:
+        f.seek(500_000)
+        f.write(b"BITROT!!")
+    os.utime(copy, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "bi", "--device", str(device))
+    found = cli.run("volume", "scrub", "bi", "--json", check=False)
+    report = json.loads(found.stdout)
+    assert found.returncode == 1 and report["repaired"] == ["r2"], report
+    assert "backing image" in report["damaged"]["r2"][0], report
+    wait_for(lambda: replica(cli, "bi", "r2")["mode"] == "RW", 60, "r2 repaired")
+    assert replica(cli, "bi", "r2")["rebuild_stats"]["backing_bytes"] > 0
+    for _ in range(3):  # (reads go round the replicas)
+        assert cli.checksum("bi") == expected
+    assert cli.json("volume", "scrub", "bi")["damaged"] == {}
+    cli.run("volume", "detach", "bi")
+    assert list(copy.parent.glob("*.rotten")), list(copy.parent.iterdir())
+
+
 def test_failed_adds_leave_the_engine_and_replicas_alone(cli: Cli, tmp_path: Path) -> None:
     cli.run("volume", "create", "f", "--size", "64M", "--replicas", "2")
     cli.run("volume", "attach", "f", "--device", str(tmp_path / "dev"))

@@ -84,6 +84,7 @@ class ReplicaLink:
     restarts: int = 0  # times its process was started again (a local replica) since attach
     rejoin: str | None = None  # what the engine does to bring it back, if anything
     held: str | None = None  # why it is not brought back at all (the operator decides)
+    rotten_backing: bool = False  # a scrub found its backing image rotten: rebuilt with a new one
 
     def public(self) -> dict[str, Any]:
         return {

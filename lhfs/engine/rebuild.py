@@ -168,6 +168,9 @@ async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
         await client.call("init", size=engine.size, chunk_size=engine.chunk_size)
     else:
         await fit(engine, client)
+    if target.rotten_backing:  # (its file would be trusted by its id: let go of it first)
+        await client.call("verify_backing", repair=True)
+        target.rotten_backing = False
     source = _pick_source(engine, target)
     want = (await source.client.info())["backing_image"]
     have = (await client.info())["backing_image"]

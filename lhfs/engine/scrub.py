@@ -1,6 +1,7 @@
 """Scrub: find silent corruption in the replicas' immutable layers and repair it.
 
-Each healthy replica checks every snapshot of the chain against the checksums it recorded
+Each healthy replica checks its backing image against its content id, and every snapshot of
+the chain against the checksums it recorded
 (bytes that rotted after the recording), and the recorded checksums are compared across
 replicas (bytes that were already wrong when recorded: a record is made when a snapshot's
 checksums are first needed, from what its disk holds then): a replica that disagrees with the
@@ -47,6 +48,11 @@ async def scrub(
     task = {} if task is None else task
     steps = len(healthy) + (1 if len(healthy) > 1 else 0)
     task.update(done=0, total=len(names) * steps * engine.size)
+    for link in healthy:  # the backing image: bit rot changes neither its size nor its time
+        found = await link.client.call("verify_backing")
+        if found["id"] and found["found"] != found["id"]:
+            damaged.setdefault(link.id, []).append(f"backing image: holds {found['found']}")
+            link.rotten_backing = True
     for name in names:
         for link in healthy:
             rotten = await link.client.call("verify_layer", layer=name)

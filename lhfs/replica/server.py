@@ -80,6 +80,7 @@ _LONG = {
     "remove_snapshot",
     "pull_run",
     "verify_layer",
+    "verify_backing",
     "checksum",
     "changed_blocks",
     "backing_commit",
@@ -534,6 +535,8 @@ class ReplicaServer:
                 store = self._require_store()
                 layer = checks.text(args, "layer")
                 result = await self._hash(partial(store.verify_job, layer))
+            elif method == "verify_backing":
+                result = await self._verify_backing(args.get("repair") is True)
             elif method == "changed_blocks":
                 result = await self._changed_blocks(args)
             elif method == "backing_commit":
@@ -606,6 +609,19 @@ class ReplicaServer:
             digest.update(piece)
             await trio.sleep(0)
         return digest.hexdigest()
+
+    async def _verify_backing(self, repair: bool) -> dict[str, Any]:
+        """What the backing image file holds (``found``) against its id; with ``repair`` (a
+        rebuild target, out of I/O), one that differs is let go (``backing_drop``), for the
+        rebuild to send a good one."""
+        store = self._require_store()
+        recorded = store.backing.id if store.backing is not None else None
+        found = await self._hash(store.backing_check_job)
+        dropped = bool(repair and recorded and found != recorded and store.backing is not None)
+        if dropped:
+            store.backing_drop()
+            log.error("backing image rotten (%s, expected %s): let go of it", found, recorded)
+        return {"id": recorded, "found": found, "dropped": dropped}
 
     async def _hash(self, resolve: Callable[[], Callable[[], T]]) -> T:
         """Run a job that hashes immutable layers in a thread, one at a time, never alongside

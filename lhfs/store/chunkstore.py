@@ -1070,6 +1070,28 @@ class ChunkStore:
 
         return job
 
+    def backing_check_job(self) -> Callable[[], str | None]:
+        """A job, safe to run in another thread (it reads the whole image), giving the content
+        id of what the backing image file holds now (None without an image). Bit rot changes
+        neither its size nor its time, so opening it never rehashes it: a scrub asks this."""
+        backing = self.backing
+        return (lambda: None) if backing is None else (lambda: content_id(backing.path))
+
+    def backing_drop(self) -> None:
+        """Let go of a backing image found rotten (``backing_check_job``): its file is kept
+        aside for a look (``<file>.rotten``) and the replica has none, so that the rebuild
+        that repairs it sends a good one (with one recorded it would trust the rotten file)."""
+        backing = self.backing
+        if backing is None:
+            return
+        meta = self._meta_copy()
+        meta["backing"] = None
+        self._commit_meta(meta)
+        self.backing = None
+        backing.close()
+        os.replace(backing.path, backing.path.with_name(backing.path.name + ".rotten"))
+        fsync_dir(self.dir)
+
     def backing_adopt(self, image_id: str, file_name: str = "backing.img") -> None:
         """Make the verified upload this replica's backing image (see ``backing_verify_job``)."""
         upload = self.dir / ".backing.upload"
