@@ -499,6 +499,45 @@ def test_a_rotten_backing_image_is_found_by_scrub_and_replaced(cli: Cli, tmp_pat
     assert list(copy.parent.glob("*.rotten")), list(copy.parent.iterdir())
 
 
+def test_snapshots_a_revert_left_off_the_chain_survive_a_rebuild(cli: Cli, tmp_path: Path) -> None:
+    """A revert keeps the newer snapshots, off the chain. A rebuilt replica holds them too,
+    with their content and their place (it dropped them: once the replicas that held them
+    were replaced they were gone, and until then listed but refused by revert and rm)."""
+    cli.run("volume", "create", "br", "--size", "16M", "--replicas", "2")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "br", "--device", str(device))
+    content = {}
+    for name in ("s1", "s2", "s3"):
+        write_direct(device, 0, os.urandom(MIB))
+        cli.run("snapshot", "create", "br", name)
+        content[name] = read_direct(device, 0, 2 * MIB)
+    cli.run("volume", "detach", "br")
+    cli.run("snapshot", "revert", "br", "s1")  # (s2 and s3 stay, off the chain)
+    cli.run("volume", "attach", "br", "--device", str(device))
+    write_direct(device, MIB, os.urandom(MIB))
+    cli.run("replica", "rm", "br", "r1")
+    cli.run("replica", "add", "br")  # r3, rebuilt from r2
+    listed = {s["name"]: s["active"] for s in cli.json("snapshot", "ls", "br")}
+    assert listed["s2"] is False and listed["s3"] is False, listed
+    cli.run("volume", "detach", "br")
+    vol = volumes.load(cli.root, "br")
+    for replica_id in ("r2", "r3"):
+        with ChunkStore.open(vol.replica_dir(vol.replica(replica_id))) as store:  # type: ignore[arg-type]
+            parents = {
+                layer["name"]: layer["parent"] and store.meta["layers"][layer["parent"]]["name"]
+                for layer in store.list_layers()
+                if layer["name"]
+            }
+            assert parents["s2"] == "s1" and parents["s3"] == "s2", (replica_id, parents)
+            for name in ("s2", "s3"):
+                seen = store.read_snapshot(store.layer(name).id, 0, 2 * MIB)
+                assert seen == content[name], (replica_id, name)
+    cli.run("snapshot", "revert", "br", "s3")
+    cli.run("volume", "attach", "br", "--device", str(device))
+    assert read_direct(device, 0, 2 * MIB) == content["s3"]
+    cli.run("volume", "detach", "br")
+
+
 def test_failed_adds_leave_the_engine_and_replicas_alone(cli: Cli, tmp_path: Path) -> None:
     cli.run("volume", "create", "f", "--size", "64M", "--replicas", "2")
     cli.run("volume", "attach", "f", "--device", str(tmp_path / "dev"))

@@ -199,17 +199,48 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
             snapshots = [layer for layer in layers if layer["active"] and layer["name"]]
             names = [layer["name"] for layer in snapshots]
             created = [layer["created"] for layer in snapshots]
+            branches = _branches(layers)
             revision = (await source.client.info())["revision"]
-            await target.client.call(
-                "rebuild_begin", names=names, revision=revision, created=created
+            shaped = await target.client.call(
+                "rebuild_begin", names=names, revision=revision, created=created, branches=branches
             )
+            if branches and shaped.get("branches") != len(branches):  # (an older replica)
+                log.warning(
+                    "replica %s keeps no snapshot off the chain (it runs an older lhfs): "
+                    "%s not rebuilt there",
+                    target.id,
+                    ", ".join(b[0] for b in branches),
+                )
+                branches = []
             target.mode, target.error = WO, None
             if target not in engine.replicas:
                 engine.replicas.append(target)
             engine.mode_changed(target)
         finally:
             engine.resume()
-    return names
+    return [*(b[0] for b in branches), *names]
+
+
+def _branches(layers: list[dict[str, Any]]) -> list[list[Any]]:
+    """The snapshots off the source's chain (a revert keeps the newer ones) as the target
+    shapes them: ``[name, parent name, time]``, each after its parent (oldest first)."""
+    names = {layer["id"]: layer["name"] for layer in layers}
+
+    def parent(layer: dict[str, Any]) -> str | None:
+        return names.get(layer["parent"], "?") if layer["parent"] else None
+
+    off = [layer for layer in layers if not layer["active"] and layer["name"]]
+    out, placed = [], {None, *(layer["name"] for layer in layers if layer["active"])}
+    pending = sorted(off, key=lambda layer: layer["created"])
+    while pending:  # (times are to the second: a parent may sort after its child)
+        ready = [layer for layer in pending if parent(layer) in placed]
+        if not ready:  # (a parent that is no snapshot: those are not carried)
+            break
+        for layer in ready:
+            out.append([layer["name"], parent(layer), layer["created"]])
+            placed.add(layer["name"])
+            pending.remove(layer)
+    return out
 
 
 async def _sync(

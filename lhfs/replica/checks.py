@@ -74,6 +74,27 @@ def times(args: dict[str, Any], name: str, count: int) -> list[str] | None:
     return value
 
 
+def branches(args: dict[str, Any], name: str) -> list[tuple[str, str | None, str]]:
+    """An optional list of snapshots off a chain: ``[name, parent name or null, time]`` each."""
+    value = args.get(name) or []
+    if not isinstance(value, list) or len(value) > MAX_NAMES:
+        raise InvalidArgument(f"argument {name!r} must be a list of at most {MAX_NAMES} entries")
+    out = []
+    for entry in value:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and 0 < len(entry[0]) <= 256
+            and (entry[1] is None or (isinstance(entry[1], str) and 0 < len(entry[1]) <= 256))
+            and isinstance(entry[2], str)
+            and _TIME.match(entry[2])
+        ):
+            raise InvalidArgument(f"argument {name!r}: each entry is [name, parent, time]")
+        out.append((entry[0], entry[1], entry[2]))
+    return out
+
+
 def image_id(value: str) -> str:
     """A backing image's content id (``<xxh3-128 hex>-<size>``)."""
     if not _IMAGE_ID.match(value):

@@ -510,7 +510,9 @@ class ReplicaServer:
         if method == "rebuild_begin":
             names = checks.texts(args, "names")
             revision = checks.integer(args, "revision", 0, 1 << 63)
-            return store.rebuild_begin(names, revision, checks.times(args, "created", len(names)))
+            created = checks.times(args, "created", len(names))
+            branches = checks.branches(args, "branches")
+            return store.rebuild_begin(names, revision, created, branches)
         if method == "rebuild_finish":
             return store.rebuild_finish()
         raise InvalidArgument(f"unknown method {method!r}")

@@ -919,19 +919,34 @@ class ChunkStore:
     # -- rebuild target -----------------------------------------------------------------------
 
     def rebuild_begin(
-        self, names: list[str], revision: int, times: list[str] | None = None
+        self,
+        names: list[str],
+        revision: int,
+        times: list[str] | None = None,
+        branches: list[tuple[str, str | None, str]] | None = None,
     ) -> dict[str, Any]:
         """Reshape this replica's chain to the source's snapshot names (bottom-up, the last one
         the rebuild's barrier) and start an empty head in partial mode. ``times``: when the
         source's snapshots were taken, kept here too (a snapshot's time is the operator's to
         read, and once the source is gone this replica is the only one to tell it).
+        ``branches``: the source's snapshots off the chain (a revert keeps the newer ones),
+        ``(name, parent name, time)``, each parent a snapshot named before it or on the chain:
+        shaped here too, so that a rebuilt replica does not lose them.
 
         Layers already here under those names are kept: their chunks are compared, not sent
         again. The old head becomes the first missing layer (for a replica that comes back, it
         holds most of what that layer should hold). Everything else here is dropped.
         """
-        for name in names:
+        branches = branches or []
+        for name in [*names, *(b[0] for b in branches)]:
             check_name(name, "snapshot name")
+        known: set[str | None] = {None, *names}
+        for name, parent, _when in branches:
+            if parent not in known or name in known:
+                raise InvalidArgument(
+                    f"snapshot {name} off the chain: no parent {parent} before it"
+                )
+            known.add(name)
         self.flush()
         meta = self._meta_copy()
         layers = meta["layers"]
@@ -941,13 +956,14 @@ class ChunkStore:
         if missing:
             by_name[missing[0]] = old_head
             layers[old_head]["name"] = missing[0]
-        keep = {by_name[n] for n in names if n in by_name}
-        for name in names:
+        every = [*names, *(b[0] for b in branches)]
+        keep = {by_name[n] for n in every if n in by_name}
+        for name in every:
             if name not in by_name:
                 lid = secrets.token_hex(8)
                 layers[lid] = {"name": name, "created": _now(), "size": self.size}
                 by_name[name] = lid
-        created = [by_name[n] for n in names if by_name[n] not in keep]
+        created = [by_name[n] for n in every if by_name[n] not in keep]
         keep.update(created)
         head = secrets.token_hex(8)
         parent = None
@@ -957,6 +973,8 @@ class ChunkStore:
         layers[head] = {"name": None, "parent": parent, "created": _now(), "size": self.size}
         for name, when in zip(names, times or (), strict=False):
             layers[by_name[name]]["created"] = when
+        for name, parent, when in branches:
+            layers[by_name[name]].update(parent=parent and by_name[parent], created=when)
         dropped = [lid for lid in layers if lid not in keep and lid != head]
         for lid in dropped:
             del layers[lid]
@@ -971,7 +989,7 @@ class ChunkStore:
             self.layers.pop(lid).remove_files()
         self._build_chain()
         self.partial = {}
-        return {"layers": len(names)}
+        return {"layers": len(names), "branches": len(branches)}
 
     def write_layer_run(
         self, layer_id: str, first: int, states: bytes, data: bytes | memoryview
