@@ -208,10 +208,7 @@ class BackupStore:
             method, body = self.keys.unseal_block(key.rsplit("/", 1)[1], body)
         else:
             method = meta.get(_META, "none")
-        try:
-            data = zstandard.ZstdDecompressor().decompress(body) if method == "zstd" else body
-        except zstandard.ZstdError:
-            raise CorruptState(f"block {digest} in {self.target} cannot be decompressed") from None
+        data = _decompress(body, f"block {digest} in {self.target}") if method == "zstd" else body
         if digest_of(data) != digest:
             raise CorruptState(f"block {digest} in {self.target} does not match its checksum")
         return data
@@ -879,6 +876,23 @@ class BackupStore:
 
     def block_count(self) -> int:
         return sum(1 for _ in self._blocks())
+
+
+def _decompress(frame: bytes, what: str) -> bytes:
+    """A stored object's zstd frame, decompressed into at most ``MAX_BLOCK`` bytes: no block
+    (nor delta) is larger. A frame names the size it decompresses to, and the decompressor
+    would take that much memory at once (32 KB of zeros claim a gigabyte), so a larger claim
+    is refused before anything is decompressed, and a frame that names none is decompressed
+    into a bounded buffer. Either way it is a corrupt block, never an exhausted host."""
+    try:
+        if zstandard.frame_content_size(frame) > MAX_BLOCK:
+            raise CorruptState(
+                f"{what} cannot be decompressed: it claims more than {format_size(MAX_BLOCK)}, "
+                "the largest a block can be"
+            )
+        return zstandard.ZstdDecompressor().decompress(frame, max_output_size=MAX_BLOCK)
+    except zstandard.ZstdError:
+        raise CorruptState(f"{what} cannot be decompressed") from None
 
 
 def stored_objects(manifest: dict[str, Any]) -> set[str]:

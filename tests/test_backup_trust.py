@@ -8,16 +8,20 @@ import calendar
 import json
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import xxhash
+import zstandard
 from conftest import needs_fuse
 
 from backupstore import keycache
 from backupstore.retention import keep
 from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
+from lhfs.backups.backup import backup_url
+from lhfs.core.errors import CorruptState
 from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, write_at
 
@@ -347,3 +351,51 @@ def test_scattered_small_writes_upload_deltas_and_restore_equal(
     assert cli.checksum("copy5") == total
     cli.run("dr", "activate", "standby", "--quiet")
     assert cli.checksum("standby") == total
+
+
+def small_backup(target: str, volume: str = "v") -> tuple[BackupStore, str, dict]:
+    """A plain store holding one backup of 4 MiB in 1 MiB blocks, made by the store's own code
+    (no volume to attach): the store, the backup's URL and its manifest."""
+    bucket = Bucket(Target.parse(target))
+    bucket.ensure(create=True)
+    store = BackupStore(bucket)
+    rng = random.Random(3)
+    blocks = [rng.randbytes(MIB // 2) + bytes(MIB // 2) for _ in range(4)]
+    manifest, _ = store.create(
+        volume,
+        "b1",
+        4 * MIB,
+        lambda index, block_size: blocks[index],
+        block_size=MIB,
+        extra={"chunk_size": 64 << 10},
+    )
+    return store, backup_url(bucket.target, volume, "b1"), manifest
+
+
+def test_a_decompression_bomb_is_a_corrupt_block_not_a_gigabyte(cli: Cli, s3_endpoint: str) -> None:
+    """A block replaced by a few KB of zstd that claim 256 MiB (or claim nothing and go on
+    past a block's size) is refused as corrupt without taking that memory."""
+    target = "s3://trust-bomb/p"
+    store, url, manifest = small_backup(target)
+    digest = manifest["blocks"][1]
+    key = f"p/blocks/{digest[:2]}/{digest}"
+    claims = zstandard.ZstdCompressor(level=1).compress(bytes(256 * MIB))
+    silent = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(32 * MIB))
+    assert len(claims) < 64 << 10
+    for bomb in (silent, claims):
+        store.bucket.put(key, bomb, {"lhfs-compression": "zstd"})
+        tracemalloc.start()
+        try:
+            with pytest.raises(CorruptState, match="cannot be decompressed"):
+                BackupStore(store.bucket).get_block(digest)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 24 * MIB, peak
+    restore = cli.run("backup", "restore", url, "copy", "--quiet", check=False)
+    assert restore.returncode == 1 and restore.stderr.count("\n") == 1, restore.stderr
+    assert "cannot be decompressed: it claims more than 16M" in restore.stderr
+    assert "copy" not in cli.run("volume", "ls").stdout
+    check = cli.run("backup", "check", "--target", target, "--read-data", check=False)
+    assert check.returncode == 1 and f"block {digest}" in check.stdout, check.stdout
+    assert "cannot be decompressed" in check.stdout
