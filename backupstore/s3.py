@@ -36,13 +36,17 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
-from lhfs.core.errors import InvalidArgument, LhfsError, UsageError
+from lhfs.core.errors import CorruptState, InvalidArgument, LhfsError, UsageError
 from lhfs.core.private import read_private
+from lhfs.core.units import format_size
 
 log = logging.getLogger("lhfs.s3")
 T = TypeVar("T")
 
 RETRY_TIMEOUT = 60.0  # how long an interactive command retries a store that does not answer
+# what ``get`` reads at most unless told otherwise: a block of the largest block size (16 MiB)
+# with its seal, with room to spare; a reader of larger objects (manifests) gives its own bound
+GET_LIMIT = 17 << 20
 _TRANSIENT_CODES = {
     "SlowDown",
     "InternalError",
@@ -353,8 +357,12 @@ class Bucket:
 
         return self._call(f"PUT {key}", put)
 
-    def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
-        """The object and its metadata, or None if there is no such object."""
+    def get(self, key: str, limit: int = GET_LIMIT) -> tuple[bytes, dict[str, str]] | None:
+        """The object and its metadata, or None if there is no such object. Whoever can write
+        the bucket decides what is in it: an object larger than ``limit`` (the most its reader
+        expects of its kind) is refused as corrupt, unread when its length says so; without a
+        length it is read in pieces, no further than ``limit``. Its bytes are taken as stored,
+        never decoded by a ``Content-Encoding`` its writer chose (a compression bomb)."""
 
         def fetch() -> tuple[bytes, dict[str, str]] | None:
             try:
@@ -364,7 +372,7 @@ class Bucket:
                     return None
                 raise
             try:
-                body = response.read()
+                body = self._body(response, key, limit)
             except BaseException:
                 response.close()  # a body read half-way: its connection cannot be reused
                 raise
@@ -373,6 +381,28 @@ class Bucket:
             return body, {k.lower(): v for k, v in response.headers.items()}
 
         return self._call(f"GET {key}", fetch)
+
+    def _body(self, response: Any, key: str, limit: int) -> bytes:
+        """The bytes of an answer, at most ``limit`` (see ``get``)."""
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit():  # (what S3 does: never more is read than it says)
+            if int(length) > limit:
+                raise self._too_large(key, limit)
+            return response.read(decode_content=False)
+        pieces: list[bytes] = []
+        size = 0
+        for piece in response.stream(1 << 20, decode_content=False):
+            size += len(piece)
+            if size > limit:
+                raise self._too_large(key, limit)
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def _too_large(self, key: str, limit: int) -> CorruptState:
+        return CorruptState(
+            f"{key} in s3://{self.target.bucket} is larger than lhfs writes such an object "
+            f"({format_size(limit)} at most): it is not lhfs's, refused"
+        )
 
     def exists(self, key: str) -> bool:
         def stat() -> bool:

@@ -46,19 +46,25 @@ import xxhash
 import zstandard
 
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
-from lhfs.core.units import format_size, rfc3339
+from lhfs.core.units import MAX_SIZE, format_size, rfc3339
 
 from . import deltas
 from .keys import RECORD, StoreKeys
 from .s3 import Bucket
 
 BLOCK_SIZE = 2 << 20
+MIN_BLOCK = 4 << 10
 MAX_BLOCK = 16 << 20  # what one replica read may return
 STALE = 600.0  # a marker not refreshed for this long belongs to a dead process
 HEARTBEAT = 30.0
 _LIST_OVER = 64  # a full backup of more blocks than this lists the store's blocks once...
 _LIST_UPTO = 20_000  # ...if it holds at most this many (20 listing requests)
 _META = "x-amz-meta-lhfs-compression"
+# The most lhfs reads of an object of each kind (see ``Bucket.get``; a manifest's bound is
+# ``manifest_limit``): whoever can write the bucket decides what is in it, and an object
+# larger than lhfs writes is refused as not lhfs's rather than read into memory.
+SMALL_OBJECT = 1 << 20  # the store's record, volume.meta, a standby's mark, a marker
+_BLOCK_OBJECT = MAX_BLOCK + (64 << 10)  # a block (a delta is smaller) with its seal
 
 
 log = logging.getLogger("lhfs.backupstore")
@@ -70,7 +76,7 @@ class BlockMissing(CorruptState):
 
 
 def check_block_size(size: int) -> None:
-    if size < 4 << 10 or size > MAX_BLOCK or size & (size - 1):
+    if size < MIN_BLOCK or size > MAX_BLOCK or size & (size - 1):
         raise InvalidArgument("the backup block size must be a power of two from 4K to 16M")
 
 
@@ -108,7 +114,7 @@ class BackupStore:
     def keys(self) -> StoreKeys:
         """The store's keys, from its record (read once)."""
         if self._keys is None:
-            found = self.bucket.get(self.target.key(RECORD))
+            found = self.bucket.get(self.target.key(RECORD), SMALL_OBJECT)
             if found is None:
                 raise NotFound(
                     f"{self.target} has no store record ({RECORD}): it holds no lhfs backups, "
@@ -130,15 +136,16 @@ class BackupStore:
         if self._keys is not None:  # (its record was read already: it has one)
             return False
         key = self.target.key(RECORD)
-        found = self.bucket.get(key)
+        found = self.bucket.get(key, SMALL_OBJECT)
         if found is None:
             keys, record = StoreKeys.new(self.password)
             if self.bucket.put_new(key, record):
-                found = self.bucket.get(key)  # (a store that ignored the condition: who won)
+                # (a store that ignored the condition: who won)
+                found = self.bucket.get(key, SMALL_OBJECT)
                 if found is not None and found[0] == record:
                     self._keys = keys
                     return True
-            found = self.bucket.get(key)
+            found = self.bucket.get(key, SMALL_OBJECT)
             if found is None:
                 raise CorruptState(f"{key} in {self.target} vanished as it was written")
         self._keys = StoreKeys.open(found[0], self.password, str(self.target))
@@ -147,8 +154,10 @@ class BackupStore:
     def put_sealed(self, relative: str, payload: bytes) -> None:
         self.bucket.put(self.target.key(relative), self.keys.seal(relative, payload))
 
-    def get_sealed(self, relative: str) -> bytes | None:
-        found = self.bucket.get(self.target.key(relative))
+    def get_sealed(self, relative: str, limit: int = SMALL_OBJECT) -> bytes | None:
+        """What ``put_sealed`` stored under ``relative``, authenticated; None when nothing is
+        there. ``limit``: the most an object of its kind can weigh."""
+        found = self.bucket.get(self.target.key(relative), limit)
         return None if found is None else self.keys.unseal(relative, found[0])
 
     # -- blocks -------------------------------------------------------------------------------
@@ -200,7 +209,7 @@ class BackupStore:
     def _get_object(self, digest: str) -> bytes:
         """A stored object (a block, a delta), checked against its digest."""
         key = self._block_key(digest)
-        found = self.bucket.get(key)
+        found = self.bucket.get(key, _BLOCK_OBJECT)
         if found is None:
             raise BlockMissing(f"block {digest} is missing from {self.target}")
         body, meta = found
@@ -467,7 +476,11 @@ class BackupStore:
 
     def manifest(self, volume: str, name: str) -> dict[str, Any]:
         """A backup's manifest, authenticated (see ``keys``) and checked."""
-        found = self.get_sealed(_relative(volume, name, "json"))
+        # (the volume's block size is checked against its record, itself authenticated; none
+        # yet: the first backup's process died between writing its manifest and the record)
+        recorded = self._block_sizes.get(volume) or self._recorded_block_size(volume)
+        limit = manifest_limit(recorded or MIN_BLOCK)
+        found = self.get_sealed(_relative(volume, name, "json"), limit)
         if found is None:
             raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
         try:
@@ -495,9 +508,6 @@ class BackupStore:
             raise CorruptState(f"the manifest of backup {name} of {volume} cannot be parsed")
         for index, recipe in manifest.get("deltas", {}).items():
             self._recipes[blocks[int(index)]] = recipe
-        # (checked against the volume's record, itself authenticated; none yet: the first
-        # backup's process died between writing its manifest and the record)
-        recorded = self._block_sizes.get(volume) or self._recorded_block_size(volume)
         if recorded not in (None, manifest["block_size"]):
             raise CorruptState(
                 f"backup {name} of {volume} has {manifest['block_size']}-byte blocks but the "
@@ -878,6 +888,16 @@ class BackupStore:
         return sum(1 for _ in self._blocks())
 
 
+def manifest_limit(block_size: int) -> int:
+    """The most a manifest of ``block_size`` blocks can weigh, so that no manifest lhfs wrote
+    is ever refused: one of a volume of the largest size lhfs handles (``MAX_SIZE``), every
+    block named (36 bytes of JSON) and stored as a delta (its recipe, some 120 bytes, and up
+    to a quarter of the block's units of 4 KiB or more, 6 bytes each), with room to spare.
+    It is large (some 650 GB for 2 MiB blocks): it stops only the absurd."""
+    blocks = -(-MAX_SIZE // block_size)
+    return SMALL_OBJECT + blocks * (200 + 8 * (block_size // (16 << 10)))
+
+
 def _decompress(frame: bytes, what: str) -> bytes:
     """A stored object's zstd frame, decompressed into at most ``MAX_BLOCK`` bytes: no block
     (nor delta) is larger. A frame names the size it decompresses to, and the decompressor
@@ -987,7 +1007,7 @@ class Marker:
             if age < STALE:
                 raise AlreadyExists(f"{self.claim} is under way (its marker {self.key})")
             self._write()
-        found = self.bucket.get(self.key)
+        found = self.bucket.get(self.key, SMALL_OBJECT)
         try:
             ours = found is not None and json.loads(found[0]).get("owner") == token
         except (ValueError, AttributeError):

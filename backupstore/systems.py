@@ -21,7 +21,9 @@ from typing import Any
 
 from lhfs.core.errors import CorruptState, NotFound
 
-from .store import STALE, BackupStore, Marker
+from .store import SMALL_OBJECT, STALE, BackupStore, Marker
+
+_RECORD_LIMIT = 64 << 20  # a record: some hundred bytes per volume or image it names
 
 
 def _relative(name: str, suffix: str) -> str:
@@ -41,7 +43,7 @@ def put(store: BackupStore, record: dict[str, Any]) -> None:
 
 def get(store: BackupStore, name: str) -> dict[str, Any]:
     """A system backup's record, authenticated and checked."""
-    found = store.get_sealed(_relative(name, "json"))
+    found = store.get_sealed(_relative(name, "json"), _RECORD_LIMIT)
     if found is None:
         raise NotFound(f"no system backup {name!r} in {store.target}")
     try:
@@ -111,13 +113,13 @@ def listing(store: BackupStore) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: (s["started"], s["name"]))
 
 
-MARKER_LIMIT = 1 << 20  # a marker's body (one line per part); a larger one is no marker of ours
-
-
 def _parts_so_far(store: BackupStore, obj: Any) -> list[tuple[str, str]]:
     """The parts a system backup in progress says it has completed (``note(parts=...)``);
     none from a marker that is not what lhfs writes (it is only ever a reason to keep)."""
-    found = store.bucket.get(obj.object_name) if obj.size <= MARKER_LIMIT else None
+    try:
+        found = store.bucket.get(obj.object_name, SMALL_OBJECT)
+    except CorruptState:  # (larger than lhfs writes one)
+        found = None
     try:
         parts = json.loads(found[0])["parts"] if found else []
         if all(isinstance(v, str) and isinstance(b, str) for v, b in parts):

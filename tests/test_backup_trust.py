@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import calendar
+import http.server
 import json
 import os
 import random
+import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -18,8 +21,8 @@ from conftest import needs_fuse
 
 from backupstore import keycache
 from backupstore.retention import keep
-from backupstore.s3 import Bucket, Target
-from backupstore.store import BackupStore
+from backupstore.s3 import Bucket, Endpoint, Target
+from backupstore.store import MAX_BLOCK, BackupStore, manifest_limit
 from lhfs.backups.backup import backup_url
 from lhfs.core.errors import CorruptState
 from lhfs.core.procs import wait_for
@@ -399,3 +402,86 @@ def test_a_decompression_bomb_is_a_corrupt_block_not_a_gigabyte(cli: Cli, s3_end
     check = cli.run("backup", "check", "--target", target, "--read-data", check=False)
     assert check.returncode == 1 and f"block {digest}" in check.stdout, check.stdout
     assert "cannot be decompressed" in check.stdout
+
+
+def test_an_object_larger_than_lhfs_writes_is_refused_unread(cli: Cli, s3_endpoint: str) -> None:
+    """A store record of 2 MiB and a block larger than the largest block are refused in one
+    line naming the object, not read whole."""
+    target = "s3://trust-large/p"
+    store, url, manifest = small_backup(target)
+    record = store.bucket.get("p/lhfs-store.json")
+    assert record is not None
+    store.bucket.put("p/lhfs-store.json", record[0] + b" " * (2 * MIB))
+    listing = cli.run("backup", "ls", "--target", target, check=False)
+    assert listing.returncode == 1 and listing.stderr.count("\n") == 1, listing.stderr
+    assert "p/lhfs-store.json in s3://trust-large is larger than lhfs writes" in listing.stderr
+    store.bucket.put("p/lhfs-store.json", record[0])
+    digest = manifest["blocks"][2]
+    key = f"p/blocks/{digest[:2]}/{digest}"
+    store.bucket.put(key, os.urandom(MAX_BLOCK + MIB), {"lhfs-compression": "none"})
+    restore = cli.run("backup", "restore", url, "copy", "--quiet", check=False)
+    assert restore.returncode == 1 and restore.stderr.count("\n") == 1, restore.stderr
+    assert f"{key} in s3://trust-large is larger than lhfs writes" in restore.stderr
+    check = cli.run("backup", "check", "--target", target, "--read-data", check=False)
+    assert check.returncode == 1 and f"{key} in s3://trust-large is larger" in check.stdout
+
+
+class _Liar(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint whose every object is endless: one says so in its length (and then
+    sends little), the other names no length and streams on."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.path.endswith("/long"):
+            self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            self.wfile.write(bytes(4096))
+            time.sleep(5)  # (a client reading on waits here)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = bytes(64 << 10)
+        for _ in range(1024):  # 64 MiB, unless the client stops first
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_read_stops_at_its_bound_whatever_the_server_says() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = Endpoint(f"http://127.0.0.1:{server.server_port}", "us-east-1", "k", "s")
+        bucket = Bucket(Target.parse("s3://liar/p"), deadline=3, endpoint=endpoint)
+        for key in ("p/long", "p/endless"):
+            started = time.monotonic()
+            with pytest.raises(CorruptState, match=f"{key} in s3://liar is larger than lhfs"):
+                bucket.get(key, limit=MIB)
+            assert time.monotonic() - started < 2, key
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("block_size", [16 << 10, 2 * MIB, MAX_BLOCK])
+def test_the_bound_of_a_manifest_holds_the_largest_lhfs_writes(block_size: int) -> None:
+    """Blocks of the largest volume's last indexes, each stored as a delta of the most 4 KiB
+    units a delta holds: as many as the largest volume has weigh less than the bound."""
+    count = 64
+    units = list(range(block_size // 4096 - block_size // 16384, block_size // 4096))
+    first = (1 << 50) // block_size - count
+    digest = "f" * 32
+    manifest = {
+        "blocks": [digest] * count,
+        "deltas": {
+            str(first + i): {"base": digest, "units": units, "delta": digest} for i in range(count)
+        },
+    }
+    assert len(json.dumps(manifest)) / count * ((1 << 50) // block_size) < manifest_limit(
+        block_size
+    )
