@@ -24,6 +24,7 @@ each), then the units' bytes in that order.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from lhfs.core.errors import CorruptState
@@ -59,17 +60,17 @@ def apply(base: bytes, delta: bytes, what: str) -> bytes:
     return bytes(out)
 
 
-def valid(recipe: Any, block_size: int, unit: Any, digest_shape: Any) -> bool:
-    """Whether a manifest's recipe is well formed (its digests, its units)."""
-    if not isinstance(recipe, dict) or not isinstance(unit, int) or unit <= 0:
+def valid(recipe: Any, block_size: int, unit: int, is_digest: Callable[[Any], bool]) -> bool:
+    """Whether a manifest's recipe is well formed (its digests, its units: distinct, sorted,
+    within the block) for ``unit``, a unit its manifest was found to name rightly."""
+    if not isinstance(recipe, dict):
         return False
     units = recipe.get("units")
     return (
-        isinstance(recipe.get("base"), str)
-        and isinstance(recipe.get("delta"), str)
-        and bool(digest_shape.match(recipe["base"]) and digest_shape.match(recipe["delta"]))
+        is_digest(recipe.get("base"))
+        and is_digest(recipe.get("delta"))
         and isinstance(units, list)
-        and all(isinstance(u, int) and 0 <= u < block_size // unit for u in units)
+        and all(type(u) is int and 0 <= u < block_size // unit for u in units)
         and units == sorted(set(units))
     )
 

@@ -36,7 +36,7 @@ from typing import Any
 from lhfs.core.errors import CorruptState, InvalidArgument, NotPermitted
 from lhfs.core.private import read_private
 
-from . import keycache
+from . import keycache, parse_json
 
 RECORD = "lhfs-store.json"
 _PLAIN = b"LHS1"  # a sealed object of a plain store: magic, 32-byte MAC, payload
@@ -151,7 +151,7 @@ class StoreKeys:
     def open(cls, record: bytes, password: bytes | None, where: str) -> StoreKeys:
         """The keys a record keeps; an encrypted store needs its password, a plain one none."""
         try:
-            data = json.loads(record)
+            data = parse_json(record)
             store_id, encrypted = str(data["id"]), data["encrypted"]
             if data.get("format") != 2 or not isinstance(encrypted, bool):
                 raise ValueError

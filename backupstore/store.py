@@ -46,9 +46,9 @@ import xxhash
 import zstandard
 
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
-from lhfs.core.units import MAX_SIZE, format_size, rfc3339
+from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
-from . import deltas
+from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
 from .s3 import Bucket
 
@@ -68,7 +68,10 @@ _BLOCK_OBJECT = MAX_BLOCK + (64 << 10)  # a block (a delta is smaller) with its 
 
 
 log = logging.getLogger("lhfs.backupstore")
-_DIGEST = re.compile(r"^[0-9a-f]{32}$")
+_DIGEST = re.compile(r"[0-9a-f]{32}")  # (matched whole: ``fullmatch``)
+_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # (what ``rfc3339`` writes)
+_INDEX = re.compile(r"0|[1-9][0-9]{0,11}")  # a block's index, as a key of ``deltas``
+_LAST_TIME = 1e11  # seconds since the epoch (the year 5138): later than any backup starts
 
 
 class BlockMissing(CorruptState):
@@ -256,10 +259,11 @@ class BackupStore:
         if found is None:
             return None
         try:
-            size = int(json.loads(found)["block_size"])
-            check_block_size(size)
-        except (ValueError, KeyError, TypeError, InvalidArgument):
-            raise CorruptState(f"{relative} in {self.target} cannot be parsed") from None
+            size = parse_json(found)["block_size"]
+        except (ValueError, KeyError, TypeError):
+            size = None
+        if not _passes(check_block_size, size):
+            raise CorruptState(f"{relative} in {self.target} cannot be parsed")
         self._block_sizes[volume] = size
         return size
 
@@ -484,30 +488,16 @@ class BackupStore:
         if found is None:
             raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
         try:
-            manifest = json.loads(found)
-            blocks = manifest["blocks"]
-            valid = (
-                (manifest["volume"], manifest["name"]) == (volume, name)
-                and manifest["block_size"] > 0
-                and len(blocks) == -(-manifest["size"] // manifest["block_size"])
-                and all(d is None or _DIGEST.match(d) for d in blocks)
+            manifest = parse_json(found)
+        except ValueError:
+            manifest = None
+        bad = _bad_field(manifest, volume, name)
+        if bad is not None:
+            raise CorruptState(
+                f"the manifest of backup {name} of {volume} cannot be parsed (its {bad})"
             )
-            recipes = manifest.get("deltas", {})
-            valid = valid and isinstance(recipes, dict)
-            for index, recipe in recipes.items() if valid else ():
-                valid = valid and (
-                    0 <= int(index) < len(blocks)
-                    and blocks[int(index)] is not None
-                    and deltas.valid(
-                        recipe, manifest["block_size"], manifest.get("delta_unit"), _DIGEST
-                    )
-                )
-        except (ValueError, KeyError, TypeError):
-            valid = False
-        if not valid:
-            raise CorruptState(f"the manifest of backup {name} of {volume} cannot be parsed")
         for index, recipe in manifest.get("deltas", {}).items():
-            self._recipes[blocks[int(index)]] = recipe
+            self._recipes[manifest["blocks"][int(index)]] = recipe
         if recorded not in (None, manifest["block_size"]):
             raise CorruptState(
                 f"backup {name} of {volume} has {manifest['block_size']}-byte blocks but the "
@@ -671,7 +661,7 @@ class BackupStore:
             if found is None:  # (removed since the listing)
                 continue
             try:
-                record = json.loads(found)
+                record = parse_json(found)
                 out.append(
                     {
                         "id": relative.rsplit("/", 1)[1].removesuffix(".json"),
@@ -888,6 +878,73 @@ class BackupStore:
         return sum(1 for _ in self._blocks())
 
 
+def _is_int(value: Any, low: int, high: int) -> bool:
+    """An integer of JSON (not a float, nor true or false) from ``low`` to ``high``."""
+    return type(value) is int and low <= value <= high
+
+
+def _passes(check: Callable[[int], None], value: Any) -> bool:
+    """Whether ``value`` is an integer that ``check`` accepts."""
+    if type(value) is not int:
+        return False
+    try:
+        check(value)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
+
+
+def _bad_field(manifest: Any, volume: str, name: str) -> str | None:
+    """The first field of a manifest that is not what lhfs writes, or None when all are.
+    Every field a reader uses is checked here, once, for its type and range: anyone who can
+    read a plain store's MAC key can seal a manifest, and a wrong type must be refused here in
+    one line, not fail as a traceback where the field is used (nor pass ``backup check``)."""
+    if not isinstance(manifest, dict):
+        return "JSON"
+    m = manifest.get
+    size, block_size, blocks = m("size"), m("block_size"), m("blocks")
+    snapshot, created, started = m("snapshot"), m("created"), m("started", 0.0)
+    chunk_size, unit, recipes = m("chunk_size"), m("delta_unit"), m("deltas", {})
+    if not _is_int(m("format"), 1, 1):
+        return "format"
+    if (m("volume"), m("name")) != (volume, name):
+        return "volume and name"
+    if snapshot is not None and not isinstance(snapshot, str):
+        return "snapshot"
+    if not isinstance(created, str) or not _CREATED.fullmatch(created):
+        return "created"
+    if type(started) not in (int, float) or not 0 <= started < _LAST_TIME:
+        return "started"  # (not in the first manifests lhfs wrote)
+    if not _is_int(size, 0, MAX_SIZE):
+        return "size"
+    if not _passes(check_block_size, block_size):
+        return "block_size"
+    # (the source volume's; a backing image's backups have none)
+    if "chunk_size" in manifest and not (
+        _passes(check_chunk_size, chunk_size) and size % chunk_size == 0
+    ):
+        return "chunk_size"
+    if not isinstance(blocks, list) or len(blocks) != -(-size // block_size):
+        return "blocks"
+    if not all(digest is None or _is_digest(digest) for digest in blocks):
+        return "blocks"
+    if recipes and not (_passes(check_chunk_size, unit) and 4 * unit <= block_size):
+        return "delta_unit"
+    if not isinstance(recipes, dict) or not all(
+        _INDEX.fullmatch(index)
+        and int(index) < len(blocks)
+        and blocks[int(index)] is not None
+        and deltas.valid(recipe, block_size, unit, _is_digest)
+        for index, recipe in recipes.items()
+    ):
+        return "deltas"
+    return None
+
+
 def manifest_limit(block_size: int) -> int:
     """The most a manifest of ``block_size`` blocks can weigh, so that no manifest lhfs wrote
     is ever refused: one of a volume of the largest size lhfs handles (``MAX_SIZE``), every
@@ -1009,7 +1066,7 @@ class Marker:
             self._write()
         found = self.bucket.get(self.key, SMALL_OBJECT)
         try:
-            ours = found is not None and json.loads(found[0]).get("owner") == token
+            ours = found is not None and parse_json(found[0]).get("owner") == token
         except (ValueError, AttributeError):
             ours = False
         if not ours:

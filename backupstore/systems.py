@@ -21,6 +21,7 @@ from typing import Any
 
 from lhfs.core.errors import CorruptState, NotFound
 
+from . import parse_json
 from .store import SMALL_OBJECT, STALE, BackupStore, Marker
 
 _RECORD_LIMIT = 64 << 20  # a record: some hundred bytes per volume or image it names
@@ -47,7 +48,7 @@ def get(store: BackupStore, name: str) -> dict[str, Any]:
     if found is None:
         raise NotFound(f"no system backup {name!r} in {store.target}")
     try:
-        record = json.loads(found)
+        record = parse_json(found)
         valid = (
             record["name"] == name
             and isinstance(record["volumes"], dict)
@@ -121,7 +122,7 @@ def _parts_so_far(store: BackupStore, obj: Any) -> list[tuple[str, str]]:
     except CorruptState:  # (larger than lhfs writes one)
         found = None
     try:
-        parts = json.loads(found[0])["parts"] if found else []
+        parts = parse_json(found[0])["parts"] if found else []
         if all(isinstance(v, str) and isinstance(b, str) for v, b in parts):
             return sorted((v, b) for v, b in parts)
     except (ValueError, KeyError, TypeError):

@@ -20,6 +20,7 @@ import zstandard
 from conftest import needs_fuse
 
 from backupstore import keycache
+from backupstore.keys import StoreKeys
 from backupstore.retention import keep
 from backupstore.s3 import Bucket, Endpoint, Target
 from backupstore.store import MAX_BLOCK, BackupStore, manifest_limit
@@ -485,3 +486,78 @@ def test_the_bound_of_a_manifest_holds_the_largest_lhfs_writes(block_size: int) 
     assert len(json.dumps(manifest)) / count * ((1 << 50) // block_size) < manifest_limit(
         block_size
     )
+
+
+def reseal(store: BackupStore, relative: str, payload: bytes) -> None:
+    """Write ``payload`` under ``relative`` sealed as lhfs seals it, with the MAC key a plain
+    store keeps in its record: what anyone who can write the bucket can do."""
+    record = store.bucket.get(store.target.key("lhfs-store.json"))
+    assert record is not None
+    keys = StoreKeys.open(record[0], None, "forger")
+    store.bucket.put(store.target.key(relative), keys.seal(relative, payload))
+
+
+def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_line(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """Each field of a manifest is checked for its type and range: a manifest re-sealed with
+    the plain store's MAC key is refused by restore, DR and check (a problem), never a
+    traceback nor "no problem"; so is JSON nested deep enough to exhaust the parser."""
+    target = "s3://trust-fields/p"
+    store, url, manifest = small_backup(target)
+    relative = "volumes/v/b1.json"
+    digest = manifest["blocks"][0]
+    with_delta = {"0": {"base": digest, "delta": digest, "units": [1, 2]}, "delta_unit": 65536}
+    cases: list[tuple[str, dict | None]] = [
+        ("chunk_size", {"chunk_size": "x"}),
+        ("size", {"size": 4.0 * MIB}),
+        ("chunk_size", {"chunk_size": 3}),
+        ("chunk_size", {"chunk_size": 1 << 23}),
+        ("size", {"size": -1, "blocks": []}),
+        ("block_size", {"block_size": 3000, "blocks": manifest["blocks"] * 350}),
+        ("blocks", {"blocks": [*manifest["blocks"][:3], digest + "\n"]}),
+        ("blocks", {"blocks": [*manifest["blocks"][:3], 5]}),
+        ("started", {"started": "x"}),
+        ("started", {"started": float("inf")}),
+        ("created", {"created": 5}),
+        ("snapshot", {"snapshot": ["s"]}),
+        ("format", {"format": True}),
+        ("delta_unit", {"deltas": {"0": with_delta["0"]}, "delta_unit": 0}),
+        ("deltas", {"deltas": {"0": {**with_delta["0"], "units": [True]}}, "delta_unit": 65536}),
+        ("deltas", {"deltas": {" 0": with_delta["0"]}, "delta_unit": 65536}),
+        ("JSON", None),
+    ]
+    for field, changes in cases:
+        payload = (
+            b"[" * 100_000 if changes is None else json.dumps({**manifest, **changes}).encode()
+        )
+        reseal(store, relative, payload)
+        expected = f"the manifest of backup b1 of v cannot be parsed (its {field})"
+        fresh = BackupStore(store.bucket)  # (what a command opens)
+        with pytest.raises(CorruptState) as refused:
+            fresh.manifest("v", "b1")
+        assert str(refused.value) == expected, changes
+        assert fresh.check()["problems"] == [expected], changes
+        if changes not in (cases[0][1], cases[1][1], None):
+            continue  # (the commands on a few: they all read manifests as above)
+        restore = cli.run("backup", "restore", url, "copy", "--quiet", check=False)
+        assert restore.returncode == 1, (changes, restore.stderr)
+        assert restore.stderr == f"lhfs: error: {expected}\n", (changes, restore.stderr)
+        assert "copy" not in cli.run("volume", "ls").stdout
+        check = cli.run("backup", "check", "--target", target, "--json", check=False)
+        assert check.returncode == 1, (changes, check.stderr)
+        assert json.loads(check.stdout)["problems"] == [expected], (changes, check.stdout)
+        dr = cli.run(
+            "dr", "create", "standby", "--target", target, "--volume", "v",
+            "--replicas", "1", "--interval", "0.3", "--quiet", check=False,
+        )  # fmt: skip
+        assert dr.returncode == 1 and dr.stderr == f"lhfs: error: {expected}\n", dr.stderr
+        assert "standby" not in cli.run("volume", "ls").stdout
+    reseal(store, relative, json.dumps(manifest).encode())
+    cli.run("backup", "restore", url, "copy", "--quiet")
+    record = store.bucket.get("p/lhfs-store.json")
+    assert record is not None
+    store.bucket.put("p/lhfs-store.json", b"[" * 100_000)
+    listing = cli.run("backup", "ls", "--target", target, check=False)
+    assert listing.returncode == 1 and listing.stderr.count("\n") == 1, listing.stderr
+    assert "the store record s3://trust-fields/p cannot be read" in listing.stderr

@@ -29,7 +29,7 @@ from lhfs.core.errors import (
     NotFound,
 )
 from lhfs.core.names import check_name
-from lhfs.core.units import rfc3339
+from lhfs.core.units import check_chunk_size, rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
 
@@ -272,8 +272,7 @@ def create(
     (those ``on_disks``, one per disk in order, on their disks) and publishes it with
     ``finish_create``."""
     check_name(name, "volume name")
-    if chunk_size < 4096 or chunk_size > 4 << 20 or chunk_size & (chunk_size - 1):
-        raise InvalidArgument("the chunk size must be a power of two from 4K to 4M")
+    check_chunk_size(chunk_size)
     check_geometry(size, chunk_size)
     if not 1 <= replicas <= 16:
         raise InvalidArgument("a volume has 1 to 16 replicas")

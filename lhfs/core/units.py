@@ -24,6 +24,14 @@ def parse_size(text: str) -> int:
     return size
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """A volume's chunk size (its unit of copy-on-write, checksums and rebuild): a power of
+    two from 4K to 4M. Checked where a volume is made, and where one is about to be made
+    from what a backup store says."""
+    if chunk_size < 4096 or chunk_size > 4 << 20 or chunk_size & (chunk_size - 1):
+        raise InvalidArgument("the chunk size must be a power of two from 4K to 4M")
+
+
 def format_size(n: int) -> str:
     """Print ``n`` bytes with the largest suffix that keeps it exact, else one decimal."""
     for suffix in ("P", "T", "G", "M", "K"):
