@@ -41,7 +41,8 @@ from . import keycache, parse_json
 RECORD = "lhfs-store.json"
 _PLAIN = b"LHS1"  # a sealed object of a plain store: magic, 32-byte MAC, payload
 _SEALED = b"LHE1"  # of an encrypted store: magic, 12-byte nonce, ciphertext and tag
-_KDF = {"name": "scrypt", "n": 1 << 15, "r": 8, "p": 1}
+_KDF = {"name": "scrypt", "n": 1 << 15, "r": 8, "p": 1}  # 32 MiB of memory (128·n·r bytes)
+_KDF_MEMORY = 256 << 20  # the most a record may make one key derivation take
 _KEY_BYTES = 32
 
 
@@ -92,10 +93,30 @@ def _unwrap(wrapping: bytes, wrapped: bytes, store_id: str) -> bytes | None:
         return None
 
 
-def _derive(password: bytes, kdf: dict[str, Any], salt: bytes) -> bytes:
-    n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-    if kdf.get("name") != "scrypt" or not (1 << 10 <= n <= 1 << 22 and 1 <= r <= 32 and p == 1):
-        raise CorruptState("the store record names key derivation parameters lhfs refuses")
+def _scrypt(kdf: dict[str, Any], where: str) -> tuple[int, int, int]:
+    """``(n, r, p)`` of a record's key derivation. The record is not authenticated before its
+    key is derived (that key is what opens it), so whoever can write the bucket chooses them:
+    only scrypt with n a power of two from 2^10, p 1 and a memory cost (128·n·r bytes) of at
+    most ``_KDF_MEMORY``, eight times what lhfs writes, is derived; never 17 GB for an edit."""
+    n, r, p = (kdf.get(key) for key in ("n", "r", "p"))
+    if not (
+        kdf.get("name") == "scrypt"
+        and all(type(value) is int for value in (n, r, p))
+        and n >= 1 << 10
+        and n & (n - 1) == 0
+        and r >= 1
+        and p == 1
+        and 128 * n * r <= _KDF_MEMORY
+    ):
+        raise CorruptState(
+            f"the store record {where} asks for a key derivation lhfs refuses (scrypt, n a "
+            f"power of two from 2^10, p 1, at most {_KDF_MEMORY >> 20} MiB of memory)"
+        )
+    return n, r, p
+
+
+def _derive(password: bytes, params: tuple[int, int, int], salt: bytes) -> bytes:
+    n, r, p = params
     memory = n * r * 129 + (1 << 20)
     return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=memory, dklen=32)
 
@@ -134,7 +155,7 @@ class StoreKeys:
         )
         salt = secrets.token_bytes(16)
         nonce = secrets.token_bytes(12)
-        wrapping = _derive(password, _KDF, salt)
+        wrapping = _derive(password, _scrypt(_KDF, "lhfs writes"), salt)
         keycache.remember(store_id, salt, password, wrapping)
         plain = keys.mac_key + keys.data_key + keys.name_key
         wrapped = _aead(wrapping).encrypt(nonce, plain, store_id.encode())
@@ -175,6 +196,7 @@ class StoreKeys:
         kdf = data.get("kdf")
         if not isinstance(kdf, dict):
             raise CorruptState(f"the store record {where} cannot be read")
+        params = _scrypt(kdf, where)
         wrapped = _unb64(data.get("wrapped"), "wrapped keys")
         salt = _unb64(kdf.get("salt"), "salt")
         plain = None
@@ -182,7 +204,7 @@ class StoreKeys:
         if cached is not None:
             plain = _unwrap(cached, wrapped, store_id)
         if plain is None:
-            wrapping = _derive(password, kdf, salt)
+            wrapping = _derive(password, params, salt)
             plain = _unwrap(wrapping, wrapped, store_id)
             if plain is None:
                 raise WrongPassword(f"the password does not open the store {where}")

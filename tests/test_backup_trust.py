@@ -561,3 +561,33 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
     listing = cli.run("backup", "ls", "--target", target, check=False)
     assert listing.returncode == 1 and listing.stderr.count("\n") == 1, listing.stderr
     assert "the store record s3://trust-fields/p cannot be read" in listing.stderr
+
+
+def test_a_store_record_asking_for_a_costly_key_derivation_is_refused_before_it(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """An encrypted store's record (not authenticated before its key is derived) edited to
+    ask scrypt for 512 MiB, or for parameters that are not numbers, is refused in one line
+    without deriving; the record lhfs wrote opens."""
+    target = "s3://trust-kdf/p"
+    password = tmp_path / "password"
+    password.write_text("correct horse battery staple\n")
+    password.chmod(0o600)
+    pw = ("--password-file", str(password))
+    cli.run("backup", "init", "--target", target, "--encrypt", "--create-bucket", *pw)
+    bucket = Bucket(Target.parse(target))
+    found = bucket.get("p/lhfs-store.json")
+    assert found is not None
+    record = json.loads(found[0])
+    assert cli.json("backup", "check", "--target", target, *pw)["problems"] == []
+    salt = base64.b64encode(os.urandom(16)).decode()  # (no derived key cached for it)
+    for edit in ({"n": 1 << 17, "r": 32}, {"n": "x"}, {"n": 3 << 14}, {"p": 2}):
+        kdf = {**record["kdf"], "salt": salt, **edit}
+        bucket.put("p/lhfs-store.json", json.dumps({**record, "kdf": kdf}).encode())
+        started = time.monotonic()
+        refused = cli.run("backup", "check", "--target", target, *pw, check=False)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "asks for a key derivation lhfs refuses" in refused.stderr, (edit, refused.stderr)
+        assert time.monotonic() - started < 5
+    bucket.put("p/lhfs-store.json", found[0])
+    assert cli.json("backup", "check", "--target", target, *pw)["problems"] == []
