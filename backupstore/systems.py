@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from lhfs.core.errors import CorruptState, NotFound
+from lhfs.core.names import IMAGE_BACKUPS
 
 from . import parse_json
 from .store import SMALL_OBJECT, STALE, BackupStore, Marker
@@ -134,4 +135,4 @@ def parts_of(record: dict[str, Any]) -> list[tuple[str, str]]:
     """``(volume, backup)`` of each part of a system backup (a backing image's backups are
     those of the volume ``image-<name>``). Prune keeps them; ``system rm`` lets them go."""
     parts = [(volume, p["backup"]) for volume, p in record["volumes"].items()]
-    return parts + [(f"image-{image}", p["backup"]) for image, p in record["images"].items()]
+    return parts + [(IMAGE_BACKUPS + image, p["backup"]) for image, p in record["images"].items()]

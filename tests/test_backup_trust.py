@@ -591,3 +591,35 @@ def test_a_store_record_asking_for_a_costly_key_derivation_is_refused_before_it(
         assert time.monotonic() - started < 5
     bucket.put("p/lhfs-store.json", found[0])
     assert cli.json("backup", "check", "--target", target, *pw)["problems"] == []
+
+
+def test_image_names_are_kept_for_backing_images_backups(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """No volume is named ``image-...`` (the store's name for a backing image's backups):
+    not created, restored into, nor a standby; and a backing image's backup is never made a
+    volume, by restore or DR, but said to be an image's."""
+    target = "s3://trust-images/p"
+    store, url, _ = small_backup(target)
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(os.urandom(MIB + 512))
+    cli.run("backing-image", "create", "odd", "--from", str(raw))
+    image_url = cli.run(
+        "backing-image", "backup", "odd", "--target", target, "--quiet"
+    ).stdout.split()[-1]
+    assert "volume=image-odd&" in image_url
+    reserved = "names starting with 'image-' are reserved for backing images' backups"
+    image_backup = "the backups of image-odd are the backing image odd's, not a volume's"
+    for args, message in [
+        (("volume", "create", "image-odd", "--size", "4M", "--replicas", "1"), reserved),
+        (("backup", "restore", url, "image-copy", "--quiet"), reserved),
+        (("backup", "restore", image_url, "copy", "--quiet"), image_backup),
+        (("dr", "create", "image-sb", "--target", target, "--volume", "v"), reserved),
+        (("dr", "create", "sb", "--target", target, "--volume", "image-odd"), image_backup),
+    ]:
+        refused = cli.run(*args, check=False)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, (args, refused)
+        assert message in refused.stderr, (args, refused.stderr)
+        assert cli.json("volume", "ls") == []
+    assert "system restore" in refused.stderr
+    assert [b["volume"] for b in store.list()] == ["v", "image-odd"]

@@ -31,7 +31,7 @@ from lhfs.core.errors import (
     UsageError,
     WrongState,
 )
-from lhfs.core.names import check_name
+from lhfs.core.names import IMAGE_BACKUPS, check_name, check_volume_name
 from lhfs.core.procs import wait_for
 from lhfs.engine import control, housekeeping
 from lhfs.store.chunkstore import ChunkStore
@@ -61,6 +61,18 @@ def parse_backup_url(url: str) -> tuple[Target, str, str]:
     target = Target.parse(url.split("?", 1)[0])
     volume = check_name(query["volume"][0], "volume name in the backup URL")
     return target, volume, check_name(query["backup"][0], "backup name in the backup URL")
+
+
+def refuse_image_backups(volume: str, what: str) -> None:
+    """A backing image's backups are kept as those of the volume ``image-<name>``: no volume
+    is made from them (a restore, a DR standby), which would be a volume of the image's bytes
+    with a chunk size guessed from its size, if any fits."""
+    if volume.startswith(IMAGE_BACKUPS):
+        raise InvalidArgument(
+            f"{what}: the backups of {volume} are the backing image "
+            f"{volume.removeprefix(IMAGE_BACKUPS)}'s, not a volume's; a backing image is "
+            "restored with the system backup that holds it ('lhfs system restore')"
+        )
 
 
 def chunk_for(manifest: dict[str, Any]) -> int:
@@ -244,7 +256,7 @@ def create(
     layer id and rebuild count on each replica."""
     started = time.time()
     target = Target.parse(url)
-    vol = volumes.load(root, name)
+    vol = volumes.load(root, check_volume_name(name))
     vol.require_not_standby("a backup")
     vol.require_complete("a backup")
     if block_size is not None:
@@ -308,8 +320,9 @@ def backup_image(
     create_bucket: bool = False,
     retry_timeout: float = RETRY_TIMEOUT,
 ) -> str:
-    """Back a backing image up like a volume named ``image-<name>``; when the store already
-    holds its blocks, nothing is sent and the backup completes all the same."""
+    """Back a backing image up like a volume named ``image-<name>`` (``IMAGE_BACKUPS``: no
+    volume is named so); when the store already holds its blocks, nothing is sent and the
+    backup completes all the same."""
     from lhfs.volumes.images import verified
 
     info = verified(root, name)  # (never a changed file under the old id)
@@ -317,6 +330,7 @@ def backup_image(
     store = open_store(target, retry_timeout)
     store.bucket.ensure(create=create_bucket)
     backup_name = _backup_name(info["id"].split("-")[0][:16])
+    volume = IMAGE_BACKUPS + name
     with open(info["path"], "rb") as image:
 
         def read(index: int, block: int) -> bytes:
@@ -324,9 +338,9 @@ def backup_image(
             return data + bytes(block - len(data))
 
         store.create(
-            f"image-{name}", backup_name, info["size"], read, snapshot=info["id"], progress=progress
+            volume, backup_name, info["size"], read, snapshot=info["id"], progress=progress
         )
-    return backup_url(target, f"image-{name}", backup_name)
+    return backup_url(target, volume, backup_name)
 
 
 def init_store(
@@ -451,7 +465,8 @@ def restore(
     half-restored stays behind)."""
     started = time.time()
     target, volume, name = parse_backup_url(url)
-    check_name(new_name, "volume name")
+    refuse_image_backups(volume, url)
+    check_volume_name(new_name)
     if not 1 <= replicas <= 16:
         raise InvalidArgument("a volume has 1 to 16 replicas")
     store = open_store(target, retry_timeout)

@@ -41,7 +41,13 @@ from typing import Any
 
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Endpoint, Target
 from backupstore.store import BackupStore, BlockMissing, order
-from lhfs.backups.backup import chunk_for, open_store, password_file, store_password
+from lhfs.backups.backup import (
+    chunk_for,
+    open_store,
+    password_file,
+    refuse_image_backups,
+    store_password,
+)
 from lhfs.config import volume as volumes
 from lhfs.core import logs
 from lhfs.core.durable import atomic_write
@@ -53,7 +59,7 @@ from lhfs.core.errors import (
     NotFound,
     WrongState,
 )
-from lhfs.core.names import check_name
+from lhfs.core.names import check_name, check_volume_name
 from lhfs.core.procs import LHFS, child_env, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
@@ -438,8 +444,9 @@ def create(
     or one on each of ``on_disks``) and start its follower. The endpoint is recorded with it
     (never a secret); so is the credentials file, if named."""
     target = Target.parse(url)
-    check_name(name, "volume name")
+    check_volume_name(name)
     check_name(source, "source volume name")
+    refuse_image_backups(source, str(target))
     if not 0 < interval <= 86400 or not interval <= retry_max <= 86400:
         raise InvalidArgument("need 0 < --interval <= --retry-max <= 86400 seconds")
     if name in volumes.list_names(root):

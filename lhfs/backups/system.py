@@ -39,7 +39,7 @@ from lhfs.core.errors import (
     UsageError,
     WrongState,
 )
-from lhfs.core.names import check_name
+from lhfs.core.names import IMAGE_BACKUPS, check_name
 from lhfs.core.units import rfc3339
 from lhfs.engine import housekeeping
 from lhfs.store.backing import content_id
@@ -224,7 +224,9 @@ def restore(
             done["skipped_images"].append(image)
             continue
         part = f"image {image}"
-        part_url = backup.backup_url(target, f"image-{image}", record["images"][image]["backup"])
+        part_url = backup.backup_url(
+            target, IMAGE_BACKUPS + image, record["images"][image]["backup"]
+        )
         _part(part, restore_image, root, store, part_url, image, _of(part, progress))
         done["images"].append(image)
     for volume in wanted:

@@ -28,7 +28,7 @@ from lhfs.core.errors import (
     LhfsError,
     NotFound,
 )
-from lhfs.core.names import check_name
+from lhfs.core.names import check_name, check_volume_name
 from lhfs.core.units import check_chunk_size, rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
@@ -271,7 +271,7 @@ def create(
     """Record a new volume in a temporary directory; the caller initialises the replicas there
     (those ``on_disks``, one per disk in order, on their disks) and publishes it with
     ``finish_create``."""
-    check_name(name, "volume name")
+    check_volume_name(name)
     check_chunk_size(chunk_size)
     check_geometry(size, chunk_size)
     if not 1 <= replicas <= 16:

@@ -8,6 +8,7 @@ import re
 from lhfs.core.errors import InvalidArgument
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+IMAGE_BACKUPS = "image-"  # a backup store keeps a backing image's backups as this + its name
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -16,5 +17,19 @@ def check_name(name: str, what: str = "name") -> str:
         raise InvalidArgument(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
+        )
+    return name
+
+
+def check_volume_name(name: str, what: str = "volume name") -> str:
+    """The name of a volume being made (created, restored into, a DR standby) or backed up: a
+    name (``check_name``) that does not start with ``image-``. A backup store keeps a backing
+    image's backups as those of the volume ``image-<name>``: a volume of such a name would mix
+    its backups with the image's, listed, pruned and restored as one."""
+    check_name(name, what)
+    if name.startswith(IMAGE_BACKUPS):
+        raise InvalidArgument(
+            f"invalid {what} {name!r}: names starting with {IMAGE_BACKUPS!r} are reserved for "
+            "backing images' backups"
         )
     return name
