@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from lhfs.core.errors import AlreadyExists, BackingImageMismatch, Busy, InvalidArgument, NotFound
+from lhfs.core.errors import (
+    AlreadyExists,
+    BackingImageMismatch,
+    Busy,
+    CorruptState,
+    InvalidArgument,
+    NotFound,
+)
 from lhfs.core.procs import LHFS
 from lhfs.store.chunkstore import ChunkStore
+from lhfs.store.layer import Layer
 from lhfs.wire.auth import VolumeKey
 
 
@@ -129,6 +137,16 @@ def test_bad_arguments_change_nothing(tmp_path: Path) -> None:
         ChunkStore.create(tmp_path / "r", 1 << 20, 4096)
     with pytest.raises(InvalidArgument):
         ChunkStore.create(tmp_path / "x", 1 << 20, 3000)
+
+
+def test_layer_files_are_named_only_from_ids_lhfs_makes(tmp_path: Path) -> None:
+    """Behind the check of volume.json: an id that is not one lhfs makes never becomes a path."""
+    (tmp_path / "r").mkdir()
+    for bad in ("../x", "0123456789abcdef/../../x", "0123456789abcde\0", "0123456789abcdef\n", ""):
+        with pytest.raises(CorruptState, match="is not a layer id"):
+            Layer.create(tmp_path / "r", bad, 4096)
+    assert os.listdir(tmp_path) == ["r"] and os.listdir(tmp_path / "r") == []
+    assert Layer.create(tmp_path / "r", "0123456789abcdef", 4096).id == "0123456789abcdef"
 
 
 def test_cli_errors_are_one_line_with_exit_status(tmp_path: Path) -> None:

@@ -60,6 +60,8 @@ from lhfs.store.backing import BackingImage, content_id, file_stamp, id_size
 from lhfs.store.layer import (
     ABSENT,
     DATA,
+    LAYER_ID,
+    LAYER_SUFFIXES,
     ZERO,
     Layer,
     no_room,
@@ -78,7 +80,7 @@ MIN_CHUNK = 1
 MAX_CHUNK = 64 << 20
 # what may be in a replica directory before its volume is made (an engine's session epoch)
 _MAY_PRECEDE = {"epoch", "lock", ".epoch.tmp"}
-_LAYER_FILE_RE = re.compile(r"^[0-9a-f]{16}\.(data|idx|sums)$")
+_LAYER_FILE_RE = re.compile(rf"({LAYER_ID.pattern})\.({'|'.join(LAYER_SUFFIXES)})")
 
 
 def check_geometry(size: int, chunk_size: int) -> None:
@@ -285,7 +287,8 @@ class ChunkStore:
         removed = False
         for entry in os.listdir(self.dir):
             stale_tmp = entry.startswith(".") and entry.endswith((".tmp", ".upload"))
-            if stale_tmp or (_LAYER_FILE_RE.match(entry) and entry.split(".")[0] not in known):
+            layer_file = _LAYER_FILE_RE.fullmatch(entry)
+            if stale_tmp or (layer_file and layer_file.group(1) not in known):
                 os.unlink(self.dir / entry)
                 removed = True
         if removed:

@@ -21,6 +21,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import xxhash
 
 from lhfs.core.durable import atomic_write, fsync_dir
-from lhfs.core.errors import NoSpace
+from lhfs.core.errors import CorruptState, NoSpace
 
 ABSENT = 0  # only in the log: the chunk left the layer (trimmed away, nothing below to hide)
 DATA = 1
@@ -42,6 +43,21 @@ _SUMS_MAGIC = b"LHS1"
 _SUM_ENTRY = struct.Struct("<QB16s")  # chunk number, state, xxh3-128 digest
 
 ZERO_DIGEST = bytes(16)
+
+# The only layer ids lhfs makes (``secrets.token_hex(8)``); matched whole (``fullmatch``).
+LAYER_ID = re.compile(r"[0-9a-f]{16}")
+LAYER_SUFFIXES = ("data", "idx", "sums")
+
+
+def layer_file(directory: Path, layer_id: str, suffix: str) -> Path:
+    """The path of one of a layer's files. Layer ids come from the replica's metadata, a file
+    that may have been damaged or planted: an id that is not one lhfs makes (``../x``, a NUL)
+    is refused here too, behind the check of the metadata, so that no layer file is ever made
+    or opened outside its directory."""
+    if not isinstance(layer_id, str) or not LAYER_ID.fullmatch(layer_id):
+        raise CorruptState(f"{directory}: {str(layer_id)[:40]!r} is not a layer id")
+    return directory / f"{layer_id}.{suffix}"
+
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -135,9 +151,9 @@ class Layer:
     def __init__(self, directory: Path, layer_id: str, chunk_size: int) -> None:
         self.id = layer_id
         self.chunk_size = chunk_size
-        self.data_path = directory / f"{layer_id}.data"
-        self.index_path = directory / f"{layer_id}.idx"
-        self.sums_path = directory / f"{layer_id}.sums"
+        self.data_path = layer_file(directory, layer_id, "data")
+        self.index_path = layer_file(directory, layer_id, "idx")
+        self.sums_path = layer_file(directory, layer_id, "sums")
         self.index: dict[int, int] = {}
         self.pending: list[tuple[int, int]] = []
         self.revision = 0
