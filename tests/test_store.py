@@ -122,6 +122,7 @@ def test_bad_arguments_change_nothing(tmp_path: Path) -> None:
             lambda: store.expand(4096),
             lambda: store.snapshot("a/b"),
             lambda: store.snapshot(".."),
+            lambda: store.snapshot("one\n"),
         ):
             with pytest.raises(InvalidArgument):
                 call()

@@ -7,13 +7,13 @@ import re
 
 from lhfs.core.errors import InvalidArgument
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched whole: "$" lets "x\n" by
 IMAGE_BACKUPS = "image-"  # a backup store keeps a backing image's backups as this + its name
 
 
 def check_name(name: str, what: str = "name") -> str:
     """Names end up in file names and URLs: letters, digits, ``.``, ``_``, ``-``; 1-64 long."""
-    if not _NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
