@@ -11,6 +11,9 @@ from lhfs.core.errors import InvalidArgument
 MAX_SIZE = 1 << 50  # 1 PiB: beyond what any replica's file system holds as one file
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+# A time as ``rfc3339`` writes it, or with a fraction of a second (a peer may send one):
+# matched whole (``fullmatch``).
+TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
 
 
 def parse_size(text: str) -> int:

@@ -8,17 +8,16 @@ work without bound.
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Any
 
 from lhfs.core.errors import InvalidArgument, LhfsError
+from lhfs.core.units import MAX_SIZE, TIME_RE
+from lhfs.store.backing import IMAGE_ID
 from lhfs.wire import protocol as p
 
 MAX_NAMES = 65_536  # snapshot names one rebuild may list
-MAX_VOLUME = 1 << 50  # 1 PiB: beyond any file a replica's disk can hold
-_IMAGE_ID = re.compile(r"^[0-9a-f]{32}-[0-9]{1,16}$")
-_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
+MAX_VOLUME = MAX_SIZE  # 1 PiB: beyond any file a replica's disk can hold
 
 
 def call_of(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
@@ -69,7 +68,7 @@ def times(args: dict[str, Any], name: str, count: int) -> list[str] | None:
     if args.get(name) is None:
         return None
     value = texts(args, name, count)
-    if len(value) != count or not all(_TIME.match(item) for item in value):
+    if len(value) != count or not all(TIME_RE.fullmatch(item) for item in value):
         raise InvalidArgument(f"argument {name!r} must be a list of {count} RFC 3339 UTC times")
     return value
 
@@ -88,7 +87,7 @@ def branches(args: dict[str, Any], name: str) -> list[tuple[str, str | None, str
             and 0 < len(entry[0]) <= 256
             and (entry[1] is None or (isinstance(entry[1], str) and 0 < len(entry[1]) <= 256))
             and isinstance(entry[2], str)
-            and _TIME.match(entry[2])
+            and TIME_RE.fullmatch(entry[2])
         ):
             raise InvalidArgument(f"argument {name!r}: each entry is [name, parent, time]")
         out.append((entry[0], entry[1], entry[2]))
@@ -97,7 +96,7 @@ def branches(args: dict[str, Any], name: str) -> list[tuple[str, str | None, str
 
 def image_id(value: str) -> str:
     """A backing image's content id (``<xxh3-128 hex>-<size>``)."""
-    if not _IMAGE_ID.match(value):
+    if not IMAGE_ID.fullmatch(value):
         raise InvalidArgument(f"not a backing image id: {value[:80]!r}")
     return value
 

@@ -9,6 +9,7 @@ to the id and hashes again only when that stamp changed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import xxhash
@@ -17,6 +18,8 @@ from lhfs.core.errors import BackingImageMismatch, NotFound
 from lhfs.store.layer import DATA, pread_into
 
 _READ_SIZE = 4 << 20
+# What ``content_id`` makes: matched whole (``fullmatch``).
+IMAGE_ID = re.compile(r"[0-9a-f]{32}-[0-9]{1,16}")
 
 
 def content_id(path: Path) -> str:
