@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ from lhfs.core.errors import (
     NotFound,
 )
 from lhfs.core.procs import LHFS
+from lhfs.core.units import rfc3339
+from lhfs.store.backing import content_id
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.store.layer import Layer
 from lhfs.wire.auth import VolumeKey
@@ -228,3 +233,220 @@ def test_rebuild_target_merges_writes_received_during_the_sync(tmp_path: Path, s
         assert ABSENT not in source.read_layer_run("backing", 0, 1)[0]
     with ChunkStore.open(tmp_path / "dst") as again, ChunkStore.open(tmp_path / "src") as src:
         assert again.checksum() == src.checksum()
+
+
+# -- volume.json is checked before anything uses it -----------------------------------------
+
+OUT = "../outside"  # a directory beside the replica's, as a path from inside it
+
+
+def _add_layer(meta: dict, directory: Path, layer_id: str, **info: object) -> None:
+    """A layer as lhfs writes one, its (empty) files included, so only the field under test is
+    wrong; ``info`` overrides its fields."""
+    head = meta["head"]
+    for suffix in ("idx", "data"):
+        shutil.copyfile(directory / f"{head}.{suffix}", directory / f"{layer_id}.{suffix}")
+    meta["layers"][layer_id] = {**meta["layers"][head], "name": f"s{layer_id[-1]}", **info}
+
+
+def _rename_head(meta: dict, directory: Path, new_id: str) -> None:
+    """Give the head another id, its files planted where that id leads (the old code then
+    opened them, wherever they were)."""
+    head = meta["head"]
+    for suffix in ("idx", "data"):
+        if "\0" not in new_id:  # (no file has such a name)
+            shutil.copyfile(directory / f"{head}.{suffix}", directory / f"{new_id}.{suffix}")
+    meta["layers"][new_id] = meta["layers"].pop(head)
+    meta["head"] = new_id
+
+
+def _cycle(meta: dict, directory: Path) -> None:
+    _add_layer(meta, directory, "00000000000000a1", parent="00000000000000a2")
+    _add_layer(meta, directory, "00000000000000a2", parent="00000000000000a1")
+
+
+def _head(**info: object) -> Callable[[dict, Path], None]:
+    return lambda meta, _: meta["layers"][meta["head"]].update(info)
+
+
+def _backing(absolute: bool) -> Callable[[dict, Path], None]:
+    """The canary outside as the backing image, its true id recorded (the old code served it)."""
+
+    def plant(meta: dict, directory: Path) -> None:
+        canary = directory.parent / "outside" / "canary"
+        file = str(canary) if absolute else f"{OUT}/canary"
+        meta["backing"] = {"id": content_id(canary), "file": file, "stamp": None}
+
+    return plant
+
+
+def _set(**fields: object) -> Callable[[dict, Path], None]:
+    return lambda meta, _: meta.update(fields)
+
+
+def _drop(field: str) -> Callable[[dict, Path], None]:
+    def drop(meta: dict, _: Path) -> None:
+        del meta[field]
+
+    return drop
+
+
+# Each case: what the one line must name after "volume.json", and the change to a good file
+# (returning the new document, its text, or None when it changed the one it was given).
+HOSTILE = [
+    pytest.param("layers", lambda m, d: _rename_head(m, d, f"{OUT}/zz"), id="layer-id-outside"),
+    pytest.param(
+        "layers",
+        lambda m, d: _rename_head(m, d, str(d.parent / "outside" / "ab")),
+        id="layer-id-absolute",
+    ),
+    pytest.param("layers", lambda m, d: _rename_head(m, d, "0123456789abcde\0"), id="layer-id-nul"),
+    pytest.param("chunk_size", _set(chunk_size="x"), id="chunk-size-text"),
+    pytest.param("chunk_size", _set(chunk_size=True), id="chunk-size-bool"),
+    pytest.param("chunk size", _set(chunk_size=3 << 12), id="chunk-size-not-power"),
+    pytest.param("size", _set(size=2**62), id="size-too-large"),
+    pytest.param("size", _set(size=(1 << 20) + 1), id="size-unaligned"),
+    pytest.param("size", _drop("size"), id="size-missing"),
+    pytest.param("head", _set(head=None), id="head-null"),
+    pytest.param("head", _set(head="0123456789abcdef"), id="head-names-no-layer"),
+    pytest.param("layers", _drop("layers"), id="layers-missing"),
+    pytest.param("layers", lambda m, _: m.update(layers=list(m["layers"])), id="layers-a-list"),
+    pytest.param("parents", _cycle, id="parent-cycle"),
+    pytest.param("parent", _head(parent="0123456789abcdef"), id="parent-missing"),
+    pytest.param(
+        "name",
+        lambda m, d: _add_layer(m, d, "00000000000000b1", name="../x"),
+        id="snapshot-name-path",
+    ),
+    pytest.param("created", _head(created=5), id="created-not-a-time"),
+    pytest.param("size", _head(size=2 << 20), id="layer-size-larger"),
+    pytest.param("revision", _set(revision=-1), id="revision-negative"),
+    pytest.param("revision", _set(revision="7"), id="revision-text"),
+    pytest.param("format", _set(format=True), id="format-bool"),
+    pytest.param("volume_id", _set(volume_id=5), id="volume-id-number"),
+    pytest.param("backing.file", _backing(absolute=False), id="backing-file-outside"),
+    pytest.param("backing.file", _backing(absolute=True), id="backing-file-absolute"),
+    pytest.param(
+        "backing.id",
+        _set(backing={"file": "b.img", "id": "0-1", "stamp": None}),
+        id="backing-id-malformed",
+    ),
+    pytest.param("JSON object", lambda m, _: [m], id="not-an-object"),
+    pytest.param("damaged", lambda m, _: "[" * 100_000, id="nested-too-deep"),
+]
+
+
+@pytest.fixture(scope="module")
+def made_by_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One replica directory made by ``lhfs replica init``, copied by each case."""
+    directory = tmp_path_factory.mktemp("init") / "r"
+    init = [LHFS, "replica", "init", "--dir", str(directory), "--size", "1M"]
+    subprocess.run(init, check=True, capture_output=True, timeout=60)
+    return directory
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())}
+
+
+def _untouched(directory: Path) -> dict[str, tuple[int, bytes]]:
+    """Each file's access time and bytes, the time put back after the bytes were read. A time
+    of 0 before the file's change moves at the file's next read (relatime too): a file that
+    keeps it was not read."""
+    out = {}
+    for f in sorted(directory.iterdir()):
+        st = f.stat()
+        out[f.name] = (st.st_atime_ns, f.read_bytes())
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return out
+
+
+def _age(directory: Path) -> None:
+    for f in directory.iterdir():
+        os.utime(f, ns=(0, f.stat().st_mtime_ns))
+
+
+@pytest.mark.parametrize(("field", "change"), HOSTILE)
+def test_hostile_metadata_is_refused_in_one_line_touching_nothing(
+    made_by_init: Path, tmp_path: Path, field: str, change: Callable
+) -> None:
+    """A volume.json lhfs could not have written is refused in one line naming the field, by
+    the command line and the store alike, before any file is read, made or removed, inside the
+    directory or out (the canary and the planted layer files keep their access times)."""
+    directory = tmp_path / "r"
+    shutil.copytree(made_by_init, directory)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary").write_bytes(b"not the replica's\n")
+    meta = json.loads((directory / "volume.json").read_text())
+    meta = change(meta, directory) or meta
+    text = meta if isinstance(meta, str) else json.dumps(meta)
+    (directory / "volume.json").write_text(text)
+    _age(outside)
+    before = (_files(directory), _untouched(outside))
+
+    shown = subprocess.run(
+        [LHFS, "replica", "inspect", "--dir", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode in (1, 2), shown
+    lines = shown.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in shown.stderr, shown.stderr
+    assert str(directory) in lines[0], lines[0]
+    assert field in lines[0].partition("volume.json")[2], lines[0]
+    with pytest.raises(CorruptState, match=r"volume\.json"):
+        ChunkStore.open(directory)
+    assert (_files(directory), _untouched(outside)) == before
+    assert sorted(os.listdir(tmp_path)) == ["outside", "r"]
+
+
+def test_a_replica_on_hostile_metadata_does_not_serve(made_by_init: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "r"
+    shutil.copytree(made_by_init, directory)
+    (tmp_path / "outside").mkdir()
+    meta = json.loads((directory / "volume.json").read_text())
+    _rename_head(meta, directory, f"{OUT}/zz")
+    (directory / "volume.json").write_text(json.dumps(meta))
+    _age(tmp_path / "outside")
+    before = _untouched(tmp_path / "outside")
+    VolumeKey.new("v").save(tmp_path / "v.key")
+    key = ("--key-file", str(tmp_path / "v.key"))
+    serve = subprocess.run(
+        [LHFS, "replica", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0", *key],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert serve.returncode == 1 and len(serve.stderr.splitlines()) == 1, serve.stderr
+    assert "layer id" in serve.stderr
+    assert _untouched(tmp_path / "outside") == before
+
+
+def test_metadata_lhfs_writes_is_accepted_with_or_without_later_fields(tmp_path: Path) -> None:
+    """What every lhfs wrote opens: a backing image, snapshots, a rebuilt chain whose times came
+    from a peer (with a fraction of a second), and a replica made before revisions, rebuild
+    counts, volume ids and backing stamps were recorded."""
+    image = tmp_path / "image.raw"
+    image.write_bytes(os.urandom(100_000))
+    volume_id = VolumeKey.new("v").id_hex
+    with ChunkStore.create(tmp_path / "r", 1 << 20, 4096, image, volume_id=volume_id) as store:
+        store.write(0, b"kept")
+        store.snapshot("one")
+        store.rebuild_begin(["one", "two"], 7, ["2026-01-02T03:04:05.123456Z", rfc3339()])
+        store.rebuild_finish()
+        store.snapshot("three")
+        store.revert("one")
+        listed = sorted(store.list_layers(), key=lambda layer: layer["id"])
+    path = tmp_path / "r" / "volume.json"
+    meta = json.loads(path.read_text())
+    assert meta["rebuilds"] == 1 and meta["backing"]["stamp"] and meta["volume_id"] == volume_id
+    with ChunkStore.open(tmp_path / "r") as store:
+        assert sorted(store.list_layers(), key=lambda layer: layer["id"]) == listed
+    for field in ("revision", "rebuilds", "volume_id"):
+        del meta[field]
+    del meta["backing"]["stamp"]
+    path.write_text(json.dumps(meta))
+    with ChunkStore.open(tmp_path / "r") as store:
+        assert store.read(0, 4) == b"kept" and store.volume_id is None

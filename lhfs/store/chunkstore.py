@@ -17,8 +17,9 @@ locks are needed. Long operations (``remove_snapshot_steps``) are generators tha
 step by step, interleaved with I/O.
 
 Durability: data is fdatasync'ed before the index batch that points at it; metadata
-(``volume.json``: size, layers, names, backing image) is replaced atomically. Files of layers the
-metadata does not name are left-overs of an interrupted operation and are removed on open.
+(``volume.json``: size, layers, names, backing image) is replaced atomically, and checked whole
+on open (``check_meta``) before any of it is used. Files of layers the metadata does not name are
+left-overs of an interrupted operation and are removed on open.
 A change of the metadata is saved before the store's memory takes it (``_commit_meta``): one
 that could not be saved (a full disk) leaves the store as it was, in memory as on disk.
 A full disk refuses a write or a flush whole (``NoSpace``): the space is claimed first.
@@ -55,8 +56,8 @@ from lhfs.core.errors import (
     NotFound,
 )
 from lhfs.core.names import check_name
-from lhfs.core.units import format_size, rfc3339
-from lhfs.store.backing import BackingImage, content_id, file_stamp, id_size
+from lhfs.core.units import MAX_SIZE, TIME_RE, format_size, rfc3339
+from lhfs.store.backing import IMAGE_ID, BackingImage, content_id, file_stamp, id_size
 from lhfs.store.layer import (
     ABSENT,
     DATA,
@@ -81,6 +82,8 @@ MAX_CHUNK = 64 << 20
 # what may be in a replica directory before its volume is made (an engine's session epoch)
 _MAY_PRECEDE = {"epoch", "lock", ".epoch.tmp"}
 _LAYER_FILE_RE = re.compile(rf"({LAYER_ID.pattern})\.({'|'.join(LAYER_SUFFIXES)})")
+_VOLUME_ID = re.compile(r"[0-9a-f]{32}")  # a volume key's id, hex (``VolumeKey.id_hex``)
+_MAX_COUNT = (1 << 64) - 1  # revisions are unsigned 64-bit numbers in the index log
 
 
 def check_geometry(size: int, chunk_size: int) -> None:
@@ -90,6 +93,115 @@ def check_geometry(size: int, chunk_size: int) -> None:
         raise InvalidArgument(
             f"size {size} is not a positive multiple of the chunk size {chunk_size}"
         )
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"size {size} is more than the largest size lhfs handles (1P)")
+
+
+def check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """Return ``meta``, read from ``path`` (a volume.json), if lhfs could have written it.
+
+    The file is data on disk like any other: damaged, edited by hand or planted by someone who
+    may write the replica directory but must reach nothing outside it. Layer ids and the backing
+    image's file name become paths, sizes become work, so every field is checked here, before
+    anything uses one: a bad file is refused in one line (``CorruptState`` naming the field),
+    never a traceback or a file opened outside the directory. Fields the store reads with a
+    default may be missing (``revision``, ``rebuilds``, ``volume_id``, ``backing`` and its
+    ``stamp``): a replica made before volume keys has no ``volume_id``, one never rebuilt no
+    ``rebuilds``.
+    """
+
+    def bad(field: str, should: str, value: Any) -> CorruptState:
+        return CorruptState(f"{path}: {field} must be {should}, not {value!r:.60}")
+
+    def count(field: str) -> None:
+        value = meta.get(field, 0)
+        if type(value) is not int or not 0 <= value <= _MAX_COUNT:  # (bool is not a number)
+            raise bad(field, "an integer from 0 to 2**64-1", value)
+
+    def geometry(field: str, size: Any, chunk_size: Any) -> None:
+        for name, value in ((field, size), ("chunk_size", chunk_size)):
+            if type(value) is not int:
+                raise bad(name, "an integer", value)
+        try:
+            check_geometry(size, chunk_size)
+        except InvalidArgument as exc:
+            raise CorruptState(f"{path}: {field}: {exc}") from None
+
+    def layer_id(field: str, value: Any) -> str:
+        if not isinstance(value, str) or not LAYER_ID.fullmatch(value):
+            raise bad(field, "a layer id (16 hex digits)", value)
+        return value
+
+    def plain_name(field: str, value: Any, should: str) -> str:
+        try:
+            return check_name(value)
+        except InvalidArgument:
+            raise bad(field, should, value) from None
+
+    if not isinstance(meta, dict):
+        raise CorruptState(f"{path} is not a JSON object")
+    if type(meta.get("format")) is not int or meta["format"] != FORMAT:
+        raise CorruptState(f"{path} has unknown format {meta.get('format')!r:.60}")
+    size = meta.get("size")
+    geometry("size", size, meta.get("chunk_size"))
+    count("revision")
+    count("rebuilds")
+    volume_id = meta.get("volume_id")
+    if volume_id is not None and not (
+        isinstance(volume_id, str) and _VOLUME_ID.fullmatch(volume_id)
+    ):
+        raise bad("volume_id", "a volume's id (32 hex digits) or null", volume_id)
+
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise bad("layers", "an object of one or more layers", layers)
+    names: set[str] = set()
+    for key, info in layers.items():
+        field = f"layers.{layer_id('a key of layers', key)}"
+        if not isinstance(info, dict):
+            raise bad(field, "an object", info)
+        name = info.get("name")
+        if name is not None:
+            plain_name(f"{field}.name", name, "a snapshot name or null")
+            if name in names:
+                raise bad(f"{field}.name", "unique", name)
+            names.add(name)
+        parent = info.get("parent")
+        if parent is not None and layer_id(f"{field}.parent", parent) not in layers:
+            raise bad(f"{field}.parent", "a layer or null", parent)
+        if not isinstance(info.get("created"), str) or not TIME_RE.fullmatch(info["created"]):
+            raise bad(f"{field}.created", "a UTC time (RFC 3339)", info.get("created"))
+        geometry(f"{field}.size", info.get("size"), meta["chunk_size"])
+        if info["size"] > size:  # (a volume never shrinks: no layer is larger than it)
+            raise bad(f"{field}.size", f"at most the volume's size {size}", info["size"])
+    if layer_id("head", meta.get("head")) not in layers:
+        raise bad("head", "a layer", meta["head"])
+    ends: set[str] = set()  # layers whose chain of parents ends
+    for key in layers:
+        trail: dict[str, None] = {}  # (a dict: long chains are looked up in at C speed)
+        while key is not None and key not in ends:
+            if key in trail:
+                raise CorruptState(f"{path}: the parents of layers.{key} lead back to it")
+            trail[key] = None
+            key = layers[key]["parent"]
+        ends.update(trail)
+
+    backing = meta.get("backing")
+    if backing is not None:
+        if not isinstance(backing, dict):
+            raise bad("backing", "an object or null", backing)
+        plain_name("backing.file", backing.get("file"), "a file name inside the directory")
+        image_id = backing.get("id")
+        if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+            raise bad("backing.id", "a backing image id (<xxh3-128 hex>-<size>)", image_id)
+        if id_size(image_id) > size:
+            raise bad("backing.id", f"of an image no larger than the volume ({size})", image_id)
+        stamp = backing.get("stamp")
+        if stamp is not None and not (
+            isinstance(stamp, list) and len(stamp) == 3 and all(type(n) is int for n in stamp)
+        ):
+            raise bad("backing.stamp", "three integers or null", stamp)
+    return meta
 
 
 def check_fits(directory: Path, size: int) -> None:
@@ -248,11 +360,9 @@ class ChunkStore:
         try:
             try:
                 meta = json.loads(meta_path.read_text())
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # (RecursionError: nested too deep)
                 raise CorruptState(f"{meta_path} is damaged: {exc}") from None
-            if meta.get("format") != FORMAT:
-                raise CorruptState(f"{meta_path} has unknown format {meta.get('format')!r}")
-            store = cls(directory, meta, lock_fd)
+            store = cls(directory, check_meta(meta, meta_path), lock_fd)
             store._load()
         except BaseException:
             os.close(lock_fd)
