@@ -383,8 +383,8 @@ class BackupStore:
                 "blocks": digests,
                 **(extra or {}),
             }
-            if out_recipes:
-                manifest["delta_unit"] = unit
+            if out_recipes:  # (those carried from the base alone: in the base's unit)
+                manifest["delta_unit"] = unit or base_unit
                 manifest["deltas"] = {str(i): r for i, r in sorted(out_recipes.items())}
             self.put_sealed(_relative(volume, name, "json"), json.dumps(manifest).encode())
             if not recorded:  # the first complete backup fixes the block size

@@ -357,6 +357,38 @@ def test_scattered_small_writes_upload_deltas_and_restore_equal(
     assert cli.checksum("standby") == total
 
 
+def test_an_increment_that_knows_no_chunk_changes_keeps_its_base_deltas(s3_endpoint: str) -> None:
+    """A block stored as a delta in the base, unchanged since, is carried by an increment
+    whose chunk-level changes are unknown (more than a replica lists, say): the increment's
+    manifest names the base's delta unit (it named 0 and no restore could read it)."""
+    bucket = Bucket(Target.parse("s3://trust-carried/p"))
+    bucket.ensure(create=True)
+    store = BackupStore(bucket)
+    unit, rng = 64 << 10, random.Random(9)
+    blocks = [rng.randbytes(MIB // 2) + bytes(MIB // 2) for _ in range(4)]
+
+    def read(index: int, block_size: int) -> bytes:
+        return blocks[index]
+
+    extra = {"chunk_size": unit}
+    store.create("v", "b1", 4 * MIB, read, block_size=MIB, extra=extra)
+    blocks[1] = rng.randbytes(unit) + blocks[1][unit:]  # (one unit of block 1: a delta)
+    second, _ = store.create("v", "b2", 4 * MIB, read, block_size=MIB, base=("b1", [1]),
+                             extra=extra, units=(unit, {1: {0}}))  # fmt: skip
+    assert list(second["deltas"]) == ["1"] and second["delta_unit"] == unit, second
+    blocks[2] = rng.randbytes(MIB)
+    third, _ = store.create("v", "b3", 4 * MIB, read, block_size=MIB, base=("b2", [2]),
+                            extra=extra, units=None)  # fmt: skip
+    assert list(third["deltas"]) == ["1"] and third["delta_unit"] == unit, third
+    out = bytearray(4 * MIB)
+
+    def write(index: int, data: bytes) -> None:
+        out[index * MIB : index * MIB + len(data)] = data
+
+    store.restore("v", "b3", write)
+    assert bytes(out) == b"".join(blocks)
+
+
 def small_backup(target: str, volume: str = "v") -> tuple[BackupStore, str, dict]:
     """A plain store holding one backup of 4 MiB in 1 MiB blocks, made by the store's own code
     (no volume to attach): the store, the backup's URL and its manifest."""
