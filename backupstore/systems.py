@@ -19,8 +19,8 @@ import time
 from contextlib import AbstractContextManager
 from typing import Any
 
-from lhfs.core.errors import CorruptState, NotFound
-from lhfs.core.names import IMAGE_BACKUPS
+from lhfs.core.errors import CorruptState, InvalidArgument, NotFound
+from lhfs.core.names import IMAGE_BACKUPS, check_name
 
 from . import parse_json
 from .store import SMALL_OBJECT, STALE, BackupStore, Marker
@@ -54,14 +54,36 @@ def get(store: BackupStore, name: str) -> dict[str, Any]:
             record["name"] == name
             and isinstance(record["volumes"], dict)
             and isinstance(record["images"], dict)
-            and all(isinstance(p["backup"], str) for p in record["volumes"].values())
-            and all(isinstance(p["backup"], str) for p in record["images"].values())
+            and all(_volume_part(n, p) for n, p in record["volumes"].items())
+            and all(_image_part(n, p) for n, p in record["images"].items())
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidArgument):
         valid = False
     if not valid:
         raise CorruptState(f"the record of system backup {name} cannot be parsed")
     return record
+
+
+def _volume_part(name: str, part: Any) -> bool:
+    """Whether a volume's entry holds what a restore uses, of the types it uses them as."""
+    check_name(name)
+    config = part.get("config") or {}
+    settings = config.get("settings") or {}
+    replicas = part.get("replicas")
+    filesystem = part.get("filesystem")
+    return (
+        isinstance(part["backup"], str)
+        and (replicas is None or (type(replicas) is int and replicas > 0))
+        and isinstance(config, dict)
+        and isinstance(settings, dict)
+        and all(type(v) in (int, float) for v in settings.values())
+        and (filesystem is None or isinstance(filesystem, dict))
+    )
+
+
+def _image_part(name: str, part: Any) -> bool:
+    check_name(name)
+    return isinstance(part["backup"], str) and isinstance(part["id"], str)
 
 
 def exists(store: BackupStore, name: str) -> bool:

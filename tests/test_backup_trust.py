@@ -595,6 +595,32 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
     assert "the store record s3://trust-fields/p cannot be read" in listing.stderr
 
 
+def test_a_resealed_system_record_with_fields_of_the_wrong_type_is_refused(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """A system backup's record re-sealed with fields a restore uses of the wrong type (a
+    replica count, a setting, a volume's name) is refused in one line, nothing restored (it
+    ended in a traceback half-way)."""
+    target = "s3://trust-system/p"
+    store, _url, _manifest = small_backup(target)
+    good = {"backup": "b1", "replicas": 1, "config": {"settings": {"io_timeout": 8.0}}}
+    cases = [
+        {"v": {**good, "replicas": "x"}},
+        {"v": {**good, "config": {"settings": {"io_timeout": "soon"}}}},
+        {"v": {**good, "config": "x"}},
+        {"v": "x"},
+        {"../v": good},
+    ]
+    for volumes_part in cases:
+        record = {"format": 1, "name": "s", "created": "2026-12-05T00:00:00Z", "started": 0.0,
+                  "volumes": volumes_part, "images": {}, "skipped": {}}  # fmt: skip
+        reseal(store, "systems/s.json", json.dumps(record).encode())
+        result = cli.run("system", "restore", f"{target}?system=s", check=False)
+        assert result.returncode == 1, (volumes_part, result.stderr)
+        assert result.stderr == "lhfs: error: the record of system backup s cannot be parsed\n"
+        assert cli.run("volume", "ls").stdout.strip() in ("", "no volumes")
+
+
 def test_a_store_record_asking_for_a_costly_key_derivation_is_refused_before_it(
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
