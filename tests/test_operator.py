@@ -621,7 +621,10 @@ def test_backing_images_as_an_operator_meets_them(cli: Cli, tmp_path: Path) -> N
         f.truncate(64 * 1024 * 1024)
         f.seek(5 * 1024 * 1024)
         f.write(os.urandom(1024 * 1024))
-    long_name = "img-" + "a" * 60
+    line = one_line(cli.run("backing-image", "create", "i" * 59, "--from", str(sparse),
+                            check=False), 2)  # fmt: skip
+    assert "at most 58 characters" in line, line
+    long_name = "img-" + "a" * 54
     cli.run("backing-image", "create", long_name, "--from", str(sparse))
     cli.run("volume", "create", "by-name", "--size", "64M", "--replicas", "2",
             "--backing-image", long_name)  # fmt: skip

@@ -191,7 +191,7 @@ def parsers(groups: Any) -> None:
         "--block-size",
         type=size_arg,
         help="backup block size of a volume's first backup to this target, a power of two "
-        "4K-64M (default 2M); later backups keep it",
+        "4K-16M (default 2M); later backups keep it",
     )
     p.add_argument(
         "--create-bucket",

@@ -15,7 +15,7 @@ from typing import Any
 from lhfs.config import volume as volumes
 from lhfs.core.durable import atomic_write_json, copy_sparse, fsync_dir
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
-from lhfs.core.names import check_name
+from lhfs.core.names import IMAGE_BACKUPS, check_name
 from lhfs.store.backing import content_id, id_size
 
 
@@ -25,6 +25,11 @@ def images_dir(root: Path) -> Path:
 
 def create(root: Path, name: str, source: Path) -> dict[str, Any]:
     check_name(name, "backing image name")
+    if len(IMAGE_BACKUPS + name) > 64:  # (its backups are those of the volume image-NAME)
+        raise InvalidArgument(
+            f"backing image name {name!r} is too long: at most {64 - len(IMAGE_BACKUPS)} "
+            "characters (its backups are kept as the volume image-NAME)"
+        )
     if source.exists() and not source.is_file():
         raise InvalidArgument(f"image file {source} is not a regular file")
     if not source.is_file():
