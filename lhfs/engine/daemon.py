@@ -203,14 +203,19 @@ class Daemon:
             raise StorageError(f"cannot keep the session epoch: {exc.strerror}") from None
 
     def _record_mode(self, link: ReplicaLink) -> None:
+        """Keep a replica's mode and error, and a scrub's verdicts on it (held; a rotten
+        backing image to replace), in the configuration: the next attach honours them."""
         replica = self.vol.replica(link.id)
-        if (replica.get("mode"), replica.get("error")) == (link.mode, link.error):
+        now = (link.mode, link.error, link.held, link.rotten_backing)
+        recorded = ("mode", "error", "held", "rotten_backing")
+        if tuple(replica.get(key) or None for key in recorded) == tuple(v or None for v in now):
             return
 
         def change(config: dict[str, Any]) -> None:
             for entry in config["replicas"]:
                 if entry["id"] == link.id:
                     entry["mode"], entry["error"] = link.mode, link.error
+                    entry["held"], entry["rotten_backing"] = link.held, link.rotten_backing
 
         self.vol.update(change)
 
@@ -661,9 +666,17 @@ class Daemon:
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))
             for link in self.engine.replicas:
+                entry = self.vol.replica(link.id)  # (a scrub's verdicts, kept across attaches)
+                link.held, link.rotten_backing = (
+                    entry.get("held"),
+                    bool(entry.get("rotten_backing")),
+                )
                 if link.mode != ERR:
                     continue
                 link.failed_at = trio.current_time()  # (not serving: ``rejoin_limit`` counts)
+                if link.held is not None:
+                    link.rejoin = link.held
+                    continue
                 if link.client is not None and not link.client.broken:
                     self.start_rebuild(link)  # stale but reachable
                 else:  # unreachable, or its process did not start: brought back

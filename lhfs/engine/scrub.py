@@ -10,9 +10,10 @@ known to be corrupt) and rebuilt from a healthy one, which copies exactly the da
 
 Where no majority says which data is right (two replicas that disagree, or three that all
 differ), nothing is repaired in an arbitrary direction: the chunks are reported as
-``disputed``. A replica whose own record shows it rotted in a disputed chunk is taken out of
-I/O and held (not rebuilt: its source would be a replica no record vouches for); the operator
-decides (``replica rm`` keeps the other's data; a backup may hold the right one).
+``disputed``, and while there are any, a replica found damaged is taken out of I/O and held,
+not rebuilt (a rebuild copies every chunk that differs from its source, disputed ones too);
+held survives a detach; the operator decides (``replica rm`` keeps the others' data; a backup
+may hold the right one).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 from collections import Counter
 from typing import Any
 
-from lhfs.core.errors import LhfsError
+from lhfs.core.errors import InvalidArgument, LhfsError
 from lhfs.engine.engine import RW, Engine
 from lhfs.wire.client import SumsUnavailable, merged_layer_sums
 
@@ -41,7 +42,6 @@ async def scrub(
     layers = await healthy[0].client.call("list_layers")
     names = [layer["name"] for layer in layers if layer["active"] and layer["name"]]
     damaged: dict[str, list[str]] = {}
-    rotten_in: dict[str, set[tuple[str, int]]] = {}  # replica -> (layer, chunk) it rotted in
     disputed: dict[str, list[int]] = {}  # layer -> chunks on which no majority agrees
     chunks = -(-engine.size // engine.chunk_size)
     clients = [link.client for link in healthy]
@@ -49,7 +49,11 @@ async def scrub(
     steps = len(healthy) + (1 if len(healthy) > 1 else 0)
     task.update(done=0, total=len(names) * steps * engine.size)
     for link in healthy:  # the backing image: bit rot changes neither its size nor its time
-        found = await link.client.call("verify_backing")
+        try:
+            found = await link.client.call("verify_backing")
+        except InvalidArgument:  # (a replica of an older lhfs: its image is not checked)
+            log.warning("scrub: replica %s cannot check its backing image", link.id)
+            continue
         if found["id"] and found["found"] != found["id"]:
             damaged.setdefault(link.id, []).append(f"backing image: holds {found['found']}")
             link.rotten_backing = True
@@ -59,7 +63,6 @@ async def scrub(
             task["done"] += engine.size
             if rotten:
                 damaged.setdefault(link.id, []).append(f"{name}: {len(rotten)} chunk(s) changed")
-                rotten_in.setdefault(link.id, set()).update((name, c) for c in rotten)
         if len(healthy) < 2:
             continue
         walk = merged_layer_sums(clients, name, [False] * len(healthy), chunks)
@@ -85,14 +88,13 @@ async def scrub(
         "disputed": disputed,
         "held": [],  # damaged where disputed: out of I/O, not rebuilt (see above)
     }
-    contested = {(name, c) for name, found in disputed.items() for c in found}
     for link in healthy:
         if link.id in damaged and sum(r.mode == RW for r in engine.replicas) > 1:
             reason = "scrub found corrupt data: " + "; ".join(damaged[link.id][:3])
-            if rotten_in.get(link.id, set()) & contested:
+            if disputed:  # (its rebuild would copy the disputed chunks from its source too)
                 link.held = (
-                    f"{reason}, where no other replica's record agrees with its own: not "
-                    "rebuilt from one; 'replica rm' it to keep the others' data"
+                    f"{reason}; the replicas disagree elsewhere with no majority: not rebuilt "
+                    "from one; 'replica rm' it to keep the others' data"
                 )
                 engine.fail(link, reason)
                 report["held"].append(link.id)
