@@ -768,11 +768,12 @@ class BackupStore:
             if sweep:  # markers of dead backups: listed again, the fresh ones kept (a backup
                 # whose heartbeat came back since the first look is alive after all)
                 now = self.bucket.modified(marker.key)
-                for obj in self.bucket.list(self.target.key("volumes") + "/"):
-                    dead = now - obj.last_modified.timestamp() >= STALE
-                    if obj.object_name.endswith(".running") and dead:
-                        self.bucket.delete(obj.object_name)
-                        swept += 1
+                for kind in ("volumes", "systems"):  # (a dead system backup's too)
+                    for obj in self.bucket.list(self.target.key(kind) + "/"):
+                        dead = now - obj.last_modified.timestamp() >= STALE
+                        if obj.object_name.endswith(".running") and dead:
+                            self.bucket.delete(obj.object_name)
+                            swept += 1
             return Collection(removed, None, swept)
 
     def _running(self, own: str) -> str | None:
@@ -1059,18 +1060,36 @@ class Marker:
         token = secrets.token_hex(8)
         self._body["owner"] = token
         body = json.dumps({**self._body, "refreshed": time.time()}).encode()
-        if not self.bucket.put_new(self.key, body):
-            age = time.time() - self.bucket.modified(self.key)
-            if age < STALE:
+        if not self.bucket.put_new(self.key, body) and self._owner() != token:
+            # (not ours: a retried PUT whose first try landed finds its own token above)
+            if self._age() < STALE:
                 raise AlreadyExists(f"{self.claim} is under way (its marker {self.key})")
-            self._write()
+            self._write()  # (its process died: taken over)
+        if self._owner() != token:
+            raise AlreadyExists(f"{self.claim} is under way (its marker {self.key})")
+
+    def _owner(self) -> str | None:
+        """The token in the marker as it is now (None: none there, or not one of ours)."""
         found = self.bucket.get(self.key, SMALL_OBJECT)
         try:
-            ours = found is not None and parse_json(found[0]).get("owner") == token
+            owner = parse_json(found[0]).get("owner") if found else None
         except (ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise AlreadyExists(f"{self.claim} is under way (its marker {self.key})")
+            return None
+        return owner if isinstance(owner, str) else None
+
+    def _age(self) -> float:
+        """How long ago the marker was last written, by the server's clock (a probe written
+        now tells its time): a host whose clock runs ahead must not take a live one over."""
+        probe = f"{self.key}.probe-{secrets.token_hex(4)}"
+        self.bucket.put(probe, b"")
+        try:
+            now = self.bucket.modified(probe)
+        finally:
+            self.bucket.delete(probe)
+        try:
+            return now - self.bucket.modified(self.key)
+        except LhfsError:  # (gone meanwhile: as good as stale; the read-back decides)
+            return STALE
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self._stop.set()

@@ -9,7 +9,9 @@ them, with the volumes' settings. It is written once every part is complete, so 
 backup that was interrupted has no record and never looks complete: ``list`` shows it as
 ``interrupted`` once its marker is stale. The parts of one in progress are kept like those of
 a complete one (a prune must not take the first part of a system backup still uploading the
-last), as long as its marker is fresh.
+last), as long as its marker is there: an interrupted one's until ``backup gc`` sweeps its
+marker (by the server's clock; whether one is "fresh" here is by this host's). A second one
+of a name under way is refused: its marker is claimed by a conditional write.
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ def listing(store: BackupStore) -> list[dict[str, Any]]:
                     "started": obj.last_modified.timestamp(),
                     "volumes": None,
                     "images": None,
-                    "parts": _parts_so_far(store, obj) if fresh else None,
+                    # (kept while its marker is there, fresh or not: freshness is by this
+                    # host's clock; ``backup gc`` sweeps a dead one's marker, by the server's)
+                    "parts": _parts_so_far(store, obj),
                 }
             )
     for name in complete:

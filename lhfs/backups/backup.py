@@ -432,7 +432,10 @@ def _system_parts(store: BackupStore, volume: str) -> dict[str, str]:
 
     return {
         part[1]: f"system backup {system['name']}"
-        + (" (under way)" if system["state"] == "in_progress" else "")
+        + {
+            "in_progress": " (under way)",
+            "interrupted": " (interrupted: 'lhfs backup gc' lets its parts go)",
+        }.get(system["state"], "")
         for system in listing(store)
         for part in system["parts"] or ()
         if part[0] == volume
