@@ -22,7 +22,7 @@ from typing import Any
 
 from lhfs.cli.common import DEFAULT_ROOT, Parser
 from lhfs.core import __version__
-from lhfs.core.errors import ArgumentError, LhfsError, NotPermitted, sole
+from lhfs.core.errors import ArgumentError, LhfsError, sole
 
 # group name -> (module under lhfs.cli, the function adding its parsers), in --help's order
 _GROUPS: dict[str, tuple[str, str]] = {
@@ -85,23 +85,6 @@ def _group_named(argv: list[str] | None) -> str | None:
     return None
 
 
-def _private(root: str) -> None:
-    """A root made before (or by hand) readable by others becomes its owner's only. One that
-    another user owns is refused: whoever owns it can replace what lhfs reads there (a volume's
-    configuration names the directories lhfs writes and deletes) and run it as this user."""
-    try:
-        info = os.stat(root)
-    except OSError:
-        return
-    if info.st_uid != os.getuid():
-        raise NotPermitted(
-            f"the state root {root} belongs to user {info.st_uid}, not to this one (uid "
-            f"{os.getuid()}): lhfs keeps its state only in a directory of its own user"
-        )
-    if info.st_mode & 0o077:
-        os.chmod(root, info.st_mode & 0o700)
-
-
 def _load_store() -> None:
     """Import the backup store and its S3 client with the cyclic garbage collector paused,
     then move what the import made out of the collector's sight. An import makes objects that
@@ -125,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args = build_parser(argv).parse_args(argv)
-            _private(args.root)
             if getattr(args, "store", False):
                 _load_store()
                 from lhfs.backups import backup

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lhfs.core.errors import ArgumentError, LhfsError
+from lhfs.core.errors import ArgumentError, LhfsError, NotPermitted
 from lhfs.core.units import format_size, parse_size
 
 DEFAULT_ROOT = "/var/lib/lhfs"
@@ -132,7 +133,23 @@ def json_option(p: argparse.ArgumentParser) -> None:
 
 
 def root_of(args: argparse.Namespace) -> Path:
-    return Path(args.root)
+    """The state root a command works in: checked by the commands that use one (a root made
+    before, or by hand, readable by others becomes its owner's only; one another user owns is
+    refused: whoever owns it can replace what lhfs reads there, such as the configuration that
+    names the directories lhfs writes and deletes, and have it run as this user)."""
+    root = Path(args.root)
+    try:
+        info = os.stat(root)
+    except OSError:
+        return root
+    if info.st_uid != os.getuid():
+        raise NotPermitted(
+            f"the state root {root} belongs to user {info.st_uid}, not to this one (uid "
+            f"{os.getuid()}): lhfs keeps its state only in a directory of its own user"
+        )
+    if info.st_mode & 0o077:
+        os.chmod(root, info.st_mode & 0o700)
+    return root
 
 
 def replica_header() -> str:

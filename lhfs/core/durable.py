@@ -58,7 +58,9 @@ def atomic_write_json(path: Path, obj: Any, sync_dir: bool = True) -> None:
 def copy_sparse(source: Path, target: Path) -> None:
     """Copy ``source`` to a new ``target`` keeping its holes: an image of 80 MiB that holds
     1 MiB of data takes 1 MiB (copied whole, it took 80 under the root and 80 per replica).
-    Only the ranges the file system says hold data are copied, by the kernel where it can."""
+    Only the ranges the file system says hold data are copied, and copied for real (the
+    kernel's copy may share the blocks of the source, where one bad sector would then be in
+    every copy: each replica's copy must be a copy)."""
     with open(source, "rb") as src, open(target, "xb") as dst:
         size = os.fstat(src.fileno()).st_size
         offset = 0
@@ -70,20 +72,13 @@ def copy_sparse(source: Path, target: Path) -> None:
                     raise
                 break
             end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
-            _copy_range(src.fileno(), dst.fileno(), start, end)
+            while start < end:
+                data = os.pread(src.fileno(), min(end - start, 8 << 20), start)
+                if not data:  # (the source shrank under us)
+                    raise OSError(errno.EIO, f"{source} ended at {start} while being copied")
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(dst.fileno(), view, start + len(data) - len(view)) :]
+                start += len(data)
             offset = end
         dst.truncate(size)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    while start < end:
-        try:
-            done = os.copy_file_range(src, dst, min(end - start, 1 << 30), start, start)
-        except OSError as exc:  # (another file system, or a kernel without it: by hand)
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            data = os.pread(src, min(end - start, 8 << 20), start)
-            done = os.pwrite(dst, data, start) if data else 0
-        if done == 0:
-            return
-        start += done

@@ -216,6 +216,7 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
     """Serve ``collector`` on ``address`` (``HOST:PORT``; port 0 picks one) from a thread;
     the address bound. Bounded: a client that opens connections and sends half a request
     holds a thread each (the library's own server has neither a limit nor a timeout)."""
+    import contextlib
     import socket
     import threading
     from http.server import ThreadingHTTPServer
@@ -228,7 +229,29 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
     host, port = parse_address(address)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    handler = type("Handler", (MetricsHandler.factory(registry),), {"timeout": SCRAPE_TIMEOUT})
+
+    open_now: dict[Any, float] = {}  # connection -> when it is cut, whatever it is doing
+
+    class Handler(MetricsHandler.factory(registry)):  # type: ignore[misc]
+        timeout = SCRAPE_TIMEOUT  # (each read; the whole exchange: ``reap``)
+
+        def setup(self) -> None:
+            super().setup()
+            open_now[self.connection] = time.monotonic() + 2 * SCRAPE_TIMEOUT
+
+        def finish(self) -> None:
+            open_now.pop(self.connection, None)
+            with contextlib.suppress(OSError):
+                super().finish()
+
+    def reap() -> None:  # (a client trickling a byte at a time is let go all the same)
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            for connection, deadline in list(open_now.items()):
+                if now > deadline:
+                    with contextlib.suppress(OSError):
+                        connection.shutdown(socket.SHUT_RDWR)
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
@@ -251,7 +274,8 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
             finally:
                 self.slots.release()
 
-    server = Server((host, port), handler)
+    server = Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    threading.Thread(target=reap, daemon=True, name="metrics-reaper").start()
     bound = server.server_address
     return str(bound[0]), int(bound[1])

@@ -1168,9 +1168,14 @@ class ChunkStore:
         if chunk < 0 or chunk * cs + len(data) > -(-size // cs) * cs:
             raise InvalidArgument(f"chunks {chunk}+ ({len(data)} bytes) are not in the image")
         path = self.dir / ".backing.upload"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            pwrite_all(fd, data[: max(0, size - chunk * cs)], chunk * cs)
+        fresh = os.O_TRUNC if chunk == 0 else 0  # (an upload starts at 0: nothing older stays)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | fresh, 0o600)
+        view, zeros = memoryview(data)[: max(0, size - chunk * cs)], bytes(cs)
+        try:  # (chunks of zeros are left holes: the copy stays as sparse as the image)
+            for at in range(0, len(view), cs):
+                piece = view[at : at + cs]
+                if piece != zeros[: len(piece)]:
+                    pwrite_all(fd, piece, chunk * cs + at)
         finally:
             os.close(fd)
 

@@ -574,7 +574,8 @@ def _require_snapshot(vol: volumes.Volume, snapshot: str) -> float | None:
             if not found:
                 raise NotFound(f"volume {vol.name} has no snapshot named {snapshot!r}")
             taken = found[0]
-    return calendar.timegm(time.strptime(taken, "%Y-%m-%dT%H:%M:%SZ")) if taken else None
+    # (to the second: a time a peer sent may carry a fraction)
+    return calendar.timegm(time.strptime(taken[:19], "%Y-%m-%dT%H:%M:%S")) if taken else None
 
 
 # -- replicas --------------------------------------------------------------------------------

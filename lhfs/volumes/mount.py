@@ -69,7 +69,9 @@ def probe(device: str) -> dict[str, str] | None:
     finally:
         aligned.close()
         os.close(fd)
-    result = subprocess.run(["blkid", "-p", "-o", "export", device], capture_output=True, text=True)
+    result = subprocess.run(
+        ["blkid", "-p", "-o", "export", device], capture_output=True, text=True, env=child_env()
+    )
     if result.returncode == 2:
         return None
     if result.returncode != 0:
