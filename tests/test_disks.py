@@ -141,7 +141,7 @@ def test_disks_are_checked_before_anything_is_made(
     """A disk that is not mounted (its mount point is a plain directory), one named twice,
     fewer disks than replicas: each refused in one line, nothing made on any disk or under the
     root."""
-    d1, d2, _, _ = disks
+    d1, d2, d3, _ = disks
     plain = tmp_path / "not-mounted"
     plain.mkdir()
     cases = [
@@ -172,6 +172,10 @@ def test_disks_are_checked_before_anything_is_made(
             (d2 / "lhfs").unlink()
             (d2 / "lhfs").mkdir()
             os.chown(d2 / "lhfs", 65534, 65534)
+    os.chmod(d3, 0o777)  # (anyone could rename what lhfs makes there)
+    result = cli.run("volume", "create", "v", "--size", "16M", "--disks", f"{d1},{d3}", check=False)
+    assert "may be written by others" in one_line(result, 1), result.stderr
+    assert not (d3 / "lhfs").exists() and cli.json("volume", "ls") == []
 
 
 def test_restores_and_standbys_put_their_replicas_on_disks(

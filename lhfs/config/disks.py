@@ -17,9 +17,10 @@ The mistakes this guards against are the ones that lose a replica silently:
   A different disk mounted in its place (device names reorder at boot) holds no such
   directory and is refused the same way.
 - **A disk others can write to.** lhfs runs as root there; a symbolic link planted as
-  ``<disk>/lhfs`` would send a replica (and later ``volume rm``) somewhere else. Every level
-  under the disk is opened without following links and must be a directory of lhfs's user,
-  on the disk's file system, that no one else can write; anything else is refused.
+  ``<disk>/lhfs`` would send a replica (and later ``volume rm``) somewhere else. A disk whose
+  top others may write is refused unless it has the sticky bit (then no one else can rename
+  what lhfs made there), and every level under it is opened without following links and must
+  be a directory of lhfs's user, on the disk's file system, that no one else can write.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,8 +120,15 @@ def _open(disk: str, home: Path, depth: int, create: bool = False) -> int:
     where missing with ``create`` (else ``FileNotFoundError``)."""
     parts = home.relative_to(disk).parts[:depth]
     fd = os.open(disk, os.O_RDONLY | os.O_DIRECTORY)
-    device = os.fstat(fd).st_dev
+    info = os.fstat(fd)
+    device = info.st_dev
     path = Path(disk)
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        os.close(fd)  # (others could rename <disk>/lhfs away and put a link in its place)
+        raise NotPermitted(
+            f"disk {disk} may be written by others (mode {info.st_mode & 0o777:o}) and has no "
+            f"sticky bit: lhfs does not use it ('chmod go-w {disk}', or 'chmod +t {disk}')"
+        )
     try:
         for part in parts:
             path = path / part

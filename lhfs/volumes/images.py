@@ -55,7 +55,7 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
 
 
 def get(root: Path, name: str) -> dict[str, Any]:
-    path = images_dir(root) / f"{name}.json"
+    path = images_dir(root) / f"{check_name(name, 'backing image name')}.json"
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
@@ -77,7 +77,7 @@ def resolve(root: Path, name_or_file: str) -> tuple[Path, str | None]:
     try:
         info = get(root, name_or_file)
         return Path(info["path"]), info["id"]
-    except NotFound:
+    except (NotFound, InvalidArgument):  # (not a name an image may have: a file's path)
         path = Path(name_or_file)
         if path.is_file():
             if path.stat().st_size == 0:
