@@ -313,6 +313,7 @@ HOSTILE = [
     pytest.param("layers", lambda m, _: m.update(layers=list(m["layers"])), id="layers-a-list"),
     pytest.param("parents", _cycle, id="parent-cycle"),
     pytest.param("parent", _head(parent="0123456789abcdef"), id="parent-missing"),
+    pytest.param("parent", lambda m, _: m["layers"][m["head"]].pop("parent"), id="parent-key"),
     pytest.param(
         "name",
         lambda m, d: _add_layer(m, d, "00000000000000b1", name="../x"),

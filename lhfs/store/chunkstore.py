@@ -160,6 +160,9 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
         field = f"layers.{layer_id('a key of layers', key)}"
         if not isinstance(info, dict):
             raise bad(field, "an object", info)
+        for key_needed in ("name", "parent"):  # (null, or a value: read as info[...] later)
+            if key_needed not in info:
+                raise bad(f"{field}.{key_needed}", "present (null or a value)", None)
         name = info.get("name")
         if name is not None:
             plain_name(f"{field}.name", name, "a snapshot name or null")
