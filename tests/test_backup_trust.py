@@ -681,3 +681,9 @@ def test_image_names_are_kept_for_backing_images_backups(
         assert cli.json("volume", "ls") == []
     assert "system restore" in refused.stderr
     assert [b["volume"] for b in store.list()] == ["v", "image-odd"]
+    # a volume of such a name made before they were kept: backed up and restored as before
+    cli.run("volume", "create", "older", "--size", "4M", "--replicas", "1")
+    (cli.root / "volumes" / "older").rename(cli.root / "volumes" / "image-older")
+    older = cli.backup("image-older", target)
+    cli.run("backup", "restore", older, "back", "--replicas", "1", "--quiet")
+    assert cli.checksum("back") == cli.checksum("image-older")

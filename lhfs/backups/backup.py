@@ -63,11 +63,13 @@ def parse_backup_url(url: str) -> tuple[Target, str, str]:
     return target, volume, check_name(query["backup"][0], "backup name in the backup URL")
 
 
-def refuse_image_backups(volume: str, what: str) -> None:
+def refuse_image_backups(volume: str, what: str, manifest: dict[str, Any]) -> None:
     """A backing image's backups are kept as those of the volume ``image-<name>``: no volume
     is made from them (a restore, a DR standby), which would be a volume of the image's bytes
-    with a chunk size guessed from its size, if any fits."""
-    if volume.startswith(IMAGE_BACKUPS):
+    with a chunk size guessed from its size, if any fits. Told apart by the manifest: a
+    volume's names its chunk size (a volume of such a name made before they were kept for
+    images is backed up and restored as any other)."""
+    if volume.startswith(IMAGE_BACKUPS) and manifest.get("chunk_size") is None:
         raise InvalidArgument(
             f"{what}: the backups of {volume} are the backing image "
             f"{volume.removeprefix(IMAGE_BACKUPS)}'s, not a volume's; a backing image is "
@@ -256,7 +258,7 @@ def create(
     layer id and rebuild count on each replica."""
     started = time.time()
     target = Target.parse(url)
-    vol = volumes.load(root, check_volume_name(name))
+    vol = volumes.load(root, check_name(name, "volume name"))  # (an older image-* one too)
     vol.require_not_standby("a backup")
     vol.require_complete("a backup")
     if block_size is not None:
@@ -468,13 +470,13 @@ def restore(
     half-restored stays behind)."""
     started = time.time()
     target, volume, name = parse_backup_url(url)
-    refuse_image_backups(volume, url)
     check_volume_name(new_name)
     if not 1 <= replicas <= 16:
         raise InvalidArgument("a volume has 1 to 16 replicas")
     store = open_store(target, retry_timeout)
     store.bucket.ensure()
     manifest = store.manifest(volume, name)
+    refuse_image_backups(volume, url, manifest)
     if new_name in volumes.list_names(root):
         raise AlreadyExists(f"volume {new_name} already exists")
     mark = {"restoring": {"backup": url, "pid": os.getpid()}}

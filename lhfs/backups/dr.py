@@ -446,7 +446,6 @@ def create(
     target = Target.parse(url)
     check_volume_name(name)
     check_name(source, "source volume name")
-    refuse_image_backups(source, str(target))
     if not 0 < interval <= 86400 or not interval <= retry_max <= 86400:
         raise InvalidArgument("need 0 < --interval <= --retry-max <= 86400 seconds")
     if name in volumes.list_names(root):
@@ -461,6 +460,7 @@ def create(
     newest = newest_backup(BackupStore(bucket, password=store_password()), source, {})
     if newest is None:
         raise NotFound(f"{target} holds no complete backup of volume {source}")
+    refuse_image_backups(source, str(target), newest)
     size = newest["size"]
     config = {
         "target": str(target),
