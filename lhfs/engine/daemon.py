@@ -439,7 +439,11 @@ class Daemon:
     # -- replica set changes ------------------------------------------------------------------
 
     def start_rebuild(self, link: ReplicaLink) -> None:
-        """Rebuild ``link`` in the background; whatever happens, the engine keeps running."""
+        """Rebuild ``link`` in the background; whatever happens, the engine keeps running. One
+        a scrub held (``held``) is not: the operator decides."""
+        if link.held is not None:
+            link.rejoin = link.held
+            return
 
         async def run() -> None:
             await self.rebuild_over(link)  # (one still unwinding must not end this one's)

@@ -105,6 +105,9 @@ class Rejoiner:
             link.rejoin = f"failed again after coming back; trying again in {pause:.0f}s"
             await trio.sleep(pause)
         while not self._gone(link):
+            if link.held is not None:  # (held since it was watched: the operator decides)
+                link.rejoin = link.held
+                return
             wait, limit = self.owner.rejoin_settings()
             wait = 0.0 if at_once else wait
             away = trio.current_time() - (link.failed_at or trio.current_time())
