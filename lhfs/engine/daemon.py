@@ -206,16 +206,18 @@ class Daemon:
         """Keep a replica's mode and error, and a scrub's verdicts on it (held; a rotten
         backing image to replace), in the configuration: the next attach honours them."""
         replica = self.vol.replica(link.id)
-        now = (link.mode, link.error, link.held, link.rotten_backing)
-        recorded = ("mode", "error", "held", "rotten_backing")
-        if tuple(replica.get(key) or None for key in recorded) == tuple(v or None for v in now):
+        values: dict[str, Any] = {"mode": link.mode, "error": link.error}
+        if link.held is not None:  # (never let go here: a link of a new attach knows none yet)
+            values["held"] = link.held
+        if link.rotten_backing or link.mode == RW:  # (let go once rebuilt with a good one)
+            values["rotten_backing"] = link.rotten_backing or None
+        if all(replica.get(key) == value for key, value in values.items()):
             return
 
         def change(config: dict[str, Any]) -> None:
             for entry in config["replicas"]:
                 if entry["id"] == link.id:
-                    entry["mode"], entry["error"] = link.mode, link.error
-                    entry["held"], entry["rotten_backing"] = link.held, link.rotten_backing
+                    entry.update(values)
 
         self.vol.update(change)
 
