@@ -11,6 +11,7 @@ import random
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
 from lhfs.core.errors import LhfsError
-from lhfs.core.procs import wait_for
+from lhfs.core.procs import LHFS, wait_for
 from lhfs.engine import control
 from lhfs.replica.server import FRAME_TIMEOUT
 from lhfs.testing import Cli, RawSession, make_tls, raw_session, write_direct
@@ -614,6 +615,18 @@ def test_a_root_others_own_and_a_configuration_naming_paths_are_refused(
     os.chown(theirs, NOBODY, NOBODY)
     result = Cli(theirs).run("volume", "ls", check=False)
     assert result.returncode == 1 and f"belongs to user {NOBODY}" in result.stderr, result.stderr
+    shared = tmp_path / "shared"  # (a --root /tmp by mistake: not taken from everyone)
+    shared.mkdir(mode=0o1777)
+    os.chmod(shared, 0o1777)
+    (shared / "someone-elses").write_text("x")
+    result = Cli(shared).run("volume", "ls", check=False)
+    assert result.returncode == 1 and "a directory of its own" in result.stderr, result.stderr
+    assert os.stat(shared).st_mode & 0o7777 == 0o1777
+    for root in ("", str(shared / "someone-elses")):  # (empty: it was the current directory)
+        result = subprocess.run([LHFS, "--root", root, "volume", "ls"], capture_output=True,
+                                text=True, cwd=shared)  # fmt: skip
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert os.stat(shared).st_mode & 0o7777 == 0o1777
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious").write_text("kept")

@@ -17,7 +17,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from backupstore.s3 import Target
 
         Target.parse(args.target)
-    checks = doctor.run(root_of(args), args.volume, args.target)
+    checks = doctor.run(root_of(args, private=False), args.volume, args.target)
     if args.json:
         print_json(doctor.report(checks))
     else:
