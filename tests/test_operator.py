@@ -542,6 +542,9 @@ def test_a_crashed_volume_is_not_removed_from_under_its_mounts(
     assert "crashed" in line and f"{mnt} mounted" in line and "volume detach" in line, line
     assert cli.info(name)["state"] == "crashed" and len(cli.info(name)["replicas"]) == 3
     assert "its engine died and left " + str(mnt) in cli.run("volume", "info", name).stdout
+    doctor = cli.run("doctor", name, check=False)  # (it said all was well)
+    assert doctor.returncode == 1 and "crashed: its engine died" in doctor.stdout, doctor.stdout
+    assert f"lhfs --root {cli.root} volume detach {name}" in doctor.stdout, doctor.stdout
     cli.run("volume", "detach", name)
     assert mounts_of(str(mnt)) == []
     cli.run("volume", "rm", name)

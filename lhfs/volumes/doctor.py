@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import time
@@ -21,9 +22,10 @@ from urllib.parse import urlparse
 
 from lhfs.config import disks
 from lhfs.config import volume as volumes
-from lhfs.core.errors import LhfsError
+from lhfs.core.errors import InvalidArgument, LhfsError
 from lhfs.core.units import format_size
 from lhfs.store.chunkstore import disk_bytes, largest_file
+from lhfs.volumes import attachment
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 REACH_TIMEOUT = 5.0
@@ -153,10 +155,13 @@ def _may_grow(root: Path) -> int:
 
 
 def _volume(root: Path, name: str) -> list[Check]:
+    lhfs = f"lhfs --root {shlex.quote(str(root))}"  # (each hint runs as it is written)
     try:
         vol = volumes.load(root, name)
+    except InvalidArgument:  # (a name no volume can have: a usage mistake)
+        raise
     except LhfsError as exc:
-        return [Check("volume", FAIL, str(exc), "lhfs volume ls")]
+        return [Check("volume", FAIL, str(exc), f"{lhfs} volume ls")]
     out = []
     try:
         largest = largest_file(vol.dir)
@@ -172,6 +177,18 @@ def _volume(root: Path, name: str) -> list[Check]:
     except OSError:
         pass
     runtime = vol.runtime()
+    record = vol.runtime_record()
+    if runtime is None and record is not None:  # (its engine died, and left what it left)
+        device = Path(record["device"])
+        left = attachment.describe(attachment.leftovers(device), device)
+        out.append(
+            Check(
+                "engine",
+                FAIL,
+                f"crashed: its engine died{' and left ' + left if left else ''}",
+                f"{lhfs} volume detach {name} (then attach or mount it again)",
+            )
+        )
     if runtime is not None:
         from lhfs.engine import control
 
@@ -187,7 +204,7 @@ def _volume(root: Path, name: str) -> list[Check]:
                 "engine",
                 status,
                 f"attached, {state}",
-                None if status == OK else "lhfs replica ls " + name,
+                None if status == OK else f"{lhfs} replica ls {name}",
             )
         )
         refusal = live.get("last_refusal")
@@ -212,7 +229,7 @@ def _volume(root: Path, name: str) -> list[Check]:
             except LhfsError as exc:
                 hint = (
                     "mount it (the replica comes back by itself), or "
-                    f"lhfs replica rm {name} {replica['id']}"
+                    f"{lhfs} replica rm {name} {replica['id']}"
                 )
                 out.append(Check(label, FAIL, f"local: {exc}", hint))
                 continue
@@ -226,7 +243,7 @@ def _volume(root: Path, name: str) -> list[Check]:
                         label,
                         FAIL,
                         f"local directory {directory} holds no replica",
-                        f"lhfs replica rm {name} {replica['id']}",
+                        f"{lhfs} replica rm {name} {replica['id']}",
                     )
                 )
             continue
@@ -264,7 +281,8 @@ def _store(url: str) -> list[Check]:
         target = Target.parse(url)
         endpoint = Endpoint.from_env()
     except LhfsError as exc:
-        return [Check("s3 settings", FAIL, str(exc))]
+        hint = "set AWS_ENDPOINT_URL (or AWS_REGION), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
+        return [Check("s3 settings", FAIL, str(exc), hint)]
     out.append(Check("s3 settings", OK, f"endpoint {endpoint.url}, target {target}"))
     host = urlparse(endpoint.url).hostname or ""
     try:
@@ -296,7 +314,8 @@ def _store(url: str) -> list[Check]:
         out.append(Check("s3 bucket", FAIL, str(exc), "is the endpoint up and reachable?"))
         return out
     except StoreRefused as exc:
-        out.append(Check("s3 bucket", FAIL, str(exc)))
+        hint = "a missing bucket: lhfs backup init --target URL --create-bucket makes it"
+        out.append(Check("s3 bucket", FAIL, str(exc), hint))
         return out
     probe = target.key(f".lhfs-doctor-{secrets.token_hex(6)}")
     try:
