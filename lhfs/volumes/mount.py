@@ -281,9 +281,8 @@ def umount(root: Path, mountpoint: Path, force: bool = False) -> dict[str, Any]:
     is faulted or its engine died (the file system is then unmounted lazily: its device no
     longer answers). A busy file system of a working volume is refused, with the reason, and
     so is one whose engine does not answer, unless ``force``."""
-    mountpoint = mountpoint.absolute()
-    with open("/proc/self/mounts") as f:
-        sources = [line.split()[0] for line in f if line.split()[1] == str(mountpoint)]
+    mountpoint = Path(os.path.realpath(mountpoint))  # (the kernel lists real paths)
+    sources = [source for source, point in attachment.mount_table() if point == str(mountpoint)]
     if not sources:
         raise NotFound(f"nothing is mounted at {mountpoint}")
     owner = _owner_of(root, sources[-1])
