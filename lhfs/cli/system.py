@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from lhfs.cli.common import Parser, print_json, quiet_option, root_of, say, verb
+from lhfs.core.units import rfc3339
 
 
 class _Parts:
@@ -59,8 +60,8 @@ def cmd_system_ls(args: argparse.Namespace) -> None:
     from lhfs.backups import system
 
     found = system.listing(args.target, args.retry_timeout)
-    if args.json:
-        print_json(found)
+    if args.json:  # (times as RFC 3339, as everywhere in lhfs's JSON)
+        print_json([{**entry, "started": rfc3339(entry["started"])} for entry in found])
         return
     if not found:
         print(f"no system backups in {args.target}")

@@ -214,7 +214,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
         "backing_image": vol.config.get("backing_image"),
         "filesystem": vol.filesystem,
         "settings": vol.settings(),
-        "dr": vol.config.get("dr"),
+        "dr": _shown_dr(vol.config.get("dr")),
     }
     if vol.config.get("restoring"):  # a restore whose process died leaves it incomplete
         mark = vol.config["restoring"]
@@ -257,6 +257,14 @@ def info(root: Path, name: str) -> dict[str, Any]:
         {**base, "state": state, "attached": False, "replicas": replicas, "snapshots": snapshots},
         vol,
     )
+
+
+def _shown_dr(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A standby's section as shown: its time as RFC 3339 (kept as seconds, which its lag is
+    counted from)."""
+    if not config or not isinstance(config.get("created"), (int, float)):
+        return config
+    return {**config, "created": rfc3339(config["created"])}
 
 
 def _where(device: Path) -> dict[str, Any]:
