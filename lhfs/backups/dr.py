@@ -389,7 +389,7 @@ def _step(
     if newest["name"] != state["backup"] or UNKNOWN in state["blocks"]:
         status.update(state="applying", applying=newest["name"], progress=0.0)
         stats = apply(vol, store, newest, status.progress)
-        log.info("applied %s: %s", newest["name"], stats)
+        log.info("applied %s: %s", newest["name"], json.dumps(stats, default=str))
         status.count(bytes=stats["bytes"], increments=1)
         status.update(last_increment={"backup": newest["name"], **stats}, applying=None)
     status.update(state="standby", progress=None, current_at=time.time())

@@ -21,6 +21,7 @@ copied stays copied); a target that fails is marked ERR. Nothing here raises int
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
     target.rebuild_progress = None
     engine.mode_changed(target)
     stats.seconds = round(trio.current_time() - started, 3)
-    log.info("replica %s rebuilt: %s", target.id, stats.public())
+    log.info("replica %s rebuilt: %s", target.id, json.dumps(stats.public()))
     return stats
 
 

@@ -18,6 +18,7 @@ may hold the right one).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from typing import Any
@@ -101,5 +102,5 @@ async def scrub(
                 continue
             engine.fail(link, reason, at_once=True)  # (its owner reconnects and rebuilds it)
             report["repaired"].append(link.id)
-    log.info("scrub: %s", report)
+    log.info("scrub: %s", json.dumps(report))
     return report
