@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.cli.common import count_arg, print_json, root_of
+from lhfs.core.errors import UsageError
 
 COMPONENTS = ("engine", "replica", "dr")
 _POLL = 0.2
@@ -42,6 +43,8 @@ def _logs(args: argparse.Namespace) -> dict[str, Path]:
 def cmd_logs(args: argparse.Namespace) -> None:
     from lhfs.core import logs
 
+    if args.json and args.follow:
+        raise UsageError("--json prints one document: not with -f")
     found = _logs(args)
     chosen = logs.merged(found, 0 if args.all else args.lines, args.all)
     if args.json:

@@ -23,13 +23,14 @@ from lhfs.cli.common import (
     verb,
 )
 from lhfs.core.errors import LhfsError, UsageError
-from lhfs.core.units import format_size, parse_size
+from lhfs.core.units import check_chunk_size, format_size, parse_size
 
 
 def cmd_replica_init(args: argparse.Namespace) -> None:
     from lhfs.store.chunkstore import ChunkStore
     from lhfs.wire.auth import VolumeKey
 
+    check_chunk_size(args.chunk_size)  # (what a volume may have, before anything is made)
     owner = VolumeKey.load(Path(args.key_file)).id_hex if args.key_file else None
     store = ChunkStore.create(
         Path(args.dir), args.size, args.chunk_size, args.backing_image, volume_id=owner
@@ -180,7 +181,8 @@ def parsers(groups: Any) -> None:
         "--chunk-size",
         type=size_arg,
         default=parse_size(DEFAULT_CHUNK),
-        help=f"copy-on-write and rebuild unit, a power of two (default {DEFAULT_CHUNK})",
+        help=f"copy-on-write and rebuild unit, a power of two from 4K to 4M (default "
+        f"{DEFAULT_CHUNK})",
     )
     p.add_argument("--backing-image", type=Path, help="raw image copied in as the chain's bottom")
     p.add_argument(

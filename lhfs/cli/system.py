@@ -123,11 +123,15 @@ def parsers(groups: Any) -> None:
         "backup",
         cmd_system_backup,
         "back up every volume and backing image of the root",
-        description="Take a snapshot of every volume (one after the other, before any "
-        "upload), back each up (incrementally, as 'backup create' does), back every backing "
-        "image up (one the store already holds is complete at once), then record the system "
-        "backup. Each part shows its progress; a failure names the part. Interrupted, it "
-        "leaves nothing that looks complete ('system ls' shows it interrupted).",
+        description=(
+            "Take a snapshot of every volume at one instant (the I/O of all of them held "
+            "together for as long as the snapshots take, before any upload: together they"
+            " are crash-consistent, as one disk would be), back each up (incrementally, "
+            "as 'backup create' does), back every backing image up (one the store already"
+            " holds is complete at once), then record the system backup. Each part shows "
+            "its progress; a failure names the part. Interrupted, it leaves nothing that "
+            "looks complete ('system ls' shows it interrupted)."
+        ),
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--name", help="the system backup's name (default: system-DATE-TIME-XXXX)")
