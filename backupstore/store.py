@@ -687,7 +687,10 @@ class BackupStore:
         from .retention import keep
 
         if not any(policy.values()):
-            raise InvalidArgument("no --keep-* rule given: prune refuses to delete every backup")
+            raise InvalidArgument(
+                "no --keep-* rule keeps anything (none given, or each 0): prune refuses to "
+                "delete every backup"
+            )
         names = self.complete_names(volume)
         manifests = self._manifests([(volume, name) for name in names])
         backups = [

@@ -165,7 +165,7 @@ def cmd_backup_prune(args: argparse.Namespace) -> None:
         print(f"{verb_:6} {removed['name']:40} {removed['created']}")
     summary = f"{len(report['kept'])} kept, {len(report['removed'])} removed"
     if args.dry_run:
-        summary = f"{len(report['kept'])} would be kept, {len(report['removed'])} removed"
+        summary = f"{len(report['kept'])} would be kept, {len(report['removed'])} would be removed"
     elif report["deferred"]:
         summary += f"; collection of their blocks deferred: {report['deferred']}"
     elif report["removed"]:

@@ -221,7 +221,10 @@ def info(root: Path, name: str) -> dict[str, Any]:
         base["restoring"] = {**mark, "interrupted": not volumes.alive(mark["pid"])}
     record = vol.runtime_record()
     if record is not None:
-        base.update(_where(Path(record["device"])), metrics=record.get("metrics"))
+        alive = vol.runtime() is not None  # (a dead engine's address serves nothing)
+        base.update(
+            _where(Path(record["device"])), metrics=record.get("metrics") if alive else None
+        )
     if vol.runtime() is not None:
         try:
             live = control.call(vol.control_socket, "info", timeout=30)
