@@ -65,10 +65,10 @@ def cmd_backup_ls(args: argparse.Namespace) -> None:
     if not backups:
         print(f"no backups in {args.target}")
         return
-    print(f"{'VOLUME':16} {'BACKUP':36} {'STATE':11} {'SIZE':>8} URL")
+    print(f"{'VOLUME':16} {'BACKUP':44} {'STATE':11} {'SIZE':>8} URL")
     for b in backups:
         size = format_size(b["size"]) if b["size"] else "-"
-        print(f"{b['volume']:16} {b['name']:36} {b['state']:11} {size:>8} {b['url']}")
+        print(f"{b['volume']:16} {b['name']:44} {b['state']:11} {size:>8} {b['url']}")
 
 
 def cmd_backup_rm(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ def cmd_snapshot_ls(args: argparse.Namespace) -> None:
     print(f"{'SNAPSHOT':32} {'CREATED':25} {'SIZE':>8}")
     for snap in snaps:
         mark = "" if snap.get("active", True) else "  (not in the volume's chain)"
-        print(f"{snap['name']:32} {snap['created']}  {format_size(snap['size']):>8}{mark}")
+        print(f"{snap['name']:32} {snap['created']:25} {format_size(snap['size']):>8}{mark}")
 
 
 def cmd_snapshot_rm(args: argparse.Namespace) -> None:

@@ -47,7 +47,10 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         args.disks,
         image_id,
     )
-    text = f"created volume {vol.name}: {format_size(vol.size)}, {len(vol.replicas)} replicas"
+    count = len(vol.replicas)
+    text = (
+        f"created volume {vol.name}: {format_size(vol.size)}, {count} replica{'s' * (count != 1)}"
+    )
     say(args, manage.info(root_of(args), vol.name) if args.json else None, text)
 
 
