@@ -465,9 +465,13 @@ def test_two_replicas_that_disagree_are_not_repaired_in_a_guessed_direction(
         if again:
             cli.run("volume", "detach", "two")
             cli.run("volume", "attach", "two", "--device", str(device))
-        r1 = replica(cli, "two", "r1")
+        r1 = wait_for(lambda: (r := replica(cli, "two", "r1"))["pid"] is None and r, 30, "r1")
         assert r1["mode"] == "ERR" and "'replica rm' it" in (r1["rejoin"] or ""), r1
         assert r1["rebuild_stats"] is None and cli.live("two")["state"] == "degraded"
+    cli.run("volume", "detach", "two")  # (detached, it says so too)
+    r1 = next(r for r in cli.json("replica", "ls", "two") if r["id"] == "r1")
+    assert "'replica rm' it" in (r1["rejoin"] or ""), r1
+    cli.run("volume", "attach", "two", "--device", str(device))
     cli.run("replica", "rm", "two", "r1")
     assert cli.live("two")["state"] == "healthy"
     cli.run("volume", "detach", "two")

@@ -93,6 +93,8 @@ class Daemon:
             if directory is None:
                 continue
             replica["address"] = None
+            if replica.get("held"):  # (a scrub held it: it neither serves nor holds its lock)
+                continue
             try:
                 disks.ready(self.vol, replica)
             except LhfsError as exc:
@@ -318,6 +320,9 @@ class Daemon:
                 report = await scrub(engine, task)
             finally:
                 self.tasks.pop("scrub", None)
+            for link in engine.replicas:  # (held: a local one's process stops, as given up)
+                if link.id in report["held"]:
+                    self.nursery.start_soon(self.give_up, link)
             self.last_scrub = {"finished": time.time(), "damaged": report["damaged"]}
             return report
         if op == "replica_checksums":
@@ -667,7 +672,8 @@ class Daemon:
             self.nursery = nursery
             await self.engine.attach(
                 # only a replica recorded RW is trusted: a WO one was cut off mid-rebuild
-                [(r["id"], r["address"] or "", r.get("mode") != "RW") for r in self.vol.replicas]
+                [(r["id"], r["address"] or "", r.get("mode") != "RW") for r in self.vol.replicas],
+                held={r["id"] for r in self.vol.replicas if r.get("held")},
             )
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))

@@ -206,8 +206,13 @@ class Engine:
                 self.pool.forget(old)
         return client
 
-    async def attach(self, replicas: list[tuple[str, str, bool]]) -> None:
-        """Connect to (id, address, recorded_failed) replicas and pick the freshest to serve."""
+    async def attach(
+        self, replicas: list[tuple[str, str, bool]], held: set[str] | None = None
+    ) -> None:
+        """Connect to (id, address, recorded_failed) replicas and pick the freshest to serve;
+        never one of ``held`` (a scrub found it corrupt where no copy can be trusted), not
+        even as the last one that answers."""
+        held = held or set()
         for replica_id, address, failed in replicas:
             link = ReplicaLink(replica_id, address)
             self.replicas.append(link)
@@ -224,7 +229,7 @@ class Engine:
         candidates = [r for r in self.replicas if r.client and r.error is None]
         if not candidates:
             # Every replica was recorded as failed: salvage the freshest one that answers.
-            candidates = [r for r in self.replicas if r.client]
+            candidates = [r for r in self.replicas if r.client and r.id not in held]
             if candidates:
                 log.warning("no replica recorded healthy; salvaging the freshest one")
         if not candidates:

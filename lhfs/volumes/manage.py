@@ -283,8 +283,12 @@ def _unplaced(vol: volumes.Volume, replica: dict[str, Any]) -> dict[str, str | N
     try:
         disks.ready(vol, replica)
     except LhfsError as exc:  # (not there, or not safe to use)
-        return {"mode": "ERR", "error": str(exc)}
-    return {"mode": replica.get("mode", "RW"), "error": replica.get("error")}
+        return {"mode": "ERR", "error": str(exc), "rejoin": replica.get("held")}
+    return {
+        "mode": replica.get("mode", "RW"),
+        "error": replica.get("error"),
+        "rejoin": replica.get("held"),  # (a scrub's verdict: what the next attach does)
+    }
 
 
 def _disk(vol: volumes.Volume, replica: dict[str, Any]) -> dict[str, int | None]:
