@@ -491,6 +491,13 @@ class BackupStore:
             manifest = parse_json(found)
         except ValueError:
             manifest = None
+        if (  # an earlier lhfs wrote carried deltas under unit 0; their unit was the chunk size
+            isinstance(manifest, dict)
+            and manifest.get("delta_unit") == 0
+            and manifest.get("deltas")
+            and isinstance(manifest.get("chunk_size"), int)
+        ):
+            manifest["delta_unit"] = manifest["chunk_size"]
         bad = _bad_field(manifest, volume, name)
         if bad is not None:
             raise CorruptState(

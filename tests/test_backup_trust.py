@@ -380,6 +380,8 @@ def test_an_increment_that_knows_no_chunk_changes_keeps_its_base_deltas(s3_endpo
     third, _ = store.create("v", "b3", 4 * MIB, read, block_size=MIB, base=("b2", [2]),
                             extra=extra, units=None)  # fmt: skip
     assert list(third["deltas"]) == ["1"] and third["delta_unit"] == unit, third
+    reseal(store, "volumes/v/b3.json", json.dumps({**third, "delta_unit": 0}).encode())
+    assert store.manifest("v", "b3")["delta_unit"] == unit  # (as an earlier lhfs wrote it)
     out = bytearray(4 * MIB)
 
     def write(index: int, data: bytes) -> None:
@@ -554,7 +556,7 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
         ("created", {"created": 5}),
         ("snapshot", {"snapshot": ["s"]}),
         ("format", {"format": True}),
-        ("delta_unit", {"deltas": {"0": with_delta["0"]}, "delta_unit": 0}),
+        ("delta_unit", {"deltas": {"0": with_delta["0"]}, "delta_unit": 3}),
         ("deltas", {"deltas": {"0": {**with_delta["0"], "units": [True]}}, "delta_unit": 65536}),
         ("deltas", {"deltas": {" 0": with_delta["0"]}, "delta_unit": 65536}),
         ("JSON", None),
