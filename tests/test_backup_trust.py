@@ -689,3 +689,8 @@ def test_image_names_are_kept_for_backing_images_backups(
     older = cli.backup("image-older", target)
     cli.run("backup", "restore", older, "back", "--replicas", "1", "--quiet")
     assert cli.checksum("back") == cli.checksum("image-older")
+    shared = cli.run("backing-image", "create", "older", "--from", str(raw), check=False)
+    assert shared.returncode == 1 and "would share its backups" in shared.stderr, shared.stderr
+    (cli.root / "volumes" / "image-older").rename(cli.root / "volumes" / "image-odd")
+    shared = cli.run("backup", "create", "image-odd", "--target", target, check=False)
+    assert shared.returncode == 1 and "would share their backups" in shared.stderr

@@ -63,6 +63,20 @@ def parse_backup_url(url: str) -> tuple[Target, str, str]:
     return target, volume, check_name(query["backup"][0], "backup name in the backup URL")
 
 
+def _not_an_image_backup(root: Path, volume: str) -> None:
+    """Refuse to back up an older volume named ``image-X`` while an image ``X`` is registered:
+    both would be kept as the store's volume ``image-X``, and a prune of one would delete the
+    other's backups."""
+    from lhfs.volumes import images
+
+    image = volume.removeprefix(IMAGE_BACKUPS)
+    if volume != image and image in {i["name"] for i in images.list_images(root)}:
+        raise WrongState(
+            f"volume {volume} and backing image {image} would share their backups: rename "
+            f"the image ('backing-image rm {image}', then create it again under another name)"
+        )
+
+
 def refuse_image_backups(volume: str, what: str, manifest: dict[str, Any]) -> None:
     """A backing image's backups are kept as those of the volume ``image-<name>``: no volume
     is made from them (a restore, a DR standby), which would be a volume of the image's bytes
@@ -259,6 +273,7 @@ def create(
     started = time.time()
     target = Target.parse(url)
     vol = volumes.load(root, check_name(name, "volume name"))  # (an older image-* one too)
+    _not_an_image_backup(root, name)
     vol.require_not_standby("a backup")
     vol.require_complete("a backup")
     if block_size is not None:
@@ -322,9 +337,9 @@ def backup_image(
     create_bucket: bool = False,
     retry_timeout: float = RETRY_TIMEOUT,
 ) -> str:
-    """Back a backing image up like a volume named ``image-<name>`` (``IMAGE_BACKUPS``: no
-    volume is named so); when the store already holds its blocks, nothing is sent and the
-    backup completes all the same."""
+    """Back a backing image up like a volume named ``image-<name>`` (``IMAGE_BACKUPS``: no new
+    volume is named so, and an older one is not while the image is registered); when the
+    store already holds its blocks, nothing is sent and the backup completes all the same."""
     from lhfs.volumes.images import verified
 
     info = verified(root, name)  # (never a changed file under the old id)

@@ -22,10 +22,11 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 def check_volume_name(name: str, what: str = "volume name") -> str:
-    """The name of a volume being made (created, restored into, a DR standby) or backed up: a
-    name (``check_name``) that does not start with ``image-``. A backup store keeps a backing
+    """The name of a volume being made (created, restored into, a DR standby): a name
+    (``check_name``) that does not start with ``image-``. A backup store keeps a backing
     image's backups as those of the volume ``image-<name>``: a volume of such a name would mix
-    its backups with the image's, listed, pruned and restored as one."""
+    its backups with the image's, listed, pruned and restored as one. (One made before such
+    names were kept is backed up still, while no image of the root takes its name.)"""
     check_name(name, what)
     if name.startswith(IMAGE_BACKUPS):
         raise InvalidArgument(

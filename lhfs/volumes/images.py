@@ -25,6 +25,11 @@ def images_dir(root: Path) -> Path:
 
 def create(root: Path, name: str, source: Path) -> dict[str, Any]:
     check_name(name, "backing image name")
+    if (volumes.volumes_dir(root) / (IMAGE_BACKUPS + name)).exists():  # (an older volume)
+        raise AlreadyExists(
+            f"volume {IMAGE_BACKUPS + name} exists: backing image {name} would share its "
+            "backups; choose another name"
+        )
     if len(IMAGE_BACKUPS + name) > 64:  # (its backups are those of the volume image-NAME)
         raise InvalidArgument(
             f"backing image name {name!r} is too long: at most {64 - len(IMAGE_BACKUPS)} "
