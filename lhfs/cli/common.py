@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lhfs.core.errors import ArgumentError, InvalidArgument, LhfsError, NotPermitted
+from lhfs.core.errors import ArgumentError, LhfsError
 from lhfs.core.units import format_size, parse_size
 
 DEFAULT_ROOT = "/var/lib/lhfs"
@@ -135,38 +132,13 @@ def json_option(p: argparse.ArgumentParser) -> None:
 
 
 def root_of(args: argparse.Namespace, private: bool = True) -> Path:
-    """The state root a command works in, checked by the commands that use one. One another
-    user owns is refused: whoever owns it can replace what lhfs reads there (the configuration
-    that names the directories lhfs writes and deletes) and have it run as this user. One
-    others may read is made private (``private``; ``doctor`` only looks) when it holds only
-    lhfs's state (an older lhfs made it so), else refused: ``--root /tmp`` by mistake must
-    not take /tmp from everyone."""
-    if not args.root:
-        raise InvalidArgument("the state root is empty (--root, or LHFS_ROOT): name a directory")
-    root = Path(args.root)
-    try:
-        info = os.stat(root)
-    except FileNotFoundError:
-        return root
-    if not stat.S_ISDIR(info.st_mode):
-        raise InvalidArgument(f"the state root {root} is not a directory")
-    if info.st_uid != os.getuid():
-        raise NotPermitted(
-            f"the state root {root} belongs to user {info.st_uid}, not to this one (uid "
-            f"{os.getuid()}): lhfs keeps its state only in a directory of its own user"
-        )
-    if info.st_mode & 0o077 and private:
-        others = [name for name in os.listdir(root) if not _LHFS_ENTRY.fullmatch(name)]
-        if others:
-            raise NotPermitted(
-                f"the state root {root} may be read by others and holds what is not lhfs's "
-                f"({others[0]}...): give lhfs a directory of its own"
-            )
-        os.chmod(root, info.st_mode & 0o700)
-    return root
+    """The state root a command works in, checked by the commands that use one (see
+    ``lhfs.config.root``); made private unless told not to (``doctor`` only looks)."""
+    from lhfs.config import root as roots
 
-
-_LHFS_ENTRY = re.compile(r"volumes|backing-images|\.restore-image-.*")
+    if roots.check(args.root) and private:  # (the string as given: an empty one is refused)
+        roots.make_private(Path(args.root))
+    return Path(args.root)
 
 
 def replica_header() -> str:

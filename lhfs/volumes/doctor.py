@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lhfs.config import disks
+from lhfs.config import root as roots
 from lhfs.config import volume as volumes
 from lhfs.core.errors import InvalidArgument, LhfsError
 from lhfs.core.units import format_size
@@ -96,17 +97,18 @@ def _root(root: Path) -> list[Check]:
     out = []
     if root.exists():
         mode = root.stat().st_mode & 0o777
-        if mode & 0o077:
-            out.append(
-                Check(
-                    "root dir",
-                    WARN,
-                    f"{root} is readable by others ({mode:o})",
-                    f"chmod 700 {root} (any lhfs command does it)",
-                )
-            )
+        try:
+            to_make_private = roots.check(root)
+        except LhfsError as exc:  # (what every other command refuses)
+            out.append(Check("root dir", FAIL, str(exc), "give lhfs a directory of its own"))
         else:
-            out.append(Check("root dir", OK, f"{root} ({mode:o})"))
+            if to_make_private:
+                hint = f"chmod 700 {shlex.quote(str(root))} (the next lhfs command does it)"
+                out.append(
+                    Check("root dir", WARN, f"{root} is readable by others ({mode:o})", hint)
+                )
+            else:
+                out.append(Check("root dir", OK, f"{root} ({mode:o})"))
     else:
         out.append(Check("root dir", OK, f"{root} does not exist yet: made at the first volume"))
     free = shutil.disk_usage(existing).free
