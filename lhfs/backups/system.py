@@ -85,6 +85,12 @@ def create(
     store.init()
     if systems.exists(store, name):
         raise AlreadyExists(f"{target} already holds a system backup named {name}")
+    too_long = [i["name"] for i in images.list_images(root) if len(IMAGE_BACKUPS + i["name"]) > 64]
+    if too_long:  # (registered by an earlier lhfs: refused before anything is taken)
+        raise WrongState(
+            f"backing image {too_long[0]}'s name is too long for its backups (image-NAME, 64 "
+            "characters at most): register it again under at most 58 characters"
+        )
     chosen, skipped = [], {}
     for volume in volumes.list_names(root):
         vol = volumes.load(root, volume)

@@ -240,8 +240,8 @@ def cmd_volume_scrub(args: argparse.Namespace) -> int:
             action = (
                 "marked ERR, rebuilding"
                 if replica in report["repaired"]
-                else "marked ERR and held, not rebuilt: no other replica's record agrees with "
-                "its own ('replica rm' it to keep the others' data)"
+                else "marked ERR and held, not rebuilt: the replicas disagree elsewhere with "
+                "no majority ('replica rm' it to keep the others' data)"
                 if replica in report["held"]
                 else "not repaired"
             )

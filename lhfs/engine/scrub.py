@@ -87,7 +87,7 @@ async def scrub(
         "damaged": damaged,
         "repaired": [],  # the damaged replicas, rebuilt at once (copying the damaged chunks)
         "disputed": disputed,
-        "held": [],  # damaged where disputed: out of I/O, not rebuilt (see above)
+        "held": [],  # damaged while chunks are disputed: out of I/O, not rebuilt (see above)
     }
     for link in healthy:
         if link.id in damaged and sum(r.mode == RW for r in engine.replicas) > 1:
