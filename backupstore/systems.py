@@ -21,6 +21,7 @@ import time
 from contextlib import AbstractContextManager
 from typing import Any
 
+from lhfs.config import volume as volumes
 from lhfs.core.errors import CorruptState, InvalidArgument, NotFound
 from lhfs.core.names import IMAGE_BACKUPS, check_name
 
@@ -54,6 +55,8 @@ def get(store: BackupStore, name: str) -> dict[str, Any]:
         record = parse_json(found)
         valid = (
             record["name"] == name
+            and type(record["started"]) in (int, float)
+            and isinstance(record["created"], str)
             and isinstance(record["volumes"], dict)
             and isinstance(record["images"], dict)
             and all(_volume_part(n, p) for n, p in record["volumes"].items())
@@ -78,7 +81,11 @@ def _volume_part(name: str, part: Any) -> bool:
         and (replicas is None or (type(replicas) is int and replicas > 0))
         and isinstance(config, dict)
         and isinstance(settings, dict)
-        and all(type(v) in (int, float) for v in settings.values())
+        and all(
+            type(v) in (int, float) and volumes.check_setting(k, v) is not None
+            for k, v in settings.items()
+            if k in volumes.SETTINGS  # (one this lhfs does not know is not restored)
+        )
         and (filesystem is None or isinstance(filesystem, dict))
     )
 

@@ -609,6 +609,7 @@ def test_a_resealed_system_record_with_fields_of_the_wrong_type_is_refused(
     cases = [
         {"v": {**good, "replicas": "x"}},
         {"v": {**good, "config": {"settings": {"io_timeout": "soon"}}}},
+        {"v": {**good, "config": {"settings": {"io_timeout": float("nan")}}}},
         {"v": {**good, "config": "x"}},
         {"v": "x"},
         {"../v": good},
