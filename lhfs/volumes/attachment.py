@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import re
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -36,10 +37,10 @@ def mount_table() -> list[tuple[str, str]]:
     written as octal escapes there, decoded here)."""
     with open("/proc/self/mounts") as f:
         rows = [line.split()[:2] for line in f]
-    return [(_unescape(source), _unescape(point)) for source, point in rows]
+    return [(unescape(source), unescape(point)) for source, point in rows]
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -285,9 +286,9 @@ def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
                 )
             mounted = [m for loop in loops_backed_by(device) for m in mounted_at(loop)]
             fix = (
-                f"unmount it first (lhfs umount {mounted[0]})"
+                f"unmount it first (lhfs --root {shlex.quote(str(root))} umount {mounted[0]})"
                 if mounted
-                else f"let go of it first (losetup -d {loops})"
+                else f"let go of it first (losetup -d {' '.join(loops_backed_by(device))})"
             )
             raise Busy(f"{device} is in use by {loops}: {fix}")
         if loops_backed_by(device):

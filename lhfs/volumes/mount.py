@@ -271,7 +271,7 @@ def _fstype_at(mountpoint: str) -> str | None:
     with open("/proc/self/mounts") as f:
         for line in f:
             fields = line.split()
-            if fields[1] == mountpoint:
+            if attachment.unescape(fields[1]) == mountpoint:  # (a space is \040 there)
                 return fields[2]
     return None
 
