@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 import trio
@@ -559,7 +558,9 @@ def xxhash_of(data: bytes | bytearray) -> str:
 
 
 @needs_fuse
-def test_a_replica_on_another_host_over_tls(cli: Cli, tmp_path: Path, replica_factory) -> None:
+def test_a_replica_on_another_host_over_tls(
+    cli: Cli, tmp_path: Path, replica_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A replica served with a certificate is added with the operator's CA, rebuilt over TLS
     and then serves as the rebuild source of another one (which is handed the CA to pull);
     a client without TLS, or trusting another CA, is refused."""
@@ -576,8 +577,9 @@ def test_a_replica_on_another_host_over_tls(cli: Cli, tmp_path: Path, replica_fa
     wrong = cli.run("replica", "add", "t", "--address", remote.address, "--tls-ca", str(other_ca),
                     check=False)  # fmt: skip
     assert wrong.returncode == 1 and "certificate verify failed" in wrong.stderr, wrong.stderr
-    with mock.patch.dict(os.environ, {"SSL_CERT_FILE": str(ca)}):  # (ca as a system CA)
-        context = tls.client_context(other_ca.read_text())
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # (ca as a CA of the system's store)
+    context = tls.client_context(other_ca.read_text())
+    monkeypatch.delenv("SSL_CERT_FILE")
     raw = socket.create_connection(parse_address(remote.address))
     with raw, pytest.raises(ssl.SSLCertVerificationError):  # (only the CA given is trusted)
         context.wrap_socket(raw, server_hostname="127.0.0.1")
