@@ -39,7 +39,7 @@ from lhfs.core.errors import (
     UsageError,
     WrongState,
 )
-from lhfs.core.names import IMAGE_BACKUPS, check_name
+from lhfs.core.names import IMAGE_BACKUPS, MAX_IMAGE_NAME, check_name, image_name_fits
 from lhfs.core.units import rfc3339
 from lhfs.engine import housekeeping
 from lhfs.store.backing import content_id
@@ -85,11 +85,11 @@ def create(
     store.init()
     if systems.exists(store, name):
         raise AlreadyExists(f"{target} already holds a system backup named {name}")
-    too_long = [i["name"] for i in images.list_images(root) if len(IMAGE_BACKUPS + i["name"]) > 64]
+    too_long = [i["name"] for i in images.list_images(root) if not image_name_fits(i["name"])]
     if too_long:  # (registered by an earlier lhfs: refused before anything is taken)
         raise WrongState(
             f"backing image {too_long[0]}'s name is too long for its backups (image-NAME, 64 "
-            "characters at most): register it again under at most 58 characters"
+            f"characters at most): register it again under at most {MAX_IMAGE_NAME} characters"
         )
     chosen, skipped = [], {}
     for volume in volumes.list_names(root):

@@ -34,3 +34,12 @@ def check_volume_name(name: str, what: str = "volume name") -> str:
             "backing images' backups"
         )
     return name
+
+
+MAX_IMAGE_NAME = 64 - len(IMAGE_BACKUPS)  # (its backups are those of the volume image-NAME)
+
+
+def image_name_fits(name: str) -> bool:
+    """Whether a backing image's backups can be named (``image-<name>``, a name of 64 at most):
+    refused for a new image, and before a system backup takes anything for an older one."""
+    return len(name) <= MAX_IMAGE_NAME

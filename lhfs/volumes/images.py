@@ -15,7 +15,7 @@ from typing import Any
 from lhfs.config import volume as volumes
 from lhfs.core.durable import atomic_write_json, copy_sparse, fsync_dir
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
-from lhfs.core.names import IMAGE_BACKUPS, check_name
+from lhfs.core.names import IMAGE_BACKUPS, MAX_IMAGE_NAME, check_name, image_name_fits
 from lhfs.store.backing import content_id, id_size
 
 
@@ -30,9 +30,9 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
             f"volume {IMAGE_BACKUPS + name} exists: backing image {name} would share its "
             "backups; choose another name"
         )
-    if len(IMAGE_BACKUPS + name) > 64:  # (its backups are those of the volume image-NAME)
+    if not image_name_fits(name):
         raise InvalidArgument(
-            f"backing image name {name!r} is too long: at most {64 - len(IMAGE_BACKUPS)} "
+            f"backing image name {name!r} is too long: at most {MAX_IMAGE_NAME} "
             "characters (its backups are kept as the volume image-NAME)"
         )
     if source.exists() and not source.is_file():
