@@ -26,8 +26,9 @@ RULES = ("last", *PERIODS)
 
 def keep(backups: list[dict[str, Any]], policy: dict[str, int]) -> dict[str, list[str]]:
     """``{name: reasons}`` of the backups ``policy`` keeps (``{"last": 3, "daily": 7}``).
-    ``backups``: dicts with ``name`` and ``started`` (seconds since the epoch)."""
-    newest_first = sorted(backups, key=lambda b: (b["started"], b["name"]), reverse=True)
+    ``backups``: dicts with ``name`` and ``time`` (seconds since the epoch: when its
+    snapshot was taken, restic's time of a snapshot)."""
+    newest_first = sorted(backups, key=lambda b: (b["time"], b["name"]), reverse=True)
     kept: dict[str, list[str]] = {}
     for n, backup in enumerate(newest_first[: policy.get("last", 0)]):
         kept.setdefault(backup["name"], []).append(f"last {n + 1}")
@@ -37,7 +38,7 @@ def keep(backups: list[dict[str, Any]], policy: dict[str, int]) -> dict[str, lis
         for backup in newest_first:
             if left <= 0:
                 break
-            bucket = bucket_of(time.gmtime(backup["started"]))
+            bucket = bucket_of(time.gmtime(backup["time"]))
             if bucket != seen:
                 seen = bucket
                 left -= 1

@@ -29,6 +29,7 @@ asker's own marker), so a skewed local clock cannot make a live marker look dead
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
 import logging
@@ -279,6 +280,7 @@ class BackupStore:
         base: tuple[str, list[int]] | None = None,
         extra: dict[str, Any] | None = None,
         units: tuple[int, dict[int, set[int]]] | None = None,
+        taken: str | None = None,
     ) -> tuple[dict[str, Any], BackupStats]:
         """Back a volume's content up block by block; returns the manifest and what moved.
 
@@ -288,7 +290,8 @@ class BackupStore:
         digests. Without it, or when the base is gone, every block is read (and only those the
         store lacks are sent). With ``units`` too (a unit size and, per changed block, the
         indexes of its units that changed), a block changed in few units is stored as a delta
-        on its base block (see ``deltas``)."""
+        on its base block (see ``deltas``). ``taken``: when the snapshot was taken (RFC 3339;
+        the start when not given), what orders a volume's backups (see ``order``)."""
         self.bucket.ensure()  # (the caller may have made it, with --create-bucket)
         self.init()
         block_size, recorded = self._settings(volume, block_size)
@@ -378,6 +381,7 @@ class BackupStore:
                 "snapshot": snapshot,
                 "created": rfc3339(started),
                 "started": started,  # orders backups made within the same second
+                "taken": taken or rfc3339(started),
                 "size": size,
                 "block_size": block_size,
                 "blocks": digests,
@@ -565,6 +569,7 @@ class BackupStore:
                     "snapshot": None,
                     "created": obj.last_modified.strftime("%Y-%m-%dT%H:%M:%SZ"),
                     "started": obj.last_modified.timestamp(),
+                    "taken": None,
                     "size": None,
                     "blocks": None,
                 }
@@ -578,6 +583,7 @@ class BackupStore:
                     "snapshot": manifest.get("snapshot"),
                     "created": manifest["created"],
                     "started": manifest.get("started", 0.0),
+                    "taken": manifest.get("taken"),
                     "size": manifest["size"],
                     "blocks": sum(1 for d in manifest["blocks"] if d),
                 }
@@ -701,7 +707,7 @@ class BackupStore:
         names = self.complete_names(volume)
         manifests = self._manifests([(volume, name) for name in names])
         backups = [
-            {"name": name, "started": float(m.get("started") or 0.0), "created": m["created"]}
+            {"name": name, "time": taken_at(m), "created": m["created"]}
             for (_, name), m in manifests.items()
         ]
         kept = keep(backups, policy)
@@ -715,13 +721,13 @@ class BackupStore:
             if name in present:
                 kept.setdefault(name, []).append(why)
         doomed = sorted(
-            (b for b in backups if b["name"] not in kept), key=lambda b: (b["started"], b["name"])
+            (b for b in backups if b["name"] not in kept), key=lambda b: (b["time"], b["name"])
         )
         report: dict[str, Any] = {
             "volume": volume,
             "kept": [
                 {"name": b["name"], "created": b["created"], "reasons": kept[b["name"]]}
-                for b in sorted(backups, key=lambda b: (b["started"], b["name"]))
+                for b in sorted(backups, key=lambda b: (b["time"], b["name"]))
                 if b["name"] in kept
             ],
             "removed": [{"name": b["name"], "created": b["created"]} for b in doomed],
@@ -930,6 +936,8 @@ def _bad_field(manifest: Any, volume: str, name: str) -> str | None:
         return "created"
     if type(started) not in (int, float) or not 0 <= started < _LAST_TIME:
         return "started"  # (not in the first manifests lhfs wrote)
+    if "taken" in manifest and not (isinstance(m("taken"), str) and _CREATED.fullmatch(m("taken"))):
+        return "taken"  # (nor in those before snapshots' times were recorded)
     if not _is_int(size, 0, MAX_SIZE):
         return "size"
     if not _passes(check_block_size, block_size):
@@ -1017,9 +1025,22 @@ def _parts(key: str) -> tuple[str, str, str]:
     return vol, name, kind
 
 
+def taken_at(backup: dict[str, Any]) -> float:
+    """When a backup's content was the volume's (seconds since the epoch): its snapshot's
+    time. Not when its upload began: a backup of an older snapshot, or a system backup's part
+    uploaded minutes after its snapshot, is older than a backup started before it of a later
+    snapshot, and a DR standby or ``--keep-last`` taking it for the newest would go back in
+    time. Manifests written before snapshots' times were recorded: their start."""
+    if backup.get("taken"):
+        return calendar.timegm(time.strptime(backup["taken"], "%Y-%m-%dT%H:%M:%SZ"))
+    if backup.get("started"):
+        return float(backup["started"])
+    return calendar.timegm(time.strptime(backup["created"], "%Y-%m-%dT%H:%M:%SZ"))
+
+
 def order(backup: dict[str, Any]) -> tuple:
-    """Oldest first: by creation time, then by the sub-second start within that second."""
-    return (backup["created"], backup.get("started") or 0.0, backup["name"])
+    """Oldest first: by the snapshot's time (see ``taken_at``), then by when each started."""
+    return (taken_at(backup), backup.get("started") or 0.0, backup["name"])
 
 
 class Marker:

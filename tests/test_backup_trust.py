@@ -250,7 +250,7 @@ def test_prune_policy_keeps_exactly_what_it_names(policy: dict[str, int], expect
         "w2": newest - 14 * day,
         "m2": newest - 62 * day,
     }
-    backups = [{"name": n, "started": t} for n, t in times.items()]
+    backups = [{"name": n, "time": t} for n, t in times.items()]
     random.Random(len(policy)).shuffle(backups)
     assert set(keep(backups, policy)) == expected
 

@@ -3,10 +3,12 @@ proxy, through outages, a host name that stops resolving and a SIGKILL, then is 
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import random
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -230,6 +232,51 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
     assert cli.volumes() == before
+
+
+def test_a_backup_of_an_older_snapshot_never_takes_a_standby_back(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """Backups are ordered by when their snapshot was taken, not by when their upload began:
+    a backup of an older snapshot, made last (as a system backup's part uploaded minutes after
+    its snapshot is), is not the newest: a standby does not go back to it, ``backup ls`` lists
+    it first and ``--keep-last 1`` keeps the other."""
+    target = "s3://dr-order/site"
+    cli.run("volume", "create", "src", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    write_at(device, 0, os.urandom(MIB))
+    cli.run("snapshot", "create", "src", "old")
+    write_at(device, 0, os.urandom(MIB))
+    new, new_sum = _backup_attached(cli, target)
+    cli.run(
+        "dr", "create", "dr4", "--target", target, "--volume", "src", "--replicas", "1",
+        "--interval", "0.2", "--quiet",
+    )  # fmt: skip
+    cli.dr_restored("dr4", new)
+    args = ("backup", "create", "src", "--target", target, "--snapshot", "old", "--quiet")
+    old = cli.run(*args).stdout.split()[-1]
+    made = time.time()
+    listed = cli.json("backup", "ls", "--target", target)
+    assert [b["name"] for b in listed] == [_name(old), _name(new)], listed
+    assert listed[0]["taken"] < listed[1]["taken"] and listed[0]["created"] >= listed[1]["created"]
+    status = wait_for(  # a check that began after the old snapshot's backup was complete
+        lambda: (
+            (s := cli.json("dr", "status", "dr4"))["last_checked"]
+            and calendar.timegm(time.strptime(s["last_checked"], "%Y-%m-%dT%H:%M:%SZ")) > made
+            and s
+        ),
+        30,
+        "the standby to look at the store again",
+    )
+    assert status["newest_backup"] == _name(new), status
+    assert status["last_restored_backup"] == _name(new), status
+    assert cli.checksum("dr4") == new_sum
+    args = ("backup", "prune", "--target", target, "--volume", "src", "--keep-last", "1")
+    dry = cli.json(*args, "--dry-run")
+    assert [r["name"] for r in dry["removed"]] == [_name(old)], dry
+    cli.run("dr", "stop", "dr4")
+    cli.run("volume", "detach", "src")
 
 
 def _backup_attached(cli: Cli, target: str) -> tuple[str, str]:

@@ -251,7 +251,12 @@ def _base_of(layers: list[dict[str, Any]], info: dict[str, Any], snapshot: str) 
     for layer in layers:
         if snapshot in (layer["name"], layer["id"]):
             size = layer["volume_size"]
-            return {"layer": layer["id"], "size": size, "rebuilds": info["rebuilds"]}
+            return {
+                "layer": layer["id"],
+                "size": size,
+                "rebuilds": info["rebuilds"],
+                "created": layer["created"],  # (orders the backup among the volume's)
+            }
     raise NotFound(f"no snapshot {snapshot!r}")
 
 
@@ -312,6 +317,7 @@ def create(
                 base=None if changed is None or record is None else (record["backup"], changed),
                 extra={"chunk_size": vol.chunk_size},
                 units=units,
+                taken=source.bases[source.replica_id]["created"],
             )
         finally:
             if source is not None:
