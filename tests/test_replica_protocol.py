@@ -521,3 +521,37 @@ def test_a_sealed_receiver_makes_room_for_a_large_frame_behind_a_small_one() -> 
         frames.release()
     assert got == [(1, 2), (2, 8 + (8 << 20))]
     assert len(buffers) <= 3, len(buffers)
+
+
+def test_a_task_waiting_for_a_tls_outbox_to_empty_wakes_when_it_has() -> None:
+    """``sent()`` on the outbox of a TLS connection returns once everything queued has left,
+    even when more is pushed while it waits and a send is under way (a push used to swap the
+    event it waited on for a new one, and it slept for ever: a rebuild over TLS hung at 99%)."""
+
+    async def main() -> None:
+        sender, receiver = trio.testing.lockstep_stream_pair()  # (a send waits for a reader)
+        out = p.StreamOutbox(sender, on_error=lambda exc: None)
+        woke = trio.Event()
+
+        async def waiter() -> None:
+            await out.sent()
+            woke.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.drain)
+            out.add([b"a" * 10])
+            out.push()
+            await trio.testing.wait_all_tasks_blocked()  # (the drain task is in its send)
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            out.add([b"b" * 10])
+            out.push()
+            got = b""
+            with trio.fail_after(5):
+                while len(got) < 20:
+                    got += await receiver.receive_some()
+                await woke.wait()
+            assert got == b"a" * 10 + b"b" * 10 and not out.queue
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

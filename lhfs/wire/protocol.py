@@ -333,7 +333,8 @@ class StreamOutbox(_Queue):
 
     def push(self) -> None:
         if self.queue and self.failed is None:
-            self._idle = trio.Event()
+            if self._idle.is_set():  # (an unset one stays: ``sent`` may be waiting on it)
+                self._idle = trio.Event()
             self._wake.set()
 
     async def drain(self) -> None:
