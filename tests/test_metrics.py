@@ -171,7 +171,20 @@ def test_connections_that_never_finish_a_request_hold_no_thread_for_long(
     import socket
 
     cli.run("volume", "create", "h", "--size", "16M", "--replicas", "1")
-    cli.run("volume", "attach", "h", "--device", str(tmp_path / "dev"), "--metrics", "127.0.0.1:0")
+    device = tmp_path / "dev"
+    with socket.socket() as taken:  # an address taken: refused, and no mount left behind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        failed = cli.run(
+            "volume", "attach", "h", "--device", str(device), "--metrics", busy, check=False
+        )
+    assert failed.returncode == 1, failed
+    assert failed.stderr.count("\n") == 1 and f"metrics on {busy}: Address already" in failed.stderr
+    assert (
+        str(device) not in Path("/proc/mounts").read_text() and cli.info("h")["state"] == "detached"
+    )
+    cli.run("volume", "attach", "h", "--device", str(device), "--metrics", "127.0.0.1:0")
     address = cli.info("h")["metrics"]
     host, port = address.rsplit(":", 1)
     engine = cli.engine_pid("h")

@@ -697,8 +697,8 @@ class Daemon:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._watch_disks)
             nursery.start_soon(self.engine.run)
+            metrics = self._serve_metrics()  # (first: an address taken leaves no mount behind)
             self.channel.mount()
-            metrics = self._serve_metrics()
             try:
                 atomic_write_json(
                     self.vol.runtime_path,

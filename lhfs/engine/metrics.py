@@ -13,10 +13,13 @@ given (``volume attach --metrics HOST:PORT``); its import costs nothing otherwis
 
 from __future__ import annotations
 
+import errno
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from lhfs.core.errors import Busy, InvalidArgument
 
 OPS = ("read", "write", "trim", "flush")
 # latency bucket bounds (seconds): from a page-cache hit to a replica timing out
@@ -274,7 +277,11 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
             finally:
                 self.slots.release()
 
-    server = Server((host, port), Handler)
+    try:
+        server = Server((host, port), Handler)
+    except OSError as exc:  # (taken: a conflict, exit 1; a name or address not here: usage)
+        kind = Busy if exc.errno == errno.EADDRINUSE else InvalidArgument
+        raise kind(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     threading.Thread(target=reap, daemon=True, name="metrics-reaper").start()
     bound = server.server_address
