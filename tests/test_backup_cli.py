@@ -165,6 +165,20 @@ def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoin
     cli.run("backup", "restore", url, "back", "--replicas", "1")
     assert cli.checksum("back") == cli.checksum("big")
 
+    # Stopped by SIGTERM (a service manager, `timeout`), a backup ends as on Ctrl-C: its
+    # marker removed, nothing shown in progress for ten minutes, nothing for gc to sweep.
+    store = BackupStore(Bucket(Target.parse(target + "2")))
+    proc = cli.start("backup", "create", "big", "--target", target + "2")
+    try:
+        wait_for(lambda: uploaded() >= 3 or proc.poll() is not None, 120, "uploads")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and err.strip().endswith("lhfs: terminated"), err
+    assert store.list("big") == []
+
 
 def test_backing_image_backed_up_again_and_twice_at_once(
     cli: Cli, tmp_path: Path, s3_endpoint: str

@@ -15,6 +15,7 @@ import gc
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,9 +99,20 @@ def _load_store() -> None:
         gc.enable()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, ``timeout``, ``kill``): a command stops as on Ctrl-C,
+    undoing what it started (a backup's marker and snapshot), not in the middle of it. The
+    services (``replica serve``, the engine, ``dr run``) set handlers of their own."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     os.umask(0o077)  # whatever the caller's umask: state, logs and keys are the owner's only
+    signal.signal(signal.SIGTERM, _terminated)
     # A command says what went wrong in one line; what its library logs on the way (retries)
     # goes to the log of a service (``replica serve``, ``dr run``, the engine), which sets one
     # up, and nowhere else.
@@ -133,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"lhfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("lhfs: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("lhfs: interrupted", file=sys.stderr)
         return 130
