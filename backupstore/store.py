@@ -1053,7 +1053,7 @@ class Marker:
         self.bucket = bucket
         self.key = key
         self.claim = claim  # (what it marks, when only one may run: see ``_claim``)
-        self._body: dict[str, Any] = {}
+        self._body: dict[str, Any] = {"started": time.time()}  # (its age says only the beat)
         self._lock = threading.Lock()  # (a beat never writes back an older body than a note)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)

@@ -16,6 +16,7 @@ of a name under way is refused: its marker is claimed by a conditional write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from contextlib import AbstractContextManager
@@ -24,6 +25,7 @@ from typing import Any
 from lhfs.config import volume as volumes
 from lhfs.core.errors import CorruptState, InvalidArgument, NotFound
 from lhfs.core.names import IMAGE_BACKUPS, check_name
+from lhfs.core.units import rfc3339
 
 from . import parse_json
 from .store import SMALL_OBJECT, STALE, BackupStore, Marker
@@ -119,17 +121,18 @@ def listing(store: BackupStore) -> list[dict[str, Any]]:
     for name, obj in markers.items():
         if name not in complete:
             fresh = now - obj.last_modified.timestamp() < STALE
+            parts, started = _so_far(store, obj)
             out.append(
                 {
                     "name": name,
                     "state": "in_progress" if fresh else "interrupted",
-                    "created": obj.last_modified.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    "started": obj.last_modified.timestamp(),
+                    "created": rfc3339(started),
+                    "started": started,
                     "volumes": None,
                     "images": None,
                     # (kept while its marker is there, fresh or not: freshness is by this
                     # host's clock; ``backup gc`` sweeps a dead one's marker, by the server's)
-                    "parts": _parts_so_far(store, obj),
+                    "parts": parts,
                 }
             )
     for name in complete:
@@ -148,20 +151,27 @@ def listing(store: BackupStore) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: (s["started"], s["name"]))
 
 
-def _parts_so_far(store: BackupStore, obj: Any) -> list[tuple[str, str]]:
-    """The parts a system backup in progress says it has completed (``note(parts=...)``);
-    none from a marker that is not what lhfs writes (it is only ever a reason to keep)."""
+def _so_far(store: BackupStore, obj: Any) -> tuple[list[tuple[str, str]], float]:
+    """The parts a system backup in progress says it has completed (``note(parts=...)``) and
+    when it started (its marker's time is its last beat); none, and that time, from a marker
+    that is not what lhfs writes (it is only ever a reason to keep)."""
     try:
         found = store.bucket.get(obj.object_name, SMALL_OBJECT)
     except CorruptState:  # (larger than lhfs writes one)
         found = None
-    try:
-        parts = parse_json(found[0])["parts"] if found else []
-        if all(isinstance(v, str) and isinstance(b, str) for v, b in parts):
-            return sorted((v, b) for v, b in parts)
-    except (ValueError, KeyError, TypeError):
-        pass
-    return []
+    body: Any = {}
+    with contextlib.suppress(ValueError):
+        body = parse_json(found[0]) if found else {}
+    beat = obj.last_modified.timestamp()
+    started = body.get("started") if isinstance(body, dict) else None
+    if type(started) not in (int, float) or not 0 < started <= beat + 3600:  # (clocks)
+        started = beat
+    parts: list[tuple[str, str]] = []
+    with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+        found_parts = body["parts"]
+        if all(isinstance(v, str) and isinstance(b, str) for v, b in found_parts):
+            parts = sorted((v, b) for v, b in found_parts)
+    return parts, started
 
 
 def parts_of(record: dict[str, Any]) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ from conftest import needs_fuse
 from lhfs.config import volume as volumes
 from lhfs.core.errors import Busy
 from lhfs.core.procs import wait_for
+from lhfs.core.units import rfc3339
 from lhfs.engine import control
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, read_direct, teardown, write_at, write_direct
@@ -297,6 +298,7 @@ def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
     proxy.rate = 512 << 10  # per connection: the uploads take many seconds
     try:
         slow = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+        began = time.time()
         run = slow.start("system", "backup", "--target", target, "--name", "sys2")
         assert run.stderr is not None
         for line in run.stderr:  # (read as it comes: a line read late would be stale)
@@ -327,6 +329,7 @@ def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
         proxy.close()
     listed = cli.json("system", "ls", "--target", target)
     assert [(s["name"], s["state"]) for s in listed] == [("sys2", "in_progress")], listed
+    assert listed[0]["created"] <= rfc3339(began + 2), (began, listed)  # (its start: not a beat)
     assert listed[0]["parts"] == [["x", part["name"]]], listed
     failed = cli.run("system", "restore", f"{target}?system=sys2", check=False)
     assert failed.returncode == 1 and "no system backup 'sys2'" in failed.stderr

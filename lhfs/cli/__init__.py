@@ -101,7 +101,7 @@ def _load_store() -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a service manager, ``timeout``, ``kill``): a command stops as on Ctrl-C,
-    undoing what it started (a backup's marker and snapshot), not in the middle of it. The
+    undoing what it started (a backup's marker), not in the middle of it. The
     services (``replica serve``, the engine, ``dr run``) set handlers of their own."""
 
 
