@@ -279,6 +279,35 @@ def test_a_backup_of_an_older_snapshot_never_takes_a_standby_back(
     cli.run("volume", "detach", "src")
 
 
+def test_a_standby_waits_when_the_backups_it_grew_in_are_deleted(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """The backup a standby grew to is deleted, and the newest left is smaller: a volume
+    never shrinks, so the standby waits for a newer backup, saying why (as its last error),
+    not that it is applying one."""
+    target = "s3://dr-grown/site"
+    cli.run("volume", "create", "src", "--size", "16M", "--replicas", "1")
+    _backup(cli, target, "src")
+    cli.run(
+        "dr", "create", "dr5", "--target", target, "--volume", "src", "--replicas", "1",
+        "--interval", "0.2", "--retry-max", "1", "--quiet",
+    )  # fmt: skip
+    cli.run("volume", "expand", "src", "--size", "32M")
+    grown, _ = _backup(cli, target, "src")
+    cli.dr_restored("dr5", grown)
+    cli.run("backup", "rm", grown)
+    waiting = wait_for(
+        lambda: (
+            "never shrinks" in ((s := cli.json("dr", "status", "dr5"))["last_error"] or "") and s
+        ),
+        30,
+        "the standby to say why it waits",
+    )
+    assert waiting["applying"] is None and waiting["last_restored_backup"] == _name(grown)
+    assert "applying" not in cli.run("dr", "status", "dr5").stdout
+    cli.run("dr", "stop", "dr5")
+
+
 def _backup_attached(cli: Cli, target: str) -> tuple[str, str]:
     checksum = cli.checksum("src")  # nothing writes between this and the backup's snapshot
     return cli.backup("src", target), checksum
@@ -393,7 +422,10 @@ def test_a_removed_standby_takes_its_marker_with_it(
         proxy.resume()
 
         refused = cli.run("dr", "forget", "s2", "--target", target, "--volume", "v", check=False)
-        assert refused.returncode == 1 and "still follows v here" in refused.stderr
+        assert (
+            refused.returncode == 1
+            and "is this root's, and s2 still follows v here" in refused.stderr
+        )
         assert standby.json("volume", "rm", "s2")["marker_removed_from"] == target
         assert markers() == [s1]
 

@@ -115,6 +115,17 @@ def newest_backup(
     return max(cache.values(), key=order)
 
 
+def _not_smaller(manifest: dict[str, Any], vol: volumes.Volume) -> None:
+    """Refuse a backup smaller than the standby: the backups it grew in were deleted, and a
+    volume never shrinks; the follower waits for a newer one."""
+    if manifest["size"] < vol.size:
+        raise InvalidArgument(
+            f"the newest backup, {manifest['name']} ({manifest['size']} bytes), is smaller "
+            f"than the standby ({vol.size} bytes); a volume never shrinks: waiting for a newer "
+            "backup"
+        )
+
+
 def apply(
     vol: volumes.Volume,
     store: BackupStore,
@@ -132,11 +143,7 @@ def apply(
     state = load_state(vol)
     size, block = manifest["size"], manifest["block_size"]
     target = manifest["blocks"]
-    if size < vol.size:  # the backups it grew in were deleted: wait for a newer one
-        raise InvalidArgument(
-            f"the newest backup, {manifest['name']} ({size} bytes), is smaller than the "
-            f"standby ({vol.size} bytes); a volume never shrinks: waiting for a newer backup"
-        )
+    _not_smaller(manifest, vol)
     if state["block_size"] == block:
         held = list(state["blocks"]) + [None] * (len(target) - len(state["blocks"]))
     else:  # other geometry (or no record): nothing is known
@@ -387,6 +394,7 @@ def _step(
         return
     state = load_state(vol)
     if newest["name"] != state["backup"] or UNKNOWN in state["blocks"]:
+        _not_smaller(newest, vol)  # (said as the last error; nothing is being applied)
         status.update(state="applying", applying=newest["name"], progress=0.0)
         stats = apply(vol, store, newest, status.progress)
         log.info("applied %s: %s", newest["name"], json.dumps(stats, default=str))
@@ -603,11 +611,14 @@ def forget(
         if m["standby"] == label and m["id"] != here and marker in (None, m["id"])
     ]
     if not marks:
-        refused = f" (standby {label} still follows {volume} here: 'lhfs volume rm {label}')"
+        if here is not None and any(m["id"] == here for m in store.standby_marks(volume)):
+            raise WrongState(
+                f"the marker of standby {label} in {target} is this root's, and {label} still "
+                f"follows {volume} here: 'lhfs volume rm {label}' removes both"
+            )
         raise NotFound(
             f"{target} holds no marker of a DR standby {label} of {volume}"
             + (f" with id {marker}" if marker else "")
-            + (refused if here else "")
         )
     if len(marks) > 1:
         ids = ", ".join(m["id"] for m in marks)
