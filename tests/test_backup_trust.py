@@ -206,6 +206,9 @@ def test_an_encrypted_store_holds_no_plaintext_nor_digest_and_needs_its_password
     cli.backup("copy", "s3://trust-plain2/p")
     mixed = cli.run("backup", "ls", "--target", "s3://trust-plain2/p", *pw, check=False)
     assert mixed.returncode == 2 and "is not encrypted" in mixed.stderr
+    args = ("backup", "init", "--target", "s3://trust-plain2/p", "--encrypt", *pw)
+    mixed = cli.run(*args, check=False)
+    assert mixed.returncode == 2 and "not encrypted: a store stays as it was made" in mixed.stderr
 
     # a DR standby follows an encrypted store with its recorded password file
     cli.run(

@@ -385,7 +385,15 @@ def init_store(
             "encrypted store; give none for a plain one"
         )
     store.bucket.ensure(create=create_bucket)
-    made = store.init()
+    try:
+        made = store.init()
+    except InvalidArgument:
+        if not encrypt:
+            raise
+        raise InvalidArgument(
+            f"{target} holds a store already, not encrypted: a store stays as it was made; "
+            "give another PREFIX for an encrypted one"
+        ) from None
     return {"target": str(target), "created": made, "encrypted": store.keys.encrypted}
 
 
