@@ -260,10 +260,15 @@ def test_doctor_names_what_is_broken(
     port = urlparse_port(s3_endpoint)
     by_name = Cli(cli.root, env={"AWS_ENDPOINT_URL": f"http://{name.name}:{port}"})
 
+    hints: dict[str, str] = {}  # (what the last run said to do, per check)
+
     def doctor(runner: Cli, *args: str) -> tuple[int, dict[str, str]]:
         result = runner.run("doctor", *args, "--json", check=False)
         assert result.returncode in (0, 1), result.stderr
-        return result.returncode, {c["check"]: c["status"] for c in json.loads(result.stdout)}
+        report = json.loads(result.stdout)
+        hints.clear()
+        hints.update({c["check"]: c["hint"] or "" for c in report})
+        return result.returncode, {c["check"]: c["status"] for c in report}
 
     try:
         cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
@@ -289,8 +294,9 @@ def test_doctor_names_what_is_broken(
         assert status == 1 and checks["s3 name"] == "fail", checks
         name.resolve()
 
-        status, checks = doctor(cli, "--target", "s3://lhfs-doctor-none/p")
+        status, checks = doctor(cli, "--target", "s3://lhfs-doctor-none/p", "--retry-timeout", "3")
         assert status == 1 and checks["s3 bucket"] == "fail", checks
+        assert "backup init --target s3://lhfs-doctor-none/p --create-bucket" in hints["s3 bucket"]
         anonymous = Cli(cli.root, env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
         status, checks = doctor(anonymous, "--target", target)
         assert status == 1 and checks["s3 settings"] == "fail", checks
@@ -298,6 +304,7 @@ def test_doctor_names_what_is_broken(
             refused = Cli(cli.root, env={"AWS_ENDPOINT_URL": endpoint})
             status, checks = doctor(refused, "--target", target)
             assert status == 1 and checks["s3 bucket"] == "fail", checks
+            assert "create-bucket" not in hints["s3 bucket"], hints  # (no bucket to make)
         cli.run("volume", "detach", "v")
     finally:
         name.drop()

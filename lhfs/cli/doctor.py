@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lhfs.cli.common import print_json, root_of
+from lhfs.cli.common import print_json, root_of, seconds_arg
+
+REACH_TIMEOUT = 5.0  # (lhfs.volumes.doctor's; not imported from there: it loads the store)
 
 _MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
@@ -17,7 +19,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from backupstore.s3 import Target
 
         Target.parse(args.target)
-    checks = doctor.run(root_of(args, private=False), args.volume, args.target)
+    checks = doctor.run(root_of(args, private=False), args.volume, args.target, args.retry_timeout)
     if args.json:
         print_json(doctor.report(checks))
     else:
@@ -40,5 +42,13 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("volume", nargs="?", help="a volume whose replicas to check")
     p.add_argument("--target", help="s3://BUCKET/PREFIX to check")
+    p.add_argument(
+        "--retry-timeout",
+        type=seconds_arg,
+        default=REACH_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long the store may take to answer (default {REACH_TIMEOUT:.0f} s: a check "
+        "says soon that it does not)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_doctor, store=True)

@@ -41,12 +41,14 @@ class Check:
     hint: str | None = None
 
 
-def run(root: Path, volume: str | None, target: str | None) -> list[Check]:
+def run(
+    root: Path, volume: str | None, target: str | None, retry_timeout: float = REACH_TIMEOUT
+) -> list[Check]:
     checks = [*_host(root)]
     if volume is not None:
         checks += _volume(root, volume)
     if target is not None:
-        checks += _store(target)
+        checks += _store(target, retry_timeout)
     return checks
 
 
@@ -275,7 +277,7 @@ def _reach(label: str, address: str, key: Any, tls_ca: str | None) -> Check:
 # -- the store -----------------------------------------------------------------------------
 
 
-def _store(url: str) -> list[Check]:
+def _store(url: str, retry_timeout: float = REACH_TIMEOUT) -> list[Check]:
     from backupstore.s3 import Bucket, Endpoint, StoreRefused, StoreUnavailable, Target
 
     out = []
@@ -301,7 +303,7 @@ def _store(url: str) -> list[Check]:
         )
         return out
     out.append(_clock(endpoint.url))
-    bucket = Bucket(target, deadline=REACH_TIMEOUT, first_delay=0.5, endpoint=endpoint)
+    bucket = Bucket(target, deadline=retry_timeout, first_delay=0.5, endpoint=endpoint)
     try:
         bucket.ensure()
         out.append(
@@ -316,7 +318,10 @@ def _store(url: str) -> list[Check]:
         out.append(Check("s3 bucket", FAIL, str(exc), "is the endpoint up and reachable?"))
         return out
     except StoreRefused as exc:
-        hint = "a missing bucket: lhfs backup init --target URL --create-bucket makes it"
+        if "does not exist" in str(exc):
+            hint = f"check its name; lhfs backup init --target {target} --create-bucket makes it"
+        else:  # (denied, or not an S3 server: a bucket made elsewhere would not help)
+            hint = "check AWS_ENDPOINT_URL and the credentials"
         out.append(Check("s3 bucket", FAIL, str(exc), hint))
         return out
     probe = target.key(f".lhfs-doctor-{secrets.token_hex(6)}")
