@@ -144,7 +144,11 @@ def test_backup_scrub_restore_and_dr_follower_metrics(
         "--interval", "0.3", "--quiet", "--metrics", "127.0.0.1:0",
     )  # fmt: skip
     follower = cli.json("dr", "status", "standby")["metrics"]
-    assert follower
+    assert (
+        follower
+        and f"metrics: http://{follower}/metrics" in cli.run("dr", "status", "standby").stdout
+    )
+    assert "'dr status' shows it" in " ".join(cli.run("dr", "create", "--help").stdout.split())
     first = scrape(follower)
     assert value(first, "lhfs_dr_follower_state", volume="standby", state="standby") == 1
     assert value(first, "lhfs_dr_increments_total", volume="standby") == 1

@@ -94,12 +94,12 @@ def count_arg(text: str) -> int:
     return value
 
 
-def metrics_option(p: argparse.ArgumentParser) -> None:
+def metrics_option(p: argparse.ArgumentParser, shown_by: str = "volume info") -> None:
     p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks one; "
-        "'volume info' shows it)",
+        f"'{shown_by}' shows it)",
     )
 
 

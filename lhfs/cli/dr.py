@@ -95,6 +95,8 @@ def cmd_dr_status(args: argparse.Namespace) -> None:
     if status["applying"]:
         print(f"  applying {status['applying']}: {status['progress'] or 0:.0f}%")
     print(f"  lag: {status['lag_seconds']:.0f}s")
+    if status["metrics"]:
+        print(f"  metrics: http://{status['metrics']}/metrics")
     if status["last_error"]:
         print(f"  last error ({status['last_error_at']}): {status['last_error']}")
     if status["state"] == "stopped":
@@ -214,7 +216,7 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("--no-wait", action="store_true", help="return before the first restore")
     quiet_option(p)
-    metrics_option(p)
+    metrics_option(p, "dr status")
     store_options(p)
     verb(
         verbs,
@@ -276,5 +278,5 @@ def parsers(groups: Any) -> None:
         "name",
         json=False,
     )
-    metrics_option(p)
+    metrics_option(p, "dr status")
     log_option(p)
