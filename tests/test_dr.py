@@ -215,6 +215,7 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
     before = cli.volumes()
     for args, status, message in (
         (("snapshot", "create", "dr2"), 1, "DR standby"),
+        (("dr", "run", "dr2"), 1, "a follower of dr2 runs already (pid"),
         (("backup", "create", "dr2", "--target", target), 1, "DR standby"),
         (("volume", "expand", "dr2", "--size", "128M"), 1, "DR standby"),
         (("dr", "status", "src"), 1, "not a DR standby"),

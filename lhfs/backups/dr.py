@@ -53,6 +53,7 @@ from lhfs.core import logs
 from lhfs.core.durable import atomic_write
 from lhfs.core.errors import (
     AlreadyExists,
+    Busy,
     CorruptState,
     InvalidArgument,
     LhfsError,
@@ -330,6 +331,12 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
     ``metrics`` (or the address recorded at ``dr create``), it serves Prometheus metrics."""
     vol = volumes.load(root, name)
     config = dr_config(vol)
+    running = follower_pid(vol)
+    if running is not None:  # (a unit started after `dr start`, or twice)
+        raise Busy(
+            f"a follower of {name} runs already (pid {running}): 'lhfs dr stop {name}' first "
+            "to run it here"
+        )
     held = lock(vol, wait=5.0)  # a `dr status` may hold it for a moment
     signal.signal(signal.SIGTERM, _stop_signal)
     status = Status(vol)
