@@ -258,6 +258,14 @@ def test_online_expansion_of_a_mounted_volume(cli: Cli, tmp_path: Path, fs: str)
         info = cli.info("g")
         assert info["loop"] == done["loop"] and info["mountpoint"] == str(mnt)
         assert (mnt / "file").stat().st_size == MIB
+        # Grown while not mounted: the next mount grows the file system, as the hint says.
+        cli.run("umount", str(mnt))
+        cli.run("volume", "expand", "g", "--size", "1G")
+        mounted = cli.json("mount", "g", str(mnt))
+        assert mounted["grown"] and _df_size(mnt) > before * 2.9, (mounted, _df_size(mnt))
+        assert (mnt / "file").stat().st_size == MIB
+        cli.run("umount", str(mnt))
+        assert not cli.json("mount", "g", str(mnt))["grown"]  # (once is enough)
     finally:
         cli.run("umount", str(mnt), check=False)
 

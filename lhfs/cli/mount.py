@@ -21,7 +21,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
     result = mount(root_of(args), args.name, Path(args.mountpoint), args.fs, args.metrics)
     how = "formatted and mounted" if result["formatted"] else "mounted"
-    say(args, result, f"{how} {result['name']} at {result['mountpoint']} ({result['loop']})")
+    grown = "; its file system grown to the volume's size" if result["grown"] else ""
+    say(args, result, f"{how} {result['name']} at {result['mountpoint']} ({result['loop']}){grown}")
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
@@ -37,14 +38,15 @@ def mount_parsers(groups: Any) -> None:
         help="attach, format if never formatted, and mount a volume",
         description="Attach the volume if needed, put a loop device on it, create a "
         "filesystem only if the volume was never formatted (a durable record decides, "
-        "checked against the device's real content), and mount it.",
+        "checked against the device's real content), and mount it; a file system smaller "
+        "than its volume (expanded since) is grown to the volume's size.",
     )
     p.add_argument("name")
     p.add_argument("mountpoint")
     p.add_argument(
         "--fs",
-        help="file system to format a new volume with (default ext4); one formatted already "
-        "is mounted as what it holds",
+        help="file system to format a new volume with (default ext4; xfs needs 300M at "
+        "least); for one formatted already it must name what it holds (or be left out)",
     )
     metrics_option(p)
     json_option(p)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -26,6 +27,7 @@ from typing import Any
 from lhfs.config import volume as volumes
 from lhfs.core.errors import Busy, CorruptState, InvalidArgument, LhfsError, NotFound, StorageError
 from lhfs.core.procs import child_env, wait_for
+from lhfs.core.units import format_size
 from lhfs.engine import control
 from lhfs.volumes import attachment
 
@@ -39,6 +41,7 @@ MKFS = {
 # xfs refuses a second file system of the same UUID: volumes made from one backing image
 # (or restored from one backup) share it, and each is a file system of its own.
 MOUNT_OPTIONS = {"xfs": ["-o", "nouuid"]}
+MIN_SIZE = {"xfs": 300 << 20}  # (mkfs.xfs refuses a smaller device)
 
 
 def _run(args: list[str], what: str) -> str:
@@ -129,6 +132,11 @@ def mount(
         tool = MKFS[fs][0]
         if not shutil.which(tool):
             raise NotFound(f"{tool} is not installed: it is needed to format a new volume as {fs}")
+        if vol.size < MIN_SIZE.get(fs, 0):  # (said before anything is recorded or attached)
+            raise InvalidArgument(
+                f"{fs} needs a volume of {format_size(MIN_SIZE[fs])} at least and {name} is "
+                f"{format_size(vol.size)}: 'lhfs volume expand' it, or format it as ext4"
+            )
     attached_here = False
     runtime = vol.runtime()
     if runtime is None:
@@ -161,7 +169,7 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
         if Path(already[0]) != mountpoint:
             raise Busy(f"volume {vol.name} is already mounted at {already[0]}")
         mounted = {"name": vol.name, "mountpoint": str(mountpoint), "loop": loops[0]}
-        return {**mounted, "formatted": False}
+        return {**mounted, "formatted": False, "grown": False}
     if attachment.is_mountpoint(mountpoint):
         raise Busy(f"{mountpoint} is already a mount point")
     if loops:
@@ -198,12 +206,59 @@ def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str)
         }
         vol.record_filesystem(record)
     assert record is not None
+    grown = not formatted and record["type"] == "ext4" and _grow_ext4_unmounted(loop)
     options = MOUNT_OPTIONS.get(record["type"], [])
     _run(["mount", "-t", record["type"], *options, loop, str(mountpoint)], "mount")
-    return {"name": vol.name, "mountpoint": str(mountpoint), "loop": loop, "formatted": formatted}
+    if not formatted and record["type"] == "xfs":
+        grown = _grow_xfs_mounted(loop, str(mountpoint))
+    return {
+        "name": vol.name,
+        "mountpoint": str(mountpoint),
+        "loop": loop,
+        "formatted": formatted,
+        "grown": grown,
+    }
+
+
+def _grow_ext4_unmounted(loop: str) -> bool:
+    """Grow an ext4 smaller than its volume (expanded while it was not mounted, or mounted
+    where growing online was not allowed) before it is mounted: offline, resize2fs needs no
+    capability, only a checked file system (e2fsck -p: 0 clean, 1 repaired)."""
+    fields = {}
+    for line in _run(["dumpe2fs", "-h", loop], "dumpe2fs").splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    try:
+        size = int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError):
+        return False  # (not what dumpe2fs says of an ext4: mount tells what is wrong)
+    if _capacity(loop) - size < GROW_AT_LEAST:
+        return False
+    checked = subprocess.run(["e2fsck", "-f", "-p", loop], capture_output=True, env=child_env())
+    if checked.returncode not in (0, 1):
+        raise LhfsError(
+            f"the ext4 on {loop} is smaller than its volume, and e2fsck found errors it would "
+            f"not repair unattended (exit {checked.returncode}): run e2fsck {loop} by hand"
+        )
+    _run(["resize2fs", loop], "resize2fs")
+    return True
+
+
+def _grow_xfs_mounted(loop: str, mountpoint: str) -> bool:
+    """Grow an xfs smaller than its volume once mounted (xfs grows only online)."""
+    found = re.search(
+        r"^data\s*=\s*bsize=(\d+)\s+blocks=(\d+)",
+        _run(["xfs_growfs", "-n", mountpoint], "xfs_growfs -n"),
+        re.MULTILINE,
+    )
+    if found is None or _capacity(loop) - int(found[1]) * int(found[2]) < GROW_AT_LEAST:
+        return False  # (nothing to grow, or an answer of another form: left as it is)
+    _run(["xfs_growfs", mountpoint], "xfs_growfs")
+    return True
 
 
 GROW = {"ext4": ["resize2fs", "{loop}"], "xfs": ["xfs_growfs", "{mountpoint}"]}
+GROW_AT_LEAST = 16 << 20  # (less than this left over by mkfs's rounding is not growth)
 
 
 def grow(device: Path, size: int) -> dict[str, Any]:
@@ -239,7 +294,8 @@ def grow(device: Path, size: int) -> dict[str, Any]:
     if fstype == "ext4" and not _capable(_CAP_SYS_RESOURCE):
         out["todo"] = (
             f"{' '.join(args)}: growing a mounted ext4 needs the CAP_SYS_RESOURCE capability, "
-            "which this process lacks (run it where it has it, or umount, resize2fs, mount)"
+            "which this process lacks (run it where it has it, or 'lhfs umount' and "
+            "'lhfs mount' it again: a mount grows it)"
         )
         return out
     try:
