@@ -520,6 +520,13 @@ def test_smaller_mistakes_leave_no_trace(cli: Cli, tmp_path: Path) -> None:
         assert "xfs needs a volume of 300M at least and v is 16M" in line, line
         assert cli.info("v")["filesystem"] is None and cli.info("v")["state"] == "detached"
     cli.run("mount", "v", str(mnt), "--fs", "ext4")
+    holder = subprocess.Popen(["sleep", "600"], cwd=mnt)  # (a shell left in it)
+    try:
+        line = one_line(cli.run("umount", str(mnt), check=False), 1)
+        assert "target is busy" in line and f"'fuser -vm {mnt}' shows what" in line, line
+    finally:
+        holder.kill()
+        holder.wait()
     cli.run("umount", str(mnt))
     assert cli.info("v")["filesystem"]["type"] == "ext4"
     # a reader that left (| head): the command ends quietly

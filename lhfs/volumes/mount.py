@@ -359,7 +359,9 @@ def umount(root: Path, mountpoint: Path, force: bool = False) -> dict[str, Any]:
                 "again, or --force lets go of it (writes not yet flushed are lost)"
             )
         if state in ("healthy", "degraded"):
-            raise LhfsError(f"umount failed: {why}")
+            busy = "busy" in why  # (a shell's directory or an open file there; --force keeps it)
+            hint = f": something uses it ('fuser -vm {mountpoint}' shows what)" if busy else ""
+            raise LhfsError(f"umount failed: {why}{hint}")
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
     attachment.release(device, fuse=False)
     report = attachment.detach(root, vol.name, force=force)
