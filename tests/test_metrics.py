@@ -188,6 +188,7 @@ def test_connections_that_never_finish_a_request_hold_no_thread_for_long(
     assert (
         str(device) not in Path("/proc/mounts").read_text() and cli.info("h")["state"] == "detached"
     )
+    assert not device.exists()  # (the file the attach made, removed with it)
     cli.run("volume", "attach", "h", "--device", str(device), "--metrics", "127.0.0.1:0")
     address = cli.info("h")["metrics"]
     host, port = address.rsplit(":", 1)
@@ -210,3 +211,4 @@ def test_connections_that_never_finish_a_request_hold_no_thread_for_long(
             sock.close()
     assert value(scrape(address), "lhfs_volume_state", volume="h", state="healthy") == 1
     cli.run("volume", "detach", "h")
+    assert not device.exists()  # (made by the attach: gone with the detach)

@@ -18,6 +18,7 @@ def cmd_engine_run(args: argparse.Namespace) -> None:
         Path(args.device),
         args.metrics,
         Path(args.log) if args.log else None,
+        args.device_made,
     )
     if code:
         raise SystemExit(code)
@@ -30,5 +31,6 @@ def parsers(groups: Any) -> None:
     p.add_argument("name")
     p.add_argument("device")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there")
+    p.add_argument("--device-made", action="store_true", help="the attach made the device file")
     log_option(p)
     p.set_defaults(func=cmd_engine_run)

@@ -74,6 +74,7 @@ class Daemon:
         self.io_hold: IoHold | None = None
         self.stats = IoStats()
         self.metrics_address = metrics
+        self.device_made = False
         self.last_scrub: dict[str, Any] | None = None
         # long operations under way ("checksum", "scrub", "snapshot_rm") -> bytes done and
         # total, for the progress of the command that asked (control op "progress")
@@ -705,6 +706,8 @@ class Daemon:
                     {
                         "pid": os.getpid(),
                         "device": str(self.device),
+                        # (made by the attach: removed again by the detach)
+                        "device_made": self.device_made,
                         "started": time.time(),
                         "metrics": metrics,
                     },
@@ -762,7 +765,12 @@ class Daemon:
 
 
 def run(
-    root: Path, name: str, device: Path, metrics: str | None = None, log_file: Path | None = None
+    root: Path,
+    name: str,
+    device: Path,
+    metrics: str | None = None,
+    log_file: Path | None = None,
+    device_made: bool = False,
 ) -> int:
     """Entry point of ``lhfs engine-run``: stdout carries exactly one status line."""
     logs.setup(log_file)
@@ -779,6 +787,7 @@ def run(
     try:
         vol = volumes.load(root, name)
         daemon = Daemon(vol, device, metrics)
+        daemon.device_made = device_made
         daemon.start_local_replicas()
         if not daemon.processes and not any(
             not r.get("local") and r.get("address") for r in vol.replicas

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,8 @@ def _clear_dead_engine(vol: volumes.Volume) -> list[str]:
     if record is None or engine_alive(vol, record):
         return []
     done = release(Path(record["device"]))
+    if record.get("device_made"):
+        _drop_device(Path(record["device"]))
     vol.runtime_path.unlink(missing_ok=True)
     vol.control_socket.unlink(missing_ok=True)
     for replica in vol.replicas:
@@ -162,20 +165,20 @@ def _unlocked(directory: Path) -> bool:
     return True
 
 
-def _check_device(device: Path) -> None:
-    """The device must be an empty regular file (created if missing) that nothing is mounted
-    on."""
+def _check_device(device: Path) -> bool:
+    """The device must be an empty regular file (created if missing: then True) that nothing
+    is mounted on."""
     try:
         device.stat()
     except FileNotFoundError:
         if not device.parent.is_dir():
             raise NotFound(f"directory {device.parent} does not exist") from None
         device.touch()
-        return
+        return True
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:  # a FUSE mount whose engine died
             release(device)
-            return
+            return False
         raise
     if device.is_dir():
         raise InvalidArgument(f"device path {device} is a directory; give a file path")
@@ -187,6 +190,16 @@ def _check_device(device: Path) -> None:
         raise InvalidArgument(
             f"device path {device} is a file that is not empty: give a new path or an empty file"
         )
+    return False
+
+
+def _drop_device(device: Path) -> None:
+    """Remove the device file an attach made, once nothing is mounted on it (an empty file
+    left where the volume was is litter, and one more thing to refuse at the next attach)."""
+    with contextlib.suppress(OSError):
+        info = device.lstat()
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0 and not is_mountpoint(device):
+            device.unlink()
 
 
 def attach(
@@ -220,7 +233,7 @@ def attach(
         if info and Path(info["device"]) == device:
             raise Busy(f"{device} is the device of volume {other}")
     _clear_dead_engine(vol)
-    _check_device(device)
+    made = _check_device(device)
     log_path = vol.engine_log
     with open(log_path, "ab") as log_file:
         command = [LHFS, "--root", str(root), "engine-run", name]
@@ -228,6 +241,8 @@ def attach(
         if metrics:
             parse_address(metrics)  # (a typo is said here, not in the engine's log)
             command += ["--metrics", metrics]
+        if made:
+            command.append("--device-made")
         proc = subprocess.Popen(
             [*command, str(device)],
             stdout=subprocess.PIPE,
@@ -241,12 +256,17 @@ def attach(
         line = read_line_matching(proc, r"^(ready|error: .*)$", ATTACH_TIMEOUT).group(1)
     except (RuntimeError, TimeoutError) as exc:
         proc.kill()
+        proc.wait(30)
+        if made:
+            _drop_device(device)
         raise LhfsError(f"the engine did not start ({exc}); see {log_path}") from None
     finally:
         if proc.stdout:
             proc.stdout.close()
     if line != "ready":
         proc.wait(30)
+        if made:
+            _drop_device(device)
         raise LhfsError(line.removeprefix("error: "))
     record = vol.runtime_record() or {}
     return {"name": name, "device": str(device), "pid": proc.pid, "metrics": record.get("metrics")}
@@ -309,4 +329,6 @@ def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
         report["state"] = "crashed"
         report["flushed"] = False
     report["cleaned"] += _clear_dead_engine(vol)
+    if record.get("device_made"):
+        _drop_device(device)
     return report
