@@ -285,7 +285,7 @@ def _listing(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under ``root`` with its size and mode (what 'nothing changed' compares)."""
     out = {}
     for path in sorted(root.rglob("*")):
-        if path.name.endswith(".log") or path.name in ("config.lock", "dr.lock"):
+        if path.name.endswith(".log") or path.name.endswith(".lock"):
             continue  # (logs grow, and taking a lock creates its file)
         info = path.lstat()
         out[str(path.relative_to(root))] = (info.st_size if path.is_file() else 0, info.st_mode)

@@ -233,3 +233,46 @@ def test_discard_through_the_device_trims_every_replica(cli: Cli, tmp_path: Path
         layers = cli.json("replica", "inspect", "--dir", str(replica))["layers"]
         head = next(layer for layer in layers if layer["kind"] == "head")
         assert head["size"] == 4 * mib, (replica.name, head)  # 8 written, 4 trimmed
+
+
+def test_two_mounts_or_attaches_at_once_start_one_engine(cli: Cli, tmp_path: Path) -> None:
+    """Two ``lhfs mount`` of one volume at once: one mounts, the other waits for it and then
+    refuses (each started an engine, each engine salvaged another replica, and a file synced
+    through one mount was lost). Two ``volume attach`` at once: one attaches, the other says
+    it is attached; an engine started by hand beside a live one leaves it alone."""
+    cli.run("volume", "create", "v", "--size", "32M", "--replicas", "2")
+    mounts = [tmp_path / "c1", tmp_path / "c2"]
+    for mnt in mounts:
+        mnt.mkdir()
+    runs = [cli.start("mount", "v", str(mnt)) for mnt in mounts]
+    try:
+        results = [(run.wait(120), run.communicate()[1]) for run in runs]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        winner = mounts[[code for code, _ in results].index(0)]
+        loser_said = next(err for code, err in results if code)
+        assert f"already mounted at {winner}" in loser_said, results
+        engines = subprocess.run(["pgrep", "-f", f"{cli.root} engine-run v "], capture_output=True)
+        assert len(engines.stdout.split()) == 1, engines
+        (winner / "kept").write_bytes(os.urandom(1 << 20))
+        os.sync()
+    finally:
+        for mnt in mounts:
+            cli.run("umount", str(mnt), check=False)
+    devices = [tmp_path / "a.dev", tmp_path / "b.dev"]
+    runs = [cli.start("volume", "attach", "v", "--device", str(dev)) for dev in devices]
+    results = [(run.wait(120), run.communicate()[1]) for run in runs]
+    try:
+        assert sorted(code for code, _ in results) == [0, 1], results
+        attached = devices[[code for code, _ in results].index(0)]
+        assert "already attached at" in next(err for code, err in results if code), results
+        assert cli.info("v")["device"] == str(attached)
+        by_hand = cli.run("engine-run", "v", str(tmp_path / "c.dev"), check=False)
+        assert by_hand.returncode == 1 and "served by another engine" in by_hand.stdout
+        assert cli.info("v")["device"] == str(attached) and cli.live("v")["state"] == "healthy"
+    finally:
+        cli.run("volume", "detach", "v", check=False)
+    mounted = cli.json("mount", "v", str(mounts[0]))
+    try:
+        assert (mounts[0] / "kept").stat().st_size == 1 << 20 and not mounted["formatted"]
+    finally:
+        cli.run("umount", str(mounts[0]))

@@ -26,7 +26,7 @@ import xxhash
 
 from lhfs.config import disks
 from lhfs.config import volume as volumes
-from lhfs.core import logs
+from lhfs.core import locks, logs
 from lhfs.core.durable import atomic_write_json
 from lhfs.core.errors import (
     AlreadyExists,
@@ -764,6 +764,9 @@ class Daemon:
                 return
 
 
+ENGINE_LOCK = "engine.lock"
+
+
 def run(
     root: Path,
     name: str,
@@ -786,6 +789,10 @@ def run(
     daemon = None
     try:
         vol = volumes.load(root, name)
+        # One engine per volume, for as long as it lives: a second one would salvage other
+        # replicas than the first and serve another volume under the same name (its
+        # descriptor stays open until the process ends: the kernel lets go then).
+        locks.take(vol.dir / ENGINE_LOCK, 0, f"volume {name} is served by another engine already")
         daemon = Daemon(vol, device, metrics)
         daemon.device_made = device_made
         daemon.start_local_replicas()

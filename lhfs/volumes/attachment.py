@@ -19,10 +19,12 @@ import shlex
 import signal
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lhfs.config import volume as volumes
+from lhfs.core import locks
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
 from lhfs.core.procs import LHFS, child_env, read_line_matching, wait_for
 from lhfs.engine import control
@@ -202,12 +204,52 @@ def _drop_device(device: Path) -> None:
             device.unlink()
 
 
+_held: set[Path] = set()  # (the volumes whose command lock this process holds)
+COMMAND_WAIT = 300.0  # seconds a command waits for another's attach, mount or detach
+
+
+@contextlib.contextmanager
+def exclusive(vol: volumes.Volume) -> Iterator[None]:
+    """One command at a time attaches, mounts, unmounts or detaches a volume: two ``lhfs
+    mount`` at once each saw it detached and started an engine (the second one's lock on
+    its replicas then failing, or worse). The later one waits, then sees what the first
+    did. Held once per process (``mount`` attaches under it)."""
+    if vol.dir in _held:
+        yield
+        return
+    fd = locks.take(
+        vol.dir / "command.lock",
+        COMMAND_WAIT,
+        f"another command has been attaching, mounting or detaching volume {vol.name} for "
+        f"{COMMAND_WAIT:.0f}s: try again once it is done",
+    )
+    _held.add(vol.dir)
+    try:
+        yield
+    finally:
+        _held.discard(vol.dir)
+        os.close(fd)
+
+
 def attach(
     root: Path,
     name: str,
     device: Path,
     restoring: bool = False,
     metrics: str | None = None,
+) -> dict[str, Any]:
+    """Start the engine on ``device`` (see ``_attach``), one command at a time."""
+    vol = volumes.load(root, name)
+    with exclusive(vol):
+        return _attach(root, name, device, restoring, metrics)
+
+
+def _attach(
+    root: Path,
+    name: str,
+    device: Path,
+    restoring: bool,
+    metrics: str | None,
 ) -> dict[str, Any]:
     """Start the engine on ``device``. Only the restore itself attaches a volume that is being
     restored (``restoring``); anyone else would see a partial volume. What an engine that died
@@ -281,6 +323,13 @@ def engine_state(vol: volumes.Volume) -> str:
 
 
 def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
+    """Stop the engine of ``name`` (see ``_detach``), one command at a time."""
+    vol = volumes.load(root, name)
+    with exclusive(vol):
+        return _detach(root, name, force)
+
+
+def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
     """Stop the engine of ``name`` and clean up; returns what happened (``state`` the
     volume was in, whether the last flush reached the replicas, what was cleaned up).
 

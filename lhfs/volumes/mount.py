@@ -137,21 +137,22 @@ def mount(
                 f"{fs} needs a volume of {format_size(MIN_SIZE[fs])} at least and {name} is "
                 f"{format_size(vol.size)}: 'lhfs volume expand' it, or format it as ext4"
             )
-    attached_here = False
-    runtime = vol.runtime()
-    if runtime is None:
-        attachment.attach(root, name, vol.dir / "device", metrics=metrics)
-        attached_here = True
+    with attachment.exclusive(vol):  # (another mount of it waits, then sees this one's)
+        attached_here = False
         runtime = vol.runtime()
         if runtime is None:
-            raise LhfsError(f"volume {name} did not stay attached; see {vol.engine_log}")
-    try:
-        return _mount_attached(vol, Path(runtime["device"]), mountpoint, fs)
-    except BaseException:
-        if attached_here:  # leave things as they were
-            _release(Path(runtime["device"]))
-            attachment.detach(root, name)
-        raise
+            attachment.attach(root, name, vol.dir / "device", metrics=metrics)
+            attached_here = True
+            runtime = vol.runtime()
+            if runtime is None:
+                raise LhfsError(f"volume {name} did not stay attached; see {vol.engine_log}")
+        try:
+            return _mount_attached(vol, Path(runtime["device"]), mountpoint, fs)
+        except BaseException:
+            if attached_here:  # leave things as they were
+                _release(Path(runtime["device"]))
+                attachment.detach(root, name)
+            raise
 
 
 def _release(device: Path) -> None:
@@ -345,6 +346,13 @@ def umount(root: Path, mountpoint: Path, force: bool = False) -> dict[str, Any]:
     if owner is None:
         raise NotFound(f"{mountpoint} is not an lhfs volume of {root}")
     vol, device = owner
+    with attachment.exclusive(vol):
+        return _umount(root, vol, device, mountpoint, force)
+
+
+def _umount(
+    root: Path, vol: volumes.Volume, device: Path, mountpoint: Path, force: bool
+) -> dict[str, Any]:
     record = vol.runtime_record()
     state = "crashed"
     if record is not None and attachment.engine_alive(vol, record):

@@ -9,14 +9,13 @@ info`` and stopping its follower before ``volume rm``. So it lives here, below b
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
-import time
 from typing import Any
 
 from lhfs.config import volume as volumes
+from lhfs.core import locks
 from lhfs.core.durable import atomic_write_json
 from lhfs.core.errors import Busy, CorruptState
 
@@ -52,17 +51,9 @@ def read_status(vol: volumes.Volume) -> dict[str, Any]:
 
 def lock(vol: volumes.Volume, wait: float = 0.0) -> int:
     """Hold the standby's follower lock: one process at a time brings it forward."""
-    fd = os.open(vol.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise Busy(f"volume {vol.name} is being updated by another process") from None
-            time.sleep(0.05)
+    return locks.take(
+        vol.dir / LOCK, wait, f"volume {vol.name} is being updated by another process"
+    )
 
 
 def follower_pid(vol: volumes.Volume) -> int | None:
