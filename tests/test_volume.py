@@ -276,3 +276,52 @@ def test_two_mounts_or_attaches_at_once_start_one_engine(cli: Cli, tmp_path: Pat
         assert (mounts[0] / "kept").stat().st_size == 1 << 20 and not mounted["formatted"]
     finally:
         cli.run("umount", str(mounts[0]))
+
+
+def _half_removed(cli: Cli, name: str) -> list[Path]:
+    """A volume of two replicas whose snapshot ``s`` was removed on one only, its removal
+    recorded as begun: what a kill -9 of the engine in the middle of ``snapshot rm`` leaves.
+    Its replica directories."""
+    from lhfs.config import volume as volumes
+    from lhfs.store.chunkstore import ChunkStore
+
+    cli.run("volume", "create", name, "--size", "16M", "--replicas", "2")
+    cli.run("snapshot", "create", name, "s")
+    cli.run("snapshot", "create", name, "t")
+    vol = volumes.load(cli.root, name)
+    directories = [vol.replica_dir(r) for r in vol.replicas]
+    with ChunkStore.open(directories[0]) as store:
+        store.remove_snapshot("s")
+    vol.removing("s", begun=True)
+    return directories
+
+
+def _snapshots(directory: Path) -> list[str]:
+    from lhfs.store.chunkstore import ChunkStore
+
+    with ChunkStore.open(directory) as store:
+        return sorted(layer["name"] for layer in store.list_layers() if layer["name"])
+
+
+def test_a_snapshot_removal_stopped_half_way_is_finished(cli: Cli, tmp_path: Path) -> None:
+    """The engine killed in the middle of ``snapshot rm`` left one replica with the snapshot
+    and one without, for good (its chain longer, its space held, ``snapshot rm`` answered
+    "no such snapshot" or refused detached). The removal is recorded before it begins: the
+    next engine finishes it by itself, and so does a detached ``snapshot rm``."""
+    directories = _half_removed(cli, "a")
+    cli.run("volume", "attach", "a", "--device", str(tmp_path / "a.dev"))
+    wait_for(lambda: not _begun(cli, "a"), 30, "the removal to finish")
+    assert cli.live("a")["state"] == "healthy"
+    cli.run("volume", "detach", "a")
+    assert [_snapshots(d) for d in directories] == [["t"], ["t"]]
+
+    directories = _half_removed(cli, "d")
+    cli.run("snapshot", "rm", "d", "s")
+    assert [_snapshots(d) for d in directories] == [["t"], ["t"]]
+    assert not _begun(cli, "d")
+
+
+def _begun(cli: Cli, name: str) -> list[str]:
+    from lhfs.config import volume as volumes
+
+    return volumes.load(cli.root, name).config.get("removing", [])

@@ -178,6 +178,19 @@ class Volume:
             change(self.config)
             self.save()
 
+    def removing(self, name: str, begun: bool) -> None:
+        """Record that the removal of snapshot ``name`` was begun (``begun``) or is done: one
+        stopped half-way (kill -9) leaves some replicas with the snapshot and some without,
+        and whoever next works on the replicas finishes it where it is left."""
+
+        def change(config: dict[str, Any]) -> None:
+            left = {n for n in config.pop("removing", []) if n != name} | (
+                {name} if begun else set()
+            )
+            config.update({"removing": sorted(left)} if left else {})
+
+        self.update(change)
+
     @property
     def filesystem(self) -> dict[str, Any] | None:
         """The durable record of the filesystem ``lhfs mount`` created (or adopted), if any.

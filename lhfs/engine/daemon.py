@@ -276,7 +276,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_removal, nursery.cancel_scope)
                 try:
-                    await engine.remove_snapshot(name)
+                    await self.remove_snapshot(name)
                 finally:
                     nursery.cancel_scope.cancel()
                     self.tasks.pop("snapshot_rm", None)
@@ -363,9 +363,29 @@ class Daemon:
         finally:
             self._housekeeping = False
 
+    async def remove_snapshot(self, name: str, again: bool = False) -> None:
+        """Remove a snapshot on every replica, the intent recorded first (``removing``): an
+        engine stopped half-way (kill -9) leaves some replicas with it and some without, and
+        their chains apart for good; the next engine finishes it (``again``: where it is
+        left) before anything else is coalesced."""
+        assert self.engine is not None
+        self.vol.removing(name, begun=True)
+        await self.engine.remove_snapshot(name, missing_ok=again)
+        self.vol.removing(name, begun=False)
+
     async def _housekeep_once(self) -> None:
         engine = self.engine
         assert engine is not None
+        begun = volumes.load(self.vol.root, self.vol.name).config.get("removing", [])
+        for name in begun:  # (by an earlier engine, or a command, stopped half-way)
+            if self._stopping or self._rebuilds:
+                return  # (a rebuild's end asks again)
+            try:
+                await self.remove_snapshot(name, again=True)
+                log.info("snapshot %s removed: an earlier engine stopped half-way through", name)
+            except LhfsError as exc:
+                log.warning("snapshot %s, whose removal was begun, not removed yet: %s", name, exc)
+                return
         keep = int(self.vol.setting("system_snapshots"))
         try:
             layers = await engine.call_one("list_layers")
@@ -380,7 +400,7 @@ class Daemon:
             if not doomed:
                 return
             try:
-                await engine.remove_snapshot(doomed[0])
+                await self.remove_snapshot(doomed[0])
             except LhfsError as exc:
                 log.warning("housekeeping: system snapshot %s not removed: %s", doomed[0], exc)
                 return

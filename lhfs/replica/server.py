@@ -545,7 +545,9 @@ class ReplicaServer:
                 image_id = checks.image_id(checks.text(args, "id"))
                 result = await self._backing_commit(image_id, session)
             else:
-                result = await self._remove_snapshot(checks.text(args, "name"), session)
+                result = await self._remove_snapshot(
+                    checks.text(args, "name"), session, args.get("missing_ok") is True
+                )
             answer = p.frame(request_id, p.OK, p.encode_json(result))
         except Exception as exc:  # every failure becomes an error answer
             answer = p.frame(request_id, p.ERROR, p.error_payload(_as_lhfs_error(exc)))
@@ -634,11 +636,14 @@ class ReplicaServer:
             job = resolve()
             return await trio.to_thread.run_sync(job)
 
-    async def _remove_snapshot(self, name: str, session: Session) -> None:
+    async def _remove_snapshot(self, name: str, session: Session, missing_ok: bool) -> None:
         """Coalesce a snapshot away, in steps with I/O served in between. A checksum job under
         way (a scrub, a rebuild's comparison) is waited for, not refused: the engine takes a
-        refusal from one replica for a failure of that replica."""
+        refusal from one replica for a failure of that replica. ``missing_ok``: a removal
+        finished again, that this replica may have done before its engine stopped."""
         store = self._require_store()
+        if missing_ok and not store.has_snapshot(name):
+            return
         async with self._hashing:
             if self._structural.locked():
                 raise Busy(f"replica is busy with {store.operation or 'an operation'}")

@@ -776,6 +776,9 @@ class ChunkStore:
                 old.compact()
         return self._layer_info(old.id)
 
+    def has_snapshot(self, name: str) -> bool:
+        return any(info["name"] == name for info in self.meta["layers"].values())
+
     def remove_snapshot(self, name: str) -> None:
         """Remove a snapshot, coalescing its chunks into its children (content unchanged)."""
         for _ in self.remove_snapshot_steps(name):

@@ -550,14 +550,20 @@ def snapshot_remove(
             vol.control_socket, "snapshot_rm", progress, "snapshot_rm", name=snapshot
         )
         return
-    _require_snapshot(vol, snapshot)
+    begun = snapshot in vol.config.get("removing", [])  # (stopped half-way: some have it)
+    if not begun:
+        _require_snapshot(vol, snapshot)
     directories = healthy_local_dirs(vol)
     _remote_missed(vol, "snapshot removal")
+    vol.removing(snapshot, begun=True)
     for n, directory in enumerate(directories):
         with ChunkStore.open(directory) as store:
+            if begun and not store.has_snapshot(snapshot):
+                continue
             for done, total in store.remove_snapshot_steps(snapshot):
                 if progress and total:  # (in percent: each replica holds its own count)
                     progress(100 * (n + done / total) / len(directories), None, None)
+    vol.removing(snapshot, begun=False)
     if progress:
         progress(100, None, None)
 
