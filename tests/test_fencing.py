@@ -128,8 +128,13 @@ def test_a_replica_away_across_attaches_finds_the_engine_newer(
     cli.run("volume", "attach", "e", "--device", str(device))
     key = tmp_path / "e.key"
     cli.run("volume", "key", "e", "--out", str(key))
-    for _ in range(8):  # (nothing listens there: each attempt took an epoch)
-        cli.run("replica", "add", "e", "--address", "127.0.0.1:1", check=False)
+    odd = tmp_path / "odd"  # (of another chunk size: each add is refused, taking an epoch)
+    cli.run("replica", "init", "--dir", str(odd), "--size", "16M", "--chunk-size", "128K",
+            "--key-file", str(key))  # fmt: skip
+    odd_address = replica_factory(odd, key).address
+    for _ in range(8):
+        refused = cli.run("replica", "add", "e", "--address", odd_address, check=False)
+        assert "chunk size" in refused.stderr, refused.stderr
     remote = replica_factory(tmp_path / "remote", key)
     cli.run("replica", "add", "e", "--address", remote.address)
     cli.run("volume", "detach", "e")

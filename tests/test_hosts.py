@@ -327,3 +327,45 @@ def refusing_s3() -> Iterator[str]:
     )
     with web_server(lambda method, path: (403, "application/xml", body)) as url:
         yield url
+
+
+def test_a_replica_added_again_by_another_of_its_addresses_is_refused(
+    cli: Cli, tmp_path: Path, cluster: Cluster
+) -> None:
+    """A replica host with two addresses serves its replica on both: added by one, the replica
+    is refused by the other in one line naming what it is already, and nothing changes (taken
+    twice, its two sessions fenced each other for ever and the volume flapped to faulted). So
+    is a local replica named by another name of its address (``localhost``)."""
+    host = cluster.hosts[0]
+    second = f"{cluster.subnet}.21"
+    host.run(["ip", "addr", "add", f"{second}/24", "dev", "eth0"], check=True)
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1", "--io-timeout", "3")
+    device = tmp_path / "v.dev"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    cli.run("volume", "key", "v", "--out", str(tmp_path / "v.key"))
+    proc = ReplicaProcess(
+        tmp_path / "far", tmp_path / "v.key", host="0.0.0.0", wrap=host.command([])
+    )
+    try:
+        port = proc.address.rsplit(":", 1)[1]
+        first = f"{host.address}:{port}"
+        far = cli.run("replica", "add", "v", "--address", first).stdout.split()[2]
+        config = (cli.root / "volumes" / "v" / "config.json").read_text()
+        local = cli.replica("v", "r1")["address"]
+        for address, known, reached in [
+            (f"{second}:{port}", far, first),
+            (f"localhost:{local.rsplit(':', 1)[1]}", "r1", local),
+        ]:
+            refused = cli.run("replica", "add", "v", "--address", address, check=False)
+            said = refused.stderr.strip()
+            assert refused.returncode != 0 and len(said.splitlines()) == 1, said
+            assert (
+                f"{address} is replica {known} of this volume already, reached as {reached}" in said
+            )
+        assert (cli.root / "volumes" / "v" / "config.json").read_text() == config
+        write_direct(device, 0, os.urandom(MIB))
+        assert [r["mode"] for r in cli.info("v")["replicas"]] == ["RW", "RW"]
+        assert "fenced" not in proc.log.read_text()
+        cli.run("volume", "detach", "v")
+    finally:
+        proc.stop()

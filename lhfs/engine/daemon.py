@@ -32,6 +32,7 @@ from lhfs.core.errors import (
     AlreadyExists,
     InvalidArgument,
     LhfsError,
+    NoAnswer,
     NotFound,
     StorageError,
     WrongState,
@@ -51,7 +52,8 @@ from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
 from lhfs.wire import shm, tls
-from lhfs.wire.client import parse_address
+from lhfs.wire.client import ReplicaClient, parse_address
+from lhfs.wire.protocol import READER
 
 log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
@@ -210,6 +212,8 @@ class Daemon:
         backing image to replace), in the configuration: the next attach honours them."""
         replica = self.vol.replica(link.id)
         values: dict[str, Any] = {"mode": link.mode, "error": link.error}
+        if link.uid is not None:  # (what it is: ``replica add`` knows it by that when it is away)
+            values["uid"] = link.uid
         if link.held is not None:  # (never let go here: a link of a new attach knows none yet)
             values["held"] = link.held
         if link.rotten_backing or link.mode == RW:  # (let go once rebuilt with a good one)
@@ -525,9 +529,11 @@ class Daemon:
         if address is not None:
             if parse_address(address)[1] == 0:
                 raise InvalidArgument(f"{address}: port 0 names no replica; give its port")
-            if any(r.address == address for r in engine.replicas):
-                raise AlreadyExists(f"{address} already serves a replica of this volume")
+            same = next((r for r in engine.replicas if r.address == address), None)
+            if same is not None:
+                raise AlreadyExists(f"{address} is replica {same.id} of this volume already")
             engine.tls_cas.pop(address, None)  # (a removed replica's: this add says its own)
+        remote = address is not None
         holder: dict[str, str] = {}
 
         def allocate(config: dict[str, Any]) -> None:
@@ -563,6 +569,8 @@ class Daemon:
             link.failed_at = trio.current_time()  # (not serving yet: ``rejoin_limit`` counts)
             if tls_ca:
                 engine.tls_cas[address] = tls_ca
+            if remote:  # (it may be one of the volume's already)
+                link.uid = await self._identify(address)
             link.client = await self.engine.connect(address)
             if (await link.client.call("hello"))["initialised"]:
                 await fit(engine, link.client)  # (another volume's shape: refused here, whole)
@@ -576,6 +584,8 @@ class Daemon:
             await self._forget(replica_id)
             if home is None or not home.exists():  # (a directory left would take the id again)
                 self.vol.update(lambda c: _give_back_id(c, replica_id))
+            if isinstance(exc, AlreadyExists):
+                raise AlreadyExists(f"cannot add replica: {exc}") from None
             if isinstance(exc, WrongVolume):
                 owner = self._volume_with_id(exc.volume_id)
                 raise WrongVolume(
@@ -592,6 +602,33 @@ class Daemon:
         link.rebuild_progress = 0.0
         self.start_rebuild(link)
         return {"id": replica_id, "address": address}
+
+    async def _identify(self, address: str) -> str | None:
+        """What the replica at ``address`` is (its directory's identity), refused if it is one
+        of this volume's already, reached by another address (a host has several; ``localhost``
+        and ``127.0.0.1`` are one): taken twice, its two sessions would fence each other for
+        ever. Asked in a reader session, which fences nothing. None from an older lhfs."""
+        engine = self.engine
+        ca = engine.tls_cas.get(address)
+        reader = await ReplicaClient.connect(
+            address, self.nursery, self.key, role=READER, tls_ca=ca
+        )
+        uid = None
+        try:
+            with trio.move_on_after(engine.io_timeout) as waited:
+                uid = (await reader.call("hello")).get("uid")
+        finally:
+            await reader.aclose()
+        if waited.cancelled_caught:
+            raise NoAnswer(f"replica {address} answered nothing for {engine.io_timeout:.0f}s")
+        recorded = {r["id"]: r.get("uid") for r in self.vol.replicas}  # (those away too)
+        for link in engine.replicas:
+            if uid is not None and uid in (link.uid, recorded.get(link.id)):
+                raise AlreadyExists(
+                    f"{address} is replica {link.id} of this volume already, reached as "
+                    f"{link.address}"
+                )
+        return uid
 
     async def rebuild_over(self, link: ReplicaLink) -> None:
         """Return once no rebuild of ``link`` is under way (one that failed may still be

@@ -85,6 +85,9 @@ class ReplicaLink:
     rejoin: str | None = None  # what the engine does to bring it back, if anything
     held: str | None = None  # why it is not brought back at all (the operator decides)
     rotten_backing: bool = False  # a scrub found its backing image rotten: rebuilt with a new one
+    # what the replica is (its directory's identity, from its answers): one replica reached
+    # by two addresses is still one replica
+    uid: str | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -223,6 +226,7 @@ class Engine:
                     # a replica expanded while others were not: the others are behind
                     self.size = max(self.size, info["size"])
                 link.revision = info["revision"]
+                link.uid = info.get("uid")  # (None from a replica of an older lhfs)
                 link.error = "recorded as failed" if failed else None
             except LhfsError as exc:
                 link.error = str(exc) if address else "replica process did not start"

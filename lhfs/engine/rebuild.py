@@ -165,6 +165,7 @@ def _loopback(address: str) -> bool:
 async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> None:
     client = target.client
     hello = await client.call("hello")
+    target.uid = hello.get("uid") or target.uid  # (a wiped directory is another one now)
     if not hello["initialised"]:
         await client.call("init", size=engine.size, chunk_size=engine.chunk_size)
     else:

@@ -24,9 +24,12 @@ flushes.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import os
+import re
+import secrets
 import signal
 import socket
 import ssl
@@ -39,6 +42,7 @@ from typing import Any, TypeVar
 import trio
 import xxhash
 
+from lhfs.core.durable import atomic_write
 from lhfs.core.errors import (
     Busy,
     InvalidArgument,
@@ -65,6 +69,8 @@ log = logging.getLogger("lhfs.replica")
 _REVISION_ANSWER = struct.Struct("<IIHQ")
 _REVISION_LENGTH = _REVISION_ANSWER.size - p.LENGTH.size
 _PULL_TIMEOUT = 60
+ID_FILE = "id"  # the replica directory's identity (``directory_id``)
+_UID = re.compile(r"[0-9a-f]{32}")
 _PEER_RETRY_AFTER = 5.0  # a peer that could not be reached is not asked again before this
 _WRITEBACK_EVERY = 64 << 20  # bytes pulled into the replica between background data syncs
 FRAME_TIMEOUT = 15.0  # a frame left half-sent this long closes its connection
@@ -110,6 +116,7 @@ class ReplicaServer:
                     f"is for volume {key.volume} (id {key.id_hex})",
                     owner,
                 )
+        self.uid = directory_id(self.dir)
         self.sessions = Sessions(self.dir, key)
         self._structural = trio.Lock()
         self._hashing = trio.Lock()  # one checksum computation at a time, off the event loop
@@ -483,7 +490,7 @@ class ReplicaServer:
 
     def _call(self, method: str, args: dict[str, Any]) -> Any:
         if method == "hello":
-            return {"initialised": self.store is not None, "dir": str(self.dir)}
+            return {"initialised": self.store is not None, "dir": str(self.dir), "uid": self.uid}
         if method == "init":
             if self.store is not None:
                 raise Busy(f"replica {self.dir} already holds a volume")
@@ -496,7 +503,7 @@ class ReplicaServer:
             raise Busy(f"replica is busy with {self._require_store().operation or 'an operation'}")
         store = self._require_store()
         if method == "info":
-            return store.info()
+            return {**store.info(), "uid": self.uid}
         if method == "list_layers":
             return store.list_layers()
         if method == "is_blank":
@@ -693,6 +700,28 @@ class ReplicaServer:
             log.warning("background data sync failed: %s", exc)
         finally:
             self._writing_back = False
+
+
+def directory_id(directory: Path) -> str:
+    """The identity of a replica directory: random, made the first time the directory is
+    served and kept in it (``ID_FILE``; older directories get one then). An engine tells
+    replicas apart by it, never by the address it reaches them at: one host has many
+    addresses, and one replica taken twice would be two members of a volume fencing each
+    other. A directory it cannot be kept in gets one for this process's life."""
+    path = directory / ID_FILE
+    with contextlib.suppress(FileNotFoundError, UnicodeDecodeError):
+        kept = path.read_text().strip()
+        if _UID.fullmatch(kept):
+            return kept
+    uid = secrets.token_hex(16)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(path, f"{uid}\n".encode())
+    except OSError as exc:
+        log.warning(
+            "the identity of %s is not kept (%s): it holds for this process only", directory, exc
+        )
+    return uid
 
 
 class _Peers:

@@ -79,8 +79,9 @@ META = "volume.json"
 FORMAT = 1
 MIN_CHUNK = 1
 MAX_CHUNK = 64 << 20
-# what may be in a replica directory before its volume is made (an engine's session epoch)
-_MAY_PRECEDE = {"epoch", "lock", ".epoch.tmp"}
+# what may be in a replica directory before its volume is made (an engine's session epoch,
+# the directory's identity: both kept by the replica process that serves it)
+_MAY_PRECEDE = {"epoch", "lock", ".epoch.tmp", "id", ".id.tmp"}
 _LAYER_FILE_RE = re.compile(rf"({LAYER_ID.pattern})\.({'|'.join(LAYER_SUFFIXES)})")
 _VOLUME_ID = re.compile(r"[0-9a-f]{32}")  # a volume key's id, hex (``VolumeKey.id_hex``)
 _MAX_COUNT = (1 << 64) - 1  # revisions are unsigned 64-bit numbers in the index log
