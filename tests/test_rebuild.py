@@ -389,6 +389,41 @@ def test_a_target_that_cannot_reach_the_source_is_fed_through_the_engine(
         proxy.close()
 
 
+def test_a_rebuild_whose_target_falls_silent_fails_and_is_tried_again(
+    cli: Cli, tmp_path: Path, proxied_replica
+) -> None:
+    """A remote replica coming back takes the engine's new connection, then answers nothing
+    (its link stops delivering) before the rebuild asks it anything. The rebuild fails within
+    the volume's I/O timeout, saying why, doctor does not call the replica ok meanwhile, and a
+    later attempt brings it back; snapshots are taken again. (The rebuild waited for ever:
+    ERR at 0.0%, every snapshot refused, doctor "ok ... answers".)"""
+    cli.run("volume", "create", "s", "--size", "16M", "--replicas", "1", "--io-timeout", "2")
+    cli.run("volume", "set", "s", "--rejoin-wait", "4")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "s", "--device", str(device))
+    _remote, proxy, address = proxied_replica("s")
+    far = cli.run("replica", "add", "s", "--address", address).stdout.split()[2]
+
+    def now(field: str) -> str:
+        return replica(cli, "s", far)[field] or ""
+
+    proxy.hold()  # the link stops delivering: a write leaves the replica ERR
+    write_direct(device, 0, os.urandom(MIB))
+    wait_for(lambda: "answers again" in now("rejoin"), 30, "the replica to answer again")
+    proxy.hold()  # ...and so does the engine's new connection, before the rebuild's hello
+    wait_for(lambda: "answered nothing" in now("error"), 30, "the rebuild to fail")
+    said = replica(cli, "s", far)
+    assert said["mode"] == "ERR" and said["rebuild_progress"] is None, said
+    assert f"rebuild failed: replica {far} ({address}) answered nothing for 2s" == said["error"]
+    doctor = cli.run("doctor", "s", check=False).stdout
+    line = next(line for line in doctor.splitlines() if f"replica {far}" in line)
+    assert line.startswith("WARN") and "the engine has it failed: rebuild failed" in line, line
+    wait_for(lambda: replica(cli, "s", far)["mode"] == "RW", 60, "brought back")
+    cli.run("snapshot", "create", "s", "after")
+    assert cli.live("s")["state"] == "healthy"
+    cli.run("volume", "detach", "s")
+
+
 def test_scrub_finds_and_repairs_bit_rot(cli: Cli, tmp_path: Path) -> None:
     size = 64 * MIB
     cli.run("volume", "create", "rot", "--size", "64M")

@@ -572,8 +572,11 @@ class Daemon:
             if remote:  # (it may be one of the volume's already)
                 link.uid = await self._identify(address)
             link.client = await self.engine.connect(address)
-            if (await link.client.call("hello"))["initialised"]:
-                await fit(engine, link.client)  # (another volume's shape: refused here, whole)
+            with trio.move_on_after(engine.io_timeout) as waited:
+                if (await link.client.call("hello"))["initialised"]:
+                    await fit(engine, link.client)  # (another volume's shape: refused, whole)
+            if waited.cancelled_caught:
+                raise NoAnswer(f"replica {address} answered nothing for {engine.io_timeout:.0f}s")
         except BaseException as exc:
             if tls_ca and address:  # (a CA that failed is not the address's for the next add)
                 engine.tls_cas.pop(address, None)

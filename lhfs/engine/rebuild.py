@@ -17,6 +17,8 @@ The steps, each visible in the replica's ``rebuild_progress`` and the engine's l
 
 A source that fails is replaced by another healthy replica and the sync goes on (what was
 copied stays copied); a target that fails is marked ERR. Nothing here raises into the engine.
+Every request has a deadline (``_watch``): the target and the source must show life within
+the volume's I/O timeout, however long a request takes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import trio
 
-from lhfs.core.errors import ConnectionLost, CorruptState, LhfsError, PullFailed
+from lhfs.core.errors import ConnectionLost, CorruptState, LhfsError, NoAnswer, PullFailed
 from lhfs.engine.engine import RW, WO, Engine, ReplicaLink
 from lhfs.store.layer import ABSENT
 from lhfs.wire.client import ReplicaClient, SumsUnavailable, merged_layer_sums
@@ -71,13 +73,54 @@ async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
     target.rebuild_stats = stats
     try:
         async with engine.rebuild_lock:  # one at a time: each joins the others' chain as it is
-            return await _rebuild(engine, target, stats)
+            watching = trio.CancelScope()
+            engine.nursery.start_soon(_watch, engine, target, watching)
+            try:
+                return await _rebuild(engine, target, stats)
+            finally:
+                watching.cancel()
     except LhfsError as exc:
         engine.fail(target, f"rebuild failed: {exc}")
         target.error = f"rebuild failed: {exc}"  # also when it was not serving yet
         target.rebuild_progress = None
         engine.mode_changed(target)
         raise
+
+
+async def _watch(engine: Engine, target: ReplicaLink, scope: trio.CancelScope) -> None:
+    """The deadline of a rebuild's requests: while it runs, the target and its source must
+    show life within the volume's I/O timeout. A request may take longer (hashing a large
+    layer takes minutes, a transfer on a slow link as long as bytes come), so a replica silent
+    for a while is asked something it answers at once (``ping``); bytes of any answer show it
+    alive. A silent target fails the rebuild (its requests fail: it is marked ERR and brought
+    back later); a silent source is marked ERR, as the I/O watchdog would mark it at the next
+    write, and another one takes over. Without this a peer that took a connection and fell
+    silent held a rebuild, and every snapshot, for ever: the I/O watchdog counts I/O only,
+    and a target that does not serve yet gets none."""
+    with scope:
+        since: dict[ReplicaClient, float] = {}  # when the watch first saw each connection
+        while True:
+            tick = min(1.0, engine.io_timeout / 4)
+            await trio.sleep(tick)
+            now = trio.current_time()
+            try:
+                links = [target, _pick_source(engine, target)]
+            except LhfsError:  # (no source: the rebuild says so itself)
+                links = [target]
+            for link in links:
+                client = link.client
+                if client is None or client.broken:
+                    continue
+                silent = now - max(client.heard, since.setdefault(client, now))
+                if silent < engine.io_timeout:
+                    if silent >= tick:
+                        client.ping()
+                elif link is target:
+                    why = f"replica {link.id} ({link.address}) answered nothing"
+                    error = NoAnswer(f"{why} for {engine.io_timeout:.0f}s")
+                    engine.nursery.start_soon(client.aclose, True, error)
+                else:
+                    engine.fail(link, f"no answer within {engine.io_timeout:.0f}s")
 
 
 async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> RebuildStats:

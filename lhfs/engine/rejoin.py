@@ -150,7 +150,7 @@ class Rejoiner:
                 await client.aclose()
                 delay = FIRST_DELAY
                 continue
-            if engine.state == "faulted" and not await _holds_volume(client):
+            if engine.state == "faulted" and not await _holds_volume(client, engine.io_timeout):
                 link.rejoin = (  # (wiped: no copy of the volume is left to serve from)
                     "answers, but holds no volume (its directory was wiped?): no copy of the "
                     "volume is left; restore it from a backup"
@@ -174,10 +174,13 @@ class Rejoiner:
             return
 
 
-async def _holds_volume(client: ReplicaClient) -> bool:
+async def _holds_volume(client: ReplicaClient, timeout: float) -> bool:
     """Whether a replica that answers holds a volume (one whose directory was wiped answers
-    uninitialised); a connection that broke meanwhile counts as not: it is tried again."""
-    try:
-        return bool((await client.call("hello"))["initialised"])
-    except LhfsError:
-        return False
+    uninitialised); a connection that broke meanwhile, or a replica that does not answer
+    within ``timeout``, counts as not: it is tried again."""
+    with trio.move_on_after(timeout):
+        try:
+            return bool((await client.call("hello"))["initialised"])
+        except LhfsError:
+            return False
+    return False

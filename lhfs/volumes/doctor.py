@@ -182,6 +182,7 @@ def _volume(root: Path, name: str) -> list[Check]:
         pass
     runtime = vol.runtime()
     record = vol.runtime_record()
+    live: dict[str, Any] = {}  # what the engine says, if it runs
     if runtime is None and record is not None:  # (its engine died, and left what it left)
         device = Path(record["device"])
         left = attachment.describe(attachment.leftovers(device), device)
@@ -196,7 +197,6 @@ def _volume(root: Path, name: str) -> list[Check]:
     if runtime is not None:
         from lhfs.engine import control
 
-        live: dict[str, Any] = {}
         try:
             live = control.call(vol.control_socket, "info", timeout=REACH_TIMEOUT)
             state = live["state"]
@@ -251,7 +251,18 @@ def _volume(root: Path, name: str) -> list[Check]:
                     )
                 )
             continue
-        out.append(_reach(label, replica["address"], key, replica.get("tls_ca")))
+        check = _reach(label, replica["address"], key, replica.get("tls_ca"))
+        seen = next((r for r in live.get("replicas", []) if r["id"] == replica["id"]), None)
+        if check.status == OK and seen is not None and seen["mode"] == "ERR":
+            # (it answers this check, a new connection; the engine's own may be stuck)
+            said = "; ".join(str(x) for x in (seen.get("error"), seen.get("rejoin")) if x)
+            check = Check(
+                label,
+                WARN,
+                f"{replica['address']} answers this check, but the engine has it failed: {said}",
+                f"{lhfs} replica ls {name}",
+            )
+        out.append(check)
     return out
 
 

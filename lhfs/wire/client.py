@@ -181,6 +181,7 @@ class ReplicaClient:
         self._broken: LhfsError | None = None
         self._cancel = trio.CancelScope()
         self.progress = trio.current_time()  # when the replica last showed life
+        self.heard = self.progress  # when bytes last came from it, proven by a seal yet or not
         self.epoch = 0  # the session epoch the replica granted
         self.shared = False  # the replica maps the engine's pool (``shm``): WRITE_SHM
         self.region: shm.Region | None = None  # this connection's read region: READ_SHM
@@ -257,10 +258,11 @@ class ReplicaClient:
         nursery.start_soon(client._run)
         return client
 
-    async def aclose(self, reset: bool = False) -> None:
+    async def aclose(self, reset: bool = False, why: LhfsError | None = None) -> None:
         """Close the connection; with ``reset``, abort it (RST), dropping whatever the kernel
-        still holds unsent: a replica marked failed must never receive it later."""
-        self._fail(ConnectionLost(f"connection to replica {self.address} closed"))
+        still holds unsent: a replica marked failed must never receive it later. Requests
+        still waiting fail with ``why`` (by default, that the connection was closed)."""
+        self._fail(why or ConnectionLost(f"connection to replica {self.address} closed"))
         if reset:
             with contextlib.suppress(OSError):
                 linger = struct.pack("ii", 1, 0)
@@ -323,8 +325,9 @@ class ReplicaClient:
         while True:
             if not await receive():
                 return
+            self.heard = trio.current_time()
             if not sealed:
-                self.progress = trio.current_time()
+                self.progress = self.heard
             for request_id, status, payload in frames.frames():
                 if sealed:  # (only what a seal proved shows the replica alive)
                     self.progress = trio.current_time()
@@ -391,6 +394,14 @@ class ReplicaClient:
         """Send what is queued, as far as the socket takes it without waiting."""
         if self._broken is None:
             self._outbox.push()
+
+    def ping(self) -> None:
+        """Ask for something the replica answers at once, whatever else it is doing (its long
+        work runs in tasks and threads), and ignore the answer: it shows the replica alive
+        (``heard``) to whoever waits on a long request of it."""
+        if self._broken is None:
+            self.submit(p.CALL, (_PING,), lambda error, payload: None)
+            self.push()
 
     def _send_failed(self, exc: OSError) -> None:
         self._fail(ConnectionLost(f"connection to replica {self.address} broke: {exc}"))
@@ -465,6 +476,7 @@ class ReplicaClient:
 
 # What a replica that closes a plain connection before its first byte most likely is.
 UNANSWERED = " (one served with TLS is reached with its CA: --tls-ca)"
+_PING = p.encode_json({"method": "hello", "args": {}})
 LOCAL_BUFFER = 4 << 20  # a Unix socket's send buffer (its whole in-flight data): room for bursts
 
 
