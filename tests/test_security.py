@@ -551,6 +551,103 @@ def test_a_write_changed_on_its_way_to_a_remote_replica_never_lands(
     assert "Traceback" not in remote.log.read_text()
 
 
+def say_hello(address: str, key: VolumeKey) -> tuple[socket.socket, int]:
+    """A connection that says hello to a replica and then nothing (it holds one of the
+    replica's handshake slots, if it got one): the socket, and the status the replica
+    answered (``HS_OK``: a slot is held; -1: no answer, a reset)."""
+    sock = socket.create_connection(parse_address(address), timeout=10)
+    try:
+        sock.sendall(p.ClientHandshake(key, address, p.READER, 0, False).hello())
+        answer = sock.recv(p.CHALLENGE.size, socket.MSG_WAITALL)
+        return sock, p.CHALLENGE.unpack(answer)[2] if len(answer) == p.CHALLENGE.size else -1
+    except OSError:
+        return sock, -1
+
+
+@needs_fuse
+def test_connections_held_from_the_engines_host_keep_it_out_of_no_replica(
+    cli: Cli, tmp_path: Path, proxied_replica
+) -> None:
+    """A process on the engine's host holds every handshake slot of that host at a remote
+    replica (eight connections that say hello and then nothing, each made again as soon as it
+    is closed), and the replica restarts: the engine gets back in all the same (the oldest
+    held handshake is cut to make room for it) and rebuilds it (it was reset, and tried again
+    every 30 s for ever). A connection that finds every slot just taken is told, in one line,
+    that the replica is busy and why, not reset."""
+    from lhfs.replica.process import ReplicaProcess
+    from lhfs.replica.session import PER_SOURCE
+    from lhfs.wire.client import SyncReplica
+
+    cli.run("volume", "create", "h", "--size", "16M", "--replicas", "1", "--io-timeout", "3")
+    cli.run("volume", "set", "h", "--rejoin-wait", "1")
+    device = tmp_path / "h.dev"
+    cli.run("volume", "attach", "h", "--device", str(device))
+    remote, proxy, address = proxied_replica("h")  # (the engine reaches it through the proxy)
+    far = cli.run("replica", "add", "h", "--address", address).stdout.split()[2]
+    stop = threading.Event()
+    holding: set[socket.socket] = set()
+
+    def hold() -> None:
+        while not stop.is_set():
+            try:
+                sock, status = say_hello(remote.address, remote.key)
+            except OSError:  # (the replica restarting)
+                stop.wait(0.05)
+                continue
+            with sock:
+                if status == p.HS_OK:
+                    holding.add(sock)
+                    with contextlib.suppress(OSError):
+                        sock.recv(1)  # (until the replica cuts it: then again at once)
+                    holding.discard(sock)
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(PER_SOURCE)]
+    again = None
+    try:
+        proxy.stop()  # (the engine tries again only once the slots are held)
+        assert remote.stop() == 0
+        wait_for(lambda: cli.replica("h", far)["mode"] == "ERR", 30, "the replica gone")
+        for thread in threads:
+            thread.start()
+        port = parse_address(remote.address)[1]
+        again = ReplicaProcess(tmp_path / "remote", tmp_path / "h.key", port=port)
+        wait_for(lambda: len(holding) == PER_SOURCE, 30, "every slot of this host held")
+        proxy.resume()
+        wait_for(lambda: cli.replica("h", far)["mode"] == "RW", 60, "the engine back in")
+        write_direct(device, 0, os.urandom(MIB))
+        assert cli.info("h")["state"] == "healthy"
+        assert "handshake cut after" in again.log.read_text()  # (a held one made room)
+        stop.set()
+        for sock in list(holding):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # (wakes its thread's recv)
+        for thread in threads:
+            thread.join(10)
+        fresh = []  # every slot taken just now: nothing old enough to cut
+        while len(fresh) < PER_SOURCE:  # (those of the threads may not be gone yet)
+            sock, status = say_hello(again.address, again.key)
+            if status == p.HS_OK:
+                fresh.append(sock)
+            else:
+                sock.close()
+        with pytest.raises(LhfsError) as refused:
+            SyncReplica(again.address, again.key)
+        assert str(refused.value) == (
+            f"replica {again.address} is busy: too many handshakes under way from this host "
+            "(someone holds connections to it)"
+        )
+        for sock in fresh:
+            sock.close()
+        cli.run("volume", "detach", "h")
+    finally:
+        stop.set()
+        for sock in list(holding):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if again is not None:
+            again.stop()
+
+
 def xxhash_of(data: bytes | bytearray) -> str:
     import xxhash
 

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import trio
 
-from lhfs.core.errors import Fenced, LhfsError, NoAnswer
+from lhfs.core.errors import Busy, Fenced, LhfsError, NoAnswer
 from lhfs.engine.engine import ERR, Engine, ReplicaLink
 from lhfs.wire.client import ReplicaClient
 
@@ -132,6 +132,8 @@ class Rejoiner:
                 return
             except LhfsError as exc:
                 unanswered = unanswered + 1 if isinstance(exc, NoAnswer) else 0
+                if isinstance(exc, Busy):  # (it answers: a slot frees soon, unlike a host)
+                    delay = FIRST_DELAY
                 link.rejoin = f"unreachable ({exc}); trying again in {delay:.0f}s"
                 if str(exc) != told:
                     told = str(exc)

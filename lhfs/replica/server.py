@@ -55,7 +55,7 @@ from lhfs.core.errors import (
     WrongVolume,
 )
 from lhfs.replica import checks, hotpath
-from lhfs.replica.session import Session, Sessions, abort, source_of
+from lhfs.replica.session import Session, Sessions, source_of
 from lhfs.store.chunkstore import ChunkStore, check_geometry
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
@@ -173,8 +173,10 @@ class ReplicaServer:
         sessions = self.sessions
         session = None
         try:
-            if not sessions.admit(stream):
-                abort(stream)
+            busy = sessions.admit(stream)
+            if busy is not None:
+                plain = self.tls is None or stream.socket.family == socket.AF_UNIX
+                await sessions.refuse(stream, busy, plain)
                 return
             session = await sessions.handshake(stream, self.tls)
             sessions.live.add(session)

@@ -3,7 +3,10 @@
 A connection becomes a *session* only once the peer proved it holds the volume's key (see
 ``lhfs.wire.auth``); until then nothing it sends is read as a request. Handshakes are bounded:
 a few at a time, each within a deadline, so that strangers cannot hold the replica's memory or
-its connection slots.
+its connection slots. A connection that meets a bound is told the replica is busy (which
+bound), so that an engine tells busy from gone; and when the bound is one of handshakes, the
+oldest of them is cut to make room if it has lasted long (an honest handshake takes
+milliseconds): whoever holds connections open must keep making new ones to keep a slot.
 
 **Epochs.** An engine session asks for an epoch, a number the replica keeps durably in the
 file ``epoch`` of its directory (with the identity of the engine that holds it) and which only
@@ -42,6 +45,9 @@ log = logging.getLogger("lhfs.replica")
 
 EPOCH_FILE = "epoch"
 HANDSHAKE_TIMEOUT = 5.0
+CUT_AFTER = HANDSHAKE_TIMEOUT / 2  # a handshake under way this long may be cut for a newcomer
+BUSY_WAIT = 1.0  # how long a refused peer may take to say hello before it is told it is busy
+REFUSED = 0  # what ``admit`` says of a connection refused without a word (another local user)
 MAX_HANDSHAKES = 64  # TCP connections proving themselves at once...
 PER_SOURCE = 8  # ...of them from one source (an address; loopback, an IPv6 /64: one each)
 LOCAL_HANDSHAKES = 16  # on the local socket, apart (strangers on TCP cannot crowd the engine)
@@ -77,6 +83,16 @@ class Session:
             self.device = -1
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One handshake under way: where from, since when, and the scope that ends it."""
+
+    source: str
+    started: float
+    scope: trio.CancelScope
+    cut: bool = False  # ended to make room for a newer connection
+
+
 class Sessions:
     """The replica's key, its durable epoch, and the sessions it serves."""
 
@@ -85,8 +101,8 @@ class Sessions:
         self.key = key
         self.epoch, self.owner = self._load_epoch()
         self.live: set[Session] = set()
-        self.handshaking = 0
-        self._sources: dict[str, int] = {}  # handshakes under way per source ("": local)
+        self._slots: dict[str, list[_Slot]] = {}  # handshakes under way per source ("": local)
+        self._answering = 0  # refused connections being told that the replica is busy
         self.said = Quiet()
 
     def _load_epoch(self) -> tuple[int, bytes]:
@@ -110,9 +126,11 @@ class Sessions:
     def current(self, epoch: int, owner: bytes) -> bool:
         return (epoch, owner) == (self.epoch, self.owner)
 
-    def admit(self, stream: trio.SocketStream) -> bool:
-        """Whether a new connection may start a handshake (bounded, so a crowd of strangers
-        cannot crowd the engine out); local connections must come from this user."""
+    def admit(self, stream: trio.SocketStream) -> int | None:
+        """None if a new connection may start a handshake; else what it met: a bound
+        (``protocol.BUSY_*``), or ``REFUSED`` (a local peer of another user). Bounded, so that
+        a crowd of strangers cannot crowd the engine out: at a bound of handshakes, the oldest
+        one is cut instead if it lasted ``CUT_AFTER`` (``_cut``)."""
         sock = stream.socket
         source = source_of(sock)
         if sock.family == socket.AF_UNIX:
@@ -120,21 +138,66 @@ class Sessions:
             _pid, uid, _gid = struct.unpack("3i", creds)
             if uid != os.getuid():
                 self.said.warning(f"uid {uid}", "refused a local connection from uid %d", uid)
-                return False
-            bound, under_way = LOCAL_HANDSHAKES, self._sources.get("", 0)
-        else:
-            bound, under_way = MAX_HANDSHAKES, self.handshaking - self._sources.get("", 0)
-        crowded = source and self._sources.get(source, 0) >= PER_SOURCE
-        if crowded or under_way >= bound or len(self.live) >= MAX_SESSIONS:
+                return REFUSED
+        tcp = [slot for key, slots in self._slots.items() if key for slot in slots]
+        mine = self._slots.get(source, [])
+        busy = None
+        if len(self.live) >= MAX_SESSIONS:
+            busy = p.BUSY_SESSIONS
+        elif not source:
+            busy = None if len(mine) < LOCAL_HANDSHAKES or self._cut(mine) else p.BUSY_HANDSHAKES
+        elif len(mine) >= PER_SOURCE and not self._cut(mine):
+            busy = p.BUSY_SOURCE
+        elif len(tcp) >= MAX_HANDSHAKES and not self._cut(tcp):
+            busy = p.BUSY_HANDSHAKES
+        if busy is not None:
             self.said.warning(
                 f"refused {source}",
-                "refused a connection from %s: %d sessions and %d handshakes under way",
+                "refused a connection from %s: %s",
                 source or "a local peer",
-                len(self.live),
-                self.handshaking,
+                _BOUNDS[busy],
             )
+        return busy
+
+    def _cut(self, slots: list[_Slot]) -> bool:
+        """End the oldest of ``slots`` if it has lasted ``CUT_AFTER`` (an honest handshake takes
+        milliseconds; one held open on purpose is the likeliest to be the oldest); whether one
+        was. Its connection is closed as it unwinds; its slot is free at once."""
+        oldest = min(slots, key=lambda slot: slot.started)
+        if trio.current_time() - oldest.started < CUT_AFTER:
             return False
+        oldest.cut = True
+        oldest.scope.cancel()
+        self._drop(oldest)
         return True
+
+    def _drop(self, slot: _Slot) -> None:
+        slots = self._slots.get(slot.source, [])
+        if slot in slots:
+            slots.remove(slot)
+            if not slots:
+                del self._slots[slot.source]
+
+    async def refuse(self, stream: trio.SocketStream, busy: int, plain: bool) -> None:
+        """Tell a connection that met a bound that the replica is busy (``HS_BUSY``, the bound
+        in its epoch field) once it said hello, so that an engine tells busy from gone and
+        tries again soon. Reset instead: a peer refused outright, one that does not say hello
+        within ``BUSY_WAIT``, one that expects TLS first (``plain`` false: its TLS handshake
+        is the work a bound spares), and any beyond ``MAX_HANDSHAKES`` being answered."""
+        if busy == REFUSED or not plain or self._answering >= MAX_HANDSHAKES:
+            abort(stream)
+            return
+        self._answering += 1
+        try:
+            with trio.move_on_after(BUSY_WAIT) as waited:
+                await _exactly(stream, p.HELLO.size)
+                await _challenge(stream, p.HS_BUSY, b"", b"", b"", busy)
+            if waited.cancelled_caught:
+                abort(stream)
+        except (ProtocolError, OSError, trio.BrokenResourceError):
+            abort(stream)
+        finally:
+            self._answering -= 1
 
     async def handshake(
         self, stream: trio.SocketStream, context: ssl.SSLContext | None = None
@@ -142,24 +205,27 @@ class Sessions:
         """Run the replica's side of the handshake (see ``protocol``), over TLS first when a
         ``context`` is given and the peer came by TCP; the session, or an error once the peer
         was told why (the caller closes the connection)."""
-        self.handshaking += 1
-        source = source_of(stream.socket)
-        self._sources[source] = self._sources.get(source, 0) + 1
+        now = trio.current_time()
+        slot = _Slot(
+            source_of(stream.socket), now, trio.CancelScope(deadline=now + HANDSHAKE_TIMEOUT)
+        )
+        self._slots.setdefault(slot.source, []).append(slot)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with slot.scope:
                 if context is not None and stream.socket.family != socket.AF_UNIX:
                     try:
                         stream = await tls.wrap_server(stream, context)
                     except trio.BrokenResourceError as exc:
                         raise ProtocolError(f"TLS handshake failed: {exc.__cause__}") from None
                 return await self._handshake(stream)
-        except trio.TooSlowError:
-            raise ProtocolError("no complete handshake within the deadline") from None
+            if slot.cut:
+                raise ProtocolError(
+                    f"handshake cut after {trio.current_time() - now:.1f}s to make room: "
+                    "every handshake slot of its source was taken"
+                )
+            raise ProtocolError("no complete handshake within the deadline")
         finally:
-            self.handshaking -= 1
-            self._sources[source] -= 1
-            if not self._sources[source]:
-                del self._sources[source]
+            self._drop(slot)
 
     async def _handshake(self, stream: trio.SocketStream | trio.SSLStream) -> Session:
         magic, version = p.PREAMBLE.unpack(await _exactly(stream, p.PREAMBLE.size))
@@ -270,6 +336,13 @@ class Quiet:
         self._last[key] = (now, 0)
         more = f" (and {held} more like it since the last line)" if held else ""
         log.warning(message + more, *args)
+
+
+_BOUNDS = {
+    p.BUSY_SOURCE: f"{PER_SOURCE} handshakes from it under way",
+    p.BUSY_HANDSHAKES: "every handshake slot taken",
+    p.BUSY_SESSIONS: f"{MAX_SESSIONS} sessions served",
+}
 
 
 def abort(stream: trio.SocketStream | trio.SSLStream) -> None:

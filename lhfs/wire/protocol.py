@@ -5,7 +5,8 @@ Handshake (see ``auth`` for the proofs), every field fixed-size:
 1. client: ``HELLO`` = magic, version, the volume's identity, a fresh client nonce;
 2. replica: ``CHALLENGE`` = magic, version, a status, the identity of the volume it serves, a
    fresh replica nonce, the replica's proof, and its current session epoch. A status other
-   than ``HS_OK`` (another version, another volume) ends the connection;
+   than ``HS_OK`` (another version, another volume, busy: then the epoch field says which
+   bound the connection met) ends the connection;
 3. client: ``AUTH`` = its proof, its role, the session epoch it asks for and the identity of
    the engine asking (random, one per engine: two engines never share an epoch);
 4. replica: ``WELCOME`` = a status: accepted, or denied (a bad proof), or stale (an engine
@@ -60,6 +61,8 @@ AUTH = struct.Struct("<32sBQ8s")  # client proof, role, epoch, the engine's iden
 WELCOME = struct.Struct("<B")  # status
 
 HS_OK, HS_VERSION, HS_WRONG_VOLUME, HS_DENIED, HS_STALE, HS_BUSY = range(6)
+# Which bound an ``HS_BUSY`` challenge met, in its epoch field (older replicas send 0):
+BUSY_SOURCE, BUSY_HANDSHAKES, BUSY_SESSIONS = 1, 2, 3
 ENGINE, READER = 1, 2
 NO_OWNER = bytes(8)  # the identity of a session that is not an engine's (tools, tests)
 MAX_EPOCH = 1 << 62  # epochs grow by one per session: never near the field's limit
@@ -412,7 +415,9 @@ class ClientHandshake:
                 f"{self.address} speaks replica protocol version {version}, not {VERSION}"
             )
         if status == HS_BUSY:
-            raise Busy(f"replica {self.address} has too many connections")
+            raise Busy(
+                f"replica {self.address} is busy: {_BUSY.get(epoch, 'too many connections')}"
+            )
         if status == HS_WRONG_VOLUME:
             raise WrongVolume(
                 f"{self.address} serves a replica of another volume (id {volume_id.hex()}), "
@@ -447,6 +452,13 @@ class ClientHandshake:
             raise AuthenticationFailed(
                 f"replica {self.address} refused the key of volume {self.key.volume}"
             )
+
+
+_BUSY = {
+    BUSY_SOURCE: "too many handshakes under way from this host (someone holds connections to it)",
+    BUSY_HANDSHAKES: "too many handshakes under way (someone holds connections to it)",
+    BUSY_SESSIONS: "it serves as many sessions as it takes",
+}
 
 
 def error_payload(exc: LhfsError) -> bytes:
