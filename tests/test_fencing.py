@@ -112,6 +112,28 @@ def test_a_replicas_epoch_survives_a_kill(tmp_path: Path, replica_factory) -> No
     assert "refused an engine session of epoch 6" in again.log.read_text()
 
 
+def test_a_session_refused_as_older_says_the_epochs_that_decided(
+    tmp_path: Path, replica_factory
+) -> None:
+    """A replica another engine holds refuses an older engine session, saying which epochs
+    decided: the replica's, and the one asked for, as they are (both were once shown as the
+    same number when another engine held that very epoch, with nothing saying why that was
+    refused)."""
+    ChunkStore.create(tmp_path / "r", MIB, BLOCK).close()
+    replica = replica_factory(tmp_path / "r")
+    raw_session(replica.address, replica.key, epoch=7, owner=b"engine-1").close()
+    for epoch, said in (
+        (6, "in session epoch 7; this one asked for epoch 6, an older one"),
+        (7, "in session epoch 7, the epoch this one asked for too"),
+    ):
+        with pytest.raises(Fenced) as refused:
+            raw_session(replica.address, replica.key, epoch=epoch, owner=b"engine-2").close()
+        assert str(refused.value) == (
+            f"replica {replica.address} was taken over by another engine ({said}): "
+            "this one may not change it"
+        )
+
+
 @needs_fuse
 def test_a_replica_away_across_attaches_finds_the_engine_newer(
     cli: Cli, tmp_path: Path, replica_factory

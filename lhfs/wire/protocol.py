@@ -445,13 +445,23 @@ class ClientHandshake:
         (status,) = WELCOME.unpack(reply)
         if status == HS_STALE:
             raise Fenced(
-                f"replica {self.address} was taken over by another engine (session epoch "
-                f"{self.replica_epoch}); this one (epoch {self.epoch}) may not change it"
+                f"replica {self.address} was taken over by another engine ({self._held()}): "
+                "this one may not change it"
             )
         if status != HS_OK:
             raise AuthenticationFailed(
                 f"replica {self.address} refused the key of volume {self.key.volume}"
             )
+
+    def _held(self) -> str:
+        """The epochs that decided it: a replica refuses a session below its own epoch, and one
+        at its epoch that another engine holds (two engines may count to the same number)."""
+        mine, theirs = self.epoch, self.replica_epoch
+        if theirs > mine:
+            return f"in session epoch {theirs}; this one asked for epoch {mine}, an older one"
+        if theirs == mine:
+            return f"in session epoch {theirs}, the epoch this one asked for too"
+        return f"in a session of epoch {mine} or newer, begun during this handshake"
 
 
 _BUSY = {
