@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -652,6 +653,69 @@ def xxhash_of(data: bytes | bytearray) -> str:
     import xxhash
 
     return xxhash.xxh3_128_hexdigest(bytes(data))
+
+
+def dated_certificate(directory: Path, start: datetime, end: datetime) -> tuple[Path, Path]:
+    """A self-signed certificate valid from ``start`` to ``end``, and its key (mode 600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lhfs replica")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True)
+    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@needs_fuse
+def test_tls_mistakes_are_said_in_one_line(cli: Cli, tmp_path: Path, replica_factory) -> None:
+    """A replica served without TLS and added with ``--tls-ca`` is refused with what to do (it
+    said only that the connection was reset); ``replica serve`` with a certificate outside its
+    dates says so as it starts, in one line with the date (it said nothing: every engine's
+    TLS handshake with it failed)."""
+    ca = make_tls(tmp_path / "tls")[0]
+    cli.run("volume", "create", "t", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "attach", "t", "--device", str(tmp_path / "t.dev"))
+    cli.run("volume", "key", "t", "--out", str(tmp_path / "t.key"))
+    plain = replica_factory(tmp_path / "plain", tmp_path / "t.key")
+    refused = cli.run(
+        "replica", "add", "t", "--address", plain.address, "--tls-ca", str(ca), check=False
+    )
+    said = refused.stderr.strip()
+    assert refused.returncode != 0 and len(said.splitlines()) == 1, said
+    assert said.endswith("(it does not speak TLS: add it without --tls-ca)"), said
+    assert [r["id"] for r in cli.info("t")["replicas"]] == ["r1"]
+    cli.run("volume", "detach", "t")
+    now, day = datetime.now(UTC), timedelta(days=1)
+    for name, start, end, says in [
+        ("expired", now - 3 * day, now - day, f"expired on {now - day:%Y-%m-%d %H:%M} UTC"),
+        ("early", now + day, now + 3 * day, f"is not valid before {now + day:%Y-%m-%d %H:%M}"),
+    ]:
+        cert, key = dated_certificate(tmp_path / name, start, end)
+        served = replica_factory(tmp_path / f"{name}-r", tmp_path / "t.key", tls=(cert, key))
+        lines = [line for line in served.log.read_text().splitlines() if str(cert) in line]
+        assert len(lines) == 1 and says in lines[0], lines
 
 
 @needs_fuse

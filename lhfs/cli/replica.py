@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -57,13 +58,17 @@ def cmd_replica_serve(args: argparse.Namespace) -> None:
     host, port = parse_address(args.listen)
     key = VolumeKey.load(Path(args.key_file))
     context = None
+    warning = None
     if args.tls_cert or args.tls_key:
-        from lhfs.wire.tls import server_context
+        from lhfs.wire.tls import server_context, validity
 
         if not (args.tls_cert and args.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
         context = server_context(Path(args.tls_cert), Path(args.tls_key))
+        warning = validity(Path(args.tls_cert))
     logs.setup(Path(args.log) if args.log else None)
+    if warning:  # (it serves all the same: the operator may be renewing the certificate)
+        logging.getLogger("lhfs.replica").warning("%s", warning)
 
     def ready(bound: tuple[str, int]) -> None:
         print(f"serving {args.dir} on {bound[0]}:{bound[1]}", flush=True)

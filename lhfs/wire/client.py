@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -63,6 +64,7 @@ class SyncReplica:
         host, port = parse_address(address)
         handshake = p.ClientHandshake(key, address, role, 0, takeover=False)
         tls_ca = None if local else tls_ca
+        wrapping = False  # (a TLS handshake that fails may have met a replica without TLS)
         try:
             if local:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -71,10 +73,15 @@ class SyncReplica:
             else:
                 self._sock = socket.create_connection((host, port), timeout=timeout)
             if tls_ca:
+                wrapping = True
                 context = tls.client_context(tls_ca)
                 self._sock = context.wrap_socket(self._sock, server_hostname=host)
         except OSError as exc:  # (ssl.SSLError included)
-            raise ConnectionLost(f"cannot reach replica {address}: {exc}") from None
+            hint = ""
+            if wrapping and not isinstance(exc, ssl.SSLCertVerificationError):
+                self._sock.close()
+                hint = PLAIN if answers_plain(host, port, handshake.hello()) else ""
+            raise ConnectionLost(f"cannot reach replica {address}: {exc}{hint}") from None
         try:
             self._sock.sendall(handshake.hello())
             challenge = self._recv(p.CHALLENGE.size, first=not tls_ca)
@@ -220,11 +227,14 @@ class ReplicaClient:
         handshake = p.ClientHandshake(key, address, role, epoch, takeover, owner)
         stream: trio.SocketStream | None = None
         region: shm.Region | None = None
+        wrapping = False  # (a TLS handshake that fails may have met a replica without TLS)
         try:
             with trio.fail_after(timeout):
                 stream = await (_open_local(local) if local else trio.open_tcp_stream(host, port))
                 if tls_ca and not local:
+                    wrapping = True
                     stream = await tls.wrap_client(stream, tls_ca, host)
+                    wrapping = False
                 await stream.send_all(handshake.hello())
                 challenge = await _receive_exactly(stream, p.CHALLENGE.size, address, True)
                 await stream.send_all(handshake.answer(challenge))
@@ -241,6 +251,10 @@ class ReplicaClient:
                 why = exc.strerror or str(exc)
             elif isinstance(exc, trio.BrokenResourceError):  # reset, or TLS refused
                 why = str(exc.__cause__ or exc)
+                if wrapping and not isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                    hello = handshake.hello()
+                    plain = await trio.to_thread.run_sync(answers_plain, host, port, hello)
+                    why += PLAIN if plain else ""
             else:
                 raise
             raise ConnectionLost(f"cannot reach replica {address}: {why}") from None
@@ -476,8 +490,22 @@ class ReplicaClient:
 
 # What a replica that closes a plain connection before its first byte most likely is.
 UNANSWERED = " (one served with TLS is reached with its CA: --tls-ca)"
+# What one that fails a TLS handshake but answers a plain one is.
+PLAIN = " (it does not speak TLS: add it without --tls-ca)"
 _PING = p.encode_json({"method": "hello", "args": {}})
 LOCAL_BUFFER = 4 << 20  # a Unix socket's send buffer (its whole in-flight data): room for bursts
+
+
+def answers_plain(host: str, port: int, hello: bytes, timeout: float = 2.0) -> bool:
+    """Whether the replica at ``host:port`` answers a handshake without TLS: asked once a TLS
+    handshake with it failed, to tell a replica served without TLS (its operator's mistake,
+    or this one's) from one that is down or refuses. (Blocking: from a thread in trio.)"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(hello)
+            return sock.recv(len(p.MAGIC)) == p.MAGIC
+    except OSError:
+        return False
 
 
 def _call(callback: Callback, error: LhfsError | None, payload: memoryview | bytes) -> None:

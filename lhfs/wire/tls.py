@@ -12,6 +12,7 @@ is handed the same CA.
 from __future__ import annotations
 
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
@@ -29,6 +30,27 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise InvalidArgument(f"cannot use certificate {cert} with key {key}: {exc}") from None
     return context
+
+
+def validity(cert: Path) -> str | None:
+    """What is wrong with the dates of certificate ``cert`` (the first of its file), if
+    anything: a replica serving an expired certificate, or one not valid yet, starts (the
+    operator may be renewing it), but every engine refuses its TLS handshake, so it is said
+    at start rather than found at the next reconnection."""
+    from cryptography import x509  # (imported only when TLS is served)
+
+    try:
+        found = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"cannot read the dates of certificate {cert}: {exc}"
+    now = datetime.now(UTC)
+    if now > found.not_valid_after_utc:
+        when = found.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
+        return f"certificate {cert} expired on {when}: engines will refuse its TLS handshake"
+    if now < found.not_valid_before_utc:
+        when = found.not_valid_before_utc.strftime("%Y-%m-%d %H:%M UTC")
+        return f"certificate {cert} is not valid before {when}: engines will refuse it until then"
+    return None
 
 
 def client_context(ca_pem: str) -> ssl.SSLContext:
