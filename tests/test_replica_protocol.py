@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -555,3 +556,24 @@ def test_a_task_waiting_for_a_tls_outbox_to_empty_wakes_when_it_has() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_replica_on_an_ipv6_address_says_it_as_an_address_is_given(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """``replica serve`` on an IPv6 address says where it serves as ``--address`` takes it,
+    its host in brackets (``[::1]:PORT``; it said ``::1:PORT``), and it is reached by that."""
+    from lhfs.replica.process import ReplicaProcess
+
+    _init(tmp_path / "r")
+    replica = ReplicaProcess(tmp_path / "r", key_file, host="::1")
+    try:
+        assert re.fullmatch(r"\[::1\]:\d+", replica.address), replica.address
+
+        async def main() -> None:
+            async with open_replica(replica.address, replica.key) as client:
+                assert (await client.info())["size"] == SIZE
+
+        trio.run(main)
+    finally:
+        replica.stop()

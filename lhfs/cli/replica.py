@@ -53,7 +53,7 @@ def cmd_replica_serve(args: argparse.Namespace) -> None:
     from lhfs.core import logs
     from lhfs.replica.server import run
     from lhfs.wire.auth import VolumeKey
-    from lhfs.wire.client import parse_address
+    from lhfs.wire.client import format_address, parse_address
 
     host, port = parse_address(args.listen)
     key = VolumeKey.load(Path(args.key_file))
@@ -71,7 +71,7 @@ def cmd_replica_serve(args: argparse.Namespace) -> None:
         logging.getLogger("lhfs.replica").warning("%s", warning)
 
     def ready(bound: tuple[str, int]) -> None:
-        print(f"serving {args.dir} on {bound[0]}:{bound[1]}", flush=True)
+        print(f"serving {args.dir} on {format_address(*bound)}", flush=True)
 
     trio.run(run, Path(args.dir), key, host, port, ready, args.local, context)
 

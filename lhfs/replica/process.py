@@ -12,6 +12,7 @@ from pathlib import Path
 from lhfs.core import logs
 from lhfs.core.procs import LHFS, child_env, die_with_parent, read_line_matching
 from lhfs.wire.auth import VolumeKey
+from lhfs.wire.client import format_address
 
 
 class ReplicaProcess:
@@ -44,7 +45,7 @@ class ReplicaProcess:
             "--dir",
             str(self.dir),
             "--listen",
-            f"{host}:{port}",
+            format_address(host, port),
             "--key-file",
             str(key_file),
             "--log",

@@ -60,7 +60,7 @@ from lhfs.store.chunkstore import ChunkStore, check_geometry
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey
-from lhfs.wire.client import ReplicaClient, parse_address
+from lhfs.wire.client import ReplicaClient, format_address, parse_address
 
 T = TypeVar("T")
 log = logging.getLogger("lhfs.replica")
@@ -139,7 +139,7 @@ class ReplicaServer:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:  # (taken: a conflict, exit 1; an address not here: usage, 2)
             kind = Busy if exc.errno == errno.EADDRINUSE else InvalidArgument
-            raise kind(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise kind(f"cannot listen on {format_address(host, port)}: {exc.strerror}") from None
         if local:
             listeners.append(await local_listener(local))
         bound = listeners[0].socket.getsockname()
@@ -847,6 +847,7 @@ async def run(
     server = ReplicaServer(directory, key, tls_context)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve, host, port, local)
-        log.info("serving %s on %s:%d%s", directory, *bound[:2], " (TLS)" if tls_context else "")
+        where = format_address(*bound[:2])
+        log.info("serving %s on %s%s", directory, where, " (TLS)" if tls_context else "")
         if ready is not None:
             ready(bound)

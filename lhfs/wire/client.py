@@ -45,6 +45,12 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT`` as ``parse_address`` (and ``--address``) takes it: an IPv6 host in
+    brackets, since its own colons would leave the port unclear."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class SyncReplica:
     """A blocking, one-request-at-a-time connection, for threads outside trio (a backup reading
     a snapshot from a running replica). A reader by default: it can change nothing."""
