@@ -97,9 +97,7 @@ class Endpoint:
                 "no S3 endpoint: set AWS_ENDPOINT_URL (for example http://127.0.0.1:9000 for a "
                 "local MinIO), or AWS_REGION for Amazon S3"
             )
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path.strip("/"):
-            raise UsageError(f"AWS_ENDPOINT_URL is not an http(s)://HOST[:PORT] URL: {url!r}")
+        endpoint = _endpoint_url(url)
         source = load_credentials(credentials_file) if credentials_file else env
         access, secret = source.get("AWS_ACCESS_KEY_ID"), source.get("AWS_SECRET_ACCESS_KEY")
         if not access or not secret:
@@ -107,7 +105,35 @@ class Endpoint:
             raise UsageError(
                 f"no S3 credentials in {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             )
-        return cls(f"{parsed.scheme}://{parsed.netloc}", region or "us-east-1", access, secret)
+        return cls(endpoint, region or "us-east-1", access, secret)
+
+
+def _endpoint_url(url: str) -> str:
+    """``scheme://host[:port]`` of ``AWS_ENDPOINT_URL``, or one line (exit 2) saying what is
+    wrong with it. Checked here, not by the S3 client, whose refusals are tracebacks. User
+    info is refused without repeating the URL (it may hold a password), never kept: the
+    endpoint is shown in messages and recorded in a DR standby's configuration."""
+    if "@" in url:
+        raise UsageError(
+            "AWS_ENDPOINT_URL holds user info (USER:PASSWORD@): give the credentials in "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and only http(s)://HOST[:PORT] there"
+        )
+    bad = UsageError(f"AWS_ENDPOINT_URL is not an http(s)://HOST[:PORT] URL: {url!r}")
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # (an unclosed IPv6 bracket)
+        raise bad from None
+    try:
+        port = parsed.port
+    except ValueError:  # (not a number, or past 65535)
+        port = 0
+    if port == 0:
+        raise UsageError(f"AWS_ENDPOINT_URL has a port that is not 1-65535: {url!r}")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise bad
+    if parsed.path.strip("/") or parsed.params or parsed.query or parsed.fragment:
+        raise bad
+    return f"{parsed.scheme}://{parsed.netloc}"
 
 
 def load_credentials(path: Path) -> dict[str, str]:

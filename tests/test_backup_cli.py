@@ -125,6 +125,38 @@ def test_backup_errors_are_one_line(cli: Cli, s3_endpoint: str) -> None:
     assert cli.json("snapshot", "ls", "v") == snapshots  # a refused backup takes no snapshot
 
 
+def test_a_malformed_endpoint_is_one_line_that_never_shows_its_password(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """User info, a port out of range or an unclosed IPv6 bracket in AWS_ENDPOINT_URL is bad
+    usage said in one line naming the variable (they were tracebacks), the password never
+    repeated, nothing made: no snapshot, no standby."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    before = cli.volumes(), cli.json("snapshot", "ls", "v")
+    port = urlparse(s3_endpoint).port
+    for endpoint, message in (
+        (f"http://u:s3cr3t-pw@127.0.0.1:{port}", "AWS_ENDPOINT_URL holds user info"),
+        ("http://127.0.0.1:99999", "AWS_ENDPOINT_URL has a port that is not 1-65535"),
+        ("http://127.0.0.1:0", "AWS_ENDPOINT_URL has a port that is not 1-65535"),
+        ("http://[::1", "AWS_ENDPOINT_URL is not an http(s)://HOST[:PORT] URL"),
+        (f"http://127.0.0.1:{port}/path", "AWS_ENDPOINT_URL is not an http(s)://HOST[:PORT] URL"),
+    ):
+        bad = Cli(cli.root, env={**cli.env, "AWS_ENDPOINT_URL": endpoint})
+        for args in (
+            ("backup", "create", "v", "--target", "s3://cli-endpoint/p", "--create-bucket"),
+            ("backup", "ls", "--target", "s3://cli-endpoint/p"),
+            ("dr", "create", "sb", "--target", "s3://cli-endpoint/p", "--volume", "v"),
+        ):
+            result = bad.run(*args, check=False)
+            assert result.returncode == 2, (endpoint, args, result.stderr)
+            assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+            assert "s3cr3t" not in result.stderr + result.stdout
+        doctor = bad.run("doctor", "--target", "s3://cli-endpoint/p", check=False)
+        assert message in doctor.stdout and "s3cr3t" not in doctor.stdout + doctor.stderr
+        assert "Traceback" not in doctor.stderr
+    assert (cli.volumes(), cli.json("snapshot", "ls", "v")) == before
+
+
 def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoint: str) -> None:
     import signal
 
