@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import xxhash
 import zstandard
@@ -102,11 +103,19 @@ class BackupStats:
 class BackupStore:
     """The backups of one target."""
 
-    def __init__(self, bucket: Bucket, workers: int = 8, password: bytes | None = None) -> None:
+    def __init__(
+        self,
+        bucket: Bucket,
+        workers: int = 8,
+        password: bytes | None = None,
+        notice: Callable[[str], None] | None = None,
+    ) -> None:
         self.bucket = bucket
         self.target = bucket.target
         self.workers = workers
         self.password = password
+        # what the operator is told while the work goes on (a command shows it on stderr)
+        self.notice = notice or (lambda text: log.warning("%s", text))
         self._keys: StoreKeys | None = None
         # digest -> recipe, of the blocks stored as deltas, from every manifest read
         self._recipes: dict[str, dict[str, Any]] = {}
@@ -424,6 +433,9 @@ class BackupStore:
             manifest = self.manifest(volume, base[0])
         except NotFound:  # the previous backup is gone: read everything
             return [], set(), {}, None
+        except CorruptState as exc:  # damaged: its digests cannot be trusted, nor reused
+            self.notice(f"the previous backup cannot be read ({exc}): reading the whole volume")
+            return [], set(), {}, None
         if manifest["block_size"] != block_size:
             return [], set(), {}, None
         previous = manifest["blocks"]
@@ -469,18 +481,17 @@ class BackupStore:
                 stats.found.add(digest)
 
     def _latest_digests(self, volume: str) -> set[str]:
-        """The objects of the volume's most recently written manifest: known present, no HEAD
-        needed (any complete backup's would do; the newest shares the most). A block it holds
-        as a delta is not among them: a full backup stores it whole again."""
+        """The objects of the volume's most recently written manifest that reads (a damaged
+        one is passed over): known present, no HEAD needed (any complete backup's would do;
+        the newest shares the most). A block it holds as a delta is not among them: a full
+        backup stores it whole again."""
         listed = self._manifest_objects(volume)
-        if not listed:
-            return set()
-        name = max(listed, key=lambda item: item[1].last_modified)[0]
-        try:
-            manifest = self.manifest(volume, name)
-        except NotFound:  # deleted since the listing
-            return set()
-        return stored_objects(manifest)
+        for name, _ in sorted(listed, key=lambda item: item[1].last_modified, reverse=True):
+            try:
+                return stored_objects(self.manifest(volume, name))
+            except (NotFound, CorruptState):  # deleted since the listing, or damaged
+                continue
+        return set()
 
     def manifest(self, volume: str, name: str) -> dict[str, Any]:
         """A backup's manifest, authenticated (see ``keys``) and checked."""
@@ -529,30 +540,45 @@ class BackupStore:
         """Names of the volume's complete backups, from one listing (no manifest is read)."""
         return [name for name, _ in self._manifest_objects(volume)]
 
-    def _manifests(self, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
-        """The manifests of ``(volume, backup)`` pairs, read in parallel; those deleted since
-        they were listed are left out."""
+    def _manifests(
+        self, wanted: list[tuple[str, str]]
+    ) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], str]]:
+        """The manifests of ``(volume, backup)`` pairs, read in parallel, and why each damaged
+        one cannot be read (it fails authentication, does not parse): one damaged manifest
+        must not stop every command that reads them all, each of which says what it does
+        about it. Those deleted since they were listed are left out."""
 
-        def read(pair: tuple[str, str]) -> dict[str, Any] | None:
+        def read(pair: tuple[str, str]) -> dict[str, Any] | CorruptState | None:
             try:
                 return self.manifest(*pair)
             except NotFound:
                 return None
+            except CorruptState as exc:
+                return exc
 
+        if wanted:  # a record that does not open fails the command, not each manifest
+            self.keys  # noqa: B018
+        good: dict[tuple[str, str], dict[str, Any]] = {}
+        damaged: dict[tuple[str, str], str] = {}
         with ThreadPoolExecutor(self.workers) as pool:
-            found = zip(wanted, pool.map(read, wanted), strict=True)
-            return {pair: manifest for pair, manifest in found if manifest is not None}
+            for pair, found in zip(wanted, pool.map(read, wanted), strict=True):
+                if isinstance(found, CorruptState):
+                    damaged[pair] = str(found)
+                elif found is not None:
+                    good[pair] = found
+        return good, damaged
 
     def list(self, volume: str | None = None) -> list[dict[str, Any]]:
         """Backups, oldest first, each once: ``complete`` (its manifest exists), ``in_progress``
-        (its marker is fresh) or ``interrupted`` (a marker that its process stopped
-        refreshing, and no manifest: ``lhfs backup gc`` removes it)."""
-        complete = []
+        (its marker is fresh), ``interrupted`` (a marker that its process stopped
+        refreshing, and no manifest: ``lhfs backup gc`` removes it) or ``damaged`` (a
+        manifest that cannot be read, ``reason`` says why: ``lhfs backup rm`` removes it)."""
+        complete: dict[tuple[str, str], Any] = {}
         markers = {}
         for obj in self.bucket.list(self.target.key("volumes", volume or "") + "/"):
             vol, name, kind = _parts(obj.object_name)
             if kind == "json":
-                complete.append((vol, name))
+                complete[(vol, name)] = obj
             elif kind == "running":
                 markers[(vol, name)] = obj
         # (by this host's clock: what it shows is advice; collection asks the server's clock)
@@ -561,20 +587,10 @@ class BackupStore:
         for (vol, name), obj in markers.items():
             if (vol, name) in complete:
                 continue  # finished, its marker not removed yet (or never: gc removes it)
-            out.append(
-                {
-                    "volume": vol,
-                    "name": name,
-                    "state": "in_progress" if self._fresh(obj, now) else "interrupted",
-                    "snapshot": None,
-                    "created": obj.last_modified.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    "started": obj.last_modified.timestamp(),
-                    "taken": None,
-                    "size": None,
-                    "blocks": None,
-                }
-            )
-        for (vol, name), manifest in self._manifests(complete).items():
+            state = "in_progress" if self._fresh(obj, now) else "interrupted"
+            out.append(_unread(vol, name, state, obj))
+        manifests, damaged = self._manifests(list(complete))
+        for (vol, name), manifest in manifests.items():
             out.append(
                 {
                     "volume": vol,
@@ -586,8 +602,11 @@ class BackupStore:
                     "taken": manifest.get("taken"),
                     "size": manifest["size"],
                     "blocks": sum(1 for d in manifest["blocks"] if d),
+                    "reason": None,
                 }
             )
+        for (vol, name), reason in damaged.items():
+            out.append(_unread(vol, name, "damaged", complete[(vol, name)], reason))
         return sorted(out, key=order)
 
     @staticmethod
@@ -705,7 +724,7 @@ class BackupStore:
                 "delete every backup"
             )
         names = self.complete_names(volume)
-        manifests = self._manifests([(volume, name) for name in names])
+        manifests, damaged = self._manifests([(volume, name) for name in names])
         backups = [
             {"name": name, "time": taken_at(m), "created": m["created"]}
             for (_, name), m in manifests.items()
@@ -731,6 +750,8 @@ class BackupStore:
                 if b["name"] in kept
             ],
             "removed": [{"name": b["name"], "created": b["created"]} for b in doomed],
+            # (neither kept nor removed: what they hold is unknown; 'backup rm' removes one)
+            "damaged": [{"name": n, "reason": why} for (_, n), why in sorted(damaged.items())],
             "dry_run": dry_run,
             "collected": 0,
             "deferred": None,
@@ -751,9 +772,11 @@ class BackupStore:
 
     def forget(self, volume: str, name: str) -> None:
         """Delete one backup's manifest (its blocks wait for a collection); NotFound if the
-        store has no such backup."""
-        self.manifest(volume, name)
-        self.bucket.delete(self._key(volume, name, "json"))
+        store has no such backup. Not read first: a damaged one is deleted all the same."""
+        key = self._key(volume, name, "json")
+        if not self.bucket.exists(key):
+            raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
+        self.bucket.delete(key)
 
     def collect(self, sweep: bool = False) -> Collection:
         """Delete the blocks no complete backup references; nothing while a backup runs (the
@@ -769,8 +792,11 @@ class BackupStore:
                 for obj in self.bucket.list(self.target.key("volumes") + "/")
             ]
             complete = [(vol, name) for _, vol, name, kind in listed if kind == "json"]
+            manifests, damaged = self._manifests(complete)
+            if damaged:  # the blocks a damaged manifest names are unknown: none may go
+                return Collection(0, self._unknown_blocks(damaged), damaged=damaged)
             referenced: set[str] = set()
-            for manifest in self._manifests(complete).values():
+            for manifest in manifests.values():
                 referenced.update(self.keys.block_name(d) for d in stored_objects(manifest))
             running = self._running(marker.key)  # a second look, now that the work is known
             if running:
@@ -791,6 +817,17 @@ class BackupStore:
                             self.bucket.delete(obj.object_name)
                             swept += 1
             return Collection(removed, None, swept)
+
+    def _unknown_blocks(self, damaged: dict[tuple[str, str], str]) -> str:
+        """Why a collection deletes nothing while ``damaged`` manifests are in the store."""
+        (vol, name), reason = min(damaged.items())
+        others = len(damaged) - 1
+        more = f" (and {others} more: 'lhfs backup ls' shows them)" if others else ""
+        url = f"{self.target}?{urlencode({'volume': vol, 'backup': name})}"
+        return (
+            f"{reason}{more}; the blocks a damaged manifest names are unknown, so none is "
+            f"deleted until it is removed ('lhfs backup rm {url}')"
+        )
 
     def _running(self, own: str) -> str | None:
         """What running backup holds collection back, if any (None: none)."""
@@ -1010,12 +1047,14 @@ def _collecting(key: str) -> bool:
 
 @dataclass
 class Collection:
-    """What a collection did: blocks removed, or why it deferred (a backup runs), and the
-    markers of dead backups it swept."""
+    """What a collection did: blocks removed, or why it deferred (a backup runs, or damaged
+    manifests, ``damaged``, name blocks nobody can know), and the markers of dead backups it
+    swept."""
 
     removed: int
     deferred: str | None = None
     swept: int = 0
+    damaged: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def _parts(key: str) -> tuple[str, str, str]:
@@ -1036,6 +1075,23 @@ def taken_at(backup: dict[str, Any]) -> float:
     if backup.get("started"):
         return float(backup["started"])
     return calendar.timegm(time.strptime(backup["created"], "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _unread(vol: str, name: str, state: str, obj: Any, reason: str | None = None) -> dict:
+    """A ``list`` entry of a backup whose manifest is not read (none yet, or damaged): its
+    times are those of its listed object."""
+    return {
+        "volume": vol,
+        "name": name,
+        "state": state,
+        "snapshot": None,
+        "created": obj.last_modified.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "started": obj.last_modified.timestamp(),
+        "taken": None,
+        "size": None,
+        "blocks": None,
+        "reason": reason,
+    }
 
 
 def order(backup: dict[str, Any]) -> tuple:

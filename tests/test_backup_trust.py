@@ -701,3 +701,58 @@ def test_image_names_are_kept_for_backing_images_backups(
     (cli.root / "volumes" / "image-older").rename(cli.root / "volumes" / "image-odd")
     shared = cli.run("backup", "create", "image-odd", "--target", target, check=False)
     assert shared.returncode == 1 and "would share their backups" in shared.stderr
+
+
+def test_a_damaged_or_stray_manifest_is_shown_and_removable_and_stops_no_other_command(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A manifest with one byte flipped (the newest, the next backup's base) and a stray
+    object named like one: ls shows both damaged with the reason, prune neither keeps nor
+    removes them, the next backup reads the whole volume and says why, gc deletes no block
+    while one is there (the blocks it names are unknown), and 'backup rm' removes each."""
+    target = "s3://trust-damaged/p"
+    first, newest = backed_up_volume(cli, tmp_path, target, "v3")
+    bucket = Bucket(Target.parse(target))
+    key = f"p/volumes/v3/{newest.split('backup=')[1]}.json"
+    found = bucket.get(key)
+    assert found is not None
+    flipped = bytearray(found[0])
+    flipped[len(flipped) // 2] ^= 1
+    bucket.put(key, bytes(flipped))
+    stray = "backup-20991231-000000-aaaa-1-aaaa"
+    bucket.put(f"p/volumes/v3/{stray}.json", b"not a manifest")
+    store = BackupStore(bucket)
+    blocks = store.block_count()
+
+    for args in ((), ("--volume", "v3")):
+        listed = cli.json("backup", "ls", "--target", target, *args)
+        states = {b["url"]: (b["state"], b["reason"]) for b in listed}
+        assert states[first] == ("complete", None)
+        for url in (newest, f"{target}?volume=v3&backup={stray}"):
+            assert states[url][0] == "damaged" and "fails authentication" in states[url][1]
+    table = cli.run("backup", "ls", "--target", target).stdout.splitlines()
+    row = next(line for line in table if newest in line)
+    assert " damaged " in row and row.endswith("is not this store's)"), row
+
+    gc = cli.run("backup", "gc", "--target", target, check=False)
+    assert gc.returncode == 1 and gc.stderr.count("\n") == 1, gc.stderr
+    assert "not collecting" in gc.stderr and "'lhfs backup rm s3://trust-damaged/p?" in gc.stderr
+    pruned = cli.json("backup", "prune", "--target", target, "--volume", "v3", "--keep-last", "1")
+    assert [k["name"] for k in pruned["kept"]] == [first.split("backup=")[1]]
+    assert pruned["removed"] == [] and len(pruned["damaged"]) == 2
+    assert store.block_count() == blocks
+
+    made = cli.run("backup", "create", "v3", "--target", target)
+    assert "the previous backup cannot be read" in made.stderr, made.stderr
+    assert "is not this store's): reading the whole volume" in made.stderr
+    assert "read 8 of 8 blocks, uploaded 0" in made.stdout  # (every block already stored)
+    cli.run("backup", "restore", made.stdout.split()[-1], "copy", "--replicas", "1", "--quiet")
+    assert cli.checksum("copy") == cli.checksum("v3")
+
+    removed = cli.run("backup", "rm", f"{target}?volume=v3&backup={stray}")
+    assert "collection of its blocks deferred" in removed.stdout  # (the other one is left)
+    assert store.block_count() == blocks
+    cli.run("backup", "rm", newest)
+    assert [b["state"] for b in cli.json("backup", "ls", "--target", target)] == ["complete"] * 2
+    cli.run("backup", "gc", "--target", target)
+    assert cli.json("backup", "check", "--target", target, "--read-data")["problems"] == []

@@ -12,7 +12,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import (
     AlreadyExists,
     Busy,
+    CorruptState,
     InvalidArgument,
     LhfsError,
     NotFound,
@@ -131,9 +132,15 @@ def password_file() -> Path | None:
     return _password_file
 
 
-def open_store(target: Target, retry_timeout: float = RETRY_TIMEOUT) -> BackupStore:
-    """The store of ``target``, its calls retried for at most ``retry_timeout`` seconds."""
-    return BackupStore(Bucket(target, deadline=retry_timeout), password=store_password())
+def open_store(
+    target: Target,
+    retry_timeout: float = RETRY_TIMEOUT,
+    notice: Callable[[str], None] | None = None,
+) -> BackupStore:
+    """The store of ``target``, its calls retried for at most ``retry_timeout`` seconds;
+    ``notice`` tells the operator what happens meanwhile (see ``BackupStore``)."""
+    bucket = Bucket(target, deadline=retry_timeout)
+    return BackupStore(bucket, password=store_password(), notice=notice)
 
 
 def _reader(replica: dict[str, Any], key: Any, cas: dict[str, str | None]) -> SyncReplica:
@@ -269,6 +276,7 @@ def create(
     block_size: int | None = None,
     create_bucket: bool = False,
     retry_timeout: float = RETRY_TIMEOUT,
+    notice: Callable[[str], None] | None = None,
 ) -> tuple[str, BackupStats]:
     """Back a snapshot up (a new one unless named). Incremental from the snapshot chain when
     this volume's last backup to the same target is still there, its snapshot still lies below
@@ -290,7 +298,7 @@ def create(
     held = contextlib.ExitStack()  # (the hold on the snapshot: until its record is saved)
     with held:
         try:
-            store = open_store(target, retry_timeout)
+            store = open_store(target, retry_timeout, notice)
             store.bucket.ensure(create=create_bucket)
             store.check_password()  # (before a snapshot is taken for the backup)
             block = store.block_size(name, block_size)
@@ -421,7 +429,7 @@ def prune(
     store = open_store(Target.parse(url), retry_timeout)
     store.bucket.ensure()
     report = store.prune(volume, policy, dry_run, _system_parts(store, volume))
-    if not report["kept"] and not report["removed"]:
+    if not report["kept"] and not report["removed"] and not report["damaged"]:
         raise NotFound(f"{url} holds no complete backup of volume {volume}")
     return report
 
@@ -479,6 +487,8 @@ def collect(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
     store = open_store(Target.parse(url), retry_timeout)
     store.bucket.ensure()
     done = store.collect(sweep=True)
+    if done.damaged:
+        raise CorruptState(f"not collecting: {done.deferred}")
     if done.deferred:
         raise Busy(f"not collecting now: {done.deferred}; try again once it is done")
     return done

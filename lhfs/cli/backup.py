@@ -36,6 +36,7 @@ def cmd_backup_create(args: argparse.Namespace) -> None:
             args.block_size,
             create_bucket=args.create_bucket,
             retry_timeout=args.retry_timeout,
+            notice=bar.note,
         )
     data = {
         "url": url,
@@ -68,7 +69,8 @@ def cmd_backup_ls(args: argparse.Namespace) -> None:
     print(f"{'VOLUME':16} {'BACKUP':44} {'STATE':11} {'SIZE':>8} URL")
     for b in backups:
         size = format_size(b["size"]) if b["size"] else "-"
-        print(f"{b['volume']:16} {b['name']:44} {b['state']:11} {size:>8} {b['url']}")
+        reason = f"  ({b['reason']})" if b["reason"] else ""
+        print(f"{b['volume']:16} {b['name']:44} {b['state']:11} {size:>8} {b['url']}{reason}")
 
 
 def cmd_backup_rm(args: argparse.Namespace) -> None:
@@ -77,10 +79,8 @@ def cmd_backup_rm(args: argparse.Namespace) -> None:
     done = backup.remove(args.url, args.retry_timeout)
     data = {"url": args.url, "collected": done.removed, "deferred": done.deferred}
     if done.deferred:
-        text = (
-            f"deleted {args.url}; collection of its blocks deferred: {done.deferred} "
-            "('lhfs backup gc' collects them later)"
-        )
+        later = "" if done.damaged else " ('lhfs backup gc' collects them later)"
+        text = f"deleted {args.url}; collection of its blocks deferred: {done.deferred}{later}"
     else:
         text = f"deleted {args.url}; {done.removed} unreferenced block(s) collected"
     say(args, data, text)
@@ -163,12 +163,16 @@ def cmd_backup_prune(args: argparse.Namespace) -> None:
     verb_ = "would remove" if args.dry_run else "remove"
     for removed in report["removed"]:
         print(f"{verb_:6} {removed['name']:40} {removed['created']}")
+    for damaged in report["damaged"]:  # (what it holds is unknown: never removed by a rule)
+        print(f"damaged {damaged['name']:39} not removed: {damaged['reason']}")
     summary = f"{len(report['kept'])} kept, {len(report['removed'])} removed"
     if args.dry_run:
         summary = f"{len(report['kept'])} would be kept, {len(report['removed'])} would be removed"
-    elif report["deferred"]:
+    if report["damaged"]:
+        summary += f", {len(report['damaged'])} damaged left ('lhfs backup rm' removes one)"
+    if report["deferred"]:  # (never in a dry run: nothing was collected)
         summary += f"; collection of their blocks deferred: {report['deferred']}"
-    elif report["removed"]:
+    elif report["removed"] and not args.dry_run:
         summary += f"; {report['collected']} unreferenced block(s) collected"
     print(summary)
 
@@ -251,7 +255,9 @@ def parsers(groups: Any) -> None:
         p.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"the keep-{rule} rule")
     p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
     store_options(p)
-    p = verb(verbs, "ls", cmd_backup_ls, "backups in a target: complete, running, interrupted")
+    p = verb(
+        verbs, "ls", cmd_backup_ls, "backups in a target: complete, running, interrupted, damaged"
+    )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--volume", help="only this volume's backups")
     store_options(p)
@@ -264,7 +270,9 @@ def parsers(groups: Any) -> None:
         cmd_backup_gc,
         "collect unreferenced blocks and the markers of interrupted backups",
         description="Delete the blocks no complete backup references, and the markers that "
-        "interrupted backups left. Refused, with the reason, while a backup runs.",
+        "interrupted backups left. Refused, with the reason, while a backup runs, and while a "
+        "damaged manifest is in the store (the blocks it names are unknown): 'lhfs backup rm' "
+        "it first.",
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     store_options(p)

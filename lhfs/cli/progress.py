@@ -50,6 +50,14 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
         self._finished = percent >= 100
 
+    def note(self, text: str) -> None:
+        """A line for the operator while the work goes on (a wait, a fallback), on a line of
+        its own above the bar; shown with ``quiet`` too: it is not progress."""
+        if self.tty and self._drawn:  # (a bar under way is drawn again at its next update)
+            sys.stderr.write("\n" if self._finished else "\r\x1b[K")
+            self._drawn = 0.0
+        print(f"lhfs: {text}", file=sys.stderr, flush=True)
+
     def _figures(self, percent: float, done: int | None, total: int | None) -> str:
         elapsed = max(time.monotonic() - self._started, 1e-6)
         out = "100%" if percent >= 100 else f"{percent:4.1f}%"
