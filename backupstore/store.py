@@ -290,6 +290,7 @@ class BackupStore:
         extra: dict[str, Any] | None = None,
         units: tuple[int, dict[int, set[int]]] | None = None,
         taken: str | None = None,
+        full: bool = False,
     ) -> tuple[dict[str, Any], BackupStats]:
         """Back a volume's content up block by block; returns the manifest and what moved.
 
@@ -300,7 +301,10 @@ class BackupStore:
         store lacks are sent). With ``units`` too (a unit size and, per changed block, the
         indexes of its units that changed), a block changed in few units is stored as a delta
         on its base block (see ``deltas``). ``taken``: when the snapshot was taken (RFC 3339;
-        the start when not given), what orders a volume's backups (see ``order``)."""
+        the start when not given), what orders a volume's backups (see ``order``). ``full``:
+        every block is read and sent, whatever the store holds: content-addressed, a block
+        sent again under its name repairs one that is missing or damaged there (``check``
+        names the backups that need it)."""
         self.bucket.ensure()  # (the caller may have made it, with --create-bucket)
         self.init()
         block_size, recorded = self._settings(volume, block_size)
@@ -310,9 +314,14 @@ class BackupStore:
             self._await_collections(running.key)
             count = -(-size // block_size)
             previous, changed, recipes, base_unit = self._base(
-                volume, base, size, block_size, units
+                volume, None if full else base, size, block_size, units
             )
-            known = {d for d in previous if d} if previous else self._latest_digests(volume)
+            if full:  # (known present: none, however sure a manifest or a HEAD is of it)
+                known: set[str] = set()
+            elif previous:
+                known = {d for d in previous if d}
+            else:
+                known = self._latest_digests(volume)
             # digests that the store holds only as a recipe (a delta on a base): reused by
             # naming the recipe again, never as whole objects
             carried = {previous[i]: r for i, r in recipes.items()}
@@ -325,7 +334,7 @@ class BackupStore:
             # content, nearly always missing from the store. It sends them without asking
             # (a round trip per block, about a seventh of a small increment's time, or a
             # listing of the store), and still reuses any whose content its base names.
-            ask = not previous
+            ask = not previous and not full
             present = self._present() if ask and count > _LIST_OVER else None
             stats = BackupStats(blocks=count)
             # Known by its digest: comparing the hash costs a tenth of scanning every byte.
@@ -882,7 +891,8 @@ class BackupStore:
             except (CorruptState, NotFound) as exc:
                 problems.append(str(exc))
         wanted: dict[str, str] = {}  # object name -> digest, of every object a backup needs
-        users: dict[str, str] = {}  # digest -> a backup naming it (for the report)
+        # digest -> every backup naming it (a bad block is reported with all it breaks)
+        users: dict[str, set[tuple[str, str]]] = {}
         blocks: dict[str, tuple[int, set[str]]] = {}  # block digest -> size, objects it needs
         for (vol, name), manifest in manifests.items():
             recipes = manifest.get("deltas", {})
@@ -891,13 +901,16 @@ class BackupStore:
                     recipe = recipes.get(str(index))
                     parts = {recipe["base"], recipe["delta"]} if recipe else {digest}
                     blocks[digest] = (manifest["block_size"], parts)
-                    users.setdefault(digest, f"backup {name} of {vol}")
+                    for used in {digest, *parts}:
+                        users.setdefault(used, set()).add((vol, name))
                     for part in parts:
                         wanted[self.keys.block_name(part)] = part
-                        users.setdefault(part, f"backup {name} of {vol}")
         stored = {obj.object_name.rsplit("/", 1)[1] for obj in self._blocks()}
         missing = {wanted[name] for name in set(wanted) - stored}
-        problems += [f"block {d} of {users[d]} is missing" for d in sorted(missing)]
+        broken: set[tuple[str, str]] = set()  # backups that cannot be restored whole
+        for digest in sorted(missing):
+            problems.append(f"block {digest} is missing ({_named(users[digest])})")
+            broken |= users[digest]
         read = 0
         if read_data:  # every block whose objects are there, rebuilt and verified
             present = [
@@ -910,7 +923,8 @@ class BackupStore:
                 digest, size = present[n]
                 done += size
                 if isinstance(result, CorruptState):
-                    problems.append(f"{result} (named by {users.get(digest, 'a backup')})")
+                    problems.append(f"{result} ({_named(users[digest])})")
+                    broken |= users[digest]
                 else:
                     read += 1
                 progress(100 * done / max(1, total), done, total)
@@ -923,6 +937,8 @@ class BackupStore:
             "blocks_read": read,
             "unreferenced_blocks": len(stored - set(wanted)),
             "problems": problems,
+            # (a full backup of each of their volumes sends every block of it again)
+            "broken_backups": [{"volume": v, "backup": n} for v, n in sorted(broken)],
         }
 
     def _blocks(self) -> Iterator[Any]:
@@ -930,6 +946,11 @@ class BackupStore:
 
     def block_count(self) -> int:
         return sum(1 for _ in self._blocks())
+
+
+def _named(users: set[tuple[str, str]]) -> str:
+    """The backups of ``users`` (volume, backup), for a problem's line."""
+    return "named by " + ", ".join(f"backup {name} of {vol}" for vol, name in sorted(users))
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:

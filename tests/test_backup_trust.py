@@ -756,3 +756,42 @@ def test_a_damaged_or_stray_manifest_is_shown_and_removable_and_stops_no_other_c
     assert [b["state"] for b in cli.json("backup", "ls", "--target", target)] == ["complete"] * 2
     cli.run("backup", "gc", "--target", target)
     assert cli.json("backup", "check", "--target", target, "--read-data")["problems"] == []
+
+
+def test_check_names_every_backup_a_bad_block_breaks_and_a_full_backup_repairs_them(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A block missing from the store and another corrupt, both named by every backup: check
+    names each backup on each block's line and says what repairs them; an increment still
+    reuses them (and is as broken); a full backup sends every block again under its name,
+    and every backup restores."""
+    target = "s3://trust-heal/p"
+    urls = backed_up_volume(cli, tmp_path, target)
+    names = [url.split("backup=")[1] for url in urls]
+    store = BackupStore(Bucket(Target.parse(target)))
+    lost, rotten = store.manifest("src", names[0])["blocks"][:2]
+    store.bucket.delete(f"p/blocks/{lost[:2]}/{lost}")
+    garbage = os.urandom(MIB)
+    store.bucket.put(f"p/blocks/{rotten[:2]}/{rotten}", garbage, {"lhfs-compression": "none"})
+
+    def check(*names: str) -> None:
+        args = ("backup", "check", "--target", target, "--read-data")
+        found = cli.run(*args, check=False)
+        assert found.returncode == 1, found.stdout
+        named = "named by " + ", ".join(f"backup {n} of src" for n in sorted(names))
+        assert f"block {lost} is missing ({named})" in found.stdout, found.stdout
+        assert f"block {rotten} in {target} does not match its checksum ({named})" in found.stdout
+        assert f"'lhfs backup create src --target {target} --full' to send" in found.stdout
+        report = json.loads(cli.run(*args, "--json", check=False).stdout)
+        assert report["broken_backups"] == [{"volume": "src", "backup": n} for n in sorted(names)]
+
+    check(*names)
+    names.append(cli.backup("src", target).split("backup=")[1])  # (reads nothing: reuses them)
+    check(*names)
+    full = cli.json("backup", "create", "src", "--target", target, "--full", "--quiet")
+    assert (full["read"], full["uploaded"]) == (8, 4), full  # (every block that is not zeros)
+    report = cli.json("backup", "check", "--target", target, "--read-data")
+    assert report["problems"] == [] and report["broken_backups"] == []
+    for n, url in enumerate([*urls, full["url"]]):
+        cli.run("backup", "restore", url, f"copy{n}", "--replicas", "1", "--quiet")
+    assert cli.checksum("copy2") == cli.checksum("src")

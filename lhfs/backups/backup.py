@@ -277,12 +277,14 @@ def create(
     create_bucket: bool = False,
     retry_timeout: float = RETRY_TIMEOUT,
     notice: Callable[[str], None] | None = None,
+    full: bool = False,
 ) -> tuple[str, BackupStats]:
     """Back a snapshot up (a new one unless named). Incremental from the snapshot chain when
     this volume's last backup to the same target is still there, its snapshot still lies below
     and the replica read from was not rebuilt since: only blocks touching chunks written since
     are read. The volume's configuration keeps, per target, that backup and its snapshot's
-    layer id and rebuild count on each replica."""
+    layer id and rebuild count on each replica. ``full``: every block read and sent again
+    (see ``BackupStore.create``)."""
     started = time.time()
     target = Target.parse(url)
     vol = volumes.load(root, check_name(name, "volume name"))  # (an older image-* one too)
@@ -313,7 +315,9 @@ def create(
             assert snapshot is not None
             backup_name = _backup_name(snapshot)
             record = vol.config.get("backups", {}).get(str(target))
-            changed, units = _changes(source, record, block, vol.chunk_size)
+            changed, units = (
+                (None, None) if full else _changes(source, record, block, vol.chunk_size)
+            )
             _manifest, stats = store.create(
                 name,
                 backup_name,
@@ -326,6 +330,7 @@ def create(
                 extra={"chunk_size": vol.chunk_size},
                 units=units,
                 taken=source.bases[source.replica_id]["created"],
+                full=full,
             )
         finally:
             if source is not None:
@@ -350,6 +355,7 @@ def backup_image(
     progress: Any,
     create_bucket: bool = False,
     retry_timeout: float = RETRY_TIMEOUT,
+    full: bool = False,
 ) -> str:
     """Back a backing image up like a volume named ``image-<name>`` (``IMAGE_BACKUPS``: no new
     volume is named so, and an older one is not while the image is registered); when the
@@ -369,7 +375,13 @@ def backup_image(
             return data + bytes(block - len(data))
 
         store.create(
-            volume, backup_name, info["size"], read, snapshot=info["id"], progress=progress
+            volume,
+            backup_name,
+            info["size"],
+            read,
+            snapshot=info["id"],
+            progress=progress,
+            full=full,
         )
     return backup_url(target, volume, backup_name)
 

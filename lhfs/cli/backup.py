@@ -17,6 +17,7 @@ from lhfs.cli.common import (
     size_arg,
     verb,
 )
+from lhfs.core.names import IMAGE_BACKUPS
 from lhfs.core.units import format_size, rfc3339
 
 RETRY_TIMEOUT = 60.0  # (backupstore.s3's; not imported from there: it loads the S3 client)
@@ -37,6 +38,7 @@ def cmd_backup_create(args: argparse.Namespace) -> None:
             create_bucket=args.create_bucket,
             retry_timeout=args.retry_timeout,
             notice=bar.note,
+            full=args.full,
         )
     data = {
         "url": url,
@@ -140,6 +142,14 @@ def cmd_backup_check(args: argparse.Namespace) -> int:
         for problem in report["problems"]:
             print(problem)
         print(f"{len(report['problems'])} problem(s) in {args.target}")
+        volumes = sorted({b["volume"] for b in report["broken_backups"]})
+        if volumes:
+            print(
+                f"{len(report['broken_backups'])} backup(s) cannot be restored whole: run "
+                + ", ".join(_resend(volume, args.target) for volume in volumes)
+                + " to send their blocks again (a block the volume no longer holds cannot be: "
+                "'lhfs backup rm' the backups that name it)"
+            )
     else:
         read = f", {report['blocks_read']} read and verified" if args.read_data else ""
         print(
@@ -147,6 +157,14 @@ def cmd_backup_check(args: argparse.Namespace) -> int:
             f"block(s) present{read}; no problem"
         )
     return 1 if report["problems"] else 0
+
+
+def _resend(volume: str, target: str) -> str:
+    """The command that sends every block of ``volume`` to ``target`` again."""
+    image = volume.removeprefix(IMAGE_BACKUPS)
+    if image != volume:  # (a backing image's backups)
+        return f"'lhfs backing-image backup {image} --target {target} --full'"
+    return f"'lhfs backup create {volume} --target {target} --full'"
 
 
 def cmd_backup_prune(args: argparse.Namespace) -> None:
@@ -203,6 +221,7 @@ def parsers(groups: Any) -> None:
         help="make the bucket if it does not exist (otherwise a missing bucket is an error: "
         "a typo must not start a new store)",
     )
+    full_option(p)
     quiet_option(p)
     store_options(p)
     p = verb(
@@ -291,6 +310,15 @@ def parsers(groups: Any) -> None:
     placement_options(p, "the new volume")
     quiet_option(p)
     store_options(p)
+
+
+def full_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="read every block and send it again, even one the store holds: repairs the "
+        "blocks 'backup check' finds missing or damaged (as much upload as the data)",
+    )
 
 
 def store_options(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lhfs.cli.backup import store_options
+from lhfs.cli.backup import full_option, store_options
 from lhfs.cli.common import (
     Parser,
     print_json,
@@ -63,6 +63,7 @@ def cmd_image_backup(args: argparse.Namespace) -> None:
             bar.update,
             create_bucket=args.create_bucket,
             retry_timeout=args.retry_timeout,
+            full=args.full,
         )
     say(args, {"name": args.name, "url": url}, url)
 
@@ -88,5 +89,6 @@ def parsers(groups: Any) -> None:
     p.set_defaults(store=True)
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--create-bucket", action="store_true", help="make the bucket if missing")
+    full_option(p)
     quiet_option(p)
     store_options(p)
