@@ -24,6 +24,7 @@ import random
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -278,6 +279,10 @@ class Bucket:
         self.on_retry = on_retry  # told of every transient failure (a DR status shows it)
         self.endpoint = endpoint.url
         self._ensured = False
+        # A request gave up on the store and none has been answered since: the others give up
+        # too, at once (see ``_call``); ``_gave_up`` wakes those waiting to retry.
+        self._down = False
+        self._gave_up = threading.Condition()
         # a request that hangs waits no longer than the deadline (10 s at least: a large
         # block on a slow link is not a hung store), never the deadline several times over
         wait = min(60.0, max(10.0, deadline))
@@ -294,13 +299,20 @@ class Bucket:
         )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn``, retrying transient failures with backoff and jitter until the deadline."""
+        """Run ``fn``, retrying transient failures with backoff and jitter until the deadline.
+
+        The deadline is the command's, not each request's: once one request gave up, those
+        retrying meanwhile give up at once, and later ones after a single try, until one is
+        answered. Uploads in parallel, each retrying for the whole deadline in turn, made a
+        backup whose store went away fail after several times ``--retry-timeout``."""
         started = time.monotonic()
         delay = self.first_delay
         attempt = 0
         while True:
             try:
-                return fn()
+                result = fn()
+                self._down = False
+                return result
             except LhfsError:
                 raise
             except ValueError as exc:
@@ -313,17 +325,30 @@ class Bucket:
                 attempt += 1
                 waited = time.monotonic() - started
                 left = self.deadline - waited
-                if left <= 0:
-                    raise StoreUnavailable(
-                        f"{self.endpoint} did not answer {what} for {int(waited)}s "
-                        f"({_describe(exc)}); --retry-timeout waits longer"
-                    ) from None
+                if left <= 0 or self._down:
+                    raise self._unavailable(what, exc, waited) from None
                 level = logging.WARNING if attempt >= 3 else logging.INFO
                 log.log(level, "%s failed (%s), retrying in %.1fs", what, _describe(exc), delay)
                 if self.on_retry:
                     self.on_retry(f"{what} at {self.endpoint}: {_describe(exc)}")
-                time.sleep(min(left, delay * random.uniform(0.5, 1.5)))
+                with self._gave_up:
+                    pause = min(left, delay * random.uniform(0.5, 1.5))
+                    if self._gave_up.wait_for(lambda: self._down, pause):
+                        raise self._unavailable(what, exc, waited) from None
                 delay = min(delay * 2, 30.0)
+
+    def _unavailable(self, what: str, exc: BaseException, waited: float) -> StoreUnavailable:
+        """The store is taken as gone (for this request and, until one is answered, the
+        others): the error that says so."""
+        with self._gave_up:
+            down, self._down = self._down, True
+            self._gave_up.notify_all()
+        if down:  # (another request waited the deadline out)
+            waited = self.deadline
+        return StoreUnavailable(
+            f"{self.endpoint} did not answer {what} for {int(waited)}s ({_describe(exc)}); "
+            "--retry-timeout waits longer"
+        )
 
     def ensure(self, create: bool = False) -> None:
         """Check that the bucket exists (asked once per ``Bucket``); with ``create``, make it

@@ -52,7 +52,7 @@ from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
-from .s3 import Bucket
+from .s3 import Bucket, StoreUnavailable
 
 BLOCK_SIZE = 2 << 20
 MIN_BLOCK = 4 << 10
@@ -340,7 +340,7 @@ class BackupStore:
             # Known by its digest: comparing the hash costs a tenth of scanning every byte.
             empty = digest_of(bytes(block_size))
             digests: list[str | None] = [None] * count
-            with ThreadPoolExecutor(self.workers) as pool:
+            with _uploads(self.workers) as pool:
                 pending: deque = deque()
                 for index in range(count):
                     if index < len(previous) and index not in changed:
@@ -1062,6 +1062,18 @@ def _relative(volume: str, name: str, suffix: str) -> str:
     return f"volumes/{volume}/{name}.{suffix}"
 
 
+@contextlib.contextmanager
+def _uploads(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """The pool of a backup's uploads. Left on an error, it drops those not started yet,
+    which would each wait for a store that is gone in turn; those under way give up with the
+    first one that did (see ``Bucket._call``)."""
+    pool = ThreadPoolExecutor(workers)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _collecting(key: str) -> bool:
     return key.rsplit("/", 1)[-1].startswith("collect-")
 
@@ -1199,16 +1211,23 @@ class Marker:
         except LhfsError:  # (gone meanwhile: as good as stale; the read-back decides)
             return STALE
 
-    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, failure: BaseException | None, *tb: object
+    ) -> None:
         self._stop.set()
         self._thread.join()  # a beat in flight must not write the marker back after this
         try:
             self.bucket.delete(self.key)
         except Exception as error:
-            if kind is not None:  # the block's own failure is the one to report
-                log.warning("could not remove %s: %s", self.key, error)
+            why = "the store does not answer" if isinstance(error, StoreUnavailable) else error
+            left = (
+                f"its marker {self.key} could not be removed ({why}): it counts as running "
+                f"for {STALE / 60:.0f} minutes, then 'lhfs backup gc' removes it"
+            )
+            if isinstance(failure, LhfsError):  # the block's own failure, and what it left
+                failure.args = (f"{failure}; {left}",)
                 return
-            raise LhfsError(
-                f"{self.key} could not be removed ({error}); it expires after "
-                f"{STALE / 60:.0f} minutes and 'lhfs backup gc' removes it then"
-            ) from None
+            if kind is not None:  # (not one a command reports in a line: logged)
+                log.warning("%s", left)
+                return
+            raise LhfsError(left) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -381,3 +382,52 @@ def test_a_restore_killed_half_way(cli: Cli, tmp_path: Path, s3_endpoint: str) -
     assert refused.returncode == 1 and "unfinished restore" in refused.stderr
     cli.run("volume", "rm", "half")
     assert "half" not in volumes.list_names(cli.root)
+
+
+def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """The S3 endpoint goes away (every connection reset, new ones refused) while a full
+    backup uploads: the backup fails about --retry-timeout later (every upload queued
+    meanwhile retried the whole timeout in turn: several times that), in one line saying that
+    the backup failed and what it left, its marker included."""
+    cli.run("volume", "create", "big", "--size", "128M", "--replicas", "1")
+    vol = volumes.load(cli.root, "big")
+    rng = random.Random(5)
+    with ChunkStore.open(vol.replica_dir(vol.replicas[0])) as chunks:
+        for offset in range(0, 128 * MIB, MIB):
+            chunks.write(offset, rng.randbytes(MIB))
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 500  # (bytes/s of answers: the uploads take seconds, not a moment)
+    target = "s3://gone-away/p"
+    store = BackupStore(Bucket(Target.parse(target)))
+    args = ("backup", "create", "big", "--target", target, "--create-bucket", "--quiet")
+    backup = Cli(cli.root, {"AWS_ENDPOINT_URL": proxy.endpoint}).start(
+        *args, "--retry-timeout", "5"
+    )
+
+    def uploaded() -> int:
+        try:
+            return store.block_count()
+        except StoreRefused:  # (no bucket yet)
+            return 0
+
+    try:
+        wait_for(lambda: uploaded() >= 3 or backup.poll() is not None, 120, "uploads")
+        assert backup.poll() is None, "the backup ended before its store went away"
+        proxy.cut()
+        gone = time.monotonic()
+        _, err = backup.communicate(timeout=120)
+        took = time.monotonic() - gone
+    finally:
+        if backup.poll() is None:
+            backup.kill()
+        proxy.close()
+    assert backup.returncode == 1 and err.count("\n") == 1, err
+    assert took < 5 + 5, (took, err)
+    assert err.startswith(f"lhfs: error: backup of big failed: {proxy.endpoint} did not answer")
+    assert "p/volumes/big/" in err and ".running could not be removed" in err, err
+    assert "its snapshot backup-" in err and "stays until housekeeping trims it" in err, err
+    listed = store.list("big")
+    assert [b["state"] for b in listed] == ["in_progress"]  # (its marker, as it said)

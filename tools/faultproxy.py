@@ -9,7 +9,8 @@ Each new connection is relayed to the upstream unless a fault is scheduled for i
 
 ``schedule(modes)`` queues faults for the next connections; ``fail_every(n, modes)`` puts a
 fault on every n-th connection, cycling through ``modes``; ``stop()``/``resume()`` refuse all
-connections for a while (an endpoint that went away); ``clear()`` drops every scheduled fault.
+connections for a while (an endpoint that went away); ``cut()`` stops and also resets every
+connection open at that moment (its process died); ``clear()`` drops every scheduled fault.
 Setting ``rate`` (bytes per second) throttles every relayed connection's answers, open ones
 included, which stretches long transfers for tests that must act in the middle of one.
 
@@ -76,6 +77,8 @@ class FaultProxy:
         self.delivered = self.undelivered = 0
         self._tamper: tuple[int, bytes, bytes, bool] | None = None  # (up to, old, new, answers)
         self.tampered = 0
+        self._open: set[socket.socket] = set()  # clients of relayed connections (for ``cut``)
+        self._cut = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -121,8 +124,15 @@ class FaultProxy:
     def stop(self) -> None:
         self._stopped = True
 
+    def cut(self) -> None:
+        with self._lock:
+            self._stopped = self._cut = True
+            cut, self._open = self._open, set()
+        for client in cut:
+            _reset(client)
+
     def resume(self) -> None:
-        self._stopped = False
+        self._stopped = self._cut = False
 
     def close(self) -> None:
         self._closing = True
@@ -174,6 +184,14 @@ class FaultProxy:
         except OSError:
             _reset(client)
             return
+        with self._lock:
+            cut = self._cut  # (accepted just before a cut: reset all the same)
+            if not cut:
+                self._open.add(client)
+        if cut:
+            upstream.close()
+            _reset(client)
+            return
         limit = self.reset_after if mode == "reset" else None
         done = threading.Event()
         threading.Thread(
@@ -181,6 +199,8 @@ class FaultProxy:
         ).start()
         self._pump(client, upstream, limit, done, number=number)
         done.set()
+        with self._lock:
+            self._open.discard(client)
 
     def _deliver(self, dst: socket.socket, kept: list[bytes]) -> None:
         data = b"".join(kept)

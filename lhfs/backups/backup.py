@@ -298,6 +298,7 @@ def create(
     # said before a snapshot is taken for the backup.
     source = None if snapshot is None else _Source(vol, check_name(snapshot, "snapshot name"))
     held = contextlib.ExitStack()  # (the hold on the snapshot: until its record is saved)
+    backup_name, made = None, False
     with held:
         try:
             store = open_store(target, retry_timeout, notice)
@@ -309,6 +310,7 @@ def create(
                 snapshot = f"backup-{stamp}"
                 held.enter_context(housekeeping.hold(vol, snapshot))  # before it exists
                 manage.snapshot_create(root, name, snapshot, system=True)
+                made = True
                 source = _Source(vol, snapshot)
             else:
                 held.enter_context(housekeeping.hold(vol, snapshot))
@@ -332,6 +334,12 @@ def create(
                 taken=source.bases[source.replica_id]["created"],
                 full=full,
             )
+        except LhfsError as exc:  # (a refusal before the backup began left nothing: as it is)
+            if backup_name is not None:  # what failed, and what it left (its marker: said)
+                left = f"; its snapshot {snapshot} stays until housekeeping trims it"
+                left = left if made else ""
+                exc.args = (f"backup of {name} failed: {exc}{left}",)
+            raise
         finally:
             if source is not None:
                 source.close()

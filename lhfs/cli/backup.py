@@ -329,7 +329,9 @@ def store_options(p: argparse.ArgumentParser) -> None:
         default=RETRY_TIMEOUT,
         metavar="SECONDS",
         help="give up on a store that does not answer after this long (default "
-        f"{RETRY_TIMEOUT:.0f} s; refusals are final at once). The endpoint and credentials "
+        f"{RETRY_TIMEOUT:.0f} s; refusals are final at once); once one request gave up, the "
+        "others do too, so the command fails about that long after the store went away. "
+        "The endpoint and credentials "
         "come from AWS_ENDPOINT_URL (or AWS_REGION for Amazon S3), AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY",
     )
