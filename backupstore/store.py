@@ -33,8 +33,10 @@ import calendar
 import contextlib
 import json
 import logging
+import os
 import re
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -61,6 +63,8 @@ STALE = 600.0  # a marker not refreshed for this long belongs to a dead process
 HEARTBEAT = 30.0
 _LIST_OVER = 64  # a full backup of more blocks than this lists the store's blocks once...
 _LIST_UPTO = 20_000  # ...if it holds at most this many (20 listing requests)
+_WAIT_NOTICE = 60.0  # a backup held back by a collection says so again this often
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}")  # a host name read from a marker, shown as it is
 _META = "x-amz-meta-lhfs-compression"
 # The most lhfs reads of an object of each kind (see ``Bucket.get``; a manifest's bound is
 # ``manifest_limit``): whoever can write the bucket decides what is in it, and an object
@@ -466,15 +470,53 @@ class BackupStore:
 
     def _await_collections(self, own: str) -> None:
         """Wait until no collection runs (this backup's marker, ``own``, keeps new ones from
-        deleting)."""
-        waited = False
+        deleting), saying at once and every minute what it waits for: the marker of a
+        collection whose process was killed holds backups back until it is stale, ten minutes
+        later, and a silent wait that long looks like a hang. Not bounded by the retry
+        timeout: a live collection may take longer, and the store answers meanwhile."""
+        began = time.monotonic()
+        told = None
         while True:
-            if not self._live(self.target.key("locks") + "/", own, _collecting):
+            live = self._live(self.target.key("locks") + "/", own, _collecting)
+            if not live:
                 return
-            if not waited:
-                log.info("waiting for a collection of unreferenced blocks to finish")
-                waited = True
+            if told is None or time.monotonic() - told >= _WAIT_NOTICE:
+                waited = None if told is None else time.monotonic() - began
+                self.notice(self._collection_wait(live, waited))
+                told = time.monotonic()
             time.sleep(0.5)
+
+    def _collection_wait(self, live: list[Any], waited: float | None) -> str:
+        """What a backup held back by the collections of ``live`` (their markers) waits for,
+        and for how long already (None: it has just begun)."""
+        marker = live[0]
+        refreshed = marker.last_modified.timestamp()
+        more = f" (and {len(live) - 1} more)" if len(live) > 1 else ""
+        still = "waiting" if waited is None else f"still waiting ({waited:.0f} s so far)"
+        return (
+            f"{still} for a collection of unreferenced blocks to finish{more}: "
+            f"s3://{self.target.bucket}/{marker.object_name}{self._whose(marker.object_name)}, "
+            f"last refreshed {rfc3339(refreshed)}; if its process died, it counts as dead at "
+            f"{rfc3339(refreshed + STALE)} and the backup goes on then"
+        )
+
+    def _whose(self, key: str) -> str:
+        """Who runs the collection of the marker ``key`` and since when, as its marker says
+        (written by whoever can write the bucket: only what has the form lhfs writes)."""
+        try:
+            found = self.bucket.get(key, SMALL_OBJECT)
+            about = parse_json(found[0]) if found else {}
+        except (CorruptState, ValueError):
+            return ""
+        if not isinstance(about, dict):
+            return ""
+        pid, host, started = about.get("pid"), about.get("host"), about.get("started")
+        said = []
+        if _is_int(pid, 1, 1 << 31) and isinstance(host, str) and _HOST.fullmatch(host):
+            said.append(f"pid {pid} on {host}")
+        if type(started) in (int, float) and 0 < started < _LAST_TIME:
+            said.append(f"started {rfc3339(started)}")
+        return f" ({', '.join(said)})" if said else ""
 
     @staticmethod
     def _settle(pending: deque, stats: BackupStats, count: int) -> None:
@@ -791,8 +833,7 @@ class BackupStore:
         """Delete the blocks no complete backup references; nothing while a backup runs (the
         result says which, and the blocks wait for the next collection). With ``sweep``, also
         remove the markers of backups whose process died (``interrupted`` in ``list``)."""
-        marker = Marker(self.bucket, self.target.key("locks", f"collect-{secrets.token_hex(8)}"))
-        with marker:
+        with self._collection_marker() as marker:
             running = self._running(marker.key)
             if running:
                 return Collection(0, running)
@@ -837,6 +878,13 @@ class BackupStore:
             f"{reason}{more}; the blocks a damaged manifest names are unknown, so none is "
             f"deleted until it is removed ('lhfs backup rm {url}')"
         )
+
+    def _collection_marker(self) -> Marker:
+        """The marker of a collection, saying who runs it and since when (for a backup it
+        holds back to tell the operator)."""
+        key = self.target.key("locks", f"collect-{secrets.token_hex(8)}")
+        about = {"host": socket.gethostname(), "pid": os.getpid()}
+        return Marker(self.bucket, key, about=about)
 
     def _running(self, own: str) -> str | None:
         """What running backup holds collection back, if any (None: none)."""
@@ -1138,11 +1186,18 @@ class Marker:
     deleted on exit, also when the block fails. It may say what the work has made so far
     (``note``), for others to leave alone while it runs."""
 
-    def __init__(self, bucket: Bucket, key: str, claim: str | None = None) -> None:
+    def __init__(
+        self,
+        bucket: Bucket,
+        key: str,
+        claim: str | None = None,
+        about: dict[str, Any] | None = None,
+    ) -> None:
         self.bucket = bucket
         self.key = key
         self.claim = claim  # (what it marks, when only one may run: see ``_claim``)
-        self._body: dict[str, Any] = {"started": time.time()}  # (its age says only the beat)
+        # (its age says only the beat; ``about``: what else it says from the start)
+        self._body: dict[str, Any] = {"started": time.time(), **(about or {})}
         self._lock = threading.Lock()  # (a beat never writes back an older body than a note)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)

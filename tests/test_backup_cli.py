@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -431,3 +433,36 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
     assert "its snapshot backup-" in err and "stays until housekeeping trims it" in err, err
     listed = store.list("big")
     assert [b["state"] for b in listed] == ["in_progress"]  # (its marker, as it said)
+
+
+def test_a_backup_held_back_by_a_collection_says_so_at_once(cli: Cli, s3_endpoint: str) -> None:
+    """The marker of a collection whose process was killed holds backups back until it is
+    stale (ten minutes): a backup says at once on stderr what it waits for (the marker, who
+    ran the collection and since when, when it counts as dead), and goes on once it is gone."""
+    target = "s3://cli-held/p"
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    cli.backup("v", target)
+    store = BackupStore(Bucket(Target.parse(target)))
+    marker = store._collection_marker()
+    marker._write()  # (what a collection killed at once leaves: never refreshed, never removed)
+    backup = cli.start("backup", "create", "v", "--target", target, "--quiet")
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(backup.stderr), daemon=True)
+    reader.start()
+    try:
+        line = wait_for(
+            lambda: next((x for x in said if "waiting for a collection" in x), None),
+            30,
+            "the backup to say it waits",
+        )
+        assert backup.poll() is None, said
+        assert line.startswith("lhfs: waiting for a collection of unreferenced blocks to finish")
+        assert f"s3://cli-held/{marker.key} (pid {os.getpid()} on {socket.gethostname()}" in line
+        assert ", last refreshed " in line and "it counts as dead at " in line, line
+        store.bucket.delete(marker.key)
+        assert backup.wait(60) == 0, said
+    finally:
+        if backup.poll() is None:
+            backup.kill()
+    reader.join(10)
+    assert backup.stdout is not None and backup.stdout.read().startswith(target + "?volume=v&")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import random
 import socket
 import threading
@@ -195,14 +194,18 @@ def test_backup_and_restore_survive_the_proxys_faults(s3_endpoint: str) -> None:
 
 
 def test_a_backup_waits_for_a_running_collection(
-    store: BackupStore, caplog: pytest.LogCaptureFixture
+    store: BackupStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The other half of the lock: a backup that starts while a collection runs reuses
-    nothing until the collection's marker is gone."""
+    nothing until the collection's marker is gone, and says what it waits for at once and
+    again while it waits (here every half second; a marker that names nobody: an earlier
+    lhfs's)."""
     store.create("v", "b0", 4096, reader([b"\1" * 4096]), block_size=4096)
     marker = store.target.key("locks", "collect-test")
     store.bucket.put(marker, b"")
-    caplog.set_level(logging.INFO, logger="lhfs.backupstore")
+    monkeypatch.setattr(backupstore.store, "_WAIT_NOTICE", 0.5)
+    said: list[str] = []
+    store.notice = said.append
     done = threading.Event()
     thread = threading.Thread(
         target=lambda: (
@@ -212,7 +215,9 @@ def test_a_backup_waits_for_a_running_collection(
     )
     thread.start()
     try:
-        wait_for(lambda: "waiting for a collection" in caplog.text, 30, "the backup to wait")
+        wait_for(lambda: len(said) >= 2, 30, "the backup to say twice that it waits")
+        assert said[0].startswith("waiting for a collection of unreferenced blocks to finish")
+        assert said[1].startswith("still waiting (") and f"/{marker}, last refreshed" in said[1]
         assert store.block_count() == 1 and not done.is_set()
         assert {b["name"]: b["state"] for b in store.list("v")}["b1"] == "in_progress"
     finally:

@@ -76,11 +76,12 @@ def create(
     progress: PartProgress,
     create_bucket: bool = False,
     retry_timeout: float = RETRY_TIMEOUT,
+    notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     target = Target.parse(url)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = check_name(name or f"system-{stamp}-{secrets.token_hex(2)}", "system backup name")
-    store = backup.open_store(target, retry_timeout)
+    store = backup.open_store(target, retry_timeout, notice)
     store.bucket.ensure(create=create_bucket)
     store.init()
     if systems.exists(store, name):

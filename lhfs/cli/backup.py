@@ -206,6 +206,12 @@ def parsers(groups: Any) -> None:
         cmd_backup_create,
         "back a snapshot of a volume up (blocks the store has are not sent again)",
         "volume",
+        description="Back a snapshot of VOLUME up (a new one unless --snapshot names one): "
+        "only the blocks changed since its last backup to the target are read, and only those "
+        "the store lacks are sent. A collection under way ('backup gc', 'rm', 'prune') holds "
+        "it back, and it says so on stderr; the marker of a collection whose process died "
+        "holds it back at most 10 minutes after its last refresh. --retry-timeout does not "
+        "bound that wait.",
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--snapshot", help="an existing snapshot (default: take a new one)")

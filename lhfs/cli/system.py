@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from lhfs.cli.common import Parser, print_json, quiet_option, root_of, say, verb
@@ -27,6 +28,13 @@ class _Parts:
             self.current = self.make(part, quiet=self.quiet).__enter__()
         self.current.update(percent, done, total)
 
+    def note(self, text: str) -> None:
+        """A line for the operator (see ``Progress.note``)."""
+        if self.current is None:
+            print(f"lhfs: {text}", file=sys.stderr, flush=True)
+        else:
+            self.current.note(text)
+
     def close(self) -> None:
         if self.current is not None:
             self.current.__exit__(None, None, None)
@@ -45,6 +53,7 @@ def cmd_system_backup(args: argparse.Namespace) -> None:
             parts.update,
             args.create_bucket,
             args.retry_timeout,
+            parts.note,
         )
     finally:
         parts.close()
