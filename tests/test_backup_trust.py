@@ -707,7 +707,8 @@ def test_a_damaged_or_stray_manifest_is_shown_and_removable_and_stops_no_other_c
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
     """A manifest with one byte flipped (the newest, the next backup's base) and a stray
-    object named like one: ls shows both damaged with the reason, prune neither keeps nor
+    object named like one: ls shows both damaged with the reason, a DR standby follows the
+    newest backup that reads, prune neither keeps nor
     removes them, the next backup reads the whole volume and says why, gc deletes no block
     while one is there (the blocks it names are unknown), and 'backup rm' removes each."""
     target = "s3://trust-damaged/p"
@@ -733,6 +734,12 @@ def test_a_damaged_or_stray_manifest_is_shown_and_removable_and_stops_no_other_c
     table = cli.run("backup", "ls", "--target", target).stdout.splitlines()
     row = next(line for line in table if newest in line)
     assert " damaged " in row and row.endswith("is not this store's)"), row
+    cli.run(  # a standby follows the newest backup that reads
+        "dr", "create", "sb", "--target", target, "--volume", "v3", "--replicas", "1",
+        "--interval", "0.2", "--quiet",
+    )  # fmt: skip
+    assert cli.dr_restored("sb", first)["state"] == "standby"
+    cli.run("dr", "stop", "sb")
 
     gc = cli.run("backup", "gc", "--target", target, check=False)
     assert gc.returncode == 1 and gc.stderr.count("\n") == 1, gc.stderr

@@ -100,8 +100,10 @@ def dr_config(vol: volumes.Volume) -> dict[str, Any]:
 def newest_backup(
     store: BackupStore, volume: str, cache: dict[str, dict[str, Any]]
 ) -> dict[str, Any] | None:
-    """The manifest of the volume's newest complete backup. Manifests never change once
-    written, so each is read once and kept in ``cache`` until its backup disappears."""
+    """The manifest of the volume's newest complete backup that reads. Manifests never change
+    once written, so each is read once and kept in ``cache`` until its backup disappears. A
+    damaged one (it fails authentication, a stray object) is passed over, said once in the
+    log: whoever can write the bucket must not stop every standby of the volume with it."""
     names = set(store.complete_names(volume))
     for name in list(cache):
         if name not in names:
@@ -111,9 +113,14 @@ def newest_backup(
             cache[name] = store.manifest(volume, name)
         except NotFound:  # deleted since the listing
             continue
-    if not cache:
-        return None
-    return max(cache.values(), key=order)
+        except CorruptState as exc:
+            log.warning("passed over backup %s of %s: %s", name, volume, exc)
+            cache[name] = {_DAMAGED: str(exc)}
+    readable = [manifest for manifest in cache.values() if _DAMAGED not in manifest]
+    return max(readable, key=order) if readable else None
+
+
+_DAMAGED = "damaged"  # (in ``cache``: a manifest that did not read, not read again)
 
 
 def _not_smaller(manifest: dict[str, Any], vol: volumes.Volume) -> None:
