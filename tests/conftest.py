@@ -32,12 +32,23 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Sweep FUSE mounts an interrupted earlier run left under pytest's temporary base."""
+    """Sweep FUSE mounts an interrupted earlier run left under pytest's temporary base: those
+    whose engine is gone (a live one may be another session's, running beside this one)."""
     with open("/proc/self/mounts") as f:
         stale = [line.split()[1] for line in f if line.split()[2] == "fuse.lhfs"]
     for mountpoint in stale:
-        if mountpoint.startswith("/tmp/pytest-of-"):
+        if mountpoint.startswith("/tmp/pytest-of-") and _disconnected(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def _disconnected(mountpoint: str) -> bool:
+    """Whether the mount's engine is gone (asked in a child: a stopped engine's mount would
+    hold a ``stat`` here for ever)."""
+    try:
+        asked = subprocess.run(["stat", mountpoint], capture_output=True, text=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        return False
+    return "not connected" in asked.stderr
 
 
 @pytest.fixture(scope="session")
