@@ -9,11 +9,12 @@ it and mean nothing after a reboot.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,46 @@ def alive(pid: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def name_held(root: Path, name: str, doing: str) -> Iterator[None]:
+    """Hold the volume name ``name`` under ``root`` for the block: a create and a removal
+    each take it, so that two commands never build or tear down in one place at once (two
+    creates of one name once cleared each other's staging directory, and one said it had made
+    a volume whose replicas the other had replaced). Another command holding it is refused
+    at once with ``Busy``, naming what it does (``doing``: "created", "removed") and its pid:
+    waiting for it would only end in "already exists" or "no such volume". The lock file
+    ``volumes/.NAME.lock`` goes when the block ends."""
+    check_name(name, "volume name")
+    base = volumes_dir(root)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = base / f".{name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 100, 0).decode(errors="replace").split()
+            os.close(fd)
+            what = holder[1] if len(holder) > 1 else "changed"
+            pid = f" (pid {holder[0]})" if holder else ""
+            raise Busy(f"volume {name} is being {what} by another command{pid}") from None
+        try:
+            mine = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            mine = False
+        if mine:
+            break
+        os.close(fd)  # (its holder removed it as it let go: the one there now is free)
+    try:
+        os.ftruncate(fd, 0)  # (a holder that was killed left its line)
+        os.pwrite(fd, f"{os.getpid()} {doing}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # (before the lock goes: see above)
+            os.unlink(path)
+        os.close(fd)
+
+
 def create(
     root: Path,
     name: str,
@@ -283,7 +324,8 @@ def create(
 ) -> tuple[Volume, Path]:
     """Record a new volume in a temporary directory; the caller initialises the replicas there
     (those ``on_disks``, one per disk in order, on their disks) and publishes it with
-    ``finish_create``."""
+    ``finish_create``, all while it holds the name (``name_held``): a staging directory found
+    then is what a create cut short left, never another command's work."""
     check_volume_name(name)
     check_chunk_size(chunk_size)
     check_geometry(size, chunk_size)

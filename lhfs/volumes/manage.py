@@ -64,42 +64,49 @@ def create(
     for n, disk in enumerate(on_disks or (), 1):
         path = disks.check(disk, chosen)
         chosen[f"r{n}"] = (path, str(path))
-    vol, tmp = volumes.create(
-        root,
-        name,
-        size,
-        chunk_size,
-        replicas,
-        extra=extra,
-        on_disks=[p for p, _ in chosen.values()],
-    )
-    try:
-        for replica in vol.replicas:
-            store = ChunkStore.create(
-                disks.make(vol, replica)
-                if replica.get("disk")
-                else tmp / "replicas" / replica["id"],
-                size,
-                chunk_size,
-                backing,
-                _image_file(replica["id"], backing),
-                volume_id=vol.config["volume_id"],
-            )
-            info = store.info()
-            store.close()
-            found = info["backing_image"] and info["backing_image"]["id"]
-            if backing_id is not None and found != backing_id:
-                raise CorruptState(
-                    f"the backing image file {backing} changed since it was registered (it "
-                    f"was {backing_id}, it is {found}): register it again under another name"
-                )
-        vol.config["backing_image"] = info["backing_image"] and info["backing_image"]["id"]
-        vol.save_to(tmp)
-        volumes.finish_create(vol, tmp)
-    except BaseException:
-        volumes.clear(root, name, tmp, vol.config)
-        raise
+    with volumes.name_held(root, name, "created"):
+        vol, tmp = volumes.create(
+            root,
+            name,
+            size,
+            chunk_size,
+            replicas,
+            extra=extra,
+            on_disks=[p for p, _ in chosen.values()],
+        )
+        try:
+            _make_replicas(vol, tmp, backing, backing_id)
+            volumes.finish_create(vol, tmp)
+        except BaseException:
+            volumes.clear(root, name, tmp, vol.config)
+            raise
     return vol
+
+
+def _make_replicas(
+    vol: volumes.Volume, tmp: Path, backing: Path | None, backing_id: str | None
+) -> None:
+    """Initialise the replicas of a volume being created in ``tmp`` (under it, or on their
+    disks), and record its backing image's content id."""
+    for replica in vol.replicas:
+        store = ChunkStore.create(
+            disks.make(vol, replica) if replica.get("disk") else tmp / "replicas" / replica["id"],
+            vol.size,
+            vol.chunk_size,
+            backing,
+            _image_file(replica["id"], backing),
+            volume_id=vol.config["volume_id"],
+        )
+        info = store.info()
+        store.close()
+        found = info["backing_image"] and info["backing_image"]["id"]
+        if backing_id is not None and found != backing_id:
+            raise CorruptState(
+                f"the backing image file {backing} changed since it was registered (it "
+                f"was {backing_id}, it is {found}): register it again under another name"
+            )
+    vol.config["backing_image"] = info["backing_image"] and info["backing_image"]["id"]
+    vol.save_to(tmp)
 
 
 def _image_file(replica_id: str, backing: Path | None) -> str:
@@ -116,18 +123,22 @@ def remove(root: Path, name: str, follower_stopped: bool = False) -> list[str]:
     """Delete a detached volume; a standby's follower stops first (unless the caller stopped
     it and holds its lock: ``follower_stopped``). The rename to a trash directory is the
     point of no return: then the replicas on disks go (the configuration read before says
-    where), then the rest. Returns what was left: directories on disks that are not mounted."""
-    vol = volumes.load(root, name)
-    check_removable(vol)
-    if not follower_stopped:
-        standby.remove(vol)
-    trash = vol.dir.with_name(f".{name}.removing")
-    inside = attachment.mounts_under(trash) if trash.exists() else []
-    if inside:  # (an earlier rm of a volume of that name was cut short, under a mount)
-        raise Busy(f"{inside[0]} is mounted: unmount it")
-    volumes.clear(root, name, trash)  # (what such an rm left)
-    os.rename(vol.dir, trash)
-    return volumes.clear(root, name, trash, vol.config)
+    where), then the rest. Returns what was left: directories on disks that are not mounted.
+    Done holding the name (``volumes.name_held``): two removals at once, or one and a create,
+    never tear down what the other works on."""
+    volumes.load(root, name)  # (no such volume: said before anything is made for the lock)
+    with volumes.name_held(root, name, "removed"):
+        vol = volumes.load(root, name)
+        check_removable(vol)
+        if not follower_stopped:
+            standby.remove(vol)
+        trash = vol.dir.with_name(f".{name}.removing")
+        inside = attachment.mounts_under(trash) if trash.exists() else []
+        if inside:  # (an earlier rm of a volume of that name was cut short, under a mount)
+            raise Busy(f"{inside[0]} is mounted: unmount it")
+        volumes.clear(root, name, trash)  # (what such an rm left)
+        os.rename(vol.dir, trash)
+        return volumes.clear(root, name, trash, vol.config)
 
 
 def check_removable(vol: volumes.Volume) -> None:

@@ -1,0 +1,60 @@
+"""Commands run at once on one thing, or cut short by a kill (of themselves or of an engine):
+each ends in one line that says what is true, and what it leaves is whole. Real processes,
+real FUSE devices; every wait has a condition and a deadline."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from lhfs.config import volume as volumes
+from lhfs.testing import Cli
+
+
+def test_creates_and_removals_of_one_name_at_once_leave_one_whole_volume(cli: Cli) -> None:
+    """Three creates of each name at once: one makes the volume, the others say it exists
+    (or is being made) in one line and touch nothing of it; then two removals of each at
+    once: one removes it, the other says so. Nothing is left behind in either case."""
+    names = [f"cc{i}" for i in range(6)]
+    creates = {
+        (name, count): cli.start(
+            "volume", "create", name, "--size", f"{64 * count}M", "--replicas", str(count)
+        )
+        for name in names
+        for count in (1, 2, 3)
+    }
+    ended = {key: (proc.wait(120), *proc.communicate()) for key, proc in creates.items()}
+    for name in names:
+        won = [count for (of, count), (status, _, _) in ended.items() if of == name and not status]
+        assert len(won) == 1, (name, ended)
+        for (of, count), (status, out, err) in ended.items():
+            if of != name or count == won[0]:
+                continue
+            assert status == 1 and not out and err.count("\n") == 1, (name, count, out, err)
+            assert re.fullmatch(
+                rf"lhfs: error: volume {name} (already exists|is being created by another "
+                r"command \(pid \d+\))\n",
+                err,
+            ), err
+        vol = volumes.load(cli.root, name)
+        assert vol.size == 64 * won[0] << 20 and len(vol.replicas) == won[0]
+        assert json.loads(vol.key_path.read_text())["id"] == vol.config["volume_id"]
+        held = sorted(p.name for p in (vol.dir / "replicas").iterdir())
+        assert held == [r["id"] for r in vol.replicas]
+        for replica in vol.replicas:
+            layout = json.loads((vol.replica_dir(replica) / "volume.json").read_text())
+            assert layout["volume_id"] == vol.config["volume_id"], (name, replica)
+    top = cli.root / "volumes"
+    assert sorted(p.name for p in top.iterdir()) == names  # (no staging, no lock left)
+
+    removals = [cli.start("volume", "rm", name) for name in names for _ in range(2)]
+    outcomes = [(proc.wait(120), *proc.communicate()) for proc in removals]
+    for name, pair in zip(names, zip(outcomes[::2], outcomes[1::2], strict=True), strict=True):
+        assert sorted(status for status, _, _ in pair) == [0, 1], pair
+        err = next(err for status, _, err in pair if status)
+        assert re.fullmatch(
+            rf"lhfs: error: (no volume named '{name}' \(under .*\)|volume {name} is being "
+            r"removed by another command \(pid \d+\))\n",
+            err,
+        ), err
+    assert list(top.iterdir()) == []
