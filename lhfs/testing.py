@@ -419,8 +419,9 @@ def teardown(root: Path) -> None:
                 dr.stop_following(root, name)
         devices = {vol.dir / "device"}
         runtime = vol.runtime()
-        if runtime:
-            devices.add(Path(runtime["device"]))
+        record = vol.runtime_record()  # (an engine that was killed leaves its FUSE mount)
+        if record:
+            devices.add(Path(record["device"]))
         for device in devices:
             for loop in loops_backed_by(device):
                 with open("/proc/self/mounts") as f:
@@ -438,9 +439,8 @@ def teardown(root: Path) -> None:
             except (ProcessLookupError, TimeoutError):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(runtime["pid"], signal.SIGKILL)
-        for device in devices:
-            if os.path.lexists(device):
-                release(device)
+        for device in devices:  # (a dead FUSE mount does not even exist to lexists)
+            release(device)
 
 
 _MOTO_SERVER = Path(__file__).resolve().parents[1] / "tools" / "moto_server.py"

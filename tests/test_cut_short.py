@@ -5,9 +5,15 @@ real FUSE devices; every wait has a condition and a deadline."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+from pathlib import Path
+
+from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
 from lhfs.testing import Cli
 
 
@@ -58,3 +64,35 @@ def test_creates_and_removals_of_one_name_at_once_leave_one_whole_volume(cli: Cl
             err,
         ), err
     assert list(top.iterdir()) == []
+
+
+@needs_fuse
+def test_a_request_cut_by_the_engine_dying_says_so(cli: Cli, tmp_path: Path) -> None:
+    """A command whose engine dies before it answers says so in one line naming the volume,
+    never the system's bare "Connection reset by peer". The engine is stopped first, so the
+    request is surely sent (queued on its socket) before it is killed."""
+    cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1")
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "dev"))
+    pid = cli.engine_pid("v")
+    assert pid is not None
+    socket_path = str(volumes.load(cli.root, "v").control_socket)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        snapshot = cli.start("snapshot", "create", "v", "s1")
+        wait_for(lambda: _queued(socket_path), 30, "the request to reach the engine's socket")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    _, err = snapshot.communicate(timeout=30)
+    assert snapshot.returncode == 1, err
+    assert err == (
+        "lhfs: error: the engine of v died (or went away) during 'snapshot': see 'lhfs volume "
+        "info v'\n"
+    ), err
+    wait_for(lambda: cli.info("v")["state"] == "crashed", 30, "the volume to show crashed")
+
+
+def _queued(path: str) -> bool:
+    """Whether a connection waits on the Unix socket ``path``, not yet accepted (the kernel
+    lists it in /proc/net/unix with the listener's path, in state 02: connecting)."""
+    with open("/proc/net/unix") as f:
+        return any(line.split()[5] == "02" and line.rstrip("\n").endswith(" " + path) for line in f)

@@ -34,6 +34,11 @@ class NotAttached(NotFound):
     """No engine runs for the volume."""
 
 
+class EngineGone(LhfsError):
+    """The engine's connection broke before it answered: it died, or went away, during the
+    request (what the volume is now, ``lhfs volume info`` says)."""
+
+
 class Kept:
     """A handler's answer whose request lives on: ``result`` is answered, the connection is
     kept, and ``on_close`` is called once the asker closes it (or dies) or the engine stops,
@@ -112,7 +117,7 @@ async def _one(stream: trio.SocketStream, handler: Handler) -> None:
 def call(path: Path, op: str, timeout: float | None = 600.0, **args: Any) -> Any:
     """Ask the engine listening on ``path``; ``NotAttached`` when none listens."""
     with _connected(path, timeout) as sock:
-        return _ask(sock, op, timeout, args)
+        return _ask(sock, path, op, timeout, args)
 
 
 @contextlib.contextmanager
@@ -120,7 +125,7 @@ def kept(path: Path, op: str, timeout: float | None = 600.0, **args: Any) -> Ite
     """``call`` for a request whose answer the engine keeps (``Kept``): its result, for the
     block; what it took is let go when the block ends, or when this process dies."""
     with _connected(path, timeout) as sock:
-        yield _ask(sock, op, timeout, args)
+        yield _ask(sock, path, op, timeout, args)
 
 
 @contextlib.contextmanager
@@ -134,10 +139,19 @@ def _connected(path: Path, timeout: float | None) -> Iterator[socket.socket]:
         yield sock
 
 
-def _ask(sock: socket.socket, op: str, timeout: float | None, args: dict[str, Any]) -> Any:
-    sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+def _ask(
+    sock: socket.socket, path: Path, op: str, timeout: float | None, args: dict[str, Any]
+) -> Any:
+    """Send one request and read its answer. A connection the engine closed or reset before
+    answering (it died meanwhile) is said as such, naming the volume (the directory of its
+    socket), never as the system's bare "Connection reset by peer"."""
+    name = path.parent.name
+    gone = EngineGone(
+        f"the engine of {name} died (or went away) during {op!r}: see 'lhfs volume info {name}'"
+    )
     data = b""
     try:
+        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
             if not chunk:
@@ -145,10 +159,12 @@ def _ask(sock: socket.socket, op: str, timeout: float | None, args: dict[str, An
             data += chunk
     except TimeoutError:
         raise LhfsError(f"the engine did not answer {op!r} within {timeout}s") from None
+    except (ConnectionResetError, BrokenPipeError):
+        raise gone from None
     try:
         answer = json.loads(data)
     except ValueError:
-        raise LhfsError(f"the engine closed the connection during {op!r}") from None
+        raise gone from None
     if not answer.get("ok"):
         raise from_wire(answer.get("kind", "LhfsError"), answer.get("message", "failed"))
     return answer.get("result")

@@ -239,7 +239,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
     if vol.runtime() is not None:
         try:
             live = control.call(vol.control_socket, "info", timeout=30)
-        except control.NotAttached:
+        except (control.NotAttached, control.EngineGone):  # (it died: shown as such below)
             live = None
         if live is not None:
             snapshots = [_snapshot_entry(s) for s in live.pop("snapshots") if s["name"]]
