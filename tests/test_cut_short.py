@@ -13,8 +13,8 @@ from pathlib import Path
 from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
-from lhfs.core.procs import wait_for
-from lhfs.testing import Cli
+from lhfs.core.procs import read_line_matching, wait_for
+from lhfs.testing import Cli, kill_engine
 
 
 def test_creates_and_removals_of_one_name_at_once_leave_one_whole_volume(cli: Cli) -> None:
@@ -64,6 +64,52 @@ def test_creates_and_removals_of_one_name_at_once_leave_one_whole_volume(cli: Cl
             err,
         ), err
     assert list(top.iterdir()) == []
+
+
+def _fill(device: Path, size: int) -> None:
+    """Write all of ``size`` bytes of a volume's device (a pattern, not zeros: every chunk
+    holds data a rebuild must copy) and fsync."""
+    block = bytes(range(256)) * 4096
+    fd = os.open(device, os.O_RDWR)
+    try:
+        for offset in range(0, size, len(block)):
+            os.pwrite(fd, block, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@needs_fuse
+def test_replica_add_ends_when_the_engine_dies_or_the_volume_is_detached(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A ``replica add`` waiting for its rebuild ends at once, in one line, when nothing
+    rebuilds the replica any more (the rebuild of 1 GiB takes seconds: the kill and the detach
+    come within its first moments), and the replica it left is rebuilt at the next attach."""
+    cli.run("volume", "create", "s1", "--size", "1G", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "s1", "--device", str(device))
+    _fill(device, 1 << 30)
+
+    add = cli.start("replica", "add", "s1", "--quiet")
+    added = read_line_matching(add, r"^added replica (r\d+) ", 60).group(1)
+    kill_engine(cli, "s1")
+    _, err = add.communicate(timeout=20)
+    assert add.returncode == 1 and err.count("\n") == 1, err
+    assert f"the engine of s1 died during the rebuild of replica {added}" in err, err
+    assert "rebuilt when the volume is attached again" in err, err
+    cli.run("volume", "attach", "s1", "--device", str(device))
+    wait_for(lambda: cli.replica("s1", added)["mode"] == "RW", 120, f"{added} rebuilt")
+
+    add = cli.start("replica", "add", "s1", "--quiet")
+    added = read_line_matching(add, r"^added replica (r\d+) ", 60).group(1)
+    cli.run("volume", "detach", "s1")
+    _, err = add.communicate(timeout=20)
+    assert add.returncode == 1 and err.count("\n") == 1, err
+    assert f"s1 was detached during the rebuild of replica {added}: {added} is kept" in err, err
+    cli.run("volume", "attach", "s1", "--device", str(device))
+    wait_for(lambda: cli.replica("s1", added)["mode"] == "RW", 120, f"{added} rebuilt")
+    assert cli.info("s1")["state"] == "healthy"
 
 
 @needs_fuse

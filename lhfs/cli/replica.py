@@ -131,6 +131,9 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
     with Progress(f"rebuild {added['id']}", quiet=args.quiet) as bar:
         while True:
             state = manage.replica_state(root_of(args), args.volume, added["id"])
+            if state is None:  # (its engine does not answer now)
+                time.sleep(0.2)
+                continue
             if state["mode"] == "RW":
                 bar.update(100)
                 break

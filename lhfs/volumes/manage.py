@@ -673,8 +673,24 @@ def scrub(root: Path, name: str, progress: control.Progress | None = None) -> di
     return control.call_watched(vol.control_socket, "scrub", progress, "scrub")
 
 
-def replica_state(root: Path, name: str, replica_id: str) -> dict[str, Any]:
-    for replica in info(root, name)["replicas"]:
-        if replica["id"] == replica_id:
-            return replica
-    raise NotFound(f"replica {replica_id} is gone from volume {name}")
+def replica_state(root: Path, name: str, replica_id: str) -> dict[str, Any] | None:
+    """A replica's entry in ``info``, for a command that waits for its rebuild; None while
+    the volume's engine neither answers nor is gone (it is stopping, or stopped): ask again.
+    ``WrongState`` once the engine is gone (it died, or the volume was detached), since
+    nothing rebuilds the replica then and the wait would never end."""
+    now = info(root, name)
+    replica = next((r for r in now["replicas"] if r["id"] == replica_id), None)
+    if replica is None:
+        raise NotFound(f"replica {replica_id} is gone from volume {name}")
+    if now["state"] == "not answering":
+        return None
+    if replica["mode"] == "RW" or now["attached"]:
+        return replica
+    record = volumes.load(root, name).runtime_record()
+    if record is not None and volumes.alive(record.get("pid", -1)):
+        return None  # (its engine is on its way out: which way, it says once it is gone)
+    how = f"the engine of {name} died" if record is not None else f"{name} was detached"
+    raise WrongState(
+        f"{how} during the rebuild of replica {replica_id}: {replica_id} is kept, not yet RW, "
+        "and is rebuilt when the volume is attached again ('lhfs volume attach' or 'lhfs mount')"
+    )
