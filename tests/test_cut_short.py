@@ -14,7 +14,8 @@ from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
 from lhfs.core.procs import read_line_matching, wait_for
-from lhfs.testing import Cli, kill_engine
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli, kill_engine, read_direct, write_direct
 
 
 def test_creates_and_removals_of_one_name_at_once_leave_one_whole_volume(cli: Cli) -> None:
@@ -142,3 +143,32 @@ def _queued(path: str) -> bool:
     lists it in /proc/net/unix with the listener's path, in state 02: connecting)."""
     with open("/proc/net/unix") as f:
         return any(line.split()[5] == "02" and line.rstrip("\n").endswith(" " + path) for line in f)
+
+
+@needs_fuse
+def test_attach_finishes_an_expansion_its_engine_was_killed_in(cli: Cli, tmp_path: Path) -> None:
+    """What an engine killed during ``volume expand`` leaves: the replicas grown (here one of
+    two, as a kill half-way through leaves them; all of them, as one after the last replica
+    answered does), ``config.json`` at the old size. The next attach grows every replica to
+    the largest size and records it, so that the volume says one size, attached or not."""
+    cli.run("volume", "create", "g", "--size", "64M", "--replicas", "2")
+    vol = volumes.load(cli.root, "g")
+    with ChunkStore.open(vol.replica_dir(vol.replica("r1"))) as store:
+        store.expand(128 << 20)
+    assert cli.info("g")["size"] == 64 << 20  # (what was said before: the old size)
+
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "g", "--device", str(device))
+    assert device.stat().st_size == 128 << 20
+    assert "an expansion cut short" in cli.engine_log("g")
+    write_direct(device, (128 << 20) - 4096, b"e" * 4096)  # (the new end, on both replicas)
+    assert read_direct(device, (128 << 20) - 4096, 4096) == b"e" * 4096
+    assert cli.info("g")["state"] == "healthy"
+    cli.run("volume", "detach", "g")
+
+    vol = volumes.load(cli.root, "g")
+    assert vol.size == 128 << 20 and cli.info("g")["size"] == 128 << 20
+    for replica in vol.replicas:
+        with ChunkStore.open(vol.replica_dir(replica)) as store:
+            assert store.size == 128 << 20, replica["id"]
+            assert store.read((128 << 20) - 4096, 4096) == b"e" * 4096, replica["id"]

@@ -738,6 +738,7 @@ class Daemon:
             )
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))
+            await self._finish_expansion()
             for link in self.engine.replicas:
                 entry = self.vol.replica(link.id)  # (a scrub's verdicts, kept across attaches)
                 link.held, link.rotten_backing = (
@@ -779,6 +780,29 @@ class Daemon:
                 self.channel.close()
             await self.engine.close()
             nursery.cancel_scope.cancel()
+
+    async def _finish_expansion(self) -> None:
+        """An online expansion records the new size in the configuration once every replica
+        has it: an engine killed in between leaves the replicas larger than ``config.json``
+        says (some of them, if it died half-way through). The engine serves the largest size
+        a replica has; here every replica is brought to it and the configuration records it,
+        so that a detached ``volume ls`` and ``lhfs doctor`` say the size the volume has.
+        Only ever larger: a volume never shrinks."""
+        engine, recorded = self.engine, self.vol.size
+        if engine.size <= recorded:
+            return
+        log.warning(
+            "the replicas hold %d bytes, the configuration said %d (an expansion cut short): "
+            "the volume is %d bytes",
+            engine.size,
+            recorded,
+            engine.size,
+        )
+        try:
+            await engine.expand(engine.size)  # (one that had it already: nothing changes)
+        except LhfsError as exc:  # (one that failed it is rebuilt, to that size)
+            log.warning("not every replica could be grown to %d bytes: %s", engine.size, exc)
+        self.vol.update(lambda config: config.update(size=max(config["size"], engine.size)))
 
     def _serve_metrics(self) -> str | None:
         """Serve Prometheus metrics on the address given at attach; the address bound."""
