@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from conftest import needs_fuse
 from lhfs.config import volume as volumes
 from lhfs.core.procs import read_line_matching, wait_for
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, kill_engine, read_direct, write_direct
+from lhfs.testing import (
+    Cli,
+    fill,
+    kill_engine,
+    read_direct,
+    small_disk,
+    teardown,
+    write_direct,
+)
 
 
 def test_creates_and_removals_of_one_name_at_once_leave_one_whole_volume(cli: Cli) -> None:
@@ -172,3 +181,39 @@ def test_attach_finishes_an_expansion_its_engine_was_killed_in(cli: Cli, tmp_pat
         with ChunkStore.open(vol.replica_dir(replica)) as store:
             assert store.size == 128 << 20, replica["id"]
             assert store.read((128 << 20) - 4096, 4096) == b"e" * 4096, replica["id"]
+
+
+@needs_fuse
+def test_a_failed_mkfs_says_the_volume_is_not_formatted_and_how_to_format_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """mkfs that fails (here its writes are refused: the replica's disk is full) leaves no
+    file system and a record of a format begun. Each mount says so, with the commands that
+    format it, the plain one too (it runs mkfs again, and fails the same way while the cause
+    stays); once the cause is gone, the plain mount formats it."""
+    with small_disk(tmp_path / "disk", 48 << 20) as disk:
+        try:
+            cli.run(
+                "volume", "create", "v", "--size", "256M", "--replicas", "1", "--disks", str(disk)
+            )
+            cli.run("volume", "attach", "v", "--device", str(tmp_path / "dev"))
+            fill(disk / "rest")
+            mnt = tmp_path / "mnt"
+            mnt.mkdir()
+            mount = f"lhfs --root {shlex.quote(str(cli.root))} mount v {shlex.quote(str(mnt))}"
+            for _ in range(2):
+                failed = cli.run("mount", "v", str(mnt), check=False)
+                assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr
+                assert failed.stderr.startswith("lhfs: error: mkfs failed: "), failed.stderr
+                assert failed.stderr.endswith(
+                    f"; volume v is not formatted: '{mount}' formats it as ext4 again, "
+                    f"'{mount} --fs xfs' as xfs\n"
+                ), failed.stderr
+                assert cli.info("v")["filesystem"]["state"] == "formatting"
+                assert "(formatting: mkfs never completed" in cli.run("volume", "info", "v").stdout
+            (disk / "rest").unlink()
+            assert "formatted and mounted" in cli.run("mount", "v", str(mnt)).stdout
+            assert cli.info("v")["filesystem"]["state"] == "formatted"
+            cli.run("umount", str(mnt))
+        finally:
+            teardown(cli.root)

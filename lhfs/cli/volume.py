@@ -109,7 +109,13 @@ def _print_volume(info: dict[str, Any]) -> None:
     )
     filesystem = info.get("filesystem")
     if filesystem:
-        print(f"  file system {filesystem['type']} {filesystem['uuid']} ({filesystem['state']})")
+        state = filesystem["state"]
+        if state == "formatting":  # (a mkfs that failed, or was cut short)
+            state += (
+                ": mkfs never completed; the next 'lhfs mount' formats it, as --fs says or as "
+                + filesystem["type"]
+            )
+        print(f"  file system {filesystem['type']} {filesystem['uuid']} ({state})")
     if info.get("backing_image"):
         print(f"  backing image {info['backing_image']}")
     if info.get("metrics"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import uuid
@@ -192,7 +193,10 @@ def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str)
     if action == "format":
         record = {"type": fs, "uuid": str(uuid.uuid4()), "state": "formatting"}
         vol.record_filesystem(record)
-        _run([arg.format(uuid=record["uuid"], device=loop) for arg in MKFS[fs]], "mkfs")
+        try:
+            _run([arg.format(uuid=record["uuid"], device=loop) for arg in MKFS[fs]], "mkfs")
+        except LhfsError as exc:
+            raise LhfsError(f"{exc}; {_not_formatted(vol, mountpoint, fs)}") from None
         _run(["blockdev", "--flushbufs", loop], "flush")
         control.call(vol.control_socket, "flush")
         record["state"] = "formatted"
@@ -256,6 +260,17 @@ def _grow_xfs_mounted(loop: str, mountpoint: str) -> bool:
         return False  # (nothing to grow, or an answer of another form: left as it is)
     _run(["xfs_growfs", mountpoint], "xfs_growfs")
     return True
+
+
+def _not_formatted(vol: volumes.Volume, mountpoint: Path, fs: str) -> str:
+    """What a failed mkfs leaves, said with it: no file system, and a record of a format
+    begun (``formatting``), which makes a plain ``lhfs mount`` run mkfs as ``fs`` again (and
+    fail the same way, if the cause stays) and ``--fs`` choose another; each hint runs as it
+    is written."""
+    root, point = shlex.quote(str(vol.root)), shlex.quote(str(mountpoint))
+    mount = f"lhfs --root {root} mount {vol.name} {point}"
+    others = ", ".join(f"'{mount} --fs {other}' as {other}" for other in SUPPORTED if other != fs)
+    return f"volume {vol.name} is not formatted: '{mount}' formats it as {fs} again, {others}"
 
 
 GROW = {"ext4": ["resize2fs", "{loop}"], "xfs": ["xfs_growfs", "{mountpoint}"]}
