@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import time
 from pathlib import Path
 
 from conftest import needs_fuse
@@ -217,3 +218,44 @@ def test_a_failed_mkfs_says_the_volume_is_not_formatted_and_how_to_format_it(
             cli.run("umount", str(mnt))
         finally:
             teardown(cli.root)
+
+
+@needs_fuse
+def test_a_stopped_engine_is_shown_not_answering_at_once(cli: Cli, tmp_path: Path) -> None:
+    """One volume's engine stopped (SIGSTOP): ``volume ls`` lists every volume at once, that
+    one "not answering"; its ``volume info`` says what to do; what only its engine knows
+    (``snapshot ls``, ``replica ls``) fails at once in one line saying the same. The other
+    volume answers as ever."""
+    for name in ("a", "b"):
+        cli.run("volume", "create", name, "--size", "64M", "--replicas", "1")
+        cli.run("volume", "attach", name, "--device", str(tmp_path / f"{name}.dev"))
+    cli.run("snapshot", "create", "b", "s1")
+    pid = cli.engine_pid("a")
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        listing = {vol["name"]: vol for vol in cli.json("volume", "ls")}
+        assert time.monotonic() - started < 8
+        assert listing["a"]["state"] == "not answering" and listing["a"]["pid"] == pid
+        assert listing["a"]["attached"] and [r["id"] for r in listing["a"]["replicas"]] == ["r1"]
+        assert listing["b"]["state"] == "healthy"
+        assert [s["name"] for s in listing["b"]["snapshots"]] == ["s1"]
+        root = shlex.quote(str(cli.root))
+        hint = (
+            f"its engine (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it; to let it go "
+            f"instead, 'kill -KILL {pid}', then 'lhfs --root {root} volume detach a' (writes "
+            "not yet flushed are lost)"
+        )
+        shown = cli.run("volume", "info", "a").stdout.splitlines()
+        assert shown[:2] == [f"a: not answering, 64M, device {tmp_path / 'a.dev'}", f"  {hint}"]
+        for verb in ("snapshot", "replica"):
+            started = time.monotonic()
+            refused = cli.run(verb, "ls", "a", check=False)
+            assert time.monotonic() - started < 8
+            assert refused.returncode == 1, refused
+            assert refused.stderr == f"lhfs: error: volume a does not answer: {hint}\n"
+        assert [s["name"] for s in cli.json("snapshot", "ls", "b")] == ["s1"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: cli.info("a")["state"] == "healthy", 30, "a to answer again")

@@ -100,7 +100,7 @@ def cmd_replica_inspect(args: argparse.Namespace) -> None:
 def cmd_replica_ls(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
-    replicas = manage.info(root_of(args), args.volume)["replicas"]
+    replicas = manage.replica_list(root_of(args), args.volume)
     if args.json:
         print_json(replicas)
         return

@@ -100,13 +100,17 @@ def cmd_volume_detach(args: argparse.Namespace) -> None:
     say(args, report, describe_detach(report))
 
 
-def _print_volume(info: dict[str, Any]) -> None:
+def _print_volume(root: Path, info: dict[str, Any]) -> None:
+    from lhfs.volumes import manage
+
     print(
         f"{info['name']}: {info['state']}, {format_size(info['size'])}"
         + (f", device {info['device']}" if info.get("device") else "")
         + (f", loop {info['loop']}" if info.get("loop") else "")
         + (f", mounted at {info['mountpoint']}" if info.get("mountpoint") else "")
     )
+    if info["state"] == manage.NOT_ANSWERING:
+        print(f"  {manage.not_answering(root, info['name'], info['pid'])}")
     filesystem = info.get("filesystem")
     if filesystem:
         state = filesystem["state"]
@@ -152,14 +156,14 @@ def cmd_volume_ls(args: argparse.Namespace) -> None:
     if not volumes:
         print("no volumes")
     for info in volumes:
-        _print_volume(info)
+        _print_volume(root_of(args), info)
 
 
 def cmd_volume_info(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     info = manage.info(root_of(args), args.name)
-    print_json(info) if args.json else _print_volume(info)
+    print_json(info) if args.json else _print_volume(root_of(args), info)
 
 
 def cmd_volume_expand(args: argparse.Namespace) -> None:

@@ -39,6 +39,11 @@ class EngineGone(LhfsError):
     request (what the volume is now, ``lhfs volume info`` says)."""
 
 
+class EngineSilent(LhfsError):
+    """The engine took the request but did not answer in the time given: it is stopped,
+    stuck, or (a long request) still at it."""
+
+
 class Kept:
     """A handler's answer whose request lives on: ``result`` is answered, the connection is
     kept, and ``on_close`` is called once the asker closes it (or dies) or the engine stops,
@@ -158,7 +163,7 @@ def _ask(
                 break
             data += chunk
     except TimeoutError:
-        raise LhfsError(f"the engine did not answer {op!r} within {timeout}s") from None
+        raise EngineSilent(f"the engine did not answer {op!r} within {timeout}s") from None
     except (ConnectionResetError, BrokenPipeError):
         raise gone from None
     try:

@@ -11,6 +11,7 @@ import calendar
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import time
 from collections.abc import Iterator
@@ -236,25 +237,33 @@ def info(root: Path, name: str) -> dict[str, Any]:
         base.update(
             _where(Path(record["device"])), metrics=record.get("metrics") if alive else None
         )
-    if vol.runtime() is not None:
+    runtime = vol.runtime()
+    if runtime is not None:
         try:
-            live = control.call(vol.control_socket, "info", timeout=30)
+            if _stopped(runtime["pid"]):  # (it answers nothing until continued)
+                raise control.EngineSilent("stopped")
+            live = control.call(vol.control_socket, "info", timeout=ANSWER_WITHIN)
         except (control.NotAttached, control.EngineGone):  # (it died: shown as such below)
             live = None
+        except control.EngineSilent:
+            return _stable(
+                {
+                    **base,
+                    "state": NOT_ANSWERING,
+                    "attached": True,
+                    "device": runtime["device"],
+                    "pid": runtime["pid"],
+                    "replicas": _recorded(vol),
+                    "snapshots": [],  # (unknown: only its engine may ask its replicas)
+                },
+                vol,
+            )
         if live is not None:
             snapshots = [_snapshot_entry(s) for s in live.pop("snapshots") if s["name"]]
             if vol.config.get("restoring"):
                 live["state"] = "restoring"
             return _stable({**base, **live, "attached": True, "snapshots": snapshots}, vol)
-    replicas = [
-        {
-            "id": r["id"],
-            "address": r.get("address") if not r.get("local") else None,
-            **_unplaced(vol, r),
-            **_disk(vol, r),
-        }
-        for r in vol.replicas
-    ]
+    replicas = _recorded(vol)
     try:
         with ChunkStore.open(freshest_local(vol)) as store:
             snapshots = [_snapshot_entry(s) for s in store.list_layers() if s["name"]]
@@ -271,6 +280,60 @@ def info(root: Path, name: str) -> dict[str, Any]:
         {**base, "state": state, "attached": False, "replicas": replicas, "snapshots": snapshots},
         vol,
     )
+
+
+NOT_ANSWERING = "not answering"  # the state of an attached volume whose engine is silent
+ANSWER_WITHIN = 10.0  # seconds an engine that is not stopped has to answer 'info'
+# (it answers within some 7 s even when a replica is stuck: its own waits are bounded)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, a debugger): it answers nothing until
+    it is continued, so nobody waits for it (one such engine made every 'volume ls' wait
+    30 s, then fail)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def not_answering(root: Path, name: str, pid: int) -> str:
+    """What to do about a volume whose engine does not answer, in words (each command runs as
+    it is written). A stopped engine is continued, or killed and cleaned up after: letting it
+    go while stopped would wait on it (a file system on it cannot be unmounted)."""
+    lhfs = f"lhfs --root {shlex.quote(str(root))}"
+    if _stopped(pid):
+        return (
+            f"its engine (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it; to let it go "
+            f"instead, 'kill -KILL {pid}', then '{lhfs} volume detach {name}' (writes not yet "
+            "flushed are lost)"
+        )
+    return (
+        f"its engine (pid {pid}) did not answer within {ANSWER_WITHIN:g}s: try again, or "
+        f"'{lhfs} volume detach --force {name}' lets it go (writes not yet flushed are lost)"
+    )
+
+
+def _answering(root: Path, name: str, info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` of a volume whose engine answered, else ``WrongState`` saying what to do:
+    for what only the engine knows (its snapshots, its replicas' modes now)."""
+    if info["state"] == NOT_ANSWERING:
+        raise WrongState(f"volume {name} does not answer: {not_answering(root, name, info['pid'])}")
+    return info
+
+
+def _recorded(vol: volumes.Volume) -> list[dict[str, Any]]:
+    """The replicas as the configuration records them (what shows when no engine says)."""
+    return [
+        {
+            "id": r["id"],
+            "address": r.get("address") if not r.get("local") else None,
+            **_unplaced(vol, r),
+            **_disk(vol, r),
+        }
+        for r in vol.replicas
+    ]
 
 
 def _shown_dr(config: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -333,7 +396,10 @@ def _snapshot_entry(layer: dict[str, Any]) -> dict[str, Any]:
 
 
 def list_volumes(root: Path) -> list[dict[str, Any]]:
-    return [info(root, name) for name in volumes.list_names(root)]
+    """``info`` of every volume, asked of their engines at once: one that does not answer
+    costs its wait once, not once per volume listed before it."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda name: info(root, name), volumes.list_names(root)))
 
 
 def checksum(root: Path, name: str, progress: control.Progress | None = None) -> str:
@@ -545,7 +611,11 @@ def _held_call(
 
 
 def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:
-    return info(root, name)["snapshots"]
+    return _answering(root, name, info(root, name))["snapshots"]
+
+
+def replica_list(root: Path, name: str) -> list[dict[str, Any]]:
+    return _answering(root, name, info(root, name))["replicas"]
 
 
 def snapshot_remove(
@@ -682,7 +752,7 @@ def replica_state(root: Path, name: str, replica_id: str) -> dict[str, Any] | No
     replica = next((r for r in now["replicas"] if r["id"] == replica_id), None)
     if replica is None:
         raise NotFound(f"replica {replica_id} is gone from volume {name}")
-    if now["state"] == "not answering":
+    if now["state"] == NOT_ANSWERING:
         return None
     if replica["mode"] == "RW" or now["attached"]:
         return replica
