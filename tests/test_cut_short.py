@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shlex
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from conftest import needs_fuse
 
@@ -26,6 +28,7 @@ from lhfs.testing import (
     teardown,
     write_direct,
 )
+from tools.faultproxy import FaultProxy
 
 
 def test_creates_and_removals_of_one_name_at_once_leave_one_whole_volume(cli: Cli) -> None:
@@ -259,3 +262,64 @@ def test_a_stopped_engine_is_shown_not_answering_at_once(cli: Cli, tmp_path: Pat
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: cli.info("a")["state"] == "healthy", 30, "a to answer again")
+
+
+@needs_fuse
+def test_a_backup_whose_engine_dies_and_a_killed_restore_say_so(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A backup read from an attached volume whose engine is killed fails at once saying the
+    engine died (its replicas go with it), not "connection to replica ... broke". A restore
+    killed half-way leaves a volume that ``lhfs doctor`` fails, with what to run."""
+    target = "s3://cut-short/p"
+    cli.run("volume", "create", "b", "--size", "128M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "b", "--device", str(device))
+    with open(device, "r+b") as f:
+        f.write(random.Random(4).randbytes(128 << 20))  # (a backup of it takes seconds)
+        os.fsync(f.fileno())
+    backup = cli.start("backup", "create", "b", "--target", target, "--create-bucket")
+    assert backup.stderr is not None
+    assert backup.stderr.readline().startswith("backup b: ")  # (it reads: 0.x% done)
+    kill_engine(cli, "b")
+    _, err = backup.communicate(timeout=60)
+    assert backup.returncode == 1, err
+    assert err.splitlines()[-1].startswith(
+        "lhfs: error: backup of b failed: the engine of b died (the volume crashed: 'lhfs "
+        "volume info b' says what it left); its snapshot backup-"
+    ), err
+    assert cli.info("b")["state"] == "crashed"
+    cli.run("volume", "detach", "b")
+    url = cli.backup("b", target)  # (detached: read from its directory)
+
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 256 << 10  # (the restore takes long enough to be killed half-way)
+    try:
+        restore = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint}).start(
+            "backup", "restore", url, "half", "--quiet"
+        )
+        wait_for(
+            lambda: (
+                "half" in volumes.list_names(cli.root) and cli.info("half")["state"] == "restoring"
+            ),
+            60,
+            "the restore to start writing",
+        )
+        restore.kill()
+        restore.wait(30)
+    finally:
+        proxy.close()
+    wait_for(lambda: not cli.info("half")["attached"], 30, "the restore's engine to follow it")
+    doctor = cli.run("doctor", "half", "--json", check=False)
+    assert doctor.returncode == 1, doctor.stderr
+    checks = {check["check"]: check for check in json.loads(doctor.stdout)}
+    assert checks["restore"]["status"] == "fail", checks
+    assert (
+        checks["restore"]["detail"]
+        == f"the restore of {url} was interrupted: the volume holds part of it"
+    )
+    root = shlex.quote(str(cli.root))
+    assert checks["restore"]["hint"] == f"lhfs --root {root} volume rm half, then restore it again"
+    shown = cli.run("doctor", "half", check=False).stdout
+    assert "FAIL  restore" in shown, shown

@@ -25,6 +25,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import (
     AlreadyExists,
     Busy,
+    ConnectionLost,
     CorruptState,
     InvalidArgument,
     LhfsError,
@@ -296,6 +297,7 @@ def create(
     # Nothing is changed before the input is found good: a named snapshot must exist, and what
     # the store refuses (a bad endpoint, no access, another block size than it records) is
     # said before a snapshot is taken for the backup.
+    engine = vol.runtime()  # (read from while it runs: its death is said as such)
     source = None if snapshot is None else _Source(vol, check_name(snapshot, "snapshot name"))
     held = contextlib.ExitStack()  # (the hold on the snapshot: until its record is saved)
     backup_name, made = None, False
@@ -335,11 +337,19 @@ def create(
                 full=full,
             )
         except LhfsError as exc:  # (a refusal before the backup began left nothing: as it is)
-            if backup_name is not None:  # what failed, and what it left (its marker: said)
+            failed = exc
+            if isinstance(exc, ConnectionLost) and engine and not volumes.alive(engine["pid"]):
+                failed = WrongState(  # (its replicas die with it: not a fault of the one read)
+                    f"the engine of {name} died (the volume crashed: 'lhfs volume info {name}' "
+                    "says what it left)"
+                )
+            if backup_name is not None or failed is not exc:  # what failed, and what it left
                 left = f"; its snapshot {snapshot} stays until housekeeping trims it"
                 left = left if made else ""
-                exc.args = (f"backup of {name} failed: {exc}{left}",)
-            raise
+                failed.args = (f"backup of {name} failed: {failed}{left}",)
+            if failed is exc:
+                raise
+            raise failed from None
         finally:
             if source is not None:
                 source.close()

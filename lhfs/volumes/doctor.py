@@ -180,6 +180,9 @@ def _volume(root: Path, name: str) -> list[Check]:
             )
     except OSError:
         pass
+    restoring = vol.config.get("restoring")
+    if restoring:  # (it holds part of a backup: nothing may take it for data)
+        out.append(_restoring(lhfs, name, restoring))
     runtime = vol.runtime()
     record = vol.runtime_record()
     live: dict[str, Any] = {}  # what the engine says, if it runs
@@ -264,6 +267,20 @@ def _volume(root: Path, name: str) -> list[Check]:
             )
         out.append(check)
     return out
+
+
+def _restoring(lhfs: str, name: str, mark: dict[str, Any]) -> Check:
+    """A volume marked as being restored: a restore still at it, or one whose process died
+    (a kill) and left part of a backup, which only removing the volume undoes."""
+    backup, pid = mark.get("backup"), mark.get("pid", -1)
+    if volumes.alive(pid):
+        return Check("restore", WARN, f"being restored from {backup} (pid {pid})", "wait for it")
+    return Check(
+        "restore",
+        FAIL,
+        f"the restore of {backup} was interrupted: the volume holds part of it",
+        f"{lhfs} volume rm {name}, then restore it again",
+    )
 
 
 def _reach(label: str, address: str, key: Any, tls_ca: str | None) -> Check:
