@@ -323,3 +323,54 @@ def test_a_backup_whose_engine_dies_and_a_killed_restore_say_so(
     assert checks["restore"]["hint"] == f"lhfs --root {root} volume rm half, then restore it again"
     shown = cli.run("doctor", "half", check=False).stdout
     assert "FAIL  restore" in shown, shown
+
+
+@needs_fuse
+def test_a_killed_activation_is_said_by_dr_status_with_what_to_run(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """``dr activate`` records that it began before it changes anything: killed (here while
+    the standby's store does not answer), it leaves the standby stopped, and ``dr status``
+    says an activation was cut short and what to run. Run again, it activates."""
+    target = "s3://cut-short-dr/p"
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    via_proxy = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    activation = None
+    try:
+        cli.run("volume", "create", "src", "--size", "16M", "--replicas", "1")
+        cli.backup("src", target)
+        via_proxy.run(
+            *("dr", "create", "sb", "--target", target, "--volume", "src", "--replicas", "1"),
+            *("--interval", "0.3", "--retry-max", "1", "--quiet"),
+        )
+        proxy.stop()  # (the activation waits on the store: killed meanwhile)
+        activation = cli.start("dr", "activate", "sb", "--quiet")
+        wait_for(
+            lambda: (
+                (volumes.load(cli.root, "sb").config["dr"].get("activating") or {}).get("pid")
+                == activation.pid
+            ),
+            30,
+            "the activation to begin",
+        )
+        assert cli.json("dr", "status", "sb")["state"] == "activating"
+        activation.kill()
+        activation.wait(30)
+        status = cli.json("dr", "status", "sb")
+        assert status["state"] == "stopped" and status["activation"]["interrupted"], status
+        shown = cli.run("dr", "status", "sb").stdout
+        assert (
+            f"  an activation (pid {activation.pid}, begun {status['activation']['started']}) "
+            "was cut short, the standby partly changed: 'lhfs dr activate sb' finishes it, or "
+            "'lhfs dr start sb' follows again\n"
+        ) in shown, shown
+        proxy.resume()
+        assert "is a normal volume now" in cli.run("dr", "activate", "sb").stdout
+        assert cli.info("sb")["dr"] is None
+        assert cli.checksum("sb") == cli.checksum("src")
+    finally:
+        if activation is not None and activation.poll() is None:
+            activation.kill()
+            activation.wait(30)
+        proxy.close()

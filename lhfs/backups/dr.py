@@ -524,6 +524,11 @@ def start(root: Path, name: str) -> int:
     running = follower_pid(vol)
     if running:
         return running
+    activating = config.get("activating")
+    if activating and volumes.alive(activating["pid"]):
+        raise Busy(f"volume {name} is being activated (pid {activating['pid']})")
+    if activating:  # (cut short: following again drops it, and redoes what it began)
+        _activation_over(vol)
     env = child_env(store=True)  # (the secrets it reads from files: not in its environment)
     if config.get("credentials_file"):
         for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
@@ -649,7 +654,11 @@ def status(root: Path, name: str) -> dict[str, Any]:
     state = load_state(vol)
     current = read_status(vol)
     running = follower_pid(vol) is not None
-    if not running:
+    activating = config.get("activating")
+    activation = activating and {**activating, "interrupted": not volumes.alive(activating["pid"])}
+    if not running and activation and not activation["interrupted"]:
+        shown = "activating"
+    elif not running:
         shown = "failed" if current.get("state") == "failed" else "stopped"
     elif current.get("state") in ("retrying", "failed"):
         shown = current["state"]
@@ -676,6 +685,7 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "last_increment": current.get("last_increment"),
         "follower_pid": current.get("pid") if running else None,
         "metrics": current.get("metrics") if running else None,
+        "activation": activation or None,  # (one under way, or one a kill cut short)
     }
 
 
@@ -695,8 +705,10 @@ def activate(
     was_following = follower_pid(vol) is not None
     held = stop(vol)
     try:
+        vol.update(lambda c: c["dr"].update(activating={"pid": os.getpid(), "started": _now()}))
         backup, kept = _activate(root, vol, config, offline, progress, retry_timeout)
     except BaseException as exc:  # (any failure, a full disk or Ctrl-C too)
+        _activation_over(vol)
         os.close(held)
         again = _follow_again(root, name, was_following)
         if isinstance(exc, LhfsError):  # still a standby, as it was
@@ -714,6 +726,19 @@ def activate(
             f"{forget_hint(name, config)} removes it"
         ),
     }
+
+
+def _activation_over(vol: volumes.Volume) -> None:
+    """Take back the record that an activation began (``activating`` in the standby's
+    section, written before anything changes: one cut short by a kill leaves it, and ``dr
+    status`` then says the standby was partly changed by an activation, and what to run)."""
+
+    def change(config: dict[str, Any]) -> None:
+        if config.get("dr"):
+            config["dr"].pop("activating", None)
+
+    with contextlib.suppress(Exception):  # (what failed is what is reported)
+        vol.update(change)
 
 
 def forget_hint(name: str, config: dict[str, Any]) -> str:

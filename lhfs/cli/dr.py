@@ -99,8 +99,17 @@ def cmd_dr_status(args: argparse.Namespace) -> None:
         print(f"  metrics: http://{status['metrics']}/metrics")
     if status["last_error"]:
         print(f"  last error ({status['last_error_at']}): {status['last_error']}")
-    if status["state"] == "stopped":
-        print(f"  no follower runs: 'lhfs dr start {status['name']}' resumes")
+    activation, name = status["activation"], status["name"]
+    if activation and activation["interrupted"]:
+        print(
+            f"  an activation (pid {activation['pid']}, begun {activation['started']}) was cut "
+            f"short, the standby partly changed: 'lhfs dr activate {name}' finishes it, or "
+            f"'lhfs dr start {name}' follows again"
+        )
+    elif activation:
+        print(f"  being activated (pid {activation['pid']}, begun {activation['started']})")
+    elif status["state"] == "stopped":
+        print(f"  no follower runs: 'lhfs dr start {name}' resumes")
 
 
 def cmd_dr_activate(args: argparse.Namespace) -> None:
