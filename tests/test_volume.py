@@ -316,6 +316,8 @@ def test_a_snapshot_removal_stopped_half_way_is_finished(cli: Cli, tmp_path: Pat
     assert [_snapshots(d) for d in directories] == [["t"], ["t"]]
 
     directories = _half_removed(cli, "d")
+    again = cli.run("snapshot", "create", "d", "s", check=False)  # (its removal would take it)
+    assert again.returncode == 1 and "'lhfs snapshot rm d s' finishes it" in again.stderr
     cli.run("snapshot", "rm", "d", "s")
     assert [_snapshots(d) for d in directories] == [["t"], ["t"]]
     assert not _begun(cli, "d")

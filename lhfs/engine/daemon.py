@@ -37,6 +37,7 @@ from lhfs.core.errors import (
     StorageError,
     WrongState,
     WrongVolume,
+    is_refusal,
     sole,
 )
 from lhfs.core.names import check_name
@@ -275,12 +276,14 @@ class Daemon:
             return taken
         if op == "snapshot_rm":
             name = check_name(str(args.get("name")), "snapshot name")
-            if name not in await self._snapshot_names():
+            config = volumes.load(self.vol.root, self.vol.name).config
+            again = name in config.get("removing", [])  # (cut short: some replicas lack it)
+            if not again and name not in await self._snapshot_names():
                 raise NotFound(f"volume {self.vol.name} has no snapshot named {name!r}")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_removal, nursery.cancel_scope)
                 try:
-                    await self.remove_snapshot(name)
+                    await self.remove_snapshot(name, again=again)
                 finally:
                     nursery.cancel_scope.cancel()
                     self.tasks.pop("snapshot_rm", None)
@@ -368,13 +371,23 @@ class Daemon:
             self._housekeeping = False
 
     async def remove_snapshot(self, name: str, again: bool = False) -> None:
-        """Remove a snapshot on every replica, the intent recorded first (``removing``): an
-        engine stopped half-way (kill -9) leaves some replicas with it and some without, and
-        their chains apart for good; the next engine finishes it (``again``: where it is
-        left) before anything else is coalesced."""
+        """Remove a snapshot on every replica, the intent recorded once it begins
+        (``removing``): an engine stopped half-way (kill -9) leaves some replicas with it and
+        some without, and their chains apart for good; the next engine finishes it
+        (``again``: where it is left). Refused by every replica, nothing changed: the record
+        goes (a refused removal is never carried out later), except that, finishing one, a
+        refusal other than "no such snapshot" (an older replica's "done already") keeps it."""
         assert self.engine is not None
-        self.vol.removing(name, begun=True)
-        await self.engine.remove_snapshot(name, missing_ok=again)
+        try:
+            await self.engine.remove_snapshot(
+                name, missing_ok=again, begin=lambda: self.vol.removing(name, begun=True)
+            )
+        except LhfsError as exc:
+            if is_refusal(exc) and (not again or isinstance(exc, NotFound)):
+                self.vol.removing(name, begun=False)
+                if again:
+                    return
+            raise
         self.vol.removing(name, begun=False)
 
     async def _housekeep_once(self) -> None:
@@ -387,9 +400,8 @@ class Daemon:
             try:
                 await self.remove_snapshot(name, again=True)
                 log.info("snapshot %s removed: an earlier engine stopped half-way through", name)
-            except LhfsError as exc:
+            except LhfsError as exc:  # (tried again at the next housekeeping)
                 log.warning("snapshot %s, whose removal was begun, not removed yet: %s", name, exc)
-                return
         keep = int(self.vol.setting("system_snapshots"))
         try:
             layers = await engine.call_one("list_layers")

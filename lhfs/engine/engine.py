@@ -772,12 +772,18 @@ class Engine:
             await self.flush()
         return (await self.call_all("snapshot", held=held, name=name))[0]
 
-    async def remove_snapshot(self, name: str, missing_ok: bool = False) -> None:
+    async def remove_snapshot(
+        self, name: str, missing_ok: bool = False, begin: Callable[[], None] | None = None
+    ) -> None:
         """Coalesce a snapshot away on every replica; I/O goes on meanwhile (no deadline: the
         replicas report progress and a dead replica still fails the call at once).
-        ``missing_ok``: a removal begun before, that some replicas finished then."""
+        ``missing_ok``: a removal begun before, that some replicas finished then. ``begin``:
+        called once nothing refuses it any more, right before the replicas are asked."""
         self.refuse_during_rebuild("removing a snapshot")
         async with self.structural:
+            self.refuse_during_rebuild("removing a snapshot")  # (one may have begun meanwhile)
+            if begin is not None:
+                begin()
             args = {"name": name, **({"missing_ok": True} if missing_ok else {})}
             call = p.encode_json({"method": "remove_snapshot", "args": args})
             await self._fanout(p.CALL, call, timeout=float("inf"))

@@ -525,6 +525,11 @@ def snapshot_create(
         )
     vol.require_not_standby("a snapshot")
     vol.require_complete("a snapshot")
+    if snapshot in vol.config.get("removing", []):  # (its removal would take the new one)
+        raise WrongState(
+            f"the removal of snapshot {snapshot!r} was cut short: 'lhfs snapshot rm {name} "
+            f"{snapshot}' finishes it, then the name is free"
+        )
     if vol.runtime() is not None:
         args = {"name": snapshot} if hold is None else {"name": snapshot, "hold": hold}
         return _snapshot_entry(control.call(vol.control_socket, "snapshot", **args))
@@ -637,13 +642,20 @@ def snapshot_remove(
     directories = healthy_local_dirs(vol)
     _remote_missed(vol, "snapshot removal")
     vol.removing(snapshot, begun=True)
-    for n, directory in enumerate(directories):
-        with ChunkStore.open(directory) as store:
-            if begun and not store.has_snapshot(snapshot):
-                continue
-            for done, total in store.remove_snapshot_steps(snapshot):
-                if progress and total:  # (in percent: each replica holds its own count)
-                    progress(100 * (n + done / total) / len(directories), None, None)
+    finished = 0  # replicas without it now
+    try:
+        for n, directory in enumerate(directories):
+            with ChunkStore.open(directory) as store:
+                if begun and not store.has_snapshot(snapshot):
+                    continue
+                for done, total in store.remove_snapshot_steps(snapshot):
+                    if progress and total:  # (in percent: each replica holds its own count)
+                        progress(100 * (n + done / total) / len(directories), None, None)
+            finished += 1
+    except BaseException:
+        if finished == 0 and not begun:  # (stopped before any replica let it go: kept whole)
+            vol.removing(snapshot, begun=False)
+        raise
     vol.removing(snapshot, begun=False)
     if progress:
         progress(100, None, None)
