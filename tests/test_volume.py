@@ -269,6 +269,16 @@ def test_two_mounts_or_attaches_at_once_start_one_engine(cli: Cli, tmp_path: Pat
         by_hand = cli.run("engine-run", "v", str(tmp_path / "c.dev"), check=False)
         assert by_hand.returncode == 1 and "served by another engine" in by_hand.stdout
         assert cli.info("v")["device"] == str(attached) and cli.live("v")["state"] == "healthy"
+        # a command stuck with the volume's command lock (in mkfs on a hung engine, say)
+        # does not keep --force out
+        import fcntl
+
+        from lhfs.config import volume as volumes
+
+        with open(volumes.load(cli.root, "v").dir / "command.lock", "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            cli.run("volume", "detach", "v", "--force")
+        assert cli.info("v")["state"] == "detached"
     finally:
         cli.run("volume", "detach", "v", check=False)
     mounted = cli.json("mount", "v", str(mounts[0]))

@@ -15,15 +15,22 @@ from lhfs.core.errors import Busy
 def take(path: Path, wait: float, busy: str) -> int:
     """Hold the lock of ``path`` (created, owner-only, if missing), waiting up to ``wait``
     seconds for its holder; the descriptor to close to let go (not inherited by children).
-    ``Busy(busy)`` when the holder kept it longer."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    The holder's pid is kept in the file, for ``Busy(busy)`` to name (where ``busy`` says
+    ``{pid}``, else at its end) when it kept the lock longer."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     deadline = time.monotonic() + wait
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
         except BlockingIOError:
             if time.monotonic() >= deadline:
+                holder = os.pread(fd, 16, 0).decode(errors="replace").strip()
                 os.close(fd)
-                raise Busy(busy) from None
+                said = f" (pid {holder})" if holder.isdigit() else ""
+                message = busy.replace("{pid}", said) if "{pid}" in busy else busy + said
+                raise Busy(message) from None
             time.sleep(0.05)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd

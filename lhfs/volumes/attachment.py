@@ -206,23 +206,33 @@ def _drop_device(device: Path) -> None:
 
 _held: set[Path] = set()  # (the volumes whose command lock this process holds)
 COMMAND_WAIT = 300.0  # seconds a command waits for another's attach, mount or detach
+FORCE_WAIT = 5.0  # ...and a --force detach or umount, before it goes on without
 
 
 @contextlib.contextmanager
-def exclusive(vol: volumes.Volume) -> Iterator[None]:
+def exclusive(vol: volumes.Volume, force: bool = False) -> Iterator[None]:
     """One command at a time attaches, mounts, unmounts or detaches a volume: two ``lhfs
     mount`` at once each saw it detached and started an engine (the second one's lock on
     its replicas then failing, or worse). The later one waits, then sees what the first
-    did. Held once per process (``mount`` attaches under it)."""
+    did. Held once per process (``mount`` attaches under it). ``force`` (a ``--force``
+    detach or umount, the way out of an engine that hangs, which may hang the command
+    holding the lock too, in mkfs or mount): waits ``FORCE_WAIT``, then goes on without."""
     if vol.dir in _held:
         yield
         return
-    fd = locks.take(
-        vol.dir / "command.lock",
-        COMMAND_WAIT,
-        f"another command has been attaching, mounting or detaching volume {vol.name} for "
-        f"{COMMAND_WAIT:.0f}s: try again once it is done",
-    )
+    try:
+        fd = locks.take(
+            vol.dir / "command.lock",
+            FORCE_WAIT if force else COMMAND_WAIT,
+            f"another command{{pid}} has been attaching, mounting or detaching volume "
+            f"{vol.name} for {COMMAND_WAIT:.0f}s: try again once it is done (--force does not "
+            "wait for it)",
+        )
+    except Busy:
+        if not force:
+            raise
+        yield  # (the holder is stuck on the volume: what --force is for)
+        return
     _held.add(vol.dir)
     try:
         yield
@@ -325,7 +335,7 @@ def engine_state(vol: volumes.Volume) -> str:
 def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
     """Stop the engine of ``name`` (see ``_detach``), one command at a time."""
     vol = volumes.load(root, name)
-    with exclusive(vol):
+    with exclusive(vol, force):
         return _detach(root, name, force)
 
 

@@ -361,7 +361,7 @@ def umount(root: Path, mountpoint: Path, force: bool = False) -> dict[str, Any]:
     if owner is None:
         raise NotFound(f"{mountpoint} is not an lhfs volume of {root}")
     vol, device = owner
-    with attachment.exclusive(vol):
+    with attachment.exclusive(vol, force):
         return _umount(root, vol, device, mountpoint, force)
 
 
