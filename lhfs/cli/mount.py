@@ -22,6 +22,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     result = mount(root_of(args), args.name, Path(args.mountpoint), args.fs, args.metrics)
     how = "formatted and mounted" if result["formatted"] else "mounted"
     grown = "; its file system grown to the volume's size" if result["grown"] else ""
+    if result["todo"]:
+        grown = f"; its file system is smaller than the volume, still to do: {result['todo']}"
     say(args, result, f"{how} {result['name']} at {result['mountpoint']} ({result['loop']}){grown}")
 
 

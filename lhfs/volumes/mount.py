@@ -46,9 +46,9 @@ MIN_SIZE = {"xfs": 300 << 20}  # (mkfs.xfs refuses a smaller device)
 
 
 def _run(args: list[str], what: str) -> str:
-    """Run a system tool (without the store's secrets in its environment); its output, or
-    ``LhfsError`` with the line of its error output that says why."""
-    result = subprocess.run(args, capture_output=True, text=True, env=child_env())
+    """Run a system tool (without the store's secrets in its environment) to its end; its
+    output, or ``LhfsError`` with the line of its error output that says why."""
+    result = _to_end(args)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         usage = [n for n, line in enumerate(detail) if line.lower().startswith("usage")]
@@ -56,6 +56,28 @@ def _run(args: list[str], what: str) -> str:
         detail = [line for line in detail if "dmesg(1) may have more" not in line] or detail
         raise LhfsError(f"{what} failed: {detail[-1] if detail else result.returncode}")
     return result.stdout
+
+
+def _to_end(args: list[str]) -> subprocess.CompletedProcess:
+    """Run a tool to its end: in a session of its own (a Ctrl-C at the terminal does not
+    reach it), and waited for when this command is interrupted (SIGTERM, Ctrl-C), which then
+    goes on unwinding. Killed half-way, mkfs, e2fsck or resize2fs leave a file system
+    half-written; ``subprocess.run`` kills its child on any exception."""
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def probe(device: str) -> dict[str, str] | None:
@@ -171,7 +193,7 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
         if Path(already[0]) != mountpoint:
             raise Busy(f"volume {vol.name} is already mounted at {already[0]}")
         mounted = {"name": vol.name, "mountpoint": str(mountpoint), "loop": loops[0]}
-        return {**mounted, "formatted": False, "grown": False}
+        return {**mounted, "formatted": False, "grown": False, "todo": None}
     if attachment.is_mountpoint(mountpoint):
         raise Busy(f"{mountpoint} is already a mount point")
     if loops:
@@ -214,14 +236,19 @@ def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str)
     grown = not formatted and record["type"] == "ext4" and _grow_ext4_unmounted(loop)
     options = MOUNT_OPTIONS.get(record["type"], [])
     _run(["mount", "-t", record["type"], *options, loop, str(mountpoint)], "mount")
+    todo = None
     if not formatted and record["type"] == "xfs":
-        grown = _grow_xfs_mounted(loop, str(mountpoint))
+        try:  # (mounted: a grow that fails is said, the mount kept)
+            grown = _grow_xfs_mounted(loop, str(mountpoint))
+        except LhfsError as exc:
+            todo = f"xfs_growfs {mountpoint} ({exc})"
     return {
         "name": vol.name,
         "mountpoint": str(mountpoint),
         "loop": loop,
         "formatted": formatted,
         "grown": grown,
+        "todo": todo,
     }
 
 
@@ -239,7 +266,7 @@ def _grow_ext4_unmounted(loop: str) -> bool:
         return False  # (not what dumpe2fs says of an ext4: mount tells what is wrong)
     if _capacity(loop) - size < GROW_AT_LEAST:
         return False
-    checked = subprocess.run(["e2fsck", "-f", "-p", loop], capture_output=True, env=child_env())
+    checked = _to_end(["e2fsck", "-f", "-p", loop])
     if checked.returncode not in (0, 1):
         raise LhfsError(
             f"the ext4 on {loop} is smaller than its volume, and e2fsck found errors it would "
