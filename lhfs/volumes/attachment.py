@@ -284,6 +284,8 @@ def _attach(
         info = volumes.load(root, other).runtime()
         if info and Path(info["device"]) == device:
             raise Busy(f"{device} is the device of volume {other}")
+    if metrics:
+        parse_address(metrics)  # (a typo is said here, before anything is made)
     _clear_dead_engine(vol)
     made = _check_device(device)
     log_path = vol.engine_log
@@ -291,19 +293,23 @@ def _attach(
         command = [LHFS, "--root", str(root), "engine-run", name]
         command += ["--log", str(log_path)]
         if metrics:
-            parse_address(metrics)  # (a typo is said here, not in the engine's log)
             command += ["--metrics", metrics]
         if made:
             command.append("--device-made")
-        proc = subprocess.Popen(
-            [*command, str(device)],
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-            env=child_env(),  # the engine and its replicas never talk to the store
-        )
+        try:
+            proc = subprocess.Popen(
+                [*command, str(device)],
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+                env=child_env(),  # the engine and its replicas never talk to the store
+            )
+        except BaseException:
+            if made:
+                _drop_device(device)
+            raise
     try:
         line = read_line_matching(proc, r"^(ready|error: .*)$", ATTACH_TIMEOUT).group(1)
     except (RuntimeError, TimeoutError) as exc:
