@@ -704,7 +704,9 @@ def test_tls_mistakes_are_said_in_one_line(cli: Cli, tmp_path: Path, replica_fac
     )
     said = refused.stderr.strip()
     assert refused.returncode != 0 and len(said.splitlines()) == 1, said
-    assert said.endswith("(it does not speak TLS: add it without --tls-ca)"), said
+    assert said.endswith("(it answers without TLS: if it is served so, add it without --tls-ca)"), (
+        said
+    )
     assert [r["id"] for r in cli.info("t")["replicas"]] == ["r1"]
     cli.run("volume", "detach", "t")
     now, day = datetime.now(UTC), timedelta(days=1)

@@ -11,6 +11,7 @@ import array
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import ssl
 import struct
@@ -86,7 +87,7 @@ class SyncReplica:
             hint = ""
             if wrapping and not isinstance(exc, ssl.SSLCertVerificationError):
                 self._sock.close()
-                hint = PLAIN if answers_plain(host, port, handshake.hello()) else ""
+                hint = PLAIN if answers_plain(host, port) else ""
             raise ConnectionLost(f"cannot reach replica {address}: {exc}{hint}") from None
         try:
             self._sock.sendall(handshake.hello())
@@ -258,8 +259,7 @@ class ReplicaClient:
             elif isinstance(exc, trio.BrokenResourceError):  # reset, or TLS refused
                 why = str(exc.__cause__ or exc)
                 if wrapping and not isinstance(exc.__cause__, ssl.SSLCertVerificationError):
-                    hello = handshake.hello()
-                    plain = await trio.to_thread.run_sync(answers_plain, host, port, hello)
+                    plain = await trio.to_thread.run_sync(answers_plain, host, port)
                     why += PLAIN if plain else ""
             else:
                 raise
@@ -496,16 +496,19 @@ class ReplicaClient:
 
 # What a replica that closes a plain connection before its first byte most likely is.
 UNANSWERED = " (one served with TLS is reached with its CA: --tls-ca)"
-# What one that fails a TLS handshake but answers a plain one is.
-PLAIN = " (it does not speak TLS: add it without --tls-ca)"
+# What one that fails a TLS handshake but answers a plain one may be (whoever sits on the
+# path could answer so too: said as a possibility).
+PLAIN = " (it answers without TLS: if it is served so, add it without --tls-ca)"
 _PING = p.encode_json({"method": "hello", "args": {}})
 LOCAL_BUFFER = 4 << 20  # a Unix socket's send buffer (its whole in-flight data): room for bursts
 
 
-def answers_plain(host: str, port: int, hello: bytes, timeout: float = 2.0) -> bool:
+def answers_plain(host: str, port: int, timeout: float = 2.0) -> bool:
     """Whether the replica at ``host:port`` answers a handshake without TLS: asked once a TLS
     handshake with it failed, to tell a replica served without TLS (its operator's mistake,
-    or this one's) from one that is down or refuses. (Blocking: from a thread in trio.)"""
+    or this one's) from one that is down or refuses. The hello names no volume (zeros) and
+    carries a random nonce: what goes in clear tells nothing. (Blocking: from a thread.)"""
+    hello = p.HELLO.pack(p.MAGIC, p.VERSION, bytes(16), secrets.token_bytes(32))
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(hello)
