@@ -293,7 +293,7 @@ class BackupStore:
         base: tuple[str, list[int]] | None = None,
         extra: dict[str, Any] | None = None,
         units: tuple[int, dict[int, set[int]]] | None = None,
-        taken: str | None = None,
+        taken: float | None = None,
         full: bool = False,
     ) -> tuple[dict[str, Any], BackupStats]:
         """Back a volume's content up block by block; returns the manifest and what moved.
@@ -304,16 +304,17 @@ class BackupStore:
         digests. Without it, or when the base is gone, every block is read (and only those the
         store lacks are sent). With ``units`` too (a unit size and, per changed block, the
         indexes of its units that changed), a block changed in few units is stored as a delta
-        on its base block (see ``deltas``). ``taken``: when the snapshot was taken (RFC 3339;
-        the start when not given), what orders a volume's backups (see ``order``). ``full``:
-        every block is read and sent, whatever the store holds: content-addressed, a block
-        sent again under its name repairs one that is missing or damaged there (``check``
-        names the backups that need it)."""
+        on its base block (see ``deltas``). ``taken``: when the snapshot was taken (seconds
+        since the epoch; the start when not given, never later), what orders a volume's
+        backups (see ``order``). ``full``: every block is read and sent, whatever the store
+        holds: content-addressed, a block sent again under its name repairs one that is
+        missing or damaged there (``check`` names the backups that need it)."""
         self.bucket.ensure()  # (the caller may have made it, with --create-bucket)
         self.init()
         block_size, recorded = self._settings(volume, block_size)
         started = time.time()
         running = Marker(self.bucket, self._key(volume, name, "running"))
+        taken = started if taken is None else min(taken, started)
         with running:
             self._await_collections(running.key)
             count = -(-size // block_size)
@@ -403,7 +404,7 @@ class BackupStore:
                 "snapshot": snapshot,
                 "created": rfc3339(started),
                 "started": started,  # orders backups made within the same second
-                "taken": taken or rfc3339(started),
+                "taken": taken,  # orders a volume's backups (see ``order``)
                 "size": size,
                 "block_size": block_size,
                 "blocks": digests,
@@ -650,7 +651,7 @@ class BackupStore:
                     "snapshot": manifest.get("snapshot"),
                     "created": manifest["created"],
                     "started": manifest.get("started", 0.0),
-                    "taken": manifest.get("taken"),
+                    "taken": taken_at(manifest),
                     "size": manifest["size"],
                     "blocks": sum(1 for d in manifest["blocks"] if d),
                     "reason": None,
@@ -1038,12 +1039,14 @@ def _bad_field(manifest: Any, volume: str, name: str) -> str | None:
         return "volume and name"
     if snapshot is not None and not isinstance(snapshot, str):
         return "snapshot"
-    if not isinstance(created, str) or not _CREATED.fullmatch(created):
+    if _stamp(created) is None:  # (a real date: taken_at may read it)
         return "created"
     if type(started) not in (int, float) or not 0 <= started < _LAST_TIME:
         return "started"  # (not in the first manifests lhfs wrote)
-    if "taken" in manifest and not (isinstance(m("taken"), str) and _CREATED.fullmatch(m("taken"))):
-        return "taken"  # (nor in those before snapshots' times were recorded)
+    # seconds since the epoch; the first manifests that had it said it as RFC 3339 (a real
+    # date); those before snapshots' times were recorded have none
+    if "taken" in manifest and not (_is_time(m("taken")) or _stamp(m("taken")) is not None):
+        return "taken"
     if not _is_int(size, 0, MAX_SIZE):
         return "size"
     if not _passes(check_block_size, block_size):
@@ -1145,17 +1148,50 @@ def _parts(key: str) -> tuple[str, str, str]:
     return vol, name, kind
 
 
+def _is_time(value: Any) -> bool:
+    """Seconds since the epoch, as lhfs writes them."""
+    return type(value) in (int, float) and 0 <= value < _LAST_TIME
+
+
+def _stamp(value: Any) -> float | None:
+    """An RFC 3339 time as ``rfc3339`` writes it, in seconds since the epoch; None when it is
+    not one, or not a real date (2024-02-30)."""
+    if not isinstance(value, str) or not _CREATED.fullmatch(value):
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ")))
+    except (ValueError, OverflowError):
+        return None
+
+
+def snapshot_time(created: Any) -> float | None:
+    """A snapshot layer's ``created`` (RFC 3339, maybe with fractions of a second or an
+    offset: its first 19 characters are read) in seconds since the epoch; None when it is
+    not a real date."""
+    if not isinstance(created, str):
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")))
+    except (ValueError, OverflowError):
+        return None
+
+
 def taken_at(backup: dict[str, Any]) -> float:
     """When a backup's content was the volume's (seconds since the epoch): its snapshot's
     time. Not when its upload began: a backup of an older snapshot, or a system backup's part
     uploaded minutes after its snapshot, is older than a backup started before it of a later
     snapshot, and a DR standby or ``--keep-last`` taking it for the newest would go back in
-    time. Manifests written before snapshots' times were recorded: their start."""
-    if backup.get("taken"):
-        return calendar.timegm(time.strptime(backup["taken"], "%Y-%m-%dT%H:%M:%SZ"))
-    if backup.get("started"):
-        return float(backup["started"])
-    return calendar.timegm(time.strptime(backup["created"], "%Y-%m-%dT%H:%M:%SZ"))
+    time. Manifests written before snapshots' times were recorded: their start. Never
+    raises (0.0 when nothing reads)."""
+    taken, started = backup.get("taken"), backup.get("started")
+    if _is_time(taken):
+        return float(taken)
+    stamp = _stamp(taken)
+    if stamp is not None:
+        return stamp
+    if _is_time(started) and started:
+        return float(started)
+    return _stamp(backup.get("created")) or 0.0
 
 
 def _unread(vol: str, name: str, state: str, obj: Any, reason: str | None = None) -> dict:
@@ -1177,7 +1213,8 @@ def _unread(vol: str, name: str, state: str, obj: Any, reason: str | None = None
 
 def order(backup: dict[str, Any]) -> tuple:
     """Oldest first: by the snapshot's time (see ``taken_at``), then by when each started."""
-    return (taken_at(backup), backup.get("started") or 0.0, backup["name"])
+    started = backup.get("started")
+    return (taken_at(backup), float(started) if _is_time(started) else 0.0, backup["name"])
 
 
 class Marker:

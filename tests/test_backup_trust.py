@@ -24,7 +24,14 @@ from backupstore import keycache
 from backupstore.keys import StoreKeys
 from backupstore.retention import keep
 from backupstore.s3 import Bucket, Endpoint, Target
-from backupstore.store import MAX_BLOCK, BackupStore, manifest_limit
+from backupstore.store import (
+    MAX_BLOCK,
+    BackupStore,
+    manifest_limit,
+    order,
+    snapshot_time,
+    taken_at,
+)
 from lhfs.backups.backup import backup_url
 from lhfs.core.errors import CorruptState
 from lhfs.core.procs import wait_for
@@ -560,6 +567,11 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
         ("started", {"started": "x"}),
         ("started", {"started": float("inf")}),
         ("created", {"created": 5}),
+        ("created", {"created": "2024-02-30T00:00:00Z", "started": 0}),
+        ("taken", {"taken": "2024-02-30T00:00:00Z"}),
+        ("taken", {"taken": -1.0}),
+        ("taken", {"taken": float("nan")}),
+        ("taken", {"taken": True}),
         ("snapshot", {"snapshot": ["s"]}),
         ("format", {"format": True}),
         ("delta_unit", {"deltas": {"0": with_delta["0"]}, "delta_unit": 3}),
@@ -601,6 +613,61 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
     listing = cli.run("backup", "ls", "--target", target, check=False)
     assert listing.returncode == 1 and listing.stderr.count("\n") == 1, listing.stderr
     assert "the store record s3://trust-fields/p cannot be read" in listing.stderr
+
+
+def test_a_date_that_does_not_exist_is_a_damaged_manifest_not_a_traceback(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """A manifest re-sealed with the plain store's MAC key whose snapshot time (or, with no
+    start, its creation) is 2024-02-30: it has the form of a date but is none. ``backup ls``
+    and prune report it damaged, in one line, and go on with the others; a snapshot time in
+    the form the first manifests that had one wrote (RFC 3339) still reads."""
+    target = "s3://trust-dates/p"
+    store, _, manifest = small_backup(target)
+    relative = "volumes/v/b1.json"
+    for field, changes in (
+        ("taken", {"taken": "2024-02-30T00:00:00Z"}),
+        ("created", {"created": "2024-02-30T00:00:00Z", "started": 0}),
+    ):
+        reseal(store, relative, json.dumps({**manifest, **changes}).encode())
+        expected = f"the manifest of backup b1 of v cannot be parsed (its {field})"
+        listed = cli.json("backup", "ls", "--target", target)
+        assert [(b["state"], b["reason"]) for b in listed] == [("damaged", expected)], listed
+        pruned = cli.json(
+            "backup", "prune", "--target", target, "--volume", "v", "--keep-last", "1", "--dry-run"
+        )
+        assert pruned["removed"] == [] and len(pruned["damaged"]) == 1, pruned
+        check = cli.run("backup", "check", "--target", target, "--json", check=False)
+        assert json.loads(check.stdout)["problems"] == [expected], check.stdout
+    reseal(store, relative, json.dumps({**manifest, "taken": "2024-02-28T10:11:12Z"}).encode())
+    (listed,) = cli.json("backup", "ls", "--target", target)
+    assert (listed["state"], listed["taken"]) == ("complete", "2024-02-28T10:11:12Z"), listed
+
+
+def test_the_time_a_backup_orders_by_never_fails() -> None:
+    """``taken_at`` and ``order`` read what they can and never raise: a snapshot time (a
+    number, or RFC 3339 as the first manifests that had one wrote), else the start, else the
+    creation, else 0; a layer's time is read to the second, fractions and offset or not."""
+    feb = calendar.timegm((2024, 2, 28, 10, 11, 12, 0, 0, 0))
+    assert taken_at({"taken": feb + 0.25, "started": 5.0}) == feb + 0.25
+    assert taken_at({"taken": "2024-02-28T10:11:12Z", "started": 5.0}) == feb
+    assert taken_at({"taken": "2024-02-30T00:00:00Z", "started": 5.0}) == 5.0
+    assert taken_at({"taken": None, "started": 0, "created": "2024-02-28T10:11:12Z"}) == feb
+    assert taken_at({"taken": "x", "started": "y", "created": "2024-02-30T00:00:00Z"}) == 0.0
+    assert taken_at({}) == 0.0
+    junk = {"name": "b", "taken": [1], "started": "z", "created": None}
+    assert order(junk) == (0.0, 0.0, "b")
+    # two snapshots within one second are ordered by the instant each was taken
+    first, second = {"name": "z", "taken": feb + 0.1}, {"name": "a", "taken": feb + 0.9}
+    assert sorted([second, first], key=order) == [first, second]
+    for layer in (
+        "2024-02-28T10:11:12Z",
+        "2024-02-28T10:11:12.987654Z",
+        "2024-02-28T10:11:12+00:00",
+    ):
+        assert snapshot_time(layer) == feb, layer
+    for layer in ("2024-02-30T00:00:00Z", "", "yesterday", None, 5):
+        assert snapshot_time(layer) is None, layer
 
 
 def test_a_resealed_system_record_with_fields_of_the_wrong_type_is_refused(

@@ -260,7 +260,13 @@ def test_a_backup_of_an_older_snapshot_never_takes_a_standby_back(
     made = time.time()
     listed = cli.json("backup", "ls", "--target", target)
     assert [b["name"] for b in listed] == [_name(old), _name(new)], listed
-    assert listed[0]["taken"] < listed[1]["taken"] and listed[0]["created"] >= listed[1]["created"]
+    assert listed[0]["created"] >= listed[1]["created"], listed  # (uploaded last)
+    # the snapshot times as the manifests keep them: the old one's layer time is to the
+    # second (rounded down), the newer one's the instant before its snapshot was made: the
+    # old one is strictly earlier, also when both were taken within one second
+    stored = {b["name"]: b["taken"] for b in BackupStore(Bucket(Target.parse(target))).list()}
+    assert stored[_name(old)] < stored[_name(new)], stored
+    assert listed[0]["taken"] <= listed[1]["taken"], listed  # (RFC 3339: to the second)
     status = wait_for(  # a check that began after the old snapshot's backup was complete
         lambda: (
             (s := cli.json("dr", "status", "dr4"))["last_checked"]

@@ -20,7 +20,13 @@ from urllib.parse import parse_qs, urlencode, urlparse
 
 from backupstore.keys import read_password
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Target
-from backupstore.store import BackupStats, BackupStore, Collection, check_block_size
+from backupstore.store import (
+    BackupStats,
+    BackupStore,
+    Collection,
+    check_block_size,
+    snapshot_time,
+)
 from lhfs.config import volume as volumes
 from lhfs.core.errors import (
     AlreadyExists,
@@ -311,11 +317,15 @@ def create(
                 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
                 snapshot = f"backup-{stamp}"
                 held.enter_context(housekeeping.hold(vol, snapshot))  # before it exists
+                taken = time.time()  # (this host's clock, to the instant: orders the backup)
                 manage.snapshot_create(root, name, snapshot, system=True)
                 made = True
                 source = _Source(vol, snapshot)
             else:
                 held.enter_context(housekeeping.hold(vol, snapshot))
+                # its layer's time (a replica's clock, to the second), never after the start
+                layer = snapshot_time(source.bases[source.replica_id]["created"])
+                taken = started if layer is None else min(layer, started)
             assert snapshot is not None
             backup_name = _backup_name(snapshot)
             record = vol.config.get("backups", {}).get(str(target))
@@ -333,7 +343,7 @@ def create(
                 base=None if changed is None or record is None else (record["backup"], changed),
                 extra={"chunk_size": vol.chunk_size},
                 units=units,
-                taken=source.bases[source.replica_id]["created"],
+                taken=taken,
                 full=full,
             )
         except LhfsError as exc:  # (a refusal before the backup began left nothing: as it is)

@@ -60,8 +60,9 @@ def cmd_backup_ls(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
     backups = backup.list_backups(args.target, args.volume, args.retry_timeout)
-    for b in backups:
+    for b in backups:  # (seconds since the epoch in the store; RFC 3339 here)
         b["started"] = None if b["started"] is None else rfc3339(b["started"])
+        b["taken"] = None if b["taken"] is None else rfc3339(b["taken"])
     if args.json:
         print_json(backups)
         return
