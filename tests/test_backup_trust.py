@@ -402,12 +402,15 @@ def test_an_increment_that_knows_no_chunk_changes_keeps_its_base_deltas(s3_endpo
     assert bytes(out) == b"".join(blocks)
 
 
-def small_backup(target: str, volume: str = "v") -> tuple[BackupStore, str, dict]:
-    """A plain store holding one backup of 4 MiB in 1 MiB blocks, made by the store's own code
-    (no volume to attach): the store, the backup's URL and its manifest."""
+def small_backup(
+    target: str, volume: str = "v", password: bytes | None = None
+) -> tuple[BackupStore, str, dict]:
+    """A store (plain, or encrypted with ``password``) holding one backup of 4 MiB in 1 MiB
+    blocks, made by the store's own code (no volume to attach): the store, the backup's URL
+    and its manifest."""
     bucket = Bucket(Target.parse(target))
     bucket.ensure(create=True)
-    store = BackupStore(bucket)
+    store = BackupStore(bucket, password=password)
     rng = random.Random(3)
     blocks = [rng.randbytes(MIB // 2) + bytes(MIB // 2) for _ in range(4)]
     manifest, _ = store.create(
@@ -419,6 +422,29 @@ def small_backup(target: str, volume: str = "v") -> tuple[BackupStore, str, dict
         extra={"chunk_size": 64 << 10},
     )
     return store, backup_url(bucket.target, volume, "b1"), manifest
+
+
+def test_backup_rm_refuses_a_wrong_password_before_it_deletes(cli: Cli, s3_endpoint: str) -> None:
+    """``backup rm`` with no password or a wrong one for an encrypted store, or one for a
+    plain store, fails in one line and deletes nothing: the backup stays complete."""
+    _, sealed, _ = small_backup("s3://trust-rm/sealed", password=b"right horse")
+    _, plain, _ = small_backup("s3://trust-rm/plain")
+    right = Cli(cli.root, {"LHFS_BACKUP_PASSWORD": "right horse"})
+    wrong = Cli(cli.root, {"LHFS_BACKUP_PASSWORD": "wrong horse"})
+    for who, url, code, why in (
+        (cli, sealed, 1, "is encrypted: give its password"),
+        (wrong, sealed, 1, ""),
+        (right, plain, 2, "give no password for it"),  # (a usage error)
+    ):
+        refused = who.run("backup", "rm", url, check=False)
+        assert refused.returncode == code and refused.stderr.count("\n") == 1, refused.stderr
+        assert refused.stderr.startswith("lhfs: error: ") and why in refused.stderr
+    for who, url in ((right, sealed), (cli, plain)):
+        target = url.split("?")[0]
+        listed = who.json("backup", "ls", "--target", target)
+        assert [(b["url"], b["state"]) for b in listed] == [(url, "complete")], listed
+        who.run("backup", "rm", url)
+        assert who.json("backup", "ls", "--target", target) == []
 
 
 def test_a_decompression_bomb_is_a_corrupt_block_not_a_gigabyte(cli: Cli, s3_endpoint: str) -> None:

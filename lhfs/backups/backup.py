@@ -491,10 +491,12 @@ def list_backups(
 
 def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
     """Delete a backup, then collect the blocks no other backup uses (deferred while a backup
-    runs: the result says so)."""
+    runs: the result says so). A missing or wrong password is refused before anything is
+    deleted."""
     target, volume, name = parse_backup_url(url)
     store = open_store(target, retry_timeout)
     store.bucket.ensure()
+    store.check_password()
     owner = _system_parts(store, volume).get(name)
     if owner is not None:
         raise WrongState(
