@@ -629,7 +629,9 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
             "dr", "create", "standby", "--target", target, "--volume", "v",
             "--replicas", "1", "--interval", "0.3", "--quiet", check=False,
         )  # fmt: skip
-        assert dr.returncode == 1 and dr.stderr == f"lhfs: error: {expected}\n", dr.stderr
+        passed = f"lhfs: passed over backup b1 of v: {expected}\n"
+        nothing = f"lhfs: error: {target} holds no complete backup of volume v\n"
+        assert dr.returncode == 1 and dr.stderr == passed + nothing, dr.stderr
         assert "standby" not in cli.run("volume", "ls").stdout
     reseal(store, relative, json.dumps(manifest).encode())
     cli.run("backup", "restore", url, "copy", "--quiet")
@@ -827,12 +829,25 @@ def test_a_damaged_or_stray_manifest_is_shown_and_removable_and_stops_no_other_c
     table = cli.run("backup", "ls", "--target", target).stdout.splitlines()
     row = next(line for line in table if newest in line)
     assert " damaged " in row and row.endswith("is not this store's)"), row
-    cli.run(  # a standby follows the newest backup that reads
+    made = cli.run(  # a standby follows the newest backup that reads, saying what it passed
         "dr", "create", "sb", "--target", target, "--volume", "v3", "--replicas", "1",
         "--interval", "0.2", "--quiet",
     )  # fmt: skip
+    damaged = sorted([newest.split("backup=")[1], stray])
+
+    def passed_over(stderr: str) -> None:
+        lines = sorted(line for line in stderr.splitlines() if "passed over" in line)
+        assert len(lines) == 2, stderr
+        for line, name in zip(lines, damaged, strict=True):
+            assert line.startswith(f"lhfs: passed over backup {name} of v3: "), line
+            assert "fails authentication" in line, line
+
+    passed_over(made.stderr)
     assert cli.dr_restored("sb", first)["state"] == "standby"
     cli.run("dr", "stop", "sb")
+    activated = cli.run("dr", "activate", "sb", "--quiet")  # (a failover says it too)
+    passed_over(activated.stderr)
+    assert f"at backup {first.split('backup=')[1]}" in activated.stdout, activated.stdout
 
     gc = cli.run("backup", "gc", "--target", target, check=False)
     assert gc.returncode == 1 and gc.stderr.count("\n") == 1, gc.stderr

@@ -98,12 +98,16 @@ def dr_config(vol: volumes.Volume) -> dict[str, Any]:
 
 
 def newest_backup(
-    store: BackupStore, volume: str, cache: dict[str, dict[str, Any]]
+    store: BackupStore,
+    volume: str,
+    cache: dict[str, dict[str, Any]],
+    passed_over: Callable[[str], None] | None = None,
 ) -> dict[str, Any] | None:
     """The manifest of the volume's newest complete backup that reads. Manifests never change
     once written, so each is read once and kept in ``cache`` until its backup disappears. A
     damaged one (it fails authentication, a stray object) is passed over, said once in the
-    log: whoever can write the bucket must not stop every standby of the volume with it."""
+    log: whoever can write the bucket must not stop every standby of the volume with it. A
+    command passes ``passed_over``: it tells the operator, a line each, instead."""
     names = set(store.complete_names(volume))
     for name in list(cache):
         if name not in names:
@@ -114,7 +118,8 @@ def newest_backup(
         except NotFound:  # deleted since the listing
             continue
         except CorruptState as exc:
-            log.warning("passed over backup %s of %s: %s", name, volume, exc)
+            line = f"passed over backup {name} of {volume}: {exc}"
+            (passed_over or (lambda text: log.warning("%s", text)))(line)
             cache[name] = {_DAMAGED: str(exc)}
     readable = [manifest for manifest in cache.values() if _DAMAGED not in manifest]
     return max(readable, key=order) if readable else None
@@ -461,10 +466,12 @@ def create(
     retry_timeout: float = RETRY_TIMEOUT,
     metrics: str | None = None,
     on_disks: list[str] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> volumes.Volume:
     """Create the standby (empty, sized like the newest backup; its replicas under the root,
     or one on each of ``on_disks``) and start its follower. The endpoint is recorded with it
-    (never a secret); so is the credentials file, if named."""
+    (never a secret); so is the credentials file, if named. ``notice``: told of each damaged
+    manifest passed over."""
     target = Target.parse(url)
     check_volume_name(name)
     check_name(source, "source volume name")
@@ -479,7 +486,7 @@ def create(
     endpoint = Endpoint.from_env(credentials_file=credentials_file)
     bucket = Bucket(target, deadline=retry_timeout, endpoint=endpoint)
     bucket.ensure()
-    newest = newest_backup(BackupStore(bucket, password=store_password()), source, {})
+    newest = newest_backup(BackupStore(bucket, password=store_password()), source, {}, notice)
     if newest is None:
         raise NotFound(f"{target} holds no complete backup of volume {source}")
     refuse_image_backups(source, str(target), newest)
@@ -695,9 +702,11 @@ def activate(
     offline: bool,
     progress: Callable[..., None],
     retry_timeout: float = RETRY_TIMEOUT,
+    notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Stop following, bring the volume to the newest complete backup (or, ``offline``, keep
-    the last one fully restored) and make it a normal volume. It reaches the store the standby
+    the last one fully restored) and make it a normal volume (``notice``: told of each
+    damaged manifest passed over). It reaches the store the standby
     records, whatever this command's environment says; an activation that fails leaves the
     standby as it was: following again if a follower ran, stopped if none did."""
     vol = volumes.load(root, name)
@@ -706,7 +715,7 @@ def activate(
     held = stop(vol)
     try:
         vol.update(lambda c: c["dr"].update(activating={"pid": os.getpid(), "started": _now()}))
-        backup, kept = _activate(root, vol, config, offline, progress, retry_timeout)
+        backup, kept = _activate(root, vol, config, offline, progress, retry_timeout, notice)
     except BaseException as exc:  # (any failure, a full disk or Ctrl-C too)
         _activation_over(vol)
         os.close(held)
@@ -771,6 +780,7 @@ def _activate(
     offline: bool,
     progress: Callable[..., None],
     retry_timeout: float,
+    notice: Callable[[str], None] | None = None,
 ) -> tuple[str, str | None]:
     """The backup the volume holds once activated, and why its standby marker could not be
     taken out of the store (None: it was). Offline, the store is asked briefly: it may be
@@ -784,7 +794,7 @@ def _activate(
         backup = state["backup"]
     else:
         store = _standby_store(config, retry_timeout)
-        newest = newest_backup(store, config["volume"], {})
+        newest = newest_backup(store, config["volume"], {}, notice)
         if newest is None:
             raise NotFound(
                 f"{config['target']} holds no backup of {config['volume']}: --offline activates "

@@ -42,6 +42,7 @@ def cmd_dr_create(args: argparse.Namespace) -> None:
         args.retry_timeout,
         args.metrics,
         args.disks,
+        notice=lambda text: print(f"lhfs: {text}", file=sys.stderr, flush=True),
     )
     text = f"created standby volume {vol.name} ({format_size(vol.size)}) following {args.volume}"
     if args.no_wait:
@@ -117,7 +118,9 @@ def cmd_dr_activate(args: argparse.Namespace) -> None:
     from lhfs.cli.progress import Progress
 
     with Progress(f"activate {args.name}", quiet=args.quiet) as bar:
-        result = dr.activate(root_of(args), args.name, args.offline, bar.update, args.retry_timeout)
+        result = dr.activate(
+            root_of(args), args.name, args.offline, bar.update, args.retry_timeout, bar.note
+        )
     say(
         args,
         {"name": args.name, **result},
