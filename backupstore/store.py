@@ -313,8 +313,8 @@ class BackupStore:
         self.init()
         block_size, recorded = self._settings(volume, block_size)
         started = time.time()
-        running = Marker(self.bucket, self._key(volume, name, "running"))
         taken = started if taken is None else min(taken, started)
+        running = Marker(self.bucket, self._key(volume, name, "running"), told=self.notice)
         with running:
             self._await_collections(running.key)
             count = -(-size // block_size)
@@ -1229,9 +1229,13 @@ class Marker:
         key: str,
         claim: str | None = None,
         about: dict[str, Any] | None = None,
+        told: Callable[[str], None] | None = None,
     ) -> None:
         self.bucket = bucket
         self.key = key
+        # (when the block succeeded, a marker left behind is told here, not raised: the work
+        # is done all the same)
+        self.told = told
         self.claim = claim  # (what it marks, when only one may run: see ``_claim``)
         # (its age says only the beat; ``about``: what else it says from the start)
         self._body: dict[str, Any] = {"started": time.time(), **(about or {})}
@@ -1321,5 +1325,8 @@ class Marker:
                 return
             if kind is not None:  # (not one a command reports in a line: logged)
                 log.warning("%s", left)
+                return
+            if self.told is not None:
+                self.told(left)
                 return
             raise LhfsError(left) from None

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 from conftest import needs_fuse
 
 from backupstore.s3 import Bucket, StoreRefused, Target
@@ -466,3 +467,45 @@ def test_a_backup_held_back_by_a_collection_says_so_at_once(cli: Cli, s3_endpoin
             backup.kill()
     reader.join(10)
     assert backup.stdout is not None and backup.stdout.read().startswith(target + "?volume=v&")
+
+
+def test_a_marker_that_cannot_be_removed_after_its_work_succeeded_is_told_not_raised(
+    s3_endpoint: str,
+) -> None:
+    """The store goes away once a backup's work is done (its manifest written), before its
+    marker is removed: that is told (a backup's marker is told through the command's notice:
+    the backup is complete, and reported so), not raised; a marker with nobody to tell raises,
+    and a failed block keeps its own error, saying what it left."""
+    from backupstore.s3 import Endpoint
+    from backupstore.store import Marker
+    from lhfs.core.errors import LhfsError
+
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    endpoint = Endpoint.from_env({**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint})
+    bucket = Bucket(Target.parse("s3://cli-marker/p"), deadline=1, endpoint=endpoint)
+    bucket.ensure(create=True)
+    told: list[str] = []
+    try:
+        for key, to in (("p/told", told.append), ("p/raised", None), ("p/failed", told.append)):
+            proxy.resume()
+            marker = Marker(bucket, key, told=to)
+            marker.__enter__()
+            proxy.cut()
+            if key == "p/told":
+                marker.__exit__(None, None, None)
+                (line,) = told
+                assert line.startswith("its marker p/told could not be removed ("), line
+                assert "it counts as running for 10 minutes" in line, line
+            elif key == "p/raised":
+                with pytest.raises(LhfsError, match="its marker p/raised could not be removed"):
+                    marker.__exit__(None, None, None)
+            else:
+                failure = LhfsError("the upload failed")
+                marker.__exit__(LhfsError, failure, None)
+                assert str(failure).startswith("the upload failed; its marker p/failed could")
+                assert len(told) == 1  # (the failure says it)
+    finally:
+        proxy.close()
+    left = {obj.object_name for obj in Bucket(Target.parse("s3://cli-marker/p")).list("p/")}
+    assert left == {"p/told", "p/raised", "p/failed"}  # (as each said: left behind)
