@@ -496,7 +496,8 @@ class BackupStore:
         still = "waiting" if waited is None else f"still waiting ({waited:.0f} s so far)"
         return (
             f"{still} for a collection of unreferenced blocks to finish{more}: "
-            f"s3://{self.target.bucket}/{marker.object_name}{self._whose(marker.object_name)}, "
+            f"s3://{self.target.bucket}/{_shown(marker.object_name)}"
+            f"{self._whose(marker.object_name)}, "
             f"last refreshed {rfc3339(refreshed)}; if its process died, it counts as dead at "
             f"{rfc3339(refreshed + STALE)} and the backup goes on then"
         )
@@ -1146,6 +1147,12 @@ def _parts(key: str) -> tuple[str, str, str]:
     vol, leaf = key.split("/")[-2:]
     name, _, kind = leaf.rpartition(".")
     return vol, name, kind
+
+
+def _shown(key: str) -> str:
+    """A key from a listing (whoever can write the bucket names it), fit for a terminal:
+    printable ASCII as it is, anything else escaped (``\\x1b``)."""
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in key)
 
 
 def _is_time(value: Any) -> bool:

@@ -469,6 +469,57 @@ def test_a_backup_held_back_by_a_collection_says_so_at_once(cli: Cli, s3_endpoin
     assert backup.stdout is not None and backup.stdout.read().startswith(target + "?volume=v&")
 
 
+def test_a_system_backup_part_and_an_image_backup_say_they_wait_for_a_collection(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A collection's marker holds back a system backup's part and a backing image's backup:
+    each says so on stderr at once (the part named), with the marker's key from the listing
+    escaped (whoever can write the bucket names it: no control character reaches the
+    terminal), and goes on once it is gone."""
+    target = "s3://cli-held-parts/p"
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(6).randbytes(MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    cli.run("backing-image", "backup", "base", "--target", target, "--create-bucket", "--quiet")
+    bucket = Bucket(Target.parse(target))
+    key = "p/locks/collect-\x1b[2J\x07"
+    bucket.put(key, b"{}")  # (a stray marker: fresh, so it holds backups back)
+    runs = {
+        "volume v: waiting": cli.start("system", "backup", "--target", target, "--quiet"),
+        "waiting": cli.start("backing-image", "backup", "base", "--target", target, "--quiet"),
+    }
+    said: dict[str, list[str]] = {what: [] for what in runs}
+    readers = [
+        threading.Thread(target=lambda w=what, r=run: said[w].extend(r.stderr), daemon=True)
+        for what, run in runs.items()
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        for what, run in runs.items():
+            line = wait_for(
+                lambda w=what: next((x for x in said[w] if "for a collection" in x), None),
+                30,
+                f"{what} for a collection",
+            )
+            assert run.poll() is None, said
+            assert line.startswith(f"lhfs: {what} for a collection of unreferenced blocks"), line
+            escaped = "s3://cli-held-parts/p/locks/collect-\\x1b[2J\\x07, last refreshed "
+            assert escaped in line, line
+            assert not any(c < " " or c == "\x7f" for c in line.rstrip("\n")), repr(line)
+        bucket.delete(key)
+        for run in runs.values():
+            assert run.wait(60) == 0, said
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+    for reader in readers:
+        reader.join(10)
+    assert len(cli.json("system", "ls", "--target", target)) == 1
+
+
 def test_a_marker_that_cannot_be_removed_after_its_work_succeeded_is_told_not_raised(
     s3_endpoint: str,
 ) -> None:

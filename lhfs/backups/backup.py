@@ -384,6 +384,7 @@ def backup_image(
     create_bucket: bool = False,
     retry_timeout: float = RETRY_TIMEOUT,
     full: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> str:
     """Back a backing image up like a volume named ``image-<name>`` (``IMAGE_BACKUPS``: no new
     volume is named so, and an older one is not while the image is registered); when the
@@ -392,7 +393,7 @@ def backup_image(
 
     info = verified(root, name)  # (never a changed file under the old id)
     target = Target.parse(url)
-    store = open_store(target, retry_timeout)
+    store = open_store(target, retry_timeout, notice)
     store.bucket.ensure(create=create_bucket)
     backup_name = _backup_name(info["id"].split("-")[0][:16])
     volume = IMAGE_BACKUPS + name

@@ -134,6 +134,7 @@ def create(
                 snapshots[vol.name],
                 _of(part, progress),
                 retry_timeout=retry_timeout,
+                notice=_told(part, notice),
             )
             now = volumes.load(root, vol.name)
             record["volumes"][vol.name] = {
@@ -155,6 +156,7 @@ def create(
                 url,
                 _of(part, progress),
                 retry_timeout=retry_timeout,
+                notice=_told(part, notice),
             )
             record["images"][image["name"]] = {
                 "backup": backup.parse_backup_url(part_url)[2],
@@ -178,6 +180,11 @@ def _of(part: str, progress: PartProgress) -> Callable[..., None]:
         progress(part, percent, done, total)
 
     return update
+
+
+def _told(part: str, notice: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """``notice`` of one part: the line names it."""
+    return None if notice is None else lambda text: notice(f"{part}: {text}")
 
 
 def _part(part: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -64,6 +64,7 @@ def cmd_image_backup(args: argparse.Namespace) -> None:
             create_bucket=args.create_bucket,
             retry_timeout=args.retry_timeout,
             full=args.full,
+            notice=bar.note,
         )
     say(args, {"name": args.name, "url": url}, url)
 
