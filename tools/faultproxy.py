@@ -41,9 +41,9 @@ def _reset(sock: socket.socket) -> None:
     """Close with RST rather than FIN. Another thread may be blocked reading this socket, which
     keeps it alive past ``close``: shutting the read side down first wakes that thread, and the
     last close then sends the reset."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:  # (closed meanwhile by the thread relaying it: nothing left to reset)
         with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.shutdown(socket.SHUT_RD)
     finally:
         sock.close()
