@@ -6,9 +6,12 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
+from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
 from lhfs.replica.process import ReplicaProcess
 from lhfs.testing import Cli, S3Server, teardown
 from lhfs.wire.auth import VolumeKey
@@ -120,3 +123,25 @@ def proxied_replica(cli: Cli, tmp_path: Path, replica_factory) -> Iterator:
     yield start
     for proxy in proxies:
         proxy.close()
+
+
+def restore_killed_half_way(cli: Cli, s3_endpoint: str, url: str, name: str) -> None:
+    """Restore ``url`` as ``name`` through a slow link and SIGKILL the restore once it writes;
+    return when its engine has followed it."""
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 256 << 10  # (the restore takes long enough to be killed half-way)
+    try:
+        restore = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint}).start(
+            "backup", "restore", url, name, "--quiet"
+        )
+        wait_for(
+            lambda: name in volumes.list_names(cli.root) and cli.info(name)["state"] == "restoring",
+            60,
+            "the restore to start writing",
+        )
+        restore.kill()
+        restore.wait(30)
+    finally:
+        proxy.close()
+    wait_for(lambda: not cli.info(name)["attached"], 30, "the restore's engine to follow it")

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import needs_fuse
+from conftest import needs_fuse, restore_killed_half_way
 
 from backupstore.s3 import Bucket, StoreRefused, Target
 from backupstore.store import BackupStore
@@ -146,11 +146,12 @@ def test_a_malformed_endpoint_is_one_line_that_never_shows_its_password(
         (f"http://127.0.0.1:{port}/path", "AWS_ENDPOINT_URL is not an http(s)://HOST[:PORT] URL"),
     ):
         bad = Cli(cli.root, env={**cli.env, "AWS_ENDPOINT_URL": endpoint})
-        for args in (
+        verbs = (
             ("backup", "create", "v", "--target", "s3://cli-endpoint/p", "--create-bucket"),
             ("backup", "ls", "--target", "s3://cli-endpoint/p"),
             ("dr", "create", "sb", "--target", "s3://cli-endpoint/p", "--volume", "v"),
-        ):
+        )
+        for args in verbs if "s3cr3t" in endpoint else verbs[1:2]:  # (one place checks all)
             result = bad.run(*args, check=False)
             assert result.returncode == 2, (endpoint, args, result.stderr)
             assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
@@ -355,24 +356,7 @@ def test_a_restore_killed_half_way(cli: Cli, tmp_path: Path, s3_endpoint: str) -
     target = "s3://cli-killed-restore/p"
     _filled(cli, tmp_path, "src", 32, seed=8, replicas=1)
     url = cli.backup("src", target)
-    upstream = urlparse(s3_endpoint)
-    proxy = FaultProxy((upstream.hostname, upstream.port))
-    proxy.rate = 256 << 10
-    proxied = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
-    restore = proxied.start("backup", "restore", url, "half", "--quiet")
-    try:
-        wait_for(
-            lambda: (
-                "half" in volumes.list_names(cli.root) and cli.info("half")["state"] == "restoring"
-            ),
-            60,
-            "the restore to start writing",
-        )
-        restore.kill()
-        restore.wait(30)
-    finally:
-        proxy.close()
-    wait_for(lambda: not cli.info("half")["attached"], 30, "the restore's engine to follow it")
+    restore_killed_half_way(cli, s3_endpoint, url, "half")
     info = cli.info("half")
     assert info["restoring"]["interrupted"] and info["restoring"]["backup"] == url
     for args in (

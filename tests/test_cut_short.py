@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from conftest import needs_fuse
+from conftest import needs_fuse, restore_killed_half_way
 
 from lhfs.config import volume as volumes
 from lhfs.core.procs import read_line_matching, wait_for
@@ -292,25 +292,7 @@ def test_a_backup_whose_engine_dies_and_a_killed_restore_say_so(
     cli.run("volume", "detach", "b")
     url = cli.backup("b", target)  # (detached: read from its directory)
 
-    upstream = urlparse(s3_endpoint)
-    proxy = FaultProxy((upstream.hostname, upstream.port))
-    proxy.rate = 256 << 10  # (the restore takes long enough to be killed half-way)
-    try:
-        restore = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint}).start(
-            "backup", "restore", url, "half", "--quiet"
-        )
-        wait_for(
-            lambda: (
-                "half" in volumes.list_names(cli.root) and cli.info("half")["state"] == "restoring"
-            ),
-            60,
-            "the restore to start writing",
-        )
-        restore.kill()
-        restore.wait(30)
-    finally:
-        proxy.close()
-    wait_for(lambda: not cli.info("half")["attached"], 30, "the restore's engine to follow it")
+    restore_killed_half_way(cli, s3_endpoint, url, "half")
     doctor = cli.run("doctor", "half", "--json", check=False)
     assert doctor.returncode == 1, doctor.stderr
     checks = {check["check"]: check for check in json.loads(doctor.stdout)}
