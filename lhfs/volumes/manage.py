@@ -291,11 +291,7 @@ def _stopped(pid: int) -> bool:
     """Whether process ``pid`` is stopped (SIGSTOP, a debugger): it answers nothing until
     it is continued, so nobody waits for it (one such engine made every 'volume ls' wait
     30 s, then fail)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
+    return volumes.process_state(pid) in ("T", "t")
 
 
 def not_answering(root: Path, name: str, pid: int) -> str:
