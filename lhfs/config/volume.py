@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,7 +298,12 @@ def name_held(root: Path, name: str, doing: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 100, 0).decode(errors="replace").split()
+            holder: list[str] = []
+            for _ in range(20):  # (its holder writes its line just after it took the lock)
+                holder = os.pread(fd, 100, 0).decode(errors="replace").split()
+                if len(holder) > 1:
+                    break
+                time.sleep(0.01)
             os.close(fd)
             what = holder[1] if len(holder) > 1 else "changed"
             pid = f" (pid {holder[0]})" if holder else ""
