@@ -247,17 +247,17 @@ def test_backing_image_backed_up_again_and_twice_at_once(
 
 def test_a_replica_added_during_a_restore(cli: Cli, tmp_path: Path, s3_endpoint: str) -> None:
     """SCENARIOS.md story 1, restore part: the restore starts with one replica, a second one is
-    added half-way (the store is throttled so that the restore is still running); the restore
-    ends, the volume is healthy with both replicas and equals the backup."""
+    added half-way (the store is throttled until it is, so that the restore is still running);
+    the restore ends, the volume is healthy with both replicas and equals the backup."""
     target = "s3://cli-story1/p"
-    _filled(cli, tmp_path, "src", 40, seed=7, replicas=1)
+    _filled(cli, tmp_path, "src", 24, seed=7, replicas=1)
     expected = cli.checksum("src")
     url = cli.backup("src", target)
     cli.run("volume", "detach", "src")
 
     upstream = urlparse(s3_endpoint)
     proxy = FaultProxy((upstream.hostname, upstream.port))
-    proxy.rate = 256 << 10  # per connection: the 40 MiB take many seconds
+    proxy.rate = 256 << 10  # per connection: the 24 MiB take many seconds
     proxied = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
     restore = proxied.start("backup", "restore", url, "copy", "--replicas", "1")
     try:
@@ -276,6 +276,7 @@ def test_a_replica_added_during_a_restore(cli: Cli, tmp_path: Path, s3_endpoint:
         added = cli.run("replica", "add", "copy", "--quiet").stdout
         assert "is RW" in added
         assert restore.poll() is None, "the restore ended before the replica was added"
+        proxy.rate = None  # (the rest at full speed)
         out, err = restore.communicate(timeout=300)
         assert "restored" in out
         assert restore.returncode == 0, err

@@ -109,7 +109,7 @@ def test_tampered_manifests_records_and_blocks_are_refused_by_restore_dr_and_che
             assert restore.stderr.count("\n") == 1 and message in restore.stderr, (what, restore)
             assert "copy" not in cli.run("volume", "ls").stdout  # nothing left half-restored
             check = cli.run("backup", "check", "--target", target, "--read-data", check=False)
-            assert check.returncode == 1 and message in check.stdout, (what, check.stdout)
+            assert check.returncode == 3 and message in check.stdout, (what, check.stdout)
             dr = cli.run(
                 "dr", "create", "standby", "--target", target, "--volume", "src",
                 "--replicas", "1", "--interval", "0.3", "--quiet", check=False,
@@ -476,7 +476,7 @@ def test_a_decompression_bomb_is_a_corrupt_block_not_a_gigabyte(cli: Cli, s3_end
     assert "cannot be decompressed: it claims more than 16M" in restore.stderr
     assert "copy" not in cli.run("volume", "ls").stdout
     check = cli.run("backup", "check", "--target", target, "--read-data", check=False)
-    assert check.returncode == 1 and f"block {digest}" in check.stdout, check.stdout
+    assert check.returncode == 3 and f"block {digest}" in check.stdout, check.stdout
     assert "cannot be decompressed" in check.stdout
 
 
@@ -499,7 +499,7 @@ def test_an_object_larger_than_lhfs_writes_is_refused_unread(cli: Cli, s3_endpoi
     assert restore.returncode == 1 and restore.stderr.count("\n") == 1, restore.stderr
     assert f"{key} in s3://trust-large is larger than lhfs writes" in restore.stderr
     check = cli.run("backup", "check", "--target", target, "--read-data", check=False)
-    assert check.returncode == 1 and f"{key} in s3://trust-large is larger" in check.stdout
+    assert check.returncode == 3 and f"{key} in s3://trust-large is larger" in check.stdout
 
 
 class _Liar(http.server.BaseHTTPRequestHandler):
@@ -627,7 +627,7 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
         assert restore.stderr == f"lhfs: error: {expected}\n", (changes, restore.stderr)
         assert "copy" not in cli.run("volume", "ls").stdout
         check = cli.run("backup", "check", "--target", target, "--json", check=False)
-        assert check.returncode == 1, (changes, check.stderr)
+        assert check.returncode == 3, (changes, check.stderr)
         assert json.loads(check.stdout)["problems"] == [expected], (changes, check.stdout)
         dr = cli.run(
             "dr", "create", "standby", "--target", target, "--volume", "v",
@@ -896,7 +896,7 @@ def test_check_names_every_backup_a_bad_block_breaks_and_a_full_backup_repairs_t
     def check(*names: str) -> None:
         args = ("backup", "check", "--target", target, "--read-data")
         found = cli.run(*args, check=False)
-        assert found.returncode == 1, found.stdout
+        assert found.returncode == 3, found.stdout
         named = "named by " + ", ".join(f"backup {n} of src" for n in sorted(names))
         assert f"block {lost} is missing ({named})" in found.stdout, found.stdout
         assert f"block {rotten} in {target} does not match its checksum ({named})" in found.stdout

@@ -4,6 +4,7 @@ real FUSE devices; every wait has a condition and a deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -129,19 +130,22 @@ def test_replica_add_ends_when_the_engine_dies_or_the_volume_is_detached(
 @needs_fuse
 def test_a_request_cut_by_the_engine_dying_says_so(cli: Cli, tmp_path: Path) -> None:
     """A command whose engine dies before it answers says so in one line naming the volume,
-    never the system's bare "Connection reset by peer". The engine is stopped first, so the
-    request is surely sent (queued on its socket) before it is killed."""
-    cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1")
+    never the system's bare "Connection reset by peer". The replica is stopped first, so the
+    engine has taken the request and waits for the replica (the I/O timeout is long) when it
+    is killed."""
+    cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1", "--io-timeout", "60")
     cli.run("volume", "attach", "v", "--device", str(tmp_path / "dev"))
     pid = cli.engine_pid("v")
     assert pid is not None
     socket_path = str(volumes.load(cli.root, "v").control_socket)
-    os.kill(pid, signal.SIGSTOP)
+    replica = cli.replica("v", "r1")["pid"]
+    os.kill(replica, signal.SIGSTOP)
     try:
         snapshot = cli.start("snapshot", "create", "v", "s1")
-        wait_for(lambda: _queued(socket_path), 30, "the request to reach the engine's socket")
-    finally:
+        wait_for(lambda: _taken(socket_path), 30, "the engine to take the request")
         os.kill(pid, signal.SIGKILL)
+    finally:
+        os.kill(replica, signal.SIGCONT)  # (it ends: its engine is gone)
     _, err = snapshot.communicate(timeout=30)
     assert snapshot.returncode == 1, err
     assert err == (
@@ -151,11 +155,12 @@ def test_a_request_cut_by_the_engine_dying_says_so(cli: Cli, tmp_path: Path) -> 
     wait_for(lambda: cli.info("v")["state"] == "crashed", 30, "the volume to show crashed")
 
 
-def _queued(path: str) -> bool:
-    """Whether a connection waits on the Unix socket ``path``, not yet accepted (the kernel
-    lists it in /proc/net/unix with the listener's path, in state 02: connecting)."""
+def _taken(path: str) -> bool:
+    """Whether the listener of the Unix socket ``path`` has accepted a connection (the
+    kernel lists the accepted end in /proc/net/unix with the listener's path, in state 03:
+    connected)."""
     with open("/proc/net/unix") as f:
-        return any(line.split()[5] == "02" and line.rstrip("\n").endswith(" " + path) for line in f)
+        return any(line.split()[5] == "03" and line.rstrip("\n").endswith(" " + path) for line in f)
 
 
 @needs_fuse
@@ -227,8 +232,9 @@ def test_a_failed_mkfs_says_the_volume_is_not_formatted_and_how_to_format_it(
 def test_a_stopped_engine_is_shown_not_answering_at_once(cli: Cli, tmp_path: Path) -> None:
     """One volume's engine stopped (SIGSTOP): ``volume ls`` lists every volume at once, that
     one "not answering"; its ``volume info`` says what to do; what only its engine knows
-    (``snapshot ls``, ``replica ls``) fails at once in one line saying the same. The other
-    volume answers as ever."""
+    (``snapshot ls``, ``replica ls``) fails at once in one line saying the same, and so does
+    ``detach``. The other volume answers as ever. Continued, it serves again; stopped again,
+    ``detach --force`` kills it and cleans up at once (it waited 80 s for its answers)."""
     for name in ("a", "b"):
         cli.run("volume", "create", name, "--size", "64M", "--replicas", "1")
         cli.run("volume", "attach", name, "--device", str(tmp_path / f"{name}.dev"))
@@ -246,9 +252,8 @@ def test_a_stopped_engine_is_shown_not_answering_at_once(cli: Cli, tmp_path: Pat
         assert [s["name"] for s in listing["b"]["snapshots"]] == ["s1"]
         root = shlex.quote(str(cli.root))
         hint = (
-            f"its engine (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it; to let it go "
-            f"instead, 'kill -KILL {pid}', then 'lhfs --root {root} volume detach a' (writes "
-            "not yet flushed are lost)"
+            f"its engine (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it; 'lhfs --root "
+            f"{root} volume detach --force a' kills it instead (writes not yet flushed are lost)"
         )
         shown = cli.run("volume", "info", "a").stdout.splitlines()
         assert shown[:2] == [f"a: not answering, 64M, device {tmp_path / 'a.dev'}", f"  {hint}"]
@@ -259,9 +264,32 @@ def test_a_stopped_engine_is_shown_not_answering_at_once(cli: Cli, tmp_path: Pat
             assert refused.returncode == 1, refused
             assert refused.stderr == f"lhfs: error: volume a does not answer: {hint}\n"
         assert [s["name"] for s in cli.json("snapshot", "ls", "b")] == ["s1"]
+        for args in (("snapshot", "create", "a", "s9"), ("volume", "expand", "a", "--size", "96M")):
+            started = time.monotonic()
+            refused = cli.run(*args, check=False)
+            assert time.monotonic() - started < 8 and refused.returncode == 1, refused
+            assert refused.stderr.count("\n") == 1 and f"(pid {pid}) is stopped" in refused.stderr
+        started = time.monotonic()
+        refused = cli.run("volume", "detach", "a", check=False)
+        assert time.monotonic() - started < 8 and refused.returncode == 1, refused
+        assert f"the engine of a (pid {pid}) is stopped: 'kill -CONT {pid}'" in refused.stderr
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: cli.info("a")["state"] == "healthy", 30, "a to answer again")
+    info = cli.info("a")  # (what was refused was never sent: nothing of it happens now)
+    assert info["size"] == 64 << 20 and [s["name"] for s in info["snapshots"]] == [], info
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        detached = cli.json("volume", "detach", "a", "--force")
+        assert time.monotonic() - started < 15, detached
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert f"killed its engine (pid {pid}), which was stopped" in detached["cleaned"], detached
+    assert cli.info("a")["state"] == "detached" and not (tmp_path / "a.dev").exists()
+    cli.run("volume", "attach", "a", "--device", str(tmp_path / "a.dev"))
+    assert cli.info("a")["state"] == "healthy"
 
 
 @needs_fuse
@@ -356,3 +384,33 @@ def test_a_killed_activation_is_said_by_dr_status_with_what_to_run(
             activation.kill()
             activation.wait(30)
         proxy.close()
+
+
+@needs_fuse
+def test_a_replica_stuck_after_its_engine_died_is_killed_by_the_detach(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A local replica that does not end when its engine dies (stopped here; stuck in its
+    shutdown once) holds the volume's FUSE device, on which whatever looks waits for ever,
+    and its directory. The detach that cleans up after the engine kills it (a stopped one at
+    once), without looking at the device, and the next attach serves every write."""
+    cli.run("volume", "create", "v", "--size", "32M", "--replicas", "2")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    data = os.urandom(1 << 20)
+    write_direct(device, 0, data)
+    stuck = cli.replica("v", "r2")["pid"]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        kill_engine(cli, "v")
+        detached = cli.json("volume", "detach", "v")
+        assert (
+            f"killed its replica process {stuck}, which did not end with it" in detached["cleaned"]
+        ), detached
+        wait_for(lambda: not Path(f"/proc/{stuck}").exists(), 30, "the stuck replica to end")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGKILL)
+    cli.run("volume", "attach", "v", "--device", str(device))
+    assert read_direct(device, 0, 1 << 20) == data
+    assert cli.info("v")["state"] == "healthy"

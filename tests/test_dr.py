@@ -118,8 +118,8 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         assert standby.checksum("dr1") == fourth_sum
 
         # SIGKILL in the middle of an increment, then a restart.
-        proxy.rate = 1 * MIB  # stretches the increment (40 blocks) over many seconds
-        fifth, fifth_sum = generation(5, 40)
+        proxy.rate = 512 << 10  # stretches the increment (20 blocks) over seconds
+        fifth, fifth_sum = generation(5, 20)
         status = wait_for(
             lambda: (
                 (s := standby.json("dr", "status", "dr1"))["applying"] == _name(fifth)
@@ -148,8 +148,8 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         # under way the store slows to a crawl, so that the follower cannot finish before the
         # activation stops it (blocks it has not begun take a minute each); the store speeds
         # up again when the follower is gone.
-        proxy.rate = 1 * MIB
-        sixth, sixth_sum = generation(6, 40)
+        proxy.rate = 512 << 10
+        sixth, sixth_sum = generation(6, 20)
         follower = wait_for(
             lambda: (
                 (s := standby.json("dr", "status", "dr1"))["applying"] == _name(sixth)

@@ -677,3 +677,35 @@ def test_backing_images_as_an_operator_meets_them(cli: Cli, tmp_path: Path) -> N
     assert "by-name" in removed and not registered.exists(), removed
     assert cli.json("backing-image", "ls") == []
     assert cli.checksum("by-name") == cli.checksum("by-file")
+
+
+_SIGNAL_PROBE = """
+import signal, sys, trio
+import lhfs.cli
+def probe(*args, **kwargs):
+    print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+trio.run = probe
+sys.exit(lhfs.cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_service_leaves_sigterm_to_its_event_loop(cli: Cli, tmp_path: Path) -> None:
+    """A command stops on SIGTERM as on Ctrl-C: a handler raises where the interpreter is.
+    A replica (and the engine) must not have that handler when its event loop starts: the
+    loop receives SIGTERM while it serves and puts its own handler back after, and an
+    exception raised inside the loop's machinery (a second SIGTERM while a replica shut
+    down) left the replica's loop unable to end, holding the FUSE device, and every process
+    that touched the device hung. The probe stands in for the event loop and says what the
+    SIGTERM handler is when it would start."""
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    key = tmp_path / "v.key"
+    cli.run("volume", "key", "v", "--out", str(key))
+    serve = [
+        "replica", "serve", "--dir", str(tmp_path / "r"), "--listen", "127.0.0.1:0",
+        "--key-file", str(key),
+    ]  # fmt: skip
+    python = str(Path(LHFS).with_name("python"))
+    probed = subprocess.run(
+        [python, "-c", _SIGNAL_PROBE, *serve], capture_output=True, text=True, timeout=60
+    )
+    assert probed.returncode == 0 and probed.stdout == "True\n", probed

@@ -97,7 +97,7 @@ def test_json_of_every_verb_parses_and_keeps_its_keys_in_every_state(
     info = run("volume", "info", "dr")
     assert info["state"] == "standby" and info["dr"] is not None
     check_volume_keys(info)
-    run("dr", "stop", "dr", keys={"name", "stopped"})
+    run("dr", "stop", "dr", keys={"name", "stopped", "was_following"})
     run("dr", "start", "dr", keys={"name", "pid"})
     run(
         "dr",

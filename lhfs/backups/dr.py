@@ -564,10 +564,14 @@ def start(root: Path, name: str) -> int:
     return proc.pid
 
 
-def stop_following(root: Path, name: str) -> None:
+def stop_following(root: Path, name: str) -> bool:
+    """Stop the follower of standby ``name``; whether one was running (a stopped one is left
+    stopped, and said to be)."""
     vol = volumes.load(root, name)
     dr_config(vol)
+    running = follower_pid(vol) is not None
     os.close(stop(vol))
+    return running
 
 
 def _follow_again(root: Path, name: str, was_following: bool) -> str:

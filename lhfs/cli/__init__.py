@@ -101,8 +101,14 @@ def _load_store() -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a service manager, ``timeout``, ``kill``): a command stops as on Ctrl-C,
-    undoing what it started (a backup's marker), not in the middle of it. The
-    services (``replica serve``, the engine, ``dr run``) set handlers of their own."""
+    undoing what it started (a backup's marker), not in the middle of it. ``dr run`` sets a
+    handler of its own. The services that run an event loop (``replica serve``, the engine:
+    ``trio_service`` in their parsers' defaults) have none: they receive SIGTERM through the
+    loop while they serve, and get the system's default after (a second SIGTERM while they
+    shut down ends them). An exception raised by a handler lands wherever the interpreter is,
+    there inside the loop's own machinery: it once killed a replica's loop half-way through
+    its shutdown, and the process, holding the FUSE device, never ended, nor did whatever
+    used the device."""
 
 
 def _terminated(signum: int, frame: Any) -> None:
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args = build_parser(argv).parse_args(argv)
+            if getattr(args, "trio_service", False):
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if getattr(args, "store", False):
                 _load_store()
                 from lhfs.backups import backup

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from lhfs.cli.common import (
+    FOUND,
     Parser,
     placement_options,
     print_json,
@@ -157,7 +158,7 @@ def cmd_backup_check(args: argparse.Namespace) -> int:
             f"{args.target}: {report['backups']} backup(s) authenticated, {report['blocks']} "
             f"block(s) present{read}; no problem"
         )
-    return 1 if report["problems"] else 0
+    return FOUND if report["problems"] else 0
 
 
 def _resend(volume: str, target: str) -> str:
@@ -256,7 +257,7 @@ def parsers(groups: Any) -> None:
         description="Check that every manifest and volume record in --target authenticates "
         "and parses and that every block a backup names exists; with --read-data, fetch "
         "every block and verify it against its checksum. Changes nothing. Exit status: 0 "
-        "sound, 1 problems found (each listed on a line).",
+        "sound, 3 problems found (each listed on a line), 1 the check could not run.",
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--read-data", action="store_true", help="also fetch and verify every block")

@@ -14,6 +14,9 @@ from lhfs.core.units import format_size, parse_size
 
 DEFAULT_ROOT = "/var/lib/lhfs"
 DEFAULT_CHUNK = "64K"
+# The exit status of a check that ran to its end and found damage (scrub, backup check): apart
+# from 1, a check that could not run, so that a script tells "damaged" from "not checked".
+FOUND = 3
 
 
 class Parser(argparse.ArgumentParser):

@@ -140,9 +140,10 @@ def cmd_dr_start(args: argparse.Namespace) -> None:
 def cmd_dr_stop(args: argparse.Namespace) -> None:
     from lhfs.backups import dr
 
-    dr.stop_following(root_of(args), args.name)
-    text = f"{args.name} stopped following (still a standby; 'lhfs dr start' resumes)"
-    say(args, {"name": args.name, "stopped": True}, text)
+    running = dr.stop_following(root_of(args), args.name)
+    text = f"{args.name} {'stopped' if running else 'was not'} following (still a standby; "
+    text += "'lhfs dr start' resumes)"
+    say(args, {"name": args.name, "stopped": True, "was_following": running}, text)
 
 
 def cmd_dr_forget(args: argparse.Namespace) -> None:

@@ -33,4 +33,4 @@ def parsers(groups: Any) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there")
     p.add_argument("--device-made", action="store_true", help="the attach made the device file")
     log_option(p)
-    p.set_defaults(func=cmd_engine_run)
+    p.set_defaults(func=cmd_engine_run, trio_service=True)  # (see ``lhfs.cli.Terminated``)

@@ -226,7 +226,7 @@ def parsers(groups: Any) -> None:
         "for the replicas it starts: cheaper than TCP)",
     )
     log_option(p)
-    p.set_defaults(func=cmd_replica_serve)
+    p.set_defaults(func=cmd_replica_serve, trio_service=True)  # (see ``lhfs.cli.Terminated``)
 
     p = verbs.add_parser(
         "inspect",

@@ -9,6 +9,7 @@ from typing import Any
 from lhfs.cli.backup import RETRY_TIMEOUT
 from lhfs.cli.common import (
     DEFAULT_CHUNK,
+    FOUND,
     Parser,
     describe_detach,
     json_option,
@@ -263,7 +264,7 @@ def cmd_volume_scrub(args: argparse.Namespace) -> int:
                 "no majority says which is right: not repaired (a backup of it may hold the "
                 "right data)"
             )
-    return 1 if report["damaged"] or report["disputed"] else 0
+    return FOUND if report["damaged"] or report["disputed"] else 0
 
 
 def parsers(groups: Any) -> None:
@@ -341,8 +342,9 @@ def parsers(groups: Any) -> None:
         "checksums and against the other replicas; a corrupt replica is taken out of I/O "
         "and rebuilt. Where no majority of replicas agrees on a chunk (two that disagree), "
         "nothing is repaired in a guessed direction: the chunks are listed as disputed. "
-        "Exit status: 0 nothing found, 1 corruption found (and repaired when another "
-        "healthy replica was there to copy from: --json lists it under 'repaired').",
+        "Exit status: 0 nothing found, 3 corruption found (and repaired when another "
+        "healthy replica was there to copy from: --json lists it under 'repaired'), 1 the "
+        "scrub could not run (not attached, a rebuild under way), 2 a usage mistake.",
     )
     quiet_option(p)
     p = verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")

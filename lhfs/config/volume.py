@@ -31,6 +31,7 @@ from lhfs.core.errors import (
     NotFound,
 )
 from lhfs.core.names import check_name, check_volume_name
+from lhfs.core.procs import process_state
 from lhfs.core.units import check_chunk_size, rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
@@ -268,16 +269,6 @@ def alive(pid: int) -> bool:
         return True
     state = process_state(pid)
     return state is not None and state != "Z"  # (a zombie is not alive)
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of process ``pid`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie...), or
-    None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 @contextlib.contextmanager

@@ -26,6 +26,23 @@ LHFS = str(Path(sys.executable).with_name("lhfs"))
 _PR_SET_PDEATHSIG = 1
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie...), or
+    None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, a debugger): it answers nothing until it
+    is continued, so nobody waits for it (one such engine made every 'volume ls' wait 30 s,
+    then fail, and a detach 80 s)."""
+    return process_state(pid) in ("T", "t")
+
+
 def die_with_parent() -> None:
     """In a child before exec: get SIGTERM when the parent dies, so a killed engine leaves no
     replica holding its directory. Must be used from the parent's main thread."""

@@ -15,11 +15,14 @@ import json
 import logging
 import os
 import socket
+import struct
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lhfs.core.errors import LhfsError, NotFound, from_wire
+from lhfs.core.procs import stopped
 
 if TYPE_CHECKING:
     import trio
@@ -28,6 +31,7 @@ log = logging.getLogger("lhfs.control")
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 _MAX_REQUEST = 1 << 20
+STOPPED_CHECK = 2.0  # seconds of silence after which the asker looks whether the engine stopped
 
 
 class NotAttached(NotFound):
@@ -149,16 +153,30 @@ def _ask(
 ) -> Any:
     """Send one request and read its answer. A connection the engine closed or reset before
     answering (it died meanwhile) is said as such, naming the volume (the directory of its
-    socket), never as the system's bare "Connection reset by peer"."""
+    socket), never as the system's bare "Connection reset by peer". An engine that is
+    stopped (SIGSTOP, a debugger) answers nothing until it is continued: a request to one is
+    refused before it is sent, and one that stopped after is given up once it has been silent
+    ``STOPPED_CHECK`` seconds, saying it may yet be carried out (a snapshot or an expansion
+    waited for it for ever)."""
     name = path.parent.name
     gone = EngineGone(
         f"the engine of {name} died (or went away) during {op!r}: see 'lhfs volume info {name}'"
     )
     data = b""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    _refuse_stopped(sock, name, None)
     try:
         sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            left = STOPPED_CHECK if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(min(left, STOPPED_CHECK))
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                _refuse_stopped(sock, name, op)
+                continue
             if not chunk:
                 break
             data += chunk
@@ -173,6 +191,19 @@ def _ask(
     if not answer.get("ok"):
         raise from_wire(answer.get("kind", "LhfsError"), answer.get("message", "failed"))
     return answer.get("result")
+
+
+def _refuse_stopped(sock: socket.socket, name: str, sent: str | None) -> None:
+    """Raise ``EngineSilent`` if the engine at the other end of ``sock`` is stopped, saying
+    that request ``sent`` (if any) is carried out should it resume."""
+    pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    if pid > 0 and stopped(pid):
+        pending = f" ({sent!r} was sent: it is carried out if it resumes)" if sent else ""
+        raise EngineSilent(
+            f"the engine of {name} (pid {pid}) is stopped{pending}: 'kill -CONT {pid}' resumes "
+            f"it; 'lhfs volume detach --force {name}' kills it instead (writes not yet flushed "
+            "are lost)"
+        )
 
 
 Progress = Callable[[float, int | None, int | None], None]

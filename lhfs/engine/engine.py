@@ -50,7 +50,8 @@ RW, WO, ERR = "RW", "WO", "ERR"
 IO_TIMEOUT = 8.0  # (Longhorn's engine-replica timeout; a volume setting)
 CONTROL_TIMEOUT = 60.0
 TRIM_SPAN = 1024  # chunks per TRIM request (what a replica takes at once: MAX_TRIM_CHUNKS)
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0  # a handshake's deadline at most; the I/O timeout if shorter
+CONNECT_FLOOR = 2.0  # (a local handshake under load: never a deadline shorter than this)
 REFUSALS_TOLD_EVERY = 60.0  # seconds between log lines about refused writes
 LARGE_READ = 256 << 10  # a read this large goes to the next replica (spread)
 
@@ -179,7 +180,9 @@ class Engine:
         this host started (``local_names``), else by TCP. Each session gets a new epoch, so it
         fences any older session of this volume at that replica (a connection marked failed,
         with writes still on their way). ``takeover`` (attach) also fences another engine's
-        newer session; otherwise a replica taken over by another engine is refused."""
+        newer session; otherwise a replica taken over by another engine is refused. The handshake
+        has the I/O timeout (10 s at most): a replica that leaves it unanswered that long is as
+        stuck as one that leaves I/O unanswered, and a hung local one is killed sooner."""
         local = self.local_names.get(address)
         earlier = [r.client for r in self.replicas if r.address == address and r.client]
         self.epoch += 1
@@ -188,7 +191,7 @@ class Engine:
             address,
             self.nursery,
             self.key,
-            CONNECT_TIMEOUT,
+            min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
             local,
             epoch=self.epoch,
             takeover=takeover,

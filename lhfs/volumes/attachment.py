@@ -26,7 +26,7 @@ from typing import Any
 from lhfs.config import volume as volumes
 from lhfs.core import locks
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
-from lhfs.core.procs import LHFS, child_env, read_line_matching, wait_for
+from lhfs.core.procs import LHFS, child_env, read_line_matching, stopped, wait_for
 from lhfs.engine import control
 from lhfs.wire.client import parse_address
 
@@ -48,7 +48,10 @@ def unescape(field: str) -> str:
 
 
 def is_mountpoint(path: Path) -> bool:
-    target = os.path.realpath(path)  # (the kernel lists real paths)
+    """Whether ``path`` is a mount point, found without looking at ``path`` itself: a FUSE
+    mount whose device a stuck process holds answers nothing, and whoever looks waits."""
+    path = Path(os.path.abspath(path))
+    target = os.path.join(os.path.realpath(path.parent), path.name)  # (the kernel's real paths)
     return any(point == target for _, point in mount_table())
 
 
@@ -148,12 +151,55 @@ def _clear_dead_engine(vol: volumes.Volume) -> list[str]:
         _drop_device(Path(record["device"]))
     vol.runtime_path.unlink(missing_ok=True)
     vol.control_socket.unlink(missing_ok=True)
-    for replica in vol.replicas:
-        directory = vol.replica_dir(replica)
-        if directory is not None and (directory / "lock").exists():
-            with contextlib.suppress(TimeoutError):
-                wait_for(lambda d=directory: _unlocked(d), STOP_TIMEOUT, f"{directory} free")
+    held = [
+        d
+        for d in map(vol.replica_dir, vol.replicas)
+        if d is not None and (d / "lock").exists() and not _unlocked(d)
+    ]
+    if held:
+        done += _end_orphans(record.get("pid", -1), held)
     return done
+
+
+def _end_orphans(engine: int, held: list[Path]) -> list[str]:
+    """Wait until the replica processes of the dead engine of pid ``engine`` let go of the
+    directories ``held``. Each was sent SIGTERM when the engine died (``procs.die_with_parent``)
+    and ends once it has flushed; one that is stopped, or still there after ``STOP_TIMEOUT``,
+    is stuck, and may hold the volume's FUSE device (whose users then wait for ever) and its
+    directory (no attach until it ends): it is killed. What was done."""
+    done = []
+
+    def free() -> bool:
+        return all(map(_unlocked, held))
+
+    for patient in (False, True):
+        if patient:
+            with contextlib.suppress(TimeoutError):
+                wait_for(free, STOP_TIMEOUT, "the replicas to end")
+        for pid in _orphans(engine) if not free() else []:
+            if patient or stopped(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                done.append(f"killed its replica process {pid}, which did not end with it")
+    with contextlib.suppress(TimeoutError):
+        wait_for(free, STOP_TIMEOUT, "the replicas to end")
+    return done
+
+
+def _orphans(engine: int) -> list[int]:
+    """The local replica processes that the engine of pid ``engine`` started and that still
+    run, known by the local socket name it gave them (``daemon._local_name``)."""
+    prefix = f"lhfs-{engine}-".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        local = argv[argv.index(b"--local") + 1 :][:1] if b"--local" in argv else []
+        if b"serve" in argv and local and local[0].startswith(prefix):
+            found.append(int(entry.name))
+    return found
 
 
 def _unlocked(directory: Path) -> bool:
@@ -338,6 +384,13 @@ def engine_state(vol: volumes.Volume) -> str:
         return "not answering"
 
 
+def _kill(pid: int, name: str) -> None:
+    """SIGKILL the engine ``pid`` of volume ``name`` and wait for it to be gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not volumes.alive(pid), STOP_TIMEOUT, f"the engine of {name}")
+
+
 def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
     """Stop the engine of ``name`` (see ``_detach``), one command at a time."""
     vol = volumes.load(root, name)
@@ -359,7 +412,16 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
         raise WrongState(f"volume {name} is not attached")
     device = Path(record["device"])
     pid = record.get("pid", -1)
-    if engine_alive(vol, record):
+    if engine_alive(vol, record) and stopped(pid):
+        if not force:  # (it would answer nothing: each wait below in turn, 80 s, for nothing)
+            raise WrongState(
+                f"the engine of {name} (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it, "
+                "then detach; --force kills it (writes not yet flushed are lost)"
+            )
+        report["state"], report["flushed"] = "not answering", False
+        _kill(pid, name)
+        report["cleaned"].append(f"killed its engine (pid {pid}), which was stopped")
+    elif engine_alive(vol, record):
         state = engine_state(vol)
         report["state"] = state
         if loops_backed_by(device) and state != "faulted" and not force:
@@ -386,9 +448,7 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
         try:
             wait_for(lambda: not volumes.alive(pid), STOP_TIMEOUT, f"the engine of {name}")
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: not volumes.alive(pid), STOP_TIMEOUT, f"the engine of {name}")
+            _kill(pid, name)
             report["cleaned"].append(f"killed its engine (pid {pid})")
     else:
         report["state"] = "crashed"

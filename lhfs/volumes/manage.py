@@ -33,7 +33,7 @@ from lhfs.core.errors import (
     WrongState,
 )
 from lhfs.core.names import check_name
-from lhfs.core.procs import wait_for
+from lhfs.core.procs import stopped, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.engine import control, housekeeping
 from lhfs.store.chunkstore import ChunkStore, disk_bytes
@@ -126,10 +126,11 @@ def remove(root: Path, name: str, follower_stopped: bool = False) -> list[str]:
     point of no return: then the replicas on disks go (the configuration read before says
     where), then the rest. Returns what was left: directories on disks that are not mounted.
     Done holding the name (``volumes.name_held``): two removals at once, or one and a create,
-    never tear down what the other works on."""
+    never tear down what the other works on; and the command lock (``attachment.exclusive``):
+    an attach or mount under way, its engine not yet recorded, is waited for, then refused."""
     volumes.load(root, name)  # (no such volume: said before anything is made for the lock)
-    with volumes.name_held(root, name, "removed"):
-        vol = volumes.load(root, name)
+    with volumes.name_held(root, name, "removed"), attachment.exclusive(volumes.load(root, name)):
+        vol = volumes.load(root, name)  # (as the attach or detach it waited for left it)
         check_removable(vol)
         if not follower_stopped:
             standby.remove(vol)
@@ -240,7 +241,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
     runtime = vol.runtime()
     if runtime is not None:
         try:
-            if _stopped(runtime["pid"]):  # (it answers nothing until continued)
+            if stopped(runtime["pid"]):  # (it answers nothing until continued)
                 raise control.EngineSilent("stopped")
             live = control.call(vol.control_socket, "info", timeout=ANSWER_WITHIN)
         except (control.NotAttached, control.EngineGone):  # (it died: shown as such below)
@@ -287,23 +288,16 @@ ANSWER_WITHIN = 10.0  # seconds an engine that is not stopped has to answer 'inf
 # (it answers within some 7 s even when a replica is stuck: its own waits are bounded)
 
 
-def _stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped (SIGSTOP, a debugger): it answers nothing until
-    it is continued, so nobody waits for it (one such engine made every 'volume ls' wait
-    30 s, then fail)."""
-    return volumes.process_state(pid) in ("T", "t")
-
-
 def not_answering(root: Path, name: str, pid: int) -> str:
     """What to do about a volume whose engine does not answer, in words (each command runs as
     it is written). A stopped engine is continued, or killed and cleaned up after: letting it
     go while stopped would wait on it (a file system on it cannot be unmounted)."""
     lhfs = f"lhfs --root {shlex.quote(str(root))}"
-    if _stopped(pid):
+    if stopped(pid):
         return (
-            f"its engine (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it; to let it go "
-            f"instead, 'kill -KILL {pid}', then '{lhfs} volume detach {name}' (writes not yet "
-            "flushed are lost)"
+            f"its engine (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it; "
+            f"'{lhfs} volume detach --force {name}' kills it instead (writes not yet flushed "
+            "are lost)"
         )
     return (
         f"its engine (pid {pid}) did not answer within {ANSWER_WITHIN:g}s: try again, or "
