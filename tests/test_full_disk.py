@@ -185,7 +185,11 @@ def test_a_volume_on_a_full_disk_serves_on_and_takes_writes_again(
     assert "the local replicas here may still grow by" in warned["free space"], warned
     shown = cli.run("volume", "info", "v").stdout
     assert "write(s) refused since attach" in shown and " FREE" in shown
-    assert all(r["disk_free"] < 2 * MiB for r in cli.live("v")["replicas"])
+    wait_for(  # (a replica busy writing back leaves 'info' unanswered 2 s: unknown, not full)
+        lambda: all(r["disk_free"] in range(2 * MiB) for r in cli.live("v")["replicas"]),
+        60,
+        "each replica to say how little its disk has left",
+    )
     assert "write(s) refused by r1, r2: no space left" in cli.engine_log("v")
     assert read_direct(device, 0, stopped) == model[:stopped]
     write_direct(device, 0, b"o" * MiB)  # over what it holds: taken
