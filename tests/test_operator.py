@@ -553,7 +553,9 @@ def test_a_crashed_volume_is_not_removed_from_under_its_mounts(
     line = one_line(cli.run("volume", "rm", name, check=False), 1)
     assert "crashed" in line and f"{mnt} mounted" in line and "volume detach" in line, line
     assert cli.info(name)["state"] == "crashed" and len(cli.info(name)["replicas"]) == 3
-    assert "its engine died and left " + str(mnt) in cli.run("volume", "info", name).stdout
+    shown = cli.run("volume", "info", name).stdout  # (its hint runs as it is written)
+    assert "its engine died and left " + str(mnt) in shown, shown
+    assert f"('lhfs --root {cli.root} volume detach {name}' cleans up)" in shown, shown
     doctor = cli.run("doctor", name, check=False)  # (it said all was well)
     assert doctor.returncode == 1 and "crashed: its engine died" in doctor.stdout, doctor.stdout
     assert f"lhfs --root {cli.root} volume detach {name}" in doctor.stdout, doctor.stdout

@@ -61,7 +61,7 @@ from lhfs.core.errors import (
     WrongState,
 )
 from lhfs.core.names import check_name, check_volume_name
-from lhfs.core.procs import LHFS, child_env, wait_for
+from lhfs.core.procs import LHFS, child_env, is_pid, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import manage
@@ -91,9 +91,32 @@ class BackupDeleted(LhfsError):
 
 
 def dr_config(vol: volumes.Volume) -> dict[str, Any]:
+    """A standby's ``dr`` section of its configuration, once every field it is read for is
+    found to be what ``create`` writes: a damaged one is ``CorruptState`` naming the field,
+    not an ``AttributeError`` wherever a field is used."""
     config = vol.config.get("dr")
     if not config:
         raise WrongState(f"volume {vol.name} is not a DR standby volume")
+    where = f"{vol.dir / 'config.json'}: dr"
+    for field in ("target", "volume"):
+        if not isinstance(config.get(field), str):
+            raise CorruptState(f"{where}.{field} must be a string, not {config.get(field)!r:.60}")
+    for field in ("interval", "retry_max", "created"):
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise CorruptState(f"{where}.{field} must be a number from 0, not {value!r:.60}")
+    for field in (
+        "endpoint", "region", "credentials_file", "password_file", "standby_id", "metrics",
+    ):  # fmt: skip
+        if config.get(field) is not None and not isinstance(config[field], str):
+            raise CorruptState(
+                f"{where}.{field} must be a string or null, not {config[field]!r:.60}"
+            )
+    activating = config.get("activating")
+    if activating is not None and not (
+        isinstance(activating, dict) and is_pid(activating.get("pid"))
+    ):
+        raise CorruptState(f"{where}.activating must be a process's record, not {activating!r:.60}")
     return config
 
 
@@ -536,6 +559,7 @@ def start(root: Path, name: str) -> int:
         raise Busy(f"volume {name} is being activated (pid {activating['pid']})")
     if activating:  # (cut short: following again drops it, and redoes what it began)
         _activation_over(vol)
+    load_state(vol)  # (damaged: said here, not by a follower that stops at once)
     env = child_env(store=True)  # (the secrets it reads from files: not in its environment)
     if config.get("credentials_file"):
         for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):

@@ -94,7 +94,12 @@ def create(
         )
     chosen, skipped = [], {}
     for volume in volumes.list_names(root):
-        vol = volumes.load(root, volume)
+        try:
+            vol = volumes.load(root, volume)
+            vol.filesystem  # noqa: B018 (read now: a damaged record is said here, not half-way)
+        except CorruptState as exc:  # (the others are backed up all the same)
+            skipped[volume] = f"damaged: {exc}"
+            continue
         if vol.config.get("dr"):
             skipped[volume] = "a DR standby: its source's backups are what it holds"
         elif vol.config.get("restoring"):
@@ -147,6 +152,9 @@ def create(
             }
             marker.note(parts=systems.parts_of(record))  # (kept from now on: see systems)
         for image in images.list_images(root):
+            if "error" in image:  # (its record is damaged: the others are backed up)
+                record["skipped"][f"image {image['name']}"] = f"damaged: {image['error']}"
+                continue
             part = f"image {image['name']}"
             part_url = _part(
                 part,
@@ -227,7 +235,7 @@ def restore(
     clash = sorted(set(wanted) & existing)
     if clash:
         raise AlreadyExists(f"volume(s) {', '.join(clash)} already exist under {root}")
-    present = {i["name"]: i["id"] for i in images.list_images(root)}
+    present = {i["name"]: i.get("id") for i in images.list_images(root)}
     image_names = list(record["images"]) if only is None else []
     for image in image_names:
         if image in present and present[image] != record["images"][image]["id"]:

@@ -38,7 +38,10 @@ def cmd_image_ls(args: argparse.Namespace) -> None:
     else:
         print(f"{'IMAGE':24} {'SIZE':>8}  ID")
     for info in found:
-        print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}")
+        if "error" in info:  # (its record is damaged: 'backing-image rm' clears it)
+            print(f"{info['name']:24} {'damaged':>8}  {info['error']}")
+        else:
+            print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}")
 
 
 def cmd_image_rm(args: argparse.Namespace) -> None:

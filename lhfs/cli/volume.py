@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from lhfs.cli.common import (
     size_arg,
     verb,
 )
+from lhfs.core.errors import NotFound
 from lhfs.core.units import format_size, parse_size
 
 
@@ -37,17 +39,25 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         images.resolve(root_of(args), args.backing_image) if args.backing_image else (None, None)
     )
     settings = _settings_given(args)
-    vol = manage.create(
-        root_of(args),
-        args.name,
-        args.size,
-        args.chunk_size,
-        replica_count(args),
-        image,
-        {"settings": settings} if settings else None,
-        args.disks,
-        image_id,
-    )
+    try:
+        vol = manage.create(
+            root_of(args),
+            args.name,
+            args.size,
+            args.chunk_size,
+            replica_count(args),
+            image,
+            {"settings": settings} if settings else None,
+            args.disks,
+            image_id,
+        )
+    except FileNotFoundError as exc:  # (the create, cut short, left nothing)
+        if image is None or str(exc.filename) != str(image):
+            raise
+        raise NotFound(
+            f"backing image {args.backing_image} was removed while volume {args.name} was "
+            "being made from it: nothing was created"
+        ) from None
     count = len(vol.replicas)
     text = (
         f"created volume {vol.name}: {format_size(vol.size)}, {count} replica{'s' * (count != 1)}"
@@ -104,6 +114,9 @@ def cmd_volume_detach(args: argparse.Namespace) -> None:
 def _print_volume(root: Path, info: dict[str, Any]) -> None:
     from lhfs.volumes import manage
 
+    if info["state"] == "damaged":
+        print(f"{info['name']}: damaged: {info['error']}")
+        return
     print(
         f"{info['name']}: {info['state']}, {format_size(info['size'])}"
         + (f", device {info['device']}" if info.get("device") else "")
@@ -139,7 +152,8 @@ def _print_volume(root: Path, info: dict[str, Any]) -> None:
         from lhfs.volumes import attachment
 
         left = attachment.describe(leftovers, info["device"])
-        print(f"  its engine died and left {left} ('lhfs volume detach' cleans up)")
+        detach = f"lhfs --root {shlex.quote(str(root))} volume detach {info['name']}"
+        print(f"  its engine died and left {left} ('{detach}' cleans up)")
     print(replica_header())
     for replica in info["replicas"]:
         print(replica_line(replica))

@@ -10,17 +10,16 @@ it and mean nothing after a reboot.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lhfs.config import disks
+from lhfs.core import locks
 from lhfs.core.durable import atomic_write_json, fsync_dir
 from lhfs.core.errors import (
     AlreadyExists,
@@ -31,13 +30,14 @@ from lhfs.core.errors import (
     NotFound,
 )
 from lhfs.core.names import check_name, check_volume_name
-from lhfs.core.procs import process_state
+from lhfs.core.procs import alive, is_pid
 from lhfs.core.units import check_chunk_size, rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
 
 FORMAT = 1
 KEY_FILE = "key.json"
+FS_STATES = ("formatting", "formatted")  # a filesystem record's states (lhfs mount)
 
 # A volume's settings: name -> (default, lowest, highest, what it means). Kept in its
 # configuration under "settings"; ``lhfs volume set`` changes them, also while attached.
@@ -123,12 +123,11 @@ class Volume:
             return VolumeKey.load(self.key_path)
         except NotFound:
             pass
-        with open(self.dir / "config.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locks.held(self.dir / "config.lock"):
             if not self.key_path.exists():
                 key = VolumeKey.new(self.name)
                 key.save(self.key_path)
-                self.config = json.loads((self.dir / "config.json").read_text())
+                self.config = read_config(self.dir / "config.json")
                 self.config["volume_id"] = key.id_hex
                 self.save()
         return VolumeKey.load(self.key_path)
@@ -175,9 +174,8 @@ class Volume:
     def update(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Reload, change and save the configuration under a lock: the engine and the command
         line both change it, and neither may write back a stale copy over the other's change."""
-        with open(self.dir / "config.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.config = json.loads((self.dir / "config.json").read_text())
+        with locks.held(self.dir / "config.lock"):
+            self.config = read_config(self.dir / "config.json")
             change(self.config)
             self.save()
 
@@ -197,11 +195,29 @@ class Volume:
     @property
     def filesystem(self) -> dict[str, Any] | None:
         """The durable record of the filesystem ``lhfs mount`` created (or adopted), if any.
-        A file of its own, written only by ``lhfs mount``."""
+        A file of its own, written only by ``lhfs mount``. A damaged one is refused in one
+        line (``CorruptState``), never read as missing: no record means "never formatted",
+        and ``lhfs mount`` formats such a volume when it looks blank (see "Formatting at most
+        once" in the README)."""
+        path = self.dir / "filesystem.json"
         try:
-            return json.loads((self.dir / "filesystem.json").read_text())
+            record = json.loads(path.read_text())
         except FileNotFoundError:
             return None
+        except (OSError, ValueError) as exc:
+            raise CorruptState(f"{path} is damaged: {exc}") from None
+        if not isinstance(record, dict):
+            raise CorruptState(f"{path} is damaged: not a JSON object")
+        for field in ("type", "uuid"):
+            if not isinstance(record.get(field), str):
+                raise CorruptState(
+                    f"{path}: {field} must be a string, not {record.get(field)!r:.60}"
+                )
+        if record.get("state") not in FS_STATES:
+            raise CorruptState(
+                f"{path}: state must be formatting or formatted, not {record.get('state')!r:.60}"
+            )
+        return record
 
     def record_filesystem(self, record: dict[str, Any]) -> None:
         atomic_write_json(self.dir / "filesystem.json", record)
@@ -244,76 +260,48 @@ class Volume:
     def runtime(self) -> dict[str, Any] | None:
         """What the running engine published (pid, device), or None when none runs."""
         info = self.runtime_record()
-        if info is None or not alive(info.get("pid", -1)):
-            return None
-        return info
+        return info if info is not None and is_engine(info["pid"], self.name) else None
 
     def runtime_record(self) -> dict[str, Any] | None:
         """What the engine published, running or not: an engine that was killed leaves it
-        (and what it left mounted is found from its device)."""
+        (and what it left mounted is found from its device). A record whose pid is not one
+        (damaged, edited) says pid 0: an engine that crashed, which detach or the next attach
+        cleans up after, instead of a ``TypeError`` in every command that reads it."""
         try:
             info = json.loads(self.runtime_path.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return info if isinstance(info, dict) and "device" in info else None
+        if not isinstance(info, dict) or not isinstance(info.get("device"), str):
+            return None
+        if not is_pid(info.get("pid")):
+            info["pid"] = 0
+        return info
 
 
-def alive(pid: int) -> bool:
-    if pid <= 0:
+def is_engine(pid: Any, name: str) -> bool:
+    """Whether process ``pid`` is volume ``name``'s engine. The one test of it: a runtime
+    record's pid may belong to anything once its engine died (after a reboot, say), and such
+    a process must never be taken for the engine (every command would call the volume
+    attached) nor signalled."""
+    if not alive(pid):
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    state = process_state(pid)
-    return state is not None and state != "Z"  # (a zombie is not alive)
+    return b"engine-run" in command and name.encode() in command
 
 
-@contextlib.contextmanager
-def name_held(root: Path, name: str, doing: str) -> Iterator[None]:
-    """Hold the volume name ``name`` under ``root`` for the block: a create and a removal
-    each take it, so that two commands never build or tear down in one place at once (two
-    creates of one name once cleared each other's staging directory, and one said it had made
-    a volume whose replicas the other had replaced). Another command holding it is refused
-    at once with ``Busy``, naming what it does (``doing``: "created", "removed") and its pid:
-    waiting for it would only end in "already exists" or "no such volume". The lock file
-    ``volumes/.NAME.lock`` goes when the block ends."""
+def name_held(root: Path, name: str, doing: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the volume name ``name`` under ``root`` for the block (``locks.name_held``): a
+    create and a removal each take it, so that two commands never build or tear down in one
+    place at once (two creates of one name once cleared each other's staging directory, and
+    one said it had made a volume whose replicas the other had replaced). The lock file is
+    ``volumes/.NAME.lock``."""
     check_name(name, "volume name")
     base = volumes_dir(root)
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = base / f".{name}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder: list[str] = []
-            for _ in range(20):  # (its holder writes its line just after it took the lock)
-                holder = os.pread(fd, 100, 0).decode(errors="replace").split()
-                if len(holder) > 1:
-                    break
-                time.sleep(0.01)
-            os.close(fd)
-            what = holder[1] if len(holder) > 1 else "changed"
-            pid = f" (pid {holder[0]})" if holder else ""
-            raise Busy(f"volume {name} is being {what} by another command{pid}") from None
-        try:
-            mine = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            mine = False
-        if mine:
-            break
-        os.close(fd)  # (its holder removed it as it let go: the one there now is free)
-    try:
-        os.ftruncate(fd, 0)  # (a holder that was killed left its line)
-        os.pwrite(fd, f"{os.getpid()} {doing}\n".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):  # (before the lock goes: see above)
-            os.unlink(path)
-        os.close(fd)
+    return locks.name_held(base / f".{name}.lock", f"volume {name}", doing)
 
 
 def create(
@@ -399,12 +387,92 @@ def load(root: Path, name: str) -> Volume:
     check_name(name, "volume name")
     path = volumes_dir(root) / name / "config.json"
     try:
-        config = json.loads(path.read_text())
+        return Volume(Path(root), name, read_config(path))
     except FileNotFoundError:
         raise NotFound(f"no volume named {name!r} (under {root})") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The configuration in ``path``, once ``check_config`` passed it."""
+    try:
+        config = json.loads(path.read_text())
     except ValueError as exc:
         raise CorruptState(f"{path} is damaged: {exc}") from None
-    return Volume(Path(root), name, config)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise CorruptState(f"{path} cannot be read: {exc.strerror}") from None
+    return check_config(config, path)
+
+
+def check_config(config: Any, path: Path) -> dict[str, Any]:
+    """Return ``config``, read from ``path``, if lhfs could have written it.
+
+    Every command reads the fields it needs straight from the dictionary, so a file that is
+    valid JSON but of another shape (edited by hand, written half by a tool, a disk's damage)
+    would surface as a ``KeyError`` or ``TypeError`` anywhere, or worse be acted on: a size of
+    ``"x"`` once made an attach fail as if no replica could start, and ``volume rm`` deleted
+    the directory on its strength. So each field is checked here, where it is read, and a bad
+    file is refused in one line naming it and the field (``CorruptState``). Fields lhfs added
+    over time may be missing (an older volume's configuration has none of them).
+    """
+
+    def bad(field: str, should: str, value: Any) -> CorruptState:
+        return CorruptState(f"{path}: {field} must be {should}, not {value!r:.60}")
+
+    def typed(field: str, kinds: tuple[type, ...], should: str, needed: bool = False) -> Any:
+        value = config.get(field)
+        if (value is not None or needed) and (
+            isinstance(value, bool) or not isinstance(value, kinds)  # (a bool is no number)
+        ):
+            raise bad(field, should, value)
+        return value
+
+    if not isinstance(config, dict):
+        raise CorruptState(f"{path} is damaged: not a JSON object")
+    fmt = typed("format", (int,), "an integer")
+    if fmt is not None and fmt > FORMAT:
+        raise CorruptState(f"{path} was written by a newer lhfs (format {fmt}): upgrade lhfs")
+    size = typed("size", (int,), "an integer", needed=True)
+    chunk_size = typed("chunk_size", (int,), "an integer", needed=True)
+    try:
+        check_geometry(size, chunk_size)
+    except InvalidArgument as exc:
+        raise CorruptState(f"{path}: size: {exc}") from None
+    for field in ("epoch", "next_replica"):
+        if typed(field, (int,), "a whole number from 0") is not None and config[field] < 0:
+            raise bad(field, "a whole number from 0", config[field])
+    for field in ("name", "volume_id", "backing_image", "created"):
+        typed(field, (str,), "a string or null")
+    for field in ("dr", "restoring", "settings", "backups", "snapshot_holds"):
+        typed(field, (dict,), "an object or null")
+    removing = typed("removing", (list,), "a list of snapshot names")
+    if removing and not all(isinstance(n, str) for n in removing):
+        raise bad("removing", "a list of snapshot names", removing)
+    restoring = config.get("restoring")
+    if restoring and not isinstance(restoring.get("backup"), str):
+        raise bad("restoring.backup", "a string", restoring.get("backup"))
+    if restoring and type(restoring.get("pid")) is not int:
+        raise bad("restoring.pid", "a process id", restoring.get("pid"))
+    for key, value in (config.get("settings") or {}).items():
+        if key in SETTINGS:
+            try:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise InvalidArgument("not a number")
+                check_setting(key, value)
+            except InvalidArgument as exc:
+                raise bad(f"settings.{key}", f"a valid value ({exc})", value) from None
+    replicas = typed("replicas", (list,), "a list of replicas", needed=True)
+    for i, replica in enumerate(replicas):
+        field = f"replicas[{i}]"
+        if not isinstance(replica, dict):
+            raise bad(field, "an object", replica)
+        if not isinstance(replica.get("id"), str):
+            raise bad(f"{field}.id", "a string", replica.get("id"))
+        for key in ("address", "mode", "error", "disk"):
+            if replica.get(key) is not None and not isinstance(replica[key], str):
+                raise bad(f"{field}.{key}", "a string or null", replica[key])
+    return config
 
 
 def list_names(root: Path) -> list[str]:
@@ -416,3 +484,12 @@ def list_names(root: Path) -> list[str]:
         for p in base.iterdir()
         if not p.name.startswith(".") and (p / "config.json").exists()
     )
+
+
+def readable(root: Path) -> Iterator[Volume]:
+    """Every volume of ``root`` whose configuration reads, for what looks across volumes (a
+    device in use, a loop device's owner): one damaged volume must not stop commands about
+    the others (a command about it says what is wrong)."""
+    for name in list_names(root):
+        with contextlib.suppress(CorruptState):
+            yield load(root, name)

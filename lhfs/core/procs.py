@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # How lhfs starts its own processes (engine, replicas, DR follower): the installed command,
 # never ``python -m lhfs``, which would first look for a package named ``lhfs`` in the
@@ -34,6 +35,28 @@ def process_state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+PID_MAX = 1 << 22  # the kernel's largest pid (PID_MAX_LIMIT)
+
+
+def is_pid(pid: Any) -> bool:
+    return type(pid) is int and 0 < pid <= PID_MAX
+
+
+def alive(pid: Any) -> bool:
+    """Whether ``pid`` is a live process (not a zombie); anything but a pid (read from a
+    damaged file) is no process, never an error."""
+    if not is_pid(pid):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    state = process_state(pid)
+    return state is not None and state != "Z"  # (a zombie is not alive)
 
 
 def stopped(pid: int) -> bool:

@@ -24,7 +24,6 @@ flushes.
 from __future__ import annotations
 
 import array
-import contextlib
 import errno
 import logging
 import os
@@ -709,12 +708,18 @@ def directory_id(directory: Path) -> str:
     served and kept in it (``ID_FILE``; older directories get one then). An engine tells
     replicas apart by it, never by the address it reaches them at: one host has many
     addresses, and one replica taken twice would be two members of a volume fencing each
-    other. A directory it cannot be kept in gets one for this process's life."""
+    other. A directory it cannot be kept in gets one for this process's life. A damaged one
+    is replaced too, said in the log: the replica is then a new member to its engines (one
+    that held it before sees another identity), and whoever looks for why finds it there."""
     path = directory / ID_FILE
-    with contextlib.suppress(FileNotFoundError, UnicodeDecodeError):
-        kept = path.read_text().strip()
-        if _UID.fullmatch(kept):
-            return kept
+    try:
+        kept = path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    else:
+        if _UID.fullmatch(kept.decode(errors="replace")):
+            return kept.decode()
+        log.warning("the identity file %s was damaged (%.40r): replaced by a new one", path, kept)
     uid = secrets.token_hex(16)
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

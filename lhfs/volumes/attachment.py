@@ -130,14 +130,7 @@ def release(device: Path, fuse: bool = True) -> list[str]:
 def engine_alive(vol: volumes.Volume, record: dict[str, Any]) -> bool:
     """Whether the process of a runtime record is this volume's engine still (a pid may have
     been reused by anything since the engine died: it must never be signalled)."""
-    pid = record.get("pid", -1)
-    if not volumes.alive(pid):
-        return False
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"engine-run" in command and vol.name.encode() in command
+    return volumes.is_engine(record.get("pid"), vol.name)
 
 
 def _clear_dead_engine(vol: volumes.Volume) -> list[str]:
@@ -326,10 +319,10 @@ def _attach(
             f"device path {device} is inside lhfs's own directories: choose a path outside "
             f"{volumes.volumes_dir(root)}"
         )
-    for other in volumes.list_names(root):
-        info = volumes.load(root, other).runtime()
+    for other in volumes.readable(root):
+        info = other.runtime()
         if info and Path(info["device"]) == device:
-            raise Busy(f"{device} is the device of volume {other}")
+            raise Busy(f"{device} is the device of volume {other.name}")
     if metrics:
         parse_address(metrics)  # (a typo is said here, before anything is made)
     _clear_dead_engine(vol)

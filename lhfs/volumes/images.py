@@ -13,14 +13,38 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.config import volume as volumes
+from lhfs.core import locks
 from lhfs.core.durable import atomic_write_json, copy_sparse, fsync_dir
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
 from lhfs.core.names import IMAGE_BACKUPS, MAX_IMAGE_NAME, check_name, image_name_fits
-from lhfs.store.backing import content_id, id_size
+from lhfs.core.procs import alive
+from lhfs.store.backing import IMAGE_ID, content_id, id_size
 
 
 def images_dir(root: Path) -> Path:
     return Path(root) / "backing-images"
+
+
+def name_held(root: Path, name: str, doing: str) -> contextlib.AbstractContextManager[None]:
+    """Hold image name ``name`` for the block (``backing-images/.NAME.lock``, as volumes
+    hold theirs): two creates of one name at once once shared their temporary file, and one
+    printed the id of the other's image over a file holding the other's bytes."""
+    check_name(name, "backing image name")
+    base = images_dir(root)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return locks.name_held(base / f".{name}.lock", f"backing image {name}", doing)
+
+
+def _clear_cut_short(root: Path, name: str | None = None) -> None:
+    """Delete the temporary files (``.NAME.img.PID.tmp``) of creates that were cut short:
+    those of ``name`` (its name is held: no create of it runs), else those of dead processes
+    (a create under way keeps its own)."""
+    for tmp in images_dir(root).glob(".*.img.*.tmp"):
+        stem, pid, _ = tmp.name[1:].rsplit(".", 2)
+        if not pid.isdigit():
+            continue  # (not one of ours)
+        if stem == f"{name}.img" if name is not None else not alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def create(root: Path, name: str, source: Path) -> dict[str, Any]:
@@ -39,41 +63,66 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
         raise InvalidArgument(f"image file {source} is not a regular file")
     if not source.is_file():
         raise NotFound(f"image file {source} does not exist")
-    base = images_dir(root)
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if (base / f"{name}.json").exists():
-        raise AlreadyExists(f"backing image {name} already exists")
     if source.stat().st_size == 0:
         raise InvalidArgument(f"image file {source} is empty: a volume without one reads as zeros")
-    tmp = base / f".{name}.img.tmp"
-    tmp.unlink(missing_ok=True)  # (a create cut short)
-    copy_sparse(source, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    image_id = content_id(tmp)
-    os.rename(tmp, base / f"{name}.img")
-    fsync_dir(base)
-    info = {"name": name, "id": image_id, "size": id_size(image_id), "file": f"{name}.img"}
-    atomic_write_json(base / f"{name}.json", info)
+    base = images_dir(root)
+    with name_held(root, name, "created"):
+        if (base / f"{name}.json").exists():
+            raise AlreadyExists(f"backing image {name} already exists")
+        _clear_cut_short(root, name)
+        tmp = base / f".{name}.img.{os.getpid()}.tmp"
+        try:
+            copy_sparse(source, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            image_id = content_id(tmp)
+            os.rename(tmp, base / f"{name}.img")
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(base)
+        info = {"name": name, "id": image_id, "size": id_size(image_id), "file": f"{name}.img"}
+        atomic_write_json(base / f"{name}.json", info)
     return info
 
 
 def get(root: Path, name: str) -> dict[str, Any]:
+    """The record of image ``name``, with ``path``: its file's. A record that is not what
+    lhfs writes is refused in one line (``CorruptState``) naming it and the field: its
+    ``file`` becomes a path, its ``id`` what volumes are matched on."""
     path = images_dir(root) / f"{check_name(name, 'backing image name')}.json"
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
         raise NotFound(f"no backing image named {name!r}") from None
-    info["path"] = str(images_dir(root) / info["file"])
+    except (OSError, ValueError) as exc:
+        raise CorruptState(f"{path} is damaged: {exc}") from None
+    if not isinstance(info, dict):
+        raise CorruptState(f"{path} is damaged: not a JSON object")
+    if info.get("file") != f"{name}.img":
+        raise CorruptState(f"{path}: file must be {name}.img, not {info.get('file')!r:.60}")
+    image_id = info.get("id")
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+        raise CorruptState(f"{path}: id must be an image id, not {image_id!r:.60}")
+    info.update(name=name, size=id_size(image_id), path=str(images_dir(root) / info["file"]))
     return info
 
 
 def list_images(root: Path) -> list[dict[str, Any]]:
+    """Every registered image; one whose record is damaged as its name and ``error`` (for
+    ``ls`` to show and ``rm`` to clear), never a failure of the whole list. The files of
+    creates cut short are cleared on the way."""
     base = images_dir(root)
     if not base.exists():
         return []
-    return [get(root, p.stem) for p in sorted(base.glob("*.json"))]
+    _clear_cut_short(root)
+    found = []
+    for record in sorted(base.glob("*.json")):
+        try:
+            found.append(get(root, record.stem))
+        except (CorruptState, InvalidArgument) as exc:
+            found.append({"name": record.stem, "error": str(exc)})
+    return found
 
 
 def resolve(root: Path, name_or_file: str) -> tuple[Path, str | None]:
@@ -105,16 +154,22 @@ def verified(root: Path, name: str) -> dict[str, Any]:
 
 
 def remove(root: Path, name: str) -> list[str]:
-    """Delete a registered image (its record first: then it is gone, whatever is left); the
-    volumes made from it, which keep their own copies in their replicas (they need it not)."""
-    info = get(root, name)
+    """Delete a registered image (its record first: then it is gone, whatever is left), or
+    the record of one that is damaged; the volumes made from it, which keep their own copies
+    in their replicas (they need it not)."""
     base = images_dir(root)
-    (base / f"{name}.json").unlink()
-    fsync_dir(base)
-    (base / info["file"]).unlink(missing_ok=True)
+    with name_held(root, name, "removed"):
+        try:
+            image_id = get(root, name)["id"]
+        except CorruptState:
+            image_id = None  # (its record is damaged: removed all the same)
+        (base / f"{name}.json").unlink()
+        fsync_dir(base)
+        (base / f"{name}.img").unlink(missing_ok=True)
+        _clear_cut_short(root, name)
     users = []
-    for volume in volumes.list_names(root):
+    for volume in volumes.list_names(root) if image_id else []:
         with contextlib.suppress(LhfsError, OSError, ValueError):
-            if volumes.load(root, volume).config.get("backing_image") == info["id"]:
+            if volumes.load(root, volume).config.get("backing_image") == image_id:
                 users.append(volume)
     return users

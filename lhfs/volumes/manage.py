@@ -389,7 +389,16 @@ def list_volumes(root: Path) -> list[dict[str, Any]]:
     """``info`` of every volume, asked of their engines at once: one that does not answer
     costs its wait once, not once per volume listed before it."""
     with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda name: info(root, name), volumes.list_names(root)))
+        return list(pool.map(lambda name: _info_or_damaged(root, name), volumes.list_names(root)))
+
+
+def _info_or_damaged(root: Path, name: str) -> dict[str, Any]:
+    """``info``, or state ``damaged`` and why: one volume's damaged files (its configuration,
+    its filesystem record) must not hide every other volume of the root."""
+    try:
+        return info(root, name)
+    except CorruptState as exc:
+        return {"name": name, "state": "damaged", "error": str(exc)}
 
 
 def checksum(root: Path, name: str, progress: control.Progress | None = None) -> str:

@@ -420,8 +420,7 @@ def _umount(
 
 def _owner_of(root: Path, loop: str) -> tuple[volumes.Volume, Path] | None:
     """The volume whose device (running engine or one that died) ``loop`` sits on."""
-    for name in volumes.list_names(root):
-        vol = volumes.load(root, name)
+    for vol in volumes.readable(root):
         record = vol.runtime_record()
         for device in {Path(record["device"]) if record else None, vol.dir / "device"}:
             if device is not None and loop in attachment.loops_backed_by(device):
