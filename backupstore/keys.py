@@ -39,6 +39,7 @@ from lhfs.core.private import read_private
 from . import keycache, parse_json
 
 RECORD = "lhfs-store.json"
+RECORD_FORMAT = 2  # of the store record this lhfs writes and reads (a newer one: upgrade)
 _PLAIN = b"LHS1"  # a sealed object of a plain store: magic, 32-byte MAC, payload
 _SEALED = b"LHE1"  # of an encrypted store: magic, 12-byte nonce, ciphertext and tag
 _KDF = {"name": "scrypt", "n": 1 << 15, "r": 8, "p": 1}  # 32 MiB of memory (128·n·r bytes)
@@ -140,7 +141,7 @@ class StoreKeys:
         if password is None:
             keys = cls(store_id, False, secrets.token_bytes(_KEY_BYTES))
             record = {
-                "format": 2,
+                "format": RECORD_FORMAT,
                 "id": store_id,
                 "encrypted": False,
                 "mac_key": _b64(keys.mac_key),
@@ -160,7 +161,7 @@ class StoreKeys:
         plain = keys.mac_key + keys.data_key + keys.name_key
         wrapped = _aead(wrapping).encrypt(nonce, plain, store_id.encode())
         record = {
-            "format": 2,
+            "format": RECORD_FORMAT,
             "id": store_id,
             "encrypted": True,
             "kdf": {**_KDF, "salt": _b64(salt)},
@@ -173,10 +174,16 @@ class StoreKeys:
         """The keys a record keeps; an encrypted store needs its password, a plain one none."""
         try:
             data = parse_json(record)
+            found = data.get("format")
+            if type(found) is int and found > RECORD_FORMAT:  # (not damaged: say what to do)
+                raise CorruptState(
+                    f"the store record {where} was written by a newer lhfs (format {found}): "
+                    "upgrade lhfs"
+                )
             store_id, encrypted = str(data["id"]), data["encrypted"]
-            if data.get("format") != 2 or not isinstance(encrypted, bool):
+            if found != RECORD_FORMAT or not isinstance(encrypted, bool):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise CorruptState(f"the store record {where} cannot be read") from None
         if not encrypted:
             if password is not None:

@@ -56,6 +56,9 @@ from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
 from .s3 import Bucket, StoreUnavailable
 
+FORMAT = 1  # of the records this lhfs writes (manifests, a volume's record): newer ones refused
+NEWER = "written by a newer lhfs"  # (what says so, where a record of a newer FORMAT is refused)
+
 BLOCK_SIZE = 2 << 20
 MIN_BLOCK = 4 << 10
 MAX_BLOCK = 16 << 20  # what one replica read may return
@@ -273,9 +276,11 @@ class BackupStore:
         if found is None:
             return None
         try:
-            size = parse_json(found)["block_size"]
-        except (ValueError, KeyError, TypeError):
-            size = None
+            meta = parse_json(found)
+        except ValueError:
+            meta = None
+        _not_newer(meta, f"{relative} in {self.target}")
+        size = meta.get("block_size") if isinstance(meta, dict) else None
         if not _passes(check_block_size, size):
             raise CorruptState(f"{relative} in {self.target} cannot be parsed")
         self._block_sizes[volume] = size
@@ -398,7 +403,7 @@ class BackupStore:
                 self._settle(pending, stats, len(pending))
             self._recheck(stats.found)
             manifest = {
-                "format": 1,
+                "format": FORMAT,
                 "volume": volume,
                 "name": name,
                 "snapshot": snapshot,
@@ -415,7 +420,7 @@ class BackupStore:
                 manifest["deltas"] = {str(i): r for i, r in sorted(out_recipes.items())}
             self.put_sealed(_relative(volume, name, "json"), json.dumps(manifest).encode())
             if not recorded:  # the first complete backup fixes the block size
-                meta = {"format": 1, "block_size": block_size}
+                meta = {"format": FORMAT, "block_size": block_size}
                 self.put_sealed(self._meta_relative(volume), json.dumps(meta).encode())
         progress(100.0, size, size)
         return manifest, stats
@@ -566,6 +571,7 @@ class BackupStore:
             and isinstance(manifest.get("chunk_size"), int)
         ):
             manifest["delta_unit"] = manifest["chunk_size"]
+        _not_newer(manifest, f"the manifest of backup {name} of {volume}")
         bad = _bad_field(manifest, volume, name)
         if bad is not None:
             raise CorruptState(
@@ -624,8 +630,9 @@ class BackupStore:
     def list(self, volume: str | None = None) -> list[dict[str, Any]]:
         """Backups, oldest first, each once: ``complete`` (its manifest exists), ``in_progress``
         (its marker is fresh), ``interrupted`` (a marker that its process stopped
-        refreshing, and no manifest: ``lhfs backup gc`` removes it) or ``damaged`` (a
-        manifest that cannot be read, ``reason`` says why: ``lhfs backup rm`` removes it)."""
+        refreshing, and no manifest: ``lhfs backup gc`` removes it), ``damaged`` (a
+        manifest that cannot be read, ``reason`` says why: ``lhfs backup rm`` removes it) or
+        ``newer`` (one a newer lhfs wrote: read by upgrading lhfs)."""
         complete: dict[tuple[str, str], Any] = {}
         markers = {}
         for obj in self.bucket.list(self.target.key("volumes", volume or "") + "/"):
@@ -659,7 +666,8 @@ class BackupStore:
                 }
             )
         for (vol, name), reason in damaged.items():
-            out.append(_unread(vol, name, "damaged", complete[(vol, name)], reason))
+            state = "newer" if NEWER in reason else "damaged"
+            out.append(_unread(vol, name, state, complete[(vol, name)], reason))
         return sorted(out, key=order)
 
     @staticmethod
@@ -1023,6 +1031,15 @@ def _is_digest(value: Any) -> bool:
     return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
+def _not_newer(record: Any, what: str) -> None:
+    """Refuse a record (a manifest, a volume's record) that a newer lhfs wrote, saying so:
+    called damaged, its reader would be told to distrust a store that is fine, and to
+    upgrade nothing (``format`` says what a reader must know to read it)."""
+    found = record.get("format") if isinstance(record, dict) else None
+    if type(found) is int and found > FORMAT:
+        raise CorruptState(f"{what} was {NEWER} (format {found}): upgrade lhfs")
+
+
 def _bad_field(manifest: Any, volume: str, name: str) -> str | None:
     """The first field of a manifest that is not what lhfs writes, or None when all are.
     Every field a reader uses is checked here, once, for its type and range: anyone who can
@@ -1034,7 +1051,7 @@ def _bad_field(manifest: Any, volume: str, name: str) -> str | None:
     size, block_size, blocks = m("size"), m("block_size"), m("blocks")
     snapshot, created, started = m("snapshot"), m("created"), m("started", 0.0)
     chunk_size, unit, recipes = m("chunk_size"), m("delta_unit"), m("deltas", {})
-    if not _is_int(m("format"), 1, 1):
+    if not _is_int(m("format"), FORMAT, FORMAT):
         return "format"
     if (m("volume"), m("name")) != (volume, name):
         return "volume and name"

@@ -676,6 +676,33 @@ def test_a_date_that_does_not_exist_is_a_damaged_manifest_not_a_traceback(
     assert (listed["state"], listed["taken"]) == ("complete", "2024-02-28T10:11:12Z"), listed
 
 
+def test_a_manifest_or_store_record_of_a_newer_format_says_upgrade_not_damaged(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """A manifest (and a store record) whose ``format`` is newer than this lhfs knows was
+    written by a newer lhfs: said so ("upgrade lhfs"), shown as ``newer`` by ``backup ls``,
+    never called damaged (an older lhfs once called every manifest of a newer one so)."""
+    target = "s3://trust-newer/p"
+    store, url, manifest = small_backup(target)
+    reseal(store, "volumes/v/b1.json", json.dumps({**manifest, "format": 99}).encode())
+    newer_lhfs = "written by a newer lhfs (format 99): upgrade lhfs"
+    expected = f"the manifest of backup b1 of v was {newer_lhfs}"
+    with pytest.raises(CorruptState) as refused:
+        BackupStore(store.bucket).manifest("v", "b1")
+    assert str(refused.value) == expected
+    (listed,) = cli.json("backup", "ls", "--target", target)
+    assert (listed["state"], listed["reason"]) == ("newer", expected), listed
+    restore = cli.run("backup", "restore", url, "copy", "--quiet", check=False)
+    assert restore.returncode == 1 and restore.stderr == f"lhfs: error: {expected}\n"
+    record = store.bucket.get(store.target.key("lhfs-store.json"))
+    assert record is not None
+    newer = {**json.loads(record[0]), "format": 99}
+    store.bucket.put(store.target.key("lhfs-store.json"), json.dumps(newer).encode())
+    listing = cli.run("backup", "ls", "--target", target, check=False)
+    assert listing.returncode == 1, listing.stderr
+    assert listing.stderr == f"lhfs: error: the store record {target} was {newer_lhfs}\n"
+
+
 def test_the_time_a_backup_orders_by_never_fails() -> None:
     """``taken_at`` and ``order`` read what they can and never raise: a snapshot time (a
     number, or RFC 3339 as the first manifests that had one wrote), else the start, else the
