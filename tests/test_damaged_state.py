@@ -215,7 +215,10 @@ def test_damaged_backing_image_records_are_shown_and_removable(cli: Cli, tmp_pat
     cli.run("backing-image", "create", "bi", "--from", str(source))
     base = cli.root / "backing-images"
     left = base / f".bi.img.{_reaped()}.tmp"  # (a create killed half-way)
-    left.write_bytes(b"part")
+    older = base / ".bi.img.tmp"  # (one of an older lhfs, which had no pid in it)
+    running = base / f".other.img.{os.getpid()}.tmp"  # (a create under way: kept)
+    for part in (left, older, running):
+        part.write_bytes(b"part")
     for content, field in (
         ("garbage", "damaged"), ("[]", "not a JSON object"), ("{}", "file"),
         ('{"id": 5, "file": "bi.img"}', "id"),
@@ -223,7 +226,7 @@ def test_damaged_backing_image_records_are_shown_and_removable(cli: Cli, tmp_pat
         (base / "bi.json").write_text(content)
         (shown,) = cli.json("backing-image", "ls")
         assert shown["name"] == "bi" and field in shown["error"], shown
-        assert not left.exists()
+        assert not left.exists() and not older.exists() and running.exists()
         create = cli.run(
             "volume", "create", "v", "--size", "1M", "--backing-image", "bi", check=False
         )
@@ -232,7 +235,7 @@ def test_damaged_backing_image_records_are_shown_and_removable(cli: Cli, tmp_pat
     assert "damaged" in cli.run("backing-image", "ls").stdout.splitlines()[1]
     assert not (cli.root / "volumes" / "v").exists()
     cli.run("backing-image", "rm", "bi")
-    assert sorted(p.name for p in base.iterdir()) == []
+    assert sorted(p.name for p in base.iterdir()) == [running.name]
 
 
 def test_two_creates_of_one_backing_image_name_never_mix(cli: Cli, tmp_path: Path) -> None:

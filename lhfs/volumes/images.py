@@ -38,12 +38,16 @@ def name_held(root: Path, name: str, doing: str) -> contextlib.AbstractContextMa
 def _clear_cut_short(root: Path, name: str | None = None) -> None:
     """Delete the temporary files (``.NAME.img.PID.tmp``) of creates that were cut short:
     those of ``name`` (its name is held: no create of it runs), else those of dead processes
-    (a create under way keeps its own)."""
-    for tmp in images_dir(root).glob(".*.img.*.tmp"):
-        stem, pid, _ = tmp.name[1:].rsplit(".", 2)
-        if not pid.isdigit():
-            continue  # (not one of ours)
-        if stem == f"{name}.img" if name is not None else not alive(int(pid)):
+    (a create under way keeps its own). An older lhfs's (``.NAME.img.tmp``) are over."""
+    for tmp in images_dir(root).glob(".*.tmp"):
+        pid: str | None = None
+        if tmp.name.endswith(".img.tmp"):
+            image = tmp.name[1 : -len(".img.tmp")]
+        else:
+            image, _, pid = tmp.name[1 : -len(".tmp")].rpartition(".img.")
+            if not image or not pid.isdigit():
+                continue  # (not a create's)
+        if image == name if name is not None else pid is None or not alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
