@@ -28,7 +28,7 @@ from lhfs.cli.common import (
     size_arg,
     verb,
 )
-from lhfs.core.errors import NotFound
+from lhfs.core.errors import CorruptState, NotFound
 from lhfs.core.units import format_size, parse_size
 
 
@@ -225,7 +225,13 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
 
     text = f"removed volume {args.name}"
     marker, left = None, []
-    standby = volumes.load(root_of(args), args.name).config.get("dr")
+    try:
+        standby = volumes.load(root_of(args), args.name).config.get("dr")
+    except CorruptState as exc:  # (only its configuration says which replicas are its own)
+        raise CorruptState(
+            f"{exc}: refused, nothing removed (repair the file, or see 'Damaged files' in the "
+            "README)"
+        ) from None
     if standby:
         from lhfs.backups import dr  # (a standby: its marker in the store goes too)
 
