@@ -23,8 +23,11 @@ collection marker is left. Whichever comes second sees the other (S3 lists are c
 after a write), so a block is never deleted under a backup that reuses it. Markers are
 refreshed by a heartbeat thread whatever their owner is busy with; one not refreshed for ten
 minutes (twice the longest a single call retries) belongs to a process that died and no longer
-holds the other side back. Ages are measured against the server's clock (the time of the
-asker's own marker), so a skewed local clock cannot make a live marker look dead.
+holds the other side back; so does at once one written on this host since its last boot
+(every marker records its host name, boot id and pid) whose process is gone: a killed ``backup
+rm`` held every backup to its store for ten minutes. Ages are measured against the server's
+clock (the time of the asker's own marker), so a skewed local clock cannot make a live marker
+look dead.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import xxhash
 import zstandard
 
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
+from lhfs.core.procs import process_state
 from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
@@ -510,13 +514,7 @@ class BackupStore:
     def _whose(self, key: str) -> str:
         """Who runs the collection of the marker ``key`` and since when, as its marker says
         (written by whoever can write the bucket: only what has the form lhfs writes)."""
-        try:
-            found = self.bucket.get(key, SMALL_OBJECT)
-            about = parse_json(found[0]) if found else {}
-        except (CorruptState, ValueError):
-            return ""
-        if not isinstance(about, dict):
-            return ""
+        about = self._about(key)
         pid, host, started = about.get("pid"), about.get("host"), about.get("started")
         said = []
         if _is_int(pid, 1, 1 << 31) and isinstance(host, str) and _HOST.fullmatch(host):
@@ -670,9 +668,21 @@ class BackupStore:
             out.append(_unread(vol, name, state, complete[(vol, name)], reason))
         return sorted(out, key=order)
 
-    @staticmethod
-    def _fresh(obj: Any, now: float) -> bool:
-        return now - obj.last_modified.timestamp() < STALE
+    def _fresh(self, obj: Any, now: float) -> bool:
+        """Whether the marker ``obj`` is of a process that may live: refreshed within
+        ``STALE`` of ``now``, and not of this host's boot with its process gone."""
+        if now - obj.last_modified.timestamp() >= STALE:
+            return False
+        return not died_here(self._about(obj.object_name))
+
+    def _about(self, key: str) -> dict[str, Any]:
+        """What the marker ``key`` says of itself ({} when it is gone or not lhfs's)."""
+        try:
+            found = self.bucket.get(key, SMALL_OBJECT)
+            about = parse_json(found[0]) if found else {}
+        except (CorruptState, ValueError, NotFound):
+            return {}
+        return about if isinstance(about, dict) else {}
 
     def restore(
         self,
@@ -872,8 +882,7 @@ class BackupStore:
                 now = self.bucket.modified(marker.key)
                 for kind in ("volumes", "systems"):  # (a dead system backup's too)
                     for obj in self.bucket.list(self.target.key(kind) + "/"):
-                        dead = now - obj.last_modified.timestamp() >= STALE
-                        if obj.object_name.endswith(".running") and dead:
+                        if obj.object_name.endswith(".running") and not self._fresh(obj, now):
                             self.bucket.delete(obj.object_name)
                             swept += 1
             return Collection(removed, None, swept)
@@ -893,8 +902,7 @@ class BackupStore:
         """The marker of a collection, saying who runs it and since when (for a backup it
         holds back to tell the operator)."""
         key = self.target.key("locks", f"collect-{secrets.token_hex(8)}")
-        about = {"host": socket.gethostname(), "pid": os.getpid()}
-        return Marker(self.bucket, key, about=about)
+        return Marker(self.bucket, key)
 
     def _running(self, own: str) -> str | None:
         """What running backup holds collection back, if any (None: none)."""
@@ -924,7 +932,7 @@ class BackupStore:
             return []
         listed = time.monotonic()
         now = self.bucket.modified(own) - (time.monotonic() - listed)
-        return [obj for obj in others if now - obj.last_modified.timestamp() < STALE]
+        return [obj for obj in others if self._fresh(obj, now)]
 
     def check(
         self, read_data: bool = False, progress: Callable[..., None] = lambda *pct: None
@@ -1009,6 +1017,30 @@ class BackupStore:
 def _named(users: set[tuple[str, str]]) -> str:
     """The backups of ``users`` (volume, backup), for a problem's line."""
     return "named by " + ", ".join(f"backup {name} of {vol}" for vol, name in sorted(users))
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def writer() -> dict[str, Any]:
+    """Who writes a marker, as it records: a marker of this host since its boot whose pid is
+    gone is dead at once (``died_here``); one of another host, or boot, only once stale."""
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid()}
+
+
+def died_here(about: dict[str, Any]) -> bool:
+    """Whether a marker's writer (``about``: its body) ran on this host since its last boot
+    and its process is gone (a pid reused since counts as alive: only ever too careful)."""
+    here = writer()
+    if here["boot"] is None or any(about.get(key) != here[key] for key in ("host", "boot")):
+        return False
+    pid = about.get("pid")
+    return _is_int(pid, 1, 1 << 31) and process_state(pid) in (None, "Z")
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:
@@ -1262,7 +1294,7 @@ class Marker:
         self.told = told
         self.claim = claim  # (what it marks, when only one may run: see ``_claim``)
         # (its age says only the beat; ``about``: what else it says from the start)
-        self._body: dict[str, Any] = {"started": time.time(), **(about or {})}
+        self._body: dict[str, Any] = {"started": time.time(), **writer(), **(about or {})}
         self._lock = threading.Lock()  # (a beat never writes back an older body than a note)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from conftest import needs_fuse, restore_killed_half_way
 
 from backupstore.s3 import Bucket, StoreRefused, Target
-from backupstore.store import BackupStore
+from backupstore.store import BackupStore, Marker
 from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
 from lhfs.store.chunkstore import ChunkStore
@@ -452,6 +453,34 @@ def test_a_backup_held_back_by_a_collection_says_so_at_once(cli: Cli, s3_endpoin
             backup.kill()
     reader.join(10)
     assert backup.stdout is not None and backup.stdout.read().startswith(target + "?volume=v&")
+
+
+def test_a_collection_killed_on_this_host_holds_no_backup_back(cli: Cli, s3_endpoint: str) -> None:
+    """The marker of a collection killed on this host since its boot (its host name and boot
+    id, its pid gone) counts as dead at once: a backup goes on without a wait (it waited ten
+    minutes). One of another host still holds backups back until it is stale."""
+    target = "s3://cli-dead-here/p"
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    cli.backup("v", target)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store = BackupStore(Bucket(Target.parse(target)))
+    here = Marker(store.bucket, store.target.key("locks", "collect-here"), about={"pid": gone.pid})
+    here._write()  # (what a collection killed at once leaves: never refreshed, never removed)
+    done = cli.run("backup", "create", "v", "--target", target, "--quiet")
+    assert "waiting" not in done.stderr and done.stdout.startswith(target), done
+    elsewhere = Marker(
+        store.bucket,
+        store.target.key("locks", "collect-elsewhere"),
+        about={"pid": gone.pid, "host": "elsewhere"},
+    )
+    elsewhere._write()
+    backup = cli.start("backup", "create", "v", "--target", target, "--quiet")
+    assert backup.stderr is not None
+    line = backup.stderr.readline()
+    assert "waiting for a collection" in line and f"(pid {gone.pid} on elsewhere" in line, line
+    store.bucket.delete(elsewhere.key)
+    assert backup.wait(60) == 0, backup.communicate()
 
 
 def test_a_system_backup_part_and_an_image_backup_say_they_wait_for_a_collection(

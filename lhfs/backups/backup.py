@@ -163,13 +163,28 @@ class _Source:
     """Where a backup reads its snapshot: a healthy replica process of an attached volume, or
     the freshest local directory of a detached one. Before anything is read it learns, from
     every healthy replica that answers, the snapshot's layer id there and the replica's
-    rebuild count: what the next backup needs to take its changed blocks from the chain."""
+    rebuild count: what the next backup needs to take its changed blocks from the chain.
+    A detached volume is held against an attach (``attachment.exclusive``) until the source
+    is closed: an attach meanwhile found its replica directories taken, failed them and
+    rebuilt them for nothing (or, with one replica, failed)."""
 
     def __init__(self, vol: volumes.Volume, snapshot: str) -> None:
         self.snapshot = snapshot
         self.remote: SyncReplica | None = None
         self.local: ChunkStore | None = None
         self.bases: dict[str, dict[str, Any]] = {}
+        self.held = contextlib.ExitStack()
+        try:
+            if vol.runtime() is None:
+                self.held.enter_context(attachment.exclusive(vol))
+                if vol.runtime() is not None:  # (attached meanwhile: its replicas are read)
+                    self.held.close()
+            self._open(vol, snapshot)
+        except BaseException:
+            self.held.close()
+            raise
+
+    def _open(self, vol: volumes.Volume, snapshot: str) -> None:
         if vol.runtime() is not None:
             info = control.call(vol.control_socket, "info")
             healthy = [r for r in info["replicas"] if r["mode"] == "RW"]
@@ -242,6 +257,7 @@ class _Source:
             self.remote.close()
         if self.local is not None:
             self.local.close()
+        self.held.close()
 
 
 def _changes(
@@ -348,11 +364,8 @@ def create(
             )
         except LhfsError as exc:  # (a refusal before the backup began left nothing: as it is)
             failed = exc
-            if isinstance(exc, ConnectionLost) and engine and not volumes.alive(engine["pid"]):
-                failed = WrongState(  # (its replicas die with it: not a fault of the one read)
-                    f"the engine of {name} died (the volume crashed: 'lhfs volume info {name}' "
-                    "says what it left)"
-                )
+            if isinstance(exc, ConnectionLost) and engine:
+                failed = _engine_gone(vol, engine) or exc
             if backup_name is not None or failed is not exc:  # what failed, and what it left
                 left = f"; its snapshot {snapshot} stays until housekeeping trims it"
                 left = left if made else ""
@@ -374,6 +387,24 @@ def create(
         }
         vol.update(lambda config: config.setdefault("backups", {}).update({str(target): done}))
     return backup_url(target, name, backup_name), stats
+
+
+def _engine_gone(vol: volumes.Volume, engine: dict[str, Any]) -> LhfsError | None:
+    """Why a backup's connection to a replica of an attached volume broke, when its engine
+    is gone (its replicas end with it: not a fault of the one read): detached meanwhile, or
+    died. None while the engine lives. A detach under way is waited for (it holds the
+    command lock) so that which one it was is known."""
+    with contextlib.suppress(TimeoutError):  # (the replica ends first; its engine, next)
+        wait_for(lambda: not volumes.alive(engine["pid"]), 10, f"the engine of {vol.name}")
+    if volumes.alive(engine["pid"]):
+        return None
+    with contextlib.suppress(LhfsError), attachment.exclusive(vol):
+        if vol.runtime_record() is None:
+            return WrongState(f"volume {vol.name} was detached during the backup")
+    return WrongState(
+        f"the engine of {vol.name} died (the volume crashed: 'lhfs volume info {vol.name}' "
+        "says what it left)"
+    )
 
 
 def backup_image(
@@ -574,8 +605,8 @@ def restore(
         with contextlib.suppress(Exception):
             if vol.runtime() is not None:
                 attachment.detach(root, new_name)
-        with contextlib.suppress(Exception):
-            manage.remove(root, new_name)
+        with contextlib.suppress(Exception):  # (this one: never one made since under its name)
+            manage.remove(root, new_name, volume_id=vol.config["volume_id"])
         raise
     restored = {
         "from": url,

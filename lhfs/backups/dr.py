@@ -49,7 +49,7 @@ from lhfs.backups.backup import (
     store_password,
 )
 from lhfs.config import volume as volumes
-from lhfs.core import logs
+from lhfs.core import locks, logs
 from lhfs.core.durable import atomic_write
 from lhfs.core.errors import (
     AlreadyExists,
@@ -548,8 +548,29 @@ def create(
 
 
 def start(root: Path, name: str) -> int:
-    """Start the follower in the background (no-op when one runs); returns its pid."""
+    """Start the follower in the background (no-op when one runs); returns its pid. One
+    start at a time (``START_LOCK``): of starts at once, one started the follower and the
+    others' followers found it running and exited, which they said as a failure."""
     vol = volumes.load(root, name)
+    held = locks.take(
+        vol.dir / START_LOCK,
+        START_WAIT,
+        f"another 'lhfs dr start {name}'{{pid}} has been starting its follower for "
+        f"{START_WAIT:.0f}s: try again",
+    )
+    try:
+        return _start(root, volumes.load(root, name))  # (as the start it waited for left it)
+    finally:
+        os.close(held)
+
+
+START_LOCK = "dr-start.lock"
+START_WAIT = 60.0  # seconds a `dr start` waits for another one (which waits 30 s at most)
+
+
+def _start(root: Path, vol: volumes.Volume) -> int:
+    """``start``, holding its lock."""
+    name = vol.name
     config = dr_config(vol)
     running = follower_pid(vol)
     if running:

@@ -100,10 +100,12 @@ def create(
         except CorruptState as exc:  # (the others are backed up all the same)
             skipped[volume] = f"damaged: {exc}"
             continue
+        except NotFound:  # (removed since it was listed)
+            continue
         if vol.config.get("dr"):
-            skipped[volume] = "a DR standby: its source's backups are what it holds"
+            skipped[vol.name] = "a DR standby: its source's backups are what it holds"
         elif vol.config.get("restoring"):
-            skipped[volume] = "an unfinished restore"
+            skipped[vol.name] = "an unfinished restore"
         else:
             chosen.append(vol)
     started = time.time()

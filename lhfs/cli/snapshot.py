@@ -44,9 +44,12 @@ def cmd_snapshot_rm(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     with Progress(f"remove {args.name}", quiet=args.quiet) as bar:
-        manage.snapshot_remove(root_of(args), args.volume, args.name, bar.update)
-    data = {"volume": args.volume, "name": args.name, "removed": True}
-    say(args, data, f"removed snapshot {args.name}")
+        some = manage.snapshot_remove(root_of(args), args.volume, args.name, bar.update)
+    data = {"volume": args.volume, "name": args.name, "removed": True, "only_on": some}
+    text = f"removed snapshot {args.name}"
+    if some is not None:  # (a snapshot create cut short left it there)
+        text += f", which only {some} replica{'s' if some > 1 else ''} held"
+    say(args, data, text)
 
 
 def cmd_snapshot_revert(args: argparse.Namespace) -> None:

@@ -168,10 +168,13 @@ def cmd_volume_ls(args: argparse.Namespace) -> None:
     if args.json:
         print_json(volumes)
         return
-    if not volumes:
+    cut_short = manage.removals_cut_short(root_of(args))
+    if not volumes and not cut_short:
         print("no volumes")
     for info in volumes:
         _print_volume(root_of(args), info)
+    for name in cut_short:  # (out of sight otherwise: a killed rm left it whole)
+        print(f"{name}: its removal was cut short ('lhfs volume rm {name}' finishes it)")
 
 
 def cmd_volume_info(args: argparse.Namespace) -> None:
@@ -185,16 +188,19 @@ def cmd_volume_expand(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     done = manage.expand(root_of(args), args.name, args.size)
-    if not done["changed"]:
-        text = f"{args.name} is already {format_size(args.size)}: nothing to do"
-    else:
-        text = f"expanded {args.name} to {format_size(args.size)}"
-        if done["loop"]:
-            text += f"; {done['loop']} grown"
-        if done["filesystem"]:
-            text += f", and its {done['filesystem']} file system at {done['mountpoint']}"
-        if done["todo"]:
-            text += f"; still to do: {done['todo']}"
+    size = format_size(args.size)
+    # (already that size, attached: what is on it grown to it, after an expansion cut short)
+    text = (
+        f"expanded {args.name} to {size}" if done["changed"] else f"{args.name} is already {size}"
+    )
+    if done["loop"]:
+        text += f"; {done['loop']} grown"
+    if done["filesystem"]:
+        text += f", and its {done['filesystem']} file system at {done['mountpoint']}"
+    if done["todo"]:
+        text += f"; still to do: {done['todo']}"
+    if not (done["changed"] or done["loop"] or done["todo"]):
+        text += ": nothing to do"
     say(args, done, text)
 
 
@@ -223,19 +229,17 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
     from lhfs.config import volume as volumes
     from lhfs.volumes import manage
 
+    root = root_of(args)
     text = f"removed volume {args.name}"
     marker, left = None, []
-    try:
-        standby = volumes.load(root_of(args), args.name).config.get("dr")
-    except CorruptState as exc:  # (only its configuration says which replicas are its own)
-        raise CorruptState(
-            f"{exc}: refused, nothing removed (repair the file, or see 'Damaged files' in the "
-            "README)"
-        ) from None
-    if standby:
+    cut_short = not (volumes.volumes_dir(root) / args.name).exists()
+    if cut_short and args.name in manage.removals_cut_short(root):  # (a killed rm's leavings)
+        left = manage.finish_removal(root, args.name)
+        text = f"finished the removal of volume {args.name}, which was cut short"
+    elif standby := _standby_of(root, args.name):
         from lhfs.backups import dr  # (a standby: its marker in the store goes too)
 
-        marker = dr.remove(root_of(args), args.name, args.keep_marker, args.retry_timeout)
+        marker = dr.remove(root, args.name, args.keep_marker, args.retry_timeout)
         text += (
             f" and its marker as a DR standby in {marker}"
             if marker
@@ -243,14 +247,29 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
             f"{dr.forget_hint(args.name, standby)} removes it"
         )
     else:
-        left = manage.remove(root_of(args), args.name)
-        if left:
-            text += f"; left, to remove by hand once their disks are back: {', '.join(left)}"
+        left = manage.remove(root, args.name)
+    if left:
+        text += f"; left, to remove by hand once their disks are back: {', '.join(left)}"
     say(
         args,
         {"name": args.name, "removed": True, "marker_removed_from": marker, "left": left},
         text,
     )
+
+
+def _standby_of(root: Path, name: str) -> dict[str, Any] | None:
+    """The DR section of volume ``name`` (None: not a standby). A damaged configuration
+    refuses the removal: only it says which replica directories (some perhaps on disks of
+    their own) are the volume's, so nothing is deleted on its strength."""
+    from lhfs.config import volume as volumes
+
+    try:
+        return volumes.load(root, name).config.get("dr")
+    except CorruptState as exc:
+        raise CorruptState(
+            f"{exc}: refused, nothing removed (repair the file, or see 'Damaged files' in the "
+            "README)"
+        ) from None
 
 
 def cmd_volume_scrub(args: argparse.Namespace) -> int:

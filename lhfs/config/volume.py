@@ -173,11 +173,18 @@ class Volume:
 
     def update(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Reload, change and save the configuration under a lock: the engine and the command
-        line both change it, and neither may write back a stale copy over the other's change."""
-        with locks.held(self.dir / "config.lock"):
-            self.config = read_config(self.dir / "config.json")
-            change(self.config)
-            self.save()
+        line both change it, and neither may write back a stale copy over the other's change.
+        A volume removed meanwhile is said as such (not as a raw missing ``config.lock``)."""
+        lock, path = self.dir / "config.lock", self.dir / "config.json"
+        try:
+            with locks.held(lock):
+                self.config = read_config(path)
+                change(self.config)
+                self.save()
+        except FileNotFoundError as exc:
+            if exc.filename not in (str(lock), str(path)):
+                raise
+            raise NotFound(f"no volume named {self.name!r} (under {self.root})") from None
 
     def removing(self, name: str, begun: bool) -> None:
         """Record that the removal of snapshot ``name`` was begun (``begun``) or is done: one
@@ -489,7 +496,8 @@ def list_names(root: Path) -> list[str]:
 def readable(root: Path) -> Iterator[Volume]:
     """Every volume of ``root`` whose configuration reads, for what looks across volumes (a
     device in use, a loop device's owner): one damaged volume must not stop commands about
-    the others (a command about it says what is wrong)."""
+    the others (a command about it says what is wrong), nor one removed after it was listed
+    (a loop over the volumes there are must not fail for one that went meanwhile)."""
     for name in list_names(root):
-        with contextlib.suppress(CorruptState):
+        with contextlib.suppress(CorruptState, NotFound):
             yield load(root, name)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,16 @@ def copy_sparse(source: Path, target: Path) -> None:
                 start += len(data)
             offset = end
         dst.truncate(size)
+
+
+def drop_device(device: Path) -> None:
+    """Remove the device file an attach made, once nothing is mounted on it (an empty file
+    left where a volume was is litter, and one more thing to refuse at the next attach).
+    Done by the detach, and by the engine as it ends: an attach killed while its engine
+    started left the file to nobody. A file mounted on lies on another device than its
+    directory."""
+    with contextlib.suppress(OSError):
+        info = device.lstat()
+        mounted = info.st_dev != device.parent.stat().st_dev
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0 and not mounted:
+            device.unlink()

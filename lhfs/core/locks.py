@@ -29,6 +29,8 @@ def open_lock(path: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
+        if exc.errno == errno.ENOENT:  # (its directory is gone: what it locks was removed)
+            raise
         why = _WHY.get(exc.errno or 0, f"cannot be opened ({exc.strerror})")
         raise CorruptState(f"lock file {path} {why}: remove it") from None
 

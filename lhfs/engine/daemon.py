@@ -27,7 +27,7 @@ import xxhash
 from lhfs.config import disks
 from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
-from lhfs.core.durable import atomic_write_json
+from lhfs.core.durable import atomic_write_json, drop_device
 from lhfs.core.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -863,6 +863,10 @@ class Daemon:
 ENGINE_LOCK = "engine.lock"
 
 
+class AttachGone(LhfsError):
+    """The ``volume attach`` that started the engine left before it read the status line."""
+
+
 def run(
     root: Path,
     name: str,
@@ -876,11 +880,17 @@ def run(
     out = sys.stdout
 
     def announce(line: str) -> None:
-        out.write(line + "\n")
-        out.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
+        """Say the one status line; an attach that is gone (killed before it read it) ends
+        the engine in one log line: nobody would know the volume is attached."""
+        try:
+            out.write(line + "\n")
+            out.flush()
+        except BrokenPipeError:
+            raise AttachGone("the attach that started the engine is gone (killed?)") from None
+        finally:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
 
     daemon = None
     try:
@@ -901,20 +911,27 @@ def run(
         except BaseExceptionGroup as group:  # (what failed in a task: reported as itself)
             raise sole(group) from None
         return 0
+    except AttachGone as exc:
+        log.error("%s: the engine ends", exc)
+        return 1
     except LhfsError as exc:
         log.error("%s", exc)
         if not out.closed:
-            announce(f"error: {exc}")
+            with contextlib.suppress(AttachGone):
+                announce(f"error: {exc}")
         return 1
     except Exception as exc:
         log.exception("engine failed")
-        announce(f"error: {type(exc).__name__}: {exc}")
+        with contextlib.suppress(AttachGone):
+            announce(f"error: {type(exc).__name__}: {exc}")
         return 1
     finally:
         if daemon is not None:
             daemon.stop_local_replicas()
             daemon.vol.runtime_path.unlink(missing_ok=True)
             daemon.vol.control_socket.unlink(missing_ok=True)
+        if device_made:
+            drop_device(device)
 
 
 async def _end(proc: ReplicaProcess, term_first: bool) -> None:

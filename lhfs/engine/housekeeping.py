@@ -39,10 +39,18 @@ def needed(config: dict[str, Any]) -> set[str]:
         for record in (config.get("backups") or {}).values()
         if isinstance(record, dict)
     }
-    for snapshot, pid in (config.get("snapshot_holds") or {}).items():
-        if isinstance(pid, int) and volumes.alive(pid):
-            keep.add(snapshot)
-    return keep
+    return keep | set(holders(config))
+
+
+def holders(config: dict[str, Any]) -> dict[str, int]:
+    """The snapshots of the volume that live processes hold (backups reading them), with
+    their pids: a hold whose process died counts for nothing. (The volume's removal is
+    refused while one is held.)"""
+    return {
+        snapshot: pid
+        for snapshot, pid in (config.get("snapshot_holds") or {}).items()
+        if isinstance(pid, int) and volumes.alive(pid)
+    }
 
 
 def surplus(names: list[str], keep: int, protected: set[str]) -> list[str]:
@@ -59,11 +67,7 @@ def hold(vol: volumes.Volume, snapshot: str) -> Iterator[None]:
     whose process died is ignored: a crash leaves nothing that would keep a snapshot forever."""
 
     def add(config: dict[str, Any]) -> None:
-        holds = config.setdefault("snapshot_holds", {})
-        for name, pid in list(holds.items()):  # (and forget those of dead processes)
-            if not (isinstance(pid, int) and volumes.alive(pid)):
-                del holds[name]
-        holds[snapshot] = os.getpid()
+        config["snapshot_holds"] = holders(config) | {snapshot: os.getpid()}  # (the dead go)
 
     vol.update(add)
     try:

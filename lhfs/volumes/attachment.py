@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import signal
-import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from lhfs.config import volume as volumes
 from lhfs.core import locks
+from lhfs.core.durable import drop_device
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
 from lhfs.core.procs import LHFS, child_env, read_line_matching, stopped, wait_for
 from lhfs.engine import control
@@ -141,7 +141,7 @@ def _clear_dead_engine(vol: volumes.Volume) -> list[str]:
         return []
     done = release(Path(record["device"]))
     if record.get("device_made"):
-        _drop_device(Path(record["device"]))
+        drop_device(Path(record["device"]))
     vol.runtime_path.unlink(missing_ok=True)
     vol.control_socket.unlink(missing_ok=True)
     held = [
@@ -234,15 +234,6 @@ def _check_device(device: Path) -> bool:
     return False
 
 
-def _drop_device(device: Path) -> None:
-    """Remove the device file an attach made, once nothing is mounted on it (an empty file
-    left where the volume was is litter, and one more thing to refuse at the next attach)."""
-    with contextlib.suppress(OSError):
-        info = device.lstat()
-        if stat.S_ISREG(info.st_mode) and info.st_size == 0 and not is_mountpoint(device):
-            device.unlink()
-
-
 _held: set[Path] = set()  # (the volumes whose command lock this process holds)
 COMMAND_WAIT = 300.0  # seconds a command waits for another's attach, mount or detach
 FORCE_WAIT = 5.0  # ...and a --force detach or umount, before it goes on without
@@ -263,10 +254,12 @@ def exclusive(vol: volumes.Volume, force: bool = False) -> Iterator[None]:
         fd = locks.take(
             vol.dir / "command.lock",
             FORCE_WAIT if force else COMMAND_WAIT,
-            f"another command{{pid}} has been attaching, mounting or detaching volume "
-            f"{vol.name} for {COMMAND_WAIT:.0f}s: try again once it is done (--force does not "
-            "wait for it)",
+            f"another command{{pid}} has been attaching, mounting, detaching or working on "
+            f"the replicas of volume {vol.name} for {COMMAND_WAIT:.0f}s: try again once it is "
+            "done (--force does not wait for it)",
         )
+    except FileNotFoundError:  # (removed meanwhile)
+        raise NotFound(f"no volume named {vol.name!r} (under {vol.root})") from None
     except Busy:
         if not force:
             raise
@@ -347,7 +340,7 @@ def _attach(
             )
         except BaseException:
             if made:
-                _drop_device(device)
+                drop_device(device)
             raise
     try:
         line = read_line_matching(proc, r"^(ready|error: .*)$", ATTACH_TIMEOUT).group(1)
@@ -355,7 +348,7 @@ def _attach(
         proc.kill()
         proc.wait(30)
         if made:
-            _drop_device(device)
+            drop_device(device)
         raise LhfsError(f"the engine did not start ({exc}); see {log_path}") from None
     finally:
         if proc.stdout:
@@ -363,10 +356,24 @@ def _attach(
     if line != "ready":
         proc.wait(30)
         if made:
-            _drop_device(device)
+            drop_device(device)
         raise LhfsError(line.removeprefix("error: "))
     record = vol.runtime_record() or {}
     return {"name": name, "device": str(device), "pid": proc.pid, "metrics": record.get("metrics")}
+
+
+def _stray_loops(vol: volumes.Volume, device: Path) -> bool:
+    """Whether the loop devices on ``device`` are only what an ``lhfs mount`` or ``umount``
+    killed between its loop device and its mount left: on lhfs's own device file (never an
+    operator's), nothing mounted on them and nothing stacked on them (no holders). The
+    detach frees them, where it would otherwise refuse ("in use by /dev/loopN")."""
+    loops = loops_backed_by(device)
+    if not loops or os.path.realpath(device) != os.path.realpath(vol.dir / "device"):
+        return False
+    return not any(
+        mounted_at(loop) or any(Path(f"/sys/block/{Path(loop).name}/holders").iterdir())
+        for loop in loops
+    )
 
 
 def engine_state(vol: volumes.Volume) -> str:
@@ -417,6 +424,8 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
     elif engine_alive(vol, record):
         state = engine_state(vol)
         report["state"] = state
+        if _stray_loops(vol, device):  # (an 'lhfs mount' or 'umount' cut short left them)
+            report["cleaned"] += release(device, fuse=False)
         if loops_backed_by(device) and state != "faulted" and not force:
             loops = ", ".join(loops_backed_by(device))
             if state == "not answering":
@@ -448,5 +457,5 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
         report["flushed"] = False
     report["cleaned"] += _clear_dead_engine(vol)
     if record.get("device_made"):
-        _drop_device(device)
+        drop_device(device)
     return report

@@ -26,7 +26,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import InvalidArgument, LhfsError
 from lhfs.core.units import format_size
 from lhfs.store.chunkstore import disk_bytes, largest_file
-from lhfs.volumes import attachment
+from lhfs.volumes import attachment, manage
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 REACH_TIMEOUT = 5.0
@@ -113,6 +113,10 @@ def _root(root: Path) -> list[Check]:
                 out.append(Check("root dir", OK, f"{root} ({mode:o})"))
     else:
         out.append(Check("root dir", OK, f"{root} does not exist yet: made at the first volume"))
+    for name in manage.removals_cut_short(root):  # (out of sight otherwise, its files kept)
+        lhfs = f"lhfs --root {shlex.quote(str(root))}"
+        detail = f"the removal of volume {name} was cut short: its files are still there"
+        out.append(Check("removal", WARN, detail, f"{lhfs} volume rm {name}"))
     free = shutil.disk_usage(existing).free
     growth = _may_grow(root)
     detail = f"{format_size(free)} free under {existing}"

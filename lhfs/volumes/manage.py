@@ -120,33 +120,74 @@ def _image_file(replica_id: str, backing: Path | None) -> str:
     return f"{replica_id}-{stem}.img"
 
 
-def remove(root: Path, name: str, follower_stopped: bool = False) -> list[str]:
+def remove(
+    root: Path, name: str, follower_stopped: bool = False, volume_id: str | None = None
+) -> list[str]:
     """Delete a detached volume; a standby's follower stops first (unless the caller stopped
     it and holds its lock: ``follower_stopped``). The rename to a trash directory is the
     point of no return: then the replicas on disks go (the configuration read before says
     where), then the rest. Returns what was left: directories on disks that are not mounted.
     Done holding the name (``volumes.name_held``): two removals at once, or one and a create,
     never tear down what the other works on; and the command lock (``attachment.exclusive``):
-    an attach or mount under way, its engine not yet recorded, is waited for, then refused."""
-    volumes.load(root, name)  # (no such volume: said before anything is made for the lock)
+    an attach or mount under way, its engine not yet recorded, is waited for, then refused.
+    ``volume_id``: only the volume of that identity (a failed restore removes the volume it
+    made, never one made under its name since); another is left alone (nothing returned)."""
+    check_removable(volumes.load(root, name))  # (refused at once, before any wait for a lock)
     with volumes.name_held(root, name, "removed"), attachment.exclusive(volumes.load(root, name)):
         vol = volumes.load(root, name)  # (as the attach or detach it waited for left it)
+        if volume_id is not None and vol.config.get("volume_id") != volume_id:
+            return []
         check_removable(vol)
         if not follower_stopped:
             standby.remove(vol)
-        trash = vol.dir.with_name(f".{name}.removing")
-        inside = attachment.mounts_under(trash) if trash.exists() else []
-        if inside:  # (an earlier rm of a volume of that name was cut short, under a mount)
-            raise Busy(f"{inside[0]} is mounted: unmount it")
+        trash = _trash(root, name)
+        _not_mounted_in(trash)  # (an earlier rm of a volume of that name was cut short)
         volumes.clear(root, name, trash)  # (what such an rm left)
         os.rename(vol.dir, trash)
         return volumes.clear(root, name, trash, vol.config)
 
 
+def _trash(root: Path, name: str) -> Path:
+    """Where a volume being removed is, from the rename that removes it until it is gone."""
+    return volumes.volumes_dir(root) / f".{name}.removing"
+
+
+def _not_mounted_in(trash: Path) -> None:
+    inside = attachment.mounts_under(trash) if trash.exists() else []
+    if inside:
+        raise Busy(f"{inside[0]} is mounted: unmount it")
+
+
+def removals_cut_short(root: Path) -> list[str]:
+    """The volumes whose removal was cut short (a killed ``volume rm``): renamed out of
+    sight, their files still there; ``volume rm NAME`` finishes it (``finish_removal``). One
+    under way is listed too, for the moment it runs."""
+    base = volumes.volumes_dir(root)
+    found = base.glob(".*.removing") if base.is_dir() else []
+    return sorted(p.name[1 : -len(".removing")] for p in found)
+
+
+def finish_removal(root: Path, name: str) -> list[str]:
+    """Finish the removal of a volume that a killed ``volume rm`` left renamed out of sight
+    (it could be neither seen nor removed: "no volume named"); ``NotFound`` when none was
+    left. What was left, as ``remove``. Holding the name: a removal under way is refused."""
+    if not _trash(root, name).exists():
+        volumes.load(root, name)  # (says there is no such volume)
+        raise NotFound(f"no volume named {name!r} (under {root})")
+    with volumes.name_held(root, name, "removed"):
+        trash = _trash(root, name)
+        if not trash.exists():  # (the rm it waited for finished it)
+            raise NotFound(f"no volume named {name!r} (under {root})")
+        _not_mounted_in(trash)
+        return volumes.clear(root, name, trash)
+
+
 def check_removable(vol: volumes.Volume) -> None:
     """Refuse to remove a volume that something still stands on: its engine (attached), what
-    an engine that died left mounted, or anything mounted inside its directory (removing the
-    directory would fail half-way, with the volume's configuration already gone)."""
+    an engine that died left mounted, anything mounted inside its directory (removing the
+    directory would fail half-way, with the volume's configuration already gone), a restore
+    or a backup that runs on it (it would fail on files gone under it, and a restore's
+    cleanup once removed whatever had been made under its name since)."""
     if vol.runtime() is not None:
         raise Busy(f"volume {vol.name} is attached: detach it first")
     record = vol.runtime_record()
@@ -157,6 +198,12 @@ def check_removable(vol: volumes.Volume) -> None:
             f"volume {vol.name} crashed (its engine died{' and left ' + left if left else ''}): "
             f"'lhfs volume detach {vol.name}' cleans up after it first"
         )
+    restorer = (vol.config.get("restoring") or {}).get("pid", -1)
+    if restorer != os.getpid() and volumes.alive(restorer):  # (its own cleanup removes it)
+        raise Busy(f"volume {vol.name} is being restored by pid {restorer}: wait for it or stop it")
+    backups = sorted(set(housekeeping.holders(vol.config).values()))
+    if backups:
+        raise Busy(f"volume {vol.name} is being backed up by pid {backups[0]}: wait for it")
     inside = attachment.mounts_under(vol.dir)
     if inside:
         raise Busy(f"{inside[0]} is mounted inside volume {vol.name}'s directory: unmount it")
@@ -389,16 +436,22 @@ def list_volumes(root: Path) -> list[dict[str, Any]]:
     """``info`` of every volume, asked of their engines at once: one that does not answer
     costs its wait once, not once per volume listed before it."""
     with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda name: _info_or_damaged(root, name), volumes.list_names(root)))
+        found = pool.map(lambda name: _info_or_damaged(root, name), volumes.list_names(root))
+        return [entry for entry in found if entry is not None]
 
 
-def _info_or_damaged(root: Path, name: str) -> dict[str, Any]:
-    """``info``, or state ``damaged`` and why: one volume's damaged files (its configuration,
-    its filesystem record) must not hide every other volume of the root."""
+def _info_or_damaged(root: Path, name: str) -> dict[str, Any] | None:
+    """``info``; state ``damaged`` and why, for a volume whose files (its configuration, its
+    filesystem record) are damaged; None for one removed since it was listed. One volume's
+    trouble must not hide every other volume of the root (a listing failed as a whole)."""
     try:
         return info(root, name)
     except CorruptState as exc:
         return {"name": name, "state": "damaged", "error": str(exc)}
+    except NotFound:
+        if (volumes.volumes_dir(root) / name / "config.json").exists():
+            raise
+        return None
 
 
 def checksum(root: Path, name: str, progress: control.Progress | None = None) -> str:
@@ -409,23 +462,39 @@ def checksum(root: Path, name: str, progress: control.Progress | None = None) ->
     if vol.runtime() is not None:
         control.call(vol.control_socket, "flush")
         return control.call_watched(vol.control_socket, "checksum", progress, "checksum")
-    digest = xxhash.xxh3_128()
-    with ChunkStore.open(freshest_local(vol)) as store:
-        done = 0
-        for piece in store.content():
-            digest.update(piece)
-            done += len(piece)
-            if progress:
-                progress(100 * done / max(1, store.size), done, store.size)
-    return digest.hexdigest()
+    with _detached(vol) as now:
+        if now is None:  # (attached meanwhile: its engine reads it)
+            return checksum(root, name, progress)
+        digest = xxhash.xxh3_128()
+        with ChunkStore.open(freshest_local(now)) as store:
+            done = 0
+            for piece in store.content():
+                digest.update(piece)
+                done += len(piece)
+                if progress:
+                    progress(100 * done / max(1, store.size), done, store.size)
+        return digest.hexdigest()
 
 
 # -- changes -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _detached(vol: volumes.Volume) -> Iterator[volumes.Volume | None]:
+    """Hold the volume's command lock (``attachment.exclusive``) while a command works on the
+    replica directories of a detached volume: an attach at that moment found them taken (its
+    replica processes "did not start": a needless rebuild, or no replica at all), or took
+    them first and left the command refused, or half done. The attach waits, or is waited
+    for. Yields the volume as it is now, or None when it was attached meanwhile (then its
+    engine is asked instead)."""
+    with attachment.exclusive(vol):
+        now = volumes.load(vol.root, vol.name)
+        yield None if now.runtime() is not None else now
+
+
 def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
-    """Apply a store method to every healthy local replica of a detached volume (its remote
-    ones are recorded as having missed it: ``_remote_missed``)."""
+    """Apply a store method to every healthy local replica of a detached volume, held by
+    ``_detached`` (its remote ones are recorded as having missed it: ``_remote_missed``)."""
     result = None
     directories = healthy_local_dirs(vol)
     _remote_missed(vol, action)
@@ -468,16 +537,16 @@ def expand(root: Path, name: str, size: int) -> dict[str, Any]:
     system too (ext4 online, xfs with xfs_growfs). Says what it did, and what remains to be
     done when it could not: ``changed`` (False: it already had that size), ``size``, ``loop``
     (the loop device grown), ``filesystem`` and ``mountpoint`` (the file system grown),
-    ``todo`` (None, or the command an operator still has to run)."""
-    from lhfs.volumes import mount
-
+    ``todo`` (None, or the command an operator still has to run). Asked for the size it
+    has, an attached volume's loop device smaller than that is grown, with its file system:
+    an expansion killed after the volume grew left them small, and nothing else grows them."""
     vol = volumes.load(root, name)
     done: dict[str, Any] = {
         "name": name, "changed": False, "size": size, "loop": None, "filesystem": None,
         "mountpoint": None, "todo": None,
     }  # fmt: skip
     if size == vol.size:
-        return done
+        return {**done, **_grow_on_top(vol, size, only_behind=True)}
     if size < vol.size:
         raise InvalidArgument(f"cannot shrink volume {name} ({vol.size} bytes) to {size}")
     if size % vol.chunk_size:
@@ -485,20 +554,40 @@ def expand(root: Path, name: str, size: int) -> dict[str, Any]:
     vol.require_not_standby("expanding it")
     vol.require_complete("expanding it")
     done["changed"] = True
+    if vol.runtime() is None:
+        with _detached(vol) as now:
+            if now is not None:
+                _on_every_replica(now, "expand", size)
+                now.update(lambda config: config.update(size=size))
+                return {**done, "todo": _grow_later(now)}
+    control.call(vol.control_socket, "expand", size=size)
+    return {**done, **_grow_on_top(vol, size)}
+
+
+def _grow_on_top(vol: volumes.Volume, size: int, only_behind: bool = False) -> dict[str, Any]:
+    """Grow the loop device and file system on an attached volume to its ``size``
+    (``mount.grow``: what it did); nothing for a detached one. ``only_behind``: only if its
+    loop device is smaller (an expansion killed before it grew it)."""
+    from lhfs.volumes import mount
+
     runtime = vol.runtime()
-    if runtime is not None:
-        control.call(vol.control_socket, "expand", size=size)
-        return {**done, **mount.grow(Path(runtime["device"]), size)}
-    _on_every_replica(vol, "expand", size)
-    vol.update(lambda config: config.update(size=size))
+    if runtime is None or (only_behind and not mount.loop_behind(Path(runtime["device"]), size)):
+        return {}
+    return mount.grow(Path(runtime["device"]), size)
+
+
+def _grow_later(vol: volumes.Volume) -> str | None:
+    """What an operator still has to do after a detached volume grew: its file system."""
+    from lhfs.volumes import mount
+
     record = vol.filesystem
-    if record is not None and record["state"] == "formatted":  # (no loop device to grow now)
-        grow = " ".join(mount.GROW.get(record["type"], ["its file system's own tool"]))
-        done["todo"] = (
-            f"grow its {record['type']} file system once mounted ('lhfs mount', then "
-            f"{grow.format(loop='LOOP', mountpoint='MOUNTPOINT')})"
-        )
-    return done
+    if record is None or record["state"] != "formatted":  # (no loop device to grow now)
+        return None
+    grow = " ".join(mount.GROW.get(record["type"], ["its file system's own tool"]))
+    return (
+        f"grow its {record['type']} file system once mounted ('lhfs mount', then "
+        f"{grow.format(loop='LOOP', mountpoint='MOUNTPOINT')})"
+    )
 
 
 def snapshot_create(
@@ -529,14 +618,25 @@ def snapshot_create(
             f"the removal of snapshot {snapshot!r} was cut short: 'lhfs snapshot rm {name} "
             f"{snapshot}' finishes it, then the name is free"
         )
-    if vol.runtime() is not None:
-        args = {"name": snapshot} if hold is None else {"name": snapshot, "hold": hold}
-        return _snapshot_entry(control.call(vol.control_socket, "snapshot", **args))
+    if vol.runtime() is None:
+        with _detached(vol) as now:
+            if now is not None:
+                return _snapshot_offline(now, snapshot)
+    args = {"name": snapshot} if hold is None else {"name": snapshot, "hold": hold}
+    return _snapshot_entry(control.call(vol.control_socket, "snapshot", **args))
+
+
+def _snapshot_offline(vol: volumes.Volume, snapshot: str) -> dict[str, Any]:
+    """A snapshot on every local replica of a detached volume (held: ``_detached``)."""
     with contextlib.ExitStack() as opened:
         stores = [opened.enter_context(ChunkStore.open(d)) for d in healthy_local_dirs(vol)]
-        for store in stores:  # refuse before changing anything
-            if any(s["name"] == snapshot for s in store.list_layers()):
-                raise AlreadyExists(f"snapshot {snapshot!r} already exists")
+        have = sum(store.has_snapshot(snapshot) for store in stores)
+        if have:  # refuse before changing anything
+            cut = f" on {have} of {len(stores)} replicas only (a snapshot create cut short): "
+            cut += f"'lhfs snapshot rm {vol.name} {snapshot}' removes it"
+            raise AlreadyExists(
+                f"snapshot {snapshot!r} already exists{cut if have < len(stores) else ''}"
+            )
         _remote_missed(vol, "snapshot")
         return _snapshot_entry([store.snapshot(snapshot) for store in stores][-1])
 
@@ -624,32 +724,41 @@ def replica_list(root: Path, name: str) -> list[dict[str, Any]]:
 
 def snapshot_remove(
     root: Path, name: str, snapshot: str, progress: control.Progress | None = None
-) -> None:
+) -> int | None:
     """Remove a snapshot, its chunks coalesced into its child (the longest part: progress
-    counts the chunks it copied, on all replicas)."""
+    counts the chunks it copied, on all replicas). Detached, a snapshot only some replicas
+    hold (a ``snapshot create`` killed half-way) is removed from those: the number of
+    replicas it was on then (None otherwise), for the command to say so."""
     check_name(snapshot, "snapshot name")
     vol = volumes.load(root, name)
     vol.require_not_standby("removing a snapshot")
-    if vol.runtime() is not None:
-        control.call_watched(
-            vol.control_socket, "snapshot_rm", progress, "snapshot_rm", name=snapshot
-        )
-        return
+    if vol.runtime() is None:
+        with _detached(vol) as now:
+            if now is not None:
+                return _snapshot_remove_offline(now, snapshot, progress)
+    control.call_watched(vol.control_socket, "snapshot_rm", progress, "snapshot_rm", name=snapshot)
+    return None
+
+
+def _snapshot_remove_offline(
+    vol: volumes.Volume, snapshot: str, progress: control.Progress | None
+) -> int | None:
+    """``snapshot_remove`` on the local replicas of a detached volume (held: ``_detached``)
+    that hold the snapshot; recorded (``Volume.removing``) while under way."""
     begun = snapshot in vol.config.get("removing", [])  # (stopped half-way: some have it)
-    if not begun:
-        _require_snapshot(vol, snapshot)
     directories = healthy_local_dirs(vol)
+    holding = _holding(directories, snapshot)
+    if not holding and not begun:
+        raise NotFound(f"volume {vol.name} has no snapshot named {snapshot!r}")
     _remote_missed(vol, "snapshot removal")
     vol.removing(snapshot, begun=True)
     finished = 0  # replicas without it now
     try:
-        for n, directory in enumerate(directories):
+        for n, directory in enumerate(holding):
             with ChunkStore.open(directory) as store:
-                if begun and not store.has_snapshot(snapshot):
-                    continue
                 for done, total in store.remove_snapshot_steps(snapshot):
                     if progress and total:  # (in percent: each replica holds its own count)
-                        progress(100 * (n + done / total) / len(directories), None, None)
+                        progress(100 * (n + done / total) / len(holding), None, None)
             finished += 1
     except BaseException:
         if finished == 0 and not begun:  # (stopped before any replica let it go: kept whole)
@@ -658,6 +767,17 @@ def snapshot_remove(
     vol.removing(snapshot, begun=False)
     if progress:
         progress(100, None, None)
+    return len(holding) if not begun and len(holding) < len(directories) else None
+
+
+def _holding(directories: list[Path], snapshot: str) -> list[Path]:
+    """The replica directories of ``directories`` that hold ``snapshot``."""
+    found = []
+    for directory in directories:
+        with ChunkStore.open(directory) as store:
+            if store.has_snapshot(snapshot):
+                found.append(directory)
+    return found
 
 
 def snapshot_revert(root: Path, name: str, snapshot: str) -> bool:
@@ -665,15 +785,15 @@ def snapshot_revert(root: Path, name: str, snapshot: str) -> bool:
     snapshot is older than the format: ``lhfs mount`` decides from the content again, which
     once refused for ever a volume reverted to before its format)."""
     check_name(snapshot, "snapshot name")
-    vol = volumes.load(root, name)
-    if vol.runtime() is not None:
-        raise Busy(f"volume {name} is attached: detach it before reverting")
-    vol.require_not_standby("a revert")
-    taken = _require_snapshot(vol, snapshot)
-    _on_every_replica(vol, "revert", snapshot)
-    if taken is not None and vol.filesystem_after(taken):
-        vol.forget_filesystem()
-        return True
+    with _detached(volumes.load(root, name)) as vol:
+        if vol is None:
+            raise Busy(f"volume {name} is attached: detach it before reverting")
+        vol.require_not_standby("a revert")
+        taken = _require_snapshot(vol, snapshot)
+        _on_every_replica(vol, "revert", snapshot)
+        if taken is not None and vol.filesystem_after(taken):
+            vol.forget_filesystem()
+            return True
     return False
 
 
@@ -738,6 +858,14 @@ def replica_remove(root: Path, name: str, replica_id: str) -> list[str]:
         answer = control.call(vol.control_socket, "replica_rm", id=replica_id)
         left = answer.get("left") if isinstance(answer, dict) else None
         return [left] if left else []
+    with _detached(vol) as now:
+        if now is not None:
+            return _replica_remove_offline(now, replica_id)
+    return replica_remove(root, name, replica_id)  # (attached meanwhile: by its engine)
+
+
+def _replica_remove_offline(vol: volumes.Volume, replica_id: str) -> list[str]:
+    """``replica_remove`` of a detached volume (held: ``_detached``)."""
     entry = vol.replica(replica_id)
     vol.require_not_standby("removing a replica")
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]

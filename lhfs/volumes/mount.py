@@ -361,6 +361,12 @@ def _capable(capability: int) -> bool:
     return False
 
 
+def loop_behind(device: Path, size: int) -> bool:
+    """Whether a loop device on ``device`` is smaller than ``size`` (the volume grew, and
+    the expansion was killed before it grew what is on top)."""
+    return any(_capacity(loop) < size for loop in attachment.loops_backed_by(device))
+
+
 def _capacity(loop: str) -> int:
     name = Path(loop).name
     return int(Path(f"/sys/block/{name}/size").read_text()) * 512

@@ -1,0 +1,330 @@
+"""Two commands on one volume at once, or one cut short by a kill -9: the later one waits for
+the first or is refused in one line naming it (and its pid), and nothing is half done. Races
+are made deterministic by stopping a process (SIGSTOP) at the point of the race, or slowing
+its store with the fault proxy: real processes, every wait with a condition and a deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+from conftest import needs_fuse
+
+from backupstore.s3 import Bucket, Target
+from backupstore.store import BackupStore
+from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
+from lhfs.engine import control
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli, read_direct
+from lhfs.volumes import attachment, manage
+from tools.faultproxy import FaultProxy
+
+MIB = 1 << 20
+
+
+@contextlib.contextmanager
+def slow_store(cli: Cli, s3_endpoint: str) -> Iterator[Cli]:
+    """The lhfs command with its store behind a proxy of 256 KiB/s: a transfer of a few MiB
+    takes seconds, long enough to act in the middle of it."""
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 256 << 10
+    try:
+        yield Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    finally:
+        proxy.close()
+
+
+def fill_detached(cli: Cli, name: str, size: int, seed: int) -> None:
+    """Random data at the start of a detached volume, written into each replica's directory."""
+    data = random.Random(seed).randbytes(size)
+    vol = volumes.load(cli.root, name)
+    for replica in vol.replicas:
+        with ChunkStore.open(vol.replica_dir(replica)) as store:
+            store.write(0, data)
+
+
+@contextlib.contextmanager
+def collection_running(target: str) -> Iterator[None]:
+    """The marker of a collection of this (live) process in the store of ``target`` for the
+    block: a backup to it waits there, its snapshot taken and held, and says so on stderr
+    (a point to act at), and goes on once the block ends."""
+    store = BackupStore(Bucket(Target.parse(target)))
+    store.bucket.ensure(create=True)
+    marker = store._collection_marker()
+    marker._write()
+    try:
+        yield
+    finally:
+        store.bucket.delete(marker.key)
+
+
+def waiting_backup(cli: Cli, volume: str, target: str) -> subprocess.Popen:
+    """``backup create`` of ``volume``, once it waits for a collection (``collection_running``)."""
+    backup = cli.start("backup", "create", volume, "--target", target, "--quiet")
+    assert backup.stderr is not None
+    line = backup.stderr.readline()
+    assert "waiting for a collection" in line, (line, backup.communicate())
+    return backup
+
+
+@contextlib.contextmanager
+def stopped(proc: subprocess.Popen) -> Iterator[None]:
+    """``proc`` stopped (SIGSTOP) for the block, then killed."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def refused(cli: Cli, *args: str) -> str:
+    """The one line of a command that must fail with exit 1."""
+    result = cli.run(*args, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result
+    return result.stderr.removeprefix("lhfs: error: ").rstrip("\n")
+
+
+def test_rm_refuses_a_volume_being_backed_up_or_restored(cli: Cli, s3_endpoint: str) -> None:
+    """``volume rm`` of a volume a live backup reads (its hold) or a live restore writes (its
+    mark) is refused, naming the pid: it removed it under them (the backup then said it
+    failed, the restore failed on a raw missing file). A restore's cleanup removes only the
+    volume it made, never one made under its name since."""
+    target = "s3://races-rm/p"
+    cli.run("volume", "create", "src", "--size", "4M", "--replicas", "1")
+    fill_detached(cli, "src", 2 * MIB, seed=1)
+    with collection_running(target):
+        backup = waiting_backup(cli, "src", target)
+        said = refused(cli, "volume", "rm", "src")
+        assert said == f"volume src is being backed up by pid {backup.pid}: wait for it"
+    out, err = backup.communicate(timeout=60)
+    assert backup.returncode == 0, err
+    url = out.split()[-1]
+    with slow_store(cli, s3_endpoint) as slow:  # (what it downloads comes slowly)
+        restore = slow.start("backup", "restore", url, "dst", "--quiet")
+        wait_for(
+            lambda: (volumes.volumes_dir(cli.root) / "dst" / "config.json").exists(),
+            30,
+            "the restore to make its volume",
+        )
+        with stopped(restore):
+            said = refused(cli, "volume", "rm", "dst")
+            assert (
+                said == f"volume dst is being restored by pid {restore.pid}: wait for it or stop it"
+            )
+    cli.run("volume", "rm", "dst")  # (its restore died: an unfinished volume, removed)
+    assert manage.remove(cli.root, "src", volume_id="another volume's") == []
+    assert volumes.list_names(cli.root) == ["src"]
+
+
+def test_an_rm_cut_short_is_shown_and_finished(cli: Cli) -> None:
+    """A ``volume rm`` killed after its rename leaves the volume whole under
+    ``.NAME.removing`` (and its name lock): ``volume ls`` and ``doctor`` say so, and ``volume
+    rm NAME`` finishes it, where it said "no volume named"."""
+    cli.run("volume", "create", "gone", "--size", "4M", "--replicas", "2")
+    cli.run("volume", "create", "kept", "--size", "4M", "--replicas", "1")
+    base = volumes.volumes_dir(cli.root)
+    (base / ".gone.lock").write_text(f"{2**22 + 1} removed\n")  # (what the killed rm left)
+    os.rename(base / "gone", base / ".gone.removing")
+    listed = cli.run("volume", "ls").stdout
+    assert "gone: its removal was cut short ('lhfs volume rm gone' finishes it)" in listed
+    assert [v["name"] for v in cli.json("volume", "ls")] == ["kept"]
+    doctor = {c["check"]: c for c in json.loads(cli.run("doctor", "--json", check=False).stdout)}
+    assert doctor["removal"]["status"] == "warn", doctor
+    assert doctor["removal"]["hint"].endswith("volume rm gone"), doctor
+    done = cli.run("volume", "rm", "gone").stdout
+    assert done == "finished the removal of volume gone, which was cut short\n"
+    assert sorted(p.name for p in base.iterdir()) == ["kept"]
+    assert refused(cli, "volume", "rm", "gone").startswith("no volume named 'gone'")
+
+
+def test_a_listing_skips_a_volume_removed_while_it_lists(cli: Cli, monkeypatch) -> None:
+    """A volume removed between the listing of names and its reading is left out of ``volume
+    ls`` (and the other loops over every volume), which failed as a whole."""
+    cli.run("volume", "create", "here", "--size", "4M", "--replicas", "1")
+    monkeypatch.setattr(volumes, "list_names", lambda root: ["gone", "here"])
+    assert [v["name"] for v in manage.list_volumes(cli.root)] == ["here"]
+    assert [v.name for v in volumes.each(cli.root)] == ["here"]
+
+
+def test_a_snapshot_create_cut_short_is_said_and_removed(cli: Cli) -> None:
+    """A detached ``snapshot create`` killed half-way leaves the snapshot on some replicas:
+    creating it again says so, and ``snapshot rm`` removes it from those, saying so."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "3")
+    vol = volumes.load(cli.root, "v")
+    with ChunkStore.open(vol.replica_dir(vol.replicas[0])) as store:
+        store.snapshot("s")  # (where the kill stopped it)
+    said = refused(cli, "snapshot", "create", "v", "s")
+    assert said == (
+        "snapshot 's' already exists on 1 of 3 replicas only (a snapshot create cut short): "
+        "'lhfs snapshot rm v s' removes it"
+    )
+    assert cli.run("snapshot", "rm", "v", "s", "--quiet").stdout == (
+        "removed snapshot s, which only 1 replica held\n"
+    )
+    assert cli.json("snapshot", "ls", "v") == []
+    cli.run("snapshot", "create", "v", "s")
+    assert cli.run("snapshot", "rm", "v", "s", "--quiet").stdout == "removed snapshot s\n"
+
+
+@needs_fuse
+def test_an_attach_waits_for_a_detached_backup_and_replica_rm(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A backup of a detached volume reads its replica directory: an attach meanwhile found
+    it taken (its replica "did not start": a rebuild, or with one replica no attach at all).
+    It waits for the backup now. A detached ``replica rm`` waits for an attach under way, then
+    removes the replica through its engine (it once said removed and left the directory)."""
+    target = "s3://races-attach/p"
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    fill_detached(cli, "v", 2 * MIB, seed=2)
+    lock = volumes.load(cli.root, "v").dir / "command.lock"
+    with collection_running(target):
+        backup = waiting_backup(cli, "v", target)  # (reading the volume's directory)
+        attach = cli.start("volume", "attach", "v", "--device", str(tmp_path / "dev"))
+        wait_for(lambda: _waits_on(attach.pid, lock), 30, "the attach to wait for the backup")
+    out, err = backup.communicate(timeout=60)
+    assert backup.returncode == 0, err
+    assert attach.wait(120) == 0, attach.communicate()
+    assert cli.info("v")["state"] == "healthy"
+    assert read_direct(tmp_path / "dev", 0, 2 * MIB) == random.Random(2).randbytes(2 * MIB)
+    cli.run("volume", "detach", "v")
+
+    cli.run("volume", "create", "w", "--size", "4M", "--replicas", "3")
+    w = volumes.load(cli.root, "w")
+    lock = w.dir / "command.lock"
+    attach = cli.start("volume", "attach", "w", "--device", str(tmp_path / "wdev"))
+    wait_for(
+        lambda: lock.exists() and lock.read_text().strip() == str(attach.pid),
+        30,
+        "the attach to take the command lock",
+    )
+    os.kill(attach.pid, signal.SIGSTOP)  # (an attach under way, stopped there)
+    rm = cli.start("replica", "rm", "w", "r3")
+    wait_for(lambda: _waits_on(rm.pid, lock), 30, "the replica rm to wait for the attach")
+    os.kill(attach.pid, signal.SIGCONT)
+    assert attach.wait(60) == 0, attach.communicate()
+    out, err = rm.communicate(timeout=60)
+    assert rm.returncode == 0 and out == "removed replica r3 from w\n", (out, err)
+    assert [r["id"] for r in cli.info("w")["replicas"]] == ["r1", "r2"]
+    assert not (w.dir / "replicas" / "r3").exists()
+    cli.run("volume", "detach", "w")
+
+
+def _waits_on(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (a command waiting for that lock)."""
+    fds = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd) == str(path) for fd in fds.iterdir())
+    return False
+
+
+@needs_fuse
+def test_detach_frees_a_loop_device_a_killed_mount_left(cli: Cli) -> None:
+    """``lhfs mount`` killed between its loop device and its mount leaves a loop device on
+    the volume's own device file: the detach frees it (it refused, "in use by")."""
+    cli.run("volume", "create", "v", "--size", "64M", "--replicas", "1")
+    device = volumes.load(cli.root, "v").dir / "device"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(device)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    done = cli.json("volume", "detach", "v")
+    assert f"freed {loop}" in done["cleaned"], done
+    assert attachment.loops_backed_by(device) == []
+
+
+@needs_fuse
+def test_an_expansion_cut_short_after_the_volume_grew_is_finished(cli: Cli, tmp_path: Path) -> None:
+    """A mounted ``volume expand`` killed once the volume grew (its configuration says the
+    new size) left the loop device and file system small: run again, it grows them."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("volume", "create", "g", "--size", "64M", "--replicas", "1")
+    cli.run("mount", "g", str(mnt), "--fs", "ext4")
+    try:
+        vol = volumes.load(cli.root, "g")
+        control.call(vol.control_socket, "expand", size=128 * MIB)  # (where the kill was)
+        assert volumes.load(cli.root, "g").size == 128 * MIB
+        done = cli.json("volume", "expand", "g", "--size", "128M")
+        assert not done["changed"] and done["loop"], done
+        assert attachment.loops_backed_by(Path(cli.info("g")["device"])) == [done["loop"]]
+        again = cli.run("volume", "expand", "g", "--size", "128M").stdout
+        assert again == "g is already 128M: nothing to do\n"
+    finally:
+        cli.run("umount", str(mnt))
+
+
+@needs_fuse
+def test_an_attach_killed_during_its_engine_start_leaves_nothing(cli: Cli, tmp_path: Path) -> None:
+    """An attach killed before its engine said ready: the engine ends in one log line (no
+    traceback of a broken pipe) and removes the device file the attach made."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    device = tmp_path / "dev"
+    attach = cli.start("volume", "attach", "v", "--device", str(device))
+    engine = wait_for(lambda: _child(attach.pid), 30, "the engine to start")
+    os.kill(engine, signal.SIGSTOP)  # (before it says ready)
+    attach.kill()
+    attach.wait(30)
+    os.kill(engine, signal.SIGCONT)
+    wait_for(lambda: not volumes.alive(engine), 60, "the engine to end")
+    log = cli.engine_log("v")
+    assert "Traceback" not in log and "the attach that started the engine is gone" in log, log
+    assert not device.exists()
+    assert cli.info("v")["state"] == "detached"
+
+
+def _child(parent: int) -> int | None:
+    """The engine an attach of pid ``parent`` started, once it runs."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                return int(entry.name)
+    return None
+
+
+def test_dr_starts_at_once_all_say_following(cli: Cli, s3_endpoint: str) -> None:
+    """Three ``dr start`` at once answer like one after another: each says it follows,
+    with the one follower's pid (two said "exited at once: a follower runs already")."""
+    target = "s3://races-dr/p"
+    cli.run("volume", "create", "src", "--size", "4M", "--replicas", "1")
+    cli.backup("src", target)
+    cli.run("dr", "create", "d", "--target", target, "--volume", "src", "--replicas", "1")
+    cli.run("dr", "stop", "d")
+    starts = [cli.start("dr", "start", "d", "--json") for _ in range(3)]
+    ended = [(proc.wait(60), *proc.communicate()) for proc in starts]
+    assert [status for status, _, _ in ended] == [0, 0, 0], ended
+    pids = {json.loads(out)["pid"] for _, out, _ in ended}
+    assert len(pids) == 1 and volumes.alive(pids.pop()), ended
+    cli.run("dr", "stop", "d")
+
+
+@needs_fuse
+def test_a_backup_during_a_detach_says_the_volume_was_detached(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A backup of an attached volume whose detach ends its replicas under it says the volume
+    was detached during the backup, not "connection to replica ... broke"."""
+    target = "s3://races-detach/p"
+    cli.run("volume", "create", "b", "--size", "4M", "--replicas", "1")
+    cli.run("volume", "attach", "b", "--device", str(tmp_path / "dev"))
+    with collection_running(target):
+        backup = waiting_backup(cli, "b", target)  # (connected to the replica)
+        cli.run("volume", "detach", "b")
+    _, err = backup.communicate(timeout=60)
+    assert backup.returncode == 1, err
+    assert err.startswith(
+        "lhfs: error: backup of b failed: volume b was detached during the backup; its "
+        "snapshot backup-"
+    ), err
+    assert err.count("\n") == 1, err
