@@ -645,7 +645,7 @@ class BackupStore:
         for (vol, name), obj in markers.items():
             if (vol, name) in complete:
                 continue  # finished, its marker not removed yet (or never: gc removes it)
-            state = "in_progress" if self._fresh(obj, now) else "interrupted"
+            state = "in_progress" if self.fresh(obj, now) else "interrupted"
             out.append(_unread(vol, name, state, obj))
         manifests, damaged = self._manifests(list(complete))
         for (vol, name), manifest in manifests.items():
@@ -668,7 +668,7 @@ class BackupStore:
             out.append(_unread(vol, name, state, complete[(vol, name)], reason))
         return sorted(out, key=order)
 
-    def _fresh(self, obj: Any, now: float) -> bool:
+    def fresh(self, obj: Any, now: float) -> bool:
         """Whether the marker ``obj`` is of a process that may live: refreshed within
         ``STALE`` of ``now``, and not of this host's boot with its process gone."""
         if now - obj.last_modified.timestamp() >= STALE:
@@ -882,7 +882,7 @@ class BackupStore:
                 now = self.bucket.modified(marker.key)
                 for kind in ("volumes", "systems"):  # (a dead system backup's too)
                     for obj in self.bucket.list(self.target.key(kind) + "/"):
-                        if obj.object_name.endswith(".running") and not self._fresh(obj, now):
+                        if obj.object_name.endswith(".running") and not self.fresh(obj, now):
                             self.bucket.delete(obj.object_name)
                             swept += 1
             return Collection(removed, None, swept)
@@ -932,7 +932,7 @@ class BackupStore:
             return []
         listed = time.monotonic()
         now = self.bucket.modified(own) - (time.monotonic() - listed)
-        return [obj for obj in others if self._fresh(obj, now)]
+        return [obj for obj in others if self.fresh(obj, now)]
 
     def check(
         self, read_data: bool = False, progress: Callable[..., None] = lambda *pct: None
@@ -1374,7 +1374,8 @@ class Marker:
             why = "the store does not answer" if isinstance(error, StoreUnavailable) else error
             left = (
                 f"its marker {self.key} could not be removed ({why}): it counts as running "
-                f"for {STALE / 60:.0f} minutes, then 'lhfs backup gc' removes it"
+                f"until this process ends (on other hosts, for {STALE / 60:.0f} minutes), "
+                "then 'lhfs backup gc' removes it"
             )
             if isinstance(failure, LhfsError):  # the block's own failure, and what it left
                 failure.args = (f"{failure}; {left}",)

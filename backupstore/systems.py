@@ -28,7 +28,7 @@ from lhfs.core.names import IMAGE_BACKUPS, check_name
 from lhfs.core.units import rfc3339
 
 from . import parse_json
-from .store import SMALL_OBJECT, STALE, BackupStore, Marker
+from .store import SMALL_OBJECT, BackupStore, Marker
 
 _RECORD_LIMIT = 64 << 20  # a record: some hundred bytes per volume or image it names
 
@@ -120,7 +120,7 @@ def listing(store: BackupStore) -> list[dict[str, Any]]:
     out = []
     for name, obj in markers.items():
         if name not in complete:
-            fresh = now - obj.last_modified.timestamp() < STALE
+            fresh = store.fresh(obj, now)
             parts, started = _so_far(store, obj)
             out.append(
                 {

@@ -194,12 +194,13 @@ def test_a_backup_killed_half_way_leaves_no_complete_backup(cli: Cli, s3_endpoin
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the backup finished before the kill"
-    assert [b["state"] for b in store.list("big")] == ["in_progress"]
+    # (its marker is of this host, its process gone: interrupted at once, not in 10 minutes)
+    assert [b["state"] for b in store.list("big")] == ["interrupted"]
     url = cli.run("backup", "create", "big", "--target", target, "--create-bucket").stdout.split()[
         -1
     ]
     states = sorted(b["state"] for b in store.list("big"))
-    assert states == ["complete", "in_progress"]
+    assert states == ["complete", "interrupted"]
     cli.run("backup", "restore", url, "back", "--replicas", "1")
     assert cli.checksum("back") == cli.checksum("big")
 
@@ -419,7 +420,7 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
     assert "p/volumes/big/" in err and ".running could not be removed" in err, err
     assert "its snapshot backup-" in err and "stays until housekeeping trims it" in err, err
     listed = store.list("big")
-    assert [b["state"] for b in listed] == ["in_progress"]  # (its marker, as it said)
+    assert [b["state"] for b in listed] == ["interrupted"]  # (its marker; its process ended)
 
 
 def test_a_backup_held_back_by_a_collection_says_so_at_once(cli: Cli, s3_endpoint: str) -> None:
@@ -561,7 +562,8 @@ def test_a_marker_that_cannot_be_removed_after_its_work_succeeded_is_told_not_ra
                 marker.__exit__(None, None, None)
                 (line,) = told
                 assert line.startswith("its marker p/told could not be removed ("), line
-                assert "it counts as running for 10 minutes" in line, line
+                until = "it counts as running until this process ends (on other hosts, for 10 "
+                assert until + "minutes)" in line, line
             elif key == "p/raised":
                 with pytest.raises(LhfsError, match="its marker p/raised could not be removed"):
                     marker.__exit__(None, None, None)
