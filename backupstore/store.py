@@ -1020,6 +1020,8 @@ def _named(users: set[tuple[str, str]]) -> str:
 
 
 def _boot_id() -> str | None:
+    """This boot's id (None where the kernel does not say): a pid means the same process
+    only within one boot of one host."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()

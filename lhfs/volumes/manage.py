@@ -153,6 +153,8 @@ def _trash(root: Path, name: str) -> Path:
 
 
 def _not_mounted_in(trash: Path) -> None:
+    """Refuse to delete a trash directory something is mounted in: the deletion would fail
+    half-way, or go down into the mounted file system."""
     inside = attachment.mounts_under(trash) if trash.exists() else []
     if inside:
         raise Busy(f"{inside[0]} is mounted: unmount it")
