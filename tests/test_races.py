@@ -153,7 +153,7 @@ def test_a_listing_skips_a_volume_removed_while_it_lists(cli: Cli, monkeypatch) 
     cli.run("volume", "create", "here", "--size", "4M", "--replicas", "1")
     monkeypatch.setattr(volumes, "list_names", lambda root: ["gone", "here"])
     assert [v["name"] for v in manage.list_volumes(cli.root)] == ["here"]
-    assert [v.name for v in volumes.each(cli.root)] == ["here"]
+    assert [v.name for v in volumes.readable(cli.root)] == ["here"]
 
 
 def test_a_snapshot_create_cut_short_is_said_and_removed(cli: Cli) -> None:
