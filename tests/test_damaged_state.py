@@ -5,11 +5,13 @@ on with the others. Detached volumes only: no FUSE is needed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,10 @@ from typing import Any
 import pytest
 from conftest import needs_fuse
 
+from lhfs.config import volume as volumes
 from lhfs.core import locks
 from lhfs.core.errors import Busy
-from lhfs.core.procs import alive
+from lhfs.core.procs import alive, wait_for
 from lhfs.replica.server import directory_id
 from lhfs.testing import Cli
 
@@ -90,6 +93,10 @@ def test_a_damaged_configuration_is_refused_and_spares_the_other_volumes(cli: Cl
                 line.removeprefix("lhfs: error: ")
             ], failed
         assert files(path.parent) == before, field
+    nulls = {"settings": None, "removing": None, "backups": None, "snapshot_holds": None}
+    path.write_text(json.dumps({**sound, **nulls}))  # (null where a field may be missing)
+    assert cli.json("volume", "info", "bad")["settings"]["io_timeout"] == 8
+    cli.run("snapshot", "create", "bad", "s1")
     path.write_text(json.dumps(sound))
     assert [v["state"] for v in cli.volumes()] == ["detached", "detached"]
 
@@ -150,29 +157,37 @@ def test_an_engine_record_left_by_a_reboot_is_cleaned_up_by_the_next_attach(
         record.write_text(json.dumps({"pid": unrelated.pid, "device": str(tmp_path / "old")}))
         cli.run("volume", "attach", "v", "--device", str(tmp_path / "device"))
         assert cli.info("v")["state"] == "healthy" and unrelated.poll() is None
-        cli.run("volume", "detach", "v")
     finally:
         unrelated.kill()
         unrelated.wait()
+    # Damaged while its engine serves: the engine lock says which process it is (taken for
+    # dead, the engine lost its device and record and could be reached no more).
+    engine = json.loads(record.read_text())["pid"]
+    record.write_text(json.dumps({**json.loads(record.read_text()), "pid": "x"}))
+    assert cli.info("v")["state"] == "healthy" and cli.info("v")["pid"] == engine
+    cli.run("volume", "detach", "v")
+    assert not alive(engine) and cli.info("v")["state"] == "detached"
 
 
 def test_a_damaged_filesystem_record_is_refused_never_taken_for_none(
     cli: Cli, tmp_path: Path
 ) -> None:
-    """``filesystem.json`` damaged: ``volume info`` and ``lhfs mount`` refuse in one line
-    naming it (mount before it attaches or formats anything: no record would mean "never
-    formatted"); ``volume ls`` shows the volume damaged."""
+    """``filesystem.json`` damaged: ``lhfs mount`` refuses in one line naming it, before it
+    attaches or formats anything (no record would mean "never formatted"); ``volume info``
+    and ``ls`` show the error in its place and the rest of the volume as ever."""
     cli.run("volume", "create", "v", "--size", "1M", "--replicas", "1")
     record = cli.root / "volumes" / "v" / "filesystem.json"
     (tmp_path / "mnt").mkdir()
     for content in ("garbage{", "[]", '{"type": "ext4"}'):
         record.write_text(content)
         before = files(cli.root / "volumes")
-        for command in (("volume", "info", "v"), ("mount", "v", str(tmp_path / "mnt"))):
-            line = one_line(cli.run(*command, check=False))
-            assert f"{record}" in line, (content, line)
+        line = one_line(cli.run("mount", "v", str(tmp_path / "mnt"), check=False))
+        assert f"{record}" in line, (content, line)
+        shown = cli.json("volume", "info", "v")
+        assert shown["state"] == "detached" and str(record) in shown["filesystem"]["error"]
+        assert "file system record damaged" in cli.run("volume", "info", "v").stdout
         assert files(cli.root / "volumes") == before, content
-    assert cli.json("volume", "ls")[0]["state"] == "damaged"
+    assert cli.json("volume", "ls")[0]["filesystem"]["error"]
 
 
 def test_damaged_dr_files_are_one_line_and_start_no_follower(cli: Cli) -> None:
@@ -310,6 +325,33 @@ def test_a_busy_lock_names_its_holder_only_while_it_lives(tmp_path: Path) -> Non
         holder.wait()
 
 
+def test_a_lock_file_removed_while_waited_for_is_not_taken_for_held(tmp_path: Path) -> None:
+    """A command waiting for a volume's lock while the volume is removed (its lock file with
+    it) must not go on as if it held the lock on the file there now, which nobody else sees:
+    it waits on the file at the path, and gets that one."""
+    path = tmp_path / "command.lock"
+    first = locks.take(path, 0, "busy")
+    got: dict[str, int] = {}
+    waiter = threading.Thread(target=lambda: got.update(fd=locks.take(path, 30, "busy")))
+    waiter.start()
+
+    def opened() -> int:  # descriptors of this process on the lock file, removed or not
+        found = 0
+        for fd in list(Path("/proc/self/fd").iterdir()):
+            with contextlib.suppress(OSError):  # (the listing's own, closed since)
+                found += os.readlink(fd).removesuffix(" (deleted)") == str(path)
+        return found
+
+    wait_for(lambda: opened() >= 2, 30, "the waiter to open the lock file")
+    path.unlink()
+    os.close(first)  # (the waiter's flock now succeeds, on the removed file)
+    waiter.join(30)
+    try:
+        assert os.fstat(got["fd"]).st_ino == path.stat().st_ino
+    finally:
+        os.close(got["fd"])
+
+
 def test_a_damaged_replica_identity_is_replaced_and_said(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -322,3 +364,27 @@ def test_a_damaged_replica_identity_is_replaced_and_said(
     assert (tmp_path / "id").read_text() == f"{uid}\n"
     assert f"the identity file {tmp_path / 'id'} was damaged" in caplog.text, caplog.text
     assert directory_id(tmp_path) == uid
+
+
+def test_a_recorded_pid_now_of_another_process_is_not_taken_for_lhfs(cli: Cli) -> None:
+    """A restore's mark and a backup's hold keep the pid of an lhfs command; after a reboot
+    the number may name any process. Such a one is no restore nor backup: the volume shows
+    its restore interrupted and ``volume rm`` removes it (it was refused for good, naming the
+    unrelated process as the one to stop)."""
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "1")
+    unrelated = subprocess.Popen(["sleep", "600"])
+    try:
+        for mark in (
+            {"restoring": {"backup": "s3://b/p?volume=v&backup=x", "pid": unrelated.pid}},
+            {"snapshot_holds": {"s1": unrelated.pid}},
+        ):
+            volumes.load(cli.root, "v").update(lambda config, mark=mark: config.update(mark))
+            if "restoring" in mark:
+                assert cli.info("v")["restoring"]["interrupted"] is True
+            else:
+                held = cli.run("volume", "rm", "v", "--json", check=False)
+                assert held.returncode == 0, held.stderr
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+    assert "v" not in volumes.list_names(cli.root)

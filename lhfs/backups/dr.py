@@ -61,7 +61,7 @@ from lhfs.core.errors import (
     WrongState,
 )
 from lhfs.core.names import check_name, check_volume_name
-from lhfs.core.procs import LHFS, child_env, is_pid, wait_for
+from lhfs.core.procs import LHFS, child_env, is_lhfs, is_pid, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import manage
@@ -576,7 +576,7 @@ def _start(root: Path, vol: volumes.Volume) -> int:
     if running:
         return running
     activating = config.get("activating")
-    if activating and volumes.alive(activating["pid"]):
+    if activating and is_lhfs(activating["pid"]):
         raise Busy(f"volume {name} is being activated (pid {activating['pid']})")
     if activating:  # (cut short: following again drops it, and redoes what it began)
         _activation_over(vol)
@@ -711,7 +711,7 @@ def status(root: Path, name: str) -> dict[str, Any]:
     current = read_status(vol)
     running = follower_pid(vol) is not None
     activating = config.get("activating")
-    activation = activating and {**activating, "interrupted": not volumes.alive(activating["pid"])}
+    activation = activating and {**activating, "interrupted": not is_lhfs(activating["pid"])}
     if not running and activation and not activation["interrupted"]:
         shown = "activating"
     elif not running:

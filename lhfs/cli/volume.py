@@ -126,7 +126,9 @@ def _print_volume(root: Path, info: dict[str, Any]) -> None:
     if info["state"] == manage.NOT_ANSWERING:
         print(f"  {manage.not_answering(root, info['name'], info['pid'])}")
     filesystem = info.get("filesystem")
-    if filesystem:
+    if filesystem and "error" in filesystem:
+        print(f"  file system record damaged: {filesystem['error']}")
+    elif filesystem:
         state = filesystem["state"]
         if state == "formatting":  # (a mkfs that failed, or was cut short)
             state += (
@@ -233,8 +235,8 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
     text = f"removed volume {args.name}"
     marker, left = None, []
     cut_short = not (volumes.volumes_dir(root) / args.name).exists()
-    if cut_short and args.name in manage.removals_cut_short(root):  # (a killed rm's leavings)
-        left = manage.finish_removal(root, args.name)
+    if cut_short and args.name in manage.removals_cut_short(root, under_way=True):
+        left = manage.finish_removal(root, args.name)  # (a killed rm's: one under way refuses)
         text = f"finished the removal of volume {args.name}, which was cut short"
     elif standby := _standby_of(root, args.name):
         from lhfs.backups import dr  # (a standby: its marker in the store goes too)

@@ -137,6 +137,11 @@ class Volume:
         return self.dir / "engine.json"
 
     @property
+    def engine_lock(self) -> Path:
+        """Held by the volume's engine for its life (one engine per volume), with its pid."""
+        return self.dir / "engine.lock"
+
+    @property
     def size(self) -> int:
         return self.config["size"]
 
@@ -272,8 +277,10 @@ class Volume:
     def runtime_record(self) -> dict[str, Any] | None:
         """What the engine published, running or not: an engine that was killed leaves it
         (and what it left mounted is found from its device). A record whose pid is not one
-        (damaged, edited) says pid 0: an engine that crashed, which detach or the next attach
-        cleans up after, instead of a ``TypeError`` in every command that reads it."""
+        (damaged, edited) says the pid the engine lock keeps if that is the volume's engine
+        still (taken for dead, its FUSE device was unmounted under it and its record removed,
+        and no command could reach it again), else pid 0: an engine that crashed, which
+        detach or the next attach cleans up after; never a ``TypeError`` in every command."""
         try:
             info = json.loads(self.runtime_path.read_text())
         except (FileNotFoundError, ValueError):
@@ -282,6 +289,13 @@ class Volume:
             return None
         if not is_pid(info.get("pid")):
             info["pid"] = 0
+            with contextlib.suppress(OSError, ValueError):
+                fd = os.open(self.engine_lock, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    holder = int(os.pread(fd, 16, 0).decode().strip())
+                finally:
+                    os.close(fd)
+                info["pid"] = holder if is_engine(holder, self.name) else 0
         return info
 
 
@@ -445,12 +459,15 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
     try:
         check_geometry(size, chunk_size)
     except InvalidArgument as exc:
-        raise CorruptState(f"{path}: size: {exc}") from None
+        raise CorruptState(f"{path}: size and chunk_size: {exc}") from None
     for field in ("epoch", "next_replica"):
         if typed(field, (int,), "a whole number from 0") is not None and config[field] < 0:
             raise bad(field, "a whole number from 0", config[field])
     for field in ("name", "volume_id", "backing_image", "created"):
         typed(field, (str,), "a string or null")
+    for field in ("settings", "backups", "snapshot_holds", "removing"):
+        if field in config and config[field] is None:  # (null: none, as readers take a gap)
+            del config[field]
     for field in ("dr", "restoring", "settings", "backups", "snapshot_holds"):
         typed(field, (dict,), "an object or null")
     removing = typed("removing", (list,), "a list of snapshot names")

@@ -52,7 +52,9 @@ def take(path: Path, wait: float, busy: str) -> int:
     seconds for its holder; the descriptor to close to let go (not inherited by children).
     The holder's pid is kept in the file, for ``Busy(busy)`` to name (where ``busy`` says
     ``{pid}``, else at its end) when it kept the lock longer: only a live one (a holder
-    that died left its pid there, and its lock is held by a process it started since)."""
+    that was killed left its pid there, and another tool may hold the lock without writing
+    its own). A lock file removed while this waited (its volume removed) is not held: the
+    wait goes on at the path, on the file there now, or ends as its directory did."""
     fd = open_lock(path)
     deadline = time.monotonic() + wait
     while True:
@@ -68,9 +70,21 @@ def take(path: Path, wait: float, busy: str) -> int:
                 raise Busy(message) from None
             time.sleep(0.05)
             continue
+        if not _same_file(path, fd):
+            os.close(fd)
+            fd = open_lock(path)
+            continue
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``fd`` is the file at ``path`` still (not one removed, or replaced, since)."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager
@@ -96,11 +110,7 @@ def name_held(path: Path, thing: str, doing: str) -> Iterator[None]:
             what = holder[1] if len(holder) > 1 else "changed"
             pid = f" (pid {holder[0]})" if holder else ""
             raise Busy(f"{thing} is being {what} by another command{pid}") from None
-        try:
-            mine = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            mine = False
-        if mine:
+        if _same_file(path, fd):
             break
         os.close(fd)  # (its holder removed it as it let go: the one there now is free)
     try:

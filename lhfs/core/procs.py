@@ -59,6 +59,20 @@ def alive(pid: Any) -> bool:
     return state is not None and state != "Z"  # (a zombie is not alive)
 
 
+def is_lhfs(pid: Any) -> bool:
+    """Whether ``pid`` is a live lhfs command. What a record keeps the pid of (a restore, a
+    backup's hold, an activation) is an lhfs process; after a reboot or a wrap of the pids
+    the number may name anything, which must not pass for it: a volume's removal was refused
+    for good "being restored by pid N", N some daemon an operator might then have killed."""
+    if not alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(arg == b"lhfs" or arg.endswith(b"/lhfs") for arg in argv[:3])
+
+
 def stopped(pid: int) -> bool:
     """Whether process ``pid`` is stopped (SIGSTOP, a debugger): it answers nothing until it
     is continued, so nobody waits for it (one such engine made every 'volume ls' wait 30 s,

@@ -860,9 +860,6 @@ class Daemon:
                 return
 
 
-ENGINE_LOCK = "engine.lock"
-
-
 class AttachGone(LhfsError):
     """The ``volume attach`` that started the engine left before it read the status line."""
 
@@ -898,7 +895,7 @@ def run(
         # One engine per volume, for as long as it lives: a second one would salvage other
         # replicas than the first and serve another volume under the same name (its
         # descriptor stays open until the process ends: the kernel lets go then).
-        locks.take(vol.dir / ENGINE_LOCK, 0, f"volume {name} is served by another engine already")
+        locks.take(vol.engine_lock, 0, f"volume {name} is served by another engine already")
         daemon = Daemon(vol, device, metrics)
         daemon.device_made = device_made
         daemon.start_local_replicas()

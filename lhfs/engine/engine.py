@@ -51,7 +51,7 @@ IO_TIMEOUT = 8.0  # (Longhorn's engine-replica timeout; a volume setting)
 CONTROL_TIMEOUT = 60.0
 TRIM_SPAN = 1024  # chunks per TRIM request (what a replica takes at once: MAX_TRIM_CHUNKS)
 CONNECT_TIMEOUT = 10.0  # a handshake's deadline at most; the I/O timeout if shorter
-CONNECT_FLOOR = 2.0  # (a local handshake under load: never a deadline shorter than this)
+CONNECT_FLOOR = 5.0  # (a handshake under load, TLS included: never a deadline shorter than this)
 REFUSALS_TOLD_EVERY = 60.0  # seconds between log lines about refused writes
 LARGE_READ = 256 << 10  # a read this large goes to the next replica (spread)
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lhfs.config import volume as volumes
+from lhfs.core.procs import is_lhfs
 
 log = logging.getLogger("lhfs.housekeeping")
 
@@ -49,7 +50,7 @@ def holders(config: dict[str, Any]) -> dict[str, int]:
     return {
         snapshot: pid
         for snapshot, pid in (config.get("snapshot_holds") or {}).items()
-        if isinstance(pid, int) and volumes.alive(pid)
+        if is_lhfs(pid)
     }
 
 

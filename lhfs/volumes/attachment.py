@@ -47,11 +47,16 @@ def unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def is_mountpoint(path: Path) -> bool:
-    """Whether ``path`` is a mount point, found without looking at ``path`` itself: a FUSE
-    mount whose device a stuck process holds answers nothing, and whoever looks waits."""
-    path = Path(os.path.abspath(path))
-    target = os.path.join(os.path.realpath(path.parent), path.name)  # (the kernel's real paths)
+def is_mountpoint(path: Path, look: bool = True) -> bool:
+    """Whether ``path`` is a mount point (the kernel lists real paths: a link to a mount
+    point is one). Not ``look``: found without looking at ``path`` itself, only at its
+    directory (a volume's device: a FUSE mount whose device a stuck process holds answers
+    nothing, and whoever looks waits; lhfs never makes a device that is a link)."""
+    if look:
+        target = os.path.realpath(path)
+    else:
+        path = Path(os.path.abspath(path))
+        target = os.path.join(os.path.realpath(path.parent), path.name)
     return any(point == target for _, point in mount_table())
 
 
@@ -81,7 +86,7 @@ def leftovers(device: Path) -> dict[str, Any]:
     return {
         "mounts": [m for loop in loops for m in mounted_at(loop)],
         "loops": loops,
-        "fuse_mount": is_mountpoint(device) or _disconnected(device),
+        "fuse_mount": is_mountpoint(device, look=False) or _disconnected(device),
     }
 
 
@@ -121,7 +126,7 @@ def release(device: Path, fuse: bool = True) -> list[str]:
         done.append(f"freed {loop}")
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: not loops_backed_by(device), 30, "the loop devices to go")
-    if fuse and (is_mountpoint(device) or _disconnected(device)):
+    if fuse and (is_mountpoint(device, look=False) or _disconnected(device)):
         subprocess.run(["fusermount3", "-u", "-z", str(device)], capture_output=True)
         done.append(f"unmounted the device {device}")
     return done
@@ -169,7 +174,7 @@ def _end_orphans(engine: int, held: list[Path]) -> list[str]:
         if patient:
             with contextlib.suppress(TimeoutError):
                 wait_for(free, STOP_TIMEOUT, "the replicas to end")
-        for pid in _orphans(engine) if not free() else []:
+        for pid in _orphans(engine, held) if not free() else []:
             if patient or stopped(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -179,18 +184,23 @@ def _end_orphans(engine: int, held: list[Path]) -> list[str]:
     return done
 
 
-def _orphans(engine: int) -> list[int]:
-    """The local replica processes that the engine of pid ``engine`` started and that still
-    run, known by the local socket name it gave them (``daemon._local_name``)."""
-    prefix = f"lhfs-{engine}-".encode()
+def _orphans(engine: int, held: list[Path]) -> list[int]:
+    """The local replica processes that the engine of pid ``engine`` started on the
+    directories ``held`` and that still run: known by the local socket name it gave them
+    (``daemon._local_name``) and by their directory (the pid of a dead engine may be another
+    volume's engine's by now: its replicas are not these)."""
+    prefix, dirs = f"lhfs-{engine}-".encode(), {str(d).encode() for d in held}
+
+    def option(argv: list[bytes], name: bytes) -> bytes:
+        return next(iter(argv[argv.index(name) + 1 :][:1]), b"") if name in argv else b""
+
     found = []
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
         except OSError:
             continue
-        local = argv[argv.index(b"--local") + 1 :][:1] if b"--local" in argv else []
-        if b"serve" in argv and local and local[0].startswith(prefix):
+        if option(argv, b"--local").startswith(prefix) and option(argv, b"--dir") in dirs:
             found.append(int(entry.name))
     return found
 
@@ -258,7 +268,7 @@ def exclusive(vol: volumes.Volume, force: bool = False) -> Iterator[None]:
             f"the replicas of volume {vol.name} for {COMMAND_WAIT:.0f}s: try again once it is "
             "done (--force does not wait for it)",
         )
-    except FileNotFoundError:  # (removed meanwhile)
+    except FileNotFoundError:  # (removed meanwhile, or while this waited for its lock)
         raise NotFound(f"no volume named {vol.name!r} (under {vol.root})") from None
     except Busy:
         if not force:

@@ -33,7 +33,7 @@ from lhfs.core.errors import (
     WrongState,
 )
 from lhfs.core.names import check_name
-from lhfs.core.procs import stopped, wait_for
+from lhfs.core.procs import is_lhfs, stopped, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.engine import control, housekeeping
 from lhfs.store.chunkstore import ChunkStore, disk_bytes
@@ -160,13 +160,24 @@ def _not_mounted_in(trash: Path) -> None:
         raise Busy(f"{inside[0]} is mounted: unmount it")
 
 
-def removals_cut_short(root: Path) -> list[str]:
+def removals_cut_short(root: Path, under_way: bool = False) -> list[str]:
     """The volumes whose removal was cut short (a killed ``volume rm``): renamed out of
-    sight, their files still there; ``volume rm NAME`` finishes it (``finish_removal``). One
-    under way is listed too, for the moment it runs."""
+    sight, their files still there; ``volume rm NAME`` finishes it (``finish_removal``). Not
+    one under way (unless ``under_way``): the name lock's line names a live lhfs command
+    (read, never probed: a probe of the lock would make a create or rm of that name at that
+    instant refused)."""
     base = volumes.volumes_dir(root)
     found = base.glob(".*.removing") if base.is_dir() else []
-    return sorted(p.name[1 : -len(".removing")] for p in found)
+    names = sorted(p.name[1 : -len(".removing")] for p in found)
+    return [n for n in names if under_way or not _being_removed(base / f".{n}.lock")]
+
+
+def _being_removed(lock: Path) -> bool:
+    try:
+        holder = lock.read_text().split()
+    except OSError:
+        return False
+    return bool(holder) and holder[0].isdigit() and is_lhfs(int(holder[0]))
 
 
 def finish_removal(root: Path, name: str) -> list[str]:
@@ -201,7 +212,7 @@ def check_removable(vol: volumes.Volume) -> None:
             f"'lhfs volume detach {vol.name}' cleans up after it first"
         )
     restorer = (vol.config.get("restoring") or {}).get("pid", -1)
-    if restorer != os.getpid() and volumes.alive(restorer):  # (its own cleanup removes it)
+    if restorer != os.getpid() and is_lhfs(restorer):  # (its own cleanup removes it)
         raise Busy(f"volume {vol.name} is being restored by pid {restorer}: wait for it or stop it")
     backups = sorted(set(housekeeping.holders(vol.config).values()))
     if backups:
@@ -274,13 +285,13 @@ def info(root: Path, name: str) -> dict[str, Any]:
         "size": vol.size,
         "chunk_size": vol.chunk_size,
         "backing_image": vol.config.get("backing_image"),
-        "filesystem": vol.filesystem,
+        "filesystem": _filesystem(vol),
         "settings": vol.settings(),
         "dr": _shown_dr(vol.config.get("dr")),
     }
     if vol.config.get("restoring"):  # a restore whose process died leaves it incomplete
         mark = vol.config["restoring"]
-        base["restoring"] = {**mark, "interrupted": not volumes.alive(mark["pid"])}
+        base["restoring"] = {**mark, "interrupted": not is_lhfs(mark["pid"])}
     record = vol.runtime_record()
     if record is not None:
         alive = vol.runtime() is not None  # (a dead engine's address serves nothing)
@@ -442,6 +453,15 @@ def list_volumes(root: Path) -> list[dict[str, Any]]:
         return [entry for entry in found if entry is not None]
 
 
+def _filesystem(vol: volumes.Volume) -> dict[str, Any] | None:
+    """The volume's file system record as ``info`` shows it: a damaged one as its ``error``,
+    beside everything else (the replicas' state, the engine's) that still reads."""
+    try:
+        return vol.filesystem
+    except CorruptState as exc:
+        return {"error": str(exc)}
+
+
 def _info_or_damaged(root: Path, name: str) -> dict[str, Any] | None:
     """``info``; state ``damaged`` and why, for a volume whose files (its configuration, its
     filesystem record) are damaged; None for one removed since it was listed. One volume's
@@ -465,17 +485,17 @@ def checksum(root: Path, name: str, progress: control.Progress | None = None) ->
         control.call(vol.control_socket, "flush")
         return control.call_watched(vol.control_socket, "checksum", progress, "checksum")
     with _detached(vol) as now:
-        if now is None:  # (attached meanwhile: its engine reads it)
-            return checksum(root, name, progress)
-        digest = xxhash.xxh3_128()
-        with ChunkStore.open(freshest_local(now)) as store:
-            done = 0
-            for piece in store.content():
-                digest.update(piece)
-                done += len(piece)
-                if progress:
-                    progress(100 * done / max(1, store.size), done, store.size)
-        return digest.hexdigest()
+        if now is not None:
+            digest = xxhash.xxh3_128()
+            with ChunkStore.open(freshest_local(now)) as store:
+                done = 0
+                for piece in store.content():
+                    digest.update(piece)
+                    done += len(piece)
+                    if progress:
+                        progress(100 * done / max(1, store.size), done, store.size)
+            return digest.hexdigest()
+    return checksum(root, name, progress)  # (attached meanwhile, its lock let go: its engine)
 
 
 # -- changes -----------------------------------------------------------------------------------
@@ -549,21 +569,29 @@ def expand(root: Path, name: str, size: int) -> dict[str, Any]:
     }  # fmt: skip
     if size == vol.size:
         return {**done, **_grow_on_top(vol, size, only_behind=True)}
-    if size < vol.size:
-        raise InvalidArgument(f"cannot shrink volume {name} ({vol.size} bytes) to {size}")
-    if size % vol.chunk_size:
-        raise InvalidArgument(f"size {size} is not a multiple of the chunk size {vol.chunk_size}")
-    vol.require_not_standby("expanding it")
-    vol.require_complete("expanding it")
+    _may_grow(vol, size)
     done["changed"] = True
     if vol.runtime() is None:
         with _detached(vol) as now:
+            if now is not None and now.size == size:  # (another expand did it meanwhile)
+                return {**done, "changed": False}
             if now is not None:
+                _may_grow(now, size)  # (as it is now: it may have changed while this waited)
                 _on_every_replica(now, "expand", size)
                 now.update(lambda config: config.update(size=size))
                 return {**done, "todo": _grow_later(now)}
     control.call(vol.control_socket, "expand", size=size)
     return {**done, **_grow_on_top(vol, size)}
+
+
+def _may_grow(vol: volumes.Volume, size: int) -> None:
+    """Refuse an expansion of ``vol`` to ``size`` that cannot be done."""
+    if size < vol.size:
+        raise InvalidArgument(f"cannot shrink volume {vol.name} ({vol.size} bytes) to {size}")
+    if size % vol.chunk_size:
+        raise InvalidArgument(f"size {size} is not a multiple of the chunk size {vol.chunk_size}")
+    vol.require_not_standby("expanding it")
+    vol.require_complete("expanding it")
 
 
 def _grow_on_top(vol: volumes.Volume, size: int, only_behind: bool = False) -> dict[str, Any]:
@@ -582,7 +610,10 @@ def _grow_later(vol: volumes.Volume) -> str | None:
     """What an operator still has to do after a detached volume grew: its file system."""
     from lhfs.volumes import mount
 
-    record = vol.filesystem
+    try:
+        record = vol.filesystem
+    except CorruptState as exc:  # (the volume grew: what is left to do is to mend the record)
+        return f"its file system record is damaged ({exc}): grow the file system by hand"
     if record is None or record["state"] != "formatted":  # (no loop device to grow now)
         return None
     grow = " ".join(mount.GROW.get(record["type"], ["its file system's own tool"]))
@@ -833,12 +864,12 @@ def replica_add(
     through its engine, which rebuilds the new replica online."""
     vol = volumes.load(root, name)
     restoring = vol.config.get("restoring")
-    if vol.runtime() is None and restoring and volumes.alive(restoring["pid"]):
+    if vol.runtime() is None and restoring and is_lhfs(restoring["pid"]):
         vol.update(lambda config: config["restoring"].update(attach=True))
 
         def answered() -> bool:
             now = volumes.load(root, name)
-            done = not now.config.get("restoring") or not volumes.alive(restoring["pid"])
+            done = not now.config.get("restoring") or not is_lhfs(restoring["pid"])
             return done or now.runtime() is not None
 
         wait_for(answered, attachment.ATTACH_TIMEOUT, f"the restore of {name} to attach it")
