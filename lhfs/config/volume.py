@@ -30,7 +30,8 @@ from lhfs.core.errors import (
     NotFound,
 )
 from lhfs.core.names import check_name, check_volume_name
-from lhfs.core.procs import alive, is_pid
+from lhfs.core.procs import alive as alive  # (volumes.alive: said where records are read)
+from lhfs.core.procs import argv_of, is_pid
 from lhfs.core.units import check_chunk_size, rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
@@ -304,12 +305,7 @@ def is_engine(pid: Any, name: str) -> bool:
     record's pid may belong to anything once its engine died (after a reboot, say), and such
     a process must never be taken for the engine (every command would call the volume
     attached) nor signalled."""
-    if not alive(pid):
-        return False
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    command = argv_of(pid)
     return b"engine-run" in command and name.encode() in command
 
 

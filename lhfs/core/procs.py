@@ -64,13 +64,18 @@ def is_lhfs(pid: Any) -> bool:
     backup's hold, an activation) is an lhfs process; after a reboot or a wrap of the pids
     the number may name anything, which must not pass for it: a volume's removal was refused
     for good "being restored by pid N", N some daemon an operator might then have killed."""
+    return any(arg == b"lhfs" or arg.endswith(b"/lhfs") for arg in argv_of(pid)[:3])
+
+
+def argv_of(pid: Any) -> list[bytes]:
+    """The command line of the live process ``pid`` (nothing for no such process): what
+    tells which process a recorded pid names now."""
     if not alive(pid):
-        return False
+        return []
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return False
-    return any(arg == b"lhfs" or arg.endswith(b"/lhfs") for arg in argv[:3])
+        return []
 
 
 def stopped(pid: int) -> bool:
