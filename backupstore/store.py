@@ -53,7 +53,7 @@ import xxhash
 import zstandard
 
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
-from lhfs.core.procs import process_state
+from lhfs.core.procs import alive
 from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
@@ -62,6 +62,7 @@ from .s3 import Bucket, StoreUnavailable
 
 FORMAT = 1  # of the records this lhfs writes (manifests, a volume's record): newer ones refused
 NEWER = "written by a newer lhfs"  # (what says so, where a record of a newer FORMAT is refused)
+_UPGRADE = ": upgrade lhfs"  # (what such a refusal ends with)
 
 BLOCK_SIZE = 2 << 20
 MIN_BLOCK = 4 << 10
@@ -131,6 +132,7 @@ class BackupStore:
         # digest -> recipe, of the blocks stored as deltas, from every manifest read
         self._recipes: dict[str, dict[str, Any]] = {}
         self._block_sizes: dict[str, int] = {}  # recorded ones: they never change
+        self._marked: set[tuple[str, str]] = set()  # (volume, backup) marked here: ``running``
 
     # -- the store's keys -----------------------------------------------------------------------
 
@@ -323,9 +325,7 @@ class BackupStore:
         block_size, recorded = self._settings(volume, block_size)
         started = time.time()
         taken = started if taken is None else min(taken, started)
-        running = Marker(self.bucket, self._key(volume, name, "running"), told=self.notice)
-        with running:
-            self._await_collections(running.key)
+        with self.running(volume, name):
             count = -(-size // block_size)
             previous, changed, recipes, base_unit = self._base(
                 volume, None if full else base, size, block_size, units
@@ -428,6 +428,25 @@ class BackupStore:
                 self.put_sealed(self._meta_relative(volume), json.dumps(meta).encode())
         progress(100.0, size, size)
         return manifest, stats
+
+    @contextlib.contextmanager
+    def running(self, volume: str, name: str) -> Iterator[None]:
+        """Backup ``name`` of ``volume`` marked under way for the block, once no collection
+        runs (its marker keeps new ones off the blocks it reuses). A caller opens what it
+        reads inside, once the wait is over: a collection may run for hours, and a detached
+        volume is held against an attach for as long as it is open (every attach of it
+        failed after five minutes behind a backup that only waited). ``create`` inside the
+        block marks it no second time."""
+        if (volume, name) in self._marked:
+            yield
+            return
+        with Marker(self.bucket, self._key(volume, name, "running"), told=self.notice) as marker:
+            self._await_collections(marker.key)
+            self._marked.add((volume, name))
+            try:
+                yield
+            finally:
+                self._marked.discard((volume, name))
 
     def _recheck(self, found: set[str]) -> None:
         """Blocks reused only because a HEAD found them (not named by a manifest this backup
@@ -888,10 +907,18 @@ class BackupStore:
             return Collection(removed, None, swept)
 
     def _unknown_blocks(self, damaged: dict[tuple[str, str], str]) -> str:
-        """Why a collection deletes nothing while ``damaged`` manifests are in the store."""
-        (vol, name), reason = min(damaged.items())
+        """Why a collection deletes nothing while ``damaged`` manifests are in the store. One
+        that a newer lhfs wrote is said first, and is no damage: it is a valid backup, which
+        only an upgrade lets this host read (to be told to delete it would lose it)."""
+        newer = {pair: reason for pair, reason in damaged.items() if NEWER in reason}
+        (vol, name), reason = min((newer or damaged).items())
         others = len(damaged) - 1
         more = f" (and {others} more: 'lhfs backup ls' shows them)" if others else ""
+        if newer:
+            return (
+                f"{reason.removesuffix(_UPGRADE)}{more}; this lhfs cannot collect this "
+                "store: upgrade lhfs to collect"
+            )
         url = f"{self.target}?{urlencode({'volume': vol, 'backup': name})}"
         return (
             f"{reason}{more}; the blocks a damaged manifest names are unknown, so none is "
@@ -1029,20 +1056,40 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (``pid:[N]``; None where the kernel does not say): a pid
+    names a process only within its namespace (containers sharing the host's name and boot
+    id each have their own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def writer() -> dict[str, Any]:
-    """Who writes a marker, as it records: a marker of this host since its boot whose pid is
-    gone is dead at once (``died_here``); one of another host, or boot, only once stale."""
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid()}
+    """Who writes a marker, as it records: a marker of this host since its boot, in this PID
+    namespace, whose pid is gone is dead at once (``died_here``); any other only once stale."""
+    return {
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pidns": _pid_namespace(),
+        "pid": os.getpid(),
+    }
 
 
 def died_here(about: dict[str, Any]) -> bool:
-    """Whether a marker's writer (``about``: its body) ran on this host since its last boot
-    and its process is gone (a pid reused since counts as alive: only ever too careful)."""
+    """Whether a marker's writer (``about``: its body) ran on this host since its last boot,
+    in this PID namespace, and its process is gone. Gone as ``procs.alive`` says, never as
+    ``/proc`` alone shows it: under ``hidepid`` a live process of another user has no entry
+    there, and its backup's marker was swept (a pid reused since counts as alive: only ever
+    too careful)."""
     here = writer()
-    if here["boot"] is None or any(about.get(key) != here[key] for key in ("host", "boot")):
+    if None in (here["boot"], here["pidns"]) or any(
+        about.get(key) != here[key] for key in ("host", "boot", "pidns")
+    ):
         return False
     pid = about.get("pid")
-    return _is_int(pid, 1, 1 << 31) and process_state(pid) in (None, "Z")
+    return _is_int(pid, 1, 1 << 31) and not alive(pid)
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:
@@ -1071,7 +1118,7 @@ def _not_newer(record: Any, what: str) -> None:
     upgrade nothing (``format`` says what a reader must know to read it)."""
     found = record.get("format") if isinstance(record, dict) else None
     if type(found) is int and found > FORMAT:
-        raise CorruptState(f"{what} was {NEWER} (format {found}): upgrade lhfs")
+        raise CorruptState(f"{what} was {NEWER} (format {found}){_UPGRADE}")
 
 
 def _bad_field(manifest: Any, volume: str, name: str) -> str | None:

@@ -7,6 +7,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -459,7 +460,8 @@ def test_a_backup_held_back_by_a_collection_says_so_at_once(cli: Cli, s3_endpoin
 def test_a_collection_killed_on_this_host_holds_no_backup_back(cli: Cli, s3_endpoint: str) -> None:
     """The marker of a collection killed on this host since its boot (its host name and boot
     id, its pid gone) counts as dead at once: a backup goes on without a wait (it waited ten
-    minutes). One of another host still holds backups back until it is stale."""
+    minutes). One of another host, or of another PID namespace of this one (where its pid
+    names another process), still holds backups back until it is stale."""
     target = "s3://cli-dead-here/p"
     cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
     cli.backup("v", target)
@@ -470,18 +472,46 @@ def test_a_collection_killed_on_this_host_holds_no_backup_back(cli: Cli, s3_endp
     here._write()  # (what a collection killed at once leaves: never refreshed, never removed)
     done = cli.run("backup", "create", "v", "--target", target, "--quiet")
     assert "waiting" not in done.stderr and done.stdout.startswith(target), done
-    elsewhere = Marker(
-        store.bucket,
-        store.target.key("locks", "collect-elsewhere"),
-        about={"pid": gone.pid, "host": "elsewhere"},
+    for about in ({"host": "elsewhere"}, {"pidns": "pid:[1]"}):  # (another host, a container)
+        elsewhere = Marker(
+            store.bucket,
+            store.target.key("locks", "collect-elsewhere"),
+            about={"pid": gone.pid, **about},
+        )
+        elsewhere._write()
+        backup = cli.start("backup", "create", "v", "--target", target, "--quiet")
+        assert backup.stderr is not None
+        line = backup.stderr.readline()
+        assert "waiting for a collection" in line and f"(pid {gone.pid} on " in line, (about, line)
+        store.bucket.delete(elsewhere.key)
+        assert backup.wait(60) == 0, backup.communicate()
+
+
+HIDDEN = """
+import sys
+from backupstore.store import died_here, writer
+print(*(died_here({**writer(), "pid": int(pid)}) for pid in sys.argv[1:]))
+"""
+
+
+def test_a_marker_of_a_live_process_that_proc_hides_is_not_dead() -> None:
+    """Under ``hidepid`` (a /proc that shows a user only their own processes) a live process
+    of another user has no entry in /proc: its marker counted as dead at once, and a
+    collection swept a running backup's. A signal says it lives (EPERM); the marker of a
+    process that is gone is dead at once all the same. Asked by a user that /proc hides
+    this one from, in a mount namespace of its own (the host's /proc is left as it is)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    hide = "mount -t proc -o hidepid=invisible proc /proc && exec setpriv --reuid=65534 "
+    hide += '--regid=65534 --clear-groups "$@"'
+    ask = [sys.executable, "-c", HIDDEN, str(os.getpid()), str(gone.pid)]
+    asked = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", hide, "sh", *ask],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    elsewhere._write()
-    backup = cli.start("backup", "create", "v", "--target", target, "--quiet")
-    assert backup.stderr is not None
-    line = backup.stderr.readline()
-    assert "waiting for a collection" in line and f"(pid {gone.pid} on elsewhere" in line, line
-    store.bucket.delete(elsewhere.key)
-    assert backup.wait(60) == 0, backup.communicate()
+    assert asked.stdout == "False True\n", asked
 
 
 def test_a_system_backup_part_and_an_image_backup_say_they_wait_for_a_collection(

@@ -703,6 +703,27 @@ def test_a_manifest_or_store_record_of_a_newer_format_says_upgrade_not_damaged(
     assert listing.stderr == f"lhfs: error: the store record {target} was {newer_lhfs}\n"
 
 
+def test_gc_of_a_store_holding_a_newer_manifest_says_upgrade_never_remove_it(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """``backup gc`` of a store holding a manifest a newer lhfs wrote (a valid backup) says
+    this lhfs cannot collect the store: upgrade to collect. It said to ``backup rm`` it, as a
+    damaged one. Said first when damaged ones are there too; nothing is deleted."""
+    target = "s3://trust-newer-gc/p"
+    store, _url, manifest = small_backup(target)
+    reseal(store, "volumes/v/b1.json", json.dumps({**manifest, "format": 99}).encode())
+    store.bucket.put(store.target.key("volumes/v/b0.json"), b"not a manifest")  # (damaged)
+    before = objects(target)
+    gc = cli.run("backup", "gc", "--target", target, check=False)
+    assert gc.returncode == 1, gc.stderr
+    assert gc.stderr == (
+        "lhfs: error: not collecting: the manifest of backup b1 of v was written by a newer "
+        "lhfs (format 99) (and 1 more: 'lhfs backup ls' shows them); this lhfs cannot collect "
+        "this store: upgrade lhfs to collect\n"
+    ), gc.stderr
+    assert objects(target) == before
+
+
 def test_the_time_a_backup_orders_by_never_fails() -> None:
     """``taken_at`` and ``order`` read what they can and never raise: a snapshot time (a
     number, or RFC 3339 as the first manifests that had one wrote), else the start, else the

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,7 +24,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
 from lhfs.engine import control
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, read_direct
+from lhfs.testing import Cli, read_direct, write_at
 from lhfs.volumes import attachment, manage
 from tools.faultproxy import FaultProxy
 
@@ -67,9 +68,10 @@ def collection_running(target: str) -> Iterator[None]:
         store.bucket.delete(marker.key)
 
 
-def waiting_backup(cli: Cli, volume: str, target: str) -> subprocess.Popen:
-    """``backup create`` of ``volume``, once it waits for a collection (``collection_running``)."""
-    backup = cli.start("backup", "create", volume, "--target", target, "--quiet")
+def waiting_backup(cli: Cli, volume: str, target: str, *options: str) -> subprocess.Popen:
+    """``backup create`` of ``volume`` (``--quiet`` unless ``options`` are given), once it
+    waits for a collection (``collection_running``): its snapshot taken, nothing opened."""
+    backup = cli.start("backup", "create", volume, "--target", target, *(options or ["--quiet"]))
     assert backup.stderr is not None
     line = backup.stderr.readline()
     assert "waiting for a collection" in line, (line, backup.communicate())
@@ -176,24 +178,70 @@ def test_a_snapshot_create_cut_short_is_said_and_removed(cli: Cli) -> None:
     assert cli.run("snapshot", "rm", "v", "s", "--quiet").stdout == "removed snapshot s\n"
 
 
+@contextlib.contextmanager
+def proxied(cli: Cli, s3_endpoint: str) -> Iterator[tuple[Cli, FaultProxy]]:
+    """The lhfs command with its store behind a fault proxy, for the block: setting its
+    ``rate`` to 200 makes every answer take a second or two (a backup then reads for many)."""
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    try:
+        yield Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint}), proxy
+    finally:
+        proxy.close()
+
+
+def reading_backup(slow: Cli, proxy: FaultProxy, volume: str, target: str) -> subprocess.Popen:
+    """A full ``backup create`` of ``volume`` in 64K blocks, once it reads (its first
+    progress line: the volume is open) with every store answer slow (``proxied``): a dozen
+    uploads at least to wait for before it is done."""
+    with collection_running(target):
+        backup = waiting_backup(slow, volume, target, "--full", "--block-size", "64K")
+        proxy.rate = 200
+    assert backup.stderr is not None
+    line = backup.stderr.readline()
+    assert line.startswith(f"backup {volume}: "), (line, backup.communicate())
+    return backup
+
+
 @needs_fuse
-def test_an_attach_waits_for_a_detached_backup_and_replica_rm(
+def test_a_detached_backup_holds_its_volume_only_while_it_reads(
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
-    """A backup of a detached volume reads its replica directory: an attach meanwhile found
-    it taken (its replica "did not start": a rebuild, or with one replica no attach at all).
-    It waits for the backup now. A detached ``replica rm`` waits for an attach under way, then
-    removes the replica through its engine (it once said removed and left the directory)."""
+    """A backup of a detached volume reads its replica directories: an attach meanwhile found
+    them taken (its replica "did not start": a rebuild, or with one replica no attach at all).
+    An attach waits for it now, while it reads; never while it waits for a collection (every
+    attach, mount, detach or ``replica rm`` waited five minutes, then failed): those go
+    through, and the backup then reads the volume as they left it (its configuration read
+    again: not a removed replica's directory). A detached ``replica rm`` waits for an attach
+    under way, then removes the replica through its engine (it once said removed and left
+    the directory)."""
     target = "s3://races-attach/p"
-    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
     fill_detached(cli, "v", 2 * MIB, seed=2)
     lock = volumes.load(cli.root, "v").dir / "command.lock"
     with collection_running(target):
-        backup = waiting_backup(cli, "v", target)  # (reading the volume's directory)
-        attach = cli.start("volume", "attach", "v", "--device", str(tmp_path / "dev"))
-        wait_for(lambda: _waits_on(attach.pid, lock), 30, "the attach to wait for the backup")
+        backup = waiting_backup(cli, "v", target)
+        removed = cli.run("replica", "rm", "v", "r2", timeout=60).stdout
+        assert removed == "removed replica r2 from v\n"
     out, err = backup.communicate(timeout=60)
     assert backup.returncode == 0, err
+    cli.run("backup", "restore", out.split()[-1], "copy", "--replicas", "1", "--quiet")
+    assert cli.checksum("copy") == cli.checksum("v")
+    with collection_running(target):
+        backup = waiting_backup(cli, "v", target)
+        cli.run("volume", "attach", "v", "--device", str(tmp_path / "dev"), timeout=60)
+    out, err = backup.communicate(timeout=60)  # (read through its engine)
+    assert backup.returncode == 0, err
+    cli.run("volume", "detach", "v")
+
+    with proxied(cli, s3_endpoint) as (slow, proxy):  # (in 64K blocks: another prefix)
+        backup = reading_backup(slow, proxy, "v", "s3://races-attach/slow")
+        attach = cli.start("volume", "attach", "v", "--device", str(tmp_path / "dev"))
+        wait_for(lambda: _waits_on(attach.pid, lock), 30, "the attach to wait for the backup")
+        assert backup.poll() is None, backup.communicate()
+        proxy.rate = None
+        out, err = backup.communicate(timeout=60)
+        assert backup.returncode == 0, err
     assert attach.wait(120) == 0, attach.communicate()
     assert cli.info("v")["state"] == "healthy"
     assert read_direct(tmp_path / "dev", 0, 2 * MIB) == random.Random(2).randbytes(2 * MIB)
@@ -310,21 +358,51 @@ def test_dr_starts_at_once_all_say_following(cli: Cli, s3_endpoint: str) -> None
 
 
 @needs_fuse
-def test_a_backup_during_a_detach_says_the_volume_was_detached(
+def test_a_backup_whose_replica_connection_breaks_says_why_at_once(
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
-    """A backup of an attached volume whose detach ends its replicas under it says the volume
-    was detached during the backup, not "connection to replica ... broke"."""
+    """A backup of an attached volume whose replica connection breaks as it reads says why in
+    one line, not "connection to replica ... broke": the volume was detached during the
+    backup, or detached and attached again (another engine: it said "the engine died"). A
+    replica that broke alone says so at once (it waited 10 s for the engine to die)."""
     target = "s3://races-detach/p"
+    device = tmp_path / "dev"
     cli.run("volume", "create", "b", "--size", "4M", "--replicas", "1")
-    cli.run("volume", "attach", "b", "--device", str(tmp_path / "dev"))
-    with collection_running(target):
-        backup = waiting_backup(cli, "b", target)  # (connected to the replica)
-        cli.run("volume", "detach", "b")
-    _, err = backup.communicate(timeout=60)
-    assert backup.returncode == 1, err
-    assert err.startswith(
-        "lhfs: error: backup of b failed: volume b was detached during the backup; its "
-        "snapshot backup-"
-    ), err
-    assert err.count("\n") == 1, err
+    cli.run("volume", "attach", "b", "--device", str(device))
+    write_at(device, 0, random.Random(4).randbytes(2 * MIB))
+    said = {
+        "detached": "volume b was detached during the backup",
+        "attached again": "volume b was detached and attached again during the backup",
+        "replica": "",  # (the replica's own error)
+    }
+    with proxied(cli, s3_endpoint) as (slow, proxy):
+        for case, why in said.items():
+            backup = reading_backup(slow, proxy, "b", target)
+            with stopped_for(backup):  # (between two of its reads)
+                if case == "replica":
+                    os.kill(cli.info("b")["replicas"][0]["pid"], signal.SIGKILL)
+                else:
+                    cli.run("volume", "detach", "b")
+                if case == "attached again":
+                    cli.run("volume", "attach", "b", "--device", str(device))
+                proxy.rate = None
+                resumed = time.monotonic()
+            _, err = backup.communicate(timeout=60)
+            assert backup.returncode == 1 and err.count("\n") == 1, (case, err)
+            assert err.startswith(f"lhfs: error: backup of b failed: {why}"), (case, err)
+            assert err.endswith(" stays until housekeeping trims it\n"), (case, err)
+            if case == "detached":
+                cli.run("volume", "attach", "b", "--device", str(device))
+        assert "replica" in err and "detached" not in err and "died" not in err, err
+        assert time.monotonic() - resumed < 8, "a broken replica waited for its engine to die"
+    cli.run("volume", "detach", "b")
+
+
+@contextlib.contextmanager
+def stopped_for(proc: subprocess.Popen) -> Iterator[None]:
+    """``proc`` stopped (SIGSTOP) for the block, then continued."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)

@@ -340,3 +340,94 @@ def test_an_interrupted_system_backup_leaves_nothing_that_looks_complete(
     url = cli.run("system", "backup", "--target", target, "--quiet").stdout.splitlines()[-1]
     states = {s["name"]: s["state"] for s in cli.json("system", "ls", "--target", target)}
     assert states[url.split("system=")[1]] == "complete" and states["sys2"] == "interrupted"
+
+
+LOCK_HOLDER = """
+import sys
+from pathlib import Path
+from lhfs.core import locks
+fd = locks.take(Path(sys.argv[1]), 0, "busy")
+print("held", flush=True)
+sys.stdin.read()  # (until it is killed)
+"""
+
+
+def test_a_detached_volume_busy_with_another_command_is_refused_before_any_io_is_held(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A detached volume whose command lock another command keeps (a detached backup reading
+    it) refuses a system backup within seconds, in one line naming it and that command's pid,
+    before any attached volume's I/O is held: its snapshot was taken inside the hold, behind
+    that lock, and every attached volume's writes waited for the hold's lease (60 s) before
+    the system backup failed. Once the other command is done, it completes."""
+    target = "s3://system-busy/p"
+    for name in ("a", "d"):
+        cli.run("volume", "create", name, "--size", "16M", "--replicas", "1")
+    device = tmp_path / "a.dev"
+    cli.run("volume", "attach", "a", "--device", str(device))
+    lock = volumes.load(cli.root, "d").dir / "command.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        began = time.monotonic()
+        refused = cli.run(
+            "system", "backup", "--target", target, "--name", "s1", "--create-bucket", check=False
+        )
+        took = time.monotonic() - began
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert refused.returncode == 1 and refused.stderr == (
+        f"lhfs: error: volume d is busy with another command (pid {holder.pid}): try again "
+        "once it is done\n"
+    ), refused.stderr
+    assert took < 30, took  # (a few seconds' wait: never the hold's lease, nor five minutes)
+    write_direct(device, 0, b"a" * 4096)  # (its I/O flows)
+    assert cli.json("snapshot", "ls", "a") == [] and cli.json("snapshot", "ls", "d") == []
+    assert cli.json("system", "ls", "--target", target) == []
+    url = cli.run("system", "backup", "--target", target, "--name", "s1", "--quiet").stdout
+    listed = cli.json("system", "ls", "--target", target)
+    assert [(s["name"], s["state"], s["volumes"]) for s in listed] == [
+        ("s1", "complete", ["a", "d"])
+    ], (url, listed)
+    cli.run("volume", "attach", "d", "--device", str(tmp_path / "d.dev"), timeout=60)
+    cli.run("volume", "detach", "d")
+    cli.run("volume", "detach", "a")
+
+
+def test_a_system_restore_says_a_registered_image_record_is_damaged(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A system restore over a backing image of the same name whose record is damaged says
+    so and how to clear it, nothing made (it said the image "exists with other content",
+    which no command could show); once cleared, the restore makes it."""
+    target = "s3://system-damaged-image/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(5).randbytes(MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    made = cli.run("system", "backup", "--target", target, "--create-bucket", "--quiet")
+    url = made.stdout.splitlines()[-1]
+    other = Cli(tmp_path / "root2")
+    try:
+        other.run("backing-image", "create", "base", "--from", str(raw))
+        record = other.root / "backing-images" / "base.json"
+        record.write_text("{not json")
+        refused = other.run("system", "restore", url, check=False)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert refused.stderr.startswith(
+            f"lhfs: error: backing image base is registered with a damaged record ({record} "
+            "is damaged: "
+        ), refused.stderr
+        assert refused.stderr.endswith("): 'lhfs backing-image rm base' clears it\n")
+        assert record.read_text() == "{not json" and other.json("volume", "ls") == []
+        other.run("backing-image", "rm", "base")
+        done = other.json("system", "restore", url, "--quiet")
+        assert done["images"] == ["base"], done
+        assert [i["name"] for i in other.json("backing-image", "ls")] == ["base"]
+    finally:
+        teardown(other.root)

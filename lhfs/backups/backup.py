@@ -164,28 +164,33 @@ class _Source:
     the freshest local directory of a detached one. Before anything is read it learns, from
     every healthy replica that answers, the snapshot's layer id there and the replica's
     rebuild count: what the next backup needs to take its changed blocks from the chain.
-    A detached volume is held against an attach (``attachment.exclusive``) until the source
-    is closed: an attach meanwhile found its replica directories taken, failed them and
-    rebuilt them for nothing (or, with one replica, failed)."""
+    A detached volume is held against an attach (``attachment.exclusive``, by
+    ``manage._detached``) until the source is closed: an attach meanwhile found its replica
+    directories taken, failed them and rebuilt them for nothing (or, with one replica,
+    failed). So a source is made only once the backup reads (``BackupStore.running``: after
+    its waits), and the volume's configuration is read again under the lock (a ``replica
+    rm`` just before left it opening a directory that was gone)."""
 
     def __init__(self, vol: volumes.Volume, snapshot: str) -> None:
         self.snapshot = snapshot
         self.remote: SyncReplica | None = None
         self.local: ChunkStore | None = None
         self.bases: dict[str, dict[str, Any]] = {}
+        self.engine: dict[str, Any] | None = None  # (the runtime record of the one read through)
         self.held = contextlib.ExitStack()
         try:
-            if vol.runtime() is None:
-                self.held.enter_context(attachment.exclusive(vol))
-                if vol.runtime() is not None:  # (attached meanwhile: its replicas are read)
-                    self.held.close()
-            self._open(vol, snapshot)
+            now = self.held.enter_context(manage._detached(vol)) if vol.runtime() is None else None
+            if now is None:  # attached: its replicas are read through their processes
+                self.held.close()
+                now = volumes.load(vol.root, vol.name)
+            self._open(now, snapshot)
         except BaseException:
             self.held.close()
             raise
 
     def _open(self, vol: volumes.Volume, snapshot: str) -> None:
-        if vol.runtime() is not None:
+        self.engine = vol.runtime()
+        if self.engine is not None:
             info = control.call(vol.control_socket, "info")
             healthy = [r for r in info["replicas"] if r["mode"] == "RW"]
             if not healthy:
@@ -319,49 +324,55 @@ def create(
     # Nothing is changed before the input is found good: a named snapshot must exist, and what
     # the store refuses (a bad endpoint, no access, another block size than it records) is
     # said before a snapshot is taken for the backup.
-    engine = vol.runtime()  # (read from while it runs: its death is said as such)
-    source = None if snapshot is None else _Source(vol, check_name(snapshot, "snapshot name"))
+    if snapshot is not None:  # (opened again to be read, once the store's waits are over)
+        _Source(vol, check_name(snapshot, "snapshot name")).close()
     held = contextlib.ExitStack()  # (the hold on the snapshot: until its record is saved)
     backup_name, made = None, False
+    engine = None  # (the engine the snapshot is read through, if any: its end is said as such)
     with held:
         try:
             store = open_store(target, retry_timeout, notice)
             store.bucket.ensure(create=create_bucket)
             store.check_password()  # (before a snapshot is taken for the backup)
             block = store.block_size(name, block_size)
-            if source is None:
+            taken = started
+            if snapshot is None:
                 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
                 snapshot = f"backup-{stamp}"
                 held.enter_context(housekeeping.hold(vol, snapshot))  # before it exists
                 taken = time.time()  # (this host's clock, to the instant: orders the backup)
                 manage.snapshot_create(root, name, snapshot, system=True)
                 made = True
-                source = _Source(vol, snapshot)
             else:
                 held.enter_context(housekeeping.hold(vol, snapshot))
-                # its layer's time (a replica's clock, to the second), never after the start
-                layer = snapshot_time(source.bases[source.replica_id]["created"])
-                taken = started if layer is None else min(layer, started)
-            assert snapshot is not None
             backup_name = _backup_name(snapshot)
-            record = vol.config.get("backups", {}).get(str(target))
-            changed, units = (
-                (None, None) if full else _changes(source, record, block, vol.chunk_size)
-            )
-            _manifest, stats = store.create(
-                name,
-                backup_name,
-                source.size,
-                source.read,
-                snapshot=snapshot,
-                block_size=block,
-                progress=progress,
-                base=None if changed is None or record is None else (record["backup"], changed),
-                extra={"chunk_size": vol.chunk_size},
-                units=units,
-                taken=taken,
-                full=full,
-            )
+            with (
+                store.running(name, backup_name),  # (its waits first; the volume opened after)
+                contextlib.closing(_Source(vol, snapshot)) as source,
+            ):
+                engine = source.engine
+                if not made:  # its layer's time (a replica's clock, to the second), if earlier
+                    layer = snapshot_time(source.bases[source.replica_id]["created"])
+                    taken = started if layer is None else min(layer, started)
+                record = vol.config.get("backups", {}).get(str(target))
+                changed, units = (
+                    (None, None) if full else _changes(source, record, block, vol.chunk_size)
+                )
+                base = None if changed is None or record is None else (record["backup"], changed)
+                _manifest, stats = store.create(
+                    name,
+                    backup_name,
+                    source.size,
+                    source.read,
+                    snapshot=snapshot,
+                    block_size=block,
+                    progress=progress,
+                    base=base,
+                    extra={"chunk_size": vol.chunk_size},
+                    units=units,
+                    taken=taken,
+                    full=full,
+                )
         except LhfsError as exc:  # (a refusal before the backup began left nothing: as it is)
             failed = exc
             if isinstance(exc, ConnectionLost) and engine:
@@ -373,9 +384,6 @@ def create(
             if failed is exc:
                 raise
             raise failed from None
-        finally:
-            if source is not None:
-                source.close()
         done = {
             "backup": backup_name,
             "snapshot": snapshot,
@@ -390,17 +398,22 @@ def create(
 
 
 def _engine_gone(vol: volumes.Volume, engine: dict[str, Any]) -> LhfsError | None:
-    """Why a backup's connection to a replica of an attached volume broke, when its engine
-    is gone (its replicas end with it: not a fault of the one read): detached meanwhile, or
-    died. None while the engine lives. A detach under way is waited for (it holds the
-    command lock) so that which one it was is known."""
-    with contextlib.suppress(TimeoutError):  # (the replica ends first; its engine, next)
-        wait_for(lambda: not volumes.alive(engine["pid"]), 10, f"the engine of {vol.name}")
-    if volumes.alive(engine["pid"]):
+    """Why a backup's connection to a replica of an attached volume broke, when the engine
+    it read through (``engine``, its runtime record) is gone (its replicas end with it: not
+    a fault of the one read): detached meanwhile, detached and attached again (another
+    engine now), or died. None while that engine is still the volume's: a replica broke,
+    and its own error says so. A detach under way holds the command lock until its engine
+    is gone: waited for a few seconds only (``exclusive``'s ``force`` wait, then on without
+    it), never minutes before an error that is known already."""
+    with contextlib.suppress(LhfsError), attachment.exclusive(vol, force=True):
+        pass  # (a detach under way is over, or still under way after a few seconds)
+    record = vol.runtime_record()
+    if record is None:
+        return WrongState(f"volume {vol.name} was detached during the backup")
+    if record["pid"] != engine["pid"] and attachment.engine_alive(vol, record):
+        return WrongState(f"volume {vol.name} was detached and attached again during the backup")
+    if attachment.engine_alive(vol, engine):
         return None
-    with contextlib.suppress(LhfsError), attachment.exclusive(vol):
-        if vol.runtime_record() is None:
-            return WrongState(f"volume {vol.name} was detached during the backup")
     return WrongState(
         f"the engine of {vol.name} died (the volume crashed: 'lhfs volume info {vol.name}' "
         "says what it left)"

@@ -2,7 +2,8 @@
 
 ``lhfs system backup`` takes a snapshot of every volume first, at one instant: the I/O of
 every attached volume is held while they are taken (``lhfs.engine.hold``), so that together
-they are crash-consistent, as one disk would be. Then it backs each up as an ordinary backup,
+they are crash-consistent, as one disk would be, and the detached ones are held against other
+commands from before that (``_detached_held``). Then it backs each up as an ordinary backup,
 then every backing image, then writes the system record naming them all with the volumes'
 settings (never a key or a credential). Each part reports its progress to 100%, also a part
 whose content the store already holds (it sends nothing and is complete at once), or the
@@ -20,7 +21,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from backupstore import systems
 from backupstore.s3 import RETRY_TIMEOUT, Target
 from lhfs.backups import backup
 from lhfs.config import volume as volumes
+from lhfs.core import locks
 from lhfs.core.errors import (
     AlreadyExists,
     CorruptState,
@@ -43,7 +45,7 @@ from lhfs.core.names import IMAGE_BACKUPS, MAX_IMAGE_NAME, check_name, image_nam
 from lhfs.core.units import rfc3339
 from lhfs.engine import housekeeping
 from lhfs.store.backing import content_id
-from lhfs.volumes import images, manage
+from lhfs.volumes import attachment, images, manage
 
 # part ("volume NAME", "image NAME"), percent, bytes done, bytes in all
 PartProgress = Callable[[str, float, int | None, int | None], None]
@@ -122,10 +124,14 @@ def create(
         snapshots = {vol.name: f"backup-{stamp}-{secrets.token_hex(2)}" for vol in chosen}
         for vol in chosen:
             held.enter_context(housekeeping.hold(vol, snapshots[vol.name]))
-        with manage.io_held(chosen) as holds, ThreadPoolExecutor(8) as pool:
+        with (
+            _detached_held(chosen) as locked,
+            manage.io_held(chosen) as holds,
+            ThreadPoolExecutor(8) as pool,
+        ):
             # every snapshot first, at one instant, before any upload
             taken = [
-                pool.submit(_snapshot, root, vol, snapshots[vol.name], holds.get(vol.name))
+                pool.submit(_snapshot, root, vol, snapshots[vol.name], holds.get(vol.name), locked)
                 for vol in chosen
             ]
             for future in taken:
@@ -178,10 +184,49 @@ def create(
     return {**record, "url": system_url(target, name)}
 
 
-def _snapshot(root: Path, vol: volumes.Volume, snapshot: str, hold: str | None) -> None:
-    """One volume's snapshot of a system backup: inside its hold, or detached (no I/O)."""
-    if hold is None and vol.runtime() is not None:
-        raise WrongState(f"volume {vol.name} was attached during the system backup: try again")
+BUSY_WAIT = 10.0  # seconds a system backup waits for another command on a detached volume
+
+
+@contextlib.contextmanager
+def _detached_held(vols: list[volumes.Volume]) -> Iterator[set[str]]:
+    """Hold the command lock of each detached volume of ``vols`` for the block (the names
+    held): taken before any attached volume's I/O is held (``manage.io_held``), so that
+    nothing inside that hold waits for a lock. Taken inside, behind a detached backup of one
+    of them (which holds its lock while it reads), every attached volume's writes waited
+    until the hold's lease ran out, and the system backup failed. Each lock is taken again
+    by its snapshot (``manage.snapshot_create``; ``attachment.exclusive`` is re-entrant in
+    a process). One that another command keeps beyond ``BUSY_WAIT`` is refused in one line,
+    before any I/O is held."""
+    with contextlib.ExitStack() as stack:
+        held = set()
+        for vol in vols:
+            if vol.runtime() is not None:  # (its engine takes its snapshot, inside the hold)
+                continue
+            _not_busy(vol)
+            # (free a moment ago: one taken again since is waited for here, I/O still flowing)
+            stack.enter_context(attachment.exclusive(vol))
+            held.add(vol.name)
+        yield held
+
+
+def _not_busy(vol: volumes.Volume) -> None:
+    """Wait up to ``BUSY_WAIT`` for another command on the detached volume ``vol`` (an
+    attach, a detached backup) to let go of its command lock, else refuse, naming its pid:
+    ``attachment.exclusive`` would wait five minutes."""
+    busy = f"volume {vol.name} is busy with another command{{pid}}: try again once it is done"
+    try:
+        os.close(locks.take(vol.dir / "command.lock", BUSY_WAIT, busy))
+    except FileNotFoundError:  # (its directory is gone)
+        raise NotFound(f"volume {vol.name} was removed during the system backup") from None
+
+
+def _snapshot(
+    root: Path, vol: volumes.Volume, snapshot: str, hold: str | None, locked: set[str]
+) -> None:
+    """One volume's snapshot of a system backup: inside its hold, or detached (no I/O) with
+    its command lock held (``locked``); never one that waits for a lock inside the hold."""
+    if hold is None and vol.name not in locked:  # (detached since: its lock is not ours)
+        raise WrongState(f"volume {vol.name} was detached during the system backup: try again")
     _part(f"volume {vol.name}", manage.snapshot_create, root, vol.name, snapshot, True, hold)
 
 
@@ -237,10 +282,15 @@ def restore(
     clash = sorted(set(wanted) & existing)
     if clash:
         raise AlreadyExists(f"volume(s) {', '.join(clash)} already exist under {root}")
-    present = {i["name"]: i.get("id") for i in images.list_images(root)}
+    present = {i["name"]: i for i in images.list_images(root)}
     image_names = list(record["images"]) if only is None else []
     for image in image_names:
-        if image in present and present[image] != record["images"][image]["id"]:
+        if image in present and "error" in present[image]:  # (its content is unknown)
+            raise CorruptState(
+                f"backing image {image} is registered with a damaged record "
+                f"({present[image]['error']}): 'lhfs backing-image rm {image}' clears it"
+            )
+        if image in present and present[image]["id"] != record["images"][image]["id"]:
             raise AlreadyExists(f"backing image {image} exists under {root} with other content")
     done: dict[str, Any] = {"name": name, "volumes": [], "images": [], "skipped_images": []}
     for image in image_names:

@@ -299,7 +299,7 @@ def parsers(groups: Any) -> None:
         description="Delete the blocks no complete backup references, and the markers that "
         "interrupted backups left. Refused, with the reason, while a backup runs, and while a "
         "damaged manifest is in the store (the blocks it names are unknown): 'lhfs backup rm' "
-        "it first.",
+        "it first; while one a newer lhfs wrote is there, upgrade lhfs to collect.",
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     store_options(p)
