@@ -494,6 +494,10 @@ print(*(died_here({**writer(), "pid": int(pid)}) for pid in sys.argv[1:]))
 """
 
 
+@pytest.mark.skipif(
+    tuple(map(int, os.uname().release.split(".")[:2])) < (5, 8),
+    reason="a /proc of its own with hidepid needs Linux 5.8 (before, every /proc shares one's)",
+)
 def test_a_marker_of_a_live_process_that_proc_hides_is_not_dead() -> None:
     """Under ``hidepid`` (a /proc that shows a user only their own processes) a live process
     of another user has no entry in /proc: its marker counted as dead at once, and a

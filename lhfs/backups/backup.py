@@ -179,8 +179,10 @@ class _Source:
         self.engine: dict[str, Any] | None = None  # (the runtime record of the one read through)
         self.held = contextlib.ExitStack()
         try:
-            now = self.held.enter_context(manage._detached(vol)) if vol.runtime() is None else None
-            if now is None:  # attached: its replicas are read through their processes
+            now = None
+            if vol.runtime() is None:  # (read again under its lock, as the last command left it)
+                now = self.held.enter_context(manage._detached(vol))
+            if now is None:  # attached (maybe meanwhile): read through its replica processes
                 self.held.close()
                 now = volumes.load(vol.root, vol.name)
             self._open(now, snapshot)
