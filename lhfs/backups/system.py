@@ -31,7 +31,6 @@ from backupstore import systems
 from backupstore.s3 import RETRY_TIMEOUT, Target
 from lhfs.backups import backup
 from lhfs.config import volume as volumes
-from lhfs.core import locks
 from lhfs.core.errors import (
     AlreadyExists,
     CorruptState,
@@ -202,22 +201,11 @@ def _detached_held(vols: list[volumes.Volume]) -> Iterator[set[str]]:
         for vol in vols:
             if vol.runtime() is not None:  # (its engine takes its snapshot, inside the hold)
                 continue
-            _not_busy(vol)
-            # (free a moment ago: one taken again since is waited for here, I/O still flowing)
-            stack.enter_context(attachment.exclusive(vol))
+            busy = f"volume {vol.name} is busy with another command{{pid}}: try again once it "
+            busy += "is done"  # (an attach, a detached backup: not waited for five minutes)
+            stack.enter_context(attachment.exclusive(vol, wait=BUSY_WAIT, busy=busy))
             held.add(vol.name)
         yield held
-
-
-def _not_busy(vol: volumes.Volume) -> None:
-    """Wait up to ``BUSY_WAIT`` for another command on the detached volume ``vol`` (an
-    attach, a detached backup) to let go of its command lock, else refuse, naming its pid:
-    ``attachment.exclusive`` would wait five minutes."""
-    busy = f"volume {vol.name} is busy with another command{{pid}}: try again once it is done"
-    try:
-        os.close(locks.take(vol.dir / "command.lock", BUSY_WAIT, busy))
-    except FileNotFoundError:  # (its directory is gone)
-        raise NotFound(f"volume {vol.name} was removed during the system backup") from None
 
 
 def _snapshot(

@@ -250,21 +250,26 @@ FORCE_WAIT = 5.0  # ...and a --force detach or umount, before it goes on without
 
 
 @contextlib.contextmanager
-def exclusive(vol: volumes.Volume, force: bool = False) -> Iterator[None]:
+def exclusive(
+    vol: volumes.Volume, force: bool = False, wait: float | None = None, busy: str | None = None
+) -> Iterator[None]:
     """One command at a time attaches, mounts, unmounts or detaches a volume: two ``lhfs
     mount`` at once each saw it detached and started an engine (the second one's lock on
     its replicas then failing, or worse). The later one waits, then sees what the first
     did. Held once per process (``mount`` attaches under it). ``force`` (a ``--force``
     detach or umount, the way out of an engine that hangs, which may hang the command
-    holding the lock too, in mkfs or mount): waits ``FORCE_WAIT``, then goes on without."""
+    holding the lock too, in mkfs or mount): waits ``FORCE_WAIT``, then goes on without.
+    ``wait`` and ``busy``: another wait, and what to say after it (``{pid}``: the holder's)
+    for a caller that must not wait five minutes (a system backup, before it holds I/O)."""
     if vol.dir in _held:
         yield
         return
     try:
         fd = locks.take(
             vol.dir / "command.lock",
-            FORCE_WAIT if force else COMMAND_WAIT,
-            f"another command{{pid}} has been attaching, mounting, detaching or working on "
+            wait if wait is not None else FORCE_WAIT if force else COMMAND_WAIT,
+            busy
+            or f"another command{{pid}} has been attaching, mounting, detaching or working on "
             f"the replicas of volume {vol.name} for {COMMAND_WAIT:.0f}s: try again once it is "
             "done (--force does not wait for it)",
         )
