@@ -1,0 +1,169 @@
+"""What an operator sees when something went wrong: damaged system records, markers and
+scratch files of killed commands, holders of a loop device, replicas the engine has as ERR,
+and messages that say what is true (against a real S3 server where a store is involved)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from conftest import needs_fuse
+
+from backupstore import systems
+from backupstore.s3 import Bucket, Target
+from backupstore.store import BackupStore, writer
+from lhfs.core.procs import wait_for
+from lhfs.testing import Cli
+
+pytestmark = needs_fuse
+MIB = 1 << 20
+
+
+def _flip(bucket: Bucket, key: str) -> None:
+    """Damage an object as a tester would: read it, flip a byte, put it back."""
+    found = bucket.get(key)
+    assert found is not None
+    data = bytearray(found[0])
+    data[len(data) // 2] ^= 0x01
+    bucket.put(key, bytes(data))
+
+
+def _after(bucket: Bucket, key: str) -> None:
+    """Wait until the server's clock has passed the time of ``key`` (its times may be whole
+    seconds): what is written next is later by that clock."""
+    probe = key + ".probe"
+
+    def later() -> bool:
+        bucket.put(probe, b"")
+        return bucket.modified(probe) > bucket.modified(key)
+
+    wait_for(later, 10, f"the store's clock to pass {key}")
+    bucket.delete(probe)
+
+
+def _backups(store: BackupStore, volume: str, *names: str) -> None:
+    """Small backups of ``volume`` made by the store's own code (no volume to attach)."""
+    for name in names:
+        data = name.encode() * 1000
+        store.create(
+            volume,
+            name,
+            MIB,
+            lambda index, block_size, data=data: data + bytes(block_size - len(data)),
+            block_size=MIB,
+            extra={"chunk_size": 64 << 10},
+        )
+
+
+def _record(store: BackupStore, name: str, parts: dict[str, str]) -> None:
+    systems.put(
+        store,
+        {
+            "format": 1,
+            "name": name,
+            "created": "2026-12-05T00:00:00Z",
+            "started": 0.0,
+            "volumes": {v: {"backup": b, "replicas": 1} for v, b in parts.items()},
+            "images": {},
+            "skipped": {},
+        },
+    )
+
+
+def test_a_damaged_system_record_is_listed_removable_and_blocks_only_what_it_may_name(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """A system record with a byte flipped is listed ``damaged`` and found by ``backup
+    check`` (exit 3); ``backup rm`` and prune hold only the backups it may name (written
+    before it), saying why; ``system rm`` of another system backup finishes (it deleted that
+    record, then failed), and of the damaged one removes it. A part deleted by hand makes its
+    system backup damaged, not complete."""
+    target = "s3://ops-systems/p"
+    bucket = Bucket(Target.parse(target))
+    bucket.ensure(create=True)
+    store = BackupStore(bucket)
+    _backups(store, "v", "b1", "b2")
+    _record(store, "sysA", {"v": "b1"})
+    _record(store, "sysB", {"v": "b2"})
+    sys_a = Target.parse(target).key("systems/sysA.json")
+    _flip(bucket, sys_a)  # (rewritten: its time is now that of the damage)
+    _after(bucket, sys_a)
+    _backups(store, "v", "b3", "b4")
+
+    listed = {s["name"]: s for s in cli.json("system", "ls", "--target", target)}
+    assert listed["sysA"]["state"] == "damaged" and listed["sysA"]["parts"] is None
+    assert "systems/sysA.json fails authentication" in listed["sysA"]["reason"]
+    assert listed["sysB"]["state"] == "complete"
+    shown = cli.run("system", "ls", "--target", target).stdout
+    assert "damaged" in shown and f"system rm {target}?system=sysA" in shown
+
+    checked = cli.run("backup", "check", "--target", target, check=False)
+    assert checked.returncode == 3, checked
+    assert "system backup sysA: systems/sysA.json fails authentication" in checked.stdout
+
+    pruned = cli.json(
+        "backup", "prune", "--target", target, "--volume", "v", "--keep-last", "1", "--dry-run"
+    )  # fmt: skip
+    kept = {k["name"]: " ".join(k["reasons"]) for k in pruned["kept"]}
+    assert "system backup sysA, whose record cannot be read" in kept["b1"]
+    assert [r["name"] for r in pruned["removed"]] == ["b3"]  # (written after it: free)
+
+    refused = cli.run("backup", "rm", f"{target}?volume=v&backup=b1", check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "may be part of system backup sysA" in refused.stderr
+    cli.run("backup", "rm", f"{target}?volume=v&backup=b3")
+    assert store.complete_names("v") == ["b1", "b2", "b4"]
+
+    # sysB's part was written before sysA's record: kept, and said; sysB's record goes
+    done = cli.json("system", "rm", f"{target}?system=sysB")
+    assert done["removed_backups"] == [] and done["damaged"] is None
+    assert done["kept_backups"] == [{"backup": "v/b2", "system": "sysA"}]
+    assert not systems.exists(store, "sysB")
+    gone = cli.run("system", "rm", f"{target}?system=sysA")
+    assert gone.returncode == 0 and "could not be read" in gone.stdout
+    assert cli.json("system", "ls", "--target", target) == []
+    assert sorted(store.complete_names("v")) == ["b1", "b2", "b4"]  # (ordinary backups now)
+    cli.run("backup", "rm", f"{target}?volume=v&backup=b1")
+
+    # a part deleted by hand: its system backup is damaged, and check says so
+    _record(store, "sysC", {"v": "b4"})
+    store.forget("v", "b4")
+    listed = cli.json("system", "ls", "--target", target)
+    assert [(s["name"], s["state"]) for s in listed] == [("sysC", "damaged")]
+    assert "backup b4 of v are missing" in listed[0]["reason"]
+    checked = cli.run("backup", "check", "--target", target, check=False)
+    assert checked.returncode == 3 and "system backup sysC: its part(s)" in checked.stdout
+    assert json.loads(cli.run("backup", "check", "--target", target, "--json", check=False).stdout)[
+        "problems"
+    ]
+
+
+def test_a_dead_system_backups_marker_is_taken_over_at_once(cli: Cli, s3_endpoint: str) -> None:
+    """The marker of a system backup killed on this host (its pid gone, same boot and PID
+    namespace) is taken over by a rerun at once, as every other marker is judged dead; until
+    then ``system rm`` names ``backup gc``. One whose owner lives is refused, saying when it
+    expires and what removes it."""
+    target = "s3://ops-markers/p"
+    bucket = Bucket(Target.parse(target))
+    bucket.ensure(create=True)
+    key = Target.parse(target).key("systems/sysK2.running")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    body = {"started": time.time(), **writer(), "pid": dead.pid, "owner": "killed"}
+    bucket.put(key, json.dumps(body).encode())
+    listed = cli.json("system", "ls", "--target", target)
+    assert [(s["name"], s["state"]) for s in listed] == [("sysK2", "interrupted")]
+    refused = cli.run("system", "rm", f"{target}?system=sysK2", check=False)
+    assert refused.returncode == 1 and "'lhfs backup gc --target" in refused.stderr
+
+    done = cli.json("system", "backup", "--target", target, "--name", "sysK2")
+    assert done["name"] == "sysK2"
+    assert [s["state"] for s in cli.json("system", "ls", "--target", target)] == ["complete"]
+
+    bucket.put(key.replace("sysK2", "sysK3"), json.dumps({**body, "pid": os.getpid()}).encode())
+    busy = cli.run("system", "backup", "--target", target, "--name", "sysK3", check=False)
+    assert busy.returncode == 1 and busy.stderr.count("\n") == 1
+    assert "is under way" in busy.stderr and "expires in" in busy.stderr
+    assert "'lhfs backup gc' removes it" in busy.stderr
