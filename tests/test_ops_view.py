@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import needs_fuse
 
@@ -167,3 +168,50 @@ def test_a_dead_system_backups_marker_is_taken_over_at_once(cli: Cli, s3_endpoin
     assert busy.returncode == 1 and busy.stderr.count("\n") == 1
     assert "is under way" in busy.stderr and "expires in" in busy.stderr
     assert "'lhfs backup gc' removes it" in busy.stderr
+
+
+def test_umount_names_the_processes_of_another_mount_namespace_holding_the_loop_device(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A process started in its own mount namespace while the file system was mounted keeps
+    a copy of the mount: ``lhfs umount`` unmounts here, then says which processes hold the
+    loop device and that it goes when they end, never ``losetup -d`` (autoclear is set
+    already). ``volume detach --force`` then says each thing it did once."""
+    cli.run("volume", "create", "fsv", "--size", "32M", "--replicas", "1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "fsv", str(mnt))
+    own = os.readlink("/proc/self/ns/mnt")
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "120"])
+    try:
+        wait_for(
+            lambda: (
+                os.readlink(f"/proc/{holder.pid}/ns/mnt") != own
+                and str(mnt) in Path(f"/proc/{holder.pid}/mountinfo").read_text()
+            ),
+            10,
+            "the other mount namespace",
+        )
+        refused = cli.run("umount", str(mnt), check=False, timeout=60)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"unmounted {mnt} here; fsv stays attached" in refused.stderr
+        assert f"process(es) {holder.pid} (sleep)" in refused.stderr
+        assert "freed when they end or unmount it" in refused.stderr
+        assert "losetup -d" not in refused.stderr
+        loop = cli.info("fsv")["loop"]
+        assert Path(f"/sys/block/{Path(loop).name}/loop/autoclear").read_text().strip() == "1"
+
+        forced = cli.json("volume", "detach", "fsv", "--force")
+        assert len(forced["cleaned"]) == len(set(forced["cleaned"])), forced["cleaned"]
+        assert not any(c == f"freed {loop}" for c in forced["cleaned"]), forced["cleaned"]
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_for(
+        lambda: (
+            not Path(f"/sys/block/{Path(loop).name}/loop").exists()
+            or not (Path(f"/sys/block/{Path(loop).name}/loop/backing_file").exists())
+        ),
+        20,
+        "the loop device to be freed",
+    )

@@ -420,7 +420,10 @@ def _umount(
             raise LhfsError(f"umount failed: {why}{hint}")
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
     attachment.release(device, fuse=False)
-    report = attachment.detach(root, vol.name, force=force)
+    try:
+        report = attachment.detach(root, vol.name, force=force)
+    except Busy as exc:  # (held elsewhere: what was done here is said with it)
+        raise Busy(f"unmounted {mountpoint} here; {vol.name} stays attached: {exc}") from None
     return {**report, "mountpoint": str(mountpoint)}
 
 
