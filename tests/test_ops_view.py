@@ -215,3 +215,27 @@ def test_umount_names_the_processes_of_another_mount_namespace_holding_the_loop_
         20,
         "the loop device to be freed",
     )
+
+
+def test_a_mount_grows_an_ext4_by_any_growth(cli: Cli, tmp_path: Path) -> None:
+    """An unmounted ext4 volume expanded by 8 MiB (less than the 16 MiB a mount once
+    ignored) is grown by the next ``lhfs mount``, as ``volume expand`` says."""
+    cli.run("volume", "create", "g", "--size", "64M", "--replicas", "1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "g", str(mnt))
+    before = os.statvfs(mnt)
+    cli.run("umount", str(mnt))
+    expanded = cli.run("volume", "expand", "g", "--size", "72M").stdout
+    assert "its ext4 file system grows at its next 'lhfs mount'" in expanded
+    mounted = cli.json("mount", "g", str(mnt))
+    try:
+        assert mounted["grown"] is True
+        after = os.statvfs(mnt)
+        grown = (after.f_blocks * after.f_frsize) - (before.f_blocks * before.f_frsize)
+        assert grown > 7 * MIB, grown
+    finally:
+        cli.run("umount", str(mnt))
+    again = cli.json("mount", "g", str(mnt))  # (nothing more to grow: said so)
+    cli.run("umount", str(mnt))
+    assert again["grown"] is False

@@ -616,11 +616,9 @@ def _grow_later(vol: volumes.Volume) -> str | None:
         return f"its file system record is damaged ({exc}): grow the file system by hand"
     if record is None or record["state"] != "formatted":  # (no loop device to grow now)
         return None
-    grow = " ".join(mount.GROW.get(record["type"], ["its file system's own tool"]))
-    return (
-        f"grow its {record['type']} file system once mounted ('lhfs mount', then "
-        f"{grow.format(loop='LOOP', mountpoint='MOUNTPOINT')})"
-    )
+    if record["type"] in mount.GROW:  # (what 'lhfs mount' grows, by however little)
+        return f"its {record['type']} file system grows at its next 'lhfs mount'"
+    return f"grow its {record['type']} file system once mounted, with its own tool"
 
 
 def snapshot_create(
