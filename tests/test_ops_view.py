@@ -239,3 +239,31 @@ def test_a_mount_grows_an_ext4_by_any_growth(cli: Cli, tmp_path: Path) -> None:
     again = cli.json("mount", "g", str(mnt))  # (nothing more to grow: said so)
     cli.run("umount", str(mnt))
     assert again["grown"] is False
+
+
+def test_doctor_says_what_the_engine_has_a_local_replica_as(cli: Cli, tmp_path: Path) -> None:
+    """A local replica whose directory another ``replica serve`` holds cannot start: the
+    engine has it ERR, and doctor says so (it said ``ok``: the directory is in place)."""
+    cli.run("volume", "create", "d", "--size", "16M", "--replicas", "2")
+    second = cli.info("d")["replicas"][1]
+    directory = cli.root / "volumes" / "d" / "replicas" / second["id"]
+    assert (directory / "volume.json").exists(), list(directory.parent.iterdir())
+    key = tmp_path / "d.key"
+    cli.run("volume", "key", "d", "--out", str(key))
+    holder = cli.start(
+        "replica", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0",
+        "--key-file", str(key),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and "serving" in holder.stdout.readline()
+        cli.run("volume", "attach", "d", "--device", str(tmp_path / "d.dev"))
+        wait_for(lambda: cli.replica("d", second["id"])["mode"] == "ERR", 30, "the replica to fail")
+        checks = cli.run("doctor", "d", "--json", check=False)
+        found = next(
+            c for c in json.loads(checks.stdout) if c["check"] == f"replica {second['id']}"
+        )
+        assert found["status"] == "warn", found
+        assert "the engine has it failed (ERR)" in found["detail"], found
+    finally:
+        holder.terminate()
+        holder.wait(30)
