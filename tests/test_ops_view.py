@@ -267,3 +267,35 @@ def test_doctor_says_what_the_engine_has_a_local_replica_as(cli: Cli, tmp_path: 
     finally:
         holder.terminate()
         holder.wait(30)
+
+
+def test_a_detached_volume_of_remote_replicas_lists_its_snapshots_and_rm_says_what_is_left(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """Detached, with every replica remote: ``snapshot ls`` reads them from a remote
+    replica (it said "no snapshots"), and with none answering refuses (exit 1), never an
+    empty list. ``volume rm`` says the remote replica's process and directory still hold
+    the data."""
+    cli.run("volume", "create", "t1", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "attach", "t1", "--device", str(tmp_path / "t1.dev"))
+    for name in ("s1", "s2", "s3"):
+        cli.run("snapshot", "create", "t1", name)
+    key = tmp_path / "t1.key"
+    cli.run("volume", "key", "t1", "--out", str(key))
+    remote = replica_factory(tmp_path / "remote", key)
+    far = cli.run("replica", "add", "t1", "--address", remote.address).stdout.split()[2]
+    cli.run("replica", "rm", "t1", "r1")
+    cli.run("volume", "detach", "t1")
+
+    listed = cli.json("snapshot", "ls", "t1")  # (and the rebuild's own snapshot)
+    assert [s["name"] for s in listed if not s["name"].startswith("rebuild-")] == ["s1", "s2", "s3"]
+    assert "s3" in cli.run("snapshot", "ls", "t1").stdout
+    assert remote.stop() == 0
+    refused = cli.run("snapshot", "ls", "t1", "--json", check=False)
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert "cannot be listed while it is detached" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+
+    removed = cli.run("volume", "rm", "t1")
+    assert f"remote replica(s) {far} at {remote.address} still hold its data" in removed.stdout
+    assert "'lhfs replica serve' processes and directories are yours" in removed.stdout
