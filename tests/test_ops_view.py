@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from conftest import needs_fuse
 
@@ -17,6 +18,7 @@ from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore, writer
 from lhfs.core.procs import wait_for
 from lhfs.testing import Cli
+from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
 MIB = 1 << 20
@@ -299,3 +301,37 @@ def test_a_detached_volume_of_remote_replicas_lists_its_snapshots_and_rm_says_wh
     removed = cli.run("volume", "rm", "t1")
     assert f"remote replica(s) {far} at {remote.address} still hold its data" in removed.stdout
     assert "'lhfs replica serve' processes and directories are yours" in removed.stdout
+
+
+def test_the_scratch_file_of_a_system_restore_killed_during_an_image_is_cleared(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A ``system restore`` SIGKILLed while it writes a backing image leaves its image-sized
+    scratch file under the root: ``backing-image ls`` (and the next restore) clears it once
+    its process is gone, and the rerun restores the image."""
+    target = "s3://ops-scratch/p"
+    raw = tmp_path / "bi1.raw"
+    raw.write_bytes(os.urandom(4 * MIB))
+    cli.run("backing-image", "create", "bi1", "--from", str(raw))
+    url = cli.json("system", "backup", "--target", target, "--name", "s1", "--create-bucket")["url"]
+    other = Cli(tmp_path / "root2")
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 256 << 10  # (killed while it writes the image)
+    try:
+        restore = Cli(other.root, env={"AWS_ENDPOINT_URL": proxy.endpoint}).start(
+            "system", "restore", url, "--quiet"
+        )
+        wait_for(
+            lambda: any(other.root.glob(".restore-image-*")), 60, "the restore to write the image"
+        )
+        restore.kill()
+        restore.wait(30)
+    finally:
+        proxy.close()
+    assert list(other.root.glob(".restore-image-bi1*"))  # (what a kill leaves)
+    assert other.json("backing-image", "ls") == []
+    assert not list(other.root.glob(".restore-image-*"))
+    done = other.json("system", "restore", url, "--quiet")
+    assert done["images"] == ["bi1"]
+    assert [i["name"] for i in other.json("backing-image", "ls")] == ["bi1"]

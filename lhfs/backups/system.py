@@ -337,7 +337,7 @@ def restore_image(
     _, volume, backup_name = backup.parse_backup_url(url)
     manifest = store.manifest(volume, backup_name)
     Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
-    scratch = Path(root) / f".restore-image-{name}-{secrets.token_hex(4)}"
+    scratch = images.restore_scratch(root, name)  # (a killed restore's: cleared later)
     try:
         fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

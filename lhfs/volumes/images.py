@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,27 @@ def _clear_cut_short(root: Path, name: str | None = None) -> None:
                 continue  # (not a create's)
         if image == name if name is not None else pid is None or not alive(int(pid)):
             tmp.unlink(missing_ok=True)
+
+
+RESTORE_SCRATCH = ".restore-image-"  # ROOT/.restore-image-NAME.PID-HEX.tmp: see below
+
+
+def restore_scratch(root: Path, name: str) -> Path:
+    """Where a restore writes image ``name`` before it registers it (``images.create``): a
+    file of the image's size under the root, named with the restoring process's pid, so that
+    one a killed restore left is known as such and cleared (``_clear_restore_scratch``)."""
+    return Path(root) / f"{RESTORE_SCRATCH}{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _clear_restore_scratch(root: Path) -> None:
+    """Delete the scratch files of image restores whose process is gone (a ``system
+    restore`` killed during an image: only its ``finally`` removed the file, as large as the
+    image). A live one's stays (a pid reused since counts as live: kept, never wrongly
+    deleted, until that process ends too)."""
+    for scratch in Path(root).glob(f"{RESTORE_SCRATCH}*.tmp"):
+        owner = scratch.name[: -len(".tmp")].rpartition(".")[2].partition("-")[0]
+        if owner.isdigit() and not alive(int(owner)):
+            scratch.unlink(missing_ok=True)
 
 
 def create(root: Path, name: str, source: Path) -> dict[str, Any]:
@@ -115,8 +137,10 @@ def get(root: Path, name: str) -> dict[str, Any]:
 def list_images(root: Path) -> list[dict[str, Any]]:
     """Every registered image; one whose record is damaged as its name and ``error`` (for
     ``ls`` to show and ``rm`` to clear), never a failure of the whole list. The files of
-    creates cut short are cleared on the way."""
+    creates and image restores cut short are cleared on the way."""
     base = images_dir(root)
+    if Path(root).is_dir():
+        _clear_restore_scratch(root)
     if not base.exists():
         return []
     _clear_cut_short(root)
