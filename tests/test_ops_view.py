@@ -335,3 +335,12 @@ def test_the_scratch_file_of_a_system_restore_killed_during_an_image_is_cleared(
     done = other.json("system", "restore", url, "--quiet")
     assert done["images"] == ["bi1"]
     assert [i["name"] for i in other.json("backing-image", "ls")] == ["bi1"]
+
+
+def test_system_restore_with_an_empty_volume_list_says_it_is_empty(cli: Cli) -> None:
+    """``--volumes ""`` is an empty list, not a volume named twice."""
+    result = cli.run("system", "restore", "s3://bucket/p?system=s", "--volumes", "", check=False)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "lhfs: error: --volumes is empty: name the volumes to restore (VOL1,VOL2,...)\n"
+    )

@@ -254,6 +254,8 @@ def restore(
     retry_timeout: float = RETRY_TIMEOUT,
 ) -> dict[str, Any]:
     target, name = parse_system_url(url)
+    if only is not None and not any(only):  # ('--volumes ""': not a list of one '')
+        raise InvalidArgument("--volumes is empty: name the volumes to restore (VOL1,VOL2,...)")
     if only is not None and (not all(only) or len(set(only)) != len(only)):
         raise InvalidArgument(f"--volumes names each volume once: {','.join(only)!r}")
     store = backup.open_store(target, retry_timeout)
