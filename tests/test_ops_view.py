@@ -344,3 +344,34 @@ def test_system_restore_with_an_empty_volume_list_says_it_is_empty(cli: Cli) -> 
     assert result.stderr == (
         "lhfs: error: --volumes is empty: name the volumes to restore (VOL1,VOL2,...)\n"
     )
+
+
+def test_backing_image_ls_marks_a_modified_file_and_rm_names_only_its_own_volumes(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``backing-image ls`` marks an image whose registered file was written since (it
+    showed nothing); ``rm`` lists the volumes made from that image only, not those made
+    from another image or a raw file of the same content."""
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(os.urandom(MIB))
+    cli.run("backing-image", "create", "one", "--from", str(raw))
+    cli.run("backing-image", "create", "two", "--from", str(raw))  # (the same content)
+    cli.run("volume", "create", "from-one", "--size", "4M", "--replicas", "1",
+            "--backing-image", "one")  # fmt: skip
+    cli.run("volume", "create", "from-two", "--size", "4M", "--replicas", "1",
+            "--backing-image", "two")  # fmt: skip
+    cli.run("volume", "create", "from-raw", "--size", "4M", "--replicas", "1",
+            "--backing-image", str(raw))  # fmt: skip
+    listed = {i["name"]: i for i in cli.json("backing-image", "ls")}
+    assert listed["one"]["changed"] is False and listed["two"]["changed"] is False
+    registered = Path(listed["one"]["path"])
+    with open(registered, "r+b") as f:
+        f.write(b"changed")
+    listed = {i["name"]: i for i in cli.json("backing-image", "ls")}
+    assert listed["one"]["changed"] is True and listed["two"]["changed"] is False
+    shown = {line.split()[0]: line for line in cli.run("backing-image", "ls").stdout.splitlines()}
+    assert "modified since it was registered" in shown["one"]
+    assert "modified" not in shown["two"]
+
+    removed = cli.json("backing-image", "rm", "two")
+    assert removed["volumes"] == ["from-two"]

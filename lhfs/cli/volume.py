@@ -39,6 +39,9 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         images.resolve(root_of(args), args.backing_image) if args.backing_image else (None, None)
     )
     settings = _settings_given(args)
+    extra: dict[str, Any] = {"settings": settings} if settings else {}
+    if image is not None:  # (which image it was made from: 'backing-image rm' says so)
+        extra["backing_image_name"] = args.backing_image if image_id is not None else None
     try:
         vol = manage.create(
             root_of(args),
@@ -47,7 +50,7 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
             args.chunk_size,
             replica_count(args),
             image,
-            {"settings": settings} if settings else None,
+            extra or None,
             args.disks,
             image_id,
         )

@@ -108,8 +108,29 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
             tmp.unlink(missing_ok=True)
         fsync_dir(base)
         info = {"name": name, "id": image_id, "size": id_size(image_id), "file": f"{name}.img"}
-        atomic_write_json(base / f"{name}.json", info)
+        atomic_write_json(base / f"{name}.json", {**info, **_file_stat(base / f"{name}.img")})
     return info
+
+
+def _file_stat(path: Path) -> dict[str, int]:
+    """What ``ls`` compares an image's file with, cheaply (no read): its size and time of
+    last change as registered. A file written since says so; its content is checked (read
+    whole) only where it is used (``verified``)."""
+    found = path.stat()
+    return {"file_bytes": found.st_size, "file_mtime_ns": found.st_mtime_ns}
+
+
+def _changed(info: dict[str, Any]) -> bool | None:
+    """Whether a registered image's file was modified since it was registered (size or
+    time of last change differ, or it is gone); None for one registered before lhfs kept
+    them (not known without reading it)."""
+    recorded = {key: info.get(key) for key in ("file_bytes", "file_mtime_ns")}
+    if not all(type(value) is int for value in recorded.values()):
+        return None
+    try:
+        return _file_stat(Path(info["path"])) != recorded
+    except OSError:
+        return True
 
 
 def get(root: Path, name: str) -> dict[str, Any]:
@@ -147,9 +168,11 @@ def list_images(root: Path) -> list[dict[str, Any]]:
     found = []
     for record in sorted(base.glob("*.json")):
         try:
-            found.append(get(root, record.stem))
+            info = get(root, record.stem)
         except (CorruptState, InvalidArgument) as exc:
             found.append({"name": record.stem, "error": str(exc)})
+            continue
+        found.append({**info, "changed": _changed(info)})
     return found
 
 
@@ -198,6 +221,11 @@ def remove(root: Path, name: str) -> list[str]:
     users = []
     for volume in volumes.list_names(root) if image_id else []:
         with contextlib.suppress(LhfsError, OSError, ValueError):
-            if volumes.load(root, volume).config.get("backing_image") == image_id:
+            config = volumes.load(root, volume).config
+            if config.get("backing_image") != image_id:
+                continue
+            # (one made from another image or a raw file of the same content is not this
+            # one's; one whose record does not say, made before it did, matches by content)
+            if config.get("backing_image_name", name) == name:
                 users.append(volume)
     return users
