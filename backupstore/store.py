@@ -58,7 +58,7 @@ from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
-from .s3 import Bucket, StoreUnavailable
+from .s3 import NOT_CONFIRMED, Bucket
 
 FORMAT = 1  # of the records this lhfs writes (manifests, a volume's record): newer ones refused
 NEWER = "written by a newer lhfs"  # (what says so, where a record of a newer FORMAT is refused)
@@ -1447,11 +1447,14 @@ class Marker:
         try:
             self.bucket.delete(self.key)
         except Exception as error:
-            why = "the store does not answer" if isinstance(error, StoreUnavailable) else error
-            left = (
-                f"its marker {self.key} could not be removed ({why}): it counts as running "
-                f"until this process ends (on other hosts, for {STALE / 60:.0f} minutes), "
-                "then 'lhfs backup gc' removes it"
+            if NOT_CONFIRMED in str(error):  # (its DELETE may land later: not said undone)
+                left = f"its marker {self.key} may stay (the store did not answer its removal)"
+                left += ": if it does, it counts"
+            else:
+                left = f"its marker {self.key} could not be removed ({error}): it counts"
+            left += (
+                f" as running until this process ends (on other hosts, for {STALE / 60:.0f} "
+                "minutes), then 'lhfs backup gc' removes it"
             )
             if isinstance(failure, LhfsError):  # the block's own failure, and what it left
                 failure.args = (f"{failure}; {left}",)

@@ -8,13 +8,15 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 from conftest import needs_fuse
 
 from backupstore import systems
-from backupstore.s3 import Bucket, Target
+from backupstore.s3 import Bucket, Endpoint, StoreUnavailable, Target
 from backupstore.store import BackupStore, writer
 from lhfs.core.procs import wait_for
 from lhfs.testing import Cli
@@ -375,3 +377,27 @@ def test_backing_image_ls_marks_a_modified_file_and_rm_names_only_its_own_volume
 
     removed = cli.json("backing-image", "rm", "two")
     assert removed["volumes"] == ["from-two"]
+
+
+def test_a_delete_a_frozen_store_did_not_answer_is_not_said_undone(s3_endpoint: str) -> None:
+    """A DELETE that a frozen store did not answer may land later (it did): the failure says
+    it was not confirmed, never that the object stays (an offline activation and ``volume
+    rm`` of a standby said its marker stays, when it was deleted)."""
+    target = Target.parse("s3://ops-frozen/p")
+    Bucket(target).ensure(create=True)
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    try:
+        endpoint = Endpoint.from_env()
+        bucket = Bucket(target, deadline=1.0, endpoint=replace(endpoint, url=proxy.endpoint))
+        key = target.key("marker")
+        bucket.put(key, b"x")
+        proxy.delay = 11.0  # (past the 10 s a request waits: the DELETE is passed on after)
+        proxy.schedule(["delay"])
+        with pytest.raises(StoreUnavailable) as failed:
+            bucket.delete(key)
+        assert "did not answer DELETE p/marker" in str(failed.value)
+        assert "it may have been done all the same (not confirmed)" in str(failed.value)
+        wait_for(lambda: not Bucket(target).exists(key), 10, "the late DELETE to land")
+    finally:
+        proxy.close()
