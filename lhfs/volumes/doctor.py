@@ -282,7 +282,7 @@ def _as_seen(
         return Check(
             check.check,
             WARN,
-            f"{what or check.detail}, but the engine has it failed (ERR): {said or 'no reason'}",
+            f"{what or check.detail}, but the engine has it failed: {said or 'no reason'}",
             f"{lhfs} replica ls {name}",
         )
     if seen["mode"] == "WO":
