@@ -138,7 +138,11 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
                 bar.update(100)
                 break
             if state["mode"] == "ERR" and state.get("rebuild_progress") is None:
-                raise LhfsError(f"replica {added['id']}: {state.get('error') or 'rebuild failed'}")
+                raise LhfsError(
+                    f"replica {added['id']}: {state.get('error') or 'rebuild failed'}; it stays "
+                    f"in {args.volume} and is tried again ('lhfs replica rm {args.volume} "
+                    f"{added['id']}' gives it up)"
+                )
             percent = state.get("rebuild_progress") or 0
             bar.update(percent, int(size * percent / 100), size)  # of the volume compared
             time.sleep(0.2)

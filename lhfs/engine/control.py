@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lhfs.core.errors import LhfsError, NotFound, from_wire
+from lhfs.core.errors import LhfsError, NotFound, from_wire, sole
 from lhfs.core.procs import stopped
 
 if TYPE_CHECKING:
@@ -102,11 +102,19 @@ async def _one(stream: trio.SocketStream, handler: Handler) -> None:
                 if isinstance(result, Kept):
                     holding, result = result, result.result
                 answer = {"ok": True, "result": result}
-            except LhfsError as exc:
-                answer = {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
             except Exception as exc:  # report, never let one request stop the engine
-                log.exception("control request %s failed", op)
-                answer = {"ok": False, "kind": "LhfsError", "message": f"internal error: {exc}"}
+                # (a refusal raised in a task of the handler's nursery comes wrapped in a
+                # group: it is answered as itself, in its own words, not as an internal error)
+                error = sole(exc)
+                if isinstance(error, LhfsError):
+                    answer = {"ok": False, "kind": type(error).__name__, "message": str(error)}
+                else:
+                    log.exception("control request %s failed", op)
+                    answer = {
+                        "ok": False,
+                        "kind": "LhfsError",
+                        "message": f"internal error: {error}",
+                    }
         await stream.send_all(json.dumps(answer).encode() + b"\n")
         if holding is not None:  # (the asker sends nothing more: its closing is what counts)
             while await stream.receive_some(4096):

@@ -70,6 +70,10 @@ class Daemon:
         self.engine: Engine | None = None
         self.nursery: trio.Nursery | None = None
         self._rebuilds: dict[str, _Rebuild] = {}  # replica id -> its rebuild under way
+        # replicas added by ``replica add`` that have not served yet, and those given back
+        # since (their id -> why), for the ``replica add`` that waits on them
+        self._adding: set[str] = set()
+        self.given_back: dict[str, str] = {}
         self._stopping = False
         self.channel = FuseChannel(device)
         self.key = vol.key()
@@ -320,6 +324,8 @@ class Daemon:
             if disk is not None and not isinstance(disk, str):
                 raise InvalidArgument("a disk is the path of a mount point")
             return await self.add_replica(args.get("address"), args.get("tls_ca"), disk)
+        if op == "given_back":  # (why an added replica was given back, if it was)
+            return self.given_back.get(str(args.get("id")))
         if op == "replica_rm":
             return {"left": await self.remove_replica(str(args["id"]))}
         if op == "scrub":
@@ -494,16 +500,21 @@ class Daemon:
             if link not in self.engine.replicas:  # (removed meanwhile)
                 return
             shape = None  # another volume's shape: retrying cannot help
+            final = None  # why an added replica that never served is given back
             with trio.CancelScope() as scope:
                 entry = self._rebuilds[link.id] = _Rebuild(scope)
                 try:
                     await rebuild(self.engine, link)
-                    self.housekeep()  # (its barrier is a system snapshot)
                 except WrongShape as exc:
                     shape = f"not brought back: {exc}; replace it"
-                    log.error("replica %s is %s", link.id, shape)
+                    if link.id in self._adding:
+                        final = f"rebuild failed: {exc}"
+                    else:
+                        log.error("replica %s is %s", link.id, shape)
                 except LhfsError as exc:
                     log.warning("rebuild of %s failed: %s", link.id, exc)
+                    if link.id in self._adding and _cannot_retry(exc):
+                        final = f"rebuild failed: {exc}"
                 except Exception:
                     log.exception("rebuild of %s failed", link.id)
                     if link.mode != ERR:
@@ -512,10 +523,16 @@ class Daemon:
                     if self._rebuilds.get(link.id) is entry:
                         del self._rebuilds[link.id]
                     entry.over.set()
-                    if link.mode != RW:
+                    if not self._stopping:  # (its barrier is a system snapshot, failed or not)
+                        self.housekeep()
+                    if link.mode == RW:
+                        self._adding.discard(link.id)
+                    else:
                         link.rebuild_progress = None
                         if link not in self.engine.replicas:
-                            pass
+                            self._adding.discard(link.id)
+                        elif final is not None:
+                            await self._give_back(link, final)
                         elif shape is not None:
                             link.rejoin = shape
                             self.nursery.start_soon(self.give_up, link)
@@ -523,6 +540,19 @@ class Daemon:
                             self.rejoiner.watch(link)
 
         self.nursery.start_soon(run)
+
+    async def _give_back(self, link: ReplicaLink, reason: str) -> None:
+        """An added replica whose first rebuild failed for a reason that trying again cannot
+        change (its target refused: a directory not empty, no room, another volume's) is
+        removed, as if never added, rather than kept ERR and retried for ever, each attempt
+        a barrier snapshot more; why is kept for the ``replica add`` that waits on it. No
+        checkpoint before it leaves ``engine.replicas``: nobody sees it failed but kept."""
+        self._adding.discard(link.id)
+        self.given_back[link.id] = reason
+        log.warning("replica %s is given back: %s", link.id, reason)
+        with contextlib.suppress(LhfsError):
+            await self.remove_replica(link.id)
+            self.vol.update(lambda c: _give_back_id(c, link.id))
 
     async def add_replica(
         self, address: str | None, tls_ca: str | None = None, disk: str | None = None
@@ -615,6 +645,8 @@ class Daemon:
         self.vol.update(lambda c: _set_replica(c, replica_id, address=address))
         engine.replicas.append(link)
         link.rebuild_progress = 0.0
+        self._adding.add(replica_id)
+        self.given_back.pop(replica_id, None)  # (an id given back is taken again)
         self.start_rebuild(link)
         return {"id": replica_id, "address": address}
 
@@ -967,6 +999,14 @@ def _ended(status: int) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-status).name}"
     return f"exit status {status}"
+
+
+def _cannot_retry(exc: LhfsError) -> bool:
+    """Whether a rebuild failed for a reason that trying again cannot change: the target
+    refused what it was asked (its directory is not empty, its disk is full or read-only,
+    it is another volume's or of another shape), as opposed to a lost connection, a silent
+    peer or a source that failed, which a later attempt may get past."""
+    return isinstance(exc, (InvalidArgument, StorageError, WrongVolume, WrongShape))
 
 
 def _give_back_id(config: dict[str, Any], replica_id: str) -> None:

@@ -971,6 +971,15 @@ def replica_state(root: Path, name: str, replica_id: str) -> dict[str, Any] | No
     now = info(root, name)
     replica = next((r for r in now["replicas"] if r["id"] == replica_id), None)
     if replica is None:
+        why = None
+        if now["attached"]:  # (its first rebuild failed for good: the engine gave it back)
+            with contextlib.suppress(LhfsError):
+                socket = volumes.load(root, name).control_socket
+                why = control.call(socket, "given_back", timeout=ANSWER_WITHIN, id=replica_id)
+        if why:
+            raise LhfsError(
+                f"replica {replica_id}: {why}; it was given back: {name} is as before the add"
+            )
         raise NotFound(f"replica {replica_id} is gone from volume {name}")
     if now["state"] == NOT_ANSWERING:
         return None

@@ -1,0 +1,87 @@
+"""Replica commands around their edges: refusals said in one line, failed adds given back,
+``replica serve`` and ``replica init`` that check before they make anything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import needs_fuse
+
+from lhfs.config import volume as volumes
+from lhfs.testing import Cli, write_direct
+
+MIB = 1 << 20
+
+
+def one_line(result: subprocess.CompletedProcess, status: int) -> str:
+    """The single stderr line of a command that failed with ``status``."""
+    assert result.returncode == status, (result.args, result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def attached(cli: Cli, tmp_path: Path, name: str, size: str = "16M", replicas: int = 1) -> Path:
+    """A new volume, attached; its device."""
+    cli.run("volume", "create", name, "--size", size, "--replicas", str(replicas))
+    device = tmp_path / f"{name}.dev"
+    cli.run("volume", "attach", name, "--device", str(device))
+    return device
+
+
+def key_of(cli: Cli, tmp_path: Path, name: str) -> Path:
+    key = tmp_path / f"{name}.key"
+    cli.run("volume", "key", name, "--out", str(key))
+    return key
+
+
+@needs_fuse
+def test_snapshot_rm_during_a_rebuild_says_busy_in_one_line(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A refusal raised inside the engine's nursery (``snapshot rm`` while a rebuild runs) is
+    said as itself, not as "internal error: Exceptions from Trio nursery"."""
+    device = attached(cli, tmp_path, "v", "64M")
+    write_direct(device, 0, os.urandom(32 * MIB))
+    cli.run("snapshot", "create", "v", "s1")
+    remote = replica_factory(tmp_path / "remote", key_of(cli, tmp_path, "v"))
+    cli.run("replica", "add", "v", "--address", remote.address, "--no-wait")
+    os.kill(remote.proc.pid, signal.SIGSTOP)  # (its rebuild waits for it meanwhile)
+    try:
+        assert cli.live("v")["replicas"][1]["mode"] != "RW"  # (not rebuilt before it stopped)
+        line = one_line(cli.run("snapshot", "rm", "v", "s1", check=False), 1)
+        assert "a replica is being rebuilt: removing a snapshot is refused" in line, line
+    finally:
+        os.kill(remote.proc.pid, signal.SIGCONT)
+    assert "Trio nursery" not in cli.engine_log("v")
+    assert "s1" in [s["name"] for s in cli.json("snapshot", "ls", "v")]
+    cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_an_add_whose_target_refuses_is_given_back(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A ``replica add`` whose first rebuild fails for a reason trying again cannot change
+    (the served directory is not empty) fails in one line and leaves the volume as it was:
+    the replica removed, its id given back, no barrier snapshot left beyond the limit."""
+    attached(cli, tmp_path, "v")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a replica")
+    served = replica_factory(junk, key_of(cli, tmp_path, "v"))
+    add = cli.run("replica", "add", "v", "--address", served.address, "--quiet", check=False)
+    line = one_line(add, 1)
+    assert "replica r2: rebuild failed" in line and "is not empty" in line, line
+    assert "given back" in line, line
+    info = cli.live("v")
+    assert info["state"] == "healthy" and [r["id"] for r in info["replicas"]] == ["r1"], info
+    config = volumes.load(cli.root, "v").config
+    assert [r["id"] for r in config["replicas"]] == ["r1"] and config["next_replica"] == 2
+    assert (junk / "notes.txt").read_text() == "not a replica"
+    assert set(os.listdir(junk)) <= {"id", "epoch", "notes.txt"}  # (its own files only)
+    assert cli.json("replica", "add", "v")["id"] == "r2"  # (the id given back is taken again)
+    cli.run("volume", "detach", "v")
