@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -85,3 +86,48 @@ def test_an_add_whose_target_refuses_is_given_back(
     assert set(os.listdir(junk)) <= {"id", "epoch", "notes.txt"}  # (its own files only)
     assert cli.json("replica", "add", "v")["id"] == "r2"  # (the id given back is taken again)
     cli.run("volume", "detach", "v")
+
+
+def test_serve_and_init_check_before_they_make_anything(
+    cli: Cli, tmp_path: Path, key_file: Path, replica_factory
+) -> None:
+    """``replica serve`` refuses a directory whose parent is missing, a path that is a file,
+    and an address it cannot bind, in one line with exit 1, having made nothing (it made the
+    directory levels and its ``id`` first); ``replica init`` refuses a missing backing image
+    leaving no directory. A missing file named on the command line is exit 1 whichever option
+    names it, and so is an address that cannot be bound. A new directory is still served."""
+    key = str(key_file)
+
+    def serve(directory: Path, listen: str = "127.0.0.1:0", *more: str) -> str:
+        args = ("replica", "serve", "--dir", str(directory), "--listen", listen, "--key-file", key)
+        return one_line(cli.run(*args, *more, check=False, timeout=30), 1)
+
+    deep = tmp_path / "nowhere" / "a" / "b"
+    assert f"{deep.parent} is not a directory that exists" in serve(deep)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert serve(afile).endswith(f"{afile} is not a directory")
+    fresh = tmp_path / "fresh"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert "Address already in use" in serve(fresh, f"127.0.0.1:{taken.getsockname()[1]}")
+    assert "Cannot assign requested address" in serve(fresh, "192.0.2.1:0")  # (not this host's)
+    missing = str(tmp_path / "missing.pem")
+    assert "does not exist" in serve(
+        fresh, "127.0.0.1:0", "--tls-cert", missing, "--tls-key", missing
+    )
+    assert not fresh.exists() and not (tmp_path / "nowhere").exists()
+
+    ca = ("--tls-ca", missing)
+    added = cli.run("replica", "add", "ghost", "--address", "127.0.0.1:1", *ca, check=False)
+    assert one_line(added, 1).endswith(f"CA certificate {missing} does not exist")
+
+    made = tmp_path / "made"
+    image = ("--backing-image", str(tmp_path / "no.img"))
+    init = cli.run("replica", "init", "--dir", str(made), "--size", "16M", *image, check=False)
+    assert one_line(init, 1).endswith(f"backing image {tmp_path / 'no.img'} does not exist")
+    assert not made.exists()
+
+    served = replica_factory(fresh)  # (a new directory in one that exists: made and served)
+    assert served.address and (fresh / "id").exists()

@@ -46,6 +46,7 @@ from lhfs.core.errors import (
     Busy,
     InvalidArgument,
     LhfsError,
+    NotFound,
     NotInitialised,
     NotPermitted,
     ProtocolError,
@@ -100,6 +101,7 @@ class ReplicaServer:
         self, directory: Path, key: VolumeKey, tls_context: ssl.SSLContext | None = None
     ) -> None:
         self.dir = Path(directory)
+        check_directory(self.dir)
         self.key = key
         self.tls = tls_context  # TLS on TCP connections (the local socket stays plain)
         self.store: ChunkStore | None = None
@@ -115,7 +117,7 @@ class ReplicaServer:
                     f"is for volume {key.volume} (id {key.id_hex})",
                     owner,
                 )
-        self.uid = directory_id(self.dir)
+        self.uid: str | None = None  # (``serve`` makes or reads it, once it listens)
         self.sessions = Sessions(self.dir, key)
         self._structural = trio.Lock()
         self._hashing = trio.Lock()  # one checksum computation at a time, off the event loop
@@ -136,11 +138,13 @@ class ReplicaServer:
         """Serve until SIGTERM/SIGINT or cancellation, then flush and close the store."""
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:  # (taken: a conflict, exit 1; an address not here: usage, 2)
-            kind = Busy if exc.errno == errno.EADDRINUSE else InvalidArgument
+        except OSError as exc:  # (taken, or an address not this host's: refused, exit 1)
+            kind = Busy if exc.errno == errno.EADDRINUSE else LhfsError
             raise kind(f"cannot listen on {format_address(host, port)}: {exc.strerror}") from None
         if local:
             listeners.append(await local_listener(local))
+        # made only now: a replica that cannot listen leaves no directory nor identity behind
+        self.uid = directory_id(self.dir)
         bound = listeners[0].socket.getsockname()
         self.store_lock.take()
         trio.lowlevel.add_instrument(self.store_lock)
@@ -703,6 +707,22 @@ class ReplicaServer:
             self._writing_back = False
 
 
+def check_directory(directory: Path) -> None:
+    """Refuse, before anything is made, a replica directory that cannot be one: a path that
+    is not a directory, or a new one whose parent does not exist. Why: serving makes the
+    directory (an engine's new replica is served empty), and a mistyped path was made whole,
+    levels and all, then served as an empty replica."""
+    if directory.exists() or directory.is_symlink():
+        if not directory.is_dir():
+            raise LhfsError(f"{directory} is not a directory")
+        return
+    if not directory.parent.is_dir():
+        raise NotFound(
+            f"{directory.parent} is not a directory that exists: a replica directory is made "
+            "only in one"
+        )
+
+
 def directory_id(directory: Path) -> str:
     """The identity of a replica directory: random, made the first time the directory is
     served and kept in it (``ID_FILE``; older directories get one then). An engine tells
@@ -833,7 +853,7 @@ async def local_listener(name: str) -> trio.SocketListener:
         await sock.bind("\0" + name)
     except OSError as exc:
         sock.close()
-        kind = Busy if exc.errno == errno.EADDRINUSE else InvalidArgument
+        kind = Busy if exc.errno == errno.EADDRINUSE else LhfsError
         raise kind(f"cannot listen on local socket {name!r}: {exc.strerror}") from None
     sock.listen(64)
     return trio.SocketListener(sock)

@@ -38,6 +38,7 @@ import re
 import resource
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,8 +53,10 @@ from lhfs.core.errors import (
     Busy,
     CorruptState,
     InvalidArgument,
+    LhfsError,
     NoSpace,
     NotFound,
+    StorageError,
 )
 from lhfs.core.names import check_name
 from lhfs.core.units import MAX_SIZE, TIME_RE, format_size, rfc3339
@@ -208,6 +211,22 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
+def _check_image(path: Path) -> None:
+    """Refuse a backing image that cannot be read, naming it, before a replica directory is
+    made for it (the copy failing half-way left a directory holding only its lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NotFound(f"backing image {path} does not exist") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read backing image {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LhfsError(f"backing image {path} is not a regular file")
+    finally:
+        os.close(fd)
+
+
 def check_fits(directory: Path, size: int) -> None:
     """Refuse a volume size that the file system under ``directory`` cannot hold as one file
     (ext4: 16 TiB with 4 KiB blocks): a layer's data file is as large as the volume, and the
@@ -316,6 +335,8 @@ class ChunkStore:
         while not existing.is_dir():  # (probed before anything is made)
             existing = existing.parent
         check_fits(existing, size)
+        if backing_image is not None:  # (a path mistyped is said before anything is made)
+            _check_image(Path(backing_image))
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_fd = _lock(directory)
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from lhfs.core.errors import InvalidArgument
+from lhfs.core.errors import InvalidArgument, NotFound
 
 MAX_CA_PEM = 64 << 10
 
@@ -25,6 +25,9 @@ MAX_CA_PEM = 64 << 10
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    for path in (cert, key):  # (a missing file is refused as every other one named is: 1)
+        if not Path(path).exists():
+            raise NotFound(f"{path} does not exist")
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
@@ -71,6 +74,8 @@ def read_ca(path: Path) -> str:
     """The CA file an operator names, checked to be usable."""
     try:
         text = Path(path).read_text()
+    except FileNotFoundError:  # (exit 1, as for every other file named that is missing)
+        raise NotFound(f"CA certificate {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"cannot read CA certificate {path}: {exc}") from None
     client_context(text)
