@@ -131,3 +131,29 @@ def test_serve_and_init_check_before_they_make_anything(
 
     served = replica_factory(fresh)  # (a new directory in one that exists: made and served)
     assert served.address and (fresh / "id").exists()
+
+
+@needs_fuse
+def test_a_replica_that_cannot_record_its_epoch_says_why(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A replica served from a read-only directory answers the engine's handshake with why it
+    cannot take the session (its epoch cannot be recorded), instead of closing the connection
+    unexplained ("closed the connection during the handshake")."""
+    attached(cli, tmp_path, "v")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "none", str(readonly)], check=True)
+    try:
+        served = replica_factory(readonly, key_of(cli, tmp_path, "v"))
+        add = cli.run("replica", "add", "v", "--address", served.address, check=False)
+        line = one_line(add, 1)
+        assert line.endswith(
+            f"cannot add replica: replica at {served.address} cannot record its epoch: "
+            "Read-only file system"
+        ), line
+        served.stop()
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
+    assert [r["id"] for r in cli.live("v")["replicas"]] == ["r1"]
+    cli.run("volume", "detach", "v")

@@ -22,6 +22,7 @@ change nothing and carry no epoch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -260,7 +261,14 @@ class Sessions:
                 )
                 raise ProtocolError(f"refused an engine of epoch {epoch} <= {self.epoch}")
             if epoch > self.epoch:
-                self._record_epoch(epoch, owner)
+                try:
+                    self._record_epoch(epoch, owner)
+                except OSError as exc:  # (told, so that the engine says why, not "closed")
+                    code = exc.errno if exc.errno and exc.errno < 1 << 16 else errno.EIO
+                    await stream.send_all(p.WELCOME.pack(p.HS_NO_EPOCH) + p.ERRNO.pack(code))
+                    raise ProtocolError(
+                        f"cannot record the session epoch {epoch}: {exc.strerror or exc}"
+                    ) from None
                 self._fence_older()
                 log.info("engine session of epoch %d (%s) accepted", epoch, owner.hex()[:12])
         await stream.send_all(p.WELCOME.pack(p.HS_OK))

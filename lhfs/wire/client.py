@@ -93,7 +93,8 @@ class SyncReplica:
             self._sock.sendall(handshake.hello())
             challenge = self._recv(p.CHALLENGE.size, first=not tls_ca)
             self._sock.sendall(handshake.answer(challenge))
-            handshake.welcome(self._recv(p.WELCOME.size))
+            welcome = self._recv(p.WELCOME.size)
+            handshake.welcome(welcome + self._recv(handshake.welcome_more(welcome)))
         except OSError as exc:
             self._sock.close()
             raise ConnectionLost(f"cannot reach replica {address}: {exc}") from None
@@ -245,7 +246,9 @@ class ReplicaClient:
                 await stream.send_all(handshake.hello())
                 challenge = await _receive_exactly(stream, p.CHALLENGE.size, address, True)
                 await stream.send_all(handshake.answer(challenge))
-                handshake.welcome(await _receive_exactly(stream, p.WELCOME.size, address))
+                welcome = await _receive_exactly(stream, p.WELCOME.size, address)
+                more = await _receive_exactly(stream, handshake.welcome_more(welcome), address)
+                handshake.welcome(welcome + more)
                 if local and pool is not None and role == p.ENGINE:
                     region = await _share_memory(stream, pool, address, device)
         except BaseException as exc:

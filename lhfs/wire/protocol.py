@@ -10,7 +10,9 @@ Handshake (see ``auth`` for the proofs), every field fixed-size:
 3. client: ``AUTH`` = its proof, its role, the session epoch it asks for and the identity of
    the engine asking (random, one per engine: two engines never share an epoch);
 4. replica: ``WELCOME`` = a status: accepted, or denied (a bad proof), or stale (an engine
-   session older than the replica's epoch: see ``replica.server`` on fencing).
+   session older than the replica's epoch: see ``replica.server`` on fencing), or "no epoch"
+   followed by ``ERRNO``: the replica could not record the epoch asked for (its disk is
+   read-only or full), and says why rather than closing the connection unexplained.
 
 Roles: an ``ENGINE`` session may do everything and is fenced by epochs; a ``READER`` session (a
 backup reading a snapshot, a replica pulling from its rebuild source) may only read, and has
@@ -45,6 +47,7 @@ from lhfs.core.errors import (
     Fenced,
     LhfsError,
     ProtocolError,
+    StorageError,
     WrongVolume,
     from_wire,
 )
@@ -60,7 +63,8 @@ CHALLENGE = struct.Struct("<4sHB16s32s32sQ")  # magic, version, status, volume i
 AUTH = struct.Struct("<32sBQ8s")  # client proof, role, epoch, the engine's identity
 WELCOME = struct.Struct("<B")  # status
 
-HS_OK, HS_VERSION, HS_WRONG_VOLUME, HS_DENIED, HS_STALE, HS_BUSY = range(6)
+HS_OK, HS_VERSION, HS_WRONG_VOLUME, HS_DENIED, HS_STALE, HS_BUSY, HS_NO_EPOCH = range(7)
+ERRNO = struct.Struct("<H")  # after an ``HS_NO_EPOCH`` welcome: why the disk refused the epoch
 # Which bound an ``HS_BUSY`` challenge met, in its epoch field (older replicas send 0):
 BUSY_SOURCE, BUSY_HANDSHAKES, BUSY_SESSIONS = 1, 2, 3
 ENGINE, READER = 1, 2
@@ -441,8 +445,21 @@ class ClientHandshake:
         up, down = self.key.frame_keys(self._nonce, self._replica_nonce)
         return pair(up, down)
 
+    @staticmethod
+    def welcome_more(reply: bytes) -> int:
+        """How many bytes follow the welcome whose first ``WELCOME.size`` are ``reply``."""
+        return ERRNO.size if WELCOME.unpack_from(reply)[0] == HS_NO_EPOCH else 0
+
     def welcome(self, reply: bytes) -> None:
-        (status,) = WELCOME.unpack(reply)
+        """Check the welcome (``WELCOME``, and what ``welcome_more`` said follows it)."""
+        (status,) = WELCOME.unpack_from(reply)
+        if status == HS_NO_EPOCH:
+            why = reply[WELCOME.size :]
+            code = ERRNO.unpack(why)[0] if len(why) == ERRNO.size else 0
+            raise StorageError(
+                f"replica at {self.address} cannot record its epoch: "
+                + (os.strerror(code) if code else "its disk refused it")
+            )
         if status == HS_STALE:
             raise Fenced(
                 f"replica {self.address} was taken over by another engine ({self._held()}): "
