@@ -12,6 +12,7 @@ from pathlib import Path
 from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, write_direct
 
 MIB = 1 << 20
@@ -157,3 +158,43 @@ def test_a_replica_that_cannot_record_its_epoch_says_why(
         subprocess.run(["umount", str(readonly)], check=True)
     assert [r["id"] for r in cli.live("v")["replicas"]] == ["r1"]
     cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_a_rotten_backing_image_copy_found_at_start_is_replaced(cli: Cli, tmp_path: Path) -> None:
+    """A replica whose copy of the backing image was written into while detached cannot open
+    (its content is not the image's). It was retried until the rejoin limit, and a scrub said
+    "no corruption"; its copy is now set aside as ``.rotten`` and it is rebuilt with a good
+    one, every replica then serving the image's content."""
+    image = tmp_path / "base.img"
+    image.write_bytes(os.urandom(2 * MIB))
+    cli.run("volume", "create", "bi", "--size", "16M", "--replicas", "2",
+            "--backing-image", str(image))  # fmt: skip
+    expected = cli.checksum("bi")
+    vol = volumes.load(cli.root, "bi")
+    (copy,) = vol.replica_dir(vol.replica("r1")).glob("*.img")  # type: ignore[union-attr]
+    with open(copy, "r+b") as f:  # (as dd would: its time changes, so the open rehashes it)
+        f.seek(100_000)
+        f.write(b"ROTTEN")
+    cli.run("volume", "attach", "bi", "--device", str(tmp_path / "bi.dev"))
+    wait_for(lambda: cli.live("bi")["state"] == "healthy", 60, "r1 rebuilt with a good copy")
+    r1 = next(r for r in cli.live("bi")["replicas"] if r["id"] == "r1")
+    assert r1["rebuild_stats"]["backing_bytes"] > 0, r1
+    assert (copy.parent / f"{copy.name}.rotten").exists()
+    assert "rotten (set aside as" in cli.engine_log("bi")
+    for _ in range(3):  # (reads go round the replicas)
+        assert cli.checksum("bi") == expected
+    assert cli.json("volume", "scrub", "bi")["damaged"] == {}
+
+    cli.run("volume", "set", "bi", "--rejoin-wait", "0")  # the same found by a restart
+    (second,) = copy.parent.glob("*.img")
+    with open(second, "r+b") as f:  # (then its process is killed: it is started again)
+        f.seek(200_000)
+        f.write(b"ROTTEN")
+    os.kill(r1["pid"] or 0, signal.SIGKILL)
+    wait_for(lambda: (copy.parent / f"{second.name}.rotten").exists(), 30, "set aside again")
+    wait_for(lambda: cli.live("bi")["state"] == "healthy", 60, "r1 rebuilt again")
+    assert cli.checksum("bi") == expected
+    cli.run("volume", "detach", "bi")
+    entry = volumes.load(cli.root, "bi").replica("r1")
+    assert entry["mode"] == "RW" and not entry.get("rotten_backing"), entry

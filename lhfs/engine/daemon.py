@@ -52,6 +52,7 @@ from lhfs.engine.rebuild import WrongShape, fit, rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
+from lhfs.store.chunkstore import ChunkStore
 from lhfs.wire import shm, tls
 from lhfs.wire.client import ReplicaClient, parse_address
 from lhfs.wire.protocol import READER
@@ -74,6 +75,8 @@ class Daemon:
         # since (their id -> why), for the ``replica add`` that waits on them
         self._adding: set[str] = set()
         self.given_back: dict[str, str] = {}
+        # local replicas whose rotten backing image copy was set aside at start -> why
+        self.rotten: dict[str, str] = {}
         self._stopping = False
         self.channel = FuseChannel(device)
         self.key = vol.key()
@@ -108,14 +111,42 @@ class Daemon:
             except LhfsError as exc:
                 log.error("replica %s did not start: %s", replica["id"], exc)
                 continue
-            proc = self._spawn(replica["id"], directory)
-            try:
-                replica["address"] = proc.wait_ready()
-            except (RuntimeError, TimeoutError) as exc:
-                log.error("replica %s did not start: %s", replica["id"], exc)
-                proc.stop()
-                continue
-            self.processes[replica["id"]] = proc
+            for _attempt in range(2):  # (again once its rotten backing image is set aside)
+                proc = self._spawn(replica["id"], directory)
+                try:
+                    replica["address"] = proc.wait_ready()
+                except (RuntimeError, TimeoutError) as exc:
+                    log.error("replica %s did not start: %s", replica["id"], exc)
+                    proc.stop()
+                    others = [r for r in self.vol.replicas if r is not replica]
+                    if any(r.get("mode", RW) == RW for r in others) and self._set_aside(
+                        replica["id"], directory
+                    ):
+                        continue
+                    break
+                self.processes[replica["id"]] = proc
+                break
+
+    def _set_aside(self, replica_id: str, directory: Path) -> bool:
+        """A local replica whose process did not start: if that is because its copy of the
+        backing image no longer holds the image's content (``BackingImageMismatch``: bit rot,
+        a stray write), the copy is set aside as ``<file>.rotten`` and the replica is to be
+        rebuilt with a good one (``rotten_backing``), as a scrub's find is; whether it was.
+        Why: such a replica cannot open, so it was retried until the rejoin limit and no
+        scrub ever saw it. Callers ask only while another replica can send a good copy."""
+        try:
+            name = ChunkStore.set_aside_rotten_backing(directory)
+        except (LhfsError, OSError) as exc:
+            log.warning("replica %s: its backing image could not be checked: %s", replica_id, exc)
+            return False
+        if name is None:
+            return False
+        self.rotten[replica_id] = (
+            f"its copy of the backing image was rotten (set aside as {name}.rotten): rebuilt "
+            "with a good one"
+        )
+        log.error("replica %s: %s", replica_id, self.rotten[replica_id])
+        return True
 
     def _spawn(self, replica_id: str, directory: Path) -> ReplicaProcess:
         """The ``replica serve`` of a local replica, starting (``wait_ready`` says when it
@@ -177,6 +208,14 @@ class Daemon:
             with trio.CancelScope(shield=True):  # (not on the event loop: it may take 30 s)
                 await trio.to_thread.run_sync(proc.stop)
             if isinstance(exc, (RuntimeError, TimeoutError, OSError)):
+                others = [r for r in self.engine.replicas if r is not link]
+                if (
+                    isinstance(exc, RuntimeError)
+                    and any(r.mode == RW for r in others)
+                    and await trio.to_thread.run_sync(self._set_aside, link.id, directory)
+                ):
+                    link.rotten_backing = True  # (the next start opens: rebuilt with one)
+                    raise LhfsError(f"{self.rotten[link.id]}; it is started again") from None
                 raise LhfsError(f"its process did not start again: {exc}") from None
             raise
 
@@ -772,6 +811,8 @@ class Daemon:
             def publish(config: dict[str, Any]) -> None:  # this run's replica ports
                 for entry in config["replicas"]:
                     entry["address"] = addresses.get(entry["id"], entry["address"])
+                    if entry["id"] in self.rotten:  # (trusted for nothing: rebuilt at once)
+                        entry.update(mode=ERR, error=self.rotten[entry["id"]], rotten_backing=True)
 
             self.vol.update(publish)
             self.nursery = nursery

@@ -394,6 +394,47 @@ class ChunkStore:
             raise
         return store
 
+    @classmethod
+    def set_aside_rotten_backing(cls, directory: Path) -> str | None:
+        """Let go of the copy of the backing image of the replica in ``directory`` (no process
+        serves it) if its file no longer holds the image's content (bit rot, a stray write),
+        as ``backing_drop`` does for one a scrub found: set aside as ``<file>.rotten``, the
+        replica holding none, so that a rebuild sends a good copy. Why: such a replica cannot
+        be opened (``BackingImageMismatch``), so no scrub or rebuild could ever repair it.
+        The file's name if it was set aside, else None."""
+        directory = Path(directory)
+        meta_path = directory / META
+        if not meta_path.exists():
+            return None
+        lock_fd = _lock(directory)
+        try:
+            try:
+                meta = check_meta(json.loads(meta_path.read_text()), meta_path)
+            except (ValueError, RecursionError) as exc:
+                raise CorruptState(f"{meta_path} is damaged: {exc}") from None
+            backing = meta.get("backing")
+            if not backing:
+                return None
+            path, chunk_size = directory / backing["file"], meta["chunk_size"]
+            try:
+                image, _ = BackingImage.verify_and_open(
+                    path, backing["id"], backing.get("stamp"), chunk_size
+                )
+            except BackingImageMismatch:
+                image = BackingImage(path, backing["id"], chunk_size)
+            else:
+                image.close()
+                return None
+            store = cls(directory, meta, lock_fd)
+            store.backing = image
+            try:
+                store.backing_drop()
+            finally:
+                image.close()
+            return path.name
+        finally:
+            os.close(lock_fd)
+
     def _load(self) -> None:
         _raise_fd_limit()
         self._sweep()
