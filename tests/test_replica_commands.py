@@ -198,3 +198,34 @@ def test_a_rotten_backing_image_copy_found_at_start_is_replaced(cli: Cli, tmp_pa
     cli.run("volume", "detach", "bi")
     entry = volumes.load(cli.root, "bi").replica("r1")
     assert entry["mode"] == "RW" and not entry.get("rotten_backing"), entry
+
+
+def test_commands_that_meet_a_detach_are_done_detached(
+    cli: Cli, tmp_path: Path, monkeypatch
+) -> None:
+    """``snapshot create``, ``volume checksum``, ``snapshot rm`` and ``replica rm`` find the
+    volume attached, and its engine has gone by the time they call it (a detach in between:
+    its socket is gone). They are done as on a detached volume, which they also work on,
+    instead of failing with "the volume is not attached". The race is made sure of by the
+    first look at the volume being told it is attached."""
+    from lhfs.volumes import manage
+
+    cli.run("volume", "create", "d", "--size", "16M", "--replicas", "2")
+    expected = cli.checksum("d")
+    real = volumes.Volume.runtime
+
+    def attached_at_first_look() -> None:
+        looks = iter([{"pid": os.getpid(), "device": str(tmp_path / "gone.dev")}])
+        monkeypatch.setattr(volumes.Volume, "runtime", lambda self: next(looks, None) or real(self))
+
+    attached_at_first_look()
+    assert manage.snapshot_create(cli.root, "d", "s1")["name"] == "s1"
+    attached_at_first_look()
+    assert manage.checksum(cli.root, "d") == expected
+    attached_at_first_look()
+    manage.snapshot_remove(cli.root, "d", "s1")
+    attached_at_first_look()
+    assert manage.replica_remove(cli.root, "d", "r2") == []
+    monkeypatch.setattr(volumes.Volume, "runtime", real)
+    assert [s["name"] for s in cli.json("snapshot", "ls", "d")] == []
+    assert [r["id"] for r in cli.json("replica", "ls", "d")] == ["r1"]

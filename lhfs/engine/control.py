@@ -152,7 +152,7 @@ def _connected(path: Path, timeout: float | None) -> Iterator[socket.socket]:
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise NotAttached("the volume is not attached") from None
+            raise NotAttached(f"volume {path.parent.name} is not attached (any more)") from None
         yield sock
 
 

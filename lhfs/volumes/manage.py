@@ -14,10 +14,10 @@ import re
 import shlex
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import xxhash
 
@@ -38,6 +38,8 @@ from lhfs.core.units import rfc3339
 from lhfs.engine import control, housekeeping
 from lhfs.store.chunkstore import ChunkStore, disk_bytes
 from lhfs.volumes import attachment, standby
+
+T = TypeVar("T")
 
 # -- create and remove -----------------------------------------------------------------------
 
@@ -481,20 +483,50 @@ def checksum(root: Path, name: str, progress: control.Progress | None = None) ->
     vol = volumes.load(root, name)
     vol.require_complete("a checksum")
     if vol.runtime() is not None:
-        control.call(vol.control_socket, "flush")
-        return control.call_watched(vol.control_socket, "checksum", progress, "checksum")
+
+        def ask() -> str:
+            control.call(vol.control_socket, "flush")
+            return control.call_watched(vol.control_socket, "checksum", progress, "checksum")
+
+        return _engine_or_offline(vol, ask, lambda now: _checksum_offline(now, progress))
     with _detached(vol) as now:
         if now is not None:
-            digest = xxhash.xxh3_128()
-            with ChunkStore.open(freshest_local(now)) as store:
-                done = 0
-                for piece in store.content():
-                    digest.update(piece)
-                    done += len(piece)
-                    if progress:
-                        progress(100 * done / max(1, store.size), done, store.size)
-            return digest.hexdigest()
+            return _checksum_offline(now, progress)
     return checksum(root, name, progress)  # (attached meanwhile, its lock let go: its engine)
+
+
+def _checksum_offline(vol: volumes.Volume, progress: control.Progress | None) -> str:
+    """``checksum`` of a detached volume (held: ``_detached``), from its freshest replica."""
+    digest = xxhash.xxh3_128()
+    with ChunkStore.open(freshest_local(vol)) as store:
+        done = 0
+        for piece in store.content():
+            digest.update(piece)
+            done += len(piece)
+            if progress:
+                progress(100 * done / max(1, store.size), done, store.size)
+    return digest.hexdigest()
+
+
+def _engine_or_offline(
+    vol: volumes.Volume, ask: Callable[[], T], offline: Callable[[volumes.Volume], T]
+) -> T:
+    """``ask`` the engine of ``vol``, found attached a moment before; if it went away
+    meanwhile by a detach (no engine took the request, or it left during it), the command is
+    done as for a detached volume (``offline``, held by ``_detached``, which waits for the
+    detach to end) rather than failing with "not attached". Why: a command racing a detach
+    asked for something a detached volume does too. An engine that died (it leaves its
+    record) is said as it was; one attached again meanwhile is asked again."""
+    try:
+        return ask()
+    except (control.NotAttached, control.EngineGone) as exc:
+        gone = exc
+    with _detached(vol) as now:
+        if now is not None and now.runtime_record() is None:
+            return offline(now)
+        if now is not None:
+            raise gone
+    return ask()
 
 
 # -- changes -----------------------------------------------------------------------------------
@@ -652,8 +684,15 @@ def snapshot_create(
         with _detached(vol) as now:
             if now is not None:
                 return _snapshot_offline(now, snapshot)
-    args = {"name": snapshot} if hold is None else {"name": snapshot, "hold": hold}
-    return _snapshot_entry(control.call(vol.control_socket, "snapshot", **args))
+    if hold is not None:  # (inside a hold, which only its engine has)
+        return _snapshot_entry(
+            control.call(vol.control_socket, "snapshot", name=snapshot, hold=hold)
+        )
+    return _engine_or_offline(
+        vol,
+        lambda: _snapshot_entry(control.call(vol.control_socket, "snapshot", name=snapshot)),
+        lambda now: _snapshot_offline(now, snapshot),
+    )
 
 
 def _snapshot_offline(vol: volumes.Volume, snapshot: str) -> dict[str, Any]:
@@ -817,8 +856,15 @@ def snapshot_remove(
         with _detached(vol) as now:
             if now is not None:
                 return _snapshot_remove_offline(now, snapshot, progress)
-    control.call_watched(vol.control_socket, "snapshot_rm", progress, "snapshot_rm", name=snapshot)
-    return None
+
+    def ask() -> None:
+        control.call_watched(
+            vol.control_socket, "snapshot_rm", progress, "snapshot_rm", name=snapshot
+        )
+
+    return _engine_or_offline(
+        vol, ask, lambda now: _snapshot_remove_offline(now, snapshot, progress)
+    )
 
 
 def _snapshot_remove_offline(
@@ -936,9 +982,13 @@ def replica_remove(root: Path, name: str, replica_id: str) -> list[str]:
     directory on a disk that is not mounted)."""
     vol = volumes.load(root, name)
     if vol.runtime() is not None:
-        answer = control.call(vol.control_socket, "replica_rm", id=replica_id)
-        left = answer.get("left") if isinstance(answer, dict) else None
-        return [left] if left else []
+
+        def ask() -> list[str]:
+            answer = control.call(vol.control_socket, "replica_rm", id=replica_id)
+            left = answer.get("left") if isinstance(answer, dict) else None
+            return [left] if left else []
+
+        return _engine_or_offline(vol, ask, lambda now: _replica_remove_offline(now, replica_id))
     with _detached(vol) as now:
         if now is not None:
             return _replica_remove_offline(now, replica_id)
