@@ -229,3 +229,45 @@ def test_commands_that_meet_a_detach_are_done_detached(
     monkeypatch.setattr(volumes.Volume, "runtime", real)
     assert [s["name"] for s in cli.json("snapshot", "ls", "d")] == []
     assert [r["id"] for r in cli.json("replica", "ls", "d")] == ["r1"]
+
+
+def test_a_replica_being_prepared_is_shown_being_rebuilt() -> None:
+    """A replica whose rebuild is in its first step (a new one receiving the backing image)
+    is not failed: it is shown WO with its progress, not ERR "rebuild: preparing" (which made
+    the volume look failed to ``replica ls`` and ``lhfs doctor``). One whose rebuild failed
+    is ERR with why."""
+    from lhfs.engine.engine import ERR, ReplicaLink
+
+    link = ReplicaLink("r5", "127.0.0.1:1", mode=ERR, error="rebuild: preparing")
+    link.rebuild_progress = 0.0
+    shown = link.public()
+    assert (shown["mode"], shown["error"], shown["rebuild_progress"]) == ("WO", None, 0.0)
+    link.rebuild_progress, link.error = None, "rebuild failed: no space"
+    assert (link.public()["mode"], link.public()["error"]) == ("ERR", "rebuild failed: no space")
+
+
+@needs_fuse
+def test_a_new_replica_receiving_the_backing_image_is_not_failed(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """While a new replica receives the backing image, ``replica ls`` shows it WO and
+    ``lhfs doctor`` does not call it failed."""
+    image = tmp_path / "base.img"
+    image.write_bytes(os.urandom(64 * MIB))
+    cli.run("volume", "create", "b", "--size", "128M", "--replicas", "1",
+            "--backing-image", str(image))  # fmt: skip
+    cli.run("volume", "attach", "b", "--device", str(tmp_path / "b.dev"))
+    remote = replica_factory(tmp_path / "remote", key_of(cli, tmp_path, "b"))
+    add = cli.start("replica", "add", "b", "--address", remote.address, "--no-wait")
+    assert "added replica r2" in add.stdout.readline()
+    os.kill(remote.proc.pid, signal.SIGSTOP)  # (held in its upload for a while)
+    try:
+        new = cli.json("replica", "ls", "b")[1]
+        assert new["mode"] == "WO" and new["error"] is None, new
+        doctor = cli.run("doctor", "b", check=False).stdout
+        assert "has it failed" not in doctor, doctor
+    finally:
+        os.kill(remote.proc.pid, signal.SIGCONT)
+        add.communicate(timeout=30)
+    wait_for(lambda: cli.live("b")["state"] == "healthy", 60, "r2 rebuilt")
+    cli.run("volume", "detach", "b")

@@ -91,12 +91,16 @@ class ReplicaLink:
     uid: str | None = None
 
     def public(self) -> dict[str, Any]:
+        """What ``info`` shows. A replica whose rebuild is in its first steps (a new one
+        receiving the backing image) is not serving yet, and is shown WO like the rest of its
+        rebuild, not ERR: nothing failed, and the operator and doctor would be told it had."""
+        preparing = self.mode == ERR and self.rebuild_progress is not None
         return {
             "id": self.id,
             "address": self.address,
-            "mode": self.mode,
+            "mode": WO if preparing else self.mode,
             "revision": self.revision,
-            "error": self.error,
+            "error": None if preparing else self.error,
             "since": self.since,
             "rebuild_progress": self.rebuild_progress,
             "rebuild_stats": self.rebuild_stats.public() if self.rebuild_stats else None,
