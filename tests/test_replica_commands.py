@@ -70,11 +70,12 @@ def test_an_add_whose_target_refuses_is_given_back(
     """A ``replica add`` whose first rebuild fails for a reason trying again cannot change
     (the served directory is not empty) fails in one line and leaves the volume as it was:
     the replica removed, its id given back, no barrier snapshot left beyond the limit."""
-    attached(cli, tmp_path, "v")
+    device = attached(cli, tmp_path, "v")
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("not a replica")
-    served = replica_factory(junk, key_of(cli, tmp_path, "v"))
+    key = key_of(cli, tmp_path, "v")
+    served = replica_factory(junk, key)
     add = cli.run("replica", "add", "v", "--address", served.address, "--quiet", check=False)
     line = one_line(add, 1)
     assert "replica r2: rebuild failed" in line and "is not empty" in line, line
@@ -86,6 +87,22 @@ def test_an_add_whose_target_refuses_is_given_back(
     assert (junk / "notes.txt").read_text() == "not a replica"
     assert set(os.listdir(junk)) <= {"id", "epoch", "notes.txt"}  # (its own files only)
     assert cli.json("replica", "add", "v")["id"] == "r2"  # (the id given back is taken again)
+
+    write_direct(device, 0, os.urandom(4 * MIB))  # a target whose disk is too small for it
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "none", str(small)], check=True)
+    try:
+        served = replica_factory(small / "r", key)
+        add = cli.run("replica", "add", "v", "--address", served.address, "--quiet", check=False)
+        line = one_line(add, 1)
+        assert "replica r3: rebuild failed" in line and "given back" in line, line
+        assert "space" in line.lower(), line
+        served.stop()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert [r["id"] for r in cli.live("v")["replicas"]] == ["r1", "r2"]
+    assert cli.live("v")["state"] == "healthy"
     cli.run("volume", "detach", "v")
 
 
