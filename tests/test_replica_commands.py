@@ -50,7 +50,8 @@ def test_snapshot_rm_during_a_rebuild_says_busy_in_one_line(
     write_direct(device, 0, os.urandom(32 * MIB))
     cli.run("snapshot", "create", "v", "s1")
     remote = replica_factory(tmp_path / "remote", key_of(cli, tmp_path, "v"))
-    cli.run("replica", "add", "v", "--address", remote.address, "--no-wait")
+    add = cli.start("replica", "add", "v", "--address", remote.address, "--no-wait")
+    assert "added replica r2" in add.stdout.readline()
     os.kill(remote.proc.pid, signal.SIGSTOP)  # (its rebuild waits for it meanwhile)
     try:
         assert cli.live("v")["replicas"][1]["mode"] != "RW"  # (not rebuilt before it stopped)
@@ -58,6 +59,7 @@ def test_snapshot_rm_during_a_rebuild_says_busy_in_one_line(
         assert "a replica is being rebuilt: removing a snapshot is refused" in line, line
     finally:
         os.kill(remote.proc.pid, signal.SIGCONT)
+        add.communicate(timeout=30)
     assert "Trio nursery" not in cli.engine_log("v")
     assert "s1" in [s["name"] for s in cli.json("snapshot", "ls", "v")]
     cli.run("volume", "detach", "v")
