@@ -6,13 +6,13 @@ volume, polling interval). A follower process (``lhfs dr run``, started in the b
 backup by writing only the blocks that differ from what the volume holds.
 
 What the volume holds is recorded durably in ``dr-state.json``, one entry per backup block: the
-digest of the block it holds, None for zeros, or ``"?"`` for a block being rewritten. Before an
-increment writes anything, the blocks it will touch are marked ``"?"``; once every replica is
-flushed, the file is replaced by the new backup's block list. A follower killed half-way thus
-finds its half-written blocks marked unknown and rewrites them with whatever backup it moves to
-next, so a half-applied increment is always redone, even if the backup it came from has been
-deleted since. Comparing against this local record rather than a manifest in the store also
-keeps every increment incremental after the last restored backup is deleted.
+digest of the block it holds, None for zeros. The standby holds one whole backup at all times,
+so that it can be activated offline whenever the store is gone: before an increment writes, what
+it will overwrite is saved in ``dr-undo`` and ``applying`` is recorded; an increment that does
+not finish (corruption, a store error, SIGTERM) is undone before the follower goes on, and one
+cut short by a kill is undone by the next start or activation (``recover``). Comparing against
+this local record rather than a manifest in the store keeps every increment incremental after
+the last restored backup is deleted.
 
 Only corruption stops a follower (a block whose content does not match its digest, a manifest
 that cannot be parsed). Everything else (refused or reset connections, 5xx, a host name that no
@@ -32,6 +32,7 @@ import os
 import random
 import secrets
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -50,7 +51,7 @@ from lhfs.backups.backup import (
 )
 from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
-from lhfs.core.durable import atomic_write
+from lhfs.core.durable import atomic_write, fsync_dir
 from lhfs.core.errors import (
     AlreadyExists,
     Busy,
@@ -167,15 +168,18 @@ def apply(
     store: BackupStore,
     manifest: dict[str, Any],
     progress: Callable[..., None] = lambda *pct: None,
-    roll_back: bool = True,
 ) -> dict[str, Any]:
     """Bring the standby's replicas to ``manifest``, touching only blocks that differ from
     what ``dr-state.json`` says they hold; returns what moved.
 
-    An increment that meets a corrupt block puts the blocks it touched back to the last
-    restored backup (their blocks are still in the store, unless it was deleted), so that a
-    standby stopped by corruption still holds one whole backup and can be activated offline."""
+    The standby holds one whole backup at all times, so that it can be activated offline
+    whenever the store is gone: what the increment overwrites is saved first (``dr-undo``,
+    see ``_save_undo``), and an increment that does not finish, for whatever reason (a
+    corrupt block, a store that stops answering, SIGTERM, Ctrl-C), is undone before this
+    raises. One killed outright leaves ``applying`` in ``dr-state.json``: ``recover``
+    undoes it before anything else uses the replicas."""
     started = time.monotonic()
+    recover(vol)
     state = load_state(vol)
     size, block = manifest["size"], manifest["block_size"]
     target = manifest["blocks"]
@@ -187,34 +191,22 @@ def apply(
     todo = [i for i, digest in enumerate(target) if held[i] != digest]
     stats: dict[str, Any] = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
     dirs = _replica_dirs(vol)
-    if size > vol.size:
-        _grow(vol, dirs, size)
     if todo:
-        previous = list(held)
-        for index in todo:
-            held[index] = UNKNOWN
-        marked = {**state, "blocks": held, "block_size": block, "applying": manifest["name"]}
-        save_state(vol, marked)
-        try:
+        _save_undo(vol, dirs, [(i, held[i]) for i in todo], block, size)
+        save_state(vol, {**state, "applying": manifest["name"]})
+    try:
+        if size > vol.size:  # (not undone: the grown range reads as zeros, as it did)
+            _grow(vol, dirs, size)
+        if todo:
             _write_blocks(dirs, store, [(i, target[i]) for i in todo], size, block, stats, progress)
-        except CorruptState as exc:
-            if isinstance(exc, BlockMissing) and _deleted(store, manifest):
-                raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
-            if roll_back and state["backup"]:
-                back = {
-                    **state,
-                    "volume": manifest["volume"],
-                    "name": state["backup"],
-                    "size": size,
-                    "blocks": previous,
-                }
-                # If the old blocks are damaged or gone too, the marks stay; anything else
-                # (the store went away) propagates, and the caller tries again later.
-                with contextlib.suppress(CorruptState, BackupDeleted, NotFound):
-                    # (its manifest read again: blocks it stores as deltas are rebuilt)
-                    store.manifest(manifest["volume"], state["backup"])
-                    apply(vol, store, back, roll_back=False)
-            raise
+    except BaseException as exc:  # (SIGTERM is SystemExit: undone too)
+        if todo:
+            _undo(vol, dirs)
+            why = str(exc) or type(exc).__name__
+            log.warning("undid the unfinished increment to %s (%s)", manifest["name"], why)
+        if isinstance(exc, BlockMissing) and _deleted(store, manifest):
+            raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
+        raise
     save_state(
         vol,
         {
@@ -226,9 +218,132 @@ def apply(
             "applying": None,
         },
     )
+    with contextlib.suppress(FileNotFoundError):
+        (vol.dir / UNDO).unlink()
     progress(100.0)
     stats["seconds"] = round(time.monotonic() - started, 3)
     return stats
+
+
+UNDO = "dr-undo"  # what the increment under way overwrites (see ``_save_undo``)
+_UNDO_MAGIC = b"LHDRUND1"
+_UNDO_RECORD = struct.Struct("<QII")  # offset, length, bytes that follow (zeros after them)
+
+
+def _save_undo(
+    vol: volumes.Volume,
+    dirs: list[Path],
+    blocks: list[tuple[int, str | None]],
+    block: int,
+    size: int,
+) -> None:
+    """Save durably what the blocks an increment will write (of ``block`` bytes, in a volume
+    of ``size``) hold now, read from the first replica (the follower writes them all alike),
+    before ``applying`` is recorded. Zeros (a block held as zeros, or past the end before
+    the volume grows) are recorded by length only; the record ends with its count, so that
+    one cut short is never taken for whole. Costs the increment's size on the local disk
+    while it is applied."""
+    path = vol.dir / UNDO
+    tmp = path.with_name(f".{UNDO}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        with open(tmp, "wb") as out:
+            out.write(_UNDO_MAGIC)
+            source = ChunkStore.open(dirs[0]) if dirs else None
+            try:
+                for index, digest in blocks:
+                    offset = index * block
+                    length = min(block, size - offset)
+                    held = max(0, min(length, vol.size - offset))
+                    data = b""
+                    if digest is not None and source is not None and held:
+                        data = bytes(source.read(offset, held))
+                        if not data.strip(b"\0"):
+                            data = b""
+                    out.write(_UNDO_RECORD.pack(offset, length, len(data)))
+                    out.write(data)
+            finally:
+                if source is not None:
+                    source.close()
+            out.write(struct.pack("<Q", len(blocks)))
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(tmp, path)
+        fsync_dir(vol.dir)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _read_undo(path: Path) -> list[tuple[int, int, bytes]] | None:
+    """The records of a whole ``dr-undo``: offset, length, the bytes held there (zeros
+    after them). None: missing, cut short or damaged."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if not data.startswith(_UNDO_MAGIC) or len(data) < len(_UNDO_MAGIC) + 8:
+        return None
+    (count,) = struct.unpack_from("<Q", data, len(data) - 8)
+    records: list[tuple[int, int, bytes]] = []
+    pos, end = len(_UNDO_MAGIC), len(data) - 8
+    while pos < end:
+        if pos + _UNDO_RECORD.size > end:
+            return None
+        offset, length, held = _UNDO_RECORD.unpack_from(data, pos)
+        pos += _UNDO_RECORD.size
+        if held > length or pos + held > end:
+            return None
+        records.append((offset, length, data[pos : pos + held]))
+        pos += held
+    return records if len(records) == count else None
+
+
+def _undo(vol: volumes.Volume, dirs: list[Path]) -> None:
+    """Put back what ``dr-undo`` says the replicas held, then record that no increment is
+    under way: the standby holds the backup ``dr-state.json`` names again. Redone whole if
+    cut short (it writes what was saved, whatever the replicas hold meanwhile). An undo
+    record that is missing or damaged leaves every block unknown: nothing whole is claimed,
+    and the next increment rewrites them all."""
+    state = load_state(vol)
+    records = _read_undo(vol.dir / UNDO)
+    if records is None:
+        log.error("%s is missing or damaged: every block is rewritten", vol.dir / UNDO)
+        state = {**state, "blocks": [UNKNOWN] * len(state["blocks"])}
+    else:
+        stores = [ChunkStore.open(d) for d in dirs]
+        try:
+            for local in stores:
+                for offset, length, content in records:
+                    if content:
+                        local.write(offset, content)
+                    rest = min(offset + length, local.size) - offset - len(content)
+                    if rest > 0:
+                        local.trim(offset + len(content), rest)
+        finally:
+            for local in stores:
+                local.close()
+    save_state(vol, {**state, "applying": None})
+    with contextlib.suppress(FileNotFoundError):
+        (vol.dir / UNDO).unlink()
+
+
+def recover(vol: volumes.Volume) -> str | None:
+    """Undo an increment a kill cut short (``applying`` recorded, the follower gone), so that
+    the standby holds its last whole backup again; the caller holds the follower's lock.
+    Returns the backup that was being applied (None: nothing to undo). A ``dr-state.json``
+    of an older lhfs marks the blocks it was writing ``"?"`` instead: those stay marked."""
+    state = load_state(vol)
+    applying = state.get("applying")
+    if applying is None or UNKNOWN in state["blocks"]:
+        with contextlib.suppress(FileNotFoundError):  # (left by a kill before `applying`)
+            (vol.dir / UNDO).unlink()
+        return None
+    log.warning("undoing the increment to %s that was cut short", applying)
+    _undo(vol, _replica_dirs(vol))
+    return str(applying)
 
 
 def _deleted(store: BackupStore, manifest: dict[str, Any]) -> bool:
@@ -374,6 +489,11 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
         )
     held = lock(vol, wait=5.0)  # a `dr status` may hold it for a moment
     signal.signal(signal.SIGTERM, _stop_signal)
+    try:
+        recover(vol)  # (a follower killed mid-increment: its standby holds a whole backup again)
+    except BaseException:
+        os.close(held)
+        raise
     status = Status(vol)
     address = metrics or config.get("metrics")
     if address:
@@ -733,6 +853,8 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "last_restored_created": state.get("created"),
         "newest_backup": current.get("newest_backup"),
         "applying": current.get("applying") if running else None,
+        # (an increment a kill cut short: undone by the next start or activation)
+        "interrupted_increment": None if running else state.get("applying"),
         "progress": current.get("progress") if running else None,
         "lag_seconds": round(max(0.0, time.time() - since), 1),
         "last_error": current.get("last_error"),
@@ -834,6 +956,7 @@ def _activate(
     """The backup the volume holds once activated, and why its standby marker could not be
     taken out of the store (None: it was). Offline, the store is asked briefly: it may be
     gone."""
+    recover(vol)  # (an increment a kill cut short: the last whole backup again)
     state = load_state(vol)
     if offline:
         if state["backup"] is None or UNKNOWN in state["blocks"]:

@@ -101,6 +101,11 @@ def cmd_dr_status(args: argparse.Namespace) -> None:
     if status["last_error"]:
         print(f"  last error ({status['last_error_at']}): {status['last_error']}")
     activation, name = status["activation"], status["name"]
+    if status["interrupted_increment"]:
+        print(
+            f"  the increment to {status['interrupted_increment']} was cut short: 'lhfs dr "
+            f"start {name}' or 'lhfs dr activate {name}' undoes it first"
+        )
     if activation and activation["interrupted"]:
         print(
             f"  an activation (pid {activation['pid']}, begun {activation['started']}) was cut "
@@ -170,8 +175,8 @@ def cmd_dr_run(args: argparse.Namespace) -> None:
         code = stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:
         code = 130
-    # Downloads still under way belong to an abandoned increment (its blocks stay marked
-    # unknown): exit at once instead of waiting for a slow store to answer them.
+    # Downloads still under way belong to an abandoned increment (undone already): exit at
+    # once instead of waiting for a slow store to answer them.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,114 @@
+"""DR standbys stay safe to use whatever cuts them short: an increment stopped or killed
+half-way leaves (or gives back, at the next start or activation) one whole backup; commands
+that race, damaged records and failed creations say one line and leave nothing half-made."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from conftest import needs_fuse
+
+from lhfs.core.procs import wait_for
+from lhfs.testing import Cli, write_at
+from tools.faultproxy import FaultProxy
+
+MIB = 1 << 20
+
+
+def _name(url: str) -> str:
+    return url.split("backup=")[1]
+
+
+def _backup(cli: Cli, volume: str, target: str) -> str:
+    args = ("backup", "create", volume, "--target", target, "--create-bucket", "--quiet")
+    return cli.run(*args, "--block-size", "64K").stdout.split()[-1]
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    upstream = urlparse(s3_endpoint)
+    relay = FaultProxy((upstream.hostname, upstream.port))
+    try:
+        yield relay
+    finally:
+        relay.close()
+
+
+def _half_applied(
+    cli: Cli, tmp_path: Path, proxy: FaultProxy, target: str, name: str
+) -> tuple[Cli, str, str, dict]:
+    """A standby of a 4M volume that holds its first backup and is part-way through applying
+    a second one that changed every block (slowed by the proxy); the standby's command line,
+    the first backup's name and checksum, and the standby's status then."""
+    cli.run("volume", "create", "src", "--size", "4M", "--replicas", "1")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "src", "--device", str(device))
+    rng = random.Random(1)
+    write_at(device, 0, rng.randbytes(4 * MIB))
+    first_sum = cli.checksum("src")
+    first = _backup(cli, "src", target)
+    standby = Cli(cli.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    standby.run(
+        "dr", "create", name, "--target", target, "--volume", "src", "--replicas", "1",
+        "--interval", "1", "--quiet",
+    )  # fmt: skip
+    assert standby.checksum(name) == first_sum
+    write_at(device, 0, rng.randbytes(4 * MIB))
+    proxy.rate = 256 << 10  # (4 MiB: about 16 s, cut short after the first blocks)
+    second = _backup(cli, "src", target)
+    status = wait_for(
+        lambda: (
+            (s := standby.json("dr", "status", name))["applying"] == _name(second)
+            and 0 < (s["progress"] or 0) < 60
+            and s
+        ),
+        60,
+        "the standby to be part-way through the second backup",
+    )
+    return standby, _name(first), first_sum, status
+
+
+@needs_fuse
+def test_a_stopped_increment_is_undone_and_the_standby_activates_offline(
+    cli: Cli, tmp_path: Path, s3_endpoint: str, proxy: FaultProxy
+) -> None:
+    standby, first, first_sum, _ = _half_applied(cli, tmp_path, proxy, "s3://drs-stop/p", "dsb")
+    standby.run("dr", "stop", "dsb")
+    state = json.loads((cli.root / "volumes" / "dsb" / "dr-state.json").read_text())
+    assert state["applying"] is None and "?" not in state["blocks"] and state["backup"] == first
+    log = (cli.root / "volumes" / "dsb" / "dr.log").read_text()
+    assert "undid the unfinished increment" in log
+    proxy.rate = None
+    done = standby.json("dr", "activate", "dsb", "--offline", "--quiet")
+    assert done["backup"] == first
+    assert cli.checksum("dsb") == first_sum
+
+
+@needs_fuse
+def test_a_killed_increment_is_said_and_undone_at_offline_activation(
+    cli: Cli, tmp_path: Path, s3_endpoint: str, proxy: FaultProxy
+) -> None:
+    standby, first, first_sum, status = _half_applied(
+        cli, tmp_path, proxy, "s3://drs-kill/p", "dsk"
+    )
+    os.kill(status["follower_pid"], signal.SIGKILL)
+    after = wait_for(
+        lambda: (s := standby.json("dr", "status", "dsk"))["state"] == "stopped" and s,
+        30,
+        "the follower's death",
+    )
+    assert after["interrupted_increment"] == status["applying"]
+    text = standby.run("dr", "status", "dsk").stdout
+    assert f"the increment to {status['applying']} was cut short" in text
+    proxy.rate = None
+    done = standby.json("dr", "activate", "dsk", "--offline", "--quiet")
+    assert done["backup"] == first
+    assert cli.checksum("dsk") == first_sum
+    assert not (cli.root / "volumes" / "dsk" / "dr-undo").exists()
