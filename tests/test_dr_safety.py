@@ -4,6 +4,7 @@ that race, damaged records and failed creations say one line and leave nothing h
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -112,3 +113,60 @@ def test_a_killed_increment_is_said_and_undone_at_offline_activation(
     assert done["backup"] == first
     assert cli.checksum("dsk") == first_sum
     assert not (cli.root / "volumes" / "dsk" / "dr-undo").exists()
+
+
+def _standby(cli: Cli, target: str, name: str) -> Path:
+    """A stopped standby of an empty 4M volume; its directory."""
+    cli.run("volume", "create", "src", "--size", "4M", "--replicas", "1")
+    _backup(cli, "src", target)
+    cli.run(
+        "dr", "create", name, "--target", target, "--volume", "src", "--replicas", "1",
+        "--interval", "1", "--quiet",
+    )  # fmt: skip
+    cli.run("dr", "stop", name)
+    return cli.root / "volumes" / name
+
+
+def _waits_for(pid: int, lock: Path) -> bool:
+    """Whether process ``pid`` has ``lock`` open (it read the configuration and waits)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fd) == str(lock) for fd in fds.iterdir() if fd.exists())
+
+
+def test_two_activations_at_once_one_wins_the_other_says_so(cli: Cli, s3_endpoint: str) -> None:
+    directory = _standby(cli, "s3://drs-twice/p", "sb2")
+    lock = directory / "dr.lock"
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # (both activations read the standby, then wait)
+    try:
+        both = [cli.start("dr", "activate", "sb2", "--offline", "--quiet") for _ in range(2)]
+        wait_for(lambda: all(_waits_for(p.pid, lock) for p in both), 30, "both to wait")
+    finally:
+        os.close(held)
+    results = sorted((p.wait(60), p.communicate()[1]) for p in both)
+    assert [code for code, _ in results] == [0, 1], results
+    assert results[1][1] == "lhfs: error: volume sb2 is not a DR standby volume\n"
+    assert cli.info("sb2")["state"] == "detached"
+
+
+def test_a_removal_that_waited_for_an_activation_keeps_the_volume(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """``volume rm`` of a standby waits for the follower's lock; an activation that took it
+    first makes a normal volume, which that removal must not delete."""
+    directory = _standby(cli, "s3://drs-rm/p", "sb3")
+    lock = directory / "dr.lock"
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        removal = cli.start("volume", "rm", "sb3")
+        wait_for(lambda: _waits_for(removal.pid, lock), 30, "the removal to wait")
+        config = json.loads((directory / "config.json").read_text())
+        config["activated_from"] = config.pop("dr")  # (what an activation leaves)
+        (directory / "config.json").write_text(json.dumps(config))
+    finally:
+        os.close(held)
+    _, errors = removal.communicate(timeout=60)
+    assert removal.returncode == 1
+    assert errors == "lhfs: error: volume sb3 is not a DR standby volume\n"
+    assert cli.info("sb3")["state"] == "detached"

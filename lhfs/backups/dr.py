@@ -762,7 +762,7 @@ def remove(root: Path, name: str, keep_marker: bool, retry_timeout: float) -> st
     config = dr_config(vol)
     manage.check_removable(vol)
     was_following = follower_pid(vol) is not None
-    held = stop(vol)
+    held, vol, config = _take_over(vol)
     try:
         if not keep_marker:
             try:
@@ -883,7 +883,7 @@ def activate(
     vol = volumes.load(root, name)
     config = dr_config(vol)
     was_following = follower_pid(vol) is not None
-    held = stop(vol)
+    held, vol, config = _take_over(vol)
     try:
         vol.update(lambda c: c["dr"].update(activating={"pid": os.getpid(), "started": _now()}))
         backup, kept = _activate(root, vol, config, offline, progress, retry_timeout, notice)
@@ -906,6 +906,23 @@ def activate(
             f"{forget_hint(name, config)} removes it"
         ),
     }
+
+
+def _take_over(vol: volumes.Volume) -> tuple[int, volumes.Volume, dict[str, Any]]:
+    """Stop the standby's follower and hold its lock (see ``standby.stop``); the standby and
+    its ``dr`` section read again then: another activation or removal may have finished
+    while this command waited for the lock. The loser says in one line that the volume is
+    not a standby, or not there (the lock let go)."""
+    try:
+        held = stop(vol)
+    except FileNotFoundError:  # (its directory went while this waited: removed)
+        raise NotFound(f"no volume named {vol.name!r}: removed meanwhile") from None
+    try:
+        vol = volumes.load(vol.root, vol.name)
+        return held, vol, dr_config(vol)
+    except BaseException:
+        os.close(held)
+        raise
 
 
 def _activation_over(vol: volumes.Volume) -> None:
