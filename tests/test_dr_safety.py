@@ -170,3 +170,25 @@ def test_a_removal_that_waited_for_an_activation_keeps_the_volume(
     assert removal.returncode == 1
     assert errors == "lhfs: error: volume sb3 is not a DR standby volume\n"
     assert cli.info("sb3")["state"] == "detached"
+
+
+def test_a_damaged_target_in_the_standby_record_is_said_naming_the_field(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    target = "s3://drs-damaged/p"
+    directory = _standby(cli, target, "sbq")
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    for damaged in (123, "not a url"):
+        config["dr"]["target"] = damaged
+        path.write_text(json.dumps(config))
+        for args in (
+            ("dr", "forget", "sbq", "--target", target, "--volume", "src"),
+            ("dr", "status", "sbq"),
+            ("dr", "activate", "sbq", "--offline"),
+        ):
+            result = cli.run(*args, check=False)
+            assert result.returncode == 1, (args, result.stderr)
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and f"{path}: dr.target must be " in lines[0], args
+    assert cli.info("sbq")["state"] == "standby"

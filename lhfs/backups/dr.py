@@ -102,6 +102,15 @@ def dr_config(vol: volumes.Volume) -> dict[str, Any]:
     for field in ("target", "volume"):
         if not isinstance(config.get(field), str):
             raise CorruptState(f"{where}.{field} must be a string, not {config.get(field)!r:.60}")
+    for field, should, check in (  # (shown, and hints' arguments: never what they cannot be)
+        ("target", "an s3://BUCKET/PREFIX target", Target.parse),
+        ("volume", "a volume name", check_name),
+    ):
+        try:
+            check(config[field])
+        except LhfsError:
+            said = f"{config[field]!r:.60}"
+            raise CorruptState(f"{where}.{field} must be {should}, not {said}") from None
     for field in ("interval", "retry_max", "created"):
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -794,8 +803,11 @@ def forget(
     prune shows)."""
     where = Target.parse(target)
     following: dict[str, Any] = {}
+    vol = None
     with contextlib.suppress(LhfsError, OSError, ValueError):  # (no such volume here)
-        following = volumes.load(root, label).config.get("dr") or {}
+        vol = volumes.load(root, label)
+    if vol is not None and vol.config.get("dr"):
+        following = dr_config(vol)  # (damaged: said, naming the field; never guessed at)
     here = None  # the marker of the standby by that name that follows here, if any
     if following.get("volume") == volume and str(Target.parse(following["target"])) == str(where):
         here = str(following.get("standby_id") or label)
