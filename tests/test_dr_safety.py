@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -192,3 +193,25 @@ def test_a_damaged_target_in_the_standby_record_is_said_naming_the_field(
             lines = result.stderr.splitlines()
             assert len(lines) == 1 and f"{path}: dr.target must be " in lines[0], args
     assert cli.info("sbq")["state"] == "standby"
+
+
+def test_a_standby_whose_follower_cannot_start_is_not_created(cli: Cli, s3_endpoint: str) -> None:
+    target = "s3://drs-create/p"
+    cli.run("volume", "create", "src", "--size", "4M", "--replicas", "1")
+    _backup(cli, "src", target)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = cli.run(
+            "dr", "create", "sbp", "--target", target, "--volume", "src", "--replicas", "1",
+            "--metrics", address, "--quiet", check=False,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "standby sbp was not created" in lines[0], lines
+    assert [v["name"] for v in cli.volumes()] == ["src"]
+    assert not (cli.root / "volumes" / "sbp").exists()

@@ -661,18 +661,29 @@ def create(
     extra = {"dr": config}
     vol = manage.create(root, name, size, chunk_for(newest), replicas, None, extra, on_disks)
     count = len(newest["blocks"])
-    save_state(  # a new volume reads as zeros everywhere
-        vol,
-        {
-            "backup": None,
-            "created": None,
-            "size": size,
-            "block_size": newest["block_size"],
-            "blocks": [None] * count,
-            "applying": None,
-        },
-    )
-    start(root, name)
+    try:
+        save_state(  # a new volume reads as zeros everywhere
+            vol,
+            {
+                "backup": None,
+                "created": None,
+                "size": size,
+                "block_size": newest["block_size"],
+                "blocks": [None] * count,
+                "applying": None,
+            },
+        )
+        start(root, name)
+    except BaseException as exc:
+        # A standby whose follower cannot start (its metrics address taken, say) would
+        # fail every `dr start` the same way: nothing of it is kept.
+        with contextlib.suppress(Exception):
+            manage.remove(root, name, volume_id=vol.config.get("volume_id"))
+        if isinstance(exc, FollowerExited):
+            raise LhfsError(
+                f"the DR follower exited at once: {exc.said}; standby {name} was not created"
+            ) from None
+        raise
     return vol
 
 
@@ -691,6 +702,14 @@ def start(root: Path, name: str) -> int:
         return _start(root, volumes.load(root, name))  # (as the start it waited for left it)
     finally:
         os.close(held)
+
+
+class FollowerExited(LhfsError):
+    """A follower that stopped before it started following; ``said``: its last word."""
+
+    def __init__(self, message: str, said: str = "") -> None:
+        super().__init__(message)
+        self.said = said
 
 
 START_LOCK = "dr-start.lock"
@@ -733,8 +752,8 @@ def _start(root: Path, vol: volumes.Volume) -> int:
     # Started means it took the lock and said so; one that then stops at once (it met a corrupt
     # block) has started, and `dr status` tells why it stopped.
     if read_status(vol).get("pid") != proc.pid:
-        said = logs.last_line(vol.dir / LOG)
-        raise LhfsError(f"the DR follower exited at once: {said} (see {vol.dir / LOG})")
+        said = logs.last_line(vol.dir / LOG).removeprefix("lhfs: error: ")
+        raise FollowerExited(f"the DR follower exited at once: {said} (see {vol.dir / LOG})", said)
     return proc.pid
 
 
