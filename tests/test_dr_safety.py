@@ -215,3 +215,29 @@ def test_a_standby_whose_follower_cannot_start_is_not_created(cli: Cli, s3_endpo
     assert len(lines) == 1 and "standby sbp was not created" in lines[0], lines
     assert [v["name"] for v in cli.volumes()] == ["src"]
     assert not (cli.root / "volumes" / "sbp").exists()
+
+
+def test_activating_when_the_newest_backup_is_smaller_points_to_offline(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    target = "s3://drs-smaller/p"
+    cli.run("volume", "create", "src", "--size", "4M", "--replicas", "1")
+    _backup(cli, "src", target)
+    cli.run(
+        "dr", "create", "sbs", "--target", target, "--volume", "src", "--replicas", "1",
+        "--interval", "1", "--quiet",
+    )  # fmt: skip
+    cli.run("volume", "expand", "src", "--size", "8M")
+    grown = _backup(cli, "src", target)
+    cli.dr_restored("sbs", grown)
+    cli.run("backup", "rm", grown)
+    result = cli.run("dr", "activate", "sbs", "--quiet", check=False)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "is smaller than the standby" in lines[0], lines
+    assert (
+        f"'lhfs dr activate sbs --offline' activates the last one it restored ({_name(grown)})"
+        in lines[0]
+    )
+    assert cli.info("sbs")["state"] == "standby"
+    cli.run("dr", "stop", "sbs")

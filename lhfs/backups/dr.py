@@ -161,14 +161,16 @@ def newest_backup(
 _DAMAGED = "damaged"  # (in ``cache``: a manifest that did not read, not read again)
 
 
-def _not_smaller(manifest: dict[str, Any], vol: volumes.Volume) -> None:
+def _not_smaller(
+    manifest: dict[str, Any], vol: volumes.Volume, instead: str = "waiting for a newer backup"
+) -> None:
     """Refuse a backup smaller than the standby: the backups it grew in were deleted, and a
-    volume never shrinks; the follower waits for a newer one."""
+    volume never shrinks. Not a usage error (the follower waits for a newer one): ``instead``
+    says what the refused command does or can do."""
     if manifest["size"] < vol.size:
-        raise InvalidArgument(
+        raise WrongState(
             f"the newest backup, {manifest['name']} ({manifest['size']} bytes), is smaller "
-            f"than the standby ({vol.size} bytes); a volume never shrinks: waiting for a newer "
-            "backup"
+            f"than the standby ({vol.size} bytes); a volume never shrinks: {instead}"
         )
 
 
@@ -1020,6 +1022,14 @@ def _activate(
                 f"{config['target']} holds no backup of {config['volume']}: --offline activates "
                 "the last one this standby restored"
             )
+        held = state["backup"]
+        _not_smaller(
+            newest,
+            vol,
+            f"'lhfs dr activate {vol.name} --offline' activates the last one it restored ({held})"
+            if held and UNKNOWN not in state["blocks"]
+            else "activate it once a newer backup is made",
+        )
         apply(volumes.load(root, vol.name), store, newest, progress)
         backup = newest["name"]
     activated = {**config, "backup": backup, "activated": _now()}
