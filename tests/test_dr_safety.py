@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import pytest
 from conftest import needs_fuse
 
+from backupstore.s3 import Bucket, Target
 from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, write_at
 from tools.faultproxy import FaultProxy
@@ -241,3 +242,24 @@ def test_activating_when_the_newest_backup_is_smaller_points_to_offline(
     )
     assert cli.info("sbs")["state"] == "standby"
     cli.run("dr", "stop", "sbs")
+
+
+def test_dr_status_says_a_damaged_newest_manifest_was_passed_over(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    target = "s3://drs-manifest/p"
+    _standby(cli, target, "sbm")
+    newer = _name(_backup(cli, "src", target))
+    bucket = Bucket(Target.parse(target))
+    bucket.put(f"p/volumes/src/{newer}.json", b"damaged", {"lhfs-compression": "none"})
+    cli.run("dr", "start", "sbm")
+    status = wait_for(
+        lambda: (s := cli.json("dr", "status", "sbm"))["passed_over"] and s,
+        30,
+        "the follower to pass over the damaged manifest",
+    )
+    assert list(status["passed_over"]) == [newer]
+    assert status["last_restored_backup"] != newer
+    text = cli.run("dr", "status", "sbm").stdout
+    assert f"passed over backup {newer} as damaged: " in text
+    cli.run("dr", "stop", "sbm")

@@ -14,10 +14,11 @@ cut short by a kill is undone by the next start or activation (``recover``). Com
 this local record rather than a manifest in the store keeps every increment incremental after
 the last restored backup is deleted.
 
-Only corruption stops a follower (a block whose content does not match its digest, a manifest
-that cannot be parsed). Everything else (refused or reset connections, 5xx, a host name that no
-longer resolves, a full disk) is retried with capped, jittered backoff for as long as it takes;
-``dr status`` shows the last error and the lag meanwhile.
+Only corruption stops a follower (a block whose content does not match its digest); a damaged
+manifest is passed over (``newest_backup``), and ``dr status`` says so. Everything else
+(refused or reset connections, 5xx, a host name that no longer resolves, a full disk) is
+retried with capped, jittered backoff for as long as it takes; ``dr status`` shows the last
+error and the lag meanwhile.
 
 The standby cannot be attached, snapshotted or backed up. ``dr activate`` stops the follower,
 applies the newest complete backup and removes the ``dr`` section: a normal volume remains.
@@ -561,7 +562,12 @@ def _step(
     status: Status,
 ) -> None:
     newest = newest_backup(store, source, cache)
-    status.update(last_checked=_now(), newest_backup=newest and newest["name"])
+    # (damaged manifests, said once in the log, are shown for as long as the store holds
+    # them: an operator who only reads `dr status` learns why a newer backup is not applied)
+    damaged = {name: m[_DAMAGED] for name, m in cache.items() if _DAMAGED in m}
+    status.update(
+        last_checked=_now(), newest_backup=newest and newest["name"], passed_over=damaged or None
+    )
     if newest is None:
         status.update(state="standby")
         return
@@ -876,6 +882,7 @@ def status(root: Path, name: str) -> dict[str, Any]:
     else:
         shown = current.get("state", "standby")
     since = current.get("current_at") or config["created"]
+    passed = current.get("passed_over")  # (damaged manifests the last poll passed over)
     return {
         "name": name,
         "state": shown,
@@ -894,6 +901,7 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "last_error_at": current.get("last_error_at"),
         "last_checked": current.get("last_checked"),
         "last_increment": current.get("last_increment"),
+        "passed_over": passed if isinstance(passed, dict) else None,  # (backup -> why)
         "follower_pid": current.get("pid") if running else None,
         "metrics": current.get("metrics") if running else None,
         "activation": activation or None,  # (one under way, or one a kill cut short)

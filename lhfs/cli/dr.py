@@ -98,6 +98,8 @@ def cmd_dr_status(args: argparse.Namespace) -> None:
     print(f"  lag: {status['lag_seconds']:.0f}s")
     if status["metrics"]:
         print(f"  metrics: http://{status['metrics']}/metrics")
+    for backup, why in sorted((status["passed_over"] or {}).items()):
+        print(f"  passed over backup {backup} as damaged: {why}")
     if status["last_error"]:
         print(f"  last error ({status['last_error_at']}): {status['last_error']}")
     activation, name = status["activation"], status["name"]
