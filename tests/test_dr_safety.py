@@ -263,3 +263,32 @@ def test_dr_status_says_a_damaged_newest_manifest_was_passed_over(
     text = cli.run("dr", "status", "sbm").stdout
     assert f"passed over backup {newer} as damaged: " in text
     cli.run("dr", "stop", "sbm")
+
+
+def test_a_store_error_the_follower_got_past_is_shown_as_past(
+    cli: Cli, s3_endpoint: str, proxy: FaultProxy
+) -> None:
+    target = "s3://drs-recovered/p"
+    _standby(cli, target, "sbr")
+    config_path = cli.root / "volumes" / "sbr" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dr"]["endpoint"] = proxy.endpoint  # (the follower goes through the proxy)
+    config_path.write_text(json.dumps(config))
+    proxy.stop()
+    cli.run("dr", "start", "sbr")
+    failing = wait_for(
+        lambda: (s := cli.json("dr", "status", "sbr"))["last_error"] and s,
+        30,
+        "the follower to meet the refused store",
+    )
+    assert failing["last_error_recovered_at"] is None
+    proxy.resume()
+    past = wait_for(
+        lambda: (s := cli.json("dr", "status", "sbr"))["last_error_recovered_at"] and s,
+        30,
+        "the follower to get past the error",
+    )
+    assert past["state"] == "standby" and past["last_error"] == failing["last_error"]
+    text = cli.run("dr", "status", "sbr").stdout
+    assert f"since recovered at {past['last_error_recovered_at']}" in text
+    cli.run("dr", "stop", "sbr")

@@ -432,6 +432,7 @@ class Status:
             "newest_backup": None,
             "last_error": previous.get("last_error"),
             "last_error_at": previous.get("last_error_at"),
+            "recovered_at": previous.get("recovered_at"),
             "last_checked": None,
             "current_at": previous.get("current_at"),
             "last_increment": previous.get("last_increment"),
@@ -462,7 +463,13 @@ class Status:
 
     def error(self, message: str) -> None:
         self.count(errors=1)
-        self.update(state="retrying", last_error=message, last_error_at=_now())
+        self.update(state="retrying", last_error=message, last_error_at=_now(), recovered_at=None)
+
+    def recovered(self) -> None:
+        """A step went through after an error: the error is shown as past, not as current
+        (an operator reading an old error for ever looked for a fault long gone)."""
+        if self.data.get("last_error") and not self.data.get("recovered_at"):
+            self.update(recovered_at=_now())
 
     def count(self, **amounts: int) -> None:
         """Add to the follower's running totals (what its metrics count)."""
@@ -532,11 +539,14 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
             wait = interval
             try:
                 _step(vol, store, config["volume"], cache, status)
+                status.recovered()
                 failures = 0
             except BackupDeleted:
                 wait = 0  # deleted under us (its marked blocks get redone): on to the newest
             except CorruptState as exc:
-                status.update(state="failed", last_error=str(exc), last_error_at=_now())
+                status.update(
+                    state="failed", last_error=str(exc), last_error_at=_now(), recovered_at=None
+                )
                 log.error("stopped: %s", exc)
                 return 1
             except Exception as exc:  # everything else may pass: retry with capped backoff
@@ -899,6 +909,7 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "lag_seconds": round(max(0.0, time.time() - since), 1),
         "last_error": current.get("last_error"),
         "last_error_at": current.get("last_error_at"),
+        "last_error_recovered_at": current.get("recovered_at"),  # (None: not since)
         "last_checked": current.get("last_checked"),
         "last_increment": current.get("last_increment"),
         "passed_over": passed if isinstance(passed, dict) else None,  # (backup -> why)

@@ -101,7 +101,9 @@ def cmd_dr_status(args: argparse.Namespace) -> None:
     for backup, why in sorted((status["passed_over"] or {}).items()):
         print(f"  passed over backup {backup} as damaged: {why}")
     if status["last_error"]:
-        print(f"  last error ({status['last_error_at']}): {status['last_error']}")
+        recovered = status["last_error_recovered_at"]
+        since = f", since recovered at {recovered}" if recovered else ""
+        print(f"  last error ({status['last_error_at']}{since}): {status['last_error']}")
     activation, name = status["activation"], status["name"]
     if status["interrupted_increment"]:
         print(
