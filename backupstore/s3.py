@@ -270,6 +270,7 @@ class Bucket:
         first_delay: float = 0.2,
         on_retry: Callable[[str], None] | None = None,
         endpoint: Endpoint | None = None,
+        patience: str = "--retry-timeout waits longer",
     ) -> None:
         endpoint = endpoint or Endpoint.from_env()
         parsed = urlparse(endpoint.url)
@@ -278,6 +279,9 @@ class Bucket:
         self.first_delay = first_delay
         self.on_retry = on_retry  # told of every transient failure (a DR status shows it)
         self.endpoint = endpoint.url
+        # what a store taken as gone is followed by: how to wait longer, as the caller knows
+        # it (a command's option; a DR follower has none and tries again later)
+        self.patience = patience
         self._ensured = False
         # A request gave up on the store and none has been answered since: the others give up
         # too, at once (see ``_call``); ``_gave_up`` wakes those waiting to retry.
@@ -347,7 +351,7 @@ class Bucket:
             waited = self.deadline
         return StoreUnavailable(
             f"{self.endpoint} did not answer {what} for {int(waited)}s ({_describe(exc)}); "
-            "--retry-timeout waits longer"
+            f"{self.patience}"
         )
 
     def ensure(self, create: bool = False) -> None:
@@ -370,9 +374,10 @@ class Bucket:
 
         if not self._call("bucket check", exists):
             if not create:
+                # (named whole: most commands that find it missing have no --create-bucket)
                 raise StoreRefused(
                     f"bucket {bucket!r} does not exist at {self.endpoint} (check the name; "
-                    "'--create-bucket' makes it)"
+                    "'lhfs backup create' or 'lhfs backup init' with --create-bucket makes it)"
                 )
             self._call("bucket create", lambda: self.client.make_bucket(bucket))
         self._ensured = True

@@ -17,7 +17,8 @@ from urllib.parse import urlparse
 import pytest
 from conftest import needs_fuse
 
-from backupstore.s3 import Bucket, Target
+from backupstore.s3 import Bucket, StoreUnavailable, Target
+from lhfs.backups import dr
 from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, write_at
 from tools.faultproxy import FaultProxy
@@ -292,3 +293,28 @@ def test_a_store_error_the_follower_got_past_is_shown_as_past(
     text = cli.run("dr", "status", "sbr").stdout
     assert f"since recovered at {past['last_error_recovered_at']}" in text
     cli.run("dr", "stop", "sbr")
+
+
+def test_hints_name_only_what_the_command_or_the_follower_can_do(
+    cli: Cli, s3_endpoint: str, proxy: FaultProxy
+) -> None:
+    """A missing bucket names commands that make it (``dr create`` and ``backup ls`` take
+    no --create-bucket); a follower's store error does not say --retry-timeout, which the
+    follower does not take."""
+    for args in (
+        ("dr", "create", "sbh", "--target", "s3://drs-missing/p", "--volume", "src"),
+        ("backup", "ls", "--target", "s3://drs-missing/p"),
+    ):
+        result = cli.run(*args, check=False)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "does not exist" in lines[0], (args, lines)
+        assert "'lhfs backup create' or 'lhfs backup init' with --create-bucket" in lines[0]
+
+    proxy.stop()
+    config = {"target": "s3://drs-hint/p", "endpoint": proxy.endpoint, "region": None}
+    store = dr.follower_store(config, lambda said: None, deadline=0.5)
+    with pytest.raises(StoreUnavailable) as gone:
+        store.bucket.ensure()
+    assert str(gone.value).endswith("; the follower tries again later"), gone.value
+    assert "--retry-timeout" not in str(gone.value)

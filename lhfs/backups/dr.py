@@ -526,7 +526,7 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
         status.update(metrics=f"{host}:{port}")
         log.info("metrics on http://%s:%d/metrics", host, port)
     interval, retry_max = config["interval"], config["retry_max"]
-    store = _standby_store(config, 30.0, on_retry=status.error)
+    store = follower_store(config, status.error)
     cache: dict[str, dict[str, Any]] = {}
     failures = 0
     status.update()
@@ -1005,6 +1005,19 @@ def _standby_store(config: dict[str, Any], deadline: float, **kw: Any) -> Backup
     """The store a standby follows, as it recorded it (endpoint, password file)."""
     bucket = _standby_bucket(config, deadline, **kw)
     return BackupStore(bucket, password=store_password(config.get("password_file")))
+
+
+FOLLOWER_PATIENCE = "the follower tries again later"
+FOLLOWER_DEADLINE = 30.0  # seconds a follower's store call is retried before the step fails
+
+
+def follower_store(
+    config: dict[str, Any], on_retry: Callable[[str], None], deadline: float = FOLLOWER_DEADLINE
+) -> BackupStore:
+    """The follower's store: a call is retried for ``deadline`` seconds, then the step fails
+    and is tried again with backoff; its errors (shown by ``dr status`` and ``dr create``)
+    say so, not to pass ``--retry-timeout``, which the follower does not take."""
+    return _standby_store(config, deadline, on_retry=on_retry, patience=FOLLOWER_PATIENCE)
 
 
 def _unmark(config: dict[str, Any], vol: volumes.Volume, deadline: float) -> None:
