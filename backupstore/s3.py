@@ -138,8 +138,13 @@ def _endpoint_url(url: str) -> str:
 
 
 def load_credentials(path: Path) -> dict[str, str]:
-    """``KEY=value`` lines of a credentials file that only its owner may read."""
-    text = read_private(path, "credentials file").decode(errors="replace")
+    """``KEY=value`` lines of a credentials file that only its owner may read. A file that
+    is missing and one others may read are both a file to fix (exit 1), not bad usage of
+    one command and a failure of another."""
+    try:
+        text = read_private(path, "credentials file").decode(errors="replace")
+    except LhfsError as exc:
+        raise LhfsError(str(exc)) from None
     found = {}
     for line in text.splitlines():
         name, sep, value = line.strip().partition("=")

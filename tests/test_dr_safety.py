@@ -318,3 +318,29 @@ def test_hints_name_only_what_the_command_or_the_follower_can_do(
         store.bucket.ensure()
     assert str(gone.value).endswith("; the follower tries again later"), gone.value
     assert "--retry-timeout" not in str(gone.value)
+
+
+def test_missing_or_refused_credentials_exit_1_whichever_command_meets_them(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://drs-creds/p"
+    _standby(cli, target, "sbc")
+    bare = Cli(cli.root, env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
+    for args in (("dr", "start", "sbc"), ("dr", "activate", "sbc", "--quiet")):
+        result = bare.run(*args, check=False)
+        assert result.returncode == 1, (args, result.stderr)
+        assert "no S3 credentials" in result.stderr and result.stderr.count("\n") == 1, args
+    open_file = tmp_path / "creds"
+    open_file.write_text(
+        f"AWS_ACCESS_KEY_ID={os.environ['AWS_ACCESS_KEY_ID']}\n"
+        f"AWS_SECRET_ACCESS_KEY={os.environ['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+    open_file.chmod(0o644)
+    for path, said in ((tmp_path / "nowhere", "does not exist"), (open_file, "mode")):
+        result = cli.run(
+            "dr", "create", "sbd", "--target", target, "--volume", "src", "--quiet",
+            "--credentials-file", str(path), check=False,
+        )  # fmt: skip
+        assert result.returncode == 1, (path, result.stderr)
+        assert said in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert cli.info("sbc")["state"] == "standby"

@@ -60,6 +60,7 @@ from lhfs.core.errors import (
     InvalidArgument,
     LhfsError,
     NotFound,
+    UsageError,
     WrongState,
 )
 from lhfs.core.names import check_name, check_volume_name
@@ -621,7 +622,12 @@ def standby_endpoint(config: dict[str, Any]) -> Endpoint:
         env["AWS_ENDPOINT_URL"] = config["endpoint"]
         env["AWS_REGION"] = config.get("region") or ""
     credentials = config.get("credentials_file")
-    return Endpoint.from_env(env, Path(credentials) if credentials else None)
+    try:
+        return Endpoint.from_env(env, Path(credentials) if credentials else None)
+    except UsageError as exc:
+        # (no credentials, say: the standby's own settings and environment, not an argument
+        # of the command at hand; exit 1 as its follower's `dr start` does)
+        raise LhfsError(str(exc)) from None
 
 
 def create(
