@@ -344,3 +344,14 @@ def test_missing_or_refused_credentials_exit_1_whichever_command_meets_them(
         assert result.returncode == 1, (path, result.stderr)
         assert said in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert cli.info("sbc")["state"] == "standby"
+
+
+def test_an_activated_standby_keeps_its_log_and_drops_its_locks(cli: Cli, s3_endpoint: str) -> None:
+    directory = _standby(cli, "s3://drs-logs/p", "sbl")
+    cli.run("dr", "start", "sbl")  # (dr-start.lock made)
+    cli.run("dr", "activate", "sbl", "--quiet")
+    assert not (directory / "dr.lock").exists() and not (directory / "dr-start.lock").exists()
+    shown = cli.run("logs", "sbl", "--component", "dr")
+    assert "[dr]" in shown.stdout and "following src" in shown.stdout, shown.stdout
+    result = cli.run("logs", "src", "--component", "dr")
+    assert result.stdout == "" and "has no DR follower log: not a standby" in result.stderr

@@ -69,6 +69,7 @@ from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import manage
 from lhfs.volumes.standby import (
+    LOCK,
     LOG,
     STATE,
     STATUS,
@@ -1077,7 +1078,8 @@ def _activate(
         c["activated_from"] = activated
 
     vol.update(change)
-    for leftover in (STATUS, STATE):
+    # (a normal volume now: what only a standby needs goes; its log stays, for `lhfs logs`)
+    for leftover in (STATUS, STATE, UNDO, LOCK, START_LOCK):
         with contextlib.suppress(FileNotFoundError):
             (vol.dir / leftover).unlink()
     try:  # (a normal volume now: prune need not keep what its marker names)
