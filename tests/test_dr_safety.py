@@ -118,6 +118,25 @@ def test_a_killed_increment_is_said_and_undone_at_offline_activation(
     assert not (cli.root / "volumes" / "dsk" / "dr-undo").exists()
 
 
+@needs_fuse
+def test_an_increment_the_store_stalled_is_undone_by_an_offline_activation(
+    cli: Cli, tmp_path: Path, s3_endpoint: str, proxy: FaultProxy
+) -> None:
+    """The store goes away mid-increment (the follower says it retries); the offline
+    activation stops the follower, whose increment is undone: the first backup, whole."""
+    standby, first, first_sum, _ = _half_applied(cli, tmp_path, proxy, "s3://drs-cut/p", "dsr")
+    proxy.cut()
+    wait_for(
+        lambda: standby.json("dr", "status", "dsr")["state"] == "retrying",
+        30,
+        "the follower to retry the store",
+    )
+    proxy.resume()  # (still slow: the increment cannot finish before the activation)
+    done = standby.json("dr", "activate", "dsr", "--offline", "--quiet")
+    assert done["backup"] == first and done["marker_kept"] is None
+    assert cli.checksum("dsr") == first_sum
+
+
 def _standby(cli: Cli, target: str, name: str) -> Path:
     """A stopped standby of an empty 4M volume; its directory."""
     cli.run("volume", "create", "src", "--size", "4M", "--replicas", "1")
