@@ -111,6 +111,8 @@ def test_a_killed_increment_is_said_and_undone_at_offline_activation(
     assert after["interrupted_increment"] == status["applying"]
     text = standby.run("dr", "status", "dsk").stdout
     assert f"the increment to {status['applying']} was cut short" in text
+    (check,) = [c for c in cli.json("doctor", "dsk") if c["check"] == "dr standby"]
+    assert check["status"] == "warn" and "was cut short" in check["detail"], check
     proxy.rate = None
     done = standby.json("dr", "activate", "dsk", "--offline", "--quiet")
     assert done["backup"] == first
