@@ -37,7 +37,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -291,28 +291,32 @@ def _save_undo(
         raise
 
 
-def _read_undo(path: Path) -> list[tuple[int, int, bytes]] | None:
-    """The records of a whole ``dr-undo``: offset, length, the bytes held there (zeros
-    after them). None: missing, cut short or damaged."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    if not data.startswith(_UNDO_MAGIC) or len(data) < len(_UNDO_MAGIC) + 8:
-        return None
-    (count,) = struct.unpack_from("<Q", data, len(data) - 8)
-    records: list[tuple[int, int, bytes]] = []
-    pos, end = len(_UNDO_MAGIC), len(data) - 8
-    while pos < end:
-        if pos + _UNDO_RECORD.size > end:
-            return None
-        offset, length, held = _UNDO_RECORD.unpack_from(data, pos)
-        pos += _UNDO_RECORD.size
-        if held > length or pos + held > end:
-            return None
-        records.append((offset, length, data[pos : pos + held]))
-        pos += held
-    return records if len(records) == count else None
+def _undo_records(path: Path, data: bool) -> Iterator[tuple[int, int, bytes]]:
+    """The records of a whole ``dr-undo``, streamed (an increment may be most of the
+    volume): offset, length, the bytes held there (zeros after them; without ``data``,
+    skipped: b""). ``CorruptState`` when it is cut short or damaged; ``FileNotFoundError``
+    when missing."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END) - 8
+        f.seek(0)
+        if f.read(len(_UNDO_MAGIC)) != _UNDO_MAGIC or end < len(_UNDO_MAGIC):
+            raise CorruptState(f"{path} is damaged")
+        count = 0
+        while f.tell() < end:
+            head = f.read(_UNDO_RECORD.size)
+            if len(head) != _UNDO_RECORD.size or f.tell() > end:
+                raise CorruptState(f"{path} is cut short")
+            offset, length, held = _UNDO_RECORD.unpack(head)
+            if held > length or f.tell() + held > end:
+                raise CorruptState(f"{path} is damaged")
+            if data:
+                yield offset, length, f.read(held)
+            else:
+                f.seek(held, os.SEEK_CUR)
+                yield offset, length, b""
+            count += 1
+        if struct.unpack("<Q", f.read(8))[0] != count:
+            raise CorruptState(f"{path} is cut short")
 
 
 def _undo(vol: volumes.Volume, dirs: list[Path]) -> None:
@@ -322,15 +326,18 @@ def _undo(vol: volumes.Volume, dirs: list[Path]) -> None:
     record that is missing or damaged leaves every block unknown: nothing whole is claimed,
     and the next increment rewrites them all."""
     state = load_state(vol)
-    records = _read_undo(vol.dir / UNDO)
-    if records is None:
-        log.error("%s is missing or damaged: every block is rewritten", vol.dir / UNDO)
+    path = vol.dir / UNDO
+    try:
+        for _ in _undo_records(path, data=False):  # (whole, before anything is written)
+            pass
+    except (OSError, CorruptState) as exc:
+        log.error("%s cannot be used (%s): every block is rewritten", path, exc)
         state = {**state, "blocks": [UNKNOWN] * len(state["blocks"])}
     else:
         stores = [ChunkStore.open(d) for d in dirs]
         try:
             for local in stores:
-                for offset, length, content in records:
+                for offset, length, content in _undo_records(path, data=True):
                     if content:
                         local.write(offset, content)
                     rest = min(offset + length, local.size) - offset - len(content)
