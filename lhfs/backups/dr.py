@@ -551,7 +551,7 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
                 status.recovered()
                 failures = 0
             except BackupDeleted:
-                wait = 0  # deleted under us (its marked blocks get redone): on to the newest
+                wait = 0  # deleted under us (the increment was undone): on to the newest
             except CorruptState as exc:
                 status.update(
                     state="failed", last_error=str(exc), last_error_at=_now(), recovered_at=None
@@ -907,6 +907,8 @@ def status(root: Path, name: str) -> dict[str, Any]:
         shown = current.get("state", "standby")
     since = current.get("current_at") or config["created"]
     passed = current.get("passed_over")  # (damaged manifests the last poll passed over)
+    # (an increment a kill cut short: undone by the next start or activation)
+    cut_short = None if running or shown == "activating" else state.get("applying")
     return {
         "name": name,
         "state": shown,
@@ -917,8 +919,7 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "last_restored_created": state.get("created"),
         "newest_backup": current.get("newest_backup"),
         "applying": current.get("applying") if running else None,
-        # (an increment a kill cut short: undone by the next start or activation)
-        "interrupted_increment": None if running else state.get("applying"),
+        "interrupted_increment": cut_short,
         "progress": current.get("progress") if running else None,
         "lag_seconds": round(max(0.0, time.time() - since), 1),
         "last_error": current.get("last_error"),
