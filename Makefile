@@ -27,8 +27,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The suite in two processes, a test file each at a time: most of its time is spent waiting
+# (for timeouts, kills, rebuilds), so two halve it on two cores (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Hundreds of kills through the data path (LHFS_SOAK_ROUNDS, default 200; about 10 minutes).
 soak: setup

@@ -67,6 +67,10 @@ _ACCESS_CODES = {
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+# (what a DELETE the store did not answer says: whoever reports it must not say it stays)
+NOT_CONFIRMED = "it may have been done all the same (not confirmed)"
+
+
 class StoreUnavailable(LhfsError):
     """The store could not be asked (after retrying until the deadline)."""
 
@@ -354,8 +358,12 @@ class Bucket:
             self._gave_up.notify_all()
         if down:  # (another request waited the deadline out)
             waited = self.deadline
+        said = _describe(exc)
+        maybe = (  # (sent, and not answered: a frozen store may carry it out later)
+            f": {NOT_CONFIRMED}" if what.startswith("DELETE ") and said == "timed out" else ""
+        )
         return StoreUnavailable(
-            f"{self.endpoint} did not answer {what} for {int(waited)}s ({_describe(exc)}); "
+            f"{self.endpoint} did not answer {what} for {int(waited)}s ({said}){maybe}; "
             f"{self.patience}"
         )
 

@@ -58,7 +58,7 @@ from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
-from .s3 import Bucket, StoreUnavailable
+from .s3 import NOT_CONFIRMED, Bucket
 
 FORMAT = 1  # of the records this lhfs writes (manifests, a volume's record): newer ones refused
 NEWER = "written by a newer lhfs"  # (what says so, where a record of a newer FORMAT is refused)
@@ -615,6 +615,20 @@ class BackupStore:
     def complete_names(self, volume: str) -> list[str]:
         """Names of the volume's complete backups, from one listing (no manifest is read)."""
         return [name for name, _ in self._manifest_objects(volume)]
+
+    def complete_written(self, volume: str) -> dict[str, float]:
+        """When each of the volume's complete backups was written, by the server's clock (one
+        listing): a system record whose content is unknown (damaged) can only name backups
+        written before it, and that is the one thing known of it."""
+        return {name: obj.last_modified.timestamp() for name, obj in self._manifest_objects(volume)}
+
+    def complete_backups(self) -> set[tuple[str, str]]:
+        """``(volume, backup)`` of every complete backup (its manifest is there), from one
+        listing: whether a system backup's parts all still exist."""
+        listed = (
+            _parts(obj.object_name) for obj in self.bucket.list(self.target.key("volumes") + "/")
+        )
+        return {(vol, name) for vol, name, kind in listed if kind == "json"}
 
     def _manifests(
         self, wanted: list[tuple[str, str]]
@@ -1377,25 +1391,38 @@ class Marker:
         """Write the marker only if no live one is there (``AlreadyExists`` otherwise): by a
         conditional write, read back with a token of its own (a store that ignores the
         condition overwrites: the token says who won). A stale one (its process died) is
-        taken over."""
+        taken over: at once when it is of this host's boot and PID namespace and its process
+        is gone (``died_here``, as every other marker is judged), else once ``STALE``."""
         token = secrets.token_hex(8)
         self._body["owner"] = token
         body = json.dumps({**self._body, "refreshed": time.time()}).encode()
         if not self.bucket.put_new(self.key, body) and self._owner() != token:
             # (not ours: a retried PUT whose first try landed finds its own token above)
-            if self._age() < STALE:
-                raise AlreadyExists(f"{self.claim} is under way (its marker {self.key})")
+            if not died_here(self._found()):
+                age = self._age()
+                if age < STALE:
+                    raise AlreadyExists(
+                        f"{self.claim} is under way (its marker {self.key}, refreshed "
+                        f"{age:.0f}s ago): if its process is gone (on another host), the "
+                        f"marker expires in {STALE - age:.0f}s, then a new one takes it over "
+                        "and 'lhfs backup gc' removes it"
+                    )
             self._write()  # (its process died: taken over)
         if self._owner() != token:
             raise AlreadyExists(f"{self.claim} is under way (its marker {self.key})")
 
-    def _owner(self) -> str | None:
-        """The token in the marker as it is now (None: none there, or not one of ours)."""
+    def _found(self) -> dict[str, Any]:
+        """The marker's body as it is now ({}: none there, or not one lhfs writes)."""
         found = self.bucket.get(self.key, SMALL_OBJECT)
         try:
-            owner = parse_json(found[0]).get("owner") if found else None
-        except (ValueError, AttributeError):
-            return None
+            body = parse_json(found[0]) if found else {}
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def _owner(self) -> str | None:
+        """The token in the marker as it is now (None: none there, or not one of ours)."""
+        owner = self._found().get("owner")
         return owner if isinstance(owner, str) else None
 
     def _age(self) -> float:
@@ -1420,11 +1447,14 @@ class Marker:
         try:
             self.bucket.delete(self.key)
         except Exception as error:
-            why = "the store does not answer" if isinstance(error, StoreUnavailable) else error
-            left = (
-                f"its marker {self.key} could not be removed ({why}): it counts as running "
-                f"until this process ends (on other hosts, for {STALE / 60:.0f} minutes), "
-                "then 'lhfs backup gc' removes it"
+            if NOT_CONFIRMED in str(error):  # (its DELETE may land later: not said undone)
+                left = f"its marker {self.key} may stay (the store did not answer its removal)"
+                left += ": if it does, it counts"
+            else:
+                left = f"its marker {self.key} could not be removed ({error}): it counts"
+            left += (
+                f" as running until this process ends (on other hosts, for {STALE / 60:.0f} "
+                "minutes), then 'lhfs backup gc' removes it"
             )
             if isinstance(failure, LhfsError):  # the block's own failure, and what it left
                 failure.args = (f"{failure}; {left}",)

@@ -28,7 +28,7 @@ from lhfs.core.names import IMAGE_BACKUPS, check_name
 from lhfs.core.units import rfc3339
 
 from . import parse_json
-from .store import SMALL_OBJECT, BackupStore, Marker
+from .store import NEWER, SMALL_OBJECT, BackupStore, Marker
 
 _RECORD_LIMIT = 64 << 20  # a record: some hundred bytes per volume or image it names
 
@@ -107,19 +107,25 @@ def delete(store: BackupStore, name: str) -> None:
 
 def listing(store: BackupStore) -> list[dict[str, Any]]:
     """System backups, oldest first: ``complete`` (with their parts), ``in_progress`` or
-    ``interrupted`` (a marker its process stopped refreshing, and no record)."""
+    ``interrupted`` (a marker its process stopped refreshing, and no record), ``damaged``
+    (``reason`` says why: a record that fails authentication or does not parse, its parts
+    then unknown (``None``), or one whose parts are not all there any more) or ``newer`` (a
+    record a newer lhfs wrote). One damaged record must not stop every command that reads
+    them all (``system ls``, prune, ``backup rm``, ``system rm`` of another): each says what
+    it does about it. ``written``: when the record was written, by the server's clock (a
+    damaged one can only name backups written before it)."""
     prefix = store.target.key("systems") + "/"
-    complete, markers = [], {}
+    records, markers = {}, {}
     for obj in store.bucket.list(prefix):
         name, _, kind = obj.object_name[len(prefix) :].rpartition(".")
         if kind == "json":
-            complete.append(name)
+            records[name] = obj
         elif kind == "running":
             markers[name] = obj
     now = time.time()
     out = []
     for name, obj in markers.items():
-        if name not in complete:
+        if name not in records:
             fresh = store.fresh(obj, now)
             parts, started = _so_far(store, obj)
             out.append(
@@ -128,27 +134,67 @@ def listing(store: BackupStore) -> list[dict[str, Any]]:
                     "state": "in_progress" if fresh else "interrupted",
                     "created": rfc3339(started),
                     "started": started,
+                    "written": None,
                     "volumes": None,
                     "images": None,
                     # (kept while its marker is there, fresh or not: freshness is by this
                     # host's clock; ``backup gc`` sweeps a dead one's marker, by the server's)
                     "parts": parts,
+                    "reason": None,
                 }
             )
-    for name in complete:
-        record = get(store, name)
+    present = store.complete_backups() if records else set()
+    for name, obj in records.items():
+        written = obj.last_modified.timestamp()
+        try:
+            record = get(store, name)
+        except NotFound:  # (removed since it was listed)
+            continue
+        except CorruptState as exc:  # its parts are unknown: kept by those who must know
+            out.append(
+                {
+                    "name": name,
+                    "state": "newer" if NEWER in str(exc) else "damaged",
+                    "created": rfc3339(written),
+                    "started": written,
+                    "written": written,
+                    "volumes": None,
+                    "images": None,
+                    "parts": None,
+                    "reason": str(exc),
+                }
+            )
+            continue
+        parts = sorted(parts_of(record))
+        missing = [f"backup {b} of {v}" for v, b in parts if (v, b) not in present]
         out.append(
             {
                 "name": name,
-                "state": "complete",
+                "state": "damaged" if missing else "complete",
                 "created": record["created"],
                 "started": record["started"],
+                "written": written,
                 "volumes": sorted(record["volumes"]),
                 "images": sorted(record["images"]),
-                "parts": sorted(parts_of(record)),
+                "parts": parts,
+                "reason": (
+                    f"its part(s) {', '.join(missing)} are missing: it cannot be restored whole"
+                    if missing
+                    else None
+                ),
             }
         )
     return sorted(out, key=lambda s: (s["started"], s["name"]))
+
+
+def problems(store: BackupStore) -> list[str]:
+    """What ``backup check`` says of the system records: each damaged one (it fails
+    authentication, does not parse, or names a part that is gone), in a line."""
+    return [
+        f"system backup {s['name']}: {s['reason']}"
+        for s in listing(store)
+        if s["state"] in ("damaged", "newer")
+    ]
 
 
 def _so_far(store: BackupStore, obj: Any) -> tuple[list[tuple[str, str]], float]:

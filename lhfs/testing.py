@@ -8,6 +8,7 @@ test left it in, so that every test can end with it in a finaliser.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.server
 import json
 import mmap
@@ -157,6 +158,7 @@ class HostName:
 
     def _rewrite(self, keep: bool) -> None:
         with open(self.hosts, "r+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # (tests running side by side edit it too)
             lines = [line for line in f.readlines() if self.name not in line]
             if keep:
                 lines.append(self.line)

@@ -45,6 +45,28 @@ def cluster() -> Iterator[Cluster]:
         hosts.down()
 
 
+def test_a_host_process_lets_go_of_what_is_unmounted_after_it_started(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A file system mounted on this machine when a host's process started, unmounted since,
+    is gone from that process too (it kept a volume's loop device busy: its umount refused)."""
+    point = tmp_path / "point"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "lhfs-propagation", str(point)], check=True)
+    sleeper = cluster.hosts[0].start(["sleep", "60"])
+    try:
+        comm = Path(f"/proc/{sleeper.pid}/comm")  # ("sleep" once in place: namespaces made)
+        wait_for(lambda: comm.read_text() == "sleep\n", 10, "the host's process")
+        assert str(point) in Path(f"/proc/{sleeper.pid}/mounts").read_text()
+        subprocess.run(["umount", str(point)], check=True)
+        seen = Path(f"/proc/{sleeper.pid}/mounts").read_text()
+        assert str(point) not in seen, "an unmount did not reach the host's process"
+    finally:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        sleeper.kill()
+        sleeper.wait()
+
+
 def serve(
     host: Host, directory: Path, key: Path, started: list[ReplicaProcess], port: int = 0
 ) -> str:

@@ -108,6 +108,7 @@ class Cluster:
         link of this namespace holds: two clusters on one subnet would split its routes, and
         neither would reach its hosts."""
         self.down()  # whatever an interrupted run left
+        share_mounts()
         self.subnet = self.wanted or free_subnet()
         _ip("link", "add", self.bridge, "address", _mac(self.gateway), "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
@@ -161,6 +162,18 @@ class Cluster:
             if link.startswith(f"{self.prefix}-v") or link == self.bridge:
                 _ip("link", "del", link, check=False)
         self.hosts = []
+
+
+def share_mounts() -> None:
+    """Make the root mount shared where it is private (some containers; systemd makes it
+    shared). ``ip netns exec`` runs a host's processes in a mount namespace of their own (to
+    put the host's /etc/hosts in place): a copy of this one's mounts, a slave of it. With a
+    private root nothing unmounted here afterwards is unmounted there: a file system mounted
+    meanwhile by anything on the machine stays mounted in every host process, and its loop
+    device stays busy (a volume's ``umount`` then finds it in use) until they all end."""
+    found = subprocess.run(["findmnt", "-no", "PROPAGATION", "/"], capture_output=True, text=True)
+    if found.stdout.strip() == "private":
+        subprocess.run(["mount", "--make-rshared", "/"], check=True)
 
 
 def free_subnet() -> str:

@@ -496,9 +496,13 @@ def check_store(
     url: str, read_data: bool, progress: Any, retry_timeout: float = RETRY_TIMEOUT
 ) -> dict[str, Any]:
     """``lhfs backup check``: see ``BackupStore.check``."""
+    from backupstore import systems
+
     store = open_store(Target.parse(url), retry_timeout)
     store.bucket.ensure()
-    return store.check(read_data, progress)
+    report = store.check(read_data, progress)
+    report["problems"] += systems.problems(store)  # (records, and that their parts exist)
+    return report
 
 
 def prune(
@@ -515,7 +519,8 @@ def prune(
             raise InvalidArgument(f"--keep-{rule} must be from 0 to 100000")
     store = open_store(Target.parse(url), retry_timeout)
     store.bucket.ensure()
-    report = store.prune(volume, policy, dry_run, _system_parts(store, volume))
+    also = {name: why for name, (why, _) in _system_parts(store, volume).items()}
+    report = store.prune(volume, policy, dry_run, also)
     if not report["kept"] and not report["removed"] and not report["damaged"]:
         raise NotFound(f"{url} holds no complete backup of volume {volume}")
     return report
@@ -545,29 +550,49 @@ def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
     store.bucket.ensure()
     store.check_password()
     owner = _system_parts(store, volume).get(name)
-    if owner is not None:
+    if owner is not None and owner[1]:
         raise WrongState(
-            f"{url} is part of {owner}, which could not be restored without it: "
+            f"{url} is part of {owner[0]}, which could not be restored without it: "
             f"'lhfs system rm' removes it with its system backup"
         )
+    if owner is not None:
+        raise WrongState(f"{url} may be part of {owner[0]}: not removed")
     return store.delete(volume, name)
 
 
-def _system_parts(store: BackupStore, volume: str) -> dict[str, str]:
-    """The backups of ``volume`` that system backups name: backup name -> which one. (They
-    go with their system backup: 'lhfs system rm'.)"""
+def _system_parts(store: BackupStore, volume: str) -> dict[str, tuple[str, bool]]:
+    """The backups of ``volume`` that system backups name: backup name -> (which one, whether
+    it surely does). (They go with their system backup: 'lhfs system rm'.) A system record
+    that cannot be read (damaged, or of a newer lhfs) may name any backup written before it:
+    those are held too, saying so, and nothing else is (a damaged record blocks only what it
+    may need)."""
     from backupstore.systems import listing
 
-    return {
-        part[1]: f"system backup {system['name']}"
-        + {
+    owners: dict[str, tuple[str, bool]] = {}
+    unknown = []
+    for system in listing(store):
+        if system["parts"] is None and system["written"] is not None:
+            unknown.append(system)
+            continue
+        state = {
             "in_progress": " (under way)",
             "interrupted": " (interrupted: 'lhfs backup gc' lets its parts go)",
         }.get(system["state"], "")
-        for system in listing(store)
-        for part in system["parts"] or ()
-        if part[0] == volume
-    }
+        for part in system["parts"] or ():
+            if part[0] == volume:
+                owners[part[1]] = (f"system backup {system['name']}{state}", True)
+    if unknown:
+        written = store.complete_written(volume)
+        for system in unknown:
+            why = (
+                f"system backup {system['name']}, whose record cannot be read, so which "
+                f"backups it names is unknown ({system['reason']}; 'lhfs system rm "
+                f"{store.target}?system={system['name']}' removes that record)"
+            )
+            for name, when in written.items():
+                if when <= system["written"]:
+                    owners.setdefault(name, (why, False))
+    return owners
 
 
 def collect(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:

@@ -254,6 +254,8 @@ def restore(
     retry_timeout: float = RETRY_TIMEOUT,
 ) -> dict[str, Any]:
     target, name = parse_system_url(url)
+    if only is not None and not any(only):  # ('--volumes ""': not a list of one '')
+        raise InvalidArgument("--volumes is empty: name the volumes to restore (VOL1,VOL2,...)")
     if only is not None and (not all(only) or len(set(only)) != len(only)):
         raise InvalidArgument(f"--volumes names each volume once: {','.join(only)!r}")
     store = backup.open_store(target, retry_timeout)
@@ -337,7 +339,7 @@ def restore_image(
     _, volume, backup_name = backup.parse_backup_url(url)
     manifest = store.manifest(volume, backup_name)
     Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
-    scratch = Path(root) / f".restore-image-{name}-{secrets.token_hex(4)}"
+    scratch = images.restore_scratch(root, name)  # (a killed restore's: cleared later)
     try:
         fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -362,20 +364,42 @@ def restore_image(
 
 def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> dict[str, Any]:
     """Delete a system backup: its record, then each of its parts no other system backup
-    names, then unreferenced blocks."""
+    names, then unreferenced blocks. What the other system backups name is known before the
+    record is deleted: a failure there must not leave a record gone and its parts behind (a
+    rerun would say there is no such system backup). A record that cannot be read (damaged)
+    is deleted alone: its parts are unknown, and stay as ordinary backups. A part that another
+    unreadable record may name (written before it) is kept, and said."""
     target, name = parse_system_url(url)
     store = backup.open_store(target, retry_timeout)
     store.bucket.ensure()
-    record = systems.get(store, name)
+    damaged = None
+    try:
+        parts = systems.parts_of(systems.get(store, name))
+    except CorruptState as exc:
+        parts, damaged = [], str(exc)
+    except NotFound as exc:  # (one that never finished has a marker, no record)
+        marker = next((s for s in systems.listing(store) if s["name"] == name), None)
+        if marker is None:
+            raise
+        if marker["state"] == "interrupted":
+            raise NotFound(
+                f"{exc}: one of that name was interrupted; 'lhfs backup gc --target "
+                f"{target}' removes its marker and lets its parts go"
+            ) from None
+        raise WrongState(f"system backup {name} is under way: it has no record yet") from None
+    others = [s for s in systems.listing(store) if s["name"] != name]
+    still = {tuple(part) for other in others for part in other["parts"] or ()}
+    maybe: dict[tuple[str, str], str] = {}  # parts an unreadable record may name
+    unknown = [s for s in others if s["parts"] is None and s["written"] is not None]
+    for volume in sorted({v for v, _ in parts}) if unknown else ():
+        for part, when in store.complete_written(volume).items():
+            for other in unknown:
+                if (volume, part) in parts and when <= other["written"]:
+                    maybe.setdefault((volume, part), other["name"])
     systems.delete(store, name)
-    still = {
-        tuple(part)
-        for other in systems.listing(store)  # (complete, or in progress: parts so far)
-        for part in other["parts"] or ()
-    }
     removed = []
-    for volume, part in systems.parts_of(record):
-        if (volume, part) not in still:
+    for volume, part in parts:
+        if (volume, part) not in still and (volume, part) not in maybe:
             with contextlib.suppress(NotFound):  # (deleted by hand before)
                 store.forget(volume, part)
                 removed.append(f"{volume}/{part}")
@@ -383,6 +407,12 @@ def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> dict[str, Any]:
     return {
         "name": name,
         "removed_backups": removed,
+        # (its record could not be read: its parts, unknown, stay as ordinary backups)
+        "damaged": damaged,
+        "kept_backups": [
+            {"backup": f"{volume}/{part}", "system": other}
+            for (volume, part), other in sorted(maybe.items())
+        ],
         "collected": collected.removed,
         "deferred": collected.deferred,
     }

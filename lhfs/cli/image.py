@@ -41,7 +41,13 @@ def cmd_image_ls(args: argparse.Namespace) -> None:
         if "error" in info:  # (its record is damaged: 'backing-image rm' clears it)
             print(f"{info['name']:24} {'damaged':>8}  {info['error']}")
         else:
-            print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}")
+            changed = (  # (its size or time differ from when it was registered)
+                "  (its file was modified since it was registered: volume create refuses it "
+                "if its content changed)"
+                if info["changed"]
+                else ""
+            )
+            print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}{changed}")
 
 
 def cmd_image_rm(args: argparse.Namespace) -> None:

@@ -70,7 +70,16 @@ def cmd_system_ls(args: argparse.Namespace) -> None:
 
     found = system.listing(args.target, args.retry_timeout)
     if args.json:  # (times as RFC 3339, as everywhere in lhfs's JSON)
-        print_json([{**entry, "started": rfc3339(entry["started"])} for entry in found])
+        print_json(
+            [
+                {
+                    **entry,
+                    "started": rfc3339(entry["started"]),
+                    "written": entry["written"] and rfc3339(entry["written"]),
+                }
+                for entry in found
+            ]
+        )
         return
     if not found:
         print(f"no system backups in {args.target}")
@@ -78,6 +87,8 @@ def cmd_system_ls(args: argparse.Namespace) -> None:
     print(f"{'SYSTEM BACKUP':36} {'STATE':11} {'CREATED':20} VOLUMES, IMAGES")
     for entry in found:
         parts = ", ".join([*(entry["volumes"] or []), *(entry["images"] or [])]) or "-"
+        if entry["reason"]:  # (damaged: why, and what removes it)
+            parts = f"{entry['reason']} ('lhfs system rm {entry['url']}' removes it)"
         print(f"{entry['name']:36} {entry['state']:11} {entry['created']:20} {parts}")
 
 
@@ -102,9 +113,20 @@ def cmd_system_rm(args: argparse.Namespace) -> None:
     from lhfs.backups import system
 
     done = system.remove(args.url, args.retry_timeout)
+    damaged = (
+        f" (its record could not be read: {done['damaged']}; its parts, unknown, stay as "
+        "ordinary backups)"
+        if done["damaged"]
+        else ""
+    )
+    kept = "".join(
+        f"; kept {k['backup']}: system backup {k['system']}, whose record cannot be read, may "
+        "name it"
+        for k in done["kept_backups"]
+    )
     text = (
-        f"deleted system backup {done['name']} and {len(done['removed_backups'])} backup(s) "
-        "no other system backup names; "
+        f"deleted system backup {done['name']}{damaged} and {len(done['removed_backups'])} "
+        f"backup(s) no other system backup names{kept}; "
         + (
             f"collection deferred: {done['deferred']}"
             if done["deferred"]

@@ -39,6 +39,9 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
         images.resolve(root_of(args), args.backing_image) if args.backing_image else (None, None)
     )
     settings = _settings_given(args)
+    extra: dict[str, Any] = {"settings": settings} if settings else {}
+    if image is not None:  # (which image it was made from: 'backing-image rm' says so)
+        extra["backing_image_name"] = args.backing_image if image_id is not None else None
     try:
         vol = manage.create(
             root_of(args),
@@ -47,7 +50,7 @@ def cmd_volume_create(args: argparse.Namespace) -> None:
             args.chunk_size,
             replica_count(args),
             image,
-            {"settings": settings} if settings else None,
+            extra or None,
             args.disks,
             image_id,
         )
@@ -234,6 +237,7 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
     root = root_of(args)
     text = f"removed volume {args.name}"
     marker, left = None, []
+    remote = _remote_replicas(root, args.name)
     cut_short = not (volumes.volumes_dir(root) / args.name).exists()
     if cut_short and args.name in manage.removals_cut_short(root, under_way=True):
         left = manage.finish_removal(root, args.name)  # (a killed rm's: one under way refuses)
@@ -252,11 +256,37 @@ def cmd_volume_rm(args: argparse.Namespace) -> None:
         left = manage.remove(root, args.name)
     if left:
         text += f"; left, to remove by hand once their disks are back: {', '.join(left)}"
+    if remote:
+        where = ", ".join(f"{r['id']} at {r['address']}" for r in remote)
+        text += (
+            f"; its remote replica(s) {where} still hold its data: their 'lhfs replica serve' "
+            "processes and directories are yours to stop and remove"
+        )
     say(
         args,
-        {"name": args.name, "removed": True, "marker_removed_from": marker, "left": left},
+        {
+            "name": args.name,
+            "removed": True,
+            "marker_removed_from": marker,
+            "left": left,
+            "remote_replicas_left": remote,
+        },
         text,
     )
+
+
+def _remote_replicas(root: Path, name: str) -> list[dict[str, str]]:
+    """The remote replicas of a volume about to be removed (none when it cannot be read):
+    removing a volume forgets them, and nothing here can stop a process on another host or
+    delete its directory, so the operator is told they still hold the data."""
+    from lhfs.config import volume as volumes
+    from lhfs.core.errors import LhfsError
+
+    try:
+        replicas = volumes.load(root, name).replicas
+    except LhfsError:
+        return []
+    return [{"id": r["id"], "address": r["address"]} for r in replicas if not r.get("local")]
 
 
 def _standby_of(root: Path, name: str) -> dict[str, Any] | None:

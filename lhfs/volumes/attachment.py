@@ -74,6 +74,66 @@ def loops_backed_by(device: Path) -> list[str]:
     return out
 
 
+def loop_holders(loop: str) -> list[str]:
+    """The processes of other mount namespaces that still mount ``loop`` ("PID (COMMAND)"):
+    a process started in its own mount namespace while the file system was mounted (``ip
+    netns exec``, ``unshare -m``) keeps a copy of that mount, which unmounting here does not
+    end: the loop device stays until they end or unmount it. Each namespace's table is read
+    once (the first of its processes found)."""
+    try:
+        dev = os.stat(loop).st_rdev
+        wanted = f"{os.major(dev)}:{os.minor(dev)}"
+        own = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return []
+    namespaces: dict[str, tuple[bool, list[str]]] = {}  # namespace -> (mounts it, pids)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            namespace = os.readlink(entry / "ns" / "mnt")
+            if namespace == own:
+                continue
+            if namespace not in namespaces:
+                with open(entry / "mountinfo") as f:
+                    holds = any(line.split()[2] == wanted for line in f)
+                namespaces[namespace] = (holds, [])
+            if namespaces[namespace][0]:
+                command = (entry / "comm").read_text().strip()
+                namespaces[namespace][1].append(f"{entry.name} ({command})")
+        except (OSError, IndexError):  # (ended meanwhile, or not ours to read)
+            continue
+    return [pid for holds, pids in namespaces.values() if holds for pid in pids]
+
+
+def autoclear(loop: str) -> bool:
+    """Whether ``loop`` is freed by itself once its last user lets go (``losetup -d`` of a
+    busy loop device sets that, and there is nothing more it can do)."""
+    try:
+        return Path(f"/sys/block/{Path(loop).name}/loop/autoclear").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def held_how(loops: list[str]) -> str:
+    """What to do about loop devices that are still in use with nothing mounted on them
+    here: who holds them in other mount namespaces (they go when those end or unmount
+    them), or ``losetup -d`` where that is still to be done."""
+    holders = sorted({pid for loop in loops for pid in loop_holders(loop)})
+    if holders:
+        named = ", ".join(holders[:5]) + (f" and {len(holders) - 5} more" if holders[5:] else "")
+        return (
+            f"mounted in another mount namespace by process(es) {named}: the loop device is "
+            "freed when they end or unmount it"
+        )
+    if all(autoclear(loop) for loop in loops):
+        return (
+            "the loop device is freed once its last user lets go (something holds it open: "
+            f"'fuser -v {' '.join(loops)}' shows what)"
+        )
+    return f"let go of it first (losetup -d {' '.join(loops)})"
+
+
 def mounted_at(source: str) -> list[str]:
     """Where ``source`` (a loop device) is mounted."""
     return [point for where, point in mount_table() if where == source]
@@ -117,15 +177,18 @@ def release(device: Path, fuse: bool = True) -> list[str]:
     their device no longer answers), free the loops and, with ``fuse`` (its engine is gone),
     unmount the FUSE file itself; what was done."""
     done = []
-    for loop in loops_backed_by(device):
+    loops = loops_backed_by(device)
+    for loop in loops:
         for mountpoint in mounted_at(loop):
             if subprocess.run(["umount", mountpoint], capture_output=True).returncode:
                 subprocess.run(["umount", "-l", mountpoint], capture_output=True)
             done.append(f"unmounted {mountpoint}")
         subprocess.run(["losetup", "-d", loop], capture_output=True)
-        done.append(f"freed {loop}")
+    held = {loop for loop in loops if loop_holders(loop)}  # (they stay: not waited for)
     with contextlib.suppress(TimeoutError):
-        wait_for(lambda: not loops_backed_by(device), 30, "the loop devices to go")
+        wait_for(lambda: not set(loops_backed_by(device)) - held, 30, "the loop devices to go")
+    left = set(loops_backed_by(device))  # (only what is gone is said freed)
+    done += [f"freed {x}" if x not in left else f"{x} stays: {held_how([x])}" for x in loops]
     if fuse and (is_mountpoint(device, look=False) or _disconnected(device)):
         subprocess.run(["fusermount3", "-u", "-z", str(device)], capture_output=True)
         done.append(f"unmounted the device {device}")
@@ -452,7 +515,7 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
             fix = (
                 f"unmount it first (lhfs --root {shlex.quote(str(root))} umount {mounted[0]})"
                 if mounted
-                else f"let go of it first (losetup -d {' '.join(loops_backed_by(device))})"
+                else held_how(loops_backed_by(device))
             )
             raise Busy(f"{device} is in use by {loops}: {fix}")
         if loops_backed_by(device):
@@ -471,6 +534,7 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
         report["state"] = "crashed"
         report["flushed"] = False
     report["cleaned"] += _clear_dead_engine(vol)
+    report["cleaned"] = list(dict.fromkeys(report["cleaned"]))  # (each thing once)
     if record.get("device_made"):
         drop_device(device)
     return report

@@ -234,6 +234,7 @@ def _volume(root: Path, name: str) -> list[Check]:
     key = vol.key()
     for replica in vol.replicas:
         label = f"replica {replica['id']}"
+        seen = next((r for r in live.get("replicas", []) if r["id"] == replica["id"]), None)
         if replica.get("local"):
             directory = vol.replica_dir(replica)
             disk = replica.get("disk")
@@ -249,7 +250,9 @@ def _volume(root: Path, name: str) -> list[Check]:
             if directory is not None and (directory / "volume.json").exists():
                 free = format_size(shutil.disk_usage(directory).free)
                 where = f", on disk {disk} ({free} free)" if disk else ""
-                out.append(Check(label, OK, f"local, {directory}{where}"))
+                out.append(
+                    _as_seen(Check(label, OK, f"local, {directory}{where}"), seen, lhfs, name)
+                )
             else:
                 out.append(
                     Check(
@@ -261,18 +264,32 @@ def _volume(root: Path, name: str) -> list[Check]:
                 )
             continue
         check = _reach(label, replica["address"], key, replica.get("tls_ca"))
-        seen = next((r for r in live.get("replicas", []) if r["id"] == replica["id"]), None)
-        if check.status == OK and seen is not None and seen["mode"] == "ERR":
-            # (it answers this check, a new connection; the engine's own may be stuck)
-            said = "; ".join(str(x) for x in (seen.get("error"), seen.get("rejoin")) if x)
-            check = Check(
-                label,
-                WARN,
-                f"{replica['address']} answers this check, but the engine has it failed: {said}",
-                f"{lhfs} replica ls {name}",
-            )
-        out.append(check)
+        # (it answers this check, a new connection; the engine's own may be stuck)
+        out.append(_as_seen(check, seen, lhfs, name, f"{replica['address']} answers this check"))
     return out
+
+
+def _as_seen(
+    check: Check, seen: dict[str, Any] | None, lhfs: str, name: str, what: str | None = None
+) -> Check:
+    """``check`` of a replica that looks sound from here, and what the attached engine has
+    it as (``seen``: its mode and error): a directory in place, or an address that answers,
+    says nothing of a replica whose process cannot start, whose disk is full, or whose
+    directory another process holds. The engine's ERR is a warning (the volume goes on
+    with the others), a rebuild under way is said."""
+    if check.status != OK or seen is None:
+        return check
+    if seen["mode"] == "ERR":
+        said = "; ".join(str(x) for x in (seen.get("error"), seen.get("rejoin")) if x)
+        return Check(
+            check.check,
+            WARN,
+            f"{what or check.detail}, but the engine has it failed: {said or 'no reason'}",
+            f"{lhfs} replica ls {name}",
+        )
+    if seen["mode"] == "WO":
+        return Check(check.check, OK, f"{check.detail}; being rebuilt (WO)")
+    return check
 
 
 def _restoring(lhfs: str, name: str, mark: dict[str, Any]) -> Check:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,27 @@ def _clear_cut_short(root: Path, name: str | None = None) -> None:
             tmp.unlink(missing_ok=True)
 
 
+RESTORE_SCRATCH = ".restore-image-"  # ROOT/.restore-image-NAME.PID-HEX.tmp: see below
+
+
+def restore_scratch(root: Path, name: str) -> Path:
+    """Where a restore writes image ``name`` before it registers it (``images.create``): a
+    file of the image's size under the root, named with the restoring process's pid, so that
+    one a killed restore left is known as such and cleared (``_clear_restore_scratch``)."""
+    return Path(root) / f"{RESTORE_SCRATCH}{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _clear_restore_scratch(root: Path) -> None:
+    """Delete the scratch files of image restores whose process is gone (a ``system
+    restore`` killed during an image: only its ``finally`` removed the file, as large as the
+    image). A live one's stays (a pid reused since counts as live: kept, never wrongly
+    deleted, until that process ends too)."""
+    for scratch in Path(root).glob(f"{RESTORE_SCRATCH}*.tmp"):
+        owner = scratch.name[: -len(".tmp")].rpartition(".")[2].partition("-")[0]
+        if owner.isdigit() and not alive(int(owner)):
+            scratch.unlink(missing_ok=True)
+
+
 def create(root: Path, name: str, source: Path) -> dict[str, Any]:
     check_name(name, "backing image name")
     if (volumes.volumes_dir(root) / (IMAGE_BACKUPS + name)).exists():  # (an older volume)
@@ -86,8 +108,29 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
             tmp.unlink(missing_ok=True)
         fsync_dir(base)
         info = {"name": name, "id": image_id, "size": id_size(image_id), "file": f"{name}.img"}
-        atomic_write_json(base / f"{name}.json", info)
+        atomic_write_json(base / f"{name}.json", {**info, **_file_stat(base / f"{name}.img")})
     return info
+
+
+def _file_stat(path: Path) -> dict[str, int]:
+    """What ``ls`` compares an image's file with, cheaply (no read): its size and time of
+    last change as registered. A file written since says so; its content is checked (read
+    whole) only where it is used (``verified``)."""
+    found = path.stat()
+    return {"file_bytes": found.st_size, "file_mtime_ns": found.st_mtime_ns}
+
+
+def _changed(info: dict[str, Any]) -> bool | None:
+    """Whether a registered image's file was modified since it was registered (size or
+    time of last change differ, or it is gone); None for one registered before lhfs kept
+    them (not known without reading it)."""
+    recorded = {key: info.get(key) for key in ("file_bytes", "file_mtime_ns")}
+    if not all(type(value) is int for value in recorded.values()):
+        return None
+    try:
+        return _file_stat(Path(info["path"])) != recorded
+    except OSError:
+        return True
 
 
 def get(root: Path, name: str) -> dict[str, Any]:
@@ -115,17 +158,21 @@ def get(root: Path, name: str) -> dict[str, Any]:
 def list_images(root: Path) -> list[dict[str, Any]]:
     """Every registered image; one whose record is damaged as its name and ``error`` (for
     ``ls`` to show and ``rm`` to clear), never a failure of the whole list. The files of
-    creates cut short are cleared on the way."""
+    creates and image restores cut short are cleared on the way."""
     base = images_dir(root)
+    if Path(root).is_dir():
+        _clear_restore_scratch(root)
     if not base.exists():
         return []
     _clear_cut_short(root)
     found = []
     for record in sorted(base.glob("*.json")):
         try:
-            found.append(get(root, record.stem))
+            info = get(root, record.stem)
         except (CorruptState, InvalidArgument) as exc:
             found.append({"name": record.stem, "error": str(exc)})
+            continue
+        found.append({**info, "changed": _changed(info)})
     return found
 
 
@@ -174,6 +221,11 @@ def remove(root: Path, name: str) -> list[str]:
     users = []
     for volume in volumes.list_names(root) if image_id else []:
         with contextlib.suppress(LhfsError, OSError, ValueError):
-            if volumes.load(root, volume).config.get("backing_image") == image_id:
+            config = volumes.load(root, volume).config
+            if config.get("backing_image") != image_id:
+                continue
+            # (one made from another image or a raw file of the same content is not this
+            # one's; one whose record does not say, made before it did, matches by content)
+            if config.get("backing_image_name", name) == name:
                 users.append(volume)
     return users

@@ -326,10 +326,9 @@ def info(root: Path, name: str) -> dict[str, Any]:
             return _stable({**base, **live, "attached": True, "snapshots": snapshots}, vol)
     replicas = _recorded(vol)
     try:
-        with ChunkStore.open(freshest_local(vol)) as store:
-            snapshots = [_snapshot_entry(s) for s in store.list_layers() if s["name"]]
+        snapshots = [_snapshot_entry(s) for s in _detached_layers(vol, remote=False) if s["name"]]
     except LhfsError:
-        snapshots = []
+        snapshots = []  # (``snapshot ls`` says why instead, or asks a remote replica)
     state = "restoring" if vol.config.get("restoring") else "detached"
     if vol.config.get("dr"):
         state = "restoring" if standby.load_state(vol)["backup"] is None else "standby"
@@ -616,11 +615,9 @@ def _grow_later(vol: volumes.Volume) -> str | None:
         return f"its file system record is damaged ({exc}): grow the file system by hand"
     if record is None or record["state"] != "formatted":  # (no loop device to grow now)
         return None
-    grow = " ".join(mount.GROW.get(record["type"], ["its file system's own tool"]))
-    return (
-        f"grow its {record['type']} file system once mounted ('lhfs mount', then "
-        f"{grow.format(loop='LOOP', mountpoint='MOUNTPOINT')})"
-    )
+    if record["type"] in mount.GROW:  # (what 'lhfs mount' grows, by however little)
+        return f"its {record['type']} file system grows at its next 'lhfs mount'"
+    return f"grow its {record['type']} file system once mounted, with its own tool"
 
 
 def snapshot_create(
@@ -748,7 +745,58 @@ def _held_call(
 
 
 def snapshot_list(root: Path, name: str) -> list[dict[str, Any]]:
-    return _answering(root, name, info(root, name))["snapshots"]
+    """The volume's snapshots: its engine's, or detached those of its freshest healthy
+    replica (local, else remote); detached with none to read, refused with why, never an
+    empty list (which says "no snapshots")."""
+    found = _answering(root, name, info(root, name))
+    if found["attached"]:
+        return found["snapshots"]
+    try:
+        layers = _detached_layers(volumes.load(root, name))
+    except LhfsError as exc:
+        raise WrongState(
+            f"the snapshots of volume {name} cannot be listed while it is detached ({exc}): "
+            "attach it, or bring a replica of it back"
+        ) from None
+    return [_snapshot_entry(s) for s in layers if s["name"]]
+
+
+def _detached_layers(vol: volumes.Volume, remote: bool = True) -> list[dict[str, Any]]:
+    """The layers of a detached volume, from its freshest healthy local replica, else (it
+    has none, and ``remote``) from its freshest healthy remote one that answers, read over
+    a reader session (it can change nothing); ``LhfsError`` when none can be read, saying
+    why. (``volume info`` and ``ls`` never ask a host: one that is down would hold them.)"""
+    try:
+        directory = freshest_local(vol)
+    except NotFound:
+        if not remote or not any(not r.get("local") for r in vol.replicas):
+            raise
+    else:
+        with ChunkStore.open(directory) as store:
+            return store.list_layers()
+    from lhfs.wire.client import SyncReplica
+
+    key, best, best_rev, why = vol.key(), None, -1, []
+    for replica in vol.replicas:
+        if replica.get("local") or replica.get("mode", "RW") != "RW":
+            continue
+        try:
+            remote = SyncReplica(
+                replica["address"], key, timeout=ANSWER_WITHIN, tls_ca=replica.get("tls_ca")
+            )
+            try:
+                revision = remote.call("info")["revision"]
+                if revision > best_rev:
+                    best, best_rev = remote.call("list_layers"), revision
+            finally:
+                remote.close()
+        except LhfsError as exc:
+            why.append(f"replica {replica['id']}: {exc}")
+    if best is None:
+        raise NotFound(
+            f"no healthy replica of {vol.name} answered" + (f" ({'; '.join(why)})" if why else "")
+        )
+    return best
 
 
 def replica_list(root: Path, name: str) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ an error: formatting then would destroy data that the replicas may still hold.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -233,7 +234,7 @@ def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str)
         }
         vol.record_filesystem(record)
     assert record is not None
-    grown = not formatted and record["type"] == "ext4" and _grow_ext4_unmounted(loop)
+    grown = not formatted and record["type"] == "ext4" and _grow_ext4_unmounted(vol, loop)
     options = MOUNT_OPTIONS.get(record["type"], [])
     _run(["mount", "-t", record["type"], *options, loop, str(mountpoint)], "mount")
     todo = None
@@ -252,20 +253,35 @@ def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str)
     }
 
 
-def _grow_ext4_unmounted(loop: str) -> bool:
-    """Grow an ext4 smaller than its volume (expanded while it was not mounted, or mounted
-    where growing online was not allowed) before it is mounted: offline, resize2fs needs no
-    capability, only a checked file system (e2fsck -p: 0 clean, 1 repaired)."""
+def _ext4_size(loop: str) -> tuple[int, int] | None:
+    """(size, block size) of the ext4 on ``loop``, as dumpe2fs says (None: it says no such
+    thing, and mount tells what is wrong)."""
     fields = {}
     for line in _run(["dumpe2fs", "-h", loop], "dumpe2fs").splitlines():
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
     try:
-        size = int(fields["Block count"]) * int(fields["Block size"])
+        block = int(fields["Block size"])
+        return int(fields["Block count"]) * block, block
     except (KeyError, ValueError):
-        return False  # (not what dumpe2fs says of an ext4: mount tells what is wrong)
-    if _capacity(loop) - size < GROW_AT_LEAST:
+        return None
+
+
+def _grow_ext4_unmounted(vol: volumes.Volume, loop: str) -> bool:
+    """Grow an ext4 smaller than its volume by a block or more (expanded while it was not
+    mounted, or mounted where growing online was not allowed) before it is mounted: offline,
+    resize2fs needs no capability, only a checked file system (e2fsck -p: 0 clean, 1
+    repaired). Any growth, as ``volume expand`` says a mount does it; a few blocks resize2fs
+    cannot use (too few for a group of their own) are tried once per device size, recorded
+    in ``GROW_TRIED`` (e2fsck -f of a large file system at every mount would cost minutes)."""
+    found = _ext4_size(loop)
+    capacity = _capacity(loop)
+    if found is None or capacity - found[0] < found[1]:
         return False
+    tried = vol.dir / GROW_TRIED
+    with contextlib.suppress(OSError):
+        if tried.read_text().strip() == str(capacity):
+            return False
     checked = _to_end(["e2fsck", "-f", "-p", loop])
     if checked.returncode not in (0, 1):
         raise LhfsError(
@@ -273,7 +289,12 @@ def _grow_ext4_unmounted(loop: str) -> bool:
             f"not repair unattended (exit {checked.returncode}): run e2fsck {loop} by hand"
         )
     _run(["resize2fs", loop], "resize2fs")
-    return True
+    after = _ext4_size(loop)
+    if after is not None and after[0] > found[0]:
+        tried.unlink(missing_ok=True)
+        return True
+    tried.write_text(f"{capacity}\n")  # (nothing it could use: not tried again at this size)
+    return False
 
 
 def _grow_xfs_mounted(loop: str, mountpoint: str) -> bool:
@@ -283,10 +304,10 @@ def _grow_xfs_mounted(loop: str, mountpoint: str) -> bool:
         _run(["xfs_growfs", "-n", mountpoint], "xfs_growfs -n"),
         re.MULTILINE,
     )
-    if found is None or _capacity(loop) - int(found[1]) * int(found[2]) < GROW_AT_LEAST:
+    if found is None or _capacity(loop) - int(found[1]) * int(found[2]) < int(found[1]):
         return False  # (nothing to grow, or an answer of another form: left as it is)
-    _run(["xfs_growfs", mountpoint], "xfs_growfs")
-    return True
+    # (any growth: a few blocks it cannot use change nothing, and it says so)
+    return "data blocks changed" in _run(["xfs_growfs", mountpoint], "xfs_growfs")
 
 
 def _not_formatted(vol: volumes.Volume, mountpoint: Path, fs: str) -> str:
@@ -301,7 +322,7 @@ def _not_formatted(vol: volumes.Volume, mountpoint: Path, fs: str) -> str:
 
 
 GROW = {"ext4": ["resize2fs", "{loop}"], "xfs": ["xfs_growfs", "{mountpoint}"]}
-GROW_AT_LEAST = 16 << 20  # (less than this left over by mkfs's rounding is not growth)
+GROW_TRIED = "grow-tried"  # (the device size at which resize2fs last found nothing to use)
 
 
 def grow(device: Path, size: int) -> dict[str, Any]:
@@ -420,7 +441,10 @@ def _umount(
             raise LhfsError(f"umount failed: {why}{hint}")
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
     attachment.release(device, fuse=False)
-    report = attachment.detach(root, vol.name, force=force)
+    try:
+        report = attachment.detach(root, vol.name, force=force)
+    except Busy as exc:  # (held elsewhere: what was done here is said with it)
+        raise Busy(f"unmounted {mountpoint} here; {vol.name} stays attached: {exc}") from None
     return {**report, "mountpoint": str(mountpoint)}
 
 
