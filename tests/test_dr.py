@@ -425,7 +425,13 @@ def test_a_removed_standby_takes_its_marker_with_it(
         assert cli.info("s1")["state"] == "standby" and len(markers()) == 2
         assert standby.json("dr", "status", "s2")["state"] not in ("stopped", "failed")
         gone = standby.json("volume", "rm", "s1", "--keep-marker", "--retry-timeout", "2")
-        assert gone == {"name": "s1", "removed": True, "marker_removed_from": None, "left": []}
+        assert gone == {
+            "name": "s1",
+            "removed": True,
+            "marker_removed_from": None,
+            "left": [],
+            "remote_replicas_left": [],
+        }
         assert "s1" not in [v["name"] for v in cli.json("volume", "ls")]
         proxy.resume()
 
