@@ -121,6 +121,28 @@ def test_a_killed_increment_is_said_and_undone_at_offline_activation(
 
 
 @needs_fuse
+def test_a_killed_increment_whose_undo_record_is_cut_is_never_taken_for_whole(
+    cli: Cli, tmp_path: Path, s3_endpoint: str, proxy: FaultProxy
+) -> None:
+    """Killed mid-increment, its ``dr-undo`` then cut short: nothing claims a whole backup
+    (an offline activation refuses), and the next start rewrites every block."""
+    standby, _, _, status = _half_applied(cli, tmp_path, proxy, "s3://drs-undo/p", "dsu")
+    os.kill(status["follower_pid"], signal.SIGKILL)
+    wait_for(lambda: standby.json("dr", "status", "dsu")["state"] == "stopped", 30, "the kill")
+    undo = cli.root / "volumes" / "dsu" / "dr-undo"
+    undo.write_bytes(undo.read_bytes()[:-100])
+    proxy.rate = None
+    refused = standby.run("dr", "activate", "dsu", "--offline", "--quiet", check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "blocks of an increment cut short are unknown" in refused.stderr, refused.stderr
+    standby.run("dr", "start", "dsu")
+    done = standby.dr_restored("dsu", f"x?backup={status['applying']}")
+    assert done["last_increment"]["fetched"] == 64  # (every block: none was known)
+    assert cli.checksum("dsu") == cli.checksum("src")
+    standby.run("dr", "stop", "dsu")
+
+
+@needs_fuse
 def test_an_increment_the_store_stalled_is_undone_by_an_offline_activation(
     cli: Cli, tmp_path: Path, s3_endpoint: str, proxy: FaultProxy
 ) -> None:

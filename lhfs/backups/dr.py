@@ -1056,7 +1056,13 @@ def _activate(
     recover(vol)  # (an increment a kill cut short: the last whole backup again)
     state = load_state(vol)
     if offline:
-        if state["backup"] is None or UNKNOWN in state["blocks"]:
+        if state["backup"] is not None and UNKNOWN in state["blocks"]:
+            raise WrongState(
+                f"volume {vol.name} holds no whole backup: blocks of an increment cut short are "
+                f"unknown; it cannot be activated offline: 'lhfs dr start {vol.name}' rewrites "
+                "them once the store answers"
+            )
+        if state["backup"] is None:
             raise WrongState(
                 f"volume {vol.name} holds no fully restored backup: it cannot be activated offline"
             )
