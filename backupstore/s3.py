@@ -142,8 +142,13 @@ def _endpoint_url(url: str) -> str:
 
 
 def load_credentials(path: Path) -> dict[str, str]:
-    """``KEY=value`` lines of a credentials file that only its owner may read."""
-    text = read_private(path, "credentials file").decode(errors="replace")
+    """``KEY=value`` lines of a credentials file that only its owner may read. A file that
+    is missing and one others may read are both a file to fix (exit 1), not bad usage of
+    one command and a failure of another."""
+    try:
+        text = read_private(path, "credentials file").decode(errors="replace")
+    except LhfsError as exc:
+        raise LhfsError(str(exc)) from None
     found = {}
     for line in text.splitlines():
         name, sep, value = line.strip().partition("=")
@@ -274,6 +279,7 @@ class Bucket:
         first_delay: float = 0.2,
         on_retry: Callable[[str], None] | None = None,
         endpoint: Endpoint | None = None,
+        patience: str = "--retry-timeout waits longer",
     ) -> None:
         endpoint = endpoint or Endpoint.from_env()
         parsed = urlparse(endpoint.url)
@@ -282,6 +288,9 @@ class Bucket:
         self.first_delay = first_delay
         self.on_retry = on_retry  # told of every transient failure (a DR status shows it)
         self.endpoint = endpoint.url
+        # what a store taken as gone is followed by: how to wait longer, as the caller knows
+        # it (a command's option; a DR follower has none and tries again later)
+        self.patience = patience
         self._ensured = False
         # A request gave up on the store and none has been answered since: the others give up
         # too, at once (see ``_call``); ``_gave_up`` wakes those waiting to retry.
@@ -355,7 +364,7 @@ class Bucket:
         )
         return StoreUnavailable(
             f"{self.endpoint} did not answer {what} for {int(waited)}s ({said}){maybe}; "
-            "--retry-timeout waits longer"
+            f"{self.patience}"
         )
 
     def ensure(self, create: bool = False) -> None:
@@ -378,9 +387,10 @@ class Bucket:
 
         if not self._call("bucket check", exists):
             if not create:
+                # (named whole: most commands that find it missing have no --create-bucket)
                 raise StoreRefused(
                     f"bucket {bucket!r} does not exist at {self.endpoint} (check the name; "
-                    "'--create-bucket' makes it)"
+                    "'lhfs backup create' or 'lhfs backup init' with --create-bucket makes it)"
                 )
             self._call("bucket create", lambda: self.client.make_bucket(bucket))
         self._ensured = True

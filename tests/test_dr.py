@@ -132,7 +132,8 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         os.kill(status["follower_pid"], signal.SIGKILL)
         wait_for(lambda: standby.json("dr", "status", "dr1")["state"] == "stopped", 30, "the kill")
         state = json.loads((cli.root / "volumes" / "dr1" / "dr-state.json").read_text())
-        assert state["applying"] == _name(fifth) and "?" in state["blocks"]
+        assert state["applying"] == _name(fifth) and "?" not in state["blocks"]
+        assert standby.json("dr", "status", "dr1")["interrupted_increment"] == _name(fifth)
         assert standby.json("dr", "status", "dr1")["last_restored_backup"] == _name(fourth)
         proxy.rate = None
         standby.run("dr", "start", "dr1")
@@ -424,7 +425,13 @@ def test_a_removed_standby_takes_its_marker_with_it(
         assert cli.info("s1")["state"] == "standby" and len(markers()) == 2
         assert standby.json("dr", "status", "s2")["state"] not in ("stopped", "failed")
         gone = standby.json("volume", "rm", "s1", "--keep-marker", "--retry-timeout", "2")
-        assert gone == {"name": "s1", "removed": True, "marker_removed_from": None, "left": []}
+        assert gone == {
+            "name": "s1",
+            "removed": True,
+            "marker_removed_from": None,
+            "left": [],
+            "remote_replicas_left": [],
+        }
         assert "s1" not in [v["name"] for v in cli.json("volume", "ls")]
         proxy.resume()
 

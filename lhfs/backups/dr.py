@@ -6,18 +6,19 @@ volume, polling interval). A follower process (``lhfs dr run``, started in the b
 backup by writing only the blocks that differ from what the volume holds.
 
 What the volume holds is recorded durably in ``dr-state.json``, one entry per backup block: the
-digest of the block it holds, None for zeros, or ``"?"`` for a block being rewritten. Before an
-increment writes anything, the blocks it will touch are marked ``"?"``; once every replica is
-flushed, the file is replaced by the new backup's block list. A follower killed half-way thus
-finds its half-written blocks marked unknown and rewrites them with whatever backup it moves to
-next, so a half-applied increment is always redone, even if the backup it came from has been
-deleted since. Comparing against this local record rather than a manifest in the store also
-keeps every increment incremental after the last restored backup is deleted.
+digest of the block it holds, None for zeros. The standby holds one whole backup at all times,
+so that it can be activated offline whenever the store is gone: before an increment writes, what
+it will overwrite is saved in ``dr-undo`` and ``applying`` is recorded; an increment that does
+not finish (corruption, a store error, SIGTERM) is undone before the follower goes on, and one
+cut short by a kill is undone by the next start or activation (``recover``). Comparing against
+this local record rather than a manifest in the store keeps every increment incremental after
+the last restored backup is deleted.
 
-Only corruption stops a follower (a block whose content does not match its digest, a manifest
-that cannot be parsed). Everything else (refused or reset connections, 5xx, a host name that no
-longer resolves, a full disk) is retried with capped, jittered backoff for as long as it takes;
-``dr status`` shows the last error and the lag meanwhile.
+Only corruption stops a follower (a block whose content does not match its digest); a damaged
+manifest is passed over (``newest_backup``), and ``dr status`` says so. Everything else
+(refused or reset connections, 5xx, a host name that no longer resolves, a full disk) is
+retried with capped, jittered backoff for as long as it takes; ``dr status`` shows the last
+error and the lag meanwhile.
 
 The standby cannot be attached, snapshotted or backed up. ``dr activate`` stops the follower,
 applies the newest complete backup and removes the ``dr`` section: a normal volume remains.
@@ -32,10 +33,11 @@ import os
 import random
 import secrets
 import signal
+import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ from lhfs.backups.backup import (
 )
 from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
-from lhfs.core.durable import atomic_write
+from lhfs.core.durable import atomic_write, fsync_dir
 from lhfs.core.errors import (
     AlreadyExists,
     Busy,
@@ -58,6 +60,7 @@ from lhfs.core.errors import (
     InvalidArgument,
     LhfsError,
     NotFound,
+    UsageError,
     WrongState,
 )
 from lhfs.core.names import check_name, check_volume_name
@@ -66,6 +69,7 @@ from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import manage
 from lhfs.volumes.standby import (
+    LOCK,
     LOG,
     STATE,
     STATUS,
@@ -101,6 +105,15 @@ def dr_config(vol: volumes.Volume) -> dict[str, Any]:
     for field in ("target", "volume"):
         if not isinstance(config.get(field), str):
             raise CorruptState(f"{where}.{field} must be a string, not {config.get(field)!r:.60}")
+    for field, should, check in (  # (shown, and hints' arguments: never what they cannot be)
+        ("target", "an s3://BUCKET/PREFIX target", Target.parse),
+        ("volume", "a volume name", check_name),
+    ):
+        try:
+            check(config[field])
+        except LhfsError:
+            said = f"{config[field]!r:.60}"
+            raise CorruptState(f"{where}.{field} must be {should}, not {said}") from None
     for field in ("interval", "retry_max", "created"):
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -151,14 +164,16 @@ def newest_backup(
 _DAMAGED = "damaged"  # (in ``cache``: a manifest that did not read, not read again)
 
 
-def _not_smaller(manifest: dict[str, Any], vol: volumes.Volume) -> None:
+def _not_smaller(
+    manifest: dict[str, Any], vol: volumes.Volume, instead: str = "waiting for a newer backup"
+) -> None:
     """Refuse a backup smaller than the standby: the backups it grew in were deleted, and a
-    volume never shrinks; the follower waits for a newer one."""
+    volume never shrinks. Not a usage error (the follower waits for a newer one): ``instead``
+    says what the refused command does or can do."""
     if manifest["size"] < vol.size:
-        raise InvalidArgument(
+        raise WrongState(
             f"the newest backup, {manifest['name']} ({manifest['size']} bytes), is smaller "
-            f"than the standby ({vol.size} bytes); a volume never shrinks: waiting for a newer "
-            "backup"
+            f"than the standby ({vol.size} bytes); a volume never shrinks: {instead}"
         )
 
 
@@ -167,15 +182,18 @@ def apply(
     store: BackupStore,
     manifest: dict[str, Any],
     progress: Callable[..., None] = lambda *pct: None,
-    roll_back: bool = True,
 ) -> dict[str, Any]:
     """Bring the standby's replicas to ``manifest``, touching only blocks that differ from
     what ``dr-state.json`` says they hold; returns what moved.
 
-    An increment that meets a corrupt block puts the blocks it touched back to the last
-    restored backup (their blocks are still in the store, unless it was deleted), so that a
-    standby stopped by corruption still holds one whole backup and can be activated offline."""
+    The standby holds one whole backup at all times, so that it can be activated offline
+    whenever the store is gone: what the increment overwrites is saved first (``dr-undo``,
+    see ``_save_undo``), and an increment that does not finish, for whatever reason (a
+    corrupt block, a store that stops answering, SIGTERM, Ctrl-C), is undone before this
+    raises. One killed outright leaves ``applying`` in ``dr-state.json``: ``recover``
+    undoes it before anything else uses the replicas."""
     started = time.monotonic()
+    recover(vol)
     state = load_state(vol)
     size, block = manifest["size"], manifest["block_size"]
     target = manifest["blocks"]
@@ -187,34 +205,22 @@ def apply(
     todo = [i for i, digest in enumerate(target) if held[i] != digest]
     stats: dict[str, Any] = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
     dirs = _replica_dirs(vol)
-    if size > vol.size:
-        _grow(vol, dirs, size)
     if todo:
-        previous = list(held)
-        for index in todo:
-            held[index] = UNKNOWN
-        marked = {**state, "blocks": held, "block_size": block, "applying": manifest["name"]}
-        save_state(vol, marked)
-        try:
+        _save_undo(vol, dirs, [(i, held[i]) for i in todo], block, size)
+        save_state(vol, {**state, "applying": manifest["name"]})
+    try:
+        if size > vol.size:  # (not undone: the grown range reads as zeros, as it did)
+            _grow(vol, dirs, size)
+        if todo:
             _write_blocks(dirs, store, [(i, target[i]) for i in todo], size, block, stats, progress)
-        except CorruptState as exc:
-            if isinstance(exc, BlockMissing) and _deleted(store, manifest):
-                raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
-            if roll_back and state["backup"]:
-                back = {
-                    **state,
-                    "volume": manifest["volume"],
-                    "name": state["backup"],
-                    "size": size,
-                    "blocks": previous,
-                }
-                # If the old blocks are damaged or gone too, the marks stay; anything else
-                # (the store went away) propagates, and the caller tries again later.
-                with contextlib.suppress(CorruptState, BackupDeleted, NotFound):
-                    # (its manifest read again: blocks it stores as deltas are rebuilt)
-                    store.manifest(manifest["volume"], state["backup"])
-                    apply(vol, store, back, roll_back=False)
-            raise
+    except BaseException as exc:  # (SIGTERM is SystemExit: undone too)
+        if todo:
+            _undo(vol, dirs)
+            why = str(exc) or type(exc).__name__
+            log.warning("undid the unfinished increment to %s (%s)", manifest["name"], why)
+        if isinstance(exc, BlockMissing) and _deleted(store, manifest):
+            raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
+        raise
     save_state(
         vol,
         {
@@ -226,9 +232,139 @@ def apply(
             "applying": None,
         },
     )
+    with contextlib.suppress(FileNotFoundError):
+        (vol.dir / UNDO).unlink()
     progress(100.0)
     stats["seconds"] = round(time.monotonic() - started, 3)
     return stats
+
+
+UNDO = "dr-undo"  # what the increment under way overwrites (see ``_save_undo``)
+_UNDO_MAGIC = b"LHDRUND1"
+_UNDO_RECORD = struct.Struct("<QII")  # offset, length, bytes that follow (zeros after them)
+
+
+def _save_undo(
+    vol: volumes.Volume,
+    dirs: list[Path],
+    blocks: list[tuple[int, str | None]],
+    block: int,
+    size: int,
+) -> None:
+    """Save durably what the blocks an increment will write (of ``block`` bytes, in a volume
+    of ``size``) hold now, read from the first replica (the follower writes them all alike),
+    before ``applying`` is recorded. Zeros (a block held as zeros, or past the end before
+    the volume grows) are recorded by length only; the record ends with its count, so that
+    one cut short is never taken for whole. Costs the increment's size on the local disk
+    while it is applied."""
+    path = vol.dir / UNDO
+    tmp = path.with_name(f".{UNDO}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        with open(tmp, "wb") as out:
+            out.write(_UNDO_MAGIC)
+            source = ChunkStore.open(dirs[0]) if dirs else None
+            try:
+                for index, digest in blocks:
+                    offset = index * block
+                    length = min(block, size - offset)
+                    held = max(0, min(length, vol.size - offset))
+                    data = b""
+                    if digest is not None and source is not None and held:
+                        data = bytes(source.read(offset, held))
+                        if not data.strip(b"\0"):
+                            data = b""
+                    out.write(_UNDO_RECORD.pack(offset, length, len(data)))
+                    out.write(data)
+            finally:
+                if source is not None:
+                    source.close()
+            out.write(struct.pack("<Q", len(blocks)))
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(tmp, path)
+        fsync_dir(vol.dir)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _undo_records(path: Path, data: bool) -> Iterator[tuple[int, int, bytes]]:
+    """The records of a whole ``dr-undo``, streamed (an increment may be most of the
+    volume): offset, length, the bytes held there (zeros after them; without ``data``,
+    skipped: b""). ``CorruptState`` when it is cut short or damaged; ``FileNotFoundError``
+    when missing."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END) - 8
+        f.seek(0)
+        if f.read(len(_UNDO_MAGIC)) != _UNDO_MAGIC or end < len(_UNDO_MAGIC):
+            raise CorruptState(f"{path} is damaged")
+        count = 0
+        while f.tell() < end:
+            head = f.read(_UNDO_RECORD.size)
+            if len(head) != _UNDO_RECORD.size or f.tell() > end:
+                raise CorruptState(f"{path} is cut short")
+            offset, length, held = _UNDO_RECORD.unpack(head)
+            if held > length or f.tell() + held > end:
+                raise CorruptState(f"{path} is damaged")
+            if data:
+                yield offset, length, f.read(held)
+            else:
+                f.seek(held, os.SEEK_CUR)
+                yield offset, length, b""
+            count += 1
+        if struct.unpack("<Q", f.read(8))[0] != count:
+            raise CorruptState(f"{path} is cut short")
+
+
+def _undo(vol: volumes.Volume, dirs: list[Path]) -> None:
+    """Put back what ``dr-undo`` says the replicas held, then record that no increment is
+    under way: the standby holds the backup ``dr-state.json`` names again. Redone whole if
+    cut short (it writes what was saved, whatever the replicas hold meanwhile). An undo
+    record that is missing or damaged leaves every block unknown: nothing whole is claimed,
+    and the next increment rewrites them all."""
+    state = load_state(vol)
+    path = vol.dir / UNDO
+    try:
+        for _ in _undo_records(path, data=False):  # (whole, before anything is written)
+            pass
+    except (OSError, CorruptState) as exc:
+        log.error("%s cannot be used (%s): every block is rewritten", path, exc)
+        state = {**state, "blocks": [UNKNOWN] * len(state["blocks"])}
+    else:
+        stores = [ChunkStore.open(d) for d in dirs]
+        try:
+            for local in stores:
+                for offset, length, content in _undo_records(path, data=True):
+                    if content:
+                        local.write(offset, content)
+                    rest = min(offset + length, local.size) - offset - len(content)
+                    if rest > 0:
+                        local.trim(offset + len(content), rest)
+        finally:
+            for local in stores:
+                local.close()
+    save_state(vol, {**state, "applying": None})
+    with contextlib.suppress(FileNotFoundError):
+        (vol.dir / UNDO).unlink()
+
+
+def recover(vol: volumes.Volume) -> str | None:
+    """Undo an increment a kill cut short (``applying`` recorded, the follower gone), so that
+    the standby holds its last whole backup again; the caller holds the follower's lock.
+    Returns the backup that was being applied (None: nothing to undo). A ``dr-state.json``
+    of an older lhfs marks the blocks it was writing ``"?"`` instead: those stay marked."""
+    state = load_state(vol)
+    applying = state.get("applying")
+    if applying is None or UNKNOWN in state["blocks"]:
+        with contextlib.suppress(FileNotFoundError):  # (left by a kill before `applying`)
+            (vol.dir / UNDO).unlink()
+        return None
+    log.warning("undoing the increment to %s that was cut short", applying)
+    _undo(vol, _replica_dirs(vol))
+    return str(applying)
 
 
 def _deleted(store: BackupStore, manifest: dict[str, Any]) -> bool:
@@ -305,6 +441,7 @@ class Status:
             "newest_backup": None,
             "last_error": previous.get("last_error"),
             "last_error_at": previous.get("last_error_at"),
+            "recovered_at": previous.get("recovered_at"),
             "last_checked": None,
             "current_at": previous.get("current_at"),
             "last_increment": previous.get("last_increment"),
@@ -335,7 +472,13 @@ class Status:
 
     def error(self, message: str) -> None:
         self.count(errors=1)
-        self.update(state="retrying", last_error=message, last_error_at=_now())
+        self.update(state="retrying", last_error=message, last_error_at=_now(), recovered_at=None)
+
+    def recovered(self) -> None:
+        """A step went through after an error: the error is shown as past, not as current
+        (an operator reading an old error for ever looked for a fault long gone)."""
+        if self.data.get("last_error") and not self.data.get("recovered_at"):
+            self.update(recovered_at=_now())
 
     def count(self, **amounts: int) -> None:
         """Add to the follower's running totals (what its metrics count)."""
@@ -374,6 +517,11 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
         )
     held = lock(vol, wait=5.0)  # a `dr status` may hold it for a moment
     signal.signal(signal.SIGTERM, _stop_signal)
+    try:
+        recover(vol)  # (a follower killed mid-increment: its standby holds a whole backup again)
+    except BaseException:
+        os.close(held)
+        raise
     status = Status(vol)
     address = metrics or config.get("metrics")
     if address:
@@ -387,7 +535,7 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
         status.update(metrics=f"{host}:{port}")
         log.info("metrics on http://%s:%d/metrics", host, port)
     interval, retry_max = config["interval"], config["retry_max"]
-    store = _standby_store(config, 30.0, on_retry=status.error)
+    store = follower_store(config, status.error)
     cache: dict[str, dict[str, Any]] = {}
     failures = 0
     status.update()
@@ -400,11 +548,14 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
             wait = interval
             try:
                 _step(vol, store, config["volume"], cache, status)
+                status.recovered()
                 failures = 0
             except BackupDeleted:
-                wait = 0  # deleted under us (its marked blocks get redone): on to the newest
+                wait = 0  # deleted under us (the increment was undone): on to the newest
             except CorruptState as exc:
-                status.update(state="failed", last_error=str(exc), last_error_at=_now())
+                status.update(
+                    state="failed", last_error=str(exc), last_error_at=_now(), recovered_at=None
+                )
                 log.error("stopped: %s", exc)
                 return 1
             except Exception as exc:  # everything else may pass: retry with capped backoff
@@ -430,7 +581,12 @@ def _step(
     status: Status,
 ) -> None:
     newest = newest_backup(store, source, cache)
-    status.update(last_checked=_now(), newest_backup=newest and newest["name"])
+    # (damaged manifests, said once in the log, are shown for as long as the store holds
+    # them: an operator who only reads `dr status` learns why a newer backup is not applied)
+    damaged = {name: m[_DAMAGED] for name, m in cache.items() if _DAMAGED in m}
+    status.update(
+        last_checked=_now(), newest_backup=newest and newest["name"], passed_over=damaged or None
+    )
     if newest is None:
         status.update(state="standby")
         return
@@ -474,7 +630,12 @@ def standby_endpoint(config: dict[str, Any]) -> Endpoint:
         env["AWS_ENDPOINT_URL"] = config["endpoint"]
         env["AWS_REGION"] = config.get("region") or ""
     credentials = config.get("credentials_file")
-    return Endpoint.from_env(env, Path(credentials) if credentials else None)
+    try:
+        return Endpoint.from_env(env, Path(credentials) if credentials else None)
+    except UsageError as exc:
+        # (no credentials, say: the standby's own settings and environment, not an argument
+        # of the command at hand; exit 1 as its follower's `dr start` does)
+        raise LhfsError(str(exc)) from None
 
 
 def create(
@@ -532,18 +693,29 @@ def create(
     extra = {"dr": config}
     vol = manage.create(root, name, size, chunk_for(newest), replicas, None, extra, on_disks)
     count = len(newest["blocks"])
-    save_state(  # a new volume reads as zeros everywhere
-        vol,
-        {
-            "backup": None,
-            "created": None,
-            "size": size,
-            "block_size": newest["block_size"],
-            "blocks": [None] * count,
-            "applying": None,
-        },
-    )
-    start(root, name)
+    try:
+        save_state(  # a new volume reads as zeros everywhere
+            vol,
+            {
+                "backup": None,
+                "created": None,
+                "size": size,
+                "block_size": newest["block_size"],
+                "blocks": [None] * count,
+                "applying": None,
+            },
+        )
+        start(root, name)
+    except BaseException as exc:
+        # A standby whose follower cannot start (its metrics address taken, say) would
+        # fail every `dr start` the same way: nothing of it is kept.
+        with contextlib.suppress(Exception):
+            manage.remove(root, name, volume_id=vol.config.get("volume_id"))
+        if isinstance(exc, FollowerExited):
+            raise LhfsError(
+                f"the DR follower exited at once: {exc.said}; standby {name} was not created"
+            ) from None
+        raise
     return vol
 
 
@@ -562,6 +734,14 @@ def start(root: Path, name: str) -> int:
         return _start(root, volumes.load(root, name))  # (as the start it waited for left it)
     finally:
         os.close(held)
+
+
+class FollowerExited(LhfsError):
+    """A follower that stopped before it started following; ``said``: its last word."""
+
+    def __init__(self, message: str, said: str = "") -> None:
+        super().__init__(message)
+        self.said = said
 
 
 START_LOCK = "dr-start.lock"
@@ -604,8 +784,8 @@ def _start(root: Path, vol: volumes.Volume) -> int:
     # Started means it took the lock and said so; one that then stops at once (it met a corrupt
     # block) has started, and `dr status` tells why it stopped.
     if read_status(vol).get("pid") != proc.pid:
-        said = logs.last_line(vol.dir / LOG)
-        raise LhfsError(f"the DR follower exited at once: {said} (see {vol.dir / LOG})")
+        said = logs.last_line(vol.dir / LOG).removeprefix("lhfs: error: ")
+        raise FollowerExited(f"the DR follower exited at once: {said} (see {vol.dir / LOG})", said)
     return proc.pid
 
 
@@ -642,7 +822,7 @@ def remove(root: Path, name: str, keep_marker: bool, retry_timeout: float) -> st
     config = dr_config(vol)
     manage.check_removable(vol)
     was_following = follower_pid(vol) is not None
-    held = stop(vol)
+    held, vol, config = _take_over(vol)
     try:
         if not keep_marker:
             try:
@@ -674,8 +854,11 @@ def forget(
     prune shows)."""
     where = Target.parse(target)
     following: dict[str, Any] = {}
+    vol = None
     with contextlib.suppress(LhfsError, OSError, ValueError):  # (no such volume here)
-        following = volumes.load(root, label).config.get("dr") or {}
+        vol = volumes.load(root, label)
+    if vol is not None and vol.config.get("dr"):
+        following = dr_config(vol)  # (damaged: said, naming the field; never guessed at)
     here = None  # the marker of the standby by that name that follows here, if any
     if following.get("volume") == volume and str(Target.parse(following["target"])) == str(where):
         here = str(following.get("standby_id") or label)
@@ -723,6 +906,9 @@ def status(root: Path, name: str) -> dict[str, Any]:
     else:
         shown = current.get("state", "standby")
     since = current.get("current_at") or config["created"]
+    passed = current.get("passed_over")  # (damaged manifests the last poll passed over)
+    # (an increment a kill cut short: undone by the next start or activation)
+    cut_short = None if running or shown == "activating" else state.get("applying")
     return {
         "name": name,
         "state": shown,
@@ -733,12 +919,15 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "last_restored_created": state.get("created"),
         "newest_backup": current.get("newest_backup"),
         "applying": current.get("applying") if running else None,
+        "interrupted_increment": cut_short,
         "progress": current.get("progress") if running else None,
         "lag_seconds": round(max(0.0, time.time() - since), 1),
         "last_error": current.get("last_error"),
         "last_error_at": current.get("last_error_at"),
+        "last_error_recovered_at": current.get("recovered_at"),  # (None: not since)
         "last_checked": current.get("last_checked"),
         "last_increment": current.get("last_increment"),
+        "passed_over": passed if isinstance(passed, dict) else None,  # (backup -> why)
         "follower_pid": current.get("pid") if running else None,
         "metrics": current.get("metrics") if running else None,
         "activation": activation or None,  # (one under way, or one a kill cut short)
@@ -761,7 +950,7 @@ def activate(
     vol = volumes.load(root, name)
     config = dr_config(vol)
     was_following = follower_pid(vol) is not None
-    held = stop(vol)
+    held, vol, config = _take_over(vol)
     try:
         vol.update(lambda c: c["dr"].update(activating={"pid": os.getpid(), "started": _now()}))
         backup, kept = _activate(root, vol, config, offline, progress, retry_timeout, notice)
@@ -784,6 +973,23 @@ def activate(
             f"{forget_hint(name, config)} removes it"
         ),
     }
+
+
+def _take_over(vol: volumes.Volume) -> tuple[int, volumes.Volume, dict[str, Any]]:
+    """Stop the standby's follower and hold its lock (see ``standby.stop``); the standby and
+    its ``dr`` section read again then: another activation or removal may have finished
+    while this command waited for the lock. The loser says in one line that the volume is
+    not a standby, or not there (the lock let go)."""
+    try:
+        held = stop(vol)
+    except FileNotFoundError:  # (its directory went while this waited: removed)
+        raise NotFound(f"no volume named {vol.name!r}: removed meanwhile") from None
+    try:
+        vol = volumes.load(vol.root, vol.name)
+        return held, vol, dr_config(vol)
+    except BaseException:
+        os.close(held)
+        raise
 
 
 def _activation_over(vol: volumes.Volume) -> None:
@@ -816,6 +1022,19 @@ def _standby_store(config: dict[str, Any], deadline: float, **kw: Any) -> Backup
     return BackupStore(bucket, password=store_password(config.get("password_file")))
 
 
+FOLLOWER_PATIENCE = "the follower tries again later"
+FOLLOWER_DEADLINE = 30.0  # seconds a follower's store call is retried before the step fails
+
+
+def follower_store(
+    config: dict[str, Any], on_retry: Callable[[str], None], deadline: float = FOLLOWER_DEADLINE
+) -> BackupStore:
+    """The follower's store: a call is retried for ``deadline`` seconds, then the step fails
+    and is tried again with backoff; its errors (shown by ``dr status`` and ``dr create``)
+    say so, not to pass ``--retry-timeout``, which the follower does not take."""
+    return _standby_store(config, deadline, on_retry=on_retry, patience=FOLLOWER_PATIENCE)
+
+
 def _unmark(config: dict[str, Any], vol: volumes.Volume, deadline: float) -> None:
     """Take the standby's marker out of its store (deleting it needs no password)."""
     store = BackupStore(_standby_bucket(config, deadline))
@@ -834,9 +1053,16 @@ def _activate(
     """The backup the volume holds once activated, and why its standby marker could not be
     taken out of the store (None: it was). Offline, the store is asked briefly: it may be
     gone."""
+    recover(vol)  # (an increment a kill cut short: the last whole backup again)
     state = load_state(vol)
     if offline:
-        if state["backup"] is None or UNKNOWN in state["blocks"]:
+        if state["backup"] is not None and UNKNOWN in state["blocks"]:
+            raise WrongState(
+                f"volume {vol.name} holds no whole backup: blocks of an increment cut short are "
+                f"unknown; it cannot be activated offline: 'lhfs dr start {vol.name}' rewrites "
+                "them once the store answers"
+            )
+        if state["backup"] is None:
             raise WrongState(
                 f"volume {vol.name} holds no fully restored backup: it cannot be activated offline"
             )
@@ -849,6 +1075,14 @@ def _activate(
                 f"{config['target']} holds no backup of {config['volume']}: --offline activates "
                 "the last one this standby restored"
             )
+        held = state["backup"]
+        _not_smaller(
+            newest,
+            vol,
+            f"'lhfs dr activate {vol.name} --offline' activates the last one it restored ({held})"
+            if held and UNKNOWN not in state["blocks"]
+            else "activate it once a newer backup is made",
+        )
         apply(volumes.load(root, vol.name), store, newest, progress)
         backup = newest["name"]
     activated = {**config, "backup": backup, "activated": _now()}
@@ -858,7 +1092,8 @@ def _activate(
         c["activated_from"] = activated
 
     vol.update(change)
-    for leftover in (STATUS, STATE):
+    # (a normal volume now: what only a standby needs goes; its log stays, for `lhfs logs`)
+    for leftover in (STATUS, STATE, UNDO, LOCK, START_LOCK):
         with contextlib.suppress(FileNotFoundError):
             (vol.dir / leftover).unlink()
     try:  # (a normal volume now: prune need not keep what its marker names)

@@ -98,9 +98,18 @@ def cmd_dr_status(args: argparse.Namespace) -> None:
     print(f"  lag: {status['lag_seconds']:.0f}s")
     if status["metrics"]:
         print(f"  metrics: http://{status['metrics']}/metrics")
+    for backup, why in sorted((status["passed_over"] or {}).items()):
+        print(f"  passed over backup {backup} as damaged: {why}")
     if status["last_error"]:
-        print(f"  last error ({status['last_error_at']}): {status['last_error']}")
+        recovered = status["last_error_recovered_at"]
+        since = f", since recovered at {recovered}" if recovered else ""
+        print(f"  last error ({status['last_error_at']}{since}): {status['last_error']}")
     activation, name = status["activation"], status["name"]
+    if status["interrupted_increment"]:
+        print(
+            f"  the increment to {status['interrupted_increment']} was cut short: 'lhfs dr "
+            f"start {name}' or 'lhfs dr activate {name}' undoes it first"
+        )
     if activation and activation["interrupted"]:
         print(
             f"  an activation (pid {activation['pid']}, begun {activation['started']}) was cut "
@@ -170,8 +179,8 @@ def cmd_dr_run(args: argparse.Namespace) -> None:
         code = stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:
         code = 130
-    # Downloads still under way belong to an abandoned increment (its blocks stay marked
-    # unknown): exit at once instead of waiting for a slow store to answer them.
+    # Downloads still under way belong to an abandoned increment (undone already): exit at
+    # once instead of waiting for a slow store to answer them.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

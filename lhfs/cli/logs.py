@@ -35,8 +35,11 @@ def _logs(args: argparse.Namespace) -> dict[str, Path]:
                     "that host)",
                     file=sys.stderr,
                 )
-    if "dr" in wanted and vol.config.get("dr"):
+    # (an activated standby keeps its follower's log: what it applied, and why it stopped)
+    if "dr" in wanted and (vol.config.get("dr") or (vol.dir / DR_LOG).exists()):
         found["dr"] = vol.dir / DR_LOG
+    elif "dr" in wanted and args.component:
+        print(f"(volume {vol.name} has no DR follower log: not a standby)", file=sys.stderr)
     return found
 
 

@@ -26,7 +26,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import InvalidArgument, LhfsError
 from lhfs.core.units import format_size
 from lhfs.store.chunkstore import disk_bytes, largest_file
-from lhfs.volumes import attachment, manage
+from lhfs.volumes import attachment, manage, standby
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 REACH_TIMEOUT = 5.0
@@ -187,6 +187,8 @@ def _volume(root: Path, name: str) -> list[Check]:
     restoring = vol.config.get("restoring")
     if restoring:  # (it holds part of a backup: nothing may take it for data)
         out.append(_restoring(lhfs, name, restoring))
+    if vol.config.get("dr"):
+        out.append(_standby(lhfs, vol))
     runtime = vol.runtime()
     record = vol.runtime_record()
     live: dict[str, Any] = {}  # what the engine says, if it runs
@@ -302,6 +304,32 @@ def _restoring(lhfs: str, name: str, mark: dict[str, Any]) -> Check:
         f"the restore of {backup} was interrupted: the volume holds part of it",
         f"{lhfs} volume rm {name}, then restore it again",
     )
+
+
+def _standby(lhfs: str, vol: volumes.Volume) -> Check:
+    """A DR standby: whether it holds one whole backup, which an offline activation needs
+    (an increment a kill cut short is undone only by the next start or activation)."""
+    try:
+        state = standby.load_state(vol)
+    except LhfsError as exc:
+        return Check("dr standby", FAIL, str(exc), f"{lhfs} dr status {vol.name}")
+    applying, name = state.get("applying"), vol.name
+    if applying and standby.follower_pid(vol) is None:
+        return Check(
+            "dr standby",
+            WARN,
+            f"the increment to {applying} was cut short: the volume holds part of it",
+            f"{lhfs} dr start {name} (or dr activate {name}) undoes it first",
+        )
+    if standby.UNKNOWN in state["blocks"]:  # (an older lhfs's record of a cut increment)
+        return Check(
+            "dr standby",
+            WARN,
+            "holds no whole backup: blocks of an increment cut short are unknown",
+            f"{lhfs} dr start {name}: its next increment rewrites them",
+        )
+    held = state["backup"]
+    return Check("dr standby", OK, f"holds backup {held}" if held else "no backup restored yet")
 
 
 def _reach(label: str, address: str, key: Any, tls_ca: str | None) -> Check:
