@@ -53,7 +53,7 @@ import xxhash
 import zstandard
 
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
-from lhfs.core.procs import alive
+from lhfs.core.procs import alive, boot_id, pid_namespace
 from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
@@ -1060,33 +1060,13 @@ def _named(users: set[tuple[str, str]]) -> str:
     return "named by " + ", ".join(f"backup {name} of {vol}" for vol, name in sorted(users))
 
 
-def _boot_id() -> str | None:
-    """This boot's id (None where the kernel does not say): a pid means the same process
-    only within one boot of one host."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _pid_namespace() -> str | None:
-    """This process's PID namespace (``pid:[N]``; None where the kernel does not say): a pid
-    names a process only within its namespace (containers sharing the host's name and boot
-    id each have their own)."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
 def writer() -> dict[str, Any]:
     """Who writes a marker, as it records: a marker of this host since its boot, in this PID
     namespace, whose pid is gone is dead at once (``died_here``); any other only once stale."""
     return {
         "host": socket.gethostname(),
-        "boot": _boot_id(),
-        "pidns": _pid_namespace(),
+        "boot": boot_id(),
+        "pidns": pid_namespace(),
         "pid": os.getpid(),
     }
 

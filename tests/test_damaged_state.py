@@ -71,6 +71,11 @@ def test_a_damaged_configuration_is_refused_and_spares_the_other_volumes(cli: Cl
         ("size must be an integer", {**sound, "size": "x", "replicas": []}),
         ("largest size lhfs handles", {**sound, "size": 10**30}),
         ("replicas[0].id", {**sound, "replicas": [{"id": 5}]}),
+        (
+            "replicas[0].rotten_backing",
+            {**sound, "replicas": [{"id": "r1", "rotten_backing": "no"}]},
+        ),
+        ("backing_image_name", {**sound, "backing_image_name": 7}),
         ("dr must be an object", {**sound, "dr": "x"}),
     ]
     for n, (field, config) in enumerate(cases):

@@ -154,9 +154,9 @@ def test_a_dead_system_backups_marker_is_taken_over_at_once(cli: Cli, s3_endpoin
     bucket = Bucket(Target.parse(target))
     bucket.ensure(create=True)
     key = Target.parse(target).key("systems/sysK2.running")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    body = {"started": time.time(), **writer(), "pid": dead.pid, "owner": "killed"}
+    # (a pid no process can have: one of an ended process may be taken again meanwhile)
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    body = {"started": time.time(), **writer(), "pid": dead, "owner": "killed"}
     bucket.put(key, json.dumps(body).encode())
     listed = cli.json("system", "ls", "--target", target)
     assert [(s["name"], s["state"]) for s in listed] == [("sysK2", "interrupted")]

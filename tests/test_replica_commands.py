@@ -9,6 +9,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
@@ -101,8 +102,8 @@ def test_an_add_whose_target_refuses_is_given_back(
         assert "replica r3: rebuild failed" in line and "given back" in line, line
         assert "space" in line.lower(), line
         served.stop()
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
+    finally:  # (lazily: a failure above leaves its replica holding files there)
+        subprocess.run(["umount", "-l", str(small)], check=True)
     assert [r["id"] for r in cli.live("v")["replicas"]] == ["r1", "r2"]
     assert cli.live("v")["state"] == "healthy"
     cli.run("volume", "detach", "v")
@@ -173,8 +174,8 @@ def test_a_replica_that_cannot_record_its_epoch_says_why(
             "Read-only file system"
         ), line
         served.stop()
-    finally:
-        subprocess.run(["umount", str(readonly)], check=True)
+    finally:  # (lazily: a failure above leaves its replica holding files there)
+        subprocess.run(["umount", "-l", str(readonly)], check=True)
     assert [r["id"] for r in cli.live("v")["replicas"]] == ["r1"]
     cli.run("volume", "detach", "v")
 
@@ -250,6 +251,42 @@ def test_commands_that_meet_a_detach_are_done_detached(
     assert [r["id"] for r in cli.json("replica", "ls", "d")] == ["r1"]
 
 
+def test_a_request_the_engine_went_away_with_is_not_done_again(cli: Cli, monkeypatch) -> None:
+    """An engine that went away *with* a request (``EngineGone``) may have carried it out:
+    the command says so rather than do it again offline, where it would fail for its own
+    change (a snapshot it made "exists") or do it twice."""
+    from lhfs.engine import control
+    from lhfs.volumes import manage
+
+    cli.run("volume", "create", "g", "--size", "16M", "--replicas", "1")
+    real, looks = volumes.Volume.runtime, iter([{"pid": os.getpid()}])  # (attached at first)
+    monkeypatch.setattr(volumes.Volume, "runtime", lambda self: next(looks, None) or real(self))
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise control.EngineGone("the engine of g died (or went away) during 'snapshot'")
+
+    monkeypatch.setattr(control, "call", gone)
+    with pytest.raises(control.EngineGone):
+        manage.snapshot_create(cli.root, "g", "s1")
+    monkeypatch.undo()
+    assert cli.json("snapshot", "ls", "g") == []  # (not made offline behind its back)
+
+
+def test_a_rebuild_failed_by_its_source_never_gives_back_the_target() -> None:
+    """An added replica is given back only for what its target refused: an error of the
+    source (or of the replicas a barrier snapshots), of whatever kind, is the source's."""
+    from lhfs.core.errors import StorageError
+    from lhfs.engine.daemon import _cannot_retry
+    from lhfs.engine.engine import ReplicaLink
+    from lhfs.engine.rebuild import SourceError, _from_source
+
+    assert _cannot_retry(StorageError("no space left on the target"))
+    with pytest.raises(SourceError) as raised, _from_source(ReplicaLink("r1", "127.0.0.1:1")):
+        raise StorageError("Input/output error")
+    assert str(raised.value) == "rebuild source r1: Input/output error"
+    assert not _cannot_retry(raised.value)
+
+
 def test_a_replica_being_prepared_is_shown_being_rebuilt() -> None:
     """A replica whose rebuild is in its first step (a new one receiving the backing image)
     is not failed: it is shown WO with its progress, not ERR "rebuild: preparing" (which made
@@ -283,6 +320,8 @@ def test_a_new_replica_receiving_the_backing_image_is_not_failed(
     try:
         new = cli.json("replica", "ls", "b")[1]
         assert new["mode"] == "WO" and new["error"] is None, new
+        stats = new["rebuild_stats"]  # (still preparing: the image not all sent)
+        assert "prepare" not in stats["phases"] and stats["backing_bytes"] < 64 * MIB, stats
         doctor = cli.run("doctor", "b", check=False).stdout
         assert "has it failed" not in doctor, doctor
     finally:

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlencode, urlparse
 
 from backupstore import systems
 from backupstore.s3 import RETRY_TIMEOUT, Target
+from backupstore.store import NEWER
 from lhfs.backups import backup
 from lhfs.config import volume as volumes
 from lhfs.core.errors import (
@@ -376,6 +377,8 @@ def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> dict[str, Any]:
     try:
         parts = systems.parts_of(systems.get(store, name))
     except CorruptState as exc:
+        if NEWER in str(exc):  # (sound, of a newer lhfs: only that one knows its parts)
+            raise WrongState(f"{exc} to remove it") from None  # ("...: upgrade lhfs")
         parts, damaged = [], str(exc)
     except NotFound as exc:  # (one that never finished has a marker, no record)
         marker = next((s for s in systems.listing(store) if s["name"] == name), None)

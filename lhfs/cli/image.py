@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ def cmd_image_ls(args: argparse.Namespace) -> None:
                 if info["changed"]
                 else ""
             )
+            if info["changed"] and not os.path.exists(info["path"]):
+                changed = f"  (its file {info['path']} is missing)"
             print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}{changed}")
 
 

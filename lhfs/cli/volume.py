@@ -286,7 +286,7 @@ def _remote_replicas(root: Path, name: str) -> list[dict[str, str]]:
         replicas = volumes.load(root, name).replicas
     except LhfsError:
         return []
-    return [{"id": r["id"], "address": r["address"]} for r in replicas if not r.get("local")]
+    return [{"id": r["id"], "address": r.get("address")} for r in replicas if not r.get("local")]
 
 
 def _standby_of(root: Path, name: str) -> dict[str, Any] | None:

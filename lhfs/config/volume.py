@@ -459,7 +459,7 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
     for field in ("epoch", "next_replica"):
         if typed(field, (int,), "a whole number from 0") is not None and config[field] < 0:
             raise bad(field, "a whole number from 0", config[field])
-    for field in ("name", "volume_id", "backing_image", "created"):
+    for field in ("name", "volume_id", "backing_image", "backing_image_name", "created"):
         typed(field, (str,), "a string or null")
     for field in ("settings", "backups", "snapshot_holds", "removing"):
         if field in config and config[field] is None:  # (null: none, as readers take a gap)
@@ -489,9 +489,12 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
             raise bad(field, "an object", replica)
         if not isinstance(replica.get("id"), str):
             raise bad(f"{field}.id", "a string", replica.get("id"))
-        for key in ("address", "mode", "error", "disk"):
+        for key in ("address", "mode", "error", "disk", "uid", "tls_ca", "held"):
             if replica.get(key) is not None and not isinstance(replica[key], str):
                 raise bad(f"{field}.{key}", "a string or null", replica[key])
+        for key in ("local", "rotten_backing"):  # (a "no" would be taken for true)
+            if replica.get(key) is not None and not isinstance(replica[key], bool):
+                raise bad(f"{field}.{key}", "true, false or null", replica[key])
     return config
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import os
 import re
 import select
@@ -148,3 +149,29 @@ def read_line_matching(proc: subprocess.Popen, pattern: str, timeout: float = 30
                 status = proc.wait()
                 raise RuntimeError(f"process exited ({status}) before printing {pattern!r}")
             pending += data
+
+
+def boot_id() -> str | None:
+    """This boot's id (None where the kernel does not say): a pid means the same process
+    only within one boot of one host."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def pid_namespace() -> str | None:
+    """This process's PID namespace (``pid:[N]``; None where the kernel does not say): a pid
+    names a process only within its namespace (containers sharing the host's name and boot
+    id each have their own)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def here() -> str:
+    """This host's boot and this PID namespace, as a short token: what a pid recorded in a
+    file name is judged against (a pid of another boot or namespace is not this one's)."""
+    return hashlib.blake2s(f"{boot_id()} {pid_namespace()}".encode(), digest_size=4).hexdigest()

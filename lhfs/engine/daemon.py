@@ -48,7 +48,7 @@ from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
 from lhfs.engine.hold import IoHold
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
-from lhfs.engine.rebuild import WrongShape, fit, rebuild
+from lhfs.engine.rebuild import SourceError, WrongShape, fit, rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
@@ -133,18 +133,30 @@ class Daemon:
         a stray write), the copy is set aside as ``<file>.rotten`` and the replica is to be
         rebuilt with a good one (``rotten_backing``), as a scrub's find is; whether it was.
         Why: such a replica cannot open, so it was retried until the rejoin limit and no
-        scrub ever saw it. Callers ask only while another replica can send a good copy."""
+        scrub ever saw it. Callers ask only while another replica can send a good copy. The
+        configuration says the replica is failed and its image to be replaced *before* the copy
+        is let go: a replica without its image opens, and an engine killed in between would
+        otherwise find it recorded RW and serve zeros where the image's content belongs."""
+
+        def record(name: str) -> None:
+            self.rotten[replica_id] = (
+                f"its copy of the backing image was rotten (set aside as {name}.rotten): "
+                "rebuilt with a good one"
+            )
+            why = self.rotten[replica_id]
+            # (through a volume of its own: this one's configuration in memory holds this
+            # run's replica addresses, not yet published, which a reload here would drop)
+            volumes.load(self.vol.root, self.vol.name).update(
+                lambda c: _set_replica(c, replica_id, mode=ERR, error=why, rotten_backing=True)
+            )
+
         try:
-            name = ChunkStore.set_aside_rotten_backing(directory)
+            name = ChunkStore.set_aside_rotten_backing(directory, before=record)
         except (LhfsError, OSError) as exc:
             log.warning("replica %s: its backing image could not be checked: %s", replica_id, exc)
             return False
         if name is None:
             return False
-        self.rotten[replica_id] = (
-            f"its copy of the backing image was rotten (set aside as {name}.rotten): rebuilt "
-            "with a good one"
-        )
         log.error("replica %s: %s", replica_id, self.rotten[replica_id])
         return True
 
@@ -590,8 +602,9 @@ class Daemon:
         self.given_back[link.id] = reason
         log.warning("replica %s is given back: %s", link.id, reason)
         with contextlib.suppress(LhfsError):
-            await self.remove_replica(link.id)
-            self.vol.update(lambda c: _give_back_id(c, link.id))
+            left = await self.remove_replica(link.id)
+            if left is None:  # (a directory left, on a disk away, would take the id again)
+                self.vol.update(lambda c: _give_back_id(c, link.id))
 
     async def add_replica(
         self, address: str | None, tls_ca: str | None = None, disk: str | None = None
@@ -1046,8 +1059,11 @@ def _cannot_retry(exc: LhfsError) -> bool:
     """Whether a rebuild failed for a reason that trying again cannot change: the target
     refused what it was asked (its directory is not empty, its disk is full or read-only,
     it is another volume's or of another shape), as opposed to a lost connection, a silent
-    peer or a source that failed, which a later attempt may get past."""
-    return isinstance(exc, (InvalidArgument, StorageError, WrongVolume, WrongShape))
+    peer or a source that failed (``SourceError``, whatever its kind), which a later attempt
+    may get past."""
+    if isinstance(exc, SourceError):
+        return False
+    return isinstance(exc, (InvalidArgument, StorageError, WrongVolume))
 
 
 def _give_back_id(config: dict[str, Any], replica_id: str) -> None:

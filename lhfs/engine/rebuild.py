@@ -23,9 +23,10 @@ the volume's I/O timeout, however long a request takes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,25 @@ class RebuildStats:
 
 class _SourceFailed(Exception):
     pass
+
+
+class SourceError(LhfsError):
+    """A rebuild failed on the side of its source (or the other replicas it snapshots), not
+    of its target: a replica just added is never given back for it (another attempt, perhaps
+    from another source, may well succeed)."""
+
+
+@contextlib.contextmanager
+def _from_source(source: ReplicaLink | None) -> Iterator[None]:
+    """Errors of the calls in the block are the source's (``SourceError``); with no source,
+    the serving replicas'."""
+    try:
+        yield
+    except SourceError:
+        raise
+    except LhfsError as exc:
+        who = f"rebuild source {source.id}" if source else "the replicas serving the volume"
+        raise SourceError(f"{who}: {exc}") from exc
 
 
 async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
@@ -140,7 +160,7 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
         except _SourceFailed as exc:
             if source.client is not None and not source.client.broken and source.mode == RW:
                 # the source answered with an error rather than vanishing: not a lost source
-                raise LhfsError(f"rebuild source {source.id}: {exc.__cause__}") from None
+                raise SourceError(f"rebuild source {source.id}: {exc.__cause__}") from None
             engine.fail(source, str(exc.__cause__ or exc))
     async with engine.structural:
         await target.client.call("rebuild_finish")
@@ -217,7 +237,8 @@ async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
         await client.call("verify_backing", repair=True)
         target.rotten_backing = False
     source = _pick_source(engine, target)
-    want = (await source.client.info())["backing_image"]
+    with _from_source(source):
+        want = (await source.client.info())["backing_image"]
     have = (await client.info())["backing_image"]
     if want and (not have or have["id"] != want["id"]):
         image_id = want["id"]
@@ -226,7 +247,8 @@ async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
         per_run = _run_length(engine.chunk_size)
         for first in range(0, chunks, per_run):
             count = min(per_run, chunks - first)
-            _states, data = await source.client.read_layer_run("backing", first, count)
+            with _from_source(source):
+                _states, data = await source.client.read_layer_run("backing", first, count)
             await client.backing_upload(image_id, first, data)
             stats.backing_bytes += len(data)
         await client.call("backing_commit", id=image_id)
@@ -238,14 +260,16 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
     async with engine.structural:
         await engine.quiesce()
         try:
-            await engine.fanout_call("snapshot", name=name)
+            with _from_source(None):  # (the serving replicas: the target takes no part)
+                await engine.fanout_call("snapshot", name=name)
             source = _pick_source(engine, target)
-            layers = await source.client.call("list_layers")
+            with _from_source(source):
+                layers = await source.client.call("list_layers")
+                revision = (await source.client.info())["revision"]
             snapshots = [layer for layer in layers if layer["active"] and layer["name"]]
             names = [layer["name"] for layer in snapshots]
             created = [layer["created"] for layer in snapshots]
             branches = _branches(layers)
-            revision = (await source.client.info())["revision"]
             shaped = await target.client.call(
                 "rebuild_begin", names=names, revision=revision, created=created, branches=branches
             )

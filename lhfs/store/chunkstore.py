@@ -395,13 +395,16 @@ class ChunkStore:
         return store
 
     @classmethod
-    def set_aside_rotten_backing(cls, directory: Path) -> str | None:
+    def set_aside_rotten_backing(
+        cls, directory: Path, before: Callable[[str], None] | None = None
+    ) -> str | None:
         """Let go of the copy of the backing image of the replica in ``directory`` (no process
         serves it) if its file no longer holds the image's content (bit rot, a stray write),
         as ``backing_drop`` does for one a scrub found: set aside as ``<file>.rotten``, the
         replica holding none, so that a rebuild sends a good copy. Why: such a replica cannot
         be opened (``BackingImageMismatch``), so no scrub or rebuild could ever repair it.
-        The file's name if it was set aside, else None."""
+        ``before`` is told the file's name once it is known rotten, before it is let go (the
+        caller records that first). The file's name if it was set aside, else None."""
         directory = Path(directory)
         meta_path = directory / META
         if not meta_path.exists():
@@ -428,6 +431,8 @@ class ChunkStore:
             store = cls(directory, meta, lock_fd)
             store.backing = image
             try:
+                if before is not None:
+                    before(path.name)
                 store.backing_drop()
             finally:
                 image.close()

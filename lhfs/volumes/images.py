@@ -18,7 +18,7 @@ from lhfs.core import locks
 from lhfs.core.durable import atomic_write_json, copy_sparse, fsync_dir
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
 from lhfs.core.names import IMAGE_BACKUPS, MAX_IMAGE_NAME, check_name, image_name_fits
-from lhfs.core.procs import alive
+from lhfs.core.procs import alive, here
 from lhfs.store.backing import IMAGE_ID, content_id, id_size
 
 
@@ -52,24 +52,26 @@ def _clear_cut_short(root: Path, name: str | None = None) -> None:
             tmp.unlink(missing_ok=True)
 
 
-RESTORE_SCRATCH = ".restore-image-"  # ROOT/.restore-image-NAME.PID-HEX.tmp: see below
+RESTORE_SCRATCH = ".restore-image-"  # ROOT/.restore-image-NAME.PID-HERE-HEX.tmp: see below
 
 
 def restore_scratch(root: Path, name: str) -> Path:
     """Where a restore writes image ``name`` before it registers it (``images.create``): a
-    file of the image's size under the root, named with the restoring process's pid, so that
+    file of the image's size under the root, named with the restoring process's pid and
+    where that pid means something (``procs.here``: this boot, this PID namespace), so that
     one a killed restore left is known as such and cleared (``_clear_restore_scratch``)."""
-    return Path(root) / f"{RESTORE_SCRATCH}{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    return Path(root) / f"{RESTORE_SCRATCH}{name}.{os.getpid()}-{here()}-{secrets.token_hex(4)}.tmp"
 
 
 def _clear_restore_scratch(root: Path) -> None:
     """Delete the scratch files of image restores whose process is gone (a ``system
     restore`` killed during an image: only its ``finally`` removed the file, as large as the
     image). A live one's stays (a pid reused since counts as live: kept, never wrongly
-    deleted, until that process ends too)."""
+    deleted, until that process ends too), and so does one of another boot or PID namespace
+    (a restore in a container sharing the root: its pid means nothing here)."""
     for scratch in Path(root).glob(f"{RESTORE_SCRATCH}*.tmp"):
-        owner = scratch.name[: -len(".tmp")].rpartition(".")[2].partition("-")[0]
-        if owner.isdigit() and not alive(int(owner)):
+        owner, where, *_ = [*scratch.name.removesuffix(".tmp").rpartition(".")[2].split("-"), ""]
+        if owner.isdigit() and where == here() and not alive(int(owner)):
             scratch.unlink(missing_ok=True)
 
 

@@ -437,6 +437,20 @@ def _stable(info: dict[str, Any], vol: volumes.Volume) -> dict[str, Any]:
     return {**{key: info.get(key) for key in VOLUME_KEYS}, **extra}
 
 
+def _peer_layers(answer: Any) -> list[dict[str, Any]]:
+    """A remote replica's list of layers, checked before use (what a peer says is not
+    trusted): each an object with the fields a snapshot entry shows."""
+    fields = {"name": (str, type(None)), "created": (str, type(None)), "size": (int,)}
+    if not isinstance(answer, list) or not all(
+        isinstance(layer, dict)
+        and isinstance(layer.get("active"), bool)
+        and all(isinstance(layer.get(key), kinds) for key, kinds in fields.items())
+        for layer in answer
+    ):
+        raise CorruptState("it answered a list of layers that is not one")
+    return answer
+
+
 def _snapshot_entry(layer: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": layer["name"],
@@ -512,14 +526,16 @@ def _engine_or_offline(
     vol: volumes.Volume, ask: Callable[[], T], offline: Callable[[volumes.Volume], T]
 ) -> T:
     """``ask`` the engine of ``vol``, found attached a moment before; if it went away
-    meanwhile by a detach (no engine took the request, or it left during it), the command is
-    done as for a detached volume (``offline``, held by ``_detached``, which waits for the
-    detach to end) rather than failing with "not attached". Why: a command racing a detach
-    asked for something a detached volume does too. An engine that died (it leaves its
-    record) is said as it was; one attached again meanwhile is asked again."""
+    meanwhile by a detach before the request reached it (``NotAttached``: nothing was
+    sent), the command is done as for a detached volume (``offline``, held by ``_detached``,
+    which waits for the detach to end) rather than failing with "not attached". Why: a
+    command racing a detach asked for something a detached volume does too. An engine that
+    went away *with* the request (``EngineGone``) may have carried it out: doing it again
+    could fail for a change this very command made (a snapshot then "exists"), so that is
+    said as it was. One attached again meanwhile is asked again."""
     try:
         return ask()
-    except (control.NotAttached, control.EngineGone) as exc:
+    except control.NotAttached as exc:
         gone = exc
     with _detached(vol) as now:
         if now is not None and now.runtime_record() is None:
@@ -817,19 +833,21 @@ def _detached_layers(vol: volumes.Volume, remote: bool = True) -> list[dict[str,
 
     key, best, best_rev, why = vol.key(), None, -1, []
     for replica in vol.replicas:
-        if replica.get("local") or replica.get("mode", "RW") != "RW":
+        if replica.get("local") or replica.get("mode", "RW") != "RW" or not replica.get("address"):
             continue
         try:
-            remote = SyncReplica(
+            peer = SyncReplica(
                 replica["address"], key, timeout=ANSWER_WITHIN, tls_ca=replica.get("tls_ca")
             )
             try:
-                revision = remote.call("info")["revision"]
+                revision = peer.call("info").get("revision")
+                if type(revision) is not int:  # (what a peer says is checked before use)
+                    raise CorruptState(f"it answered a revision of {revision!r}")
                 if revision > best_rev:
-                    best, best_rev = remote.call("list_layers"), revision
+                    best, best_rev = _peer_layers(peer.call("list_layers")), revision
             finally:
-                remote.close()
-        except LhfsError as exc:
+                peer.close()
+        except (LhfsError, AttributeError) as exc:
             why.append(f"replica {replica['id']}: {exc}")
     if best is None:
         raise NotFound(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.config import volume as volumes
+from lhfs.core.durable import atomic_write
 from lhfs.core.errors import Busy, CorruptState, InvalidArgument, LhfsError, NotFound, StorageError
 from lhfs.core.procs import child_env, wait_for
 from lhfs.core.units import format_size
@@ -279,8 +280,9 @@ def _grow_ext4_unmounted(vol: volumes.Volume, loop: str) -> bool:
     if found is None or capacity - found[0] < found[1]:
         return False
     tried = vol.dir / GROW_TRIED
+    seen = f"{capacity} {found[0]}"  # (a file system made again at this size is tried anew)
     with contextlib.suppress(OSError):
-        if tried.read_text().strip() == str(capacity):
+        if tried.read_text().strip() == seen:
             return False
     checked = _to_end(["e2fsck", "-f", "-p", loop])
     if checked.returncode not in (0, 1):
@@ -293,7 +295,7 @@ def _grow_ext4_unmounted(vol: volumes.Volume, loop: str) -> bool:
     if after is not None and after[0] > found[0]:
         tried.unlink(missing_ok=True)
         return True
-    tried.write_text(f"{capacity}\n")  # (nothing it could use: not tried again at this size)
+    atomic_write(tried, f"{seen}\n".encode())  # (nothing it could use: not tried again)
     return False
 
 
