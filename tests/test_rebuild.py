@@ -173,7 +173,7 @@ def test_a_killed_local_replica_comes_back_by_itself(cli: Cli, tmp_path: Path) -
         30,
         "the failed start shown",
     )
-    assert "Not a directory" in stuck["rejoin"] and stuck["mode"] == "ERR", stuck
+    assert "is not a directory" in stuck["rejoin"] and stuck["mode"] == "ERR", stuck
     assert cli.live("lr")["state"] == "degraded"
     write_random(device, size, 8, chunks=changed[4:8])  # the volume serves meanwhile
     expected = cli.checksum("lr")
