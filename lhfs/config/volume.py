@@ -464,8 +464,13 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
     for field in ("settings", "backups", "snapshot_holds", "removing"):
         if field in config and config[field] is None:  # (null: none, as readers take a gap)
             del config[field]
-    for field in ("dr", "restoring", "settings", "backups", "snapshot_holds"):
+    for field in ("dr", "restoring", "settings", "backups", "snapshot_holds", "last_rw"):
         typed(field, (dict,), "an object or null")
+    last_rw = config.get("last_rw")  # (a faulted volume: the replica it waits for)
+    if last_rw and not isinstance(last_rw.get("id"), str):
+        raise bad("last_rw.id", "a string", last_rw.get("id"))
+    if last_rw and type(last_rw.get("revision", -1)) is not int:
+        raise bad("last_rw.revision", "an integer", last_rw.get("revision"))
     removing = typed("removing", (list,), "a list of snapshot names")
     if removing and not all(isinstance(n, str) for n in removing):
         raise bad("removing", "a list of snapshot names", removing)
@@ -489,9 +494,11 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
             raise bad(field, "an object", replica)
         if not isinstance(replica.get("id"), str):
             raise bad(f"{field}.id", "a string", replica.get("id"))
-        for key in ("address", "mode", "error", "disk"):
+        for key in ("address", "mode", "error", "disk", "uid"):
             if replica.get(key) is not None and not isinstance(replica[key], str):
                 raise bad(f"{field}.{key}", "a string or null", replica[key])
+        if replica.get("unbuilt") not in (None, True, False):
+            raise bad(f"{field}.unbuilt", "true, false or null", replica["unbuilt"])
     return config
 
 
