@@ -138,7 +138,10 @@ def test_attaching_with_no_replica_reachable_is_one_line(
     cli.run("volume", "detach", "u")
     assert remote.stop() == 0
     result = cli.run("volume", "attach", "u", "--device", str(tmp_path / "u.dev"), check=False)
-    assert one_line(result, 1) == "lhfs: error: no replica of the volume can be reached"
+    assert one_line(result, 1).startswith(
+        "lhfs: error: not attached: r2 (recorded healthy) cannot be reached: cannot reach "
+        f"replica {remote.address}"
+    ) and one_line(result, 1).endswith("failed: attach again once it is back")
     assert cli.info("u")["state"] == "detached"
     port = int(remote.address.rsplit(":", 1)[1])
     again = ReplicaProcess(tmp_path / "remote", tmp_path / "u.key", port=port)  # the host is back

@@ -464,8 +464,13 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
     for field in ("settings", "backups", "snapshot_holds", "removing"):
         if field in config and config[field] is None:  # (null: none, as readers take a gap)
             del config[field]
-    for field in ("dr", "restoring", "settings", "backups", "snapshot_holds"):
+    for field in ("dr", "restoring", "settings", "backups", "snapshot_holds", "last_rw"):
         typed(field, (dict,), "an object or null")
+    last_rw = config.get("last_rw")  # (a faulted volume: the replica it waits for)
+    if last_rw and not isinstance(last_rw.get("id"), str):
+        raise bad("last_rw.id", "a string", last_rw.get("id"))
+    if last_rw and type(last_rw.get("revision", -1)) is not int:
+        raise bad("last_rw.revision", "an integer", last_rw.get("revision"))
     removing = typed("removing", (list,), "a list of snapshot names")
     if removing and not all(isinstance(n, str) for n in removing):
         raise bad("removing", "a list of snapshot names", removing)
@@ -492,7 +497,7 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
         for key in ("address", "mode", "error", "disk", "uid", "tls_ca", "held"):
             if replica.get(key) is not None and not isinstance(replica[key], str):
                 raise bad(f"{field}.{key}", "a string or null", replica[key])
-        for key in ("local", "rotten_backing"):  # (a "no" would be taken for true)
+        for key in ("local", "rotten_backing", "unbuilt"):  # (a "no" would be taken for true)
             if replica.get(key) is not None and not isinstance(replica[key], bool):
                 raise bad(f"{field}.{key}", "true, false or null", replica[key])
     return config

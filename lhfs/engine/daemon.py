@@ -42,7 +42,7 @@ from lhfs.core.errors import (
 )
 from lhfs.core.names import check_name
 from lhfs.engine import control, housekeeping
-from lhfs.engine.engine import ERR, RW, Engine, ReplicaLink
+from lhfs.engine.engine import ERR, RW, Engine, Recorded, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
 from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
 from lhfs.engine.hold import IoHold
@@ -61,6 +61,7 @@ log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 TERM_WAIT = 10.0  # seconds a replica process told to stop may take before it is killed
 KILL_WAIT = 30.0  # seconds a killed replica process may take to go
+_KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 
 
 class Daemon:
@@ -93,6 +94,7 @@ class Daemon:
         self._housekeep_again = False
         # replica -> (what its directory takes, what its disk has free), as last asked
         self.disks: dict[str, tuple[int | None, int | None]] = {}
+        self.not_started: dict[str, str] = {}  # local replica -> why its process did not start
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class Daemon:
                 disks.ready(self.vol, replica)
             except LhfsError as exc:
                 log.error("replica %s did not start: %s", replica["id"], exc)
+                self.not_started[replica["id"]] = f"its process did not start: {exc}"
                 continue
             for _attempt in range(2):  # (again once its rotten backing image is set aside)
                 proc = self._spawn(replica["id"], directory)
@@ -117,6 +120,7 @@ class Daemon:
                     replica["address"] = proc.wait_ready()
                 except (RuntimeError, TimeoutError) as exc:
                     log.error("replica %s did not start: %s", replica["id"], exc)
+                    self.not_started[replica["id"]] = f"its process did not start: {exc}"
                     proc.stop()
                     others = [r for r in self.vol.replicas if r is not replica]
                     if any(r.get("mode", RW) == RW for r in others) and self._set_aside(
@@ -125,6 +129,7 @@ class Daemon:
                         continue
                     break
                 self.processes[replica["id"]] = proc
+                self.not_started.pop(replica["id"], None)
                 break
 
     def _set_aside(self, replica_id: str, directory: Path) -> bool:
@@ -265,8 +270,15 @@ class Daemon:
 
     def _record_mode(self, link: ReplicaLink) -> None:
         """Keep a replica's mode and error, and a scrub's verdicts on it (held; a rotten
-        backing image to replace), in the configuration: the next attach honours them."""
-        replica = self.vol.replica(link.id)
+        backing image to replace), in the configuration: the next attach honours them. A new
+        replica's first rebuild done, it is one that served (``unbuilt`` let go). And the
+        volume's own state: faulted, the replica it waits for (``last_rw``: the next attach
+        trusts it alone; with the revision it last flushed, to tell an older copy), let go
+        once a replica serves again."""
+        try:
+            replica = self.vol.replica(link.id)
+        except NotFound:  # (removed meanwhile: nothing of it to keep)
+            return
         values: dict[str, Any] = {"mode": link.mode, "error": link.error}
         if link.uid is not None:  # (what it is: ``replica add`` knows it by that when it is away)
             values["uid"] = link.uid
@@ -274,15 +286,38 @@ class Daemon:
             values["held"] = link.held
         if link.rotten_backing or link.mode == RW:  # (let go once rebuilt with a good one)
             values["rotten_backing"] = link.rotten_backing or None
-        if all(replica.get(key) == value for key, value in values.items()):
+        built = link.mode == RW and "unbuilt" in replica
+        waiting = self._waiting_for()
+        if (
+            all(replica.get(key) == value for key, value in values.items())
+            and not built
+            and (waiting is _KEEP or self.vol.config.get("last_rw") == waiting)
+        ):
             return
 
         def change(config: dict[str, Any]) -> None:
             for entry in config["replicas"]:
                 if entry["id"] == link.id:
                     entry.update(values)
+                    if built:
+                        entry.pop("unbuilt", None)
+            if waiting is None:
+                config.pop("last_rw", None)
+            elif waiting is not _KEEP:
+                config["last_rw"] = waiting
 
         self.vol.update(change)
+
+    def _waiting_for(self) -> dict[str, Any] | object | None:
+        """What ``last_rw`` should say now: the replica a faulted volume waits for, None once
+        a replica serves, ``_KEEP`` in between (an attach choosing, replica by replica)."""
+        engine = self.engine
+        if any(r.mode == RW for r in engine.replicas):
+            return None
+        last = next((r for r in engine.replicas if r.id == engine.last_rw), None)
+        if last is None:
+            return _KEEP
+        return {"id": last.id, "revision": last.synced}
 
     # -- control requests ---------------------------------------------------------------------
 
@@ -610,8 +645,16 @@ class Daemon:
         self, address: str | None, tls_ca: str | None = None, disk: str | None = None
     ) -> dict[str, Any]:
         """A new local replica (under the volume's directory, or on ``disk``), or the ``replica
-        serve`` at ``address`` (over TLS with the CA ``tls_ca``); rebuilt online."""
+        serve`` at ``address`` (over TLS with the CA ``tls_ca``); rebuilt online. Refused
+        on a faulted volume, before anything changes: it would stay empty, nothing to rebuild
+        it from (and was once served, zeros, by the next attach)."""
         engine = self.engine
+        if engine.state == "faulted":
+            waits = f" (it waits for {engine.last_rw}, which served last)" if engine.last_rw else ""
+            raise WrongState(
+                f"volume {self.vol.name} is faulted: no healthy replica to rebuild a new one "
+                f"from{waits}; nothing was added"
+            )
         if disk is not None:
             if address is not None:
                 raise InvalidArgument("a replica is local on --disk or elsewhere at --address")
@@ -641,6 +684,7 @@ class Daemon:
                     "mode": ERR,
                     "error": "being added",
                     "tls_ca": tls_ca,
+                    "unbuilt": True,  # (until its first rebuild completes: never salvaged)
                 }
                 | ({"disk": disk} if disk else {})
             )
@@ -759,6 +803,12 @@ class Daemon:
         self.vol.replica(replica_id)  # NotFound for an unknown id
         if link is not None and link.mode == RW and sum(r.mode == RW for r in engine.replicas) == 1:
             raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
+        if engine.state == "faulted" and replica_id == engine.last_rw:
+            raise WrongState(
+                f"{replica_id} served last before volume {self.vol.name} faulted and alone holds "
+                "every acknowledged write: the volume waits for it to come back, so it cannot "
+                "be removed"
+            )
         if replica_id in self._rebuilds:
             self._rebuilds[replica_id].scope.cancel()
         if link is not None:
@@ -830,9 +880,7 @@ class Daemon:
             self.vol.update(publish)
             self.nursery = nursery
             await self.engine.attach(
-                # only a replica recorded RW is trusted: a WO one was cut off mid-rebuild
-                [(r["id"], r["address"] or "", r.get("mode") != "RW") for r in self.vol.replicas],
-                held={r["id"] for r in self.vol.replicas if r.get("held")},
+                self._recorded(), held={r["id"] for r in self.vol.replicas if r.get("held")}
             )
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))
@@ -878,6 +926,32 @@ class Daemon:
                 self.channel.close()
             await self.engine.close()
             nursery.cancel_scope.cancel()
+
+    def _recorded(self) -> list[Recorded]:
+        """The replicas as the configuration has them, for the attach to choose from. Trusted,
+        as holding every acknowledged write: the replica a faulted volume waited for
+        (``last_rw``) alone, if it did; else those recorded RW (a WO one was cut off
+        mid-rebuild)."""
+        last = self.vol.config.get("last_rw") or {}
+        ids = {r["id"] for r in self.vol.replicas}
+        waiting = last.get("id") if last.get("id") in ids else None  # (one removed: no record)
+        if waiting is not None:
+            log.warning(
+                "the volume was faulted, waiting for replica %s: it alone may serve", waiting
+            )
+        return [
+            Recorded(
+                r["id"],
+                r["address"] or "",
+                trusted=(r["id"] == waiting) if waiting else (r.get("mode") == RW),
+                built=not r.get("unbuilt"),
+                uid=r.get("uid"),
+                synced=int(last.get("revision", -1)) if r["id"] == waiting else -1,
+                waited_for=r["id"] == waiting,
+                away=self.not_started.get(r["id"]),
+            )
+            for r in self.vol.replicas
+        ]
 
     async def _finish_expansion(self) -> None:
         """An online expansion records the new size in the configuration once every replica

@@ -14,8 +14,12 @@ go to one RW replica (large ones round robin, small ones to one replica: see
 marked ERR, dropped from I/O and recorded in the volume's configuration; the volume is
 ``degraded`` while one RW replica remains and ``faulted`` (I/O errors, never wrong data) after.
 
-On attach, replica revision counters decide: the highest revision among the replicas not
-recorded as failed serves, the others are stale and marked ERR.
+On attach, only a replica that holds every acknowledged write may serve: those recorded RW
+(or, if the volume faulted, the one it waited for: ``last_rw``), and of those the highest
+revision serves, the others are stale and marked ERR. If none of them can be reached the attach
+is refused (``Faulted``): another replica would serve older data, and then be the source every
+other one is rebuilt from. Only when none is recorded so (an older configuration) is the
+freshest reachable one salvaged, never one that was added and never completed a rebuild.
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ class ReplicaLink:
     # what the replica is (its directory's identity, from its answers): one replica reached
     # by two addresses is still one replica
     uid: str | None = None
+    # the revision it last said it holds durably (its answer to a flush; recorded when the
+    # volume faulted): whatever answers at its address below that is an older copy of it
+    synced: int = -1
 
     def public(self) -> dict[str, Any]:
         """What ``info`` shows. A replica whose rebuild is in its first steps (a new one
@@ -110,6 +117,29 @@ class ReplicaLink:
             "shared_memory": bool(self.client and self.client.shared and not self.client.broken),
             "link": self.client.link if self.client and not self.client.broken else None,
         }
+
+
+@dataclass
+class Recorded:
+    """What the volume's configuration says of a replica, for ``Engine.attach``."""
+
+    id: str
+    address: str  # ("" when its process did not start: ``away`` says why)
+    # it holds every acknowledged write: recorded RW, or the replica a faulted volume waits for
+    trusted: bool
+    built: bool = True  # False: added and never completed a rebuild (it holds nothing to save)
+    uid: str | None = None  # its directory's identity, as recorded
+    synced: int = -1  # the revision it is known to hold at least (recorded when it faulted)
+    waited_for: bool = False  # the replica the volume, faulted, waited for (``last_rw``)
+    away: str | None = None  # why it has no address
+
+    def trust(self) -> str:
+        """How the record vouches for it, in a refusal's words."""
+        return (
+            "the last replica to serve before the volume faulted"
+            if self.waited_for
+            else "recorded healthy"
+        )
 
 
 class Engine:
@@ -217,48 +247,103 @@ class Engine:
         return client
 
     async def attach(
-        self, replicas: list[tuple[str, str, bool]], held: set[str] | None = None
+        self,
+        replicas: list[Recorded] | list[tuple[str, str, bool]],
+        held: set[str] | None = None,
     ) -> None:
-        """Connect to (id, address, recorded_failed) replicas and pick the freshest to serve;
+        """Connect to the replicas (``Recorded``, or (id, address, recorded_failed)) and pick
+        the freshest that holds every acknowledged write to serve (see the module docstring);
         never one of ``held`` (a scrub found it corrupt where no copy can be trusted), not
-        even as the last one that answers."""
+        even as the last one that answers. ``Faulted`` if none can: one line saying why."""
         held = held or set()
-        for replica_id, address, failed in replicas:
-            link = ReplicaLink(replica_id, address)
+        records = [
+            r if isinstance(r, Recorded) else Recorded(r[0], r[1], trusted=not r[2])
+            for r in replicas
+        ]
+        pairs: list[tuple[ReplicaLink, Recorded]] = []
+        answered: set[str] = set()  # the ids of those that answered as themselves
+        strangers: set[str] = set()  # ... and of those whose address another one answers at
+        for record in records:
+            link = ReplicaLink(record.id, record.address, uid=record.uid, synced=record.synced)
             self.replicas.append(link)
+            pairs.append((link, record))
+            if not record.address:
+                link.error = record.away or "replica process did not start"
+                continue
             try:
-                link.client = await self.connect(address, takeover=True)
+                link.client = await self.connect(record.address, takeover=True)
                 info = await link.client.info()
-                if info["size"] != self.size:
-                    # a replica expanded while others were not: the others are behind
-                    self.size = max(self.size, info["size"])
-                link.revision = info["revision"]
-                link.uid = info.get("uid")  # (None from a replica of an older lhfs)
-                link.error = "recorded as failed" if failed else None
             except LhfsError as exc:
-                link.error = str(exc) if address else "replica process did not start"
-        candidates = [r for r in self.replicas if r.client and r.error is None]
-        if not candidates:
-            # Every replica was recorded as failed: salvage the freshest one that answers.
-            candidates = [r for r in self.replicas if r.client and r.id not in held]
-            if candidates:
-                log.warning("no replica recorded healthy; salvaging the freshest one")
-        if not candidates:
-            raise Faulted("no replica of the volume can be reached")
+                link.error = str(exc)
+                continue
+            stranger = self.stranger(link, info.get("uid"), info["revision"], serving=True)
+            if stranger is not None:  # (not this replica: it neither serves nor is rebuilt)
+                link.error = stranger
+                strangers.add(link.id)
+                client, link.client = link.client, None
+                await client.aclose()
+                continue
+            if info["size"] != self.size:
+                # a replica expanded while others were not: the others are behind
+                self.size = max(self.size, info["size"])
+            link.revision = info["revision"]
+            link.uid = info.get("uid") or link.uid  # (None from a replica of an older lhfs)
+            link.error = None if record.trusted else "recorded as failed"
+            answered.add(link.id)
+        trusted = [(link, record) for link, record in pairs if record.trusted]
+        if trusted:
+            # Only these hold every write the volume acknowledged: if none answers, another
+            # would serve older data, and the others would later be rebuilt from it.
+            candidates = [link for link, _ in trusted if link.id in answered - held]
+            if not candidates:
+                others = len(trusted) < len(pairs)
+                raise Faulted(_unreachable(trusted, held, strangers, others))
+        else:
+            # None is recorded so (a configuration of an older lhfs, or one whose record could
+            # not be written): salvage the freshest that answers and ever served.
+            candidates = [
+                link for link, record in pairs if link.id in answered - held and record.built
+            ]
+            if not candidates:
+                raise Faulted(_nothing_to_salvage(pairs, answered, held))
+            log.warning(
+                "no replica recorded healthy; salvaging the freshest one of %s",
+                ", ".join(r.id for r in candidates),
+            )
         best = max(r.revision for r in candidates)
         for link in self.replicas:
-            if link in candidates and link.revision == best:
+            if any(link is c for c in candidates) and link.revision == best:
                 link.mode, link.error = RW, None
             elif link.client is not None and link.error is None:
                 link.error = f"stale: revision {link.revision} < {best}"
             self.mode_changed(link)
         log.info("attached: %s", ", ".join(f"{r.id}={r.mode}" for r in self.replicas))
 
+    def stranger(
+        self, link: ReplicaLink, uid: str | None, revision: int, serving: bool
+    ) -> str | None:
+        """Why the replica answering at ``link``'s address (directory ``uid``, at
+        ``revision``) is not ``link``'s replica as this engine knows it, if it is not: another
+        directory (a copy, another replica's), or, to serve (``serving``), an older copy of
+        its own than it last flushed. A replica of an older lhfs (no identity) is not told
+        apart; one about to be rebuilt may be older (the rebuild brings it up to date)."""
+        if link.uid and uid and uid != link.uid:
+            return (
+                f"answers at its address with another replica's directory (id {uid}, "
+                f"expected {link.uid})"
+            )
+        if serving and 0 <= revision < link.synced:
+            return (
+                f"answers at its address with an older copy of its directory (revision "
+                f"{revision}, below the {link.synced} it last flushed)"
+            )
+        return None
+
     def fail(self, link: ReplicaLink, reason: str, at_once: bool = False) -> None:
         """Take ``link`` out of I/O, for its owner to bring back. ``at_once``: the replica
         answers well (it refused what the others did, a scrub found it corrupt), so it is
         rebuilt without waiting for it to prove it stays reachable."""
-        if link.mode == ERR:
+        if link.mode == ERR or link not in self.replicas:  # (removed: nothing to bring back)
             return
         log.warning("replica %s (%s) failed: %s", link.id, link.address, reason)
         if link.mode == RW and not any(r.mode == RW for r in self.replicas if r is not link):
@@ -286,13 +371,18 @@ class Engine:
         for link in self.replicas:
             self.fail(link, f"another engine took the volume over: {reason}")
 
-    def revive(self, link: ReplicaLink) -> None:
-        """A faulted volume's last RW replica is back (reconnected): it serves again, and the
-        others are rebuilt from it. Only that one: any other may lack acknowledged writes."""
+    def revive(self, link: ReplicaLink, uid: str | None, revision: int) -> None:
+        """A faulted volume's last RW replica is back (reconnected; its directory ``uid`` at
+        ``revision``, as it answered): it serves again, and the others are rebuilt from it.
+        Only that one: any other may lack acknowledged writes; and only if it is that one
+        (``stranger``), not another directory answering at its address."""
         if self.superseded is not None:
             raise InvalidArgument(f"this engine was superseded: {self.superseded}")
         if self.state != "faulted" or link.id != self.last_rw or link.client is None:
             raise InvalidArgument(f"replica {link.id} cannot serve the volume by itself")
+        stranger = self.stranger(link, uid, revision, serving=True)
+        if stranger is not None:
+            raise InvalidArgument(f"replica {link.id} {stranger}")
         log.warning("replica %s, the last to serve, is back: the volume serves again", link.id)
         link.mode, link.error, link.rejoin = RW, None, None
         self.last_rw = None
@@ -301,7 +391,10 @@ class Engine:
     def mode_changed(self, link: ReplicaLink) -> None:
         """Tell the owner (who records modes durably) that a replica's mode changed. A record
         that cannot be written (a full or read-only disk) is logged: the engine's own view is
-        what decides I/O, and failing here would leave the request being answered unanswered."""
+        what decides I/O, and failing here would leave the request being answered unanswered.
+        A replica removed meanwhile (a rebuild's source) has nothing left to record."""
+        if link not in self.replicas:
+            return
         try:
             self._on_mode_change(link)
         except Exception:
@@ -408,7 +501,7 @@ class Engine:
             done(Faulted("volume is faulted: no healthy replica"))
             return
         self._enter()
-        fan = _Fanout(self, len(targets), done)
+        fan = _Fanout(self, len(targets), done, op == p.FLUSH)
         for link in targets:
             client = link.client
             try:
@@ -835,12 +928,13 @@ class _Fanout:
     settled at the end, see ``Engine._settle_io``). An answer is counted once per replica,
     whatever a connection delivers."""
 
-    __slots__ = ("answered_by", "done", "engine", "refused", "remaining", "took")
+    __slots__ = ("answered_by", "done", "engine", "flush", "refused", "remaining", "took")
 
-    def __init__(self, engine: Engine, count: int, done: Done) -> None:
+    def __init__(self, engine: Engine, count: int, done: Done, flush: bool = False) -> None:
         self.engine = engine
         self.remaining = count
         self.done = done
+        self.flush = flush  # (a flush's answer is the revision the replica now holds durably)
         self.answered_by: set[str] = set()
         self.took: list[ReplicaLink] = []
         self.refused: list[tuple[ReplicaLink, LhfsError]] = []
@@ -853,6 +947,8 @@ class _Fanout:
         self.remaining -= 1
         if error is None:
             self.took.append(link)
+            if self.flush and len(payload) == p.U64.size:
+                link.synced = max(link.synced, p.U64.unpack(payload)[0])
         elif isinstance(error, NoSpace):  # (any other error answer here is a failure)
             self.refused.append((link, error))
         else:
@@ -867,3 +963,45 @@ class _Fanout:
             else:
                 engine.writes += 1
                 self.done(None)
+
+
+def _unreachable(
+    trusted: list[tuple[ReplicaLink, Recorded]],
+    held: set[str],
+    strangers: set[str],
+    others: bool,
+) -> str:
+    """Why an attach is refused: none of the replicas that hold every acknowledged write
+    answers as itself (one line: each, how the record vouches for it, and why; and, if the
+    volume has ``others``, why none of those serves instead)."""
+    parts = [
+        f"{link.id} ({record.trust()}) "
+        + (
+            "is held: a scrub found it damaged"
+            if link.id in held and link.error is None
+            else link.error
+            if link.id in strangers
+            else f"cannot be reached: {link.error}"
+        )
+        for link, record in trusted
+    ]
+    again = "it is" if len(trusted) == 1 else "one of them is"
+    instead = "; the other replicas may lack acknowledged writes, so none serves instead"
+    said = "; ".join(parts) + (instead if others else "")
+    return f"not attached: {said}: attach again once {again} back"
+
+
+def _nothing_to_salvage(
+    pairs: list[tuple[ReplicaLink, Recorded]], answered: set[str], held: set[str]
+) -> str:
+    """Why an attach with no replica recorded healthy is refused: none that answers may be
+    salvaged (each one that answers, and why not)."""
+    why = [
+        f"{link.id} is held: a scrub found it damaged"
+        if link.id in held
+        else f"{link.id} never completed a rebuild (it holds nothing to serve)"
+        for link, record in pairs
+        if link.id in answered and (link.id in held or not record.built)
+    ]
+    said = f" that may serve: {'; '.join(why)}" if why else ""
+    return f"no replica of the volume can be reached{said}"

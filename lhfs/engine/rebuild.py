@@ -205,6 +205,14 @@ async def fit(engine: Engine, client: ReplicaClient) -> None:
     away, or the volume grew while detached) grows first, as the volume did; one of another
     chunk size, or larger than the volume, is another volume's shape and is refused."""
     info = await client.info()
+    check_shape(engine, info)
+    if info["size"] < engine.size:
+        await client.call("expand", size=engine.size)
+
+
+def check_shape(engine: Engine, info: dict[str, Any]) -> None:
+    """``WrongShape`` for a replica (its ``info``) of another chunk size, or larger than the
+    volume: another volume's shape, that no rebuild can make the volume's."""
     if info["chunk_size"] != engine.chunk_size:
         raise WrongShape(
             f"its chunk size is {info['chunk_size']}, the volume's {engine.chunk_size}: give "
@@ -212,8 +220,6 @@ async def fit(engine: Engine, client: ReplicaClient) -> None:
         )
     if info["size"] > engine.size:
         raise WrongShape(f"it holds {info['size']} bytes, more than the volume's {engine.size}")
-    if info["size"] < engine.size:
-        await client.call("expand", size=engine.size)
 
 
 class WrongShape(LhfsError):
@@ -228,6 +234,11 @@ def _loopback(address: str) -> bool:
 async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> None:
     client = target.client
     hello = await client.call("hello")
+    if hello["initialised"]:
+        check_shape(engine, await client.info())  # (never to be the volume's: given up at once)
+        stranger = engine.stranger(target, hello.get("uid"), -1, serving=False)
+        if stranger is not None:  # (a copy, another replica's directory: not the rebuild's to
+            raise LhfsError(f"replica {target.id} {stranger}")  # change; tried again later)
     target.uid = hello.get("uid") or target.uid  # (a wiped directory is another one now)
     if not hello["initialised"]:
         await client.call("init", size=engine.size, chunk_size=engine.chunk_size)
@@ -266,6 +277,7 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
             with _from_source(source):
                 layers = await source.client.call("list_layers")
                 revision = (await source.client.info())["revision"]
+            target.synced = -1  # (it takes the source's revision: perhaps below its own)
             snapshots = [layer for layer in layers if layer["active"] and layer["name"]]
             names = [layer["name"] for layer in snapshots]
             created = [layer["created"] for layer in snapshots]

@@ -15,19 +15,24 @@ longer each time (2, 4 ... 30 s more), and one that has not served for longer th
 ``rejoin_limit`` is left for an operator (``replica add`` / ``replica rm``): after so long a
 full copy on a new replica is as good and it may be gone for good; a local one's process, if
 it still runs, is stopped then (it holds its directory). A directory that was wiped comes back
-uninitialised and the rebuild copies everything.
+uninitialised and the rebuild copies everything. A replica is known by its directory's
+identity (``uid``), not its address: another directory answering there (a copy, another
+replica's) is neither rebuilt over nor served from; it stays ERR, saying so, until the
+replica's own directory answers again.
 What is under way shows in ``replica ls`` (``rejoin``).
 
 When every replica failed (the engine's own host lost its link, or every local process was
 killed), the volume is faulted and nothing can be rebuilt: the replica whose failure faulted
 it, which holds every acknowledged write, serves again as soon as it answers
 (``Engine.revive``), and the others are then rebuilt from it. Any other replica may lack
-acknowledged writes and never serves alone.
+acknowledged writes and never serves alone; nor does a copy of that one's directory older than
+what it last flushed (the engine knows that revision from its answers to flushes).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -152,14 +157,26 @@ class Rejoiner:
                 await client.aclose()
                 delay = FIRST_DELAY
                 continue
-            if engine.state == "faulted" and not await _holds_volume(client, engine.io_timeout):
-                link.rejoin = (  # (wiped: no copy of the volume is left to serve from)
-                    "answers, but holds no volume (its directory was wiped?): no copy of the "
-                    "volume is left; restore it from a backup"
-                )
-                if told != link.rejoin:
-                    told = link.rejoin
-                    log.error("replica %s, the last to serve, %s", link.id, link.rejoin)
+            faulted = engine.state == "faulted"
+            found = refusal = None
+            if faulted:  # (to serve by itself: it must be the replica that served last, as it
+                # left; one to rebuild is checked by the rebuild, ``rebuild._prepare``)
+                found = await _identity(client, engine.io_timeout)
+                if found is None:  # (its connection broke, or it did not answer: tried again)
+                    refusal = "answers, but does not say what it holds; trying again"
+                elif not found.initialised:  # (wiped: no copy of the volume is left)
+                    refusal = (
+                        "answers, but holds no volume (its directory was wiped?): no copy of "
+                        "the volume is left; restore it from a backup"
+                    )
+                else:  # (a copy, or another replica's directory: it would serve old data)
+                    refusal = engine.stranger(link, found.uid, found.revision, serving=True)
+            if refusal is not None:
+                link.rejoin = refusal
+                if told != refusal:
+                    told = refusal
+                    log.error("replica %s, the last to serve, is not brought back: it %s",
+                              link.id, refusal)  # fmt: skip
                 await client.aclose()
                 await trio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
@@ -168,21 +185,35 @@ class Rejoiner:
             if old is not None and old is not client:
                 await old.aclose(True)
             link.comebacks += 1
-            if engine.state == "faulted":
-                engine.revive(link)
+            if faulted:
+                assert found is not None
+                engine.revive(link, found.uid, found.revision)
                 return
             link.rejoin = None
             self.owner.start_rebuild(link)
             return
 
 
-async def _holds_volume(client: ReplicaClient, timeout: float) -> bool:
-    """Whether a replica that answers holds a volume (one whose directory was wiped answers
-    uninitialised); a connection that broke meanwhile, or a replica that does not answer
-    within ``timeout``, counts as not: it is tried again."""
+@dataclass
+class _Found:
+    """What a replica that answers again holds: a volume at all, its directory's identity,
+    and its revision (-1 if it holds none)."""
+
+    initialised: bool
+    uid: str | None
+    revision: int
+
+
+async def _identity(client: ReplicaClient, timeout: float) -> _Found | None:
+    """What the replica at the other end of ``client`` is (``_Found``); None if it did not
+    say within ``timeout`` or its connection broke: it is tried again."""
     with trio.move_on_after(timeout):
         try:
-            return bool((await client.call("hello"))["initialised"])
+            hello = await client.call("hello")
+            if not hello["initialised"]:
+                return _Found(False, hello.get("uid"), -1)
+            revision = int((await client.info())["revision"])
+            return _Found(True, hello.get("uid"), revision)
         except LhfsError:
-            return False
-    return False
+            return None
+    return None

@@ -1020,6 +1020,11 @@ def _replica_remove_offline(vol: volumes.Volume, replica_id: str) -> list[str]:
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
     if entry.get("mode", "RW") == "RW" and not others:
         raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
+    if (vol.config.get("last_rw") or {}).get("id") == replica_id:
+        raise WrongState(
+            f"{replica_id} served last before volume {vol.name} faulted and alone holds every "
+            "acknowledged write: the next attach serves from it alone, so it cannot be removed"
+        )
     vol.update(lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id]))
     left = disks.remove(vol, entry)
     return [left] if left else []
