@@ -118,6 +118,8 @@ def test_attach_never_serves_a_stale_replica_while_the_freshest_is_away(
     assert "attach again once it is back" in line, line
     assert modes(cli, "v") == {"r2": "RW", "r3": "ERR"}  # nothing changed
     assert cli.info("v")["attached"] is False
+    refused = one_line(cli.run("replica", "rm", "v", "r2", check=False))
+    assert "last healthy replica" in refused and "--accept-loss" in refused, refused
     serve(a.dir, key, port_a)  # A is back
     cli.run("volume", "attach", "v", "--device", str(device))
     assert read_direct(device, 0, MIB) == d2
@@ -367,3 +369,32 @@ def test_a_replica_is_not_rebuilt_over_another_directory_at_its_address(
     sums = control.call(volumes.load(cli.root, "d").control_socket, "replica_checksums")
     assert len(set(sums.values())) == 1, sums
     cli.run("volume", "detach", "d")
+
+
+@needs_fuse
+def test_a_replica_lost_for_good_is_given_up_only_by_accept_loss(
+    cli: Cli, tmp_path: Path, serve
+) -> None:
+    """The only replica recorded healthy is gone for good (its host lost): no attach serves
+    the volume until the operator gives it up with ``replica rm --accept-loss``, which only
+    a detached volume takes; then the freshest replica that answers serves (its data: the
+    writes only the lost one held are gone, as said)."""
+    key, (a, b) = remote_volume(cli, tmp_path, serve, "w", 2)
+    device = tmp_path / "w.dev"
+    d1 = os.urandom(MIB)
+    write_direct(device, 0, d1)
+    b.kill()
+    write_direct(device, 0, os.urandom(MIB))  # acknowledged by r2 alone
+    wait_for(lambda: modes(cli, "w") == {"r2": "RW", "r3": "ERR"}, 30, "r3 recorded ERR")
+    attached = one_line(cli.run("replica", "rm", "w", "r2", "--accept-loss", check=False))
+    assert "is attached" in attached and "detach" in attached, attached
+    cli.run("volume", "detach", "w")
+    assert a.stop() == 0  # host A lost for good
+    serve(b.dir, key, port_of(b))
+    one_line(cli.run("volume", "attach", "w", "--device", str(device), check=False))
+    cli.run("replica", "rm", "w", "r2", "--accept-loss")
+    assert list(modes(cli, "w")) == ["r3"]
+    cli.run("volume", "attach", "w", "--device", str(device))
+    assert read_direct(device, 0, MIB) == d1  # (the older data: what r3 held)
+    assert cli.live("w")["state"] == "healthy"
+    cli.run("volume", "detach", "w")

@@ -166,7 +166,7 @@ def cmd_replica_add(args: argparse.Namespace) -> None:
 def cmd_replica_rm(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
-    left = manage.replica_remove(root_of(args), args.volume, args.id)
+    left = manage.replica_remove(root_of(args), args.volume, args.id, args.accept_loss)
     say(
         args,
         {"volume": args.volume, "id": args.id, "removed": True, "left": left},
@@ -267,7 +267,24 @@ def parsers(groups: Any) -> None:
     json_option(p)
     p.set_defaults(func=cmd_replica_add)
 
-    verb(verbs, "rm", cmd_replica_rm, "remove a replica from a volume", "volume", "id")
+    p = verb(
+        verbs,
+        "rm",
+        cmd_replica_rm,
+        "remove a replica from a volume",
+        "volume",
+        "id",
+        description="Remove a replica from a volume (and its directory, if it is local). The "
+        "last replica holding every acknowledged write is refused: the last one recorded "
+        "healthy, or the one a faulted volume waits for.",
+    )
+    p.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="of a detached volume, remove it all the same (it is lost for good, a disk or a "
+        "host gone): writes only it held are lost, and the next attach serves the freshest "
+        "replica that answers",
+    )
     verb(
         verbs,
         "ls",

@@ -988,7 +988,10 @@ def _unreachable(
     again = "it is" if len(trusted) == 1 else "one of them is"
     instead = "; the other replicas may lack acknowledged writes, so none serves instead"
     said = "; ".join(parts) + (instead if others else "")
-    return f"not attached: {said}: attach again once {again} back"
+    return (
+        f"not attached: {said}: attach again once {again} back (if it is lost for good, "
+        "'lhfs replica rm --accept-loss' gives it up, and the writes only it holds)"
+    )
 
 
 def _nothing_to_salvage(

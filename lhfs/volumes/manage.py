@@ -995,10 +995,17 @@ def replica_add(
     )
 
 
-def replica_remove(root: Path, name: str, replica_id: str) -> list[str]:
+def replica_remove(root: Path, name: str, replica_id: str, accept_loss: bool = False) -> list[str]:
     """Remove a replica from a volume, and its directory if it is local; what was left (its
-    directory on a disk that is not mounted)."""
+    directory on a disk that is not mounted). ``accept_loss``: see ``_replica_remove_offline``
+    (a detached volume only: an attached one's engine serves from that replica, or waits for
+    it)."""
     vol = volumes.load(root, name)
+    if accept_loss and vol.runtime() is not None:
+        raise WrongState(
+            f"volume {name} is attached: --accept-loss gives up a replica of a detached volume "
+            f"(lhfs volume detach {name} first)"
+        )
     if vol.runtime() is not None:
 
         def ask() -> list[str]:
@@ -1009,23 +1016,39 @@ def replica_remove(root: Path, name: str, replica_id: str) -> list[str]:
         return _engine_or_offline(vol, ask, lambda now: _replica_remove_offline(now, replica_id))
     with _detached(vol) as now:
         if now is not None:
-            return _replica_remove_offline(now, replica_id)
-    return replica_remove(root, name, replica_id)  # (attached meanwhile: by its engine)
+            return _replica_remove_offline(now, replica_id, accept_loss)
+    return replica_remove(root, name, replica_id, accept_loss)  # (attached meanwhile)
 
 
-def _replica_remove_offline(vol: volumes.Volume, replica_id: str) -> list[str]:
-    """``replica_remove`` of a detached volume (held: ``_detached``)."""
+def _replica_remove_offline(
+    vol: volumes.Volume, replica_id: str, accept_loss: bool = False
+) -> list[str]:
+    """``replica_remove`` of a detached volume (held: ``_detached``). The last replica that
+    holds every acknowledged write (the last recorded RW, or the one a faulted volume waits
+    for) is refused, unless ``accept_loss``: the operator says it is gone for good (its disk
+    or host lost), and the next attach salvages the freshest replica that answers, which is
+    the only way such a volume can be attached again."""
     entry = vol.replica(replica_id)
     vol.require_not_standby("removing a replica")
+    if accept_loss and len(vol.replicas) == 1:
+        raise WrongState(f"{replica_id} is the only replica of {vol.name}: it cannot be removed")
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
-    if entry.get("mode", "RW") == "RW" and not others:
-        raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed")
-    if (vol.config.get("last_rw") or {}).get("id") == replica_id:
+    lose = " ('--accept-loss' removes it all the same, losing the writes only it holds)"
+    if entry.get("mode", "RW") == "RW" and not others and not accept_loss:
+        raise WrongState(f"{replica_id} is the last healthy replica: it cannot be removed{lose}")
+    if (vol.config.get("last_rw") or {}).get("id") == replica_id and not accept_loss:
         raise WrongState(
             f"{replica_id} served last before volume {vol.name} faulted and alone holds every "
-            "acknowledged write: the next attach serves from it alone, so it cannot be removed"
+            f"acknowledged write: the next attach serves from it alone, so it cannot be "
+            f"removed{lose}"
         )
-    vol.update(lambda c: c.update(replicas=[r for r in c["replicas"] if r["id"] != replica_id]))
+
+    def drop(config: dict[str, Any]) -> None:
+        config["replicas"] = [r for r in config["replicas"] if r["id"] != replica_id]
+        if (config.get("last_rw") or {}).get("id") == replica_id:
+            del config["last_rw"]  # (given up: none is waited for any more)
+
+    vol.update(drop)
     left = disks.remove(vol, entry)
     return [left] if left else []
 
