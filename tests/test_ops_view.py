@@ -4,6 +4,7 @@ and messages that say what is true (against a real S3 server where a store is in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -401,3 +402,45 @@ def test_a_delete_a_frozen_store_did_not_answer_is_not_said_undone(s3_endpoint: 
         wait_for(lambda: not Bucket(target).exists(key), 10, "the late DELETE to land")
     finally:
         proxy.close()
+
+
+def test_a_mounted_volume_whose_engine_is_stopped_is_refused_at_once(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``umount`` of a volume whose engine is stopped (SIGSTOP) waited in the kernel for
+    ever (the file system's last writes to a device nothing answers), past any timeout; and
+    ``volume set`` changed the configuration, then failed. Both refuse at once now, nothing
+    changed; ``umount --force`` kills the engine and lets go. A mount point given by a link is
+    the place it leads to: mounted twice through it, the second finds the first."""
+    mnt, link = tmp_path / "mnt", tmp_path / "link"
+    mnt.mkdir()
+    link.symlink_to(mnt)
+    cli.run("volume", "create", "s", "--size", "64M", "--replicas", "1")
+    said = cli.run("mount", "s", str(link)).stdout
+    assert str(mnt) in said, said
+    cli.run("mount", "s", str(link))  # (the same place again: nothing to do)
+    (mnt / "f").write_bytes(b"kept")
+    os.sync()
+    pid = cli.info("s")["pid"]
+    config = (cli.root / "volumes" / "s" / "config.json").read_text()
+    os.kill(pid, 19)  # SIGSTOP
+    try:
+        for args in (["umount", str(mnt)], ["volume", "set", "s", "--io-timeout", "4"]):
+            began = time.monotonic()
+            result = cli.run(*args, check=False, timeout=60)
+            assert result.returncode == 1 and time.monotonic() - began < 10, result.stderr
+            assert f"(pid {pid}) is stopped: 'kill -CONT {pid}'" in result.stderr, result.stderr
+        assert (cli.root / "volumes" / "s" / "config.json").read_text() == config
+        assert os.path.ismount(mnt)
+        forced = cli.run("umount", str(mnt), "--force", timeout=60)
+        assert forced.returncode == 0, forced.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (gone, if --force killed it)
+            os.kill(pid, 18)  # SIGCONT
+    assert not os.path.ismount(mnt) and cli.info("s")["state"] == "detached"
+    cli.run("mount", "s", str(mnt))
+    assert (mnt / "f").read_bytes() == b"kept"
+    subprocess.run(["umount", str(mnt)], check=True)  # (an 'lhfs umount' cut short, as it were)
+    rerun = cli.run("umount", str(mnt), check=False)
+    assert rerun.returncode == 1 and "'lhfs volume detach s' lets go" in rerun.stderr, rerun
+    cli.run("volume", "detach", "s")

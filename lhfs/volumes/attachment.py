@@ -185,8 +185,10 @@ def release(device: Path, fuse: bool = True) -> list[str]:
             done.append(f"unmounted {mountpoint}")
         subprocess.run(["losetup", "-d", loop], capture_output=True)
     held = {loop for loop in loops if loop_holders(loop)}  # (they stay: not waited for)
+    # (a loop device nothing uses goes at once; one that stays a few seconds is held: by an
+    # open file of a lazily unmounted file system, say, and it is said so, not waited for)
     with contextlib.suppress(TimeoutError):
-        wait_for(lambda: not set(loops_backed_by(device)) - held, 30, "the loop devices to go")
+        wait_for(lambda: not set(loops_backed_by(device)) - held, 5, "the loop devices to go")
     left = set(loops_backed_by(device))  # (only what is gone is said freed)
     done += [f"freed {x}" if x not in left else f"{x} stays: {held_how([x])}" for x in loops]
     if fuse and (is_mountpoint(device, look=False) or _disconnected(device)):
@@ -462,6 +464,23 @@ def engine_state(vol: volumes.Volume) -> str:
         return "not answering"
 
 
+def stopped_engine(vol: volumes.Volume, record: dict[str, Any], force: bool, then: str) -> bool:
+    """Whether the engine of a runtime record is stopped (SIGSTOP, a debugger), which is
+    refused (``then``: what to run once it is resumed) unless ``force``, which kills it
+    (True). Asked before anything waits on it: a stopped engine answers nothing, and what
+    touches its device (an unmount's last writes) waits in the kernel for ever."""
+    pid = record.get("pid", -1)
+    if not (engine_alive(vol, record) and stopped(pid)):
+        return False
+    if not force:
+        raise WrongState(
+            f"the engine of {vol.name} (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it, "
+            f"then {then}; --force kills it (writes not yet flushed are lost)"
+        )
+    _kill(pid, vol.name)
+    return True
+
+
 def _kill(pid: int, name: str) -> None:
     """SIGKILL the engine ``pid`` of volume ``name`` and wait for it to be gone."""
     with contextlib.suppress(ProcessLookupError):
@@ -490,14 +509,9 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
         raise WrongState(f"volume {name} is not attached")
     device = Path(record["device"])
     pid = record.get("pid", -1)
-    if engine_alive(vol, record) and stopped(pid):
-        if not force:  # (it would answer nothing: each wait below in turn, 80 s, for nothing)
-            raise WrongState(
-                f"the engine of {name} (pid {pid}) is stopped: 'kill -CONT {pid}' resumes it, "
-                "then detach; --force kills it (writes not yet flushed are lost)"
-            )
+    # (a stopped one would answer nothing: each wait below in turn, 80 s, for nothing)
+    if stopped_engine(vol, record, force, "detach"):
         report["state"], report["flushed"] = "not answering", False
-        _kill(pid, name)
         report["cleaned"].append(f"killed its engine (pid {pid}), which was stopped")
     elif engine_alive(vol, record):
         state = engine_state(vol)

@@ -595,6 +595,9 @@ def set_settings(root: Path, name: str, values: dict[str, float]) -> dict[str, f
     takes them at once. Returns every setting, as it is now."""
     vol = volumes.load(root, name)
     values = {key: volumes.check_setting(key, value) for key, value in values.items()}
+    record = vol.runtime_record() if values else None
+    if record is not None:  # (a stopped engine is refused before anything is changed)
+        attachment.stopped_engine(vol, record, force=False, then="set")
     vol.update(lambda config: config.setdefault("settings", {}).update(values))
     if values and vol.runtime() is not None:
         control.call(vol.control_socket, "settings", **values)

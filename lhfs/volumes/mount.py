@@ -143,7 +143,11 @@ def mount(
     volume lhfs formatted is mounted as what its record says; ``fs`` given must agree."""
     if fs is not None and fs not in SUPPORTED:
         raise InvalidArgument(f"unsupported filesystem {fs!r} (choose from {', '.join(SUPPORTED)})")
-    mountpoint = mountpoint.absolute()
+    if not os.path.exists(mountpoint):
+        raise NotFound(f"mount point {mountpoint.absolute()} does not exist")
+    # (as the kernel lists it: a link, or '..', is mounted where it leads; a second mount
+    # through it must find the first, and every message names that place)
+    mountpoint = Path(os.path.realpath(mountpoint))
     if not mountpoint.is_dir():
         raise NotFound(f"mount point {mountpoint} is not a directory")
     vol = volumes.load(root, name)
@@ -404,6 +408,30 @@ def _fstype_at(mountpoint: str) -> str | None:
     return None
 
 
+def _unmounted_but_attached(root: Path) -> str:
+    """What a ``umount`` cut short may have left (its file system unmounted, its volume
+    still attached, perhaps with a loop device): said with "nothing is mounted", since the
+    mount point no longer leads to the volume, and a rerun would say only that."""
+    left = []
+    for vol in volumes.readable(root):
+        with contextlib.suppress(LhfsError, OSError):
+            record = vol.runtime_record()
+            if record is None or vol.filesystem is None:
+                continue
+            device = Path(record["device"])
+            loops = attachment.loops_backed_by(device)
+            # (its loop device, or the device 'lhfs mount' attaches it on: not one of
+            # 'volume attach --device', used as it is)
+            if (loops or device == vol.dir / "device") and not any(
+                attachment.mounted_at(loop) for loop in loops
+            ):
+                left.append(vol.name)
+    if not left:
+        return ""
+    detach = " and ".join(f"'lhfs volume detach {name}'" for name in left)
+    return f" (attached with no file system mounted: {', '.join(left)}: {detach} lets go)"
+
+
 def umount(root: Path, mountpoint: Path, force: bool = False) -> dict[str, Any]:
     """Unmount the file system, free the loop device, detach the volume: also when the volume
     is faulted or its engine died (the file system is then unmounted lazily: its device no
@@ -412,7 +440,7 @@ def umount(root: Path, mountpoint: Path, force: bool = False) -> dict[str, Any]:
     mountpoint = Path(os.path.realpath(mountpoint))  # (the kernel lists real paths)
     sources = [source for source, point in attachment.mount_table() if point == str(mountpoint)]
     if not sources:
-        raise NotFound(f"nothing is mounted at {mountpoint}")
+        raise NotFound(f"nothing is mounted at {mountpoint}{_unmounted_but_attached(root)}")
     owner = _owner_of(root, sources[-1])
     if owner is None:
         raise NotFound(f"{mountpoint} is not an lhfs volume of {root}")
@@ -426,7 +454,9 @@ def _umount(
 ) -> dict[str, Any]:
     record = vol.runtime_record()
     state = "crashed"
-    if record is not None and attachment.engine_alive(vol, record):
+    if record is not None and attachment.stopped_engine(vol, record, force, "umount"):
+        pass  # (killed: its file system is let go lazily below, as a crashed one's)
+    elif record is not None and attachment.engine_alive(vol, record):
         state = attachment.engine_state(vol)
     result = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
     if result.returncode:
