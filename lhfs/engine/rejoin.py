@@ -214,6 +214,6 @@ async def _identity(client: ReplicaClient, timeout: float) -> _Found | None:
                 return _Found(False, hello.get("uid"), -1)
             revision = int((await client.info())["revision"])
             return _Found(True, hello.get("uid"), revision)
-        except LhfsError:
+        except (LhfsError, KeyError, TypeError, ValueError):  # (an answer not as it should be)
             return None
     return None
