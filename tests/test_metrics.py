@@ -212,3 +212,19 @@ def test_connections_that_never_finish_a_request_hold_no_thread_for_long(
     assert value(scrape(address), "lhfs_volume_state", volume="h", state="healthy") == 1
     cli.run("volume", "detach", "h")
     assert not device.exists()  # (made by the attach: gone with the detach)
+
+
+def test_an_ipv6_metrics_address_is_said_in_brackets() -> None:
+    """The address an engine or follower serves metrics on, as it records and prints it:
+    ``[::1]:PORT`` (``::1:PORT`` was neither a URL nor an address ``--metrics`` takes)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from lhfs.engine.metrics import serve
+
+    class One:
+        def collect(self) -> list[GaugeMetricFamily]:
+            return [GaugeMetricFamily("lhfs_test_one", "one", value=1)]
+
+    host, port = serve("[::1]:0", One())
+    assert host == "[::1]", host
+    assert value(scrape(f"{host}:{port}"), "lhfs_test_one") == 1

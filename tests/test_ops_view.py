@@ -444,3 +444,23 @@ def test_a_mounted_volume_whose_engine_is_stopped_is_refused_at_once(
     rerun = cli.run("umount", str(mnt), check=False)
     assert rerun.returncode == 1 and "'lhfs volume detach s' lets go" in rerun.stderr, rerun
     cli.run("volume", "detach", "s")
+
+
+def test_mount_says_where_metrics_are_served_and_never_drops_them_silently(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``lhfs mount --metrics`` of a volume already attached took nothing (its engine was
+    started without them) and said nothing: refused now, naming what the engine serves;
+    a mount that starts the engine says where its metrics are."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("volume", "create", "m", "--size", "32M", "--replicas", "1")
+    cli.run("volume", "attach", "m", "--device", str(tmp_path / "m.dev"))
+    refused = cli.run("mount", "m", str(mnt), "--metrics", "127.0.0.1:0", check=False)
+    assert refused.returncode == 1 and "its engine serves none" in refused.stderr, refused
+    assert not os.path.ismount(mnt)
+    cli.run("volume", "detach", "m")
+    said = cli.run("mount", "m", str(mnt), "--metrics", "127.0.0.1:0").stdout
+    assert "; metrics on http://127.0.0.1:" in said, said
+    assert cli.json("mount", "m", str(mnt))["metrics"] == cli.info("m")["metrics"]
+    cli.run("umount", str(mnt))

@@ -24,7 +24,13 @@ def cmd_mount(args: argparse.Namespace) -> None:
     grown = "; its file system grown to the volume's size" if result["grown"] else ""
     if result["todo"]:
         grown = f"; its file system is smaller than the volume, still to do: {result['todo']}"
-    say(args, result, f"{how} {result['name']} at {result['mountpoint']} ({result['loop']}){grown}")
+    metrics = result.get("metrics")
+    shown = f"; metrics on http://{metrics}/metrics" if metrics else ""
+    say(
+        args,
+        result,
+        f"{how} {result['name']} at {result['mountpoint']} ({result['loop']}){grown}{shown}",
+    )
 
 
 def cmd_umount(args: argparse.Namespace) -> None:

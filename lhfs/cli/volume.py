@@ -175,7 +175,8 @@ def cmd_volume_ls(args: argparse.Namespace) -> None:
         return
     cut_short = manage.removals_cut_short(root_of(args))
     if not volumes and not cut_short:
-        print("no volumes")
+        root = root_of(args)  # (a root mistyped is said, not taken for an empty one)
+        print("no volumes" + ("" if root.exists() else f" ({root} does not exist)"))
     for info in volumes:
         _print_volume(root_of(args), info)
     for name in cut_short:  # (out of sight otherwise: a killed rm left it whole)

@@ -217,8 +217,9 @@ SCRAPE_TIMEOUT = 5.0  # seconds a connection may take to send its request
 
 def serve(address: str, collector: Any) -> tuple[str, int]:
     """Serve ``collector`` on ``address`` (``HOST:PORT``; port 0 picks one) from a thread;
-    the address bound. Bounded: a client that opens connections and sends half a request
-    holds a thread each (the library's own server has neither a limit nor a timeout)."""
+    the address bound (an IPv6 host in brackets). Bounded: a client that opens connections
+    and sends half a request holds a thread each (the library's own server has neither a
+    limit nor a timeout)."""
     import contextlib
     import socket
     import threading
@@ -285,4 +286,5 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     threading.Thread(target=reap, daemon=True, name="metrics-reaper").start()
     bound = server.server_address
-    return str(bound[0]), int(bound[1])
+    host = str(bound[0])  # (an IPv6 address in brackets: HOST:PORT and URLs stay whole)
+    return (f"[{host}]" if ":" in host else host), int(bound[1])

@@ -28,7 +28,15 @@ from typing import Any
 
 from lhfs.config import volume as volumes
 from lhfs.core.durable import atomic_write
-from lhfs.core.errors import Busy, CorruptState, InvalidArgument, LhfsError, NotFound, StorageError
+from lhfs.core.errors import (
+    Busy,
+    CorruptState,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+    StorageError,
+    WrongState,
+)
 from lhfs.core.procs import child_env, wait_for
 from lhfs.core.units import format_size
 from lhfs.engine import control
@@ -169,6 +177,16 @@ def mount(
     with attachment.exclusive(vol):  # (another mount of it waits, then sees this one's)
         attached_here = False
         runtime = vol.runtime()
+        if runtime is not None and metrics is not None:  # (only an engine's start takes it)
+            served = (
+                f"its engine serves them on {runtime['metrics']}"
+                if runtime.get("metrics")
+                else "its engine serves none"
+            )
+            raise WrongState(
+                f"volume {name} is attached already: --metrics is for the attach that starts "
+                f"its engine ({served})"
+            )
         if runtime is None:
             attachment.attach(root, name, vol.dir / "device", metrics=metrics)
             attached_here = True
@@ -176,7 +194,8 @@ def mount(
             if runtime is None:
                 raise LhfsError(f"volume {name} did not stay attached; see {vol.engine_log}")
         try:
-            return _mount_attached(vol, Path(runtime["device"]), mountpoint, fs)
+            done = _mount_attached(vol, Path(runtime["device"]), mountpoint, fs)
+            return {**done, "metrics": runtime.get("metrics")}  # (where, if it serves them)
         except BaseException:
             if attached_here:  # leave things as they were
                 _release(Path(runtime["device"]))
