@@ -774,7 +774,7 @@ def test_a_resealed_system_record_with_fields_of_the_wrong_type_is_refused(
         result = cli.run("system", "restore", f"{target}?system=s", check=False)
         assert result.returncode == 1, (volumes_part, result.stderr)
         assert result.stderr == "lhfs: error: the record of system backup s cannot be parsed\n"
-        assert cli.run("volume", "ls").stdout.strip() in ("", "no volumes")
+        assert cli.run("volume", "ls").stdout.startswith("no volumes")  # (nothing restored)
 
 
 def test_a_store_record_asking_for_a_costly_key_derivation_is_refused_before_it(
