@@ -297,10 +297,8 @@ def test_dr_status_says_a_damaged_newest_manifest_was_passed_over(
     bucket = Bucket(Target.parse(target))
     bucket.put(f"p/volumes/src/{newer}.json", b"damaged", {"lhfs-compression": "none"})
     cli.run("dr", "start", "sbm")
-    status = wait_for(
-        lambda: (s := cli.json("dr", "status", "sbm"))["passed_over"] and s,
-        30,
-        "the follower to pass over the damaged manifest",
+    status = _status_when(
+        cli, "sbm", "passed_over", "the follower to pass over the damaged manifest"
     )
     assert list(status["passed_over"]) == [newer]
     assert status["last_restored_backup"] != newer
@@ -320,18 +318,10 @@ def test_a_store_error_the_follower_got_past_is_shown_as_past(
     config_path.write_text(json.dumps(config))
     proxy.stop()
     cli.run("dr", "start", "sbr")
-    failing = wait_for(
-        lambda: (s := cli.json("dr", "status", "sbr"))["last_error"] and s,
-        30,
-        "the follower to meet the refused store",
-    )
+    failing = _status_when(cli, "sbr", "last_error", "the follower to meet the refused store")
     assert failing["last_error_recovered_at"] is None
     proxy.resume()
-    past = wait_for(
-        lambda: (s := cli.json("dr", "status", "sbr"))["last_error_recovered_at"] and s,
-        30,
-        "the follower to get past the error",
-    )
+    past = _status_when(cli, "sbr", "last_error_recovered_at", "the follower to get past the error")
     assert past["state"] == "standby" and past["last_error"] == failing["last_error"]
     text = cli.run("dr", "status", "sbr").stdout
     assert f"since recovered at {past['last_error_recovered_at']}" in text
@@ -398,3 +388,8 @@ def test_an_activated_standby_keeps_its_log_and_drops_its_locks(cli: Cli, s3_end
     assert "[dr]" in shown.stdout and "following src" in shown.stdout, shown.stdout
     result = cli.run("logs", "src", "--component", "dr")
     assert result.stdout == "" and "has no DR follower log: not a standby" in result.stderr
+
+
+def _status_when(cli: Cli, name: str, field: str, what: str) -> dict:
+    """``dr status`` of ``name`` once its ``field`` is set (waited for: ``what``)."""
+    return wait_for(lambda: (s := cli.json("dr", "status", name))[field] and s, 30, what)
