@@ -174,9 +174,20 @@ def _standby(cli: Cli, target: str, name: str) -> Path:
 
 
 def _waits_for(pid: int, lock: Path) -> bool:
-    """Whether process ``pid`` has ``lock`` open (it read the configuration and waits)."""
-    fds = Path(f"/proc/{pid}/fd")
-    return any(os.readlink(fd) == str(lock) for fd in fds.iterdir() if fd.exists())
+    """Whether process ``pid`` has ``lock`` open (it read the configuration and waits). Its
+    descriptors come and go while it starts: one closed between the listing and the look is
+    not the lock."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except FileNotFoundError:  # (it ended: it waits for nothing)
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) == str(lock):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def test_two_activations_at_once_one_wins_the_other_says_so(cli: Cli, s3_endpoint: str) -> None:
