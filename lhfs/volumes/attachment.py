@@ -184,7 +184,8 @@ def release(device: Path, fuse: bool = True) -> list[str]:
                 subprocess.run(["umount", "-l", mountpoint], capture_output=True)
             done.append(f"unmounted {mountpoint}")
         subprocess.run(["losetup", "-d", loop], capture_output=True)
-    held = {loop for loop in loops if loop_holders(loop)}  # (they stay: not waited for)
+    # (they stay: not waited for; /proc is read only for a loop device still there)
+    held = {loop for loop in loops_backed_by(device) if loop_holders(loop)}
     # (a loop device nothing uses goes at once; one that stays a few seconds is held: by an
     # open file of a lazily unmounted file system, say, and it is said so, not waited for)
     with contextlib.suppress(TimeoutError):
