@@ -723,23 +723,36 @@ class BackupStore:
         name: str,
         write_block: Callable[[int, bytes], None],
         progress: Callable[..., None] = lambda *pct: None,
+        held: Callable[[int, str | None], bool] | None = None,
     ) -> dict[str, Any]:
-        """Fetch every block, check it, hand it to ``write_block`` (empty blocks are not
-        fetched: the new volume reads as zeros there). A block the volume holds in several
-        places is fetched once and written to each of them."""
+        """Fetch every block, check it, hand it to ``write_block``, but for the blocks the
+        new volume holds already: ``held(index, digest)`` says which (by default the empty
+        ones, null in a manifest: a new volume reads as zeros). An empty block that is not
+        held (a volume on a backing image reads the image there) is handed over as zeros,
+        unfetched. A block the volume holds in several places is fetched once and written
+        to each of them."""
         manifest = self.manifest(volume, name)
+        block = manifest["block_size"]
         places: dict[str, list[int]] = {}
+        empty: list[int] = []
         for index, digest in enumerate(manifest["blocks"]):
+            if held(index, digest) if held is not None else digest is None:
+                continue
             if digest:
                 places.setdefault(digest, []).append(index)
-        total = sum(len(indexes) for indexes in places.values())
+            else:
+                empty.append(index)
+        total = sum(len(indexes) for indexes in places.values()) + len(empty)
         done = 0
+        for index in empty:
+            write_block(index, bytes(block))
+            done += 1
+            progress(100 * done / max(1, total), done * block, total * block)
         by_first = {indexes[0]: indexes for indexes in places.values()}
         for first, data in self.fetch((indexes[0], d) for d, indexes in places.items()):
             for index in by_first[first]:
                 write_block(index, data)
                 done += 1
-            block = manifest["block_size"]
             progress(100 * done / max(1, total), done * block, total * block)
         return manifest
 

@@ -1,0 +1,162 @@
+"""Backups and backing images kept as their sources kept them: volumes restored on their
+backing image, one content under two image names kept once, and a store's stray or damaged
+objects said for what they are; against a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from backupstore.s3 import Bucket, Target
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli, teardown
+
+MIB = 1 << 20
+CHUNK = 64 << 10
+
+
+def replica_dirs(cli: Cli, name: str) -> list[Path]:
+    return [Path(r["dir"]) for r in cli.info(name)["replicas"]]
+
+
+def write_detached(cli: Cli, name: str, writes: dict[int, bytes]) -> None:
+    """Write into every replica of a detached volume (no device needed)."""
+    for directory in replica_dirs(cli, name):
+        with ChunkStore.open(directory) as store:
+            for offset, data in writes.items():
+                store.write(offset, data)
+            store.flush()
+
+
+def head_chunks(directory: Path) -> set[int]:
+    """The chunks a replica holds itself (written or trimmed) above its backing image."""
+    with ChunkStore.open(directory) as store:
+        return {chunk for layer in store.chain for chunk in layer.index}
+
+
+def test_a_system_restore_puts_volumes_back_on_their_backing_image(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://left-images/p"
+    rng = random.Random(3)
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(rng.randbytes(3 * MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    image_id = cli.json("backing-image", "ls")[0]["id"]
+    cli.run("volume", "create", "a", "--size", "8M", "--replicas", "2", "--backing-image", "base")
+    cli.run("volume", "create", "plain", "--size", "4M", "--replicas", "1")
+    # data over the image, zeros over the image, data past it
+    writes = {MIB: rng.randbytes(CHUNK), 2 * MIB: bytes(CHUNK), 5 * MIB: rng.randbytes(CHUNK)}
+    write_detached(cli, "a", writes)
+    write_detached(cli, "plain", {0: rng.randbytes(CHUNK)})
+    changed = {offset // CHUNK for offset in writes}
+    assert head_chunks(replica_dirs(cli, "a")[0]) == changed
+    sums = {v: cli.checksum(v) for v in ("a", "plain")}
+    url = cli.run(
+        "system", "backup", "--target", target, "--name", "s1", "--create-bucket", "--quiet"
+    ).stdout.split()[-1]
+
+    other = Cli(tmp_path / "root2")
+    try:
+        done = other.json("system", "restore", url, "--quiet")
+        assert {v: other.checksum(v) for v in ("a", "plain")} == sums
+        assert other.info("a")["backing_image"] == image_id
+        assert done["images"] == ["base"] and done["on_images"] == {"a": "base"}
+        assert done["whole"] == {}
+        assert other.info("plain")["backing_image"] is None
+        for directory in replica_dirs(other, "a"):  # only its changes, as its source held
+            assert head_chunks(directory) == changed, directory
+        (listed,) = other.json("backing-image", "ls")
+        assert listed["name"] == "base" and listed["volumes"] == ["a"]
+        assert "(volumes a)" in other.run("backing-image", "ls").stdout
+        said = other.run("backing-image", "rm", "base").stdout
+        assert "volumes a keep the copies" in said
+        assert other.checksum("a") == sums["a"]
+    finally:
+        teardown(other.root)
+
+    # the content under the root already, under another name: linked, matched by content
+    third = Cli(tmp_path / "root3")
+    try:
+        third.run("backing-image", "create", "mine", "--from", str(raw))
+        done = third.json("system", "restore", url, "--volumes", "a", "--quiet")
+        assert done["images"] == [] and done["on_images"] == {"a": "mine"}
+        assert third.checksum("a") == sums["a"]
+        assert head_chunks(replica_dirs(third, "a")[0]) == changed
+        whole = third.json("system", "restore", url, "--volumes", "plain", "--quiet")
+        assert whole["images"] == [] and whole["on_images"] == {} and whole["whole"] == {}
+        third.run("volume", "rm", "a")
+        third.run("volume", "rm", "plain")
+        done = third.json("system", "restore", url, "--quiet")  # base registered as mine's
+        assert done["images"] == ["base"] and done["on_images"] == {"a": "base"}
+        images = third.root / "backing-images"
+        assert os.stat(images / "base.img").st_ino == os.stat(images / "mine.img").st_ino
+    finally:
+        teardown(third.root)
+
+    # an image the system backup does not hold (its record was damaged: skipped)
+    record = cli.root / "backing-images" / "base.json"
+    kept = record.read_text()
+    record.write_text("{")
+    try:
+        url2 = cli.run(
+            "system", "backup", "--target", target, "--name", "s2", "--quiet"
+        ).stdout.split()[-1]
+    finally:
+        record.write_text(kept)
+    fourth = Cli(tmp_path / "root4")
+    try:
+        result = fourth.run("system", "restore", url2, "--quiet")
+        assert f"volume a: its backing image {image_id} is neither in the system backup" in (
+            result.stdout
+        )
+        done = fourth.json("volume", "info", "a")
+        assert done["backing_image"] is None
+        assert fourth.checksum("a") == sums["a"]
+    finally:
+        teardown(fourth.root)
+
+
+def test_one_content_under_two_image_names_is_kept_once(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://left-twice/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(4).randbytes(3 * MIB + 512))
+    cli.run("backing-image", "create", "one", "--from", str(raw))
+    cli.run("backing-image", "create", "two", "--from", str(raw))
+    images = cli.root / "backing-images"
+    assert os.stat(images / "one.img").st_ino == os.stat(images / "two.img").st_ino
+    listed = {i["name"]: i for i in cli.json("backing-image", "ls")}
+    assert listed["one"]["id"] == listed["two"]["id"] and not listed["two"]["changed"]
+    # other content of the same size is a copy of its own
+    raw2 = tmp_path / "other.raw"
+    raw2.write_bytes(random.Random(5).randbytes(3 * MIB + 512))
+    cli.run("backing-image", "create", "three", "--from", str(raw2))
+    assert os.stat(images / "three.img").st_ino != os.stat(images / "one.img").st_ino
+
+    bucket = Bucket(Target.parse(target))
+    cli.run("backing-image", "backup", "one", "--target", target, "--create-bucket", "--quiet")
+    blocks = sorted(o.object_name for o in bucket.list("p/blocks/"))
+    cli.run("backing-image", "backup", "two", "--target", target, "--quiet")
+    assert sorted(o.object_name for o in bucket.list("p/blocks/")) == blocks
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1", "--backing-image", "two")
+    url = cli.run("system", "backup", "--target", target, "--quiet").stdout.split()[-1]
+
+    # removing one name keeps the content the other names
+    cli.run("backing-image", "rm", "one")
+    assert [i["name"] for i in cli.json("backing-image", "ls")] == ["three", "two"]
+    cli.run("volume", "create", "w", "--size", "4M", "--replicas", "1", "--backing-image", "two")
+    assert cli.checksum("w") == cli.checksum("v")
+
+    other = Cli(tmp_path / "root2")
+    try:
+        done = other.json("system", "restore", url, "--quiet")
+        assert sorted(done["images"]) == ["one", "three", "two"]
+        assert done["on_images"] == {"v": "two"}
+        mine = other.root / "backing-images"
+        assert os.stat(mine / "one.img").st_ino == os.stat(mine / "two.img").st_ino
+        assert other.checksum("v") == cli.checksum("v")
+    finally:
+        teardown(other.root)
