@@ -4,6 +4,7 @@ objects said for what they are; against a real S3 server."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -160,3 +161,77 @@ def test_one_content_under_two_image_names_is_kept_once(
         assert other.checksum("v") == cli.checksum("v")
     finally:
         teardown(other.root)
+
+
+def backed_up_twice(cli: Cli, target: str) -> list[str]:
+    """A detached volume ``src`` with data, backed up twice to ``target``; the URLs."""
+    rng = random.Random(6)
+    cli.run("volume", "create", "src", "--size", "8M", "--replicas", "1")
+    write_detached(cli, "src", {0: rng.randbytes(3 * MIB)})
+    first = cli.backup("src", target)
+    write_detached(cli, "src", {5 * MIB: rng.randbytes(MIB)})
+    return [first, cli.backup("src", target)]
+
+
+def test_a_damaged_volume_meta_is_said_as_itself_and_the_backups_still_read(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://left-meta/p"
+    urls = backed_up_twice(cli, target)
+    bucket = Bucket(Target.parse(target))
+    meta = "p/volumes/src/volume.meta"
+    sealed = bucket.get(meta)[0]
+    for damaged in (sealed[:-3] + b"xyz", b"not lhfs's"):
+        bucket.put(meta, damaged)
+        listed = cli.json("backup", "ls", "--target", target)
+        assert [b["state"] for b in listed] == ["complete", "complete"], listed
+        check = cli.run("backup", "check", "--target", target, check=False)
+        assert check.returncode == 3, check
+        problems = [line for line in check.stdout.splitlines() if "volume.meta" in line]
+        assert len(problems) == 1 and "volumes/src/volume.meta" in problems[0], check.stdout
+        assert "the backups of src read without it" in problems[0]
+        assert "manifest" not in check.stdout.replace(problems[0], ""), check.stdout
+        report = cli.run("backup", "check", "--target", target, "--json", check=False).stdout
+        assert json.loads(report)["backups"] == 2
+    cli.run("backup", "restore", urls[1], "copy", "--quiet")
+    assert cli.checksum("copy") == cli.checksum("src")
+    cli.run("backup", "gc", "--target", target)
+    again = cli.run("backup", "create", "src", "--target", target, "--quiet")
+    assert "volume.meta" in again.stderr and "written again" in again.stderr, again.stderr
+    assert bucket.get(meta)[0] != b"not lhfs's"
+    assert cli.json("backup", "check", "--target", target)["problems"] == []
+
+
+def test_stray_objects_are_named_by_check_and_removed_by_gc(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://left-stray/p"
+    urls = backed_up_twice(cli, target)
+    bucket = Bucket(Target.parse(target))
+    strays = ["p/volumes/src/notes.txt", "p/volumes/src/a b.json", "p/volumes/src/sub/x.json"]
+    for key in strays:
+        bucket.put(key, b"not lhfs's")
+    listed = cli.json("backup", "ls", "--target", target)
+    assert sorted(b["url"] for b in listed) == sorted(urls)
+    assert {b["state"] for b in listed} == {"complete"}
+    check = cli.run("backup", "check", "--target", target, check=False)
+    assert check.returncode == 3
+    for key in strays:
+        line = f"stray object s3://left-stray/{key}: not an object lhfs writes"
+        assert line in check.stdout, check.stdout
+    assert f"'lhfs backup gc --target {target}' removes it" in check.stdout
+    removed = cli.json("backup", "rm", urls[0])  # (collection not held back by a stray)
+    assert removed["deferred"] is None, removed
+    gc = cli.json("backup", "gc", "--target", target)
+    assert sorted(gc["strays"]) == sorted(f"s3://left-stray/{key}" for key in strays)
+    assert all(bucket.get(key) is None for key in strays)
+    assert cli.json("backup", "check", "--target", target)["problems"] == []
+    # a backup of a snapshot of a long name: its URL is one rm and restore take
+    snapshot = "s" * 64
+    cli.run("snapshot", "create", "src", snapshot)
+    url = cli.run(
+        "backup", "create", "src", "--target", target, "--snapshot", snapshot, "--quiet"
+    ).stdout.split()[-1]
+    cli.run("backup", "restore", url, "long", "--quiet")
+    cli.run("backup", "rm", url)
+    assert url not in [b["url"] for b in cli.json("backup", "ls", "--target", target)]

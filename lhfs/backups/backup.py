@@ -40,7 +40,7 @@ from lhfs.core.errors import (
     UsageError,
     WrongState,
 )
-from lhfs.core.names import IMAGE_BACKUPS, check_name, check_volume_name
+from lhfs.core.names import IMAGE_BACKUPS, check_backup_name, check_name, check_volume_name
 from lhfs.core.procs import wait_for
 from lhfs.engine import control, housekeeping
 from lhfs.store.chunkstore import ChunkStore
@@ -69,7 +69,7 @@ def parse_backup_url(url: str) -> tuple[Target, str, str]:
         raise UsageError(f"not a backup URL: {url!r} (s3://BUCKET/PREFIX?volume=V&backup=B)")
     target = Target.parse(url.split("?", 1)[0])
     volume = check_name(query["volume"][0], "volume name in the backup URL")
-    return target, volume, check_name(query["backup"][0], "backup name in the backup URL")
+    return target, volume, check_backup_name(query["backup"][0], "backup name in the backup URL")
 
 
 def _not_an_image_backup(root: Path, volume: str) -> None:

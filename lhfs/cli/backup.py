@@ -96,9 +96,15 @@ def cmd_backup_gc(args: argparse.Namespace) -> None:
     done = backup.collect(args.target, args.retry_timeout)
     say(
         args,
-        {"target": args.target, "collected": done.removed, "swept": done.swept},
+        {
+            "target": args.target,
+            "collected": done.removed,
+            "swept": done.swept,
+            "strays": done.strays,
+        },
         f"{done.removed} unreferenced block(s) collected, "
-        f"{done.swept} marker(s) of interrupted backups removed",
+        f"{done.swept} marker(s) of interrupted backups removed"
+        + "".join(f"; stray object {key} removed" for key in done.strays),
     )
 
 
@@ -295,11 +301,13 @@ def parsers(groups: Any) -> None:
         verbs,
         "gc",
         cmd_backup_gc,
-        "collect unreferenced blocks and the markers of interrupted backups",
-        description="Delete the blocks no complete backup references, and the markers that "
-        "interrupted backups left. Refused, with the reason, while a backup runs, and while a "
-        "damaged manifest is in the store (the blocks it names are unknown): 'lhfs backup rm' "
-        "it first; while one a newer lhfs wrote is there, upgrade lhfs to collect.",
+        "collect unreferenced blocks, the markers of interrupted backups, stray objects",
+        description="Delete the blocks no complete backup references, the markers that "
+        "interrupted backups left, and the stray objects under volumes/ (objects lhfs never "
+        "writes: 'backup check' names them). Refused, with the reason, while a backup runs, "
+        "and while a damaged manifest is in the store (the blocks it names are unknown): "
+        "'lhfs backup rm' it first; while one a newer lhfs wrote is there, upgrade lhfs to "
+        "collect.",
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     store_options(p)
