@@ -8,10 +8,14 @@ import json
 import os
 import random
 from pathlib import Path
+from urllib.parse import urlparse
 
 from backupstore.s3 import Bucket, Target
+from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, teardown
+from tools.faultproxy import FaultProxy
 
 MIB = 1 << 20
 CHUNK = 64 << 10
@@ -235,3 +239,50 @@ def test_stray_objects_are_named_by_check_and_removed_by_gc(
     cli.run("backup", "restore", url, "long", "--quiet")
     cli.run("backup", "rm", url)
     assert url not in [b["url"] for b in cli.json("backup", "ls", "--target", target)]
+
+
+def test_a_system_restore_killed_in_a_volume_on_an_image_keeps_the_image(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """Killed while it writes a volume on a backing image, a system restore keeps the image
+    it finished; the volume shows an interrupted restore until ``volume rm``, and restored
+    again with ``--volumes`` it stands on that image."""
+    target = "s3://left-killed/p"
+    rng = random.Random(8)
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(rng.randbytes(MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    cli.run("volume", "create", "a", "--size", "8M", "--replicas", "1", "--backing-image", "base")
+    write_detached(cli, "a", {0: rng.randbytes(CHUNK), 2 * MIB: rng.randbytes(6 * MIB)})
+    url = cli.run(
+        "system", "backup", "--target", target, "--create-bucket", "--quiet"
+    ).stdout.split()[-1]
+    other = Cli(tmp_path / "root2")
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 256 << 10  # (6 MiB of the volume: killed half-way)
+    try:
+        slow = Cli(other.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+        restore = slow.start("system", "restore", url, "--quiet")
+        try:
+            wait_for(
+                lambda: (
+                    "a" in volumes.list_names(other.root)
+                    and other.info("a")["state"] == "restoring"
+                ),
+                60,
+                "the restore to write volume a",
+            )
+        finally:
+            restore.kill()
+            restore.wait(30)
+        proxy.close()
+        assert other.info("a")["restoring"]["interrupted"] is True
+        assert [i["name"] for i in other.json("backing-image", "ls")] == ["base"]
+        other.run("volume", "rm", "a")
+        done = other.json("system", "restore", url, "--volumes", "a", "--quiet")
+        assert done["images"] == [] and done["on_images"] == {"a": "base"}
+        assert other.checksum("a") == cli.checksum("a")
+    finally:
+        proxy.close()
+        teardown(other.root)
