@@ -942,15 +942,17 @@ class BackupStore:
             raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
         self.bucket.delete(key)
 
-    def collect(self, sweep: bool = False) -> Collection:
+    def collect(self, sweep: bool = False, strays: bool = False) -> Collection:
         """Delete the blocks no complete backup references; nothing while a backup runs (the
         result says which, and the blocks wait for the next collection). With ``sweep``, also
-        remove the markers of backups whose process died (``interrupted`` in ``list``)."""
+        remove the markers of backups whose process died (``interrupted`` in ``list``); with
+        ``strays`` too, the stray objects (kept otherwise, and named in the result: an
+        object lhfs does not know may be someone's, or a newer lhfs's)."""
         with self._collection_marker() as marker:
             running = self._running(marker.key)
             if running:
                 return Collection(0, running)
-            listed, strays = self._listed()
+            listed, found = self._listed()
             complete = [(vol, name) for _, vol, name, kind in listed if kind == "json"]
             manifests, damaged = self._manifests(complete)
             if damaged:  # the blocks a damaged manifest names are unknown: none may go
@@ -969,7 +971,7 @@ class BackupStore:
             swept = 0
             if sweep:  # markers of dead backups: listed again, the fresh ones kept (a backup
                 # whose heartbeat came back since the first look is alive after all)
-                for obj in strays:  # (nothing lhfs writes nor reads: said by check)
+                for obj in found if strays else []:  # (nothing lhfs writes nor reads)
                     self.bucket.delete(obj.object_name)
                 now = self.bucket.modified(marker.key)
                 for kind in ("volumes", "systems"):  # (a dead system backup's too)
@@ -977,8 +979,9 @@ class BackupStore:
                         if obj.object_name.endswith(".running") and not self.fresh(obj, now):
                             self.bucket.delete(obj.object_name)
                             swept += 1
-            gone = [f"s3://{self.target.bucket}/{_shown(o.object_name)}" for o in strays]
-            return Collection(removed, None, swept, strays=gone if sweep else [])
+            urls = [f"s3://{self.target.bucket}/{_shown(o.object_name)}" for o in found]
+            gone = sweep and strays
+            return Collection(removed, None, swept, strays=urls, strays_removed=gone)
 
     def _unknown_blocks(self, damaged: dict[tuple[str, str], str]) -> str:
         """Why a collection deletes nothing while ``damaged`` manifests are in the store. One
@@ -1066,8 +1069,8 @@ class BackupStore:
         for obj in strays:
             problems.append(
                 f"stray object s3://{self.target.bucket}/{_shown(obj.object_name)}: not an "
-                f"object lhfs writes, nor needs; 'lhfs backup gc --target {self.target}' "
-                "removes it"
+                f"object lhfs writes, nor needs; 'lhfs backup gc --target {self.target} "
+                "--strays' removes it"
             )
         wanted: dict[str, str] = {}  # object name -> digest, of every object a backup needs
         # digest -> every backup naming it (a bad block is reported with all it breaks)
@@ -1304,7 +1307,8 @@ class Collection:
     deferred: str | None = None
     swept: int = 0
     damaged: dict[tuple[str, str], str] = field(default_factory=dict)
-    strays: list[str] = field(default_factory=list)  # stray objects removed (a sweep's)
+    strays: list[str] = field(default_factory=list)  # stray objects found
+    strays_removed: bool = False  # whether they were removed (``collect(sweep, strays)``)
 
 
 def _ours(relative: str) -> tuple[str, str, str] | None:

@@ -223,11 +223,16 @@ def test_stray_objects_are_named_by_check_and_removed_by_gc(
     for key in strays:
         line = f"stray object s3://left-stray/{key}: not an object lhfs writes"
         assert line in check.stdout, check.stdout
-    assert f"'lhfs backup gc --target {target}' removes it" in check.stdout
+    assert f"'lhfs backup gc --target {target} --strays' removes it" in check.stdout
     removed = cli.json("backup", "rm", urls[0])  # (collection not held back by a stray)
     assert removed["deferred"] is None, removed
-    gc = cli.json("backup", "gc", "--target", target)
+    kept = cli.json("backup", "gc", "--target", target)  # (only --strays deletes them)
+    assert sorted(kept["strays"]) == sorted(f"s3://left-stray/{key}" for key in strays)
+    assert kept["strays_removed"] is False
+    assert all(bucket.get(key) is not None for key in strays)
+    gc = cli.json("backup", "gc", "--target", target, "--strays")
     assert sorted(gc["strays"]) == sorted(f"s3://left-stray/{key}" for key in strays)
+    assert gc["strays_removed"] is True
     assert all(bucket.get(key) is None for key in strays)
     assert cli.json("backup", "check", "--target", target)["problems"] == []
     # a backup of a snapshot of a long name: its URL is one rm and restore take

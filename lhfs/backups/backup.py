@@ -596,12 +596,13 @@ def _system_parts(store: BackupStore, volume: str) -> dict[str, tuple[str, bool]
     return owners
 
 
-def collect(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
-    """``lhfs backup gc``: collect unreferenced blocks and sweep the markers of dead backups;
-    refused, with the reason, while a backup runs."""
+def collect(url: str, retry_timeout: float = RETRY_TIMEOUT, strays: bool = False) -> Collection:
+    """``lhfs backup gc``: collect unreferenced blocks and sweep the markers of dead backups
+    (and the stray objects, with ``strays``); refused, with the reason, while a backup
+    runs."""
     store = open_store(Target.parse(url), retry_timeout)
     store.bucket.ensure()
-    done = store.collect(sweep=True)
+    done = store.collect(sweep=True, strays=strays)
     if done.damaged:
         raise CorruptState(f"not collecting: {done.deferred}")
     if done.deferred:
