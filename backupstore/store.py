@@ -53,6 +53,7 @@ import xxhash
 import zstandard
 
 from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
+from lhfs.core.names import BACKUP_NAME, NAME
 from lhfs.core.procs import alive, boot_id, pid_namespace
 from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
@@ -132,6 +133,7 @@ class BackupStore:
         # digest -> recipe, of the blocks stored as deltas, from every manifest read
         self._recipes: dict[str, dict[str, Any]] = {}
         self._block_sizes: dict[str, int] = {}  # recorded ones: they never change
+        self._meta_damage: dict[str, str] = {}  # volume: why its volume.meta does not read
         self._marked: set[tuple[str, str]] = set()  # (volume, backup) marked here: ``running``
 
     # -- the store's keys -----------------------------------------------------------------------
@@ -263,34 +265,61 @@ class BackupStore:
         return self._settings(volume, wanted)[0]
 
     def _settings(self, volume: str, wanted: int | None) -> tuple[int, bool]:
-        """``block_size`` and whether ``volume.meta`` already records it."""
-        size = self._block_sizes.get(volume) or self._recorded_block_size(volume)
+        """``block_size`` and whether ``volume.meta`` already records it. A damaged one
+        records nothing: the block size is that of the volume's backups (each manifest
+        authenticated on its own), and the backup writes it again."""
+        size, damage = self._recorded(volume)
+        if damage is not None:
+            size = self._backups_block_size(volume)
         if size is not None:
             if wanted is not None and wanted != size:
                 raise InvalidArgument(
                     f"the backups of {volume} in {self.target} use {format_size(size)} blocks; "
                     "the block size cannot change"
                 )
-            return size, True
+            return size, damage is None
         size = wanted or BLOCK_SIZE
         check_block_size(size)
         return size, False
 
-    def _recorded_block_size(self, volume: str) -> int | None:
+    def _recorded(self, volume: str) -> tuple[int | None, str | None]:
+        """The block size ``volume.meta`` records (None: none yet), or why it cannot be read
+        (``(None, reason)``: it fails authentication, does not parse, is larger than lhfs
+        writes one). Its damage is its own: every manifest is sealed and names its block
+        size, so the volume's backups read without it (one damaged ``volume.meta`` made
+        every backup of its volume unreadable, each said damaged for it). One written by a
+        newer lhfs is refused (``CorruptState``): what else it records is unknown."""
+        if volume in self._block_sizes or volume in self._meta_damage:
+            return self._block_sizes.get(volume), self._meta_damage.get(volume)
         relative = self._meta_relative(volume)
-        found = self.get_sealed(relative)
-        if found is None:
-            return None
         try:
-            meta = parse_json(found)
-        except ValueError:
-            meta = None
-        _not_newer(meta, f"{relative} in {self.target}")
-        size = meta.get("block_size") if isinstance(meta, dict) else None
-        if not _passes(check_block_size, size):
-            raise CorruptState(f"{relative} in {self.target} cannot be parsed")
+            found = self.get_sealed(relative)
+            if found is None:
+                return None, None
+            try:
+                meta = parse_json(found)
+            except ValueError:
+                meta = None
+            _not_newer(meta, f"{relative} in {self.target}")
+            size = meta.get("block_size") if isinstance(meta, dict) else None
+            if not _passes(check_block_size, size):
+                raise CorruptState(f"{relative} in {self.target} cannot be parsed")
+        except CorruptState as exc:
+            if NEWER in str(exc):
+                raise
+            self._meta_damage[volume] = str(exc)
+            return None, str(exc)
         self._block_sizes[volume] = size
-        return size
+        return size, None
+
+    def _backups_block_size(self, volume: str) -> int | None:
+        """The block size of the volume's newest backup that reads (None: none reads), for a
+        volume whose ``volume.meta`` is damaged."""
+        listed = self._manifest_objects(volume)
+        for name, _ in sorted(listed, key=lambda item: item[1].last_modified, reverse=True):
+            with contextlib.suppress(NotFound, CorruptState):
+                return int(self.manifest(volume, name)["block_size"])
+        return None
 
     def create(
         self,
@@ -426,6 +455,13 @@ class BackupStore:
             if not recorded:  # the first complete backup fixes the block size
                 meta = {"format": FORMAT, "block_size": block_size}
                 self.put_sealed(self._meta_relative(volume), json.dumps(meta).encode())
+                damage = self._meta_damage.pop(volume, None)
+                self._block_sizes[volume] = block_size
+                if damage is not None:
+                    self.notice(
+                        f"{damage}: written again with the block size of the backups of "
+                        f"{volume} ({format_size(block_size)})"
+                    )
         progress(100.0, size, size)
         return manifest, stats
 
@@ -571,8 +607,9 @@ class BackupStore:
     def manifest(self, volume: str, name: str) -> dict[str, Any]:
         """A backup's manifest, authenticated (see ``keys``) and checked."""
         # (the volume's block size is checked against its record, itself authenticated; none
-        # yet: the first backup's process died between writing its manifest and the record)
-        recorded = self._block_sizes.get(volume) or self._recorded_block_size(volume)
+        # yet: the first backup's process died between writing its manifest and the record;
+        # none that reads: the manifest, authenticated on its own, is read all the same)
+        recorded, _ = self._recorded(volume)
         limit = manifest_limit(recorded or MIN_BLOCK)
         found = self.get_sealed(_relative(volume, name, "json"), limit)
         if found is None:
@@ -603,14 +640,28 @@ class BackupStore:
             )
         return manifest
 
+    def _listed(
+        self, volume: str | None = None
+    ) -> tuple[list[tuple[Any, str, str, str]], list[Any]]:
+        """The objects under ``volumes/`` (or those of ``volume``), from one listing: each
+        of a kind lhfs writes as ``(object, volume, backup, kind)`` (``kind``: ``json``,
+        ``running`` or ``meta``), and the strays, which lhfs never writes (another name,
+        another depth: ``volumes/V/notes.txt``, ``volumes/V/a b.json``): no backup, and
+        nothing a command about backups could name. They are said by ``check`` and removed
+        by ``collect(sweep=True)`` (``backup gc``)."""
+        prefix = self.target.key("volumes") + "/"
+        ours, strays = [], []
+        for obj in self.bucket.list(prefix + (f"{volume}/" if volume else "")):
+            found = _ours(obj.object_name[len(prefix) :])
+            if found is None:
+                strays.append(obj)
+            else:
+                ours.append((obj, *found))
+        return ours, strays
+
     def _manifest_objects(self, volume: str) -> list[tuple[str, Any]]:
         """(name, listed object) of the volume's complete backups, from one listing."""
-        prefix = self.target.key("volumes", volume) + "/"
-        return [
-            (obj.object_name[len(prefix) : -len(".json")], obj)
-            for obj in self.bucket.list(prefix)
-            if obj.object_name.endswith(".json")
-        ]
+        return [(name, obj) for obj, _, name, kind in self._listed(volume)[0] if kind == "json"]
 
     def complete_names(self, volume: str) -> list[str]:
         """Names of the volume's complete backups, from one listing (no manifest is read)."""
@@ -625,10 +676,7 @@ class BackupStore:
     def complete_backups(self) -> set[tuple[str, str]]:
         """``(volume, backup)`` of every complete backup (its manifest is there), from one
         listing: whether a system backup's parts all still exist."""
-        listed = (
-            _parts(obj.object_name) for obj in self.bucket.list(self.target.key("volumes") + "/")
-        )
-        return {(vol, name) for vol, name, kind in listed if kind == "json"}
+        return {(vol, name) for _, vol, name, kind in self._listed()[0] if kind == "json"}
 
     def _manifests(
         self, wanted: list[tuple[str, str]]
@@ -666,8 +714,7 @@ class BackupStore:
         ``newer`` (one a newer lhfs wrote: read by upgrading lhfs)."""
         complete: dict[tuple[str, str], Any] = {}
         markers = {}
-        for obj in self.bucket.list(self.target.key("volumes", volume or "") + "/"):
-            vol, name, kind = _parts(obj.object_name)
+        for obj, vol, name, kind in self._listed(volume)[0]:
             if kind == "json":
                 complete[(vol, name)] = obj
             elif kind == "running":
@@ -723,23 +770,36 @@ class BackupStore:
         name: str,
         write_block: Callable[[int, bytes], None],
         progress: Callable[..., None] = lambda *pct: None,
+        held: Callable[[int, str | None], bool] | None = None,
     ) -> dict[str, Any]:
-        """Fetch every block, check it, hand it to ``write_block`` (empty blocks are not
-        fetched: the new volume reads as zeros there). A block the volume holds in several
-        places is fetched once and written to each of them."""
+        """Fetch every block, check it, hand it to ``write_block``, but for the blocks the
+        new volume holds already: ``held(index, digest)`` says which (by default the empty
+        ones, null in a manifest: a new volume reads as zeros). An empty block that is not
+        held (a volume on a backing image reads the image there) is handed over as zeros,
+        unfetched. A block the volume holds in several places is fetched once and written
+        to each of them."""
         manifest = self.manifest(volume, name)
+        block = manifest["block_size"]
         places: dict[str, list[int]] = {}
+        empty: list[int] = []
         for index, digest in enumerate(manifest["blocks"]):
+            if held(index, digest) if held is not None else digest is None:
+                continue
             if digest:
                 places.setdefault(digest, []).append(index)
-        total = sum(len(indexes) for indexes in places.values())
+            else:
+                empty.append(index)
+        total = sum(len(indexes) for indexes in places.values()) + len(empty)
         done = 0
+        for index in empty:
+            write_block(index, bytes(block))
+            done += 1
+            progress(100 * done / max(1, total), done * block, total * block)
         by_first = {indexes[0]: indexes for indexes in places.values()}
         for first, data in self.fetch((indexes[0], d) for d, indexes in places.items()):
             for index in by_first[first]:
                 write_block(index, data)
                 done += 1
-            block = manifest["block_size"]
             progress(100 * done / max(1, total), done * block, total * block)
         return manifest
 
@@ -882,18 +942,17 @@ class BackupStore:
             raise NotFound(f"no backup {name!r} of volume {volume!r} in {self.target}")
         self.bucket.delete(key)
 
-    def collect(self, sweep: bool = False) -> Collection:
+    def collect(self, sweep: bool = False, strays: bool = False) -> Collection:
         """Delete the blocks no complete backup references; nothing while a backup runs (the
         result says which, and the blocks wait for the next collection). With ``sweep``, also
-        remove the markers of backups whose process died (``interrupted`` in ``list``)."""
+        remove the markers of backups whose process died (``interrupted`` in ``list``); with
+        ``strays`` too, the stray objects (kept otherwise, and named in the result: an
+        object lhfs does not know may be someone's, or a newer lhfs's)."""
         with self._collection_marker() as marker:
             running = self._running(marker.key)
             if running:
                 return Collection(0, running)
-            listed = [
-                (obj, *_parts(obj.object_name))
-                for obj in self.bucket.list(self.target.key("volumes") + "/")
-            ]
+            listed, found = self._listed()
             complete = [(vol, name) for _, vol, name, kind in listed if kind == "json"]
             manifests, damaged = self._manifests(complete)
             if damaged:  # the blocks a damaged manifest names are unknown: none may go
@@ -912,13 +971,17 @@ class BackupStore:
             swept = 0
             if sweep:  # markers of dead backups: listed again, the fresh ones kept (a backup
                 # whose heartbeat came back since the first look is alive after all)
+                for obj in found if strays else []:  # (nothing lhfs writes nor reads)
+                    self.bucket.delete(obj.object_name)
                 now = self.bucket.modified(marker.key)
                 for kind in ("volumes", "systems"):  # (a dead system backup's too)
                     for obj in self.bucket.list(self.target.key(kind) + "/"):
                         if obj.object_name.endswith(".running") and not self.fresh(obj, now):
                             self.bucket.delete(obj.object_name)
                             swept += 1
-            return Collection(removed, None, swept)
+            urls = [f"s3://{self.target.bucket}/{_shown(o.object_name)}" for o in found]
+            gone = sweep and strays
+            return Collection(removed, None, swept, strays=urls, strays_removed=gone)
 
     def _unknown_blocks(self, damaged: dict[tuple[str, str], str]) -> str:
         """Why a collection deletes nothing while ``damaged`` manifests are in the store. One
@@ -948,7 +1011,12 @@ class BackupStore:
     def _running(self, own: str) -> str | None:
         """What running backup holds collection back, if any (None: none)."""
         prefix = self.target.key("volumes") + "/"
-        live = self._live(prefix, own, lambda name: name.endswith(".running"))
+
+        def marker(key: str) -> bool:  # (a stray named so is no backup: it holds nothing)
+            found = _ours(key[len(prefix) :])
+            return found is not None and found[2] == "running"
+
+        live = self._live(prefix, own, marker)
         if not live:
             return None
         vol, name, _ = _parts(live[0].object_name)
@@ -984,19 +1052,26 @@ class BackupStore:
         report lists each problem in a line (``problems``), empty when sound."""
         problems: list[str] = []
         self.keys  # noqa: B018 - a record that does not open is the first thing to say
-        listed = [
-            (obj, *_parts(obj.object_name))
-            for obj in self.bucket.list(self.target.key("volumes") + "/")
-        ]
+        listed, strays = self._listed()
         manifests: dict[tuple[str, str], dict[str, Any]] = {}
         for _, vol, name, kind in listed:
             try:
                 if kind == "json":
                     manifests[(vol, name)] = self.manifest(vol, name)
-                elif kind == "meta":
-                    self._recorded_block_size(vol)
+                elif kind == "meta" and self._recorded(vol)[1] is not None:
+                    problems.append(
+                        f"{self._recorded(vol)[1]}: the backups of {vol} read without it (each "
+                        "manifest is authenticated on its own); the next backup of "
+                        f"{vol} to {self.target} writes it again"
+                    )
             except (CorruptState, NotFound) as exc:
                 problems.append(str(exc))
+        for obj in strays:
+            problems.append(
+                f"stray object s3://{self.target.bucket}/{_shown(obj.object_name)}: not an "
+                f"object lhfs writes, nor needs; 'lhfs backup gc --target {self.target} "
+                "--strays' removes it"
+            )
         wanted: dict[str, str] = {}  # object name -> digest, of every object a backup needs
         # digest -> every backup naming it (a bad block is reported with all it breaks)
         users: dict[str, set[tuple[str, str]]] = {}
@@ -1225,13 +1300,31 @@ def _collecting(key: str) -> bool:
 @dataclass
 class Collection:
     """What a collection did: blocks removed, or why it deferred (a backup runs, or damaged
-    manifests, ``damaged``, name blocks nobody can know), and the markers of dead backups it
-    swept."""
+    manifests, ``damaged``, name blocks nobody can know), and the markers of dead backups
+    and the stray objects it swept."""
 
     removed: int
     deferred: str | None = None
     swept: int = 0
     damaged: dict[tuple[str, str], str] = field(default_factory=dict)
+    strays: list[str] = field(default_factory=list)  # stray objects found
+    strays_removed: bool = False  # whether they were removed (``collect(sweep, strays)``)
+
+
+def _ours(relative: str) -> tuple[str, str, str] | None:
+    """``(volume, backup, kind)`` of an object under ``volumes/`` (``relative`` to it) of a
+    kind lhfs writes there (``volume.meta``: backup ``""``, kind ``meta``), else None: a
+    stray. Backup names as lhfs makes them (a snapshot's name and a suffix: up to
+    ``MAX_BACKUP_NAME``)."""
+    vol, _, leaf = relative.partition("/")
+    name, _, kind = leaf.rpartition(".")
+    if not NAME.fullmatch(vol) or "/" in leaf:
+        return None
+    if leaf == "volume.meta":
+        return vol, "", "meta"
+    if kind in ("json", "running") and BACKUP_NAME.fullmatch(name):
+        return vol, name, kind
+    return None
 
 
 def _parts(key: str) -> tuple[str, str, str]:

@@ -26,6 +26,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.errors import CorruptState, InvalidArgument, NotFound
 from lhfs.core.names import IMAGE_BACKUPS, check_name
 from lhfs.core.units import rfc3339
+from lhfs.store.backing import IMAGE_ID
 
 from . import parse_json
 from .store import NEWER, SMALL_OBJECT, BackupStore, Marker
@@ -89,12 +90,19 @@ def _volume_part(name: str, part: Any) -> bool:
             if k in volumes.SETTINGS  # (one this lhfs does not know is not restored)
         )
         and (filesystem is None or isinstance(filesystem, dict))
+        and _image_id(config.get("backing_image"), None)
+        and (config.get("backing_image_name") is None or check_name(config["backing_image_name"]))
     )
+
+
+def _image_id(value: Any, *allowed: Any) -> bool:
+    """Whether ``value`` is a backing image's content id (or one of ``allowed``)."""
+    return value in allowed or (isinstance(value, str) and IMAGE_ID.fullmatch(value) is not None)
 
 
 def _image_part(name: str, part: Any) -> bool:
     check_name(name)
-    return isinstance(part["backup"], str) and isinstance(part["id"], str)
+    return isinstance(part["backup"], str) and _image_id(part["id"])
 
 
 def exists(store: BackupStore, name: str) -> bool:

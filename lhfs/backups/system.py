@@ -51,7 +51,7 @@ from lhfs.volumes import attachment, images, manage
 PartProgress = Callable[[str, float, int | None, int | None], None]
 
 # what a volume's record keeps of its configuration (nothing secret, nothing of a host)
-_KEPT = ("size", "chunk_size", "settings", "backing_image")
+_KEPT = ("size", "chunk_size", "settings", "backing_image", "backing_image_name")
 
 
 def system_url(target: Target, name: str) -> str:
@@ -274,7 +274,15 @@ def restore(
     if clash:
         raise AlreadyExists(f"volume(s) {', '.join(clash)} already exist under {root}")
     present = {i["name"]: i for i in images.list_images(root)}
-    image_names = list(record["images"]) if only is None else []
+    registered = {n: i["id"] for n, i in present.items() if "id" in i}  # name: content id
+    local = {i: n for n, i in sorted(registered.items(), reverse=True)}  # content id: a name
+    stood_on = {_stood_on(record["volumes"][v]) for v in wanted} - {None}
+    if only is None:
+        image_names = list(record["images"])
+    else:  # the images the volumes stand on that the root lacks (each content once)
+        needed = {p["id"]: n for n, p in sorted(record["images"].items(), reverse=True)}
+        image_names = sorted(needed[i] for i in stood_on if i in needed and i not in local)
+    passed: dict[str, str] = {}  # images not restored (a name taken by other content): why
     for image in image_names:
         if image in present and "error" in present[image]:  # (its content is unknown)
             raise CorruptState(
@@ -282,23 +290,56 @@ def restore(
                 f"({present[image]['error']}): 'lhfs backing-image rm {image}' clears it"
             )
         if image in present and present[image]["id"] != record["images"][image]["id"]:
-            raise AlreadyExists(f"backing image {image} exists under {root} with other content")
-    done: dict[str, Any] = {"name": name, "volumes": [], "images": [], "skipped_images": []}
+            if only is None:
+                raise AlreadyExists(f"backing image {image} exists under {root} with other content")
+            passed[image] = f"a backing image {image} of other content is under {root}"
+    done: dict[str, Any] = {
+        "name": name,
+        "volumes": [],
+        "images": [],
+        "skipped_images": [],
+        "on_images": {},  # volume: the image it was restored on
+        "whole": {},  # volume: why it holds its image's content as its own data
+    }
     for image in image_names:
+        if image in passed:
+            continue
+        image_id = record["images"][image]["id"]
         if image in present:  # the same content is there already
             done["skipped_images"].append(image)
             continue
         part = f"image {image}"
-        part_url = backup.backup_url(
-            target, IMAGE_BACKUPS + image, record["images"][image]["backup"]
-        )
-        _part(part, restore_image, root, store, part_url, image, _of(part, progress))
+        if image_id in local:  # the same content under another name: linked, not fetched
+            _part(part, _link_image, root, image, local[image_id], _of(part, progress))
+        else:
+            part_url = backup.backup_url(
+                target, IMAGE_BACKUPS + image, record["images"][image]["backup"]
+            )
+            _part(part, restore_image, root, store, part_url, image, _of(part, progress), image_id)
+        local.setdefault(image_id, image)
+        registered[image] = image_id
         done["images"].append(image)
     for volume in wanted:
         entry = record["volumes"][volume]
         part = f"volume {volume}"
         part_url = backup.backup_url(target, volume, entry["backup"])
         replicas = max(1, min(16, int(entry.get("replicas") or 3)))
+        image_id = _stood_on(entry)
+        backing = None
+        if image_id in local:  # (matched by content, never by name)
+            named = entry["config"].get("backing_image_name")  # (the name it was made from)
+            backing = images.get(
+                root, named if registered.get(named) == image_id else local[image_id]
+            )
+            done["on_images"][volume] = backing["name"]
+        elif image_id is not None:
+            known = [n for n, p in record["images"].items() if p["id"] == image_id and n in passed]
+            done["whole"][volume] = (
+                f"its backing image {known[0]} was not restored ({passed[known[0]]})"
+                if known
+                else f"its backing image {image_id} is neither in the system backup nor "
+                f"under {root}"
+            ) + ": restored with the image's content as its own data"
         _part(
             part,
             backup.restore,
@@ -308,6 +349,7 @@ def restore(
             replicas,
             _of(part, progress),
             retry_timeout,
+            backing=backing,
         )
         saved = entry.get("config") or {}
 
@@ -332,11 +374,30 @@ def restore(
     return done
 
 
+def _stood_on(entry: dict[str, Any]) -> str | None:
+    """The content id of the backing image a system backup's volume was made on (None:
+    none)."""
+    return (entry.get("config") or {}).get("backing_image")
+
+
+def _link_image(root: Path, name: str, same: str, progress: Callable[..., None]) -> None:
+    """Register image ``name`` as the content the root holds already as image ``same``
+    (``images.create`` keeps one content once: ``name`` is a link to its file)."""
+    images.create(root, name, Path(images.get(root, same)["path"]))
+    progress(100.0)
+
+
 def restore_image(
-    root: Path, store: Any, url: str, name: str, progress: Callable[..., None]
+    root: Path,
+    store: Any,
+    url: str,
+    name: str,
+    progress: Callable[..., None],
+    image_id: str | None = None,
 ) -> dict[str, Any]:
     """A backing image's backup into the root's images, as ``name``; its content id checked
-    against the one it was backed up with."""
+    against the one it was backed up with (and ``image_id``, the one its system backup
+    names, which its volumes are matched on)."""
     _, volume, backup_name = backup.parse_backup_url(url)
     manifest = store.manifest(volume, backup_name)
     Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -358,7 +419,14 @@ def restore_image(
             raise CorruptState(
                 f"backing image {name}: the restored content is not the backed up one"
             )
-        return images.create(root, name, scratch)
+        info = images.create(root, name, scratch)
+        if image_id is not None and info["id"] != image_id:
+            images.remove(root, name)
+            raise CorruptState(
+                f"backing image {name}: the restored content is {info['id']}, its system "
+                f"backup names {image_id}"
+            )
+        return info
     finally:
         scratch.unlink(missing_ok=True)
 

@@ -93,12 +93,20 @@ def cmd_backup_rm(args: argparse.Namespace) -> None:
 def cmd_backup_gc(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
-    done = backup.collect(args.target, args.retry_timeout)
+    done = backup.collect(args.target, args.retry_timeout, args.strays)
+    fate = "removed" if done.strays_removed else "kept (--strays removes them)"
     say(
         args,
-        {"target": args.target, "collected": done.removed, "swept": done.swept},
+        {
+            "target": args.target,
+            "collected": done.removed,
+            "swept": done.swept,
+            "strays": done.strays,
+            "strays_removed": done.strays_removed,
+        },
         f"{done.removed} unreferenced block(s) collected, "
-        f"{done.swept} marker(s) of interrupted backups removed",
+        f"{done.swept} marker(s) of interrupted backups removed"
+        + (f"; {len(done.strays)} stray object(s) {fate}" if done.strays else ""),
     )
 
 
@@ -296,12 +304,20 @@ def parsers(groups: Any) -> None:
         "gc",
         cmd_backup_gc,
         "collect unreferenced blocks and the markers of interrupted backups",
-        description="Delete the blocks no complete backup references, and the markers that "
-        "interrupted backups left. Refused, with the reason, while a backup runs, and while a "
-        "damaged manifest is in the store (the blocks it names are unknown): 'lhfs backup rm' "
-        "it first; while one a newer lhfs wrote is there, upgrade lhfs to collect.",
+        description="Delete the blocks no complete backup references and the markers that "
+        "interrupted backups left; with --strays, also the stray objects under volumes/ "
+        "(objects lhfs never writes: 'backup check' names them; kept by default, as they may "
+        "be someone else's). Refused, with the reason, while a backup runs, "
+        "and while a damaged manifest is in the store (the blocks it names are unknown): "
+        "'lhfs backup rm' it first; while one a newer lhfs wrote is there, upgrade lhfs to "
+        "collect.",
     )
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument(
+        "--strays",
+        action="store_true",
+        help="also delete the stray objects under volumes/ ('backup check' names them)",
+    )
     store_options(p)
     p = verb(
         verbs,

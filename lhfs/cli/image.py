@@ -31,6 +31,10 @@ def cmd_image_ls(args: argparse.Namespace) -> None:
     from lhfs.volumes import images
 
     found = images.list_images(root_of(args))
+    on = images.users(root_of(args), {i["name"]: i["id"] for i in found if "id" in i})
+    for info in found:  # (the volumes made from it)
+        if "id" in info:
+            info["volumes"] = on.get(info["name"], [])
     if args.json:
         print_json(found)
         return
@@ -50,6 +54,8 @@ def cmd_image_ls(args: argparse.Namespace) -> None:
             )
             if info["changed"] and not os.path.exists(info["path"]):
                 changed = f"  (its file {info['path']} is missing)"
+            if info["volumes"]:
+                changed += f"  (volumes {', '.join(info['volumes'])})"
             print(f"{info['name']:24} {format_size(info['size']):>8}  {info['id']}{changed}")
 
 

@@ -105,6 +105,8 @@ def cmd_system_restore(args: argparse.Namespace) -> None:
         f"restored system backup {done['name']}: volume(s) {', '.join(done['volumes']) or '-'}; "
         f"backing image(s) {', '.join(done['images']) or '-'}"
         + (f" ({', '.join(done['skipped_images'])} already here)" if done["skipped_images"] else "")
+        + "".join(f"; {v} on backing image {i}" for v, i in done["on_images"].items())
+        + "".join(f"\nvolume {v}: {why}" for v, why in done["whole"].items())
     )
     say(args, done, text)
 
@@ -183,7 +185,11 @@ def parsers(groups: Any) -> None:
         "is made, when one of those volumes (or an image of other content) exists already.",
     )
     p.add_argument("url", help="s3://BUCKET/PREFIX?system=NAME")
-    p.add_argument("--volumes", metavar="V1,V2", help="only these volumes (and no images)")
+    p.add_argument(
+        "--volumes",
+        metavar="V1,V2",
+        help="only these volumes (and the backing images they stand on that the root lacks)",
+    )
     quiet_option(p)
     store_options(p)
     p = verb(

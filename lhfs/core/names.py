@@ -7,16 +7,30 @@ import re
 
 from lhfs.core.errors import InvalidArgument
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched whole: "$" lets "x\n" by
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched whole: "$" lets "x\n" by
 IMAGE_BACKUPS = "image-"  # a backup store keeps a backing image's backups as this + its name
+# A backup's name: its snapshot's (or image's) and a suffix (``-<time>-<hex>``, 15 more).
+MAX_BACKUP_NAME = 64 + 15
+BACKUP_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_BACKUP_NAME - 1}}}")
 
 
 def check_name(name: str, what: str = "name") -> str:
     """Names end up in file names and URLs: letters, digits, ``.``, ``_``, ``-``; 1-64 long."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidArgument(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
+        )
+    return name
+
+
+def check_backup_name(name: str, what: str = "backup name") -> str:
+    """A backup's name as lhfs makes it (``check_name``'s rule, up to ``MAX_BACKUP_NAME``
+    long: a snapshot's name of 64 and its suffix)."""
+    if not isinstance(name, str) or not BACKUP_NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"invalid {what} {name!r}: use 1-{MAX_BACKUP_NAME} letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit"
         )
     return name
 

@@ -100,11 +100,13 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
         _clear_cut_short(root, name)
         tmp = base / f".{name}.img.{os.getpid()}.tmp"
         try:
-            copy_sparse(source, tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-            image_id = content_id(tmp)
+            image_id = _link_same(root, source, tmp)
+            if image_id is None:  # (content no other name holds: copied in)
+                copy_sparse(source, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+                image_id = content_id(tmp)
             os.rename(tmp, base / f"{name}.img")
         finally:
             tmp.unlink(missing_ok=True)
@@ -112,6 +114,38 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
         info = {"name": name, "id": image_id, "size": id_size(image_id), "file": f"{name}.img"}
         atomic_write_json(base / f"{name}.json", {**info, **_file_stat(base / f"{name}.img")})
     return info
+
+
+def _link_same(root: Path, source: Path, tmp: Path) -> str | None:
+    """Make ``tmp`` a link to the file of a registered image holding the content of
+    ``source``, and return that content's id; None when no image holds it (nothing made).
+    One content registered under several names is kept once: each name is a link to one
+    file, which stays as long as a name links it (``remove`` of one keeps it for the
+    others). Only an image of the same size costs a read of ``source``; one whose file was
+    modified since it was registered is not linked to."""
+    size = source.stat().st_size
+    same = []
+    for record in sorted(images_dir(root).glob("*.json")):
+        with contextlib.suppress(CorruptState, InvalidArgument, NotFound):
+            info = get(root, record.stem)
+            if info["size"] == size and _changed(info) is not True:
+                same.append(info)
+    if not same:
+        return None
+    wanted = content_id(source)
+    for info in same:
+        if info["id"] != wanted:
+            continue
+        if _changed(info) is None and content_id(Path(info["path"])) != wanted:
+            continue  # (registered before its file's stamp was kept: read to be sure)
+        try:
+            os.link(info["path"], tmp)
+        except FileNotFoundError:  # (removed meanwhile)
+            continue
+        if _changed({**info, "path": tmp}) is not True:  # (the file linked is the one read)
+            return wanted
+        tmp.unlink()
+    return None
 
 
 def _file_stat(path: Path) -> dict[str, int]:
@@ -220,14 +254,21 @@ def remove(root: Path, name: str) -> list[str]:
         fsync_dir(base)
         (base / f"{name}.img").unlink(missing_ok=True)
         _clear_cut_short(root, name)
-    users = []
-    for volume in volumes.list_names(root) if image_id else []:
+    return users(root, {name: image_id}).get(name, []) if image_id else []
+
+
+def users(root: Path, ids: dict[str, str]) -> dict[str, list[str]]:
+    """The volumes made from each image of ``ids`` (name: content id), by image name: a
+    volume records its image's content id and the name it was made from (one made from
+    another image or a raw file of the same content is not this one's; one whose record
+    does not say, made before it did, matches by content)."""
+    found: dict[str, list[str]] = {}
+    for volume in volumes.list_names(root) if ids else []:
         with contextlib.suppress(LhfsError, OSError, ValueError):
             config = volumes.load(root, volume).config
-            if config.get("backing_image") != image_id:
-                continue
-            # (one made from another image or a raw file of the same content is not this
-            # one's; one whose record does not say, made before it did, matches by content)
-            if config.get("backing_image_name", name) == name:
-                users.append(volume)
-    return users
+            for name, image_id in ids.items():
+                if config.get("backing_image") != image_id:
+                    continue
+                if config.get("backing_image_name", name) == name:
+                    found.setdefault(name, []).append(volume)
+    return found
