@@ -380,7 +380,7 @@ def grow(device: Path, size: int) -> dict[str, Any]:
     if shutil.which(args[0]) is None:
         out["todo"] = f"{' '.join(args)} ({args[0]} is not installed)"
         return out
-    if fstype == "ext4" and not _capable(_CAP_SYS_RESOURCE):
+    if fstype == "ext4" and not capable(CAP_SYS_RESOURCE):
         out["todo"] = (
             f"{' '.join(args)}: growing a mounted ext4 needs the CAP_SYS_RESOURCE capability, "
             "which this process lacks (run it where it has it, or 'lhfs umount' and "
@@ -395,11 +395,11 @@ def grow(device: Path, size: int) -> dict[str, Any]:
     return {**out, "filesystem": fstype, "mountpoint": mountpoint}
 
 
-_CAP_SYS_RESOURCE = 24
+CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24  # (linux/capability.h)
 
 
-def _capable(capability: int) -> bool:
-    """Whether this process holds ``capability`` (in its effective set)."""
+def capable(capability: int) -> bool:
+    """Whether this process holds ``capability`` (in its effective set: CapEff)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("CapEff:"):

@@ -1,0 +1,142 @@
+"""What an operator meets, continued: ``doctor`` on the tools and the capability growing a
+mounted ext4 needs; ``mount --fs`` of a volume holding another file system refused as a
+refusal; ``umount --json`` saying the state it leaves; a crashed volume's held loop device
+waited for once; ``logs -f`` merging its components in time order."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import needs_fuse
+
+from lhfs.core import logs
+from lhfs.core.procs import LHFS, wait_for
+from lhfs.testing import Cli, kill_engine
+
+
+def one_line(result: subprocess.CompletedProcess, status: int) -> str:
+    """The single stderr line of a command that failed with ``status``."""
+    assert result.returncode == status, (result.args, result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def mounted(point: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(point) for line in f)
+
+
+def volumes_dir(cli: Cli) -> Path:
+    return cli.root / "volumes"
+
+
+def loops_on(device: Path) -> list[str]:
+    out = subprocess.run(["losetup", "-j", str(device)], capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
+# -- doctor --------------------------------------------------------------------------------
+
+
+def path_without(directory: Path, *missing: str) -> str:
+    """A $PATH of one directory holding links to every program of this one but ``missing``."""
+    directory.mkdir()
+    for where in [*os.environ.get("PATH", "").split(":"), "/usr/sbin", "/usr/bin", "/sbin"]:
+        if not os.path.isdir(where):
+            continue
+        for entry in os.scandir(where):
+            link = directory / entry.name
+            if entry.name not in missing and not os.path.lexists(link):
+                link.symlink_to(entry.path)
+    return str(directory)
+
+
+def doctor(cli: Cli, *wrapper: str, env: dict[str, str] | None = None) -> tuple[int, dict]:
+    """``doctor --json`` (under ``wrapper``, a command that runs the one after it): its exit
+    status and each check by name."""
+    result = subprocess.run(
+        [*wrapper, LHFS, "--root", str(cli.root), "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    checks = {c["check"]: c for c in json.loads(result.stdout)}
+    assert result.returncode == int(any(c["status"] == "fail" for c in checks.values()))
+    return result.returncode, checks
+
+
+def has_capability(bit: int) -> bool:
+    with open("/proc/self/status") as f:
+        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    return bool(caps >> bit & 1)
+
+
+def test_doctor_checks_the_tools_a_mount_and_a_grow_run(cli: Cli, tmp_path: Path) -> None:
+    """Every tool ``mount``, ``umount`` and ``volume expand`` run is checked where they look
+    for it ($PATH): a missing grow tool (resize2fs, xfs_growfs) is a warning, saying what
+    does not work without it; a missing losetup or mkfs.ext4 fails the doctor (exit 1)."""
+    _, checks = doctor(cli)
+    for tool in ("losetup", "mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "e2fsck"):
+        assert checks[f"tool {tool}"]["status"] == "ok", checks
+        assert checks[f"tool {tool}"]["detail"] == shutil.which(tool), checks
+    path = path_without(tmp_path / "no-grow", "resize2fs", "xfs_growfs")
+    status, checks = doctor(cli, env={"PATH": path})
+    for tool in ("resize2fs", "xfs_growfs"):
+        check = checks[f"tool {tool}"]
+        assert check["status"] == "warn" and check["detail"] == f"{tool} is not installed"
+        assert "install" in check["hint"] and "grow" in check["hint"], check
+    assert "e2fsprogs" in checks["tool resize2fs"]["hint"], checks
+    assert checks["tool mkfs.ext4"]["status"] == checks["tool losetup"]["status"] == "ok"
+    path = path_without(tmp_path / "no-losetup", "losetup", "mkfs.ext4")
+    status, checks = doctor(cli, env={"PATH": path})
+    assert status == 1, checks
+    assert checks["tool losetup"]["status"] == checks["tool mkfs.ext4"]["status"] == "fail"
+    assert "util-linux" in checks["tool losetup"]["hint"], checks
+    shown = subprocess.run(
+        [LHFS, "--root", str(cli.root), "doctor"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path},
+    )
+    assert shown.returncode == 1 and "FAIL  tool losetup" in shown.stdout, shown.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the capabilities are root's")
+def test_doctor_warns_of_a_host_that_cannot_grow_a_mounted_ext4(cli: Cli) -> None:
+    """Growing a mounted ext4 needs CAP_SYS_RESOURCE (a container's root may lack it): the
+    doctor warns of it (exit 0: all else works), saying how it grows anyway; it fails a
+    process without CAP_SYS_ADMIN, which can mount nothing."""
+    _, checks = doctor(cli)
+    held = has_capability(24)
+    assert checks["cap_sys_resource"]["status"] == ("ok" if held else "warn"), checks
+    assert checks["cap_sys_admin"]["status"] == "ok", checks
+    dropped = ("setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource")
+    status, checks = doctor(cli, *dropped)
+    check = checks["cap_sys_resource"]
+    assert check["status"] == "warn" and "CAP_SYS_RESOURCE" in check["detail"], check
+    assert "'lhfs umount' and 'lhfs mount' grow it offline" in check["hint"], check
+    assert status == 0 or any(
+        c["status"] == "fail" for name, c in checks.items() if name != "cap_sys_resource"
+    )
+    if shutil.which("capsh"):  # (libcap2-bin: the same, another way)
+        wrapper = ("capsh", "--drop=cap_sys_resource", "--", "-c", 'exec "$@"', "capsh")
+        _, checks = doctor(cli, *wrapper)  # (capsh runs bash with what follows --)
+        assert checks["cap_sys_resource"]["status"] == "warn", checks
+    no_admin = ("setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin")
+    status, checks = doctor(cli, *no_admin)
+    assert status == 1 and checks["cap_sys_admin"]["status"] == "fail", checks
+    assert "SYS_ADMIN" in checks["cap_sys_admin"]["hint"], checks
+
+
