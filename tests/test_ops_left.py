@@ -140,3 +140,45 @@ def test_doctor_warns_of_a_host_that_cannot_grow_a_mounted_ext4(cli: Cli) -> Non
     assert "SYS_ADMIN" in checks["cap_sys_admin"]["hint"], checks
 
 
+# -- mount and umount ----------------------------------------------------------------------
+
+
+@needs_fuse
+def test_mount_as_another_file_system_is_refused_and_changes_nothing(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``mount --fs xfs`` of a volume formatted ext4 is a refusal (exit 1, not 2: the usage
+    is right, the volume holds another file system), named in one line, with nothing
+    attached or recorded; so is one of a file system lhfs did not make (adopted only as what
+    ``--fs`` names)."""
+    cli.run("volume", "create", "e", "--size", "320M", "--replicas", "1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "e", str(mnt), "--fs", "ext4")
+    cli.run("umount", str(mnt))
+    before = cli.volumes()
+    line = one_line(cli.run("mount", "e", str(mnt), "--fs", "xfs", check=False), 1)
+    assert "volume e is formatted ext4, not xfs" in line and "--fs ext4" in line, line
+    assert cli.volumes() == before and not mounted(mnt)
+    assert loops_on(volumes_dir(cli) / "e" / "device") == []
+    # mounted already: the same
+    cli.run("mount", "e", str(mnt))
+    line = one_line(cli.run("mount", "e", str(mnt), "--fs", "xfs", check=False), 1)
+    assert "formatted ext4, not xfs" in line, line
+    cli.run("umount", str(mnt))
+
+    # a file system made by hand on the attached device: adopted as what it is, not as --fs
+    cli.run("volume", "create", "h", "--size", "64M", "--replicas", "1")
+    device = tmp_path / "h.dev"
+    cli.run("volume", "attach", "h", "--device", str(device))
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(device)], check=True)
+    cli.run("volume", "detach", "h")
+    before = cli.volumes()
+    line = one_line(cli.run("mount", "h", str(mnt), "--fs", "xfs", check=False), 1)
+    assert "volume h is formatted ext4, not xfs" in line, line
+    assert cli.volumes() == before and not mounted(mnt) and cli.info("h")["filesystem"] is None
+    adopted = cli.json("mount", "h", str(mnt))
+    assert adopted["formatted"] is False and cli.info("h")["filesystem"]["type"] == "ext4"
+    cli.run("umount", str(mnt))
+
+
