@@ -182,3 +182,68 @@ def test_mount_as_another_file_system_is_refused_and_changes_nothing(
     cli.run("umount", str(mnt))
 
 
+@needs_fuse
+def test_umount_and_detach_json_say_the_state_they_leave(cli: Cli, tmp_path: Path) -> None:
+    """``umount --json`` (and ``volume detach --json``) said the state from before (healthy):
+    ``state`` is what it leaves (detached), ``was`` what it found; the line says the same as
+    ever."""
+    cli.run("volume", "create", "u", "--size", "64M", "--replicas", "2")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "u", str(mnt))
+    done = cli.json("umount", str(mnt))
+    assert done["state"] == "detached" and done["was"] == "healthy", done
+    assert done["mountpoint"] == str(mnt) and done["flushed"] is True and done["cleaned"] == []
+    assert cli.info("u")["state"] == done["state"]
+    cli.run("mount", "u", str(mnt))
+    said = cli.run("umount", str(mnt)).stdout.strip()
+    assert said == f"unmounted {mnt} and detached u", said
+    cli.run("volume", "attach", "u", "--device", str(tmp_path / "u.dev"))
+    done = cli.json("volume", "detach", "u")
+    assert done["state"] == "detached" and done["was"] == "healthy", done
+    # a crashed one: what it found, and what it cleaned up (its loop device freed)
+    cli.run("mount", "u", str(mnt))
+    loop = cli.info("u")["loop"]
+    kill_engine(cli, "u")
+    done = cli.json("umount", str(mnt))
+    assert done["state"] == "detached" and done["was"] == "crashed", done
+    assert f"freed {loop}" in done["cleaned"], done
+    assert cli.info("u")["state"] == "detached" and not mounted(mnt)
+
+
+@needs_fuse
+def test_umount_of_a_crashed_volume_waits_for_its_held_loop_device_once(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A crashed volume (engine killed -9) whose file system a process still uses: ``umount``
+    unmounts it lazily and its loop device stays held. It waited 5 s for it, then its detach
+    5 s more: it waits once, and says once that it stays."""
+    cli.run("volume", "create", "c", "--size", "64M", "--replicas", "1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "c", str(mnt))
+    loop = cli.info("c")["loop"]
+    # (a shell left in it, and one that opened the loop device: held whatever the kernel
+    # does with a lazily unmounted file system whose device fails)
+    holder = subprocess.Popen(["sh", "-c", f"exec 3<{loop}; exec sleep 300"], cwd=mnt)
+    try:
+        fd = Path(f"/proc/{holder.pid}/fd/3")
+        wait_for(lambda: fd.exists() and os.readlink(fd) == loop, 10, "the loop device held")
+        kill_engine(cli, "c")
+        started = time.monotonic()
+        done = cli.json("umount", str(mnt))
+        took = time.monotonic() - started
+        assert 4.5 < took < 9, (took, done)  # (one wait of 5 s, not two)
+        assert done["state"] == "detached" and done["was"] == "crashed", done
+        stays = [c for c in done["cleaned"] if c.startswith(f"{loop} stays")]
+        assert len(stays) == 1 and "fuser -v" in stays[0], done
+        assert not mounted(mnt) and cli.info("c")["state"] == "detached"
+    finally:
+        holder.kill()
+        holder.wait()
+    device = volumes_dir(cli) / "c" / "device"
+    wait_for(lambda: not loops_on(device), 20, "the loop device to go with its last user")
+    cli.run("mount", "c", str(mnt))  # (and it mounts again)
+    cli.run("umount", str(mnt))
+
+

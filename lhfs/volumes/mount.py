@@ -517,11 +517,15 @@ def _umount(
             hint = f": something uses it ('fuser -vm {mountpoint}' shows what)" if busy else ""
             raise LhfsError(f"umount failed: {why}{hint}")
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
-    attachment.release(device, fuse=False)
+    done = attachment.release(device, fuse=False)
+    # (a loop device that stayed was waited for here: the detach does not wait for it again)
+    settled = attachment.loops_backed_by(device)
     try:
-        report = attachment.detach(root, vol.name, force=force)
+        report = attachment.detach(root, vol.name, force=force, settled=settled)
     except Busy as exc:  # (held elsewhere: what was done here is said with it)
         raise Busy(f"unmounted {mountpoint} here; {vol.name} stays attached: {exc}") from None
+    if state not in ("healthy", "degraded"):  # (a clean-up: what it freed is said too)
+        report["cleaned"] = list(dict.fromkeys([*done, *report["cleaned"]]))
     return {**report, "mountpoint": str(mountpoint)}
 
 
