@@ -247,3 +247,79 @@ def test_umount_of_a_crashed_volume_waits_for_its_held_loop_device_once(
     cli.run("umount", str(mnt))
 
 
+# -- logs -f -------------------------------------------------------------------------------
+
+
+def stamped(when: float, text: str) -> bytes:
+    return logs.stamp_of(when) + text.encode() + b"\n"
+
+
+def test_merger_holds_entries_for_their_window_and_keeps_continuations() -> None:
+    """The follow mode's merge, on a clock of its own: entries come out in time order once
+    their window is past, whichever log they were read from first; a traceback's lines
+    stay with their entry; ``flush`` gives what is held."""
+
+    class Fake:
+        def __init__(self, label: str) -> None:
+            self.label = label
+            self.lines = b""
+
+        def poll(self) -> bytes:
+            out, self.lines = self.lines, b""
+            return out
+
+    engine, r1 = Fake("engine"), Fake("r1")
+    merger = logs.Merger([engine, r1], window=1.0)  # type: ignore[list-item]
+    t = 1_800_000_000.0
+    engine.lines = stamped(t + 0.3, "late") + stamped(t + 0.5, "later")
+    r1.lines = stamped(t + 0.1, "early") + b"Traceback (most recent call last):\n"
+    assert merger.poll(now=t + 0.6) == b""  # (held: within the window)
+    r1.lines = b"  boom\n" + stamped(t + 2.0, "much later")
+    out = merger.poll(now=t + 1.4).decode().splitlines()
+    assert [re.sub(r"^\[\w+\] (\S+Z )?", "", line) for line in out] == [
+        "early",
+        "Traceback (most recent call last):",
+        "  boom",
+        "late",
+    ], out
+    assert all(line.startswith("[r1] ") for line in out[:3]) and out[3].startswith("[engine] ")
+    assert merger.poll(now=t + 1.5).decode().endswith("later\n")
+    assert merger.poll(now=t + 1.6) == b""
+    # an entry that reaches its file after its window: out at once, not lost
+    engine.lines = stamped(t + 0.2, "stalled")
+    assert b"stalled" in merger.poll(now=t + 1.7)
+    assert merger.flush().decode().endswith("much later\n") and merger.flush() == b""
+
+
+def test_logs_follow_merges_its_components_in_time_order(cli: Cli) -> None:
+    """``logs -f`` printed each file's new lines as it read them, in the order it read the
+    files (engine, r1, r2, dr): a replica's line logged before the engine's but read after it
+    came out after it. It merges them by time, as the past is."""
+    cli.run("volume", "create", "f", "--size", "16M", "--replicas", "2")
+    directory = volumes_dir(cli) / "f"
+    follow = cli.start("logs", "f", "-f")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follow.stdout or []), daemon=True)
+    reader.start()
+    try:
+        time.sleep(1)  # (following from here)
+        expected = []
+        for n in range(5):
+            now = time.time()
+            # written newest first, in the order the files are read: engine, r1, r2
+            for label, back in (("engine", 0.0), ("r1", 0.1), ("r2", 0.2)):
+                with open(directory / f"{label}.log", "ab") as f:
+                    f.write(stamped(now - back, f"round {n} {label}"))
+            expected += [f"round {n} {label}" for label in ("r2", "r1", "engine")]
+            time.sleep(0.3)
+        wait_for(lambda: sum("round " in line for line in lines) == 15, 20, "the lines")
+    finally:
+        follow.send_signal(signal.SIGINT)
+        follow.wait(10)
+    assert follow.returncode == 0
+    shown = [line.rstrip("\n").split(" ", 2)[2] for line in lines if "round " in line]
+    assert shown == expected, lines
+    assert all(line.startswith(f"[{line.split()[-1]}] ") for line in lines if "round " in line)
+    # the past, printed without -f, in the same order
+    past = [line.split(" ", 2)[2] for line in cli.run("logs", "f").stdout.splitlines()]
+    assert [line for line in past if line.startswith("round ")] == expected
