@@ -184,11 +184,11 @@ def verb(
 def describe_detach(report: dict[str, Any]) -> str:
     """One line on how a volume was let go (see ``attachment.detach``)."""
     notes = []
-    if report["state"] == "faulted":
+    if report["was"] == "faulted":
         notes.append("it was faulted: writes not flushed before the fault are lost")
-    elif report["state"] == "crashed":
+    elif report["was"] == "crashed":
         notes.append("its engine had died")
-    elif report["state"] == "not answering":
+    elif report["was"] == "not answering":
         notes.append("its engine did not answer")
     elif report["flushed"] is False:
         notes.append("the last flush failed")

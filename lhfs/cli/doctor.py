@@ -33,8 +33,10 @@ def parsers(groups: Any) -> None:
     p = groups.add_parser(
         "doctor",
         help="check what lhfs needs here (and a volume's replicas, a backup target)",
-        description="A preflight check: root, /dev/fuse, loop devices, the tools mount and "
-        "mkfs need, free space and the largest file under the root; with VOLUME, each of its "
+        description="A preflight check: root, /dev/fuse, loop devices, the capabilities "
+        "mounting (CAP_SYS_ADMIN) and growing a mounted ext4 (CAP_SYS_RESOURCE) need, the "
+        "tools mount, mkfs and growing run (on $PATH), free space and the largest file under "
+        "the root; with VOLUME, each of its "
         "replicas reachable and holding its key; with --target, the S3 endpoint's name, the "
         "endpoint answering as S3, the credentials, the bucket writable (a probe object written "
         "and removed) and the clock against the server's. One line per check: ok, WARN or "

@@ -49,7 +49,10 @@ def cmd_logs(args: argparse.Namespace) -> None:
     if args.json and args.follow:
         raise UsageError("--json prints one document: not with -f")
     found = _logs(args)
-    chosen = logs.merged(found, 0 if args.all else args.lines, args.all)
+    # (started first: what is logged while the past is read is the followers' to show)
+    followers = [logs.Follower(label, path) for label, path in found.items() if args.follow]
+    starts = {f.label: f.start for f in followers if f.start is not None}
+    chosen = logs.merged(found, 0 if args.all else args.lines, args.all, starts)
     if args.json:
         print_json(
             [
@@ -68,16 +71,17 @@ def cmd_logs(args: argparse.Namespace) -> None:
     out.flush()
     if not args.follow:
         return
-    followers = [logs.Follower(label, path) for label, path in found.items()]
+    merger = logs.Merger(followers)
     try:
         while True:
-            for follower in followers:
-                new = follower.poll()
-                if new:
-                    out.write(new)
-                    out.flush()
+            new = merger.poll()
+            if new:
+                out.write(new)
+                out.flush()
             time.sleep(_POLL)  # (a file gives no event to wait on here: polled)
     except KeyboardInterrupt:
+        out.write(merger.flush())  # (what was held for its time: read, so shown)
+        out.flush()
         return
 
 
@@ -91,7 +95,13 @@ def parsers(groups: Any) -> None:
         "them). Replicas served on other hosts log there.",
     )
     p.add_argument("name", help="the volume")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new lines, merged in time order too (each held a second past its "
+        "time for lines of other processes logged before it)",
+    )
     p.add_argument(
         "--component",
         action="append",

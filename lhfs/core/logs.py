@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import BinaryIO
 
 LOG_MAX_BYTES = 10 << 20
 LOG_KEEP = 3
@@ -80,14 +81,21 @@ def files(path: Path) -> list[Path]:
     return [p for p in [*older, path] if p.exists()]
 
 
-def entries(path: Path, everything: bool) -> Iterator[tuple[bytes, bytes]]:
+def entries(
+    path: Path, everything: bool, upto: tuple[int, int] | None = None
+) -> Iterator[tuple[bytes, bytes]]:
     """``(stamp, text)`` for each entry of a log (a line with its continuation lines, such as
-    a traceback's); ``everything``: the rotated files too."""
+    a traceback's); ``everything``: the rotated files too. ``upto``: (inode, offset) where a
+    ``Follower`` of the log starts: the current file is read up to there, if it is still that
+    file (what comes after is the follower's to show, once)."""
     stamp = b""
     entry = b""
     for name in files(path) if everything else [path] if path.exists() else []:
         with open(name, "rb") as f:
-            for line in f:
+            end = None
+            if upto is not None and name == path and os.fstat(f.fileno()).st_ino == upto[0]:
+                end = upto[1]
+            for line in f if end is None else _upto(f, end):
                 if _STAMP.match(line) and entry:
                     yield stamp, entry
                     entry = b""
@@ -99,12 +107,28 @@ def entries(path: Path, everything: bool) -> Iterator[tuple[bytes, bytes]]:
         yield stamp, entry
 
 
-def merged(logs: dict[str, Path], lines: int, everything: bool) -> list[tuple[str, bytes, bytes]]:
+def _upto(f: BinaryIO, end: int) -> Iterator[bytes]:
+    """The lines of ``f`` that start before byte ``end``."""
+    while f.tell() < end:
+        line = f.readline()
+        if not line:
+            return
+        yield line
+
+
+def merged(
+    logs: dict[str, Path],
+    lines: int,
+    everything: bool,
+    upto: dict[str, tuple[int, int]] | None = None,
+) -> list[tuple[str, bytes, bytes]]:
     """``(label, stamp, text)`` of the entries of several logs, in time order; the last
-    ``lines`` of them (all with ``lines`` 0)."""
+    ``lines`` of them (all with ``lines`` 0). ``upto``: where the followers of some start
+    (see ``entries``)."""
     tagged = []
     for label, path in logs.items():
-        for n, (stamp, text) in enumerate(entries(path, everything)):
+        where = (upto or {}).get(label)
+        for n, (stamp, text) in enumerate(entries(path, everything, where)):
             tagged.append((stamp, label, n, text))
     tagged.sort(key=lambda item: (item[0], item[1], item[2]))
     chosen = tagged[-lines:] if lines else tagged
@@ -119,14 +143,16 @@ def labelled(label: str, text: bytes) -> bytes:
 
 class Follower:
     """New lines of a log as they come, across rotation (the file is reopened when its name
-    names another file, or when it shrank)."""
+    names another file, or when it shrank). ``start``: (inode, offset) where it began, the
+    end of the file then (None: there was no file)."""
 
     def __init__(self, label: str, path: Path) -> None:
         self.label = label
         self.path = path
-        self._file = None
-        self._inode = None
+        self._file: BinaryIO | None = None
+        self._inode: int | None = None
         self._open(at_end=True)
+        self.start = None if self._file is None else (self._inode, self._file.tell())
 
     def _open(self, at_end: bool) -> None:
         try:
@@ -141,7 +167,7 @@ class Follower:
             f.seek(0, os.SEEK_END)
 
     def poll(self) -> bytes:
-        """What was appended since the last poll (whole lines only)."""
+        """What was appended since the last poll (whole lines only, as they are)."""
         out = b""
         if self._file is not None:
             out = self._read()
@@ -164,5 +190,68 @@ class Follower:
             line = self._file.readline()
             if not line.endswith(b"\n"):  # (an incomplete line: read it next time)
                 self._file.seek(-len(line), os.SEEK_CUR)
-                return labelled(self.label, data) if data else b""
+                return data
             data += line
+
+
+FOLLOW_WINDOW = 1.0  # seconds an entry followed is held for others logged before it
+
+
+def stamp_of(when: float) -> bytes:
+    """The stamp a log line of time ``when`` starts with (as ``_Formatter`` writes it)."""
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+    return f"{whole}.{int(when * 1000) % 1000:03d}Z ".encode()
+
+
+class Merger:
+    """The new entries of several logs (``Follower``s) merged in time order, as ``merged``
+    orders a log's past: each entry is held until ``window`` seconds past its time, so that
+    one another process logged a moment before it, but that was read after it (each file is
+    read in turn, every ``poll``), comes out first. An entry that reaches its file later than
+    that (a process stalled between its stamp and its write) comes out as soon as it is read,
+    after newer ones. Continuation lines (a traceback's) stay with their entry while it is
+    held; read after it went out, they come out on their own with its time."""
+
+    def __init__(self, followers: list[Follower], window: float = FOLLOW_WINDOW) -> None:
+        self.followers = followers
+        self.window = window
+        self._held: list[list] = []  # [stamp, label, seq, text], in the order read
+        self._open: dict[str, list] = {}  # label -> its last entry, while held
+        self._last: dict[str, bytes] = {}  # label -> the stamp of its last entry
+        self._seq = 0
+
+    def poll(self, now: float | None = None) -> bytes:
+        """Read what each log got since, and give the entries whose time has come
+        (``labelled``, in time order)."""
+        for follower in self.followers:
+            for line in follower.poll().splitlines(keepends=True):
+                self._add(follower.label, line)
+        return self._out(stamp_of((time.time() if now is None else now) - self.window))
+
+    def flush(self) -> bytes:
+        """Every entry held, in time order (at the end)."""
+        return self._out(None)
+
+    def _add(self, label: str, line: bytes) -> None:
+        found = _STAMP.match(line)
+        entry = self._open.get(label)
+        if found is None and entry is not None:
+            entry[3] += line
+            return
+        stamp = found.group(0) if found else self._last.get(label, b"")
+        self._last[label] = stamp
+        entry = [stamp, label, self._seq, line]
+        self._seq += 1
+        self._open[label] = entry
+        self._held.append(entry)
+
+    def _out(self, mark: bytes | None) -> bytes:
+        ready = [e for e in self._held if mark is None or e[0] <= mark]
+        if not ready:
+            return b""
+        self._held = [e for e in self._held if not (mark is None or e[0] <= mark)]
+        for entry in ready:
+            if self._open.get(entry[1]) is entry:
+                del self._open[entry[1]]
+        ready.sort(key=lambda e: (e[0], e[1], e[2]))
+        return b"".join(labelled(label, text) for _, label, _, text in ready)

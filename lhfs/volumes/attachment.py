@@ -18,7 +18,7 @@ import re
 import shlex
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +172,12 @@ def _disconnected(device: Path) -> bool:
     return False
 
 
-def release(device: Path, fuse: bool = True) -> list[str]:
+def release(device: Path, fuse: bool = True, settled: Collection[str] = ()) -> list[str]:
     """Unmount the file systems on ``device``'s loop devices (lazily if they are busy or
     their device no longer answers), free the loops and, with ``fuse`` (its engine is gone),
-    unmount the FUSE file itself; what was done."""
+    unmount the FUSE file itself; what was done. ``settled``: loop devices an earlier release
+    of this command waited for and said stay (an ``umount``'s, before its detach): not
+    waited for again, nor said again unless they are gone now."""
     done = []
     loops = loops_backed_by(device)
     for loop in loops:
@@ -185,13 +187,17 @@ def release(device: Path, fuse: bool = True) -> list[str]:
             done.append(f"unmounted {mountpoint}")
         subprocess.run(["losetup", "-d", loop], capture_output=True)
     # (they stay: not waited for; /proc is read only for a loop device still there)
-    held = {loop for loop in loops_backed_by(device) if loop_holders(loop)}
+    held = {loop for loop in loops_backed_by(device) if loop in settled or loop_holders(loop)}
     # (a loop device nothing uses goes at once; one that stays a few seconds is held: by an
     # open file of a lazily unmounted file system, say, and it is said so, not waited for)
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: not set(loops_backed_by(device)) - held, 5, "the loop devices to go")
     left = set(loops_backed_by(device))  # (only what is gone is said freed)
-    done += [f"freed {x}" if x not in left else f"{x} stays: {held_how([x])}" for x in loops]
+    done += [
+        f"freed {x}" if x not in left else f"{x} stays: {held_how([x])}"
+        for x in loops
+        if x not in settled or x not in left
+    ]
     if fuse and (is_mountpoint(device, look=False) or _disconnected(device)):
         subprocess.run(["fusermount3", "-u", "-z", str(device)], capture_output=True)
         done.append(f"unmounted the device {device}")
@@ -204,13 +210,14 @@ def engine_alive(vol: volumes.Volume, record: dict[str, Any]) -> bool:
     return volumes.is_engine(record.get("pid"), vol.name)
 
 
-def _clear_dead_engine(vol: volumes.Volume) -> list[str]:
+def _clear_dead_engine(vol: volumes.Volume, settled: Collection[str] = ()) -> list[str]:
     """Clean up after an engine that died (its runtime record names a dead process), and
-    wait until its replica processes, which die with it, have let go of their directories."""
+    wait until its replica processes, which die with it, have let go of their directories.
+    ``settled``: as for ``release``."""
     record = vol.runtime_record()
     if record is None or engine_alive(vol, record):
         return []
-    done = release(Path(record["device"]))
+    done = release(Path(record["device"]), settled=settled)
     if record.get("device_made"):
         drop_device(Path(record["device"]))
     vol.runtime_path.unlink(missing_ok=True)
@@ -489,36 +496,43 @@ def _kill(pid: int, name: str) -> None:
     wait_for(lambda: not volumes.alive(pid), STOP_TIMEOUT, f"the engine of {name}")
 
 
-def detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
+def detach(
+    root: Path, name: str, force: bool = False, settled: Collection[str] = ()
+) -> dict[str, Any]:
     """Stop the engine of ``name`` (see ``_detach``), one command at a time."""
     vol = volumes.load(root, name)
     with exclusive(vol, force):
-        return _detach(root, name, force)
+        return _detach(root, name, force, settled)
 
 
-def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
-    """Stop the engine of ``name`` and clean up; returns what happened (``state`` the
-    volume was in, whether the last flush reached the replicas, what was cleaned up).
+def _detach(
+    root: Path, name: str, force: bool = False, settled: Collection[str] = ()
+) -> dict[str, Any]:
+    """Stop the engine of ``name`` and clean up; returns what happened (``state``: now
+    ``detached``; ``was``: the state the volume was in; whether the last flush reached the
+    replicas; what was cleaned up). ``settled``: loop devices the caller's own release
+    waited for already (see ``release``).
 
     A healthy engine whose device a loop device uses is refused (``lhfs umount`` first);
     a faulted one, one that does not answer, or (``force``) any, is let go with what is
     mounted on it: nothing more can reach its replicas anyway."""
     vol = volumes.load(root, name)
     record = vol.runtime_record()
-    report: dict[str, Any] = {"name": name, "state": None, "flushed": None, "cleaned": []}
+    report: dict[str, Any] = {"name": name, "state": None, "was": None, "flushed": None}
+    report["cleaned"] = []
     if record is None:
         raise WrongState(f"volume {name} is not attached")
     device = Path(record["device"])
     pid = record.get("pid", -1)
     # (a stopped one would answer nothing: each wait below in turn, 80 s, for nothing)
     if stopped_engine(vol, record, force, "detach"):
-        report["state"], report["flushed"] = "not answering", False
+        report["was"], report["flushed"] = "not answering", False
         report["cleaned"].append(f"killed its engine (pid {pid}), which was stopped")
     elif engine_alive(vol, record):
         state = engine_state(vol)
-        report["state"] = state
+        report["was"] = state
         if _stray_loops(vol, device):  # (an 'lhfs mount' or 'umount' cut short left them)
-            report["cleaned"] += release(device, fuse=False)
+            report["cleaned"] += release(device, fuse=False, settled=settled)
         if loops_backed_by(device) and state != "faulted" and not force:
             loops = ", ".join(loops_backed_by(device))
             if state == "not answering":
@@ -533,8 +547,8 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
                 else held_how(loops_backed_by(device))
             )
             raise Busy(f"{device} is in use by {loops}: {fix}")
-        if loops_backed_by(device):
-            report["cleaned"] += release(device, fuse=False)  # (the FUSE file: the engine's)
+        if loops_backed_by(device):  # (the FUSE file: the engine's)
+            report["cleaned"] += release(device, fuse=False, settled=settled)
         try:
             answer = control.call(vol.control_socket, "detach", timeout=STOP_TIMEOUT)
             report["flushed"] = answer["flushed"] if isinstance(answer, dict) else True
@@ -546,10 +560,11 @@ def _detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
             _kill(pid, name)
             report["cleaned"].append(f"killed its engine (pid {pid})")
     else:
-        report["state"] = "crashed"
+        report["was"] = "crashed"
         report["flushed"] = False
-    report["cleaned"] += _clear_dead_engine(vol)
+    report["cleaned"] += _clear_dead_engine(vol, settled)
     report["cleaned"] = list(dict.fromkeys(report["cleaned"]))  # (each thing once)
+    report["state"] = "detached"
     if record.get("device_made"):
         drop_device(device)
     return report

@@ -67,13 +67,8 @@ def _host(root: Path) -> list[Check]:
         out.append(Check("root", FAIL, "not root", "attaching, loop devices and mounts need root"))
     out.append(_device("fuse", Path("/dev/fuse"), "install fuse3 and load the fuse module"))
     out.append(_device("loop", Path("/dev/loop-control"), "load the loop module (modprobe loop)"))
-    for tool, status, hint in (
-        ("fusermount3", FAIL, "install fuse3"),
-        ("losetup", FAIL, "install util-linux"),
-        ("blkid", FAIL, "install util-linux"),
-        ("mkfs.ext4", FAIL, "install e2fsprogs (ext4 is the default file system)"),
-        ("mkfs.xfs", WARN, "install xfsprogs to format volumes as xfs"),
-    ):
+    out += _capabilities()
+    for tool, status, hint in TOOLS:
         found = shutil.which(tool)
         out.append(
             Check(f"tool {tool}", OK, found)
@@ -81,6 +76,62 @@ def _host(root: Path) -> list[Check]:
             else Check(f"tool {tool}", status, f"{tool} is not installed", hint)
         )
     out += _root(root)
+    return out
+
+
+# What ``lhfs mount``, ``umount`` and ``volume expand`` run, found on $PATH as they find them:
+# a missing one of the first kind fails every mount (or every ext4 one), of the second only
+# what it is for.
+_EXT4_GROW = "volume expand cannot grow a mounted ext4, nor a mount one expanded meanwhile"
+TOOLS = (
+    ("fusermount3", FAIL, "install fuse3"),
+    ("losetup", FAIL, "install util-linux"),
+    ("blkid", FAIL, "install util-linux"),
+    ("blockdev", FAIL, "install util-linux (a format is flushed with it)"),
+    ("mount", FAIL, "install mount"),
+    ("umount", FAIL, "install mount"),
+    ("mkfs.ext4", FAIL, "install e2fsprogs (ext4 is the default file system)"),
+    ("dumpe2fs", FAIL, "install e2fsprogs (every ext4 mount reads its size with it)"),
+    ("e2fsck", WARN, f"install e2fsprogs: without it {_EXT4_GROW}"),
+    ("resize2fs", WARN, f"install e2fsprogs: without it {_EXT4_GROW}"),
+    ("mkfs.xfs", WARN, "install xfsprogs to format volumes as xfs"),
+    ("xfs_growfs", WARN, "install xfsprogs: without it an xfs volume is not grown"),
+)
+
+
+def _capabilities() -> list[Check]:
+    """What root may still lack (a container's root): CAP_SYS_ADMIN, without which nothing
+    is mounted, and CAP_SYS_RESOURCE, which the kernel wants to grow a mounted ext4 (the
+    commands lhfs runs inherit this process's capabilities)."""
+    from lhfs.volumes.mount import CAP_SYS_ADMIN, CAP_SYS_RESOURCE, capable
+
+    if os.geteuid() != 0:
+        return []  # (the root check fails already: a user has none of them)
+    out = []
+    if capable(CAP_SYS_ADMIN):
+        out.append(Check("cap_sys_admin", OK, "held: file systems and FUSE can be mounted"))
+    else:
+        out.append(
+            Check(
+                "cap_sys_admin",
+                FAIL,
+                "this process lacks CAP_SYS_ADMIN: nothing can be mounted (attach, mount)",
+                "run lhfs with it (a container: --cap-add SYS_ADMIN, or privileged)",
+            )
+        )
+    if capable(CAP_SYS_RESOURCE):
+        out.append(Check("cap_sys_resource", OK, "held: a mounted ext4 can be grown online"))
+    else:
+        out.append(
+            Check(
+                "cap_sys_resource",
+                WARN,
+                "this process lacks CAP_SYS_RESOURCE: volume expand cannot grow a mounted "
+                "ext4 online (xfs it can)",
+                "run lhfs with it (a container: --cap-add SYS_RESOURCE); else 'lhfs umount' "
+                "and 'lhfs mount' grow it offline",
+            )
+        )
     return out
 
 

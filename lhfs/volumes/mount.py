@@ -160,20 +160,14 @@ def mount(
         raise NotFound(f"mount point {mountpoint} is not a directory")
     vol = volumes.load(root, name)
     record = vol.filesystem
+    asked = fs
     if record is not None:  # (formatted, or a format cut short: done again as it began)
         if fs is not None and record["state"] == "formatted" and record["type"] != fs:
-            raise InvalidArgument(f"volume {name} holds {record['type']}, not {fs}")
+            raise WrongState(_holds_another(name, record["type"], fs))
         fs = fs or record["type"]
     fs = fs or "ext4"
-    if record is None or record["state"] == "formatting":
-        tool = MKFS[fs][0]
-        if not shutil.which(tool):
-            raise NotFound(f"{tool} is not installed: it is needed to format a new volume as {fs}")
-        if vol.size < MIN_SIZE.get(fs, 0):  # (said before anything is recorded or attached)
-            raise InvalidArgument(
-                f"{fs} needs a volume of {format_size(MIN_SIZE[fs])} at least and {name} is "
-                f"{format_size(vol.size)}: 'lhfs volume expand' it, or format it as ext4"
-            )
+    if record is not None and record["state"] == "formatting":  # (said before it is attached)
+        _can_format(vol, fs)
     with attachment.exclusive(vol):  # (another mount of it waits, then sees this one's)
         attached_here = False
         runtime = vol.runtime()
@@ -194,7 +188,7 @@ def mount(
             if runtime is None:
                 raise LhfsError(f"volume {name} did not stay attached; see {vol.engine_log}")
         try:
-            done = _mount_attached(vol, Path(runtime["device"]), mountpoint, fs)
+            done = _mount_attached(vol, Path(runtime["device"]), mountpoint, fs, asked)
             return {**done, "metrics": runtime.get("metrics")}  # (where, if it serves them)
         except BaseException:
             if attached_here:  # leave things as they were
@@ -209,9 +203,35 @@ def _release(device: Path) -> None:
     wait_for(lambda: not attachment.loops_backed_by(device), 30, "the loop device to go")
 
 
-def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str) -> dict[str, Any]:
+def _can_format(vol: volumes.Volume, fs: str) -> None:
+    """Refuse, before anything is recorded, a format that cannot be done: its mkfs missing,
+    or a volume too small for ``fs``. Asked once the volume is known to be formatted (a
+    volume with no record may hold a file system lhfs did not make: it is adopted, and
+    neither matters)."""
+    tool = MKFS[fs][0]
+    if not shutil.which(tool):
+        raise NotFound(f"{tool} is not installed: it is needed to format a new volume as {fs}")
+    if vol.size < MIN_SIZE.get(fs, 0):
+        raise InvalidArgument(
+            f"{fs} needs a volume of {format_size(MIN_SIZE[fs])} at least and {vol.name} is "
+            f"{format_size(vol.size)}: 'lhfs volume expand' it, or format it as ext4"
+        )
+
+
+def _holds_another(name: str, held: str, asked: str) -> str:
+    """The refusal of ``--fs asked`` for a volume that holds a file system of another type."""
+    return (
+        f"volume {name} is formatted {held}, not {asked}: refusing to mount it as {asked} "
+        f"(leave --fs out, or give --fs {held}; nothing was changed)"
+    )
+
+
+def _mount_attached(
+    vol: volumes.Volume, device: Path, mountpoint: Path, fs: str, asked: str | None = None
+) -> dict[str, Any]:
     """Mount the attached volume's ``device`` at ``mountpoint`` through a loop device (its own
-    if it has one); a loop device made here is freed again if the mount fails or is refused."""
+    if it has one); a loop device made here is freed again if the mount fails or is refused.
+    ``asked``: the file system the command named (``--fs``), which one found must be."""
     loops = attachment.loops_backed_by(device)
     already = attachment.mounted_at(loops[0]) if loops else []
     if already:
@@ -222,22 +242,26 @@ def _mount_attached(vol: volumes.Volume, device: Path, mountpoint: Path, fs: str
     if attachment.is_mountpoint(mountpoint):
         raise Busy(f"{mountpoint} is already a mount point")
     if loops:
-        return _format_and_mount(vol, loops[0], mountpoint, fs)
+        return _format_and_mount(vol, loops[0], mountpoint, fs, asked)
     loop = _run(["losetup", "--direct-io=on", "--find", "--show", str(device)], "losetup").strip()
     try:
-        return _format_and_mount(vol, loop, mountpoint, fs)
+        return _format_and_mount(vol, loop, mountpoint, fs, asked)
     except BaseException:
         subprocess.run(["losetup", "-d", loop], capture_output=True)
         raise
 
 
-def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str) -> dict[str, Any]:
-    """Format ``loop`` if the volume never was (see ``decide``), then mount it."""
+def _format_and_mount(
+    vol: volumes.Volume, loop: str, mountpoint: Path, fs: str, asked: str | None = None
+) -> dict[str, Any]:
+    """Format ``loop`` if the volume never was (see ``decide``), then mount it; a file system
+    lhfs did not make is adopted only if it is what ``asked`` names (when it names one)."""
     record = vol.filesystem
     blank = control.call(vol.control_socket, "blank")
     action = decide(record, probe(loop), blank)
     formatted = False
     if action == "format":
+        _can_format(vol, fs)
         record = {"type": fs, "uuid": str(uuid.uuid4()), "state": "formatting"}
         vol.record_filesystem(record)
         try:
@@ -251,6 +275,8 @@ def _format_and_mount(vol: volumes.Volume, loop: str, mountpoint: Path, fs: str)
         formatted = True
     elif action == "adopt":
         found = probe(loop) or {}
+        if asked is not None and found.get("TYPE") != asked:  # (before anything is recorded)
+            raise WrongState(_holds_another(vol.name, str(found.get("TYPE")), asked))
         record = {
             "type": found.get("TYPE", fs),
             "uuid": found.get("UUID", ""),
@@ -380,7 +406,7 @@ def grow(device: Path, size: int) -> dict[str, Any]:
     if shutil.which(args[0]) is None:
         out["todo"] = f"{' '.join(args)} ({args[0]} is not installed)"
         return out
-    if fstype == "ext4" and not _capable(_CAP_SYS_RESOURCE):
+    if fstype == "ext4" and not capable(CAP_SYS_RESOURCE):
         out["todo"] = (
             f"{' '.join(args)}: growing a mounted ext4 needs the CAP_SYS_RESOURCE capability, "
             "which this process lacks (run it where it has it, or 'lhfs umount' and "
@@ -395,11 +421,11 @@ def grow(device: Path, size: int) -> dict[str, Any]:
     return {**out, "filesystem": fstype, "mountpoint": mountpoint}
 
 
-_CAP_SYS_RESOURCE = 24
+CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24  # (linux/capability.h)
 
 
-def _capable(capability: int) -> bool:
-    """Whether this process holds ``capability`` (in its effective set)."""
+def capable(capability: int) -> bool:
+    """Whether this process holds ``capability`` (in its effective set: CapEff)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("CapEff:"):
@@ -491,11 +517,15 @@ def _umount(
             hint = f": something uses it ('fuser -vm {mountpoint}' shows what)" if busy else ""
             raise LhfsError(f"umount failed: {why}{hint}")
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
-    attachment.release(device, fuse=False)
+    done = attachment.release(device, fuse=False)
+    # (a loop device that stayed was waited for here: the detach does not wait for it again)
+    settled = attachment.loops_backed_by(device)
     try:
-        report = attachment.detach(root, vol.name, force=force)
+        report = attachment.detach(root, vol.name, force=force, settled=settled)
     except Busy as exc:  # (held elsewhere: what was done here is said with it)
         raise Busy(f"unmounted {mountpoint} here; {vol.name} stays attached: {exc}") from None
+    if state not in ("healthy", "degraded"):  # (a clean-up: what it freed is said too)
+        report["cleaned"] = list(dict.fromkeys([*done, *report["cleaned"]]))
     return {**report, "mountpoint": str(mountpoint)}
 
 
