@@ -143,6 +143,20 @@ def test_serve_and_init_check_before_they_make_anything(
     ca = ("--tls-ca", missing)
     added = cli.run("replica", "add", "ghost", "--address", "127.0.0.1:1", *ca, check=False)
     assert one_line(added, 1).endswith(f"CA certificate {missing} does not exist")
+    # a CA that is no file, or larger than a CA: refused before it is read whole
+    added = cli.run(
+        "replica", "add", "ghost", "--address", "127.0.0.1:1", "--tls-ca", "/dev/zero", check=False
+    )
+    assert one_line(added, 2).endswith("CA certificate /dev/zero is not a regular file")
+    huge = tmp_path / "huge.pem"
+    with huge.open("wb") as f:
+        f.truncate(1 << 30)
+    added = cli.run(
+        "replica", "add", "ghost", "--address", "127.0.0.1:1", "--tls-ca", str(huge), check=False
+    )
+    assert one_line(added, 2).endswith(
+        f"CA certificate {huge} is larger than a CA (64 KiB at most)"
+    )
 
     made = tmp_path / "made"
     image = ("--backing-image", str(tmp_path / "no.img"))

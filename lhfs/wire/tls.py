@@ -11,7 +11,9 @@ is handed the same CA.
 
 from __future__ import annotations
 
+import os
 import ssl
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -71,13 +73,28 @@ def client_context(ca_pem: str) -> ssl.SSLContext:
 
 
 def read_ca(path: Path) -> str:
-    """The CA file an operator names, checked to be usable."""
+    """The CA file an operator names, checked to be usable: a regular file (``/dev/zero``
+    or a pipe would be read for ever), read no further than a CA may be long."""
     try:
-        text = Path(path).read_text()
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:  # (exit 1, as for every other file named that is missing)
         raise NotFound(f"CA certificate {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"cannot read CA certificate {path}: {exc}") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read CA certificate {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidArgument(f"CA certificate {path} is not a regular file")
+        data = os.read(fd, MAX_CA_PEM + 1)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read CA certificate {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CA_PEM:
+        raise InvalidArgument(f"CA certificate {path} is larger than a CA (64 KiB at most)")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"CA certificate {path} is not a PEM file (not text)") from None
     client_context(text)
     return text
 
