@@ -205,7 +205,7 @@ def cmd_volume_expand(args: argparse.Namespace) -> None:
         text += f", and its {done['filesystem']} file system at {done['mountpoint']}"
     if done["todo"]:
         text += f"; still to do: {done['todo']}"
-    if not (done["changed"] or done["loop"] or done["todo"]):
+    if not (done["changed"] or done["loop"] or done["filesystem"] or done["todo"]):
         text += ": nothing to do"
     say(args, done, text)
 

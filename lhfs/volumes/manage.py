@@ -610,8 +610,9 @@ def expand(root: Path, name: str, size: int) -> dict[str, Any]:
     done when it could not: ``changed`` (False: it already had that size), ``size``, ``loop``
     (the loop device grown), ``filesystem`` and ``mountpoint`` (the file system grown),
     ``todo`` (None, or the command an operator still has to run). Asked for the size it
-    has, an attached volume's loop device smaller than that is grown, with its file system:
-    an expansion killed after the volume grew left them small, and nothing else grows them."""
+    has, an attached volume's loop device or file system smaller than that is grown: an
+    expansion killed (or short of a tool) after the volume grew left them small, and nothing
+    else grows them while the volume stays mounted."""
     vol = volumes.load(root, name)
     done: dict[str, Any] = {
         "name": name, "changed": False, "size": size, "loop": None, "filesystem": None,
@@ -651,9 +652,12 @@ def _grow_on_top(vol: volumes.Volume, size: int, only_behind: bool = False) -> d
     from lhfs.volumes import mount
 
     runtime = vol.runtime()
-    if runtime is None or (only_behind and not mount.loop_behind(Path(runtime["device"]), size)):
+    if runtime is None:
         return {}
-    return mount.grow(Path(runtime["device"]), size)
+    device = Path(runtime["device"])
+    if only_behind and not (mount.loop_behind(device, size) or mount.fs_behind(device)):
+        return {}
+    return mount.grow(device, size)
 
 
 def _grow_later(vol: volumes.Volume) -> str | None:

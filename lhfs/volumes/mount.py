@@ -348,17 +348,56 @@ def _grow_ext4_unmounted(vol: volumes.Volume, loop: str) -> bool:
     return False
 
 
-def _grow_xfs_mounted(loop: str, mountpoint: str) -> bool:
-    """Grow an xfs smaller than its volume once mounted (xfs grows only online)."""
+def _xfs_size(mountpoint: str) -> tuple[int, int] | None:
+    """(size, block size) of the xfs mounted at ``mountpoint``, as ``xfs_growfs -n`` says
+    (None: an answer of another form)."""
     found = re.search(
         r"^data\s*=\s*bsize=(\d+)\s+blocks=(\d+)",
         _run(["xfs_growfs", "-n", mountpoint], "xfs_growfs -n"),
         re.MULTILINE,
     )
-    if found is None or _capacity(loop) - int(found[1]) * int(found[2]) < int(found[1]):
+    return None if found is None else (int(found[1]) * int(found[2]), int(found[1]))
+
+
+def _grow_xfs_mounted(loop: str, mountpoint: str) -> bool:
+    """Grow an xfs smaller than its volume once mounted (xfs grows only online)."""
+    found = _xfs_size(mountpoint)
+    if found is None or _capacity(loop) - found[0] < found[1]:
         return False  # (nothing to grow, or an answer of another form: left as it is)
     # (any growth: a few blocks it cannot use change nothing, and it says so)
     return "data blocks changed" in _run(["xfs_growfs", mountpoint], "xfs_growfs")
+
+
+def _fs_size(fstype: str | None, loop: str, mountpoint: str) -> int | None:
+    """The size of the file system of type ``fstype`` mounted from ``loop`` at
+    ``mountpoint`` (None: not one lhfs grows, or its tool does not say)."""
+    try:
+        if fstype == "ext4":
+            found = _ext4_size(loop)
+        elif fstype == "xfs":
+            found = _xfs_size(mountpoint)
+        else:
+            return None
+    except LhfsError:  # (its tool missing or failing: grow says what to do)
+        return None
+    return None if found is None else found[0]
+
+
+def fs_behind(device: Path) -> bool:
+    """Whether the file system mounted from a loop device on ``device`` is smaller than that
+    loop device by a block or more: an expansion killed (or refused a tool or capability)
+    after it grew the loop device and before it grew the file system. Its size is asked of
+    its tool (``dumpe2fs``, ``xfs_growfs -n``); a tool that does not answer: behind (``grow``
+    then says what is missing)."""
+    for loop in attachment.loops_backed_by(device):
+        for mountpoint in attachment.mounted_at(loop)[:1]:
+            fstype = _fstype_at(mountpoint)
+            if fstype not in GROW:
+                continue
+            size = _fs_size(fstype, loop, mountpoint)
+            if size is None or _capacity(loop) - size >= 4096:
+                return True
+    return False
 
 
 def _not_formatted(vol: volumes.Volume, mountpoint: Path, fs: str) -> str:
@@ -385,6 +424,7 @@ def grow(device: Path, size: int) -> dict[str, Any]:
     if not loops:
         return out  # nothing on top of the device: it already has the new size
     loop = loops[0]
+    smaller = _capacity(loop) < size  # (not: only its file system is behind)
     try:
         wait_for(lambda: os.stat(device).st_size == size, 10, "the device file to grow")
         _run(["losetup", "--set-capacity", loop], "losetup --set-capacity")
@@ -392,7 +432,7 @@ def grow(device: Path, size: int) -> dict[str, Any]:
     except (LhfsError, TimeoutError) as exc:
         out["todo"] = f"losetup --set-capacity {loop}, then grow the file system ({exc})"
         return out
-    out["loop"] = loop
+    out["loop"] = loop if smaller else None
     mounts = attachment.mounted_at(loop)
     if not mounts:
         return out
@@ -413,11 +453,15 @@ def grow(device: Path, size: int) -> dict[str, Any]:
             "'lhfs mount' it again: a mount grows it)"
         )
         return out
+    before = _fs_size(fstype, loop, mountpoint)
     try:
         _run(args, args[0])
     except LhfsError as exc:
         out["todo"] = f"{' '.join(args)} ({exc})"
         return out
+    after = _fs_size(fstype, loop, mountpoint)
+    if before is not None and after is not None and after <= before:
+        return out  # (a few blocks its tool cannot use: nothing grown, nothing to do)
     return {**out, "filesystem": fstype, "mountpoint": mountpoint}
 
 
