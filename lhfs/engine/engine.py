@@ -96,6 +96,9 @@ class ReplicaLink:
     # the revision it last said it holds durably (its answer to a flush; recorded when the
     # volume faulted): whatever answers at its address below that is an older copy of it
     synced: int = -1
+    # why another directory answering at its address was refused, as last logged: a
+    # condition that lasts until the operator acts is said once, not at every attempt
+    stranger: str | None = None
 
     def public(self) -> dict[str, Any]:
         """What ``info`` shows. A replica whose rebuild is in its first steps (a new one

@@ -37,7 +37,7 @@ from typing import Protocol
 
 import trio
 
-from lhfs.core.errors import Busy, Fenced, LhfsError, NoAnswer
+from lhfs.core.errors import Busy, Fenced, LhfsError, NoAnswer, WrongVolume
 from lhfs.engine.engine import ERR, Engine, ReplicaLink
 from lhfs.wire.client import ReplicaClient
 
@@ -69,6 +69,9 @@ class Owner(Protocol):
 
     def rejoin_settings(self) -> tuple[float, float]:
         """The volume's ``rejoin_wait`` and ``rejoin_limit``, as they are now."""
+
+    def named(self, exc: WrongVolume) -> str:
+        """``exc`` naming the volume the replica at the address belongs to, if the root has it."""
 
 
 class Rejoiner:
@@ -139,16 +142,18 @@ class Rejoiner:
                 unanswered = unanswered + 1 if isinstance(exc, NoAnswer) else 0
                 if isinstance(exc, Busy):  # (it answers: a slot frees soon, unlike a host)
                     delay = FIRST_DELAY
-                link.rejoin = f"unreachable ({exc}); trying again in {delay:.0f}s"
-                if str(exc) != told:
-                    told = str(exc)
+                why = self.owner.named(exc) if isinstance(exc, WrongVolume) else str(exc)
+                link.rejoin = f"unreachable ({why}); trying again in {delay:.0f}s"
+                if why != told:
+                    told = why
                     log.warning("replica %s cannot be brought back yet: %s", link.id, told)
                 await trio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
                 continue
             unanswered = 0
             link.rejoin = f"answers again; rebuilding in {wait:.0f}s"
-            log.info("replica %s (%s) answers again", link.id, link.address)
+            if link.stranger is None:  # (another directory there, said once: quiet since)
+                log.info("replica %s (%s) answers again", link.id, link.address)
             await trio.sleep(wait)
             while engine.state == "faulted" and link.id != engine.last_rw and not self._gone(link):
                 link.rejoin = f"answers again; waiting for {engine.last_rw} to serve first"

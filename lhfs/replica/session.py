@@ -56,6 +56,16 @@ MAX_SESSIONS = 64  # authenticated connections at once
 LOG_EVERY = 60.0  # seconds between two lines about refused or failed strangers of one source
 
 
+# How a TLS connection starts: a handshake record (22) of TLS 1.x (3).
+TLS_HELLO = b"\x16\x03"
+
+
+class Probe(ProtocolError):
+    """A client whose TLS handshake failed asks whether the replica answers without TLS,
+    to tell its operator so (``client.answers_plain``): its hello names no volume. Not
+    logged: the TLS handshake it follows was, and it is no other volume's engine."""
+
+
 @dataclass(eq=False)
 class Session:
     """One authenticated connection."""
@@ -230,6 +240,11 @@ class Sessions:
 
     async def _handshake(self, stream: trio.SocketStream | trio.SSLStream) -> Session:
         magic, version = p.PREAMBLE.unpack(await _exactly(stream, p.PREAMBLE.size))
+        if magic[:2] == TLS_HELLO:  # (said as what it is: the engine's operator has to know)
+            raise ProtocolError(
+                "a client began a TLS handshake: this replica serves without TLS (an engine "
+                "given --tls-ca for it is refused; serve it with --tls-cert/--tls-key)"
+            )
         if magic != p.MAGIC:
             raise ProtocolError("not an lhfs client")
         if version != p.VERSION:
@@ -240,6 +255,8 @@ class Sessions:
         key = self.key
         if volume_id != key.id:
             await _challenge(stream, p.HS_WRONG_VOLUME, key.id, b"", b"", 0)
+            if volume_id == p.PROBE_VOLUME:  # (no volume's: the TLS handshake just said)
+                raise Probe("a client asked whether this replica answers without TLS")
             raise ProtocolError(f"client asked for another volume ({volume_id.hex()})")
         server_nonce = auth.nonce()
         proof = key.server_proof(client_nonce, server_nonce, self.epoch)
