@@ -116,8 +116,8 @@ def test_the_volume_log_tells_what_happened_to_it(cli: Cli, tmp_path: Path) -> N
 
 def test_a_replica_of_another_volume_is_named_by_its_name(cli: Cli, tmp_path: Path, serve) -> None:
     """At a failed replica's address answers a replica of another volume of this root: the
-    engine's log and doctor name that volume, as ``replica add`` does (they said "another
-    volume (id 32 hex digits)")."""
+    engine's log, ``replica ls``, doctor and a refused attach name that volume, as ``replica
+    add`` does (they said "another volume (id 32 hex digits)")."""
     _, (far,) = remote_volume(cli, tmp_path, serve, "a", 1)
     cli.run("volume", "create", "b", "--size", "16M", "--replicas", "1")
     cli.run("volume", "key", "b", "--out", str(tmp_path / "b.key"))
@@ -132,6 +132,8 @@ def test_a_replica_of_another_volume_is_named_by_its_name(cli: Cli, tmp_path: Pa
     doctor = cli.run("doctor", "a", check=False).stdout
     assert said in doctor and "another volume" not in doctor, doctor
     cli.run("volume", "detach", "a")
+    refused = cli.run("volume", "attach", "a", "--device", str(tmp_path / "a.dev"), check=False)
+    assert refused.returncode == 1 and said in refused.stderr, refused.stderr
 
 
 def test_a_tls_replica_lost_is_said_with_a_reason_and_a_probe_is_said_as_one(

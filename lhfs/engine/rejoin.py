@@ -70,9 +70,6 @@ class Owner(Protocol):
     def rejoin_settings(self) -> tuple[float, float]:
         """The volume's ``rejoin_wait`` and ``rejoin_limit``, as they are now."""
 
-    def named(self, exc: WrongVolume) -> str:
-        """``exc`` naming the volume the replica at the address belongs to, if the root has it."""
-
 
 class Rejoiner:
     """Watches failed replicas and brings back those that answer again."""
@@ -110,7 +107,11 @@ class Rejoiner:
         unanswered = 0  # attempts in a row left without an answer (a live local process: hung)
         if link.comebacks:  # it failed again since it was last brought back
             pause = min(2.0**link.comebacks, MAX_DELAY)
-            link.rejoin = f"failed again after coming back; trying again in {pause:.0f}s"
+            link.rejoin = (
+                f"another directory answers at its address; looking again in {pause:.0f}s"
+                if link.stranger
+                else f"failed again after coming back; trying again in {pause:.0f}s"
+            )
             await trio.sleep(pause)
         while not self._gone(link):
             if link.held is not None:  # (held since it was watched: the operator decides)
@@ -142,7 +143,7 @@ class Rejoiner:
                 unanswered = unanswered + 1 if isinstance(exc, NoAnswer) else 0
                 if isinstance(exc, Busy):  # (it answers: a slot frees soon, unlike a host)
                     delay = FIRST_DELAY
-                why = self.owner.named(exc) if isinstance(exc, WrongVolume) else str(exc)
+                why = engine.named(exc) if isinstance(exc, WrongVolume) else str(exc)
                 link.rejoin = f"unreachable ({why}); trying again in {delay:.0f}s"
                 if why != told:
                     told = why
