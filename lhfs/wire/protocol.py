@@ -35,6 +35,7 @@ import json
 import mmap
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -374,6 +375,8 @@ def reason(exc: BaseException) -> str:
     seen: BaseException | None = exc
     kinds = []
     while seen is not None and len(kinds) < 8:
+        if isinstance(seen, ssl.SSLEOFError):  # (a killed peer, most often: said plainly)
+            return "EOF: the peer closed the connection without ending its TLS session"
         if str(seen):
             return str(seen)
         kinds.append(type(seen).__name__)
