@@ -15,7 +15,7 @@ from conftest import needs_fuse
 from lhfs.core.procs import wait_for
 from lhfs.replica.process import ReplicaProcess
 from lhfs.testing import Cli, make_tls, write_direct
-from lhfs.wire.client import parse_address
+from lhfs.wire.client import answers_plain, parse_address
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
@@ -143,7 +143,8 @@ def test_a_tls_replica_lost_is_said_with_a_reason_and_a_probe_is_said_as_one(
     and nothing: a TLS stream's error says nothing itself). A replica served without TLS and
     added with ``--tls-ca`` is probed in plain to tell the engine's operator so: the replica's
     log says a TLS handshake came (it said "not an lhfs client", or that a client asked for
-    "another volume (000...0)": the probe)."""
+    "another volume (000...0)": the probe). A replica served with TLS says a client spoke
+    without TLS (it said "wrong version number"), and nothing of the probe."""
     ca, cert, key = make_tls(tmp_path / "tls")
     cli.run("volume", "create", "t", "--size", "16M", "--replicas", "1")
     cli.run("volume", "attach", "t", "--device", str(tmp_path / "t.dev"))
@@ -157,6 +158,15 @@ def test_a_tls_replica_lost_is_said_with_a_reason_and_a_probe_is_said_as_one(
     assert "another volume" not in said and "0" * 32 not in said, said
     assert "a client began a TLS handshake: this replica serves without TLS" in said, said
     remote = replica_factory(tmp_path / "remote", tmp_path / "t.key", tls=(cert, key))
+    assert not answers_plain(*parse_address(remote.address))  # (a probe: not logged)
+    plain_add = cli.run("replica", "add", "t", "--address", remote.address, check=False)
+    assert plain_add.returncode == 1 and "--tls-ca" in plain_add.stderr, plain_add.stderr
+    handshakes = lambda: [  # noqa: E731
+        line for line in remote.log.read_text().splitlines() if "during the handshake" in line
+    ]
+    wait_for(handshakes, 10, "the TLS replica to log the plain client")
+    assert len(handshakes()) == 1, remote.log.read_text()  # (one a minute: the probe was not)
+    assert "a client spoke without TLS: this replica serves TLS only" in handshakes()[0]
     far = cli.run("replica", "add", "t", "--address", remote.address, "--tls-ca", str(ca))
     far_id = far.stdout.split()[2]
     remote.kill()

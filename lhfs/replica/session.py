@@ -224,6 +224,7 @@ class Sessions:
         try:
             with slot.scope:
                 if context is not None and stream.socket.family != socket.AF_UNIX:
+                    await _refuse_plain(stream)
                     try:
                         stream = await tls.wrap_server(stream, context)
                     except trio.BrokenResourceError as exc:
@@ -387,6 +388,25 @@ async def _challenge(
 ) -> None:
     await stream.send_all(
         p.CHALLENGE.pack(p.MAGIC, p.VERSION, status, volume_id, nonce, proof, epoch)
+    )
+
+
+async def _refuse_plain(stream: trio.SocketStream) -> None:
+    """On a replica served with TLS, a client that speaks lhfs without TLS is said as such
+    (the TLS layer said "wrong version number"), and a probe (``Probe``) is not said at all:
+    both are told apart by the first bytes, looked at without taking them."""
+    first = await stream.socket.recv(p.HELLO.size, socket.MSG_PEEK)
+    if not first.startswith(p.MAGIC):
+        return
+    # (taken: a connection closed with bytes unread is reset, and the client would not be
+    # told that the replica closed it before answering, nor so pointed to --tls-ca)
+    await _exactly(stream, len(first))
+    probe = p.PREAMBLE.size + len(p.PROBE_VOLUME)
+    if len(first) >= probe and first[p.PREAMBLE.size : probe] == p.PROBE_VOLUME:
+        raise Probe("a client asked whether this replica answers without TLS")
+    raise ProtocolError(
+        "a client spoke without TLS: this replica serves TLS only (an engine reaches it with "
+        "the CA given to replica add --tls-ca)"
     )
 
 
