@@ -92,7 +92,7 @@ def test_the_volume_log_tells_what_happened_to_it(cli: Cli, tmp_path: Path) -> N
         f"expanded from {16 * MIB} to {32 * MIB} bytes",
         "snapshot s1 taken",
         "snapshot s1 removed",
-        f"replica {added} added (local): it is rebuilt",
+        f"replica {added} added (local, under the root): it is rebuilt",
         f"rebuilding replica {added} from r1",
         f"replica {added} rebuilt:",
         "housekeeping: removed system snapshot rebuild-",

@@ -419,7 +419,8 @@ class Daemon:
             if disk is not None and not isinstance(disk, str):
                 raise InvalidArgument("a disk is the path of a mount point")
             added = await self.add_replica(args.get("address"), args.get("tls_ca"), disk)
-            where = "local" if args.get("address") is None else added["address"]
+            where = f"local, {disk or 'under the root'}"
+            where = added["address"] if args.get("address") else where
             log.info("replica %s added (%s): it is rebuilt", added["id"], where)
             return added
         if op == "given_back":  # (why an added replica was given back, if it was)

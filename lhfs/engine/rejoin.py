@@ -17,8 +17,8 @@ full copy on a new replica is as good and it may be gone for good; a local one's
 it still runs, is stopped then (it holds its directory). A directory that was wiped comes back
 uninitialised and the rebuild copies everything. A replica is known by its directory's
 identity (``uid``), not its address: another directory answering there (a copy, another
-replica's) is neither rebuilt over nor served from; it stays ERR, saying so, until the
-replica's own directory answers again.
+replica's) is neither rebuilt over nor served from; it stays ERR, saying so (in the log once:
+it lasts until the operator acts), until the replica's own directory answers again.
 What is under way shows in ``replica ls`` (``rejoin``).
 
 When every replica failed (the engine's own host lost its link, or every local process was
