@@ -79,6 +79,16 @@ def shown(name: str, value: float) -> float | int:
     return value if SETTINGS[name][3].startswith("seconds") else int(value)
 
 
+def changed_settings(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """What changed between two ``Volume.settings()``, as the volume's log says it
+    ("io-timeout 8 -> 4"; empty if nothing did), named as ``volume set`` takes them."""
+    return ", ".join(
+        f"{key.replace('_', '-')} {before.get(key):g} -> {after[key]:g}"
+        for key in after
+        if before.get(key) != after[key]
+    )
+
+
 def check_setting(name: str, value: float) -> float:
     _default, low, high, meaning = SETTINGS[name]
     if not low <= value <= high:
@@ -501,6 +511,16 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
             if replica.get(key) is not None and not isinstance(replica[key], bool):
                 raise bad(f"{field}.{key}", "true, false or null", replica[key])
     return config
+
+
+def named_by_id(root: Path, volume_id: str) -> str | None:
+    """The name of the volume of ``root`` whose identity is ``volume_id``, if it has one: a
+    replica of another volume is named to the operator as that volume."""
+    for name in list_names(root):
+        with contextlib.suppress(LhfsError, OSError, ValueError):
+            if load(root, name).config.get("volume_id") == volume_id:
+                return name
+    return None
 
 
 def list_names(root: Path) -> list[str]:

@@ -83,9 +83,21 @@ class AuthenticationFailed(LhfsError):
 class WrongVolume(LhfsError):
     """A replica belongs to another volume than the one asked for; ``volume_id`` is its."""
 
-    def __init__(self, message: str, volume_id: str = "") -> None:
+    def __init__(
+        self, message: str, volume_id: str = "", address: str = "", volume: str = ""
+    ) -> None:
         super().__init__(message)
         self.volume_id = volume_id
+        self.address = address  # (the replica's, when it was reached over the wire)
+        self.volume = volume  # (the volume it was asked for)
+
+    def naming(self, owner: str | None) -> str:
+        """The refusal naming the volume the replica belongs to, ``owner`` (its name on this
+        root, when the root has it): an operator knows volumes by name, not by a 32-digit id.
+        ``replica add``, the rejoiner and doctor say it alike."""
+        if not owner or not self.address:
+            return str(self)
+        return f"{self.address} serves a replica of volume {owner}, not of {self.volume}"
 
 
 class NotPermitted(LhfsError):

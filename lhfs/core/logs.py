@@ -63,6 +63,22 @@ def setup(path: Path | None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
+def note(path: Path, name: str, message: str) -> None:
+    """Append one line to the log at ``path`` from another process than its service's, in
+    its format: what a command did to a detached volume belongs in that volume's log. A log
+    that cannot be written is let be (the change was made: it is no failure of the command)."""
+    record = logging.LogRecord(name, logging.INFO, "", 0, message, None, None)
+    line = _Formatter("%(asctime)s %(name)s: %(message)s").format(record) + "\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def last_line(path: Path) -> str:
     """The last line a service logged: what a process that exited at start said (its error).
     Reads the end of the file only: a log may be 10 MiB."""

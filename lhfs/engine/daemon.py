@@ -48,7 +48,7 @@ from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
 from lhfs.engine.hold import IoHold
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
-from lhfs.engine.rebuild import SourceError, WrongShape, fit, rebuild
+from lhfs.engine.rebuild import SourceError, Stranger, WrongShape, fit, rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
@@ -361,6 +361,7 @@ class Daemon:
                 assert self.io_hold is not None
                 async with self.io_hold.inside(str(args["hold"])):
                     taken = await engine.snapshot(name, held=True)
+            log.info("snapshot %s taken", name)
             if housekeeping.is_system(name):
                 self.housekeep()
             return taken
@@ -377,6 +378,7 @@ class Daemon:
                 finally:
                     nursery.cancel_scope.cancel()
                     self.tasks.pop("snapshot_rm", None)
+            log.info("snapshot %s removed", name)
             return None
         if op == "expand":
             size = args.get("size")
@@ -386,14 +388,21 @@ class Daemon:
                 raise InvalidArgument(
                     f"size {size} is not a multiple of the chunk size {engine.chunk_size}"
                 )
+            old = engine.size
             await engine.expand(size)
             self.vol.update(lambda config: config.update(size=engine.size))
             self.channel.invalidate_attributes()
+            if engine.size != old:
+                log.info("expanded from %d to %d bytes", old, engine.size)
             return None
         if op == "settings":  # (recorded by the caller; applied here at once)
+            before = self.vol.settings()
             self.vol.config.setdefault("settings", {}).update(
                 {key: float(value) for key, value in args.items() if key in volumes.SETTINGS}
             )
+            changed = volumes.changed_settings(before, self.vol.settings())
+            if changed:
+                log.info("settings changed: %s", changed)
             engine.io_timeout = self.vol.setting("io_timeout")
             self.housekeep()
             return {key: self.vol.setting(key) for key in volumes.SETTINGS}
@@ -409,11 +418,17 @@ class Daemon:
             disk = args.get("disk")
             if disk is not None and not isinstance(disk, str):
                 raise InvalidArgument("a disk is the path of a mount point")
-            return await self.add_replica(args.get("address"), args.get("tls_ca"), disk)
+            added = await self.add_replica(args.get("address"), args.get("tls_ca"), disk)
+            where = f"local, {disk or 'under the root'}"
+            where = added["address"] if args.get("address") else where
+            log.info("replica %s added (%s): it is rebuilt", added["id"], where)
+            return added
         if op == "given_back":  # (why an added replica was given back, if it was)
             return self.given_back.get(str(args.get("id")))
         if op == "replica_rm":
-            return {"left": await self.remove_replica(str(args["id"]))}
+            left = await self.remove_replica(str(args["id"]))
+            log.info("replica %s removed%s", args["id"], f" ({left} left)" if left else "")
+            return {"left": left}
         if op == "scrub":
             task = self.tasks["scrub"] = {"done": 0, "total": 0}
             try:
@@ -438,6 +453,8 @@ class Daemon:
             except LhfsError as exc:
                 flushed, error = False, str(exc)
                 log.warning("detaching without a final flush: %s", exc)
+            else:
+                log.info("detaching: the final flush reached the replicas")
             self.stop()
             return {"state": engine.state, "flushed": flushed, "error": error}
         raise InvalidArgument(f"unknown control operation {op!r}")
@@ -597,6 +614,17 @@ class Daemon:
                         final = f"rebuild failed: {exc}"
                     else:
                         log.error("replica %s is %s", link.id, shape)
+                except Stranger as exc:  # (until the operator acts: said once, not each time)
+                    if link.stranger != str(exc):
+                        link.stranger = str(exc)
+                        log.error(
+                            "%s: it is neither rebuilt over nor served from; put its own "
+                            "directory back there (it is brought back by itself), or replace "
+                            "it: lhfs replica rm %s %s, then lhfs replica add",
+                            exc,
+                            self.vol.name,
+                            link.id,
+                        )
                 except LhfsError as exc:
                     log.warning("rebuild of %s failed: %s", link.id, exc)
                     if link.id in self._adding and _cannot_retry(exc):
@@ -613,6 +641,7 @@ class Daemon:
                         self.housekeep()
                     if link.mode == RW:
                         self._adding.discard(link.id)
+                        link.stranger = None
                     else:
                         link.rebuild_progress = None
                         if link not in self.engine.replicas:
@@ -728,11 +757,8 @@ class Daemon:
             if isinstance(exc, AlreadyExists):
                 raise AlreadyExists(f"cannot add replica: {exc}") from None
             if isinstance(exc, WrongVolume):
-                owner = self._volume_with_id(exc.volume_id)
                 raise WrongVolume(
-                    f"cannot add replica: {address} serves a replica of "
-                    + (f"volume {owner}" if owner else f"another volume (id {exc.volume_id})")
-                    + f", not of {self.vol.name}; it was left untouched"
+                    f"cannot add replica: {self.named(exc)}; it was left untouched"
                 ) from None
             if isinstance(exc, LhfsError):
                 raise LhfsError(f"cannot add replica: {exc}") from None
@@ -787,13 +813,9 @@ class Daemon:
         except LhfsError:
             return False
 
-    def _volume_with_id(self, volume_id: str) -> str | None:
-        """The name of the volume of this root whose identity is ``volume_id``, if any."""
-        for name in volumes.list_names(self.vol.root):
-            with contextlib.suppress(LhfsError, OSError, ValueError):
-                if volumes.load(self.vol.root, name).config.get("volume_id") == volume_id:
-                    return name
-        return None
+    def named(self, exc: WrongVolume) -> str:
+        """A replica of another volume refused, naming that volume as this root knows it."""
+        return exc.naming(volumes.named_by_id(self.vol.root, exc.volume_id))
 
     async def remove_replica(self, replica_id: str) -> str | None:
         """Remove a replica (refused for the last healthy one); what was left of it (its
@@ -865,6 +887,7 @@ class Daemon:
             self.io_hold = IoHold(self.engine, nursery)
             self.engine.on_failed = self.rejoiner.watch
             self.engine.on_epoch = self._record_epoch
+            self.engine.named = self.named
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
             self.engine.tls_cas = {
                 r["address"]: r["tls_ca"] for r in self.vol.replicas if r.get("tls_ca")
@@ -1067,6 +1090,7 @@ def run(
             trio.run(daemon.serve, announce)
         except BaseExceptionGroup as group:  # (what failed in a task: reported as itself)
             raise sole(group) from None
+        log.info("detached: the engine ends")
         return 0
     except AttachGone as exc:
         log.error("%s: the engine ends", exc)

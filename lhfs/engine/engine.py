@@ -40,6 +40,7 @@ from lhfs.core.errors import (
     InvalidArgument,
     LhfsError,
     NoSpace,
+    WrongVolume,
     is_refusal,
 )
 from lhfs.core.units import rfc3339
@@ -96,6 +97,9 @@ class ReplicaLink:
     # the revision it last said it holds durably (its answer to a flush; recorded when the
     # volume faulted): whatever answers at its address below that is an older copy of it
     synced: int = -1
+    # why another directory answering at its address was refused, as last logged: a
+    # condition that lasts until the operator acts is said once, not at every attempt
+    stranger: str | None = None
 
     def public(self) -> dict[str, Any]:
         """What ``info`` shows. A replica whose rebuild is in its first steps (a new one
@@ -167,6 +171,9 @@ class Engine:
         # told of each epoch before a session asks a replica for it: the owner keeps it, so
         # that the next attach starts above every epoch a replica may have recorded
         self.on_epoch: Callable[[int], None] = lambda epoch: None
+        # a replica of another volume refused, in words that name that volume (its owner
+        # knows the volumes of the root by name; the engine knows their ids only)
+        self.named: Callable[[WrongVolume], str] = str
         self.owner = secrets.token_bytes(8)  # this engine's identity in its sessions' epochs
         self.chunk_size = chunk_size
         self.replicas: list[ReplicaLink] = []
@@ -273,6 +280,9 @@ class Engine:
             try:
                 link.client = await self.connect(record.address, takeover=True)
                 info = await link.client.info()
+            except WrongVolume as exc:
+                link.error = self.named(exc)
+                continue
             except LhfsError as exc:
                 link.error = str(exc)
                 continue

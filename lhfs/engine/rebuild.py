@@ -100,6 +100,7 @@ async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
             finally:
                 watching.cancel()
     except LhfsError as exc:
+        _say_relayed(target, stats)
         engine.fail(target, f"rebuild failed: {exc}")
         target.error = f"rebuild failed: {exc}"  # also when it was not serving yet
         target.rebuild_progress = None
@@ -149,6 +150,7 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
     stats.phases["prepare"] = round(trio.current_time() - started, 3)
     names = await _barrier(engine, target)
     stats.layers = names
+    log.info("rebuilding replica %s from %s", target.id, _pick_source(engine, target).id)
     while True:
         source = _pick_source(engine, target)
         try:
@@ -168,8 +170,24 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
     target.rebuild_progress = None
     engine.mode_changed(target)
     stats.seconds = round(trio.current_time() - started, 3)
+    _say_relayed(target, stats)
     log.info("replica %s rebuilt: %s", target.id, json.dumps(stats.public()))
     return stats
+
+
+def _say_relayed(target: ReplicaLink, stats: RebuildStats) -> None:
+    """Say what passed through the engine, once the copy is over and only if anything did: a
+    target that cannot pull from its source is fed by the engine, run by run, and a failed
+    pull says nothing of what was relayed after it (perhaps nothing: the copy failed, or
+    the runs left held no data)."""
+    if stats.bytes_relayed:
+        log.info(
+            "replica %s: %d of the %d bytes copied were relayed through the engine (the "
+            "replica could not pull them from its source)",
+            target.id,
+            stats.bytes_relayed,
+            stats.bytes_copied,
+        )
 
 
 def _run_length(chunk_size: int) -> int:
@@ -226,6 +244,12 @@ class WrongShape(LhfsError):
     """A replica whose geometry is not the volume's: rebuilding it cannot succeed."""
 
 
+class Stranger(LhfsError):
+    """Another directory answers at the target's address (another replica's, a copy): it is
+    neither rebuilt over nor served from, until the operator acts (the replica's own
+    directory back there, or the replica replaced); the engine keeps looking, quietly."""
+
+
 def _loopback(address: str) -> bool:
     host = address.rpartition(":")[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
@@ -238,7 +262,7 @@ async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
         check_shape(engine, await client.info())  # (never to be the volume's: given up at once)
         stranger = engine.stranger(target, hello.get("uid"), -1, serving=False)
         if stranger is not None:  # (a copy, another replica's directory: not the rebuild's to
-            raise LhfsError(f"replica {target.id} {stranger}")  # change; tried again later)
+            raise Stranger(f"replica {target.id} {stranger}")  # change; tried again later)
     target.uid = hello.get("uid") or target.uid  # (a wiped directory is another one now)
     if not hello["initialised"]:
         await client.call("init", size=engine.size, chunk_size=engine.chunk_size)
@@ -357,12 +381,12 @@ async def _sync(
                     ca=engine.tls_cas.get(source.address),
                 )
                 if not direct:
-                    log.info("replica %s pulls from its source again", target.id)
+                    log.info("replica %s pulls from %s again", target.id, source.id)
                     direct = True
                 return int(answer["bytes"])
             except PullFailed as exc:
-                if direct:
-                    log.warning("replica %s relays through the engine: %s", target.id, exc)
+                if direct:  # (what it did instead is said once done: ``_say_relayed``)
+                    log.warning("replica %s cannot pull from %s: %s", target.id, source.id, exc)
                 direct, retry_pull_at = False, trio.current_time() + RETRY_PULL_AFTER
         try:
             states, data = await source.client.read_layer_run(name, first, count)

@@ -17,8 +17,8 @@ full copy on a new replica is as good and it may be gone for good; a local one's
 it still runs, is stopped then (it holds its directory). A directory that was wiped comes back
 uninitialised and the rebuild copies everything. A replica is known by its directory's
 identity (``uid``), not its address: another directory answering there (a copy, another
-replica's) is neither rebuilt over nor served from; it stays ERR, saying so, until the
-replica's own directory answers again.
+replica's) is neither rebuilt over nor served from; it stays ERR, saying so (in the log once:
+it lasts until the operator acts), until the replica's own directory answers again.
 What is under way shows in ``replica ls`` (``rejoin``).
 
 When every replica failed (the engine's own host lost its link, or every local process was
@@ -37,7 +37,7 @@ from typing import Protocol
 
 import trio
 
-from lhfs.core.errors import Busy, Fenced, LhfsError, NoAnswer
+from lhfs.core.errors import Busy, Fenced, LhfsError, NoAnswer, WrongVolume
 from lhfs.engine.engine import ERR, Engine, ReplicaLink
 from lhfs.wire.client import ReplicaClient
 
@@ -107,7 +107,11 @@ class Rejoiner:
         unanswered = 0  # attempts in a row left without an answer (a live local process: hung)
         if link.comebacks:  # it failed again since it was last brought back
             pause = min(2.0**link.comebacks, MAX_DELAY)
-            link.rejoin = f"failed again after coming back; trying again in {pause:.0f}s"
+            link.rejoin = (
+                f"another directory answers at its address; looking again in {pause:.0f}s"
+                if link.stranger
+                else f"failed again after coming back; trying again in {pause:.0f}s"
+            )
             await trio.sleep(pause)
         while not self._gone(link):
             if link.held is not None:  # (held since it was watched: the operator decides)
@@ -139,16 +143,18 @@ class Rejoiner:
                 unanswered = unanswered + 1 if isinstance(exc, NoAnswer) else 0
                 if isinstance(exc, Busy):  # (it answers: a slot frees soon, unlike a host)
                     delay = FIRST_DELAY
-                link.rejoin = f"unreachable ({exc}); trying again in {delay:.0f}s"
-                if str(exc) != told:
-                    told = str(exc)
+                why = engine.named(exc) if isinstance(exc, WrongVolume) else str(exc)
+                link.rejoin = f"unreachable ({why}); trying again in {delay:.0f}s"
+                if why != told:
+                    told = why
                     log.warning("replica %s cannot be brought back yet: %s", link.id, told)
                 await trio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
                 continue
             unanswered = 0
             link.rejoin = f"answers again; rebuilding in {wait:.0f}s"
-            log.info("replica %s (%s) answers again", link.id, link.address)
+            if link.stranger is None:  # (another directory there, said once: quiet since)
+                log.info("replica %s (%s) answers again", link.id, link.address)
             await trio.sleep(wait)
             while engine.state == "faulted" and link.id != engine.last_rw and not self._gone(link):
                 link.rejoin = f"answers again; waiting for {engine.last_rw} to serve first"

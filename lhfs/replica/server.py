@@ -55,7 +55,7 @@ from lhfs.core.errors import (
     WrongVolume,
 )
 from lhfs.replica import checks, hotpath
-from lhfs.replica.session import Session, Sessions, source_of
+from lhfs.replica.session import Probe, Session, Sessions, source_of
 from lhfs.store.chunkstore import ChunkStore, check_geometry
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
@@ -196,7 +196,7 @@ class ReplicaServer:
                             raise
                         log.info("connection lost: %s", exc)
                     nursery.cancel_scope.cancel()
-        except _PEER_GONE:
+        except (*_PEER_GONE, Probe):
             pass
         except (ProtocolError, OSError) as exc:
             if session is None:  # (a stranger's, most often: one line a minute per source)

@@ -56,6 +56,16 @@ MAX_SESSIONS = 64  # authenticated connections at once
 LOG_EVERY = 60.0  # seconds between two lines about refused or failed strangers of one source
 
 
+# How a TLS connection starts: a handshake record (22) of TLS 1.x (3).
+TLS_HELLO = b"\x16\x03"
+
+
+class Probe(ProtocolError):
+    """A client whose TLS handshake failed asks whether the replica answers without TLS,
+    to tell its operator so (``client.answers_plain``): its hello names no volume. Not
+    logged: the TLS handshake it follows was, and it is no other volume's engine."""
+
+
 @dataclass(eq=False)
 class Session:
     """One authenticated connection."""
@@ -214,6 +224,7 @@ class Sessions:
         try:
             with slot.scope:
                 if context is not None and stream.socket.family != socket.AF_UNIX:
+                    await _refuse_plain(stream)
                     try:
                         stream = await tls.wrap_server(stream, context)
                     except trio.BrokenResourceError as exc:
@@ -230,6 +241,11 @@ class Sessions:
 
     async def _handshake(self, stream: trio.SocketStream | trio.SSLStream) -> Session:
         magic, version = p.PREAMBLE.unpack(await _exactly(stream, p.PREAMBLE.size))
+        if magic[:2] == TLS_HELLO:  # (said as what it is: the engine's operator has to know)
+            raise ProtocolError(
+                "a client began a TLS handshake: this replica serves without TLS (an engine "
+                "given --tls-ca for it is refused; serve it with --tls-cert/--tls-key)"
+            )
         if magic != p.MAGIC:
             raise ProtocolError("not an lhfs client")
         if version != p.VERSION:
@@ -240,6 +256,8 @@ class Sessions:
         key = self.key
         if volume_id != key.id:
             await _challenge(stream, p.HS_WRONG_VOLUME, key.id, b"", b"", 0)
+            if volume_id == p.PROBE_VOLUME:  # (no volume's: the TLS handshake just said)
+                raise Probe("a client asked whether this replica answers without TLS")
             raise ProtocolError(f"client asked for another volume ({volume_id.hex()})")
         server_nonce = auth.nonce()
         proof = key.server_proof(client_nonce, server_nonce, self.epoch)
@@ -370,6 +388,25 @@ async def _challenge(
 ) -> None:
     await stream.send_all(
         p.CHALLENGE.pack(p.MAGIC, p.VERSION, status, volume_id, nonce, proof, epoch)
+    )
+
+
+async def _refuse_plain(stream: trio.SocketStream) -> None:
+    """On a replica served with TLS, a client that speaks lhfs without TLS is said as such
+    (the TLS layer said "wrong version number"), and a probe (``Probe``) is not said at all:
+    both are told apart by the first bytes, looked at without taking them."""
+    first = await stream.socket.recv(p.HELLO.size, socket.MSG_PEEK)
+    if not first.startswith(p.MAGIC):
+        return
+    # (taken: a connection closed with bytes unread is reset, and the client would not be
+    # told that the replica closed it before answering, nor so pointed to --tls-ca)
+    await _exactly(stream, len(first))
+    probe = p.PREAMBLE.size + len(p.PROBE_VOLUME)
+    if len(first) >= probe and first[p.PREAMBLE.size : probe] == p.PROBE_VOLUME:
+        raise Probe("a client asked whether this replica answers without TLS")
+    raise ProtocolError(
+        "a client spoke without TLS: this replica serves TLS only (an engine reaches it with "
+        "the CA given to replica add --tls-ca)"
     )
 
 

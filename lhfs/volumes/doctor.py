@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from lhfs.config import disks
 from lhfs.config import root as roots
 from lhfs.config import volume as volumes
-from lhfs.core.errors import InvalidArgument, LhfsError
+from lhfs.core.errors import InvalidArgument, LhfsError, WrongVolume
 from lhfs.core.units import format_size
 from lhfs.store.chunkstore import disk_bytes, largest_file
 from lhfs.volumes import attachment, manage, standby
@@ -314,7 +314,7 @@ def _volume(root: Path, name: str) -> list[Check]:
                     )
                 )
             continue
-        check = _reach(label, replica["address"], key, replica.get("tls_ca"))
+        check = _reach(label, replica["address"], key, replica.get("tls_ca"), vol.root)
         # (it answers this check, a new connection; the engine's own may be stuck)
         out.append(_as_seen(check, seen, lhfs, name, f"{replica['address']} answers this check"))
     return out
@@ -383,12 +383,14 @@ def _standby(lhfs: str, vol: volumes.Volume) -> Check:
     return Check("dr standby", OK, f"holds backup {held}" if held else "no backup restored yet")
 
 
-def _reach(label: str, address: str, key: Any, tls_ca: str | None) -> Check:
+def _reach(label: str, address: str, key: Any, tls_ca: str | None, root: Path) -> Check:
     """Connect to a remote replica and prove the key both ways (a reader session)."""
     from lhfs.wire.client import SyncReplica
 
     try:
         replica = SyncReplica(address, key, timeout=REACH_TIMEOUT, tls_ca=tls_ca)
+    except WrongVolume as exc:  # (named as 'replica add' names it)
+        return Check(label, FAIL, exc.naming(volumes.named_by_id(root, exc.volume_id)))
     except LhfsError as exc:
         return Check(label, FAIL, str(exc), "is its host up, its link, its 'replica serve'?")
     try:

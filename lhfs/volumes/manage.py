@@ -23,6 +23,7 @@ import xxhash
 
 from lhfs.config import disks
 from lhfs.config import volume as volumes
+from lhfs.core import logs
 from lhfs.core.errors import (
     AlreadyExists,
     Busy,
@@ -573,6 +574,13 @@ def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
     return result
 
 
+def _note(vol: volumes.Volume, message: str) -> None:
+    """Say in the volume's log (``engine.log``: ``lhfs logs VOL`` shows it as ``[engine]``)
+    what a command did to the volume while detached: its engine logs what it does while
+    attached, and an operator reconstructing what happened to a volume reads one log."""
+    logs.note(vol.engine_log, "lhfs.command", f"{message} (detached)")
+
+
 def _remote_missed(vol: volumes.Volume, what: str) -> None:
     """Before a change to a detached volume, which reaches its local replicas only: record
     its remote ones failed, so that the next attach rebuilds them from a local one instead of
@@ -598,9 +606,12 @@ def set_settings(root: Path, name: str, values: dict[str, float]) -> dict[str, f
     record = vol.runtime_record() if values else None
     if record is not None:  # (a stopped engine is refused before anything is changed)
         attachment.stopped_engine(vol, record, force=False, then="set")
+    before = vol.settings()
     vol.update(lambda config: config.setdefault("settings", {}).update(values))
-    if values and vol.runtime() is not None:
+    if values and vol.runtime() is not None:  # (its engine logs what changed)
         control.call(vol.control_socket, "settings", **values)
+    elif values and volumes.changed_settings(before, vol.settings()):
+        _note(vol, f"settings changed: {volumes.changed_settings(before, vol.settings())}")
     return vol.settings()
 
 
@@ -630,6 +641,7 @@ def expand(root: Path, name: str, size: int) -> dict[str, Any]:
                 _may_grow(now, size)  # (as it is now: it may have changed while this waited)
                 _on_every_replica(now, "expand", size)
                 now.update(lambda config: config.update(size=size))
+                _note(now, f"expanded from {vol.size} to {size} bytes")
                 return {**done, "todo": _grow_later(now)}
     control.call(vol.control_socket, "expand", size=size)
     return {**done, **_grow_on_top(vol, size)}
@@ -730,7 +742,9 @@ def _snapshot_offline(vol: volumes.Volume, snapshot: str) -> dict[str, Any]:
                 f"snapshot {snapshot!r} already exists{cut if have < len(stores) else ''}"
             )
         _remote_missed(vol, "snapshot")
-        return _snapshot_entry([store.snapshot(snapshot) for store in stores][-1])
+        taken = _snapshot_entry([store.snapshot(snapshot) for store in stores][-1])
+        _note(vol, f"snapshot {snapshot} taken")
+        return taken
 
 
 HOLD_WAIT = 300.0  # seconds a volume's hold may wait for a snapshot removal under way
@@ -917,6 +931,7 @@ def _snapshot_remove_offline(
             vol.removing(snapshot, begun=False)
         raise
     vol.removing(snapshot, begun=False)
+    _note(vol, f"snapshot {snapshot} removed")
     if progress:
         progress(100, None, None)
     return len(holding) if not begun and len(holding) < len(directories) else None
@@ -943,6 +958,7 @@ def snapshot_revert(root: Path, name: str, snapshot: str) -> bool:
         vol.require_not_standby("a revert")
         taken = _require_snapshot(vol, snapshot)
         _on_every_replica(vol, "revert", snapshot)
+        _note(vol, f"reverted to snapshot {snapshot}")
         if taken is not None and vol.filesystem_after(taken):
             vol.forget_filesystem()
             return True
@@ -1057,6 +1073,8 @@ def _replica_remove_offline(
 
     vol.update(drop)
     left = disks.remove(vol, entry)
+    given_up = " given up for lost (--accept-loss)" if accept_loss else ""
+    _note(vol, f"replica {replica_id} removed{given_up}" + (f" ({left} left)" if left else ""))
     return [left] if left else []
 
 

@@ -126,7 +126,8 @@ class SyncReplica:
             self._sock.sendall(frame)
             status, payload = self._answer(self._next)
         except OSError as exc:
-            raise ConnectionLost(f"connection to replica {self.address} broke: {exc}") from None
+            why = p.reason(exc)
+            raise ConnectionLost(f"connection to replica {self.address} broke: {why}") from None
         if status != p.OK:
             raise p.decode_error(payload)
         return payload
@@ -328,7 +329,8 @@ class ReplicaClient:
         try:
             await loop()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._fail(ConnectionLost(f"connection to replica {self.address} broke: {exc}"))
+            why = p.reason(exc)
+            self._fail(ConnectionLost(f"connection to replica {self.address} broke: {why}"))
         except ProtocolError as exc:
             self._fail(exc)
         scope.cancel()
@@ -427,7 +429,8 @@ class ReplicaClient:
             self.push()
 
     def _send_failed(self, exc: OSError) -> None:
-        self._fail(ConnectionLost(f"connection to replica {self.address} broke: {exc}"))
+        why = p.reason(exc)
+        self._fail(ConnectionLost(f"connection to replica {self.address} broke: {why}"))
 
     async def request(self, op: int, *parts: p.Part) -> bytes:
         """Send one request and wait for its answer; errors come back as ``LhfsError``."""
@@ -511,7 +514,7 @@ def answers_plain(host: str, port: int, timeout: float = 2.0) -> bool:
     handshake with it failed, to tell a replica served without TLS (its operator's mistake,
     or this one's) from one that is down or refuses. The hello names no volume (zeros) and
     carries a random nonce: what goes in clear tells nothing. (Blocking: from a thread.)"""
-    hello = p.HELLO.pack(p.MAGIC, p.VERSION, bytes(16), secrets.token_bytes(32))
+    hello = p.HELLO.pack(p.MAGIC, p.VERSION, p.PROBE_VOLUME, secrets.token_bytes(32))
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(hello)

@@ -35,6 +35,7 @@ import json
 import mmap
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -69,6 +70,9 @@ ERRNO = struct.Struct("<H")  # after an ``HS_NO_EPOCH`` welcome: why the disk re
 BUSY_SOURCE, BUSY_HANDSHAKES, BUSY_SESSIONS = 1, 2, 3
 ENGINE, READER = 1, 2
 NO_OWNER = bytes(8)  # the identity of a session that is not an engine's (tools, tests)
+# The volume a probe names (``client.answers_plain``): a client whose TLS handshake failed asks
+# whether the replica answers without TLS; no volume's identity is all zeros.
+PROBE_VOLUME = bytes(16)
 MAX_EPOCH = 1 << 62  # epochs grow by one per session: never near the field's limit
 ROLES = (ENGINE, READER)
 
@@ -354,7 +358,7 @@ class StreamOutbox(_Queue):
                 try:
                     await self._stream.send_all(batch)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.failed = OSError(str(exc) or "connection closed")
+                    self.failed = OSError(reason(exc))
                     self.clear()
                     self._on_error(self.failed)
             self._idle.set()
@@ -362,6 +366,22 @@ class StreamOutbox(_Queue):
     async def sent(self) -> None:
         while not self._idle.is_set() and self.failed is None:
             await self._idle.wait()
+
+
+def reason(exc: BaseException) -> str:
+    """Why a connection ended, in words, never empty: the first exception of the chain that
+    says something (a TLS stream's ``BrokenResourceError`` says nothing, its cause does; a
+    broken one raises it again with no cause at all), else what kind of end it was."""
+    seen: BaseException | None = exc
+    kinds = []
+    while seen is not None and len(kinds) < 8:
+        if isinstance(seen, ssl.SSLEOFError):  # (a killed peer, most often: said plainly)
+            return "EOF: the peer closed the connection without ending its TLS session"
+        if str(seen):
+            return str(seen)
+        kinds.append(type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    return f"{' from '.join(kinds)} (no reason given: the connection was reset or closed)"
 
 
 def sealed(stream: Any) -> bool:
@@ -427,6 +447,8 @@ class ClientHandshake:
                 f"{self.address} serves a replica of another volume (id {volume_id.hex()}), "
                 f"not of {self.key.volume}",
                 volume_id.hex(),
+                self.address,
+                self.key.volume,
             )
         expected = self.key.server_proof(self._nonce, nonce, epoch)
         if status != HS_OK or not auth.same(proof, expected) or epoch > MAX_EPOCH:
