@@ -4,8 +4,10 @@ condition that lasts until the operator acts not repeated at every attempt)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from conftest import needs_fuse
 
 from lhfs.core.procs import wait_for
 from lhfs.replica.process import ReplicaProcess
-from lhfs.testing import Cli, make_tls, write_direct
+from lhfs.testing import Cli, kill_engine, make_tls, write_direct
 from lhfs.wire.client import answers_plain, parse_address
 from tools.faultproxy import FaultProxy
 
@@ -112,6 +114,16 @@ def test_the_volume_log_tells_what_happened_to_it(cli: Cli, tmp_path: Path) -> N
     order = [log.index("snapshot s1 taken"), log.index("detached: the engine ends"),
              log.index("reverted to snapshot s2")]  # fmt: skip
     assert order == sorted(order), log
+    # an engine that cannot log its end (killed): the command that lets it go does
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    kill_engine(cli, "v")
+    cli.run("volume", "detach", "v")
+    assert "lhfs.command: let go (crashed): " in engine_lines(cli, "v").splitlines()[-1]
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    os.kill(cli.engine_pid("v"), signal.SIGSTOP)  # (stopped: killed by detach --force)
+    cli.run("volume", "detach", "v", "--force")
+    last = engine_lines(cli, "v").splitlines()[-1]
+    assert "lhfs.command: let go (not answering): killed its engine (pid" in last, last
 
 
 def test_a_replica_of_another_volume_is_named_by_its_name(cli: Cli, tmp_path: Path, serve) -> None:

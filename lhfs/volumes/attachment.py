@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lhfs.config import volume as volumes
-from lhfs.core import locks
+from lhfs.core import locks, logs
 from lhfs.core.durable import drop_device
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
 from lhfs.core.procs import LHFS, child_env, read_line_matching, stopped, wait_for
@@ -565,6 +565,11 @@ def _detach(
     report["cleaned"] += _clear_dead_engine(vol, settled)
     report["cleaned"] = list(dict.fromkeys(report["cleaned"]))  # (each thing once)
     report["state"] = "detached"
+    if report["was"] in ("crashed", "not answering") or any(
+        done.startswith("killed its engine") for done in report["cleaned"]
+    ):  # (an engine that ends by itself logs its end; a dead or killed one cannot)
+        cleaned = "; ".join(report["cleaned"]) or "nothing was left to clean up"
+        logs.note(vol.engine_log, "lhfs.command", f"let go ({report['was']}): {cleaned}")
     if record.get("device_made"):
         drop_device(device)
     return report
