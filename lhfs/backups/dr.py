@@ -205,22 +205,27 @@ def apply(
     todo = [i for i, digest in enumerate(target) if held[i] != digest]
     stats: dict[str, Any] = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
     dirs = _replica_dirs(vol)
-    if todo:
-        _save_undo(vol, dirs, [(i, held[i]) for i in todo], block, size)
-        save_state(vol, {**state, "applying": manifest["name"]})
-    try:
-        if size > vol.size:  # (not undone: the grown range reads as zeros, as it did)
-            _grow(vol, dirs, size)
+    # (marked read: 'backup rm' and prune leave it alone, a collection keeps its blocks)
+    with store.reading(manifest["volume"], manifest["name"], "dr"):
+        if not store.has_backup(manifest["volume"], manifest["name"]):
+            raise BackupDeleted(f"backup {manifest['name']} was deleted")  # (since its listing)
         if todo:
-            _write_blocks(dirs, store, [(i, target[i]) for i in todo], size, block, stats, progress)
-    except BaseException as exc:  # (SIGTERM is SystemExit: undone too)
-        if todo:
-            _undo(vol, dirs)
-            why = str(exc) or type(exc).__name__
-            log.warning("undid the unfinished increment to %s (%s)", manifest["name"], why)
-        if isinstance(exc, BlockMissing) and _deleted(store, manifest):
-            raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
-        raise
+            _save_undo(vol, dirs, [(i, held[i]) for i in todo], block, size)
+            save_state(vol, {**state, "applying": manifest["name"]})
+        try:
+            if size > vol.size:  # (not undone: the grown range reads as zeros, as it did)
+                _grow(vol, dirs, size)
+            if todo:
+                fetch = [(i, target[i]) for i in todo]
+                _write_blocks(dirs, store, fetch, size, block, stats, progress)
+        except BaseException as exc:  # (SIGTERM is SystemExit: undone too)
+            if todo:
+                _undo(vol, dirs)
+                why = str(exc) or type(exc).__name__
+                log.warning("undid the unfinished increment to %s (%s)", manifest["name"], why)
+            if isinstance(exc, BlockMissing) and _deleted(store, manifest):
+                raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
+            raise
     save_state(
         vol,
         {
