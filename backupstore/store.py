@@ -73,7 +73,7 @@ from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
-from .s3 import NOT_CONFIRMED, Bucket
+from .s3 import NOT_CONFIRMED, Bucket, StoreRefused
 
 FORMAT = 1  # of the records this lhfs writes (manifests, a volume's record): newer ones refused
 NEWER = "written by a newer lhfs"  # (what says so, where a record of a newer FORMAT is refused)
@@ -519,9 +519,20 @@ class BackupStore:
         keeps it, and a collection defers while its manifest is gone. Written before the
         reader reads the manifest: a removal that did not see the marker deleted the manifest
         first (the reader finds it gone) or is seen by its collection. An ordinary write,
-        refreshed and judged dead as every other marker (no conditional write needed)."""
+        refreshed and judged dead as every other marker (no conditional write needed).
+        Credentials that may only read the store (a restore needs no more) read it unmarked,
+        saying so."""
         key = self.target.key(_READERS, volume, name, secrets.token_hex(8))
-        with Marker(self.bucket, key, about={"reading": kind}, told=self.notice):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(
+                    Marker(self.bucket, key, about={"reading": kind}, told=self.notice)
+                )
+            except StoreRefused as exc:
+                self.notice(
+                    f"backup {name} of volume {volume} is read without its marker ({exc}): "
+                    "a removal meanwhile is not held back"
+                )
             yield
 
     def has_backup(self, volume: str, name: str) -> bool:
