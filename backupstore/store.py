@@ -11,6 +11,8 @@ Layout under ``s3://BUCKET/PREFIX``:
     standbys/<volume>/<id>.json         the backup a DR standby of the volume last restored
                                         (``prune`` keeps it)
     locks/collect-<token>               a collection in progress (refreshed while it runs)
+    locks/read/<volume>/<backup>/<token>
+                                        a restore (or a DR increment) reading a backup
 
 A backup writes its ``.running`` marker first, its blocks next (skipping those the store already
 has), its manifest last, then drops the marker: a manifest exists only for a complete backup.
@@ -28,6 +30,11 @@ holds the other side back; so does at once one written on this host since its la
 rm`` held every backup to its store for ten minutes. Ages are measured against the server's
 clock (the time of the asker's own marker), so a skewed local clock cannot make a live marker
 look dead.
+
+A restore marks the backup it reads the same way (``reading``), before it reads the manifest:
+``backup rm`` and prune leave a backup being read alone, and a collection defers while a
+reader's backup has no manifest any more (deleted before the reader was seen), so a restore
+never loses its blocks half-way and reads as a damaged store.
 """
 
 from __future__ import annotations
@@ -52,14 +59,21 @@ from urllib.parse import urlencode
 import xxhash
 import zstandard
 
-from lhfs.core.errors import AlreadyExists, CorruptState, InvalidArgument, LhfsError, NotFound
+from lhfs.core.errors import (
+    AlreadyExists,
+    Busy,
+    CorruptState,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+)
 from lhfs.core.names import BACKUP_NAME, NAME
 from lhfs.core.procs import alive, boot_id, pid_namespace
 from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
-from .s3 import NOT_CONFIRMED, Bucket
+from .s3 import NOT_CONFIRMED, Bucket, StoreRefused
 
 FORMAT = 1  # of the records this lhfs writes (manifests, a volume's record): newer ones refused
 NEWER = "written by a newer lhfs"  # (what says so, where a record of a newer FORMAT is refused)
@@ -91,6 +105,20 @@ _LAST_TIME = 1e11  # seconds since the epoch (the year 5138): later than any bac
 
 class BlockMissing(CorruptState):
     """A block a manifest names is not in the store."""
+
+
+class BackupRemoved(LhfsError):
+    """The backup being restored was deleted from the store half-way: not damage (its
+    blocks went with it)."""
+
+
+_READERS = "locks/read"  # locks/read/<volume>/<backup>/<token>: a backup being read
+# what a reader's marker may say it is (anything else is shown as "a restore")
+_READ_KINDS = {
+    "restore": "a restore",
+    "system": "a system restore",
+    "dr": "a DR standby's increment",
+}
 
 
 def check_block_size(size: int) -> None:
@@ -484,6 +512,71 @@ class BackupStore:
             finally:
                 self._marked.discard((volume, name))
 
+    @contextlib.contextmanager
+    def reading(self, volume: str, name: str, kind: str = "restore") -> Iterator[None]:
+        """Backup ``name`` of ``volume`` marked read for the block (``kind``: by a
+        ``restore``, a ``system`` restore, a ``dr`` increment): ``delete`` refuses it, prune
+        keeps it, and a collection defers while its manifest is gone. Written before the
+        reader reads the manifest: a removal that did not see the marker deleted the manifest
+        first (the reader finds it gone) or is seen by its collection. An ordinary write,
+        refreshed and judged dead as every other marker (no conditional write needed).
+        Credentials that may only read the store (a restore needs no more) read it unmarked,
+        saying so."""
+        key = self.target.key(_READERS, volume, name, secrets.token_hex(8))
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(
+                    Marker(self.bucket, key, about={"reading": kind}, told=self.notice)
+                )
+            except StoreRefused as exc:
+                self.notice(
+                    f"backup {name} of volume {volume} is read without its marker ({exc}): "
+                    "a removal meanwhile is not held back"
+                )
+            yield
+
+    def has_backup(self, volume: str, name: str) -> bool:
+        """Whether the backup's manifest is in the store (not read)."""
+        return self.bucket.exists(self._key(volume, name, "json"))
+
+    def readers(
+        self, volume: str | None = None, name: str | None = None, own: str | None = None
+    ) -> list[tuple[str, str, Any]]:
+        """``(volume, backup, marker)`` of the live readers (see ``reading``) of the store,
+        of ``volume``, or of its backup ``name``, from one listing; "live" by the server's
+        clock (the time of ``own``, a marker of the asker's, else of a probe written now:
+        only when there are markers to judge)."""
+        base = self.target.key(_READERS) + "/"
+        prefix = base + "".join(f"{part}/" for part in (volume, name) if part is not None)
+        found = []
+        for obj in self.bucket.list(prefix):
+            parsed = _reader(obj.object_name[len(base) :])
+            if parsed is not None:
+                found.append((*parsed, obj))
+        if not found:
+            return []
+        now = self._server_now(own)
+        return [(vol, backup, obj) for vol, backup, obj in found if self.fresh(obj, now)]
+
+    def _server_now(self, own: str | None) -> float:
+        """The server's time now: that of ``own`` (a marker this process keeps), or of a probe
+        written and removed here (a skewed local clock must not judge a live marker dead)."""
+        asked = time.monotonic()
+        if own is None:
+            own = self.target.key("locks", f"probe-{secrets.token_hex(8)}")
+            self.bucket.put(own, b"")
+            try:
+                return self.bucket.modified(own)
+            finally:
+                self.bucket.delete(own)
+        return self.bucket.modified(own) - (time.monotonic() - asked)
+
+    def _reader_said(self, vol: str, name: str, obj: Any) -> str:
+        """Who reads backup ``name`` of ``vol`` (its marker ``obj``), for a line: what kind of
+        reader and, as its marker says, its pid, host and start."""
+        kind = _READ_KINDS.get(self._about(obj.object_name).get("reading"), "a restore")
+        return f"{kind} of backup {name} of volume {vol}{self._whose(obj.object_name)}"
+
     def _recheck(self, found: set[str]) -> None:
         """Blocks reused only because a HEAD found them (not named by a manifest this backup
         read) are checked once more before the manifest names them: a cheap second guard
@@ -771,13 +864,37 @@ class BackupStore:
         write_block: Callable[[int, bytes], None],
         progress: Callable[..., None] = lambda *pct: None,
         held: Callable[[int, str | None], bool] | None = None,
+        kind: str = "restore",
     ) -> dict[str, Any]:
         """Fetch every block, check it, hand it to ``write_block``, but for the blocks the
         new volume holds already: ``held(index, digest)`` says which (by default the empty
         ones, null in a manifest: a new volume reads as zeros). An empty block that is not
         held (a volume on a backing image reads the image there) is handed over as zeros,
         unfetched. A block the volume holds in several places is fetched once and written
-        to each of them."""
+        to each of them. The backup is marked read meanwhile (``reading``; ``kind`` says by
+        what), so that no removal takes its blocks away half-way; one that nonetheless went
+        (removed by an lhfs that does not look for readers, or by hand) is said to be gone,
+        not taken for damage."""
+        with self.reading(volume, name, kind):
+            try:
+                return self._restore(volume, name, write_block, progress, held)
+            except BlockMissing as exc:
+                if self.bucket.exists(self._key(volume, name, "json")):
+                    raise
+                raise BackupRemoved(
+                    f"backup {name} of volume {volume} was removed from {self.target} during "
+                    f"the restore ({exc} with it); the store is not damaged"
+                ) from None
+
+    def _restore(
+        self,
+        volume: str,
+        name: str,
+        write_block: Callable[[int, bytes], None],
+        progress: Callable[..., None],
+        held: Callable[[int, str | None], bool] | None,
+    ) -> dict[str, Any]:
+        """``restore``, the backup marked read."""
         manifest = self.manifest(volume, name)
         block = manifest["block_size"]
         places: dict[str, list[int]] = {}
@@ -903,6 +1020,9 @@ class BackupStore:
         for name, why in (also or {}).items():
             if name in present:
                 kept.setdefault(name, []).append(why)
+        for vol, name, obj in self.readers(volume):  # (one listing; usually none)
+            if name in present:
+                kept.setdefault(name, []).append(f"being read: {self._reader_said(vol, name, obj)}")
         doomed = sorted(
             (b for b in backups if b["name"] not in kept), key=lambda b: (b["time"], b["name"])
         )
@@ -930,7 +1050,22 @@ class BackupStore:
         return report
 
     def delete(self, volume: str, name: str) -> Collection:
-        """Delete one backup, then collect unreferenced blocks (see ``collect``)."""
+        """Delete one backup, then collect unreferenced blocks (see ``collect``); ``Busy``
+        while a restore reads it (see ``reading``), nothing deleted. A backup not there
+        may be one whose removal was cut short after its manifest went: what to run then
+        is said."""
+        if not self.has_backup(volume, name):
+            raise NotFound(
+                f"no backup {name!r} of volume {volume!r} in {self.target} (if a 'backup rm' "
+                f"of it was cut short, 'lhfs backup gc --target {self.target}' collects the "
+                "blocks it left)"
+            )
+        read = self.readers(volume, name)
+        if read:
+            raise Busy(
+                f"{self._reader_said(*read[0])} is under way: backup {name} not removed; "
+                "try again once it is done"
+            )
         self.forget(volume, name)
         return self.collect()
 
@@ -963,6 +1098,16 @@ class BackupStore:
             running = self._running(marker.key)  # a second look, now that the work is known
             if running:
                 return Collection(0, running)
+            # a reader of a backup whose manifest went (its blocks are not among those kept)
+            listed_names = set(complete)
+            gone = [r for r in self.readers(own=marker.key) if r[:2] not in listed_names]
+            if gone:
+                return Collection(
+                    0,
+                    f"{self._reader_said(*gone[0])} is under way and its backup was removed "
+                    f"(or its process died: its marker counts for {STALE / 60:.0f} minutes "
+                    "after its last sign of life)",
+                )
             removed = 0
             for obj in self._blocks():
                 if obj.object_name.rsplit("/", 1)[1] not in referenced:
@@ -979,6 +1124,11 @@ class BackupStore:
                         if obj.object_name.endswith(".running") and not self.fresh(obj, now):
                             self.bucket.delete(obj.object_name)
                             swept += 1
+                base = self.target.key(_READERS) + "/"  # (and a dead restore's)
+                for obj in self.bucket.list(base):
+                    if _reader(obj.object_name[len(base) :]) and not self.fresh(obj, now):
+                        self.bucket.delete(obj.object_name)
+                        swept += 1
             urls = [f"s3://{self.target.bucket}/{_shown(o.object_name)}" for o in found]
             gone = sweep and strays
             return Collection(removed, None, swept, strays=urls, strays_removed=gone)
@@ -1087,8 +1237,9 @@ class BackupStore:
                         users.setdefault(used, set()).add((vol, name))
                     for part in parts:
                         wanted[self.keys.block_name(part)] = part
-        stored = {obj.object_name.rsplit("/", 1)[1] for obj in self._blocks()}
-        missing = {wanted[name] for name in set(wanted) - stored}
+        # name -> size, of every block object (those no backup names: a note, see below)
+        stored = {obj.object_name.rsplit("/", 1)[1]: obj.size or 0 for obj in self._blocks()}
+        missing = {wanted[name] for name in set(wanted) - stored.keys()}
         broken: set[tuple[str, str]] = set()  # backups that cannot be restored whole
         for digest in sorted(missing):
             problems.append(f"block {digest} is missing ({_named(users[digest])})")
@@ -1117,7 +1268,9 @@ class BackupStore:
             "backups": len(manifests),
             "blocks": len(wanted),
             "blocks_read": read,
-            "unreferenced_blocks": len(stored - set(wanted)),
+            # (left by a removal cut short, or sent by a backup under way: 'backup gc')
+            "unreferenced_blocks": len(stored.keys() - set(wanted)),
+            "unreferenced_bytes": sum(stored[n] for n in stored.keys() - set(wanted)),
             "problems": problems,
             # (a full backup of each of their volumes sends every block of it again)
             "broken_backups": [{"volume": v, "backup": n} for v, n in sorted(broken)],
@@ -1325,6 +1478,17 @@ def _ours(relative: str) -> tuple[str, str, str] | None:
     if kind in ("json", "running") and BACKUP_NAME.fullmatch(name):
         return vol, name, kind
     return None
+
+
+def _reader(relative: str) -> tuple[str, str] | None:
+    """``(volume, backup)`` of a reader's marker (``relative`` to ``locks/read/``), else None:
+    not one lhfs writes, and it holds nothing back."""
+    parts = relative.split("/")
+    if len(parts) != 3 or not re.fullmatch(r"[0-9a-f]{16}", parts[2]):
+        return None
+    if not NAME.fullmatch(parts[0]) or not BACKUP_NAME.fullmatch(parts[1]):
+        return None
+    return parts[0], parts[1]
 
 
 def _parts(key: str) -> tuple[str, str, str]:

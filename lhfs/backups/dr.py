@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Endpoint, Target
-from backupstore.store import BackupStore, BlockMissing, order
+from backupstore.store import BackupStore, BlockMissing, order, taken_at
 from lhfs.backups.backup import (
     chunk_for,
     open_store,
@@ -205,22 +205,27 @@ def apply(
     todo = [i for i, digest in enumerate(target) if held[i] != digest]
     stats: dict[str, Any] = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
     dirs = _replica_dirs(vol)
-    if todo:
-        _save_undo(vol, dirs, [(i, held[i]) for i in todo], block, size)
-        save_state(vol, {**state, "applying": manifest["name"]})
-    try:
-        if size > vol.size:  # (not undone: the grown range reads as zeros, as it did)
-            _grow(vol, dirs, size)
+    # (marked read: 'backup rm' and prune leave it alone, a collection keeps its blocks)
+    with store.reading(manifest["volume"], manifest["name"], "dr"):
+        if not store.has_backup(manifest["volume"], manifest["name"]):
+            raise BackupDeleted(f"backup {manifest['name']} was deleted")  # (since its listing)
         if todo:
-            _write_blocks(dirs, store, [(i, target[i]) for i in todo], size, block, stats, progress)
-    except BaseException as exc:  # (SIGTERM is SystemExit: undone too)
-        if todo:
-            _undo(vol, dirs)
-            why = str(exc) or type(exc).__name__
-            log.warning("undid the unfinished increment to %s (%s)", manifest["name"], why)
-        if isinstance(exc, BlockMissing) and _deleted(store, manifest):
-            raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
-        raise
+            _save_undo(vol, dirs, [(i, held[i]) for i in todo], block, size)
+            save_state(vol, {**state, "applying": manifest["name"]})
+        try:
+            if size > vol.size:  # (not undone: the grown range reads as zeros, as it did)
+                _grow(vol, dirs, size)
+            if todo:
+                fetch = [(i, target[i]) for i in todo]
+                _write_blocks(dirs, store, fetch, size, block, stats, progress)
+        except BaseException as exc:  # (SIGTERM is SystemExit: undone too)
+            if todo:
+                _undo(vol, dirs)
+                why = str(exc) or type(exc).__name__
+                log.warning("undid the unfinished increment to %s (%s)", manifest["name"], why)
+            if isinstance(exc, BlockMissing) and _deleted(store, manifest):
+                raise BackupDeleted(f"backup {manifest['name']} was deleted") from None
+            raise
     save_state(
         vol,
         {
@@ -445,6 +450,8 @@ class Status:
             "last_checked": None,
             "current_at": previous.get("current_at"),
             "last_increment": previous.get("last_increment"),
+            # (a backup deleted while it was applied: the standby is not current since)
+            "deleted_while_applied": previous.get("deleted_while_applied"),
         }
         self._progress_written = 0.0
         self._final = False
@@ -594,14 +601,51 @@ def _step(
     if newest["name"] != state["backup"] or UNKNOWN in state["blocks"]:
         _not_smaller(newest, vol)  # (said as the last error; nothing is being applied)
         status.update(state="applying", applying=newest["name"], progress=0.0)
-        stats = apply(vol, store, newest, status.progress)
+        try:
+            stats = apply(vol, store, newest, status.progress)
+        except BackupDeleted:
+            _given_up(status, newest)
+            raise
         log.info("applied %s: %s", newest["name"], json.dumps(stats, default=str))
         status.count(bytes=stats["bytes"], increments=1)
         status.update(last_increment={"backup": newest["name"], **stats}, applying=None)
-    status.update(state="standby", progress=None, current_at=time.time())
+    lost = status.data.get("deleted_while_applied")
+    if isinstance(lost, dict) and order(newest) < order({"name": "", **lost}):
+        # The newest backup left is older than the one deleted under it: the standby lacks
+        # what its source held then, so it is not current (the lag goes on counting).
+        status.update(state="standby", progress=None, applying=None)
+    else:
+        status.update(
+            state="standby",
+            progress=None,
+            applying=None,
+            current_at=time.time(),
+            deleted_while_applied=None,
+        )
     if status.data.get("marked") != newest["name"]:
         _mark(store, vol, source, newest["name"])
         status.update(marked=newest["name"])
+
+
+def _given_up(status: Status, manifest: dict[str, Any]) -> None:
+    """Say that the backup being applied (``manifest``) was deleted from the store: its
+    increment was undone, and the follower goes on with the newest backup left."""
+    log.warning(
+        "backup %s was deleted from the store while it was applied: the increment was "
+        "undone; going on with the newest backup left",
+        manifest["name"],
+    )
+    status.update(
+        state="standby",
+        applying=None,
+        progress=None,
+        deleted_while_applied={
+            "backup": manifest["name"],
+            "taken": taken_at(manifest),
+            "started": float(manifest.get("started") or 0.0),
+            "at": _now(),
+        },
+    )
 
 
 def _mark(store: BackupStore, vol: volumes.Volume, source: str, backup: str) -> None:
@@ -928,10 +972,20 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "last_checked": current.get("last_checked"),
         "last_increment": current.get("last_increment"),
         "passed_over": passed if isinstance(passed, dict) else None,  # (backup -> why)
+        # (the backup it was applying when it was deleted from the store: not current since)
+        "deleted_while_applied": _deleted_said(current.get("deleted_while_applied")),
         "follower_pid": current.get("pid") if running else None,
         "metrics": current.get("metrics") if running else None,
         "activation": activation or None,  # (one under way, or one a kill cut short)
     }
+
+
+def _deleted_said(found: Any) -> dict[str, Any] | None:
+    """What ``dr-status.json`` says of a backup deleted while it was applied (its name and
+    when), or None."""
+    if not isinstance(found, dict) or not isinstance(found.get("backup"), str):
+        return None
+    return {"backup": found["backup"], "at": found.get("at")}
 
 
 def activate(

@@ -411,7 +411,7 @@ def restore_image(
                 at = index * manifest["block_size"]
                 os.pwrite(fd, data[: manifest["size"] - at], at)
 
-            store.restore(volume, backup_name, write, progress)
+            store.restore(volume, backup_name, write, progress, kind="system")
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -105,7 +105,7 @@ def cmd_backup_gc(args: argparse.Namespace) -> None:
             "strays_removed": done.strays_removed,
         },
         f"{done.removed} unreferenced block(s) collected, "
-        f"{done.swept} marker(s) of interrupted backups removed"
+        f"{done.swept} marker(s) of interrupted backups or restores removed"
         + (f"; {len(done.strays)} stray object(s) {fate}" if done.strays else ""),
     )
 
@@ -165,6 +165,13 @@ def cmd_backup_check(args: argparse.Namespace) -> int:
         print(
             f"{args.target}: {report['backups']} backup(s) authenticated, {report['blocks']} "
             f"block(s) present{read}; no problem"
+        )
+    if not args.json and report["unreferenced_blocks"]:
+        print(
+            f"note: {report['unreferenced_blocks']} block(s) "
+            f"({format_size(report['unreferenced_bytes'])}) that no backup names (sent by a "
+            "backup under way, or left by a removal cut short): 'lhfs backup gc --target "
+            f"{args.target}' collects them"
         )
     return FOUND if report["problems"] else 0
 
@@ -303,9 +310,10 @@ def parsers(groups: Any) -> None:
         verbs,
         "gc",
         cmd_backup_gc,
-        "collect unreferenced blocks and the markers of interrupted backups",
+        "collect unreferenced blocks and the markers of interrupted backups and restores",
         description="Delete the blocks no complete backup references and the markers that "
-        "interrupted backups left; with --strays, also the stray objects under volumes/ "
+        "interrupted backups and killed restores left; with --strays, also the stray objects "
+        "under volumes/ "
         "(objects lhfs never writes: 'backup check' names them; kept by default, as they may "
         "be someone else's). Refused, with the reason, while a backup runs, "
         "and while a damaged manifest is in the store (the blocks it names are unknown): "

@@ -96,6 +96,13 @@ def cmd_dr_status(args: argparse.Namespace) -> None:
     if status["applying"]:
         print(f"  applying {status['applying']}: {status['progress'] or 0:.0f}%")
     print(f"  lag: {status['lag_seconds']:.0f}s")
+    deleted = status["deleted_while_applied"]
+    if deleted:
+        print(
+            f"  backup {deleted['backup']} was deleted from the store while it was applied "
+            f"({deleted['at']}): its increment was undone and the follower goes on with the "
+            "newest backup left; the lag counts until a backup newer than it is applied"
+        )
     if status["metrics"]:
         print(f"  metrics: http://{status['metrics']}/metrics")
     for backup, why in sorted((status["passed_over"] or {}).items()):

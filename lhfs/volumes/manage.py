@@ -982,9 +982,17 @@ def _require_snapshot(vol: volumes.Volume, snapshot: str) -> float | None:
 # -- replicas --------------------------------------------------------------------------------
 
 
-def _attached(vol: volumes.Volume, what: str) -> None:
-    if vol.runtime() is None:
-        raise WrongState(f"volume {vol.name} is not attached: {what} runs online")
+def _attached(vol: volumes.Volume, what: str, doing: str) -> None:
+    """Refuse ``doing`` (what the operator asked) on a detached volume: ``what`` runs online.
+    A DR standby is attached only once activated, so it is told that, not to attach it."""
+    if vol.runtime() is not None:
+        return
+    if vol.config.get("dr"):
+        raise WrongState(
+            f"volume {vol.name} is a DR standby: {doing} waits for 'lhfs dr activate "
+            f"{vol.name}' ({what} runs online, and a standby is attached only once activated)"
+        )
+    raise WrongState(f"volume {vol.name} is not attached: {what} runs online")
 
 
 def replica_add(
@@ -1008,7 +1016,7 @@ def replica_add(
             return done or now.runtime() is not None
 
         wait_for(answered, attachment.ATTACH_TIMEOUT, f"the restore of {name} to attach it")
-    _attached(vol, "a rebuild")
+    _attached(vol, "a rebuild", "adding a replica")
     if disk is not None:
         if address is not None:
             raise InvalidArgument("a replica is local on --disk or elsewhere at --address")
@@ -1080,7 +1088,7 @@ def _replica_remove_offline(
 
 def scrub(root: Path, name: str, progress: control.Progress | None = None) -> dict[str, Any]:
     vol = volumes.load(root, name)
-    _attached(vol, "a scrub")
+    _attached(vol, "a scrub", "a scrub")
     return control.call_watched(vol.control_socket, "scrub", progress, "scrub")
 
 
