@@ -873,7 +873,7 @@ class Daemon:
 
             def publish(config: dict[str, Any]) -> None:  # this run's replica ports
                 for entry in config["replicas"]:
-                    entry["address"] = addresses.get(entry["id"], entry["address"])
+                    entry["address"] = addresses.get(entry["id"], entry.get("address"))
                     if entry["id"] in self.rotten:  # (trusted for nothing: rebuilt at once)
                         entry.update(mode=ERR, error=self.rotten[entry["id"]], rotten_backing=True)
 
