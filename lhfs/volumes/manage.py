@@ -1033,8 +1033,14 @@ def _replica_remove_offline(
     the only way such a volume can be attached again."""
     entry = vol.replica(replica_id)
     vol.require_not_standby("removing a replica")
-    if accept_loss and len(vol.replicas) == 1:
-        raise WrongState(f"{replica_id} is the only replica of {vol.name}: it cannot be removed")
+    if accept_loss and len(vol.replicas) == 1:  # (nothing would be left to serve)
+        raise WrongState(
+            f"{replica_id} is the only replica of {vol.name}: giving it up would leave nothing "
+            "to serve; bring its own directory back (on another host: 'lhfs replica serve' of "
+            "it at its address) and attach again, or, if it is lost for good, restore the "
+            f"volume from a backup ('lhfs backup restore') or remove it ('lhfs volume rm "
+            f"{vol.name}')"
+        )
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
     lose = " ('--accept-loss' removes it all the same, losing the writes only it holds)"
     if entry.get("mode", "RW") == "RW" and not others and not accept_loss:
