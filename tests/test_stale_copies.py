@@ -99,6 +99,36 @@ def test_an_older_copy_of_a_replica_never_serves_while_the_freshest_is_away(
 
 
 @needs_fuse
+def test_giving_up_the_freshest_replica_accepts_an_older_copy(
+    cli: Cli, tmp_path: Path, serve
+) -> None:
+    """The freshest replica lost for good and the other back on an older copy: the attach is
+    refused until the operator gives the lost one up (``replica rm --accept-loss``); then the
+    older copy serves, as it is (its newer writes are the loss accepted)."""
+    key, (a, b) = remote_volume(cli, tmp_path, serve, "g", 2)
+    device = tmp_path / "g.dev"
+    d1 = os.urandom(MIB)
+    write_direct(device, 0, d1)
+    cli.run("volume", "detach", "g")
+    port_b = port_of(b)
+    assert b.stop() == 0
+    old = tmp_path / "b-old"
+    shutil.copytree(b.dir, old)
+    b = serve(b.dir, key, port_b)
+    cli.run("volume", "attach", "g", "--device", str(device))
+    write_direct(device, 0, os.urandom(MIB))
+    cli.run("volume", "detach", "g")
+    assert a.stop() == 0 and b.stop() == 0  # (host A lost for good)
+    serve(old, key, port_b)
+    line = one_line(cli.run("volume", "attach", "g", "--device", str(device), check=False))
+    assert "r3 (recorded healthy) answers at its address with an older copy" in line, line
+    cli.run("replica", "rm", "g", "r2", "--accept-loss")
+    cli.run("volume", "attach", "g", "--device", str(device))
+    assert read_direct(device, 0, MIB) == d1
+    cli.run("volume", "detach", "g")
+
+
+@needs_fuse
 def test_a_single_replica_back_on_an_older_copy_is_refused(cli: Cli, tmp_path: Path, serve) -> None:
     """One remote replica, a clean detach, its host back on an older copy of its directory:
     refused (before: served, the newer writes silently gone); ``replica rm --accept-loss``
