@@ -227,9 +227,7 @@ def test_the_engine_serves_no_replica_below_its_recorded_revision(
 
 
 @needs_fuse
-def test_a_local_replica_whose_id_file_is_lost_is_still_the_volume_s(
-    cli: Cli, tmp_path: Path
-) -> None:
+def test_a_local_replica_whose_id_file_is_lost_still_serves(cli: Cli, tmp_path: Path) -> None:
     """A single local replica whose ``id`` is damaged, then missing: the attach serves it
     (before: "answers at its address with another replica's directory" for ever, the volume
     unattachable), adopting the new identity, said in the log. An older copy put in its place
