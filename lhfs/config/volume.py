@@ -129,19 +129,41 @@ class Volume:
         return self.dir / KEY_FILE
 
     def key(self) -> VolumeKey:
-        """The volume's key; a volume made before volumes had keys gets one now."""
+        """The volume's key; a volume made before volumes had keys gets one now. One whose
+        key is missing while its configuration or a replica names its identity already (the
+        file lost, or a root restored without it) is refused, changing nothing: a new key
+        would be another volume to its replicas, which then refuse it for good."""
         try:
             return VolumeKey.load(self.key_path)
         except NotFound:
             pass
         with locks.held(self.dir / "config.lock"):
             if not self.key_path.exists():
+                self.config = read_config(self.dir / "config.json")
+                known = self.config.get("volume_id") or self._replicas_volume_id()
+                if known:
+                    raise NotFound(
+                        f"volume {self.name}: its key {self.key_path} is missing, and its "
+                        f"replicas know the volume by it (id {known}): restore key.json from "
+                        f"a backup of the root, or from a copy 'lhfs volume key {self.name}' "
+                        "wrote; nothing was changed"
+                    )
                 key = VolumeKey.new(self.name)
                 key.save(self.key_path)
-                self.config = read_config(self.dir / "config.json")
                 self.config["volume_id"] = key.id_hex
                 self.save()
         return VolumeKey.load(self.key_path)
+
+    def _replicas_volume_id(self) -> str | None:
+        """The volume identity a local replica's ``volume.json`` records, if any does."""
+        for replica in self.replicas:
+            with contextlib.suppress(LhfsError, OSError, ValueError, AttributeError):
+                directory = self.replica_dir(replica)
+                if directory is not None:
+                    meta = json.loads((directory / "volume.json").read_text())
+                    if isinstance(meta, dict) and meta.get("volume_id"):
+                        return str(meta["volume_id"])
+        return None
 
     @property
     def runtime_path(self) -> Path:
@@ -510,6 +532,13 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
         for key in ("local", "rotten_backing", "unbuilt"):  # (a "no" would be taken for true)
             if replica.get(key) is not None and not isinstance(replica[key], bool):
                 raise bad(f"{field}.{key}", "true, false or null", replica[key])
+        if not replica.get("local") and not isinstance(replica.get("address"), str):
+            raise bad(f"{field}.address", "a replica's address (it is not local)", None)
+        flushed = replica.get("flushed")  # (the revision it last said it holds durably)
+        if flushed is not None and (type(flushed) is not int or flushed < 0):
+            raise bad(f"{field}.flushed", "a whole number from 0", flushed)
+    if "next_replica" not in config:  # (never reused: the next number above every one made)
+        config["next_replica"] = _next_replica(replicas, path.parent / "replicas")
     return config
 
 
@@ -521,6 +550,16 @@ def named_by_id(root: Path, volume_id: str) -> str | None:
             if load(root, name).config.get("volume_id") == volume_id:
                 return name
     return None
+
+
+def _next_replica(replicas: list[dict[str, Any]], directory: Path) -> int:
+    """The number of the next replica of a configuration that does not say it (written by
+    hand or by a tool): above every replica it names and every local directory left."""
+    names = [str(r["id"]) for r in replicas]
+    with contextlib.suppress(OSError):
+        names += [entry.name for entry in directory.iterdir()]
+    numbers = [int(name[1:]) for name in names if name[:1] == "r" and name[1:].isdigit()]
+    return max(numbers, default=0) + 1
 
 
 def list_names(root: Path) -> list[str]:

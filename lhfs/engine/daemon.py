@@ -292,6 +292,7 @@ class Daemon:
             all(replica.get(key) == value for key, value in values.items())
             and not built
             and (waiting is _KEEP or self.vol.config.get("last_rw") == waiting)
+            and not self._flushed_changes(self.vol.config)
         ):
             return
 
@@ -305,8 +306,49 @@ class Daemon:
                 config.pop("last_rw", None)
             elif waiting is not _KEEP:
                 config["last_rw"] = waiting
+            self._keep_flushed(config)
 
         self.vol.update(change)
+
+    def _flushed_changes(self, config: dict[str, Any]) -> dict[str, int | None]:
+        """What each replica's ``flushed`` should say now, where it says otherwise: the
+        revision a serving replica last said it holds durably (an answer to a flush); none for
+        one being rebuilt, or rebuilt and not flushed since (it took its source's revision,
+        perhaps below its own); a failed one's kept (it is trusted for nothing while it is
+        failed). The next attach serves no replica below it (a host back on an older copy of
+        its directory would serve old data, and the others be rebuilt from it)."""
+        links = {link.id: link for link in self.engine.replicas}
+        out: dict[str, int | None] = {}
+        for entry in config["replicas"]:
+            link = links.get(entry["id"])
+            if link is None or link.mode == ERR:
+                continue
+            value = link.synced if link.mode == RW and link.synced >= 0 else None
+            if entry.get("flushed") != value:
+                out[entry["id"]] = value
+        return out
+
+    def _keep_flushed(self, config: dict[str, Any]) -> None:
+        """Record ``_flushed_changes`` in ``config`` (being changed under its lock)."""
+        changes = self._flushed_changes(config)
+        for entry in config["replicas"]:
+            if entry["id"] in changes:
+                if changes[entry["id"]] is None:
+                    entry.pop("flushed", None)
+                else:
+                    entry["flushed"] = changes[entry["id"]]
+
+    def keep_revisions(self) -> None:
+        """Record the revisions the serving replicas hold durably (``_flushed_changes``), if
+        they moved: at attach, every ``DISKS_EVERY`` seconds while the volume is written, and
+        at detach, never per write. A record that cannot be written is logged: the one before
+        stays, older, which only checks less."""
+        if self.engine is None or not self._flushed_changes(self.vol.config):
+            return
+        try:
+            self.vol.update(self._keep_flushed)
+        except (LhfsError, OSError) as exc:
+            log.warning("could not record the replicas' revisions: %s", exc)
 
     def _waiting_for(self) -> dict[str, Any] | object | None:
         """What ``last_rw`` should say now: the replica a faulted volume waits for, None once
@@ -732,7 +774,9 @@ class Daemon:
                 except (RuntimeError, TimeoutError) as exc:
                     raise LhfsError(f"the new replica process did not start: {exc}") from None
                 engine.local_names[address] = proc.local
-            link = ReplicaLink(replica_id, address, mode=ERR, error="rebuild: preparing")
+            link = ReplicaLink(
+                replica_id, address, mode=ERR, error="rebuild: preparing", local=not remote
+            )
             link.failed_at = trio.current_time()  # (not serving yet: ``rejoin_limit`` counts)
             if tls_ca:
                 engine.tls_cas[address] = tls_ca
@@ -896,7 +940,7 @@ class Daemon:
 
             def publish(config: dict[str, Any]) -> None:  # this run's replica ports
                 for entry in config["replicas"]:
-                    entry["address"] = addresses.get(entry["id"], entry["address"])
+                    entry["address"] = addresses.get(entry["id"], entry.get("address"))
                     if entry["id"] in self.rotten:  # (trusted for nothing: rebuilt at once)
                         entry.update(mode=ERR, error=self.rotten[entry["id"]], rotten_backing=True)
 
@@ -908,6 +952,9 @@ class Daemon:
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))
             await self._finish_expansion()
+            with contextlib.suppress(LhfsError):  # (its answers: what each holds durably)
+                await self.engine.flush()
+            self.keep_revisions()
             for link in self.engine.replicas:
                 entry = self.vol.replica(link.id)  # (a scrub's verdicts, kept across attaches)
                 link.held, link.rotten_backing = (
@@ -948,6 +995,7 @@ class Daemon:
             finally:
                 self.channel.close()
             await self.engine.close()
+            self.keep_revisions()
             nursery.cancel_scope.cancel()
 
     def _recorded(self) -> list[Recorded]:
@@ -962,19 +1010,27 @@ class Daemon:
             log.warning(
                 "the volume was faulted, waiting for replica %s: it alone may serve", waiting
             )
-        return [
-            Recorded(
-                r["id"],
-                r["address"] or "",
-                trusted=(r["id"] == waiting) if waiting else (r.get("mode") == RW),
-                built=not r.get("unbuilt"),
-                uid=r.get("uid"),
-                synced=int(last.get("revision", -1)) if r["id"] == waiting else -1,
-                waited_for=r["id"] == waiting,
-                away=self.not_started.get(r["id"]),
+        records = []
+        for r in self.vol.replicas:
+            trusted = (r["id"] == waiting) if waiting else (r.get("mode") == RW)
+            synced = max(
+                int(last.get("revision", -1)) if r["id"] == waiting else -1,
+                r.get("flushed", -1) if trusted else -1,  # (none in an older configuration)
             )
-            for r in self.vol.replicas
-        ]
+            records.append(
+                Recorded(
+                    r["id"],
+                    r.get("address") or "",
+                    trusted=trusted,
+                    built=not r.get("unbuilt"),
+                    uid=r.get("uid"),
+                    synced=synced,
+                    waited_for=r["id"] == waiting,
+                    away=self.not_started.get(r["id"]),
+                    local=bool(r.get("local")),
+                )
+            )
+        return records
 
     async def _finish_expansion(self) -> None:
         """An online expansion records the new size in the configuration once every replica
@@ -1034,6 +1090,7 @@ class Daemon:
                 await self._disk_usage([{"id": link.id} for link in self.engine.replicas])
             except Exception as exc:  # (a replica's odd answer must not end the engine)
                 log.warning("could not ask the replicas about their disks: %s", exc)
+            self.keep_revisions()
             await trio.sleep(DISKS_EVERY)
 
     async def _watch_signals(self) -> None:

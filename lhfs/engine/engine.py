@@ -16,10 +16,12 @@ marked ERR, dropped from I/O and recorded in the volume's configuration; the vol
 
 On attach, only a replica that holds every acknowledged write may serve: those recorded RW
 (or, if the volume faulted, the one it waited for: ``last_rw``), and of those the highest
-revision serves, the others are stale and marked ERR. If none of them can be reached the attach
-is refused (``Faulted``): another replica would serve older data, and then be the source every
-other one is rebuilt from. Only when none is recorded so (an older configuration) is the
-freshest reachable one salvaged, never one that was added and never completed a rebuild.
+revision serves, the others are stale and marked ERR; never one below the revision recorded
+for it (``Recorded.synced``): an older copy of its directory. If none of them can be
+reached the attach is refused (``Faulted``): another replica would serve older data, and then
+be the source every other one is rebuilt from. Only when none is recorded so (an older
+configuration) is the freshest reachable one salvaged, never one that was added and never
+completed a rebuild.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lhfs.core.errors import (
     InvalidArgument,
     LhfsError,
     NoSpace,
+    NotInitialised,
     WrongVolume,
     is_refusal,
 )
@@ -94,12 +97,15 @@ class ReplicaLink:
     # what the replica is (its directory's identity, from its answers): one replica reached
     # by two addresses is still one replica
     uid: str | None = None
-    # the revision it last said it holds durably (its answer to a flush; recorded when the
-    # volume faulted): whatever answers at its address below that is an older copy of it
+    # the revision it last said it holds durably (its answer to a flush; recorded in the
+    # configuration): whatever answers at its address below that is an older copy of it
     synced: int = -1
     # why another directory answering at its address was refused, as last logged: a
     # condition that lasts until the operator acts is said once, not at every attempt
     stranger: str | None = None
+    # started by this host from a directory the configuration names by its path: known by
+    # that path, so an identity made again there (its id file lost) is its own
+    local: bool = False
 
     def public(self) -> dict[str, Any]:
         """What ``info`` shows. A replica whose rebuild is in its first steps (a new one
@@ -133,7 +139,8 @@ class Recorded:
     trusted: bool
     built: bool = True  # False: added and never completed a rebuild (it holds nothing to save)
     uid: str | None = None  # its directory's identity, as recorded
-    synced: int = -1  # the revision it is known to hold at least (recorded when it faulted)
+    synced: int = -1  # the revision it is known to hold durably at least (as recorded)
+    local: bool = False  # a directory of this host, named by its path (``ReplicaLink.local``)
     waited_for: bool = False  # the replica the volume, faulted, waited for (``last_rw``)
     away: str | None = None  # why it has no address
 
@@ -271,7 +278,9 @@ class Engine:
         answered: set[str] = set()  # the ids of those that answered as themselves
         strangers: set[str] = set()  # ... and of those whose address another one answers at
         for record in records:
-            link = ReplicaLink(record.id, record.address, uid=record.uid, synced=record.synced)
+            link = ReplicaLink(
+                record.id, record.address, uid=record.uid, synced=record.synced, local=record.local
+            )
             self.replicas.append(link)
             pairs.append((link, record))
             if not record.address:
@@ -283,15 +292,28 @@ class Engine:
             except WrongVolume as exc:
                 link.error = self.named(exc)
                 continue
+            except NotInitialised:  # (wiped, or the wrong directory: rebuilt if another serves)
+                link.error = (
+                    "answers at its address with an empty replica directory, not the volume's "
+                    "replica: serve the replica's own directory there, or give it up with "
+                    "'lhfs replica rm'"
+                )
+                strangers.add(link.id)
+                continue
             except LhfsError as exc:
                 link.error = str(exc)
                 continue
             stranger = self.stranger(link, info.get("uid"), info["revision"], serving=True)
-            if stranger is not None:  # (not this replica: it neither serves nor is rebuilt)
+            if stranger is not None:
                 link.error = stranger
                 strangers.add(link.id)
-                client, link.client = link.client, None
-                await client.aclose()
+                if not link.local and info.get("uid") and link.uid and info["uid"] != link.uid:
+                    # another directory: not this replica, it neither serves nor is rebuilt
+                    client, link.client = link.client, None
+                    await client.aclose()
+                else:  # an older copy of its own: never served, rebuilt if another serves
+                    link.revision = info["revision"]
+                    log.warning("replica %s %s", link.id, stranger)
                 continue
             if info["size"] != self.size:
                 # a replica expanded while others were not: the others are behind
@@ -336,12 +358,24 @@ class Engine:
         ``revision``) is not ``link``'s replica as this engine knows it, if it is not: another
         directory (a copy, another replica's), or, to serve (``serving``), an older copy of
         its own than it last flushed. A replica of an older lhfs (no identity) is not told
-        apart; one about to be rebuilt may be older (the rebuild brings it up to date)."""
+        apart; one about to be rebuilt may be older (the rebuild brings it up to date). A
+        local replica is known by its directory's path: a new identity there (its id file
+        lost or damaged, and made again) is adopted, said in the log, unless it is older."""
         if link.uid and uid and uid != link.uid:
-            return (
-                f"answers at its address with another replica's directory (id {uid}, "
-                f"expected {link.uid})"
-            )
+            if not link.local:
+                return (
+                    f"answers at its address with another replica's directory (id {uid}, "
+                    f"expected {link.uid})"
+                )
+            if not (serving and 0 <= revision < link.synced):
+                log.warning(
+                    "replica %s: its directory has a new identity %s (was %s: its id file was "
+                    "lost or damaged); adopted, as the directory the volume names",
+                    link.id,
+                    uid,
+                    link.uid,
+                )
+                link.uid = uid
         if serving and 0 <= revision < link.synced:
             return (
                 f"answers at its address with an older copy of its directory (revision "

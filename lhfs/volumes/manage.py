@@ -1058,11 +1058,18 @@ def _replica_remove_offline(
     holds every acknowledged write (the last recorded RW, or the one a faulted volume waits
     for) is refused, unless ``accept_loss``: the operator says it is gone for good (its disk
     or host lost), and the next attach salvages the freshest replica that answers, which is
-    the only way such a volume can be attached again."""
+    the only way such a volume can be attached again; one left alone to serve is then served
+    even if it answers below the revision recorded for it."""
     entry = vol.replica(replica_id)
     vol.require_not_standby("removing a replica")
-    if accept_loss and len(vol.replicas) == 1:
-        raise WrongState(f"{replica_id} is the only replica of {vol.name}: it cannot be removed")
+    if accept_loss and len(vol.replicas) == 1:  # (nothing would be left to serve)
+        raise WrongState(
+            f"{replica_id} is the only replica of {vol.name}: giving it up would leave nothing "
+            "to serve; bring its own directory back (on another host: 'lhfs replica serve' of "
+            "it at its address) and attach again, or, if it is lost for good, restore the "
+            f"volume from a backup ('lhfs backup restore') or remove it ('lhfs volume rm "
+            f"{vol.name}')"
+        )
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
     lose = " ('--accept-loss' removes it all the same, losing the writes only it holds)"
     if entry.get("mode", "RW") == "RW" and not others and not accept_loss:
@@ -1078,6 +1085,11 @@ def _replica_remove_offline(
         config["replicas"] = [r for r in config["replicas"] if r["id"] != replica_id]
         if (config.get("last_rw") or {}).get("id") == replica_id:
             del config["last_rw"]  # (given up: none is waited for any more)
+        trusted = [r for r in config["replicas"] if r.get("mode", "RW") == "RW"]
+        if accept_loss and not config.get("last_rw") and len(trusted) == 1:
+            # the one left to serve is taken as it is: if it is an older copy of itself (its
+            # host back on one), the writes it lacks are the loss the operator accepts
+            trusted[0].pop("flushed", None)
 
     vol.update(drop)
     left = disks.remove(vol, entry)
