@@ -103,8 +103,10 @@ def test_giving_up_the_freshest_replica_accepts_an_older_copy(
     cli: Cli, tmp_path: Path, serve
 ) -> None:
     """The freshest replica lost for good and the other back on an older copy: the attach is
-    refused until the operator gives the lost one up (``replica rm --accept-loss``); then the
-    older copy serves, as it is (its newer writes are the loss accepted)."""
+    refused until the operator gives the lost one up (``replica rm --accept-loss``) and
+    accepts the older copy by name (``replica accept``): giving up one replica never makes
+    another's older copy serve. Then it serves, as it is (its newer writes are the loss
+    accepted)."""
     key, (a, b) = remote_volume(cli, tmp_path, serve, "g", 2)
     device = tmp_path / "g.dev"
     d1 = os.urandom(MIB)
@@ -123,9 +125,23 @@ def test_giving_up_the_freshest_replica_accepts_an_older_copy(
     line = one_line(cli.run("volume", "attach", "g", "--device", str(device), check=False))
     assert "r3 (recorded healthy) answers at its address with an older copy" in line, line
     cli.run("replica", "rm", "g", "r2", "--accept-loss")
+    line = one_line(cli.run("volume", "attach", "g", "--device", str(device), check=False))
+    assert "r3 (recorded healthy) answers at its address with an older copy" in line, line
+    assert line.endswith(
+        "(if that is lost for good, 'lhfs replica accept g r3' serves the older copy as it "
+        "is, losing the writes after it)"
+    ), line
+    accepted = cli.json("replica", "accept", "g", "r3")
+    assert accepted["accepted"] and accepted["recorded"] > 0, accepted
+    again = one_line(cli.run("replica", "accept", "g", "r3", check=False))
+    assert again.endswith("there is nothing to accept"), again
     cli.run("volume", "attach", "g", "--device", str(device))
     assert read_direct(device, 0, MIB) == d1
+    refused = one_line(cli.run("replica", "accept", "g", "r3", check=False))
+    assert "volume g is attached" in refused, refused
     cli.run("volume", "detach", "g")
+    log = (cli.root / "volumes" / "g" / "engine.log").read_text()
+    assert "replica r3 accepted as it is, below revision" in log
 
 
 @needs_fuse
@@ -153,6 +169,7 @@ def test_a_single_replica_back_on_an_older_copy_is_refused(cli: Cli, tmp_path: P
     refused = one_line(cli.run("replica", "rm", "s", "r2", "--accept-loss", check=False))
     assert "r2 is the only replica of s" in refused and "volume rm s" in refused, refused
     assert "bring its own directory back" in refused, refused
+    assert "'lhfs replica accept s r2' serves that copy as it is" in refused, refused
     assert [r["id"] for r in recorded(cli, "s")["replicas"]] == ["r2"]
     assert copy.stop() == 0
     serve(far.dir, key, port)

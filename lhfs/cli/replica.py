@@ -175,6 +175,18 @@ def cmd_replica_rm(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_replica_accept(args: argparse.Namespace) -> None:
+    from lhfs.volumes import manage
+
+    recorded = manage.replica_accept(root_of(args), args.volume, args.id)
+    say(
+        args,
+        {"volume": args.volume, "id": args.id, "accepted": True, "recorded": recorded},
+        f"replica {args.id} of {args.volume} serves as it is at the next attach (the writes "
+        f"after the copy it holds, up to revision {recorded}, are given up)",
+    )
+
+
 def parsers(groups: Any) -> None:
     replica = groups.add_parser("replica", help="replica processes and directories")
     verbs = replica.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
@@ -284,6 +296,19 @@ def parsers(groups: Any) -> None:
         help="of a detached volume, remove it all the same (it is lost for good, a disk or a "
         "host gone): writes only it held are lost, and the next attach serves the freshest "
         "replica that answers",
+    )
+    verb(
+        verbs,
+        "accept",
+        cmd_replica_accept,
+        "serve an older copy of a replica as it is (its newer copy lost for good)",
+        "volume",
+        "id",
+        description="An attach serves no replica that answers below the revision recorded for "
+        "it: an older copy of its directory (a host restored from an earlier image) would "
+        "serve old data, and the other replicas be rebuilt from it. When the newer copy is "
+        "lost for good, this lets the replica serve as it is at the next attach of the "
+        "detached volume: the writes after that copy are lost.",
     )
     verb(
         verbs,

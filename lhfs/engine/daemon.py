@@ -932,6 +932,7 @@ class Daemon:
             self.engine.on_failed = self.rejoiner.watch
             self.engine.on_epoch = self._record_epoch
             self.engine.named = self.named
+            self.engine.volume = self.vol.name
             self.engine.local_names = {p.address: p.local for p in self.processes.values()}
             self.engine.tls_cas = {
                 r["address"]: r["tls_ca"] for r in self.vol.replicas if r.get("tls_ca")

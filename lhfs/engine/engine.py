@@ -72,6 +72,10 @@ Done = Callable[[Exception | None], None]
 ReadDone = Callable[[Exception | None, memoryview | bytes | None], None]
 
 
+# what an attach says of a replica that answers below the revision recorded for it
+OLDER = "an older copy of its directory"
+
+
 @dataclass
 class ReplicaLink:
     """The engine's view of one replica."""
@@ -181,6 +185,7 @@ class Engine:
         # a replica of another volume refused, in words that name that volume (its owner
         # knows the volumes of the root by name; the engine knows their ids only)
         self.named: Callable[[WrongVolume], str] = str
+        self.volume = "VOLUME"  # its name, for the commands a refusal names (set by its owner)
         self.owner = secrets.token_bytes(8)  # this engine's identity in its sessions' epochs
         self.chunk_size = chunk_size
         self.replicas: list[ReplicaLink] = []
@@ -329,7 +334,7 @@ class Engine:
             candidates = [link for link, _ in trusted if link.id in answered - held]
             if not candidates:
                 others = len(trusted) < len(pairs)
-                raise Faulted(_unreachable(trusted, held, strangers, others))
+                raise Faulted(_unreachable(self.volume, trusted, held, strangers, others))
         else:
             # None is recorded so (a configuration of an older lhfs, or one whose record could
             # not be written): salvage the freshest that answers and ever served.
@@ -378,8 +383,8 @@ class Engine:
                 link.uid = uid
         if serving and 0 <= revision < link.synced:
             return (
-                f"answers at its address with an older copy of its directory (revision "
-                f"{revision}, below the {link.synced} it last flushed)"
+                f"answers at its address with {OLDER} (revision {revision}, below the "
+                f"{link.synced} it last flushed)"
             )
         return None
 
@@ -1010,6 +1015,7 @@ class _Fanout:
 
 
 def _unreachable(
+    volume: str,
     trusted: list[tuple[ReplicaLink, Recorded]],
     held: set[str],
     strangers: set[str],
@@ -1032,6 +1038,13 @@ def _unreachable(
     again = "it is" if len(trusted) == 1 else "one of them is"
     instead = "; the other replicas may lack acknowledged writes, so none serves instead"
     said = "; ".join(parts) + (instead if others else "")
+    older = [link.id for link, _ in trusted if link.id in strangers and OLDER in (link.error or "")]
+    if older and len(older) == len(trusted):  # (each answers, as an older copy of itself)
+        return (
+            f"not attached: {said}: bring back the directory holding its newer revision and "
+            f"attach again (if that is lost for good, 'lhfs replica accept {volume} "
+            f"{older[0]}' serves the older copy as it is, losing the writes after it)"
+        )
     return (
         f"not attached: {said}: attach again once {again} back (if it is lost for good, "
         "'lhfs replica rm --accept-loss' gives it up, and the writes only it holds)"

@@ -1058,17 +1058,19 @@ def _replica_remove_offline(
     holds every acknowledged write (the last recorded RW, or the one a faulted volume waits
     for) is refused, unless ``accept_loss``: the operator says it is gone for good (its disk
     or host lost), and the next attach salvages the freshest replica that answers, which is
-    the only way such a volume can be attached again; one left alone to serve is then served
-    even if it answers below the revision recorded for it."""
+    the only way such a volume can be attached again. A replica left that answers as an
+    older copy of itself is still refused until the operator accepts it as it is
+    (``replica_accept``): a loss is given up for one replica at a time, by name."""
     entry = vol.replica(replica_id)
     vol.require_not_standby("removing a replica")
     if accept_loss and len(vol.replicas) == 1:  # (nothing would be left to serve)
         raise WrongState(
             f"{replica_id} is the only replica of {vol.name}: giving it up would leave nothing "
             "to serve; bring its own directory back (on another host: 'lhfs replica serve' of "
-            "it at its address) and attach again, or, if it is lost for good, restore the "
-            f"volume from a backup ('lhfs backup restore') or remove it ('lhfs volume rm "
-            f"{vol.name}')"
+            "it at its address) and attach again; if an older copy of it answers there, "
+            f"'lhfs replica accept {vol.name} {replica_id}' serves that copy as it is; if it is "
+            "lost for good, restore the volume from a backup ('lhfs backup restore') or "
+            f"remove it ('lhfs volume rm {vol.name}')"
         )
     others = [r for r in vol.replicas if r["id"] != replica_id and r.get("mode", "RW") == "RW"]
     lose = " ('--accept-loss' removes it all the same, losing the writes only it holds)"
@@ -1085,17 +1087,51 @@ def _replica_remove_offline(
         config["replicas"] = [r for r in config["replicas"] if r["id"] != replica_id]
         if (config.get("last_rw") or {}).get("id") == replica_id:
             del config["last_rw"]  # (given up: none is waited for any more)
-        trusted = [r for r in config["replicas"] if r.get("mode", "RW") == "RW"]
-        if accept_loss and not config.get("last_rw") and len(trusted) == 1:
-            # the one left to serve is taken as it is: if it is an older copy of itself (its
-            # host back on one), the writes it lacks are the loss the operator accepts
-            trusted[0].pop("flushed", None)
 
     vol.update(drop)
     left = disks.remove(vol, entry)
     given_up = " given up for lost (--accept-loss)" if accept_loss else ""
     _note(vol, f"replica {replica_id} removed{given_up}" + (f" ({left} left)" if left else ""))
     return [left] if left else []
+
+
+def replica_accept(root: Path, name: str, replica_id: str) -> int:
+    """Let replica ``replica_id`` of a detached volume serve at the next attach as it is,
+    though it answers below the revision recorded for it: an older copy of its directory
+    (its host restored from an earlier image), whose newer copy is lost for good. The
+    writes after that copy are given up, by the operator and by name; the revision that
+    was recorded is returned (said in the volume's log)."""
+    vol = volumes.load(root, name)
+    if vol.runtime() is not None:
+        raise WrongState(
+            f"volume {name} is attached: a replica is accepted as it is while its volume is "
+            f"detached (lhfs volume detach {name} first)"
+        )
+    with _detached(vol) as now:
+        if now is None:
+            return replica_accept(root, name, replica_id)  # (attached meanwhile)
+        entry = now.replica(replica_id)
+        waited = now.config.get("last_rw") or {}
+        recorded = max(
+            int(entry.get("flushed", -1)),
+            int(waited.get("revision", -1)) if waited.get("id") == replica_id else -1,
+        )
+        if recorded < 0:
+            raise WrongState(
+                f"no revision is recorded for replica {replica_id} of {name}: it is not held "
+                "back as an older copy, and there is nothing to accept"
+            )
+
+        def accept(config: dict[str, Any]) -> None:
+            for replica in config["replicas"]:
+                if replica["id"] == replica_id:
+                    replica.pop("flushed", None)
+            if (config.get("last_rw") or {}).get("id") == replica_id:
+                config["last_rw"].pop("revision", None)
+
+        now.update(accept)
+        _note(now, f"replica {replica_id} accepted as it is, below revision {recorded}")
+        return recorded
 
 
 def scrub(root: Path, name: str, progress: control.Progress | None = None) -> dict[str, Any]:
