@@ -148,6 +148,20 @@ def test_serve_and_init_check_before_they_make_anything(
         "replica", "add", "ghost", "--address", "127.0.0.1:1", "--tls-ca", "/dev/zero", check=False
     )
     assert one_line(added, 2).endswith("CA certificate /dev/zero is not a regular file")
+    fifo = tmp_path / "ca.fifo"  # (no writer: opened without waiting for one)
+    os.mkfifo(fifo)
+    added = cli.run(
+        "replica",
+        "add",
+        "ghost",
+        "--address",
+        "127.0.0.1:1",
+        "--tls-ca",
+        str(fifo),
+        check=False,
+        timeout=30,
+    )
+    assert one_line(added, 2).endswith(f"CA certificate {fifo} is not a regular file")
     huge = tmp_path / "huge.pem"
     with huge.open("wb") as f:
         f.truncate(1 << 30)

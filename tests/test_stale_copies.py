@@ -301,6 +301,11 @@ def test_a_missing_key_file_is_refused_not_made_again(cli: Cli, tmp_path: Path) 
         assert "key.json is missing" in line and "restore key.json" in line, line
         assert not (directory / "key.json").exists()
         assert (directory / "config.json").read_bytes() == before
+    doctor = cli.run("doctor", "k", "--json", check=False)  # (said as a check, not an abort)
+    assert doctor.returncode == 1, doctor.stderr
+    checks = {c["check"]: c for c in json.loads(doctor.stdout)}
+    assert checks["key"]["status"] == "fail" and "restore key.json" in checks["key"]["detail"]
+    assert not (directory / "key.json").exists()
     shutil.move(saved, directory / "key.json")
     cli.run("volume", "attach", "k", "--device", str(device))
     assert cli.live("k")["state"] == "healthy"
@@ -350,3 +355,12 @@ def test_an_empty_directory_at_a_replicas_address_is_said_plainly(
     serve(far.dir, key, port)
     cli.run("volume", "attach", "e", "--device", str(device))
     cli.run("volume", "detach", "e")
+
+
+def test_a_replica_number_of_another_script_is_no_traceback(tmp_path: Path) -> None:
+    """``next_replica`` derived from the replicas there are: a name such as ``r²`` (a digit
+    to ``str.isdigit`` that ``int`` refuses) is no replica number, not a traceback."""
+    (tmp_path / "replicas" / "r\u00b2").mkdir(parents=True)
+    (tmp_path / "replicas" / "r7").mkdir()
+    config = {"replicas": [{"id": "r2", "local": True}]}
+    assert volumes._next_replica(config["replicas"], tmp_path / "replicas") == 8

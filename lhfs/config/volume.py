@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -558,7 +559,7 @@ def _next_replica(replicas: list[dict[str, Any]], directory: Path) -> int:
     names = [str(r["id"]) for r in replicas]
     with contextlib.suppress(OSError):
         names += [entry.name for entry in directory.iterdir()]
-    numbers = [int(name[1:]) for name in names if name[:1] == "r" and name[1:].isdigit()]
+    numbers = [int(found[1]) for name in names if (found := re.fullmatch(r"r([0-9]+)", name))]
     return max(numbers, default=0) + 1
 
 

@@ -74,9 +74,10 @@ def client_context(ca_pem: str) -> ssl.SSLContext:
 
 def read_ca(path: Path) -> str:
     """The CA file an operator names, checked to be usable: a regular file (``/dev/zero``
-    or a pipe would be read for ever), read no further than a CA may be long."""
+    or a pipe would be read for ever; a pipe is opened without waiting for a writer), read no
+    further than a CA may be long."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:  # (exit 1, as for every other file named that is missing)
         raise NotFound(f"CA certificate {path} does not exist") from None
     except OSError as exc:
