@@ -122,6 +122,28 @@ def test_a_system_restore_puts_volumes_back_on_their_backing_image(
     finally:
         teardown(fourth.root)
 
+    # the content registered under the root, its file modified since: neither linked to nor
+    # stood on (what it holds is not what its id says): the image restored from the store,
+    # or, the image left out, the volume restored whole, saying why
+    fifth = Cli(tmp_path / "root5")
+    try:
+        fifth.run("backing-image", "create", "mine", "--from", str(raw))
+        images = fifth.root / "backing-images"
+        with open(images / "mine.img", "r+b") as f:
+            f.write(b"changed in place")
+        done = fifth.json("system", "restore", url, "--volumes", "a", "--quiet")
+        assert done["images"] == ["base"] and done["on_images"] == {"a": "base"}, done
+        assert os.stat(images / "base.img").st_ino != os.stat(images / "mine.img").st_ino
+        assert fifth.checksum("a") == sums["a"]
+        fifth.run("volume", "rm", "a")
+        fifth.run("backing-image", "rm", "base")
+        result = fifth.run("system", "restore", url2, "--volumes", "a", "--quiet")
+        assert "was modified since it was registered" in result.stdout, result.stdout
+        assert fifth.json("volume", "info", "a")["backing_image"] is None
+        assert fifth.checksum("a") == sums["a"]
+    finally:
+        teardown(fifth.root)
+
 
 def test_one_content_under_two_image_names_is_kept_once(
     cli: Cli, tmp_path: Path, s3_endpoint: str

@@ -274,7 +274,10 @@ def restore(
     if clash:
         raise AlreadyExists(f"volume(s) {', '.join(clash)} already exist under {root}")
     present = {i["name"]: i for i in images.list_images(root)}
-    registered = {n: i["id"] for n, i in present.items() if "id" in i}  # name: content id
+    # name: content id, of the images a volume may stand on (not one whose file changed
+    # since it was registered: what it holds is not what its id says)
+    registered = {n: i["id"] for n, i in present.items() if "id" in i and i["changed"] is not True}
+    modified = {i["id"]: n for n, i in present.items() if "id" in i and i["changed"] is True}
     local = {i: n for n, i in sorted(registered.items(), reverse=True)}  # content id: a name
     stood_on = {_stood_on(record["volumes"][v]) for v in wanted} - {None}
     if only is None:
@@ -337,6 +340,9 @@ def restore(
             done["whole"][volume] = (
                 f"its backing image {known[0]} was not restored ({passed[known[0]]})"
                 if known
+                else f"its backing image {modified[image_id]} under {root} was modified since "
+                "it was registered"
+                if image_id in modified
                 else f"its backing image {image_id} is neither in the system backup nor "
                 f"under {root}"
             ) + ": restored with the image's content as its own data"
@@ -382,8 +388,16 @@ def _stood_on(entry: dict[str, Any]) -> str | None:
 
 def _link_image(root: Path, name: str, same: str, progress: Callable[..., None]) -> None:
     """Register image ``name`` as the content the root holds already as image ``same``
-    (``images.create`` keeps one content once: ``name`` is a link to its file)."""
-    images.create(root, name, Path(images.get(root, same)["path"]))
+    (``images.create`` keeps one content once: ``name`` is a link to its file), checked to be
+    the content ``same`` is registered with (its file may have changed meanwhile)."""
+    wanted = images.get(root, same)
+    made = images.create(root, name, Path(wanted["path"]))
+    if made["id"] != wanted["id"]:
+        images.remove(root, name)
+        raise CorruptState(
+            f"backing image {same}'s file no longer holds the content it was registered "
+            f"with: {name} not made from it"
+        )
     progress(100.0)
 
 
