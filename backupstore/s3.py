@@ -79,6 +79,10 @@ class StoreRefused(LhfsError):
     """The store answered with a final error (access denied, no such bucket, not S3...)."""
 
 
+class AccessDenied(StoreRefused):
+    """The store refused these credentials what they asked (or refused them altogether)."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the store is and how to sign requests to it."""
@@ -242,14 +246,14 @@ def refusal(what: str, endpoint: str, exc: BaseException) -> StoreRefused:
         if exc.code == "NoSuchBucket":
             return StoreRefused(f"{what}: bucket {exc.bucket_name!r} does not exist at {endpoint}")
         if exc.code in _ACCESS_CODES:
-            return StoreRefused(
+            return AccessDenied(
                 f"{what}: {endpoint} refused access ({exc.code}): check AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY"
             )
         return StoreRefused(f"{what}: {endpoint} answered {exc.code}")
     status = _status(exc)
     if status in (401, 403):
-        return StoreRefused(
+        return AccessDenied(
             f"{what}: {endpoint} refused access (HTTP {status}, no S3 error): check the "
             "credentials, and that AWS_ENDPOINT_URL is an S3 server"
         )

@@ -73,7 +73,7 @@ from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
-from .s3 import NOT_CONFIRMED, Bucket, StoreRefused
+from .s3 import NOT_CONFIRMED, AccessDenied, Bucket
 
 FORMAT = 1  # of the records this lhfs writes (manifests, a volume's record): newer ones refused
 NEWER = "written by a newer lhfs"  # (what says so, where a record of a newer FORMAT is refused)
@@ -528,7 +528,7 @@ class BackupStore:
                 stack.enter_context(
                     Marker(self.bucket, key, about={"reading": kind}, told=self.notice)
                 )
-            except StoreRefused as exc:
+            except AccessDenied as exc:  # (any other refusal fails the restore: no guard)
                 self.notice(
                     f"backup {name} of volume {volume} is read without its marker ({exc}): "
                     "a removal meanwhile is not held back"
