@@ -297,12 +297,15 @@ def test_logs_follow_merges_its_components_in_time_order(cli: Cli) -> None:
     came out after it. It merges them by time, as the past is."""
     cli.run("volume", "create", "f", "--size", "16M", "--replicas", "2")
     directory = volumes_dir(cli) / "f"
+    with open(directory / "engine.log", "ab") as f:
+        f.write(stamped(time.time() - 5, "ready"))
     follow = cli.start("logs", "f", "-f")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(follow.stdout or []), daemon=True)
     reader.start()
     try:
-        time.sleep(1)  # (following from here)
+        # (the past printed: the followers opened before it was read, so following from here)
+        wait_for(lambda: any("ready" in line for line in lines), 20, "the past")
         expected = []
         for n in range(5):
             now = time.time()
@@ -311,7 +314,7 @@ def test_logs_follow_merges_its_components_in_time_order(cli: Cli) -> None:
                 with open(directory / f"{label}.log", "ab") as f:
                     f.write(stamped(now - back, f"round {n} {label}"))
             expected += [f"round {n} {label}" for label in ("r2", "r1", "engine")]
-            time.sleep(0.3)
+            time.sleep(0.3)  # (not a wait: the rounds' times apart, as the lines' stamps)
         wait_for(lambda: sum("round " in line for line in lines) == 15, 20, "the lines")
     finally:
         follow.send_signal(signal.SIGINT)
