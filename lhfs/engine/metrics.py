@@ -14,12 +14,16 @@ given (``volume attach --metrics HOST:PORT``); its import costs nothing otherwis
 from __future__ import annotations
 
 import errno
+import logging
+import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from lhfs.core.errors import Busy, InvalidArgument
+
+log = logging.getLogger("lhfs.metrics")
 
 OPS = ("read", "write", "trim", "flush")
 # latency bucket bounds (seconds): from a page-cache hit to a replica timing out
@@ -213,6 +217,7 @@ def gauge(
 
 MAX_SCRAPES = 32  # connections served at once; more are closed at once
 SCRAPE_TIMEOUT = 5.0  # seconds a connection may take to send its request
+ERRORS_EVERY = 60.0  # seconds between two log lines of a scrape that failed on our side
 
 
 def serve(address: str, collector: Any) -> tuple[str, int]:
@@ -261,6 +266,7 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        quiet_until = 0.0  # (until when a failed scrape is not logged)
 
         def process_request(self, request: Any, client_address: Any) -> None:
             if not self.slots.acquire(blocking=False):
@@ -277,6 +283,19 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
                 super().process_request_thread(request, client_address)
             finally:
                 self.slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """Log a failed scrape in one line a minute at most, and a client that left
+            early not at all: the library printed a traceback to standard error (the
+            service's log) for each, so anyone who could connect could flood the log and
+            rotate its history away."""
+            exc = sys.exc_info()[1]
+            if isinstance(exc, ConnectionError | TimeoutError):
+                return
+            now = time.monotonic()
+            if now >= Server.quiet_until:
+                Server.quiet_until = now + ERRORS_EVERY
+                log.warning("a metrics scrape from %s failed: %r", client_address[0], exc)
 
     try:
         server = Server((host, port), Handler)
