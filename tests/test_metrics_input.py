@@ -6,12 +6,13 @@ import logging
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from prometheus_client.core import GaugeMetricFamily
 
 from lhfs.core.procs import wait_for
-from lhfs.engine.metrics import serve
+from lhfs.engine.metrics import FRESH_FOR, serve
 
 
 class Counted:
@@ -65,3 +66,44 @@ def test_a_scrape_that_fails_here_is_logged_in_one_line_a_minute(
     assert "Traceback" not in capfd.readouterr().err
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("lhfs")]
     assert len(lines) == 1 and "no view" in lines[0] and "\n" not in lines[0], lines
+
+
+def read_all(host: str, port: int, request: bytes) -> bytes:
+    """What the endpoint answers ``request`` with, until it closes the connection."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    return answer
+
+
+def test_a_flood_of_scrapes_collects_once_a_second_and_stays_fresh() -> None:
+    """Eight clients scraping as fast as they can: the collector (the engine's view, which read
+    config.json) runs once a second at most, not once a scrape; a later scrape sees it anew."""
+    collector = Counted()
+    host, port = serve("127.0.0.1:0", collector)
+    started = time.monotonic()
+    answers: list[bytes] = []
+
+    def scrape_many() -> None:
+        for _ in range(25):
+            answers.append(read_all(host, port, b"GET /metrics HTTP/1.0\r\n\r\n"))
+
+    clients = [threading.Thread(target=scrape_many) for _ in range(8)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    took = time.monotonic() - started
+    assert len(answers) == 200 and all(b"lhfs_test_one 1.0" in a for a in answers)
+    assert collector.calls <= 2 + took / FRESH_FOR, (collector.calls, took)
+    before = collector.calls
+    wait_for(
+        lambda: (
+            b"lhfs_test_one" in read_all(host, port, b"GET /metrics HTTP/1.0\r\n\r\n")
+            and collector.calls > before
+        ),
+        10,
+        "a scrape to be collected anew",
+    )

@@ -215,6 +215,36 @@ def gauge(
     return family
 
 
+class Answers:
+    """What a scrape is answered, made at most once a ``FRESH_FOR`` per format and by one
+    thread at a time: a flood of scrapes (no client is authenticated) then costs the engine
+    one collection a second, not one each, while Prometheus (every 15 s) sees it fresh."""
+
+    def __init__(self, registry: Any) -> None:
+        import threading
+
+        self.registry = registry
+        self.lock = threading.Lock()
+        self.made: dict[tuple[str, bool], tuple[float, bytes]] = {}
+
+    def get(self, accept: str | None, encoding: str | None) -> tuple[str, bool, bytes]:
+        """(content type, gzipped, body) for a request's ``Accept`` and ``Accept-Encoding``."""
+        import gzip
+
+        from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+        encoder, content_type = choose_encoder(accept)
+        zipped = gzip_accepted(encoding)
+        with self.lock:
+            made, body = self.made.get((content_type, zipped), (-FRESH_FOR, b""))
+            if time.monotonic() - made >= FRESH_FOR:
+                body = encoder(self.registry)
+                body = gzip.compress(body) if zipped else body
+                self.made[content_type, zipped] = (time.monotonic(), body)
+        return content_type, zipped, body
+
+
+FRESH_FOR = 1.0  # seconds an answer is served again before it is made anew
 MAX_SCRAPES = 32  # connections served at once; more are closed at once
 SCRAPE_TIMEOUT = 5.0  # seconds a connection may take to send its request
 ERRORS_EVERY = 60.0  # seconds between two log lines of a scrape that failed on our side
@@ -224,14 +254,13 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
     """Serve ``collector`` on ``address`` (``HOST:PORT``; port 0 picks one) from a thread;
     the address bound (an IPv6 host in brackets). Bounded: a client that opens connections
     and sends half a request holds a thread each (the library's own server has neither a
-    limit nor a timeout)."""
+    limit nor a timeout), and answers are made once a second at most (``Answers``)."""
     import contextlib
     import socket
     import threading
-    from http.server import ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import MetricsHandler
 
     from lhfs.wire.client import parse_address
 
@@ -241,8 +270,25 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
 
     open_now: dict[Any, float] = {}  # connection -> when it is cut, whatever it is doing
 
-    class Handler(MetricsHandler.factory(registry)):  # type: ignore[misc]
+    answers = Answers(registry)
+
+    class Handler(BaseHTTPRequestHandler):
         timeout = SCRAPE_TIMEOUT  # (each read; the whole exchange: ``reap``)
+
+        def do_GET(self) -> None:
+            content_type, zipped, body = answers.get(
+                self.headers.get("Accept"), self.headers.get("Accept-Encoding")
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            if zipped:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Log nothing: a line per request would let any client flood the log."""
 
         def setup(self) -> None:
             super().setup()
@@ -264,6 +310,7 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
+        request_queue_size = MAX_SCRAPES  # (5: a burst of connections waited a second each)
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         slots = threading.BoundedSemaphore(MAX_SCRAPES)
         quiet_until = 0.0  # (until when a failed scrape is not logged)
