@@ -170,17 +170,23 @@ def cmd_volume_ls(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     volumes = manage.list_volumes(root_of(args))
+    cut_short = {  # (out of sight otherwise: a killed rm left it whole)
+        name: f"its removal was cut short ('lhfs volume rm {name}' finishes it)"
+        for name in manage.removals_cut_short(root_of(args))
+    }
     if args.json:
-        print_json(volumes)
+        print_json(
+            volumes
+            + [{"name": n, "state": "removal cut short", "error": e} for n, e in cut_short.items()]
+        )
         return
-    cut_short = manage.removals_cut_short(root_of(args))
     if not volumes and not cut_short:
         root = root_of(args)  # (a root mistyped is said, not taken for an empty one)
         print("no volumes" + ("" if root.exists() else f" ({root} does not exist)"))
     for info in volumes:
         _print_volume(root_of(args), info)
-    for name in cut_short:  # (out of sight otherwise: a killed rm left it whole)
-        print(f"{name}: its removal was cut short ('lhfs volume rm {name}' finishes it)")
+    for name, why in cut_short.items():
+        print(f"{name}: {why}")
 
 
 def cmd_volume_info(args: argparse.Namespace) -> None:
