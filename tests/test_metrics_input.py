@@ -7,12 +7,15 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from conftest import needs_fuse
 from prometheus_client.core import GaugeMetricFamily
 
 from lhfs.core.procs import wait_for
 from lhfs.engine.metrics import FRESH_FOR, serve
+from lhfs.testing import Cli
 
 
 class Counted:
@@ -107,3 +110,44 @@ def test_a_flood_of_scrapes_collects_once_a_second_and_stays_fresh() -> None:
         10,
         "a scrape to be collected anew",
     )
+
+
+def test_only_metrics_is_served() -> None:
+    """``/metrics`` (with a query too), ``/`` says where they are, any other path is not found
+    (every path was answered with the metrics)."""
+    host, port = serve("127.0.0.1:0", Counted())
+
+    def get(path: str) -> tuple[str, bytes]:
+        answer = read_all(host, port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return head.split(b"\r\n")[0].decode(), body
+
+    for path in ("/metrics", "/metrics?name[]=lhfs_test_one"):
+        status, body = get(path)
+        assert status.endswith(" 200 OK") and b"lhfs_test_one 1.0" in body, (path, status)
+    assert get("/") == ("HTTP/1.0 200 OK", b"metrics: /metrics\n")
+    for path in ("/foo", "/../../etc/passwd", "/metrics/", "/metricsx"):
+        status, body = get(path)
+        assert status == "HTTP/1.0 404 Not Found" and b"lhfs_test" not in body, (path, status)
+
+
+@needs_fuse
+def test_a_metrics_address_empty_or_not_of_this_host_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """``--metrics ""`` is usage (exit 2: it attached without metrics, exit 0); an address of
+    another host or a name unknown is refused (exit 1), as ``replica serve`` refuses it;
+    each in one line, the volume left detached and no device made."""
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "1")
+    device = tmp_path / "dev"
+    for address, code, said in (
+        ("", 2, "argument --metrics: not a HOST:PORT address: ''"),
+        ("192.0.2.1:9100", 1, "cannot serve metrics on 192.0.2.1:9100: "),
+        ("nowhere.invalid:9100", 1, "cannot serve metrics on nowhere.invalid:9100: "),
+    ):
+        refused = cli.run(
+            "volume", "attach", "v", "--device", str(device), "--metrics", address, check=False
+        )
+        assert refused.returncode == code, (address, refused)
+        assert refused.stderr.count("\n") == 1 and said in refused.stderr, refused.stderr
+        assert cli.info("v")["state"] == "detached" and not device.exists()
+    refused = cli.run("dr", "create", "s", "--target", "s3://b/p", "--metrics", "", check=False)
+    assert refused.returncode == 2 and "argument --metrics" in refused.stderr, refused

@@ -100,10 +100,23 @@ def count_arg(text: str) -> int:
 def metrics_option(p: argparse.ArgumentParser, shown_by: str = "volume info") -> None:
     p.add_argument(
         "--metrics",
+        type=address_arg,
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks one; "
         f"'{shown_by}' shows it)",
     )
+
+
+def address_arg(text: str) -> str:
+    """A ``HOST:PORT`` argument, checked as it is read: an empty one (``--metrics ""``) was
+    taken for none, and the command went on without it."""
+    from lhfs.wire.client import parse_address
+
+    try:
+        parse_address(text)
+    except LhfsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def log_option(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lhfs.core.errors import Busy, InvalidArgument
+from lhfs.core.errors import Busy, LhfsError
 
 log = logging.getLogger("lhfs.metrics")
 
@@ -244,6 +244,7 @@ class Answers:
         return content_type, zipped, body
 
 
+PLAIN = "text/plain; charset=utf-8"
 FRESH_FOR = 1.0  # seconds an answer is served again before it is made anew
 MAX_SCRAPES = 32  # connections served at once; more are closed at once
 SCRAPE_TIMEOUT = 5.0  # seconds a connection may take to send its request
@@ -259,6 +260,7 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
     import socket
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
 
     from prometheus_client import CollectorRegistry
 
@@ -276,10 +278,19 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
         timeout = SCRAPE_TIMEOUT  # (each read; the whole exchange: ``reap``)
 
         def do_GET(self) -> None:
+            """``/metrics``; ``/`` says where they are; any other path is not found (all
+            were answered with the metrics, ``/../../etc/passwd`` too)."""
+            path = urlsplit(self.path).path
+            if path != "/metrics":
+                self.answer(200 if path == "/" else 404, PLAIN, b"metrics: /metrics\n")
+                return
             content_type, zipped, body = answers.get(
                 self.headers.get("Accept"), self.headers.get("Accept-Encoding")
             )
-            self.send_response(200)
+            self.answer(200, content_type, body, zipped)
+
+        def answer(self, status: int, content_type: str, body: bytes, zipped: bool = False) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", content_type)
             if zipped:
                 self.send_header("Content-Encoding", "gzip")
@@ -346,8 +357,8 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
 
     try:
         server = Server((host, port), Handler)
-    except OSError as exc:  # (taken: a conflict, exit 1; a name or address not here: usage)
-        kind = Busy if exc.errno == errno.EADDRINUSE else InvalidArgument
+    except OSError as exc:  # (taken, or a name or address not this host's: refused, exit 1,
+        kind = Busy if exc.errno == errno.EADDRINUSE else LhfsError  # as ``replica serve``)
         raise kind(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     threading.Thread(target=reap, daemon=True, name="metrics-reaper").start()
