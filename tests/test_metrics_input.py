@@ -151,3 +151,62 @@ def test_a_metrics_address_empty_or_not_of_this_host_is_refused(cli: Cli, tmp_pa
         assert cli.info("v")["state"] == "detached" and not device.exists()
     refused = cli.run("dr", "create", "s", "--target", "s3://b/p", "--metrics", "", check=False)
     assert refused.returncode == 2 and "argument --metrics" in refused.stderr, refused
+
+
+def _read_bytes() -> int:
+    """Bytes this process has read so far (``rchar``: every read, page cache too)."""
+    io = Path("/proc/self/io").read_text().split()
+    return int(io[io.index("rchar:") + 1])
+
+
+def test_an_image_is_hashed_without_reading_its_holes(tmp_path: Path) -> None:
+    """The content id of sparse images is what reading them whole gives (data at the start,
+    the end, in between, none at all), and a 4 GiB image holding 5 bytes is hashed reading
+    a few MiB (all of its holes were read: a 10 TiB thin disk took hours)."""
+    import random
+
+    import xxhash
+
+    from lhfs.store.backing import content_id
+
+    rng = random.Random(5)
+    image = tmp_path / "sparse.img"
+    for size, writes in ((1, [0]), (4 << 20, []), ((9 << 20) + 7, [0, 5 << 20, (9 << 20) + 6])):
+        image.unlink(missing_ok=True)
+        with open(image, "wb") as f:
+            f.truncate(size)
+            for offset in writes:
+                f.seek(offset)
+                f.write(rng.randbytes(min(size - offset, 70000)))
+        whole = image.read_bytes()
+        assert content_id(image) == f"{xxhash.xxh3_128(whole).hexdigest()}-{size}", size
+    image.unlink()
+    with open(image, "wb") as f:
+        f.truncate(4 << 30)
+        f.seek(3 << 30)
+        f.write(b"hello")
+    told: list[tuple[int, int]] = []
+    before = _read_bytes()
+    found = content_id(image, lambda done, total: told.append((done, total)))
+    assert _read_bytes() - before < 16 << 20, _read_bytes() - before
+    digest = xxhash.xxh3_128()
+    for offset in range(0, 4 << 30, 4 << 20):
+        digest.update(b"hello" if offset == 3 << 30 else bytes(4 << 20))
+        if offset == 3 << 30:
+            digest.update(bytes((4 << 20) - 5))
+    assert found == f"{digest.hexdigest()}-{4 << 30}"
+    assert told[-1] == (4 << 30, 4 << 30) and len(told) > 100
+
+
+def test_backing_image_create_shows_its_progress(cli: Cli, tmp_path: Path) -> None:
+    """``backing-image create`` says how far it copied and hashed on stderr (it said nothing
+    for as long as it took); ``--quiet`` says nothing."""
+    image = tmp_path / "thin.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+        f.write(b"boot")
+    done = cli.run("backing-image", "create", "thin", "--from", str(image))
+    assert "hashing thin: 100% 1G/1G" in done.stderr, done.stderr
+    assert done.stdout.startswith("created backing image thin: 1G, id "), done.stdout
+    quiet = cli.run("backing-image", "create", "other", "--from", str(image), "--quiet")
+    assert quiet.stderr == "" and quiet.stdout.split()[-1] == done.stdout.split()[-1]
