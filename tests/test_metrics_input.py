@@ -210,3 +210,18 @@ def test_backing_image_create_shows_its_progress(cli: Cli, tmp_path: Path) -> No
     assert done.stdout.startswith("created backing image thin: 1G, id "), done.stdout
     quiet = cli.run("backing-image", "create", "other", "--from", str(image), "--quiet")
     assert quiet.stderr == "" and quiet.stdout.split()[-1] == done.stdout.split()[-1]
+
+
+def test_doctor_says_what_failed_in_one_line_on_stderr(cli: Cli) -> None:
+    """A failed check: exit 1 and stderr holds one line naming it (it held nothing), the
+    report on stdout as ever; nothing failed, nothing on stderr."""
+    import shutil
+
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "1")
+    assert cli.run("doctor", "v").stderr == ""
+    shutil.rmtree(cli.root / "volumes" / "v" / "replicas")
+    failed = cli.run("doctor", "v", check=False)
+    assert failed.returncode == 1 and "FAIL  replica r1" in failed.stdout, failed
+    assert failed.stderr == "lhfs: 1 check(s) failed: replica r1\n", failed.stderr
+    reported = cli.run("doctor", "v", "--json", check=False)
+    assert reported.returncode == 1 and reported.stderr == failed.stderr, reported
