@@ -225,3 +225,16 @@ def test_doctor_says_what_failed_in_one_line_on_stderr(cli: Cli) -> None:
     assert failed.stderr == "lhfs: 1 check(s) failed: replica r1\n", failed.stderr
     reported = cli.run("doctor", "v", "--json", check=False)
     assert reported.returncode == 1 and reported.stderr == failed.stderr, reported
+
+
+def test_a_count_setting_is_kept_as_a_whole_number(cli: Cli) -> None:
+    """``volume set --system-snapshots " 5"`` keeps 5 in config.json (it kept 5.0, a number
+    a reader takes for a fraction); seconds stay numbers with fractions."""
+    import json
+
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "1")
+    cli.run("volume", "set", "v", "--system-snapshots", " 5", "--io-timeout", "2.5")
+    kept = json.loads((cli.root / "volumes" / "v" / "config.json").read_text())["settings"]
+    assert kept == {"system_snapshots": 5, "io_timeout": 2.5}, kept
+    assert type(kept["system_snapshots"]) is int
+    assert cli.json("volume", "set", "v")["settings"]["system_snapshots"] == 5
