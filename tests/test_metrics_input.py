@@ -238,3 +238,17 @@ def test_a_count_setting_is_kept_as_a_whole_number(cli: Cli) -> None:
     assert kept == {"system_snapshots": 5, "io_timeout": 2.5}, kept
     assert type(kept["system_snapshots"]) is int
     assert cli.json("volume", "set", "v")["settings"]["system_snapshots"] == 5
+
+
+def test_sizes_are_ascii_and_nothing_around_them(cli: Cli) -> None:
+    """``--size`` takes the forms the README gives (``64M``, ``64m``, ``64MiB``, bytes), not
+    other scripts' digits nor a newline or spaces around (``１0M`` made a volume of 10M)."""
+    from lhfs.core.units import parse_size
+
+    assert [parse_size(t) for t in ("64M", "64m", "64MiB", "4096")] == [64 << 20] * 3 + [4096]
+    for text in ("１0M", "10M\n", " 10M", "10 M", "٣M", "10M\t"):
+        refused = cli.run("volume", "create", "v", "--size", text, check=False)
+        assert refused.returncode == 2 and "not a size" in refused.stderr, (text, refused)
+        assert refused.stderr.count("\n") == 1, refused.stderr
+    assert cli.json("volume", "ls") == []
+
