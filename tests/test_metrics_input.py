@@ -252,3 +252,21 @@ def test_sizes_are_ascii_and_nothing_around_them(cli: Cli) -> None:
         assert refused.stderr.count("\n") == 1, refused.stderr
     assert cli.json("volume", "ls") == []
 
+
+def test_sizes_that_would_read_alike_are_said_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume a little larger than the largest file the root's file system holds: the two
+    sizes in bytes (it said "16T does not fit: ... at most 16.0T"); apart, rounded as ever."""
+    from lhfs.core.errors import InvalidArgument
+    from lhfs.core.units import format_sizes
+    from lhfs.store import chunkstore
+
+    assert format_sizes(16 << 40, 8 << 40) == ["16T", "8T"]
+    monkeypatch.setattr(chunkstore, "largest_file", lambda d, up_to: (16 << 40) - 4096)
+    with pytest.raises(InvalidArgument) as said:
+        chunkstore.check_fits(tmp_path, 16 << 40)
+    assert str(said.value) == (
+        f"a volume of {16 << 40} bytes does not fit: the file system under {tmp_path} holds "
+        f"files of at most {(16 << 40) - 4096} bytes"
+    )

@@ -48,6 +48,19 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
+def format_sizes(*sizes: int) -> list[str]:
+    """``format_size`` of each, or each in bytes where two different sizes would read the
+    same once rounded ("a volume of 16T does not fit: ... at most 16.0T")."""
+    shown = [format_size(n) for n in sizes]
+
+    def read(text: str) -> float:
+        return float(text[:-1]) * _SUFFIX.get(text[-1], 1)
+
+    if len({read(text) for text in shown}) < len(set(sizes)):
+        return [f"{n} bytes" for n in sizes]
+    return shown
+
+
 def rfc3339(stamp: float | None = None) -> str:
     """``stamp`` (seconds since the epoch; now when None) as ``2026-12-04T22:18:00Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
