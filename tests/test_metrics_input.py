@@ -270,3 +270,25 @@ def test_sizes_that_would_read_alike_are_said_exactly(
         f"a volume of {16 << 40} bytes does not fit: the file system under {tmp_path} holds "
         f"files of at most {(16 << 40) - 4096} bytes"
     )
+
+
+def test_every_positional_argument_says_what_it_is() -> None:
+    """``--help`` of each verb of these groups describes its positional arguments (``name``,
+    ``volume``, ``id``, ``url`` were listed bare)."""
+    import argparse
+
+    from lhfs.cli import build_parser
+
+    def bare(parser: argparse.ArgumentParser, path: list[str]) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += bare(sub, [*path, name])
+            elif not action.option_strings and not action.help:
+                found.append(" ".join([*path, action.dest]))
+        return found
+
+    groups = ("volume", "replica", "dr", "snapshot", "backing-image", "system", "backup")
+    top = next(a for a in build_parser([])._actions if isinstance(a, argparse._SubParsersAction))
+    assert [b for g in groups for b in bare(top.choices[g], [g])] == []

@@ -179,15 +179,17 @@ def verb(
     name: str,
     func: Callable[[argparse.Namespace], None],
     text: str,
-    *positionals: str,
+    *positionals: str | tuple[str, str],
     description: str | None = None,
     json: bool = True,
 ) -> argparse.ArgumentParser:
-    """One subcommand: positional arguments, --json (every command that reports something
-    reports it as one JSON document too), the function it runs."""
+    """One subcommand: positional arguments (``(NAME, what it is)``, said by ``--help``), --json
+    (every command that reports something reports it as one JSON document too), the function
+    it runs."""
     p = verbs.add_parser(name, help=text, description=description or text[:1].upper() + text[1:])
     for positional in positionals:
-        p.add_argument(positional)
+        arg, what = positional if isinstance(positional, tuple) else (positional, None)
+        p.add_argument(arg, help=what)
     if json:
         json_option(p)
     p.set_defaults(func=func)

@@ -105,7 +105,13 @@ def parsers(groups: Any) -> None:
     group = groups.add_parser("backing-image", help="shared read-only images under volumes")
     verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     verbs.required = True
-    p = verb(verbs, "create", cmd_image_create, "import a raw image (known by its content)", "name")
+    p = verb(
+        verbs,
+        "create",
+        cmd_image_create,
+        "import a raw image (known by its content)",
+        ("name", "the new backing image's name"),
+    )
     p.add_argument("--from", dest="source", required=True, help="the raw image file")
     quiet_option(p)
     verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids")
@@ -114,12 +120,18 @@ def parsers(groups: Any) -> None:
         "rm",
         cmd_image_rm,
         "delete a backing image (volumes made from it keep their own copies)",
-        "name",
+        ("name", "the backing image"),
         description="Delete a registered backing image from the root. A volume made from it "
         "keeps a copy in each of its replicas (a rebuild copies it from a healthy replica), "
         "so it goes on as before; new volumes can no longer be made from it by name.",
     )
-    p = verb(verbs, "backup", cmd_image_backup, "store a backing image in a backup target", "name")
+    p = verb(
+        verbs,
+        "backup",
+        cmd_image_backup,
+        "store a backing image in a backup target",
+        ("name", "the backing image"),
+    )
     p.set_defaults(store=True)
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--create-bucket", action="store_true", help="make the bucket if missing")
