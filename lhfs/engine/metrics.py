@@ -3,12 +3,14 @@
 The I/O path only adds to plain integers (``IoStats``: a few additions and one bisect per
 request; a Prometheus client metric takes a lock and costs ten times as much). The numbers
 become metrics only when they are scraped: ``VolumeCollector`` reads them, with the engine's
-state, its replicas' modes and rebuild progress, and the last scrub and backup, each time
-Prometheus asks. Names follow Prometheus' conventions: the ``lhfs_`` prefix, ``_total`` for
-counters, ``_bytes`` and ``_seconds`` for units; every series has the ``volume`` label.
+state, its replicas' modes and rebuild progress, and the last scrub and backup, when
+Prometheus asks (once a second at most: ``Answers``). Names follow Prometheus' conventions:
+the ``lhfs_`` prefix, ``_total`` for counters, ``_bytes`` and ``_seconds`` for units; every
+series has the ``volume`` label.
 
-The HTTP server (``prometheus_client``'s, in a thread) is started only when an address is
-given (``volume attach --metrics HOST:PORT``); its import costs nothing otherwise.
+The HTTP server (the standard library's, in a thread, with ``prometheus_client``'s
+encoders; see ``serve`` for its bounds) is started only when an address is given (``volume
+attach --metrics HOST:PORT``); its import costs nothing otherwise.
 """
 
 from __future__ import annotations
@@ -215,6 +217,13 @@ def gauge(
     return family
 
 
+PLAIN = "text/plain; charset=utf-8"
+FRESH_FOR = 1.0  # seconds an answer is served again before it is made anew
+MAX_SCRAPES = 32  # connections served at once; more are closed at once
+SCRAPE_TIMEOUT = 5.0  # seconds a connection may take to send its request
+ERRORS_EVERY = 60.0  # seconds between two log lines of a scrape that failed on our side
+
+
 class Answers:
     """What a scrape is answered, made at most once a ``FRESH_FOR`` per format and by one
     thread at a time: a flood of scrapes (no client is authenticated) then costs the engine
@@ -242,13 +251,6 @@ class Answers:
                 body = gzip.compress(body) if zipped else body
                 self.made[content_type, zipped] = (time.monotonic(), body)
         return content_type, zipped, body
-
-
-PLAIN = "text/plain; charset=utf-8"
-FRESH_FOR = 1.0  # seconds an answer is served again before it is made anew
-MAX_SCRAPES = 32  # connections served at once; more are closed at once
-SCRAPE_TIMEOUT = 5.0  # seconds a connection may take to send its request
-ERRORS_EVERY = 60.0  # seconds between two log lines of a scrape that failed on our side
 
 
 def serve(address: str, collector: Any) -> tuple[str, int]:
@@ -357,8 +359,8 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
 
     try:
         server = Server((host, port), Handler)
-    except OSError as exc:  # (taken, or a name or address not this host's: refused, exit 1,
-        kind = Busy if exc.errno == errno.EADDRINUSE else LhfsError  # as ``replica serve``)
+    except OSError as exc:  # (taken, or a name or address not this host's: refused, exit 1)
+        kind = Busy if exc.errno == errno.EADDRINUSE else LhfsError
         raise kind(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     threading.Thread(target=reap, daemon=True, name="metrics-reaper").start()
