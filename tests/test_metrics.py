@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import needs_fuse
@@ -37,6 +38,24 @@ def value(series: dict[str, float], name: str, **labels: str) -> float:
     return found[0]
 
 
+def scrape_until(
+    address: str, name: str, wanted: Callable[[float], bool], within: float = 10, **labels: str
+) -> dict[str, float]:
+    """A scrape where ``name{labels}`` is ``wanted``: an endpoint makes its answer once a
+    second at most, so what just happened may show only in a later one."""
+
+    def once() -> dict[str, float] | None:
+        series = scrape(address)
+        found = [
+            v
+            for k, v in series.items()
+            if k.split("{")[0] == name and all(f'{a}="{b}"' in k for a, b in labels.items())
+        ]
+        return series if len(found) == 1 and wanted(found[0]) else None
+
+    return wait_for(once, within, f"{name} {labels} in the metrics")
+
+
 def test_engine_metrics_follow_io_a_replica_kill_and_its_rebuild(cli: Cli, tmp_path: Path) -> None:
     cli.run("volume", "create", "m", "--size", "128M", "--replicas", "2")
     device = ("--device", str(tmp_path / "dev"))
@@ -53,7 +72,7 @@ def test_engine_metrics_follow_io_a_replica_kill_and_its_rebuild(cli: Cli, tmp_p
         assert fio.returncode == 0, out + err
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
-    after = scrape(address)
+    after = scrape_until(address, "lhfs_io_operations_total", bool, volume="m", op="write")
     writes = value(after, "lhfs_io_operations_total", volume="m", op="write")
     assert writes >= 4096  # 16 MiB in 4 KiB writes
     assert value(after, "lhfs_io_bytes_total", volume="m", op="write") >= 16 << 20
@@ -69,18 +88,12 @@ def test_engine_metrics_follow_io_a_replica_kill_and_its_rebuild(cli: Cli, tmp_p
         f.write(b"x")
         f.flush()
         os.fsync(f.fileno())
-    degraded = scrape(address)
+    degraded = scrape_until(address, "lhfs_volume_state", bool, volume="m", state="degraded")
     assert value(degraded, "lhfs_volume_state", volume="m", state="degraded") == 1
     assert value(degraded, "lhfs_replica_mode", volume="m", replica=victim["id"], mode="ERR") == 1
     added = cli.run("replica", "add", "m").stdout.split()[2]
-    healthy = wait_for(
-        lambda: (
-            (s := scrape(address))
-            and value(s, "lhfs_replica_mode", volume="m", replica=added, mode="RW") == 1
-            and s
-        ),
-        60,
-        "the new replica to be RW in the metrics",
+    healthy = scrape_until(
+        address, "lhfs_replica_mode", bool, within=60, volume="m", replica=added, mode="RW"
     )
     assert value(healthy, "lhfs_rebuild_copied_bytes", volume="m", replica=added) > 0
     back = wait_for(
@@ -124,11 +137,13 @@ def test_backup_scrub_restore_and_dr_follower_metrics(
         os.fsync(f.fileno())
     assert value(scrape(address), "lhfs_scrub_last_timestamp_seconds", volume="b") == 0
     cli.run("volume", "scrub", "b")
-    scrubbed = scrape(address)
+    scrubbed = scrape_until(address, "lhfs_scrub_last_timestamp_seconds", bool, volume="b")
     assert value(scrubbed, "lhfs_scrub_last_timestamp_seconds", volume="b") > 0
     assert value(scrubbed, "lhfs_scrub_damaged_replicas", volume="b") == 0
     url = cli.backup("b", target)
-    backed = scrape(address)
+    backed = scrape_until(
+        address, "lhfs_backup_last_uploaded_bytes", bool, volume="b", target=target
+    )
     assert value(backed, "lhfs_backup_last_uploaded_bytes", volume="b", target=target) > 0
     assert value(backed, "lhfs_backup_last_duration_seconds", volume="b", target=target) > 0
     cli.run("backup", "restore", url, "copy", "--replicas", "1", "--quiet")
@@ -159,7 +174,7 @@ def test_backup_scrub_restore_and_dr_follower_metrics(
         f.flush()
         os.fsync(f.fileno())
     cli.dr_restored("standby", cli.backup("b", target))
-    later = scrape(follower)
+    later = scrape_until(follower, "lhfs_dr_increments_total", lambda n: n == 2, volume="standby")
     assert value(later, "lhfs_dr_increments_total", volume="standby") == 2
     assert value(later, "lhfs_dr_lag_seconds", volume="standby") < 30
     cli.run("dr", "stop", "standby")

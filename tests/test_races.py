@@ -139,7 +139,10 @@ def test_an_rm_cut_short_is_shown_and_finished(cli: Cli) -> None:
     os.rename(base / "gone", base / ".gone.removing")
     listed = cli.run("volume", "ls").stdout
     assert "gone: its removal was cut short ('lhfs volume rm gone' finishes it)" in listed
-    assert [v["name"] for v in cli.json("volume", "ls")] == ["kept"]
+    listed = {v["name"]: v for v in cli.json("volume", "ls")}
+    assert sorted(listed) == ["gone", "kept"], listed
+    assert listed["gone"]["state"] == "removal cut short", listed
+    assert "'lhfs volume rm gone' finishes it" in listed["gone"]["error"], listed
     doctor = {c["check"]: c for c in json.loads(cli.run("doctor", "--json", check=False).stdout)}
     assert doctor["removal"]["status"] == "warn", doctor
     assert doctor["removal"]["hint"].endswith("volume rm gone"), doctor

@@ -222,7 +222,7 @@ def parsers(groups: Any) -> None:
         "create",
         cmd_backup_create,
         "back a snapshot of a volume up (blocks the store has are not sent again)",
-        "volume",
+        ("volume", "the volume to back up"),
         description="Back a snapshot of VOLUME up (a new one unless --snapshot names one): "
         "only the blocks changed since its last backup to the target are read, and only those "
         "the store lacks are sent. A collection under way ('backup gc', 'rm', 'prune') holds "

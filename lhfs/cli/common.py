@@ -100,10 +100,23 @@ def count_arg(text: str) -> int:
 def metrics_option(p: argparse.ArgumentParser, shown_by: str = "volume info") -> None:
     p.add_argument(
         "--metrics",
+        type=address_arg,
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks one; "
         f"'{shown_by}' shows it)",
     )
+
+
+def address_arg(text: str) -> str:
+    """A ``HOST:PORT`` argument, checked as it is read: an empty one (``--metrics ""``) was
+    taken for none, and the command went on without it."""
+    from lhfs.wire.client import parse_address
+
+    try:
+        parse_address(text)
+    except LhfsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def log_option(p: argparse.ArgumentParser) -> None:
@@ -166,15 +179,17 @@ def verb(
     name: str,
     func: Callable[[argparse.Namespace], None],
     text: str,
-    *positionals: str,
+    *positionals: str | tuple[str, str],
     description: str | None = None,
     json: bool = True,
 ) -> argparse.ArgumentParser:
-    """One subcommand: positional arguments, --json (every command that reports something
-    reports it as one JSON document too), the function it runs."""
+    """One subcommand: positional arguments (``(NAME, what it is)``, said by ``--help``), --json
+    (every command that reports something reports it as one JSON document too), the function
+    it runs."""
     p = verbs.add_parser(name, help=text, description=description or text[:1].upper() + text[1:])
     for positional in positionals:
-        p.add_argument(positional)
+        arg, what = positional if isinstance(positional, tuple) else (positional, None)
+        p.add_argument(arg, help=what)
     if json:
         json_option(p)
     p.set_defaults(func=func)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from lhfs.cli.common import print_json, root_of, seconds_arg
@@ -26,7 +27,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for check in checks:
             hint = f" -- {check.hint}" if check.hint else ""
             print(f"{_MARK[check.status]}  {check.check:18} {check.detail}{hint}")
-    return 1 if any(check.status == "fail" for check in checks) else 0
+    failed = [check.check for check in checks if check.status == "fail"]
+    if failed:  # (stdout holds the report; stderr the one line every failure has)
+        print(f"lhfs: {len(failed)} check(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def parsers(groups: Any) -> None:
@@ -40,7 +44,8 @@ def parsers(groups: Any) -> None:
         "replicas reachable and holding its key; with --target, the S3 endpoint's name, the "
         "endpoint answering as S3, the credentials, the bucket writable (a probe object written "
         "and removed) and the clock against the server's. One line per check: ok, WARN or "
-        "FAIL with what to do. Exit status 0 when nothing fails, 1 otherwise.",
+        "FAIL with what to do. Exit status 0 when nothing fails, 1 otherwise (and stderr names "
+        "the checks that failed).",
     )
     p.add_argument("volume", nargs="?", help="a volume whose replicas to check")
     p.add_argument("--target", help="s3://BUCKET/PREFIX to check")

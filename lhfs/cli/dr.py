@@ -220,7 +220,7 @@ def parsers(groups: Any) -> None:
         "create",
         cmd_dr_create,
         "create a standby volume following a source volume's backups",
-        "name",
+        ("name", "the standby volume to make"),
         description="Create the standby volume NAME, restore the newest complete backup of "
         "--volume from --target into it and keep applying newer ones in the background. "
         "Returns once the first backup is restored (--no-wait: at once).",
@@ -252,7 +252,7 @@ def parsers(groups: Any) -> None:
         "status",
         cmd_dr_status,
         "last restored backup, lag, last error",
-        "name",
+        ("name", "the standby volume"),
         description="The standby's state (restoring, standby, applying, retrying, failed, "
         "stopped), the last fully restored backup, the lag (seconds since it was last known "
         "to hold the newest backup) and the last store error.",
@@ -262,7 +262,7 @@ def parsers(groups: Any) -> None:
         "activate",
         cmd_dr_activate,
         "apply the newest backup and make the standby a normal volume",
-        "name",
+        ("name", "the standby volume"),
     )
     p.add_argument(
         "--offline",
@@ -276,15 +276,21 @@ def parsers(groups: Any) -> None:
         "start",
         cmd_dr_start,
         "start the background follower again (after a reboot or a stop)",
-        "name",
+        ("name", "the standby volume"),
     )
-    verb(verbs, "stop", cmd_dr_stop, "stop the follower; the volume stays a standby", "name")
+    verb(
+        verbs,
+        "stop",
+        cmd_dr_stop,
+        "stop the follower; the volume stays a standby",
+        ("name", "the standby volume"),
+    )
     p = verb(
         verbs,
         "forget",
         cmd_dr_forget,
         "remove the marker of a standby that is gone, so that prune stops keeping its backup",
-        "name",
+        ("name", "the standby volume"),
         description="A DR standby records in the store which backup it holds, and 'backup "
         "prune' keeps that backup for its next increment. 'volume rm' of a standby removes "
         "its marker; this removes the marker of a standby NAME (as prune names it) removed "
@@ -304,7 +310,7 @@ def parsers(groups: Any) -> None:
         "run",
         cmd_dr_run,
         "run the follower in the foreground (for a service manager)",
-        "name",
+        ("name", "the standby volume"),
         json=False,
     )
     metrics_option(p, "dr status")

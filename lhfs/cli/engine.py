@@ -28,8 +28,8 @@ def parsers(groups: Any) -> None:
     p = groups.add_parser(
         "engine-run", help="(internal) an attached volume's engine: 'volume attach' starts it"
     )
-    p.add_argument("name")
-    p.add_argument("device")
+    p.add_argument("name", help="the volume")
+    p.add_argument("device", help="the file the volume is served as")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there")
     p.add_argument("--device-made", action="store_true", help="the attach made the device file")
     log_option(p)

@@ -20,9 +20,23 @@ from lhfs.core.units import format_size
 
 
 def cmd_image_create(args: argparse.Namespace) -> None:
+    from lhfs.cli.progress import Progress
     from lhfs.volumes import images
 
-    info = images.create(root_of(args), args.name, Path(args.source))
+    bar: list[Progress] = []  # (the step under way: copying the file in, then hashing it)
+
+    def shown(what: str, done: int, total: int) -> None:
+        if not bar or bar[0].label != f"{what} {args.name}":
+            if bar:
+                bar.pop().__exit__(None, None, None)
+            bar.append(Progress(f"{what} {args.name}", quiet=args.quiet))
+        bar[0].update(100 * done / total if total else 100.0, done, total)
+
+    try:
+        info = images.create(root_of(args), args.name, Path(args.source), shown)
+    finally:
+        if bar:
+            bar[0].__exit__(None, None, None)
     text = f"created backing image {info['name']}: {format_size(info['size'])}, id {info['id']}"
     say(args, info, text)
 
@@ -91,20 +105,33 @@ def parsers(groups: Any) -> None:
     group = groups.add_parser("backing-image", help="shared read-only images under volumes")
     verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     verbs.required = True
-    p = verb(verbs, "create", cmd_image_create, "import a raw image (known by its content)", "name")
+    p = verb(
+        verbs,
+        "create",
+        cmd_image_create,
+        "import a raw image (known by its content)",
+        ("name", "the new backing image's name"),
+    )
     p.add_argument("--from", dest="source", required=True, help="the raw image file")
+    quiet_option(p)
     verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids")
     verb(
         verbs,
         "rm",
         cmd_image_rm,
         "delete a backing image (volumes made from it keep their own copies)",
-        "name",
+        ("name", "the backing image"),
         description="Delete a registered backing image from the root. A volume made from it "
         "keeps a copy in each of its replicas (a rebuild copies it from a healthy replica), "
         "so it goes on as before; new volumes can no longer be made from it by name.",
     )
-    p = verb(verbs, "backup", cmd_image_backup, "store a backing image in a backup target", "name")
+    p = verb(
+        verbs,
+        "backup",
+        cmd_image_backup,
+        "store a backing image in a backup target",
+        ("name", "the backing image"),
+    )
     p.set_defaults(store=True)
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--create-bucket", action="store_true", help="make the bucket if missing")

@@ -260,7 +260,7 @@ def parsers(groups: Any) -> None:
         "attached volume. It receives new writes at once and is filled by copying only the "
         "chunks whose checksums differ; returns when it is RW.",
     )
-    p.add_argument("volume")
+    p.add_argument("volume", help="the volume")
     p.add_argument("--address", help="HOST:PORT of a replica served elsewhere")
     p.add_argument(
         "--disk",
@@ -284,8 +284,8 @@ def parsers(groups: Any) -> None:
         "rm",
         cmd_replica_rm,
         "remove a replica from a volume",
-        "volume",
-        "id",
+        ("volume", "the volume"),
+        ("id", "the replica (an id 'replica ls' shows: r1, r2...)"),
         description="Remove a replica from a volume (and its directory, if it is local). The "
         "last replica holding every acknowledged write is refused: the last one recorded "
         "healthy, or the one a faulted volume waits for.",
@@ -315,5 +315,5 @@ def parsers(groups: Any) -> None:
         "ls",
         cmd_replica_ls,
         "a volume's replicas, their mode and rebuild progress",
-        "volume",
+        ("volume", "the volume"),
     )

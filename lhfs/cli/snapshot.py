@@ -76,17 +76,17 @@ def parsers(groups: Any) -> None:
         "create",
         cmd_snapshot_create,
         "crash-consistent snapshot on every replica",
-        "volume",
+        ("volume", "the volume"),
     )
     p.add_argument("name", nargs="?", help="snapshot name (default: snap-DATE-TIME)")
-    verb(verbs, "ls", cmd_snapshot_ls, "the chain, oldest first", "volume")
+    verb(verbs, "ls", cmd_snapshot_ls, "the chain, oldest first", ("volume", "the volume"))
     p = verb(
         verbs,
         "rm",
         cmd_snapshot_rm,
         "remove a snapshot; its data merges into its child",
-        "volume",
-        "name",
+        ("volume", "the volume"),
+        ("name", "the snapshot"),
     )
     quiet_option(p)
     verb(
@@ -94,6 +94,6 @@ def parsers(groups: Any) -> None:
         "revert",
         cmd_snapshot_revert,
         "(detached) make the head a fresh layer on a snapshot",
-        "volume",
-        "name",
+        ("volume", "the volume"),
+        ("name", "the snapshot"),
     )

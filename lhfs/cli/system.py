@@ -197,6 +197,6 @@ def parsers(groups: Any) -> None:
         "rm",
         cmd_system_rm,
         "delete a system backup and the parts no other one names",
-        "url",
+        ("url", "s3://BUCKET/PREFIX?system=NAME"),
     )
     store_options(p)

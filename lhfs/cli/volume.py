@@ -170,17 +170,23 @@ def cmd_volume_ls(args: argparse.Namespace) -> None:
     from lhfs.volumes import manage
 
     volumes = manage.list_volumes(root_of(args))
+    cut_short = {  # (out of sight otherwise: a killed rm left it whole)
+        name: f"its removal was cut short ('lhfs volume rm {name}' finishes it)"
+        for name in manage.removals_cut_short(root_of(args))
+    }
     if args.json:
-        print_json(volumes)
+        print_json(
+            volumes
+            + [{"name": n, "state": "removal cut short", "error": e} for n, e in cut_short.items()]
+        )
         return
-    cut_short = manage.removals_cut_short(root_of(args))
     if not volumes and not cut_short:
         root = root_of(args)  # (a root mistyped is said, not taken for an empty one)
         print("no volumes" + ("" if root.exists() else f" ({root} does not exist)"))
     for info in volumes:
         _print_volume(root_of(args), info)
-    for name in cut_short:  # (out of sight otherwise: a killed rm left it whole)
-        print(f"{name}: its removal was cut short ('lhfs volume rm {name}' finishes it)")
+    for name, why in cut_short.items():
+        print(f"{name}: {why}")
 
 
 def cmd_volume_info(args: argparse.Namespace) -> None:
@@ -345,7 +351,7 @@ def parsers(groups: Any) -> None:
     verbs.required = True
 
     p = verbs.add_parser("create", help="create a volume and its local replicas")
-    p.add_argument("name")
+    p.add_argument("name", help="the new volume's name")
     p.add_argument("--size", required=True, type=size_arg, help="volume size, e.g. 10G")
     placement_options(p, "the volume")
     p.add_argument(
@@ -365,7 +371,7 @@ def parsers(groups: Any) -> None:
         "set",
         cmd_volume_set,
         "change a volume's settings (an attached volume takes them at once)",
-        "name",
+        ("name", "the volume"),
     )
     _setting_options(p)
 
@@ -376,7 +382,7 @@ def parsers(groups: Any) -> None:
         "and expose the volume as the regular file DEVICE (created if missing). Returns once "
         "DEVICE serves I/O.",
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the volume")
     p.add_argument(
         "--device",
         required=True,
@@ -392,7 +398,7 @@ def parsers(groups: Any) -> None:
         "detach",
         cmd_volume_detach,
         "flush, unmount the device, stop engine and replicas",
-        "name",
+        ("name", "the volume"),
         description="Flush, stop the engine and its replicas, unmount the device file. A "
         "device a loop device uses is refused (lhfs umount first), unless the volume is "
         "faulted or its engine does not answer or died: then everything mounted on it is "
@@ -400,8 +406,20 @@ def parsers(groups: Any) -> None:
     )
     p.add_argument("--force", action="store_true", help="let go even of a healthy volume in use")
     verb(verbs, "ls", cmd_volume_ls, "all volumes and their state")
-    verb(verbs, "info", cmd_volume_info, "one volume: state, replicas, snapshots", "name")
-    p = verb(verbs, "expand", cmd_volume_expand, "grow a volume (attached or not)", "name")
+    verb(
+        verbs,
+        "info",
+        cmd_volume_info,
+        "one volume: state, replicas, snapshots",
+        ("name", "the volume"),
+    )
+    p = verb(
+        verbs,
+        "expand",
+        cmd_volume_expand,
+        "grow a volume (attached or not)",
+        ("name", "the volume"),
+    )
     p.add_argument("--size", required=True, type=size_arg, help="the new size")
 
     p = verb(
@@ -409,7 +427,7 @@ def parsers(groups: Any) -> None:
         "scrub",
         cmd_volume_scrub,
         "verify the replicas' snapshots and repair corrupt replicas",
-        "name",
+        ("name", "the volume"),
         description="Check every snapshot of every healthy replica against its recorded "
         "checksums and against the other replicas; a corrupt replica is taken out of I/O "
         "and rebuilt. Where no majority of replicas agrees on a chunk (two that disagree), "
@@ -419,14 +437,20 @@ def parsers(groups: Any) -> None:
         "scrub could not run (not attached, a rebuild under way), 2 a usage mistake.",
     )
     quiet_option(p)
-    p = verb(verbs, "checksum", cmd_volume_checksum, "xxh3-128 of the whole volume content", "name")
+    p = verb(
+        verbs,
+        "checksum",
+        cmd_volume_checksum,
+        "xxh3-128 of the whole volume content",
+        ("name", "the volume"),
+    )
     quiet_option(p)
     p = verb(
         verbs,
         "rm",
         cmd_volume_rm,
         "delete a detached volume and its replicas",
-        "name",
+        ("name", "the volume"),
         description="Delete a detached volume and its replicas. A DR standby's follower stops "
         "first, and its marker in the store (which makes 'backup prune' keep the backup it "
         "holds) is removed too: with a store that cannot be reached the volume is kept, "
@@ -451,7 +475,7 @@ def parsers(groups: Any) -> None:
         "key",
         cmd_volume_key,
         "write the volume's key to a file, for a replica on another host",
-        "name",
+        ("name", "the volume"),
         description="Write a copy of the volume's key (its identity and secret) to --out, "
         "readable by its owner only. A replica served on another host needs it: 'lhfs "
         "replica serve --key-file FILE'. The secret never appears on a command line or in "

@@ -90,13 +90,17 @@ def changed_settings(before: dict[str, Any], after: dict[str, Any]) -> str:
     )
 
 
-def check_setting(name: str, value: float) -> float:
+def check_setting(name: str, value: float) -> float | int:
+    """``value`` if ``name`` may take it, as it is kept: a count as a whole number (5, where
+    ``5.0`` in config.json read as a fraction)."""
     _default, low, high, meaning = SETTINGS[name]
     if not low <= value <= high:
         raise InvalidArgument(f"{name.replace('_', '-')} must be from {low:.12g} to {high:.12g}")
-    if not meaning.startswith("seconds") and value != int(value):
+    if meaning.startswith("seconds"):
+        return float(value)
+    if value != int(value):
         raise InvalidArgument(f"{name.replace('_', '-')} is a count: a whole number")
-    return float(value)
+    return int(value)
 
 
 def volumes_dir(root: Path) -> Path:

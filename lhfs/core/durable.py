@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,15 @@ def atomic_write_json(path: Path, obj: Any, sync_dir: bool = True) -> None:
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n", sync_dir)
 
 
-def copy_sparse(source: Path, target: Path) -> None:
+def copy_sparse(
+    source: Path, target: Path, progress: Callable[[int, int], None] | None = None
+) -> None:
     """Copy ``source`` to a new ``target`` keeping its holes: an image of 80 MiB that holds
     1 MiB of data takes 1 MiB (copied whole, it took 80 under the root and 80 per replica).
     Only the ranges the file system says hold data are copied, and copied for real (the
     kernel's copy may share the blocks of the source, where one bad sector would then be in
-    every copy: each replica's copy must be a copy)."""
+    every copy: each replica's copy must be a copy). ``progress(done, total)`` is told how
+    far it went."""
     with open(source, "rb") as src, open(target, "xb") as dst:
         size = os.fstat(src.fileno()).st_size
         offset = 0
@@ -81,8 +85,12 @@ def copy_sparse(source: Path, target: Path) -> None:
                 while view:
                     view = view[os.pwrite(dst.fileno(), view, start + len(data) - len(view)) :]
                 start += len(data)
+                if progress:
+                    progress(start, size)
             offset = end
         dst.truncate(size)
+        if progress:
+            progress(size, size)
 
 
 def drop_device(device: Path) -> None:

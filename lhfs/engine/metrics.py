@@ -3,23 +3,29 @@
 The I/O path only adds to plain integers (``IoStats``: a few additions and one bisect per
 request; a Prometheus client metric takes a lock and costs ten times as much). The numbers
 become metrics only when they are scraped: ``VolumeCollector`` reads them, with the engine's
-state, its replicas' modes and rebuild progress, and the last scrub and backup, each time
-Prometheus asks. Names follow Prometheus' conventions: the ``lhfs_`` prefix, ``_total`` for
-counters, ``_bytes`` and ``_seconds`` for units; every series has the ``volume`` label.
+state, its replicas' modes and rebuild progress, and the last scrub and backup, when
+Prometheus asks (once a second at most: ``Answers``). Names follow Prometheus' conventions:
+the ``lhfs_`` prefix, ``_total`` for counters, ``_bytes`` and ``_seconds`` for units; every
+series has the ``volume`` label.
 
-The HTTP server (``prometheus_client``'s, in a thread) is started only when an address is
-given (``volume attach --metrics HOST:PORT``); its import costs nothing otherwise.
+The HTTP server (the standard library's, in a thread, with ``prometheus_client``'s
+encoders; see ``serve`` for its bounds) is started only when an address is given (``volume
+attach --metrics HOST:PORT``); its import costs nothing otherwise.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lhfs.core.errors import Busy, InvalidArgument
+from lhfs.core.errors import Busy, LhfsError
+
+log = logging.getLogger("lhfs.metrics")
 
 OPS = ("read", "write", "trim", "flush")
 # latency bucket bounds (seconds): from a page-cache hit to a replica timing out
@@ -211,22 +217,54 @@ def gauge(
     return family
 
 
+PLAIN = "text/plain; charset=utf-8"
+FRESH_FOR = 1.0  # seconds an answer is served again before it is made anew
 MAX_SCRAPES = 32  # connections served at once; more are closed at once
 SCRAPE_TIMEOUT = 5.0  # seconds a connection may take to send its request
+ERRORS_EVERY = 60.0  # seconds between two log lines of a scrape that failed on our side
+
+
+class Answers:
+    """What a scrape is answered, made at most once a ``FRESH_FOR`` per format and by one
+    thread at a time: a flood of scrapes (no client is authenticated) then costs the engine
+    one collection a second, not one each, while Prometheus (every 15 s) sees it fresh."""
+
+    def __init__(self, registry: Any) -> None:
+        import threading
+
+        self.registry = registry
+        self.lock = threading.Lock()
+        self.made: dict[tuple[str, bool], tuple[float, bytes]] = {}
+
+    def get(self, accept: str | None, encoding: str | None) -> tuple[str, bool, bytes]:
+        """(content type, gzipped, body) for a request's ``Accept`` and ``Accept-Encoding``."""
+        import gzip
+
+        from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+        encoder, content_type = choose_encoder(accept)
+        zipped = gzip_accepted(encoding)
+        with self.lock:
+            made, body = self.made.get((content_type, zipped), (-FRESH_FOR, b""))
+            if time.monotonic() - made >= FRESH_FOR:
+                body = encoder(self.registry)
+                body = gzip.compress(body) if zipped else body
+                self.made[content_type, zipped] = (time.monotonic(), body)
+        return content_type, zipped, body
 
 
 def serve(address: str, collector: Any) -> tuple[str, int]:
     """Serve ``collector`` on ``address`` (``HOST:PORT``; port 0 picks one) from a thread;
     the address bound (an IPv6 host in brackets). Bounded: a client that opens connections
     and sends half a request holds a thread each (the library's own server has neither a
-    limit nor a timeout)."""
+    limit nor a timeout), and answers are made once a second at most (``Answers``)."""
     import contextlib
     import socket
     import threading
-    from http.server import ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
 
     from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import MetricsHandler
 
     from lhfs.wire.client import parse_address
 
@@ -236,8 +274,34 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
 
     open_now: dict[Any, float] = {}  # connection -> when it is cut, whatever it is doing
 
-    class Handler(MetricsHandler.factory(registry)):  # type: ignore[misc]
+    answers = Answers(registry)
+
+    class Handler(BaseHTTPRequestHandler):
         timeout = SCRAPE_TIMEOUT  # (each read; the whole exchange: ``reap``)
+
+        def do_GET(self) -> None:
+            """``/metrics``; ``/`` says where they are; any other path is not found (all
+            were answered with the metrics, ``/../../etc/passwd`` too)."""
+            path = urlsplit(self.path).path
+            if path != "/metrics":
+                self.answer(200 if path == "/" else 404, PLAIN, b"metrics: /metrics\n")
+                return
+            content_type, zipped, body = answers.get(
+                self.headers.get("Accept"), self.headers.get("Accept-Encoding")
+            )
+            self.answer(200, content_type, body, zipped)
+
+        def answer(self, status: int, content_type: str, body: bytes, zipped: bool = False) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            if zipped:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Log nothing: a line per request would let any client flood the log."""
 
         def setup(self) -> None:
             super().setup()
@@ -259,8 +323,10 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
+        request_queue_size = MAX_SCRAPES  # (5: a burst of connections waited a second each)
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        quiet_until = 0.0  # (until when a failed scrape is not logged)
 
         def process_request(self, request: Any, client_address: Any) -> None:
             if not self.slots.acquire(blocking=False):
@@ -278,10 +344,23 @@ def serve(address: str, collector: Any) -> tuple[str, int]:
             finally:
                 self.slots.release()
 
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """Log a failed scrape in one line a minute at most, and a client that left
+            early not at all: the library printed a traceback to standard error (the
+            service's log) for each, so anyone who could connect could flood the log and
+            rotate its history away."""
+            exc = sys.exc_info()[1]
+            if isinstance(exc, ConnectionError | TimeoutError):
+                return
+            now = time.monotonic()
+            if now >= Server.quiet_until:
+                Server.quiet_until = now + ERRORS_EVERY
+                log.warning("a metrics scrape from %s failed: %r", client_address[0], exc)
+
     try:
         server = Server((host, port), Handler)
-    except OSError as exc:  # (taken: a conflict, exit 1; a name or address not here: usage)
-        kind = Busy if exc.errno == errno.EADDRINUSE else InvalidArgument
+    except OSError as exc:  # (taken, or a name or address not this host's: refused, exit 1)
+        kind = Busy if exc.errno == errno.EADDRINUSE else LhfsError
         raise kind(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     threading.Thread(target=reap, daemon=True, name="metrics-reaper").start()

@@ -59,7 +59,7 @@ from lhfs.core.errors import (
     StorageError,
 )
 from lhfs.core.names import check_name
-from lhfs.core.units import MAX_SIZE, TIME_RE, format_size, rfc3339
+from lhfs.core.units import MAX_SIZE, TIME_RE, format_sizes, rfc3339
 from lhfs.store.backing import IMAGE_ID, BackingImage, content_id, file_stamp, id_size
 from lhfs.store.layer import (
     ABSENT,
@@ -233,9 +233,10 @@ def check_fits(directory: Path, size: int) -> None:
     first write past the limit would fail it. Probed with a sparse file, said with the limit."""
     largest = largest_file(directory, size)
     if largest < size:
+        wanted, most = format_sizes(size, largest)
         raise InvalidArgument(
-            f"a volume of {format_size(size)} does not fit: the file system under {directory} "
-            f"holds files of at most {format_size(largest)}"
+            f"a volume of {wanted} does not fit: the file system under {directory} "
+            f"holds files of at most {most}"
         )
 
 

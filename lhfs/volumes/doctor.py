@@ -24,7 +24,7 @@ from lhfs.config import disks
 from lhfs.config import root as roots
 from lhfs.config import volume as volumes
 from lhfs.core.errors import InvalidArgument, LhfsError, WrongVolume
-from lhfs.core.units import format_size
+from lhfs.core.units import format_size, format_sizes
 from lhfs.store.chunkstore import disk_bytes, largest_file
 from lhfs.volumes import attachment, manage, standby
 
@@ -229,7 +229,7 @@ def _volume(root: Path, name: str) -> list[Check]:
                 Check(
                     "volume size",
                     FAIL,
-                    f"{format_size(vol.size)} > files up to {format_size(largest)} here",
+                    "{} > files up to {} here".format(*format_sizes(vol.size, largest)),
                     "move the root",
                 )
             )

@@ -10,6 +10,8 @@ import contextlib
 import json
 import os
 import secrets
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,12 @@ def _clear_restore_scratch(root: Path) -> None:
             scratch.unlink(missing_ok=True)
 
 
-def create(root: Path, name: str, source: Path) -> dict[str, Any]:
+def create(
+    root: Path, name: str, source: Path, progress: Callable[[str, int, int], None] | None = None
+) -> dict[str, Any]:
+    """Register ``source`` as backing image ``name``, copied in (or linked to a registered
+    image of the same content) and hashed; ``progress(what, done, total)`` is told how far
+    each step (``copying``, ``hashing``) went."""
     check_name(name, "backing image name")
     if (volumes.volumes_dir(root) / (IMAGE_BACKUPS + name)).exists():  # (an older volume)
         raise AlreadyExists(
@@ -100,13 +107,14 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
         _clear_cut_short(root, name)
         tmp = base / f".{name}.img.{os.getpid()}.tmp"
         try:
-            image_id = _link_same(root, source, tmp)
+            hashing = partial(progress, "hashing") if progress else None
+            image_id = _link_same(root, source, tmp, hashing)
             if image_id is None:  # (content no other name holds: copied in)
-                copy_sparse(source, tmp)
+                copy_sparse(source, tmp, partial(progress, "copying") if progress else None)
                 fd = os.open(tmp, os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
-                image_id = content_id(tmp)
+                image_id = content_id(tmp, hashing)
             os.rename(tmp, base / f"{name}.img")
         finally:
             tmp.unlink(missing_ok=True)
@@ -116,7 +124,9 @@ def create(root: Path, name: str, source: Path) -> dict[str, Any]:
     return info
 
 
-def _link_same(root: Path, source: Path, tmp: Path) -> str | None:
+def _link_same(
+    root: Path, source: Path, tmp: Path, progress: Callable[[int, int], None] | None = None
+) -> str | None:
     """Make ``tmp`` a link to the file of a registered image holding the content of
     ``source``, and return that content's id; None when no image holds it (nothing made).
     One content registered under several names is kept once: each name is a link to one
@@ -132,7 +142,7 @@ def _link_same(root: Path, source: Path, tmp: Path) -> str | None:
                 same.append(info)
     if not same:
         return None
-    wanted = content_id(source)
+    wanted = content_id(source, progress)
     for info in same:
         if info["id"] != wanted:
             continue
