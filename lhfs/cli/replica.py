@@ -302,8 +302,8 @@ def parsers(groups: Any) -> None:
         "accept",
         cmd_replica_accept,
         "serve an older copy of a replica as it is (its newer copy lost for good)",
-        "volume",
-        "id",
+        ("volume", "the volume (detached)"),
+        ("id", "the replica the attach refused as an older copy (r1, r2...)"),
         description="An attach serves no replica that answers below the revision recorded for "
         "it: an older copy of its directory (a host restored from an earlier image) would "
         "serve old data, and the other replicas be rebuilt from it. When the newer copy is "
