@@ -5,7 +5,8 @@ own and waits for its first line on stdout: ``ready`` once the device serves I/O
 ``error: <message>``. Local replicas are child processes that get SIGTERM if this process dies,
 so a killed engine never leaves a replica directory locked. One ``trio.run`` owns the engine, the
 control socket and the FUSE loop; SIGTERM or a ``detach`` request ends the FUSE loop, then
-the engine flushes, the device is unmounted and the replicas stop.
+the engine flushes, the device is unmounted and the replicas stop. SIGTERM is refused while a
+loop device is bound to the device file (see ``_watch_signals``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
 from lhfs.store.chunkstore import ChunkStore
+from lhfs.volumes.attachment import loops_backed_by, mounted_at
 from lhfs.wire import shm, tls
 from lhfs.wire.client import ReplicaClient, parse_address
 from lhfs.wire.protocol import READER
@@ -61,6 +63,7 @@ log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 TERM_WAIT = 10.0  # seconds a replica process told to stop may take before it is killed
 KILL_WAIT = 30.0  # seconds a killed replica process may take to go
+STOP_FLUSH = 60.0  # seconds a refused SIGTERM spends flushing what is mounted on the device
 _KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 
 
@@ -1094,10 +1097,39 @@ class Daemon:
             await trio.sleep(DISKS_EVERY)
 
     async def _watch_signals(self) -> None:
+        """SIGTERM or SIGINT ends the engine, unless a loop device is bound to its device
+        file: a file system may sit on it with writes in flight (a service stop whose
+        ``lhfs umount`` found it busy signals what is left), and an engine that ended under
+        it would leave it mounted on a dead device, its unsynced writes lost. It then flushes
+        what is on top and refuses, in one log line; ``lhfs umount`` or ``volume detach
+        --force`` lets go, and only SIGKILL ends it at once."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                self.stop()
-                return
+            async for signum in signals:
+                loops = loops_backed_by(self.device)
+                if not loops:
+                    self.stop()
+                    return
+                await self._refuse_to_end(signal.Signals(signum).name, loops)
+
+    async def _refuse_to_end(self, name: str, loops: list[str]) -> None:
+        """Flush the file systems mounted on ``loops`` (``sync -f``: their dirty pages come
+        here as writes, served meanwhile) and the engine, and say why the engine stays."""
+        mounts = [point for loop in loops for point in mounted_at(loop)]
+        with trio.move_on_after(STOP_FLUSH):
+            for point in mounts:
+                with contextlib.suppress(OSError):
+                    await trio.run_process(["sync", "-f", point], capture_stderr=True, check=False)
+            with contextlib.suppress(LhfsError):
+                await self.engine.flush()
+        held = ", ".join(loops) + (f" (mounted at {', '.join(mounts)})" if mounts else "")
+        log.warning(
+            "%s refused: %s is in use by %s; flushed, the engine stays: 'lhfs umount' "
+            "lets go of it, or 'lhfs volume detach --force %s' (only SIGKILL ends it now)",
+            name,
+            self.device,
+            held,
+            self.vol.name,
+        )
 
 
 class AttachGone(LhfsError):

@@ -1,0 +1,68 @@
+"""Attach, mount and an engine's end, against what an operator or a service manager may do:
+an engine told to end (SIGTERM) under a mounted file system, paths given empty or twice at
+once, a device file held open by a writer, links and odd characters where paths go."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import needs_fuse
+
+from lhfs.config import volume as volumes
+from lhfs.core.procs import wait_for
+from lhfs.testing import Cli
+
+
+def one_line(result: subprocess.CompletedProcess, status: int) -> str:
+    """The single stderr line of a command that failed with ``status``."""
+    assert result.returncode == status, (result.args, result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def mounted(point: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(point) for line in f)
+
+
+# -- an engine told to end under a mounted file system ----------------------------------------
+
+
+@needs_fuse
+def test_sigterm_to_an_engine_under_a_busy_mount_flushes_and_is_refused(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A service stop whose ``lhfs umount`` found the file system busy SIGTERMs the engine:
+    it ended, and left the ext4 mounted on a dead device (its unsynced writes lost, the volume
+    said detached). It flushes what is mounted, says why it stays, and serves on; once the
+    mount point is let go, ``lhfs umount`` ends it and the file written is whole."""
+    cli.run("volume", "create", "t", "--size", "64M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "t", str(mnt))
+    data = os.urandom(8 << 20)
+    (mnt / "file.bin").write_bytes(data)  # (in the page cache: not synced)
+    holder = subprocess.Popen(["sleep", "300"], cwd=mnt)
+    try:
+        assert cli.run("umount", str(mnt), check=False).returncode == 1
+        pid = cli.engine_pid("t")
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: "SIGTERM refused" in cli.engine_log("t"), 90, "the refusal")
+        line = next(x for x in cli.engine_log("t").splitlines() if "SIGTERM refused" in x)
+        assert "lhfs umount" in line and "volume detach --force t" in line, line
+        assert volumes.alive(pid) and mounted(mnt) and cli.info("t")["state"] == "healthy"
+    finally:
+        holder.kill()
+        holder.wait()
+    cli.run("umount", str(mnt))
+    assert not volumes.alive(pid) and not mounted(mnt)
+    cli.run("mount", "t", str(mnt))
+    try:
+        assert (mnt / "file.bin").read_bytes() == data
+    finally:
+        cli.run("umount", str(mnt))
