@@ -41,6 +41,7 @@ from lhfs.core.errors import (
     is_refusal,
     sole,
 )
+from lhfs.core.mounts import loops_backed_by, mounted_at
 from lhfs.core.names import check_name
 from lhfs.engine import control, housekeeping
 from lhfs.engine.engine import ERR, RW, Engine, Recorded, ReplicaLink
@@ -54,7 +55,6 @@ from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.volumes.attachment import loops_backed_by, mounted_at
 from lhfs.wire import shm, tls
 from lhfs.wire.client import ReplicaClient, parse_address
 from lhfs.wire.protocol import READER

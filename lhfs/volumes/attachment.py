@@ -14,7 +14,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -26,6 +25,8 @@ from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
 from lhfs.core.durable import drop_device
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
+from lhfs.core.mounts import loops_backed_by, mount_table, mounted_at
+from lhfs.core.mounts import unescape as unescape  # (read by ``mount``)
 from lhfs.core.procs import LHFS, child_env, read_line_matching, stopped, wait_for
 from lhfs.engine import control
 from lhfs.wire.client import parse_address
@@ -33,18 +34,6 @@ from lhfs.wire.client import parse_address
 ATTACH_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 STATE_TIMEOUT = 20.0
-
-
-def mount_table() -> list[tuple[str, str]]:
-    """(source, mount point) of every mount, as the kernel lists them (spaces and the like
-    written as octal escapes there, decoded here)."""
-    with open("/proc/self/mounts") as f:
-        rows = [line.split()[:2] for line in f]
-    return [(unescape(source), unescape(point)) for source, point in rows]
-
-
-def unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def is_mountpoint(path: Path, look: bool = True) -> bool:
@@ -58,20 +47,6 @@ def is_mountpoint(path: Path, look: bool = True) -> bool:
         path = Path(os.path.abspath(path))
         target = os.path.join(os.path.realpath(path.parent), path.name)
     return any(point == target for _, point in mount_table())
-
-
-def loops_backed_by(device: Path) -> list[str]:
-    """Loop devices whose backing file is ``device``."""
-    out = []
-    target = os.path.abspath(device)
-    for entry in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (entry / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing in (target, target + " (deleted)"):
-            out.append(f"/dev/{entry.name}")
-    return out
 
 
 def loop_holders(loop: str) -> list[str]:
@@ -132,11 +107,6 @@ def held_how(loops: list[str]) -> str:
             f"'fuser -v {' '.join(loops)}' shows what)"
         )
     return f"let go of it first (losetup -d {' '.join(loops)})"
-
-
-def mounted_at(source: str) -> list[str]:
-    """Where ``source`` (a loop device) is mounted."""
-    return [point for where, point in mount_table() if where == source]
 
 
 def leftovers(device: Path) -> dict[str, Any]:
