@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
-from lhfs.core.procs import wait_for
+from lhfs.core.procs import LHFS, wait_for
 from lhfs.testing import Cli
 
 
@@ -66,3 +66,48 @@ def test_sigterm_to_an_engine_under_a_busy_mount_flushes_and_is_refused(
         assert (mnt / "file.bin").read_bytes() == data
     finally:
         cli.run("umount", str(mnt))
+
+
+# -- empty paths ------------------------------------------------------------------------------
+
+EMPTY_PATHS = [
+    ("mount", "e", ""),
+    ("umount", ""),
+    ("volume", "attach", "e", "--device", ""),
+    ("volume", "key", "e", "--out", ""),
+    ("backing-image", "create", "b", "--from", ""),
+    ("replica", "init", "--dir", "r", "--size", "1M", "--backing-image", ""),
+    ("replica", "init", "--dir", "r", "--size", "1M", "--key-file", ""),
+    ("replica", "serve", "--dir", "r", "--listen", "127.0.0.1:0", "--key-file", ""),
+    ("replica", "add", "e", "--address", "127.0.0.1:1", "--tls-ca", ""),
+    ("engine-run", "e", ""),
+    ("dr", "run", "d", "--log", ""),
+    ("backup", "ls", "--target", "s3://b/p", "--password-file", ""),
+    ("dr", "create", "d", "--target", "s3://b/p", "--volume", "e", "--credentials-file", ""),
+    ("--root", "", "volume", "ls"),
+]
+
+
+@needs_fuse
+def test_an_empty_path_is_refused_before_anything_is_done(cli: Cli, tmp_path: Path) -> None:
+    """An empty path named the current directory: ``lhfs mount VOL ""`` (a unit whose
+    MOUNTPOINT is unset) mounted the volume there, ``engine-run x ""`` started replicas
+    before it refused. Each path argument refuses it as a usage error, in one line, and
+    nothing is attached, mounted or written."""
+    cli.run("volume", "create", "e", "--size", "16M")
+    before = cli.volumes()
+    work = tmp_path / "work"
+    work.mkdir()
+    for args in EMPTY_PATHS:
+        result = subprocess.run(
+            cli_command(cli, args), capture_output=True, text=True, cwd=work, timeout=60
+        )
+        line = one_line(result, 2)
+        assert "an empty path" in line, (args, line)
+    assert not mounted(work) and list(work.iterdir()) == []
+    assert cli.volumes() == before and cli.info("e")["state"] == "detached"
+
+
+def cli_command(cli: Cli, args: tuple[str, ...]) -> list[str]:
+    """``lhfs`` with ``args`` under the test's root (unless they give one themselves)."""
+    return [LHFS, *args] if args[0] == "--root" else [LHFS, "--root", str(cli.root), *args]

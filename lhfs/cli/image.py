@@ -10,6 +10,7 @@ from typing import Any
 from lhfs.cli.backup import full_option, store_options
 from lhfs.cli.common import (
     Parser,
+    path_arg,
     print_json,
     quiet_option,
     root_of,
@@ -92,7 +93,7 @@ def parsers(groups: Any) -> None:
     verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     verbs.required = True
     p = verb(verbs, "create", cmd_image_create, "import a raw image (known by its content)", "name")
-    p.add_argument("--from", dest="source", required=True, help="the raw image file")
+    p.add_argument("--from", dest="source", required=True, type=path_arg, help="the raw image file")
     verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids")
     verb(
         verbs,
