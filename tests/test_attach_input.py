@@ -111,3 +111,61 @@ def test_an_empty_path_is_refused_before_anything_is_done(cli: Cli, tmp_path: Pa
 def cli_command(cli: Cli, args: tuple[str, ...]) -> list[str]:
     """``lhfs`` with ``args`` under the test's root (unless they give one themselves)."""
     return [LHFS, *args] if args[0] == "--root" else [LHFS, "--root", str(cli.root), *args]
+
+
+# -- one place, one attachment ----------------------------------------------------------------
+
+
+def mounts_at(point: Path) -> int:
+    with open("/proc/self/mounts") as f:
+        return sum(line.split()[1] == str(point) for line in f)
+
+
+@needs_fuse
+def test_two_volumes_attached_on_one_device_path_at_once_one_is_refused(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Two attaches of two volumes on one ``--device`` at once each found the path free and
+    both mounted it (stacked FUSE mounts: the writes went to one). One attaches; the other
+    is refused in one line naming the path, and left detached."""
+    for name in ("d1", "d2"):
+        cli.run("volume", "create", name, "--size", "4M")
+    device = tmp_path / "dev"
+    for _ in range(3):
+        runs = [
+            cli.start("volume", "attach", name, "--device", str(device)) for name in ("d1", "d2")
+        ]
+        results = [(run.wait(120), run.communicate()[1]) for run in runs]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        _, err = next(r for r in results if r[0])
+        assert len(err.strip().splitlines()) == 1 and str(device) in err, err
+        assert mounts_at(device) == 1
+        states = sorted(cli.info(name)["state"] for name in ("d1", "d2"))
+        assert states == ["detached", "healthy"], states
+        winner = "d1" if results[0][0] == 0 else "d2"
+        cli.run("volume", "detach", winner)
+        assert not device.exists()
+
+
+@needs_fuse
+def test_two_volumes_mounted_on_one_mount_point_at_once_one_is_refused(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Two ``lhfs mount`` of two volumes on one mount point at once both mounted there. One
+    mounts; the other is refused in one line naming the mount point, and left detached."""
+    for name in ("m1", "m2"):
+        cli.run("volume", "create", name, "--size", "16M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    runs = [cli.start("mount", name, str(mnt)) for name in ("m1", "m2")]
+    try:
+        results = [(run.wait(180), run.communicate()[1]) for run in runs]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        _, err = next(r for r in results if r[0])
+        assert len(err.strip().splitlines()) == 1 and str(mnt) in err, err
+        assert mounts_at(mnt) == 1
+        states = sorted(cli.info(name)["state"] for name in ("m1", "m2"))
+        assert states == ["detached", "healthy"], states
+    finally:
+        while mounts_at(mnt):
+            cli.run("umount", str(mnt))

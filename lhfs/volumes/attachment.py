@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import shlex
 import signal
@@ -331,6 +332,22 @@ def exclusive(
         os.close(fd)
 
 
+def place_held(
+    root: Path, path: Path, kind: str, doing: str
+) -> contextlib.AbstractContextManager[None]:
+    """Hold a place in the file system (``kind``: "device path", "mount point") for the
+    block, whatever the volume: two attaches of two volumes on one device path at once each
+    found it free, and both mounted it (stacked FUSE mounts, the writes reaching one); two
+    mounts on one mount point the same. The second is refused at once, naming the first;
+    once the first is done the place is in use, and said so. The lock is keyed by the real
+    path under the root's volumes directory, and goes with the block (``locks.name_held``)."""
+    real = os.path.realpath(path)
+    key = hashlib.sha256(f"{kind}\0{real}".encode()).hexdigest()[:24]
+    base = volumes.volumes_dir(root)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return locks.name_held(base / f".{kind.replace(' ', '-')}-{key}.lock", f"{kind} {real}", doing)
+
+
 def attach(
     root: Path,
     name: str,
@@ -338,9 +355,10 @@ def attach(
     restoring: bool = False,
     metrics: str | None = None,
 ) -> dict[str, Any]:
-    """Start the engine on ``device`` (see ``_attach``), one command at a time."""
+    """Start the engine on ``device`` (see ``_attach``), one command at a time, and one
+    attach at a time on a device path."""
     vol = volumes.load(root, name)
-    with exclusive(vol):
+    with exclusive(vol), place_held(root, device.absolute(), "device path", "attached on"):
         return _attach(root, name, device, restoring, metrics)
 
 

@@ -159,6 +159,15 @@ def mount(
     if not mountpoint.is_dir():
         raise NotFound(f"mount point {mountpoint} is not a directory")
     vol = volumes.load(root, name)
+    with attachment.place_held(root, mountpoint, "mount point", "mounted on"):
+        return _mount(root, vol, mountpoint, fs, metrics)
+
+
+def _mount(
+    root: Path, vol: volumes.Volume, mountpoint: Path, fs: str | None, metrics: str | None
+) -> dict[str, Any]:
+    """``mount``, holding the mount point."""
+    name = vol.name
     record = vol.filesystem
     asked = fs
     if record is not None:  # (formatted, or a format cut short: done again as it began)
