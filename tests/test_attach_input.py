@@ -169,3 +169,57 @@ def test_two_volumes_mounted_on_one_mount_point_at_once_one_is_refused(
     finally:
         while mounts_at(mnt):
             cli.run("umount", str(mnt))
+
+
+# -- a device file held open --------------------------------------------------------------
+
+
+@needs_fuse
+def test_detach_of_a_device_file_held_open_is_refused_unless_forced(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A detach of a healthy volume whose device file a process writes broke the writer
+    mid-way ("Software caused connection abort"). It is refused in one line naming the
+    process, the volume left attached and the writer writing; once it closes the file the
+    detach goes; ``--force`` lets go under a holder all the same."""
+    cli.run("volume", "create", "w", "--size", "16M")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "w", "--device", str(device))
+    writer = subprocess.Popen(
+        [
+            "python3",
+            "-c",
+            "import os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+            "os.pwrite(fd, b'x' * 4096, 0)\n"
+            "os.fsync(fd)\n"
+            "print('open', flush=True)\n"
+            "sys.stdin.read()\n"
+            "os.pwrite(fd, b'y' * 4096, 4096)\n"
+            "os.fsync(fd)\n",
+            str(device),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "open\n"
+        line = one_line(cli.run("volume", "detach", "w", check=False), 1)
+        assert f"{writer.pid} (python3)" in line and "--force" in line, line
+        assert cli.info("w")["state"] == "healthy"
+        writer.communicate("", timeout=60)  # (writes on, then closes it)
+        assert writer.returncode == 0
+    finally:
+        writer.kill()
+        writer.wait()
+    cli.run("volume", "detach", "w")
+    assert cli.info("w")["state"] == "detached"
+    cli.run("volume", "attach", "w", "--device", str(device))
+    holder = subprocess.Popen(["sleep", "300"], stdin=open(device, "rb"))  # noqa: SIM115
+    try:
+        cli.run("volume", "detach", "w", "--force")
+        assert cli.info("w")["state"] == "detached"
+    finally:
+        holder.kill()
+        holder.wait()

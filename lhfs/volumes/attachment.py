@@ -82,6 +82,29 @@ def loop_holders(loop: str) -> list[str]:
     return [pid for holds, pids in namespaces.values() if holds for pid in pids]
 
 
+def device_holders(device: Path) -> list[str]:
+    """The processes that hold ``device`` open ("PID (COMMAND)"), as their descriptors in
+    /proc name it (read as links: the device itself is never looked at, and a stuck one
+    holds nobody up). A detach under them would break their I/O mid-way."""
+    target = os.path.abspath(device)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            if any(link in (target, target + " (deleted)") for link in links):
+                found.append(f"{entry.name} ({(entry / 'comm').read_text().strip()})")
+        except OSError:  # (ended meanwhile, or a descriptor closed as it was read)
+            continue
+    return found
+
+
+def named(pids: list[str]) -> str:
+    """Processes ("PID (COMMAND)") in a few words: five at most, then how many more."""
+    return ", ".join(pids[:5]) + (f" and {len(pids) - 5} more" if pids[5:] else "")
+
+
 def autoclear(loop: str) -> bool:
     """Whether ``loop`` is freed by itself once its last user lets go (``losetup -d`` of a
     busy loop device sets that, and there is nothing more it can do)."""
@@ -97,10 +120,9 @@ def held_how(loops: list[str]) -> str:
     them), or ``losetup -d`` where that is still to be done."""
     holders = sorted({pid for loop in loops for pid in loop_holders(loop)})
     if holders:
-        named = ", ".join(holders[:5]) + (f" and {len(holders) - 5} more" if holders[5:] else "")
         return (
-            f"mounted in another mount namespace by process(es) {named}: the loop device is "
-            "freed when they end or unmount it"
+            f"mounted in another mount namespace by process(es) {named(holders)}: the loop "
+            "device is freed when they end or unmount it"
         )
     if all(autoclear(loop) for loop in loops):
         return (
@@ -535,6 +557,12 @@ def _detach(
                 else held_how(loops_backed_by(device))
             )
             raise Busy(f"{device} is in use by {loops}: {fix}")
+        holders = device_holders(device) if state != "faulted" and not force else []
+        if holders:
+            raise Busy(
+                f"{device} is open in process(es) {named(holders)}: detaching would break "
+                "their I/O; let them close it, or --force lets go of it (their I/O fails)"
+            )
         if loops_backed_by(device):  # (the FUSE file: the engine's)
             report["cleaned"] += release(device, fuse=False, settled=settled)
         try:
