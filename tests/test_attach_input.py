@@ -223,3 +223,18 @@ def test_detach_of_a_device_file_held_open_is_refused_unless_forced(
     finally:
         holder.kill()
         holder.wait()
+
+
+# -- links and odd characters -------------------------------------------------------------------
+
+
+def test_an_error_naming_a_path_with_a_newline_stays_one_line(cli: Cli, tmp_path: Path) -> None:
+    """A path holding a newline (or another control character) split the error in two: it
+    is written escaped, the error one line."""
+    cli.run("volume", "create", "n", "--size", "1M")
+    odd = tmp_path / "no\ndir"
+    line = one_line(cli.run("volume", "attach", "n", "--device", str(odd / "dev"), check=False), 1)
+    assert "no\\ndir" in line, line
+    line = one_line(cli.run("mount", "n", str(tmp_path / "no\x1bmnt"), check=False), 1)
+    assert "no\\x1bmnt" in line, line
+    assert cli.info("n")["state"] == "detached"
