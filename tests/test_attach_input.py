@@ -238,3 +238,39 @@ def test_an_error_naming_a_path_with_a_newline_stays_one_line(cli: Cli, tmp_path
     line = one_line(cli.run("mount", "n", str(tmp_path / "no\x1bmnt"), check=False), 1)
     assert "no\\x1bmnt" in line, line
     assert cli.info("n")["state"] == "detached"
+
+
+def test_a_device_path_that_is_a_link_is_refused_and_nothing_made(cli: Cli, tmp_path: Path) -> None:
+    """An attach through a link that led nowhere made its target, and the detach left it
+    there (an empty file). A device path that is a link is refused, nothing made."""
+    cli.run("volume", "create", "s", "--size", "1M")
+    link, target = tmp_path / "link", tmp_path / "nowhere"
+    link.symlink_to(target)
+    line = one_line(cli.run("volume", "attach", "s", "--device", str(link), check=False), 2)
+    assert "symbolic link" in line and str(link) in line, line
+    assert not target.exists() and cli.info("s")["state"] == "detached"
+
+
+@needs_fuse
+def test_a_mount_point_inside_the_state_root_is_refused(cli: Cli) -> None:
+    """``lhfs mount`` took a mount point inside another volume's directory, where ``volume
+    attach`` refuses a device: refused alike, nothing attached."""
+    for name in ("a1", "a2"):
+        cli.run("volume", "create", name, "--size", "1M")
+    inside = cli.root / "volumes" / "a2" / "sub"
+    inside.mkdir()
+    line = one_line(cli.run("mount", "a1", str(inside), check=False), 2)
+    assert "inside lhfs's own directories" in line, line
+    assert not mounted(inside) and cli.info("a1")["state"] == "detached"
+
+
+def test_a_volume_directory_that_is_a_link_is_refused(cli: Cli) -> None:
+    """``volumes/w2`` a link to ``volumes/w1``: ``volume info w2`` showed w1, and ``volume rm
+    w2`` said removed and left ``.w2.removing`` for ever. Refused in one line, w1 untouched."""
+    cli.run("volume", "create", "w1", "--size", "1M")
+    (cli.root / "volumes" / "w2").symlink_to(cli.root / "volumes" / "w1")
+    for args in (("volume", "info", "w2"), ("volume", "rm", "w2")):
+        line = one_line(cli.run(*args, check=False), 1)
+        assert "is a symbolic link" in line and "w2" in line, line
+    assert not list((cli.root / "volumes").glob(".w2*"))
+    assert cli.info("w1")["state"] == "detached"

@@ -284,7 +284,13 @@ def _unlocked(directory: Path) -> bool:
 
 def _check_device(device: Path) -> bool:
     """The device must be an empty regular file (created if missing: then True) that nothing
-    is mounted on."""
+    is mounted on, and not a symbolic link (one that led nowhere had its target made, and
+    left behind)."""
+    if device.is_symlink():
+        raise InvalidArgument(
+            f"device path {device} is a symbolic link (to {os.readlink(device)}): give the "
+            "path itself"
+        )
     try:
         device.stat()
     except FileNotFoundError:

@@ -158,6 +158,12 @@ def mount(
     mountpoint = Path(os.path.realpath(mountpoint))
     if not mountpoint.is_dir():
         raise NotFound(f"mount point {mountpoint} is not a directory")
+    own = os.path.realpath(volumes.volumes_dir(root))
+    if mountpoint.is_relative_to(own):  # (as attach refuses a device there)
+        raise InvalidArgument(
+            f"mount point {mountpoint} is inside lhfs's own directories: choose a path "
+            f"outside {volumes.volumes_dir(root)}"
+        )
     vol = volumes.load(root, name)
     with attachment.place_held(root, mountpoint, "mount point", "mounted on"):
         return _mount(root, vol, mountpoint, fs, metrics)
