@@ -13,6 +13,7 @@ from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
 from lhfs.core.procs import LHFS, wait_for
+from lhfs.engine import control
 from lhfs.testing import Cli
 
 
@@ -66,6 +67,35 @@ def test_sigterm_to_an_engine_under_a_busy_mount_flushes_and_is_refused(
         assert (mnt / "file.bin").read_bytes() == data
     finally:
         cli.run("umount", str(mnt))
+
+
+@needs_fuse
+def test_an_engine_ending_under_a_mounted_file_system_is_cleaned_up_as_a_crashed_one(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """An engine that ends by itself (here: told to on its control socket, not by a command
+    that let go of the loop device first) while a file system is mounted on its device left
+    the loop device on a device unmounted under it: ``lhfs umount`` said the mount point was
+    no volume's, ``volume detach`` that it was not attached, and ``volume rm`` went on. It
+    leaves them as a killed engine does: the volume crashed, ``volume rm`` refused, and
+    ``lhfs umount`` cleans up and detaches."""
+    cli.run("volume", "create", "c", "--size", "64M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("mount", "c", str(mnt))
+    pid = cli.engine_pid("c")
+    assert pid is not None
+    control.call(volumes.load(cli.root, "c").control_socket, "detach", timeout=60)
+    wait_for(lambda: not volumes.alive(pid), 60, "the engine to end")
+    assert "still bound to" in cli.engine_log("c")
+    assert cli.info("c")["state"] == "crashed"
+    line = one_line(cli.run("volume", "rm", "c", check=False), 1)
+    assert "crashed" in line and "volume detach c" in line, line
+    done = cli.json("umount", str(mnt))
+    assert done["was"] == "crashed" and done["state"] == "detached", done
+    assert not mounted(mnt) and cli.info("c")["state"] == "detached"
+    cli.run("mount", "c", str(mnt))  # (its file system as it was: mounted, not formatted)
+    cli.run("umount", str(mnt))
 
 
 # -- empty paths ------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class Daemon:
         # local replicas whose rotten backing image copy was set aside at start -> why
         self.rotten: dict[str, str] = {}
         self._stopping = False
+        self.left_bound: list[str] = []  # loop devices still bound to the device at its end
         self.channel = FuseChannel(device)
         self.key = vol.key()
         self.rejoiner: Rejoiner | None = None
@@ -897,9 +898,11 @@ class Daemon:
         return disks.remove(self.vol, entry)
 
     def stop(self) -> None:
+        """End the FUSE loop; its device is unmounted unless a loop device is bound to it
+        (see ``left_bound``)."""
         if not self._stopping:
             self._stopping = True
-            self.channel.stop()
+            self.channel.stop(unmount=not loops_backed_by(self.device))
 
     # -- main ---------------------------------------------------------------------------------
 
@@ -996,7 +999,12 @@ class Daemon:
                 self.housekeep()
                 await VolumeFile(self.engine, self.channel, self.stats).serve()
             finally:
-                self.channel.close()
+                # A loop device still bound (a file system on it, perhaps): the device is left
+                # mounted, dead, and the runtime record kept, as a killed engine leaves them.
+                # Unmounted, the loop device would name no file lhfs knows: 'lhfs umount' said
+                # its mount point was no volume's, and 'volume rm' went on under it.
+                self.left_bound = loops_backed_by(self.device)
+                self.channel.close(unmount=not self.left_bound)
             await self.engine.close()
             self.keep_revisions()
             nursery.cancel_scope.cancel()
@@ -1179,6 +1187,15 @@ def run(
             trio.run(daemon.serve, announce)
         except BaseExceptionGroup as group:  # (what failed in a task: reported as itself)
             raise sole(group) from None
+        if daemon.left_bound:
+            log.warning(
+                "the engine ends with %s still bound to %s: left as a crashed engine's, for "
+                "'lhfs umount' or 'lhfs volume detach %s' to clean up",
+                ", ".join(daemon.left_bound),
+                device,
+                name,
+            )
+            return 1
         log.info("detached: the engine ends")
         return 0
     except AttachGone as exc:
@@ -1198,9 +1215,10 @@ def run(
     finally:
         if daemon is not None:
             daemon.stop_local_replicas()
-            daemon.vol.runtime_path.unlink(missing_ok=True)
+            if not daemon.left_bound:
+                daemon.vol.runtime_path.unlink(missing_ok=True)
             daemon.vol.control_socket.unlink(missing_ok=True)
-        if device_made:
+        if device_made and not (daemon is not None and daemon.left_bound):
             drop_device(device)
 
 
