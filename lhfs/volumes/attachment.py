@@ -373,7 +373,8 @@ def place_held(
     key = hashlib.sha256(f"{kind}\0{real}".encode()).hexdigest()[:24]
     base = volumes.volumes_dir(root)
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return locks.name_held(base / f".{kind.replace(' ', '-')}-{key}.lock", f"{kind} {real}", doing)
+    lock = base / f".{kind.replace(' ', '-')}@{key}.lock"  # (no volume's: '@' is in no name)
+    return locks.name_held(lock, f"{kind} {real}", doing)
 
 
 def attach(
