@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lhfs.cli.common import DEFAULT_ROOT, Parser, dir_arg
+from lhfs.cli.common import DEFAULT_ROOT, Parser
 from lhfs.core import __version__
 from lhfs.core.errors import ArgumentError, LhfsError, sole
 
@@ -56,7 +56,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--root",
         default=os.environ.get("LHFS_ROOT", DEFAULT_ROOT),
-        type=dir_arg,
         help="state directory (default: $LHFS_ROOT, else %(default)s)",
     )
     groups = parser.add_subparsers(dest="group", metavar="GROUP", parser_class=Parser)
