@@ -184,18 +184,20 @@ def test_two_volumes_mounted_on_one_mount_point_at_once_one_is_refused(
     """Two ``lhfs mount`` of two volumes on one mount point at once both mounted there. One
     mounts; the other is refused in one line naming the mount point, and left detached."""
     for name in ("m1", "m2"):
-        cli.run("volume", "create", name, "--size", "16M")
+        cli.run("volume", "create", name, "--size", "64M")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    runs = [cli.start("mount", name, str(mnt)) for name in ("m1", "m2")]
     try:
-        results = [(run.wait(180), run.communicate()[1]) for run in runs]
-        assert sorted(code for code, _ in results) == [0, 1], results
-        _, err = next(r for r in results if r[0])
-        assert len(err.strip().splitlines()) == 1 and str(mnt) in err, err
-        assert mounts_at(mnt) == 1
-        states = sorted(cli.info(name)["state"] for name in ("m1", "m2"))
-        assert states == ["detached", "healthy"], states
+        for _ in range(3):
+            runs = [cli.start("mount", name, str(mnt)) for name in ("m1", "m2")]
+            results = [(run.wait(180), run.communicate()[1]) for run in runs]
+            assert sorted(code for code, _ in results) == [0, 1], results
+            _, err = next(r for r in results if r[0])
+            assert len(err.strip().splitlines()) == 1 and str(mnt) in err, err
+            assert mounts_at(mnt) == 1
+            states = sorted(cli.info(name)["state"] for name in ("m1", "m2"))
+            assert states == ["detached", "healthy"], states
+            cli.run("umount", str(mnt))
     finally:
         while mounts_at(mnt):
             cli.run("umount", str(mnt))
