@@ -12,6 +12,7 @@ from pathlib import Path
 from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
+from lhfs.core.mounts import loops_backed_by
 from lhfs.core.procs import LHFS, wait_for
 from lhfs.engine import control
 from lhfs.testing import Cli
@@ -306,3 +307,25 @@ def test_a_volume_directory_that_is_a_link_is_refused(cli: Cli) -> None:
         assert "is a symbolic link" in line and "w2" in line, line
     assert not list((cli.root / "volumes").glob(".w2*"))
     assert cli.info("w1")["state"] == "detached"
+
+
+@needs_fuse
+def test_rm_of_a_volume_whose_device_file_a_loop_device_uses_is_refused(cli: Cli) -> None:
+    """A loop device left on a volume's device file (a file system may sit on it) with no
+    engine recorded: ``volume rm`` removed the volume under it. Refused, naming the loop
+    device and what to do."""
+    cli.run("volume", "create", "l", "--size", "1M")
+    device = cli.root / "volumes" / "l" / "device"
+    device.write_bytes(bytes(1 << 20))
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(device)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        line = one_line(cli.run("volume", "rm", "l", check=False), 1)
+        assert loop in line and f"losetup -d {loop}" in line, line
+        assert cli.info("l")["state"] == "detached"
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    wait_for(lambda: not loops_backed_by(device), 30, "the loop device to go")
+    cli.run("volume", "rm", "l")
+    assert "l" not in [v["name"] for v in cli.volumes()]
