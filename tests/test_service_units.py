@@ -48,3 +48,14 @@ def test_the_units_run_lhfs_commands_that_exist(tmp_path: Path) -> None:
             text=True,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_mount_unit_stop_never_signals_what_serves_a_busy_file_system() -> None:
+    """A stop whose ``lhfs umount`` is refused (busy) signalled what was left in the unit's
+    cgroup: the replicas ended under the mounted file system (SIGTERM's default), the engine
+    with them. Only the main process is signalled (none, once the start is done), and the
+    umount has time to write out the page cache."""
+    parsed = configparser.ConfigParser(strict=False, interpolation=None)
+    parsed.read(UNITS / "lhfs-mount@.service")
+    assert parsed.get("Service", "KillMode") == "process"
+    assert int(parsed.get("Service", "TimeoutStopSec")) >= 120

@@ -115,6 +115,16 @@ def _terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+# control characters (a path with a newline in it, given or found) written as escapes
+_ESCAPES = {c: repr(chr(c))[1:-1] for c in [*range(32), 127]}
+
+
+def _one_line(message: str) -> str:
+    """An error as the one line it must be: a name or path holding a newline (or another
+    control character) would split it, or rewrite the terminal."""
+    return message.translate(_ESCAPES)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     os.umask(0o077)  # whatever the caller's umask: state, logs and keys are the owner's only
@@ -144,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         os.close(devnull)
         return 0
     except ArgumentError as exc:
-        print(str(exc), file=sys.stderr)
+        print(_one_line(str(exc)), file=sys.stderr)
         return exc.exit_code
     except LhfsError as exc:
-        print(f"lhfs: error: {exc}", file=sys.stderr)
+        print(_one_line(f"lhfs: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the system refused something: say what, without a traceback
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"lhfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(_one_line(f"lhfs: error: {exc.strerror or exc}{where}"), file=sys.stderr)
         return 1
     except Terminated:
         print("lhfs: terminated", file=sys.stderr)

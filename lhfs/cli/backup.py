@@ -8,6 +8,7 @@ from typing import Any
 from lhfs.cli.common import (
     FOUND,
     Parser,
+    path_arg,
     placement_options,
     print_json,
     quiet_option,
@@ -370,6 +371,7 @@ def store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--password-file",
         metavar="FILE",
+        type=path_arg,
         help="the password of an encrypted store: the first line of FILE, readable by its "
         "owner only (default: $LHFS_BACKUP_PASSWORD; neither: a store that is not encrypted)",
     )

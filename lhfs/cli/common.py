@@ -123,6 +123,7 @@ def log_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log",
         metavar="FILE",
+        type=path_arg,
         help="log to FILE, rotated by size (default: standard error, for a service manager)",
     )
 

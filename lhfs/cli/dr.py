@@ -15,6 +15,7 @@ from lhfs.cli.common import (
     Parser,
     log_option,
     metrics_option,
+    path_arg,
     placement_options,
     print_json,
     quiet_option,
@@ -239,6 +240,7 @@ def parsers(groups: Any) -> None:
     p.add_argument(
         "--credentials-file",
         metavar="FILE",
+        type=path_arg,
         help="S3 credentials for the follower (AWS_ACCESS_KEY_ID=... and "
         "AWS_SECRET_ACCESS_KEY=... lines, mode 600): recorded by name and read by the "
         "follower, they win over its environment",

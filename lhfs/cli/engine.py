@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lhfs.cli.common import log_option, root_of
+from lhfs.cli.common import log_option, path_arg, root_of
 
 
 def cmd_engine_run(args: argparse.Namespace) -> None:
@@ -29,7 +29,7 @@ def parsers(groups: Any) -> None:
         "engine-run", help="(internal) an attached volume's engine: 'volume attach' starts it"
     )
     p.add_argument("name", help="the volume")
-    p.add_argument("device", help="the file the volume is served as")
+    p.add_argument("device", type=path_arg, help="the file the volume is served as")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there")
     p.add_argument("--device-made", action="store_true", help="the attach made the device file")
     log_option(p)

@@ -10,6 +10,7 @@ from typing import Any
 from lhfs.cli.backup import full_option, store_options
 from lhfs.cli.common import (
     Parser,
+    path_arg,
     print_json,
     quiet_option,
     root_of,
@@ -112,7 +113,7 @@ def parsers(groups: Any) -> None:
         "import a raw image (known by its content)",
         ("name", "the new backing image's name"),
     )
-    p.add_argument("--from", dest="source", required=True, help="the raw image file")
+    p.add_argument("--from", dest="source", required=True, type=path_arg, help="the raw image file")
     quiet_option(p)
     verb(verbs, "ls", cmd_image_ls, "backing images: names, sizes, content ids")
     verb(

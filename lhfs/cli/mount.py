@@ -8,6 +8,7 @@ from typing import Any
 
 from lhfs.cli.common import (
     describe_detach,
+    dir_arg,
     json_option,
     metrics_option,
     root_of,
@@ -50,7 +51,7 @@ def mount_parsers(groups: Any) -> None:
         "than its volume (expanded since) is grown to the volume's size.",
     )
     p.add_argument("name")
-    p.add_argument("mountpoint")
+    p.add_argument("mountpoint", type=dir_arg)
     p.add_argument(
         "--fs",
         help="file system to format a new volume with (default ext4; xfs needs 300M at "
@@ -67,12 +68,12 @@ def umount_parsers(groups: Any) -> None:
         "umount",
         cmd_umount,
         "unmount, free the loop device, detach",
-        "mountpoint",
         description="Unmount the file system, free the loop device and detach the volume: "
         "also when the volume is faulted or its engine died (the file system is then "
         "unmounted lazily) — it says what it cleaned up. A busy file system of a working "
         "volume is refused.",
     )
+    p.add_argument("mountpoint", type=dir_arg)
     p.add_argument(
         "--force",
         action="store_true",

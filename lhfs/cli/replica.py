@@ -14,6 +14,7 @@ from lhfs.cli.common import (
     dir_arg,
     json_option,
     log_option,
+    path_arg,
     print_json,
     quiet_option,
     replica_header,
@@ -34,7 +35,11 @@ def cmd_replica_init(args: argparse.Namespace) -> None:
     check_chunk_size(args.chunk_size)  # (what a volume may have, before anything is made)
     owner = VolumeKey.load(Path(args.key_file)).id_hex if args.key_file else None
     store = ChunkStore.create(
-        Path(args.dir), args.size, args.chunk_size, args.backing_image, volume_id=owner
+        Path(args.dir),
+        args.size,
+        args.chunk_size,
+        Path(args.backing_image) if args.backing_image else None,
+        volume_id=owner,
     )
     with store:
         info = store.info()
@@ -208,9 +213,12 @@ def parsers(groups: Any) -> None:
         help=f"copy-on-write and rebuild unit, a power of two from 4K to 4M (default "
         f"{DEFAULT_CHUNK})",
     )
-    p.add_argument("--backing-image", type=Path, help="raw image copied in as the chain's bottom")
+    p.add_argument(
+        "--backing-image", type=path_arg, help="raw image copied in as the chain's bottom"
+    )
     p.add_argument(
         "--key-file",
+        type=path_arg,
         help="the volume's key ('lhfs volume key'): the directory then belongs to that volume",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -230,11 +238,14 @@ def parsers(groups: Any) -> None:
     p.add_argument(
         "--key-file",
         required=True,
+        type=path_arg,
         help="the volume's key file, readable by its owner only (on the engine's host: "
         "'lhfs volume key VOLUME --out FILE', then copy it here)",
     )
-    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS on TCP with this certificate")
-    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
+    p.add_argument(
+        "--tls-cert", metavar="FILE", type=path_arg, help="serve TLS on TCP with this certificate"
+    )
+    p.add_argument("--tls-key", metavar="FILE", type=path_arg, help="the private key of --tls-cert")
     p.add_argument(
         "--local",
         metavar="NAME",
@@ -271,6 +282,7 @@ def parsers(groups: Any) -> None:
     p.add_argument(
         "--tls-ca",
         metavar="FILE",
+        type=path_arg,
         help="the replica at --address serves TLS: trust certificates signed by this CA "
         "(PEM), checked against HOST",
     )

@@ -481,4 +481,4 @@ def parsers(groups: Any) -> None:
         "replica serve --key-file FILE'. The secret never appears on a command line or in "
         "a log; treat the file like a private ssh key.",
     )
-    p.add_argument("--out", required=True, help="the file to write (must not exist)")
+    p.add_argument("--out", required=True, type=path_arg, help="the file to write (must not exist)")

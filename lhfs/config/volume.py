@@ -440,6 +440,12 @@ def finish_create(volume: Volume, tmp: Path) -> None:
 def load(root: Path, name: str) -> Volume:
     check_name(name, "volume name")
     path = volumes_dir(root) / name / "config.json"
+    if path.parent.is_symlink():  # (another volume's, shown and removed under this name)
+        raise CorruptState(
+            f"volume directory {path.parent} is a symbolic link (to "
+            f"{os.readlink(path.parent)}): a volume lives in a directory of its own; remove "
+            "the link"
+        )
     try:
         return Volume(Path(root), name, read_config(path))
     except FileNotFoundError:

@@ -5,7 +5,8 @@ own and waits for its first line on stdout: ``ready`` once the device serves I/O
 ``error: <message>``. Local replicas are child processes that get SIGTERM if this process dies,
 so a killed engine never leaves a replica directory locked. One ``trio.run`` owns the engine, the
 control socket and the FUSE loop; SIGTERM or a ``detach`` request ends the FUSE loop, then
-the engine flushes, the device is unmounted and the replicas stop.
+the engine flushes, the device is unmounted and the replicas stop. SIGTERM is refused while a
+loop device is bound to the device file (see ``_watch_signals``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from lhfs.core.errors import (
     is_refusal,
     sole,
 )
+from lhfs.core.mounts import loops_backed_by, mounted_at
 from lhfs.core.names import check_name
 from lhfs.engine import control, housekeeping
 from lhfs.engine.engine import ERR, RW, Engine, Recorded, ReplicaLink
@@ -61,6 +63,7 @@ log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 TERM_WAIT = 10.0  # seconds a replica process told to stop may take before it is killed
 KILL_WAIT = 30.0  # seconds a killed replica process may take to go
+STOP_FLUSH = 60.0  # seconds a refused SIGTERM spends flushing what is mounted on the device
 _KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 
 
@@ -79,6 +82,7 @@ class Daemon:
         # local replicas whose rotten backing image copy was set aside at start -> why
         self.rotten: dict[str, str] = {}
         self._stopping = False
+        self.left_bound: list[str] = []  # loop devices still bound to the device at its end
         self.channel = FuseChannel(device)
         self.key = vol.key()
         self.rejoiner: Rejoiner | None = None
@@ -894,9 +898,11 @@ class Daemon:
         return disks.remove(self.vol, entry)
 
     def stop(self) -> None:
+        """End the FUSE loop; its device is unmounted unless a loop device is bound to it
+        (see ``left_bound``)."""
         if not self._stopping:
             self._stopping = True
-            self.channel.stop()
+            self.channel.stop(unmount=not loops_backed_by(self.device))
 
     # -- main ---------------------------------------------------------------------------------
 
@@ -994,7 +1000,12 @@ class Daemon:
                 self.housekeep()
                 await VolumeFile(self.engine, self.channel, self.stats).serve()
             finally:
-                self.channel.close()
+                # A loop device still bound (a file system on it, perhaps): the device is left
+                # mounted, dead, and the runtime record kept, as a killed engine leaves them.
+                # Unmounted, the loop device would name no file lhfs knows: 'lhfs umount' said
+                # its mount point was no volume's, and 'volume rm' went on under it.
+                self.left_bound = loops_backed_by(self.device)
+                self.channel.close(unmount=not self.left_bound)
             await self.engine.close()
             self.keep_revisions()
             nursery.cancel_scope.cancel()
@@ -1095,10 +1106,39 @@ class Daemon:
             await trio.sleep(DISKS_EVERY)
 
     async def _watch_signals(self) -> None:
+        """SIGTERM or SIGINT ends the engine, unless a loop device is bound to its device
+        file: a file system may sit on it with writes in flight (a service stop whose
+        ``lhfs umount`` found it busy signals what is left), and an engine that ended under
+        it would leave it mounted on a dead device, its unsynced writes lost. It then flushes
+        what is on top and refuses, in one log line; ``lhfs umount`` or ``volume detach
+        --force`` lets go, and only SIGKILL ends it at once."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                self.stop()
-                return
+            async for signum in signals:
+                loops = loops_backed_by(self.device)
+                if not loops:
+                    self.stop()
+                    return
+                await self._refuse_to_end(signal.Signals(signum).name, loops)
+
+    async def _refuse_to_end(self, name: str, loops: list[str]) -> None:
+        """Flush the file systems mounted on ``loops`` (``sync -f``: their dirty pages come
+        here as writes, served meanwhile) and the engine, and say why the engine stays."""
+        mounts = [point for loop in loops for point in mounted_at(loop)]
+        with trio.move_on_after(STOP_FLUSH):
+            for point in mounts:
+                with contextlib.suppress(OSError):
+                    await trio.run_process(["sync", "-f", point], capture_stderr=True, check=False)
+            with contextlib.suppress(LhfsError):
+                await self.engine.flush()
+        held = ", ".join(loops) + (f" (mounted at {', '.join(mounts)})" if mounts else "")
+        log.warning(
+            "%s refused: %s is in use by %s; flushed, the engine stays: 'lhfs umount' "
+            "lets go of it, or 'lhfs volume detach --force %s' (only SIGKILL ends it now)",
+            name,
+            self.device,
+            held,
+            self.vol.name,
+        )
 
 
 class AttachGone(LhfsError):
@@ -1148,6 +1188,15 @@ def run(
             trio.run(daemon.serve, announce)
         except BaseExceptionGroup as group:  # (what failed in a task: reported as itself)
             raise sole(group) from None
+        if daemon.left_bound:
+            log.warning(
+                "the engine ends with %s still bound to %s: left as a crashed engine's, for "
+                "'lhfs umount' or 'lhfs volume detach %s' to clean up",
+                ", ".join(daemon.left_bound),
+                device,
+                name,
+            )
+            return 1
         log.info("detached: the engine ends")
         return 0
     except AttachGone as exc:
@@ -1167,9 +1216,10 @@ def run(
     finally:
         if daemon is not None:
             daemon.stop_local_replicas()
-            daemon.vol.runtime_path.unlink(missing_ok=True)
+            if not daemon.left_bound:
+                daemon.vol.runtime_path.unlink(missing_ok=True)
             daemon.vol.control_socket.unlink(missing_ok=True)
-        if device_made:
+        if device_made and not (daemon is not None and daemon.left_bound):
             drop_device(device)
 
 

@@ -171,17 +171,21 @@ class FuseChannel:
             self._mounted = False
             _libc.umount2(str(self.path).encode(), _MNT_DETACH)
 
-    def stop(self) -> None:
-        """Unmount and end ``serve`` (from the event loop; never raises)."""
+    def stop(self, unmount: bool = True) -> None:
+        """Unmount (unless not ``unmount``) and end ``serve`` (from the event loop; never
+        raises)."""
         self._stopped = True
-        self._unmount()
+        if unmount:
+            self._unmount()
         if self.fd >= 0:
             trio.lowlevel.notify_closing(self.fd)
 
-    def close(self) -> None:
-        """Unmount if still mounted and close the device; never raises."""
+    def close(self, unmount: bool = True) -> None:
+        """Unmount if still mounted (unless not ``unmount``: the mount stays, dead, as a
+        killed engine leaves it) and close the device; never raises."""
         self._stopped = True
-        self._unmount()
+        if unmount:
+            self._unmount()
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -26,6 +26,8 @@ from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
 from lhfs.core.durable import drop_device
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
+from lhfs.core.mounts import loops_backed_by, mount_table, mounted_at
+from lhfs.core.mounts import unescape as unescape  # (read by ``mount``)
 from lhfs.core.procs import LHFS, child_env, read_line_matching, stopped, wait_for
 from lhfs.engine import control
 from lhfs.wire.client import parse_address
@@ -33,18 +35,6 @@ from lhfs.wire.client import parse_address
 ATTACH_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 STATE_TIMEOUT = 20.0
-
-
-def mount_table() -> list[tuple[str, str]]:
-    """(source, mount point) of every mount, as the kernel lists them (spaces and the like
-    written as octal escapes there, decoded here)."""
-    with open("/proc/self/mounts") as f:
-        rows = [line.split()[:2] for line in f]
-    return [(unescape(source), unescape(point)) for source, point in rows]
-
-
-def unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def is_mountpoint(path: Path, look: bool = True) -> bool:
@@ -58,20 +48,6 @@ def is_mountpoint(path: Path, look: bool = True) -> bool:
         path = Path(os.path.abspath(path))
         target = os.path.join(os.path.realpath(path.parent), path.name)
     return any(point == target for _, point in mount_table())
-
-
-def loops_backed_by(device: Path) -> list[str]:
-    """Loop devices whose backing file is ``device``."""
-    out = []
-    target = os.path.abspath(device)
-    for entry in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (entry / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing in (target, target + " (deleted)"):
-            out.append(f"/dev/{entry.name}")
-    return out
 
 
 def loop_holders(loop: str) -> list[str]:
@@ -106,6 +82,29 @@ def loop_holders(loop: str) -> list[str]:
     return [pid for holds, pids in namespaces.values() if holds for pid in pids]
 
 
+def device_holders(device: Path) -> list[str]:
+    """The processes that hold ``device`` open ("PID (COMMAND)"), as their descriptors in
+    /proc name it (read as links: the device itself is never looked at, and a stuck one
+    holds nobody up). A detach under them would break their I/O mid-way."""
+    target = os.path.abspath(device)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            if any(link in (target, target + " (deleted)") for link in links):
+                found.append(f"{entry.name} ({(entry / 'comm').read_text().strip()})")
+        except OSError:  # (ended meanwhile, or a descriptor closed as it was read)
+            continue
+    return found
+
+
+def named(pids: list[str]) -> str:
+    """Processes ("PID (COMMAND)") in a few words: five at most, then how many more."""
+    return ", ".join(pids[:5]) + (f" and {len(pids) - 5} more" if pids[5:] else "")
+
+
 def autoclear(loop: str) -> bool:
     """Whether ``loop`` is freed by itself once its last user lets go (``losetup -d`` of a
     busy loop device sets that, and there is nothing more it can do)."""
@@ -121,10 +120,9 @@ def held_how(loops: list[str]) -> str:
     them), or ``losetup -d`` where that is still to be done."""
     holders = sorted({pid for loop in loops for pid in loop_holders(loop)})
     if holders:
-        named = ", ".join(holders[:5]) + (f" and {len(holders) - 5} more" if holders[5:] else "")
         return (
-            f"mounted in another mount namespace by process(es) {named}: the loop device is "
-            "freed when they end or unmount it"
+            f"mounted in another mount namespace by process(es) {named(holders)}: the loop "
+            "device is freed when they end or unmount it"
         )
     if all(autoclear(loop) for loop in loops):
         return (
@@ -132,11 +130,6 @@ def held_how(loops: list[str]) -> str:
             f"'fuser -v {' '.join(loops)}' shows what)"
         )
     return f"let go of it first (losetup -d {' '.join(loops)})"
-
-
-def mounted_at(source: str) -> list[str]:
-    """Where ``source`` (a loop device) is mounted."""
-    return [point for where, point in mount_table() if where == source]
 
 
 def leftovers(device: Path) -> dict[str, Any]:
@@ -291,7 +284,13 @@ def _unlocked(directory: Path) -> bool:
 
 def _check_device(device: Path) -> bool:
     """The device must be an empty regular file (created if missing: then True) that nothing
-    is mounted on."""
+    is mounted on, and not a symbolic link (one that led nowhere had its target made, and
+    left behind)."""
+    if device.is_symlink():
+        raise InvalidArgument(
+            f"device path {device} is a symbolic link (to {os.readlink(device)}): give the "
+            "path itself"
+        )
     try:
         device.stat()
     except FileNotFoundError:
@@ -361,6 +360,23 @@ def exclusive(
         os.close(fd)
 
 
+def place_held(
+    root: Path, path: Path, kind: str, doing: str
+) -> contextlib.AbstractContextManager[None]:
+    """Hold a place in the file system (``kind``: "device path", "mount point") for the
+    block, whatever the volume: two attaches of two volumes on one device path at once each
+    found it free, and both mounted it (stacked FUSE mounts, the writes reaching one); two
+    mounts on one mount point the same. The second is refused at once, naming the first;
+    once the first is done the place is in use, and said so. The lock is keyed by the real
+    path under the root's volumes directory, and goes with the block (``locks.name_held``)."""
+    real = os.path.realpath(path)
+    key = hashlib.sha256(f"{kind}\0{real}".encode()).hexdigest()[:24]
+    base = volumes.volumes_dir(root)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = base / f".{kind.replace(' ', '-')}@{key}.lock"  # (no volume's: '@' is in no name)
+    return locks.name_held(lock, f"{kind} {real}", doing)
+
+
 def attach(
     root: Path,
     name: str,
@@ -368,9 +384,10 @@ def attach(
     restoring: bool = False,
     metrics: str | None = None,
 ) -> dict[str, Any]:
-    """Start the engine on ``device`` (see ``_attach``), one command at a time."""
+    """Start the engine on ``device`` (see ``_attach``), one command at a time, and one
+    attach at a time on a device path."""
     vol = volumes.load(root, name)
-    with exclusive(vol):
+    with exclusive(vol), place_held(root, device.absolute(), "device path", "attached on"):
         return _attach(root, name, device, restoring, metrics)
 
 
@@ -547,6 +564,12 @@ def _detach(
                 else held_how(loops_backed_by(device))
             )
             raise Busy(f"{device} is in use by {loops}: {fix}")
+        holders = device_holders(device) if state != "faulted" and not force else []
+        if holders:
+            raise Busy(
+                f"{device} is open in process(es) {named(holders)}: detaching would break "
+                "their I/O; let them close it, or --force lets go of it (their I/O fails)"
+            )
         if loops_backed_by(device):  # (the FUSE file: the engine's)
             report["cleaned"] += release(device, fuse=False, settled=settled)
         try:

@@ -200,10 +200,11 @@ def finish_removal(root: Path, name: str) -> list[str]:
 
 def check_removable(vol: volumes.Volume) -> None:
     """Refuse to remove a volume that something still stands on: its engine (attached), what
-    an engine that died left mounted, anything mounted inside its directory (removing the
-    directory would fail half-way, with the volume's configuration already gone), a restore
-    or a backup that runs on it (it would fail on files gone under it, and a restore's
-    cleanup once removed whatever had been made under its name since)."""
+    an engine that died left mounted, a loop device on its device file, anything mounted
+    inside its directory (removing the directory would fail half-way, with the volume's
+    configuration already gone), a restore or a backup that runs on it (it would fail on
+    files gone under it, and a restore's cleanup once removed whatever had been made under
+    its name since)."""
     if vol.runtime() is not None:
         raise Busy(f"volume {vol.name} is attached: detach it first")
     record = vol.runtime_record()
@@ -223,6 +224,12 @@ def check_removable(vol: volumes.Volume) -> None:
     inside = attachment.mounts_under(vol.dir)
     if inside:
         raise Busy(f"{inside[0]} is mounted inside volume {vol.name}'s directory: unmount it")
+    loops = attachment.loops_backed_by(vol.dir / "device")  # (a file system may sit on them)
+    if loops:
+        raise Busy(
+            f"{', '.join(loops)} still uses volume {vol.name}'s device file: "
+            f"{attachment.held_how(loops)}"
+        )
     for replica in vol.replicas:  # (a configuration naming what lhfs never made: refused here)
         vol.replica_dir(replica)
 

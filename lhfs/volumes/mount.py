@@ -158,7 +158,22 @@ def mount(
     mountpoint = Path(os.path.realpath(mountpoint))
     if not mountpoint.is_dir():
         raise NotFound(f"mount point {mountpoint} is not a directory")
+    own = os.path.realpath(volumes.volumes_dir(root))
+    if mountpoint.is_relative_to(own):  # (as attach refuses a device there)
+        raise InvalidArgument(
+            f"mount point {mountpoint} is inside lhfs's own directories: choose a path "
+            f"outside {volumes.volumes_dir(root)}"
+        )
     vol = volumes.load(root, name)
+    with attachment.place_held(root, mountpoint, "mount point", "mounted on"):
+        return _mount(root, vol, mountpoint, fs, metrics)
+
+
+def _mount(
+    root: Path, vol: volumes.Volume, mountpoint: Path, fs: str | None, metrics: str | None
+) -> dict[str, Any]:
+    """``mount``, holding the mount point."""
+    name = vol.name
     record = vol.filesystem
     asked = fs
     if record is not None:  # (formatted, or a format cut short: done again as it began)
