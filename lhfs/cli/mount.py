@@ -50,8 +50,8 @@ def mount_parsers(groups: Any) -> None:
         "checked against the device's real content), and mount it; a file system smaller "
         "than its volume (expanded since) is grown to the volume's size.",
     )
-    p.add_argument("name")
-    p.add_argument("mountpoint", type=dir_arg)
+    p.add_argument("name", help="the volume")
+    p.add_argument("mountpoint", type=dir_arg, help="an existing directory to mount it on")
     p.add_argument(
         "--fs",
         help="file system to format a new volume with (default ext4; xfs needs 300M at "
@@ -73,7 +73,7 @@ def umount_parsers(groups: Any) -> None:
         "unmounted lazily) — it says what it cleaned up. A busy file system of a working "
         "volume is refused.",
     )
-    p.add_argument("mountpoint", type=dir_arg)
+    p.add_argument("mountpoint", type=dir_arg, help="where 'lhfs mount' mounted the volume")
     p.add_argument(
         "--force",
         action="store_true",
