@@ -1,0 +1,101 @@
+"""What a backup store takes from its bucket, its files and the command line: only objects
+shaped as lhfs writes them are its blocks, no store lies inside another, and secret files,
+regions and URLs are checked before they are used; against a real S3 server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backupstore.s3 import Bucket, Target
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli
+
+MIB = 1 << 20
+
+
+def one_backup(cli: Cli, target: str, volume: str = "src") -> str:
+    """A volume with data, backed up once to ``target``; the backup's URL."""
+    cli.run("volume", "create", volume, "--size", "4M", "--replicas", "1")
+    for replica in cli.info(volume)["replicas"]:
+        with ChunkStore.open(Path(replica["dir"])) as store:
+            store.write(MIB, bytes(range(256)) * 1024)
+            store.flush()
+    return cli.backup(volume, target)
+
+
+def test_objects_under_blocks_shaped_unlike_a_block_are_strays_kept_by_gc(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://input-strays/p"
+    url = one_backup(cli, target)
+    bucket = Bucket(Target.parse(target))
+    name = "0123456789abcdef0123456789abcdef"
+    strays = [
+        "p/blocks/README.txt",
+        "p/blocks/ab/not-a-block.txt",
+        f"p/blocks/zz/{name}",  # (a block's name under another directory)
+        f"p/blocks/01/{name.upper()}",
+        f"p/blocks/01/{name}/x",
+    ]
+    for key in strays:
+        bucket.put(key, b"not lhfs's")
+    check = cli.run("backup", "check", "--target", target, check=False)
+    assert check.returncode == 3, check
+    for key in strays:
+        assert f"stray object s3://input-strays/{key}: not an object lhfs writes" in check.stdout
+    kept = cli.json("backup", "gc", "--target", target)
+    assert sorted(kept["strays"]) == sorted(f"s3://input-strays/{k}" for k in strays)
+    assert kept["collected"] == 0 and kept["strays_removed"] is False
+    assert all(bucket.get(key) is not None for key in strays)
+    cli.run("backup", "restore", url, "copy", "--quiet")
+    assert cli.checksum("copy") == cli.checksum("src")
+    gone = cli.json("backup", "gc", "--target", target, "--strays")
+    assert gone["strays_removed"] is True and gone["collected"] == 0
+    assert all(bucket.get(key) is None for key in strays)
+    assert cli.json("backup", "check", "--target", target)["problems"] == []
+
+
+def test_a_store_inside_another_or_around_one_is_refused(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    one_backup(cli, "s3://input-nested/outer")
+    bucket = Bucket(Target.parse("s3://input-nested/outer"))
+    before = sorted(o.object_name for o in bucket.list(""))
+    for inner in ("s3://input-nested/outer/blocks", "s3://input-nested/outer/a/b"):
+        for args in (
+            ("backup", "create", "src", "--target", inner, "--quiet"),
+            ("backup", "init", "--target", inner),
+        ):
+            done = cli.run(*args, check=False)
+            assert done.returncode == 1, done
+            said = done.stderr.strip()
+            assert "\n" not in said and "Traceback" not in said
+            assert f"{inner} lies inside the store s3://input-nested/outer" in said, said
+    assert sorted(o.object_name for o in bucket.list("")) == before
+    # a store around one: its prefix holds another's record
+    cli.run("backup", "init", "--target", "s3://input-nested/deep/in", "--create-bucket")
+    for around in ("s3://input-nested/deep", "s3://input-nested"):
+        done = cli.run("backup", "init", "--target", around, check=False)
+        assert done.returncode == 1, done
+        assert f"{around} holds the store s3://input-nested/deep/in" in done.stderr
+    assert bucket.get("deep/lhfs-store.json") is None and bucket.get("lhfs-store.json") is None
+    cli.run("backup", "init", "--target", "s3://input-nested/beside")  # (beside: fine)
+
+
+def test_gc_strays_keeps_a_store_found_inside_the_store(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A store made inside another before that was refused: the outer one's collection
+    leaves it be, and --strays, which would delete it, is refused."""
+    target = "s3://input-inside/outer"
+    one_backup(cli, target)
+    bucket = Bucket(Target.parse(target))
+    record = bucket.get("outer/lhfs-store.json")[0]
+    inner = ["outer/blocks/lhfs-store.json", "outer/blocks/blocks/ab/" + "ab" * 16]
+    bucket.put(inner[0], record)
+    bucket.put(inner[1], b"a block of the inner store")
+    assert cli.json("backup", "gc", "--target", target)["collected"] == 0
+    done = cli.run("backup", "gc", "--target", target, "--strays", check=False)
+    assert done.returncode == 1, done
+    assert "holds the store s3://input-inside/outer/blocks" in done.stderr
+    assert all(bucket.get(key) is not None for key in inner)
