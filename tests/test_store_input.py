@@ -4,9 +4,12 @@ regions and URLs are checked before they are used; against a real S3 server."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from backupstore.s3 import Bucket, Target
+import pytest
+
+from backupstore.s3 import Bucket, StoreRefused, Target
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli
 
@@ -99,3 +102,62 @@ def test_gc_strays_keeps_a_store_found_inside_the_store(
     assert done.returncode == 1, done
     assert "holds the store s3://input-inside/outer/blocks" in done.stderr
     assert all(bucket.get(key) is not None for key in inner)
+
+
+def refused(cli: Cli, code: int, *args: str) -> str:
+    """The one line a command refused with, exit ``code`` (a hang fails the test)."""
+    done = cli.run(*args, check=False, timeout=30)
+    said = done.stderr.strip()
+    assert done.returncode == code, (args, done)
+    assert "\n" not in said and "Traceback" not in said, said
+    return said
+
+
+def test_a_secret_file_larger_than_lhfs_reads_is_refused_not_cut_short(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    password = tmp_path / "password"
+    password.write_bytes(b"x" * (64 << 10) + b"y\n")  # (first 64 KiB: another password)
+    password.chmod(0o600)
+    target = "s3://input-secret/p"
+    args = ("backup", "init", "--target", target, "--encrypt", "--create-bucket")
+    said = refused(cli, 2, *args, "--password-file", str(password))
+    assert f"password file {password} is larger than 64 KiB" in said, said
+    bucket = Bucket(Target.parse("s3://input-secret"))
+    with pytest.raises(StoreRefused):  # (nothing made: not even the bucket)
+        bucket.ensure()
+    password.write_bytes(b"x" * (64 << 10))  # (the most a secret file may hold)
+    cli.run(*args, "--password-file", str(password))
+    assert bucket.get("p/lhfs-store.json") is not None
+
+
+def test_a_fifo_as_a_secret_file_or_backing_image_is_refused_at_once(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    target = "s3://input-fifo/p"
+    said = refused(
+        cli, 2, "backup", "init", "--target", target, "--encrypt", "--create-bucket",
+        "--password-file", str(fifo),
+    )  # fmt: skip
+    assert f"password file {fifo} is not a regular file" in said
+    serve = tmp_path / "served"
+    said = refused(
+        cli, 2, "replica", "serve", "--dir", str(serve), "--listen", "127.0.0.1:0",
+        "--key-file", str(fifo),
+    )  # fmt: skip
+    assert f"key file {fifo} is not a regular file" in said
+    assert not serve.exists()
+    made = tmp_path / "made"
+    args = ("replica", "init", "--dir", str(made), "--size", "1M", "--backing-image", str(fifo))
+    said = refused(cli, 1, *args)
+    assert f"backing image {fifo} is not a regular file" in said
+    assert not made.exists()
+    cli.run("volume", "create", "src", "--size", "1M", "--replicas", "1")
+    said = refused(
+        cli, 1, "dr", "create", "sb", "--target", target, "--volume", "src",
+        "--credentials-file", str(fifo), "--no-wait",
+    )  # fmt: skip
+    assert f"credentials file {fifo} is not a regular file" in said
+    assert "sb" not in {v["name"] for v in cli.json("volume", "ls")}
