@@ -65,6 +65,7 @@ _ACCESS_CODES = {
     "ExpiredToken",
 }
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REGION = re.compile(r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?")  # (matched whole)
 
 
 # (what a DELETE the store did not answer says: whoever reports it must not say it stays)
@@ -95,7 +96,13 @@ class Endpoint:
         """The endpoint of the environment (or of ``AWS_ENDPOINT_URL`` in ``env``), with the
         credentials of ``credentials_file`` when one is named, else of the environment."""
         env = os.environ if env is None else env
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""
+        variable = "AWS_REGION" if env.get("AWS_REGION") else "AWS_DEFAULT_REGION"
+        region = env.get(variable) or ""
+        if region and not _REGION.fullmatch(region):  # (the S3 client's refusal: a traceback)
+            raise UsageError(
+                f"{variable} is not a region name: {region!r} (1-63 of a-z, 0-9, '-' and '_', "
+                "starting and ending with a letter or digit, such as us-east-1)"
+            )
         url = env.get("AWS_ENDPOINT_URL") or (region and f"https://s3.{region}.amazonaws.com")
         if not url:
             raise UsageError(
