@@ -489,3 +489,38 @@ def test_a_follower_reading_its_secrets_from_files_holds_none_in_its_environment
     assert b"LHFS_BACKUP_PASSWORD" not in environ
     assert b"AWS_ENDPOINT_URL" in environ  # (not a secret: where the store is)
     cli.run("volume", "rm", "sb")
+
+
+def test_a_password_in_the_shell_is_not_given_to_the_follower_of_a_plain_store(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A plain store's standby started from a shell holding a password (for another store)
+    follows without it; one whose configuration does not say whether its store is encrypted
+    (made by an older lhfs) stops at the refusal, which no retry changes, saying so."""
+    target = "s3://dr-plain-password/p"
+    cli.run("volume", "create", "src", "--size", "4M", "--replicas", "1")
+    url = cli.backup("src", target)
+    cli.run("dr", "create", "sb", "--target", target, "--volume", "src", "--replicas", "1",
+            "--interval", "1", "--retry-max", "2", "--quiet")  # fmt: skip
+    cli.run("dr", "stop", "sb")
+    shell = Cli(cli.root, env={"LHFS_BACKUP_PASSWORD": "for-another-store"})
+    shell.run("dr", "start", "sb")
+    follower = cli.json("dr", "status", "sb")["follower_pid"]
+    assert b"LHFS_BACKUP_PASSWORD" not in Path(f"/proc/{follower}/environ").read_bytes()
+    status = cli.dr_restored("sb", url)
+    assert status["last_error"] is None, status
+    cli.run("dr", "stop", "sb")
+    path = cli.root / "volumes" / "sb" / "config.json"
+    config = json.loads(path.read_text())
+    del config["dr"]["encrypted"]
+    path.write_text(json.dumps(config))
+    shell.run("dr", "start", "sb")
+    stopped = wait_for(
+        lambda: (s := cli.json("dr", "status", "sb"))["state"] == "failed" and s, 30, "a stop"
+    )
+    assert "is not encrypted" in stopped["last_error"], stopped
+    assert "'lhfs dr start sb' follows again" in stopped["last_error"], stopped
+    assert stopped["follower_pid"] is None
+    cli.run("dr", "start", "sb")  # (without the password: it follows again)
+    assert cli.dr_restored("sb", url)["state"] == "standby"
+    cli.run("volume", "rm", "sb")
