@@ -73,7 +73,7 @@ def test_standby_follows_through_outages_and_a_kill_then_activates(
         first, first_sum = generation(1, 8)
         standby.run(
             "dr", "create", "dr1", "--target", target, "--volume", "src", "--replicas", "2",
-            "--interval", "0.3", "--retry-max", "1.5", "--quiet",
+            "--interval", "1", "--retry-max", "1.5", "--quiet",
         )  # fmt: skip
         status = standby.json("dr", "status", "dr1")
         assert status["last_restored_backup"] == _name(first)
@@ -193,7 +193,7 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
     first, first_sum = _backup_attached(cli, target)
     cli.run(
         "dr", "create", "dr2", "--target", target, "--volume", "src", "--replicas", "1",
-        "--interval", "0.2", "--retry-max", "1", "--quiet",
+        "--interval", "1", "--retry-max", "1", "--quiet",
     )  # fmt: skip
     increment = cli.json("dr", "status", "dr2")["last_increment"]
     assert (increment["fetched"], increment["trimmed"]) == (10, 0)
@@ -226,7 +226,7 @@ def test_increments_fetch_only_changes_and_follow_a_deleted_backup(
         (
             ("dr", "create", "dr3", "--target", target, "--volume", "src", "--interval", "0"),
             2,
-            "0 <",
+            "1 <= --interval",
         ),
     ):
         result = cli.run(*args, check=False)
@@ -253,7 +253,7 @@ def test_a_backup_of_an_older_snapshot_never_takes_a_standby_back(
     new, new_sum = _backup_attached(cli, target)
     cli.run(
         "dr", "create", "dr4", "--target", target, "--volume", "src", "--replicas", "1",
-        "--interval", "0.2", "--quiet",
+        "--interval", "1", "--quiet",
     )  # fmt: skip
     cli.dr_restored("dr4", new)
     args = ("backup", "create", "src", "--target", target, "--snapshot", "old", "--quiet")
@@ -298,7 +298,7 @@ def test_a_standby_waits_when_the_backups_it_grew_in_are_deleted(
     _backup(cli, target, "src")
     cli.run(
         "dr", "create", "dr5", "--target", target, "--volume", "src", "--replicas", "1",
-        "--interval", "0.2", "--retry-max", "1", "--quiet",
+        "--interval", "1", "--retry-max", "1", "--quiet",
     )  # fmt: skip
     cli.run("volume", "expand", "src", "--size", "32M")
     grown, _ = _backup(cli, target, "src")
@@ -337,7 +337,7 @@ def test_a_corrupt_block_stops_the_standby_which_activates_offline(
     first, first_sum = _backup_attached(cli, target)
     cli.run(
         "dr", "create", "dr4", "--target", target, "--volume", "src", "--replicas", "2",
-        "--interval", "0.2", "--quiet",
+        "--interval", "1", "--quiet",
     )  # fmt: skip
     cli.run("dr", "stop", "dr4")
     assert cli.json("dr", "status", "dr4")["state"] == "stopped"
@@ -400,7 +400,7 @@ def test_a_removed_standby_takes_its_marker_with_it(
     def create(where: Cli, name: str) -> None:
         where.run(
             "dr", "create", name, "--target", target, "--volume", "v", "--replicas", "1",
-            "--interval", "0.3", "--quiet",
+            "--interval", "1", "--quiet",
         )  # fmt: skip
         wait_for(lambda: name in [m[0] for m in markers()], 30, f"the marker of {name}")
 

@@ -182,3 +182,17 @@ def test_a_malformed_region_is_refused_in_one_line_naming_it(
             Cli(tmp_path / "root", {"AWS_REGION": region}).json("backup", "ls", "--target", target)
             == []
         )
+
+
+def test_a_dr_poll_interval_below_a_second_is_refused(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://input-interval/p"
+    one_backup(cli, target)
+    for interval in ("0.001", "0.5", "0"):
+        said = refused(
+            cli, 2, "dr", "create", "sb", "--target", target, "--volume", "src",
+            "--interval", interval, "--quiet",
+        )  # fmt: skip
+        assert "need 1 <= --interval <= --retry-max <= 86400 seconds" in said, said
+    assert "sb" not in {v["name"] for v in cli.json("volume", "ls")}

@@ -59,7 +59,7 @@ def test_a_system_backup_completes_and_restores_equal(
     cli.backup("b", target)
     cli.run(
         "dr", "create", "standby", "--target", target, "--volume", "b", "--replicas", "1",
-        "--interval", "0.3", "--quiet",
+        "--interval", "1", "--quiet",
     )  # fmt: skip
     sums = {v: cli.checksum(v) for v in ("a", "b", "c")}
 

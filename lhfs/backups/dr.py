@@ -544,7 +544,9 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
         host, port = serve_metrics(address, FollowerCollector(name, view))
         status.update(metrics=f"{host}:{port}")
         log.info("metrics on http://%s:%d/metrics", host, port)
-    interval, retry_max = config["interval"], config["retry_max"]
+    # (a standby made before the minimum: never faster than it)
+    interval = max(MIN_INTERVAL, config["interval"])
+    retry_max = max(interval, config["retry_max"])
     store = follower_store(config, status.error)
     cache: dict[str, dict[str, Any]] = {}
     failures = 0
@@ -711,8 +713,11 @@ def create(
     target = Target.parse(url)
     check_volume_name(name)
     check_name(source, "source volume name")
-    if not 0 < interval <= 86400 or not interval <= retry_max <= 86400:
-        raise InvalidArgument("need 0 < --interval <= --retry-max <= 86400 seconds")
+    if not MIN_INTERVAL <= interval <= 86400 or not interval <= retry_max <= 86400:
+        raise InvalidArgument(
+            f"need {MIN_INTERVAL:.0f} <= --interval <= --retry-max <= 86400 seconds (a "
+            "follower lists the store at each interval)"
+        )
     if name in volumes.list_names(root):
         raise AlreadyExists(f"volume {name} already exists")
     if metrics is not None:
@@ -1091,6 +1096,7 @@ def _standby_store(config: dict[str, Any], deadline: float, **kw: Any) -> Backup
     return BackupStore(bucket, password=password)
 
 
+MIN_INTERVAL = 1.0  # seconds between a follower's polls, at least (each lists the store)
 FOLLOWER_PATIENCE = "the follower tries again later"
 FOLLOWER_DEADLINE = 30.0  # seconds a follower's store call is retried before the step fails
 
