@@ -176,8 +176,9 @@ class Target:
         """A target URL, refused with one line (exit 2) unless every part is a name lhfs would
         make itself: a bucket name by S3's rules, prefix segments of letters, digits, ``.``,
         ``_`` and ``-`` starting with a letter or digit (so never ``.`` or ``..``)."""
+        check_url_text(url, "s3://BUCKET/PREFIX")
         parsed = urlparse(url)
-        if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
+        if parsed.scheme != "s3" or not parsed.netloc or "?" in url or "#" in url:
             raise UsageError(f"not a backup target: {url!r} (use s3://BUCKET/PREFIX)")
         try:
             check_bucket_name(parsed.netloc, strict=True)
@@ -202,6 +203,15 @@ class Target:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def check_url_text(url: str, form: str) -> None:
+    """Refuse a URL holding a control character, in one line showing it escaped: the URL
+    parser drops tabs and newlines wherever they are, so ``s3://b/p<newline>q`` would become
+    the prefix ``pq``, another store than the one typed."""
+    bad = next((c for c in url if c < " " or c == "\x7f"), None)
+    if bad is not None:
+        raise UsageError(f"{url!r} holds a control character ({bad!r}): use {form}")
 
 
 def _status(exc: BaseException) -> int | None:

@@ -196,3 +196,59 @@ def test_a_dr_poll_interval_below_a_second_is_refused(
         )  # fmt: skip
         assert "need 1 <= --interval <= --retry-max <= 86400 seconds" in said, said
     assert "sb" not in {v["name"] for v in cli.json("volume", "ls")}
+
+
+def test_urls_with_control_characters_or_fragments_are_refused(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://input-urls/p"
+    url = one_backup(cli, target)
+    bucket = Bucket(Target.parse(target))
+    before = sorted(o.object_name for o in bucket.list(""))
+    for bad in ("s3://input-urls/p\nq", "s3://input-urls/p\tq", "s3://input-urls/p\x7f"):
+        said = refused(cli, 2, "backup", "create", "src", "--target", bad, "--quiet")
+        assert "holds a control character" in said and "s3://BUCKET/PREFIX" in said, said
+    for bad in ("s3://input-urls/p#x", "s3://input-urls/p#", "s3://input-urls/p?"):
+        said = refused(cli, 2, "backup", "ls", "--target", bad)
+        assert "not a backup target" in said, said
+    for bad in (url + "#x", url + "#", url.replace("volume=src", "volume=s\nrc")):
+        said = refused(cli, 2, "backup", "restore", bad, "copy", "--quiet")
+        assert "not a backup URL" in said or "control character" in said, said
+    system = cli.run(
+        "system", "backup", "--target", target, "--name", "sys", "--quiet"
+    ).stdout.split()[-1]
+    after = sorted(o.object_name for o in bucket.list(""))
+    other = Cli(tmp_path / "other")
+    for bad in (system + "#x", system.replace("system=sys", "system=s\nys")):
+        said = refused(other, 2, "system", "restore", bad, "--quiet")
+        assert "not a system backup URL" in said or "control character" in said, said
+    said = refused(other, 1, "system", "restore", system, "--volumes", "nosuch", "--quiet")
+    assert "holds no volume nosuch" in said, said
+    said = refused(other, 2, "system", "restore", system, "--volumes", "src,", "--quiet")
+    assert "an empty volume name: 'src,'" in said, said
+    assert other.json("volume", "ls") == []
+    assert len(after) > len(before) and sorted(o.object_name for o in bucket.list("")) == after
+
+
+def test_dr_forget_of_a_malformed_id_and_check_of_an_empty_store(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://input-forget/p"
+    url = one_backup(cli, target)
+    for marker in ("..", "x/y", "", "-a"):
+        said = refused(
+            cli, 2, "dr", "forget", "sb", "--target", target, "--volume", "src", f"--id={marker}"
+        )
+        assert f"--id {marker!r} is not a marker's id" in said, said
+    said = refused(
+        cli, 1, "dr", "forget", "sb", "--target", target, "--volume", "src", "--id", "0" * 16
+    )
+    assert "holds no marker" in said, said
+    said = cli.run("backup", "check", "--target", target).stdout
+    assert "1 backup(s) authenticated, the 1 block(s) they name all present" in said, said
+    bucket = Bucket(Target.parse(target))  # a removal cut short: its manifest gone, not its block
+    backup = url.split("backup=")[1]
+    bucket.delete(f"p/volumes/src/{backup}.json")
+    said = cli.run("backup", "check", "--target", target).stdout
+    assert "0 backup(s) authenticated, the 0 block(s) they name all present" in said, said
+    assert "note: 1 block(s)" in said and "that no backup names" in said, said

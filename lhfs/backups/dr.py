@@ -64,7 +64,7 @@ from lhfs.core.errors import (
     UsageError,
     WrongState,
 )
-from lhfs.core.names import check_name, check_volume_name
+from lhfs.core.names import NAME, check_name, check_volume_name
 from lhfs.core.procs import LHFS, child_env, is_lhfs, is_pid, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
@@ -914,6 +914,11 @@ def forget(
     there; of several standbys by that name (on other hosts), the one ``marker`` names (the id
     prune shows)."""
     where = Target.parse(target)
+    if marker is not None and not NAME.fullmatch(marker):
+        raise InvalidArgument(
+            f"--id {marker!r} is not a marker's id (16 hex digits as prune shows it, or a "
+            "standby's name)"
+        )
     following: dict[str, Any] = {}
     vol = None
     with contextlib.suppress(LhfsError, OSError, ValueError):  # (no such volume here)
