@@ -212,9 +212,10 @@ class BackupStore:
 
     def _refuse_nested(self) -> None:
         """Refuse to make a store inside another (a prefix below one holding a record) or
-        around one (a record below this prefix, among its first objects): each would take
-        the other's objects for strays, which ``backup gc --strays`` deletes. One HEAD per
-        parent prefix and one listing; only when a store is made."""
+        around one (a record below this prefix, looked for when it holds at most
+        ``_NESTED_UPTO`` objects): each would take the other's objects for strays, which
+        ``backup gc --strays`` deletes. One HEAD per parent prefix and one listing; only
+        when a store is made."""
         parts = self.target.prefix.split("/") if self.target.prefix else []
         for depth in range(len(parts)):
             outer = "/".join(parts[:depth])
