@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from backupstore.s3 import Bucket, StoreRefused, Target
+from backupstore.store import digest_of
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli
 
@@ -252,3 +253,27 @@ def test_dr_forget_of_a_malformed_id_and_check_of_an_empty_store(
     said = cli.run("backup", "check", "--target", target).stdout
     assert "0 backup(s) authenticated, the 0 block(s) they name all present" in said, said
     assert "note: 1 block(s)" in said and "that no backup names" in said, said
+
+
+def test_a_block_name_in_another_directory_is_no_block_a_backup_can_reuse(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """An object under ``blocks/`` named as a block the backup holds, in a directory lhfs
+    never puts it, is not taken for that block by the listing a large backup makes of the
+    store's blocks (the backup would not send it, and could never be restored)."""
+    target = "s3://input-misplaced/p"
+    cli.run("backup", "init", "--target", target, "--create-bucket")
+    cli.run("volume", "create", "src", "--size", "8M", "--replicas", "1")
+    data = bytes(range(256)) * 256  # (one 64 KiB block of 128: the store's blocks are listed)
+    for replica in cli.info("src")["replicas"]:
+        with ChunkStore.open(Path(replica["dir"])) as store:
+            store.write(MIB, data)
+            store.flush()
+    digest = digest_of(data)
+    bucket = Bucket(Target.parse(target))
+    bucket.put(f"p/blocks/{'yy' if digest.startswith('zz') else 'zz'}/{digest}", b"not it")
+    args = ("backup", "create", "src", "--target", target, "--block-size", "64K", "--quiet")
+    url = cli.run(*args).stdout.split()[-1]
+    assert bucket.get(f"p/blocks/{digest[:2]}/{digest}") is not None
+    cli.run("backup", "restore", url, "copy", "--quiet")
+    assert cli.checksum("copy") == cli.checksum("src")
