@@ -65,6 +65,7 @@ _ACCESS_CODES = {
     "ExpiredToken",
 }
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REGION = re.compile(r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?")  # (matched whole)
 
 
 # (what a DELETE the store did not answer says: whoever reports it must not say it stays)
@@ -99,7 +100,13 @@ class Endpoint:
         """The endpoint of the environment (or of ``AWS_ENDPOINT_URL`` in ``env``), with the
         credentials of ``credentials_file`` when one is named, else of the environment."""
         env = os.environ if env is None else env
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""
+        variable = "AWS_REGION" if env.get("AWS_REGION") else "AWS_DEFAULT_REGION"
+        region = env.get(variable) or ""
+        if region and not _REGION.fullmatch(region):  # (the S3 client's refusal: a traceback)
+            raise UsageError(
+                f"{variable} is not a region name: {region!r} (1-63 of a-z, 0-9, '-' and '_', "
+                "starting and ending with a letter or digit, such as us-east-1)"
+            )
         url = env.get("AWS_ENDPOINT_URL") or (region and f"https://s3.{region}.amazonaws.com")
         if not url:
             raise UsageError(
@@ -173,8 +180,9 @@ class Target:
         """A target URL, refused with one line (exit 2) unless every part is a name lhfs would
         make itself: a bucket name by S3's rules, prefix segments of letters, digits, ``.``,
         ``_`` and ``-`` starting with a letter or digit (so never ``.`` or ``..``)."""
+        check_url_text(url, "s3://BUCKET/PREFIX")
         parsed = urlparse(url)
-        if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
+        if parsed.scheme != "s3" or not parsed.netloc or "?" in url or "#" in url:
             raise UsageError(f"not a backup target: {url!r} (use s3://BUCKET/PREFIX)")
         try:
             check_bucket_name(parsed.netloc, strict=True)
@@ -199,6 +207,15 @@ class Target:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def check_url_text(url: str, form: str) -> None:
+    """Refuse a URL holding a control character, in one line showing it escaped: the URL
+    parser drops tabs and newlines wherever they are, so ``s3://b/p<newline>q`` would become
+    the prefix ``pq``, another store than the one typed."""
+    bad = next((c for c in url if c < " " or c == "\x7f"), None)
+    if bad is not None:
+        raise UsageError(f"{url!r} holds a control character ({bad!r}): use {form}")
 
 
 def _status(exc: BaseException) -> int | None:

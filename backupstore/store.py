@@ -66,6 +66,7 @@ from lhfs.core.errors import (
     InvalidArgument,
     LhfsError,
     NotFound,
+    WrongState,
 )
 from lhfs.core.names import BACKUP_NAME, NAME
 from lhfs.core.procs import alive, boot_id, pid_namespace
@@ -73,7 +74,7 @@ from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
 
 from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
-from .s3 import NOT_CONFIRMED, AccessDenied, Bucket
+from .s3 import NOT_CONFIRMED, AccessDenied, Bucket, Target
 
 FORMAT = 1  # of the records this lhfs writes (manifests, a volume's record): newer ones refused
 NEWER = "written by a newer lhfs"  # (what says so, where a record of a newer FORMAT is refused)
@@ -85,6 +86,7 @@ MAX_BLOCK = 16 << 20  # what one replica read may return
 STALE = 600.0  # a marker not refreshed for this long belongs to a dead process
 HEARTBEAT = 30.0
 _LIST_OVER = 64  # a full backup of more blocks than this lists the store's blocks once...
+_NESTED_UPTO = 1000  # the objects a new store's prefix is searched for another store's record
 _LIST_UPTO = 20_000  # ...if it holds at most this many (20 listing requests)
 _WAIT_NOTICE = 60.0  # a backup held back by a collection says so again this often
 _HOST = re.compile(r"[A-Za-z0-9._-]{1,253}")  # a host name read from a marker, shown as it is
@@ -194,6 +196,7 @@ class BackupStore:
         key = self.target.key(RECORD)
         found = self.bucket.get(key, SMALL_OBJECT)
         if found is None:
+            self._refuse_nested()
             keys, record = StoreKeys.new(self.password)
             if self.bucket.put_new(key, record):
                 # (a store that ignored the condition: who won)
@@ -206,6 +209,30 @@ class BackupStore:
                 raise CorruptState(f"{key} in {self.target} vanished as it was written")
         self._keys = StoreKeys.open(found[0], self.password, str(self.target))
         return False
+
+    def _refuse_nested(self) -> None:
+        """Refuse to make a store inside another (a prefix below one holding a record) or
+        around one (a record below this prefix, looked for when it holds at most
+        ``_NESTED_UPTO`` objects): each would take the other's objects for strays, which
+        ``backup gc --strays`` deletes. One HEAD per parent prefix and one listing; only
+        when a store is made."""
+        parts = self.target.prefix.split("/") if self.target.prefix else []
+        for depth in range(len(parts)):
+            outer = "/".join(parts[:depth])
+            if self.bucket.exists("/".join(p for p in (outer, RECORD) if p)):
+                raise AlreadyExists(
+                    f"{self.target} lies inside the store {Target(self.target.bucket, outer)}: "
+                    "a store's prefix may not lie inside another's (choose a prefix beside it)"
+                )
+        own = self.target.key(RECORD)  # (a first backup beside this one may have made it)
+        base = self.target.prefix + "/" if self.target.prefix else ""
+        for obj in self.bucket.list_upto(base, _NESTED_UPTO) or []:
+            if obj.object_name != own and obj.object_name.endswith("/" + RECORD):
+                inner = obj.object_name.removesuffix("/" + RECORD)
+                raise AlreadyExists(
+                    f"{self.target} holds the store s3://{self.target.bucket}/{_shown(inner)}: "
+                    "a store's prefix may not hold another's (choose a prefix beside it)"
+                )
 
     def put_sealed(self, relative: str, payload: bytes) -> None:
         self.bucket.put(self.target.key(relative), self.keys.seal(relative, payload))
@@ -624,7 +651,11 @@ class BackupStore:
         """The digests of every block in the store when there are few enough to list in a
         handful of requests (cheaper than one HEAD per block of a large backup), else None."""
         found = self.bucket.list_upto(self.target.key("blocks") + "/", _LIST_UPTO)
-        return None if found is None else {obj.object_name.rsplit("/", 1)[1] for obj in found}
+        if found is None:
+            return None
+        prefix = self.target.key("blocks") + "/"
+        names = (obj.object_name[len(prefix) :] for obj in found)
+        return {name.rsplit("/", 1)[1] for name in names if is_block_key(name)}
 
     def _await_collections(self, own: str) -> None:
         """Wait until no collection runs (this backup's marker, ``own``, keeps new ones from
@@ -1109,7 +1140,16 @@ class BackupStore:
                     "after its last sign of life)",
                 )
             removed = 0
-            for obj in self._blocks():
+            blocks, odd = self._blocks()
+            found += odd
+            inner = [o.object_name for o in found if o.object_name.endswith("/" + RECORD)]
+            if sweep and strays and inner:  # (made before stores inside others were refused)
+                raise WrongState(
+                    f"{self.target} holds the store s3://{self.target.bucket}/"
+                    f"{_shown(inner[0].removesuffix('/' + RECORD))}, whose objects are strays "
+                    "here: --strays would delete it (move one of the stores, or drop --strays)"
+                )
+            for obj in blocks:
                 if obj.object_name.rsplit("/", 1)[1] not in referenced:
                     self.bucket.delete(obj.object_name)
                     removed += 1
@@ -1203,6 +1243,8 @@ class BackupStore:
         problems: list[str] = []
         self.keys  # noqa: B018 - a record that does not open is the first thing to say
         listed, strays = self._listed()
+        stored_blocks, odd = self._blocks()
+        strays += odd
         manifests: dict[tuple[str, str], dict[str, Any]] = {}
         for _, vol, name, kind in listed:
             try:
@@ -1238,7 +1280,7 @@ class BackupStore:
                     for part in parts:
                         wanted[self.keys.block_name(part)] = part
         # name -> size, of every block object (those no backup names: a note, see below)
-        stored = {obj.object_name.rsplit("/", 1)[1]: obj.size or 0 for obj in self._blocks()}
+        stored = {obj.object_name.rsplit("/", 1)[1]: obj.size or 0 for obj in stored_blocks}
         missing = {wanted[name] for name in set(wanted) - stored.keys()}
         broken: set[tuple[str, str]] = set()  # backups that cannot be restored whole
         for digest in sorted(missing):
@@ -1276,11 +1318,18 @@ class BackupStore:
             "broken_backups": [{"volume": v, "backup": n} for v, n in sorted(broken)],
         }
 
-    def _blocks(self) -> Iterator[Any]:
-        return self.bucket.list(self.target.key("blocks") + "/")
+    def _blocks(self) -> tuple[list[Any], list[Any]]:
+        """The block objects under ``blocks/``, from one listing, and the strays there: any
+        other object (a note, another store whose prefix lies inside this one, a newer
+        lhfs's object) is no block of this store, and only ``--strays`` deletes it."""
+        prefix = self.target.key("blocks") + "/"
+        blocks, strays = [], []
+        for obj in self.bucket.list(prefix):
+            (blocks if is_block_key(obj.object_name[len(prefix) :]) else strays).append(obj)
+        return blocks, strays
 
     def block_count(self) -> int:
-        return sum(1 for _ in self._blocks())
+        return len(self._blocks()[0])
 
 
 def _named(users: set[tuple[str, str]]) -> str:
@@ -1444,6 +1493,14 @@ def _uploads(workers: int) -> Iterator[ThreadPoolExecutor]:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def is_block_key(relative: str) -> bool:
+    """Whether ``relative`` (a key under ``blocks/``) is shaped as lhfs names a block:
+    ``<first two characters>/<32 lowercase hex digits>`` (a digest, or in an encrypted store
+    its keyed name), nothing else."""
+    first, _, name = relative.partition("/")
+    return _DIGEST.fullmatch(name) is not None and first == name[:2]
 
 
 def _collecting(key: str) -> bool:

@@ -116,7 +116,7 @@ def test_tampered_manifests_records_and_blocks_are_refused_by_restore_dr_and_che
             assert check.returncode == 3 and message in check.stdout, (what, check.stdout)
             dr = cli.run(
                 "dr", "create", "standby", "--target", target, "--volume", "src",
-                "--replicas", "1", "--interval", "0.3", "--quiet", check=False,
+                "--replicas", "1", "--interval", "1", "--quiet", check=False,
             )  # fmt: skip
             if key == manifest_key:  # (the older backup reads: followed, the newest passed over)
                 assert dr.returncode == 0 and f"passed over backup {newest}" in dr.stderr, dr
@@ -230,7 +230,7 @@ def test_an_encrypted_store_holds_no_plaintext_nor_digest_and_needs_its_password
     # a DR standby follows an encrypted store with its recorded password file
     cli.run(
         "dr", "create", "standby", "--target", target, "--volume", "secret", "--replicas", "1",
-        "--interval", "0.3", "--quiet", *pw,
+        "--interval", "1", "--quiet", *pw,
     )  # fmt: skip
     status = cli.json("dr", "status", "standby")
     assert status["last_restored_backup"] == url.split("backup=")[1]
@@ -289,7 +289,7 @@ def test_prune_keeps_its_policy_and_what_a_standby_holds(
         if n == 1:  # a standby that holds the second backup, then stops following
             cli.run(
                 "dr", "create", "standby", "--target", target, "--volume", "v",
-                "--replicas", "1", "--interval", "0.3", "--quiet",
+                "--replicas", "1", "--interval", "1", "--quiet",
             )  # fmt: skip
             wait_for(
                 lambda: Bucket(Target.parse(target)).list_upto("p/standbys/", 10), 30, "marker"
@@ -343,7 +343,7 @@ def test_scattered_small_writes_upload_deltas_and_restore_equal(
     cli.backup("d", target)
     cli.run(
         "dr", "create", "standby", "--target", target, "--volume", "d", "--replicas", "1",
-        "--interval", "0.3", "--quiet",
+        "--interval", "1", "--quiet",
     )  # fmt: skip
 
     def stored_bytes() -> int:
@@ -637,7 +637,7 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
         assert json.loads(check.stdout)["problems"] == [expected], (changes, check.stdout)
         dr = cli.run(
             "dr", "create", "standby", "--target", target, "--volume", "v",
-            "--replicas", "1", "--interval", "0.3", "--quiet", check=False,
+            "--replicas", "1", "--interval", "1", "--quiet", check=False,
         )  # fmt: skip
         passed = f"lhfs: passed over backup b1 of v: {expected}\n"
         nothing = f"lhfs: error: {target} holds no complete backup of volume v\n"
@@ -889,7 +889,7 @@ def test_a_damaged_or_stray_manifest_is_shown_and_removable_and_stops_no_other_c
     assert " damaged " in row and row.endswith("is not this store's)"), row
     made = cli.run(  # a standby follows the newest backup that reads, saying what it passed
         "dr", "create", "sb", "--target", target, "--volume", "v3", "--replicas", "1",
-        "--interval", "0.2", "--quiet",
+        "--interval", "1", "--quiet",
     )  # fmt: skip
     damaged = sorted([newest.split("backup=")[1], stray])
 

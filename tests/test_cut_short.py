@@ -352,7 +352,7 @@ def test_a_killed_activation_is_said_by_dr_status_with_what_to_run(
         cli.backup("src", target)
         via_proxy.run(
             *("dr", "create", "sb", "--target", target, "--volume", "src", "--replicas", "1"),
-            *("--interval", "0.3", "--retry-max", "1", "--quiet"),
+            *("--interval", "1", "--retry-max", "1", "--quiet"),
         )
         proxy.stop()  # (the activation waits on the store: killed meanwhile)
         activation = cli.start("dr", "activate", "sb", "--quiet")

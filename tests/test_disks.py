@@ -201,7 +201,7 @@ def test_restores_and_standbys_put_their_replicas_on_disks(
     assert cli.checksum("copy") == cli.checksum("src")
     cli.run(
         "dr", "create", "standby", "--target", "s3://disks/p", "--volume", "src",
-        "--disks", str(d3), "--interval", "0.3", "--quiet",
+        "--disks", str(d3), "--interval", "1", "--quiet",
     )  # fmt: skip
     cli.dr_restored("standby", url)
     assert [r["disk"] for r in cli.json("replica", "ls", "standby")] == [str(d3)]

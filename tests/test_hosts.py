@@ -238,7 +238,7 @@ def test_a_standby_on_its_own_host_rides_out_its_links_and_a_reboot(
         first = write_generation(cli, tmp_path, 1)
         on_host(
             *("dr", "create", "sb", "--target", "s3://lhfs-dr-hosts/p", "--volume", "src"),
-            *("--replicas", "1", "--interval", "0.3", "--retry-max", "1.5", "--quiet"),
+            *("--replicas", "1", "--interval", "1", "--retry-max", "1.5", "--quiet"),
         )
         standby.dr_restored("sb", first)
 

@@ -156,7 +156,7 @@ def test_backup_scrub_restore_and_dr_follower_metrics(
 
     cli.run(
         "dr", "create", "standby", "--target", target, "--volume", "b", "--replicas", "1",
-        "--interval", "0.3", "--quiet", "--metrics", "127.0.0.1:0",
+        "--interval", "1", "--quiet", "--metrics", "127.0.0.1:0",
     )  # fmt: skip
     follower = cli.json("dr", "status", "standby")["metrics"]
     assert (

@@ -475,7 +475,7 @@ def test_a_failed_activation_leaves_the_standby_on_its_recorded_endpoint(
         first = cli.backup("src", target)
         via_proxy.run(
             *("dr", "create", "sb", "--target", target, "--volume", "src", "--replicas", "1"),
-            *("--interval", "0.3", "--retry-max", "1", "--quiet"),
+            *("--interval", "1", "--retry-max", "1", "--quiet"),
         )
         status = cli.json("dr", "status", "sb")
         assert status["endpoint"] == proxy.endpoint and status["last_restored_backup"] in first

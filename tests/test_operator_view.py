@@ -91,7 +91,7 @@ def test_json_of_every_verb_parses_and_keeps_its_keys_in_every_state(
     run("volume", "rm", "copy", keys={"name", "removed", "marker_removed_from", "left"})
     standby = run(
         "dr", "create", "dr", "--target", target, "--volume", "v", "--replicas", "1",
-        "--interval", "0.3", "--quiet", keys={"name", "state", "last_restored_backup"},
+        "--interval", "1", "--quiet", keys={"name", "state", "last_restored_backup"},
     )  # fmt: skip
     assert standby["last_restored_backup"]
     info = run("volume", "info", "dr")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 from backupstore.keys import read_password
-from backupstore.s3 import RETRY_TIMEOUT, Bucket, Target
+from backupstore.s3 import RETRY_TIMEOUT, Bucket, Target, check_url_text
 from backupstore.store import (
     BackupStats,
     BackupStore,
@@ -58,15 +58,23 @@ def backup_url(target: Target, volume: str, name: str) -> str:
     return f"{target}?{urlencode({'volume': volume, 'backup': name})}"
 
 
+_FORM = "s3://BUCKET/PREFIX?volume=V&backup=B"
+
+
 def parse_backup_url(url: str) -> tuple[Target, str, str]:
     """``s3://BUCKET/PREFIX?volume=V&backup=B``, every part checked (one line, exit 2)."""
+    check_url_text(url, _FORM)
     parsed = urlparse(url)
     try:
         query = parse_qs(parsed.query, strict_parsing=True)
     except ValueError:
         query = {}
-    if set(query) != {"volume", "backup"} or any(len(v) != 1 for v in query.values()):
-        raise UsageError(f"not a backup URL: {url!r} (s3://BUCKET/PREFIX?volume=V&backup=B)")
+    if (
+        set(query) != {"volume", "backup"}
+        or any(len(v) != 1 for v in query.values())
+        or "#" in url  # (a fragment, which a target refuses too)
+    ):
+        raise UsageError(f"not a backup URL: {url!r} ({_FORM})")
     target = Target.parse(url.split("?", 1)[0])
     volume = check_name(query["volume"][0], "volume name in the backup URL")
     return target, volume, check_backup_name(query["backup"][0], "backup name in the backup URL")

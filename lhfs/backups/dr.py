@@ -60,10 +60,11 @@ from lhfs.core.errors import (
     InvalidArgument,
     LhfsError,
     NotFound,
+    NotPermitted,
     UsageError,
     WrongState,
 )
-from lhfs.core.names import check_name, check_volume_name
+from lhfs.core.names import NAME, check_name, check_volume_name
 from lhfs.core.procs import LHFS, child_env, is_lhfs, is_pid, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
@@ -125,6 +126,8 @@ def dr_config(vol: volumes.Volume) -> dict[str, Any]:
             raise CorruptState(
                 f"{where}.{field} must be a string or null, not {config[field]!r:.60}"
             )
+    if config.get("encrypted") is not None and not isinstance(config["encrypted"], bool):
+        raise CorruptState(f"{where}.encrypted must be true, false or null")
     activating = config.get("activating")
     if activating is not None and not (
         isinstance(activating, dict) and is_pid(activating.get("pid"))
@@ -541,7 +544,9 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
         host, port = serve_metrics(address, FollowerCollector(name, view))
         status.update(metrics=f"{host}:{port}")
         log.info("metrics on http://%s:%d/metrics", host, port)
-    interval, retry_max = config["interval"], config["retry_max"]
+    # (a standby made before the minimum: never faster than it)
+    interval = max(MIN_INTERVAL, config["interval"])
+    retry_max = max(interval, config["retry_max"])
     store = follower_store(config, status.error)
     cache: dict[str, dict[str, Any]] = {}
     failures = 0
@@ -559,11 +564,16 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
                 failures = 0
             except BackupDeleted:
                 wait = 0  # deleted under us (the increment was undone): on to the newest
-            except CorruptState as exc:
+            except (CorruptState, InvalidArgument, UsageError, NotPermitted) as exc:
+                # corruption, and a configuration no retry changes (a password for a plain
+                # store, none or a wrong one for an encrypted one: the next start reads it)
+                said = str(exc)
+                if not isinstance(exc, CorruptState):
+                    said += f"; once fixed, 'lhfs dr start {name}' follows again"
                 status.update(
-                    state="failed", last_error=str(exc), last_error_at=_now(), recovered_at=None
+                    state="failed", last_error=said, last_error_at=_now(), recovered_at=None
                 )
-                log.error("stopped: %s", exc)
+                log.error("stopped: %s", said)
                 return 1
             except Exception as exc:  # everything else may pass: retry with capped backoff
                 failures += 1
@@ -703,8 +713,11 @@ def create(
     target = Target.parse(url)
     check_volume_name(name)
     check_name(source, "source volume name")
-    if not 0 < interval <= 86400 or not interval <= retry_max <= 86400:
-        raise InvalidArgument("need 0 < --interval <= --retry-max <= 86400 seconds")
+    if not MIN_INTERVAL <= interval <= 86400 or not interval <= retry_max <= 86400:
+        raise InvalidArgument(
+            f"need {MIN_INTERVAL:.0f} <= --interval <= --retry-max <= 86400 seconds (a "
+            "follower lists the store at each interval)"
+        )
     if name in volumes.list_names(root):
         raise AlreadyExists(f"volume {name} already exists")
     if metrics is not None:
@@ -714,9 +727,11 @@ def create(
     endpoint = Endpoint.from_env(credentials_file=credentials_file)
     bucket = Bucket(target, deadline=retry_timeout, endpoint=endpoint)
     bucket.ensure()
-    newest = newest_backup(BackupStore(bucket, password=store_password()), source, {}, notice)
+    store = BackupStore(bucket, password=store_password())
+    newest = newest_backup(store, source, {}, notice)
     if newest is None:
         raise NotFound(f"{target} holds no complete backup of volume {source}")
+    encrypted = store.keys.encrypted  # (read with the manifests: a password fits it)
     refuse_image_backups(source, str(target), newest)
     size = newest["size"]
     config = {
@@ -727,6 +742,8 @@ def create(
         # (read by the follower, as its credentials are: a password never lands in a file
         # of lhfs's own)
         "password_file": str(password_file()) if password_file() else None,
+        # (a plain store's follower is given no password, whatever the environment holds)
+        "encrypted": encrypted,
         "volume": source,
         "standby_id": secrets.token_hex(8),  # (its marker in the store: see _mark)
         "interval": interval,
@@ -809,7 +826,7 @@ def _start(root: Path, vol: volumes.Volume) -> int:
     if config.get("credentials_file"):
         for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             env.pop(secret, None)
-    if config.get("password_file"):
+    if config.get("password_file") or config.get("encrypted") is False:
         env.pop("LHFS_BACKUP_PASSWORD", None)
     with open(vol.dir / LOG, "ab") as log_file:
         proc = subprocess.Popen(
@@ -897,6 +914,11 @@ def forget(
     there; of several standbys by that name (on other hosts), the one ``marker`` names (the id
     prune shows)."""
     where = Target.parse(target)
+    if marker is not None and not NAME.fullmatch(marker):
+        raise InvalidArgument(
+            f"--id {marker!r} is not a marker's id (16 hex digits as prune shows it, or a "
+            "standby's name)"
+        )
     following: dict[str, Any] = {}
     vol = None
     with contextlib.suppress(LhfsError, OSError, ValueError):  # (no such volume here)
@@ -1071,11 +1093,15 @@ def _standby_bucket(config: dict[str, Any], deadline: float, **kw: Any) -> Bucke
 
 
 def _standby_store(config: dict[str, Any], deadline: float, **kw: Any) -> BackupStore:
-    """The store a standby follows, as it recorded it (endpoint, password file)."""
+    """The store a standby follows, as it recorded it (endpoint, password file; no password
+    for a plain store, whatever the environment holds for another)."""
     bucket = _standby_bucket(config, deadline, **kw)
-    return BackupStore(bucket, password=store_password(config.get("password_file")))
+    plain = config.get("encrypted") is False
+    password = None if plain else store_password(config.get("password_file"))
+    return BackupStore(bucket, password=password)
 
 
+MIN_INTERVAL = 1.0  # seconds between a follower's polls, at least (each lists the store)
 FOLLOWER_PATIENCE = "the follower tries again later"
 FOLLOWER_DEADLINE = 30.0  # seconds a follower's store call is retried before the step fails
 

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 from backupstore import systems
-from backupstore.s3 import RETRY_TIMEOUT, Target
+from backupstore.s3 import RETRY_TIMEOUT, Target, check_url_text
 from backupstore.store import NEWER
 from lhfs.backups import backup
 from lhfs.config import volume as volumes
@@ -60,12 +60,13 @@ def system_url(target: Target, name: str) -> str:
 
 def parse_system_url(url: str) -> tuple[Target, str]:
     """``s3://BUCKET/PREFIX?system=NAME``, checked (one line, exit 2)."""
+    check_url_text(url, "s3://BUCKET/PREFIX?system=NAME")
     parsed = urlparse(url)
     try:
         query = parse_qs(parsed.query, strict_parsing=True)
     except ValueError:
         query = {}
-    if set(query) != {"system"} or len(query["system"]) != 1:
+    if set(query) != {"system"} or len(query["system"]) != 1 or "#" in url:
         raise UsageError(f"not a system backup URL: {url!r} (s3://BUCKET/PREFIX?system=NAME)")
     target = Target.parse(url.split("?", 1)[0])
     return target, check_name(query["system"][0], "system backup name in the URL")
@@ -257,15 +258,19 @@ def restore(
     target, name = parse_system_url(url)
     if only is not None and not any(only):  # ('--volumes ""': not a list of one '')
         raise InvalidArgument("--volumes is empty: name the volumes to restore (VOL1,VOL2,...)")
-    if only is not None and (not all(only) or len(set(only)) != len(only)):
+    if only is not None and not all(only):
+        raise InvalidArgument(
+            f"--volumes names an empty volume name: {','.join(only)!r} (VOL1,VOL2,...)"
+        )
+    if only is not None and len(set(only)) != len(only):
         raise InvalidArgument(f"--volumes names each volume once: {','.join(only)!r}")
     store = backup.open_store(target, retry_timeout)
     store.bucket.ensure()
     record = systems.get(store, name)
     wanted = list(record["volumes"]) if only is None else only
     unknown = [v for v in wanted if v not in record["volumes"]]
-    if unknown:
-        raise InvalidArgument(
+    if unknown:  # (a missing thing, as a volume not in a store is)
+        raise NotFound(
             f"system backup {name} holds no volume {', '.join(unknown)} (it holds "
             f"{', '.join(sorted(record['volumes'])) or 'none'})"
         )

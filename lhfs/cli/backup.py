@@ -164,8 +164,8 @@ def cmd_backup_check(args: argparse.Namespace) -> int:
     else:
         read = f", {report['blocks_read']} read and verified" if args.read_data else ""
         print(
-            f"{args.target}: {report['backups']} backup(s) authenticated, {report['blocks']} "
-            f"block(s) present{read}; no problem"
+            f"{args.target}: {report['backups']} backup(s) authenticated, the "
+            f"{report['blocks']} block(s) they name all present{read}; no problem"
         )
     if not args.json and report["unreferenced_blocks"]:
         print(

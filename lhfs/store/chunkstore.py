@@ -213,9 +213,10 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
 
 def _check_image(path: Path) -> None:
     """Refuse a backing image that cannot be read, naming it, before a replica directory is
-    made for it (the copy failing half-way left a directory holding only its lock)."""
+    made for it (the copy failing half-way left a directory holding only its lock). Opened
+    without waiting: a FIFO would block the open for ever."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NotFound(f"backing image {path} does not exist") from None
     except OSError as exc:
