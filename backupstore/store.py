@@ -1139,6 +1139,17 @@ class BackupStore:
                     f"(or its process died: its marker counts for {STALE / 60:.0f} minutes "
                     "after its last sign of life)",
                 )
+            # a stray named as a manifest or a marker may be a backup this lhfs does not know
+            # (a newer lhfs's name, a copy): the blocks it needs are unknown, none may go
+            unknown = [o for o in found if o.object_name.endswith((".json", ".running"))]
+            if unknown and not (sweep and strays):
+                url = f"s3://{self.target.bucket}/{_shown(unknown[0].object_name)}"
+                reason = (
+                    f"stray object {url} may be a backup this lhfs does not know (a newer "
+                    "lhfs's, or a copy): the blocks it needs are unknown; 'lhfs backup gc "
+                    f"--target {self.target} --strays' removes it, and then collects"
+                )
+                return Collection(0, reason, damaged={("", url): reason})
             removed = 0
             blocks, odd = self._blocks()
             found += odd
