@@ -483,3 +483,29 @@ class S3Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def one_line(result: subprocess.CompletedProcess, *statuses: int) -> str:
+    """The single stderr line of a command that failed with one of ``statuses`` (1 if none
+    is given): bad input and refusals are said in one line, never a traceback."""
+    wanted = statuses or (1,)
+    assert result.returncode in wanted, (result.args, result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def remote_volume(
+    cli: Cli, tmp_path: Path, serve: Callable[..., Any], name: str, hosts: int
+) -> tuple[Path, list]:
+    """An attached volume (on ``tmp_path/NAME.dev``) whose replicas are ``hosts`` remote ones
+    (``serve``: the fixture of that name), r2, r3 ...; its key file and their processes."""
+    cli.run("volume", "create", name, "--size", "16M", "--replicas", "1", "--rejoin-wait", "0")
+    cli.run("volume", "attach", name, "--device", str(tmp_path / f"{name}.dev"))
+    key = tmp_path / f"{name}.key"
+    cli.run("volume", "key", name, "--out", str(key))
+    procs = [serve(tmp_path / f"{name}-host{n}", key) for n in range(hosts)]
+    for proc in procs:
+        cli.run("replica", "add", name, "--address", proc.address)
+    cli.run("replica", "rm", name, "r1")
+    return key, procs

@@ -85,6 +85,23 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def serve() -> Iterator:
+    """``serve(dir, key, port=0)``: a ``replica serve`` on DIR, a host's replica (started
+    again on its port after the host was cut, or on a copy of its directory); every one is
+    stopped at the end."""
+    started: list[ReplicaProcess] = []
+
+    def start(directory: Path, key: Path, port: int = 0) -> ReplicaProcess:
+        proc = ReplicaProcess(directory, key, port=port)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
 def replica_factory(tmp_path: Path, key_file: Path) -> Iterator:
     """``start(dir)`` runs ``lhfs replica serve`` on DIR with the test's key (or ``key``, a
     key file); every process is stopped at the end."""

@@ -15,15 +15,7 @@ from lhfs.config import volume as volumes
 from lhfs.core.mounts import loops_backed_by
 from lhfs.core.procs import LHFS, wait_for
 from lhfs.engine import control
-from lhfs.testing import Cli
-
-
-def one_line(result: subprocess.CompletedProcess, status: int) -> str:
-    """The single stderr line of a command that failed with ``status``."""
-    assert result.returncode == status, (result.args, result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
+from lhfs.testing import Cli, one_line
 
 
 def mounted(point: Path) -> bool:

@@ -24,17 +24,9 @@ from lhfs.core import locks
 from lhfs.core.errors import Busy
 from lhfs.core.procs import alive, wait_for
 from lhfs.replica.server import directory_id
-from lhfs.testing import Cli
+from lhfs.testing import Cli, one_line
 
 MIB = 1 << 20
-
-
-def one_line(result: subprocess.CompletedProcess, status: int = 1) -> str:
-    """The single stderr line of a command that failed with ``status``."""
-    assert result.returncode == status, (result.args, result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def files(directory: Path) -> dict[str, bytes]:

@@ -16,7 +16,7 @@ from conftest import needs_fuse
 from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, read_direct, small_disk, write_direct
+from lhfs.testing import Cli, one_line, read_direct, small_disk, write_direct
 
 pytestmark = needs_fuse
 MIB = 1 << 20
@@ -48,13 +48,6 @@ def lose(cli: Cli, replica_id: str, disk: Path) -> None:
         30,
         f"{disk} to be let go",
     )
-
-
-def one_line(result: subprocess.CompletedProcess, status: int) -> str:
-    assert result.returncode == status, (result.args, result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_replicas_on_their_own_disks_outlive_a_lost_disk(

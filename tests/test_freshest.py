@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,44 +25,14 @@ from lhfs.engine import control
 from lhfs.engine.engine import Engine, Faulted, Recorded
 from lhfs.replica.process import ReplicaProcess
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, read_direct, small_disk, write_direct
+from lhfs.testing import Cli, one_line, read_direct, remote_volume, small_disk, write_direct
 
 MIB = 1 << 20
 BLOCK = 4096
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator:
-    """``serve(dir, key, port=0)``: a ``replica serve`` on DIR (a host's replica, started again
-    on its port after the host was cut); every one is stopped at the end."""
-    started: list[ReplicaProcess] = []
-
-    def start(directory: Path, key: Path, port: int = 0) -> ReplicaProcess:
-        proc = ReplicaProcess(directory, key, port=port)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
 def port_of(proc: ReplicaProcess) -> int:
     return int(proc.address.rsplit(":", 1)[1])
-
-
-def remote_volume(cli: Cli, tmp_path: Path, serve, name: str, hosts: int) -> tuple[Path, list]:
-    """An attached volume (on ``tmp_path/NAME.dev``) whose replicas are ``hosts`` remote ones,
-    r2, r3 ...; its key file and their processes."""
-    cli.run("volume", "create", name, "--size", "16M", "--replicas", "1", "--rejoin-wait", "0")
-    cli.run("volume", "attach", name, "--device", str(tmp_path / f"{name}.dev"))
-    key = tmp_path / f"{name}.key"
-    cli.run("volume", "key", name, "--out", str(key))
-    procs = [serve(tmp_path / f"{name}-host{n}", key) for n in range(hosts)]
-    for proc in procs:
-        cli.run("replica", "add", name, "--address", proc.address)
-    cli.run("replica", "rm", name, "r1")
-    return key, procs
 
 
 def recorded(cli: Cli, name: str) -> dict:
@@ -76,13 +45,6 @@ def modes(cli: Cli, name: str) -> dict[str, str]:
 
 def live_replica(cli: Cli, name: str, replica_id: str) -> dict:
     return next(r for r in cli.live(name)["replicas"] if r["id"] == replica_id)
-
-
-def one_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 1, (result.args, result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def unreadable(device: Path) -> bool:

@@ -8,36 +8,18 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from conftest import needs_fuse
 
 from lhfs.core.procs import wait_for
 from lhfs.replica.process import ReplicaProcess
-from lhfs.testing import Cli, kill_engine, make_tls, write_direct
+from lhfs.testing import Cli, kill_engine, make_tls, remote_volume, write_direct
 from lhfs.wire.client import answers_plain, parse_address
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
 MIB = 1 << 20
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator:
-    """``serve(dir, key, port=0)``: a ``replica serve`` on DIR (again on a port it had: a
-    host's replica served anew); every one is stopped at the end."""
-    started: list[ReplicaProcess] = []
-
-    def start(directory: Path, key: Path, port: int = 0) -> ReplicaProcess:
-        proc = ReplicaProcess(directory, key, port=port)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def live_replica(cli: Cli, name: str, replica_id: str) -> dict:
@@ -46,20 +28,6 @@ def live_replica(cli: Cli, name: str, replica_id: str) -> dict:
 
 def port_of(proc: ReplicaProcess) -> int:
     return parse_address(proc.address)[1]
-
-
-def remote_volume(cli: Cli, tmp_path: Path, serve, name: str, hosts: int) -> tuple[Path, list]:
-    """An attached volume whose replicas are ``hosts`` remote ones, r2, r3 ...; its key file
-    and their processes."""
-    cli.run("volume", "create", name, "--size", "16M", "--replicas", "1", "--rejoin-wait", "0")
-    cli.run("volume", "attach", name, "--device", str(tmp_path / f"{name}.dev"))
-    key = tmp_path / f"{name}.key"
-    cli.run("volume", "key", name, "--out", str(key))
-    procs = [serve(tmp_path / f"{name}-host{n}", key) for n in range(hosts)]
-    for proc in procs:
-        cli.run("replica", "add", name, "--address", proc.address)
-    cli.run("replica", "rm", name, "r1")
-    return key, procs
 
 
 def engine_lines(cli: Cli, name: str) -> str:

@@ -16,18 +16,10 @@ from conftest import needs_fuse
 from backupstore.s3 import Bucket, Target
 from lhfs.core.procs import LHFS, wait_for
 from lhfs.replica.process import ReplicaProcess
-from lhfs.testing import Cli, kill_engine, web_server
+from lhfs.testing import Cli, kill_engine, one_line, web_server
 
 pytestmark = needs_fuse
 MIB = 1 << 20
-
-
-def one_line(result: subprocess.CompletedProcess, *statuses: int) -> str:
-    """The single stderr line of a command that failed with one of ``statuses``."""
-    assert result.returncode in statuses, (result.args, result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def mounts_of(text: str) -> list[str]:

@@ -20,15 +20,7 @@ from conftest import needs_fuse
 
 from lhfs.core import logs
 from lhfs.core.procs import LHFS, wait_for
-from lhfs.testing import Cli, kill_engine
-
-
-def one_line(result: subprocess.CompletedProcess, status: int) -> str:
-    """The single stderr line of a command that failed with ``status``."""
-    assert result.returncode == status, (result.args, result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
+from lhfs.testing import Cli, kill_engine, one_line
 
 
 def mounted(point: Path) -> bool:

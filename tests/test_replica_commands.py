@@ -14,17 +14,9 @@ from conftest import needs_fuse
 
 from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli, write_direct
+from lhfs.testing import Cli, one_line, write_direct
 
 MIB = 1 << 20
-
-
-def one_line(result: subprocess.CompletedProcess, status: int) -> str:
-    """The single stderr line of a command that failed with ``status``."""
-    assert result.returncode == status, (result.args, result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def attached(cli: Cli, tmp_path: Path, name: str, size: str = "16M", replicas: int = 1) -> Path:

@@ -10,40 +10,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import needs_fuse
-from test_freshest import one_line, port_of, recorded, remote_volume
+from test_freshest import port_of, recorded
 
 from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
 from lhfs.engine import control
 from lhfs.engine.engine import Engine, Faulted, Recorded
-from lhfs.replica.process import ReplicaProcess
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, kill_engine, read_direct, write_direct
+from lhfs.testing import Cli, kill_engine, one_line, read_direct, remote_volume, write_direct
 
 MIB = 1 << 20
 BLOCK = 4096
-
-
-@pytest.fixture
-def serve() -> Iterator:
-    """``serve(dir, key, port=0)``: a ``replica serve`` on DIR, a host's replica (started
-    again on its port after the host was cut); every one is stopped at the end."""
-    started: list[ReplicaProcess] = []
-
-    def start(directory: Path, key: Path, port: int = 0) -> ReplicaProcess:
-        proc = ReplicaProcess(directory, key, port=port)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def flushed(cli: Cli, name: str) -> dict[str, int | None]:
