@@ -65,7 +65,8 @@ _ACCESS_CODES = {
     "ExpiredToken",
 }
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_REGION = re.compile(r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?")  # (matched whole)
+# (matched whole; in either case, as the S3 client takes it: RegionOne, a Swift default)
+_REGION = re.compile(r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?", re.IGNORECASE)
 
 
 # (what a DELETE the store did not answer says: whoever reports it must not say it stays)

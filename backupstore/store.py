@@ -219,7 +219,15 @@ class BackupStore:
         parts = self.target.prefix.split("/") if self.target.prefix else []
         for depth in range(len(parts)):
             outer = "/".join(parts[:depth])
-            if self.bucket.exists("/".join(p for p in (outer, RECORD) if p)):
+            try:
+                found = self.bucket.exists("/".join(p for p in (outer, RECORD) if p))
+            except AccessDenied:  # (credentials for this prefix only: nothing to see there)
+                self.notice(
+                    f"could not look for a store at {Target(self.target.bucket, outer)} "
+                    "(access denied): a store inside another is not refused there"
+                )
+                continue
+            if found:
                 raise AlreadyExists(
                     f"{self.target} lies inside the store {Target(self.target.bucket, outer)}: "
                     "a store's prefix may not lie inside another's (choose a prefix beside it)"

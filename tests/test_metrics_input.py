@@ -292,3 +292,21 @@ def test_every_positional_argument_says_what_it_is() -> None:
     groups = ("volume", "replica", "dr", "snapshot", "backing-image", "system", "backup")
     top = next(a for a in build_parser([])._actions if isinstance(a, argparse._SubParsersAction))
     assert [b for g in groups for b in bare(top.choices[g], [g])] == []
+
+
+def test_the_answers_kept_are_two_kinds_whatever_a_client_accepts() -> None:
+    """A client's ``Accept`` (its version and escaping text, anything) makes no answer of
+    its own: an answer per distinct header was built and kept for ever (memory without
+    bound, and no bound on the work either)."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from lhfs.engine.metrics import Answers
+
+    registry = CollectorRegistry()
+    Counter("lhfs_probe", "a probe", registry=registry).inc()
+    answers = Answers(registry)
+    for n in range(200):
+        accept = f"application/openmetrics-text; version=1.0.{n}" if n % 2 else f"text/{n}"
+        _, zipped, body = answers.get(accept, None)
+        assert b"lhfs_probe" in body and not zipped
+    assert len(answers.made) == 2, list(answers.made)

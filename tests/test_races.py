@@ -146,6 +146,12 @@ def test_an_rm_cut_short_is_shown_and_finished(cli: Cli) -> None:
     doctor = {c["check"]: c for c in json.loads(cli.run("doctor", "--json", check=False).stdout)}
     assert doctor["removal"]["status"] == "warn", doctor
     assert doctor["removal"]["hint"].endswith("volume rm gone"), doctor
+    # a new volume of that name waits for it: both would answer to 'volume rm gone'
+    made = refused(cli, "volume", "create", "gone", "--size", "4M")
+    assert made == (
+        "a removal of volume gone was cut short: 'lhfs volume rm gone' finishes it; then "
+        "create the volume"
+    ), made
     done = cli.run("volume", "rm", "gone").stdout
     assert done == "finished the removal of volume gone, which was cut short\n"
     assert sorted(p.name for p in base.iterdir()) == ["kept"]

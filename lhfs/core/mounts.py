@@ -21,10 +21,19 @@ def unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def kernel_path(device: Path) -> str:
+    """``device`` as the kernel names it (a loop device's backing file, a descriptor's link):
+    its directory with every link resolved (a root under ``/home`` linked elsewhere), its
+    own name as it is (never a link: an attach refuses one; and not looked at: a FUSE file
+    whose engine is stopped would hang the look)."""
+    absolute = os.path.abspath(device)
+    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+
+
 def loops_backed_by(device: Path) -> list[str]:
     """Loop devices whose backing file is ``device``."""
     out = []
-    target = os.path.abspath(device)
+    target = kernel_path(device)
     for entry in Path("/sys/block").glob("loop*"):
         try:
             backing = (entry / "loop" / "backing_file").read_text().strip()

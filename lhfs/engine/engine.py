@@ -1038,7 +1038,12 @@ def _unreachable(
     again = "it is" if len(trusted) == 1 else "one of them is"
     instead = "; the other replicas may lack acknowledged writes, so none serves instead"
     said = "; ".join(parts) + (instead if others else "")
-    older = [link.id for link, _ in trusted if link.id in strangers and OLDER in (link.error or "")]
+    # (the freshest of the older copies: accepting another would rebuild it from an older one)
+    older = [
+        link.id
+        for link, _ in sorted(trusted, key=lambda pair: -pair[0].revision)
+        if link.id in strangers and OLDER in (link.error or "")
+    ]
     if older and len(older) == len(trusted):  # (each answers, as an older copy of itself)
         return (
             f"not attached: {said}: bring back the directory holding its newer revision and "

@@ -242,7 +242,12 @@ class Answers:
 
         from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-        encoder, content_type = choose_encoder(accept)
+        # (one of two answers, whatever the client's Accept says: its version and escaping
+        # text came back in the content type, a key per request, each answer kept for ever)
+        openmetrics = choose_encoder(accept)[1].startswith("application/openmetrics-text")
+        encoder, content_type = choose_encoder(
+            "application/openmetrics-text" if openmetrics else None
+        )
         zipped = gzip_accepted(encoding)
         with self.lock:
             made, body = self.made.get((content_type, zipped), (-FRESH_FOR, b""))

@@ -26,7 +26,7 @@ from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
 from lhfs.core.durable import drop_device
 from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
-from lhfs.core.mounts import loops_backed_by, mount_table, mounted_at
+from lhfs.core.mounts import kernel_path, loops_backed_by, mount_table, mounted_at
 from lhfs.core.mounts import unescape as unescape  # (read by ``mount``)
 from lhfs.core.procs import LHFS, child_env, read_line_matching, stopped, wait_for
 from lhfs.engine import control
@@ -86,7 +86,7 @@ def device_holders(device: Path) -> list[str]:
     """The processes that hold ``device`` open ("PID (COMMAND)"), as their descriptors in
     /proc name it (read as links: the device itself is never looked at, and a stuck one
     holds nobody up). A detach under them would break their I/O mid-way."""
-    target = os.path.abspath(device)
+    target = kernel_path(device)
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

@@ -69,6 +69,11 @@ def create(
         path = disks.check(disk, chosen)
         chosen[f"r{n}"] = (path, str(path))
     with volumes.name_held(root, name, "created"):
+        if _trash(root, name).exists():  # (both would then answer to 'volume rm NAME')
+            raise WrongState(
+                f"a removal of volume {name} was cut short: 'lhfs volume rm {name}' finishes "
+                "it; then create the volume"
+            )
         vol, tmp = volumes.create(
             root,
             name,
@@ -1117,12 +1122,14 @@ def replica_accept(root: Path, name: str, replica_id: str) -> int:
     with _detached(vol) as now:
         if now is None:
             return replica_accept(root, name, replica_id)  # (attached meanwhile)
+        now.require_not_standby("accepting a replica as it is")
         entry = now.replica(replica_id)
         waited = now.config.get("last_rw") or {}
-        recorded = max(
-            int(entry.get("flushed", -1)),
-            int(waited.get("revision", -1)) if waited.get("id") == replica_id else -1,
-        )
+        found = [
+            entry.get("flushed"),
+            waited.get("revision") if waited.get("id") == replica_id else None,
+        ]
+        recorded = max([v for v in found if type(v) is int] or [-1])
         if recorded < 0:
             raise WrongState(
                 f"no revision is recorded for replica {replica_id} of {name}: it is not held "
