@@ -63,6 +63,30 @@ def test_sigterm_to_an_engine_under_a_busy_mount_flushes_and_is_refused(
 
 
 @needs_fuse
+def test_sigterm_frees_a_loop_device_nothing_mounts_and_ends(cli: Cli, tmp_path: Path) -> None:
+    """A loop device bound to the device with nothing mounted on it (the system unmounted a
+    service's file system itself at shutdown) does not keep the engine from a SIGTERM: it is
+    freed and the engine ends, the volume detached (it refused, and each shutdown waited for
+    its SIGKILL)."""
+    cli.run("volume", "create", "u", "--size", "16M", "--replicas", "1")
+    device = tmp_path / "u.dev"
+    cli.run("volume", "attach", "u", "--device", str(device))
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(device)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        pid = cli.engine_pid("u")
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not volumes.alive(pid), 60, "the engine to end")
+        assert "refused" not in cli.engine_log("u")
+        assert not Path(f"/sys/block/{Path(loop).name}/loop").exists()
+        assert cli.info("u")["state"] == "detached"
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+@needs_fuse
 def test_an_engine_ending_under_a_mounted_file_system_is_cleaned_up_as_a_crashed_one(
     cli: Cli, tmp_path: Path
 ) -> None:

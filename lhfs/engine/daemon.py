@@ -1114,20 +1114,36 @@ class Daemon:
         --force`` lets go, and only SIGKILL ends it at once."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                loops = loops_backed_by(self.device)
+                loops = await self._let_idle_loops_go(loops_backed_by(self.device))
                 if not loops:
                     self.stop()
                     return
                 await self._refuse_to_end(signal.Signals(signum).name, loops)
+
+    async def _let_idle_loops_go(self, loops: list[str]) -> list[str]:
+        """Free ``loops`` if none is mounted here (a service's file system unmounted by the
+        system meanwhile, a loop device left over): nothing sits on them but, perhaps, a
+        holder, for which the kernel frees it when it closes (``losetup -d`` then only
+        marks it). What is still bound after that is returned: the engine stays for it.
+        Without this, a bound loop device nothing used made every shutdown wait for its
+        SIGKILL."""
+        if not loops or any(mounted_at(loop) for loop in loops):
+            return loops
+        for loop in loops:
+            await trio.run_process(["losetup", "-d", loop], capture_stderr=True, check=False)
+        with trio.move_on_after(2):
+            while loops_backed_by(self.device):
+                await trio.sleep(0.1)
+        return loops_backed_by(self.device)
 
     async def _refuse_to_end(self, name: str, loops: list[str]) -> None:
         """Flush the file systems mounted on ``loops`` (``sync -f``: their dirty pages come
         here as writes, served meanwhile) and the engine, and say why the engine stays."""
         mounts = [point for loop in loops for point in mounted_at(loop)]
         with trio.move_on_after(STOP_FLUSH):
-            for point in mounts:
+            for point in mounts:  # (in a thread let go at the limit: a hung syncfs never ends)
                 with contextlib.suppress(OSError):
-                    await trio.run_process(["sync", "-f", point], capture_stderr=True, check=False)
+                    await trio.to_thread.run_sync(_syncfs, point, abandon_on_cancel=True)
             with contextlib.suppress(LhfsError):
                 await self.engine.flush()
         held = ", ".join(loops) + (f" (mounted at {', '.join(mounts)})" if mounts else "")
@@ -1139,6 +1155,19 @@ class Daemon:
             held,
             self.vol.name,
         )
+
+
+def _syncfs(point: str) -> None:
+    """Write out the dirty pages of the file system mounted at ``point`` (syncfs(2)): they
+    come to the engine as writes, served while this waits."""
+    import ctypes
+
+    fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs of {point} failed")
+    finally:
+        os.close(fd)
 
 
 class AttachGone(LhfsError):
