@@ -168,7 +168,7 @@ def test_a_malformed_region_is_refused_in_one_line_naming_it(
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
     target = "s3://input-region/p"
-    for region in ("eu west", "../x", "x?", "-a", "A"):
+    for region in ("eu west", "../x", "x?", "-a", "a-"):
         for env in ({"AWS_REGION": region}, {"AWS_REGION": "", "AWS_DEFAULT_REGION": region}):
             other = Cli(tmp_path / "root", {**env})
             said = refused(other, 2, "backup", "ls", "--target", target, "--retry-timeout", "3")
@@ -178,7 +178,7 @@ def test_a_malformed_region_is_refused_in_one_line_naming_it(
         said = refused(without, 2, "backup", "ls", "--target", target)
         assert "AWS_REGION is not a region name" in said and "ENDPOINT" not in said, said
     cli.run("backup", "init", "--target", target, "--create-bucket")
-    for region in ("us-east-1", "garage_1"):  # (any S3 may name its region its way)
+    for region in ("us-east-1", "garage_1", "RegionOne"):  # (any S3 names its region its way)
         assert (
             Cli(tmp_path / "root", {"AWS_REGION": region}).json("backup", "ls", "--target", target)
             == []
