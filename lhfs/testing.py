@@ -200,7 +200,10 @@ class Cli:
         return result
 
     def start(self, *args: str) -> subprocess.Popen:
-        """The same command in the background; text pipes for its output."""
+        """The same command in the background; text pipes for its output. Ctrl-C (SIGINT)
+        interrupts it as at a terminal, also where the tests run with SIGINT ignored (a
+        shell's background job: its children inherit that, and Python then never turns
+        SIGINT into KeyboardInterrupt)."""
         return subprocess.Popen(
             [LHFS, "--root", str(self.root), *args],
             stdout=subprocess.PIPE,
@@ -208,6 +211,7 @@ class Cli:
             stdin=subprocess.DEVNULL,
             text=True,
             env={**os.environ, **self.env},
+            preexec_fn=partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
         )
 
     def json(self, *args: str) -> Any:
