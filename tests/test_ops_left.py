@@ -299,14 +299,14 @@ def test_logs_follow_merges_its_components_in_time_order(cli: Cli) -> None:
         # (the past printed: the followers opened before it was read, so following from here)
         wait_for(lambda: any("ready" in line for line in lines), 20, "the past")
         expected = []
+        base = time.time()
         for n in range(5):
-            now = time.time()
+            now = base + 0.3 * n  # (the rounds' stamps apart, written at once)
             # written newest first, in the order the files are read: engine, r1, r2
             for label, back in (("engine", 0.0), ("r1", 0.1), ("r2", 0.2)):
                 with open(directory / f"{label}.log", "ab") as f:
                     f.write(stamped(now - back, f"round {n} {label}"))
             expected += [f"round {n} {label}" for label in ("r2", "r1", "engine")]
-            time.sleep(0.3)  # (not a wait: the rounds' times apart, as the lines' stamps)
         wait_for(lambda: sum("round " in line for line in lines) == 15, 20, "the lines")
     finally:
         follow.send_signal(signal.SIGINT)
