@@ -161,6 +161,13 @@ def cmd_backup_check(args: argparse.Namespace) -> int:
                 + " to send their blocks again (a block the volume no longer holds cannot be: "
                 "'lhfs backup rm' the backups that name it)"
             )
+    elif not report["backups"]:  # (blocks it holds, if any, no backup names: see the note)
+        print(f"{args.target}: it holds no backup; no problem")
+    elif not report["blocks"]:
+        print(
+            f"{args.target}: {report['backups']} backup(s) authenticated, naming no block (all "
+            "zeros); no problem"
+        )
     else:
         read = f", {report['blocks_read']} read and verified" if args.read_data else ""
         print(
