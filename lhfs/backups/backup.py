@@ -627,6 +627,7 @@ def restore(
     retry_timeout: float = RETRY_TIMEOUT,
     on_disks: list[str] | None = None,
     backing: dict[str, Any] | None = None,
+    kind: str = "restore",
 ) -> volumes.Volume:
     """Restore into a new volume (its replicas under the root, or one on each of
     ``on_disks``), marked ``restoring`` until every block is written and flushed (and the
@@ -634,7 +635,8 @@ def restore(
     half-restored stays behind). ``backing``: a registered image (its record) of the content
     the backed up volume stood on: the new volume is made on it and receives only what
     differs from it, as its source held only its changes (blocks the image holds as they
-    are are not even fetched)."""
+    are are not even fetched). ``kind``: what the backup's reader's marker says reads it (a
+    ``system`` restore's part, else a ``restore``)."""
     started = time.time()
     target, volume, name = parse_backup_url(url)
     check_volume_name(new_name)
@@ -656,7 +658,7 @@ def restore(
     )
     writer = _RestoreWriter(root, vol, size, manifest["block_size"])
     try:
-        store.restore(volume, name, writer.write, progress, writer.held)
+        store.restore(volume, name, writer.write, progress, writer.held, kind)
         writer.finish()
     except BaseException:
         with contextlib.suppress(Exception):

@@ -361,6 +361,7 @@ def restore(
             _of(part, progress),
             retry_timeout,
             backing=backing,
+            kind="system",
         )
         saved = entry.get("config") or {}
 
