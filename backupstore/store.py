@@ -593,6 +593,15 @@ class BackupStore:
         now = self._server_now(own)
         return [(vol, backup, obj) for vol, backup, obj in found if self.fresh(obj, now)]
 
+    def reader_of(self, backups: Iterable[tuple[str, str]]) -> str | None:
+        """Who reads one of ``backups`` (``(volume, backup)``), for a line, as ``delete``
+        says it, from one listing of the readers' markers; None while none is read."""
+        wanted = set(backups)
+        for vol, name, obj in self.readers() if wanted else ():
+            if (vol, name) in wanted:
+                return self._reader_said(vol, name, obj)
+        return None
+
     def _server_now(self, own: str | None) -> float:
         """The server's time now: that of ``own`` (a marker this process keeps), or of a probe
         written and removed here (a skewed local clock must not judge a live marker dead)."""

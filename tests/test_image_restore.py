@@ -1,4 +1,5 @@
-"""Restores against a real S3 server: a system restore under way says what it is."""
+"""Restores against a real S3 server: a system restore under way says what it is,
+and holds the parts it reads."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def test_a_system_backup_being_restored_is_kept_and_said_so(
     cli: Cli, tmp_path: Path, s3_endpoint: str
 ) -> None:
     """A system restore stopped (SIGSTOP) while it writes a volume, read through a slow link:
-    its reader's marker says it is a system restore (prune names it so)."""
+    its reader's marker says it is a system restore, and ``system rm`` leaves the system
+    backup whose part it reads, as ``backup rm`` leaves a backup being read."""
     target = "s3://image-system-read/p"
     cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
     write_detached(cli, "v", {0: random.Random(7).randbytes(MIB)})
@@ -51,6 +53,14 @@ def test_a_system_backup_being_restored_is_kept_and_said_so(
         )
         (kept,) = pruned["kept"]
         assert f"being read: {reader.format(kept['name'])}" in " ".join(kept["reasons"]), kept
+        before = cli.json("system", "ls", "--target", target)
+        refused = cli.run("system", "rm", url, check=False)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert refused.stderr.startswith(f"lhfs: error: {reader.format(kept['name'])}")
+        assert refused.stderr.endswith(
+            " is under way: system backup s1 not removed; try again once it is done\n"
+        )
+        assert cli.json("system", "ls", "--target", target) == before
     finally:
         restore.kill()
         restore.wait(30)

@@ -34,6 +34,7 @@ from lhfs.backups import backup
 from lhfs.config import volume as volumes
 from lhfs.core.errors import (
     AlreadyExists,
+    Busy,
     CorruptState,
     InvalidArgument,
     LhfsError,
@@ -487,13 +488,18 @@ def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> dict[str, Any]:
             for other in unknown:
                 if (volume, part) in parts and when <= other["written"]:
                     maybe.setdefault((volume, part), other["name"])
+    doomed = [(v, p) for v, p in parts if (v, p) not in still and (v, p) not in maybe]
+    read = store.reader_of(doomed)  # (as 'backup rm' refuses a backup being read)
+    if read is not None:
+        raise Busy(
+            f"{read} is under way: system backup {name} not removed; try again once it is done"
+        )
     systems.delete(store, name)
     removed = []
-    for volume, part in parts:
-        if (volume, part) not in still and (volume, part) not in maybe:
-            with contextlib.suppress(NotFound):  # (deleted by hand before)
-                store.forget(volume, part)
-                removed.append(f"{volume}/{part}")
+    for volume, part in doomed:
+        with contextlib.suppress(NotFound):  # (deleted by hand before)
+            store.forget(volume, part)
+            removed.append(f"{volume}/{part}")
     collected = store.collect()
     return {
         "name": name,
