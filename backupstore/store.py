@@ -71,6 +71,7 @@ from lhfs.core.errors import (
 from lhfs.core.names import BACKUP_NAME, NAME
 from lhfs.core.procs import alive, boot_id, pid_namespace
 from lhfs.core.units import MAX_SIZE, check_chunk_size, format_size, rfc3339
+from lhfs.store.backing import IMAGE_ID, id_size
 
 from . import deltas, parse_json
 from .keys import RECORD, StoreKeys
@@ -1454,6 +1455,16 @@ def _bad_field(manifest: Any, volume: str, name: str) -> str | None:
         _passes(check_chunk_size, chunk_size) and size % chunk_size == 0
     ):
         return "chunk_size"
+    # (the content id of the backing image the source volume stood on; none in older
+    # manifests, nor of a volume made on no image: restored whole)
+    image = m("backing_image")
+    if image is not None and not (
+        isinstance(image, str) and IMAGE_ID.fullmatch(image) and 0 < id_size(image) <= size
+    ):
+        return "backing_image"
+    called = m("backing_image_name")  # (the name it was made from: only said, never matched)
+    if called is not None and not (image and isinstance(called, str) and NAME.fullmatch(called)):
+        return "backing_image_name"
     if not isinstance(blocks, list) or len(blocks) != -(-size // block_size):
         return "blocks"
     if not all(digest is None or _is_digest(digest) for digest in blocks):

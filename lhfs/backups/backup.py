@@ -45,7 +45,7 @@ from lhfs.core.procs import wait_for
 from lhfs.engine import control, housekeeping
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.store.layer import pwrite_all
-from lhfs.volumes import attachment, manage
+from lhfs.volumes import attachment, images, manage
 
 if TYPE_CHECKING:
     from lhfs.wire.client import SyncReplica
@@ -84,8 +84,6 @@ def _not_an_image_backup(root: Path, volume: str) -> None:
     """Refuse to back up an older volume named ``image-X`` while an image ``X`` is registered:
     both would be kept as the store's volume ``image-X``, and a prune of one would delete the
     other's backups."""
-    from lhfs.volumes import images
-
     image = volume.removeprefix(IMAGE_BACKUPS)
     if volume != image and image in {i["name"] for i in images.list_images(root)}:
         raise WrongState(
@@ -379,7 +377,7 @@ def create(
                     block_size=block,
                     progress=progress,
                     base=base,
-                    extra={"chunk_size": vol.chunk_size},
+                    extra=_recorded(vol),
                     units=units,
                     taken=taken,
                     full=full,
@@ -406,6 +404,20 @@ def create(
         }
         vol.update(lambda config: config.setdefault("backups", {}).update({str(target): done}))
     return backup_url(target, name, backup_name), stats
+
+
+def _recorded(vol: volumes.Volume) -> dict[str, Any]:
+    """What a volume's manifest records of it beyond its blocks: its chunk size (a volume
+    restored from it grows as it does) and, if it stands on one, its backing image's content
+    id (a restore puts it back on the image of that content, if the root has one, and
+    fetches only what differs from it)."""
+    recorded: dict[str, Any] = {"chunk_size": vol.chunk_size}
+    image, called = vol.config.get("backing_image"), vol.config.get("backing_image_name")
+    if image:
+        recorded["backing_image"] = image
+        if called:  # (the name it was made from, to say which image a restore lacks)
+            recorded["backing_image_name"] = called
+    return recorded
 
 
 def _engine_gone(vol: volumes.Volume, engine: dict[str, Any]) -> LhfsError | None:
@@ -628,6 +640,7 @@ def restore(
     on_disks: list[str] | None = None,
     backing: dict[str, Any] | None = None,
     kind: str = "restore",
+    notice: Callable[[str], None] | None = None,
 ) -> volumes.Volume:
     """Restore into a new volume (its replicas under the root, or one on each of
     ``on_disks``), marked ``restoring`` until every block is written and flushed (and the
@@ -635,8 +648,10 @@ def restore(
     half-restored stays behind). ``backing``: a registered image (its record) of the content
     the backed up volume stood on: the new volume is made on it and receives only what
     differs from it, as its source held only its changes (blocks the image holds as they
-    are are not even fetched). ``kind``: what the backup's reader's marker says reads it (a
-    ``system`` restore's part, else a ``restore``)."""
+    are are not even fetched). A ``system`` restore (``kind``, also what the backup's
+    reader's marker says) chooses it; any other finds it by the content id the manifest
+    records, and ``notice`` is told in a line when the root has none: the volume is then
+    restored whole."""
     started = time.time()
     target, volume, name = parse_backup_url(url)
     check_volume_name(new_name)
@@ -648,6 +663,12 @@ def restore(
     refuse_image_backups(volume, url, manifest)
     if new_name in volumes.list_names(root):
         raise AlreadyExists(f"volume {new_name} already exists")
+    if backing is None and kind != "system" and manifest.get("backing_image"):
+        backing, why = images.of_content(
+            root, manifest["backing_image"], manifest.get("backing_image_name")
+        )
+        if why is not None and notice is not None:
+            notice(whole_said(new_name, why))
     mark = {"restoring": {"backup": url, "pid": os.getpid()}}
     size, chunk = manifest["size"], chunk_for(manifest)
     image = None if backing is None else Path(backing["path"])
@@ -682,6 +703,16 @@ def restore(
 
     vol.update(done)
     return vol
+
+
+def whole_said(volume: str, why: str) -> str:
+    """The line telling that ``volume``, whose source stood on a backing image, is made
+    whole (``why``: the root lacks the image), and how to have it on its image instead."""
+    return (
+        f"volume {volume} holds its backing image's content as its own data: {why}; "
+        "register that image ('lhfs backing-image create NAME --from FILE', or 'lhfs system "
+        "restore' of a system backup holding it) for a restore to stand on it"
+    )
 
 
 def _changed_runs(data: bytes, chunk: int, below: bytes | None) -> Iterator[tuple[int, int]]:

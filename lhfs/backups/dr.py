@@ -42,13 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Endpoint, Target
-from backupstore.store import BackupStore, BlockMissing, order, taken_at
+from backupstore.store import BackupStore, BlockMissing, digest_of, order, taken_at
 from lhfs.backups.backup import (
     chunk_for,
     open_store,
     password_file,
     refuse_image_backups,
     store_password,
+    whole_said,
 )
 from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
@@ -68,7 +69,7 @@ from lhfs.core.names import NAME, check_name, check_volume_name
 from lhfs.core.procs import LHFS, child_env, is_lhfs, is_pid, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.volumes import manage
+from lhfs.volumes import images, manage
 from lhfs.volumes.standby import (
     LOCK,
     LOG,
@@ -751,18 +752,39 @@ def create(
         "created": time.time(),
         "metrics": metrics,
     }
-    extra = {"dr": config}
-    vol = manage.create(root, name, size, chunk_for(newest), replicas, None, extra, on_disks)
+    extra: dict[str, Any] = {"dr": config}
+    backing, why = None, None
+    if newest.get("backing_image"):  # (matched by content, as a restore is)
+        backing, why = images.of_content(
+            root, newest["backing_image"], newest.get("backing_image_name")
+        )
+    if backing is not None:  # (which image it was made from: 'backing-image rm' says so)
+        extra["backing_image_name"] = backing["name"]
+    elif why is not None and notice is not None:
+        notice(whole_said(name, why))
+    image = None if backing is None else Path(backing["path"])
+    vol = manage.create(
+        root,
+        name,
+        size,
+        chunk_for(newest),
+        replicas,
+        image,
+        extra,
+        on_disks,
+        backing and backing["id"],
+    )
     count = len(newest["blocks"])
     try:
-        save_state(  # a new volume reads as zeros everywhere
+        held = [None] * count if image is None else _image_blocks(vol, newest["block_size"], count)
+        save_state(  # what the new volume reads: zeros, or its backing image's content
             vol,
             {
                 "backup": None,
                 "created": None,
                 "size": size,
                 "block_size": newest["block_size"],
-                "blocks": [None] * count,
+                "blocks": held,
                 "applying": None,
             },
         )
@@ -778,6 +800,23 @@ def create(
             ) from None
         raise
     return vol
+
+
+def _image_blocks(vol: volumes.Volume, block: int, count: int) -> list[str | None]:
+    """What each of the ``count`` backup blocks of a new standby made on a backing image holds:
+    the image's content there, by its digest (None for zeros, as a manifest names them), read
+    from a replica's copy (checked against the image's id when it was made). Its increments
+    then fetch and write only the blocks whose content differs from the image's."""
+    with ChunkStore.open(_replica_dirs(vol)[0]) as local:
+        assert local.backing is not None
+        path = local.backing.path
+    held: list[str | None] = []
+    with open(path, "rb") as image:
+        for index in range(count):
+            data = os.pread(image.fileno(), block, index * block)
+            zero = not data.strip(b"\0")
+            held.append(None if zero else digest_of(data + bytes(block - len(data))))
+    return held
 
 
 def start(root: Path, name: str) -> int:

@@ -115,6 +115,7 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
     from lhfs.cli.progress import Progress
 
+    whole: list[str] = []  # (why it holds its source's backing image's content itself)
     with Progress(f"restore {args.name}", quiet=args.quiet) as bar:
         vol = backup.restore(
             root_of(args),
@@ -124,9 +125,20 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
             bar.update,
             args.retry_timeout,
             args.disks,
+            notice=whole.append,
         )
-    data = {"url": args.url, "volume": vol.name, "size": vol.size}
-    say(args, data, f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})")
+    image = vol.config.get("backing_image_name") if vol.config.get("backing_image") else None
+    data = {
+        "url": args.url,
+        "volume": vol.name,
+        "size": vol.size,
+        "backing_image": vol.config.get("backing_image"),
+        "backing_image_name": image,
+        "whole": whole[0] if whole else None,
+    }
+    text = f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})"
+    text += (f" on backing image {image}" if image else "") + "".join(f"\n{w}" for w in whole)
+    say(args, data, text)
 
 
 def cmd_backup_init(args: argparse.Namespace) -> None:

@@ -222,6 +222,28 @@ def list_images(root: Path) -> list[dict[str, Any]]:
     return found
 
 
+def of_content(
+    root: Path, image_id: str, named: str | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The registered image a volume restored from a backup is made on, when its source
+    stood on the image of content ``image_id``: matched by content, never by name (the one
+    ``named``, its source's image's name, when that holds the content, else the first by
+    name), and never one whose file changed since it was registered (what it holds is not
+    what its id says). None, and why in words, when the root has none: the volume is then
+    restored whole."""
+    same = [i for i in list_images(root) if i.get("id") == image_id]
+    usable = [i for i in same if i["changed"] is not True]
+    if usable:
+        return next((i for i in usable if i["name"] == named), usable[0]), None
+    called = f"{named} ({image_id})" if named else image_id
+    if same:
+        return None, (
+            f"its backing image {called} is under {root} as {same[0]['name']}, whose file "
+            "was modified since it was registered"
+        )
+    return None, f"its backing image {called} is not under {root}"
+
+
 def resolve(root: Path, name_or_file: str) -> tuple[Path, str | None]:
     """A registered image's file and its recorded id, else the path given (an image file
     imported on the fly) and None."""
