@@ -55,7 +55,7 @@ from lhfs.core.errors import (
     WrongVolume,
 )
 from lhfs.replica import checks, hotpath
-from lhfs.replica.session import Probe, Session, Sessions, source_of
+from lhfs.replica.session import Probe, Session, Sessions, kind_of, source_of
 from lhfs.store.chunkstore import ChunkStore, check_geometry
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
@@ -199,8 +199,8 @@ class ReplicaServer:
         except (*_PEER_GONE, Probe):
             pass
         except (ProtocolError, OSError) as exc:
-            if session is None:  # (a stranger's, most often: one line a minute per source)
-                key = f"handshake {source_of(stream.socket)}"
+            if session is None:  # (a stranger's, most often: a line a minute per source and kind)
+                key = f"handshake {source_of(stream.socket)} {kind_of(exc)}"
                 sessions.said.warning(key, "closing connection during the handshake: %s", exc)
             else:
                 log.warning("closing connection: %s", exc)

@@ -26,6 +26,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 import struct
@@ -341,6 +342,16 @@ def source_of(sock: Any) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address)
+
+
+def kind_of(exc: BaseException) -> str:
+    """What kind of failure ``exc`` is, for ``Quiet``: its message up to the first detail (a
+    colon or a parenthesis), numbers made one. Kinds come from the handful of messages the
+    handshake raises and the errno names of OSError, so a stranger cannot make them many."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, "OSError")
+    text = re.split(r"[:(]", str(exc), maxsplit=1)[0]
+    return re.sub(r"[0-9.]+", "N", text).strip()[:80]
 
 
 class Quiet:
