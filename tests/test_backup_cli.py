@@ -419,7 +419,7 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
     assert took < 5 + 5, (took, err)
     assert err.startswith(f"lhfs: error: backup of big failed: {proxy.endpoint} did not answer")
     assert "p/volumes/big/" in err and ".running could not be removed" in err, err
-    assert "its snapshot backup-" in err and "stays until housekeeping trims it" in err, err
+    assert "snapshot" not in err, err  # (the snapshot taken for it was removed)
     listed = store.list("big")
     assert [b["state"] for b in listed] == ["interrupted"]  # (its marker; its process ended)
 

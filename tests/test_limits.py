@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
+from backupstore.s3 import Bucket, StoreRefused, Target
+from backupstore.store import BackupStore
+from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli
 from lhfs.wire import protocol as p
 from lhfs.wire.client import parse_address
+from tools.faultproxy import FaultProxy
+
+MIB = 1 << 20
 
 
 def _handshake_once(address: str, hello: bytes) -> None:
@@ -36,3 +46,43 @@ def test_handshake_failures_are_logged_a_line_a_minute_per_kind(
     wait_for(lambda: len(lines()) == 2, 10, "the other kind to be logged")
     said = lines()
     assert "not an lhfs client" in said[0] and "another volume" in said[1], said
+
+
+def test_a_failed_backup_removes_the_snapshot_it_took(cli: Cli, s3_endpoint: str) -> None:
+    """A backup whose store goes away once it has taken its snapshot fails in one line and
+    removes that snapshot (it stayed in the chain until housekeeping trimmed it): nothing of
+    it is left in the volume, no hold, no removal under way."""
+    cli.run("volume", "create", "v", "--size", "8M", "--replicas", "1")
+    vol = volumes.load(cli.root, "v")
+    with ChunkStore.open(vol.replica_dir(vol.replicas[0])) as chunks:
+        chunks.write(0, random.Random(1).randbytes(8 * MIB))
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 2000  # (bytes/s of answers: the backup is still under way when it is cut)
+    target = "s3://failed-snapshot/p"
+    store = BackupStore(Bucket(Target.parse(target)))
+    args = ("backup", "create", "v", "--target", target, "--create-bucket", "--quiet")
+    backup = Cli(cli.root, {"AWS_ENDPOINT_URL": proxy.endpoint}).start(
+        *args, "--block-size", "1M", "--retry-timeout", "2"
+    )
+
+    def running() -> bool:
+        try:
+            return any(b["state"] == "in_progress" for b in store.list("v"))
+        except StoreRefused:  # (no bucket yet)
+            return False
+
+    try:
+        wait_for(lambda: running() or backup.poll() is not None, 60, "the backup to run")
+        assert backup.poll() is None, "the backup ended before its store went away"
+        proxy.cut()
+        _, err = backup.communicate(timeout=60)
+    finally:
+        if backup.poll() is None:
+            backup.kill()
+        proxy.close()
+    assert backup.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith("lhfs: error: backup of v failed: ") and "snapshot" not in err, err
+    config = volumes.load(cli.root, "v").config
+    assert not config.get("snapshot_holds") and not config.get("removing"), config
+    assert [s["name"] for s in cli.json("snapshot", "ls", "v")] == [], "the snapshot stayed"

@@ -117,6 +117,9 @@ def chunk_for(manifest: dict[str, Any]) -> int:
     return chunk
 
 
+DROP_WAIT = 10.0  # seconds a failed backup waits for the volume to remove its snapshot
+
+
 def _backup_name(prefix: str) -> str:
     """A new backup's name: its snapshot (or image), the time, and a random part, so that two
     backups of the same thing started in the same millisecond never share a name (one would
@@ -387,8 +390,7 @@ def create(
             if isinstance(exc, ConnectionLost) and engine:
                 failed = _engine_gone(vol, engine) or exc
             if backup_name is not None or failed is not exc:  # what failed, and what it left
-                left = f"; its snapshot {snapshot} stays until housekeeping trims it"
-                left = left if made else ""
+                left = _drop_snapshot(vol, snapshot) if made and snapshot else ""
                 failed.args = (f"backup of {name} failed: {failed}{left}",)
             if failed is exc:
                 raise
@@ -404,6 +406,27 @@ def create(
         }
         vol.update(lambda config: config.setdefault("backups", {}).update({str(target): done}))
     return backup_url(target, name, backup_name), stats
+
+
+def _drop_snapshot(vol: volumes.Volume, snapshot: str) -> str:
+    """Remove the snapshot a failed backup took for itself (still held by it: housekeeping
+    keeps off), so that a failure leaves no layer in the chain that every read past the head
+    pays for; what is left, for the failure's line ("" when nothing). Left alone when another
+    process took it over meanwhile (a backup that named it holds it now, or a backup to
+    another target recorded it): it is theirs. Crash-safe as any snapshot removal (the
+    intent is recorded first and finished by whoever next works on the replicas); a kill
+    leaves the snapshot to housekeeping, as does a removal that fails, or waits for a command
+    that holds the volume for more than ``DROP_WAIT`` seconds."""
+    config = volumes.load(vol.root, vol.name).config
+    recorded = {str(r.get("snapshot")) for r in (config.get("backups") or {}).values()}
+    if housekeeping.holders(config).get(snapshot) != os.getpid() or snapshot in recorded:
+        return f"; its snapshot {snapshot} stays: another backup holds it now"
+    try:
+        with attachment.exclusive(vol, wait=DROP_WAIT, busy="another command{pid} holds it"):
+            manage.snapshot_remove(vol.root, vol.name, snapshot)
+    except LhfsError as exc:
+        return f"; its snapshot {snapshot} stays until housekeeping trims it (not removed: {exc})"
+    return ""
 
 
 def _recorded(vol: volumes.Volume) -> dict[str, Any]:
