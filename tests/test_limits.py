@@ -7,6 +7,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from conftest import needs_fuse
+
 from backupstore.s3 import Bucket, StoreRefused, Target
 from backupstore.store import BackupStore
 from lhfs.config import volume as volumes
@@ -86,3 +88,43 @@ def test_a_failed_backup_removes_the_snapshot_it_took(cli: Cli, s3_endpoint: str
     config = volumes.load(cli.root, "v").config
     assert not config.get("snapshot_holds") and not config.get("removing"), config
     assert [s["name"] for s in cli.json("snapshot", "ls", "v")] == [], "the snapshot stayed"
+
+
+@needs_fuse
+def test_an_added_replica_refused_by_its_target_is_given_back_by_the_next_engine(
+    cli: Cli, tmp_path: Path, replica_factory
+) -> None:
+    """A replica added but never built (its engine stopped before its first rebuild: the
+    configuration records it ``unbuilt``) whose target refuses that rebuild (a directory not
+    empty) is given back by whichever engine attaches next, as by the one that added it: it
+    was an ordinary failed replica there, tried again until the rejoin limit."""
+    cli.run("volume", "create", "v", "--size", "8M", "--replicas", "1")
+    cli.run("volume", "key", "v", "--out", str(tmp_path / "v.key"))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a replica")
+    served = replica_factory(junk, tmp_path / "v.key")
+
+    def added(config: dict) -> None:  # (as ``replica add`` records it before its rebuild)
+        config["replicas"].append(
+            {
+                "id": "r2",
+                "local": False,
+                "address": served.address,
+                "mode": "ERR",
+                "error": "being added",
+                "tls_ca": None,
+                "unbuilt": True,
+            }
+        )
+        config["next_replica"] = 3
+
+    volumes.load(cli.root, "v").update(added)
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    ids = lambda: [r["id"] for r in volumes.load(cli.root, "v").config["replicas"]]  # noqa: E731
+    wait_for(lambda: ids() == ["r1"], 20, "the added replica to be given back")
+    assert "replica r2 is given back: rebuild failed" in cli.engine_log("v")
+    assert volumes.load(cli.root, "v").config["next_replica"] == 2  # (its id too)
+    assert (junk / "notes.txt").read_text() == "not a replica"
+    assert cli.live("v")["state"] == "healthy"
+    cli.run("volume", "detach", "v")

@@ -75,8 +75,9 @@ class Daemon:
         self.engine: Engine | None = None
         self.nursery: trio.Nursery | None = None
         self._rebuilds: dict[str, _Rebuild] = {}  # replica id -> its rebuild under way
-        # replicas added by ``replica add`` that have not served yet, and those given back
-        # since (their id -> why), for the ``replica add`` that waits on them
+        # replicas added by ``replica add`` that have not served yet (by this engine, or by
+        # an earlier one: ``unbuilt`` in the configuration), and those given back since (their
+        # id -> why), for the ``replica add`` that waits on them
         self._adding: set[str] = set()
         self.given_back: dict[str, str] = {}
         # local replicas whose rotten backing image copy was set aside at start -> why
@@ -968,6 +969,8 @@ class Daemon:
                     entry.get("held"),
                     bool(entry.get("rotten_backing")),
                 )
+                if entry.get("unbuilt"):  # (added, never built: given back as its adder would)
+                    self._adding.add(link.id)
                 if link.mode != ERR:
                     continue
                 link.failed_at = trio.current_time()  # (not serving: ``rejoin_limit`` counts)
