@@ -14,7 +14,7 @@ from backupstore.store import BackupStore
 from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli
+from lhfs.testing import Cli, one_line
 from lhfs.wire import protocol as p
 from lhfs.wire.client import parse_address
 from tools.faultproxy import FaultProxy
@@ -127,4 +127,35 @@ def test_an_added_replica_refused_by_its_target_is_given_back_by_the_next_engine
     assert volumes.load(cli.root, "v").config["next_replica"] == 2  # (its id too)
     assert (junk / "notes.txt").read_text() == "not a replica"
     assert cli.live("v")["state"] == "healthy"
+    cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_a_remote_replica_whose_id_is_damaged_says_so_and_is_replaced(
+    cli: Cli, tmp_path: Path, serve
+) -> None:
+    """A replica served for an engine on another host whose ``id`` file is damaged refuses to
+    start, in one line naming the file and the commands that replace it, and changes nothing
+    (it took a new identity and was a stranger to its engine for good, with nothing said to
+    it). The way back it names works: the file removed, the directory served again, ``replica
+    rm`` and ``replica add`` make it a healthy replica."""
+    cli.run("volume", "create", "v", "--size", "8M", "--replicas", "1")
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    key = tmp_path / "v.key"
+    cli.run("volume", "key", "v", "--out", str(key))
+    far = serve(tmp_path / "far", key)
+    cli.run("replica", "add", "v", "--address", far.address, "--quiet")
+    far.stop()
+    (far.dir / "id").write_text("garbage\n")
+    args = ("replica", "serve", "--dir", str(far.dir), "--listen", far.address)
+    line = one_line(cli.run(*args, "--key-file", str(key), check=False, timeout=30), 1)
+    assert f"{far.dir / 'id'}, this replica directory's identity, is damaged" in line, line
+    assert "'lhfs replica rm v ID'" in line and "'lhfs replica add v --address" in line, line
+    assert (far.dir / "id").read_text() == "garbage\n"
+    (far.dir / "id").unlink()
+    again = serve(far.dir, key, port=parse_address(far.address)[1])
+    cli.run("replica", "rm", "v", "r2")
+    cli.run("replica", "add", "v", "--address", again.address, "--quiet")
+    modes = [r["mode"] for r in cli.live("v")["replicas"]]
+    assert cli.live("v")["state"] == "healthy" and modes == ["RW", "RW"], cli.live("v")
     cli.run("volume", "detach", "v")

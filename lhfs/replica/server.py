@@ -44,6 +44,7 @@ import xxhash
 from lhfs.core.durable import atomic_write
 from lhfs.core.errors import (
     Busy,
+    CorruptState,
     InvalidArgument,
     LhfsError,
     NotFound,
@@ -135,7 +136,11 @@ class ReplicaServer:
         *,
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until SIGTERM/SIGINT or cancellation, then flush and close the store."""
+        """Serve until SIGTERM/SIGINT or cancellation, then flush and close the store. A
+        replica served for an engine on another host (no ``local`` socket: its engine did not
+        start it) whose identity file is damaged is refused before it listens (``kept_id``)."""
+        if local is None:
+            kept_id(self.dir, self.key.volume)
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:  # (taken, or an address not this host's: refused, exit 1)
@@ -723,23 +728,52 @@ def check_directory(directory: Path) -> None:
         )
 
 
+def _read_id(path: Path) -> tuple[str | None, str | None]:
+    """The identity kept at ``path`` (None: none yet), and what it holds instead if it is
+    damaged (None if it is not)."""
+    try:
+        text = path.read_bytes().strip().decode(errors="replace")
+    except FileNotFoundError:
+        return None, None
+    if _UID.fullmatch(text):
+        return text, None
+    return None, text
+
+
+def kept_id(directory: Path, volume: str) -> str | None:
+    """The identity kept in ``directory`` (None: none yet). A damaged one is ``CorruptState``,
+    saying what to do: served under a new identity, the directory would be a stranger to the
+    engine on another host that holds it (which knows it by identity alone), refused there for
+    good with nothing to say why; so it is refused here, changing nothing, until the operator
+    chooses (a local replica's engine knows it by its path and adopts a new one instead)."""
+    kept, damaged = _read_id(directory / ID_FILE)
+    if damaged is None:
+        return kept
+    raise CorruptState(
+        f"{directory / ID_FILE}, this replica directory's identity, is damaged "
+        f"({damaged[:40]!r}): its engine would not know it under a new one. Remove it and "
+        "serve the directory again (it gets a new identity), then replace the replica on "
+        f"the engine's host: 'lhfs replica rm {volume} ID' (the replica 'lhfs replica ls "
+        f"{volume}' shows at this address), then 'lhfs replica add {volume} --address ADDRESS'"
+    )
+
+
 def directory_id(directory: Path) -> str:
     """The identity of a replica directory: random, made the first time the directory is
     served and kept in it (``ID_FILE``; older directories get one then). An engine tells
     replicas apart by it, never by the address it reaches them at: one host has many
     addresses, and one replica taken twice would be two members of a volume fencing each
     other. A directory it cannot be kept in gets one for this process's life. A damaged one
-    is replaced too, said in the log: the replica is then a new member to its engines (one
-    that held it before sees another identity), and whoever looks for why finds it there."""
+    (of a local replica: ``serve`` refused any other) is replaced too, said in the log: its
+    engine, which knows it by its path, adopts the new one and says so."""
     path = directory / ID_FILE
-    try:
-        kept = path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    else:
-        if _UID.fullmatch(kept.decode(errors="replace")):
-            return kept.decode()
-        log.warning("the identity file %s was damaged (%.40r): replaced by a new one", path, kept)
+    kept, damaged = _read_id(path)
+    if kept is not None:
+        return kept
+    if damaged is not None:
+        log.warning(
+            "the identity file %s was damaged (%.40r): replaced by a new one", path, damaged
+        )
     uid = secrets.token_hex(16)
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
