@@ -390,7 +390,7 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
             chunks.write(offset, rng.randbytes(MIB))
     upstream = urlparse(s3_endpoint)
     proxy = FaultProxy((upstream.hostname, upstream.port))
-    proxy.rate = 500  # (bytes/s of answers: the uploads take seconds, not a moment)
+    proxy.rate = 4000  # (bytes/s of answers: quick to its first upload, not done at once)
     target = "s3://gone-away/p"
     store = BackupStore(Bucket(Target.parse(target)))
     args = ("backup", "create", "big", "--target", target, "--create-bucket", "--quiet")
@@ -405,6 +405,8 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
             return 0
 
     try:
+        wait_for(lambda: uploaded() or backup.poll() is not None, 120, "the first upload")
+        proxy.rate = 500  # (the uploads now take seconds, not a moment)
         wait_for(lambda: uploaded() >= 3 or backup.poll() is not None, 120, "uploads")
         assert backup.poll() is None, "the backup ended before its store went away"
         proxy.cut()
