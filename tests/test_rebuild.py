@@ -420,6 +420,7 @@ def test_a_rebuild_whose_target_falls_silent_fails_and_is_tried_again(
     doctor = cli.run("doctor", "s", check=False).stdout
     line = next(line for line in doctor.splitlines() if f"replica {far}" in line)
     assert line.startswith("WARN") and "the engine has it failed: rebuild failed" in line, line
+    cli.run("volume", "set", "s", "--rejoin-wait", "0")  # (the hold needed it; no longer)
     wait_for(lambda: replica(cli, "s", far)["mode"] == "RW", 60, "brought back")
     cli.run("snapshot", "create", "s", "after")
     assert cli.live("s")["state"] == "healthy"
