@@ -265,11 +265,12 @@ def test_a_stopped_local_replica_comes_back(cli: Cli, tmp_path: Path, resumed: b
 def test_a_given_up_local_replica_holds_no_process(cli: Cli, tmp_path: Path) -> None:
     """A local replica left for the operator after the rejoin limit has no process left
     holding its directory (a stuck one is killed): ``replica inspect`` reads it at once. (Its
-    handshakes get the I/O timeout, 6 s: the limit passes before two of them were left
-    unanswered, after which it would have been killed and started again.)"""
+    handshakes get the I/O timeout, 5 s: the limit passes before two of them were left
+    unanswered, 5 + 1 + 5 s after it failed, after which it would have been killed and started
+    again.)"""
     cli.run(
         "volume", "create", "gu", "--size", "16M", "--replicas", "2",
-        "--io-timeout", "6", "--rejoin-limit", "10",
+        "--io-timeout", "5", "--rejoin-limit", "10",
     )  # fmt: skip
     device = tmp_path / "dev"
     cli.run("volume", "attach", "gu", "--device", str(device))
