@@ -395,7 +395,7 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
     store = BackupStore(Bucket(Target.parse(target)))
     args = ("backup", "create", "big", "--target", target, "--create-bucket", "--quiet")
     backup = Cli(cli.root, {"AWS_ENDPOINT_URL": proxy.endpoint}).start(
-        *args, "--retry-timeout", "5"
+        *args, "--retry-timeout", "2"
     )
 
     def uploaded() -> int:
@@ -418,7 +418,7 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
             backup.kill()
         proxy.close()
     assert backup.returncode == 1 and err.count("\n") == 1, err
-    assert took < 5 + 5, (took, err)
+    assert took < 2 + 5, (took, err)
     assert err.startswith(f"lhfs: error: backup of big failed: {proxy.endpoint} did not answer")
     assert "p/volumes/big/" in err and ".running could not be removed" in err, err
     assert "its snapshot backup-" in err and "stays until housekeeping trims it" in err, err
