@@ -159,6 +159,7 @@ def test_a_killed_local_replica_comes_back_by_itself(cli: Cli, tmp_path: Path) -
     log = cli.engine_log("lr")
     assert "replica r3: its process ended (killed by SIGKILL)" in log
 
+    cli.run("volume", "set", "lr", "--rejoin-wait", "1")  # (no writes to land first any more)
     directory = volumes.load(cli.root, "lr").replica_dir(volumes.load(cli.root, "lr").replica("r3"))
     away = directory.with_name("r3.away")
     directory.rename(away)  # (the running process keeps its open files)
