@@ -390,12 +390,12 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
             chunks.write(offset, rng.randbytes(MIB))
     upstream = urlparse(s3_endpoint)
     proxy = FaultProxy((upstream.hostname, upstream.port))
-    proxy.rate = 500  # (bytes/s of answers: the uploads take seconds, not a moment)
+    proxy.rate = 4000  # (bytes/s of answers: quick to its first upload, not done at once)
     target = "s3://gone-away/p"
     store = BackupStore(Bucket(Target.parse(target)))
     args = ("backup", "create", "big", "--target", target, "--create-bucket", "--quiet")
     backup = Cli(cli.root, {"AWS_ENDPOINT_URL": proxy.endpoint}).start(
-        *args, "--retry-timeout", "5"
+        *args, "--retry-timeout", "2"
     )
 
     def uploaded() -> int:
@@ -405,6 +405,8 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
             return 0
 
     try:
+        wait_for(lambda: uploaded() or backup.poll() is not None, 120, "the first upload")
+        proxy.rate = 500  # (the uploads now take seconds, not a moment)
         wait_for(lambda: uploaded() >= 3 or backup.poll() is not None, 120, "uploads")
         assert backup.poll() is None, "the backup ended before its store went away"
         proxy.cut()
@@ -416,7 +418,7 @@ def test_a_backup_whose_store_goes_away_fails_within_its_retry_timeout(
             backup.kill()
         proxy.close()
     assert backup.returncode == 1 and err.count("\n") == 1, err
-    assert took < 5 + 5, (took, err)
+    assert took < 2 + 5, (took, err)
     assert err.startswith(f"lhfs: error: backup of big failed: {proxy.endpoint} did not answer")
     assert "p/volumes/big/" in err and ".running could not be removed" in err, err
     assert "snapshot" not in err, err  # (the snapshot taken for it was removed)

@@ -145,7 +145,7 @@ def test_a_replica_away_across_attaches_finds_the_engine_newer(
     only)."""
     from lhfs.replica.process import ReplicaProcess
 
-    cli.run("volume", "create", "e", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "create", "e", "--size", "16M", "--replicas", "1", "--rejoin-wait", "1")
     device = tmp_path / "e.dev"
     cli.run("volume", "attach", "e", "--device", str(device))
     key = tmp_path / "e.key"

@@ -202,12 +202,15 @@ def proxied(cli: Cli, s3_endpoint: str) -> Iterator[tuple[Cli, FaultProxy]]:
 def reading_backup(slow: Cli, proxy: FaultProxy, volume: str, target: str) -> subprocess.Popen:
     """A full ``backup create`` of ``volume`` in 64K blocks, once it reads (its first
     progress line: the volume is open) with every store answer slow (``proxied``): a dozen
-    uploads at least to wait for before it is done."""
+    uploads at least to wait for before it is done. Until that line its answers are slowed
+    ten times less (its first upload and the listings before it took 7 to 20 s at the slow
+    rate): enough that it is still at its first blocks when the rate drops."""
     with collection_running(target):
         backup = waiting_backup(slow, volume, target, "--full", "--block-size", "64K")
-        proxy.rate = 200
+        proxy.rate = 2000
     assert backup.stderr is not None
     line = backup.stderr.readline()
+    proxy.rate = 200
     assert line.startswith(f"backup {volume}: "), (line, backup.communicate())
     return backup
 

@@ -159,6 +159,7 @@ def test_a_killed_local_replica_comes_back_by_itself(cli: Cli, tmp_path: Path) -
     log = cli.engine_log("lr")
     assert "replica r3: its process ended (killed by SIGKILL)" in log
 
+    cli.run("volume", "set", "lr", "--rejoin-wait", "1")  # (no writes to land first any more)
     directory = volumes.load(cli.root, "lr").replica_dir(volumes.load(cli.root, "lr").replica("r3"))
     away = directory.with_name("r3.away")
     directory.rename(away)  # (the running process keeps its open files)
@@ -265,11 +266,12 @@ def test_a_stopped_local_replica_comes_back(cli: Cli, tmp_path: Path, resumed: b
 def test_a_given_up_local_replica_holds_no_process(cli: Cli, tmp_path: Path) -> None:
     """A local replica left for the operator after the rejoin limit has no process left
     holding its directory (a stuck one is killed): ``replica inspect`` reads it at once. (Its
-    handshakes get the I/O timeout, 6 s: the limit passes before two of them were left
-    unanswered, after which it would have been killed and started again.)"""
+    handshakes get the I/O timeout, 5 s: the limit passes before two of them were left
+    unanswered, 5 + 1 + 5 s after it failed, after which it would have been killed and started
+    again.)"""
     cli.run(
         "volume", "create", "gu", "--size", "16M", "--replicas", "2",
-        "--io-timeout", "6", "--rejoin-limit", "10",
+        "--io-timeout", "5", "--rejoin-limit", "10",
     )  # fmt: skip
     device = tmp_path / "dev"
     cli.run("volume", "attach", "gu", "--device", str(device))
@@ -420,6 +422,7 @@ def test_a_rebuild_whose_target_falls_silent_fails_and_is_tried_again(
     doctor = cli.run("doctor", "s", check=False).stdout
     line = next(line for line in doctor.splitlines() if f"replica {far}" in line)
     assert line.startswith("WARN") and "the engine has it failed: rebuild failed" in line, line
+    cli.run("volume", "set", "s", "--rejoin-wait", "0")  # (the hold needed it; no longer)
     wait_for(lambda: replica(cli, "s", far)["mode"] == "RW", 60, "brought back")
     cli.run("snapshot", "create", "s", "after")
     assert cli.live("s")["state"] == "healthy"

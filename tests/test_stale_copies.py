@@ -162,11 +162,12 @@ def test_a_single_replica_back_on_an_older_copy_is_refused(cli: Cli, tmp_path: P
 
 @needs_fuse
 def test_an_older_copy_is_refused_after_the_engine_was_killed(
-    cli: Cli, tmp_path: Path, serve
+    cli: Cli, tmp_path: Path, serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No clean detach: the revisions the replicas reach are recorded while the volume is
-    written (not per write), so after a kill -9 of the engine an older copy of the only
-    replica's directory is still refused."""
+    written (not per write; here every second, not every 15 s), so after a kill -9 of the
+    engine an older copy of the only replica's directory is still refused."""
+    monkeypatch.setenv("LHFS_DISKS_EVERY", "1")
     key, (far,) = remote_volume(cli, tmp_path, serve, "k", 1)
     device = tmp_path / "k.dev"
     cli.run("volume", "detach", "k")

@@ -67,6 +67,18 @@ STOP_FLUSH = 60.0  # seconds a refused SIGTERM spends flushing what is mounted o
 _KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 
 
+def disks_every() -> float:
+    """Seconds between two questions to the replicas about their disks, which also record the
+    revisions they hold: ``$LHFS_DISKS_EVERY`` (0.1 to 3600) or 15 s. A test of what follows
+    those records need not wait a quarter of a minute for each; a value out of range, or no
+    number, is the default (an engine must not fail to attach over it)."""
+    try:
+        value = float(os.environ.get("LHFS_DISKS_EVERY", DISKS_EVERY))
+    except ValueError:
+        return DISKS_EVERY
+    return value if 0.1 <= value <= 3600 else DISKS_EVERY  # (NaN fails both comparisons)
+
+
 class Daemon:
     def __init__(self, vol: volumes.Volume, device: Path, metrics: str | None = None) -> None:
         self.vol = vol
@@ -1096,17 +1108,18 @@ class Daemon:
         return view
 
     async def _watch_disks(self) -> None:
-        """Ask the replicas about their disks every ``DISKS_EVERY`` seconds, so that the
-        metrics show a disk filling up before writes are refused (a scrape never waits for a
-        replica: it reads the last answers)."""
+        """Ask the replicas about their disks every ``DISKS_EVERY`` seconds (``disks_every``),
+        so that the metrics show a disk filling up before writes are refused (a scrape never
+        waits for a replica: it reads the last answers)."""
         assert self.engine is not None
+        every = disks_every()
         while True:
             try:
                 await self._disk_usage([{"id": link.id} for link in self.engine.replicas])
             except Exception as exc:  # (a replica's odd answer must not end the engine)
                 log.warning("could not ask the replicas about their disks: %s", exc)
             self.keep_revisions()
-            await trio.sleep(DISKS_EVERY)
+            await trio.sleep(every)
 
     async def _watch_signals(self) -> None:
         """SIGTERM or SIGINT ends the engine, unless a loop device is bound to its device

@@ -97,6 +97,14 @@ class Rejoiner:
         finally:
             self._watched.discard(link.id)
 
+    async def _pause(self, link: ReplicaLink, delay: float) -> None:
+        """Wait ``delay`` before the next attempt, or only until the rejoin limit is out:
+        a replica is left for the operator at its limit, not a backoff step (up to 30 s)
+        after it."""
+        _, limit = self.owner.rejoin_settings()
+        away = trio.current_time() - (link.failed_at or trio.current_time())
+        await trio.sleep(max(0.0, min(delay, limit - away)))
+
     def _gone(self, link: ReplicaLink) -> bool:
         return link not in self.engine.replicas or link.mode != ERR
 
@@ -148,7 +156,7 @@ class Rejoiner:
                 if why != told:
                     told = why
                     log.warning("replica %s cannot be brought back yet: %s", link.id, told)
-                await trio.sleep(delay)
+                await self._pause(link, delay)
                 delay = min(delay * 2, MAX_DELAY)
                 continue
             unanswered = 0
@@ -184,7 +192,7 @@ class Rejoiner:
                     log.error("replica %s, the last to serve, is not brought back: it %s",
                               link.id, refusal)  # fmt: skip
                 await client.aclose()
-                await trio.sleep(delay)
+                await self._pause(link, delay)
                 delay = min(delay * 2, MAX_DELAY)
                 continue
             old, link.client = link.client, client
