@@ -71,12 +71,18 @@ def disks_every() -> float:
     """Seconds between two questions to the replicas about their disks, which also record the
     revisions they hold: ``$LHFS_DISKS_EVERY`` (0.1 to 3600) or 15 s. A test of what follows
     those records need not wait a quarter of a minute for each; a value out of range, or no
-    number, is the default (an engine must not fail to attach over it)."""
-    try:
-        value = float(os.environ.get("LHFS_DISKS_EVERY", DISKS_EVERY))
-    except ValueError:
+    number, is the default, said in the log (an engine must not fail to attach over it)."""
+    given = os.environ.get("LHFS_DISKS_EVERY")
+    if given is None:
         return DISKS_EVERY
-    return value if 0.1 <= value <= 3600 else DISKS_EVERY  # (NaN fails both comparisons)
+    try:
+        value = float(given)
+    except ValueError:
+        value = -1.0
+    if 0.1 <= value <= 3600:  # (NaN fails both comparisons)
+        return value
+    log.warning("LHFS_DISKS_EVERY=%.20r is not 0.1 to 3600 seconds: %g s", given, DISKS_EVERY)
+    return DISKS_EVERY
 
 
 class Daemon:
