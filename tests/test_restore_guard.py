@@ -3,7 +3,9 @@ removal cut short leaves is said, and so is a backup deleted under a DR standby.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from backupstore.store import BackupStore
 from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, write_at
+from lhfs.volumes.standby import follower_pid
 from tools.faultproxy import FaultProxy
 
 pytestmark = needs_fuse
@@ -194,19 +197,27 @@ def test_a_backup_deleted_under_a_standby_is_said_and_the_lag_goes_on(
         60,
         "the standby to apply the second backup",
     )
-    refused = cli.run("backup", "rm", second, check=False)
-    assert refused.returncode == 1
-    assert f"a DR standby's increment of backup {_name(second)}" in refused.stderr
-    # deleted as by hand (or by an lhfs that does not look for readers): its own blocks too
-    parsed = Target.parse(target)
-    bucket = Bucket(parsed)
-    store = BackupStore(bucket)
-    keep = {store.keys.block_name(d) for d in store.manifest("src", _name(first))["blocks"] if d}
-    bucket.delete(parsed.key("volumes", "src", f"{_name(second)}.json"))
-    deleted_at = time.time()
-    for obj in list(bucket.list(parsed.key("blocks") + "/")):
-        if obj.object_name.rsplit("/", 1)[1] not in keep:
-            bucket.delete(obj.object_name)
+    # (its follower held there, so that the increment is still under way for what follows)
+    follower = follower_pid(volumes.load(cli.root, "dsb"))
+    assert follower is not None
+    os.kill(follower, signal.SIGSTOP)
+    try:
+        refused = cli.run("backup", "rm", second, check=False)
+        assert refused.returncode == 1
+        assert f"a DR standby's increment of backup {_name(second)}" in refused.stderr
+        # deleted as by hand (or by an lhfs that does not look for readers): its blocks too
+        parsed = Target.parse(target)
+        bucket = Bucket(parsed)
+        store = BackupStore(bucket)
+        first_blocks = store.manifest("src", _name(first))["blocks"]
+        keep = {store.keys.block_name(d) for d in first_blocks if d}
+        bucket.delete(parsed.key("volumes", "src", f"{_name(second)}.json"))
+        deleted_at = time.time()
+        for obj in list(bucket.list(parsed.key("blocks") + "/")):
+            if obj.object_name.rsplit("/", 1)[1] not in keep:
+                bucket.delete(obj.object_name)
+    finally:
+        os.kill(follower, signal.SIGCONT)
     status = wait_for(
         lambda: (s := standby.json("dr", "status", "dsb"))["deleted_while_applied"] and s,
         60,
