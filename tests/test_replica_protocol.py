@@ -496,7 +496,8 @@ def test_a_sealed_receiver_makes_room_for_a_large_frame_behind_a_small_one() -> 
     that of the frame under way, not of the group's first: a small request and then an 8 MiB
     one were received 256 KiB at a time, the pending bytes copied into a new buffer each time
     (about twenty buffers for one group, quadratic copying); now it grows to the group's size
-    at once, and at most once more for the usual minimum of room at its end."""
+    at once, and no more: the rest of a frame whose length is known is received in the room
+    left (it grew again, sometimes twice, for the usual minimum of room beyond the group)."""
     from lhfs.wire.seal import Seal
 
     key = bytes(range(32))
@@ -504,7 +505,11 @@ def test_a_sealed_receiver_makes_room_for_a_large_frame_behind_a_small_one() -> 
     large = p.frame(2, p.WRITE, p.U64.pack(0), bytes(8 << 20))
     wire = small + large + p.seal_frame(Seal(key).tag([small + large], len(small + large)))
     ours, peer = socket.socketpair()
-    sender = threading.Thread(target=peer.sendall, args=(wire,))
+    # (the small frame and the large one's header are there for the first receive, as they
+    # are when sent together: one that found less could not know the group's size yet)
+    cut = len(small) + 64
+    peer.sendall(wire[:cut])
+    sender = threading.Thread(target=peer.sendall, args=(wire[cut:],))
     sender.start()
     frames = p.FrameBuffer()
     frames.opener = Seal(key)
@@ -521,7 +526,7 @@ def test_a_sealed_receiver_makes_room_for_a_large_frame_behind_a_small_one() -> 
         peer.close()
         frames.release()
     assert got == [(1, 2), (2, 8 + (8 << 20))]
-    assert len(buffers) <= 3, len(buffers)
+    assert len(buffers) <= 2, len(buffers)
 
 
 def test_a_task_waiting_for_a_tls_outbox_to_empty_wakes_when_it_has() -> None:

@@ -585,11 +585,16 @@ class FrameBuffer:
         # Room for the frame under way: on a sealed connection the first one not yet whole
         # (``start`` stays at the head of its group until the seal came), else the first.
         at = max(self._scan, self.start) if self.opener is not None else self.start
+        rest = 0  # (what the frame under way still lacks, when its length is known)
         if self.end - at >= LENGTH.size:
             (length,) = LENGTH.unpack_from(self.buf, at)
             whole = at - self.start + LENGTH.size + min(length, MAX_FRAME) + SEAL_FRAME
-            need = max(need, whole - pending)
-        if len(self.buf) - self.end >= need:
+            rest = whole - pending
+            need = max(need, rest)
+        room = len(self.buf) - self.end
+        if room >= need or 0 < rest <= room:
+            # (a frame that ends within the room left is received there: moving what came
+            # of it, or growing for the minimum beyond it, would copy megabytes for nothing)
             return
         size = max(len(self.buf), pending + need)
         if size > len(self.buf):
