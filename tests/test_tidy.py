@@ -1,14 +1,18 @@
-"""Small mends: a restore onto a backing image reads each of the image's blocks once."""
+"""Small mends: a restore onto a backing image reads each of the image's blocks once; a
+``backup rm`` asks the store once whether the backup is there."""
 
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from backupstore.s3 import Bucket
 from lhfs.backups import backup
+from lhfs.core.errors import NotFound
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli
 from lhfs.volumes import images
@@ -65,3 +69,26 @@ def test_a_restore_onto_a_backing_image_reads_each_of_its_blocks_once(
     # (the image's content hashed as the volume is made: in reads of 4 MiB)
     read = [(offset, length) for ino, offset, length in reads if ino == image and length == MIB]
     assert sorted(read) == [(0, MIB), (MIB, MIB), (2 * MIB, MIB), (3 * MIB, MIB)], read
+
+
+def test_backup_rm_asks_once_whether_the_backup_is_there(
+    cli: Cli, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``backup rm`` looks for the manifest once before it deletes it (it asked twice)."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    url = cli.backup("v", "s3://tidy-rm/p")
+    name = parse_qs(urlparse(url).query)["backup"][0]
+    asked: list[str] = []
+    exists = Bucket.exists
+
+    def counted(self: Bucket, key: str) -> bool:
+        asked.append(key)
+        return exists(self, key)
+
+    monkeypatch.setattr(Bucket, "exists", counted)
+    backup.remove(url)
+    assert len([key for key in asked if key.endswith(f"/{name}.json")]) == 1, asked
+    monkeypatch.undo()
+    assert cli.json("backup", "ls", "--target", "s3://tidy-rm/p") == []
+    with pytest.raises(NotFound, match="backup gc"):
+        backup.remove(url)
