@@ -1,10 +1,12 @@
 """Small mends: a restore onto a backing image reads each of the image's blocks once; a
-``backup rm`` asks the store once whether the backup is there."""
+``backup rm`` asks the store once whether the backup is there; a same-size ``volume expand``
+does not run a grow tool again where it found nothing to use."""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -15,7 +17,7 @@ from lhfs.backups import backup
 from lhfs.core.errors import NotFound
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli
-from lhfs.volumes import images
+from lhfs.volumes import images, mount
 
 MIB = 1 << 20
 CHUNK = 64 << 10
@@ -92,3 +94,72 @@ def test_backup_rm_asks_once_whether_the_backup_is_there(
     assert cli.json("backup", "ls", "--target", "s3://tidy-rm/p") == []
     with pytest.raises(NotFound, match="backup gc"):
         backup.remove(url)
+
+
+def _logged(tmp_path: Path, *tools: str) -> tuple[dict[str, str], Path]:
+    """An environment whose ``tools`` log their arguments to the returned file (then run)."""
+    wrapped, log = tmp_path / "logged", tmp_path / "tools.log"
+    wrapped.mkdir()
+    for tool in tools:
+        real = shutil.which(tool)
+        assert real is not None, f"{tool} is missing: tools/setup-system.sh installs it"
+        (wrapped / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\nexec {real} "$@"\n')
+        (wrapped / tool).chmod(0o755)
+    log.touch()
+    return {"PATH": f"{wrapped}:{os.environ['PATH']}"}, log
+
+
+def _grown(log: Path) -> list[str]:
+    """The grow tools' runs in ``log`` that grow (not those that only ask a size)."""
+    return [line for line in log.read_text().splitlines() if " -n " not in f"{line} "]
+
+
+def test_a_same_size_expand_leaves_a_tail_its_ext4_cannot_use(cli: Cli, tmp_path: Path) -> None:
+    """A mount records the device size at which resize2fs found nothing to use in the few
+    blocks past its ext4 (GROW_TRIED): a same-size ``volume expand`` of the mounted volume
+    says there is nothing to do (it ran resize2fs again, or said to run it, at every run)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("volume", "create", "g", "--size", "128M", "--replicas", "1")
+    cli.run("mount", "g", str(mnt), "--fs", "ext4")
+    cli.run("umount", str(mnt))
+    size = str(128 * MIB + CHUNK)
+    cli.run("volume", "expand", "g", "--size", size)
+    tried = cli.root / "volumes" / "g" / mount.GROW_TRIED
+    try:
+        for _ in range(3):  # (resize2fs may take a block or so first)
+            cli.run("mount", "g", str(mnt))
+            if tried.exists():
+                break
+            cli.run("umount", str(mnt))
+        assert tried.exists()
+        env, log = _logged(tmp_path, "resize2fs")
+        said = Cli(cli.root, env).run("volume", "expand", "g", "--size", size).stdout
+        assert said == "g is already 128.1M: nothing to do\n", said
+        assert _grown(log) == []
+    finally:
+        cli.run("umount", str(mnt), check=False)
+
+
+def test_a_same_size_expand_records_a_tail_its_xfs_cannot_use(cli: Cli, tmp_path: Path) -> None:
+    """An expansion whose xfs_growfs found nothing to use in the few blocks past its xfs
+    records it (GROW_TRIED, as a mount does for an ext4): a same-size ``volume expand`` does
+    not run xfs_growfs again."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli.run("volume", "create", "g", "--size", "320M", "--replicas", "1")
+    cli.run("mount", "g", str(mnt), "--fs", "xfs")
+    env, log = _logged(tmp_path, "xfs_growfs")
+    logged = Cli(cli.root, env)
+    try:
+        size = str(320 * MIB + CHUNK)
+        done = logged.json("volume", "expand", "g", "--size", size)
+        assert done["changed"] and done["filesystem"] is None and not done["todo"], done
+        assert len(_grown(log)) == 1, log.read_text()
+        assert (cli.root / "volumes" / "g" / mount.GROW_TRIED).exists()
+        for _ in range(2):
+            said = logged.run("volume", "expand", "g", "--size", size).stdout
+            assert said == "g is already 320.1M: nothing to do\n", said
+        assert len(_grown(log)) == 1, log.read_text()
+    finally:
+        cli.run("umount", str(mnt), check=False)
