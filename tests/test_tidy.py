@@ -1,20 +1,28 @@
 """Small mends: a restore onto a backing image reads each of the image's blocks once; a
 ``backup rm`` asks the store once whether the backup is there; a same-size ``volume expand``
-does not run a grow tool again where it found nothing to use."""
+does not run a grow tool again where it found nothing to use; the engine records the
+replicas' revisions off its event loop."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+import trio
 
 from backupstore.s3 import Bucket
 from lhfs.backups import backup
+from lhfs.config import volume as volumes
+from lhfs.core import locks
 from lhfs.core.errors import NotFound
+from lhfs.engine.daemon import Daemon
+from lhfs.engine.engine import RW
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli
 from lhfs.volumes import images, mount
@@ -163,3 +171,39 @@ def test_a_same_size_expand_records_a_tail_its_xfs_cannot_use(cli: Cli, tmp_path
         assert len(_grown(log)) == 1, log.read_text()
     finally:
         cli.run("umount", str(mnt), check=False)
+
+
+def test_the_engine_records_the_replicas_revisions_off_its_event_loop(cli: Cli) -> None:
+    """The periodic record of what each replica holds durably is written in a thread: the
+    event loop runs on while the write waits (here: for the configuration's lock, as for a
+    slow root disk). What it writes is what the replicas hold once it may write (a revision
+    that moved meanwhile is not written older), and the engine's configuration takes it."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
+    vol = volumes.load(cli.root, "v")
+    daemon = Daemon(vol, cli.root / "dev")
+    links = [SimpleNamespace(id=r["id"], mode=RW, synced=5) for r in vol.replicas]
+    daemon.engine = SimpleNamespace(replicas=links)  # type: ignore[assignment]
+
+    def flushed() -> list[int | None]:
+        return [r.get("flushed") for r in volumes.load(cli.root, "v").replicas]
+
+    async def main() -> None:
+        lock = locks.open_lock(vol.dir / "config.lock")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(daemon.keep_revisions_aside)
+                    await trio.sleep(0.3)  # (the loop runs on: the write waits for the lock)
+                    assert flushed() == [None, None]
+                    links[0].synced = 9
+                    os.close(lock)  # (let go: the write goes on)
+                    lock = -1
+        finally:
+            if lock >= 0:
+                os.close(lock)
+
+    trio.run(main)
+    assert flushed() == [9, 5]
+    assert daemon.vol.config == volumes.load(cli.root, "v").config
+    assert daemon._flushed_changes(daemon.vol.config) == {}
