@@ -1115,7 +1115,10 @@ class BackupStore:
                 f"{self._reader_said(*read[0])} is under way: backup {name} not removed; "
                 "try again once it is done"
             )
-        self.forget(volume, name)
+        # (not ``forget``: it would ask again whether the manifest is there; one removed
+        # meanwhile by another 'backup rm' is gone all the same, and its blocks are kept
+        # from the collection while a restore reads them, whatever this one saw)
+        self.bucket.delete(self._key(volume, name, "json"))
         return self.collect()
 
     def forget(self, volume: str, name: str) -> None:

@@ -21,6 +21,7 @@ from lhfs.core import logs
 from lhfs.core.procs import wait_for
 from lhfs.testing import LHFS, Cli, write_at
 from lhfs.volumes.manage import REPLICA_KEYS, VOLUME_KEYS
+from lhfs.volumes.mount import CAP_SYS_RESOURCE, capable
 
 pytestmark = needs_fuse
 MIB = 1 << 20
@@ -215,12 +216,6 @@ def _df_size(mountpoint: Path) -> int:
     return stat.f_blocks * stat.f_frsize
 
 
-def _has_cap_sys_resource() -> bool:
-    with open("/proc/self/status") as f:
-        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    return bool(caps >> 24 & 1)
-
-
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])
 def test_online_expansion_of_a_mounted_volume(cli: Cli, tmp_path: Path, fs: str) -> None:
     """Seen by df. Growing a mounted ext4 needs CAP_SYS_RESOURCE; where the process lacks it
@@ -242,7 +237,7 @@ def test_online_expansion_of_a_mounted_volume(cli: Cli, tmp_path: Path, fs: str)
         )
         done = cli.json("volume", "expand", "g", "--size", "640M")
         assert done["changed"] and done["loop"], done
-        online = fs == "xfs" or _has_cap_sys_resource()
+        online = fs == "xfs" or capable(CAP_SYS_RESOURCE)
         if online:
             assert done["filesystem"] == fs and done["mountpoint"] == str(mnt) and not done["todo"]
             assert _df_size(mnt) > before * 1.8

@@ -21,6 +21,7 @@ from conftest import needs_fuse
 from lhfs.core import logs
 from lhfs.core.procs import LHFS, wait_for
 from lhfs.testing import Cli, kill_engine, one_line
+from lhfs.volumes.mount import CAP_SYS_RESOURCE, capable
 
 
 def mounted(point: Path) -> bool:
@@ -69,12 +70,6 @@ def doctor(cli: Cli, *wrapper: str, env: dict[str, str] | None = None) -> tuple[
     return result.returncode, checks
 
 
-def has_capability(bit: int) -> bool:
-    with open("/proc/self/status") as f:
-        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    return bool(caps >> bit & 1)
-
-
 def test_doctor_checks_the_tools_a_mount_and_a_grow_run(cli: Cli, tmp_path: Path) -> None:
     """Every tool ``mount``, ``umount`` and ``volume expand`` run is checked where they look
     for it ($PATH): a missing grow tool (resize2fs, xfs_growfs) is a warning, saying what
@@ -111,7 +106,7 @@ def test_doctor_warns_of_a_host_that_cannot_grow_a_mounted_ext4(cli: Cli) -> Non
     doctor warns of it (exit 0: all else works), saying how it grows anyway; it fails a
     process without CAP_SYS_ADMIN, which can mount nothing."""
     _, checks = doctor(cli)
-    held = has_capability(24)
+    held = capable(CAP_SYS_RESOURCE)
     assert checks["cap_sys_resource"]["status"] == ("ok" if held else "warn"), checks
     assert checks["cap_sys_admin"]["status"] == "ok", checks
     dropped = ("setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource")

@@ -363,15 +363,37 @@ class Daemon:
 
     def keep_revisions(self) -> None:
         """Record the revisions the serving replicas hold durably (``_flushed_changes``), if
-        they moved: at attach, every ``DISKS_EVERY`` seconds while the volume is written, and
-        at detach, never per write. A record that cannot be written is logged: the one before
-        stays, older, which only checks less."""
+        they moved: at attach, every ``DISKS_EVERY`` seconds while the volume is written (in a
+        thread: ``keep_revisions_aside``), and at detach, never per write. A record that
+        cannot be written is logged: the one before stays, older, which only checks less."""
         if self.engine is None or not self._flushed_changes(self.vol.config):
             return
         try:
             self.vol.update(self._keep_flushed)
         except (LhfsError, OSError) as exc:
             log.warning("could not record the replicas' revisions: %s", exc)
+
+    async def keep_revisions_aside(self) -> None:
+        """``keep_revisions`` with its durable write (an fsync of the file and one of its
+        directory) in a worker thread: a slow root disk must not stall I/O. The write is
+        ordered with every other write of the configuration by its lock, which a thread holds
+        as another process would (``flock``: each holder opens it), and what it records is
+        computed under that lock from the replicas as they are then: a record written later
+        is never an older one. It changes a copy of the volume, never the configuration the
+        engine reads meanwhile; that one takes what was written unless it was reloaded
+        meanwhile (by an update on the event loop: newer, or one record behind, which the
+        next call writes again)."""
+        if self.engine is None or not self._flushed_changes(self.vol.config):
+            return
+        before = self.vol.config
+        aside = volumes.Volume(self.vol.root, self.vol.name, before)
+        try:
+            await trio.to_thread.run_sync(aside.update, self._keep_flushed)
+        except (LhfsError, OSError) as exc:
+            log.warning("could not record the replicas' revisions: %s", exc)
+            return
+        if self.vol.config is before:
+            self.vol.config = aside.config
 
     def _waiting_for(self) -> dict[str, Any] | object | None:
         """What ``last_rw`` should say now: the replica a faulted volume waits for, None once
@@ -1124,7 +1146,7 @@ class Daemon:
                 await self._disk_usage([{"id": link.id} for link in self.engine.replicas])
             except Exception as exc:  # (a replica's odd answer must not end the engine)
                 log.warning("could not ask the replicas about their disks: %s", exc)
-            self.keep_revisions()
+            await self.keep_revisions_aside()
             await trio.sleep(every)
 
     async def _watch_signals(self) -> None:

@@ -99,40 +99,43 @@ TOOLS = (
 )
 
 
+# (capability, check, status without it, held, lacked, hint)
+_CAPABILITIES = (
+    (
+        "CAP_SYS_ADMIN",
+        "cap_sys_admin",
+        FAIL,
+        "held: file systems and FUSE can be mounted",
+        "this process lacks CAP_SYS_ADMIN: nothing can be mounted (attach, mount)",
+        "run lhfs with it (a container: --cap-add SYS_ADMIN, or privileged)",
+    ),
+    (
+        "CAP_SYS_RESOURCE",
+        "cap_sys_resource",
+        WARN,
+        "held: a mounted ext4 can be grown online",
+        "this process lacks CAP_SYS_RESOURCE: volume expand cannot grow a mounted ext4 online "
+        "(xfs it can)",
+        "run lhfs with it (a container: --cap-add SYS_RESOURCE); else 'lhfs umount' and "
+        "'lhfs mount' grow it offline",
+    ),
+)
+
+
 def _capabilities() -> list[Check]:
     """What root may still lack (a container's root): CAP_SYS_ADMIN, without which nothing
     is mounted, and CAP_SYS_RESOURCE, which the kernel wants to grow a mounted ext4 (the
     commands lhfs runs inherit this process's capabilities)."""
-    from lhfs.volumes.mount import CAP_SYS_ADMIN, CAP_SYS_RESOURCE, capable
+    from lhfs.volumes import mount
 
     if os.geteuid() != 0:
         return []  # (the root check fails already: a user has none of them)
-    out = []
-    if capable(CAP_SYS_ADMIN):
-        out.append(Check("cap_sys_admin", OK, "held: file systems and FUSE can be mounted"))
-    else:
-        out.append(
-            Check(
-                "cap_sys_admin",
-                FAIL,
-                "this process lacks CAP_SYS_ADMIN: nothing can be mounted (attach, mount)",
-                "run lhfs with it (a container: --cap-add SYS_ADMIN, or privileged)",
-            )
-        )
-    if capable(CAP_SYS_RESOURCE):
-        out.append(Check("cap_sys_resource", OK, "held: a mounted ext4 can be grown online"))
-    else:
-        out.append(
-            Check(
-                "cap_sys_resource",
-                WARN,
-                "this process lacks CAP_SYS_RESOURCE: volume expand cannot grow a mounted "
-                "ext4 online (xfs it can)",
-                "run lhfs with it (a container: --cap-add SYS_RESOURCE); else 'lhfs umount' "
-                "and 'lhfs mount' grow it offline",
-            )
-        )
-    return out
+    return [
+        Check(check, OK, held)
+        if mount.capable(getattr(mount, capability))
+        else Check(check, status, lacked, hint)
+        for capability, check, status, held, lacked, hint in _CAPABILITIES
+    ]
 
 
 def _device(name: str, path: Path, hint: str) -> Check:

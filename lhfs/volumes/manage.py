@@ -678,10 +678,10 @@ def _grow_on_top(vol: volumes.Volume, size: int, only_behind: bool = False) -> d
     runtime = vol.runtime()
     if runtime is None:
         return {}
-    device = Path(runtime["device"])
-    if only_behind and not (mount.loop_behind(device, size) or mount.fs_behind(device)):
+    device, tried = Path(runtime["device"]), vol.dir / mount.GROW_TRIED
+    if only_behind and not (mount.loop_behind(device, size) or mount.fs_behind(device, tried)):
         return {}
-    return mount.grow(device, size)
+    return mount.grow(device, size, tried)
 
 
 def _grow_later(vol: volumes.Volume) -> str | None:

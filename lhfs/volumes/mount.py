@@ -398,20 +398,32 @@ def _fs_size(fstype: str | None, loop: str, mountpoint: str) -> int | None:
     return None if found is None else found[0]
 
 
-def fs_behind(device: Path) -> bool:
+def fs_behind(device: Path, tried: Path | None = None) -> bool:
     """Whether the file system mounted from a loop device on ``device`` is smaller than that
     loop device by a block or more: an expansion killed (or refused a tool or capability)
     after it grew the loop device and before it grew the file system. Its size is asked of
     its tool (``dumpe2fs``, ``xfs_growfs -n``); a tool that does not answer: behind (``grow``
-    then says what is missing)."""
+    then says what is missing). Not behind by a tail its grow tool found nothing to use in,
+    at this device size (``tried``: the volume's ``GROW_TRIED``, as a mount reads it)."""
     for loop in attachment.loops_backed_by(device):
         for mountpoint in attachment.mounted_at(loop)[:1]:
             fstype = _fstype_at(mountpoint)
             if fstype not in GROW:
                 continue
             size = _fs_size(fstype, loop, mountpoint)
-            if size is None or _capacity(loop) - size >= 4096:
+            if size is None:
                 return True
+            capacity = _capacity(loop)
+            if capacity - size >= 4096 and not _tried_at(tried, capacity, size):
+                return True
+    return False
+
+
+def _tried_at(tried: Path | None, capacity: int, size: int) -> bool:
+    """Whether ``tried`` (``GROW_TRIED``) says a grow found nothing to use in a file system of
+    ``size`` on a device of ``capacity``."""
+    with contextlib.suppress(OSError):
+        return tried is not None and tried.read_text().strip() == f"{capacity} {size}"
     return False
 
 
@@ -430,10 +442,12 @@ GROW = {"ext4": ["resize2fs", "{loop}"], "xfs": ["xfs_growfs", "{mountpoint}"]}
 GROW_TRIED = "grow-tried"  # (the device size at which resize2fs last found nothing to use)
 
 
-def grow(device: Path, size: int) -> dict[str, Any]:
+def grow(device: Path, size: int, tried: Path | None = None) -> dict[str, Any]:
     """After the volume behind ``device`` grew to ``size``: grow the loop device on it and the
     file system mounted there, online. Returns ``loop``, ``filesystem``, ``mountpoint`` (what
-    was grown) and ``todo``: None, or what an operator still has to run (and why)."""
+    was grown) and ``todo``: None, or what an operator still has to run (and why). A grow
+    that found nothing to use is recorded in ``tried`` (the volume's ``GROW_TRIED``), as a
+    mount records it: ``fs_behind`` does not have it tried again at the same device size."""
     out: dict[str, Any] = {"loop": None, "filesystem": None, "mountpoint": None, "todo": None}
     loops = attachment.loops_backed_by(device)
     if not loops:
@@ -476,7 +490,9 @@ def grow(device: Path, size: int) -> dict[str, Any]:
         return out
     after = _fs_size(fstype, loop, mountpoint)
     if before is not None and after is not None and after <= before:
-        return out  # (a few blocks its tool cannot use: nothing grown, nothing to do)
+        if tried is not None:  # (a few blocks its tool cannot use: nothing grown, nothing to do)
+            atomic_write(tried, f"{_capacity(loop)} {after}\n".encode())
+        return out
     return {**out, "filesystem": fstype, "mountpoint": mountpoint}
 
 
