@@ -121,10 +121,13 @@ def test_an_added_replica_refused_by_its_target_is_given_back_by_the_next_engine
 
     volumes.load(cli.root, "v").update(added)
     cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
-    ids = lambda: [r["id"] for r in volumes.load(cli.root, "v").config["replicas"]]  # noqa: E731
-    wait_for(lambda: ids() == ["r1"], 20, "the added replica to be given back")
+
+    def given_back() -> bool:  # (its id too: given back by a second update of the record)
+        config = volumes.load(cli.root, "v").config
+        return [r["id"] for r in config["replicas"]] == ["r1"] and config["next_replica"] == 2
+
+    wait_for(given_back, 20, "the added replica and its id to be given back")
     assert "replica r2 is given back: rebuild failed" in cli.engine_log("v")
-    assert volumes.load(cli.root, "v").config["next_replica"] == 2  # (its id too)
     assert (junk / "notes.txt").read_text() == "not a replica"
     assert cli.live("v")["state"] == "healthy"
     cli.run("volume", "detach", "v")
