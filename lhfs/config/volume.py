@@ -36,6 +36,7 @@ from lhfs.core.procs import argv_of, is_pid
 from lhfs.core.units import check_chunk_size, rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
+from lhfs.wire.protocol import MAX_START_EPOCH
 
 FORMAT = 1
 KEY_FILE = "key.json"
@@ -499,9 +500,12 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
         check_geometry(size, chunk_size)
     except InvalidArgument as exc:
         raise CorruptState(f"{path}: size and chunk_size: {exc}") from None
-    for field in ("epoch", "next_replica"):
-        if typed(field, (int,), "a whole number from 0") is not None and config[field] < 0:
-            raise bad(field, "a whole number from 0", config[field])
+    next_replica = typed("next_replica", (int,), "a whole number from 0")
+    if next_replica is not None and next_replica < 0:
+        raise bad("next_replica", "a whole number from 0", next_replica)
+    epoch = typed("epoch", (int,), "a whole number")  # (the next session's starts above it)
+    if epoch is not None and not 0 <= epoch <= MAX_START_EPOCH:
+        raise bad("epoch", f"a whole number from 0 to {MAX_START_EPOCH}", epoch)
     for field in ("name", "volume_id", "backing_image", "backing_image_name", "created"):
         typed(field, (str,), "a string or null")
     for field in ("settings", "backups", "snapshot_holds", "removing"):

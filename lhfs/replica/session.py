@@ -265,9 +265,12 @@ class Sessions:
         await _challenge(stream, p.HS_OK, key.id, server_nonce, proof, self.epoch)
         client_proof, role, epoch, owner = p.AUTH.unpack(await _exactly(stream, p.AUTH.size))
         expected = key.client_proof(server_nonce, client_nonce, role, epoch, owner)
-        if role not in p.ROLES or not auth.same(client_proof, expected) or epoch > p.MAX_EPOCH:
+        if role not in p.ROLES or not auth.same(client_proof, expected):
             await stream.send_all(p.WELCOME.pack(p.HS_DENIED))
             raise ProtocolError("the client could not prove it holds the volume's key")
+        if role == p.ENGINE and epoch >= p.MAX_EPOCH:  # (said as such: not as a wrong key)
+            await stream.send_all(p.WELCOME.pack(p.HS_EPOCH_RANGE))
+            raise ProtocolError(f"refused session epoch {epoch}: out of range")
         if role == p.ENGINE:
             if epoch < self.epoch or (epoch == self.epoch and owner != self.owner):
                 await stream.send_all(p.WELCOME.pack(p.HS_STALE))

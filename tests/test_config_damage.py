@@ -1,0 +1,91 @@
+"""A volume's configuration and its replicas' epoch files damaged by hand in ways that parse:
+refused in one line naming the file and the field, changing nothing; a session epoch out of
+range is said as such, never as a wrong key or another engine's takeover."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lhfs.core.errors import CorruptState
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli, one_line, raw_session
+from lhfs.wire import protocol as p
+from lhfs.wire.auth import VolumeKey
+
+MIB = 1 << 20
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its content: what "nothing changed" compares."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.endswith((".lock", ".log"))
+    }
+
+
+DAMAGE: dict[str, tuple[Any, str]] = {  # what is changed in config.json -> the field said
+    "epoch-near-the-limit": (lambda c: c.update(epoch=p.MAX_EPOCH - 2), "epoch must be"),
+    "epoch-beyond-64-bits": (lambda c: c.update(epoch=2**64), "epoch must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_field_is_refused_by_every_command(cli: Cli, tmp_path: Path, case: str) -> None:
+    """``doctor``, ``volume info`` and ``volume attach`` each refuse the configuration in one
+    line naming it and the field, with a non-zero exit, and nothing is changed."""
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "2")
+    path = cli.root / "volumes" / "v" / "config.json"
+    config = json.loads(path.read_text())
+    change, field = DAMAGE[case]
+    change(config)
+    path.write_text(json.dumps(config))
+    before = files(path.parent)
+    doctor = cli.run("doctor", "v", "--json", check=False)
+    assert doctor.returncode == 1, doctor.stderr
+    failed = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "fail"]
+    assert any(str(path) in d and field in d for d in failed), failed
+    for command in (("volume", "info", "v"), ("volume", "attach", "v", "--device", "dev")):
+        line = one_line(cli.run(*command, check=False))
+        assert str(path) in line and field in line, line
+    assert files(path.parent) == before
+
+
+def ask_for_epoch(address: str, key: VolumeKey, epoch: int) -> None:
+    """Make an engine's handshake asking for ``epoch`` as it is, past the checks an engine
+    makes before it asks (as an engine of another lhfs might)."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        handshake = p.ClientHandshake(key, address, p.ENGINE, 1, False, b"engine-9")
+        sock.sendall(handshake.hello())
+        handshake.answer(sock.recv(p.CHALLENGE.size, socket.MSG_WAITALL))
+        handshake.epoch = epoch
+        nonces = handshake._replica_nonce, handshake._nonce
+        proof = key.client_proof(*nonces, p.ENGINE, epoch, b"engine-9")
+        sock.sendall(p.AUTH.pack(proof, p.ENGINE, epoch, b"engine-9"))
+        handshake.welcome(sock.recv(p.WELCOME.size, socket.MSG_WAITALL))
+
+
+def test_an_epoch_out_of_range_is_said_as_such(tmp_path: Path, replica_factory) -> None:
+    """A replica refuses an engine session at the epoch limit saying "epoch out of range",
+    keeping nothing, and an engine never asks for one; an engine refuses a replica in a
+    session epoch above any an engine asks for as a damaged epoch file: not as a wrong key,
+    nor as another engine's takeover that would fault the volume."""
+    ChunkStore.create(tmp_path / "r", MIB, 64 << 10).close()
+    replica = replica_factory(tmp_path / "r")
+    before = files(tmp_path / "r")
+    with pytest.raises(CorruptState, match="epoch out of range"):
+        ask_for_epoch(replica.address, replica.key, p.MAX_EPOCH)
+    with pytest.raises(CorruptState, match=r"session epoch \d+ is out of range"):
+        raw_session(replica.address, replica.key, epoch=p.MAX_EPOCH, owner=b"engine-1")
+    assert files(tmp_path / "r") == before
+    raw_session(
+        replica.address, replica.key, epoch=p.MAX_START_EPOCH + 1, owner=b"engine-1"
+    ).close()
+    with pytest.raises(CorruptState, match="its epoch file is damaged"):
+        raw_session(replica.address, replica.key, epoch=5, owner=b"engine-2")
