@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import needs_fuse
 
 from lhfs.core.errors import CorruptState
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, one_line, raw_session
+from lhfs.testing import Cli, one_line, raw_session, read_direct, write_direct
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
 
@@ -89,3 +90,40 @@ def test_an_epoch_out_of_range_is_said_as_such(tmp_path: Path, replica_factory) 
     ).close()
     with pytest.raises(CorruptState, match="its epoch file is damaged"):
         raw_session(replica.address, replica.key, epoch=5, owner=b"engine-2")
+
+
+@pytest.mark.parametrize("text", ["xyz", f"{1 << 62} 0000000000000000", "-1 0000000000000000"])
+def test_a_replica_with_a_damaged_epoch_file_does_not_serve(
+    tmp_path: Path, replica_factory, text: str
+) -> None:
+    """Garbage, an epoch at the limit no session may reach, a negative one: the replica
+    refuses to serve in one line naming its epoch file, rather than refuse every engine."""
+    ChunkStore.create(tmp_path / "r", MIB, 64 << 10).close()
+    (tmp_path / "r" / "epoch").write_text(text)
+    with pytest.raises(RuntimeError) as refused:
+        replica_factory(tmp_path / "r").wait_ready()
+    assert f"{tmp_path / 'r' / 'epoch'} is damaged" in str(refused.value), refused.value
+
+
+@needs_fuse
+def test_one_replica_with_its_epoch_at_the_limit_leaves_the_others_serving(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """One replica's epoch file at the limit is damage of that replica alone: it is ERR saying
+    its epoch file is damaged, the other serves the data, and the volume is not faulted (it
+    once was, the sound replica marked ERR as if another engine had taken the volume over)."""
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "2")
+    device = tmp_path / "device"
+    cli.run("volume", "attach", "v", "--device", str(device))
+    write_direct(device, 0, b"e" * (64 << 10))
+    cli.run("volume", "detach", "v")
+    epoch = cli.root / "volumes" / "v" / "replicas" / "r1" / "epoch"
+    epoch.write_text(f"{p.MAX_EPOCH} 0000000000000000")
+    cli.run("volume", "attach", "v", "--device", str(device))
+    info = cli.info("v")
+    assert info["state"] == "degraded", info
+    modes = {r["id"]: (r["mode"], r["error"] or "") for r in info["replicas"]}
+    assert modes["r2"] == ("RW", ""), modes
+    assert modes["r1"][0] == "ERR" and f"{epoch} is damaged" in modes["r1"][1], modes
+    assert read_direct(device, 0, 64 << 10) == b"e" * (64 << 10)
+    cli.run("volume", "detach", "v")
