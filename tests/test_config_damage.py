@@ -33,6 +33,13 @@ def files(directory: Path) -> dict[str, bytes]:
 DAMAGE: dict[str, tuple[Any, str]] = {  # what is changed in config.json -> the field said
     "epoch-near-the-limit": (lambda c: c.update(epoch=p.MAX_EPOCH - 2), "epoch must be"),
     "epoch-beyond-64-bits": (lambda c: c.update(epoch=2**64), "epoch must be"),
+    "two-replicas-of-one-id": (
+        lambda c: c["replicas"][1].update(id=c["replicas"][0]["id"]),
+        "replicas[1].id must be an id no other replica",
+    ),
+    "no-replica": (lambda c: c.update(replicas=[]), "replicas must be a list of one"),
+    "unknown-mode": (lambda c: c["replicas"][0].update(mode="FOO"), "replicas[0].mode"),
+    "mode-in-lower-case": (lambda c: c["replicas"][1].update(mode="rw"), "replicas[1].mode"),
 }
 
 
@@ -54,6 +61,20 @@ def test_a_damaged_field_is_refused_by_every_command(cli: Cli, tmp_path: Path, c
     for command in (("volume", "info", "v"), ("volume", "attach", "v", "--device", "dev")):
         line = one_line(cli.run(*command, check=False))
         assert str(path) in line and field in line, line
+    assert files(path.parent) == before
+
+
+def test_the_only_replica_is_never_removed(cli: Cli) -> None:
+    """``replica rm`` of a volume's only replica is refused whatever its mode (ERR too), so
+    that lhfs never writes a configuration without replicas, which it refuses."""
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "1")
+    path = cli.root / "volumes" / "v" / "config.json"
+    config = json.loads(path.read_text())
+    config["replicas"][0].update(mode="ERR", error="its process did not start")
+    path.write_text(json.dumps(config))
+    before = files(path.parent)
+    line = one_line(cli.run("replica", "rm", "v", "r1", check=False))
+    assert "r1 is the only replica of v: a volume keeps one at least" in line, line
     assert files(path.parent) == before
 
 

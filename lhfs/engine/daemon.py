@@ -880,6 +880,8 @@ class Daemon:
                 "every acknowledged write: the volume waits for it to come back, so it cannot "
                 "be removed"
             )
+        if all(r["id"] == replica_id for r in self.vol.replicas):
+            raise WrongState(volumes.only_replica(self.vol.name, replica_id))
         if replica_id in self._rebuilds:
             self._rebuilds[replica_id].scope.cancel()
         if link is not None:
