@@ -148,3 +148,25 @@ def test_one_replica_with_its_epoch_at_the_limit_leaves_the_others_serving(
     assert modes["r1"][0] == "ERR" and f"{epoch} is damaged" in modes["r1"][1], modes
     assert read_direct(device, 0, 64 << 10) == b"e" * (64 << 10)
     cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_a_size_beyond_what_the_replicas_hold_is_refused_at_attach(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``size`` in config.json above what the serving replicas hold: attach is refused in one
+    line naming the file and the field, the recorded replicas left as they were (served, the
+    first write past the replicas' end faulted the volume)."""
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "2")
+    path = cli.root / "volumes" / "v" / "config.json"
+    config = json.loads(path.read_text())
+    config["size"] = 2 * MIB
+    path.write_text(json.dumps(config))
+    line = one_line(
+        cli.run("volume", "attach", "v", "--device", str(tmp_path / "dev"), check=False)
+    )
+    assert f"{path}: size must be at most what the replicas hold ({MIB} bytes" in line, line
+    after = json.loads(path.read_text())
+    assert after["size"] == 2 * MIB, after
+    assert [(r["mode"], r["error"]) for r in after["replicas"]] == [("RW", None)] * 2, after
+    assert cli.info("v")["state"] == "detached"
