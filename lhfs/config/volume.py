@@ -36,10 +36,12 @@ from lhfs.core.procs import argv_of, is_pid
 from lhfs.core.units import check_chunk_size, rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
+from lhfs.wire.protocol import MAX_START_EPOCH
 
 FORMAT = 1
 KEY_FILE = "key.json"
 FS_STATES = ("formatting", "formatted")  # a filesystem record's states (lhfs mount)
+MODES = ("RW", "WO", "ERR")  # a replica's modes, as the engine records them
 
 # A volume's settings: name -> (default, lowest, highest, what it means). Kept in its
 # configuration under "settings"; ``lhfs volume set`` changes them, also while attached.
@@ -101,6 +103,16 @@ def check_setting(name: str, value: float) -> float | int:
     if value != int(value):
         raise InvalidArgument(f"{name.replace('_', '-')} is a count: a whole number")
     return int(value)
+
+
+def only_replica(name: str, replica_id: str) -> str:
+    """Why ``replica rm`` keeps the only replica of volume ``name``, whatever its mode: a
+    volume with none has nothing to serve, nor to rebuild a new replica from."""
+    return (
+        f"{replica_id} is the only replica of {name}: a volume keeps one at least; add "
+        f"another first ('lhfs replica add {name}'), or remove the volume ('lhfs volume rm "
+        f"{name}')"
+    )
 
 
 def volumes_dir(root: Path) -> Path:
@@ -499,9 +511,12 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
         check_geometry(size, chunk_size)
     except InvalidArgument as exc:
         raise CorruptState(f"{path}: size and chunk_size: {exc}") from None
-    for field in ("epoch", "next_replica"):
-        if typed(field, (int,), "a whole number from 0") is not None and config[field] < 0:
-            raise bad(field, "a whole number from 0", config[field])
+    next_replica = typed("next_replica", (int,), "a whole number from 0")
+    if next_replica is not None and next_replica < 0:
+        raise bad("next_replica", "a whole number from 0", next_replica)
+    epoch = typed("epoch", (int,), "a whole number")  # (the next session's starts above it)
+    if epoch is not None and not 0 <= epoch <= MAX_START_EPOCH:
+        raise bad("epoch", f"a whole number from 0 to {MAX_START_EPOCH}", epoch)
     for field in ("name", "volume_id", "backing_image", "backing_image_name", "created"):
         typed(field, (str,), "a string or null")
     for field in ("settings", "backups", "snapshot_holds", "removing"):
@@ -531,15 +546,23 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
             except InvalidArgument as exc:
                 raise bad(f"settings.{key}", f"a valid value ({exc})", value) from None
     replicas = typed("replicas", (list,), "a list of replicas", needed=True)
+    if not replicas:  # (nothing to serve from: replica rm never removes the last one)
+        raise bad("replicas", "a list of one replica or more", replicas)
+    ids: set[str] = set()
     for i, replica in enumerate(replicas):
         field = f"replicas[{i}]"
         if not isinstance(replica, dict):
             raise bad(field, "an object", replica)
         if not isinstance(replica.get("id"), str):
             raise bad(f"{field}.id", "a string", replica.get("id"))
+        if replica["id"] in ids:  # (two would be one directory, one process, one mode)
+            raise bad(f"{field}.id", "an id no other replica of the volume has", replica["id"])
+        ids.add(replica["id"])
         for key in ("address", "mode", "error", "disk", "uid", "tls_ca", "held"):
             if replica.get(key) is not None and not isinstance(replica[key], str):
                 raise bad(f"{field}.{key}", "a string or null", replica[key])
+        if replica.get("mode") is not None and replica["mode"] not in MODES:
+            raise bad(f"{field}.mode", "one of " + ", ".join(MODES), replica["mode"])
         for key in ("local", "rotten_backing", "unbuilt"):  # (a "no" would be taken for true)
             if replica.get(key) is not None and not isinstance(replica[key], bool):
                 raise bad(f"{field}.{key}", "true, false or null", replica[key])

@@ -31,6 +31,7 @@ from lhfs.core import locks, logs
 from lhfs.core.durable import atomic_write_json, drop_device
 from lhfs.core.errors import (
     AlreadyExists,
+    CorruptState,
     InvalidArgument,
     LhfsError,
     NoAnswer,
@@ -920,6 +921,8 @@ class Daemon:
                 "every acknowledged write: the volume waits for it to come back, so it cannot "
                 "be removed"
             )
+        if all(r["id"] == replica_id for r in self.vol.replicas):
+            raise WrongState(volumes.only_replica(self.vol.name, replica_id))
         if replica_id in self._rebuilds:
             self._rebuilds[replica_id].scope.cancel()
         if link is not None:
@@ -999,6 +1002,7 @@ class Daemon:
             )
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))
+            await self._check_size()
             await self._finish_expansion()
             with contextlib.suppress(LhfsError):  # (its answers: what each holds durably)
                 await self.engine.flush()
@@ -1086,6 +1090,23 @@ class Daemon:
                 )
             )
         return records
+
+    async def _check_size(self) -> None:
+        """Refuse a configuration that says the volume is larger than a replica that serves
+        it holds (``size`` edited by hand: lhfs records a size once every replica has it):
+        the engine would serve past the replicas' end, and the first write there would fault
+        the volume. A replica that missed an expansion is ERR, never one that serves."""
+        for link in self.engine.replicas:
+            if link.mode == RW and link.client is not None:
+                try:
+                    held = (await link.client.info())["size"]
+                except LhfsError:  # (gone meanwhile: its next request fails it, as any)
+                    continue
+                if held < self.vol.size:
+                    raise CorruptState(
+                        f"{self.vol.dir / 'config.json'}: size must be at most what the "
+                        f"replicas hold ({held} bytes: {link.id}), not {self.vol.size}"
+                    )
 
     async def _finish_expansion(self) -> None:
         """An online expansion records the new size in the configuration once every replica

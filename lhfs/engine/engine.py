@@ -39,6 +39,7 @@ import trio
 from lhfs.core.errors import (
     Busy,
     ConnectionLost,
+    CorruptState,
     InvalidArgument,
     LhfsError,
     NoSpace,
@@ -238,6 +239,10 @@ class Engine:
         stuck as one that leaves I/O unanswered, and a hung local one is killed sooner."""
         local = self.local_names.get(address)
         earlier = [r.client for r in self.replicas if r.address == address and r.client]
+        if self.epoch + 1 >= p.MAX_EPOCH:  # (never asked for, nor kept: replicas refuse it)
+            raise CorruptState(
+                f"session epoch {self.epoch + 1} is out of range (epochs stay below {p.MAX_EPOCH})"
+            )
         self.epoch += 1
         self.on_epoch(self.epoch)
         client = await ReplicaClient.connect(

@@ -118,15 +118,30 @@ class Sessions:
         self.said = Quiet()
 
     def _load_epoch(self) -> tuple[int, bytes]:
+        """The epoch and engine the file records. A damaged one (garbage, an epoch at or past
+        the limit no session may reach) stops the replica from serving, as any damage of its
+        directory: taken as it is, an epoch no engine can go above would have every engine
+        refused as older, which its volume takes for another engine's takeover (and faults)."""
+        path = self.dir / EPOCH_FILE
         try:
-            text = (self.dir / EPOCH_FILE).read_text()
+            text = path.read_text()
         except FileNotFoundError:
             return 0, p.NO_OWNER
+        except (OSError, ValueError) as exc:
+            raise CorruptState(f"{path} cannot be read: {exc}") from None
+        fields = text.split()
         try:
-            epoch, owner = text.split()
-            return int(epoch), bytes.fromhex(owner)
-        except ValueError:
-            raise CorruptState(f"{self.dir / EPOCH_FILE} is damaged: {text[:40]!r}") from None
+            epoch, owner = int(fields[0]), bytes.fromhex(fields[1])
+        except (ValueError, IndexError):
+            owner = b""
+        if len(fields) != 2 or len(owner) != len(p.NO_OWNER):
+            raise CorruptState(f"{path} is damaged: {text[:40]!r}")
+        if not 0 <= epoch < p.MAX_EPOCH:
+            raise CorruptState(
+                f"{path} is damaged: epoch {epoch} is out of range (epochs stay below "
+                f"{p.MAX_EPOCH})"
+            )
+        return epoch, owner
 
     def _record_epoch(self, epoch: int, owner: bytes) -> None:
         """Durable before the session that asked for it is accepted: after a crash the
@@ -265,9 +280,12 @@ class Sessions:
         await _challenge(stream, p.HS_OK, key.id, server_nonce, proof, self.epoch)
         client_proof, role, epoch, owner = p.AUTH.unpack(await _exactly(stream, p.AUTH.size))
         expected = key.client_proof(server_nonce, client_nonce, role, epoch, owner)
-        if role not in p.ROLES or not auth.same(client_proof, expected) or epoch > p.MAX_EPOCH:
+        if role not in p.ROLES or not auth.same(client_proof, expected):
             await stream.send_all(p.WELCOME.pack(p.HS_DENIED))
             raise ProtocolError("the client could not prove it holds the volume's key")
+        if role == p.ENGINE and epoch >= p.MAX_EPOCH:  # (said as such: not as a wrong key)
+            await stream.send_all(p.WELCOME.pack(p.HS_EPOCH_RANGE))
+            raise ProtocolError(f"refused session epoch {epoch}: out of range")
         if role == p.ENGINE:
             if epoch < self.epoch or (epoch == self.epoch and owner != self.owner):
                 await stream.send_all(p.WELCOME.pack(p.HS_STALE))

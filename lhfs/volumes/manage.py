@@ -1094,6 +1094,8 @@ def _replica_remove_offline(
             f"acknowledged write: the next attach serves from it alone, so it cannot be "
             f"removed{lose}"
         )
+    if len(vol.replicas) == 1:  # (of any mode: a volume without replicas is none)
+        raise WrongState(volumes.only_replica(vol.name, replica_id))
 
     def drop(config: dict[str, Any]) -> None:
         config["replicas"] = [r for r in config["replicas"] if r["id"] != replica_id]

@@ -12,7 +12,8 @@ Handshake (see ``auth`` for the proofs), every field fixed-size:
 4. replica: ``WELCOME`` = a status: accepted, or denied (a bad proof), or stale (an engine
    session older than the replica's epoch: see ``replica.server`` on fencing), or "no epoch"
    followed by ``ERRNO``: the replica could not record the epoch asked for (its disk is
-   read-only or full), and says why rather than closing the connection unexplained.
+   read-only or full), and says why rather than closing the connection unexplained; or
+   "epoch out of range": the epoch asked for is at or beyond ``MAX_EPOCH``.
 
 Roles: an ``ENGINE`` session may do everything and is fenced by epochs; a ``READER`` session (a
 backup reading a snapshot, a replica pulling from its rebuild source) may only read, and has
@@ -45,6 +46,7 @@ import trio
 from lhfs.core.errors import (
     AuthenticationFailed,
     Busy,
+    CorruptState,
     Fenced,
     LhfsError,
     ProtocolError,
@@ -65,6 +67,7 @@ AUTH = struct.Struct("<32sBQ8s")  # client proof, role, epoch, the engine's iden
 WELCOME = struct.Struct("<B")  # status
 
 HS_OK, HS_VERSION, HS_WRONG_VOLUME, HS_DENIED, HS_STALE, HS_BUSY, HS_NO_EPOCH = range(7)
+HS_EPOCH_RANGE = 7  # (a welcome: the epoch asked for is not below ``MAX_EPOCH``)
 ERRNO = struct.Struct("<H")  # after an ``HS_NO_EPOCH`` welcome: why the disk refused the epoch
 # Which bound an ``HS_BUSY`` challenge met, in its epoch field (older replicas send 0):
 BUSY_SOURCE, BUSY_HANDSHAKES, BUSY_SESSIONS = 1, 2, 3
@@ -73,7 +76,12 @@ NO_OWNER = bytes(8)  # the identity of a session that is not an engine's (tools,
 # The volume a probe names (``client.answers_plain``): a client whose TLS handshake failed asks
 # whether the replica answers without TLS; no volume's identity is all zeros.
 PROBE_VOLUME = bytes(16)
-MAX_EPOCH = 1 << 62  # epochs grow by one per session: never near the field's limit
+# Session epochs stay below ``MAX_EPOCH``: none is asked for, granted or kept at it or above.
+# They grow by one per session from the volume's configuration, which may hold at most
+# ``MAX_START_EPOCH``: the 2**61 epochs between are room no volume counts through, so that an
+# epoch near the limit is always damage (a file edited by hand), never a volume grown old.
+MAX_EPOCH = 1 << 62
+MAX_START_EPOCH = MAX_EPOCH >> 1
 ROLES = (ENGINE, READER)
 
 HEADER = struct.Struct("<IIH")  # length of what follows the length field, request id, op/status
@@ -451,12 +459,21 @@ class ClientHandshake:
                 self.key.volume,
             )
         expected = self.key.server_proof(self._nonce, nonce, epoch)
-        if status != HS_OK or not auth.same(proof, expected) or epoch > MAX_EPOCH:
+        if status != HS_OK or not auth.same(proof, expected):
             raise AuthenticationFailed(
                 f"{self.address} could not prove it holds the key of volume {self.key.volume}"
             )
+        if self.role == ENGINE and epoch > MAX_START_EPOCH:  # (no engine asked for it)
+            raise CorruptState(
+                f"replica {self.address} is in session epoch {epoch}, out of range (no engine "
+                f"asks for one above {MAX_START_EPOCH}): its epoch file is damaged"
+            )
         if self.role == ENGINE and self.takeover:
             self.epoch = max(self.epoch, epoch + 1)
+        if not 0 <= self.epoch < MAX_EPOCH:  # (never sent: a replica would refuse it)
+            raise CorruptState(
+                f"session epoch {self.epoch} is out of range (epochs stay below {MAX_EPOCH})"
+            )
         self.replica_epoch = epoch
         self._replica_nonce = nonce
         proof = self.key.client_proof(nonce, self._nonce, self.role, self.epoch, self.owner)
@@ -481,6 +498,11 @@ class ClientHandshake:
             raise StorageError(
                 f"replica at {self.address} cannot record its epoch: "
                 + (os.strerror(code) if code else "its disk refused it")
+            )
+        if status == HS_EPOCH_RANGE:
+            raise CorruptState(
+                f"replica {self.address} refused session epoch {self.epoch}: epoch out of range "
+                f"(epochs stay below {MAX_EPOCH})"
             )
         if status == HS_STALE:
             raise Fenced(
