@@ -31,13 +31,12 @@ def files(directory: Path) -> dict[str, bytes]:
 
 
 DAMAGE: dict[str, tuple[Any, str]] = {  # what is changed in config.json -> the field said
-    "epoch-near-the-limit": (lambda c: c.update(epoch=p.MAX_EPOCH - 2), "epoch must be"),
+    "epoch-at-the-limit": (lambda c: c.update(epoch=p.MAX_EPOCH), "epoch must be"),
     "epoch-beyond-64-bits": (lambda c: c.update(epoch=2**64), "epoch must be"),
     "two-replicas-of-one-id": (
         lambda c: c["replicas"][1].update(id=c["replicas"][0]["id"]),
         "replicas[1].id must be an id no other replica",
     ),
-    "no-replica": (lambda c: c.update(replicas=[]), "replicas must be a list of one"),
     "unknown-mode": (lambda c: c["replicas"][0].update(mode="FOO"), "replicas[0].mode"),
     "mode-in-lower-case": (lambda c: c["replicas"][1].update(mode="rw"), "replicas[1].mode"),
 }
@@ -64,9 +63,43 @@ def test_a_damaged_field_is_refused_by_every_command(cli: Cli, tmp_path: Path, c
     assert files(path.parent) == before
 
 
+UNSERVABLE: dict[str, tuple[Any, str]] = {  # loads, but no session can start from it
+    "epoch-near-the-limit": (lambda c: c.update(epoch=p.MAX_EPOCH - 2), "epoch must be"),
+    "no-replica": (lambda c: c.update(replicas=[]), "replicas is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSERVABLE))
+def test_a_configuration_no_engine_can_serve_is_refused_by_attach_and_doctor(
+    cli: Cli, case: str
+) -> None:
+    """A configuration that loads but that no engine may serve (a session epoch past where
+    one may start, no replica left: an lhfs from before ``replica rm`` kept the last one
+    could remove it) is refused by an attach and failed by ``doctor``, in one line naming
+    the file and the field, changing nothing; ``volume info`` shows it and ``volume rm``
+    removes it (it was refused by every command, ``volume rm`` too: stuck for good)."""
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "2")
+    path = cli.root / "volumes" / "v" / "config.json"
+    config = json.loads(path.read_text())
+    change, field = UNSERVABLE[case]
+    change(config)
+    path.write_text(json.dumps(config))
+    before = files(path.parent)
+    doctor = cli.run("doctor", "v", "--json", check=False)
+    assert doctor.returncode == 1, doctor.stderr
+    failed = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "fail"]
+    assert any(str(path) in d and field in d for d in failed), failed
+    line = one_line(cli.run("volume", "attach", "v", "--device", "dev", check=False))
+    assert str(path) in line and field in line, line
+    assert files(path.parent) == before
+    assert cli.info("v")["name"] == "v"
+    cli.run("volume", "rm", "v")
+    assert not path.parent.exists()
+
+
 def test_the_only_replica_is_never_removed(cli: Cli) -> None:
     """``replica rm`` of a volume's only replica is refused whatever its mode (ERR too), so
-    that lhfs never writes a configuration without replicas, which it refuses."""
+    that lhfs never writes a configuration without replicas, which no engine can serve."""
     cli.run("volume", "create", "v", "--size", "1M", "--replicas", "1")
     path = cli.root / "volumes" / "v" / "config.json"
     config = json.loads(path.read_text())

@@ -35,10 +35,12 @@ def test_a_restore_onto_a_backing_image_reads_each_of_its_blocks_once(
     cli: Cli, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Which blocks the new volume holds already is asked of the image before any is written:
-    what that read found is what the writes compare with (the image was read twice)."""
+    what that read found is what the writes compare with (the image was read twice); and
+    the image's holes are not read at all (a thin image's zeros cost as much as data)."""
     rng = random.Random(5)
     raw = tmp_path / "base.raw"
-    raw.write_bytes(rng.randbytes(3 * MIB) + bytes(MIB))  # (its last MiB zeros)
+    raw.write_bytes(rng.randbytes(3 * MIB))
+    os.truncate(raw, 4 * MIB)  # (its last MiB a hole: zeros that are never read)
     cli.run("backing-image", "create", "base", "--from", str(raw))
     cli.run("volume", "create", "a", "--size", "8M", "--replicas", "1", "--backing-image", "base")
     # data over the image, zeros over it, data over its zeros, data past it
@@ -78,7 +80,7 @@ def test_a_restore_onto_a_backing_image_reads_each_of_its_blocks_once(
         assert {c for layer in store.chain for c in layer.index} == {o // CHUNK for o in writes}
     # (the image's content hashed as the volume is made: in reads of 4 MiB)
     read = [(offset, length) for ino, offset, length in reads if ino == image and length == MIB]
-    assert sorted(read) == [(0, MIB), (MIB, MIB), (2 * MIB, MIB), (3 * MIB, MIB)], read
+    assert sorted(read) == [(0, MIB), (MIB, MIB), (2 * MIB, MIB)], read
 
 
 def test_backup_rm_asks_once_whether_the_backup_is_there(

@@ -45,6 +45,7 @@ from lhfs.core.errors import (
 from lhfs.core.names import IMAGE_BACKUPS, check_backup_name, check_name, check_volume_name
 from lhfs.core.procs import wait_for
 from lhfs.engine import control, housekeeping
+from lhfs.store.backing import hole_at
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.store.layer import pwrite_all
 from lhfs.volumes import attachment, images, manage
@@ -421,12 +422,13 @@ def _drop_snapshot(vol: volumes.Volume, snapshot: str) -> str:
     intent is recorded first and finished by whoever next works on the replicas); a kill
     leaves the snapshot to housekeeping, as does a removal that fails, or waits for a command
     that holds the volume for more than ``DROP_WAIT`` seconds."""
-    config = volumes.load(vol.root, vol.name).config
-    recorded = {str(r.get("snapshot")) for r in (config.get("backups") or {}).values()}
-    if housekeeping.holders(config).get(snapshot) != os.getpid() or snapshot in recorded:
-        return f"; its snapshot {snapshot} stays: another backup holds it now"
     try:
         with attachment.exclusive(vol, wait=DROP_WAIT, busy="another command{pid} holds it"):
+            # (asked under the lock: a backup that names it while this waited takes it over)
+            config = volumes.load(vol.root, vol.name).config
+            recorded = {str(r.get("snapshot")) for r in (config.get("backups") or {}).values()}
+            if housekeeping.holders(config).get(snapshot) != os.getpid() or snapshot in recorded:
+                return f"; its snapshot {snapshot} stays: another backup holds it now"
             manage.snapshot_remove(vol.root, vol.name, snapshot)
     except LhfsError as exc:
         return f"; its snapshot {snapshot} stays until housekeeping trims it (not removed: {exc})"
@@ -814,6 +816,8 @@ class _RestoreWriter:
         at = index * self.block
         if self.image < 0 or at >= self.image_size:
             return None
+        if hole_at(self.image, at, min(at + self.block, self.image_size)):
+            return bytes(self.block)
         found = os.pread(self.image, min(self.block, self.image_size - at), at)
         return found + bytes(self.block - len(found))
 

@@ -68,6 +68,7 @@ from lhfs.core.errors import (
 from lhfs.core.names import NAME, check_name, check_volume_name
 from lhfs.core.procs import LHFS, child_env, is_lhfs, is_pid, wait_for
 from lhfs.core.units import rfc3339
+from lhfs.store.backing import hole_at
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.volumes import images, manage
 from lhfs.volumes.standby import (
@@ -813,6 +814,9 @@ def _image_blocks(vol: volumes.Volume, block: int, count: int) -> list[str | Non
     held: list[str | None] = []
     with open(path, "rb") as image:
         for index in range(count):
+            if hole_at(image.fileno(), index * block, (index + 1) * block):
+                held.append(None)  # (zeros, not read: a thin image is mostly holes)
+                continue
             data = os.pread(image.fileno(), block, index * block)
             zero = not data.strip(b"\0")
             held.append(None if zero else digest_of(data + bytes(block - len(data))))

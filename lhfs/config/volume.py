@@ -36,7 +36,7 @@ from lhfs.core.procs import argv_of, is_pid
 from lhfs.core.units import check_chunk_size, rfc3339
 from lhfs.store.chunkstore import check_geometry
 from lhfs.wire.auth import VolumeKey
-from lhfs.wire.protocol import MAX_START_EPOCH
+from lhfs.wire.protocol import MAX_EPOCH, MAX_START_EPOCH
 
 FORMAT = 1
 KEY_FILE = "key.json"
@@ -113,6 +113,27 @@ def only_replica(name: str, replica_id: str) -> str:
         f"another first ('lhfs replica add {name}'), or remove the volume ('lhfs volume rm "
         f"{name}')"
     )
+
+
+def unservable(vol: Volume) -> str | None:
+    """Why a volume whose configuration loads cannot be served, if it cannot: no replica
+    left (an lhfs from before ``replica rm`` kept the last one could remove it), or a session
+    epoch past ``MAX_START_EPOCH`` (edited by hand: sessions count up from it, and none may
+    reach the wire's limit). Refused by an attach and said by ``doctor``; ``volume info``
+    and ``volume rm`` still take it."""
+    path = vol.dir / "config.json"
+    if not vol.config["replicas"]:
+        return (
+            f"{path}: replicas is empty: volume {vol.name} has no replica left to serve "
+            f"from; remove it ('lhfs volume rm {vol.name}') and restore it from a backup"
+        )
+    epoch = vol.config.get("epoch") or 0
+    if epoch > MAX_START_EPOCH:
+        return (
+            f"{path}: epoch must be at most {MAX_START_EPOCH} for a session to start from it, "
+            f"not {epoch} (the file was edited or damaged)"
+        )
+    return None
 
 
 def volumes_dir(root: Path) -> Path:
@@ -514,9 +535,12 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
     next_replica = typed("next_replica", (int,), "a whole number from 0")
     if next_replica is not None and next_replica < 0:
         raise bad("next_replica", "a whole number from 0", next_replica)
-    epoch = typed("epoch", (int,), "a whole number")  # (the next session's starts above it)
-    if epoch is not None and not 0 <= epoch <= MAX_START_EPOCH:
-        raise bad("epoch", f"a whole number from 0 to {MAX_START_EPOCH}", epoch)
+    # (below the wire's limit: an engine never records one above it; whether a volume may
+    # still start a session from it is ``unservable``'s question, so that a volume left there
+    # can still be looked at and removed)
+    epoch = typed("epoch", (int,), "a whole number")
+    if epoch is not None and not 0 <= epoch < MAX_EPOCH:
+        raise bad("epoch", f"a whole number from 0 to {MAX_EPOCH - 1}", epoch)
     for field in ("name", "volume_id", "backing_image", "backing_image_name", "created"):
         typed(field, (str,), "a string or null")
     for field in ("settings", "backups", "snapshot_holds", "removing"):
@@ -546,8 +570,6 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
             except InvalidArgument as exc:
                 raise bad(f"settings.{key}", f"a valid value ({exc})", value) from None
     replicas = typed("replicas", (list,), "a list of replicas", needed=True)
-    if not replicas:  # (nothing to serve from: replica rm never removes the last one)
-        raise bad("replicas", "a list of one replica or more", replicas)
     ids: set[str] = set()
     for i, replica in enumerate(replicas):
         field = f"replicas[{i}]"

@@ -65,13 +65,19 @@ def surplus(names: list[str], keep: int, protected: set[str]) -> list[str]:
 @contextlib.contextmanager
 def hold(vol: volumes.Volume, snapshot: str) -> Iterator[None]:
     """Keep housekeeping off ``snapshot`` while the block runs (a backup reading it). A hold
-    whose process died is ignored: a crash leaves nothing that would keep a snapshot forever."""
+    whose process died is ignored: a crash leaves nothing that would keep a snapshot forever.
+    A later hold of the same snapshot takes it over; an earlier one ending then leaves it."""
 
     def add(config: dict[str, Any]) -> None:
         config["snapshot_holds"] = holders(config) | {snapshot: os.getpid()}  # (the dead go)
+
+    def drop(config: dict[str, Any]) -> None:
+        holds = config.get("snapshot_holds") or {}
+        if holds.get(snapshot) == os.getpid():  # (not another's that took it over)
+            holds.pop(snapshot)
 
     vol.update(add)
     try:
         yield
     finally:
-        vol.update(lambda config: (config.get("snapshot_holds") or {}).pop(snapshot, None))
+        vol.update(drop)

@@ -67,6 +67,16 @@ def content_id(path: Path, progress: Callable[[int, int], None] | None = None) -
     return f"{digest.hexdigest()}-{size}"
 
 
+def hole_at(fd: int, start: int, end: int) -> bool:
+    """Whether bytes ``start`` to ``end`` of the open file ``fd`` are a hole (zeros that need
+    not be read: a thin image is mostly holes, and reading them costs as much as data);
+    False where the file system cannot tell."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) >= end
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # (no data at all past ``start``)
+
+
 def id_size(image_id: str) -> int:
     """The size in bytes recorded in an image id."""
     return int(image_id.rsplit("-", 1)[1])

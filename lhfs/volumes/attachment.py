@@ -25,7 +25,15 @@ from typing import Any
 from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
 from lhfs.core.durable import drop_device
-from lhfs.core.errors import AlreadyExists, Busy, InvalidArgument, LhfsError, NotFound, WrongState
+from lhfs.core.errors import (
+    AlreadyExists,
+    Busy,
+    CorruptState,
+    InvalidArgument,
+    LhfsError,
+    NotFound,
+    WrongState,
+)
 from lhfs.core.mounts import kernel_path, loops_backed_by, mount_table, mounted_at
 from lhfs.core.mounts import unescape as unescape  # (read by ``mount``)
 from lhfs.core.procs import LHFS, child_env, read_line_matching, stopped, wait_for
@@ -408,6 +416,9 @@ def _attach(
     vol.require_not_standby("attaching it")
     if not restoring:
         vol.require_complete(f"attaching it ('lhfs volume rm {name}' and restore again)")
+    unservable = volumes.unservable(vol)
+    if unservable is not None:
+        raise CorruptState(unservable)
     device = device.absolute()
     real = Path(os.path.realpath(device))
     # the device files lhfs itself puts there (``lhfs mount``'s, a restore's) and no other

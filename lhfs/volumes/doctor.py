@@ -225,6 +225,9 @@ def _volume(root: Path, name: str) -> list[Check]:
     except LhfsError as exc:
         return [Check("volume", FAIL, str(exc), f"{lhfs} volume ls")]
     out = []
+    unservable = volumes.unservable(vol)
+    if unservable is not None:
+        out.append(Check("volume", FAIL, unservable, f"{lhfs} volume info {name}"))
     try:
         largest = largest_file(vol.dir)
         if vol.size > largest:
