@@ -133,6 +133,26 @@ def digest_of(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def slot_lengths(manifest: dict[str, Any], index: int) -> tuple[int, ...]:
+    """The lengths block ``index`` of a backup may have: its block size (every block is
+    padded to it), or for the last one what is left of the volume (read short by an lhfs
+    from before the padding). A stored block of another length (the right digest of other
+    content, named by a manifest someone who can write the bucket changed) would be written
+    over its neighbours' places, or leave part of its own unwritten."""
+    block, size = manifest["block_size"], manifest["size"]
+    last = index == len(manifest["blocks"]) - 1
+    return (block, size - index * block) if last else (block,)
+
+
+def check_slot(manifest: dict[str, Any], index: int, data: bytes, what: str) -> None:
+    """Refuse block ``index`` of a backup (``what``) that does not fit its place."""
+    if len(data) not in slot_lengths(manifest, index):
+        raise CorruptState(
+            f"block {index} of {what} is {len(data)} bytes, not the {manifest['block_size']} "
+            "of its backup's blocks: the manifest names another backup's block"
+        )
+
+
 @dataclass
 class BackupStats:
     blocks: int = 0
@@ -964,6 +984,7 @@ class BackupStore:
         by_first = {indexes[0]: indexes for indexes in places.values()}
         for first, data in self.fetch((indexes[0], d) for d, indexes in places.items()):
             for index in by_first[first]:
+                check_slot(manifest, index, data, f"backup {name} of volume {volume}")
                 write_block(index, data)
                 done += 1
             progress(100 * done / max(1, total), done * block, total * block)
@@ -1300,6 +1321,7 @@ class BackupStore:
         # digest -> every backup naming it (a bad block is reported with all it breaks)
         users: dict[str, set[tuple[str, str]]] = {}
         blocks: dict[str, tuple[int, set[str]]] = {}  # block digest -> size, objects it needs
+        fits: dict[str, set[int]] = {}  # block digest -> the lengths every place it has allows
         for (vol, name), manifest in manifests.items():
             recipes = manifest.get("deltas", {})
             for index, digest in enumerate(manifest["blocks"]):
@@ -1307,6 +1329,8 @@ class BackupStore:
                     recipe = recipes.get(str(index))
                     parts = {recipe["base"], recipe["delta"]} if recipe else {digest}
                     blocks[digest] = (manifest["block_size"], parts)
+                    allowed = set(slot_lengths(manifest, index))
+                    fits[digest] = fits.get(digest, allowed) & allowed
                     for used in {digest, *parts}:
                         users.setdefault(used, set()).add((vol, name))
                     for part in parts:
@@ -1331,6 +1355,12 @@ class BackupStore:
                 done += size
                 if isinstance(result, CorruptState):
                     problems.append(f"{result} ({_named(users[digest])})")
+                    broken |= users[digest]
+                elif len(result) not in fits[digest]:  # (a manifest names another's block)
+                    problems.append(
+                        f"block {digest} is {len(result)} bytes, not the block size of every "
+                        f"backup naming it ({_named(users[digest])})"
+                    )
                     broken |= users[digest]
                 else:
                     read += 1

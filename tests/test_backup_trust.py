@@ -35,7 +35,7 @@ from backupstore.store import (
 from lhfs.backups.backup import backup_url
 from lhfs.core.errors import CorruptState
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli, write_at
+from lhfs.testing import Cli, one_line, write_at
 
 pytestmark = needs_fuse
 MIB = 1 << 20
@@ -651,6 +651,46 @@ def test_a_resealed_manifest_with_fields_of_the_wrong_type_is_refused_in_one_lin
     listing = cli.run("backup", "ls", "--target", target, check=False)
     assert listing.returncode == 1 and listing.stderr.count("\n") == 1, listing.stderr
     assert "the store record s3://trust-fields/p cannot be read" in listing.stderr
+
+
+def test_a_manifest_naming_a_block_of_another_size_is_refused_before_it_is_written(
+    cli: Cli, s3_endpoint: str
+) -> None:
+    """A manifest re-sealed to name, at one place, a block of another backup whose blocks are
+    larger (its digest right, its content whole): a restore and a DR standby refuse it in one
+    line, where they wrote its megabyte over the blocks after its place (those the manifest
+    says are zeros are never written: they kept the stray bytes, and a standby recorded them
+    as zeros for good); ``backup check --read-data`` names it."""
+    target = "s3://trust-slot/p"
+    store, _, large = small_backup(target)  # (volume v: 1 MiB blocks)
+    rng = random.Random(4)
+    small = [rng.randbytes(64 << 10), *[bytes(64 << 10)] * 15]
+    manifest, _ = store.create(
+        "w", "b1", MIB, lambda index, size: small[index], block_size=64 << 10,
+        extra={"chunk_size": 64 << 10},
+    )  # fmt: skip
+    blocks = list(manifest["blocks"])
+    blocks[1] = large["blocks"][0]
+    reseal(store, "volumes/w/b1.json", json.dumps({**manifest, "blocks": blocks}).encode())
+    said = "block 1 of backup b1 of volume w is 1048576 bytes, not the 65536 of its backup's"
+    url = backup_url(store.bucket.target, "w", "b1")
+    restore = one_line(cli.run("backup", "restore", url, "copy", "--quiet", check=False))
+    assert said in restore, restore
+    assert "copy" not in cli.run("volume", "ls").stdout
+    check = cli.run("backup", "check", "--target", target, "--read-data", "--json", check=False)
+    assert check.returncode == 3, check.stderr
+    (problem,) = json.loads(check.stdout)["problems"]
+    assert "is 1048576 bytes, not the block size of every backup naming it" in problem, problem
+    cli.run(
+        "dr", "create", "standby", "--target", target, "--volume", "w", "--replicas", "1",
+        "--interval", "1", "--quiet", check=False,
+    )  # fmt: skip
+    status = wait_for(
+        lambda: (s := cli.json("dr", "status", "standby"))["last_error"] and s,
+        60,
+        "the standby to refuse the block",
+    )
+    assert "is 1048576 bytes, not the 65536" in status["last_error"], status
 
 
 def test_a_date_that_does_not_exist_is_a_damaged_manifest_not_a_traceback(

@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from backupstore.s3 import RETRY_TIMEOUT, Bucket, Endpoint, Target
-from backupstore.store import BackupStore, BlockMissing, digest_of, order, taken_at
+from backupstore.store import (
+    BackupStore,
+    BlockMissing,
+    check_slot,
+    digest_of,
+    order,
+    taken_at,
+)
 from lhfs.backups.backup import (
     chunk_for,
     open_store,
@@ -222,7 +229,7 @@ def apply(
                 _grow(vol, dirs, size)
             if todo:
                 fetch = [(i, target[i]) for i in todo]
-                _write_blocks(dirs, store, fetch, size, block, stats, progress)
+                _write_blocks(dirs, store, fetch, manifest, stats, progress)
         except BaseException as exc:  # (SIGTERM is SystemExit: undone too)
             if todo:
                 _undo(vol, dirs)
@@ -389,13 +396,14 @@ def _write_blocks(
     dirs: list[Path],
     store: BackupStore,
     todo: list[tuple[int, str | None]],
-    size: int,
-    block: int,
+    manifest: dict[str, Any],
     stats: dict[str, Any],
     progress: Callable[..., None],
 ) -> None:
-    """Trim the blocks that became empty, fetch and write the others, on every replica; the
-    replicas are flushed (closed) before this returns or raises."""
+    """Trim the blocks that became empty, fetch and write the others (each checked to fit its
+    place in ``manifest``), on every replica; the replicas are flushed (closed) before this
+    returns or raises."""
+    size, block = manifest["size"], manifest["block_size"]
     stores = [ChunkStore.open(d) for d in dirs]
     try:
         for index, digest in todo:
@@ -405,6 +413,7 @@ def _write_blocks(
                 stats["trimmed"] += 1
         fetch = [(i, d) for i, d in todo if d is not None]
         for done, (index, data) in enumerate(store.fetch(fetch), 1):
+            check_slot(manifest, index, data, f"backup {manifest['name']}")
             data = data[: size - index * block]
             for local in stores:
                 local.write(index * block, data)
