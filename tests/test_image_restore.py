@@ -100,6 +100,19 @@ def test_a_restore_of_a_volume_made_on_an_image_stands_on_that_image(
         assert other.info("r")["backing_image"] is None and other.checksum("r") == source
         other.run("volume", "rm", "r")
         other.run("backing-image", "rm", "mine")
+        # changed in place with its size and time kept (it looks registered as it was): the
+        # copy made for the volume tells, and the restore goes on whole, saying so
+        other.run("backing-image", "create", "mine", "--from", str(raw))
+        image = other.root / "backing-images" / "mine.img"
+        stamp = image.stat()
+        with open(image, "r+b") as f:
+            f.write(b"changed in place")
+        os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        result = other.json("backup", "restore", url, "r", "--replicas", "1", "--quiet")
+        assert "its backing image mine no longer holds the content" in result["whole"], result
+        assert other.info("r")["backing_image"] is None and other.checksum("r") == source
+        other.run("volume", "rm", "r")
+        other.run("backing-image", "rm", "mine")
         other.run("backing-image", "create", "mine", "--from", str(raw))  # (matched by content)
         result = other.json("backup", "restore", url, "r", "--replicas", "1", "--quiet")
         assert result["backing_image_name"] == "mine" and result["whole"] is None

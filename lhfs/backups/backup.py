@@ -692,20 +692,29 @@ def restore(
     refuse_image_backups(volume, url, manifest)
     if new_name in volumes.list_names(root):
         raise AlreadyExists(f"volume {new_name} already exists")
-    if backing is None and kind != "system" and manifest.get("backing_image"):
+    found = backing is None and kind != "system" and bool(manifest.get("backing_image"))
+    if found:
         backing, why = images.of_content(
             root, manifest["backing_image"], manifest.get("backing_image_name")
         )
         if why is not None and notice is not None:
             notice(whole_said(new_name, why))
-    mark = {"restoring": {"backup": url, "pid": os.getpid()}}
+    mark: dict[str, Any] = {"restoring": {"backup": url, "pid": os.getpid()}}
     size, chunk = manifest["size"], chunk_for(manifest)
     image = None if backing is None else Path(backing["path"])
     if backing is not None:  # (which image it was made from: 'backing-image rm' says so)
         mark["backing_image_name"] = backing["name"]
-    vol = manage.create(
-        root, new_name, size, chunk, replicas, image, mark, on_disks, backing and backing["id"]
-    )
+    try:
+        vol = manage.create(
+            root, new_name, size, chunk, replicas, image, mark, on_disks, backing and backing["id"]
+        )
+    except manage.ImageChanged as exc:
+        if not found or backing is None:  # (an image chosen for it: what it says stands)
+            raise
+        if notice is not None:
+            notice(whole_said(new_name, changed_image(backing["name"], exc)))
+        mark.pop("backing_image_name")
+        vol = manage.create(root, new_name, size, chunk, replicas, None, mark, on_disks)
     writer = _RestoreWriter(root, vol, size, manifest["block_size"])
     try:
         store.restore(volume, name, writer.write, progress, writer.held, kind)
@@ -732,6 +741,12 @@ def restore(
 
     vol.update(done)
     return vol
+
+
+def changed_image(name: str, exc: Exception) -> str:
+    """Why a restore looked for its source's backing image in vain where the root's image of
+    that content (``name``) no longer holds it (``exc``: found as its copy was made)."""
+    return f"its backing image {name} no longer holds the content it was registered with ({exc})"
 
 
 def whole_said(volume: str, why: str) -> str:

@@ -51,6 +51,7 @@ from backupstore.store import (
     taken_at,
 )
 from lhfs.backups.backup import (
+    changed_image,
     chunk_for,
     open_store,
     password_file,
@@ -773,17 +774,19 @@ def create(
     elif why is not None and notice is not None:
         notice(whole_said(name, why))
     image = None if backing is None else Path(backing["path"])
-    vol = manage.create(
-        root,
-        name,
-        size,
-        chunk_for(newest),
-        replicas,
-        image,
-        extra,
-        on_disks,
-        backing and backing["id"],
-    )
+    try:
+        vol = manage.create(
+            root, name, size, chunk_for(newest), replicas, image, extra, on_disks,
+            backing and backing["id"],
+        )  # fmt: skip
+    except manage.ImageChanged as exc:  # (its file changed in place: as one found modified)
+        if backing is None:
+            raise
+        if notice is not None:
+            notice(whole_said(name, changed_image(backing["name"], exc)))
+        extra.pop("backing_image_name")
+        image = None
+        vol = manage.create(root, name, size, chunk_for(newest), replicas, None, extra, on_disks)
     count = len(newest["blocks"])
     try:
         held = [None] * count if image is None else _image_blocks(vol, newest["block_size"], count)

@@ -92,6 +92,12 @@ def create(
     return vol
 
 
+class ImageChanged(CorruptState):
+    """A registered backing image's file no longer holds the content its id says (changed
+    in place, its size and time kept): a restore that looked for that content goes without
+    it, as for an image it found modified."""
+
+
 def _make_replicas(
     vol: volumes.Volume, tmp: Path, backing: Path | None, backing_id: str | None
 ) -> None:
@@ -110,7 +116,7 @@ def _make_replicas(
         store.close()
         found = info["backing_image"] and info["backing_image"]["id"]
         if backing_id is not None and found != backing_id:
-            raise CorruptState(
+            raise ImageChanged(
                 f"the backing image file {backing} changed since it was registered (it "
                 f"was {backing_id}, it is {found}): register it again under another name"
             )
