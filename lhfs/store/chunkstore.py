@@ -579,6 +579,11 @@ class ChunkStore:
             return self.backing.fd
         return -1
 
+    def _is_backing(self, fd: int) -> bool:
+        """Whether ``fd`` is the backing image's, whose file may end inside its last chunk
+        (the rest reads as zeros); a layer's never does (``Layer.check_data``)."""
+        return self.backing is not None and fd == self.backing.fd
+
     def read(self, offset: int, length: int) -> bytearray:
         """The volume's bytes at ``offset``; neighbouring chunks from one layer are one pread."""
         out = bytearray(length)
@@ -600,7 +605,7 @@ class ChunkStore:
             if fd >= 0:
                 n = os.preadv(fd, [out], offset)
                 if n < length:
-                    pread_into(fd, out[n:], offset + n)
+                    pread_into(fd, out[n:], offset + n, self._is_backing(fd))
             elif not zeroed:
                 out[:] = bytes(length)
             return
@@ -617,7 +622,7 @@ class ChunkStore:
 
         def fill(fd: int, start: int, end: int) -> None:
             if fd >= 0:
-                pread_into(fd, view[start - offset : end - offset], start)
+                pread_into(fd, view[start - offset : end - offset], start, self._is_backing(fd))
             elif not zeroed:
                 view[start - offset : end - offset] = bytes(end - start)
 
@@ -663,6 +668,10 @@ class ChunkStore:
             elif self.partial is not None and chunk not in head.index:
                 self.partial[chunk] = [(within, within + n)]
                 run_new.append(chunk)
+                if os.fstat(head.fd).st_size < (chunk + 1) * cs:
+                    # (the index will hold the chunk: its file holds it whole, as every
+                    # layer's does, see ``Layer.check_data``; the rest is merged at the end)
+                    os.ftruncate(head.fd, (chunk + 1) * cs)
             else:
                 self._write_run(view, offset, run_start, pos, run_new)
                 merged = self.read(chunk * cs, cs)
@@ -1363,7 +1372,8 @@ class ChunkStore:
         states = bytes(layer.index.get(first + k, ABSENT) for k in range(count))
         if DATA not in states:
             return states, b""
-        run = layer.read_run(first, count)
+        # (up to the last DATA chunk: the file may end before the chunks past it)
+        run = layer.read_run(first, states.rindex(DATA) + 1)
         if all(s == DATA for s in states):
             return states, run
         return states, b"".join(

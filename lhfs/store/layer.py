@@ -99,13 +99,21 @@ def reserve(fd: int, offset: int, length: int, what: str) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``offset``; what lies past the end of the file reads as zeros."""
+def pread_into(fd: int, view: memoryview, offset: int, zeros_past_end: bool = False) -> None:
+    """Fill ``view`` from ``offset``. A layer's data file holds every chunk its index calls
+    DATA whole (checked at open, ``Layer.check_data``), so a read that meets the end of one
+    means the file was cut since: ``CorruptState``, never zeros served as the volume's data.
+    ``zeros_past_end``: the file really ends there (a backing image's last chunk)."""
     while view:
         n = os.preadv(fd, [view], offset)
         if n <= 0:
-            view[:] = bytes(len(view))
-            return
+            if zeros_past_end:
+                view[:] = bytes(len(view))
+                return
+            raise CorruptState(
+                f"{os.readlink(f'/proc/self/fd/{fd}')} ends at byte {offset}, "
+                "inside a chunk its index holds: the file was cut"
+            )
         view = view[n:]
         offset += n
 
@@ -183,7 +191,31 @@ class Layer:
         """Open an existing layer and replay its index log up to the last complete batch."""
         layer = cls(directory, layer_id, chunk_size)
         layer._replay()
+        layer.check_data()
         return layer
+
+    def check_data(self) -> None:
+        """Refuse a data file shorter than the end of the last chunk the index calls DATA.
+        Every way a chunk enters a layer writes it whole before a flush records it (a rebuild's
+        partial write extends the file over its chunk), and the flush fdatasyncs the data (and
+        so the file's size) before the index batch: no crash leaves a shorter file. One that is
+        shorter was cut or replaced since, and its missing bytes would read as zeros, served as
+        the volume's data (and copied by a rebuild from it)."""
+        last = max((c for c, s in self.index.items() if s == DATA), default=-1)
+        if last < 0:
+            return
+        try:
+            size = self.data_path.stat().st_size
+        except FileNotFoundError:
+            raise CorruptState(
+                f"{self.data_path} is missing, its index holds data: the layer is damaged"
+            ) from None
+        end = (last + 1) * self.chunk_size
+        if size < end:
+            raise CorruptState(
+                f"{self.data_path} holds {size} bytes, its index holds data up to byte {end}: "
+                "the file was cut"
+            )
 
     @property
     def fd(self) -> int:
@@ -357,7 +389,7 @@ class Layer:
     # -- data ---------------------------------------------------------------------------------
 
     def read_chunk(self, chunk: int) -> bytes:
-        """The raw bytes of one chunk as stored (zeros for a tombstone or a missing tail)."""
+        """The raw bytes of one chunk as stored (zeros for a tombstone)."""
         if self.index.get(chunk) != DATA:
             return bytes(self.chunk_size)
         buf = bytearray(self.chunk_size)
@@ -370,7 +402,7 @@ class Layer:
     # -- checksums ----------------------------------------------------------------------------
 
     def read_run(self, first: int, count: int) -> bytearray:
-        """The stored bytes of ``count`` neighbouring chunks in one pread (zeros past the end)."""
+        """The stored bytes of ``count`` neighbouring chunks in one pread."""
         buf = bytearray(count * self.chunk_size)
         pread_into(self.fd, memoryview(buf), first * self.chunk_size)
         return buf
@@ -393,8 +425,11 @@ class Layer:
                     out.append((chunk, state, ZERO_DIGEST))
                 elif start + cs <= size:
                     out.append((chunk, DATA, xxhash.xxh3_128_digest(view[start : start + cs])))
-                else:  # the file ends inside the chunk: the rest reads as zeros
-                    out.append((chunk, DATA, xxhash.xxh3_128_digest(self.read_chunk(chunk))))
+                else:
+                    raise CorruptState(
+                        f"{self.data_path} holds {size} bytes, its index holds data up to "
+                        f"byte {start + cs}: the file was cut"
+                    )
             view.release()
         finally:
             if mapped is not None:
