@@ -19,7 +19,10 @@ step by step, interleaved with I/O.
 Durability: data is fdatasync'ed before the index batch that points at it; metadata
 (``volume.json``: size, layers, names, backing image) is replaced atomically, and checked whole
 on open (``check_meta``) before any of it is used. Files of layers the metadata does not name are
-left-overs of an interrupted operation and are removed on open.
+removed on open only where a crash of a known operation leaves them: a layer created and not yet
+recorded (its files empty), or one whose removal was recorded (``removed``) and not finished.
+Any other is refused (``_sweep``): the metadata lost a layer, and deleting its files on that
+word alone would lose its data for good.
 A change of the metadata is saved before the store's memory takes it (``_commit_meta``): one
 that could not be saved (a full disk) leaves the store as it was, in memory as on disk.
 A full disk refuses a write or a flush whole (``NoSpace``): the space is claimed first.
@@ -68,6 +71,7 @@ from lhfs.store.layer import (
     LAYER_SUFFIXES,
     ZERO,
     Layer,
+    layer_file,
     no_room,
     pread_into,
     punch_hole,
@@ -150,6 +154,11 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
     geometry("size", size, meta.get("chunk_size"))
     count("revision")
     count("rebuilds")
+    removed = meta.get("removed", [])
+    if not isinstance(removed, list) or not all(
+        isinstance(lid, str) and LAYER_ID.fullmatch(lid) for lid in removed
+    ):
+        raise bad("removed", "a list of layer ids", removed)
     volume_id = meta.get("volume_id")
     if volume_id is not None and not (
         isinstance(volume_id, str) and _VOLUME_ID.fullmatch(volume_id)
@@ -465,17 +474,51 @@ class ChunkStore:
         self._build_chain()
 
     def _sweep(self) -> None:
-        """Delete files of layers that an interrupted operation created or was deleting."""
+        """Delete the files an interrupted operation left: temporary files, the files of a
+        layer created and not yet recorded (``_new_layers`` records new layers before anything
+        is written into them: their files are empty), and those of layers whose removal was
+        recorded (``_record_removal``). The files of any other layer the metadata does not name
+        are refused, in one line naming them, nothing deleted: the metadata lost that layer
+        (edited, damaged, replaced by an older copy), and its data may be the volume's."""
         known = set(self.meta["layers"])
-        removed = False
-        for entry in os.listdir(self.dir):
-            stale_tmp = entry.startswith(".") and entry.endswith((".tmp", ".upload"))
-            layer_file = _LAYER_FILE_RE.fullmatch(entry)
-            if stale_tmp or (layer_file and layer_file.group(1) not in known):
-                os.unlink(self.dir / entry)
-                removed = True
-        if removed:
+        removed = set(self.meta.get("removed", []))
+        left: dict[str, list[str]] = {}
+        stale = []
+        for entry in sorted(os.listdir(self.dir)):
+            match = _LAYER_FILE_RE.fullmatch(entry)
+            if entry.startswith(".") and entry.endswith((".tmp", ".upload")):
+                stale.append(entry)
+            elif match and match.group(1) not in known:
+                left.setdefault(match.group(1), []).append(entry)
+        strange = []
+        for layer_id, files in left.items():
+            empty = all(os.stat(self.dir / f, follow_symlinks=False).st_size == 0 for f in files)
+            if layer_id in removed or empty:
+                stale += files
+            else:
+                strange += files
+        if strange:
+            raise CorruptState(
+                f"{self.dir}: {', '.join(strange)} belong to no layer of {META} and to no "
+                f"removal it recorded ({META} damaged or replaced?): nothing was deleted; move "
+                "them out of the directory to open the replica without them"
+            )
+        for entry in stale:
+            os.unlink(self.dir / entry)
+        if stale:
             fsync_dir(self.dir)
+
+    def _record_removal(self, meta: dict[str, Any], layer_ids: list[str]) -> None:
+        """Record in ``meta`` (before it is committed) that the files of ``layer_ids`` go
+        next, so that an open after a crash before they went deletes them (``_sweep``). The
+        earlier record is kept for layers whose files are still there (a removal that failed)."""
+        earlier = [
+            lid
+            for lid in self.meta.get("removed", [])
+            if lid not in layer_ids
+            and any(layer_file(self.dir, lid, s).exists() for s in LAYER_SUFFIXES)
+        ]
+        meta["removed"] = [*layer_ids, *earlier]
 
     def _build_chain(self) -> None:
         self.chain = [self.layers[lid] for lid in self._ancestry(self.meta["head"])]
@@ -908,6 +951,7 @@ class ChunkStore:
             for child in children:
                 meta["layers"][child.id]["parent"] = parent
             del meta["layers"][sid]
+            self._record_removal(meta, [sid])
             self._commit_meta(meta)
             del self.layers[sid]
             if snap in self.chain:
@@ -931,6 +975,7 @@ class ChunkStore:
         layers = meta["layers"]
         layers[new_id] = {"name": None, "parent": sid, "created": _now(), "size": self.size}
         del layers[old.id]
+        self._record_removal(meta, [old.id])
         meta["head"] = new_id
         meta["revision"] = self.revision + 1
         new = self._new_layers(meta, [new_id])[0]
@@ -992,6 +1037,9 @@ class ChunkStore:
             "layers": len(self.layers),
             "operation": self.operation,
             "rebuilds": self.meta.get("rebuilds", 0),
+            # the snapshot names of the chain, oldest first: what the engine compares across
+            # replicas (their layer ids differ) before it serves them as equals
+            "chain": [self.meta["layers"][layer.id]["name"] for layer in reversed(self.chain[1:])],
             "disk_bytes": disk_bytes(self.dir),
             "disk_free": shutil.disk_usage(self.dir).free,  # (what its disk has left)
         }
@@ -1176,6 +1224,7 @@ class ChunkStore:
         dropped = [lid for lid in layers if lid not in keep and lid != head]
         for lid in dropped:
             del layers[lid]
+        self._record_removal(meta, dropped)
         meta["head"] = head
         meta["rebuilds"] = meta.get("rebuilds", 0) + 1  # kept layers may be rewritten
         meta["revision"] = revision
