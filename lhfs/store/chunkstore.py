@@ -66,6 +66,7 @@ from lhfs.core.units import MAX_SIZE, TIME_RE, format_sizes, rfc3339
 from lhfs.store.backing import IMAGE_ID, BackingImage, content_id, file_stamp, id_size
 from lhfs.store.layer import (
     ABSENT,
+    CUT_DIGEST,
     DATA,
     LAYER_ID,
     LAYER_SUFFIXES,
@@ -1150,7 +1151,9 @@ class ChunkStore:
 
     def verify_job(self, layer_id: str) -> Callable[[], list[int]]:
         """A job, safe to run in another thread, that lists the chunks of a snapshot whose
-        bytes no longer match their recorded checksum (resolved here, as in ``sums_job``)."""
+        bytes no longer match their recorded checksum, or are no longer there (its data file
+        was cut since the replica opened: a record made since would match), resolved here, as
+        in ``sums_job``."""
         layer = self.layer(layer_id)
         if layer is self.head:
             raise InvalidArgument("the head changes with every write: only snapshots are verified")
@@ -1158,7 +1161,11 @@ class ChunkStore:
 
         def job() -> list[int]:
             recorded = {c: (s, d) for c, s, d in layer.cached_sums()}
-            return [c for c, s, d in layer.compute_sums() if recorded.get(c) != (s, d)]
+            return [
+                c
+                for c, s, d in layer.compute_sums()
+                if recorded.get(c) != (s, d) or d == CUT_DIGEST
+            ]
 
         return job
 
