@@ -81,9 +81,11 @@ def test_a_rebuild_cut_short_leaves_a_replica_that_opens(tmp_path: Path) -> None
 
 
 @needs_fuse
-def test_a_replica_with_a_cut_layer_is_not_served(cli: Cli, tmp_path: Path) -> None:
+def test_a_replica_with_a_cut_layer_is_set_aside_and_rebuilt(cli: Cli, tmp_path: Path) -> None:
     """r1's snapshot layer is cut to nothing: before, it opened, the volume was healthy and
-    reads spread onto r1 returned zeros. Now r1 is ERR naming the file, r2 serves."""
+    reads spread onto r1 returned zeros. Now r1 refuses to open, its directory is set aside
+    (kept, said) and r1 is rebuilt from r2; once r2 is the only replica, such damage is
+    refused, never served."""
     device = tmp_path / "v.dev"
     cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
     cli.run("volume", "attach", "v", "--device", str(device))
@@ -97,13 +99,21 @@ def test_a_replica_with_a_cut_layer_is_not_served(cli: Cli, tmp_path: Path) -> N
     cli.run("volume", "attach", "v", "--device", str(device))
     for _ in range(4):  # (reads are spread over the replicas that serve)
         assert read_direct(device, 0, MIB) == data
-    replica = cli.replica("v", "r1")
-    assert replica["mode"] == "ERR", replica
-    assert f"{snap}.data holds 0 bytes" in replica["error"], replica
+    (aside,) = r1.parent.glob("r1.damaged-*")
+    assert (aside / f"{snap}.data").stat().st_size == 0  # kept for a look
+    assert f"{snap}.data holds 0 bytes" in cli.engine_log("v")
+    wait_for(lambda: cli.live("v")["state"] == "healthy", 30, "r1 rebuilt from r2")
+    sums = control.call(volumes.load(cli.root, "v").control_socket, "replica_checksums")
+    assert len(sums) == 2 and len(set(sums.values())) == 1, sums
     cli.run("volume", "detach", "v")
-    assert (r1 / f"{snap}.data").stat().st_size == 0  # kept for a look, not deleted
-    line = one_line(cli.run("replica", "inspect", "--dir", str(r1), check=False))
-    assert f"{snap}.data" in line, line
+    cli.run("replica", "rm", "v", "r1")
+    r2 = r1.with_name("r2")
+    layers = json.loads((r2 / "volume.json").read_text())["layers"]
+    (s1,) = [lid for lid, info in layers.items() if info["name"] == "s1"]
+    os.truncate(r2 / f"{s1}.data", 0)
+    line = one_line(cli.run("volume", "attach", "v", "--device", str(device), check=False))
+    assert "could be started" in line, line
+    assert not list(r2.parent.glob("r2.damaged-*"))  # (nothing else to serve: kept as it is)
 
 
 def _drop_snapshot(directory: Path) -> str:

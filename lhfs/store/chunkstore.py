@@ -55,6 +55,7 @@ from lhfs.core.errors import (
     BackingImageMismatch,
     Busy,
     CorruptState,
+    DamagedLayers,
     InvalidArgument,
     LhfsError,
     NoSpace,
@@ -499,7 +500,7 @@ class ChunkStore:
             else:
                 strange += files
         if strange:
-            raise CorruptState(
+            raise DamagedLayers(
                 f"{self.dir}: {', '.join(strange)} belong to no layer of {META} and to no "
                 f"removal it recorded ({META} damaged or replaced?): nothing was deleted; move "
                 "them out of the directory to open the replica without them"

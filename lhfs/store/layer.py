@@ -29,7 +29,7 @@ from pathlib import Path
 import xxhash
 
 from lhfs.core.durable import atomic_write, fsync_dir
-from lhfs.core.errors import CorruptState, NoSpace
+from lhfs.core.errors import CorruptState, DamagedLayers, NoSpace
 
 ABSENT = 0  # only in the log: the chunk left the layer (trimmed away, nothing below to hide)
 DATA = 1
@@ -210,12 +210,12 @@ class Layer:
         try:
             size = self.data_path.stat().st_size
         except FileNotFoundError:
-            raise CorruptState(
+            raise DamagedLayers(
                 f"{self.data_path} is missing, its index holds data: the layer is damaged"
             ) from None
         end = (last + 1) * self.chunk_size
         if size < end:
-            raise CorruptState(
+            raise DamagedLayers(
                 f"{self.data_path} holds {size} bytes, its index holds data up to byte {end}: "
                 "the file was cut"
             )
