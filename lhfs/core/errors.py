@@ -49,6 +49,12 @@ class CorruptState(LhfsError):
     """On-disk state is damaged or does not match what was recorded."""
 
 
+class DamagedLayers(CorruptState):
+    """A replica directory's layer files are not what its metadata says (a data file cut,
+    layer files the metadata lost): the replica refuses to open, and its engine sets the
+    directory aside and rebuilds the replica when another one serves."""
+
+
 class BackingImageMismatch(CorruptState):
     """The backing image's content differs from the content id the metadata records."""
 

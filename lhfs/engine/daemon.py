@@ -28,10 +28,11 @@ import xxhash
 from lhfs.config import disks
 from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
-from lhfs.core.durable import atomic_write_json, drop_device
+from lhfs.core.durable import atomic_write_json, drop_device, fsync_dir
 from lhfs.core.errors import (
     AlreadyExists,
     CorruptState,
+    DamagedLayers,
     InvalidArgument,
     LhfsError,
     NoAnswer,
@@ -147,8 +148,9 @@ class Daemon:
                     self.not_started[replica["id"]] = f"its process did not start: {exc}"
                     proc.stop()
                     others = [r for r in self.vol.replicas if r is not replica]
-                    if any(r.get("mode", RW) == RW for r in others) and self._set_aside(
-                        replica["id"], directory
+                    if any(r.get("mode", RW) == RW for r in others) and (
+                        self._set_aside(replica["id"], directory)
+                        or self._set_aside_damaged(replica["id"], directory)
                     ):
                         continue
                     break
@@ -187,6 +189,38 @@ class Daemon:
         if name is None:
             return False
         log.error("replica %s: %s", replica_id, self.rotten[replica_id])
+        return True
+
+    def _set_aside_damaged(self, replica_id: str, directory: Path) -> bool:
+        """A local replica whose process did not start: if that is because its layer files are
+        not what its metadata says (``DamagedLayers``: a data file cut, layer files the
+        metadata lost), the whole directory is set aside, kept for a look, and the replica is
+        served empty, to be rebuilt from one that serves (callers ask only while one does);
+        whether it was. Why: it can never open, so it stayed ERR until the operator replaced
+        it. The configuration says it is failed *before* the directory goes, as for a rotten
+        image."""
+        try:
+            ChunkStore.open(directory).close()
+        except DamagedLayers as exc:
+            damage = str(exc)
+        except (LhfsError, OSError):
+            return False
+        else:
+            return False
+        aside = directory.with_name(f"{directory.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        why = f"its directory was damaged ({damage}): set aside as {aside}, rebuilt"
+        volumes.load(self.vol.root, self.vol.name).update(
+            lambda c: _set_replica(c, replica_id, mode=ERR, error=why)
+        )
+        try:
+            os.rename(directory, aside)
+            fsync_dir(directory.parent)
+        except OSError as exc:
+            log.warning(
+                "replica %s: its damaged directory could not be set aside: %s", replica_id, exc
+            )
+            return False
+        log.error("replica %s: %s", replica_id, why)
         return True
 
     def _spawn(self, replica_id: str, directory: Path) -> ReplicaProcess:

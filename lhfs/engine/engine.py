@@ -17,7 +17,8 @@ marked ERR, dropped from I/O and recorded in the volume's configuration; the vol
 On attach, only a replica that holds every acknowledged write may serve: those recorded RW
 (or, if the volume faulted, the one it waited for: ``last_rw``), and of those the highest
 revision serves, the others are stale and marked ERR; never one below the revision recorded
-for it (``Recorded.synced``): an older copy of its directory. If none of them can be
+for it (``Recorded.synced``): an older copy of its directory; never, beside the others, one
+whose snapshot chain differs from theirs (``_chain_to_serve``). If none of them can be
 reached the attach is refused (``Faulted``): another replica would serve older data, and then
 be the source every other one is rebuilt from. Only when none is recorded so (an older
 configuration) is the freshest reachable one salvaged, never one that was added and never
@@ -286,6 +287,7 @@ class Engine:
         ]
         pairs: list[tuple[ReplicaLink, Recorded]] = []
         answered: set[str] = set()  # the ids of those that answered as themselves
+        chains: dict[str, tuple[str, ...]] = {}  # their snapshot chains (an older lhfs: none)
         strangers: set[str] = set()  # ... and of those whose address another one answers at
         for record in records:
             link = ReplicaLink(
@@ -332,6 +334,8 @@ class Engine:
             link.uid = info.get("uid") or link.uid  # (None from a replica of an older lhfs)
             link.error = None if record.trusted else "recorded as failed"
             answered.add(link.id)
+            if isinstance(info.get("chain"), list):
+                chains[link.id] = tuple(map(str, info["chain"]))
         trusted = [(link, record) for link, record in pairs if record.trusted]
         if trusted:
             # Only these hold every write the volume acknowledged: if none answers, another
@@ -353,8 +357,16 @@ class Engine:
                 ", ".join(r.id for r in candidates),
             )
         best = max(r.revision for r in candidates)
+        chain = _chain_to_serve([chains.get(c.id) for c in candidates if c.revision == best])
         for link in self.replicas:
-            if any(link is c for c in candidates) and link.revision == best:
+            freshest = any(link is c for c in candidates) and link.revision == best
+            if freshest and chains.get(link.id, chain) != chain:
+                link.error = (
+                    f"its snapshot chain ({_chain_text(chains[link.id])}) differs from the "
+                    f"others' ({_chain_text(chain)}): not served, rebuilt from one that holds it"
+                )
+                log.warning("replica %s: %s", link.id, link.error)
+            elif freshest:
                 link.mode, link.error = RW, None
             elif link.client is not None and link.error is None:
                 link.error = f"stale: revision {link.revision} < {best}"
@@ -1017,6 +1029,24 @@ class _Fanout:
             else:
                 engine.writes += 1
                 self.done(None)
+
+
+def _chain_to_serve(chains: list[tuple[str, ...] | None]) -> tuple[str, ...] | None:
+    """The snapshot chain the freshest replicas are served with, of theirs (in the order of
+    the configuration; None where a replica of an older lhfs did not say): the one most of
+    them hold; between as many, the longer (a layer lost from a replica's metadata shortens
+    its chain, and a rebuild from the shorter one would drop the other's snapshots); then the
+    first. Replicas that take every snapshot together hold the same chain: one that differs
+    was damaged or replaced, and served beside the others it would answer reads with other
+    data."""
+    said = [chain for chain in chains if chain is not None]
+    if not said:
+        return None
+    return max(dict.fromkeys(said), key=lambda chain: (said.count(chain), len(chain)))
+
+
+def _chain_text(chain: tuple[str, ...] | None) -> str:
+    return ", ".join(chain) if chain else "no snapshots"
 
 
 def _unreachable(

@@ -7,6 +7,9 @@ replicas (bytes that were already wrong when recorded: a record is made when a s
 checksums are first needed, from what its disk holds then): a replica that disagrees with the
 others, or with its own record, is named, taken out of I/O at once (reads never return bytes
 known to be corrupt) and rebuilt from a healthy one, which copies exactly the damaged chunks.
+A replica whose own record shows a chunk changed is no witness for that chunk in the comparison:
+with two replicas, its damage would otherwise dispute the other's good copy (below), and
+nothing would be repaired.
 
 Where no majority says which data is right (two replicas that disagree, or three that all
 differ), nothing is repaired in an arbitrary direction: the chunks are reported as
@@ -59,8 +62,10 @@ async def scrub(
             damaged.setdefault(link.id, []).append(f"backing image: holds {found['found']}")
             link.rotten_backing = True
     for name in names:
+        flagged: dict[str, set[int]] = {}  # chunks each replica's own record shows changed
         for link in healthy:
             rotten = await link.client.call("verify_layer", layer=name)
+            flagged[link.id] = set(rotten)
             task["done"] += engine.size
             if rotten:
                 damaged.setdefault(link.id, []).append(f"{name}: {len(rotten)} chunk(s) changed")
@@ -69,14 +74,17 @@ async def scrub(
         walk = merged_layer_sums(clients, name, [False] * len(healthy), chunks)
         try:
             async for chunk, row in walk:
-                majority, count = Counter(row).most_common(1)[0]
-                if count == len(healthy):
+                if Counter(row).most_common(1)[0][1] == len(healthy):
                     continue
-                if count <= len(healthy) // 2:  # no majority: which data is right is unknown
+                # a replica whose own record shows the chunk changed is no witness for it
+                # (found damaged above, and repaired with the rest of its damage)
+                votes = [e for r, e in zip(healthy, row, strict=True) if chunk not in flagged[r.id]]
+                majority, count = Counter(votes).most_common(1)[0] if votes else (None, 0)
+                if count <= len(votes) // 2:  # no majority: which data is right is unknown
                     disputed.setdefault(name, []).append(chunk)
                     continue
                 for link, entry in zip(healthy, row, strict=True):
-                    if entry != majority:
+                    if entry != majority and chunk not in flagged[link.id]:
                         damaged.setdefault(link.id, []).append(f"{name}: chunk {chunk} differs")
         except SumsUnavailable as exc:
             raise exc.error from None

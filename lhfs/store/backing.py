@@ -125,12 +125,12 @@ class BackingImage:
     def read_chunk(self, chunk: int) -> bytes:
         buf = bytearray(self.chunk_size)
         if chunk < self.nchunks:
-            pread_into(self.fd, memoryview(buf), chunk * self.chunk_size)
+            pread_into(self.fd, memoryview(buf), chunk * self.chunk_size, True)
         return bytes(buf)
 
     def read_run(self, first: int, count: int) -> bytearray:
         buf = bytearray(count * self.chunk_size)
-        pread_into(self.fd, memoryview(buf), first * self.chunk_size)
+        pread_into(self.fd, memoryview(buf), first * self.chunk_size, True)
         return buf
 
     def sums(self) -> dict[int, tuple[int, bytes]]:

@@ -19,7 +19,10 @@ step by step, interleaved with I/O.
 Durability: data is fdatasync'ed before the index batch that points at it; metadata
 (``volume.json``: size, layers, names, backing image) is replaced atomically, and checked whole
 on open (``check_meta``) before any of it is used. Files of layers the metadata does not name are
-left-overs of an interrupted operation and are removed on open.
+removed on open only where a crash of a known operation leaves them: a layer created and not yet
+recorded (its files empty), or one whose removal was recorded (``removed``) and not finished.
+Any other is refused (``_sweep``): the metadata lost a layer, and deleting its files on that
+word alone would lose its data for good.
 A change of the metadata is saved before the store's memory takes it (``_commit_meta``): one
 that could not be saved (a full disk) leaves the store as it was, in memory as on disk.
 A full disk refuses a write or a flush whole (``NoSpace``): the space is claimed first.
@@ -52,6 +55,7 @@ from lhfs.core.errors import (
     BackingImageMismatch,
     Busy,
     CorruptState,
+    DamagedLayers,
     InvalidArgument,
     LhfsError,
     NoSpace,
@@ -63,11 +67,13 @@ from lhfs.core.units import MAX_SIZE, TIME_RE, format_sizes, rfc3339
 from lhfs.store.backing import IMAGE_ID, BackingImage, content_id, file_stamp, id_size
 from lhfs.store.layer import (
     ABSENT,
+    CUT_DIGEST,
     DATA,
     LAYER_ID,
     LAYER_SUFFIXES,
     ZERO,
     Layer,
+    layer_file,
     no_room,
     pread_into,
     punch_hole,
@@ -150,6 +156,11 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
     geometry("size", size, meta.get("chunk_size"))
     count("revision")
     count("rebuilds")
+    removed = meta.get("removed", [])
+    if not isinstance(removed, list) or not all(
+        isinstance(lid, str) and LAYER_ID.fullmatch(lid) for lid in removed
+    ):
+        raise bad("removed", "a list of layer ids", removed)
     volume_id = meta.get("volume_id")
     if volume_id is not None and not (
         isinstance(volume_id, str) and _VOLUME_ID.fullmatch(volume_id)
@@ -465,17 +476,51 @@ class ChunkStore:
         self._build_chain()
 
     def _sweep(self) -> None:
-        """Delete files of layers that an interrupted operation created or was deleting."""
+        """Delete the files an interrupted operation left: temporary files, the files of a
+        layer created and not yet recorded (``_new_layers`` records new layers before anything
+        is written into them: their files are empty), and those of layers whose removal was
+        recorded (``_record_removal``). The files of any other layer the metadata does not name
+        are refused, in one line naming them, nothing deleted: the metadata lost that layer
+        (edited, damaged, replaced by an older copy), and its data may be the volume's."""
         known = set(self.meta["layers"])
-        removed = False
-        for entry in os.listdir(self.dir):
-            stale_tmp = entry.startswith(".") and entry.endswith((".tmp", ".upload"))
-            layer_file = _LAYER_FILE_RE.fullmatch(entry)
-            if stale_tmp or (layer_file and layer_file.group(1) not in known):
-                os.unlink(self.dir / entry)
-                removed = True
-        if removed:
+        removed = set(self.meta.get("removed", []))
+        left: dict[str, list[str]] = {}
+        stale = []
+        for entry in sorted(os.listdir(self.dir)):
+            match = _LAYER_FILE_RE.fullmatch(entry)
+            if entry.startswith(".") and entry.endswith((".tmp", ".upload")):
+                stale.append(entry)
+            elif match and match.group(1) not in known:
+                left.setdefault(match.group(1), []).append(entry)
+        strange = []
+        for layer_id, files in left.items():
+            empty = all(os.stat(self.dir / f, follow_symlinks=False).st_size == 0 for f in files)
+            if layer_id in removed or empty:
+                stale += files
+            else:
+                strange += files
+        if strange:
+            raise DamagedLayers(
+                f"{self.dir}: {', '.join(strange)} belong to no layer of {META} and to no "
+                f"removal it recorded ({META} damaged or replaced?): nothing was deleted; move "
+                "them out of the directory to open the replica without them"
+            )
+        for entry in stale:
+            os.unlink(self.dir / entry)
+        if stale:
             fsync_dir(self.dir)
+
+    def _record_removal(self, meta: dict[str, Any], layer_ids: list[str]) -> None:
+        """Record in ``meta`` (before it is committed) that the files of ``layer_ids`` go
+        next, so that an open after a crash before they went deletes them (``_sweep``). The
+        earlier record is kept for layers whose files are still there (a removal that failed)."""
+        earlier = [
+            lid
+            for lid in self.meta.get("removed", [])
+            if lid not in layer_ids
+            and any(layer_file(self.dir, lid, s).exists() for s in LAYER_SUFFIXES)
+        ]
+        meta["removed"] = [*layer_ids, *earlier]
 
     def _build_chain(self) -> None:
         self.chain = [self.layers[lid] for lid in self._ancestry(self.meta["head"])]
@@ -579,6 +624,11 @@ class ChunkStore:
             return self.backing.fd
         return -1
 
+    def _is_backing(self, fd: int) -> bool:
+        """Whether ``fd`` is the backing image's, whose file may end inside its last chunk
+        (the rest reads as zeros); a layer's never does (``Layer.check_data``)."""
+        return self.backing is not None and fd == self.backing.fd
+
     def read(self, offset: int, length: int) -> bytearray:
         """The volume's bytes at ``offset``; neighbouring chunks from one layer are one pread."""
         out = bytearray(length)
@@ -600,7 +650,7 @@ class ChunkStore:
             if fd >= 0:
                 n = os.preadv(fd, [out], offset)
                 if n < length:
-                    pread_into(fd, out[n:], offset + n)
+                    pread_into(fd, out[n:], offset + n, self._is_backing(fd))
             elif not zeroed:
                 out[:] = bytes(length)
             return
@@ -617,7 +667,7 @@ class ChunkStore:
 
         def fill(fd: int, start: int, end: int) -> None:
             if fd >= 0:
-                pread_into(fd, view[start - offset : end - offset], start)
+                pread_into(fd, view[start - offset : end - offset], start, self._is_backing(fd))
             elif not zeroed:
                 view[start - offset : end - offset] = bytes(end - start)
 
@@ -663,6 +713,10 @@ class ChunkStore:
             elif self.partial is not None and chunk not in head.index:
                 self.partial[chunk] = [(within, within + n)]
                 run_new.append(chunk)
+                if os.fstat(head.fd).st_size < (chunk + 1) * cs:
+                    # (the index will hold the chunk: its file holds it whole, as every
+                    # layer's does, see ``Layer.check_data``; the rest is merged at the end)
+                    os.ftruncate(head.fd, (chunk + 1) * cs)
             else:
                 self._write_run(view, offset, run_start, pos, run_new)
                 merged = self.read(chunk * cs, cs)
@@ -899,6 +953,7 @@ class ChunkStore:
             for child in children:
                 meta["layers"][child.id]["parent"] = parent
             del meta["layers"][sid]
+            self._record_removal(meta, [sid])
             self._commit_meta(meta)
             del self.layers[sid]
             if snap in self.chain:
@@ -922,6 +977,7 @@ class ChunkStore:
         layers = meta["layers"]
         layers[new_id] = {"name": None, "parent": sid, "created": _now(), "size": self.size}
         del layers[old.id]
+        self._record_removal(meta, [old.id])
         meta["head"] = new_id
         meta["revision"] = self.revision + 1
         new = self._new_layers(meta, [new_id])[0]
@@ -983,6 +1039,9 @@ class ChunkStore:
             "layers": len(self.layers),
             "operation": self.operation,
             "rebuilds": self.meta.get("rebuilds", 0),
+            # the snapshot names of the chain, oldest first: what the engine compares across
+            # replicas (their layer ids differ) before it serves them as equals
+            "chain": [self.meta["layers"][layer.id]["name"] for layer in reversed(self.chain[1:])],
             "disk_bytes": disk_bytes(self.dir),
             "disk_free": shutil.disk_usage(self.dir).free,  # (what its disk has left)
         }
@@ -1093,7 +1152,9 @@ class ChunkStore:
 
     def verify_job(self, layer_id: str) -> Callable[[], list[int]]:
         """A job, safe to run in another thread, that lists the chunks of a snapshot whose
-        bytes no longer match their recorded checksum (resolved here, as in ``sums_job``)."""
+        bytes no longer match their recorded checksum, or are no longer there (its data file
+        was cut since the replica opened: a record made since would match), resolved here, as
+        in ``sums_job``."""
         layer = self.layer(layer_id)
         if layer is self.head:
             raise InvalidArgument("the head changes with every write: only snapshots are verified")
@@ -1101,7 +1162,11 @@ class ChunkStore:
 
         def job() -> list[int]:
             recorded = {c: (s, d) for c, s, d in layer.cached_sums()}
-            return [c for c, s, d in layer.compute_sums() if recorded.get(c) != (s, d)]
+            return [
+                c
+                for c, s, d in layer.compute_sums()
+                if recorded.get(c) != (s, d) or d == CUT_DIGEST
+            ]
 
         return job
 
@@ -1167,6 +1232,7 @@ class ChunkStore:
         dropped = [lid for lid in layers if lid not in keep and lid != head]
         for lid in dropped:
             del layers[lid]
+        self._record_removal(meta, dropped)
         meta["head"] = head
         meta["rebuilds"] = meta.get("rebuilds", 0) + 1  # kept layers may be rewritten
         meta["revision"] = revision
@@ -1363,7 +1429,8 @@ class ChunkStore:
         states = bytes(layer.index.get(first + k, ABSENT) for k in range(count))
         if DATA not in states:
             return states, b""
-        run = layer.read_run(first, count)
+        # (up to the last DATA chunk: the file may end before the chunks past it)
+        run = layer.read_run(first, states.rindex(DATA) + 1)
         if all(s == DATA for s in states):
             return states, run
         return states, b"".join(

@@ -29,7 +29,7 @@ from pathlib import Path
 import xxhash
 
 from lhfs.core.durable import atomic_write, fsync_dir
-from lhfs.core.errors import CorruptState, NoSpace
+from lhfs.core.errors import CorruptState, DamagedLayers, NoSpace
 
 ABSENT = 0  # only in the log: the chunk left the layer (trimmed away, nothing below to hide)
 DATA = 1
@@ -43,6 +43,9 @@ _SUMS_MAGIC = b"LHS1"
 _SUM_ENTRY = struct.Struct("<QB16s")  # chunk number, state, xxh3-128 digest
 
 ZERO_DIGEST = bytes(16)
+# the checksum of a DATA chunk past the end of a cut data file: one no data has, so that a scrub
+# finds the chunk changed and a rebuild copies it whole (zeros would match a chunk of zeros)
+CUT_DIGEST = b"\xff" * 16
 
 # The only layer ids lhfs makes (``secrets.token_hex(8)``); matched whole (``fullmatch``).
 LAYER_ID = re.compile(r"[0-9a-f]{16}")
@@ -99,13 +102,21 @@ def reserve(fd: int, offset: int, length: int, what: str) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``offset``; what lies past the end of the file reads as zeros."""
+def pread_into(fd: int, view: memoryview, offset: int, zeros_past_end: bool = False) -> None:
+    """Fill ``view`` from ``offset``. A layer's data file holds every chunk its index calls
+    DATA whole (checked at open, ``Layer.check_data``), so a read that meets the end of one
+    means the file was cut since: ``CorruptState``, never zeros served as the volume's data.
+    ``zeros_past_end``: the file really ends there (a backing image's last chunk)."""
     while view:
         n = os.preadv(fd, [view], offset)
         if n <= 0:
-            view[:] = bytes(len(view))
-            return
+            if zeros_past_end:
+                view[:] = bytes(len(view))
+                return
+            raise CorruptState(
+                f"{os.readlink(f'/proc/self/fd/{fd}')} ends at byte {offset}, "
+                "inside a chunk its index holds: the file was cut"
+            )
         view = view[n:]
         offset += n
 
@@ -183,7 +194,31 @@ class Layer:
         """Open an existing layer and replay its index log up to the last complete batch."""
         layer = cls(directory, layer_id, chunk_size)
         layer._replay()
+        layer.check_data()
         return layer
+
+    def check_data(self) -> None:
+        """Refuse a data file shorter than the end of the last chunk the index calls DATA.
+        Every way a chunk enters a layer writes it whole before a flush records it (a rebuild's
+        partial write extends the file over its chunk), and the flush fdatasyncs the data (and
+        so the file's size) before the index batch: no crash leaves a shorter file. One that is
+        shorter was cut or replaced since, and its missing bytes would read as zeros, served as
+        the volume's data (and copied by a rebuild from it)."""
+        last = max((c for c, s in self.index.items() if s == DATA), default=-1)
+        if last < 0:
+            return
+        try:
+            size = self.data_path.stat().st_size
+        except FileNotFoundError:
+            raise DamagedLayers(
+                f"{self.data_path} is missing, its index holds data: the layer is damaged"
+            ) from None
+        end = (last + 1) * self.chunk_size
+        if size < end:
+            raise DamagedLayers(
+                f"{self.data_path} holds {size} bytes, its index holds data up to byte {end}: "
+                "the file was cut"
+            )
 
     @property
     def fd(self) -> int:
@@ -357,7 +392,7 @@ class Layer:
     # -- data ---------------------------------------------------------------------------------
 
     def read_chunk(self, chunk: int) -> bytes:
-        """The raw bytes of one chunk as stored (zeros for a tombstone or a missing tail)."""
+        """The raw bytes of one chunk as stored (zeros for a tombstone)."""
         if self.index.get(chunk) != DATA:
             return bytes(self.chunk_size)
         buf = bytearray(self.chunk_size)
@@ -370,7 +405,7 @@ class Layer:
     # -- checksums ----------------------------------------------------------------------------
 
     def read_run(self, first: int, count: int) -> bytearray:
-        """The stored bytes of ``count`` neighbouring chunks in one pread (zeros past the end)."""
+        """The stored bytes of ``count`` neighbouring chunks in one pread."""
         buf = bytearray(count * self.chunk_size)
         pread_into(self.fd, memoryview(buf), first * self.chunk_size)
         return buf
@@ -393,8 +428,8 @@ class Layer:
                     out.append((chunk, state, ZERO_DIGEST))
                 elif start + cs <= size:
                     out.append((chunk, DATA, xxhash.xxh3_128_digest(view[start : start + cs])))
-                else:  # the file ends inside the chunk: the rest reads as zeros
-                    out.append((chunk, DATA, xxhash.xxh3_128_digest(self.read_chunk(chunk))))
+                else:  # the file was cut since it was opened (see ``check_data``)
+                    out.append((chunk, DATA, CUT_DIGEST))
             view.release()
         finally:
             if mapped is not None:
