@@ -228,3 +228,74 @@ def test_a_layer_cut_while_served_is_found_by_scrub_and_repaired(cli: Cli, tmp_p
     for _ in range(4):
         assert read_direct(device, 0, MIB) == data
     cli.run("volume", "detach", "v")
+
+
+def test_what_an_older_lhfs_left_of_a_removal_is_swept_as_it_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metadata written before removals were recorded (no ``removed``): the files of a layer a
+    removal cut short left are deleted at the next open, as that lhfs did (refused, a replica
+    upgraded then could not open); the metadata written next records removals."""
+    from lhfs.store.layer import Layer
+
+    directory = tmp_path / "r"
+    a, b = _store_with_snapshot(directory)
+    _, snap = _layer_ids(directory)
+    with monkeypatch.context() as patch, ChunkStore.open(directory) as store:
+        patch.setattr(Layer, "remove_files", lambda self: None)  # (killed before)
+        store.remove_snapshot("s1")
+    meta = json.loads((directory / "volume.json").read_text())
+    del meta["removed"]  # (as an older lhfs wrote it)
+    (directory / "volume.json").write_text(json.dumps(meta))
+    assert (directory / f"{snap}.data").stat().st_size > 0
+    with ChunkStore.open(directory) as store:
+        assert store.read(0, 4 * CHUNK) == a[:CHUNK] + b + a[3 * CHUNK :]
+        store.snapshot("s2")
+    assert not (directory / f"{snap}.data").exists()
+    assert json.loads((directory / "volume.json").read_text())["removed"] == []
+
+
+@needs_fuse
+def test_no_copy_is_set_aside_when_every_replica_is_damaged(cli: Cli, tmp_path: Path) -> None:
+    """Both replicas' snapshot layers cut: neither is set aside (each was, on the word of the
+    other's record as RW, and no directory was left to serve from); the attach is refused and
+    both directories stay as they are."""
+    device = tmp_path / "v.dev"
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
+    cli.run("volume", "attach", "v", "--device", str(device))
+    write_direct(device, 0, os.urandom(MIB))
+    cli.run("snapshot", "create", "v", "s1")
+    cli.run("volume", "detach", "v")
+    replicas = cli.root / "volumes" / "v" / "replicas"
+    for replica in ("r1", "r2"):
+        _, snap = _layer_ids(replicas / replica)
+        os.truncate(replicas / replica / f"{snap}.data", 0)
+    attached = cli.run("volume", "attach", "v", "--device", str(device), check=False)
+    assert attached.returncode != 0, attached.stdout
+    assert sorted(p.name for p in replicas.iterdir()) == ["r1", "r2"]
+    modes = {r["id"]: r["mode"] for r in volumes.load(cli.root, "v").config["replicas"]}
+    assert modes == {"r1": "RW", "r2": "RW"}, modes
+
+
+@needs_fuse
+def test_a_removal_cut_short_is_finished_not_rebuilt(cli: Cli, tmp_path: Path) -> None:
+    """An engine killed during ``snapshot rm`` leaves one replica without the snapshot and one
+    with it, the removal recorded (``removing``): the next attach serves both (their chains
+    are compared without it), and finishes the removal; neither is rebuilt."""
+    device = tmp_path / "v.dev"
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
+    cli.run("volume", "attach", "v", "--device", str(device))
+    data = os.urandom(MIB)
+    write_direct(device, 0, data)
+    cli.run("snapshot", "create", "v", "s1")
+    cli.run("volume", "detach", "v")
+    vol = volumes.load(cli.root, "v")
+    vol.removing("s1", begun=True)
+    with ChunkStore.open(cli.root / "volumes" / "v" / "replicas" / "r1") as store:
+        store.remove_snapshot("s1")  # (r1 done, r2 not yet: then the kill)
+    cli.run("volume", "attach", "v", "--device", str(device))
+    assert cli.live("v")["state"] == "healthy"
+    assert "differs from the others'" not in cli.engine_log("v")
+    assert read_direct(device, 0, MIB) == data
+    wait_for(lambda: not cli.json("snapshot", "ls", "v"), 30, "the removal to be finished")
+    cli.run("volume", "detach", "v")

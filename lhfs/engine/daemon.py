@@ -120,12 +120,14 @@ class Daemon:
         # replica -> (what its directory takes, what its disk has free), as last asked
         self.disks: dict[str, tuple[int | None, int | None]] = {}
         self.not_started: dict[str, str] = {}  # local replica -> why its process did not start
+        self._damaged: dict[str, str] = {}  # local replica -> why its directory was set aside
 
     # -- replicas -----------------------------------------------------------------------------
 
     def start_local_replicas(self) -> None:
         """Start one ``replica serve`` per local replica. One that does not start is left ERR,
         for the rejoiner to start again (``restart``)."""
+        failed: list[tuple[dict[str, Any], Path]] = []
         for replica in self.vol.replicas:
             directory = self.vol.replica_dir(replica)
             if directory is None:
@@ -139,24 +141,41 @@ class Daemon:
                 log.error("replica %s did not start: %s", replica["id"], exc)
                 self.not_started[replica["id"]] = f"its process did not start: {exc}"
                 continue
-            for _attempt in range(2):  # (again once its rotten backing image is set aside)
-                proc = self._spawn(replica["id"], directory)
-                try:
-                    replica["address"] = proc.wait_ready()
-                except (RuntimeError, TimeoutError) as exc:
-                    log.error("replica %s did not start: %s", replica["id"], exc)
-                    self.not_started[replica["id"]] = f"its process did not start: {exc}"
-                    proc.stop()
-                    others = [r for r in self.vol.replicas if r is not replica]
-                    if any(r.get("mode", RW) == RW for r in others) and (
-                        self._set_aside(replica["id"], directory)
-                        or self._set_aside_damaged(replica["id"], directory)
-                    ):
-                        continue
-                    break
-                self.processes[replica["id"]] = proc
-                self.not_started.pop(replica["id"], None)
-                break
+            if not self._start_local(replica, directory):
+                failed.append((replica, directory))
+        for replica, directory in failed:
+            # (a damaged directory is set aside only once another replica recorded RW has
+            # started here: never the last copy, nor one set aside on the word of a record)
+            serving = [
+                r
+                for r in self.vol.replicas
+                if r is not replica and r["id"] in self.processes and r.get("mode", RW) == RW
+            ]
+            if serving and self._set_aside_damaged(replica["id"], directory):
+                replica.update(mode=ERR, error=self._damaged[replica["id"]])
+                self._start_local(replica, directory)
+
+    def _start_local(self, replica: dict[str, Any], directory: Path) -> bool:
+        """Start the process of one local replica (again once its rotten backing image is set
+        aside, while another replica is recorded RW); whether it started."""
+        for _attempt in range(2):
+            proc = self._spawn(replica["id"], directory)
+            try:
+                replica["address"] = proc.wait_ready()
+            except (RuntimeError, TimeoutError) as exc:
+                log.error("replica %s did not start: %s", replica["id"], exc)
+                self.not_started[replica["id"]] = f"its process did not start: {exc}"
+                proc.stop()
+                others = [r for r in self.vol.replicas if r is not replica]
+                if any(r.get("mode", RW) == RW for r in others) and self._set_aside(
+                    replica["id"], directory
+                ):
+                    continue
+                return False
+            self.processes[replica["id"]] = proc
+            self.not_started.pop(replica["id"], None)
+            return True
+        return False
 
     def _set_aside(self, replica_id: str, directory: Path) -> bool:
         """A local replica whose process did not start: if that is because its copy of the
@@ -207,8 +226,10 @@ class Daemon:
             return False
         else:
             return False
-        aside = directory.with_name(f"{directory.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
+        aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
         why = f"its directory was damaged ({damage}): set aside as {aside}, rebuilt"
+        self._damaged[replica_id] = why
         volumes.load(self.vol.root, self.vol.name).update(
             lambda c: _set_replica(c, replica_id, mode=ERR, error=why)
         )
@@ -1032,7 +1053,9 @@ class Daemon:
             self.vol.update(publish)
             self.nursery = nursery
             await self.engine.attach(
-                self._recorded(), held={r["id"] for r in self.vol.replicas if r.get("held")}
+                self._recorded(),
+                held={r["id"] for r in self.vol.replicas if r.get("held")},
+                removing=self.vol.config.get("removing", []),
             )
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -275,12 +275,16 @@ class Engine:
         self,
         replicas: list[Recorded] | list[tuple[str, str, bool]],
         held: set[str] | None = None,
+        removing: Iterable[str] = (),
     ) -> None:
         """Connect to the replicas (``Recorded``, or (id, address, recorded_failed)) and pick
         the freshest that holds every acknowledged write to serve (see the module docstring);
         never one of ``held`` (a scrub found it corrupt where no copy can be trusted), not
-        even as the last one that answers. ``Faulted`` if none can: one line saying why."""
+        even as the last one that answers. ``Faulted`` if none can: one line saying why.
+        ``removing``: snapshots whose removal was cut short (some replicas hold them, some
+        not, and it is finished next): left out of the chains compared."""
         held = held or set()
+        going = set(removing)
         records = [
             r if isinstance(r, Recorded) else Recorded(r[0], r[1], trusted=not r[2])
             for r in replicas
@@ -335,7 +339,7 @@ class Engine:
             link.error = None if record.trusted else "recorded as failed"
             answered.add(link.id)
             if isinstance(info.get("chain"), list):
-                chains[link.id] = tuple(map(str, info["chain"]))
+                chains[link.id] = tuple(n for n in map(str, info["chain"]) if n not in going)
         trusted = [(link, record) for link, record in pairs if record.trusted]
         if trusted:
             # Only these hold every write the volume acknowledged: if none answers, another

@@ -379,6 +379,7 @@ class ChunkStore:
                 "head": head,
                 "revision": 0,
                 "volume_id": volume_id,
+                "removed": [],
             }
             atomic_write_json(directory / META, meta)
         except BaseException:
@@ -481,9 +482,13 @@ class ChunkStore:
         is written into them: their files are empty), and those of layers whose removal was
         recorded (``_record_removal``). The files of any other layer the metadata does not name
         are refused, in one line naming them, nothing deleted: the metadata lost that layer
-        (edited, damaged, replaced by an older copy), and its data may be the volume's."""
+        (edited, damaged, replaced by an older copy), and its data may be the volume's. Metadata
+        without the record (an older lhfs's) is swept as that lhfs did."""
         known = set(self.meta["layers"])
         removed = set(self.meta.get("removed", []))
+        # (metadata an lhfs from before the record wrote: a removal it cut short left files
+        # it named nowhere, which it swept at the next open, as this one does for it)
+        legacy = "removed" not in self.meta
         left: dict[str, list[str]] = {}
         stale = []
         for entry in sorted(os.listdir(self.dir)):
@@ -495,7 +500,7 @@ class ChunkStore:
         strange = []
         for layer_id, files in left.items():
             empty = all(os.stat(self.dir / f, follow_symlinks=False).st_size == 0 for f in files)
-            if layer_id in removed or empty:
+            if layer_id in removed or empty or legacy:
                 stale += files
             else:
                 strange += files
@@ -581,6 +586,7 @@ class ChunkStore:
         state only after this returned: a save that fails (a full disk, where a snapshot or a
         backup's system snapshot still needs a block for the new file) then leaves the store
         as it was, where changing memory first would leave it unlike its own disk."""
+        meta.setdefault("removed", [])  # (its presence says removals are recorded: _sweep)
         with no_room("its metadata"):
             atomic_write_json(self.dir / META, meta, sync_dir=False)
         self.meta = meta
