@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -298,4 +299,35 @@ def test_a_removal_cut_short_is_finished_not_rebuilt(cli: Cli, tmp_path: Path) -
     assert "differs from the others'" not in cli.engine_log("v")
     assert read_direct(device, 0, MIB) == data
     wait_for(lambda: not cli.json("snapshot", "ls", "v"), 30, "the removal to be finished")
+    cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_a_replica_whose_layer_was_cut_and_whose_process_died_is_set_aside_and_rebuilt(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """r1's snapshot layer cut while attached, then its process killed: every start again
+    failed at open (damaged layers) until the rejoin limit, the volume degraded until the
+    next attach. Now its directory is set aside (``doctor`` names it, with its size) and r1
+    is started anew and rebuilt from r2."""
+    device = tmp_path / "v.dev"
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
+    cli.run("volume", "attach", "v", "--device", str(device))
+    data = os.urandom(MIB)
+    write_direct(device, 0, data)
+    cli.run("snapshot", "create", "v", "s1")
+    r1 = cli.root / "volumes" / "v" / "replicas" / "r1"
+    _, snap = _layer_ids(r1)
+    os.truncate(r1 / f"{snap}.data", 0)
+    (pid,) = [r["pid"] for r in cli.live("v")["replicas"] if r["id"] == "r1"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: list(r1.parent.glob("r1.damaged-*")), 30, "r1's directory set aside")
+    wait_for(lambda: cli.live("v")["state"] == "healthy", 30, "r1 started anew and rebuilt")
+    sums = control.call(volumes.load(cli.root, "v").control_socket, "replica_checksums")
+    assert len(sums) == 2 and len(set(sums.values())) == 1, sums
+    for _ in range(4):
+        assert read_direct(device, 0, MIB) == data
+    doctor = cli.run("doctor", "v", "--json", check=False)
+    warned = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "warn"]
+    assert any("r1.damaged-" in w and "set aside" in w for w in warned), warned
     cli.run("volume", "detach", "v")

@@ -305,13 +305,14 @@ class Daemon:
                 await trio.to_thread.run_sync(proc.stop)
             if isinstance(exc, (RuntimeError, TimeoutError, OSError)):
                 others = [r for r in self.engine.replicas if r is not link]
-                if (
-                    isinstance(exc, RuntimeError)
-                    and any(r.mode == RW for r in others)
-                    and await trio.to_thread.run_sync(self._set_aside, link.id, directory)
-                ):
+                serving = isinstance(exc, RuntimeError) and any(r.mode == RW for r in others)
+                if serving and await trio.to_thread.run_sync(self._set_aside, link.id, directory):
                     link.rotten_backing = True  # (the next start opens: rebuilt with one)
                     raise LhfsError(f"{self.rotten[link.id]}; it is started again") from None
+                if serving and await trio.to_thread.run_sync(
+                    self._set_aside_damaged, link.id, directory
+                ):  # (its layer files damaged while it ran: started anew, rebuilt)
+                    raise LhfsError(f"{self._damaged[link.id]}; it is started again") from None
                 raise LhfsError(f"its process did not start again: {exc}") from None
             raise
 

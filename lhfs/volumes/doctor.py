@@ -308,6 +308,17 @@ def _volume(root: Path, name: str) -> list[Check]:
                 )
                 out.append(Check(label, FAIL, f"local: {exc}", hint))
                 continue
+            if directory is not None:  # (damaged directories kept for a look take room)
+                for aside in sorted(directory.parent.glob(f"{directory.name}.damaged-*")):
+                    out.append(
+                        Check(
+                            label,
+                            WARN,
+                            f"{aside}: its damaged directory, set aside and kept for a look "
+                            f"({format_size(disk_bytes(aside))})",
+                            f"rm -r {shlex.quote(str(aside))} once it is looked at",
+                        )
+                    )
             if directory is not None and (directory / "volume.json").exists():
                 free = format_size(shutil.disk_usage(directory).free)
                 where = f", on disk {disk} ({free} free)" if disk else ""
