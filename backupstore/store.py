@@ -149,7 +149,8 @@ def check_slot(manifest: dict[str, Any], index: int, data: bytes, what: str) -> 
     if len(data) not in slot_lengths(manifest, index):
         raise CorruptState(
             f"block {index} of {what} is {len(data)} bytes, not the {manifest['block_size']} "
-            "of its backup's blocks: the manifest names another backup's block"
+            "of its backup's blocks: the manifest names another backup's block (written by "
+            "someone who can write the bucket); restore another backup"
         )
 
 
@@ -1359,7 +1360,9 @@ class BackupStore:
                 elif len(result) not in fits[digest]:  # (a manifest names another's block)
                     problems.append(
                         f"block {digest} is {len(result)} bytes, not the block size of every "
-                        f"backup naming it ({_named(users[digest])})"
+                        f"backup naming it ({_named(users[digest])}): a manifest was changed "
+                        "by someone who can write the bucket; 'lhfs backup rm' those that "
+                        "should not name it"
                     )
                     broken |= users[digest]
                 else:

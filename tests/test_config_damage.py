@@ -57,7 +57,8 @@ def test_a_damaged_field_is_refused_by_every_command(cli: Cli, tmp_path: Path, c
     assert doctor.returncode == 1, doctor.stderr
     failed = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "fail"]
     assert any(str(path) in d and field in d for d in failed), failed
-    for command in (("volume", "info", "v"), ("volume", "attach", "v", "--device", "dev")):
+    device = str(tmp_path / "dev")
+    for command in (("volume", "info", "v"), ("volume", "attach", "v", "--device", device)):
         line = one_line(cli.run(*command, check=False))
         assert str(path) in line and field in line, line
     assert files(path.parent) == before
@@ -71,7 +72,7 @@ UNSERVABLE: dict[str, tuple[Any, str]] = {  # loads, but no session can start fr
 
 @pytest.mark.parametrize("case", list(UNSERVABLE))
 def test_a_configuration_no_engine_can_serve_is_refused_by_attach_and_doctor(
-    cli: Cli, case: str
+    cli: Cli, tmp_path: Path, case: str
 ) -> None:
     """A configuration that loads but that no engine may serve (a session epoch past where
     one may start, no replica left: an lhfs from before ``replica rm`` kept the last one
@@ -89,7 +90,8 @@ def test_a_configuration_no_engine_can_serve_is_refused_by_attach_and_doctor(
     assert doctor.returncode == 1, doctor.stderr
     failed = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "fail"]
     assert any(str(path) in d and field in d for d in failed), failed
-    line = one_line(cli.run("volume", "attach", "v", "--device", "dev", check=False))
+    device = str(tmp_path / "dev")
+    line = one_line(cli.run("volume", "attach", "v", "--device", device, check=False))
     assert str(path) in line and field in line, line
     assert files(path.parent) == before
     assert cli.info("v")["name"] == "v"

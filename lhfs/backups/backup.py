@@ -57,6 +57,7 @@ _WRITERS = 4  # restore writes in flight through the engine
 _WRITEBACK_EVERY = 64 << 20  # a restore pushes its data to disk in the background this often
 _KEPT = 64 << 20  # bytes a restore on a backing image keeps of the image read (not read again)
 _SUM = 16  # bytes of a chunk's digest (xxh3-128)
+DROP_WAIT = 10.0  # seconds a failed backup waits for the volume to remove its snapshot
 
 
 def backup_url(target: Target, volume: str, name: str) -> str:
@@ -120,9 +121,6 @@ def chunk_for(manifest: dict[str, Any]) -> int:
     while size % chunk:
         chunk //= 2
     return chunk
-
-
-DROP_WAIT = 10.0  # seconds a failed backup waits for the volume to remove its snapshot
 
 
 def _backup_name(prefix: str) -> str:
@@ -692,29 +690,17 @@ def restore(
     refuse_image_backups(volume, url, manifest)
     if new_name in volumes.list_names(root):
         raise AlreadyExists(f"volume {new_name} already exists")
-    found = backing is None and kind != "system" and bool(manifest.get("backing_image"))
-    if found:
-        backing, why = images.of_content(
-            root, manifest["backing_image"], manifest.get("backing_image_name")
-        )
-        if why is not None and notice is not None:
-            notice(whole_said(new_name, why))
     mark: dict[str, Any] = {"restoring": {"backup": url, "pid": os.getpid()}}
     size, chunk = manifest["size"], chunk_for(manifest)
-    image = None if backing is None else Path(backing["path"])
-    if backing is not None:  # (which image it was made from: 'backing-image rm' says so)
-        mark["backing_image_name"] = backing["name"]
-    try:
+    if backing is None and kind != "system":
+        vol = create_as_source(root, new_name, manifest, replicas, mark, on_disks, notice)
+    else:  # (the image a system restore chose for it, or none: as it says)
+        image = None if backing is None else Path(backing["path"])
+        if backing is not None:  # (which image it was made from: 'backing-image rm' says so)
+            mark["backing_image_name"] = backing["name"]
         vol = manage.create(
             root, new_name, size, chunk, replicas, image, mark, on_disks, backing and backing["id"]
         )
-    except manage.ImageChanged as exc:
-        if not found or backing is None:  # (an image chosen for it: what it says stands)
-            raise
-        if notice is not None:
-            notice(whole_said(new_name, changed_image(backing["name"], exc)))
-        mark.pop("backing_image_name")
-        vol = manage.create(root, new_name, size, chunk, replicas, None, mark, on_disks)
     writer = _RestoreWriter(root, vol, size, manifest["block_size"])
     try:
         store.restore(volume, name, writer.write, progress, writer.held, kind)
@@ -743,10 +729,38 @@ def restore(
     return vol
 
 
-def changed_image(name: str, exc: Exception) -> str:
-    """Why a restore looked for its source's backing image in vain where the root's image of
-    that content (``name``) no longer holds it (``exc``: found as its copy was made)."""
-    return f"its backing image {name} no longer holds the content it was registered with ({exc})"
+def create_as_source(
+    root: Path,
+    name: str,
+    manifest: dict[str, Any],
+    replicas: int,
+    extra: dict[str, Any],
+    on_disks: list[str] | None,
+    notice: Callable[[str], None] | None,
+) -> volumes.Volume:
+    """A new volume ``name`` of the geometry of ``manifest``'s source, made on the root's
+    backing image of the content that source stood on, if the root has one (matched by
+    content, never by name; never one whose file was modified since it was registered, nor
+    one found changed in place as the volume's copy of it is made), else holding it all
+    itself, ``notice`` told why in a line. What a restore and a DR standby are made as."""
+    backing, why = None, None
+    if manifest.get("backing_image"):
+        backing, why = images.of_content(
+            root, manifest["backing_image"], manifest.get("backing_image_name")
+        )
+    size, chunk = manifest["size"], chunk_for(manifest)
+    if backing is not None:
+        named = {**extra, "backing_image_name": backing["name"]}  # ('backing-image rm' says so)
+        image = Path(backing["path"])
+        try:
+            return manage.create(
+                root, name, size, chunk, replicas, image, named, on_disks, backing["id"]
+            )
+        except manage.ImageChanged:  # (its size and time kept: as one found modified)
+            why = f"its backing image {backing['name']}'s file changed since it was registered"
+    if why is not None and notice is not None:
+        notice(whole_said(name, why))
+    return manage.create(root, name, size, chunk, replicas, None, extra, on_disks)
 
 
 def whole_said(volume: str, why: str) -> str:

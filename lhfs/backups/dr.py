@@ -51,13 +51,11 @@ from backupstore.store import (
     taken_at,
 )
 from lhfs.backups.backup import (
-    changed_image,
-    chunk_for,
+    create_as_source,
     open_store,
     password_file,
     refuse_image_backups,
     store_password,
-    whole_said,
 )
 from lhfs.config import volume as volumes
 from lhfs.core import locks, logs
@@ -78,7 +76,7 @@ from lhfs.core.procs import LHFS, child_env, is_lhfs, is_pid, wait_for
 from lhfs.core.units import rfc3339
 from lhfs.store.backing import hole_at
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.volumes import images, manage
+from lhfs.volumes import manage
 from lhfs.volumes.standby import (
     LOCK,
     LOG,
@@ -721,7 +719,8 @@ def create(
     """Create the standby (empty, sized like the newest backup; its replicas under the root,
     or one on each of ``on_disks``) and start its follower. The endpoint is recorded with it
     (never a secret); so is the credentials file, if named. ``notice``: told of each damaged
-    manifest passed over."""
+    manifest passed over, and why the standby holds its source's backing image's content
+    itself (``create_as_source``)."""
     target = Target.parse(url)
     check_volume_name(name)
     check_name(source, "source volume name")
@@ -764,29 +763,8 @@ def create(
         "metrics": metrics,
     }
     extra: dict[str, Any] = {"dr": config}
-    backing, why = None, None
-    if newest.get("backing_image"):  # (matched by content, as a restore is)
-        backing, why = images.of_content(
-            root, newest["backing_image"], newest.get("backing_image_name")
-        )
-    if backing is not None:  # (which image it was made from: 'backing-image rm' says so)
-        extra["backing_image_name"] = backing["name"]
-    elif why is not None and notice is not None:
-        notice(whole_said(name, why))
-    image = None if backing is None else Path(backing["path"])
-    try:
-        vol = manage.create(
-            root, name, size, chunk_for(newest), replicas, image, extra, on_disks,
-            backing and backing["id"],
-        )  # fmt: skip
-    except manage.ImageChanged as exc:  # (its file changed in place: as one found modified)
-        if backing is None:
-            raise
-        if notice is not None:
-            notice(whole_said(name, changed_image(backing["name"], exc)))
-        extra.pop("backing_image_name")
-        image = None
-        vol = manage.create(root, name, size, chunk_for(newest), replicas, None, extra, on_disks)
+    vol = create_as_source(root, name, newest, replicas, extra, on_disks, notice)
+    image = vol.config.get("backing_image")
     count = len(newest["blocks"])
     try:
         held = [None] * count if image is None else _image_blocks(vol, newest["block_size"], count)

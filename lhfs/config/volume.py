@@ -128,10 +128,12 @@ def unservable(vol: Volume) -> str | None:
             f"from; remove it ('lhfs volume rm {vol.name}') and restore it from a backup"
         )
     epoch = vol.config.get("epoch") or 0
-    if epoch > MAX_START_EPOCH:
+    highest = MAX_START_EPOCH - (1 << 32)  # (room for more sessions than any volume counts)
+    if epoch > highest:
         return (
-            f"{path}: epoch must be at most {MAX_START_EPOCH} for a session to start from it, "
-            f"not {epoch} (the file was edited or damaged)"
+            f"{path}: epoch must be at most {highest} for a session to start from it, not "
+            f"{epoch} (the file was edited or damaged: set it back to the highest epoch its "
+            "replicas' epoch files hold)"
         )
     return None
 

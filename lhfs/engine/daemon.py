@@ -71,9 +71,10 @@ _KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 
 def disks_every() -> float:
     """Seconds between two questions to the replicas about their disks, which also record the
-    revisions they hold: ``$LHFS_DISKS_EVERY`` (0.1 to 3600) or 15 s. A test of what follows
-    those records need not wait a quarter of a minute for each; a value out of range, or no
-    number, is the default, said in the log (an engine must not fail to attach over it)."""
+    revisions they hold: ``$LHFS_DISKS_EVERY`` (0.1 to 3600) or 15 s. Sooner tells a full disk
+    and moves the older-copy check's record sooner, for a write of ``config.json`` each time;
+    a value out of range, or no number, is the default, said in the log (an engine must not
+    fail to attach over it)."""
     given = os.environ.get("LHFS_DISKS_EVERY")
     if given is None:
         return DISKS_EVERY
@@ -83,7 +84,11 @@ def disks_every() -> float:
         value = -1.0
     if 0.1 <= value <= 3600:  # (NaN fails both comparisons)
         return value
-    log.warning("LHFS_DISKS_EVERY=%.20r is not 0.1 to 3600 seconds: %g s", given, DISKS_EVERY)
+    log.warning(
+        "LHFS_DISKS_EVERY=%.20r is not 0.1 to 3600 seconds: the default %g s is used",
+        given,
+        DISKS_EVERY,
+    )
     return DISKS_EVERY
 
 
@@ -220,8 +225,8 @@ class Daemon:
         image."""
         try:
             ChunkStore.open(directory).close()
-        except DamagedLayers as exc:
-            damage = str(exc)
+        except DamagedLayers as exc:  # (what is damaged, not what to do of it by hand)
+            damage = str(exc).split(": nothing was deleted")[0]
         except (LhfsError, OSError):
             return False
         else:
@@ -237,9 +242,11 @@ class Daemon:
             os.rename(directory, aside)
             fsync_dir(directory.parent)
         except OSError as exc:
-            log.warning(
-                "replica %s: its damaged directory could not be set aside: %s", replica_id, exc
+            kept = f"its directory is damaged ({damage}); it could not be set aside: {exc}"
+            volumes.load(self.vol.root, self.vol.name).update(
+                lambda c: _set_replica(c, replica_id, mode=ERR, error=kept)
             )
+            log.warning("replica %s: %s", replica_id, kept)
             return False
         log.error("replica %s: %s", replica_id, why)
         return True
@@ -1335,7 +1342,12 @@ def run(
         if not daemon.processes and not any(
             not r.get("local") and r.get("address") for r in vol.replicas
         ):
-            raise NotFound("no replica of the volume could be started (see the replica logs)")
+            why = "; ".join(f"{rid}: {text}" for rid, text in daemon.not_started.items())
+            raise NotFound(
+                "no replica of the volume could be started ("
+                + (why or "see the replica logs")
+                + ")"
+            )
         try:
             trio.run(daemon.serve, announce)
         except BaseExceptionGroup as group:  # (what failed in a task: reported as itself)

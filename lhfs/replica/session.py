@@ -127,8 +127,10 @@ class Sessions:
             text = path.read_text()
         except FileNotFoundError:
             return 0, p.NO_OWNER
-        except (OSError, ValueError) as exc:
-            raise CorruptState(f"{path} cannot be read: {exc}") from None
+        except OSError as exc:
+            raise CorruptState(f"{path} cannot be read: {os.strerror(exc.errno or 0)}") from None
+        except ValueError:  # (not text)
+            raise CorruptState(f"{path} is damaged: not an epoch and an engine") from None
         fields = text.split()
         try:
             epoch, owner = int(fields[0]), bytes.fromhex(fields[1])
@@ -179,7 +181,7 @@ class Sessions:
             busy = p.BUSY_HANDSHAKES
         if busy is not None:
             self.said.warning(
-                f"refused {source}",
+                f"refused {source} {busy}",  # (a line a minute per source and bound met)
                 "refused a connection from %s: %s",
                 source or "a local peer",
                 _BOUNDS[busy],

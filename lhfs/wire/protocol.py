@@ -466,7 +466,8 @@ class ClientHandshake:
         if self.role == ENGINE and epoch > MAX_START_EPOCH:  # (no engine asked for it)
             raise CorruptState(
                 f"replica {self.address} is in session epoch {epoch}, out of range (no engine "
-                f"asks for one above {MAX_START_EPOCH}): its epoch file is damaged"
+                f"asks for one above {MAX_START_EPOCH}): its epoch file is damaged; replace the "
+                "replica ('lhfs replica rm', then 'lhfs replica add')"
             )
         if self.role == ENGINE and self.takeover:
             self.epoch = max(self.epoch, epoch + 1)
@@ -502,7 +503,8 @@ class ClientHandshake:
         if status == HS_EPOCH_RANGE:
             raise CorruptState(
                 f"replica {self.address} refused session epoch {self.epoch}: epoch out of range "
-                f"(epochs stay below {MAX_EPOCH})"
+                f"(epochs stay below {MAX_EPOCH}); the volume's config.json epoch was edited: "
+                "set it back to the highest epoch its replicas' epoch files hold"
             )
         if status == HS_STALE:
             raise Fenced(

@@ -1,4 +1,6 @@
-"""Limits lifted: what used to be left for later, or said only in part."""
+"""What failures leave, and what is said of them: a failed backup's snapshot, a replica added
+and never built, a remote replica's damaged identity file, a replica's warnings about
+strangers of several kinds in one minute."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Small mends: a restore onto a backing image reads each of the image's blocks once; a
-``backup rm`` asks the store once whether the backup is there; a same-size ``volume expand``
-does not run a grow tool again where it found nothing to use; the engine records the
-replicas' revisions off its event loop."""
+"""Work done once, and off the I/O path: a restore onto a backing image reads each of the
+image's blocks once (and none of its holes); a ``backup rm`` asks the store once whether the
+backup is there; a same-size ``volume expand`` does not run a grow tool again where it found
+nothing to use; the engine records the replicas' revisions off its event loop."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import fcntl
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 import trio
+from conftest import needs_fuse
 
 from backupstore.s3 import Bucket
 from lhfs.backups import backup
@@ -124,6 +127,7 @@ def _grown(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if " -n " not in f"{line} "]
 
 
+@needs_fuse
 def test_a_same_size_expand_leaves_a_tail_its_ext4_cannot_use(cli: Cli, tmp_path: Path) -> None:
     """A mount records the device size at which resize2fs found nothing to use in the few
     blocks past its ext4 (GROW_TRIED): a same-size ``volume expand`` of the mounted volume
@@ -151,6 +155,7 @@ def test_a_same_size_expand_leaves_a_tail_its_ext4_cannot_use(cli: Cli, tmp_path
         cli.run("umount", str(mnt), check=False)
 
 
+@needs_fuse
 def test_a_same_size_expand_records_a_tail_its_xfs_cannot_use(cli: Cli, tmp_path: Path) -> None:
     """An expansion whose xfs_growfs found nothing to use in the few blocks past its xfs
     records it (GROW_TRIED, as a mount does for an ext4): a same-size ``volume expand`` does
@@ -175,7 +180,9 @@ def test_a_same_size_expand_records_a_tail_its_xfs_cannot_use(cli: Cli, tmp_path
         cli.run("umount", str(mnt), check=False)
 
 
-def test_the_engine_records_the_replicas_revisions_off_its_event_loop(cli: Cli) -> None:
+def test_the_engine_records_the_replicas_revisions_off_its_event_loop(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The periodic record of what each replica holds durably is written in a thread: the
     event loop runs on while the write waits (here: for the configuration's lock, as for a
     slow root disk). What it writes is what the replicas hold once it may write (a revision
@@ -189,6 +196,15 @@ def test_the_engine_records_the_replicas_revisions_off_its_event_loop(cli: Cli) 
     def flushed() -> list[int | None]:
         return [r.get("flushed") for r in volumes.load(cli.root, "v").replicas]
 
+    writing = threading.Event()  # (the thread is in the update: it waits for the lock)
+    update = volumes.Volume.update
+
+    def told(self: volumes.Volume, change: Any) -> Any:
+        writing.set()
+        return update(self, change)
+
+    monkeypatch.setattr(volumes.Volume, "update", told)
+
     async def main() -> None:
         lock = locks.open_lock(vol.dir / "config.lock")
         try:
@@ -196,7 +212,8 @@ def test_the_engine_records_the_replicas_revisions_off_its_event_loop(cli: Cli) 
             with trio.fail_after(10):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(daemon.keep_revisions_aside)
-                    await trio.sleep(0.3)  # (the loop runs on: the write waits for the lock)
+                    # (the loop runs on while the write waits for the lock)
+                    assert await trio.to_thread.run_sync(writing.wait, 5)
                     assert flushed() == [None, None]
                     links[0].synced = 9
                     os.close(lock)  # (let go: the write goes on)
