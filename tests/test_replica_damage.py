@@ -333,3 +333,32 @@ def test_a_replica_whose_layer_was_cut_and_whose_process_died_is_set_aside_and_r
     warned = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "warn"]
     assert any("r1.damaged-" in w and "set aside" in w for w in warned), warned
     cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_a_snapshot_is_not_removed_under_a_scrub(cli: Cli, tmp_path: Path) -> None:
+    """A snapshot removed while a scrub compares the snapshots failed the scrub ("no layer",
+    exit 1, as if it could not scrub) and could have compared a layer coalesced on one replica
+    only: ``snapshot rm`` is refused in one line while a scrub runs (housekeeping waits for
+    its end), and both go through once it is done."""
+    device = tmp_path / "v.dev"
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
+    cli.run("volume", "attach", "v", "--device", str(device))
+    write_direct(device, 0, os.urandom(MIB))
+    cli.run("snapshot", "create", "v", "s1")
+    socket = volumes.load(cli.root, "v").control_socket
+    (pid,) = [r["pid"] for r in cli.live("v")["replicas"] if r["id"] == "r2"]
+    os.kill(pid, signal.SIGSTOP)  # (the scrub waits for r2's answer)
+    try:
+        scrub = cli.start("volume", "scrub", "v", "--json")
+        wait_for(lambda: control.call(socket, "progress", task="scrub"), 10, "the scrub")
+        line = one_line(cli.run("snapshot", "rm", "v", "s1", check=False))
+        assert "a scrub of volume v is under way: snapshot s1 is not removed" in line, line
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    out, err = scrub.communicate(timeout=60)
+    assert scrub.returncode == 0, err
+    assert json.loads(out)["layers"] == ["s1"]
+    cli.run("snapshot", "rm", "v", "s1")
+    assert cli.json("snapshot", "ls", "v") == []
+    cli.run("volume", "detach", "v")

@@ -31,6 +31,7 @@ from lhfs.core import locks, logs
 from lhfs.core.durable import atomic_write_json, drop_device, fsync_dir
 from lhfs.core.errors import (
     AlreadyExists,
+    Busy,
     CorruptState,
     DamagedLayers,
     InvalidArgument,
@@ -117,6 +118,10 @@ class Daemon:
         self.metrics_address = metrics
         self.device_made = False
         self.last_scrub: dict[str, Any] | None = None
+        # a scrub compares each snapshot across the replicas: none is removed meanwhile (a
+        # removal half done is two different layers, and one gone fails the scrub)
+        self._scrubbing = False
+        self._layers = trio.Lock()
         # long operations under way ("checksum", "scrub", "snapshot_rm") -> bytes done and
         # total, for the progress of the command that asked (control op "progress")
         self.tasks: dict[str, dict[str, int]] = {}
@@ -522,6 +527,11 @@ class Daemon:
             again = name in config.get("removing", [])  # (cut short: some replicas lack it)
             if not again and name not in await self._snapshot_names():
                 raise NotFound(f"volume {self.vol.name} has no snapshot named {name!r}")
+            if self._scrubbing:
+                raise Busy(
+                    f"a scrub of volume {self.vol.name} is under way: snapshot {name} is not "
+                    "removed; try again once it is done ('lhfs volume scrub' says when)"
+                )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_removal, nursery.cancel_scope)
                 try:
@@ -583,9 +593,14 @@ class Daemon:
         if op == "scrub":
             task = self.tasks["scrub"] = {"done": 0, "total": 0}
             try:
-                report = await scrub(engine, task)
+                async with self._layers:  # (after a removal under way)
+                    self._scrubbing = True
+                    report = await scrub(engine, task)
             finally:
                 self.tasks.pop("scrub", None)
+                if self._scrubbing:
+                    self._scrubbing = False
+                    self.housekeep()  # (what it held back)
             for link in engine.replicas:  # (held: a local one's process stops, as given up)
                 if link.id in report["held"]:
                     self.nursery.start_soon(self.give_up, link)
@@ -639,9 +654,10 @@ class Daemon:
         refusal other than "no such snapshot" (an older replica's "done already") keeps it."""
         assert self.engine is not None
         try:
-            await self.engine.remove_snapshot(
-                name, missing_ok=again, begin=lambda: self.vol.removing(name, begun=True)
-            )
+            async with self._layers:  # (not while a scrub compares the snapshots)
+                await self.engine.remove_snapshot(
+                    name, missing_ok=again, begin=lambda: self.vol.removing(name, begun=True)
+                )
         except LhfsError as exc:
             if is_refusal(exc) and (not again or isinstance(exc, NotFound)):
                 self.vol.removing(name, begun=False)
@@ -655,8 +671,8 @@ class Daemon:
         assert engine is not None
         begun = volumes.load(self.vol.root, self.vol.name).config.get("removing", [])
         for name in begun:  # (by an earlier engine, or a command, stopped half-way)
-            if self._stopping or self._rebuilds:
-                return  # (a rebuild's end asks again)
+            if self._stopping or self._rebuilds or self._scrubbing:
+                return  # (a rebuild's end, a scrub's, asks again)
             try:
                 await self.remove_snapshot(name, again=True)
                 log.info("snapshot %s removed: an earlier engine stopped half-way through", name)
@@ -668,7 +684,7 @@ class Daemon:
         except LhfsError:
             return
         names = [layer["name"] for layer in layers if layer["active"] and layer["name"]]
-        while not self._stopping and not self._rebuilds:  # (a rebuild's end asks again)
+        while not (self._stopping or self._rebuilds or self._scrubbing):  # (their ends ask again)
             # the configuration is read after the chain: a backup records its hold before it
             # takes its snapshot, so a snapshot listed above that a backup holds shows here
             config = volumes.load(self.vol.root, self.vol.name).config
