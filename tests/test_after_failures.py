@@ -16,7 +16,7 @@ from backupstore.store import BackupStore
 from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, one_line
+from lhfs.testing import Cli, one_line, write_direct
 from lhfs.wire import protocol as p
 from lhfs.wire.client import parse_address
 from tools.faultproxy import FaultProxy
@@ -164,3 +164,21 @@ def test_a_remote_replica_whose_id_is_damaged_says_so_and_is_replaced(
     modes = [r["mode"] for r in cli.live("v")["replicas"]]
     assert cli.live("v")["state"] == "healthy" and modes == ["RW", "RW"], cli.live("v")
     cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_replica_accept_of_a_replica_that_is_no_older_copy_is_refused(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``replica accept`` of a local replica that holds its recorded revision (a typo of the
+    replica's id, a volume that was never refused) is refused, naming both revisions, and the
+    record stays: it answered "given up" and turned the older-copy check off for it."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    write_direct(tmp_path / "v.dev", 0, bytes(range(256)) * 16)
+    cli.run("volume", "detach", "v")
+    path = cli.root / "volumes" / "v" / "config.json"
+    before = path.read_bytes()
+    line = one_line(cli.run("replica", "accept", "v", "r1", check=False), 1)
+    assert "replica r1 of v holds revision" in line and "it is no older copy" in line, line
+    assert path.read_bytes() == before

@@ -587,6 +587,9 @@ def test_refused_commands_take_back_what_they_began(cli: Cli, tmp_path: Path) ->
     assert loops_of(device) == []
     line = one_line(cli.run("replica", "add", "v", "--address", "127.0.0.1:0", check=False), 2)
     assert "port 0" in line, line
+    for spaced in (" 127.0.0.1:7000", "127.0.0.1 :7000", "127.0.0.1:7000 "):  # (a typo: usage)
+        line = one_line(cli.run("replica", "add", "v", "--address", spaced, check=False), 2)
+        assert "not a HOST:PORT address" in line, line
     one_line(cli.run("replica", "add", "v", "--address", "127.0.0.1:1", check=False), 1)
     wait_for(  # (the snapshot's second has passed: a copy made now would show another time)
         lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) != taken, 5, "a new second"

@@ -1115,6 +1115,19 @@ def _replica_remove_offline(
     return [left] if left else []
 
 
+def _local_revision(vol: volumes.Volume, entry: dict[str, Any]) -> int | None:
+    """The revision a local replica's directory holds (None: a replica on another host, or
+    a directory that does not open: its attach will say why)."""
+    directory = vol.replica_dir(entry)
+    if directory is None or not (directory / "volume.json").exists():
+        return None
+    try:
+        with ChunkStore.open(directory) as store:
+            return store.revision
+    except (LhfsError, OSError):
+        return None
+
+
 def replica_accept(root: Path, name: str, replica_id: str) -> int:
     """Let replica ``replica_id`` of a detached volume serve at the next attach as it is,
     though it answers below the revision recorded for it: an older copy of its directory
@@ -1142,6 +1155,12 @@ def replica_accept(root: Path, name: str, replica_id: str) -> int:
             raise WrongState(
                 f"no revision is recorded for replica {replica_id} of {name}: it is not held "
                 "back as an older copy, and there is nothing to accept"
+            )
+        held = _local_revision(now, entry)
+        if held is not None and held >= recorded:  # (a typo must not turn the check off)
+            raise WrongState(
+                f"replica {replica_id} of {name} holds revision {held}, not below the "
+                f"{recorded} recorded for it: it is no older copy, and serves as it is"
             )
 
         def accept(config: dict[str, Any]) -> None:

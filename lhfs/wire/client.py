@@ -41,7 +41,13 @@ def parse_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); a clear error for anything else."""
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if (
+        not sep
+        or not host
+        or any(c.isspace() for c in host)  # (a stray space is a typo, not a name to look up)
+        or not port.isdigit()
+        or not 0 <= int(port) < 65536
+    ):
         raise InvalidArgument(f"not a HOST:PORT address: {address!r}")
     return host, int(port)
 
