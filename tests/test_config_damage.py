@@ -205,3 +205,25 @@ def test_a_size_beyond_what_the_replicas_hold_is_refused_at_attach(
     assert after["size"] == 2 * MIB, after
     assert [(r["mode"], r["error"]) for r in after["replicas"]] == [("RW", None)] * 2, after
     assert cli.info("v")["state"] == "detached"
+
+
+def test_a_key_of_another_volume_is_failed_by_doctor_and_named_by_attach(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Two volumes' ``key.json`` swapped: ``doctor`` said every replica was ok, and the attach
+    only "see the replica logs". Now ``doctor`` fails each replica, naming both ids, and the
+    attach's one line carries the replicas' own reason."""
+    for name in ("a", "b"):
+        cli.run("volume", "create", name, "--size", "1M", "--replicas", "1")
+    keys = [cli.root / "volumes" / name / "key.json" for name in ("a", "b")]
+    first, second = (k.read_bytes() for k in keys)
+    keys[0].write_bytes(second)
+    keys[1].write_bytes(first)
+    doctor = cli.run("doctor", "a", "--json", check=False)
+    assert doctor.returncode == 1, doctor.stderr
+    failed = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "fail"]
+    assert any("holds a replica of another volume" in d for d in failed), failed
+    line = one_line(
+        cli.run("volume", "attach", "a", "--device", str(tmp_path / "dev"), check=False)
+    )
+    assert "r1: " in line and "another volume" in line, line
