@@ -42,14 +42,13 @@ DAMAGE: dict[str, tuple[Any, str]] = {  # what is changed in config.json -> the 
 }
 
 
-@pytest.mark.parametrize("case", list(DAMAGE))
-def test_a_damaged_field_is_refused_by_every_command(cli: Cli, tmp_path: Path, case: str) -> None:
-    """``doctor``, ``volume info`` and ``volume attach`` each refuse the configuration in one
-    line naming it and the field, with a non-zero exit, and nothing is changed."""
+def _damaged(cli: Cli, change: Any, field: str) -> tuple[Path, str, dict[str, bytes]]:
+    """Volume v (two replicas) with ``change`` made to its ``config.json`` by hand, and
+    ``doctor`` failing it in one check naming the file and ``field``: the file, the field, and
+    the volume's files as they were before ``doctor`` (what "nothing changed" compares)."""
     cli.run("volume", "create", "v", "--size", "1M", "--replicas", "2")
     path = cli.root / "volumes" / "v" / "config.json"
     config = json.loads(path.read_text())
-    change, field = DAMAGE[case]
     change(config)
     path.write_text(json.dumps(config))
     before = files(path.parent)
@@ -57,6 +56,14 @@ def test_a_damaged_field_is_refused_by_every_command(cli: Cli, tmp_path: Path, c
     assert doctor.returncode == 1, doctor.stderr
     failed = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "fail"]
     assert any(str(path) in d and field in d for d in failed), failed
+    return path, field, before
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_field_is_refused_by_every_command(cli: Cli, tmp_path: Path, case: str) -> None:
+    """``doctor``, ``volume info`` and ``volume attach`` each refuse the configuration in one
+    line naming it and the field, with a non-zero exit, and nothing is changed."""
+    path, field, before = _damaged(cli, *DAMAGE[case])
     device = str(tmp_path / "dev")
     for command in (("volume", "info", "v"), ("volume", "attach", "v", "--device", device)):
         line = one_line(cli.run(*command, check=False))
@@ -79,17 +86,7 @@ def test_a_configuration_no_engine_can_serve_is_refused_by_attach_and_doctor(
     could remove it) is refused by an attach and failed by ``doctor``, in one line naming
     the file and the field, changing nothing; ``volume info`` shows it and ``volume rm``
     removes it (it was refused by every command, ``volume rm`` too: stuck for good)."""
-    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "2")
-    path = cli.root / "volumes" / "v" / "config.json"
-    config = json.loads(path.read_text())
-    change, field = UNSERVABLE[case]
-    change(config)
-    path.write_text(json.dumps(config))
-    before = files(path.parent)
-    doctor = cli.run("doctor", "v", "--json", check=False)
-    assert doctor.returncode == 1, doctor.stderr
-    failed = [c["detail"] for c in json.loads(doctor.stdout) if c["status"] == "fail"]
-    assert any(str(path) in d and field in d for d in failed), failed
+    path, field, before = _damaged(cli, *UNSERVABLE[case])
     device = str(tmp_path / "dev")
     line = one_line(cli.run("volume", "attach", "v", "--device", device, check=False))
     assert str(path) in line and field in line, line

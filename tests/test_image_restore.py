@@ -13,8 +13,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from test_backup_left import head_chunks, replica_dirs, write_detached
+from test_backup_trust import reseal
 
-from backupstore.keys import StoreKeys
 from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
 from lhfs.config import volume as volumes
@@ -38,16 +38,6 @@ def own_bytes(cli: Cli, name: str) -> int:
             if path.is_file() and path.name != image:
                 total += path.stat().st_blocks * 512
     return total
-
-
-def reseal(target: str, relative: str, manifest: dict) -> None:
-    """Write ``manifest`` under ``relative`` sealed with the plain store's MAC key (what
-    anyone who can write the bucket can do, and what an older lhfs wrote)."""
-    bucket = Bucket(Target.parse(target))
-    record = bucket.get(bucket.target.key("lhfs-store.json"))
-    assert record is not None
-    keys = StoreKeys.open(record[0], None, "forger")
-    bucket.put(bucket.target.key(relative), keys.seal(relative, json.dumps(manifest).encode()))
 
 
 def test_a_restore_of_a_volume_made_on_an_image_stands_on_that_image(
@@ -130,7 +120,7 @@ def test_a_restore_of_a_volume_made_on_an_image_stands_on_that_image(
     manifest = store.manifest("a", backup)
     assert manifest["backing_image"] == image_id
     for bad in (5, "0" * 33, image_id.upper(), f"{'0' * 32}-{9 * MIB}", f"{'0' * 32}-0"):
-        reseal(target, relative, {**manifest, "backing_image": bad})
+        reseal(store, relative, json.dumps({**manifest, "backing_image": bad}).encode())
         refused = cli.run("backup", "restore", url, "bad", "--quiet", check=False)
         assert refused.returncode == 1, refused.stderr
         assert refused.stderr == (
@@ -138,7 +128,7 @@ def test_a_restore_of_a_volume_made_on_an_image_stands_on_that_image(
             "backing_image)\n"
         ), bad
     older = {k: v for k, v in manifest.items() if not k.startswith("backing_image")}
-    reseal(target, relative, older)
+    reseal(store, relative, json.dumps(older).encode())
     result = cli.run("backup", "restore", url, "old", "--replicas", "1", "--quiet")
     assert result.stdout.count("\n") == 1 and "backing image" not in result.stdout
     assert cli.info("old")["backing_image"] is None and cli.checksum("old") == source

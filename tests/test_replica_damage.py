@@ -82,6 +82,17 @@ def test_a_rebuild_cut_short_leaves_a_replica_that_opens(tmp_path: Path) -> None
         assert store.read(40 * CHUNK + 10, 100) == b"x" * 100
 
 
+def _attached_with_snapshot(cli: Cli, device: Path) -> bytes:
+    """Volume v, two replicas, attached on ``device``: a MiB of random data, snapshot s1 of it;
+    the data."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
+    cli.run("volume", "attach", "v", "--device", str(device))
+    data = os.urandom(MIB)
+    write_direct(device, 0, data)
+    cli.run("snapshot", "create", "v", "s1")
+    return data
+
+
 @needs_fuse
 def test_a_replica_with_a_cut_layer_is_set_aside_and_rebuilt(cli: Cli, tmp_path: Path) -> None:
     """r1's snapshot layer is cut to nothing: before, it opened, the volume was healthy and
@@ -89,11 +100,7 @@ def test_a_replica_with_a_cut_layer_is_set_aside_and_rebuilt(cli: Cli, tmp_path:
     (kept, said) and r1 is rebuilt from r2; once r2 is the only replica, such damage is
     refused, never served."""
     device = tmp_path / "v.dev"
-    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
-    cli.run("volume", "attach", "v", "--device", str(device))
-    data = os.urandom(MIB)
-    write_direct(device, 0, data)
-    cli.run("snapshot", "create", "v", "s1")
+    data = _attached_with_snapshot(cli, device)
     cli.run("volume", "detach", "v")
     r1 = cli.root / "volumes" / "v" / "replicas" / "r1"
     _, snap = _layer_ids(r1)
@@ -213,11 +220,7 @@ def test_a_layer_cut_while_served_is_found_by_scrub_and_repaired(cli: Cli, tmp_p
     """r1's snapshot layer is cut while the volume is attached: a scrub finds its chunks
     changed and r1 is rebuilt (it copies them whole: before, they hashed as zeros)."""
     device = tmp_path / "v.dev"
-    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
-    cli.run("volume", "attach", "v", "--device", str(device))
-    data = os.urandom(MIB)
-    write_direct(device, 0, data)
-    cli.run("snapshot", "create", "v", "s1")
+    data = _attached_with_snapshot(cli, device)
     r1 = cli.root / "volumes" / "v" / "replicas" / "r1"
     _, snap = _layer_ids(r1)
     os.truncate(r1 / f"{snap}.data", MIB // 2 + 100)
@@ -263,10 +266,7 @@ def test_no_copy_is_set_aside_when_every_replica_is_damaged(cli: Cli, tmp_path: 
     other's record as RW, and no directory was left to serve from); the attach is refused and
     both directories stay as they are."""
     device = tmp_path / "v.dev"
-    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
-    cli.run("volume", "attach", "v", "--device", str(device))
-    write_direct(device, 0, os.urandom(MIB))
-    cli.run("snapshot", "create", "v", "s1")
+    _attached_with_snapshot(cli, device)
     cli.run("volume", "detach", "v")
     replicas = cli.root / "volumes" / "v" / "replicas"
     for replica in ("r1", "r2"):
@@ -286,11 +286,7 @@ def test_a_removal_cut_short_is_finished_not_rebuilt(cli: Cli, tmp_path: Path) -
     with it, the removal recorded (``removing``): the next attach serves both (their chains
     are compared without it), and finishes the removal; neither is rebuilt."""
     device = tmp_path / "v.dev"
-    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
-    cli.run("volume", "attach", "v", "--device", str(device))
-    data = os.urandom(MIB)
-    write_direct(device, 0, data)
-    cli.run("snapshot", "create", "v", "s1")
+    data = _attached_with_snapshot(cli, device)
     cli.run("volume", "detach", "v")
     vol = volumes.load(cli.root, "v")
     vol.removing("s1", begun=True)
@@ -313,11 +309,7 @@ def test_a_replica_whose_layer_was_cut_and_whose_process_died_is_set_aside_and_r
     next attach. Now its directory is set aside (``doctor`` names it, with its size) and r1
     is started anew and rebuilt from r2."""
     device = tmp_path / "v.dev"
-    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
-    cli.run("volume", "attach", "v", "--device", str(device))
-    data = os.urandom(MIB)
-    write_direct(device, 0, data)
-    cli.run("snapshot", "create", "v", "s1")
+    data = _attached_with_snapshot(cli, device)
     r1 = cli.root / "volumes" / "v" / "replicas" / "r1"
     _, snap = _layer_ids(r1)
     os.truncate(r1 / f"{snap}.data", 0)
@@ -342,10 +334,7 @@ def test_a_snapshot_is_not_removed_under_a_scrub(cli: Cli, tmp_path: Path) -> No
     only: ``snapshot rm`` is refused in one line while a scrub runs (housekeeping waits for
     its end), and both go through once it is done."""
     device = tmp_path / "v.dev"
-    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
-    cli.run("volume", "attach", "v", "--device", str(device))
-    write_direct(device, 0, os.urandom(MIB))
-    cli.run("snapshot", "create", "v", "s1")
+    _attached_with_snapshot(cli, device)
     socket = volumes.load(cli.root, "v").control_socket
     (pid,) = [r["pid"] for r in cli.live("v")["replicas"] if r["id"] == "r2"]
     os.kill(pid, signal.SIGSTOP)  # (the scrub waits for r2's answer)

@@ -115,6 +115,17 @@ def only_replica(name: str, replica_id: str) -> str:
     )
 
 
+def replica_volume_id(directory: Path) -> str | None:
+    """The identity of the volume a replica directory belongs to, as its ``volume.json``
+    records it (None when it records none, or does not read: the replica's start says why)."""
+    try:
+        meta = json.loads((directory / "volume.json").read_text())
+    except (OSError, ValueError):
+        return None
+    known = meta.get("volume_id") if isinstance(meta, dict) else None
+    return str(known) if known else None
+
+
 def unservable(vol: Volume) -> str | None:
     """Why a volume whose configuration loads cannot be served, if it cannot: no replica
     left (an lhfs from before ``replica rm`` kept the last one could remove it), or a session
@@ -197,12 +208,10 @@ class Volume:
     def _replicas_volume_id(self) -> str | None:
         """The volume identity a local replica's ``volume.json`` records, if any does."""
         for replica in self.replicas:
-            with contextlib.suppress(LhfsError, OSError, ValueError, AttributeError):
+            with contextlib.suppress(LhfsError):
                 directory = self.replica_dir(replica)
-                if directory is not None:
-                    meta = json.loads((directory / "volume.json").read_text())
-                    if isinstance(meta, dict) and meta.get("volume_id"):
-                        return str(meta["volume_id"])
+                if directory is not None and (known := replica_volume_id(directory)):
+                    return known
         return None
 
     @property

@@ -8,7 +8,6 @@ written to the bucket and removed at once.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shlex
@@ -320,7 +319,7 @@ def _volume(root: Path, name: str) -> list[Check]:
                             f"rm -r {shlex.quote(str(aside))} once it is looked at",
                         )
                     )
-            owner = None if directory is None else _owner(directory)
+            owner = None if directory is None else volumes.replica_volume_id(directory)
             if key is not None and owner not in (None, key.id_hex):
                 out.append(
                     Check(
@@ -354,16 +353,6 @@ def _volume(root: Path, name: str) -> list[Check]:
         # (it answers this check, a new connection; the engine's own may be stuck)
         out.append(_as_seen(check, seen, lhfs, name, f"{replica['address']} answers this check"))
     return out
-
-
-def _owner(directory: Path) -> str | None:
-    """The id of the volume a replica directory belongs to, as its metadata records it (None
-    when it records none, or does not read: the replica's own start says why)."""
-    try:
-        owner = json.loads((directory / "volume.json").read_text()).get("volume_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return owner if isinstance(owner, str) else None
 
 
 def _as_seen(
