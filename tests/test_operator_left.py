@@ -5,11 +5,14 @@ volume's configured size with its local replicas."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
 from conftest import needs_fuse
 
+from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, kill_engine, one_line
 
 
@@ -61,3 +64,37 @@ def test_a_crashed_volume_is_changed_only_once_let_go(cli: Cli, tmp_path: Path) 
         assert (mnt / "f").read_bytes() == b"before"
     finally:
         cli.run("umount", str(mnt))
+
+
+# -- replica ls ----------------------------------------------------------------------------
+
+
+@needs_fuse
+def test_replica_ls_shows_the_disk_of_a_replica_waiting_for_its_rebuild(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Two replicas added at once, their rebuilds held (their source stopped): the second
+    waits for the first's (shown WO, at 0%; ERR to the engine), and ``replica ls`` showed
+    ``-`` for what its directory takes and its disk has free (only RW and WO replicas were
+    asked). It shows both, in JSON too."""
+    cli.run("volume", "create", "q", "--size", "64M", "--replicas", "1", "--io-timeout", "120")
+    cli.run("volume", "attach", "q", "--device", str(tmp_path / "q.dev"))
+    source = cli.replica("q", "r1")["pid"]
+    os.kill(source, signal.SIGSTOP)  # (the rebuilds wait for it: not a race with them)
+    try:
+        added = [cli.json("replica", "add", "q", "--no-wait")["id"] for _ in range(2)]
+        listing = {r["id"]: r for r in cli.json("replica", "ls", "q")}
+        queued = listing[added[1]]
+        assert queued["mode"] == "WO" and queued["rebuild_progress"] == 0, queued  # (waiting)
+        assert isinstance(queued["disk_free"], int) and queued["disk_free"] > 0, queued
+        assert isinstance(queued["disk_bytes"], int), queued
+        row = next(
+            line.split() for line in cli.run("replica", "ls", "q").stdout.splitlines()
+            if line.split()[0] == added[1]
+        )  # fmt: skip
+        assert row[3] != "-" and row[4] != "-", row
+    finally:
+        os.kill(source, signal.SIGCONT)
+    wait_for(
+        lambda: {r["mode"] for r in cli.json("replica", "ls", "q")} == {"RW"}, 180, "both rebuilt"
+    )

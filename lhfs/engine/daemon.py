@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -57,7 +58,7 @@ from lhfs.engine.rebuild import SourceError, Stranger, WrongShape, fit, rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
-from lhfs.store.chunkstore import ChunkStore
+from lhfs.store.chunkstore import ChunkStore, disk_bytes
 from lhfs.wire import shm, tls
 from lhfs.wire.client import ReplicaClient, parse_address
 from lhfs.wire.protocol import READER
@@ -734,23 +735,40 @@ class Daemon:
     async def _disk_usage(self, replicas: list[dict[str, Any]]) -> None:
         """What each replica's directory takes on its disk and what that disk has free,
         asked of all at once (a replica that does not answer within 2 s is left unknown);
-        kept in ``disks`` for the metrics."""
+        kept in ``disks`` for the metrics. Asked of every replica connected, ERR ones too: a
+        replica waiting for its rebuild is ERR, and its disk is what its rebuild fills (only
+        RW and WO ones were asked, and it showed nothing). A local one that cannot say (not
+        initialised yet, as an added one waiting for its first rebuild is; its process
+        ended: a full disk, say) is read from its directory here."""
         links = {link.id: link for link in self.engine.replicas}
 
         async def ask(replica: dict[str, Any]) -> None:
             replica["disk_bytes"] = replica["disk_free"] = None
             link = links.get(replica["id"])
-            client = None if link is None or link.mode == ERR else link.client
-            if client is not None and not client.broken:
-                with trio.move_on_after(2), contextlib.suppress(LhfsError):
-                    answer = await client.info()
-                    replica["disk_bytes"] = answer.get("disk_bytes")
-                    replica["disk_free"] = answer.get("disk_free")
+            client = None if link is None else link.client
+            with trio.move_on_after(2), contextlib.suppress(LhfsError, OSError):
+                if client is not None and not client.broken:
+                    with contextlib.suppress(LhfsError):
+                        answer = await client.info()
+                        replica["disk_bytes"] = answer.get("disk_bytes")
+                        replica["disk_free"] = answer.get("disk_free")
+                if replica["disk_free"] is None and link is not None and link.local:
+                    replica["disk_bytes"], replica["disk_free"] = await trio.to_thread.run_sync(
+                        self._directory_usage, replica["id"], abandon_on_cancel=True
+                    )  # (a hung disk: given up after the 2 s)
             self.disks[replica["id"]] = (replica["disk_bytes"], replica["disk_free"])
 
         async with trio.open_nursery() as nursery:
             for replica in replicas:
                 nursery.start_soon(ask, replica)
+
+    def _directory_usage(self, replica_id: str) -> tuple[int | None, int | None]:
+        """What local replica ``replica_id``'s directory takes and its disk has free, read
+        from the directory (None, None when it is not there: a disk not mounted)."""
+        directory = self.vol.replica_dir(self.vol.replica(replica_id))
+        if directory is None or not directory.is_dir():
+            return None, None
+        return disk_bytes(directory), shutil.disk_usage(directory).free
 
     async def _snapshot_names(self) -> set[str]:
         layers = await self.engine.call_one("list_layers")
