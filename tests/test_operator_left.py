@@ -5,7 +5,11 @@ volume's configured size with its local replicas."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -13,7 +17,22 @@ from pathlib import Path
 from conftest import needs_fuse
 
 from lhfs.core.procs import wait_for
-from lhfs.testing import Cli, kill_engine, one_line
+from lhfs.testing import (
+    Cli,
+    kill_engine,
+    one_line,
+    read_direct,
+    small_disk,
+    teardown,
+    write_direct,
+)
+
+MIB = 1 << 20
+
+
+def shown_bytes(text: str) -> float:
+    """A size as a message shows it (``28.1M``), in bytes."""
+    return float(text[:-1]) * 1024 ** "BKMGTP".index(text[-1])
 
 
 def mounted(point: Path) -> bool:
@@ -98,3 +117,62 @@ def test_replica_ls_shows_the_disk_of_a_replica_waiting_for_its_rebuild(
     wait_for(
         lambda: {r["mode"] for r in cli.json("replica", "ls", "q")} == {"RW"}, 180, "both rebuilt"
     )
+
+
+# -- a damaged replica on a disk without room ----------------------------------------------
+
+
+@needs_fuse
+def test_a_damaged_replica_is_set_aside_only_on_a_disk_with_room_for_its_rebuild(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """r2, on a disk of its own, has a layer cut: its directory was set aside (keeping its
+    space) whatever room its disk had left for the rebuild's new copy, which then filled the
+    disk. With less room than r1 takes, r2 is kept as it is, ERR saying how much its rebuild
+    needs, what its disk has free and what to do; the volume serves from r1. Room made, the
+    next attach sets it aside and rebuilds it."""
+    with contextlib.ExitStack() as stack:
+        d1 = stack.enter_context(small_disk(tmp_path / "d1", 96 * MIB))
+        d2 = stack.enter_context(small_disk(tmp_path / "d2", 64 * MIB))
+        stack.callback(teardown, cli.root)  # (before the disks go)
+        cli.run(
+            "volume", "create", "v", "--size", "32M", "--replicas", "2", "--disks", f"{d1},{d2}"
+        )
+        device = tmp_path / "v.dev"
+        cli.run("volume", "attach", "v", "--device", str(device))
+        data = os.urandom(24 * MIB)
+        write_direct(device, 0, data)
+        cli.run("snapshot", "create", "v", "s1")
+        r2 = Path(cli.replica("v", "r2")["dir"])
+        cli.run("volume", "detach", "v")
+        layers = json.loads((r2 / "volume.json").read_text())["layers"]
+        (s1,) = [lid for lid, layer in layers.items() if layer["name"] == "s1"]
+        os.truncate(r2 / f"{s1}.data", MIB)
+        filler = d2 / "filler"
+        with open(filler, "wb") as f:  # (16 MiB left free: less than r1's 24 MiB)
+            f.truncate(shutil.disk_usage(d2).free - 16 * MIB)
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        free = shutil.disk_usage(d2).free
+        cli.run("volume", "attach", "v", "--device", str(device))
+        assert read_direct(device, 0, len(data)) == data
+        entry = cli.replica("v", "r2")
+        assert entry["mode"] == "ERR", entry
+        said = re.search(
+            r"it is kept as it is, not set aside: its rebuild needs about (\S+) beside it on "
+            rf"its disk \({re.escape(str(d2))}\), which has (\S+) free;",
+            entry["error"],
+        )
+        assert said, entry
+        need, has = map(shown_bytes, said.groups())
+        assert 24 * MIB < need < 32 * MIB and abs(has - free) < MIB, (need, has, free)
+        assert "make room there" in entry["error"], entry
+        assert "lhfs replica rm v r2, then lhfs replica add v --disk DISK" in entry["error"]
+        assert not list(r2.parent.glob("r2.damaged-*")) and (r2 / "volume.json").exists()
+        assert shutil.disk_usage(d2).free >= free - MIB  # (nothing written there)
+        assert "not set aside" in cli.engine_log("v")
+        cli.run("volume", "detach", "v")
+        filler.unlink()
+        cli.run("volume", "attach", "v", "--device", str(device))
+        wait_for(lambda: cli.live("v")["state"] == "healthy", 120, "r2 set aside and rebuilt")
+        assert len(list(r2.parent.glob("r2.damaged-*"))) == 1
+        cli.run("volume", "detach", "v")

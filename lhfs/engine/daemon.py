@@ -47,6 +47,7 @@ from lhfs.core.errors import (
 )
 from lhfs.core.mounts import loops_backed_by, mounted_at
 from lhfs.core.names import check_name
+from lhfs.core.units import format_sizes
 from lhfs.engine import control, housekeeping
 from lhfs.engine.engine import ERR, RW, Engine, Recorded, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
@@ -67,6 +68,7 @@ log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 TERM_WAIT = 10.0  # seconds a replica process told to stop may take before it is killed
 KILL_WAIT = 30.0  # seconds a killed replica process may take to go
+REBUILD_SPARE = 4 << 20  # bytes a damaged replica's disk keeps free beyond its rebuild
 STOP_FLUSH = 60.0  # seconds a refused SIGTERM spends flushing what is mounted on the device
 _KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 
@@ -132,6 +134,7 @@ class Daemon:
         self.disks: dict[str, tuple[int | None, int | None]] = {}
         self.not_started: dict[str, str] = {}  # local replica -> why its process did not start
         self._damaged: dict[str, str] = {}  # local replica -> why its directory was set aside
+        self.no_room: dict[str, str] = {}  # ...why it was not: no room for its rebuild
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -237,6 +240,8 @@ class Daemon:
             return False
         else:
             return False
+        if not self._room_for_rebuild(replica_id, directory, damage):
+            return False
         stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
         aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
         why = f"its directory was damaged ({damage}): set aside as {aside}, rebuilt"
@@ -256,6 +261,55 @@ class Daemon:
             return False
         log.error("replica %s: %s", replica_id, why)
         return True
+
+    def _room_for_rebuild(self, replica_id: str, directory: Path, damage: str) -> bool:
+        """Whether the disk of damaged local replica ``replica_id`` has room for its rebuild
+        beside its directory set aside (which keeps its space): else it is kept as it is,
+        ERR with how much is needed and what to do (kept in ``no_room`` too). Why: set
+        aside on a disk without that room, its rebuild filled the disk (the root's, maybe,
+        which every volume shares) and failed, the damaged copy still taking its space."""
+        need = self._rebuild_bytes(replica_id) + REBUILD_SPARE
+        try:
+            free = shutil.disk_usage(directory.parent).free
+        except OSError:  # (its disk went: the set-aside fails and says so)
+            return True
+        if free >= need:
+            return True
+        entry = self.vol.replica(replica_id)
+        disk = entry.get("disk") or f"the root's, {self.vol.root}"
+        shown_need, shown_free = format_sizes(need, free)
+        why = (
+            f"its directory is damaged ({damage}); it is kept as it is, not set aside: its "
+            f"rebuild needs about {shown_need} beside it on its disk ({disk}), which has "
+            f"{shown_free} free; make room there (it is set aside and rebuilt at the next "
+            f"attach), or replace it: lhfs replica rm {self.vol.name} {replica_id}, then lhfs "
+            f"replica add {self.vol.name} --disk DISK (a disk with room)"
+        )
+        self.not_started[replica_id] = self.no_room[replica_id] = why  # (shown while away)
+        log.error("replica %s: %s", replica_id, why)
+        volumes.load(self.vol.root, self.vol.name).update(
+            lambda c: _set_replica(c, replica_id, mode=ERR, error=why)
+        )
+        return False
+
+    def _rebuild_bytes(self, replica_id: str) -> int:
+        """About what the rebuild of ``replica_id`` writes: what a replica that serves takes
+        on its disk (the same layers, chunks and indexes), the most of those known (a local
+        one's directory, read; another's last answer, ``disks``). Not the volume's size: a
+        thin volume's rebuild writes far less, and one with snapshots may write more. That
+        size only when no replica's is known."""
+        known = []
+        for replica in self.vol.replicas:
+            if replica["id"] == replica_id or replica.get("mode", RW) != RW:
+                continue
+            held = self.disks.get(replica["id"], (None, None))[0]
+            home = self.vol.replica_dir(replica)
+            if home is not None and home.is_dir():
+                with contextlib.suppress(OSError):
+                    held = disk_bytes(home)
+            if held is not None:
+                known.append(held)
+        return max(known) if known else self.vol.size
 
     def _spawn(self, replica_id: str, directory: Path) -> ReplicaProcess:
         """The ``replica serve`` of a local replica, starting (``wait_ready`` says when it
@@ -322,10 +376,13 @@ class Daemon:
                 if serving and await trio.to_thread.run_sync(self._set_aside, link.id, directory):
                     link.rotten_backing = True  # (the next start opens: rebuilt with one)
                     raise LhfsError(f"{self.rotten[link.id]}; it is started again") from None
+                self.no_room.pop(link.id, None)
                 if serving and await trio.to_thread.run_sync(
                     self._set_aside_damaged, link.id, directory
                 ):  # (its layer files damaged while it ran: started anew, rebuilt)
                     raise LhfsError(f"{self._damaged[link.id]}; it is started again") from None
+                if link.id in self.no_room:  # (damaged, and no room to rebuild it beside)
+                    raise LhfsError(self.no_room[link.id]) from None
                 raise LhfsError(f"its process did not start again: {exc}") from None
             raise
 
