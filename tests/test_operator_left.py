@@ -14,9 +14,15 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+import trio
 from conftest import needs_fuse
 
+from lhfs.core.errors import CorruptState
 from lhfs.core.procs import wait_for
+from lhfs.engine.daemon import check_size
+from lhfs.engine.engine import Engine
+from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import (
     Cli,
     kill_engine,
@@ -176,3 +182,39 @@ def test_a_damaged_replica_is_set_aside_only_on_a_disk_with_room_for_its_rebuild
         wait_for(lambda: cli.live("v")["state"] == "healthy", 120, "r2 set aside and rebuilt")
         assert len(list(r2.parent.glob("r2.damaged-*"))) == 1
         cli.run("volume", "detach", "v")
+
+
+# -- the size check at attach --------------------------------------------------------------
+
+
+def test_the_configured_size_is_checked_against_what_the_handshake_read(
+    tmp_path: Path, replica_factory
+) -> None:
+    """The attach compares the configured size with what each serving replica holds, as its
+    handshake read it: it asked every replica again (a round trip each), and one gone in
+    between was let through unchecked. With the replicas gone after the handshake, a size
+    larger than theirs is refused all the same, naming both; theirs passes."""
+    size = 4 * MIB
+    procs = []
+    for n in range(2):
+        ChunkStore.create(tmp_path / f"r{n}", size, 4096).close()
+        procs.append(replica_factory(tmp_path / f"r{n}"))
+    config = tmp_path / "config.json"
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(size, 4096, nursery, procs[0].key)
+            await engine.attach([(f"r{n}", proc.address, False) for n, proc in enumerate(procs)])
+            for proc in procs:  # (nothing answers now: only what the handshake read is known)
+                proc.stop()
+            check_size(engine, size, config)
+            with pytest.raises(CorruptState) as refused:
+                check_size(engine, 2 * size, config)
+            assert str(refused.value) == (
+                f"{config}: size must be at most what the replicas hold ({size} bytes: r0), "
+                f"not {2 * size}"
+            )
+            await engine.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -1158,7 +1158,7 @@ class Daemon:
             )
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))
-            await self._check_size()
+            check_size(self.engine, self.vol.size, self.vol.dir / "config.json")
             await self._finish_expansion()
             with contextlib.suppress(LhfsError):  # (its answers: what each holds durably)
                 await self.engine.flush()
@@ -1246,23 +1246,6 @@ class Daemon:
                 )
             )
         return records
-
-    async def _check_size(self) -> None:
-        """Refuse a configuration that says the volume is larger than a replica that serves
-        it holds (``size`` edited by hand: lhfs records a size once every replica has it):
-        the engine would serve past the replicas' end, and the first write there would fault
-        the volume. A replica that missed an expansion is ERR, never one that serves."""
-        for link in self.engine.replicas:
-            if link.mode == RW and link.client is not None:
-                try:
-                    held = (await link.client.info())["size"]
-                except LhfsError:  # (gone meanwhile: its next request fails it, as any)
-                    continue
-                if held < self.vol.size:
-                    raise CorruptState(
-                        f"{self.vol.dir / 'config.json'}: size must be at most what the "
-                        f"replicas hold ({held} bytes: {link.id}), not {self.vol.size}"
-                    )
 
     async def _finish_expansion(self) -> None:
         """An online expansion records the new size in the configuration once every replica
@@ -1514,6 +1497,21 @@ def _ended(status: int) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-status).name}"
     return f"exit status {status}"
+
+
+def check_size(engine: Engine, size: int, config: Path) -> None:
+    """Refuse a configuration (``config``) that says the volume is larger (``size``) than a
+    replica that serves it holds (``size`` edited by hand: lhfs records a size once every
+    replica has it): the engine would serve past the replicas' end, and the first write there
+    would fault the volume. A replica that missed an expansion is ERR, never one that serves.
+    Each serving replica's size is the one the attach's handshake read (it answered: it
+    serves), not asked again: a round trip less per replica at every attach."""
+    for link in engine.replicas:
+        if link.mode == RW and link.attached_size is not None and link.attached_size < size:
+            raise CorruptState(
+                f"{config}: size must be at most what the replicas hold "
+                f"({link.attached_size} bytes: {link.id}), not {size}"
+            )
 
 
 def _cannot_retry(exc: LhfsError) -> bool:
