@@ -218,3 +218,44 @@ def test_the_configured_size_is_checked_against_what_the_handshake_read(
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+# -- doctor and the configured size --------------------------------------------------------
+
+
+def test_doctor_fails_a_configured_size_beyond_what_the_local_replicas_hold(cli: Cli) -> None:
+    """``size`` in config.json above what the local replicas hold (edited by hand): doctor
+    said every replica was ok, and only the attach found it. Now doctor fails each replica
+    recorded RW, naming both sizes and what to do, starting nothing and changing nothing; one
+    ERR (it missed an expansion: rebuilt at attach) is not failed for it. Set back as the
+    hint says, the replicas pass."""
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "2")
+    path = cli.root / "volumes" / "v" / "config.json"
+    config = json.loads(path.read_text())
+    config["size"] = 2 * MIB
+    config["replicas"][1].update(mode="ERR", error="missed an expansion")
+    path.write_text(json.dumps(config))
+    before = path.read_bytes()
+    result = cli.run("doctor", "v", "--json", check=False)
+    assert result.returncode == 1, result.stderr
+    checks = {c["check"]: c for c in json.loads(result.stdout)}
+    r1, r2 = checks["replica r1"], checks["replica r2"]
+    assert r1["status"] == "fail", r1
+    directory = cli.root / "volumes" / "v" / "replicas" / "r1"
+    assert r1["detail"] == (
+        f"local, {directory} holds 1M (1048576 bytes), less than the size {path} says, 2M "
+        "(2097152 bytes): the attach is refused"
+    ), r1
+    assert r1["hint"] == (
+        f"set size in {path} back to 1048576 (what the replicas hold), then 'lhfs --root "
+        f"{cli.root} volume expand v --size 2097152' if it is to be that large"
+    ), r1
+    assert r2["status"] != "fail" or "less than the size" not in r2["detail"], r2
+    assert "replica r1" in one_line(result)
+    assert path.read_bytes() == before and cli.engine_pid("v") is None
+    config["size"] = MIB
+    path.write_text(json.dumps(config))
+    checks = {
+        c["check"]: c for c in json.loads(cli.run("doctor", "v", "--json", check=False).stdout)
+    }
+    assert checks["replica r1"]["status"] == "ok", checks
