@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -46,6 +47,7 @@ from lhfs.core.errors import (
 )
 from lhfs.core.mounts import loops_backed_by, mounted_at
 from lhfs.core.names import check_name
+from lhfs.core.units import format_sizes
 from lhfs.engine import control, housekeeping
 from lhfs.engine.engine import ERR, RW, Engine, Recorded, ReplicaLink
 from lhfs.engine.frontend import VolumeFile
@@ -57,7 +59,7 @@ from lhfs.engine.rebuild import SourceError, Stranger, WrongShape, fit, rebuild
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
-from lhfs.store.chunkstore import ChunkStore
+from lhfs.store.chunkstore import ChunkStore, disk_bytes
 from lhfs.wire import shm, tls
 from lhfs.wire.client import ReplicaClient, parse_address
 from lhfs.wire.protocol import READER
@@ -66,6 +68,7 @@ log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 TERM_WAIT = 10.0  # seconds a replica process told to stop may take before it is killed
 KILL_WAIT = 30.0  # seconds a killed replica process may take to go
+REBUILD_SPARE = 4 << 20  # bytes a damaged replica's disk keeps free beyond its rebuild
 STOP_FLUSH = 60.0  # seconds a refused SIGTERM spends flushing what is mounted on the device
 _KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 
@@ -131,6 +134,7 @@ class Daemon:
         self.disks: dict[str, tuple[int | None, int | None]] = {}
         self.not_started: dict[str, str] = {}  # local replica -> why its process did not start
         self._damaged: dict[str, str] = {}  # local replica -> why its directory was set aside
+        self.no_room: dict[str, str] = {}  # ...why it was not: no room for its rebuild
 
     # -- replicas -----------------------------------------------------------------------------
 
@@ -236,6 +240,8 @@ class Daemon:
             return False
         else:
             return False
+        if not self._room_for_rebuild(replica_id, directory, damage):
+            return False
         stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
         aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
         why = f"its directory was damaged ({damage}): set aside as {aside}, rebuilt"
@@ -255,6 +261,55 @@ class Daemon:
             return False
         log.error("replica %s: %s", replica_id, why)
         return True
+
+    def _room_for_rebuild(self, replica_id: str, directory: Path, damage: str) -> bool:
+        """Whether the disk of damaged local replica ``replica_id`` has room for its rebuild
+        beside its directory set aside (which keeps its space): else it is kept as it is,
+        ERR with how much is needed and what to do (kept in ``no_room`` too). Why: set
+        aside on a disk without that room, its rebuild filled the disk (the root's, maybe,
+        which every volume shares) and failed, the damaged copy still taking its space."""
+        need = self._rebuild_bytes(replica_id) + REBUILD_SPARE
+        try:
+            free = shutil.disk_usage(directory.parent).free
+        except OSError:  # (its disk went: the set-aside fails and says so)
+            return True
+        if free >= need:
+            return True
+        entry = self.vol.replica(replica_id)
+        disk = entry.get("disk") or f"the root's, {self.vol.root}"
+        shown_need, shown_free = format_sizes(need, free)
+        why = (
+            f"its directory is damaged ({damage}); it is kept as it is, not set aside: its "
+            f"rebuild needs about {shown_need} beside it on its disk ({disk}), which has "
+            f"{shown_free} free; make room there (it is set aside and rebuilt at the next "
+            f"attach), or replace it: lhfs replica rm {self.vol.name} {replica_id}, then lhfs "
+            f"replica add {self.vol.name} --disk DISK (a disk with room)"
+        )
+        self.not_started[replica_id] = self.no_room[replica_id] = why  # (shown while away)
+        log.error("replica %s: %s", replica_id, why)
+        volumes.load(self.vol.root, self.vol.name).update(
+            lambda c: _set_replica(c, replica_id, mode=ERR, error=why)
+        )
+        return False
+
+    def _rebuild_bytes(self, replica_id: str) -> int:
+        """About what the rebuild of ``replica_id`` writes: what a replica that serves takes
+        on its disk (the same layers, chunks and indexes), the most of those known (a local
+        one's directory, read; another's last answer, ``disks``). Not the volume's size: a
+        thin volume's rebuild writes far less, and one with snapshots may write more. That
+        size only when no replica's is known."""
+        known = []
+        for replica in self.vol.replicas:
+            if replica["id"] == replica_id or replica.get("mode", RW) != RW:
+                continue
+            held = self.disks.get(replica["id"], (None, None))[0]
+            home = self.vol.replica_dir(replica)
+            if home is not None and home.is_dir():
+                with contextlib.suppress(OSError):
+                    held = disk_bytes(home)
+            if held is not None:
+                known.append(held)
+        return max(known) if known else self.vol.size
 
     def _spawn(self, replica_id: str, directory: Path) -> ReplicaProcess:
         """The ``replica serve`` of a local replica, starting (``wait_ready`` says when it
@@ -321,10 +376,13 @@ class Daemon:
                 if serving and await trio.to_thread.run_sync(self._set_aside, link.id, directory):
                     link.rotten_backing = True  # (the next start opens: rebuilt with one)
                     raise LhfsError(f"{self.rotten[link.id]}; it is started again") from None
+                self.no_room.pop(link.id, None)
                 if serving and await trio.to_thread.run_sync(
                     self._set_aside_damaged, link.id, directory
                 ):  # (its layer files damaged while it ran: started anew, rebuilt)
                     raise LhfsError(f"{self._damaged[link.id]}; it is started again") from None
+                if link.id in self.no_room:  # (damaged, and no room to rebuild it beside)
+                    raise LhfsError(self.no_room[link.id]) from None
                 raise LhfsError(f"its process did not start again: {exc}") from None
             raise
 
@@ -734,23 +792,40 @@ class Daemon:
     async def _disk_usage(self, replicas: list[dict[str, Any]]) -> None:
         """What each replica's directory takes on its disk and what that disk has free,
         asked of all at once (a replica that does not answer within 2 s is left unknown);
-        kept in ``disks`` for the metrics."""
+        kept in ``disks`` for the metrics. Asked of every replica connected, ERR ones too: a
+        replica waiting for its rebuild is ERR, and its disk is what its rebuild fills (only
+        RW and WO ones were asked, and it showed nothing). A local one that cannot say (not
+        initialised yet, as an added one waiting for its first rebuild is; its process
+        ended: a full disk, say) is read from its directory here."""
         links = {link.id: link for link in self.engine.replicas}
 
         async def ask(replica: dict[str, Any]) -> None:
             replica["disk_bytes"] = replica["disk_free"] = None
             link = links.get(replica["id"])
-            client = None if link is None or link.mode == ERR else link.client
-            if client is not None and not client.broken:
-                with trio.move_on_after(2), contextlib.suppress(LhfsError):
-                    answer = await client.info()
-                    replica["disk_bytes"] = answer.get("disk_bytes")
-                    replica["disk_free"] = answer.get("disk_free")
+            client = None if link is None else link.client
+            with trio.move_on_after(2), contextlib.suppress(LhfsError, OSError):
+                if client is not None and not client.broken:
+                    with contextlib.suppress(LhfsError):
+                        answer = await client.info()
+                        replica["disk_bytes"] = answer.get("disk_bytes")
+                        replica["disk_free"] = answer.get("disk_free")
+                if replica["disk_free"] is None and link is not None and link.local:
+                    replica["disk_bytes"], replica["disk_free"] = await trio.to_thread.run_sync(
+                        self._directory_usage, replica["id"], abandon_on_cancel=True
+                    )  # (a hung disk: given up after the 2 s)
             self.disks[replica["id"]] = (replica["disk_bytes"], replica["disk_free"])
 
         async with trio.open_nursery() as nursery:
             for replica in replicas:
                 nursery.start_soon(ask, replica)
+
+    def _directory_usage(self, replica_id: str) -> tuple[int | None, int | None]:
+        """What local replica ``replica_id``'s directory takes and its disk has free, read
+        from the directory (None, None when it is not there: a disk not mounted)."""
+        directory = self.vol.replica_dir(self.vol.replica(replica_id))
+        if directory is None or not directory.is_dir():
+            return None, None
+        return disk_bytes(directory), shutil.disk_usage(directory).free
 
     async def _snapshot_names(self) -> set[str]:
         layers = await self.engine.call_one("list_layers")
@@ -1083,7 +1158,7 @@ class Daemon:
             )
             epoch = self.engine.epoch
             self.vol.update(lambda config: config.update(epoch=epoch))
-            await self._check_size()
+            check_size(self.engine, self.vol.size, self.vol.dir / "config.json")
             await self._finish_expansion()
             with contextlib.suppress(LhfsError):  # (its answers: what each holds durably)
                 await self.engine.flush()
@@ -1171,23 +1246,6 @@ class Daemon:
                 )
             )
         return records
-
-    async def _check_size(self) -> None:
-        """Refuse a configuration that says the volume is larger than a replica that serves
-        it holds (``size`` edited by hand: lhfs records a size once every replica has it):
-        the engine would serve past the replicas' end, and the first write there would fault
-        the volume. A replica that missed an expansion is ERR, never one that serves."""
-        for link in self.engine.replicas:
-            if link.mode == RW and link.client is not None:
-                try:
-                    held = (await link.client.info())["size"]
-                except LhfsError:  # (gone meanwhile: its next request fails it, as any)
-                    continue
-                if held < self.vol.size:
-                    raise CorruptState(
-                        f"{self.vol.dir / 'config.json'}: size must be at most what the "
-                        f"replicas hold ({held} bytes: {link.id}), not {self.vol.size}"
-                    )
 
     async def _finish_expansion(self) -> None:
         """An online expansion records the new size in the configuration once every replica
@@ -1439,6 +1497,21 @@ def _ended(status: int) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-status).name}"
     return f"exit status {status}"
+
+
+def check_size(engine: Engine, size: int, config: Path) -> None:
+    """Refuse a configuration (``config``) that says the volume is larger (``size``) than a
+    replica that serves it holds (``size`` edited by hand: lhfs records a size once every
+    replica has it): the engine would serve past the replicas' end, and the first write there
+    would fault the volume. A replica that missed an expansion is ERR, never one that serves.
+    Each serving replica's size is the one the attach's handshake read (it answered: it
+    serves), not asked again: a round trip less per replica at every attach."""
+    for link in engine.replicas:
+        if link.mode == RW and link.attached_size is not None and link.attached_size < size:
+            raise CorruptState(
+                f"{config}: size must be at most what the replicas hold "
+                f"({link.attached_size} bytes: {link.id}), not {size}"
+            )
 
 
 def _cannot_retry(exc: LhfsError) -> bool:

@@ -112,6 +112,9 @@ class ReplicaLink:
     # started by this host from a directory the configuration names by its path: known by
     # that path, so an identity made again there (its id file lost) is its own
     local: bool = False
+    # the size it held when the attach's handshake asked it (None if it did not answer):
+    # what the configured size is checked against, with no second question
+    attached_size: int | None = None
 
     def public(self) -> dict[str, Any]:
         """What ``info`` shows. A replica whose rebuild is in its first steps (a new one
@@ -331,6 +334,7 @@ class Engine:
                     link.revision = info["revision"]
                     log.warning("replica %s %s", link.id, stranger)
                 continue
+            link.attached_size = info["size"]
             if info["size"] != self.size:
                 # a replica expanded while others were not: the others are behind
                 self.size = max(self.size, info["size"])

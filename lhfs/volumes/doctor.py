@@ -331,6 +331,10 @@ def _volume(root: Path, name: str) -> list[Check]:
                     )
                 )
                 continue
+            short = None if directory is None else _smaller(vol, replica, directory, lhfs)
+            if short is not None:
+                out.append(short)
+                continue
             if directory is not None and (directory / "volume.json").exists():
                 free = format_size(shutil.disk_usage(directory).free)
                 where = f", on disk {disk} ({free} free)" if disk else ""
@@ -353,6 +357,28 @@ def _volume(root: Path, name: str) -> list[Check]:
         # (it answers this check, a new connection; the engine's own may be stuck)
         out.append(_as_seen(check, seen, lhfs, name, f"{replica['address']} answers this check"))
     return out
+
+
+def _smaller(
+    vol: volumes.Volume, replica: dict[str, Any], directory: Path, lhfs: str
+) -> Check | None:
+    """A failure if local replica ``replica``, recorded RW, holds less than the size its
+    volume's configuration says (edited by hand: lhfs records a size once every replica has
+    it), which its attach refuses; read from its ``volume.json``, nothing started. One that
+    is ERR may be smaller (it missed an expansion): its rebuild grows it."""
+    held = volumes.replica_size(directory)
+    if replica.get("mode", "RW") != "RW" or held is None or held >= vol.size:
+        return None
+    config = vol.dir / "config.json"
+    shown_held, shown_size = format_sizes(held, vol.size)
+    return Check(
+        f"replica {replica['id']}",
+        FAIL,
+        f"local, {directory} holds {shown_held} ({held} bytes), less than the size "
+        f"{config} says, {shown_size} ({vol.size} bytes): the attach is refused",
+        f"set size in {config} back to {held} (what the replicas hold), then '{lhfs} volume "
+        f"expand {vol.name} --size {vol.size}' if it is to be that large",
+    )
 
 
 def _as_seen(

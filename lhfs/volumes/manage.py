@@ -218,14 +218,7 @@ def check_removable(vol: volumes.Volume) -> None:
     its name since)."""
     if vol.runtime() is not None:
         raise Busy(f"volume {vol.name} is attached: detach it first")
-    record = vol.runtime_record()
-    if record is not None:
-        device = Path(record["device"])
-        left = attachment.describe(attachment.leftovers(device), device)
-        raise WrongState(
-            f"volume {vol.name} crashed (its engine died{' and left ' + left if left else ''}): "
-            f"'lhfs volume detach {vol.name}' cleans up after it first"
-        )
+    require_let_go(vol)
     restorer = (vol.config.get("restoring") or {}).get("pid", -1)
     if restorer != os.getpid() and is_lhfs(restorer):  # (its own cleanup removes it)
         raise Busy(f"volume {vol.name} is being restored by pid {restorer}: wait for it or stop it")
@@ -243,6 +236,26 @@ def check_removable(vol: volumes.Volume) -> None:
         )
     for replica in vol.replicas:  # (a configuration naming what lhfs never made: refused here)
         vol.replica_dir(replica)
+
+
+def require_let_go(vol: volumes.Volume) -> None:
+    """Refuse a volume whose engine died (its runtime record left behind) until ``volume
+    detach`` (or ``umount``, ``attach``, ``mount``) has cleaned up after it. What the engine
+    left may still be mounted: a file system on a loop device on its dead FUSE mount, whose
+    page cache and open files show what the volume held then. Changing the replicas under it
+    (a revert above all) makes that mount show what is no longer the volume; and a replica
+    process that outlived its engine may still hold its directory. The cleanup is not done
+    here: it unmounts a file system that processes may still use, which the operator does
+    knowingly, by the command that says what it let go."""
+    record = vol.runtime_record()
+    if record is None or attachment.engine_alive(vol, record):
+        return
+    device = Path(record["device"])
+    left = attachment.describe(attachment.leftovers(device), device)
+    raise WrongState(
+        f"volume {vol.name} crashed (its engine died{' and left ' + left if left else ''}): "
+        f"'lhfs volume detach {vol.name}' cleans up after it first"
+    )
 
 
 def export_key(root: Path, name: str, out: Path) -> None:
@@ -574,10 +587,15 @@ def _detached(vol: volumes.Volume) -> Iterator[volumes.Volume | None]:
     replica processes "did not start": a needless rebuild, or no replica at all), or took
     them first and left the command refused, or half done. The attach waits, or is waited
     for. Yields the volume as it is now, or None when it was attached meanwhile (then its
-    engine is asked instead)."""
+    engine is asked instead). A crashed volume is refused (``require_let_go``): every
+    command on a detached volume's replicas comes here, so none works under what its dead
+    engine left mounted."""
     with attachment.exclusive(vol):
         now = volumes.load(vol.root, vol.name)
-        yield None if now.runtime() is not None else now
+        attached = now.runtime() is not None
+        if not attached:
+            require_let_go(now)
+        yield None if attached else now
 
 
 def _on_every_replica(vol: volumes.Volume, action: str, *args: Any) -> Any:
