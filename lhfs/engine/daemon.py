@@ -911,7 +911,13 @@ class Daemon:
                 link.uid = await self._identify(address)
             link.client = await self.engine.connect(address)
             with trio.move_on_after(engine.io_timeout) as waited:
-                if (await link.client.call("hello"))["initialised"]:
+                hello = await link.client.call("hello")
+                if hello.get("damaged"):  # (not known as this volume's: never set aside)
+                    raise LhfsError(
+                        f"{address} serves a damaged directory ({str(hello['damaged'])[:400]}):"
+                        " serve an empty directory there; it was left untouched"
+                    )
+                if hello["initialised"]:
                     await fit(engine, link.client)  # (another volume's shape: refused, whole)
             if waited.cancelled_caught:
                 raise NoAnswer(f"replica {address} answered nothing for {engine.io_timeout:.0f}s")
