@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,12 @@ from lhfs.core.errors import (
 )
 from lhfs.core.procs import LHFS
 from lhfs.core.units import rfc3339
+from lhfs.replica.process import ReplicaProcess
 from lhfs.store.backing import content_id
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.store.layer import Layer
+from lhfs.testing import raw_session
+from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
 
 
@@ -409,7 +413,12 @@ def test_hostile_metadata_is_refused_in_one_line_touching_nothing(
     assert sorted(os.listdir(tmp_path)) == ["outside", "r"]
 
 
-def test_a_replica_on_hostile_metadata_does_not_serve(made_by_init: Path, tmp_path: Path) -> None:
+def test_a_replica_on_hostile_metadata_serves_nothing_from_it(
+    made_by_init: Path, tmp_path: Path
+) -> None:
+    """``replica serve`` for an engine on another host keeps running on a directory that does
+    not open (for its engine to set it aside), saying why in its log; it reads nothing the
+    metadata names, and answers every request for the volume's data with the damage."""
     directory = tmp_path / "r"
     shutil.copytree(made_by_init, directory)
     (tmp_path / "outside").mkdir()
@@ -419,15 +428,16 @@ def test_a_replica_on_hostile_metadata_does_not_serve(made_by_init: Path, tmp_pa
     _age(tmp_path / "outside")
     before = _untouched(tmp_path / "outside")
     VolumeKey.new("v").save(tmp_path / "v.key")
-    key = ("--key-file", str(tmp_path / "v.key"))
-    serve = subprocess.run(
-        [LHFS, "replica", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0", *key],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert serve.returncode == 1 and len(serve.stderr.splitlines()) == 1, serve.stderr
-    assert "layer id" in serve.stderr
+    serve = ReplicaProcess(directory, tmp_path / "v.key")
+    try:
+        assert "layer id" in serve.log.read_text()
+        with raw_session(serve.address, serve.key, epoch=1) as session:
+            session.sendall(p.frame(1, p.READ, p.RANGE.pack(0, 4096)))
+            length, _, status = p.HEADER.unpack(session.recv(p.HEADER.size, socket.MSG_WAITALL))
+            said = session.recv(length - (p.HEADER.size - p.LENGTH.size), socket.MSG_WAITALL)
+            assert status == p.ERROR and b"is damaged" in said, said
+    finally:
+        serve.stop()
     assert _untouched(tmp_path / "outside") == before
 
 

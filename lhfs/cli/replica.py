@@ -230,7 +230,11 @@ def parsers(groups: Any) -> None:
         description="Serve the replica in DIR over TCP until SIGTERM, to the holders of one "
         "volume's key only (every connection proves it holds the key before anything else is "
         "accepted). An empty DIR is served uninitialised, for an engine to initialise and "
-        "rebuild; a DIR that belongs to another volume is refused. Prints 'serving DIR on "
+        "rebuild; a DIR that belongs to another volume is refused. A DIR that does not open "
+        "for damage (layer files cut or lost, a volume.json lhfs could not have written) is "
+        "served damaged, without --local: nothing is served from it, and its engine has it set "
+        "aside beside itself (kept) and an empty one rebuilt in its place while another replica "
+        "serves. Prints 'serving DIR on "
         "HOST:PORT' once it accepts connections (port 0 picks a free port).",
     )
     p.add_argument("--dir", required=True, type=dir_arg, help="replica directory")

@@ -55,6 +55,14 @@ class DamagedLayers(CorruptState):
     directory aside and rebuilds the replica when another one serves."""
 
 
+class DamagedMeta(CorruptState):
+    """A replica directory's ``volume.json`` is not one lhfs could have written (it does not
+    parse, or a field is out of range): the replica refuses to open, and its engine sets the
+    directory aside, layer files and all, and rebuilds the replica when another one serves.
+    Not one a newer lhfs wrote (a newer format): that is plain ``CorruptState``, left as it is
+    for an upgrade to open."""
+
+
 class BackingImageMismatch(CorruptState):
     """The backing image's content differs from the content id the metadata records."""
 

@@ -35,6 +35,7 @@ from lhfs.core.errors import (
     Busy,
     CorruptState,
     DamagedLayers,
+    DamagedMeta,
     InvalidArgument,
     LhfsError,
     NoAnswer,
@@ -227,14 +228,15 @@ class Daemon:
     def _set_aside_damaged(self, replica_id: str, directory: Path) -> bool:
         """A local replica whose process did not start: if that is because its layer files are
         not what its metadata says (``DamagedLayers``: a data file cut, layer files the
-        metadata lost), the whole directory is set aside, kept for a look, and the replica is
-        served empty, to be rebuilt from one that serves (callers ask only while one does);
-        whether it was. Why: it can never open, so it stayed ERR until the operator replaced
-        it. The configuration says it is failed *before* the directory goes, as for a rotten
-        image."""
+        metadata lost) or its metadata is not lhfs's (``DamagedMeta``: ``volume.json`` does
+        not parse, a field out of range), the whole directory is set aside, kept for a look
+        (the layer files of a damaged ``volume.json`` with it), and the replica is served
+        empty, to be rebuilt from one that serves (callers ask only while one does); whether
+        it was. Why: it can never open, so it stayed ERR until the operator replaced it. The
+        configuration says it is failed *before* the directory goes, as for a rotten image."""
         try:
             ChunkStore.open(directory).close()
-        except DamagedLayers as exc:  # (what is damaged, not what to do of it by hand)
+        except (DamagedLayers, DamagedMeta) as exc:  # (what is damaged, not what to do of it)
             damage = str(exc).split(": nothing was deleted")[0]
         except (LhfsError, OSError):
             return False
@@ -984,7 +986,13 @@ class Daemon:
                 link.uid = await self._identify(address)
             link.client = await self.engine.connect(address)
             with trio.move_on_after(engine.io_timeout) as waited:
-                if (await link.client.call("hello"))["initialised"]:
+                hello = await link.client.call("hello")
+                if hello.get("damaged"):  # (not known as this volume's: never set aside)
+                    raise LhfsError(
+                        f"{address} serves a damaged directory ({str(hello['damaged'])[:400]}):"
+                        " serve an empty directory there; it was left untouched"
+                    )
+                if hello["initialised"]:
                     await fit(engine, link.client)  # (another volume's shape: refused, whole)
             if waited.cancelled_caught:
                 raise NoAnswer(f"replica {address} answered nothing for {engine.io_timeout:.0f}s")

@@ -255,9 +255,36 @@ def _loopback(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+async def _set_aside(engine: Engine, target: ReplicaLink, hello: dict[str, Any]) -> None:
+    """A replica served damaged (its directory does not open: ``ReplicaServer``) is asked to
+    set its directory aside, kept on its host, and start an empty one, rebuilt as a wiped
+    replica is. Only while another replica serves RW (never the last copy), and only the
+    directory this engine recorded as the replica's (by identity: another one answering
+    there is not this volume's to set aside)."""
+    _pick_source(engine, target)  # (none serves: ``LhfsError``, nothing asked)
+    damaged, uid = str(hello["damaged"])[:400], target.uid
+    if not uid or hello.get("uid") != uid:
+        raise Stranger(
+            f"replica {target.id} answers at its address with a damaged directory ({damaged}) "
+            f"not known as its own (id {str(hello.get('uid'))[:40]}, expected {uid}): it is "
+            "not set aside"
+        )
+    answer = await target.client.call("set_aside", uid=uid)
+    aside = answer.get("aside") if isinstance(answer, dict) else None
+    if not isinstance(aside, str):
+        raise LhfsError(f"replica {target.id} answered set_aside with {answer!r:.80}")
+    target.error = (
+        f"its directory was damaged ({damaged}): set aside as {aside[:1024]} on its host, rebuilt"
+    )
+    log.error("replica %s: %s", target.id, target.error)
+
+
 async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> None:
     client = target.client
     hello = await client.call("hello")
+    if hello.get("damaged"):
+        await _set_aside(engine, target, hello)
+        hello = await client.call("hello")
     if hello["initialised"]:
         check_shape(engine, await client.info())  # (never to be the volume's: given up at once)
         stranger = engine.stranger(target, hello.get("uid"), -1, serving=False)

@@ -178,6 +178,11 @@ class Rejoiner:
                 found = await _identity(client, engine.io_timeout)
                 if found is None:  # (its connection broke, or it did not answer: tried again)
                     refusal = "answers, but does not say what it holds; trying again"
+                elif found.damaged:  # (never set aside: it is the one copy left)
+                    refusal = (
+                        f"answers, but its directory is damaged ({found.damaged}): no copy of "
+                        "the volume is served; look at it on its host, or restore from a backup"
+                    )
                 elif not found.initialised:  # (wiped: no copy of the volume is left)
                     refusal = (
                         "answers, but holds no volume (its directory was wiped?): no copy of "
@@ -216,6 +221,7 @@ class _Found:
     initialised: bool
     uid: str | None
     revision: int
+    damaged: str | None = None  # why its directory does not open, if it is served damaged
 
 
 async def _identity(client: ReplicaClient, timeout: float) -> _Found | None:
@@ -225,7 +231,8 @@ async def _identity(client: ReplicaClient, timeout: float) -> _Found | None:
         try:
             hello = await client.call("hello")
             if not hello["initialised"]:
-                return _Found(False, hello.get("uid"), -1)
+                damaged = str(hello["damaged"])[:400] if hello.get("damaged") else None
+                return _Found(False, hello.get("uid"), -1, damaged)
             revision = int((await client.info())["revision"])
             return _Found(True, hello.get("uid"), revision)
         except (LhfsError, KeyError, TypeError, ValueError):  # (an answer not as it should be)

@@ -33,6 +33,7 @@ import signal
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -41,10 +42,13 @@ from typing import Any, TypeVar
 import trio
 import xxhash
 
-from lhfs.core.durable import atomic_write
+from lhfs.config.volume import replica_volume_id
+from lhfs.core.durable import atomic_write, fsync_dir
 from lhfs.core.errors import (
     Busy,
     CorruptState,
+    DamagedLayers,
+    DamagedMeta,
     InvalidArgument,
     LhfsError,
     NotFound,
@@ -53,6 +57,7 @@ from lhfs.core.errors import (
     ProtocolError,
     PullFailed,
     StorageError,
+    WrongState,
     WrongVolume,
 )
 from lhfs.replica import checks, hotpath
@@ -96,23 +101,47 @@ _LONG = {
 
 class ReplicaServer:
     """Serves one replica directory for the volume whose key it holds; the directory may be
-    empty until an engine calls ``init``."""
+    empty until an engine calls ``init``. With ``keep_damaged`` (a replica served for an
+    engine on another host), a directory that does not open for damage (``DamagedLayers``,
+    ``DamagedMeta``) is served *damaged*: its engine is told why and may have it set aside
+    (``set_aside``) and rebuilt; nothing else is served from it. Why: a process that exits
+    cannot take a rebuild, and nobody on the engine's host can reach the directory."""
 
     def __init__(
-        self, directory: Path, key: VolumeKey, tls_context: ssl.SSLContext | None = None
+        self,
+        directory: Path,
+        key: VolumeKey,
+        tls_context: ssl.SSLContext | None = None,
+        keep_damaged: bool = False,
     ) -> None:
         self.dir = Path(directory)
         check_directory(self.dir)
         self.key = key
         self.tls = tls_context  # TLS on TCP connections (the local socket stays plain)
         self.store: ChunkStore | None = None
+        self.damaged: str | None = None  # why the directory does not open, served damaged
         if (self.dir / "volume.json").exists():
-            self.store = ChunkStore.open(self.dir)
-            owner = self.store.volume_id
-            if owner is None:  # made before volumes had keys: it is this volume's from now
-                self.store.set_volume_id(key.id_hex)
-            elif owner != key.id_hex:
-                self.store.close()
+            try:
+                self.store = ChunkStore.open(self.dir)
+            except (DamagedLayers, DamagedMeta) as exc:
+                # (another volume's directory is never this volume's to set aside; one whose
+                # volume.json does not say whose it is is known by its ``id`` alone: only the
+                # engine that recorded that identity for the replica asks)
+                owner = replica_volume_id(self.dir)
+                if not keep_damaged or (owner is not None and owner != key.id_hex):
+                    raise
+                self.damaged = str(exc).split(": nothing was deleted")[0][:400]
+                log.error(
+                    "%s: nothing is served from this directory; the engine sets it aside "
+                    "(kept beside it) and rebuilds the replica once another replica serves",
+                    exc,
+                )
+            else:
+                owner = self.store.volume_id
+                if owner is None:  # made before volumes had keys: it is this volume's from now
+                    self.store.set_volume_id(key.id_hex)
+            if owner is not None and owner != key.id_hex:
+                self.close()
                 raise WrongVolume(
                     f"{self.dir} holds a replica of another volume (id {owner}); the key file "
                     f"is for volume {key.volume} (id {key.id_hex})",
@@ -441,6 +470,11 @@ class ReplicaServer:
     # -- operations ---------------------------------------------------------------------------
 
     def _require_store(self) -> ChunkStore:
+        if self.damaged is not None:
+            raise CorruptState(
+                f"replica {self.dir} is damaged ({self.damaged}): nothing is served from it "
+                "until its engine sets it aside, while another replica serves"
+            )
         if self.store is None:
             raise NotInitialised(f"replica {self.dir} holds no volume yet (call init)")
         return self.store
@@ -500,8 +534,13 @@ class ReplicaServer:
 
     def _call(self, method: str, args: dict[str, Any]) -> Any:
         if method == "hello":
-            return {"initialised": self.store is not None, "dir": str(self.dir), "uid": self.uid}
+            hello = {"initialised": self.store is not None, "dir": str(self.dir), "uid": self.uid}
+            return {**hello, "damaged": self.damaged} if self.damaged is not None else hello
+        if method == "set_aside":
+            return self._set_aside(checks.text(args, "uid", 64))
         if method == "init":
+            if self.damaged is not None:  # (refused, saying why: set aside first)
+                self._require_store()
             if self.store is not None:
                 raise Busy(f"replica {self.dir} already holds a volume")
             size = checks.integer(args, "size", 1, checks.MAX_VOLUME)
@@ -533,6 +572,30 @@ class ReplicaServer:
         if method == "rebuild_finish":
             return store.rebuild_finish()
         raise InvalidArgument(f"unknown method {method!r}")
+
+    def _set_aside(self, uid: str) -> dict[str, str]:
+        """Set the damaged directory aside beside itself (``<dir>.damaged-<time>``, kept
+        whole: never anything deleted) and start an empty one in its place with the same
+        identity and epoch, for the engine to initialise and rebuild; where it went. Only the
+        current engine may ask (``_permit``), naming this directory's identity: the one it
+        recorded for the replica, so that no other directory is set aside on its word. A crash
+        between the rename and the new identity leaves what a wiped directory is: served
+        empty under a new identity, and rebuilt whole as one."""
+        if self.damaged is None:
+            raise WrongState(f"replica {self.dir} is not damaged: nothing is set aside")
+        if uid != self.uid:
+            raise NotPermitted(f"replica {self.dir} is {self.uid}, not {uid:.40}: not set aside")
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
+        aside = self.dir.with_name(f"{self.dir.name}.damaged-{stamp}")
+        os.rename(self.dir, aside)
+        fsync_dir(self.dir.parent)
+        damage, self.damaged = self.damaged, None
+        log.error("%s: set aside as %s, to be rebuilt", damage, aside)
+        self.dir.mkdir(mode=0o700)
+        self.sessions.keep_epoch()
+        atomic_write(self.dir / ID_FILE, f"{self.uid}\n".encode())
+        fsync_dir(self.dir.parent)
+        return {"aside": str(aside)}
 
     async def _task(self, session: Session, task: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -903,7 +966,7 @@ async def run(
     tls_context: ssl.SSLContext | None = None,
 ) -> None:
     """Entry point of ``lhfs replica serve``: announces the bound address, then serves."""
-    server = ReplicaServer(directory, key, tls_context)
+    server = ReplicaServer(directory, key, tls_context, keep_damaged=local is None)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve, host, port, local)
         where = format_address(*bound[:2])

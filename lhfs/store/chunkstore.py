@@ -56,6 +56,7 @@ from lhfs.core.errors import (
     Busy,
     CorruptState,
     DamagedLayers,
+    DamagedMeta,
     InvalidArgument,
     LhfsError,
     NoSpace,
@@ -121,7 +122,7 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
     """
 
     def bad(field: str, should: str, value: Any) -> CorruptState:
-        return CorruptState(f"{path}: {field} must be {should}, not {value!r:.60}")
+        return DamagedMeta(f"{path}: {field} must be {should}, not {value!r:.60}")
 
     def count(field: str) -> None:
         value = meta.get(field, 0)
@@ -135,7 +136,7 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
         try:
             check_geometry(size, chunk_size)
         except InvalidArgument as exc:
-            raise CorruptState(f"{path}: {field}: {exc}") from None
+            raise DamagedMeta(f"{path}: {field}: {exc}") from None
 
     def layer_id(field: str, value: Any) -> str:
         if not isinstance(value, str) or not LAYER_ID.fullmatch(value):
@@ -149,9 +150,12 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
             raise bad(field, should, value) from None
 
     if not isinstance(meta, dict):
-        raise CorruptState(f"{path} is not a JSON object")
-    if type(meta.get("format")) is not int or meta["format"] != FORMAT:
-        raise CorruptState(f"{path} has unknown format {meta.get('format')!r:.60}")
+        raise DamagedMeta(f"{path} is not a JSON object")
+    form = meta.get("format")
+    if type(form) is int and form > FORMAT:  # (a newer lhfs's: not damage, never set aside)
+        raise CorruptState(f"{path} has format {form}, newer than this lhfs's: upgrade lhfs")
+    if type(form) is not int or form != FORMAT:
+        raise DamagedMeta(f"{path} has unknown format {form!r:.60}")
     size = meta.get("size")
     geometry("size", size, meta.get("chunk_size"))
     count("revision")
@@ -199,7 +203,7 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
         trail: dict[str, None] = {}  # (a dict: long chains are looked up in at C speed)
         while key is not None and key not in ends:
             if key in trail:
-                raise CorruptState(f"{path}: the parents of layers.{key} lead back to it")
+                raise DamagedMeta(f"{path}: the parents of layers.{key} lead back to it")
             trail[key] = None
             key = layers[key]["parent"]
         ends.update(trail)
@@ -400,7 +404,7 @@ class ChunkStore:
             try:
                 meta = json.loads(meta_path.read_text())
             except (ValueError, RecursionError) as exc:  # (RecursionError: nested too deep)
-                raise CorruptState(f"{meta_path} is damaged: {exc}") from None
+                raise DamagedMeta(f"{meta_path} is damaged: {exc}") from None
             store = cls(directory, check_meta(meta, meta_path), lock_fd)
             store._load()
         except BaseException:

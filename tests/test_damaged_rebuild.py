@@ -1,0 +1,310 @@
+"""A replica whose directory does not open for damage (layer files cut or lost, a
+``volume.json`` lhfs could not have written) is set aside and rebuilt by itself while another
+replica serves: local or on another host, its damaged directory always kept beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import needs_fuse
+
+from lhfs.config import volume as volumes
+from lhfs.core.errors import LhfsError
+from lhfs.core.procs import wait_for
+from lhfs.engine import control
+from lhfs.replica.process import ReplicaProcess
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli, RawSession, one_line, raw_session, read_direct, write_direct
+from lhfs.wire import protocol as p
+from lhfs.wire.auth import VolumeKey
+
+MIB = 1 << 20
+
+
+def _attached_with_snapshot(cli: Cli, device: Path) -> bytes:
+    """Volume v, two local replicas, attached on ``device``: a MiB of random data, snapshot
+    s1 of it, another MiB over it; what the volume holds."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "2")
+    cli.run("volume", "attach", "v", "--device", str(device))
+    data = os.urandom(2 * MIB)
+    write_direct(device, 0, data[:MIB])
+    cli.run("snapshot", "create", "v", "s1")
+    write_direct(device, MIB, data[MIB:])
+    return data
+
+
+def _same_everywhere(cli: Cli, volume: str) -> None:
+    sums = control.call(volumes.load(cli.root, volume).control_socket, "replica_checksums")
+    assert len(sums) >= 2 and len(set(sums.values())) == 1, sums
+
+
+@needs_fuse
+def test_a_local_replica_with_a_damaged_volume_json_is_set_aside_and_rebuilt(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """r1's ``volume.json`` is garbage: it stayed ERR until replaced by hand. Now its directory
+    is set aside (its layer files with it) and r1 rebuilt from r2; the reason says where."""
+    device = tmp_path / "v.dev"
+    data = _attached_with_snapshot(cli, device)
+    cli.run("volume", "detach", "v")
+    r1 = cli.root / "volumes" / "v" / "replicas" / "r1"
+    kept = sorted(p.name for p in r1.iterdir() if p.suffix in (".data", ".idx"))
+    (r1 / "volume.json").write_bytes(b'{"format": 1, "size": "lost')
+    cli.run("volume", "attach", "v", "--device", str(device))
+    (aside,) = r1.parent.glob("r1.damaged-*")
+    assert (aside / "volume.json").read_bytes() == b'{"format": 1, "size": "lost'
+    assert sorted(p.name for p in aside.iterdir() if p.suffix in (".data", ".idx")) == kept
+    wait_for(lambda: cli.live("v")["state"] == "healthy", 30, "r1 rebuilt from r2")
+    _same_everywhere(cli, "v")
+    for _ in range(4):  # (reads are spread over the replicas that serve)
+        assert read_direct(device, 0, 2 * MIB) == data
+    assert "volume.json is damaged" in cli.engine_log("v")
+    assert f"set aside as {aside}" in cli.engine_log("v")
+    cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_a_volume_json_of_a_newer_lhfs_is_not_set_aside(cli: Cli, tmp_path: Path) -> None:
+    """A newer format is not damage: the replica is refused (ERR, said) and left as it is."""
+    device = tmp_path / "v.dev"
+    _attached_with_snapshot(cli, device)
+    cli.run("volume", "detach", "v")
+    r1 = cli.root / "volumes" / "v" / "replicas" / "r1"
+    meta = json.loads((r1 / "volume.json").read_text())
+    (r1 / "volume.json").write_text(json.dumps({**meta, "format": 9}))
+    cli.run("volume", "attach", "v", "--device", str(device))
+    assert not list(r1.parent.glob("r1.damaged-*"))
+    (r1_state,) = [r for r in cli.json("replica", "ls", "v") if r["id"] == "r1"]
+    assert r1_state["mode"] == "ERR" and "upgrade lhfs" in r1_state["error"], r1_state
+    cli.run("volume", "detach", "v")
+    line = one_line(cli.run("replica", "inspect", "--dir", str(r1), check=False))
+    assert "newer than this lhfs's" in line, line
+
+
+def _snapshot_data(directory: Path) -> Path:
+    """The data file of snapshot s1 in a replica directory."""
+    meta = json.loads((directory / "volume.json").read_text())
+    (s1,) = [lid for lid, info in meta["layers"].items() if info["name"] == "s1"]
+    return directory / f"{s1}.data"
+
+
+def _cut_layer(directory: Path) -> None:
+    os.truncate(_snapshot_data(directory), 0)
+
+
+def _garbage_meta(directory: Path) -> None:
+    (directory / "volume.json").write_bytes(b"\x00garbage, not JSON")
+
+
+DAMAGE = {"cut-layer": _cut_layer, "garbage-volume-json": _garbage_meta}
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """What a replica directory holds, but its lock and the epoch an engine's handshake
+    records (bookkeeping, not the replica's content)."""
+    return {f.name: f.read_bytes() for f in directory.iterdir() if f.name not in ("lock", "epoch")}
+
+
+def _with_remote(
+    cli: Cli, tmp_path: Path, serve: Any, device: Path
+) -> tuple[bytes, Path, Path, ReplicaProcess]:
+    """Volume v: local r1 and r2 served on loopback by a process of its own, attached on
+    ``device`` and written (snapshot s1 under the head): the data, r2's directory, the key
+    file, r2's process."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1", "--rejoin-wait", "1")
+    cli.run("volume", "attach", "v", "--device", str(device))
+    key = tmp_path / "v.key"
+    cli.run("volume", "key", "v", "--out", str(key))
+    remote = tmp_path / "remote"
+    proc = serve(remote, key)
+    cli.run("replica", "add", "v", "--address", proc.address)
+    data = os.urandom(2 * MIB)
+    write_direct(device, 0, data[:MIB])
+    cli.run("snapshot", "create", "v", "s1")
+    write_direct(device, MIB, data[MIB:])
+    return data, remote, key, proc
+
+
+@needs_fuse
+@pytest.mark.parametrize("when", ["attached", "at-attach"])
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_remote_replica_with_a_damaged_directory_is_set_aside_and_rebuilt(
+    cli: Cli, tmp_path: Path, serve: Any, damage: str, when: str
+) -> None:
+    """r2's host serves its directory again damaged (a layer cut, a volume.json of garbage),
+    while the volume is attached or before it is: its process exited at start and r2 stayed
+    ERR until replaced by hand. Now it serves the damaged directory to its engine alone,
+    which has it set aside there (kept) and rebuilds r2 from r1, the volume served all
+    along."""
+    device = tmp_path / "v.dev"
+    data, remote, key, first = _with_remote(cli, tmp_path, serve, device)
+    if when == "at-attach":
+        cli.run("volume", "detach", "v")
+    port = int(first.address.rsplit(":", 1)[1])
+    first.stop()
+    DAMAGE[damage](remote)
+    before = _files(remote)
+    again = serve(remote, key, port)
+    if when == "at-attach":
+        cli.run("volume", "attach", "v", "--device", str(device))
+    wait_for(lambda: list(remote.parent.glob("remote.damaged-*")), 60, "r2's directory set aside")
+    assert read_direct(device, 0, 2 * MIB) == data  # (served meanwhile, by r1)
+    wait_for(lambda: cli.live("v")["state"] == "healthy", 60, "r2 rebuilt from r1")
+    (aside,) = remote.parent.glob("remote.damaged-*")
+    assert _files(aside) == before  # (kept whole)
+    assert (remote / "id").read_bytes() == (aside / "id").read_bytes()  # (the same replica)
+    _same_everywhere(cli, "v")
+    for _ in range(4):  # (reads are spread over the replicas that serve)
+        assert read_direct(device, 0, 2 * MIB) == data
+    said = cli.engine_log("v")
+    assert f"set aside as {aside} on its host" in said, said[-2000:]
+    assert f"set aside as {aside}" in again.log.read_text()
+    cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_a_remote_damaged_replica_is_not_set_aside_when_no_other_serves(
+    cli: Cli, tmp_path: Path, serve: Any
+) -> None:
+    """r1 (local) and r2 (remote) both damaged: no replica serves, so neither is set aside;
+    the attach is refused naming r2's damage, both directories as they were."""
+    device = tmp_path / "v.dev"
+    _data, remote, key, first = _with_remote(cli, tmp_path, serve, device)
+    cli.run("volume", "detach", "v")
+    port = int(first.address.rsplit(":", 1)[1])
+    first.stop()
+    r1 = cli.root / "volumes" / "v" / "replicas" / "r1"
+    _cut_layer(r1)
+    _garbage_meta(remote)
+    before = (_files(r1), _files(remote))
+    again = serve(remote, key, port)
+    line = one_line(cli.run("volume", "attach", "v", "--device", str(device), check=False))
+    assert "not attached" in line and "is damaged" in line, line
+    assert (_files(r1), _files(remote)) == before
+    assert not list(r1.parent.glob("r1.damaged-*"))
+    assert not list(remote.parent.glob("remote.damaged-*"))
+    assert again.proc.poll() is None  # (it serves, damaged, for the engine to come)
+
+
+def _ask(session: RawSession, method: str, **args: Any) -> tuple[int, dict[str, Any]]:
+    """One call on a raw session: its status and its answer (an error's kind and message)."""
+    session.sendall(p.frame(1, p.CALL, p.encode_json({"method": method, "args": args})))
+    length, _, status = p.HEADER.unpack(session.recv(p.HEADER.size, socket.MSG_WAITALL))
+    payload = session.recv(length - (p.HEADER.size - p.LENGTH.size), socket.MSG_WAITALL)
+    return status, json.loads(payload)
+
+
+def test_only_the_engine_sets_a_damaged_directory_aside(tmp_path: Path, replica_factory) -> None:
+    """A peer without the key cannot ask; a reader session, an engine naming another
+    identity, and any peer of a healthy replica are refused, nothing changed; the engine
+    naming the replica's identity has it set aside, kept whole, an empty one of the same
+    identity in its place."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    for name in ("damaged", "healthy"):
+        with ChunkStore.create(tmp_path / name, MIB, 4096, volume_id=key.id_hex) as store:
+            store.write(0, b"x" * 8192)
+            store.snapshot("s1")
+    _cut_layer(tmp_path / "damaged")
+    damaged = replica_factory(tmp_path / "damaged", tmp_path / "v.key")
+    healthy = replica_factory(tmp_path / "healthy", tmp_path / "v.key")
+    uid = (tmp_path / "damaged" / "id").read_text().strip()
+    before = {name: _files(tmp_path / name) for name in ("damaged", "healthy")}
+
+    with pytest.raises(LhfsError):  # (another volume's key: no handshake, nothing read)
+        raw_session(damaged.address, VolumeKey.new("v")).close()
+    with raw_session(damaged.address, key, role=p.READER) as reader:
+        status, answer = _ask(reader, "hello")
+        assert status == p.OK and ".data holds 0 bytes" in answer["damaged"], answer
+        status, answer = _ask(reader, "set_aside", uid=uid)
+        assert (status, answer["kind"]) == (p.ERROR, "NotPermitted"), answer
+    with raw_session(damaged.address, key, epoch=3, owner=b"engine-1") as engine:
+        status, answer = _ask(engine, "info")
+        assert status == p.ERROR and "is damaged" in answer["message"], answer
+        status, answer = _ask(engine, "set_aside", uid="0" * 32)
+        assert (status, answer["kind"]) == (p.ERROR, "NotPermitted"), answer
+        status, answer = _ask(engine, "set_aside", uid=["not", "text"])
+        assert (status, answer["kind"]) == (p.ERROR, "InvalidArgument"), answer
+    with raw_session(healthy.address, key, epoch=3, owner=b"engine-1") as engine:
+        healthy_uid = (tmp_path / "healthy" / "id").read_text().strip()
+        status, answer = _ask(engine, "set_aside", uid=healthy_uid)
+        assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
+    after = {name: _files(tmp_path / name) for name in ("damaged", "healthy")}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["damaged", "healthy"]
+
+    with raw_session(damaged.address, key, epoch=4, owner=b"engine-1") as engine:
+        status, answer = _ask(engine, "set_aside", uid=uid)
+        assert status == p.OK, answer
+        aside = Path(answer["aside"])
+        assert aside.parent == tmp_path and aside.name.startswith("damaged.damaged-")
+        assert _files(aside).keys() == after["damaged"].keys()
+        assert sorted(os.listdir(tmp_path / "damaged")) == ["epoch", "id"]
+        assert (tmp_path / "damaged" / "id").read_text().strip() == uid
+        status, answer = _ask(engine, "hello")
+        assert status == p.OK and answer["initialised"] is False and "damaged" not in answer
+        assert answer["uid"] == uid
+        status, answer = _ask(engine, "set_aside", uid=uid)  # (once: it is not damaged now)
+        assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
+
+
+@needs_fuse
+def test_a_damaged_directory_is_not_added_as_a_replica(
+    cli: Cli, tmp_path: Path, serve: Any
+) -> None:
+    """A damaged directory served at an address given to ``replica add`` was never the
+    volume's: refused in one line, left as it is, never set aside."""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    key = tmp_path / "v.key"
+    cli.run("volume", "key", "v", "--out", str(key))
+    remote = tmp_path / "remote"
+    with ChunkStore.create(remote, 4 * MIB, 65536, volume_id=VolumeKey.load(key).id_hex) as s:
+        s.write(0, b"y" * 65536)
+        s.snapshot("s1")
+    _cut_layer(remote)
+    address = serve(remote, key).address
+    before = _files(remote)
+    line = one_line(cli.run("replica", "add", "v", "--address", address, check=False))
+    assert "serves a damaged directory" in line and "left untouched" in line, line
+    assert _files(remote) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("remote")) == [
+        "remote",
+        "remote.log",
+    ]
+    assert [r["id"] for r in cli.json("replica", "ls", "v")] == ["r1"]
+    cli.run("volume", "detach", "v")
+
+
+@needs_fuse
+def test_the_last_replica_back_damaged_is_not_set_aside_and_says_why(
+    cli: Cli, tmp_path: Path, serve: Any
+) -> None:
+    """r2, on another host, is the volume's only replica: it goes away (the volume faulted)
+    and comes back damaged. Nothing else holds the volume: it is never set aside, and the
+    engine says why it is not served (not as a wiped directory)."""
+    device = tmp_path / "v.dev"
+    _data, remote, key, first = _with_remote(cli, tmp_path, serve, device)
+    cli.run("replica", "rm", "v", "r1")
+    port = int(first.address.rsplit(":", 1)[1])
+    first.stop()
+    wait_for(lambda: cli.live("v")["state"] == "faulted", 60, "the volume faulted")
+    _garbage_meta(remote)
+    before = _files(remote)
+    serve(remote, key, port)
+
+    def said() -> str:
+        (r2,) = cli.json("replica", "ls", "v")
+        return r2.get("rejoin") or ""
+
+    wait_for(lambda: "its directory is damaged" in said(), 60, "the engine to say why")
+    assert "volume.json is damaged" in said(), said()
+    assert cli.live("v")["state"] == "faulted"
+    assert _files(remote) == before
+    assert not list(remote.parent.glob("remote.damaged-*"))
+    cli.run("volume", "detach", "v", "--force")
