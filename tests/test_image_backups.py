@@ -1,0 +1,89 @@
+"""Backups and DR standbys of volumes on backing images, and backing images' own backups,
+against a real S3 server: a standby on an image holds only what differs from it, chunk by
+chunk, as a restore on it does."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from test_backup_left import head_chunks, replica_dirs, write_detached
+from test_image_restore import own_bytes
+
+from lhfs.store.chunkstore import ChunkStore
+from lhfs.testing import Cli
+
+MIB = 1 << 20
+CHUNK = 64 << 10
+
+
+def test_a_dr_standby_on_an_image_writes_only_the_chunks_that_differ(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """Blocks of 2 MiB, chunks of 64 KiB: an increment writes the chunks of a changed block
+    that read otherwise, and gives a chunk back to the image when it holds the image's
+    content again, so the standby (and the volume it becomes) stays thin over the image."""
+    target = "s3://image-standby-chunks/p"
+    rng = random.Random(11)
+    raw = tmp_path / "base.raw"
+    image = rng.randbytes(3 * MIB)
+    raw.write_bytes(image)
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    cli.run("volume", "create", "a", "--size", "8M", "--replicas", "1", "--backing-image", "base")
+    write_detached(cli, "a", {0: rng.randbytes(CHUNK), 6 * MIB: rng.randbytes(CHUNK)})
+    url = cli.backup("a", target)
+    cli.run(
+        "dr", "create", "standby", "--target", target, "--volume", "a", "--replicas", "1",
+        "--interval", "1", "--quiet",
+    )  # fmt: skip
+    first = cli.dr_restored("standby", url)["last_increment"]
+    assert first["fetched"] == 2, first
+    standby = replica_dirs(cli, "standby")[0]
+    thin = own_bytes(cli, "standby")
+    assert head_chunks(standby) == {0, 6 * MIB // CHUNK}
+    assert first["written"] == 2 * CHUNK, first  # (not the 4 MiB of the two blocks)
+    assert thin < 1 * MIB, thin  # (some 200 KiB; whole blocks took 4 MiB)
+
+    # block 0: its first chunk holds the image's content again, another chunk changes
+    write_detached(cli, "a", {0: image[:CHUNK], 3 * CHUNK: rng.randbytes(CHUNK)})
+    url = cli.backup("a", target)
+    second = cli.dr_restored("standby", url)["last_increment"]
+    assert second["fetched"] == 1 and second["written"] == CHUNK, second
+    assert head_chunks(standby) == {3, 6 * MIB // CHUNK}
+    assert cli.checksum("standby") == cli.checksum("a")
+    cli.run("dr", "activate", "standby", "--quiet")
+    assert head_chunks(replica_dirs(cli, "standby")[0]) == {3, 6 * MIB // CHUNK}
+    assert own_bytes(cli, "standby") <= thin
+    assert cli.checksum("standby") == cli.checksum("a")
+
+
+def test_write_changed_touches_only_what_reads_otherwise(tmp_path: Path) -> None:
+    """The chunk store's side of it, on pieces of every kind: part of a chunk (a backup's
+    blocks may be smaller than a standby's chunks), zeros over the image, the image's content
+    given back to it, and a write that changes nothing."""
+    rng = random.Random(12)
+    image = rng.randbytes(4 * CHUNK)
+    raw = tmp_path / "image.raw"
+    raw.write_bytes(image)
+    store = ChunkStore.create(tmp_path / "r", 8 * CHUNK, CHUNK, raw)
+    try:
+        assert store.write_changed(0, image[: 2 * CHUNK]) == 0  # (reads so already)
+        assert not store.head.index
+        ours = rng.randbytes(CHUNK)
+        data = image[:CHUNK] + ours + bytes(CHUNK) + image[3 * CHUNK :] + bytes(4 * CHUNK)
+        assert store.write_changed(0, data) == CHUNK
+        assert set(store.head.index) == {1, 2}  # (data, and zeros hiding the image)
+        assert store.read(0, 8 * CHUNK) == data
+        # part of a chunk, then the image's content given back (the head's copy goes)
+        assert store.write_changed(CHUNK + 100, b"x" * 50) == 50
+        assert store.write_changed(CHUNK, image[CHUNK : 3 * CHUNK]) == 0
+        assert not store.head.index
+        assert store.read(0, 8 * CHUNK) == image + bytes(4 * CHUNK)
+        assert store.write_changed(6 * CHUNK, ours + ours) == 2 * CHUNK  # (past the image)
+        assert store.write_changed(6 * CHUNK, bytes(2 * CHUNK)) == 0
+        assert not store.head.index and store.read(6 * CHUNK, 2 * CHUNK) == bytes(2 * CHUNK)
+        store.flush()
+    finally:
+        store.close()
+    with ChunkStore.open(tmp_path / "r") as again:  # (what was recorded, read back)
+        assert not again.head.index and again.read(0, 8 * CHUNK) == image + bytes(4 * CHUNK)
