@@ -11,7 +11,7 @@ from test_backup_left import head_chunks, replica_dirs, write_detached
 from test_image_restore import own_bytes
 
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli
+from lhfs.testing import Cli, teardown
 
 MIB = 1 << 20
 CHUNK = 64 << 10
@@ -87,3 +87,53 @@ def test_write_changed_touches_only_what_reads_otherwise(tmp_path: Path) -> None
         store.close()
     with ChunkStore.open(tmp_path / "r") as again:  # (what was recorded, read back)
         assert not again.head.index and again.read(0, 8 * CHUNK) == image + bytes(4 * CHUNK)
+
+
+def test_a_system_restore_chooses_the_image_a_volume_stands_on_as_any_restore_does(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """One rule for every restore (``images.of_content``): by content, the name the source
+    was made from first, never a file modified since it was registered; the line saying why a
+    volume is restored whole names the image as ``backup restore`` names it."""
+    target = "s3://image-system-rule/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(13).randbytes(3 * MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    image_id = cli.json("backing-image", "ls")[0]["id"]
+    cli.run("volume", "create", "a", "--size", "8M", "--replicas", "1", "--backing-image", "base")
+    write_detached(cli, "a", {MIB: random.Random(14).randbytes(CHUNK)})
+    record = cli.root / "backing-images" / "base.json"
+    kept = record.read_text()
+    record.write_text("{")  # (the system backup holds no image: skipped as damaged)
+    try:
+        url = cli.run(
+            "system", "backup", "--target", target, "--name", "s1", "--create-bucket", "--quiet"
+        ).stdout.split()[-1]
+    finally:
+        record.write_text(kept)
+    source = cli.checksum("a")
+
+    other = Cli(tmp_path / "root2")
+    try:  # of two names of its content, the one it was made from
+        other.run("backing-image", "create", "aaa", "--from", str(raw))
+        other.run("backing-image", "create", "base", "--from", str(raw))
+        done = other.json("system", "restore", url, "--quiet")
+        assert done["on_images"] == {"a": "base"} and done["whole"] == {}, done
+        assert other.checksum("a") == source
+        other.run("volume", "rm", "a")
+        other.run("backing-image", "rm", "base")
+        other.run("backing-image", "rm", "aaa")
+        # its content under another name, that file modified since: whole, said as a
+        # restore says it
+        other.run("backing-image", "create", "mine", "--from", str(raw))
+        with open(other.root / "backing-images" / "mine.img", "r+b") as f:
+            f.write(b"changed in place")
+        result = other.run("system", "restore", url, "--quiet")
+        assert result.stdout.splitlines()[1:] == [
+            f"volume a: its backing image base ({image_id}) is under {other.root} as mine, "
+            "whose file was modified since it was registered: restored with the image's "
+            "content as its own data"
+        ], result.stdout
+        assert other.info("a")["backing_image"] is None and other.checksum("a") == source
+    finally:
+        teardown(other.root)

@@ -280,11 +280,10 @@ def restore(
     if clash:
         raise AlreadyExists(f"volume(s) {', '.join(clash)} already exist under {root}")
     present = {i["name"]: i for i in images.list_images(root)}
-    # name: content id, of the images a volume may stand on (not one whose file changed
-    # since it was registered: what it holds is not what its id says)
+    # content id: a name, of the images an image of the backup may be linked to (not one
+    # whose file changed since it was registered: what it holds is not what its id says)
     registered = {n: i["id"] for n, i in present.items() if "id" in i and i["changed"] is not True}
-    modified = {i["id"]: n for n, i in present.items() if "id" in i and i["changed"] is True}
-    local = {i: n for n, i in sorted(registered.items(), reverse=True)}  # content id: a name
+    local = {i: n for n, i in sorted(registered.items(), reverse=True)}
     stood_on = {_stood_on(record["volumes"][v]) for v in wanted} - {None}
     if only is None:
         image_names = list(record["images"])
@@ -326,7 +325,6 @@ def restore(
             )
             _part(part, restore_image, root, store, part_url, image, _of(part, progress), image_id)
         local.setdefault(image_id, image)
-        registered[image] = image_id
         done["images"].append(image)
     for volume in wanted:
         entry = record["volumes"][volume]
@@ -335,23 +333,22 @@ def restore(
         replicas = max(1, min(16, int(entry.get("replicas") or 3)))
         image_id = _stood_on(entry)
         backing = None
-        if image_id in local:  # (matched by content, never by name)
-            named = entry["config"].get("backing_image_name")  # (the name it was made from)
-            backing = images.get(
-                root, named if registered.get(named) == image_id else local[image_id]
+        if image_id is not None:  # (chosen as any restore chooses: see images.of_content)
+            backing, why = images.of_content(
+                root,
+                image_id,
+                entry["config"].get("backing_image_name"),  # (the name it was made from)
+                f"its backing image {image_id} is neither in the system backup nor under {root}",
             )
-            done["on_images"][volume] = backing["name"]
-        elif image_id is not None:
             known = [n for n, p in record["images"].items() if p["id"] == image_id and n in passed]
-            done["whole"][volume] = (
-                f"its backing image {known[0]} was not restored ({passed[known[0]]})"
-                if known
-                else f"its backing image {modified[image_id]} under {root} was modified since "
-                "it was registered"
-                if image_id in modified
-                else f"its backing image {image_id} is neither in the system backup nor "
-                f"under {root}"
-            ) + ": restored with the image's content as its own data"
+            if backing is not None:
+                done["on_images"][volume] = backing["name"]
+            else:
+                done["whole"][volume] = (
+                    f"its backing image {known[0]} was not restored ({passed[known[0]]})"
+                    if known
+                    else str(why)
+                ) + ": restored with the image's content as its own data"
         _part(
             part,
             backup.restore,

@@ -223,14 +223,16 @@ def list_images(root: Path) -> list[dict[str, Any]]:
 
 
 def of_content(
-    root: Path, image_id: str, named: str | None = None
+    root: Path, image_id: str, named: str | None = None, lacking: str | None = None
 ) -> tuple[dict[str, Any] | None, str | None]:
     """The registered image a volume restored from a backup is made on, when its source
     stood on the image of content ``image_id``: matched by content, never by name (the one
     ``named``, its source's image's name, when that holds the content, else the first by
     name), and never one whose file changed since it was registered (what it holds is not
     what its id says). None, and why in words, when the root has none: the volume is then
-    restored whole."""
+    restored whole (``lacking``: the words when the root holds no image of that content at
+    all, a caller that knows more than this root saying where else it looked). The one rule
+    of every restore: ``backup restore``, a DR standby, each volume of a system restore."""
     same = [i for i in list_images(root) if i.get("id") == image_id]
     usable = [i for i in same if i["changed"] is not True]
     if usable:
@@ -241,7 +243,7 @@ def of_content(
             f"its backing image {called} is under {root} as {same[0]['name']}, whose file "
             "was modified since it was registered"
         )
-    return None, f"its backing image {called} is not under {root}"
+    return None, lacking or f"its backing image {called} is not under {root}"
 
 
 def resolve(root: Path, name_or_file: str) -> tuple[Path, str | None]:
