@@ -4,6 +4,7 @@ chunk, as a restore on it does."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -129,11 +130,72 @@ def test_a_system_restore_chooses_the_image_a_volume_stands_on_as_any_restore_do
         with open(other.root / "backing-images" / "mine.img", "r+b") as f:
             f.write(b"changed in place")
         result = other.run("system", "restore", url, "--quiet")
-        assert result.stdout.splitlines()[1:] == [
-            f"volume a: its backing image base ({image_id}) is under {other.root} as mine, "
+        assert result.stderr.splitlines() == [
+            f"lhfs: volume a: its backing image base ({image_id}) is under {other.root} as mine, "
             "whose file was modified since it was registered: restored with the image's "
             "content as its own data"
-        ], result.stdout
+        ], result.stderr
         assert other.info("a")["backing_image"] is None and other.checksum("a") == source
+    finally:
+        teardown(other.root)
+
+
+def test_a_restore_made_whole_says_why_on_stderr_whichever_command_made_it(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """Notices on stderr, results on stdout (as progress and every other notice): ``backup
+    restore``, ``dr create`` and ``system restore`` of a volume whose image the root lacks
+    say alike why it holds the image's content as its own data; stdout holds only what was
+    done, a line, or one JSON document with ``--json``."""
+    target = "s3://image-whole-said/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(15).randbytes(3 * MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    image_id = cli.json("backing-image", "ls")[0]["id"]
+    cli.run("volume", "create", "a", "--size", "8M", "--replicas", "1", "--backing-image", "base")
+    write_detached(cli, "a", {MIB: random.Random(16).randbytes(CHUNK)})
+    url = cli.backup("a", target)
+    record = cli.root / "backing-images" / "base.json"
+    kept = record.read_text()
+    record.write_text("{")  # (the system backup holds no image: skipped as damaged)
+    try:
+        system_url = cli.run(
+            "system", "backup", "--target", target, "--name", "s1", "--quiet"
+        ).stdout.split()[-1]
+    finally:
+        record.write_text(kept)
+
+    other = Cli(tmp_path / "root2")
+    why = f"its backing image base ({image_id}) is not under {other.root}"
+
+    def said(volume: str, reason: str = why) -> str:
+        return (
+            f"lhfs: volume {volume} holds its backing image's content as its own data: "
+            f"{reason}; register that image ('lhfs backing-image create NAME --from FILE', or "
+            "'lhfs system restore' of a system backup holding it) for a restore to stand on it\n"
+        )
+
+    try:
+        result = other.run("backup", "restore", url, "r", "--replicas", "1", "--quiet")
+        assert result.stderr == said("r"), result.stderr
+        assert result.stdout.count("\n") == 1 and result.stdout.startswith("restored "), result
+        result = other.run(
+            "backup", "restore", url, "j", "--replicas", "1", "--quiet", "--json"
+        )  # fmt: skip
+        assert result.stderr == said("j"), result.stderr
+        assert json.loads(result.stdout)["whole"] == said("j")[len("lhfs: ") : -1]
+        result = other.run(
+            "dr", "create", "standby", "--target", target, "--volume", "a", "--replicas", "1",
+            "--interval", "1", "--quiet",
+        )  # fmt: skip
+        assert result.stderr == said("standby"), result.stderr
+        assert "holds its backing image" not in result.stdout, result.stdout
+        result = other.run("system", "restore", system_url, "--quiet")
+        assert result.stderr == (
+            f"lhfs: volume a: its backing image {image_id} is neither in the system backup nor "
+            f"under {other.root}: restored with the image's content as its own data\n"
+        ), result.stderr
+        assert result.stdout.count("\n") == 1, result.stdout
+        assert other.checksum("a") == other.checksum("r") == cli.checksum("a")
     finally:
         teardown(other.root)
