@@ -7,12 +7,18 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from urllib.parse import urlparse
 
 from test_backup_left import head_chunks, replica_dirs, write_detached
+from test_backup_trust import reseal
 from test_image_restore import own_bytes
 
+from backupstore.s3 import Bucket, Target
+from backupstore.store import BackupStore
+from lhfs.core.procs import wait_for
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, teardown
+from tools.faultproxy import FaultProxy
 
 MIB = 1 << 20
 CHUNK = 64 << 10
@@ -198,4 +204,167 @@ def test_a_restore_made_whole_says_why_on_stderr_whichever_command_made_it(
         assert result.stdout.count("\n") == 1, result.stdout
         assert other.checksum("a") == other.checksum("r") == cli.checksum("a")
     finally:
+        teardown(other.root)
+
+
+def _registered(cli: Cli) -> list[dict]:
+    """The root's images and every file under it but the engines' and the lock files: what a
+    refused command must leave as it was."""
+    return [
+        cli.json("backing-image", "ls"),
+        sorted(str(p) for p in cli.root.rglob("*") if not p.name.endswith(".lock")),
+    ]
+
+
+def test_a_backing_image_backed_up_alone_is_restored_byte_for_byte(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://image-alone/p"
+    rng = random.Random(17)
+    raw = tmp_path / "base.raw"
+    content = rng.randbytes(3 * MIB) + bytes(MIB) + rng.randbytes(512)  # (a last block short)
+    raw.write_bytes(content)
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    image_id = cli.json("backing-image", "ls")[0]["id"]
+    first = cli.run(
+        "backing-image", "backup", "base", "--target", target, "--create-bucket", "--quiet"
+    ).stdout.split()[-1]
+    cli.run("volume", "create", "a", "--size", "8M", "--replicas", "1", "--backing-image", "base")
+    write_detached(cli, "a", {MIB: rng.randbytes(CHUNK)})
+    volume_url = cli.backup("a", target)
+
+    other = Cli(tmp_path / "root2")
+    try:
+        result = other.run("backing-image", "restore", "base", "--target", target)
+        assert result.stdout == (
+            f"restored backing image base from backup {first.split('backup=')[1]} of base: "
+            f"4.0M, id {image_id}\n"
+        ), result.stdout
+        assert "restore base" in result.stderr and "100%" in result.stderr  # (progress)
+        (listed,) = other.json("backing-image", "ls")
+        assert listed["name"] == "base" and listed["id"] == image_id and not listed["changed"]
+        assert Path(listed["path"]).read_bytes() == content
+        assert not list(other.root.glob(".restore-image-*"))  # (its scratch file gone)
+        assert not [p for p in (other.root / "backing-images").iterdir() if ".tmp" in p.name]
+        # a volume restored from a backup made on it stands on it
+        done = other.json("backup", "restore", volume_url, "r", "--replicas", "1", "--quiet")
+        assert done["backing_image_name"] == "base" and done["whole"] is None, done
+        assert other.checksum("r") == cli.checksum("a")
+
+        # the same content under another name is refused, naming the image that holds it
+        before = _registered(other)
+        refused = other.run(
+            "backing-image", "restore", "base", "--target", target, "--as", "copy", check=False
+        )
+        assert refused.returncode == 1 and refused.stdout == "", refused
+        assert refused.stderr == (
+            f"lhfs: error: backing image base under {other.root} holds that content already "
+            f"({image_id}): volumes restored from backups made on base stand on it\n"
+        )
+        assert _registered(other) == before
+
+        # under another name, a backup named
+        other.run("volume", "rm", "r")
+        other.run("backing-image", "rm", "base")
+        backup = first.split("backup=")[1]
+        done = other.json(
+            "backing-image", "restore", "base", "--target", target, "--as", "copy",
+            "--backup", backup, "--quiet",
+        )  # fmt: skip
+        assert done["name"] == "copy" and done["id"] == image_id and done["backup"] == backup
+        (listed,) = other.json("backing-image", "ls")
+        assert listed["name"] == "copy" and Path(listed["path"]).read_bytes() == content
+
+        # a manifest naming another content id (re-sealed by whoever can write the bucket):
+        # what was fetched is checked against it and refused, nothing registered
+        store = BackupStore(Bucket(Target.parse(target)))
+        manifest = store.manifest("image-base", backup)
+        forged = f"{'0' * 32}-{4 * MIB + 512}"
+        relative = f"volumes/image-base/{backup}.json"
+        reseal(store, relative, json.dumps({**manifest, "snapshot": forged}).encode())
+        before = _registered(other)
+        refused = other.run(
+            "backing-image", "restore", "base", "--target", target, "--backup", backup,
+            "--quiet", check=False,
+        )  # fmt: skip
+        assert refused.returncode == 1 and refused.stderr == (
+            "lhfs: error: backing image base: the restored content is not the backed up one\n"
+        ), refused
+        assert _registered(other) == before
+    finally:
+        teardown(other.root)
+
+
+def test_a_bad_backing_image_restore_says_why_in_one_line_and_changes_nothing(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    target = "s3://image-alone-bad/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(18).randbytes(MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    cli.run("backing-image", "create", "taken", "--from", str(raw))
+    cli.run("backing-image", "backup", "base", "--target", target, "--create-bucket", "--quiet")
+    cli.run("backing-image", "rm", "base")
+    cli.run("volume", "create", "v", "--size", "1M", "--replicas", "1")
+    cli.backup("v", target)
+    before = _registered(cli)
+    restore = ("backing-image", "restore")
+    for args, code, said in (
+        (("a/b", "--target", target), 2, "invalid backing image name 'a/b'"),
+        (("base", "--target", target, "--as", "x y"), 2, "invalid backing image name 'x y'"),
+        (("n" * 61, "--target", target), 2, "is too long: at most 58 characters"),
+        (("base", "--target", "s3://Bad_Bucket/p"), 2, "Bad_Bucket"),
+        (("base", "--target", target, "--backup", "a/b"), 2, "invalid backup name 'a/b'"),
+        (("nosuch", "--target", target), 1, f"{target} holds no backup of backing image nosuch"),
+        (("v", "--target", target), 1, f"{target} holds no backup of backing image v"),
+        (
+            ("base", "--target", target, "--backup", "base-20260101-000000-abcd"),
+            1,
+            f"{target} holds no backup base-20260101-000000-abcd of backing image base",
+        ),
+        (("base", "--target", target, "--as", "taken"), 1, "backing image taken already exists"),
+        (("base", "--target", target), 1, "backing image taken under"),  # (its content)
+    ):
+        refused = cli.run(*restore, *args, check=False)
+        assert refused.returncode == code, (args, refused)
+        assert refused.stderr.count("\n") == 1 and said in refused.stderr, (args, refused.stderr)
+        assert "Traceback" not in refused.stderr and refused.stdout == ""
+        assert _registered(cli) == before, args
+
+
+def test_a_killed_backing_image_restore_registers_nothing_and_its_file_is_cleared(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """Killed during the fetch (through a slow link), a restore leaves no image
+    registered; its scratch file, as large as the image, goes with the next ``backing-image
+    ls``, and the restore run again completes."""
+    target = "s3://image-alone-killed/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(19).randbytes(6 * MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    cli.run("backing-image", "backup", "base", "--target", target, "--create-bucket", "--quiet")
+    other = Cli(tmp_path / "root2")
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port))
+    proxy.rate = 256 << 10  # (6 MiB: some 24 s, killed before its end)
+    try:
+        slow = Cli(other.root, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+        restore = slow.start("backing-image", "restore", "base", "--target", target, "--quiet")
+        try:
+            wait_for(  # (made, of the image's size, as the fetch begins)
+                lambda: any(other.root.glob(".restore-image-base.*.tmp")),
+                60,
+                "the restore to begin fetching the image",
+            )
+        finally:
+            restore.kill()
+            restore.wait(30)
+        proxy.close()
+        assert other.json("backing-image", "ls") == []
+        assert not list(other.root.glob(".restore-image-*"))
+        done = other.json("backing-image", "restore", "base", "--target", target, "--quiet")
+        assert Path(other.json("backing-image", "ls")[0]["path"]).read_bytes() == raw.read_bytes()
+        assert done["id"] == cli.json("backing-image", "ls")[0]["id"]
+    finally:
+        proxy.close()
         teardown(other.root)
