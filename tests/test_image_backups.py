@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -89,7 +91,8 @@ def test_write_changed_touches_only_what_reads_otherwise(tmp_path: Path) -> None
         assert store.write_changed(6 * CHUNK, ours + ours) == 2 * CHUNK  # (past the image)
         assert store.write_changed(6 * CHUNK, bytes(2 * CHUNK)) == 0
         assert not store.head.index and store.read(6 * CHUNK, 2 * CHUNK) == bytes(2 * CHUNK)
-        store.flush()
+        store.flush()  # (a chunk given back is freed once the index no longer names it)
+        assert store.head.data_path.stat().st_blocks == 0
     finally:
         store.close()
     with ChunkStore.open(tmp_path / "r") as again:  # (what was recorded, read back)
@@ -368,3 +371,34 @@ def test_a_killed_backing_image_restore_registers_nothing_and_its_file_is_cleare
     finally:
         proxy.close()
         teardown(other.root)
+
+
+def test_a_chunk_given_back_to_the_image_survives_a_crash_before_the_flush(
+    tmp_path: Path,
+) -> None:
+    """Killed after ``write_changed`` gave a chunk back to the image and before the index
+    said so, the store reads the chunk as it was (its data kept), never zeros that are
+    neither what it held nor what was written."""
+    rng = random.Random(20)
+    image = rng.randbytes(2 * CHUNK)
+    raw = tmp_path / "image.raw"
+    raw.write_bytes(image)
+    ours = rng.randbytes(CHUNK)
+    with ChunkStore.create(tmp_path / "r", 4 * CHUNK, CHUNK, raw) as store:
+        store.write(0, ours)
+    script = (
+        "import os, sys\n"
+        "from lhfs.store.chunkstore import ChunkStore\n"
+        "store = ChunkStore.open(sys.argv[1])\n"
+        "assert store.write_changed(0, open(sys.argv[2], 'rb').read(sys.argv[3])) == 0\n"
+        "os._exit(9)  # (killed: no flush, no close)\n"
+    ).replace("sys.argv[3]", str(CHUNK))
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "r"), str(raw)], capture_output=True
+    )
+    assert done.returncode == 9, done.stderr
+    with ChunkStore.open(tmp_path / "r") as again:
+        assert again.read(0, CHUNK) == ours
+        assert again.write_changed(0, image[:CHUNK]) == 0
+    with ChunkStore.open(tmp_path / "r") as again:
+        assert again.read(0, 2 * CHUNK) == image and not again.head.index

@@ -318,6 +318,10 @@ class ChunkStore:
         # its byte ranges are kept here until ``rebuild_finish`` merges them over the synced
         # content. None when no rebuild is under way.
         self.partial: dict[int, list[tuple[int, int]]] | None = None
+        # Chunks ``write_changed`` gave back to what is below their layer: their data is
+        # freed (a hole punched) only once the index no longer names them (``flush``), as a
+        # crash between the two must never leave the index naming a chunk of zeros there.
+        self._freed: list[tuple[Layer, int]] = []
 
     # -- opening and closing ------------------------------------------------------------------
 
@@ -835,7 +839,7 @@ class ChunkStore:
                 self.head.claim_index(1)
                 self.head.set(chunk, ABSENT)
                 self._resolve(chunk)
-                punch_hole(self.head.fd, chunk * cs, cs)
+                self._freed.append((self.head, chunk))  # (its space: see ``flush``)
                 self.revision += 1
             elif piece == bytes(n):
                 self.trim(offset + pos, n)
@@ -919,6 +923,10 @@ class ChunkStore:
             if layer.pending or layer is self.head:
                 layer.sync_data()
                 layer.commit(self.revision if layer is self.head else layer.revision)
+        freed, self._freed = self._freed, []
+        for layer, chunk in freed:  # (named by no index now, unless written again since)
+            if self.layers.get(layer.id) is layer and chunk not in layer.index:
+                punch_hole(layer.fd, chunk * self.chunk_size, self.chunk_size)
 
     # -- snapshots ----------------------------------------------------------------------------
 
