@@ -121,6 +121,7 @@ _READ_KINDS = {
     "restore": "a restore",
     "system": "a system restore",
     "dr": "a DR standby's increment",
+    "image": "a backing image restore",
 }
 
 

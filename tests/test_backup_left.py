@@ -114,7 +114,7 @@ def test_a_system_restore_puts_volumes_back_on_their_backing_image(
     try:
         result = fourth.run("system", "restore", url2, "--quiet")
         assert f"volume a: its backing image {image_id} is neither in the system backup" in (
-            result.stdout
+            result.stderr
         )
         done = fourth.json("volume", "info", "a")
         assert done["backing_image"] is None
@@ -138,7 +138,7 @@ def test_a_system_restore_puts_volumes_back_on_their_backing_image(
         fifth.run("volume", "rm", "a")
         fifth.run("backing-image", "rm", "base")
         result = fifth.run("system", "restore", url2, "--volumes", "a", "--quiet")
-        assert "was modified since it was registered" in result.stdout, result.stdout
+        assert "was modified since it was registered" in result.stderr, result.stderr
         assert fifth.json("volume", "info", "a")["backing_image"] is None
         assert fifth.checksum("a") == sums["a"]
     finally:

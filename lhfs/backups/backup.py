@@ -470,45 +470,6 @@ def _engine_gone(vol: volumes.Volume, engine: dict[str, Any]) -> LhfsError | Non
     )
 
 
-def backup_image(
-    root: Path,
-    name: str,
-    url: str,
-    progress: Any,
-    create_bucket: bool = False,
-    retry_timeout: float = RETRY_TIMEOUT,
-    full: bool = False,
-    notice: Callable[[str], None] | None = None,
-) -> str:
-    """Back a backing image up like a volume named ``image-<name>`` (``IMAGE_BACKUPS``: no new
-    volume is named so, and an older one is not while the image is registered); when the
-    store already holds its blocks, nothing is sent and the backup completes all the same."""
-    from lhfs.volumes.images import verified
-
-    info = verified(root, name)  # (never a changed file under the old id)
-    target = Target.parse(url)
-    store = open_store(target, retry_timeout, notice)
-    store.bucket.ensure(create=create_bucket)
-    backup_name = _backup_name(info["id"].split("-")[0][:16])
-    volume = IMAGE_BACKUPS + name
-    with open(info["path"], "rb") as image:
-
-        def read(index: int, block: int) -> bytes:
-            data = os.pread(image.fileno(), block, index * block)
-            return data + bytes(block - len(data))
-
-        store.create(
-            volume,
-            backup_name,
-            info["size"],
-            read,
-            snapshot=info["id"],
-            progress=progress,
-            full=full,
-        )
-    return backup_url(target, volume, backup_name)
-
-
 def init_store(
     url: str, encrypt: bool, create_bucket: bool = False, retry_timeout: float = RETRY_TIMEOUT
 ) -> dict[str, Any]:

@@ -214,7 +214,9 @@ def apply(
     else:  # other geometry (or no record): nothing is known
         held = [UNKNOWN] * len(target)
     todo = [i for i, digest in enumerate(target) if held[i] != digest]
-    stats: dict[str, Any] = {"blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0}
+    stats: dict[str, Any] = {
+        "blocks": len(target), "fetched": 0, "trimmed": 0, "bytes": 0, "written": 0,
+    }  # fmt: skip
     dirs = _replica_dirs(vol)
     # (marked read: 'backup rm' and prune leave it alone, a collection keeps its blocks)
     with store.reading(manifest["volume"], manifest["name"], "dr"):
@@ -354,8 +356,8 @@ def _undo(vol: volumes.Volume, dirs: list[Path]) -> None:
         try:
             for local in stores:
                 for offset, length, content in _undo_records(path, data=True):
-                    if content:
-                        local.write(offset, content)
+                    if content:  # (only what reads otherwise: thin over an image)
+                        local.write_changed(offset, content)
                     rest = min(offset + length, local.size) - offset - len(content)
                     if rest > 0:
                         local.trim(offset + len(content), rest)
@@ -401,7 +403,9 @@ def _write_blocks(
 ) -> None:
     """Trim the blocks that became empty, fetch and write the others (each checked to fit its
     place in ``manifest``), on every replica; the replicas are flushed (closed) before this
-    returns or raises."""
+    returns or raises. Of a fetched block only the chunks that differ from what the standby
+    reads are written (``stats["written"]``, bytes of one replica): one on a backing image
+    keeps only what differs from it, however large the blocks."""
     size, block = manifest["size"], manifest["block_size"]
     stores = [ChunkStore.open(d) for d in dirs]
     try:
@@ -414,8 +418,10 @@ def _write_blocks(
         for done, (index, data) in enumerate(store.fetch(fetch), 1):
             check_slot(manifest, index, data, f"backup {manifest['name']}")
             data = data[: size - index * block]
-            for local in stores:
-                local.write(index * block, data)
+            written = 0
+            for local in stores:  # (only the chunks that read otherwise: see write_changed)
+                written = local.write_changed(index * block, data)
+            stats["written"] += written
             stats["fetched"] += 1
             stats["bytes"] += len(data)
             progress(100 * done / len(fetch), stats["bytes"], len(fetch) * block)

@@ -18,7 +18,6 @@ record (so that ``lhfs mount`` mounts it and never formats it).
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from urllib.parse import parse_qs, urlencode, urlparse
 from backupstore import systems
 from backupstore.s3 import RETRY_TIMEOUT, Target, check_url_text
 from backupstore.store import NEWER
-from lhfs.backups import backup
+from lhfs.backups import backup, image_backups
 from lhfs.config import volume as volumes
 from lhfs.core.errors import (
     AlreadyExists,
@@ -45,7 +44,6 @@ from lhfs.core.errors import (
 from lhfs.core.names import IMAGE_BACKUPS, MAX_IMAGE_NAME, check_name, image_name_fits
 from lhfs.core.units import rfc3339
 from lhfs.engine import housekeeping
-from lhfs.store.backing import content_id
 from lhfs.volumes import attachment, images, manage
 
 # part ("volume NAME", "image NAME"), percent, bytes done, bytes in all
@@ -168,7 +166,7 @@ def create(
             part = f"image {image['name']}"
             part_url = _part(
                 part,
-                backup.backup_image,
+                image_backups.backup,
                 root,
                 image["name"],
                 url,
@@ -280,11 +278,10 @@ def restore(
     if clash:
         raise AlreadyExists(f"volume(s) {', '.join(clash)} already exist under {root}")
     present = {i["name"]: i for i in images.list_images(root)}
-    # name: content id, of the images a volume may stand on (not one whose file changed
-    # since it was registered: what it holds is not what its id says)
+    # content id: a name, of the images an image of the backup may be linked to (not one
+    # whose file changed since it was registered: what it holds is not what its id says)
     registered = {n: i["id"] for n, i in present.items() if "id" in i and i["changed"] is not True}
-    modified = {i["id"]: n for n, i in present.items() if "id" in i and i["changed"] is True}
-    local = {i: n for n, i in sorted(registered.items(), reverse=True)}  # content id: a name
+    local = {i: n for n, i in sorted(registered.items(), reverse=True)}
     stood_on = {_stood_on(record["volumes"][v]) for v in wanted} - {None}
     if only is None:
         image_names = list(record["images"])
@@ -324,9 +321,17 @@ def restore(
             part_url = backup.backup_url(
                 target, IMAGE_BACKUPS + image, record["images"][image]["backup"]
             )
-            _part(part, restore_image, root, store, part_url, image, _of(part, progress), image_id)
+            _part(
+                part,
+                image_backups.restore_into,
+                root,
+                store,
+                part_url,
+                image,
+                _of(part, progress),
+                image_id,
+            )
         local.setdefault(image_id, image)
-        registered[image] = image_id
         done["images"].append(image)
     for volume in wanted:
         entry = record["volumes"][volume]
@@ -335,23 +340,22 @@ def restore(
         replicas = max(1, min(16, int(entry.get("replicas") or 3)))
         image_id = _stood_on(entry)
         backing = None
-        if image_id in local:  # (matched by content, never by name)
-            named = entry["config"].get("backing_image_name")  # (the name it was made from)
-            backing = images.get(
-                root, named if registered.get(named) == image_id else local[image_id]
+        if image_id is not None:  # (chosen as any restore chooses: see images.of_content)
+            backing, why = images.of_content(
+                root,
+                image_id,
+                entry["config"].get("backing_image_name"),  # (the name it was made from)
+                f"its backing image {image_id} is neither in the system backup nor under {root}",
             )
-            done["on_images"][volume] = backing["name"]
-        elif image_id is not None:
             known = [n for n, p in record["images"].items() if p["id"] == image_id and n in passed]
-            done["whole"][volume] = (
-                f"its backing image {known[0]} was not restored ({passed[known[0]]})"
-                if known
-                else f"its backing image {modified[image_id]} under {root} was modified since "
-                "it was registered"
-                if image_id in modified
-                else f"its backing image {image_id} is neither in the system backup nor "
-                f"under {root}"
-            ) + ": restored with the image's content as its own data"
+            if backing is not None:
+                done["on_images"][volume] = backing["name"]
+            else:
+                done["whole"][volume] = (
+                    f"its backing image {known[0]} was not restored ({passed[known[0]]})"
+                    if known
+                    else str(why)
+                ) + ": restored with the image's content as its own data"
         _part(
             part,
             backup.restore,
@@ -406,50 +410,6 @@ def _link_image(root: Path, name: str, same: str, progress: Callable[..., None])
             f"with: {name} not made from it"
         )
     progress(100.0)
-
-
-def restore_image(
-    root: Path,
-    store: Any,
-    url: str,
-    name: str,
-    progress: Callable[..., None],
-    image_id: str | None = None,
-) -> dict[str, Any]:
-    """A backing image's backup into the root's images, as ``name``; its content id checked
-    against the one it was backed up with (and ``image_id``, the one its system backup
-    names, which its volumes are matched on)."""
-    _, volume, backup_name = backup.parse_backup_url(url)
-    manifest = store.manifest(volume, backup_name)
-    Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
-    scratch = images.restore_scratch(root, name)  # (a killed restore's: cleared later)
-    try:
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, manifest["size"])
-
-            def write(index: int, data: bytes) -> None:
-                at = index * manifest["block_size"]
-                os.pwrite(fd, data[: manifest["size"] - at], at)
-
-            store.restore(volume, backup_name, write, progress, kind="system")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if manifest.get("snapshot") and content_id(scratch) != manifest["snapshot"]:
-            raise CorruptState(
-                f"backing image {name}: the restored content is not the backed up one"
-            )
-        info = images.create(root, name, scratch)
-        if image_id is not None and info["id"] != image_id:
-            images.remove(root, name)
-            raise CorruptState(
-                f"backing image {name}: the restored content is {info['id']}, its system "
-                f"backup names {image_id}"
-            )
-        return info
-    finally:
-        scratch.unlink(missing_ok=True)
 
 
 def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> dict[str, Any]:

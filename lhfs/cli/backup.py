@@ -117,6 +117,12 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
 
     whole: list[str] = []  # (why it holds its source's backing image's content itself)
     with Progress(f"restore {args.name}", quiet=args.quiet) as bar:
+
+        def told(text: str) -> None:
+            """A notice, on stderr as every notice is (stdout: what was done); kept for JSON."""
+            whole.append(text)
+            bar.note(text)
+
         vol = backup.restore(
             root_of(args),
             args.url,
@@ -125,7 +131,7 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
             bar.update,
             args.retry_timeout,
             args.disks,
-            notice=whole.append,
+            notice=told,
         )
     image = vol.config.get("backing_image_name") if vol.config.get("backing_image") else None
     data = {
@@ -137,7 +143,7 @@ def cmd_backup_restore(args: argparse.Namespace) -> None:
         "whole": whole[0] if whole else None,
     }
     text = f"restored {args.url} into volume {vol.name} ({format_size(vol.size)})"
-    text += (f" on backing image {image}" if image else "") + "".join(f"\n{w}" for w in whole)
+    text += f" on backing image {image}" if image else ""
     say(args, data, text)
 
 

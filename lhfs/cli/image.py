@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +19,47 @@ from lhfs.cli.common import (
     say,
     verb,
 )
+from lhfs.cli.progress import Progress
 from lhfs.core.units import format_size
 
 
+class _Steps:
+    """Progress of work in steps (copying a file in, hashing it), a bar each, on stderr."""
+
+    def __init__(self, name: str, quiet: bool) -> None:
+        self.name, self.quiet = name, quiet
+        self.bar: Progress | None = None
+
+    def update(self, what: str, percent: float, done: int | None, total: int | None) -> None:
+        if self.bar is None or self.bar.label != f"{what} {self.name}":
+            self.close()
+            self.bar = Progress(f"{what} {self.name}", quiet=self.quiet)
+        self.bar.update(percent, done, total)
+
+    def step(self, what: str, done: int, total: int) -> None:
+        """What ``images.create`` and the checks are told: bytes done of the total."""
+        self.update(what, 100 * done / total if total else 100.0, done, total)
+
+    def note(self, text: str) -> None:
+        if self.bar is None:
+            print(f"lhfs: {text}", file=sys.stderr, flush=True)
+        else:
+            self.bar.note(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
 def cmd_image_create(args: argparse.Namespace) -> None:
-    from lhfs.cli.progress import Progress
     from lhfs.volumes import images
 
-    bar: list[Progress] = []  # (the step under way: copying the file in, then hashing it)
-
-    def shown(what: str, done: int, total: int) -> None:
-        if not bar or bar[0].label != f"{what} {args.name}":
-            if bar:
-                bar.pop().__exit__(None, None, None)
-            bar.append(Progress(f"{what} {args.name}", quiet=args.quiet))
-        bar[0].update(100 * done / total if total else 100.0, done, total)
-
+    steps = _Steps(args.name, args.quiet)  # (copying the file in, then hashing it)
     try:
-        info = images.create(root_of(args), args.name, Path(args.source), shown)
+        info = images.create(root_of(args), args.name, Path(args.source), steps.step)
     finally:
-        if bar:
-            bar[0].__exit__(None, None, None)
+        steps.close()
     text = f"created backing image {info['name']}: {format_size(info['size'])}, id {info['id']}"
     say(args, info, text)
 
@@ -85,11 +107,10 @@ def cmd_image_rm(args: argparse.Namespace) -> None:
 
 
 def cmd_image_backup(args: argparse.Namespace) -> None:
-    from lhfs.backups import backup
-    from lhfs.cli.progress import Progress
+    from lhfs.backups import image_backups
 
     with Progress(f"backup {args.name}", quiet=args.quiet) as bar:
-        url = backup.backup_image(
+        url = image_backups.backup(
             root_of(args),
             args.name,
             args.target,
@@ -100,6 +121,32 @@ def cmd_image_backup(args: argparse.Namespace) -> None:
             notice=bar.note,
         )
     say(args, {"name": args.name, "url": url}, url)
+
+
+def cmd_image_restore(args: argparse.Namespace) -> None:
+    from lhfs.backups import image_backups
+
+    new = args.new_name or args.name
+    steps = _Steps(new, args.quiet)  # (fetching, checking, copying in, hashing)
+    try:
+        info = image_backups.restore(
+            root_of(args),
+            args.name,
+            args.target,
+            args.new_name,
+            args.backup,
+            partial(steps.update, "restore"),
+            args.retry_timeout,
+            steps.note,
+            steps.step,
+        )
+    finally:
+        steps.close()
+    text = (
+        f"restored backing image {info['name']} from backup {info['backup']} of {args.name}: "
+        f"{format_size(info['size'])}, id {info['id']}"
+    )
+    say(args, info, text)
 
 
 def parsers(groups: Any) -> None:
@@ -137,5 +184,33 @@ def parsers(groups: Any) -> None:
     p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--create-bucket", action="store_true", help="make the bucket if missing")
     full_option(p)
+    quiet_option(p)
+    store_options(p)
+    p = verb(
+        verbs,
+        "restore",
+        cmd_image_restore,
+        "register a backing image from its backup in a target",
+        ("name", "the backing image's name when it was backed up"),
+        description="Fetch a backup made by 'lhfs backing-image backup NAME' (kept in the "
+        "target as the volume image-NAME; its newest complete backup unless --backup names "
+        "one) and register it under the root as 'backing-image create' would: checked against "
+        "the content id it was backed up with, written to a temporary file and renamed into "
+        "place once on disk. Refused, changing nothing, when a backing image of that name "
+        "exists, or when one of that content is registered under another name (volumes "
+        "restored from backups made on it stand on that one: it is matched by content). "
+        "'lhfs system restore' restores the images of a system backup.",
+    )
+    p.set_defaults(store=True)
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX")
+    p.add_argument(
+        "--as", dest="new_name", metavar="NEWNAME", help="register it under this name instead"
+    )
+    p.add_argument(
+        "--backup",
+        metavar="ID",
+        help="the backup to restore, as 'lhfs backup ls --volume image-NAME' names it "
+        "(default: the newest complete one)",
+    )
     quiet_option(p)
     store_options(p)

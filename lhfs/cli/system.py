@@ -106,8 +106,9 @@ def cmd_system_restore(args: argparse.Namespace) -> None:
         f"backing image(s) {', '.join(done['images']) or '-'}"
         + (f" ({', '.join(done['skipped_images'])} already here)" if done["skipped_images"] else "")
         + "".join(f"; {v} on backing image {i}" for v, i in done["on_images"].items())
-        + "".join(f"\nvolume {v}: {why}" for v, why in done["whole"].items())
     )
+    for volume, why in done["whole"].items():  # (notices: on stderr, as every notice is)
+        print(f"lhfs: volume {volume}: {why}", file=sys.stderr, flush=True)
     say(args, done, text)
 
 

@@ -322,6 +322,10 @@ class ChunkStore:
         # its byte ranges are kept here until ``rebuild_finish`` merges them over the synced
         # content. None when no rebuild is under way.
         self.partial: dict[int, list[tuple[int, int]]] | None = None
+        # Chunks ``write_changed`` gave back to what is below their layer: their data is
+        # freed (a hole punched) only once the index no longer names them (``flush``), as a
+        # crash between the two must never leave the index naming a chunk of zeros there.
+        self._freed: list[tuple[Layer, int]] = []
 
     # -- opening and closing ------------------------------------------------------------------
 
@@ -813,6 +817,50 @@ class ChunkStore:
             pos += n
         self.revision += 1
 
+    def write_changed(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Make the volume read ``data`` at ``offset``, touching only the chunks that read
+        otherwise now; the bytes written. A whole chunk that the layers below the head (or
+        the backing image) hold as ``data`` has it is given back to them (the head's copy
+        goes), and zeros are trimmed. What a DR increment writes with: its blocks are far
+        larger than the chunks that changed in them, and a standby on a backing image must
+        hold only what differs from the image, as its source and a restore on it do."""
+        view = memoryview(data)
+        if self.partial is not None:  # (being rebuilt: nothing below is settled)
+            self.write(offset, view)
+            return len(view)
+        now = memoryview(self.read(offset, len(view)))
+        cs = self.chunk_size
+        written = pos = 0
+        run = None  # where a run of pieces to write begins
+        while pos < len(view):
+            chunk, within = divmod(offset + pos, cs)
+            n = min(cs - within, len(view) - pos)
+            piece = view[pos : pos + n]
+            write = False
+            if piece == now[pos : pos + n]:
+                pass
+            elif n == cs and chunk in self.head.index and piece == self._below_head(chunk):
+                self.head.claim_index(1)
+                self.head.set(chunk, ABSENT)
+                self._resolve(chunk)
+                self._freed.append((self.head, chunk))  # (its space: see ``flush``)
+                self.revision += 1
+            elif piece == bytes(n):
+                self.trim(offset + pos, n)
+            else:
+                write = True
+            if write and run is None:
+                run = pos
+            elif not write and run is not None:
+                self.write(offset + run, view[run:pos])
+                written += pos - run
+                run = None
+            pos += n
+        if run is not None:
+            self.write(offset + run, view[run:])
+            written += len(view) - run
+        return written
+
     def _trim_writes(self, chunk: int) -> bool:
         """Whether trimming part of ``chunk`` writes zeros into it (there is data to hide)."""
         return self._source(chunk) >= 0 or self.partial is not None
@@ -879,6 +927,10 @@ class ChunkStore:
             if layer.pending or layer is self.head:
                 layer.sync_data()
                 layer.commit(self.revision if layer is self.head else layer.revision)
+        freed, self._freed = self._freed, []
+        for layer, chunk in freed:  # (named by no index now, unless written again since)
+            if self.layers.get(layer.id) is layer and chunk not in layer.index:
+                punch_hole(layer.fd, chunk * self.chunk_size, self.chunk_size)
 
     # -- snapshots ----------------------------------------------------------------------------
 

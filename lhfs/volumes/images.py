@@ -7,6 +7,7 @@ content id (``xxh3-128-size``): the id, not the name, is what volumes and replic
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -77,23 +78,44 @@ def _clear_restore_scratch(root: Path) -> None:
             scratch.unlink(missing_ok=True)
 
 
-def create(
-    root: Path, name: str, source: Path, progress: Callable[[str, int, int], None] | None = None
-) -> dict[str, Any]:
-    """Register ``source`` as backing image ``name``, copied in (or linked to a registered
-    image of the same content) and hashed; ``progress(what, done, total)`` is told how far
-    each step (``copying``, ``hashing``) went."""
+def check_image_name(name: str) -> str:
+    """A backing image's name, checked (exit 2): a name, short enough for its backups to be
+    named (the volume ``image-NAME``)."""
     check_name(name, "backing image name")
-    if (volumes.volumes_dir(root) / (IMAGE_BACKUPS + name)).exists():  # (an older volume)
-        raise AlreadyExists(
-            f"volume {IMAGE_BACKUPS + name} exists: backing image {name} would share its "
-            "backups; choose another name"
-        )
     if not image_name_fits(name):
         raise InvalidArgument(
             f"backing image name {name!r} is too long: at most {MAX_IMAGE_NAME} "
             "characters (its backups are kept as the volume image-NAME)"
         )
+    return name
+
+
+def name_free(root: Path, name: str) -> None:
+    """Refuse (exit 1) a name a new image may not take: one a registered image holds (or a
+    damaged record), or one whose backups an older volume ``image-NAME`` would share."""
+    if (volumes.volumes_dir(root) / (IMAGE_BACKUPS + name)).exists():  # (an older volume)
+        raise AlreadyExists(
+            f"volume {IMAGE_BACKUPS + name} exists: backing image {name} would share its "
+            "backups; choose another name"
+        )
+    if (images_dir(root) / f"{name}.json").exists():
+        raise AlreadyExists(f"backing image {name} already exists")
+
+
+def create(
+    root: Path,
+    name: str,
+    source: Path,
+    progress: Callable[[str, int, int], None] | None = None,
+    take: bool = False,
+) -> dict[str, Any]:
+    """Register ``source`` as backing image ``name``, copied in (or linked to a registered
+    image of the same content) and hashed; ``progress(what, done, total)`` is told how far
+    each step (``copying``, ``hashing``) went. ``take``: ``source`` is a file of lhfs's own
+    under the root, on the disk already (a restore's scratch file), moved in rather than
+    copied where it is on the same file system: an image restored was written twice."""
+    check_image_name(name)
+    name_free(root, name)
     if source.exists() and not source.is_file():
         raise InvalidArgument(f"image file {source} is not a regular file")
     if not source.is_file():
@@ -109,8 +131,9 @@ def create(
         try:
             hashing = partial(progress, "hashing") if progress else None
             image_id = _link_same(root, source, tmp, hashing)
-            if image_id is None:  # (content no other name holds: copied in)
+            if image_id is None and not (take and _moved(source, tmp)):  # (copied in)
                 copy_sparse(source, tmp, partial(progress, "copying") if progress else None)
+            if image_id is None:  # (content no other name holds)
                 fd = os.open(tmp, os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
@@ -122,6 +145,17 @@ def create(
         info = {"name": name, "id": image_id, "size": id_size(image_id), "file": f"{name}.img"}
         atomic_write_json(base / f"{name}.json", {**info, **_file_stat(base / f"{name}.img")})
     return info
+
+
+def _moved(source: Path, tmp: Path) -> bool:
+    """Move ``source`` to ``tmp``; False (nothing done) when they are on two file systems."""
+    try:
+        os.rename(source, tmp)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return False
+    return True
 
 
 def _link_same(
@@ -223,14 +257,16 @@ def list_images(root: Path) -> list[dict[str, Any]]:
 
 
 def of_content(
-    root: Path, image_id: str, named: str | None = None
+    root: Path, image_id: str, named: str | None = None, lacking: str | None = None
 ) -> tuple[dict[str, Any] | None, str | None]:
     """The registered image a volume restored from a backup is made on, when its source
     stood on the image of content ``image_id``: matched by content, never by name (the one
     ``named``, its source's image's name, when that holds the content, else the first by
     name), and never one whose file changed since it was registered (what it holds is not
     what its id says). None, and why in words, when the root has none: the volume is then
-    restored whole."""
+    restored whole (``lacking``: the words when the root holds no image of that content at
+    all, a caller that knows more than this root saying where else it looked). The one rule
+    of every restore: ``backup restore``, a DR standby, each volume of a system restore."""
     same = [i for i in list_images(root) if i.get("id") == image_id]
     usable = [i for i in same if i["changed"] is not True]
     if usable:
@@ -241,7 +277,7 @@ def of_content(
             f"its backing image {called} is under {root} as {same[0]['name']}, whose file "
             "was modified since it was registered"
         )
-    return None, f"its backing image {called} is not under {root}"
+    return None, lacking or f"its backing image {called} is not under {root}"
 
 
 def resolve(root: Path, name_or_file: str) -> tuple[Path, str | None]:
