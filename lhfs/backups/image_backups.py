@@ -98,7 +98,8 @@ def restore_into(
             raise CorruptState(
                 f"backing image {name}: the restored content is not the backed up one"
             )
-        info = images.create(root, name, scratch, steps, take=True)
+        known = manifest.get("snapshot") or None  # (checked above: not read again)
+        info = images.create(root, name, scratch, steps, take=True, known=known)
         if image_id is not None and info["id"] != image_id:
             images.remove(root, name)
             raise CorruptState(

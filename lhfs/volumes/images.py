@@ -108,12 +108,16 @@ def create(
     source: Path,
     progress: Callable[[str, int, int], None] | None = None,
     take: bool = False,
+    known: str | None = None,
 ) -> dict[str, Any]:
     """Register ``source`` as backing image ``name``, copied in (or linked to a registered
     image of the same content) and hashed; ``progress(what, done, total)`` is told how far
     each step (``copying``, ``hashing``) went. ``take``: ``source`` is a file of lhfs's own
     under the root, on the disk already (a restore's scratch file), moved in rather than
-    copied where it is on the same file system: an image restored was written twice."""
+    copied where it is on the same file system: an image restored was written twice;
+    ``known``, its content id as already checked by reading it whole (not read again: an
+    image restored was read three times, to check it, to look for its content among those
+    registered, and to register it)."""
     check_image_name(name)
     name_free(root, name)
     if source.exists() and not source.is_file():
@@ -130,14 +134,14 @@ def create(
         tmp = base / f".{name}.img.{os.getpid()}.tmp"
         try:
             hashing = partial(progress, "hashing") if progress else None
-            image_id = _link_same(root, source, tmp, hashing)
+            image_id = _link_same(root, source, tmp, hashing, known if take else None)
             if image_id is None and not (take and _moved(source, tmp)):  # (copied in)
                 copy_sparse(source, tmp, partial(progress, "copying") if progress else None)
             if image_id is None:  # (content no other name holds)
                 fd = os.open(tmp, os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
-                image_id = content_id(tmp, hashing)
+                image_id = known if take and known else content_id(tmp, hashing)
             os.rename(tmp, base / f"{name}.img")
         finally:
             tmp.unlink(missing_ok=True)
@@ -159,14 +163,18 @@ def _moved(source: Path, tmp: Path) -> bool:
 
 
 def _link_same(
-    root: Path, source: Path, tmp: Path, progress: Callable[[int, int], None] | None = None
+    root: Path,
+    source: Path,
+    tmp: Path,
+    progress: Callable[[int, int], None] | None = None,
+    known: str | None = None,
 ) -> str | None:
     """Make ``tmp`` a link to the file of a registered image holding the content of
     ``source``, and return that content's id; None when no image holds it (nothing made).
     One content registered under several names is kept once: each name is a link to one
     file, which stays as long as a name links it (``remove`` of one keeps it for the
-    others). Only an image of the same size costs a read of ``source``; one whose file was
-    modified since it was registered is not linked to."""
+    others). Only an image of the same size costs a read of ``source`` (none when its id is
+    ``known``); one whose file was modified since it was registered is not linked to."""
     size = source.stat().st_size
     same = []
     for record in sorted(images_dir(root).glob("*.json")):
@@ -176,7 +184,7 @@ def _link_same(
                 same.append(info)
     if not same:
         return None
-    wanted = content_id(source, progress)
+    wanted = known or content_id(source, progress)
     for info in same:
         if info["id"] != wanted:
             continue
