@@ -18,6 +18,8 @@ from lhfs.engine.engine import Engine
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, raw_session, write_direct
 from lhfs.wire import protocol as p
+from lhfs.wire.client import parse_address
+from tools.faultproxy import FaultProxy
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -93,6 +95,51 @@ def test_an_engine_whose_session_was_superseded_cannot_change_a_replica(
     assert replica.stop() == 0
     with ChunkStore.open(tmp_path / "r") as store:
         assert store.read(0, BLOCK) == b"n" * BLOCK
+
+
+def test_an_engine_cut_off_and_back_never_takes_the_replicas_from_the_one_attached_since(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Engine A reaches its replica through a link that is cut; while A tries to reach it
+    again and again, engine B attaches the volume and writes. The link back, A's next attempt
+    is refused as another engine's: A stays faulted and B's acknowledged write stays (A's
+    attempts raised its epoch above B's, and its reconnection took the replica back from B,
+    its writes landing over B's)."""
+    size = 4 * MIB
+    ChunkStore.create(tmp_path / "r", size, BLOCK).close()
+    replica = replica_factory(tmp_path / "r")
+    link = FaultProxy(parse_address(replica.address))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            old = Engine(size, BLOCK, nursery, replica.key, io_timeout=2)
+            through = f"127.0.0.1:{link.port}"
+            await old.attach([("r0", through, False)])
+            await old.write(0, b"o" * BLOCK)
+            link.cut()
+            with pytest.raises(LhfsError):
+                await old.write(0, b"X" * BLOCK)
+            for _ in range(8):  # (a long cut: attempt after attempt)
+                with pytest.raises(LhfsError):
+                    await old.connect(through)
+            new = Engine(size, BLOCK, nursery, replica.key, io_timeout=2)
+            await new.attach([("r0", replica.address, False)])
+            await new.write(0, b"n" * BLOCK)
+            link.resume()
+            with pytest.raises(Fenced, match="taken over by another engine"):
+                await old.connect(through)
+            await new.write(BLOCK, b"m" * BLOCK)  # (still its replica)
+            assert await new.read(0, 2 * BLOCK) == b"n" * BLOCK + b"m" * BLOCK
+            await new.close()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        link.close()
+    assert replica.stop() == 0
+    with ChunkStore.open(tmp_path / "r") as store:
+        assert store.read(0, 2 * BLOCK) == b"n" * BLOCK + b"m" * BLOCK
 
 
 def test_a_replicas_epoch_survives_a_kill(tmp_path: Path, replica_factory) -> None:

@@ -220,6 +220,7 @@ class Engine:
         self.on_failed: Callable[[ReplicaLink, bool], None] = lambda link, at_once: None
         self.last_rw: str | None = None  # the replica whose failure faulted the volume
         self.superseded: str | None = None  # why another engine holds the replicas now
+        self.granted: dict[str, int] = {}  # address -> the epoch its replica last granted
         self.closing = False  # (connections closed on purpose are not failures; stalls are)
 
     @property
@@ -235,27 +236,36 @@ class Engine:
 
     async def connect(self, address: str, takeover: bool = False) -> ReplicaClient:
         """A new session with a replica for this engine's I/O: by its local socket if it is one
-        this host started (``local_names``), else by TCP. Each session gets a new epoch, so it
-        fences any older session of this volume at that replica (a connection marked failed,
-        with writes still on their way). ``takeover`` (attach) also fences another engine's
-        newer session; otherwise a replica taken over by another engine is refused. The handshake
+        this host started (``local_names``), else by TCP. It fences any older session of this
+        volume at that replica (a connection marked failed, with writes still on their way):
+        the replica resets every engine session it held before, this engine's own too.
+        ``takeover`` (attach) asks for a new epoch, above the replica's, fencing whatever engine
+        held it. Otherwise (a replica brought back, or added) the session asks for the epoch
+        this engine last held at that address (else its own, as it stands), never a newer one:
+        a replica that another engine took over since refuses it (``Fenced``), however long this
+        one was away. Why: an engine cut off from its replicas, raising its epoch at each attempt
+        to reach them, came back above the engine attached meanwhile and took the replicas
+        back from it, writing over what it had acknowledged. The handshake
         has the I/O timeout (10 s at most): a replica that leaves it unanswered that long is as
         stuck as one that leaves I/O unanswered, and a hung local one is killed sooner."""
         local = self.local_names.get(address)
         earlier = [r.client for r in self.replicas if r.address == address and r.client]
-        if self.epoch + 1 >= p.MAX_EPOCH:  # (never asked for, nor kept: replicas refuse it)
-            raise CorruptState(
-                f"session epoch {self.epoch + 1} is out of range (epochs stay below {p.MAX_EPOCH})"
-            )
-        self.epoch += 1
-        self.on_epoch(self.epoch)
+        asked = self.granted.get(address, self.epoch)
+        if takeover:
+            if self.epoch + 1 >= p.MAX_EPOCH:  # (never asked for, nor kept: replicas refuse it)
+                raise CorruptState(
+                    f"session epoch {self.epoch + 1} is out of range (epochs stay below "
+                    f"{p.MAX_EPOCH})"
+                )
+            self.epoch = asked = self.epoch + 1
+            self.on_epoch(self.epoch)
         client = await ReplicaClient.connect(
             address,
             self.nursery,
             self.key,
             min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
             local,
-            epoch=self.epoch,
+            epoch=asked,
             takeover=takeover,
             tls_ca=self.tls_cas.get(address),
             owner=self.owner,
@@ -269,6 +279,7 @@ class Engine:
                 self.on_epoch(self.epoch)
             except LhfsError as exc:  # (the session is held already: kept at attach's end)
                 log.warning("session epoch %d not kept yet: %s", self.epoch, exc)
+        self.granted[address] = client.epoch
         if self.pool is not None:  # the new session fenced the old ones: nothing they were
             for old in earlier:  # sent is carried out any more, so their slots are free
                 self.pool.forget(old)

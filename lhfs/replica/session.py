@@ -312,8 +312,8 @@ class Sessions:
                     raise ProtocolError(
                         f"cannot record the session epoch {epoch}: {exc.strerror or exc}"
                     ) from None
-                self._fence_older()
                 log.info("engine session of epoch %d (%s) accepted", epoch, owner.hex()[:12])
+            self._fence_older(again=owner != p.NO_OWNER)
         await stream.send_all(p.WELCOME.pack(p.HS_OK))
         if role == p.ENGINE:
             session = Session(role, epoch, owner, stream)
@@ -324,11 +324,16 @@ class Sessions:
             session.seals = pair(down, up)
         return session
 
-    def _fence_older(self) -> None:
-        """Reset every engine session older than the replica's epoch now: nothing still
-        queued on its connection is read (a reset, not a close that lets buffered data in)."""
+    def _fence_older(self, again: bool = False) -> None:
+        """Reset every engine session older than the replica's epoch now, as a new one is
+        accepted, and with ``again`` (an engine's session in the epoch it holds already: it
+        connects again, and its old connection, marked failed, may still carry writes it sent
+        before) every one of the same epoch too. Nothing still queued on them is read (a
+        reset, not a close that lets buffered data in). (Sessions without an engine identity,
+        tools', are not engines connecting again: they share epoch 0 side by side.)"""
         for session in list(self.live):
-            if session.role == p.ENGINE and not self.current(session.epoch, session.owner):
+            older = not self.current(session.epoch, session.owner)
+            if session.role == p.ENGINE and not session.fenced and (older or again):
                 log.warning(
                     "engine session of epoch %d fenced: a session of epoch %d took over; "
                     "whatever it still sends is refused",
@@ -341,7 +346,9 @@ class Sessions:
 
     def check(self, session: Session) -> None:
         """Refuse a request of an engine session that a newer one fenced."""
-        if session.role == p.ENGINE and not self.current(session.epoch, session.owner):
+        if session.role == p.ENGINE and (
+            session.fenced or not self.current(session.epoch, session.owner)
+        ):
             session.fenced = True
             raise Fenced(
                 f"this session (epoch {session.epoch}) was replaced by a newer one "

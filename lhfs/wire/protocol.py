@@ -58,7 +58,7 @@ from lhfs.wire import auth
 from lhfs.wire.seal import GROUP, TAG, Seal, pair
 
 MAGIC = b"LHFS"
-VERSION = 4  # 4: frames on TCP without TLS are sealed
+VERSION = 5  # 4: frames on TCP without TLS are sealed; 5: an engine reconnects in its epoch
 PREAMBLE = struct.Struct("<4sH")  # magic, version: the start of HELLO, checked first
 HELLO = struct.Struct("<4sH16s32s")  # magic, version, volume id, client nonce
 CHALLENGE = struct.Struct("<4sHB16s32s32sQ")  # magic, version, status, volume id, nonce, proof,
