@@ -78,3 +78,44 @@ def test_a_rebuild_whose_source_is_cut_before_the_copy_goes_on_from_another(
     wait_for(lambda: cli.live("v")["state"] == "healthy", 60, "r2 to be brought back too")
     assert cli.checksum("v") == expected
     cli.run("volume", "detach", "v")
+
+
+def test_a_backup_whose_replica_is_cut_reads_on_from_another(
+    cli: Cli, tmp_path: Path, behind_proxy, s3_endpoint: str
+) -> None:
+    """A backup of an attached volume reads its snapshot from r2, whose link stops delivering
+    once the backup has its reading connection; r3 holds the same snapshot. The backup leaves
+    r2 within the volume's I/O timeout, says so, and reads on from r3; the backup restores to
+    the volume's content. (It waited for TCP to give up on the link, about a minute, and then
+    failed although r3 could have served it.)"""
+    cli.run("volume", "create", "b", "--size", "8M", "--replicas", "1", "--io-timeout", "2")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "b", "--device", str(device))
+    first, first_address = behind_proxy("b")
+    _, second_address = behind_proxy("b")
+    assert cli.run("replica", "add", "b", "--address", first_address).stdout.split()[2] == "r2"
+    assert cli.run("replica", "add", "b", "--address", second_address).stdout.split()[2] == "r3"
+    cli.run("replica", "rm", "b", "r1")  # (a local replica would be read first)
+    write_direct(device, 0, os.urandom(8 * MIB))
+    expected = cli.checksum("b")
+    target = "s3://failover/b"
+    cli.run("backup", "init", "--target", target, "--create-bucket")
+
+    first.rate = 1 << 20  # (the snapshot's 8 MiB would take seconds to read from r2)
+    opened = first.connections
+    backup = cli.start("backup", "create", "b", "--target", target, "--quiet", "--block-size", "1M")
+    try:
+        # its look at each replica's snapshot, then the connection it reads through
+        wait_for(lambda: first.connections >= opened + 2, 30, "the backup to read from r2")
+        first.hold()
+        out, err = backup.communicate(timeout=30)
+    finally:
+        backup.kill()
+        backup.wait(30)
+    assert backup.returncode == 0, (out, err)
+    said = next(line for line in err.splitlines() if "replica r2 was lost" in line)
+    assert said.endswith("reading on from r3"), err
+    url = out.split()[-1]
+    cli.run("backup", "restore", url, "copy", "--replicas", "1", "--quiet")
+    assert cli.checksum("copy") == expected
+    cli.run("volume", "detach", "b")
