@@ -298,13 +298,12 @@ def test_a_rebuild_failed_by_its_source_never_gives_back_the_target() -> None:
     from lhfs.core.errors import StorageError
     from lhfs.engine.daemon import _cannot_retry
     from lhfs.engine.engine import ReplicaLink
-    from lhfs.engine.rebuild import SourceError, _from_source
+    from lhfs.engine.rebuild import _source_error
 
     assert _cannot_retry(StorageError("no space left on the target"))
-    with pytest.raises(SourceError) as raised, _from_source(ReplicaLink("r1", "127.0.0.1:1")):
-        raise StorageError("Input/output error")
-    assert str(raised.value) == "rebuild source r1: Input/output error"
-    assert not _cannot_retry(raised.value)
+    error = _source_error(ReplicaLink("r1", "127.0.0.1:1"), StorageError("Input/output error"))
+    assert str(error) == "rebuild source r1: Input/output error"
+    assert not _cannot_retry(error)
 
 
 def test_a_replica_being_prepared_is_shown_being_rebuilt() -> None:

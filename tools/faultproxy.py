@@ -22,7 +22,8 @@ reached the upstream or found its connection closed. Later connections are relay
 
 ``tamper(old, new)`` rewrites ``old`` as ``new`` in what the clients of the connections open at
 that moment send (a host on the path changing data in flight), or with ``answers`` in what the
-upstream sends them; ``tampered`` counts the rewrites.
+upstream sends them; ``tampered`` counts the rewrites. ``connections`` counts the connections
+accepted (a test waits on it for a client to have opened its own).
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ class FaultProxy:
         self._open: set[socket.socket] = set()  # clients of relayed connections (for ``cut``)
         self._cut = False
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def connections(self) -> int:
+        """How many connections were accepted so far."""
+        return self._count
 
     @property
     def endpoint(self) -> str:

@@ -1,8 +1,9 @@
 """Volumes and the backup store: back a snapshot up, list, delete, restore into a new volume.
 
 A backup always reads a snapshot, never the live head: the volume may go on changing. An
-attached volume is snapshotted through its engine and read from one healthy replica process;
-a detached one is snapshotted and read on its local replica directories.
+attached volume is snapshotted through its engine and read from one healthy replica process
+(another one holding the snapshot if that one is lost meanwhile); a detached one is snapshotted
+and read on its local replica directories.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ _WRITERS = 4  # restore writes in flight through the engine
 _WRITEBACK_EVERY = 64 << 20  # a restore pushes its data to disk in the background this often
 _KEPT = 64 << 20  # bytes a restore on a backing image keeps of the image read (not read again)
 _SUM = 16  # bytes of a chunk's digest (xxh3-128)
+# Seconds a replica a backup reads from may take to answer ``changed_blocks``, which walks the
+# chain's chunk maps (on a large volume longer than an I/O timeout); reads answer within that.
+CHANGES_TIMEOUT = 60.0
 DROP_WAIT = 10.0  # seconds a failed backup waits for the volume to remove its snapshot
 
 
@@ -163,13 +167,18 @@ def open_store(
     return BackupStore(bucket, password=store_password(), notice=notice)
 
 
-def _reader(replica: dict[str, Any], key: Any, cas: dict[str, str | None]) -> SyncReplica:
+def _reader(
+    replica: dict[str, Any], key: Any, cas: dict[str, str | None], timeout: float
+) -> SyncReplica:
     """A reading connection to an attached volume's replica: by its local socket when this
-    host runs it, else by its address (over TLS with its CA, if it has one)."""
+    host runs it, else by its address (over TLS with its CA, if it has one). It gives up on
+    a replica silent for ``timeout`` seconds (the volume's I/O timeout: the engine's own
+    deadline for it), rather than wait for TCP to find a cut link dead."""
     from lhfs.wire.client import SyncReplica
 
     local = replica.get("local_socket")
-    return SyncReplica(replica["address"], key, tls_ca=cas.get(replica["id"]), local=local)
+    address, ca = replica["address"], cas.get(replica["id"])
+    return SyncReplica(address, key, timeout=timeout, tls_ca=ca, local=local)
 
 
 class _Source:
@@ -177,6 +186,10 @@ class _Source:
     the freshest local directory of a detached one. Before anything is read it learns, from
     every healthy replica that answers, the snapshot's layer id there and the replica's
     rebuild count: what the next backup needs to take its changed blocks from the chain.
+    An attached volume's replica lost while it is read (its host cut: silent for the volume's
+    I/O timeout, or its connection broken) is left for the next one the engine still has RW
+    and that holds the snapshot: the snapshot was taken on every replica with I/O drained, so
+    each holds the same bytes, and the backup goes on where it was.
     A detached volume is held against an attach (``attachment.exclusive``, by
     ``manage._detached``) until the source is closed: an attach meanwhile found its replica
     directories taken, failed them and rebuilt them for nothing (or, with one replica,
@@ -184,9 +197,14 @@ class _Source:
     its waits), and the volume's configuration is read again under the lock (a ``replica
     rm`` just before left it opening a directory that was gone)."""
 
-    def __init__(self, vol: volumes.Volume, snapshot: str) -> None:
+    def __init__(
+        self, vol: volumes.Volume, snapshot: str, notice: Callable[[str], None] | None = None
+    ) -> None:
         self.snapshot = snapshot
+        self.vol = vol
+        self.notice = notice
         self.remote: SyncReplica | None = None
+        self.readers: list[dict[str, Any]] = []  # (attached: the replicas to read, in order)
         self.local: ChunkStore | None = None
         self.bases: dict[str, dict[str, Any]] = {}
         self.engine: dict[str, Any] | None = None  # (the runtime record of the one read through)
@@ -210,23 +228,25 @@ class _Source:
             healthy = [r for r in info["replicas"] if r["mode"] == "RW"]
             if not healthy:
                 raise NotFound(f"volume {vol.name} has no healthy replica to read from")
-            key = vol.key()
-            cas = {r["id"]: r.get("tls_ca") for r in vol.replicas}
+            self.key, self.timeout = vol.key(), vol.setting("io_timeout")
+            self.cas = {r["id"]: r.get("tls_ca") for r in vol.replicas}
             remote = {r["id"] for r in vol.replicas if not r.get("local")}
             # local replicas first: a snapshot is read without crossing a network if it can be
             healthy.sort(key=lambda replica: replica["id"] in remote)
             for replica in healthy:
                 with contextlib.suppress(LhfsError):
-                    other = _reader(replica, key, cas)
+                    other = _reader(replica, self.key, self.cas, self.timeout)
                     try:
                         self.bases[replica["id"]] = _base_of(
                             other.call("list_layers"), other.call("info"), snapshot
                         )
                     finally:
                         other.close()
-            self.replica_id = healthy[0]["id"]
-            first = healthy[0]
-            self.remote = _reader(first, key, cas)
+            self.readers = [r for r in healthy if r["id"] in self.bases]
+            if not self.readers:
+                raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")
+            self.replica_id = self.readers[0]["id"]
+            self.remote = _reader(self.readers[0], self.key, self.cas, self.timeout)
         else:  # each healthy replica opened once; the freshest is read
             opened: list[tuple[Path, ChunkStore]] = []
             try:
@@ -250,6 +270,11 @@ class _Source:
 
     def changed_blocks(self, record: dict[str, Any] | None, block: int) -> list[int] | None:
         """Blocks changed since the recorded base, or None when the chain cannot tell."""
+        if self.remote is not None:  # (asked of the replica read from: another one's base)
+            return self._remotely(lambda remote: self._changed(record, block), CHANGES_TIMEOUT)
+        return self._changed(record, block)
+
+    def _changed(self, record: dict[str, Any] | None, block: int) -> list[int] | None:
         base = (record or {}).get("layers", {}).get(self.replica_id)
         here = self.bases[self.replica_id]
         if not isinstance(base, dict) or base.get("rebuilds") != here["rebuilds"]:
@@ -266,11 +291,56 @@ class _Source:
         length = min(block, self.size - index * block)
         data: bytes | bytearray
         if self.remote is not None:
-            data = self.remote.read_snapshot(self.snapshot, index * block, length)
+            data = self._remotely(
+                lambda remote: remote.read_snapshot(self.snapshot, index * block, length),
+                self.timeout,
+            )
         else:
             assert self.local is not None
             data = self.local.read_snapshot(self.snapshot, index * block, length)
         return data if length == block else bytes(data) + bytes(block - length)
+
+    def _remotely(self, ask: Callable[[SyncReplica], Any], timeout: float) -> Any:
+        """``ask`` the replica read from, within ``timeout`` seconds of silence; a replica
+        lost meanwhile is left for the next one (``_switch``) and that one is asked."""
+        while True:
+            assert self.remote is not None
+            self.remote.settimeout(timeout)
+            try:
+                return ask(self.remote)
+            except ConnectionLost as exc:
+                self._switch(exc)
+
+    def _switch(self, error: ConnectionLost) -> None:
+        """Read on from the next replica that holds the snapshot and that the engine still
+        has RW (one it failed is most likely out of reach too); ``error`` (the lost one's,
+        said) if none is left, or the engine is gone (``create`` says so)."""
+        lost = self.replica_id
+        assert self.remote is not None
+        self.remote.close()
+        self.remote = None
+        self.readers = [r for r in self.readers if r["id"] != lost]
+        try:
+            replicas = control.call(self.vol.control_socket, "info")["replicas"]
+        except LhfsError:  # (detached meanwhile: its replicas end with it)
+            raise error from None
+        modes = {r["id"]: r["mode"] for r in replicas}
+        why = str(error)
+        for replica in [r for r in self.readers if modes.get(r["id"]) == "RW"]:
+            try:
+                self.remote = _reader(replica, self.key, self.cas, self.timeout)
+            except LhfsError as exc:  # (that one is gone too: the next)
+                why = str(exc)
+                continue
+            self.replica_id = replica["id"]
+            if self.notice is not None:
+                self.notice(f"replica {lost} was lost ({error}): reading on from {self.replica_id}")
+            return
+        also = f" ({why})" if why != str(error) else ""
+        raise ConnectionLost(
+            f"replica {lost} was lost ({error}), and no other healthy replica holding snapshot "
+            f"{self.snapshot} answers{also}"
+        )
 
     def close(self) -> None:
         if self.remote is not None:
@@ -363,7 +433,7 @@ def create(
             backup_name = _backup_name(snapshot)
             with (
                 store.running(name, backup_name),  # (its waits first; the volume opened after)
-                contextlib.closing(_Source(vol, snapshot)) as source,
+                contextlib.closing(_Source(vol, snapshot, notice)) as source,
             ):
                 engine = source.engine
                 if not made:  # its layer's time (a replica's clock, to the second), if earlier

@@ -15,20 +15,21 @@ The steps, each visible in the replica's ``rebuild_progress`` and the engine's l
 4. *verify*: every layer's checksums and the backing image id must now be equal;
 5. *finish*: the target merges the writes it received during the sync, and becomes RW.
 
-A source that fails is replaced by another healthy replica and the sync goes on (what was
-copied stays copied); a target that fails is marked ERR. Nothing here raises into the engine.
+A source that fails, in whichever step, is marked ERR and replaced by another healthy replica
+and the rebuild goes on (what was copied stays copied); a target that fails is marked ERR.
+Nothing here raises into the engine.
 Every request has a deadline (``_watch``): the target and the source must show life within
 the volume's I/O timeout, however long a request takes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -38,6 +39,8 @@ from lhfs.store.layer import ABSENT
 from lhfs.wire.client import ReplicaClient, SumsUnavailable, merged_layer_sums
 
 log = logging.getLogger("lhfs.rebuild")
+
+T = TypeVar("T")
 
 IN_FLIGHT = 8
 # Once the target could not pull from the source, the engine relays the data; a pull is tried
@@ -73,17 +76,51 @@ class SourceError(LhfsError):
     from another source, may well succeed)."""
 
 
-@contextlib.contextmanager
-def _from_source(source: ReplicaLink | None) -> Iterator[None]:
-    """Errors of the calls in the block are the source's (``SourceError``); with no source,
-    the serving replicas'."""
+def _lost(source: ReplicaLink, error: BaseException | None) -> bool:
+    """Whether a source's failure (``error``) says it is gone (its connection lost or silent,
+    or the engine marked it failed meanwhile, perhaps for this very loss) rather than that it
+    answered with an error: a lost source is replaced, an error is the rebuild's end."""
+    client = source.client
+    return isinstance(error, ConnectionLost) or source.mode != RW or client is None or client.broken
+
+
+def _drop_source(engine: Engine, source: ReplicaLink, error: BaseException | None) -> None:
+    """Give up ``source`` for another one if it is lost (it is marked ERR, as the I/O path
+    would at its next write); ``SourceError`` if it answered with an error."""
+    if not _lost(source, error):
+        raise _source_error(source, error) from None
+    engine.fail(source, str(error))
+
+
+def _source_error(source: ReplicaLink, error: BaseException | None) -> SourceError:
+    """What a rebuild fails with when its source answered ``error``: the source's error, of
+    whatever kind (an added target is not given back for it)."""
+    return SourceError(f"rebuild source {source.id}: {error}")
+
+
+async def _ask_source(
+    engine: Engine, target: ReplicaLink, ask: Callable[[ReplicaLink], Awaitable[T]]
+) -> T:
+    """``ask(source)`` of a healthy replica; one lost meanwhile is replaced by the next healthy
+    one, asked again. Without this a source cut while the rebuild prepared or took its barrier
+    ended the rebuild, although another replica could serve it, and the target waited for
+    the next attempt (seconds, growing) while the volume had one replica fewer."""
+    while True:
+        source = _source(engine, target)
+        try:
+            return await ask(source)
+        except LhfsError as exc:
+            _drop_source(engine, source, exc)
+
+
+def _source(engine: Engine, target: ReplicaLink) -> ReplicaLink:
+    """``_pick_source``, whose failure (none left) is not the target's (``SourceError``)."""
     try:
-        yield
+        return _pick_source(engine, target)
     except SourceError:
         raise
     except LhfsError as exc:
-        who = f"rebuild source {source.id}" if source else "the replicas serving the volume"
-        raise SourceError(f"{who}: {exc}") from exc
+        raise SourceError(str(exc)) from None
 
 
 async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
@@ -150,9 +187,9 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
     stats.phases["prepare"] = round(trio.current_time() - started, 3)
     names = await _barrier(engine, target)
     stats.layers = names
-    log.info("rebuilding replica %s from %s", target.id, _pick_source(engine, target).id)
+    log.info("rebuilding replica %s from %s", target.id, _source(engine, target).id)
     while True:
-        source = _pick_source(engine, target)
+        source = _source(engine, target)
         try:
             await _sync(engine, source, target, names, stats)
             mark = trio.current_time()
@@ -160,10 +197,8 @@ async def _rebuild(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
             stats.phases["verify"] = round(trio.current_time() - mark, 3)
             break
         except _SourceFailed as exc:
-            if source.client is not None and not source.client.broken and source.mode == RW:
-                # the source answered with an error rather than vanishing: not a lost source
-                raise SourceError(f"rebuild source {source.id}: {exc.__cause__}") from None
-            engine.fail(source, str(exc.__cause__ or exc))
+            _drop_source(engine, source, exc.__cause__ or exc)
+            log.info("rebuilding replica %s from %s", target.id, _source(engine, target).id)
     async with engine.structural:
         await target.client.call("rebuild_finish")
         target.mode, target.error = RW, None
@@ -298,9 +333,7 @@ async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
     if target.rotten_backing:  # (its file would be trusted by its id: let go of it first)
         await client.call("verify_backing", repair=True)
         target.rotten_backing = False
-    source = _pick_source(engine, target)
-    with _from_source(source):
-        want = (await source.client.info())["backing_image"]
+    want = (await _ask_source(engine, target, _info))["backing_image"]
     have = (await client.info())["backing_image"]
     if want and (not have or have["id"] != want["id"]):
         image_id = want["id"]
@@ -309,8 +342,9 @@ async def _prepare(engine: Engine, target: ReplicaLink, stats: RebuildStats) -> 
         per_run = _run_length(engine.chunk_size)
         for first in range(0, chunks, per_run):
             count = min(per_run, chunks - first)
-            with _from_source(source):
-                _states, data = await source.client.read_layer_run("backing", first, count)
+            _states, data = await _ask_source(
+                engine, target, functools.partial(_backing_run, first=first, count=count)
+            )
             await client.backing_upload(image_id, first, data)
             stats.backing_bytes += len(data)
         await client.call("backing_commit", id=image_id)
@@ -322,12 +356,13 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
     async with engine.structural:
         await engine.quiesce()
         try:
-            with _from_source(None):  # (the serving replicas: the target takes no part)
+            try:  # (the serving replicas, each marked ERR if it fails: the target takes no part)
                 await engine.fanout_call("snapshot", name=name)
-            source = _pick_source(engine, target)
-            with _from_source(source):
-                layers = await source.client.call("list_layers")
-                revision = (await source.client.info())["revision"]
+            except LhfsError as exc:
+                raise SourceError(f"the replicas serving the volume: {exc}") from exc
+            # (any RW replica holds that snapshot now, and I/O waits: a lost source's layers
+            # are asked of the next one)
+            layers, revision = await _ask_source(engine, target, _layers)
             target.synced = -1  # (it takes the source's revision: perhaps below its own)
             snapshots = [layer for layer in layers if layer["active"] and layer["name"]]
             names = [layer["name"] for layer in snapshots]
@@ -351,6 +386,20 @@ async def _barrier(engine: Engine, target: ReplicaLink) -> list[str]:
         finally:
             engine.resume()
     return [*(b[0] for b in branches), *names]
+
+
+async def _backing_run(source: ReplicaLink, first: int, count: int) -> tuple[bytes, memoryview]:
+    return await source.client.read_layer_run("backing", first, count)
+
+
+async def _info(source: ReplicaLink) -> dict[str, Any]:
+    return await source.client.info()
+
+
+async def _layers(source: ReplicaLink) -> tuple[list[dict[str, Any]], int]:
+    """A source's layers and revision, as the barrier left them."""
+    layers = await source.client.call("list_layers")
+    return layers, (await source.client.info())["revision"]
 
 
 def _branches(layers: list[dict[str, Any]]) -> list[list[Any]]:
@@ -384,7 +433,7 @@ async def _sync(
     mark = trio.current_time()
     try:
         layers = await source.client.call("list_layers")
-    except ConnectionLost as exc:
+    except LhfsError as exc:
         raise _SourceFailed("source lost before the copy") from exc
     ids = {layer["name"]: layer["id"] for layer in layers}
     direct = True
@@ -417,7 +466,7 @@ async def _sync(
                 direct, retry_pull_at = False, trio.current_time() + RETRY_PULL_AFTER
         try:
             states, data = await source.client.read_layer_run(name, first, count)
-        except ConnectionLost as exc:
+        except LhfsError as exc:
             raise _SourceFailed("source lost during the copy") from exc
         await target.client.write_layer_run(name, first, states, data)
         stats.bytes_relayed += len(data)
@@ -525,7 +574,10 @@ async def _verify(source: ReplicaLink, target: ReplicaLink, names: list[str], ch
                     break
         if bad:
             raise CorruptState(f"layer {name} differs after the sync at chunks {bad}...")
-    want = (await source.client.info())["backing_image"]
+    try:
+        want = (await source.client.info())["backing_image"]
+    except LhfsError as exc:
+        raise _SourceFailed("source lost while verifying") from exc
     have = (await target.client.info())["backing_image"]
     if (want and want["id"]) != (have and have["id"]):
         raise CorruptState("the backing image differs after the sync")

@@ -149,6 +149,11 @@ class SyncReplica:
             if not frames.recv_from(self._sock):
                 raise ConnectionLost(f"replica {self.address} closed the connection")
 
+    def settimeout(self, timeout: float) -> None:
+        """Seconds the replica may stay silent during a request before it fails
+        (``ConnectionLost``: the connection is then of no further use)."""
+        self._sock.settimeout(timeout)
+
     def read_snapshot(self, layer: str, offset: int, length: int) -> bytes:
         return self.request(p.READ_SNAPSHOT, p.RANGE.pack(offset, length), layer.encode())
 
