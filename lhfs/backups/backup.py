@@ -246,7 +246,10 @@ class _Source:
             if not self.readers:
                 raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")
             self.replica_id = self.readers[0]["id"]
-            self.remote = _reader(self.readers[0], self.key, self.cas, self.timeout)
+            try:
+                self.remote = _reader(self.readers[0], self.key, self.cas, self.timeout)
+            except ConnectionLost as exc:  # (lost since it answered: the next one)
+                self._switch(exc)
         else:  # each healthy replica opened once; the freshest is read
             opened: list[tuple[Path, ChunkStore]] = []
             try:
@@ -316,9 +319,9 @@ class _Source:
         has RW (one it failed is most likely out of reach too); ``error`` (the lost one's,
         said) if none is left, or the engine is gone (``create`` says so)."""
         lost = self.replica_id
-        assert self.remote is not None
-        self.remote.close()
-        self.remote = None
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
         self.readers = [r for r in self.readers if r["id"] != lost]
         try:
             replicas = control.call(self.vol.control_socket, "info")["replicas"]
