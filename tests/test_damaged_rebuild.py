@@ -308,3 +308,42 @@ def test_the_last_replica_back_damaged_is_not_set_aside_and_says_why(
     assert _files(remote) == before
     assert not list(remote.parent.glob("remote.damaged-*"))
     cli.run("volume", "detach", "v", "--force")
+
+
+def _damaged_store(directory: Path, key: VolumeKey) -> str:
+    """A replica directory of ``key``'s volume with its snapshot's layer cut; its identity
+    (made by serving it once)."""
+    with ChunkStore.create(directory, MIB, 4096, volume_id=key.id_hex) as store:
+        store.write(0, b"x" * 8192)
+        store.snapshot("s1")
+    _cut_layer(directory)
+    uid = "ab" * 16
+    (directory / "id").write_text(f"{uid}\n")
+    return uid
+
+
+def test_a_damaged_directory_served_through_a_link_is_set_aside_on_its_own_disk(
+    tmp_path: Path, replica_factory
+) -> None:
+    """``--dir`` is a symbolic link to the damaged directory: the directory is set aside
+    beside itself and made anew there, the link left pointing at it; the link was renamed
+    instead and an empty directory made in its place, on the link's disk."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    uid = _damaged_store(disk / "real", key)
+    before = _files(disk / "real")
+    link = tmp_path / "link"
+    link.symlink_to(disk / "real")
+    served = replica_factory(link, tmp_path / "v.key")
+    with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+        status, answer = _ask(engine, "set_aside", uid=uid)
+        assert status == p.OK, answer
+    aside = Path(answer["aside"])
+    assert aside.parent == disk and aside.name.startswith("real.damaged-"), aside
+    assert not aside.is_symlink() and _files(aside) == before
+    assert link.is_symlink() and link.resolve() == disk / "real"
+    assert sorted(os.listdir(disk / "real")) == ["epoch", "id"]
+    assert (disk / "real" / "id").read_text().strip() == uid
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("link.")) == ["link.log"]

@@ -585,16 +585,19 @@ class ReplicaServer:
             raise WrongState(f"replica {self.dir} is not damaged: nothing is set aside")
         if uid != self.uid:
             raise NotPermitted(f"replica {self.dir} is {self.uid}, not {uid:.40}: not set aside")
+        # (the directory itself, not a link to it: the link moved, the rebuild would fill the
+        # link's disk, the damaged directory left where it was)
+        directory = Path(os.path.realpath(self.dir))
         stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
-        aside = self.dir.with_name(f"{self.dir.name}.damaged-{stamp}")
-        os.rename(self.dir, aside)
-        fsync_dir(self.dir.parent)
+        aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
+        os.rename(directory, aside)
+        fsync_dir(directory.parent)
         damage, self.damaged = self.damaged, None
         log.error("%s: set aside as %s, to be rebuilt", damage, aside)
-        self.dir.mkdir(mode=0o700)
+        directory.mkdir(mode=0o700)
         self.sessions.keep_epoch()
-        atomic_write(self.dir / ID_FILE, f"{self.uid}\n".encode())
-        fsync_dir(self.dir.parent)
+        atomic_write(directory / ID_FILE, f"{self.uid}\n".encode())
+        fsync_dir(directory.parent)
         return {"aside": str(aside)}
 
     async def _task(self, session: Session, task: Callable[[], Awaitable[None]]) -> None:
