@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +348,33 @@ def test_a_damaged_directory_served_through_a_link_is_set_aside_on_its_own_disk(
     assert sorted(os.listdir(disk / "real")) == ["epoch", "id"]
     assert (disk / "real" / "id").read_text().strip() == uid
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("link.")) == ["link.log"]
+
+
+def test_a_damaged_mount_point_is_not_set_aside_and_says_what_to_do(
+    tmp_path: Path, replica_factory
+) -> None:
+    """``--dir`` is where a disk is mounted: it cannot be renamed. The replica says so with
+    its damage and refuses ``set_aside`` in the same words, nothing changed, still serving;
+    the rename failed as a disk error ("Device or resource busy"), which reads as final."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "none", str(disk)], check=True)
+    try:
+        uid = _damaged_store(disk, key)
+        before = _files(disk)
+        served = replica_factory(disk, tmp_path / "v.key")
+        said = f"{disk} is a mount point and cannot be set aside: serve a subdirectory of it"
+        with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+            status, answer = _ask(engine, "hello")
+            assert status == p.OK and said in answer["damaged"], answer
+            assert ".data holds 0 bytes" in answer["damaged"], answer
+            status, answer = _ask(engine, "set_aside", uid=uid)
+            assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
+            assert said in answer["message"], answer
+        assert _files(disk) == before
+        assert served.proc.poll() is None
+        served.stop()
+    finally:  # (lazily: a failure above leaves its replica holding files there)
+        subprocess.run(["umount", "-l", str(disk)], check=True)

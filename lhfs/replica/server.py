@@ -131,6 +131,9 @@ class ReplicaServer:
                 if not keep_damaged or (owner is not None and owner != key.id_hex):
                     raise
                 self.damaged = str(exc).split(": nothing was deleted")[0][:400]
+                pinned = _not_movable(self.dir)
+                if pinned is not None:  # (said up front: its engine and ``replica ls`` show it)
+                    self.damaged = f"{self.damaged}; {pinned}"
                 log.error(
                     "%s: nothing is served from this directory; the engine sets it aside "
                     "(kept beside it) and rebuilds the replica once another replica serves",
@@ -588,6 +591,9 @@ class ReplicaServer:
         # (the directory itself, not a link to it: the link moved, the rebuild would fill the
         # link's disk, the damaged directory left where it was)
         directory = Path(os.path.realpath(self.dir))
+        pinned = _not_movable(directory)
+        if pinned is not None:
+            raise WrongState(pinned)
         stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
         aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
         os.rename(directory, aside)
@@ -792,6 +798,19 @@ def check_directory(directory: Path) -> None:
             f"{directory.parent} is not a directory that exists: a replica directory is made "
             "only in one"
         )
+
+
+def _not_movable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be set aside by a rename, if it cannot: a file system is
+    mounted on it (a disk given to the replica whole, a natural layout). Its content is not
+    moved aside within it instead: the new replica would then share its directory with the
+    damaged one's files, which a chunk store refuses as unknown layer files."""
+    if os.path.ismount(os.path.realpath(directory)):
+        return (
+            f"{directory} is a mount point and cannot be set aside: serve a subdirectory of "
+            "it, or move its content aside by hand"
+        )
+    return None
 
 
 def _read_id(path: Path) -> tuple[str | None, str | None]:
