@@ -222,25 +222,25 @@ def test_only_the_engine_sets_a_damaged_directory_aside(tmp_path: Path, replica_
     with raw_session(damaged.address, key, role=p.READER) as reader:
         status, answer = _ask(reader, "hello")
         assert status == p.OK and ".data holds 0 bytes" in answer["damaged"], answer
-        status, answer = _ask(reader, "set_aside", uid=uid)
+        status, answer = _ask(reader, "set_aside", uid=uid, need=0)
         assert (status, answer["kind"]) == (p.ERROR, "NotPermitted"), answer
     with raw_session(damaged.address, key, epoch=3, owner=b"engine-1") as engine:
         status, answer = _ask(engine, "info")
         assert status == p.ERROR and "is damaged" in answer["message"], answer
-        status, answer = _ask(engine, "set_aside", uid="0" * 32)
+        status, answer = _ask(engine, "set_aside", uid="0" * 32, need=0)
         assert (status, answer["kind"]) == (p.ERROR, "NotPermitted"), answer
-        status, answer = _ask(engine, "set_aside", uid=["not", "text"])
+        status, answer = _ask(engine, "set_aside", uid=["not", "text"], need=0)
         assert (status, answer["kind"]) == (p.ERROR, "InvalidArgument"), answer
     with raw_session(healthy.address, key, epoch=3, owner=b"engine-1") as engine:
         healthy_uid = (tmp_path / "healthy" / "id").read_text().strip()
-        status, answer = _ask(engine, "set_aside", uid=healthy_uid)
+        status, answer = _ask(engine, "set_aside", uid=healthy_uid, need=0)
         assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
     after = {name: _files(tmp_path / name) for name in ("damaged", "healthy")}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["damaged", "healthy"]
 
     with raw_session(damaged.address, key, epoch=4, owner=b"engine-1") as engine:
-        status, answer = _ask(engine, "set_aside", uid=uid)
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)
         assert status == p.OK, answer
         aside = Path(answer["aside"])
         assert aside.parent == tmp_path and aside.name.startswith("damaged.damaged-")
@@ -250,7 +250,7 @@ def test_only_the_engine_sets_a_damaged_directory_aside(tmp_path: Path, replica_
         status, answer = _ask(engine, "hello")
         assert status == p.OK and answer["initialised"] is False and "damaged" not in answer
         assert answer["uid"] == uid
-        status, answer = _ask(engine, "set_aside", uid=uid)  # (once: it is not damaged now)
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)  # (once: it is not damaged now)
         assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
 
 
@@ -339,7 +339,7 @@ def test_a_damaged_directory_served_through_a_link_is_set_aside_on_its_own_disk(
     link.symlink_to(disk / "real")
     served = replica_factory(link, tmp_path / "v.key")
     with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
-        status, answer = _ask(engine, "set_aside", uid=uid)
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)
         assert status == p.OK, answer
     aside = Path(answer["aside"])
     assert aside.parent == disk and aside.name.startswith("real.damaged-"), aside
@@ -370,11 +370,84 @@ def test_a_damaged_mount_point_is_not_set_aside_and_says_what_to_do(
             status, answer = _ask(engine, "hello")
             assert status == p.OK and said in answer["damaged"], answer
             assert ".data holds 0 bytes" in answer["damaged"], answer
-            status, answer = _ask(engine, "set_aside", uid=uid)
+            status, answer = _ask(engine, "set_aside", uid=uid, need=0)
             assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
             assert said in answer["message"], answer
         assert _files(disk) == before
         assert served.proc.poll() is None
         served.stop()
+    finally:  # (lazily: a failure above leaves its replica holding files there)
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_damaged_directory_is_not_set_aside_without_room_for_its_rebuild(
+    tmp_path: Path, replica_factory
+) -> None:
+    """The engine says how much the rebuild writes (``need``, checked); a disk with less free
+    is refused, saying how much is needed and free, nothing changed, and asked again once
+    room is made: it was set aside on any disk, the rebuild filling it and failing."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    uid = _damaged_store(tmp_path / "damaged", key)
+    before = _files(tmp_path / "damaged")
+    served = replica_factory(tmp_path / "damaged", tmp_path / "v.key")
+    with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+        for need in (None, -1, "1", 1 << 62):
+            status, answer = _ask(engine, "set_aside", uid=uid, need=need)
+            assert (status, answer["kind"]) == (p.ERROR, "InvalidArgument"), answer
+        status, answer = _ask(engine, "set_aside", uid=uid, need=1 << 50)
+        assert (status, answer["kind"]) == (p.ERROR, "NoSpace"), answer
+        assert "not set aside: its rebuild needs about 1P beside it" in answer["message"], answer
+        assert "free; make room there" in answer["message"], answer
+        assert _files(tmp_path / "damaged") == before
+        assert not list(tmp_path.glob("damaged.damaged-*"))
+        status, answer = _ask(engine, "set_aside", uid=uid, need=MIB)
+        assert status == p.OK and Path(answer["aside"]).parent == tmp_path, answer
+
+
+@needs_fuse
+def test_a_remote_damaged_replica_waits_for_room_for_its_rebuild(
+    cli: Cli, tmp_path: Path, serve: Any
+) -> None:
+    """r2's disk has less room than its rebuild writes: its damaged directory is kept as it
+    is, ``replica ls`` saying how much is needed and what to do; once room is made there, it
+    is set aside and rebuilt."""
+    device = tmp_path / "v.dev"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5M", "none", str(disk)], check=True)
+    try:
+        cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1", "--rejoin-wait", "1")
+        cli.run("volume", "attach", "v", "--device", str(device))
+        key = tmp_path / "v.key"
+        cli.run("volume", "key", "v", "--out", str(key))
+        remote = disk / "remote"
+        first = serve(remote, key)
+        cli.run("replica", "add", "v", "--address", first.address)
+        data = os.urandom(2 * MIB)
+        write_direct(device, 0, data)
+        cli.run("snapshot", "create", "v", "s1")
+        port = int(first.address.rsplit(":", 1)[1])
+        first.stop()
+        _cut_layer(remote)
+        before = _files(remote)
+        again = serve(remote, key, port)
+
+        def said() -> str:
+            (r2,) = [r for r in cli.json("replica", "ls", "v") if r["id"] == "r2"]
+            return r2.get("error") or ""
+
+        wait_for(lambda: "not set aside: its rebuild needs about" in said(), 60, "no room said")
+        assert "make room there" in said() and "lhfs replica rm v r2" in said(), said()
+        assert _files(remote) == before
+        assert not list(disk.glob("remote.damaged-*"))
+        subprocess.run(["mount", "-o", "remount,size=32M", str(disk)], check=True)
+        wait_for(lambda: cli.live("v")["state"] == "healthy", 60, "r2 set aside and rebuilt")
+        (aside,) = disk.glob("remote.damaged-*")
+        assert _files(aside) == before
+        assert read_direct(device, 0, 2 * MIB) == data
+        _same_everywhere(cli, "v")
+        cli.run("volume", "detach", "v")
+        again.stop()
     finally:  # (lazily: a failure above leaves its replica holding files there)
         subprocess.run(["umount", "-l", str(disk)], check=True)

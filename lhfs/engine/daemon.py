@@ -56,7 +56,14 @@ from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
 from lhfs.engine.hold import IoHold
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
-from lhfs.engine.rebuild import SourceError, Stranger, WrongShape, fit, rebuild
+from lhfs.engine.rebuild import (
+    REBUILD_SPARE,
+    SourceError,
+    Stranger,
+    WrongShape,
+    fit,
+    rebuild,
+)
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
@@ -69,7 +76,6 @@ log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 TERM_WAIT = 10.0  # seconds a replica process told to stop may take before it is killed
 KILL_WAIT = 30.0  # seconds a killed replica process may take to go
-REBUILD_SPARE = 4 << 20  # bytes a damaged replica's disk keeps free beyond its rebuild
 STOP_FLUSH = 60.0  # seconds a refused SIGTERM spends flushing what is mounted on the device
 _KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 

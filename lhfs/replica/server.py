@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -51,6 +52,7 @@ from lhfs.core.errors import (
     DamagedMeta,
     InvalidArgument,
     LhfsError,
+    NoSpace,
     NotFound,
     NotInitialised,
     NotPermitted,
@@ -60,6 +62,7 @@ from lhfs.core.errors import (
     WrongState,
     WrongVolume,
 )
+from lhfs.core.units import format_sizes
 from lhfs.replica import checks, hotpath
 from lhfs.replica.session import Probe, Session, Sessions, kind_of, source_of
 from lhfs.store.chunkstore import ChunkStore, check_geometry
@@ -540,7 +543,8 @@ class ReplicaServer:
             hello = {"initialised": self.store is not None, "dir": str(self.dir), "uid": self.uid}
             return {**hello, "damaged": self.damaged} if self.damaged is not None else hello
         if method == "set_aside":
-            return self._set_aside(checks.text(args, "uid", 64))
+            uid = checks.text(args, "uid", 64)
+            return self._set_aside(uid, checks.integer(args, "need", 0, checks.MAX_VOLUME << 2))
         if method == "init":
             if self.damaged is not None:  # (refused, saying why: set aside first)
                 self._require_store()
@@ -576,14 +580,17 @@ class ReplicaServer:
             return store.rebuild_finish()
         raise InvalidArgument(f"unknown method {method!r}")
 
-    def _set_aside(self, uid: str) -> dict[str, str]:
+    def _set_aside(self, uid: str, need: int) -> dict[str, str]:
         """Set the damaged directory aside beside itself (``<dir>.damaged-<time>``, kept
         whole: never anything deleted) and start an empty one in its place with the same
         identity and epoch, for the engine to initialise and rebuild; where it went. Only the
         current engine may ask (``_permit``), naming this directory's identity: the one it
         recorded for the replica, so that no other directory is set aside on its word. A crash
         between the rename and the new identity leaves what a wiped directory is: served
-        empty under a new identity, and rebuilt whole as one."""
+        empty under a new identity, and rebuilt whole as one. Refused (``NoSpace``, changing
+        nothing) when its disk has less than ``need`` bytes free, what the engine reckons its
+        rebuild writes beside the directory set aside (which keeps its space): else the
+        rebuild filled the disk and failed, the damaged copy still taking its room."""
         if self.damaged is None:
             raise WrongState(f"replica {self.dir} is not damaged: nothing is set aside")
         if uid != self.uid:
@@ -594,6 +601,14 @@ class ReplicaServer:
         pinned = _not_movable(directory)
         if pinned is not None:
             raise WrongState(pinned)
+        free = shutil.disk_usage(directory.parent).free
+        if free < need:
+            shown_need, shown_free = format_sizes(need, free)
+            raise NoSpace(
+                f"{directory} is kept as it is, not set aside: its rebuild needs about "
+                f"{shown_need} beside it on its disk, which has {shown_free} free; make room "
+                "there (it is set aside when its engine asks again)"
+            )
         stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
         aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
         os.rename(directory, aside)
