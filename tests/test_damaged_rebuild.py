@@ -451,3 +451,69 @@ def test_a_remote_damaged_replica_waits_for_room_for_its_rebuild(
         again.stop()
     finally:  # (lazily: a failure above leaves its replica holding files there)
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_set_aside_that_fails_leaves_the_replica_damaged_and_is_done_when_asked_again(
+    tmp_path: Path, replica_factory
+) -> None:
+    """The disk has no inode left for the new directory: the set-aside fails with the disk's
+    error and changes nothing (the replica still damaged, its directory where it was), and
+    is done when asked again once there is room. The damaged directory was moved first and
+    the failure left the replica cleared, its identity kept in memory only."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "nr_inodes=64", "none", str(disk)], check=True)
+    try:
+        uid = _damaged_store(disk / "r", key)
+        served = replica_factory(disk / "r", tmp_path / "v.key")
+        with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+            before = _files(disk / "r")
+            fillers = 0
+            with pytest.raises(OSError):  # (every inode taken)
+                while True:
+                    (disk / f"filler{fillers}").touch()
+                    fillers += 1
+            status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+            assert (status, answer["kind"]) == (p.ERROR, "StorageError"), answer
+            assert "No space left on device" in answer["message"], answer
+            assert _files(disk / "r") == before
+            assert not list(disk.glob("r.damaged-*"))
+            status, answer = _ask(engine, "hello")
+            assert ".data holds 0 bytes" in answer["damaged"], answer
+            for n in range(8):
+                (disk / f"filler{n}").unlink()
+            status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+            assert status == p.OK, answer
+            aside = Path(answer["aside"])
+            assert aside.parent == disk and _files(aside) == before
+            assert sorted(os.listdir(disk / "r")) == ["epoch", "id"]
+            assert (disk / "r" / "id").read_text().strip() == uid
+            assert (disk / "r" / "epoch").read_text().split()[0] == "3"
+            assert not list(disk.glob("r.anew"))
+        served.stop()
+    finally:  # (lazily: a failure above leaves its replica holding files there)
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_set_aside_cut_between_its_renames_is_finished_at_the_next_start(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Killed once the damaged directory moved aside but before the new one took its place:
+    the next start puts the new one there, the replica's identity kept (served empty under
+    a new identity, it was a stranger to its engine)."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    uid = _damaged_store(tmp_path / "r", key)
+    (tmp_path / "r.anew").mkdir()
+    (tmp_path / "r.anew" / "id").write_text(f"{uid}\n")
+    (tmp_path / "r.anew" / "epoch").write_text(f"3 {b'engine-1'.hex()}\n")
+    os.rename(tmp_path / "r", tmp_path / "r.damaged-20261206T000000-000000")
+    served = replica_factory(tmp_path / "r", tmp_path / "v.key")
+    with raw_session(served.address, key, epoch=4, owner=b"engine-1") as engine:
+        status, answer = _ask(engine, "hello")
+        assert status == p.OK and answer["uid"] == uid and "damaged" not in answer, answer
+    assert not (tmp_path / "r.anew").exists()
+    with pytest.raises(LhfsError):  # (its fencing epoch kept: an older engine is refused)
+        raw_session(served.address, key, epoch=2, owner=b"engine-0").close()

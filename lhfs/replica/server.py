@@ -79,6 +79,7 @@ _REVISION_ANSWER = struct.Struct("<IIHQ")
 _REVISION_LENGTH = _REVISION_ANSWER.size - p.LENGTH.size
 _PULL_TIMEOUT = 60
 ID_FILE = "id"  # the replica directory's identity (``directory_id``)
+FRESH = ".anew"  # the suffix of the directory a set-aside puts in place of a damaged one
 _UID = re.compile(r"[0-9a-f]{32}")
 _PEER_RETRY_AFTER = 5.0  # a peer that could not be reached is not asked again before this
 _WRITEBACK_EVERY = 64 << 20  # bytes pulled into the replica between background data syncs
@@ -118,11 +119,13 @@ class ReplicaServer:
         keep_damaged: bool = False,
     ) -> None:
         self.dir = Path(directory)
+        finish_set_aside(self.dir)
         check_directory(self.dir)
         self.key = key
         self.tls = tls_context  # TLS on TCP connections (the local socket stays plain)
         self.store: ChunkStore | None = None
         self.damaged: str | None = None  # why the directory does not open, served damaged
+        self._aside: Path | None = None  # where it was moved by a set-aside not finished
         if (self.dir / "volume.json").exists():
             try:
                 self.store = ChunkStore.open(self.dir)
@@ -582,15 +585,21 @@ class ReplicaServer:
 
     def _set_aside(self, uid: str, need: int) -> dict[str, str]:
         """Set the damaged directory aside beside itself (``<dir>.damaged-<time>``, kept
-        whole: never anything deleted) and start an empty one in its place with the same
+        whole: never anything deleted) and put an empty one in its place with the same
         identity and epoch, for the engine to initialise and rebuild; where it went. Only the
         current engine may ask (``_permit``), naming this directory's identity: the one it
-        recorded for the replica, so that no other directory is set aside on its word. A crash
-        between the rename and the new identity leaves what a wiped directory is: served
-        empty under a new identity, and rebuilt whole as one. Refused (``NoSpace``, changing
-        nothing) when its disk has less than ``need`` bytes free, what the engine reckons its
-        rebuild writes beside the directory set aside (which keeps its space): else the
-        rebuild filled the disk and failed, the damaged copy still taking its room."""
+        recorded for the replica, so that no other directory is set aside on its word.
+        Refused (``NoSpace``, changing nothing) when its disk has less than ``need`` bytes
+        free, what the engine reckons its rebuild writes beside the directory set aside
+        (which keeps its space): else the rebuild filled the disk and failed, the damaged
+        copy still taking its room.
+
+        The new directory is made whole first, under another name (``FRESH``: identity and
+        epoch, synced), then the two renames: made after the damaged one moved, a failure
+        (a full disk) left the replica cleared of its damage with an identity in memory
+        only, a stranger to its engine after a restart, its fencing epoch lost. A failure
+        anywhere leaves the replica damaged, asked again; a crash between the renames is
+        finished at the next start (``finish_set_aside``)."""
         if self.damaged is None:
             raise WrongState(f"replica {self.dir} is not damaged: nothing is set aside")
         if uid != self.uid:
@@ -598,27 +607,30 @@ class ReplicaServer:
         # (the directory itself, not a link to it: the link moved, the rebuild would fill the
         # link's disk, the damaged directory left where it was)
         directory = Path(os.path.realpath(self.dir))
-        pinned = _not_movable(directory)
-        if pinned is not None:
-            raise WrongState(pinned)
-        free = shutil.disk_usage(directory.parent).free
-        if free < need:
-            shown_need, shown_free = format_sizes(need, free)
-            raise NoSpace(
-                f"{directory} is kept as it is, not set aside: its rebuild needs about "
-                f"{shown_need} beside it on its disk, which has {shown_free} free; make room "
-                "there (it is set aside when its engine asks again)"
-            )
-        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
-        aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
-        os.rename(directory, aside)
+        aside = self._aside  # (moved already by an attempt that failed after it)
+        if aside is None:
+            pinned = _not_movable(directory)
+            if pinned is not None:
+                raise WrongState(pinned)
+            free = shutil.disk_usage(directory.parent).free
+            if free < need:
+                shown_need, shown_free = format_sizes(need, free)
+                raise NoSpace(
+                    f"{directory} is kept as it is, not set aside: its rebuild needs about "
+                    f"{shown_need} beside it on its disk, which has {shown_free} free; make "
+                    "room there (it is set aside when its engine asks again)"
+                )
+            fresh = _fresh_directory(directory)
+            self.sessions.keep_epoch(fresh)
+            atomic_write(fresh / ID_FILE, f"{self.uid}\n".encode())
+            stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
+            aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
+            os.rename(directory, aside)
+            self._aside = aside
+        os.rename(directory.with_name(directory.name + FRESH), directory)
         fsync_dir(directory.parent)
-        damage, self.damaged = self.damaged, None
+        damage, self.damaged, self._aside = self.damaged, None, None
         log.error("%s: set aside as %s, to be rebuilt", damage, aside)
-        directory.mkdir(mode=0o700)
-        self.sessions.keep_epoch()
-        atomic_write(directory / ID_FILE, f"{self.uid}\n".encode())
-        fsync_dir(directory.parent)
         return {"aside": str(aside)}
 
     async def _task(self, session: Session, task: Callable[[], Awaitable[None]]) -> None:
@@ -813,6 +825,36 @@ def check_directory(directory: Path) -> None:
             f"{directory.parent} is not a directory that exists: a replica directory is made "
             "only in one"
         )
+
+
+def _fresh_directory(directory: Path) -> Path:
+    """The empty directory made beside ``directory`` to take its place once it is set
+    aside (``FRESH``): made, or the one an attempt that failed left (holding only what a
+    set-aside writes in it); a directory holding anything else there is not taken."""
+    fresh = directory.with_name(directory.name + FRESH)
+    try:
+        fresh.mkdir(mode=0o700)
+    except FileExistsError:
+        found = set(os.listdir(fresh)) if fresh.is_dir() and not fresh.is_symlink() else None
+        if found is None or not found <= {ID_FILE, ".id.tmp", "epoch", ".epoch.tmp", "lock"}:
+            raise WrongState(
+                f"{fresh} is in the way: the damaged directory is set aside only once it is "
+                "moved away"
+            ) from None
+    return fresh
+
+
+def finish_set_aside(directory: Path) -> None:
+    """Put the new directory of a set-aside a crash cut between its two renames in place:
+    the damaged one moved aside, the new one (``FRESH``, holding the replica's identity)
+    not yet in its place. Else served empty under a new identity, a stranger to its engine."""
+    real = Path(os.path.realpath(directory))
+    fresh = real.with_name(real.name + FRESH)
+    if os.path.lexists(real) or not fresh.is_dir() or _read_id(fresh / ID_FILE)[0] is None:
+        return
+    os.rename(fresh, real)
+    fsync_dir(real.parent)
+    log.warning("%s: the directory made in place of the damaged one set aside is put there", real)
 
 
 def _not_movable(directory: Path) -> str | None:
