@@ -245,7 +245,7 @@ def test_only_the_engine_sets_a_damaged_directory_aside(tmp_path: Path, replica_
         aside = Path(answer["aside"])
         assert aside.parent == tmp_path and aside.name.startswith("damaged.damaged-")
         assert _files(aside).keys() == after["damaged"].keys()
-        assert sorted(os.listdir(tmp_path / "damaged")) == ["epoch", "id"]
+        assert sorted(os.listdir(tmp_path / "damaged")) == ["epoch", "id", "lock"]
         assert (tmp_path / "damaged" / "id").read_text().strip() == uid
         status, answer = _ask(engine, "hello")
         assert status == p.OK and answer["initialised"] is False and "damaged" not in answer
@@ -345,7 +345,7 @@ def test_a_damaged_directory_served_through_a_link_is_set_aside_on_its_own_disk(
     assert aside.parent == disk and aside.name.startswith("real.damaged-"), aside
     assert not aside.is_symlink() and _files(aside) == before
     assert link.is_symlink() and link.resolve() == disk / "real"
-    assert sorted(os.listdir(disk / "real")) == ["epoch", "id"]
+    assert sorted(os.listdir(disk / "real")) == ["epoch", "id", "lock"]
     assert (disk / "real" / "id").read_text().strip() == uid
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("link.")) == ["link.log"]
 
@@ -488,7 +488,7 @@ def test_a_set_aside_that_fails_leaves_the_replica_damaged_and_is_done_when_aske
             assert status == p.OK, answer
             aside = Path(answer["aside"])
             assert aside.parent == disk and _files(aside) == before
-            assert sorted(os.listdir(disk / "r")) == ["epoch", "id"]
+            assert sorted(os.listdir(disk / "r")) == ["epoch", "id", "lock"]
             assert (disk / "r" / "id").read_text().strip() == uid
             assert (disk / "r" / "epoch").read_text().split()[0] == "3"
             assert not list(disk.glob("r.anew"))
@@ -517,3 +517,36 @@ def test_a_set_aside_cut_between_its_renames_is_finished_at_the_next_start(
     assert not (tmp_path / "r.anew").exists()
     with pytest.raises(LhfsError):  # (its fencing epoch kept: an older engine is refused)
         raw_session(served.address, key, epoch=2, owner=b"engine-0").close()
+
+
+def test_a_damaged_directory_is_held_and_one_repaired_meanwhile_is_not_set_aside(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Served damaged, the directory is held as a store holds it: a second ``replica serve``
+    of it is refused (it could later be asked to set aside what the first one's engine had
+    rebuilt there). Repaired by hand while served, it is opened again when its engine asks
+    to set it aside: served from then on, not set aside."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    directory = tmp_path / "r"
+    with ChunkStore.create(directory, MIB, 4096, volume_id=key.id_hex) as store:
+        store.write(0, b"x" * 8192)
+        store.snapshot("s1")
+    layer = _snapshot_data(directory)
+    whole = layer.read_bytes()
+    _cut_layer(directory)
+    served = replica_factory(directory, tmp_path / "v.key")
+    uid = (directory / "id").read_text().strip()
+    with pytest.raises(RuntimeError, match="in use by another lhfs process"):
+        replica_factory(directory, tmp_path / "v.key")
+    layer.write_bytes(whole)  # (repaired by hand)
+    with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+        assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
+        assert "opens now (repaired)" in answer["message"], answer
+        status, answer = _ask(engine, "hello")
+        assert answer["initialised"] is True and "damaged" not in answer, answer
+        status, answer = _ask(engine, "info")
+        assert status == p.OK and answer["uid"] == uid, answer
+    assert not list(tmp_path.glob("r.damaged-*")) and not list(tmp_path.glob("r.anew"))
+    assert layer.read_bytes() == whole

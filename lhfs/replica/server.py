@@ -24,6 +24,7 @@ flushes.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import os
@@ -65,7 +66,7 @@ from lhfs.core.errors import (
 from lhfs.core.units import format_sizes
 from lhfs.replica import checks, hotpath
 from lhfs.replica.session import Probe, Session, Sessions, kind_of, source_of
-from lhfs.store.chunkstore import ChunkStore, check_geometry
+from lhfs.store.chunkstore import ChunkStore, check_geometry, lock_directory
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey
@@ -126,6 +127,7 @@ class ReplicaServer:
         self.store: ChunkStore | None = None
         self.damaged: str | None = None  # why the directory does not open, served damaged
         self._aside: Path | None = None  # where it was moved by a set-aside not finished
+        self._lock_fd = -1  # the directory's lock, held while it is served damaged
         if (self.dir / "volume.json").exists():
             try:
                 self.store = ChunkStore.open(self.dir)
@@ -140,6 +142,9 @@ class ReplicaServer:
                 pinned = _not_movable(self.dir)
                 if pinned is not None:  # (said up front: its engine and ``replica ls`` show it)
                     self.damaged = f"{self.damaged}; {pinned}"
+                # (held as a store holds it: a second process serving the directory would be
+                # asked to set aside what this one's engine had rebuilt there)
+                self._lock_fd = lock_directory(self.dir)
                 log.error(
                     "%s: nothing is served from this directory; the engine sets it aside "
                     "(kept beside it) and rebuilds the replica once another replica serves",
@@ -209,9 +214,15 @@ class ReplicaServer:
                 return
 
     def close(self) -> None:
+        self._unlock()
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- connections --------------------------------------------------------------------------
 
@@ -556,6 +567,7 @@ class ReplicaServer:
             size = checks.integer(args, "size", 1, checks.MAX_VOLUME)
             chunk_size = checks.integer(args, "chunk_size", 1, 64 << 20)
             check_geometry(size, chunk_size)
+            self._unlock()  # (the store takes it: one lock per directory, even in one process)
             self.store = ChunkStore.create(self.dir, size, chunk_size, volume_id=self.key.id_hex)
             return self.store.info()
         if self._structural.locked() and method in _STRUCTURAL:
@@ -609,6 +621,7 @@ class ReplicaServer:
         directory = Path(os.path.realpath(self.dir))
         aside = self._aside  # (moved already by an attempt that failed after it)
         if aside is None:
+            self._still_damaged(directory)
             pinned = _not_movable(directory)
             if pinned is not None:
                 raise WrongState(pinned)
@@ -627,11 +640,37 @@ class ReplicaServer:
             aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
             os.rename(directory, aside)
             self._aside = aside
-        os.rename(directory.with_name(directory.name + FRESH), directory)
-        fsync_dir(directory.parent)
+        fresh = directory.with_name(directory.name + FRESH)
+        held = lock_directory(fresh)
+        try:
+            os.rename(fresh, directory)
+            fsync_dir(directory.parent)
+        except BaseException:
+            os.close(held)
+            raise
+        self._unlock()  # (the damaged one's, aside)
+        self._lock_fd = held
         damage, self.damaged, self._aside = self.damaged, None, None
         log.error("%s: set aside as %s, to be rebuilt", damage, aside)
         return {"aside": str(aside)}
+
+    def _still_damaged(self, directory: Path) -> None:
+        """Open the directory again right before it is set aside: one repaired by hand while
+        served damaged is served from now on and not set aside (``WrongState``). Its lock is
+        let go for the store to take it, and taken again while it stays damaged."""
+        self._unlock()
+        try:
+            store = ChunkStore.open(directory)
+        except (DamagedLayers, DamagedMeta):
+            self._lock_fd = lock_directory(directory)
+            return
+        except BaseException:
+            with contextlib.suppress(LhfsError, OSError):
+                self._lock_fd = lock_directory(directory)
+            raise
+        self.store, self.damaged = store, None
+        log.warning("%s opens now: served, not set aside", directory)
+        raise WrongState(f"replica {self.dir} opens now (repaired): it is served, not set aside")
 
     async def _task(self, session: Session, task: Callable[[], Awaitable[None]]) -> None:
         try:
