@@ -550,3 +550,21 @@ def test_a_damaged_directory_is_held_and_one_repaired_meanwhile_is_not_set_aside
         assert status == p.OK and answer["uid"] == uid, answer
     assert not list(tmp_path.glob("r.damaged-*")) and not list(tmp_path.glob("r.anew"))
     assert layer.read_bytes() == whole
+
+
+def test_a_damaged_directory_of_another_volume_is_refused_as_another_volumes(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Served with the key of another volume than its own, a damaged directory is refused
+    naming whose it is (the operator's mistake), as an undamaged one is; it was refused
+    with its damage, as if it were the key's volume's to repair."""
+    mine, other = VolumeKey.new("v"), VolumeKey.new("w")
+    other.save(tmp_path / "w.key")
+    _damaged_store(tmp_path / "r", mine)
+    before = _files(tmp_path / "r")
+    with pytest.raises(RuntimeError) as refused:
+        replica_factory(tmp_path / "r", tmp_path / "w.key")
+    said = str(refused.value)
+    assert f"holds a replica of another volume (id {mine.id_hex})" in said, said
+    assert f"the key file is for volume w (id {other.id_hex})" in said, said
+    assert _files(tmp_path / "r") == before

@@ -135,8 +135,11 @@ class ReplicaServer:
                 # (another volume's directory is never this volume's to set aside; one whose
                 # volume.json does not say whose it is is known by its ``id`` alone: only the
                 # engine that recorded that identity for the replica asks)
+                # (said first: whose directory it is tells the operator where the mistake is)
                 owner = replica_volume_id(self.dir)
-                if not keep_damaged or (owner is not None and owner != key.id_hex):
+                if owner is not None and owner != key.id_hex:
+                    raise _another_volume(self.dir, owner, key) from None
+                if not keep_damaged:
                     raise
                 self.damaged = str(exc).split(": nothing was deleted")[0][:400]
                 pinned = _not_movable(self.dir)
@@ -156,11 +159,7 @@ class ReplicaServer:
                     self.store.set_volume_id(key.id_hex)
             if owner is not None and owner != key.id_hex:
                 self.close()
-                raise WrongVolume(
-                    f"{self.dir} holds a replica of another volume (id {owner}); the key file "
-                    f"is for volume {key.volume} (id {key.id_hex})",
-                    owner,
-                )
+                raise _another_volume(self.dir, owner, key)
         self.uid: str | None = None  # (``serve`` makes or reads it, once it listens)
         self.sessions = Sessions(self.dir, key)
         self._structural = trio.Lock()
@@ -864,6 +863,15 @@ def check_directory(directory: Path) -> None:
             f"{directory.parent} is not a directory that exists: a replica directory is made "
             "only in one"
         )
+
+
+def _another_volume(directory: Path, owner: str, key: VolumeKey) -> WrongVolume:
+    """A directory of another volume than the key's, damaged or not: refused, never served."""
+    return WrongVolume(
+        f"{directory} holds a replica of another volume (id {owner}); the key file is for "
+        f"volume {key.volume} (id {key.id_hex})",
+        owner,
+    )
 
 
 def _fresh_directory(directory: Path) -> Path:
