@@ -20,7 +20,15 @@ from lhfs.core.procs import wait_for
 from lhfs.engine import control
 from lhfs.replica.process import ReplicaProcess
 from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, RawSession, one_line, raw_session, read_direct, write_direct
+from lhfs.testing import (
+    Cli,
+    RawSession,
+    one_line,
+    raw_session,
+    read_direct,
+    remote_volume,
+    write_direct,
+)
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
 
@@ -568,3 +576,26 @@ def test_a_damaged_directory_of_another_volume_is_refused_as_another_volumes(
     assert f"holds a replica of another volume (id {mine.id_hex})" in said, said
     assert f"the key file is for volume w (id {other.id_hex})" in said, said
     assert _files(tmp_path / "r") == before
+
+
+@needs_fuse
+def test_an_empty_directory_holding_the_replicas_identity_is_not_called_another(
+    cli: Cli, tmp_path: Path, serve: Any
+) -> None:
+    """What a set-aside leaves when its engine dies before the rebuild begins: an empty
+    directory holding the replica's own identity. The attach says it is the replica's own,
+    to be rebuilt; it said it was another directory, to be replaced by the replica's own
+    (the one set aside)."""
+    key, (far,) = remote_volume(cli, tmp_path, serve, "e", 1)
+    cli.run("volume", "detach", "e")
+    port = int(far.address.rsplit(":", 1)[1])
+    assert far.stop() == 0
+    anew = tmp_path / "anew"
+    anew.mkdir()
+    (anew / "id").write_bytes((far.dir / "id").read_bytes())
+    served = serve(anew, key, port)
+    device = tmp_path / "e.dev"
+    line = one_line(cli.run("volume", "attach", "e", "--device", str(device), check=False))
+    assert "r2 (recorded healthy) answers at its address with its own directory, empty" in line
+    assert "serve the replica's own directory there" not in line, line
+    assert served.stop() == 0
