@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from lhfs.core.errors import LhfsError
 from lhfs.core.procs import wait_for
 from lhfs.engine import control
 from lhfs.replica.process import ReplicaProcess
-from lhfs.store.chunkstore import ChunkStore
+from lhfs.store.chunkstore import ChunkStore, damaged_aside
 from lhfs.testing import (
     Cli,
     RawSession,
@@ -599,3 +600,14 @@ def test_an_empty_directory_holding_the_replicas_identity_is_not_called_another(
     assert "r2 (recorded healthy) answers at its address with its own directory, empty" in line
     assert "serve the replica's own directory there" not in line, line
     assert served.stop() == 0
+
+
+def test_a_damaged_directory_is_set_aside_under_one_name_local_or_remote(tmp_path: Path) -> None:
+    """The local engine and a replica on another host name a damaged directory set aside
+    alike (one function): beside it, ``<dir>.damaged-<time>-<6 hex>``, two in one second
+    apart."""
+    names = {damaged_aside(tmp_path / "r2") for _ in range(16)}
+    assert len(names) == 16
+    for name in names:
+        assert name.parent == tmp_path, name
+        assert re.fullmatch(r"r2\.damaged-\d{8}T\d{6}-[0-9a-f]{6}", name.name), name

@@ -67,7 +67,7 @@ from lhfs.engine.rebuild import (
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
-from lhfs.store.chunkstore import ChunkStore, disk_bytes
+from lhfs.store.chunkstore import ChunkStore, damaged_aside, disk_bytes
 from lhfs.wire import shm, tls
 from lhfs.wire.client import ReplicaClient, parse_address
 from lhfs.wire.protocol import READER
@@ -250,8 +250,7 @@ class Daemon:
             return False
         if not self._room_for_rebuild(replica_id, directory, damage):
             return False
-        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
-        aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
+        aside = damaged_aside(directory)
         why = f"its directory was damaged ({damage}): set aside as {aside}, rebuilt"
         self._damaged[replica_id] = why
         volumes.load(self.vol.root, self.vol.name).update(

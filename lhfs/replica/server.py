@@ -35,7 +35,6 @@ import signal
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -66,7 +65,7 @@ from lhfs.core.errors import (
 from lhfs.core.units import format_sizes
 from lhfs.replica import checks, hotpath
 from lhfs.replica.session import Probe, Session, Sessions, kind_of, source_of
-from lhfs.store.chunkstore import ChunkStore, check_geometry, lock_directory
+from lhfs.store.chunkstore import ChunkStore, check_geometry, damaged_aside, lock_directory
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey
@@ -635,8 +634,7 @@ class ReplicaServer:
             fresh = _fresh_directory(directory)
             self.sessions.keep_epoch(fresh)
             atomic_write(fresh / ID_FILE, f"{self.uid}\n".encode())
-            stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
-            aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
+            aside = damaged_aside(directory)
             os.rename(directory, aside)
             self._aside = aside
         fresh = directory.with_name(directory.name + FRESH)

@@ -43,6 +43,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1525,6 +1526,14 @@ def _add_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
             start, end = min(a, start), max(b, end)
     keep.append((start, end))
     ranges[:] = sorted(keep)
+
+
+def damaged_aside(directory: Path) -> Path:
+    """Where a damaged replica directory is set aside, beside itself: ``<dir>.damaged-<time>``
+    (the time to the second, and a random suffix for two in one second), for the local
+    engine and a replica on another host alike, so that the operator meets one name."""
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    return directory.with_name(f"{directory.name}.damaged-{stamp}")
 
 
 def lock_directory(directory: Path) -> int:
