@@ -5,6 +5,7 @@ chunk, as a restore on it does."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -436,5 +437,41 @@ def test_a_manifest_whose_size_is_not_its_image_ids_is_refused_before_any_fetch(
             f"image content id {image_id} {MIB}: one of them was changed\n"
         ), refused
         assert _registered(other) == before
+    finally:
+        teardown(other.root)
+
+
+def test_a_system_restore_on_an_image_changed_in_place_goes_on_whole_as_any_restore(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """The image a volume stands on is registered, its file changed in place with its size
+    and time kept (it looks as registered): found as the volume's copy of it is made, and the
+    volume restored whole, said in a line, as ``backup restore`` does; the system restore
+    gave that volume up ("volume a: the backing image file ... changed")."""
+    target = "s3://image-system-changed/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(21).randbytes(3 * MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    cli.run("volume", "create", "a", "--size", "8M", "--replicas", "1", "--backing-image", "base")
+    write_detached(cli, "a", {MIB: random.Random(22).randbytes(CHUNK)})
+    url = cli.run(
+        "system", "backup", "--target", target, "--name", "s1", "--create-bucket", "--quiet"
+    ).stdout.split()[-1]
+    source = cli.checksum("a")
+    other = Cli(tmp_path / "root2")
+    try:
+        other.run("backing-image", "create", "base", "--from", str(raw))
+        image = other.root / "backing-images" / "base.img"
+        stamp = image.stat()
+        with open(image, "r+b") as f:
+            f.write(b"changed in place")
+        os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        result = other.run("system", "restore", url, "--volumes", "a")
+        assert result.stderr.splitlines()[-1] == (
+            "lhfs: volume a: its backing image base's file changed since it was registered: "
+            "restored with the image's content as its own data"
+        ), result.stderr
+        assert "volume(s) a" in result.stdout and "on backing image" not in result.stdout
+        assert other.info("a")["backing_image"] is None and other.checksum("a") == source
     finally:
         teardown(other.root)
