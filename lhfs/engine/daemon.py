@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ class Daemon:
         self._housekeep_again = False
         # replica -> (what its directory takes, what its disk has free), as last asked
         self.disks: dict[str, tuple[int | None, int | None]] = {}
+        self._probing: dict[str, threading.Lock] = {}  # replica -> held while its disk is read
         self.not_started: dict[str, str] = {}  # local replica -> why its process did not start
         self._damaged: dict[str, str] = {}  # local replica -> why its directory was set aside
         self.no_room: dict[str, str] = {}  # ...why it was not: no room for its rebuild
@@ -828,11 +830,20 @@ class Daemon:
 
     def _directory_usage(self, replica_id: str) -> tuple[int | None, int | None]:
         """What local replica ``replica_id``'s directory takes and its disk has free, read
-        from the directory (None, None when it is not there: a disk not mounted)."""
-        directory = self.vol.replica_dir(self.vol.replica(replica_id))
-        if directory is None or not directory.is_dir():
+        from the directory (None, None when it is not there: a disk not mounted, or while
+        the previous reading of it still runs). One reading per replica at a time: on a hung
+        disk each one given up after its 2 s stayed blocked in its thread, and a new one
+        started every round, threads without end."""
+        probing = self._probing.setdefault(replica_id, threading.Lock())
+        if not probing.acquire(blocking=False):
             return None, None
-        return disk_bytes(directory), shutil.disk_usage(directory).free
+        try:
+            directory = self.vol.replica_dir(self.vol.replica(replica_id))
+            if directory is None or not directory.is_dir():
+                return None, None
+            return disk_bytes(directory), shutil.disk_usage(directory).free
+        finally:
+            probing.release()
 
     async def _snapshot_names(self) -> set[str]:
         layers = await self.engine.call_one("list_layers")
