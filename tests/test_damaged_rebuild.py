@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,16 @@ from lhfs.core.errors import LhfsError
 from lhfs.core.procs import wait_for
 from lhfs.engine import control
 from lhfs.replica.process import ReplicaProcess
-from lhfs.store.chunkstore import ChunkStore
-from lhfs.testing import Cli, RawSession, one_line, raw_session, read_direct, write_direct
+from lhfs.store.chunkstore import ChunkStore, damaged_aside
+from lhfs.testing import (
+    Cli,
+    RawSession,
+    one_line,
+    raw_session,
+    read_direct,
+    remote_volume,
+    write_direct,
+)
 from lhfs.wire import protocol as p
 from lhfs.wire.auth import VolumeKey
 
@@ -221,35 +231,35 @@ def test_only_the_engine_sets_a_damaged_directory_aside(tmp_path: Path, replica_
     with raw_session(damaged.address, key, role=p.READER) as reader:
         status, answer = _ask(reader, "hello")
         assert status == p.OK and ".data holds 0 bytes" in answer["damaged"], answer
-        status, answer = _ask(reader, "set_aside", uid=uid)
+        status, answer = _ask(reader, "set_aside", uid=uid, need=0)
         assert (status, answer["kind"]) == (p.ERROR, "NotPermitted"), answer
     with raw_session(damaged.address, key, epoch=3, owner=b"engine-1") as engine:
         status, answer = _ask(engine, "info")
         assert status == p.ERROR and "is damaged" in answer["message"], answer
-        status, answer = _ask(engine, "set_aside", uid="0" * 32)
+        status, answer = _ask(engine, "set_aside", uid="0" * 32, need=0)
         assert (status, answer["kind"]) == (p.ERROR, "NotPermitted"), answer
-        status, answer = _ask(engine, "set_aside", uid=["not", "text"])
+        status, answer = _ask(engine, "set_aside", uid=["not", "text"], need=0)
         assert (status, answer["kind"]) == (p.ERROR, "InvalidArgument"), answer
     with raw_session(healthy.address, key, epoch=3, owner=b"engine-1") as engine:
         healthy_uid = (tmp_path / "healthy" / "id").read_text().strip()
-        status, answer = _ask(engine, "set_aside", uid=healthy_uid)
+        status, answer = _ask(engine, "set_aside", uid=healthy_uid, need=0)
         assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
     after = {name: _files(tmp_path / name) for name in ("damaged", "healthy")}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["damaged", "healthy"]
 
     with raw_session(damaged.address, key, epoch=4, owner=b"engine-1") as engine:
-        status, answer = _ask(engine, "set_aside", uid=uid)
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)
         assert status == p.OK, answer
         aside = Path(answer["aside"])
         assert aside.parent == tmp_path and aside.name.startswith("damaged.damaged-")
         assert _files(aside).keys() == after["damaged"].keys()
-        assert sorted(os.listdir(tmp_path / "damaged")) == ["epoch", "id"]
+        assert sorted(os.listdir(tmp_path / "damaged")) == ["epoch", "id", "lock"]
         assert (tmp_path / "damaged" / "id").read_text().strip() == uid
         status, answer = _ask(engine, "hello")
         assert status == p.OK and answer["initialised"] is False and "damaged" not in answer
         assert answer["uid"] == uid
-        status, answer = _ask(engine, "set_aside", uid=uid)  # (once: it is not damaged now)
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)  # (once: it is not damaged now)
         assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
 
 
@@ -308,3 +318,296 @@ def test_the_last_replica_back_damaged_is_not_set_aside_and_says_why(
     assert _files(remote) == before
     assert not list(remote.parent.glob("remote.damaged-*"))
     cli.run("volume", "detach", "v", "--force")
+
+
+def _damaged_store(directory: Path, key: VolumeKey) -> str:
+    """A replica directory of ``key``'s volume with its snapshot's layer cut; its identity
+    (made by serving it once)."""
+    with ChunkStore.create(directory, MIB, 4096, volume_id=key.id_hex) as store:
+        store.write(0, b"x" * 8192)
+        store.snapshot("s1")
+    _cut_layer(directory)
+    uid = "ab" * 16
+    (directory / "id").write_text(f"{uid}\n")
+    return uid
+
+
+def test_a_damaged_directory_served_through_a_link_is_set_aside_on_its_own_disk(
+    tmp_path: Path, replica_factory
+) -> None:
+    """``--dir`` is a symbolic link to the damaged directory: the directory is set aside
+    beside itself and made anew there, the link left pointing at it; the link was renamed
+    instead and an empty directory made in its place, on the link's disk."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    uid = _damaged_store(disk / "real", key)
+    before = _files(disk / "real")
+    link = tmp_path / "link"
+    link.symlink_to(disk / "real")
+    served = replica_factory(link, tmp_path / "v.key")
+    with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+        assert status == p.OK, answer
+    aside = Path(answer["aside"])
+    assert aside.parent == disk and aside.name.startswith("real.damaged-"), aside
+    assert not aside.is_symlink() and _files(aside) == before
+    assert link.is_symlink() and link.resolve() == disk / "real"
+    assert sorted(os.listdir(disk / "real")) == ["epoch", "id", "lock"]
+    assert (disk / "real" / "id").read_text().strip() == uid
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("link.")) == ["link.log"]
+
+
+def test_a_damaged_mount_point_is_not_set_aside_and_says_what_to_do(
+    tmp_path: Path, replica_factory
+) -> None:
+    """``--dir`` is where a disk is mounted: it cannot be renamed. The replica says so with
+    its damage and refuses ``set_aside`` in the same words, nothing changed, still serving;
+    the rename failed as a disk error ("Device or resource busy"), which reads as final."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "none", str(disk)], check=True)
+    try:
+        uid = _damaged_store(disk, key)
+        before = _files(disk)
+        served = replica_factory(disk, tmp_path / "v.key")
+        said = f"{disk} is a mount point and cannot be set aside: serve a subdirectory of it"
+        with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+            status, answer = _ask(engine, "hello")
+            assert status == p.OK and said in answer["damaged"], answer
+            assert ".data holds 0 bytes" in answer["damaged"], answer
+            status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+            assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
+            assert said in answer["message"], answer
+        assert _files(disk) == before
+        assert served.proc.poll() is None
+        served.stop()
+    finally:  # (lazily: a failure above leaves its replica holding files there)
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_damaged_directory_is_not_set_aside_without_room_for_its_rebuild(
+    tmp_path: Path, replica_factory
+) -> None:
+    """The engine says how much the rebuild writes (``need``, checked); a disk with less free
+    is refused, saying how much is needed and free, nothing changed, and asked again once
+    room is made: it was set aside on any disk, the rebuild filling it and failing."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    uid = _damaged_store(tmp_path / "damaged", key)
+    before = _files(tmp_path / "damaged")
+    served = replica_factory(tmp_path / "damaged", tmp_path / "v.key")
+    with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+        for need in (None, -1, "1", 1 << 62):
+            status, answer = _ask(engine, "set_aside", uid=uid, need=need)
+            assert (status, answer["kind"]) == (p.ERROR, "InvalidArgument"), answer
+        status, answer = _ask(engine, "set_aside", uid=uid, need=1 << 50)
+        assert (status, answer["kind"]) == (p.ERROR, "NoSpace"), answer
+        assert "not set aside: its rebuild needs about 1P beside it" in answer["message"], answer
+        assert "free; make room there" in answer["message"], answer
+        assert _files(tmp_path / "damaged") == before
+        assert not list(tmp_path.glob("damaged.damaged-*"))
+        status, answer = _ask(engine, "set_aside", uid=uid, need=MIB)
+        assert status == p.OK and Path(answer["aside"]).parent == tmp_path, answer
+
+
+@needs_fuse
+def test_a_remote_damaged_replica_waits_for_room_for_its_rebuild(
+    cli: Cli, tmp_path: Path, serve: Any
+) -> None:
+    """r2's disk has less room than its rebuild writes: its damaged directory is kept as it
+    is, ``replica ls`` saying how much is needed and what to do; once room is made there, it
+    is set aside and rebuilt."""
+    device = tmp_path / "v.dev"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5M", "none", str(disk)], check=True)
+    try:
+        cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1", "--rejoin-wait", "1")
+        cli.run("volume", "attach", "v", "--device", str(device))
+        key = tmp_path / "v.key"
+        cli.run("volume", "key", "v", "--out", str(key))
+        remote = disk / "remote"
+        first = serve(remote, key)
+        cli.run("replica", "add", "v", "--address", first.address)
+        data = os.urandom(2 * MIB)
+        write_direct(device, 0, data)
+        cli.run("snapshot", "create", "v", "s1")
+        port = int(first.address.rsplit(":", 1)[1])
+        first.stop()
+        _cut_layer(remote)
+        before = _files(remote)
+        again = serve(remote, key, port)
+
+        def said() -> str:
+            (r2,) = [r for r in cli.json("replica", "ls", "v") if r["id"] == "r2"]
+            return r2.get("error") or ""
+
+        wait_for(lambda: "not set aside: its rebuild needs about" in said(), 60, "no room said")
+        assert "make room there" in said() and "lhfs replica rm v r2" in said(), said()
+        assert _files(remote) == before
+        assert not list(disk.glob("remote.damaged-*"))
+        subprocess.run(["mount", "-o", "remount,size=32M", str(disk)], check=True)
+        wait_for(lambda: cli.live("v")["state"] == "healthy", 60, "r2 set aside and rebuilt")
+        (aside,) = disk.glob("remote.damaged-*")
+        assert _files(aside) == before
+        assert read_direct(device, 0, 2 * MIB) == data
+        _same_everywhere(cli, "v")
+        cli.run("volume", "detach", "v")
+        again.stop()
+    finally:  # (lazily: a failure above leaves its replica holding files there)
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_set_aside_that_fails_leaves_the_replica_damaged_and_is_done_when_asked_again(
+    tmp_path: Path, replica_factory
+) -> None:
+    """The disk has no inode left for the new directory: the set-aside fails with the disk's
+    error and changes nothing (the replica still damaged, its directory where it was), and
+    is done when asked again once there is room. The damaged directory was moved first and
+    the failure left the replica cleared, its identity kept in memory only."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "nr_inodes=64", "none", str(disk)], check=True)
+    try:
+        uid = _damaged_store(disk / "r", key)
+        served = replica_factory(disk / "r", tmp_path / "v.key")
+        with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+            before = _files(disk / "r")
+            fillers = 0
+            with pytest.raises(OSError):  # (every inode taken)
+                while True:
+                    (disk / f"filler{fillers}").touch()
+                    fillers += 1
+            status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+            assert (status, answer["kind"]) == (p.ERROR, "StorageError"), answer
+            assert "No space left on device" in answer["message"], answer
+            assert _files(disk / "r") == before
+            assert not list(disk.glob("r.damaged-*"))
+            status, answer = _ask(engine, "hello")
+            assert ".data holds 0 bytes" in answer["damaged"], answer
+            for n in range(8):
+                (disk / f"filler{n}").unlink()
+            status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+            assert status == p.OK, answer
+            aside = Path(answer["aside"])
+            assert aside.parent == disk and _files(aside) == before
+            assert sorted(os.listdir(disk / "r")) == ["epoch", "id", "lock"]
+            assert (disk / "r" / "id").read_text().strip() == uid
+            assert (disk / "r" / "epoch").read_text().split()[0] == "3"
+            assert not list(disk.glob("r.anew"))
+        served.stop()
+    finally:  # (lazily: a failure above leaves its replica holding files there)
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_set_aside_cut_between_its_renames_is_finished_at_the_next_start(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Killed once the damaged directory moved aside but before the new one took its place:
+    the next start puts the new one there, the replica's identity kept (served empty under
+    a new identity, it was a stranger to its engine)."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    uid = _damaged_store(tmp_path / "r", key)
+    (tmp_path / "r.anew").mkdir()
+    (tmp_path / "r.anew" / "id").write_text(f"{uid}\n")
+    (tmp_path / "r.anew" / "epoch").write_text(f"3 {b'engine-1'.hex()}\n")
+    os.rename(tmp_path / "r", tmp_path / "r.damaged-20261206T000000-000000")
+    served = replica_factory(tmp_path / "r", tmp_path / "v.key")
+    with raw_session(served.address, key, epoch=4, owner=b"engine-1") as engine:
+        status, answer = _ask(engine, "hello")
+        assert status == p.OK and answer["uid"] == uid and "damaged" not in answer, answer
+    assert not (tmp_path / "r.anew").exists()
+    with pytest.raises(LhfsError):  # (its fencing epoch kept: an older engine is refused)
+        raw_session(served.address, key, epoch=2, owner=b"engine-0").close()
+
+
+def test_a_damaged_directory_is_held_and_one_repaired_meanwhile_is_not_set_aside(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Served damaged, the directory is held as a store holds it: a second ``replica serve``
+    of it is refused (it could later be asked to set aside what the first one's engine had
+    rebuilt there). Repaired by hand while served, it is opened again when its engine asks
+    to set it aside: served from then on, not set aside."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    directory = tmp_path / "r"
+    with ChunkStore.create(directory, MIB, 4096, volume_id=key.id_hex) as store:
+        store.write(0, b"x" * 8192)
+        store.snapshot("s1")
+    layer = _snapshot_data(directory)
+    whole = layer.read_bytes()
+    _cut_layer(directory)
+    served = replica_factory(directory, tmp_path / "v.key")
+    uid = (directory / "id").read_text().strip()
+    with pytest.raises(RuntimeError, match="in use by another lhfs process"):
+        replica_factory(directory, tmp_path / "v.key")
+    layer.write_bytes(whole)  # (repaired by hand)
+    with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+        assert (status, answer["kind"]) == (p.ERROR, "WrongState"), answer
+        assert "opens now (repaired)" in answer["message"], answer
+        status, answer = _ask(engine, "hello")
+        assert answer["initialised"] is True and "damaged" not in answer, answer
+        status, answer = _ask(engine, "info")
+        assert status == p.OK and answer["uid"] == uid, answer
+    assert not list(tmp_path.glob("r.damaged-*")) and not list(tmp_path.glob("r.anew"))
+    assert layer.read_bytes() == whole
+
+
+def test_a_damaged_directory_of_another_volume_is_refused_as_another_volumes(
+    tmp_path: Path, replica_factory
+) -> None:
+    """Served with the key of another volume than its own, a damaged directory is refused
+    naming whose it is (the operator's mistake), as an undamaged one is; it was refused
+    with its damage, as if it were the key's volume's to repair."""
+    mine, other = VolumeKey.new("v"), VolumeKey.new("w")
+    other.save(tmp_path / "w.key")
+    _damaged_store(tmp_path / "r", mine)
+    before = _files(tmp_path / "r")
+    with pytest.raises(RuntimeError) as refused:
+        replica_factory(tmp_path / "r", tmp_path / "w.key")
+    said = str(refused.value)
+    assert f"holds a replica of another volume (id {mine.id_hex})" in said, said
+    assert f"the key file is for volume w (id {other.id_hex})" in said, said
+    assert _files(tmp_path / "r") == before
+
+
+@needs_fuse
+def test_an_empty_directory_holding_the_replicas_identity_is_not_called_another(
+    cli: Cli, tmp_path: Path, serve: Any
+) -> None:
+    """What a set-aside leaves when its engine dies before the rebuild begins: an empty
+    directory holding the replica's own identity. The attach says it is the replica's own,
+    to be rebuilt; it said it was another directory, to be replaced by the replica's own
+    (the one set aside)."""
+    key, (far,) = remote_volume(cli, tmp_path, serve, "e", 1)
+    cli.run("volume", "detach", "e")
+    port = int(far.address.rsplit(":", 1)[1])
+    assert far.stop() == 0
+    anew = tmp_path / "anew"
+    anew.mkdir()
+    (anew / "id").write_bytes((far.dir / "id").read_bytes())
+    served = serve(anew, key, port)
+    device = tmp_path / "e.dev"
+    line = one_line(cli.run("volume", "attach", "e", "--device", str(device), check=False))
+    assert "r2 (recorded healthy) answers at its address with its own directory, empty" in line
+    assert "serve the replica's own directory there" not in line, line
+    assert served.stop() == 0
+
+
+def test_a_damaged_directory_is_set_aside_under_one_name_local_or_remote(tmp_path: Path) -> None:
+    """The local engine and a replica on another host name a damaged directory set aside
+    alike (one function): beside it, ``<dir>.damaged-<time>-<6 hex>``, two in one second
+    apart."""
+    names = {damaged_aside(tmp_path / "r2") for _ in range(16)}
+    assert len(names) == 16
+    for name in names:
+        assert name.parent == tmp_path, name
+        assert re.fullmatch(r"r2\.damaged-\d{8}T\d{6}-[0-9a-f]{6}", name.name), name

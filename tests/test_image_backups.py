@@ -5,6 +5,7 @@ chunk, as a restore on it does."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -404,3 +405,73 @@ def test_a_chunk_given_back_to_the_image_survives_a_crash_before_the_flush(
         assert again.write_changed(0, image[:CHUNK]) == 0
     with ChunkStore.open(tmp_path / "r") as again:
         assert again.read(0, 2 * CHUNK) == image and not again.head.index
+
+
+def test_a_manifest_whose_size_is_not_its_image_ids_is_refused_before_any_fetch(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A manifest re-sealed with a size far above its image id's (its extra blocks nulls):
+    refused at once, naming both, nothing fetched nor registered. A scratch file of that size
+    was made and hashed whole before the content was found not to be the backed up one."""
+    target = "s3://image-alone-size/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(20).randbytes(MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    image_id = cli.json("backing-image", "ls")[0]["id"]
+    made = cli.run(
+        "backing-image", "backup", "base", "--target", target, "--create-bucket", "--quiet"
+    ).stdout.split()[-1]
+    backup = made.split("backup=")[1]
+    store = BackupStore(Bucket(Target.parse(target)))
+    manifest = store.manifest("image-base", backup)
+    size = 256 * MIB
+    blocks = manifest["blocks"] + [None] * (-(-size // manifest["block_size"]) - 1)
+    forged = {**manifest, "size": size, "blocks": blocks}
+    reseal(store, f"volumes/image-base/{backup}.json", json.dumps(forged).encode())
+    other = Cli(tmp_path / "root2")
+    try:
+        before = _registered(other)
+        refused = other.run("backing-image", "restore", "base", "--target", target, check=False)
+        assert refused.returncode == 1 and refused.stderr == (
+            f"lhfs: error: the manifest of backup {backup} of image-base says {size} bytes, its "
+            f"image content id {image_id} {MIB}: one of them was changed\n"
+        ), refused
+        assert _registered(other) == before
+    finally:
+        teardown(other.root)
+
+
+def test_a_system_restore_on_an_image_changed_in_place_goes_on_whole_as_any_restore(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """The image a volume stands on is registered, its file changed in place with its size
+    and time kept (it looks as registered): found as the volume's copy of it is made, and the
+    volume restored whole, said in a line, as ``backup restore`` does; the system restore
+    gave that volume up ("volume a: the backing image file ... changed")."""
+    target = "s3://image-system-changed/p"
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(21).randbytes(3 * MIB))
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    cli.run("volume", "create", "a", "--size", "8M", "--replicas", "1", "--backing-image", "base")
+    write_detached(cli, "a", {MIB: random.Random(22).randbytes(CHUNK)})
+    url = cli.run(
+        "system", "backup", "--target", target, "--name", "s1", "--create-bucket", "--quiet"
+    ).stdout.split()[-1]
+    source = cli.checksum("a")
+    other = Cli(tmp_path / "root2")
+    try:
+        other.run("backing-image", "create", "base", "--from", str(raw))
+        image = other.root / "backing-images" / "base.img"
+        stamp = image.stat()
+        with open(image, "r+b") as f:
+            f.write(b"changed in place")
+        os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        result = other.run("system", "restore", url, "--volumes", "a")
+        assert result.stderr.splitlines()[-1] == (
+            "lhfs: volume a: its backing image base's file changed since it was registered: "
+            "restored with the image's content as its own data"
+        ), result.stderr
+        assert "volume(s) a" in result.stdout and "on backing image" not in result.stdout
+        assert other.info("a")["backing_image"] is None and other.checksum("a") == source
+    finally:
+        teardown(other.root)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import needs_fuse
 
+from lhfs.config import volume as volumes
 from lhfs.core.procs import wait_for
+from lhfs.engine import daemon
 from lhfs.testing import Cli, fio_verify, loop_attach
 
 pytestmark = needs_fuse
@@ -243,3 +247,34 @@ def test_an_ipv6_metrics_address_is_said_in_brackets() -> None:
     host, port = serve("[::1]:0", One())
     assert host == "[::1]", host
     assert value(scrape(f"{host}:{port}"), "lhfs_test_one") == 1
+
+
+def test_a_hung_disk_is_read_by_one_thread_at_a_time(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local replica whose disk hangs is read by one thread at most: the rounds while it is
+    blocked get no reading (unknown) at once instead of another thread blocked beside it,
+    and the one after it ends reads again. (A hung disk cannot be made on demand: the reading
+    of the directory blocks on an event here instead.)"""
+    cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1")
+    engine = daemon.Daemon(volumes.load(cli.root, "v"), tmp_path / "v.dev")
+    hung, entered = threading.Event(), []
+
+    def blocked(directory: Path) -> int:
+        entered.append(directory)
+        hung.wait(60)
+        return 1
+
+    monkeypatch.setattr(daemon, "disk_bytes", blocked)
+    first = threading.Thread(target=engine._directory_usage, args=("r1",))
+    first.start()
+    try:
+        wait_for(lambda: entered, 10, "the first reading to block")
+        for _ in range(8):  # (rounds while it hangs)
+            assert engine._directory_usage("r1") == (None, None)
+        assert len(entered) == 1
+    finally:
+        hung.set()
+        first.join(60)
+    taken, free = engine._directory_usage("r1")
+    assert taken == 1 and free is not None and free > 0 and len(entered) == 2

@@ -728,13 +728,9 @@ def restore(
     size, chunk = manifest["size"], chunk_for(manifest)
     if backing is None and kind != "system":
         vol = create_as_source(root, new_name, manifest, replicas, mark, on_disks, notice)
-    else:  # (the image a system restore chose for it, or none: as it says)
-        image = None if backing is None else Path(backing["path"])
-        if backing is not None:  # (which image it was made from: 'backing-image rm' says so)
-            mark["backing_image_name"] = backing["name"]
-        vol = manage.create(
-            root, new_name, size, chunk, replicas, image, mark, on_disks, backing and backing["id"]
-        )
+    else:  # (the image a system restore chose for it, or none: as it says; it reads the
+        # volume's record to tell whether it was made on it: see ``create_on``)
+        vol, _ = create_on(root, new_name, size, chunk, replicas, backing, mark, on_disks)
     writer = _RestoreWriter(root, vol, size, manifest["block_size"])
     try:
         store.restore(volume, name, writer.write, progress, writer.held, kind)
@@ -783,18 +779,46 @@ def create_as_source(
             root, manifest["backing_image"], manifest.get("backing_image_name")
         )
     size, chunk = manifest["size"], chunk_for(manifest)
-    if backing is not None:
-        named = {**extra, "backing_image_name": backing["name"]}  # ('backing-image rm' says so)
-        image = Path(backing["path"])
-        try:
-            return manage.create(
-                root, name, size, chunk, replicas, image, named, on_disks, backing["id"]
-            )
-        except manage.ImageChanged:  # (its size and time kept: as one found modified)
-            why = f"its backing image {backing['name']}'s file changed since it was registered"
+    vol, changed = create_on(root, name, size, chunk, replicas, backing, extra, on_disks)
+    why = changed or why
     if why is not None and notice is not None:
         notice(whole_said(name, why))
-    return manage.create(root, name, size, chunk, replicas, None, extra, on_disks)
+    return vol
+
+
+def create_on(
+    root: Path,
+    name: str,
+    size: int,
+    chunk: int,
+    replicas: int,
+    backing: dict[str, Any] | None,
+    extra: dict[str, Any],
+    on_disks: list[str] | None,
+) -> tuple[volumes.Volume, str | None]:
+    """A new volume made on registered image ``backing`` (None: holding everything itself)
+    as a restore makes it; if that image's file is found changed in place as the volume's
+    copy of it is made (``ImageChanged``: its size and time kept), made whole instead, as
+    for an image found modified, and why (else None). One way for every restore: a system
+    restore aborted that volume where the others went on whole."""
+    if backing is None:
+        return manage.create(root, name, size, chunk, replicas, None, extra, on_disks), None
+    named = {**extra, "backing_image_name": backing["name"]}  # ('backing-image rm' says so)
+    image = Path(backing["path"])
+    try:
+        made = manage.create(
+            root, name, size, chunk, replicas, image, named, on_disks, backing["id"]
+        )
+        return made, None
+    except manage.ImageChanged:
+        why = changed_said(backing["name"])
+    return manage.create(root, name, size, chunk, replicas, None, extra, on_disks), why
+
+
+def changed_said(image: str) -> str:
+    """Why a volume is restored whole although the root holds its image: its file was found
+    changed in place (``create_on``)."""
+    return f"its backing image {image}'s file changed since it was registered"
 
 
 def whole_said(volume: str, why: str) -> str:

@@ -21,7 +21,7 @@ from backupstore.store import BackupStore
 from lhfs.backups.backup import _backup_name, backup_url, open_store, parse_backup_url
 from lhfs.core.errors import AlreadyExists, CorruptState, NotFound
 from lhfs.core.names import IMAGE_BACKUPS, check_backup_name
-from lhfs.store.backing import IMAGE_ID, content_id
+from lhfs.store.backing import IMAGE_ID, content_id, id_size
 from lhfs.volumes import images
 
 
@@ -70,14 +70,24 @@ def restore_into(
     image_id: str | None = None,
     kind: str = "system",
     steps: Callable[[str, int, int], None] | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A backing image's backup into the root's images, as ``name``; its content id checked
     against the one it was backed up with (and ``image_id``, the one its system backup
-    names, which its volumes are matched on). ``kind``: who reads the backup, as its
-    reader's marker says; ``steps(what, done, total)``: how far each step after the fetch
-    went (``checking`` what was written, then ``images.create``'s: an image may be large)."""
+    names, which its volumes are matched on: before anything is fetched). ``kind``: who
+    reads the backup, as its reader's marker says; ``steps(what, done, total)``: how far
+    each step after the fetch went (``checking`` what was written, then ``images.create``'s:
+    an image may be large); ``manifest``: the backup's, when the caller read it already
+    (read once: the store could change it between two reads)."""
     _, volume, backup_name = parse_backup_url(url)
-    manifest = store.manifest(volume, backup_name)
+    if manifest is None:
+        manifest = store.manifest(volume, backup_name)
+    backed_up = image_of(manifest, volume)
+    if image_id is not None and backed_up != image_id:
+        raise CorruptState(
+            f"backing image {name}: its backup holds {backed_up}, its system backup names "
+            f"{image_id}"
+        )
     Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
     scratch = images.restore_scratch(root, name)  # (a killed restore's: cleared later)
     try:
@@ -94,19 +104,12 @@ def restore_into(
         finally:
             os.close(fd)
         checking = partial(steps, "checking") if steps else None
-        if manifest.get("snapshot") and content_id(scratch, checking) != manifest["snapshot"]:
+        if content_id(scratch, checking) != backed_up:
             raise CorruptState(
                 f"backing image {name}: the restored content is not the backed up one"
             )
-        known = manifest.get("snapshot") or None  # (checked above: not read again)
-        info = images.create(root, name, scratch, steps, take=True, known=known)
-        if image_id is not None and info["id"] != image_id:
-            images.remove(root, name)
-            raise CorruptState(
-                f"backing image {name}: the restored content is {info['id']}, its system "
-                f"backup names {image_id}"
-            )
-        return info
+        # (checked above: not read again)
+        return images.create(root, name, scratch, steps, take=True, known=backed_up)
     finally:
         scratch.unlink(missing_ok=True)
 
@@ -158,12 +161,7 @@ def restore(
             f"{target} holds no backup of backing image {name}: the backups of {volume} are "
             "a volume's ('lhfs backup restore' restores them)"
         )
-    image_id = manifest.get("snapshot")
-    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
-        raise CorruptState(
-            f"the manifest of backup {manifest['name']} of {volume} names no image content id: "
-            "not a backing image's backup"
-        )
+    image_id = image_of(manifest, volume)
     found = images.list_images(root)
     same = [i for i in found if i.get("id") == image_id and i["changed"] is not True]
     if same:
@@ -180,8 +178,28 @@ def restore(
         progress,
         kind="image",  # (its content checked against the id its manifest names)
         steps=steps,
+        manifest=manifest,
     )
     return {**info, "backup": manifest["name"], "from": name}
+
+
+def image_of(manifest: dict[str, Any], volume: str) -> str:
+    """The content id a backing image's backup was made of, as its manifest names it, and
+    of the size the manifest says: ``CorruptState`` before anything is fetched otherwise.
+    Why the size: the scratch file is made that size and hashed whole before its content is
+    compared, so a manifest of a huge size (its blocks nulls) cost as much for nothing."""
+    image_id = manifest.get("snapshot")
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+        raise CorruptState(
+            f"the manifest of backup {manifest['name']} of {volume} names no image content id: "
+            "not a backing image's backup"
+        )
+    if manifest["size"] != id_size(image_id):
+        raise CorruptState(
+            f"the manifest of backup {manifest['name']} of {volume} says {manifest['size']} "
+            f"bytes, its image content id {image_id} {id_size(image_id)}: one of them was changed"
+        )
+    return image_id
 
 
 def _name_free(root: Path, name: str) -> None:

@@ -368,6 +368,14 @@ def restore(
             backing=backing,
             kind="system",
         )
+        restored = volumes.load(root, volume)
+        if backing is not None and not restored.config.get("backing_image"):
+            # (its image's file found changed in place as its copy was made: whole instead)
+            del done["on_images"][volume]
+            done["whole"][volume] = (
+                f"{backup.changed_said(backing['name'])}: restored with the image's content as "
+                "its own data"
+            )
         saved = entry.get("config") or {}
 
         def settle(config: dict[str, Any], saved: dict[str, Any] = saved) -> None:
@@ -378,7 +386,6 @@ def restore(
                     if key in volumes.SETTINGS
                 }
 
-        restored = volumes.load(root, volume)
         restored.update(settle)
         filesystem = entry.get("filesystem")
         if isinstance(filesystem, dict) and filesystem.get("state") == "formatted":

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +57,18 @@ from lhfs.engine.fusedev import BUFFER, POOL_SLOTS, FuseChannel
 from lhfs.engine.hold import IoHold
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
-from lhfs.engine.rebuild import SourceError, Stranger, WrongShape, fit, rebuild
+from lhfs.engine.rebuild import (
+    REBUILD_SPARE,
+    SourceError,
+    Stranger,
+    WrongShape,
+    fit,
+    rebuild,
+)
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
 from lhfs.replica.process import ReplicaProcess
-from lhfs.store.chunkstore import ChunkStore, disk_bytes
+from lhfs.store.chunkstore import ChunkStore, damaged_aside, disk_bytes
 from lhfs.wire import shm, tls
 from lhfs.wire.client import ReplicaClient, parse_address
 from lhfs.wire.protocol import READER
@@ -69,7 +77,6 @@ log = logging.getLogger("lhfs.daemon")
 DISKS_EVERY = 15.0  # seconds between two questions to the replicas about their disks
 TERM_WAIT = 10.0  # seconds a replica process told to stop may take before it is killed
 KILL_WAIT = 30.0  # seconds a killed replica process may take to go
-REBUILD_SPARE = 4 << 20  # bytes a damaged replica's disk keeps free beyond its rebuild
 STOP_FLUSH = 60.0  # seconds a refused SIGTERM spends flushing what is mounted on the device
 _KEEP = object()  # (``Daemon._waiting_for``: the record stays as it is)
 
@@ -133,6 +140,7 @@ class Daemon:
         self._housekeep_again = False
         # replica -> (what its directory takes, what its disk has free), as last asked
         self.disks: dict[str, tuple[int | None, int | None]] = {}
+        self._probing: dict[str, threading.Lock] = {}  # replica -> held while its disk is read
         self.not_started: dict[str, str] = {}  # local replica -> why its process did not start
         self._damaged: dict[str, str] = {}  # local replica -> why its directory was set aside
         self.no_room: dict[str, str] = {}  # ...why it was not: no room for its rebuild
@@ -244,8 +252,7 @@ class Daemon:
             return False
         if not self._room_for_rebuild(replica_id, directory, damage):
             return False
-        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
-        aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
+        aside = damaged_aside(directory)
         why = f"its directory was damaged ({damage}): set aside as {aside}, rebuilt"
         self._damaged[replica_id] = why
         volumes.load(self.vol.root, self.vol.name).update(
@@ -823,11 +830,20 @@ class Daemon:
 
     def _directory_usage(self, replica_id: str) -> tuple[int | None, int | None]:
         """What local replica ``replica_id``'s directory takes and its disk has free, read
-        from the directory (None, None when it is not there: a disk not mounted)."""
-        directory = self.vol.replica_dir(self.vol.replica(replica_id))
-        if directory is None or not directory.is_dir():
+        from the directory (None, None when it is not there: a disk not mounted, or while
+        the previous reading of it still runs). One reading per replica at a time: on a hung
+        disk each one given up after its 2 s stayed blocked in its thread, and a new one
+        started every round, threads without end."""
+        probing = self._probing.setdefault(replica_id, threading.Lock())
+        if not probing.acquire(blocking=False):
             return None, None
-        return disk_bytes(directory), shutil.disk_usage(directory).free
+        try:
+            directory = self.vol.replica_dir(self.vol.replica(replica_id))
+            if directory is None or not directory.is_dir():
+                return None, None
+            return disk_bytes(directory), shutil.disk_usage(directory).free
+        finally:
+            probing.release()
 
     async def _snapshot_names(self) -> set[str]:
         layers = await self.engine.call_one("list_layers")

@@ -27,6 +27,7 @@ completed a rebuild.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -323,11 +324,7 @@ class Engine:
                 link.error = self.named(exc)
                 continue
             except NotInitialised:  # (wiped, or the wrong directory: rebuilt if another serves)
-                link.error = (
-                    "answers at its address with an empty replica directory, not the volume's "
-                    "replica: serve the replica's own directory there, or give it up with "
-                    "'lhfs replica rm'"
-                )
+                link.error = await self._empty(link)
                 strangers.add(link.id)
                 continue
             except LhfsError as exc:
@@ -391,6 +388,27 @@ class Engine:
                 link.error = f"stale: revision {link.revision} < {best}"
             self.mode_changed(link)
         log.info("attached: %s", ", ".join(f"{r.id}={r.mode}" for r in self.replicas))
+
+    async def _empty(self, link: ReplicaLink) -> str:
+        """What an empty replica directory answering at ``link``'s address is: the replica's
+        own (its recorded identity: a damaged directory set aside there and made anew, its
+        rebuild not yet begun), which is rebuilt once another replica serves; else another
+        directory, the replica's own to be served there instead. Why: the replica's own, it
+        was said to be another, sending the operator after a directory set aside."""
+        with contextlib.suppress(LhfsError):
+            if link.client is not None and link.uid:
+                hello = await link.client.call("hello")
+                if isinstance(hello, dict) and hello.get("uid") == link.uid:
+                    return (
+                        "answers at its address with its own directory, empty (made anew in "
+                        "place of a damaged one set aside, or wiped): rebuilt from a replica "
+                        "that serves"
+                    )
+        return (
+            "answers at its address with an empty replica directory, not the volume's "
+            "replica: serve the replica's own directory there, or give it up with "
+            "'lhfs replica rm'"
+        )
 
     def stranger(
         self, link: ReplicaLink, uid: str | None, revision: int, serving: bool

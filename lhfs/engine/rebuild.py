@@ -33,7 +33,14 @@ from typing import Any, TypeVar
 
 import trio
 
-from lhfs.core.errors import ConnectionLost, CorruptState, LhfsError, NoAnswer, PullFailed
+from lhfs.core.errors import (
+    ConnectionLost,
+    CorruptState,
+    LhfsError,
+    NoAnswer,
+    NoSpace,
+    PullFailed,
+)
 from lhfs.engine.engine import RW, WO, Engine, ReplicaLink
 from lhfs.store.layer import ABSENT
 from lhfs.wire.client import ReplicaClient, SumsUnavailable, merged_layer_sums
@@ -290,6 +297,24 @@ def _loopback(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+async def _serving_bytes(engine: Engine, target: ReplicaLink) -> int:
+    """About what the rebuild of ``target`` writes: what a replica that serves takes on its
+    disk (the most any says), as a local replica's rebuild reckons it; the volume's size
+    when none says."""
+    known = [0]
+    for link in engine.replicas:
+        if link is target or link.mode != RW or link.client is None or link.client.broken:
+            continue
+        with trio.move_on_after(10), contextlib.suppress(LhfsError):
+            held = (await link.client.info()).get("disk_bytes")
+            if type(held) is int and held >= 0:
+                known.append(held)
+    return max(known) if len(known) > 1 else engine.size
+
+
+REBUILD_SPARE = 4 << 20  # bytes a damaged replica's disk keeps free beyond its rebuild
+
+
 async def _set_aside(engine: Engine, target: ReplicaLink, hello: dict[str, Any]) -> None:
     """A replica served damaged (its directory does not open: ``ReplicaServer``) is asked to
     set its directory aside, kept on its host, and start an empty one, rebuilt as a wiped
@@ -304,7 +329,16 @@ async def _set_aside(engine: Engine, target: ReplicaLink, hello: dict[str, Any])
             f"not known as its own (id {str(hello.get('uid'))[:40]}, expected {uid}): it is "
             "not set aside"
         )
-    answer = await target.client.call("set_aside", uid=uid)
+    need = await _serving_bytes(engine, target) + REBUILD_SPARE
+    try:
+        answer = await target.client.call("set_aside", uid=uid, need=need)
+    except NoSpace as exc:  # (not final: room may be made; the rejoiner asks again)
+        target.error = (
+            f"its directory is damaged ({damaged}); {str(exc)[:600]}; or replace it: lhfs "
+            f"replica rm {engine.volume} {target.id}, then lhfs replica add {engine.volume} "
+            "--address ADDRESS (a disk with room)"
+        )
+        raise LhfsError(target.error) from None
     aside = answer.get("aside") if isinstance(answer, dict) else None
     if not isinstance(aside, str):
         raise LhfsError(f"replica {target.id} answered set_aside with {answer!r:.80}")

@@ -24,16 +24,17 @@ flushes.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -51,6 +52,7 @@ from lhfs.core.errors import (
     DamagedMeta,
     InvalidArgument,
     LhfsError,
+    NoSpace,
     NotFound,
     NotInitialised,
     NotPermitted,
@@ -60,9 +62,10 @@ from lhfs.core.errors import (
     WrongState,
     WrongVolume,
 )
+from lhfs.core.units import format_sizes
 from lhfs.replica import checks, hotpath
 from lhfs.replica.session import Probe, Session, Sessions, kind_of, source_of
-from lhfs.store.chunkstore import ChunkStore, check_geometry
+from lhfs.store.chunkstore import ChunkStore, check_geometry, damaged_aside, lock_directory
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey
@@ -76,6 +79,7 @@ _REVISION_ANSWER = struct.Struct("<IIHQ")
 _REVISION_LENGTH = _REVISION_ANSWER.size - p.LENGTH.size
 _PULL_TIMEOUT = 60
 ID_FILE = "id"  # the replica directory's identity (``directory_id``)
+FRESH = ".anew"  # the suffix of the directory a set-aside puts in place of a damaged one
 _UID = re.compile(r"[0-9a-f]{32}")
 _PEER_RETRY_AFTER = 5.0  # a peer that could not be reached is not asked again before this
 _WRITEBACK_EVERY = 64 << 20  # bytes pulled into the replica between background data syncs
@@ -115,11 +119,14 @@ class ReplicaServer:
         keep_damaged: bool = False,
     ) -> None:
         self.dir = Path(directory)
+        finish_set_aside(self.dir)
         check_directory(self.dir)
         self.key = key
         self.tls = tls_context  # TLS on TCP connections (the local socket stays plain)
         self.store: ChunkStore | None = None
         self.damaged: str | None = None  # why the directory does not open, served damaged
+        self._aside: Path | None = None  # where it was moved by a set-aside not finished
+        self._lock_fd = -1  # the directory's lock, held while it is served damaged
         if (self.dir / "volume.json").exists():
             try:
                 self.store = ChunkStore.open(self.dir)
@@ -127,10 +134,19 @@ class ReplicaServer:
                 # (another volume's directory is never this volume's to set aside; one whose
                 # volume.json does not say whose it is is known by its ``id`` alone: only the
                 # engine that recorded that identity for the replica asks)
+                # (said first: whose directory it is tells the operator where the mistake is)
                 owner = replica_volume_id(self.dir)
-                if not keep_damaged or (owner is not None and owner != key.id_hex):
+                if owner is not None and owner != key.id_hex:
+                    raise _another_volume(self.dir, owner, key) from None
+                if not keep_damaged:
                     raise
                 self.damaged = str(exc).split(": nothing was deleted")[0][:400]
+                pinned = _not_movable(self.dir)
+                if pinned is not None:  # (said up front: its engine and ``replica ls`` show it)
+                    self.damaged = f"{self.damaged}; {pinned}"
+                # (held as a store holds it: a second process serving the directory would be
+                # asked to set aside what this one's engine had rebuilt there)
+                self._lock_fd = lock_directory(self.dir)
                 log.error(
                     "%s: nothing is served from this directory; the engine sets it aside "
                     "(kept beside it) and rebuilds the replica once another replica serves",
@@ -142,11 +158,7 @@ class ReplicaServer:
                     self.store.set_volume_id(key.id_hex)
             if owner is not None and owner != key.id_hex:
                 self.close()
-                raise WrongVolume(
-                    f"{self.dir} holds a replica of another volume (id {owner}); the key file "
-                    f"is for volume {key.volume} (id {key.id_hex})",
-                    owner,
-                )
+                raise _another_volume(self.dir, owner, key)
         self.uid: str | None = None  # (``serve`` makes or reads it, once it listens)
         self.sessions = Sessions(self.dir, key)
         self._structural = trio.Lock()
@@ -200,9 +212,15 @@ class ReplicaServer:
                 return
 
     def close(self) -> None:
+        self._unlock()
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- connections --------------------------------------------------------------------------
 
@@ -537,7 +555,8 @@ class ReplicaServer:
             hello = {"initialised": self.store is not None, "dir": str(self.dir), "uid": self.uid}
             return {**hello, "damaged": self.damaged} if self.damaged is not None else hello
         if method == "set_aside":
-            return self._set_aside(checks.text(args, "uid", 64))
+            uid = checks.text(args, "uid", 64)
+            return self._set_aside(uid, checks.integer(args, "need", 0, checks.MAX_VOLUME << 2))
         if method == "init":
             if self.damaged is not None:  # (refused, saying why: set aside first)
                 self._require_store()
@@ -546,6 +565,7 @@ class ReplicaServer:
             size = checks.integer(args, "size", 1, checks.MAX_VOLUME)
             chunk_size = checks.integer(args, "chunk_size", 1, 64 << 20)
             check_geometry(size, chunk_size)
+            self._unlock()  # (the store takes it: one lock per directory, even in one process)
             self.store = ChunkStore.create(self.dir, size, chunk_size, volume_id=self.key.id_hex)
             return self.store.info()
         if self._structural.locked() and method in _STRUCTURAL:
@@ -573,29 +593,81 @@ class ReplicaServer:
             return store.rebuild_finish()
         raise InvalidArgument(f"unknown method {method!r}")
 
-    def _set_aside(self, uid: str) -> dict[str, str]:
+    def _set_aside(self, uid: str, need: int) -> dict[str, str]:
         """Set the damaged directory aside beside itself (``<dir>.damaged-<time>``, kept
-        whole: never anything deleted) and start an empty one in its place with the same
+        whole: never anything deleted) and put an empty one in its place with the same
         identity and epoch, for the engine to initialise and rebuild; where it went. Only the
         current engine may ask (``_permit``), naming this directory's identity: the one it
-        recorded for the replica, so that no other directory is set aside on its word. A crash
-        between the rename and the new identity leaves what a wiped directory is: served
-        empty under a new identity, and rebuilt whole as one."""
+        recorded for the replica, so that no other directory is set aside on its word.
+        Refused (``NoSpace``, changing nothing) when its disk has less than ``need`` bytes
+        free, what the engine reckons its rebuild writes beside the directory set aside
+        (which keeps its space): else the rebuild filled the disk and failed, the damaged
+        copy still taking its room.
+
+        The new directory is made whole first, under another name (``FRESH``: identity and
+        epoch, synced), then the two renames: made after the damaged one moved, a failure
+        (a full disk) left the replica cleared of its damage with an identity in memory
+        only, a stranger to its engine after a restart, its fencing epoch lost. A failure
+        anywhere leaves the replica damaged, asked again; a crash between the renames is
+        finished at the next start (``finish_set_aside``)."""
         if self.damaged is None:
             raise WrongState(f"replica {self.dir} is not damaged: nothing is set aside")
         if uid != self.uid:
             raise NotPermitted(f"replica {self.dir} is {self.uid}, not {uid:.40}: not set aside")
-        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"  # (two a second)
-        aside = self.dir.with_name(f"{self.dir.name}.damaged-{stamp}")
-        os.rename(self.dir, aside)
-        fsync_dir(self.dir.parent)
-        damage, self.damaged = self.damaged, None
+        # (the directory itself, not a link to it: the link moved, the rebuild would fill the
+        # link's disk, the damaged directory left where it was)
+        directory = Path(os.path.realpath(self.dir))
+        aside = self._aside  # (moved already by an attempt that failed after it)
+        if aside is None:
+            self._still_damaged(directory)
+            pinned = _not_movable(directory)
+            if pinned is not None:
+                raise WrongState(pinned)
+            free = shutil.disk_usage(directory.parent).free
+            if free < need:
+                shown_need, shown_free = format_sizes(need, free)
+                raise NoSpace(
+                    f"{directory} is kept as it is, not set aside: its rebuild needs about "
+                    f"{shown_need} beside it on its disk, which has {shown_free} free; make "
+                    "room there (it is set aside when its engine asks again)"
+                )
+            fresh = _fresh_directory(directory)
+            self.sessions.keep_epoch(fresh)
+            atomic_write(fresh / ID_FILE, f"{self.uid}\n".encode())
+            aside = damaged_aside(directory)
+            os.rename(directory, aside)
+            self._aside = aside
+        fresh = directory.with_name(directory.name + FRESH)
+        held = lock_directory(fresh)
+        try:
+            os.rename(fresh, directory)
+            fsync_dir(directory.parent)
+        except BaseException:
+            os.close(held)
+            raise
+        self._unlock()  # (the damaged one's, aside)
+        self._lock_fd = held
+        damage, self.damaged, self._aside = self.damaged, None, None
         log.error("%s: set aside as %s, to be rebuilt", damage, aside)
-        self.dir.mkdir(mode=0o700)
-        self.sessions.keep_epoch()
-        atomic_write(self.dir / ID_FILE, f"{self.uid}\n".encode())
-        fsync_dir(self.dir.parent)
         return {"aside": str(aside)}
+
+    def _still_damaged(self, directory: Path) -> None:
+        """Open the directory again right before it is set aside: one repaired by hand while
+        served damaged is served from now on and not set aside (``WrongState``). Its lock is
+        let go for the store to take it, and taken again while it stays damaged."""
+        self._unlock()
+        try:
+            store = ChunkStore.open(directory)
+        except (DamagedLayers, DamagedMeta):
+            self._lock_fd = lock_directory(directory)
+            return
+        except BaseException:
+            with contextlib.suppress(LhfsError, OSError):
+                self._lock_fd = lock_directory(directory)
+            raise
+        self.store, self.damaged = store, None
+        log.warning("%s opens now: served, not set aside", directory)
+        raise WrongState(f"replica {self.dir} opens now (repaired): it is served, not set aside")
 
     async def _task(self, session: Session, task: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -789,6 +861,58 @@ def check_directory(directory: Path) -> None:
             f"{directory.parent} is not a directory that exists: a replica directory is made "
             "only in one"
         )
+
+
+def _another_volume(directory: Path, owner: str, key: VolumeKey) -> WrongVolume:
+    """A directory of another volume than the key's, damaged or not: refused, never served."""
+    return WrongVolume(
+        f"{directory} holds a replica of another volume (id {owner}); the key file is for "
+        f"volume {key.volume} (id {key.id_hex})",
+        owner,
+    )
+
+
+def _fresh_directory(directory: Path) -> Path:
+    """The empty directory made beside ``directory`` to take its place once it is set
+    aside (``FRESH``): made, or the one an attempt that failed left (holding only what a
+    set-aside writes in it); a directory holding anything else there is not taken."""
+    fresh = directory.with_name(directory.name + FRESH)
+    try:
+        fresh.mkdir(mode=0o700)
+    except FileExistsError:
+        found = set(os.listdir(fresh)) if fresh.is_dir() and not fresh.is_symlink() else None
+        if found is None or not found <= {ID_FILE, ".id.tmp", "epoch", ".epoch.tmp", "lock"}:
+            raise WrongState(
+                f"{fresh} is in the way: the damaged directory is set aside only once it is "
+                "moved away"
+            ) from None
+    return fresh
+
+
+def finish_set_aside(directory: Path) -> None:
+    """Put the new directory of a set-aside a crash cut between its two renames in place:
+    the damaged one moved aside, the new one (``FRESH``, holding the replica's identity)
+    not yet in its place. Else served empty under a new identity, a stranger to its engine."""
+    real = Path(os.path.realpath(directory))
+    fresh = real.with_name(real.name + FRESH)
+    if os.path.lexists(real) or not fresh.is_dir() or _read_id(fresh / ID_FILE)[0] is None:
+        return
+    os.rename(fresh, real)
+    fsync_dir(real.parent)
+    log.warning("%s: the directory made in place of the damaged one set aside is put there", real)
+
+
+def _not_movable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be set aside by a rename, if it cannot: a file system is
+    mounted on it (a disk given to the replica whole, a natural layout). Its content is not
+    moved aside within it instead: the new replica would then share its directory with the
+    damaged one's files, which a chunk store refuses as unknown layer files."""
+    if os.path.ismount(os.path.realpath(directory)):
+        return (
+            f"{directory} is a mount point and cannot be set aside: serve a subdirectory of "
+            "it, or move its content aside by hand"
+        )
+    return None
 
 
 def _read_id(path: Path) -> tuple[str | None, str | None]:

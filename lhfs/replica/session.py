@@ -152,9 +152,9 @@ class Sessions:
         atomic_write(self.dir / EPOCH_FILE, f"{epoch} {owner.hex()}\n".encode())
         self.epoch, self.owner = epoch, owner
 
-    def keep_epoch(self) -> None:
-        """Record the epoch again, in a directory made anew in place of the one set aside."""
-        self._record_epoch(self.epoch, self.owner)
+    def keep_epoch(self, directory: Path) -> None:
+        """Record the epoch in ``directory``, made to take the place of the one set aside."""
+        atomic_write(directory / EPOCH_FILE, f"{self.epoch} {self.owner.hex()}\n".encode())
 
     def current(self, epoch: int, owner: bytes) -> bool:
         return (epoch, owner) == (self.epoch, self.owner)

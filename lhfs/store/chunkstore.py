@@ -43,6 +43,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -359,7 +360,7 @@ class ChunkStore:
         if backing_image is not None:  # (a path mistyped is said before anything is made)
             _check_image(Path(backing_image))
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock_fd = _lock(directory)
+        lock_fd = lock_directory(directory)
         try:
             backing = None
             if backing_image is not None:
@@ -403,7 +404,7 @@ class ChunkStore:
         meta_path = directory / META
         if not meta_path.exists():
             raise NotFound(f"{directory} holds no volume")
-        lock_fd = _lock(directory)
+        lock_fd = lock_directory(directory)
         try:
             try:
                 meta = json.loads(meta_path.read_text())
@@ -431,7 +432,7 @@ class ChunkStore:
         meta_path = directory / META
         if not meta_path.exists():
             return None
-        lock_fd = _lock(directory)
+        lock_fd = lock_directory(directory)
         try:
             try:
                 meta = check_meta(json.loads(meta_path.read_text()), meta_path)
@@ -1527,8 +1528,17 @@ def _add_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
     ranges[:] = sorted(keep)
 
 
-def _lock(directory: Path) -> int:
-    """Hold the directory exclusively: two processes writing one replica would corrupt it."""
+def damaged_aside(directory: Path) -> Path:
+    """Where a damaged replica directory is set aside, beside itself: ``<dir>.damaged-<time>``
+    (the time to the second, and a random suffix for two in one second), for the local
+    engine and a replica on another host alike, so that the operator meets one name."""
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    return directory.with_name(f"{directory.name}.damaged-{stamp}")
+
+
+def lock_directory(directory: Path) -> int:
+    """Hold the directory exclusively: two processes writing one replica would corrupt it
+    (a replica served damaged holds it too: ``ReplicaServer``)."""
     fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
