@@ -24,6 +24,7 @@ the volume's I/O timeout, however long a request takes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
