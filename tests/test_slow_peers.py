@@ -5,16 +5,19 @@ which slows or stalls what passes through it on loopback."""
 
 from __future__ import annotations
 
+import calendar
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 from conftest import needs_fuse
 
 from lhfs.core.procs import wait_for
 from lhfs.testing import Cli, write_direct
+from tools.faultproxy import FaultProxy
 
 MIB = 1 << 20
 
@@ -128,3 +131,52 @@ def test_a_replica_too_slow_to_be_rebuilt_says_why_and_waits_longer(
     assert slowest[0] < 3.5, slowest
     proxy.send_rate = proxy.rate = None
     cli.run("volume", "detach", "s")
+
+
+@needs_fuse
+def test_dr_status_says_when_the_store_leaves_a_request_unanswered(
+    cli: Cli, tmp_path: Path, s3_endpoint: str
+) -> None:
+    """A store that takes connections and answers nothing holds the follower's listing for
+    as long as its read timeout and retries last. ``dr status`` says it waits for the store,
+    and since when, within seconds, also after the follower was started again, and no longer
+    once the store answers. (It said ``standby``, no error, for some 30 s, and again after
+    each start: only the lag grew.)"""
+    target = "s3://dr-stall/p"
+    upstream = urlparse(s3_endpoint)
+    proxy = FaultProxy((upstream.hostname, upstream.port), delay=10.0)
+    standby = Cli(cli.root, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    cli.backup("v", target)
+
+    def waiting() -> dict | None:
+        return standby.json("dr", "status", "s").get("waiting_for_store")
+
+    try:
+        standby.run(
+            "dr", "create", "s", "--target", target, "--volume", "v", "--replicas", "1",
+            "--interval", "1", "--quiet",
+        )  # fmt: skip
+        assert waiting() is None
+        proxy.hold()  # what is sent on open connections waits...
+        proxy.fail_every(1, ["delay"])  # ...and new ones are taken, and relayed 10 s later
+        started = time.time()
+        said = wait_for(waiting, 15, "dr status to say it waits for the store")
+        assert said["request"].startswith("LIST "), said
+        since = calendar.timegm(time.strptime(said["since"], "%Y-%m-%dT%H:%M:%SZ"))
+        assert started - 2 <= since <= time.time(), (said, started)
+        shown = standby.run("dr", "status", "s").stdout
+        assert f"waiting for the store since {said['since']}: LIST " in shown, shown
+
+        standby.run("dr", "stop", "s")
+        assert waiting() is None  # (no follower: nothing waits)
+        standby.run("dr", "start", "s")
+        wait_for(waiting, 15, "dr status to say it waits for the store again")
+
+        proxy.clear()
+        proxy.release()
+        wait_for(lambda: waiting() is None, 30, "dr status to see the store answer")
+    finally:
+        proxy.clear()
+        proxy.release()
+        proxy.close()
