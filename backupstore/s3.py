@@ -318,6 +318,8 @@ class Bucket:
         # too, at once (see ``_call``); ``_gave_up`` wakes those waiting to retry.
         self._down = False
         self._gave_up = threading.Condition()
+        # the calls under way: what each asks, and when it began (monotonic, wall clock)
+        self._pending: dict[object, tuple[str, float, float]] = {}
         # a request that hangs waits no longer than the deadline (10 s at least: a large
         # block on a slow link is not a hung store), never the deadline several times over
         wait = min(60.0, max(10.0, deadline))
@@ -341,6 +343,22 @@ class Bucket:
         answered. Uploads in parallel, each retrying for the whole deadline in turn, made a
         backup whose store went away fail after several times ``--retry-timeout``."""
         started = time.monotonic()
+        token = object()
+        self._pending[token] = (what, started, time.time())
+        try:
+            return self._attempts(what, fn, started)
+        finally:
+            del self._pending[token]
+
+    def waiting(self) -> tuple[str, float, float] | None:
+        """The oldest call under way (what it asks, when it began: monotonic and wall
+        clock), or None: a store that accepts connections and answers nothing holds a call
+        for as long as its read timeout and retries last, and says nothing meanwhile; whoever
+        shows the state of a long-running user of the store (a DR follower) asks this."""
+        pending = list(self._pending.values())  # (taken whole: other threads add and remove)
+        return min(pending, key=lambda call: call[1]) if pending else None
+
+    def _attempts(self, what: str, fn: Callable[[], T], started: float) -> T:
         delay = self.first_delay
         attempt = 0
         while True:

@@ -12,7 +12,8 @@ fault on every n-th connection, cycling through ``modes``; ``stop()``/``resume()
 connections for a while (an endpoint that went away); ``cut()`` stops and also resets every
 connection open at that moment (its process died); ``clear()`` drops every scheduled fault.
 Setting ``rate`` (bytes per second) throttles every relayed connection's answers, open ones
-included, which stretches long transfers for tests that must act in the middle of one.
+included, which stretches long transfers for tests that must act in the middle of one;
+``send_rate`` does the same to what the clients send (a slow link both ways: set both).
 
 ``hold()`` makes the connections open at that moment keep what their client sends instead of
 relaying it (a link that stopped delivering, the bytes waiting in a send queue); ``release()``
@@ -72,6 +73,7 @@ class FaultProxy:
         self.port = self._listener.getsockname()[1]
         self._closing = False
         self.rate: float | None = None
+        self.send_rate: float | None = None
         self._held = threading.Event()  # set: hold what the clients of old connections send
         self._held_upto = 0  # connections up to this number are held
         self._released = threading.Event()
@@ -255,8 +257,9 @@ class FaultProxy:
                     _reset(src)
                     _reset(dst)
                     return
-                if answers and self.rate:
-                    time.sleep(len(data) / self.rate)
+                rate = self.rate if answers else self.send_rate
+                if rate:
+                    time.sleep(len(data) / rate)
                 dst.sendall(data)
                 sent += len(data)
         except OSError:

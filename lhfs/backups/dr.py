@@ -471,6 +471,8 @@ class Status:
             "last_increment": previous.get("last_increment"),
             # (a backup deleted while it was applied: the standby is not current since)
             "deleted_while_applied": previous.get("deleted_while_applied"),
+            # (a store request unanswered for longer than STORE_WAIT_SAID: what, since when)
+            "waiting_for_store": None,
         }
         self._progress_written = 0.0
         self._final = False
@@ -568,6 +570,8 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
     failures = 0
     status.update()
     log.info("following %s of %s every %ss", config["volume"], config["target"], interval)
+    stopping = threading.Event()
+    threading.Thread(target=_watch_store, args=(store, status, stopping), daemon=True).start()
     try:
         while True:
             vol = volumes.load(root, name)
@@ -600,10 +604,31 @@ def run(root: Path, name: str, metrics: str | None = None) -> int:
                 wait = min(retry_max, interval * 2**failures) * random.uniform(0.5, 1.0)
             time.sleep(wait)
     finally:
+        stopping.set()
         with contextlib.suppress(Exception):
             failed = status.data["state"] == "failed"
-            status.finish(**({} if failed else {"state": "stopped", "progress": None}))
+            stopped = {"state": "stopped", "progress": None, "waiting_for_store": None}
+            status.finish(**({"waiting_for_store": None} if failed else stopped))
         os.close(held)
+
+
+STORE_WAIT_SAID = 5.0  # seconds a store request waits before the follower's status says so
+
+
+def _watch_store(store: BackupStore, status: Status, stopping: threading.Event) -> None:
+    """Say in the status when a store request has waited longer than ``STORE_WAIT_SAID``,
+    and that it no longer does once it ended. The rest of the status changes only as a
+    request ends: a store that takes connections and answers nothing left it saying
+    ``standby``, no error, for as long as the request's read timeout and retries last."""
+    while not stopping.wait(1.0):
+        call = store.bucket.waiting()
+        said = status.data.get("waiting_for_store")
+        if call is not None and time.monotonic() - call[1] > STORE_WAIT_SAID:
+            now = {"request": call[0], "since": rfc3339(call[2])}
+            if now != said:
+                status.update(waiting_for_store=now)
+        elif said is not None:
+            status.update(waiting_for_store=None)
 
 
 def _step(
@@ -1031,6 +1056,8 @@ def status(root: Path, name: str) -> dict[str, Any]:
         "last_error_at": current.get("last_error_at"),
         "last_error_recovered_at": current.get("recovered_at"),  # (None: not since)
         "last_checked": current.get("last_checked"),
+        # (a store request unanswered for some seconds: {"request": ..., "since": ...})
+        "waiting_for_store": current.get("waiting_for_store") if running else None,
         "last_increment": current.get("last_increment"),
         "passed_over": passed if isinstance(passed, dict) else None,  # (backup -> why)
         # (the backup it was applying when it was deleted from the store: not current since)

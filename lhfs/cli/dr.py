@@ -93,6 +93,12 @@ def cmd_dr_status(args: argparse.Namespace) -> None:
         f"{status['name']}: {status['state']}, following {status['source_volume']} in "
         f"{status['target']}"
     )
+    waiting = status["waiting_for_store"]
+    if waiting:
+        print(
+            f"  waiting for the store since {waiting['since']}: {waiting['request']} not "
+            "answered yet"
+        )
     print(f"  last restored backup: {status['last_restored_backup'] or '(none yet)'}")
     if status["applying"]:
         print(f"  applying {status['applying']}: {status['progress'] or 0:.0f}%")

@@ -96,6 +96,8 @@ class ReplicaLink:
     # keeps the time it was lost, so that ``rejoin_limit`` ends a replica that never serves again
     failed_at: float | None = None
     comebacks: int = 0  # times brought back since it last served (each fails: longer waits)
+    # it last failed for not answering in time before it served (too slow to be rebuilt)
+    slow: bool = False
     failures: int = 0  # times marked ERR since attach (a replica that flaps shows here)
     restarts: int = 0  # times its process was started again (a local replica) since attach
     rejoin: str | None = None  # what the engine does to bring it back, if anything
@@ -442,12 +444,17 @@ class Engine:
             )
         return None
 
-    def fail(self, link: ReplicaLink, reason: str, at_once: bool = False) -> None:
+    def fail(
+        self, link: ReplicaLink, reason: str, at_once: bool = False, slow: bool = False
+    ) -> None:
         """Take ``link`` out of I/O, for its owner to bring back. ``at_once``: the replica
         answers well (it refused what the others did, a scrub found it corrupt), so it is
-        rebuilt without waiting for it to prove it stays reachable."""
+        rebuilt without waiting for it to prove it stays reachable. ``slow``: it did not
+        answer in time; one that was not serving yet (being rebuilt) is brought back later
+        than others (``lhfs.engine.rejoin``): each attempt would hold the volume's writes."""
         if link.mode == ERR or link not in self.replicas:  # (removed: nothing to bring back)
             return
+        link.slow = slow and link.mode != RW
         log.warning("replica %s (%s) failed: %s", link.id, link.address, reason)
         if link.mode == RW and not any(r.mode == RW for r in self.replicas if r is not link):
             # the volume faults with it: it holds every write ever acknowledged, and is the one
@@ -460,7 +467,10 @@ class Engine:
         link.since = rfc3339()
         link.failures += 1
         if link.client is not None:  # reset: what is still queued on it is never delivered
-            self.nursery.start_soon(link.client.aclose, True)
+            # (its requests fail with the reason, not as a mere closed connection: a rebuild
+            # under way says why it failed)
+            why = ConnectionLost(f"replica {link.id} ({link.address}) failed: {reason}")
+            self.nursery.start_soon(link.client.aclose, True, why)
         self.mode_changed(link)
         self.on_failed(link, at_once)
 
@@ -774,9 +784,9 @@ class Engine:
                 if link.mode == ERR or client is None:
                     continue
                 if client.failure is not None and not self.closing:
-                    self.fail(link, client.failure)
+                    self.fail(link, client.failure, slow=client.timed_out)
                 elif client.stalled(now, self.io_timeout):
-                    self.fail(link, f"no answer within {self.io_timeout:.0f}s")
+                    self.fail(link, f"no answer within {self.io_timeout:.0f}s", slow=True)
 
     # The same operations, awaited (control requests, tools and tests).
 

@@ -146,8 +146,11 @@ async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
                 watching.cancel()
     except LhfsError as exc:
         _say_relayed(target, stats)
-        engine.fail(target, f"rebuild failed: {exc}")
+        client = target.client  # (a request that timed out may surface as another error)
+        silent = isinstance(exc, NoAnswer) or (client is not None and client.timed_out)
+        engine.fail(target, f"rebuild failed: {exc}", slow=silent)
         target.error = f"rebuild failed: {exc}"  # also when it was not serving yet
+        target.slow = target.slow or silent
         target.rebuild_progress = None
         engine.mode_changed(target)
         raise

@@ -11,7 +11,9 @@ each failed replica the engine keeps trying to reach it (a local one: to start i
 off from 1 s to 30 s, and once it answers (a new session: see fencing in
 ``lhfs.replica.session``) waits the volume's ``rejoin_wait`` (a link that flaps is not
 rebuilt at every blink) and rebuilds it. A replica that fails again before it serves waits
-longer each time (2, 4 ... 30 s more), and one that has not served for longer than
+longer each time (2, 4 ... 30 s more); one that failed for not answering within the I/O
+timeout while it was rebuilt (too slow for the volume's writes: each attempt holds them up to
+that timeout) waits 30 s, then 60 ... 600 s, saying so, and one that has not served for longer than
 ``rejoin_limit`` is left for an operator (``replica add`` / ``replica rm``): after so long a
 full copy on a new replica is as good and it may be gone for good; a local one's process, if
 it still runs, is stopped then (it holds its directory). A directory that was wiped comes back
@@ -46,6 +48,11 @@ log = logging.getLogger("lhfs.rejoin")
 FIRST_DELAY = 1.0
 MAX_DELAY = 30.0
 HUNG_ATTEMPTS = 2  # connections a live local process leaves unanswered before it is killed
+# A replica too slow to be rebuilt (it failed to answer in time before it served) waits this
+# long before it is tried again, doubling up to SLOW_MAX_DELAY: every attempt makes the
+# volume's writes wait the I/O timeout for it, so it must not come round every few seconds.
+SLOW_DELAY = 30.0
+SLOW_MAX_DELAY = 600.0
 
 
 class Owner(Protocol):
@@ -113,7 +120,16 @@ class Rejoiner:
         delay = FIRST_DELAY
         told = None  # the last reason logged (each attempt's is not: one line per change)
         unanswered = 0  # attempts in a row left without an answer (a live local process: hung)
-        if link.comebacks:  # it failed again since it was last brought back
+        if link.comebacks and link.slow and link.stranger is None:
+            await self.owner.rebuild_over(link)  # (its rebuild says last why it failed)
+            pause = min(SLOW_DELAY * 2.0 ** (link.comebacks - 1), SLOW_MAX_DELAY)
+            link.rejoin = (
+                f"too slow to keep up with the volume's writes while rebuilt ({link.error}); "
+                f"trying again in {pause:.0f}s"
+            )
+            log.warning("replica %s: %s", link.id, link.rejoin)
+            await self._pause(link, pause)
+        elif link.comebacks:  # it failed again since it was last brought back
             pause = min(2.0**link.comebacks, MAX_DELAY)
             link.rejoin = (
                 f"another directory answers at its address; looking again in {pause:.0f}s"

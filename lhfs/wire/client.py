@@ -203,12 +203,12 @@ class ReplicaClient:
         self._stream = stream
         self._next_id = 0
         self._waiting: dict[int, Callback] = {}
-        self._quick: set[int] = set()
+        # requests under the I/O deadline, with when each was submitted (oldest first)
+        self._quick: dict[int, float] = {}
         self._outbox = p.outbox_for(stream, self._send_failed)
         self._broken: LhfsError | None = None
         self._cancel = trio.CancelScope()
-        self.progress = trio.current_time()  # when the replica last showed life
-        self.heard = self.progress  # when bytes last came from it, proven by a seal yet or not
+        self.heard = trio.current_time()  # when bytes last came from it, sealed yet or not
         self.epoch = 0  # the session epoch the replica granted
         self.shared = False  # the replica maps the engine's pool (``shm``): WRITE_SHM
         self.region: shm.Region | None = None  # this connection's read region: READ_SHM
@@ -314,10 +314,20 @@ class ReplicaClient:
         """Why the connection ended (None while it serves)."""
         return None if self._broken is None else str(self._broken)
 
+    @property
+    def timed_out(self) -> bool:
+        """Whether the connection ended because the replica did not answer in time."""
+        return isinstance(self._broken, NoAnswer)
+
     def stalled(self, now: float, timeout: float) -> bool:
-        """Whether requests that must be answered promptly (I/O) have waited for more than
-        ``timeout`` seconds without the replica sending anything."""
-        return bool(self._quick) and now - self.progress > timeout
+        """Whether a request that must be answered promptly (I/O) has waited for more than
+        ``timeout`` seconds since it was submitted. The deadline is per request, not per
+        byte: a slow replica that keeps answering other, earlier requests (or pings) sends
+        bytes all the time while the volume's I/O waits behind it far longer than the
+        timeout; one busy with a large request at a sane rate answers it within it."""
+        for submitted in self._quick.values():  # (the first is the oldest still waiting)
+            return now - submitted > timeout
+        return False
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -357,22 +367,17 @@ class ReplicaClient:
     async def _read_answers(self, frames: p.FrameBuffer) -> None:
         waiting, quick = self._waiting, self._quick
         receive = frames.receiver(self._stream)
-        sealed = frames.opener is not None
         while True:
             if not await receive():
                 return
             self.heard = trio.current_time()
-            if not sealed:
-                self.progress = self.heard
             for request_id, status, payload in frames.frames():
-                if sealed:  # (only what a seal proved shows the replica alive)
-                    self.progress = trio.current_time()
                 if self._broken is not None:  # failed meanwhile: its requests were answered
                     return
                 callback = waiting.pop(request_id, None)
                 if callback is None:
                     continue
-                quick.discard(request_id)
+                quick.pop(request_id, None)
                 if status == p.OK:
                     _call(callback, None, payload)
                 else:
@@ -418,9 +423,7 @@ class ReplicaClient:
         self._next_id = request_id
         self._waiting[request_id] = callback
         if quick:
-            if not self._quick:
-                self.progress = trio.current_time()
-            self._quick.add(request_id)
+            self._quick[request_id] = trio.current_time()
         header = p.HEADER.pack(length, request_id, op)
         if not owned:
             parts = tuple(part if p.immutable(part) else bytes(part) for part in parts)
