@@ -842,33 +842,38 @@ class BackupStore:
         listing: whether a system backup's parts all still exist."""
         return {(vol, name) for _, vol, name, kind in self._listed()[0] if kind == "json"}
 
-    def _manifests(
-        self, wanted: list[tuple[str, str]]
-    ) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], str]]:
-        """The manifests of ``(volume, backup)`` pairs, read in parallel, and why each damaged
-        one cannot be read (it fails authentication, does not parse): one damaged manifest
-        must not stop every command that reads them all, each of which says what it does
-        about it. Those deleted since they were listed are left out."""
+    def _each_manifest(
+        self, wanted: list[tuple[str, str]], take: Callable[[dict[str, Any]], Any]
+    ) -> Iterator[tuple[tuple[str, str], Any, str | None]]:
+        """``(pair, take(manifest), None)`` for each ``(volume, backup)`` pair whose manifest
+        reads, ``(pair, None, why)`` for each damaged one (it fails authentication, does not
+        parse): one damaged manifest must not stop every command that reads them all, each
+        of which says what it does about it. Those deleted since they were listed are left
+        out. Read in parallel, but only ``2 * workers`` at a time, and each manifest is
+        dropped as soon as ``take`` has kept what the caller needs of it (a summary, the
+        names of its blocks): a store keeping many backups of a large volume would
+        otherwise hold every manifest, each a few dozen bytes per block, at once."""
 
-        def read(pair: tuple[str, str]) -> dict[str, Any] | CorruptState | None:
+        def read(pair: tuple[str, str]) -> tuple[Any, str | None] | None:
             try:
-                return self.manifest(*pair)
+                return take(self.manifest(*pair)), None
             except NotFound:
                 return None
             except CorruptState as exc:
-                return exc
+                return None, str(exc)
 
         if wanted:  # a record that does not open fails the command, not each manifest
             self.keys  # noqa: B018
-        good: dict[tuple[str, str], dict[str, Any]] = {}
-        damaged: dict[tuple[str, str], str] = {}
+        window = 2 * self.workers
         with ThreadPoolExecutor(self.workers) as pool:
-            for pair, found in zip(wanted, pool.map(read, wanted), strict=True):
-                if isinstance(found, CorruptState):
-                    damaged[pair] = str(found)
-                elif found is not None:
-                    good[pair] = found
-        return good, damaged
+            pending: deque = deque()
+            for index, pair in enumerate(wanted, 1):
+                pending.append((pair, pool.submit(read, pair)))
+                while len(pending) >= window or (pending and index == len(wanted)):
+                    done, future = pending.popleft()
+                    found = future.result()
+                    if found is not None:
+                        yield (done, *found)
 
     def list(self, volume: str | None = None) -> list[dict[str, Any]]:
         """Backups, oldest first, each once: ``complete`` (its manifest exists), ``in_progress``
@@ -891,25 +896,12 @@ class BackupStore:
                 continue  # finished, its marker not removed yet (or never: gc removes it)
             state = "in_progress" if self.fresh(obj, now) else "interrupted"
             out.append(_unread(vol, name, state, obj))
-        manifests, damaged = self._manifests(list(complete))
-        for (vol, name), manifest in manifests.items():
-            out.append(
-                {
-                    "volume": vol,
-                    "name": name,
-                    "state": "complete",
-                    "snapshot": manifest.get("snapshot"),
-                    "created": manifest["created"],
-                    "started": manifest.get("started", 0.0),
-                    "taken": taken_at(manifest),
-                    "size": manifest["size"],
-                    "blocks": sum(1 for d in manifest["blocks"] if d),
-                    "reason": None,
-                }
-            )
-        for (vol, name), reason in damaged.items():
-            state = "newer" if NEWER in reason else "damaged"
-            out.append(_unread(vol, name, state, complete[(vol, name)], reason))
+        for (vol, name), summary, reason in self._each_manifest(list(complete), _summary):
+            if reason is None:
+                out.append({"volume": vol, "name": name, **summary})
+            else:
+                state = "newer" if NEWER in reason else "damaged"
+                out.append(_unread(vol, name, state, complete[(vol, name)], reason))
         return sorted(out, key=order)
 
     def fresh(self, obj: Any, now: float) -> bool:
@@ -1077,11 +1069,15 @@ class BackupStore:
                 "delete every backup"
             )
         names = self.complete_names(volume)
-        manifests, damaged = self._manifests([(volume, name) for name in names])
-        backups = [
-            {"name": name, "time": taken_at(m), "created": m["created"]}
-            for (_, name), m in manifests.items()
-        ]
+        backups, damaged = [], {}
+        for (_, name), backup, reason in self._each_manifest(
+            [(volume, name) for name in names],
+            lambda m: {"time": taken_at(m), "created": m["created"]},
+        ):
+            if reason is None:
+                backups.append({"name": name, **backup})
+            else:
+                damaged[(volume, name)] = reason
         kept = keep(backups, policy)
         present = {b["name"] for b in backups}
         for mark in self.standby_marks(volume):
@@ -1164,12 +1160,17 @@ class BackupStore:
                 return Collection(0, running)
             listed, found = self._listed()
             complete = [(vol, name) for _, vol, name, kind in listed if kind == "json"]
-            manifests, damaged = self._manifests(complete)
+            # (one set of every block still referenced: as large as the store's distinct
+            # blocks, which a collection must know; the manifests are read one by one)
+            referenced: set[str] = set()
+            damaged: dict[tuple[str, str], str] = {}
+            for pair, needed, reason in self._each_manifest(complete, stored_objects):
+                if reason is None:
+                    referenced.update(self.keys.block_name(d) for d in needed)
+                else:
+                    damaged[pair] = reason
             if damaged:  # the blocks a damaged manifest names are unknown: none may go
                 return Collection(0, self._unknown_blocks(damaged), damaged=damaged)
-            referenced: set[str] = set()
-            for manifest in manifests.values():
-                referenced.update(self.keys.block_name(d) for d in stored_objects(manifest))
             running = self._running(marker.key)  # a second look, now that the work is known
             if running:
                 return Collection(0, running)
@@ -1681,6 +1682,21 @@ def taken_at(backup: dict[str, Any]) -> float:
     if _is_time(started) and started:
         return float(started)
     return _stamp(backup.get("created")) or 0.0
+
+
+def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What ``list`` shows of a complete backup: its manifest's fields but the block list,
+    which is counted (the manifest itself is not kept)."""
+    return {
+        "state": "complete",
+        "snapshot": manifest.get("snapshot"),
+        "created": manifest["created"],
+        "started": manifest.get("started", 0.0),
+        "taken": taken_at(manifest),
+        "size": manifest["size"],
+        "blocks": sum(1 for d in manifest["blocks"] if d),
+        "reason": None,
+    }
 
 
 def _unread(vol: str, name: str, state: str, obj: Any, reason: str | None = None) -> dict:

@@ -151,27 +151,64 @@ def newest_backup(
     passed_over: Callable[[str], None] | None = None,
 ) -> dict[str, Any] | None:
     """The manifest of the volume's newest complete backup that reads. Manifests never change
-    once written, so each is read once and kept in ``cache`` until its backup disappears. A
-    damaged one (it fails authentication, a stray object) is passed over, said once in the
-    log: whoever can write the bucket must not stop every standby of the volume with it. A
+    once written, so each is read once and what orders it (``_ORDERED``) is kept in
+    ``cache`` until its backup disappears; the whole manifest only for the newest, the one
+    the follower compares and applies: a whole manifest is a few dozen bytes per block, and
+    a standby of a large volume kept them all for every backup its store retains. A damaged
+    one (it fails authentication, a stray object) is passed over, said once in the log:
+    whoever can write the bucket must not stop every standby of the volume with it. A
     command passes ``passed_over``: it tells the operator, a line each, instead."""
     names = set(store.complete_names(volume))
     for name in list(cache):
         if name not in names:
             del cache[name]
-    for name in names - cache.keys():
-        try:
-            cache[name] = store.manifest(volume, name)
-        except NotFound:  # deleted since the listing
-            continue
-        except CorruptState as exc:
-            line = f"passed over backup {name} of {volume}: {exc}"
-            (passed_over or (lambda text: log.warning("%s", text)))(line)
-            cache[name] = {_DAMAGED: str(exc)}
-    readable = [manifest for manifest in cache.values() if _DAMAGED not in manifest]
-    return max(readable, key=order) if readable else None
+    for name in sorted(names - cache.keys()):
+        if _read_into(store, volume, name, cache, passed_over):
+            _keep_whole_newest(cache)
+    while True:
+        readable = [manifest for manifest in cache.values() if _DAMAGED not in manifest]
+        if not readable:
+            return None
+        newest = max(readable, key=order)
+        if "blocks" in newest:
+            return newest
+        # (the newest was deleted: the next one down was kept in short, read it whole)
+        if _read_into(store, volume, newest["name"], cache, passed_over):
+            return cache[newest["name"]]
 
 
+def _read_into(
+    store: BackupStore,
+    volume: str,
+    name: str,
+    cache: dict[str, dict[str, Any]],
+    passed_over: Callable[[str], None] | None,
+) -> bool:
+    """Read backup ``name``'s manifest into ``cache`` whole; False when it is gone (deleted
+    since the listing: dropped from ``cache``) or damaged (recorded so, said once)."""
+    try:
+        cache[name] = store.manifest(volume, name)
+        return True
+    except NotFound:
+        cache.pop(name, None)
+    except CorruptState as exc:
+        line = f"passed over backup {name} of {volume}: {exc}"
+        (passed_over or (lambda text: log.warning("%s", text)))(line)
+        cache[name] = {_DAMAGED: str(exc)}
+    return False
+
+
+def _keep_whole_newest(cache: dict[str, dict[str, Any]]) -> None:
+    """Cut every whole manifest in ``cache`` but the newest down to what orders it."""
+    whole = [m for m in cache.values() if "blocks" in m]
+    if len(whole) > 1:
+        newest = max(whole, key=order)
+        for manifest in whole:
+            if manifest is not newest:
+                cache[manifest["name"]] = {key: manifest.get(key) for key in _ORDERED}
+
+
+_ORDERED = ("name", "taken", "started", "created")  # (what ``order`` reads)
 _DAMAGED = "damaged"  # (in ``cache``: a manifest that did not read, not read again)
 
 
