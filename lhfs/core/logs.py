@@ -200,14 +200,14 @@ class Follower:
         return out
 
     def _read(self) -> bytes:
+        """The whole lines appended since the last read, read at once: a burst of many
+        megabytes (a follower stopped for a while) costs its size, not its size squared."""
         assert self._file is not None
-        data = b""
-        while True:
-            line = self._file.readline()
-            if not line.endswith(b"\n"):  # (an incomplete line: read it next time)
-                self._file.seek(-len(line), os.SEEK_CUR)
-                return data
-            data += line
+        data = self._file.read()
+        whole = data.rfind(b"\n") + 1
+        if whole < len(data):  # (an incomplete line: read it next time)
+            self._file.seek(whole - len(data), os.SEEK_CUR)
+        return data[:whole]
 
 
 FOLLOW_WINDOW = 1.0  # seconds an entry followed is held for others logged before it
