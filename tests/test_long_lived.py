@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from lhfs.core import logs
+from lhfs.core.procs import wait_for
+from lhfs.testing import Cli
 
 LINE = b"2026-12-06T16:00:00.000Z lhfs.engine: replica r2 failed: connection lost (detail)\n"
 
@@ -29,3 +31,20 @@ def test_following_a_burst_costs_its_size(tmp_path: Path) -> None:
     with open(path, "ab") as f:
         f.write(b"ne\n")
     assert merger.poll(now=time.time() + 10) == b"[engine] 2026-12-06T16:00:00.001Z half a line\n"
+
+
+def test_a_removed_replica_takes_its_log_with_it(cli: Cli, tmp_path: Path) -> None:
+    """``replica rm`` of an attached volume and of a detached one deletes the replica's log
+    and its rotated files (they stayed for ever, shown by no ``lhfs logs``)."""
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "3")
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    folder = cli.root / "volumes" / "v"
+    wait_for(lambda: (folder / "r3.log").exists(), 30, "r3 to log")
+    (folder / "r3.log.1").write_bytes(LINE)
+    cli.run("replica", "rm", "v", "r3")
+    cli.run("volume", "detach", "v")
+    cli.run("replica", "rm", "v", "r2")
+    assert not list(folder.glob("r[23].log*"))
+    assert (folder / "r1.log").exists()
+    shown = cli.run("logs", "v", "--all").stdout
+    assert "replica r2 removed" in shown and "[r2]" not in shown and "[r3]" not in shown

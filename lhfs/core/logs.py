@@ -10,6 +10,7 @@ too. Without ``--log`` (under a service manager) it logs to standard error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -95,6 +96,14 @@ def files(path: Path) -> list[Path]:
     """A log's files, oldest first: the rotated ones, then the current one."""
     older = [path.with_name(f"{path.name}.{n}") for n in range(LOG_KEEP, 0, -1)]
     return [p for p in [*older, path] if p.exists()]
+
+
+def remove(path: Path) -> None:
+    """Delete a log and its rotated files (those of a process that is gone for good: a replica
+    removed, whose id a later replica may take)."""
+    for name in files(path):
+        with contextlib.suppress(FileNotFoundError):
+            name.unlink()
 
 
 def entries(

@@ -1128,6 +1128,7 @@ def _replica_remove_offline(
 
     vol.update(drop)
     left = disks.remove(vol, entry)
+    logs.remove(vol.replica_log(replica_id))
     given_up = " given up for lost (--accept-loss)" if accept_loss else ""
     _note(vol, f"replica {replica_id} removed{given_up}" + (f" ({left} left)" if left else ""))
     return [left] if left else []
