@@ -48,3 +48,28 @@ def test_a_removed_replica_takes_its_log_with_it(cli: Cli, tmp_path: Path) -> No
     assert (folder / "r1.log").exists()
     shown = cli.run("logs", "v", "--all").stdout
     assert "replica r2 removed" in shown and "[r2]" not in shown and "[r3]" not in shown
+
+
+def test_what_commands_log_for_a_detached_volume_is_rotated(cli: Cli) -> None:
+    """Snapshots taken while a volume stays detached log to its ``engine.log``, rotated at
+    ``$LHFS_LOG_MAX_BYTES`` as the engine rotates it, three older files kept (it grew without
+    bound until the next attach)."""
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    engine_log = cli.root / "volumes" / "v" / "engine.log"
+    files = [engine_log, *(engine_log.with_name(f"engine.log.{n}") for n in (1, 2, 3))]
+    for n, path in enumerate(files):  # (the current file 32 bytes short of 4096)
+        path.write_bytes(f"2026-12-06T16:00:00.00{n}Z file {n}\n".encode() * (127 - 27 * bool(n)))
+        path.chmod(0o600)
+    cli.env["LHFS_LOG_MAX_BYTES"] = "4096"
+    for n in range(5):
+        cli.run("snapshot", "create", "v", f"s{n}")
+    assert not engine_log.with_name("engine.log.4").exists()
+    held = [path.read_bytes() for path in files]
+    assert held[0].count(b"\n") == 5 and b"snapshot s4 taken" in held[0]
+    assert [h.split(b"\n")[0].split(b" ", 1)[1] for h in held[1:]] == [
+        b"file 0",
+        b"file 1",
+        b"file 2",
+    ]
+    assert all(path.stat().st_mode & 0o077 == 0 for path in files)
+    assert "snapshot s4 taken" in cli.run("logs", "v", "-n", "1").stdout

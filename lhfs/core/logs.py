@@ -66,18 +66,34 @@ def setup(path: Path | None) -> None:
 
 def note(path: Path, name: str, message: str) -> None:
     """Append one line to the log at ``path`` from another process than its service's, in
-    its format: what a command did to a detached volume belongs in that volume's log. A log
-    that cannot be written is let be (the change was made: it is no failure of the command)."""
+    its format: what a command did to a detached volume belongs in that volume's log. It is
+    rotated as its service rotates it (``_roll``): a volume left detached for long, its
+    snapshots taken and removed by a timer, would otherwise grow it without bound. A log that
+    cannot be written is let be (the change was made: it is no failure of the command)."""
     record = logging.LogRecord(name, logging.INFO, "", 0, message, None, None)
-    line = _Formatter("%(asctime)s %(name)s: %(message)s").format(record) + "\n"
+    line = (_Formatter("%(asctime)s %(name)s: %(message)s").format(record) + "\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if os.fstat(fd).st_size and os.fstat(fd).st_size + len(line) >= max_bytes():
+            os.close(fd)
+            _roll(path)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line.encode())
+            os.write(fd, line)
         finally:
             os.close(fd)
     except OSError:
         pass
+
+
+def _roll(path: Path) -> None:
+    """Rotate a log as ``RotatingFileHandler`` does: FILE.N-1 becomes FILE.N (the oldest,
+    FILE.LOG_KEEP, is overwritten), ..., FILE becomes FILE.1."""
+    for n in range(LOG_KEEP - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
 
 
 def last_line(path: Path) -> str:
