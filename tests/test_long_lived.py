@@ -73,3 +73,37 @@ def test_what_commands_log_for_a_detached_volume_is_rotated(cli: Cli) -> None:
     ]
     assert all(path.stat().st_mode & 0o077 == 0 for path in files)
     assert "snapshot s4 taken" in cli.run("logs", "v", "-n", "1").stdout
+
+
+def test_a_target_given_up_lets_its_snapshot_go(cli: Cli, tmp_path: Path, s3_endpoint: str) -> None:
+    """``volume info`` shows the snapshot each backup target keeps as its base; removing that
+    backup (``backup rm``) drops the base, so housekeeping trims its snapshot once backups go
+    to another target (it was kept for ever, shown nowhere), and the next backup to the first
+    target is a whole one that succeeds."""
+    a, b = "s3://long-lived/a", "s3://long-lived/b"
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    cli.run("volume", "set", "v", "--system-snapshots", "1")
+    cli.run("volume", "attach", "v", "--device", str(tmp_path / "v.dev"))
+    url_a = cli.run("backup", "create", "v", "--target", a, "--create-bucket", "--quiet")
+    url_a = url_a.stdout.strip().splitlines()[-1]
+    [base] = cli.info("v")["backups"]
+    assert base["target"] == a and url_a.endswith("backup=" + base["backup"])
+    kept = base["snapshot"]
+    assert f"last backup to {a}: {base['backup']}" in cli.run("volume", "info", "v").stdout
+    removed = cli.run("backup", "rm", url_a).stdout
+    assert f"no longer keeps snapshot {kept}" in removed, removed
+    assert cli.info("v")["backups"] == []
+    for _ in range(2):
+        cli.run("backup", "create", "v", "--target", b, "--create-bucket", "--quiet")
+
+    def trimmed() -> bool:
+        return kept not in {s["name"] for s in cli.json("snapshot", "ls", "v")}
+
+    wait_for(trimmed, 60, f"housekeeping to trim {kept}")
+    assert [base["target"] for base in cli.info("v")["backups"]] == [b]
+    again = cli.run("backup", "create", "v", "--target", a, "--quiet").stdout.strip()
+    cli.run("backup", "restore", again.splitlines()[-1], "copy", "--replicas", "1")
+    assert (
+        cli.run("volume", "checksum", "copy").stdout.split()[1]
+        == cli.run("volume", "checksum", "v").stdout.split()[1]
+    )

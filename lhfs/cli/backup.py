@@ -81,14 +81,26 @@ def cmd_backup_ls(args: argparse.Namespace) -> None:
 def cmd_backup_rm(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
-    done = backup.remove(args.url, args.retry_timeout)
-    data = {"url": args.url, "collected": done.removed, "deferred": done.deferred}
+    done, released = backup.remove(args.url, args.retry_timeout, root_of(args))
+    data = {
+        "url": args.url,
+        "collected": done.removed,
+        "deferred": done.deferred,
+        "released": released,
+    }
     if done.deferred:
         later = "" if done.damaged else " ('lhfs backup gc' collects them later)"
         text = f"deleted {args.url}; collection of its blocks deferred: {done.deferred}{later}"
     else:
         text = f"deleted {args.url}; {done.removed} unreferenced block(s) collected"
-    say(args, data, text)
+    say(args, data, text + _released(released))
+
+
+def _released(snapshot: str | None) -> str:
+    """What a removal says of the snapshot the volume kept as its base for the target."""
+    if snapshot is None:
+        return ""
+    return f"; the volume no longer keeps snapshot {snapshot} as its base for that target"
 
 
 def cmd_backup_gc(args: argparse.Namespace) -> None:
@@ -215,7 +227,9 @@ def cmd_backup_prune(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
     policy = {rule: getattr(args, f"keep_{rule}") or 0 for rule in RULES}
-    report = backup.prune(args.target, args.volume, policy, args.dry_run, args.retry_timeout)
+    report = backup.prune(
+        args.target, args.volume, policy, args.dry_run, args.retry_timeout, root_of(args)
+    )
     if args.json:
         print_json(report)
         return
@@ -235,7 +249,7 @@ def cmd_backup_prune(args: argparse.Namespace) -> None:
         summary += f"; collection of their blocks deferred: {report['deferred']}"
     elif report["removed"] and not args.dry_run:
         summary += f"; {report['collected']} unreferenced block(s) collected"
-    print(summary)
+    print(summary + _released(report["released"]))
 
 
 def parsers(groups: Any) -> None:
