@@ -107,3 +107,79 @@ def test_a_target_given_up_lets_its_snapshot_go(cli: Cli, tmp_path: Path, s3_end
         cli.run("volume", "checksum", "copy").stdout.split()[1]
         == cli.run("volume", "checksum", "v").stdout.split()[1]
     )
+
+
+def _write_log(path: Path, stamps: list[int], tag: str) -> None:
+    """A log with an entry per stamp (milliseconds), some with continuation lines, in big
+    writes; it begins with a line of no stamp (the end of an entry of the file before)."""
+    out = [b"  continued from before\n"]
+    for n, ms in enumerate(stamps):
+        stamp = f"2026-12-06T{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}"
+        out.append(f"{stamp}.{ms % 1000:03d}Z lhfs.{tag}: entry {n} {'x' * (n % 50)}\n".encode())
+        if n % 7 == 0:
+            out.append(b"Traceback (most recent call last):\n  ValueError: no\n")
+    path.write_bytes(b"".join(out))
+
+
+def test_the_last_lines_of_big_logs_read_their_ends_only(tmp_path: Path) -> None:
+    """``lhfs logs -n N`` finds the last N entries of a volume's logs, merged by time, from
+    the end of each file (it read every file whole: 146 MB of memory for 121 MB of logs);
+    ``--all`` merges them as they are read, never holding them all. Either gives what
+    sorting every entry gives."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(7)
+    found = {"engine": tmp_path / "engine.log", "r1": tmp_path / "r1.log"}
+    stamps = sorted(rng.randrange(0, 86_400_000) for _ in range(400_000))
+    _write_log(found["engine"].with_name("engine.log.1"), stamps[:100_000:2], "old")
+    _write_log(found["engine"], stamps[100_000::2], "engine")
+    _write_log(found["r1"], stamps[1::2], "replica")
+    assert found["engine"].stat().st_size > 8 << 20
+
+    def every(rotated: bool) -> list[tuple[str, bytes, bytes]]:  # (all read, then sorted)
+        tagged = [
+            (stamp, label, n, text)
+            for label, path in found.items()
+            for n, (stamp, text) in enumerate(logs.entries(path, rotated))
+        ]
+        tagged.sort(key=lambda item: item[:3])
+        return [(label, stamp, text) for stamp, label, _, text in tagged]
+
+    everything, current = every(True), every(False)
+    tracemalloc.start()
+    try:
+        shown = list(logs.merged(found, 10, False))
+        tail_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        count = sum(1 for _ in logs.merged(found, 0, True))
+        all_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tail_peak < 2 << 20, f"-n 10 held {tail_peak} bytes"
+    assert all_peak < 4 << 20, f"--all held {all_peak} bytes"
+    assert count == len(everything)
+    assert shown == current[-10:]
+    for lines in (1, 3000, 10**6):
+        assert list(logs.merged(found, lines, False)) == current[-lines:]
+    assert list(logs.merged(found, 0, True)) == everything
+
+
+def test_the_last_lines_stop_where_a_follower_starts(tmp_path: Path) -> None:
+    """``-n N -f``: the last lines are those before the follower's start, read from there
+    backwards; a line begun before it is the history's, whole (as when read from the top)."""
+    path = tmp_path / "engine.log"
+    path.write_bytes(LINE * 5 + b"2026-12-06T16:00:00.001Z lhfs.engine: be")
+    follower = logs.Follower("engine", path)
+    with open(path, "ab") as f:
+        f.write(b"gun\n" + LINE.replace(b"00.000Z", b"00.002Z") * 3)
+    start = {"engine": follower.start}
+    for lines in (1, 2, 6, 100):
+        assert (
+            list(logs.merged({"engine": path}, lines, False, start))
+            == [
+                ("engine", stamp, text) for stamp, text in logs.entries(path, False, follower.start)
+            ][-lines:]
+        )
+    [(_, _, text)] = logs.merged({"engine": path}, 1, False, start)
+    assert text == b"2026-12-06T16:00:00.001Z lhfs.engine: begun\n"
