@@ -183,3 +183,28 @@ def test_the_last_lines_stop_where_a_follower_starts(tmp_path: Path) -> None:
         )
     [(_, _, text)] = logs.merged({"engine": path}, 1, False, start)
     assert text == b"2026-12-06T16:00:00.001Z lhfs.engine: begun\n"
+
+
+def test_a_target_lost_for_good_is_forgotten_by_name(cli: Cli, s3_endpoint: str) -> None:
+    """``backup forget VOL --target URL`` drops the base of a target whose store cannot be
+    asked any more, in one line; an unknown target or volume is refused, nothing changed."""
+    kept, gone = "s3://long-lived/kept", "s3://long-lived/gone"
+    cli.run("volume", "create", "v", "--size", "16M", "--replicas", "1")
+    for target in (kept, gone):
+        cli.run("backup", "create", "v", "--target", target, "--create-bucket", "--quiet")
+    before = cli.info("v")["backups"]
+    config = (cli.root / "volumes" / "v" / "config.json").read_bytes()
+    for args, says in (
+        (("v", "--target", "s3://long-lived/other"), "records no backup to s3://long-lived/other"),
+        (("ghost", "--target", gone), "no volume named 'ghost'"),
+        (("v", "--target", "s3://Bad_Bucket/x"), "bucket"),
+    ):
+        refused = cli.run("backup", "forget", *args, check=False)
+        assert refused.returncode != 0 and says in refused.stderr, refused
+        assert refused.stderr.count("\n") == 1 and not refused.stdout
+    assert (cli.root / "volumes" / "v" / "config.json").read_bytes() == config
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # (the store out of reach: not asked)
+    forgot = Cli(cli.root, env).run("backup", "forget", "v", "--target", gone).stdout
+    [snapshot] = [b["snapshot"] for b in before if b["target"] == gone]
+    assert forgot.count("\n") == 1 and f"no longer keeps snapshot {snapshot}" in forgot
+    assert cli.info("v")["backups"] == [b for b in before if b["target"] == kept]

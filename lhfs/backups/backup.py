@@ -578,6 +578,30 @@ def remove(
     return done, release_base(root, target, volume, {name}) if root else None
 
 
+def forget(root: Path, name: str, url: str) -> str:
+    """``lhfs backup forget``: drop the volume's record of its last backup to ``url`` (a store
+    lost whole, or out of reach for good, where ``backup rm`` cannot remove it: see
+    ``release_base``); the snapshot it kept, which housekeeping may trim now. Nothing is
+    asked of the store. An unknown target is refused, nothing changed."""
+    target = Target.parse(url)
+    vol = volumes.load(root, check_name(name, "volume name"))
+    released: list[str] = []
+
+    def drop(config: dict[str, Any]) -> None:
+        records = config.get("backups") or {}
+        record = records.get(str(target))
+        if not isinstance(record, dict):
+            known = ", ".join(sorted(records)) or "none"
+            raise NotFound(f"volume {name} records no backup to {target} (its targets: {known})")
+        released.append(str(record.get("snapshot")))
+        del records[str(target)]
+        if not records:
+            del config["backups"]
+
+    vol.update(drop)
+    return released[0]
+
+
 def release_base(root: Path, target: Target, volume: str, removed: set[str]) -> str | None:
     """Drop the record of the volume ``volume`` under ``root`` of its last backup to
     ``target`` if that backup was just removed; the snapshot it kept (None: none dropped).

@@ -96,6 +96,18 @@ def cmd_backup_rm(args: argparse.Namespace) -> None:
     say(args, data, text + _released(released))
 
 
+def cmd_backup_forget(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+
+    released = backup.forget(root_of(args), args.volume, args.target)
+    say(
+        args,
+        {"volume": args.volume, "target": args.target, "released": released},
+        f"volume {args.volume} no longer keeps snapshot {released} for backups to "
+        f"{args.target}; the next backup there reads the whole volume",
+    )
+
+
 def _released(snapshot: str | None) -> str:
     """What a removal says of the snapshot the volume kept as its base for the target."""
     if snapshot is None:
@@ -287,6 +299,19 @@ def parsers(groups: Any) -> None:
     full_option(p)
     quiet_option(p)
     store_options(p)
+    p = verb(
+        verbs,
+        "forget",
+        cmd_backup_forget,
+        "drop a volume's record of its last backup to a target, and the snapshot it keeps",
+        ("volume", "the volume"),
+        description="Drop VOLUME's record of its last backup to --target, the base of the next "
+        "backup there, whose snapshot housekeeping then trims: for a store lost whole or out "
+        "of reach for good ('backup rm' of that backup, or a 'backup prune' that removes it, "
+        "drops the record by itself). The store is not asked. The next backup to the target "
+        "reads the whole volume.",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX, as the backups named it")
     p = verb(
         verbs,
         "init",
