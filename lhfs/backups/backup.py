@@ -593,18 +593,23 @@ def prune(
     policy: dict[str, int],
     dry_run: bool,
     retry_timeout: float = RETRY_TIMEOUT,
+    root: Path | None = None,
 ) -> dict[str, Any]:
-    """``lhfs backup prune``: see ``BackupStore.prune``."""
+    """``lhfs backup prune``: see ``BackupStore.prune``. ``root``: where a local volume of
+    that name may record one of the removed backups as its base (``released``)."""
     check_name(volume, "volume name")
     for rule, count in policy.items():
         if not 0 <= count <= 100_000:
             raise InvalidArgument(f"--keep-{rule} must be from 0 to 100000")
-    store = open_store(Target.parse(url), retry_timeout)
+    target = Target.parse(url)
+    store = open_store(target, retry_timeout)
     store.bucket.ensure()
     also = {name: why for name, (why, _) in _system_parts(store, volume).items()}
     report = store.prune(volume, policy, dry_run, also)
     if not report["kept"] and not report["removed"] and not report["damaged"]:
         raise NotFound(f"{url} holds no complete backup of volume {volume}")
+    gone = set() if dry_run else {b["name"] for b in report["removed"]}
+    report["released"] = release_base(root, target, volume, gone) if root else None
     return report
 
 
@@ -623,9 +628,12 @@ def list_backups(
     return out
 
 
-def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
+def remove(
+    url: str, retry_timeout: float = RETRY_TIMEOUT, root: Path | None = None
+) -> tuple[Collection, str | None]:
     """Delete a backup, then collect the blocks no other backup uses (deferred while a backup
-    runs: the result says so). A missing or wrong password is refused before anything is
+    runs: the result says so); and the snapshot a local volume under ``root`` no longer keeps
+    for it (``release_base``). A missing or wrong password is refused before anything is
     deleted."""
     target, volume, name = parse_backup_url(url)
     store = open_store(target, retry_timeout)
@@ -639,7 +647,61 @@ def remove(url: str, retry_timeout: float = RETRY_TIMEOUT) -> Collection:
         )
     if owner is not None:
         raise WrongState(f"{url} may be part of {owner[0]}: not removed")
-    return store.delete(volume, name)
+    done = store.delete(volume, name)
+    return done, release_base(root, target, volume, {name}) if root else None
+
+
+def forget(root: Path, name: str, url: str) -> str:
+    """``lhfs backup forget``: drop the volume's record of its last backup to ``url`` (a store
+    lost whole, or out of reach for good, where ``backup rm`` cannot remove it: see
+    ``release_base``); the snapshot it kept, which housekeeping may trim now. Nothing is
+    asked of the store. An unknown target is refused, nothing changed."""
+    target = Target.parse(url)
+    vol = volumes.load(root, check_name(name, "volume name"))
+    released: list[str] = []
+
+    def drop(config: dict[str, Any]) -> None:
+        records = config.get("backups") or {}
+        record = records.get(str(target))
+        if not isinstance(record, dict):
+            known = ", ".join(sorted(records)) or "none"
+            raise NotFound(f"volume {name} records no backup to {target} (its targets: {known})")
+        released.append(str(record.get("snapshot")))
+        del records[str(target)]
+        if not records:
+            del config["backups"]
+
+    vol.update(drop)
+    return released[0]
+
+
+def release_base(root: Path, target: Target, volume: str, removed: set[str]) -> str | None:
+    """Drop the record of the volume ``volume`` under ``root`` of its last backup to
+    ``target`` if that backup was just removed; the snapshot it kept (None: none dropped).
+    The record is the base of the next incremental backup and keeps its snapshot in the
+    chain (``housekeeping.needed``): with its backup gone it is no base (the next backup to
+    the target reads the whole volume and sends only the blocks the store lacks), and a
+    target no longer used would pin that snapshot for ever. Compared and dropped in one
+    configuration update: a backup that finished meanwhile recorded another base, kept."""
+    try:
+        vol = volumes.load(root, volume)
+    except LhfsError:  # (none here, or another host's: nothing of it to release)
+        return None
+    released: list[str] = []
+
+    def drop(config: dict[str, Any]) -> None:
+        record = (config.get("backups") or {}).get(str(target))
+        if isinstance(record, dict) and record.get("backup") in removed:
+            released.append(str(record.get("snapshot")))
+            del config["backups"][str(target)]
+            if not config["backups"]:
+                del config["backups"]
+
+    try:
+        vol.update(drop)
+    except LhfsError:
+        return None
+    return released[0] if released else None
 
 
 def _system_parts(store: BackupStore, volume: str) -> dict[str, tuple[str, bool]]:

@@ -81,14 +81,38 @@ def cmd_backup_ls(args: argparse.Namespace) -> None:
 def cmd_backup_rm(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
-    done = backup.remove(args.url, args.retry_timeout)
-    data = {"url": args.url, "collected": done.removed, "deferred": done.deferred}
+    done, released = backup.remove(args.url, args.retry_timeout, root_of(args))
+    data = {
+        "url": args.url,
+        "collected": done.removed,
+        "deferred": done.deferred,
+        "released": released,
+    }
     if done.deferred:
         later = "" if done.damaged else " ('lhfs backup gc' collects them later)"
         text = f"deleted {args.url}; collection of its blocks deferred: {done.deferred}{later}"
     else:
         text = f"deleted {args.url}; {done.removed} unreferenced block(s) collected"
-    say(args, data, text)
+    say(args, data, text + _released(released))
+
+
+def cmd_backup_forget(args: argparse.Namespace) -> None:
+    from lhfs.backups import backup
+
+    released = backup.forget(root_of(args), args.volume, args.target)
+    say(
+        args,
+        {"volume": args.volume, "target": args.target, "released": released},
+        f"volume {args.volume} no longer keeps snapshot {released} for backups to "
+        f"{args.target}; the next backup there reads the whole volume",
+    )
+
+
+def _released(snapshot: str | None) -> str:
+    """What a removal says of the snapshot the volume kept as its base for the target."""
+    if snapshot is None:
+        return ""
+    return f"; the volume no longer keeps snapshot {snapshot} as its base for that target"
 
 
 def cmd_backup_gc(args: argparse.Namespace) -> None:
@@ -215,7 +239,9 @@ def cmd_backup_prune(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
     policy = {rule: getattr(args, f"keep_{rule}") or 0 for rule in RULES}
-    report = backup.prune(args.target, args.volume, policy, args.dry_run, args.retry_timeout)
+    report = backup.prune(
+        args.target, args.volume, policy, args.dry_run, args.retry_timeout, root_of(args)
+    )
     if args.json:
         print_json(report)
         return
@@ -235,7 +261,7 @@ def cmd_backup_prune(args: argparse.Namespace) -> None:
         summary += f"; collection of their blocks deferred: {report['deferred']}"
     elif report["removed"] and not args.dry_run:
         summary += f"; {report['collected']} unreferenced block(s) collected"
-    print(summary)
+    print(summary + _released(report["released"]))
 
 
 def parsers(groups: Any) -> None:
@@ -273,6 +299,19 @@ def parsers(groups: Any) -> None:
     full_option(p)
     quiet_option(p)
     store_options(p)
+    p = verb(
+        verbs,
+        "forget",
+        cmd_backup_forget,
+        "drop a volume's record of its last backup to a target, and the snapshot it keeps",
+        ("volume", "the volume"),
+        description="Drop VOLUME's record of its last backup to --target, the base of the next "
+        "backup there, whose snapshot housekeeping then trims: for a store lost whole or out "
+        "of reach for good ('backup rm' of that backup, or a 'backup prune' that removes it, "
+        "drops the record by itself). The store is not asked. The next backup to the target "
+        "reads the whole volume.",
+    )
+    p.add_argument("--target", required=True, help="s3://BUCKET/PREFIX, as the backups named it")
     p = verb(
         verbs,
         "init",

@@ -28,7 +28,7 @@ def _logs(args: argparse.Namespace) -> dict[str, Path]:
     if "replica" in wanted:
         for replica in vol.replicas:
             if vol.replica_dir(replica) is not None:
-                found[replica["id"]] = vol.dir / f"{replica['id']}.log"
+                found[replica["id"]] = vol.replica_log(replica["id"])
             else:
                 print(
                     f"(replica {replica['id']} runs at {replica.get('address')}: its log is on "

@@ -164,6 +164,11 @@ def _print_volume(root: Path, info: dict[str, Any]) -> None:
         print(replica_line(replica))
     if info.get("snapshots"):
         print("  snapshots: " + ", ".join(s["name"] for s in info["snapshots"]))
+    for base in info.get("backups") or []:
+        print(
+            f"  last backup to {base['target']}: {base['backup']} at {base['at'] or '?'}, "
+            f"keeps snapshot {base['snapshot']}"
+        )
 
 
 def cmd_volume_ls(args: argparse.Namespace) -> None:

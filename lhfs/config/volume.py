@@ -187,6 +187,10 @@ class Volume:
     def engine_log(self) -> Path:
         return self.dir / "engine.log"
 
+    def replica_log(self, replica_id: str) -> Path:
+        """Where a local replica's process logs (``lhfs logs`` shows it as ``[ID]``)."""
+        return self.dir / f"{replica_id}.log"
+
     @property
     def key_path(self) -> Path:
         """The volume's key file (identity and secret, see ``lhfs.wire.auth``): what every

@@ -10,6 +10,9 @@ too. Without ``--log`` (under a service manager) it logs to standard error.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import heapq
 import logging
 import os
 import re
@@ -65,18 +68,34 @@ def setup(path: Path | None) -> None:
 
 def note(path: Path, name: str, message: str) -> None:
     """Append one line to the log at ``path`` from another process than its service's, in
-    its format: what a command did to a detached volume belongs in that volume's log. A log
-    that cannot be written is let be (the change was made: it is no failure of the command)."""
+    its format: what a command did to a detached volume belongs in that volume's log. It is
+    rotated as its service rotates it (``_roll``): a volume left detached for long, its
+    snapshots taken and removed by a timer, would otherwise grow it without bound. A log that
+    cannot be written is let be (the change was made: it is no failure of the command)."""
     record = logging.LogRecord(name, logging.INFO, "", 0, message, None, None)
-    line = _Formatter("%(asctime)s %(name)s: %(message)s").format(record) + "\n"
+    line = (_Formatter("%(asctime)s %(name)s: %(message)s").format(record) + "\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if os.fstat(fd).st_size and os.fstat(fd).st_size + len(line) >= max_bytes():
+            os.close(fd)
+            _roll(path)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line.encode())
+            os.write(fd, line)
         finally:
             os.close(fd)
     except OSError:
         pass
+
+
+def _roll(path: Path) -> None:
+    """Rotate a log as ``RotatingFileHandler`` does: FILE.N-1 becomes FILE.N (the oldest,
+    FILE.LOG_KEEP, is overwritten), ..., FILE becomes FILE.1."""
+    for n in range(LOG_KEEP - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
 
 
 def last_line(path: Path) -> str:
@@ -97,6 +116,14 @@ def files(path: Path) -> list[Path]:
     return [p for p in [*older, path] if p.exists()]
 
 
+def remove(path: Path) -> None:
+    """Delete a log and its rotated files (those of a process that is gone for good: a replica
+    removed, whose id a later replica may take)."""
+    for name in files(path):
+        with contextlib.suppress(FileNotFoundError):
+            name.unlink()
+
+
 def entries(
     path: Path, everything: bool, upto: tuple[int, int] | None = None
 ) -> Iterator[tuple[bytes, bytes]]:
@@ -104,23 +131,18 @@ def entries(
     a traceback's); ``everything``: the rotated files too. ``upto``: (inode, offset) where a
     ``Follower`` of the log starts: the current file is read up to there, if it is still that
     file (what comes after is the follower's to show, once)."""
-    stamp = b""
-    entry = b""
+    yield from _grouped(_lines(path, everything, upto))
+
+
+def _lines(path: Path, everything: bool, upto: tuple[int, int] | None) -> Iterator[bytes]:
+    """The lines of a log's files, oldest first, read as they are asked for (see
+    ``entries``)."""
     for name in files(path) if everything else [path] if path.exists() else []:
         with open(name, "rb") as f:
             end = None
             if upto is not None and name == path and os.fstat(f.fileno()).st_ino == upto[0]:
                 end = upto[1]
-            for line in f if end is None else _upto(f, end):
-                if _STAMP.match(line) and entry:
-                    yield stamp, entry
-                    entry = b""
-                if not entry:
-                    found = _STAMP.match(line)
-                    stamp = found.group(0) if found else stamp
-                entry += line if line.endswith(b"\n") else line + b"\n"
-    if entry:
-        yield stamp, entry
+            yield from f if end is None else _upto(f, end)
 
 
 def _upto(f: BinaryIO, end: int) -> Iterator[bytes]:
@@ -132,23 +154,92 @@ def _upto(f: BinaryIO, end: int) -> Iterator[bytes]:
         yield line
 
 
+def last_entries(
+    path: Path, count: int, upto: tuple[int, int] | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The last ``count`` entries of a log's current file (``upto``: see ``entries``), read
+    from its end, as much as they take: a log of 10 MiB costs the few kilobytes shown.
+    The end is read in growing pieces until it holds ``count`` entry starts (or is the whole
+    file); lines before the first start are the tail of an earlier entry, left out."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return []
+    with f:
+        limit = f.seek(0, os.SEEK_END)
+        if upto is not None and os.fstat(f.fileno()).st_ino == upto[0] and upto[1] < limit:
+            limit = upto[1]
+            if limit > 0:  # (a line that starts before it is the history's, whole)
+                f.seek(limit - 1)
+                limit += 0 if f.read(1) == b"\n" else len(f.readline())
+        piece = 64 << 10
+        while True:
+            start = max(0, limit - piece)
+            f.seek(start)
+            lines = f.read(limit - start).splitlines(keepends=True)
+            if start > 0:
+                lines = lines[1:]  # (it may begin inside a line)
+            starts = [n for n, line in enumerate(lines) if _STAMP.match(line)]
+            if start == 0 or len(starts) >= count:  # (each from a start is whole)
+                break
+            piece *= 4
+    if start > 0:
+        lines = lines[starts[0] :] if starts else []
+    return list(_grouped(lines))[-count:]
+
+
+def _grouped(lines: Iterator[bytes] | list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """``(stamp, text)`` of each entry of ``lines``: a stamped line with the unstamped lines
+    after it (a traceback's); unstamped lines first are an entry of their own."""
+    stamp = b""
+    entry: list[bytes] = []
+    for line in lines:
+        found = _STAMP.match(line)
+        if found and entry:
+            yield stamp, b"".join(entry)
+            entry = []
+        if not entry:
+            stamp = found.group(0) if found else stamp
+        entry.append(line if line.endswith(b"\n") else line + b"\n")
+    if entry:
+        yield stamp, b"".join(entry)
+
+
+def _tagged(
+    label: str, path: Path, everything: bool, upto: tuple[int, int] | None
+) -> Iterator[tuple[bytes, str, int, bytes]]:
+    """``(stamp, label, n, text)`` of a log's entries, as ``merged`` orders them."""
+    for n, (stamp, text) in enumerate(entries(path, everything, upto)):
+        yield stamp, label, n, text
+
+
 def merged(
     logs: dict[str, Path],
     lines: int,
     everything: bool,
     upto: dict[str, tuple[int, int]] | None = None,
-) -> list[tuple[str, bytes, bytes]]:
+) -> Iterator[tuple[str, bytes, bytes]]:
     """``(label, stamp, text)`` of the entries of several logs, in time order; the last
     ``lines`` of them (all with ``lines`` 0). ``upto``: where the followers of some start
-    (see ``entries``)."""
-    tagged = []
-    for label, path in logs.items():
-        where = (upto or {}).get(label)
-        for n, (stamp, text) in enumerate(entries(path, everything, where)):
-            tagged.append((stamp, label, n, text))
-    tagged.sort(key=lambda item: (item[0], item[1], item[2]))
-    chosen = tagged[-lines:] if lines else tagged
-    return [(label, stamp, text) for stamp, label, _, text in chosen]
+    (see ``entries``). The last ``lines`` are found among each log's last ``lines`` (read from
+    its end: ``last_entries``); all of them are merged as they are read (``heapq.merge``),
+    never all held: the logs of a volume may be hundreds of megabytes. Each log's own order
+    is kept (an entry a stalled process wrote after newer ones stays after them)."""
+    where = upto or {}
+    if lines and not everything:
+        tagged = [
+            (stamp, label, n, text)
+            for label, path in logs.items()
+            for n, (stamp, text) in enumerate(last_entries(path, lines, where.get(label)))
+        ]
+        tagged.sort(key=lambda item: (item[0], item[1], item[2]))
+        for stamp, label, _, text in tagged[-lines:]:
+            yield label, stamp, text
+        return
+    streams = [_tagged(label, path, everything, where.get(label)) for label, path in logs.items()]
+    stream = heapq.merge(*streams, key=lambda item: item[:3])
+    for stamp, label, _, text in collections.deque(stream, lines) if lines else stream:
+        yield label, stamp, text
 
 
 def labelled(label: str, text: bytes) -> bytes:
@@ -200,14 +291,14 @@ class Follower:
         return out
 
     def _read(self) -> bytes:
+        """The whole lines appended since the last read, read at once: a burst of many
+        megabytes (a follower stopped for a while) costs its size, not its size squared."""
         assert self._file is not None
-        data = b""
-        while True:
-            line = self._file.readline()
-            if not line.endswith(b"\n"):  # (an incomplete line: read it next time)
-                self._file.seek(-len(line), os.SEEK_CUR)
-                return data
-            data += line
+        data = self._file.read()
+        whole = data.rfind(b"\n") + 1
+        if whole < len(data):  # (an incomplete line: read it next time)
+            self._file.seek(whole - len(data), os.SEEK_CUR)
+        return data[:whole]
 
 
 FOLLOW_WINDOW = 1.0  # seconds an entry followed is held for others logged before it

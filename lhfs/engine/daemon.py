@@ -326,7 +326,7 @@ class Daemon:
         return ReplicaProcess(
             directory,
             self.vol.key_path,
-            log=self.vol.dir / f"{replica_id}.log",
+            log=self.vol.replica_log(replica_id),
             tied_to_parent=True,
             wait=False,
             local=_local_name(replica_id),
@@ -1107,7 +1107,9 @@ class Daemon:
             engine.replicas.remove(link)
             if link.client is not None:
                 await link.client.aclose()
-        return await self._forget(replica_id)
+        left = await self._forget(replica_id)
+        logs.remove(self.vol.replica_log(replica_id))  # (its process is stopped: nothing writes)
+        return left
 
     async def _forget(self, replica_id: str) -> str | None:
         proc = self.processes.pop(replica_id, None)

@@ -302,7 +302,7 @@ VOLUME_KEYS = (
     "name", "state", "size", "chunk_size", "backing_image", "filesystem", "settings",
     "attached", "device", "pid", "metrics", "loop", "mountpoint", "writes", "replicas",
     "snapshots", "restoring", "dr", "leftovers", "shared_writes", "shared_reads",
-    "replica_answered_reads", "refused_writes", "last_refusal",
+    "replica_answered_reads", "refused_writes", "last_refusal", "backups",
 )  # fmt: skip
 REPLICA_KEYS = (
     "id", "address", "mode", "error", "since", "revision", "rebuild_progress",
@@ -322,6 +322,7 @@ def info(root: Path, name: str) -> dict[str, Any]:
         "filesystem": _filesystem(vol),
         "settings": vol.settings(),
         "dr": _shown_dr(vol.config.get("dr")),
+        "backups": _backup_bases(vol),
     }
     if vol.config.get("restoring"):  # a restore whose process died leaves it incomplete
         mark = vol.config["restoring"]
@@ -374,6 +375,25 @@ def info(root: Path, name: str) -> dict[str, Any]:
         {**base, "state": state, "attached": False, "replicas": replicas, "snapshots": snapshots},
         vol,
     )
+
+
+def _backup_bases(vol: volumes.Volume) -> list[dict[str, Any]]:
+    """Per backup target, the last backup to it and the snapshot kept for it, the base of the
+    next (``housekeeping.needed``): a target no longer used keeps its snapshot until that
+    backup is removed from it (``backup rm``, ``backup prune``), and this shows which."""
+    shown = []
+    for target, record in sorted((vol.config.get("backups") or {}).items()):
+        if isinstance(record, dict):
+            stamp = record.get("timestamp")
+            shown.append(
+                {
+                    "target": target,
+                    "backup": record.get("backup"),
+                    "snapshot": record.get("snapshot"),
+                    "at": rfc3339(stamp) if isinstance(stamp, (int, float)) else None,
+                }
+            )
+    return shown
 
 
 NOT_ANSWERING = "not answering"  # the state of an attached volume whose engine is silent
@@ -1128,6 +1148,7 @@ def _replica_remove_offline(
 
     vol.update(drop)
     left = disks.remove(vol, entry)
+    logs.remove(vol.replica_log(replica_id))
     given_up = " given up for lost (--accept-loss)" if accept_loss else ""
     _note(vol, f"replica {replica_id} removed{given_up}" + (f" ({left} left)" if left else ""))
     return [left] if left else []
