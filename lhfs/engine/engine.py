@@ -42,6 +42,7 @@ from lhfs.core.errors import (
     Busy,
     ConnectionLost,
     CorruptState,
+    Fenced,
     InvalidArgument,
     LhfsError,
     NoSpace,
@@ -262,20 +263,13 @@ class Engine:
                 )
             self.epoch = asked = self.epoch + 1
             self.on_epoch(self.epoch)
-        client = await ReplicaClient.connect(
-            address,
-            self.nursery,
-            self.key,
-            min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
-            local,
-            epoch=asked,
-            takeover=takeover,
-            tls_ca=self.tls_cas.get(address),
-            owner=self.owner,
-            dead_after=self.io_timeout,
-            pool=self.pool,
-            device=self.device,
-        )
+        try:
+            client = await self._session(address, local, asked, takeover)
+        except Fenced:
+            mine = None if takeover else await self._held_here(address)
+            if mine is None or mine == asked:
+                raise
+            client = await self._session(address, local, mine, takeover)
         if client.epoch > self.epoch:  # (a takeover: granted above the replica's)
             self.epoch = client.epoch
             try:
@@ -287,6 +281,56 @@ class Engine:
             for old in earlier:  # sent is carried out any more, so their slots are free
                 self.pool.forget(old)
         return client
+
+    async def _session(
+        self, address: str, local: str | None, epoch: int, takeover: bool
+    ) -> ReplicaClient:
+        return await ReplicaClient.connect(
+            address,
+            self.nursery,
+            self.key,
+            min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
+            local,
+            epoch=epoch,
+            takeover=takeover,
+            tls_ca=self.tls_cas.get(address),
+            owner=self.owner,
+            dead_after=self.io_timeout,
+            pool=self.pool,
+            device=self.device,
+        )
+
+    async def _held_here(self, address: str) -> int | None:
+        """The epoch this engine holds at the replica at ``address``, asked in a reader
+        session (which fences nothing), if the replica says this engine holds it: one that
+        refused the epoch this engine last held at that address as older is then not another
+        engine's but another of this engine's replicas, answering there since (a local one
+        started again on a port another one had, a replica moved), in an epoch of its own
+        session. None when another engine holds it (or the replica is of an lhfs that does
+        not say), or it does not answer: the refusal stands."""
+        try:
+            reader = await ReplicaClient.connect(
+                address,
+                self.nursery,
+                self.key,
+                min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
+                self.local_names.get(address),
+                role=p.READER,
+                tls_ca=self.tls_cas.get(address),
+            )
+        except LhfsError:
+            return None
+        try:
+            with trio.move_on_after(self.io_timeout):
+                hello = await reader.call("hello")
+                epoch, owner = hello.get("epoch"), hello.get("owner")
+                if owner == self.owner.hex() and type(epoch) is int and 0 < epoch <= self.epoch:
+                    return epoch
+        except LhfsError:
+            pass
+        finally:
+            await reader.aclose()
+        return None
 
     async def attach(
         self,

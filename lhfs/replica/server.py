@@ -552,7 +552,15 @@ class ReplicaServer:
 
     def _call(self, method: str, args: dict[str, Any]) -> Any:
         if method == "hello":
-            hello = {"initialised": self.store is not None, "dir": str(self.dir), "uid": self.uid}
+            hello = {
+                "initialised": self.store is not None,
+                "dir": str(self.dir),
+                "uid": self.uid,
+                # (whose session the replica is in: an engine refused as older tells another
+                # engine's from one of its own sessions at another replica's old address)
+                "epoch": self.sessions.epoch,
+                "owner": self.sessions.owner.hex(),
+            }
             return {**hello, "damaged": self.damaged} if self.damaged is not None else hello
         if method == "set_aside":
             uid = checks.text(args, "uid", 64)
