@@ -125,3 +125,35 @@ def test_a_replica_that_dies_while_the_volume_is_idle_is_marked_err(
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_discard_of_a_volume_full_of_data_leaves_every_replica_serving(
+    tmp_path: Path, replica_factory
+) -> None:
+    """A discard of the whole volume (mkfs, fstrim) is many requests, each a hole punched per
+    chunk: sent all at once, the last ones waited longer than the I/O timeout behind the
+    others and both replicas were failed, the volume faulted. Sent one after the other, each
+    has the timeout to itself."""
+    size, chunk = 128 << 20, 4096
+    procs = []
+    for i in range(2):
+        ChunkStore.create(tmp_path / f"r{i}", size, chunk).close()
+        procs.append(replica_factory(tmp_path / f"r{i}"))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(size, chunk, nursery, procs[0].key, io_timeout=1)
+            await engine.attach([(f"r{i}", proc.address, False) for i, proc in enumerate(procs)])
+            nursery.start_soon(engine.run)
+            data = bytes(range(256)) * 4096  # (1 MiB, no chunk of zeros)
+            for at in range(0, size, len(data)):
+                await engine.write(at, data)
+            await engine.flush()
+            await engine.trim(0, size)
+            assert [(r.mode, r.error) for r in engine.replicas] == [(RW, None), (RW, None)]
+            assert engine.state == "healthy"
+            assert await engine.read(size - chunk, chunk) == bytes(chunk)
+            await engine.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

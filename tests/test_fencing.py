@@ -142,6 +142,47 @@ def test_an_engine_cut_off_and_back_never_takes_the_replicas_from_the_one_attach
         assert store.read(0, 2 * BLOCK) == b"n" * BLOCK + b"m" * BLOCK
 
 
+def test_a_replica_of_this_engine_answering_at_another_ones_address_is_not_another_engine(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Two replicas trade addresses (local replicas started again on each other's old port, a
+    replica moved): the epoch the engine last held at that address is below the one it holds
+    at the replica answering there now, which refuses it as older. That replica says it is in
+    this engine's session: the engine reconnects in that epoch, not taking itself for
+    superseded (it stopped serving the volume at all)."""
+    from lhfs.replica.process import ReplicaProcess
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    procs = []
+    for i, port in enumerate(ports):
+        ChunkStore.create(tmp_path / f"r{i}", MIB, BLOCK).close()
+        procs.append(ReplicaProcess(tmp_path / f"r{i}", key_file, port=port))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(MIB, BLOCK, nursery, procs[0].key, io_timeout=5)
+            await engine.attach([(f"r{i}", proc.address, False) for i, proc in enumerate(procs)])
+            first, second = (engine.granted[proc.address] for proc in procs)
+            assert first < second
+            for proc in procs:
+                assert proc.stop() == 0
+            procs.append(ReplicaProcess(tmp_path / "r1", key_file, port=ports[0]))
+            client = await engine.connect(procs[-1].address)
+            assert client.epoch == second and engine.superseded is None
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
 def test_a_replicas_epoch_survives_a_kill(tmp_path: Path, replica_factory) -> None:
     ChunkStore.create(tmp_path / "r", MIB, BLOCK).close()
     replica = replica_factory(tmp_path / "r")

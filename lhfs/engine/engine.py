@@ -42,6 +42,7 @@ from lhfs.core.errors import (
     Busy,
     ConnectionLost,
     CorruptState,
+    Fenced,
     InvalidArgument,
     LhfsError,
     NoSpace,
@@ -262,20 +263,13 @@ class Engine:
                 )
             self.epoch = asked = self.epoch + 1
             self.on_epoch(self.epoch)
-        client = await ReplicaClient.connect(
-            address,
-            self.nursery,
-            self.key,
-            min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
-            local,
-            epoch=asked,
-            takeover=takeover,
-            tls_ca=self.tls_cas.get(address),
-            owner=self.owner,
-            dead_after=self.io_timeout,
-            pool=self.pool,
-            device=self.device,
-        )
+        try:
+            client = await self._session(address, local, asked, takeover)
+        except Fenced:
+            mine = None if takeover else await self._held_here(address)
+            if mine is None or mine == asked:
+                raise
+            client = await self._session(address, local, mine, takeover)
         if client.epoch > self.epoch:  # (a takeover: granted above the replica's)
             self.epoch = client.epoch
             try:
@@ -287,6 +281,56 @@ class Engine:
             for old in earlier:  # sent is carried out any more, so their slots are free
                 self.pool.forget(old)
         return client
+
+    async def _session(
+        self, address: str, local: str | None, epoch: int, takeover: bool
+    ) -> ReplicaClient:
+        return await ReplicaClient.connect(
+            address,
+            self.nursery,
+            self.key,
+            min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
+            local,
+            epoch=epoch,
+            takeover=takeover,
+            tls_ca=self.tls_cas.get(address),
+            owner=self.owner,
+            dead_after=self.io_timeout,
+            pool=self.pool,
+            device=self.device,
+        )
+
+    async def _held_here(self, address: str) -> int | None:
+        """The epoch this engine holds at the replica at ``address``, asked in a reader
+        session (which fences nothing), if the replica says this engine holds it: one that
+        refused the epoch this engine last held at that address as older is then not another
+        engine's but another of this engine's replicas, answering there since (a local one
+        started again on a port another one had, a replica moved), in an epoch of its own
+        session. None when another engine holds it (or the replica is of an lhfs that does
+        not say), or it does not answer: the refusal stands."""
+        try:
+            reader = await ReplicaClient.connect(
+                address,
+                self.nursery,
+                self.key,
+                min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
+                self.local_names.get(address),
+                role=p.READER,
+                tls_ca=self.tls_cas.get(address),
+            )
+        except LhfsError:
+            return None
+        try:
+            with trio.move_on_after(self.io_timeout):
+                hello = await reader.call("hello")
+                epoch, owner = hello.get("epoch"), hello.get("owner")
+                if owner == self.owner.hex() and type(epoch) is int and 0 < epoch <= self.epoch:
+                    return epoch
+        except LhfsError:
+            pass
+        finally:
+            await reader.aclose()
+        return None
 
     async def attach(
         self,
@@ -654,17 +698,26 @@ class Engine:
 
     def submit_trim(self, offset: int, length: int, done: Done) -> None:
         """Trim a range; one larger than a replica takes in one request (``TRIM_SPAN`` chunks)
-        goes as several, ``done`` once all of them were answered."""
-        if self._park(self.submit_trim, offset, length, done):
-            return
+        goes as several, one after the other (each sent once the one before was answered by
+        every replica), ``done`` once the last was, or at the first error. Why one at a time:
+        each request has the I/O timeout to be answered from when it is sent, and a piece
+        holding data costs a replica up to half a second (a hole punched per chunk), so a
+        whole-volume discard sent at once (mkfs, fstrim: gigabytes) left its last pieces
+        waiting longer than the timeout behind the others, and every replica was failed."""
         span = TRIM_SPAN * self.chunk_size
-        pieces = [
-            (at, min(span, offset + length - at)) for at in range(offset, offset + length, span)
-        ]
-        if len(pieces) > 1:
-            done = _Joined(len(pieces), done).one
-        for at, size in pieces:
-            self._submit_all(p.TRIM, (p.TRIM_RANGE.pack(at, size),), done)
+        if length <= span:
+            if not self._park(self.submit_trim, offset, length, done):
+                self._submit_all(p.TRIM, (p.TRIM_RANGE.pack(offset, length),), done)
+            return
+
+        def rest(error: Exception | None) -> None:
+            if error is not None:
+                done(error)
+                return
+            self.submit_trim(offset + span, length - span, done)
+            self.push()  # (sent from an answer: no caller pushes it)
+
+        self.submit_trim(offset, span, rest)
 
     def submit_flush(self, done: Done) -> None:
         """Durable on every RW replica when ``done`` is called without an error."""
@@ -1017,22 +1070,6 @@ class Engine:
         for link in self.replicas:
             if link.client is not None:
                 await link.client.aclose()
-
-
-class _Joined:
-    """One ``done`` for several requests: called once all of them finished, with the first
-    error any of them met."""
-
-    __slots__ = ("done", "error", "remaining")
-
-    def __init__(self, count: int, done: Done) -> None:
-        self.remaining, self.done, self.error = count, done, None
-
-    def one(self, error: Exception | None) -> None:
-        self.error = self.error or error
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.done(self.error)
 
 
 class _Fanout:

@@ -85,7 +85,7 @@ _PEER_RETRY_AFTER = 5.0  # a peer that could not be reached is not asked again b
 _WRITEBACK_EVERY = 64 << 20  # bytes pulled into the replica between background data syncs
 FRAME_TIMEOUT = 15.0  # a frame left half-sent this long closes its connection
 MAX_TASKS = 16  # long requests (checksums, pulls, removals) under way at once per connection
-MAX_TRIM_CHUNKS = 1024  # chunks one TRIM may span (a few milliseconds of work at most)
+MAX_TRIM_CHUNKS = 1024  # chunks one TRIM may span (a hole each: up to half a second of work)
 MAX_CHANGED_BLOCKS = 1 << 20  # a backup's changed blocks answered as a list, up to this many
 
 # What a reader session (a backup, a rebuild target pulling from its source) may ask.
@@ -552,7 +552,15 @@ class ReplicaServer:
 
     def _call(self, method: str, args: dict[str, Any]) -> Any:
         if method == "hello":
-            hello = {"initialised": self.store is not None, "dir": str(self.dir), "uid": self.uid}
+            hello = {
+                "initialised": self.store is not None,
+                "dir": str(self.dir),
+                "uid": self.uid,
+                # (whose session the replica is in: an engine refused as older tells another
+                # engine's from one of its own sessions at another replica's old address)
+                "epoch": self.sessions.epoch,
+                "owner": self.sessions.owner.hex(),
+            }
             return {**hello, "damaged": self.damaged} if self.damaged is not None else hello
         if method == "set_aside":
             uid = checks.text(args, "uid", 64)
