@@ -928,6 +928,7 @@ class BackupStore:
         progress: Callable[..., None] = lambda *pct: None,
         held: Callable[[int, str | None], bool] | None = None,
         kind: str = "restore",
+        manifest: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Fetch every block, check it, hand it to ``write_block``, but for the blocks the
         new volume holds already: ``held(index, digest)`` says which (by default the empty
@@ -937,10 +938,14 @@ class BackupStore:
         to each of them. The backup is marked read meanwhile (``reading``; ``kind`` says by
         what), so that no removal takes its blocks away half-way; one that nonetheless went
         (removed by an lhfs that does not look for readers, or by hand) is said to be gone,
-        not taken for damage."""
+        not taken for damage. ``manifest``: the backup's, when the caller read it already
+        (with ``manifest``): used as it is, not read again (the caller decided on the one it
+        read; a second read could find another, the store changed meanwhile)."""
+        if manifest is not None and manifest.get("name") != name:
+            raise ValueError(f"the manifest given is of backup {manifest.get('name')}, not {name}")
         with self.reading(volume, name, kind):
             try:
-                return self._restore(volume, name, write_block, progress, held)
+                return self._restore(volume, name, write_block, progress, held, manifest)
             except BlockMissing as exc:
                 if self.bucket.exists(self._key(volume, name, "json")):
                     raise
@@ -956,9 +961,11 @@ class BackupStore:
         write_block: Callable[[int, bytes], None],
         progress: Callable[..., None],
         held: Callable[[int, str | None], bool] | None,
+        manifest: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """``restore``, the backup marked read."""
-        manifest = self.manifest(volume, name)
+        if manifest is None:
+            manifest = self.manifest(volume, name)
         block = manifest["block_size"]
         places: dict[str, list[int]] = {}
         empty: list[int] = []

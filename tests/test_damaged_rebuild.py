@@ -4,6 +4,7 @@ replica serves: local or on another host, its damaged directory always kept besi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -504,6 +505,79 @@ def test_a_set_aside_that_fails_leaves_the_replica_damaged_and_is_done_when_aske
         served.stop()
     finally:  # (lazily: a failure above leaves its replica holding files there)
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_set_aside_whose_new_directory_is_held_moves_nothing(
+    tmp_path: Path, replica_factory
+) -> None:
+    """The directory made to take the damaged one's place is held by another process: the
+    set-aside is refused, the damaged directory still where it was, and an engine taking
+    the replica over meanwhile records its epoch there; done when asked again once it is let
+    go, the replica's identity kept across a restart. The new directory was locked only
+    once the damaged one had moved: the replica served with nothing at its path, the
+    takeover's epoch made a directory there that the new one could never replace, and the
+    replica came back from its next start under a new identity, a stranger to its engine."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    uid = _damaged_store(tmp_path / "r", key)
+    served = replica_factory(tmp_path / "r", tmp_path / "v.key")
+    before = _files(tmp_path / "r")
+    (tmp_path / "r.anew").mkdir(mode=0o700)
+    held = os.open(tmp_path / "r.anew" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+            status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+            assert (status, answer["kind"]) == (p.ERROR, "Busy"), answer
+        assert _files(tmp_path / "r") == before
+        assert not list(tmp_path.glob("r.damaged-*"))
+        with raw_session(served.address, key, epoch=4, owner=b"engine-2") as engine:
+            assert (tmp_path / "r" / "epoch").read_text().split()[0] == "4"
+            status, answer = _ask(engine, "hello")
+            assert ".data holds 0 bytes" in answer["damaged"], answer
+    finally:
+        os.close(held)
+    with raw_session(served.address, key, epoch=5, owner=b"engine-2") as engine:
+        status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+        assert status == p.OK, answer
+        assert _files(Path(answer["aside"])) == before
+    served.stop()
+    again = replica_factory(tmp_path / "r", tmp_path / "v.key")
+    with raw_session(again.address, key, epoch=6, owner=b"engine-2") as engine:
+        status, answer = _ask(engine, "hello")
+        assert status == p.OK and answer["uid"] == uid and "damaged" not in answer, answer
+    assert sorted(os.listdir(tmp_path / "r")) == ["epoch", "id", "lock"]
+
+
+def test_a_set_aside_stopped_between_its_renames_records_no_epoch_meanwhile(
+    tmp_path: Path, replica_factory
+) -> None:
+    """The new directory cannot be renamed into place (a file system is mounted on it): the
+    damaged one has moved aside, and the set-aside fails saying why. An engine taking the
+    replica over meanwhile is refused, as by a disk that cannot record its epoch, and
+    nothing is made at the replica's path: its epoch was recorded into a directory made
+    there for it, which the new one could then never replace (the replica a stranger to its
+    engine from its next start)."""
+    key = VolumeKey.new("v")
+    key.save(tmp_path / "v.key")
+    uid = _damaged_store(tmp_path / "r", key)
+    served = replica_factory(tmp_path / "r", tmp_path / "v.key")
+    fresh = tmp_path / "r.anew"
+    fresh.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "none", str(fresh)], check=True)
+    try:
+        with raw_session(served.address, key, epoch=3, owner=b"engine-1") as engine:
+            status, answer = _ask(engine, "set_aside", uid=uid, need=0)
+            assert status == p.ERROR and "Device or resource busy" in answer["message"], answer
+        assert not (tmp_path / "r").exists() and len(list(tmp_path.glob("r.damaged-*"))) == 1
+        with pytest.raises(LhfsError, match="cannot record its epoch"):
+            raw_session(served.address, key, epoch=4, owner=b"engine-2").close()
+        assert not (tmp_path / "r").exists()
+        assert (fresh / "id").read_text().strip() == uid
+        assert (fresh / "epoch").read_text().split()[0] == "3"
+        served.stop()
+    finally:  # (lazily: the replica holds the lock inside it while it runs)
+        subprocess.run(["umount", "-l", str(fresh)], check=True)
 
 
 def test_a_set_aside_cut_between_its_renames_is_finished_at_the_next_start(

@@ -12,15 +12,18 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 from test_backup_left import head_chunks, replica_dirs, write_detached
 from test_backup_trust import reseal
 from test_image_restore import own_bytes
 
 from backupstore.s3 import Bucket, Target
 from backupstore.store import BackupStore
+from lhfs.backups import image_backups
 from lhfs.core.procs import wait_for
 from lhfs.store.chunkstore import ChunkStore
 from lhfs.testing import Cli, teardown
+from lhfs.volumes import images
 from tools.faultproxy import FaultProxy
 
 MIB = 1 << 20
@@ -475,3 +478,34 @@ def test_a_system_restore_on_an_image_changed_in_place_goes_on_whole_as_any_rest
         assert other.info("a")["backing_image"] is None and other.checksum("a") == source
     finally:
         teardown(other.root)
+
+
+def test_a_backing_image_restore_reads_the_backups_manifest_once(
+    cli: Cli, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest the restore decided on is the one its blocks are fetched by: read once
+    (each read counted on the store it restores from), the image restored whole. The
+    store's restore read it again, and could find another, the store changed meanwhile."""
+    target = "s3://image-once/p"
+    raw = tmp_path / "base.raw"
+    content = random.Random(21).randbytes(MIB + 512)
+    raw.write_bytes(content)
+    cli.run("backing-image", "create", "base", "--from", str(raw))
+    made = cli.run(
+        "backing-image", "backup", "base", "--target", target, "--create-bucket", "--quiet"
+    ).stdout.split()[-1]
+    backup = made.split("backup=")[1]
+    reads: list[tuple[str, str]] = []
+    read = BackupStore.manifest
+
+    def counted(store: BackupStore, volume: str, name: str) -> dict:
+        reads.append((volume, name))
+        return read(store, volume, name)
+
+    monkeypatch.setattr(BackupStore, "manifest", counted)
+    root = tmp_path / "root2"
+    info = image_backups.restore(root, "base", target, backup_name=backup)
+    assert reads == [("image-base", backup)], reads
+    assert info["backup"] == backup, info
+    (listed,) = images.list_images(root)
+    assert listed["name"] == "base" and Path(listed["path"]).read_bytes() == content, listed

@@ -121,3 +121,27 @@ def test_follower_keeps_one_whole_manifest(store: CountingStore) -> None:
     assert again["name"] == f"b{BACKUPS - 2:02}" and len(again["blocks"]) == 4
     assert store.reads == 1
     assert [name for name, m in cache.items() if "blocks" in m] == [again["name"]]
+
+
+class ScannedCache(dict):
+    """A follower's cache that counts the entries its scans visit (``values``)."""
+
+    visited = 0
+
+    def values(self):  # type: ignore[override]
+        self.visited += len(self)
+        return super().values()
+
+
+def test_a_follower_starting_over_many_backups_scans_its_cache_a_bounded_number_of_times(
+    store: CountingStore,
+) -> None:
+    """A first look over the store reads every manifest once and visits each cached entry a
+    bounded number of times, whatever the number of backups: the cache was scanned whole
+    after each manifest read, a time in the square of the number of backups."""
+    cache = ScannedCache()
+    newest = newest_backup(store, "vol", cache)
+    assert newest is not None and newest["name"] == f"b{BACKUPS - 1:02}"
+    assert store.reads == BACKUPS
+    assert [name for name, m in cache.items() if "blocks" in m] == [newest["name"]]
+    assert cache.visited <= 2 * BACKUPS, f"{cache.visited} entries visited"

@@ -5,6 +5,7 @@ for its host's link (``hold``: the link stops delivering, as a cut one does)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,4 +119,44 @@ def test_a_backup_whose_replica_is_cut_reads_on_from_another(
     url = out.split()[-1]
     cli.run("backup", "restore", url, "copy", "--replicas", "1", "--quiet")
     assert cli.checksum("copy") == expected
+    cli.run("volume", "detach", "b")
+
+
+def test_a_backup_whose_every_replica_is_out_of_reach_says_so(
+    cli: Cli, tmp_path: Path, behind_proxy, s3_endpoint: str
+) -> None:
+    """r2 and r3 serve the engine but refuse every new connection (the engine's own ones
+    kept): the backup fails in one line naming a replica it could not reach and why, not
+    "no snapshot" (said so, it sent the operator looking for a snapshot that was there)."""
+    cli.run("volume", "create", "b", "--size", "4M", "--replicas", "1", "--io-timeout", "2")
+    device = tmp_path / "dev"
+    cli.run("volume", "attach", "b", "--device", str(device))
+    first, first_address = behind_proxy("b")
+    second, second_address = behind_proxy("b")
+    assert cli.run("replica", "add", "b", "--address", first_address).stdout.split()[2] == "r2"
+    assert cli.run("replica", "add", "b", "--address", second_address).stdout.split()[2] == "r3"
+    cli.run("replica", "rm", "b", "r1")
+    write_direct(device, 0, os.urandom(MIB))
+    cli.run("snapshot", "create", "b", "s1")
+    target = "s3://unreachable/b"
+    cli.run("backup", "init", "--target", target, "--create-bucket")
+
+    first.stop()
+    second.stop()
+    failed = cli.run(
+        "backup", "create", "b", "--target", target, "--snapshot", "s1", "--quiet", check=False
+    )
+    assert failed.returncode == 1 and failed.stdout == "", failed
+    assert re.fullmatch(
+        r"lhfs: error: volume b: no healthy replica answered; replica r[23]: cannot reach "
+        r"replica 127\.0\.0\.1:\d+: .+\n",
+        failed.stderr,
+    ), failed.stderr
+    assert {r["mode"] for r in cli.live("b")["replicas"]} == {"RW"}  # (the engine's links kept)
+    first.resume()
+    second.resume()
+    failed = cli.run(
+        "backup", "create", "b", "--target", target, "--snapshot", "nope", "--quiet", check=False
+    )
+    assert failed.returncode == 1 and "volume b has no snapshot 'nope'" in failed.stderr, failed
     cli.run("volume", "detach", "b")

@@ -233,8 +233,13 @@ class _Source:
             remote = {r["id"] for r in vol.replicas if not r.get("local")}
             # local replicas first: a snapshot is read without crossing a network if it can be
             healthy.sort(key=lambda replica: replica["id"] in remote)
+            # (the last replica out of reach, and whether any answered: when none did, their
+            # link is what is wrong, not the snapshot; said as "no snapshot" it sent the
+            # operator looking for a snapshot that is there)
+            lost: tuple[str, ConnectionLost] | None = None
+            answered = False
             for replica in healthy:
-                with contextlib.suppress(LhfsError):
+                try:
                     other = _reader(replica, self.key, self.cas, self.timeout)
                     try:
                         self.bases[replica["id"]] = _base_of(
@@ -242,7 +247,15 @@ class _Source:
                         )
                     finally:
                         other.close()
+                except ConnectionLost as exc:
+                    lost = (replica["id"], exc)
+                except LhfsError:
+                    answered = True
             self.readers = [r for r in healthy if r["id"] in self.bases]
+            if not self.readers and lost is not None and not answered:
+                raise ConnectionLost(
+                    f"volume {vol.name}: no healthy replica answered; replica {lost[0]}: {lost[1]}"
+                )
             if not self.readers:
                 raise NotFound(f"volume {vol.name} has no snapshot {snapshot!r}")
             self.replica_id = self.readers[0]["id"]

@@ -162,9 +162,13 @@ def newest_backup(
     for name in list(cache):
         if name not in names:
             del cache[name]
+    whole = None  # (the one whole manifest kept: followed as each is read, never searched)
+    for manifest in list(cache.values()):
+        if "blocks" in manifest:
+            whole = _keep_whole_newest(cache, whole, manifest)
     for name in sorted(names - cache.keys()):
         if _read_into(store, volume, name, cache, passed_over):
-            _keep_whole_newest(cache)
+            whole = _keep_whole_newest(cache, whole, cache[name])
     while True:
         readable = [manifest for manifest in cache.values() if _DAMAGED not in manifest]
         if not readable:
@@ -198,14 +202,18 @@ def _read_into(
     return False
 
 
-def _keep_whole_newest(cache: dict[str, dict[str, Any]]) -> None:
-    """Cut every whole manifest in ``cache`` but the newest down to what orders it."""
-    whole = [m for m in cache.values() if "blocks" in m]
-    if len(whole) > 1:
-        newest = max(whole, key=order)
-        for manifest in whole:
-            if manifest is not newest:
-                cache[manifest["name"]] = {key: manifest.get(key) for key in _ORDERED}
+def _keep_whole_newest(
+    cache: dict[str, dict[str, Any]], whole: dict[str, Any] | None, read: dict[str, Any]
+) -> dict[str, Any]:
+    """Of ``whole`` (the whole manifest ``cache`` keeps, if any) and ``read`` (one just read
+    whole into it), the newer, the older cut down to what orders it. Asked of the two alone,
+    not of the whole cache: searched for after each read, a follower starting over a store
+    of many backups spent time in the square of their number."""
+    if whole is None or whole is read:
+        return read
+    older, newer = sorted((whole, read), key=order)
+    cache[older["name"]] = {key: older.get(key) for key in _ORDERED}
+    return newer
 
 
 _ORDERED = ("name", "taken", "started", "created")  # (what ``order`` reads)

@@ -99,7 +99,7 @@ def restore_into(
                 at = index * manifest["block_size"]
                 os.pwrite(fd, data[: manifest["size"] - at], at)
 
-            store.restore(volume, backup_name, write, progress, kind=kind)
+            store.restore(volume, backup_name, write, progress, kind=kind, manifest=manifest)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -126,6 +126,7 @@ class ReplicaServer:
         self.store: ChunkStore | None = None
         self.damaged: str | None = None  # why the directory does not open, served damaged
         self._aside: Path | None = None  # where it was moved by a set-aside not finished
+        self._fresh_lock = -1  # the lock of the directory made to take its place, meanwhile
         self._lock_fd = -1  # the directory's lock, held while it is served damaged
         if (self.dir / "volume.json").exists():
             try:
@@ -213,6 +214,9 @@ class ReplicaServer:
 
     def close(self) -> None:
         self._unlock()
+        if self._fresh_lock >= 0:
+            os.close(self._fresh_lock)
+            self._fresh_lock = -1
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -612,12 +616,13 @@ class ReplicaServer:
         (which keeps its space): else the rebuild filled the disk and failed, the damaged
         copy still taking its room.
 
-        The new directory is made whole first, under another name (``FRESH``: identity and
-        epoch, synced), then the two renames: made after the damaged one moved, a failure
-        (a full disk) left the replica cleared of its damage with an identity in memory
-        only, a stranger to its engine after a restart, its fencing epoch lost. A failure
-        anywhere leaves the replica damaged, asked again; a crash between the renames is
-        finished at the next start (``finish_set_aside``)."""
+        The new directory is made whole first, under another name (``FRESH``: locked, its
+        identity and epoch synced), then the two renames: made after the damaged one moved,
+        a failure (a full disk, a lock held) left the replica cleared of its damage with an
+        identity in memory only, a stranger to its engine after a restart, its fencing epoch
+        lost. A failure anywhere leaves the replica damaged, asked again; a crash between the
+        renames is finished at the next start (``finish_set_aside``); until then no new epoch
+        is recorded (``Sessions._record_epoch``)."""
         if self.damaged is None:
             raise WrongState(f"replica {self.dir} is not damaged: nothing is set aside")
         if uid != self.uid:
@@ -639,22 +644,21 @@ class ReplicaServer:
                     f"{shown_need} beside it on its disk, which has {shown_free} free; make "
                     "room there (it is set aside when its engine asks again)"
                 )
-            fresh = _fresh_directory(directory)
-            self.sessions.keep_epoch(fresh)
-            atomic_write(fresh / ID_FILE, f"{self.uid}\n".encode())
-            aside = damaged_aside(directory)
-            os.rename(directory, aside)
-            self._aside = aside
+            fresh, held = _fresh_directory(directory)
+            try:
+                self.sessions.keep_epoch(fresh)
+                atomic_write(fresh / ID_FILE, f"{self.uid}\n".encode())
+                aside = damaged_aside(directory)
+                os.rename(directory, aside)
+            except BaseException:
+                os.close(held)
+                raise
+            self._aside, self._fresh_lock = aside, held
         fresh = directory.with_name(directory.name + FRESH)
-        held = lock_directory(fresh)
-        try:
-            os.rename(fresh, directory)
-            fsync_dir(directory.parent)
-        except BaseException:
-            os.close(held)
-            raise
+        os.rename(fresh, directory)
+        fsync_dir(directory.parent)
         self._unlock()  # (the damaged one's, aside)
-        self._lock_fd = held
+        self._lock_fd, self._fresh_lock = self._fresh_lock, -1
         damage, self.damaged, self._aside = self.damaged, None, None
         log.error("%s: set aside as %s, to be rebuilt", damage, aside)
         return {"aside": str(aside)}
@@ -880,10 +884,12 @@ def _another_volume(directory: Path, owner: str, key: VolumeKey) -> WrongVolume:
     )
 
 
-def _fresh_directory(directory: Path) -> Path:
+def _fresh_directory(directory: Path) -> tuple[Path, int]:
     """The empty directory made beside ``directory`` to take its place once it is set
     aside (``FRESH``): made, or the one an attempt that failed left (holding only what a
-    set-aside writes in it); a directory holding anything else there is not taken."""
+    set-aside writes in it); a directory holding anything else there is not taken. Locked
+    here, with its lock's file descriptor: a lock that failed once the damaged directory
+    had moved left the replica with no directory at its path while it served."""
     fresh = directory.with_name(directory.name + FRESH)
     try:
         fresh.mkdir(mode=0o700)
@@ -894,7 +900,7 @@ def _fresh_directory(directory: Path) -> Path:
                 f"{fresh} is in the way: the damaged directory is set aside only once it is "
                 "moved away"
             ) from None
-    return fresh
+    return fresh, lock_directory(fresh)
 
 
 def finish_set_aside(directory: Path) -> None:

@@ -147,8 +147,10 @@ class Sessions:
 
     def _record_epoch(self, epoch: int, owner: bytes) -> None:
         """Durable before the session that asked for it is accepted: after a crash the
-        replica still refuses every older session."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        replica still refuses every older session. Into the directory as it is, never made
+        here (``serve`` made it): one moved aside by a set-aside not finished would be made
+        anew holding only this file, and the new directory, waiting to take its place, could
+        never be put there (the replica a stranger to its engine from its next start)."""
         atomic_write(self.dir / EPOCH_FILE, f"{epoch} {owner.hex()}\n".encode())
         self.epoch, self.owner = epoch, owner
 
