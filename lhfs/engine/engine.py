@@ -232,6 +232,11 @@ class Engine:
         """How long a control call (a snapshot: it flushes first) may take: longer than I/O."""
         return max(self.io_timeout, CONTROL_TIMEOUT)
 
+    @property
+    def handshake_timeout(self) -> float:
+        """How long a replica's handshake may take: the I/O timeout, within bounds."""
+        return min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR))
+
     async def run(self) -> None:
         """The engine's own background work (the I/O deadline), until cancelled."""
         await self._watchdog()
@@ -289,7 +294,7 @@ class Engine:
             address,
             self.nursery,
             self.key,
-            min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
+            self.handshake_timeout,
             local,
             epoch=epoch,
             takeover=takeover,
@@ -313,7 +318,7 @@ class Engine:
                 address,
                 self.nursery,
                 self.key,
-                min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
+                self.handshake_timeout,
                 self.local_names.get(address),
                 role=p.READER,
                 tls_ca=self.tls_cas.get(address),

@@ -325,9 +325,8 @@ class ReplicaClient:
         byte: a slow replica that keeps answering other, earlier requests (or pings) sends
         bytes all the time while the volume's I/O waits behind it far longer than the
         timeout; one busy with a large request at a sane rate answers it within it."""
-        for submitted in self._quick.values():  # (the first is the oldest still waiting)
-            return now - submitted > timeout
-        return False
+        oldest = next(iter(self._quick.values()), None)  # (in the order they were submitted)
+        return oldest is not None and now - oldest > timeout
 
     # -- plumbing -----------------------------------------------------------------------------
 
