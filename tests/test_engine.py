@@ -142,7 +142,7 @@ def test_a_discard_of_a_volume_full_of_data_leaves_every_replica_serving(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            engine = Engine(size, chunk, nursery, procs[0].key, io_timeout=1)
+            engine = Engine(size, chunk, nursery, procs[0].key, io_timeout=2)
             await engine.attach([(f"r{i}", proc.address, False) for i, proc in enumerate(procs)])
             nursery.start_soon(engine.run)
             data = bytes(range(256)) * 4096  # (1 MiB, no chunk of zeros)

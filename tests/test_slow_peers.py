@@ -57,7 +57,7 @@ def test_a_slow_replica_holds_writes_no_longer_than_the_io_timeout(
     far = cli.run("replica", "add", "w", "--address", address).stdout.split()[2]
     assert replica(cli, "w", far)["mode"] == "RW"
 
-    proxy.send_rate = 16 * MIB  # 8 MiB at once: half a second to cross, every write in time
+    proxy.send_rate = 64 * MIB  # 8 MiB at once: an eighth of a second to cross, all in time
     took = timed_writes(device, 8, MIB)
     said = replica(cli, "w", far)
     assert said["mode"] == "RW" and said["failures"] == 0, (said, took)
@@ -67,8 +67,9 @@ def test_a_slow_replica_holds_writes_no_longer_than_the_io_timeout(
     said = replica(cli, "w", far)
     assert said["mode"] == "ERR", (said, took)
     assert said["error"] == "no answer within 2s", said
-    # the timeout, a watchdog tick (a quarter of it) and room for a loaded machine
-    assert max(took) < 3.5, sorted(took)[-4:]
+    # the timeout, a watchdog tick (a quarter of it) and room for a loaded machine (the
+    # last write waited 8 s when any byte counted as life)
+    assert max(took) < 5, sorted(took)[-4:]
     assert cli.live("w")["state"] == "degraded"
     proxy.send_rate = None
     cli.run("volume", "detach", "w")
@@ -127,8 +128,8 @@ def test_a_replica_too_slow_to_be_rebuilt_says_why_and_waits_longer(
         f"too slow to keep up with the volume's writes while rebuilt ({said['error']}); "
         "trying again in 30s"
     ), said
-    assert said["failures"] == 2, said
-    assert slowest[0] < 3.5, slowest
+    assert said["failures"] >= 2, said  # (failed, brought back, failed again: then it waits)
+    assert slowest[0] < 5, slowest  # (the I/O timeout and room for a loaded machine: not 8 s)
     proxy.send_rate = proxy.rate = None
     cli.run("volume", "detach", "s")
 

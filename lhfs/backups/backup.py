@@ -671,18 +671,12 @@ def forget(root: Path, name: str, url: str) -> str:
     asked of the store. An unknown target is refused, nothing changed."""
     target = Target.parse(url)
     vol = volumes.load(root, check_name(name, "volume name"))
-    released: list[str] = []
+    released: list[str | None] = []
 
     def drop(config: dict[str, Any]) -> None:
-        records = config.get("backups") or {}
-        record = records.get(str(target))
-        if not isinstance(record, dict):
-            known = ", ".join(sorted(records)) or "none"
+        if not _drop_base(config, target, None, released):
+            known = ", ".join(sorted(config.get("backups") or {})) or "none"
             raise NotFound(f"volume {name} records no backup to {target} (its targets: {known})")
-        released.append(str(record.get("snapshot")))
-        del records[str(target)]
-        if not records:
-            del config["backups"]
 
     vol.update(drop)
     return released[0]
@@ -696,25 +690,38 @@ def release_base(root: Path, target: Target, volume: str, removed: set[str]) -> 
     the target reads the whole volume and sends only the blocks the store lacks), and a
     target no longer used would pin that snapshot for ever. Compared and dropped in one
     configuration update: a backup that finished meanwhile recorded another base, kept."""
+    if not removed:  # (a dry run: the configuration is not even rewritten)
+        return None
     try:
         vol = volumes.load(root, volume)
     except LhfsError:  # (none here, or another host's: nothing of it to release)
         return None
-    released: list[str] = []
-
-    def drop(config: dict[str, Any]) -> None:
-        record = (config.get("backups") or {}).get(str(target))
-        if isinstance(record, dict) and record.get("backup") in removed:
-            released.append(str(record.get("snapshot")))
-            del config["backups"][str(target)]
-            if not config["backups"]:
-                del config["backups"]
-
+    released: list[str | None] = []
     try:
-        vol.update(drop)
+        vol.update(lambda config: _drop_base(config, target, removed, released))
     except LhfsError:
         return None
     return released[0] if released else None
+
+
+def _drop_base(
+    config: dict[str, Any], target: Target, removed: set[str] | None, released: list
+) -> bool:
+    """Drop ``config``'s record of its last backup to ``target`` (only if that backup is one
+    of ``removed``, when given), adding the snapshot it kept to ``released``; whether it was
+    there to drop."""
+    records = config.get("backups") or {}
+    record = records.get(str(target))
+    if not isinstance(record, dict) or (
+        removed is not None and record.get("backup") not in removed
+    ):
+        return False
+    snapshot = record.get("snapshot")
+    released.append(snapshot if isinstance(snapshot, str) else None)
+    del records[str(target)]
+    if not records:
+        config.pop("backups", None)
+    return True
 
 
 def _system_parts(store: BackupStore, volume: str) -> dict[str, tuple[str, bool]]:

@@ -100,11 +100,12 @@ def cmd_backup_forget(args: argparse.Namespace) -> None:
     from lhfs.backups import backup
 
     released = backup.forget(root_of(args), args.volume, args.target)
+    kept = f"snapshot {released}" if released else "a snapshot"
     say(
         args,
         {"volume": args.volume, "target": args.target, "released": released},
-        f"volume {args.volume} no longer keeps snapshot {released} for backups to "
-        f"{args.target}; the next backup there reads the whole volume",
+        f"volume {args.volume} no longer keeps {kept} for backups to {args.target}; the next "
+        "backup there reads the whole volume",
     )
 
 

@@ -34,7 +34,7 @@ from lhfs.core.names import check_name, check_volume_name
 from lhfs.core.procs import alive as alive  # (volumes.alive: said where records are read)
 from lhfs.core.procs import argv_of, is_pid
 from lhfs.core.units import check_chunk_size, rfc3339
-from lhfs.store.chunkstore import check_geometry
+from lhfs.store.chunkstore import check_geometry, replica_volume_id
 from lhfs.wire.auth import VolumeKey
 from lhfs.wire.protocol import MAX_EPOCH, MAX_START_EPOCH
 
@@ -113,31 +113,6 @@ def only_replica(name: str, replica_id: str) -> str:
         f"another first ('lhfs replica add {name}'), or remove the volume ('lhfs volume rm "
         f"{name}')"
     )
-
-
-def _replica_meta(directory: Path) -> dict[str, Any]:
-    """A replica directory's ``volume.json`` as it reads, read only ({} when it does not
-    read: the replica's start says why). For what a command tells of a directory without
-    opening it (which takes the replica's lock); each field is checked by its reader."""
-    try:
-        meta = json.loads((directory / "volume.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def replica_volume_id(directory: Path) -> str | None:
-    """The identity of the volume a replica directory belongs to, as its ``volume.json``
-    records it (None when it records none, or does not read: the replica's start says why)."""
-    known = _replica_meta(directory).get("volume_id")
-    return str(known) if known else None
-
-
-def replica_size(directory: Path) -> int | None:
-    """The size a replica directory holds, as its ``volume.json`` records it (None when it
-    records none that is a size, or does not read: the replica's start says why)."""
-    size = _replica_meta(directory).get("size")
-    return size if type(size) is int and size > 0 else None
 
 
 def unservable(vol: Volume) -> str | None:

@@ -58,12 +58,12 @@ from lhfs.engine.hold import IoHold
 from lhfs.engine.metrics import IoStats, VolumeCollector
 from lhfs.engine.metrics import serve as serve_metrics
 from lhfs.engine.rebuild import (
-    REBUILD_SPARE,
     SourceError,
     Stranger,
     WrongShape,
     fit,
     rebuild,
+    rebuild_need,
 )
 from lhfs.engine.rejoin import Rejoiner
 from lhfs.engine.scrub import scrub
@@ -277,7 +277,7 @@ class Daemon:
         ERR with how much is needed and what to do (kept in ``no_room`` too). Why: set
         aside on a disk without that room, its rebuild filled the disk (the root's, maybe,
         which every volume shares) and failed, the damaged copy still taking its space."""
-        need = self._rebuild_bytes(replica_id) + REBUILD_SPARE
+        need = self._rebuild_bytes(replica_id)
         try:
             free = shutil.disk_usage(directory.parent).free
         except OSError:  # (its disk went: the set-aside fails and says so)
@@ -290,8 +290,8 @@ class Daemon:
         why = (
             f"its directory is damaged ({damage}); it is kept as it is, not set aside: its "
             f"rebuild needs about {shown_need} beside it on its disk ({disk}), which has "
-            f"{shown_free} free; make room there (it is set aside and rebuilt at the next "
-            f"attach), or replace it: lhfs replica rm {self.vol.name} {replica_id}, then lhfs "
+            f"{shown_free} free; make room there (it is set aside and rebuilt once there "
+            f"is), or replace it: lhfs replica rm {self.vol.name} {replica_id}, then lhfs "
             f"replica add {self.vol.name} --disk DISK (a disk with room)"
         )
         self.not_started[replica_id] = self.no_room[replica_id] = why  # (shown while away)
@@ -302,11 +302,9 @@ class Daemon:
         return False
 
     def _rebuild_bytes(self, replica_id: str) -> int:
-        """About what the rebuild of ``replica_id`` writes: what a replica that serves takes
-        on its disk (the same layers, chunks and indexes), the most of those known (a local
-        one's directory, read; another's last answer, ``disks``). Not the volume's size: a
-        thin volume's rebuild writes far less, and one with snapshots may write more. That
-        size only when no replica's is known."""
+        """What the rebuild of ``replica_id`` needs on its disk (``rebuild_need``), from what
+        each replica that serves takes (a local one's directory, read; another's last
+        answer, ``disks``)."""
         known = []
         for replica in self.vol.replicas:
             if replica["id"] == replica_id or replica.get("mode", RW) != RW:
@@ -318,7 +316,7 @@ class Daemon:
                     held = disk_bytes(home)
             if held is not None:
                 known.append(held)
-        return max(known) if known else self.vol.size
+        return rebuild_need(known, self.vol.size)
 
     def _spawn(self, replica_id: str, directory: Path) -> ReplicaProcess:
         """The ``replica serve`` of a local replica, starting (``wait_ready`` says when it

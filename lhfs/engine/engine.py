@@ -232,6 +232,11 @@ class Engine:
         """How long a control call (a snapshot: it flushes first) may take: longer than I/O."""
         return max(self.io_timeout, CONTROL_TIMEOUT)
 
+    @property
+    def handshake_timeout(self) -> float:
+        """How long a replica's handshake may take: the I/O timeout, within bounds."""
+        return min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR))
+
     async def run(self) -> None:
         """The engine's own background work (the I/O deadline), until cancelled."""
         await self._watchdog()
@@ -289,7 +294,7 @@ class Engine:
             address,
             self.nursery,
             self.key,
-            min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
+            self.handshake_timeout,
             local,
             epoch=epoch,
             takeover=takeover,
@@ -313,7 +318,7 @@ class Engine:
                 address,
                 self.nursery,
                 self.key,
-                min(CONNECT_TIMEOUT, max(self.io_timeout, CONNECT_FLOOR)),
+                self.handshake_timeout,
                 self.local_names.get(address),
                 role=p.READER,
                 tls_ca=self.tls_cas.get(address),
@@ -836,10 +841,11 @@ class Engine:
                 client = link.client
                 if link.mode == ERR or client is None:
                     continue
+                slow = client.trickling(now, self.io_timeout)  # (not gone: too slow)
                 if client.failure is not None and not self.closing:
-                    self.fail(link, client.failure, slow=client.timed_out)
+                    self.fail(link, client.failure, slow=client.timed_out and slow)
                 elif client.stalled(now, self.io_timeout):
-                    self.fail(link, f"no answer within {self.io_timeout:.0f}s", slow=True)
+                    self.fail(link, f"no answer within {self.io_timeout:.0f}s", slow=slow)
 
     # The same operations, awaited (control requests, tools and tests).
 

@@ -148,9 +148,15 @@ async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
         _say_relayed(target, stats)
         client = target.client  # (a request that timed out may surface as another error)
         silent = isinstance(exc, NoAnswer) or (client is not None and client.timed_out)
-        engine.fail(target, f"rebuild failed: {exc}", slow=silent)
+        # (too slow, not gone: bytes still came from it; a cut link brings nothing)
+        slow = (
+            silent
+            and client is not None
+            and client.trickling(trio.current_time(), engine.io_timeout)
+        )
+        engine.fail(target, f"rebuild failed: {exc}", slow=slow)
         target.error = f"rebuild failed: {exc}"  # also when it was not serving yet
-        target.slow = target.slow or silent
+        target.slow = target.slow or slow
         target.rebuild_progress = None
         engine.mode_changed(target)
         raise
@@ -302,10 +308,9 @@ def _loopback(address: str) -> bool:
 
 
 async def _serving_bytes(engine: Engine, target: ReplicaLink) -> int:
-    """About what the rebuild of ``target`` writes: what a replica that serves takes on its
-    disk (the most any says), as a local replica's rebuild reckons it; the volume's size
-    when none says."""
-    known = [0]
+    """What the rebuild of ``target`` needs on its disk (``rebuild_need``), from what each
+    replica that serves says it takes."""
+    known = []
     for link in engine.replicas:
         if link is target or link.mode != RW or link.client is None or link.client.broken:
             continue
@@ -313,10 +318,19 @@ async def _serving_bytes(engine: Engine, target: ReplicaLink) -> int:
             held = (await link.client.info()).get("disk_bytes")
             if type(held) is int and held >= 0:
                 known.append(held)
-    return max(known) if len(known) > 1 else engine.size
+    return rebuild_need(known, engine.size)
 
 
 REBUILD_SPARE = 4 << 20  # bytes a damaged replica's disk keeps free beyond its rebuild
+
+
+def rebuild_need(held: list[int], size: int) -> int:
+    """About what a damaged replica's rebuild needs on its disk, beside its directory set
+    aside: what a replica that serves takes there (the same layers, chunks and indexes; the
+    most of those ``held``), and ``REBUILD_SPARE``. Not the volume's ``size``: a thin
+    volume's rebuild writes far less, and one with snapshots may write more; that size only
+    when no replica's is known."""
+    return (max(held) if held else size) + REBUILD_SPARE
 
 
 async def _set_aside(engine: Engine, target: ReplicaLink, hello: dict[str, Any]) -> None:
@@ -333,7 +347,7 @@ async def _set_aside(engine: Engine, target: ReplicaLink, hello: dict[str, Any])
             f"not known as its own (id {str(hello.get('uid'))[:40]}, expected {uid}): it is "
             "not set aside"
         )
-    need = await _serving_bytes(engine, target) + REBUILD_SPARE
+    need = await _serving_bytes(engine, target)
     try:
         answer = await target.client.call("set_aside", uid=uid, need=need)
     except NoSpace as exc:  # (not final: room may be made; the rejoiner asks again)

@@ -43,7 +43,6 @@ from typing import Any, TypeVar
 import trio
 import xxhash
 
-from lhfs.config.volume import replica_volume_id
 from lhfs.core.durable import atomic_write, fsync_dir
 from lhfs.core.errors import (
     Busy,
@@ -65,7 +64,13 @@ from lhfs.core.errors import (
 from lhfs.core.units import format_sizes
 from lhfs.replica import checks, hotpath
 from lhfs.replica.session import Probe, Session, Sessions, kind_of, source_of
-from lhfs.store.chunkstore import ChunkStore, check_geometry, damaged_aside, lock_directory
+from lhfs.store.chunkstore import (
+    ChunkStore,
+    check_geometry,
+    damaged_aside,
+    lock_directory,
+    replica_volume_id,
+)
 from lhfs.wire import protocol as p
 from lhfs.wire import shm, tls
 from lhfs.wire.auth import VolumeKey

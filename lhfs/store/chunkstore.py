@@ -303,6 +303,31 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _replica_meta(directory: Path) -> dict[str, Any]:
+    """A replica directory's ``volume.json`` as it reads, read only ({} when it does not
+    read: the replica's start says why). For what a command tells of a directory without
+    opening it (which takes the replica's lock); each field is checked by its reader."""
+    try:
+        meta = json.loads((directory / "volume.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def replica_volume_id(directory: Path) -> str | None:
+    """The identity of the volume a replica directory belongs to, as its ``volume.json``
+    records it (None when it records none, or does not read: the replica's start says why)."""
+    known = _replica_meta(directory).get("volume_id")
+    return str(known) if known else None
+
+
+def replica_size(directory: Path) -> int | None:
+    """The size a replica directory holds, as its ``volume.json`` records it (None when it
+    records none that is a size, or does not read: the replica's start says why)."""
+    size = _replica_meta(directory).get("size")
+    return size if type(size) is int and size > 0 else None
+
+
 class ChunkStore:
     """A replica directory opened for I/O; see the module docstring."""
 

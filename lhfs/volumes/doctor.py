@@ -25,7 +25,7 @@ from lhfs.config import root as roots
 from lhfs.config import volume as volumes
 from lhfs.core.errors import InvalidArgument, LhfsError, WrongVolume
 from lhfs.core.units import format_size, format_sizes
-from lhfs.store.chunkstore import disk_bytes, largest_file
+from lhfs.store.chunkstore import disk_bytes, largest_file, replica_size, replica_volume_id
 from lhfs.volumes import attachment, manage, standby
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -319,7 +319,7 @@ def _volume(root: Path, name: str) -> list[Check]:
                             f"rm -r {shlex.quote(str(aside))} once it is looked at",
                         )
                     )
-            owner = None if directory is None else volumes.replica_volume_id(directory)
+            owner = None if directory is None else replica_volume_id(directory)
             if key is not None and owner not in (None, key.id_hex):
                 out.append(
                     Check(
@@ -366,7 +366,7 @@ def _smaller(
     volume's configuration says (edited by hand: lhfs records a size once every replica has
     it), which its attach refuses; read from its ``volume.json``, nothing started. One that
     is ERR may be smaller (it missed an expansion): its rebuild grows it."""
-    held = volumes.replica_size(directory)
+    held = replica_size(directory)
     if replica.get("mode", "RW") != "RW" or held is None or held >= vol.size:
         return None
     config = vol.dir / "config.json"

@@ -319,15 +319,20 @@ class ReplicaClient:
         """Whether the connection ended because the replica did not answer in time."""
         return isinstance(self._broken, NoAnswer)
 
+    def trickling(self, now: float, timeout: float) -> bool:
+        """Whether bytes came from the replica within the last half of ``timeout``: one that
+        left a request unanswered that long is alive but too slow, not gone (a link cut, a
+        process stopped: nothing comes at all)."""
+        return now - self.heard < timeout / 2
+
     def stalled(self, now: float, timeout: float) -> bool:
         """Whether a request that must be answered promptly (I/O) has waited for more than
         ``timeout`` seconds since it was submitted. The deadline is per request, not per
         byte: a slow replica that keeps answering other, earlier requests (or pings) sends
         bytes all the time while the volume's I/O waits behind it far longer than the
         timeout; one busy with a large request at a sane rate answers it within it."""
-        for submitted in self._quick.values():  # (the first is the oldest still waiting)
-            return now - submitted > timeout
-        return False
+        oldest = next(iter(self._quick.values()), None)  # (in the order they were submitted)
+        return oldest is not None and now - oldest > timeout
 
     # -- plumbing -----------------------------------------------------------------------------
 
