@@ -841,11 +841,10 @@ class Engine:
                 client = link.client
                 if link.mode == ERR or client is None:
                     continue
-                slow = client.trickling(now, self.io_timeout)  # (not gone: too slow)
                 if client.failure is not None and not self.closing:
-                    self.fail(link, client.failure, slow=client.timed_out and slow)
+                    self.fail(link, client.failure, slow=client.timed_out)
                 elif client.stalled(now, self.io_timeout):
-                    self.fail(link, f"no answer within {self.io_timeout:.0f}s", slow=slow)
+                    self.fail(link, f"no answer within {self.io_timeout:.0f}s", slow=True)
 
     # The same operations, awaited (control requests, tools and tests).
 

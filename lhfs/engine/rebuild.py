@@ -148,15 +148,9 @@ async def rebuild(engine: Engine, target: ReplicaLink) -> RebuildStats:
         _say_relayed(target, stats)
         client = target.client  # (a request that timed out may surface as another error)
         silent = isinstance(exc, NoAnswer) or (client is not None and client.timed_out)
-        # (too slow, not gone: bytes still came from it; a cut link brings nothing)
-        slow = (
-            silent
-            and client is not None
-            and client.trickling(trio.current_time(), engine.io_timeout)
-        )
-        engine.fail(target, f"rebuild failed: {exc}", slow=slow)
+        engine.fail(target, f"rebuild failed: {exc}", slow=silent)
         target.error = f"rebuild failed: {exc}"  # also when it was not serving yet
-        target.slow = target.slow or slow
+        target.slow = target.slow or silent
         target.rebuild_progress = None
         engine.mode_changed(target)
         raise

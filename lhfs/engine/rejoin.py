@@ -48,9 +48,10 @@ log = logging.getLogger("lhfs.rejoin")
 FIRST_DELAY = 1.0
 MAX_DELAY = 30.0
 HUNG_ATTEMPTS = 2  # connections a live local process leaves unanswered before it is killed
-# A replica too slow to be rebuilt (it failed to answer in time before it served) waits this
-# long before it is tried again, doubling up to SLOW_MAX_DELAY: every attempt makes the
-# volume's writes wait the I/O timeout for it, so it must not come round every few seconds.
+# A replica too slow to be rebuilt (it failed to answer in time before it served, twice in a
+# row: once is as likely a link cut for a moment) waits this long before it is tried again,
+# doubling up to SLOW_MAX_DELAY: every attempt makes the volume's writes wait the I/O
+# timeout for it, so it must not come round every few seconds.
 SLOW_DELAY = 30.0
 SLOW_MAX_DELAY = 600.0
 
@@ -120,9 +121,9 @@ class Rejoiner:
         delay = FIRST_DELAY
         told = None  # the last reason logged (each attempt's is not: one line per change)
         unanswered = 0  # attempts in a row left without an answer (a live local process: hung)
-        if link.comebacks and link.slow and link.stranger is None:
+        if link.comebacks >= 2 and link.slow and link.stranger is None:
             await self.owner.rebuild_over(link)  # (its rebuild says last why it failed)
-            pause = min(SLOW_DELAY * 2.0 ** (link.comebacks - 1), SLOW_MAX_DELAY)
+            pause = min(SLOW_DELAY * 2.0 ** (link.comebacks - 2), SLOW_MAX_DELAY)
             link.rejoin = (
                 f"too slow to keep up with the volume's writes while rebuilt ({link.error}); "
                 f"trying again in {pause:.0f}s"

@@ -319,12 +319,6 @@ class ReplicaClient:
         """Whether the connection ended because the replica did not answer in time."""
         return isinstance(self._broken, NoAnswer)
 
-    def trickling(self, now: float, timeout: float) -> bool:
-        """Whether bytes came from the replica within the last half of ``timeout``: one that
-        left a request unanswered that long is alive but too slow, not gone (a link cut, a
-        process stopped: nothing comes at all)."""
-        return now - self.heard < timeout / 2
-
     def stalled(self, now: float, timeout: float) -> bool:
         """Whether a request that must be answered promptly (I/O) has waited for more than
         ``timeout`` seconds since it was submitted. The deadline is per request, not per
