@@ -122,16 +122,16 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def _with_remote(
-    cli: Cli, tmp_path: Path, serve: Any, device: Path
+    cli: Cli, tmp_path: Path, serve: Any, device: Path, remote: Path | None = None
 ) -> tuple[bytes, Path, Path, ReplicaProcess]:
-    """Volume v: local r1 and r2 served on loopback by a process of its own, attached on
-    ``device`` and written (snapshot s1 under the head): the data, r2's directory, the key
-    file, r2's process."""
+    """Volume v: local r1 and r2 served on loopback by a process of its own (its directory
+    ``remote``, else one under ``tmp_path``), attached on ``device`` and written (snapshot
+    s1 under the head): the data, r2's directory, the key file, r2's process."""
     cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1", "--rejoin-wait", "1")
     cli.run("volume", "attach", "v", "--device", str(device))
     key = tmp_path / "v.key"
     cli.run("volume", "key", "v", "--out", str(key))
-    remote = tmp_path / "remote"
+    remote = remote or tmp_path / "remote"
     proc = serve(remote, key)
     cli.run("replica", "add", "v", "--address", proc.address)
     data = os.urandom(2 * MIB)
@@ -427,16 +427,7 @@ def test_a_remote_damaged_replica_waits_for_room_for_its_rebuild(
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5M", "none", str(disk)], check=True)
     try:
-        cli.run("volume", "create", "v", "--size", "4M", "--replicas", "1", "--rejoin-wait", "1")
-        cli.run("volume", "attach", "v", "--device", str(device))
-        key = tmp_path / "v.key"
-        cli.run("volume", "key", "v", "--out", str(key))
-        remote = disk / "remote"
-        first = serve(remote, key)
-        cli.run("replica", "add", "v", "--address", first.address)
-        data = os.urandom(2 * MIB)
-        write_direct(device, 0, data)
-        cli.run("snapshot", "create", "v", "s1")
+        data, remote, key, first = _with_remote(cli, tmp_path, serve, device, disk / "remote")
         port = int(first.address.rsplit(":", 1)[1])
         first.stop()
         _cut_layer(remote)

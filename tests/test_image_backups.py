@@ -214,6 +214,16 @@ def test_a_restore_made_whole_says_why_on_stderr_whichever_command_made_it(
         teardown(other.root)
 
 
+def _refused_restore(cli: Cli, args: tuple[str, ...], said: str) -> None:
+    """``backing-image restore ARGS`` fails (exit 1) in the one line ``said``, nothing on
+    stdout, and the root is left as it was."""
+    before = _registered(cli)
+    refused = cli.run("backing-image", "restore", *args, check=False)
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert refused.stderr == f"lhfs: error: {said}\n", refused.stderr
+    assert _registered(cli) == before
+
+
 def _registered(cli: Cli) -> list[dict]:
     """The root's images and every file under it but the engines' and the lock files: what a
     refused command must leave as it was."""
@@ -261,16 +271,12 @@ def test_a_backing_image_backed_up_alone_is_restored_byte_for_byte(
         assert other.checksum("r") == cli.checksum("a")
 
         # the same content under another name is refused, naming the image that holds it
-        before = _registered(other)
-        refused = other.run(
-            "backing-image", "restore", "base", "--target", target, "--as", "copy", check=False
+        _refused_restore(
+            other,
+            ("base", "--target", target, "--as", "copy"),
+            f"backing image base under {other.root} holds that content already ({image_id}): "
+            "volumes restored from backups made on base stand on it",
         )
-        assert refused.returncode == 1 and refused.stdout == "", refused
-        assert refused.stderr == (
-            f"lhfs: error: backing image base under {other.root} holds that content already "
-            f"({image_id}): volumes restored from backups made on base stand on it\n"
-        )
-        assert _registered(other) == before
 
         # under another name, a backup named
         other.run("volume", "rm", "r")
@@ -291,15 +297,11 @@ def test_a_backing_image_backed_up_alone_is_restored_byte_for_byte(
         forged = f"{'0' * 32}-{4 * MIB + 512}"
         relative = f"volumes/image-base/{backup}.json"
         reseal(store, relative, json.dumps({**manifest, "snapshot": forged}).encode())
-        before = _registered(other)
-        refused = other.run(
-            "backing-image", "restore", "base", "--target", target, "--backup", backup,
-            "--quiet", check=False,
-        )  # fmt: skip
-        assert refused.returncode == 1 and refused.stderr == (
-            "lhfs: error: backing image base: the restored content is not the backed up one\n"
-        ), refused
-        assert _registered(other) == before
+        _refused_restore(
+            other,
+            ("base", "--target", target, "--backup", backup, "--quiet"),
+            "backing image base: the restored content is not the backed up one",
+        )
     finally:
         teardown(other.root)
 
@@ -433,13 +435,12 @@ def test_a_manifest_whose_size_is_not_its_image_ids_is_refused_before_any_fetch(
     reseal(store, f"volumes/image-base/{backup}.json", json.dumps(forged).encode())
     other = Cli(tmp_path / "root2")
     try:
-        before = _registered(other)
-        refused = other.run("backing-image", "restore", "base", "--target", target, check=False)
-        assert refused.returncode == 1 and refused.stderr == (
-            f"lhfs: error: the manifest of backup {backup} of image-base says {size} bytes, its "
-            f"image content id {image_id} {MIB}: one of them was changed\n"
-        ), refused
-        assert _registered(other) == before
+        _refused_restore(
+            other,
+            ("base", "--target", target),
+            f"the manifest of backup {backup} of image-base says {size} bytes, its image "
+            f"content id {image_id} {MIB}: one of them was changed",
+        )
     finally:
         teardown(other.root)
 

@@ -81,6 +81,21 @@ def test_a_rebuild_whose_source_is_cut_before_the_copy_goes_on_from_another(
     cli.run("volume", "detach", "v")
 
 
+def _two_remote(cli: Cli, device: Path, behind_proxy, written: int) -> tuple:
+    """Volume b attached on ``device``, its replicas r2 and r3 remote, each behind a fault
+    proxy (r1 removed: a local replica would be read first), ``written`` bytes written:
+    (proxy, address) of r2 and of r3."""
+    size = max(4 * MIB, written)
+    cli.run("volume", "create", "b", "--size", str(size), "--replicas", "1", "--io-timeout", "2")
+    cli.run("volume", "attach", "b", "--device", str(device))
+    proxied = [behind_proxy("b"), behind_proxy("b")]
+    for expected, (_, address) in zip(("r2", "r3"), proxied, strict=True):
+        assert cli.run("replica", "add", "b", "--address", address).stdout.split()[2] == expected
+    cli.run("replica", "rm", "b", "r1")
+    write_direct(device, 0, os.urandom(written))
+    return proxied[0], proxied[1]
+
+
 def test_a_backup_whose_replica_is_cut_reads_on_from_another(
     cli: Cli, tmp_path: Path, behind_proxy, s3_endpoint: str
 ) -> None:
@@ -89,15 +104,8 @@ def test_a_backup_whose_replica_is_cut_reads_on_from_another(
     r2 within the volume's I/O timeout, says so, and reads on from r3; the backup restores to
     the volume's content. (It waited for TCP to give up on the link, about a minute, and then
     failed although r3 could have served it.)"""
-    cli.run("volume", "create", "b", "--size", "8M", "--replicas", "1", "--io-timeout", "2")
     device = tmp_path / "dev"
-    cli.run("volume", "attach", "b", "--device", str(device))
-    first, first_address = behind_proxy("b")
-    _, second_address = behind_proxy("b")
-    assert cli.run("replica", "add", "b", "--address", first_address).stdout.split()[2] == "r2"
-    assert cli.run("replica", "add", "b", "--address", second_address).stdout.split()[2] == "r3"
-    cli.run("replica", "rm", "b", "r1")  # (a local replica would be read first)
-    write_direct(device, 0, os.urandom(8 * MIB))
+    (first, _), _ = _two_remote(cli, device, behind_proxy, 8 * MIB)
     expected = cli.checksum("b")
     target = "s3://failover/b"
     cli.run("backup", "init", "--target", target, "--create-bucket")
@@ -128,15 +136,8 @@ def test_a_backup_whose_every_replica_is_out_of_reach_says_so(
     """r2 and r3 serve the engine but refuse every new connection (the engine's own ones
     kept): the backup fails in one line naming a replica it could not reach and why, not
     "no snapshot" (said so, it sent the operator looking for a snapshot that was there)."""
-    cli.run("volume", "create", "b", "--size", "4M", "--replicas", "1", "--io-timeout", "2")
     device = tmp_path / "dev"
-    cli.run("volume", "attach", "b", "--device", str(device))
-    first, first_address = behind_proxy("b")
-    second, second_address = behind_proxy("b")
-    assert cli.run("replica", "add", "b", "--address", first_address).stdout.split()[2] == "r2"
-    assert cli.run("replica", "add", "b", "--address", second_address).stdout.split()[2] == "r3"
-    cli.run("replica", "rm", "b", "r1")
-    write_direct(device, 0, os.urandom(MIB))
+    (first, _), (second, _) = _two_remote(cli, device, behind_proxy, MIB)
     cli.run("snapshot", "create", "b", "s1")
     target = "s3://unreachable/b"
     cli.run("backup", "init", "--target", target, "--create-bucket")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,43 +18,14 @@ from lhfs.cli.common import (
     say,
     verb,
 )
-from lhfs.cli.progress import Progress
+from lhfs.cli.progress import Progress, Steps
 from lhfs.core.units import format_size
-
-
-class _Steps:
-    """Progress of work in steps (copying a file in, hashing it), a bar each, on stderr."""
-
-    def __init__(self, name: str, quiet: bool) -> None:
-        self.name, self.quiet = name, quiet
-        self.bar: Progress | None = None
-
-    def update(self, what: str, percent: float, done: int | None, total: int | None) -> None:
-        if self.bar is None or self.bar.label != f"{what} {self.name}":
-            self.close()
-            self.bar = Progress(f"{what} {self.name}", quiet=self.quiet)
-        self.bar.update(percent, done, total)
-
-    def step(self, what: str, done: int, total: int) -> None:
-        """What ``images.create`` and the checks are told: bytes done of the total."""
-        self.update(what, 100 * done / total if total else 100.0, done, total)
-
-    def note(self, text: str) -> None:
-        if self.bar is None:
-            print(f"lhfs: {text}", file=sys.stderr, flush=True)
-        else:
-            self.bar.note(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
 
 
 def cmd_image_create(args: argparse.Namespace) -> None:
     from lhfs.volumes import images
 
-    steps = _Steps(args.name, args.quiet)  # (copying the file in, then hashing it)
+    steps = Steps(args.quiet, of=args.name)  # (copying the file in, then hashing it)
     try:
         info = images.create(root_of(args), args.name, Path(args.source), steps.step)
     finally:
@@ -127,7 +97,7 @@ def cmd_image_restore(args: argparse.Namespace) -> None:
     from lhfs.backups import image_backups
 
     new = args.new_name or args.name
-    steps = _Steps(new, args.quiet)  # (fetching, checking, copying in, hashing)
+    steps = Steps(args.quiet, of=new)  # (fetching, checking, copying in, hashing)
     try:
         info = image_backups.restore(
             root_of(args),

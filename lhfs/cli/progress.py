@@ -78,3 +78,38 @@ class Progress:
     ) -> None:
         if self.tty and not self.quiet and self._drawn:
             sys.stderr.write("\n")
+
+
+class Steps:
+    """Progress of work done in steps, one after the other (copying a file in, then hashing
+    it; the parts of a system backup): a bar each, labelled by the step (and ``of``: what it
+    works on), and notes on lines of their own between them."""
+
+    def __init__(self, quiet: bool, of: str = "") -> None:
+        self.quiet, self.of = quiet, of
+        self.bar: Progress | None = None
+
+    def update(
+        self, what: str, percent: float, done: int | None = None, total: int | None = None
+    ) -> None:
+        label = f"{what} {self.of}" if self.of else what
+        if self.bar is None or self.bar.label != label:
+            self.close()
+            self.bar = Progress(label, quiet=self.quiet)
+        self.bar.update(percent, done, total)
+
+    def step(self, what: str, done: int, total: int) -> None:
+        """Bytes ``done`` of the ``total`` (what ``images.create`` and the checks are told)."""
+        self.update(what, 100 * done / total if total else 100.0, done, total)
+
+    def note(self, text: str) -> None:
+        """A line for the operator (see ``Progress.note``)."""
+        if self.bar is None:
+            print(f"lhfs: {text}", file=sys.stderr, flush=True)
+        else:
+            self.bar.note(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None

@@ -7,44 +7,14 @@ import sys
 from typing import Any
 
 from lhfs.cli.common import Parser, print_json, quiet_option, root_of, say, verb
+from lhfs.cli.progress import Steps
 from lhfs.core.units import rfc3339
-
-
-class _Parts:
-    """One progress line per part, one part after another."""
-
-    def __init__(self, quiet: bool) -> None:
-        from lhfs.cli.progress import Progress
-
-        self.quiet = quiet
-        self.make = Progress
-        self.current: Any = None
-        self.part: str | None = None
-
-    def update(self, part: str, percent: float, done: int | None, total: int | None) -> None:
-        if part != self.part:
-            self.close()
-            self.part = part
-            self.current = self.make(part, quiet=self.quiet).__enter__()
-        self.current.update(percent, done, total)
-
-    def note(self, text: str) -> None:
-        """A line for the operator (see ``Progress.note``)."""
-        if self.current is None:
-            print(f"lhfs: {text}", file=sys.stderr, flush=True)
-        else:
-            self.current.note(text)
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.__exit__(None, None, None)
-            self.current = None
 
 
 def cmd_system_backup(args: argparse.Namespace) -> None:
     from lhfs.backups import system
 
-    parts = _Parts(args.quiet)
+    parts = Steps(args.quiet)
     try:
         done = system.create(
             root_of(args),
@@ -96,7 +66,7 @@ def cmd_system_restore(args: argparse.Namespace) -> None:
     from lhfs.backups import system
 
     only = None if args.volumes is None else [v.strip() for v in args.volumes.split(",")]
-    parts = _Parts(args.quiet)
+    parts = Steps(args.quiet)
     try:
         done = system.restore(root_of(args), args.url, only, parts.update, args.retry_timeout)
     finally:
